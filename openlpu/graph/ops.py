@@ -1,0 +1,31 @@
+"""One row per op: the same fields for every kind, so reports are groupings of rows (GenZ style)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+OP_KINDS = ("embed", "norm", "matmul", "rope", "attention", "activation", "moe_router", "residual",
+            "softcap", "lm_head", "collective", "sample")
+UNITS = ("matrix", "vector", "switch", "memory")  # the LPU's functional-unit classes
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str  # unique within a graph, e.g. "blk.3.attn_q"
+    kind: str  # one of OP_KINDS
+    layer: int  # -1 outside the layer stack
+    unit: str  # one of UNITS: which functional unit class executes it
+    shape: tuple[int, ...]  # (M, N, K) for matmuls; the output shape otherwise
+    flops: float
+    weight_bytes: float  # weights read (SRAM on an LPU, HBM on a GPU)
+    kv_read_bytes: float
+    kv_write_bytes: float
+    act_read_bytes: float  # activations read
+    act_write_bytes: float  # activations written
+    weight: str | None = None  # GGUF tensor name this op reads, if any
+    inputs: tuple[str, ...] = ()  # names of the ops whose outputs it consumes
+
+    @property
+    def bytes_total(self) -> float:
+        return (self.weight_bytes + self.kv_read_bytes + self.kv_write_bytes
+                + self.act_read_bytes + self.act_write_bytes)

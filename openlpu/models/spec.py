@@ -1,0 +1,224 @@
+"""ModelSpec: the shape of a decoder-only transformer, enough to count, plan, compile and run it.
+
+Every loader (GGUF metadata, Hugging Face config.json, preset JSON) produces a ModelSpec; nothing
+downstream looks at the source format again. Tensor names are llama.cpp's GGUF names (the
+de-facto standard); shapes are torch's (out_features, in_features).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from openlpu.errors import OpenLPUError
+
+FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
+ACTIVATIONS = ("silu", "gelu_tanh")
+LAYER_KINDS = ("global", "local")  # local = sliding-window attention
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1's frequency-dependent rope scaling (rope_type "llama3")."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_context_length: int
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str  # one of FAMILIES
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int  # per expert for MoE models
+    context_length: int
+    norm_eps: float
+    rope_base: float  # global-attention layers
+    activation: str = "silu"  # gate activation of the gated MLP (SwiGLU / GeGLU)
+    rope_base_local: float | None = None  # sliding-window layers, when it differs (Gemma 3)
+    rope_scaling: RopeScaling | None = None
+    sliding_window: int | None = None
+    layer_kinds: tuple[str, ...] = ()  # per layer; empty means all "global"
+    norm_weight_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + w)
+    post_norms: bool = False  # Gemma 2/3: norms after attention and after the MLP too
+    qk_norm: bool = False  # Qwen 3, Gemma 3: RMSNorm on each query and key head
+    qkv_bias: bool = False  # Qwen 2
+    query_scale: float | None = None  # None: 1/sqrt(head_dim)
+    attn_logit_softcap: float | None = None  # Gemma 2
+    final_logit_softcap: float | None = None  # Gemma 2
+    embed_scale: float = 1.0  # Gemma: sqrt(d_model)
+    tie_embeddings: bool = False
+    n_experts: int = 0  # 0 = dense MLP
+    n_experts_per_token: int = 0
+    source: str = ""  # where the configuration comes from
+    extra: dict = field(default_factory=dict, compare=False)  # informational only
+
+    def __post_init__(self):
+        if not self.layer_kinds:
+            object.__setattr__(self, "layer_kinds", ("global",) * self.n_layers)
+        object.__setattr__(self, "layer_kinds", tuple(self.layer_kinds))
+        self.validate()
+
+    # ---- validation -------------------------------------------------------------------------
+    def validate(self) -> None:
+        def bad(what: str) -> OpenLPUError:
+            return OpenLPUError(f"model {self.name!r}: {what}")
+
+        if self.family not in FAMILIES:
+            raise bad(f"unknown family {self.family!r}; supported: {', '.join(FAMILIES)}")
+        for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
+                  "context_length"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise bad(f"{f} must be a positive integer, got {v!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise bad(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.activation not in ACTIVATIONS:
+            raise bad(f"activation {self.activation!r} not supported; use one of {ACTIVATIONS}")
+        if len(self.layer_kinds) != self.n_layers or set(self.layer_kinds) - set(LAYER_KINDS):
+            raise bad(f"layer_kinds must list {self.n_layers} entries of {LAYER_KINDS}")
+        if "local" in self.layer_kinds and not self.sliding_window:
+            raise bad("layers of kind 'local' need sliding_window")
+        if (self.n_experts == 0) != (self.n_experts_per_token == 0) or \
+                self.n_experts_per_token > self.n_experts:
+            raise bad(f"n_experts_per_token ({self.n_experts_per_token}) must be between 1 and "
+                      f"n_experts ({self.n_experts}) for MoE models, and both 0 for dense ones")
+        if self.norm_eps <= 0 or self.rope_base <= 0:
+            raise bad("norm_eps and rope_base must be positive")
+
+    # ---- derived quantities -----------------------------------------------------------------
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+    @property
+    def attn_scale(self) -> float:
+        return self.query_scale if self.query_scale is not None else 1.0 / math.sqrt(self.head_dim)
+
+    def layer_rope_base(self, layer: int) -> float:
+        if self.layer_kinds[layer] == "local" and self.rope_base_local is not None:
+            return self.rope_base_local
+        return self.rope_base
+
+    def layer_window(self, layer: int) -> int | None:
+        return self.sliding_window if self.layer_kinds[layer] == "local" else None
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every weight tensor, by GGUF name, with its torch shape, in a fixed order."""
+        d, q, kv, ff, e = self.d_model, self.q_dim, self.kv_dim, self.d_ff, self.n_experts
+        shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (self.vocab_size, d)}
+        for i in range(self.n_layers):
+            b = f"blk.{i}."
+            shapes[b + "attn_norm.weight"] = (d,)
+            shapes[b + "attn_q.weight"] = (q, d)
+            shapes[b + "attn_k.weight"] = (kv, d)
+            shapes[b + "attn_v.weight"] = (kv, d)
+            if self.qkv_bias:
+                shapes[b + "attn_q.bias"] = (q,)
+                shapes[b + "attn_k.bias"] = (kv,)
+                shapes[b + "attn_v.bias"] = (kv,)
+            if self.qk_norm:
+                shapes[b + "attn_q_norm.weight"] = (self.head_dim,)
+                shapes[b + "attn_k_norm.weight"] = (self.head_dim,)
+            shapes[b + "attn_output.weight"] = (d, q)
+            if self.post_norms:
+                shapes[b + "post_attention_norm.weight"] = (d,)
+            shapes[b + "ffn_norm.weight"] = (d,)
+            if self.is_moe:
+                shapes[b + "ffn_gate_inp.weight"] = (e, d)
+                shapes[b + "ffn_gate_exps.weight"] = (e, ff, d)
+                shapes[b + "ffn_up_exps.weight"] = (e, ff, d)
+                shapes[b + "ffn_down_exps.weight"] = (e, d, ff)
+            else:
+                shapes[b + "ffn_gate.weight"] = (ff, d)
+                shapes[b + "ffn_up.weight"] = (ff, d)
+                shapes[b + "ffn_down.weight"] = (d, ff)
+            if self.post_norms:
+                shapes[b + "post_ffw_norm.weight"] = (d,)
+        shapes["output_norm.weight"] = (d,)
+        if not self.tie_embeddings:
+            shapes["output.weight"] = (self.vocab_size, d)
+        return shapes
+
+    def param_count(self) -> int:
+        return sum(math.prod(s) for s in self.tensor_shapes().values())
+
+    def active_param_count(self) -> int:
+        """Parameters touched per token: MoE models use only top-k experts."""
+        if not self.is_moe:
+            return self.param_count()
+        per_expert = 3 * self.d_ff * self.d_model
+        return self.param_count() - self.n_layers * (self.n_experts - self.n_experts_per_token) * per_expert
+
+    def kv_bytes_per_token(self, bytes_per_element: float) -> float:
+        """KV cache bytes one token adds across all layers (sliding-window layers included)."""
+        return 2 * self.n_layers * self.kv_dim * bytes_per_element
+
+    # ---- (de)serialisation ------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["layer_kinds"] = list(self.layer_kinds)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict, origin: str = "model config") -> "ModelSpec":
+        if not isinstance(data, dict):
+            raise OpenLPUError(f"{origin}: expected a JSON object of ModelSpec fields")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise OpenLPUError(f"{origin}: unknown field(s) {', '.join(unknown)}; "
+                               f"valid fields: {', '.join(fields)}")
+        required = [n for n, f in fields.items()
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [n for n in required if n not in data]
+        if missing:
+            raise OpenLPUError(f"{origin}: missing required field(s) {', '.join(missing)}")
+        data = dict(data)
+        if data.get("rope_scaling") is not None:
+            try:
+                data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
+            except TypeError as e:
+                raise OpenLPUError(f"{origin}: bad rope_scaling ({e})") from None
+        try:
+            return cls(**data)
+        except TypeError as e:
+            raise OpenLPUError(f"{origin}: {e}") from None
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
+
+
+def load_preset(name: str) -> ModelSpec:
+    """A public architecture by name (configs only; see presets/*.json for each source)."""
+    path = PRESETS_DIR / f"{name}.json"
+    if not path.exists():
+        import difflib
+
+        close = difflib.get_close_matches(name, preset_names(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise OpenLPUError(f"unknown model {name!r}{hint} (`openlpu models` lists them)")
+    data = json.loads(path.read_text())
+    data.pop("$source_notes", None)
+    return ModelSpec.from_dict(data, origin=str(path))
