@@ -1,0 +1,23 @@
+"""The LPU compiler: placement, static schedule and the Program they make; the verifier checks it."""
+
+from __future__ import annotations
+
+from openlpu.compiler.partition import partition
+from openlpu.compiler.program import FORMAT_VERSION, Program, Workload, load_program
+from openlpu.compiler.schedule import schedule_phase
+from openlpu.compiler.verify import Violation, verify, verify_or_raise
+from openlpu.hardware.lpu import SystemSpec
+from openlpu.models.spec import ModelSpec
+
+
+def compile_program(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None = None) -> Program:
+    """Place the model on `chips` chips (None: as few as fit) and schedule one decode step and one
+    prefill. Same inputs, byte-identical Program."""
+    placement = partition(spec, system, workload, chips)
+    return Program(version=FORMAT_VERSION, model=spec.name, system=system, workload=workload,
+                   tensors=spec.tensor_shapes(), placement=placement,
+                   decode=schedule_phase(spec, system, workload, placement, "decode"),
+                   prefill=schedule_phase(spec, system, workload, placement, "prefill"))
+
+
+__all__ = ["Program", "Violation", "Workload", "compile_program", "load_program", "verify", "verify_or_raise"]

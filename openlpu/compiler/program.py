@@ -1,0 +1,227 @@
+"""The Program: placement plus the static schedule, serialisable byte-for-byte deterministically.
+
+File format (version FORMAT_VERSION): MAGIC, a 4-byte little-endian version, the sha256 of the
+payload, then the payload: gzip (mtime 0) of canonical JSON (sorted keys, no spaces). Lists of
+records are stored as a column header and rows, which keeps a 405B program small.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import json
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from openlpu.errors import OpenLPUError
+from openlpu.graph.lower import as_precision
+from openlpu.hardware.lpu import ChipSpec, LinkSpec, NetworkSpec, NodeSpec, RackSpec, SystemSpec
+
+MAGIC = b"OPENLPU-PROGRAM\n"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the system must hold and serve: precisions, context per user, users in flight."""
+    weights: str = "int8"
+    activations: str = "int8"
+    kv: str = "int8"
+    context_length: int = 4096  # tokens of KV cache per user (the decode step attends to all of them)
+    users: int = 1  # users in flight in the pipeline, each with its own KV cache
+    prompt_len: int = 512  # tokens of the prefill pass that sets the time to first token
+
+    def __post_init__(self):
+        for p in (self.weights, self.activations, self.kv):
+            as_precision(p)
+        for name in ("context_length", "users", "prompt_len"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise OpenLPUError(f"{name.replace('_', ' ')} must be a positive integer, got {v!r}")
+        if self.prompt_len > self.context_length:
+            raise OpenLPUError(f"prompt length {self.prompt_len} is longer than the context "
+                               f"{self.context_length}; raise --context or shorten the prompt")
+
+
+@dataclass(frozen=True)
+class Shard:
+    tensor: str
+    chip: int
+    axis: int
+    start: int  # [start, stop) along axis, in elements
+    stop: int
+    nbytes: int
+    replicated: bool  # an intentional copy (norms, KV heads shared by several chips, a tied embedding)
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int
+    chips: tuple[int, ...]  # the TP group, in rank order
+    items: tuple[int, ...]  # -1 = embedding, layer indices, n_layers = head (final norm + lm_head)
+    kv_bytes_per_chip: int
+    activation_bytes_per_chip: int  # reserved for activation buffers
+
+
+@dataclass(frozen=True)
+class Placement:
+    tp: int
+    stages: tuple[Stage, ...]
+    shards: tuple[Shard, ...]
+
+    @property
+    def chips(self) -> tuple[int, ...]:
+        return tuple(c for s in self.stages for c in s.chips)
+
+
+@dataclass(frozen=True)
+class ScheduledOp:
+    """One op on one TP group: every chip of the stage runs it on its shard in the same cycles."""
+    name: str
+    kind: str
+    unit: str
+    stage: int
+    start_cycle: int
+    end_cycle: int
+    flops_per_chip: float
+    sram_bytes_per_chip: float  # SRAM traffic: weights, KV and activations read and written
+    output_bytes_per_chip: float  # its activation result, held in SRAM until its last consumer
+    inputs: tuple[str, ...]  # ops or transfers whose results it needs
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Vectors on chip-to-chip links: a point-to-point send, a broadcast or a TP all-reduce."""
+    name: str
+    kind: str  # "p2p" | "broadcast" | "all_reduce"
+    stage: int  # the stage whose ops consume it
+    chips: tuple[int, ...]  # source first for p2p/broadcast; the group for all_reduce
+    path: tuple[int, ...]  # chips visited, for a p2p send
+    payload_bytes: float
+    links: tuple[tuple[int, int, float], ...]  # (from chip, to chip, bytes on that directed link)
+    start_cycle: int
+    arrival_cycle: int
+    inputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PhaseSchedule:
+    phase: str  # "decode" (one token step of one user) or "prefill" (one prompt)
+    seq_len: int
+    tokens: int
+    ops: tuple[ScheduledOp, ...]
+    transfers: tuple[Transfer, ...]
+    makespan_cycles: int
+
+
+@dataclass(frozen=True)
+class Program:
+    version: int
+    model: str
+    system: SystemSpec
+    workload: Workload
+    tensors: dict[str, tuple[int, ...]]  # every weight tensor of the model with its shape
+    placement: Placement
+    decode: PhaseSchedule
+    prefill: PhaseSchedule
+
+    @property
+    def chips(self) -> int:
+        return len(self.placement.chips)
+
+    def sha256(self) -> str:
+        return hashlib.sha256(encode(self)).hexdigest()
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_bytes(encode(self))
+
+
+# ---- encoding ---------------------------------------------------------------------------------
+def _table(records) -> dict:
+    cols = [f.name for f in dataclasses.fields(records[0])] if records else []
+    return {"columns": cols, "rows": [[_plain(getattr(r, c)) for c in cols] for r in records]}
+
+
+def _plain(v):
+    if dataclasses.is_dataclass(v):
+        return {f.name: _plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+    if isinstance(v, (tuple, list)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+def _phase_dict(ph: PhaseSchedule) -> dict:
+    return {"phase": ph.phase, "seq_len": ph.seq_len, "tokens": ph.tokens, "makespan_cycles": ph.makespan_cycles,
+            "ops": _table(ph.ops), "transfers": _table(ph.transfers)}
+
+
+def encode(program: Program) -> bytes:
+    body = {
+        "model": program.model,
+        "system": _plain(dataclasses.replace(program.system, sources={})),
+        "workload": _plain(program.workload),
+        "tensors": {k: list(v) for k, v in program.tensors.items()},
+        "placement": {"tp": program.placement.tp, "stages": _table(program.placement.stages),
+                      "shards": _table(program.placement.shards)},
+        "decode": _phase_dict(program.decode),
+        "prefill": _phase_dict(program.prefill),
+    }
+    payload = gzip.compress(json.dumps(body, sort_keys=True, separators=(",", ":")).encode(), mtime=0)
+    return MAGIC + struct.pack("<I", program.version) + hashlib.sha256(payload).digest() + payload
+
+
+def _tuples(v):
+    return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
+
+
+def _rows(cls, table: dict) -> tuple:
+    expected = [f.name for f in dataclasses.fields(cls)]
+    if table["rows"] and table["columns"] != expected:
+        raise ValueError(f"{cls.__name__} columns {table['columns']} != {expected}")
+    return tuple(cls(**{c: _tuples(v) for c, v in zip(expected, row)}) for row in table["rows"])
+
+
+def _phase(d: dict) -> PhaseSchedule:
+    return PhaseSchedule(d["phase"], d["seq_len"], d["tokens"], _rows(ScheduledOp, d["ops"]),
+                         _rows(Transfer, d["transfers"]), d["makespan_cycles"])
+
+
+def _system(d: dict) -> SystemSpec:
+    return SystemSpec(name=d["name"], description=d["description"], chip=ChipSpec(**d["chip"]),
+                      node=NodeSpec(**d["node"]), rack=RackSpec(**d["rack"]), network=NetworkSpec(**d["network"]),
+                      links={k: LinkSpec(**v) for k, v in d["links"].items()})
+
+
+def decode_program(data: bytes, origin: str = "program") -> Program:
+    head = len(MAGIC) + 4 + 32
+    if not data.startswith(MAGIC) or len(data) < head:
+        raise OpenLPUError(f"{origin} is not an OpenLPU program (write one with `openlpu compile`)")
+    (version,) = struct.unpack("<I", data[len(MAGIC):len(MAGIC) + 4])
+    if version != FORMAT_VERSION:
+        raise OpenLPUError(f"{origin} is program format version {version}; this OpenLPU reads version "
+                           f"{FORMAT_VERSION}: recompile it with `openlpu compile`")
+    digest, payload = data[len(MAGIC) + 4:head], data[head:]
+    if hashlib.sha256(payload).digest() != digest:
+        raise OpenLPUError(f"{origin} is corrupt (checksum mismatch); recompile it with `openlpu compile`")
+    try:
+        b = json.loads(gzip.decompress(payload))
+        placement = Placement(b["placement"]["tp"], _rows(Stage, b["placement"]["stages"]),
+                              _rows(Shard, b["placement"]["shards"]))
+        return Program(version=version, model=b["model"], system=_system(b["system"]),
+                       workload=Workload(**b["workload"]), tensors={k: tuple(v) for k, v in b["tensors"].items()},
+                       placement=placement, decode=_phase(b["decode"]), prefill=_phase(b["prefill"]))
+    except (OSError, EOFError, zlib.error, ValueError, KeyError, TypeError) as e:
+        raise OpenLPUError(f"{origin} is corrupt ({type(e).__name__}); recompile it with `openlpu compile`") from None
+
+
+def load_program(path: str | Path) -> Program:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise OpenLPUError(f"cannot read program {str(path)!r}: {e.strerror}") from None
+    return decode_program(data, origin=str(path))

@@ -1,0 +1,226 @@
+"""Static schedule: the cycle each op starts and ends on its TP group, and every transfer on the links.
+
+List scheduling in graph order (the lowered ops are topologically sorted): an op starts when its
+unit is free and all its inputs are on its chips; it lasts as long as the slower of its arithmetic
+(flops over the unit's per-cycle throughput) and its SRAM traffic (bytes over SRAM bytes per cycle).
+Row-split matmuls and the vocabulary-split embedding and sampler end in an all-reduce over the
+group's links; a stage passes its activations to the next stage's first chip, which broadcasts them.
+"""
+
+from __future__ import annotations
+
+import math
+from openlpu.compiler.partition import EMBED, kv_heads_per_chip
+from openlpu.compiler.program import PhaseSchedule, Placement, ScheduledOp, Transfer, Workload
+from openlpu.errors import OpenLPUError
+from openlpu.graph.lower import PRECISIONS, as_precision, lower
+from openlpu.graph.ops import Op
+from openlpu.hardware.lpu import SystemSpec
+from openlpu.models.spec import ModelSpec
+
+TOKEN_ID_BYTES = 4  # the sampled token going back to the embedding stage
+ARGMAX_BYTES = 8  # (value, index) each chip contributes to the sampler's all-reduce
+
+# How an op's work divides over a TP group, by the op name's last part:
+#   col: output columns split with its weight; row: input split, partial sums all-reduced after;
+#   heads / kv_heads: attention heads split; split: elementwise on a split tensor;
+#   gather: vocabulary-split embedding rows, all-reduced after; replicated: every chip does it all.
+OP_SPLIT = {
+    "attn_q": "col", "attn_k": "col", "attn_v": "col", "ffn_gate": "col", "ffn_up": "col",
+    "ffn_gate_exps": "col", "ffn_up_exps": "col", "output": "col",
+    "attn_output": "row", "ffn_down": "row", "ffn_down_exps": "row",
+    "attn_q_norm": "heads", "rope": "heads", "attention": "heads", "attn_softcap": "heads",
+    "attn_k_norm": "kv_heads",
+    "ffn_act": "split", "final_softcap": "split", "sample": "split",
+    "token_embd": "gather",
+}
+NEEDS_ALL_REDUCE = ("row", "gather")
+FLOAT_PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
+
+
+def matrix_macs_per_cycle(system: SystemSpec, *precisions: str) -> float:
+    """MACs per cycle for operands in these precisions: the chip's narrowest mode that holds the
+    widest operand (integers may run on a float mode, floats never on an integer mode)."""
+    need = max((as_precision(p) for p in precisions), key=lambda p: p.bytes_per_element)
+    is_float = need.name in FLOAT_PRECISIONS
+    modes = [(PRECISIONS[m].bytes_per_element, m) for m in system.chip.matrix_macs_per_cycle
+             if m in PRECISIONS and PRECISIONS[m].bytes_per_element >= need.bytes_per_element
+             and (m in FLOAT_PRECISIONS or not is_float)]
+    if not modes:
+        raise OpenLPUError(f"{system.name}'s matrix unit has no mode for {need.name} operands (it has "
+                           f"{', '.join(system.chip.matrix_macs_per_cycle)}); choose another precision")
+    return system.chip.matrix_macs_per_cycle[min(modes)[1]]
+
+
+def op_role(op: Op) -> str:
+    return OP_SPLIT.get(op.name.split(".")[-1], "replicated")
+
+
+def op_item(op: Op, n_layers: int) -> int:
+    if op.layer >= 0:
+        return op.layer
+    return EMBED if op.kind == "embed" else n_layers
+
+
+# ---- collectives ------------------------------------------------------------------------------
+def _collective_flows(system: SystemSpec, group: tuple[int, ...], kind: str) -> list[list[tuple[int, int, float]]]:
+    """Phases of (src, dst, fraction of the payload). All-reduce: direct reduce-scatter then
+    all-gather inside each node (full mesh); across nodes the same again between same-rank chips."""
+    if kind == "broadcast":
+        return [[(group[0], c, 1.0) for c in group[1:]]]
+    nodes: dict[int, list[int]] = {}
+    for c in group:
+        nodes.setdefault(system.node_of(c), []).append(c)
+    members = list(nodes.values())
+    per_node = len(members[0])
+    local = [(a, b, 1.0 / per_node) for m in members for a in m for b in m if a != b]
+    phases = [local]
+    if len(members) > 1:
+        share = 1.0 / (per_node * len(members))
+        across = [(m1[r], m2[r], share) for r in range(per_node) for m1 in members for m2 in members if m1 is not m2]
+        phases += [across, across]
+    return phases + [local]
+
+
+def _collective_template(system: SystemSpec, group: tuple[int, ...], kind: str):
+    """Per directed link, the payload fraction it carries, and per phase (latency s, worst fraction/bw)."""
+    link_fraction: dict[tuple[int, int], float] = {}
+    phases = []
+    for flows in _collective_flows(system, group, kind):
+        load: dict[tuple[int, int], float] = {}
+        latency = 0.0
+        for src, dst, frac in flows:
+            path = system.route(src, dst)
+            latency = max(latency, sum(system.links[system.link_kind(a, b)].latency_s for a, b in zip(path, path[1:])))
+            for a, b in zip(path, path[1:]):
+                load[(a, b)] = load.get((a, b), 0.0) + frac
+        for link, frac in load.items():
+            link_fraction[link] = link_fraction.get(link, 0.0) + frac
+        worst = max(frac / system.links[system.link_kind(*link)].bandwidth_bytes_per_s for link, frac in load.items())
+        phases.append((latency, worst))
+    return tuple(sorted(link_fraction.items())), tuple(phases)
+
+
+class _Scheduler:
+    def __init__(self, spec: ModelSpec, system: SystemSpec, workload: Workload, placement: Placement):
+        self.spec, self.system, self.workload, self.placement = spec, system, workload, placement
+        self.clock = system.chip.clock_hz
+        self.stage_of_item = {item: s.index for s in placement.stages for item in s.items}
+        self.unit_free: dict[tuple[int, str], int] = {}
+        self.link_free: dict[tuple[int, int], int] = {}
+        self.ready: dict[str, tuple[int, int]] = {}  # result name -> (stage, cycle it is there)
+        self.provider: dict[str, str] = {}  # op name -> the name holding its full result (op or all-reduce)
+        self.alias: dict[str, str] = {}  # a p2p send -> the broadcast that completes it on the group
+        self.templates: dict[tuple, tuple] = {}  # collective link loads, per (group, kind)
+        self.ops: list[ScheduledOp] = []
+        self.transfers: list[Transfer] = []
+        self.weight_fraction = self._weight_fractions()
+        rates = {"vector": system.chip.vector_ops_per_cycle, "switch": system.chip.switch_bytes_per_cycle,
+                 "memory": math.inf}
+        self.unit_flops_per_cycle = {
+            **rates, "matrix": 2 * matrix_macs_per_cycle(system, workload.weights, workload.activations)}
+        self.attention_flops_per_cycle = 2 * matrix_macs_per_cycle(system, workload.kv, workload.activations)
+
+    def _weight_fractions(self) -> dict[tuple[str, int], float]:
+        stage_of_chip = {c: s.index for s in self.placement.stages for c in s.chips}
+        shapes = self.spec.tensor_shapes()
+        frac: dict[tuple[str, int], float] = {}
+        for sh in self.placement.shards:
+            key = (sh.tensor, stage_of_chip[sh.chip])
+            frac[key] = max(frac.get(key, 0.0), (sh.stop - sh.start) / shapes[sh.tensor][sh.axis])
+        return frac
+
+    def cycles(self, seconds: float) -> int:
+        return max(1, math.ceil(seconds * self.clock))
+
+    # ---- transfers ----
+    def _send(self, name: str, kind: str, stage: int, chips: tuple[int, ...], payload: float, ready: int,
+              inputs: tuple[str, ...]) -> int:
+        if kind == "p2p":
+            path = self.system.route(chips[0], chips[1])
+            hops = list(zip(path, path[1:]))
+            links = tuple((a, b, payload) for a, b in hops)
+            bw = min(self.system.links[self.system.link_kind(a, b)].bandwidth_bytes_per_s for a, b in hops)
+            seconds = sum(self.system.links[self.system.link_kind(a, b)].latency_s for a, b in hops) + payload / bw
+        else:
+            path = ()
+            if (chips, kind) not in self.templates:
+                self.templates[(chips, kind)] = _collective_template(self.system, chips, kind)
+            fractions, phases = self.templates[(chips, kind)]
+            links = tuple((a, b, f * payload) for (a, b), f in fractions)
+            seconds = sum(latency + worst * payload for latency, worst in phases)
+        start = max([ready] + [self.link_free.get((a, b), 0) for a, b, _ in links])
+        arrival = start + self.cycles(seconds)
+        for a, b, _ in links:
+            self.link_free[(a, b)] = arrival
+        self.transfers.append(Transfer(name, kind, stage, chips, path, payload, links, start, arrival, inputs))
+        self.ready[name] = (stage, arrival)
+        return arrival
+
+    def _input_on(self, src: str, stage: int, payload: float) -> str:
+        """The name under which `src`'s result is available on `stage` (sending it there if needed)."""
+        name = self.provider.get(src, src)
+        src_stage, cycle = self.ready[name]
+        if src_stage == stage:
+            return name
+        key = f"{name}>s{stage}"
+        if key not in self.ready:
+            group = self.placement.stages[stage].chips
+            src_chip = self.placement.stages[src_stage].chips[0]
+            self._send(key, "p2p", stage, (src_chip, group[0]), payload, cycle, (name,))
+            if len(group) > 1:
+                self._send(key + ".bcast", "broadcast", stage, group, payload, self.ready[key][1], (key,))
+                self.alias[key] = key + ".bcast"
+        return self.alias.get(key, key)
+
+    # ---- ops ----
+    def place_op(self, op: Op, payloads: dict[str, float]) -> None:
+        stage = self.stage_of_item[op_item(op, self.spec.n_layers)]
+        t = len(self.placement.stages[stage].chips)
+        role = op_role(op)
+        f_w = self.weight_fraction.get((op.weight, stage), 1.0) if op.weight else 1.0
+        f_heads = 1.0 / t
+        f_kv = kv_heads_per_chip(self.spec, t) / self.spec.n_kv_heads
+        compute, f_in, f_out = {
+            "col": (f_w, 1.0, f_w), "row": (f_w, f_w, 1.0), "heads": (f_heads, f_heads, f_heads),
+            "kv_heads": (f_kv, f_kv, f_kv), "split": (f_heads, f_heads, f_heads),
+            "gather": (f_heads, 1.0, 1.0), "replicated": (1.0, 1.0, 1.0)}[role]
+        inputs = tuple(self._input_on(i, stage, payloads[i]) for i in op.inputs)
+        reads = op.weight_bytes * f_w + op.kv_read_bytes * f_kv + op.act_read_bytes * f_in
+        writes = op.act_write_bytes * f_out + op.kv_write_bytes * f_kv
+        rate = self.attention_flops_per_cycle if op.kind == "attention" else self.unit_flops_per_cycle[op.unit]
+        duration = max(1, math.ceil(op.flops * compute / rate),
+                       math.ceil((reads + writes) / self.system.chip.sram_bytes_per_cycle))
+        start = max([self.unit_free.get((stage, op.unit), 0)] + [self.ready[i][1] for i in inputs])
+        end = start + duration
+        self.unit_free[(stage, op.unit)] = end
+        self.ops.append(ScheduledOp(op.name, op.kind, op.unit, stage, start, end, op.flops * compute,
+                                    reads + writes, op.act_write_bytes * f_out, inputs))
+        self.ready[op.name] = (stage, end)
+        if t > 1 and (role in NEEDS_ALL_REDUCE or op.kind == "sample"):
+            payload = ARGMAX_BYTES * op.shape[0] / self.spec.vocab_size if op.kind == "sample" else op.act_write_bytes
+            name = op.name + ".allreduce"
+            self._send(name, "all_reduce", stage, self.placement.stages[stage].chips, payload, end, (op.name,))
+            self.provider[op.name] = name
+
+
+def schedule_phase(spec: ModelSpec, system: SystemSpec, workload: Workload, placement: Placement,
+                   phase: str) -> PhaseSchedule:
+    """One decode step of one user (attending to the whole context) or the prefill of one prompt."""
+    seq_len = workload.context_length if phase == "decode" else workload.prompt_len
+    ops = lower(spec, phase, seq_len, 1, workload.weights, kv_precision=workload.kv,
+                act_precision=workload.activations)
+    s = _Scheduler(spec, system, workload, placement)
+    payloads = {op.name: op.act_write_bytes for op in ops}
+    for op in ops:
+        s.place_op(op, payloads)
+    last = ops[-1]
+    if phase == "decode" and len(placement.stages) > 1:  # the token goes back to the embedding stage
+        first = placement.stages[s.stage_of_item[EMBED]].chips[0]
+        src_name = s.provider.get(last.name, last.name)
+        src_chip = placement.stages[s.ready[src_name][0]].chips[0]
+        s._send("token_return", "p2p", 0, (src_chip, first), TOKEN_ID_BYTES, s.ready[src_name][1], (src_name,))
+    makespan = max([o.end_cycle for o in s.ops] + [t.arrival_cycle for t in s.transfers])
+    return PhaseSchedule(phase, seq_len, 1 if phase == "decode" else seq_len, tuple(s.ops), tuple(s.transfers),
+                         makespan)
+

@@ -1,0 +1,205 @@
+"""Invariants every Program must hold; each check reads the Program alone, never the compiler.
+
+1. no functional unit runs two ops at once;
+2. nothing starts before its inputs are on its chips (ops and transfers);
+3. SRAM in use (weights + KV + live activations) never exceeds a chip's capacity;
+4. every weight element is placed exactly once: at most one unflagged shard holds it, any further
+   copies are flagged replicated (on purpose);
+5. no link carries more than its bandwidth at any time.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from openlpu.compiler.program import PhaseSchedule, Program
+from openlpu.errors import OpenLPUError
+
+RATE_TOLERANCE = 1e-9
+
+
+@dataclass(frozen=True)
+class Violation:
+    invariant: str  # "structure" | "unit_overlap" | "input_not_ready" | "sram_capacity" | "weight_placement" | "link_bandwidth"
+    message: str
+
+
+def _structure(program: Program) -> list[Violation]:
+    out, seen = [], {}
+    for stage in program.placement.stages:
+        for chip in stage.chips:
+            if not 0 <= chip < program.system.max_chips:
+                out.append(Violation("structure", f"stage {stage.index} uses chip {chip}, outside the system"))
+            if chip in seen:
+                out.append(Violation("structure", f"chip {chip} is in stages {seen[chip]} and {stage.index}"))
+            seen[chip] = stage.index
+    return out
+
+
+def _unit_overlap(phase: PhaseSchedule) -> list[Violation]:
+    out = []
+    by_unit = defaultdict(list)
+    for op in phase.ops:
+        if op.end_cycle <= op.start_cycle:
+            out.append(Violation("unit_overlap", f"{phase.phase}: {op.name} ends at {op.end_cycle}, not after its "
+                                                 f"start {op.start_cycle}"))
+        by_unit[(op.stage, op.unit)].append(op)
+    for (stage, unit), ops in sorted(by_unit.items()):
+        ops.sort(key=lambda o: (o.start_cycle, o.end_cycle))
+        for a, b in zip(ops, ops[1:]):
+            if b.start_cycle < a.end_cycle:
+                out.append(Violation("unit_overlap", f"{phase.phase}: stage {stage} {unit} unit runs {a.name} "
+                                                     f"(cycles {a.start_cycle}-{a.end_cycle}) and {b.name} (from "
+                                                     f"{b.start_cycle}) at once"))
+    return out
+
+
+def _inputs_ready(program: Program, phase: PhaseSchedule) -> list[Violation]:
+    out = []
+    done = {op.name: (op.stage, op.end_cycle) for op in phase.ops}
+    done.update({t.name: (t.stage, t.arrival_cycle) for t in phase.transfers})
+    stage_chips = {s.index: set(s.chips) for s in program.placement.stages}
+    for t in phase.transfers:
+        if t.arrival_cycle <= t.start_cycle:
+            out.append(Violation("input_not_ready", f"{phase.phase}: transfer {t.name} arrives at {t.arrival_cycle}, "
+                                                    f"not after it starts at {t.start_cycle}"))
+    records = [(op.name, op.stage, op.start_cycle, op.inputs, True) for op in phase.ops]
+    records += [(t.name, t.stage, t.start_cycle, t.inputs, False) for t in phase.transfers]
+    for name, stage, start, inputs, is_op in records:
+        for i in inputs:
+            if i not in done:
+                out.append(Violation("input_not_ready", f"{phase.phase}: {name} needs {i}, which nothing produces"))
+                continue
+            where, cycle = done[i]
+            if cycle > start:
+                out.append(Violation("input_not_ready", f"{phase.phase}: {name} starts at cycle {start} but its input "
+                                                        f"{i} is only ready at {cycle}"))
+            if is_op and where != stage:
+                out.append(Violation("input_not_ready", f"{phase.phase}: {name} runs on stage {stage} but its input {i} "
+                                                        f"is on stage {where} and was never sent there"))
+    for t in phase.transfers:
+        if not set(t.chips) <= set().union(*stage_chips.values()):
+            out.append(Violation("input_not_ready", f"{phase.phase}: transfer {t.name} uses chips outside the placement"))
+    return out
+
+
+def _sram(program: Program, phase: PhaseSchedule) -> list[Violation]:
+    capacity = program.system.chip.sram_bytes
+    static = defaultdict(float)
+    for sh in program.placement.shards:
+        static[sh.chip] += sh.nbytes
+    stage_chips = {s.index: s.chips for s in program.placement.stages}
+    for s in program.placement.stages:
+        for c in s.chips:
+            static[c] += s.kv_bytes_per_chip
+    # live activations: a result is held from its producer's start until its last consumer ends
+    last_use: dict[str, int] = {}
+    for op in phase.ops:
+        for i in op.inputs:
+            last_use[i] = max(last_use.get(i, 0), op.end_cycle)
+    for t in phase.transfers:
+        for i in t.inputs:
+            last_use[i] = max(last_use.get(i, 0), t.arrival_cycle)
+    for t in reversed(phase.transfers):  # an all-reduce works in place: its result keeps its input alive
+        if t.kind == "all_reduce":
+            for i in t.inputs:
+                last_use[i] = max(last_use[i], last_use.get(t.name, t.arrival_cycle))
+    events = defaultdict(list)  # chip -> (cycle, +/- bytes)
+    for op in phase.ops:
+        end = max(op.end_cycle, last_use.get(op.name, op.end_cycle))
+        for c in stage_chips[op.stage]:
+            events[c] += [(op.start_cycle, op.output_bytes_per_chip), (end, -op.output_bytes_per_chip)]
+    for t in phase.transfers:
+        receivers = t.chips[1:] if t.kind != "all_reduce" else ()
+        end = max(t.arrival_cycle, last_use.get(t.name, t.arrival_cycle))
+        for c in receivers:
+            events[c] += [(t.start_cycle, t.payload_bytes), (end, -t.payload_bytes)]
+    out = []
+    for chip in sorted(set(static) | set(events)):
+        peak = live = 0.0
+        for _, delta in sorted(events[chip], key=lambda e: (e[0], e[1])):  # frees before allocations
+            live += delta
+            peak = max(peak, live)
+        if static[chip] + peak > capacity:
+            out.append(Violation("sram_capacity", f"{phase.phase}: chip {chip} needs {(static[chip] + peak) / 1e6:.2f} MB "
+                                                  f"of SRAM ({static[chip] / 1e6:.2f} MB weights and KV, {peak / 1e6:.2f} "
+                                                  f"MB activations) but holds {capacity / 1e6:.2f} MB"))
+    return out
+
+
+def _weights(program: Program) -> list[Violation]:
+    out = []
+    chips = set(program.placement.chips)
+    by_tensor = defaultdict(list)
+    for sh in program.placement.shards:
+        by_tensor[sh.tensor].append(sh)
+    for name in sorted(set(by_tensor) - set(program.tensors)):
+        out.append(Violation("weight_placement", f"shards of {name}, which the model does not have"))
+    for name, shape in program.tensors.items():
+        shards = by_tensor.get(name, [])
+        if not shards:
+            out.append(Violation("weight_placement", f"{name} is not placed on any chip"))
+            continue
+        axes = {sh.axis for sh in shards}
+        if len(axes) != 1 or not 0 <= min(axes) < len(shape):
+            out.append(Violation("weight_placement", f"{name} is split along inconsistent axes {sorted(axes)}"))
+            continue
+        dim = shape[axes.pop()]
+        for sh in shards:
+            if sh.chip not in chips:
+                out.append(Violation("weight_placement", f"{name} has a shard on chip {sh.chip}, outside the placement"))
+            if not 0 <= sh.start < sh.stop <= dim:
+                out.append(Violation("weight_placement", f"{name} shard [{sh.start}, {sh.stop}) on chip {sh.chip} is "
+                                                         f"outside [0, {dim})"))
+        # sweep: coverage of [0, dim) and copies, counting unflagged and flagged shards apart
+        points = sorted({0, dim} | {sh.start for sh in shards} | {sh.stop for sh in shards})
+        for a, b in zip(points, points[1:]):
+            inside = [sh for sh in shards if sh.start <= a and b <= sh.stop]
+            plain = [sh for sh in inside if not sh.replicated]
+            if not inside:
+                out.append(Violation("weight_placement", f"{name} elements [{a}, {b}) along axis are placed nowhere"))
+            elif len(plain) > 1:
+                out.append(Violation("weight_placement", f"{name} elements [{a}, {b}) are placed {len(inside)} times "
+                                                         f"(chips {sorted(sh.chip for sh in inside)}) without being "
+                                                         f"flagged as replicated"))
+    return out
+
+
+def _links(program: Program, phase: PhaseSchedule) -> list[Violation]:
+    clock = program.system.chip.clock_hz
+    loads = defaultdict(list)  # directed link -> (start, end, bytes per second)
+    for t in phase.transfers:
+        seconds = (t.arrival_cycle - t.start_cycle) / clock
+        for a, b, nbytes in t.links:
+            loads[(a, b)].append((t.start_cycle, t.arrival_cycle, nbytes / seconds if seconds > 0 else float("inf"), t.name))
+    out = []
+    for (a, b), spans in sorted(loads.items()):
+        if a == b or not (0 <= a < program.system.max_chips and 0 <= b < program.system.max_chips):
+            out.append(Violation("link_bandwidth", f"{phase.phase}: no link from chip {a} to chip {b}"))
+            continue
+        bandwidth = program.system.links[program.system.link_kind(a, b)].bandwidth_bytes_per_s
+        events = sorted([(s, 1, r, n) for s, _, r, n in spans] + [(e, 0, r, n) for _, e, r, n in spans])
+        rate = 0.0
+        for cycle, starting, r, name in events:  # ends (0) sort before starts (1) at the same cycle
+            rate += r if starting else -r
+            if starting and rate > bandwidth * (1 + RATE_TOLERANCE):
+                out.append(Violation("link_bandwidth", f"{phase.phase}: link {a}->{b} carries {rate / 1e9:.2f} GB/s at "
+                                                       f"cycle {cycle} ({name}), over its {bandwidth / 1e9:.2f} GB/s"))
+                break
+    return out
+
+
+def verify(program: Program) -> list[Violation]:
+    """Every invariant violated, in a fixed order (an empty list means the Program is sound)."""
+    out = _structure(program) + _weights(program)
+    for phase in (program.decode, program.prefill):
+        out += _unit_overlap(phase) + _inputs_ready(program, phase) + _sram(program, phase) + _links(program, phase)
+    return out
+
+
+def verify_or_raise(program: Program) -> None:
+    violations = verify(program)
+    if violations:
+        more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
+        raise OpenLPUError(f"program fails verification: {violations[0].message}{more}")

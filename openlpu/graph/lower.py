@@ -1,0 +1,190 @@
+"""Lowering a ModelSpec to op rows: one prefill pass or one decode step, for any supported family.
+
+Counts follow the shapes: a matmul (M, N, K) does 2*M*N*K flops and reads N*K weights. Decode
+attends to the cached tokens (capped by the sliding window on local layers); prefill is causal, so
+query i attends to min(i + 1, window) keys. MoE reads the router plus the experts the tokens pick
+(expected distinct experts over M tokens choosing top-k uniformly).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+from openlpu.errors import OpenLPUError
+from openlpu.graph.ops import Op
+from openlpu.models.spec import ModelSpec
+
+PHASES = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str
+    bytes_per_element: float
+
+
+PRECISIONS = {p.name: p for p in (
+    Precision("fp32", 4), Precision("fp16", 2), Precision("bf16", 2),
+    Precision("fp8", 1), Precision("int8", 1), Precision("int4", 0.5))}
+
+# flops per element of the vector ops (order of magnitude of the real arithmetic; they are small)
+NORM_FLOPS_PER_ELEMENT = 4  # square, sum, scale, multiply by weight
+ROPE_FLOPS_PER_ELEMENT = 3
+SOFTMAX_FLOPS_PER_ELEMENT = 5  # max, subtract, exp, sum, divide
+GATED_ACT_FLOPS_PER_ELEMENT = 8  # gelu-tanh / silu plus the multiply by "up"
+SOFTCAP_FLOPS_PER_ELEMENT = 3  # divide, tanh, multiply
+
+
+def as_precision(p: Precision | str) -> Precision:
+    if isinstance(p, Precision):
+        return p
+    if p not in PRECISIONS:
+        close = difflib.get_close_matches(str(p), PRECISIONS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise OpenLPUError(f"unknown precision {p!r}{hint} (supported: {', '.join(PRECISIONS)})")
+    return PRECISIONS[p]
+
+
+def expected_distinct_experts(n_experts: int, top_k: int, tokens: int) -> float:
+    """Experts touched by `tokens` tokens each choosing top_k of n_experts uniformly at random."""
+    return n_experts * (1.0 - (1.0 - top_k / n_experts) ** tokens)
+
+
+def _causal_pairs(n: int, window: int | None) -> float:
+    """(query, key) pairs of positions 0..n-1 attending causally, each to at most `window` keys."""
+    w = min(window or n, n)
+    return w * (w + 1) / 2 + (n - w) * w
+
+
+def attended_keys(seq_len: int, window: int | None, phase: str, past_len: int = 0) -> float:
+    """Total (query, key) pairs per sequence for one layer: a decode token sees seq_len cached keys;
+    prefill queries at positions past_len.. past_len+seq_len-1 see the keys before them."""
+    if phase == "decode":
+        return float(min(seq_len, window) if window else seq_len)
+    return _causal_pairs(past_len + seq_len, window) - _causal_pairs(past_len, window)
+
+
+class _Builder:
+    """Appends op rows; bytes in the phase's precisions."""
+
+    def __init__(self, wb: float, ab: float, kb: float):
+        self.wb, self.ab, self.kb = wb, ab, kb
+        self.ops: list[Op] = []
+
+    def add(self, name, kind, layer, unit, shape, flops, *, weight=None, weight_elems=0.0, act_in=0.0,
+            act_out=0.0, kv_read=0.0, kv_write=0.0, inputs=()) -> str:
+        self.ops.append(Op(name=name, kind=kind, layer=layer, unit=unit, shape=tuple(int(s) for s in shape),
+                           flops=float(flops), weight_bytes=weight_elems * self.wb,
+                           kv_read_bytes=kv_read * self.kb, kv_write_bytes=kv_write * self.kb,
+                           act_read_bytes=act_in * self.ab, act_write_bytes=act_out * self.ab,
+                           weight=weight, inputs=tuple(inputs)))
+        return name
+
+    def matmul(self, name, layer, m, n, k, weight, inputs, kind="matmul", weight_rows=None, extra_weight=0):
+        """y = x W^T for M tokens; reads weight_rows (default n) rows of K plus extra_weight elements."""
+        rows = n if weight_rows is None else weight_rows
+        return self.add(name, kind, layer, "matrix", (m, n, k), 2 * m * n * k, weight=weight,
+                        weight_elems=rows * k + extra_weight, act_in=m * k, act_out=m * n, inputs=inputs)
+
+    def vector(self, name, kind, layer, elems, flops_per_elem, inputs, weight=None, weight_elems=0, reads=1):
+        return self.add(name, kind, layer, "vector", (elems,), elems * flops_per_elem, weight=weight,
+                        weight_elems=weight_elems, act_in=reads * elems, act_out=elems, inputs=inputs)
+
+
+def _attention_block(b: _Builder, spec: ModelSpec, i: int, x: str, m: int, batch: int, seq_len: int,
+                     phase: str, past_len: int) -> str:
+    p, d = f"blk.{i}.", spec.d_model
+    norm = b.vector(p + "attn_norm", "norm", i, m * d, NORM_FLOPS_PER_ELEMENT, (x,),
+                    weight=p + "attn_norm.weight", weight_elems=d)
+    bias = spec.qkv_bias
+    q = b.matmul(p + "attn_q", i, m, spec.q_dim, d, p + "attn_q.weight", (norm,), extra_weight=spec.q_dim * bias)
+    k = b.matmul(p + "attn_k", i, m, spec.kv_dim, d, p + "attn_k.weight", (norm,), extra_weight=spec.kv_dim * bias)
+    v = b.matmul(p + "attn_v", i, m, spec.kv_dim, d, p + "attn_v.weight", (norm,), extra_weight=spec.kv_dim * bias)
+    if spec.qk_norm:
+        q = b.vector(p + "attn_q_norm", "norm", i, m * spec.q_dim, NORM_FLOPS_PER_ELEMENT, (q,),
+                     weight=p + "attn_q_norm.weight", weight_elems=spec.head_dim)
+        k = b.vector(p + "attn_k_norm", "norm", i, m * spec.kv_dim, NORM_FLOPS_PER_ELEMENT, (k,),
+                     weight=p + "attn_k_norm.weight", weight_elems=spec.head_dim)
+    rope = b.vector(p + "rope", "rope", i, m * (spec.q_dim + spec.kv_dim), ROPE_FLOPS_PER_ELEMENT, (q, k))
+    window = spec.layer_window(i)
+    pairs = batch * attended_keys(seq_len, window, phase, past_len)  # (query, key) pairs, all sequences
+    cached_len = seq_len if phase == "decode" else past_len  # keys read back from the KV cache
+    cached = batch * min(cached_len, window or cached_len)
+    scores = pairs * spec.n_heads
+    att_inputs = (rope, v)
+    if spec.attn_logit_softcap:
+        cap = b.vector(p + "attn_softcap", "softcap", i, scores, SOFTCAP_FLOPS_PER_ELEMENT, (rope,))
+        att_inputs = (cap, v)
+    att = b.add(p + "attention", "attention", i, "matrix", (m, spec.n_heads, spec.head_dim),
+                4 * pairs * spec.q_dim + SOFTMAX_FLOPS_PER_ELEMENT * scores,
+                act_in=m * (spec.q_dim + 2 * spec.kv_dim), act_out=m * spec.q_dim,
+                kv_read=2 * cached * spec.kv_dim, kv_write=2 * m * spec.kv_dim, inputs=att_inputs)
+    out = b.matmul(p + "attn_output", i, m, d, spec.q_dim, p + "attn_output.weight", (att,))
+    if spec.post_norms:
+        out = b.vector(p + "post_attention_norm", "norm", i, m * d, NORM_FLOPS_PER_ELEMENT, (out,),
+                       weight=p + "post_attention_norm.weight", weight_elems=d)
+    return b.vector(p + "attn_residual", "residual", i, m * d, 1, (x, out), reads=2)
+
+
+def _mlp_block(b: _Builder, spec: ModelSpec, i: int, x: str, m: int) -> str:
+    p, d, ff = f"blk.{i}.", spec.d_model, spec.d_ff
+    norm = b.vector(p + "ffn_norm", "norm", i, m * d, NORM_FLOPS_PER_ELEMENT, (x,),
+                    weight=p + "ffn_norm.weight", weight_elems=d)
+    if spec.is_moe:
+        e, k = spec.n_experts, spec.n_experts_per_token
+        router = b.matmul(p + "ffn_gate_inp", i, m, e, d, p + "ffn_gate_inp.weight", (norm,), kind="moe_router")
+        rows = expected_distinct_experts(e, k, m) * ff  # weight rows read, over the experts touched
+        gate = b.matmul(p + "ffn_gate_exps", i, m * k, ff, d, p + "ffn_gate_exps.weight", (norm, router),
+                        weight_rows=rows)
+        up = b.matmul(p + "ffn_up_exps", i, m * k, ff, d, p + "ffn_up_exps.weight", (norm, router),
+                      weight_rows=rows)
+        act = b.vector(p + "ffn_act", "activation", i, m * k * ff, GATED_ACT_FLOPS_PER_ELEMENT, (gate, up), reads=2)
+        down = b.matmul(p + "ffn_down_exps", i, m * k, d, ff, p + "ffn_down_exps.weight", (act,),
+                        weight_rows=rows * d / ff)
+    else:
+        gate = b.matmul(p + "ffn_gate", i, m, ff, d, p + "ffn_gate.weight", (norm,))
+        up = b.matmul(p + "ffn_up", i, m, ff, d, p + "ffn_up.weight", (norm,))
+        act = b.vector(p + "ffn_act", "activation", i, m * ff, GATED_ACT_FLOPS_PER_ELEMENT, (gate, up), reads=2)
+        down = b.matmul(p + "ffn_down", i, m, d, ff, p + "ffn_down.weight", (act,))
+    if spec.post_norms:
+        down = b.vector(p + "post_ffw_norm", "norm", i, m * d, NORM_FLOPS_PER_ELEMENT, (down,),
+                        weight=p + "post_ffw_norm.weight", weight_elems=d)
+    return b.vector(p + "ffn_residual", "residual", i, m * d, 1, (x, down), reads=2)
+
+
+def lower(spec: ModelSpec, phase: str, seq_len: int, batch: int = 1, precision: Precision | str = "fp16",
+          *, kv_precision: Precision | str | None = None, act_precision: Precision | str | None = None,
+          past_len: int = 0) -> list[Op]:
+    """Op rows of one prefill pass (batch sequences of seq_len tokens, after past_len tokens already
+    in the KV cache: a chunk of a longer prompt) or one decode step (batch sequences, one new token
+    each, attending to seq_len cached tokens). Weights in `precision`; the KV cache and activations in
+    their own precisions (default: the same)."""
+    if phase not in PHASES:
+        raise OpenLPUError(f"unknown phase {phase!r}; use one of {', '.join(PHASES)}")
+    for what, v in (("seq_len", seq_len), ("batch", batch)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise OpenLPUError(f"{what} must be a positive integer, got {v!r}")
+    if isinstance(past_len, bool) or not isinstance(past_len, int) or past_len < 0 or (past_len and phase == "decode"):
+        raise OpenLPUError(f"past_len must be a non-negative integer, for prefill only; got {past_len!r}")
+    w = as_precision(precision)
+    kv = as_precision(kv_precision) if kv_precision is not None else w
+    act = as_precision(act_precision) if act_precision is not None else w
+    b = _Builder(w.bytes_per_element, act.bytes_per_element, kv.bytes_per_element)
+    m = batch * seq_len if phase == "prefill" else batch  # tokens computed this pass
+    d = spec.d_model
+    x = b.add("token_embd", "embed", -1, "memory", (m, d), m * d, weight="token_embd.weight",
+              weight_elems=m * d, act_out=m * d)  # a row gather (and the embedding scale)
+    for i in range(spec.n_layers):
+        x = _attention_block(b, spec, i, x, m, batch, seq_len, phase, past_len)
+        x = _mlp_block(b, spec, i, x, m)
+    # only the last position of each sequence needs logits
+    norm = b.vector("output_norm", "norm", -1, batch * d, NORM_FLOPS_PER_ELEMENT, (x,),
+                    weight="output_norm.weight", weight_elems=d)
+    head_w = "token_embd.weight" if spec.tie_embeddings else "output.weight"
+    logits = b.matmul("output", -1, batch, spec.vocab_size, d, head_w, (norm,), kind="lm_head")
+    if spec.final_logit_softcap:
+        logits = b.vector("final_softcap", "softcap", -1, batch * spec.vocab_size, SOFTCAP_FLOPS_PER_ELEMENT,
+                          (logits,))
+    b.vector("sample", "sample", -1, batch * spec.vocab_size, 1, (logits,))
+    return b.ops

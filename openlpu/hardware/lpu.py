@@ -1,0 +1,214 @@
+"""LPU systems as dataclasses that mirror the physical tree: system -> racks -> nodes -> chips -> units/links.
+
+A preset (presets/<name>.json, "kind": "lpu") gives every figure as {"value", "source", "confidence"}
+so each number carries where it came from. Loading checks every field: a missing, unknown or
+mistyped one is one clear OpenLPUError naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from openlpu.errors import OpenLPUError
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+CONFIDENCES = ("H", "M", "L", "DERIVED", "ESTIMATE")
+LINK_KINDS = ("local", "rack", "system")  # inside a node, between nodes of a rack, between racks
+
+
+@dataclass(frozen=True)
+class ChipSpec:
+    name: str
+    clock_hz: float
+    sram_bytes: int
+    sram_bandwidth_bytes_per_s: float
+    matrix_macs_per_cycle: dict[str, float]  # by operand precision the matrix unit supports natively
+    vector_ops_per_cycle: float
+    switch_bytes_per_cycle: float
+    idle_power_w: float
+    busy_power_w: float  # every unit busy
+    price_usd: float
+
+    @property
+    def sram_bytes_per_cycle(self) -> float:
+        return self.sram_bandwidth_bytes_per_s / self.clock_hz
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    bandwidth_bytes_per_s: float  # one direction
+    latency_s: float  # one hop
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    chips: int
+    local_links_per_chip: int  # full mesh inside the node
+    global_links_per_chip: int  # to other nodes and racks
+    host_power_w: float
+    host_price_usd: float
+
+
+@dataclass(frozen=True)
+class RackSpec:
+    nodes: int
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    topology: str
+    max_racks: int
+
+
+@dataclass(frozen=True)
+class SystemSpec:
+    name: str
+    description: str
+    chip: ChipSpec
+    node: NodeSpec
+    rack: RackSpec
+    network: NetworkSpec
+    links: dict[str, LinkSpec]  # by LINK_KINDS
+    sources: dict[str, str] = field(default_factory=dict, compare=False)  # "chip.clock_hz" -> source
+
+    @property
+    def chips_per_rack(self) -> int:
+        return self.node.chips * self.rack.nodes
+
+    @property
+    def max_chips(self) -> int:
+        return self.chips_per_rack * self.network.max_racks
+
+    def node_of(self, chip: int) -> int:
+        return chip // self.node.chips
+
+    def rack_of(self, chip: int) -> int:
+        return chip // self.chips_per_rack
+
+    def link_kind(self, a: int, b: int) -> str:
+        """Which kind of link a single hop between chips a and b uses."""
+        if self.node_of(a) == self.node_of(b):
+            return "local"
+        return "rack" if self.rack_of(a) == self.rack_of(b) else "system"
+
+    def route(self, src: int, dst: int) -> tuple[int, ...]:
+        """Chips a vector visits from src to dst: direct inside a node (full mesh); across nodes it
+        leaves through the source node's gateway chip for the destination node and enters through the
+        destination node's gateway chip for the source node (one global hop, Dragonfly-style)."""
+        if src == dst or self.node_of(src) == self.node_of(dst):
+            return (src,) if src == dst else (src, dst)
+        n = self.node.chips
+        out_gw = self.node_of(src) * n + self.node_of(dst) % n
+        in_gw = self.node_of(dst) * n + self.node_of(src) % n
+        path = [src]
+        for chip in (out_gw, in_gw, dst):
+            if chip != path[-1]:
+                path.append(chip)
+        return tuple(path)
+
+
+# ---- loading ------------------------------------------------------------------------------------
+def _check_figure(raw, where: str, kind, sources: dict) -> object:
+    """One {"value", "source", "confidence"} figure, checked against the field's type."""
+    if not isinstance(raw, dict) or set(raw) != {"value", "source", "confidence"}:
+        raise OpenLPUError(f"{where} must be an object with exactly value, source and confidence")
+    if raw["confidence"] not in CONFIDENCES:
+        raise OpenLPUError(f"{where}.confidence must be one of {', '.join(CONFIDENCES)}")
+    if not isinstance(raw["source"], str) or not raw["source"].strip():
+        raise OpenLPUError(f"{where}.source must say where the figure comes from")
+    value = raw["value"]
+    sources[where] = f"{raw['source']} [{raw['confidence']}]"
+    if kind is str:
+        if not isinstance(value, str):
+            raise OpenLPUError(f"{where} must be a string, got {value!r}")
+        return value
+    if typing.get_origin(kind) is dict:
+        if not isinstance(value, dict) or not value:
+            raise OpenLPUError(f"{where} must be a non-empty object of numbers, got {value!r}")
+        for k, v in value.items():
+            _positive_number(v, f"{where}.{k}")
+        return dict(sorted(value.items()))
+    _positive_number(value, where)
+    if kind is int:
+        if value != int(value):
+            raise OpenLPUError(f"{where} must be a whole number, got {value!r}")
+        return int(value)
+    return float(value)
+
+
+def _positive_number(v, where: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+        raise OpenLPUError(f"{where} must be a positive number, got {v!r}")
+
+
+def _build(cls, raw, where: str, sources: dict):
+    """A dataclass from a JSON object: every field present, none unknown, each of the right type."""
+    if not isinstance(raw, dict):
+        raise OpenLPUError(f"{where} must be a JSON object")
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls) if f.name != "sources"]
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise OpenLPUError(f"{where}: unknown field {key!r}{hint}")
+    values = {}
+    for name in fields:
+        if name not in raw:
+            raise OpenLPUError(f"{where}: missing field {name!r}")
+        kind, sub = hints[name], f"{where}.{name}"
+        if dataclasses.is_dataclass(kind):
+            values[name] = _build(kind, raw[name], sub, sources)
+        elif kind == dict[str, LinkSpec]:
+            if not isinstance(raw[name], dict) or sorted(raw[name]) != sorted(LINK_KINDS):
+                raise OpenLPUError(f"{sub} must give exactly the link kinds {', '.join(LINK_KINDS)}")
+            values[name] = {k: _build(LinkSpec, raw[name][k], f"{sub}.{k}", sources) for k in LINK_KINDS}
+        elif name in ("name", "description"):
+            if not isinstance(raw[name], str):
+                raise OpenLPUError(f"{sub} must be a string")
+            values[name] = raw[name]
+        else:
+            values[name] = _check_figure(raw[name], sub, kind, sources)
+    return cls(**values)
+
+
+def lpu_preset_names() -> list[str]:
+    names = []
+    for path in sorted(PRESETS_DIR.glob("*.json")):
+        try:
+            if json.loads(path.read_text()).get("kind") == "lpu":
+                names.append(path.stem)
+        except (OSError, json.JSONDecodeError):
+            continue
+    return names
+
+
+def load_system(name_or_path: str | Path) -> SystemSpec:
+    """An LPU system from a preset name (e.g. "lpu-v1") or a path to a hardware JSON file."""
+    path = Path(name_or_path)
+    if path.suffix != ".json":
+        path = PRESETS_DIR / f"{name_or_path}.json"
+        if not path.exists() or str(name_or_path) not in lpu_preset_names():
+            close = difflib.get_close_matches(str(name_or_path), lpu_preset_names(), n=2)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise OpenLPUError(f"unknown LPU system {str(name_or_path)!r}{hint} "
+                               f"(known: {', '.join(lpu_preset_names())})")
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise OpenLPUError(f"hardware file {str(path)!r} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise OpenLPUError(f"hardware file {path.name}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("kind") != "lpu":
+        raise OpenLPUError(f"hardware file {path.name}: expected \"kind\": \"lpu\" at the top level")
+    data = {k: v for k, v in data.items() if k != "kind"}
+    sources: dict[str, str] = {}
+    system = _build(SystemSpec, data, path.stem, sources)
+    if system.chip.busy_power_w < system.chip.idle_power_w:
+        raise OpenLPUError(f"{path.stem}: chip.busy_power_w must be at least chip.idle_power_w")
+    return dataclasses.replace(system, sources=sources)

@@ -1,0 +1,377 @@
+"""GGUF files: a fast header reader, ModelSpec from metadata, and dequantized weights.
+
+The header parse is our own (one sequential pass with struct / np.frombuffer): gguf.GGUFReader
+builds a numpy view per vocabulary string and takes ~28 s on a 262k-token vocabulary. Format
+constants and dequantisation come from the `gguf` package (the llama.cpp project's own).
+Format reference: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType
+from gguf.quants import dequantize
+
+from openlpu.errors import OpenLPUError
+from openlpu.models.spec import ModelSpec, RopeScaling
+
+# ---- format tables --------------------------------------------------------------------------
+# Scalar value types: little-endian struct format of one value.
+SCALAR_FORMATS: dict[GGUFValueType, str] = {
+    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b",
+    GGUFValueType.UINT16: "<H", GGUFValueType.INT16: "<h",
+    GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
+    GGUFValueType.UINT64: "<Q", GGUFValueType.INT64: "<q",
+    GGUFValueType.FLOAT32: "<f", GGUFValueType.FLOAT64: "<d",
+    GGUFValueType.BOOL: "<?",
+}
+# Numeric arrays are read in one np.frombuffer call with this dtype.
+ARRAY_DTYPES: dict[GGUFValueType, str] = {
+    GGUFValueType.UINT8: "<u1", GGUFValueType.INT8: "<i1",
+    GGUFValueType.UINT16: "<u2", GGUFValueType.INT16: "<i2",
+    GGUFValueType.UINT32: "<u4", GGUFValueType.INT32: "<i4",
+    GGUFValueType.UINT64: "<u8", GGUFValueType.INT64: "<i8",
+    GGUFValueType.FLOAT32: "<f4", GGUFValueType.FLOAT64: "<f8",
+    GGUFValueType.BOOL: "?",
+}
+# Tensor types we dequantize to float32 (gguf.quants.dequantize supports each).
+SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+                          "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+SUPPORTED_VERSIONS = (2, 3)  # version 1 used 32-bit counts and is long obsolete
+MAGIC_BYTES = struct.pack("<I", GGUF_MAGIC)  # b"GGUF"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    ggml_type: str  # GGMLQuantizationType name, e.g. "Q4_K"
+    shape: tuple[int, ...]  # torch order (outermost first); GGUF stores innermost first
+    offset_bytes: int  # absolute, from the start of the file
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    path: Path
+    version: int
+    metadata: dict
+    tensors: dict[str, TensorInfo]
+    file_size_bytes: int
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metadata.get("general.architecture", ""))
+
+
+class _Cursor:
+    """Sequential little-endian reader over the file's bytes; running off the end is corruption."""
+
+    def __init__(self, buf: memoryview, path: Path):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def take(self, n: int) -> memoryview:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise OpenLPUError(f"{self.path}: GGUF file is truncated or corrupt (needs byte "
+                               f"{self.pos + n:,} of {len(self.buf):,}); download it again")
+        out = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def scalar(self, fmt: str):
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        return bytes(self.take(self.scalar("<Q"))).decode("utf-8", errors="replace")
+
+    def strings(self, count: int) -> list[str]:
+        """A string array in one tight loop (vocabularies hold ~10^5 entries)."""
+        buf, pos, end, unpack = self.buf, self.pos, len(self.buf), struct.Struct("<Q").unpack_from
+        out = []
+        for _ in range(count):
+            if pos + 8 > end:
+                self.pos = pos
+                self.take(8)  # raises the truncation error
+            n = unpack(buf, pos)[0]
+            pos += 8
+            out.append(str(buf[pos:pos + n], "utf-8", "replace"))
+            pos += n
+        self.pos = pos
+        if pos > end:
+            self.pos = end
+            self.take(pos - end)
+        return out
+
+    def value(self, vtype: int):
+        vtype = self.value_type(vtype)
+        if vtype == GGUFValueType.STRING:
+            return self.string()
+        if vtype == GGUFValueType.ARRAY:
+            item_type, count = self.value_type(self.scalar("<I")), self.scalar("<Q")
+            if item_type in ARRAY_DTYPES:
+                dtype = np.dtype(ARRAY_DTYPES[item_type])
+                return np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype).tolist()
+            if item_type == GGUFValueType.STRING:
+                return self.strings(count)
+            return [self.value(item_type) for _ in range(count)]
+        return self.scalar(SCALAR_FORMATS[vtype])
+
+    def value_type(self, code: int) -> GGUFValueType:
+        try:
+            return GGUFValueType(code)
+        except ValueError:
+            raise OpenLPUError(f"{self.path}: GGUF file is corrupt (unknown value type {code} at "
+                               f"byte {self.pos:,}); download it again") from None
+
+
+def _open_bytes(path: Path) -> np.memmap:
+    if not path.exists():
+        raise OpenLPUError(f"model file not found: {path}; check the path")
+    if not path.is_file():
+        raise OpenLPUError(f"{path} is not a file; give the path of a .gguf model file")
+    if path.stat().st_size < len(MAGIC_BYTES):
+        raise OpenLPUError(f"{path} is not a GGUF file (too short); give a .gguf model file")
+    return np.memmap(path, dtype=np.uint8, mode="r")
+
+
+def read_header(path: str | Path) -> GGUFHeader:
+    """Metadata and tensor directory of a GGUF file, without touching the tensor data."""
+    path = Path(path)
+    data = _open_bytes(path)
+    if bytes(data[:4]) != MAGIC_BYTES:
+        raise OpenLPUError(f"{path} is not a GGUF file (bad magic {bytes(data[:4])!r}); "
+                           "give a .gguf model file")
+    cur = _Cursor(memoryview(data), path)
+    cur.take(4)
+    version = cur.scalar("<I")
+    if version not in SUPPORTED_VERSIONS:
+        raise OpenLPUError(f"{path}: GGUF version {version} not supported (supported: "
+                           f"{SUPPORTED_VERSIONS}); re-convert the model with a current llama.cpp")
+    n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
+    metadata = {}
+    for _ in range(n_kv):
+        key = cur.string()
+        metadata[key] = cur.value(cur.scalar("<I"))
+    raw = []
+    for _ in range(n_tensors):
+        name = cur.string()
+        dims = [cur.scalar("<Q") for _ in range(cur.scalar("<I"))]
+        raw.append((name, dims, cur.scalar("<I"), cur.scalar("<Q")))
+    alignment = int(metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT))
+    data_start = -(-cur.pos // alignment) * alignment
+    tensors = {}
+    for name, dims, type_code, rel_offset in raw:
+        try:
+            qtype = GGMLQuantizationType(type_code)
+        except ValueError:
+            raise OpenLPUError(f"{path}: tensor {name!r} has unknown ggml type {type_code}; "
+                               "the file is corrupt or newer than this gguf package") from None
+        block_elems, block_bytes = GGML_QUANT_SIZES[qtype]
+        n_elems = int(np.prod(dims, dtype=np.int64))
+        info = TensorInfo(name, qtype.name, tuple(reversed(dims)), data_start + rel_offset,
+                          n_elems // block_elems * block_bytes)
+        if info.offset_bytes + info.nbytes > len(data):
+            raise OpenLPUError(f"{path}: GGUF file is truncated (tensor {name!r} ends at byte "
+                               f"{info.offset_bytes + info.nbytes:,}, file has {len(data):,}); "
+                               "download it again")
+        tensors[name] = info
+    return GGUFHeader(path, version, metadata, tensors, len(data))
+
+
+def _header(header_or_path: GGUFHeader | str | Path) -> GGUFHeader:
+    return header_or_path if isinstance(header_or_path, GGUFHeader) else read_header(header_or_path)
+
+
+# ---- ModelSpec from metadata ----------------------------------------------------------------
+@dataclass(frozen=True)
+class ArchDefaults:
+    """What llama.cpp fills in per architecture when the GGUF metadata does not carry it.
+
+    Source for every entry: llama.cpp src/llama-model.cpp (llama_model::load_hparams, the case of
+    each LLM_ARCH_*) and convert_hf_to_gguf.py (the model class of the same architecture).
+    """
+
+    family: str
+    family_if_moe: str | None = None  # Mixtral is arch "llama" with expert_count > 0
+    activation: str = "silu"
+    swa_period: int = 0  # llama.cpp set_swa_pattern(n): layer il is local iff il % n < n - 1
+    sliding_window_default: int | None = None
+    rope_base_local: float | None = None  # rope_freq_base_train_swa
+    query_scale_from_d_model_layers: int = 0  # this layer count (the 27B) scales by d_model/n_heads
+    embed_scale_sqrt_d_model: bool = False
+    norm_weight_offset: float = 0.0
+    stored_norm_shift: float = 0.0  # convert_hf_to_gguf adds this to every *norm.weight
+    post_norms: bool = False
+    qk_norm: bool = False
+    qkv_bias: bool = False
+    explicit_query_scale: bool = False  # llama.cpp sets f_attention_scale for this arch
+
+
+ARCHITECTURES: dict[str, ArchDefaults] = {
+    "llama": ArchDefaults(family="llama", family_if_moe="mixtral"),
+    "qwen2": ArchDefaults(family="qwen2", qkv_bias=True),
+    "qwen3": ArchDefaults(family="qwen3", qk_norm=True),
+    # gemma2: n_swa default 4096, set_swa_pattern(2); f_attention_scale 1/sqrt(n_embd/n_head)
+    # for LLM_TYPE_27B (46 layers), else 1/sqrt(n_embd_head_k). GemmaModel adds 1 to norms.
+    "gemma2": ArchDefaults(family="gemma2", activation="gelu_tanh", swa_period=2,
+                           sliding_window_default=4096, query_scale_from_d_model_layers=46,
+                           embed_scale_sqrt_d_model=True, norm_weight_offset=1.0,
+                           stored_norm_shift=1.0, post_norms=True, explicit_query_scale=True),
+    # gemma3: set_swa_pattern(6) (5 local : 1 global), rope_freq_base_train_swa = 10000,
+    # f_attention_scale as gemma2 (27B = 62 layers); Gemma3Model.norm_shift = 1.0.
+    "gemma3": ArchDefaults(family="gemma3", activation="gelu_tanh", swa_period=6,
+                           rope_base_local=10000.0, query_scale_from_d_model_layers=62,
+                           embed_scale_sqrt_d_model=True, norm_weight_offset=1.0,
+                           stored_norm_shift=1.0, post_norms=True, qk_norm=True,
+                           explicit_query_scale=True),
+}
+
+# ModelSpec field -> GGUF key suffix ("{arch}." prefix), read when present (llama.cpp LLM_KV names).
+METADATA_KEYS: dict[str, str] = {
+    "context_length": "context_length",
+    "d_model": "embedding_length",
+    "n_layers": "block_count",
+    "d_ff": "feed_forward_length",
+    "n_heads": "attention.head_count",
+    "n_kv_heads": "attention.head_count_kv",
+    "head_dim": "attention.key_length",
+    "norm_eps": "attention.layer_norm_rms_epsilon",
+    "rope_base": "rope.freq_base",
+    "sliding_window": "attention.sliding_window",
+    "attn_logit_softcap": "attn_logit_softcapping",
+    "final_logit_softcap": "final_logit_softcapping",
+    "n_experts": "expert_count",
+    "n_experts_per_token": "expert_used_count",
+    "vocab_size": "vocab_size",
+}
+REQUIRED_FIELDS = ("context_length", "d_model", "n_layers", "d_ff", "n_heads")
+LLAMA_CPP_ROPE_BASE_DEFAULT = 10000.0  # llama-model.cpp: rope_freq_base_train when the key is absent
+
+
+def _rope_scaling(meta: dict, arch: str, path: Path) -> RopeScaling | None:
+    kind = meta.get(f"{arch}.rope.scaling.type", "none")
+    factor = float(meta.get(f"{arch}.rope.scaling.factor", 1.0))
+    if kind == "none" or factor == 1.0:
+        return None
+    # ModelSpec models Llama 3.1's rope scaling only; llama.cpp stores that one as a rope_freqs
+    # tensor, and linear / yarn have no ModelSpec equivalent yet.
+    raise OpenLPUError(f"{path}: rope scaling {kind!r} (factor {factor}) is not supported yet; "
+                       "use a model without rope scaling or a preset")
+
+
+def spec_from_gguf(path: str | Path) -> ModelSpec:
+    """The ModelSpec of a GGUF model from its metadata (no tensor data is read)."""
+    header = _header(path)
+    meta, arch = header.metadata, header.architecture
+    if arch not in ARCHITECTURES:
+        raise OpenLPUError(f"{header.path}: architecture {arch!r} is not supported; supported: "
+                           f"{', '.join(ARCHITECTURES)}")
+    if "rope_freqs.weight" in header.tensors:
+        raise OpenLPUError(f"{header.path}: Llama 3.1-style rope scaling stored as a rope_freqs "
+                           "tensor is not supported yet; use the model's preset instead")
+    defaults = ARCHITECTURES[arch]
+    values = {f: meta[f"{arch}.{k}"] for f, k in METADATA_KEYS.items() if f"{arch}.{k}" in meta}
+    missing = [f"{arch}.{METADATA_KEYS[f]}" for f in REQUIRED_FIELDS if f not in values]
+    if missing:
+        raise OpenLPUError(f"{header.path}: GGUF metadata lacks {', '.join(missing)}; "
+                           "the file is incomplete, re-convert it with a current llama.cpp")
+    values.setdefault("vocab_size", len(meta.get("tokenizer.ggml.tokens", ())))
+    values.setdefault("n_kv_heads", values["n_heads"])
+    values.setdefault("head_dim", values["d_model"] // values["n_heads"])
+    values.setdefault("rope_base", LLAMA_CPP_ROPE_BASE_DEFAULT)
+    values.setdefault("norm_eps", 1e-5)
+    values.setdefault("sliding_window", defaults.sliding_window_default)
+    n_layers, moe = values["n_layers"], values.get("n_experts", 0) > 0
+    if defaults.swa_period and values["sliding_window"]:
+        values["layer_kinds"] = tuple("local" if i % defaults.swa_period < defaults.swa_period - 1
+                                      else "global" for i in range(n_layers))
+    else:
+        values["sliding_window"] = None
+    if defaults.explicit_query_scale:
+        per_head = (values["d_model"] // values["n_heads"]
+                    if n_layers == defaults.query_scale_from_d_model_layers else values["head_dim"])
+        values["query_scale"] = 1.0 / per_head ** 0.5
+    for f in ("norm_eps", "rope_base", "attn_logit_softcap", "final_logit_softcap"):
+        if f in values:  # float32 in the file; round to what the writer meant (1e-06, not 9.99e-07)
+            values[f] = float(f"{values[f]:.7g}")
+    name = str(meta.get("general.name") or header.path.stem).strip().lower().replace(" ", "-")
+    return ModelSpec(
+        name=name,
+        family=(defaults.family_if_moe if moe and defaults.family_if_moe else defaults.family),
+        activation=defaults.activation,
+        rope_base_local=defaults.rope_base_local,
+        rope_scaling=_rope_scaling(meta, arch, header.path),
+        norm_weight_offset=defaults.norm_weight_offset,
+        post_norms=defaults.post_norms,
+        qk_norm=defaults.qk_norm,
+        qkv_bias=defaults.qkv_bias,
+        embed_scale=values["d_model"] ** 0.5 if defaults.embed_scale_sqrt_d_model else 1.0,
+        tie_embeddings="output.weight" not in header.tensors,
+        source=f"GGUF metadata of {header.path.name} (arch {arch}); llama.cpp per-architecture "
+               "defaults (src/llama-model.cpp) for what the metadata does not carry",
+        extra={"gguf_file_type": meta.get("general.file_type"), "gguf_path": str(header.path)},
+        **values,
+    )
+
+
+# ---- tensor data ----------------------------------------------------------------------------
+def raw_tensor(header_or_path: GGUFHeader | str | Path, name: str) -> tuple[str, np.ndarray]:
+    """(ggml type name, the tensor's bytes as uint8 rows of quant blocks), read-only, zero-copy.
+
+    Rows are the innermost GGUF dimension (torch's last); each row is a whole number of blocks
+    of GGML_QUANT_SIZES[type] = (elements per block, bytes per block). Gemma norm weights are
+    stored with llama.cpp's +1 shift (load_weights removes it; this does not).
+    """
+    header = _header(header_or_path)
+    info = header.tensors.get(name)
+    if info is None:
+        raise OpenLPUError(f"{header.path}: no tensor named {name!r}")
+    data = np.memmap(header.path, dtype=np.uint8, mode="r", offset=info.offset_bytes,
+                     shape=(info.nbytes,))
+    rows = int(np.prod(info.shape[:-1], dtype=np.int64))
+    return info.ggml_type, data.reshape(rows, info.nbytes // max(rows, 1))
+
+
+def load_tensor(header_or_path: GGUFHeader | str | Path, name: str) -> np.ndarray:
+    """One tensor dequantized to float32, in torch shape, exactly as stored in the file."""
+    header = _header(header_or_path)
+    ggml_type, blocks = raw_tensor(header, name)
+    if ggml_type not in SUPPORTED_TENSOR_TYPES:
+        raise OpenLPUError(f"{header.path}: tensor {name!r} has type {ggml_type}, which OpenLPU "
+                           f"cannot dequantize (supported: {', '.join(SUPPORTED_TENSOR_TYPES)})")
+    values = dequantize(np.asarray(blocks), GGMLQuantizationType[ggml_type])
+    if not values.flags.writeable:  # F32 comes back as a view of the read-only file map
+        values = values.copy()
+    return values.astype(np.float32, copy=False).reshape(header.tensors[name].shape)
+
+
+def load_weights(path: str | Path, spec: ModelSpec) -> dict[str, "torch.Tensor"]:
+    """Every weight of `spec` as float32 torch tensors, in the spec's conventions.
+
+    The file must hold exactly spec.tensor_shapes(); llama.cpp's +1 on Gemma norm weights is
+    removed so that norms compute x * (spec.norm_weight_offset + w) as in the reference model.
+    """
+    import torch
+
+    header = _header(path)
+    expected = spec.tensor_shapes()
+    problems = [f"missing {n}" for n in expected if n not in header.tensors]
+    problems += [f"unexpected {n}" for n in header.tensors if n not in expected]
+    problems += [f"{n} has shape {header.tensors[n].shape}, expected {s}"
+                 for n, s in expected.items()
+                 if n in header.tensors and header.tensors[n].shape != tuple(s)]
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise OpenLPUError(f"{header.path} does not match model {spec.name!r}: "
+                           f"{'; '.join(problems[:3])}{more}")
+    shift = ARCHITECTURES.get(header.architecture, ArchDefaults(family="")).stored_norm_shift
+    weights = {}
+    for name in expected:
+        array = load_tensor(header, name)
+        if shift and name.endswith("norm.weight"):
+            array -= shift
+        weights[name] = torch.from_numpy(array)
+    return weights

@@ -1,0 +1,389 @@
+"""Hugging Face checkpoints: ModelSpec from config.json, weights from safetensors by GGUF name.
+
+Two tables drive everything: FAMILY_RULES says how each HF `model_type` maps onto ModelSpec,
+and the tensor-name tables say which HF tensor becomes which GGUF tensor.
+
+Weight layout convention: tensors keep Hugging Face's layout. In particular q/k projections are
+NOT permuted the way llama.cpp's converter permutes them for llama-family GGUF files: HF rotates
+the two halves of each head (rotate_half, "NeoX" pairing: i with i + head_dim/2), while llama.cpp's
+GGUF weights expect adjacent pairs (2i, 2i+1). A runtime consuming these weights must apply rope
+in the half-split pairing (or permute q/k rows itself); `HF_ROPE_LAYOUT` names the convention.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from openlpu.errors import OpenLPUError
+from openlpu.models.spec import ModelSpec, RopeScaling
+
+HF_ROPE_LAYOUT = "half-split"  # q/k rows as HF stores them: rope pairs dim i with i + head_dim/2
+
+# HF activation names -> ModelSpec activation. Gemma's legacy "gelu" means the tanh approximation
+# (transformers itself rewrites it to gelu_pytorch_tanh for Gemma); see GEMMA_ACTIVATIONS.
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+GEMMA_ACTIVATIONS = {**ACTIVATIONS, "gelu": "gelu_tanh"}
+
+# HF layer_types entries -> ModelSpec layer kinds.
+LAYER_TYPES = {"full_attention": "global", "sliding_attention": "local"}
+
+
+# ---- how each family's default layer kinds are laid out when config.json has no layer_types --
+def _all_global(cfg: dict, n: int) -> list[str]:
+    return ["global"] * n
+
+
+def _all_local_if_window(cfg: dict, n: int) -> list[str]:
+    # Mistral / Mixtral: every layer slides when sliding_window is set
+    return ["local" if cfg.get("sliding_window") else "global"] * n
+
+
+def _qwen_window_after_max_window_layers(cfg: dict, n: int) -> list[str]:
+    # Qwen 2/3: the first max_window_layers layers are full, later ones slide (if enabled at all)
+    if not cfg.get("use_sliding_window") or not cfg.get("sliding_window"):
+        return ["global"] * n
+    first_full = cfg.get("max_window_layers", n)
+    return ["local" if i >= first_full else "global" for i in range(n)]
+
+
+def _gemma2_alternating(cfg: dict, n: int) -> list[str]:
+    return ["local" if (i + 1) % 2 else "global" for i in range(n)]  # layer 0 slides
+
+
+def _gemma3_pattern(cfg: dict, n: int) -> list[str]:
+    period = cfg.get("sliding_window_pattern", cfg.get("_sliding_window_pattern", 6))
+    # every period-th layer is global
+    return ["local" if (i + 1) % period else "global" for i in range(n)]
+
+
+@dataclass(frozen=True)
+class FamilyRule:
+    family: str
+    architecture: str  # the HF class that config["architectures"] must name
+    default_layer_kinds: Callable[[dict, int], list[str]]  # when config.json has no layer_types
+    fixed: dict = field(default_factory=dict)  # ModelSpec fields every model of the family has
+    tie_default: bool = False  # HF's default for tie_word_embeddings
+    gemma: bool = False  # sqrt(d_model) embedding scale, (1 + w) norms, query_pre_attn_scalar
+    moe: bool = False
+    unsupported_true: tuple[str, ...] = ()  # flags ModelSpec cannot express when true
+
+
+_GEMMA_FIXED = {"norm_weight_offset": 1.0}
+FAMILY_RULES: dict[str, FamilyRule] = {
+    "llama": FamilyRule("llama", "LlamaForCausalLM", _all_global,
+                        unsupported_true=("attention_bias", "mlp_bias")),
+    "mistral": FamilyRule("mistral", "MistralForCausalLM", _all_local_if_window),
+    "mixtral": FamilyRule("mixtral", "MixtralForCausalLM", _all_local_if_window, moe=True),
+    "qwen2": FamilyRule("qwen2", "Qwen2ForCausalLM", _qwen_window_after_max_window_layers,
+                        fixed={"qkv_bias": True}),
+    "qwen3": FamilyRule("qwen3", "Qwen3ForCausalLM", _qwen_window_after_max_window_layers,
+                        fixed={"qk_norm": True}, unsupported_true=("attention_bias",)),
+    "gemma": FamilyRule("gemma", "GemmaForCausalLM", _all_global, fixed=_GEMMA_FIXED,
+                        tie_default=True, gemma=True, unsupported_true=("attention_bias",)),
+    "gemma2": FamilyRule("gemma2", "Gemma2ForCausalLM", _gemma2_alternating,
+                         fixed={**_GEMMA_FIXED, "post_norms": True}, tie_default=True, gemma=True,
+                         unsupported_true=("attention_bias",)),
+    "gemma3_text": FamilyRule("gemma3", "Gemma3ForCausalLM", _gemma3_pattern,
+                              fixed={**_GEMMA_FIXED, "post_norms": True, "qk_norm": True},
+                              tie_default=True, gemma=True, unsupported_true=("attention_bias",)),
+}
+
+
+# ---- config.json -> ModelSpec ----------------------------------------------------------------
+def read_config(config: dict | str | Path) -> tuple[dict, str]:
+    """The config dict and where it came from; a path may be config.json or its folder."""
+    if isinstance(config, dict):
+        return config, "HF config"
+    path = Path(config)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise OpenLPUError(f"HF config not found: {path}; give a config.json or the folder "
+                           "holding it")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise OpenLPUError(f"{path}: not valid JSON ({e}); give the model's config.json") from None
+    if not isinstance(data, dict):
+        raise OpenLPUError(f"{path}: expected a JSON object; give the model's config.json")
+    return data, str(path)
+
+
+class _Fields:
+    """Reads config fields, naming the field (and the file) in every error."""
+
+    def __init__(self, cfg: dict, origin: str):
+        self.cfg, self.origin = cfg, origin
+
+    def error(self, what: str) -> OpenLPUError:
+        return OpenLPUError(f"{self.origin}: {what}")
+
+    def need(self, key: str):
+        if self.cfg.get(key) is None:
+            raise self.error(f"missing field {key!r}; the config.json is incomplete")
+        return self.cfg[key]
+
+    def number(self, key: str, default=None, kind=float):
+        value = self.cfg.get(key)
+        if value is None:
+            if default is None:
+                raise self.error(f"missing field {key!r}; the config.json is incomplete")
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                (kind is int and value != int(value)):
+            raise self.error(f"field {key!r} must be a {kind.__name__}, got {value!r}")
+        return kind(value)
+
+
+def _rope(f: _Fields, gemma3: bool) -> tuple[float, float | None, RopeScaling | None]:
+    """(global rope base, local rope base, scaling) from old-style or transformers-5 fields."""
+    params = f.cfg.get("rope_parameters") or {}
+    if gemma3 and "full_attention" in params:
+        global_params, local_params = params["full_attention"], params.get("sliding_attention", {})
+    else:
+        global_params, local_params = params, {}
+    theta = f.cfg.get("rope_theta", global_params.get("rope_theta"))
+    if theta is None:
+        raise f.error("missing field 'rope_theta'; the config.json is incomplete")
+    if global_params.get("rope_theta") not in (None, theta):
+        raise f.error(f"contradictory fields 'rope_theta' ({theta}) and "
+                      f"'rope_parameters.rope_theta' ({global_params['rope_theta']}); fix one")
+    local = f.cfg.get("rope_local_base_freq", local_params.get("rope_theta")) if gemma3 else None
+    local = None if local is None else float(local)
+
+    scaling = f.cfg.get("rope_scaling") or \
+        {k: v for k, v in global_params.items() if k != "rope_theta"}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return float(theta), local, None
+    if kind != "llama3":
+        raise f.error(f"field 'rope_scaling' of type {kind!r} is not supported (supported: "
+                      "llama3, none); use a model without it")
+    try:
+        rs = RopeScaling(factor=float(scaling["factor"]),
+                         low_freq_factor=float(scaling["low_freq_factor"]),
+                         high_freq_factor=float(scaling["high_freq_factor"]),
+                         original_context_length=int(scaling["original_max_position_embeddings"]))
+    except KeyError as e:
+        raise f.error(f"field 'rope_scaling' lacks {e.args[0]!r} for rope_type llama3") from None
+    return float(theta), local, rs
+
+
+def _layer_kinds(f: _Fields, rule: FamilyRule, n_layers: int) -> list[str]:
+    types = f.cfg.get("layer_types")
+    if types is None:
+        return rule.default_layer_kinds(f.cfg, n_layers)
+    unknown = sorted(set(types) - set(LAYER_TYPES))
+    if unknown:
+        raise f.error(f"field 'layer_types' has unsupported entries {unknown}; "
+                      f"supported: {sorted(LAYER_TYPES)}")
+    if len(types) != n_layers:
+        raise f.error(f"contradictory fields: 'layer_types' lists {len(types)} layers but "
+                      f"'num_hidden_layers' is {n_layers}")
+    return [LAYER_TYPES[t] for t in types]
+
+
+def spec_from_hf_config(config: dict | str | Path, name: str | None = None) -> ModelSpec:
+    """A ModelSpec from a Hugging Face config.json (dict, file, or model folder)."""
+    cfg, origin = read_config(config)
+    f = _Fields(cfg, origin)
+    model_type = f.need("model_type")
+    rule = FAMILY_RULES.get(model_type)
+    if rule is None:
+        raise f.error(f"unknown architecture model_type {model_type!r}; supported: "
+                      f"{', '.join(FAMILY_RULES)}")
+    archs = cfg.get("architectures") or [rule.architecture]
+    if archs[0] != rule.architecture:
+        raise f.error(f"contradictory fields: 'architectures' says {archs[0]!r} but 'model_type' "
+                      f"{model_type!r} means {rule.architecture!r}")
+    for flag in rule.unsupported_true:
+        if cfg.get(flag):
+            raise f.error(f"field {flag!r} = true is not supported for {model_type}; "
+                          "use a checkpoint without those biases")
+
+    d_model = f.number("hidden_size", kind=int)
+    n_heads = f.number("num_attention_heads", kind=int)
+    n_layers = f.number("num_hidden_layers", kind=int)
+    head_dim = f.number("head_dim", default=d_model // n_heads, kind=int)
+    act_name = cfg.get("hidden_activation") or f.need("hidden_act")
+    act_table = GEMMA_ACTIVATIONS if rule.gemma else ACTIVATIONS
+    if act_name not in act_table:
+        raise f.error(f"activation {act_name!r} not supported for {model_type}; "
+                      f"supported: {', '.join(act_table)}")
+    rope_base, rope_local, rope_scaling = _rope(f, gemma3=model_type == "gemma3_text")
+    kinds = _layer_kinds(f, rule, n_layers)
+    window = f.number("sliding_window", kind=int) if "local" in kinds else None
+
+    fields = dict(
+        name=name or cfg.get("_name_or_path") or
+        (Path(origin).parent.name if origin != "HF config" else model_type),
+        family=rule.family,
+        vocab_size=f.number("vocab_size", kind=int),
+        d_model=d_model,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=f.number("num_key_value_heads", default=n_heads, kind=int),
+        head_dim=head_dim,
+        d_ff=f.number("intermediate_size", kind=int),
+        context_length=f.number("max_position_embeddings", kind=int),
+        norm_eps=f.number("rms_norm_eps"),
+        rope_base=rope_base,
+        rope_base_local=rope_local,
+        rope_scaling=rope_scaling,
+        activation=act_table[act_name],
+        sliding_window=window,
+        layer_kinds=tuple(kinds),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", rule.tie_default)),
+        source=f"Hugging Face config.json ({origin})" if origin != "HF config"
+        else "Hugging Face config",
+        **rule.fixed,
+    )
+    if rule.gemma:
+        fields["embed_scale"] = math.sqrt(d_model)
+        if model_type != "gemma":  # Gemma 1 scales queries by 1/sqrt(head_dim), the default
+            fields["query_scale"] = f.number("query_pre_attn_scalar") ** -0.5
+            fields["attn_logit_softcap"] = cfg.get("attn_logit_softcapping")
+            fields["final_logit_softcap"] = cfg.get("final_logit_softcapping")
+    if rule.moe:
+        fields["n_experts"] = f.number("num_local_experts", kind=int)
+        fields["n_experts_per_token"] = f.number("num_experts_per_tok", kind=int)
+    return ModelSpec(**fields)
+
+
+# ---- safetensors -> weights by GGUF name ------------------------------------------------------
+# Per-layer tensors: HF suffix after "model.layers.{i}." -> GGUF suffix after "blk.{i}.".
+LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+    "block_sparse_moe.gate.weight": "ffn_gate_inp.weight",
+}
+# post_attention_layernorm is the pre-MLP norm in Llama-style blocks, but a true post-attention
+# norm in Gemma 2/3 (whose pre-MLP norm is pre_feedforward_layernorm).
+PRE_NORM_NAMES = {"post_attention_layernorm.weight": "ffn_norm.weight"}
+POST_NORM_NAMES = {
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+}
+GLOBAL_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+# Mixtral experts: HF suffix after "block_sparse_moe.experts.{j}." -> stacked GGUF tensor.
+EXPERT_NAMES = {"w1.weight": "ffn_gate_exps.weight", "w3.weight": "ffn_up_exps.weight",
+                "w2.weight": "ffn_down_exps.weight"}
+
+
+def hf_to_gguf_names(spec: ModelSpec) -> dict[str, str]:
+    """Every non-expert HF tensor name this spec expects -> its GGUF name."""
+    per_layer = {**LAYER_NAMES, **(POST_NORM_NAMES if spec.post_norms else PRE_NORM_NAMES)}
+    wanted = spec.tensor_shapes()
+    names = {hf: gguf for hf, gguf in GLOBAL_NAMES.items() if gguf in wanted}
+    for i in range(spec.n_layers):
+        for hf, gguf in per_layer.items():
+            if f"blk.{i}.{gguf}" in wanted:
+                names[f"model.layers.{i}.{hf}"] = f"blk.{i}.{gguf}"
+    return names
+
+
+def expert_names(spec: ModelSpec) -> dict[str, tuple[str, int]]:
+    """HF expert tensor name -> (stacked GGUF name, expert index)."""
+    return {f"model.layers.{i}.block_sparse_moe.experts.{j}.{hf}": (f"blk.{i}.{gguf}", j)
+            for i in range(spec.n_layers) for j in range(spec.n_experts)
+            for hf, gguf in EXPERT_NAMES.items()}
+
+
+def safetensors_files(path: str | Path) -> list[Path]:
+    """The .safetensors file(s) of a checkpoint: a file, or a folder (sharded or not)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise OpenLPUError(f"weights not found: {path}; give a .safetensors file or its folder")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise OpenLPUError(f"{index} names shard(s) not in the folder: {', '.join(missing)}; "
+                               "download them")
+        return [path / s for s in shards]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise OpenLPUError(f"no .safetensors files in {path}; download the model's weights")
+    return files
+
+
+def load_safetensors(path_or_dir: str | Path, spec: ModelSpec,
+                     dtype: "torch.dtype | None" = None) -> dict:
+    """Weights by GGUF name in HF's layout (see HF_ROPE_LAYOUT), as float32 unless dtype given.
+
+    Mixtral's per-expert w1/w3/w2 are stacked into ffn_gate_exps/ffn_up_exps/ffn_down_exps
+    (expert, out, in). Every tensor the spec needs must be present with the right shape, and
+    nothing else may be (a tied lm_head identical to the embedding is tolerated).
+    """
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    dtype = dtype or torch.float32
+    raw: dict[str, torch.Tensor] = {}
+    for file in safetensors_files(path_or_dir):
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                for key in fh.keys():
+                    raw[key] = fh.get_tensor(key)
+        except SafetensorError as e:
+            raise OpenLPUError(f"{file}: not a readable safetensors file ({e}); "
+                               "download it again") from None
+
+    names, experts = hf_to_gguf_names(spec), expert_names(spec)
+    if spec.tie_embeddings and "lm_head.weight" in raw and "model.embed_tokens.weight" in raw:
+        if torch.equal(raw["lm_head.weight"], raw["model.embed_tokens.weight"]):
+            del raw["lm_head.weight"]  # a tied head saved twice
+    extra = sorted(set(raw) - set(names) - set(experts))
+    missing = sorted(set(names) - set(raw)) + sorted(set(experts) - set(raw))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s) the config needs, e.g. {missing[:3]}")
+        if extra:
+            parts.append(f"{len(extra)} tensor(s) the config does not use, e.g. {extra[:3]}")
+        raise OpenLPUError(f"{path_or_dir}: weights do not match the config for {spec.name!r} ("
+                           f"{'; '.join(parts)}); give the config.json that belongs to these "
+                           "weights")
+
+    shapes = spec.tensor_shapes()
+    out: dict[str, torch.Tensor] = {}
+
+    def check(hf_name: str, tensor, expected: tuple[int, ...]):
+        if tuple(tensor.shape) != expected:
+            raise OpenLPUError(f"{path_or_dir}: tensor {hf_name!r} has shape "
+                               f"{tuple(tensor.shape)}, "
+                               f"the config says {expected}; give the matching config.json")
+
+    for hf, gguf in names.items():
+        check(hf, raw[hf], shapes[gguf])
+        out[gguf] = raw[hf].to(dtype)
+    stacks: dict[str, list] = {}
+    for hf, (gguf, j) in experts.items():
+        check(hf, raw[hf], shapes[gguf][1:])
+        stacks.setdefault(gguf, [None] * spec.n_experts)[j] = raw[hf]
+    for gguf, parts in stacks.items():
+        out[gguf] = torch.stack(parts).to(dtype)
+    return {name: out[name] for name in shapes}  # the spec's fixed order

@@ -1,0 +1,439 @@
+"""One decoder-only transformer for every family ModelSpec describes, driven by the spec's flags.
+
+Llama / Mistral (SwiGLU, llama3 rope scaling), Mixtral (top-k MoE), Qwen 2 (qkv bias), Qwen 3
+(q/k norm), Gemma 2 (post norms, attention and final logit softcaps, sliding window on alternate
+layers) and Gemma 3 (q/k norm, 5 local : 1 global layers with their own rope base, scaled
+embedding, tied head) are all the same code path; the spec's flags pick each difference.
+
+Weights dict layout (what `Model(spec, weights)` expects, keyed by llama.cpp GGUF tensor names,
+torch (out, in) shapes, as openlpu.models.gguf.load_weights returns them):
+  - norm weights in the Hugging Face convention: the norm multiplies by
+    (spec.norm_weight_offset + w), i.e. (1 + w) for Gemma (load_weights removes the +1 that
+    llama.cpp's converter bakes into Gemma GGUF files);
+  - attn_q / attn_k rows in the GGUF order. For the llama-family rope (ROPE_STYLE "interleaved")
+    llama.cpp's converter permutes Hugging Face's rows so that rope rotates adjacent pairs; use
+    `hf_qk_to_gguf` to bring HF q/k weights into this layout. NEOX-style families (Gemma, Qwen)
+    rotate the two halves of each head and are stored unpermuted.
+
+Two weight paths: precision "float32" is the reference; "bf16", "int8" and "int4" store the
+matrices in low precision (kernels.Linear) and stay within the tolerance stated in
+tests/test_model.py of the reference.
+
+The forward pass takes a flattened batch: the new tokens of several sequences back to back,
+each run described by a Span. Matrix products run once over all tokens; attention runs per span
+against that sequence's slot of the KV cache (or only within the span when no cache is given).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from openlpu.errors import OpenLPUError
+from openlpu.models.spec import ModelSpec
+from openlpu.runtime.kernels import Linear
+from openlpu.runtime.kv_cache import KVCache, ring_positions
+
+# How rope pairs the features of a head: "neox" rotates x[i] with x[i + head_dim/2];
+# "interleaved" rotates x[2i] with x[2i+1] (llama.cpp's LLAMA_ROPE_TYPE_NORM on permuted rows).
+ROPE_STYLE = {"llama": "interleaved", "mistral": "interleaved", "mixtral": "interleaved",
+              "qwen2": "neox", "qwen3": "neox", "gemma": "neox", "gemma2": "neox", "gemma3": "neox"}
+
+GATE_ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+# precision -> (format of the transformer-block matrices, format of the output head)
+PRECISIONS = {
+    "float32": ("float32", "float32"),
+    "bf16": ("bf16", "bf16"),
+    "int8": ("int8", "int8"),
+    "int4": ("int8", "int4"),  # 4-bit head: the 262k-row head is most of the bytes per token
+}
+RESCORE_CANDIDATES = 64  # low-bit head: top logits recomputed in float32 (see Model.forward)
+
+
+def hf_qk_to_gguf(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Hugging Face q/k projection rows -> GGUF order for interleaved rope (llama.cpp's permute).
+
+    For k pass n_kv_heads. Inside each head, HF's halves [a0..a(n-1), b0..b(n-1)] become pairs
+    [a0, b0, a1, b1, ...] so that rotating adjacent pairs equals HF's rotate-half rope.
+    """
+    rows = weight.shape[0]
+    return (weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:])
+            .transpose(1, 2).reshape(weight.shape))
+
+
+def rope_inverse_frequencies(spec: ModelSpec, base: float) -> torch.Tensor:
+    """Angle per position of each rotated pair, float32 [head_dim / 2] (llama3 scaling applied)."""
+    inv = 1.0 / base ** (torch.arange(0, spec.head_dim, 2, dtype=torch.float64) / spec.head_dim)
+    rs = spec.rope_scaling
+    if rs is not None:  # Llama 3.1: slow down low frequencies, keep high ones, blend between
+        wavelen = 2 * math.pi / inv
+        low_wavelen = rs.original_context_length / rs.low_freq_factor
+        high_wavelen = rs.original_context_length / rs.high_freq_factor
+        smooth = ((rs.original_context_length / wavelen - rs.low_freq_factor)
+                  / (rs.high_freq_factor - rs.low_freq_factor)).clamp(0, 1)
+        blended = (1 - smooth) * inv / rs.factor + smooth * inv
+        inv = torch.where(wavelen < high_wavelen, inv,
+                          torch.where(wavelen > low_wavelen, inv / rs.factor, blended))
+    return inv.float()
+
+
+@dataclass(frozen=True)
+class Span:
+    """The new tokens of one sequence inside a flattened batch."""
+
+    slot: int  # KV cache slot (unused without a cache)
+    start_pos: int  # position of the first new token = tokens already cached for the slot
+    n_tokens: int
+
+
+@dataclass
+class _AttentionPlan:
+    """Where one span reads and writes one kind of layer's cache (shared by those layers)."""
+
+    rows: slice  # the span's rows in the flattened batch
+    slot: int
+    write_first: bool  # write new K/V into the cache, then attend over the cache slice
+    n_keys: int  # cache entries attended (write_first) or old entries kept before the new ones
+    write_index: torch.Tensor | None  # cache indices receiving the last len() new tokens
+    mask: torch.Tensor | None  # bool [group * n, keys]; None: every key visible
+
+
+@dataclass
+class _Block:
+    attn_norm: torch.Tensor
+    qkv: Linear  # q, k and v projections fused: one product per layer
+    qk_norm: torch.Tensor | None  # [n_heads + n_kv_heads, head_dim]: q weight per q head, k per k
+    attn_output: Linear
+    post_attention_norm: torch.Tensor | None
+    ffn_norm: torch.Tensor
+    gate_up: Linear | None  # dense: gate and up fused
+    down: Linear | None
+    router: Linear | None  # MoE
+    experts: list[tuple[Linear, Linear]] | None  # MoE: (gate_up, down) per expert
+    post_ffw_norm: torch.Tensor | None
+    rope_base: float
+    cache_group: tuple[int, int | None]  # (cache capacity, window): layers sharing masks
+
+
+class Model:
+    def __init__(self, spec: ModelSpec, weights: Mapping[str, torch.Tensor],
+                 precision: str = "float32", device: str | torch.device | None = None,
+                 max_positions: int | None = None):
+        if precision not in PRECISIONS:
+            raise OpenLPUError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+        self.spec, self.precision = spec, precision
+        self.device = torch.device(device or "cpu")
+        self.max_positions = max_positions or spec.context_length
+        self.rope_style = ROPE_STYLE[spec.family]
+        self.activation = GATE_ACTIVATIONS[spec.activation]
+        block_fmt, head_fmt = PRECISIONS[precision]
+        s, dev = spec, self.device
+
+        def w(name: str) -> torch.Tensor:
+            return weights[name].to(dev, torch.float32)
+
+        def norm(name: str) -> torch.Tensor:
+            return w(name) + s.norm_weight_offset
+
+        def linear(names: list[str], fmt: str = block_fmt) -> Linear:
+            bias = torch.cat([w(n.replace(".weight", ".bias")) for n in names]) \
+                if s.qkv_bias and "attn_q.weight" in names[0] else None
+            return Linear.build(torch.cat([w(n) for n in names]), fmt, bias)
+
+        self.blocks: list[_Block] = []
+        for i in range(s.n_layers):
+            b = f"blk.{i}."
+            qk_norm = torch.cat([norm(b + "attn_q_norm.weight").expand(s.n_heads, -1),
+                                 norm(b + "attn_k_norm.weight").expand(s.n_kv_heads, -1)]) \
+                if s.qk_norm else None
+            experts = None
+            if s.is_moe:
+                gates, ups, downs = (w(b + f"ffn_{p}_exps.weight") for p in ("gate", "up", "down"))
+                experts = [(Linear.build(torch.cat([gates[e], ups[e]]), block_fmt),
+                            Linear.build(downs[e], block_fmt)) for e in range(s.n_experts)]
+            self.blocks.append(_Block(
+                attn_norm=norm(b + "attn_norm.weight"),
+                qkv=linear([b + "attn_q.weight", b + "attn_k.weight", b + "attn_v.weight"]),
+                qk_norm=qk_norm,
+                attn_output=linear([b + "attn_output.weight"]),
+                post_attention_norm=norm(b + "post_attention_norm.weight") if s.post_norms else None,
+                ffn_norm=norm(b + "ffn_norm.weight"),
+                gate_up=None if s.is_moe else linear([b + "ffn_gate.weight", b + "ffn_up.weight"]),
+                down=None if s.is_moe else linear([b + "ffn_down.weight"]),
+                router=linear([b + "ffn_gate_inp.weight"], "float32") if s.is_moe else None,
+                experts=experts,
+                post_ffw_norm=norm(b + "post_ffw_norm.weight") if s.post_norms else None,
+                rope_base=s.layer_rope_base(i),
+                cache_group=(min(s.layer_window(i) or self.max_positions, self.max_positions),
+                             s.layer_window(i)),
+            ))
+        self.output_norm = norm("output_norm.weight")
+        # Embedding and head matrices come as row sources: float32 tensors, or GGUFRows that
+        # dequantize rows from the memory-mapped file on demand (exact, and no resident copy).
+        rows_of = getattr(weights, "rows", w)
+        self.embedding = rows_of("token_embd.weight")
+        head_rows = self.embedding if s.tie_embeddings else rows_of("output.weight")
+        self.head = Linear.build(head_rows, head_fmt)
+        if head_fmt == "float32":
+            self.embedding = self.head.weight if s.tie_embeddings else self.embedding[0:s.vocab_size]
+        # Low-bit head: logits of its top candidates are recomputed in float32 from exact rows,
+        # so greedy choices and top-k/top-p sets match the reference; the tail keeps int error.
+        self.rescore_rows = None if head_fmt == "float32" else head_rows
+        self.inv_freq = {base: rope_inverse_frequencies(s, base).to(dev)
+                         for base in {blk.rope_base for blk in self.blocks}}
+
+    # ---- the forward pass, top to bottom ----------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor | list[int], spans: list[Span],
+                cache: KVCache | None = None,
+                logit_rows: torch.Tensor | list[int] | None = None) -> torch.Tensor:
+        """float32 logits [rows, vocab] for `logit_rows` of the flattened batch (default: all).
+
+        With a cache, each span's start_pos must equal its slot's cached length; the new keys and
+        values are written and the slot's length advances. Without one, each span attends only to
+        itself (an uncached forward of a whole sequence).
+        """
+        s = self.spec
+        tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
+        if sum(sp.n_tokens for sp in spans) != tokens.numel() or not spans:
+            raise ValueError("spans must cover the tokens exactly")
+        positions = torch.cat([torch.arange(sp.start_pos, sp.start_pos + sp.n_tokens)
+                               for sp in spans]).to(self.device)
+        rope = {base: self._rope_tables(positions, inv) for base, inv in self.inv_freq.items()}
+        plans = {group: self._attention_plans(spans, cache, *group)
+                 for group in {blk.cache_group for blk in self.blocks}}
+
+        x = self._embed(tokens)
+        for layer, blk in enumerate(self.blocks):
+            h = self._attention(layer, blk, self._norm(x, blk.attn_norm), rope[blk.rope_base],
+                                plans[blk.cache_group], cache)
+            x = x + self._norm(h, blk.post_attention_norm) if s.post_norms else x + h
+            h = self._mlp(blk, self._norm(x, blk.ffn_norm))
+            x = x + self._norm(h, blk.post_ffw_norm) if s.post_norms else x + h
+
+        if cache is not None:
+            for sp in spans:
+                cache.lengths[sp.slot] += sp.n_tokens
+        if logit_rows is not None:
+            x = x[torch.as_tensor(logit_rows, dtype=torch.long, device=self.device)]
+        x = self._norm(x, self.output_norm)
+        logits = self.head(x)
+        if self.rescore_rows is not None:
+            candidates = logits.topk(min(RESCORE_CANDIDATES, s.vocab_size), -1).indices
+            rows = self.rescore_rows[candidates.flatten().cpu()].to(self.device)
+            exact = (rows.view(*candidates.shape, -1) @ x[:, :, None]).squeeze(-1)
+            logits.scatter_(1, candidates, exact)
+        if s.final_logit_softcap:
+            logits = torch.tanh(logits / s.final_logit_softcap) * s.final_logit_softcap
+        return logits
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embedding[tokens if isinstance(self.embedding, torch.Tensor) else tokens.cpu()]
+        x = x.to(self.device)
+        return x * self.spec.embed_scale if self.spec.embed_scale != 1.0 else x
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), weight, self.spec.norm_eps)
+
+    def _rope_tables(self, positions: torch.Tensor, inv_freq: torch.Tensor):
+        """cos and sin [tokens, 1, head_dim] laid out like the features they rotate."""
+        angles = positions[:, None].float() * inv_freq
+        if self.rope_style == "neox":
+            angles = torch.cat([angles, angles], -1)
+        else:
+            angles = angles.repeat_interleave(2, -1)
+        return angles.cos()[:, None], angles.sin()[:, None]
+
+    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """The partner of each feature in its rope pair, with the sign of the rotation."""
+        if self.rope_style == "neox":
+            x1, x2 = x.chunk(2, -1)
+            return torch.cat([-x2, x1], -1)
+        pairs = x.unflatten(-1, (-1, 2))
+        return torch.stack([-pairs[..., 1], pairs[..., 0]], -1).flatten(-2)
+
+    def _attention_plans(self, spans: list[Span], cache: KVCache | None, capacity: int,
+                         window: int | None) -> list[_AttentionPlan]:
+        """Per span, for layers keeping `capacity` positions: what to write, what to attend.
+
+        A span's queries may see keys at positions p with p <= q and (q - p < window). The ring
+        of a sliding-window layer holds the last `capacity` positions; new keys are written
+        before attending unless writing them would evict keys an earlier query of the same span
+        still needs (a long prefill into a ring), in which case old and new keys are joined.
+        """
+        group = self.spec.n_heads // self.spec.n_kv_heads
+        plans, row = [], 0
+        for sp in spans:
+            n, start = sp.n_tokens, sp.start_pos
+            if start + n > self.max_positions:
+                raise OpenLPUError(f"sequence needs {start + n} positions; this model was loaded "
+                                   f"for {self.max_positions}")
+            q_pos = torch.arange(start, start + n, device=self.device)
+            write_index = None
+            if cache is None:
+                write_first, n_keys, k_pos = False, 0, q_pos
+            else:
+                if cache.lengths[sp.slot] != start:
+                    raise ValueError(f"span starts at {start} but slot {sp.slot} holds "
+                                     f"{cache.lengths[sp.slot]} positions")
+                write_first = n == 1 or start + n <= capacity
+                keep = min(n, capacity)
+                write_index = torch.arange(start + n - keep, start + n, device=self.device) % capacity
+                if write_first:
+                    n_keys = min(start + n, capacity)
+                    k_pos = ring_positions(start + n, capacity, self.device)[:n_keys]
+                else:
+                    n_keys = min(start, capacity)
+                    k_pos = torch.cat([ring_positions(start, capacity, self.device)[:n_keys], q_pos])
+            visible = (k_pos >= 0) & (k_pos <= q_pos[:, None])
+            if window is not None:
+                visible &= q_pos[:, None] - k_pos < window
+            mask = None if bool(visible.all()) else visible.repeat(group, 1)
+            plans.append(_AttentionPlan(slice(row, row + n), sp.slot, write_first, n_keys,
+                                        write_index, mask))
+            row += n
+        return plans
+
+    def _attention(self, layer: int, blk: _Block, h: torch.Tensor, rope, plans, cache):
+        s = self.spec
+        n_q, n_kv, hd = s.n_heads, s.n_kv_heads, s.head_dim
+        qkv = blk.qkv(h).view(h.shape[0], n_q + 2 * n_kv, hd)
+        qk, v = qkv[:, :n_q + n_kv], qkv[:, n_q + n_kv:]
+        if blk.qk_norm is not None:
+            qk = F.rms_norm(qk, (hd,), None, s.norm_eps) * blk.qk_norm
+        cos, sin = rope
+        qk = qk * cos + self._rotate(qk) * sin
+        q, k = qk[:, :n_q], qk[:, n_q:]
+        outs = [self._attend(layer, q[p.rows], k[p.rows], v[p.rows], p, cache) for p in plans]
+        return blk.attn_output(outs[0] if len(outs) == 1 else torch.cat(outs))
+
+    def _attend(self, layer: int, q, k, v, plan: _AttentionPlan, cache: KVCache | None):
+        """Attention of one span's queries [n, heads, hd] over its visible keys -> [n, heads*hd]."""
+        s = self.spec
+        n, n_kv, group = q.shape[0], s.n_kv_heads, s.n_heads // s.n_kv_heads
+        k, v = k.transpose(0, 1), v.transpose(0, 1)  # [kv heads, n, hd]
+        if cache is not None:
+            k_cache, v_cache = cache.k[layer][plan.slot], cache.v[layer][plan.slot]
+            if not plan.write_first:  # join before writing: the write evicts keys still needed
+                k = torch.cat([k_cache[:, :plan.n_keys], k], 1)
+                v = torch.cat([v_cache[:, :plan.n_keys], v], 1)
+            keep = plan.write_index.numel()
+            k_cache.index_copy_(1, plan.write_index, k[:, -keep:])
+            v_cache.index_copy_(1, plan.write_index, v[:, -keep:])
+            if plan.write_first:
+                k, v = k_cache[:, :plan.n_keys], v_cache[:, :plan.n_keys]
+        # The query heads sharing a kv head become extra query rows: [kv heads, group * n, hd].
+        q = q.view(n, n_kv, group, s.head_dim).permute(1, 2, 0, 3).reshape(n_kv, group * n, -1)
+        if s.attn_logit_softcap:
+            scores = (q @ k.transpose(1, 2)) * s.attn_scale
+            scores = torch.tanh(scores / s.attn_logit_softcap) * s.attn_logit_softcap
+            if plan.mask is not None:
+                scores = scores.masked_fill(~plan.mask, float("-inf"))
+            out = scores.softmax(-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, scale=s.attn_scale)
+        return out.view(n_kv, group, n, s.head_dim).permute(2, 0, 1, 3).reshape(n, -1)
+
+    def _mlp(self, blk: _Block, h: torch.Tensor) -> torch.Tensor:
+        if blk.experts is None:
+            gate, up = blk.gate_up(h).chunk(2, -1)
+            return blk.down(self.activation(gate) * up)
+        # Mixtral: each token goes to its top-k experts, weighted by a softmax over their logits.
+        top_logits, top_experts = blk.router(h).topk(self.spec.n_experts_per_token, -1)
+        top_weights = top_logits.softmax(-1)
+        out = torch.zeros_like(h)
+        for e in top_experts.unique().tolist():
+            rows, rank = (top_experts == e).nonzero(as_tuple=True)
+            gate_up, down = blk.experts[e]
+            gate, up = gate_up(h[rows]).chunk(2, -1)
+            out.index_add_(0, rows, down(self.activation(gate) * up) * top_weights[rows, rank, None])
+        return out
+
+    # ---- conveniences -----------------------------------------------------------------------
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Uncached logits at every position of one sequence: [len, vocab]."""
+        return self.forward(token_ids, [Span(0, 0, len(token_ids))])
+
+    def nbytes(self) -> int:
+        """Bytes of weights held in memory (a GGUF-backed embedding stays in the file map)."""
+        linears = [self.head] + [lin for blk in self.blocks for lin in
+                                 [blk.qkv, blk.attn_output, blk.gate_up, blk.down, blk.router]
+                                 + [m for pair in (blk.experts or []) for m in pair] if lin]
+        total = sum(lin.nbytes() for lin in linears)
+        if isinstance(self.embedding, torch.Tensor) and self.embedding is not self.head.weight:
+            total += self.embedding.numel() * self.embedding.element_size()
+        return total
+
+
+class GGUFRows:
+    """Rows of one GGUF matrix as float32, dequantized from the memory-mapped file on access."""
+
+    def __init__(self, header, name: str):
+        from openlpu.models import gguf
+
+        self.ggml_type, self.blocks = gguf.raw_tensor(header, name)
+        self.qtype = gguf.GGMLQuantizationType[self.ggml_type]
+        self.shape = header.tensors[name].shape
+        self._dequantize = gguf.dequantize
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, torch.Tensor):
+            index = index.numpy()
+        values = self._dequantize(np.asarray(self.blocks[index]), self.qtype)
+        return torch.from_numpy(np.array(values, dtype=np.float32).reshape(-1, self.shape[-1]))
+
+
+class GGUFWeights(Mapping):
+    """The weights of a GGUF file in Model's layout, dequantized one tensor at a time on access.
+
+    Model converts each tensor as it reads it, so a low-precision model never holds every
+    float32 tensor at once (peak memory ~ the largest tensor, the embedding, not the sum).
+    """
+
+    def __init__(self, path, spec: ModelSpec):
+        from openlpu.models import gguf
+
+        self._gguf, self.spec = gguf, spec
+        self.header = gguf.read_header(path)
+        self.shapes = spec.tensor_shapes()
+        arch = gguf.ARCHITECTURES.get(self.header.architecture)
+        self.norm_shift = arch.stored_norm_shift if arch else 0.0
+
+    def _check(self, name: str) -> None:
+        info = self.header.tensors.get(name)
+        if info is None or name not in self.shapes or info.shape != tuple(self.shapes[name]):
+            found = "missing" if info is None else f"shape {info.shape}"
+            raise OpenLPUError(f"{self.header.path} does not match model {self.spec.name!r}: "
+                               f"tensor {name} is {found}, expected {self.shapes.get(name)}")
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        self._check(name)
+        array = self._gguf.load_tensor(self.header, name)
+        if self.norm_shift and name.endswith("norm.weight"):
+            array -= self.norm_shift  # back to the HF convention Model expects
+        return torch.from_numpy(array)
+
+    def rows(self, name: str) -> GGUFRows:
+        self._check(name)
+        return GGUFRows(self.header, name)
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
+def load_model(path, precision: str = "int8", device=None, max_positions: int | None = None,
+               spec: ModelSpec | None = None) -> Model:
+    """A Model from a GGUF file (spec read from its metadata unless given)."""
+    from openlpu.models.gguf import spec_from_gguf
+
+    spec = spec or spec_from_gguf(path)
+    return Model(spec, GGUFWeights(path, spec), precision, device, max_positions)

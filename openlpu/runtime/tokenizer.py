@@ -1,0 +1,240 @@
+"""Tokenizer built from a GGUF's own vocabulary, agreeing with llama.cpp token for token.
+
+Encoding is sentencepiece's BPE over a ModelProto assembled from the GGUF's tokens, scores and
+token types (llama.cpp's "llama" tokenizer is the same SentencePiece BPE). Decoding maps each id
+to its bytes the way llama.cpp's token_to_piece does (escaped spaces back to " ", byte tokens to
+their byte, control tokens to nothing), so streaming can decode bytes incrementally.
+The built model is cached under the OpenLPU cache keyed on the GGUF's identity.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from openlpu.errors import OpenLPUError
+
+SPACE_ESCAPE = "\u2581"  # sentencepiece's visible space "▁"
+# GGUF token types (llama.cpp llama_token_type) use sentencepiece's piece-type numbering.
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+SUPPORTED_TOKENIZER_MODELS = ("llama",)  # llama.cpp's name for SentencePiece BPE vocabularies
+# Extra stop pieces per architecture: chat models end a turn with these (Gemma: <end_of_turn>,
+# listed as an end-of-generation token by llama.cpp's vocab loader, src/llama-vocab.cpp).
+END_OF_TURN_PIECES = {"gemma3": ("<end_of_turn>",), "gemma2": ("<end_of_turn>",)}
+CACHE_FORMAT_VERSION = 2
+
+
+@dataclass(frozen=True)
+class TokenizerFacts:
+    """What a Tokenizer needs besides the sentencepiece model (cached next to it as JSON)."""
+
+    bos_id: int | None
+    eos_ids: tuple[int, ...]
+    add_bos: bool
+    chat_template: str | None
+    special_pieces: tuple[str, ...]  # control tokens, matched in text only when parse_special
+
+
+def _identity_key(path: Path) -> str:
+    stat = path.stat()
+    ident = f"{CACHE_FORMAT_VERSION}|{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:20]
+
+
+def _build_from_header(path: Path) -> tuple[bytes, TokenizerFacts]:
+    """The serialized sentencepiece ModelProto and facts, from the GGUF's metadata."""
+    from sentencepiece import sentencepiece_model_pb2 as spm
+
+    from openlpu.models.gguf import read_header
+
+    meta = read_header(path).metadata
+    kind = meta.get("tokenizer.ggml.model")
+    if kind not in SUPPORTED_TOKENIZER_MODELS:
+        raise OpenLPUError(f"{path}: tokenizer {kind!r} is not supported (supported: "
+                           f"{', '.join(SUPPORTED_TOKENIZER_MODELS)})")
+    tokens = meta["tokenizer.ggml.tokens"]
+    scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    types = list(meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
+    unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+    if unk_id is None:
+        raise OpenLPUError(f"{path}: tokenizer has no unknown token; cannot build it")
+    types[unk_id] = UNKNOWN  # sentencepiece needs exactly one; llama.cpp files may mark it control
+
+    proto = spm.ModelProto()
+    for piece, score, kind_code in zip(tokens, scores, types):
+        if kind_code == USER_DEFINED:  # llama.cpp matches these in the raw text; sentencepiece
+            piece = piece.replace(" ", SPACE_ESCAPE)  # matches after escaping spaces
+        proto.pieces.add(piece=piece, score=score, type=kind_code)
+    trainer = proto.trainer_spec
+    trainer.model_type = spm.TrainerSpec.BPE
+    trainer.vocab_size = len(tokens)
+    trainer.byte_fallback = BYTE in types
+    trainer.unk_id = unk_id
+    trainer.bos_id = meta.get("tokenizer.ggml.bos_token_id", -1)
+    trainer.eos_id = meta.get("tokenizer.ggml.eos_token_id", -1)
+    trainer.pad_id = meta.get("tokenizer.ggml.padding_token_id", -1)
+    for field_name, token_id in (("unk_piece", trainer.unk_id), ("bos_piece", trainer.bos_id),
+                                 ("eos_piece", trainer.eos_id), ("pad_piece", trainer.pad_id)):
+        if token_id >= 0:
+            setattr(trainer, field_name, tokens[token_id])
+    normalizer = proto.normalizer_spec
+    normalizer.name = "identity"  # llama.cpp only escapes spaces; it applies no NFKC
+    normalizer.add_dummy_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    normalizer.remove_extra_whitespaces = False
+    normalizer.escape_whitespaces = True
+
+    arch = meta.get("general.architecture", "")
+    eos = [trainer.eos_id] if trainer.eos_id >= 0 else []
+    if "tokenizer.ggml.eot_token_id" in meta:
+        eos.append(meta["tokenizer.ggml.eot_token_id"])
+    index = {piece: i for i, piece in enumerate(tokens)}
+    eos += [index[p] for p in END_OF_TURN_PIECES.get(arch, ()) if p in index]
+    facts = TokenizerFacts(
+        bos_id=trainer.bos_id if trainer.bos_id >= 0 else None,
+        eos_ids=tuple(dict.fromkeys(eos)),
+        add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", trainer.bos_id >= 0)),
+        chat_template=meta.get("tokenizer.chat_template"),
+        special_pieces=tuple(t for t, k in zip(tokens, types) if k == CONTROL),
+    )
+    return proto.SerializeToString(), facts
+
+
+class Tokenizer:
+    """encode / decode / stream-decode with ids identical to llama.cpp's for the same GGUF."""
+
+    def __init__(self, model_proto: bytes, facts: TokenizerFacts):
+        import sentencepiece
+
+        self._sp = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
+        self.facts = facts
+        self._special_ids = {p: self._sp.piece_to_id(p) for p in facts.special_pieces}
+        self._special_pattern: re.Pattern | None = None
+        self._token_bytes = [self._piece_bytes(i) for i in range(self._sp.get_piece_size())]
+
+    # ---- construction -----------------------------------------------------------------------
+    @classmethod
+    def from_gguf(cls, path: str | Path, cache: bool = True) -> "Tokenizer":
+        path = Path(path)
+        if not path.is_file():
+            raise OpenLPUError(f"model file not found: {path}; check the path")
+        from openlpu.models.embedded import cache_dir
+
+        folder = cache_dir() / "tokenizers" / _identity_key(path)
+        model_file, facts_file = folder / "tokenizer.model", folder / "facts.json"
+        if cache and model_file.exists() and facts_file.exists():
+            data = json.loads(facts_file.read_text())
+            data["eos_ids"], data["special_pieces"] = (tuple(data["eos_ids"]),
+                                                       tuple(data["special_pieces"]))
+            return cls(model_file.read_bytes(), TokenizerFacts(**data))
+        proto, facts = _build_from_header(path)
+        if cache:
+            try:  # facts last and each file renamed into place: a present facts.json means done
+                folder.mkdir(parents=True, exist_ok=True)
+                for target, content in ((model_file, proto),
+                                        (facts_file, json.dumps(facts.__dict__).encode())):
+                    partial = target.with_suffix(f".partial{os.getpid()}")
+                    partial.write_bytes(content)
+                    partial.replace(target)
+            except OSError:
+                pass  # an unwritable cache only costs the next start a rebuild
+        return cls(proto, facts)
+
+    def _piece_bytes(self, token_id: int) -> bytes:
+        """llama.cpp token_to_piece (special=False): what this token contributes to the text."""
+        sp = self._sp
+        if sp.is_byte(token_id):
+            return bytes([int(sp.id_to_piece(token_id)[1:-1], 16)])  # "<0xE2>"
+        if sp.is_control(token_id) or sp.is_unknown(token_id) or sp.is_unused(token_id):
+            return b""
+        return sp.id_to_piece(token_id).replace(SPACE_ESCAPE, " ").encode("utf-8")
+
+    # ---- vocabulary facts -------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.facts.bos_id
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Ids that end generation (Gemma 3: <eos> and <end_of_turn>)."""
+        return self.facts.eos_ids
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.facts.chat_template
+
+    def token_to_id(self, piece: str) -> int:
+        """Id of a piece as the GGUF spells it (or with spaces escaped as "▁")."""
+        token_id = self._sp.piece_to_id(piece.replace(" ", SPACE_ESCAPE))
+        if token_id == self._sp.unk_id() and piece != self._sp.id_to_piece(token_id):
+            raise OpenLPUError(f"token {piece!r} is not in the vocabulary")
+        return token_id
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self._sp.id_to_piece(token_id)
+
+    # ---- encode / decode --------------------------------------------------------------------
+    def encode(self, text: str, add_bos: bool | None = None, parse_special: bool = False) -> list[int]:
+        """Token ids of text; add_bos None follows the GGUF (tokenizer.ggml.add_bos_token).
+
+        parse_special: control tokens written in the text (e.g. "<start_of_turn>" from a chat
+        template) become their ids, as llama.cpp does with parse_special=true.
+        """
+        if add_bos is None:
+            add_bos = self.facts.add_bos
+        ids = [self.bos_id] if add_bos and self.bos_id is not None else []
+        for fragment, is_special in self._fragments(text, parse_special):
+            ids += [self._special_ids[fragment]] if is_special else self._sp.encode(fragment)
+        return ids
+
+    def _fragments(self, text: str, parse_special: bool):
+        if not parse_special or not self._special_ids:
+            yield text, False
+            return
+        if self._special_pattern is None:  # longest first, as llama.cpp's partition does
+            pieces = sorted(self._special_ids, key=len, reverse=True)
+            self._special_pattern = re.compile("|".join(map(re.escape, pieces)))
+        start = 0
+        for match in self._special_pattern.finditer(text):
+            if match.start() > start:
+                yield text[start:match.start()], False
+            yield match.group(), True
+            start = match.end()
+        if start < len(text):
+            yield text[start:], False
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if not 0 <= token_id < len(self._token_bytes):
+            raise OpenLPUError(f"token id {token_id} is out of range (vocabulary {self.vocab_size})")
+        return self._token_bytes[token_id]
+
+    def decode(self, ids) -> str:
+        """Text of ids (control tokens such as <bos> give no text), invalid UTF-8 replaced."""
+        return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
+
+    def stream(self) -> "StreamDecoder":
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Turns ids arriving one at a time into text deltas; a character split over several byte
+    tokens is emitted once complete. The deltas concatenate to exactly decode(all ids)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        return self._utf8.decode(self._tokenizer.token_bytes(token_id))
+
+    def flush(self) -> str:
+        """Whatever an unfinished byte sequence at the end decodes to (U+FFFD)."""
+        return self._utf8.decode(b"", final=True)

@@ -1,0 +1,69 @@
+"""Messages -> prompt token ids.
+
+A model whose file carries a chat template (tokenizer.chat_template, Jinja) is rendered with it,
+as Hugging Face transformers and llama.cpp do. The embedded Gemma 3 270M base GGUF has none, so
+it gets Gemma's turn format (Gemma formatting docs, ai.google.dev/gemma/docs/core/prompt-structure):
+  <start_of_turn>user\n{text}<end_of_turn>\n ... <start_of_turn>model\n
+Gemma has no system role: a system (or developer) message is folded into the next user turn.
+In that format only the turn markers are parsed as special tokens; message text never is, so a
+user cannot forge a turn by typing "<start_of_turn>".
+"""
+
+from __future__ import annotations
+
+from openlpu.serve.errors import APIError
+
+GEMMA_ROLES = {"user": "user", "assistant": "model"}
+SYSTEM_ROLES = ("system", "developer")
+
+
+def gemma_segments(messages: list[tuple[str, str]]) -> list[tuple[str, bool]]:
+    """(text, is_markup) pieces of the Gemma turn format; markup is parsed for special tokens."""
+    segments: list[tuple[str, bool]] = []
+    pending_system: list[str] = []
+    for role, text in messages:
+        if role in SYSTEM_ROLES:
+            pending_system.append(text)
+            continue
+        if role == "user" and pending_system:
+            text = "\n\n".join(pending_system + [text])
+            pending_system = []
+        segments += [(f"<start_of_turn>{GEMMA_ROLES[role]}\n", True), (text, False), ("<end_of_turn>\n", True)]
+    if pending_system:  # a system message with no user turn after it stands as a user turn
+        segments += [("<start_of_turn>user\n", True), ("\n\n".join(pending_system), False),
+                     ("<end_of_turn>\n", True)]
+    segments.append(("<start_of_turn>model\n", True))
+    return segments
+
+
+def render_template(template: str, messages: list[tuple[str, str]], bos_token: str, eos_token: str) -> str:
+    """A model's own Jinja chat template, rendered the way transformers does (sandboxed)."""
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    msgs = [{"role": "system" if r in SYSTEM_ROLES else r, "content": t} for r, t in messages]
+    try:
+        return env.from_string(template).render(messages=msgs, add_generation_prompt=True,
+                                                bos_token=bos_token, eos_token=eos_token)
+    except TemplateError as e:  # e.g. "Conversation roles must alternate user/assistant/..."
+        raise APIError(422, f"The conversation cannot be formatted for this model: {e}",
+                       param="messages") from None
+
+
+def prompt_ids(tokenizer, messages: list[tuple[str, str]]) -> list[int]:
+    """Token ids the engine prefills for this conversation (BOS included)."""
+    template = tokenizer.chat_template
+    if template:
+        bos = tokenizer.id_to_piece(tokenizer.bos_id) if tokenizer.bos_id is not None else ""
+        eos = tokenizer.id_to_piece(tokenizer.eos_ids[0]) if tokenizer.eos_ids else ""
+        text = render_template(template, messages, bos, eos)
+        return tokenizer.encode(text, add_bos=not text.startswith(bos) if bos else False, parse_special=True)
+    ids = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    for text, is_markup in gemma_segments(messages):
+        ids += tokenizer.encode(text, add_bos=False, parse_special=is_markup)
+    return ids

@@ -1,0 +1,139 @@
+"""Chat completion request, as GroqCloud takes it (pydantic v2, strict, unknown fields rejected).
+
+Field list and limits: GroqCloud's API reference and the `groq` SDK 1.7.0 request types
+(summarised in /work/shared/reference/groqcloud-api.md). Validation failures become GroqCloud's
+400 body, never FastAPI's 422 default.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from openlpu.serve.errors import APIError, bad_request
+
+ROLES = ("system", "developer", "user", "assistant")
+MAX_STOP_SEQUENCES = 4
+
+# Fields GroqCloud accepts for some models but this server cannot honour: a clear 400 each.
+# (logprobs, top_logprobs, logit_bias and messages[].name GroqCloud itself answers with 400.)
+UNSUPPORTED_FIELDS: dict[str, str] = {
+    "logprobs": "`logprobs` is not supported",
+    "top_logprobs": "`top_logprobs` is not supported",
+    "logit_bias": "`logit_bias` is not supported",
+    "tools": "`tools` is not supported by this model",
+    "tool_choice": "`tool_choice` is not supported by this model",
+    "parallel_tool_calls": "`parallel_tool_calls` is not supported by this model",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None  # rejected below, as GroqCloud does
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text"]  # json_object / json_schema need constrained decoding: not offered
+
+
+class ChatCompletionRequest(_Strict):
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)  # deprecated alias
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, ge=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    response_format: ResponseFormat | None = None
+    service_tier: Literal["on_demand", "flex", "auto", "performance"] | None = None
+    # Answered with 400 when set (see UNSUPPORTED_FIELDS); declared so the message is precise.
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    logit_bias: dict[str, float] | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+
+    def stop_sequences(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+def _loc(loc: tuple) -> str:
+    """('messages', 0, 'role') -> 'messages.0.role' (GroqCloud's param style)."""
+    return ".".join(str(p) for p in loc)
+
+
+def _validation_error(err: ValidationError) -> APIError:
+    first = err.errors(include_url=False)[0]
+    kind, loc = first["type"], _loc(first["loc"])
+    if kind == "json_invalid":
+        return bad_request(f"The request body is not valid JSON ({first['msg']}); send a JSON object.")
+    if kind == "model_type" and not first["loc"]:
+        return bad_request("The request body must be a JSON object.")
+    if len(first["loc"]) >= 3 and first["loc"][0] == "messages" and first["loc"][2] == "content":
+        where = _loc(first["loc"][:3])  # drop pydantic's union-member tags (str / list[TextPart])
+        return bad_request(f"'{where}' : content must be a string or a list of text parts "
+                           "({\"type\": \"text\", \"text\": ...}); this model takes text only", param=where)
+    if kind == "extra_forbidden":
+        return bad_request(f"property '{loc}' is unsupported", param=loc)
+    if kind == "missing":
+        return bad_request(f"'{loc}' : property '{loc}' is missing", param=loc)
+    if kind == "too_short" and loc == "messages":
+        return bad_request("'messages' : at least one message is required", param="messages")
+    if kind == "literal_error" and loc.endswith(".role"):
+        return bad_request(f"'{loc}' : role {first['input']!r} is not one of {', '.join(ROLES)}",
+                           param=loc)
+    return bad_request(f"'{loc}' : {first['msg'].lower()}", param=loc)
+
+
+def parse_chat_request(body: bytes) -> ChatCompletionRequest:
+    """Parse and check a request body; every problem is an APIError with GroqCloud's 400 body."""
+    try:
+        req = ChatCompletionRequest.model_validate_json(body)
+    except ValidationError as e:
+        raise _validation_error(e) from None
+    for name, message in UNSUPPORTED_FIELDS.items():
+        value = getattr(req, name)
+        if value not in (None, False):
+            raise bad_request(message, param=name)
+    for i, m in enumerate(req.messages):
+        if m.name is not None:
+            raise bad_request(f"'messages.{i}' : property 'name' is unsupported", param=f"messages.{i}.name")
+    if req.n != 1:
+        raise bad_request("'n' : number must be at most 1", param="n")
+    stops = req.stop_sequences()
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise bad_request(f"'stop' : at most {MAX_STOP_SEQUENCES} stop sequences are allowed", param="stop")
+    if any(s == "" for s in stops):
+        raise bad_request("'stop' : stop sequences must not be empty", param="stop")
+    return req

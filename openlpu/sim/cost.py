@@ -1,0 +1,110 @@
+"""What a deployment costs: capex, power at the wall, opex, TCO over N years and $ per million tokens.
+
+The same arithmetic prices an LPU system (chips in host nodes, nodes in racks, direct chip-to-chip
+cables) and a GPU system (8-GPU servers, racks, an InfiniBand fabric once there is more than one
+server). Every default below is an assumption, named and sourced; callers override any of them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from openlpu.errors import OpenLPUError
+
+SECONDS_PER_YEAR = 365 * 24 * 3600
+HOURS_PER_YEAR = 365 * 24
+
+# ESTIMATE: a 42U rack with PDUs and cabling, installed; no vendor publishes one price.
+RACK_USD = 20_000
+# ESTIMATE: per GPU server in a multi-server deployment: 8 x 400G InfiniBand NICs, optics and its
+# share of leaf switches (~$3k per port-NIC pair). One-server systems need none.
+GPU_FABRIC_USD_PER_SERVER = 25_000
+# ESTIMATE: per LPU node: the passive chip-to-chip cables of its global links (no switches exist in
+# Groq's network, ISCA 2022).
+LPU_CABLES_USD_PER_NODE = 2_000
+GPU_SERVERS_PER_RACK = 4  # DGX H100 at 10.2 kW: ~4 per 40 kW air-cooled rack
+
+
+@dataclass(frozen=True)
+class CostAssumptions:
+    years: float = 3.0  # depreciation period; the critiques of Feb 2024 used 3 years
+    usd_per_kwh: float = 0.10  # US industrial electricity was ~$0.08-0.09/kWh in 2023 (EIA); + margin
+    pue: float = 1.3  # power usage effectiveness; Uptime Institute 2023 survey average 1.58, new builds ~1.2-1.4
+    utilisation: float = 0.5  # fraction of the hours the system serves at its modelled throughput
+
+    def __post_init__(self):
+        for f in ("years", "usd_per_kwh", "pue", "utilisation"):
+            v = getattr(self, f)
+            if not v > 0:
+                raise OpenLPUError(f"cost assumption {f} must be positive, got {v!r}")
+        if self.pue < 1 or self.utilisation > 1:
+            raise OpenLPUError("pue must be at least 1 and utilisation at most 1")
+
+
+@dataclass(frozen=True)
+class Capex:
+    accelerators_usd: float  # LPU cards, or GPU servers (NVIDIA sells the GPUs in 8-GPU boards)
+    hosts_usd: float  # LPU host servers; included in the GPU server price
+    racks_usd: float
+    network_usd: float
+
+    @property
+    def total_usd(self) -> float:
+        return self.accelerators_usd + self.hosts_usd + self.racks_usd + self.network_usd
+
+
+@dataclass(frozen=True)
+class Cost:
+    capex: Capex
+    it_power_w: float
+    wall_power_w: float
+    energy_usd_per_year: float
+    tco_usd: float  # capex + energy over `years`
+    tokens_per_year: float
+    usd_per_million_tokens: float
+
+
+def lpu_capex(system, chips: int) -> Capex:
+    """`system`: hardware.lpu.SystemSpec. Nodes are whole (8 cards), racks whole (9 nodes)."""
+    nodes = math.ceil(chips / system.node.chips)
+    racks = math.ceil(nodes / system.rack.nodes)
+    return Capex(accelerators_usd=chips * system.chip.price_usd,
+                 hosts_usd=nodes * system.node.host_price_usd,
+                 racks_usd=racks * RACK_USD,
+                 network_usd=nodes * LPU_CABLES_USD_PER_NODE if nodes > 1 else 0.0)
+
+
+def gpu_servers(gpu, gpus: int) -> float:
+    """Servers a deployment pays for: a share of one when it needs fewer GPUs than a server has
+    (the rest serve other models), whole servers beyond that."""
+    if gpus < gpu.gpus_per_server:
+        return gpus / gpu.gpus_per_server
+    return float(math.ceil(gpus / gpu.gpus_per_server))
+
+
+def gpu_capex(gpu, gpus: int) -> Capex:
+    """`gpu`: hardware.gpu.GpuSpec. NVIDIA sells these GPUs on 8-GPU boards inside servers."""
+    servers = gpu_servers(gpu, gpus)
+    return Capex(accelerators_usd=servers * gpu.server_price_usd, hosts_usd=0.0,
+                 racks_usd=servers / GPU_SERVERS_PER_RACK * RACK_USD,
+                 network_usd=servers * GPU_FABRIC_USD_PER_SERVER if servers > 1 else 0.0)
+
+
+def energy_usd(it_power_w: float, years: float, a: CostAssumptions) -> float:
+    """Electricity for `years` of round-the-clock operation at `it_power_w`, PUE included."""
+    return it_power_w * a.pue / 1000 * HOURS_PER_YEAR * years * a.usd_per_kwh
+
+
+def cost(capex: Capex, it_power_w: float, throughput_tokens_per_s: float,
+         a: CostAssumptions = CostAssumptions()) -> Cost:
+    """TCO over a.years and $ per million tokens served at a.utilisation of the modelled throughput.
+    Power is drawn round the clock (an idle inference system is still powered)."""
+    if not throughput_tokens_per_s > 0:
+        raise OpenLPUError("throughput must be positive to price tokens")
+    per_year = energy_usd(it_power_w, 1.0, a)
+    tco = capex.total_usd + per_year * a.years
+    tokens_per_year = throughput_tokens_per_s * a.utilisation * SECONDS_PER_YEAR
+    return Cost(capex=capex, it_power_w=it_power_w, wall_power_w=it_power_w * a.pue,
+                energy_usd_per_year=per_year, tco_usd=tco, tokens_per_year=tokens_per_year,
+                usd_per_million_tokens=tco / (tokens_per_year * a.years) * 1e6)

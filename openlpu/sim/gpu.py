@@ -1,0 +1,177 @@
+"""The same op rows the LPU compiler sees (graph.lower), timed on an HBM GPU server.
+
+Per op: a roofline, max(flops / (peak * COMPUTE_EFFICIENCY), bytes / (hbm_bw * MEMORY_EFFICIENCY)),
+plus KERNEL_OVERHEAD_S for its kernel. Tensor parallelism over NVLink divides the sharded ops and
+adds two all-reduces per layer (Megatron-style: after attention and after the MLP); servers beyond
+one NVLink domain form pipeline stages. The KV cache that `users` x `context` needs must fit in the
+HBM the weights leave free: that caps the batch.
+
+Constants and the published points they were fitted on / checked against (bench/fidelity.py):
+- MEMORY_EFFICIENCY 0.80: achieved fraction of HBM peak when streaming weights. Not fitted:
+  the usual STREAM-like figure for H100/A100 (NVIDIA's own bandwidth tests reach ~80-90%).
+- COMPUTE_EFFICIENCY 0.484: achieved fraction of dense tensor peak over a whole prefill (GEMMs,
+  attention, norms). FITTED on one point: TensorRT-LLM 0.5 "H200 launch" blog table (Nov 2023):
+  1 x H200, FP8, Llama-2-70B, batch 32, 2,048 in / 128 out: 303 output tok/s. The other rows of
+  that table are held out (bench/results/fidelity.md).
+- KERNEL_OVERHEAD_S: launch + tail per kernel. FITTED on one point: NVIDIA, "Achieving Top
+  Inference Performance with the NVIDIA H100 Tensor Core GPU and NVIDIA TensorRT-LLM" (Dec 2023):
+  DGX H100 (8 GPUs, FP8, TensorRT-LLM 0.5), Llama-2-70B, 2,048 in / 128 out, batch 1: 1.7 s.
+  (The two fits are solved jointly; bench/fidelity.py repeats the fit and prints both.)
+- ALLREDUCE_LATENCY_S 10 us: fixed cost of a small NCCL all-reduce inside an NVLink/NVSwitch
+  node (nccl-tests small-message latency is ~8-15 us on DGX H100); not fitted.
+- INTER_SERVER_HOP_S 10 us: pipeline hand-off between servers over InfiniBand; not fitted.
+- HBM_USABLE_FRACTION 0.90: HBM left after the CUDA context, activations and allocator slack
+  (vLLM's default gpu_memory_utilization is 0.9).
+- LOAD_POWER_FRACTION 0.75: server draw while serving, as a fraction of its maximum (DGX H100:
+  typical 6.5-8.5 kW of a 10.2 kW maximum, NVIDIA user guide via supercluster.blog).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from openlpu.errors import OpenLPUError
+from openlpu.graph.lower import as_precision, lower
+from openlpu.hardware.gpu import GpuSpec
+from openlpu.models.spec import ModelSpec
+from openlpu.sim.cost import gpu_servers
+
+MEMORY_EFFICIENCY = 0.80
+COMPUTE_EFFICIENCY = 0.484  # fitted: see the module docstring
+KERNEL_OVERHEAD_S = 7.09e-6  # fitted: see the module docstring and bench/fidelity.py
+ALLREDUCE_LATENCY_S = 10e-6
+INTER_SERVER_HOP_S = 10e-6
+HBM_USABLE_FRACTION = 0.90
+LOAD_POWER_FRACTION = 0.75
+ACTIVATION_BYTES = 2  # bf16 activations cross NVLink in every precision mode
+ALLREDUCES_PER_LAYER = 2
+
+# Op kinds whose work tensor parallelism splits across the GPUs of a server; the rest (norms,
+# residual adds, the embedding gather, sampling) run replicated on every GPU.
+TP_SHARDED_KINDS = frozenset({"matmul", "attention", "activation", "rope", "lm_head", "softcap",
+                              "moe_router"})
+
+
+@dataclass(frozen=True)
+class GpuTiming:
+    gpu: str
+    gpus: int
+    tensor_parallel: int
+    pipeline_stages: int
+    users: int
+    context: int
+    weight_bytes_per_gpu: float
+    kv_bytes_per_gpu: float
+    hbm_used_fraction: float
+    max_users: int  # at this context, the most users whose KV cache fits beside the weights
+    ttft_s: float
+    decode_step_s: float
+    tokens_per_s_per_user: float
+    throughput_tokens_per_s: float
+    power_w: float
+    energy_per_token_j: float
+
+
+def op_time_s(op, gpu: GpuSpec, precision: str, shards: int) -> float:
+    """Roofline time of one op on one GPU holding 1/shards of it, plus its kernel overhead."""
+    split = shards if op.kind in TP_SHARDED_KINDS else 1
+    compute_s = op.flops / split / (gpu.compute_flops_per_s(precision) * COMPUTE_EFFICIENCY)
+    memory_s = op.bytes_total / split / (gpu.hbm_bandwidth_bytes_per_s * MEMORY_EFFICIENCY)
+    return max(compute_s, memory_s) + KERNEL_OVERHEAD_S
+
+
+def allreduce_s(n_bytes: float, gpu: GpuSpec, ranks: int) -> float:
+    """Ring all-reduce: each rank sends and receives 2 (n-1)/n of the buffer over NVLink."""
+    if ranks == 1:
+        return 0.0
+    return ALLREDUCE_LATENCY_S + 2 * (ranks - 1) / ranks * n_bytes / gpu.nvlink_bandwidth_bytes_per_s
+
+
+def step_s(spec: ModelSpec, ops, gpu: GpuSpec, precision: str, tp: int, stages: int,
+           tokens: int) -> float:
+    """Wall time of one pass over `ops` (one decode step, or one prefill) on tp x stages GPUs."""
+    compute = sum(op_time_s(op, gpu, precision, tp) for op in ops)
+    comms = spec.n_layers * ALLREDUCES_PER_LAYER * allreduce_s(tokens * spec.d_model * ACTIVATION_BYTES,
+                                                               gpu, tp)
+    return compute + comms + (stages - 1) * INTER_SERVER_HOP_S
+
+
+def weight_bytes(spec: ModelSpec, precision: str) -> float:
+    """Every weight held once across the GPUs (all experts of an MoE model)."""
+    return spec.param_count() * as_precision(precision).bytes_per_element
+
+
+def kv_bytes(spec: ModelSpec, precision: str, context: int, users: int) -> float:
+    """KV cache for `users` sequences of `context` tokens, in the weight precision (lower's default).
+    Sliding-window layers are counted at full context: an upper bound for Gemma 2/3."""
+    return spec.kv_bytes_per_token(as_precision(precision).bytes_per_element) * context * users
+
+
+def layout(gpus: int, gpu: GpuSpec) -> tuple[int, int]:
+    """(tensor parallel, pipeline stages): TP inside one NVLink server, servers in a pipeline."""
+    tp = min(gpus, gpu.gpus_per_server)
+    return tp, gpus // tp
+
+
+def _check_sizes(context: int, users: int, prompt_tokens: int) -> None:
+    for what, v in (("context", context), ("users", users), ("prompt_tokens", prompt_tokens)):
+        if not isinstance(v, int) or v <= 0:
+            raise OpenLPUError(f"{what} must be a positive integer, got {v!r}")
+
+
+def gpus_needed(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, users: int,
+                max_gpus: int = 1024) -> int:
+    """Fewest GPUs (1, 2, 4, 8, then whole servers) whose HBM holds the weights and the KV cache."""
+    need = weight_bytes(spec, precision) + kv_bytes(spec, precision, context, users)
+    per_gpu = gpu.hbm_bytes * HBM_USABLE_FRACTION
+    n = 1
+    while n * per_gpu < need:
+        n = n * 2 if n < gpu.gpus_per_server else n + gpu.gpus_per_server
+        if n > max_gpus:
+            raise OpenLPUError(
+                f"{spec.name} at {precision} with {users} user(s) x {context} tokens needs "
+                f"{need / 1e9:.0f} GB: more than {max_gpus} {gpu.name} GPUs hold; lower --context or --users")
+    return n
+
+
+def gpu_timing(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, users: int = 1,
+               gpus: int | None = None, prompt_tokens: int | None = None) -> GpuTiming:
+    """Serve `users` concurrent streams of `context` tokens on `gpus` GPUs (default: fewest that fit)."""
+    prompt_tokens = context if prompt_tokens is None else prompt_tokens
+    _check_sizes(context, users, prompt_tokens)
+    gpus = gpus_needed(spec, gpu, precision, context, users) if gpus is None else gpus
+    tp, stages = layout(gpus, gpu)
+    w_bytes = weight_bytes(spec, precision) / gpus
+    kv = kv_bytes(spec, precision, context, 1) / gpus
+    free = gpu.hbm_bytes * HBM_USABLE_FRACTION - w_bytes
+    max_users = int(free // kv) if free > 0 else 0
+    if users > max_users:
+        raise OpenLPUError(
+            f"{gpus} x {gpu.name} hold the KV cache of at most {max_users} user(s) at context "
+            f"{context}, not {users}; add GPUs or lower --users / --context")
+
+    decode_ops = lower(spec, "decode", seq_len=context, batch=users, precision=precision)
+    prefill_ops = lower(spec, "prefill", seq_len=prompt_tokens, batch=1, precision=precision)
+    decode = step_s(spec, decode_ops, gpu, precision, tp, stages, users)
+    ttft = step_s(spec, prefill_ops, gpu, precision, tp, stages, prompt_tokens)
+    power = gpu_servers(gpu, gpus) * gpu.server_power_w * LOAD_POWER_FRACTION
+    throughput = users / decode
+    return GpuTiming(
+        gpu=gpu.name, gpus=gpus, tensor_parallel=tp, pipeline_stages=stages, users=users,
+        context=context, weight_bytes_per_gpu=w_bytes, kv_bytes_per_gpu=kv * users,
+        hbm_used_fraction=(w_bytes + kv * users) / gpu.hbm_bytes, max_users=max_users,
+        ttft_s=ttft, decode_step_s=decode, tokens_per_s_per_user=1 / decode,
+        throughput_tokens_per_s=throughput, power_w=power, energy_per_token_j=power / throughput)
+
+
+def offline_run_s(spec: ModelSpec, gpu: GpuSpec, precision: str, gpus: int, batch: int,
+                  input_tokens: int, output_tokens: int) -> float:
+    """Wall time of one static batch: prefill `batch` prompts, then `output_tokens` decode steps
+    (attending, on average, to input + output/2 cached tokens): the offline throughput benchmark
+    of TensorRT-LLM's published tables."""
+    _check_sizes(input_tokens, batch, output_tokens)
+    tp, stages = layout(gpus, gpu)
+    prefill = lower(spec, "prefill", seq_len=input_tokens, batch=batch, precision=precision)
+    decode = lower(spec, "decode", seq_len=input_tokens + output_tokens // 2, batch=batch, precision=precision)
+    return (step_s(spec, prefill, gpu, precision, tp, stages, batch * input_tokens)
+            + output_tokens * step_s(spec, decode, gpu, precision, tp, stages, batch))

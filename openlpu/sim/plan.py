@@ -1,0 +1,136 @@
+"""`openlpu plan`: one model, one LPU system and some GPUs, side by side in the same rows.
+
+The LPU row comes from the compiled Program (compiler -> sim.timing); each GPU row from the same
+op rows on the GPU roofline model (sim.gpu); both are priced by sim.cost with the same assumptions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from openlpu.errors import OpenLPUError
+from openlpu.graph.lower import as_precision
+from openlpu.hardware.gpu import gpu_names, load_gpu
+from openlpu.hardware.lpu import load_system
+from openlpu.models.spec import ModelSpec, load_preset
+from openlpu.sim.cost import CostAssumptions, cost, gpu_capex, lpu_capex
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    system: str
+    kind: str  # "lpu" or "gpu"
+    chips: int  # LPU chips or GPUs
+    memory: str  # "SRAM" or "HBM"
+    memory_used_fraction: float  # of the capacity of the chips used
+    tokens_per_s_per_user: float
+    ttft_s: float
+    throughput_tokens_per_s: float
+    power_w: float  # IT power while serving (no PUE)
+    energy_per_token_j: float
+    capex_usd: float
+    usd_per_million_tokens: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def prompt_tokens(context: int) -> int:
+    """The prompt whose prefill sets TTFT: the compiler's default Workload.prompt_len, within context."""
+    from openlpu.compiler import Workload
+
+    return min(Workload().prompt_len, context)
+
+
+def _check_workload(spec: ModelSpec, context: int, users: int) -> None:
+    for what, v in (("context", context), ("users", users)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise OpenLPUError(f"--{what} must be a positive integer, got {v!r}")
+    if context > spec.context_length:
+        raise OpenLPUError(f"--context {context} is longer than {spec.name}'s context window "
+                           f"({spec.context_length} tokens); use at most {spec.context_length}")
+
+
+def lpu_row(spec: ModelSpec, system_name: str, precision: str, context: int, users: int,
+            assumptions: CostAssumptions, chips: int | None = None) -> PlanRow:
+    from openlpu.compiler import Workload, compile_program
+    from openlpu.sim.timing import timing
+
+    system = load_system(system_name)
+    workload = Workload(weights=precision, activations=precision, kv=precision, context_length=context,
+                        users=users, prompt_len=prompt_tokens(context))
+    program = compile_program(spec, system, workload, chips=chips)
+    t = timing(program)
+    c = cost(lpu_capex(system, t.chips), t.power_w, t.throughput_tokens_per_s, assumptions)
+    return PlanRow(system=system.name, kind="lpu", chips=t.chips, memory="SRAM",
+                   memory_used_fraction=t.sram_used_fraction, tokens_per_s_per_user=t.tokens_per_s_per_user,
+                   ttft_s=t.ttft_s, throughput_tokens_per_s=t.throughput_tokens_per_s, power_w=t.power_w,
+                   energy_per_token_j=t.energy_per_token_j, capex_usd=c.capex.total_usd,
+                   usd_per_million_tokens=c.usd_per_million_tokens)
+
+
+def gpu_row(spec: ModelSpec, gpu_name: str, precision: str, context: int, users: int,
+            assumptions: CostAssumptions, gpus: int | None = None) -> PlanRow:
+    from openlpu.sim.gpu import gpu_timing
+
+    gpu = load_gpu(gpu_name)
+    t = gpu_timing(spec, gpu, precision, context, users, gpus=gpus, prompt_tokens=prompt_tokens(context))
+    c = cost(gpu_capex(gpu, t.gpus), t.power_w, t.throughput_tokens_per_s, assumptions)
+    return PlanRow(system=gpu.name, kind="gpu", chips=t.gpus, memory="HBM",
+                   memory_used_fraction=t.hbm_used_fraction, tokens_per_s_per_user=t.tokens_per_s_per_user,
+                   ttft_s=t.ttft_s, throughput_tokens_per_s=t.throughput_tokens_per_s, power_w=t.power_w,
+                   energy_per_token_j=t.energy_per_token_j, capex_usd=c.capex.total_usd,
+                   usd_per_million_tokens=c.usd_per_million_tokens)
+
+
+def plan(model: str, system: str = "lpu-v1", compare: tuple[str, ...] = ("h100-sxm",),
+         precision: str = "int8", context: int = 4096, users: int = 1,
+         assumptions: CostAssumptions = CostAssumptions()) -> list[PlanRow]:
+    """The LPU system first, then each GPU, for `users` concurrent streams of `context` tokens."""
+    spec = load_preset(model)
+    as_precision(precision)
+    _check_workload(spec, context, users)
+    if system:
+        load_system(system)  # unknown names fail before any compile work
+    for name in compare:
+        load_gpu(name)
+    if not compare and not system:
+        raise OpenLPUError(f"nothing to plan: give --system and/or --compare ({', '.join(gpu_names())})")
+    rows = [lpu_row(spec, system, precision, context, users, assumptions)] if system else []
+    return rows + [gpu_row(spec, name, precision, context, users, assumptions) for name in compare]
+
+
+PLOT_METRICS = (("tokens_per_s_per_user", "tokens/s per user"), ("throughput_tokens_per_s", "tokens/s (system)"),
+                ("energy_per_token_j", "J per token"), ("usd_per_million_tokens", "$ per million tokens"),
+                ("capex_usd", "capex ($)"), ("chips", "chips / GPUs"))
+
+
+def plot(rows: list[PlanRow], path: str | Path, title: str) -> Path:
+    """A PNG of the rows: one panel per metric, one bar per system, log scales."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    names = [r.system for r in rows]
+    colours = ["#d2691e" if r.kind == "lpu" else "#4c8c2b" for r in rows]
+    for ax, (field, label) in zip(axes.flat, PLOT_METRICS):
+        values = [getattr(r, field) for r in rows]
+        bars = ax.bar(names, values, color=colours)
+        ax.set_yscale("log")
+        ax.set_title(label)
+        ax.bar_label(bars, labels=[f"{v:,.3g}" for v in values], fontsize=8)
+        ax.margins(y=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    try:
+        fig.savefig(path, dpi=110)
+    except OSError as e:
+        raise OpenLPUError(f"cannot write the plot to {str(path)!r}: {e.strerror}") from None
+    finally:
+        plt.close(fig)
+    return path

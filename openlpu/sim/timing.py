@@ -1,0 +1,88 @@
+"""Speed, utilisation and power read off a Program's static schedule (no separate formula).
+
+- per-token latency for one user = makespan of one decode step (token back at the embedding stage);
+- several users in flight: each occupies one stage at a time, so a new token per user comes every
+  max(makespan, users x busiest stage's occupancy) cycles;
+- TTFT = makespan of the prefill program, which ends by sampling the first token;
+- power per chip = idle + (busy - idle) x the fraction of cycles its functional units are busy.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from openlpu.compiler.program import PhaseSchedule, Program
+from openlpu.graph.ops import UNITS
+
+
+@dataclass(frozen=True)
+class LpuTiming:
+    chips: int
+    stages: int
+    tp: int
+    users: int
+    ttft_s: float
+    decode_latency_s: float  # one token step for one user
+    tokens_per_s_per_user: float  # with `users` in flight
+    throughput_tokens_per_s: float  # all users together
+    unit_utilisation: dict[str, float]  # busy fraction per unit class, over all chips, in steady state
+    link_utilisation: float  # bytes carried / (bandwidth x time), over the links the program uses
+    links_used: int
+    power_w: float  # chips plus node hosts, in steady state
+    energy_per_token_j: float
+    sram_used_bytes: int  # weights + KV + reserved activations, all chips
+    sram_used_fraction: float  # of the SRAM of the chips used
+    stage_occupancy_s: float  # the busiest stage's time per token
+
+
+def stage_occupancy_cycles(phase: PhaseSchedule) -> dict[int, int]:
+    """Cycles each stage holds one user's token: from its first op or incoming send to its last op or
+    outgoing send."""
+    first, last = {}, defaultdict(int)
+    for op in phase.ops:
+        first[op.stage] = min(first.get(op.stage, op.start_cycle), op.start_cycle)
+        last[op.stage] = max(last[op.stage], op.end_cycle)
+    return {s: last[s] - first[s] for s in first}
+
+
+def timing(program: Program) -> LpuTiming:
+    decode, clock = program.decode, program.system.chip.clock_hz
+    users, chips = program.workload.users, program.chips
+    occupancy = stage_occupancy_cycles(decode)
+    period = max(decode.makespan_cycles, users * max(occupancy.values()))  # cycles between a user's tokens
+    busy = defaultdict(float)
+    for op in decode.ops:
+        busy[op.unit] += (op.end_cycle - op.start_cycle) * len(program.placement.stages[op.stage].chips)
+    # in steady state every user's step runs once per period
+    unit_utilisation = {u: users * busy[u] / (chips * period) for u in UNITS}
+    chip_busy = defaultdict(float)
+    for stage in program.placement.stages:
+        spans = sorted((o.start_cycle, o.end_cycle) for o in decode.ops if o.stage == stage.index)
+        covered, reach = 0, -1
+        for s, e in spans:  # cycles with at least one unit busy
+            covered += max(0, e - max(s, reach))
+            reach = max(reach, e)
+        chip_busy[stage.index] = min(1.0, users * covered / period)
+    chip = program.system.chip
+    chip_power = sum((chip.idle_power_w + (chip.busy_power_w - chip.idle_power_w) * chip_busy[s.index]) * len(s.chips)
+                     for s in program.placement.stages)
+    nodes = len({program.system.node_of(c) for c in program.placement.chips})
+    power = chip_power + nodes * program.system.node.host_power_w
+    carried = defaultdict(float)
+    for t in decode.transfers:
+        for a, b, nbytes in t.links:
+            carried[(a, b)] += nbytes
+    link_capacity = sum(program.system.links[program.system.link_kind(a, b)].bandwidth_bytes_per_s
+                        for a, b in carried) * period / clock
+    sram = sum(sh.nbytes for sh in program.placement.shards) + sum(
+        (s.kv_bytes_per_chip + s.activation_bytes_per_chip) * len(s.chips) for s in program.placement.stages)
+    throughput = users * clock / period
+    return LpuTiming(
+        chips=chips, stages=len(program.placement.stages), tp=program.placement.tp, users=users,
+        ttft_s=program.prefill.makespan_cycles / clock, decode_latency_s=decode.makespan_cycles / clock,
+        tokens_per_s_per_user=clock / period, throughput_tokens_per_s=throughput,
+        unit_utilisation=unit_utilisation,
+        link_utilisation=users * sum(carried.values()) / link_capacity if carried else 0.0, links_used=len(carried),
+        power_w=power, energy_per_token_j=power / throughput, sram_used_bytes=sram,
+        sram_used_fraction=sram / (chips * chip.sram_bytes), stage_occupancy_s=max(occupancy.values()) / clock)

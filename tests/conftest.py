@@ -1,0 +1,22 @@
+"""Shared pytest fixtures."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def gemma_path() -> Path:
+    """The embedded Gemma 3 270M GGUF (assembled into the user's cache on first use)."""
+    from openlpu.models.embedded import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def llamacpp_reference() -> dict:
+    """llama.cpp's outputs on the embedded model (see fixtures/make_llamacpp_reference.py)."""
+    return json.loads((FIXTURES / "gemma-3-270m-llamacpp.json").read_text())

@@ -1,0 +1,280 @@
+"""GGUF reading: our header parser and dequantisation against gguf.GGUFReader (a second parser),
+the ModelSpec from metadata against the preset (an independent source) and published configs,
+and every malformed-input case."""
+
+import dataclasses
+import struct
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QType
+
+from openlpu.errors import OpenLPUError
+from openlpu.models.gguf import (load_tensor, load_weights, raw_tensor, read_header,
+                                 spec_from_gguf)
+from openlpu.models.spec import ModelSpec, load_preset
+
+REAL_TENSORS = ["token_embd.weight", "blk.0.attn_q.weight", "blk.0.attn_output.weight",
+                "blk.1.ffn_down.weight", "blk.17.ffn_up.weight", "blk.5.attn_norm.weight"]
+
+
+@pytest.fixture(scope="module")
+def header(gemma_path):
+    return read_header(gemma_path)
+
+
+@pytest.fixture(scope="module")
+def reference_reader(gemma_path):
+    return gguf.GGUFReader(gemma_path)  # slow (~15 s) but independent of our parser
+
+
+# ---- the embedded model ---------------------------------------------------------------------
+def test_header_matches_gguf_reader(header, reference_reader):
+    ref = {t.name: t for t in reference_reader.tensors}
+    assert set(header.tensors) == set(ref)
+    for name, info in header.tensors.items():
+        assert info.offset_bytes == ref[name].data_offset, name
+        assert info.ggml_type == ref[name].tensor_type.name, name
+        assert info.shape == tuple(int(d) for d in reversed(ref[name].shape)), name
+        assert info.nbytes == ref[name].n_bytes, name
+    for key in ("gemma3.embedding_length", "gemma3.rope.freq_base", "tokenizer.ggml.add_bos_token"):
+        assert header.metadata[key] == reference_reader.fields[key].contents()
+    tokens = reference_reader.fields["tokenizer.ggml.tokens"].contents()
+    assert header.metadata["tokenizer.ggml.tokens"] == tokens
+
+
+def test_dequantized_tensors_match_gguf_reader(header, reference_reader):
+    ref = {t.name: t for t in reference_reader.tensors}
+    types_seen = set()
+    for name in REAL_TENSORS:
+        expected = gguf.quants.dequantize(ref[name].data, ref[name].tensor_type)
+        ours = load_tensor(header, name)
+        assert ours.dtype == np.float32 and ours.shape == header.tensors[name].shape
+        np.testing.assert_array_equal(ours, expected.reshape(ours.shape))
+        types_seen.add(header.tensors[name].ggml_type)
+    assert types_seen >= {"Q8_0", "Q5_0", "Q4_K", "Q6_K", "F32"}
+
+
+def test_tensor_regions_are_aligned_disjoint_and_fill_the_data_section(header):
+    regions = sorted((t.offset_bytes, t.nbytes) for t in header.tensors.values())
+    for (start, size), (next_start, _) in zip(regions, regions[1:]):
+        assert start % 32 == 0 and start + size <= next_start
+    assert regions[-1][0] + regions[-1][1] == header.file_size_bytes
+
+
+def test_spec_from_gguf_equals_the_preset(gemma_path):
+    ours, preset = spec_from_gguf(gemma_path), load_preset("gemma-3-270m")
+    differing = [f.name for f in dataclasses.fields(ModelSpec)
+                 if f.name not in ("name", "source", "extra")
+                 and getattr(ours, f.name) != getattr(preset, f.name)]
+    assert differing == []
+    assert ours.name == preset.name
+
+
+def test_load_weights_matches_the_spec_and_removes_the_norm_shift(gemma_path, header):
+    spec = spec_from_gguf(gemma_path)
+    weights = load_weights(gemma_path, spec)
+    assert {n: tuple(w.shape) for n, w in weights.items()} == spec.tensor_shapes()
+    stored = load_tensor(header, "blk.0.attn_norm.weight")  # llama.cpp stored w + 1
+    np.testing.assert_array_equal(weights["blk.0.attn_norm.weight"].numpy(), stored - 1.0)
+    np.testing.assert_array_equal(weights["blk.0.attn_q.weight"].numpy(),
+                                  load_tensor(header, "blk.0.attn_q.weight"))
+
+
+def test_raw_tensor_rows_are_whole_blocks(header):
+    ggml_type, blocks = raw_tensor(header, "blk.0.attn_q.weight")
+    block_elems, block_bytes = gguf.GGML_QUANT_SIZES[QType[ggml_type]]
+    rows, cols = header.tensors["blk.0.attn_q.weight"].shape
+    assert blocks.shape == (rows, cols // block_elems * block_bytes)
+
+
+# ---- synthetic files written by gguf.GGUFWriter ---------------------------------------------
+def write_gguf(path, arch, metadata, tensors):
+    """tensors: name -> float32 array (written F32) or (QType, raw uint8 block array)."""
+    writer = gguf.GGUFWriter(path, arch)
+    for key, value in metadata.items():
+        writer.add_key_value(key, value, _value_type(value))
+    for name, tensor in tensors.items():
+        if isinstance(tensor, tuple):
+            writer.add_tensor(name, tensor[1], raw_dtype=tensor[0])
+        else:
+            writer.add_tensor(name, tensor)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _value_type(value):
+    table = {bool: gguf.GGUFValueType.BOOL, int: gguf.GGUFValueType.UINT32,
+             float: gguf.GGUFValueType.FLOAT32, str: gguf.GGUFValueType.STRING}
+    return table[type(value)] if not isinstance(value, list) else gguf.GGUFValueType.ARRAY
+
+
+def arch_metadata(arch, **fields):
+    keys = {"d_model": "embedding_length", "n_layers": "block_count", "d_ff": "feed_forward_length",
+            "n_heads": "attention.head_count", "n_kv_heads": "attention.head_count_kv",
+            "context_length": "context_length", "norm_eps": "attention.layer_norm_rms_epsilon",
+            "rope_base": "rope.freq_base", "head_dim": "attention.key_length",
+            "sliding_window": "attention.sliding_window", "n_experts": "expert_count",
+            "n_experts_per_token": "expert_used_count", "vocab_size": "vocab_size",
+            "attn_softcap": "attn_logit_softcapping", "final_softcap": "final_logit_softcapping"}
+    return {f"{arch}.{keys[k]}": v for k, v in fields.items()}
+
+
+TINY = dict(d_model=64, n_layers=2, d_ff=128, n_heads=2, n_kv_heads=1, context_length=128,
+            norm_eps=1e-6, rope_base=10000.0, vocab_size=32)
+
+
+def tiny_tensors(spec, rng):
+    return {n: rng.standard_normal(s).astype(np.float32) for n, s in spec.tensor_shapes().items()}
+
+
+def test_every_tensor_type_dequantizes_like_gguf_reader(tmp_path, gemma_path, header):
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((8, 256)).astype(np.float32)
+    tensors = {f"w.{t}": (QType[t], gguf.quants.quantize(values, QType[t]))
+               for t in ("Q8_0", "Q5_0", "Q4_0", "BF16")}
+    tensors["w.F16"] = values.astype(np.float16)
+    tensors["w.F32"] = values
+    for name in ("blk.0.attn_output.weight", "blk.0.ffn_down.weight"):  # K-quants: real blocks
+        ggml_type, blocks = raw_tensor(header, name)
+        tensors[f"w.{ggml_type}"] = (QType[ggml_type], np.array(blocks))
+    assert {"w.Q4_K", "w.Q6_K"} <= set(tensors)
+    path = write_gguf(tmp_path / "types.gguf", "llama", {}, tensors)
+    reader = gguf.GGUFReader(path)
+    for t in reader.tensors:
+        expected = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        ours = load_tensor(path, t.name)
+        np.testing.assert_array_equal(ours, expected.reshape(ours.shape))
+        if t.name in ("w.Q8_0", "w.BF16", "w.F16", "w.F32"):  # fine types: close to the source
+            np.testing.assert_allclose(ours, values, atol=0.05)
+    np.testing.assert_array_equal(load_tensor(path, "w.Q4_K"),
+                                  load_tensor(header, "blk.0.attn_output.weight"))
+
+
+# Published configs (Hugging Face config.json of each model) written as GGUF metadata the way
+# llama.cpp's converter does; the spec must come back with the family's conventions.
+def test_mixtral_is_llama_arch_with_experts(tmp_path):
+    # mistralai/Mixtral-8x7B-v0.1 config.json
+    meta = arch_metadata("llama", d_model=4096, n_layers=32, d_ff=14336, n_heads=32, n_kv_heads=8,
+                         context_length=32768, norm_eps=1e-5, rope_base=1e6, n_experts=8,
+                         n_experts_per_token=2, vocab_size=32000)
+    spec = spec_from_gguf(write_gguf(tmp_path / "m.gguf", "llama", meta, {}))
+    assert (spec.family, spec.head_dim, spec.n_experts, spec.n_experts_per_token) == \
+        ("mixtral", 128, 8, 2)
+    assert spec.activation == "silu" and spec.attn_scale == pytest.approx(128 ** -0.5)
+    assert spec.param_count() == pytest.approx(46.7e9, rel=0.01)  # Mistral AI: 46.7B total
+
+
+def test_gemma2_defaults_come_from_the_architecture_table(tmp_path):
+    # google/gemma-2-2b config.json: query_pre_attn_scalar 256, softcaps 50 / 30
+    meta = arch_metadata("gemma2", d_model=2304, n_layers=26, d_ff=9216, n_heads=8, n_kv_heads=4,
+                         head_dim=256, context_length=8192, norm_eps=1e-6, rope_base=10000.0,
+                         sliding_window=4096, attn_softcap=50.0, final_softcap=30.0,
+                         vocab_size=256000)
+    spec = spec_from_gguf(write_gguf(tmp_path / "g2.gguf", "gemma2", meta, {}))
+    assert spec.layer_kinds[:4] == ("local", "global", "local", "global")
+    assert spec.attn_scale == pytest.approx(256 ** -0.5)
+    assert (spec.attn_logit_softcap, spec.final_logit_softcap) == (50.0, 30.0)
+    assert spec.embed_scale == pytest.approx(2304 ** 0.5) and spec.norm_weight_offset == 1.0
+    assert spec.tie_embeddings and spec.post_norms and spec.activation == "gelu_tanh"
+
+
+@pytest.mark.parametrize("arch, flag", [("qwen2", "qkv_bias"), ("qwen3", "qk_norm")])
+def test_qwen_flags(tmp_path, arch, flag):
+    spec = spec_from_gguf(write_gguf(tmp_path / "q.gguf", arch, arch_metadata(arch, **TINY), {}))
+    assert getattr(spec, flag) and spec.family == arch
+
+
+def test_load_weights_round_trips_and_unshifts_gemma_norms(tmp_path):
+    meta = arch_metadata("gemma3", head_dim=32, sliding_window=16, **TINY)
+    spec = spec_from_gguf(write_gguf(tmp_path / "s.gguf", "gemma3", meta, {}))
+    weights = tiny_tensors(spec, np.random.default_rng(1))
+    stored = {n: w + 1.0 if n.endswith("norm.weight") else w for n, w in weights.items()}
+    path = write_gguf(tmp_path / "g3.gguf", "gemma3", meta, stored)
+    loaded = load_weights(path, spec_from_gguf(path))
+    for name, w in weights.items():
+        np.testing.assert_allclose(loaded[name].numpy(), w, atol=1e-6, err_msg=name)
+
+
+# ---- malformed input ------------------------------------------------------------------------
+def tiny_llama(tmp_path, drop=None, reshape=None, extra=None):
+    meta = arch_metadata("llama", **TINY)
+    spec = spec_from_gguf(write_gguf(tmp_path / "meta.gguf", "llama", meta, {}))
+    tensors = tiny_tensors(spec, np.random.default_rng(2))
+    tensors.pop(drop, None)
+    if reshape:
+        tensors[reshape] = np.zeros((3, 5), np.float32)
+    tensors.update(extra or {})
+    return write_gguf(tmp_path / "tiny.gguf", "llama", meta, tensors), spec
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(drop="blk.1.attn_k.weight"), "missing blk.1.attn_k.weight"),
+    (dict(reshape="blk.0.ffn_up.weight"), "blk.0.ffn_up.weight has shape (3, 5)"),
+    (dict(extra={"blk.0.mystery.weight": np.zeros(4, np.float32)}), "unexpected blk.0.mystery"),
+])
+def test_load_weights_names_the_mismatched_tensor(tmp_path, change, message):
+    path, spec = tiny_llama(tmp_path, **change)
+    with pytest.raises(OpenLPUError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_weights(path, spec)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(OpenLPUError, match="not found"):
+        read_header(tmp_path / "nope.gguf")
+
+
+def test_not_a_gguf(tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"PK\x03\x04 this is a zip, not a model" * 10)
+    with pytest.raises(OpenLPUError, match="not a GGUF file"):
+        read_header(path)
+
+
+@pytest.mark.parametrize("keep_bytes", [30, 3_000_000, 7_000_000])  # KV, tokens, tensor data
+def test_truncated_file(tmp_path, gemma_path, keep_bytes):
+    path = tmp_path / "cut.gguf"
+    with open(gemma_path, "rb") as f:
+        path.write_bytes(f.read(keep_bytes))
+    with pytest.raises(OpenLPUError, match="truncated"):
+        read_header(path)
+
+
+def test_corrupt_value_type(tmp_path):
+    path = tmp_path / "bad.gguf"
+    key = b"general.architecture"
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key
+                     + struct.pack("<I", 99))
+    with pytest.raises(OpenLPUError, match="unknown value type 99"):
+        read_header(path)
+
+
+def test_unsupported_version(tmp_path):
+    path = tmp_path / "v1.gguf"
+    path.write_bytes(b"GGUF" + struct.pack("<III", 1, 0, 0))
+    with pytest.raises(OpenLPUError, match="version 1 not supported"):
+        read_header(path)
+
+
+def test_unsupported_architecture(tmp_path):
+    path = write_gguf(tmp_path / "gpt2.gguf", "gpt2", arch_metadata("gpt2", **TINY), {})
+    with pytest.raises(OpenLPUError, match="architecture 'gpt2' is not supported"):
+        spec_from_gguf(path)
+
+
+def test_unsupported_tensor_type(tmp_path):
+    block_elems, block_bytes = gguf.GGML_QUANT_SIZES[QType.IQ2_XXS]
+    raw = np.zeros((2, block_bytes), np.uint8)
+    path = write_gguf(tmp_path / "iq.gguf", "llama", {}, {"w": (QType.IQ2_XXS, raw)})
+    assert read_header(path).tensors["w"].shape == (2, block_elems)
+    with pytest.raises(OpenLPUError, match="type IQ2_XXS, which OpenLPU cannot dequantize"):
+        load_tensor(path, "w")
+
+
+def test_unknown_tensor_name(gemma_path):
+    with pytest.raises(OpenLPUError, match="no tensor named 'blk.99.attn_q.weight'"):
+        load_tensor(gemma_path, "blk.99.attn_q.weight")

@@ -1,0 +1,80 @@
+"""`openlpu plan`: the LPU and GPU rows side by side, their JSON and plot, and every bad input as one
+line with exit status 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from openlpu.hardware.gpu import load_gpu
+from openlpu.models.spec import load_preset
+from openlpu.sim.cost import CostAssumptions, cost, gpu_capex
+from openlpu.sim.gpu import gpus_needed
+from openlpu.sim.plan import plan
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "openlpu.cli", "plan", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def llama70_rows():
+    return plan("llama-2-70b", compare=("h100-sxm",), precision="int8", context=4096, users=1)
+
+
+def test_lpu_is_faster_per_user_than_h100_as_published(llama70_rows):
+    """LLMPerf leaderboard (Jan 2024), Llama-2-70B: Groq 185 tok/s per request against 40-66 for the
+    GPU providers: the LPU row must be several times faster per user than the H100 row."""
+    lpu, h100 = llama70_rows
+    assert (lpu.kind, h100.kind) == ("lpu", "gpu")
+    assert lpu.tokens_per_s_per_user > 2.5 * h100.tokens_per_s_per_user
+    assert lpu.chips > 300  # 70 GB of int8 weights in 230 MB chips: hundreds of chips
+    assert lpu.capex_usd > 10 * h100.capex_usd  # the critiques' point: tens of times the hardware
+
+
+def test_rows_are_self_consistent(llama70_rows):
+    for r in llama70_rows:
+        assert r.energy_per_token_j == pytest.approx(r.power_w / r.throughput_tokens_per_s)
+        assert 0 < r.memory_used_fraction <= 1
+    h100 = llama70_rows[1]
+    spec, gpu = load_preset("llama-2-70b"), load_gpu("h100-sxm")
+    assert h100.chips == gpus_needed(spec, gpu, "int8", 4096, 1)
+    expected = cost(gpu_capex(gpu, h100.chips), h100.power_w, h100.throughput_tokens_per_s, CostAssumptions())
+    assert h100.usd_per_million_tokens == pytest.approx(expected.usd_per_million_tokens)
+
+
+def test_more_users_raise_throughput_on_the_gpu():
+    one, = plan("llama-3-8b", system="", compare=("h100-sxm",), context=2048, users=1)
+    many, = plan("llama-3-8b", system="", compare=("h100-sxm",), context=2048, users=16)
+    assert many.throughput_tokens_per_s > 8 * one.throughput_tokens_per_s  # decode is bandwidth-bound
+    assert many.tokens_per_s_per_user < one.tokens_per_s_per_user
+
+
+def test_cli_json_and_plot(tmp_path):
+    png = tmp_path / "plan.png"
+    r = run_cli("llama-3-8b", "--system", "", "--compare", "h100-sxm", "--compare", "a100-80gb",
+                "--context", "2048", "--json", "--plot", str(png))
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [x["system"] for x in rows] == ["h100-sxm", "a100-80gb"]
+    assert rows[0]["tokens_per_s_per_user"] > rows[1]["tokens_per_s_per_user"]  # 3.35 vs 2.04 TB/s
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args, says", [
+    (["llama-2-7"], "did you mean llama-2-7b"),
+    (["llama-2-70b", "--system", "lpu-v2x"], "unknown LPU system"),
+    (["llama-2-70b", "--compare", "h100"], "did you mean"),
+    (["llama-2-70b", "--precision", "fp5"], "unknown precision"),
+    (["llama-2-70b", "--context", "100000"], "context window"),
+    (["llama-2-70b", "--context", "0"], "positive"),
+    (["llama-2-70b", "--users", "-3"], "positive"),
+    (["llama-2-70b", "--system", "", "--users", "10000000"], "GPUs hold"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, says):
+    r = run_cli(*args)
+    assert r.returncode == 2
+    assert says in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -1,0 +1,115 @@
+"""Presets: parameter counts against published figures, and each preset against its HF config."""
+
+import json
+
+import pytest
+
+from openlpu.models.hf import spec_from_hf_config
+from openlpu.models.spec import PRESETS_DIR, load_preset, preset_names
+
+HUB = "Hugging Face Hub parameter count (safetensors metadata) shown on {}"
+# name -> (published total parameters, source). Checked within 1%.
+PUBLISHED_TOTALS = {
+    "llama-2-7b": (6.74e9, HUB.format("meta-llama/Llama-2-7b-hf")),
+    "llama-2-70b": (69.0e9, HUB.format("meta-llama/Llama-2-70b-hf")),
+    "llama-3-8b": (8.03e9, HUB.format("meta-llama/Meta-Llama-3-8B")),
+    "llama-3-70b": (70.6e9, HUB.format("meta-llama/Meta-Llama-3-70B")),
+    "llama-3.1-8b": (8.03e9, HUB.format("meta-llama/Llama-3.1-8B")),
+    "llama-3.1-70b": (70.6e9, HUB.format("meta-llama/Llama-3.1-70B")),
+    "llama-3.1-405b": (405e9, "The Llama 3 Herd of Models (arXiv:2407.21783), Table 3: 405B"),
+    "llama-3.2-1b": (1.23e9, "Llama 3.2 model card (meta-llama/llama-models), Params column: 1.23B"),
+    "llama-3.2-3b": (3.21e9, "Llama 3.2 model card (meta-llama/llama-models), Params column: 3.21B"),
+    "llama-3.3-70b": (70.6e9, HUB.format("meta-llama/Llama-3.3-70B-Instruct")),
+    "mixtral-8x7b": (46.7e9, "Mistral AI, 'Mixtral of experts' (mistral.ai/news/mixtral-of-experts): "
+                             "46.7B total parameters"),
+    "mistral-7b": (7.24e9, HUB.format("mistralai/Mistral-7B-v0.1")),
+    "gemma-7b": (786_825_216 + 7_751_248_896, "Gemma (arXiv:2403.08295) Table 2: embedding + "
+                                              "non-embedding parameters, 7B"),
+    "gemma-2-9b": (917_962_752 + 8_324_201_984, "Gemma 2 (arXiv:2408.00118) Table 2: embedding + "
+                                                "non-embedding parameters, 9B"),
+    "gemma-3-1b": (302e6 + 698e6, "Gemma 3 technical report (arXiv:2503.19786) Table 1: 1B = 302M "
+                                  "embedding + 698M non-embedding"),
+    "gemma-3-270m": (270e6, "Google Developers Blog, 'Introducing Gemma 3 270M': 170M embedding + "
+                            "100M transformer-block parameters"),
+    "qwen2.5-7b": (7.61e9, "Qwen/Qwen2.5-7B-Instruct model card: Number of Parameters 7.61B"),
+    "qwen2.5-72b": (72.7e9, "Qwen/Qwen2.5-72B-Instruct model card: Number of Parameters 72.7B"),
+    "qwen3-8b": (8.2e9, "Qwen/Qwen3-8B model card: Number of Parameters 8.2B"),
+}
+
+# Exact non-embedding counts where the papers publish them (the embedding rows differ only by
+# padding of the vocabulary: Gemma's papers count 256,128 rows, the HF config has 256,000).
+PUBLISHED_NON_EMBEDDING = {
+    "gemma-7b": (7_751_248_896, "Gemma (arXiv:2403.08295) Table 2"),
+    "gemma-2-9b": (8_324_201_984, "Gemma 2 (arXiv:2408.00118) Table 2"),
+}
+
+# Non-embedding counts the Qwen model cards publish (embedding and untied LM head excluded).
+QWEN_NON_EMBEDDING = {
+    "qwen2.5-7b": (6.53e9, "Qwen/Qwen2.5-7B-Instruct model card: Non-Embedding 6.53B"),
+    "qwen2.5-72b": (70.0e9, "Qwen/Qwen2.5-72B-Instruct model card: Non-Embedding 70.0B"),
+    "qwen3-8b": (6.95e9, "Qwen/Qwen3-8B model card: Non-Embedding 6.95B"),
+}
+
+
+def test_every_preset_has_a_published_count():
+    assert set(PUBLISHED_TOTALS) == set(preset_names())
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_TOTALS))
+def test_param_count_matches_published_total(name):
+    published, source = PUBLISHED_TOTALS[name]
+    counted = load_preset(name).param_count()
+    assert counted == pytest.approx(published, rel=0.01), source
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_NON_EMBEDDING))
+def test_gemma_non_embedding_count_is_exact(name):
+    published, source = PUBLISHED_NON_EMBEDDING[name]
+    s = load_preset(name)
+    assert s.param_count() - s.vocab_size * s.d_model == published, source
+
+
+@pytest.mark.parametrize("name", sorted(QWEN_NON_EMBEDDING))
+def test_qwen_non_embedding_count(name):
+    published, source = QWEN_NON_EMBEDDING[name]
+    s = load_preset(name)
+    assert s.param_count() - 2 * s.vocab_size * s.d_model == pytest.approx(published, rel=0.005), source
+
+
+def test_mixtral_active_parameters():
+    # "Mixtral has 46.7B total parameters but only uses 12.9B parameters per token"
+    # (Mistral AI, 'Mixtral of experts', mistral.ai/news/mixtral-of-experts)
+    s = load_preset("mixtral-8x7b")
+    assert s.active_param_count() == pytest.approx(12.9e9, rel=0.01)
+    assert s.param_count() == pytest.approx(46.7e9, rel=0.01)
+
+
+def _raw(name: str) -> dict:
+    return json.loads((PRESETS_DIR / f"{name}.json").read_text())
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(PUBLISHED_TOTALS)
+                                  if "hf_config" in _raw(n).get("$source_notes", {})])
+def test_preset_equals_its_hf_config(name):
+    """Each preset is what spec_from_hf_config makes of the HF config.json fields it quotes."""
+    from_hf = spec_from_hf_config(_raw(name)["$source_notes"]["hf_config"], name=name).to_dict()
+    preset = load_preset(name).to_dict()
+    for d in (from_hf, preset):
+        d.pop("source")
+    assert from_hf == preset
+
+
+def test_family_specific_facts():
+    # Mistral 7B v0.1: every layer uses a 4096-token sliding window (arXiv:2310.06825, Table 1)
+    m = load_preset("mistral-7b")
+    assert m.sliding_window == 4096 and set(m.layer_kinds) == {"local"}
+    # Gemma 2: local and global attention alternate, local first; softcaps 50 / 30 (arXiv:2408.00118 §2)
+    g = load_preset("gemma-2-9b")
+    assert g.layer_kinds[:4] == ("local", "global", "local", "global")
+    assert (g.attn_logit_softcap, g.final_logit_softcap) == (50.0, 30.0)
+    # Gemma 3: five local layers for each global one (arXiv:2503.19786 §2.1)
+    g3 = load_preset("gemma-3-1b")
+    assert [i for i, k in enumerate(g3.layer_kinds) if k == "global"] == [5, 11, 17, 23]
+    # Llama 3.1 extends the context to 128K with its rope scaling; Llama 3 did not
+    assert load_preset("llama-3.1-8b").rope_scaling.factor == 8.0
+    assert load_preset("llama-3-8b").rope_scaling is None

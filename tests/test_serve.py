@@ -1,0 +1,288 @@
+"""The GroqCloud twin driven by the official `groq` and `openai` SDKs against a real uvicorn
+server running the real embedded engine (one server for the whole module)."""
+
+import concurrent.futures
+import re
+import time
+
+import groq
+import httpx
+import openai
+import pytest
+
+from openlpu.serve.app import ServeSettings, create_app, running_server
+from openlpu.serve.ratelimit import KeyLimits
+
+KEY, TIGHT_KEY = "test-key", "tight-key"
+TIGHT_TPM = 600  # 10 tokens per second: small enough to hit, quick enough to wait out
+MAX_QUEUE = 2
+SHORT = 8  # completion tokens per request: keeps the module fast on a small CPU
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from openlpu.runtime.engine import Engine
+
+    return Engine.load()
+
+
+@pytest.fixture(scope="module")
+def app(engine):
+    settings = ServeSettings(api_keys={KEY: KeyLimits(), TIGHT_KEY: KeyLimits(tokens_per_minute=TIGHT_TPM)},
+                             max_queue=MAX_QUEUE)
+    return create_app(engine, settings)
+
+
+@pytest.fixture(scope="module")
+def base_url(app):
+    with running_server(app) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def model(engine):
+    return engine.model_name
+
+
+@pytest.fixture()
+def client(base_url):
+    return groq.Groq(base_url=base_url, api_key=KEY, max_retries=0)
+
+
+def ask(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def metric(base_url: str, name: str, labels: str = "") -> float:
+    """Sum of a Prometheus metric's samples from /metrics: all label sets, or those containing
+    `labels` (e.g. 'le="1.0"')."""
+    text = httpx.get(base_url + "/metrics").text
+    pattern = rf"^{re.escape(name)}(?:{{([^}}]*)}})? (\S+)$"
+    return sum(float(m.group(2)) for m in re.finditer(pattern, text, re.M) if labels in (m.group(1) or ""))
+
+
+# ---- the happy paths ------------------------------------------------------------------------
+def test_models_list_and_detail(client, engine, model):
+    listed = client.models.list()
+    assert [m.id for m in listed.data] == [model]
+    card = listed.data[0]
+    assert card.object == "model" and card.context_window == engine.context_length and card.active
+    detail = client.models.retrieve(model)
+    assert detail.id == model and detail.model_extra["max_completion_tokens"] == engine.context_length
+
+
+def test_chat_completion_shape_and_host_timings(client, engine, model):
+    prompt = ask("Name three colours.")
+    r = client.chat.completions.create(model=model, messages=prompt, max_completion_tokens=SHORT,
+                                       temperature=0, seed=7)
+    assert r.id.startswith("chatcmpl-") and r.x_groq.id.startswith("req_") and r.x_groq.seed == 7
+    assert r.object == "chat.completion" and r.model == model and r.system_fingerprint.startswith("fp_")
+    choice = r.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    # the prompt count is the chat-formatted conversation, as the engine's own tokenizer counts it
+    from openlpu.serve.chat_format import prompt_ids
+
+    u = r.usage
+    assert u.prompt_tokens == len(prompt_ids(engine.tokenizer, [("user", "Name three colours.")]))
+    assert 1 <= u.completion_tokens <= SHORT and u.total_tokens == u.prompt_tokens + u.completion_tokens
+    assert choice.finish_reason == "stop" or u.completion_tokens == SHORT
+    assert min(u.queue_time, u.prompt_time, u.completion_time) >= 0 and u.prompt_time > 0
+    assert u.total_time == pytest.approx(u.prompt_time + u.completion_time)
+    assert "x_openlpu" not in r.model_extra  # no Program in use: no simulated figures
+    # the same greedy request gives the same text (a fresh decode, not a cache)
+    again = client.chat.completions.create(model=model, messages=prompt, max_completion_tokens=SHORT,
+                                           temperature=0, seed=7)
+    assert again.choices[0].message.content == choice.message.content
+
+
+def test_stream_reassembles_to_the_plain_response(client, model):
+    kwargs = dict(model=model, messages=ask("Write a haiku about the sea."), max_completion_tokens=SHORT,
+                  temperature=0, seed=11)
+    plain = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    first, last = chunks[0], chunks[-1]
+    assert first.choices[0].delta.role == "assistant" and first.x_groq.id.startswith("req_")
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+    assert last.choices[0].finish_reason == plain.choices[0].finish_reason
+    assert last.x_groq.usage.completion_tokens == plain.usage.completion_tokens
+    assert len({c.id for c in chunks}) == 1 and chunks[0].object == "chat.completion.chunk"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == plain.choices[0].message.content
+
+
+def test_openai_sdk_with_usage_chunk(base_url, model):
+    client = openai.OpenAI(base_url=base_url + "/openai/v1", api_key=KEY, max_retries=0)
+    r = client.chat.completions.create(model=model, messages=ask("Hi"), max_tokens=SHORT, temperature=0)
+    assert r.choices[0].message.content is not None and r.usage.completion_tokens >= 1
+    chunks = list(client.chat.completions.create(model=model, messages=ask("Hi"), max_tokens=SHORT,
+                                                 temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == r.choices[0].message.content
+
+
+def test_stop_sequence_ends_the_text_before_it(client, model):
+    kwargs = dict(model=model, messages=ask("Count from 1 to 20, separated by commas."), temperature=0,
+                  max_completion_tokens=24)
+    free = client.chat.completions.create(**kwargs).choices[0].message.content
+    if "," not in free:
+        pytest.skip(f"the model wrote no comma to stop at: {free!r}")
+    stopped = client.chat.completions.create(stop=[","], **kwargs).choices[0]
+    assert stopped.message.content == free.split(",")[0] and stopped.finish_reason == "stop"
+
+
+def test_parallel_streams_match_sequential_runs(base_url, client, model):
+    prompts = [f"Tell me one fact about the number {i}." for i in range(8)]
+
+    def run(prompt, stream):
+        kwargs = dict(model=model, messages=ask(prompt), max_completion_tokens=SHORT, temperature=0, seed=1)
+        if not stream:
+            return client.chat.completions.create(**kwargs).choices[0].message.content
+        return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kwargs))
+
+    def batched_steps():  # engine steps that decoded more than one sequence
+        return (metric(base_url, "openlpu_engine_batch_size_count")
+                - metric(base_url, "openlpu_engine_batch_size_bucket", 'le="1.0"'))
+
+    sequential = [run(p, stream=False) for p in prompts]
+    before = batched_steps()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        parallel = list(pool.map(lambda p: run(p, stream=True), prompts))
+    assert parallel == sequential
+    assert batched_steps() > before  # they really ran together
+
+
+def test_metrics_count_what_the_responses_report(base_url, client, model):
+    before = metric(base_url, "openlpu_completion_tokens_total")
+    r = client.chat.completions.create(model=model, messages=ask("Hello"), max_completion_tokens=SHORT)
+    after = metric(base_url, "openlpu_completion_tokens_total")
+    assert after - before == r.usage.completion_tokens
+    text = httpx.get(base_url + "/metrics").text
+    for name in ("openlpu_requests_total", "openlpu_queue_depth", "openlpu_time_to_first_token_seconds_bucket",
+                 "openlpu_inter_token_seconds_bucket", "openlpu_request_seconds_bucket"):
+        assert name in text
+    health = httpx.get(base_url + "/health").json()
+    assert health["status"] == "ok" and health["model"] == model
+
+
+# ---- errors -----------------------------------------------------------------------------------
+def test_each_error_class_with_its_status(base_url, client, engine, model):
+    cases = [
+        (dict(model="no-such-model"), groq.NotFoundError, "model_not_found"),
+        (dict(n=2), groq.BadRequestError, None),
+        (dict(temperature=9), groq.BadRequestError, None),
+        (dict(max_completion_tokens=10**9), groq.BadRequestError, None),
+        (dict(max_completion_tokens=engine.context_length), groq.BadRequestError, "context_length_exceeded"),
+        (dict(messages=[]), groq.BadRequestError, None),
+        (dict(messages=[{"role": "wizard", "content": "x"}]), groq.BadRequestError, None),
+        (dict(extra_body={"logit_bias": {"1": 2}}), groq.BadRequestError, None),
+        (dict(extra_body={"mystery_field": 1}), groq.BadRequestError, None),
+    ]
+    for change, error, code in cases:
+        kwargs = {"model": model, "messages": ask("hi"), "max_completion_tokens": 2, **change}
+        with pytest.raises(error) as e:
+            client.chat.completions.create(**kwargs)
+        body = e.value.body
+        assert set(body) == {"message", "type", "param", "code"} and body["message"], change
+        if code:
+            assert body["code"] == code
+    with pytest.raises(groq.NotFoundError) as e:
+        client.models.retrieve("no-such-model")
+    assert e.value.body["message"] == "The model `no-such-model` does not exist or you do not have access to it."
+
+
+def test_auth_is_required_when_keys_are_set(base_url, model):
+    for key in ("wrong-key",):
+        with pytest.raises(groq.AuthenticationError) as e:
+            groq.Groq(base_url=base_url, api_key=key, max_retries=0).models.list()
+        assert e.value.status_code == 401 and e.value.body["message"] == "Invalid API Key"
+    r = httpx.post(base_url + "/openai/v1/chat/completions", json={"model": model, "messages": ask("hi")})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_raw_protocol_errors_keep_the_server_up(base_url, model):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    url = base_url + "/openai/v1/chat/completions"
+    r = httpx.post(url, headers=auth, content=b"{this is not json")
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(url, headers=auth, content=b"x" * (ServeSettings().max_body_bytes + 1))
+    assert r.status_code == 413 and "error" in r.json()
+    r = httpx.post(url, headers=auth, json={"model": model, "messages": ask("x " * 40_000)})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert r.json()["error"]["param"] == "messages"
+    r = httpx.get(base_url + "/openai/v1/nowhere", headers=auth)
+    assert r.status_code == 404 and "error" in r.json()
+    ok = httpx.post(url, headers=auth, json={"model": model, "messages": ask("hi"), "max_tokens": 2})
+    assert ok.status_code == 200
+    for header in ("x-ratelimit-limit-requests", "x-ratelimit-limit-tokens", "x-ratelimit-remaining-requests",
+                   "x-ratelimit-remaining-tokens", "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens",
+                   "x-request-id"):
+        assert header in ok.headers
+
+
+def test_engine_failure_is_a_500_and_the_server_goes_on(client, engine, model, monkeypatch):
+    real_step = engine.step
+
+    def failing_step(seqs):
+        monkeypatch.setattr(engine, "step", real_step)  # fail once only
+        raise RuntimeError("simulated device fault")
+
+    monkeypatch.setattr(engine, "step", failing_step)
+    with pytest.raises(groq.InternalServerError) as e:
+        client.chat.completions.create(model=model, messages=ask("hi"), max_completion_tokens=2)
+    assert e.value.status_code == 500 and "simulated device fault" in e.value.body["message"]
+    r = client.chat.completions.create(model=model, messages=ask("hi"), max_completion_tokens=2)
+    assert r.choices[0].message.content is not None
+
+
+def test_disconnect_mid_stream_frees_the_slot(base_url, model):
+    body = {"model": model, "messages": ask("Tell me a very long story."), "stream": True,
+            "max_completion_tokens": 2000, "temperature": 1.0}
+    with httpx.stream("POST", base_url + "/openai/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        next(r.iter_lines())  # the stream has started: the sequence holds a batch slot
+        assert httpx.get(base_url + "/health").json()["active_sequences"] == 1
+    deadline = time.monotonic() + 5
+    while httpx.get(base_url + "/health").json()["active_sequences"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert httpx.get(base_url + "/health").json()["active_sequences"] == 0
+
+
+def test_a_flood_is_refused_quickly_not_queued_forever(base_url, engine, model):
+    capacity = engine.max_batch + MAX_QUEUE
+    body = {"model": model, "messages": ask("hi"), "max_completion_tokens": SHORT}
+
+    def post(_):
+        return httpx.post(base_url + "/openai/v1/chat/completions", json=body, timeout=120,
+                          headers={"Authorization": f"Bearer {KEY}"})
+
+    with concurrent.futures.ThreadPoolExecutor(capacity + 6) as pool:
+        responses = list(pool.map(post, range(capacity + 6)))
+    codes = sorted(r.status_code for r in responses)
+    assert set(codes) == {200, 503} and codes.count(200) >= capacity
+    refused = next(r for r in responses if r.status_code == 503)
+    assert int(refused.headers["retry-after"]) >= 1 and refused.json()["error"]["code"] == "capacity_exceeded"
+    assert httpx.get(base_url + "/health").json()["status"] == "ok"
+
+
+def test_rate_limit_429_and_the_sdk_waits_for_retry_after(app, base_url, model):
+    tight = {"Authorization": f"Bearer {TIGHT_KEY}"}
+    url = base_url + "/openai/v1/chat/completions"
+    body = {"model": model, "messages": ask("hi"), "max_completion_tokens": 40}
+    # other traffic of this key holds all but 20 tokens of its minute (as an in-flight request's
+    # up-front charge would); the budget then refills at 600/60 = 10 tokens per second
+    app.state.server.limiter.take(TIGHT_KEY, TIGHT_TPM - 20, model)
+    r = httpx.post(url, headers=tight, json=body)
+    assert r.status_code == 429
+    err = r.json()["error"]
+    assert err["code"] == "rate_limit_exceeded" and "tokens per minute (TPM): Limit 600" in err["message"]
+    wait_s = int(r.headers["retry-after"])
+    assert 2 <= wait_s <= 4 and r.headers["x-ratelimit-limit-tokens"] == str(TIGHT_TPM)
+    # the SDK honours retry-after: it sleeps, retries, and the retry gets through
+    refused_before = metric(base_url, "openlpu_requests_total", 'status="429"')
+    sdk = groq.Groq(base_url=base_url, api_key=TIGHT_KEY, max_retries=3)
+    t0 = time.monotonic()
+    done = sdk.chat.completions.create(**body)
+    assert done.choices[0].message.content is not None
+    assert metric(base_url, "openlpu_requests_total", 'status="429"') - refused_before >= 1
+    assert time.monotonic() - t0 >= 1.0

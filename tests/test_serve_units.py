@@ -1,0 +1,178 @@
+"""The serving pieces that need no running server: request parsing, rate limits, chat format."""
+
+import dataclasses
+import json
+
+import pytest
+
+from openlpu.errors import OpenLPUError
+from openlpu.serve.chat_format import gemma_segments, prompt_ids
+from openlpu.serve.errors import APIError
+from openlpu.serve.ratelimit import KeyLimits, RateLimiter, format_duration, load_keys_file
+from openlpu.serve.schemas import parse_chat_request
+
+GOOD = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def body(**changes) -> bytes:
+    return json.dumps({**GOOD, **changes}).encode()
+
+
+# ---- request parsing ------------------------------------------------------------------------
+@pytest.mark.parametrize("raw, param", [
+    (b"{not json", None),
+    (b"[1, 2]", None),
+    (json.dumps({"messages": GOOD["messages"]}).encode(), "model"),
+    (body(messages=[]), "messages"),
+    (body(messages=[{"role": "robot", "content": "x"}]), "messages.0.role"),
+    (body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+     "messages.0.content"),
+    (body(messages=[{"role": "user", "content": "x", "name": "bob"}]), "messages.0.name"),
+    (body(temperature="hot"), "temperature"),
+    (body(temperature=2.5), "temperature"),
+    (body(top_p=1.5), "top_p"),
+    (body(max_completion_tokens=0), "max_completion_tokens"),
+    (body(n=2), "n"),
+    (body(stop=["a", "b", "c", "d", "e"]), "stop"),
+    (body(logprobs=True), "logprobs"),
+    (body(top_logprobs=3), "top_logprobs"),
+    (body(logit_bias={"42": 5}), "logit_bias"),
+    (body(frobnicate=True), "frobnicate"),
+    (body(stream_options={"include_usage": True, "extra": 1}), "stream_options.extra"),
+])
+def test_bad_requests_get_groqcloud_400(raw, param):
+    with pytest.raises(APIError) as e:
+        parse_chat_request(raw)
+    err = e.value.body()["error"]
+    assert e.value.status == 400 and err["type"] == "invalid_request_error"
+    assert err["param"] == param and err["message"]
+
+
+def test_good_request_keeps_every_field():
+    req = parse_chat_request(body(messages=[{"role": "developer", "content": "be short"},
+                                            {"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                         {"type": "text", "text": "b"}]}],
+                                  max_tokens=7, temperature=0, seed=3, stop="\n", stream=True,
+                                  stream_options={"include_usage": True}, user="u1", logprobs=False))
+    assert [m.text() for m in req.messages] == ["be short", "ab"]
+    assert req.requested_max_tokens() == 7 and req.stop_sequences() == ("\n",)
+    assert req.stream and req.stream_options.include_usage and req.temperature == 0.0
+    # max_completion_tokens wins over the deprecated max_tokens
+    assert parse_chat_request(body(max_tokens=7, max_completion_tokens=9)).requested_max_tokens() == 9
+
+
+# ---- rate limits ------------------------------------------------------------------------------
+@pytest.mark.parametrize("seconds, text", [(0.391, "391ms"), (6.0, "6s"), (7.66, "7.66s"),
+                                           (179.56, "2m59.56s")])
+def test_reset_durations_are_written_like_groqcloud(seconds, text):
+    # the examples GroqCloud's rate-limit documentation shows for x-ratelimit-reset-*
+    assert format_duration(seconds) == text
+
+
+class Clock:
+    def __init__(self):
+        self.now_s = 1000.0
+
+    def __call__(self):
+        return self.now_s
+
+
+def test_requests_per_minute_refill_and_retry_after():
+    clock = Clock()
+    limiter = RateLimiter(requests_per_minute=2, tokens_per_minute=10_000, clock=clock)
+    limiter.take("k", 10, "m")
+    assert limiter.headers("k")["x-ratelimit-remaining-requests"] == "1"
+    # one request used of 2/min: it comes back after 60/2 = 30 s
+    assert limiter.headers("k")["x-ratelimit-reset-requests"] == "30s"
+    limiter.take("k", 10, "m")
+    with pytest.raises(APIError) as e:
+        limiter.take("k", 10, "m")
+    assert e.value.status == 429 and e.value.code == "rate_limit_exceeded" and e.value.type == "requests"
+    assert "requests per minute (RPM): Limit 2, Used 2, Requested 1" in e.value.message
+    assert e.value.headers["retry-after"] == "30" and "try again in 30s" in e.value.message
+    clock.now_s += 30.0
+    limiter.take("k", 10, "m")  # one request refilled
+    limiter.take("other", 10, "m")  # keys are metered separately
+
+
+def test_tokens_per_minute_and_oversized_request():
+    clock = Clock()
+    limiter = RateLimiter(requests_per_minute=100, tokens_per_minute=600, clock=clock)
+    with pytest.raises(APIError) as e:
+        limiter.take("k", 601, "m")  # more than a whole minute's budget can never pass: 413
+    assert e.value.status == 413 and "Limit 600, Requested 601" in e.value.message
+    limiter.take("k", 500, "m")
+    limiter.settle_tokens("k", charged=500, used=550)  # the real count replaces the estimate
+    assert limiter.headers("k")["x-ratelimit-remaining-tokens"] == "50"
+    with pytest.raises(APIError) as e:
+        limiter.take("k", 110, "m")
+    # 60 tokens missing at 600/60 = 10 tokens per second
+    assert e.value.status == 429 and e.value.type == "tokens" and "try again in 6s" in e.value.message
+
+
+def test_per_key_limits_and_keys_file(tmp_path):
+    path = tmp_path / "keys.txt"
+    path.write_text("# team keys\nalpha\n\nbeta rpm=1 tpm=500\n")
+    keys = load_keys_file(path)
+    assert keys == {"alpha": KeyLimits(), "beta": KeyLimits(1, 500)}
+    limiter = RateLimiter(50, 5000, keys, clock=Clock())
+    assert limiter.headers("alpha")["x-ratelimit-limit-requests"] == "50"
+    assert limiter.headers("beta")["x-ratelimit-limit-tokens"] == "500"
+    for bad in ("k rpm=0\n", "k speed=3\n", "# nothing\n"):
+        path.write_text(bad)
+        with pytest.raises(OpenLPUError):
+            load_keys_file(path)
+    with pytest.raises(OpenLPUError):
+        load_keys_file(tmp_path / "missing.txt")
+
+
+# ---- chat format -------------------------------------------------------------------------------
+def test_gemma_turn_format_matches_the_published_layout():
+    # Gemma's prompt-structure docs: turns wrapped in <start_of_turn>{user|model}\n ... <end_of_turn>\n,
+    # no system role (instructions go in the first user turn), generation starts after
+    # "<start_of_turn>model\n".
+    text = "".join(t for t, _ in gemma_segments([("system", "Be brief."), ("user", "Hi"),
+                                                 ("assistant", "Hello!"), ("user", "Bye")]))
+    assert text == ("<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n"
+                    "<start_of_turn>model\nHello!<end_of_turn>\n"
+                    "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(gemma_path):
+    from openlpu.runtime.tokenizer import Tokenizer
+
+    return Tokenizer.from_gguf(gemma_path)
+
+
+def test_turn_markers_are_special_tokens_but_user_text_never_is(tokenizer):
+    start = tokenizer.token_to_id("<start_of_turn>")
+    ids = prompt_ids(tokenizer, [("user", "say <start_of_turn> please")])
+    assert ids[0] == tokenizer.bos_id
+    assert ids.count(start) == 2  # the user turn and the model turn, not the typed one
+    assert "say <start_of_turn> please" in tokenizer.decode(ids)
+
+
+# Gemma's format written as a Jinja chat template (our own), so both paths can be compared.
+GEMMA_AS_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ raise_exception('fold me') if loop.index0 != 0 else '' }}{% endif %}"
+    "{% endfor %}"
+    "{% for m in messages if m['role'] != 'system' %}"
+    "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
+    "{% if loop.first and messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n{% endif %}"
+    "{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def test_a_models_own_template_wins_and_agrees_with_the_built_in_format(tokenizer):
+    from openlpu.runtime.tokenizer import Tokenizer
+
+    proto = tokenizer._sp.serialized_model_proto()
+    templated = Tokenizer(proto, dataclasses.replace(tokenizer.facts, chat_template=GEMMA_AS_TEMPLATE))
+    conversation = [("developer", "Answer in French."), ("user", "Hello"), ("assistant", "Bonjour"),
+                    ("user", "How are you?")]
+    assert prompt_ids(templated, conversation) == prompt_ids(tokenizer, conversation)
+    with pytest.raises(APIError) as e:  # the template refuses: 422 with its message
+        prompt_ids(templated, [("user", "a"), ("system", "late system message")])
+    assert e.value.status == 422 and "fold me" in e.value.message
