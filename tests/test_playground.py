@@ -48,7 +48,7 @@ def set_field(page, selector: str, value: str) -> None:
 
 
 def test_chat_in_the_browser_matches_the_api(page, base_url):
-    page.wait_for_selector("#model option")
+    page.wait_for_selector("#model option", state="attached")
     model = page.eval_on_selector("#model", "el => el.value")
     assert model == httpx.get(base_url + "/openai/v1/models").json()["data"][0]["id"]
     page.fill("#system", "Answer briefly.")

@@ -84,7 +84,7 @@ OP_SPLIT = {
 
 
 def op_role(op: Op) -> str:
-    return OP_SPLIT.get(op.name.split(".")[-1], "replicated")
+    return OP_SPLIT.get(op.name.rsplit("/", 1)[-1].split(".")[-1], "replicated")  # "c1/blk.3.attn_q" -> attn_q
 
 
 def op_item(op: Op, n_layers: int) -> int:
@@ -153,12 +153,10 @@ def activation_peaks(spec: ModelSpec, passes: list[list[Op]], t: int) -> list[fl
         for op in ops:
             slot = op_item(op, n) + 1
             out = op.act_write_bytes * op_fractions(spec, op, t, weight_fraction(spec, shapes, op.weight, t))[2]
-            incoming = sum(by_name[i].act_write_bytes for i in op.inputs if op_item(by_name[i], n) + 1 != slot)
             bufs = held.setdefault(slot, {})
             for i in op.inputs:  # inputs from another item arrive as a full copy
                 if op_item(by_name[i], n) + 1 != slot:
                     bufs.setdefault("in:" + i, by_name[i].act_write_bytes)
-            del incoming
             bufs[op.name] = out
             largest[slot] = max(largest.get(slot, 0.0), out)
             live[slot] = max(live.get(slot, 0.0), sum(bufs.values()))
@@ -253,15 +251,17 @@ def _describe(spec: ModelSpec, lo: int, hi: int) -> str:
     return names[0] if lo == hi - 1 else f"{names[0]} to {names[1]}"
 
 
-def fewest_chips(spec: ModelSpec, system: SystemSpec, workload: Workload) -> tuple[int, int] | None:
+def fewest_chips(spec: ModelSpec, system: SystemSpec, workload: Workload,
+                 passes: list[list[Op]] | None = None) -> tuple[int, int] | None:
     """(t, p) using the fewest chips, with TP groups inside a node whenever any such placement fits;
     ties go to the earlier (preferred) TP degree."""
     best = None
     node = system.node.chips
+    passes = passes if passes is not None else lowered_passes(spec, workload)
     for t in tp_candidates(spec, system):
         if best is not None and best[0] <= node < t:
             break  # a node-local placement exists: never span nodes for a few chips less
-        g = greedy_stages(item_sizes(spec, workload, t), system.chip.sram_bytes)
+        g = greedy_stages(item_sizes(spec, workload, t, passes), system.chip.sram_bytes)
         if g is None or group_chips(system, t, len(g)) is None:
             continue
         if best is None or t * len(g) < best[0] * best[1]:
@@ -269,12 +269,12 @@ def fewest_chips(spec: ModelSpec, system: SystemSpec, workload: Workload) -> tup
     return best
 
 
-def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None) -> OpenLPUError:
+def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None, passes) -> OpenLPUError:
     cap = system.chip.sram_bytes
-    best = fewest_chips(spec, system, workload)
+    best = fewest_chips(spec, system, workload, passes)
     if best is None:
         t = tp_candidates(spec, system)[-1]
-        sizes = item_sizes(spec, workload, t)
+        sizes = item_sizes(spec, workload, t, passes)
         worst = max(range(len(sizes.weights)), key=lambda s: stage_bytes(sizes, s, s + 1))
         need = stage_bytes(sizes, worst, worst + 1)
         return OpenLPUError(
@@ -283,43 +283,44 @@ def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int 
             f"has {system.max_chips} chips); lower --context ({workload.context_length}) or --users "
             f"({workload.users}), or use a smaller precision")
     need = best[0] * best[1]
-    return OpenLPUError(f"{spec.name} ({workload.weights} weights, context {workload.context_length}, "
-                        f"{workload.users} user(s)) does not fit on {chips} {system.name} chips of "
-                        f"{cap / 1e6:.0f} MB SRAM; it needs at least {need} chips (--chips {need})")
+    what = (f"{spec.name} ({workload.weights} weights, context {workload.context_length}, "
+            f"{workload.users} user(s))")
+    if chips is None:
+        return OpenLPUError(f"{what} needs {need} chips")
+    if chips < need:
+        return OpenLPUError(f"{what} does not fit on {chips} {system.name} chips of {cap / 1e6:.0f} MB SRAM; "
+                            f"it needs at least {need} chips (--chips {need})")
+    return OpenLPUError(f"{chips} chips cannot be arranged as pipeline stages of equal TP groups for {what} "
+                        f"(TP degrees {tp_candidates(spec, system)}, at most {spec.n_layers + 2} stages); "
+                        f"it fits on {need} chips (--chips {need})")
 
 
 def partition(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None = None) -> Placement:
-    cap, n = system.chip.sram_bytes, spec.n_layers
+    """Place the model on exactly `chips` chips, or on as few as fit (None)."""
     if chips is not None and (isinstance(chips, bool) or not isinstance(chips, int) or chips <= 0):
         raise OpenLPUError(f"chips must be a positive integer, got {chips!r}")
     if chips is not None and chips > system.max_chips:
         raise OpenLPUError(f"{chips} chips is more than the largest {system.name} system ({system.max_chips})")
-    choice = None
+    cap, passes = system.chip.sram_bytes, lowered_passes(spec, workload)
     if chips is None:
-        best = fewest_chips(spec, system, workload)
+        best = fewest_chips(spec, system, workload, passes)
         if best is not None:
             t, p = best
-            choice = (t, balanced_stages(item_sizes(spec, workload, t), p, cap))
+            sizes = item_sizes(spec, workload, t, passes)
+            return _place(spec, system, workload, t, sizes, balanced_stages(sizes, p, cap))
     else:
         for t in tp_candidates(spec, system):
             if chips % t or group_chips(system, t, chips // t) is None:
                 continue
-            stages = balanced_stages(item_sizes(spec, workload, t), chips // t, cap)
-            if stages is not None:
-                choice = (t, stages)
-                break
-        if choice is None and chips > n + 2 and fewest_chips(spec, system, workload) is not None:
-            raise OpenLPUError(f"{chips} chips cannot be split evenly into pipeline stages of one TP group "
-                               f"for {spec.name} ({n + 2} items: embedding, {n} layers, head); try "
-                               f"{fewest_chips(spec, system, workload)[0] * (n + 2)} or fewer chips")
-    if choice is None:
-        raise _no_fit(spec, system, workload, chips)
-    t, ranges = choice
-    return _place(spec, system, workload, t, ranges)
+            sizes = item_sizes(spec, workload, t, passes)
+            ranges = balanced_stages(sizes, chips // t, cap)
+            if ranges is not None:
+                return _place(spec, system, workload, t, sizes, ranges)
+    raise _no_fit(spec, system, workload, chips, passes)
 
 
-def _place(spec, system, workload, t, ranges) -> Placement:
-    sizes = item_sizes(spec, workload, t)
+def _place(spec: ModelSpec, system: SystemSpec, workload: Workload, t: int, sizes: ItemSizes,
+           ranges: list[tuple[int, int]]) -> Placement:
     groups = group_chips(system, t, len(ranges))
     n = spec.n_layers
     slot_stage = {s: k for k, (lo, hi) in enumerate(ranges) for s in range(lo, hi)}

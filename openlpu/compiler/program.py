@@ -33,11 +33,12 @@ class Workload:
     context_length: int = 4096  # tokens of KV cache per user (the decode step attends to all of them)
     users: int = 1  # users in flight in the pipeline, each with its own KV cache
     prompt_len: int = 512  # tokens of the prefill pass that sets the time to first token
+    prefill_chunk: int = 256  # prompt tokens per pipeline wave: bounds activation buffers, overlaps stages
 
     def __post_init__(self):
         for p in (self.weights, self.activations, self.kv):
             as_precision(p)
-        for name in ("context_length", "users", "prompt_len"):
+        for name in ("context_length", "users", "prompt_len", "prefill_chunk"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise OpenLPUError(f"{name.replace('_', ' ')} must be a positive integer, got {v!r}")

@@ -9,8 +9,10 @@ group's links; a stage passes its activations to the next stage's first chip, wh
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from openlpu.compiler.partition import EMBED, kv_heads_per_chip
+
+from openlpu.compiler.partition import EMBED, op_fractions, op_item, op_role
 from openlpu.compiler.program import PhaseSchedule, Placement, ScheduledOp, Transfer, Workload
 from openlpu.errors import OpenLPUError
 from openlpu.graph.lower import PRECISIONS, as_precision, lower
@@ -20,20 +22,6 @@ from openlpu.models.spec import ModelSpec
 
 TOKEN_ID_BYTES = 4  # the sampled token going back to the embedding stage
 ARGMAX_BYTES = 8  # (value, index) each chip contributes to the sampler's all-reduce
-
-# How an op's work divides over a TP group, by the op name's last part:
-#   col: output columns split with its weight; row: input split, partial sums all-reduced after;
-#   heads / kv_heads: attention heads split; split: elementwise on a split tensor;
-#   gather: vocabulary-split embedding rows, all-reduced after; replicated: every chip does it all.
-OP_SPLIT = {
-    "attn_q": "col", "attn_k": "col", "attn_v": "col", "ffn_gate": "col", "ffn_up": "col",
-    "ffn_gate_exps": "col", "ffn_up_exps": "col", "output": "col",
-    "attn_output": "row", "ffn_down": "row", "ffn_down_exps": "row",
-    "attn_q_norm": "heads", "rope": "heads", "attention": "heads", "attn_softcap": "heads",
-    "attn_k_norm": "kv_heads",
-    "ffn_act": "split", "final_softcap": "split", "sample": "split",
-    "token_embd": "gather",
-}
 NEEDS_ALL_REDUCE = ("row", "gather")
 FLOAT_PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 
@@ -50,16 +38,6 @@ def matrix_macs_per_cycle(system: SystemSpec, *precisions: str) -> float:
         raise OpenLPUError(f"{system.name}'s matrix unit has no mode for {need.name} operands (it has "
                            f"{', '.join(system.chip.matrix_macs_per_cycle)}); choose another precision")
     return system.chip.matrix_macs_per_cycle[min(modes)[1]]
-
-
-def op_role(op: Op) -> str:
-    return OP_SPLIT.get(op.name.split(".")[-1], "replicated")
-
-
-def op_item(op: Op, n_layers: int) -> int:
-    if op.layer >= 0:
-        return op.layer
-    return EMBED if op.kind == "embed" else n_layers
 
 
 # ---- collectives ------------------------------------------------------------------------------
@@ -179,12 +157,7 @@ class _Scheduler:
         t = len(self.placement.stages[stage].chips)
         role = op_role(op)
         f_w = self.weight_fraction.get((op.weight, stage), 1.0) if op.weight else 1.0
-        f_heads = 1.0 / t
-        f_kv = kv_heads_per_chip(self.spec, t) / self.spec.n_kv_heads
-        compute, f_in, f_out = {
-            "col": (f_w, 1.0, f_w), "row": (f_w, f_w, 1.0), "heads": (f_heads, f_heads, f_heads),
-            "kv_heads": (f_kv, f_kv, f_kv), "split": (f_heads, f_heads, f_heads),
-            "gather": (f_heads, 1.0, 1.0), "replicated": (1.0, 1.0, 1.0)}[role]
+        compute, f_in, f_out, f_kv = op_fractions(self.spec, op, t, f_w)
         inputs = tuple(self._input_on(i, stage, payloads[i]) for i in op.inputs)
         reads = op.weight_bytes * f_w + op.kv_read_bytes * f_kv + op.act_read_bytes * f_in
         writes = op.act_write_bytes * f_out + op.kv_write_bytes * f_kv
@@ -204,12 +177,35 @@ class _Scheduler:
             self.provider[op.name] = name
 
 
+def _prefill_chunks(spec: ModelSpec, workload: Workload) -> list[Op]:
+    """The prompt in chunks of workload.prefill_chunk tokens, each attending to the chunks before it;
+    only the last chunk computes logits. Op names get a "c<chunk>/" prefix."""
+    chunk = workload.prefill_chunk
+    n_chunks = -(-workload.prompt_len // chunk)
+    out: list[Op] = []
+    for c in range(n_chunks):
+        length = min(chunk, workload.prompt_len - c * chunk)
+        ops = lower(spec, "prefill", length, 1, workload.weights, kv_precision=workload.kv,
+                    act_precision=workload.activations, past_len=c * chunk)
+        for op in ops:
+            if c < n_chunks - 1 and op_item(op, spec.n_layers) == spec.n_layers:
+                continue  # logits only for the prompt's last token
+            inputs = tuple(f"c{c}/{i}" for i in op.inputs)
+            if op.kind == "attention" and c > 0:  # reads the KV the previous chunk wrote
+                inputs += (f"c{c - 1}/{op.name}",)
+            out.append(dataclasses.replace(op, name=f"c{c}/{op.name}", inputs=inputs))
+    return out
+
+
 def schedule_phase(spec: ModelSpec, system: SystemSpec, workload: Workload, placement: Placement,
                    phase: str) -> PhaseSchedule:
     """One decode step of one user (attending to the whole context) or the prefill of one prompt."""
-    seq_len = workload.context_length if phase == "decode" else workload.prompt_len
-    ops = lower(spec, phase, seq_len, 1, workload.weights, kv_precision=workload.kv,
-                act_precision=workload.activations)
+    if phase == "decode":
+        seq_len = workload.context_length
+        ops = lower(spec, phase, seq_len, 1, workload.weights, kv_precision=workload.kv,
+                    act_precision=workload.activations)
+    else:
+        seq_len, ops = workload.prompt_len, _prefill_chunks(spec, workload)
     s = _Scheduler(spec, system, workload, placement)
     payloads = {op.name: op.act_write_bytes for op in ops}
     for op in ops:
@@ -223,4 +219,3 @@ def schedule_phase(spec: ModelSpec, system: SystemSpec, workload: Workload, plac
     makespan = max([o.end_cycle for o in s.ops] + [t.arrival_cycle for t in s.transfers])
     return PhaseSchedule(phase, seq_len, 1 if phase == "decode" else seq_len, tuple(s.ops), tuple(s.transfers),
                          makespan)
-

@@ -33,6 +33,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 API_PREFIX = "/openai/v1"
 CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 DISCONNECT_POLL_S = 0.25  # how often a waiting request checks whether its client went away
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for it; only the access log and metrics see it
 SEED_RANGE = 2**31  # seeds we pick when the client gives none (reported in x_groq.seed)
 
 # (prompt_tokens, completion_tokens) -> the "x_openlpu" object of simulated LPU figures; the
@@ -203,15 +204,22 @@ class Completion:
         return f"data: {json.dumps(body)}\n\n"
 
 
+class ClientGone(Exception):
+    """The client closed the connection before its answer was complete."""
+
+
 async def next_event(server: Server, job: Job, request: Request):
     """The job's next event; cancels the job (freeing its slot) if the client went away."""
     while True:
         try:
-            return await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
+            event = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
         except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                server.scheduler.cancel(job)
-                raise asyncio.CancelledError() from None
+            event = None
+        if await request.is_disconnected():
+            server.scheduler.cancel(job)
+            raise ClientGone()
+        if event is not None:
+            return event
 
 
 def create_app(engine, settings: ServeSettings | None = None) -> FastAPI:
@@ -309,9 +317,11 @@ def create_app(engine, settings: ServeSettings | None = None) -> FastAPI:
 
         try:
             first = await next_event(s, job, request)
-        except BaseException:
+        except BaseException as e:
             s.scheduler.cancel(job)
             settle()
+            if isinstance(e, ClientGone):
+                return Response(status_code=CLIENT_CLOSED_REQUEST)
             raise
         if first.error:
             settle()
@@ -328,6 +338,8 @@ def create_app(engine, settings: ServeSettings | None = None) -> FastAPI:
                 event = await next_event(s, job, request)
                 if event.error:
                     raise event.error
+        except ClientGone:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         finally:
             s.scheduler.cancel(job)  # a no-op when it finished; frees the slot when it did not
             settle()
@@ -348,7 +360,10 @@ async def stream(s: Server, done: Completion, first, request: Request, settle):
                 yield done.chunk({"content": event.text})
             if event.finish_reason:
                 break
-            event = await next_event(s, done.job, request)
+            try:
+                event = await next_event(s, done.job, request)
+            except ClientGone:
+                return
             if event.error:
                 yield f"data: {json.dumps(event.error.body())}\n\n"
                 return

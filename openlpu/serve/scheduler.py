@@ -138,10 +138,9 @@ class Scheduler:
                 job = self._waiting.popleft()
             try:
                 job.seq = self.engine.new_sequence(job.prompt_ids, job.params)
-            except OpenLPUError as e:  # the prompt does not fit the context, or similar
+            except OpenLPUError as e:  # the engine refuses this prompt (the app checked the context)
                 job.finished_s = time.perf_counter()
-                job.deliver(JobEvent(error=APIError(400, str(e), code="context_length_exceeded",
-                                                    param="messages")))
+                job.deliver(JobEvent(error=APIError(400, str(e), param="messages")))
                 continue
             except Exception as e:  # noqa: BLE001 - the server keeps serving
                 job.deliver(JobEvent(error=server_error(f"The engine failed to start the request: {e}")))
