@@ -222,10 +222,10 @@ COMPUTE_EFFICIENCY = {gpu_fit['COMPUTE_EFFICIENCY']:.3f} [{G.COMPUTE_EFFICIENCY:
 - The fitted hop latency is far above the unverified "< 100 ns" note: it stands for every fixed cost
   a token pays per pipeline stage that the schedule does not model (link deskew and alignment,
   host-side sampling), so it is a calibration, not a measurement of a wire.
-- Groq published chip counts only for Llama-2-70B and Mixtral (576 chips). At the compiler's fewest
-  chips the small models come out several times faster than Groq served them; on a 576-chip system
-  (the assumption rows) they agree. The public record fits "every model ran on the same 8-rack
-  system", not "each on the fewest chips".
+- Groq published chip counts only for Llama-2-70B and Mixtral (576 chips). For the other models the
+  table gives both the compiler's fewest chips and the 576-chip assumption: the gap between the two
+  rows is how much the unknown deployment size alone moves the prediction (a longer pipeline adds
+  hops per token).
 - Mixtral: the model spreads expert reads evenly over the chips; routing imbalance and the MoE
   all-to-all are not modelled, hence the over-prediction.
 - LLMPerf counts TTFT measured over the internet (median 0.22 s, including queueing); the model's

@@ -111,6 +111,88 @@ def plan(
         console.print(f"chart written to {plot_file}")
 
 
+def _model_spec(model: str):
+    """A preset name or a GGUF file path."""
+    from pathlib import Path
+
+    if model.endswith(".gguf"):
+        from openlpu.models.gguf import spec_from_gguf
+
+        if not Path(model).is_file():
+            raise OpenLPUError(f"GGUF file {model!r} not found")
+        return spec_from_gguf(model)
+    from openlpu.models.spec import load_preset
+
+    return load_preset(model)
+
+
+@app.command("compile")
+def compile_cmd(
+    model: str = typer.Argument(..., help="model preset (see `openlpu models`) or a .gguf file"),
+    output: str = typer.Option(..., "-o", "--output", help="where to write the compiled Program"),
+    system: str = typer.Option("lpu-v1", "--system", help="LPU system preset or hardware JSON file"),
+    precision: str = typer.Option("int8", "--precision", help="weights, activations and KV: fp16, bf16, fp8, int8, int4"),
+    context: int = typer.Option(4096, "--context", help="tokens of KV cache per user"),
+    users: int = typer.Option(1, "--users", help="users in flight in the pipeline"),
+    prompt: int = typer.Option(512, "--prompt", help="prompt tokens whose prefill sets the time to first token"),
+    chips: int = typer.Option(None, "--chips", help="chips to use (default: as few as fit)"),
+):
+    """Compile a model for an LPU system: placement + static schedule, verified, written to a file."""
+    from openlpu.compiler import Workload, compile_program, verify
+    from openlpu.hardware.lpu import load_system
+    from openlpu.sim.timing import timing
+
+    spec = _model_spec(model)
+    workload = Workload(weights=precision, activations=precision, kv=precision, context_length=context,
+                        users=users, prompt_len=min(prompt, context))
+    program = compile_program(spec, load_system(system), workload, chips)
+    program.save(output)
+    violations, t = verify(program), timing(program)
+    console.print(f"[bold]{spec.name}[/] on {program.system.name}: {t.chips} chips = {t.stages} pipeline stage(s) x "
+                  f"TP {t.tp}; SRAM {t.sram_used_bytes / 1e9:.2f} GB ({t.sram_used_fraction:.0%} of the chips used)")
+    console.print(f"decode step makespan {program.decode.makespan_cycles:,} cycles = {t.decode_latency_s * 1e6:,.1f} us "
+                  f"({t.tokens_per_s_per_user:,.0f} tok/s per user, {t.throughput_tokens_per_s:,.0f} tok/s with "
+                  f"{users} user(s)); prefill of {workload.prompt_len} tokens {t.ttft_s * 1e3:,.2f} ms")
+    verdict = "[green]passed[/]" if not violations else f"[red]{len(violations)} violation(s)[/]: {violations[0].message}"
+    console.print(f"verify: {verdict}; written to {output} (sha256 {program.sha256()[:16]})")
+    if violations:
+        raise typer.Exit(1)
+
+
+@app.command("inspect")
+def inspect_cmd(
+    program_file: str = typer.Argument(..., help="a Program written by `openlpu compile`"),
+    gantt: str = typer.Option(None, "--gantt", help="draw one decode step's schedule to this PNG"),
+    stages: int = typer.Option(12, "--stages", help="stages to list in the placement table"),
+):
+    """Show a compiled Program: placement per stage, timing, verification; optionally a Gantt chart."""
+    from openlpu.compiler import load_program, verify
+    from openlpu.sim.timing import draw_gantt, placement_rows, timing
+
+    program = load_program(program_file)
+    t, violations = timing(program), verify(program)
+    table = Table(title=f"{program.model} on {program.system.name}: {t.chips} chips, {t.stages} stages x TP {t.tp} "
+                        f"(SRAM per chip; busy = stage time per decode token)")
+    for col in ("stage", "chips", "holds", "weights MB", "KV MB", "act MB", "busy us"):
+        table.add_column(col, justify="left" if col in ("holds", "chips") else "right")
+    rows = placement_rows(program)
+    for r in rows[:stages]:
+        table.add_row(str(r["stage"]), r["chips"], r["holds"], f"{r['weights_bytes_per_chip'] / 1e6:.1f}",
+                      f"{r['kv_bytes_per_chip'] / 1e6:.1f}", f"{r['activation_bytes_per_chip'] / 1e6:.1f}",
+                      f"{r['busy_s'] * 1e6:.2f}")
+    if len(rows) > stages:
+        table.add_row("...", f"{len(rows) - stages} more", "", "", "", "", "")
+    console.print(table)
+    console.print(f"decode {t.decode_latency_s * 1e6:,.1f} us/token ({t.tokens_per_s_per_user:,.0f} tok/s per user), "
+                  f"TTFT {t.ttft_s * 1e3:,.2f} ms, {t.throughput_tokens_per_s:,.0f} tok/s with {t.users} user(s), "
+                  f"{t.power_w / 1e3:,.1f} kW, {t.energy_per_token_j:,.3f} J/token")
+    console.print("verify: " + ("[green]passed[/]" if not violations else
+                                f"[red]{len(violations)} violation(s)[/]: {violations[0].message}"))
+    if gantt:
+        draw_gantt(program, gantt)
+        console.print(f"Gantt chart of one decode step written to {gantt}")
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2, never a traceback."""
     try:

@@ -2,6 +2,7 @@
 server running the real embedded engine (one server for the whole module)."""
 
 import concurrent.futures
+import json
 import re
 import time
 
@@ -240,8 +241,10 @@ def test_disconnect_mid_stream_frees_the_slot(base_url, model):
             "max_completion_tokens": 2000, "temperature": 1.0}
     with httpx.stream("POST", base_url + "/openai/v1/chat/completions", json=body,
                       headers={"Authorization": f"Bearer {KEY}"}) as r:
-        next(r.iter_lines())  # the stream has started: the sequence holds a batch slot
-        assert httpx.get(base_url + "/health").json()["active_sequences"] == 1
+        lines = r.iter_lines()  # keep the iterator: dropping it closes the connection
+        first = json.loads(next(lines)[len("data: "):])
+        assert first["choices"][0]["delta"]["role"] == "assistant"
+        assert httpx.get(base_url + "/health").json()["active_sequences"] == 1  # it holds a slot
     deadline = time.monotonic() + 5
     while httpx.get(base_url + "/health").json()["active_sequences"] and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -6,6 +6,7 @@ from openlpu.compiler.partition import partition
 from openlpu.compiler.program import FORMAT_VERSION, Program, Workload, load_program
 from openlpu.compiler.schedule import schedule_phase
 from openlpu.compiler.verify import Violation, verify, verify_or_raise
+from openlpu.errors import OpenLPUError
 from openlpu.hardware.lpu import SystemSpec
 from openlpu.models.spec import ModelSpec
 
@@ -13,6 +14,9 @@ from openlpu.models.spec import ModelSpec
 def compile_program(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None = None) -> Program:
     """Place the model on `chips` chips (None: as few as fit) and schedule one decode step and one
     prefill. Same inputs, byte-identical Program."""
+    if workload.context_length > spec.context_length:
+        raise OpenLPUError(f"context {workload.context_length} is longer than {spec.name}'s context window "
+                           f"({spec.context_length} tokens); use at most {spec.context_length}")
     placement = partition(spec, system, workload, chips)
     return Program(version=FORMAT_VERSION, model=spec.name, system=system, workload=workload,
                    tensors=spec.tensor_shapes(), placement=placement,

@@ -86,3 +86,76 @@ def timing(program: Program) -> LpuTiming:
         link_utilisation=users * sum(carried.values()) / link_capacity if carried else 0.0, links_used=len(carried),
         power_w=power, energy_per_token_j=power / throughput, sram_used_bytes=sram,
         sram_used_fraction=sram / (chips * chip.sram_bytes), stage_occupancy_s=max(occupancy.values()) / clock)
+
+
+# ---- views for `openlpu inspect` ---------------------------------------------------------------
+def _holds(items: tuple[int, ...], n_layers: int) -> str:
+    names = ["embed" if i < 0 else "head" if i == n_layers else f"L{i}" for i in items]
+    return names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}"
+
+
+def placement_rows(program: Program) -> list[dict]:
+    """Per stage: chips, what it holds, per-chip SRAM by kind, and its busy time per decode token."""
+    n_layers = sum(1 for name in program.tensors if name.endswith(".attn_norm.weight"))
+    weights = defaultdict(int)
+    for sh in program.placement.shards:
+        weights[sh.chip] += sh.nbytes
+    occupancy = stage_occupancy_cycles(program.decode)
+    return [{"stage": s.index, "chips": f"{s.chips[0]}-{s.chips[-1]}" if len(s.chips) > 1 else str(s.chips[0]),
+             "holds": _holds(s.items, n_layers), "weights_bytes_per_chip": max(weights[c] for c in s.chips),
+             "kv_bytes_per_chip": s.kv_bytes_per_chip, "activation_bytes_per_chip": s.activation_bytes_per_chip,
+             "busy_s": occupancy.get(s.index, 0) / program.system.chip.clock_hz}
+            for s in program.placement.stages]
+
+
+KIND_COLOURS = {"matmul": "tab:blue", "lm_head": "tab:cyan", "moe_router": "tab:olive", "attention": "tab:orange",
+                "norm": "tab:green", "rope": "tab:pink", "activation": "tab:purple", "residual": "tab:gray",
+                "softcap": "tab:brown", "embed": "gold", "sample": "black"}
+TRANSFER_COLOURS = {"all_reduce": "tab:red", "p2p": "darkred", "broadcast": "salmon"}
+LANES = ("matrix", "vector", "memory", "links")
+
+
+def draw_gantt(program: Program, path, max_stages: int = 24) -> None:
+    """One decode step: per stage, a lane per functional unit and one for its links, in microseconds.
+    Long pipelines show their first and last stages."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    decode, us = program.decode, 1e6 / program.system.chip.clock_hz
+    n = len(program.placement.stages)
+    shown = list(range(n)) if n <= max_stages else list(range(max_stages // 2)) + list(range(n - max_stages // 2, n))
+    row = {s: k for k, s in enumerate(shown)}
+    fig, ax = plt.subplots(figsize=(14, 1.0 + 0.55 * len(shown)))
+    lane_h = 1.0 / len(LANES)
+
+    def bar(stage, lane, start, end, colour):
+        y = row[stage] + LANES.index(lane) * lane_h
+        ax.broken_barh([(start * us, max(end - start, 1) * us)], (y, lane_h * 0.9), facecolors=colour, linewidth=0)
+
+    for op in decode.ops:
+        if op.stage in row:
+            bar(op.stage, op.unit if op.unit in LANES else "memory", op.start_cycle, op.end_cycle,
+                KIND_COLOURS.get(op.kind, "tab:gray"))
+    for t in decode.transfers:
+        if t.stage in row:
+            bar(t.stage, "links", t.start_cycle, t.arrival_cycle, TRANSFER_COLOURS[t.kind])
+    for k in range(1, len(shown)):
+        ax.axhline(k - 0.05, color="lightgray", linewidth=0.6)
+    ax.set_yticks([k + 0.5 for k in range(len(shown))])
+    ax.set_yticklabels([f"stage {s}" for s in shown], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("time (us)   lanes per stage, top to bottom: matrix, vector, memory, links")
+    ax.set_xlim(0, decode.makespan_cycles * us * 1.01)
+    skipped = f" ({n - len(shown)} middle stages not shown)" if len(shown) < n else ""
+    ax.set_title(f"{program.model} on {program.system.name}: one decode step, {program.chips} chips, "
+                 f"{n} stages x TP {program.placement.tp}, {decode.makespan_cycles * us:,.1f} us{skipped}")
+    kinds = sorted({op.kind for op in decode.ops}) + sorted({t.kind for t in decode.transfers})
+    ax.legend(handles=[Patch(color={**KIND_COLOURS, **TRANSFER_COLOURS}.get(k, "tab:gray"), label=k) for k in kinds],
+              loc="upper center", bbox_to_anchor=(0.5, -0.08 - 0.3 / len(shown)), ncol=min(8, len(kinds)), fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

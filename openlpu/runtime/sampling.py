@@ -1,0 +1,91 @@
+"""Sampling parameters (validated) and next-token choice from logits.
+
+Order of operations, as in Hugging Face's and llama.cpp's common samplers: temperature, then
+top-k, then top-p (nucleus), then a draw from the renormalised distribution with the request's
+own torch.Generator (so a seed reproduces a request whatever else the engine runs).
+Temperature 0 means greedy (argmax), whatever the other settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from openlpu.errors import OpenLPUError
+
+MAX_TEMPERATURE = 2.0  # GroqCloud's documented range is 0..2
+MAX_STOP_STRINGS = 4  # GroqCloud / OpenAI accept up to 4 stop sequences
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k cut
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop or ()))
+        self.validate()
+
+    def validate(self) -> None:
+        def number(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) \
+                or self.max_tokens < 1:
+            raise OpenLPUError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not number(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise OpenLPUError(f"temperature must be between 0 and {MAX_TEMPERATURE}, "
+                               f"got {self.temperature!r}")
+        if not number(self.top_p) or not 0 < self.top_p <= 1:
+            raise OpenLPUError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise OpenLPUError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise OpenLPUError(f"seed must be an integer, got {self.seed!r}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise OpenLPUError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, "
+                               f"got {len(self.stop)}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise OpenLPUError("stop strings must be non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """The request's own random stream (None for greedy decoding, which draws nothing)."""
+    if params.greedy:
+        return None
+    generator = torch.Generator(device=device)
+    if params.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(params.seed)
+    return generator
+
+
+def sample(logits: torch.Tensor, params: SamplingParams,
+           generator: torch.Generator | None) -> int:
+    """One token id from float32 logits [vocab]."""
+    if params.greedy:
+        return int(logits.argmax())
+    logits = logits.float() / params.temperature
+    if params.top_k and params.top_k < logits.numel():
+        values, ids = logits.topk(params.top_k)
+    else:
+        values, ids = logits.sort(descending=True)
+    probs = values.softmax(-1)
+    if params.top_p < 1:
+        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+        before = probs.cumsum(-1) - probs
+        probs = probs.masked_fill(before >= params.top_p, 0.0)
+    choice = torch.multinomial(probs, 1, generator=generator)
+    return int(ids[choice])

@@ -1,0 +1,112 @@
+"""Lowering: op rows checked against parameter counts, attention arithmetic and MoE routing."""
+
+import math
+
+import pytest
+
+from openlpu.errors import OpenLPUError
+from openlpu.graph.lower import PRECISIONS, expected_distinct_experts, lower
+from openlpu.models.spec import load_preset
+
+
+def _weight_elements(ops, bytes_per_element):
+    return sum(o.weight_bytes for o in ops) / bytes_per_element
+
+
+@pytest.mark.parametrize("name", ["llama-3.1-8b", "qwen2.5-7b", "qwen3-8b", "gemma-2-9b", "gemma-3-270m"])
+def test_decode_reads_every_weight_once(name):
+    """One decode token reads every parameter once, except the embedding table (one row gathered);
+    a tied table is read in full again by the lm_head. Second method: ModelSpec.param_count."""
+    spec = load_preset(name)
+    ops = lower(spec, "decode", 1024, 1, "fp16")
+    table = spec.vocab_size * spec.d_model
+    expected = spec.param_count() - table + spec.d_model + (table if spec.tie_embeddings else 0)
+    assert _weight_elements(ops, 2) == expected
+
+
+def test_bytes_per_element_table():
+    spec = load_preset("llama-3.1-8b")
+    by_precision = {p: sum(o.weight_bytes for o in lower(spec, "decode", 16, 1, p)) for p in PRECISIONS}
+    assert by_precision["fp16"] == by_precision["bf16"] == 2 * by_precision["int8"] == 2 * by_precision["fp8"]
+    assert by_precision["int4"] == by_precision["int8"] / 2
+
+
+def test_matmul_flops_are_two_per_weight_per_token():
+    spec = load_preset("llama-3.1-8b")
+    for tokens in (1, 7):
+        ops = lower(spec, "decode", 512, tokens, "int8")
+        matmuls = [o for o in ops if o.kind in ("matmul", "lm_head")]
+        assert sum(o.flops for o in matmuls) == 2 * tokens * sum(o.weight_bytes for o in matmuls)
+
+
+def test_decode_attention_reads_the_cache_and_the_window_caps_it():
+    spec = load_preset("gemma-3-270m")  # local layers: sliding window 512
+    ops = {o.name: o for o in lower(spec, "decode", 8192, 2, "fp16", kv_precision="int8")}
+    per_token = 2 * spec.kv_dim  # K and V, int8
+    assert spec.layer_kinds[0] == "local" and spec.layer_kinds[5] == "global"
+    assert ops["blk.0.attention"].kv_read_bytes == 2 * 512 * per_token
+    assert ops["blk.5.attention"].kv_read_bytes == 2 * 8192 * per_token
+    assert ops["blk.5.attention"].kv_write_bytes == 2 * per_token
+
+
+def test_prefill_is_causal_and_chunks_add_up():
+    spec = load_preset("llama-3.1-8b")
+    whole = {o.name: o for o in lower(spec, "prefill", 300, 1, "fp16")}
+    n = 300
+    pairs = n * (n + 1) / 2  # query i attends to i + 1 keys
+    expected = 4 * pairs * spec.q_dim + 5 * pairs * spec.n_heads
+    assert whole["blk.0.attention"].flops == pytest.approx(expected)
+    first = {o.name: o for o in lower(spec, "prefill", 100, 1, "fp16")}
+    rest = {o.name: o for o in lower(spec, "prefill", 200, 1, "fp16", past_len=100)}
+    assert first["blk.0.attention"].flops + rest["blk.0.attention"].flops == pytest.approx(expected)
+    assert rest["blk.0.attention"].kv_read_bytes == 100 * 2 * spec.kv_dim * 2  # the first chunk's K and V
+
+
+def test_moe_reads_router_and_the_experts_tokens_pick():
+    spec = load_preset("mixtral-8x7b")
+    expert = spec.d_ff * spec.d_model
+    one = {o.name: o for o in lower(spec, "decode", 4096, 1, "int8")}
+    assert one["blk.0.ffn_gate_inp"].kind == "moe_router"
+    assert one["blk.0.ffn_gate_exps"].weight_bytes == pytest.approx(2 * expert)  # top-2 of 8
+    many = {o.name: o for o in lower(spec, "prefill", 512, 1, "int8")}
+    assert many["blk.0.ffn_up_exps"].weight_bytes == pytest.approx(8 * expert)  # all experts touched
+    # decode reads the active parameters (second method: ModelSpec.active_param_count)
+    table = spec.vocab_size * spec.d_model
+    assert _weight_elements(one.values(), 1) == pytest.approx(spec.active_param_count() - table + spec.d_model)
+    # expected distinct experts: exact for 1 token, and a Monte-Carlo-free check at 2 tokens
+    assert expected_distinct_experts(8, 2, 1) == pytest.approx(2)
+    assert expected_distinct_experts(8, 2, 2) == pytest.approx(2 + 2 * 6 / 8)
+
+
+def test_family_features_become_ops():
+    qwen2 = {o.name: o for o in lower(load_preset("qwen2.5-7b"), "decode", 64, 1, "fp16")}
+    spec = load_preset("qwen2.5-7b")
+    assert qwen2["blk.0.attn_q"].weight_bytes == 2 * (spec.q_dim * spec.d_model + spec.q_dim)  # with its bias
+    qwen3 = {o.name for o in lower(load_preset("qwen3-8b"), "decode", 64, 1, "fp16")}
+    assert {"blk.0.attn_q_norm", "blk.0.attn_k_norm"} <= qwen3
+    gemma2 = {o.name for o in lower(load_preset("gemma-2-9b"), "decode", 64, 1, "fp16")}
+    assert {"blk.0.attn_softcap", "final_softcap", "blk.0.post_ffw_norm"} <= gemma2
+    llama = {o.name for o in lower(load_preset("llama-3.1-8b"), "decode", 64, 1, "fp16")}
+    assert not any("softcap" in n or "q_norm" in n for n in llama)
+
+
+def test_ops_are_topologically_ordered_with_unique_names():
+    for name in ("mixtral-8x7b", "gemma-3-270m"):
+        ops = lower(load_preset(name), "prefill", 33, 2, "int4")
+        seen = set()
+        for op in ops:
+            assert op.name not in seen and set(op.inputs) <= seen
+            seen.add(op.name)
+            assert all(math.isfinite(v) and v >= 0 for v in (op.flops, op.bytes_total))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(phase="decoding", seq_len=8), "unknown phase 'decoding'"),
+    (dict(phase="decode", seq_len=0), "seq_len must be a positive integer"),
+    (dict(phase="decode", seq_len=8, batch=-1), "batch must be a positive integer"),
+    (dict(phase="decode", seq_len=8, precision="int3"), "unknown precision 'int3'; did you mean 'int4'"),
+    (dict(phase="decode", seq_len=8, past_len=4), "past_len"),
+])
+def test_bad_lowering_inputs(kwargs, message):
+    with pytest.raises(OpenLPUError, match=message):
+        lower(load_preset("gemma-3-270m"), **kwargs)
