@@ -21,7 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -64,7 +64,8 @@ def wait_ready(base: str, proc: subprocess.Popen) -> str:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with status {proc.returncode}")
+            tail = proc.stderr.read()[-600:] if proc.stderr else ""
+            raise RuntimeError(f"server exited with status {proc.returncode}: {tail}")
         try:
             r = httpx.get(base + "/models", timeout=2)
             if r.status_code == 200:

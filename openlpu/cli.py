@@ -193,6 +193,53 @@ def inspect_cmd(
         console.print(f"Gantt chart of one decode step written to {gantt}")
 
 
+@app.command()
+def run(
+    prompt: str = typer.Argument(..., help="text to continue"),
+    model: str = typer.Option(None, "--model", help="GGUF file; default: the embedded Gemma 3 270M"),
+    max_tokens: int = typer.Option(128, "--max-tokens", help="tokens to generate at most"),
+    temperature: float = typer.Option(0.0, help="0 = greedy; up to 2"),
+    top_p: float = typer.Option(1.0, "--top-p", help="nucleus sampling mass, in (0, 1]"),
+    top_k: int = typer.Option(0, "--top-k", help="sample among the k most likely (0 = off)"),
+    seed: int = typer.Option(None, help="random seed for sampling"),
+    stop: list[str] = typer.Option(None, "--stop", help="stop string (repeatable, up to 4)"),
+    precision: str = typer.Option("int4", help="weights: float32 | bf16 | int8 | int4"),
+    threads: int = typer.Option(None, help="CPU threads (default: torch's)"),
+):
+    """Generate text with the model on this machine, streamed, then a speed summary."""
+    import resource
+
+    from openlpu.runtime.engine import Engine
+    from openlpu.runtime.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                            top_k=top_k, seed=seed, stop=tuple(stop or ()))
+    if not prompt.strip():
+        raise OpenLPUError("the prompt is empty; give some text to continue")
+    if threads is not None:
+        if threads < 1:
+            raise OpenLPUError("--threads must be at least 1")
+        import torch
+
+        torch.set_num_threads(threads)
+    engine = Engine.load(model, precision=precision, max_batch=1)
+    ids = engine.tokenizer.encode(prompt)
+    seq = engine.new_sequence(ids, params)
+    out = Console(highlight=False)
+    while not seq.finished:
+        for event in engine.step([seq]):
+            out.print(event.text, end="", markup=False, soft_wrap=True)
+    out.print()
+    decode_s = seq.t_end - seq.t_first_token
+    decoded = len(seq.output_ids) - 1  # tokens after the first, which prefill produced
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    Console(stderr=True, highlight=False).print(
+        f"[dim]{engine.model_name} ({precision}): prompt {len(ids)} tokens, generated "
+        f"{len(seq.output_ids)} ({seq.finish_reason}); TTFT {seq.t_first_token - seq.t_start:.3f} s; "
+        f"decode {decoded / decode_s if decoded and decode_s > 0 else float('nan'):.1f} tok/s; "
+        f"peak RSS {peak_rss_mb:.0f} MB[/]")
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2, never a traceback."""
     try:

@@ -104,7 +104,7 @@ def test_ops_are_topologically_ordered_with_unique_names():
     (dict(phase="decoding", seq_len=8), "unknown phase 'decoding'"),
     (dict(phase="decode", seq_len=0), "seq_len must be a positive integer"),
     (dict(phase="decode", seq_len=8, batch=-1), "batch must be a positive integer"),
-    (dict(phase="decode", seq_len=8, precision="int3"), "unknown precision 'int3'; did you mean 'int4'"),
+    (dict(phase="decode", seq_len=8, precision="int3"), r"unknown precision 'int3'; did you mean 'int[48]'"),
     (dict(phase="decode", seq_len=8, past_len=4), "past_len"),
 ])
 def test_bad_lowering_inputs(kwargs, message):

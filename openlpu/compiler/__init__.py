@@ -18,10 +18,11 @@ def compile_program(spec: ModelSpec, system: SystemSpec, workload: Workload, chi
         raise OpenLPUError(f"context {workload.context_length} is longer than {spec.name}'s context window "
                            f"({spec.context_length} tokens); use at most {spec.context_length}")
     placement = partition(spec, system, workload, chips)
+    templates: dict = {}  # collective routes, shared by both phases
     return Program(version=FORMAT_VERSION, model=spec.name, system=system, workload=workload,
                    tensors=spec.tensor_shapes(), placement=placement,
-                   decode=schedule_phase(spec, system, workload, placement, "decode"),
-                   prefill=schedule_phase(spec, system, workload, placement, "prefill"))
+                   decode=schedule_phase(spec, system, workload, placement, "decode", templates),
+                   prefill=schedule_phase(spec, system, workload, placement, "prefill", templates))
 
 
 __all__ = ["Program", "Violation", "Workload", "compile_program", "load_program", "verify", "verify_or_raise"]

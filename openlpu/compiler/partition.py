@@ -14,9 +14,8 @@ import math
 from dataclasses import dataclass
 
 from openlpu.compiler.program import Placement, Shard, Stage, Workload
-from openlpu.graph.lower import as_precision
 from openlpu.errors import OpenLPUError
-from openlpu.graph.lower import lower
+from openlpu.graph.lower import as_precision, lower
 from openlpu.graph.ops import Op
 from openlpu.hardware.lpu import SystemSpec
 from openlpu.models.spec import ModelSpec
@@ -288,8 +287,11 @@ def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int 
     if chips is None:
         return OpenLPUError(f"{what} needs {need} chips")
     if chips < need:
-        return OpenLPUError(f"{what} does not fit on {chips} {system.name} chips of {cap / 1e6:.0f} MB SRAM; "
-                            f"it needs at least {need} chips (--chips {need})")
+        sizes = item_sizes(spec, workload, best[0], passes)
+        held = (sum(sizes.weights) + sum(sizes.kv)) * best[0] / 1e9
+        return OpenLPUError(f"{what} does not fit on {chips} {system.name} chips of {cap / 1e6:.0f} MB SRAM "
+                            f"({chips * cap / 1e9:.1f} GB for {held:.1f} GB of weights and KV cache plus activation "
+                            f"buffers); it needs at least {need} chips (--chips {need})")
     return OpenLPUError(f"{chips} chips cannot be arranged as pipeline stages of equal TP groups for {what} "
                         f"(TP degrees {tp_candidates(spec, system)}, at most {spec.n_layers + 2} stages); "
                         f"it fits on {need} chips (--chips {need})")

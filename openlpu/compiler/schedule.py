@@ -44,12 +44,14 @@ def matrix_macs_per_cycle(system: SystemSpec, *precisions: str) -> float:
 def _collective_flows(system: SystemSpec, group: tuple[int, ...], kind: str) -> list[list[tuple[int, int, float]]]:
     """Phases of (src, dst, fraction of the payload). All-reduce: direct reduce-scatter then
     all-gather inside each node (full mesh); across nodes the same again between same-rank chips."""
-    if kind == "broadcast":
-        return [[(group[0], c, 1.0) for c in group[1:]]]
     nodes: dict[int, list[int]] = {}
     for c in group:
         nodes.setdefault(system.node_of(c), []).append(c)
     members = list(nodes.values())
+    if kind == "broadcast":  # to one chip of every other node and the source's own node, then inside them
+        first = [(group[0], c, 1.0) for c in members[0][1:]] + [(group[0], m[0], 1.0) for m in members[1:]]
+        fan_out = [(m[0], c, 1.0) for m in members[1:] for c in m[1:]]
+        return [first, fan_out] if fan_out else [first]
     per_node = len(members[0])
     local = [(a, b, 1.0 / per_node) for m in members for a in m for b in m if a != b]
     phases = [local]
@@ -80,7 +82,8 @@ def _collective_template(system: SystemSpec, group: tuple[int, ...], kind: str):
 
 
 class _Scheduler:
-    def __init__(self, spec: ModelSpec, system: SystemSpec, workload: Workload, placement: Placement):
+    def __init__(self, spec: ModelSpec, system: SystemSpec, workload: Workload, placement: Placement,
+                 templates: dict):
         self.spec, self.system, self.workload, self.placement = spec, system, workload, placement
         self.clock = system.chip.clock_hz
         self.stage_of_item = {item: s.index for s in placement.stages for item in s.items}
@@ -89,7 +92,7 @@ class _Scheduler:
         self.ready: dict[str, tuple[int, int]] = {}  # result name -> (stage, cycle it is there)
         self.provider: dict[str, str] = {}  # op name -> the name holding its full result (op or all-reduce)
         self.alias: dict[str, str] = {}  # a p2p send -> the broadcast that completes it on the group
-        self.templates: dict[tuple, tuple] = {}  # collective link loads, per (group, kind)
+        self.templates = templates  # collective link loads per (group shape, kind), shared by the phases
         self.ops: list[ScheduledOp] = []
         self.transfers: list[Transfer] = []
         self.weight_fraction = self._weight_fractions()
@@ -122,10 +125,15 @@ class _Scheduler:
             seconds = sum(self.system.links[self.system.link_kind(a, b)].latency_s for a, b in hops) + payload / bw
         else:
             path = ()
-            if (chips, kind) not in self.templates:
-                self.templates[(chips, kind)] = _collective_template(self.system, chips, kind)
-            fractions, phases = self.templates[(chips, kind)]
-            links = tuple((a, b, f * payload) for (a, b), f in fractions)
+            # routes repeat every `period` chips (whole racks, and gateways by node index mod node size)
+            n = self.system.node.chips
+            period = math.lcm(n * n, self.system.chips_per_rack)
+            base = chips[0] // period * period
+            key = (tuple(c - base for c in chips), kind)
+            if key not in self.templates:
+                self.templates[key] = _collective_template(self.system, key[0], kind)
+            fractions, phases = self.templates[key]
+            links = tuple((a + base, b + base, f * payload) for (a, b), f in fractions)
             seconds = sum(latency + worst * payload for latency, worst in phases)
         start = max([ready] + [self.link_free.get((a, b), 0) for a, b, _ in links])
         arrival = start + self.cycles(seconds)
@@ -198,7 +206,7 @@ def _prefill_chunks(spec: ModelSpec, workload: Workload) -> list[Op]:
 
 
 def schedule_phase(spec: ModelSpec, system: SystemSpec, workload: Workload, placement: Placement,
-                   phase: str) -> PhaseSchedule:
+                   phase: str, templates: dict | None = None) -> PhaseSchedule:
     """One decode step of one user (attending to the whole context) or the prefill of one prompt."""
     if phase == "decode":
         seq_len = workload.context_length
@@ -206,7 +214,7 @@ def schedule_phase(spec: ModelSpec, system: SystemSpec, workload: Workload, plac
                     act_precision=workload.activations)
     else:
         seq_len, ops = workload.prompt_len, _prefill_chunks(spec, workload)
-    s = _Scheduler(spec, system, workload, placement)
+    s = _Scheduler(spec, system, workload, placement, {} if templates is None else templates)
     payloads = {op.name: op.act_write_bytes for op in ops}
     for op in ops:
         s.place_op(op, payloads)

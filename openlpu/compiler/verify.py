@@ -78,8 +78,9 @@ def _inputs_ready(program: Program, phase: PhaseSchedule) -> list[Violation]:
             if is_op and where != stage:
                 out.append(Violation("input_not_ready", f"{phase.phase}: {name} runs on stage {stage} but its input {i} "
                                                         f"is on stage {where} and was never sent there"))
+    placed = set().union(*stage_chips.values())
     for t in phase.transfers:
-        if not set(t.chips) <= set().union(*stage_chips.values()):
+        if not set(t.chips) <= placed:
             out.append(Violation("input_not_ready", f"{phase.phase}: transfer {t.name} uses chips outside the placement"))
     return out
 
@@ -89,7 +90,6 @@ def _sram(program: Program, phase: PhaseSchedule) -> list[Violation]:
     static = defaultdict(float)
     for sh in program.placement.shards:
         static[sh.chip] += sh.nbytes
-    stage_chips = {s.index: s.chips for s in program.placement.stages}
     for s in program.placement.stages:
         for c in s.chips:
             static[c] += s.kv_bytes_per_chip
@@ -105,26 +105,35 @@ def _sram(program: Program, phase: PhaseSchedule) -> list[Violation]:
         if t.kind == "all_reduce":
             for i in t.inputs:
                 last_use[i] = max(last_use[i], last_use.get(t.name, t.arrival_cycle))
-    events = defaultdict(list)  # chip -> (cycle, +/- bytes)
+    stage_events = defaultdict(list)  # ops run on every chip of their stage: (cycle, +/- bytes)
     for op in phase.ops:
         end = max(op.end_cycle, last_use.get(op.name, op.end_cycle))
-        for c in stage_chips[op.stage]:
-            events[c] += [(op.start_cycle, op.output_bytes_per_chip), (end, -op.output_bytes_per_chip)]
+        stage_events[op.stage] += [(op.start_cycle, op.output_bytes_per_chip), (end, -op.output_bytes_per_chip)]
+    chip_events = defaultdict(list)  # what transfers deliver to particular chips
     for t in phase.transfers:
         receivers = t.chips[1:] if t.kind != "all_reduce" else ()
         end = max(t.arrival_cycle, last_use.get(t.name, t.arrival_cycle))
         for c in receivers:
-            events[c] += [(t.start_cycle, t.payload_bytes), (end, -t.payload_bytes)]
-    out = []
-    for chip in sorted(set(static) | set(events)):
-        peak = live = 0.0
-        for _, delta in sorted(events[chip], key=lambda e: (e[0], e[1])):  # frees before allocations
+            chip_events[c] += [(t.start_cycle, t.payload_bytes), (end, -t.payload_bytes)]
+
+    def peak(events) -> float:
+        top = live = 0.0
+        for _, delta in sorted(events):  # at the same cycle, frees (negative) come first
             live += delta
-            peak = max(peak, live)
-        if static[chip] + peak > capacity:
-            out.append(Violation("sram_capacity", f"{phase.phase}: chip {chip} needs {(static[chip] + peak) / 1e6:.2f} MB "
-                                                  f"of SRAM ({static[chip] / 1e6:.2f} MB weights and KV, {peak / 1e6:.2f} "
-                                                  f"MB activations) but holds {capacity / 1e6:.2f} MB"))
+            top = max(top, live)
+        return top
+
+    stage_peak = {k: peak(v) for k, v in stage_events.items()}
+    out = []
+    for stage in program.placement.stages:
+        for chip in stage.chips:
+            extra = chip_events.get(chip)
+            live = peak(stage_events[stage.index] + extra) if extra else stage_peak.get(stage.index, 0.0)
+            if static[chip] + live > capacity:
+                out.append(Violation("sram_capacity", f"{phase.phase}: chip {chip} needs "
+                                                      f"{(static[chip] + live) / 1e6:.2f} MB of SRAM "
+                                                      f"({static[chip] / 1e6:.2f} MB weights and KV, {live / 1e6:.2f} "
+                                                      f"MB activations) but holds {capacity / 1e6:.2f} MB"))
     return out
 
 
@@ -179,6 +188,12 @@ def _links(program: Program, phase: PhaseSchedule) -> list[Violation]:
             out.append(Violation("link_bandwidth", f"{phase.phase}: no link from chip {a} to chip {b}"))
             continue
         bandwidth = program.system.links[program.system.link_kind(a, b)].bandwidth_bytes_per_s
+        if len(spans) == 1:  # nothing shares the link: its own rate is all there is
+            if spans[0][2] > bandwidth * (1 + RATE_TOLERANCE):
+                out.append(Violation("link_bandwidth", f"{phase.phase}: link {a}->{b} carries "
+                                                       f"{spans[0][2] / 1e9:.2f} GB/s ({spans[0][3]}), over its "
+                                                       f"{bandwidth / 1e9:.2f} GB/s"))
+            continue
         events = sorted([(s, 1, r, n) for s, _, r, n in spans] + [(e, 0, r, n) for _, e, r, n in spans])
         rate = 0.0
         for cycle, starting, r, name in events:  # ends (0) sort before starts (1) at the same cycle

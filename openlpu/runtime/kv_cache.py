@@ -34,9 +34,11 @@ class KVCache:
         # per layer: positions kept (the ring size for sliding-window layers)
         self.layer_capacity = [min(spec.layer_window(i) or capacity, capacity)
                                for i in range(spec.n_layers)]
+        # torch.empty: memory is only touched as sequences grow, and no entry is ever read before
+        # it is written (the model attends to written positions only).
         shape = lambda c: (n_slots, spec.n_kv_heads, c, spec.head_dim)  # noqa: E731
-        self.k = [torch.zeros(shape(c), device=device, dtype=dtype) for c in self.layer_capacity]
-        self.v = [torch.zeros(shape(c), device=device, dtype=dtype) for c in self.layer_capacity]
+        self.k = [torch.empty(shape(c), device=device, dtype=dtype) for c in self.layer_capacity]
+        self.v = [torch.empty(shape(c), device=device, dtype=dtype) for c in self.layer_capacity]
         self.lengths = [0] * n_slots  # tokens written per slot (= next position)
         self._free = list(range(n_slots - 1, -1, -1))
 

@@ -80,12 +80,14 @@ def sample(logits: torch.Tensor, params: SamplingParams,
     logits = logits.float() / params.temperature
     if params.top_k and params.top_k < logits.numel():
         values, ids = logits.topk(params.top_k)
-    else:
+    elif params.top_p < 1:
         values, ids = logits.sort(descending=True)
+    else:  # the full distribution: no ordering needed
+        values, ids = logits, None
     probs = values.softmax(-1)
     if params.top_p < 1:
         # keep the smallest prefix whose mass reaches top_p (always at least the top token)
         before = probs.cumsum(-1) - probs
         probs = probs.masked_fill(before >= params.top_p, 0.0)
     choice = torch.multinomial(probs, 1, generator=generator)
-    return int(ids[choice])
+    return int(choice if ids is None else ids[choice])

@@ -22,6 +22,7 @@ from typing import Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
+from openlpu.errors import OpenLPUError
 from openlpu.serve.chat_format import prompt_ids
 from openlpu.serve.errors import APIError, bad_request, invalid_api_key, model_not_found, server_error
 from openlpu.serve.metrics import ServeMetrics
@@ -297,8 +298,11 @@ def create_app(engine, settings: ServeSettings | None = None) -> FastAPI:
         seed = req.seed if req.seed is not None else secrets.randbelow(SEED_RANGE)
         from openlpu.runtime.engine import SamplingParams
 
-        params = SamplingParams(max_tokens=max_new, temperature=req.temperature, top_p=req.top_p,
-                                seed=seed, stop=req.stop_sequences())
+        try:
+            params = SamplingParams(max_tokens=max_new, temperature=req.temperature, top_p=req.top_p,
+                                    seed=seed, stop=req.stop_sequences())
+        except OpenLPUError as e:  # what the engine's sampler refuses (e.g. top_p 0)
+            raise bad_request(str(e)) from None
         charged = len(ids) + (req.requested_max_tokens() or 0)
         s.limiter.take(key, charged, s.model_id)
         try:

@@ -69,7 +69,7 @@ class Scheduler:
         self.max_queue = max_queue
         self.on_step = on_step  # called (batch_size, seconds) after each engine step, for metrics
         self._waiting: collections.deque[Job] = collections.deque()
-        self._active: dict[object, Job] = {}  # seq_id -> job; engine thread only
+        self._active: dict[int, Job] = {}  # Sequence.id -> job; engine thread only
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="openlpu-engine", daemon=True)
@@ -146,7 +146,7 @@ class Scheduler:
                 job.deliver(JobEvent(error=server_error(f"The engine failed to start the request: {e}")))
                 continue
             job.admitted_s = time.perf_counter()
-            self._active[job.seq.seq_id] = job
+            self._active[job.seq.id] = job
 
     def _step(self) -> None:
         jobs = list(self._active.values())
@@ -178,7 +178,7 @@ class Scheduler:
         self._release(job)
 
     def _release(self, job: Job) -> None:
-        self._active.pop(job.seq.seq_id, None)
+        self._active.pop(job.seq.id, None)
         try:
             self.engine.release(job.seq)
         except Exception:  # noqa: BLE001 - a failed release must not stop the loop

@@ -63,7 +63,7 @@ class ChatCompletionRequest(_Strict):
     max_tokens: int | None = Field(default=None, ge=1)  # deprecated alias
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, ge=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # torch.Generator's range
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False

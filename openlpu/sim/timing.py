@@ -128,7 +128,7 @@ def draw_gantt(program: Program, path, max_stages: int = 24) -> None:
     n = len(program.placement.stages)
     shown = list(range(n)) if n <= max_stages else list(range(max_stages // 2)) + list(range(n - max_stages // 2, n))
     row = {s: k for k, s in enumerate(shown)}
-    fig, ax = plt.subplots(figsize=(14, 1.0 + 0.55 * len(shown)))
+    fig, ax = plt.subplots(figsize=(14, 2.0 + 0.4 * len(shown)))
     lane_h = 1.0 / len(LANES)
 
     def bar(stage, lane, start, end, colour):
@@ -146,7 +146,7 @@ def draw_gantt(program: Program, path, max_stages: int = 24) -> None:
         ax.axhline(k - 0.05, color="lightgray", linewidth=0.6)
     ax.set_yticks([k + 0.5 for k in range(len(shown))])
     ax.set_yticklabels([f"stage {s}" for s in shown], fontsize=8)
-    ax.invert_yaxis()
+    ax.set_ylim(len(shown), 0)
     ax.set_xlabel("time (us)   lanes per stage, top to bottom: matrix, vector, memory, links")
     ax.set_xlim(0, decode.makespan_cycles * us * 1.01)
     skipped = f" ({n - len(shown)} middle stages not shown)" if len(shown) < n else ""
@@ -154,7 +154,7 @@ def draw_gantt(program: Program, path, max_stages: int = 24) -> None:
                  f"{n} stages x TP {program.placement.tp}, {decode.makespan_cycles * us:,.1f} us{skipped}")
     kinds = sorted({op.kind for op in decode.ops}) + sorted({t.kind for t in decode.transfers})
     ax.legend(handles=[Patch(color={**KIND_COLOURS, **TRANSFER_COLOURS}.get(k, "tab:gray"), label=k) for k in kinds],
-              loc="upper center", bbox_to_anchor=(0.5, -0.08 - 0.3 / len(shown)), ncol=min(8, len(kinds)), fontsize=8)
+              loc="upper center", bbox_to_anchor=(0.5, -0.6 / (2.0 + 0.4 * len(shown))), ncol=min(8, len(kinds)), fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -1,0 +1,180 @@
+"""The inference engine: continuous batching over a model, a KV cache and per-request sampling.
+
+Sequences join and leave between steps. One `step` is one batched forward: new sequences feed
+their whole prompt (prefill), running ones their last token (decode); every sequence gets one new
+token. Text is streamed as deltas that never contain a stop string nor the start of one.
+Timestamps are host seconds from time.perf_counter().
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from openlpu.errors import OpenLPUError
+from openlpu.models.spec import ModelSpec
+from openlpu.runtime.kv_cache import KVCache
+from openlpu.runtime.model import Model, Span, load_model
+from openlpu.runtime.sampling import SamplingParams, make_generator, sample
+from openlpu.runtime.tokenizer import StreamDecoder, Tokenizer
+
+__all__ = ["Engine", "Sequence", "SamplingParams", "TokenEvent"]
+
+DEFAULT_CONTEXT_LENGTH = 8192  # positions per sequence unless asked (the KV cache grows to this)
+DEFAULT_PRECISION = "int4"  # int8 blocks, 4-bit head with float32 rescoring (see model.PRECISIONS)
+
+
+@dataclass
+class TokenEvent:
+    seq_id: int
+    token_id: int
+    text: str  # new text since the previous event of this sequence
+    finished: bool
+    finish_reason: str | None  # "stop" (EOS or stop string) | "length" | None
+
+
+@dataclass
+class Sequence:
+    id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    t_start: float = 0.0
+    t_first_token: float | None = None
+    t_end: float | None = None
+    slot: int | None = None  # KV cache slot while it holds one
+    _generator: torch.Generator | None = None
+    _decoder: StreamDecoder | None = None
+    _held_text: str = ""  # decoded text not emitted yet: it could begin a stop string
+    _fed: int = 0  # tokens already written to the KV cache
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Engine:
+    def __init__(self, model: Model, tokenizer: Tokenizer, max_batch: int = 8,
+                 context_length: int | None = None):
+        if max_batch < 1:
+            raise OpenLPUError(f"max_batch must be >= 1, got {max_batch}")
+        self.model, self.tokenizer = model, tokenizer
+        self.spec: ModelSpec = model.spec
+        self.model_name = self.spec.name
+        self.context_length = min(context_length or model.max_positions, model.max_positions)
+        self.max_batch = max_batch
+        self.cache = KVCache(self.spec, max_batch, self.context_length, model.device)
+        self._ids = itertools.count(1)
+
+    @classmethod
+    def load(cls, model_path: str | None = None, precision: str = DEFAULT_PRECISION, device=None,
+             max_batch: int = 8, context_length: int | None = None) -> "Engine":
+        from openlpu.models.embedded import default_model_path
+        from openlpu.models.gguf import spec_from_gguf
+
+        path = model_path or default_model_path()
+        spec = spec_from_gguf(path)
+        context = min(context_length or DEFAULT_CONTEXT_LENGTH, spec.context_length)
+        tokenizer = Tokenizer.from_gguf(path)
+        model = load_model(path, precision, device, max_positions=context, spec=spec)
+        return cls(model, tokenizer, max_batch, context)
+
+    # ---- sequences --------------------------------------------------------------------------
+    def new_sequence(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        if not prompt_ids:
+            raise OpenLPUError("the prompt is empty; give some text to continue")
+        if len(prompt_ids) + params.max_tokens > self.context_length:
+            raise OpenLPUError(f"prompt ({len(prompt_ids)} tokens) + max_tokens "
+                               f"({params.max_tokens}) exceeds the context length "
+                               f"({self.context_length}); shorten the prompt or lower max_tokens")
+        bad = [t for t in prompt_ids if not 0 <= t < self.spec.vocab_size]
+        if bad:
+            raise OpenLPUError(f"token id {bad[0]} is outside the vocabulary "
+                               f"(0..{self.spec.vocab_size - 1})")
+        seq = Sequence(next(self._ids), list(prompt_ids), params, t_start=time.perf_counter())
+        seq.slot = self.cache.allocate()
+        seq._generator = make_generator(params, self.model.device)
+        seq._decoder = self.tokenizer.stream()
+        return seq
+
+    def release(self, seq: Sequence) -> None:
+        """Give the sequence's KV cache slot back (idempotent; finished sequences already did)."""
+        if seq.slot is not None:
+            self.cache.release(seq.slot)
+            seq.slot = None
+        if not seq.finished:
+            seq.finish_reason, seq.t_end = "cancelled", time.perf_counter()
+
+    # ---- one batched forward ----------------------------------------------------------------
+    def step(self, seqs: list[Sequence]) -> list[TokenEvent]:
+        active = [s for s in seqs if not s.finished]
+        if any(s.slot is None for s in active):
+            raise OpenLPUError("a sequence without a KV cache slot cannot be stepped")
+        if not active:
+            return []
+        tokens, spans, last_rows = [], [], []
+        for s in active:
+            new = (s.prompt_ids + s.output_ids)[s._fed:]
+            spans.append(Span(s.slot, s._fed, len(new)))
+            tokens += new
+            last_rows.append(len(tokens) - 1)
+        logits = self.model.forward(tokens, spans, self.cache, last_rows)
+        events = []
+        for s, span, row in zip(active, spans, logits):
+            s._fed += span.n_tokens
+            events.append(self._advance(s, sample(row, s.params, s._generator)))
+        return events
+
+    def _advance(self, s: Sequence, token: int) -> TokenEvent:
+        now = time.perf_counter()
+        s.t_first_token = s.t_first_token or now
+        s.output_ids.append(token)
+        eos = token in self.tokenizer.eos_ids
+        text = "" if eos else s._decoder.push(token)
+        reason = "stop" if eos else None
+        pending = s._held_text + text
+        emit, hit = _split_at_stop(pending, s.params.stop)
+        if hit:
+            reason, pending = "stop", ""
+        elif reason is None and (len(s.output_ids) >= s.params.max_tokens
+                                 or len(s.prompt_ids) + len(s.output_ids) >= self.context_length):
+            reason = "length"
+        if reason is not None and not hit:
+            emit, pending = pending + s._decoder.flush(), ""
+        elif reason is None:
+            emit = pending[:len(pending) - _held_suffix(pending, s.params.stop)]
+            pending = pending[len(emit):]
+        s._held_text = pending
+        if reason is not None:
+            s.finish_reason, s.t_end = reason, now
+            self.release(s)
+        return TokenEvent(s.id, token, emit, reason is not None, reason)
+
+    # ---- one sequence, streaming ------------------------------------------------------------
+    def generate(self, prompt: str | list[int], params: SamplingParams | None = None
+                 ) -> Iterator[TokenEvent]:
+        params = params or SamplingParams()
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        seq = self.new_sequence(ids, params)
+        try:
+            while not seq.finished:
+                yield from self.step([seq])
+        finally:
+            self.release(seq)
+
+
+def _split_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    """(text before the earliest stop string, whether one occurs)."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _held_suffix(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that could begin a stop string."""
+    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1)
+                if s.startswith(text[-n:])), default=0)

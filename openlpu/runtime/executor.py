@@ -1,0 +1,553 @@
+"""Execute a compiled Program: real logits from the partitioned, scheduled model.
+
+Two modes over the same op kernels:
+
+- "sharded": one virtual chip per Program chip. A chip holds only the weight shards the placement
+  puts on it (sliced and copied at load: nothing else is reachable), runs the ops scheduled on its
+  stage in schedule order on its shard (column-split matmuls give a slice, row-split ones partial
+  sums), and sees another chip's results only through the Program's transfers (an all-reduce sums
+  the group's partials, a p2p send / broadcast moves an activation to the next stage). An op whose
+  input was never produced on its chip is an error naming it. Agreement with the fused mode is the
+  proof that the compiler's partition and schedule are right.
+- "fused": the same op list on one chip holding whole tensors (tp=1 semantics), transfers reduced
+  to their source op; the fast path, with Model.forward's signature so the Engine can drive it.
+
+The math is model.py's (norms, rope tables and rotation, attention over the KV cache) and
+kernels.py's Linear; this module only slices weights, routes values and orders the ops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from openlpu.compiler.program import PhaseSchedule, Program, ScheduledOp, Transfer
+from openlpu.errors import OpenLPUError
+from openlpu.models.spec import ModelSpec
+from openlpu.runtime.kernels import Linear
+from openlpu.runtime.kv_cache import KVCache
+from openlpu.runtime.model import GATE_ACTIVATIONS, ROPE_STYLE, Model, Span, rope_inverse_frequencies
+
+MODES = ("sharded", "fused")
+HEAD_OPS = ("output_norm", "output", "final_softcap", "sample")  # the head item's ops
+
+
+def _suffix(name: str) -> str:
+    """'c1/blk.3.attn_q' -> 'attn_q'; 'output' -> 'output'."""
+    name = _strip(name)
+    return name.split(".", 2)[2] if name.startswith("blk.") else name
+
+
+def _strip(name: str) -> str:
+    """Drop a prefill chunk prefix: 'c1/blk.3.attn_q' -> 'blk.3.attn_q'."""
+    return name.split("/", 1)[1] if "/" in name else name
+
+
+def _layer(name: str) -> int:
+    return int(name.split(".")[1]) if name.startswith("blk.") else -1
+
+
+@dataclass(frozen=True)
+class Routed:
+    """Per-token MoE values for its top-k experts, with the routing that produced them."""
+    values: torch.Tensor  # [tokens, k, features]
+    experts: torch.Tensor  # [tokens, k] expert ids
+    weights: torch.Tensor  # [tokens, k] softmax over the chosen experts' router logits
+
+
+# ---- one virtual chip -------------------------------------------------------------------------
+class Chip:
+    """A chip's SRAM: its weight shards (copies), its KV cache, and model.py's math for its heads."""
+
+    def __init__(self, chip_id: int, spec: ModelSpec, shards: dict[str, tuple[int, int, int, torch.Tensor]]):
+        self.id, self.full_spec = chip_id, spec
+        self._shards = shards  # tensor -> (axis, start, stop, local copy)
+        self.spec = spec  # narrowed to the chip's heads below, once they are known
+        self.host: Model | None = None
+        self.cache: KVCache | None = None
+
+    def weight(self, tensor: str, op: str) -> torch.Tensor:
+        if tensor not in self._shards:
+            raise OpenLPUError(f"op {op} on chip {self.id} needs {tensor}, which the placement does not "
+                               f"put on chip {self.id}")
+        return self._shards[tensor][3]
+
+    def start(self, tensor: str, op: str) -> int:
+        self.weight(tensor, op)
+        return self._shards[tensor][1]
+
+    def set_heads(self, n_heads: int, n_kv_heads: int) -> None:
+        """Narrow the spec to this chip's heads and build model.py's attention helpers for it."""
+        if self.host is not None and (self.spec.n_heads, self.spec.n_kv_heads) != (n_heads, n_kv_heads):
+            raise OpenLPUError(f"chip {self.id} holds different head counts in different layers")
+        self.spec = dataclasses.replace(self.full_spec, n_heads=n_heads, n_kv_heads=n_kv_heads)
+        self.host = kernel_host(self.spec)
+
+
+def kernel_host(spec: ModelSpec) -> Model:
+    """model.py's Model without weights: its norm, rope and attention methods for `spec`'s heads.
+    (model.py exposes this math only as Model methods; see the executor's report.)"""
+    host = Model.__new__(Model)
+    host.spec, host.device, host.max_positions = spec, torch.device("cpu"), spec.context_length
+    host.rope_style, host.activation = ROPE_STYLE[spec.family], GATE_ACTIVATIONS[spec.activation]
+    return host
+
+
+# ---- per pass context -------------------------------------------------------------------------
+class Pass:
+    """What every op of one forward pass shares: token ids, positions, rope tables, attention plans."""
+
+    def __init__(self, inv_freq: dict, host: Model, tokens: torch.Tensor, spans: list[Span],
+                 logit_rows: torch.Tensor):
+        self.tokens, self.spans, self.logit_rows = tokens, spans, logit_rows
+        positions = torch.cat([torch.arange(sp.start_pos, sp.start_pos + sp.n_tokens) for sp in spans])
+        self.rope = {base: host._rope_tables(positions, inv) for base, inv in inv_freq.items()}
+        self._plans: dict = {}
+
+    def plans(self, chip: Chip, layer: int) -> list:
+        """model.py's attention plans for this layer's cache group, on this chip's heads."""
+        spec, cache = chip.spec, chip.cache
+        window = spec.layer_window(layer)
+        capacity = cache.capacity if cache is not None else chip.host.max_positions
+        key = (chip.id, min(window or capacity, capacity), window)
+        if key not in self._plans:
+            # lengths as they stand at the start of this pass (chunks of one prompt interleave layers)
+            view = None if cache is None else SimpleNamespace(lengths={sp.slot: sp.start_pos for sp in self.spans})
+            self._plans[key] = chip.host._attention_plans(self.spans, view, *key[1:])
+        return self._plans[key]
+
+
+# ---- op kernels: (chip, op name) -> fn(pass, *inputs) -----------------------------------------
+def _norm_kernel(chip: Chip, name: str, tensor: str):
+    w = chip.weight(tensor, name) + chip.spec.norm_weight_offset
+    host = chip.host or kernel_host(chip.spec)
+    return lambda p, x: host._norm(x, w)
+
+
+def _linear_kernel(chip: Chip, name: str, tensor: str):
+    has_bias = chip.full_spec.qkv_bias and _suffix(name) in ("attn_q", "attn_k", "attn_v")
+    bias = chip.weight(tensor.replace(".weight", ".bias"), name) if has_bias else None
+    lin = Linear.build(chip.weight(tensor, name), "float32", bias)
+    return lambda p, x: lin(x)
+
+
+def _head_norm_kernel(chip: Chip, name: str, tensor: str):
+    w = chip.weight(tensor, name) + chip.spec.norm_weight_offset
+    hd, eps = chip.spec.head_dim, chip.spec.norm_eps
+    return lambda p, x: (F.rms_norm(x.view(x.shape[0], -1, hd), (hd,), None, eps) * w).view(x.shape[0], -1)
+
+
+def build_kernel(chip: Chip, name: str, kind: str) -> Callable:
+    spec, suffix, layer = chip.full_spec, _suffix(name), _layer(_strip(name))
+    base = _strip(name)
+    weight = f"{base}.weight"
+    if suffix == "token_embd":
+        table = chip.weight("token_embd.weight", base)
+        start, scale = chip.start("token_embd.weight", base), spec.embed_scale
+
+        def embed(p, table=table, start=start):
+            ids = p.tokens - start
+            hit = (ids >= 0) & (ids < table.shape[0])
+            out = torch.zeros(ids.shape[0], table.shape[1])
+            out[hit] = table[ids[hit]]  # rows of this chip's vocabulary slice; zeros elsewhere
+            return out * scale if scale != 1.0 else out
+        return embed
+    if suffix in ("attn_q_norm", "attn_k_norm"):
+        return _head_norm_kernel(chip, base, weight)
+    if suffix == "output_norm":
+        norm = _norm_kernel(chip, base, weight)
+        return lambda p, x: norm(p, x[p.logit_rows])  # the head runs only on the rows asked for
+    if kind == "norm":
+        return _norm_kernel(chip, base, weight)
+    if suffix == "output":
+        return _linear_kernel(chip, base, "token_embd.weight" if spec.tie_embeddings else "output.weight")
+    if suffix in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
+        return _linear_kernel(chip, base, weight)
+    if suffix == "rope":
+        host, hd = chip.host, spec.head_dim
+        rope_base = spec.layer_rope_base(layer)
+
+        def rope(p, q, k):
+            cos, sin = p.rope[rope_base]
+            qh, kh = q.view(q.shape[0], -1, hd), k.view(k.shape[0], -1, hd)
+            return qh * cos + host._rotate(qh) * sin, kh * cos + host._rotate(kh) * sin
+        return rope
+    if suffix == "attn_softcap":
+        return lambda p, qk: qk  # the cap applies to the scores, inside attention (spec.attn_logit_softcap)
+    if suffix == "attention":
+        hd = spec.head_dim
+
+        def attention(p, qk, v):
+            q, k = qk
+            v = v.view(v.shape[0], -1, hd)
+            outs = [chip.host._attend(layer, q[pl.rows], k[pl.rows], v[pl.rows], pl, chip.cache)
+                    for pl in p.plans(chip, layer)]
+            return outs[0] if len(outs) == 1 else torch.cat(outs)
+        return attention
+    if kind == "residual":
+        return lambda p, a, b: a + b
+    if suffix == "ffn_act":
+        act = GATE_ACTIVATIONS[spec.activation]
+        if spec.is_moe:
+            return lambda p, g, u: Routed(act(g.values) * u.values, g.experts, g.weights)
+        return lambda p, g, u: act(g) * u
+    if suffix == "ffn_gate_inp":
+        router, k = _linear_kernel(chip, base, weight), spec.n_experts_per_token
+
+        def route(p, x):  # Mixtral: top-k experts, weighted by a softmax over their logits
+            top_logits, top_experts = router(p, x).topk(k, -1)
+            return top_experts, top_logits.softmax(-1)
+        return route
+    if suffix in ("ffn_gate_exps", "ffn_up_exps"):
+        w = chip.weight(weight, base)  # [experts, this chip's d_ff slice, d_model]
+
+        def experts_in(p, x, routing):
+            experts, weights = routing
+            out = torch.zeros(*experts.shape, w.shape[1])
+            for e in experts.unique().tolist():
+                rows, rank = (experts == e).nonzero(as_tuple=True)
+                out[rows, rank] = F.linear(x[rows], w[e])
+            return Routed(out, experts, weights)
+        return experts_in
+    if suffix == "ffn_down_exps":
+        w = chip.weight(weight, base)  # [experts, d_model, this chip's d_ff slice]
+
+        def experts_out(p, a):
+            out = torch.zeros(a.values.shape[0], w.shape[1])
+            for e in a.experts.unique().tolist():
+                rows, rank = (a.experts == e).nonzero(as_tuple=True)
+                out.index_add_(0, rows, F.linear(a.values[rows, rank], w[e]) * a.weights[rows, rank, None])
+            return out
+        return experts_out
+    if suffix == "final_softcap":
+        cap = spec.final_logit_softcap
+        return lambda p, x: torch.tanh(x / cap) * cap
+    if suffix == "sample":
+        start = chip.start("token_embd.weight" if spec.tie_embeddings else "output.weight", base)
+
+        def local_argmax(p, logits):  # (best value, its id in the whole vocabulary) per row
+            values, index = logits.max(-1)
+            return values, index + start
+        return local_argmax
+    raise OpenLPUError(f"the executor has no kernel for op {name!r} (kind {kind}); the Program was "
+                       f"lowered by a newer compiler")
+
+
+def reduce_argmax(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampler's all-reduce: the largest value over the chips; ties go to the smaller id, like argmax."""
+    values = torch.stack([v for v, _ in parts])
+    ids = torch.stack([i for _, i in parts])
+    best = values.max(0).values
+    ids = torch.where(values == best, ids, torch.iinfo(ids.dtype).max)
+    return best, ids.min(0).values
+
+
+# ---- caches -----------------------------------------------------------------------------------
+class ChipCaches:
+    """One KV cache per chip, each for that chip's KV heads and only its stage's layers."""
+
+    def __init__(self, chips: dict[int, Chip], layers_of: dict[int, set[int]], n_slots: int, capacity: int):
+        self.per_chip = {}
+        for cid, chip in chips.items():
+            cache = KVCache(chip.spec, n_slots, capacity)
+            for i in range(chip.spec.n_layers):
+                if i not in layers_of[cid]:  # not this chip's layer: no storage at all
+                    cache.k[i] = cache.v[i] = None
+            self.per_chip[cid] = cache
+        self.capacity = capacity
+
+    @property
+    def lengths(self) -> list[int]:
+        return next(iter(self.per_chip.values())).lengths
+
+    def allocate(self) -> int:
+        slots = {c.allocate() for c in self.per_chip.values()}
+        assert len(slots) == 1
+        return slots.pop()
+
+    def release(self, slot: int) -> None:
+        for c in self.per_chip.values():
+            c.release(slot)
+
+    def advance(self, spans: list[Span]) -> None:
+        for c in self.per_chip.values():
+            for sp in spans:
+                c.lengths[sp.slot] += sp.n_tokens
+
+
+# ---- the executor -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Event:
+    """One op on a stage's chips, or one transfer, in schedule order."""
+    name: str  # op or transfer name, chunk prefix removed
+    inputs: tuple[str, ...]
+    op: ScheduledOp | None
+    transfer: Transfer | None
+    chips: tuple[int, ...]  # where an op runs
+
+
+class Executor:
+    def __init__(self, program: Program, spec: ModelSpec, weights: Mapping[str, torch.Tensor], mode: str = "fused"):
+        if mode not in MODES:
+            raise OpenLPUError(f"unknown execution mode {mode!r}; use one of {', '.join(MODES)}")
+        if spec.name != program.model or spec.tensor_shapes() != program.tensors:
+            raise OpenLPUError(f"the Program was compiled for {program.model!r}, not for these weights "
+                               f"({spec.name!r}); compile it for this model")
+        self.program, self.spec, self.mode = program, spec, mode
+        self.device = torch.device("cpu")
+        self.max_positions = spec.context_length
+        self.inv_freq = {b: rope_inverse_frequencies(spec, b) for b in {spec.layer_rope_base(i) for i in range(spec.n_layers)}}
+        self.host = kernel_host(spec)
+        stages = program.placement.stages
+        if mode == "fused":
+            self.stage_chips = {s.index: (0,) for s in stages}
+            shards = {name: (0, 0, shape[0], weights[name].float()) for name, shape in program.tensors.items()}
+            self.chips = {0: Chip(0, spec, shards)}
+        else:
+            self.stage_chips = {s.index: s.chips for s in stages}
+            self.chips = {c: Chip(c, spec, {}) for c in program.placement.chips}
+            for sh in program.placement.shards:
+                if sh.chip not in self.chips:
+                    raise OpenLPUError(f"shard of {sh.tensor} is placed on chip {sh.chip}, which no stage uses")
+                local = self.chips[sh.chip]._shards
+                if sh.tensor in local:
+                    raise OpenLPUError(f"chip {sh.chip} holds two shards of {sh.tensor}")
+                # a copy, so the chip cannot reach the rest of the tensor through a view
+                local[sh.tensor] = (sh.axis, sh.start, sh.stop,
+                                    weights[sh.tensor].float().narrow(sh.axis, sh.start, sh.stop - sh.start).clone())
+        self.layers_of = {c: {i for s in stages if c in self.stage_chips[s.index] for i in s.items if 0 <= i < spec.n_layers}
+                          for c in self.chips}
+        for chip in self.chips.values():
+            self._set_heads(chip)
+        self.decode_events = self._events(program.decode)
+        self.prefill_chunks = self._prefill_templates(program.prefill)
+        self.kernels: dict[tuple[int, str], Callable] = {}
+        for ev in self.decode_events + [e for body, _ in self.prefill_chunks for e in body] + self.head_events:
+            for c in ev.chips if ev.op is not None else ():
+                if (c, ev.name) not in self.kernels:
+                    self.kernels[(c, ev.name)] = build_kernel(self.chips[c], ev.name, ev.op.kind)
+
+    def _set_heads(self, chip: Chip) -> None:
+        """The chip's query and KV heads, from its attn_q / attn_k shards; GQA must stay on the chip."""
+        s = self.spec
+        layers = sorted(self.layers_of[chip.id])
+        if not layers:
+            chip.set_heads(s.n_heads, s.n_kv_heads)
+            return
+        for i in layers:
+            q = chip._shards.get(f"blk.{i}.attn_q.weight")
+            k = chip._shards.get(f"blk.{i}.attn_k.weight")
+            if q is None or k is None:
+                missing = f"blk.{i}.attn_q.weight" if q is None else f"blk.{i}.attn_k.weight"
+                raise OpenLPUError(f"layer {i} runs on chip {chip.id} but the placement does not put "
+                                   f"{missing} there")
+            q_heads = range(q[1] // s.head_dim, q[2] // s.head_dim)
+            kv_heads = range(k[1] // s.head_dim, k[2] // s.head_dim)
+            if {h // (s.n_heads // s.n_kv_heads) for h in q_heads} != set(kv_heads):
+                raise OpenLPUError(f"chip {chip.id}, layer {i}: query heads {q_heads.start}..{q_heads.stop - 1} "
+                                   f"need other KV heads than the {kv_heads.start}..{kv_heads.stop - 1} placed there")
+            chip.set_heads(len(q_heads), len(kv_heads))
+
+    # ---- schedule -> events ----
+    def _events(self, phase: PhaseSchedule) -> list[Event]:
+        items = [(o.start_cycle, 0, o) for o in phase.ops] + [(t.start_cycle, 1, t) for t in phase.transfers]
+        events = []
+        for _, is_transfer, x in sorted(items, key=lambda i: (i[0], i[1])):
+            if self.mode == "fused" and is_transfer:
+                continue  # one chip holds everything: nothing crosses a link
+            inputs = tuple(self._fused_name(i) if self.mode == "fused" else i for i in x.inputs)
+            if is_transfer:
+                events.append(Event(x.name, inputs, None, x, x.chips))
+            else:
+                events.append(Event(x.name, inputs, x, None, self.stage_chips[x.stage]))
+        return events
+
+    @staticmethod
+    def _fused_name(name: str) -> str:
+        """A transfer's name -> the op whose result it carries ('blk.0.ffn_down.allreduce' -> 'blk.0.ffn_down')."""
+        return name.split(">")[0].removesuffix(".allreduce")
+
+    def _prefill_templates(self, phase: PhaseSchedule) -> list[tuple[list[Event], int]]:
+        """Per compiled prompt chunk: its body events (names without the chunk prefix, inputs from
+        earlier chunks dropped: that is the KV cache they wrote) and its token count. Head events
+        (logits of the prompt's last token) come from the last chunk, in self.head_events."""
+        chunks: dict[int, list[Event]] = {}
+        for ev in self._events(phase):
+            c = int(ev.name.split("/", 1)[0][1:])
+            own = f"c{c}/"
+            inputs = tuple(_strip(i) for i in ev.inputs if i.startswith(own) or "/" not in i)
+            chunks.setdefault(c, []).append(dataclasses.replace(ev, name=_strip(ev.name), inputs=inputs))
+        last = chunks[max(chunks)]
+        consumers: dict[str, list[str]] = {}
+        for ev in last:
+            for i in ev.inputs:
+                consumers.setdefault(i, []).append(ev.name)
+        head_names: set[str] = set()
+        for ev in reversed(last):  # head ops, and the transfers only they consume
+            users = consumers.get(ev.name, [])
+            if ev.name in HEAD_OPS or (ev.transfer is not None and users and all(u in head_names for u in users)):
+                head_names.add(ev.name)
+        for ev in last:  # and the transfers that carry their results (the sampler's all-reduce)
+            if any(i in head_names for i in ev.inputs):
+                head_names.add(ev.name)
+        self.head_events = [ev for ev in last if ev.name in head_names]
+        chunk = self.program.workload.prefill_chunk
+        return [([ev for ev in chunks[c] if ev.name not in head_names], chunk) for c in sorted(chunks)]
+
+    # ---- running ----
+    def new_cache(self, n_slots: int = 1, capacity: int | None = None) -> KVCache | ChipCaches:
+        capacity = capacity or self.max_positions
+        if self.mode == "fused":
+            return KVCache(self.spec, n_slots, capacity)
+        return ChipCaches(self.chips, self.layers_of, n_slots, capacity)
+
+    def _run(self, events: list[Event], ctx: Pass, values: dict[int, dict]) -> None:
+        for ev in events:
+            if ev.transfer is not None:
+                self._transfer(ev, values)
+                continue
+            for c in ev.chips:
+                held = values[c]
+                args = []
+                for i in ev.inputs:
+                    if i not in held:
+                        raise OpenLPUError(f"op {ev.name} on chip {c} needs {i}, which was never delivered to "
+                                           f"chip {c} (no transfer in the Program brings it there)")
+                    args.append(held[i])
+                held[ev.name] = self.kernels[(c, ev.name)](ctx, *args)
+
+    def _transfer(self, ev: Event, values: dict[int, dict]) -> None:
+        t, src_name = ev.transfer, ev.inputs[0]
+        sources = t.chips if t.kind == "all_reduce" else t.chips[:1]
+        for c in sources:
+            if src_name not in values[c]:
+                raise OpenLPUError(f"transfer {ev.name} sends {src_name} from chip {c}, which never produced it")
+        if t.kind == "all_reduce":
+            parts = [values[c][src_name] for c in t.chips]
+            total = reduce_argmax(parts) if isinstance(parts[0], tuple) else torch.stack(parts).sum(0)
+            for c in t.chips:
+                values[c][ev.name] = total
+        elif t.kind == "p2p":
+            values[t.chips[-1]][ev.name] = values[t.chips[0]][src_name]
+        else:  # broadcast from the group's first chip
+            for c in t.chips:
+                values[c][ev.name] = values[t.chips[0]][src_name]
+
+    @torch.inference_mode()
+    def step(self, tokens, spans: list[Span], cache: KVCache | ChipCaches | None = None,
+             logit_rows=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float32 logits [rows, vocab], the Program's greedy token per row). Default rows: the last
+        of each span (the Program computes logits only there)."""
+        tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
+        if not spans or sum(sp.n_tokens for sp in spans) != tokens.numel():
+            raise OpenLPUError("spans must cover the tokens exactly")
+        if ((tokens < 0) | (tokens >= self.spec.vocab_size)).any():
+            raise OpenLPUError(f"token ids must be in 0..{self.spec.vocab_size - 1}")
+        ends = torch.tensor([sum(sp.n_tokens for sp in spans[:k + 1]) - 1 for k in range(len(spans))])
+        rows = ends if logit_rows is None else torch.as_tensor(logit_rows, dtype=torch.long).flatten()
+        own_cache = cache is None
+        if own_cache:  # the chips keep K/V only in their caches: give this one pass a scratch cache
+            spans = [Span(k, 0, sp.n_tokens) for k, sp in enumerate(spans)]
+            cache = self.new_cache(len(spans), max(sp.n_tokens for sp in spans))
+            for _ in spans:
+                cache.allocate()
+        per_chip = cache.per_chip if isinstance(cache, ChipCaches) else {0: cache}
+        if set(per_chip) != set(self.chips):
+            raise OpenLPUError("this cache was made for another executor; use executor.new_cache()")
+        for sp in spans:
+            if cache.lengths[sp.slot] != sp.start_pos:
+                raise OpenLPUError(f"span starts at {sp.start_pos} but slot {sp.slot} holds "
+                                   f"{cache.lengths[sp.slot]} positions")
+            if sp.start_pos + sp.n_tokens > cache.capacity:
+                raise OpenLPUError(f"sequence needs {sp.start_pos + sp.n_tokens} positions; the cache holds "
+                                   f"{cache.capacity}")
+        for c, chip in self.chips.items():
+            chip.cache = per_chip[c]
+        if self.mode == "fused" or (len(spans) == 1 and tokens.numel() == 1):
+            logits, token = self._pass(self.decode_events, tokens, spans, rows)
+        else:
+            logits, token = self._prefill(tokens, spans, rows)
+        if isinstance(cache, ChipCaches):
+            cache.advance(spans)
+        else:
+            for sp in spans:
+                cache.lengths[sp.slot] += sp.n_tokens
+        return logits, token
+
+    def forward(self, tokens, spans: list[Span], cache=None, logit_rows=None) -> torch.Tensor:
+        """Model.forward's contract (float32 logits for logit_rows; default: each span's last row)."""
+        return self.step(tokens, spans, cache, logit_rows)[0]
+
+    def _prefill(self, tokens: torch.Tensor, spans: list[Span], rows: torch.Tensor):
+        """One prompt, chunk by chunk as the prefill schedule runs it; chunk j follows the compiled
+        chunk min(j, last) (all compiled chunks but the last have the same ops), the head runs once."""
+        if len(spans) != 1:
+            raise OpenLPUError("sharded execution runs one sequence at a time (the Program serves one user "
+                               "per pipeline slot); use fused mode for batches")
+        span, chunk = spans[0], self.prefill_chunks[0][1]
+        n_chunks = -(-span.n_tokens // chunk)
+        first_row = (n_chunks - 1) * chunk
+        if (rows < first_row).any():
+            raise OpenLPUError(f"the Program computes logits only for the prompt's last chunk (rows "
+                               f"{first_row}..{span.n_tokens - 1})")
+        for j in range(n_chunks):
+            body = self.prefill_chunks[min(j, len(self.prefill_chunks) - 1)][0]
+            last = j == n_chunks - 1
+            piece = Span(span.slot, span.start_pos + j * chunk, min(chunk, span.n_tokens - j * chunk))
+            events = body + self.head_events if last else body
+            out = self._pass(events, tokens[j * chunk:j * chunk + piece.n_tokens], [piece],
+                             rows - first_row, head=last)
+        return out
+
+    def _pass(self, events: list[Event], tokens: torch.Tensor, spans: list[Span], rows: torch.Tensor,
+              head: bool = True):
+        ctx = Pass(self.inv_freq, self.host, tokens, spans, rows)
+        values = {c: {} for c in self.chips}
+        self._run(events, ctx, values)
+        if not head:
+            return None, None
+        return self._logits(values), self._token(values)
+
+    def _logits(self, values: dict[int, dict]) -> torch.Tensor:
+        """The host reads each head chip's vocabulary slice, in rank order."""
+        name = "final_softcap" if self.spec.final_logit_softcap else "output"
+        head_stage = self.program.decode.ops[-1].stage
+        return torch.cat([values[c][name] for c in self.stage_chips[head_stage]], -1)
+
+    def _token(self, values: dict[int, dict]) -> torch.Tensor:
+        """The sampled token where the Program leaves it: sent back to the embedding stage, or reduced."""
+        for name in ("token_return", "sample.allreduce", "sample"):
+            for c in self.chips:
+                if name in values[c]:
+                    token = values[c][name]
+                    return token[1] if isinstance(token, tuple) else token
+        raise OpenLPUError("the Program never produces a sampled token")
+
+    # ---- greedy generation ----
+    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        """Greedy ids, each one the token the Program's sampler produced (fed back as the next input)."""
+        if not prompt_ids or max_new_tokens < 1:
+            raise OpenLPUError("give a non-empty prompt and at least one new token")
+        cache = self.new_cache(1, min(self.max_positions, len(prompt_ids) + max_new_tokens))
+        slot = cache.allocate()
+        _, token = self.step(prompt_ids, [Span(slot, 0, len(prompt_ids))], cache)
+        out = [int(token[-1])]
+        while len(out) < max_new_tokens:
+            _, token = self.step([out[-1]], [Span(slot, len(prompt_ids) + len(out) - 1, 1)], cache)
+            out.append(int(token[-1]))
+        return out
+
+
+def simulated_figures(program: Program) -> dict:
+    """The Program's LPU speed as openlpu.sim.timing reads it off the schedule (simulated, not measured)."""
+    from openlpu.sim.timing import timing
+
+    t = timing(program)
+    return {"label": "simulated", "system": program.system.name, "chips": t.chips, "stages": t.stages,
+            "tp": t.tp, "ttft_s": t.ttft_s, "tokens_per_s_per_user": t.tokens_per_s_per_user,
+            "decode_latency_s": t.decode_latency_s}

@@ -1,0 +1,189 @@
+"""Placement, schedule and the Program file: determinism, exact placement, fit errors, CLI."""
+
+import hashlib
+import math
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from openlpu.cli import app
+from openlpu.compiler import Workload, compile_program, load_program, verify
+from openlpu.compiler.program import MAGIC
+from openlpu.errors import OpenLPUError
+from openlpu.hardware.lpu import load_system
+from openlpu.models.spec import load_preset
+
+SYSTEM = load_system("lpu-v1")
+SMALL = Workload(context_length=2048, prompt_len=300, prefill_chunk=128)
+
+
+@pytest.fixture(scope="module")
+def llama70():
+    return compile_program(load_preset("llama-3.3-70b"), SYSTEM, Workload(context_length=4096, prompt_len=512))
+
+
+@pytest.fixture(scope="module")
+def gemma8():
+    return compile_program(load_preset("gemma-3-270m"), SYSTEM, SMALL, chips=8)
+
+
+def test_same_inputs_same_bytes_in_one_and_two_processes(gemma8, tmp_path):
+    again = compile_program(load_preset("gemma-3-270m"), SYSTEM, SMALL, chips=8)
+    assert again.sha256() == gemma8.sha256()
+    code = ("from openlpu.compiler import Workload, compile_program;"
+            "from openlpu.hardware.lpu import load_system; from openlpu.models.spec import load_preset;"
+            "print(compile_program(load_preset('gemma-3-270m'), load_system('lpu-v1'),"
+            " Workload(context_length=2048, prompt_len=300, prefill_chunk=128), chips=8).sha256())")
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={"PYTHONHASHSEED": seed, "PATH": ""}).stdout.strip() for seed in ("1", "2")}
+    assert digests == {gemma8.sha256()}
+
+
+def test_save_load_round_trip_and_bad_files(gemma8, tmp_path):
+    path = tmp_path / "g.prog"
+    gemma8.save(path)
+    back = load_program(path)
+    assert back == gemma8 and hashlib.sha256(path.read_bytes()).hexdigest() == back.sha256()
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    (tmp_path / "corrupt.prog").write_bytes(bytes(data))
+    with pytest.raises(OpenLPUError, match="corrupt"):
+        load_program(tmp_path / "corrupt.prog")
+    newer = bytearray(path.read_bytes())
+    newer[len(MAGIC)] = 99
+    (tmp_path / "v99.prog").write_bytes(bytes(newer))
+    with pytest.raises(OpenLPUError, match="version 99"):
+        load_program(tmp_path / "v99.prog")
+    (tmp_path / "text.prog").write_text("hello")
+    with pytest.raises(OpenLPUError, match="not an OpenLPU program"):
+        load_program(tmp_path / "text.prog")
+    with pytest.raises(OpenLPUError, match="cannot read program"):
+        load_program(tmp_path / "missing.prog")
+
+
+def test_unflagged_shards_hold_each_weight_exactly_once(llama70):
+    """Second method: the bytes of the primary shards add up to the model's parameters (int8)."""
+    spec = load_preset("llama-3.3-70b")
+    primary = sum(sh.nbytes for sh in llama70.placement.shards if not sh.replicated)
+    norms = sum(math.prod(s) for n, s in spec.tensor_shapes().items() if "norm" in n)
+    assert primary == spec.param_count() - norms  # norms are replicated on every chip of a group, all flagged
+    assert sum(sh.nbytes for sh in llama70.placement.shards if "norm" in sh.tensor) == norms * llama70.placement.tp
+
+
+def test_tp_groups_stay_inside_a_node_and_sizes_respect_sram(llama70):
+    p = llama70.placement
+    assert p.tp == 8
+    for stage in p.stages:
+        assert len({SYSTEM.node_of(c) for c in stage.chips}) == 1
+    weights = sum(sh.nbytes for sh in p.shards)
+    assert weights <= llama70.chips * SYSTEM.chip.sram_bytes
+
+
+def test_large_layers_span_nodes_of_one_rack():
+    spec = load_preset("llama-3.1-405b")  # one int8 layer (~3.2 GB) cannot fit on 8 chips of 230 MB
+    program = compile_program(spec, SYSTEM, Workload(context_length=2048, prompt_len=128))
+    assert program.placement.tp > SYSTEM.node.chips
+    for stage in program.placement.stages:
+        assert len({SYSTEM.rack_of(c) for c in stage.chips}) == 1
+    assert not verify(program)
+
+
+def test_schedule_has_the_collectives_and_pipeline_sends(gemma8):
+    spec = load_preset("gemma-3-270m")
+    kinds = [t.kind for t in gemma8.decode.transfers]
+    # per layer: after attn_output and ffn_down; plus the embedding gather and the sampler's argmax
+    assert kinds.count("all_reduce") == 2 * spec.n_layers + 2
+    stages = len(gemma8.placement.stages)
+    assert kinds.count("p2p") == (stages - 1) + 1  # activations forward, the token back
+    assert kinds.count("broadcast") == stages - 1
+    chunks = math.ceil(SMALL.prompt_len / SMALL.prefill_chunk)
+    assert sum(op.kind == "sample" for op in gemma8.prefill.ops) == 1
+    assert sum(op.kind == "embed" for op in gemma8.prefill.ops) == chunks
+
+
+def test_kv_regions_hold_context_times_users_and_windows_cap_them():
+    spec = load_preset("gemma-3-270m")
+    w = Workload(context_length=8192, users=3, prompt_len=64)
+    program = compile_program(spec, SYSTEM, w, chips=2)
+    (stage,) = program.placement.stages  # TP 2 over gemma's single KV head: each chip holds all of it
+    assert program.placement.tp == 2 and spec.n_kv_heads == 1
+    tokens = sum(min(8192, spec.layer_window(i) or 8192) for i in range(spec.n_layers))
+    assert stage.kv_bytes_per_chip == 3 * tokens * 2 * spec.kv_dim * 1  # int8 K and V
+
+
+def test_too_few_chips_names_the_count_that_fits():
+    spec = load_preset("llama-3.1-8b")
+    with pytest.raises(OpenLPUError, match=r"does not fit on 8 lpu-v1 chips.*needs at least (\d+) chips") as e:
+        compile_program(spec, SYSTEM, SMALL, chips=8)
+    need = int(e.value.args[0].split("--chips ")[1].rstrip(")"))
+    assert not verify(compile_program(spec, SYSTEM, SMALL, chips=need))  # the suggestion really fits
+
+
+@pytest.mark.parametrize("workload, chips, message", [
+    (Workload(context_length=131072, users=64), None, "does not fit on any lpu-v1 system"),
+    (SMALL, 10**6, "more than the largest lpu-v1 system"),
+    (SMALL, 0, "chips must be a positive integer"),
+    (SMALL, 7000, "cannot be arranged"),
+    (Workload(context_length=10**6, prompt_len=16), None, "longer than llama-3.1-8b's context window"),
+])
+def test_impossible_requests(workload, chips, message):
+    with pytest.raises(OpenLPUError, match=message):
+        compile_program(load_preset("llama-3.1-8b"), SYSTEM, workload, chips)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(users=0), "users must be a positive integer"),
+    (dict(context_length=-1), "context length must be a positive integer"),
+    (dict(weights="fp7"), "unknown precision 'fp7'"),
+    (dict(context_length=100, prompt_len=200), "longer than the context"),
+])
+def test_bad_workloads(kwargs, message):
+    with pytest.raises(OpenLPUError, match=message):
+        Workload(**kwargs)
+
+
+def test_fp8_has_no_integer_shortcut():
+    """GroqChip 1 has int8 and fp16 matrix modes: fp8 operands run at the fp16 rate, int4 at int8."""
+    from openlpu.compiler.schedule import matrix_macs_per_cycle
+
+    assert matrix_macs_per_cycle(SYSTEM, "fp8") == SYSTEM.chip.matrix_macs_per_cycle["fp16"]
+    assert matrix_macs_per_cycle(SYSTEM, "int4", "int8") == SYSTEM.chip.matrix_macs_per_cycle["int8"]
+    with pytest.raises(OpenLPUError, match="no mode for fp32"):
+        matrix_macs_per_cycle(SYSTEM, "fp32")
+
+
+def test_cli_compile_and_inspect(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "g.prog"
+    r = runner.invoke(app, ["compile", "gemma-3-270m", "-o", str(out), "--chips", "4", "--context", "1024",
+                            "--prompt", "128"])
+    assert r.exit_code == 0, r.output
+    assert "4 chips" in r.output and "verify: passed" in r.output
+    png = tmp_path / "g.png"
+    r = runner.invoke(app, ["inspect", str(out), "--gantt", str(png)])
+    assert r.exit_code == 0, r.output
+    assert "TP 4" in r.output and png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["compile", "lama-3.1-8b", "-o", "x.prog"], "did you mean llama-3.1-8b"),
+    (["compile", "gemma-3-270m", "-o", "x.prog", "--system", "lpu-v0"], "did you mean lpu-v1"),
+    (["compile", "gemma-3-270m", "-o", "x.prog", "--precision", "int5"], "unknown precision"),
+    (["compile", "gemma-3-270m", "-o", "x.prog", "--users", "0"], "users must be a positive integer"),
+    (["inspect", "nothing.prog"], "cannot read program"),
+])
+def test_cli_bad_input_is_one_line_and_status_2(args, message, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "openlpu.cli", *args], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_gguf_metadata_compiles_like_the_preset(gemma_path):
+    """Second source for the same architecture: the embedded GGUF's metadata and the preset JSON."""
+    from openlpu.models.gguf import spec_from_gguf
+
+    from_gguf = compile_program(spec_from_gguf(gemma_path), SYSTEM, SMALL, chips=8)
+    from_preset = compile_program(load_preset("gemma-3-270m"), SYSTEM, SMALL, chips=8)
+    assert from_gguf.placement == from_preset.placement
+    assert from_gguf.decode.makespan_cycles == from_preset.decode.makespan_cycles

@@ -1,0 +1,112 @@
+"""Engine behaviour on the embedded model: sampling invariants, stop strings, continuous
+batching, slot accounting and bad input."""
+
+import pytest
+import torch
+
+from openlpu.errors import OpenLPUError
+from openlpu.runtime.engine import Engine, SamplingParams
+from openlpu.runtime.sampling import sample
+
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def engine(gemma_path):
+    return Engine.load(str(gemma_path), max_batch=3, context_length=256)
+
+
+def run(engine, prompt=PROMPT, **params):
+    events = list(engine.generate(prompt, SamplingParams(**params)))
+    return "".join(e.text for e in events), [e.token_id for e in events], events[-1]
+
+
+def test_greedy_matches_llamacpp(engine, llamacpp_reference):
+    text, ids, last = run(engine, max_tokens=8, temperature=0)
+    assert ids == llamacpp_reference["greedy_32_ids"][:8]
+    assert text == engine.tokenizer.decode(ids)
+    assert last.finished and last.finish_reason == "length"
+    assert engine.cache.free_slots == engine.max_batch  # generate gave its slot back
+
+
+def test_seed_reproduces_and_seeds_differ(engine):
+    a = run(engine, max_tokens=12, temperature=1.0, seed=7)[1]
+    assert run(engine, max_tokens=12, temperature=1.0, seed=7)[1] == a
+    others = [run(engine, max_tokens=12, temperature=1.0, seed=s)[1] for s in (8, 9)]
+    assert any(o != a for o in others)
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(engine):
+    greedy = run(engine, max_tokens=10, temperature=0)[1]
+    assert run(engine, max_tokens=10, temperature=1.5, top_k=1, seed=1)[1] == greedy
+    assert run(engine, max_tokens=10, temperature=1.5, top_p=1e-6, seed=2)[1] == greedy
+
+
+def test_sampling_respects_top_k_set():
+    logits = torch.tensor([0.0, 5.0, 4.0, 3.0, -1.0])
+    g = torch.Generator().manual_seed(0)
+    draws = {sample(logits, SamplingParams(temperature=2.0, top_k=2), g) for _ in range(200)}
+    assert draws == {1, 2}
+    draws = {sample(logits, SamplingParams(temperature=2.0, top_p=0.5), g) for _ in range(200)}
+    assert draws <= {1, 2} and 1 in draws
+
+
+def test_stop_string_is_excluded_and_ends_generation(engine):
+    full, _, _ = run(engine, max_tokens=24, temperature=0)
+    stop = "largest"  # llama.cpp's greedy text: "... It is the largest city in France ..."
+    assert stop in full
+    text, _, last = run(engine, max_tokens=24, temperature=0, stop=("nowhere-to-be-seen", stop))
+    assert text == full[:full.index(stop)]
+    assert last.finish_reason == "stop" and stop not in text
+
+
+def test_continuous_batching_equals_separate_runs(engine):
+    prompts = [PROMPT, "Once upon a time", "def fibonacci(n):"]
+    separate = [run(engine, p, max_tokens=6, temperature=0)[1] for p in prompts]
+    params = SamplingParams(max_tokens=6, temperature=0)
+    seqs = [engine.new_sequence(engine.tokenizer.encode(prompts[0]), params)]
+    engine.step(seqs)
+    engine.step(seqs)  # the second sequence joins while the first is decoding
+    seqs.append(engine.new_sequence(engine.tokenizer.encode(prompts[1]), params))
+    engine.step(seqs)
+    seqs.append(engine.new_sequence(engine.tokenizer.encode(prompts[2]), params))
+    while not all(s.finished for s in seqs):
+        engine.step(seqs)
+    assert [s.output_ids for s in seqs] == separate
+    assert all(s.t_start <= s.t_first_token <= s.t_end for s in seqs)
+    assert engine.cache.free_slots == engine.max_batch
+
+
+def test_release_frees_the_slot_at_once(engine):
+    params = SamplingParams(max_tokens=50, temperature=0)
+    seqs = [engine.new_sequence([2, 818], params) for _ in range(engine.max_batch)]
+    with pytest.raises(OpenLPUError, match="slots"):
+        engine.new_sequence([2, 818], params)
+    engine.step(seqs)
+    engine.release(seqs[0])
+    assert engine.cache.free_slots == 1
+    engine.release(seqs[0])  # idempotent
+    assert engine.step(seqs[:1]) == []  # a released sequence is done
+    for s in seqs[1:]:
+        engine.release(s)
+    assert engine.cache.free_slots == engine.max_batch
+
+
+@pytest.mark.parametrize("params", [
+    dict(temperature=-0.1), dict(temperature=2.5), dict(top_p=0), dict(top_p=1.5),
+    dict(top_k=-1), dict(max_tokens=0), dict(stop=("a", "b", "c", "d", "e")), dict(stop=("",)),
+    dict(seed="x"),
+])
+def test_invalid_sampling_values(params):
+    with pytest.raises(OpenLPUError):
+        SamplingParams(**params)
+
+
+def test_bad_prompts(engine):
+    with pytest.raises(OpenLPUError, match="empty"):
+        engine.new_sequence([], SamplingParams())
+    with pytest.raises(OpenLPUError, match="context length"):
+        engine.new_sequence([2] * 200, SamplingParams(max_tokens=100))
+    with pytest.raises(OpenLPUError, match="vocabulary"):
+        engine.new_sequence([2, 10**7], SamplingParams(max_tokens=8))
+    assert engine.cache.free_slots == engine.max_batch

@@ -1,0 +1,263 @@
+"""The executor runs compiled Programs: sharded (one virtual chip per Program chip, activations only
+over the Program's transfers) must agree with fused (the same ops on whole tensors), fused must agree
+with model.py's plain forward, and broken Programs must fail loudly or visibly.
+
+Placements cover tensor parallel (lpu-v1: TP groups inside an 8-chip node), TP + pipeline (8 chips),
+and pure pipeline (the same system with 1-chip nodes, so no TP group can form).
+"""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from fixtures.tiny_models.hf_tiny import TINY_FAMILIES, build, save
+from openlpu.compiler import Workload, compile_program
+from openlpu.errors import OpenLPUError
+from openlpu.hardware.lpu import load_system
+from openlpu.models.hf import load_safetensors, spec_from_hf_config
+from openlpu.runtime.executor import Executor, simulated_figures
+from openlpu.runtime.kv_cache import KVCache
+from openlpu.runtime.model import Model, Span
+from test_families import runtime_weights
+
+TOL = dict(rtol=1e-4, atol=1e-4)  # float32; sums of partials in another order differ by ~1e-6
+LPU = load_system("lpu-v1")
+PIPELINE_ONLY = dataclasses.replace(LPU, node=dataclasses.replace(LPU.node, chips=1))
+# (system, chips) -> (TP degree, pipeline stages) the compiler is expected to choose
+PLACEMENTS = {("lpu", 1): (1, 1), ("lpu", 2): (2, 1), ("lpu", 4): (4, 1), ("lpu", 8): (4, 2),
+              ("pipe", 2): (1, 2), ("pipe", 4): (1, 4)}
+SYSTEMS = {"lpu": LPU, "pipe": PIPELINE_ONLY}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The 2 cores are shared: small per-chip products run far faster on one thread under load."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---- tiny models of every family ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("executor")
+    made = {}
+
+    def get(family):
+        if family not in made:
+            folder = save(build(family), Path(root) / family)
+            spec = spec_from_hf_config(folder)
+            weights = runtime_weights(spec, load_safetensors(folder, spec))
+            made[family] = spec, weights, Model(spec, weights)
+        return made[family]
+    return get
+
+
+PROMPT = torch.randint(0, 96, (11,), generator=torch.Generator().manual_seed(3)).tolist()
+WORKLOAD = Workload(context_length=32, prompt_len=len(PROMPT), prefill_chunk=4)  # 3 chunks, windows of 8
+
+
+def plain_greedy(model: Model, prompt: list[int], n_new: int) -> list[int]:
+    cache = KVCache(model.spec, 1, 32)
+    slot = cache.allocate()
+    out = [int(model.forward(prompt, [Span(slot, 0, len(prompt))], cache, [len(prompt) - 1])[-1].argmax())]
+    while len(out) < n_new:
+        out.append(int(model.forward([out[-1]], [Span(slot, len(prompt) + len(out) - 1, 1)], cache)[-1].argmax()))
+    return out
+
+
+def run_steps(ex: Executor, prompt: list[int], n_decode: int) -> list[torch.Tensor]:
+    """Logits of the prefill and of n_decode greedy steps, fed the executor's own tokens."""
+    cache = ex.new_cache(1, 32)
+    slot = cache.allocate()
+    logits, token = ex.step(prompt, [Span(slot, 0, len(prompt))], cache)
+    out = [logits]
+    for k in range(n_decode):
+        logits, token = ex.step([int(token[-1])], [Span(slot, len(prompt) + k, 1)], cache)
+        out.append(logits)
+    return out
+
+
+@pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
+def test_fused_matches_plain_model(tiny, family):
+    spec, weights, model = tiny(family)
+    fused = Executor(compile_program(spec, LPU, WORKLOAD, 1), spec, weights, "fused")
+    expected = model.forward(PROMPT, [Span(0, 0, len(PROMPT))], logit_rows=list(range(len(PROMPT))))
+    got = fused.forward(PROMPT, [Span(0, 0, len(PROMPT))], logit_rows=list(range(len(PROMPT))))
+    assert expected.std() > 0.5
+    torch.testing.assert_close(got, expected, **TOL)
+    assert fused.generate(PROMPT, 6) == plain_greedy(model, PROMPT, 6)
+
+
+@pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
+def test_sharded_matches_fused_on_every_placement(tiny, family):
+    spec, weights, model = tiny(family)
+    fused = Executor(compile_program(spec, LPU, WORKLOAD, 1), spec, weights, "fused")
+    expected = run_steps(fused, PROMPT, 3)
+    expected_ids = plain_greedy(model, PROMPT, 5)
+    for (system, chips), (tp, stages) in PLACEMENTS.items():
+        program = compile_program(spec, SYSTEMS[system], WORKLOAD, chips)
+        assert (program.placement.tp, len(program.placement.stages)) == (tp, stages)
+        sharded = Executor(program, spec, weights, "sharded")
+        for got, want in zip(run_steps(sharded, PROMPT, 3), expected):
+            torch.testing.assert_close(got, want, **TOL)
+        assert sharded.generate(PROMPT, 5) == expected_ids, (system, chips)
+
+
+def test_fused_batches_like_the_model_for_the_engine(tiny):
+    """Several sequences in one flattened batch, as the Engine steps them, with the KV cache."""
+    spec, weights, model = tiny("gemma2")
+    fused = Executor(compile_program(spec, LPU, WORKLOAD, 1), spec, weights, "fused")
+    ours, theirs = fused.new_cache(2, 32), KVCache(spec, 2, 32)
+    a, b = PROMPT[:9], PROMPT[2:7]
+    for cache in (ours, theirs):
+        cache.allocate(), cache.allocate()
+    spans = [Span(0, 0, len(a)), Span(1, 0, len(b))]
+    rows = [len(a) - 1, len(a) + len(b) - 1]
+    torch.testing.assert_close(fused.forward(a + b, spans, ours, rows), model.forward(a + b, spans, theirs, rows), **TOL)
+    spans = [Span(0, len(a), 1), Span(1, len(b), 1)]
+    torch.testing.assert_close(fused.forward([5, 6], spans, ours), model.forward([5, 6], spans, theirs), **TOL)
+
+
+# ---- broken Programs ----------------------------------------------------------------------------
+def _tp2(tiny, family="llama"):
+    spec, weights, _ = tiny(family)
+    return spec, weights, compile_program(spec, LPU, WORKLOAD, 2)
+
+
+def _without_transfer(phase, name):
+    assert any(t.name == name for t in phase.transfers)
+    return dataclasses.replace(phase, transfers=tuple(t for t in phase.transfers if t.name != name))
+
+
+def test_missing_all_reduce_is_an_error_naming_it(tiny):
+    spec, weights, program = _tp2(tiny)
+    broken = dataclasses.replace(program, decode=_without_transfer(program.decode, "blk.1.ffn_down.allreduce"))
+    ex = Executor(broken, spec, weights, "sharded")
+    cache = ex.new_cache(1, 32)
+    slot = cache.allocate()
+    ex.step(PROMPT, [Span(slot, 0, len(PROMPT))], cache)  # the prefill schedule is intact
+    with pytest.raises(OpenLPUError, match=r"blk\.1\.ffn_down\.allreduce"):
+        ex.step([1], [Span(slot, len(PROMPT), 1)], cache)
+
+
+def test_missing_pipeline_send_is_an_error_naming_it(tiny):
+    spec, weights, _ = tiny("qwen3")
+    program = compile_program(spec, PIPELINE_ONLY, WORKLOAD, 2)
+    sends = [t.name for t in program.prefill.transfers if t.kind == "p2p" and t.name.startswith("c1/")]
+    broken = dataclasses.replace(program, prefill=_without_transfer(program.prefill, sends[0]))
+    with pytest.raises(OpenLPUError, match=sends[0].split("/", 1)[1].split(">")[0]):
+        Executor(broken, spec, weights, "sharded").forward(PROMPT, [Span(0, 0, len(PROMPT))])
+
+
+def test_op_scheduled_before_its_input_arrives_is_an_error(tiny):
+    spec, weights, program = _tp2(tiny)
+    early = tuple(dataclasses.replace(o, start_cycle=0) if o.name == "blk.0.attn_residual" else o
+                  for o in program.decode.ops)
+    broken = dataclasses.replace(program, decode=dataclasses.replace(program.decode, ops=early))
+    with pytest.raises(OpenLPUError, match="blk.0.attn_residual"):
+        Executor(broken, spec, weights, "sharded").generate(PROMPT, 2)
+
+
+def _shards(program, keep):
+    placement = dataclasses.replace(program.placement, shards=tuple(keep(s) for s in program.placement.shards
+                                                                    if keep(s) is not None))
+    return dataclasses.replace(program, placement=placement)
+
+
+def test_dropped_shard_is_an_error_naming_tensor_and_chip(tiny):
+    spec, weights, program = _tp2(tiny)
+    broken = _shards(program, lambda s: None if (s.tensor, s.chip) == ("blk.1.ffn_up.weight", 1) else s)
+    with pytest.raises(OpenLPUError, match=r"blk\.1\.ffn_up\.weight.*chip 1"):
+        Executor(broken, spec, weights, "sharded")
+
+
+def test_shard_on_the_wrong_chip_is_an_error(tiny):
+    spec, weights, program = _tp2(tiny)
+    moved = _shards(program, lambda s: dataclasses.replace(s, chip=0) if s.tensor == "blk.0.attn_output.weight" else s)
+    with pytest.raises(OpenLPUError, match=r"chip 0 holds two shards of blk\.0\.attn_output\.weight"):
+        Executor(moved, spec, weights, "sharded")
+    swapped_q = _shards(program, lambda s: dataclasses.replace(s, chip=1 - s.chip) if s.tensor == "blk.0.attn_q.weight" else s)
+    with pytest.raises(OpenLPUError, match="query heads"):
+        Executor(swapped_q, spec, weights, "sharded")
+
+
+def test_swapped_mlp_shards_change_the_output(tiny):
+    """Gate slices on the wrong chips pair each gate row with another row's up: wrong numbers, not luck."""
+    spec, weights, program = _tp2(tiny)
+    good = Executor(program, spec, weights, "sharded").forward(PROMPT, [Span(0, 0, len(PROMPT))])
+    swapped = _shards(program, lambda s: dataclasses.replace(s, chip=1 - s.chip) if s.tensor.endswith("ffn_gate.weight") else s)
+    bad = Executor(swapped, spec, weights, "sharded").forward(PROMPT, [Span(0, 0, len(PROMPT))])
+    assert (bad - good).abs().max() > 0.1
+
+
+def test_sharded_chip_holds_only_its_shards(tiny):
+    spec, weights, program = _tp2(tiny)
+    ex = Executor(program, spec, weights, "sharded")
+    for chip in ex.chips.values():
+        placed = {s.tensor: s for s in program.placement.shards if s.chip == chip.id}
+        assert set(chip._shards) == set(placed)
+        for name, (axis, start, stop, local) in chip._shards.items():
+            assert local.shape[axis] == stop - start
+            assert local.untyped_storage().data_ptr() != weights[name].untyped_storage().data_ptr()
+
+
+def test_bad_inputs(tiny):
+    spec, weights, program = _tp2(tiny)
+    with pytest.raises(OpenLPUError, match="execution mode"):
+        Executor(program, spec, weights, "turbo")
+    other_spec, other_weights, _ = tiny("qwen2")
+    with pytest.raises(OpenLPUError, match="compiled for"):
+        Executor(program, other_spec, other_weights, "fused")
+    ex = Executor(program, spec, weights, "sharded")
+    with pytest.raises(OpenLPUError, match="token ids"):
+        ex.forward([0, 999], [Span(0, 0, 2)])
+    with pytest.raises(OpenLPUError, match="one sequence"):
+        ex.forward([1, 2, 3, 4], [Span(0, 0, 2), Span(1, 0, 2)])
+    with pytest.raises(OpenLPUError, match="non-empty prompt"):
+        ex.generate([], 3)
+
+
+def test_simulated_figures_are_timings_of_the_program(tiny):
+    from openlpu.sim.timing import timing
+
+    spec, weights, program = _tp2(tiny)
+    figures, t = simulated_figures(program), timing(program)
+    assert figures["label"] == "simulated"
+    assert (figures["chips"], figures["ttft_s"], figures["tokens_per_s_per_user"]) == \
+        (2, t.ttft_s, t.tokens_per_s_per_user)
+
+
+# ---- the embedded Gemma 3 270M ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gemma(gemma_path):
+    from openlpu.models.gguf import load_weights, spec_from_gguf
+
+    spec = spec_from_gguf(gemma_path)
+    weights = load_weights(gemma_path, spec)
+    return spec, weights, Model(spec, weights)
+
+
+GEMMA_PLACEMENTS = {("lpu", 1): (1, 1), ("lpu", 2): (2, 1), ("lpu", 8): (4, 2), ("pipe", 4): (1, 4)}
+
+
+def test_gemma_sharded_matches_fused_and_llamacpp(gemma, llamacpp_reference):
+    """The prompt in 2 chunks, 3 greedy tokens: the same as fused, as model.py and as llama.cpp."""
+    spec, weights, model = gemma
+    prompt = llamacpp_reference["prompt_token_ids"]
+    expected_ids = llamacpp_reference["greedy_32_ids"][:3]  # an independent engine's greedy tokens
+    workload = Workload(weights="int4", context_length=64, prompt_len=len(prompt), prefill_chunk=4)
+    fused = Executor(compile_program(spec, LPU, workload, 1), spec, weights, "fused")
+    plain = model.forward(prompt, [Span(0, 0, len(prompt))], logit_rows=[len(prompt) - 1])
+    torch.testing.assert_close(fused.forward(prompt, [Span(0, 0, len(prompt))]), plain, **TOL)
+    want = run_steps(fused, prompt, 2)
+    for (system, chips), shape in GEMMA_PLACEMENTS.items():
+        program = compile_program(spec, SYSTEMS[system], workload, chips)
+        assert (program.placement.tp, len(program.placement.stages)) == shape
+        sharded = Executor(program, spec, weights, "sharded")
+        for got, ref in zip(run_steps(sharded, prompt, 2), want):
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=2e-4)
+        assert sharded.generate(prompt, 3) == expected_ids, (system, chips)

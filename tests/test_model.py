@@ -1,0 +1,201 @@
+"""The model against llama.cpp's outputs on the embedded Gemma 3 270M, against an independent
+numpy implementation of the Gemma 3 architecture (tiny random weights), and against itself
+(cached vs uncached, batched vs separate, ring buffer vs full attention)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from openlpu.errors import OpenLPUError
+from openlpu.models.spec import ModelSpec
+from openlpu.runtime.kv_cache import KVCache
+from openlpu.runtime.model import Model, Span, hf_qk_to_gguf, load_model
+
+TOP5_LOGIT_TOLERANCE = 0.3  # vs llama.cpp (it quantises activations to 8 bits, KV to f16)
+FAST_LOGPROB_TOLERANCE = 0.25  # fast paths vs our float32 reference, top-5 log-probabilities
+
+
+@pytest.fixture(scope="module")
+def reference_model(gemma_path):
+    return load_model(gemma_path, "float32", max_positions=256)
+
+
+def _greedy_cached(model, prompt, n):
+    cache = KVCache(model.spec, 1, 256)
+    slot = cache.allocate()
+    logits = model.forward(prompt, [Span(slot, 0, len(prompt))], cache, [len(prompt) - 1])
+    out = []
+    for _ in range(n):
+        out.append(int(logits[-1].argmax()))
+        logits = model.forward([out[-1]], [Span(slot, cache.lengths[slot], 1)], cache)
+    return out
+
+
+def test_reference_path_matches_llamacpp(reference_model, llamacpp_reference):
+    ref = llamacpp_reference
+    logits = reference_model.logits(ref["prompt_token_ids"])[-1]
+    top = logits.topk(5)
+    assert top.indices.tolist() == [e["id"] for e in ref["next_token_top10"][:5]]
+    for value, entry in zip(top.values.tolist(), ref["next_token_top10"]):
+        assert abs(value - entry["logit"]) < TOP5_LOGIT_TOLERANCE
+    assert _greedy_cached(reference_model, ref["prompt_token_ids"], 8) == ref["greedy_32_ids"][:8]
+
+
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+def test_fast_paths_agree_with_reference(precision, gemma_path, reference_model, llamacpp_reference):
+    ids = llamacpp_reference["prompt_token_ids"]
+    fast = load_model(gemma_path, precision, max_positions=256)
+    want = reference_model.logits(ids)[-1].log_softmax(-1)
+    got = fast.logits(ids)[-1].log_softmax(-1)
+    top = want.topk(5).indices
+    assert got.topk(5).indices.tolist() == top.tolist()
+    assert (got[top] - want[top]).abs().max() < FAST_LOGPROB_TOLERANCE
+    assert _greedy_cached(fast, ids, 8) == llamacpp_reference["greedy_32_ids"][:8]
+    assert fast.nbytes() < 0.3 * reference_model.nbytes()  # the point of the fast path
+
+
+def test_cached_decode_equals_uncached(reference_model, llamacpp_reference):
+    ids = llamacpp_reference["prompt_token_ids"] + llamacpp_reference["greedy_32_ids"][:4]
+    full = reference_model.logits(ids)
+    cache = KVCache(reference_model.spec, 2, 64)
+    slot = cache.allocate()
+    rows = [reference_model.forward(ids[:6], [Span(slot, 0, 6)], cache)]
+    rows += [reference_model.forward([t], [Span(slot, p, 1)], cache) for p, t in enumerate(ids[6:], 6)]
+    torch.testing.assert_close(torch.cat(rows), full, atol=2e-3, rtol=1e-4)
+
+
+def test_batched_step_equals_separate_runs(reference_model, llamacpp_reference):
+    a = llamacpp_reference["prompt_token_ids"]
+    b = [2, 9259, 3324, 496, 990]
+    cache = KVCache(reference_model.spec, 2, 64)
+    sa, sb = cache.allocate(), cache.allocate()
+    reference_model.forward(a, [Span(sa, 0, len(a))], cache)
+    # one forward: a decodes its next token while b is prefilled
+    both = reference_model.forward([506] + b, [Span(sa, len(a), 1), Span(sb, 0, len(b))], cache,
+                                   [0, len(b)])
+    alone_a = reference_model.logits(a + [506])[-1]
+    alone_b = reference_model.logits(b)[-1]
+    torch.testing.assert_close(both, torch.stack([alone_a, alone_b]), atol=2e-3, rtol=1e-4)
+
+
+# ---- an independent numpy Gemma 3 (tiny, random weights) -------------------------------------
+def tiny_spec(**overrides) -> ModelSpec:
+    fields = dict(name="tiny-gemma3", family="gemma3", vocab_size=50, d_model=32, n_layers=3,
+                  n_heads=4, n_kv_heads=2, head_dim=16, d_ff=48, context_length=64,
+                  norm_eps=1e-6, rope_base=1e6, rope_base_local=1e4, sliding_window=4,
+                  layer_kinds=("local", "global", "local"), activation="gelu_tanh",
+                  norm_weight_offset=1.0, post_norms=True, qk_norm=True, query_scale=0.2,
+                  embed_scale=math.sqrt(32), tie_embeddings=True)
+    fields.update(overrides)
+    return ModelSpec(**fields)
+
+
+def random_weights(spec: ModelSpec, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(shape, generator=g) * (0.3 if len(shape) == 1 else 0.5)
+            for name, shape in spec.tensor_shapes().items()}
+
+
+def numpy_gemma3(spec: ModelSpec, w: dict, tokens: list[int]) -> np.ndarray:
+    """Gemma 3 written out from the published architecture: full attention with an explicit
+    causal + sliding-window mask, rotate-half rope, (1 + w) RMSNorms, GeGLU, tied head."""
+    w = {k: v.double().numpy() for k, v in w.items()}
+    n, hd = len(tokens), spec.head_dim
+
+    def norm(x, weight):
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + spec.norm_eps) * (1 + weight)
+
+    def rope(x, base):  # x [n, heads, hd]
+        inv = 1.0 / base ** (np.arange(0, hd, 2) / hd)
+        ang = np.arange(n)[:, None] * inv[None]
+        cos, sin = np.cos(ang)[:, None], np.sin(ang)[:, None]
+        a, b = x[..., :hd // 2], x[..., hd // 2:]
+        return np.concatenate([a * cos - b * sin, b * cos + a * sin], -1)
+
+    def gelu_tanh(x):
+        return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+    x = w["token_embd.weight"][tokens] * spec.embed_scale
+    for i in range(spec.n_layers):
+        p = f"blk.{i}."
+        h = norm(x, w[p + "attn_norm.weight"])
+        q = (h @ w[p + "attn_q.weight"].T).reshape(n, spec.n_heads, hd)
+        k = (h @ w[p + "attn_k.weight"].T).reshape(n, spec.n_kv_heads, hd)
+        v = (h @ w[p + "attn_v.weight"].T).reshape(n, spec.n_kv_heads, hd)
+        base = spec.rope_base_local if spec.layer_kinds[i] == "local" else spec.rope_base
+        q = rope(norm(q, w[p + "attn_q_norm.weight"]), base)
+        k = rope(norm(k, w[p + "attn_k_norm.weight"]), base)
+        qi, ki = np.arange(n)[:, None], np.arange(n)[None]
+        allowed = ki <= qi
+        if spec.layer_kinds[i] == "local":
+            allowed &= qi - ki < spec.sliding_window
+        group = spec.n_heads // spec.n_kv_heads
+        out = np.zeros((n, spec.n_heads, hd))
+        for head in range(spec.n_heads):
+            scores = q[:, head] @ k[:, head // group].T * spec.query_scale
+            scores = np.where(allowed, scores, -np.inf)
+            probs = np.exp(scores - scores.max(-1, keepdims=True))
+            probs /= probs.sum(-1, keepdims=True)
+            out[:, head] = probs @ v[:, head // group]
+        attn = out.reshape(n, -1) @ w[p + "attn_output.weight"].T
+        x = x + norm(attn, w[p + "post_attention_norm.weight"])
+        h = norm(x, w[p + "ffn_norm.weight"])
+        mlp = (gelu_tanh(h @ w[p + "ffn_gate.weight"].T) * (h @ w[p + "ffn_up.weight"].T))
+        x = x + norm(mlp @ w[p + "ffn_down.weight"].T, w[p + "post_ffw_norm.weight"])
+    return norm(x, w["output_norm.weight"]) @ w["token_embd.weight"].T
+
+
+def test_matches_independent_numpy_gemma3_past_the_window():
+    spec, weights = tiny_spec(), random_weights(tiny_spec())
+    tokens = torch.randint(0, spec.vocab_size, (13,), generator=torch.Generator().manual_seed(1))
+    want = torch.from_numpy(numpy_gemma3(spec, weights, tokens.tolist())).float()
+    model = Model(spec, weights)
+    torch.testing.assert_close(model.logits(tokens.tolist()), want, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("prefill", [1, 3, 9])  # 9 > window: the ring wraps inside the prefill
+def test_ring_buffer_cache_equals_full_attention(prefill):
+    spec, weights = tiny_spec(), random_weights(tiny_spec(), seed=2)
+    model = Model(spec, weights)
+    tokens = torch.randint(0, spec.vocab_size, (14,), generator=torch.Generator().manual_seed(3))
+    want = model.logits(tokens.tolist())
+    cache = KVCache(spec, 3, 32)
+    assert [c for c in cache.layer_capacity] == [4, 32, 4]  # memory bounded by the window
+    slot = cache.allocate()
+    rows = [model.forward(tokens[:prefill], [Span(slot, 0, prefill)], cache)]
+    for p in range(prefill, len(tokens), 2):  # then chunks of two tokens
+        chunk = tokens[p:p + 2]
+        rows.append(model.forward(chunk, [Span(slot, p, len(chunk))], cache))
+    torch.testing.assert_close(torch.cat(rows), want, atol=1e-4, rtol=1e-4)
+
+
+def test_interleaved_rope_layout_matches_hf_rotate_half():
+    """GGUF (permuted q/k rows, adjacent-pair rope) == HF (original rows, rotate-half rope)."""
+    spec = ModelSpec(name="tiny-llama", family="llama", vocab_size=40, d_model=32, n_layers=2,
+                     n_heads=4, n_kv_heads=2, head_dim=8, d_ff=40, context_length=32,
+                     norm_eps=1e-5, rope_base=10000.0)
+    hf = random_weights(spec, seed=4)
+    gguf = dict(hf)
+    for i in range(spec.n_layers):
+        gguf[f"blk.{i}.attn_q.weight"] = hf_qk_to_gguf(hf[f"blk.{i}.attn_q.weight"], spec.n_heads)
+        gguf[f"blk.{i}.attn_k.weight"] = hf_qk_to_gguf(hf[f"blk.{i}.attn_k.weight"], spec.n_kv_heads)
+    tokens = list(range(3, 15))
+    as_gguf = Model(spec, gguf).logits(tokens)
+    as_neox = Model(spec, hf)
+    as_neox.rope_style = "neox"  # what HF computes on its own row order
+    torch.testing.assert_close(as_gguf, as_neox.logits(tokens), atol=1e-4, rtol=1e-4)
+
+
+def test_bad_inputs_raise_clear_errors():
+    spec = tiny_spec()
+    with pytest.raises(OpenLPUError, match="precision"):
+        Model(spec, random_weights(spec), precision="int3")
+    model = Model(spec, random_weights(spec), max_positions=8)
+    with pytest.raises(OpenLPUError, match="positions"):
+        model.logits(list(range(9)))
+    cache = KVCache(spec, 1, 8)
+    cache.allocate()
+    with pytest.raises(OpenLPUError, match="slots are in use"):
+        cache.allocate()

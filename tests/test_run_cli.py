@@ -1,0 +1,48 @@
+"""`openlpu run` as a user runs it: a subprocess, its stdout/stderr and exit status."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def openlpu(*args, timeout=180):
+    return subprocess.run([sys.executable, "-m", "openlpu.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_run_streams_llamacpp_greedy_text_and_a_summary(gemma_path, llamacpp_reference):
+    result = openlpu("run", llamacpp_reference["prompt"], "--max-tokens", "8", "--model",
+                     str(gemma_path))
+    assert result.returncode == 0, result.stderr
+    want = "".join(llamacpp_reference["greedy_32_text"])  # 32 tokens; ours stops after 8
+    assert result.stdout.strip() and want.startswith(result.stdout.rstrip("\n"))
+    for field in ("prompt 6 tokens", "generated 8", "TTFT", "tok/s", "peak RSS"):
+        assert field in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", ""], "prompt is empty"),
+    (["run", "hi", "--temperature", "3"], "temperature"),
+    (["run", "hi", "--top-p", "0"], "top_p"),
+    (["run", "hi", "--top-k", "-2"], "top_k"),
+    (["run", "hi", "--max-tokens", "0"], "max_tokens"),
+    (["run", "hi", "--stop", "a", "--stop", "b", "--stop", "c", "--stop", "d", "--stop", "e"],
+     "stop"),
+    (["run", "hi", "--model", "/nonexistent/model.gguf"], "not found"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    result = openlpu(*args)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_corrupt_model_and_prompt_past_context(tmp_path, gemma_path):
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(b"GGUF" + bytes(range(256)) * 4)
+    result = openlpu("run", "hi", "--model", str(corrupt))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    result = openlpu("run", "word " * 9000, "--model", str(gemma_path))
+    assert result.returncode == 2 and "context length" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,89 @@
+"""Timing read off the schedule, checked against bounds computed a second way from the placement."""
+
+import pytest
+
+from openlpu.compiler import Workload, compile_program
+from openlpu.hardware.lpu import load_system
+from openlpu.models.spec import load_preset
+from openlpu.sim.timing import draw_gantt, placement_rows, timing
+
+SYSTEM = load_system("lpu-v1")
+W = Workload(context_length=2048, prompt_len=256, users=1)
+
+
+def _compile(name, chips=None, workload=W):
+    return compile_program(load_preset(name), SYSTEM, workload, chips)
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return _compile("qwen3-8b")
+
+
+def test_decode_no_faster_than_sram_bandwidth_allows(qwen):
+    """Each stage's chips must stream their weights and the user's KV once per token; stages of one
+    user run one after another, so the step takes at least the sum of those reads."""
+    p, t = qwen, timing(qwen)
+    bw = SYSTEM.chip.sram_bandwidth_bytes_per_s
+    weights = {}
+    for sh in p.placement.shards:
+        weights[sh.chip] = weights.get(sh.chip, 0) + sh.nbytes
+    bound = sum(max(weights[c] for c in s.chips) / bw for s in p.placement.stages)
+    assert t.decode_latency_s >= bound
+    assert t.decode_latency_s < 3 * bound  # and links add to it, but do not dominate an 8B model
+
+
+def test_ttft_no_faster_than_peak_compute(qwen):
+    t = timing(qwen)
+    spec = load_preset("qwen3-8b")
+    flops = 2 * W.prompt_len * (spec.param_count() - spec.vocab_size * spec.d_model)  # matmuls alone
+    peak = qwen.chips * 2 * SYSTEM.chip.matrix_macs_per_cycle["int8"] * SYSTEM.chip.clock_hz
+    assert t.ttft_s >= flops / peak
+
+
+def test_tiny_model_is_bound_by_link_latency():
+    """gemma-3-270m on 8 chips: every all-reduce costs at least two local hops (reduce-scatter and
+    all-gather), and they sit on the critical path one after another."""
+    p = _compile("gemma-3-270m", 8)
+    spec = load_preset("gemma-3-270m")
+    all_reduces = 2 * spec.n_layers + 2
+    assert timing(p).decode_latency_s >= all_reduces * 2 * SYSTEM.links["local"].latency_s
+
+
+def test_wider_tp_is_faster_per_token_until_links_dominate():
+    narrow, wide = _compile("qwen3-8b", 44), _compile("qwen3-8b", 88)
+    assert (narrow.placement.tp, wide.placement.tp) == (4, 8)
+    assert len(narrow.placement.stages) == len(wide.placement.stages)
+    ratio = timing(wide).decode_latency_s / timing(narrow).decode_latency_s
+    assert 0.5 <= ratio < 1.0  # twice the chips per layer: faster, but at most twice as fast
+    deeper = _compile("qwen3-8b", 176)  # the same TP, twice the stages: only more hops
+    assert timing(deeper).decode_latency_s > timing(wide).decode_latency_s
+
+
+def test_users_in_flight_fill_the_pipeline():
+    one = timing(_compile("llama-3.1-8b"))
+    w4 = Workload(context_length=2048, prompt_len=256, users=4)
+    four = timing(_compile("llama-3.1-8b", workload=w4))
+    assert four.stages >= 4
+    assert one.throughput_tokens_per_s < four.throughput_tokens_per_s <= 4 * one.throughput_tokens_per_s * 1.001
+    assert four.tokens_per_s_per_user <= one.tokens_per_s_per_user * 1.001
+
+
+def test_power_utilisation_and_energy_are_consistent(qwen):
+    t = timing(qwen)
+    nodes = -(-t.chips // SYSTEM.node.chips)
+    hosts = nodes * SYSTEM.node.host_power_w
+    assert t.chips * SYSTEM.chip.idle_power_w + hosts <= t.power_w <= t.chips * SYSTEM.chip.busy_power_w + hosts
+    assert t.energy_per_token_j == pytest.approx(t.power_w / t.throughput_tokens_per_s)
+    assert all(0 <= u <= 1 for u in t.unit_utilisation.values()) and 0 < t.link_utilisation <= 1
+    assert t.unit_utilisation["matrix"] > t.unit_utilisation["switch"] == 0
+    assert 0 < t.sram_used_fraction <= 1
+
+
+def test_inspect_views(qwen, tmp_path):
+    rows = placement_rows(qwen)
+    assert len(rows) == len(qwen.placement.stages)
+    assert sum(r["weights_bytes_per_chip"] for r in rows) * qwen.placement.tp >= sum(
+        sh.nbytes for sh in qwen.placement.shards if not sh.replicated)
+    draw_gantt(qwen, tmp_path / "g.png")
+    assert (tmp_path / "g.png").stat().st_size > 10_000

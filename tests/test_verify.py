@@ -1,0 +1,121 @@
+"""The verifier passes sound Programs and catches each invariant broken on purpose."""
+
+import dataclasses
+
+import pytest
+
+from openlpu.compiler import Workload, compile_program, verify, verify_or_raise
+from openlpu.errors import OpenLPUError
+from openlpu.hardware.lpu import load_system
+from openlpu.models.spec import load_preset
+
+SYSTEM = load_system("lpu-v1")
+
+
+@pytest.fixture(scope="module")
+def program():
+    return compile_program(load_preset("gemma-3-270m"), SYSTEM,
+                           Workload(context_length=2048, prompt_len=200, prefill_chunk=128), chips=8)
+
+
+def _invariants(program):
+    return {v.invariant for v in verify(program)}
+
+
+@pytest.mark.parametrize("name, chips", [("gemma-3-270m", None), ("gemma-3-270m", 8), ("qwen3-8b", None),
+                                         ("mixtral-8x7b", None), ("gemma-2-9b", 64)])
+def test_sound_programs_pass(name, chips):
+    p = compile_program(load_preset(name), SYSTEM, Workload(context_length=1024, prompt_len=300, users=2), chips)
+    assert verify(p) == []
+    verify_or_raise(p)
+
+
+def _with_decode(program, ops=None, transfers=None):
+    d = program.decode
+    return dataclasses.replace(program, decode=dataclasses.replace(
+        d, ops=tuple(ops if ops is not None else d.ops), transfers=tuple(transfers if transfers is not None else d.transfers)))
+
+
+def test_unit_running_two_ops_at_once(program):
+    ops = list(program.decode.ops)
+    # the second matrix op of stage 0 moved to start while the first still runs
+    first, second = [i for i, o in enumerate(ops) if o.stage == 0 and o.unit == "matrix"][:2]
+    start = ops[first].start_cycle
+    ops[second] = dataclasses.replace(ops[second], start_cycle=start,
+                                      end_cycle=start + ops[second].end_cycle - ops[second].start_cycle)
+    assert "unit_overlap" in _invariants(_with_decode(program, ops=ops))
+
+
+def test_op_before_its_input_arrives(program):
+    ops = list(program.decode.ops)
+    i = next(k for k, o in enumerate(ops) if o.name == "blk.0.attn_q")
+    ops[i] = dataclasses.replace(ops[i], start_cycle=0, end_cycle=ops[i].end_cycle - ops[i].start_cycle)
+    assert "input_not_ready" in _invariants(_with_decode(program, ops=ops))
+
+
+def test_op_on_a_stage_its_input_never_reached(program):
+    ops = list(program.decode.ops)
+    i = next(k for k, o in enumerate(ops) if o.stage == 1)
+    # point it at the stage-0 result directly, skipping the send between the stages
+    ops[i] = dataclasses.replace(ops[i], inputs=("blk.0.attn_norm",))
+    messages = [v.message for v in verify(_with_decode(program, ops=ops))]
+    assert any("never sent there" in m for m in messages)
+
+
+def test_transfer_before_its_input_is_ready(program):
+    transfers = list(program.decode.transfers)
+    i = next(k for k, t in enumerate(transfers) if t.kind == "all_reduce")
+    t = transfers[i]
+    transfers[i] = dataclasses.replace(t, start_cycle=0, arrival_cycle=t.arrival_cycle - t.start_cycle)
+    assert "input_not_ready" in _invariants(_with_decode(program, transfers=transfers))
+
+
+def test_sram_over_capacity(program):
+    small = dataclasses.replace(program.system, chip=dataclasses.replace(program.system.chip, sram_bytes=50_000_000))
+    found = verify(dataclasses.replace(program, system=small))
+    assert any(v.invariant == "sram_capacity" for v in found)
+    # the live-activation part alone: an op output larger than what is left
+    ops = list(program.decode.ops)
+    ops[3] = dataclasses.replace(ops[3], output_bytes_per_chip=SYSTEM.chip.sram_bytes)
+    assert "sram_capacity" in _invariants(_with_decode(program, ops=ops))
+
+
+def test_weight_missing_duplicated_or_replicated_on_purpose(program):
+    shards = list(program.placement.shards)
+    i = next(k for k, s in enumerate(shards) if s.tensor == "blk.3.ffn_up.weight")
+    missing = dataclasses.replace(program, placement=dataclasses.replace(
+        program.placement, shards=tuple(shards[:i] + shards[i + 1:])))
+    assert [v.message for v in verify(missing)] == [
+        f"blk.3.ffn_up.weight elements [{shards[i].start}, {shards[i].stop}) along axis are placed nowhere"]
+    spare_chip = program.placement.stages[1].chips[0]
+    twice = dataclasses.replace(shards[i], chip=spare_chip)
+    dup = dataclasses.replace(program, placement=dataclasses.replace(program.placement, shards=tuple(shards + [twice])))
+    assert "weight_placement" in _invariants(dup)
+    flagged = dataclasses.replace(twice, replicated=True)
+    ok = dataclasses.replace(program, placement=dataclasses.replace(program.placement, shards=tuple(shards + [flagged])))
+    assert "weight_placement" not in _invariants(ok)
+
+
+def test_link_over_its_bandwidth(program):
+    transfers = list(program.decode.transfers)
+    i = next(k for k, t in enumerate(transfers) if t.kind == "p2p")
+    t = transfers[i]
+    # ten times the bytes in the same cycles
+    transfers[i] = dataclasses.replace(t, links=tuple((a, b, n * 10) for a, b, n in t.links))
+    assert "link_bandwidth" in _invariants(_with_decode(program, transfers=transfers))
+    # two copies of the prefill's busiest send on the same link at the same time
+    pre = program.prefill
+
+    def rate(t):
+        return max(n for _, _, n in t.links) / (t.arrival_cycle - t.start_cycle)
+    busiest = max(pre.transfers, key=rate)
+    assert rate(busiest) * SYSTEM.chip.clock_hz > 0.5 * SYSTEM.links["local"].bandwidth_bytes_per_s
+    clash = dataclasses.replace(busiest, name="clash", inputs=())
+    doubled = dataclasses.replace(program, prefill=dataclasses.replace(pre, transfers=pre.transfers + (clash,)))
+    assert "link_bandwidth" in _invariants(doubled)
+
+
+def test_verify_or_raise_is_one_clear_error(program):
+    small = dataclasses.replace(program.system, chip=dataclasses.replace(program.system.chip, sram_bytes=1_000_000))
+    with pytest.raises(OpenLPUError, match=r"program fails verification: .*SRAM.*\(and \d+ more\)"):
+        verify_or_raise(dataclasses.replace(program, system=small))
