@@ -20,6 +20,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,15 +57,17 @@ def server_command(name: str, port: int, gguf: str, threads: int, clients: int) 
                 "--max-batch", str(clients), "--max-queue", str(4 * clients)]
     return [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port),
             "--n_threads", str(threads), "--n_ctx", "4096", "--chat_format", "gemma",
-            "--model_alias", MODEL_ALIAS]
+            "--model_alias", MODEL_ALIAS,
+            "--interrupt_requests", "False"]  # its default cuts a running stream when the next request comes
 
 
-def wait_ready(base: str, proc: subprocess.Popen) -> str:
+def wait_ready(base: str, proc: subprocess.Popen, log) -> str:
     """Waits for the models route; returns the model id the server announces."""
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            tail = proc.stderr.read()[-600:] if proc.stderr else ""
+            log.seek(0)
+            tail = log.read()[-600:]
             raise RuntimeError(f"server exited with status {proc.returncode}: {tail}")
         try:
             r = httpx.get(base + "/models", timeout=2)
@@ -113,11 +116,12 @@ def percentile(values: list[float], q: float) -> float:
 def run_load(name: str, gguf: str, clients: int, requests: int, max_tokens: int, threads: int) -> dict:
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty server never blocks on it
     proc = subprocess.Popen(server_command(name, port, gguf, threads, clients), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}" + ("/openai/v1" if name == "openlpu" else "/v1")
     try:
-        model = wait_ready(base, proc)
+        model = wait_ready(base, proc, log)
         one_request(base, model, "warm up", 4)
 
         def client(i: int) -> list[RequestTiming]:
@@ -133,6 +137,7 @@ def run_load(name: str, gguf: str, clients: int, requests: int, max_tokens: int,
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.close()
     good = [t for t in timings if t.ok]
     gaps = [g for t in good for g in t.gaps_s]
     ttfts = [t.ttft_s for t in good]

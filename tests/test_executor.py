@@ -199,8 +199,8 @@ def test_sharded_chip_holds_only_its_shards(tiny):
     ex = Executor(program, spec, weights, "sharded")
     for chip in ex.chips.values():
         placed = {s.tensor: s for s in program.placement.shards if s.chip == chip.id}
-        assert set(chip._shards) == set(placed)
-        for name, (axis, start, stop, local) in chip._shards.items():
+        assert set(chip.shards) == set(placed)
+        for name, (axis, start, stop, local) in chip.shards.items():
             assert local.shape[axis] == stop - start
             assert local.untyped_storage().data_ptr() != weights[name].untyped_storage().data_ptr()
 
@@ -261,3 +261,16 @@ def test_gemma_sharded_matches_fused_and_llamacpp(gemma, llamacpp_reference):
         for got, ref in zip(run_steps(sharded, prompt, 2), want):
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=2e-4)
         assert sharded.generate(prompt, 3) == expected_ids, (system, chips)
+
+
+def test_engine_runs_on_the_fused_path(gemma, gemma_path, llamacpp_reference):
+    """The Engine drives the fused executor like a Model: greedy text = llama.cpp's greedy tokens."""
+    from openlpu.runtime.engine import Engine
+    from openlpu.runtime.sampling import SamplingParams
+    from openlpu.runtime.tokenizer import Tokenizer
+
+    spec, weights, _ = gemma
+    program = compile_program(spec, LPU, Workload(weights="int4", context_length=64, prompt_len=6), 1)
+    engine = Engine(Executor(program, spec, weights, "fused"), Tokenizer.from_gguf(gemma_path), 1, 32)
+    events = list(engine.generate(llamacpp_reference["prompt"], SamplingParams(max_tokens=4, temperature=0.0)))
+    assert [e.token_id for e in events] == llamacpp_reference["greedy_32_ids"][:4]

@@ -22,6 +22,14 @@ def test_lpu_v1_matches_published_figures():
     assert s.chip.sram_bytes == 230_000_000
 
 
+def test_install_rate_lies_within_its_published_bounds():
+    """The fitted weight-install rate: at least one 320-byte vector per MXM plane (4 planes) per cycle
+    (ISCA 2020), at most what the SRAM can deliver (80 TB/s product brief)."""
+    chip = load_system("lpu-v1").chip
+    assert 4 * 320 <= chip.matrix_install_bytes_per_cycle <= chip.sram_bytes_per_cycle
+    assert "fitted" in load_system("lpu-v1").sources["lpu-v1.chip.matrix_install_bytes_per_cycle"]
+
+
 def test_every_figure_carries_a_source():
     s = load_system("lpu-v1")
     figures = [f"chip.{k}" for k in V1["chip"] if k != "name"] + [f"node.{k}" for k in V1["node"]]

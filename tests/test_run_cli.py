@@ -15,7 +15,7 @@ def test_run_streams_llamacpp_greedy_text_and_a_summary(gemma_path, llamacpp_ref
     result = openlpu("run", llamacpp_reference["prompt"], "--max-tokens", "8", "--model",
                      str(gemma_path))
     assert result.returncode == 0, result.stderr
-    want = "".join(llamacpp_reference["greedy_32_text"])  # 32 tokens; ours stops after 8
+    want = llamacpp_reference["greedy_32_text"]  # 32 tokens; ours stops after 8
     assert result.stdout.strip() and want.startswith(result.stdout.rstrip("\n"))
     for field in ("prompt 6 tokens", "generated 8", "TTFT", "tok/s", "peak RSS"):
         assert field in result.stderr

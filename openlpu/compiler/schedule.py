@@ -1,8 +1,12 @@
 """Static schedule: the cycle each op starts and ends on its TP group, and every transfer on the links.
 
 List scheduling in graph order (the lowered ops are topologically sorted): an op starts when its
-unit is free and all its inputs are on its chips; it lasts as long as the slower of its arithmetic
-(flops over the unit's per-cycle throughput) and its SRAM traffic (bytes over SRAM bytes per cycle).
+unit is free and all its inputs are on its chips; it lasts as long as the slowest of its arithmetic
+(flops over the unit's per-cycle throughput), its SRAM traffic (bytes over SRAM bytes per cycle) and,
+for a matrix op with weights, installing those weights into the weight-stationary matrix unit (bytes
+over the install rate): at batch 1 every installed weight serves one vector, so installs bound decode.
+MoE expert matmuls install every expert the chip holds: routing is data dependent and the schedule is
+fixed at compile time, so it reserves the slots of all experts (their shares of the expert tensors).
 Row-split matmuls and the vocabulary-split embedding and sampler end in an all-reduce over the
 group's links; a stage passes its activations to the next stage's first chip, which broadcasts them.
 """
@@ -96,6 +100,8 @@ class _Scheduler:
         self.ops: list[ScheduledOp] = []
         self.transfers: list[Transfer] = []
         self.weight_fraction = self._weight_fractions()
+        self.tensor_elements = {name: math.prod(shape) for name, shape in spec.tensor_shapes().items()}
+        self.weight_bytes_per_element = as_precision(workload.weights).bytes_per_element
         rates = {"vector": system.chip.vector_ops_per_cycle, "switch": system.chip.switch_bytes_per_cycle,
                  "memory": math.inf}
         self.unit_flops_per_cycle = {
@@ -167,11 +173,17 @@ class _Scheduler:
         f_w = self.weight_fraction.get((op.weight, stage), 1.0) if op.weight else 1.0
         compute, f_in, f_out, f_kv = op_fractions(self.spec, op, t, f_w)
         inputs = tuple(self._input_on(i, stage, payloads[i]) for i in op.inputs)
-        reads = op.weight_bytes * f_w + op.kv_read_bytes * f_kv + op.act_read_bytes * f_in
+        weights = op.weight_bytes * f_w
+        installed = 0.0
+        if op.unit == "matrix" and op.weight:  # the chip's whole share of the tensor, all experts for MoE
+            installed = max(weights, self.tensor_elements[op.weight] * f_w * self.weight_bytes_per_element)
+            weights = installed
+        reads = weights + op.kv_read_bytes * f_kv + op.act_read_bytes * f_in
         writes = op.act_write_bytes * f_out + op.kv_write_bytes * f_kv
         rate = self.attention_flops_per_cycle if op.kind == "attention" else self.unit_flops_per_cycle[op.unit]
         duration = max(1, math.ceil(op.flops * compute / rate),
-                       math.ceil((reads + writes) / self.system.chip.sram_bytes_per_cycle))
+                       math.ceil((reads + writes) / self.system.chip.sram_bytes_per_cycle),
+                       math.ceil(installed / self.system.chip.matrix_install_bytes_per_cycle))
         start = max([self.unit_free.get((stage, op.unit), 0)] + [self.ready[i][1] for i in inputs])
         end = start + duration
         self.unit_free[(stage, op.unit)] = end

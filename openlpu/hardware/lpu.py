@@ -28,6 +28,10 @@ class ChipSpec:
     sram_bytes: int
     sram_bandwidth_bytes_per_s: float
     matrix_macs_per_cycle: dict[str, float]  # by operand precision the matrix unit supports natively
+    # Weight bytes per cycle the matrix unit can install into its weight buffers, all planes together. A
+    # weight-stationary MXM must install a tile before it multiplies with it; at batch 1 each installed
+    # byte serves one vector, so this rate, not the MAC rate or the SRAM bandwidth, bounds decode.
+    matrix_install_bytes_per_cycle: float
     vector_ops_per_cycle: float
     switch_bytes_per_cycle: float
     idle_power_w: float

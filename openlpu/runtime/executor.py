@@ -38,8 +38,7 @@ HEAD_OPS = ("output_norm", "output", "final_softcap", "sample")  # the head item
 
 
 def _suffix(name: str) -> str:
-    """'c1/blk.3.attn_q' -> 'attn_q'; 'output' -> 'output'."""
-    name = _strip(name)
+    """'blk.3.attn_q' -> 'attn_q'; 'output' -> 'output'."""
     return name.split(".", 2)[2] if name.startswith("blk.") else name
 
 
@@ -66,20 +65,20 @@ class Chip:
 
     def __init__(self, chip_id: int, spec: ModelSpec, shards: dict[str, tuple[int, int, int, torch.Tensor]]):
         self.id, self.full_spec = chip_id, spec
-        self._shards = shards  # tensor -> (axis, start, stop, local copy)
+        self.shards = shards  # tensor -> (axis, start, stop, local copy)
         self.spec = spec  # narrowed to the chip's heads below, once they are known
         self.host: Model | None = None
         self.cache: KVCache | None = None
 
     def weight(self, tensor: str, op: str) -> torch.Tensor:
-        if tensor not in self._shards:
+        if tensor not in self.shards:
             raise OpenLPUError(f"op {op} on chip {self.id} needs {tensor}, which the placement does not "
                                f"put on chip {self.id}")
-        return self._shards[tensor][3]
+        return self.shards[tensor][3]
 
     def start(self, tensor: str, op: str) -> int:
         self.weight(tensor, op)
-        return self._shards[tensor][1]
+        return self.shards[tensor][1]
 
     def set_heads(self, n_heads: int, n_kv_heads: int) -> None:
         """Narrow the spec to this chip's heads and build model.py's attention helpers for it."""
@@ -125,8 +124,7 @@ class Pass:
 # ---- op kernels: (chip, op name) -> fn(pass, *inputs) -----------------------------------------
 def _norm_kernel(chip: Chip, name: str, tensor: str):
     w = chip.weight(tensor, name) + chip.spec.norm_weight_offset
-    host = chip.host or kernel_host(chip.spec)
-    return lambda p, x: host._norm(x, w)
+    return lambda p, x: chip.host._norm(x, w)
 
 
 def _linear_kernel(chip: Chip, name: str, tensor: str):
@@ -143,8 +141,8 @@ def _head_norm_kernel(chip: Chip, name: str, tensor: str):
 
 
 def build_kernel(chip: Chip, name: str, kind: str) -> Callable:
-    spec, suffix, layer = chip.full_spec, _suffix(name), _layer(_strip(name))
-    base = _strip(name)
+    """fn(pass, *inputs) computing op `name` (chunk prefix already removed) on `chip`'s shards."""
+    spec, suffix, layer, base = chip.full_spec, _suffix(name), _layer(name), name
     weight = f"{base}.weight"
     if suffix == "token_embd":
         table = chip.weight("token_embd.weight", base)
@@ -314,7 +312,7 @@ class Executor:
             for sh in program.placement.shards:
                 if sh.chip not in self.chips:
                     raise OpenLPUError(f"shard of {sh.tensor} is placed on chip {sh.chip}, which no stage uses")
-                local = self.chips[sh.chip]._shards
+                local = self.chips[sh.chip].shards
                 if sh.tensor in local:
                     raise OpenLPUError(f"chip {sh.chip} holds two shards of {sh.tensor}")
                 # a copy, so the chip cannot reach the rest of the tensor through a view
@@ -325,9 +323,9 @@ class Executor:
         for chip in self.chips.values():
             self._set_heads(chip)
         self.decode_events = self._events(program.decode)
-        self.prefill_chunks = self._prefill_templates(program.prefill)
+        self.prefill_chunks, self.head_events = self._prefill_templates(program.prefill)
         self.kernels: dict[tuple[int, str], Callable] = {}
-        for ev in self.decode_events + [e for body, _ in self.prefill_chunks for e in body] + self.head_events:
+        for ev in self.decode_events + [e for body in self.prefill_chunks for e in body] + self.head_events:
             for c in ev.chips if ev.op is not None else ():
                 if (c, ev.name) not in self.kernels:
                     self.kernels[(c, ev.name)] = build_kernel(self.chips[c], ev.name, ev.op.kind)
@@ -340,8 +338,8 @@ class Executor:
             chip.set_heads(s.n_heads, s.n_kv_heads)
             return
         for i in layers:
-            q = chip._shards.get(f"blk.{i}.attn_q.weight")
-            k = chip._shards.get(f"blk.{i}.attn_k.weight")
+            q = chip.shards.get(f"blk.{i}.attn_q.weight")
+            k = chip.shards.get(f"blk.{i}.attn_k.weight")
             if q is None or k is None:
                 missing = f"blk.{i}.attn_q.weight" if q is None else f"blk.{i}.attn_k.weight"
                 raise OpenLPUError(f"layer {i} runs on chip {chip.id} but the placement does not put "
@@ -372,10 +370,10 @@ class Executor:
         """A transfer's name -> the op whose result it carries ('blk.0.ffn_down.allreduce' -> 'blk.0.ffn_down')."""
         return name.split(">")[0].removesuffix(".allreduce")
 
-    def _prefill_templates(self, phase: PhaseSchedule) -> list[tuple[list[Event], int]]:
-        """Per compiled prompt chunk: its body events (names without the chunk prefix, inputs from
-        earlier chunks dropped: that is the KV cache they wrote) and its token count. Head events
-        (logits of the prompt's last token) come from the last chunk, in self.head_events."""
+    def _prefill_templates(self, phase: PhaseSchedule) -> tuple[list[list[Event]], list[Event]]:
+        """Per compiled prompt chunk, its body events (names without the chunk prefix; inputs from
+        earlier chunks dropped: those are the KV cache they wrote), and the head events (logits of
+        the prompt's last token) of the last chunk."""
         chunks: dict[int, list[Event]] = {}
         for ev in self._events(phase):
             c = int(ev.name.split("/", 1)[0][1:])
@@ -395,9 +393,8 @@ class Executor:
         for ev in last:  # and the transfers that carry their results (the sampler's all-reduce)
             if any(i in head_names for i in ev.inputs):
                 head_names.add(ev.name)
-        self.head_events = [ev for ev in last if ev.name in head_names]
-        chunk = self.program.workload.prefill_chunk
-        return [([ev for ev in chunks[c] if ev.name not in head_names], chunk) for c in sorted(chunks)]
+        return ([[ev for ev in chunks[c] if ev.name not in head_names] for c in sorted(chunks)],
+                [ev for ev in last if ev.name in head_names])
 
     # ---- running ----
     def new_cache(self, n_slots: int = 1, capacity: int | None = None) -> KVCache | ChipCaches:
@@ -413,12 +410,11 @@ class Executor:
                 continue
             for c in ev.chips:
                 held = values[c]
-                args = []
-                for i in ev.inputs:
-                    if i not in held:
-                        raise OpenLPUError(f"op {ev.name} on chip {c} needs {i}, which was never delivered to "
-                                           f"chip {c} (no transfer in the Program brings it there)")
-                    args.append(held[i])
+                try:
+                    args = [held[i] for i in ev.inputs]
+                except KeyError as e:
+                    raise OpenLPUError(f"op {ev.name} on chip {c} needs {e.args[0]}, which was never delivered "
+                                       f"to chip {c} (no transfer in the Program brings it there)") from None
                 held[ev.name] = self.kernels[(c, ev.name)](ctx, *args)
 
     def _transfer(self, ev: Event, values: dict[int, dict]) -> None:
@@ -489,14 +485,14 @@ class Executor:
         if len(spans) != 1:
             raise OpenLPUError("sharded execution runs one sequence at a time (the Program serves one user "
                                "per pipeline slot); use fused mode for batches")
-        span, chunk = spans[0], self.prefill_chunks[0][1]
+        span, chunk = spans[0], self.program.workload.prefill_chunk
         n_chunks = -(-span.n_tokens // chunk)
         first_row = (n_chunks - 1) * chunk
         if (rows < first_row).any():
             raise OpenLPUError(f"the Program computes logits only for the prompt's last chunk (rows "
                                f"{first_row}..{span.n_tokens - 1})")
         for j in range(n_chunks):
-            body = self.prefill_chunks[min(j, len(self.prefill_chunks) - 1)][0]
+            body = self.prefill_chunks[min(j, len(self.prefill_chunks) - 1)]
             last = j == n_chunks - 1
             piece = Span(span.slot, span.start_pos + j * chunk, min(chunk, span.n_tokens - j * chunk))
             events = body + self.head_events if last else body
@@ -551,3 +547,12 @@ def simulated_figures(program: Program) -> dict:
     return {"label": "simulated", "system": program.system.name, "chips": t.chips, "stages": t.stages,
             "tp": t.tp, "ttft_s": t.ttft_s, "tokens_per_s_per_user": t.tokens_per_s_per_user,
             "decode_latency_s": t.decode_latency_s}
+
+
+def load_executor(program: Program, model_path, mode: str = "fused") -> Executor:
+    """An Executor for a GGUF file's weights (float32). In fused mode it is a drop-in for
+    runtime.model.Model in runtime.engine.Engine (same spec, max_positions, device and forward)."""
+    from openlpu.models.gguf import load_weights, spec_from_gguf
+
+    spec = spec_from_gguf(model_path)
+    return Executor(program, spec, load_weights(model_path, spec), mode)

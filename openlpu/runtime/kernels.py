@@ -58,25 +58,34 @@ class Linear:
     bias: torch.Tensor | None = None  # float32
 
     @classmethod
-    def build(cls, weight, fmt: str, bias: torch.Tensor | None = None) -> "Linear":
+    def build(cls, weight, fmt: str, bias: torch.Tensor | None = None,
+              device: torch.device | str | None = None) -> "Linear":
         """`weight`: a float tensor, or anything with .shape and float rows by slice (quantized
         in chunks of rows, so a huge matrix never exists in float32 all at once)."""
-        on_cpu = not isinstance(weight, torch.Tensor) or weight.device.type == "cpu"
-        if fmt == "int4" and (not on_cpu or weight.shape[1] % INT4_GROUP):
-            fmt = "int8"  # the int4 kernel is CPU-only and needs whole groups
+        device = torch.device(device or (weight.device if isinstance(weight, torch.Tensor) else "cpu"))
+        if device.type != "cpu" and fmt in ("int8", "int4"):
+            fmt = "bf16"  # the weight-only int kernels used here are CPU kernels
+        if fmt == "int4" and weight.shape[1] % INT4_GROUP:
+            fmt = "int8"  # the int4 kernel needs whole groups
         if fmt in ("float32", "bf16") and not isinstance(weight, torch.Tensor):
             weight = weight[0:weight.shape[0]]  # a lazy row source (model.GGUFRows): read it all
         if fmt == "float32":
-            return cls(fmt, weight.float().contiguous(), bias=bias)
-        if fmt == "bf16":
-            return cls(fmt, weight.to(torch.bfloat16).contiguous(), bias=bias)
-        if fmt == "int8":
+            built = cls(fmt, weight.float().contiguous(), bias=bias)
+        elif fmt == "bf16":
+            built = cls(fmt, weight.to(torch.bfloat16).contiguous(), bias=bias)
+        elif fmt == "int8":
             q, s = quantize_int8_rows(weight)
-            return cls(fmt, q, s.to(torch.bfloat16), bias=bias)
-        if fmt == "int4":
+            built = cls(fmt, q, s.to(torch.bfloat16), bias=bias)
+        elif fmt == "int4":
             packed, scale_zero = _pack_int4(weight)
-            return cls(fmt, packed, scale_zero, bias=bias)
-        raise ValueError(f"unknown weight format {fmt!r}")
+            built = cls(fmt, packed, scale_zero, bias=bias)
+        else:
+            raise ValueError(f"unknown weight format {fmt!r}")
+        return built.to(device)
+
+    def to(self, device) -> "Linear":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Linear(self.fmt, move(self.weight), move(self.scale), move(self.bias))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.fmt == "float32":

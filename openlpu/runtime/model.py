@@ -179,12 +179,12 @@ class Model:
         rows_of = getattr(weights, "rows", w)
         self.embedding = rows_of("token_embd.weight")
         head_rows = self.embedding if s.tie_embeddings else rows_of("output.weight")
-        self.head = Linear.build(head_rows, head_fmt)
-        if head_fmt == "float32":
+        self.head = Linear.build(head_rows, head_fmt, device=dev)
+        if self.head.fmt == "float32":
             self.embedding = self.head.weight if s.tie_embeddings else self.embedding[0:s.vocab_size]
         # Low-bit head: logits of its top candidates are recomputed in float32 from exact rows,
         # so greedy choices and top-k/top-p sets match the reference; the tail keeps int error.
-        self.rescore_rows = None if head_fmt == "float32" else head_rows
+        self.rescore_rows = None if self.head.fmt == "float32" else head_rows
         self.inv_freq = {base: rope_inverse_frequencies(s, base).to(dev)
                          for base in {blk.rope_base for blk in self.blocks}}
 
@@ -225,7 +225,7 @@ class Model:
         x = self._norm(x, self.output_norm)
         logits = self.head(x)
         if self.rescore_rows is not None:
-            candidates = logits.topk(min(RESCORE_CANDIDATES, s.vocab_size), -1).indices
+            candidates = logits.topk(min(RESCORE_CANDIDATES, s.vocab_size), -1, sorted=False).indices
             rows = self.rescore_rows[candidates.flatten().cpu()].to(self.device)
             exact = (rows.view(*candidates.shape, -1) @ x[:, :, None]).squeeze(-1)
             logits.scatter_(1, candidates, exact)
