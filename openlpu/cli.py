@@ -203,41 +203,106 @@ def run(
     top_k: int = typer.Option(0, "--top-k", help="sample among the k most likely (0 = off)"),
     seed: int = typer.Option(None, help="random seed for sampling"),
     stop: list[str] = typer.Option(None, "--stop", help="stop string (repeatable, up to 4)"),
-    precision: str = typer.Option("int4", help="weights: float32 | bf16 | int8 | int4"),
+    precision: str = typer.Option("int4", help="host weights: float32 | bf16 | int8 | int4"),
     threads: int = typer.Option(None, help="CPU threads (default: torch's)"),
+    system: str = typer.Option("lpu-v1", "--system", help="LPU system the Program is compiled for"),
+    mode: str = typer.Option("fused", "--mode", help="fused: the fast engine over the merged ops; "
+                             "sharded: every virtual chip runs its own shards and transfers"),
+    compare: str = typer.Option("h100-sxm", "--compare", help="GPU modelled for comparison"),
 ):
-    """Generate text with the model on this machine, streamed, then a speed summary."""
+    """Compile the model for an LPU system, generate text on this machine (streamed), then put the
+    host's real speed next to the LPU's simulated and the GPU's modelled speed."""
     import resource
 
+    from openlpu.compiler import Workload, compile_program, verify_or_raise
+    from openlpu.hardware.gpu import load_gpu
+    from openlpu.hardware.lpu import load_system
     from openlpu.runtime.engine import Engine
     from openlpu.runtime.sampling import SamplingParams
+    from openlpu.sim.gpu import gpu_timing
+    from openlpu.sim.timing import timing
 
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                             top_k=top_k, seed=seed, stop=tuple(stop or ()))
     if not prompt.strip():
         raise OpenLPUError("the prompt is empty; give some text to continue")
+    if mode not in ("fused", "sharded"):
+        raise OpenLPUError(f"unknown --mode {mode!r}; use fused or sharded")
+    if mode == "sharded" and (temperature != 0 or stop):
+        raise OpenLPUError("sharded mode runs the Program's own greedy sampler: use --temperature 0 "
+                           "and no --stop, or --mode fused")
     if threads is not None:
         if threads < 1:
             raise OpenLPUError("--threads must be at least 1")
         import torch
 
         torch.set_num_threads(threads)
-    engine = Engine.load(model, precision=precision, max_batch=1)
+    lpu, gpu = load_system(system), load_gpu(compare)
+    from openlpu.models.embedded import default_model_path
+
+    model_path = model or default_model_path()
+    engine = Engine.load(model_path, precision=precision, max_batch=1)
     ids = engine.tokenizer.encode(prompt)
-    seq = engine.new_sequence(ids, params)
+    seq = engine.new_sequence(ids, params)  # checks the prompt against the context
+    workload = Workload(context_length=len(ids) + max_tokens, prompt_len=len(ids), users=1)
+    program = compile_program(engine.spec, lpu, workload)
+    verify_or_raise(program)
+    err = Console(stderr=True, highlight=False)
+    err.print(f"[dim]compiled for {lpu.name}: {program.chips} chips, "
+              f"{len(program.placement.stages)} stages x TP {program.placement.tp}; verified[/]")
+
     out = Console(highlight=False)
-    while not seq.finished:
-        for event in engine.step([seq]):
-            out.print(event.text, end="", markup=False, soft_wrap=True)
+    if mode == "fused":
+        while not seq.finished:
+            for event in engine.step([seq]):
+                out.print(event.text, end="", markup=False, soft_wrap=True)
+        t_start, t_first, t_end, n_out = seq.t_start, seq.t_first_token, seq.t_end, len(seq.output_ids)
+        finish = seq.finish_reason
+    else:
+        t_start, t_first, t_end, n_out, finish = _run_sharded(program, engine, model_path, ids, max_tokens, out)
     out.print()
-    decode_s = seq.t_end - seq.t_first_token
-    decoded = len(seq.output_ids) - 1  # tokens after the first, which prefill produced
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    Console(stderr=True, highlight=False).print(
-        f"[dim]{engine.model_name} ({precision}): prompt {len(ids)} tokens, generated "
-        f"{len(seq.output_ids)} ({seq.finish_reason}); TTFT {seq.t_first_token - seq.t_start:.3f} s; "
-        f"decode {decoded / decode_s if decoded and decode_s > 0 else float('nan'):.1f} tok/s; "
-        f"peak RSS {peak_rss_mb:.0f} MB[/]")
+
+    sim, gpu_t = timing(program), gpu_timing(engine.spec, gpu, "int8", workload.context_length,
+                                            prompt_tokens=len(ids))
+    decoded, decode_s = n_out - 1, t_end - t_first  # the first token comes from the prefill
+    host_tps = decoded / decode_s if decoded and decode_s > 0 else float("nan")
+    table = Table(title=f"{engine.model_name}: prompt {len(ids)} tokens, generated {n_out} ({finish})")
+    for col in ("", "what it is", "TTFT (s)", "tok/s per user"):
+        table.add_column(col, justify="left" if col in ("", "what it is") else "right")
+    table.add_row(f"this host ({mode}, {precision})", "measured", f"{t_first - t_start:.3f}", f"{host_tps:.1f}")
+    table.add_row(f"{lpu.name} x {sim.chips} chips", "simulated from the Program",
+                  f"{sim.ttft_s:.5f}", f"{sim.tokens_per_s_per_user:,.0f}")
+    table.add_row(f"{gpu.name} x {gpu_t.gpus}", "modelled (roofline)", f"{gpu_t.ttft_s:.5f}",
+                  f"{gpu_t.tokens_per_s_per_user:,.0f}")
+    err.print(table)
+    err.print(f"[dim]peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB[/]")
+
+
+def _run_sharded(program, engine, model_path, ids, max_tokens, out):
+    """Greedy text from the Program executed chip by chip (shards and explicit transfers)."""
+    import time
+
+    from openlpu.runtime.executor import load_executor
+    from openlpu.runtime.model import Span
+
+    executor = load_executor(program, model_path, "sharded")
+    cache = executor.new_cache(1, len(ids) + max_tokens)
+    slot, stream, outputs = cache.allocate(), engine.tokenizer.stream(), []
+    t_start = time.perf_counter()
+    t_first, finish, pos, feed = None, "length", 0, list(ids)
+    while len(outputs) < max_tokens:
+        _, token = executor.step(feed, [Span(slot, pos, len(feed))], cache)
+        pos += len(feed)
+        token = int(token[-1])
+        t_first = t_first or time.perf_counter()
+        outputs.append(token)
+        if token in engine.tokenizer.eos_ids:
+            finish = "stop"
+            break
+        out.print(stream.push(token), end="", markup=False, soft_wrap=True)
+        feed = [token]
+    out.print(stream.flush(), end="", markup=False, soft_wrap=True)
+    return t_start, t_first, time.perf_counter(), len(outputs), finish
 
 
 def main() -> None:
