@@ -48,6 +48,8 @@ def serve(
     max_queue: int = typer.Option(64, help="requests waiting for a slot before new ones get 503"),
     rpm: int = typer.Option(1000, help="requests per minute per API key"),
     tpm: int = typer.Option(1_000_000, help="tokens per minute per API key"),
+    system: str = typer.Option("lpu-v1", "--system",
+                               help="LPU system to compile for (simulated figures in x_openlpu); '' for none"),
 ):
     """A GroqCloud-compatible API (/openai/v1/...) and a chat playground at /."""
     from openlpu.serve.app import ServeSettings, create_app
@@ -58,12 +60,24 @@ def serve(
     if max_batch < 1 or max_queue < 0:
         raise OpenLPUError("--max-batch must be at least 1 and --max-queue at least 0")
     keys = {k: KeyLimits() for k in api_key or ()} | (load_keys_file(keys_file) if keys_file else {})
-    settings = ServeSettings(api_keys=keys, requests_per_minute=rpm, tokens_per_minute=tpm,
-                             max_queue=max_queue)
     from openlpu.runtime.engine import Engine
 
     with console.status("loading the model"):
         engine = Engine.load(model_path=model, max_batch=max_batch)
+    hook = None
+    if system:
+        from openlpu.compiler import Workload, compile_program, verify_or_raise
+        from openlpu.hardware.lpu import load_system
+        from openlpu.serve.lpu import program_hook
+
+        program = compile_program(engine.spec, load_system(system),
+                                  Workload(context_length=engine.context_length, users=max_batch,
+                                           prompt_len=min(512, engine.context_length)))
+        verify_or_raise(program)
+        hook = program_hook(program)
+        console.print(f"compiled for {system}: {program.chips} chips (simulated figures in x_openlpu)")
+    settings = ServeSettings(api_keys=keys, requests_per_minute=rpm, tokens_per_minute=tpm,
+                             max_queue=max_queue, simulated_lpu=hook)
     access = (f"{len(keys)} API key(s) accepted" if keys else
               "[bold yellow]no API keys: the server is open to anyone who can reach it[/]")
     console.print(f"serving [bold]{engine.model_name}[/] at http://{host}:{port}  ({access})\n"
