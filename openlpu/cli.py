@@ -109,17 +109,24 @@ def plan(
     if json_out:
         print(json.dumps([r.to_dict() for r in rows], indent=1))
         return
+    # one column per system, one row per figure: side by side at any terminal width
     table = Table(title=f"{model} at {precision}, {users} user(s) x {context} tokens of context")
-    columns = ("system", "chips", "memory", "tok/s/user", "TTFT ms", "tok/s", "kW", "J/tok", "capex $M",
-               "$/Mtok")
-    for col in columns:
-        table.add_column(col, justify="left" if col == "system" else "right")
+    table.add_column("")
     for r in rows:
-        table.add_row(r.system, f"{r.chips:,}", f"{r.memory_used_fraction:.0%} {r.memory}",
-                      f"{r.tokens_per_s_per_user:,.0f}", f"{r.ttft_s * 1e3:,.0f}",
-                      f"{r.throughput_tokens_per_s:,.0f}", f"{r.power_w / 1e3:,.1f}",
-                      f"{r.energy_per_token_j:,.2f}", f"{r.capex_usd / 1e6:,.2f}",
-                      f"{r.usd_per_million_tokens:,.2f}")
+        table.add_column(f"{r.system} ({r.kind})", justify="right")
+    figures = {
+        "chips / GPUs": lambda r: f"{r.chips:,}",
+        "memory used": lambda r: f"{r.memory_used_fraction:.0%} of {r.memory}",
+        "tok/s per user": lambda r: f"{r.tokens_per_s_per_user:,.0f}",
+        "TTFT (ms)": lambda r: f"{r.ttft_s * 1e3:,.1f}",
+        "throughput (tok/s)": lambda r: f"{r.throughput_tokens_per_s:,.0f}",
+        "power (kW)": lambda r: f"{r.power_w / 1e3:,.1f}",
+        "energy (J/token)": lambda r: f"{r.energy_per_token_j:,.2f}",
+        "capex ($M)": lambda r: f"{r.capex_usd / 1e6:,.2f}",
+        "$ per M tokens": lambda r: f"{r.usd_per_million_tokens:,.2f}",
+    }
+    for label, cell in figures.items():
+        table.add_row(label, *(cell(r) for r in rows))
     console.print(table)
     if plot_file:
         console.print(f"chart written to {plot_file}")
