@@ -73,21 +73,27 @@ def run_openlpu(model_path: str, ids: list[int], threads: int, precision: str):
 
 
 def run_llamacpp(model_path: str, ids: list[int], threads: int, precision: str):
+    import llama_cpp
     import numpy as np
     from llama_cpp import Llama
 
     llm = Llama(model_path, n_threads=threads, n_threads_batch=threads, n_batch=512,
                 n_ctx=PROMPT_TOKENS + DECODE_TOKENS + 8, verbose=False)
+    n_vocab = llm.n_vocab()
+
+    def argmax_last() -> int:  # the last position's logits, straight from llama.cpp's buffer
+        logits = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(logits, shape=(n_vocab,))))
 
     def once(prompt, n):
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(prompt)
-        out = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+        out = [argmax_last()]
         t_first = time.perf_counter()
         for _ in range(n):
             llm.eval([out[-1]])
-            out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            out.append(argmax_last())
         return t_first - t0, time.perf_counter() - t_first, out
 
     once(ids[:16], 8)

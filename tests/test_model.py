@@ -43,7 +43,7 @@ def test_reference_path_matches_llamacpp(reference_model, llamacpp_reference):
     assert _greedy_cached(reference_model, ref["prompt_token_ids"], 8) == ref["greedy_32_ids"][:8]
 
 
-@pytest.mark.parametrize("precision", ["int4", "int8"])
+@pytest.mark.parametrize("precision", ["int4", pytest.param("int8", marks=pytest.mark.slow)])
 def test_fast_paths_agree_with_reference(precision, gemma_path, reference_model, llamacpp_reference):
     ids = llamacpp_reference["prompt_token_ids"]
     fast = load_model(gemma_path, precision, max_positions=256)
