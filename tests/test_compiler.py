@@ -30,15 +30,19 @@ def gemma8():
 
 
 def test_same_inputs_same_bytes_in_one_and_two_processes(gemma8, tmp_path):
-    again = compile_program(load_preset("gemma-3-270m"), SYSTEM, SMALL, chips=8)
-    assert again.sha256() == gemma8.sha256()
+    """Also for a placement that cuts every MLP between stages (gemma-3-270m on 78 chips: 39 stages of
+    TP 2 for 38 halves)."""
+    cut = compile_program(load_preset("gemma-3-270m"), SYSTEM, SMALL, chips=78)
+    assert any("@" in op.name for op in cut.decode.ops)
+    for chips, program in ((8, gemma8), (78, cut)):
+        assert compile_program(load_preset("gemma-3-270m"), SYSTEM, SMALL, chips=chips).sha256() == program.sha256()
     code = ("from openlpu.compiler import Workload, compile_program;"
             "from openlpu.hardware.lpu import load_system; from openlpu.models.spec import load_preset;"
-            "print(compile_program(load_preset('gemma-3-270m'), load_system('lpu-v1'),"
-            " Workload(context_length=2048, prompt_len=300, prefill_chunk=128), chips=8).sha256())")
+            "[print(compile_program(load_preset('gemma-3-270m'), load_system('lpu-v1'),"
+            " Workload(context_length=2048, prompt_len=300, prefill_chunk=128), chips=c).sha256()) for c in (8, 78)]")
     digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                              env={"PYTHONHASHSEED": seed, "PATH": ""}).stdout.strip() for seed in ("1", "2")}
-    assert digests == {gemma8.sha256()}
+                              env={"PYTHONHASHSEED": seed, "PATH": ""}).stdout for seed in ("1", "2")}
+    assert digests == {f"{gemma8.sha256()}\n{cut.sha256()}\n"}
 
 
 def test_save_load_round_trip_and_bad_files(gemma8, tmp_path):
@@ -90,6 +94,37 @@ def test_large_layers_span_nodes_of_one_rack():
     assert not verify(program)
 
 
+def test_more_stages_than_layers_cut_each_mlp_between_stages():
+    """Mixtral 8x7B on 576 chips (Groq's 8-rack deployment): 32 layers make 66 halves, fewer than the
+    72 stages of TP 8, so every MLP is cut along d_ff over consecutive stages: each part holds its rows
+    of all 8 experts (together exactly once), recomputes the router from a replicated copy, and the
+    parts' partial sums meet in one running sum per extra part."""
+    spec = load_preset("mixtral-8x7b")
+    p = compile_program(spec, SYSTEM, Workload(context_length=4096, prompt_len=512), chips=576)
+    assert (p.placement.tp, len(p.placement.stages)) == (8, 72) and not verify(p)
+    parts = {}
+    for stage in p.placement.stages:
+        for item, part, lo, hi in stage.pieces:
+            if part == "ffn":
+                parts.setdefault(item, []).append((lo, hi))
+    assert all(len(r) >= 2 and r[0][0] == 0 and r[-1][1] == spec.d_ff for r in parts.values())
+    experts = [sh for sh in p.placement.shards if sh.tensor == "blk.5.ffn_up_exps.weight"]
+    assert all(not sh.replicated and sh.axis == 1 for sh in experts)
+    assert sorted((sh.start, sh.stop) for sh in experts)[-1][1] == spec.d_ff
+    assert sum(sh.stop - sh.start for sh in experts) == spec.d_ff  # every row once, over 8 x parts chips
+    routers = [sh for sh in p.placement.shards if sh.tensor == "blk.5.ffn_gate_inp.weight"]
+    assert len(routers) == 8 * len(parts[5]) and sum(not sh.replicated for sh in routers) == 0
+    sums = [o for o in p.decode.ops if ".ffn_sum@" in o.name]
+    assert len(sums) == sum(len(r) - 1 for r in parts.values())
+
+
+def test_mlp_cuts_never_split_a_weight_tile():
+    """A cut MLP leaves every chip at least one 320 x 320 weight tile of rows: an 8B model cannot be
+    spread over 7,000 chips (TP 8 would need 27 slices of 66 rows per chip)."""
+    with pytest.raises(OpenLPUError, match="320-row weight tile"):
+        compile_program(load_preset("llama-3.1-8b"), SYSTEM, SMALL, 7000)
+
+
 def test_schedule_has_the_collectives_and_pipeline_sends(gemma8):
     spec = load_preset("gemma-3-270m")
     kinds = [t.kind for t in gemma8.decode.transfers]
@@ -125,7 +160,7 @@ def test_too_few_chips_names_the_count_that_fits():
     (Workload(context_length=131072, users=64), None, "does not fit on any lpu-v1 system"),
     (SMALL, 10**6, "more than the largest lpu-v1 system"),
     (SMALL, 0, "chips must be a positive integer"),
-    (SMALL, 7000, "cannot be arranged"),
+    (SMALL, 7000, "cannot be arranged"),  # see test_mlp_cuts_never_split_a_weight_tile
     (Workload(context_length=10**6, prompt_len=16), None, "longer than llama-3.1-8b's context window"),
 ])
 def test_impossible_requests(workload, chips, message):

@@ -3,7 +3,9 @@ over the Program's transfers) must agree with fused (the same ops on whole tenso
 with model.py's plain forward, and broken Programs must fail loudly or visibly.
 
 Placements cover tensor parallel (lpu-v1: TP groups inside an 8-chip node), TP + pipeline (8 chips),
-and pure pipeline (the same system with 1-chip nodes, so no TP group can form).
+pure pipeline (the same system with 1-chip nodes, so no TP group can form), and more stages than the
+model has halves, which cuts every MLP between stages (weight tiles of 8 rows, so the tiny models'
+96 d_ff rows can be cut).
 """
 
 import dataclasses
@@ -25,10 +27,13 @@ from test_families import runtime_weights
 TOL = dict(rtol=1e-4, atol=1e-4)  # float32; sums of partials in another order differ by ~1e-6
 LPU = load_system("lpu-v1")
 PIPELINE_ONLY = dataclasses.replace(LPU, node=dataclasses.replace(LPU.node, chips=1))
+SMALL_TILES = dataclasses.replace(LPU, chip=dataclasses.replace(LPU.chip, matrix_tile_rows=8))
 # (system, chips) -> (TP degree, pipeline stages) the compiler is expected to choose
 PLACEMENTS = {("lpu", 1): (1, 1), ("lpu", 2): (2, 1), ("lpu", 4): (4, 1), ("lpu", 8): (4, 2),
-              ("pipe", 2): (1, 2), ("pipe", 4): (1, 4)}
-SYSTEMS = {"lpu": LPU, "pipe": PIPELINE_ONLY}
+              ("pipe", 2): (1, 2), ("pipe", 4): (1, 4),
+              ("cut", 8): (1, 8), ("cut", 12): (1, 12), ("cut-tp", 32): (4, 8)}
+SYSTEMS = {"lpu": LPU, "pipe": PIPELINE_ONLY,
+           "cut": dataclasses.replace(PIPELINE_ONLY, chip=SMALL_TILES.chip), "cut-tp": SMALL_TILES}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -101,6 +106,9 @@ def test_sharded_matches_fused_on_every_placement(tiny, family):
     for (system, chips), (tp, stages) in PLACEMENTS.items():
         program = compile_program(spec, SYSTEMS[system], WORKLOAD, chips)
         assert (program.placement.tp, len(program.placement.stages)) == (tp, stages)
+        cut = any(piece[1] == "ffn" and piece[2:] != (0, spec.d_ff) for s in program.placement.stages
+                  for piece in s.pieces)
+        assert cut == system.startswith("cut"), (system, chips)
         sharded = Executor(program, spec, weights, "sharded")
         for got, want in zip(run_steps(sharded, PROMPT, 3), expected):
             torch.testing.assert_close(got, want, **TOL)
@@ -160,6 +168,19 @@ def test_op_scheduled_before_its_input_arrives_is_an_error(tiny):
     broken = dataclasses.replace(program, decode=dataclasses.replace(program.decode, ops=early))
     with pytest.raises(OpenLPUError, match="blk.0.attn_residual"):
         Executor(broken, spec, weights, "sharded").generate(PROMPT, 2)
+
+
+def test_cut_mlp_without_its_partial_sum_send_is_an_error(tiny):
+    """An MLP cut over two stages: the second part must receive the first part's partial sum."""
+    spec, weights, _ = tiny("mixtral")
+    program = compile_program(spec, SYSTEMS["cut"], WORKLOAD, 8)
+    send = next(t.name for t in program.decode.transfers
+                if t.kind == "p2p" and t.name.startswith("blk.1.ffn_down_exps>"))
+    broken = dataclasses.replace(program, decode=_without_transfer(program.decode, send))
+    with pytest.raises(OpenLPUError, match=r"blk\.1\.ffn_sum@1 .*needs blk\.1\.ffn_down_exps"):
+        Executor(broken, spec, weights, "sharded").generate(PROMPT, 2)
+    with pytest.raises(OpenLPUError, match="cut between stages"):
+        Executor(program, spec, weights, "fused")
 
 
 def _shards(program, keep):
@@ -241,7 +262,9 @@ def gemma(gemma_path):
     return spec, weights, Model(spec, weights)
 
 
-GEMMA_PLACEMENTS = {("lpu", 1): (1, 1), ("lpu", 2): (2, 1), ("lpu", 8): (4, 2), ("pipe", 4): (1, 4)}
+# ("pipe", 40): more stages than the 38 halves, so every MLP is cut in two (1,024 rows, whole 320-row tiles)
+GEMMA_PLACEMENTS = {("lpu", 1): (1, 1), ("lpu", 2): (2, 1), ("lpu", 8): (4, 2), ("pipe", 4): (1, 4),
+                    ("pipe", 40): (1, 40)}
 
 
 def test_gemma_sharded_matches_fused_and_llamacpp(gemma, llamacpp_reference):

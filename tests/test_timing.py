@@ -60,6 +60,19 @@ def test_moe_schedule_reserves_every_expert():
         assert op.end_cycle - op.start_cycle <= shard / rate + 2
 
 
+def test_parts_of_a_cut_mlp_install_at_the_same_time():
+    """Mixtral on 576 chips cuts each MLP over two stages of TP 8. Nothing orders the parts (each needs
+    only the residual; their sums meet after), so the static schedule installs both at once: the step
+    takes about the attention plus one part per layer, half the sum over stages of their install times
+    (MLPs are 97% of a Mixtral layer's bytes), not all of it as an uncut pipeline does."""
+    p = _compile("mixtral-8x7b", 576, Workload(context_length=4096, prompt_len=512))
+    install = SYSTEM.chip.matrix_install_bytes_per_cycle * SYSTEM.chip.clock_hz
+    sequential = sum(_matrix_weight_bytes_per_stage(p)) / install
+    assert 0.5 * sequential <= timing(p).decode_latency_s <= 0.6 * sequential
+    uncut = _compile("mixtral-8x7b", 272, Workload(context_length=4096, prompt_len=512))
+    assert timing(uncut).decode_latency_s >= sum(_matrix_weight_bytes_per_stage(uncut)) / install
+
+
 def test_ttft_no_faster_than_peak_compute(qwen):
     t = timing(qwen)
     spec = load_preset("qwen3-8b")

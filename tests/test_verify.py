@@ -23,7 +23,8 @@ def _invariants(program):
 
 
 @pytest.mark.parametrize("name, chips", [("gemma-3-270m", None), ("gemma-3-270m", 8), ("qwen3-8b", None),
-                                         ("mixtral-8x7b", None), ("gemma-2-9b", 64)])
+                                         ("mixtral-8x7b", None), ("gemma-2-9b", 64), ("mixtral-8x7b", 576),
+                                         ("gemma-2-9b", 768)])
 def test_sound_programs_pass(name, chips):
     p = compile_program(load_preset(name), SYSTEM, Workload(context_length=1024, prompt_len=300, users=2), chips)
     assert verify(p) == []
@@ -78,6 +79,17 @@ def test_sram_over_capacity(program):
     ops = list(program.decode.ops)
     ops[3] = dataclasses.replace(ops[3], output_bytes_per_chip=SYSTEM.chip.sram_bytes)
     assert "sram_capacity" in _invariants(_with_decode(program, ops=ops))
+
+
+def test_stages_that_miss_or_repeat_a_piece(program):
+    stages = list(program.placement.stages)
+    last = stages[-1]
+    dropped = dataclasses.replace(last, pieces=last.pieces[1:])  # its first piece held nowhere
+    repeated = dataclasses.replace(last, pieces=stages[0].pieces[-1:] + last.pieces)
+    for bad in (dropped, repeated):
+        broken = dataclasses.replace(program, placement=dataclasses.replace(
+            program.placement, stages=tuple(stages[:-1]) + (bad,)))
+        assert [v.invariant for v in verify(broken)] == ["structure"]
 
 
 def test_weight_missing_duplicated_or_replicated_on_purpose(program):

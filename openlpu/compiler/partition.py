@@ -1,11 +1,24 @@
 """Placement: which chip holds which weight shard, KV region and activation buffer.
 
-A model is a chain of items (the embedding, each layer, the head = final norm + lm_head). Pipeline
-stages take contiguous runs of items; inside a stage a tensor-parallel (TP) group of t chips splits
-every layer: attention by heads, the MLP by d_ff (column split of gate/up, row split of down), the
-vocabulary of the embedding and lm_head by rows. Small vectors (norms, the MoE router) are
-replicated on purpose. A TP group stays inside one node (full mesh) when the layers fit; only when
-one layer cannot fit on a node does the group span whole nodes of one rack.
+A model is a chain of pieces: the embedding, each layer's attention half and MLP half, the head
+(final norm + lm_head). Pipeline stages take contiguous runs of pieces, so a stage boundary may fall
+inside a layer, between its attention and its MLP (one residual vector crosses it, as between two
+layers). When more stages are asked for than there are halves, every MLP is cut along d_ff into k
+equal slices on consecutive stages: each slice computes its rows' share of the down projection and
+the partial sums travel down the pipeline to the last slice, which adds the residual. Each slice
+recomputes the MLP norm (and the MoE router) from replicated copies; an MoE slice holds its d_ff rows
+of every expert, which costs the same as whole experts per stage because the static schedule installs
+all experts anyway. No cut leaves a chip less than one weight tile of the matrix unit (320 rows on
+GroqChip 1) of a slice.
+
+Inside a stage a tensor-parallel (TP) group of t chips splits every piece: attention by heads, the
+MLP by d_ff (column split of gate/up, row split of down), the vocabulary of the embedding and lm_head
+by rows. Small vectors (norms, the MoE router) are replicated on purpose.
+
+TP degree: the fewest chips come from whole halves (never a cut MLP), at the TP degree inside a
+node that needs the fewest chips (ties to the wider); a group spans whole nodes of one rack only when
+a half cannot fit on a node. A given chip count takes the first TP degree in that order of preference
+that arranges, cutting MLPs when it needs more stages than halves.
 """
 
 from __future__ import annotations
@@ -21,6 +34,8 @@ from openlpu.hardware.lpu import SystemSpec
 from openlpu.models.spec import ModelSpec
 
 EMBED = -1  # item index of the embedding; the head is item n_layers
+FFN_NAMES = ("ffn_", "post_ffw_norm")  # a layer's tensors and ops with these names form its MLP half
+CUT_SEPARATOR = "@"  # "blk.3.ffn_gate@2": the op of part 2 of a cut MLP (part 0 keeps the plain name)
 
 
 # ---- how each tensor splits -------------------------------------------------------------------
@@ -36,25 +51,57 @@ SPLIT_RULES = {
 }
 
 
+def _rule(tensor: str):
+    return SPLIT_RULES.get(tensor.split(".", 2)[-1] if tensor.startswith("blk.") else tensor)
+
+
 def item_of_tensor(name: str, n_layers: int) -> int:
     if name.startswith("blk."):
         return int(name.split(".")[1])
     return EMBED if name == "token_embd.weight" else n_layers
 
 
-def split_ranges(spec: ModelSpec, tensor: str, shape: tuple[int, ...], t: int) -> list[tuple[int, int, int, bool]]:
-    """Per TP rank: (axis, start, stop, replicated). Units split as evenly as they go."""
-    rule = SPLIT_RULES.get(tensor.split(".", 2)[-1] if tensor.startswith("blk.") else tensor)
-    if rule is None or t == 1:
+def _part(item: int, suffix: str, n_layers: int) -> str:
+    if item == EMBED:
+        return "embed"
+    if item == n_layers:
+        return "head"
+    return "ffn" if suffix.startswith(FFN_NAMES) else "attn"
+
+
+def tensor_piece(name: str, n_layers: int) -> tuple[int, str]:
+    """(item, part) of the piece a weight tensor belongs to."""
+    item = item_of_tensor(name, n_layers)
+    return item, _part(item, name.split(".", 2)[-1], n_layers)
+
+
+def is_cut_along_ffn(tensor: str) -> bool:
+    """An MLP tensor split by d_ff rows (gate, up, down, experts): a cut MLP divides it between stages."""
+    rule = _rule(tensor)
+    return rule is not None and rule[1] == "row" and tensor.split(".", 2)[-1].startswith("ffn_")
+
+
+def ffn_rows(tensors: dict[str, tuple[int, ...]]) -> int:
+    """d_ff, read off the shapes of the tensors a cut MLP divides."""
+    return next(shape[_rule(name)[0]] for name, shape in tensors.items() if is_cut_along_ffn(name))
+
+
+def split_ranges(spec: ModelSpec, tensor: str, shape: tuple[int, ...], t: int,
+                 rows: tuple[int, int] | None = None) -> list[tuple[int, int, int, bool]]:
+    """Per TP rank: (axis, start, stop, replicated). Units split as evenly as they go; `rows` limits a
+    d_ff-split tensor to the rows [start, stop) of one piece of a cut MLP."""
+    rule = _rule(tensor)
+    if rule is None or (t == 1 and rows is None):
         return [(0, 0, shape[0], t > 1)] * t
     axis, unit = rule
+    lo, hi = rows if rows is not None else (0, shape[axis])
     size = {"head": spec.head_dim, "kv_head": spec.head_dim, "row": 1}[unit]
-    units = shape[axis] // size
+    units = (hi - lo) // size
     if unit == "kv_head" and t > units:  # fewer KV heads than chips: t/units chips share each head
         group = t // units
         return [(axis, (r // group) * size, (r // group + 1) * size, True) for r in range(t)]
     bounds = [r * units // t for r in range(t + 1)]
-    return [(axis, bounds[r] * size, bounds[r + 1] * size, False) for r in range(t)]
+    return [(axis, lo + bounds[r] * size, lo + bounds[r + 1] * size, False) for r in range(t)]
 
 
 def tp_candidates(spec: ModelSpec, system: SystemSpec) -> list[int]:
@@ -82,14 +129,24 @@ OP_SPLIT = {
 }
 
 
+def op_suffix(name: str) -> str:
+    """'c1/blk.3.ffn_gate@2' -> 'ffn_gate'; 'output' -> 'output'."""
+    return name.rsplit("/", 1)[-1].split(CUT_SEPARATOR)[0].split(".")[-1]
+
+
 def op_role(op: Op) -> str:
-    return OP_SPLIT.get(op.name.rsplit("/", 1)[-1].split(".")[-1], "replicated")  # "c1/blk.3.attn_q" -> attn_q
+    return OP_SPLIT.get(op_suffix(op.name), "replicated")
 
 
 def op_item(op: Op, n_layers: int) -> int:
     if op.layer >= 0:
         return op.layer
     return EMBED if op.kind == "embed" else n_layers
+
+
+def op_piece(op: Op, n_layers: int) -> tuple[int, str]:
+    item = op_item(op, n_layers)
+    return item, _part(item, op_suffix(op.name), n_layers)
 
 
 def kv_heads_per_chip(spec: ModelSpec, t: int) -> int:
@@ -116,14 +173,41 @@ def weight_fraction(spec: ModelSpec, shapes: dict, tensor: str | None, t: int) -
     return max((stop - start) / shape[axis] for axis, start, stop, _ in split_ranges(spec, tensor, shape, t))
 
 
+# ---- pieces -----------------------------------------------------------------------------------
+def pieces(spec: ModelSpec, k: int) -> tuple[tuple[int, str, int, int], ...]:
+    """The pipeline's pieces in order, each MLP cut into k slices of d_ff rows (Stage.pieces' format)."""
+    ff = spec.d_ff
+    layers = [p for i in range(spec.n_layers)
+              for p in [(i, "attn", 0, 0)] + [(i, "ffn", j * ff // k, (j + 1) * ff // k) for j in range(k)]]
+    return ((EMBED, "embed", 0, 0), *layers, (spec.n_layers, "head", 0, 0))
+
+
+def half_index(item: int, part: str, n_layers: int) -> int:
+    """Position of an uncut piece: embedding 0, layer i's attention 1 + 2i and MLP 2 + 2i, head 2n + 1."""
+    return {"embed": 0, "attn": 1 + 2 * item, "ffn": 2 + 2 * item, "head": 2 * n_layers + 1}[part]
+
+
 # ---- sizes ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class ItemSizes:
-    """Per-chip bytes of each item at one TP degree."""
-    weights: tuple[int, ...]  # index 0 = embedding, 1..L = layers, L+1 = head
+class SizeTable:
+    """Per-chip bytes at one TP degree, by half (half_index), with what cutting an MLP needs."""
+    t: int
+    weights: tuple[float, ...]  # MLP halves: only their uncut tensors (norm, router)
+    ffn_row_bytes: tuple[float, ...]  # per layer: bytes of one d_ff row over its cut tensors
     kv: tuple[int, ...]
     activations: tuple[int, ...]
+    cut_activation_bytes: int  # a cut MLP's slice also holds the partial sum it receives and the one it makes
     tied_table: int  # per-chip bytes of a tied embedding table, counted in both embedding and head
+
+
+@dataclass(frozen=True)
+class PieceSizes:
+    """Per-chip bytes of each piece at one TP degree."""
+    pieces: tuple[tuple[int, str, int, int], ...]
+    weights: tuple[int, ...]
+    kv: tuple[int, ...]
+    activations: tuple[int, ...]
+    tied_table: int
 
 
 def lowered_passes(spec: ModelSpec, workload: Workload) -> list[list[Op]]:
@@ -135,13 +219,14 @@ def lowered_passes(spec: ModelSpec, workload: Workload) -> list[list[Op]]:
 
 
 def activation_peaks(spec: ModelSpec, passes: list[list[Op]], t: int) -> list[float]:
-    """Per item slot, the most activation bytes one chip holds at once: outputs live from their op's
-    start to their last consumer (ops in graph order), the item's input held throughout, plus one
-    output of slack for an op on another unit starting early."""
+    """Per half, the most activation bytes one chip holds at once: outputs live from their op's start
+    to their last consumer (ops in graph order), the half's input held throughout, plus one output of
+    slack for an op on another unit starting early."""
     n, shapes = spec.n_layers, spec.tensor_shapes()
-    peaks = [0.0] * (n + 2)
+    peaks = [0.0] * (2 * n + 2)
     for ops in passes:
         by_name = {op.name: op for op in ops}
+        slot_of = {op.name: half_index(*op_piece(op, n), n) for op in ops}
         last_user: dict[str, str] = {}
         for op in ops:
             for i in op.inputs:
@@ -150,11 +235,11 @@ def activation_peaks(spec: ModelSpec, passes: list[list[Op]], t: int) -> list[fl
         largest: dict[int, float] = {}
         held: dict[int, dict[str, float]] = {}
         for op in ops:
-            slot = op_item(op, n) + 1
+            slot = slot_of[op.name]
             out = op.act_write_bytes * op_fractions(spec, op, t, weight_fraction(spec, shapes, op.weight, t))[2]
             bufs = held.setdefault(slot, {})
-            for i in op.inputs:  # inputs from another item arrive as a full copy
-                if op_item(by_name[i], n) + 1 != slot:
+            for i in op.inputs:  # inputs from another half arrive as a full copy
+                if slot_of[i] != slot:
                     bufs.setdefault("in:" + i, by_name[i].act_write_bytes)
             bufs[op.name] = out
             largest[slot] = max(largest.get(slot, 0.0), out)
@@ -168,56 +253,83 @@ def activation_peaks(spec: ModelSpec, passes: list[list[Op]], t: int) -> list[fl
     return peaks
 
 
-def item_sizes(spec: ModelSpec, workload: Workload, t: int, passes: list[list[Op]] | None = None) -> ItemSizes:
+def size_table(spec: ModelSpec, workload: Workload, t: int, passes: list[list[Op]] | None = None) -> SizeTable:
     wb = as_precision(workload.weights).bytes_per_element
     kb = as_precision(workload.kv).bytes_per_element
     n = spec.n_layers
-    weights, tied_table = [0.0] * (n + 2), 0.0
+    weights, rows, tied_table = [0.0] * (2 * n + 2), [0.0] * n, 0.0
     for name, shape in spec.tensor_shapes().items():
+        item, part = tensor_piece(name, n)
+        if is_cut_along_ffn(name):
+            axis = _rule(name)[0]
+            rows[item] += math.prod(shape) // shape[axis] * wb
+            continue
         largest = max((stop - start) * math.prod(shape) // shape[axis]
                       for axis, start, stop, _ in split_ranges(spec, name, shape, t))
-        weights[item_of_tensor(name, n) + 1] += largest * wb
+        weights[half_index(item, part, n)] += largest * wb
         if name == "token_embd.weight" and spec.tie_embeddings:
-            weights[n + 1] += largest * wb  # the head reads it too (shared only when on the same stage)
+            weights[-1] += largest * wb  # the head reads it too (shared only when on the same stage)
             tied_table = largest * wb
-    kv = [0.0] * (n + 2)
+    kv = [0] * (2 * n + 2)
     for i in range(n):
         tokens = min(workload.context_length, spec.layer_window(i) or workload.context_length)
-        kv[i + 1] = workload.users * tokens * 2 * kv_heads_per_chip(spec, t) * spec.head_dim * kb
-    acts = activation_peaks(spec, passes if passes is not None else lowered_passes(spec, workload), t)
-    return ItemSizes(tuple(math.ceil(w) for w in weights), tuple(math.ceil(k) for k in kv),
-                     tuple(math.ceil(a) for a in acts), math.ceil(tied_table))
+        kv[half_index(i, "attn", n)] = math.ceil(
+            workload.users * tokens * 2 * kv_heads_per_chip(spec, t) * spec.head_dim * kb)
+    passes = passes if passes is not None else lowered_passes(spec, workload)
+    acts = activation_peaks(spec, passes, t)
+    tokens = max(1, min(workload.prompt_len, workload.prefill_chunk))
+    cut = 2 * tokens * spec.d_model * as_precision(workload.activations).bytes_per_element
+    return SizeTable(t, tuple(weights), tuple(rows), tuple(kv), tuple(math.ceil(a) for a in acts),
+                     math.ceil(cut), math.ceil(tied_table))
 
 
-def stage_bytes(sizes: ItemSizes, lo: int, hi: int) -> int:
-    """Per-chip SRAM of a stage holding item slots lo..hi-1 (slot = item + 1)."""
+def piece_sizes(spec: ModelSpec, table: SizeTable, k: int = 1) -> PieceSizes:
+    """Per-chip bytes of each piece, every MLP cut into k slices."""
+    n, out = spec.n_layers, pieces(spec, k)
+    weights, kv, acts = [], [], []
+    for item, part, lo, hi in out:
+        h = half_index(item, part, n)
+        w = table.weights[h]
+        if part == "ffn":  # its rows split over the group as split_ranges does: at most ceil(rows / t) each
+            w += -(-(hi - lo) // table.t) * table.ffn_row_bytes[item]
+        weights.append(math.ceil(w))
+        kv.append(table.kv[h])
+        acts.append(table.activations[h] + (table.cut_activation_bytes if part == "ffn" and k > 1 else 0))
+    return PieceSizes(out, tuple(weights), tuple(kv), tuple(acts), table.tied_table)
+
+
+def stage_bytes(sizes: PieceSizes, lo: int, hi: int) -> int:
+    """Per-chip SRAM of a stage holding pieces lo..hi-1."""
     shared = sizes.tied_table if lo == 0 and hi == len(sizes.weights) else 0  # one tied table, not two
     return sum(sizes.weights[lo:hi]) - shared + sum(sizes.kv[lo:hi]) + max(sizes.activations[lo:hi])
 
 
-def greedy_stages(sizes: ItemSizes, capacity: int) -> list[tuple[int, int]] | None:
-    """Fewest contiguous stages each within capacity (None if one item alone does not fit)."""
-    slots, out, lo = len(sizes.weights), [], 0
-    while lo < slots:
-        hi = lo + 1
-        if stage_bytes(sizes, lo, hi) > capacity:
+def greedy_stages(sizes: PieceSizes, capacity: int) -> list[tuple[int, int]] | None:
+    """Fewest contiguous stages each within capacity (None if one piece alone does not fit)."""
+    n, out, lo = len(sizes.weights), [], 0
+    while lo < n:
+        held, peak, hi = 0, 0, lo
+        while hi < n:
+            more, top = held + sizes.weights[hi] + sizes.kv[hi], max(peak, sizes.activations[hi])
+            shared = sizes.tied_table if lo == 0 and hi == n - 1 else 0
+            if more + top - shared > capacity:
+                break
+            held, peak, hi = more, top, hi + 1
+        if hi == lo:
             return None
-        while hi < slots and stage_bytes(sizes, lo, hi + 1) <= capacity:
-            hi += 1
         out.append((lo, hi))
         lo = hi
     return out
 
 
-def balanced_stages(sizes: ItemSizes, p: int, capacity: int) -> list[tuple[int, int]] | None:
+def balanced_stages(sizes: PieceSizes, p: int, capacity: int) -> list[tuple[int, int]] | None:
     """Exactly p contiguous stages minimising the largest stage (binary search on the bound)."""
-    slots = len(sizes.weights)
-    if p > slots:
+    if p > len(sizes.weights):
         return None
-    lo_b, hi_b = 1, capacity
     fewest = greedy_stages(sizes, capacity)
     if fewest is None or len(fewest) > p:
         return None
+    lo_b, hi_b = 1, capacity
     while lo_b < hi_b:
         mid = (lo_b + hi_b) // 2
         g = greedy_stages(sizes, mid)
@@ -226,11 +338,36 @@ def balanced_stages(sizes: ItemSizes, p: int, capacity: int) -> list[tuple[int, 
         else:
             lo_b = mid + 1
     stages = greedy_stages(sizes, lo_b)
-    while len(stages) < p:  # split the widest multi-item stage in two
+    while len(stages) < p:  # split the stage of most pieces in two
         k = max((i for i, (a, b) in enumerate(stages) if b - a > 1), key=lambda i: stages[i][1] - stages[i][0])
         a, b = stages[k]
         stages[k:k + 1] = [(a, (a + b) // 2), ((a + b) // 2, b)]
     return stages
+
+
+def arrange(spec: ModelSpec, table: SizeTable, p: int, capacity: int,
+            tile_rows: int) -> tuple[PieceSizes, list[tuple[int, int]]] | None:
+    """p stages of the TP degree of `table`: whole halves when they suffice, else the fewest MLP slices
+    that give p pieces and fit a stage each, none leaving a chip less than one weight tile of d_ff rows."""
+    n, t = spec.n_layers, table.t
+
+    def slices_fit(sizes: PieceSizes) -> bool:
+        return all(stage_bytes(sizes, s, s + 1) <= capacity for s, pc in enumerate(sizes.pieces) if pc[1] == "ffn")
+
+    k = max(1, -(-(p - 2) // n) - 1)
+    sizes = piece_sizes(spec, table, k)
+    if not slices_fit(sizes):  # cut finer: the d_ff rows per chip that fit beside the slice's other bytes
+        h = [half_index(i, "ffn", n) for i in range(n)]
+        rows = min((capacity - table.weights[h[i]] - table.activations[h[i]] - table.cut_activation_bytes)
+                   // table.ffn_row_bytes[i] for i in range(n))
+        if rows < 1:
+            return None
+        k = max(k, -(-spec.d_ff // (int(rows) * t)))
+        sizes = piece_sizes(spec, table, k)
+    if (k > 1 and spec.d_ff // k // t < tile_rows) or not slices_fit(sizes):
+        return None
+    ranges = balanced_stages(sizes, p, capacity)
+    return None if ranges is None else (sizes, ranges)
 
 
 # ---- chip numbering ---------------------------------------------------------------------------
@@ -245,22 +382,29 @@ def group_chips(system: SystemSpec, t: int, p: int) -> list[tuple[int, ...]] | N
 
 
 # ---- the placement ----------------------------------------------------------------------------
-def _describe(spec: ModelSpec, lo: int, hi: int) -> str:
-    names = ["embedding" if s == 0 else "head" if s == spec.n_layers + 1 else f"layer {s - 1}" for s in (lo, hi - 1)]
+def piece_name(piece: tuple[int, str, int, int], d_ff: int) -> str:
+    item, part, lo, hi = piece
+    if part in ("embed", "head"):
+        return part
+    return f"L{item}.{part}" + (f"[{lo}:{hi}]" if part == "ffn" and (lo, hi) != (0, d_ff) else "")
+
+
+def _describe(spec: ModelSpec, sizes: PieceSizes, lo: int, hi: int) -> str:
+    names = [piece_name(sizes.pieces[s], spec.d_ff) for s in (lo, hi - 1)]
     return names[0] if lo == hi - 1 else f"{names[0]} to {names[1]}"
 
 
 def fewest_chips(spec: ModelSpec, system: SystemSpec, workload: Workload,
                  passes: list[list[Op]] | None = None) -> tuple[int, int] | None:
-    """(t, p) using the fewest chips, with TP groups inside a node whenever any such placement fits;
-    ties go to the earlier (preferred) TP degree."""
+    """(t, p) using the fewest chips with whole halves, with TP groups inside a node whenever any such
+    placement fits; ties go to the earlier (preferred) TP degree."""
     best = None
     node = system.node.chips
     passes = passes if passes is not None else lowered_passes(spec, workload)
     for t in tp_candidates(spec, system):
         if best is not None and best[0] <= node < t:
             break  # a node-local placement exists: never span nodes for a few chips less
-        g = greedy_stages(item_sizes(spec, workload, t, passes), system.chip.sram_bytes)
+        g = greedy_stages(piece_sizes(spec, size_table(spec, workload, t, passes)), system.chip.sram_bytes)
         if g is None or group_chips(system, t, len(g)) is None:
             continue
         if best is None or t * len(g) < best[0] * best[1]:
@@ -273,13 +417,13 @@ def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int 
     best = fewest_chips(spec, system, workload, passes)
     if best is None:
         t = tp_candidates(spec, system)[-1]
-        sizes = item_sizes(spec, workload, t, passes)
+        sizes = piece_sizes(spec, size_table(spec, workload, t, passes))
         worst = max(range(len(sizes.weights)), key=lambda s: stage_bytes(sizes, s, s + 1))
         need = stage_bytes(sizes, worst, worst + 1)
         return OpenLPUError(
-            f"{spec.name} does not fit on any {system.name} system: {_describe(spec, worst, worst + 1)} alone needs "
-            f"{need / 1e6:.1f} MB per chip even split {t} ways (a chip holds {cap / 1e6:.0f} MB; the largest system "
-            f"has {system.max_chips} chips); lower --context ({workload.context_length}) or --users "
+            f"{spec.name} does not fit on any {system.name} system: {_describe(spec, sizes, worst, worst + 1)} alone "
+            f"needs {need / 1e6:.1f} MB per chip even split {t} ways (a chip holds {cap / 1e6:.0f} MB; the largest "
+            f"system has {system.max_chips} chips); lower --context ({workload.context_length}) or --users "
             f"({workload.users}), or use a smaller precision")
     need = best[0] * best[1]
     what = (f"{spec.name} ({workload.weights} weights, context {workload.context_length}, "
@@ -287,14 +431,15 @@ def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int 
     if chips is None:
         return OpenLPUError(f"{what} needs {need} chips")
     if chips < need:
-        sizes = item_sizes(spec, workload, best[0], passes)
+        sizes = piece_sizes(spec, size_table(spec, workload, best[0], passes))
         held = (sum(sizes.weights) + sum(sizes.kv)) * best[0] / 1e9
         return OpenLPUError(f"{what} does not fit on {chips} {system.name} chips of {cap / 1e6:.0f} MB SRAM "
                             f"({chips * cap / 1e9:.1f} GB for {held:.1f} GB of weights and KV cache plus activation "
                             f"buffers); it needs at least {need} chips (--chips {need})")
     return OpenLPUError(f"{chips} chips cannot be arranged as pipeline stages of equal TP groups for {what} "
-                        f"(TP degrees {tp_candidates(spec, system)}, at most {spec.n_layers + 2} stages); "
-                        f"it fits on {need} chips (--chips {need})")
+                        f"(TP degrees {tp_candidates(spec, system)}; an MLP is cut between stages only into slices "
+                        f"that leave each chip at least one {system.chip.matrix_tile_rows}-row weight tile); it fits "
+                        f"on {need} chips (--chips {need})")
 
 
 def partition(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None = None) -> Placement:
@@ -308,35 +453,64 @@ def partition(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: in
         best = fewest_chips(spec, system, workload, passes)
         if best is not None:
             t, p = best
-            sizes = item_sizes(spec, workload, t, passes)
+            sizes = piece_sizes(spec, size_table(spec, workload, t, passes))
             return _place(spec, system, workload, t, sizes, balanced_stages(sizes, p, cap))
     else:
         for t in tp_candidates(spec, system):
             if chips % t or group_chips(system, t, chips // t) is None:
                 continue
-            sizes = item_sizes(spec, workload, t, passes)
-            ranges = balanced_stages(sizes, chips // t, cap)
-            if ranges is not None:
-                return _place(spec, system, workload, t, sizes, ranges)
+            arranged = arrange(spec, size_table(spec, workload, t, passes), chips // t, cap,
+                               system.chip.matrix_tile_rows)
+            if arranged is not None:
+                return _place(spec, system, workload, t, *arranged)
     raise _no_fit(spec, system, workload, chips, passes)
 
 
-def _place(spec: ModelSpec, system: SystemSpec, workload: Workload, t: int, sizes: ItemSizes,
+def _merged(run: tuple[tuple[int, str, int, int], ...]) -> tuple[tuple[int, str, int, int], ...]:
+    """A stage's pieces with adjacent slices of one MLP joined into one range."""
+    out: list[tuple[int, str, int, int]] = []
+    for piece in run:
+        if out and piece[1] == "ffn" and out[-1][:2] == piece[:2] and out[-1][3] == piece[2]:
+            out[-1] = (*piece[:2], out[-1][2], piece[3])
+        else:
+            out.append(piece)
+    return tuple(out)
+
+
+def piece_homes(placement: Placement) -> dict[tuple[int, str], list[tuple[int, int, int]]]:
+    """(item, part) -> [(stage, start, stop)] in pipeline order: one entry, or the parts of a cut MLP."""
+    homes: dict[tuple[int, str], list[tuple[int, int, int]]] = {}
+    for s in placement.stages:
+        for item, part, lo, hi in s.pieces:
+            homes.setdefault((item, part), []).append((s.index, lo, hi))
+    return homes
+
+
+def _place(spec: ModelSpec, system: SystemSpec, workload: Workload, t: int, sizes: PieceSizes,
            ranges: list[tuple[int, int]]) -> Placement:
     groups = group_chips(system, t, len(ranges))
     n = spec.n_layers
-    slot_stage = {s: k for k, (lo, hi) in enumerate(ranges) for s in range(lo, hi)}
-    wb = as_precision(workload.weights).bytes_per_element
-    stages = tuple(Stage(index=k, chips=groups[k], items=tuple(s - 1 for s in range(lo, hi)),
+    stages = tuple(Stage(index=k, chips=groups[k], pieces=_merged(sizes.pieces[lo:hi]),
                          kv_bytes_per_chip=sum(sizes.kv[lo:hi]), activation_bytes_per_chip=max(sizes.activations[lo:hi]))
                    for k, (lo, hi) in enumerate(ranges))
+    placement = Placement(tp=t, stages=stages, shards=())
+    homes = piece_homes(placement)
+    wb = as_precision(workload.weights).bytes_per_element
     shards = []
     for name, shape in spec.tensor_shapes().items():
-        homes = [slot_stage[item_of_tensor(name, n) + 1]]
-        if name == "token_embd.weight" and spec.tie_embeddings and slot_stage[n + 1] != homes[0]:
-            homes.append(slot_stage[n + 1])  # the head's copy of a tied table: replicated on purpose
-        for copy, k in enumerate(homes):
-            for chip, (axis, start, stop, rep) in zip(groups[k], split_ranges(spec, name, shape, t)):
+        parts = homes[tensor_piece(name, n)]
+        if is_cut_along_ffn(name):  # each part holds its rows
+            copies = [(k, (lo, hi), False) for k, lo, hi in parts]
+        elif name.endswith("post_ffw_norm.weight"):  # applied once, by the last part of a cut MLP
+            copies = [(parts[-1][0], None, False)]
+        else:  # every part of a cut MLP recomputes its norm and router: copies on purpose
+            copies = [(k, None, j > 0) for j, (k, _, _) in enumerate(parts)]
+            if name == "token_embd.weight" and spec.tie_embeddings:
+                head = homes[(n, "head")][0][0]
+                if head != parts[0][0]:
+                    copies.append((head, None, True))  # the head's copy of a tied table: replicated on purpose
+        for k, rows, copy in copies:
+            for chip, (axis, start, stop, rep) in zip(groups[k], split_ranges(spec, name, shape, t, rows)):
                 nbytes = math.ceil((stop - start) * math.prod(shape) // shape[axis] * wb)
-                shards.append(Shard(name, chip, axis, start, stop, nbytes, rep or copy > 0))
+                shards.append(Shard(name, chip, axis, start, stop, nbytes, rep or copy))
     return Placement(tp=t, stages=stages, shards=tuple(shards))

@@ -21,7 +21,7 @@ from openlpu.graph.lower import as_precision
 from openlpu.hardware.lpu import ChipSpec, LinkSpec, NetworkSpec, NodeSpec, RackSpec, SystemSpec
 
 MAGIC = b"OPENLPU-PROGRAM\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: stages hold pieces (a layer may be cut between stages), not whole items
 
 
 @dataclass(frozen=True)
@@ -62,9 +62,17 @@ class Shard:
 class Stage:
     index: int
     chips: tuple[int, ...]  # the TP group, in rank order
-    items: tuple[int, ...]  # -1 = embedding, layer indices, n_layers = head (final norm + lm_head)
+    # (item, part, start, stop) in pipeline order: item -1 = embedding, a layer index, n_layers = head
+    # (final norm + lm_head); part "embed" | "attn" | "ffn" | "head"; [start, stop) = the d_ff rows of
+    # an MLP piece (an MLP may be cut between consecutive stages), (0, 0) for the other parts
+    pieces: tuple[tuple[int, str, int, int], ...]
     kv_bytes_per_chip: int
     activation_bytes_per_chip: int  # reserved for activation buffers
+
+    @property
+    def attention_layers(self) -> tuple[int, ...]:
+        """The layers whose attention (and so whose KV cache) this stage holds."""
+        return tuple(item for item, part, _, _ in self.pieces if part == "attn")
 
 
 @dataclass(frozen=True)

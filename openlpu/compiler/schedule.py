@@ -9,6 +9,10 @@ MoE expert matmuls install every expert the chip holds: routing is data dependen
 fixed at compile time, so it reserves the slots of all experts (their shares of the expert tensors).
 Row-split matmuls and the vocabulary-split embedding and sampler end in an all-reduce over the
 group's links; a stage passes its activations to the next stage's first chip, which broadcasts them.
+An MLP cut between stages runs once per part on that part's d_ff rows (ops "name@j" for part j >= 1;
+part 0 keeps the plain names): each part recomputes the norm (and router) from the residual it is
+sent, part j >= 1 adds its down projection to the running sum it receives ("ffn_sum@j"), and the last
+part applies the post-norm and the residual add.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from openlpu.compiler.partition import EMBED, op_fractions, op_item, op_role
+from openlpu.compiler.partition import (CUT_SEPARATOR, EMBED, op_fractions, op_item, op_piece, op_role, op_suffix,
+                                        piece_homes)
 from openlpu.compiler.program import PhaseSchedule, Placement, ScheduledOp, Transfer, Workload
 from openlpu.errors import OpenLPUError
 from openlpu.graph.lower import PRECISIONS, as_precision, lower
@@ -90,7 +95,6 @@ class _Scheduler:
                  templates: dict):
         self.spec, self.system, self.workload, self.placement = spec, system, workload, placement
         self.clock = system.chip.clock_hz
-        self.stage_of_item = {item: s.index for s in placement.stages for item in s.items}
         self.unit_free: dict[tuple[int, str], int] = {}
         self.link_free: dict[tuple[int, int], int] = {}
         self.ready: dict[str, tuple[int, int]] = {}  # result name -> (stage, cycle it is there)
@@ -166,8 +170,7 @@ class _Scheduler:
         return self.alias.get(key, key)
 
     # ---- ops ----
-    def place_op(self, op: Op, payloads: dict[str, float]) -> None:
-        stage = self.stage_of_item[op_item(op, self.spec.n_layers)]
+    def place_op(self, op: Op, stage: int, payloads: dict[str, float]) -> None:
         t = len(self.placement.stages[stage].chips)
         role = op_role(op)
         f_w = self.weight_fraction.get((op.weight, stage), 1.0) if op.weight else 1.0
@@ -217,6 +220,50 @@ def _prefill_chunks(spec: ModelSpec, workload: Workload) -> list[Op]:
     return out
 
 
+def _scaled(op: Op, fraction: float) -> Op:
+    return dataclasses.replace(op, flops=op.flops * fraction, act_read_bytes=op.act_read_bytes * fraction,
+                               act_write_bytes=op.act_write_bytes * fraction)
+
+
+def staged_ops(spec: ModelSpec, ops: list[Op], placement: Placement) -> list[tuple[Op, int]]:
+    """Each op with the stage that runs it, the ops of a cut MLP once per part (see the module doc)."""
+    n, homes = spec.n_layers, piece_homes(placement)
+    out: list[tuple[Op, int]] = []
+    per_part: dict[str, list[str]] = {}  # an op of a cut MLP -> its name in each part
+    total: dict[str, str] = {}  # a cut MLP's down projection -> the running sum that completes it
+    mlp_input: dict[int, Op] = {}  # per layer, its MLP norm: the shape of the partial sums
+    for op in ops:
+        parts = homes[op_piece(op, n)]
+        if len(parts) == 1:
+            out.append((op, parts[0][0]))
+            continue
+        suffix = op_suffix(op.name)
+        if suffix in ("post_ffw_norm", "ffn_residual"):  # once, on the last part, on the whole sum
+            out.append((dataclasses.replace(op, inputs=tuple(total.get(i, i) for i in op.inputs)), parts[-1][0]))
+            continue
+        if suffix == "ffn_norm":
+            mlp_input[op.layer] = op
+        names = []
+        for j, (stage, lo, hi) in enumerate(parts):
+            name = op.name if j == 0 else f"{op.name}{CUT_SEPARATOR}{j}"
+            inputs = tuple(per_part[i][j] if i in per_part else i for i in op.inputs)
+            part_op = _scaled(op, (hi - lo) / spec.d_ff) if op_role(op) == "split" else op
+            out.append((dataclasses.replace(part_op, name=name, inputs=inputs), stage))
+            names.append(name)
+        per_part[op.name] = names
+        if op_role(op) == "row":  # the down projection: part j >= 1 adds its partial to the running sum
+            x, running = mlp_input[op.layer], names[0]
+            for j in range(1, len(parts)):
+                name = f"{op.name.rsplit('.', 1)[0]}.ffn_sum{CUT_SEPARATOR}{j}"
+                out.append((Op(name=name, kind="residual", layer=op.layer, unit="vector", shape=x.shape,
+                               flops=x.shape[0], weight_bytes=0.0, kv_read_bytes=0.0, kv_write_bytes=0.0,
+                               act_read_bytes=2 * x.act_write_bytes, act_write_bytes=x.act_write_bytes,
+                               inputs=(running, names[j])), parts[j][0]))
+                running = name
+            total[op.name] = running
+    return out
+
+
 def schedule_phase(spec: ModelSpec, system: SystemSpec, workload: Workload, placement: Placement,
                    phase: str, templates: dict | None = None) -> PhaseSchedule:
     """One decode step of one user (attending to the whole context) or the prefill of one prompt."""
@@ -227,12 +274,13 @@ def schedule_phase(spec: ModelSpec, system: SystemSpec, workload: Workload, plac
     else:
         seq_len, ops = workload.prompt_len, _prefill_chunks(spec, workload)
     s = _Scheduler(spec, system, workload, placement, {} if templates is None else templates)
-    payloads = {op.name: op.act_write_bytes for op in ops}
-    for op in ops:
-        s.place_op(op, payloads)
-    last = ops[-1]
+    staged = staged_ops(spec, ops, placement)
+    payloads = {op.name: op.act_write_bytes for op, _ in staged}
+    for op, stage in staged:
+        s.place_op(op, stage, payloads)
+    last = staged[-1][0]
     if phase == "decode" and len(placement.stages) > 1:  # the token goes back to the embedding stage
-        first = placement.stages[s.stage_of_item[EMBED]].chips[0]
+        first = placement.stages[piece_homes(placement)[(EMBED, "embed")][0][0]].chips[0]
         src_name = s.provider.get(last.name, last.name)
         src_chip = placement.stages[s.ready[src_name][0]].chips[0]
         s._send("token_return", "p2p", 0, (src_chip, first), TOKEN_ID_BYTES, s.ready[src_name][1], (src_name,))

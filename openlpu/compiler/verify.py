@@ -1,5 +1,7 @@
 """Invariants every Program must hold; each check reads the Program alone, never the compiler.
 
+0. structure: every chip in at most one stage, inside the system; the stages' pieces, in pipeline
+   order, hold the embedding, each layer's attention and all d_ff rows of its MLP, and the head, once;
 1. no functional unit runs two ops at once;
 2. nothing starts before its inputs are on its chips (ops and transfers);
 3. SRAM in use (weights + KV + live activations) never exceeds a chip's capacity;
@@ -25,8 +27,35 @@ class Violation:
     message: str
 
 
+def _pieces_in_order(program: Program) -> list[tuple[int, str, int, int]]:
+    """The stages' pieces in pipeline order, adjacent rows of one MLP joined."""
+    out: list[tuple[int, str, int, int]] = []
+    for stage in program.placement.stages:
+        for piece in stage.pieces:
+            if out and piece[1] == "ffn" and out[-1][:2] == piece[:2] and out[-1][3] == piece[2]:
+                out[-1] = (*piece[:2], out[-1][2], piece[3])
+            else:
+                out.append(tuple(piece))
+    return out
+
+
+def _model_pieces(program: Program) -> list[tuple[int, str, int, int]]:
+    """What the stages must hold, from the model's tensors: d_ff is the rows of a layer's up projection."""
+    n = sum(1 for name in program.tensors if name.endswith(".attn_norm.weight"))
+    up = program.tensors.get("blk.0.ffn_up.weight")
+    d_ff = up[0] if up is not None else program.tensors["blk.0.ffn_up_exps.weight"][1]
+    layers = [p for i in range(n) for p in ((i, "attn", 0, 0), (i, "ffn", 0, d_ff))]
+    return [(-1, "embed", 0, 0), *layers, (n, "head", 0, 0)]
+
+
 def _structure(program: Program) -> list[Violation]:
     out, seen = [], {}
+    held, model = _pieces_in_order(program), _model_pieces(program)
+    if held != model:
+        k = next((k for k, (a, b) in enumerate(zip(held, model)) if a != b), min(len(held), len(model)))
+        found, expected = (held[k] if k < len(held) else "nothing"), (model[k] if k < len(model) else "nothing")
+        out.append(Violation("structure", f"the stages do not hold the model's pieces once each in order: "
+                                          f"piece {k} is {found}, expected {expected}"))
     for stage in program.placement.stages:
         for chip in stage.chips:
             if not 0 <= chip < program.system.max_chips:

@@ -32,6 +32,9 @@ class ChipSpec:
     # weight-stationary MXM must install a tile before it multiplies with it; at batch 1 each installed
     # byte serves one vector, so this rate, not the MAC rate or the SRAM bandwidth, bounds decode.
     matrix_install_bytes_per_cycle: float
+    # Rows (= columns) of one weight tile of the matrix unit. The compiler never cuts an MLP between
+    # stages so finely that a chip keeps less than one tile of d_ff rows: the tile would sit part empty.
+    matrix_tile_rows: int
     vector_ops_per_cycle: float
     switch_bytes_per_cycle: float
     idle_power_w: float

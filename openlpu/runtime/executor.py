@@ -6,8 +6,10 @@ Two modes over the same op kernels:
   puts on it (sliced and copied at load: nothing else is reachable), runs the ops scheduled on its
   stage in schedule order on its shard (column-split matmuls give a slice, row-split ones partial
   sums), and sees another chip's results only through the Program's transfers (an all-reduce sums
-  the group's partials, a p2p send / broadcast moves an activation to the next stage). An op whose
-  input was never produced on its chip is an error naming it. Agreement with the fused mode is the
+  the group's partials, a p2p send / broadcast moves an activation to the next stage). An MLP cut
+  between stages runs on each part's chips on the rows they hold (ops "name@j"), and the Program's
+  "ffn_sum@j" ops add the parts' partial sums. An op whose input was never produced on its chip is an
+  error naming it. Agreement with the fused mode is the
   proof that the compiler's partition and schedule are right.
 - "fused": the same op list on one chip holding whole tensors (tp=1 semantics), transfers reduced
   to their source op; the fast path, with Model.forward's signature so the Engine can drive it.
@@ -26,6 +28,7 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
+from openlpu.compiler.partition import CUT_SEPARATOR
 from openlpu.compiler.program import PhaseSchedule, Program, ScheduledOp, Transfer
 from openlpu.errors import OpenLPUError
 from openlpu.models.spec import ModelSpec
@@ -142,7 +145,8 @@ def _head_norm_kernel(chip: Chip, name: str, tensor: str):
 
 def build_kernel(chip: Chip, name: str, kind: str) -> Callable:
     """fn(pass, *inputs) computing op `name` (chunk prefix already removed) on `chip`'s shards."""
-    spec, suffix, layer, base = chip.full_spec, _suffix(name), _layer(name), name
+    base = name.split(CUT_SEPARATOR)[0]  # part j of a cut MLP runs the op on the rows its chip holds
+    spec, suffix, layer = chip.full_spec, _suffix(base), _layer(base)
     weight = f"{base}.weight"
     if suffix == "token_embd":
         table = chip.weight("token_embd.weight", base)
@@ -296,6 +300,9 @@ class Executor:
         if spec.name != program.model or spec.tensor_shapes() != program.tensors:
             raise OpenLPUError(f"the Program was compiled for {program.model!r}, not for these weights "
                                f"({spec.name!r}); compile it for this model")
+        if mode == "fused" and any(CUT_SEPARATOR in op.name for op in program.decode.ops):
+            raise OpenLPUError("fused mode runs whole tensors, so it cannot run a Program whose MLPs are cut "
+                               "between stages; use sharded mode, or compile for fewer chips")
         self.program, self.spec, self.mode = program, spec, mode
         self.device = torch.device("cpu")
         self.max_positions = spec.context_length
@@ -318,7 +325,7 @@ class Executor:
                 # a copy, so the chip cannot reach the rest of the tensor through a view
                 local[sh.tensor] = (sh.axis, sh.start, sh.stop,
                                     weights[sh.tensor].float().narrow(sh.axis, sh.start, sh.stop - sh.start).clone())
-        self.layers_of = {c: {i for s in stages if c in self.stage_chips[s.index] for i in s.items if 0 <= i < spec.n_layers}
+        self.layers_of = {c: {i for s in stages if c in self.stage_chips[s.index] for i in s.attention_layers}
                           for c in self.chips}
         for chip in self.chips.values():
             self._set_heads(chip)

@@ -1,18 +1,29 @@
 """The same op rows the LPU compiler sees (graph.lower), timed on an HBM GPU server.
 
 Per op: a roofline, max(flops / (peak * COMPUTE_EFFICIENCY), bytes / (hbm_bw * MEMORY_EFFICIENCY)),
-plus KERNEL_OVERHEAD_S for its kernel. Tensor parallelism over NVLink divides the sharded ops and
-adds two all-reduces per layer (Megatron-style: after attention and after the MLP); servers beyond
-one NVLink domain form pipeline stages. The KV cache that `users` x `context` needs must fit in the
+plus KERNEL_OVERHEAD_S for its kernel. What the serving software's kernels add to the bytes is a row of
+SOFTWARE: decode attention on a grouped-query model (Llama-2-70B: 64 query heads share 8 KV heads)
+reads each KV head once for its whole group with a GQA kernel, but once per query head with
+TensorRT-LLM 0.5's masked multi-head attention kernel, which runs one thread block per query head
+(TensorRT-LLM docs, "gpt_attention": the generation phase "uses a single CUDA thread-block per head";
+its XQA kernel for MQA/GQA, TensorRT-LLM 0.8, Jan 2024, "reduces data loading" and gave Llama-70B 2.4x
+the throughput at 128 in / 2,048 out on one H200). The factor is the model's query heads per KV head,
+not a fitted number. Every published point below ran TensorRT-LLM 0.5, so the fits and checks use
+its row; `openlpu plan` compares against current engines (the default row).
+
+Tensor parallelism over NVLink divides the sharded ops and adds two all-reduces per layer
+(Megatron-style: after attention and after the MLP); servers beyond one NVLink domain form pipeline
+stages. The KV cache that `users` x `context` needs must fit in the
 HBM the weights leave free: that caps the batch.
 
 Constants and the published points they were fitted on / checked against (bench/fidelity.py):
 - MEMORY_EFFICIENCY 0.80: achieved fraction of HBM peak when streaming weights. Not fitted:
   the usual STREAM-like figure for H100/A100 (NVIDIA's own bandwidth tests reach ~80-90%).
-- COMPUTE_EFFICIENCY 0.484: achieved fraction of dense tensor peak over a whole prefill (GEMMs,
+- COMPUTE_EFFICIENCY 0.664: achieved fraction of dense tensor peak over a whole prefill (GEMMs,
   attention, norms). FITTED on one point: TensorRT-LLM 0.5 "H200 launch" blog table (Nov 2023):
-  1 x H200, FP8, Llama-2-70B, batch 32, 2,048 in / 128 out: 303 output tok/s. The other rows of
-  that table are held out (bench/results/fidelity.md).
+  1 x H200, FP8, Llama-2-70B, batch 32, 2,048 in / 128 out: 303 output tok/s (with that version's
+  per-query-head KV reads). The other rows of that table and TensorRT-LLM 0.5's own H100 table are
+  held out (bench/results/fidelity.md).
 - KERNEL_OVERHEAD_S: launch + tail per kernel. FITTED on one point: NVIDIA, "Achieving Top
   Inference Performance with the NVIDIA H100 Tensor Core GPU and NVIDIA TensorRT-LLM" (Dec 2023):
   DGX H100 (8 GPUs, FP8, TensorRT-LLM 0.5), Llama-2-70B, 2,048 in / 128 out, batch 1: 1.7 s.
@@ -37,14 +48,28 @@ from openlpu.models.spec import ModelSpec
 from openlpu.sim.cost import gpu_servers
 
 MEMORY_EFFICIENCY = 0.80
-COMPUTE_EFFICIENCY = 0.484  # fitted: see the module docstring
-KERNEL_OVERHEAD_S = 7.09e-6  # fitted: see the module docstring and bench/fidelity.py
+COMPUTE_EFFICIENCY = 0.664  # fitted: see the module docstring
+KERNEL_OVERHEAD_S = 7.06e-6  # fitted: see the module docstring and bench/fidelity.py
 ALLREDUCE_LATENCY_S = 10e-6
 INTER_SERVER_HOP_S = 10e-6
 HBM_USABLE_FRACTION = 0.90
 LOAD_POWER_FRACTION = 0.75
 ACTIVATION_BYTES = 2  # bf16 activations cross NVLink in every precision mode
 ALLREDUCES_PER_LAYER = 2
+
+
+@dataclass(frozen=True)
+class Software:
+    """What a serving stack's kernels do that the op rows cannot tell."""
+    name: str
+    gqa_shared_kv_reads: bool  # decode attention reads a KV head once per group (else once per query head)
+
+
+SOFTWARE = {
+    "tensorrt-llm-0.5": Software("TensorRT-LLM 0.5 (Oct 2023): masked MHA, one thread block per query head", False),
+    "gqa-kernels": Software("GQA decode kernels (TensorRT-LLM XQA from 0.8, Jan 2024; vLLM, SGLang)", True),
+}
+DEFAULT_SOFTWARE = "gqa-kernels"
 
 # Op kinds whose work tensor parallelism splits across the GPUs of a server; the rest (norms,
 # residual adds, the embedding gather, sampling) run replicated on every GPU.
@@ -72,11 +97,18 @@ class GpuTiming:
     energy_per_token_j: float
 
 
-def op_time_s(op, gpu: GpuSpec, precision: str, shards: int) -> float:
-    """Roofline time of one op on one GPU holding 1/shards of it, plus its kernel overhead."""
+def kv_reads_per_kv_head(spec: ModelSpec, software: str) -> int:
+    """How many times decode attention reads each cached KV head under `software`."""
+    return 1 if SOFTWARE[software].gqa_shared_kv_reads else spec.n_heads // spec.n_kv_heads
+
+
+def op_time_s(op, gpu: GpuSpec, precision: str, shards: int, kv_reads: int = 1) -> float:
+    """Roofline time of one op on one GPU holding 1/shards of it, plus its kernel overhead; attention
+    reads its KV cache kv_reads times."""
     split = shards if op.kind in TP_SHARDED_KINDS else 1
     compute_s = op.flops / split / (gpu.compute_flops_per_s(precision) * COMPUTE_EFFICIENCY)
-    memory_s = op.bytes_total / split / (gpu.hbm_bandwidth_bytes_per_s * MEMORY_EFFICIENCY)
+    moved = op.bytes_total + (kv_reads - 1) * op.kv_read_bytes
+    memory_s = moved / split / (gpu.hbm_bandwidth_bytes_per_s * MEMORY_EFFICIENCY)
     return max(compute_s, memory_s) + KERNEL_OVERHEAD_S
 
 
@@ -88,9 +120,10 @@ def allreduce_s(n_bytes: float, gpu: GpuSpec, ranks: int) -> float:
 
 
 def step_s(spec: ModelSpec, ops, gpu: GpuSpec, precision: str, tp: int, stages: int,
-           tokens: int) -> float:
+           tokens: int, software: str = DEFAULT_SOFTWARE) -> float:
     """Wall time of one pass over `ops` (one decode step, or one prefill) on tp x stages GPUs."""
-    compute = sum(op_time_s(op, gpu, precision, tp) for op in ops)
+    kv_reads = kv_reads_per_kv_head(spec, software)
+    compute = sum(op_time_s(op, gpu, precision, tp, kv_reads) for op in ops)
     comms = spec.n_layers * ALLREDUCES_PER_LAYER * allreduce_s(tokens * spec.d_model * ACTIVATION_BYTES,
                                                                gpu, tp)
     return compute + comms + (stages - 1) * INTER_SERVER_HOP_S
@@ -135,7 +168,8 @@ def gpus_needed(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, use
 
 
 def gpu_timing(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, users: int = 1,
-               gpus: int | None = None, prompt_tokens: int | None = None) -> GpuTiming:
+               gpus: int | None = None, prompt_tokens: int | None = None,
+               software: str = DEFAULT_SOFTWARE) -> GpuTiming:
     """Serve `users` concurrent streams of `context` tokens on `gpus` GPUs (default: fewest that fit)."""
     prompt_tokens = context if prompt_tokens is None else prompt_tokens
     _check_sizes(context, users, prompt_tokens)
@@ -152,8 +186,8 @@ def gpu_timing(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, user
 
     decode_ops = lower(spec, "decode", seq_len=context, batch=users, precision=precision)
     prefill_ops = lower(spec, "prefill", seq_len=prompt_tokens, batch=1, precision=precision)
-    decode = step_s(spec, decode_ops, gpu, precision, tp, stages, users)
-    ttft = step_s(spec, prefill_ops, gpu, precision, tp, stages, prompt_tokens)
+    decode = step_s(spec, decode_ops, gpu, precision, tp, stages, users, software)
+    ttft = step_s(spec, prefill_ops, gpu, precision, tp, stages, prompt_tokens, software)
     power = gpu_servers(gpu, gpus) * gpu.server_power_w * LOAD_POWER_FRACTION
     throughput = users / decode
     return GpuTiming(
@@ -165,7 +199,7 @@ def gpu_timing(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, user
 
 
 def offline_run_s(spec: ModelSpec, gpu: GpuSpec, precision: str, gpus: int, batch: int,
-                  input_tokens: int, output_tokens: int) -> float:
+                  input_tokens: int, output_tokens: int, software: str = DEFAULT_SOFTWARE) -> float:
     """Wall time of one static batch: prefill `batch` prompts, then `output_tokens` decode steps
     (attending, on average, to input + output/2 cached tokens): the offline throughput benchmark
     of TensorRT-LLM's published tables."""
@@ -173,5 +207,5 @@ def offline_run_s(spec: ModelSpec, gpu: GpuSpec, precision: str, gpus: int, batc
     tp, stages = layout(gpus, gpu)
     prefill = lower(spec, "prefill", seq_len=input_tokens, batch=batch, precision=precision)
     decode = lower(spec, "decode", seq_len=input_tokens + output_tokens // 2, batch=batch, precision=precision)
-    return (step_s(spec, prefill, gpu, precision, tp, stages, batch * input_tokens)
-            + output_tokens * step_s(spec, decode, gpu, precision, tp, stages, batch))
+    return (step_s(spec, prefill, gpu, precision, tp, stages, batch * input_tokens, software)
+            + output_tokens * step_s(spec, decode, gpu, precision, tp, stages, batch, software))

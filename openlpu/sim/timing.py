@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+from openlpu.compiler.partition import ffn_rows, piece_name
 from openlpu.compiler.program import PhaseSchedule, Program
 from openlpu.graph.ops import UNITS
 
@@ -89,20 +90,27 @@ def timing(program: Program) -> LpuTiming:
 
 
 # ---- views for `openlpu inspect` ---------------------------------------------------------------
-def _holds(items: tuple[int, ...], n_layers: int) -> str:
-    names = ["embed" if i < 0 else "head" if i == n_layers else f"L{i}" for i in items]
+def _holds(pieces: tuple[tuple[int, str, int, int], ...], d_ff: int) -> str:
+    """A stage's first and last piece: "L3.ffn[0:7168]..L4.attn"; a layer's two whole halves read "L3"."""
+    names: list[str] = []
+    for piece in pieces:
+        name = piece_name(piece, d_ff)
+        if names and name == names[-1].replace(".attn", ".ffn"):
+            names[-1] = name.removesuffix(".ffn")
+        else:
+            names.append(name)
     return names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}"
 
 
 def placement_rows(program: Program) -> list[dict]:
     """Per stage: chips, what it holds, per-chip SRAM by kind, and its busy time per decode token."""
-    n_layers = sum(1 for name in program.tensors if name.endswith(".attn_norm.weight"))
+    d_ff = ffn_rows(program.tensors)
     weights = defaultdict(int)
     for sh in program.placement.shards:
         weights[sh.chip] += sh.nbytes
     occupancy = stage_occupancy_cycles(program.decode)
     return [{"stage": s.index, "chips": f"{s.chips[0]}-{s.chips[-1]}" if len(s.chips) > 1 else str(s.chips[0]),
-             "holds": _holds(s.items, n_layers), "weights_bytes_per_chip": max(weights[c] for c in s.chips),
+             "holds": _holds(s.pieces, d_ff), "weights_bytes_per_chip": max(weights[c] for c in s.chips),
              "kv_bytes_per_chip": s.kv_bytes_per_chip, "activation_bytes_per_chip": s.activation_bytes_per_chip,
              "busy_s": occupancy.get(s.index, 0) / program.system.chip.clock_hz}
             for s in program.placement.stages]
