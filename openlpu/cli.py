@@ -49,10 +49,12 @@ def serve(
     rpm: int = typer.Option(1000, help="requests per minute per API key"),
     tpm: int = typer.Option(1_000_000, help="tokens per minute per API key"),
     system: str = typer.Option("lpu-v1", "--system",
-                               help="LPU system to compile for (simulated figures in x_openlpu); '' for none"),
+                               help="LPU system the served Program is compiled for (its simulated figures "
+                                    "are in x_openlpu)"),
 ):
     """A GroqCloud-compatible API (/openai/v1/...) and a chat playground at /."""
     from openlpu.serve.app import ServeSettings, create_app
+    from openlpu.serve.lpu import program_hook
     from openlpu.serve.ratelimit import KeyLimits, load_keys_file
 
     import uvicorn
@@ -62,22 +64,13 @@ def serve(
     keys = {k: KeyLimits() for k in api_key or ()} | (load_keys_file(keys_file) if keys_file else {})
     from openlpu.runtime.engine import Engine
 
-    with console.status("loading the model"):
-        engine = Engine.load(model_path=model, max_batch=max_batch)
-    hook = None
-    if system:
-        from openlpu.compiler import Workload, compile_program, verify_or_raise
-        from openlpu.hardware.lpu import load_system
-        from openlpu.serve.lpu import program_hook
-
-        program = compile_program(engine.spec, load_system(system),
-                                  Workload(context_length=engine.context_length, users=max_batch,
-                                           prompt_len=min(512, engine.context_length)))
-        verify_or_raise(program)
-        hook = program_hook(program)
-        console.print(f"compiled for {system}: {program.chips} chips (simulated figures in x_openlpu)")
+    with console.status(f"compiling for {system} and loading the model"):
+        engine = Engine.load(model_path=model, max_batch=max_batch, system=system)
+    program = engine.program
+    console.print(f"compiled for {program.system.name}: {program.chips} chips, verified; the server runs "
+                  f"this Program (simulated figures in x_openlpu)")
     settings = ServeSettings(api_keys=keys, requests_per_minute=rpm, tokens_per_minute=tpm,
-                             max_queue=max_queue, simulated_lpu=hook)
+                             max_queue=max_queue, simulated_lpu=program_hook(program))
     access = (f"{len(keys)} API key(s) accepted" if keys else
               "[bold yellow]no API keys: the server is open to anyone who can reach it[/]")
     console.print(f"serving [bold]{engine.model_name}[/] at http://{host}:{port}  ({access})\n"
@@ -227,8 +220,8 @@ def run(
     precision: str = typer.Option("int4", help="host weights: float32 | bf16 | int8 | int4"),
     threads: int = typer.Option(None, help="CPU threads (default: torch's)"),
     system: str = typer.Option("lpu-v1", "--system", help="LPU system the Program is compiled for"),
-    mode: str = typer.Option("fused", "--mode", help="fused: the fast engine over the merged ops; "
-                             "sharded: every virtual chip runs its own shards and transfers"),
+    mode: str = typer.Option("fused", "--mode", help="fused: the Program's blocks on merged shards, "
+                             "the fast path; sharded: every virtual chip runs its own shards and transfers"),
     compare: str = typer.Option("h100-sxm", "--compare", help="GPU modelled for comparison"),
 ):
     """Compile the model for an LPU system, generate text on this machine (streamed), then put the
@@ -238,8 +231,12 @@ def run(
     from openlpu.compiler import Workload, compile_program, verify_or_raise
     from openlpu.hardware.gpu import load_gpu
     from openlpu.hardware.lpu import load_system
-    from openlpu.runtime.engine import Engine
+    from openlpu.models.embedded import default_model_path
+    from openlpu.models.gguf import spec_from_gguf
+    from openlpu.runtime.engine import DEFAULT_CONTEXT_LENGTH, Engine, check_fits
+    from openlpu.runtime.executor import load_executor
     from openlpu.runtime.sampling import SamplingParams
+    from openlpu.runtime.tokenizer import Tokenizer
     from openlpu.sim.gpu import gpu_timing
     from openlpu.sim.timing import timing
 
@@ -259,14 +256,14 @@ def run(
 
         torch.set_num_threads(threads)
     lpu, gpu = load_system(system), load_gpu(compare)
-    from openlpu.models.embedded import default_model_path
-
     model_path = model or default_model_path()
-    engine = Engine.load(model_path, precision=precision, max_batch=1)
-    ids = engine.tokenizer.encode(prompt)
-    seq = engine.new_sequence(ids, params)  # checks the prompt against the context
+    spec = spec_from_gguf(model_path)
+    tokenizer = Tokenizer.from_gguf(model_path)
+    ids = tokenizer.encode(prompt)
+    context = min(DEFAULT_CONTEXT_LENGTH, spec.context_length)
+    check_fits(len(ids), max_tokens, context)
     workload = Workload(context_length=len(ids) + max_tokens, prompt_len=len(ids), users=1)
-    program = compile_program(engine.spec, lpu, workload)
+    program = compile_program(spec, lpu, workload)
     verify_or_raise(program)
     err = Console(stderr=True, highlight=False)
     err.print(f"[dim]compiled for {lpu.name}: {program.chips} chips, "
@@ -274,23 +271,27 @@ def run(
 
     out = Console(highlight=False)
     if mode == "fused":
+        engine = Engine(load_executor(program, model_path, "fused", precision, max_positions=context, spec=spec),
+                        tokenizer, 1, context)
+        seq = engine.new_sequence(ids, params)
         while not seq.finished:
             for event in engine.step([seq]):
                 out.print(event.text, end="", markup=False, soft_wrap=True)
         t_start, t_first, t_end, n_out = seq.t_start, seq.t_first_token, seq.t_end, len(seq.output_ids)
         finish = seq.finish_reason
     else:
-        t_start, t_first, t_end, n_out, finish = _run_sharded(program, engine, model_path, ids, max_tokens, out)
+        t_start, t_first, t_end, n_out, finish = _run_sharded(program, tokenizer, model_path, ids, max_tokens, out)
     out.print()
 
-    sim, gpu_t = timing(program), gpu_timing(engine.spec, gpu, "int8", workload.context_length,
+    sim, gpu_t = timing(program), gpu_timing(spec, gpu, "int8", workload.context_length,
                                             prompt_tokens=len(ids))
     decoded, decode_s = n_out - 1, t_end - t_first  # the first token comes from the prefill
     host_tps = decoded / decode_s if decoded and decode_s > 0 else float("nan")
-    table = Table(title=f"{engine.model_name}: prompt {len(ids)} tokens, generated {n_out} ({finish})")
+    table = Table(title=f"{spec.name}: prompt {len(ids)} tokens, generated {n_out} ({finish})")
     for col in ("", "what it is", "TTFT (s)", "tok/s per user"):
         table.add_column(col, justify="left" if col in ("", "what it is") else "right")
-    table.add_row(f"this host ({mode}, {precision})", "measured", f"{t_first - t_start:.3f}", f"{host_tps:.1f}")
+    host_weights = precision if mode == "fused" else "float32"
+    table.add_row(f"this host ({mode}, {host_weights})", "measured", f"{t_first - t_start:.3f}", f"{host_tps:.1f}")
     table.add_row(f"{lpu.name} x {sim.chips} chips", "simulated from the Program",
                   f"{sim.ttft_s:.5f}", f"{sim.tokens_per_s_per_user:,.0f}")
     table.add_row(f"{gpu.name} x {gpu_t.gpus}", "modelled (roofline)", f"{gpu_t.ttft_s:.5f}",
@@ -299,7 +300,7 @@ def run(
     err.print(f"[dim]peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB[/]")
 
 
-def _run_sharded(program, engine, model_path, ids, max_tokens, out):
+def _run_sharded(program, tokenizer, model_path, ids, max_tokens, out):
     """Greedy text from the Program executed chip by chip (shards and explicit transfers)."""
     import time
 
@@ -308,7 +309,7 @@ def _run_sharded(program, engine, model_path, ids, max_tokens, out):
 
     executor = load_executor(program, model_path, "sharded")
     cache = executor.new_cache(1, len(ids) + max_tokens)
-    slot, stream, outputs = cache.allocate(), engine.tokenizer.stream(), []
+    slot, stream, outputs = cache.allocate(), tokenizer.stream(), []
     t_start = time.perf_counter()
     t_first, finish, pos, feed = None, "length", 0, list(ids)
     while len(outputs) < max_tokens:
@@ -317,7 +318,7 @@ def _run_sharded(program, engine, model_path, ids, max_tokens, out):
         token = int(token[-1])
         t_first = t_first or time.perf_counter()
         outputs.append(token)
-        if token in engine.tokenizer.eos_ids:
+        if token in tokenizer.eos_ids:
             finish = "stop"
             break
         out.print(stream.push(token), end="", markup=False, soft_wrap=True)

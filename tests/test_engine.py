@@ -53,7 +53,9 @@ def test_sampling_respects_top_k_set():
 
 def test_stop_string_is_excluded_and_ends_generation(engine):
     full, _, _ = run(engine, max_tokens=24, temperature=0)
-    stop = "largest"  # llama.cpp's greedy text: "... It is the largest city in France ..."
+    # llama.cpp's greedy text begins " the capital of the country of France. It is the ..."; the
+    # token after "the" is a near-tie (0.014 logits apart in float32), so stop before it
+    stop = "It is"
     assert stop in full
     text, _, last = run(engine, max_tokens=24, temperature=0, stop=("nowhere-to-be-seen", stop))
     assert text == full[:full.index(stop)]

@@ -131,6 +131,42 @@ def test_fused_batches_like_the_model_for_the_engine(tiny):
 
 
 # ---- broken Programs ----------------------------------------------------------------------------
+def _ops(phase, change):
+    """The phase with change(op) for each op (None drops it)."""
+    return dataclasses.replace(phase, ops=tuple(o for o in map(change, phase.ops) if o is not None))
+
+
+def test_fused_mode_runs_a_dropped_op_as_missing(tiny):
+    spec, weights, _ = tiny("llama")
+    program = compile_program(spec, LPU, WORKLOAD, 1)
+    broken = dataclasses.replace(program, decode=_ops(program.decode,
+                                                      lambda o: None if o.name == "blk.1.ffn_up" else o))
+    ex = Executor(broken, spec, weights, "fused")
+    assert [sg.kind for sg in ex.segments].count("layer") == spec.n_layers - 1  # layer 1 runs op by op
+    with pytest.raises(OpenLPUError, match=r"blk\.1\.ffn_up"):
+        ex.forward(PROMPT, [Span(0, 0, len(PROMPT))])
+
+
+def test_fused_mode_computes_what_a_rewired_program_says(tiny):
+    """A residual wired past the post-FFN norm: fused mode runs that layer as written, not as intended."""
+    spec, weights, model = tiny("gemma2")
+    program = compile_program(spec, LPU, WORKLOAD, 1)
+    rewired = dataclasses.replace(program, decode=_ops(program.decode, lambda o: dataclasses.replace(
+        o, inputs=("blk.0.attn_residual", "blk.0.ffn_down")) if o.name == "blk.0.ffn_residual" else o))
+    good = Executor(program, spec, weights, "fused").forward(PROMPT, [Span(0, 0, len(PROMPT))])
+    bad = Executor(rewired, spec, weights, "fused").forward(PROMPT, [Span(0, 0, len(PROMPT))])
+    torch.testing.assert_close(good, model.forward(PROMPT, [Span(0, 0, len(PROMPT))], logit_rows=[len(PROMPT) - 1]),
+                               **TOL)
+    assert (bad - good).abs().max() > 0.1
+
+
+def test_fused_mode_refuses_an_unplaced_tensor(tiny):
+    spec, weights, program = _tp2(tiny)
+    broken = _shards(program, lambda s: None if (s.tensor, s.chip) == ("blk.1.ffn_up.weight", 1) else s)
+    with pytest.raises(OpenLPUError, match=r"blk\.1\.ffn_up\.weight is not placed on any chip from element"):
+        Executor(broken, spec, weights, "fused")
+
+
 def _tp2(tiny, family="llama"):
     spec, weights, _ = tiny(family)
     return spec, weights, compile_program(spec, LPU, WORKLOAD, 2)
@@ -284,6 +320,23 @@ def test_gemma_sharded_matches_fused_and_llamacpp(gemma, llamacpp_reference):
         for got, ref in zip(run_steps(sharded, prompt, 2), want):
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=2e-4)
         assert sharded.generate(prompt, 3) == expected_ids, (system, chips)
+
+
+def test_engine_program_runs_fused_in_the_engines_precision(gemma_path):
+    """Engine.load's executor: every block of its Program fused, and the same logits as model.py
+    in the same precision (the fused path is model.py's blocks, in the Program's order)."""
+    from openlpu.runtime.engine import Engine
+    from openlpu.runtime.model import load_model
+
+    engine = Engine.load(str(gemma_path), max_batch=2, context_length=64)
+    ex = engine.model
+    assert ex.program is engine.program and ex.mode == "fused" and ex.model.precision == "int4"
+    assert [sg.kind for sg in ex.segments] == ["embed"] + ["layer"] * ex.spec.n_layers + ["head"]
+    plain = load_model(gemma_path, "int4", max_positions=64)
+    prompt = [2, 818, 5279, 529, 7001, 563]
+    torch.testing.assert_close(ex.forward(prompt, [Span(0, 0, len(prompt))]),
+                               plain.forward(prompt, [Span(0, 0, len(prompt))], logit_rows=[len(prompt) - 1]),
+                               rtol=0, atol=1e-5)
 
 
 def test_engine_runs_on_the_fused_path(gemma, gemma_path, llamacpp_reference):

@@ -11,7 +11,7 @@ import torch
 from openlpu.errors import OpenLPUError
 from openlpu.models.spec import ModelSpec
 from openlpu.runtime.kv_cache import KVCache
-from openlpu.runtime.model import Model, Span, hf_qk_to_gguf, load_model
+from openlpu.runtime.model import Model, Span, hf_qk_to_gguf, load_model, top_candidates
 
 TOP5_LOGIT_TOLERANCE = 0.3  # vs llama.cpp (it quantises activations to 8 bits, KV to f16)
 FAST_LOGPROB_TOLERANCE = 0.25  # fast paths vs our float32 reference, top-5 log-probabilities
@@ -199,3 +199,12 @@ def test_bad_inputs_raise_clear_errors():
     cache.allocate()
     with pytest.raises(OpenLPUError, match="slots are in use"):
         cache.allocate()
+
+
+@pytest.mark.parametrize("vocab", [262_144, 1000])  # blocked search, and plain top-k (1000 % 128)
+def test_top_candidates_are_exactly_the_top_k(vocab):
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(5))
+    logits[1, :4096] += 10  # the winners crowded into a few blocks
+    got = top_candidates(logits, 64)
+    want = logits.topk(64, -1).indices
+    assert [set(r.tolist()) for r in got] == [set(r.tolist()) for r in want]

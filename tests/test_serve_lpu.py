@@ -6,8 +6,7 @@ import json
 import httpx
 import pytest
 
-from openlpu.compiler import Workload, compile_program, verify
-from openlpu.hardware.lpu import load_system
+from openlpu.compiler import verify
 from openlpu.serve.app import ServeSettings, create_app, running_server
 from openlpu.serve.lpu import program_hook
 from openlpu.sim.timing import timing
@@ -18,9 +17,8 @@ def served():
     from openlpu.runtime.engine import Engine
 
     engine = Engine.load(max_batch=2)
-    program = compile_program(engine.spec, load_system("lpu-v1"),
-                              Workload(context_length=engine.context_length, users=2, prompt_len=64))
-    assert verify(program) == []
+    program = engine.program  # the Program the engine executes
+    assert verify(program) == [] and program.system.name == "lpu-v1"
     app = create_app(engine, ServeSettings(simulated_lpu=program_hook(program)))
     with running_server(app) as url:
         yield url, engine.model_name, timing(program)

@@ -1,6 +1,8 @@
 """The inference engine: continuous batching over a model, a KV cache and per-request sampling.
 
-Sequences join and leave between steps. One `step` is one batched forward: new sequences feed
+The model is anything with Model.forward's contract; Engine.load gives it the compiled Program's
+fused executor (runtime.executor), so the text served is the text of the Program the simulated
+figures are read from. Sequences join and leave between steps. One `step` is one batched forward: new sequences feed
 their whole prompt (prefill), running ones their last token (decode); every sequence gets one new
 token. Text is streamed as deltas that never contain a stop string nor the start of one.
 Timestamps are host seconds from time.perf_counter().
@@ -18,7 +20,7 @@ import torch
 from openlpu.errors import OpenLPUError
 from openlpu.models.spec import ModelSpec
 from openlpu.runtime.kv_cache import KVCache
-from openlpu.runtime.model import Model, Span, load_model
+from openlpu.runtime.model import Model, Span
 from openlpu.runtime.sampling import SamplingParams, make_generator, sample
 from openlpu.runtime.tokenizer import StreamDecoder, Tokenizer
 
@@ -61,9 +63,11 @@ class Sequence:
 class Engine:
     def __init__(self, model: Model, tokenizer: Tokenizer, max_batch: int = 8,
                  context_length: int | None = None):
+        """`model`: a Model, or an Executor in fused mode (then `program` is the Program it runs)."""
         if max_batch < 1:
             raise OpenLPUError(f"max_batch must be >= 1, got {max_batch}")
         self.model, self.tokenizer = model, tokenizer
+        self.program = getattr(model, "program", None)
         self.spec: ModelSpec = model.spec
         self.model_name = self.spec.name
         self.context_length = min(context_length or model.max_positions, model.max_positions)
@@ -73,25 +77,29 @@ class Engine:
 
     @classmethod
     def load(cls, model_path: str | None = None, precision: str = DEFAULT_PRECISION, device=None,
-             max_batch: int = 8, context_length: int | None = None) -> "Engine":
+             max_batch: int = 8, context_length: int | None = None, system="lpu-v1") -> "Engine":
+        """The engine for a GGUF file (default: the embedded model): the model compiled for the LPU
+        system `system` (preset name, hardware JSON file or SystemSpec) for `max_batch` users of
+        `context_length` tokens, verified, and run by the Program's fused executor in `precision`."""
+        from openlpu.compiler import Workload, compile_program, verify_or_raise
+        from openlpu.hardware.lpu import load_system
         from openlpu.models.embedded import default_model_path
         from openlpu.models.gguf import spec_from_gguf
+        from openlpu.runtime.executor import load_executor
 
         path = model_path or default_model_path()
         spec = spec_from_gguf(path)
         context = min(context_length or DEFAULT_CONTEXT_LENGTH, spec.context_length)
-        tokenizer = Tokenizer.from_gguf(path)
-        model = load_model(path, precision, device, max_positions=context, spec=spec)
-        return cls(model, tokenizer, max_batch, context)
+        system = load_system(system) if isinstance(system, str) else system
+        program = compile_program(spec, system, Workload(context_length=context, users=max_batch,
+                                                         prompt_len=min(512, context)))
+        verify_or_raise(program)
+        executor = load_executor(program, path, "fused", precision, device, context, spec=spec)
+        return cls(executor, Tokenizer.from_gguf(path), max_batch, context)
 
     # ---- sequences --------------------------------------------------------------------------
     def new_sequence(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
-        if not prompt_ids:
-            raise OpenLPUError("the prompt is empty; give some text to continue")
-        if len(prompt_ids) + params.max_tokens > self.context_length:
-            raise OpenLPUError(f"prompt ({len(prompt_ids)} tokens) + max_tokens "
-                               f"({params.max_tokens}) exceeds the context length "
-                               f"({self.context_length}); shorten the prompt or lower max_tokens")
+        check_fits(len(prompt_ids), params.max_tokens, self.context_length)
         bad = [t for t in prompt_ids if not 0 <= t < self.spec.vocab_size]
         if bad:
             raise OpenLPUError(f"token id {bad[0]} is outside the vocabulary "
@@ -166,6 +174,14 @@ class Engine:
                 yield from self.step([seq])
         finally:
             self.release(seq)
+
+
+def check_fits(prompt_tokens: int, max_tokens: int, context_length: int) -> None:
+    if not prompt_tokens:
+        raise OpenLPUError("the prompt is empty; give some text to continue")
+    if prompt_tokens + max_tokens > context_length:
+        raise OpenLPUError(f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the "
+                           f"context length ({context_length}); shorten the prompt or lower max_tokens")
 
 
 def _split_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:

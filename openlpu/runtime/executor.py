@@ -11,18 +11,22 @@ Two modes over the same op kernels:
   "ffn_sum@j" ops add the parts' partial sums. An op whose input was never produced on its chip is an
   error naming it. Agreement with the fused mode is the
   proof that the compiler's partition and schedule are right.
-- "fused": the same op list on one chip holding whole tensors (tp=1 semantics), transfers reduced
-  to their source op; the fast path, with Model.forward's signature so the Engine can drive it.
+- "fused": one chip holding whole tensors (tp=1 semantics), transfers reduced to their source op;
+  the fast path the Engine and the server run, with Model.forward's signature. A fusion pass walks
+  the schedule: a layer (or the head) whose ops and wiring equal what the graph lowering emits for
+  it runs as one model.py block in the engine's weight format (int8 blocks, int4 head...); any
+  other op runs alone, in float32, as in sharded mode. A Program with a dropped or rewired op
+  therefore computes what it says (or fails naming the missing value), never the right text by
+  accident. Before running, every weight element must be placed on some chip.
 
-The math is model.py's (norms, rope tables and rotation, attention over the KV cache) and
-kernels.py's Linear; this module only slices weights, routes values and orders the ops.
+The math is model.py's (norms, rope, attention over the KV cache, the blocks) and kernels.py's
+Linear; this module only slices weights, routes values and orders the ops.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Callable, Mapping
 
 import torch
@@ -31,10 +35,12 @@ import torch.nn.functional as F
 from openlpu.compiler.partition import CUT_SEPARATOR
 from openlpu.compiler.program import PhaseSchedule, Program, ScheduledOp, Transfer
 from openlpu.errors import OpenLPUError
+from openlpu.graph.lower import lower
 from openlpu.models.spec import ModelSpec
 from openlpu.runtime.kernels import Linear
 from openlpu.runtime.kv_cache import KVCache
-from openlpu.runtime.model import GATE_ACTIVATIONS, ROPE_STYLE, Model, Span, rope_inverse_frequencies
+from openlpu.runtime.model import (GATE_ACTIVATIONS, ROPE_STYLE, Model, Span, apply_rope, attend,
+                                   attention_plans, rope_inverse_frequencies, rope_tables)
 
 MODES = ("sharded", "fused")
 HEAD_OPS = ("output_norm", "output", "final_softcap", "sample")  # the head item's ops
@@ -64,13 +70,13 @@ class Routed:
 
 # ---- one virtual chip -------------------------------------------------------------------------
 class Chip:
-    """A chip's SRAM: its weight shards (copies), its KV cache, and model.py's math for its heads."""
+    """A chip's SRAM: its weight shards (copies) and its KV cache; `spec` has only its heads."""
 
-    def __init__(self, chip_id: int, spec: ModelSpec, shards: dict[str, tuple[int, int, int, torch.Tensor]]):
+    def __init__(self, chip_id: int, spec: ModelSpec, shards: Mapping[str, tuple[int, int, int, torch.Tensor]]):
         self.id, self.full_spec = chip_id, spec
         self.shards = shards  # tensor -> (axis, start, stop, local copy)
         self.spec = spec  # narrowed to the chip's heads below, once they are known
-        self.host: Model | None = None
+        self.heads_set = False
         self.cache: KVCache | None = None
 
     def weight(self, tensor: str, op: str) -> torch.Tensor:
@@ -84,50 +90,57 @@ class Chip:
         return self.shards[tensor][1]
 
     def set_heads(self, n_heads: int, n_kv_heads: int) -> None:
-        """Narrow the spec to this chip's heads and build model.py's attention helpers for it."""
-        if self.host is not None and (self.spec.n_heads, self.spec.n_kv_heads) != (n_heads, n_kv_heads):
+        """Narrow the spec to this chip's heads (model.py's attention then runs on them only)."""
+        if self.heads_set and (self.spec.n_heads, self.spec.n_kv_heads) != (n_heads, n_kv_heads):
             raise OpenLPUError(f"chip {self.id} holds different head counts in different layers")
         self.spec = dataclasses.replace(self.full_spec, n_heads=n_heads, n_kv_heads=n_kv_heads)
-        self.host = kernel_host(self.spec)
+        self.heads_set = True
 
 
-def kernel_host(spec: ModelSpec) -> Model:
-    """model.py's Model without weights: its norm, rope and attention methods for `spec`'s heads.
-    (model.py exposes this math only as Model methods; see the executor's report.)"""
-    host = Model.__new__(Model)
-    host.spec, host.device, host.max_positions = spec, torch.device("cpu"), spec.context_length
-    host.rope_style, host.activation = ROPE_STYLE[spec.family], GATE_ACTIVATIONS[spec.activation]
-    return host
+class WholeTensors(Mapping):
+    """The fused mode's chip: every tensor whole, read from the weights the first time an op asks."""
+
+    def __init__(self, weights: Mapping[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]):
+        self.weights, self.shapes, self.read = weights, shapes, {}
+
+    def __getitem__(self, tensor: str):
+        if tensor not in self.read:
+            self.read[tensor] = (0, 0, self.shapes[tensor][0], self.weights[tensor].float())
+        return self.read[tensor]
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
 
 
 # ---- per pass context -------------------------------------------------------------------------
 class Pass:
     """What every op of one forward pass shares: token ids, positions, rope tables, attention plans."""
 
-    def __init__(self, inv_freq: dict, host: Model, tokens: torch.Tensor, spans: list[Span],
+    def __init__(self, inv_freq: dict, rope_style: str, tokens: torch.Tensor, spans: list[Span],
                  logit_rows: torch.Tensor):
         self.tokens, self.spans, self.logit_rows = tokens, spans, logit_rows
         positions = torch.cat([torch.arange(sp.start_pos, sp.start_pos + sp.n_tokens) for sp in spans])
-        self.rope = {base: host._rope_tables(positions, inv) for base, inv in inv_freq.items()}
+        self.rope = {base: rope_tables(positions, inv, rope_style) for base, inv in inv_freq.items()}
         self._plans: dict = {}
 
     def plans(self, chip: Chip, layer: int) -> list:
-        """model.py's attention plans for this layer's cache group, on this chip's heads."""
-        spec, cache = chip.spec, chip.cache
-        window = spec.layer_window(layer)
-        capacity = cache.capacity if cache is not None else chip.host.max_positions
+        """model.py's attention plans for this layer's cache group on this chip's cache."""
+        window, capacity = chip.spec.layer_window(layer), chip.cache.capacity
         key = (chip.id, min(window or capacity, capacity), window)
         if key not in self._plans:
             # lengths as they stand at the start of this pass (chunks of one prompt interleave layers)
-            view = None if cache is None else SimpleNamespace(lengths={sp.slot: sp.start_pos for sp in self.spans})
-            self._plans[key] = chip.host._attention_plans(self.spans, view, *key[1:])
+            lengths = {sp.slot: sp.start_pos for sp in self.spans}
+            self._plans[key] = attention_plans(self.spans, lengths, *key[1:])
         return self._plans[key]
 
 
 # ---- op kernels: (chip, op name) -> fn(pass, *inputs) -----------------------------------------
 def _norm_kernel(chip: Chip, name: str, tensor: str):
-    w = chip.weight(tensor, name) + chip.spec.norm_weight_offset
-    return lambda p, x: chip.host._norm(x, w)
+    w, eps = chip.weight(tensor, name) + chip.spec.norm_weight_offset, chip.spec.norm_eps
+    return lambda p, x: F.rms_norm(x, (x.shape[-1],), w, eps)
 
 
 def _linear_kernel(chip: Chip, name: str, tensor: str):
@@ -171,13 +184,13 @@ def build_kernel(chip: Chip, name: str, kind: str) -> Callable:
     if suffix in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
         return _linear_kernel(chip, base, weight)
     if suffix == "rope":
-        host, hd = chip.host, spec.head_dim
+        hd, style = spec.head_dim, ROPE_STYLE[spec.family]
         rope_base = spec.layer_rope_base(layer)
 
         def rope(p, q, k):
-            cos, sin = p.rope[rope_base]
-            qh, kh = q.view(q.shape[0], -1, hd), k.view(k.shape[0], -1, hd)
-            return qh * cos + host._rotate(qh) * sin, kh * cos + host._rotate(kh) * sin
+            tables = p.rope[rope_base]
+            return (apply_rope(q.view(q.shape[0], -1, hd), tables, style),
+                    apply_rope(k.view(k.shape[0], -1, hd), tables, style))
         return rope
     if suffix == "attn_softcap":
         return lambda p, qk: qk  # the cap applies to the scores, inside attention (spec.attn_logit_softcap)
@@ -187,7 +200,9 @@ def build_kernel(chip: Chip, name: str, kind: str) -> Callable:
         def attention(p, qk, v):
             q, k = qk
             v = v.view(v.shape[0], -1, hd)
-            outs = [chip.host._attend(layer, q[pl.rows], k[pl.rows], v[pl.rows], pl, chip.cache)
+            cache = chip.cache
+            outs = [attend(chip.spec, q[pl.rows], k[pl.rows], v[pl.rows], pl,
+                           cache.k[layer][pl.slot], cache.v[layer][pl.slot])
                     for pl in p.plans(chip, layer)]
             return outs[0] if len(outs) == 1 else torch.cat(outs)
         return attention
@@ -283,6 +298,7 @@ class ChipCaches:
 
 
 # ---- the executor -----------------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class Event:
     """One op on a stage's chips, or one transfer, in schedule order."""
@@ -293,8 +309,78 @@ class Event:
     chips: tuple[int, ...]  # where an op runs
 
 
+# ---- fused mode: coverage and fusion --------------------------------------------------------------
+def check_every_element_placed(program: Program) -> None:
+    """Fused mode merges the shards back into whole tensors: each must be covered end to end."""
+    by_tensor: dict[str, list] = {}
+    for sh in program.placement.shards:
+        by_tensor.setdefault(sh.tensor, []).append(sh)
+    for name, shape in program.tensors.items():
+        shards = sorted(by_tensor.get(name, ()), key=lambda sh: (sh.axis, sh.start))
+        reach = 0
+        for sh in shards:
+            if sh.axis != shards[0].axis or sh.start > reach:
+                break
+            reach = max(reach, sh.stop)
+        if not shards or reach < shape[shards[0].axis]:
+            where = f"from element {reach} on axis {shards[0].axis}" if shards else "at all"
+            raise OpenLPUError(f"{name} is not placed on any chip {where}; the Program is incomplete, "
+                               f"recompile it")
+
+
+def _group(name: str) -> str:
+    """Which block an op belongs to: 'embed', 'blk.<i>' or 'head'."""
+    if name.startswith("blk."):
+        return "blk." + name.split(".")[1]
+    return "head" if name in HEAD_OPS else "embed"
+
+
+def fuse(spec: ModelSpec, events: list[Event]) -> list[Segment]:
+    """The fused run of a decode op list (transfers already reduced to their source ops): each block
+    whose ops, kinds and inputs are exactly what graph.lower emits for it becomes one Segment run by
+    model.py; every op of any other block runs alone, in schedule order."""
+    expected: dict[str, set] = {}
+    for op in lower(spec, "decode", 1):
+        expected.setdefault(_group(op.name), set()).add((op.name, op.kind, op.inputs))
+    found: dict[str, set] = {}
+    for ev in events:
+        found.setdefault(_group(ev.name), set()).add((ev.name, ev.op.kind, ev.inputs))
+    segments, emitted = [], set()
+    for ev in events:
+        group = _group(ev.name)
+        layer = int(group.split(".")[1]) if group.startswith("blk.") else -1
+        if found[group] != expected.get(group):
+            segments.append(Segment("op", layer, ev.inputs, ev.name, ev))
+            continue
+        if group in emitted:
+            continue
+        emitted.add(group)
+        names = {name for name, _, _ in found[group]}
+        consumed = {i for _, _, inputs in found[group] for i in inputs}
+        inputs = tuple(sorted(consumed - names))
+        if group == "head":  # the logits are what the sampler reads
+            output = next(inputs for name, _, inputs in found[group] if name == "sample")[0]
+        else:
+            (output,) = names - consumed
+        segments.append(Segment("layer" if layer >= 0 else group, layer, inputs, output))
+    return segments
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One piece of the fused run: a whole model.py block, or one op alone."""
+    kind: str  # "embed" | "layer" | "head" | "op"
+    layer: int  # the block's layer (-1 outside the stack)
+    inputs: tuple[str, ...]  # values it reads, by producing op
+    output: str  # the value it leaves (the head: the logits' op)
+    event: Event | None = None  # kind "op": the op to run alone
+
+
 class Executor:
-    def __init__(self, program: Program, spec: ModelSpec, weights: Mapping[str, torch.Tensor], mode: str = "fused"):
+    def __init__(self, program: Program, spec: ModelSpec, weights: Mapping[str, torch.Tensor], mode: str = "fused",
+                 precision: str = "float32", device=None, max_positions: int | None = None):
+        """`precision`, `device`, `max_positions`: the fused blocks' weight format and where they run
+        (model.py's Model); sharded mode always runs float32 on the CPU."""
         if mode not in MODES:
             raise OpenLPUError(f"unknown execution mode {mode!r}; use one of {', '.join(MODES)}")
         if spec.name != program.model or spec.tensor_shapes() != program.tensors:
@@ -304,16 +390,17 @@ class Executor:
             raise OpenLPUError("fused mode runs whole tensors, so it cannot run a Program whose MLPs are cut "
                                "between stages; use sharded mode, or compile for fewer chips")
         self.program, self.spec, self.mode = program, spec, mode
-        self.device = torch.device("cpu")
-        self.max_positions = spec.context_length
+        self.max_positions = max_positions or spec.context_length
         self.inv_freq = {b: rope_inverse_frequencies(spec, b) for b in {spec.layer_rope_base(i) for i in range(spec.n_layers)}}
-        self.host = kernel_host(spec)
         stages = program.placement.stages
         if mode == "fused":
+            check_every_element_placed(program)
+            self.model = Model(spec, weights, precision, device, self.max_positions)
+            self.device = self.model.device
             self.stage_chips = {s.index: (0,) for s in stages}
-            shards = {name: (0, 0, shape[0], weights[name].float()) for name, shape in program.tensors.items()}
-            self.chips = {0: Chip(0, spec, shards)}
+            self.chips = {0: Chip(0, spec, WholeTensors(weights, program.tensors))}
         else:
+            self.device = torch.device("cpu")
             self.stage_chips = {s.index: s.chips for s in stages}
             self.chips = {c: Chip(c, spec, {}) for c in program.placement.chips}
             for sh in program.placement.shards:
@@ -327,12 +414,20 @@ class Executor:
                                     weights[sh.tensor].float().narrow(sh.axis, sh.start, sh.stop - sh.start).clone())
         self.layers_of = {c: {i for s in stages if c in self.stage_chips[s.index] for i in s.attention_layers}
                           for c in self.chips}
+        self.decode_events = self._events(program.decode)
+        self.kernels: dict[tuple[int, str], Callable] = {}
+        if mode == "fused":
+            self.chips[0].set_heads(spec.n_heads, spec.n_kv_heads)
+            self.segments = fuse(spec, self.decode_events)
+            self._build_kernels([sg.event for sg in self.segments if sg.kind == "op"])
+            return
         for chip in self.chips.values():
             self._set_heads(chip)
-        self.decode_events = self._events(program.decode)
         self.prefill_chunks, self.head_events = self._prefill_templates(program.prefill)
-        self.kernels: dict[tuple[int, str], Callable] = {}
-        for ev in self.decode_events + [e for body in self.prefill_chunks for e in body] + self.head_events:
+        self._build_kernels(self.decode_events + [e for body in self.prefill_chunks for e in body] + self.head_events)
+
+    def _build_kernels(self, events: list[Event]) -> None:
+        for ev in events:
             for c in ev.chips if ev.op is not None else ():
                 if (c, ev.name) not in self.kernels:
                     self.kernels[(c, ev.name)] = build_kernel(self.chips[c], ev.name, ev.op.kind)
@@ -407,7 +502,7 @@ class Executor:
     def new_cache(self, n_slots: int = 1, capacity: int | None = None) -> KVCache | ChipCaches:
         capacity = capacity or self.max_positions
         if self.mode == "fused":
-            return KVCache(self.spec, n_slots, capacity)
+            return KVCache(self.spec, n_slots, capacity, self.device)
         return ChipCaches(self.chips, self.layers_of, n_slots, capacity)
 
     def _run(self, events: list[Event], ctx: Pass, values: dict[int, dict]) -> None:
@@ -471,7 +566,9 @@ class Executor:
                                    f"{cache.capacity}")
         for c, chip in self.chips.items():
             chip.cache = per_chip[c]
-        if self.mode == "fused" or (len(spans) == 1 and tokens.numel() == 1):
+        if self.mode == "fused":
+            logits, token = self._run_fused(tokens, spans, cache, rows)
+        elif len(spans) == 1 and tokens.numel() == 1:
             logits, token = self._pass(self.decode_events, tokens, spans, rows)
         else:
             logits, token = self._prefill(tokens, spans, rows)
@@ -507,9 +604,32 @@ class Executor:
                              rows - first_row, head=last)
         return out
 
+    def _run_fused(self, tokens: torch.Tensor, spans: list[Span], cache: KVCache, rows: torch.Tensor):
+        """The fused segments in order on one chip: model.py blocks, and any op that runs alone."""
+        model, values = self.model, {}
+        tokens = tokens.to(self.device)
+        ctx, alone = model.prepare(tokens, spans, cache), None
+        for sg in self.segments:
+            if sg.kind == "op":  # its own kernel, as in sharded mode, with its own pass context
+                alone = alone or Pass(self.inv_freq, ROPE_STYLE[self.spec.family], tokens, spans, rows)
+                self._run([sg.event], alone, {0: values})
+                continue
+            missing = [i for i in sg.inputs if i not in values]
+            if missing:
+                raise OpenLPUError(f"{sg.output} needs {missing[0]}, which no op of the Program produces")
+            args = [values[i] for i in sg.inputs]
+            if sg.kind == "embed":
+                values[sg.output] = model.embed(tokens)
+            elif sg.kind == "layer":
+                values[sg.output] = model.layer(sg.layer, *args, ctx, cache)
+            else:  # the head: logits, and the Program's greedy sampler over them
+                values[sg.output] = model.head_logits(*args, rows.to(self.device))
+                values["sample"] = values[sg.output].max(-1)
+        return self._logits({0: values}), self._token({0: values})
+
     def _pass(self, events: list[Event], tokens: torch.Tensor, spans: list[Span], rows: torch.Tensor,
               head: bool = True):
-        ctx = Pass(self.inv_freq, self.host, tokens, spans, rows)
+        ctx = Pass(self.inv_freq, ROPE_STYLE[self.spec.family], tokens, spans, rows)
         values = {c: {} for c in self.chips}
         self._run(events, ctx, values)
         if not head:
@@ -556,10 +676,15 @@ def simulated_figures(program: Program) -> dict:
             "decode_latency_s": t.decode_latency_s}
 
 
-def load_executor(program: Program, model_path, mode: str = "fused") -> Executor:
-    """An Executor for a GGUF file's weights (float32). In fused mode it is a drop-in for
-    runtime.model.Model in runtime.engine.Engine (same spec, max_positions, device and forward)."""
+def load_executor(program: Program, model_path, mode: str = "fused", precision: str = "float32",
+                  device=None, max_positions: int | None = None, spec: ModelSpec | None = None) -> Executor:
+    """An Executor for a GGUF file's weights. In fused mode it is a drop-in for runtime.model.Model
+    in runtime.engine.Engine (same spec, max_positions, device and forward)."""
     from openlpu.models.gguf import load_weights, spec_from_gguf
+    from openlpu.runtime.model import GGUFWeights
 
-    spec = spec_from_gguf(model_path)
-    return Executor(program, spec, load_weights(model_path, spec), mode)
+    spec = spec or spec_from_gguf(model_path)
+    # fused: one tensor dequantized at a time as the blocks are built; sharded: every chip slices
+    # its shards from the same float32 tensors
+    weights = GGUFWeights(model_path, spec) if mode == "fused" else load_weights(model_path, spec)
+    return Executor(program, spec, weights, mode, precision, device, max_positions)

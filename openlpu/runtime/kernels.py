@@ -1,10 +1,13 @@
 """Linear layers in the weight formats OpenLPU runs: float32 (reference), bf16, int8 and int4.
 
-Every Linear takes and returns float32 activations; only the stored weights differ. The low-bit
-formats are weight-only (activations go in as bf16): int8 with one scale per output row
-(torch._weight_int8pack_mm), int4 with an asymmetric scale and zero per group of 32 inputs
-(torch._weight_int4pack_mm_for_cpu, CPU only). Measured on this 2-core AVX-512 machine at one
-token, a 262,144 x 640 matrix: float32 27 ms, bf16 19 ms, int8 12 ms, int4 8 ms.
+A Linear takes float32 or bf16 activations. The float32 format returns float32; the others
+compute in bf16 and return bf16, so a caller casts only where its next op needs float32 (a
+residual add promotes by itself). The low-bit formats are weight-only: int8 with one scale per
+output row (torch._weight_int8pack_mm), int4 with an asymmetric scale and zero per group of
+inputs (torch._weight_int4pack_mm_for_cpu, CPU only). Both kernels read the weights once per call
+whatever the row count, which is what a decode step wants; for many rows (a prompt) an int8
+matrix is dequantized to bf16 for that call and multiplied densely, which is 2x faster at 128 rows
+than the weight-only kernel (bench/results/engine_vs_llamacpp.md has the prefill figures).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 INT4_GROUP = 32  # inputs sharing one int4 scale/zero; GGUF's quant blocks are 32 wide too
+DENSE_FROM_ROWS = 32  # int8 with at least this many rows: dequantize, then one dense bf16 product
 PACK_CHUNK_ROWS = 16384  # quantize big matrices (the 262k-row embedding) in bounded pieces
 
 
@@ -88,15 +92,18 @@ class Linear:
         return Linear(self.fmt, move(self.weight), move(self.scale), move(self.bias))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [rows, in] float32 or bf16 -> [rows, out]: float32 for the float32 format, else bf16."""
         if self.fmt == "float32":
-            y = F.linear(x, self.weight)
+            y = F.linear(x.float(), self.weight)
         elif self.fmt == "bf16":
-            y = F.linear(x.to(torch.bfloat16), self.weight).float()
+            y = F.linear(x.to(torch.bfloat16), self.weight)
+        elif self.fmt == "int8" and x.shape[0] >= DENSE_FROM_ROWS:
+            y = F.linear(x.to(torch.bfloat16), self.weight.to(torch.bfloat16).mul_(self.scale[:, None]))
         elif self.fmt == "int8":
-            y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scale).float()
+            y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scale)
         else:
             y = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.weight, INT4_GROUP,
-                                                  self.scale).float()
+                                                  self.scale)
         return y if self.bias is None else y + self.bias
 
     def nbytes(self) -> int:

@@ -83,6 +83,34 @@ def rope_inverse_frequencies(spec: ModelSpec, base: float) -> torch.Tensor:
     return inv.float()
 
 
+# ---- the math every runner shares (Model here, the Program executor's per-op kernels) --------
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, style: str):
+    """(cos, signed sin) [tokens, 1, head_dim], laid out like the features they rotate, so that
+    rope(x) = x * cos + rope_partner(x) * sin."""
+    angles = positions[:, None].float() * inv_freq
+    half = inv_freq.numel()
+    if style == "neox":
+        angles = torch.cat([angles, angles], -1)
+        sign = torch.cat([-torch.ones(half), torch.ones(half)])
+    else:
+        angles = angles.repeat_interleave(2, -1)
+        sign = torch.tensor([-1.0, 1.0]).repeat(half)
+    return angles.cos()[:, None], (angles.sin() * sign.to(angles.device))[:, None]
+
+
+def rope_partner(x: torch.Tensor, style: str) -> torch.Tensor:
+    """The feature each feature rotates with: x[i + hd/2] for "neox", its neighbour for
+    "interleaved" (the sign of the rotation is in rope_tables' sin)."""
+    if style == "neox":
+        return x.roll(x.shape[-1] // 2, -1)
+    return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+
+
+def apply_rope(x: torch.Tensor, tables, style: str) -> torch.Tensor:
+    cos, sin = tables
+    return torch.addcmul(x * cos, rope_partner(x, style), sin)
+
+
 @dataclass(frozen=True)
 class Span:
     """The new tokens of one sequence inside a flattened batch."""
@@ -93,7 +121,7 @@ class Span:
 
 
 @dataclass
-class _AttentionPlan:
+class AttentionPlan:
     """Where one span reads and writes one kind of layer's cache (shared by those layers)."""
 
     rows: slice  # the span's rows in the flattened batch
@@ -101,7 +129,95 @@ class _AttentionPlan:
     write_first: bool  # write new K/V into the cache, then attend over the cache slice
     n_keys: int  # cache entries attended (write_first) or old entries kept before the new ones
     write_index: torch.Tensor | None  # cache indices receiving the last len() new tokens
-    mask: torch.Tensor | None  # bool [group * n, keys]; None: every key visible
+    mask: torch.Tensor | None  # bool [n, keys]; None: every key visible
+
+
+def attention_plans(spans: list[Span], lengths: list[int] | None, capacity: int, window: int | None,
+                    device=None) -> list[AttentionPlan]:
+    """Per span, for layers keeping `capacity` positions: what to write, what to attend.
+
+    `lengths`: the cache's tokens per slot (None: no cache, each span attends only to itself).
+    A span's queries may see keys at positions p with p <= q and (q - p < window). The ring
+    of a sliding-window layer holds the last `capacity` positions; new keys are written
+    before attending unless writing them would evict keys an earlier query of the same span
+    still needs (a long prefill into a ring), in which case old and new keys are joined.
+    """
+    plans, row = [], 0
+    for sp in spans:
+        n, start = sp.n_tokens, sp.start_pos
+        write_index = None
+        if lengths is None:
+            write_first, n_keys = False, 0
+            k_pos = torch.arange(start, start + n, device=device)
+        else:
+            if lengths[sp.slot] != start:
+                raise ValueError(f"span starts at {start} but slot {sp.slot} holds "
+                                 f"{lengths[sp.slot]} positions")
+            write_first = n == 1 or start + n <= capacity
+            keep = min(n, capacity)
+            write_index = torch.arange(start + n - keep, start + n, device=device) % capacity
+            if write_first:
+                n_keys = min(start + n, capacity)
+                k_pos = None if n == 1 else ring_positions(start + n, capacity, device)[:n_keys]
+            else:
+                n_keys = min(start, capacity)
+                k_pos = torch.cat([ring_positions(start, capacity, device)[:n_keys],
+                                   torch.arange(start, start + n, device=device)])
+        mask = None
+        if n > 1:  # one new token sees every key it is given: the ring holds only its window
+            q_pos = torch.arange(start, start + n, device=device)
+            visible = (k_pos >= 0) & (k_pos <= q_pos[:, None])
+            if window is not None:
+                visible &= q_pos[:, None] - k_pos < window
+            mask = None if bool(visible.all()) else visible
+        plans.append(AttentionPlan(slice(row, row + n), sp.slot, write_first, n_keys, write_index, mask))
+        row += n
+    return plans
+
+
+def attend(spec: ModelSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan,
+           k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None) -> torch.Tensor:
+    """One span's attention: queries [n, heads, hd] over its visible keys -> [n, heads * hd].
+
+    k, v: the span's new keys and values [n, kv heads, hd]; k_cache, v_cache: its slot of this
+    layer's cache [kv heads, capacity, hd] (None: no cache). Heads are spec's (a chip's share)."""
+    n = q.shape[0]
+    k, v = k.transpose(0, 1), v.transpose(0, 1)  # [kv heads, n, hd]
+    if k_cache is not None:
+        if not plan.write_first:  # join before writing: the write evicts keys still needed
+            k = torch.cat([k_cache[:, :plan.n_keys], k], 1)
+            v = torch.cat([v_cache[:, :plan.n_keys], v], 1)
+        keep = plan.write_index.numel()
+        k_cache.index_copy_(1, plan.write_index, k[:, -keep:])
+        v_cache.index_copy_(1, plan.write_index, v[:, -keep:])
+        if plan.write_first:
+            k, v = k_cache[:, :plan.n_keys], v_cache[:, :plan.n_keys]
+    q, k, v = q.transpose(0, 1)[None], k[None], v[None]  # [1, heads, n or keys, hd]
+    if spec.attn_logit_softcap:
+        group = spec.n_heads // spec.n_kv_heads
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        scores = (q @ k.transpose(-1, -2)) * spec.attn_scale
+        scores = torch.tanh(scores / spec.attn_logit_softcap) * spec.attn_logit_softcap
+        if plan.mask is not None:
+            scores = scores.masked_fill(~plan.mask, float("-inf"))
+        out = scores.softmax(-1) @ v
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, scale=spec.attn_scale,
+                                             enable_gqa=True)
+    return out[0].transpose(0, 1).reshape(n, -1)
+
+
+def top_candidates(logits: torch.Tensor, k: int, block: int = 128) -> torch.Tensor:
+    """Indices [rows, k] of each row's k largest logits, in no order. Exact: the k largest lie in
+    the k blocks with the largest maxima, so one pass of block maxima and two small top-k's
+    replace a top-k over the whole vocabulary (4x cheaper over 262k entries)."""
+    rows, vocab = logits.shape
+    if vocab % block or vocab // block <= k:
+        return logits.topk(min(k, vocab), -1, sorted=False).indices
+    blocks = logits.view(rows, -1, block).amax(-1).topk(k, -1, sorted=False).indices
+    candidates = (blocks[:, :, None] * block + torch.arange(block, device=logits.device)).view(rows, -1)
+    best = logits.gather(1, candidates).topk(k, -1, sorted=False).indices
+    return candidates.gather(1, best)
 
 
 @dataclass
@@ -119,6 +235,15 @@ class _Block:
     post_ffw_norm: torch.Tensor | None
     rope_base: float
     cache_group: tuple[int, int | None]  # (cache capacity, window): layers sharing masks
+
+
+@dataclass
+class Pass:
+    """What every layer of one forward pass shares: rope tables per base, plans per cache group."""
+
+    spans: list[Span]
+    rope: dict[float, tuple[torch.Tensor, torch.Tensor]]
+    plans: dict[tuple[int, int | None], list[AttentionPlan]]
 
 
 class Model:
@@ -199,33 +324,54 @@ class Model:
         values are written and the slot's length advances. Without one, each span attends only to
         itself (an uncached forward of a whole sequence).
         """
-        s = self.spec
         tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
-        if sum(sp.n_tokens for sp in spans) != tokens.numel() or not spans:
-            raise ValueError("spans must cover the tokens exactly")
-        positions = torch.cat([torch.arange(sp.start_pos, sp.start_pos + sp.n_tokens)
-                               for sp in spans]).to(self.device)
-        rope = {base: self._rope_tables(positions, inv) for base, inv in self.inv_freq.items()}
-        plans = {group: self._attention_plans(spans, cache, *group)
-                 for group in {blk.cache_group for blk in self.blocks}}
-
-        x = self._embed(tokens)
-        for layer, blk in enumerate(self.blocks):
-            h = self._attention(layer, blk, self._norm(x, blk.attn_norm), rope[blk.rope_base],
-                                plans[blk.cache_group], cache)
-            x = x + self._norm(h, blk.post_attention_norm) if s.post_norms else x + h
-            h = self._mlp(blk, self._norm(x, blk.ffn_norm))
-            x = x + self._norm(h, blk.post_ffw_norm) if s.post_norms else x + h
-
+        ctx = self.prepare(tokens, spans, cache)
+        x = self.embed(tokens)
+        for layer in range(self.spec.n_layers):
+            x = self.layer(layer, x, ctx, cache)
         if cache is not None:
             for sp in spans:
                 cache.lengths[sp.slot] += sp.n_tokens
+        return self.head_logits(x, logit_rows)
+
+    def prepare(self, tokens: torch.Tensor, spans: list[Span], cache: KVCache | None) -> Pass:
+        """Check the spans against the tokens and the cache; rope tables and attention plans."""
+        if sum(sp.n_tokens for sp in spans) != tokens.numel() or not spans:
+            raise ValueError("spans must cover the tokens exactly")
+        for sp in spans:
+            if sp.start_pos + sp.n_tokens > self.max_positions:
+                raise OpenLPUError(f"sequence needs {sp.start_pos + sp.n_tokens} positions; this "
+                                   f"model was loaded for {self.max_positions}")
+        positions = torch.cat([torch.arange(sp.start_pos, sp.start_pos + sp.n_tokens)
+                               for sp in spans]).to(self.device)
+        lengths = None if cache is None else cache.lengths
+        return Pass(spans,
+                    {base: rope_tables(positions, inv, self.rope_style) for base, inv in self.inv_freq.items()},
+                    {group: attention_plans(spans, lengths, *group, self.device)
+                     for group in {blk.cache_group for blk in self.blocks}})
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embedding[tokens if isinstance(self.embedding, torch.Tensor) else tokens.cpu()]
+        x = x.to(self.device)
+        return x * self.spec.embed_scale if self.spec.embed_scale != 1.0 else x
+
+    def layer(self, i: int, x: torch.Tensor, ctx: Pass, cache: KVCache | None) -> torch.Tensor:
+        """Transformer block i on the flattened batch x [tokens, d_model] float32."""
+        blk = self.blocks[i]
+        h = self._attention(i, blk, self._norm(x, blk.attn_norm), ctx, cache)
+        x = x + self._norm(h, blk.post_attention_norm)
+        h = self._mlp(blk, self._norm(x, blk.ffn_norm))
+        return x + self._norm(h, blk.post_ffw_norm)
+
+    def head_logits(self, x: torch.Tensor, logit_rows=None) -> torch.Tensor:
+        """The head: float32 logits for `logit_rows` of x (default: all rows)."""
+        s = self.spec
         if logit_rows is not None:
             x = x[torch.as_tensor(logit_rows, dtype=torch.long, device=self.device)]
         x = self._norm(x, self.output_norm)
-        logits = self.head(x)
+        logits = self.head(x).float()
         if self.rescore_rows is not None:
-            candidates = logits.topk(min(RESCORE_CANDIDATES, s.vocab_size), -1, sorted=False).indices
+            candidates = top_candidates(logits, RESCORE_CANDIDATES)
             rows = self.rescore_rows[candidates.flatten().cpu()].to(self.device)
             exact = (rows.view(*candidates.shape, -1) @ x[:, :, None]).squeeze(-1)
             logits.scatter_(1, candidates, exact)
@@ -233,112 +379,25 @@ class Model:
             logits = torch.tanh(logits / s.final_logit_softcap) * s.final_logit_softcap
         return logits
 
-    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.embedding[tokens if isinstance(self.embedding, torch.Tensor) else tokens.cpu()]
-        x = x.to(self.device)
-        return x * self.spec.embed_scale if self.spec.embed_scale != 1.0 else x
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        """RMSNorm in float32 (a low-bit product comes in as bf16); no weight: no norm at all."""
+        if weight is None:
+            return x
+        return F.rms_norm(x.float(), (x.shape[-1],), weight, self.spec.norm_eps)
 
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), weight, self.spec.norm_eps)
-
-    def _rope_tables(self, positions: torch.Tensor, inv_freq: torch.Tensor):
-        """cos and sin [tokens, 1, head_dim] laid out like the features they rotate."""
-        angles = positions[:, None].float() * inv_freq
-        if self.rope_style == "neox":
-            angles = torch.cat([angles, angles], -1)
-        else:
-            angles = angles.repeat_interleave(2, -1)
-        return angles.cos()[:, None], angles.sin()[:, None]
-
-    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
-        """The partner of each feature in its rope pair, with the sign of the rotation."""
-        if self.rope_style == "neox":
-            x1, x2 = x.chunk(2, -1)
-            return torch.cat([-x2, x1], -1)
-        pairs = x.unflatten(-1, (-1, 2))
-        return torch.stack([-pairs[..., 1], pairs[..., 0]], -1).flatten(-2)
-
-    def _attention_plans(self, spans: list[Span], cache: KVCache | None, capacity: int,
-                         window: int | None) -> list[_AttentionPlan]:
-        """Per span, for layers keeping `capacity` positions: what to write, what to attend.
-
-        A span's queries may see keys at positions p with p <= q and (q - p < window). The ring
-        of a sliding-window layer holds the last `capacity` positions; new keys are written
-        before attending unless writing them would evict keys an earlier query of the same span
-        still needs (a long prefill into a ring), in which case old and new keys are joined.
-        """
-        group = self.spec.n_heads // self.spec.n_kv_heads
-        plans, row = [], 0
-        for sp in spans:
-            n, start = sp.n_tokens, sp.start_pos
-            if start + n > self.max_positions:
-                raise OpenLPUError(f"sequence needs {start + n} positions; this model was loaded "
-                                   f"for {self.max_positions}")
-            q_pos = torch.arange(start, start + n, device=self.device)
-            write_index = None
-            if cache is None:
-                write_first, n_keys, k_pos = False, 0, q_pos
-            else:
-                if cache.lengths[sp.slot] != start:
-                    raise ValueError(f"span starts at {start} but slot {sp.slot} holds "
-                                     f"{cache.lengths[sp.slot]} positions")
-                write_first = n == 1 or start + n <= capacity
-                keep = min(n, capacity)
-                write_index = torch.arange(start + n - keep, start + n, device=self.device) % capacity
-                if write_first:
-                    n_keys = min(start + n, capacity)
-                    k_pos = ring_positions(start + n, capacity, self.device)[:n_keys]
-                else:
-                    n_keys = min(start, capacity)
-                    k_pos = torch.cat([ring_positions(start, capacity, self.device)[:n_keys], q_pos])
-            visible = (k_pos >= 0) & (k_pos <= q_pos[:, None])
-            if window is not None:
-                visible &= q_pos[:, None] - k_pos < window
-            mask = None if bool(visible.all()) else visible.repeat(group, 1)
-            plans.append(_AttentionPlan(slice(row, row + n), sp.slot, write_first, n_keys,
-                                        write_index, mask))
-            row += n
-        return plans
-
-    def _attention(self, layer: int, blk: _Block, h: torch.Tensor, rope, plans, cache):
+    def _attention(self, layer: int, blk: _Block, h: torch.Tensor, ctx: Pass, cache: KVCache | None):
         s = self.spec
         n_q, n_kv, hd = s.n_heads, s.n_kv_heads, s.head_dim
-        qkv = blk.qkv(h).view(h.shape[0], n_q + 2 * n_kv, hd)
+        qkv = blk.qkv(h).float().view(h.shape[0], n_q + 2 * n_kv, hd)
         qk, v = qkv[:, :n_q + n_kv], qkv[:, n_q + n_kv:]
         if blk.qk_norm is not None:
             qk = F.rms_norm(qk, (hd,), None, s.norm_eps) * blk.qk_norm
-        cos, sin = rope
-        qk = qk * cos + self._rotate(qk) * sin
+        qk = apply_rope(qk, ctx.rope[blk.rope_base], self.rope_style)
         q, k = qk[:, :n_q], qk[:, n_q:]
-        outs = [self._attend(layer, q[p.rows], k[p.rows], v[p.rows], p, cache) for p in plans]
+        outs = [attend(s, q[p.rows], k[p.rows], v[p.rows], p,
+                       *((None, None) if cache is None else (cache.k[layer][p.slot], cache.v[layer][p.slot])))
+                for p in ctx.plans[blk.cache_group]]
         return blk.attn_output(outs[0] if len(outs) == 1 else torch.cat(outs))
-
-    def _attend(self, layer: int, q, k, v, plan: _AttentionPlan, cache: KVCache | None):
-        """Attention of one span's queries [n, heads, hd] over its visible keys -> [n, heads*hd]."""
-        s = self.spec
-        n, n_kv, group = q.shape[0], s.n_kv_heads, s.n_heads // s.n_kv_heads
-        k, v = k.transpose(0, 1), v.transpose(0, 1)  # [kv heads, n, hd]
-        if cache is not None:
-            k_cache, v_cache = cache.k[layer][plan.slot], cache.v[layer][plan.slot]
-            if not plan.write_first:  # join before writing: the write evicts keys still needed
-                k = torch.cat([k_cache[:, :plan.n_keys], k], 1)
-                v = torch.cat([v_cache[:, :plan.n_keys], v], 1)
-            keep = plan.write_index.numel()
-            k_cache.index_copy_(1, plan.write_index, k[:, -keep:])
-            v_cache.index_copy_(1, plan.write_index, v[:, -keep:])
-            if plan.write_first:
-                k, v = k_cache[:, :plan.n_keys], v_cache[:, :plan.n_keys]
-        # The query heads sharing a kv head become extra query rows: [kv heads, group * n, hd].
-        q = q.view(n, n_kv, group, s.head_dim).permute(1, 2, 0, 3).reshape(n_kv, group * n, -1)
-        if s.attn_logit_softcap:
-            scores = (q @ k.transpose(1, 2)) * s.attn_scale
-            scores = torch.tanh(scores / s.attn_logit_softcap) * s.attn_logit_softcap
-            if plan.mask is not None:
-                scores = scores.masked_fill(~plan.mask, float("-inf"))
-            out = scores.softmax(-1) @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, scale=s.attn_scale)
-        return out.view(n_kv, group, n, s.head_dim).permute(2, 0, 1, 3).reshape(n, -1)
 
     def _mlp(self, blk: _Block, h: torch.Tensor) -> torch.Tensor:
         if blk.experts is None:
@@ -352,7 +411,8 @@ class Model:
             rows, rank = (top_experts == e).nonzero(as_tuple=True)
             gate_up, down = blk.experts[e]
             gate, up = gate_up(h[rows]).chunk(2, -1)
-            out.index_add_(0, rows, down(self.activation(gate) * up) * top_weights[rows, rank, None])
+            expert_out = down(self.activation(gate) * up).float()
+            out.index_add_(0, rows, expert_out * top_weights[rows, rank, None])
         return out
 
     # ---- conveniences -----------------------------------------------------------------------
