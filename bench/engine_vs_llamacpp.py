@@ -1,11 +1,15 @@
 """OpenLPU's engine vs llama.cpp on this machine: same GGUF, same 128-token prompt, same threads.
 
-Each engine runs in its own subprocess (a clean peak RSS each). Per engine: load, one warm-up,
-then REPEATS measured runs of prefill (the 128-token prompt, up to the first token) and greedy
-decode (128 more tokens, one at a time); the medians are reported. Both decode greedily with an
-argmax over the full logits.
+Each engine lives in its own subprocess (a clean peak RSS each), loads once and warms up; then the
+driver asks them in turn, ROUNDS times, for one measured run: prefill (the 128-token prompt, up to
+the first token) and greedy decode (128 more tokens, one at a time). Only one engine runs at a
+time, and the two runs of a round are back to back, so a round's ratio compares them under the
+same load (this machine's memory bandwidth is shared with other tenants and moves by tens of
+percent within minutes). Reported: each engine's median speeds and the median of the per-round
+ratios. Both decode greedily with an argmax over the full logits. OpenLPU runs as `openlpu serve`
+does: Engine.load compiles the model for lpu-v1 and executes the Program's fused blocks.
 
-    python bench/engine_vs_llamacpp.py [--model PATH] [--threads 2] [--precision int4]
+    python bench/engine_vs_llamacpp.py [--model PATH] [--threads 2] [--precision int4] [--rounds 7]
 
 Writes bench/results/engine_vs_llamacpp.{json,md}.
 """
@@ -26,7 +30,6 @@ from pathlib import Path
 
 PROMPT_TOKENS = 128
 DECODE_TOKENS = 128
-REPEATS = 3
 RESULTS = Path(__file__).parent / "results"
 # A fixed English paragraph; its first 128 token ids (with <bos>) are the prompt for both.
 TEXT = ("The history of astronomy spans thousands of years, from the first people who tracked "
@@ -51,7 +54,7 @@ def prompt_ids(model_path: str) -> list[int]:
 
 
 # ---- workers (one engine per process) -------------------------------------------------------
-def run_openlpu(model_path: str, ids: list[int], threads: int, precision: str):
+def openlpu_runner(model_path: str, threads: int, precision: str):
     import torch
 
     from openlpu.runtime.engine import Engine, SamplingParams
@@ -67,12 +70,10 @@ def run_openlpu(model_path: str, ids: list[int], threads: int, precision: str):
         while not seq.finished:
             engine.step([seq])
         return t_first - seq.t_start, time.perf_counter() - t_first, seq.output_ids
-
-    once(ids[:16], 8)  # warm-up
-    return [once(ids, DECODE_TOKENS) for _ in range(REPEATS)]
+    return once
 
 
-def run_llamacpp(model_path: str, ids: list[int], threads: int, precision: str):
+def llamacpp_runner(model_path: str, threads: int, precision: str):
     import llama_cpp
     import numpy as np
     from llama_cpp import Llama
@@ -95,30 +96,22 @@ def run_llamacpp(model_path: str, ids: list[int], threads: int, precision: str):
             llm.eval([out[-1]])
             out.append(argmax_last())
         return t_first - t0, time.perf_counter() - t_first, out
-
-    once(ids[:16], 8)
-    return [once(ids, DECODE_TOKENS) for _ in range(REPEATS)]
+    return once
 
 
-WORKERS = {"openlpu": run_openlpu, "llama.cpp": run_llamacpp}
+RUNNERS = {"openlpu": openlpu_runner, "llama.cpp": llamacpp_runner}
 
 
 def worker(name: str, model_path: str, threads: int, precision: str) -> None:
-    ids = json.loads(sys.stdin.read())
-    load_before = os.getloadavg()[0]
-    runs = WORKERS[name](model_path, ids, threads, precision)
-    prefill_s = statistics.median(r[0] for r in runs)
-    decode_s = statistics.median(r[1] for r in runs)
-    print(json.dumps({
-        "engine": name,
-        "prefill_tok_per_s": PROMPT_TOKENS / prefill_s,
-        "decode_tok_per_s": DECODE_TOKENS / decode_s,
-        "prefill_s_runs": [r[0] for r in runs],
-        "decode_s_runs": [r[1] for r in runs],
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "greedy_ids": runs[0][2][:DECODE_TOKENS + 1],
-        "load_average_1min_before_after": [load_before, os.getloadavg()[0]],
-    }))
+    """Load, warm up, then one measured run per line read from stdin, each answered with a JSON line."""
+    once = RUNNERS[name](model_path, threads, precision)
+    once(list(range(2, 18)), 8)  # warm-up
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        prefill_s, decode_s, ids = once(json.loads(line), DECODE_TOKENS)
+        print(json.dumps({"prefill_s": prefill_s, "decode_s": decode_s, "greedy_ids": ids,
+                          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}),
+              flush=True)
 
 
 # ---- driver ---------------------------------------------------------------------------------
@@ -127,7 +120,8 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="GGUF file (default: the embedded model)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precision", default="int4", help="OpenLPU weight precision")
-    parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=7, help="measured runs per engine, interleaved")
+    parser.add_argument("--worker", choices=list(RUNNERS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.model is None:
         from openlpu.models.embedded import default_model_path
@@ -137,37 +131,62 @@ def main() -> None:
         return worker(args.worker, args.model, args.threads, args.precision)
 
     ids = prompt_ids(args.model)
+    load_before = os.getloadavg()[0]
+    procs = {}
+    for name in RUNNERS:  # loaded one after the other, so loading never overlaps a measurement
+        procs[name] = subprocess.Popen([sys.executable, __file__, "--worker", name, "--model", args.model,
+                                        "--threads", str(args.threads), "--precision", args.precision],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        json.loads(procs[name].stdout.readline())
+    runs = {name: [] for name in RUNNERS}
+    for _ in range(args.rounds):
+        for name, proc in procs.items():
+            proc.stdin.write(json.dumps(ids) + "\n")
+            proc.stdin.flush()
+            runs[name].append(json.loads(proc.stdout.readline()))
+    for proc in procs.values():
+        proc.stdin.close()
+        proc.wait()
+    load_after = os.getloadavg()[0]
+
     results = {}
-    for name in WORKERS:
-        proc = subprocess.run([sys.executable, __file__, "--worker", name, "--model", args.model,
-                               "--threads", str(args.threads), "--precision", args.precision],
-                              input=json.dumps(ids), capture_output=True, text=True, check=True)
-        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, rs in runs.items():
+        results[name] = {
+            "prefill_tok_per_s": PROMPT_TOKENS / statistics.median(r["prefill_s"] for r in rs),
+            "decode_tok_per_s": DECODE_TOKENS / statistics.median(r["decode_s"] for r in rs),
+            "prefill_s_runs": [r["prefill_s"] for r in rs],
+            "decode_s_runs": [r["decode_s"] for r in rs],
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
+            "greedy_ids": rs[0]["greedy_ids"][:DECODE_TOKENS + 1],
+        }
         print(f"{name:10s} prefill {results[name]['prefill_tok_per_s']:7.1f} tok/s   decode "
               f"{results[name]['decode_tok_per_s']:6.1f} tok/s   peak RSS "
               f"{results[name]['peak_rss_mb']:6.0f} MB", flush=True)
-    ours, theirs = results["openlpu"], results["llama.cpp"]
-    same = sum(1 for a, b in zip(ours["greedy_ids"], theirs["greedy_ids"]) if a == b)
-    first_diff = next((i for i, (a, b) in enumerate(zip(ours["greedy_ids"], theirs["greedy_ids"]))
-                       if a != b), None)
+    ours, theirs = runs["openlpu"], runs["llama.cpp"]
+    prefill_ratio = statistics.median(t["prefill_s"] / o["prefill_s"] for o, t in zip(ours, theirs))
+    decode_ratio = statistics.median(t["decode_s"] / o["decode_s"] for o, t in zip(ours, theirs))
+    a, b = results["openlpu"]["greedy_ids"], results["llama.cpp"]["greedy_ids"]
+    first_diff = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     summary = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores "
-                   f"(shared with other jobs), Linux {platform.release()}",
+                   f"(shared with other tenants), Linux {platform.release()}",
         "model": Path(args.model).name,
         "threads": args.threads,
         "openlpu_precision": args.precision,
         "prompt_tokens": PROMPT_TOKENS,
         "decode_tokens": DECODE_TOKENS,
-        "repeats_median_of": REPEATS,
-        "prefill_ratio_openlpu_over_llamacpp": ours["prefill_tok_per_s"] / theirs["prefill_tok_per_s"],
-        "decode_ratio_openlpu_over_llamacpp": ours["decode_tok_per_s"] / theirs["decode_tok_per_s"],
-        "greedy_tokens_equal_before_first_difference": first_diff if first_diff is not None else same,
+        "rounds": args.rounds,
+        "load_average_1min_before_after": [load_before, load_after],
+        "prefill_ratio_openlpu_over_llamacpp": prefill_ratio,
+        "decode_ratio_openlpu_over_llamacpp": decode_ratio,
+        "decode_ratio_per_round": [t["decode_s"] / o["decode_s"] for o, t in zip(ours, theirs)],
+        "greedy_tokens_equal_before_first_difference": first_diff,
         "results": results,
     }
-    print(f"ratios OpenLPU / llama.cpp: prefill {summary['prefill_ratio_openlpu_over_llamacpp']:.2f}"
-          f", decode {summary['decode_ratio_openlpu_over_llamacpp']:.2f}")
+    print(f"ratios OpenLPU / llama.cpp (median of {args.rounds} paired rounds): prefill {prefill_ratio:.2f}, "
+          f"decode {decode_ratio:.2f}")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "engine_vs_llamacpp.json").write_text(json.dumps(summary, indent=1) + "\n")
     (RESULTS / "engine_vs_llamacpp.md").write_text(markdown(summary))
@@ -176,8 +195,7 @@ def main() -> None:
 def markdown(s: dict) -> str:
     rows = "\n".join(
         f"| {name} | {r['prefill_tok_per_s']:.1f} | {r['decode_tok_per_s']:.1f} | "
-        f"{r['peak_rss_mb']:.0f} | {r['load_average_1min_before_after'][0]:.2f} / "
-        f"{r['load_average_1min_before_after'][1]:.2f} |"
+        f"{r['peak_rss_mb']:.0f} | {', '.join(f'{DECODE_TOKENS / x:.0f}' for x in r['decode_s_runs'])} |"
         for name, r in s["results"].items())
     return f"""# OpenLPU engine vs llama.cpp (CPU)
 
@@ -185,13 +203,14 @@ def markdown(s: dict) -> str:
 - date (UTC): {s['date_utc']}
 - machine: {s['machine']}
 - model: {s['model']}; threads: {s['threads']} each; OpenLPU precision: {s['openlpu_precision']}
-- prompt: {s['prompt_tokens']} tokens; decode: {s['decode_tokens']} greedy tokens; median of {s['repeats_median_of']} runs after a warm-up; each engine in its own process
+- prompt: {s['prompt_tokens']} tokens; decode: {s['decode_tokens']} greedy tokens; each engine in its own process, warmed up, then {s['rounds']} rounds of one run each, the two engines taking turns
+- load average (1 min) before / after: {s['load_average_1min_before_after'][0]:.2f} / {s['load_average_1min_before_after'][1]:.2f}
 
-| engine | prefill tok/s | decode tok/s | peak RSS MB | load avg before / after |
+| engine | prefill tok/s (median) | decode tok/s (median) | peak RSS MB | decode tok/s per round |
 | --- | --- | --- | --- | --- |
 {rows}
 
-**OpenLPU / llama.cpp: prefill {s['prefill_ratio_openlpu_over_llamacpp']:.2f}x, decode {s['decode_ratio_openlpu_over_llamacpp']:.2f}x.**
+**OpenLPU / llama.cpp, median of the per-round ratios: prefill {s['prefill_ratio_openlpu_over_llamacpp']:.2f}x, decode {s['decode_ratio_openlpu_over_llamacpp']:.2f}x** (decode per round: {', '.join(f'{x:.2f}' for x in s['decode_ratio_per_round'])}).
 Greedy tokens equal before the first difference: {s['greedy_tokens_equal_before_first_difference']} of {s['decode_tokens'] + 1}.
 """
 

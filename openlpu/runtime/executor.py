@@ -26,6 +26,7 @@ Linear; this module only slices weights, routes values and orders the ops.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -536,18 +537,26 @@ class Executor:
             for c in t.chips:
                 values[c][ev.name] = values[t.chips[0]][src_name]
 
-    @torch.inference_mode()
     def step(self, tokens, spans: list[Span], cache: KVCache | ChipCaches | None = None,
              logit_rows=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(float32 logits [rows, vocab], the Program's greedy token per row). Default rows: the last
         of each span (the Program computes logits only there)."""
+        return self._execute(tokens, spans, cache, logit_rows, want_token=True)
+
+    def forward(self, tokens, spans: list[Span], cache=None, logit_rows=None) -> torch.Tensor:
+        """Model.forward's contract (float32 logits for logit_rows; default: each span's last row)."""
+        return self._execute(tokens, spans, cache, logit_rows, want_token=False)[0]
+
+    @torch.inference_mode()
+    def _execute(self, tokens, spans: list[Span], cache, logit_rows, want_token: bool):
         tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
         if not spans or sum(sp.n_tokens for sp in spans) != tokens.numel():
             raise OpenLPUError("spans must cover the tokens exactly")
-        if ((tokens < 0) | (tokens >= self.spec.vocab_size)).any():
+        lowest, highest = torch.aminmax(tokens)
+        if lowest < 0 or highest >= self.spec.vocab_size:
             raise OpenLPUError(f"token ids must be in 0..{self.spec.vocab_size - 1}")
-        ends = torch.tensor([sum(sp.n_tokens for sp in spans[:k + 1]) - 1 for k in range(len(spans))])
-        rows = ends if logit_rows is None else torch.as_tensor(logit_rows, dtype=torch.long).flatten()
+        ends = list(itertools.accumulate(sp.n_tokens for sp in spans))
+        rows = torch.as_tensor([e - 1 for e in ends] if logit_rows is None else logit_rows, dtype=torch.long).flatten()
         own_cache = cache is None
         if own_cache:  # the chips keep K/V only in their caches: give this one pass a scratch cache
             spans = [Span(k, 0, sp.n_tokens) for k, sp in enumerate(spans)]
@@ -567,7 +576,7 @@ class Executor:
         for c, chip in self.chips.items():
             chip.cache = per_chip[c]
         if self.mode == "fused":
-            logits, token = self._run_fused(tokens, spans, cache, rows)
+            logits, token = self._run_fused(tokens, spans, cache, rows, want_token)
         elif len(spans) == 1 and tokens.numel() == 1:
             logits, token = self._pass(self.decode_events, tokens, spans, rows)
         else:
@@ -578,10 +587,6 @@ class Executor:
             for sp in spans:
                 cache.lengths[sp.slot] += sp.n_tokens
         return logits, token
-
-    def forward(self, tokens, spans: list[Span], cache=None, logit_rows=None) -> torch.Tensor:
-        """Model.forward's contract (float32 logits for logit_rows; default: each span's last row)."""
-        return self.step(tokens, spans, cache, logit_rows)[0]
 
     def _prefill(self, tokens: torch.Tensor, spans: list[Span], rows: torch.Tensor):
         """One prompt, chunk by chunk as the prefill schedule runs it; chunk j follows the compiled
@@ -604,7 +609,8 @@ class Executor:
                              rows - first_row, head=last)
         return out
 
-    def _run_fused(self, tokens: torch.Tensor, spans: list[Span], cache: KVCache, rows: torch.Tensor):
+    def _run_fused(self, tokens: torch.Tensor, spans: list[Span], cache: KVCache, rows: torch.Tensor,
+                   want_token: bool):
         """The fused segments in order on one chip: model.py blocks, and any op that runs alone."""
         model, values = self.model, {}
         tokens = tokens.to(self.device)
@@ -622,10 +628,11 @@ class Executor:
                 values[sg.output] = model.embed(tokens)
             elif sg.kind == "layer":
                 values[sg.output] = model.layer(sg.layer, *args, ctx, cache)
-            else:  # the head: logits, and the Program's greedy sampler over them
+            else:  # the head's logits; its greedy sampler only when asked (the Engine samples itself)
                 values[sg.output] = model.head_logits(*args, rows.to(self.device))
-                values["sample"] = values[sg.output].max(-1)
-        return self._logits({0: values}), self._token({0: values})
+                if want_token:
+                    values["sample"] = values[sg.output].max(-1)
+        return self._logits({0: values}), self._token({0: values}) if want_token else None
 
     def _pass(self, events: list[Event], tokens: torch.Tensor, spans: list[Span], rows: torch.Tensor,
               head: bool = True):
@@ -639,8 +646,8 @@ class Executor:
     def _logits(self, values: dict[int, dict]) -> torch.Tensor:
         """The host reads each head chip's vocabulary slice, in rank order."""
         name = "final_softcap" if self.spec.final_logit_softcap else "output"
-        head_stage = self.program.decode.ops[-1].stage
-        return torch.cat([values[c][name] for c in self.stage_chips[head_stage]], -1)
+        slices = [values[c][name] for c in self.stage_chips[self.program.decode.ops[-1].stage]]
+        return slices[0] if len(slices) == 1 else torch.cat(slices, -1)
 
     def _token(self, values: dict[int, dict]) -> torch.Tensor:
         """The sampled token where the Program leaves it: sent back to the embedding stage, or reduced."""
