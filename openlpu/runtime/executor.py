@@ -1,6 +1,6 @@
 """Execute a compiled Program: real logits from the partitioned, scheduled model.
 
-Two modes over the same op kernels:
+Two modes:
 
 - "sharded": one virtual chip per Program chip. A chip holds only the weight shards the placement
   puts on it (sliced and copied at load: nothing else is reachable), runs the ops scheduled on its
@@ -9,15 +9,16 @@ Two modes over the same op kernels:
   the group's partials, a p2p send / broadcast moves an activation to the next stage). An MLP cut
   between stages runs on each part's chips on the rows they hold (ops "name@j"), and the Program's
   "ffn_sum@j" ops add the parts' partial sums. An op whose input was never produced on its chip is an
-  error naming it. Agreement with the fused mode is the
-  proof that the compiler's partition and schedule are right.
+  error naming it. Agreement with the fused mode is the proof that the compiler's partition and
+  schedule are right.
 - "fused": one chip holding whole tensors (tp=1 semantics), transfers reduced to their source op;
   the fast path the Engine and the server run, with Model.forward's signature. A fusion pass walks
   the schedule: a layer (or the head) whose ops and wiring equal what the graph lowering emits for
   it runs as one model.py block in the engine's weight format (int8 blocks, int4 head...); any
   other op runs alone, in float32, as in sharded mode. A Program with a dropped or rewired op
   therefore computes what it says (or fails naming the missing value), never the right text by
-  accident. Before running, every weight element must be placed on some chip.
+  accident. Before running, every weight element must be placed on some chip. (A Program whose
+  MLPs are cut between stages runs sharded only.)
 
 The math is model.py's (norms, rope, attention over the KV cache, the blocks) and kernels.py's
 Linear; this module only slices weights, routes values and orders the ops.

@@ -41,6 +41,15 @@ class KVCache:
         self.v = [torch.empty(shape(c), device=device, dtype=dtype) for c in self.layer_capacity]
         self.lengths = [0] * n_slots  # tokens written per slot (= next position)
         self._free = list(range(n_slots - 1, -1, -1))
+        self._views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def slot(self, layer: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One slot's keys and values for one layer, [kv heads, positions, head_dim] each: views,
+        made once (a decode step would otherwise index them out again in every layer)."""
+        views = self._views.get((layer, slot))
+        if views is None:
+            views = self._views[(layer, slot)] = (self.k[layer][slot], self.v[layer][slot])
+        return views
 
     @property
     def n_slots(self) -> int:
