@@ -621,10 +621,10 @@ class Executor:
                 alone = alone or Pass(self.inv_freq, ROPE_STYLE[self.spec.family], tokens, spans, rows)
                 self._run([sg.event], alone, {0: values})
                 continue
-            missing = [i for i in sg.inputs if i not in values]
-            if missing:
-                raise OpenLPUError(f"{sg.output} needs {missing[0]}, which no op of the Program produces")
-            args = [values[i] for i in sg.inputs]
+            try:
+                args = [values[i] for i in sg.inputs]
+            except KeyError as e:
+                raise OpenLPUError(f"{sg.output} needs {e.args[0]}, which no op of the Program produces") from None
             if sg.kind == "embed":
                 values[sg.output] = model.embed(tokens)
             elif sg.kind == "layer":
