@@ -94,16 +94,17 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [rows, in] float32 or bf16 -> [rows, out]: float32 for the float32 format, else bf16."""
         if self.fmt == "float32":
-            y = F.linear(x.float(), self.weight)
-        elif self.fmt == "bf16":
-            y = F.linear(x.to(torch.bfloat16), self.weight)
+            return F.linear(x.float(), self.weight, self.bias)
+        if x.dtype != torch.bfloat16:  # (a cast to its own dtype still costs a dispatch)
+            x = x.to(torch.bfloat16)
+        if self.fmt == "bf16":
+            y = F.linear(x, self.weight)
         elif self.fmt == "int8" and x.shape[0] >= DENSE_FROM_ROWS:
-            y = F.linear(x.to(torch.bfloat16), self.weight.to(torch.bfloat16).mul_(self.scale[:, None]))
+            y = F.linear(x, self.weight.to(torch.bfloat16).mul_(self.scale[:, None]))
         elif self.fmt == "int8":
-            y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scale)
+            y = torch._weight_int8pack_mm(x, self.weight, self.scale)
         else:
-            y = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.weight, INT4_GROUP,
-                                                  self.scale)
+            y = torch._weight_int4pack_mm_for_cpu(x, self.weight, INT4_GROUP, self.scale)
         return y if self.bias is None else y + self.bias
 
     def nbytes(self) -> int:

@@ -185,8 +185,9 @@ def attend(spec: ModelSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     layer's cache [kv heads, capacity, hd] (None: no cache). Heads are spec's (a chip's share)."""
     n = q.shape[0]
     if k_cache is not None and n == 1 and not spec.attn_logit_softcap:  # decode: views, no copies
-        k_cache[:, plan.write_at], v_cache[:, plan.write_at] = k[0], v[0]
-        keys, values = k_cache[None, :, :plan.n_keys], v_cache[None, :, :plan.n_keys]
+        k_cache.index_copy_(1, plan.write_index, k.transpose(0, 1))
+        v_cache.index_copy_(1, plan.write_index, v.transpose(0, 1))
+        keys, values = k_cache[:, :plan.n_keys].unsqueeze(0), v_cache[:, :plan.n_keys].unsqueeze(0)
         out = F.scaled_dot_product_attention(q.view(1, -1, 1, q.shape[-1]), keys, values,
                                              scale=spec.attn_scale, enable_gqa=True)
         return out.view(1, -1)
@@ -230,8 +231,14 @@ class RMSNorm:
         return cls(weight * math.sqrt(d), torch.tensor(math.sqrt(d * eps), device=weight.device))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        norm = torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), self.floor)
-        return torch.div(x, norm).mul_(self.scaled_weight)
+        return self._unit(x).mul_(self.scaled_weight)
+
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """residual + norm(x), one kernel fewer than the two apart."""
+        return torch.addcmul(residual, self._unit(x), self.scaled_weight)
+
+    def _unit(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.div(x, torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), self.floor))
 
 
 def top_candidates(logits: torch.Tensor, k: int, block: int = 128) -> torch.Tensor:
@@ -386,9 +393,9 @@ class Model:
         """Transformer block i on the flattened batch x [tokens, d_model] float32."""
         blk = self.blocks[i]
         h = self._attention(i, blk, blk.attn_norm(x), ctx, cache)
-        x = x + (h if blk.post_attention_norm is None else blk.post_attention_norm(h.float()))  # bf16 h: promoted
+        x = x + h if blk.post_attention_norm is None else blk.post_attention_norm.add_to(x, h.float())
         h = self._mlp(blk, blk.ffn_norm(x))
-        return x + (h if blk.post_ffw_norm is None else blk.post_ffw_norm(h.float()))
+        return x + h if blk.post_ffw_norm is None else blk.post_ffw_norm.add_to(x, h.float())
 
     def head_logits(self, x: torch.Tensor, logit_rows=None) -> torch.Tensor:
         """The head: float32 logits for `logit_rows` of x (default: all rows)."""
