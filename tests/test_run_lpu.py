@@ -1,5 +1,6 @@
 """`openlpu run` as an LPU run: it compiles and verifies a Program, can execute it chip by chip,
-and labels the host's measured speed apart from the LPU's simulated and the GPU's modelled one."""
+and labels the host's measured speed apart from the LPU's simulated and the GPU's modelled one;
+`openlpu serve` compiles its Program before it listens."""
 
 import subprocess
 import sys
@@ -38,3 +39,10 @@ def test_run_bad_lpu_options_are_one_line(gemma_path):
         assert result.returncode == 2, (args, result.stderr)
         assert message in result.stderr and "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_serve_bad_system_is_one_line(gemma_path):
+    """The server runs the Program compiled for --system, so an unknown system stops it at start."""
+    result = openlpu("serve", "--model", str(gemma_path), "--system", "lpu-v9", "--port", "0")
+    assert result.returncode == 2 and "lpu-v9" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
