@@ -13,7 +13,6 @@ ratios (each pair ran back to back, under the same load). Target: fused speed / 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os

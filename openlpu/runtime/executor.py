@@ -41,7 +41,7 @@ from openlpu.graph.lower import lower
 from openlpu.models.spec import ModelSpec
 from openlpu.runtime.kernels import Linear
 from openlpu.runtime.kv_cache import KVCache
-from openlpu.runtime.model import (GATE_ACTIVATIONS, ROPE_STYLE, Model, Span, apply_rope, attend,
+from openlpu.runtime.model import (GATE_ACTIVATIONS, ROPE_STYLE, Model, RMSNorm, Span, apply_rope, attend,
                                    attention_plans, rope_inverse_frequencies, rope_tables)
 
 MODES = ("sharded", "fused")
@@ -141,8 +141,8 @@ class Pass:
 
 # ---- op kernels: (chip, op name) -> fn(pass, *inputs) -----------------------------------------
 def _norm_kernel(chip: Chip, name: str, tensor: str):
-    w, eps = chip.weight(tensor, name) + chip.spec.norm_weight_offset, chip.spec.norm_eps
-    return lambda p, x: F.rms_norm(x, (x.shape[-1],), w, eps)
+    norm = RMSNorm.build(chip.weight(tensor, name) + chip.spec.norm_weight_offset, chip.spec.norm_eps)
+    return lambda p, x: norm(x)
 
 
 def _linear_kernel(chip: Chip, name: str, tensor: str):
@@ -153,9 +153,9 @@ def _linear_kernel(chip: Chip, name: str, tensor: str):
 
 
 def _head_norm_kernel(chip: Chip, name: str, tensor: str):
-    w = chip.weight(tensor, name) + chip.spec.norm_weight_offset
-    hd, eps = chip.spec.head_dim, chip.spec.norm_eps
-    return lambda p, x: (F.rms_norm(x.view(x.shape[0], -1, hd), (hd,), None, eps) * w).view(x.shape[0], -1)
+    norm = RMSNorm.build(chip.weight(tensor, name) + chip.spec.norm_weight_offset, chip.spec.norm_eps)
+    hd = chip.spec.head_dim
+    return lambda p, x: norm(x.view(x.shape[0], -1, hd)).view(x.shape[0], -1)
 
 
 def build_kernel(chip: Chip, name: str, kind: str) -> Callable:
@@ -202,9 +202,7 @@ def build_kernel(chip: Chip, name: str, kind: str) -> Callable:
         def attention(p, qk, v):
             q, k = qk
             v = v.view(v.shape[0], -1, hd)
-            cache = chip.cache
-            outs = [attend(chip.spec, q[pl.rows], k[pl.rows], v[pl.rows], pl,
-                           cache.k[layer][pl.slot], cache.v[layer][pl.slot])
+            outs = [attend(chip.spec, q[pl.rows], k[pl.rows], v[pl.rows], pl, *chip.cache.slot(layer, pl.slot))
                     for pl in p.plans(chip, layer)]
             return outs[0] if len(outs) == 1 else torch.cat(outs)
         return attention
@@ -349,8 +347,7 @@ def fuse(spec: ModelSpec, events: list[Event]) -> list[Segment]:
         found.setdefault(_group(ev.name), set()).add((ev.name, ev.op.kind, ev.inputs))
     segments, emitted = [], set()
     for ev in events:
-        group = _group(ev.name)
-        layer = int(group.split(".")[1]) if group.startswith("blk.") else -1
+        group, layer = _group(ev.name), _layer(ev.name)
         if found[group] != expected.get(group):
             segments.append(Segment("op", layer, ev.inputs, ev.name, ev))
             continue
@@ -414,15 +411,14 @@ class Executor:
                 # a copy, so the chip cannot reach the rest of the tensor through a view
                 local[sh.tensor] = (sh.axis, sh.start, sh.stop,
                                     weights[sh.tensor].float().narrow(sh.axis, sh.start, sh.stop - sh.start).clone())
-        self.layers_of = {c: {i for s in stages if c in self.stage_chips[s.index] for i in s.attention_layers}
-                          for c in self.chips}
         self.decode_events = self._events(program.decode)
         self.kernels: dict[tuple[int, str], Callable] = {}
-        if mode == "fused":
-            self.chips[0].set_heads(spec.n_heads, spec.n_kv_heads)
+        if mode == "fused":  # chip 0 keeps the full spec: it holds every head
             self.segments = fuse(spec, self.decode_events)
             self._build_kernels([sg.event for sg in self.segments if sg.kind == "op"])
             return
+        self.layers_of = {c: {i for s in stages if c in self.stage_chips[s.index] for i in s.attention_layers}
+                          for c in self.chips}
         for chip in self.chips.values():
             self._set_heads(chip)
         self.prefill_chunks, self.head_events = self._prefill_templates(program.prefill)

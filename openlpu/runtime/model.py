@@ -130,7 +130,6 @@ class AttentionPlan:
     n_keys: int  # cache entries attended (write_first) or old entries kept before the new ones
     write_index: torch.Tensor | None  # cache indices receiving the last len() new tokens
     mask: torch.Tensor | None  # bool [n, keys]; None: every key visible
-    write_at: int = 0  # cache index of the span's last new token (one-token spans write only it)
 
 
 def attention_plans(spans: list[Span], lengths: list[int] | None, capacity: int, window: int | None,
@@ -171,8 +170,7 @@ def attention_plans(spans: list[Span], lengths: list[int] | None, capacity: int,
             if window is not None:
                 visible &= q_pos[:, None] - k_pos < window
             mask = None if bool(visible.all()) else visible
-        plans.append(AttentionPlan(slice(row, row + n), sp.slot, write_first, n_keys, write_index, mask,
-                                   (start + n - 1) % capacity))
+        plans.append(AttentionPlan(slice(row, row + n), sp.slot, write_first, n_keys, write_index, mask))
         row += n
     return plans
 
