@@ -222,3 +222,21 @@ def test_gguf_metadata_compiles_like_the_preset(gemma_path):
     from_preset = compile_program(load_preset("gemma-3-270m"), SYSTEM, SMALL, chips=8)
     assert from_gguf.placement == from_preset.placement
     assert from_gguf.decode.makespan_cycles == from_preset.decode.makespan_cycles
+
+
+def test_moe_down_all_reduce_carries_one_combined_vector_per_token():
+    """The k expert outputs of a token are weighted and summed on the chip before the TP all-reduce,
+    so it carries tokens x d_model activations (int8: one byte each), not tokens x top-k x d_model."""
+    spec = load_preset("mixtral-8x7b")
+    w = Workload(context_length=4096, prompt_len=300, prefill_chunk=128)  # chunks of 128, 128, 44 tokens
+    p = compile_program(spec, SYSTEM, w)
+    assert p.placement.tp > 1 and spec.n_experts_per_token == 2
+    chunk_tokens = {f"c{c}": min(128, 300 - 128 * c) for c in range(3)}
+    checked = 0
+    for phase in (p.decode, p.prefill):
+        for t in phase.transfers:
+            if t.name.split("/")[-1].endswith("ffn_down_exps.allreduce"):
+                tokens = 1 if phase.phase == "decode" else chunk_tokens[t.name.split("/")[0]]
+                assert t.payload_bytes == tokens * spec.d_model * 1, t.name
+                checked += 1
+    assert checked == spec.n_layers * (1 + 3)

@@ -81,11 +81,14 @@ class _Builder:
                            weight=weight, inputs=tuple(inputs)))
         return name
 
-    def matmul(self, name, layer, m, n, k, weight, inputs, kind="matmul", weight_rows=None, extra_weight=0):
-        """y = x W^T for M tokens; reads weight_rows (default n) rows of K plus extra_weight elements."""
+    def matmul(self, name, layer, m, n, k, weight, inputs, kind="matmul", weight_rows=None, extra_weight=0,
+               act_out=None):
+        """y = x W^T for M tokens; reads weight_rows (default n) rows of K plus extra_weight elements and
+        writes act_out elements (default M x N)."""
         rows = n if weight_rows is None else weight_rows
         return self.add(name, kind, layer, "matrix", (m, n, k), 2 * m * n * k, weight=weight,
-                        weight_elems=rows * k + extra_weight, act_in=m * k, act_out=m * n, inputs=inputs)
+                        weight_elems=rows * k + extra_weight, act_in=m * k,
+                        act_out=m * n if act_out is None else act_out, inputs=inputs)
 
     def vector(self, name, kind, layer, elems, flops_per_elem, inputs, weight=None, weight_elems=0, reads=1):
         return self.add(name, kind, layer, "vector", (elems,), elems * flops_per_elem, weight=weight,
@@ -140,8 +143,10 @@ def _mlp_block(b: _Builder, spec: ModelSpec, i: int, x: str, m: int) -> str:
         up = b.matmul(p + "ffn_up_exps", i, m * k, ff, d, p + "ffn_up_exps.weight", (norm, router),
                       weight_rows=rows)
         act = b.vector(p + "ffn_act", "activation", i, m * k * ff, GATED_ACT_FLOPS_PER_ELEMENT, (gate, up), reads=2)
+        # each token's k expert outputs are weighted and summed as they leave the matrix unit, so the
+        # result (and the TP all-reduce after it) is one d-vector per token, not k
         down = b.matmul(p + "ffn_down_exps", i, m * k, d, ff, p + "ffn_down_exps.weight", (act,),
-                        weight_rows=rows * d / ff)
+                        weight_rows=rows * d / ff, act_out=m * d)
     else:
         gate = b.matmul(p + "ffn_gate", i, m, ff, d, p + "ffn_gate.weight", (norm,))
         up = b.matmul(p + "ffn_up", i, m, ff, d, p + "ffn_up.weight", (norm,))
