@@ -240,7 +240,7 @@ def llama8b_packing(system) -> dict:
     layers = [half_index(i, part, n) for i in (1, 2) for part in ("attn", "ffn")]
     two = sum(tp2.weights[h] + tp2.kv[h] for h in layers) + max(tp2.activations[h] for h in layers)
     head = half_index(n, "head", n)
-    return {"fewest": fewest_chips(spec, system, w), "two_layers_tp2_mb": two / 1e6,
+    return {"fewest": fewest_chips(spec, system, w)[:2], "two_layers_tp2_mb": two / 1e6,
             "head_tp4_mb": (tp4.weights[head] + tp4.activations[head]) / 1e6,
             "capacity_mb": system.chip.sram_bytes / 1e6, "weights_gb": spec.param_count() / 1e9}
 

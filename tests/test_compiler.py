@@ -85,9 +85,16 @@ def test_tp_groups_stay_inside_a_node_and_sizes_respect_sram(llama70):
     assert weights <= llama70.chips * SYSTEM.chip.sram_bytes
 
 
-def test_large_layers_span_nodes_of_one_rack():
-    spec = load_preset("llama-3.1-405b")  # one int8 layer (~3.2 GB) cannot fit on 8 chips of 230 MB
-    program = compile_program(spec, SYSTEM, Workload(context_length=2048, prompt_len=128))
+def test_attention_too_large_for_a_node_spans_nodes_of_one_rack():
+    """MLPs, embedding and head can be cut to fit a node's TP group, attention halves cannot: 405B with
+    5 users of 128k context needs more than a chip at TP 8 for one attention half (int8)."""
+    spec = load_preset("llama-3.1-405b")
+    w = Workload(context_length=131072, users=5, prompt_len=128)
+    d, t = spec.d_model, SYSTEM.node.chips
+    weights = (2 * spec.q_dim * d + 2 * spec.kv_dim * d) / t
+    kv = w.users * w.context_length * 2 * spec.head_dim * max(1, spec.n_kv_heads // t)
+    assert weights + kv > SYSTEM.chip.sram_bytes
+    program = compile_program(spec, SYSTEM, w)
     assert program.placement.tp > SYSTEM.node.chips
     for stage in program.placement.stages:
         assert len({SYSTEM.rack_of(c) for c in stage.chips}) == 1

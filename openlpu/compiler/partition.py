@@ -3,22 +3,30 @@
 A model is a chain of pieces: the embedding, each layer's attention half and MLP half, the head
 (final norm + lm_head). Pipeline stages take contiguous runs of pieces, so a stage boundary may fall
 inside a layer, between its attention and its MLP (one residual vector crosses it, as between two
-layers). When more stages are asked for than there are halves, every MLP is cut along d_ff into k
-equal slices on consecutive stages: each slice computes its rows' share of the down projection and
-the partial sums travel down the pipeline to the last slice, which adds the residual. Each slice
-recomputes the MLP norm (and the MoE router) from replicated copies; an MoE slice holds its d_ff rows
-of every expert, which costs the same as whole experts per stage because the static schedule installs
-all experts anyway. No cut leaves a chip less than one weight tile of the matrix unit (320 rows on
-GroqChip 1) of a slice.
+layers). When more stages are asked for than there are halves, or an MLP does not fit a stage whole,
+every MLP is cut along d_ff into k equal slices on consecutive stages: each slice computes its rows'
+share of the down projection and the partial sums travel down the pipeline to the last slice, which
+adds the residual. Each slice recomputes the MLP norm (and the MoE router) from replicated copies; an
+MoE slice holds its d_ff rows of every expert, which costs the same as whole experts per stage because
+the static schedule installs all experts anyway. No cut leaves a chip less than one weight tile of the
+matrix unit (320 rows on GroqChip 1) of a slice.
+
+An embedding table or lm_head too large for one stage is split the same way along the vocabulary,
+into the fewest equal row ranges that fit: each embedding part gathers the token's row if it holds it
+(zeros otherwise) and the partial vectors are summed down the pipeline; each head part recomputes the
+final norm, computes the logits of its rows and their (value, index) maximum, and the maxima are
+combined down the pipeline, the last part holding the sampled token.
 
 Inside a stage a tensor-parallel (TP) group of t chips splits every piece: attention by heads, the
 MLP by d_ff (column split of gate/up, row split of down), the vocabulary of the embedding and lm_head
 by rows. Small vectors (norms, the MoE router) are replicated on purpose.
 
-TP degree: the fewest chips come from whole halves (never a cut MLP), at the TP degree inside a
-node that needs the fewest chips (ties to the wider); a group spans whole nodes of one rack only when
-a half cannot fit on a node. A given chip count takes the first TP degree in that order of preference
-that arranges, cutting MLPs when it needs more stages than halves.
+TP degree: the fewest chips come from whole pieces (no cut MLP, no split vocabulary), at the TP degree
+inside a node that needs the fewest chips (ties to the wider); if no such placement exists, from the
+fewest cuts that make every piece fit at a TP degree inside a node; a group spans whole nodes of one
+rack only when neither fits on a node. A given chip count takes the first TP degree in that order of
+preference that arranges, cutting MLPs when it needs more stages than pieces or a whole MLP does not
+fit, and splitting the vocabulary only when the embedding or head does not fit.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from openlpu.hardware.lpu import SystemSpec
 from openlpu.models.spec import ModelSpec
 
 EMBED = -1  # item index of the embedding; the head is item n_layers
+VOCAB_PARTS = ("embed", "head")  # pieces whose tensors split along the vocabulary when too large
 FFN_NAMES = ("ffn_", "post_ffw_norm")  # a layer's tensors and ops with these names form its MLP half
 CUT_SEPARATOR = "@"  # "blk.3.ffn_gate@2": the op of part 2 of a cut MLP (part 0 keeps the plain name)
 
@@ -81,6 +90,15 @@ def is_cut_along_ffn(tensor: str) -> bool:
     return rule is not None and rule[1] == "row" and tensor.split(".", 2)[-1].startswith("ffn_")
 
 
+def is_cut_along_vocab(tensor: str) -> bool:
+    """The embedding table or lm_head: a split embedding or head divides it by vocabulary rows."""
+    return tensor in ("token_embd.weight", "output.weight")
+
+
+def vocab_rows(tensors: dict[str, tuple[int, ...]]) -> int:
+    return tensors["token_embd.weight"][0]
+
+
 def ffn_rows(tensors: dict[str, tuple[int, ...]]) -> int:
     """d_ff, read off the shapes of the tensors a cut MLP divides."""
     return next(shape[_rule(name)[0]] for name, shape in tensors.items() if is_cut_along_ffn(name))
@@ -89,7 +107,7 @@ def ffn_rows(tensors: dict[str, tuple[int, ...]]) -> int:
 def split_ranges(spec: ModelSpec, tensor: str, shape: tuple[int, ...], t: int,
                  rows: tuple[int, int] | None = None) -> list[tuple[int, int, int, bool]]:
     """Per TP rank: (axis, start, stop, replicated). Units split as evenly as they go; `rows` limits a
-    d_ff-split tensor to the rows [start, stop) of one piece of a cut MLP."""
+    d_ff- or vocabulary-split tensor to the rows [start, stop) of one piece of a cut MLP, embedding or head."""
     rule = _rule(tensor)
     if rule is None or (t == 1 and rows is None):
         return [(0, 0, shape[0], t > 1)] * t
@@ -117,14 +135,15 @@ def tp_candidates(spec: ModelSpec, system: SystemSpec) -> list[int]:
 # ---- how each op's work divides over a TP group (by the op name's last part) ----------------
 #   col: output columns split with its weight; row: input split, partial sums all-reduced after;
 #   heads / kv_heads: attention heads split; split: elementwise on a split tensor;
-#   gather: vocabulary-split embedding rows, all-reduced after; replicated: every chip does it all.
+#   gather: vocabulary-split embedding rows, all-reduced after; argmax: the sampler's maximum over a
+#   vocabulary-split row, reduced after; replicated: every chip does it all.
 OP_SPLIT = {
     "attn_q": "col", "attn_k": "col", "attn_v": "col", "ffn_gate": "col", "ffn_up": "col",
     "ffn_gate_exps": "col", "ffn_up_exps": "col", "output": "col",
     "attn_output": "row", "ffn_down": "row", "ffn_down_exps": "row",
     "attn_q_norm": "heads", "rope": "heads", "attention": "heads", "attn_softcap": "heads",
     "attn_k_norm": "kv_heads",
-    "ffn_act": "split", "final_softcap": "split", "sample": "split",
+    "ffn_act": "split", "final_softcap": "split", "sample": "argmax",
     "token_embd": "gather",
 }
 
@@ -160,7 +179,7 @@ def op_fractions(spec: ModelSpec, op: Op, t: int, weight_fraction: float) -> tup
     f_w = weight_fraction
     compute, f_in, f_out = {
         "col": (f_w, 1.0, f_w), "row": (f_w, f_w, 1.0), "heads": (f_heads, f_heads, f_heads),
-        "kv_heads": (f_kv, f_kv, f_kv), "split": (f_heads, f_heads, f_heads),
+        "kv_heads": (f_kv, f_kv, f_kv), "split": (f_heads, f_heads, f_heads), "argmax": (f_heads, f_heads, f_heads),
         "gather": (f_heads, 1.0, 1.0), "replicated": (1.0, 1.0, 1.0)}[op_role(op)]
     return compute, f_in, f_out, f_kv
 
@@ -174,12 +193,18 @@ def weight_fraction(spec: ModelSpec, shapes: dict, tensor: str | None, t: int) -
 
 
 # ---- pieces -----------------------------------------------------------------------------------
-def pieces(spec: ModelSpec, k: int) -> tuple[tuple[int, str, int, int], ...]:
-    """The pipeline's pieces in order, each MLP cut into k slices of d_ff rows (Stage.pieces' format)."""
-    ff = spec.d_ff
+def _row_ranges(rows: int, k: int) -> list[tuple[int, int]]:
+    return [(j * rows // k, (j + 1) * rows // k) for j in range(k)]
+
+
+def pieces(spec: ModelSpec, k: int, vocab: tuple[int, int] = (1, 1)) -> tuple[tuple[int, str, int, int], ...]:
+    """The pipeline's pieces in order, each MLP cut into k slices of d_ff rows, the embedding and the
+    head into vocab[0] and vocab[1] ranges of vocabulary rows (Stage.pieces' format)."""
+    v = spec.vocab_size
     layers = [p for i in range(spec.n_layers)
-              for p in [(i, "attn", 0, 0)] + [(i, "ffn", j * ff // k, (j + 1) * ff // k) for j in range(k)]]
-    return ((EMBED, "embed", 0, 0), *layers, (spec.n_layers, "head", 0, 0))
+              for p in [(i, "attn", 0, 0)] + [(i, "ffn", lo, hi) for lo, hi in _row_ranges(spec.d_ff, k)]]
+    return (*[(EMBED, "embed", lo, hi) for lo, hi in _row_ranges(v, vocab[0])], *layers,
+            *[(spec.n_layers, "head", lo, hi) for lo, hi in _row_ranges(v, vocab[1])])
 
 
 def half_index(item: int, part: str, n_layers: int) -> int:
@@ -192,11 +217,12 @@ def half_index(item: int, part: str, n_layers: int) -> int:
 class SizeTable:
     """Per-chip bytes at one TP degree, by half (half_index), with what cutting an MLP needs."""
     t: int
-    weights: tuple[float, ...]  # MLP halves: only their uncut tensors (norm, router)
+    weights: tuple[float, ...]  # MLP halves, embedding, head: only their uncut tensors (norm, router)
     ffn_row_bytes: tuple[float, ...]  # per layer: bytes of one d_ff row over its cut tensors
+    vocab_row_bytes: tuple[float, float]  # bytes of one vocabulary row of the embedding, of the head
     kv: tuple[int, ...]
     activations: tuple[int, ...]
-    cut_activation_bytes: int  # a cut MLP's slice also holds the partial sum it receives and the one it makes
+    cut_activation_bytes: int  # a cut MLP's slice (an embedding part) also holds the partial sum it receives and the one it makes
     tied_table: int  # per-chip bytes of a tied embedding table, counted in both embedding and head
 
 
@@ -258,18 +284,22 @@ def size_table(spec: ModelSpec, workload: Workload, t: int, passes: list[list[Op
     kb = as_precision(workload.kv).bytes_per_element
     n = spec.n_layers
     weights, rows, tied_table = [0.0] * (2 * n + 2), [0.0] * n, 0.0
+    vocab_row = {"embed": 0.0, "head": 0.0}
     for name, shape in spec.tensor_shapes().items():
         item, part = tensor_piece(name, n)
         if is_cut_along_ffn(name):
             axis = _rule(name)[0]
             rows[item] += math.prod(shape) // shape[axis] * wb
             continue
+        if is_cut_along_vocab(name):
+            vocab_row[part] += shape[1] * wb
+            if spec.tie_embeddings:  # the head reads it too (shared only when on the same stage)
+                vocab_row["head"] += shape[1] * wb
+                tied_table = -(-shape[0] // t) * shape[1] * wb
+            continue
         largest = max((stop - start) * math.prod(shape) // shape[axis]
                       for axis, start, stop, _ in split_ranges(spec, name, shape, t))
         weights[half_index(item, part, n)] += largest * wb
-        if name == "token_embd.weight" and spec.tie_embeddings:
-            weights[-1] += largest * wb  # the head reads it too (shared only when on the same stage)
-            tied_table = largest * wb
     kv = [0] * (2 * n + 2)
     for i in range(n):
         tokens = min(workload.context_length, spec.layer_window(i) or workload.context_length)
@@ -279,22 +309,26 @@ def size_table(spec: ModelSpec, workload: Workload, t: int, passes: list[list[Op
     acts = activation_peaks(spec, passes, t)
     tokens = max(1, min(workload.prompt_len, workload.prefill_chunk))
     cut = 2 * tokens * spec.d_model * as_precision(workload.activations).bytes_per_element
-    return SizeTable(t, tuple(weights), tuple(rows), tuple(kv), tuple(math.ceil(a) for a in acts),
-                     math.ceil(cut), math.ceil(tied_table))
+    return SizeTable(t, tuple(weights), tuple(rows), (vocab_row["embed"], vocab_row["head"]), tuple(kv),
+                     tuple(math.ceil(a) for a in acts), math.ceil(cut), math.ceil(tied_table))
 
 
-def piece_sizes(spec: ModelSpec, table: SizeTable, k: int = 1) -> PieceSizes:
-    """Per-chip bytes of each piece, every MLP cut into k slices."""
-    n, out = spec.n_layers, pieces(spec, k)
+def piece_sizes(spec: ModelSpec, table: SizeTable, k: int = 1, vocab: tuple[int, int] = (1, 1)) -> PieceSizes:
+    """Per-chip bytes of each piece, every MLP cut into k slices, the embedding and head into vocab parts."""
+    n, out = spec.n_layers, pieces(spec, k, vocab)
     weights, kv, acts = [], [], []
     for item, part, lo, hi in out:
         h = half_index(item, part, n)
         w = table.weights[h]
-        if part == "ffn":  # its rows split over the group as split_ranges does: at most ceil(rows / t) each
+        # rows split over the group as split_ranges does: at most ceil(rows / t) per chip
+        if part == "ffn":
             w += -(-(hi - lo) // table.t) * table.ffn_row_bytes[item]
+        elif part in VOCAB_PARTS:
+            w += -(-(hi - lo) // table.t) * table.vocab_row_bytes[VOCAB_PARTS.index(part)]
         weights.append(math.ceil(w))
         kv.append(table.kv[h])
-        acts.append(table.activations[h] + (table.cut_activation_bytes if part == "ffn" and k > 1 else 0))
+        summed = (part == "ffn" and k > 1) or (part == "embed" and vocab[0] > 1)
+        acts.append(table.activations[h] + (table.cut_activation_bytes if summed else 0))
     return PieceSizes(out, tuple(weights), tuple(kv), tuple(acts), table.tied_table)
 
 
@@ -345,29 +379,71 @@ def balanced_stages(sizes: PieceSizes, p: int, capacity: int) -> list[tuple[int,
     return stages
 
 
-def arrange(spec: ModelSpec, table: SizeTable, p: int, capacity: int,
-            tile_rows: int) -> tuple[PieceSizes, list[tuple[int, int]]] | None:
-    """p stages of the TP degree of `table`: whole halves when they suffice, else the fewest MLP slices
-    that give p pieces and fit a stage each, none leaving a chip less than one weight tile of d_ff rows."""
+def fitting_cuts(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: int,
+                 slices: int = 1) -> tuple[int, tuple[int, int]] | None:
+    """(MLP slices, (embedding parts, head parts)): at least `slices`, and the fewest with which every
+    piece fits a stage alone; None if none does (an attention half does not fit, a slice would leave a
+    chip less than one weight tile of d_ff rows, or a piece does not fit however finely it is cut)."""
     n, t = spec.n_layers, table.t
 
-    def slices_fit(sizes: PieceSizes) -> bool:
-        return all(stage_bytes(sizes, s, s + 1) <= capacity for s, pc in enumerate(sizes.pieces) if pc[1] == "ffn")
+    def fit(sizes: PieceSizes, part: str) -> bool:
+        return all(stage_bytes(sizes, s, s + 1) <= capacity for s, pc in enumerate(sizes.pieces) if pc[1] == part)
 
-    k = max(1, -(-(p - 2) // n) - 1)
-    sizes = piece_sizes(spec, table, k)
-    if not slices_fit(sizes):  # cut finer: the d_ff rows per chip that fit beside the slice's other bytes
-        h = [half_index(i, "ffn", n) for i in range(n)]
-        rows = min((capacity - table.weights[h[i]] - table.activations[h[i]] - table.cut_activation_bytes)
-                   // table.ffn_row_bytes[i] for i in range(n))
+    def rows_that_fit(h: int, row_bytes: float, summed: bool) -> int:
+        """Rows per chip that fit beside the piece's other bytes (and the partial sums it passes on)."""
+        room = capacity - table.weights[h] - table.kv[h] - table.activations[h]
+        return int((room - (table.cut_activation_bytes if summed else 0)) // row_bytes)
+
+    given = piece_sizes(spec, table, slices)
+    if not fit(given, "attn"):  # nothing is cut along heads beyond the TP group
+        return None
+    if not fit(given, "ffn"):
+        rows = min(rows_that_fit(half_index(i, "ffn", n), table.ffn_row_bytes[i], True) for i in range(n))
         if rows < 1:
             return None
-        k = max(k, -(-spec.d_ff // (int(rows) * t)))
-        sizes = piece_sizes(spec, table, k)
-    if (k > 1 and spec.d_ff // k // t < tile_rows) or not slices_fit(sizes):
+        slices = max(slices, -(-spec.d_ff // (rows * t)))
+    if slices > 1 and spec.d_ff // slices // t < tile_rows:
         return None
-    ranges = balanced_stages(sizes, p, capacity)
-    return None if ranges is None else (sizes, ranges)
+    vocab = []
+    for k, part in enumerate(VOCAB_PARTS):
+        if fit(given, part):
+            vocab.append(1)
+            continue
+        rows = rows_that_fit(half_index(n if part == "head" else EMBED, part, n), table.vocab_row_bytes[k],
+                             part == "embed")
+        if rows < 1:
+            return None
+        vocab.append(-(-spec.vocab_size // (rows * t)))
+    sizes = piece_sizes(spec, table, slices, tuple(vocab))
+    if not all(fit(sizes, part) for part in ("ffn", *VOCAB_PARTS)):
+        return None
+    return slices, (vocab[0], vocab[1])
+
+
+def cut_options(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: int, slices: int = 1):
+    """Piece sizes with every piece fitting a stage alone, from the fewest MLP slices (at least
+    `slices`) to the most that leave each chip a weight tile: finer slices can pack stages tighter."""
+    most = spec.d_ff // (table.t * tile_rows)
+    while (cuts := fitting_cuts(spec, table, capacity, tile_rows, slices)) is not None:
+        yield piece_sizes(spec, table, *cuts)
+        if cuts[0] >= most:
+            return
+        slices = cuts[0] + 1
+
+
+def arrange(spec: ModelSpec, table: SizeTable, p: int, capacity: int,
+            tile_rows: int) -> tuple[PieceSizes, list[tuple[int, int]]] | None:
+    """p stages of the TP degree of `table`: whole pieces when they suffice, else the fewest MLP slices
+    that give at least p pieces and arrange; the embedding and head split only if they do not fit whole."""
+    cuts = fitting_cuts(spec, table, capacity, tile_rows)
+    if cuts is None:
+        return None
+    slices = max(cuts[0], -(-(p - sum(cuts[1])) // spec.n_layers) - 1)  # at least p pieces
+    for sizes in cut_options(spec, table, capacity, tile_rows, slices):
+        ranges = balanced_stages(sizes, p, capacity)
+        if ranges is not None:
+            return sizes, ranges
+    return None
 
 
 # ---- chip numbering ---------------------------------------------------------------------------
@@ -382,40 +458,52 @@ def group_chips(system: SystemSpec, t: int, p: int) -> list[tuple[int, ...]] | N
 
 
 # ---- the placement ----------------------------------------------------------------------------
-def piece_name(piece: tuple[int, str, int, int], d_ff: int) -> str:
+def piece_name(piece: tuple[int, str, int, int], d_ff: int, vocab: int) -> str:
     item, part, lo, hi = piece
-    if part in ("embed", "head"):
-        return part
-    return f"L{item}.{part}" + (f"[{lo}:{hi}]" if part == "ffn" and (lo, hi) != (0, d_ff) else "")
+    whole = (0, vocab) if part in VOCAB_PARTS else (0, d_ff)
+    rows = f"[{lo}:{hi}]" if part != "attn" and (lo, hi) != whole else ""
+    return (part if part in VOCAB_PARTS else f"L{item}.{part}") + rows
 
 
 def _describe(spec: ModelSpec, sizes: PieceSizes, lo: int, hi: int) -> str:
-    names = [piece_name(sizes.pieces[s], spec.d_ff) for s in (lo, hi - 1)]
+    names = [piece_name(sizes.pieces[s], spec.d_ff, spec.vocab_size) for s in (lo, hi - 1)]
     return names[0] if lo == hi - 1 else f"{names[0]} to {names[1]}"
 
 
 def fewest_chips(spec: ModelSpec, system: SystemSpec, workload: Workload,
-                 passes: list[list[Op]] | None = None) -> tuple[int, int] | None:
-    """(t, p) using the fewest chips with whole halves, with TP groups inside a node whenever any such
-    placement fits; ties go to the earlier (preferred) TP degree."""
-    best = None
-    node = system.node.chips
+                 passes: list[list[Op]] | None = None) -> tuple[int, int, PieceSizes] | None:
+    """(t, p, piece sizes), preferring in turn TP groups inside a node, then spanning nodes; at each,
+    whole pieces at the TP degree that needs the fewest chips (ties to the earlier, preferred, degree),
+    else, when no whole pieces fit, cuts (cut_options) at the first TP degree where they fit, with the
+    MLP slices that need the fewest chips: the widest group needs the fewest cuts, each a pipeline hop."""
+    best, best_key = None, None
+    node, cap = system.node.chips, system.chip.sram_bytes
     passes = passes if passes is not None else lowered_passes(spec, workload)
-    for t in tp_candidates(spec, system):
+    for order, t in enumerate(tp_candidates(spec, system)):
         if best is not None and best[0] <= node < t:
             break  # a node-local placement exists: never span nodes for a few chips less
-        g = greedy_stages(piece_sizes(spec, size_table(spec, workload, t, passes)), system.chip.sram_bytes)
-        if g is None or group_chips(system, t, len(g)) is None:
+        table = size_table(spec, workload, t, passes)
+        cuts = fitting_cuts(spec, table, cap, system.chip.matrix_tile_rows)
+        if cuts is None:
             continue
-        if best is None or t * len(g) < best[0] * best[1]:
-            best = (t, len(g))
+        whole = cuts == (1, (1, 1))
+        if not whole and best_key is not None and best_key[:2] <= (t > node, True):
+            continue  # cuts already fit at an earlier degree of this kind (or whole pieces somewhere)
+        options = [piece_sizes(spec, table)] if whole else cut_options(spec, table, cap, system.chip.matrix_tile_rows)
+        for sizes in options:
+            g = greedy_stages(sizes, cap)
+            if g is None or group_chips(system, t, len(g)) is None:
+                continue
+            key = (t > node, not whole) + ((t * len(g), order) if whole else (order, t * len(g)))
+            if best_key is None or key < best_key:
+                best, best_key = (t, len(g), sizes), key
     return best
 
 
 def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None, passes) -> OpenLPUError:
     cap = system.chip.sram_bytes
     best = fewest_chips(spec, system, workload, passes)
-    if best is None:
+    if best is None:  # the largest whole piece at the widest TP degree
         t = tp_candidates(spec, system)[-1]
         sizes = piece_sizes(spec, size_table(spec, workload, t, passes))
         worst = max(range(len(sizes.weights)), key=lambda s: stage_bytes(sizes, s, s + 1))
@@ -431,8 +519,7 @@ def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int 
     if chips is None:
         return OpenLPUError(f"{what} needs {need} chips")
     if chips < need:
-        sizes = piece_sizes(spec, size_table(spec, workload, best[0], passes))
-        held = (sum(sizes.weights) + sum(sizes.kv)) * best[0] / 1e9
+        held = (sum(best[2].weights) + sum(best[2].kv)) * best[0] / 1e9
         return OpenLPUError(f"{what} does not fit on {chips} {system.name} chips of {cap / 1e6:.0f} MB SRAM "
                             f"({chips * cap / 1e9:.1f} GB for {held:.1f} GB of weights and KV cache plus activation "
                             f"buffers); it needs at least {need} chips (--chips {need})")
@@ -452,8 +539,7 @@ def partition(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: in
     if chips is None:
         best = fewest_chips(spec, system, workload, passes)
         if best is not None:
-            t, p = best
-            sizes = piece_sizes(spec, size_table(spec, workload, t, passes))
+            t, p, sizes = best
             return _place(spec, system, workload, t, sizes, balanced_stages(sizes, p, cap))
     else:
         for t in tp_candidates(spec, system):
@@ -467,10 +553,10 @@ def partition(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: in
 
 
 def _merged(run: tuple[tuple[int, str, int, int], ...]) -> tuple[tuple[int, str, int, int], ...]:
-    """A stage's pieces with adjacent slices of one MLP joined into one range."""
+    """A stage's pieces with adjacent row ranges of one MLP, embedding or head joined into one range."""
     out: list[tuple[int, str, int, int]] = []
     for piece in run:
-        if out and piece[1] == "ffn" and out[-1][:2] == piece[:2] and out[-1][3] == piece[2]:
+        if out and piece[1] != "attn" and out[-1][:2] == piece[:2] and out[-1][3] == piece[2]:
             out[-1] = (*piece[:2], out[-1][2], piece[3])
         else:
             out.append(piece)
@@ -478,7 +564,8 @@ def _merged(run: tuple[tuple[int, str, int, int], ...]) -> tuple[tuple[int, str,
 
 
 def piece_homes(placement: Placement) -> dict[tuple[int, str], list[tuple[int, int, int]]]:
-    """(item, part) -> [(stage, start, stop)] in pipeline order: one entry, or the parts of a cut MLP."""
+    """(item, part) -> [(stage, start, stop)] in pipeline order: one entry, or the parts of a cut MLP,
+    embedding or head."""
     homes: dict[tuple[int, str], list[tuple[int, int, int]]] = {}
     for s in placement.stages:
         for item, part, lo, hi in s.pieces:
@@ -499,16 +586,15 @@ def _place(spec: ModelSpec, system: SystemSpec, workload: Workload, t: int, size
     shards = []
     for name, shape in spec.tensor_shapes().items():
         parts = homes[tensor_piece(name, n)]
-        if is_cut_along_ffn(name):  # each part holds its rows
+        if is_cut_along_ffn(name) or is_cut_along_vocab(name):  # each part holds its rows
             copies = [(k, (lo, hi), False) for k, lo, hi in parts]
+            if name == "token_embd.weight" and spec.tie_embeddings and len(placement.stages) > 1:
+                # the head's copy of a tied table (its parts' rows): replicated on purpose
+                copies += [(k, (lo, hi), True) for k, lo, hi in homes[(n, "head")]]
         elif name.endswith("post_ffw_norm.weight"):  # applied once, by the last part of a cut MLP
             copies = [(parts[-1][0], None, False)]
-        else:  # every part of a cut MLP recomputes its norm and router: copies on purpose
+        else:  # every part of a cut MLP or head recomputes its norm (and router): copies on purpose
             copies = [(k, None, j > 0) for j, (k, _, _) in enumerate(parts)]
-            if name == "token_embd.weight" and spec.tie_embeddings:
-                head = homes[(n, "head")][0][0]
-                if head != parts[0][0]:
-                    copies.append((head, None, True))  # the head's copy of a tied table: replicated on purpose
         for k, rows, copy in copies:
             for chip, (axis, start, stop, rep) in zip(groups[k], split_ranges(spec, name, shape, t, rows)):
                 nbytes = math.ceil((stop - start) * math.prod(shape) // shape[axis] * wb)

@@ -21,7 +21,9 @@ from openlpu.graph.lower import as_precision
 from openlpu.hardware.lpu import ChipSpec, LinkSpec, NetworkSpec, NodeSpec, RackSpec, SystemSpec
 
 MAGIC = b"OPENLPU-PROGRAM\n"
-FORMAT_VERSION = 2  # 2: stages hold pieces (a layer may be cut between stages), not whole items
+# 2: stages hold pieces (a layer may be cut between stages); 3: embedding and head pieces hold
+# vocabulary row ranges (either may be split between stages)
+FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,8 @@ class Stage:
     chips: tuple[int, ...]  # the TP group, in rank order
     # (item, part, start, stop) in pipeline order: item -1 = embedding, a layer index, n_layers = head
     # (final norm + lm_head); part "embed" | "attn" | "ffn" | "head"; [start, stop) = the d_ff rows of
-    # an MLP piece (an MLP may be cut between consecutive stages), (0, 0) for the other parts
+    # an MLP piece or the vocabulary rows of an embedding or head piece (each may be split between
+    # consecutive stages), (0, 0) for attention
     pieces: tuple[tuple[int, str, int, int], ...]
     kv_bytes_per_chip: int
     activation_bytes_per_chip: int  # reserved for activation buffers

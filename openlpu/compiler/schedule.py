@@ -12,7 +12,10 @@ group's links; a stage passes its activations to the next stage's first chip, wh
 An MLP cut between stages runs once per part on that part's d_ff rows (ops "name@j" for part j >= 1;
 part 0 keeps the plain names): each part recomputes the norm (and router) from the residual it is
 sent, part j >= 1 adds its down projection to the running sum it receives ("ffn_sum@j"), and the last
-part applies the post-norm and the residual add.
+part applies the post-norm and the residual add. A vocabulary-split embedding runs the same way, its
+parts' gathered rows summed down the pipeline ("embed_sum@j"); each part of a split head recomputes the
+final norm, computes its rows' logits and their maximum, and part j >= 1 keeps the larger of its own
+(value, index) and the one it receives ("sample_max@j"); the last part holds the sampled token.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from openlpu.models.spec import ModelSpec
 
 TOKEN_ID_BYTES = 4  # the sampled token going back to the embedding stage
 ARGMAX_BYTES = 8  # (value, index) each chip contributes to the sampler's all-reduce
-NEEDS_ALL_REDUCE = ("row", "gather")
+NEEDS_ALL_REDUCE = ("row", "gather", "argmax")
+CHAINED = {"ffn": "ffn_sum", "embed": "embed_sum", "head": "sample_max"}  # the op combining a split piece's parts
 FLOAT_PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 
 
@@ -193,11 +197,16 @@ class _Scheduler:
         self.ops.append(ScheduledOp(op.name, op.kind, op.unit, stage, start, end, op.flops * compute,
                                     reads + writes, op.act_write_bytes * f_out, inputs))
         self.ready[op.name] = (stage, end)
-        if t > 1 and (role in NEEDS_ALL_REDUCE or op.kind == "sample"):
-            payload = ARGMAX_BYTES * op.shape[0] / self.spec.vocab_size if op.kind == "sample" else op.act_write_bytes
+        if t > 1 and role in NEEDS_ALL_REDUCE:
+            payload = result_bytes(self.spec, op)
             name = op.name + ".allreduce"
             self._send(name, "all_reduce", stage, self.placement.stages[stage].chips, payload, end, (op.name,))
             self.provider[op.name] = name
+
+
+def result_bytes(spec: ModelSpec, op: Op) -> float:
+    """What crosses a link when `op`'s result does: the sampler's (value, index) per row, else its output."""
+    return ARGMAX_BYTES * op.shape[0] / spec.vocab_size if op_role(op) == "argmax" else op.act_write_bytes
 
 
 def _prefill_chunks(spec: ModelSpec, workload: Workload) -> list[Op]:
@@ -225,42 +234,66 @@ def _scaled(op: Op, fraction: float) -> Op:
                                act_write_bytes=op.act_write_bytes * fraction)
 
 
+def _chained_name(name: str, suffix: str, j: int) -> str:
+    """'c1/blk.3.ffn_down' -> 'c1/blk.3.ffn_sum@2'; 'token_embd' -> 'embed_sum@2'."""
+    prefix, _, last = name.rpartition("/")
+    stem = last.rsplit(".", 1)[0] + "." if "." in last else ""
+    return f"{prefix}/" * bool(prefix) + f"{stem}{suffix}{CUT_SEPARATOR}{j}"
+
+
+def _combines_parts(op: Op, part: str) -> bool:
+    """The op whose per-part results are combined down the pipeline: an MLP's down projection, the
+    embedding's gather, the head's sampler."""
+    return {"ffn": op_role(op) == "row", "embed": op.kind == "embed", "head": op.kind == "sample"}.get(part, False)
+
+
 def staged_ops(spec: ModelSpec, ops: list[Op], placement: Placement) -> list[tuple[Op, int]]:
-    """Each op with the stage that runs it, the ops of a cut MLP once per part (see the module doc)."""
+    """Each op with the stage that runs it, the ops of a cut MLP, embedding or head once per part, and
+    the ops combining the parts' results (see the module doc)."""
     n, homes = spec.n_layers, piece_homes(placement)
     out: list[tuple[Op, int]] = []
-    per_part: dict[str, list[str]] = {}  # an op of a cut MLP -> its name in each part
-    total: dict[str, str] = {}  # a cut MLP's down projection -> the running sum that completes it
+    per_part: dict[str, list[str]] = {}  # an op of a split piece -> its name in each part
+    total: dict[str, str] = {}  # a combined op -> the last combining op, which completes it
     mlp_input: dict[int, Op] = {}  # per layer, its MLP norm: the shape of the partial sums
     for op in ops:
-        parts = homes[op_piece(op, n)]
+        if any(i in total for i in op.inputs):
+            op = dataclasses.replace(op, inputs=tuple(total.get(i, i) for i in op.inputs))
+        item, part = op_piece(op, n)
+        parts = homes[(item, part)]
         if len(parts) == 1:
             out.append((op, parts[0][0]))
             continue
         suffix = op_suffix(op.name)
         if suffix in ("post_ffw_norm", "ffn_residual"):  # once, on the last part, on the whole sum
-            out.append((dataclasses.replace(op, inputs=tuple(total.get(i, i) for i in op.inputs)), parts[-1][0]))
+            out.append((op, parts[-1][0]))
             continue
         if suffix == "ffn_norm":
             mlp_input[op.layer] = op
+        extent = spec.d_ff if part == "ffn" else spec.vocab_size
         names = []
         for j, (stage, lo, hi) in enumerate(parts):
             name = op.name if j == 0 else f"{op.name}{CUT_SEPARATOR}{j}"
             inputs = tuple(per_part[i][j] if i in per_part else i for i in op.inputs)
-            part_op = _scaled(op, (hi - lo) / spec.d_ff) if op_role(op) == "split" else op
+            part_op = _scaled(op, (hi - lo) / extent) if op_role(op) in ("split", "argmax") else op
             out.append((dataclasses.replace(part_op, name=name, inputs=inputs), stage))
             names.append(name)
         per_part[op.name] = names
-        if op_role(op) == "row":  # the down projection: part j >= 1 adds its partial to the running sum
-            x, running = mlp_input[op.layer], names[0]
-            for j in range(1, len(parts)):
-                name = f"{op.name.rsplit('.', 1)[0]}.ffn_sum{CUT_SEPARATOR}{j}"
-                out.append((Op(name=name, kind="residual", layer=op.layer, unit="vector", shape=x.shape,
-                               flops=x.shape[0], weight_bytes=0.0, kv_read_bytes=0.0, kv_write_bytes=0.0,
-                               act_read_bytes=2 * x.act_write_bytes, act_write_bytes=x.act_write_bytes,
-                               inputs=(running, names[j])), parts[j][0]))
-                running = name
-            total[op.name] = running
+        if not _combines_parts(op, part):
+            continue
+        # part j >= 1 combines its result with the running one it receives: a sum of partial vectors
+        # (shaped like the MLP's input, or the gathered row), or the larger (value, index) of the sampler
+        like = mlp_input[op.layer] if part == "ffn" else op
+        kind, out_bytes = ("sample", result_bytes(spec, op)) if part == "head" else ("residual", like.act_write_bytes)
+        shape = (op.shape[0] // spec.vocab_size,) if part == "head" else like.shape  # (rows,) or the vector's
+        running = names[0]
+        for j in range(1, len(parts)):
+            name = _chained_name(op.name, CHAINED[part], j)
+            out.append((Op(name=name, kind=kind, layer=op.layer, unit="vector", shape=shape,
+                           flops=math.prod(shape), weight_bytes=0.0, kv_read_bytes=0.0, kv_write_bytes=0.0,
+                           act_read_bytes=2 * out_bytes, act_write_bytes=out_bytes, inputs=(running, names[j])),
+                        parts[j][0]))
+            running = name
+        total[op.name] = running
     return out
 
 
@@ -275,15 +308,17 @@ def schedule_phase(spec: ModelSpec, system: SystemSpec, workload: Workload, plac
         seq_len, ops = workload.prompt_len, _prefill_chunks(spec, workload)
     s = _Scheduler(spec, system, workload, placement, {} if templates is None else templates)
     staged = staged_ops(spec, ops, placement)
-    payloads = {op.name: op.act_write_bytes for op, _ in staged}
+    payloads = {op.name: result_bytes(spec, op) for op, _ in staged}
     for op, stage in staged:
         s.place_op(op, stage, payloads)
     last = staged[-1][0]
-    if phase == "decode" and len(placement.stages) > 1:  # the token goes back to the embedding stage
-        first = placement.stages[piece_homes(placement)[(EMBED, "embed")][0][0]].chips[0]
+    if phase == "decode" and len(placement.stages) > 1:  # the token goes back to each embedding stage
         src_name = s.provider.get(last.name, last.name)
         src_chip = placement.stages[s.ready[src_name][0]].chips[0]
-        s._send("token_return", "p2p", 0, (src_chip, first), TOKEN_ID_BYTES, s.ready[src_name][1], (src_name,))
+        for j, (stage, _, _) in enumerate(piece_homes(placement)[(EMBED, "embed")]):
+            name = "token_return" + (f"{CUT_SEPARATOR}{j}" if j else "")
+            s._send(name, "p2p", stage, (src_chip, placement.stages[stage].chips[0]), TOKEN_ID_BYTES,
+                    s.ready[src_name][1], (src_name,))
     makespan = max([o.end_cycle for o in s.ops] + [t.arrival_cycle for t in s.transfers])
     return PhaseSchedule(phase, seq_len, 1 if phase == "decode" else seq_len, tuple(s.ops), tuple(s.transfers),
                          makespan)

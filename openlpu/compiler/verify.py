@@ -1,7 +1,9 @@
 """Invariants every Program must hold; each check reads the Program alone, never the compiler.
 
 0. structure: every chip in at most one stage, inside the system; the stages' pieces, in pipeline
-   order, hold the embedding, each layer's attention and all d_ff rows of its MLP, and the head, once;
+   order, hold all vocabulary rows of the embedding, each layer's attention and all d_ff rows of its
+   MLP, and all vocabulary rows of the head, once, each split piece's row ranges in order without a gap
+   or an overlap;
 1. no functional unit runs two ops at once;
 2. nothing starts before its inputs are on its chips (ops and transfers);
 3. SRAM in use (weights + KV + live activations) never exceeds a chip's capacity;
@@ -28,11 +30,12 @@ class Violation:
 
 
 def _pieces_in_order(program: Program) -> list[tuple[int, str, int, int]]:
-    """The stages' pieces in pipeline order, adjacent rows of one MLP joined."""
+    """The stages' pieces in pipeline order, adjacent row ranges of one MLP, embedding or head joined
+    (a gap or an overlap leaves two entries, a missing range a short one)."""
     out: list[tuple[int, str, int, int]] = []
     for stage in program.placement.stages:
         for piece in stage.pieces:
-            if out and piece[1] == "ffn" and out[-1][:2] == piece[:2] and out[-1][3] == piece[2]:
+            if out and piece[1] != "attn" and out[-1][:2] == piece[:2] and out[-1][3] == piece[2]:
                 out[-1] = (*piece[:2], out[-1][2], piece[3])
             else:
                 out.append(tuple(piece))
@@ -40,12 +43,14 @@ def _pieces_in_order(program: Program) -> list[tuple[int, str, int, int]]:
 
 
 def _model_pieces(program: Program) -> list[tuple[int, str, int, int]]:
-    """What the stages must hold, from the model's tensors: d_ff is the rows of a layer's up projection."""
+    """What the stages must hold, from the model's tensors: d_ff is the rows of a layer's up projection,
+    the vocabulary the rows of the embedding table."""
     n = sum(1 for name in program.tensors if name.endswith(".attn_norm.weight"))
     up = program.tensors.get("blk.0.ffn_up.weight")
     d_ff = up[0] if up is not None else program.tensors["blk.0.ffn_up_exps.weight"][1]
+    vocab = program.tensors["token_embd.weight"][0]
     layers = [p for i in range(n) for p in ((i, "attn", 0, 0), (i, "ffn", 0, d_ff))]
-    return [(-1, "embed", 0, 0), *layers, (n, "head", 0, 0)]
+    return [(-1, "embed", 0, vocab), *layers, (n, "head", 0, vocab)]
 
 
 def _structure(program: Program) -> list[Violation]:
