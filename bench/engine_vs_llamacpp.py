@@ -106,7 +106,12 @@ def worker(name: str, model_path: str, threads: int, precision: str) -> None:
     """Load, warm up, then one measured run per line read from stdin, each answered with a JSON line."""
     once = RUNNERS[name](model_path, threads, precision)
     once(list(range(2, 18)), 8)  # warm-up
-    print(json.dumps({"ready": True}), flush=True)
+    ready = {"ready": True}
+    if name == "openlpu":
+        from openlpu.runtime.kernels import vnni_kernels
+
+        ready["cpu_kernels"] = "OpenLPU's VNNI kernels" if vnni_kernels() else "torch's weight-only kernels"
+    print(json.dumps(ready), flush=True)
     for line in sys.stdin:
         prefill_s, decode_s, ids = once(json.loads(line), DECODE_TOKENS)
         print(json.dumps({"prefill_s": prefill_s, "decode_s": decode_s, "greedy_ids": ids,
@@ -132,12 +137,12 @@ def main() -> None:
 
     ids = prompt_ids(args.model)
     load_before = os.getloadavg()[0]
-    procs = {}
+    procs, ready = {}, {}
     for name in RUNNERS:  # loaded one after the other, so loading never overlaps a measurement
         procs[name] = subprocess.Popen([sys.executable, __file__, "--worker", name, "--model", args.model,
                                         "--threads", str(args.threads), "--precision", args.precision],
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        json.loads(procs[name].stdout.readline())
+        ready[name] = json.loads(procs[name].stdout.readline())
     runs = {name: [] for name in RUNNERS}
     for _ in range(args.rounds):
         for name, proc in procs.items():
@@ -175,6 +180,7 @@ def main() -> None:
         "model": Path(args.model).name,
         "threads": args.threads,
         "openlpu_precision": args.precision,
+        "openlpu_cpu_kernels": ready["openlpu"]["cpu_kernels"],
         "prompt_tokens": PROMPT_TOKENS,
         "decode_tokens": DECODE_TOKENS,
         "rounds": args.rounds,
@@ -202,7 +208,7 @@ def markdown(s: dict) -> str:
 - command: `{s['command']}`
 - date (UTC): {s['date_utc']}
 - machine: {s['machine']}
-- model: {s['model']}; threads: {s['threads']} each; OpenLPU precision: {s['openlpu_precision']}
+- model: {s['model']}; threads: {s['threads']} each; OpenLPU precision: {s['openlpu_precision']}, on {s['openlpu_cpu_kernels']}
 - prompt: {s['prompt_tokens']} tokens; decode: {s['decode_tokens']} greedy tokens; each engine in its own process, warmed up, then {s['rounds']} rounds of one run each, the two engines taking turns
 - load average (1 min) before / after: {s['load_average_1min_before_after'][0]:.2f} / {s['load_average_1min_before_after'][1]:.2f}
 

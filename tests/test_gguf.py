@@ -11,8 +11,8 @@ import pytest
 from gguf import GGMLQuantizationType as QType
 
 from openlpu.errors import OpenLPUError
-from openlpu.models.gguf import (load_tensor, load_weights, raw_tensor, read_header,
-                                 spec_from_gguf)
+from openlpu.models.gguf import (GROUP_CODE_TYPES, group_codes, load_tensor, load_weights, raw_tensor,
+                                 read_header, spec_from_gguf)
 from openlpu.models.spec import ModelSpec, load_preset
 
 REAL_TENSORS = ["token_embd.weight", "blk.0.attn_q.weight", "blk.0.attn_output.weight",
@@ -153,6 +153,38 @@ def test_every_tensor_type_dequantizes_like_gguf_reader(tmp_path, gemma_path, he
             np.testing.assert_allclose(ours, values, atol=0.05)
     np.testing.assert_array_equal(load_tensor(path, "w.Q4_K"),
                                   load_tensor(header, "blk.0.attn_output.weight"))
+
+
+def _from_codes(bits, codes, scale, low):
+    groups = codes.reshape(codes.shape[0], -1, 32).astype(np.float32)
+    return (groups * scale[..., None] + low[..., None]).reshape(codes.shape), bits
+
+
+@pytest.mark.parametrize("name", ["blk.0.attn_output.weight", "blk.0.attn_q.weight", "blk.3.ffn_up.weight"])
+def test_group_codes_of_real_tensors_are_the_stored_values(header, name):
+    found = group_codes(header, name)
+    values, bits = _from_codes(*found)
+    assert bits == {"Q4_K": 4, "Q5_0": 5}[header.tensors[name].ggml_type]
+    assert found[1].max() < 2 ** bits
+    np.testing.assert_array_equal(values, load_tensor(header, name))  # gguf's dequantizer
+
+
+@pytest.mark.parametrize("type_name", sorted(GROUP_CODE_TYPES))
+def test_group_codes_of_random_blocks_match_ggufs_dequantizer(type_name):
+    """Any bytes are a valid block once the fp16 fields hold finite numbers."""
+    rng = np.random.default_rng(1)
+    _, block_bytes = gguf.GGML_QUANT_SIZES[QType[type_name]]
+    blocks = rng.integers(0, 256, (64, block_bytes), dtype=np.uint8)
+    halves = 2 if type_name in ("Q4_1", "Q5_1", "Q4_K", "Q5_K") else 1  # d (and m / dmin)
+    blocks[:, :2 * halves] = rng.uniform(-0.1, 0.1, (64, halves)).astype(np.float16).view(np.uint8)
+    bits, codes, scale, low = GROUP_CODE_TYPES[type_name](blocks)
+    values, _ = _from_codes(bits, codes.reshape(64, -1), scale.reshape(64, -1), low.reshape(64, -1))
+    np.testing.assert_array_equal(values, gguf.quants.dequantize(blocks, QType[type_name]).reshape(64, -1))
+
+
+@pytest.mark.parametrize("name", ["token_embd.weight", "blk.0.ffn_down.weight", "blk.0.attn_norm.weight"])
+def test_other_types_have_no_group_codes(header, name):
+    assert group_codes(header, name) is None  # Q8_0, Q6_K, F32
 
 
 # Published configs (Hugging Face config.json of each model) written as GGUF metadata the way

@@ -10,6 +10,7 @@ import torch
 
 from openlpu.errors import OpenLPUError
 from openlpu.models.spec import ModelSpec
+from openlpu.runtime.kernels import vnni_kernels
 from openlpu.runtime.kv_cache import KVCache
 from openlpu.runtime.model import Model, Span, hf_qk_to_gguf, load_model, top_candidates
 
@@ -43,10 +44,17 @@ def test_reference_path_matches_llamacpp(reference_model, llamacpp_reference):
     assert _greedy_cached(reference_model, ref["prompt_token_ids"], 8) == ref["greedy_32_ids"][:8]
 
 
-@pytest.mark.parametrize("precision", ["int4", pytest.param("int8", marks=pytest.mark.slow)])
-def test_fast_paths_agree_with_reference(precision, gemma_path, reference_model, llamacpp_reference):
+@pytest.mark.parametrize("precision, vnni", [("int4", "1"), ("int4", "0"),
+                                             pytest.param("int8", "1", marks=pytest.mark.slow)])
+def test_fast_paths_agree_with_reference(precision, vnni, gemma_path, reference_model, llamacpp_reference,
+                                         monkeypatch):
+    """vnni "1": OpenLPU's VNNI kernels where the CPU has them (the file's own 4- and 5-bit codes);
+    "0": torch's weight-only kernels on int8 blocks."""
     ids = llamacpp_reference["prompt_token_ids"]
+    monkeypatch.setenv("OPENLPU_VNNI", vnni)
+    vnni_kernels.cache_clear()
     fast = load_model(gemma_path, precision, max_positions=256)
+    vnni_kernels.cache_clear()  # later tests see the default again
     want = reference_model.logits(ids)[-1].log_softmax(-1)
     got = fast.logits(ids)[-1].log_softmax(-1)
     top = want.topk(5).indices

@@ -348,6 +348,89 @@ def load_tensor(header_or_path: GGUFHeader | str | Path, name: str) -> np.ndarra
     return values.astype(np.float32, copy=False).reshape(header.tensors[name].shape)
 
 
+# ---- group codes ------------------------------------------------------------------------------
+# Block types whose values are code * scale + min per group of 32 inputs, with 4- or 5-bit
+# unsigned codes: the runtime's VNNI kernels multiply them as stored. Layouts as ggml defines them
+# (ggml-common.h): fp16 d (and m or dmin) first; `qs` nibbles, byte j holding inputs j and j + 16
+# of a 32-group (Q4_0/1, Q5_0/1), or inputs l and l + 32 of a 64-chunk (K types); `qh` fifth bits.
+def _fp16(blocks: np.ndarray, at: int) -> np.ndarray:
+    return blocks[:, at:at + 2].copy().view(np.float16)[:, 0].astype(np.float32)
+
+
+def _split_nibbles(qs: np.ndarray) -> np.ndarray:
+    """[B, 16] bytes -> [B, 32] codes: low nibbles first, then high."""
+    return np.concatenate([qs & 15, qs >> 4], 1)
+
+
+def _bits_little(qh: np.ndarray) -> np.ndarray:
+    """[B, n] bytes -> [B, 8n] bits, bit j of the little-endian word first."""
+    return np.unpackbits(qh, axis=1, bitorder="little")
+
+
+def _k_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K: 12 bytes -> 8 six-bit scales and 8 six-bit mins per 256-block."""
+    scale, low = np.empty((len(packed), 8), np.float32), np.empty((len(packed), 8), np.float32)
+    scale[:, :4], low[:, :4] = packed[:, 0:4] & 63, packed[:, 4:8] & 63
+    scale[:, 4:] = (packed[:, 8:12] & 15) | (packed[:, 0:4] >> 6) << 4
+    low[:, 4:] = (packed[:, 8:12] >> 4) | (packed[:, 4:8] >> 6) << 4
+    return scale, low
+
+
+def _k_codes(qs: np.ndarray, fifth: np.ndarray | None) -> np.ndarray:
+    """K types: [B, 128] nibble bytes (+ [B, 32] qh) -> [B, 256] codes in input order."""
+    chunks = qs.reshape(-1, 4, 1, 32)
+    codes = np.concatenate([chunks & 15, chunks >> 4], 2)  # [B, chunk, low or high, l]
+    if fifth is not None:  # bit 2i of qh[l] belongs to chunk i's low half, 2i + 1 to its high
+        bits = np.unpackbits(fifth[:, :, None], axis=2, bitorder="little")  # [B, l, bit]
+        codes = codes | bits.transpose(0, 2, 1).reshape(-1, 4, 2, 32) << 4
+    return codes.reshape(-1, 256)
+
+
+def _q4_0(b):
+    d = _fp16(b, 0)
+    return 4, _split_nibbles(b[:, 2:18]), d[:, None], -8 * d[:, None]
+
+
+def _q4_1(b):
+    return 4, _split_nibbles(b[:, 4:20]), _fp16(b, 0)[:, None], _fp16(b, 2)[:, None]
+
+
+def _q5_0(b):
+    d = _fp16(b, 0)
+    return 5, _split_nibbles(b[:, 6:22]) | _bits_little(b[:, 2:6]) << 4, d[:, None], -16 * d[:, None]
+
+
+def _q5_1(b):
+    return 5, _split_nibbles(b[:, 8:24]) | _bits_little(b[:, 4:8]) << 4, _fp16(b, 0)[:, None], _fp16(b, 2)[:, None]
+
+
+def _q4_k(b):
+    scale, low = _k_scales(b[:, 4:16])
+    return 4, _k_codes(b[:, 16:144], None), _fp16(b, 0)[:, None] * scale, -_fp16(b, 2)[:, None] * low
+
+
+def _q5_k(b):
+    scale, low = _k_scales(b[:, 4:16])
+    return 5, _k_codes(b[:, 48:176], b[:, 16:48]), _fp16(b, 0)[:, None] * scale, -_fp16(b, 2)[:, None] * low
+
+
+GROUP_CODE_TYPES = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q4_K": _q4_k, "Q5_K": _q5_k}
+CODE_GROUP = 32  # inputs per (scale, min)
+
+
+def group_codes(header_or_path: GGUFHeader | str | Path, name: str):
+    """(bits, uint8 codes [rows, K], float32 scale and min [rows, K/32]) with value = code * scale
+    + min, exactly the stored values; None for a type that is not group codes (Q6_K, Q8_0, F32...)."""
+    header = _header(header_or_path)
+    ggml_type, blocks = raw_tensor(header, name)
+    if ggml_type not in GROUP_CODE_TYPES:
+        return None
+    rows, k = blocks.shape[0], header.tensors[name].shape[-1]
+    _, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[ggml_type]]
+    bits, codes, scale, low = GROUP_CODE_TYPES[ggml_type](np.asarray(blocks).reshape(-1, block_bytes))
+    return bits, codes.astype(np.uint8).reshape(rows, k), scale.reshape(rows, -1), low.reshape(rows, -1)
+
+
 def load_weights(path: str | Path, spec: ModelSpec) -> dict[str, "torch.Tensor"]:
     """Every weight of `spec` as float32 torch tensors, in the spec's conventions.
 

@@ -8,11 +8,23 @@ inputs (torch._weight_int4pack_mm_for_cpu, CPU only). Both kernels read the weig
 whatever the row count, which is what a decode step wants; for many rows (a prompt) an int8
 matrix is dequantized to bf16 for that call and multiplied densely, which is 2x faster at 128 rows
 than the weight-only kernel (bench/results/engine_vs_llamacpp.md has the prefill figures).
+
+On x86 CPUs with AVX-512 VNNI, few-row products run OpenLPU's own kernels (vnni_kernels.cpp,
+compiled on first use): the activations are quantized to int8 per block of 32 inputs and
+multiplied by the int8 or 4-bit weights with integer dot-product instructions. The int4 format
+then packs its codes the way that kernel reads them (`_pack_codes`), and a GGUF file's own 4- and
+5-bit codes run as they are (GroupCodes, formats int4 and int5). OPENLPU_VNNI=0 turns
+them off.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +32,47 @@ import torch.nn.functional as F
 INT4_GROUP = 32  # inputs sharing one int4 scale/zero; GGUF's quant blocks are 32 wide too
 DENSE_FROM_ROWS = 32  # int8 with at least this many rows: dequantize, then one dense bf16 product
 PACK_CHUNK_ROWS = 16384  # quantize big matrices (the 262k-row embedding) in bounded pieces
+
+VNNI_SOURCE = Path(__file__).with_name("vnni_kernels.cpp")
+VNNI_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi", "f16c", "fma")
+VNNI_CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512vbmi",
+               "-mf16c", "-mfma"]
+VNNI_INT8_MULTIPLE, VNNI_INT4_MULTIPLE = 64, 128  # inputs per step of each kernel's inner loop
+CODE_BITS = {"int4": 4, "int5": 5}  # formats the VNNI code kernel runs
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split()}
+
+
+@functools.cache
+def vnni_kernels():
+    """The compiled VNNI kernels, or None where this CPU lacks the instructions, OPENLPU_VNNI=0,
+    or they cannot be built (then the torch kernels run, a little slower)."""
+    if os.environ.get("OPENLPU_VNNI", "1") == "0" or not set(VNNI_CPU_FLAGS) <= _cpu_flags():
+        return None
+    from torch.utils.cpp_extension import load
+
+    from openlpu.models.embedded import cache_dir
+
+    # One build per source, flags and torch version, so an upgrade never loads a stale library.
+    key = hashlib.sha256(VNNI_SOURCE.read_bytes() + " ".join(VNNI_CFLAGS).encode()
+                         + torch.__version__.encode()).hexdigest()[:16]
+    build = cache_dir() / "kernels" / key
+    if not any(build.glob("*.so")):
+        print("openlpu: compiling the CPU kernels (once, about a minute)", file=sys.stderr, flush=True)
+    build.mkdir(parents=True, exist_ok=True)
+    try:
+        return load(name="openlpu_vnni", sources=[str(VNNI_SOURCE)], extra_cflags=VNNI_CFLAGS,
+                    extra_ldflags=["-fopenmp"], build_directory=str(build))
+    except (OSError, RuntimeError, ImportError) as err:  # no compiler or headers: torch kernels still work
+        print(f"openlpu: CPU kernels unavailable ({str(err).splitlines()[0]}); using torch's",
+              file=sys.stderr)
+        return None
 
 
 def quantize_int8_rows(weight) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,24 +106,94 @@ def _pack_int4(weight) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @dataclass
+class GroupCodes:
+    """A matrix as small unsigned codes per group of 32 inputs: w = code * scale + min. GGUF's
+    Q4_0/1, Q5_0/1, Q4_K and Q5_K blocks are all this (models.gguf.group_codes reads them)."""
+
+    bits: int  # 4 or 5
+    codes: torch.Tensor  # uint8 [N, K], each < 2 ** bits
+    scale: torch.Tensor  # float32 [N, K / 32]
+    min: torch.Tensor  # float32 [N, K / 32]
+
+    @classmethod
+    def cat(cls, parts: list[GroupCodes]) -> GroupCodes:
+        """Rows of several matrices, one after another (4-bit codes are 5-bit codes too)."""
+        return cls(max(p.bits for p in parts), *(torch.cat([getattr(p, f) for p in parts])
+                                                  for f in ("codes", "scale", "min")))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.codes.shape
+        groups = self.codes.view(n, -1, INT4_GROUP).float()
+        return (groups * self.scale[..., None] + self.min[..., None]).view(n, k)
+
+
+def _pack_codes(codes: GroupCodes) -> torch.Tensor:
+    """Group codes -> one uint8 row per output in the layout vnni_kernels.cpp reads: the low 4
+    bits as nibbles, the fifth bits (5-bit codes) as masks, then fp16 scales and mins."""
+    n, k = codes.shape
+    half = INT4_GROUP // 2
+    g = codes.codes.view(n, k // INT4_GROUP, 2, half)  # [rows, group, first or last 16, input]
+    parts = [((g[:, :, 0] & 15) | (g[:, :, 1] & 15) << 4).reshape(n, k // 2)]
+    if codes.bits == 5:  # per 128 inputs, a 64-bit mask of the 4 groups' first 16, then last 16
+        fifth = (g >> 4 & 1).view(n, k // 128, 4, 2, half).transpose(2, 3).reshape(n, -1, 8)
+        parts.append((fifth << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8))
+    parts += [codes.scale.half().view(torch.uint8), codes.min.half().view(torch.uint8)]
+    return torch.cat(parts, 1)
+
+
+def _group_codes_4bit(weight) -> GroupCodes:
+    """Round float rows to 4-bit codes, each group spanning its own min..max."""
+    n, k = weight.shape
+    g = weight.float().reshape(n, k // INT4_GROUP, INT4_GROUP)
+    lo = g.amin(-1).half().float()  # round scale and min as the kernel will store them
+    s = ((g.amax(-1) - lo) / 15).clamp_min(1e-7).half().float()
+    codes = torch.round((g - lo[..., None]) / s[..., None]).clamp_(0, 15).to(torch.uint8)
+    return GroupCodes(4, codes.view(n, k), s, lo)
+
+
+def _codes_4bit_chunked(weight) -> torch.Tensor:
+    """Float rows -> _pack_codes rows of 4-bit codes, rounded a bounded number of rows at a time."""
+    n, k = weight.shape
+    rows = torch.empty((n, k // 2 + k // 8), dtype=torch.uint8)
+    for r in range(0, n, PACK_CHUNK_ROWS):
+        rows[r:r + PACK_CHUNK_ROWS] = _pack_codes(_group_codes_4bit(weight[r:r + PACK_CHUNK_ROWS]))
+    return rows
+
+
+@dataclass
 class Linear:
-    """y = x @ W.T (+ bias), W stored in `fmt`."""
+    """y = x @ W.T (+ bias), W stored in `fmt`: float32, bf16, int8 (per-row scale), int4 or
+    int5 (codes per group of 32, the latter only on the VNNI kernels)."""
 
     fmt: str
-    weight: torch.Tensor  # float32 / bf16 matrix, int8 rows, or packed int4
-    scale: torch.Tensor | None = None  # int8: bf16 per row; int4: bf16 scale/zero per group
+    weight: torch.Tensor  # float32 / bf16 matrix, int8 rows, packed 4-bit (torch) or _pack_codes rows
+    scale: torch.Tensor | None = None  # int8: bf16 per row; torch's int4: scale and zero per group
     bias: torch.Tensor | None = None  # float32
+    vnni: object | None = None  # the compiled VNNI kernels, when this matrix runs on them
 
     @classmethod
     def build(cls, weight, fmt: str, bias: torch.Tensor | None = None,
-              device: torch.device | str | None = None) -> "Linear":
-        """`weight`: a float tensor, or anything with .shape and float rows by slice (quantized
-        in chunks of rows, so a huge matrix never exists in float32 all at once)."""
+              device: torch.device | str | None = None) -> Linear:
+        """`weight`: a float tensor, anything with .shape and float rows by slice (quantized in
+        chunks of rows, so a huge matrix never exists in float32 all at once), or GroupCodes
+        with fmt "codes" (run as they are where the VNNI kernels can, else as int8)."""
         device = torch.device(device or (weight.device if isinstance(weight, torch.Tensor) else "cpu"))
-        if device.type != "cpu" and fmt in ("int8", "int4"):
+        if device.type != "cpu" and fmt in ("int8", "int4", "codes"):
             fmt = "bf16"  # the weight-only int kernels used here are CPU kernels
-        if fmt == "int4" and weight.shape[1] % INT4_GROUP:
+        k = weight.shape[1]
+        if fmt == "int4" and k % INT4_GROUP:
             fmt = "int8"  # the int4 kernel needs whole groups
+        if fmt == "codes" and not (isinstance(weight, GroupCodes) and k % VNNI_INT4_MULTIPLE == 0
+                                   and vnni_kernels()):
+            fmt = "int8"  # codes run only on the VNNI kernels
+        if isinstance(weight, GroupCodes) and fmt != "codes":
+            weight = weight.dequantize()
+        multiple = {"int8": VNNI_INT8_MULTIPLE, "int4": VNNI_INT4_MULTIPLE, "codes": VNNI_INT4_MULTIPLE}.get(fmt)
+        vnni = vnni_kernels() if multiple and k % multiple == 0 else None
         if fmt in ("float32", "bf16") and not isinstance(weight, torch.Tensor):
             weight = weight[0:weight.shape[0]]  # a lazy row source (model.GGUFRows): read it all
         if fmt == "float32":
@@ -79,26 +202,38 @@ class Linear:
             built = cls(fmt, weight.to(torch.bfloat16).contiguous(), bias=bias)
         elif fmt == "int8":
             q, s = quantize_int8_rows(weight)
-            built = cls(fmt, q, s.to(torch.bfloat16), bias=bias)
+            built = cls(fmt, q, s.to(torch.bfloat16), bias, vnni)
+        elif fmt == "int4" and vnni:
+            built = cls(fmt, _codes_4bit_chunked(weight), None, bias, vnni)
         elif fmt == "int4":
-            packed, scale_zero = _pack_int4(weight)
-            built = cls(fmt, packed, scale_zero, bias=bias)
+            built = cls(fmt, *_pack_int4(weight), bias)
+        elif fmt == "codes":
+            built = cls(f"int{weight.bits}", _pack_codes(weight), None, bias, vnni)
         else:
             raise ValueError(f"unknown weight format {fmt!r}")
         return built.to(device)
 
-    def to(self, device) -> "Linear":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Linear(self.fmt, move(self.weight), move(self.scale), move(self.bias))
+    def to(self, device) -> Linear:
+        move = lambda t: None if t is None else t.to(device)
+        return Linear(self.fmt, move(self.weight), move(self.scale), move(self.bias), self.vnni)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [rows, in] float32 or bf16 -> [rows, out]: float32 for the float32 format, else bf16."""
+        """x [rows, in] float32 or bf16 -> [rows, out]: float32 for the float32 format and from the
+        VNNI kernels, else bf16."""
         if self.fmt == "float32":
             return F.linear(x.float(), self.weight, self.bias)
+        if self.vnni is not None and x.shape[0] < DENSE_FROM_ROWS:
+            if self.fmt == "int8":
+                y = self.vnni.int8_linear(x.contiguous(), self.weight, self.scale)
+            else:
+                y = self.vnni.code_linear(x.contiguous(), self.weight, CODE_BITS[self.fmt])
+            return y if self.bias is None else y + self.bias
         if x.dtype != torch.bfloat16:  # (a cast to its own dtype still costs a dispatch)
             x = x.to(torch.bfloat16)
         if self.fmt == "bf16":
             y = F.linear(x, self.weight)
+        elif self.fmt in CODE_BITS and self.vnni is not None:
+            y = F.linear(x, self.vnni.code_dequantize(self.weight, CODE_BITS[self.fmt], x.shape[1]))
         elif self.fmt == "int8" and x.shape[0] >= DENSE_FROM_ROWS:
             y = F.linear(x, self.weight.to(torch.bfloat16).mul_(self.scale[:, None]))
         elif self.fmt == "int8":

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from openlpu.errors import OpenLPUError
 from openlpu.models.spec import ModelSpec
-from openlpu.runtime.kernels import Linear
+from openlpu.runtime.kernels import GroupCodes, Linear
 from openlpu.runtime.kv_cache import KVCache, ring_positions
 
 # How rope pairs the features of a head: "neox" rotates x[i] with x[i + head_dim/2];
@@ -51,7 +51,9 @@ PRECISIONS = {
     "float32": ("float32", "float32"),
     "bf16": ("bf16", "bf16"),
     "int8": ("int8", "int8"),
-    "int4": ("int8", "int4"),  # 4-bit head: the 262k-row head is most of the bytes per token
+    # The file's own 4- and 5-bit codes (int8 for other types), and a 4-bit head: the 262k-row
+    # head is most of the bytes per token.
+    "int4": ("codes", "int4"),
 }
 RESCORE_CANDIDATES = 64  # low-bit head: top logits recomputed in float32 (see Model.forward)
 
@@ -298,9 +300,16 @@ class Model:
         def norm(name: str) -> RMSNorm:
             return RMSNorm.build(w(name) + s.norm_weight_offset, s.norm_eps)
 
+        codes_of = getattr(weights, "codes", lambda name: None)
+
         def linear(names: list[str], fmt: str = block_fmt) -> Linear:
             bias = torch.cat([w(n.replace(".weight", ".bias")) for n in names]) \
                 if s.qkv_bias and "attn_q.weight" in names[0] else None
+            if fmt == "codes":
+                parts = [codes_of(n) for n in names]
+                if all(parts):
+                    return Linear.build(GroupCodes.cat(parts), fmt, bias, dev)
+                fmt = "int8"  # some part is not stored as group codes
             return Linear.build(torch.cat([w(n) for n in names]), fmt, bias)
 
         self.blocks: list[_Block] = []
@@ -312,8 +321,9 @@ class Model:
             experts = None
             if s.is_moe:
                 gates, ups, downs = (w(b + f"ffn_{p}_exps.weight") for p in ("gate", "up", "down"))
-                experts = [(Linear.build(torch.cat([gates[e], ups[e]]), block_fmt),
-                            Linear.build(downs[e], block_fmt)) for e in range(s.n_experts)]
+                expert_fmt = "int8" if block_fmt == "codes" else block_fmt  # experts come as floats
+                experts = [(Linear.build(torch.cat([gates[e], ups[e]]), expert_fmt),
+                            Linear.build(downs[e], expert_fmt)) for e in range(s.n_experts)]
             self.blocks.append(_Block(
                 attn_norm=norm(b + "attn_norm.weight"),
                 qkv=linear([b + "attn_q.weight", b + "attn_k.weight", b + "attn_v.weight"]),
@@ -513,6 +523,12 @@ class GGUFWeights(Mapping):
     def rows(self, name: str) -> GGUFRows:
         self._check(name)
         return GGUFRows(self.header, name)
+
+    def codes(self, name: str) -> GroupCodes | None:
+        """The tensor's stored 4- or 5-bit codes, or None if its type is not group codes."""
+        self._check(name)
+        found = self._gguf.group_codes(self.header, name)
+        return None if found is None else GroupCodes(found[0], *map(torch.from_numpy, found[1:]))
 
     def __iter__(self):
         return iter(self.shapes)

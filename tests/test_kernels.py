@@ -1,0 +1,93 @@
+"""The VNNI kernels (runtime/vnni_kernels.cpp) against float64 products of the weights they
+hold, and the torch kernels they replace where they cannot run."""
+
+import pytest
+import torch
+
+from openlpu.runtime import kernels
+from openlpu.runtime.kernels import GroupCodes, Linear, vnni_kernels
+
+needs_vnni = pytest.mark.skipif(vnni_kernels() is None, reason="this CPU or build has no VNNI kernels")
+KERNEL_REL_ERROR = 1e-3  # activations carry int8 + an int8 residual: ~2.5e-4 relative measured
+BF16_REL_ERROR = 1e-2  # many-row products run densely in bf16
+
+
+def random_codes(bits: int, rows: int, inputs: int, seed: int = 0) -> GroupCodes:
+    """Scales and mins that fp16 holds exactly, as GGUF's do (the kernels store them in fp16)."""
+    g = torch.Generator().manual_seed(seed)
+    return GroupCodes(bits, torch.randint(0, 2 ** bits, (rows, inputs), dtype=torch.uint8, generator=g),
+                      (torch.rand(rows, inputs // 32, generator=g) * 0.01).half().float(),
+                      ((torch.rand(rows, inputs // 32, generator=g) - 0.5) * 0.1).half().float())
+
+
+def relative_error(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> float:
+    want = x.double() @ weight.double().T
+    return float((got.double() - want).norm() / want.norm())
+
+
+@needs_vnni
+@pytest.mark.parametrize("bits", [4, 5])
+@pytest.mark.parametrize("rows", [1, 3, 40])  # 40: the dense path for prompts
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_code_products_equal_the_dequantized_product(bits, rows, dtype):
+    codes = random_codes(bits, 301, 640)  # 301 outputs: 75 groups of 4 and one left over
+    linear = Linear.build(codes, "codes")
+    assert linear.fmt == f"int{bits}" and linear.vnni is not None
+    x = torch.randn(rows, 640).to(dtype)
+    limit = KERNEL_REL_ERROR if rows < kernels.DENSE_FROM_ROWS else BF16_REL_ERROR
+    assert relative_error(linear(x), x, codes.dequantize()) < limit
+
+
+@needs_vnni
+@pytest.mark.parametrize("bits", [4, 5])
+def test_code_dequantize_is_exact_to_bf16_rounding(bits):
+    codes = random_codes(bits, 64, 1024, seed=bits)
+    linear = Linear.build(codes, "codes")
+    dense = linear.vnni.code_dequantize(linear.weight, bits, 1024)
+    torch.testing.assert_close(dense.float(), codes.dequantize(), rtol=2 ** -8, atol=1e-7)
+
+
+@needs_vnni
+@pytest.mark.parametrize("rows", [1, 5])
+def test_int8_products_equal_the_dequantized_product(rows):
+    weight = torch.randn(203, 2048)
+    linear = Linear.build(weight, "int8")
+    assert linear.vnni is not None
+    x = torch.randn(rows, 2048) * torch.rand(2048) * 10  # uneven magnitudes across blocks
+    dequantized = linear.weight.float() * linear.scale.float()[:, None]
+    assert relative_error(linear(x), x, dequantized) < KERNEL_REL_ERROR
+
+
+@needs_vnni
+def test_int4_head_rounds_each_group_within_half_a_step():
+    weight = torch.randn(500, 640) * 0.05
+    linear = Linear.build(weight, "int4")
+    dense = linear.vnni.code_dequantize(linear.weight, 4, 640).float()
+    step = (weight.view(500, 20, 32).amax(-1) - weight.view(500, 20, 32).amin(-1)) / 15
+    assert ((dense - weight).view(500, 20, 32).abs() <= step[..., None] * 0.51 + 1e-3).all()
+
+
+@needs_vnni
+def test_kernels_refuse_mismatched_shapes_with_a_message():
+    linear = Linear.build(random_codes(5, 8, 256), "codes")
+    with pytest.raises(RuntimeError, match="codes must be contiguous uint8"):
+        linear.vnni.code_linear(torch.randn(1, 384), linear.weight, 5)
+    with pytest.raises(RuntimeError, match="x has 100 inputs"):
+        linear.vnni.int8_linear(torch.randn(1, 100), torch.zeros(4, 128, dtype=torch.int8),
+                                torch.ones(4, dtype=torch.bfloat16))
+
+
+def test_without_vnni_codes_run_as_int8_on_torch_kernels(monkeypatch):
+    monkeypatch.setenv("OPENLPU_VNNI", "0")
+    vnni_kernels.cache_clear()
+    try:
+        codes = random_codes(5, 64, 256)
+        linear = Linear.build(codes, "codes")
+        assert (linear.fmt, linear.vnni) == ("int8", None)
+        x = torch.randn(2, 256)
+        assert relative_error(linear(x), x, codes.dequantize()) < BF16_REL_ERROR
+        head = Linear.build(torch.randn(128, 256), "int4")
+        assert head.vnni is None and head.weight.dtype == torch.uint8  # torch's packed int4
+    finally:
+        monkeypatch.delenv("OPENLPU_VNNI")
+        vnni_kernels.cache_clear()
