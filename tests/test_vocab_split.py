@@ -135,3 +135,11 @@ def test_tables_that_fit_are_never_split(name, chips):
     for part in ("embed", "head"):
         assert [(lo, hi) for _, lo, hi in _ranges(p, part)] == [(0, spec.vocab_size)]
     assert not any(o.name.startswith(("embed_sum", "sample_max")) for o in p.decode.ops)
+
+
+@pytest.mark.parametrize("mode", ["fused", "sharded"])
+def test_runtime_refuses_a_vocabulary_split_program_with_a_message(big, mode):
+    from openlpu.runtime.executor import Executor
+
+    with pytest.raises(OpenLPUError, match="splits its embedding and head by vocabulary"):
+        Executor(big, load_preset("llama-3.1-405b"), {}, mode)

@@ -385,6 +385,9 @@ class Executor:
         if spec.name != program.model or spec.tensor_shapes() != program.tensors:
             raise OpenLPUError(f"the Program was compiled for {program.model!r}, not for these weights "
                                f"({spec.name!r}); compile it for this model")
+        if any(op.name.startswith("sample_max") for op in program.decode.ops):
+            raise OpenLPUError("the Program splits its embedding and head by vocabulary over several stages, "
+                               "which the runtime cannot execute yet; compile it with fewer stages")
         if mode == "fused" and any(CUT_SEPARATOR in op.name for op in program.decode.ops):
             raise OpenLPUError("fused mode runs whole tensors, so it cannot run a Program whose MLPs are cut "
                                "between stages; use sharded mode, or compile for fewer chips")
