@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from openlpu.errors import OpenLPUError
 from openlpu.models.spec import ModelSpec
-from openlpu.runtime.kernels import GroupCodes, Linear
+from openlpu.runtime.kernels import CODE_BITS, GroupCodes, Linear
 from openlpu.runtime.kv_cache import KVCache, ring_positions
 
 # How rope pairs the features of a head: "neox" rotates x[i] with x[i + head_dim/2];
@@ -269,6 +269,7 @@ class _Block:
     post_ffw_norm: RMSNorm | None
     rope_base: float
     cache_group: tuple[int, int | None]  # (cache capacity, window): layers sharing masks
+    decode: object | None = None  # the whole block for one cached token in C++ (see _decode_layer)
 
 
 @dataclass
@@ -354,6 +355,8 @@ class Model:
         self.rescore_rows = None if self.head.fmt == "float32" else head_rows
         self.inv_freq = {base: rope_inverse_frequencies(s, base).to(dev)
                          for base in {blk.rope_base for blk in self.blocks}}
+        for blk in self.blocks:
+            blk.decode = self._decode_layer(blk)
 
     # ---- the forward pass, top to bottom ----------------------------------------------------
     @torch.inference_mode()
@@ -400,6 +403,10 @@ class Model:
     def layer(self, i: int, x: torch.Tensor, ctx: Pass, cache: KVCache | None) -> torch.Tensor:
         """Transformer block i on the flattened batch x [tokens, d_model] float32."""
         blk = self.blocks[i]
+        if blk.decode is not None and cache is not None and x.shape[0] == 1:  # one token, one call
+            plan = ctx.plans[blk.cache_group][0]
+            return blk.decode(x.contiguous(), *ctx.rope[blk.rope_base], *cache.slot(i, plan.slot),
+                              int(plan.write_index), plan.n_keys)
         h = self._attention(i, blk, blk.attn_norm(x), ctx, cache)
         x = x + h if blk.post_attention_norm is None else blk.post_attention_norm.add_to(x, h.float())
         h = self._mlp(blk, blk.ffn_norm(x))
@@ -435,6 +442,27 @@ class Model:
             return blk.attn_output(attend(s, q, k, v, plans[0], *self._slot_cache(cache, layer, plans[0].slot)))
         return blk.attn_output(torch.cat([attend(s, q[p.rows], k[p.rows], v[p.rows], p,
                                                  *self._slot_cache(cache, layer, p.slot)) for p in plans]))
+
+    def _decode_layer(self, blk: _Block):
+        """The block in C++ (vnni_kernels.cpp's DecodeLayer), where the VNNI kernels run all four of
+        its matrices and the family needs nothing it leaves out (biases, experts, softcaps)."""
+        s, matrices = self.spec, [blk.qkv, blk.attn_output, blk.gate_up, blk.down]
+        if (blk.experts is not None or s.attn_logit_softcap or s.activation not in ("gelu_tanh", "silu")
+                or any(m.vnni is None or m.bias is not None for m in matrices)):
+            return None
+        vnni, none = matrices[0].vnni, torch.empty(0)
+
+        def matrix(lin: Linear):
+            return vnni.Matrix(lin.weight, lin.scale if lin.fmt == "int8" else none, CODE_BITS.get(lin.fmt, 8))
+
+        def norm(n: RMSNorm | None):
+            return vnni.Norm(none, 0.0) if n is None else vnni.Norm(n.scaled_weight, float(n.floor) ** 2)
+
+        return vnni.DecodeLayer(s.n_heads, s.n_kv_heads, s.head_dim, s.attn_scale, self.rope_style == "neox",
+                                s.activation == "gelu_tanh", [matrix(m) for m in matrices],
+                                [norm(n) for n in (blk.attn_norm, blk.post_attention_norm, blk.ffn_norm,
+                                                   blk.post_ffw_norm, blk.qk_norm)],
+                                blk.qk_norm is not None, blk.post_attention_norm is not None)
 
     @staticmethod
     def _slot_cache(cache: KVCache | None, layer: int, slot: int):

@@ -18,6 +18,7 @@
 //           K/32 fp16 scales, then K/32 fp16 mins.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <pybind11/stl.h>
 #include <immintrin.h>
 
 #include <cmath>
@@ -115,25 +116,20 @@ inline void int8_rows(const int8_t* w, int64_t k, const Int8Row& a, const at::BF
     out[r] = (_mm512_reduce_add_ps(acc[r]) - a.offset) * static_cast<float>(scale[r]);
 }
 
+// y [m, n] = x [m, k] @ int8 rows w [n, k].T * scale.
 template <typename T>
-torch::Tensor int8_linear_impl(const torch::Tensor& x, const torch::Tensor& weight,
-                               const torch::Tensor& scale) {
-  const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
+void int8_product(const T* x, int64_t m, int64_t k, const int8_t* w, const at::BFloat16* scale, int64_t n,
+                  float* y) {
   std::vector<Int8Row> rows;
-  for (int64_t i = 0; i < m; ++i) rows.push_back(quantize_for_int8(x.data_ptr<T>() + i * k, k));
-  auto out = torch::empty({m, n}, torch::kFloat32);
-  const int8_t* w = weight.data_ptr<int8_t>();
-  const at::BFloat16* s = scale.data_ptr<at::BFloat16>();
-  float* y = out.data_ptr<float>();
+  for (int64_t i = 0; i < m; ++i) rows.push_back(quantize_for_int8(x + i * k, k));
   at::parallel_for(0, (n + 3) / 4, std::max<int64_t>(1, MIN_TASK / (4 * k)), [&](int64_t q0, int64_t q1) {
     for (int64_t i = 0; i < m; ++i) {
       for (int64_t r = q0 * 4; r < std::min(q1 * 4, n); r += 4) {
-        if (r + 4 <= n) int8_rows<4>(w + r * k, k, rows[i], s + r, y + i * n + r);
-        else for (int64_t t = r; t < n; ++t) int8_rows<1>(w + t * k, k, rows[i], s + t, y + i * n + t);
+        if (r + 4 <= n) int8_rows<4>(w + r * k, k, rows[i], scale + r, y + i * n + r);
+        else for (int64_t t = r; t < n; ++t) int8_rows<1>(w + t * k, k, rows[i], scale + t, y + i * n + t);
       }
     }
   });
-  return out;
 }
 
 // ---- 4- and 5-bit codes -------------------------------------------------------------------------
@@ -259,14 +255,11 @@ void dequantize_rows(const uint8_t* rows, int64_t row_bytes, int64_t k, int64_t 
   }
 }
 
+// y [m, n] = x [m, k] @ rows of codes [n, row_bytes].T.
 template <typename T, bool FIFTH_BIT>
-torch::Tensor code_linear_impl(const torch::Tensor& x, const torch::Tensor& codes) {
-  const int64_t m = x.size(0), k = x.size(1), n = codes.size(0), row_bytes = codes.size(1);
+void code_product(const T* x, int64_t m, int64_t k, const uint8_t* w, int64_t row_bytes, int64_t n, float* y) {
   std::vector<CodeRow> rows;
-  for (int64_t i = 0; i < m; ++i) rows.push_back(quantize_for_codes(x.data_ptr<T>() + i * k, k));
-  auto out = torch::empty({m, n}, torch::kFloat32);
-  const uint8_t* w = codes.data_ptr<uint8_t>();
-  float* y = out.data_ptr<float>();
+  for (int64_t i = 0; i < m; ++i) rows.push_back(quantize_for_codes(x + i * k, k));
   const CodeUnpacker unpacker;
   at::parallel_for(0, (n + 3) / 4, std::max<int64_t>(1, MIN_TASK / (4 * k)), [&](int64_t q0, int64_t q1) {
     for (int64_t i = 0; i < m; ++i) {
@@ -277,8 +270,130 @@ torch::Tensor code_linear_impl(const torch::Tensor& x, const torch::Tensor& code
       }
     }
   });
-  return out;
 }
+
+// One weight matrix as the layer kernel runs it: int8 rows (bits 8, with scale) or codes (4, 5).
+struct Matrix {
+  torch::Tensor weight, scale;
+  int64_t bits;
+
+  void apply(const float* x, float* y) const {
+    const int64_t n = weight.size(0);
+    if (bits == 8) {
+      int8_product(x, 1, weight.size(1), weight.data_ptr<int8_t>(), scale.data_ptr<at::BFloat16>(), n, y);
+    } else {
+      const int64_t k = (weight.size(1) * 8) / (bits == 5 ? 6 : 5);  // row bytes = k * 3/4 or k * 5/8
+      if (bits == 5) code_product<float, true>(x, 1, k, weight.data_ptr<uint8_t>(), weight.size(1), n, y);
+      else code_product<float, false>(x, 1, k, weight.data_ptr<uint8_t>(), weight.size(1), n, y);
+    }
+  }
+  int64_t outputs() const { return weight.size(0); }
+};
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  float sum = _mm512_reduce_add_ps(acc);
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// RMSNorm as model.RMSNorm computes it: x * (w * sqrt(d)) / sqrt(|x|^2 + d * eps).
+struct Norm {
+  torch::Tensor scaled_weight;  // [d] or [rows, d]: one weight row per vector normed
+  float floor_squared;
+
+  void apply(const float* x, float* y, int64_t d, int64_t row = 0) const {
+    const float inv = 1.0f / std::sqrt(dot(x, x, d) + floor_squared);
+    const float* w = scaled_weight.data_ptr<float>() + row * d;
+    for (int64_t i = 0; i < d; ++i) y[i] = x[i] * inv * w[i];
+  }
+};
+
+// One transformer block for one new token with a KV cache, as model.Model.layer computes it for
+// dense families without biases or attention softcaps: the whole block in one call, so a decode
+// step pays no per-op dispatch.
+class DecodeLayer {
+ public:
+  DecodeLayer(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, double attn_scale, bool neox_rope,
+              bool gelu_tanh, std::vector<Matrix> matrices, std::vector<Norm> norms, bool qk_norm, bool post_norms)
+      : n_heads_(n_heads), n_kv_(n_kv_heads), hd_(head_dim), attn_scale_(attn_scale), neox_(neox_rope),
+        gelu_(gelu_tanh), qk_norm_(qk_norm), post_norms_(post_norms), m_(std::move(matrices)), norms_(std::move(norms)) {
+    TORCH_CHECK(m_.size() == 4 && norms_.size() == 5, "a layer takes 4 matrices and 5 norms");
+  }
+
+  // x [1, d] float32 -> the block's output [1, d]; writes this token's key and value at write_pos
+  // of the slot's caches [kv heads, capacity, hd] and attends over their first n_keys entries.
+  torch::Tensor forward(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
+                        torch::Tensor v_cache, int64_t write_pos, int64_t n_keys) const {
+    TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.size(0) == 1, "x must be float32 [1, d]");
+    TORCH_CHECK(k_cache.scalar_type() == torch::kFloat32 && k_cache.is_contiguous() && v_cache.is_contiguous(),
+                "caches must be contiguous float32");
+    const int64_t d = x.size(1), hd = hd_, nq = n_heads_, nkv = n_kv_, cap = k_cache.size(1);
+    const int64_t ff = m_[2].outputs() / 2;
+    auto out = torch::empty_like(x);
+    float* y = out.data_ptr<float>();
+    std::vector<float> h(std::max(d, ff)), qkv((nq + 2 * nkv) * hd), att(nq * hd), proj(d), gu(2 * ff),
+        scores(n_keys), rotated(hd);
+    const float *xin = x.data_ptr<float>(), *c = cos.data_ptr<float>(), *sn = sin.data_ptr<float>();
+
+    norms_[0].apply(xin, h.data(), d);
+    m_[0].apply(h.data(), qkv.data());
+    for (int64_t head = 0; head < nq + nkv; ++head) {  // q/k norm and rope, head by head
+      float* v = qkv.data() + head * hd;
+      if (qk_norm_) norms_[4].apply(v, v, hd, head);
+      for (int64_t j = 0; j < hd; ++j)
+        rotated[j] = v[j] * c[j] + v[neox_ ? (j + hd / 2) % hd : (j ^ 1)] * sn[j];
+      std::copy(rotated.begin(), rotated.end(), v);
+    }
+    float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
+    for (int64_t g = 0; g < nkv; ++g) {
+      std::copy_n(qkv.data() + (nq + g) * hd, hd, kc + (g * cap + write_pos) * hd);
+      std::copy_n(qkv.data() + (nq + nkv + g) * hd, hd, vc + (g * cap + write_pos) * hd);
+    }
+    for (int64_t head = 0; head < nq; ++head) {
+      const int64_t g = head / (nq / nkv);
+      const float* q = qkv.data() + head * hd;
+      float top = -INFINITY, total = 0;
+      for (int64_t t = 0; t < n_keys; ++t) top = std::max(top, scores[t] = attn_scale_ * dot(q, kc + (g * cap + t) * hd, hd));
+      for (int64_t t = 0; t < n_keys; ++t) total += scores[t] = std::exp(scores[t] - top);
+      float* o = att.data() + head * hd;
+      std::fill_n(o, hd, 0.0f);
+      for (int64_t t = 0; t < n_keys; ++t) {
+        const float p = scores[t] / total, *vt = vc + (g * cap + t) * hd;
+        for (int64_t j = 0; j < hd; ++j) o[j] += p * vt[j];
+      }
+    }
+    m_[1].apply(att.data(), proj.data());
+    residual_add(xin, proj.data(), y, d, 1);
+    norms_[2].apply(y, h.data(), d);
+    m_[2].apply(h.data(), gu.data());
+    for (int64_t i = 0; i < ff; ++i) h[i] = activation(gu[i]) * gu[ff + i];
+    m_[3].apply(h.data(), proj.data());
+    residual_add(y, proj.data(), y, d, 3);
+    return out;
+  }
+
+ private:
+  // y = x + (post norm)(p): norms_[which] is the post norm when the family has them.
+  void residual_add(const float* x, const float* p, float* y, int64_t d, int which) const {
+    std::vector<float> normed(d);
+    if (post_norms_) norms_[which].apply(p, normed.data(), d);
+    else std::copy_n(p, d, normed.data());
+    for (int64_t i = 0; i < d; ++i) y[i] = x[i] + normed[i];
+  }
+  float activation(float v) const {
+    if (gelu_) return 0.5f * v * (1.0f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+    return v / (1.0f + std::exp(-v));
+  }
+
+  int64_t n_heads_, n_kv_, hd_;
+  float attn_scale_;
+  bool neox_, gelu_, qk_norm_, post_norms_;
+  std::vector<Matrix> m_;  // qkv, attention output, gate and up, down
+  std::vector<Norm> norms_;  // attention, post-attention, ffn, post-ffn, q/k (unused entries: empty)
+};
 
 void check_activations(const torch::Tensor& x, int64_t k, int64_t multiple) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous CPU matrix");
@@ -294,8 +409,14 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor weight, torch::Tensor s
   check_activations(x, weight.size(1), 64);
   TORCH_CHECK(weight.scalar_type() == torch::kInt8 && weight.is_contiguous(), "weight must be contiguous int8");
   TORCH_CHECK(scale.scalar_type() == torch::kBFloat16 && scale.numel() == weight.size(0), "scale must be bf16 [N]");
-  return x.scalar_type() == torch::kFloat32 ? int8_linear_impl<float>(x, weight, scale)
-                                            : int8_linear_impl<at::BFloat16>(x, weight, scale);
+  const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
+  auto out = torch::empty({m, n}, torch::kFloat32);
+  if (x.scalar_type() == torch::kFloat32)
+    int8_product(x.data_ptr<float>(), m, k, weight.data_ptr<int8_t>(), scale.data_ptr<at::BFloat16>(), n, out.data_ptr<float>());
+  else
+    int8_product(x.data_ptr<at::BFloat16>(), m, k, weight.data_ptr<int8_t>(), scale.data_ptr<at::BFloat16>(), n,
+                 out.data_ptr<float>());
+  return out;
 }
 
 // x [M, K] float32 or bf16 @ rows of 4- or 5-bit codes [N, row bytes] -> float32 [M, N].
@@ -306,9 +427,18 @@ torch::Tensor code_linear(torch::Tensor x, torch::Tensor codes, int64_t bits) {
   TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.is_contiguous() && codes.dim() == 2 &&
               codes.size(1) == code_row_bytes(k, bits == 5), "codes must be contiguous uint8 [N, ",
               code_row_bytes(k, bits == 5), "] for ", k, " inputs");
-  if (x.scalar_type() == torch::kFloat32)
-    return bits == 5 ? code_linear_impl<float, true>(x, codes) : code_linear_impl<float, false>(x, codes);
-  return bits == 5 ? code_linear_impl<at::BFloat16, true>(x, codes) : code_linear_impl<at::BFloat16, false>(x, codes);
+  const int64_t m = x.size(0), n = codes.size(0), row_bytes = codes.size(1);
+  auto out = torch::empty({m, n}, torch::kFloat32);
+  const uint8_t* w = codes.data_ptr<uint8_t>();
+  float* y = out.data_ptr<float>();
+  if (x.scalar_type() == torch::kFloat32) {
+    if (bits == 5) code_product<float, true>(x.data_ptr<float>(), m, k, w, row_bytes, n, y);
+    else code_product<float, false>(x.data_ptr<float>(), m, k, w, row_bytes, n, y);
+  } else {
+    if (bits == 5) code_product<at::BFloat16, true>(x.data_ptr<at::BFloat16>(), m, k, w, row_bytes, n, y);
+    else code_product<at::BFloat16, false>(x.data_ptr<at::BFloat16>(), m, k, w, row_bytes, n, y);
+  }
+  return out;
 }
 
 // Rows of 4- or 5-bit codes [N, row bytes] for k inputs -> bf16 [N, k], for many-row products.
@@ -332,4 +462,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_linear", &int8_linear);
   m.def("code_linear", &code_linear);
   m.def("code_dequantize", &code_dequantize);
+  py::class_<Matrix>(m, "Matrix").def(py::init<torch::Tensor, torch::Tensor, int64_t>());
+  py::class_<Norm>(m, "Norm").def(py::init<torch::Tensor, float>());
+  py::class_<DecodeLayer>(m, "DecodeLayer")
+      .def(py::init<int64_t, int64_t, int64_t, double, bool, bool, std::vector<Matrix>, std::vector<Norm>, bool, bool>())
+      .def("__call__", &DecodeLayer::forward);
 }
