@@ -335,7 +335,7 @@ class DecodeLayer {
     auto out = torch::empty_like(x);
     float* y = out.data_ptr<float>();
     std::vector<float> h(std::max(d, ff)), qkv((nq + 2 * nkv) * hd), att(nq * hd), proj(d), gu(2 * ff),
-        scores(n_keys), rotated(hd);
+        rotated(hd);
     const float *xin = x.data_ptr<float>(), *c = cos.data_ptr<float>(), *sn = sin.data_ptr<float>();
 
     norms_[0].apply(xin, h.data(), d);
@@ -352,19 +352,7 @@ class DecodeLayer {
       std::copy_n(qkv.data() + (nq + g) * hd, hd, kc + (g * cap + write_pos) * hd);
       std::copy_n(qkv.data() + (nq + nkv + g) * hd, hd, vc + (g * cap + write_pos) * hd);
     }
-    for (int64_t head = 0; head < nq; ++head) {
-      const int64_t g = head / (nq / nkv);
-      const float* q = qkv.data() + head * hd;
-      float top = -INFINITY, total = 0;
-      for (int64_t t = 0; t < n_keys; ++t) top = std::max(top, scores[t] = attn_scale_ * dot(q, kc + (g * cap + t) * hd, hd));
-      for (int64_t t = 0; t < n_keys; ++t) total += scores[t] = std::exp(scores[t] - top);
-      float* o = att.data() + head * hd;
-      std::fill_n(o, hd, 0.0f);
-      for (int64_t t = 0; t < n_keys; ++t) {
-        const float p = scores[t] / total, *vt = vc + (g * cap + t) * hd;
-        for (int64_t j = 0; j < hd; ++j) o[j] += p * vt[j];
-      }
-    }
+    attend(qkv.data(), kc, vc, cap, n_keys, att.data());
     m_[1].apply(att.data(), proj.data());
     residual_add(xin, proj.data(), y, d, 1);
     norms_[2].apply(y, h.data(), d);
@@ -383,6 +371,45 @@ class DecodeLayer {
     else std::copy_n(p, d, normed.data());
     for (int64_t i = 0; i < d; ++i) y[i] = x[i] + normed[i];
   }
+  // Each query head over the first n_keys cached keys of its kv head. The keys are split in parts,
+  // one per thread, that each keep their own max, sum and weighted values; the parts are then
+  // joined, so both cores read the cache (it can be as large as a layer's weights).
+  void attend(const float* q_heads, const float* kc, const float* vc, int64_t cap, int64_t n_keys, float* out) const {
+    const int64_t hd = hd_, nq = n_heads_, group = n_heads_ / n_kv_;
+    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_keys / 64));
+    std::vector<float> top(parts * nq), total(parts * nq), partial(parts * nq * hd, 0.0f);
+    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+      std::vector<float> scores(n_keys / parts + 1);
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t t0 = p * n_keys / parts, t1 = (p + 1) * n_keys / parts;
+        for (int64_t head = 0; head < nq; ++head) {
+          const float *q = q_heads + head * hd, *keys = kc + head / group * cap * hd, *values = vc + head / group * cap * hd;
+          float m = -INFINITY, sum = 0, *o = partial.data() + (p * nq + head) * hd;
+          for (int64_t t = t0; t < t1; ++t) m = std::max(m, scores[t - t0] = attn_scale_ * dot(q, keys + t * hd, hd));
+          for (int64_t t = t0; t < t1; ++t) {
+            const float e = std::exp(scores[t - t0] - m), *v = values + t * hd;
+            sum += e;
+            for (int64_t j = 0; j < hd; ++j) o[j] += e * v[j];
+          }
+          top[p * nq + head] = m;
+          total[p * nq + head] = sum;
+        }
+      }
+    });
+    for (int64_t head = 0; head < nq; ++head) {
+      float m = -INFINITY, sum = 0;
+      for (int64_t p = 0; p < parts; ++p) m = std::max(m, top[p * nq + head]);
+      std::vector<float> weight(parts);
+      for (int64_t p = 0; p < parts; ++p) sum += total[p * nq + head] * (weight[p] = std::exp(top[p * nq + head] - m));
+      float* o = out + head * hd;
+      std::fill_n(o, hd, 0.0f);
+      for (int64_t p = 0; p < parts; ++p) {
+        const float w = weight[p] / sum, *part = partial.data() + (p * nq + head) * hd;
+        for (int64_t j = 0; j < hd; ++j) o[j] += w * part[j];
+      }
+    }
+  }
+
   float activation(float v) const {
     if (gelu_) return 0.5f * v * (1.0f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
     return v / (1.0f + std::exp(-v));
