@@ -415,7 +415,6 @@ def _q5_k(b):
 
 
 GROUP_CODE_TYPES = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q4_K": _q4_k, "Q5_K": _q5_k}
-CODE_GROUP = 32  # inputs per (scale, min)
 
 
 def group_codes(header_or_path: GGUFHeader | str | Path, name: str):

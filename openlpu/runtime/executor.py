@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from openlpu.compiler.partition import CUT_SEPARATOR
 from openlpu.compiler.program import PhaseSchedule, Program, ScheduledOp, Transfer
+from openlpu.compiler.schedule import CHAINED
 from openlpu.errors import OpenLPUError
 from openlpu.graph.lower import lower
 from openlpu.models.spec import ModelSpec
@@ -385,7 +386,7 @@ class Executor:
         if spec.name != program.model or spec.tensor_shapes() != program.tensors:
             raise OpenLPUError(f"the Program was compiled for {program.model!r}, not for these weights "
                                f"({spec.name!r}); compile it for this model")
-        if any(op.name.startswith("sample_max") for op in program.decode.ops):
+        if any(op.name.startswith(CHAINED["head"]) for op in program.decode.ops):
             raise OpenLPUError("the Program splits its embedding and head by vocabulary over several stages, "
                                "which the runtime cannot execute yet; compile it with fewer stages")
         if mode == "fused" and any(CUT_SEPARATOR in op.name for op in program.decode.ops):

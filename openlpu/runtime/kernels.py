@@ -88,23 +88,6 @@ def quantize_int8_rows(weight) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def _pack_int4(weight) -> tuple[torch.Tensor, torch.Tensor]:
-    """(packed int4 weight, bf16 [K/group, N, 2] scale and zero): w ~= (q - 8) * scale + zero."""
-    n, k = weight.shape
-    packed = torch.empty((n, k // 2), dtype=torch.uint8)
-    scale_zero = torch.empty((k // INT4_GROUP, n, 2), dtype=torch.float32)
-    for r in range(0, n, PACK_CHUNK_ROWS):  # the packed layout is blocked by 64 rows: chunkable
-        g = weight[r:r + PACK_CHUNK_ROWS].float().reshape(-1, k // INT4_GROUP, INT4_GROUP)
-        lo, hi = g.amin(-1), g.amax(-1)
-        s = ((hi - lo) / 15).clamp_min(1e-12)
-        codes = torch.round((g - lo[..., None]) / s[..., None]).clamp_(0, 15).to(torch.int32)
-        packed[r:r + PACK_CHUNK_ROWS] = torch._convert_weight_to_int4pack_for_cpu(
-            codes.reshape(-1, k), 1)
-        scale_zero[:, r:r + PACK_CHUNK_ROWS, 0] = s.T
-        scale_zero[:, r:r + PACK_CHUNK_ROWS, 1] = (lo + 8 * s).T
-    return packed, scale_zero.to(torch.bfloat16)
-
-
 @dataclass
 class GroupCodes:
     """A matrix as small unsigned codes per group of 32 inputs: w = code * scale + min. GGUF's
@@ -153,6 +136,20 @@ def _group_codes_4bit(weight) -> GroupCodes:
     s = ((g.amax(-1) - lo) / 15).clamp_min(1e-7).half().float()
     codes = torch.round((g - lo[..., None]) / s[..., None]).clamp_(0, 15).to(torch.uint8)
     return GroupCodes(4, codes.view(n, k), s, lo)
+
+
+def _pack_int4(weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed int4 weight, bf16 [K/group, N, 2] scale and zero) for torch's kernel:
+    w ~= (q - 8) * scale + zero, the codes of _group_codes_4bit."""
+    n, k = weight.shape
+    packed = torch.empty((n, k // 2), dtype=torch.uint8)
+    scale_zero = torch.empty((k // INT4_GROUP, n, 2), dtype=torch.float32)
+    for r in range(0, n, PACK_CHUNK_ROWS):  # the packed layout is blocked by 64 rows: chunkable
+        codes = _group_codes_4bit(weight[r:r + PACK_CHUNK_ROWS])
+        packed[r:r + PACK_CHUNK_ROWS] = torch._convert_weight_to_int4pack_for_cpu(codes.codes.int(), 1)
+        scale_zero[:, r:r + PACK_CHUNK_ROWS, 0] = codes.scale.T
+        scale_zero[:, r:r + PACK_CHUNK_ROWS, 1] = (codes.min + 8 * codes.scale).T
+    return packed, scale_zero.to(torch.bfloat16)
 
 
 def _codes_4bit_chunked(weight) -> torch.Tensor:

@@ -65,39 +65,44 @@ inline __m512 joined(__m512i dot_q, __m512i dot_r) {
   return _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(dot_q, 8), dot_r));
 }
 
-inline float to_float(float v) { return v; }
-inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
-
-// ---- int8 weights -------------------------------------------------------------------------
-
-// One activation row, quantized for int8 weights: 16 scales / 256 per 64 inputs (lanes 0-7 take
-// the first block's, 8-15 the second's), and the sum of scale * 128 * block sum, which removes
-// the 128 added to each weight to make it unsigned for vpdpbusd.
-struct Int8Row {
+// One activation row, quantized for one kernel's weight layout.
+//   int8 rows: inputs in order; 16 lane scales / 256 per 64 inputs (lanes 0-7 the first block's).
+//   codes: per 128 inputs (4 groups), 64 bytes of each group's first 16 inputs, then 64 bytes of
+//   each group's last 16; 16 lane scales / 256 per 128 inputs (4 lanes per group).
+// Per block, the scale times the block's sum: the codes' mins and the int8 weights' +128 offset
+// (`offset`, their sum times 128) are undone with it.
+struct ActivationRow {
   std::vector<int8_t> q, r;
-  std::vector<float> lane_scales;
+  std::vector<float> lane_scales, scaled_sums;
   float offset = 0;
 };
 
 template <typename T>
-Int8Row quantize_for_int8(const T* x, int64_t k) {
-  Int8Row row;
+ActivationRow quantize_row(const T* x, int64_t k, bool code_layout) {
+  const int lanes = code_layout ? 4 : 8;  // 16 lanes per 128 or per 64 inputs
+  ActivationRow row;
   row.q.resize(k);
   row.r.resize(k);
-  row.lane_scales.resize(k / 4);
+  row.lane_scales.resize(k / BLOCK * lanes);
+  row.scaled_sums.resize(k / BLOCK);
   for (int64_t b = 0; b < k / BLOCK; ++b) {
+    const int64_t first = code_layout ? (b / 4) * 128 + (b % 4) * 16 : b * BLOCK;
     float s;
-    float sum = quantize_block(x + b * BLOCK, row.q.data(), row.r.data(), b * BLOCK, b * BLOCK + 16, &s);
-    for (int l = 0; l < 8; ++l) row.lane_scales[b * 8 + l] = s / 256.0f;
-    row.offset += s * 128.0f * sum;
+    const float sum = quantize_block(x + b * BLOCK, row.q.data(), row.r.data(), first,
+                                     first + (code_layout ? 64 : 16), &s);
+    for (int l = 0; l < lanes; ++l) row.lane_scales[b * lanes + l] = s / 256.0f;
+    row.scaled_sums[b] = s * sum;
+    row.offset += 128.0f * row.scaled_sums[b];
   }
   return row;
 }
 
+// ---- int8 weights -------------------------------------------------------------------------
+
 // R consecutive weight rows against one activation row: R independent accumulators keep the
 // multiply-add pipes busy.
 template <int R>
-inline void int8_rows(const int8_t* w, int64_t k, const Int8Row& a, const at::BFloat16* scale,
+inline void int8_rows(const int8_t* w, int64_t k, const ActivationRow& a, const at::BFloat16* scale,
                       float* out) {
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));  // int8 + 128 as uint8
   __m512 acc[R];
@@ -120,8 +125,8 @@ inline void int8_rows(const int8_t* w, int64_t k, const Int8Row& a, const at::BF
 template <typename T>
 void int8_product(const T* x, int64_t m, int64_t k, const int8_t* w, const at::BFloat16* scale, int64_t n,
                   float* y) {
-  std::vector<Int8Row> rows;
-  for (int64_t i = 0; i < m; ++i) rows.push_back(quantize_for_int8(x + i * k, k));
+  std::vector<ActivationRow> rows;
+  for (int64_t i = 0; i < m; ++i) rows.push_back(quantize_row(x + i * k, k, false));
   at::parallel_for(0, (n + 3) / 4, std::max<int64_t>(1, MIN_TASK / (4 * k)), [&](int64_t q0, int64_t q1) {
     for (int64_t i = 0; i < m; ++i) {
       for (int64_t r = q0 * 4; r < std::min(q1 * 4, n); r += 4) {
@@ -133,33 +138,6 @@ void int8_product(const T* x, int64_t m, int64_t k, const int8_t* w, const at::B
 }
 
 // ---- 4- and 5-bit codes -------------------------------------------------------------------------
-
-// One activation row, quantized for 4- or 5-bit codes and laid out like them: per 128 inputs (4
-// groups), 64 bytes of each group's first 16 inputs, then 64 bytes of each group's last 16. Per
-// 128 inputs 16 lane scales / 256 (4 lanes per group); per group the scale times the group's sum,
-// which carries the weights' per-group min.
-struct CodeRow {
-  std::vector<int8_t> q, r;
-  std::vector<float> lane_scales;
-  std::vector<float> scaled_sums;
-};
-
-template <typename T>
-CodeRow quantize_for_codes(const T* x, int64_t k) {
-  CodeRow row;
-  row.q.resize(k);
-  row.r.resize(k);
-  row.lane_scales.resize(k / 8);
-  row.scaled_sums.resize(k / BLOCK);
-  for (int64_t g = 0; g < k / BLOCK; ++g) {
-    int64_t first = (g / 4) * 128 + (g % 4) * 16;
-    float s;
-    float sum = quantize_block(x + g * BLOCK, row.q.data(), row.r.data(), first, first + 64, &s);
-    for (int l = 0; l < 4; ++l) row.lane_scales[g * 4 + l] = s / 256.0f;
-    row.scaled_sums[g] = s * sum;
-  }
-  return row;
-}
 
 // Bytes of one row of codes.
 inline int64_t code_row_bytes(int64_t k, bool fifth_bit) { return k / 2 + (fifth_bit ? k / 8 : 0) + k / 8; }
@@ -188,7 +166,7 @@ struct CodeUnpacker {
 };
 
 template <int R, bool FIFTH_BIT>
-inline void code_rows(const uint8_t* rows, int64_t row_bytes, int64_t k, const CodeRow& a,
+inline void code_rows(const uint8_t* rows, int64_t row_bytes, int64_t k, const ActivationRow& a,
                       const CodeUnpacker& codes, float* out) {
   const int64_t groups = k / BLOCK, scales_at = k / 2 + (FIFTH_BIT ? k / 8 : 0);
   const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
@@ -258,8 +236,8 @@ void dequantize_rows(const uint8_t* rows, int64_t row_bytes, int64_t k, int64_t 
 // y [m, n] = x [m, k] @ rows of codes [n, row_bytes].T.
 template <typename T, bool FIFTH_BIT>
 void code_product(const T* x, int64_t m, int64_t k, const uint8_t* w, int64_t row_bytes, int64_t n, float* y) {
-  std::vector<CodeRow> rows;
-  for (int64_t i = 0; i < m; ++i) rows.push_back(quantize_for_codes(x + i * k, k));
+  std::vector<ActivationRow> rows;
+  for (int64_t i = 0; i < m; ++i) rows.push_back(quantize_row(x + i * k, k, true));
   const CodeUnpacker unpacker;
   at::parallel_for(0, (n + 3) / 4, std::max<int64_t>(1, MIN_TASK / (4 * k)), [&](int64_t q0, int64_t q1) {
     for (int64_t i = 0; i < m; ++i) {
