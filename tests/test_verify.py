@@ -18,6 +18,14 @@ def program():
                            Workload(context_length=2048, prompt_len=200, prefill_chunk=128), chips=8)
 
 
+@pytest.fixture(scope="module")
+def cut():
+    """More stages than Gemma 3 270M has halves: every MLP is cut between two stages."""
+    pipeline_only = dataclasses.replace(SYSTEM, node=dataclasses.replace(SYSTEM.node, chips=1))
+    return compile_program(load_preset("gemma-3-270m"), pipeline_only,
+                           Workload(context_length=512, prompt_len=64, prefill_chunk=64), chips=40)
+
+
 def _invariants(program):
     return {v.invariant for v in verify(program)}
 
@@ -89,7 +97,9 @@ def test_stages_that_miss_or_repeat_a_piece(program):
     for bad in (dropped, repeated):
         broken = dataclasses.replace(program, placement=dataclasses.replace(
             program.placement, stages=tuple(stages[:-1]) + (bad,)))
-        assert [v.invariant for v in verify(broken)] == ["structure"]
+        found = [v.invariant for v in verify(broken)]
+        # the dropped piece's shards are then on a stage that does not hold it: reported as well
+        assert found[0] == "structure" and set(found) <= {"structure", "weight_placement"}
 
 
 def test_weight_missing_duplicated_or_replicated_on_purpose(program):
@@ -99,13 +109,39 @@ def test_weight_missing_duplicated_or_replicated_on_purpose(program):
         program.placement, shards=tuple(shards[:i] + shards[i + 1:])))
     assert [v.message for v in verify(missing)] == [
         f"blk.3.ffn_up.weight elements [{shards[i].start}, {shards[i].stop}) along axis are placed nowhere"]
-    spare_chip = program.placement.stages[1].chips[0]
+    stage = next(st for st in program.placement.stages if shards[i].chip in st.chips)
+    spare_chip = next(c for c in stage.chips if c != shards[i].chip)  # another chip of the stage that runs it
     twice = dataclasses.replace(shards[i], chip=spare_chip)
     dup = dataclasses.replace(program, placement=dataclasses.replace(program.placement, shards=tuple(shards + [twice])))
     assert "weight_placement" in _invariants(dup)
     flagged = dataclasses.replace(twice, replicated=True)
     ok = dataclasses.replace(program, placement=dataclasses.replace(program.placement, shards=tuple(shards + [flagged])))
     assert "weight_placement" not in _invariants(ok)
+
+
+def test_shard_on_a_stage_that_does_not_run_it(program):
+    """Each element still placed once, but on a chip of another stage, or as rows of another MLP part."""
+    shards = list(program.placement.shards)
+    i = next(k for k, s in enumerate(shards) if s.tensor == "blk.0.attn_q.weight")
+    far = next(st for st in program.placement.stages if shards[i].chip not in st.chips).chips[0]
+    moved = shards[:i] + [dataclasses.replace(shards[i], chip=far)] + shards[i + 1:]
+    broken = dataclasses.replace(program, placement=dataclasses.replace(program.placement, shards=tuple(moved)))
+    assert [v.message for v in verify(broken)] == [
+        f"blk.0.attn_q.weight is on chip {far}, but its attn piece is held by stage 0"]
+
+
+def test_cut_mlp_rows_on_the_other_part(cut):
+    """Two parts of a cut MLP swap their chips' rows: coverage is intact, each part holds the other's rows."""
+    homes = [(s.index, lo, hi) for s in cut.placement.stages for it, part, lo, hi in s.pieces if (it, part) == (0, "ffn")]
+    (a, a_lo, a_hi), (b, _, _) = homes[:2]
+    chips = {s.index: s.chips for s in cut.placement.stages}
+    swap = dict(zip(chips[a], chips[b])) | dict(zip(chips[b], chips[a]))
+    shards = tuple(dataclasses.replace(sh, chip=swap.get(sh.chip, sh.chip)) if sh.tensor == "blk.0.ffn_up.weight"
+                   else sh for sh in cut.placement.shards)
+    found = verify(dataclasses.replace(cut, placement=dataclasses.replace(cut.placement, shards=shards)))
+    assert found and all(v.invariant == "weight_placement" and v.message.startswith("blk.0.ffn_up.weight rows")
+                         for v in found)
+    assert any(f"rows [{a_lo}, {a_hi})" in v.message for v in found)
 
 
 def test_link_over_its_bandwidth(program):

@@ -8,7 +8,9 @@
 2. nothing starts before its inputs are on its chips (ops and transfers);
 3. SRAM in use (weights + KV + live activations) never exceeds a chip's capacity;
 4. every weight element is placed exactly once: at most one unflagged shard holds it, any further
-   copies are flagged replicated (on purpose);
+   copies are flagged replicated (on purpose); each shard sits on a chip of a stage that holds its
+   tensor's piece (the rows of a cut MLP, embedding or head inside that stage's range; a tied table's
+   head copy on a head stage);
 5. no link carries more than its bandwidth at any time.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+from openlpu.compiler.partition import is_cut_along_ffn, is_cut_along_vocab, piece_homes, tensor_piece
 from openlpu.compiler.program import PhaseSchedule, Program
 from openlpu.errors import OpenLPUError
 
@@ -209,6 +212,28 @@ def _weights(program: Program) -> list[Violation]:
     return out
 
 
+def _shards_on_their_stages(program: Program) -> list[Violation]:
+    """A shard is useful only on a stage that runs its tensor's ops: the one holding its piece, and for
+    a cut tensor the part whose rows it holds (tensor names say the piece; the stages say where it is)."""
+    n = _model_pieces(program)[-1][0]
+    homes, out = piece_homes(program.placement), []
+    chips_of = {s.index: set(s.chips) for s in program.placement.stages}
+    for sh in program.placement.shards:
+        if sh.tensor not in program.tensors:
+            continue  # reported by _weights
+        item, part = tensor_piece(sh.tensor, n)
+        places = list(homes.get((item, part), ()))
+        if sh.tensor == "token_embd.weight" and sh.replicated:  # a tied table's copy for the head
+            places += homes.get((n, "head"), [])
+        cut = is_cut_along_ffn(sh.tensor) or is_cut_along_vocab(sh.tensor)
+        if not any(sh.chip in chips_of[k] and (not cut or lo <= sh.start and sh.stop <= hi) for k, lo, hi in places):
+            rows = f" rows [{sh.start}, {sh.stop})" if cut else ""
+            held = ", ".join(f"stage {k}" + (f" rows [{lo}, {hi})" if cut else "") for k, lo, hi in places) or "no stage"
+            out.append(Violation("weight_placement", f"{sh.tensor}{rows} is on chip {sh.chip}, but its {part} piece "
+                                                     f"is held by {held}"))
+    return out
+
+
 def _links(program: Program, phase: PhaseSchedule) -> list[Violation]:
     clock = program.system.chip.clock_hz
     loads = defaultdict(list)  # directed link -> (start, end, bytes per second)
@@ -241,7 +266,7 @@ def _links(program: Program, phase: PhaseSchedule) -> list[Violation]:
 
 def verify(program: Program) -> list[Violation]:
     """Every invariant violated, in a fixed order (an empty list means the Program is sound)."""
-    out = _structure(program) + _weights(program)
+    out = _structure(program) + _weights(program) + _shards_on_their_stages(program)
     for phase in (program.decode, program.prefill):
         out += _unit_overlap(phase) + _inputs_ready(program, phase) + _sram(program, phase) + _links(program, phase)
     return out
