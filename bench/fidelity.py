@@ -308,9 +308,11 @@ and not by the 750 TOPS or the 80 TB/s. MoE expert matmuls install every expert 
 static schedule cannot depend on routing). Link latencies are the preset's, not fitted ({hops}).
 
 Deployments: {CHIPS_SOURCE}. A row without a published chip count is held out at the compiler's
-fewest chips (whole attention and MLP halves per stage, one TP width, the fewest chips; ties to the
-wider TP); given a chip count, the compiler takes the widest TP inside a node that arranges and cuts
-MLPs between stages when it needs more stages than halves.
+fewest chips (one TP width inside a node; whole attention and MLP halves per stage, or, when a half,
+the embedding or the head does not fit a stage at any such width, the fewest cuts that fit: MLPs along
+d_ff, tables along the vocabulary; ties to the wider TP).
+Given a chip count, the compiler takes the widest TP inside a node that arranges and cuts MLPs between
+stages when it needs more stages than halves.
 
 One open constant: the matrix unit's weight-install rate, `chip.matrix_install_bytes_per_cycle`
 (not published as such). Fitted here on the FIT row: **{install_fit:,.0f} B/cycle per chip**

@@ -163,6 +163,22 @@ def test_too_few_chips_names_the_count_that_fits():
     assert not verify(compile_program(spec, SYSTEM, SMALL, chips=need))  # the suggestion really fits
 
 
+def test_too_few_chips_counts_a_tied_table_once_on_one_stage():
+    """Gemma 3 270M fits one stage of 2 chips, where embedding and head share their tied table: the
+    bytes the error names count it once (int8). Over its one KV head, both chips hold the K and V
+    projections, the norms and the KV cache whole; every other matrix is split between them."""
+    spec = load_preset("gemma-3-270m")
+    with pytest.raises(OpenLPUError, match=r"for ([\d.]+) GB of weights and KV cache") as e:
+        compile_program(spec, SYSTEM, Workload(context_length=1024, prompt_len=64), chips=1)
+    held = float(e.value.args[0].split(" for ")[1].split(" GB")[0])
+    whole_on_both = ("attn_k.weight", "attn_v.weight", "norm.weight")
+    weights = sum(math.prod(shape) * (2 if name.endswith(whole_on_both) else 1)
+                  for name, shape in spec.tensor_shapes().items())
+    kv = sum(min(1024, spec.layer_window(i) or 1024) * 2 * spec.kv_dim for i in range(spec.n_layers))
+    assert spec.n_kv_heads == 1 and spec.tie_embeddings
+    assert held == pytest.approx((weights + 2 * kv) / 1e9, abs=0.006)
+
+
 @pytest.mark.parametrize("workload, chips, message", [
     (Workload(context_length=131072, users=64), None, "does not fit on any lpu-v1 system"),
     (SMALL, 10**6, "more than the largest lpu-v1 system"),

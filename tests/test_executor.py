@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fixtures.tiny_models.hf_tiny import TINY_FAMILIES, build, save
-from openlpu.compiler import Workload, compile_program
+from openlpu.compiler import Workload, compile_program, verify
 from openlpu.errors import OpenLPUError
 from openlpu.hardware.lpu import load_system
 from openlpu.models.hf import load_safetensors, spec_from_hf_config
@@ -34,6 +34,10 @@ PLACEMENTS = {("lpu", 1): (1, 1), ("lpu", 2): (2, 1), ("lpu", 4): (4, 1), ("lpu"
               ("cut", 8): (1, 8), ("cut", 12): (1, 12), ("cut-tp", 32): (4, 8)}
 SYSTEMS = {"lpu": LPU, "pipe": PIPELINE_ONLY,
            "cut": dataclasses.replace(PIPELINE_ONLY, chip=SMALL_TILES.chip), "cut-tp": SMALL_TILES}
+# chips of 12 kB in nodes of 2: a 1,024-row table of 64 int8 bytes per row fits no TP group of 2,
+# so the embedding and the head split along the vocabulary (the layers fit, MLPs cut where needed)
+VOCAB_SPLIT = dataclasses.replace(LPU, node=dataclasses.replace(LPU.node, chips=2),
+                                  chip=dataclasses.replace(SMALL_TILES.chip, sram_bytes=12_000))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -51,13 +55,13 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("executor")
     made = {}
 
-    def get(family):
-        if family not in made:
-            folder = save(build(family), Path(root) / family)
+    def get(family, vocab_size=96):
+        if (family, vocab_size) not in made:
+            folder = save(build(family, vocab_size=vocab_size), Path(root) / f"{family}-{vocab_size}")
             spec = spec_from_hf_config(folder)
             weights = runtime_weights(spec, load_safetensors(folder, spec))
-            made[family] = spec, weights, Model(spec, weights)
-        return made[family]
+            made[family, vocab_size] = spec, weights, Model(spec, weights)
+        return made[family, vocab_size]
     return get
 
 
@@ -113,6 +117,27 @@ def test_sharded_matches_fused_on_every_placement(tiny, family):
         for got, want in zip(run_steps(sharded, PROMPT, 3), expected):
             torch.testing.assert_close(got, want, **TOL)
         assert sharded.generate(PROMPT, 5) == expected_ids, (system, chips)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "mixtral"])  # untied; tied with a final softcap; MoE
+def test_sharded_runs_embedding_and_head_split_along_the_vocabulary(tiny, family):
+    """Each embedding part gathers its rows and the partial rows are summed down the pipeline; each head
+    part computes its rows' logits and the parts' (max, id) are combined: the logits (read part by part)
+    and the greedy tokens equal the unsplit Program's, and the Program verifies."""
+    spec, weights, model = tiny(family, vocab_size=1024)
+    program = compile_program(spec, VOCAB_SPLIT, WORKLOAD)
+    parts = {part: [pc[2:] for s in program.placement.stages for pc in s.pieces if pc[1] == part]
+             for part in ("embed", "head")}
+    assert len(parts["embed"]) >= 2 and len(parts["head"]) >= 2 and program.placement.tp == 2
+    assert verify(program) == []
+    fused = Executor(compile_program(spec, LPU, WORKLOAD, 1), spec, weights, "fused")
+    sharded = Executor(program, spec, weights, "sharded")
+    for got, want in zip(run_steps(sharded, PROMPT, 3), run_steps(fused, PROMPT, 3)):
+        assert got.shape == (1, 1024)
+        torch.testing.assert_close(got, want, **TOL)
+    assert sharded.generate(PROMPT, 5) == plain_greedy(model, PROMPT, 5)
+    with pytest.raises(OpenLPUError, match="use sharded mode"):
+        Executor(program, spec, weights, "fused")
 
 
 def test_fused_batches_like_the_model_for_the_engine(tiny):
@@ -215,7 +240,7 @@ def test_cut_mlp_without_its_partial_sum_send_is_an_error(tiny):
     broken = dataclasses.replace(program, decode=_without_transfer(program.decode, send))
     with pytest.raises(OpenLPUError, match=r"blk\.1\.ffn_sum@1 .*needs blk\.1\.ffn_down_exps"):
         Executor(broken, spec, weights, "sharded").generate(PROMPT, 2)
-    with pytest.raises(OpenLPUError, match="cut between stages"):
+    with pytest.raises(OpenLPUError, match="split between stages; use sharded mode"):
         Executor(program, spec, weights, "fused")
 
 
@@ -298,9 +323,12 @@ def gemma(gemma_path):
     return spec, weights, Model(spec, weights)
 
 
-# ("pipe", 40): more stages than the 38 halves, so every MLP is cut in two (1,024 rows, whole 320-row tiles)
+# ("pipe", 40): more stages than the 38 halves, so every MLP is cut in two (1,024 rows, whole 320-row tiles);
+# ("40MB", 8): chips of 40 MB in nodes of 2, so the tied 262,144-row table (84 MB in int4) splits in two
+# along the vocabulary, for the embedding and for the head
+SYSTEMS["40MB"] = dataclasses.replace(VOCAB_SPLIT, chip=dataclasses.replace(LPU.chip, sram_bytes=40_000_000))
 GEMMA_PLACEMENTS = {("lpu", 1): (1, 1), ("lpu", 2): (2, 1), ("lpu", 8): (4, 2), ("pipe", 4): (1, 4),
-                    ("pipe", 40): (1, 40)}
+                    ("pipe", 40): (1, 40), ("40MB", 8): (2, 4)}
 
 
 def test_gemma_sharded_matches_fused_and_llamacpp(gemma, llamacpp_reference):
@@ -316,6 +344,8 @@ def test_gemma_sharded_matches_fused_and_llamacpp(gemma, llamacpp_reference):
     for (system, chips), shape in GEMMA_PLACEMENTS.items():
         program = compile_program(spec, SYSTEMS[system], workload, chips)
         assert (program.placement.tp, len(program.placement.stages)) == shape
+        heads = [pc for s in program.placement.stages for pc in s.pieces if pc[1] == "head"]
+        assert (len(heads) == 2) == (system == "40MB"), (system, chips)
         sharded = Executor(program, spec, weights, "sharded")
         for got, ref in zip(run_steps(sharded, prompt, 2), want):
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=2e-4)

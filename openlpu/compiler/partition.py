@@ -519,9 +519,10 @@ def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int 
     if chips is None:
         return OpenLPUError(f"{what} needs {need} chips")
     if chips < need:
-        held = (sum(best[2].weights) + sum(best[2].kv)) * best[0] / 1e9
+        t, stages, sizes = best  # a tied table is held twice only when embedding and head are on different stages
+        held = (sum(sizes.weights) + sum(sizes.kv) - (sizes.tied_table if stages == 1 else 0)) * t / 1e9
         return OpenLPUError(f"{what} does not fit on {chips} {system.name} chips of {cap / 1e6:.0f} MB SRAM "
-                            f"({chips * cap / 1e9:.1f} GB for {held:.1f} GB of weights and KV cache plus activation "
+                            f"({chips * cap / 1e9:.2f} GB for {held:.2f} GB of weights and KV cache plus activation "
                             f"buffers); it needs at least {need} chips (--chips {need})")
     return OpenLPUError(f"{chips} chips cannot be arranged as pipeline stages of equal TP groups for {what} "
                         f"(TP degrees {tp_candidates(spec, system)}; an MLP is cut between stages only into slices "

@@ -15,7 +15,8 @@ sent, part j >= 1 adds its down projection to the running sum it receives ("ffn_
 part applies the post-norm and the residual add. A vocabulary-split embedding runs the same way, its
 parts' gathered rows summed down the pipeline ("embed_sum@j"); each part of a split head recomputes the
 final norm, computes its rows' logits and their maximum, and part j >= 1 keeps the larger of its own
-(value, index) and the one it receives ("sample_max@j"); the last part holds the sampled token.
+(value, index) and the one it receives ("sample_max@j"); the last part holds the sampled token. In a
+prefill, an embedding part j >= 1 gathers chunk c only after its sum for chunk c-1 is made.
 """
 
 from __future__ import annotations
@@ -241,6 +242,17 @@ def _chained_name(name: str, suffix: str, j: int) -> str:
     return f"{prefix}/" * bool(prefix) + f"{stem}{suffix}{CUT_SEPARATOR}{j}"
 
 
+def _previous_chunk_sum(gather: str, j: int) -> str | None:
+    """'c3/token_embd', part j -> 'c2/embed_sum@j' (None for a decode step or the first chunk). A prompt's
+    token ids are all known at the start, so without this input every chunk's gather would run at once
+    and each partial row would wait in SRAM for its running sum; gathering chunk c once chunk c-1's sum
+    is made keeps one in flight per part."""
+    chunk, _, base = gather.rpartition("/")
+    if chunk in ("", "c0"):
+        return None
+    return _chained_name(f"c{int(chunk[1:]) - 1}/{base}", CHAINED["embed"], j)
+
+
 def _combines_parts(op: Op, part: str) -> bool:
     """The op whose per-part results are combined down the pipeline: an MLP's down projection, the
     embedding's gather, the head's sampler."""
@@ -274,6 +286,8 @@ def staged_ops(spec: ModelSpec, ops: list[Op], placement: Placement) -> list[tup
         for j, (stage, lo, hi) in enumerate(parts):
             name = op.name if j == 0 else f"{op.name}{CUT_SEPARATOR}{j}"
             inputs = tuple(per_part[i][j] if i in per_part else i for i in op.inputs)
+            if part == "embed" and j > 0 and op.kind == "embed" and (previous := _previous_chunk_sum(op.name, j)):
+                inputs += (previous,)
             part_op = _scaled(op, (hi - lo) / extent) if op_role(op) in ("split", "argmax") else op
             out.append((dataclasses.replace(part_op, name=name, inputs=inputs), stage))
             names.append(name)

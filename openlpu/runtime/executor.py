@@ -8,7 +8,10 @@ Two modes:
   sums), and sees another chip's results only through the Program's transfers (an all-reduce sums
   the group's partials, a p2p send / broadcast moves an activation to the next stage). An MLP cut
   between stages runs on each part's chips on the rows they hold (ops "name@j"), and the Program's
-  "ffn_sum@j" ops add the parts' partial sums. An op whose input was never produced on its chip is an
+  "ffn_sum@j" ops add the parts' partial sums. An embedding or head split along the vocabulary runs
+  the same way: each embedding part gathers the rows it holds ("embed_sum@j" adds them up), each head
+  part computes its rows' logits and their maximum ("sample_max@j" keeps the larger), and the host
+  reads the logits part by part. An op whose input was never produced on its chip is an
   error naming it. Agreement with the fused mode is the proof that the compiler's partition and
   schedule are right.
 - "fused": one chip holding whole tensors (tp=1 semantics), transfers reduced to their source op;
@@ -18,7 +21,7 @@ Two modes:
   other op runs alone, in float32, as in sharded mode. A Program with a dropped or rewired op
   therefore computes what it says (or fails naming the missing value), never the right text by
   accident. Before running, every weight element must be placed on some chip. (A Program whose
-  MLPs are cut between stages runs sharded only.)
+  MLPs, embedding or head are split between stages runs sharded only.)
 
 The math is model.py's (norms, rope, attention over the KV cache, the blocks) and kernels.py's
 Linear; this module only slices weights, routes values and orders the ops.
@@ -47,6 +50,16 @@ from openlpu.runtime.model import (GATE_ACTIVATIONS, ROPE_STYLE, Model, RMSNorm,
 
 MODES = ("sharded", "fused")
 HEAD_OPS = ("output_norm", "output", "final_softcap", "sample")  # the head item's ops
+
+
+def _is_head_op(name: str) -> bool:
+    """An op of the head, or of one part of a head split along the vocabulary ('output@2', 'sample_max@1')."""
+    return name.split(CUT_SEPARATOR)[0] in (*HEAD_OPS, CHAINED["head"])
+
+
+def _part_index(name: str) -> int:
+    """'output@2' -> 2; a name without a part (or part 0) -> 0."""
+    return int(name.split(CUT_SEPARATOR)[1]) if CUT_SEPARATOR in name else 0
 
 
 def _suffix(name: str) -> str:
@@ -245,6 +258,8 @@ def build_kernel(chip: Chip, name: str, kind: str) -> Callable:
     if suffix == "final_softcap":
         cap = spec.final_logit_softcap
         return lambda p, x: torch.tanh(x / cap) * cap
+    if suffix == CHAINED["head"]:  # part j of a split head: the larger of the running and its own maximum
+        return lambda p, running, own: reduce_argmax([running, own])
     if suffix == "sample":
         start = chip.start("token_embd.weight" if spec.tie_embeddings else "output.weight", base)
 
@@ -386,12 +401,9 @@ class Executor:
         if spec.name != program.model or spec.tensor_shapes() != program.tensors:
             raise OpenLPUError(f"the Program was compiled for {program.model!r}, not for these weights "
                                f"({spec.name!r}); compile it for this model")
-        if any(op.name.startswith(CHAINED["head"]) for op in program.decode.ops):
-            raise OpenLPUError("the Program splits its embedding and head by vocabulary over several stages, "
-                               "which the runtime cannot execute yet; compile it with fewer stages")
         if mode == "fused" and any(CUT_SEPARATOR in op.name for op in program.decode.ops):
-            raise OpenLPUError("fused mode runs whole tensors, so it cannot run a Program whose MLPs are cut "
-                               "between stages; use sharded mode, or compile for fewer chips")
+            raise OpenLPUError("fused mode runs whole tensors, so it cannot run a Program whose MLPs, embedding "
+                               "or head are split between stages; use sharded mode, or compile for fewer chips")
         self.program, self.spec, self.mode = program, spec, mode
         self.max_positions = max_positions or spec.context_length
         self.inv_freq = {b: rope_inverse_frequencies(spec, b) for b in {spec.layer_rope_base(i) for i in range(spec.n_layers)}}
@@ -416,6 +428,15 @@ class Executor:
                 local[sh.tensor] = (sh.axis, sh.start, sh.stop,
                                     weights[sh.tensor].float().narrow(sh.axis, sh.start, sh.stop - sh.start).clone())
         self.decode_events = self._events(program.decode)
+        # where the host reads the logits (part by part of a split head, rank order inside a part's
+        # group) and the sampled token (sent back, combined by the last head part, or reduced)
+        logits = "final_softcap" if spec.final_logit_softcap else "output"
+        parts = sorted((op for op in program.decode.ops if op.name.split(CUT_SEPARATOR)[0] == logits),
+                       key=lambda op: _part_index(op.name))
+        self.logit_slices = [(op.name, c) for op in parts for c in self.stage_chips[op.stage]]
+        last_max = max((op.name for op in program.decode.ops if op.name.startswith(CHAINED["head"])),
+                       key=_part_index, default=None)
+        self.sampled = tuple(n for n in ("token_return", last_max, "sample.allreduce", "sample") if n)
         self.kernels: dict[tuple[int, str], Callable] = {}
         if mode == "fused":  # chip 0 keeps the full spec: it holds every head
             self.segments = fuse(spec, self.decode_events)
@@ -492,7 +513,7 @@ class Executor:
         head_names: set[str] = set()
         for ev in reversed(last):  # head ops, and the transfers only they consume
             users = consumers.get(ev.name, [])
-            if ev.name in HEAD_OPS or (ev.transfer is not None and users and all(u in head_names for u in users)):
+            if _is_head_op(ev.name) or (ev.transfer is not None and users and all(u in head_names for u in users)):
                 head_names.add(ev.name)
         for ev in last:  # and the transfers that carry their results (the sampler's all-reduce)
             if any(i in head_names for i in ev.inputs):
@@ -645,14 +666,13 @@ class Executor:
         return self._logits(values), self._token(values)
 
     def _logits(self, values: dict[int, dict]) -> torch.Tensor:
-        """The host reads each head chip's vocabulary slice, in rank order."""
-        name = "final_softcap" if self.spec.final_logit_softcap else "output"
-        slices = [values[c][name] for c in self.stage_chips[self.program.decode.ops[-1].stage]]
+        """The host reads each head chip's vocabulary slice."""
+        slices = [values[c][name] for name, c in self.logit_slices]
         return slices[0] if len(slices) == 1 else torch.cat(slices, -1)
 
     def _token(self, values: dict[int, dict]) -> torch.Tensor:
-        """The sampled token where the Program leaves it: sent back to the embedding stage, or reduced."""
-        for name in ("token_return", "sample.allreduce", "sample"):
+        """The sampled token where the Program leaves it."""
+        for name in self.sampled:
             for c in self.chips:
                 if name in values[c]:
                     token = values[c][name]
