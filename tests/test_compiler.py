@@ -231,10 +231,45 @@ def test_cli_compile_and_inspect(tmp_path):
     (["compile", "gemma-3-270m", "-o", "x.prog", "--precision", "int5"], "unknown precision"),
     (["compile", "gemma-3-270m", "-o", "x.prog", "--users", "0"], "users must be a positive integer"),
     (["inspect", "nothing.prog"], "cannot read program"),
+    (["compile", "gemma-3-270m", "-o", "no/such/folder/x.prog"], "cannot write the Program to 'no/such/folder/x.prog'"),
+    (["compile", "gemma-3-270m", "-o", "."], "cannot write the Program to '.'"),
 ])
 def test_cli_bad_input_is_one_line_and_status_2(args, message, tmp_path):
     r = subprocess.run([sys.executable, "-m", "openlpu.cli", *args], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing half-written left behind
+
+
+def test_a_failed_write_leaves_the_existing_program_whole(tmp_path, monkeypatch):
+    """The Program is written beside its target and renamed over it: a write that fails midway (here the
+    disk filling up) raises one clear error, and the file already there still loads."""
+    import openlpu.compiler.program as program_module
+
+    path = tmp_path / "g.prog"
+    small = compile_program(load_preset("gemma-3-270m"), SYSTEM, SMALL, chips=2)
+    small.save(path)
+    before = path.read_bytes()
+
+    def full_disk(data, *args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(program_module.Path, "write_bytes", full_disk)
+    with pytest.raises(OpenLPUError, match="cannot write the Program.*No space left on device"):
+        compile_program(load_preset("gemma-3-270m"), SYSTEM, SMALL, chips=4).save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and load_program(path) == small
+    assert [p.name for p in tmp_path.iterdir()] == ["g.prog"]
+
+
+def test_charts_need_a_png_name_and_a_writable_path(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "g.prog"
+    assert runner.invoke(app, ["compile", "gemma-3-270m", "-o", str(out), "--chips", "2"]).exit_code == 0
+    for gantt, says in ((tmp_path / "g.txt", "give a file name ending in .png"),
+                        (tmp_path / "none" / "g.png", "cannot write the Gantt chart")):
+        r = subprocess.run([sys.executable, "-m", "openlpu.cli", "inspect", str(out), "--gantt", str(gantt)],
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr
+        assert not gantt.exists()
 
 
 def test_gguf_metadata_compiles_like_the_preset(gemma_path):

@@ -72,6 +72,8 @@ def test_cli_json_and_plot(tmp_path):
     (["llama-2-70b", "--context", "0"], "positive"),
     (["llama-2-70b", "--users", "-3"], "positive"),
     (["llama-2-70b", "--system", "", "--users", "10000000"], "GPUs hold"),
+    (["llama-2-70b", "--plot", "plan.svg"], "give a file name ending in .png"),
+    (["llama-2-70b", "--plot", "/no/such/folder/plan.png"], "cannot write the plot"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, says):
     r = run_cli(*args)

@@ -11,6 +11,7 @@ import dataclasses
 import gzip
 import hashlib
 import json
+import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -148,7 +149,18 @@ class Program:
         return hashlib.sha256(encode(self)).hexdigest()
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_bytes(encode(self))
+        """Write the Program whole or not at all: a failed write leaves an existing file as it was."""
+        path = Path(path)
+        if path.is_dir():
+            raise OpenLPUError(f"cannot write the Program to {str(path)!r}: it is a folder; give a file path")
+        partial = path.with_name(path.name + ".partial")
+        try:
+            partial.write_bytes(encode(self))
+            os.replace(partial, path)
+        except OSError as e:
+            partial.unlink(missing_ok=True)
+            raise OpenLPUError(f"cannot write the Program to {str(path)!r}: {e.strerror or e}; "
+                               f"choose a writable file path") from None
 
 
 # ---- encoding ---------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from openlpu.hardware.gpu import gpu_names, load_gpu
 from openlpu.hardware.lpu import load_system
 from openlpu.models.spec import ModelSpec, load_preset
 from openlpu.sim.cost import CostAssumptions, cost, gpu_capex, lpu_capex
+from openlpu.sim.figures import save_png
 
 
 @dataclass(frozen=True)
@@ -126,11 +127,4 @@ def plot(rows: list[PlanRow], path: str | Path, title: str) -> Path:
         ax.margins(y=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    try:
-        fig.savefig(path, dpi=110)
-    except OSError as e:
-        raise OpenLPUError(f"cannot write the plot to {str(path)!r}: {e.strerror}") from None
-    finally:
-        plt.close(fig)
-    return path
+    return save_png(fig, path, "plot")

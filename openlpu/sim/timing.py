@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from openlpu.compiler.partition import ffn_rows, piece_name, vocab_rows
 from openlpu.compiler.program import PhaseSchedule, Program
 from openlpu.graph.ops import UNITS
+from openlpu.sim.figures import save_png
 
 
 @dataclass(frozen=True)
@@ -165,5 +166,4 @@ def draw_gantt(program: Program, path, max_stages: int = 24) -> None:
               loc="upper center", bbox_to_anchor=(0.5, -0.6 / (2.0 + 0.4 * len(shown))), ncol=min(8, len(kinds)), fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path, "Gantt chart")
