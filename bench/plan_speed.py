@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import resource
@@ -27,13 +28,16 @@ TARGET_S = 2.0  # OpenLPU issue 3: a 70B plan on the full chip count in under 2 
 
 
 def measure(model: str, chips: int | None, repeat: int) -> dict:
-    """Runs in the child: best-of-`repeat` wall time of each step."""
+    """Runs in the child: best-of-`repeat` wall time of each step; with repeat 0, only the imports and
+    the presets (the memory every row starts from)."""
     from openlpu.compiler import Workload, compile_program, verify
     from openlpu.hardware.lpu import load_system
     from openlpu.models.spec import load_preset
     from openlpu.sim.timing import timing
 
     spec, system, workload = load_preset(model), load_system("lpu-v1"), Workload(**WORKLOAD)
+    if repeat == 0:
+        return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     best = {"compile_s": float("inf"), "verify_s": float("inf"), "timing_s": float("inf")}
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -69,21 +73,33 @@ def main() -> None:
         return
     from openlpu.models.spec import preset_names
 
+    def child(model: str, chips: int | None, repeat: int) -> dict:
+        extra = ["--chips", str(chips)] if chips else []
+        out = subprocess.run([sys.executable, __file__, "--child", model, "--repeat", str(repeat), *extra],
+                             capture_output=True, text=True, check=True)
+        return json.loads(out.stdout)
+
     rows = []
     for model, chips in MODELS:
         if model not in preset_names():
             print(f"skipping {model}: no preset", file=sys.stderr)
             continue
-        extra = ["--chips", str(chips)] if chips else []
-        out = subprocess.run([sys.executable, __file__, "--child", model, "--repeat", str(args.repeat), *extra],
-                             capture_output=True, text=True, check=True)
-        rows.append(json.loads(out.stdout))
+        rows.append(child(model, chips, args.repeat))
         print(rows[-1])
+    baseline_mb = child(MODELS[0][0], None, 0)["peak_rss_mb"]
+    for r in rows:  # what planning itself holds, against the size of the Program
+        r["planning_mb"] = r["peak_rss_mb"] - baseline_mb
+        r["chips_x_ops"] = r["chips"] * r["ops"]
+    small, large = min(rows, key=lambda r: r["chips_x_ops"]), max(rows, key=lambda r: r["chips_x_ops"])
+    slope = (math.log(large["planning_mb"] / small["planning_mb"])
+             / math.log(large["chips_x_ops"] / small["chips_x_ops"]))
     machine = f"{platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
     date, load = datetime.date.today().isoformat(), os.getloadavg()[0]  # other jobs on the CPUs slow the run
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "plan_speed.json").write_text(json.dumps({"machine": machine, "date": date, "load_average_1min": load,
-                                                         "workload": WORKLOAD, "rows": rows}, indent=1) + "\n")
+                                                         "workload": WORKLOAD, "baseline_rss_mb": baseline_mb,
+                                                         "memory_growth_exponent": slope, "rows": rows},
+                                                        indent=1) + "\n")
     lines = [
         "# LPU plan speed (compile + verify + timing)", "",
         f"Command: `python bench/plan_speed.py --repeat {args.repeat}` (best of {args.repeat}; each model in its "
@@ -92,16 +108,22 @@ def main() -> None:
         f"{WORKLOAD['context_length']}, prompt {WORKLOAD['prompt_len']}, {WORKLOAD['users']} user; as few chips as "
         f"fit unless a chip count is given.", "",
         "| model | chips | stages x TP | ops | transfers | shards | program file | compile s | verify s | "
-        "timing s | total s | peak RSS MB | violations |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "timing s | total s | peak RSS MB | planning MB | violations |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['model']} | {r['chips']} | {r['stages']} x {r['tp']} | {r['ops']} | {r['transfers']} | "
                      f"{r['shards']} | {r['program_bytes'] / 1e3:.0f} kB | {r['compile_s']:.2f} | {r['verify_s']:.2f} | "
-                     f"{r['timing_s']:.3f} | {r['total_s']:.2f} | {r['peak_rss_mb']:.0f} | {r['violations']} |")
+                     f"{r['timing_s']:.3f} | {r['total_s']:.2f} | {r['peak_rss_mb']:.0f} | {r['planning_mb']:.0f} | "
+                     f"{r['violations']} |")
     worst_70b = max(r["total_s"] for r in rows if r["model"] == "llama-3.3-70b")
     lines += ["", f"Plan-speed target: a 70B plan in under {TARGET_S:.0f} s: "
-                  f"{'met' if worst_70b < TARGET_S else 'NOT met'} (slowest 70B row {worst_70b:.2f} s)."]
+                  f"{'met' if worst_70b < TARGET_S else 'NOT met'} (slowest 70B row {worst_70b:.2f} s).", "",
+              f"Memory target: growing at most linearly with chips x ops. Planning MB is the peak RSS above a child "
+              f"that only imports OpenLPU and loads the presets ({baseline_mb:.0f} MB). From {small['model']} on "
+              f"{small['chips']} chips ({small['chips_x_ops']:,} chips x ops, {small['planning_mb']:.0f} MB) to "
+              f"{large['model']} on {large['chips']} chips ({large['chips_x_ops']:,}, {large['planning_mb']:.0f} MB) "
+              f"memory grows as (chips x ops)^{slope:.2f}: {'met' if slope <= 1.0 else 'NOT met'}."]
     (RESULTS / "plan_speed.md").write_text("\n".join(lines) + "\n")
 
 
