@@ -2,8 +2,14 @@
 and labels the host's measured speed apart from the LPU's simulated and the GPU's modelled one;
 `openlpu serve` compiles its Program before it listens."""
 
+import json
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+
+import openlpu as openlpu_package
 
 
 def openlpu(*args, timeout=300):
@@ -11,9 +17,31 @@ def openlpu(*args, timeout=300):
                           text=True, timeout=timeout)
 
 
-def test_sharded_run_gives_llamacpp_greedy_text(gemma_path, llamacpp_reference):
+def small_sram_system(folder: Path) -> Path:
+    """lpu-v1 with 40 MB chips: the Gemma 3 270M table (262,144 rows) then fits no TP group of a node."""
+    preset = json.loads((Path(openlpu_package.__file__).parent / "hardware" / "presets" / "lpu-v1.json").read_text())
+    preset["name"] = "lpu-40mb"
+    preset["chip"]["sram_bytes"].update(value=40_000_000, source="a test chip: lpu-v1 with less SRAM")
+    path = folder / "lpu-40mb.json"
+    path.write_text(json.dumps(preset))
+    return path
+
+
+@pytest.mark.parametrize("system", ["lpu-v1", "lpu-40mb"])
+def test_sharded_run_gives_llamacpp_greedy_text(gemma_path, llamacpp_reference, system, tmp_path):
+    """On lpu-v1 the Program keeps the embedding and head whole; on 40 MB chips it splits both along
+    the vocabulary. Either way the text is llama.cpp's."""
+    from openlpu.compiler import Workload, compile_program
+    from openlpu.hardware.lpu import load_system
+    from openlpu.models.gguf import spec_from_gguf
+
+    system_arg = str(small_sram_system(tmp_path)) if system == "lpu-40mb" else system
+    program = compile_program(spec_from_gguf(gemma_path), load_system(system_arg),
+                               Workload(context_length=64, prompt_len=16))
+    heads = [pc for s in program.placement.stages for pc in s.pieces if pc[1] == "head"]
+    assert (len(heads) > 1) == (system == "lpu-40mb")
     result = openlpu("run", llamacpp_reference["prompt"], "--max-tokens", "8", "--mode", "sharded",
-                     "--model", str(gemma_path))
+                     "--model", str(gemma_path), "--system", system_arg)
     assert result.returncode == 0, result.stderr
     # the text comes from virtual chips holding only their shards, joined by the Program's transfers
     assert llamacpp_reference["greedy_32_text"].startswith(result.stdout.rstrip("\n"))
