@@ -240,7 +240,7 @@ def test_cut_mlp_without_its_partial_sum_send_is_an_error(tiny):
     broken = dataclasses.replace(program, decode=_without_transfer(program.decode, send))
     with pytest.raises(OpenLPUError, match=r"blk\.1\.ffn_sum@1 .*needs blk\.1\.ffn_down_exps"):
         Executor(broken, spec, weights, "sharded").generate(PROMPT, 2)
-    with pytest.raises(OpenLPUError, match="split between stages; use sharded mode"):
+    with pytest.raises(OpenLPUError, match="split between stages .*use sharded mode"):
         Executor(program, spec, weights, "fused")
 
 

@@ -69,6 +69,16 @@ def test_run_bad_lpu_options_are_one_line(gemma_path):
         assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_fused_run_and_serve_refuse_a_vocabulary_split_program_in_one_line(gemma_path, tmp_path):
+    """Fused mode (the default of run, and the server's engine) runs whole tensors: on 40 MB chips it
+    stops before loading, saying what to do instead."""
+    system = str(small_sram_system(tmp_path))
+    for args in (("run", "Hello", "--max-tokens", "2"), ("serve", "--port", "0")):
+        result = openlpu(*args, "--model", str(gemma_path), "--system", system)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert "split between stages" in result.stderr and "--mode sharded" in result.stderr
+
+
 def test_serve_bad_system_is_one_line(gemma_path):
     """The server runs the Program compiled for --system, so an unknown system stops it at start."""
     result = openlpu("serve", "--model", str(gemma_path), "--system", "lpu-v9", "--port", "0")

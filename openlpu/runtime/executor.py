@@ -403,7 +403,9 @@ class Executor:
                                f"({spec.name!r}); compile it for this model")
         if mode == "fused" and any(CUT_SEPARATOR in op.name for op in program.decode.ops):
             raise OpenLPUError("fused mode runs whole tensors, so it cannot run a Program whose MLPs, embedding "
-                               "or head are split between stages; use sharded mode, or compile for fewer chips")
+                               "or head are split between stages (chips too small to hold them whole, or more "
+                               "chips than whole pieces); use sharded mode (`openlpu run --mode sharded`), or "
+                               "compile for fewer or larger chips")
         self.program, self.spec, self.mode = program, spec, mode
         self.max_positions = max_positions or spec.context_length
         self.inv_freq = {b: rope_inverse_frequencies(spec, b) for b in {spec.layer_rope_base(i) for i in range(spec.n_layers)}}
