@@ -113,31 +113,33 @@ def test_sharded_matches_fused_on_every_placement(tiny, family):
         cut = any(piece[1] == "ffn" and piece[2:] != (0, spec.d_ff) for s in program.placement.stages
                   for piece in s.pieces)
         assert cut == system.startswith("cut"), (system, chips)
-        sharded = Executor(program, spec, weights, "sharded")
-        for got, want in zip(run_steps(sharded, PROMPT, 3), expected):
-            torch.testing.assert_close(got, want, **TOL)
-        assert sharded.generate(PROMPT, 5) == expected_ids, (system, chips)
+        # fused mode on the same Program: whole blocks, and the ops of a cut MLP alone on its part's rows
+        for mode in ("sharded", "fused"):
+            ex = Executor(program, spec, weights, mode)
+            for got, want in zip(run_steps(ex, PROMPT, 3), expected):
+                torch.testing.assert_close(got, want, **TOL)
+            assert ex.generate(PROMPT, 5) == expected_ids, (system, chips, mode)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "mixtral"])  # untied; tied with a final softcap; MoE
 def test_sharded_runs_embedding_and_head_split_along_the_vocabulary(tiny, family):
     """Each embedding part gathers its rows and the partial rows are summed down the pipeline; each head
     part computes its rows' logits and the parts' (max, id) are combined: the logits (read part by part)
-    and the greedy tokens equal the unsplit Program's, and the Program verifies."""
+    and the greedy tokens equal the unsplit Program's, in sharded and in fused mode, and the Program
+    verifies."""
     spec, weights, model = tiny(family, vocab_size=1024)
     program = compile_program(spec, VOCAB_SPLIT, WORKLOAD)
     parts = {part: [pc[2:] for s in program.placement.stages for pc in s.pieces if pc[1] == part]
              for part in ("embed", "head")}
     assert len(parts["embed"]) >= 2 and len(parts["head"]) >= 2 and program.placement.tp == 2
     assert verify(program) == []
-    fused = Executor(compile_program(spec, LPU, WORKLOAD, 1), spec, weights, "fused")
-    sharded = Executor(program, spec, weights, "sharded")
-    for got, want in zip(run_steps(sharded, PROMPT, 3), run_steps(fused, PROMPT, 3)):
-        assert got.shape == (1, 1024)
-        torch.testing.assert_close(got, want, **TOL)
-    assert sharded.generate(PROMPT, 5) == plain_greedy(model, PROMPT, 5)
-    with pytest.raises(OpenLPUError, match="use sharded mode"):
-        Executor(program, spec, weights, "fused")
+    whole = run_steps(Executor(compile_program(spec, LPU, WORKLOAD, 1), spec, weights, "fused"), PROMPT, 3)
+    for mode in ("sharded", "fused"):
+        split = Executor(program, spec, weights, mode)
+        for got, want in zip(run_steps(split, PROMPT, 3), whole):
+            assert got.shape == (1, 1024)
+            torch.testing.assert_close(got, want, **TOL)
+        assert split.generate(PROMPT, 5) == plain_greedy(model, PROMPT, 5), mode
 
 
 def test_fused_batches_like_the_model_for_the_engine(tiny):
@@ -240,8 +242,6 @@ def test_cut_mlp_without_its_partial_sum_send_is_an_error(tiny):
     broken = dataclasses.replace(program, decode=_without_transfer(program.decode, send))
     with pytest.raises(OpenLPUError, match=r"blk\.1\.ffn_sum@1 .*needs blk\.1\.ffn_down_exps"):
         Executor(broken, spec, weights, "sharded").generate(PROMPT, 2)
-    with pytest.raises(OpenLPUError, match="split between stages .*use sharded mode"):
-        Executor(program, spec, weights, "fused")
 
 
 def _shards(program, keep):

@@ -69,14 +69,15 @@ def test_run_bad_lpu_options_are_one_line(gemma_path):
         assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_fused_run_and_serve_refuse_a_vocabulary_split_program_in_one_line(gemma_path, tmp_path):
-    """Fused mode (the default of run, and the server's engine) runs whole tensors: on 40 MB chips it
-    stops before loading, saying what to do instead."""
-    system = str(small_sram_system(tmp_path))
-    for args in (("run", "Hello", "--max-tokens", "2"), ("serve", "--port", "0")):
-        result = openlpu(*args, "--model", str(gemma_path), "--system", system)
-        assert result.returncode == 2 and "Traceback" not in result.stderr
-        assert "split between stages" in result.stderr and "--mode sharded" in result.stderr
+def test_fused_run_of_a_vocabulary_split_program_gives_llamacpp_greedy_text(gemma_path, llamacpp_reference,
+                                                                          tmp_path):
+    """Fused mode (the default, and the server's engine) runs the layers as whole blocks in the engine's
+    precision and the split embedding and head part by part, on the rows each stage holds."""
+    result = openlpu("run", llamacpp_reference["prompt"], "--max-tokens", "4", "--model", str(gemma_path),
+                     "--system", str(small_sram_system(tmp_path)))
+    assert result.returncode == 0, result.stderr
+    assert llamacpp_reference["greedy_32_text"].startswith(result.stdout.rstrip("\n"))
+    assert len(result.stdout.strip()) > 5 and "lpu-40mb x" in result.stderr
 
 
 def test_serve_bad_system_is_one_line(gemma_path):

@@ -20,8 +20,8 @@ Two modes:
   it runs as one model.py block in the engine's weight format (int8 blocks, int4 head...); any
   other op runs alone, in float32, as in sharded mode. A Program with a dropped or rewired op
   therefore computes what it says (or fails naming the missing value), never the right text by
-  accident. Before running, every weight element must be placed on some chip. (A Program whose
-  MLPs, embedding or head are split between stages runs sharded only.)
+  accident. Before running, every weight element must be placed on some chip. The ops of an MLP,
+  embedding or head split between stages run alone, each on the rows its stage holds.
 
 The math is model.py's (norms, rope, attention over the KV cache, the blocks) and kernels.py's
 Linear; this module only slices weights, routes values and orders the ops.
@@ -37,7 +37,7 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from openlpu.compiler.partition import CUT_SEPARATOR
+from openlpu.compiler.partition import CUT_SEPARATOR, is_cut_along_ffn, is_cut_along_vocab
 from openlpu.compiler.program import PhaseSchedule, Program, ScheduledOp, Transfer
 from openlpu.compiler.schedule import CHAINED
 from openlpu.errors import OpenLPUError
@@ -114,14 +114,18 @@ class Chip:
 
 
 class WholeTensors(Mapping):
-    """The fused mode's chip: every tensor whole, read from the weights the first time an op asks."""
+    """The fused mode's chip: every tensor whole, read from the weights the first time an op asks; for
+    one stage of a Program that cuts tensors between stages, `rows` gives the (axis, start, stop) that
+    stage holds of each of them (a cut MLP's d_ff rows, an embedding or head part's vocabulary rows)."""
 
-    def __init__(self, weights: Mapping[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]):
-        self.weights, self.shapes, self.read = weights, shapes, {}
+    def __init__(self, weights: Mapping[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
+                 rows: dict[str, tuple[int, int, int]] | None = None):
+        self.weights, self.shapes, self.rows, self.read = weights, shapes, rows or {}, {}
 
     def __getitem__(self, tensor: str):
         if tensor not in self.read:
-            self.read[tensor] = (0, 0, self.shapes[tensor][0], self.weights[tensor].float())
+            axis, start, stop = self.rows.get(tensor, (0, 0, self.shapes[tensor][0]))
+            self.read[tensor] = (axis, start, stop, self.weights[tensor].narrow(axis, start, stop - start).float())
         return self.read[tensor]
 
     def __iter__(self):
@@ -344,11 +348,34 @@ def check_every_element_placed(program: Program) -> None:
                                f"recompile it")
 
 
+def stage_rows(program: Program) -> dict[int, dict[str, tuple[int, int, int]]]:
+    """Per stage, the rows it holds of each tensor cut between stages, where that is not the whole
+    tensor: (axis, start, stop), the union of its chips' shards."""
+    stage_of = {c: s.index for s in program.placement.stages for c in s.chips}
+    held: dict[tuple[int, str], list] = {}
+    for sh in program.placement.shards:
+        if is_cut_along_ffn(sh.tensor) or is_cut_along_vocab(sh.tensor):
+            held.setdefault((stage_of[sh.chip], sh.tensor), []).append(sh)
+    out: dict[int, dict[str, tuple[int, int, int]]] = {}
+    for (stage, tensor), shards in sorted(held.items()):
+        shards.sort(key=lambda sh: sh.start)
+        reach = shards[0].start
+        for sh in shards:
+            if sh.start > reach:
+                raise OpenLPUError(f"stage {stage} holds two separate row ranges of {tensor}; split the Program's "
+                                   f"pieces so that each stage holds one")
+            reach = max(reach, sh.stop)
+        axis = shards[0].axis
+        if (shards[0].start, reach) != (0, program.tensors[tensor][axis]):
+            out.setdefault(stage, {})[tensor] = (axis, shards[0].start, reach)
+    return out
+
+
 def _group(name: str) -> str:
-    """Which block an op belongs to: 'embed', 'blk.<i>' or 'head'."""
+    """Which block an op belongs to: 'embed', 'blk.<i>' or 'head' (parts of a split piece included)."""
     if name.startswith("blk."):
         return "blk." + name.split(".")[1]
-    return "head" if name in HEAD_OPS else "embed"
+    return "head" if _is_head_op(name) else "embed"
 
 
 def fuse(spec: ModelSpec, events: list[Event]) -> list[Segment]:
@@ -401,11 +428,6 @@ class Executor:
         if spec.name != program.model or spec.tensor_shapes() != program.tensors:
             raise OpenLPUError(f"the Program was compiled for {program.model!r}, not for these weights "
                                f"({spec.name!r}); compile it for this model")
-        if mode == "fused" and any(CUT_SEPARATOR in op.name for op in program.decode.ops):
-            raise OpenLPUError("fused mode runs whole tensors, so it cannot run a Program whose MLPs, embedding "
-                               "or head are split between stages (chips too small to hold them whole, or more "
-                               "chips than whole pieces); use sharded mode (`openlpu run --mode sharded`), or "
-                               "compile for fewer or larger chips")
         self.program, self.spec, self.mode = program, spec, mode
         self.max_positions = max_positions or spec.context_length
         self.inv_freq = {b: rope_inverse_frequencies(spec, b) for b in {spec.layer_rope_base(i) for i in range(spec.n_layers)}}
@@ -416,6 +438,9 @@ class Executor:
             self.device = self.model.device
             self.stage_chips = {s.index: (0,) for s in stages}
             self.chips = {0: Chip(0, spec, WholeTensors(weights, program.tensors))}
+            # a stage holding part of a cut MLP, embedding or head runs its ops alone on that part's rows
+            self.stage_views = {k: Chip(0, spec, WholeTensors(weights, program.tensors, rows))
+                                for k, rows in stage_rows(program).items()}
         else:
             self.device = torch.device("cpu")
             self.stage_chips = {s.index: s.chips for s in stages}
@@ -455,7 +480,8 @@ class Executor:
         for ev in events:
             for c in ev.chips if ev.op is not None else ():
                 if (c, ev.name) not in self.kernels:
-                    self.kernels[(c, ev.name)] = build_kernel(self.chips[c], ev.name, ev.op.kind)
+                    chip = self.stage_views.get(ev.op.stage, self.chips[c]) if self.mode == "fused" else self.chips[c]
+                    self.kernels[(c, ev.name)] = build_kernel(chip, ev.name, ev.op.kind)
 
     def _set_heads(self, chip: Chip) -> None:
         """The chip's query and KV heads, from its attn_q / attn_k shards; GQA must stay on the chip."""
@@ -600,6 +626,8 @@ class Executor:
         for c, chip in self.chips.items():
             chip.cache = per_chip[c]
         if self.mode == "fused":
+            for view in self.stage_views.values():
+                view.cache = cache
             logits, token = self._run_fused(tokens, spans, cache, rows, want_token)
         elif len(spans) == 1 and tokens.numel() == 1:
             logits, token = self._pass(self.decode_events, tokens, spans, rows)
