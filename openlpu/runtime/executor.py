@@ -362,8 +362,9 @@ def stage_rows(program: Program) -> dict[int, dict[str, tuple[int, int, int]]]:
         reach = shards[0].start
         for sh in shards:
             if sh.start > reach:
-                raise OpenLPUError(f"stage {stage} holds two separate row ranges of {tensor}; split the Program's "
-                                   f"pieces so that each stage holds one")
+                raise OpenLPUError(f"stage {stage} holds two separate row ranges of {tensor} (parts of both the "
+                                   f"embedding and the head of a tied table), which the runtime cannot run; compile "
+                                   f"for another chip count or system")
             reach = max(reach, sh.stop)
         axis = shards[0].axis
         if (shards[0].start, reach) != (0, program.tensors[tensor][axis]):
