@@ -142,6 +142,19 @@ def test_sharded_runs_embedding_and_head_split_along_the_vocabulary(tiny, family
         assert split.generate(PROMPT, 5) == plain_greedy(model, PROMPT, 5), mode
 
 
+def test_a_stage_holding_two_separate_ranges_of_a_table_is_refused(tiny):
+    spec, weights, _ = tiny("llama", vocab_size=1024)
+    program = compile_program(spec, VOCAB_SPLIT, WORKLOAD)
+    head = [sh for sh in program.placement.shards if sh.tensor == "output.weight"]
+    first_stage = next(s for s in program.placement.stages if head[0].chip in s.chips)
+    far = next(sh for sh in head if sh.chip not in first_stage.chips and sh.start > head[1].stop)
+    extra = dataclasses.replace(far, chip=head[0].chip, replicated=True)
+    broken = dataclasses.replace(program, placement=dataclasses.replace(
+        program.placement, shards=program.placement.shards + (extra,)))
+    with pytest.raises(OpenLPUError, match=rf"stage {first_stage.index} holds two separate row ranges of output"):
+        Executor(broken, spec, weights, "fused")
+
+
 def test_fused_batches_like_the_model_for_the_engine(tiny):
     """Several sequences in one flattened batch, as the Engine steps them, with the KV cache."""
     spec, weights, model = tiny("gemma2")
