@@ -153,12 +153,14 @@ def predict_gpu(p: Point, software: str = GPU_SOFTWARE) -> float:
 
 
 def lpu_timing(p: Point, system, context: int, prompt: int):
-    from openlpu.compiler import Workload, compile_program
+    from openlpu.compiler import Workload, compile_program, verify_or_raise
     from openlpu.sim.timing import timing
 
     workload = Workload(weights=p.precision, activations=p.precision, kv=p.precision,
                         context_length=context, users=1, prompt_len=prompt)
-    return timing(compile_program(load_preset(p.model), system, workload, chips=p.chips))
+    program = compile_program(load_preset(p.model), system, workload, chips=p.chips)
+    verify_or_raise(program)
+    return timing(program)
 
 
 def predict_lpu(p: Point, system) -> tuple[float, int]:

@@ -56,13 +56,14 @@ def _check_workload(spec: ModelSpec, context: int, users: int) -> None:
 
 def lpu_row(spec: ModelSpec, system_name: str, precision: str, context: int, users: int,
             assumptions: CostAssumptions, chips: int | None = None) -> PlanRow:
-    from openlpu.compiler import Workload, compile_program
+    from openlpu.compiler import Workload, compile_program, verify_or_raise
     from openlpu.sim.timing import timing
 
     system = load_system(system_name)
     workload = Workload(weights=precision, activations=precision, kv=precision, context_length=context,
                         users=users, prompt_len=prompt_tokens(context))
     program = compile_program(spec, system, workload, chips=chips)
+    verify_or_raise(program)  # figures are read off a schedule only if it holds every invariant
     t = timing(program)
     c = cost(lpu_capex(system, t.chips), t.power_w, t.throughput_tokens_per_s, assumptions)
     return PlanRow(system=system.name, kind="lpu", chips=t.chips, memory="SRAM",
