@@ -553,8 +553,9 @@ def partition(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: in
     raise _no_fit(spec, system, workload, chips, passes)
 
 
-def _merged(run: tuple[tuple[int, str, int, int], ...]) -> tuple[tuple[int, str, int, int], ...]:
-    """A stage's pieces with adjacent row ranges of one MLP, embedding or head joined into one range."""
+def merged_pieces(run: tuple[tuple[int, str, int, int], ...]) -> tuple[tuple[int, str, int, int], ...]:
+    """Pieces in order with adjacent row ranges of one MLP, embedding or head joined into one range (a
+    gap or an overlap leaves two entries)."""
     out: list[tuple[int, str, int, int]] = []
     for piece in run:
         if out and piece[1] != "attn" and out[-1][:2] == piece[:2] and out[-1][3] == piece[2]:
@@ -578,7 +579,7 @@ def _place(spec: ModelSpec, system: SystemSpec, workload: Workload, t: int, size
            ranges: list[tuple[int, int]]) -> Placement:
     groups = group_chips(system, t, len(ranges))
     n = spec.n_layers
-    stages = tuple(Stage(index=k, chips=groups[k], pieces=_merged(sizes.pieces[lo:hi]),
+    stages = tuple(Stage(index=k, chips=groups[k], pieces=merged_pieces(sizes.pieces[lo:hi]),
                          kv_bytes_per_chip=sum(sizes.kv[lo:hi]), activation_bytes_per_chip=max(sizes.activations[lo:hi]))
                    for k, (lo, hi) in enumerate(ranges))
     placement = Placement(tp=t, stages=stages, shards=())

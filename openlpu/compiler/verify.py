@@ -19,7 +19,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from openlpu.compiler.partition import is_cut_along_ffn, is_cut_along_vocab, piece_homes, tensor_piece
+from openlpu.compiler.partition import (is_cut_along_ffn, is_cut_along_vocab, merged_pieces, piece_homes,
+                                        tensor_piece)
 from openlpu.compiler.program import PhaseSchedule, Program
 from openlpu.errors import OpenLPUError
 
@@ -35,14 +36,7 @@ class Violation:
 def _pieces_in_order(program: Program) -> list[tuple[int, str, int, int]]:
     """The stages' pieces in pipeline order, adjacent row ranges of one MLP, embedding or head joined
     (a gap or an overlap leaves two entries, a missing range a short one)."""
-    out: list[tuple[int, str, int, int]] = []
-    for stage in program.placement.stages:
-        for piece in stage.pieces:
-            if out and piece[1] != "attn" and out[-1][:2] == piece[:2] and out[-1][3] == piece[2]:
-                out[-1] = (*piece[:2], out[-1][2], piece[3])
-            else:
-                out.append(tuple(piece))
-    return out
+    return list(merged_pieces(tuple(piece for stage in program.placement.stages for piece in stage.pieces)))
 
 
 def _model_pieces(program: Program) -> list[tuple[int, str, int, int]]:

@@ -124,8 +124,12 @@ class WholeTensors(Mapping):
 
     def __getitem__(self, tensor: str):
         if tensor not in self.read:
-            axis, start, stop = self.rows.get(tensor, (0, 0, self.shapes[tensor][0]))
-            self.read[tensor] = (axis, start, stop, self.weights[tensor].narrow(axis, start, stop - start).float())
+            if tensor in self.rows:  # a copy of the part: a view would keep the whole tensor alive
+                axis, start, stop = self.rows[tensor]
+                self.read[tensor] = (axis, start, stop,
+                                     self.weights[tensor].narrow(axis, start, stop - start).float().clone())
+            else:
+                self.read[tensor] = (0, 0, self.shapes[tensor][0], self.weights[tensor].float())
         return self.read[tensor]
 
     def __iter__(self):
@@ -330,6 +334,16 @@ class Event:
 
 
 # ---- fused mode: coverage and fusion --------------------------------------------------------------
+def _gap_free_reach(shards: list, start: int) -> int:
+    """Where the shards (sorted by start, along the first one's axis) stop covering without a gap from `start`."""
+    reach = start
+    for sh in shards:
+        if sh.axis != shards[0].axis or sh.start > reach:
+            break
+        reach = max(reach, sh.stop)
+    return reach
+
+
 def check_every_element_placed(program: Program) -> None:
     """Fused mode merges the shards back into whole tensors: each must be covered end to end."""
     by_tensor: dict[str, list] = {}
@@ -337,11 +351,7 @@ def check_every_element_placed(program: Program) -> None:
         by_tensor.setdefault(sh.tensor, []).append(sh)
     for name, shape in program.tensors.items():
         shards = sorted(by_tensor.get(name, ()), key=lambda sh: (sh.axis, sh.start))
-        reach = 0
-        for sh in shards:
-            if sh.axis != shards[0].axis or sh.start > reach:
-                break
-            reach = max(reach, sh.stop)
+        reach = _gap_free_reach(shards, 0)
         if not shards or reach < shape[shards[0].axis]:
             where = f"from element {reach} on axis {shards[0].axis}" if shards else "at all"
             raise OpenLPUError(f"{name} is not placed on any chip {where}; the Program is incomplete, "
@@ -359,13 +369,11 @@ def stage_rows(program: Program) -> dict[int, dict[str, tuple[int, int, int]]]:
     out: dict[int, dict[str, tuple[int, int, int]]] = {}
     for (stage, tensor), shards in sorted(held.items()):
         shards.sort(key=lambda sh: sh.start)
-        reach = shards[0].start
-        for sh in shards:
-            if sh.start > reach:
-                raise OpenLPUError(f"stage {stage} holds two separate row ranges of {tensor} (parts of both the "
-                                   f"embedding and the head of a tied table), which the runtime cannot run; compile "
-                                   f"for another chip count or system")
-            reach = max(reach, sh.stop)
+        reach = _gap_free_reach(shards, shards[0].start)
+        if reach < max(sh.stop for sh in shards):
+            raise OpenLPUError(f"stage {stage} holds two separate row ranges of {tensor} (parts of both the "
+                               f"embedding and the head of a tied table), which the runtime cannot run; compile "
+                               f"for another chip count or system")
         axis = shards[0].axis
         if (shards[0].start, reach) != (0, program.tensors[tensor][axis]):
             out.setdefault(stage, {})[tensor] = (axis, shards[0].start, reach)
@@ -444,6 +452,7 @@ class Executor:
                                 for k, rows in stage_rows(program).items()}
         else:
             self.device = torch.device("cpu")
+            self.stage_views = {}  # every chip already holds only its own rows
             self.stage_chips = {s.index: s.chips for s in stages}
             self.chips = {c: Chip(c, spec, {}) for c in program.placement.chips}
             for sh in program.placement.shards:
@@ -481,7 +490,7 @@ class Executor:
         for ev in events:
             for c in ev.chips if ev.op is not None else ():
                 if (c, ev.name) not in self.kernels:
-                    chip = self.stage_views.get(ev.op.stage, self.chips[c]) if self.mode == "fused" else self.chips[c]
+                    chip = self.stage_views.get(ev.op.stage, self.chips[c])
                     self.kernels[(c, ev.name)] = build_kernel(chip, ev.name, ev.op.kind)
 
     def _set_heads(self, chip: Chip) -> None:
@@ -626,9 +635,9 @@ class Executor:
                                    f"{cache.capacity}")
         for c, chip in self.chips.items():
             chip.cache = per_chip[c]
+        for view in self.stage_views.values():  # fused mode: views of chip 0
+            view.cache = per_chip[0]
         if self.mode == "fused":
-            for view in self.stage_views.values():
-                view.cache = cache
             logits, token = self._run_fused(tokens, spans, cache, rows, want_token)
         elif len(spans) == 1 and tokens.numel() == 1:
             logits, token = self._pass(self.decode_events, tokens, spans, rows)
