@@ -471,15 +471,17 @@ def _describe(spec: ModelSpec, sizes: PieceSizes, lo: int, hi: int) -> str:
 
 
 def fewest_chips(spec: ModelSpec, system: SystemSpec, workload: Workload,
-                 passes: list[list[Op]] | None = None) -> tuple[int, int, PieceSizes] | None:
+                 passes: list[list[Op]] | None = None, widths: list[int] | None = None,
+                 ) -> tuple[int, int, PieceSizes] | None:
     """(t, p, piece sizes), preferring in turn TP groups inside a node, then spanning nodes; at each,
     whole pieces at the TP degree that needs the fewest chips (ties to the earlier, preferred, degree),
     else, when no whole pieces fit, cuts (cut_options) at the first TP degree where they fit, with the
-    MLP slices that need the fewest chips: the widest group needs the fewest cuts, each a pipeline hop."""
+    MLP slices that need the fewest chips: the widest group needs the fewest cuts, each a pipeline hop.
+    `widths` limits the TP degrees tried (default: all of tp_candidates, in its order)."""
     best, best_key = None, None
     node, cap = system.node.chips, system.chip.sram_bytes
     passes = passes if passes is not None else lowered_passes(spec, workload)
-    for order, t in enumerate(tp_candidates(spec, system)):
+    for order, t in enumerate(widths or tp_candidates(spec, system)):
         if best is not None and best[0] <= node < t:
             break  # a node-local placement exists: never span nodes for a few chips less
         table = size_table(spec, workload, t, passes)
