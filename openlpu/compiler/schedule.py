@@ -223,11 +223,22 @@ def _prefill_chunks(spec: ModelSpec, workload: Workload) -> list[Op]:
         for op in ops:
             if c < n_chunks - 1 and op_item(op, spec.n_layers) == spec.n_layers:
                 continue  # logits only for the prompt's last token
-            inputs = tuple(f"c{c}/{i}" for i in op.inputs)
+            inputs = tuple(chunk_name(c, i) for i in op.inputs)
             if op.kind == "attention" and c > 0:  # reads the KV the previous chunk wrote
-                inputs += (f"c{c - 1}/{op.name}",)
-            out.append(dataclasses.replace(op, name=f"c{c}/{op.name}", inputs=inputs))
+                inputs += (chunk_name(c - 1, op.name),)
+            out.append(dataclasses.replace(op, name=chunk_name(c, op.name), inputs=inputs))
     return out
+
+
+def chunk_name(c: int, name: str) -> str:
+    """A prefill op's name in prompt chunk c: 'c1/blk.3.attn_q'."""
+    return f"c{c}/{name}"
+
+
+def split_chunk(name: str) -> tuple[int | None, str]:
+    """'c1/blk.3.attn_q' -> (1, 'blk.3.attn_q'); a name without a chunk prefix -> (None, name)."""
+    prefix, sep, base = name.partition("/")
+    return (int(prefix[1:]), base) if sep else (None, name)
 
 
 def _scaled(op: Op, fraction: float) -> Op:
@@ -247,10 +258,10 @@ def _previous_chunk_sum(gather: str, j: int) -> str | None:
     token ids are all known at the start, so without this input every chunk's gather would run at once
     and each partial row would wait in SRAM for its running sum; gathering chunk c once chunk c-1's sum
     is made keeps one in flight per part."""
-    chunk, _, base = gather.rpartition("/")
-    if chunk in ("", "c0"):
+    chunk, base = split_chunk(gather)
+    if not chunk:
         return None
-    return _chained_name(f"c{int(chunk[1:]) - 1}/{base}", CHAINED["embed"], j)
+    return _chained_name(chunk_name(chunk - 1, base), CHAINED["embed"], j)
 
 
 def _combines_parts(op: Op, part: str) -> bool:

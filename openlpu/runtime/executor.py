@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from openlpu.compiler.partition import CUT_SEPARATOR, is_cut_along_ffn, is_cut_along_vocab
 from openlpu.compiler.program import PhaseSchedule, Program, ScheduledOp, Transfer
-from openlpu.compiler.schedule import CHAINED
+from openlpu.compiler.schedule import CHAINED, split_chunk
 from openlpu.errors import OpenLPUError
 from openlpu.graph.lower import lower
 from openlpu.models.spec import ModelSpec
@@ -65,11 +65,6 @@ def _part_index(name: str) -> int:
 def _suffix(name: str) -> str:
     """'blk.3.attn_q' -> 'attn_q'; 'output' -> 'output'."""
     return name.split(".", 2)[2] if name.startswith("blk.") else name
-
-
-def _strip(name: str) -> str:
-    """Drop a prefill chunk prefix: 'c1/blk.3.attn_q' -> 'blk.3.attn_q'."""
-    return name.split("/", 1)[1] if "/" in name else name
 
 
 def _layer(name: str) -> int:
@@ -539,10 +534,9 @@ class Executor:
         the prompt's last token) of the last chunk."""
         chunks: dict[int, list[Event]] = {}
         for ev in self._events(phase):
-            c = int(ev.name.split("/", 1)[0][1:])
-            own = f"c{c}/"
-            inputs = tuple(_strip(i) for i in ev.inputs if i.startswith(own) or "/" not in i)
-            chunks.setdefault(c, []).append(dataclasses.replace(ev, name=_strip(ev.name), inputs=inputs))
+            c, name = split_chunk(ev.name)
+            inputs = tuple(base for chunk, base in map(split_chunk, ev.inputs) if chunk in (c, None))
+            chunks.setdefault(c, []).append(dataclasses.replace(ev, name=name, inputs=inputs))
         last = chunks[max(chunks)]
         consumers: dict[str, list[str]] = {}
         for ev in last:
