@@ -9,6 +9,7 @@ model has halves, which cuts every MLP between stages (weight tiles of 8 rows, s
 """
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from openlpu.compiler import Workload, compile_program, verify
 from openlpu.errors import OpenLPUError
 from openlpu.hardware.lpu import load_system
 from openlpu.models.hf import load_safetensors, spec_from_hf_config
+from openlpu.runtime import executor as executor_module
 from openlpu.runtime.executor import Executor, simulated_figures
 from openlpu.runtime.kv_cache import KVCache
 from openlpu.runtime.model import Model, Span
@@ -140,6 +142,37 @@ def test_sharded_runs_embedding_and_head_split_along_the_vocabulary(tiny, family
             assert got.shape == (1, 1024)
             torch.testing.assert_close(got, want, **TOL)
         assert split.generate(PROMPT, 5) == plain_greedy(model, PROMPT, 5), mode
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "mixtral"])
+def test_fused_runs_split_pieces_in_the_engines_formats(tiny, family, monkeypatch):
+    """The ops fused mode runs alone (here: layers whose pieces span stages, and the embedding and head
+    split along the vocabulary) build their matrices in the engine's formats, as model.py's blocks do,
+    not in float32 (the MoE router stays float32, as in model.py); a low-bit head part recomputes its
+    top candidates from exact rows, so the greedy tokens equal model.py's in the same precision."""
+    spec, weights, _ = tiny(family, vocab_size=1024)
+    built = []
+    monkeypatch.setattr(executor_module.Linear, "build", _recording(executor_module.Linear.build, built, "matrix"))
+    monkeypatch.setattr(executor_module, "Head", _recording(executor_module.Head, built, "head"))
+    fused = Executor(compile_program(spec, VOCAB_SPLIT, WORKLOAD), spec, weights, "fused", "int8")
+    lone = [(what, fmt) for what, fmt, caller in built if caller == "executor"]
+    assert ("head", "int8") in lone and ("matrix", "int8") in lone
+    assert {entry for entry in lone if entry[1] != "int8"} == ({("matrix", "float32")} if spec.is_moe else set())
+    model = Model(spec, weights, "int8")
+    assert fused.generate(PROMPT, 5) == plain_greedy(model, PROMPT, 5)
+    torch.testing.assert_close(fused.forward(PROMPT, [Span(0, 0, len(PROMPT))]),
+                               model.forward(PROMPT, [Span(0, 0, len(PROMPT))], logit_rows=[len(PROMPT) - 1]),
+                               rtol=0, atol=0.1)
+
+
+def _recording(build, log: list, what: str):
+    """`build` that logs (what, weight format, 'executor' or 'model') for each matrix it makes."""
+    def record(*args, **kwargs):
+        fmt = args[1] if len(args) > 1 else kwargs["fmt"]
+        caller = "executor" if sys._getframe(1).f_globals["__name__"] == executor_module.__name__ else "model"
+        log.append((what, fmt, caller))
+        return build(*args, **kwargs)
+    return record
 
 
 def test_a_stage_holding_two_separate_ranges_of_a_table_is_refused(tiny):

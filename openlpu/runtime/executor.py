@@ -18,7 +18,7 @@ Two modes:
   the fast path the Engine and the server run, with Model.forward's signature. A fusion pass walks
   the schedule: a layer (or the head) whose ops and wiring equal what the graph lowering emits for
   it runs as one model.py block in the engine's weight format (int8 blocks, int4 head...); any
-  other op runs alone, in float32, as in sharded mode. A Program with a dropped or rewired op
+  other op runs alone, as in sharded mode, its matrices in the same formats. A Program with a dropped or rewired op
   therefore computes what it says (or fails naming the missing value), never the right text by
   accident. Before running, every weight element must be placed on some chip. The ops of an MLP,
   embedding or head split between stages run alone, each on the rows its stage holds.
@@ -45,8 +45,8 @@ from openlpu.graph.lower import lower
 from openlpu.models.spec import ModelSpec
 from openlpu.runtime.kernels import Linear
 from openlpu.runtime.kv_cache import KVCache
-from openlpu.runtime.model import (GATE_ACTIVATIONS, ROPE_STYLE, Model, RMSNorm, Span, apply_rope, attend,
-                                   attention_plans, rope_inverse_frequencies, rope_tables)
+from openlpu.runtime.model import (GATE_ACTIVATIONS, PRECISIONS, ROPE_STYLE, Head, Model, RMSNorm, Span,
+                                   apply_rope, attend, attention_plans, rope_inverse_frequencies, rope_tables)
 
 MODES = ("sharded", "fused")
 HEAD_OPS = ("output_norm", "output", "final_softcap", "sample")  # the head item's ops
@@ -81,10 +81,13 @@ class Routed:
 
 # ---- one virtual chip -------------------------------------------------------------------------
 class Chip:
-    """A chip's SRAM: its weight shards (copies) and its KV cache; `spec` has only its heads."""
+    """A chip's SRAM: its weight shards (copies) and its KV cache; `spec` has only its heads.
+    `formats`: the weight formats its block matrices and its head rows run in (model.PRECISIONS)."""
 
-    def __init__(self, chip_id: int, spec: ModelSpec, shards: Mapping[str, tuple[int, int, int, torch.Tensor]]):
+    def __init__(self, chip_id: int, spec: ModelSpec, shards: Mapping[str, tuple[int, int, int, torch.Tensor]],
+                 formats: tuple[str, str] = PRECISIONS["float32"]):
         self.id, self.full_spec = chip_id, spec
+        self.block_format, self.head_format = formats
         self.shards = shards  # tensor -> (axis, start, stop, local copy)
         self.spec = spec  # narrowed to the chip's heads below, once they are known
         self.heads_set = False
@@ -162,11 +165,11 @@ def _norm_kernel(chip: Chip, name: str, tensor: str):
     return lambda p, x: norm(x)
 
 
-def _linear_kernel(chip: Chip, name: str, tensor: str):
+def _linear_kernel(chip: Chip, name: str, tensor: str, fmt: str):
     has_bias = chip.full_spec.qkv_bias and _suffix(name) in ("attn_q", "attn_k", "attn_v")
     bias = chip.weight(tensor.replace(".weight", ".bias"), name) if has_bias else None
-    lin = Linear.build(chip.weight(tensor, name), "float32", bias)
-    return lambda p, x: lin(x)
+    lin = Linear.build(chip.weight(tensor, name), fmt, bias)
+    return lambda p, x: lin(x).float()
 
 
 def _head_norm_kernel(chip: Chip, name: str, tensor: str):
@@ -198,10 +201,12 @@ def build_kernel(chip: Chip, name: str, kind: str) -> Callable:
         return lambda p, x: norm(p, x[p.logit_rows])  # the head runs only on the rows asked for
     if kind == "norm":
         return _norm_kernel(chip, base, weight)
-    if suffix == "output":
-        return _linear_kernel(chip, base, "token_embd.weight" if spec.tie_embeddings else "output.weight")
+    if suffix == "output":  # this chip's vocabulary rows of the head
+        head = Head(chip.weight("token_embd.weight" if spec.tie_embeddings else "output.weight", base),
+                    chip.head_format)
+        return lambda p, x: head(x)
     if suffix in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
-        return _linear_kernel(chip, base, weight)
+        return _linear_kernel(chip, base, weight, chip.block_format)
     if suffix == "rope":
         hd, style = spec.head_dim, ROPE_STYLE[spec.family]
         rope_base = spec.layer_rope_base(layer)
@@ -231,7 +236,7 @@ def build_kernel(chip: Chip, name: str, kind: str) -> Callable:
             return lambda p, g, u: Routed(act(g.values) * u.values, g.experts, g.weights)
         return lambda p, g, u: act(g) * u
     if suffix == "ffn_gate_inp":
-        router, k = _linear_kernel(chip, base, weight), spec.n_experts_per_token
+        router, k = _linear_kernel(chip, base, weight, "float32"), spec.n_experts_per_token  # as model.py
 
         def route(p, x):  # Mixtral: top-k experts, weighted by a softmax over their logits
             top_logits, top_experts = router(p, x).topk(k, -1)
@@ -441,9 +446,10 @@ class Executor:
             self.model = Model(spec, weights, precision, device, self.max_positions)
             self.device = self.model.device
             self.stage_chips = {s.index: (0,) for s in stages}
-            self.chips = {0: Chip(0, spec, WholeTensors(weights, program.tensors))}
+            formats = PRECISIONS[self.model.precision]
+            self.chips = {0: Chip(0, spec, WholeTensors(weights, program.tensors), formats)}
             # a stage holding part of a cut MLP, embedding or head runs its ops alone on that part's rows
-            self.stage_views = {k: Chip(0, spec, WholeTensors(weights, program.tensors, rows))
+            self.stage_views = {k: Chip(0, spec, WholeTensors(weights, program.tensors, rows), formats)
                                 for k, rows in stage_rows(program).items()}
         else:
             self.device = torch.device("cpu")

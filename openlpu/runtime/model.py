@@ -55,7 +55,7 @@ PRECISIONS = {
     # head is most of the bytes per token.
     "int4": ("codes", "int4"),
 }
-RESCORE_CANDIDATES = 64  # low-bit head: top logits recomputed in float32 (see Model.forward)
+RESCORE_CANDIDATES = 64  # low-bit head: top logits recomputed in float32 (see Head)
 
 
 def hf_qk_to_gguf(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -281,6 +281,25 @@ class Pass:
     plans: dict[tuple[int, int | None], list[AttentionPlan]]
 
 
+class Head:
+    """Logits x @ rows.T in `fmt`. A low-bit head recomputes each row's top candidates in float32 from
+    the exact rows, so greedy choices and top-k/top-p sets match the reference; the tail keeps the
+    format's error. `rows`: a float tensor or a row source (GGUFRows)."""
+
+    def __init__(self, rows, fmt: str, device: torch.device | None = None):
+        self.linear = Linear.build(rows, fmt, device=device)
+        self.exact_rows = None if self.linear.fmt == "float32" else rows
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.linear(x).float()
+        if self.exact_rows is not None:
+            candidates = top_candidates(logits, RESCORE_CANDIDATES)
+            rows = self.exact_rows[candidates.flatten().cpu()].to(x.device)
+            exact = (rows.view(*candidates.shape, -1) @ x[:, :, None]).squeeze(-1)
+            logits.scatter_(1, candidates, exact)
+        return logits
+
+
 class Model:
     def __init__(self, spec: ModelSpec, weights: Mapping[str, torch.Tensor],
                  precision: str = "float32", device: str | torch.device | None = None,
@@ -347,12 +366,9 @@ class Model:
         rows_of = getattr(weights, "rows", w)
         self.embedding = rows_of("token_embd.weight")
         head_rows = self.embedding if s.tie_embeddings else rows_of("output.weight")
-        self.head = Linear.build(head_rows, head_fmt, device=dev)
-        if self.head.fmt == "float32":
-            self.embedding = self.head.weight if s.tie_embeddings else self.embedding[0:s.vocab_size]
-        # Low-bit head: logits of its top candidates are recomputed in float32 from exact rows,
-        # so greedy choices and top-k/top-p sets match the reference; the tail keeps int error.
-        self.rescore_rows = None if self.head.fmt == "float32" else head_rows
+        self.head = Head(head_rows, head_fmt, dev)
+        if self.head.linear.fmt == "float32":
+            self.embedding = self.head.linear.weight if s.tie_embeddings else self.embedding[0:s.vocab_size]
         self.inv_freq = {base: rope_inverse_frequencies(s, base).to(dev)
                          for base in {blk.rope_base for blk in self.blocks}}
         for blk in self.blocks:
@@ -417,13 +433,7 @@ class Model:
         s = self.spec
         if logit_rows is not None:
             x = x[torch.as_tensor(logit_rows, dtype=torch.long, device=self.device)]
-        x = self.output_norm(x)
-        logits = self.head(x).float()
-        if self.rescore_rows is not None:
-            candidates = top_candidates(logits, RESCORE_CANDIDATES)
-            rows = self.rescore_rows[candidates.flatten().cpu()].to(self.device)
-            exact = (rows.view(*candidates.shape, -1) @ x[:, :, None]).squeeze(-1)
-            logits.scatter_(1, candidates, exact)
+        logits = self.head(self.output_norm(x))
         if s.final_logit_softcap:
             logits = torch.tanh(logits / s.final_logit_softcap) * s.final_logit_softcap
         return logits
@@ -491,11 +501,11 @@ class Model:
 
     def nbytes(self) -> int:
         """Bytes of weights held in memory (a GGUF-backed embedding stays in the file map)."""
-        linears = [self.head] + [lin for blk in self.blocks for lin in
+        linears = [self.head.linear] + [lin for blk in self.blocks for lin in
                                  [blk.qkv, blk.attn_output, blk.gate_up, blk.down, blk.router]
                                  + [m for pair in (blk.experts or []) for m in pair] if lin]
         total = sum(lin.nbytes() for lin in linears)
-        if isinstance(self.embedding, torch.Tensor) and self.embedding is not self.head.weight:
+        if isinstance(self.embedding, torch.Tensor) and self.embedding is not self.head.linear.weight:
             total += self.embedding.numel() * self.embedding.element_size()
         return total
 
