@@ -435,9 +435,9 @@ COMPUTE_EFFICIENCY = {gpu_fit['COMPUTE_EFFICIENCY']:.3f} [{G.COMPUTE_EFFICIENCY:
   but only by fitting on both. We fit on the press figure because the held-out Feb 2024 points
   (Mixtral 480, Llama-2-7B 750) were published with it. A third measurement of the same service,
   thefastest.ai's of 10 Apr 2024 ({l70_measured["published"]} tok/s, generation only), is
-  {l70_measured["error"]:+.0%} from the prediction. (LLMPerf's own "inter-token latency", 5.38 ms, is the whole request time per
-  output token, TTFT included, and is not a generation speed; an earlier version of this table read it
-  as one and put the gap at 1.6x.) The leaderboard's headline, output tokens over the whole request
+  {l70_measured["error"]:+.0%} from the prediction. (LLMPerf's own "inter-token latency", 5.38 ms,
+  is the whole request time per output token, TTFT included, and is not a generation speed; an earlier
+  version of this table read it as one and put the gap at 1.6x.) The leaderboard's headline, output tokens over the whole request
   (185 tok/s, the ALT row), adds a TTFT measured over the internet (median
   {LLMPERF_GROQ_70B["median_ttft_s"]:.2f} s, with queueing) to what the model predicts for the chips
   alone (a prefill of 550 tokens on 576 chips), so it is shown and not counted.

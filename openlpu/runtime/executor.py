@@ -18,10 +18,10 @@ Two modes:
   the fast path the Engine and the server run, with Model.forward's signature. A fusion pass walks
   the schedule: a layer (or the head) whose ops and wiring equal what the graph lowering emits for
   it runs as one model.py block in the engine's weight format (int8 blocks, int4 head...); any
-  other op runs alone, as in sharded mode, its matrices in the same formats. A Program with a dropped or rewired op
-  therefore computes what it says (or fails naming the missing value), never the right text by
-  accident. Before running, every weight element must be placed on some chip. The ops of an MLP,
-  embedding or head split between stages run alone, each on the rows its stage holds.
+  other op runs alone, as in sharded mode, its matrices in the same formats. A Program with a
+  dropped or rewired op therefore computes what it says (or fails naming the missing value), never
+  the right text by accident. Before running, every weight element must be placed on some chip. The
+  ops of an MLP, embedding or head split between stages run alone, each on the rows its stage holds.
 
 The math is model.py's (norms, rope, attention over the KV cache, the blocks) and kernels.py's
 Linear; this module only slices weights, routes values and orders the ops.
