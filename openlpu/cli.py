@@ -86,6 +86,8 @@ def plan(
     precision: str = typer.Option("int8", "--precision", help="weight precision: fp16, bf16, fp8, int8, int4"),
     context: int = typer.Option(4096, "--context", help="tokens of context per user"),
     users: int = typer.Option(1, "--users", help="concurrent users (streams)"),
+    chips: int = typer.Option(None, "--chips", help="LPU chips to use (default: as few as fit)"),
+    gpus: int = typer.Option(None, "--gpus", help="GPUs of each kind to use (default: as few as fit)"),
     json_out: bool = typer.Option(False, "--json", help="print the rows as JSON"),
     plot_file: str = typer.Option(None, "--plot", help="write a PNG chart of the rows to this file"),
 ):
@@ -96,7 +98,7 @@ def plan(
     from openlpu.sim.plan import plot
 
     rows = make_plan(model, system=system, compare=tuple(compare), precision=precision, context=context,
-                     users=users)
+                     users=users, chips=chips, gpus=gpus)
     if plot_file:
         plot(rows, plot_file, f"{model}, {precision}, {users} user(s) x {context} tokens")
     if json_out:
@@ -109,6 +111,7 @@ def plan(
         table.add_column(f"{r.system} ({r.kind})", justify="right")
     figures = {
         "chips / GPUs": lambda r: f"{r.chips:,}",
+        "stages x TP": lambda r: r.layout.replace(" x TP ", " x "),
         "memory used": lambda r: f"{r.memory_used_fraction:.0%} of {r.memory}",
         "tok/s per user": lambda r: f"{r.tokens_per_s_per_user:,.0f}",
         "TTFT (ms)": lambda r: f"{r.ttft_s * 1e3:,.1f}",

@@ -45,6 +45,26 @@ def test_rows_are_self_consistent(llama70_rows):
     assert h100.usd_per_million_tokens == pytest.approx(expected.usd_per_million_tokens)
 
 
+def test_chip_and_gpu_counts_are_the_deployment_planned():
+    """--chips / --gpus: the rows are those of the Program compiled on exactly that many chips and of the
+    GPU model on that many GPUs, read a second way here; more GPUs than the fewest speed a user up."""
+    from openlpu.compiler import Workload, compile_program
+    from openlpu.hardware.lpu import load_system
+    from openlpu.sim.gpu import gpu_timing
+    from openlpu.sim.timing import timing
+
+    lpu, h100 = plan("llama-2-70b", compare=("h100-sxm",), context=4096, chips=576, gpus=8)
+    spec = load_preset("llama-2-70b")
+    program = compile_program(spec, load_system("lpu-v1"), Workload(context_length=4096, prompt_len=512), chips=576)
+    assert (lpu.chips, lpu.layout) == (576, f"{len(program.placement.stages)} x TP {program.placement.tp}")
+    assert lpu.tokens_per_s_per_user == pytest.approx(timing(program).tokens_per_s_per_user)
+    direct = gpu_timing(spec, load_gpu("h100-sxm"), "int8", 4096, gpus=8, prompt_tokens=512)
+    assert (h100.chips, h100.layout) == (8, "1 x TP 8")
+    assert h100.tokens_per_s_per_user == pytest.approx(direct.tokens_per_s_per_user)
+    fewest, = plan("llama-2-70b", system="", compare=("h100-sxm",), context=4096)
+    assert fewest.chips < 8 and fewest.tokens_per_s_per_user < h100.tokens_per_s_per_user
+
+
 def test_more_users_raise_throughput_on_the_gpu():
     one, = plan("llama-3-8b", system="", compare=("h100-sxm",), context=2048, users=1)
     many, = plan("llama-3-8b", system="", compare=("h100-sxm",), context=2048, users=16)
@@ -74,6 +94,11 @@ def test_cli_json_and_plot(tmp_path):
     (["llama-2-70b", "--system", "", "--users", "10000000"], "GPUs hold"),
     (["llama-2-70b", "--plot", "plan.svg"], "give a file name ending in .png"),
     (["llama-2-70b", "--plot", "/no/such/folder/plan.png"], "cannot write the plot"),
+    (["llama-2-70b", "--chips", "10"], "needs at least 328 chips"),
+    (["llama-2-70b", "--chips", "0"], "positive"),
+    (["llama-2-70b", "--gpus", "12"], "whole servers of 8"),
+    (["llama-2-70b", "--gpus", "0"], "positive"),
+    (["llama-2-70b", "--precision", "fp16", "--gpus", "1"], "cannot hold llama-2-70b's 138.0 GB"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, says):
     r = run_cli(*args)

@@ -152,6 +152,21 @@ def _check_sizes(context: int, users: int, prompt_tokens: int) -> None:
             raise OpenLPUError(f"{what} must be a positive integer, got {v!r}")
 
 
+def _checked_count(spec: ModelSpec, gpu: GpuSpec, precision: str, gpus: int) -> int:
+    """A GPU count a layout can use whole, whose HBM holds the weights."""
+    per_server = gpu.gpus_per_server
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus <= 0:
+        raise OpenLPUError(f"the GPU count must be a positive integer, got {gpus!r}")
+    if gpus > per_server and gpus % per_server:
+        raise OpenLPUError(f"{gpus} {gpu.name} GPUs do not fill whole servers of {per_server}; use at most "
+                           f"{per_server}, or a multiple of {per_server}")
+    weights = weight_bytes(spec, precision)
+    if weights > gpus * gpu.hbm_bytes * HBM_USABLE_FRACTION:
+        raise OpenLPUError(f"{gpus} x {gpu.name} cannot hold {spec.name}'s {weights / 1e9:.1f} GB of {precision} "
+                           f"weights; it needs at least {gpus_needed(spec, gpu, precision, 1, 1)} GPUs")
+    return gpus
+
+
 def gpus_needed(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, users: int,
                 max_gpus: int = 1024) -> int:
     """Fewest GPUs (1, 2, 4, 8, then whole servers) whose HBM holds the weights and the KV cache."""
@@ -173,7 +188,8 @@ def gpu_timing(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, user
     """Serve `users` concurrent streams of `context` tokens on `gpus` GPUs (default: fewest that fit)."""
     prompt_tokens = context if prompt_tokens is None else prompt_tokens
     _check_sizes(context, users, prompt_tokens)
-    gpus = gpus_needed(spec, gpu, precision, context, users) if gpus is None else gpus
+    gpus = gpus_needed(spec, gpu, precision, context, users) if gpus is None else _checked_count(
+        spec, gpu, precision, gpus)
     tp, stages = layout(gpus, gpu)
     w_bytes = weight_bytes(spec, precision) / gpus
     kv = kv_bytes(spec, precision, context, 1) / gpus

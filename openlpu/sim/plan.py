@@ -24,6 +24,7 @@ class PlanRow:
     system: str
     kind: str  # "lpu" or "gpu"
     chips: int  # LPU chips or GPUs
+    layout: str  # pipeline stages x tensor-parallel width
     memory: str  # "SRAM" or "HBM"
     memory_used_fraction: float  # of the capacity of the chips used
     tokens_per_s_per_user: float
@@ -66,7 +67,7 @@ def lpu_row(spec: ModelSpec, system_name: str, precision: str, context: int, use
     verify_or_raise(program)  # figures are read off a schedule only if it holds every invariant
     t = timing(program)
     c = cost(lpu_capex(system, t.chips), t.power_w, t.throughput_tokens_per_s, assumptions)
-    return PlanRow(system=system.name, kind="lpu", chips=t.chips, memory="SRAM",
+    return PlanRow(system=system.name, kind="lpu", chips=t.chips, layout=f"{t.stages} x TP {t.tp}", memory="SRAM",
                    memory_used_fraction=t.sram_used_fraction, tokens_per_s_per_user=t.tokens_per_s_per_user,
                    ttft_s=t.ttft_s, throughput_tokens_per_s=t.throughput_tokens_per_s, power_w=t.power_w,
                    energy_per_token_j=t.energy_per_token_j, capex_usd=c.capex.total_usd,
@@ -80,7 +81,8 @@ def gpu_row(spec: ModelSpec, gpu_name: str, precision: str, context: int, users:
     gpu = load_gpu(gpu_name)
     t = gpu_timing(spec, gpu, precision, context, users, gpus=gpus, prompt_tokens=prompt_tokens(context))
     c = cost(gpu_capex(gpu, t.gpus), t.power_w, t.throughput_tokens_per_s, assumptions)
-    return PlanRow(system=gpu.name, kind="gpu", chips=t.gpus, memory="HBM",
+    return PlanRow(system=gpu.name, kind="gpu", chips=t.gpus, layout=f"{t.pipeline_stages} x TP {t.tensor_parallel}",
+                   memory="HBM",
                    memory_used_fraction=t.hbm_used_fraction, tokens_per_s_per_user=t.tokens_per_s_per_user,
                    ttft_s=t.ttft_s, throughput_tokens_per_s=t.throughput_tokens_per_s, power_w=t.power_w,
                    energy_per_token_j=t.energy_per_token_j, capex_usd=c.capex.total_usd,
@@ -89,8 +91,10 @@ def gpu_row(spec: ModelSpec, gpu_name: str, precision: str, context: int, users:
 
 def plan(model: str, system: str = "lpu-v1", compare: tuple[str, ...] = ("h100-sxm",),
          precision: str = "int8", context: int = 4096, users: int = 1,
-         assumptions: CostAssumptions = CostAssumptions()) -> list[PlanRow]:
-    """The LPU system first, then each GPU, for `users` concurrent streams of `context` tokens."""
+         assumptions: CostAssumptions = CostAssumptions(), chips: int | None = None,
+         gpus: int | None = None) -> list[PlanRow]:
+    """The LPU system first, then each GPU, for `users` concurrent streams of `context` tokens, on
+    `chips` LPU chips and `gpus` GPUs of each kind (None: the fewest that hold the workload)."""
     spec = load_preset(model)
     as_precision(precision)
     _check_workload(spec, context, users)
@@ -100,8 +104,8 @@ def plan(model: str, system: str = "lpu-v1", compare: tuple[str, ...] = ("h100-s
         load_gpu(name)
     if not compare and not system:
         raise OpenLPUError(f"nothing to plan: give --system and/or --compare ({', '.join(gpu_names())})")
-    rows = [lpu_row(spec, system, precision, context, users, assumptions)] if system else []
-    return rows + [gpu_row(spec, name, precision, context, users, assumptions) for name in compare]
+    rows = [lpu_row(spec, system, precision, context, users, assumptions, chips)] if system else []
+    return rows + [gpu_row(spec, name, precision, context, users, assumptions, gpus) for name in compare]
 
 
 PLOT_METRICS = (("tokens_per_s_per_user", "tokens/s per user"), ("throughput_tokens_per_s", "tokens/s (system)"),
