@@ -81,8 +81,8 @@ def gpu_row(spec: ModelSpec, gpu_name: str, precision: str, context: int, users:
     gpu = load_gpu(gpu_name)
     t = gpu_timing(spec, gpu, precision, context, users, gpus=gpus, prompt_tokens=prompt_tokens(context))
     c = cost(gpu_capex(gpu, t.gpus), t.power_w, t.throughput_tokens_per_s, assumptions)
-    return PlanRow(system=gpu.name, kind="gpu", chips=t.gpus, layout=f"{t.pipeline_stages} x TP {t.tensor_parallel}",
-                   memory="HBM",
+    return PlanRow(system=gpu.name, kind="gpu", chips=t.gpus,
+                   layout=f"{t.pipeline_stages} x TP {t.tensor_parallel}", memory="HBM",
                    memory_used_fraction=t.hbm_used_fraction, tokens_per_s_per_user=t.tokens_per_s_per_user,
                    ttft_s=t.ttft_s, throughput_tokens_per_s=t.throughput_tokens_per_s, power_w=t.power_w,
                    energy_per_token_j=t.energy_per_token_j, capex_usd=c.capex.total_usd,
