@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import math
 import platform
 import sys
 from dataclasses import dataclass
@@ -137,8 +136,8 @@ SECOND_HAND = [dataclasses.replace(check, published=tok_s, source=source, date=d
      "2024-04-21", "quoted without a source; Groq's Aug 2024 listing is the CHECK row"),
     (LLAMA_31_8B, 750, "neuraplus-ai.github.io 'Groq LPU vs GPU latency test' (50-run average; undated) [L]",
      "2025", "a blog's measurement; Groq's own listing is the CHECK row"),
-    (LLAMA_33_70B, 270, "neuraplus-ai.github.io 'Groq LPU vs GPU latency test' (undated) [L]; kickllm.com "
-     "lists 330 (Apr 2026)", "2025", "a blog's measurement; Groq's own listing is the CHECK row"))]
+    (LLAMA_33_70B, 270, ("neuraplus-ai.github.io 'Groq LPU vs GPU latency test' (undated) [L]; kickllm.com "
+                         "lists 330 (Apr 2026)"), "2025", "a blog's measurement; Groq's own listing is the CHECK row"))]
 # Each published figure is counted once, at the deployment the table states for it: the published chip
 # count, else the compiler's fewest chips. The rows below repeat figures under another deployment, to
 # show what that choice moves; they are not counted, whatever their error.
@@ -304,7 +303,7 @@ def fewest_chip_readings(lpu_rows, system) -> list[dict]:
     at a fixed install rate), and how many users in flight would give it, each user then waiting for
     the others' turns at the busiest stage."""
     from openlpu.compiler import Workload
-    from openlpu.compiler.partition import fewest_chips
+    from openlpu.compiler.partition import fewest_chips, lowered_passes
 
     out = []
     for r in lpu_rows:
@@ -312,7 +311,8 @@ def fewest_chip_readings(lpu_rows, system) -> list[dict]:
             continue
         lpu, spec = r["lpu"], load_preset(r["model"])
         workload = Workload(context_length=r["setting"]["context"], prompt_len=min(512, r["setting"]["context"]))
-        chips_by_tp = {t: best[0] * best[1] if (best := fewest_chips(spec, system, workload, widths=[t])) else None
+        passes = lowered_passes(spec, workload)  # the same ops for every width
+        chips_by_tp = {t: best[0] * best[1] if (best := fewest_chips(spec, system, workload, passes, [t])) else None
                        for t in (8, 4, 2)}
         out.append({"model": r["model"], "context": r["setting"]["context"], "published": r["published"],
                     "predicted": r["predicted"], "stages": lpu["stages"], "tp": lpu["tp"], "chips_by_tp": chips_by_tp,
@@ -326,7 +326,7 @@ def rows(points, predict) -> list[dict]:
     out = []
     for p in points:
         predicted, t = predict(p)
-        lpu = t and {k: getattr(t, k) for k in ("stages", "tp", "stage_occupancy_s", "decode_latency_s")}
+        lpu = t and {k: getattr(t, k) for k in ("stages", "tp", "stage_occupancy_s")}
         out.append({**dataclasses.asdict(p), "chips_modelled": t.chips if t else p.chips, "lpu": lpu,
                     "predicted": predicted, "error": predicted / p.published - 1})
     return out
@@ -335,8 +335,8 @@ def rows(points, predict) -> list[dict]:
 def markdown(lpu_rows, gpu_rows, gpu_fit, install_fit, shipped_install, system, decomposition, fp16, mixtral,
              fewest) -> str:
     def table(rs):
-        lines = ["| system | model | chips (published / modelled) | metric | published | predicted | error | "
-                 "role | source, date |", "|---|---|---|---|---|---|---|---|---|"]
+        lines = [("| system | model | chips (published / modelled) | metric | published | predicted | error | "
+                  "role | source, date |"), "|---|---|---|---|---|---|---|---|---|"]
         for r in rs:
             published = r["chips_published"] or (
                 "not published" if r["chips"] is None or "assumed" in r["role"] else r["chips"])
@@ -363,13 +363,16 @@ def markdown(lpu_rows, gpu_rows, gpu_fit, install_fit, shipped_install, system, 
     mixtral_checks = [r for r in lpu_rows if r["model"] == "mixtral-8x7b" and r["role"] == COUNTED]
     l70_measured = row(lpu_rows, "llama-2-70b", COUNTED, context=4096)
     fewest_table = "\n".join(
-        ["| model (window) | chips at TP 8 / 4 / 2 | placement | predicted | listed | TP the listing implies "
-         "| users in flight that would give it |", "|---|---|---|---|---|---|---|"]
+        [("| model (window) | chips at TP 8 / 4 / 2 | placement | predicted | listed | TP the listing implies "
+          "| users in flight that would give it |"), "|---|---|---|---|---|---|---|"]
         + [f"| {f['model']} ({f['context']:,}) | {' / '.join(str(c or '-') for c in f['chips_by_tp'].values())} "
            f"| {f['stages']} x TP {f['tp']} | {f['predicted']:,.0f} | "
            f"{f['published']:,} | {f['implied_tp']:.1f} | {_users(f)} |" for f in fewest])
-    small = [f for f in fewest if f["tp"] * f["published"] / f["predicted"] < 6]
+    small = [f for f in fewest if f["implied_tp"] < 6]
     big = [f for f in fewest if f not in small]
+    # how far apart the widths' chip counts are, for the 7-9B models
+    width_spread = max(max(c for c in f["chips_by_tp"].values() if c) / min(c for c in f["chips_by_tp"].values() if c)
+                       for f in small) - 1
     same_shape = {f["model"]: f["published"] for f in fewest if f["model"] in ("llama-3-8b", "llama-3.1-8b")}
     g_long = row(gpu_rows, "llama-2-70b", COUNTED, batch=512, output=2048)
     shared = [predict_gpu(Point(**{k: r[k] for k in Point.__dataclass_fields__}), "gqa-kernels") / r["published"]
@@ -437,8 +440,8 @@ COMPUTE_EFFICIENCY = {gpu_fit['COMPUTE_EFFICIENCY']:.3f} [{G.COMPUTE_EFFICIENCY:
   thefastest.ai's of 10 Apr 2024 ({l70_measured["published"]} tok/s, generation only), is
   {l70_measured["error"]:+.0%} from the prediction. (LLMPerf's own "inter-token latency", 5.38 ms,
   is the whole request time per output token, TTFT included, and is not a generation speed; an earlier
-  version of this table read it as one and put the gap at 1.6x.) The leaderboard's headline, output tokens over the whole request
-  (185 tok/s, the ALT row), adds a TTFT measured over the internet (median
+  version of this table read it as one and put the gap at 1.6x.) The leaderboard's headline, output
+  tokens over the whole request (185 tok/s, the ALT row), adds a TTFT measured over the internet (median
   {LLMPERF_GROQ_70B["median_ttft_s"]:.2f} s, with queueing) to what the model predicts for the chips
   alone (a prefill of 550 tokens on 576 chips), so it is shown and not counted.
 - Mixtral on 576 chips: 32 layers give 66 halves, fewer than the {mixtral["stages"]} stages of TP
@@ -469,7 +472,7 @@ COMPUTE_EFFICIENCY = {gpu_fit['COMPUTE_EFFICIENCY']:.3f} [{G.COMPUTE_EFFICIENCY:
   the compiler's TP 8 (and the FIT point's). The 7-9B models' imply TP
   {min(f["implied_tp"] for f in small):.1f} to {max(f["implied_tp"] for f in small):.1f}, narrower than most of
   the fewest-chips placements. The chip counts per width show why the compiler goes wide: at these
-  sizes the widths need nearly the same chips (within {max(max(c for c in f["chips_by_tp"].values() if c) / min(c for c in f["chips_by_tp"].values() if c) for f in small) - 1:.0%}), a narrow width often
+  sizes the widths need nearly the same chips (within {width_spread:.0%}), a narrow width often
   only by cutting MLPs between stages, and the compiler takes whole pieces first and, among equal
   counts, the wider width. Groq's deployments of these models are not published, and neither is the
   load behind a listing.
