@@ -203,6 +203,10 @@ def inspect_cmd(
     console.print(f"decode {t.decode_latency_s * 1e6:,.1f} us/token ({t.tokens_per_s_per_user:,.0f} tok/s per user), "
                   f"TTFT {t.ttft_s * 1e3:,.2f} ms, {t.throughput_tokens_per_s:,.0f} tok/s with {t.users} user(s), "
                   f"{t.power_w / 1e3:,.1f} kW, {t.energy_per_token_j:,.3f} J/token")
+    units = ", ".join(f"{u} {f:.1%}" for u, f in t.unit_utilisation.items())
+    links = ", ".join(f"{k} {f:.2%} of {t.links_used[k]:,}" for k, f in t.link_utilisation.items()) or "none used"
+    console.print(f"busy in steady state with {t.users} user(s): units (all chips) {units}; links {links}, "
+                  f"the busiest {t.busiest_link_utilisation:.2%}")
     console.print("verify: " + ("[green]passed[/]" if not violations else
                                 f"[red]{len(violations)} violation(s)[/]: {violations[0].message}"))
     if gantt:

@@ -14,6 +14,7 @@ from openlpu.compiler.program import MAGIC
 from openlpu.errors import OpenLPUError
 from openlpu.hardware.lpu import load_system
 from openlpu.models.spec import load_preset
+from openlpu.sim.timing import timing
 
 SYSTEM = load_system("lpu-v1")
 SMALL = Workload(context_length=2048, prompt_len=300, prefill_chunk=128)
@@ -223,6 +224,9 @@ def test_cli_compile_and_inspect(tmp_path):
     r = runner.invoke(app, ["inspect", str(out), "--gantt", str(png)])
     assert r.exit_code == 0, r.output
     assert "TP 4" in r.output and png.read_bytes()[:4] == b"\x89PNG"
+    t, text = timing(load_program(out)), " ".join(r.output.split())  # rich wraps at the terminal width
+    assert f"matrix {t.unit_utilisation['matrix']:.1%}" in text  # the utilisation line shows the timing's figures
+    assert f"local {t.link_utilisation['local']:.2%} of {t.links_used['local']:,}" in text
 
 
 @pytest.mark.parametrize("args, message", [

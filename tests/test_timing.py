@@ -1,5 +1,8 @@
 """Timing read off the schedule, checked against bounds computed a second way from the placement."""
 
+import dataclasses
+from collections import defaultdict
+
 import pytest
 
 from openlpu.compiler import Workload, compile_program
@@ -115,7 +118,9 @@ def test_power_utilisation_and_energy_are_consistent(qwen):
     hosts = nodes * SYSTEM.node.host_power_w
     assert t.chips * SYSTEM.chip.idle_power_w + hosts <= t.power_w <= t.chips * SYSTEM.chip.busy_power_w + hosts
     assert t.energy_per_token_j == pytest.approx(t.power_w / t.throughput_tokens_per_s)
-    assert all(0 <= u <= 1 for u in t.unit_utilisation.values()) and 0 < t.link_utilisation <= 1
+    assert all(0 <= u <= 1 for u in t.unit_utilisation.values())
+    assert set(t.link_utilisation) == set(t.links_used) and all(0 < u <= 1 for u in t.link_utilisation.values())
+    assert max(t.link_utilisation.values()) <= t.busiest_link_utilisation <= 1
     assert t.unit_utilisation["matrix"] > t.unit_utilisation["switch"] == 0
     assert 0 < t.sram_used_fraction <= 1
 
@@ -127,3 +132,22 @@ def test_inspect_views(qwen, tmp_path):
         sh.nbytes for sh in qwen.placement.shards if not sh.replicated)
     draw_gantt(qwen, tmp_path / "g.png")
     assert (tmp_path / "g.png").stat().st_size > 10_000
+
+
+def test_slow_links_set_the_token_period_with_users_in_flight():
+    """Every user's bytes cross each link once per token, so with enough users the busiest link, not a
+    stage, sets the period: that link is busy 100% of the time, and the period is users x its time,
+    summed here from the Program's transfers."""
+    slow = dataclasses.replace(SYSTEM, links={k: dataclasses.replace(link, bandwidth_bytes_per_s=2e7)
+                                              for k, link in SYSTEM.links.items()})
+    program = compile_program(load_preset("qwen3-8b"), slow, Workload(context_length=256, prompt_len=64, users=16))
+    t = timing(program)
+    carried = defaultdict(float)
+    for transfer in program.decode.transfers:
+        for a, b, nbytes in transfer.links:
+            carried[(a, b)] += nbytes
+    busiest_s = max(nbytes / slow.links[slow.link_kind(*link)].bandwidth_bytes_per_s for link, nbytes in carried.items())
+    assert t.users * busiest_s > max(t.decode_latency_s, t.users * t.stage_occupancy_s)  # the links bind
+    assert t.tokens_per_s_per_user == pytest.approx(1 / (t.users * busiest_s), rel=1e-6)
+    assert t.busiest_link_utilisation == pytest.approx(1.0)
+    assert all(0 < u <= 1 for u in t.link_utilisation.values())

@@ -1,8 +1,9 @@
 """Speed, utilisation and power read off a Program's static schedule (no separate formula).
 
 - per-token latency for one user = makespan of one decode step (token back at the embedding stage);
-- several users in flight: each occupies one stage at a time, so a new token per user comes every
-  max(makespan, users x busiest stage's occupancy) cycles;
+- several users in flight: each occupies one stage at a time, and each link carries every user's
+  bytes, so a new token per user comes every max(makespan, users x busiest stage's occupancy,
+  users x busiest link's time) cycles;
 - TTFT = makespan of the prefill program, which ends by sampling the first token;
 - power per chip = idle + (busy - idle) x the fraction of cycles its functional units are busy.
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from openlpu.compiler.partition import ffn_rows, piece_name, vocab_rows
 from openlpu.compiler.program import PhaseSchedule, Program
 from openlpu.graph.ops import UNITS
+from openlpu.hardware.lpu import LINK_KINDS
 from openlpu.sim.figures import save_png
 
 
@@ -29,8 +31,9 @@ class LpuTiming:
     tokens_per_s_per_user: float  # with `users` in flight
     throughput_tokens_per_s: float  # all users together
     unit_utilisation: dict[str, float]  # busy fraction per unit class, over all chips, in steady state
-    link_utilisation: float  # bytes carried / (bandwidth x time), over the links the program uses
-    links_used: int
+    link_utilisation: dict[str, float]  # per link kind the step uses: bytes carried / (bandwidth x time)
+    links_used: dict[str, int]  # per link kind: directed links that carry bytes in a decode step
+    busiest_link_utilisation: float
     power_w: float  # chips plus node hosts, in steady state
     energy_per_token_j: float
     sram_used_bytes: int  # weights + KV + reserved activations, all chips
@@ -39,8 +42,8 @@ class LpuTiming:
 
 
 def stage_occupancy_cycles(phase: PhaseSchedule) -> dict[int, int]:
-    """Cycles each stage holds one user's token: from its first op or incoming send to its last op or
-    outgoing send."""
+    """Cycles each stage holds one user's token: from its first op to its last (its links work beside
+    its units, so sends do not hold the stage)."""
     first, last = {}, defaultdict(int)
     for op in phase.ops:
         first[op.stage] = min(first.get(op.stage, op.start_cycle), op.start_cycle)
@@ -52,7 +55,15 @@ def timing(program: Program) -> LpuTiming:
     decode, clock = program.decode, program.system.chip.clock_hz
     users, chips = program.workload.users, program.chips
     occupancy = stage_occupancy_cycles(decode)
-    period = max(decode.makespan_cycles, users * max(occupancy.values()))  # cycles between a user's tokens
+    carried = defaultdict(float)
+    for t in decode.transfers:
+        for a, b, nbytes in t.links:
+            carried[(a, b)] += nbytes
+    kind_of = {link: program.system.link_kind(*link) for link in carried}
+    link_cycles = {link: nbytes / program.system.links[kind_of[link]].bandwidth_bytes_per_s * clock
+                   for link, nbytes in carried.items()}
+    # cycles between a user's tokens
+    period = max(decode.makespan_cycles, users * max(occupancy.values()), users * max(link_cycles.values(), default=0))
     busy = defaultdict(float)
     for op in decode.ops:
         busy[op.unit] += (op.end_cycle - op.start_cycle) * len(program.placement.stages[op.stage].chips)
@@ -71,12 +82,9 @@ def timing(program: Program) -> LpuTiming:
                      for s in program.placement.stages)
     nodes = len({program.system.node_of(c) for c in program.placement.chips})
     power = chip_power + nodes * program.system.node.host_power_w
-    carried = defaultdict(float)
-    for t in decode.transfers:
-        for a, b, nbytes in t.links:
-            carried[(a, b)] += nbytes
-    link_capacity = sum(program.system.links[program.system.link_kind(a, b)].bandwidth_bytes_per_s
-                        for a, b in carried) * period / clock
+    links_used = {k: n for k in LINK_KINDS if (n := sum(1 for kind in kind_of.values() if kind == k))}
+    link_utilisation = {k: users * sum(c for link, c in link_cycles.items() if kind_of[link] == k) / (n * period)
+                        for k, n in links_used.items()}
     sram = sum(sh.nbytes for sh in program.placement.shards) + sum(
         (s.kv_bytes_per_chip + s.activation_bytes_per_chip) * len(s.chips) for s in program.placement.stages)
     throughput = users * clock / period
@@ -84,8 +92,9 @@ def timing(program: Program) -> LpuTiming:
         chips=chips, stages=len(program.placement.stages), tp=program.placement.tp, users=users,
         ttft_s=program.prefill.makespan_cycles / clock, decode_latency_s=decode.makespan_cycles / clock,
         tokens_per_s_per_user=clock / period, throughput_tokens_per_s=throughput,
-        unit_utilisation=unit_utilisation,
-        link_utilisation=users * sum(carried.values()) / link_capacity if carried else 0.0, links_used=len(carried),
+        unit_utilisation=unit_utilisation, link_utilisation=link_utilisation,
+        links_used=links_used,
+        busiest_link_utilisation=users * max(link_cycles.values(), default=0) / period,
         power_w=power, energy_per_token_j=power / throughput, sram_used_bytes=sram,
         sram_used_fraction=sram / (chips * chip.sram_bytes), stage_occupancy_s=max(occupancy.values()) / clock)
 
