@@ -373,7 +373,14 @@ def markdown(lpu_rows, gpu_rows, gpu_fit, install_fit, shipped_install, system, 
     # how far apart the widths' chip counts are, for the 7-9B models
     width_spread = max(max(c for c in f["chips_by_tp"].values() if c) / min(c for c in f["chips_by_tp"].values() if c)
                        for f in small) - 1
-    same_shape = {f["model"]: f["published"] for f in fewest if f["model"] in ("llama-3-8b", "llama-3.1-8b")}
+    by_model = {f["model"]: f for f in fewest}
+    same_shape_pairs = "; ".join(
+        f"{a} / {b} listed {by_model[a]['published']:,} / {by_model[b]['published']:,} tok/s "
+        f"({by_model[a]['published'] / by_model[b]['published']:.1f}x), predicted {by_model[a]['predicted']:,.0f} / "
+        f"{by_model[b]['predicted']:,.0f} ({by_model[a]['predicted'] / by_model[b]['predicted']:.1f}x)"
+        for a, b in (("llama-3-8b", "llama-3.1-8b"), ("llama-3-70b", "llama-3.3-70b")))
+    spread_576 = [r["predicted"] / r["published"] for r in lpu_rows
+                  if "576 chips assumed" in r["role"] and r["model"] in {f["model"] for f in small}]
     g_long = row(gpu_rows, "llama-2-70b", COUNTED, batch=512, output=2048)
     shared = [predict_gpu(Point(**{k: r[k] for k in Point.__dataclass_fields__}), "gqa-kernels") / r["published"]
               for r in gpu_rows if r["role"] == COUNTED and r["setting"].get("output") == 2048]
@@ -394,7 +401,10 @@ Model: a matrix op lasts max(MACs / MAC rate, SRAM bytes / SRAM bandwidth, weigh
 rate). The MXM is weight-stationary: a 320 x 320 tile must be installed before vectors stream through
 it, and at batch 1 each installed weight serves one vector, so decode is bound by the install rate
 and not by the 750 TOPS or the 80 TB/s. MoE expert matmuls install every expert the chip holds (the
-static schedule cannot depend on routing). Link latencies are the preset's, not fitted ({hops}).
+static schedule cannot depend on routing). Decode attention obeys the same rule: its one query row per
+head streams through the cached K and V, which are installed like weights, and the Program attends the
+whole context it was compiled for, so a row's window slows each of its tokens by (KV bytes per chip) /
+install rate per layer. Link latencies are the preset's, not fitted ({hops}).
 
 Deployments: {CHIPS_SOURCE}; used for every row of those two models, as no later count was published.
 Each service row is modelled at the context window the service offered (the
@@ -468,22 +478,22 @@ COMPUTE_EFFICIENCY = {gpu_fit['COMPUTE_EFFICIENCY']:.3f} [{G.COMPUTE_EFFICIENCY:
 
 {fewest_table}
 
-  The 70B models' listings imply TP {min(f["implied_tp"] for f in big):.1f} to {max(f["implied_tp"] for f in big):.1f},
-  the compiler's TP 8 (and the FIT point's). The 7-9B models' imply TP
+  The 70B models' listings imply TP {min(f["implied_tp"] for f in big):.1f} to {max(f["implied_tp"] for f in big):.1f}
+  (the compiler's and the FIT point's: 8). The 7-9B models' imply TP
   {min(f["implied_tp"] for f in small):.1f} to {max(f["implied_tp"] for f in small):.1f}, narrower than most of
   the fewest-chips placements. The chip counts per width show why the compiler goes wide: at these
   sizes the widths need nearly the same chips (within {width_spread:.0%}), a narrow width often
   only by cutting MLPs between stages, and the compiler takes whole pieces first and, among equal
   counts, the wider width. Groq's deployments of these models are not published, and neither is the
   load behind a listing.
-  Llama-3-8B and Llama-3.1-8B have the same layer shapes (3.1 changes the RoPE scaling and the window),
-  yet Groq listed them at {same_shape["llama-3-8b"]:,} (Aug 2024) and {same_shape["llama-3.1-8b"]:,} (2025) tok/s,
-  {same_shape["llama-3-8b"] / same_shape["llama-3.1-8b"]:.1f}x apart: no chip model that predicts one speed
-  for one layer shape is within 15% of both. These rows test Groq's choice of deployment and its load
-  more than the chip.
+  Two pairs have the same layer shapes and differ in window (8,192 tokens in 2024, 131,072 in 2025;
+  the 3.1 and 3.3 models also change the RoPE scaling): {same_shape_pairs}. The model tells the two of a
+  pair apart only by the window, attended whole at every step, and by the placement it gives.
+  These rows test Groq's choice of deployment and its load more than the chip.
 - The 576-chip ALT rows: given more chips than the fewest, the compiler widens to TP 8 and cuts MLPs
-  between stages, and the parts run in parallel, so a small model on 576 chips runs several times
-  faster per user than the figures Groq published for it. Groq published no chip count for these models.
+  between stages, and the parts run in parallel, so a 7-9B model on 576 chips runs
+  {min(spread_576):.1f}-{max(spread_576):.1f}x faster per user than the figures Groq published for it.
+  Groq published no chip count for these models.
 - Precision: every LPU row uses 8-bit weights, activations and KV. 8-bit (or mixed) weights are
   forced by capacity (576 x 230 MB = 132 GB < 138 GB of FP16 Llama-2-70B weights), and Groq's own
   numerics ("TruePoint", 2024) store weights in reduced precision with higher-precision arithmetic

@@ -151,3 +151,21 @@ def test_slow_links_set_the_token_period_with_users_in_flight():
     assert t.tokens_per_s_per_user == pytest.approx(1 / (t.users * busiest_s), rel=1e-6)
     assert t.busiest_link_utilisation == pytest.approx(1.0)
     assert all(0 < u <= 1 for u in t.link_utilisation.values())
+
+
+def test_decode_attention_installs_the_kv_cache_it_attends():
+    """With one query row per head group, the cached keys and values are the matrices the queries
+    stream through, so a decode attention lasts at least its chip's K and V (from the model's shapes)
+    over the install rate, and a longer context slows every token by about that much per layer."""
+    spec, rate = load_preset("llama-3.1-8b"), SYSTEM.chip.matrix_install_bytes_per_cycle
+    programs = {n: _compile("llama-3.1-8b", 80, Workload(context_length=n, prompt_len=256)) for n in (4096, 65536)}
+    tp = {p.placement.tp for p in programs.values()}.pop()
+    assert {len(p.placement.stages) for p in programs.values()} == {80 // tp}  # one layout, two contexts
+    kv_cycles = {n: 2 * n * spec.n_kv_heads // tp * spec.head_dim / rate for n in programs}  # int8: 1 byte
+    for n, p in programs.items():
+        attention = [o for o in p.decode.ops if o.kind == "attention"]
+        assert len(attention) == spec.n_layers
+        assert all(kv_cycles[n] <= o.end_cycle - o.start_cycle <= kv_cycles[n] * 1.01 + 2 for o in attention)
+    extra_s = spec.n_layers * (kv_cycles[65536] - kv_cycles[4096]) / SYSTEM.chip.clock_hz
+    slower_s = timing(programs[65536]).decode_latency_s - timing(programs[4096]).decode_latency_s
+    assert slower_s == pytest.approx(extra_s, rel=0.02)

@@ -186,6 +186,8 @@ class _Scheduler:
         if op.unit == "matrix" and op.weight:  # the chip's whole share of the tensor, all experts for MoE
             installed = max(weights, self.tensor_elements[op.weight] * f_w * self.weight_bytes_per_element)
             weights = installed
+        elif op.kind == "attention":  # the keys and values attended are the matrices its queries stream through
+            installed = (op.kv_read_bytes + op.kv_write_bytes) * f_kv
         reads = weights + op.kv_read_bytes * f_kv + op.act_read_bytes * f_in
         writes = op.act_write_bytes * f_out + op.kv_write_bytes * f_kv
         rate = self.attention_flops_per_cycle if op.kind == "attention" else self.unit_flops_per_cycle[op.unit]
