@@ -89,6 +89,10 @@ def test_bad_files(tmp_path):
         load_system(bad)
     with pytest.raises(OpenLPUError, match="not found"):
         load_system(tmp_path / "missing.json")
+    notes = tmp_path / "chips.txt"
+    notes.write_text("230 MB of SRAM")
+    with pytest.raises(OpenLPUError, match="is a file but not a hardware JSON file: give a .json file"):
+        load_system(notes)
 
 
 def test_routes_follow_the_topology():

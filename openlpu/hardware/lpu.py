@@ -198,6 +198,9 @@ def lpu_preset_names() -> list[str]:
 def load_system(name_or_path: str | Path) -> SystemSpec:
     """An LPU system from a preset name (e.g. "lpu-v1") or a path to a hardware JSON file."""
     path = Path(name_or_path)
+    if path.suffix != ".json" and path.is_file() and str(name_or_path) not in lpu_preset_names():
+        raise OpenLPUError(f"{str(name_or_path)!r} is a file but not a hardware JSON file: give a .json file shaped "
+                           f"like {PRESETS_DIR / 'lpu-v1.json'}, or a preset ({', '.join(lpu_preset_names())})")
     if path.suffix != ".json":
         path = PRESETS_DIR / f"{name_or_path}.json"
         if not path.exists() or str(name_or_path) not in lpu_preset_names():
