@@ -86,26 +86,40 @@ def plan(
     precision: str = typer.Option("int8", "--precision", help="weight precision: fp16, bf16, fp8, int8, int4"),
     context: int = typer.Option(4096, "--context", help="tokens of context per user"),
     users: int = typer.Option(1, "--users", help="concurrent users (streams)"),
+    prompt: int = typer.Option(None, "--prompt", help="prompt tokens whose prefill sets TTFT (default: 512, "
+                                                      "or the context if shorter)"),
     chips: int = typer.Option(None, "--chips", help="LPU chips to use (default: as few as fit)"),
     gpus: int = typer.Option(None, "--gpus", help="GPUs of each kind to use (default: as few as fit)"),
+    years: float = typer.Option(None, "--years", help="years the capex is spread over (default 3)"),
+    usd_per_kwh: float = typer.Option(None, "--usd-per-kwh", help="electricity price (default 0.10)"),
+    utilisation: float = typer.Option(None, "--utilisation", help="fraction of the hours spent serving at the "
+                                                                  "modelled throughput (default 0.5)"),
     json_out: bool = typer.Option(False, "--json", help="print the rows as JSON"),
     plot_file: str = typer.Option(None, "--plot", help="write a PNG chart of the rows to this file"),
 ):
     """Chips, memory, tokens/s per user, TTFT, throughput, power, J/token, capex and $/Mtok: LPU vs GPUs."""
     import json
 
+    from openlpu.sim.cost import CostAssumptions
     from openlpu.sim.plan import plan as make_plan
-    from openlpu.sim.plan import plot
+    from openlpu.sim.plan import plot, prompt_tokens
 
+    given = {"years": years, "usd_per_kwh": usd_per_kwh, "utilisation": utilisation}
+    assumptions = CostAssumptions(**{k: v for k, v in given.items() if v is not None})
     rows = make_plan(model, system=system, compare=tuple(compare), precision=precision, context=context,
-                     users=users, chips=chips, gpus=gpus)
+                     users=users, chips=chips, gpus=gpus, prompt=prompt, assumptions=assumptions)
+    prompt = prompt_tokens(context) if prompt is None else prompt
     if plot_file:
         plot(rows, plot_file, f"{model}, {precision}, {users} user(s) x {context} tokens")
     if json_out:
         print(json.dumps([r.to_dict() for r in rows], indent=1))
         return
     # one column per system, one row per figure: side by side at any terminal width
-    table = Table(title=f"{model} at {precision}, {users} user(s) x {context} tokens of context")
+    a = assumptions
+    table = Table(title=f"{model} at {precision}, {users} user(s) x {context} tokens of context",
+                  caption=f"TTFT: the prefill of a {prompt:,}-token prompt. $ per M tokens: capex over {a.years:g} "
+                          f"years plus power at ${a.usd_per_kwh:.2f}/kWh (PUE {a.pue:g}), serving "
+                          f"{a.utilisation:.0%} of the hours at the throughput shown.")
     table.add_column("")
     for r in rows:
         table.add_column(f"{r.system} ({r.kind})", justify="right")

@@ -65,6 +65,35 @@ def test_chip_and_gpu_counts_are_the_deployment_planned():
     assert fewest.chips < 8 and fewest.tokens_per_s_per_user < h100.tokens_per_s_per_user
 
 
+def test_prompt_and_cost_assumptions_reach_the_rows():
+    """--prompt sets the prefill behind TTFT on both sides (read a second way here); serving twice the
+    hours halves $ per M tokens, since the cost over the years is the same and the tokens double."""
+    from openlpu.compiler import Workload, compile_program
+    from openlpu.hardware.lpu import load_system
+    from openlpu.sim.gpu import gpu_timing
+    from openlpu.sim.timing import timing
+
+    spec = load_preset("llama-3-8b")
+    lpu, h100 = plan("llama-3-8b", context=4096, prompt=2048)
+    program = compile_program(spec, load_system("lpu-v1"), Workload(context_length=4096, prompt_len=2048))
+    assert lpu.ttft_s == pytest.approx(timing(program).ttft_s)
+    assert h100.ttft_s == pytest.approx(gpu_timing(spec, load_gpu("h100-sxm"), "int8", 4096, prompt_tokens=2048).ttft_s)
+    short = plan("llama-3-8b", context=4096, prompt=128)
+    assert all(s.ttft_s < r.ttft_s for s, r in zip(short, (lpu, h100)))
+    busy = plan("llama-3-8b", context=4096, prompt=2048, assumptions=CostAssumptions(utilisation=1.0))
+    for half, full in zip((lpu, h100), busy):
+        assert full.usd_per_million_tokens == pytest.approx(half.usd_per_million_tokens / 2)
+
+
+def test_cli_table_states_the_prompt_and_the_cost_assumptions():
+    r = run_cli("llama-3-8b", "--context", "2048", "--prompt", "1024", "--utilisation", "0.8", "--years", "4",
+                "--usd-per-kwh", "0.07")
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    assert "prefill of a 1,024-token prompt" in text and "capex over 4 years" in text
+    assert "$0.07/kWh" in text and "serving 80% of the hours" in text
+
+
 def test_more_users_raise_throughput_on_the_gpu():
     one, = plan("llama-3-8b", system="", compare=("h100-sxm",), context=2048, users=1)
     many, = plan("llama-3-8b", system="", compare=("h100-sxm",), context=2048, users=16)
@@ -99,6 +128,12 @@ def test_cli_json_and_plot(tmp_path):
     (["llama-2-70b", "--gpus", "12"], "whole servers of 8"),
     (["llama-2-70b", "--gpus", "0"], "positive"),
     (["llama-2-70b", "--precision", "fp16", "--gpus", "1"], "cannot hold llama-2-70b's 138.0 GB"),
+    (["llama-2-70b", "--prompt", "5000"], "--prompt 5000 is longer than --context 4096"),
+    (["llama-2-70b", "--prompt", "0"], "--prompt must be a positive integer"),
+    (["llama-2-70b", "--utilisation", "1.5"], "utilisation must be at most 1"),
+    (["llama-2-70b", "--utilisation", "0"], "utilisation must be positive"),
+    (["llama-2-70b", "--years", "-1"], "years must be positive"),
+    (["llama-2-70b", "--usd-per-kwh", "0"], "usd_per_kwh must be positive"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, says):
     r = run_cli(*args)

@@ -38,8 +38,11 @@ class CostAssumptions:
             v = getattr(self, f)
             if not v > 0:
                 raise OpenLPUError(f"cost assumption {f} must be positive, got {v!r}")
-        if self.pue < 1 or self.utilisation > 1:
-            raise OpenLPUError("pue must be at least 1 and utilisation at most 1")
+        if self.pue < 1:
+            raise OpenLPUError(f"cost assumption pue must be at least 1 (wall power / IT power), got {self.pue!r}")
+        if self.utilisation > 1:
+            raise OpenLPUError(f"cost assumption utilisation must be at most 1 (a fraction of the hours), "
+                               f"got {self.utilisation!r}")
 
 
 @dataclass(frozen=True)

@@ -46,23 +46,25 @@ def prompt_tokens(context: int) -> int:
     return min(Workload().prompt_len, context)
 
 
-def _check_workload(spec: ModelSpec, context: int, users: int) -> None:
-    for what, v in (("context", context), ("users", users)):
+def _check_workload(spec: ModelSpec, context: int, users: int, prompt: int) -> None:
+    for what, v in (("context", context), ("users", users), ("prompt", prompt)):
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise OpenLPUError(f"--{what} must be a positive integer, got {v!r}")
     if context > spec.context_length:
         raise OpenLPUError(f"--context {context} is longer than {spec.name}'s context window "
                            f"({spec.context_length} tokens); use at most {spec.context_length}")
+    if prompt > context:
+        raise OpenLPUError(f"--prompt {prompt} is longer than --context {context}; use at most {context}")
 
 
-def lpu_row(spec: ModelSpec, system_name: str, precision: str, context: int, users: int,
+def lpu_row(spec: ModelSpec, system_name: str, precision: str, context: int, users: int, prompt: int,
             assumptions: CostAssumptions, chips: int | None = None) -> PlanRow:
     from openlpu.compiler import Workload, compile_program, verify_or_raise
     from openlpu.sim.timing import timing
 
     system = load_system(system_name)
     workload = Workload(weights=precision, activations=precision, kv=precision, context_length=context,
-                        users=users, prompt_len=prompt_tokens(context))
+                        users=users, prompt_len=prompt)
     program = compile_program(spec, system, workload, chips=chips)
     verify_or_raise(program)  # figures are read off a schedule only if it holds every invariant
     t = timing(program)
@@ -74,12 +76,12 @@ def lpu_row(spec: ModelSpec, system_name: str, precision: str, context: int, use
                    usd_per_million_tokens=c.usd_per_million_tokens)
 
 
-def gpu_row(spec: ModelSpec, gpu_name: str, precision: str, context: int, users: int,
+def gpu_row(spec: ModelSpec, gpu_name: str, precision: str, context: int, users: int, prompt: int,
             assumptions: CostAssumptions, gpus: int | None = None) -> PlanRow:
     from openlpu.sim.gpu import gpu_timing
 
     gpu = load_gpu(gpu_name)
-    t = gpu_timing(spec, gpu, precision, context, users, gpus=gpus, prompt_tokens=prompt_tokens(context))
+    t = gpu_timing(spec, gpu, precision, context, users, gpus=gpus, prompt_tokens=prompt)
     c = cost(gpu_capex(gpu, t.gpus), t.power_w, t.throughput_tokens_per_s, assumptions)
     return PlanRow(system=gpu.name, kind="gpu", chips=t.gpus,
                    layout=f"{t.pipeline_stages} x TP {t.tensor_parallel}", memory="HBM",
@@ -92,20 +94,22 @@ def gpu_row(spec: ModelSpec, gpu_name: str, precision: str, context: int, users:
 def plan(model: str, system: str = "lpu-v1", compare: tuple[str, ...] = ("h100-sxm",),
          precision: str = "int8", context: int = 4096, users: int = 1,
          assumptions: CostAssumptions = CostAssumptions(), chips: int | None = None,
-         gpus: int | None = None) -> list[PlanRow]:
+         gpus: int | None = None, prompt: int | None = None) -> list[PlanRow]:
     """The LPU system first, then each GPU, for `users` concurrent streams of `context` tokens, on
-    `chips` LPU chips and `gpus` GPUs of each kind (None: the fewest that hold the workload)."""
+    `chips` LPU chips and `gpus` GPUs of each kind (None: the fewest that hold the workload); TTFT is
+    the prefill of `prompt` tokens (None: prompt_tokens(context))."""
     spec = load_preset(model)
     as_precision(precision)
-    _check_workload(spec, context, users)
+    prompt = prompt_tokens(context) if prompt is None else prompt
+    _check_workload(spec, context, users, prompt)
     if system:
         load_system(system)  # unknown names fail before any compile work
     for name in compare:
         load_gpu(name)
     if not compare and not system:
         raise OpenLPUError(f"nothing to plan: give --system and/or --compare ({', '.join(gpu_names())})")
-    rows = [lpu_row(spec, system, precision, context, users, assumptions, chips)] if system else []
-    return rows + [gpu_row(spec, name, precision, context, users, assumptions, gpus) for name in compare]
+    rows = [lpu_row(spec, system, precision, context, users, prompt, assumptions, chips)] if system else []
+    return rows + [gpu_row(spec, name, precision, context, users, prompt, assumptions, gpus) for name in compare]
 
 
 PLOT_METRICS = (("tokens_per_s_per_user", "tokens/s per user"), ("throughput_tokens_per_s", "tokens/s (system)"),
