@@ -132,6 +132,7 @@ def plan(
         "throughput (tok/s)": lambda r: f"{r.throughput_tokens_per_s:,.0f}",
         "power (kW)": lambda r: f"{r.power_w / 1e3:,.1f}",
         "energy (J/token)": lambda r: f"{r.energy_per_token_j:,.2f}",
+        "compute used (MFU)": lambda r: f"{r.compute_used_fraction * 100:.2g}%",
         "capex ($M)": lambda r: f"{r.capex_usd / 1e6:,.2f}",
         "$ per M tokens": lambda r: f"{r.usd_per_million_tokens:,.2f}",
     }

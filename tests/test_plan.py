@@ -94,6 +94,31 @@ def test_cli_table_states_the_prompt_and_the_cost_assumptions():
     assert "$0.07/kWh" in text and "serving 80% of the hours" in text
 
 
+def test_compute_used_reads_the_programs_flops_and_the_presets_peaks():
+    """MFU a second way: the FLOPs the Program's matrix units run per token (per-chip FLOPs x chips of
+    each stage) at the row's throughput, over the peak the presets give for the chips used; under the
+    schedule's matrix busy fraction (an op lasts at least its FLOPs over the rate) and, on the GPU,
+    under COMPUTE_EFFICIENCY (the roofline). Users in flight fill the LPU pipeline and raise it."""
+    from openlpu.compiler import Workload, compile_program
+    from openlpu.hardware.lpu import load_system
+    from openlpu.sim.gpu import COMPUTE_EFFICIENCY
+    from openlpu.sim.timing import timing
+
+    spec, system, h100_spec = load_preset("mixtral-8x7b"), load_system("lpu-v1"), load_gpu("h100-sxm")
+    for users in (1, 8):
+        lpu, h100 = plan("mixtral-8x7b", context=2048, users=users, gpus=4)
+        program = compile_program(spec, system, Workload(context_length=2048, prompt_len=512, users=users))
+        width = {s.index: len(s.chips) for s in program.placement.stages}
+        flops = sum(o.flops_per_chip * width[o.stage] for o in program.decode.ops if o.unit == "matrix")
+        peak = 2 * system.chip.matrix_macs_per_cycle["int8"] * system.chip.clock_hz * program.chips
+        assert lpu.compute_used_fraction == pytest.approx(flops * lpu.throughput_tokens_per_s / peak, rel=1e-3)
+        assert lpu.compute_used_fraction <= timing(program).unit_utilisation["matrix"]
+        gpu_peak = 4 * h100_spec.dense_flops_per_s["int8"]
+        assert h100.compute_used_fraction == pytest.approx(flops * h100.throughput_tokens_per_s / gpu_peak, rel=1e-3)
+        assert h100.compute_used_fraction < COMPUTE_EFFICIENCY
+    assert lpu.compute_used_fraction > 4 * plan("mixtral-8x7b", context=2048, gpus=4)[0].compute_used_fraction
+
+
 def test_more_users_raise_throughput_on_the_gpu():
     one, = plan("llama-3-8b", system="", compare=("h100-sxm",), context=2048, users=1)
     many, = plan("llama-3-8b", system="", compare=("h100-sxm",), context=2048, users=16)

@@ -32,6 +32,7 @@ class PlanRow:
     throughput_tokens_per_s: float
     power_w: float  # IT power while serving (no PUE)
     energy_per_token_j: float
+    compute_used_fraction: float  # matrix FLOPs done / the peak of the chips used, in steady state (MFU)
     capex_usd: float
     usd_per_million_tokens: float
 
@@ -44,6 +45,14 @@ def prompt_tokens(context: int) -> int:
     from openlpu.compiler import Workload
 
     return min(Workload().prompt_len, context)
+
+
+def matrix_flops_per_token(spec: ModelSpec, precision: str, context: int) -> float:
+    """The matmul and attention FLOPs of one user's decode step at `context` tokens: the work both
+    systems do per token, whatever their layout."""
+    from openlpu.graph.lower import lower
+
+    return sum(op.flops for op in lower(spec, "decode", context, 1, precision) if op.unit == "matrix")
 
 
 def _check_workload(spec: ModelSpec, context: int, users: int, prompt: int) -> None:
@@ -60,6 +69,7 @@ def _check_workload(spec: ModelSpec, context: int, users: int, prompt: int) -> N
 def lpu_row(spec: ModelSpec, system_name: str, precision: str, context: int, users: int, prompt: int,
             assumptions: CostAssumptions, chips: int | None = None) -> PlanRow:
     from openlpu.compiler import Workload, compile_program, verify_or_raise
+    from openlpu.compiler.schedule import matrix_macs_per_cycle
     from openlpu.sim.timing import timing
 
     system = load_system(system_name)
@@ -69,11 +79,13 @@ def lpu_row(spec: ModelSpec, system_name: str, precision: str, context: int, use
     verify_or_raise(program)  # figures are read off a schedule only if it holds every invariant
     t = timing(program)
     c = cost(lpu_capex(system, t.chips), t.power_w, t.throughput_tokens_per_s, assumptions)
+    peak = 2 * matrix_macs_per_cycle(system, precision, precision) * system.chip.clock_hz * t.chips
     return PlanRow(system=system.name, kind="lpu", chips=t.chips, layout=f"{t.stages} x TP {t.tp}", memory="SRAM",
                    memory_used_fraction=t.sram_used_fraction, tokens_per_s_per_user=t.tokens_per_s_per_user,
                    ttft_s=t.ttft_s, throughput_tokens_per_s=t.throughput_tokens_per_s, power_w=t.power_w,
-                   energy_per_token_j=t.energy_per_token_j, capex_usd=c.capex.total_usd,
-                   usd_per_million_tokens=c.usd_per_million_tokens)
+                   energy_per_token_j=t.energy_per_token_j,
+                   compute_used_fraction=matrix_flops_per_token(spec, precision, context) * t.throughput_tokens_per_s
+                   / peak, capex_usd=c.capex.total_usd, usd_per_million_tokens=c.usd_per_million_tokens)
 
 
 def gpu_row(spec: ModelSpec, gpu_name: str, precision: str, context: int, users: int, prompt: int,
@@ -83,12 +95,14 @@ def gpu_row(spec: ModelSpec, gpu_name: str, precision: str, context: int, users:
     gpu = load_gpu(gpu_name)
     t = gpu_timing(spec, gpu, precision, context, users, gpus=gpus, prompt_tokens=prompt)
     c = cost(gpu_capex(gpu, t.gpus), t.power_w, t.throughput_tokens_per_s, assumptions)
+    peak = gpu.compute_flops_per_s(precision) * t.gpus
     return PlanRow(system=gpu.name, kind="gpu", chips=t.gpus,
                    layout=f"{t.pipeline_stages} x TP {t.tensor_parallel}", memory="HBM",
                    memory_used_fraction=t.hbm_used_fraction, tokens_per_s_per_user=t.tokens_per_s_per_user,
                    ttft_s=t.ttft_s, throughput_tokens_per_s=t.throughput_tokens_per_s, power_w=t.power_w,
-                   energy_per_token_j=t.energy_per_token_j, capex_usd=c.capex.total_usd,
-                   usd_per_million_tokens=c.usd_per_million_tokens)
+                   energy_per_token_j=t.energy_per_token_j,
+                   compute_used_fraction=matrix_flops_per_token(spec, precision, context) * t.throughput_tokens_per_s
+                   / peak, capex_usd=c.capex.total_usd, usd_per_million_tokens=c.usd_per_million_tokens)
 
 
 def plan(model: str, system: str = "lpu-v1", compare: tuple[str, ...] = ("h100-sxm",),
