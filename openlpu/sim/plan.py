@@ -79,13 +79,13 @@ def lpu_row(spec: ModelSpec, system_name: str, precision: str, context: int, use
     verify_or_raise(program)  # figures are read off a schedule only if it holds every invariant
     t = timing(program)
     c = cost(lpu_capex(system, t.chips), t.power_w, t.throughput_tokens_per_s, assumptions)
-    peak = 2 * matrix_macs_per_cycle(system, precision, precision) * system.chip.clock_hz * t.chips
+    peak_flops_per_s = 2 * matrix_macs_per_cycle(system, precision, precision) * system.chip.clock_hz * t.chips
+    used = matrix_flops_per_token(spec, precision, context) * t.throughput_tokens_per_s / peak_flops_per_s
     return PlanRow(system=system.name, kind="lpu", chips=t.chips, layout=f"{t.stages} x TP {t.tp}", memory="SRAM",
                    memory_used_fraction=t.sram_used_fraction, tokens_per_s_per_user=t.tokens_per_s_per_user,
                    ttft_s=t.ttft_s, throughput_tokens_per_s=t.throughput_tokens_per_s, power_w=t.power_w,
-                   energy_per_token_j=t.energy_per_token_j,
-                   compute_used_fraction=matrix_flops_per_token(spec, precision, context) * t.throughput_tokens_per_s
-                   / peak, capex_usd=c.capex.total_usd, usd_per_million_tokens=c.usd_per_million_tokens)
+                   energy_per_token_j=t.energy_per_token_j, compute_used_fraction=used,
+                   capex_usd=c.capex.total_usd, usd_per_million_tokens=c.usd_per_million_tokens)
 
 
 def gpu_row(spec: ModelSpec, gpu_name: str, precision: str, context: int, users: int, prompt: int,
@@ -95,14 +95,14 @@ def gpu_row(spec: ModelSpec, gpu_name: str, precision: str, context: int, users:
     gpu = load_gpu(gpu_name)
     t = gpu_timing(spec, gpu, precision, context, users, gpus=gpus, prompt_tokens=prompt)
     c = cost(gpu_capex(gpu, t.gpus), t.power_w, t.throughput_tokens_per_s, assumptions)
-    peak = gpu.compute_flops_per_s(precision) * t.gpus
+    peak_flops_per_s = gpu.compute_flops_per_s(precision) * t.gpus
+    used = matrix_flops_per_token(spec, precision, context) * t.throughput_tokens_per_s / peak_flops_per_s
     return PlanRow(system=gpu.name, kind="gpu", chips=t.gpus,
                    layout=f"{t.pipeline_stages} x TP {t.tensor_parallel}", memory="HBM",
                    memory_used_fraction=t.hbm_used_fraction, tokens_per_s_per_user=t.tokens_per_s_per_user,
                    ttft_s=t.ttft_s, throughput_tokens_per_s=t.throughput_tokens_per_s, power_w=t.power_w,
-                   energy_per_token_j=t.energy_per_token_j,
-                   compute_used_fraction=matrix_flops_per_token(spec, precision, context) * t.throughput_tokens_per_s
-                   / peak, capex_usd=c.capex.total_usd, usd_per_million_tokens=c.usd_per_million_tokens)
+                   energy_per_token_j=t.energy_per_token_j, compute_used_fraction=used,
+                   capex_usd=c.capex.total_usd, usd_per_million_tokens=c.usd_per_million_tokens)
 
 
 def plan(model: str, system: str = "lpu-v1", compare: tuple[str, ...] = ("h100-sxm",),

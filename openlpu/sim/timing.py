@@ -92,8 +92,7 @@ def timing(program: Program) -> LpuTiming:
         chips=chips, stages=len(program.placement.stages), tp=program.placement.tp, users=users,
         ttft_s=program.prefill.makespan_cycles / clock, decode_latency_s=decode.makespan_cycles / clock,
         tokens_per_s_per_user=clock / period, throughput_tokens_per_s=throughput,
-        unit_utilisation=unit_utilisation, link_utilisation=link_utilisation,
-        links_used=links_used,
+        unit_utilisation=unit_utilisation, link_utilisation=link_utilisation, links_used=links_used,
         busiest_link_utilisation=users * max(link_cycles.values(), default=0) / period,
         power_w=power, energy_per_token_j=power / throughput, sram_used_bytes=sram,
         sram_used_fraction=sram / (chips * chip.sram_bytes), stage_occupancy_s=max(occupancy.values()) / clock)
