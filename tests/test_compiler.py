@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from openlpu.cli import app
 from openlpu.compiler import Workload, compile_program, load_program, verify
 from openlpu.compiler.program import MAGIC
+from openlpu.compiler.schedule import split_chunk
 from openlpu.errors import OpenLPUError
 from openlpu.hardware.lpu import load_system
 from openlpu.models.spec import load_preset
@@ -131,6 +132,21 @@ def test_mlp_cuts_never_split_a_weight_tile():
     spread over 7,000 chips (TP 8 would need 27 slices of 66 rows per chip)."""
     with pytest.raises(OpenLPUError, match="320-row weight tile"):
         compile_program(load_preset("llama-3.1-8b"), SYSTEM, SMALL, 7000)
+
+
+def test_a_stage_takes_one_prompt_chunk_at_a_time():
+    """A stage starts chunk c of the prompt only once its last op of chunk c-1 has ended, so one chunk's
+    activations are in a stage's SRAM at a time (what the partition reserves)."""
+    p = compile_program(load_preset("gemma-3-270m"), SYSTEM,
+                        Workload(context_length=1024, prompt_len=300, prefill_chunk=64), chips=8)
+    spans = {}
+    for op in p.prefill.ops:
+        key = (op.stage, split_chunk(op.name)[0])
+        first, last = spans.get(key, (op.start_cycle, op.end_cycle))
+        spans[key] = (min(first, op.start_cycle), max(last, op.end_cycle))
+    assert max(c for _, c in spans) == 4  # 300 tokens in chunks of 64
+    overlaps = [(s, c) for (s, c), (first, _) in spans.items() if c and first < spans[(s, c - 1)][1]]
+    assert len(p.placement.stages) > 1 and overlaps == []
 
 
 def test_schedule_has_the_collectives_and_pipeline_sends(gemma8):

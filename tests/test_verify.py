@@ -45,6 +45,19 @@ def _with_decode(program, ops=None, transfers=None):
         d, ops=tuple(ops if ops is not None else d.ops), transfers=tuple(transfers if transfers is not None else d.transfers)))
 
 
+@pytest.mark.parametrize("name, precision, context, users", [
+    ("mistral-7b", "int4", 512, 1), ("llama-2-7b", "int4", 512, 4), ("gemma-2-9b", "int8", 512, 4),
+    ("llama-3.1-405b", "int8", 8192, 4)])
+def test_prefill_stays_within_the_activations_reserved(name, precision, context, users):
+    """Found by running `plan` over every preset, precision, context and 1 or 4 users: these placed with
+    too little SRAM for their prefill, because a stage started the next prompt chunk while it still held
+    the last one's buffers, and the verifier counted the order between two chunks' attentions (the KV
+    the first wrote) as a live buffer."""
+    workload = Workload(weights=precision, activations=precision, kv=precision, context_length=context,
+                        users=users, prompt_len=512)
+    assert verify(compile_program(load_preset(name), SYSTEM, workload)) == []
+
+
 def test_unit_running_two_ops_at_once(program):
     ops = list(program.decode.ops)
     # the second matrix op of stage 0 moved to start while the first still runs

@@ -16,7 +16,10 @@ part applies the post-norm and the residual add. A vocabulary-split embedding ru
 parts' gathered rows summed down the pipeline ("embed_sum@j"); each part of a split head recomputes the
 final norm, computes its rows' logits and their maximum, and part j >= 1 keeps the larger of its own
 (value, index) and the one it receives ("sample_max@j"); the last part holds the sampled token. In a
-prefill, an embedding part j >= 1 gathers chunk c only after its sum for chunk c-1 is made.
+prefill, a stage starts prompt chunk c only once its last op of chunk c-1 has ended: like a user's
+token in decode, a chunk holds a stage's activation buffers alone, which is what the partition
+reserves (a prompt's token ids are all known at once, so without this rule every chunk's embedding
+gather would start at once and wait in SRAM).
 """
 
 from __future__ import annotations
@@ -103,6 +106,7 @@ class _Scheduler:
         self.unit_free: dict[tuple[int, str], int] = {}
         self.link_free: dict[tuple[int, int], int] = {}
         self.ready: dict[str, tuple[int, int]] = {}  # result name -> (stage, cycle it is there)
+        self.chunk_end: dict[tuple[int, int], int] = {}  # (stage, prompt chunk) -> its last op's end there
         self.provider: dict[str, str] = {}  # op name -> the name holding its full result (op or all-reduce)
         self.alias: dict[str, str] = {}  # a p2p send -> the broadcast that completes it on the group
         self.templates = templates  # collective link loads per (group shape, kind), shared by the phases
@@ -194,9 +198,13 @@ class _Scheduler:
         duration = max(1, math.ceil(op.flops * compute / rate),
                        math.ceil((reads + writes) / self.system.chip.sram_bytes_per_cycle),
                        math.ceil(installed / self.system.chip.matrix_install_bytes_per_cycle))
-        start = max([self.unit_free.get((stage, op.unit), 0)] + [self.ready[i][1] for i in inputs])
+        chunk = split_chunk(op.name)[0]
+        start = max([self.unit_free.get((stage, op.unit), 0), self.chunk_end.get((stage, (chunk or 0) - 1), 0)]
+                    + [self.ready[i][1] for i in inputs])  # a stage takes a prompt chunk once done with the last
         end = start + duration
         self.unit_free[(stage, op.unit)] = end
+        if chunk is not None:
+            self.chunk_end[(stage, chunk)] = max(end, self.chunk_end.get((stage, chunk), 0))
         self.ops.append(ScheduledOp(op.name, op.kind, op.unit, stage, start, end, op.flops * compute,
                                     reads + writes, op.act_write_bytes * f_out, inputs))
         self.ready[op.name] = (stage, end)
@@ -255,17 +263,6 @@ def _chained_name(name: str, suffix: str, j: int) -> str:
     return f"{prefix}/" * bool(prefix) + f"{stem}{suffix}{CUT_SEPARATOR}{j}"
 
 
-def _previous_chunk_sum(gather: str, j: int) -> str | None:
-    """'c3/token_embd', part j -> 'c2/embed_sum@j' (None for a decode step or the first chunk). A prompt's
-    token ids are all known at the start, so without this input every chunk's gather would run at once
-    and each partial row would wait in SRAM for its running sum; gathering chunk c once chunk c-1's sum
-    is made keeps one in flight per part."""
-    chunk, base = split_chunk(gather)
-    if not chunk:
-        return None
-    return _chained_name(chunk_name(chunk - 1, base), CHAINED["embed"], j)
-
-
 def _combines_parts(op: Op, part: str) -> bool:
     """The op whose per-part results are combined down the pipeline: an MLP's down projection, the
     embedding's gather, the head's sampler."""
@@ -299,8 +296,6 @@ def staged_ops(spec: ModelSpec, ops: list[Op], placement: Placement) -> list[tup
         for j, (stage, lo, hi) in enumerate(parts):
             name = op.name if j == 0 else f"{op.name}{CUT_SEPARATOR}{j}"
             inputs = tuple(per_part[i][j] if i in per_part else i for i in op.inputs)
-            if part == "embed" and j > 0 and op.kind == "embed" and (previous := _previous_chunk_sum(op.name, j)):
-                inputs += (previous,)
             part_op = _scaled(op, (hi - lo) / extent) if op_role(op) in ("split", "argmax") else op
             out.append((dataclasses.replace(part_op, name=name, inputs=inputs), stage))
             names.append(name)

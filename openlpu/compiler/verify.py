@@ -125,9 +125,12 @@ def _sram(program: Program, phase: PhaseSchedule) -> list[Violation]:
         for c in s.chips:
             static[c] += s.kv_bytes_per_chip
     # live activations: a result is held from its producer's start until its last consumer ends
+    kind = {op.name: op.kind for op in phase.ops}
     last_use: dict[str, int] = {}
     for op in phase.ops:
         for i in op.inputs:
+            if op.kind == kind.get(i) == "attention":  # the previous chunk's: an order on the KV it wrote, no buffer
+                continue
             last_use[i] = max(last_use.get(i, 0), op.end_cycle)
     for t in phase.transfers:
         for i in t.inputs:
