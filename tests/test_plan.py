@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from openlpu.errors import OpenLPUError
 from openlpu.hardware.gpu import load_gpu
 from openlpu.models.spec import load_preset
 from openlpu.sim.cost import CostAssumptions, cost, gpu_capex
@@ -135,6 +136,26 @@ def test_cli_json_and_plot(tmp_path):
     assert [x["system"] for x in rows] == ["h100-sxm", "a100-80gb"]
     assert rows[0]["tokens_per_s_per_user"] > rows[1]["tokens_per_s_per_user"]  # 3.35 vs 2.04 TB/s
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow  # about 2 minutes: 400 plans
+def test_every_preset_plans_or_says_what_does_not_fit():
+    """Every model preset at every precision, three contexts and 1 or 4 users: each plan compiles a
+    Program that holds every invariant (lpu_row verifies it), or is refused because a piece does not
+    fit any system; never a Program that fails verification, never another error."""
+    from openlpu.models.spec import preset_names
+
+    for name in preset_names():
+        window = load_preset(name).context_length
+        for precision in ("int8", "fp16", "int4", "fp8"):
+            for context in sorted({512, min(8192, window), window}):
+                for users in (1, 4):
+                    try:
+                        rows = plan(name, compare=("h100-sxm",), precision=precision, context=context, users=users)
+                    except OpenLPUError as e:
+                        assert "does not fit on any" in str(e), (name, precision, context, users, str(e))
+                        continue
+                    assert all(r.tokens_per_s_per_user > 0 and 0 < r.memory_used_fraction <= 1 for r in rows)
 
 
 @pytest.mark.parametrize("args, says", [
