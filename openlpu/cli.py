@@ -117,7 +117,8 @@ def plan(
     # one column per system, one row per figure: side by side at any terminal width
     a = assumptions
     table = Table(title=f"{model} at {precision}, {users} user(s) x {context} tokens of context",
-                  caption=f"TTFT: the prefill of a {prompt:,}-token prompt. $ per M tokens: capex over {a.years:g} "
+                  caption=f"tok/s: decode steps attending all {context:,} tokens. TTFT: the prefill of a "
+                          f"{prompt:,}-token prompt. $ per M tokens: capex over {a.years:g} "
                           f"years plus power at ${a.usd_per_kwh:.2f}/kWh (PUE {a.pue:g}), serving "
                           f"{a.utilisation:.0%} of the hours at the throughput shown.")
     table.add_column("")
