@@ -5,6 +5,7 @@ unit is free and all its inputs are on its chips; it lasts as long as the slowes
 (flops over the unit's per-cycle throughput), its SRAM traffic (bytes over SRAM bytes per cycle) and,
 for a matrix op with weights, installing those weights into the weight-stationary matrix unit (bytes
 over the install rate): at batch 1 every installed weight serves one vector, so installs bound decode.
+Attention installs the keys and values it attends the same way (its queries are the vectors).
 MoE expert matmuls install every expert the chip holds: routing is data dependent and the schedule is
 fixed at compile time, so it reserves the slots of all experts (their shares of the expert tensors).
 Row-split matmuls and the vocabulary-split embedding and sampler end in an all-reduce over the
