@@ -379,8 +379,9 @@ def markdown(lpu_rows, gpu_rows, gpu_fit, install_fit, shipped_install, system, 
         f"({by_model[a]['published'] / by_model[b]['published']:.1f}x), predicted {by_model[a]['predicted']:,.0f} / "
         f"{by_model[b]['predicted']:,.0f} ({by_model[a]['predicted'] / by_model[b]['predicted']:.1f}x)"
         for a, b in (("llama-3-8b", "llama-3.1-8b"), ("llama-3-70b", "llama-3.3-70b")))
+    small_models = {f["model"] for f in small}
     spread_576 = [r["predicted"] / r["published"] for r in lpu_rows
-                  if "576 chips assumed" in r["role"] and r["model"] in {f["model"] for f in small}]
+                  if "576 chips assumed" in r["role"] and r["model"] in small_models]
     g_long = row(gpu_rows, "llama-2-70b", COUNTED, batch=512, output=2048)
     shared = [predict_gpu(Point(**{k: r[k] for k in Point.__dataclass_fields__}), "gqa-kernels") / r["published"]
               for r in gpu_rows if r["role"] == COUNTED and r["setting"].get("output") == 2048]

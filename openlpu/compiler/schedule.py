@@ -200,8 +200,8 @@ class _Scheduler:
                        math.ceil((reads + writes) / self.system.chip.sram_bytes_per_cycle),
                        math.ceil(installed / self.system.chip.matrix_install_bytes_per_cycle))
         chunk = split_chunk(op.name)[0]
-        start = max([self.unit_free.get((stage, op.unit), 0), self.chunk_end.get((stage, (chunk or 0) - 1), 0)]
-                    + [self.ready[i][1] for i in inputs])  # a stage takes a prompt chunk once done with the last
+        previous_chunk_done = self.chunk_end.get((stage, chunk - 1), 0) if chunk else 0  # one chunk per stage
+        start = max([self.unit_free.get((stage, op.unit), 0), previous_chunk_done] + [self.ready[i][1] for i in inputs])
         end = start + duration
         self.unit_free[(stage, op.unit)] = end
         if chunk is not None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from openlpu.compiler.partition import (is_cut_along_ffn, is_cut_along_vocab, merged_pieces, piece_homes,
                                         tensor_piece)
 from openlpu.compiler.program import PhaseSchedule, Program
+from openlpu.compiler.schedule import split_chunk
 from openlpu.errors import OpenLPUError
 
 RATE_TOLERANCE = 1e-9
@@ -125,11 +126,11 @@ def _sram(program: Program, phase: PhaseSchedule) -> list[Violation]:
         for c in s.chips:
             static[c] += s.kv_bytes_per_chip
     # live activations: a result is held from its producer's start until its last consumer ends
-    kind = {op.name: op.kind for op in phase.ops}
     last_use: dict[str, int] = {}
     for op in phase.ops:
+        chunk = split_chunk(op.name)[0]
         for i in op.inputs:
-            if op.kind == kind.get(i) == "attention":  # the previous chunk's: an order on the KV it wrote, no buffer
+            if split_chunk(i)[0] not in (chunk, None):  # an earlier prompt chunk's: orders on the KV it wrote
                 continue
             last_use[i] = max(last_use.get(i, 0), op.end_cycle)
     for t in phase.transfers:

@@ -67,7 +67,7 @@ def _check_workload(spec: ModelSpec, context: int, users: int, prompt: int) -> N
 
 
 def lpu_row(spec: ModelSpec, system_name: str, precision: str, context: int, users: int, prompt: int,
-            assumptions: CostAssumptions, chips: int | None = None) -> PlanRow:
+            flops_per_token: float, assumptions: CostAssumptions, chips: int | None = None) -> PlanRow:
     from openlpu.compiler import Workload, compile_program, verify_or_raise
     from openlpu.compiler.schedule import matrix_macs_per_cycle
     from openlpu.sim.timing import timing
@@ -80,7 +80,7 @@ def lpu_row(spec: ModelSpec, system_name: str, precision: str, context: int, use
     t = timing(program)
     c = cost(lpu_capex(system, t.chips), t.power_w, t.throughput_tokens_per_s, assumptions)
     peak_flops_per_s = 2 * matrix_macs_per_cycle(system, precision, precision) * system.chip.clock_hz * t.chips
-    used = matrix_flops_per_token(spec, precision, context) * t.throughput_tokens_per_s / peak_flops_per_s
+    used = flops_per_token * t.throughput_tokens_per_s / peak_flops_per_s
     return PlanRow(system=system.name, kind="lpu", chips=t.chips, layout=f"{t.stages} x TP {t.tp}", memory="SRAM",
                    memory_used_fraction=t.sram_used_fraction, tokens_per_s_per_user=t.tokens_per_s_per_user,
                    ttft_s=t.ttft_s, throughput_tokens_per_s=t.throughput_tokens_per_s, power_w=t.power_w,
@@ -89,14 +89,14 @@ def lpu_row(spec: ModelSpec, system_name: str, precision: str, context: int, use
 
 
 def gpu_row(spec: ModelSpec, gpu_name: str, precision: str, context: int, users: int, prompt: int,
-            assumptions: CostAssumptions, gpus: int | None = None) -> PlanRow:
+            flops_per_token: float, assumptions: CostAssumptions, gpus: int | None = None) -> PlanRow:
     from openlpu.sim.gpu import gpu_timing
 
     gpu = load_gpu(gpu_name)
     t = gpu_timing(spec, gpu, precision, context, users, gpus=gpus, prompt_tokens=prompt)
     c = cost(gpu_capex(gpu, t.gpus), t.power_w, t.throughput_tokens_per_s, assumptions)
     peak_flops_per_s = gpu.compute_flops_per_s(precision) * t.gpus
-    used = matrix_flops_per_token(spec, precision, context) * t.throughput_tokens_per_s / peak_flops_per_s
+    used = flops_per_token * t.throughput_tokens_per_s / peak_flops_per_s
     return PlanRow(system=gpu.name, kind="gpu", chips=t.gpus,
                    layout=f"{t.pipeline_stages} x TP {t.tensor_parallel}", memory="HBM",
                    memory_used_fraction=t.hbm_used_fraction, tokens_per_s_per_user=t.tokens_per_s_per_user,
@@ -122,8 +122,10 @@ def plan(model: str, system: str = "lpu-v1", compare: tuple[str, ...] = ("h100-s
         load_gpu(name)
     if not compare and not system:
         raise OpenLPUError(f"nothing to plan: give --system and/or --compare ({', '.join(gpu_names())})")
-    rows = [lpu_row(spec, system, precision, context, users, prompt, assumptions, chips)] if system else []
-    return rows + [gpu_row(spec, name, precision, context, users, prompt, assumptions, gpus) for name in compare]
+    flops = matrix_flops_per_token(spec, precision, context)  # the same work per token on every system
+    rows = [lpu_row(spec, system, precision, context, users, prompt, flops, assumptions, chips)] if system else []
+    return rows + [gpu_row(spec, name, precision, context, users, prompt, flops, assumptions, gpus)
+                   for name in compare]
 
 
 PLOT_METRICS = (("tokens_per_s_per_user", "tokens/s per user"), ("throughput_tokens_per_s", "tokens/s (system)"),
