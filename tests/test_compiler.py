@@ -87,20 +87,72 @@ def test_tp_groups_stay_inside_a_node_and_sizes_respect_sram(llama70):
     assert weights <= llama70.chips * SYSTEM.chip.sram_bytes
 
 
-def test_attention_too_large_for_a_node_spans_nodes_of_one_rack():
-    """MLPs, embedding and head can be cut to fit a node's TP group, attention halves cannot: 405B with
-    5 users of 128k context needs more than a chip at TP 8 for one attention half (int8)."""
-    spec = load_preset("llama-3.1-405b")
-    w = Workload(context_length=131072, users=5, prompt_len=128)
-    d, t = spec.d_model, SYSTEM.node.chips
-    weights = (2 * spec.q_dim * d + 2 * spec.kv_dim * d) / t
-    kv = w.users * w.context_length * 2 * spec.head_dim * max(1, spec.n_kv_heads // t)
-    assert weights + kv > SYSTEM.chip.sram_bytes
+def test_attention_too_large_for_a_chip_splits_its_kv_slots_between_stages():
+    """llama-3.1-8b serving 16 users at its 131,072-token window: one layer's K and V are 537 MB per
+    chip at TP 8 (one KV head each), more than a chip. Each attention is split into the fewest equal
+    ranges of its KV slots whose part fits (the arithmetic below, from the model's shapes), on
+    consecutive stages of the same node-wide group; every part recomputes the norm and the q, k, v
+    projections from copies flagged replicated, the output projection is held once, by the last part."""
+    spec = load_preset("llama-3.1-8b")
+    w = Workload(context_length=131072, users=16, prompt_len=512)
     program = compile_program(spec, SYSTEM, w)
-    assert program.placement.tp > SYSTEM.node.chips
-    for stage in program.placement.stages:
-        assert len({SYSTEM.rack_of(c) for c in stage.chips}) == 1
-    assert not verify(program)
+    t, cap, d = SYSTEM.node.chips, SYSTEM.chip.sram_bytes, spec.d_model
+    assert program.placement.tp == t and not verify(program)
+    slot_bytes = w.users * 2 * spec.head_dim * (spec.n_kv_heads // t)  # int8 K and V of one position, all users
+    assert w.context_length * slot_bytes > cap
+    stages = program.placement.stages
+    parts = {i: [(s.index, lo, hi) for s in stages for item, part, lo, hi in s.pieces if (item, part) == (i, "attn")]
+             for i in range(spec.n_layers)}
+    qkv = (spec.q_dim + 2 * spec.kv_dim) * d // t + d  # projections and norm per chip, int8
+    buffers = max(s.activation_bytes_per_chip for s in stages)
+    fewest = math.ceil(w.context_length / ((cap - qkv - buffers) // slot_bytes))
+    for i, held in parts.items():
+        assert len(held) == fewest, i
+        bounds = [(lo, hi) for _, lo, hi in held]
+        assert bounds == [(j * w.context_length // fewest, (j + 1) * w.context_length // fewest) for j in range(fewest)]
+        assert [k for k, _, _ in held] == list(range(held[0][0], held[0][0] + fewest))  # consecutive stages
+    shards = [sh for sh in program.placement.shards if sh.tensor.startswith("blk.0.")]
+    stage_of = {c: s.index for s in stages for c in s.chips}
+    homes = [k for k, _, _ in parts[0]]
+    for tensor in ("blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.attn_norm.weight"):
+        assert sorted({stage_of[sh.chip] for sh in shards if sh.tensor == tensor}) == homes
+    for tensor in ("blk.0.attn_q.weight", "blk.0.attn_k.weight"):  # split over the group, copied per part
+        assert all(sh.replicated == (stage_of[sh.chip] != homes[0]) for sh in shards if sh.tensor == tensor)
+    output = [sh for sh in shards if sh.tensor == "blk.0.attn_output.weight"]
+    assert {stage_of[sh.chip] for sh in output} == {homes[-1]} and not any(sh.replicated for sh in output)
+    for s in stages:  # every stage's chips within their SRAM: weights, KV and reserved buffers
+        held = max(sum(sh.nbytes for sh in program.placement.shards if sh.chip == c) for c in s.chips)
+        assert held + s.kv_bytes_per_chip + s.activation_bytes_per_chip <= cap
+
+
+def test_split_attention_parts_run_side_by_side_and_merge_down_the_pipeline():
+    """In a decode step each part attends its own slots (its share of the K and V over the install rate),
+    independently of the other parts; part j >= 1 merges the running result it receives, rank to rank
+    (each chip holds its heads' outputs and log-sum-exps), and the last part applies the output
+    projection."""
+    spec, rate = load_preset("llama-3.1-8b"), SYSTEM.chip.matrix_install_bytes_per_cycle
+    w = Workload(context_length=131072, users=16, prompt_len=512)
+    program = compile_program(spec, SYSTEM, w)
+    t = program.placement.tp
+    ops = {o.name: o for o in program.decode.ops}
+    attention = sorted((o for o in program.decode.ops if o.kind == "attention" and o.name.startswith("blk.5.")),
+                       key=lambda o: o.name)
+    homes = [(s.index, lo, hi) for s in program.placement.stages for item, part, lo, hi in s.pieces
+             if (item, part) == (5, "attn")]
+    assert [o.stage for o in attention] == [k for k, _, _ in homes]
+    for o, (_, lo, hi) in zip(attention, homes):
+        kv = (hi - lo) * 2 * spec.head_dim * (spec.n_kv_heads // t)  # one user's token: its own K and V
+        assert kv / rate <= o.end_cycle - o.start_cycle <= kv / rate * 1.01 + 2
+    assert attention[1].start_cycle < attention[0].end_cycle  # nothing orders the parts
+    for j in range(1, len(homes)):
+        merge = ops[f"blk.5.attn_merge@{j}"]
+        assert merge.stage == homes[j][0]
+        running = merge.inputs[0]
+        send = next(x for x in program.decode.transfers if x.name == running)
+        src = program.placement.stages[homes[j - 1][0]].chips
+        assert send.kind == "rank_p2p" and send.chips == src + program.placement.stages[homes[j][0]].chips
+        assert send.payload_bytes == spec.n_heads * (spec.head_dim + 1)  # int8 outputs and log-sum-exps
+    assert ops["blk.5.attn_output"].inputs == (f"blk.5.attn_merge@{len(homes) - 1}",)
 
 
 def test_more_stages_than_layers_cut_each_mlp_between_stages():
@@ -197,7 +249,7 @@ def test_too_few_chips_counts_a_tied_table_once_on_one_stage():
 
 
 @pytest.mark.parametrize("workload, chips, message", [
-    (Workload(context_length=131072, users=64), None, "does not fit on any lpu-v1 system"),
+    (Workload(context_length=131072, users=1024), None, "does not fit on any lpu-v1 system: it needs 4"),
     (SMALL, 10**6, "more than the largest lpu-v1 system"),
     (SMALL, 0, "chips must be a positive integer"),
     (SMALL, 7000, "cannot be arranged"),  # see test_mlp_cuts_never_split_a_weight_tile

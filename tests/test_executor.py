@@ -144,6 +144,54 @@ def test_sharded_runs_embedding_and_head_split_along_the_vocabulary(tiny, family
         assert split.generate(PROMPT, 5) == plain_greedy(model, PROMPT, 5), mode
 
 
+@pytest.mark.parametrize("family, vocab_size", [(f, 96) for f in sorted(TINY_FAMILIES)] + [("llama", 1024)])
+def test_attention_split_along_its_kv_slots_runs_like_the_whole(tiny, family, vocab_size):
+    """20 users of 32 tokens on the 12 kB chips: no layer's K and V fit a chip whole, so every attention
+    is split into ranges of its KV slots on consecutive stages (a sliding-window layer's ring of 8 slots
+    too, which the 11-token prompt wraps). Each part's chips keep only their slots; the parts' partial
+    attentions (outputs and log-sum-exps, moved rank to rank) merge to the unsplit Program's logits and
+    to model.py's greedy tokens, in sharded and in fused mode, and the Program verifies. With 1,024
+    tokens the embedding is split into 3 vocabulary ranges too: layer 0's attention parts each read the
+    summed embedding, not one part's rows."""
+    spec, weights, model = tiny(family, vocab_size=vocab_size)
+    program = compile_program(spec, VOCAB_SPLIT, dataclasses.replace(WORKLOAD, users=20))
+    embed_parts = sum(pc[1] == "embed" for s in program.placement.stages for pc in s.pieces)
+    assert embed_parts == (1 if vocab_size == 96 else 3)
+    parts = {}
+    for s in program.placement.stages:
+        for item, part, lo, hi in s.pieces:
+            if part == "attn":
+                parts.setdefault(item, []).append((lo, hi))
+    for i, held in parts.items():
+        ring = min(WORKLOAD.context_length, spec.layer_window(i) or WORKLOAD.context_length)
+        assert len(held) >= 2 and held[0][0] == 0 and held[-1][1] == ring, (i, held)
+    assert verify(program) == []
+    assert any(t.kind == "rank_p2p" for t in program.decode.transfers)
+    whole = run_steps(Executor(compile_program(spec, LPU, WORKLOAD, 1), spec, weights, "fused"), PROMPT, 3)
+    for mode in ("sharded", "fused"):
+        split = Executor(program, spec, weights, mode)
+        for got, want in zip(run_steps(split, PROMPT, 3), whole):
+            torch.testing.assert_close(got, want, **TOL)
+        assert split.generate(PROMPT, 5) == plain_greedy(model, PROMPT, 5), mode
+    sharded = Executor(program, spec, weights, "sharded")
+    cache = sharded.new_cache(1, 32)
+    first = program.placement.stages[next(s.index for s in program.placement.stages
+                                          if any(pc[1] == "attn" for pc in s.pieces))]
+    (item, _, lo, hi), = [pc for pc in first.pieces if pc[1] == "attn"]
+    assert cache.per_chip[first.chips[0]].k[item].shape[2] == hi - lo  # storage for its slots only
+
+
+def test_attention_parts_that_miss_slots_are_refused(tiny):
+    spec, weights, _ = tiny("llama")
+    program = compile_program(spec, VOCAB_SPLIT, dataclasses.replace(WORKLOAD, users=20))
+    last = next(s for s in reversed(program.placement.stages) if any(pc[1] == "attn" for pc in s.pieces))
+    short = tuple((i, p, lo, hi - 1) if p == "attn" else (i, p, lo, hi) for i, p, lo, hi in last.pieces)
+    broken = dataclasses.replace(program, placement=dataclasses.replace(program.placement, stages=tuple(
+        dataclasses.replace(s, pieces=short) if s is last else s for s in program.placement.stages)))
+    with pytest.raises(OpenLPUError, match=r"attention parts hold only its KV slots 0\.\.30; recompile"):
+        Executor(broken, spec, weights, "sharded")
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2", "mixtral"])
 def test_fused_runs_split_pieces_in_the_engines_formats(tiny, family, monkeypatch):
     """The ops fused mode runs alone (here: layers whose pieces span stages, and the embedding and head

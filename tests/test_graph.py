@@ -1,11 +1,18 @@
 """Lowering: op rows checked against parameter counts, attention arithmetic and MoE routing."""
 
+import itertools
 import math
 
 import pytest
 
 from openlpu.errors import OpenLPUError
-from openlpu.graph.lower import PRECISIONS, expected_distinct_experts, lower
+from openlpu.graph.lower import (
+    PRECISIONS,
+    attended_keys,
+    expected_distinct_experts,
+    keys_in_slots,
+    lower,
+)
 from openlpu.models.spec import load_preset
 
 
@@ -110,3 +117,25 @@ def test_ops_are_topologically_ordered_with_unique_names():
 def test_bad_lowering_inputs(kwargs, message):
     with pytest.raises(OpenLPUError, match=message):
         lower(load_preset("gemma-3-270m"), **kwargs)
+
+
+@pytest.mark.parametrize("window, context", [(None, 4096), (512, 4096), (4096, 1000)])
+@pytest.mark.parametrize("past, tokens", [(0, 300), (256, 256), (3000, 256), (100, 900)])
+def test_keys_in_slot_ranges_add_up_to_the_layers_attention(window, context, past, tokens):
+    """Ranges of a layer's KV ring (context, or the window if shorter) split its prefill work exactly: the
+    parts' pairs sum to attended_keys, their cached keys to what lowering reads back, and the pairs of
+    a part are counted query by query (a second method)."""
+    if past + tokens > context:
+        pytest.skip("beyond the context")
+    ring = min(context, window or context)
+    bounds = [0, ring // 5, ring // 2, ring - 7, ring]
+    parts = [keys_in_slots("prefill", past, tokens, ring, lo, hi) for lo, hi in itertools.pairwise(bounds)]
+    assert sum(p[0] for p in parts) == attended_keys(tokens, window, "prefill", past)
+    assert sum(p[1] for p in parts) == min(past, window or past)
+    assert sum(p[2] for p in parts) == min(tokens, ring)
+    lo, hi = bounds[1], bounds[2]
+    by_query = sum(len({p % ring for p in range(max(0, q + 1 - (window or q + 1)), q + 1)} & set(range(lo, hi)))
+                   for q in range(past, past + tokens))
+    assert parts[1][0] == by_query
+    decode = [keys_in_slots("decode", 0, 1, ring, lo, hi) for lo, hi in itertools.pairwise(bounds)]
+    assert [d[0] for d in decode] == [hi - lo for lo, hi in itertools.pairwise(bounds)]

@@ -12,7 +12,17 @@ from openlpu.errors import OpenLPUError
 from openlpu.models.spec import ModelSpec
 from openlpu.runtime.kernels import vnni_kernels
 from openlpu.runtime.kv_cache import KVCache
-from openlpu.runtime.model import Model, Span, hf_qk_to_gguf, load_model, top_candidates
+from openlpu.runtime.model import (
+    Model,
+    Span,
+    attend,
+    attend_slots,
+    attention_plans,
+    hf_qk_to_gguf,
+    load_model,
+    merge_partials,
+    top_candidates,
+)
 
 TOP5_LOGIT_TOLERANCE = 0.3  # vs llama.cpp (it quantises activations to 8 bits, KV to f16)
 FAST_LOGPROB_TOLERANCE = 0.25  # fast paths vs our float32 reference, top-5 log-probabilities
@@ -262,3 +272,28 @@ def test_top_candidates_are_exactly_the_top_k(vocab):
     got = top_candidates(logits, 64)
     want = logits.topk(64, -1).indices
     assert [set(r.tolist()) for r in got] == [set(r.tolist()) for r in want]
+
+
+@pytest.mark.parametrize("window, softcap", [(None, None), (16, 5.0)])
+def test_attention_over_slot_ranges_merges_to_attention_over_all(window, softcap):
+    """A sequence fed in spans (prefill pieces, single decode tokens, a span longer than a sliding
+    ring, which wraps it), each attended by three parts holding a third of the ring's slots: the merged
+    partials equal attend() over the whole cache, GQA and score softcap included."""
+    spec = tiny_spec(attn_logit_softcap=softcap)
+    ring, hd = window or 40, spec.head_dim
+    torch.manual_seed(0)
+    k_cache, v_cache = torch.zeros(2, ring, hd), torch.zeros(2, ring, hd)
+    bounds = [(0, ring // 3), (ring // 3, 2 * ring // 3), (2 * ring // 3, ring)]
+    own = [(torch.zeros(2, hi - lo, hd), torch.zeros(2, hi - lo, hd)) for lo, hi in bounds]
+    start = 0
+    for n in (7, 9, 1, 1, 12, 1):
+        q, k, v = torch.randn(n, 4, hd), torch.randn(n, 2, hd), torch.randn(n, 2, hd)
+        plan = attention_plans([Span(0, start, n)], [start], ring, window)[0]
+        expected = attend(spec, q, k, v, plan, k_cache, v_cache)
+        merged = None
+        for (lo, hi), (k_own, v_own) in zip(bounds, own):
+            part = attend_slots(spec, q, k, v, start, ring, lo, hi, k_own, v_own, window)
+            merged = part if merged is None else merge_partials(merged, part)
+        torch.testing.assert_close(merged.out, expected, rtol=1e-5, atol=1e-5)
+        start += n
+    assert start > ring or window is None

@@ -17,11 +17,17 @@ into the fewest equal row ranges that fit: each embedding part gathers the token
 final norm, computes the logits of its rows and their (value, index) maximum, and the maxima are
 combined down the pipeline, the last part holding the sampled token.
 
+An attention half whose K and V (context x users) do not fit a stage is split along its layer's KV
+slots (positions, or a sliding window's ring) into the fewest equal ranges that fit, on consecutive
+stages: context parallelism. Each part holds its slots for every user, copies of the norm and the q, k,
+v projections (recomputed from the residual it is sent), and attends its slots; the last part alone
+holds the output projection and the post-norm, applied to the merged result.
+
 Inside a stage a tensor-parallel (TP) group of t chips splits every piece: attention by heads, the
 MLP by d_ff (column split of gate/up, row split of down), the vocabulary of the embedding and lm_head
 by rows. Small vectors (norms, the MoE router) are replicated on purpose.
 
-TP degree: the fewest chips come from whole pieces (no cut MLP, no split vocabulary), at the TP degree
+TP degree: the fewest chips come from whole pieces (no cut MLP, no split vocabulary or KV), at the TP degree
 inside a node that needs the fewest chips (ties to the wider); if no such placement exists, from the
 fewest cuts that make every piece fit at a TP degree inside a node; a group spans whole nodes of one
 rack only when neither fits on a node. A given chip count takes the first TP degree in that order of
@@ -45,6 +51,8 @@ EMBED = -1  # item index of the embedding; the head is item n_layers
 VOCAB_PARTS = ("embed", "head")  # pieces whose tensors split along the vocabulary when too large
 FFN_NAMES = ("ffn_", "post_ffw_norm")  # a layer's tensors and ops with these names form its MLP half
 CUT_SEPARATOR = "@"  # "blk.3.ffn_gate@2": the op of part 2 of a cut MLP (part 0 keeps the plain name)
+# tensors of a cut attention or MLP that only its last part holds: they act on the combined result
+APPLIED_BY_LAST_PART = ("attn_output.weight", "post_attention_norm.weight", "post_ffw_norm.weight")
 
 
 # ---- how each tensor splits -------------------------------------------------------------------
@@ -141,7 +149,7 @@ OP_SPLIT = {
     "attn_q": "col", "attn_k": "col", "attn_v": "col", "ffn_gate": "col", "ffn_up": "col",
     "ffn_gate_exps": "col", "ffn_up_exps": "col", "output": "col",
     "attn_output": "row", "ffn_down": "row", "ffn_down_exps": "row",
-    "attn_q_norm": "heads", "rope": "heads", "attention": "heads", "attn_softcap": "heads",
+    "attn_q_norm": "heads", "rope": "heads", "attention": "heads", "attn_softcap": "heads", "attn_merge": "heads",
     "attn_k_norm": "kv_heads",
     "ffn_act": "split", "final_softcap": "split", "sample": "argmax",
     "token_embd": "gather",
@@ -197,12 +205,25 @@ def _row_ranges(rows: int, k: int) -> list[tuple[int, int]]:
     return [(j * rows // k, (j + 1) * rows // k) for j in range(k)]
 
 
-def pieces(spec: ModelSpec, k: int, vocab: tuple[int, int] = (1, 1)) -> tuple[tuple[int, str, int, int], ...]:
+def kv_slots(spec: ModelSpec, context_length: int, layer: int) -> int:
+    """Positions layer `layer` keeps per user: the context, or its sliding window (a ring) if shorter."""
+    return min(context_length, spec.layer_window(layer) or context_length)
+
+
+def _attention_pieces(i: int, parts: int, slots: int) -> list[tuple[int, str, int, int]]:
+    return [(i, "attn", 0, 0)] if parts == 1 else [(i, "attn", lo, hi) for lo, hi in _row_ranges(slots, parts)]
+
+
+def pieces(spec: ModelSpec, k: int, vocab: tuple[int, int] = (1, 1), attn: tuple[int, ...] = (),
+           slots: tuple[int, ...] = ()) -> tuple[tuple[int, str, int, int], ...]:
     """The pipeline's pieces in order, each MLP cut into k slices of d_ff rows, the embedding and the
-    head into vocab[0] and vocab[1] ranges of vocabulary rows (Stage.pieces' format)."""
+    head into vocab[0] and vocab[1] ranges of vocabulary rows, layer i's attention into attn[i] ranges
+    of its slots[i] KV slots (default: whole) (Stage.pieces' format)."""
     v = spec.vocab_size
+    attn = attn or (1,) * spec.n_layers
     layers = [p for i in range(spec.n_layers)
-              for p in [(i, "attn", 0, 0)] + [(i, "ffn", lo, hi) for lo, hi in _row_ranges(spec.d_ff, k)]]
+              for p in _attention_pieces(i, attn[i], slots[i] if slots else 0)
+              + [(i, "ffn", lo, hi) for lo, hi in _row_ranges(spec.d_ff, k)]]
     return (*[(EMBED, "embed", lo, hi) for lo, hi in _row_ranges(v, vocab[0])], *layers,
             *[(spec.n_layers, "head", lo, hi) for lo, hi in _row_ranges(v, vocab[1])])
 
@@ -221,8 +242,11 @@ class SizeTable:
     ffn_row_bytes: tuple[float, ...]  # per layer: bytes of one d_ff row over its cut tensors
     vocab_row_bytes: tuple[float, float]  # bytes of one vocabulary row of the embedding, of the head
     kv: tuple[int, ...]
+    kv_slots: tuple[int, ...]  # per layer: positions of KV cache per user (its window if shorter)
+    kv_slot_bytes: tuple[float, ...]  # per layer: bytes of one such position, all users, per chip
     activations: tuple[int, ...]
     cut_activation_bytes: int  # a cut MLP's slice (an embedding part) also holds the partial sum it receives and the one it makes
+    merge_activation_bytes: int  # an attention part holds the running partial it receives and the one it makes
     tied_table: int  # per-chip bytes of a tied embedding table, counted in both embedding and head
 
 
@@ -301,21 +325,27 @@ def size_table(spec: ModelSpec, workload: Workload, t: int, passes: list[list[Op
                       for axis, start, stop, _ in split_ranges(spec, name, shape, t))
         weights[half_index(item, part, n)] += largest * wb
     kv = [0] * (2 * n + 2)
+    slots = tuple(kv_slots(spec, workload.context_length, i) for i in range(n))
+    slot_bytes = workload.users * 2 * kv_heads_per_chip(spec, t) * spec.head_dim * kb
     for i in range(n):
-        tokens = min(workload.context_length, spec.layer_window(i) or workload.context_length)
-        kv[half_index(i, "attn", n)] = math.ceil(
-            workload.users * tokens * 2 * kv_heads_per_chip(spec, t) * spec.head_dim * kb)
+        kv[half_index(i, "attn", n)] = math.ceil(slots[i] * slot_bytes)
     passes = passes if passes is not None else lowered_passes(spec, workload)
     acts = activation_peaks(spec, passes, t)
     tokens = max(1, min(workload.prompt_len, workload.prefill_chunk))
-    cut = 2 * tokens * spec.d_model * as_precision(workload.activations).bytes_per_element
-    return SizeTable(t, tuple(weights), tuple(rows), (vocab_row["embed"], vocab_row["head"]), tuple(kv),
-                     tuple(math.ceil(a) for a in acts), math.ceil(cut), math.ceil(tied_table))
+    ab = as_precision(workload.activations).bytes_per_element
+    cut = 2 * tokens * spec.d_model * ab
+    # a partial attention result: each query head's output and its log-sum-exp, this chip's heads
+    merge = 2 * tokens * -(-spec.n_heads // t) * (spec.head_dim + 1) * ab
+    return SizeTable(t, tuple(weights), tuple(rows), (vocab_row["embed"], vocab_row["head"]), tuple(kv), slots,
+                     (slot_bytes,) * n, tuple(math.ceil(a) for a in acts), math.ceil(cut), math.ceil(merge),
+                     math.ceil(tied_table))
 
 
-def piece_sizes(spec: ModelSpec, table: SizeTable, k: int = 1, vocab: tuple[int, int] = (1, 1)) -> PieceSizes:
-    """Per-chip bytes of each piece, every MLP cut into k slices, the embedding and head into vocab parts."""
-    n, out = spec.n_layers, pieces(spec, k, vocab)
+def piece_sizes(spec: ModelSpec, table: SizeTable, k: int = 1, vocab: tuple[int, int] = (1, 1),
+                attn: tuple[int, ...] = ()) -> PieceSizes:
+    """Per-chip bytes of each piece, every MLP cut into k slices, the embedding and head into vocab parts,
+    layer i's attention into attn[i] parts of its KV slots (each part holds the attention's weights)."""
+    n, out = spec.n_layers, pieces(spec, k, vocab, attn, table.kv_slots)
     weights, kv, acts = [], [], []
     for item, part, lo, hi in out:
         h = half_index(item, part, n)
@@ -326,9 +356,11 @@ def piece_sizes(spec: ModelSpec, table: SizeTable, k: int = 1, vocab: tuple[int,
         elif part in VOCAB_PARTS:
             w += -(-(hi - lo) // table.t) * table.vocab_row_bytes[VOCAB_PARTS.index(part)]
         weights.append(math.ceil(w))
-        kv.append(table.kv[h])
+        cut_attention = part == "attn" and hi > lo
+        kv.append(math.ceil((hi - lo) * table.kv_slot_bytes[item]) if cut_attention else table.kv[h])
         summed = (part == "ffn" and k > 1) or (part == "embed" and vocab[0] > 1)
-        acts.append(table.activations[h] + (table.cut_activation_bytes if summed else 0))
+        extra = table.cut_activation_bytes if summed else table.merge_activation_bytes if cut_attention else 0
+        acts.append(table.activations[h] + extra)
     return PieceSizes(out, tuple(weights), tuple(kv), tuple(acts), table.tied_table)
 
 
@@ -379,11 +411,29 @@ def balanced_stages(sizes: PieceSizes, p: int, capacity: int) -> list[tuple[int,
     return stages
 
 
+def attention_parts(spec: ModelSpec, table: SizeTable, capacity: int) -> tuple[int, ...] | None:
+    """Per layer, the fewest parts of its KV slots with which its attention fits a stage alone (1: whole);
+    None if its weights and buffers alone leave no room for one slot."""
+    n, out = spec.n_layers, []
+    for i in range(n):
+        h = half_index(i, "attn", n)
+        if table.weights[h] + table.kv[h] + table.activations[h] <= capacity:
+            out.append(1)
+            continue
+        room = capacity - table.weights[h] - table.activations[h] - table.merge_activation_bytes
+        slots = int(room // table.kv_slot_bytes[i]) if room > 0 else 0
+        if slots < 1:
+            return None
+        out.append(-(-table.kv_slots[i] // slots))
+    return tuple(out)
+
+
 def fitting_cuts(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: int,
-                 slices: int = 1) -> tuple[int, tuple[int, int]] | None:
-    """(MLP slices, (embedding parts, head parts)): at least `slices`, and the fewest with which every
-    piece fits a stage alone; None if none does (an attention half does not fit, a slice would leave a
-    chip less than one weight tile of d_ff rows, or a piece does not fit however finely it is cut)."""
+                 slices: int = 1) -> tuple[int, tuple[int, int], tuple[int, ...]] | None:
+    """(MLP slices, (embedding parts, head parts), attention parts per layer): at least `slices`, and the
+    fewest with which every piece fits a stage alone; None if none does (an attention part cannot hold
+    one KV slot, a slice would leave a chip less than one weight tile of d_ff rows, or a piece does not
+    fit however finely it is cut)."""
     n, t = spec.n_layers, table.t
 
     def fit(sizes: PieceSizes, part: str) -> bool:
@@ -394,9 +444,10 @@ def fitting_cuts(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: in
         room = capacity - table.weights[h] - table.kv[h] - table.activations[h]
         return int((room - (table.cut_activation_bytes if summed else 0)) // row_bytes)
 
-    given = piece_sizes(spec, table, slices)
-    if not fit(given, "attn"):  # nothing is cut along heads beyond the TP group
+    attn = attention_parts(spec, table, capacity)
+    if attn is None:
         return None
+    given = piece_sizes(spec, table, slices)
     if not fit(given, "ffn"):
         rows = min(rows_that_fit(half_index(i, "ffn", n), table.ffn_row_bytes[i], True) for i in range(n))
         if rows < 1:
@@ -414,10 +465,10 @@ def fitting_cuts(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: in
         if rows < 1:
             return None
         vocab.append(-(-spec.vocab_size // (rows * t)))
-    sizes = piece_sizes(spec, table, slices, tuple(vocab))
-    if not all(fit(sizes, part) for part in ("ffn", *VOCAB_PARTS)):
+    sizes = piece_sizes(spec, table, slices, tuple(vocab), attn)
+    if not all(fit(sizes, part) for part in ("attn", "ffn", *VOCAB_PARTS)):
         return None
-    return slices, (vocab[0], vocab[1])
+    return slices, (vocab[0], vocab[1]), attn
 
 
 def cut_options(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: int, slices: int = 1):
@@ -438,7 +489,7 @@ def arrange(spec: ModelSpec, table: SizeTable, p: int, capacity: int,
     cuts = fitting_cuts(spec, table, capacity, tile_rows)
     if cuts is None:
         return None
-    slices = max(cuts[0], -(-(p - sum(cuts[1])) // spec.n_layers) - 1)  # at least p pieces
+    slices = max(cuts[0], -(-(p - sum(cuts[1]) - sum(cuts[2])) // spec.n_layers))  # at least p pieces
     for sizes in cut_options(spec, table, capacity, tile_rows, slices):
         ranges = balanced_stages(sizes, p, capacity)
         if ranges is not None:
@@ -460,8 +511,8 @@ def group_chips(system: SystemSpec, t: int, p: int) -> list[tuple[int, ...]] | N
 # ---- the placement ----------------------------------------------------------------------------
 def piece_name(piece: tuple[int, str, int, int], d_ff: int, vocab: int) -> str:
     item, part, lo, hi = piece
-    whole = (0, vocab) if part in VOCAB_PARTS else (0, d_ff)
-    rows = f"[{lo}:{hi}]" if part != "attn" and (lo, hi) != whole else ""
+    whole = {"embed": (0, vocab), "head": (0, vocab), "ffn": (0, d_ff), "attn": (0, 0)}[part]
+    rows = f"[{lo}:{hi}]" if (lo, hi) != whole else ""
     return (part if part in VOCAB_PARTS else f"L{item}.{part}") + rows
 
 
@@ -488,7 +539,7 @@ def fewest_chips(spec: ModelSpec, system: SystemSpec, workload: Workload,
         cuts = fitting_cuts(spec, table, cap, system.chip.matrix_tile_rows)
         if cuts is None:
             continue
-        whole = cuts == (1, (1, 1))
+        whole = cuts[:2] == (1, (1, 1)) and set(cuts[2]) == {1}
         if not whole and best_key is not None and best_key[:2] <= (t > node, True):
             continue  # cuts already fit at an earlier degree of this kind (or whole pieces somewhere)
         options = [piece_sizes(spec, table)] if whole else cut_options(spec, table, cap, system.chip.matrix_tile_rows)
@@ -502,9 +553,28 @@ def fewest_chips(spec: ModelSpec, system: SystemSpec, workload: Workload,
     return best
 
 
+def _chips_beyond_largest(spec: ModelSpec, system: SystemSpec, workload: Workload, passes) -> int | None:
+    """The fewest chips the pieces would need at any TP degree, were the system large enough (None if
+    some piece fits a stage at no degree)."""
+    counts = []
+    for t in tp_candidates(spec, system):
+        table = size_table(spec, workload, t, passes)
+        cuts = fitting_cuts(spec, table, system.chip.sram_bytes, system.chip.matrix_tile_rows)
+        stages = cuts and greedy_stages(piece_sizes(spec, table, *cuts), system.chip.sram_bytes)
+        if stages:
+            counts.append(t * len(stages))
+    return min(counts, default=None)
+
+
 def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None, passes) -> OpenLPUError:
     cap = system.chip.sram_bytes
     best = fewest_chips(spec, system, workload, passes)
+    what = (f"{spec.name} ({workload.weights} weights, context {workload.context_length}, "
+            f"{workload.users} user(s))")
+    if best is None and (beyond := _chips_beyond_largest(spec, system, workload, passes)) is not None:
+        return OpenLPUError(
+            f"{what} does not fit on any {system.name} system: it needs {beyond} chips, more than the largest "
+            f"system ({system.max_chips}); lower --context or --users, or use a smaller precision")
     if best is None:  # the largest whole piece at the widest TP degree
         t = tp_candidates(spec, system)[-1]
         sizes = piece_sizes(spec, size_table(spec, workload, t, passes))
@@ -516,8 +586,6 @@ def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int 
             f"system has {system.max_chips} chips); lower --context ({workload.context_length}) or --users "
             f"({workload.users}), or use a smaller precision")
     need = best[0] * best[1]
-    what = (f"{spec.name} ({workload.weights} weights, context {workload.context_length}, "
-            f"{workload.users} user(s))")
     if chips is None:
         return OpenLPUError(f"{what} needs {need} chips")
     if chips < need:
@@ -556,11 +624,11 @@ def partition(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: in
 
 
 def merged_pieces(run: tuple[tuple[int, str, int, int], ...]) -> tuple[tuple[int, str, int, int], ...]:
-    """Pieces in order with adjacent row ranges of one MLP, embedding or head joined into one range (a
-    gap or an overlap leaves two entries)."""
+    """Pieces in order with adjacent ranges of one MLP, embedding, head or attention's KV slots joined
+    into one range (a gap or an overlap leaves two entries)."""
     out: list[tuple[int, str, int, int]] = []
     for piece in run:
-        if out and piece[1] != "attn" and out[-1][:2] == piece[:2] and out[-1][3] == piece[2]:
+        if out and piece[2] < piece[3] and out[-1][:2] == piece[:2] and out[-1][3] == piece[2]:
             out[-1] = (*piece[:2], out[-1][2], piece[3])
         else:
             out.append(piece)
@@ -595,9 +663,9 @@ def _place(spec: ModelSpec, system: SystemSpec, workload: Workload, t: int, size
             if name == "token_embd.weight" and spec.tie_embeddings and len(placement.stages) > 1:
                 # the head's copy of a tied table (its parts' rows): replicated on purpose
                 copies += [(k, (lo, hi), True) for k, lo, hi in homes[(n, "head")]]
-        elif name.endswith("post_ffw_norm.weight"):  # applied once, by the last part of a cut MLP
+        elif name.endswith(APPLIED_BY_LAST_PART):  # applied once, by the last part of a cut piece
             copies = [(parts[-1][0], None, False)]
-        else:  # every part of a cut MLP or head recomputes its norm (and router): copies on purpose
+        else:  # every part of a cut piece recomputes its norm (router, attention inputs): copies on purpose
             copies = [(k, None, j > 0) for j, (k, _, _) in enumerate(parts)]
         for k, rows, copy in copies:
             for chip, (axis, start, stop, rep) in zip(groups[k], split_ranges(spec, name, shape, t, rows)):

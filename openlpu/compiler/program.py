@@ -23,8 +23,9 @@ from openlpu.hardware.lpu import ChipSpec, LinkSpec, NetworkSpec, NodeSpec, Rack
 
 MAGIC = b"OPENLPU-PROGRAM\n"
 # 2: stages hold pieces (a layer may be cut between stages); 3: embedding and head pieces hold
-# vocabulary row ranges (either may be split between stages)
-FORMAT_VERSION = 3
+# vocabulary row ranges (either may be split between stages); 4: attention pieces may hold ranges of
+# their layer's KV slots (an attention split between stages), transfers "rank_p2p"
+FORMAT_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,8 @@ class Stage:
     chips: tuple[int, ...]  # the TP group, in rank order
     # (item, part, start, stop) in pipeline order: item -1 = embedding, a layer index, n_layers = head
     # (final norm + lm_head); part "embed" | "attn" | "ffn" | "head"; [start, stop) = the d_ff rows of
-    # an MLP piece or the vocabulary rows of an embedding or head piece (each may be split between
-    # consecutive stages), (0, 0) for attention
+    # an MLP piece or the vocabulary rows of an embedding or head piece, the KV slots of an attention
+    # piece (each may be split between consecutive stages; a whole attention is (0, 0))
     pieces: tuple[tuple[int, str, int, int], ...]
     kv_bytes_per_chip: int
     activation_bytes_per_chip: int  # reserved for activation buffers
@@ -107,11 +108,12 @@ class ScheduledOp:
 
 @dataclass(frozen=True)
 class Transfer:
-    """Vectors on chip-to-chip links: a point-to-point send, a broadcast or a TP all-reduce."""
+    """Vectors on chip-to-chip links: a point-to-point send, a broadcast, a TP all-reduce, or a value
+    split by heads over a group moving rank r to rank r of the next group (rank_p2p)."""
     name: str
-    kind: str  # "p2p" | "broadcast" | "all_reduce"
+    kind: str  # "p2p" | "broadcast" | "all_reduce" | "rank_p2p"
     stage: int  # the stage whose ops consume it
-    chips: tuple[int, ...]  # source first for p2p/broadcast; the group for all_reduce
+    chips: tuple[int, ...]  # source first for p2p/broadcast; the group for all_reduce; both groups for rank_p2p
     path: tuple[int, ...]  # chips visited, for a p2p send
     payload_bytes: float
     links: tuple[tuple[int, int, float], ...]  # (from chip, to chip, bytes on that directed link)

@@ -16,7 +16,12 @@ sent, part j >= 1 adds its down projection to the running sum it receives ("ffn_
 part applies the post-norm and the residual add. A vocabulary-split embedding runs the same way, its
 parts' gathered rows summed down the pipeline ("embed_sum@j"); each part of a split head recomputes the
 final norm, computes its rows' logits and their maximum, and part j >= 1 keeps the larger of its own
-(value, index) and the one it receives ("sample_max@j"); the last part holds the sampled token. In a
+(value, index) and the one it receives ("sample_max@j"); the last part holds the sampled token. An
+attention split along its KV slots runs its norm, projections, rope and attention once per part, each
+part's attention on its share of the keys (keys_in_slots); part j >= 1 merges the running partial it
+receives with its own ("attn_merge@j": per head, the outputs reweighted by their log-sum-exps), and the
+last part applies the output projection, the post-norm and the residual add. A partial is split by
+heads over the group, so it moves rank r to rank r of the next group ("rank_p2p"). In a
 prefill, a stage starts prompt chunk c only once its last op of chunk c-1 has ended: like a user's
 token in decode, a chunk holds a stage's activation buffers alone, which is what the partition
 reserves (a prompt's token ids are all known at once, so without this rule every chunk's embedding
@@ -28,11 +33,11 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from openlpu.compiler.partition import (CUT_SEPARATOR, EMBED, op_fractions, op_item, op_piece, op_role, op_suffix,
-                                        piece_homes)
+from openlpu.compiler.partition import (CUT_SEPARATOR, EMBED, kv_slots, op_fractions, op_item, op_piece, op_role,
+                                        op_suffix, piece_homes)
 from openlpu.compiler.program import PhaseSchedule, Placement, ScheduledOp, Transfer, Workload
 from openlpu.errors import OpenLPUError
-from openlpu.graph.lower import PRECISIONS, as_precision, lower
+from openlpu.graph.lower import PRECISIONS, as_precision, keys_in_slots, lower
 from openlpu.graph.ops import Op
 from openlpu.hardware.lpu import SystemSpec
 from openlpu.models.spec import ModelSpec
@@ -40,7 +45,10 @@ from openlpu.models.spec import ModelSpec
 TOKEN_ID_BYTES = 4  # the sampled token going back to the embedding stage
 ARGMAX_BYTES = 8  # (value, index) each chip contributes to the sampler's all-reduce
 NEEDS_ALL_REDUCE = ("row", "gather", "argmax")
-CHAINED = {"ffn": "ffn_sum", "embed": "embed_sum", "head": "sample_max"}  # the op combining a split piece's parts
+# the op combining a split piece's parts
+CHAINED = {"ffn": "ffn_sum", "embed": "embed_sum", "head": "sample_max", "attn": "attn_merge"}
+ONCE_ON_LAST_PART = ("attn_output", "post_attention_norm", "attn_residual", "post_ffw_norm", "ffn_residual")
+MERGE_FLOPS_PER_ELEMENT = 3  # rescale the running and the own partial by exp(lse - new lse), add
 FLOAT_PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 
 
@@ -110,6 +118,7 @@ class _Scheduler:
         self.chunk_end: dict[tuple[int, int], int] = {}  # (stage, prompt chunk) -> its last op's end there
         self.provider: dict[str, str] = {}  # op name -> the name holding its full result (op or all-reduce)
         self.alias: dict[str, str] = {}  # a p2p send -> the broadcast that completes it on the group
+        self.by_rank: set[str] = set()  # results split by heads over a group: they move rank to rank
         self.templates = templates  # collective link loads per (group shape, kind), shared by the phases
         self.ops: list[ScheduledOp] = []
         self.transfers: list[Transfer] = []
@@ -137,12 +146,20 @@ class _Scheduler:
     # ---- transfers ----
     def _send(self, name: str, kind: str, stage: int, chips: tuple[int, ...], payload: float, ready: int,
               inputs: tuple[str, ...]) -> int:
-        if kind == "p2p":
-            path = self.system.route(chips[0], chips[1])
-            hops = list(zip(path, path[1:]))
-            links = tuple((a, b, payload) for a, b in hops)
-            bw = min(self.system.links[self.system.link_kind(a, b)].bandwidth_bytes_per_s for a, b in hops)
-            seconds = sum(self.system.links[self.system.link_kind(a, b)].latency_s for a, b in hops) + payload / bw
+        if kind in ("p2p", "rank_p2p"):  # rank_p2p: rank r of the first group to rank r of the second
+            pairs = [(chips[0], chips[1])] if kind == "p2p" else list(zip(chips[:len(chips) // 2], chips[len(chips) // 2:]))
+            load: dict[tuple[int, int], float] = {}
+            latency = 0.0
+            for src, dst in pairs:  # the pairs share any link their routes have in common
+                path = self.system.route(src, dst)
+                hops = list(zip(path, path[1:]))
+                for hop in hops:
+                    load[hop] = load.get(hop, 0.0) + payload / len(pairs)
+                latency = max(latency, sum(self.system.links[self.system.link_kind(*hop)].latency_s for hop in hops))
+            seconds = latency + max(nbytes / self.system.links[self.system.link_kind(*hop)].bandwidth_bytes_per_s
+                                    for hop, nbytes in load.items())
+            links = tuple((a, b, nbytes) for (a, b), nbytes in load.items())
+            path = path if kind == "p2p" else ()
         else:
             path = ()
             # routes repeat every `period` chips (whole racks, and gateways by node index mod node size)
@@ -172,6 +189,10 @@ class _Scheduler:
         key = f"{name}>s{stage}"
         if key not in self.ready:
             group = self.placement.stages[stage].chips
+            if name in self.by_rank and len(group) > 1:
+                self._send(key, "rank_p2p", stage, self.placement.stages[src_stage].chips + group, payload, cycle,
+                           (name,))
+                return key
             src_chip = self.placement.stages[src_stage].chips[0]
             self._send(key, "p2p", stage, (src_chip, group[0]), payload, cycle, (name,))
             if len(group) > 1:
@@ -266,54 +287,90 @@ def _chained_name(name: str, suffix: str, j: int) -> str:
 
 def _combines_parts(op: Op, part: str) -> bool:
     """The op whose per-part results are combined down the pipeline: an MLP's down projection, the
-    embedding's gather, the head's sampler."""
-    return {"ffn": op_role(op) == "row", "embed": op.kind == "embed", "head": op.kind == "sample"}.get(part, False)
+    embedding's gather, the head's sampler, the attention over each part's KV slots."""
+    return {"ffn": op_role(op) == "row", "embed": op.kind == "embed", "head": op.kind == "sample",
+            "attn": op.kind == "attention"}.get(part, False)
 
 
-def staged_ops(spec: ModelSpec, ops: list[Op], placement: Placement) -> list[tuple[Op, int]]:
-    """Each op with the stage that runs it, the ops of a cut MLP, embedding or head once per part, and
-    the ops combining the parts' results (see the module doc)."""
+def _attention_part(spec: ModelSpec, workload: Workload, op: Op, lo: int, hi: int) -> Op:
+    """An attention op (or its score softcap) over KV slots [lo, hi) of its layer: its share of the
+    pairs, the cached keys and the new ones; the attention also leaves each head's log-sum-exp."""
+    chunk, _ = split_chunk(op.name)
+    past = (chunk or 0) * workload.prefill_chunk
+    ring = kv_slots(spec, workload.context_length, op.layer)
+    phase, tokens = ("decode", 1) if chunk is None else ("prefill", op.shape[0])
+    part, whole = (keys_in_slots(phase, past, tokens, ring, a, b) for a, b in ((lo, hi), (0, ring)))
+    pairs, cached, written = (p / w if w else 0.0 for p, w in zip(part, whole))
+    if op.kind != "attention":
+        return dataclasses.replace(op, flops=op.flops * pairs, act_read_bytes=op.act_read_bytes * pairs)
+    lse = op.act_write_bytes * spec.n_heads / spec.q_dim
+    return dataclasses.replace(op, flops=op.flops * pairs, kv_read_bytes=op.kv_read_bytes * cached,
+                               kv_write_bytes=op.kv_write_bytes * written, act_write_bytes=op.act_write_bytes + lse)
+
+
+def _combining_op(spec: ModelSpec, op: Op, part: str, like: Op | None, name: str, inputs: tuple[str, str]) -> Op:
+    """Part j >= 1's op combining its result with the running one it receives: a sum of partial vectors
+    (shaped like the MLP's input, or the gathered row), the larger (value, index) of the sampler, or the
+    merge of two partial attentions (each head's output and log-sum-exp)."""
+    if part == "head":
+        kind, unit_bytes, shape, flops = "sample", result_bytes(spec, op), (op.shape[0] // spec.vocab_size,), None
+    elif part == "attn":
+        elements = op.shape[0] * (spec.q_dim + spec.n_heads)
+        kind, unit_bytes, shape = "merge", op.act_write_bytes, (op.shape[0], spec.n_heads, spec.head_dim)
+        flops = MERGE_FLOPS_PER_ELEMENT * elements
+    else:
+        like = like if part == "ffn" else op
+        kind, unit_bytes, shape, flops = "residual", like.act_write_bytes, like.shape, None
+    return Op(name=name, kind=kind, layer=op.layer, unit="vector", shape=shape,
+              flops=math.prod(shape) if flops is None else flops, weight_bytes=0.0, kv_read_bytes=0.0,
+              kv_write_bytes=0.0, act_read_bytes=2 * unit_bytes, act_write_bytes=unit_bytes, inputs=inputs)
+
+
+def staged_ops(spec: ModelSpec, workload: Workload, ops: list[Op], placement: Placement) -> list[tuple[Op, int]]:
+    """Each op with the stage that runs it, the ops of a cut piece once per part, and the ops combining
+    the parts' results (see the module doc)."""
     n, homes = spec.n_layers, piece_homes(placement)
     out: list[tuple[Op, int]] = []
-    per_part: dict[str, list[str]] = {}  # an op of a split piece -> its name in each part
+    per_part: dict[str, list[str]] = {}  # an op of a split piece -> its name in each part of that piece
     total: dict[str, str] = {}  # a combined op -> the last combining op, which completes it
     mlp_input: dict[int, Op] = {}  # per layer, its MLP norm: the shape of the partial sums
+    by_name = {op.name: op for op in ops}
     for op in ops:
-        if any(i in total for i in op.inputs):
-            op = dataclasses.replace(op, inputs=tuple(total.get(i, i) for i in op.inputs))
         item, part = op_piece(op, n)
         parts = homes[(item, part)]
-        if len(parts) == 1:
-            out.append((op, parts[0][0]))
-            continue
         suffix = op_suffix(op.name)
-        if suffix in ("post_ffw_norm", "ffn_residual"):  # once, on the last part, on the whole sum
+        if len(parts) == 1 or suffix in ONCE_ON_LAST_PART:  # once, on the last part, on the combined result
+            if any(i in total for i in op.inputs):
+                op = dataclasses.replace(op, inputs=tuple(total.get(i, i) for i in op.inputs))
             out.append((op, parts[-1][0]))
             continue
         if suffix == "ffn_norm":
             mlp_input[op.layer] = op
         extent = spec.d_ff if part == "ffn" else spec.vocab_size
-        names = []
+        names, part_ops = [], []
         for j, (stage, lo, hi) in enumerate(parts):
             name = op.name if j == 0 else f"{op.name}{CUT_SEPARATOR}{j}"
-            inputs = tuple(per_part[i][j] if i in per_part else i for i in op.inputs)
-            part_op = _scaled(op, (hi - lo) / extent) if op_role(op) in ("split", "argmax") else op
-            out.append((dataclasses.replace(part_op, name=name, inputs=inputs), stage))
+            # a part reads its own part's results of its piece's ops (an attention: the KV its previous
+            # chunk wrote); another piece's split result only once combined
+            inputs = tuple(per_part[i][j] if i in per_part and op_piece(by_name[i], n) == (item, part)
+                           else total.get(i, i) for i in op.inputs)
+            part_op = op
+            if part == "attn" and op.kind in ("attention", "softcap"):
+                part_op = _attention_part(spec, workload, op, lo, hi)
+            elif op_role(op) in ("split", "argmax"):
+                part_op = _scaled(op, (hi - lo) / extent)
+            part_op = dataclasses.replace(part_op, name=name, inputs=inputs)
+            out.append((part_op, stage))
             names.append(name)
+            part_ops.append(part_op)
         per_part[op.name] = names
         if not _combines_parts(op, part):
             continue
-        # part j >= 1 combines its result with the running one it receives: a sum of partial vectors
-        # (shaped like the MLP's input, or the gathered row), or the larger (value, index) of the sampler
-        like = mlp_input[op.layer] if part == "ffn" else op
-        kind, out_bytes = ("sample", result_bytes(spec, op)) if part == "head" else ("residual", like.act_write_bytes)
-        shape = (op.shape[0] // spec.vocab_size,) if part == "head" else like.shape  # (rows,) or the vector's
         running = names[0]
         for j in range(1, len(parts)):
             name = _chained_name(op.name, CHAINED[part], j)
-            out.append((Op(name=name, kind=kind, layer=op.layer, unit="vector", shape=shape,
-                           flops=math.prod(shape), weight_bytes=0.0, kv_read_bytes=0.0, kv_write_bytes=0.0,
-                           act_read_bytes=2 * out_bytes, act_write_bytes=out_bytes, inputs=(running, names[j])),
+            combined = part_ops[0] if part == "attn" else op  # an attention part's result carries its log-sum-exp
+            out.append((_combining_op(spec, combined, part, mlp_input.get(op.layer), name, (running, names[j])),
                         parts[j][0]))
             running = name
         total[op.name] = running
@@ -330,7 +387,8 @@ def schedule_phase(spec: ModelSpec, system: SystemSpec, workload: Workload, plac
     else:
         seq_len, ops = workload.prompt_len, _prefill_chunks(spec, workload)
     s = _Scheduler(spec, system, workload, placement, {} if templates is None else templates)
-    staged = staged_ops(spec, ops, placement)
+    staged = staged_ops(spec, workload, ops, placement)
+    s.by_rank = {op.name for op, _ in staged if op.kind in ("attention", "merge")}
     payloads = {op.name: result_bytes(spec, op) for op, _ in staged}
     for op, stage in staged:
         s.place_op(op, stage, payloads)

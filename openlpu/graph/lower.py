@@ -65,6 +65,31 @@ def attended_keys(seq_len: int, window: int | None, phase: str, past_len: int = 
     return _causal_pairs(past_len + seq_len, window) - _causal_pairs(past_len, window)
 
 
+def keys_in_slots(phase: str, past_len: int, tokens: int, ring: int, lo: int, hi: int) -> tuple[float, float, float]:
+    """(query-key pairs, cached keys read, new keys written) of one sequence whose keys lie in slots
+    [lo, hi) of a layer's KV ring of `ring` slots (position p in slot p mod ring; ring = the context, or
+    the sliding window if shorter). Prefill: `tokens` queries after `past_len` cached positions, query q
+    seeing slots 0..q until the ring is full, then every slot. Decode attends the whole ring and writes
+    one key, which lands in any slot: its parts take shares of (hi - lo) / ring."""
+    width = hi - lo
+    if phase == "decode":
+        return float(width), float(width), width / ring
+
+    def seen(x: int) -> float:  # sum over queries with 1..x visible positions of the keys they see in range
+        if x <= lo:
+            return 0.0
+        if x <= hi:
+            return (x - lo) * (x - lo + 1) / 2
+        return width * (width + 1) / 2 + (x - hi) * width
+
+    def hits(x: int) -> int:  # positions 0..x-1 whose slot is in range
+        return x // ring * width + min(max(x % ring - lo, 0), width)
+
+    kept_from = past_len + tokens - min(tokens, ring)  # a long prefill into a ring keeps its last ring keys
+    pairs = seen(min(past_len + tokens, ring)) - seen(min(past_len, ring)) + max(0, past_len + tokens - max(past_len, ring)) * width
+    return pairs, float(hits(past_len) - hits(max(0, past_len - ring))), float(hits(past_len + tokens) - hits(kept_from))
+
+
 class _Builder:
     """Appends op rows; bytes in the phase's precisions."""
 

@@ -11,7 +11,9 @@ Two modes:
   "ffn_sum@j" ops add the parts' partial sums. An embedding or head split along the vocabulary runs
   the same way: each embedding part gathers the rows it holds ("embed_sum@j" adds them up), each head
   part computes its rows' logits and their maximum ("sample_max@j" keeps the larger), and the host
-  reads the logits part by part. An op whose input was never produced on its chip is an
+  reads the logits part by part. An attention split along its KV slots runs on each part's chips,
+  whose caches hold only their slots: each part attends them (model.attend_slots) and the Program's
+  "attn_merge@j" ops merge the partials. An op whose input was never produced on its chip is an
   error naming it. Agreement with the fused mode is the proof that the compiler's partition and
   schedule are right.
 - "fused": one chip holding whole tensors (tp=1 semantics), transfers reduced to their source op;
@@ -37,7 +39,7 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from openlpu.compiler.partition import CUT_SEPARATOR, is_cut_along_ffn, is_cut_along_vocab
+from openlpu.compiler.partition import CUT_SEPARATOR, is_cut_along_ffn, is_cut_along_vocab, kv_slots
 from openlpu.compiler.program import PhaseSchedule, Program, ScheduledOp, Transfer
 from openlpu.compiler.schedule import CHAINED, split_chunk
 from openlpu.errors import OpenLPUError
@@ -45,8 +47,9 @@ from openlpu.graph.lower import lower
 from openlpu.models.spec import ModelSpec
 from openlpu.runtime.kernels import Linear
 from openlpu.runtime.kv_cache import KVCache
-from openlpu.runtime.model import (GATE_ACTIVATIONS, PRECISIONS, ROPE_STYLE, Head, Model, RMSNorm, Span,
-                                   apply_rope, attend, attention_plans, rope_inverse_frequencies, rope_tables)
+from openlpu.runtime.model import (GATE_ACTIVATIONS, PRECISIONS, ROPE_STYLE, Head, Model, Partial, RMSNorm, Span,
+                                   apply_rope, attend, attend_slots, attention_plans, merge_partials,
+                                   rope_inverse_frequencies, rope_tables)
 
 MODES = ("sharded", "fused")
 HEAD_OPS = ("output_norm", "output", "final_softcap", "sample")  # the head item's ops
@@ -92,6 +95,7 @@ class Chip:
         self.spec = spec  # narrowed to the chip's heads below, once they are known
         self.heads_set = False
         self.cache: KVCache | None = None
+        self.kv_parts: dict[int, tuple[int, int, int]] = {}  # layer -> (lo, hi, ring): its KV slots held here
 
     def weight(self, tensor: str, op: str) -> torch.Tensor:
         if tensor not in self.shards:
@@ -144,6 +148,8 @@ class Pass:
     def __init__(self, inv_freq: dict, rope_style: str, tokens: torch.Tensor, spans: list[Span],
                  logit_rows: torch.Tensor):
         self.tokens, self.spans, self.logit_rows = tokens, spans, logit_rows
+        ends = list(itertools.accumulate(sp.n_tokens for sp in spans))
+        self.span_rows = [slice(end - sp.n_tokens, end) for sp, end in zip(spans, ends)]
         positions = torch.cat([torch.arange(sp.start_pos, sp.start_pos + sp.n_tokens) for sp in spans])
         self.rope = {base: rope_tables(positions, inv, rope_style) for base, inv in inv_freq.items()}
         self._plans: dict = {}
@@ -205,7 +211,10 @@ def build_kernel(chip: Chip, name: str, kind: str) -> Callable:
         head = Head(chip.weight("token_embd.weight" if spec.tie_embeddings else "output.weight", base),
                     chip.head_format)
         return lambda p, x: head(x)
-    if suffix in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
+    if suffix == "attn_output":  # after a split attention, the last merge's Partial holds the result
+        linear = _linear_kernel(chip, base, weight, chip.block_format)
+        return lambda p, x: linear(p, x.out if isinstance(x, Partial) else x)
+    if suffix in ("attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up", "ffn_down"):
         return _linear_kernel(chip, base, weight, chip.block_format)
     if suffix == "rope":
         hd, style = spec.head_dim, ROPE_STYLE[spec.family]
@@ -218,6 +227,24 @@ def build_kernel(chip: Chip, name: str, kind: str) -> Callable:
         return rope
     if suffix == "attn_softcap":
         return lambda p, qk: qk  # the cap applies to the scores, inside attention (spec.attn_logit_softcap)
+    if suffix == "attention" and layer in chip.kv_parts:  # this part's KV slots of a split attention
+        hd, window = spec.head_dim, spec.layer_window(layer)
+
+        def partial_attention(p, qk, v):
+            q, k = qk
+            v = v.view(v.shape[0], -1, hd)
+            lo, hi, ring = slot_range(chip.kv_parts[layer], chip.cache.layer_capacity[layer])
+            first = chip.cache.first_slot[layer]
+            parts = []
+            for sp, rows in zip(p.spans, p.span_rows):
+                k_own, v_own = (x[:, lo - first:hi - first] for x in chip.cache.slot(layer, sp.slot))
+                parts.append(attend_slots(chip.spec, q[rows], k[rows], v[rows], sp.start_pos, ring, lo, hi,
+                                          k_own, v_own, window))
+            return parts[0] if len(parts) == 1 else Partial(torch.cat([x.out for x in parts]),
+                                                            torch.cat([x.lse for x in parts]))
+        return partial_attention
+    if suffix == CHAINED["attn"]:
+        return lambda p, running, own: merge_partials(running, own)
     if suffix == "attention":
         hd = spec.head_dim
 
@@ -279,6 +306,13 @@ def build_kernel(chip: Chip, name: str, kind: str) -> Callable:
                        f"lowered by a newer compiler")
 
 
+def slot_range(part: tuple[int, int, int], capacity: int) -> tuple[int, int, int]:
+    """A part's compiled KV slots [lo, hi) of `ring` scaled to a cache layer of `capacity` positions:
+    (lo, hi, capacity). The parts of a layer still cover the cache's slots once each."""
+    lo, hi, ring = part
+    return lo * capacity // ring, hi * capacity // ring, capacity
+
+
 def reduce_argmax(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """The sampler's all-reduce: the largest value over the chips; ties go to the smaller id, like argmax."""
     values = torch.stack([v for v, _ in parts])
@@ -299,6 +333,11 @@ class ChipCaches:
             for i in range(chip.spec.n_layers):
                 if i not in layers_of[cid]:  # not this chip's layer: no storage at all
                     cache.k[i] = cache.v[i] = None
+                elif i in chip.kv_parts:  # a part of a split attention: storage for its slots only
+                    lo, hi, _ = slot_range(chip.kv_parts[i], cache.layer_capacity[i])
+                    cache.k[i], cache.v[i] = (x.new_empty((*x.shape[:2], hi - lo, x.shape[3]))
+                                              for x in (cache.k[i], cache.v[i]))
+                    cache.first_slot[i] = lo
             self.per_chip[cid] = cache
         self.capacity = capacity
 
@@ -380,6 +419,28 @@ def stage_rows(program: Program) -> dict[int, dict[str, tuple[int, int, int]]]:
     return out
 
 
+def kv_slot_parts(program: Program, spec: ModelSpec) -> dict[int, dict[int, tuple[int, int, int]]]:
+    """Per stage, the layers whose attention it holds a part of: (lo, hi, ring), its KV slots [lo, hi)
+    of the layer's ring; each layer's parts must cover its ring once, in order."""
+    out: dict[int, dict[int, tuple[int, int, int]]] = {}
+    covered: dict[int, int] = {}
+    for stage in program.placement.stages:
+        for item, part, lo, hi in stage.pieces:
+            if part != "attn" or hi <= lo:
+                continue
+            ring = kv_slots(spec, program.workload.context_length, item)
+            if lo != covered.get(item, 0) or hi > ring:
+                raise OpenLPUError(f"layer {item}'s attention parts do not hold its {ring} KV slots once each in "
+                                   f"order (a part holds {lo}..{hi - 1}); recompile the Program")
+            covered[item] = hi
+            out.setdefault(stage.index, {})[item] = (lo, hi, ring)
+    for item, hi in covered.items():
+        if hi != kv_slots(spec, program.workload.context_length, item):
+            raise OpenLPUError(f"layer {item}'s attention parts hold only its KV slots 0..{hi - 1}; recompile "
+                               f"the Program")
+    return out
+
+
 def _group(name: str) -> str:
     """Which block an op belongs to: 'embed', 'blk.<i>' or 'head' (parts of a split piece included)."""
     if name.startswith("blk."):
@@ -441,6 +502,7 @@ class Executor:
         self.max_positions = max_positions or spec.context_length
         self.inv_freq = {b: rope_inverse_frequencies(spec, b) for b in {spec.layer_rope_base(i) for i in range(spec.n_layers)}}
         stages = program.placement.stages
+        kv_parts = kv_slot_parts(program, spec)
         if mode == "fused":
             check_every_element_placed(program)
             self.model = Model(spec, weights, precision, device, self.max_positions)
@@ -448,14 +510,21 @@ class Executor:
             self.stage_chips = {s.index: (0,) for s in stages}
             formats = PRECISIONS[self.model.precision]
             self.chips = {0: Chip(0, spec, WholeTensors(weights, program.tensors), formats)}
-            # a stage holding part of a cut MLP, embedding or head runs its ops alone on that part's rows
-            self.stage_views = {k: Chip(0, spec, WholeTensors(weights, program.tensors, rows), formats)
-                                for k, rows in stage_rows(program).items()}
+            # a stage holding part of a cut MLP, embedding, head or attention runs its ops alone on that
+            # part's rows or KV slots
+            rows = stage_rows(program)
+            self.stage_views = {k: Chip(0, spec, WholeTensors(weights, program.tensors, rows.get(k)), formats)
+                                for k in {*rows, *kv_parts}}
+            for k, parts in kv_parts.items():
+                self.stage_views[k].kv_parts = parts
         else:
             self.device = torch.device("cpu")
             self.stage_views = {}  # every chip already holds only its own rows
             self.stage_chips = {s.index: s.chips for s in stages}
             self.chips = {c: Chip(c, spec, {}) for c in program.placement.chips}
+            for k, parts in kv_parts.items():
+                for c in self.stage_chips[k]:
+                    self.chips[c].kv_parts = parts
             for sh in program.placement.shards:
                 if sh.chip not in self.chips:
                     raise OpenLPUError(f"shard of {sh.tensor} is placed on chip {sh.chip}, which no stage uses")
@@ -582,7 +651,7 @@ class Executor:
 
     def _transfer(self, ev: Event, values: dict[int, dict]) -> None:
         t, src_name = ev.transfer, ev.inputs[0]
-        sources = t.chips if t.kind == "all_reduce" else t.chips[:1]
+        sources = {"all_reduce": t.chips, "rank_p2p": t.chips[:len(t.chips) // 2]}.get(t.kind, t.chips[:1])
         for c in sources:
             if src_name not in values[c]:
                 raise OpenLPUError(f"transfer {ev.name} sends {src_name} from chip {c}, which never produced it")
@@ -593,6 +662,10 @@ class Executor:
                 values[c][ev.name] = total
         elif t.kind == "p2p":
             values[t.chips[-1]][ev.name] = values[t.chips[0]][src_name]
+        elif t.kind == "rank_p2p":  # each rank's heads to the same rank of the next group
+            half = len(t.chips) // 2
+            for src, dst in zip(t.chips[:half], t.chips[half:]):
+                values[dst][ev.name] = values[src][src_name]
         else:  # broadcast from the group's first chip
             for c in t.chips:
                 values[c][ev.name] = values[t.chips[0]][src_name]

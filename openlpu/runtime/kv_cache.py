@@ -39,6 +39,7 @@ class KVCache:
         shape = lambda c: (n_slots, spec.n_kv_heads, c, spec.head_dim)  # noqa: E731
         self.k = [torch.empty(shape(c), device=device, dtype=dtype) for c in self.layer_capacity]
         self.v = [torch.empty(shape(c), device=device, dtype=dtype) for c in self.layer_capacity]
+        self.first_slot = [0] * spec.n_layers  # per layer, the ring slot its storage starts at (a part's)
         self.lengths = [0] * n_slots  # tokens written per slot (= next position)
         self._free = list(range(n_slots - 1, -1, -1))
         self._views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}

@@ -216,6 +216,56 @@ def attend(spec: ModelSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     return out[0].transpose(0, 1).reshape(n, -1)
 
 
+@dataclass(frozen=True)
+class Partial:
+    """Attention over some of the keys: the softmax-weighted values over those keys [n, heads * hd] and
+    each query head's log-sum-exp of its scores [n, heads] (-inf where it saw none of them)."""
+    out: torch.Tensor
+    lse: torch.Tensor
+
+
+def attend_slots(spec: ModelSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, ring: int,
+                 lo: int, hi: int, k_own: torch.Tensor, v_own: torch.Tensor, window: int | None) -> Partial:
+    """One span's attention over the keys in slots [lo, hi) of a ring of `ring` slots (position p in slot
+    p mod ring): the slots' cached keys (k_own, v_own [kv heads, hi - lo, hd], written before `start`)
+    and the span's new keys that land there, which it then writes. Queries [n, heads, hd] at positions
+    start.. see keys at positions p <= q with q - p < window. Parts over all slots merge (merge_partials)
+    to attend()'s result."""
+    n = q.shape[0]
+    new_pos = torch.arange(start, start + n)
+    mine = (new_pos % ring >= lo) & (new_pos % ring < hi)
+    old_pos = ring_positions(start, ring)[lo:hi]
+    written = old_pos >= 0  # slots never written are never read
+    keys = torch.cat([k_own[:, written], k[mine].transpose(0, 1)], 1)  # [kv heads, keys, hd]
+    values = torch.cat([v_own[:, written], v[mine].transpose(0, 1)], 1)
+    key_pos = torch.cat([old_pos[written], new_pos[mine]])
+    visible = (key_pos >= 0) & (key_pos <= new_pos[:, None])
+    if window is not None:
+        visible &= new_pos[:, None] - key_pos < window
+    group = spec.n_heads // spec.n_kv_heads
+    keys, values = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)
+    scores = (q.transpose(0, 1) @ keys.transpose(-1, -2)) * spec.attn_scale  # [heads, n, keys]
+    if spec.attn_logit_softcap:
+        scores = torch.tanh(scores / spec.attn_logit_softcap) * spec.attn_logit_softcap
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    out = (torch.exp(scores - lse[..., None]).nan_to_num(0.0) @ values).transpose(0, 1).reshape(n, -1)
+    kept = new_pos[-min(n, ring):]  # a span longer than the ring leaves only its last ring keys
+    kept = kept[(kept % ring >= lo) & (kept % ring < hi)]
+    k_own.index_copy_(1, kept % ring - lo, k[kept - start].transpose(0, 1))
+    v_own.index_copy_(1, kept % ring - lo, v[kept - start].transpose(0, 1))
+    return Partial(out, lse.transpose(0, 1))
+
+
+def merge_partials(a: Partial, b: Partial) -> Partial:
+    """Attention over the keys of both: each side's values reweighted by its share of the softmax mass."""
+    lse = torch.logaddexp(a.lse, b.lse)
+    n, heads = lse.shape
+    wa, wb = (torch.exp(x.lse - lse).nan_to_num(0.0)[..., None] for x in (a, b))  # 0 where neither saw a key
+    out = a.out.view(n, heads, -1) * wa + b.out.view(n, heads, -1) * wb
+    return Partial(out.reshape(n, -1), lse)
+
+
 @dataclass
 class RMSNorm:
     """x * w / sqrt(mean(x^2) + eps) over the last axis of a float32 x. Written as
