@@ -18,16 +18,17 @@ import sys
 import time
 from pathlib import Path
 
-# (model, chips): None = as few as fit; 576 = Groq's 70B deployment; 8192 chips for 405B: TP 16 x 512
-# stages, every MLP cut in four (its 128k-vocabulary head needs TP 16)
-MODELS = (("llama-3.1-8b", None), ("llama-3.3-70b", None), ("llama-3.3-70b", 576), ("llama-3.1-405b", None),
-          ("llama-3.1-405b", 8192))
+# (model, chips, context, users): chips None = as few as fit; 576 = Groq's 70B deployment; 8192 chips for
+# 405B: every MLP cut between stages; 70B at its 131,072-token window for 16 users: every attention split
+# along its KV slots
+MODELS = (("llama-3.1-8b", None, 4096, 1), ("llama-3.3-70b", None, 4096, 1), ("llama-3.3-70b", 576, 4096, 1),
+          ("llama-3.1-405b", None, 4096, 1), ("llama-3.1-405b", 8192, 4096, 1), ("llama-3.3-70b", None, 131072, 16))
 RESULTS = Path(__file__).parent / "results"
-WORKLOAD = dict(context_length=4096, prompt_len=512, users=1)
+WORKLOAD = dict(prompt_len=512)
 TARGET_S = 2.0  # OpenLPU issue 3: a 70B plan on the full chip count in under 2 s
 
 
-def measure(model: str, chips: int | None, repeat: int) -> dict:
+def measure(model: str, chips: int | None, context: int, users: int, repeat: int) -> dict:
     """Runs in the child: best-of-`repeat` wall time of each step; with repeat 0, only the imports and
     the presets (the memory every row starts from)."""
     from openlpu.compiler import Workload, compile_program, verify
@@ -35,7 +36,8 @@ def measure(model: str, chips: int | None, repeat: int) -> dict:
     from openlpu.models.spec import load_preset
     from openlpu.sim.timing import timing
 
-    spec, system, workload = load_preset(model), load_system("lpu-v1"), Workload(**WORKLOAD)
+    spec, system = load_preset(model), load_system("lpu-v1")
+    workload = Workload(**WORKLOAD, context_length=context, users=users)
     if repeat == 0:
         return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     best = {"compile_s": float("inf"), "verify_s": float("inf"), "timing_s": float("inf")}
@@ -49,7 +51,7 @@ def measure(model: str, chips: int | None, repeat: int) -> dict:
         t3 = time.perf_counter()
         for key, dt in (("compile_s", t1 - t0), ("verify_s", t2 - t1), ("timing_s", t3 - t2)):
             best[key] = min(best[key], dt)
-    return {"model": model, **best, "total_s": sum(best.values()), "chips": t.chips, "stages": t.stages,
+    return {"model": model, "context": context, "users": users, **best, "total_s": sum(best.values()), "chips": t.chips, "stages": t.stages,
             "tp": t.tp, "ops": len(program.decode.ops) + len(program.prefill.ops),
             "transfers": len(program.decode.transfers) + len(program.prefill.transfers),
             "shards": len(program.placement.shards), "program_bytes": len(program_bytes(program)),
@@ -67,26 +69,28 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--chips", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--context", type=int, default=4096, help=argparse.SUPPRESS)
+    ap.add_argument("--users", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.chips, args.repeat)))
+        print(json.dumps(measure(args.child, args.chips, args.context, args.users, args.repeat)))
         return
     from openlpu.models.spec import preset_names
 
-    def child(model: str, chips: int | None, repeat: int) -> dict:
+    def child(model: str, chips: int | None, context: int, users: int, repeat: int) -> dict:
         extra = ["--chips", str(chips)] if chips else []
-        out = subprocess.run([sys.executable, __file__, "--child", model, "--repeat", str(repeat), *extra],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, __file__, "--child", model, "--repeat", str(repeat), "--context",
+                              str(context), "--users", str(users), *extra], capture_output=True, text=True, check=True)
         return json.loads(out.stdout)
 
     rows = []
-    for model, chips in MODELS:
+    for model, chips, context, users in MODELS:
         if model not in preset_names():
             print(f"skipping {model}: no preset", file=sys.stderr)
             continue
-        rows.append(child(model, chips, args.repeat))
+        rows.append(child(model, chips, context, users, args.repeat))
         print(rows[-1])
-    baseline_mb = child(MODELS[0][0], None, 0)["peak_rss_mb"]
+    baseline_mb = child(MODELS[0][0], None, 4096, 1, 0)["peak_rss_mb"]
     for r in rows:  # what planning itself holds, against the size of the Program
         r["planning_mb"] = r["peak_rss_mb"] - baseline_mb
         r["chips_x_ops"] = r["chips"] * r["ops"]
@@ -104,15 +108,15 @@ def main() -> None:
         "# LPU plan speed (compile + verify + timing)", "",
         f"Command: `python bench/plan_speed.py --repeat {args.repeat}` (best of {args.repeat}; each model in its "
         f"own process; peak RSS includes the Python interpreter and imports).",
-        f"Machine: {machine}; run {date}, load average {load:.1f} when it ended. System lpu-v1, int8, context "
-        f"{WORKLOAD['context_length']}, prompt {WORKLOAD['prompt_len']}, {WORKLOAD['users']} user; as few chips as "
-        f"fit unless a chip count is given.", "",
-        "| model | chips | stages x TP | ops | transfers | shards | program file | compile s | verify s | "
-        "timing s | total s | peak RSS MB | planning MB | violations |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"Machine: {machine}; run {date}, load average {load:.1f} when it ended. System lpu-v1, int8, prompt "
+        f"{WORKLOAD['prompt_len']}; as few chips as fit unless a chip count is given.", "",
+        "| model | context x users | chips | stages x TP | ops | transfers | shards | program file | compile s | "
+        "verify s | timing s | total s | peak RSS MB | planning MB | violations |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['chips']} | {r['stages']} x {r['tp']} | {r['ops']} | {r['transfers']} | "
+        lines.append(f"| {r['model']} | {r['context']:,} x {r['users']} | {r['chips']} | {r['stages']} x {r['tp']} | "
+                     f"{r['ops']} | {r['transfers']} | "
                      f"{r['shards']} | {r['program_bytes'] / 1e3:.0f} kB | {r['compile_s']:.2f} | {r['verify_s']:.2f} | "
                      f"{r['timing_s']:.3f} | {r['total_s']:.2f} | {r['peak_rss_mb']:.0f} | {r['planning_mb']:.0f} | "
                      f"{r['violations']} |")
