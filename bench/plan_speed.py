@@ -51,8 +51,8 @@ def measure(model: str, chips: int | None, context: int, users: int, repeat: int
         t3 = time.perf_counter()
         for key, dt in (("compile_s", t1 - t0), ("verify_s", t2 - t1), ("timing_s", t3 - t2)):
             best[key] = min(best[key], dt)
-    return {"model": model, "context": context, "users": users, **best, "total_s": sum(best.values()), "chips": t.chips, "stages": t.stages,
-            "tp": t.tp, "ops": len(program.decode.ops) + len(program.prefill.ops),
+    return {"model": model, "context": context, "users": users, **best, "total_s": sum(best.values()),
+            "chips": t.chips, "stages": t.stages, "tp": t.tp, "ops": len(program.decode.ops) + len(program.prefill.ops),
             "transfers": len(program.decode.transfers) + len(program.prefill.transfers),
             "shards": len(program.placement.shards), "program_bytes": len(program_bytes(program)),
             "violations": len(violations), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

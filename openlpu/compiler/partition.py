@@ -243,7 +243,7 @@ class SizeTable:
     vocab_row_bytes: tuple[float, float]  # bytes of one vocabulary row of the embedding, of the head
     kv: tuple[int, ...]
     kv_slots: tuple[int, ...]  # per layer: positions of KV cache per user (its window if shorter)
-    kv_slot_bytes: tuple[float, ...]  # per layer: bytes of one such position, all users, per chip
+    kv_slot_bytes: float  # bytes of one such position of a layer, all users, per chip
     activations: tuple[int, ...]
     cut_activation_bytes: int  # a cut MLP's slice (an embedding part) also holds the partial sum it receives and the one it makes
     merge_activation_bytes: int  # an attention part holds the running partial it receives and the one it makes
@@ -337,7 +337,7 @@ def size_table(spec: ModelSpec, workload: Workload, t: int, passes: list[list[Op
     # a partial attention result: each query head's output and its log-sum-exp, this chip's heads
     merge = 2 * tokens * -(-spec.n_heads // t) * (spec.head_dim + 1) * ab
     return SizeTable(t, tuple(weights), tuple(rows), (vocab_row["embed"], vocab_row["head"]), tuple(kv), slots,
-                     (slot_bytes,) * n, tuple(math.ceil(a) for a in acts), math.ceil(cut), math.ceil(merge),
+                     slot_bytes, tuple(math.ceil(a) for a in acts), math.ceil(cut), math.ceil(merge),
                      math.ceil(tied_table))
 
 
@@ -357,7 +357,7 @@ def piece_sizes(spec: ModelSpec, table: SizeTable, k: int = 1, vocab: tuple[int,
             w += -(-(hi - lo) // table.t) * table.vocab_row_bytes[VOCAB_PARTS.index(part)]
         weights.append(math.ceil(w))
         cut_attention = part == "attn" and hi > lo
-        kv.append(math.ceil((hi - lo) * table.kv_slot_bytes[item]) if cut_attention else table.kv[h])
+        kv.append(math.ceil((hi - lo) * table.kv_slot_bytes) if cut_attention else table.kv[h])
         summed = (part == "ffn" and k > 1) or (part == "embed" and vocab[0] > 1)
         extra = table.cut_activation_bytes if summed else table.merge_activation_bytes if cut_attention else 0
         acts.append(table.activations[h] + extra)
@@ -421,7 +421,7 @@ def attention_parts(spec: ModelSpec, table: SizeTable, capacity: int) -> tuple[i
             out.append(1)
             continue
         room = capacity - table.weights[h] - table.activations[h] - table.merge_activation_bytes
-        slots = int(room // table.kv_slot_bytes[i]) if room > 0 else 0
+        slots = int(room // table.kv_slot_bytes) if room > 0 else 0
         if slots < 1:
             return None
         out.append(-(-table.kv_slots[i] // slots))

@@ -109,7 +109,7 @@ def _collective_template(system: SystemSpec, group: tuple[int, ...], kind: str):
 
 class _Scheduler:
     def __init__(self, spec: ModelSpec, system: SystemSpec, workload: Workload, placement: Placement,
-                 templates: dict):
+                 templates: dict, by_rank: set[str]):
         self.spec, self.system, self.workload, self.placement = spec, system, workload, placement
         self.clock = system.chip.clock_hz
         self.unit_free: dict[tuple[int, str], int] = {}
@@ -118,7 +118,7 @@ class _Scheduler:
         self.chunk_end: dict[tuple[int, int], int] = {}  # (stage, prompt chunk) -> its last op's end there
         self.provider: dict[str, str] = {}  # op name -> the name holding its full result (op or all-reduce)
         self.alias: dict[str, str] = {}  # a p2p send -> the broadcast that completes it on the group
-        self.by_rank: set[str] = set()  # results split by heads over a group: they move rank to rank
+        self.by_rank = by_rank  # results split by heads over a group: they move rank to rank
         self.templates = templates  # collective link loads per (group shape, kind), shared by the phases
         self.ops: list[ScheduledOp] = []
         self.transfers: list[Transfer] = []
@@ -147,19 +147,20 @@ class _Scheduler:
     def _send(self, name: str, kind: str, stage: int, chips: tuple[int, ...], payload: float, ready: int,
               inputs: tuple[str, ...]) -> int:
         if kind in ("p2p", "rank_p2p"):  # rank_p2p: rank r of the first group to rank r of the second
-            pairs = [(chips[0], chips[1])] if kind == "p2p" else list(zip(chips[:len(chips) // 2], chips[len(chips) // 2:]))
+            half = len(chips) // 2
+            pairs = [(chips[0], chips[1])] if kind == "p2p" else list(zip(chips[:half], chips[half:]))
+            routes = [self.system.route(src, dst) for src, dst in pairs]
             load: dict[tuple[int, int], float] = {}
             latency = 0.0
-            for src, dst in pairs:  # the pairs share any link their routes have in common
-                path = self.system.route(src, dst)
-                hops = list(zip(path, path[1:]))
+            for route in routes:  # the pairs share any link their routes have in common
+                hops = list(zip(route, route[1:]))
                 for hop in hops:
                     load[hop] = load.get(hop, 0.0) + payload / len(pairs)
                 latency = max(latency, sum(self.system.links[self.system.link_kind(*hop)].latency_s for hop in hops))
             seconds = latency + max(nbytes / self.system.links[self.system.link_kind(*hop)].bandwidth_bytes_per_s
                                     for hop, nbytes in load.items())
             links = tuple((a, b, nbytes) for (a, b), nbytes in load.items())
-            path = path if kind == "p2p" else ()
+            path = routes[0] if kind == "p2p" else ()
         else:
             path = ()
             # routes repeat every `period` chips (whole racks, and gateways by node index mod node size)
@@ -386,9 +387,9 @@ def schedule_phase(spec: ModelSpec, system: SystemSpec, workload: Workload, plac
                     act_precision=workload.activations)
     else:
         seq_len, ops = workload.prompt_len, _prefill_chunks(spec, workload)
-    s = _Scheduler(spec, system, workload, placement, {} if templates is None else templates)
     staged = staged_ops(spec, workload, ops, placement)
-    s.by_rank = {op.name for op, _ in staged if op.kind in ("attention", "merge")}
+    s = _Scheduler(spec, system, workload, placement, {} if templates is None else templates,
+                   {op.name for op, _ in staged if op.kind in ("attention", "merge")})
     payloads = {op.name: result_bytes(spec, op) for op, _ in staged}
     for op, stage in staged:
         s.place_op(op, stage, payloads)

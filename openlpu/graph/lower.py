@@ -86,8 +86,10 @@ def keys_in_slots(phase: str, past_len: int, tokens: int, ring: int, lo: int, hi
         return x // ring * width + min(max(x % ring - lo, 0), width)
 
     kept_from = past_len + tokens - min(tokens, ring)  # a long prefill into a ring keeps its last ring keys
-    pairs = seen(min(past_len + tokens, ring)) - seen(min(past_len, ring)) + max(0, past_len + tokens - max(past_len, ring)) * width
-    return pairs, float(hits(past_len) - hits(max(0, past_len - ring))), float(hits(past_len + tokens) - hits(kept_from))
+    full_ring_queries = max(0, past_len + tokens - max(past_len, ring))  # each sees every slot
+    pairs = seen(min(past_len + tokens, ring)) - seen(min(past_len, ring)) + full_ring_queries * width
+    cached = hits(past_len) - hits(max(0, past_len - ring))
+    return pairs, float(cached), float(hits(past_len + tokens) - hits(kept_from))
 
 
 class _Builder:
