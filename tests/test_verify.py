@@ -102,6 +102,44 @@ def test_sram_over_capacity(program):
     assert "sram_capacity" in _invariants(_with_decode(program, ops=ops))
 
 
+def test_kv_cache_reserved_for_every_user_and_slot(program):
+    """The verifier derives each stage's KV from the Program's shards (K and V rows per chip), its
+    workload and its slots per layer, apart from what the partition reserved."""
+    assert verify(program) == []
+    stages = list(program.placement.stages)
+    k = next(i for i, s in enumerate(stages) if s.attention_layers)
+    short = stages[:k] + [dataclasses.replace(stages[k], kv_bytes_per_chip=stages[k].kv_bytes_per_chip - 1)]
+    found = verify(dataclasses.replace(program, placement=dataclasses.replace(
+        program.placement, stages=tuple(short + stages[k + 1:]))))
+    assert [v.invariant for v in found] == ["sram_capacity"]
+    assert found[0].message.startswith(f"stage {k} reserves ")
+    # twice the users, or every layer keeping the whole context (no sliding windows), in the same SRAM
+    more_users = dataclasses.replace(program, workload=dataclasses.replace(program.workload, users=2))
+    no_windows = dataclasses.replace(program, kv_slots=(program.workload.context_length,) * len(program.kv_slots))
+    assert program.kv_slots != no_windows.kv_slots  # Gemma 3 270M has local layers
+    for bad in (more_users, no_windows):
+        assert "sram_capacity" in {v.invariant for v in verify(bad)}
+    missing = dataclasses.replace(program, kv_slots=program.kv_slots[1:])
+    assert [v.invariant for v in verify(missing)] == ["structure"]
+
+
+def test_attention_split_along_its_slots_must_cover_them_all():
+    """Gemma 3 270M with 64 users at 32,768 tokens: each global layer's K and V are split between stages."""
+    p = compile_program(load_preset("gemma-3-270m"), SYSTEM, Workload(context_length=32768, users=64))
+    assert verify(p) == []
+    stages = list(p.placement.stages)
+    k, j = max((k, j) for k, s in enumerate(stages) for j, (_, part, lo, hi) in enumerate(s.pieces)
+               if part == "attn" and hi > lo)  # the last range of the last split layer
+    item, _, lo, hi = stages[k].pieces[j]
+    assert hi == p.kv_slots[item] == 32768
+    pieces = list(stages[k].pieces)
+    pieces[j] = (item, "attn", lo, hi - 1)
+    stages[k] = dataclasses.replace(stages[k], pieces=tuple(pieces))
+    found = verify(dataclasses.replace(p, placement=dataclasses.replace(p.placement, stages=tuple(stages))))
+    assert found[0].invariant == "structure"
+    assert f"is ({item}, 'attn', 0, {hi - 1}), expected ({item}, 'attn', 0, {hi})" in found[0].message
+
+
 def test_stages_that_miss_or_repeat_a_piece(program):
     stages = list(program.placement.stages)
     last = stages[-1]

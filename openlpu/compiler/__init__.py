@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from openlpu.compiler.partition import partition
+from openlpu.compiler.partition import kv_slots, partition
 from openlpu.compiler.program import FORMAT_VERSION, Program, Workload, load_program
 from openlpu.compiler.schedule import schedule_phase
 from openlpu.compiler.verify import Violation, verify, verify_or_raise
@@ -20,7 +20,9 @@ def compile_program(spec: ModelSpec, system: SystemSpec, workload: Workload, chi
     placement = partition(spec, system, workload, chips)
     templates: dict = {}  # collective routes, shared by both phases
     return Program(version=FORMAT_VERSION, model=spec.name, system=system, workload=workload,
-                   tensors=spec.tensor_shapes(), placement=placement,
+                   tensors=spec.tensor_shapes(),
+                   kv_slots=tuple(kv_slots(spec, workload.context_length, i) for i in range(spec.n_layers)),
+                   placement=placement,
                    decode=schedule_phase(spec, system, workload, placement, "decode", templates),
                    prefill=schedule_phase(spec, system, workload, placement, "prefill", templates))
 

@@ -24,8 +24,9 @@ from openlpu.hardware.lpu import ChipSpec, LinkSpec, NetworkSpec, NodeSpec, Rack
 MAGIC = b"OPENLPU-PROGRAM\n"
 # 2: stages hold pieces (a layer may be cut between stages); 3: embedding and head pieces hold
 # vocabulary row ranges (either may be split between stages); 4: attention pieces may hold ranges of
-# their layer's KV slots (an attention split between stages), transfers "rank_p2p"
-FORMAT_VERSION = 4
+# their layer's KV slots (an attention split between stages), transfers "rank_p2p"; 5: each layer's KV
+# slots per user
+FORMAT_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,7 @@ class Program:
     system: SystemSpec
     workload: Workload
     tensors: dict[str, tuple[int, ...]]  # every weight tensor of the model with its shape
+    kv_slots: tuple[int, ...]  # per layer: KV positions each user keeps (the context, or a shorter sliding window)
     placement: Placement
     decode: PhaseSchedule
     prefill: PhaseSchedule
@@ -192,6 +194,7 @@ def encode(program: Program) -> bytes:
         "system": _plain(dataclasses.replace(program.system, sources={})),
         "workload": _plain(program.workload),
         "tensors": {k: list(v) for k, v in program.tensors.items()},
+        "kv_slots": list(program.kv_slots),
         "placement": {"tp": program.placement.tp, "stages": _table(program.placement.stages),
                       "shards": _table(program.placement.shards)},
         "decode": _phase_dict(program.decode),
@@ -240,7 +243,7 @@ def decode_program(data: bytes, origin: str = "program") -> Program:
                               _rows(Shard, b["placement"]["shards"]))
         return Program(version=version, model=b["model"], system=_system(b["system"]),
                        workload=Workload(**b["workload"]), tensors={k: tuple(v) for k, v in b["tensors"].items()},
-                       placement=placement, decode=_phase(b["decode"]), prefill=_phase(b["prefill"]))
+                       kv_slots=tuple(b["kv_slots"]), placement=placement, decode=_phase(b["decode"]), prefill=_phase(b["prefill"]))
     except (OSError, EOFError, zlib.error, ValueError, KeyError, TypeError) as e:
         raise OpenLPUError(f"{origin} is corrupt ({type(e).__name__}); recompile it with `openlpu compile`") from None
 

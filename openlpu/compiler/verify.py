@@ -1,12 +1,14 @@
 """Invariants every Program must hold; each check reads the Program alone, never the compiler.
 
 0. structure: every chip in at most one stage, inside the system; the stages' pieces, in pipeline
-   order, hold all vocabulary rows of the embedding, each layer's attention (whole, or ranges of its
-   KV slots from slot 0) and all d_ff rows of its MLP, and all vocabulary rows of the head, once, each
-   split piece's ranges in order without a gap or an overlap;
+   order, hold all vocabulary rows of the embedding, each layer's attention (whole, or ranges of all
+   its KV slots) and all d_ff rows of its MLP, and all vocabulary rows of the head, once, each split
+   piece's ranges in order without a gap or an overlap;
 1. no functional unit runs two ops at once;
 2. nothing starts before its inputs are on its chips (ops and transfers);
-3. SRAM in use (weights + KV + live activations) never exceeds a chip's capacity;
+3. SRAM in use (weights + KV + live activations) never exceeds a chip's capacity, and each stage
+   reserves the KV its attention pieces keep: users x slots x the K and V rows its chips' shards of the
+   layer's K and V projections make;
 4. every weight element is placed exactly once: at most one unflagged shard holds it, any further
    copies are flagged replicated (on purpose); each shard sits on a chip of a stage that holds its
    tensor's piece (the rows of a cut MLP, embedding or head inside that stage's range; a tied table's
@@ -16,6 +18,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -24,6 +27,7 @@ from openlpu.compiler.partition import (is_cut_along_ffn, is_cut_along_vocab, me
 from openlpu.compiler.program import PhaseSchedule, Program
 from openlpu.compiler.schedule import split_chunk
 from openlpu.errors import OpenLPUError
+from openlpu.graph.lower import as_precision
 
 RATE_TOLERANCE = 1e-9
 
@@ -34,27 +38,44 @@ class Violation:
     message: str
 
 
+def _layers(program: Program) -> int:
+    return sum(1 for name in program.tensors if name.endswith(".attn_norm.weight"))
+
+
+def _kv_slots_recorded(program: Program) -> bool:
+    """A positive KV slot count for each of the model's layers (else a structure violation)."""
+    return len(program.kv_slots) == _layers(program) and min(program.kv_slots, default=1) > 0
+
+
+def _attention_slots(program: Program, item: int, lo: int, hi: int) -> tuple[int, int]:
+    """An attention piece's KV slot range: a whole attention, (0, 0), holds all its layer's slots."""
+    return (lo, hi) if hi > lo or not 0 <= item < len(program.kv_slots) else (0, program.kv_slots[item])
+
+
 def _pieces_in_order(program: Program) -> list[tuple[int, str, int, int]]:
-    """The stages' pieces in pipeline order, adjacent row ranges of one MLP, embedding or head joined
-    (a gap or an overlap leaves two entries, a missing range a short one), and an attention split along
-    its KV slots read as whole once its ranges join from slot 0 (the Program does not record a layer's
-    sliding window, so the end of its slots is the executor's check)."""
-    merged = merged_pieces(tuple(piece for stage in program.placement.stages for piece in stage.pieces))
-    return [(item, part, 0, 0) if part == "attn" and lo == 0 else (item, part, lo, hi) for item, part, lo, hi in merged]
+    """The stages' pieces in pipeline order, adjacent ranges of one MLP, embedding, head or attention
+    joined (a gap or an overlap leaves two entries, a missing range a short one)."""
+    held = tuple((item, part, *_attention_slots(program, item, lo, hi)) if part == "attn" else (item, part, lo, hi)
+                 for stage in program.placement.stages for item, part, lo, hi in stage.pieces)
+    return list(merged_pieces(held))
 
 
 def _model_pieces(program: Program) -> list[tuple[int, str, int, int]]:
     """What the stages must hold, from the model's tensors: d_ff is the rows of a layer's up projection,
-    the vocabulary the rows of the embedding table."""
-    n = sum(1 for name in program.tensors if name.endswith(".attn_norm.weight"))
+    the vocabulary the rows of the embedding table; the KV slots are the Program's per layer."""
+    n = _layers(program)
     up = program.tensors.get("blk.0.ffn_up.weight")
     d_ff = up[0] if up is not None else program.tensors["blk.0.ffn_up_exps.weight"][1]
     vocab = program.tensors["token_embd.weight"][0]
-    layers = [p for i in range(n) for p in ((i, "attn", 0, 0), (i, "ffn", 0, d_ff))]
+    layers = [p for i in range(n) for p in ((i, "attn", 0, program.kv_slots[i]), (i, "ffn", 0, d_ff))]
     return [(-1, "embed", 0, vocab), *layers, (n, "head", 0, vocab)]
 
 
 def _structure(program: Program) -> list[Violation]:
+    if not _kv_slots_recorded(program):
+        return [Violation("structure", f"the Program records {len(program.kv_slots)} KV slot counts (smallest "
+                                       f"{min(program.kv_slots, default=0)}), not a positive count for each of the "
+                                       f"model's {_layers(program)} layers")]
     out, seen = [], {}
     held, model = _pieces_in_order(program), _model_pieces(program)
     if held != model:
@@ -175,6 +196,33 @@ def _sram(program: Program, phase: PhaseSchedule) -> list[Violation]:
     return out
 
 
+def _kv_reserved(program: Program) -> list[Violation]:
+    """Each stage reserves, per chip, the KV cache its attention pieces keep: for every user and slot,
+    the K and V rows that chip's shards of the layer's K and V projections produce."""
+    if not _kv_slots_recorded(program):
+        return []  # reported by _structure
+    rows: dict[tuple[int, str], int] = defaultdict(int)  # (chip, tensor) -> output rows it holds
+    for sh in program.placement.shards:
+        rows[(sh.chip, sh.tensor)] += sh.stop - sh.start
+    per_slot = program.workload.users * as_precision(program.workload.kv).bytes_per_element
+    out = []
+    for stage in program.placement.stages:
+        ranges = [(item, *_attention_slots(program, item, lo, hi)) for item, part, lo, hi in stage.pieces
+                  if part == "attn"]
+        for chip in stage.chips:
+            need = sum(math.ceil(per_slot * (hi - lo) * (rows[(chip, f"blk.{item}.attn_k.weight")]
+                                                          + rows[(chip, f"blk.{item}.attn_v.weight")]))
+                       for item, lo, hi in ranges)
+            if need > stage.kv_bytes_per_chip:
+                out.append(Violation("sram_capacity", f"stage {stage.index} reserves "
+                                                      f"{stage.kv_bytes_per_chip / 1e6:.2f} MB of KV cache per chip, "
+                                                      f"but chip {chip}'s K and V rows of layers "
+                                                      f"{list(stage.attention_layers)} need {need / 1e6:.2f} MB for "
+                                                      f"{program.workload.users} user(s) and their slots"))
+                break
+    return out
+
+
 def _weights(program: Program) -> list[Violation]:
     out = []
     chips = set(program.placement.chips)
@@ -216,7 +264,7 @@ def _weights(program: Program) -> list[Violation]:
 def _shards_on_their_stages(program: Program) -> list[Violation]:
     """A shard is useful only on a stage that runs its tensor's ops: the one holding its piece, and for
     a cut tensor the part whose rows it holds (tensor names say the piece; the stages say where it is)."""
-    n = _model_pieces(program)[-1][0]
+    n = _layers(program)
     homes, out = piece_homes(program.placement), []
     chips_of = {s.index: set(s.chips) for s in program.placement.stages}
     for sh in program.placement.shards:
@@ -267,7 +315,7 @@ def _links(program: Program, phase: PhaseSchedule) -> list[Violation]:
 
 def verify(program: Program) -> list[Violation]:
     """Every invariant violated, in a fixed order (an empty list means the Program is sound)."""
-    out = _structure(program) + _weights(program) + _shards_on_their_stages(program)
+    out = _structure(program) + _kv_reserved(program) + _weights(program) + _shards_on_their_stages(program)
     for phase in (program.decode, program.prefill):
         out += _unit_overlap(phase) + _inputs_ready(program, phase) + _sram(program, phase) + _links(program, phase)
     return out
