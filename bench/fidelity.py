@@ -411,9 +411,9 @@ Deployments: {CHIPS_SOURCE}; used for every row of those two models, as no later
 Each service row is modelled at the context window the service offered (the
 number in its model id, e.g. `mixtral-8x7b-32768`, or the catalogue's window), for one user; the
 placement column shows stages x TP. A row without a published chip count is held out at the compiler's
-fewest chips (one TP width inside a node; whole attention and MLP halves per stage, or, when a half,
-the embedding or the head does not fit a stage at any such width, the fewest cuts that fit: MLPs along
-d_ff, tables along the vocabulary; ties to the wider TP).
+fewest chips (the TP width inside a node that takes the fewest nodes, ties to the wider; whole
+attention and MLP halves per stage, or, when that needs fewer stages, pieces cut where stages fill:
+MLPs along d_ff, tables along the vocabulary, attention along its KV slots).
 Given a chip count, the compiler takes the widest TP inside a node that arranges and cuts MLPs between
 stages when it needs more stages than halves.
 
@@ -483,10 +483,9 @@ COMPUTE_EFFICIENCY = {gpu_fit['COMPUTE_EFFICIENCY']:.3f} [{G.COMPUTE_EFFICIENCY:
   (the compiler's and the FIT point's: 8). The 7-9B models' imply TP
   {min(f["implied_tp"] for f in small):.1f} to {max(f["implied_tp"] for f in small):.1f}, narrower than most of
   the fewest-chips placements. The chip counts per width show why the compiler goes wide: at these
-  sizes the widths need nearly the same chips (within {width_spread:.0%}), a narrow width often
-  only by cutting MLPs between stages, and the compiler takes whole pieces first and, among equal
-  counts, the wider width. Groq's deployments of these models are not published, and neither is the
-  load behind a listing.
+  sizes the widths need nearly the same chips (within {width_spread:.0%}), and the compiler compares
+  widths by the nodes they take, ties to the wider. Groq's deployments of these models are not
+  published, and neither is the load behind a listing.
   Two pairs have the same layer shapes and differ in window (8,192 tokens in 2024, 131,072 in 2025;
   the 3.1 and 3.3 models also change the RoPE scaling): {same_shape_pairs}. The model tells the two of a
   pair apart only by the window, attended whole at every step, and by the placement it gives.

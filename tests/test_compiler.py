@@ -89,13 +89,14 @@ def test_tp_groups_stay_inside_a_node_and_sizes_respect_sram(llama70):
 
 def test_attention_too_large_for_a_chip_splits_its_kv_slots_between_stages():
     """llama-3.1-8b serving 16 users at its 131,072-token window: one layer's K and V are 537 MB per
-    chip at TP 8 (one KV head each), more than a chip. Each attention is split into the fewest equal
-    ranges of its KV slots whose part fits (the arithmetic below, from the model's shapes), on
-    consecutive stages of the same node-wide group; every part recomputes the norm and the q, k, v
-    projections from copies flagged replicated, the output projection is held once, by the last part."""
+    chip at TP 8 (one KV head each), more than a chip. Given 784 chips (98 stages of TP 8: more than
+    the fewest), each attention is split into the fewest equal ranges of its KV slots whose part fits
+    (the arithmetic below, from the model's shapes), on consecutive stages of the same node-wide group;
+    every part recomputes the norm and the q, k, v projections from copies flagged replicated, the
+    output projection is held once, by the last part."""
     spec = load_preset("llama-3.1-8b")
     w = Workload(context_length=131072, users=16, prompt_len=512)
-    program = compile_program(spec, SYSTEM, w)
+    program = compile_program(spec, SYSTEM, w, chips=784)
     t, cap, d = SYSTEM.node.chips, SYSTEM.chip.sram_bytes, spec.d_model
     assert program.placement.tp == t and not verify(program)
     slot_bytes = w.users * 2 * spec.head_dim * (spec.n_kv_heads // t)  # int8 K and V of one position, all users
@@ -123,6 +124,31 @@ def test_attention_too_large_for_a_chip_splits_its_kv_slots_between_stages():
     for s in stages:  # every stage's chips within their SRAM: weights, KV and reserved buffers
         held = max(sum(sh.nbytes for sh in program.placement.shards if sh.chip == c) for c in s.chips)
         assert held + s.kv_bytes_per_chip + s.activation_bytes_per_chip <= cap
+
+
+@pytest.mark.parametrize("name, context, users", [("llama-3.1-8b", 131072, 16), ("llama-3.3-70b", 8192, 64)])
+def test_fewest_chips_cut_pieces_where_stages_fill(name, context, users):
+    """At the fewest chips each stage is filled before the next begins: a piece that does not fit what a
+    stage has left is cut there (an attention along its KV slots, an MLP along d_ff) and its rest starts
+    the next stage. The stages come within 6% of the bound that ignores what cuts cost (the copies each
+    part holds): weights and KV per chip over a chip's SRAM less the activation buffers, from the
+    model's shapes. (Equal ranges per attention need 98 stages for the 8B here, whole pieces 161 for the
+    70B, where each layer's attention, 155 MB per chip with its K and V, leaves no room for its MLP.)
+    Asked for that many chips, the compiler arranges them too."""
+    spec = load_preset(name)
+    w = Workload(context_length=context, users=users, prompt_len=512)
+    program = compile_program(spec, SYSTEM, w)
+    t, stages = program.placement.tp, program.placement.stages
+    assert t == SYSTEM.node.chips and verify(program) == []
+    kv = sum(program.kv_slots) * users * 2 * spec.head_dim * max(1, spec.n_kv_heads // t)  # int8 K and V
+    buffers = max(s.activation_bytes_per_chip for s in stages)
+    bound = (kv + spec.param_count() / t) / (SYSTEM.chip.sram_bytes - buffers)
+    assert bound <= len(stages) <= 1.06 * bound
+    cut = [(item, part) for s in stages[:-1] for item, part, lo, hi in s.pieces[-1:]
+           if (part == "attn" and hi > lo) or (part == "ffn" and (lo, hi) != (0, spec.d_ff))]
+    assert len(cut) > len(stages) // 2  # most stages end inside a piece
+    given = compile_program(spec, SYSTEM, w, chips=program.chips)  # the count plan reports can be asked for
+    assert given.chips == program.chips and verify(given) == []
 
 
 def test_split_attention_parts_run_side_by_side_and_merge_down_the_pipeline():
@@ -249,7 +275,7 @@ def test_too_few_chips_counts_a_tied_table_once_on_one_stage():
 
 
 @pytest.mark.parametrize("workload, chips, message", [
-    (Workload(context_length=131072, users=1024), None, "does not fit on any lpu-v1 system: it needs 4"),
+    (Workload(context_length=131072, users=1024), None, r"does not fit on any lpu-v1 system: it needs \d{5} chips, more than the largest system \(10440\)"),
     (SMALL, 10**6, "more than the largest lpu-v1 system"),
     (SMALL, 0, "chips must be a positive integer"),
     (SMALL, 7000, "cannot be arranged"),  # see test_mlp_cuts_never_split_a_weight_tile

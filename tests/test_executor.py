@@ -151,12 +151,12 @@ def test_attention_split_along_its_kv_slots_runs_like_the_whole(tiny, family, vo
     too, which the 11-token prompt wraps). Each part's chips keep only their slots; the parts' partial
     attentions (outputs and log-sum-exps, moved rank to rank) merge to the unsplit Program's logits and
     to model.py's greedy tokens, in sharded and in fused mode, and the Program verifies. With 1,024
-    tokens the embedding is split into 3 vocabulary ranges too: layer 0's attention parts each read the
+    tokens the embedding is split into vocabulary ranges too: layer 0's attention parts each read the
     summed embedding, not one part's rows."""
     spec, weights, model = tiny(family, vocab_size=vocab_size)
     program = compile_program(spec, VOCAB_SPLIT, dataclasses.replace(WORKLOAD, users=20))
     embed_parts = sum(pc[1] == "embed" for s in program.placement.stages for pc in s.pieces)
-    assert embed_parts == (1 if vocab_size == 96 else 3)
+    assert (embed_parts > 1) == (vocab_size == 1024)
     parts = {}
     for s in program.placement.stages:
         for item, part, lo, hi in s.pieces:

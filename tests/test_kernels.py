@@ -58,6 +58,17 @@ def test_int8_products_equal_the_dequantized_product(rows):
     assert relative_error(linear(x), x, dequantized) < KERNEL_REL_ERROR
 
 
+@pytest.mark.parametrize("inputs", [24, 37, 48])
+def test_int8_products_of_any_input_width(inputs):
+    """Widths the kernels do not step through (here 24 and 37: not whole steps of torch's int8 kernel,
+    nor of the VNNI one) still give the dequantized product, as a part of an MLP cut at any row would."""
+    weight = torch.randn(40, inputs)
+    linear = Linear.build(weight, "int8")
+    x = torch.randn(1, inputs)
+    dequantized = linear.weight.float() * linear.scale.float()[:, None]
+    assert relative_error(linear(x), x, dequantized) < BF16_REL_ERROR
+
+
 @needs_vnni
 def test_int4_head_rounds_each_group_within_half_a_step():
     weight = torch.randn(500, 640) * 0.05

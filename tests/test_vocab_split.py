@@ -14,11 +14,14 @@ from openlpu.models.spec import load_preset
 SYSTEM = load_system("lpu-v1")
 WORKLOAD = Workload(context_length=2048, prompt_len=128)
 BYTES = 1  # int8 weights
+BIG_CHIPS = 2048
 
 
 @pytest.fixture(scope="module")
 def big():
-    return compile_program(load_preset("llama-3.1-405b"), SYSTEM, WORKLOAD)
+    """Given 2,048 chips the compiler arranges equal ranges (its fewest chips cut pieces where stages
+    fill instead: tests/test_compiler.py)."""
+    return compile_program(load_preset("llama-3.1-405b"), SYSTEM, WORKLOAD, chips=BIG_CHIPS)
 
 
 def _ranges(program, part):
@@ -114,7 +117,7 @@ def test_verifier_catches_vocabulary_rows_placed_nowhere_or_twice(big):
 
 
 def test_split_programs_are_byte_identical_and_versioned(big, tmp_path):
-    again = compile_program(load_preset("llama-3.1-405b"), SYSTEM, WORKLOAD)
+    again = compile_program(load_preset("llama-3.1-405b"), SYSTEM, WORKLOAD, chips=BIG_CHIPS)
     assert again.sha256() == big.sha256()
     path = tmp_path / "big.prog"
     big.save(path)

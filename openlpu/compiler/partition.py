@@ -4,22 +4,23 @@ A model is a chain of pieces: the embedding, each layer's attention half and MLP
 (final norm + lm_head). Pipeline stages take contiguous runs of pieces, so a stage boundary may fall
 inside a layer, between its attention and its MLP (one residual vector crosses it, as between two
 layers). When more stages are asked for than there are halves, or an MLP does not fit a stage whole,
-every MLP is cut along d_ff into k equal slices on consecutive stages: each slice computes its rows'
-share of the down projection and the partial sums travel down the pipeline to the last slice, which
-adds the residual. Each slice recomputes the MLP norm (and the MoE router) from replicated copies; an
+MLPs are cut along d_ff into slices on consecutive stages (k equal slices each, or where stages fill:
+below): each slice computes its rows' share of the down projection and the partial sums travel down
+the pipeline to the last slice, which adds the residual. Each slice recomputes the MLP norm (and the MoE router) from replicated copies; an
 MoE slice holds its d_ff rows of every expert, which costs the same as whole experts per stage because
 the static schedule installs all experts anyway. No cut leaves a chip less than one weight tile of the
 matrix unit (320 rows on GroqChip 1) of a slice.
 
 An embedding table or lm_head too large for one stage is split the same way along the vocabulary,
-into the fewest equal row ranges that fit: each embedding part gathers the token's row if it holds it
+into the fewest equal row ranges that fit (or where stages fill): each embedding part gathers the token's row if it holds it
 (zeros otherwise) and the partial vectors are summed down the pipeline; each head part recomputes the
 final norm, computes the logits of its rows and their (value, index) maximum, and the maxima are
-combined down the pipeline, the last part holding the sampled token.
+combined down the pipeline, the last part holding the sampled token. A tied table's embedding and
+head pieces share a stage only when it holds the whole model (else a chip would hold two ranges).
 
 An attention half whose K and V (context x users) do not fit a stage is split along its layer's KV
-slots (positions, or a sliding window's ring) into the fewest equal ranges that fit, on consecutive
-stages: context parallelism. Each part holds its slots for every user, copies of the norm and the q, k,
+slots (positions, or a sliding window's ring) into the fewest equal ranges that fit (or where stages
+fill), on consecutive stages: context parallelism. Each part holds its slots for every user, copies of the norm and the q, k,
 v projections (recomputed from the residual it is sent), and attends its slots; the last part alone
 holds the output projection and the post-norm, applied to the merged result.
 
@@ -27,12 +28,16 @@ Inside a stage a tensor-parallel (TP) group of t chips splits every piece: atten
 MLP by d_ff (column split of gate/up, row split of down), the vocabulary of the embedding and lm_head
 by rows. Small vectors (norms, the MoE router) are replicated on purpose.
 
-TP degree: the fewest chips come from whole pieces (no cut MLP, no split vocabulary or KV), at the TP degree
-inside a node that needs the fewest chips (ties to the wider); if no such placement exists, from the
-fewest cuts that make every piece fit at a TP degree inside a node; a group spans whole nodes of one
-rack only when neither fits on a node. A given chip count takes the first TP degree in that order of
-preference that arranges, cutting MLPs when it needs more stages than pieces or a whole MLP does not
-fit, and splitting the vocabulary only when the embedding or head does not fit.
+Fewest chips: at each TP degree inside a node, the fewer stages of two packings: whole pieces, or
+pieces cut where stages fill (each stage takes whole pieces while they fit, then as much of the next
+piece as fits what it has left, cut as above at a weight-tile or KV-slot boundary, the rest opening
+the next stage; each cut part pays for its copies and buffers). Degrees are compared by the nodes they
+take (a share of one below a node, whole nodes beyond, as the cost model counts hosts), ties to the
+wider degree: the same hosts, a faster step. A group spans whole nodes of one rack only when no degree
+inside a node fits. A given chip count takes the first TP degree in order of preference that
+arranges: whole pieces, or MLPs cut into equal slices when it needs more stages than pieces or a whole
+MLP does not fit (splitting the vocabulary only when the embedding or head does not fit), or, for fewer
+stages than those need, pieces cut where stages fill.
 """
 
 from __future__ import annotations
@@ -341,33 +346,103 @@ def size_table(spec: ModelSpec, workload: Workload, t: int, passes: list[list[Op
                      math.ceil(tied_table))
 
 
+def piece_bytes(table: SizeTable, n_layers: int, piece: tuple[int, str, int, int], split: bool) -> tuple[int, int, int]:
+    """Per-chip (weights, KV, activations) of one piece; split: one part of a piece cut between stages,
+    which also holds the partial result it receives and the one it passes on."""
+    item, part, lo, hi = piece
+    h = half_index(item, part, n_layers)
+    w = table.weights[h]
+    # rows split over the group as split_ranges does: at most ceil(rows / t) per chip
+    if part == "ffn":
+        w += -(-(hi - lo) // table.t) * table.ffn_row_bytes[item]
+    elif part in VOCAB_PARTS:
+        w += -(-(hi - lo) // table.t) * table.vocab_row_bytes[VOCAB_PARTS.index(part)]
+    kv = math.ceil((hi - lo) * table.kv_slot_bytes) if part == "attn" and hi > lo else table.kv[h]
+    extra = {"ffn": table.cut_activation_bytes, "embed": table.cut_activation_bytes,
+             "attn": table.merge_activation_bytes}.get(part, 0) if split else 0
+    return math.ceil(w), kv, table.activations[h] + extra
+
+
+def _sizes(table: SizeTable, n_layers: int, cut: list[tuple[tuple[int, str, int, int], bool]]) -> PieceSizes:
+    rows = [piece_bytes(table, n_layers, piece, split) for piece, split in cut]
+    return PieceSizes(tuple(piece for piece, _ in cut), *(tuple(r[k] for r in rows) for k in range(3)), table.tied_table)
+
+
 def piece_sizes(spec: ModelSpec, table: SizeTable, k: int = 1, vocab: tuple[int, int] = (1, 1),
                 attn: tuple[int, ...] = ()) -> PieceSizes:
     """Per-chip bytes of each piece, every MLP cut into k slices, the embedding and head into vocab parts,
     layer i's attention into attn[i] parts of its KV slots (each part holds the attention's weights)."""
-    n, out = spec.n_layers, pieces(spec, k, vocab, attn, table.kv_slots)
-    weights, kv, acts = [], [], []
-    for item, part, lo, hi in out:
-        h = half_index(item, part, n)
-        w = table.weights[h]
-        # rows split over the group as split_ranges does: at most ceil(rows / t) per chip
-        if part == "ffn":
-            w += -(-(hi - lo) // table.t) * table.ffn_row_bytes[item]
-        elif part in VOCAB_PARTS:
-            w += -(-(hi - lo) // table.t) * table.vocab_row_bytes[VOCAB_PARTS.index(part)]
-        weights.append(math.ceil(w))
-        cut_attention = part == "attn" and hi > lo
-        kv.append(math.ceil((hi - lo) * table.kv_slot_bytes) if cut_attention else table.kv[h])
-        summed = (part == "ffn" and k > 1) or (part == "embed" and vocab[0] > 1)
-        extra = table.cut_activation_bytes if summed else table.merge_activation_bytes if cut_attention else 0
-        acts.append(table.activations[h] + extra)
-    return PieceSizes(out, tuple(weights), tuple(kv), tuple(acts), table.tied_table)
+    parts = {"ffn": k, "embed": vocab[0], "head": vocab[1]}
+    cut = [(piece, piece[1] == "attn" and piece[3] > piece[2] or parts.get(piece[1], 1) > 1)
+           for piece in pieces(spec, k, vocab, attn, table.kv_slots)]
+    return _sizes(table, spec.n_layers, cut)
+
+
+def filled_sizes(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: int) -> PieceSizes | None:
+    """The pieces cut where stages fill: in pipeline order each stage takes whole pieces while they fit,
+    then as much of the next as fits what is left (an MLP's d_ff rows, the embedding's or head's
+    vocabulary rows, an attention's KV slots), the rest going on to the next stage. Each part pays for
+    its copies and its partial-result buffers. Rows are cut between weight tiles (each chip's share of
+    a part is whole tiles of the matrix unit, but for a table's or d_ff's last rows), KV slots anywhere.
+    None if some piece cannot be cut to fit an empty stage."""
+    n, t = spec.n_layers, table.t
+    out: list[tuple[tuple[int, str, int, int], bool]] = []
+    held = peak = 0  # the open stage's weights and KV, its largest activation buffers
+    first = 0  # index in `out` of the open stage's first piece
+
+    def fits(piece, split: bool) -> bool:
+        w, kv, a = piece_bytes(table, n, piece, split)
+        whole_model = first == 0 and piece[1] == "head" and not split and not any(sp for _, sp in out)
+        if table.tied_table and piece[1] == "head" and not whole_model and out[first:] and out[first][0][1] == "embed":
+            return False  # see _splits_a_tied_table
+        return held + w + kv + max(peak, a) - (table.tied_table if whole_model else 0) <= capacity
+
+    def add(piece, split: bool) -> None:
+        nonlocal held, peak
+        w, kv, a = piece_bytes(table, n, piece, split)
+        held, peak = held + w + kv, max(peak, a)
+        out.append((piece, split))
+
+    def close() -> None:
+        nonlocal held, peak, first
+        held, peak, first = 0, 0, len(out)
+
+    for whole in pieces(spec, 1):
+        item, part = whole[:2]
+        extent = table.kv_slots[item] if part == "attn" else spec.d_ff if part == "ffn" else spec.vocab_size
+        step = 1 if part == "attn" else t * tile_rows  # cuts fall between slots, or between weight tiles
+        lo = 0
+        while True:
+            rest = (item, part, lo, extent) if lo else whole
+            if fits(rest, lo > 0):
+                add(rest, lo > 0)
+                break
+            # the most of [lo, extent) that fits what the stage has left, in steps, leaving a step for later
+            a, b = lo // step + 1, (extent - 1) // step
+            if a <= b and fits((item, part, lo, a * step), True):
+                while a < b:
+                    mid = (a + b + 1) // 2
+                    a, b = (mid, b) if fits((item, part, lo, mid * step), True) else (a, mid - 1)
+                add((item, part, lo, a * step), True)
+                lo = a * step
+            elif len(out) == first:
+                return None  # even an empty stage holds no part of it
+            close()
+    return _sizes(table, n, out)
 
 
 def stage_bytes(sizes: PieceSizes, lo: int, hi: int) -> int:
     """Per-chip SRAM of a stage holding pieces lo..hi-1."""
     shared = sizes.tied_table if lo == 0 and hi == len(sizes.weights) else 0  # one tied table, not two
     return sum(sizes.weights[lo:hi]) - shared + sum(sizes.kv[lo:hi]) + max(sizes.activations[lo:hi])
+
+
+def _splits_a_tied_table(sizes: PieceSizes, lo: int, hi: int) -> bool:
+    """A stage holding pieces lo..hi would hold an embedding piece and a head piece of a tied table
+    without holding the whole model: two shards of one tensor on a chip, which one table per chip
+    cannot be."""
+    return bool(sizes.tied_table) and sizes.pieces[lo][1] == "embed" and sizes.pieces[hi][1] == "head" \
+        and not (lo == 0 and hi == len(sizes.pieces) - 1)
 
 
 def greedy_stages(sizes: PieceSizes, capacity: int) -> list[tuple[int, int]] | None:
@@ -378,7 +453,7 @@ def greedy_stages(sizes: PieceSizes, capacity: int) -> list[tuple[int, int]] | N
         while hi < n:
             more, top = held + sizes.weights[hi] + sizes.kv[hi], max(peak, sizes.activations[hi])
             shared = sizes.tied_table if lo == 0 and hi == n - 1 else 0
-            if more + top - shared > capacity:
+            if more + top - shared > capacity or _splits_a_tied_table(sizes, lo, hi):
                 break
             held, peak, hi = more, top, hi + 1
         if hi == lo:
@@ -485,16 +560,18 @@ def cut_options(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: int
 def arrange(spec: ModelSpec, table: SizeTable, p: int, capacity: int,
             tile_rows: int) -> tuple[PieceSizes, list[tuple[int, int]]] | None:
     """p stages of the TP degree of `table`: whole pieces when they suffice, else the fewest MLP slices
-    that give at least p pieces and arrange; the embedding and head split only if they do not fit whole."""
+    that give at least p pieces and arrange (the embedding and head split only if they do not fit
+    whole), else, for fewer stages than those need, pieces cut where stages fill (filled_sizes)."""
     cuts = fitting_cuts(spec, table, capacity, tile_rows)
-    if cuts is None:
-        return None
-    slices = max(cuts[0], -(-(p - sum(cuts[1]) - sum(cuts[2])) // spec.n_layers))  # at least p pieces
-    for sizes in cut_options(spec, table, capacity, tile_rows, slices):
-        ranges = balanced_stages(sizes, p, capacity)
-        if ranges is not None:
-            return sizes, ranges
-    return None
+    if cuts is not None:
+        slices = max(cuts[0], -(-(p - sum(cuts[1]) - sum(cuts[2])) // spec.n_layers))  # at least p pieces
+        for sizes in cut_options(spec, table, capacity, tile_rows, slices):
+            ranges = balanced_stages(sizes, p, capacity)
+            if ranges is not None:
+                return sizes, ranges
+    filled = filled_sizes(spec, table, capacity, tile_rows)
+    ranges = balanced_stages(filled, p, capacity) if filled is not None else None
+    return (filled, ranges) if ranges is not None else None
 
 
 # ---- chip numbering ---------------------------------------------------------------------------
@@ -521,48 +598,50 @@ def _describe(spec: ModelSpec, sizes: PieceSizes, lo: int, hi: int) -> str:
     return names[0] if lo == hi - 1 else f"{names[0]} to {names[1]}"
 
 
+def fewest_stages(spec: ModelSpec, system: SystemSpec, table: SizeTable) -> tuple[int, PieceSizes] | None:
+    """The fewest pipeline stages at the TP degree of `table`, with their piece sizes: whole pieces, or
+    (fewer stages) pieces cut where stages fill. None if neither fits."""
+    cap = system.chip.sram_bytes
+    best = None
+    for sizes in (piece_sizes(spec, table), filled_sizes(spec, table, cap, system.chip.matrix_tile_rows)):
+        g = greedy_stages(sizes, cap) if sizes is not None else None
+        if g is not None and (best is None or len(g) < best[0]):
+            best = (len(g), sizes)
+    return best
+
+
+def nodes_used(system: SystemSpec, chips: int) -> float:
+    """What a placement takes of the system, as the cost model counts hosts: a share of one node below
+    a node (the rest serve other models), whole nodes beyond."""
+    node = system.node.chips
+    return chips / node if chips < node else float(math.ceil(chips / node))
+
+
 def fewest_chips(spec: ModelSpec, system: SystemSpec, workload: Workload,
                  passes: list[list[Op]] | None = None, widths: list[int] | None = None,
                  ) -> tuple[int, int, PieceSizes] | None:
-    """(t, p, piece sizes), preferring in turn TP groups inside a node, then spanning nodes; at each,
-    whole pieces at the TP degree that needs the fewest chips (ties to the earlier, preferred, degree),
-    else, when no whole pieces fit, cuts (cut_options) at the first TP degree where they fit, with the
-    MLP slices that need the fewest chips: the widest group needs the fewest cuts, each a pipeline hop.
-    `widths` limits the TP degrees tried (default: all of tp_candidates, in its order)."""
-    best, best_key = None, None
-    node, cap = system.node.chips, system.chip.sram_bytes
-    passes = passes if passes is not None else lowered_passes(spec, workload)
-    for order, t in enumerate(widths or tp_candidates(spec, system)):
+    """(t, p, piece sizes): fewest_stages at the TP degree inside a node that takes the fewest nodes
+    (nodes_used; ties to the wider degree: the same hosts, a faster step), or, only when none fits, at
+    a degree spanning whole nodes. `widths` limits the TP degrees tried (default: all of tp_candidates,
+    in its order)."""
+    best = None
+    node, passes = system.node.chips, passes if passes is not None else lowered_passes(spec, workload)
+    for t in widths or tp_candidates(spec, system):
         if best is not None and best[0] <= node < t:
             break  # a node-local placement exists: never span nodes for a few chips less
-        table = size_table(spec, workload, t, passes)
-        cuts = fitting_cuts(spec, table, cap, system.chip.matrix_tile_rows)
-        if cuts is None:
+        found = fewest_stages(spec, system, size_table(spec, workload, t, passes))
+        if found is None or group_chips(system, t, found[0]) is None:
             continue
-        whole = cuts[:2] == (1, (1, 1)) and set(cuts[2]) == {1}
-        if not whole and best_key is not None and best_key[:2] <= (t > node, True):
-            continue  # cuts already fit at an earlier degree of this kind (or whole pieces somewhere)
-        options = [piece_sizes(spec, table)] if whole else cut_options(spec, table, cap, system.chip.matrix_tile_rows)
-        for sizes in options:
-            g = greedy_stages(sizes, cap)
-            if g is None or group_chips(system, t, len(g)) is None:
-                continue
-            key = (t > node, not whole) + ((t * len(g), order) if whole else (order, t * len(g)))
-            if best_key is None or key < best_key:
-                best, best_key = (t, len(g), sizes), key
+        if best is None or nodes_used(system, t * found[0]) < nodes_used(system, best[0] * best[1]):
+            best = (t, *found)
     return best
 
 
 def _chips_beyond_largest(spec: ModelSpec, system: SystemSpec, workload: Workload, passes) -> int | None:
     """The fewest chips the pieces would need at any TP degree, were the system large enough (None if
     some piece fits a stage at no degree)."""
-    counts = []
-    for t in tp_candidates(spec, system):
-        table = size_table(spec, workload, t, passes)
-        cuts = fitting_cuts(spec, table, system.chip.sram_bytes, system.chip.matrix_tile_rows)
-        stages = cuts and greedy_stages(piece_sizes(spec, table, *cuts), system.chip.sram_bytes)
-        if stages:
-            counts.append(t * len(stages))
+    counts = [t * found[0] for t in tp_candidates(spec, system)
+              if (found := fewest_stages(spec, system, size_table(spec, workload, t, passes)))]
     return min(counts, default=None)
 
 

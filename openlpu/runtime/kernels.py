@@ -31,6 +31,9 @@ import torch.nn.functional as F
 
 INT4_GROUP = 32  # inputs sharing one int4 scale/zero; GGUF's quant blocks are 32 wide too
 DENSE_FROM_ROWS = 32  # int8 with at least this many rows: dequantize, then one dense bf16 product
+# torch._weight_int8pack_mm reads inputs 16 at a time: other widths give garbage or crash (torch 2.13,
+# CPU), so those matrices are dequantized for each call instead
+INT8PACK_MULTIPLE = 16
 PACK_CHUNK_ROWS = 16384  # quantize big matrices (the 262k-row embedding) in bounded pieces
 
 VNNI_SOURCE = Path(__file__).with_name("vnni_kernels.cpp")
@@ -231,7 +234,7 @@ class Linear:
             y = F.linear(x, self.weight)
         elif self.fmt in CODE_BITS and self.vnni is not None:
             y = F.linear(x, self.vnni.code_dequantize(self.weight, CODE_BITS[self.fmt], x.shape[1]))
-        elif self.fmt == "int8" and x.shape[0] >= DENSE_FROM_ROWS:
+        elif self.fmt == "int8" and (x.shape[0] >= DENSE_FROM_ROWS or x.shape[1] % INT8PACK_MULTIPLE):
             y = F.linear(x, self.weight.to(torch.bfloat16).mul_(self.scale[:, None]))
         elif self.fmt == "int8":
             y = torch._weight_int8pack_mm(x, self.weight, self.scale)
