@@ -462,11 +462,13 @@ COMPUTE_EFFICIENCY = {gpu_fit['COMPUTE_EFFICIENCY']:.3f} [{G.COMPUTE_EFFICIENCY:
   part, and the prediction is {mixtral["tok_s"]:,.0f} tok/s. Were the stages chained one after another
   (each starting when the previous one ends), the same placement would give about
   {mixtral["chained_tok_s"]:,.0f} tok/s, and Mixtral at the fewest chips ({mix_fewest["chips_modelled"]}
-  chips, TP {mixtral["tp"]}, no cut) predicts {mix_fewest["predicted"]:,.0f}. The three held-out figures for
-  Groq's Mixtral, {", ".join(f'{r["published"]:,} ({r["date"]})' for r in mixtral_checks)}, are
-  {", ".join(f'{r["predicted"] / r["published"] - 1:+.0%}' for r in mixtral_checks)} from the 576-chip
-  prediction and {", ".join(f'{mix_fewest["predicted"] / r["published"] - 1:+.0%}' for r in mixtral_checks)}
-  from the fewest-chips one: closer to a TP 8 pipeline without parallel parts. Either Groq's schedule
+  chips, TP {mixtral["tp"]}, MLPs cut where stages fill) predicts {mix_fewest["predicted"]:,.0f}. The three
+  held-out figures for Groq's Mixtral, {", ".join(f'{r["published"]:,} ({r["date"]})' for r in mixtral_checks)},
+  are {", ".join(f'{r["predicted"] / r["published"] - 1:+.0%}' for r in mixtral_checks)} from the 576-chip
+  prediction, {", ".join(f'{mixtral["chained_tok_s"] / r["published"] - 1:+.0%}' for r in mixtral_checks)}
+  from the same placement chained, and
+  {", ".join(f'{mix_fewest["predicted"] / r["published"] - 1:+.0%}' for r in mixtral_checks)} from the
+  fewest-chips one. Either Groq's schedule
   did not overlap the parts of a layer, or the 576 chips held two copies of a ~288-chip pipeline; the
   public record does not say which. One unvetted blog (dataku-5px.pages.dev, measurements it dates
   18-19 Feb 2024, no raw data) reports a median of 812 tok/s for Groq's Mixtral; it is not in the

@@ -1,28 +1,29 @@
 """Placement: which chip holds which weight shard, KV region and activation buffer.
 
-A model is a chain of pieces: the embedding, each layer's attention half and MLP half, the head
-(final norm + lm_head). Pipeline stages take contiguous runs of pieces, so a stage boundary may fall
-inside a layer, between its attention and its MLP (one residual vector crosses it, as between two
-layers). When more stages are asked for than there are halves, or an MLP does not fit a stage whole,
-MLPs are cut along d_ff into slices on consecutive stages (k equal slices each, or where stages fill:
-below): each slice computes its rows' share of the down projection and the partial sums travel down
-the pipeline to the last slice, which adds the residual. Each slice recomputes the MLP norm (and the MoE router) from replicated copies; an
-MoE slice holds its d_ff rows of every expert, which costs the same as whole experts per stage because
-the static schedule installs all experts anyway. No cut leaves a chip less than one weight tile of the
-matrix unit (320 rows on GroqChip 1) of a slice.
+A model is a chain of pieces: the embedding, each layer's attention half and MLP half, the head (final
+norm + lm_head). Pipeline stages take contiguous runs of pieces, so a stage boundary may fall inside a
+layer, between its attention and its MLP (one residual vector crosses it, as between two layers). When
+more stages are asked for than there are halves, or an MLP does not fit a stage whole, MLPs are cut
+along d_ff into slices on consecutive stages (k equal slices each, or where stages fill: below): each
+slice computes its rows' share of the down projection and the partial sums travel down the pipeline to
+the last slice, which adds the residual. Each slice recomputes the MLP norm (and the MoE router) from
+replicated copies; an MoE slice holds its d_ff rows of every expert, which costs the same as whole
+experts per stage because the static schedule installs all experts anyway. No cut leaves a chip less
+than one weight tile of the matrix unit (320 rows on GroqChip 1) of a slice.
 
-An embedding table or lm_head too large for one stage is split the same way along the vocabulary,
-into the fewest equal row ranges that fit (or where stages fill): each embedding part gathers the token's row if it holds it
-(zeros otherwise) and the partial vectors are summed down the pipeline; each head part recomputes the
-final norm, computes the logits of its rows and their (value, index) maximum, and the maxima are
-combined down the pipeline, the last part holding the sampled token. A tied table's embedding and
-head pieces share a stage only when it holds the whole model (else a chip would hold two ranges).
+An embedding table or lm_head too large for one stage is split the same way along the vocabulary, into
+the fewest equal row ranges that fit (or where stages fill): each embedding part gathers the token's
+row if it holds it (zeros otherwise) and the partial vectors are summed down the pipeline; each head
+part recomputes the final norm, computes the logits of its rows and their (value, index) maximum, and
+the maxima are combined down the pipeline, the last part holding the sampled token. A tied table's
+embedding and head pieces share a stage only when it holds the whole model (else a chip would hold two
+ranges).
 
 An attention half whose K and V (context x users) do not fit a stage is split along its layer's KV
 slots (positions, or a sliding window's ring) into the fewest equal ranges that fit (or where stages
-fill), on consecutive stages: context parallelism. Each part holds its slots for every user, copies of the norm and the q, k,
-v projections (recomputed from the residual it is sent), and attends its slots; the last part alone
-holds the output projection and the post-norm, applied to the merged result.
+fill), on consecutive stages: context parallelism. Each part holds its slots for every user, copies of
+the norm and the q, k, v projections (recomputed from the residual it is sent), and attends its slots;
+the last part alone holds the output projection and the post-norm, applied to the merged result.
 
 Inside a stage a tensor-parallel (TP) group of t chips splits every piece: attention by heads, the
 MLP by d_ff (column split of gate/up, row split of down), the vocabulary of the embedding and lm_head
@@ -373,7 +374,7 @@ def piece_sizes(spec: ModelSpec, table: SizeTable, k: int = 1, vocab: tuple[int,
     """Per-chip bytes of each piece, every MLP cut into k slices, the embedding and head into vocab parts,
     layer i's attention into attn[i] parts of its KV slots (each part holds the attention's weights)."""
     parts = {"ffn": k, "embed": vocab[0], "head": vocab[1]}
-    cut = [(piece, piece[1] == "attn" and piece[3] > piece[2] or parts.get(piece[1], 1) > 1)
+    cut = [(piece, (piece[1] == "attn" and piece[3] > piece[2]) or parts.get(piece[1], 1) > 1)
            for piece in pieces(spec, k, vocab, attn, table.kv_slots)]
     return _sizes(table, spec.n_layers, cut)
 
