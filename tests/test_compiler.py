@@ -275,7 +275,8 @@ def test_too_few_chips_counts_a_tied_table_once_on_one_stage():
 
 
 @pytest.mark.parametrize("workload, chips, message", [
-    (Workload(context_length=131072, users=1024), None, r"does not fit on any lpu-v1 system: it needs \d{5} chips, more than the largest system \(10440\)"),
+    (Workload(context_length=131072, users=1024), None,
+     r"does not fit on any lpu-v1 system: it needs \d{5} chips, more than the largest system \(10440\)"),
     (SMALL, 10**6, "more than the largest lpu-v1 system"),
     (SMALL, 0, "chips must be a positive integer"),
     (SMALL, 7000, "cannot be arranged"),  # see test_mlp_cuts_never_split_a_weight_tile

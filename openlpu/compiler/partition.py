@@ -366,7 +366,8 @@ def piece_bytes(table: SizeTable, n_layers: int, piece: tuple[int, str, int, int
 
 def _sizes(table: SizeTable, n_layers: int, cut: list[tuple[tuple[int, str, int, int], bool]]) -> PieceSizes:
     rows = [piece_bytes(table, n_layers, piece, split) for piece, split in cut]
-    return PieceSizes(tuple(piece for piece, _ in cut), *(tuple(r[k] for r in rows) for k in range(3)), table.tied_table)
+    weights, kv, activations = zip(*rows)
+    return PieceSizes(tuple(piece for piece, _ in cut), weights, kv, activations, table.tied_table)
 
 
 def piece_sizes(spec: ModelSpec, table: SizeTable, k: int = 1, vocab: tuple[int, int] = (1, 1),

@@ -243,7 +243,8 @@ def decode_program(data: bytes, origin: str = "program") -> Program:
                               _rows(Shard, b["placement"]["shards"]))
         return Program(version=version, model=b["model"], system=_system(b["system"]),
                        workload=Workload(**b["workload"]), tensors={k: tuple(v) for k, v in b["tensors"].items()},
-                       kv_slots=tuple(b["kv_slots"]), placement=placement, decode=_phase(b["decode"]), prefill=_phase(b["prefill"]))
+                       kv_slots=tuple(b["kv_slots"]), placement=placement, decode=_phase(b["decode"]),
+                       prefill=_phase(b["prefill"]))
     except (OSError, EOFError, zlib.error, ValueError, KeyError, TypeError) as e:
         raise OpenLPUError(f"{origin} is corrupt ({type(e).__name__}); recompile it with `openlpu compile`") from None
 
