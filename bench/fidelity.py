@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import math
 import platform
 import sys
 from dataclasses import dataclass
@@ -190,25 +191,25 @@ def predict_gpu(p: Point, software: str = GPU_SOFTWARE) -> float:
     raise ValueError(p.metric)
 
 
-def lpu_timing(p: Point, system, context: int, prompt: int):
+def lpu_timing(p: Point, system, context: int, prompt: int, tp: int | None = None):
     from openlpu.compiler import Workload, compile_program, verify_or_raise
     from openlpu.sim.timing import timing
 
     workload = Workload(weights=p.precision, activations=p.precision, kv=p.precision,
                         context_length=context, users=1, prompt_len=prompt)
-    program = compile_program(load_preset(p.model), system, workload, chips=p.chips)
+    program = compile_program(load_preset(p.model), system, workload, chips=p.chips, tp=tp)
     verify_or_raise(program)
     return timing(program)
 
 
-def predict_lpu(p: Point, system):
-    """The predicted figure and the LpuTiming it was read off."""
+def predict_lpu(p: Point, system, tp: int | None = None):
+    """The predicted figure and the LpuTiming it was read off (TP `tp`, None: the compiler's choice)."""
     s = p.setting
     if p.metric == "decode_tok_s_per_user":
-        t = lpu_timing(p, system, s["context"], min(512, s["context"]))
+        t = lpu_timing(p, system, s["context"], min(512, s["context"]), tp)
         return t.tokens_per_s_per_user, t
     if p.metric in ("llmperf_tok_s_per_request", "llmperf_decode_tok_s"):
-        t = lpu_timing(p, system, s["input"] + s["output"], s["input"])
+        t = lpu_timing(p, system, s["input"] + s["output"], s["input"], tp)
         if p.metric == "llmperf_decode_tok_s":
             return 1 / t.decode_latency_s, t
         return s["output"] / (t.ttft_s + (s["output"] - 1) * t.decode_latency_s), t
@@ -297,26 +298,28 @@ def mixtral_cut(system) -> dict:
             "tok_s": timing(program).tokens_per_s_per_user, "chained_tok_s": 1 / chained}
 
 
-def fewest_chip_readings(lpu_rows, system) -> list[dict]:
-    """For each held-out row at the compiler's fewest chips: the chips each TP width would need, the TP
-    width at which the install-bound step would give the published figure (decode time goes as 1 / TP
-    at a fixed install rate), and how many users in flight would give it, each user then waiting for
-    the others' turns at the busiest stage."""
-    from openlpu.compiler import Workload
-    from openlpu.compiler.partition import fewest_chips, lowered_passes
+WIDTHS = (8, 4, 2)  # TP widths inside a node that the held-out readings compile at
 
+
+def fewest_chip_readings(lpu_rows, system) -> list[dict]:
+    """For each held-out row at the compiler's fewest chips: the chips and the prediction at each TP
+    width of WIDTHS (each compiled at its own fewest chips), the width whose prediction is nearest the
+    published figure, and how many users in flight would give it, each user then waiting for the
+    others' turns at the busiest stage of the compiler's placement."""
     out = []
     for r in lpu_rows:
         if r["role"] != COUNTED or r["chips"] is not None:
             continue
-        lpu, spec = r["lpu"], load_preset(r["model"])
-        workload = Workload(context_length=r["setting"]["context"], prompt_len=min(512, r["setting"]["context"]))
-        passes = lowered_passes(spec, workload)  # the same ops for every width
-        chips_by_tp = {t: best[0] * best[1] if (best := fewest_chips(spec, system, workload, passes, [t])) else None
-                       for t in (8, 4, 2)}
+        point = Point(**{k: r[k] for k in Point.__dataclass_fields__})
+        by_tp = {}
+        for t in WIDTHS:
+            predicted, timed = predict_lpu(point, system, t)
+            by_tp[t] = {"chips": timed.chips, "predicted": predicted, "error": predicted / r["published"] - 1}
+        nearest = min(by_tp, key=lambda t: abs(math.log(by_tp[t]["predicted"] / r["published"])))
+        lpu = r["lpu"]
         out.append({"model": r["model"], "context": r["setting"]["context"], "published": r["published"],
-                    "predicted": r["predicted"], "stages": lpu["stages"], "tp": lpu["tp"], "chips_by_tp": chips_by_tp,
-                    "implied_tp": lpu["tp"] * r["published"] / r["predicted"],
+                    "predicted": r["predicted"], "stages": lpu["stages"], "tp": lpu["tp"], "by_tp": by_tp,
+                    "nearest_tp": nearest,
                     "users_at_published": 1 / (r["published"] * lpu["stage_occupancy_s"])})
     return out
 
@@ -362,16 +365,21 @@ def markdown(lpu_rows, gpu_rows, gpu_fit, install_fit, shipped_install, system, 
     mix_fewest = row(lpu_rows, "mixtral-8x7b", "ALT")
     mixtral_checks = [r for r in lpu_rows if r["model"] == "mixtral-8x7b" and r["role"] == COUNTED]
     l70_measured = row(lpu_rows, "llama-2-70b", COUNTED, context=4096)
+    def at_widths(f, key, fmt):
+        return " / ".join(format(w[key], fmt) for w in f["by_tp"].values())
+
+    widths = " / ".join(map(str, WIDTHS))
     fewest_table = "\n".join(
-        [("| model (window) | chips at TP 8 / 4 / 2 | placement | predicted | listed | TP the listing implies "
-          "| users in flight that would give it |"), "|---|---|---|---|---|---|---|"]
-        + [f"| {f['model']} ({f['context']:,}) | {' / '.join(str(c or '-') for c in f['chips_by_tp'].values())} "
-           f"| {f['stages']} x TP {f['tp']} | {f['predicted']:,.0f} | "
-           f"{f['published']:,} | {f['implied_tp']:.1f} | {_users(f)} |" for f in fewest])
-    small = [f for f in fewest if f["implied_tp"] < 6]
+        [(f"| model (window) | chips at TP {widths} | predicted at TP {widths} | compiler's placement | listed "
+          "| nearest width (its error) | users in flight that would give it |"), "|---|---|---|---|---|---|---|"]
+        + [f"| {f['model']} ({f['context']:,}) | {at_widths(f, 'chips', 'd')} | {at_widths(f, 'predicted', ',.0f')} "
+           f"| {f['stages']} x TP {f['tp']} | {f['published']:,} | TP {f['nearest_tp']} "
+           f"({f['by_tp'][f['nearest_tp']]['error']:+.0%}) | {_users(f)} |" for f in fewest])
+    small = [f for f in fewest if f["nearest_tp"] < f["tp"]]
     big = [f for f in fewest if f not in small]
+    within = [f for f in small if abs(f["by_tp"][f["nearest_tp"]]["error"]) <= TARGET_ERROR]
     # how far apart the widths' chip counts are, for the 7-9B models
-    width_spread = max(max(c for c in f["chips_by_tp"].values() if c) / min(c for c in f["chips_by_tp"].values() if c)
+    width_spread = max(max(w["chips"] for w in f["by_tp"].values()) / min(w["chips"] for w in f["by_tp"].values())
                        for f in small) - 1
     by_model = {f["model"]: f for f in fewest}
     same_shape_pairs = "; ".join(
@@ -474,18 +482,18 @@ COMPUTE_EFFICIENCY = {gpu_fit['COMPUTE_EFFICIENCY']:.3f} [{G.COMPUTE_EFFICIENCY:
   18-19 Feb 2024, no raw data) reports a median of 812 tok/s for Groq's Mixtral; it is not in the
   table [L]. Scheduling every expert (not the top-2) is what puts Mixtral near 480 at TP 8: experts
   are 97% of a Mixtral layer's weight bytes.
-- Held out at the fewest chips: each row's placement, and what the listing implies. At a fixed install
-  rate the install-bound step goes as 1 / TP, so a listing implies a TP width (TP x listed /
-  predicted). With U users in flight a user gets a token every max(step, U x busiest stage), so a
+- Held out at the fewest chips: each row's placement, and the same row compiled at each TP width
+  inside a node ({widths}; `openlpu plan --tp`), each at its own fewest chips. The width nearest the
+  listing is a reading of what deployment would explain it, chosen after seeing the listing, so it is
+  not counted. With U users in flight a user gets a token every max(step, U x busiest stage), so a
   listing below the prediction also implies a number of users in flight.
 
 {fewest_table}
 
-  The 70B models' listings imply TP {min(f["implied_tp"] for f in big):.1f} to {max(f["implied_tp"] for f in big):.1f}
-  (the compiler's and the FIT point's: 8). The 7-9B models' imply TP
-  {min(f["implied_tp"] for f in small):.1f} to {max(f["implied_tp"] for f in small):.1f}, narrower than most of
-  the fewest-chips placements. The chip counts per width show why the compiler goes wide: at these
-  sizes the widths need nearly the same chips (within {width_spread:.0%}), and the compiler compares
+  {_models(big)}: nearest at TP {_widths(big)}, the compiler's and the FIT point's width. {_models(small)}:
+  nearest at TP {_widths(small)}, narrower than the compiler's placement; at the nearest width
+  {len(within)} of {len(small)} are within {TARGET_ERROR:.0%}. The chip counts per width show why the compiler
+  goes wide: at these sizes the widths need nearly the same chips (within {width_spread:.0%}), and the compiler compares
   widths by the nodes they take, ties to the wider. Groq's deployments of these models are not
   published, and neither is the load behind a listing.
   Two pairs have the same layer shapes and differ in window (8,192 tokens in 2024, 131,072 in 2025;
@@ -513,6 +521,14 @@ COMPUTE_EFFICIENCY = {gpu_fit['COMPUTE_EFFICIENCY']:.3f} [{G.COMPUTE_EFFICIENCY:
   {min(shared):.1f}-{max(shared):.1f}x too fast. The H100 rows
   of TensorRT-LLM 0.5's own table were added as held-out checks with that change.
 """
+
+
+def _models(readings: list[dict]) -> str:
+    return ", ".join(f"{r['model']} ({r['context']:,})" for r in readings)
+
+
+def _widths(readings: list[dict]) -> str:
+    return " and ".join(map(str, sorted({r["nearest_tp"] for r in readings}, reverse=True)))
 
 
 def _users(reading: dict) -> str:

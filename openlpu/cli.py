@@ -89,6 +89,8 @@ def plan(
     prompt: int = typer.Option(None, "--prompt", help="prompt tokens whose prefill sets TTFT (default: 512, "
                                                       "or the context if shorter)"),
     chips: int = typer.Option(None, "--chips", help="LPU chips to use (default: as few as fit)"),
+    tp: int = typer.Option(None, "--tp", help="LPU chips per tensor-parallel group (default: the width that "
+                                               "takes the fewest nodes)"),
     gpus: int = typer.Option(None, "--gpus", help="GPUs of each kind to use (default: as few as fit)"),
     years: float = typer.Option(None, "--years", help="years the capex is spread over (default 3)"),
     usd_per_kwh: float = typer.Option(None, "--usd-per-kwh", help="electricity price (default 0.10)"),
@@ -107,7 +109,7 @@ def plan(
     given = {"years": years, "usd_per_kwh": usd_per_kwh, "utilisation": utilisation}
     assumptions = CostAssumptions(**{k: v for k, v in given.items() if v is not None})
     rows = make_plan(model, system=system, compare=tuple(compare), precision=precision, context=context,
-                     users=users, chips=chips, gpus=gpus, prompt=prompt, assumptions=assumptions)
+                     users=users, chips=chips, tp=tp, gpus=gpus, prompt=prompt, assumptions=assumptions)
     prompt = prompt_tokens(context) if prompt is None else prompt
     if plot_file:
         plot(rows, plot_file, f"{model}, {precision}, {users} user(s) x {context} tokens")
@@ -169,6 +171,8 @@ def compile_cmd(
     users: int = typer.Option(1, "--users", help="users in flight in the pipeline"),
     prompt: int = typer.Option(512, "--prompt", help="prompt tokens whose prefill sets the time to first token"),
     chips: int = typer.Option(None, "--chips", help="chips to use (default: as few as fit)"),
+    tp: int = typer.Option(None, "--tp", help="chips per tensor-parallel group (default: the width that takes "
+                                               "the fewest nodes)"),
 ):
     """Compile a model for an LPU system: placement + static schedule, verified, written to a file."""
     from openlpu.compiler import Workload, compile_program, verify
@@ -178,7 +182,7 @@ def compile_cmd(
     spec = _model_spec(model)
     workload = Workload(weights=precision, activations=precision, kv=precision, context_length=context,
                         users=users, prompt_len=min(prompt, context))
-    program = compile_program(spec, load_system(system), workload, chips)
+    program = compile_program(spec, load_system(system), workload, chips, tp)
     program.save(output)
     violations, t = verify(program), timing(program)
     console.print(f"[bold]{spec.name}[/] on {program.system.name}: {t.chips} chips = {t.stages} pipeline stage(s) x "

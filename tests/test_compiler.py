@@ -287,6 +287,28 @@ def test_impossible_requests(workload, chips, message):
         compile_program(load_preset("llama-3.1-8b"), SYSTEM, workload, chips)
 
 
+def test_a_tp_width_asked_for_is_the_one_placed():
+    """`tp` fixes the TP groups' width: at the fewest chips for that width (fewest_chips limited to it), or
+    on a given chip count; a width the heads do not divide, or no width at all, is refused."""
+    from openlpu.compiler.partition import fewest_chips
+
+    spec = load_preset("llama-3.1-8b")
+    for tp in (2, 4, 8):
+        program = compile_program(spec, SYSTEM, SMALL, tp=tp)
+        t, p, _ = fewest_chips(spec, SYSTEM, SMALL, widths=[tp])
+        assert (program.placement.tp, program.chips) == (tp, t * p) and verify(program) == []
+    program = compile_program(spec, SYSTEM, SMALL, chips=80, tp=4)
+    assert (program.placement.tp, len(program.placement.stages)) == (4, 20) and verify(program) == []
+    with pytest.raises(OpenLPUError, match="TP 3 is not a width llama-3.1-8b can be split over on lpu-v1: .* "
+                                           "use one of 1, 2, 4, 8, 16, 32$"):
+        compile_program(spec, SYSTEM, SMALL, tp=3)
+    for bad in (0, -8, True, 4.0):
+        with pytest.raises(OpenLPUError, match="TP width must be a positive integer"):
+            compile_program(spec, SYSTEM, SMALL, tp=bad)
+    with pytest.raises(OpenLPUError, match=r"82 chips cannot be arranged .* TP 4\) \(an MLP is cut"):
+        compile_program(spec, SYSTEM, SMALL, chips=82, tp=4)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(users=0), "users must be a positive integer"),
     (dict(context_length=-1), "context length must be a positive integer"),

@@ -66,6 +66,22 @@ def test_chip_and_gpu_counts_are_the_deployment_planned():
     assert fewest.chips < 8 and fewest.tokens_per_s_per_user < h100.tokens_per_s_per_user
 
 
+def test_a_tp_width_is_the_one_planned():
+    """--tp: the LPU row is the Program compiled at that width, read a second way here; a narrower group
+    installs more weight bytes per chip, so a user gets fewer tokens per second."""
+    from openlpu.compiler import Workload, compile_program
+    from openlpu.hardware.lpu import load_system
+    from openlpu.sim.timing import timing
+
+    default, = plan("llama-3-8b", compare=(), context=8192)
+    narrow, = plan("llama-3-8b", compare=(), context=8192, tp=4)
+    program = compile_program(load_preset("llama-3-8b"), load_system("lpu-v1"),
+                              Workload(context_length=8192, prompt_len=512), tp=4)
+    assert (narrow.chips, narrow.layout) == (program.chips, f"{len(program.placement.stages)} x TP 4")
+    assert narrow.tokens_per_s_per_user == pytest.approx(timing(program).tokens_per_s_per_user)
+    assert default.layout.endswith("x TP 8") and narrow.tokens_per_s_per_user < default.tokens_per_s_per_user
+
+
 def test_prompt_and_cost_assumptions_reach_the_rows():
     """--prompt sets the prefill behind TTFT on both sides (read a second way here); serving twice the
     hours halves $ per M tokens, since the cost over the years is the same and the tokens double."""
@@ -171,6 +187,9 @@ def test_every_preset_plans_or_says_what_does_not_fit():
     (["llama-2-70b", "--plot", "/no/such/folder/plan.png"], "cannot write the plot"),
     (["llama-2-70b", "--chips", "10"], "needs at least 328 chips"),
     (["llama-2-70b", "--chips", "0"], "positive"),
+    (["llama-2-70b", "--tp", "3"], "TP 3 is not a width llama-2-70b can be split over"),
+    (["llama-2-70b", "--tp", "0"], "positive"),
+    (["llama-2-70b", "--tp", "4", "--chips", "334"], "it fits on 328 chips"),
     (["llama-2-70b", "--gpus", "12"], "whole servers of 8"),
     (["llama-2-70b", "--gpus", "0"], "positive"),
     (["llama-2-70b", "--precision", "fp16", "--gpus", "1"], "cannot hold llama-2-70b's 138.0 GB"),

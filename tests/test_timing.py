@@ -6,6 +6,7 @@ from collections import defaultdict
 import pytest
 
 from openlpu.compiler import Workload, compile_program
+from openlpu.compiler.partition import tensor_piece
 from openlpu.hardware.lpu import load_system
 from openlpu.models.spec import load_preset
 from openlpu.sim.timing import draw_gantt, placement_rows, timing
@@ -32,17 +33,37 @@ def _matrix_weight_bytes_per_stage(p):
     return [max(per_chip.get(c, 0) for c in s.chips) for s in p.placement.stages]
 
 
-def test_decode_is_bound_by_installing_the_weights(qwen):
+def _matrix_weight_bytes_on_the_path(p):
+    """Per piece (a layer's attention or MLP, the head), the most matrix-weight bytes one chip holds of
+    it. Pieces follow one another, and the parts of a piece cut between stages install side by side, so
+    one user's step installs at least the sum of these on its critical path."""
+    n_layers, stage_of = load_preset(p.model).n_layers, {c: s.index for s in p.placement.stages for c in s.chips}
+    held = defaultdict(int)
+    for sh in p.placement.shards:
+        if sh.tensor != "token_embd.weight" and not sh.tensor.endswith("norm.weight"):
+            held[tensor_piece(sh.tensor, n_layers), stage_of[sh.chip], sh.chip] += sh.nbytes
+    most = defaultdict(int)
+    for (piece, _, _), nbytes in held.items():
+        most[piece] = max(most[piece], nbytes)
+    return sum(most.values())
+
+
+@pytest.mark.parametrize("tp", [None, 4, 2, 1])
+def test_decode_is_bound_by_installing_the_weights(tp):
     """Batch-1 decode on a weight-stationary MXM: every chip installs each weight it holds once per token,
-    and one user's stages run one after another, so the step takes at least the sum over stages of
-    (weights per chip / install rate), far above the SRAM-bandwidth bound; links add only a little."""
-    p, t = qwen, timing(qwen)
+    and one user's pieces run one after another, so the step takes at least the sum over pieces of
+    (weights per chip / install rate), far above the SRAM-bandwidth bound; links add only a little.
+    The same holds at any TP width inside a node: at TP 4, 2 and 1 the fewest chips cut MLPs between
+    stages."""
+    p = compile_program(load_preset("qwen3-8b"), SYSTEM, W, tp=tp)
+    t = timing(p)
+    assert tp is None or p.placement.tp == tp
     install = SYSTEM.chip.matrix_install_bytes_per_cycle * SYSTEM.chip.clock_hz
-    stage_bytes = _matrix_weight_bytes_per_stage(p)
-    bound = sum(stage_bytes) / install
+    on_path = _matrix_weight_bytes_on_the_path(p)
+    bound = on_path / install
     assert t.decode_latency_s >= bound
     assert t.decode_latency_s < 1.3 * bound
-    assert bound > 5 * sum(stage_bytes) / SYSTEM.chip.sram_bandwidth_bytes_per_s
+    assert bound > 5 * on_path / SYSTEM.chip.sram_bandwidth_bytes_per_s
 
 
 def test_moe_schedule_reserves_every_expert():

@@ -11,13 +11,14 @@ from openlpu.hardware.lpu import SystemSpec
 from openlpu.models.spec import ModelSpec
 
 
-def compile_program(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None = None) -> Program:
-    """Place the model on `chips` chips (None: as few as fit) and schedule one decode step and one
-    prefill. Same inputs, byte-identical Program."""
+def compile_program(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None = None,
+                    tp: int | None = None) -> Program:
+    """Place the model on `chips` chips (None: as few as fit) in TP groups of `tp` chips (None: the
+    compiler's choice) and schedule one decode step and one prefill. Same inputs, byte-identical Program."""
     if workload.context_length > spec.context_length:
         raise OpenLPUError(f"context {workload.context_length} is longer than {spec.name}'s context window "
                            f"({spec.context_length} tokens); use at most {spec.context_length}")
-    placement = partition(spec, system, workload, chips)
+    placement = partition(spec, system, workload, chips, tp)
     templates: dict = {}  # collective routes, shared by both phases
     return Program(version=FORMAT_VERSION, model=spec.name, system=system, workload=workload,
                    tensors=spec.tensor_shapes(),

@@ -639,25 +639,43 @@ def fewest_chips(spec: ModelSpec, system: SystemSpec, workload: Workload,
     return best
 
 
-def _chips_beyond_largest(spec: ModelSpec, system: SystemSpec, workload: Workload, passes) -> int | None:
-    """The fewest chips the pieces would need at any TP degree, were the system large enough (None if
-    some piece fits a stage at no degree)."""
-    counts = [t * found[0] for t in tp_candidates(spec, system)
+def _chips_beyond_largest(spec: ModelSpec, system: SystemSpec, workload: Workload, passes,
+                          widths: list[int]) -> int | None:
+    """The fewest chips the pieces would need at any of the TP degrees `widths`, were the system large
+    enough (None if some piece fits a stage at none of them)."""
+    counts = [t * found[0] for t in widths
               if (found := fewest_stages(spec, system, size_table(spec, workload, t, passes)))]
     return min(counts, default=None)
 
 
-def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None, passes) -> OpenLPUError:
+def tp_widths(spec: ModelSpec, system: SystemSpec, tp: int | None) -> list[int]:
+    """The TP degrees a placement may use: the one asked for, which must be a candidate, or all."""
+    candidates = tp_candidates(spec, system)
+    if tp is None:
+        return candidates
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp <= 0:
+        raise OpenLPUError(f"TP width must be a positive integer, got {tp!r}")
+    if tp not in candidates:
+        raise OpenLPUError(
+            f"TP {tp} is not a width {spec.name} can be split over on {system.name}: it must divide the "
+            f"{spec.n_heads} query heads, divide or be a multiple of the {spec.n_kv_heads} KV heads, and fit a node "
+            f"({system.node.chips} chips) or whole nodes of a rack ({system.chips_per_rack}); use one of "
+            f"{', '.join(map(str, sorted(candidates)))}")
+    return [tp]
+
+
+def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None, passes,
+            widths: list[int]) -> OpenLPUError:
     cap = system.chip.sram_bytes
-    best = fewest_chips(spec, system, workload, passes)
+    best = fewest_chips(spec, system, workload, passes, widths)
     what = (f"{spec.name} ({workload.weights} weights, context {workload.context_length}, "
-            f"{workload.users} user(s))")
-    if best is None and (beyond := _chips_beyond_largest(spec, system, workload, passes)) is not None:
+            f"{workload.users} user(s){'' if len(widths) > 1 else f', TP {widths[0]}'})")
+    if best is None and (beyond := _chips_beyond_largest(spec, system, workload, passes, widths)) is not None:
         return OpenLPUError(
             f"{what} does not fit on any {system.name} system: it needs {beyond} chips, more than the largest "
             f"system ({system.max_chips}); lower --context or --users, or use a smaller precision")
     if best is None:  # the largest whole piece at the widest TP degree
-        t = tp_candidates(spec, system)[-1]
+        t = widths[-1]
         sizes = piece_sizes(spec, size_table(spec, workload, t, passes))
         worst = max(range(len(sizes.weights)), key=lambda s: stage_bytes(sizes, s, s + 1))
         need = stage_bytes(sizes, worst, worst + 1)
@@ -675,33 +693,36 @@ def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int 
         return OpenLPUError(f"{what} does not fit on {chips} {system.name} chips of {cap / 1e6:.0f} MB SRAM "
                             f"({chips * cap / 1e9:.2f} GB for {held:.2f} GB of weights and KV cache plus activation "
                             f"buffers); it needs at least {need} chips (--chips {need})")
+    degrees = f"TP degrees {', '.join(map(str, widths))}; " if len(widths) > 1 else ""
     return OpenLPUError(f"{chips} chips cannot be arranged as pipeline stages of equal TP groups for {what} "
-                        f"(TP degrees {tp_candidates(spec, system)}; an MLP is cut between stages only into slices "
-                        f"that leave each chip at least one {system.chip.matrix_tile_rows}-row weight tile); it fits "
-                        f"on {need} chips (--chips {need})")
+                        f"({degrees}an MLP is cut between stages only into slices that leave each chip at least "
+                        f"one {system.chip.matrix_tile_rows}-row weight tile); it fits on {need} chips (--chips {need})")
 
 
-def partition(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None = None) -> Placement:
-    """Place the model on exactly `chips` chips, or on as few as fit (None)."""
+def partition(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None = None,
+              tp: int | None = None) -> Placement:
+    """Place the model on exactly `chips` chips, or on as few as fit (None), in TP groups of `tp` chips
+    (None: the compiler's choice)."""
     if chips is not None and (isinstance(chips, bool) or not isinstance(chips, int) or chips <= 0):
         raise OpenLPUError(f"chips must be a positive integer, got {chips!r}")
     if chips is not None and chips > system.max_chips:
         raise OpenLPUError(f"{chips} chips is more than the largest {system.name} system ({system.max_chips})")
+    widths = tp_widths(spec, system, tp)
     cap, passes = system.chip.sram_bytes, lowered_passes(spec, workload)
     if chips is None:
-        best = fewest_chips(spec, system, workload, passes)
+        best = fewest_chips(spec, system, workload, passes, widths)
         if best is not None:
             t, p, sizes = best
             return _place(spec, system, workload, t, sizes, balanced_stages(sizes, p, cap))
     else:
-        for t in tp_candidates(spec, system):
+        for t in widths:
             if chips % t or group_chips(system, t, chips // t) is None:
                 continue
             arranged = arrange(spec, size_table(spec, workload, t, passes), chips // t, cap,
                                system.chip.matrix_tile_rows)
             if arranged is not None:
                 return _place(spec, system, workload, t, *arranged)
-    raise _no_fit(spec, system, workload, chips, passes)
+    raise _no_fit(spec, system, workload, chips, passes, widths)
 
 
 def merged_pieces(run: tuple[tuple[int, str, int, int], ...]) -> tuple[tuple[int, str, int, int], ...]:

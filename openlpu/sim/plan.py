@@ -67,7 +67,8 @@ def _check_workload(spec: ModelSpec, context: int, users: int, prompt: int) -> N
 
 
 def lpu_row(spec: ModelSpec, system_name: str, precision: str, context: int, users: int, prompt: int,
-            flops_per_token: float, assumptions: CostAssumptions, chips: int | None = None) -> PlanRow:
+            flops_per_token: float, assumptions: CostAssumptions, chips: int | None = None,
+            tp: int | None = None) -> PlanRow:
     from openlpu.compiler import Workload, compile_program, verify_or_raise
     from openlpu.compiler.schedule import matrix_macs_per_cycle
     from openlpu.sim.timing import timing
@@ -75,7 +76,7 @@ def lpu_row(spec: ModelSpec, system_name: str, precision: str, context: int, use
     system = load_system(system_name)
     workload = Workload(weights=precision, activations=precision, kv=precision, context_length=context,
                         users=users, prompt_len=prompt)
-    program = compile_program(spec, system, workload, chips=chips)
+    program = compile_program(spec, system, workload, chips=chips, tp=tp)
     verify_or_raise(program)  # figures are read off a schedule only if it holds every invariant
     t = timing(program)
     c = cost(lpu_capex(system, t.chips), t.power_w, t.throughput_tokens_per_s, assumptions)
@@ -108,10 +109,10 @@ def gpu_row(spec: ModelSpec, gpu_name: str, precision: str, context: int, users:
 def plan(model: str, system: str = "lpu-v1", compare: tuple[str, ...] = ("h100-sxm",),
          precision: str = "int8", context: int = 4096, users: int = 1,
          assumptions: CostAssumptions = CostAssumptions(), chips: int | None = None,
-         gpus: int | None = None, prompt: int | None = None) -> list[PlanRow]:
+         gpus: int | None = None, prompt: int | None = None, tp: int | None = None) -> list[PlanRow]:
     """The LPU system first, then each GPU, for `users` concurrent streams of `context` tokens, on
-    `chips` LPU chips and `gpus` GPUs of each kind (None: the fewest that hold the workload); TTFT is
-    the prefill of `prompt` tokens (None: prompt_tokens(context))."""
+    `chips` LPU chips in TP groups of `tp` and `gpus` GPUs of each kind (None: the fewest that hold the
+    workload, the compiler's TP); TTFT is the prefill of `prompt` tokens (None: prompt_tokens(context))."""
     spec = load_preset(model)
     as_precision(precision)
     prompt = prompt_tokens(context) if prompt is None else prompt
@@ -123,7 +124,7 @@ def plan(model: str, system: str = "lpu-v1", compare: tuple[str, ...] = ("h100-s
     if not compare and not system:
         raise OpenLPUError(f"nothing to plan: give --system and/or --compare ({', '.join(gpu_names())})")
     flops = matrix_flops_per_token(spec, precision, context)  # the same work per token on every system
-    rows = [lpu_row(spec, system, precision, context, users, prompt, flops, assumptions, chips)] if system else []
+    rows = [lpu_row(spec, system, precision, context, users, prompt, flops, assumptions, chips, tp)] if system else []
     return rows + [gpu_row(spec, name, precision, context, users, prompt, flops, assumptions, gpus)
                    for name in compare]
 
