@@ -378,6 +378,7 @@ def markdown(lpu_rows, gpu_rows, gpu_fit, install_fit, shipped_install, system, 
     small = [f for f in fewest if f["nearest_tp"] < f["tp"]]
     big = [f for f in fewest if f not in small]
     within = [f for f in small if abs(f["by_tp"][f["nearest_tp"]]["error"]) <= TARGET_ERROR]
+    within_by_tp = {t: sum(abs(f["by_tp"][t]["error"]) <= TARGET_ERROR for f in small) for t in WIDTHS}
     # how far apart the widths' chip counts are, for the 7-9B models
     width_spread = max(max(w["chips"] for w in f["by_tp"].values()) / min(w["chips"] for w in f["by_tp"].values())
                        for f in small) - 1
@@ -492,7 +493,8 @@ COMPUTE_EFFICIENCY = {gpu_fit['COMPUTE_EFFICIENCY']:.3f} [{G.COMPUTE_EFFICIENCY:
 
   {_models(big)}: nearest at TP {_widths(big)}, the compiler's and the FIT point's width. {_models(small)}:
   nearest at TP {_widths(small)}, narrower than the compiler's placement; at the nearest width
-  {len(within)} of {len(small)} are within {TARGET_ERROR:.0%}. The chip counts per width show why the compiler
+  {len(within)} of {len(small)} are within {TARGET_ERROR:.0%}, but no one width serves them all: within {TARGET_ERROR:.0%} at
+  {", ".join(f"TP {t}: {n} of {len(small)}" for t, n in within_by_tp.items())}. The chip counts per width show why the compiler
   goes wide: at these sizes the widths need nearly the same chips (within {width_spread:.0%}), and the compiler compares
   widths by the nodes they take, ties to the wider. Groq's deployments of these models are not
   published, and neither is the load behind a listing.
