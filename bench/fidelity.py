@@ -191,25 +191,26 @@ def predict_gpu(p: Point, software: str = GPU_SOFTWARE) -> float:
     raise ValueError(p.metric)
 
 
-def lpu_timing(p: Point, system, context: int, prompt: int, tp: int | None = None):
+def lpu_timing(p: Point, system, context: int, prompt: int, tp: int | None = None, users: int = 1):
     from openlpu.compiler import Workload, compile_program, verify_or_raise
     from openlpu.sim.timing import timing
 
     workload = Workload(weights=p.precision, activations=p.precision, kv=p.precision,
-                        context_length=context, users=1, prompt_len=prompt)
+                        context_length=context, users=users, prompt_len=prompt)
     program = compile_program(load_preset(p.model), system, workload, chips=p.chips, tp=tp)
     verify_or_raise(program)
     return timing(program)
 
 
-def predict_lpu(p: Point, system, tp: int | None = None):
-    """The predicted figure and the LpuTiming it was read off (TP `tp`, None: the compiler's choice)."""
+def predict_lpu(p: Point, system, tp: int | None = None, users: int = 1):
+    """The predicted figure and the LpuTiming it was read off (TP `tp`, None: the compiler's choice;
+    `users` in flight)."""
     s = p.setting
     if p.metric == "decode_tok_s_per_user":
-        t = lpu_timing(p, system, s["context"], min(512, s["context"]), tp)
+        t = lpu_timing(p, system, s["context"], min(512, s["context"]), tp, users)
         return t.tokens_per_s_per_user, t
     if p.metric in ("llmperf_tok_s_per_request", "llmperf_decode_tok_s"):
-        t = lpu_timing(p, system, s["input"] + s["output"], s["input"], tp)
+        t = lpu_timing(p, system, s["input"] + s["output"], s["input"], tp, users)
         if p.metric == "llmperf_decode_tok_s":
             return 1 / t.decode_latency_s, t
         return s["output"] / (t.ttft_s + (s["output"] - 1) * t.decode_latency_s), t
@@ -299,13 +300,13 @@ def mixtral_cut(system) -> dict:
 
 
 WIDTHS = (8, 4, 2)  # TP widths inside a node that the held-out readings compile at
+LOADED_USERS = 32  # a loaded pipeline for the held-out readings (GroqCloud's load is not published)
 
 
 def fewest_chip_readings(lpu_rows, system) -> list[dict]:
     """For each held-out row at the compiler's fewest chips: the chips and the prediction at each TP
     width of WIDTHS (each compiled at its own fewest chips), the width whose prediction is nearest the
-    published figure, and how many users in flight would give it, each user then waiting for the
-    others' turns at the busiest stage of the compiler's placement."""
+    published figure, and the prediction with LOADED_USERS users in flight (placed with their KV)."""
     out = []
     for r in lpu_rows:
         if r["role"] != COUNTED or r["chips"] is not None:
@@ -316,11 +317,12 @@ def fewest_chip_readings(lpu_rows, system) -> list[dict]:
             predicted, timed = predict_lpu(point, system, t)
             by_tp[t] = {"chips": timed.chips, "predicted": predicted, "error": predicted / r["published"] - 1}
         nearest = min(by_tp, key=lambda t: abs(math.log(by_tp[t]["predicted"] / r["published"])))
+        loaded, timed = predict_lpu(point, system, users=LOADED_USERS)
         lpu = r["lpu"]
         out.append({"model": r["model"], "context": r["setting"]["context"], "published": r["published"],
                     "predicted": r["predicted"], "stages": lpu["stages"], "tp": lpu["tp"], "by_tp": by_tp,
-                    "nearest_tp": nearest,
-                    "users_at_published": 1 / (r["published"] * lpu["stage_occupancy_s"])})
+                    "nearest_tp": nearest, "loaded": {"chips": timed.chips, "micro_batch": timed.micro_batch,
+                                                      "predicted": loaded}})
     return out
 
 
@@ -371,14 +373,17 @@ def markdown(lpu_rows, gpu_rows, gpu_fit, install_fit, shipped_install, system, 
     widths = " / ".join(map(str, WIDTHS))
     fewest_table = "\n".join(
         [(f"| model (window) | chips at TP {widths} | predicted at TP {widths} | compiler's placement | listed "
-          "| nearest width (its error) | users in flight that would give it |"), "|---|---|---|---|---|---|---|"]
+          f"| nearest width (its error) | with {LOADED_USERS} users in flight: chips, predicted |"),
+         "|---|---|---|---|---|---|---|"]
         + [f"| {f['model']} ({f['context']:,}) | {at_widths(f, 'chips', 'd')} | {at_widths(f, 'predicted', ',.0f')} "
            f"| {f['stages']} x TP {f['tp']} | {f['published']:,} | TP {f['nearest_tp']} "
-           f"({f['by_tp'][f['nearest_tp']]['error']:+.0%}) | {_users(f)} |" for f in fewest])
+           f"({f['by_tp'][f['nearest_tp']]['error']:+.0%}) | {f['loaded']['chips']:,}, "
+           f"{f['loaded']['predicted']:,.0f} |" for f in fewest])
     small = [f for f in fewest if f["nearest_tp"] < f["tp"]]
     big = [f for f in fewest if f not in small]
     within = [f for f in small if abs(f["by_tp"][f["nearest_tp"]]["error"]) <= TARGET_ERROR]
     within_by_tp = {t: sum(abs(f["by_tp"][t]["error"]) <= TARGET_ERROR for f in small) for t in WIDTHS}
+    load_drop = [1 - f["loaded"]["predicted"] / f["predicted"] for f in small]
     # how far apart the widths' chip counts are, for the 7-9B models
     width_spread = max(max(w["chips"] for w in f["by_tp"].values()) / min(w["chips"] for w in f["by_tp"].values())
                        for f in small) - 1
@@ -486,22 +491,25 @@ COMPUTE_EFFICIENCY = {gpu_fit['COMPUTE_EFFICIENCY']:.3f} [{G.COMPUTE_EFFICIENCY:
 - Held out at the fewest chips: each row's placement, and the same row compiled at each TP width
   inside a node ({widths}; `openlpu plan --tp`), each at its own fewest chips. The width nearest the
   listing is a reading of what deployment would explain it, chosen after seeing the listing, so it is
-  not counted. With U users in flight a user gets a token every max(step, U x busiest stage), so a
-  listing below the prediction also implies a number of users in flight.
+  not counted. The last column is the row compiled for {LOADED_USERS} users in flight (their KV placed,
+  users sharing micro-batches when the busiest stage would keep them waiting), a load the public
+  record does not give.
 
 {fewest_table}
 
   {_models(big)}: nearest at TP {_widths(big)}, the compiler's and the FIT point's width. {_models(small)}:
   nearest at TP {_widths(small)}, narrower than the compiler's placement; at the nearest width
   {len(within)} of {len(small)} are within {TARGET_ERROR:.0%}, but no one width serves them all: within {TARGET_ERROR:.0%} at
-  {", ".join(f"TP {t}: {n} of {len(small)}" for t, n in within_by_tp.items())}. The chip counts per width show why the compiler
+  {", ".join(f"TP {t}: {n} of {len(small)}" for t, n in within_by_tp.items())}. Load does not close the gap: with
+  {LOADED_USERS} users in flight their predictions fall by {min(load_drop):.0%} to {max(load_drop):.0%}, as the
+  users share each weight install and only their own K and V add time. The chip counts per width show why the compiler
   goes wide: at these sizes the widths need nearly the same chips (within {width_spread:.0%}), and the compiler compares
   widths by the nodes they take, ties to the wider. Groq's deployments of these models are not
   published, and neither is the load behind a listing.
   Two pairs have the same layer shapes and differ in window (8,192 tokens in 2024, 131,072 in 2025;
   the 3.1 and 3.3 models also change the RoPE scaling): {same_shape_pairs}. The model tells the two of a
   pair apart only by the window, attended whole at every step, and by the placement it gives.
-  These rows test Groq's choice of deployment and its load more than the chip.
+  These rows test Groq's choice of deployment, and how it serves its load, more than the chip.
 - The 576-chip ALT rows: given more chips than the fewest, the compiler widens to TP 8 and cuts MLPs
   between stages, and the parts run in parallel, so a 7-9B model on 576 chips runs
   {min(spread_576):.1f}-{max(spread_576):.1f}x faster per user than the figures Groq published for it.
@@ -531,11 +539,6 @@ def _models(readings: list[dict]) -> str:
 
 def _widths(readings: list[dict]) -> str:
     return " and ".join(map(str, sorted({r["nearest_tp"] for r in readings}, reverse=True)))
-
-
-def _users(reading: dict) -> str:
-    """Users in flight only slow a user down, so they explain a listing below the prediction only."""
-    return f"{reading['users_at_published']:.0f}" if reading["published"] < reading["predicted"] else "-"
 
 
 def _setting(s: dict) -> str:

@@ -189,7 +189,7 @@ def compile_cmd(
                   f"TP {t.tp}; SRAM {t.sram_used_bytes / 1e9:.2f} GB ({t.sram_used_fraction:.0%} of the chips used)")
     console.print(f"decode step makespan {program.decode.makespan_cycles:,} cycles = {t.decode_latency_s * 1e6:,.1f} us "
                   f"({t.tokens_per_s_per_user:,.0f} tok/s per user, {t.throughput_tokens_per_s:,.0f} tok/s with "
-                  f"{users} user(s)); prefill of {workload.prompt_len} tokens {t.ttft_s * 1e3:,.2f} ms")
+                  f"{users} user(s), {t.micro_batch} per step); prefill of {workload.prompt_len} tokens {t.ttft_s * 1e3:,.2f} ms")
     verdict = "[green]passed[/]" if not violations else f"[red]{len(violations)} violation(s)[/]: {violations[0].message}"
     console.print(f"verify: {verdict}; written to {output} (sha256 {program.sha256()[:16]})")
     if violations:
@@ -221,7 +221,8 @@ def inspect_cmd(
         table.add_row("...", f"{len(rows) - stages} more", "", "", "", "", "")
     console.print(table)
     console.print(f"decode {t.decode_latency_s * 1e6:,.1f} us/token ({t.tokens_per_s_per_user:,.0f} tok/s per user), "
-                  f"TTFT {t.ttft_s * 1e3:,.2f} ms, {t.throughput_tokens_per_s:,.0f} tok/s with {t.users} user(s), "
+                  f"TTFT {t.ttft_s * 1e3:,.2f} ms, {t.throughput_tokens_per_s:,.0f} tok/s with {t.users} user(s) "
+                  f"({t.micro_batch} per step), "
                   f"{t.power_w / 1e3:,.1f} kW, {t.energy_per_token_j:,.3f} J/token")
     units = ", ".join(f"{u} {f:.1%}" for u, f in t.unit_utilisation.items())
     links = ", ".join(f"{k} {f:.2%} of {t.links_used[k]:,}" for k, f in t.link_utilisation.items()) or "none used"

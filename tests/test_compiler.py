@@ -152,14 +152,14 @@ def test_fewest_chips_cut_pieces_where_stages_fill(name, context, users):
 
 
 def test_split_attention_parts_run_side_by_side_and_merge_down_the_pipeline():
-    """In a decode step each part attends its own slots (its share of the K and V over the install rate),
-    independently of the other parts; part j >= 1 merges the running result it receives, rank to rank
-    (each chip holds its heads' outputs and log-sum-exps), and the last part applies the output
-    projection."""
+    """In a decode step each part attends its own slots (its share of each user's K and V of the
+    micro-batch over the install rate), independently of the other parts; part j >= 1 merges the running
+    result it receives, rank to rank (each chip holds its heads' outputs and log-sum-exps), and the last
+    part applies the output projection."""
     spec, rate = load_preset("llama-3.1-8b"), SYSTEM.chip.matrix_install_bytes_per_cycle
     w = Workload(context_length=131072, users=16, prompt_len=512)
     program = compile_program(spec, SYSTEM, w)
-    t = program.placement.tp
+    t, rows = program.placement.tp, program.decode.tokens
     ops = {o.name: o for o in program.decode.ops}
     attention = sorted((o for o in program.decode.ops if o.kind == "attention" and o.name.startswith("blk.5.")),
                        key=lambda o: o.name)
@@ -167,7 +167,7 @@ def test_split_attention_parts_run_side_by_side_and_merge_down_the_pipeline():
              if (item, part) == (5, "attn")]
     assert [o.stage for o in attention] == [k for k, _, _ in homes]
     for o, (_, lo, hi) in zip(attention, homes):
-        kv = (hi - lo) * 2 * spec.head_dim * (spec.n_kv_heads // t)  # one user's token: its own K and V
+        kv = rows * (hi - lo) * 2 * spec.head_dim * (spec.n_kv_heads // t)  # each user's own K and V
         assert kv / rate <= o.end_cycle - o.start_cycle <= kv / rate * 1.01 + 2
     assert attention[1].start_cycle < attention[0].end_cycle  # nothing orders the parts
     for j in range(1, len(homes)):
@@ -177,7 +177,7 @@ def test_split_attention_parts_run_side_by_side_and_merge_down_the_pipeline():
         send = next(x for x in program.decode.transfers if x.name == running)
         src = program.placement.stages[homes[j - 1][0]].chips
         assert send.kind == "rank_p2p" and send.chips == src + program.placement.stages[homes[j][0]].chips
-        assert send.payload_bytes == spec.n_heads * (spec.head_dim + 1)  # int8 outputs and log-sum-exps
+        assert send.payload_bytes == rows * spec.n_heads * (spec.head_dim + 1)  # int8 outputs and log-sum-exps
     assert ops["blk.5.attn_output"].inputs == (f"blk.5.attn_merge@{len(homes) - 1}",)
 
 
@@ -307,6 +307,21 @@ def test_a_tp_width_asked_for_is_the_one_placed():
             compile_program(spec, SYSTEM, SMALL, tp=bad)
     with pytest.raises(OpenLPUError, match=r"82 chips cannot be arranged .* TP 4\) \(an MLP is cut"):
         compile_program(spec, SYSTEM, SMALL, chips=82, tp=4)
+
+
+def test_micro_batches_shrink_until_their_buffers_fit():
+    """Gemma 3 270M with 256 users of 64 tokens on 3 chips: the micro-batch its one-user schedule asks
+    for leaves no room for its buffers (a row of logits per user, 262,144 wide), so the compiler halves
+    it until they fit; the Program verifies, its SRAM check counting the micro-batch's own activations."""
+    from openlpu.compiler.partition import partition
+    from openlpu.compiler.schedule import decode_rows, schedule_phase
+
+    spec, workload = load_preset("gemma-3-270m"), Workload(context_length=64, prompt_len=1, users=256)
+    asked = decode_rows(256, schedule_phase(spec, SYSTEM, workload, partition(spec, SYSTEM, workload, 3), "decode"))
+    with pytest.raises(OpenLPUError, match="does not fit on 3 lpu-v1 chips"):
+        partition(spec, SYSTEM, workload, chips=3, decode_rows=asked)
+    program = compile_program(spec, SYSTEM, workload, chips=3)
+    assert program.decode.tokens in {asked >> k for k in range(1, asked.bit_length() - 1)} and verify(program) == []
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -9,7 +9,8 @@ from openlpu.compiler import Workload, compile_program
 from openlpu.compiler.partition import tensor_piece
 from openlpu.hardware.lpu import load_system
 from openlpu.models.spec import load_preset
-from openlpu.sim.timing import draw_gantt, placement_rows, timing
+from openlpu.compiler.schedule import schedule_phase
+from openlpu.sim.timing import draw_gantt, placement_rows, stage_occupancy_cycles, timing
 
 SYSTEM = load_system("lpu-v1")
 W = Workload(context_length=2048, prompt_len=256, users=1)
@@ -135,6 +136,30 @@ def test_users_in_flight_fill_the_pipeline():
     assert four.tokens_per_s_per_user <= one.tokens_per_s_per_user * 1.001
 
 
+def test_users_beyond_the_stages_share_micro_batches():
+    """20 users on a 5-stage pipeline. Scheduled one user per step, each user waits for the 19 others'
+    turns at the busiest stage. The compiler groups them into micro-batches of r users, the fewest that
+    let all 20/r turns pass that stage within one step. Each weight is installed once per micro-batch,
+    so a matmul lasts as long as for one user, while an attention installs each user's own keys and
+    values: r times as long."""
+    w = Workload(context_length=512, prompt_len=128, users=20)
+    spec, program = load_preset("qwen3-8b"), _compile("qwen3-8b", workload=w)
+    single = schedule_phase(spec, SYSTEM, w, program.placement, "decode")
+    r, busiest = program.decode.tokens, max(stage_occupancy_cycles(single).values())
+    assert len(program.placement.stages) == 5 and single.tokens == 1 and r > 1
+    assert 20 / r * busiest <= single.makespan_cycles < 20 / (r - 1) * busiest
+    one = {op.name: op.end_cycle - op.start_cycle for op in single.ops}
+    for op in program.decode.ops:
+        if op.kind == "matmul":
+            assert op.end_cycle - op.start_cycle == one[op.name]
+        elif op.kind == "attention":
+            assert r * one[op.name] - r <= op.end_cycle - op.start_cycle <= r * one[op.name]
+    batched, in_turns = timing(program), timing(dataclasses.replace(program, decode=single))
+    assert batched.micro_batch == r and in_turns.micro_batch == 1
+    assert in_turns.tokens_per_s_per_user == pytest.approx(SYSTEM.chip.clock_hz / (20 * busiest))
+    assert 3 * in_turns.throughput_tokens_per_s < batched.throughput_tokens_per_s <= 20 / batched.decode_latency_s
+
+
 def test_power_utilisation_and_energy_are_consistent(qwen):
     t = timing(qwen)
     nodes = -(-t.chips // SYSTEM.node.chips)
@@ -158,20 +183,21 @@ def test_inspect_views(qwen, tmp_path):
 
 
 def test_slow_links_set_the_token_period_with_users_in_flight():
-    """Every user's bytes cross each link once per token, so with enough users the busiest link, not a
-    stage, sets the period: that link is busy 100% of the time, and the period is users x its time,
-    summed here from the Program's transfers."""
+    """Every micro-batch's bytes cross each link once per token, so with enough users the busiest link,
+    not a stage, sets the period: that link is busy 100% of the time, and the period is micro-batches x
+    its time, summed here from the Program's transfers."""
     slow = dataclasses.replace(SYSTEM, links={k: dataclasses.replace(link, bandwidth_bytes_per_s=2e7)
                                               for k, link in SYSTEM.links.items()})
-    program = compile_program(load_preset("qwen3-8b"), slow, Workload(context_length=256, prompt_len=64, users=16))
+    program = compile_program(load_preset("qwen3-8b"), slow, Workload(context_length=256, prompt_len=64, users=20))
     t = timing(program)
     carried = defaultdict(float)
     for transfer in program.decode.transfers:
         for a, b, nbytes in transfer.links:
             carried[(a, b)] += nbytes
     busiest_s = max(nbytes / slow.links[slow.link_kind(*link)].bandwidth_bytes_per_s for link, nbytes in carried.items())
-    assert t.users * busiest_s > max(t.decode_latency_s, t.users * t.stage_occupancy_s)  # the links bind
-    assert t.tokens_per_s_per_user == pytest.approx(1 / (t.users * busiest_s), rel=1e-6)
+    batches = -(-t.users // t.micro_batch)
+    assert t.micro_batch > 1 and batches * busiest_s > max(t.decode_latency_s, batches * t.stage_occupancy_s)
+    assert t.tokens_per_s_per_user == pytest.approx(1 / (batches * busiest_s), rel=1e-6)
     assert t.busiest_link_utilisation == pytest.approx(1.0)
     assert all(0 < u <= 1 for u in t.link_utilisation.values())
 

@@ -140,6 +140,17 @@ def test_attention_split_along_its_slots_must_cover_them_all():
     assert f"is ({item}, 'attn', 0, {hi - 1}), expected ({item}, 'attn', 0, {hi})" in found[0].message
 
 
+def test_a_decode_micro_batch_holds_one_to_all_users():
+    """16 users on Gemma 3 270M's few stages share micro-batches; the Program verifies (its activations
+    included), and a step claiming no users, or more than are in flight, is a structure violation."""
+    p = compile_program(load_preset("gemma-3-270m"), SYSTEM, Workload(context_length=2048, prompt_len=200, users=16))
+    assert p.decode.tokens > 1 and verify(p) == []
+    for tokens in (0, 17):
+        found = verify(dataclasses.replace(p, decode=dataclasses.replace(p.decode, tokens=tokens)))
+        assert [v.invariant for v in found] == ["structure"]
+        assert f"carries {tokens} users' tokens; a micro-batch holds 1 to the 16 users in flight" in found[0].message
+
+
 def test_stages_that_miss_or_repeat_a_piece(program):
     stages = list(program.placement.stages)
     last = stages[-1]

@@ -266,11 +266,12 @@ class PieceSizes:
     tied_table: int
 
 
-def lowered_passes(spec: ModelSpec, workload: Workload) -> list[list[Op]]:
-    """The passes a stage's activation buffers must serve: one decode token, one prefill chunk."""
+def lowered_passes(spec: ModelSpec, workload: Workload, decode_rows: int = 1) -> list[list[Op]]:
+    """The passes a stage's activation buffers must serve: one decode micro-batch of `decode_rows`
+    users' tokens, one prefill chunk."""
     chunk = min(workload.prompt_len, workload.prefill_chunk)
     kw = dict(kv_precision=workload.kv, act_precision=workload.activations)
-    return [lower(spec, "decode", workload.context_length, 1, workload.weights, **kw),
+    return [lower(spec, "decode", workload.context_length, decode_rows, workload.weights, **kw),
             lower(spec, "prefill", chunk, 1, workload.weights, **kw)]
 
 
@@ -700,15 +701,15 @@ def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int 
 
 
 def partition(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None = None,
-              tp: int | None = None) -> Placement:
+              tp: int | None = None, decode_rows: int = 1) -> Placement:
     """Place the model on exactly `chips` chips, or on as few as fit (None), in TP groups of `tp` chips
-    (None: the compiler's choice)."""
+    (None: the compiler's choice), with activation buffers for decode micro-batches of `decode_rows`."""
     if chips is not None and (isinstance(chips, bool) or not isinstance(chips, int) or chips <= 0):
         raise OpenLPUError(f"chips must be a positive integer, got {chips!r}")
     if chips is not None and chips > system.max_chips:
         raise OpenLPUError(f"{chips} chips is more than the largest {system.name} system ({system.max_chips})")
     widths = tp_widths(spec, system, tp)
-    cap, passes = system.chip.sram_bytes, lowered_passes(spec, workload)
+    cap, passes = system.chip.sram_bytes, lowered_passes(spec, workload, decode_rows)
     if chips is None:
         best = fewest_chips(spec, system, workload, passes, widths)
         if best is not None:

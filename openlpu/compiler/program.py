@@ -25,8 +25,8 @@ MAGIC = b"OPENLPU-PROGRAM\n"
 # 2: stages hold pieces (a layer may be cut between stages); 3: embedding and head pieces hold
 # vocabulary row ranges (either may be split between stages); 4: attention pieces may hold ranges of
 # their layer's KV slots (an attention split between stages), transfers "rank_p2p"; 5: each layer's KV
-# slots per user
-FORMAT_VERSION = 5
+# slots per user; 6: a decode step carries a micro-batch of users (its tokens)
+FORMAT_VERSION = 6
 
 
 @dataclass(frozen=True)
@@ -125,9 +125,9 @@ class Transfer:
 
 @dataclass(frozen=True)
 class PhaseSchedule:
-    phase: str  # "decode" (one token step of one user) or "prefill" (one prompt)
-    seq_len: int
-    tokens: int
+    phase: str  # "decode" (one token step of a micro-batch of users) or "prefill" (one prompt)
+    seq_len: int  # decode: tokens each user attends; prefill: prompt tokens
+    tokens: int  # decode: users in the micro-batch, one token each; prefill: prompt tokens
     ops: tuple[ScheduledOp, ...]
     transfers: tuple[Transfer, ...]
     makespan_cycles: int

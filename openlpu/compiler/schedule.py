@@ -21,7 +21,10 @@ attention split along its KV slots runs its norm, projections, rope and attentio
 part's attention on its share of the keys (keys_in_slots); part j >= 1 merges the running partial it
 receives with its own ("attn_merge@j": per head, the outputs reweighted by their log-sum-exps), and the
 last part applies the output projection, the post-norm and the residual add. A partial is split by
-heads over the group, so it moves rank r to rank r of the next group ("rank_p2p"). In a
+heads over the group, so it moves rank r to rank r of the next group ("rank_p2p"). A decode
+step carries one micro-batch of users, whose rows stream through one install of each weight (each row
+still attends its own user's keys and values): as few users as keep every user's turn at the busiest
+stage within one step (decode_rows), so one user per step while the users fit the pipeline. In a
 prefill, a stage starts prompt chunk c only once its last op of chunk c-1 has ended: like a user's
 token in decode, a chunk holds a stage's activation buffers alone, which is what the partition
 reserves (a prompt's token ids are all known at once, so without this rule every chunk's embedding
@@ -378,12 +381,31 @@ def staged_ops(spec: ModelSpec, workload: Workload, ops: list[Op], placement: Pl
     return out
 
 
+def stage_occupancy_cycles(phase: PhaseSchedule) -> dict[int, int]:
+    """Cycles each stage holds one micro-batch: from its first op to its last (its links work beside
+    its units, so sends do not hold the stage)."""
+    first, last = {}, {}
+    for op in phase.ops:
+        first[op.stage] = min(first.get(op.stage, op.start_cycle), op.start_cycle)
+        last[op.stage] = max(last.get(op.stage, 0), op.end_cycle)
+    return {s: last[s] - first[s] for s in first}
+
+
+def decode_rows(users: int, single: PhaseSchedule) -> int:
+    """Users per micro-batch of a decode step, from the step scheduled for one user: the fewest that
+    let every micro-batch take its turn at the busiest stage within one step, so that no user waits on
+    the others (one when the users pass the busiest stage in a step anyway)."""
+    busiest = max(stage_occupancy_cycles(single).values())
+    return max(1, min(users, math.ceil(users * busiest / single.makespan_cycles)))
+
+
 def schedule_phase(spec: ModelSpec, system: SystemSpec, workload: Workload, placement: Placement,
-                   phase: str, templates: dict | None = None) -> PhaseSchedule:
-    """One decode step of one user (attending to the whole context) or the prefill of one prompt."""
+                   phase: str, templates: dict | None = None, rows: int = 1) -> PhaseSchedule:
+    """One decode step of a micro-batch of `rows` users (each attending to the whole context) or the
+    prefill of one prompt."""
     if phase == "decode":
         seq_len = workload.context_length
-        ops = lower(spec, phase, seq_len, 1, workload.weights, kv_precision=workload.kv,
+        ops = lower(spec, phase, seq_len, rows, workload.weights, kv_precision=workload.kv,
                     act_precision=workload.activations)
     else:
         seq_len, ops = workload.prompt_len, _prefill_chunks(spec, workload)
@@ -399,8 +421,8 @@ def schedule_phase(spec: ModelSpec, system: SystemSpec, workload: Workload, plac
         src_chip = placement.stages[s.ready[src_name][0]].chips[0]
         for j, (stage, _, _) in enumerate(piece_homes(placement)[(EMBED, "embed")]):
             name = "token_return" + (f"{CUT_SEPARATOR}{j}" if j else "")
-            s._send(name, "p2p", stage, (src_chip, placement.stages[stage].chips[0]), TOKEN_ID_BYTES,
+            s._send(name, "p2p", stage, (src_chip, placement.stages[stage].chips[0]), TOKEN_ID_BYTES * rows,
                     s.ready[src_name][1], (src_name,))
     makespan = max([o.end_cycle for o in s.ops] + [t.arrival_cycle for t in s.transfers])
-    return PhaseSchedule(phase, seq_len, 1 if phase == "decode" else seq_len, tuple(s.ops), tuple(s.transfers),
+    return PhaseSchedule(phase, seq_len, rows if phase == "decode" else seq_len, tuple(s.ops), tuple(s.transfers),
                          makespan)

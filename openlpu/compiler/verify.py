@@ -3,7 +3,8 @@
 0. structure: every chip in at most one stage, inside the system; the stages' pieces, in pipeline
    order, hold all vocabulary rows of the embedding, each layer's attention (whole, or ranges of all
    its KV slots) and all d_ff rows of its MLP, and all vocabulary rows of the head, once, each split
-   piece's ranges in order without a gap or an overlap;
+   piece's ranges in order without a gap or an overlap; a decode step carries a micro-batch of 1 to
+   all of the users in flight;
 1. no functional unit runs two ops at once;
 2. nothing starts before its inputs are on its chips (ops and transfers);
 3. SRAM in use (weights + KV + live activations) never exceeds a chip's capacity, and each stage
@@ -90,6 +91,9 @@ def _structure(program: Program) -> list[Violation]:
             if chip in seen:
                 out.append(Violation("structure", f"chip {chip} is in stages {seen[chip]} and {stage.index}"))
             seen[chip] = stage.index
+    if not 1 <= program.decode.tokens <= program.workload.users:
+        out.append(Violation("structure", f"the decode step carries {program.decode.tokens} users' tokens; a "
+                                          f"micro-batch holds 1 to the {program.workload.users} users in flight"))
     return out
 
 

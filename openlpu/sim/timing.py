@@ -1,9 +1,10 @@
 """Speed, utilisation and power read off a Program's static schedule (no separate formula).
 
 - per-token latency for one user = makespan of one decode step (token back at the embedding stage);
-- several users in flight: each occupies one stage at a time, and each link carries every user's
-  bytes, so a new token per user comes every max(makespan, users x busiest stage's occupancy,
-  users x busiest link's time) cycles;
+- several users in flight travel in micro-batches (the decode step's tokens: one per stage, more users
+  sharing one); each micro-batch occupies one stage at a time, and each link carries every
+  micro-batch's bytes, so a new token per user comes every max(makespan, micro-batches x busiest
+  stage's occupancy, micro-batches x busiest link's time) cycles;
 - TTFT = makespan of the prefill program, which ends by sampling the first token;
 - power per chip = idle + (busy - idle) x the fraction of cycles its functional units are busy.
 """
@@ -14,7 +15,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from openlpu.compiler.partition import ffn_rows, piece_name, vocab_rows
-from openlpu.compiler.program import PhaseSchedule, Program
+from openlpu.compiler.program import Program
+from openlpu.compiler.schedule import stage_occupancy_cycles
 from openlpu.graph.ops import UNITS
 from openlpu.hardware.lpu import LINK_KINDS
 from openlpu.sim.figures import save_png
@@ -27,7 +29,8 @@ class LpuTiming:
     tp: int
     users: int
     ttft_s: float
-    decode_latency_s: float  # one token step for one user
+    decode_latency_s: float  # one token step of one micro-batch
+    micro_batch: int  # users per decode step
     tokens_per_s_per_user: float  # with `users` in flight
     throughput_tokens_per_s: float  # all users together
     unit_utilisation: dict[str, float]  # busy fraction per unit class, over all chips, in steady state
@@ -41,19 +44,10 @@ class LpuTiming:
     stage_occupancy_s: float  # the busiest stage's time per token
 
 
-def stage_occupancy_cycles(phase: PhaseSchedule) -> dict[int, int]:
-    """Cycles each stage holds one user's token: from its first op to its last (its links work beside
-    its units, so sends do not hold the stage)."""
-    first, last = {}, defaultdict(int)
-    for op in phase.ops:
-        first[op.stage] = min(first.get(op.stage, op.start_cycle), op.start_cycle)
-        last[op.stage] = max(last[op.stage], op.end_cycle)
-    return {s: last[s] - first[s] for s in first}
-
-
 def timing(program: Program) -> LpuTiming:
     decode, clock = program.decode, program.system.chip.clock_hz
     users, chips = program.workload.users, program.chips
+    batches = -(-users // decode.tokens)  # micro-batches in flight
     occupancy = stage_occupancy_cycles(decode)
     carried = defaultdict(float)
     for t in decode.transfers:
@@ -63,12 +57,13 @@ def timing(program: Program) -> LpuTiming:
     link_cycles = {link: nbytes / program.system.links[kind_of[link]].bandwidth_bytes_per_s * clock
                    for link, nbytes in carried.items()}
     # cycles between a user's tokens
-    period = max(decode.makespan_cycles, users * max(occupancy.values()), users * max(link_cycles.values(), default=0))
+    period = max(decode.makespan_cycles, batches * max(occupancy.values()),
+                 batches * max(link_cycles.values(), default=0))
     busy = defaultdict(float)
     for op in decode.ops:
         busy[op.unit] += (op.end_cycle - op.start_cycle) * len(program.placement.stages[op.stage].chips)
-    # in steady state every user's step runs once per period
-    unit_utilisation = {u: users * busy[u] / (chips * period) for u in UNITS}
+    # in steady state every micro-batch's step runs once per period
+    unit_utilisation = {u: batches * busy[u] / (chips * period) for u in UNITS}
     chip_busy = defaultdict(float)
     for stage in program.placement.stages:
         spans = sorted((o.start_cycle, o.end_cycle) for o in decode.ops if o.stage == stage.index)
@@ -76,14 +71,14 @@ def timing(program: Program) -> LpuTiming:
         for s, e in spans:  # cycles with at least one unit busy
             covered += max(0, e - max(s, reach))
             reach = max(reach, e)
-        chip_busy[stage.index] = min(1.0, users * covered / period)
+        chip_busy[stage.index] = min(1.0, batches * covered / period)
     chip = program.system.chip
     chip_power = sum((chip.idle_power_w + (chip.busy_power_w - chip.idle_power_w) * chip_busy[s.index]) * len(s.chips)
                      for s in program.placement.stages)
     nodes = len({program.system.node_of(c) for c in program.placement.chips})
     power = chip_power + nodes * program.system.node.host_power_w
     links_used = {k: n for k in LINK_KINDS if (n := sum(1 for kind in kind_of.values() if kind == k))}
-    link_utilisation = {k: users * sum(c for link, c in link_cycles.items() if kind_of[link] == k) / (n * period)
+    link_utilisation = {k: batches * sum(c for link, c in link_cycles.items() if kind_of[link] == k) / (n * period)
                         for k, n in links_used.items()}
     sram = sum(sh.nbytes for sh in program.placement.shards) + sum(
         (s.kv_bytes_per_chip + s.activation_bytes_per_chip) * len(s.chips) for s in program.placement.stages)
@@ -91,9 +86,10 @@ def timing(program: Program) -> LpuTiming:
     return LpuTiming(
         chips=chips, stages=len(program.placement.stages), tp=program.placement.tp, users=users,
         ttft_s=program.prefill.makespan_cycles / clock, decode_latency_s=decode.makespan_cycles / clock,
+        micro_batch=decode.tokens,
         tokens_per_s_per_user=clock / period, throughput_tokens_per_s=throughput,
         unit_utilisation=unit_utilisation, link_utilisation=link_utilisation, links_used=links_used,
-        busiest_link_utilisation=users * max(link_cycles.values(), default=0) / period,
+        busiest_link_utilisation=batches * max(link_cycles.values(), default=0) / period,
         power_w=power, energy_per_token_j=power / throughput, sram_used_bytes=sram,
         sram_used_fraction=sram / (chips * chip.sram_bytes), stage_occupancy_s=max(occupancy.values()) / clock)
 
