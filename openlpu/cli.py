@@ -129,6 +129,7 @@ def plan(
     figures = {
         "chips / GPUs": lambda r: f"{r.chips:,}",
         "stages x TP": lambda r: r.layout.replace(" x TP ", " x "),
+        "users per step": lambda r: f"{r.users_per_step:,}",
         "memory used": lambda r: f"{r.memory_used_fraction:.0%} of {r.memory}",
         "tok/s per user": lambda r: f"{r.tokens_per_s_per_user:,.0f}",
         "TTFT (ms)": lambda r: f"{r.ttft_s * 1e3:,.1f}",

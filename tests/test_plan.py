@@ -59,6 +59,7 @@ def test_chip_and_gpu_counts_are_the_deployment_planned():
     program = compile_program(spec, load_system("lpu-v1"), Workload(context_length=4096, prompt_len=512), chips=576)
     assert (lpu.chips, lpu.layout) == (576, f"{len(program.placement.stages)} x TP {program.placement.tp}")
     assert lpu.tokens_per_s_per_user == pytest.approx(timing(program).tokens_per_s_per_user)
+    assert (lpu.users_per_step, h100.users_per_step) == (program.decode.tokens, 1)
     direct = gpu_timing(spec, load_gpu("h100-sxm"), "int8", 4096, gpus=8, prompt_tokens=512)
     assert (h100.chips, h100.layout) == (8, "1 x TP 8")
     assert h100.tokens_per_s_per_user == pytest.approx(direct.tokens_per_s_per_user)

@@ -25,6 +25,7 @@ class PlanRow:
     kind: str  # "lpu" or "gpu"
     chips: int  # LPU chips or GPUs
     layout: str  # pipeline stages x tensor-parallel width
+    users_per_step: int  # users whose tokens one decode step computes together (LPU: a micro-batch)
     memory: str  # "SRAM" or "HBM"
     memory_used_fraction: float  # of the capacity of the chips used
     tokens_per_s_per_user: float
@@ -82,7 +83,8 @@ def lpu_row(spec: ModelSpec, system_name: str, precision: str, context: int, use
     c = cost(lpu_capex(system, t.chips), t.power_w, t.throughput_tokens_per_s, assumptions)
     peak_flops_per_s = 2 * matrix_macs_per_cycle(system, precision, precision) * system.chip.clock_hz * t.chips
     used = flops_per_token * t.throughput_tokens_per_s / peak_flops_per_s
-    return PlanRow(system=system.name, kind="lpu", chips=t.chips, layout=f"{t.stages} x TP {t.tp}", memory="SRAM",
+    return PlanRow(system=system.name, kind="lpu", chips=t.chips, layout=f"{t.stages} x TP {t.tp}",
+                   users_per_step=t.micro_batch, memory="SRAM",
                    memory_used_fraction=t.sram_used_fraction, tokens_per_s_per_user=t.tokens_per_s_per_user,
                    ttft_s=t.ttft_s, throughput_tokens_per_s=t.throughput_tokens_per_s, power_w=t.power_w,
                    energy_per_token_j=t.energy_per_token_j, compute_used_fraction=used,
@@ -99,7 +101,7 @@ def gpu_row(spec: ModelSpec, gpu_name: str, precision: str, context: int, users:
     peak_flops_per_s = gpu.compute_flops_per_s(precision) * t.gpus
     used = flops_per_token * t.throughput_tokens_per_s / peak_flops_per_s
     return PlanRow(system=gpu.name, kind="gpu", chips=t.gpus,
-                   layout=f"{t.pipeline_stages} x TP {t.tensor_parallel}", memory="HBM",
+                   layout=f"{t.pipeline_stages} x TP {t.tensor_parallel}", users_per_step=users, memory="HBM",
                    memory_used_fraction=t.hbm_used_fraction, tokens_per_s_per_user=t.tokens_per_s_per_user,
                    ttft_s=t.ttft_s, throughput_tokens_per_s=t.throughput_tokens_per_s, power_w=t.power_w,
                    energy_per_token_j=t.energy_per_token_j, compute_used_fraction=used,

@@ -163,8 +163,9 @@ def draw_gantt(program: Program, path, max_stages: int = 24) -> None:
     ax.set_xlabel("time (us)   lanes per stage, top to bottom: matrix, vector, memory, links")
     ax.set_xlim(0, decode.makespan_cycles * us * 1.01)
     skipped = f" ({n - len(shown)} middle stages not shown)" if len(shown) < n else ""
-    ax.set_title(f"{program.model} on {program.system.name}: one decode step, {program.chips} chips, "
-                 f"{n} stages x TP {program.placement.tp}, {decode.makespan_cycles * us:,.1f} us{skipped}")
+    ax.set_title(f"{program.model} on {program.system.name}: one decode step ({decode.tokens} user(s)), "
+                 f"{program.chips} chips, {n} stages x TP {program.placement.tp}, "
+                 f"{decode.makespan_cycles * us:,.1f} us{skipped}")
     kinds = sorted({op.kind for op in decode.ops}) + sorted({t.kind for t in decode.transfers})
     ax.legend(handles=[Patch(color={**KIND_COLOURS, **TRANSFER_COLOURS}.get(k, "tab:gray"), label=k) for k in kinds],
               loc="upper center", bbox_to_anchor=(0.5, -0.6 / (2.0 + 0.4 * len(shown))), ncol=min(8, len(kinds)), fontsize=8)
