@@ -287,7 +287,8 @@ def lpu_decomposition(system) -> dict:
 def mixtral_cut(system) -> dict:
     """Mixtral on Groq's 576 chips: the placement, and the step if its stages ran one after another."""
     from openlpu.compiler import Workload, compile_program
-    from openlpu.sim.timing import stage_occupancy_cycles, timing
+    from openlpu.compiler.schedule import stage_occupancy_cycles
+    from openlpu.sim.timing import timing
 
     p = MIXTRAL_PRESS
     program = compile_program(load_preset(p.model), system, Workload(context_length=p.setting["context"],

@@ -7,10 +7,10 @@ import pytest
 
 from openlpu.compiler import Workload, compile_program
 from openlpu.compiler.partition import tensor_piece
+from openlpu.compiler.schedule import schedule_phase, stage_occupancy_cycles
 from openlpu.hardware.lpu import load_system
 from openlpu.models.spec import load_preset
-from openlpu.compiler.schedule import schedule_phase
-from openlpu.sim.timing import draw_gantt, placement_rows, stage_occupancy_cycles, timing
+from openlpu.sim.timing import draw_gantt, placement_rows, timing
 
 SYSTEM = load_system("lpu-v1")
 W = Workload(context_length=2048, prompt_len=256, users=1)
