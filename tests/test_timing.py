@@ -25,13 +25,17 @@ def qwen():
     return _compile("qwen3-8b")
 
 
+def _matrix_shards(p):
+    """The shards the matrix unit installs (embedding rows and norms are not matmuls)."""
+    return [sh for sh in p.placement.shards if sh.tensor != "token_embd.weight" and not sh.tensor.endswith("norm.weight")]
+
+
 def _matrix_weight_bytes_per_stage(p):
-    """Per stage, the most matrix-weight bytes one chip holds (embedding rows and norms are not matmuls)."""
-    per_chip = {}
-    for sh in p.placement.shards:
-        if sh.tensor != "token_embd.weight" and not sh.tensor.endswith("norm.weight"):
-            per_chip[sh.chip] = per_chip.get(sh.chip, 0) + sh.nbytes
-    return [max(per_chip.get(c, 0) for c in s.chips) for s in p.placement.stages]
+    """Per stage, the most matrix-weight bytes one chip holds."""
+    per_chip = defaultdict(int)
+    for sh in _matrix_shards(p):
+        per_chip[sh.chip] += sh.nbytes
+    return [max(per_chip[c] for c in s.chips) for s in p.placement.stages]
 
 
 def _matrix_weight_bytes_on_the_path(p):
@@ -40,9 +44,8 @@ def _matrix_weight_bytes_on_the_path(p):
     one user's step installs at least the sum of these on its critical path."""
     n_layers, stage_of = load_preset(p.model).n_layers, {c: s.index for s in p.placement.stages for c in s.chips}
     held = defaultdict(int)
-    for sh in p.placement.shards:
-        if sh.tensor != "token_embd.weight" and not sh.tensor.endswith("norm.weight"):
-            held[tensor_piece(sh.tensor, n_layers), stage_of[sh.chip], sh.chip] += sh.nbytes
+    for sh in _matrix_shards(p):
+        held[tensor_piece(sh.tensor, n_layers), stage_of[sh.chip], sh.chip] += sh.nbytes
     most = defaultdict(int)
     for (piece, _, _), nbytes in held.items():
         most[piece] = max(most[piece], nbytes)
