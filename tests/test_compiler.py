@@ -1,6 +1,7 @@
 """Placement, schedule and the Program file: determinism, exact placement, fit errors, CLI."""
 
 import hashlib
+import itertools
 import math
 import subprocess
 import sys
@@ -238,6 +239,36 @@ def test_schedule_has_the_collectives_and_pipeline_sends(gemma8):
     chunks = math.ceil(SMALL.prompt_len / SMALL.prefill_chunk)
     assert sum(op.kind == "sample" for op in gemma8.prefill.ops) == 1
     assert sum(op.kind == "embed" for op in gemma8.prefill.ops) == chunks
+
+
+def test_collectives_run_phase_by_phase_on_their_links():
+    """Each step of a collective is a phase of its own on the links, with its own cycles, starting once
+    the step before it has arrived. A TP group of two nodes all-reduces in four steps: inside each node
+    a direct reduce-scatter (each chip sends 1/8 of the payload to each of its 7 peers), between the
+    same-rank chips of the two nodes a reduce-scatter and an all-gather (1/16 of the payload each way,
+    along the network's routes), then inside each node an all-gather. A broadcast first reaches its own
+    node's chips and one chip of the other node, which then fans out to its node."""
+    program = compile_program(load_preset("qwen3-8b"), SYSTEM, Workload(context_length=256, prompt_len=64), tp=16)
+    for phase in (program.decode, program.prefill):
+        reduces = [t for t in phase.transfers if t.kind == "all_reduce"]
+        assert reduces and all(len(t.chips) == 16 for t in reduces)
+        for t in reduces:
+            nodes = (t.chips[:8], t.chips[8:])
+            local = {(a, b): t.payload_bytes / 8 for node in nodes for a in node for b in node if a != b}
+            across = {}
+            for r in range(8):
+                for src, dst in ((nodes[0][r], nodes[1][r]), (nodes[1][r], nodes[0][r])):
+                    route = SYSTEM.route(src, dst)
+                    for hop in itertools.pairwise(route):
+                        across[hop] = across.get(hop, 0.0) + t.payload_bytes / 16
+            loads = [{(a, b): n for a, b, n in links} for _, _, links in t.phases]
+            assert loads == [pytest.approx(local), pytest.approx(across), pytest.approx(across), pytest.approx(local)]
+            assert all(before[1] <= after[0] < after[1] for before, after in itertools.pairwise(t.phases))
+            assert (t.phases[0][0], t.phases[-1][1]) == (t.start_cycle, t.arrival_cycle)
+    bcast = next(t for t in program.decode.transfers if t.kind == "broadcast")
+    first, rest = bcast.chips[:8], bcast.chips[8:]
+    reached = [{b for _, b, _ in links} for _, _, links in bcast.phases]
+    assert len(reached) == 2 and set(first[1:]) | {rest[0]} <= reached[0] and reached[1] == set(rest[1:])
 
 
 def test_kv_regions_hold_context_times_users_and_windows_cap_them():

@@ -195,7 +195,7 @@ def test_slow_links_set_the_token_period_with_users_in_flight():
     t = timing(program)
     carried = defaultdict(float)
     for transfer in program.decode.transfers:
-        for a, b, nbytes in transfer.links:
+        for a, b, nbytes in transfer.link_loads():
             carried[(a, b)] += nbytes
     busiest_s = max(nbytes / slow.links[slow.link_kind(*link)].bandwidth_bytes_per_s for link, nbytes in carried.items())
     batches = -(-t.users // t.micro_batch)

@@ -92,6 +92,20 @@ def test_transfer_before_its_input_is_ready(program):
     assert "input_not_ready" in _invariants(_with_decode(program, transfers=transfers))
 
 
+def test_a_collective_phase_before_the_one_it_follows(program):
+    transfers = list(program.decode.transfers)
+    i = next(k for k, t in enumerate(transfers) if t.kind == "all_reduce" and len(t.phases) > 1)
+    t = transfers[i]
+    (s0, e0, first), (_, e1, second) = t.phases[:2]
+    early = ((s0, e0, first), (s0, e1, second)) + t.phases[2:]  # the second step starts with the first
+    transfers[i] = dataclasses.replace(t, phases=early)
+    found = verify(_with_decode(program, transfers=transfers))
+    assert [v.invariant for v in found] == ["input_not_ready"] and "phase 1" in found[0].message
+    # a record whose cycles its phases do not span
+    transfers[i] = dataclasses.replace(t, arrival_cycle=t.arrival_cycle - 1)
+    assert any("do not span" in v.message for v in verify(_with_decode(program, transfers=transfers)))
+
+
 def test_sram_over_capacity(program):
     small = dataclasses.replace(program.system, chip=dataclasses.replace(program.system.chip, sram_bytes=50_000_000))
     found = verify(dataclasses.replace(program, system=small))
@@ -211,13 +225,14 @@ def test_link_over_its_bandwidth(program):
     i = next(k for k, t in enumerate(transfers) if t.kind == "p2p")
     t = transfers[i]
     # ten times the bytes in the same cycles
-    transfers[i] = dataclasses.replace(t, links=tuple((a, b, n * 10) for a, b, n in t.links))
+    transfers[i] = dataclasses.replace(t, phases=tuple((s, e, tuple((a, b, n * 10) for a, b, n in links))
+                                                       for s, e, links in t.phases))
     assert "link_bandwidth" in _invariants(_with_decode(program, transfers=transfers))
     # two copies of the prefill's busiest send on the same link at the same time
     pre = program.prefill
 
     def rate(t):
-        return max(n for _, _, n in t.links) / (t.arrival_cycle - t.start_cycle)
+        return max(n / (e - s) for s, e, links in t.phases for _, _, n in links)
     busiest = max(pre.transfers, key=rate)
     assert rate(busiest) * SYSTEM.chip.clock_hz > 0.5 * SYSTEM.links["local"].bandwidth_bytes_per_s
     clash = dataclasses.replace(busiest, name="clash", inputs=())

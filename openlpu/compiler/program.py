@@ -25,8 +25,9 @@ MAGIC = b"OPENLPU-PROGRAM\n"
 # 2: stages hold pieces (a layer may be cut between stages); 3: embedding and head pieces hold
 # vocabulary row ranges (either may be split between stages); 4: attention pieces may hold ranges of
 # their layer's KV slots (an attention split between stages), transfers "rank_p2p"; 5: each layer's KV
-# slots per user; 6: a decode step carries a micro-batch of users (its tokens)
-FORMAT_VERSION = 6
+# slots per user; 6: a decode step carries a micro-batch of users (its tokens); 7: a transfer records
+# its links per phase (a collective's steps, each with its own cycles)
+FORMAT_VERSION = 7
 
 
 @dataclass(frozen=True)
@@ -110,17 +111,24 @@ class ScheduledOp:
 @dataclass(frozen=True)
 class Transfer:
     """Vectors on chip-to-chip links: a point-to-point send, a broadcast, a TP all-reduce, or a value
-    split by heads over a group moving rank r to rank r of the next group (rank_p2p)."""
+    split by heads over a group moving rank r to rank r of the next group (rank_p2p). A send is one
+    phase on the links of its route; a collective is one phase per step of its algorithm, each
+    starting when the step before it has arrived and its own links are free."""
     name: str
     kind: str  # "p2p" | "broadcast" | "all_reduce" | "rank_p2p"
     stage: int  # the stage whose ops consume it
     chips: tuple[int, ...]  # source first for p2p/broadcast; the group for all_reduce; both groups for rank_p2p
     path: tuple[int, ...]  # chips visited, for a p2p send
     payload_bytes: float
-    links: tuple[tuple[int, int, float], ...]  # (from chip, to chip, bytes on that directed link)
+    # per phase: (start cycle, arrival cycle, ((from chip, to chip, bytes on that directed link), ...))
+    phases: tuple[tuple[int, int, tuple[tuple[int, int, float], ...]], ...]
     start_cycle: int
     arrival_cycle: int
     inputs: tuple[str, ...]
+
+    def link_loads(self):
+        """(from chip, to chip, bytes) for every directed link of every phase."""
+        return ((a, b, nbytes) for _, _, links in self.phases for a, b, nbytes in links)
 
 
 @dataclass(frozen=True)

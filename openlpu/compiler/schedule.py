@@ -10,6 +10,8 @@ MoE expert matmuls install every expert the chip holds: routing is data dependen
 fixed at compile time, so it reserves the slots of all experts (their shares of the expert tensors).
 Row-split matmuls and the vocabulary-split embedding and sampler end in an all-reduce over the
 group's links; a stage passes its activations to the next stage's first chip, which broadcasts them.
+A collective is scheduled step by step (_collective_flows): each step is a phase on its own links,
+starting once the step before it has arrived and those links are free.
 An MLP cut between stages runs once per part on that part's d_ff rows (ops "name@j" for part j >= 1;
 part 0 keeps the plain names): each part recomputes the norm (and router) from the residual it is
 sent, part j >= 1 adds its down projection to the running sum it receives ("ffn_sum@j"), and the last
@@ -92,8 +94,8 @@ def _collective_flows(system: SystemSpec, group: tuple[int, ...], kind: str) -> 
 
 
 def _collective_template(system: SystemSpec, group: tuple[int, ...], kind: str):
-    """Per directed link, the payload fraction it carries, and per phase (latency s, worst fraction/bw)."""
-    link_fraction: dict[tuple[int, int], float] = {}
+    """Per phase: (latency s, worst payload fraction / bandwidth over its links, ((link, payload
+    fraction it carries), ...))."""
     phases = []
     for flows in _collective_flows(system, group, kind):
         load: dict[tuple[int, int], float] = {}
@@ -103,11 +105,9 @@ def _collective_template(system: SystemSpec, group: tuple[int, ...], kind: str):
             latency = max(latency, sum(system.links[system.link_kind(a, b)].latency_s for a, b in zip(path, path[1:])))
             for a, b in zip(path, path[1:]):
                 load[(a, b)] = load.get((a, b), 0.0) + frac
-        for link, frac in load.items():
-            link_fraction[link] = link_fraction.get(link, 0.0) + frac
         worst = max(frac / system.links[system.link_kind(*link)].bandwidth_bytes_per_s for link, frac in load.items())
-        phases.append((latency, worst))
-    return tuple(sorted(link_fraction.items())), tuple(phases)
+        phases.append((latency, worst, tuple(sorted(load.items()))))
+    return tuple(phases)
 
 
 class _Scheduler:
@@ -162,7 +162,7 @@ class _Scheduler:
                 latency = max(latency, sum(self.system.links[self.system.link_kind(*hop)].latency_s for hop in hops))
             seconds = latency + max(nbytes / self.system.links[self.system.link_kind(*hop)].bandwidth_bytes_per_s
                                     for hop, nbytes in load.items())
-            links = tuple((a, b, nbytes) for (a, b), nbytes in load.items())
+            steps = [(seconds, tuple((a, b, nbytes) for (a, b), nbytes in load.items()))]
             path = routes[0] if kind == "p2p" else ()
         else:
             path = ()
@@ -173,14 +173,17 @@ class _Scheduler:
             key = (tuple(c - base for c in chips), kind)
             if key not in self.templates:
                 self.templates[key] = _collective_template(self.system, key[0], kind)
-            fractions, phases = self.templates[key]
-            links = tuple((a + base, b + base, f * payload) for (a, b), f in fractions)
-            seconds = sum(latency + worst * payload for latency, worst in phases)
-        start = max([ready] + [self.link_free.get((a, b), 0) for a, b, _ in links])
-        arrival = start + self.cycles(seconds)
-        for a, b, _ in links:
-            self.link_free[(a, b)] = arrival
-        self.transfers.append(Transfer(name, kind, stage, chips, path, payload, links, start, arrival, inputs))
+            steps = [(latency + worst * payload, tuple((a + base, b + base, f * payload) for (a, b), f in fractions))
+                     for latency, worst, fractions in self.templates[key]]
+        phases, arrival = [], ready
+        for seconds, links in steps:  # each step waits for the one before it and for its own links
+            start = max([arrival] + [self.link_free.get((a, b), 0) for a, b, _ in links])
+            arrival = start + self.cycles(seconds)
+            for a, b, _ in links:
+                self.link_free[(a, b)] = arrival
+            phases.append((start, arrival, links))
+        self.transfers.append(Transfer(name, kind, stage, chips, path, payload, tuple(phases), phases[0][0], arrival,
+                                       inputs))
         self.ready[name] = (stage, arrival)
         return arrival
 

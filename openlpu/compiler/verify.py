@@ -6,7 +6,8 @@
    piece's ranges in order without a gap or an overlap; a decode step carries a micro-batch of 1 to
    all of the users in flight;
 1. no functional unit runs two ops at once;
-2. nothing starts before its inputs are on its chips (ops and transfers);
+2. nothing starts before its inputs are on its chips (ops and transfers, and each phase of a transfer
+   after the phase before it);
 3. SRAM in use (weights + KV + live activations) never exceeds a chip's capacity, and each stage
    reserves the KV its attention pieces keep: users x slots x the K and V rows its chips' shards of the
    layer's K and V projections make;
@@ -124,6 +125,13 @@ def _inputs_ready(program: Program, phase: PhaseSchedule) -> list[Violation]:
         if t.arrival_cycle <= t.start_cycle:
             out.append(Violation("input_not_ready", f"{phase.phase}: transfer {t.name} arrives at {t.arrival_cycle}, "
                                                     f"not after it starts at {t.start_cycle}"))
+        if not t.phases or (t.phases[0][0], t.phases[-1][1]) != (t.start_cycle, t.arrival_cycle):
+            out.append(Violation("input_not_ready", f"{phase.phase}: transfer {t.name} runs cycles {t.start_cycle}-"
+                                                    f"{t.arrival_cycle}, but its phases do not span them"))
+        for k, ((_, before, _), (start, arrival, _)) in enumerate(zip(t.phases, t.phases[1:]), 1):
+            if start < before or arrival <= start:
+                out.append(Violation("input_not_ready", f"{phase.phase}: transfer {t.name} phase {k} runs cycles "
+                                                        f"{start}-{arrival}, but the phase before it arrives at {before}"))
     records = [(op.name, op.stage, op.start_cycle, op.inputs, True) for op in phase.ops]
     records += [(t.name, t.stage, t.start_cycle, t.inputs, False) for t in phase.transfers]
     for name, stage, start, inputs, is_op in records:
@@ -289,11 +297,12 @@ def _shards_on_their_stages(program: Program) -> list[Violation]:
 
 def _links(program: Program, phase: PhaseSchedule) -> list[Violation]:
     clock = program.system.chip.clock_hz
-    loads = defaultdict(list)  # directed link -> (start, end, bytes per second)
+    loads = defaultdict(list)  # directed link -> (start, end, bytes per second, transfer)
     for t in phase.transfers:
-        seconds = (t.arrival_cycle - t.start_cycle) / clock
-        for a, b, nbytes in t.links:
-            loads[(a, b)].append((t.start_cycle, t.arrival_cycle, nbytes / seconds if seconds > 0 else float("inf"), t.name))
+        for start, arrival, links in t.phases:
+            seconds = (arrival - start) / clock
+            for a, b, nbytes in links:
+                loads[(a, b)].append((start, arrival, nbytes / seconds if seconds > 0 else float("inf"), t.name))
     out = []
     for (a, b), spans in sorted(loads.items()):
         if a == b or not (0 <= a < program.system.max_chips and 0 <= b < program.system.max_chips):

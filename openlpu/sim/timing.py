@@ -51,7 +51,7 @@ def timing(program: Program) -> LpuTiming:
     occupancy = stage_occupancy_cycles(decode)
     carried = defaultdict(float)
     for t in decode.transfers:
-        for a, b, nbytes in t.links:
+        for a, b, nbytes in t.link_loads():
             carried[(a, b)] += nbytes
     kind_of = {link: program.system.link_kind(*link) for link in carried}
     link_cycles = {link: nbytes / program.system.links[kind_of[link]].bandwidth_bytes_per_s * clock
@@ -154,7 +154,8 @@ def draw_gantt(program: Program, path, max_stages: int = 24) -> None:
                 KIND_COLOURS.get(op.kind, "tab:gray"))
     for t in decode.transfers:
         if t.stage in row:
-            bar(t.stage, "links", t.start_cycle, t.arrival_cycle, TRANSFER_COLOURS[t.kind])
+            for start, arrival, _ in t.phases:
+                bar(t.stage, "links", start, arrival, TRANSFER_COLOURS[t.kind])
     for k in range(1, len(shown)):
         ax.axhline(k - 0.05, color="lightgray", linewidth=0.6)
     ax.set_yticks([k + 0.5 for k in range(len(shown))])
