@@ -19,6 +19,7 @@ import json
 import math
 import platform
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -371,6 +372,29 @@ def best_single_rate(implied: list[dict], lpu_rows, system) -> dict:
             "of": len(errors), "errors": errors}
 
 
+def step_work(model: str, context: int) -> dict:
+    """What one user's decode step must get through at one byte per element: weight bytes, layers, and
+    the K/V bytes it attends (each layer's slots: the context, or its sliding window)."""
+    from openlpu.compiler.partition import kv_slots
+
+    spec = load_preset(model)
+    return {"weight_bytes": spec.param_count(), "layers": spec.n_layers,
+            "kv_bytes": sum(2 * spec.kv_dim * kv_slots(spec, context, i) for i in range(spec.n_layers))}
+
+
+def contradictory_pairs(lpu_rows) -> list[dict]:
+    """Held-out decode rows (a, b) where b's step has at least a's weight bytes, layers and K/V bytes, at
+    the same precision, yet b was published more than (1 + TARGET_ERROR) / (1 - TARGET_ERROR) times as
+    fast: a model that never predicts such a step faster cannot put both within the target."""
+    rows = [r for r in lpu_rows if r["role"] == COUNTED and r["metric"] == "decode_tok_s_per_user"]
+    work = {id(r): step_work(r["model"], r["setting"]["context"]) for r in rows}
+    return [{"slower": {k: a[k] for k in ("model", "date", "published", "predicted")} | work[id(a)],
+             "faster": {k: b[k] for k in ("model", "date", "published", "predicted")} | work[id(b)]}
+            for a in rows for b in rows
+            if a["precision"] == b["precision"] and all(work[id(b)][k] >= work[id(a)][k] for k in work[id(a)])
+            and b["published"] > a["published"] * (1 + TARGET_ERROR) / (1 - TARGET_ERROR)]
+
+
 # ---- report -------------------------------------------------------------------------------------
 def rows(points, predict) -> list[dict]:
     out = []
@@ -383,7 +407,7 @@ def rows(points, predict) -> list[dict]:
 
 
 def markdown(lpu_rows, gpu_rows, gpu_fit, install_fit, shipped_install, system, decomposition, fp16, mixtral,
-             fewest, implied, best) -> str:
+             fewest, implied, best, pairs) -> str:
     def table(rs):
         lines = [("| system | model | chips (published / modelled) | metric | published | predicted | error | "
                   "role | source, date |"), "|---|---|---|---|---|---|---|---|---|"]
@@ -449,6 +473,21 @@ def markdown(lpu_rows, gpu_rows, gpu_fit, install_fit, shipped_install, system, 
     held_out = [i for i in implied if i["role"] == COUNTED]
     slowest, fastest = (min(held_out, key=lambda i: i["implied"]), max(held_out, key=lambda i: i["implied"]))
     below_bound = [i for i in held_out if i["implied"] < MXM_PLANES * VECTOR_BYTES]
+
+    def work(w):
+        return (f"{w['model']} ({w['date']}: {w['weight_bytes'] / 1e9:.2f} GB of int8 weights, {w['layers']} layers, "
+                f"{w['kv_bytes'] / 1e6:,.0f} MB of K/V per step) listed at {w['published']:,}")
+    pair_lines = "; ".join(
+        f"{work(p['slower'])}, and {work(p['faster'])}: both within {TARGET_ERROR:.0%} would need the second "
+        f"predicted at least {(1 - TARGET_ERROR) / (1 + TARGET_ERROR) * p['faster']['published'] / p['slower']['published']:.2f}x"
+        f" as fast as the first (OpenLPU predicts {p['slower']['predicted']:,.0f} and {p['faster']['predicted']:,.0f})"
+        for p in pairs)
+    monotone = ("No model of the chip alone meets the target on every held-out row if it never predicts a step "
+                "faster when the step has at least as many weight bytes, layers and K/V bytes to get through (one "
+                f"user, the same precision and deployment rule): {pair_lines}. What separates such a pair is the "
+                "deployment or the software behind each listing, which the public record does not give."
+                if pairs else "No two held-out rows contradict a model in which a step with at least as many "
+                "weight bytes, layers and K/V bytes is never faster.")
     g_long = row(gpu_rows, "llama-2-70b", COUNTED, batch=512, output=2048)
     shared = [predict_gpu(_point(r), "gqa-kernels") / r["published"]
               for r in gpu_rows if r["role"] == COUNTED and r["setting"].get("output") == 2048]
@@ -521,6 +560,8 @@ COMPUTE_EFFICIENCY = {gpu_fit['COMPUTE_EFFICIENCY']:.3f} [{G.COMPUTE_EFFICIENCY:
   the model is told about each deployment: the chips, the TP width and the load (below).
 
 {implied_table}
+
+{textwrap.fill("- " + monotone, 104, subsequent_indent="  ")}
 
 - Llama-2-70B, LLMPerf (Jan 2024): its requests generated their last 149 tokens at
   {LLMPERF_DECODE_TOK_S:.0f} tok/s ({1e3 / LLMPERF_DECODE_TOK_S:.2f} ms per token), while Groq's Feb 2024
@@ -625,6 +666,7 @@ def main() -> int:
     mixtral, fewest = mixtral_cut(fitted_system), fewest_chip_readings(lpu_rows, fitted_system)
     implied = implied_install_rates(lpu_rows, fitted_system)
     best = best_single_rate(implied, lpu_rows, fitted_system)
+    pairs = contradictory_pairs(lpu_rows)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "fidelity.json").write_text(json.dumps(
         {"command": "python bench/fidelity.py", "date": datetime.date.today().isoformat(),
@@ -632,10 +674,10 @@ def main() -> int:
          "gpu_fit": gpu_fit, "lpu_install_bytes_per_cycle_fit": install,
          "lpu_install_bytes_per_cycle_shipped": shipped, "lpu_decode_decomposition": decomposition,
          "lpu_fp16_activation_sensitivity": fp16, "mixtral_576": mixtral, "fewest_chip_readings": fewest,
-         "implied_install_rates": implied, "best_single_install_rate": best,
+         "implied_install_rates": implied, "best_single_install_rate": best, "contradictory_pairs": pairs,
          "lpu": lpu_rows, "gpu": gpu_rows}, indent=1) + "\n")
     text = markdown(lpu_rows, gpu_rows, gpu_fit, install, shipped, fitted_system, decomposition, fp16, mixtral,
-                    fewest, implied, best)
+                    fewest, implied, best, pairs)
     (RESULTS / "fidelity.md").write_text(text)
     print(text)
     return 0
