@@ -386,12 +386,12 @@ def contradictory_pairs(lpu_rows) -> list[dict]:
     """Held-out decode rows (a, b) where b's step has at least a's weight bytes, layers and K/V bytes, at
     the same precision, yet b was published more than (1 + TARGET_ERROR) / (1 - TARGET_ERROR) times as
     fast: a model that never predicts such a step faster cannot put both within the target."""
-    rows = [r for r in lpu_rows if r["role"] == COUNTED and r["metric"] == "decode_tok_s_per_user"]
-    work = {id(r): step_work(r["model"], r["setting"]["context"]) for r in rows}
-    return [{"slower": {k: a[k] for k in ("model", "date", "published", "predicted")} | work[id(a)],
-             "faster": {k: b[k] for k in ("model", "date", "published", "predicted")} | work[id(b)]}
-            for a in rows for b in rows
-            if a["precision"] == b["precision"] and all(work[id(b)][k] >= work[id(a)][k] for k in work[id(a)])
+    sides = [{k: r[k] for k in ("model", "date", "precision", "published", "predicted")}
+             | step_work(r["model"], r["setting"]["context"])
+             for r in lpu_rows if r["role"] == COUNTED and r["metric"] == "decode_tok_s_per_user"]
+    work = ("weight_bytes", "layers", "kv_bytes")
+    return [{"slower": a, "faster": b} for a in sides for b in sides
+            if a["precision"] == b["precision"] and all(b[k] >= a[k] for k in work)
             and b["published"] > a["published"] * (1 + TARGET_ERROR) / (1 - TARGET_ERROR)]
 
 
