@@ -13,6 +13,7 @@ from openlpu.errors import OpenLPUError
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="OpenLPU: compile models for SRAM-only LPU systems, simulate and run them.")
 console = Console()
+MODEL_HELP = "model preset (see `openlpu models`), a .gguf file, or a Hugging Face config.json or its folder"
 
 
 @app.callback()
@@ -80,7 +81,7 @@ def serve(
 
 @app.command()
 def plan(
-    model: str = typer.Argument(..., help="model preset (see `openlpu models`)"),
+    model: str = typer.Argument(..., help=MODEL_HELP),
     system: str = typer.Option("lpu-v1", "--system", help="LPU system preset"),
     compare: list[str] = typer.Option(["h100-sxm"], "--compare", help="GPU to compare (repeatable)"),
     precision: str = typer.Option("int8", "--precision", help="weight precision: fp16, bf16, fp8, int8, int4"),
@@ -102,23 +103,25 @@ def plan(
     """Chips, memory, tokens/s per user, TTFT, throughput, power, J/token, capex and $/Mtok: LPU vs GPUs."""
     import json
 
+    from openlpu.models.spec import load_spec
     from openlpu.sim.cost import CostAssumptions
     from openlpu.sim.plan import plan as make_plan
     from openlpu.sim.plan import plot, prompt_tokens
 
     given = {"years": years, "usd_per_kwh": usd_per_kwh, "utilisation": utilisation}
     assumptions = CostAssumptions(**{k: v for k, v in given.items() if v is not None})
-    rows = make_plan(model, system=system, compare=tuple(compare), precision=precision, context=context,
+    spec = load_spec(model)
+    rows = make_plan(spec, system=system, compare=tuple(compare), precision=precision, context=context,
                      users=users, chips=chips, tp=tp, gpus=gpus, prompt=prompt, assumptions=assumptions)
     prompt = prompt_tokens(context) if prompt is None else prompt
     if plot_file:
-        plot(rows, plot_file, f"{model}, {precision}, {users} user(s) x {context} tokens")
+        plot(rows, plot_file, f"{spec.name}, {precision}, {users} user(s) x {context} tokens")
     if json_out:
         print(json.dumps([r.to_dict() for r in rows], indent=1))
         return
     # one column per system, one row per figure: side by side at any terminal width
     a = assumptions
-    table = Table(title=f"{model} at {precision}, {users} user(s) x {context} tokens of context",
+    table = Table(title=f"{spec.name} at {precision}, {users} user(s) x {context} tokens of context",
                   caption=f"tok/s: decode steps attending all {context:,} tokens. TTFT: the prefill of a "
                           f"{prompt:,}-token prompt. $ per M tokens: capex over {a.years:g} "
                           f"years plus power at ${a.usd_per_kwh:.2f}/kWh (PUE {a.pue:g}), serving "
@@ -147,24 +150,9 @@ def plan(
         console.print(f"chart written to {plot_file}")
 
 
-def _model_spec(model: str):
-    """A preset name or a GGUF file path."""
-    from pathlib import Path
-
-    if model.endswith(".gguf"):
-        from openlpu.models.gguf import spec_from_gguf
-
-        if not Path(model).is_file():
-            raise OpenLPUError(f"GGUF file {model!r} not found")
-        return spec_from_gguf(model)
-    from openlpu.models.spec import load_preset
-
-    return load_preset(model)
-
-
 @app.command("compile")
 def compile_cmd(
-    model: str = typer.Argument(..., help="model preset (see `openlpu models`) or a .gguf file"),
+    model: str = typer.Argument(..., help=MODEL_HELP),
     output: str = typer.Option(..., "-o", "--output", help="where to write the compiled Program"),
     system: str = typer.Option("lpu-v1", "--system", help="LPU system preset or hardware JSON file"),
     precision: str = typer.Option("int8", "--precision", help="weights, activations and KV: fp16, bf16, fp8, int8, int4"),
@@ -178,9 +166,10 @@ def compile_cmd(
     """Compile a model for an LPU system: placement + static schedule, verified, written to a file."""
     from openlpu.compiler import Workload, compile_program, verify
     from openlpu.hardware.lpu import load_system
+    from openlpu.models.spec import load_spec
     from openlpu.sim.timing import timing
 
-    spec = _model_spec(model)
+    spec = load_spec(model)
     workload = Workload(weights=precision, activations=precision, kv=precision, context_length=context,
                         users=users, prompt_len=min(prompt, context))
     program = compile_program(spec, load_system(system), workload, chips, tp)

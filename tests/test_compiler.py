@@ -392,8 +392,29 @@ def test_cli_compile_and_inspect(tmp_path):
     assert f"local {t.link_utilisation['local']:.2%} of {t.links_used['local']:,}" in text
 
 
+def test_a_hugging_face_config_compiles_to_its_presets_program(tmp_path):
+    """`openlpu compile` given a checkpoint folder's config.json (here the fields the preset quotes from
+    Hugging Face) writes the same bytes as given the preset's name: the same model, the same Program."""
+    import json
+
+    from openlpu.models.spec import PRESETS_DIR
+
+    folder = tmp_path / "qwen3-8b"
+    folder.mkdir()
+    quoted = json.loads((PRESETS_DIR / "qwen3-8b.json").read_text())["$source_notes"]["hf_config"]
+    (folder / "config.json").write_text(json.dumps(quoted))
+    runner = CliRunner()
+    for model, out in ((str(folder), "hf.prog"), ("qwen3-8b", "preset.prog")):
+        r = runner.invoke(app, ["compile", model, "-o", str(tmp_path / out), "--context", "2048"])
+        assert r.exit_code == 0, r.output
+    assert (tmp_path / "hf.prog").read_bytes() == (tmp_path / "preset.prog").read_bytes()
+
+
 @pytest.mark.parametrize("args, message", [
     (["compile", "lama-3.1-8b", "-o", "x.prog"], "did you mean llama-3.1-8b"),
+    (["compile", "no/such/model", "-o", "x.prog"], "'no/such/model' not found; give a .gguf file, a config.json"),
+    (["compile", "gone.gguf", "-o", "x.prog"], "GGUF file 'gone.gguf' not found"),
+    (["compile", "gone.json", "-o", "x.prog"], "HF config not found: gone.json"),
     (["compile", "gemma-3-270m", "-o", "x.prog", "--system", "lpu-v0"], "did you mean lpu-v1"),
     (["compile", "gemma-3-270m", "-o", "x.prog", "--precision", "int5"], "unknown precision"),
     (["compile", "gemma-3-270m", "-o", "x.prog", "--users", "0"], "users must be a positive integer"),

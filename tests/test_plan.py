@@ -175,8 +175,18 @@ def test_every_preset_plans_or_says_what_does_not_fit():
                     assert all(r.tokens_per_s_per_user > 0 and 0 < r.memory_used_fraction <= 1 for r in rows)
 
 
+def test_a_gguf_file_plans_as_its_preset(gemma_path):
+    """`openlpu plan` reads a GGUF file's metadata (not its weights): the embedded Gemma 3 270M plans to
+    the same rows as its preset."""
+    r = run_cli(str(gemma_path), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == [row.to_dict() for row in plan("gemma-3-270m")]
+
+
 @pytest.mark.parametrize("args, says", [
     (["llama-2-7"], "did you mean llama-2-7b"),
+    ([__file__], "is neither a .gguf file nor a config.json"),
+    (["/no/such/checkpoint/"], "'/no/such/checkpoint/' not found"),
     (["llama-2-70b", "--system", "lpu-v2x"], "unknown LPU system"),
     (["llama-2-70b", "--compare", "h100"], "did you mean"),
     (["llama-2-70b", "--precision", "fp5"], "unknown precision"),

@@ -218,7 +218,30 @@ def load_preset(name: str) -> ModelSpec:
 
         close = difflib.get_close_matches(name, preset_names(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise OpenLPUError(f"unknown model {name!r}{hint} (`openlpu models` lists them)")
+        raise OpenLPUError(f"unknown model {name!r}{hint} (`openlpu models` lists them; or give a .gguf file "
+                           "or a Hugging Face config.json)")
     data = json.loads(path.read_text())
     data.pop("$source_notes", None)
     return ModelSpec.from_dict(data, origin=str(path))
+
+
+def load_spec(model: str | Path) -> ModelSpec:
+    """A model's shape from a preset name, a .gguf file's metadata (no tensor data is read) or a Hugging
+    Face config.json (the file, or the checkpoint folder holding it)."""
+    path = Path(model)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise OpenLPUError(f"GGUF file {str(model)!r} not found; give the path of a .gguf file")
+        # imported here: the loaders import this module (and gguf loads numpy only when needed)
+        from openlpu.models.gguf import spec_from_gguf
+
+        return spec_from_gguf(path)
+    if path.suffix == ".json" or path.is_dir():
+        from openlpu.models.hf import spec_from_hf_config
+
+        return spec_from_hf_config(path)
+    if len(path.parts) > 1:  # a path, but not to a model file
+        what = "is neither a .gguf file nor a config.json" if path.exists() else "not found"
+        raise OpenLPUError(f"{str(model)!r} {what}; give a .gguf file, a config.json or the folder holding it, or "
+                           "a preset name (`openlpu models` lists them)")
+    return load_preset(str(model))

@@ -14,7 +14,7 @@ from openlpu.errors import OpenLPUError
 from openlpu.graph.lower import as_precision
 from openlpu.hardware.gpu import gpu_names, load_gpu
 from openlpu.hardware.lpu import load_system
-from openlpu.models.spec import ModelSpec, load_preset
+from openlpu.models.spec import ModelSpec, load_spec
 from openlpu.sim.cost import CostAssumptions, cost, gpu_capex, lpu_capex
 from openlpu.sim.figures import save_png
 
@@ -108,14 +108,15 @@ def gpu_row(spec: ModelSpec, gpu_name: str, precision: str, context: int, users:
                    capex_usd=c.capex.total_usd, usd_per_million_tokens=c.usd_per_million_tokens)
 
 
-def plan(model: str, system: str = "lpu-v1", compare: tuple[str, ...] = ("h100-sxm",),
+def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...] = ("h100-sxm",),
          precision: str = "int8", context: int = 4096, users: int = 1,
          assumptions: CostAssumptions = CostAssumptions(), chips: int | None = None,
          gpus: int | None = None, prompt: int | None = None, tp: int | None = None) -> list[PlanRow]:
     """The LPU system first, then each GPU, for `users` concurrent streams of `context` tokens, on
     `chips` LPU chips in TP groups of `tp` and `gpus` GPUs of each kind (None: the fewest that hold the
-    workload, the compiler's TP); TTFT is the prefill of `prompt` tokens (None: prompt_tokens(context))."""
-    spec = load_preset(model)
+    workload, the compiler's TP); TTFT is the prefill of `prompt` tokens (None: prompt_tokens(context)).
+    `model`: a ModelSpec, or what load_spec takes (a preset name, a .gguf file, a config.json)."""
+    spec = model if isinstance(model, ModelSpec) else load_spec(model)
     as_precision(precision)
     prompt = prompt_tokens(context) if prompt is None else prompt
     _check_workload(spec, context, users, prompt)
