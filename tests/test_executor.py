@@ -1,6 +1,7 @@
 """The executor runs compiled Programs: sharded (one virtual chip per Program chip, activations only
 over the Program's transfers) must agree with fused (the same ops on whole tensors), fused must agree
-with model.py's plain forward, and broken Programs must fail loudly or visibly.
+with model.py's plain forward, every transfer must move the bytes the schedule prices its links by, and
+broken Programs must fail loudly or visibly.
 
 Placements cover tensor parallel (lpu-v1: TP groups inside an 8-chip node), TP + pipeline (8 chips),
 pure pipeline (the same system with 1-chip nodes, so no TP group can form), and more stages than the
@@ -10,6 +11,7 @@ model has halves, which cuts every MLP between stages (weight tiles of 8 rows, s
 
 import dataclasses
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -17,13 +19,15 @@ import torch
 
 from fixtures.tiny_models.hf_tiny import TINY_FAMILIES, build, save
 from openlpu.compiler import Workload, compile_program, verify
+from openlpu.compiler.schedule import ARGMAX_BYTES, TOKEN_ID_BYTES
 from openlpu.errors import OpenLPUError
+from openlpu.graph.lower import as_precision
 from openlpu.hardware.lpu import load_system
 from openlpu.models.hf import load_safetensors, spec_from_hf_config
 from openlpu.runtime import executor as executor_module
 from openlpu.runtime.executor import Executor, simulated_figures
 from openlpu.runtime.kv_cache import KVCache
-from openlpu.runtime.model import Model, Span
+from openlpu.runtime.model import Model, Partial, Span
 from test_families import runtime_weights
 
 TOL = dict(rtol=1e-4, atol=1e-4)  # float32; sums of partials in another order differ by ~1e-6
@@ -407,6 +411,52 @@ def test_simulated_figures_are_timings_of_the_program(tiny):
     assert figures["label"] == "simulated"
     assert (figures["chips"], figures["ttft_s"], figures["tokens_per_s_per_user"]) == \
         (2, t.ttft_s, t.tokens_per_s_per_user)
+
+
+def _bytes_sent(transfer, value, bytes_per_activation: float) -> float:
+    """What one chip puts on the links for a transfer, in the Program's units: activations at the
+    Program's activation precision, a partial attention with its log-sum-exps, the sampler's (value,
+    index) pairs, and token ids (a token return carries only the index)."""
+    if isinstance(value, tuple):
+        per_row = TOKEN_ID_BYTES if transfer.name.startswith("token_return") else ARGMAX_BYTES
+        return value[1].numel() * per_row
+    if isinstance(value, Partial):
+        return (value.out.numel() + value.lse.numel()) * bytes_per_activation
+    return value.numel() * (bytes_per_activation if value.is_floating_point() else TOKEN_ID_BYTES)
+
+
+@pytest.mark.parametrize("family, vocab_size", [("llama", 1024), ("mixtral", 96), ("gemma2", 96), ("qwen3", 96)])
+def test_every_transfer_moves_the_bytes_the_program_prices(tiny, family, vocab_size, monkeypatch):
+    """The schedule prices every link by the payload the compiler works out from the op rows; the sharded
+    executor moves real tensors. Over a prefill and two decode steps, each transfer's source sends what
+    its payload says (a decode step's payload over the users it carries, the executor running one): an
+    all-reduce one full vector from each chip, a rank-to-rank move each rank's heads and log-sum-exps.
+    On TP + pipeline, on cut MLPs, and on vocabulary- and KV-split pieces with 20 users."""
+    spec, weights, _ = tiny(family, vocab_size=vocab_size)
+    programs = [compile_program(spec, LPU, WORKLOAD, 8), compile_program(spec, SYSTEMS["cut-tp"], WORKLOAD, 32),
+                compile_program(spec, VOCAB_SPLIT, dataclasses.replace(WORKLOAD, users=20))]
+    run_transfer = Executor._transfer
+    for program in programs:
+        per_activation = as_precision(program.workload.activations).bytes_per_element
+        decode = {id(t) for t in program.decode.transfers}
+        checked, wrong = Counter(), []
+
+        def priced(self, ev, values):
+            t = ev.transfer
+            senders = t.chips[:len(t.chips) // 2] if t.kind == "rank_p2p" else t.chips[:1]
+            sent = sum(_bytes_sent(t, values[c][ev.inputs[0]], per_activation) for c in senders)
+            payload = t.payload_bytes / (program.decode.tokens if id(t) in decode else 1)
+            checked[t.kind] += 1
+            if sent != pytest.approx(payload, rel=1e-9):
+                wrong.append((t.name, sent, payload))
+            return run_transfer(self, ev, values)
+
+        monkeypatch.setattr(Executor, "_transfer", priced)
+        run_steps(Executor(program, spec, weights, "sharded"), PROMPT, 2)
+        monkeypatch.undo()
+        assert wrong == [], (program.placement.tp, len(program.placement.stages), wrong[:3])
+        assert checked["all_reduce"] and checked["p2p"] and checked["broadcast"], checked
+    assert checked["rank_p2p"] and program.decode.tokens > 1  # the KV-split Program, users sharing its steps
 
 
 # ---- the embedded Gemma 3 270M ------------------------------------------------------------------
