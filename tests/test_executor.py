@@ -425,6 +425,29 @@ def _bytes_sent(transfer, value, bytes_per_activation: float) -> float:
     return value.numel() * (bytes_per_activation if value.is_floating_point() else TOKEN_ID_BYTES)
 
 
+def _transfers_against_their_payloads(program, spec, weights, monkeypatch) -> tuple[Counter, list]:
+    """Runs a prefill and two decode steps sharded: (transfers checked per kind, (name, bytes sent,
+    payload) of each whose source sends other than its payload says)."""
+    per_activation = as_precision(program.workload.activations).bytes_per_element
+    decode = {id(t) for t in program.decode.transfers}
+    checked, wrong, run_transfer = Counter(), [], Executor._transfer
+
+    def priced(self, ev, values):
+        t = ev.transfer
+        senders = t.chips[:len(t.chips) // 2] if t.kind == "rank_p2p" else t.chips[:1]
+        sent = sum(_bytes_sent(t, values[c][ev.inputs[0]], per_activation) for c in senders)
+        payload = t.payload_bytes / (program.decode.tokens if id(t) in decode else 1)
+        checked[t.kind] += 1
+        if sent != pytest.approx(payload, rel=1e-9):
+            wrong.append((t.name, sent, payload))
+        return run_transfer(self, ev, values)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Executor, "_transfer", priced)
+        run_steps(Executor(program, spec, weights, "sharded"), PROMPT, 2)
+    return checked, wrong
+
+
 @pytest.mark.parametrize("family, vocab_size", [("llama", 1024), ("mixtral", 96), ("gemma2", 96), ("qwen3", 96)])
 def test_every_transfer_moves_the_bytes_the_program_prices(tiny, family, vocab_size, monkeypatch):
     """The schedule prices every link by the payload the compiler works out from the op rows; the sharded
@@ -433,27 +456,10 @@ def test_every_transfer_moves_the_bytes_the_program_prices(tiny, family, vocab_s
     all-reduce one full vector from each chip, a rank-to-rank move each rank's heads and log-sum-exps.
     On TP + pipeline, on cut MLPs, and on vocabulary- and KV-split pieces with 20 users."""
     spec, weights, _ = tiny(family, vocab_size=vocab_size)
-    programs = [compile_program(spec, LPU, WORKLOAD, 8), compile_program(spec, SYSTEMS["cut-tp"], WORKLOAD, 32),
-                compile_program(spec, VOCAB_SPLIT, dataclasses.replace(WORKLOAD, users=20))]
-    run_transfer = Executor._transfer
-    for program in programs:
-        per_activation = as_precision(program.workload.activations).bytes_per_element
-        decode = {id(t) for t in program.decode.transfers}
-        checked, wrong = Counter(), []
-
-        def priced(self, ev, values):
-            t = ev.transfer
-            senders = t.chips[:len(t.chips) // 2] if t.kind == "rank_p2p" else t.chips[:1]
-            sent = sum(_bytes_sent(t, values[c][ev.inputs[0]], per_activation) for c in senders)
-            payload = t.payload_bytes / (program.decode.tokens if id(t) in decode else 1)
-            checked[t.kind] += 1
-            if sent != pytest.approx(payload, rel=1e-9):
-                wrong.append((t.name, sent, payload))
-            return run_transfer(self, ev, values)
-
-        monkeypatch.setattr(Executor, "_transfer", priced)
-        run_steps(Executor(program, spec, weights, "sharded"), PROMPT, 2)
-        monkeypatch.undo()
+    for system, chips, workload in ((LPU, 8, WORKLOAD), (SYSTEMS["cut-tp"], 32, WORKLOAD),
+                                    (VOCAB_SPLIT, None, dataclasses.replace(WORKLOAD, users=20))):
+        program = compile_program(spec, system, workload, chips)
+        checked, wrong = _transfers_against_their_payloads(program, spec, weights, monkeypatch)
         assert wrong == [], (program.placement.tp, len(program.placement.stages), wrong[:3])
         assert checked["all_reduce"] and checked["p2p"] and checked["broadcast"], checked
     assert checked["rank_p2p"] and program.decode.tokens > 1  # the KV-split Program, users sharing its steps
