@@ -8,7 +8,8 @@ H100/H200. Each point is FIT (a constant the public record leaves open was fitte
 out, counted) or ALT (a figure already held out, repeated under another deployment; not counted). The
 fits are repeated here from scratch and printed next to the constants the package ships, so a drift
 between them shows. Each held-out row is also compiled at the install rate that would reproduce it, to
-show how far apart the rows are in the one LPU constant.
+show how far apart the rows are in the one LPU constant. Groq's speculative-decoding endpoint is read,
+not counted: the acceptance rate its published speed would need, per candidate draft model.
 """
 
 from __future__ import annotations
@@ -309,6 +310,40 @@ def mixtral_cut(system) -> dict:
             "tok_s": timing(program).tokens_per_s_per_user, "chained_tok_s": 1 / chained}
 
 
+# Groq's speculative-decoding endpoint: a reading, not a counted row (its draft, drafts per round,
+# acceptance and chips are not published)
+SPECDEC = {"model": "llama-3.1-70b", "context": 8192, "published": 1665, "plain_published": 250,
+           "source": "Groq's announcement of 'llama-3.1-70b-specdec' on GroqCloud (250 -> 1,660 T/s on its 14nm LPU; "
+                     "Artificial Analysis measured 1,665 output tok/s), as reported by The AI Observer "
+                     "(theaiobserver.com/?p=321); 8,192-token window (colinmcnamara.com, 'speculative decoding') [M]",
+           "date": "2024-10"}
+SPECDEC_DRAFTS = ("llama-3.2-1b", "llama-3.1-8b")  # Llama 3.1's tokenizer; Groq did not name its draft
+SPECDEC_TOKENS = (2, 4, 8, 16)
+
+
+def speculative_reading() -> dict:
+    """The acceptance rate Groq's published speculative speed needs under this model, per candidate draft
+    and drafts per round, at the fewest chips and the shipped constants (`openlpu plan --draft`): a round's
+    period does not depend on the acceptance, so the tokens per round it needs follow from the speed at
+    acceptance 1; above k + 1 it is out of reach."""
+    from openlpu.sim.plan import plan
+    from openlpu.sim.speculative import expected_tokens
+
+    s = SPECDEC
+    plain, = plan(s["model"], compare=(), context=s["context"])
+    out = []
+    for draft in SPECDEC_DRAFTS:
+        for k in SPECDEC_TOKENS:
+            row, = plan(s["model"], compare=(), context=s["context"], draft=draft, draft_tokens=k, acceptance=1.0)
+            needed = s["published"] / row.tokens_per_s_per_user * (k + 1)  # tokens per round
+            acceptance = None if needed > k + 1 else bisect(lambda a, k=k: expected_tokens(k, a), needed, 0.0, 1.0,
+                                                            rising=True)
+            out.append({"draft": draft, "draft_tokens": k, "chips": row.chips,
+                        "at_full_acceptance": row.tokens_per_s_per_user, "tokens_per_round_needed": needed,
+                        "acceptance_needed": acceptance})
+    return {**s, "plain_predicted": plain.tokens_per_s_per_user, "plain_chips": plain.chips, "rows": out}
+
+
 WIDTHS = (8, 4, 2)  # TP widths inside a node that the held-out readings compile at
 LOADED_USERS = 32  # a loaded pipeline for the held-out readings (GroqCloud's load is not published)
 
@@ -406,8 +441,40 @@ def rows(points, predict) -> list[dict]:
     return out
 
 
+def speculative_markdown(r: dict) -> str:
+    """The speculative reading as a table of the acceptance needed, per draft and drafts per round."""
+    head = "| draft (chips with the target) | " + " | ".join(f"k = {k}" for k in SPECDEC_TOKENS) + " |"
+    lines = [head, "|---" * (len(SPECDEC_TOKENS) + 1) + "|"]
+    for draft in SPECDEC_DRAFTS:
+        cells = [x for x in r["rows"] if x["draft"] == draft]
+        lines.append(f"| {draft} ({cells[0]['chips']}) | " + " | ".join(
+            f"{x['acceptance_needed']:.2f}" if x["acceptance_needed"] is not None
+            else f"out of reach ({x['at_full_acceptance']:,.0f} at 1)" for x in cells) + " |")
+    best = min((x for x in r["rows"] if x["acceptance_needed"] is not None), key=lambda x: x["acceptance_needed"],
+               default=None)
+    lowest = (f"The lowest acceptance that reaches it is {best['acceptance_needed']:.2f} per token, with {best['draft']} "
+              f"proposing {best['draft_tokens']} tokens a round." if best else "No candidate reaches it.")
+    never = [d for d in SPECDEC_DRAFTS if all(x["acceptance_needed"] is None for x in r["rows"] if x["draft"] == d)]
+    if never:
+        lowest += f" With {' or '.join(never)} as the draft no acceptance reaches it: its own steps take too long."
+    return f"""## Speculative decoding (a reading, not counted)
+
+{r["source"]}, {r["date"]}: {r["published"]:,} tok/s per user for {r["model"]} (plain endpoint: {r["plain_published"]}).
+Groq published neither the draft model, the drafts per round, the acceptance rate nor the chips, so
+this is not a check. The model gives the plain endpoint {r["plain_predicted"]:,.0f} tok/s at its fewest
+chips ({r["plain_chips"]}; {r["plain_predicted"] / r["plain_published"] - 1:+.0%} against {r["plain_published"]}).
+With a draft on chips of its own (`openlpu plan --draft`), the acceptance rate each draft token would
+need for {r["published"]:,} tok/s, at the fewest chips and {r["context"]:,} tokens:
+
+{chr(10).join(lines)}
+
+A verifying step of k + 1 tokens costs more than a one-token step only in vectors and link bytes (the
+weights and the cached K and V are installed once), so longer rounds reach further. {lowest}
+"""
+
+
 def markdown(lpu_rows, gpu_rows, gpu_fit, install_fit, shipped_install, system, decomposition, fp16, mixtral,
-             fewest, implied, best, pairs) -> str:
+             fewest, implied, best, pairs, specdec) -> str:
     def table(rs):
         lines = [("| system | model | chips (published / modelled) | metric | published | predicted | error | "
                   "role | source, date |"), "|---|---|---|---|---|---|---|---|---|"]
@@ -638,7 +705,8 @@ COMPUTE_EFFICIENCY = {gpu_fit['COMPUTE_EFFICIENCY']:.3f} [{G.COMPUTE_EFFICIENCY:
   reading each KV head once instead (a GQA kernel, same constants) would predict them
   {min(shared):.1f}-{max(shared):.1f}x too fast. The H100 rows
   of TensorRT-LLM 0.5's own table were added as held-out checks with that change.
-"""
+
+""" + speculative_markdown(specdec)
 
 
 def _models(readings: list[dict]) -> str:
@@ -667,6 +735,7 @@ def main() -> int:
     implied = implied_install_rates(lpu_rows, fitted_system)
     best = best_single_rate(implied, lpu_rows, fitted_system)
     pairs = contradictory_pairs(lpu_rows)
+    specdec = speculative_reading()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "fidelity.json").write_text(json.dumps(
         {"command": "python bench/fidelity.py", "date": datetime.date.today().isoformat(),
@@ -675,9 +744,9 @@ def main() -> int:
          "lpu_install_bytes_per_cycle_shipped": shipped, "lpu_decode_decomposition": decomposition,
          "lpu_fp16_activation_sensitivity": fp16, "mixtral_576": mixtral, "fewest_chip_readings": fewest,
          "implied_install_rates": implied, "best_single_install_rate": best, "contradictory_pairs": pairs,
-         "lpu": lpu_rows, "gpu": gpu_rows}, indent=1) + "\n")
+         "speculative_reading": specdec, "lpu": lpu_rows, "gpu": gpu_rows}, indent=1) + "\n")
     text = markdown(lpu_rows, gpu_rows, gpu_fit, install, shipped, fitted_system, decomposition, fp16, mixtral,
-                    fewest, implied, best, pairs)
+                    fewest, implied, best, pairs, specdec)
     (RESULTS / "fidelity.md").write_text(text)
     print(text)
     return 0

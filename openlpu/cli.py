@@ -97,6 +97,11 @@ def plan(
     usd_per_kwh: float = typer.Option(None, "--usd-per-kwh", help="electricity price (default 0.10)"),
     utilisation: float = typer.Option(None, "--utilisation", help="fraction of the hours spent serving at the "
                                                                   "modelled throughput (default 0.5)"),
+    draft: str = typer.Option(None, "--draft", help="decode speculatively with this draft model (same kinds as "
+                                                     "MODEL; it must share MODEL's tokenizer)"),
+    draft_tokens: int = typer.Option(None, "--draft-tokens", help="tokens the draft proposes per round (default 4)"),
+    acceptance: float = typer.Option(None, "--acceptance", help="chance the target accepts each draft token "
+                                                                "(needed with --draft)"),
     json_out: bool = typer.Option(False, "--json", help="print the rows as JSON"),
     plot_file: str = typer.Option(None, "--plot", help="write a PNG chart of the rows to this file"),
 ):
@@ -105,14 +110,15 @@ def plan(
 
     from openlpu.models.spec import load_spec
     from openlpu.sim.cost import CostAssumptions
+    from openlpu.sim.plan import DRAFT_TOKENS, plot, prompt_tokens
     from openlpu.sim.plan import plan as make_plan
-    from openlpu.sim.plan import plot, prompt_tokens
 
     given = {"years": years, "usd_per_kwh": usd_per_kwh, "utilisation": utilisation}
     assumptions = CostAssumptions(**{k: v for k, v in given.items() if v is not None})
     spec = load_spec(model)
     rows = make_plan(spec, system=system, compare=tuple(compare), precision=precision, context=context,
-                     users=users, chips=chips, tp=tp, gpus=gpus, prompt=prompt, assumptions=assumptions)
+                     users=users, chips=chips, tp=tp, gpus=gpus, prompt=prompt, assumptions=assumptions,
+                     draft=draft, draft_tokens=draft_tokens, acceptance=acceptance)
     prompt = prompt_tokens(context) if prompt is None else prompt
     if plot_file:
         plot(rows, plot_file, f"{spec.name}, {precision}, {users} user(s) x {context} tokens")
@@ -121,8 +127,11 @@ def plan(
         return
     # one column per system, one row per figure: side by side at any terminal width
     a = assumptions
+    speculating = "" if draft is None else (
+        f" Speculative: {draft_tokens or DRAFT_TOKENS} draft tokens per round, each accepted with chance "
+        f"{acceptance:g}; the LPU runs the draft on chips of its own, a GPU between the target's steps.")
     table = Table(title=f"{spec.name} at {precision}, {users} user(s) x {context} tokens of context",
-                  caption=f"tok/s: decode steps attending all {context:,} tokens. TTFT: the prefill of a "
+                  caption=f"tok/s: decode steps attending all {context:,} tokens.{speculating} TTFT: the prefill of a "
                           f"{prompt:,}-token prompt. $ per M tokens: capex over {a.years:g} "
                           f"years plus power at ${a.usd_per_kwh:.2f}/kWh (PUE {a.pue:g}), serving "
                           f"{a.utilisation:.0%} of the hours at the throughput shown.")
@@ -162,6 +171,8 @@ def compile_cmd(
     chips: int = typer.Option(None, "--chips", help="chips to use (default: as few as fit)"),
     tp: int = typer.Option(None, "--tp", help="chips per tensor-parallel group (default: the width that takes "
                                                "the fewest nodes)"),
+    draft_tokens: int = typer.Option(0, "--draft-tokens", help="draft tokens each decode step verifies per user "
+                                                                "(speculative decoding; default 0)"),
 ):
     """Compile a model for an LPU system: placement + static schedule, verified, written to a file."""
     from openlpu.compiler import Workload, compile_program, verify
@@ -171,14 +182,15 @@ def compile_cmd(
 
     spec = load_spec(model)
     workload = Workload(weights=precision, activations=precision, kv=precision, context_length=context,
-                        users=users, prompt_len=min(prompt, context))
+                        users=users, prompt_len=min(prompt, context), draft_tokens=draft_tokens)
     program = compile_program(spec, load_system(system), workload, chips, tp)
     program.save(output)
     violations, t = verify(program), timing(program)
     console.print(f"[bold]{spec.name}[/] on {program.system.name}: {t.chips} chips = {t.stages} pipeline stage(s) x "
                   f"TP {t.tp}; SRAM {t.sram_used_bytes / 1e9:.2f} GB ({t.sram_used_fraction:.0%} of the chips used)")
+    rate = "tok/s" if not draft_tokens else "steps/s"  # a verifying step yields 1 to draft_tokens + 1 tokens
     console.print(f"decode step makespan {program.decode.makespan_cycles:,} cycles = {t.decode_latency_s * 1e6:,.1f} us "
-                  f"({t.tokens_per_s_per_user:,.0f} tok/s per user, {t.throughput_tokens_per_s:,.0f} tok/s with "
+                  f"({t.tokens_per_s_per_user:,.0f} {rate} per user, {t.throughput_tokens_per_s:,.0f} {rate} with "
                   f"{users} user(s), {t.micro_batch} per step); prefill of {workload.prompt_len} tokens {t.ttft_s * 1e3:,.2f} ms")
     verdict = "[green]passed[/]" if not violations else f"[red]{len(violations)} violation(s)[/]: {violations[0].message}"
     console.print(f"verify: {verdict}; written to {output} (sha256 {program.sha256()[:16]})")
@@ -210,10 +222,12 @@ def inspect_cmd(
     if len(rows) > stages:
         table.add_row("...", f"{len(rows) - stages} more", "", "", "", "", "")
     console.print(table)
-    console.print(f"decode {t.decode_latency_s * 1e6:,.1f} us/token ({t.tokens_per_s_per_user:,.0f} tok/s per user), "
-                  f"TTFT {t.ttft_s * 1e3:,.2f} ms, {t.throughput_tokens_per_s:,.0f} tok/s with {t.users} user(s) "
+    drafts = program.workload.draft_tokens
+    step, rate = ("token", "tok/s") if not drafts else (f"step verifying {drafts} draft tokens", "steps/s")
+    console.print(f"decode {t.decode_latency_s * 1e6:,.1f} us/{step} ({t.tokens_per_s_per_user:,.0f} {rate} per user), "
+                  f"TTFT {t.ttft_s * 1e3:,.2f} ms, {t.throughput_tokens_per_s:,.0f} {rate} with {t.users} user(s) "
                   f"({t.micro_batch} per step), "
-                  f"{t.power_w / 1e3:,.1f} kW, {t.energy_per_token_j:,.3f} J/token")
+                  f"{t.power_w / 1e3:,.1f} kW, {t.energy_per_token_j:,.3f} J/{step.split()[0]}")
     units = ", ".join(f"{u} {f:.1%}" for u, f in t.unit_utilisation.items())
     links = ", ".join(f"{k} {f:.2%} of {t.links_used[k]:,}" for k, f in t.link_utilisation.items()) or "none used"
     console.print(f"busy in steady state with {t.users} user(s): units (all chips) {units}; links {links}, "

@@ -266,13 +266,20 @@ class PieceSizes:
     tied_table: int
 
 
+def lowered_decode(spec: ModelSpec, workload: Workload, rows: int = 1) -> list[Op]:
+    """One decode step of a micro-batch of `rows` users, each attending its whole context with its
+    draft_tokens + 1 new tokens (the drafts a speculating user's step verifies)."""
+    return lower(spec, "decode", workload.context_length, rows, workload.weights, kv_precision=workload.kv,
+                 act_precision=workload.activations, queries=workload.draft_tokens + 1)
+
+
 def lowered_passes(spec: ModelSpec, workload: Workload, decode_rows: int = 1) -> list[list[Op]]:
     """The passes a stage's activation buffers must serve: one decode micro-batch of `decode_rows`
     users' tokens, one prefill chunk."""
     chunk = min(workload.prompt_len, workload.prefill_chunk)
-    kw = dict(kv_precision=workload.kv, act_precision=workload.activations)
-    return [lower(spec, "decode", workload.context_length, decode_rows, workload.weights, **kw),
-            lower(spec, "prefill", chunk, 1, workload.weights, **kw)]
+    return [lowered_decode(spec, workload, decode_rows),
+            lower(spec, "prefill", chunk, 1, workload.weights, kv_precision=workload.kv,
+                  act_precision=workload.activations)]
 
 
 def activation_peaks(spec: ModelSpec, passes: list[list[Op]], t: int) -> list[float]:

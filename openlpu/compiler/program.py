@@ -26,8 +26,9 @@ MAGIC = b"OPENLPU-PROGRAM\n"
 # vocabulary row ranges (either may be split between stages); 4: attention pieces may hold ranges of
 # their layer's KV slots (an attention split between stages), transfers "rank_p2p"; 5: each layer's KV
 # slots per user; 6: a decode step carries a micro-batch of users (its tokens); 7: a transfer records
-# its links per phase (a collective's steps, each with its own cycles)
-FORMAT_VERSION = 7
+# its links per phase (a collective's steps, each with its own cycles); 8: the workload's draft tokens (a
+# decode step verifies them)
+FORMAT_VERSION = 8
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class Workload:
     users: int = 1  # users in flight in the pipeline, each with its own KV cache
     prompt_len: int = 512  # tokens of the prefill pass that sets the time to first token
     prefill_chunk: int = 256  # prompt tokens per pipeline wave: bounds activation buffers, overlaps stages
+    # speculative decoding: tokens a draft model proposes per step, which each decode step verifies
+    # (its users each bring draft_tokens + 1 new tokens; sim.speculative turns steps into tokens)
+    draft_tokens: int = 0
 
     def __post_init__(self):
         for p in (self.weights, self.activations, self.kv):
@@ -48,6 +52,8 @@ class Workload:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise OpenLPUError(f"{name.replace('_', ' ')} must be a positive integer, got {v!r}")
+        if isinstance(self.draft_tokens, bool) or not isinstance(self.draft_tokens, int) or self.draft_tokens < 0:
+            raise OpenLPUError(f"draft tokens must be a non-negative integer, got {self.draft_tokens!r}")
         if self.prompt_len > self.context_length:
             raise OpenLPUError(f"prompt length {self.prompt_len} is longer than the context "
                                f"{self.context_length}; raise --context or shorten the prompt")
@@ -135,7 +141,7 @@ class Transfer:
 class PhaseSchedule:
     phase: str  # "decode" (one token step of a micro-batch of users) or "prefill" (one prompt)
     seq_len: int  # decode: tokens each user attends; prefill: prompt tokens
-    tokens: int  # decode: users in the micro-batch, one token each; prefill: prompt tokens
+    tokens: int  # decode: users in the micro-batch, each with workload.draft_tokens + 1 tokens; prefill: prompt tokens
     ops: tuple[ScheduledOp, ...]
     transfers: tuple[Transfer, ...]
     makespan_cycles: int

@@ -38,8 +38,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from openlpu.compiler.partition import (CUT_SEPARATOR, EMBED, kv_slots, op_fractions, op_item, op_piece, op_role,
-                                        op_suffix, piece_homes)
+from openlpu.compiler.partition import (CUT_SEPARATOR, EMBED, kv_slots, lowered_decode, op_fractions, op_item,
+                                        op_piece, op_role, op_suffix, piece_homes)
 from openlpu.compiler.program import PhaseSchedule, Placement, ScheduledOp, Transfer, Workload
 from openlpu.errors import OpenLPUError
 from openlpu.graph.lower import PRECISIONS, as_precision, keys_in_slots, lower
@@ -404,12 +404,10 @@ def decode_rows(users: int, single: PhaseSchedule) -> int:
 
 def schedule_phase(spec: ModelSpec, system: SystemSpec, workload: Workload, placement: Placement,
                    phase: str, templates: dict | None = None, rows: int = 1) -> PhaseSchedule:
-    """One decode step of a micro-batch of `rows` users (each attending to the whole context) or the
-    prefill of one prompt."""
+    """One decode step of a micro-batch of `rows` users (each attending to the whole context; with draft
+    tokens, verifying them) or the prefill of one prompt."""
     if phase == "decode":
-        seq_len = workload.context_length
-        ops = lower(spec, phase, seq_len, rows, workload.weights, kv_precision=workload.kv,
-                    act_precision=workload.activations)
+        seq_len, ops = workload.context_length, lowered_decode(spec, workload, rows)
     else:
         seq_len, ops = workload.prompt_len, _prefill_chunks(spec, workload)
     staged = staged_ops(spec, workload, ops, placement)
@@ -424,8 +422,8 @@ def schedule_phase(spec: ModelSpec, system: SystemSpec, workload: Workload, plac
         src_chip = placement.stages[s.ready[src_name][0]].chips[0]
         for j, (stage, _, _) in enumerate(piece_homes(placement)[(EMBED, "embed")]):
             name = "token_return" + (f"{CUT_SEPARATOR}{j}" if j else "")
-            s._send(name, "p2p", stage, (src_chip, placement.stages[stage].chips[0]), TOKEN_ID_BYTES * rows,
-                    s.ready[src_name][1], (src_name,))
+            s._send(name, "p2p", stage, (src_chip, placement.stages[stage].chips[0]),
+                    TOKEN_ID_BYTES * rows * (workload.draft_tokens + 1), s.ready[src_name][1], (src_name,))
     makespan = max([o.end_cycle for o in s.ops] + [t.arrival_cycle for t in s.transfers])
     return PhaseSchedule(phase, seq_len, rows if phase == "decode" else seq_len, tuple(s.ops), tuple(s.transfers),
                          makespan)

@@ -123,7 +123,7 @@ class _Builder:
 
 
 def _attention_block(b: _Builder, spec: ModelSpec, i: int, x: str, m: int, batch: int, seq_len: int,
-                     phase: str, past_len: int) -> str:
+                     phase: str, past_len: int, queries: int) -> str:
     p, d = f"blk.{i}.", spec.d_model
     norm = b.vector(p + "attn_norm", "norm", i, m * d, NORM_FLOPS_PER_ELEMENT, (x,),
                     weight=p + "attn_norm.weight", weight_elems=d)
@@ -138,7 +138,8 @@ def _attention_block(b: _Builder, spec: ModelSpec, i: int, x: str, m: int, batch
                      weight=p + "attn_k_norm.weight", weight_elems=spec.head_dim)
     rope = b.vector(p + "rope", "rope", i, m * (spec.q_dim + spec.kv_dim), ROPE_FLOPS_PER_ELEMENT, (q, k))
     window = spec.layer_window(i)
-    pairs = batch * attended_keys(seq_len, window, phase, past_len)  # (query, key) pairs, all sequences
+    # (query, key) pairs, all sequences; a decode step's queries all stream past the same cached keys
+    pairs = batch * queries * attended_keys(seq_len, window, phase, past_len)
     cached_len = seq_len if phase == "decode" else past_len  # keys read back from the KV cache
     cached = batch * min(cached_len, window or cached_len)
     scores = pairs * spec.n_heads
@@ -187,36 +188,40 @@ def _mlp_block(b: _Builder, spec: ModelSpec, i: int, x: str, m: int) -> str:
 
 def lower(spec: ModelSpec, phase: str, seq_len: int, batch: int = 1, precision: Precision | str = "fp16",
           *, kv_precision: Precision | str | None = None, act_precision: Precision | str | None = None,
-          past_len: int = 0) -> list[Op]:
+          past_len: int = 0, queries: int = 1) -> list[Op]:
     """Op rows of one prefill pass (batch sequences of seq_len tokens, after past_len tokens already
-    in the KV cache: a chunk of a longer prompt) or one decode step (batch sequences, one new token
-    each, attending to seq_len cached tokens). Weights in `precision`; the KV cache and activations in
-    their own precisions (default: the same)."""
+    in the KV cache: a chunk of a longer prompt) or one decode step (batch sequences attending to
+    seq_len cached tokens, each with `queries` new tokens: one, or, when a draft model speculates, the
+    last accepted token and the drafts that the step verifies, each needing its logits). Weights in
+    `precision`; the KV cache and activations in their own precisions (default: the same)."""
     if phase not in PHASES:
         raise OpenLPUError(f"unknown phase {phase!r}; use one of {', '.join(PHASES)}")
-    for what, v in (("seq_len", seq_len), ("batch", batch)):
+    for what, v in (("seq_len", seq_len), ("batch", batch), ("queries", queries)):
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise OpenLPUError(f"{what} must be a positive integer, got {v!r}")
     if isinstance(past_len, bool) or not isinstance(past_len, int) or past_len < 0 or (past_len and phase == "decode"):
         raise OpenLPUError(f"past_len must be a non-negative integer, for prefill only; got {past_len!r}")
+    if queries > 1 and phase != "decode":
+        raise OpenLPUError(f"queries is for decode steps only; got {queries} for a {phase}")
     w = as_precision(precision)
     kv = as_precision(kv_precision) if kv_precision is not None else w
     act = as_precision(act_precision) if act_precision is not None else w
     b = _Builder(w.bytes_per_element, act.bytes_per_element, kv.bytes_per_element)
-    m = batch * seq_len if phase == "prefill" else batch  # tokens computed this pass
+    m = batch * seq_len if phase == "prefill" else batch * queries  # tokens computed this pass
     d = spec.d_model
     x = b.add("token_embd", "embed", -1, "memory", (m, d), m * d, weight="token_embd.weight",
               weight_elems=m * d, act_out=m * d)  # a row gather (and the embedding scale)
     for i in range(spec.n_layers):
-        x = _attention_block(b, spec, i, x, m, batch, seq_len, phase, past_len)
+        x = _attention_block(b, spec, i, x, m, batch, seq_len, phase, past_len, queries)
         x = _mlp_block(b, spec, i, x, m)
-    # only the last position of each sequence needs logits
-    norm = b.vector("output_norm", "norm", -1, batch * d, NORM_FLOPS_PER_ELEMENT, (x,),
+    # a prefill needs logits only at each sequence's last position; a decode step at every new token
+    rows = batch * (queries if phase == "decode" else 1)
+    norm = b.vector("output_norm", "norm", -1, rows * d, NORM_FLOPS_PER_ELEMENT, (x,),
                     weight="output_norm.weight", weight_elems=d)
     head_w = "token_embd.weight" if spec.tie_embeddings else "output.weight"
-    logits = b.matmul("output", -1, batch, spec.vocab_size, d, head_w, (norm,), kind="lm_head")
+    logits = b.matmul("output", -1, rows, spec.vocab_size, d, head_w, (norm,), kind="lm_head")
     if spec.final_logit_softcap:
-        logits = b.vector("final_softcap", "softcap", -1, batch * spec.vocab_size, SOFTCAP_FLOPS_PER_ELEMENT,
+        logits = b.vector("final_softcap", "softcap", -1, rows * spec.vocab_size, SOFTCAP_FLOPS_PER_ELEMENT,
                           (logits,))
-    b.vector("sample", "sample", -1, batch * spec.vocab_size, 1, (logits,))
+    b.vector("sample", "sample", -1, rows * spec.vocab_size, 1, (logits,))
     return b.ops

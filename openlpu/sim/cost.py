@@ -68,9 +68,10 @@ class Cost:
     usd_per_million_tokens: float
 
 
-def lpu_capex(system, chips: int) -> Capex:
-    """`system`: hardware.lpu.SystemSpec. Nodes are whole (8 cards), racks whole (9 nodes)."""
-    nodes = math.ceil(chips / system.node.chips)
+def lpu_capex(system, chips: int, nodes: int | None = None) -> Capex:
+    """`system`: hardware.lpu.SystemSpec. Nodes are whole (8 cards; default: as few as hold the chips),
+    racks whole (9 nodes)."""
+    nodes = math.ceil(chips / system.node.chips) if nodes is None else nodes
     racks = math.ceil(nodes / system.rack.nodes)
     return Capex(accelerators_usd=chips * system.chip.price_usd,
                  hosts_usd=nodes * system.node.host_price_usd,

@@ -168,9 +168,10 @@ def _checked_count(spec: ModelSpec, gpu: GpuSpec, precision: str, gpus: int) -> 
 
 
 def gpus_needed(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, users: int,
-                max_gpus: int = 1024) -> int:
-    """Fewest GPUs (1, 2, 4, 8, then whole servers) whose HBM holds the weights and the KV cache."""
-    need = weight_bytes(spec, precision) + kv_bytes(spec, precision, context, users)
+                max_gpus: int = 1024, extra_bytes: float = 0.0) -> int:
+    """Fewest GPUs (1, 2, 4, 8, then whole servers) whose HBM holds the weights and the KV cache, and
+    `extra_bytes` more (a draft model's)."""
+    need = weight_bytes(spec, precision) + kv_bytes(spec, precision, context, users) + extra_bytes
     per_gpu = gpu.hbm_bytes * HBM_USABLE_FRACTION
     n = 1
     while n * per_gpu < need:
@@ -184,8 +185,10 @@ def gpus_needed(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, use
 
 def gpu_timing(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, users: int = 1,
                gpus: int | None = None, prompt_tokens: int | None = None,
-               software: str = DEFAULT_SOFTWARE) -> GpuTiming:
-    """Serve `users` concurrent streams of `context` tokens on `gpus` GPUs (default: fewest that fit)."""
+               software: str = DEFAULT_SOFTWARE, queries: int = 1) -> GpuTiming:
+    """Serve `users` concurrent streams of `context` tokens on `gpus` GPUs (default: fewest that fit).
+    Each decode step brings `queries` new tokens per user (more than one: a speculating step verifying
+    drafts; its token rates then count steps, which sim.speculative turns into tokens)."""
     prompt_tokens = context if prompt_tokens is None else prompt_tokens
     _check_sizes(context, users, prompt_tokens)
     gpus = gpus_needed(spec, gpu, precision, context, users) if gpus is None else _checked_count(
@@ -200,9 +203,9 @@ def gpu_timing(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, user
             f"{gpus} x {gpu.name} hold the KV cache of at most {max_users} user(s) at context "
             f"{context}, not {users}; add GPUs or lower --users / --context")
 
-    decode_ops = lower(spec, "decode", seq_len=context, batch=users, precision=precision)
+    decode_ops = lower(spec, "decode", seq_len=context, batch=users, precision=precision, queries=queries)
     prefill_ops = lower(spec, "prefill", seq_len=prompt_tokens, batch=1, precision=precision)
-    decode = step_s(spec, decode_ops, gpu, precision, tp, stages, users, software)
+    decode = step_s(spec, decode_ops, gpu, precision, tp, stages, users * queries, software)
     ttft = step_s(spec, prefill_ops, gpu, precision, tp, stages, prompt_tokens, software)
     power = gpu_servers(gpu, gpus) * gpu.server_power_w * LOAD_POWER_FRACTION
     throughput = users / decode

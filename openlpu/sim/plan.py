@@ -7,6 +7,7 @@ op rows on the GPU roofline model (sim.gpu); both are priced by sim.cost with th
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,12 +49,32 @@ def prompt_tokens(context: int) -> int:
     return min(Workload().prompt_len, context)
 
 
-def matrix_flops_per_token(spec: ModelSpec, precision: str, context: int) -> float:
-    """The matmul and attention FLOPs of one user's decode step at `context` tokens: the work both
-    systems do per token, whatever their layout."""
-    from openlpu.graph.lower import lower
+DRAFT_TOKENS = 4  # drafts per round when not given: a setting, not a published figure
 
-    return sum(op.flops for op in lower(spec, "decode", context, 1, precision) if op.unit == "matrix")
+
+@dataclass(frozen=True)
+class Draft:
+    """Speculative decoding: the draft model, the tokens it proposes per round and the chance the
+    target accepts each (sim.speculative)."""
+    spec: ModelSpec
+    tokens: int
+    acceptance: float
+
+
+def matrix_flops_per_token(spec: ModelSpec, precision: str, context: int, draft: Draft | None = None) -> float:
+    """The matmul and attention FLOPs per token generated for one user at `context` tokens, the same on
+    every system whatever its layout: one decode step, or a speculative round (the draft's steps and the
+    target's verifying step) over the tokens it yields."""
+    from openlpu.graph.lower import lower
+    from openlpu.sim.speculative import expected_tokens
+
+    def step(model: ModelSpec, queries: int = 1) -> float:
+        return sum(op.flops for op in lower(model, "decode", context, 1, precision, queries=queries)
+                   if op.unit == "matrix")
+    if draft is None:
+        return step(spec)
+    return (step(spec, draft.tokens + 1) + draft.tokens * step(draft.spec)) / expected_tokens(draft.tokens,
+                                                                                              draft.acceptance)
 
 
 def _check_workload(spec: ModelSpec, context: int, users: int, prompt: int) -> None:
@@ -67,68 +88,159 @@ def _check_workload(spec: ModelSpec, context: int, users: int, prompt: int) -> N
         raise OpenLPUError(f"--prompt {prompt} is longer than --context {context}; use at most {context}")
 
 
+def _check_draft(spec: ModelSpec, draft: Draft, context: int) -> None:
+    from openlpu.sim.speculative import check
+
+    check(draft.tokens, draft.acceptance)
+    if draft.spec.vocab_size != spec.vocab_size:
+        raise OpenLPUError(f"the draft {draft.spec.name} has a vocabulary of {draft.spec.vocab_size:,} tokens and "
+                           f"{spec.name} one of {spec.vocab_size:,}: a draft must share the target's tokenizer")
+    if context > draft.spec.context_length:
+        raise OpenLPUError(f"--context {context} is longer than the draft {draft.spec.name}'s context window "
+                           f"({draft.spec.context_length} tokens)")
+
+
+def _hops_s(system, src: int, dst: int) -> float:
+    route = system.route(src, dst)
+    return sum(system.links[system.link_kind(a, b)].latency_s for a, b in itertools.pairwise(route))
+
+
+def _power_at_duty(t, system, duty: float) -> float:
+    """A Program's power when its steps come `duty` times as often as its own pipeline allows: idle chips
+    and hosts, plus the busy part scaled (sim.timing counts busy cycles per period)."""
+    nodes = -(-t.chips // system.node.chips)
+    idle = t.chips * system.chip.idle_power_w + nodes * system.node.host_power_w
+    return idle + (t.power_w - idle) * duty
+
+
 def lpu_row(spec: ModelSpec, system_name: str, precision: str, context: int, users: int, prompt: int,
             flops_per_token: float, assumptions: CostAssumptions, chips: int | None = None,
-            tp: int | None = None) -> PlanRow:
+            tp: int | None = None, draft: Draft | None = None) -> PlanRow:
     from openlpu.compiler import Workload, compile_program, verify_or_raise
     from openlpu.compiler.schedule import matrix_macs_per_cycle
+    from openlpu.sim.speculative import lpu_round
     from openlpu.sim.timing import timing
 
     system = load_system(system_name)
     workload = Workload(weights=precision, activations=precision, kv=precision, context_length=context,
-                        users=users, prompt_len=prompt)
+                        users=users, prompt_len=prompt, draft_tokens=draft.tokens if draft else 0)
     program = compile_program(spec, system, workload, chips=chips, tp=tp)
     verify_or_raise(program)  # figures are read off a schedule only if it holds every invariant
     t = timing(program)
-    c = cost(lpu_capex(system, t.chips), t.power_w, t.throughput_tokens_per_s, assumptions)
-    peak_flops_per_s = 2 * matrix_macs_per_cycle(system, precision, precision) * system.chip.clock_hz * t.chips
-    used = flops_per_token * t.throughput_tokens_per_s / peak_flops_per_s
-    return PlanRow(system=system.name, kind="lpu", chips=t.chips, layout=f"{t.stages} x TP {t.tp}",
+    n = system.node.chips
+    if draft is None:
+        used_chips, capex, layout = t.chips, lpu_capex(system, t.chips), f"{t.stages} x TP {t.tp}"
+        per_user, throughput, power, sram = t.tokens_per_s_per_user, t.throughput_tokens_per_s, t.power_w, \
+            t.sram_used_bytes
+        ttft = t.ttft_s
+    else:
+        draft_program = compile_program(draft.spec, system, dataclasses.replace(workload, draft_tokens=0))
+        verify_or_raise(draft_program)
+        d = timing(draft_program)
+        offset = -(-t.chips // n) * n  # the draft's chips start on a node of their own
+        if offset + d.chips > system.max_chips:
+            raise OpenLPUError(f"{spec.name} on {t.chips} chips and the draft {draft.spec.name} on {d.chips} more "
+                               f"need more than {system.name}'s {system.max_chips:,} chips")
+        target_first, target_last = (program.placement.stages[i].chips[0] for i in (0, -1))
+        draft_first, draft_last = (offset + draft_program.placement.stages[i].chips[0] for i in (0, -1))
+        handoff = _hops_s(system, target_last, draft_first) + _hops_s(system, draft_last, target_first)
+        r = lpu_round(t, d, handoff, draft.tokens, draft.acceptance)
+        used_chips = t.chips + d.chips
+        capex = lpu_capex(system, used_chips, nodes=-(-t.chips // n) + -(-d.chips // n))
+        layout = f"{t.stages} x TP {t.tp} + draft {d.stages} x TP {d.tp}"
+        per_user, throughput, sram = r.tokens_per_s_per_user, r.throughput_tokens_per_s, \
+            t.sram_used_bytes + d.sram_used_bytes
+        # each pipeline steps once (the draft k times) per round, not as often as it could alone
+        power = (_power_at_duty(t, system, 1 / (t.tokens_per_s_per_user * r.round_period_s))
+                 + _power_at_duty(d, system, draft.tokens / (d.tokens_per_s_per_user * r.round_period_s)))
+        ttft = max(t.ttft_s, d.ttft_s)  # both prefill the prompt, side by side
+    c = cost(capex, power, throughput, assumptions)
+    peak_flops_per_s = 2 * matrix_macs_per_cycle(system, precision, precision) * system.chip.clock_hz * used_chips
+    return PlanRow(system=system.name, kind="lpu", chips=used_chips, layout=layout,
                    users_per_step=t.micro_batch, memory="SRAM",
-                   memory_used_fraction=t.sram_used_fraction, tokens_per_s_per_user=t.tokens_per_s_per_user,
-                   ttft_s=t.ttft_s, throughput_tokens_per_s=t.throughput_tokens_per_s, power_w=t.power_w,
-                   energy_per_token_j=t.energy_per_token_j, compute_used_fraction=used,
+                   memory_used_fraction=sram / (used_chips * system.chip.sram_bytes), tokens_per_s_per_user=per_user,
+                   ttft_s=ttft, throughput_tokens_per_s=throughput, power_w=power,
+                   energy_per_token_j=power / throughput,
+                   compute_used_fraction=flops_per_token * throughput / peak_flops_per_s,
                    capex_usd=c.capex.total_usd, usd_per_million_tokens=c.usd_per_million_tokens)
 
 
 def gpu_row(spec: ModelSpec, gpu_name: str, precision: str, context: int, users: int, prompt: int,
-            flops_per_token: float, assumptions: CostAssumptions, gpus: int | None = None) -> PlanRow:
-    from openlpu.sim.gpu import gpu_timing
+            flops_per_token: float, assumptions: CostAssumptions, gpus: int | None = None,
+            draft: Draft | None = None) -> PlanRow:
+    from openlpu.sim.gpu import (
+        HBM_USABLE_FRACTION,
+        gpu_timing,
+        gpus_needed,
+        kv_bytes,
+        weight_bytes,
+    )
+    from openlpu.sim.speculative import gpu_round
 
     gpu = load_gpu(gpu_name)
-    t = gpu_timing(spec, gpu, precision, context, users, gpus=gpus, prompt_tokens=prompt)
-    c = cost(gpu_capex(gpu, t.gpus), t.power_w, t.throughput_tokens_per_s, assumptions)
+    if draft is not None and gpus is None:  # the fewest that hold the draft too
+        gpus = gpus_needed(spec, gpu, precision, context, users, extra_bytes=weight_bytes(draft.spec, precision)
+                           + kv_bytes(draft.spec, precision, context, users))
+    t = gpu_timing(spec, gpu, precision, context, users, gpus=gpus, prompt_tokens=prompt,
+                   queries=draft.tokens + 1 if draft else 1)
+    per_user, throughput, memory, ttft = t.tokens_per_s_per_user, t.throughput_tokens_per_s, t.hbm_used_fraction, \
+        t.ttft_s
+    if draft is not None:  # the draft shares the target's GPUs, their HBM and their time
+        d = gpu_timing(draft.spec, gpu, precision, context, users, gpus=t.gpus, prompt_tokens=prompt)
+        memory += d.hbm_used_fraction
+        if memory > HBM_USABLE_FRACTION:
+            raise OpenLPUError(f"{t.gpus} x {gpu.name} cannot hold {spec.name} and the draft {draft.spec.name} with "
+                               f"{users} user(s) x {context} tokens; give more GPUs with --gpus")
+        r = gpu_round(t, d, draft.tokens, draft.acceptance)
+        per_user, throughput, ttft = r.tokens_per_s_per_user, r.throughput_tokens_per_s, t.ttft_s + d.ttft_s
+    c = cost(gpu_capex(gpu, t.gpus), t.power_w, throughput, assumptions)
     peak_flops_per_s = gpu.compute_flops_per_s(precision) * t.gpus
-    used = flops_per_token * t.throughput_tokens_per_s / peak_flops_per_s
     return PlanRow(system=gpu.name, kind="gpu", chips=t.gpus,
                    layout=f"{t.pipeline_stages} x TP {t.tensor_parallel}", users_per_step=users, memory="HBM",
-                   memory_used_fraction=t.hbm_used_fraction, tokens_per_s_per_user=t.tokens_per_s_per_user,
-                   ttft_s=t.ttft_s, throughput_tokens_per_s=t.throughput_tokens_per_s, power_w=t.power_w,
-                   energy_per_token_j=t.energy_per_token_j, compute_used_fraction=used,
+                   memory_used_fraction=memory, tokens_per_s_per_user=per_user,
+                   ttft_s=ttft, throughput_tokens_per_s=throughput, power_w=t.power_w,
+                   energy_per_token_j=t.power_w / throughput,
+                   compute_used_fraction=flops_per_token * throughput / peak_flops_per_s,
                    capex_usd=c.capex.total_usd, usd_per_million_tokens=c.usd_per_million_tokens)
 
 
 def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...] = ("h100-sxm",),
          precision: str = "int8", context: int = 4096, users: int = 1,
          assumptions: CostAssumptions = CostAssumptions(), chips: int | None = None,
-         gpus: int | None = None, prompt: int | None = None, tp: int | None = None) -> list[PlanRow]:
+         gpus: int | None = None, prompt: int | None = None, tp: int | None = None,
+         draft: str | ModelSpec | None = None, draft_tokens: int | None = None,
+         acceptance: float | None = None) -> list[PlanRow]:
     """The LPU system first, then each GPU, for `users` concurrent streams of `context` tokens, on
     `chips` LPU chips in TP groups of `tp` and `gpus` GPUs of each kind (None: the fewest that hold the
     workload, the compiler's TP); TTFT is the prefill of `prompt` tokens (None: prompt_tokens(context)).
-    `model`: a ModelSpec, or what load_spec takes (a preset name, a .gguf file, a config.json)."""
+    `model`, `draft`: a ModelSpec, or what load_spec takes (a preset name, a .gguf file, a config.json).
+    With a draft, every system decodes speculatively: `draft_tokens` (default DRAFT_TOKENS) per round,
+    each accepted with probability `acceptance`, which must be given."""
     spec = model if isinstance(model, ModelSpec) else load_spec(model)
     as_precision(precision)
     prompt = prompt_tokens(context) if prompt is None else prompt
     _check_workload(spec, context, users, prompt)
+    speculation = None
+    if draft is not None:
+        if acceptance is None:
+            raise OpenLPUError("--draft needs --acceptance: the chance the target accepts a draft token, which "
+                               "depends on the two models and the text (measure it on your own prompts)")
+        speculation = Draft(draft if isinstance(draft, ModelSpec) else load_spec(draft),
+                            DRAFT_TOKENS if draft_tokens is None else draft_tokens, acceptance)
+        _check_draft(spec, speculation, context)
+    elif draft_tokens is not None or acceptance is not None:
+        raise OpenLPUError("--draft-tokens and --acceptance describe speculative decoding: give the draft model "
+                           "with --draft")
     if system:
         load_system(system)  # unknown names fail before any compile work
     for name in compare:
         load_gpu(name)
     if not compare and not system:
         raise OpenLPUError(f"nothing to plan: give --system and/or --compare ({', '.join(gpu_names())})")
-    flops = matrix_flops_per_token(spec, precision, context)  # the same work per token on every system
-    rows = [lpu_row(spec, system, precision, context, users, prompt, flops, assumptions, chips, tp)] if system else []
-    return rows + [gpu_row(spec, name, precision, context, users, prompt, flops, assumptions, gpus)
+    flops = matrix_flops_per_token(spec, precision, context, speculation)  # the same work per token everywhere
+    rows = [lpu_row(spec, system, precision, context, users, prompt, flops, assumptions, chips, tp, speculation)] \
+        if system else []
+    return rows + [gpu_row(spec, name, precision, context, users, prompt, flops, assumptions, gpus, speculation)
                    for name in compare]
 
 

@@ -5,6 +5,8 @@
   sharing one); each micro-batch occupies one stage at a time, and each link carries every
   micro-batch's bytes, so a new token per user comes every max(makespan, micro-batches x busiest
   stage's occupancy, micro-batches x busiest link's time) cycles;
+- a Program compiled with draft tokens verifies them in each decode step: its rates count steps, each
+  yielding 1 to draft_tokens + 1 tokens (sim.speculative adds the draft's Program and the acceptance);
 - TTFT = makespan of the prefill program, which ends by sampling the first token;
 - power per chip = idle + (busy - idle) x the fraction of cycles its functional units are busy.
 """
