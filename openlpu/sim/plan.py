@@ -113,12 +113,52 @@ def _power_at_duty(t, system, duty: float) -> float:
     return idle + (t.power_w - idle) * duty
 
 
+@dataclass(frozen=True)
+class _LpuFigures:
+    """What an LPU row reports, from one Program or from a target's and a draft's together."""
+    chips: int
+    nodes: int
+    layout: str
+    tokens_per_s_per_user: float
+    throughput_tokens_per_s: float
+    power_w: float
+    sram_used_bytes: float
+    ttft_s: float
+
+
+def _with_draft(system, program, t, draft: Draft, workload) -> _LpuFigures:
+    """The target's verifying Program beside the draft's own, whose chips (numbered from 0 in its Program)
+    sit from the node after the target's: a user's round goes through both (sim.speculative), with the
+    hops between them read at that offset, and each pipeline works only its share of the round."""
+    from openlpu.compiler import compile_program, verify_or_raise
+    from openlpu.sim.speculative import lpu_round
+    from openlpu.sim.timing import timing
+
+    draft_program = compile_program(draft.spec, system, dataclasses.replace(workload, draft_tokens=0))
+    verify_or_raise(draft_program)
+    d, n = timing(draft_program), system.node.chips
+    offset = -(-t.chips // n) * n
+    if offset + d.chips > system.max_chips:
+        raise OpenLPUError(f"{program.model} on {t.chips} chips and the draft {draft.spec.name} on {d.chips} more "
+                           f"need more than {system.name}'s {system.max_chips:,} chips")
+    target_first, target_last = (program.placement.stages[i].chips[0] for i in (0, -1))
+    draft_first, draft_last = (offset + draft_program.placement.stages[i].chips[0] for i in (0, -1))
+    handoff = _hops_s(system, target_last, draft_first) + _hops_s(system, draft_last, target_first)
+    r = lpu_round(t, d, handoff, draft.tokens, draft.acceptance)
+    # per round the target steps once and the draft k times, not as often as each could alone
+    power = (_power_at_duty(t, system, 1 / (t.tokens_per_s_per_user * r.round_period_s))
+             + _power_at_duty(d, system, draft.tokens / (d.tokens_per_s_per_user * r.round_period_s)))
+    return _LpuFigures(t.chips + d.chips, -(-t.chips // n) + -(-d.chips // n),
+                       f"{t.stages} x TP {t.tp} + draft {d.stages} x TP {d.tp}", r.tokens_per_s_per_user,
+                       r.throughput_tokens_per_s, power, t.sram_used_bytes + d.sram_used_bytes,
+                       max(t.ttft_s, d.ttft_s))  # both prefill the prompt, side by side
+
+
 def lpu_row(spec: ModelSpec, system_name: str, precision: str, context: int, users: int, prompt: int,
             flops_per_token: float, assumptions: CostAssumptions, chips: int | None = None,
             tp: int | None = None, draft: Draft | None = None) -> PlanRow:
     from openlpu.compiler import Workload, compile_program, verify_or_raise
     from openlpu.compiler.schedule import matrix_macs_per_cycle
-    from openlpu.sim.speculative import lpu_round
     from openlpu.sim.timing import timing
 
     system = load_system(system_name)
@@ -127,60 +167,31 @@ def lpu_row(spec: ModelSpec, system_name: str, precision: str, context: int, use
     program = compile_program(spec, system, workload, chips=chips, tp=tp)
     verify_or_raise(program)  # figures are read off a schedule only if it holds every invariant
     t = timing(program)
-    n = system.node.chips
-    if draft is None:
-        used_chips, capex, layout = t.chips, lpu_capex(system, t.chips), f"{t.stages} x TP {t.tp}"
-        per_user, throughput, power, sram = t.tokens_per_s_per_user, t.throughput_tokens_per_s, t.power_w, \
-            t.sram_used_bytes
-        ttft = t.ttft_s
-    else:
-        draft_program = compile_program(draft.spec, system, dataclasses.replace(workload, draft_tokens=0))
-        verify_or_raise(draft_program)
-        d = timing(draft_program)
-        offset = -(-t.chips // n) * n  # the draft's chips start on a node of their own
-        if offset + d.chips > system.max_chips:
-            raise OpenLPUError(f"{spec.name} on {t.chips} chips and the draft {draft.spec.name} on {d.chips} more "
-                               f"need more than {system.name}'s {system.max_chips:,} chips")
-        target_first, target_last = (program.placement.stages[i].chips[0] for i in (0, -1))
-        draft_first, draft_last = (offset + draft_program.placement.stages[i].chips[0] for i in (0, -1))
-        handoff = _hops_s(system, target_last, draft_first) + _hops_s(system, draft_last, target_first)
-        r = lpu_round(t, d, handoff, draft.tokens, draft.acceptance)
-        used_chips = t.chips + d.chips
-        capex = lpu_capex(system, used_chips, nodes=-(-t.chips // n) + -(-d.chips // n))
-        layout = f"{t.stages} x TP {t.tp} + draft {d.stages} x TP {d.tp}"
-        per_user, throughput, sram = r.tokens_per_s_per_user, r.throughput_tokens_per_s, \
-            t.sram_used_bytes + d.sram_used_bytes
-        # each pipeline steps once (the draft k times) per round, not as often as it could alone
-        power = (_power_at_duty(t, system, 1 / (t.tokens_per_s_per_user * r.round_period_s))
-                 + _power_at_duty(d, system, draft.tokens / (d.tokens_per_s_per_user * r.round_period_s)))
-        ttft = max(t.ttft_s, d.ttft_s)  # both prefill the prompt, side by side
-    c = cost(capex, power, throughput, assumptions)
-    peak_flops_per_s = 2 * matrix_macs_per_cycle(system, precision, precision) * system.chip.clock_hz * used_chips
-    return PlanRow(system=system.name, kind="lpu", chips=used_chips, layout=layout,
-                   users_per_step=t.micro_batch, memory="SRAM",
-                   memory_used_fraction=sram / (used_chips * system.chip.sram_bytes), tokens_per_s_per_user=per_user,
-                   ttft_s=ttft, throughput_tokens_per_s=throughput, power_w=power,
-                   energy_per_token_j=power / throughput,
-                   compute_used_fraction=flops_per_token * throughput / peak_flops_per_s,
+    f = _with_draft(system, program, t, draft, workload) if draft else _LpuFigures(
+        t.chips, -(-t.chips // system.node.chips), f"{t.stages} x TP {t.tp}", t.tokens_per_s_per_user,
+        t.throughput_tokens_per_s, t.power_w, t.sram_used_bytes, t.ttft_s)
+    c = cost(lpu_capex(system, f.chips, f.nodes), f.power_w, f.throughput_tokens_per_s, assumptions)
+    peak_flops_per_s = 2 * matrix_macs_per_cycle(system, precision, precision) * system.chip.clock_hz * f.chips
+    return PlanRow(system=system.name, kind="lpu", chips=f.chips, layout=f.layout, users_per_step=t.micro_batch,
+                   memory="SRAM", memory_used_fraction=f.sram_used_bytes / (f.chips * system.chip.sram_bytes),
+                   tokens_per_s_per_user=f.tokens_per_s_per_user, ttft_s=f.ttft_s,
+                   throughput_tokens_per_s=f.throughput_tokens_per_s, power_w=f.power_w,
+                   energy_per_token_j=f.power_w / f.throughput_tokens_per_s,
+                   compute_used_fraction=flops_per_token * f.throughput_tokens_per_s / peak_flops_per_s,
                    capex_usd=c.capex.total_usd, usd_per_million_tokens=c.usd_per_million_tokens)
 
 
 def gpu_row(spec: ModelSpec, gpu_name: str, precision: str, context: int, users: int, prompt: int,
             flops_per_token: float, assumptions: CostAssumptions, gpus: int | None = None,
             draft: Draft | None = None) -> PlanRow:
-    from openlpu.sim.gpu import (
-        HBM_USABLE_FRACTION,
-        gpu_timing,
-        gpus_needed,
-        kv_bytes,
-        weight_bytes,
-    )
+    from openlpu.sim import gpu as gpu_model
+    from openlpu.sim.gpu import gpu_timing
     from openlpu.sim.speculative import gpu_round
 
     gpu = load_gpu(gpu_name)
     if draft is not None and gpus is None:  # the fewest that hold the draft too
-        gpus = gpus_needed(spec, gpu, precision, context, users, extra_bytes=weight_bytes(draft.spec, precision)
-                           + kv_bytes(draft.spec, precision, context, users))
+        gpus = gpu_model.gpus_needed(spec, gpu, precision, context, users, extra_bytes=gpu_model.weight_bytes(
+            draft.spec, precision) + gpu_model.kv_bytes(draft.spec, precision, context, users))
     t = gpu_timing(spec, gpu, precision, context, users, gpus=gpus, prompt_tokens=prompt,
                    queries=draft.tokens + 1 if draft else 1)
     per_user, throughput, memory, ttft = t.tokens_per_s_per_user, t.throughput_tokens_per_s, t.hbm_used_fraction, \
@@ -188,7 +199,7 @@ def gpu_row(spec: ModelSpec, gpu_name: str, precision: str, context: int, users:
     if draft is not None:  # the draft shares the target's GPUs, their HBM and their time
         d = gpu_timing(draft.spec, gpu, precision, context, users, gpus=t.gpus, prompt_tokens=prompt)
         memory += d.hbm_used_fraction
-        if memory > HBM_USABLE_FRACTION:
+        if memory > gpu_model.HBM_USABLE_FRACTION:
             raise OpenLPUError(f"{t.gpus} x {gpu.name} cannot hold {spec.name} and the draft {draft.spec.name} with "
                                f"{users} user(s) x {context} tokens; give more GPUs with --gpus")
         r = gpu_round(t, d, draft.tokens, draft.acceptance)
