@@ -3,8 +3,10 @@
 The capacity critique of SRAM-only chips in numbers: chips, per-user speed, system throughput, power
 and $ per million tokens for 1 to 256 users in flight, each row from a compiled, verified Program on
 lpu-v1 and the GPU model on H100 and B200 (the fewest of each that hold the workload; int8; the
-default cost assumptions of `openlpu plan`). A simulation, not a measurement: how far the two models
-are from published figures is bench/results/fidelity.md. Writes bench/results/capacity.md and .json.
+default cost assumptions of `openlpu plan`). The 70B model is also planned decoding speculatively with
+a 1B draft, at an acceptance rate assumed, not measured (`openlpu plan --draft`). A simulation, not a
+measurement: how far the two models are from published figures is bench/results/fidelity.md. Writes
+bench/results/capacity.md and .json.
 Usage: python bench/capacity.py
 """
 
@@ -21,17 +23,20 @@ from openlpu.sim.cost import CostAssumptions
 from openlpu.sim.plan import plan
 
 RESULTS = Path(__file__).parent / "results"
-MODELS = (("llama-3.1-8b", 8192), ("llama-3.3-70b", 8192))
+# (model, context, speculative decoding: None or (draft, draft tokens per round, assumed acceptance))
+MODELS = (("llama-3.1-8b", 8192, None), ("llama-3.3-70b", 8192, None),
+          ("llama-3.3-70b", 8192, ("llama-3.2-1b", 4, 0.8)))
 USERS = (1, 4, 16, 64, 256)
 GPUS = ("h100-sxm", "b200")
 
 
-def measure(model: str, context: int, users: int) -> dict:
+def measure(model: str, context: int, users: int, speculation: tuple | None) -> dict:
     """The plan's rows by system for one workload; a system that cannot hold it gets its error."""
+    draft = dict(zip(("draft", "draft_tokens", "acceptance"), speculation or ()))
     out = {}
     for system, compare in (("lpu-v1", ()), *(("", (gpu,)) for gpu in GPUS)):
         try:
-            row, = plan(model, system=system, compare=compare, context=context, users=users)
+            row, = plan(model, system=system, compare=compare, context=context, users=users, **draft)
             out[row.system] = row.to_dict()
         except OpenLPUError as e:
             out[system or compare[0]] = {"error": str(e)}
@@ -46,7 +51,8 @@ def cells(row: dict) -> str:
 
 
 def main() -> int:
-    results = [{"model": m, "context": c, "users": u, "systems": measure(m, c, u)} for m, c in MODELS for u in USERS]
+    results = [{"model": m, "context": c, "speculation": sp, "users": u, "systems": measure(m, c, u, sp)}
+               for m, c, sp in MODELS for u in USERS]
     a = CostAssumptions()
     RESULTS.mkdir(exist_ok=True)
     date = datetime.date.today().isoformat()
@@ -62,11 +68,14 @@ def main() -> int:
              f"KV cache; $ per million tokens: capex over {a.years:g} years plus power at ${a.usd_per_kwh:.2f}/kWh "
              f"(PUE {a.pue:g}), serving {a.utilisation:.0%} of the hours at the throughput shown.")
     lines = ["# Capacity: what serving takes as users grow (LPU vs GPUs)", "", about, ""]
-    for model, context in MODELS:
-        lines += [f"## {model}, {context:,} tokens of context per user", "",
+    for model, context, speculation in MODELS:
+        drafting = "" if speculation is None else (
+            f", decoding speculatively: {speculation[0]} drafts {speculation[1]} tokens a round, each accepted with "
+            f"chance {speculation[2]:g} (assumed; the LPU runs the draft on chips of its own)")
+        lines += [f"## {model}, {context:,} tokens of context per user{drafting}", "",
                   f"| users | {head} | LPU / H100 $ per Mtok |",
                   "|---|" + "---|---|---|---|" * len(systems) + "---|"]
-        for r in (r for r in results if r["model"] == model):
+        for r in (r for r in results if (r["model"], r["speculation"]) == (model, speculation)):
             lpu, h100 = r["systems"]["lpu-v1"], r["systems"]["h100-sxm"]
             ratio = ("-" if "error" in lpu or "error" in h100
                      else f"{lpu['usd_per_million_tokens'] / h100['usd_per_million_tokens']:.1f}x")
