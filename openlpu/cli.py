@@ -89,7 +89,8 @@ def plan(
     users: int = typer.Option(1, "--users", help="concurrent users (streams)"),
     prompt: int = typer.Option(None, "--prompt", help="prompt tokens whose prefill sets TTFT (default: 512, "
                                                       "or the context if shorter)"),
-    chips: int = typer.Option(None, "--chips", help="LPU chips to use (default: as few as fit)"),
+    chips: int = typer.Option(None, "--chips", help="LPU chips to use (default: as few as fit; with --draft, the "
+                                                     "target's: the draft gets its own)"),
     tp: int = typer.Option(None, "--tp", help="LPU chips per tensor-parallel group (default: the width that "
                                                "takes the fewest nodes)"),
     gpus: int = typer.Option(None, "--gpus", help="GPUs of each kind to use (default: as few as fit)"),
