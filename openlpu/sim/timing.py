@@ -166,7 +166,8 @@ def draw_gantt(program: Program, path, max_stages: int = 24) -> None:
     ax.set_xlabel("time (us)   lanes per stage, top to bottom: matrix, vector, memory, links")
     ax.set_xlim(0, decode.makespan_cycles * us * 1.01)
     skipped = f" ({n - len(shown)} middle stages not shown)" if len(shown) < n else ""
-    ax.set_title(f"{program.model} on {program.system.name}: one decode step ({decode.tokens} user(s)), "
+    drafts = f", each verifying {program.workload.draft_tokens} draft tokens" if program.workload.draft_tokens else ""
+    ax.set_title(f"{program.model} on {program.system.name}: one decode step ({decode.tokens} user(s){drafts}), "
                  f"{program.chips} chips, {n} stages x TP {program.placement.tp}, "
                  f"{decode.makespan_cycles * us:,.1f} us{skipped}")
     kinds = sorted({op.kind for op in decode.ops}) + sorted({t.kind for t in decode.transfers})
