@@ -465,6 +465,33 @@ def test_every_transfer_moves_the_bytes_the_program_prices(tiny, family, vocab_s
     assert checked["rank_p2p"] and program.decode.tokens > 1  # the KV-split Program, users sharing its steps
 
 
+@pytest.mark.parametrize("family", ["llama", "mixtral", "gemma3"])
+def test_a_speculative_programs_decode_step_verifies_the_drafts(tiny, family, monkeypatch):
+    """A Program compiled with 3 draft tokens: after the prompt, the last token and 3 drafts run through
+    its compiled decode step (not the prefill), on TP + pipeline, cut MLPs and KV-split attention, and
+    every row's logits equal model.py's for the same 4 tokens; a one-token step still agrees too."""
+    spec, weights, model = tiny(family)
+    drafts = [5, 17, 42, 8]
+    cache = KVCache(spec, 1, 32)
+    slot = cache.allocate()
+    model.forward(PROMPT, [Span(slot, 0, len(PROMPT))], cache, [len(PROMPT) - 1])
+    want = model.forward(drafts, [Span(slot, len(PROMPT), 4)], cache, list(range(4)))
+    want_next = model.forward([3], [Span(slot, len(PROMPT) + 4, 1)], cache)
+    for system, chips, users in ((LPU, 8, 1), (SYSTEMS["cut-tp"], 32, 1), (VOCAB_SPLIT, None, 20)):
+        workload = dataclasses.replace(WORKLOAD, users=users, draft_tokens=3)
+        program = compile_program(spec, system, workload, chips)
+        assert verify(program) == []
+        sharded = Executor(program, spec, weights, "sharded")
+        own = sharded.new_cache(1, 32)
+        sharded.step(PROMPT, [Span(own.allocate(), 0, len(PROMPT))], own)
+        with monkeypatch.context() as patch:
+            patch.setattr(sharded, "_prefill", lambda *a: pytest.fail("a verifying step ran as a prefill"))
+            got, _ = sharded.step(drafts, [Span(0, len(PROMPT), 4)], own, list(range(4)))
+            torch.testing.assert_close(got, want, **TOL)
+            one, _ = sharded.step([3], [Span(0, len(PROMPT) + 4, 1)], own)
+        torch.testing.assert_close(one, want_next, **TOL)
+
+
 # ---- the embedded Gemma 3 270M ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def gemma(gemma_path):

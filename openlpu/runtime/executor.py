@@ -13,8 +13,9 @@ Two modes:
   part computes its rows' logits and their maximum ("sample_max@j" keeps the larger), and the host
   reads the logits part by part. An attention split along its KV slots runs on each part's chips,
   whose caches hold only their slots: each part attends them (model.attend_slots) and the Program's
-  "attn_merge@j" ops merge the partials. An op whose input was never produced on its chip is an
-  error naming it. Agreement with the fused mode is the proof that the compiler's partition and
+  "attn_merge@j" ops merge the partials. A Program compiled with draft tokens runs a user's last token
+  and its drafts through the compiled decode step together, with logits for each. An op whose input
+  was never produced on its chip is an error naming it. Agreement with the fused mode is the proof that the compiler's partition and
   schedule are right.
 - "fused": one chip holding whole tensors (tp=1 semantics), transfers reduced to their source op;
   the fast path the Engine and the server run, with Model.forward's signature. A fusion pass walks
@@ -712,7 +713,8 @@ class Executor:
             view.cache = per_chip[0]
         if self.mode == "fused":
             logits, token = self._run_fused(tokens, spans, cache, rows, want_token)
-        elif len(spans) == 1 and tokens.numel() == 1:
+        elif len(spans) == 1 and tokens.numel() <= self.program.workload.draft_tokens + 1:
+            # a decode step: one token, or a speculating user's last token and the drafts it verifies
             logits, token = self._pass(self.decode_events, tokens, spans, rows)
         else:
             logits, token = self._prefill(tokens, spans, rows)
