@@ -483,12 +483,13 @@ def test_a_speculative_programs_decode_step_verifies_the_drafts(tiny, family, mo
         assert verify(program) == []
         sharded = Executor(program, spec, weights, "sharded")
         own = sharded.new_cache(1, 32)
-        sharded.step(PROMPT, [Span(own.allocate(), 0, len(PROMPT))], own)
+        own_slot = own.allocate()
+        sharded.step(PROMPT, [Span(own_slot, 0, len(PROMPT))], own)
         with monkeypatch.context() as patch:
             patch.setattr(sharded, "_prefill", lambda *a: pytest.fail("a verifying step ran as a prefill"))
-            got, _ = sharded.step(drafts, [Span(0, len(PROMPT), 4)], own, list(range(4)))
+            got, _ = sharded.step(drafts, [Span(own_slot, len(PROMPT), 4)], own, list(range(4)))
             torch.testing.assert_close(got, want, **TOL)
-            one, _ = sharded.step([3], [Span(0, len(PROMPT) + 4, 1)], own)
+            one, _ = sharded.step([3], [Span(own_slot, len(PROMPT) + 4, 1)], own)
         torch.testing.assert_close(one, want_next, **TOL)
 
 
