@@ -102,7 +102,7 @@ def _collective_template(system: SystemSpec, group: tuple[int, ...], kind: str):
         latency = 0.0
         for src, dst, frac in flows:
             path = system.route(src, dst)
-            latency = max(latency, sum(system.links[system.link_kind(a, b)].latency_s for a, b in zip(path, path[1:])))
+            latency = max(latency, system.route_latency_s(path))
             for a, b in zip(path, path[1:]):
                 load[(a, b)] = load.get((a, b), 0.0) + frac
         worst = max(frac / system.links[system.link_kind(*link)].bandwidth_bytes_per_s for link, frac in load.items())
@@ -156,10 +156,9 @@ class _Scheduler:
             load: dict[tuple[int, int], float] = {}
             latency = 0.0
             for route in routes:  # the pairs share any link their routes have in common
-                hops = list(zip(route, route[1:]))
-                for hop in hops:
+                for hop in zip(route, route[1:]):
                     load[hop] = load.get(hop, 0.0) + payload / len(pairs)
-                latency = max(latency, sum(self.system.links[self.system.link_kind(*hop)].latency_s for hop in hops))
+                latency = max(latency, self.system.route_latency_s(route))
             seconds = latency + max(nbytes / self.system.links[self.system.link_kind(*hop)].bandwidth_bytes_per_s
                                     for hop, nbytes in load.items())
             steps = [(seconds, tuple((a, b, nbytes) for (a, b), nbytes in load.items()))]

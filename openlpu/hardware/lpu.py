@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import json
 import typing
 from dataclasses import dataclass, field
@@ -117,6 +118,10 @@ class SystemSpec:
             if chip != path[-1]:
                 path.append(chip)
         return tuple(path)
+
+    def route_latency_s(self, route: tuple[int, ...]) -> float:
+        """The latency of a route's hops (route(): the chips visited), each its link kind's."""
+        return sum(self.links[self.link_kind(a, b)].latency_s for a, b in itertools.pairwise(route))
 
 
 # ---- loading ------------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ Two modes:
   whose caches hold only their slots: each part attends them (model.attend_slots) and the Program's
   "attn_merge@j" ops merge the partials. A Program compiled with draft tokens runs a user's last token
   and its drafts through the compiled decode step together, with logits for each. An op whose input
-  was never produced on its chip is an error naming it. Agreement with the fused mode is the proof that the compiler's partition and
-  schedule are right.
+  was never produced on its chip is an error naming it. Agreement with the fused mode is the proof
+  that the compiler's partition and schedule are right.
 - "fused": one chip holding whole tensors (tp=1 semantics), transfers reduced to their source op;
   the fast path the Engine and the server run, with Model.forward's signature. A fusion pass walks
   the schedule: a layer (or the head) whose ops and wiring equal what the graph lowering emits for

@@ -7,7 +7,6 @@ op rows on the GPU roofline model (sim.gpu); both are priced by sim.cost with th
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,17 +99,10 @@ def _check_draft(spec: ModelSpec, draft: Draft, context: int) -> None:
                            f"({draft.spec.context_length} tokens)")
 
 
-def _hops_s(system, src: int, dst: int) -> float:
-    route = system.route(src, dst)
-    return sum(system.links[system.link_kind(a, b)].latency_s for a, b in itertools.pairwise(route))
-
-
-def _power_at_duty(t, system, duty: float) -> float:
-    """A Program's power when its steps come `duty` times as often as its own pipeline allows: idle chips
-    and hosts, plus the busy part scaled (sim.timing counts busy cycles per period)."""
-    nodes = -(-t.chips // system.node.chips)
-    idle = t.chips * system.chip.idle_power_w + nodes * system.node.host_power_w
-    return idle + (t.power_w - idle) * duty
+def _power_at_duty(t, duty: float) -> float:
+    """A Program's power when its steps come `duty` times as often as its own pipeline allows: the busy
+    part above idle scales (sim.timing counts busy cycles per period)."""
+    return t.idle_power_w + (t.power_w - t.idle_power_w) * duty
 
 
 @dataclass(frozen=True)
@@ -136,19 +128,20 @@ def _with_draft(system, program, t, draft: Draft, workload) -> _LpuFigures:
 
     draft_program = compile_program(draft.spec, system, dataclasses.replace(workload, draft_tokens=0))
     verify_or_raise(draft_program)
-    d, n = timing(draft_program), system.node.chips
-    offset = -(-t.chips // n) * n
+    d = timing(draft_program)
+    offset = t.nodes * system.node.chips  # the target's chips fill its nodes from chip 0
     if offset + d.chips > system.max_chips:
         raise OpenLPUError(f"{program.model} on {t.chips} chips and the draft {draft.spec.name} on {d.chips} more "
                            f"need more than {system.name}'s {system.max_chips:,} chips")
     target_first, target_last = (program.placement.stages[i].chips[0] for i in (0, -1))
     draft_first, draft_last = (offset + draft_program.placement.stages[i].chips[0] for i in (0, -1))
-    handoff = _hops_s(system, target_last, draft_first) + _hops_s(system, draft_last, target_first)
+    handoff = (system.route_latency_s(system.route(target_last, draft_first))
+               + system.route_latency_s(system.route(draft_last, target_first)))
     r = lpu_round(t, d, handoff, draft.tokens, draft.acceptance)
     # per round the target steps once and the draft k times, not as often as each could alone
-    power = (_power_at_duty(t, system, 1 / (t.tokens_per_s_per_user * r.round_period_s))
-             + _power_at_duty(d, system, draft.tokens / (d.tokens_per_s_per_user * r.round_period_s)))
-    return _LpuFigures(t.chips + d.chips, -(-t.chips // n) + -(-d.chips // n),
+    power = (_power_at_duty(t, 1 / (t.tokens_per_s_per_user * r.round_period_s))
+             + _power_at_duty(d, draft.tokens / (d.tokens_per_s_per_user * r.round_period_s)))
+    return _LpuFigures(t.chips + d.chips, t.nodes + d.nodes,
                        f"{t.stages} x TP {t.tp} + draft {d.stages} x TP {d.tp}", r.tokens_per_s_per_user,
                        r.throughput_tokens_per_s, power, t.sram_used_bytes + d.sram_used_bytes,
                        max(t.ttft_s, d.ttft_s))  # both prefill the prompt, side by side
@@ -168,7 +161,7 @@ def lpu_row(spec: ModelSpec, system_name: str, precision: str, context: int, use
     verify_or_raise(program)  # figures are read off a schedule only if it holds every invariant
     t = timing(program)
     f = _with_draft(system, program, t, draft, workload) if draft else _LpuFigures(
-        t.chips, -(-t.chips // system.node.chips), f"{t.stages} x TP {t.tp}", t.tokens_per_s_per_user,
+        t.chips, t.nodes, f"{t.stages} x TP {t.tp}", t.tokens_per_s_per_user,
         t.throughput_tokens_per_s, t.power_w, t.sram_used_bytes, t.ttft_s)
     c = cost(lpu_capex(system, f.chips, f.nodes), f.power_w, f.throughput_tokens_per_s, assumptions)
     peak_flops_per_s = 2 * matrix_macs_per_cycle(system, precision, precision) * system.chip.clock_hz * f.chips

@@ -39,6 +39,8 @@ class LpuTiming:
     link_utilisation: dict[str, float]  # per link kind the step uses: bytes carried / (bandwidth x time)
     links_used: dict[str, int]  # per link kind: directed links that carry bytes in a decode step
     busiest_link_utilisation: float
+    nodes: int  # nodes the chips occupy (each with its host)
+    idle_power_w: float  # chips and hosts with every unit idle: power_w less the part the steps add
     power_w: float  # chips plus node hosts, in steady state
     energy_per_token_j: float
     sram_used_bytes: int  # weights + KV + reserved activations, all chips
@@ -92,6 +94,7 @@ def timing(program: Program) -> LpuTiming:
         tokens_per_s_per_user=clock / period, throughput_tokens_per_s=throughput,
         unit_utilisation=unit_utilisation, link_utilisation=link_utilisation, links_used=links_used,
         busiest_link_utilisation=batches * max(link_cycles.values(), default=0) / period,
+        nodes=nodes, idle_power_w=chips * chip.idle_power_w + nodes * program.system.node.host_power_w,
         power_w=power, energy_per_token_j=power / throughput, sram_used_bytes=sram,
         sram_used_fraction=sram / (chips * chip.sram_bytes), stage_occupancy_s=max(occupancy.values()) / clock)
 
