@@ -268,6 +268,7 @@ def run(
     from openlpu.models.gguf import spec_from_gguf
     from openlpu.runtime.engine import DEFAULT_CONTEXT_LENGTH, Engine, check_fits
     from openlpu.runtime.executor import load_executor
+    from openlpu.runtime.model import check_runnable
     from openlpu.runtime.sampling import SamplingParams
     from openlpu.runtime.tokenizer import Tokenizer
     from openlpu.sim.gpu import gpu_timing
@@ -291,6 +292,7 @@ def run(
     lpu, gpu = load_system(system), load_gpu(compare)
     model_path = model or default_model_path()
     spec = spec_from_gguf(model_path)
+    check_runnable(spec)
     tokenizer = Tokenizer.from_gguf(model_path)
     ids = tokenizer.encode(prompt)
     context = min(DEFAULT_CONTEXT_LENGTH, spec.context_length)

@@ -8,6 +8,8 @@ from openlpu.models.hf import spec_from_hf_config
 from openlpu.models.spec import PRESETS_DIR, load_preset, preset_names
 
 HUB = "Hugging Face Hub parameter count (safetensors metadata) shown on {}"
+GPT_OSS_CARD = ("OpenAI, 'gpt-oss-120b & gpt-oss-20b Model Card' (arXiv:2508.10925, Aug 2025), parameter counts: "
+                "120b 116.83B total, 5.13B active; 20b 20.91B total, 3.61B active")
 # name -> (published total parameters, source). Checked within 1%.
 PUBLISHED_TOTALS = {
     "llama-2-7b": (6.74e9, HUB.format("meta-llama/Llama-2-7b-hf")),
@@ -34,6 +36,8 @@ PUBLISHED_TOTALS = {
     "qwen2.5-7b": (7.61e9, "Qwen/Qwen2.5-7B-Instruct model card: Number of Parameters 7.61B"),
     "qwen2.5-72b": (72.7e9, "Qwen/Qwen2.5-72B-Instruct model card: Number of Parameters 72.7B"),
     "qwen3-8b": (8.2e9, "Qwen/Qwen3-8B model card: Number of Parameters 8.2B"),
+    "gpt-oss-20b": (20.91e9, GPT_OSS_CARD),
+    "gpt-oss-120b": (116.83e9, GPT_OSS_CARD),
 }
 
 # Exact non-embedding counts where the papers publish them (the embedding rows differ only by
@@ -82,6 +86,14 @@ def test_mixtral_active_parameters():
     s = load_preset("mixtral-8x7b")
     assert s.active_param_count() == pytest.approx(12.9e9, rel=0.01)
     assert s.param_count() == pytest.approx(46.7e9, rel=0.01)
+
+
+@pytest.mark.parametrize("name, active", [("gpt-oss-20b", 3.61e9), ("gpt-oss-120b", 5.13e9)])
+def test_gpt_oss_active_parameters(name, active):
+    """The model card counts a token's active parameters without the embedding table (a row gather),
+    with the attention, the router, 4 experts (their biases too) and the unembedding."""
+    s = load_preset(name)
+    assert s.active_param_count() - s.vocab_size * s.d_model == pytest.approx(active, rel=0.005), GPT_OSS_CARD
 
 
 def _raw(name: str) -> dict:

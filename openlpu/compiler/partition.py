@@ -23,11 +23,13 @@ An attention half whose K and V (context x users) do not fit a stage is split al
 slots (positions, or a sliding window's ring) into the fewest equal ranges that fit (or where stages
 fill), on consecutive stages: context parallelism. Each part holds its slots for every user, copies of
 the norm and the q, k, v projections (recomputed from the residual it is sent), and attends its slots;
-the last part alone holds the output projection and the post-norm, applied to the merged result.
+the last part alone holds the attention sinks, the output projection and the post-norm, applied to the
+merged result.
 
 Inside a stage a tensor-parallel (TP) group of t chips splits every piece: attention by heads, the
 MLP by d_ff (column split of gate/up, row split of down), the vocabulary of the embedding and lm_head
-by rows. Small vectors (norms, the MoE router) are replicated on purpose.
+by rows. Small vectors (norms, the MoE router, attention sinks, the biases added after a row split) are
+replicated on purpose.
 
 Fewest chips: at each TP degree inside a node, the fewer stages of two packings: whole pieces, or
 pieces cut where stages fill (each stage takes whole pieces while they fit, then as much of the next
@@ -58,7 +60,8 @@ VOCAB_PARTS = ("embed", "head")  # pieces whose tensors split along the vocabula
 FFN_NAMES = ("ffn_", "post_ffw_norm")  # a layer's tensors and ops with these names form its MLP half
 CUT_SEPARATOR = "@"  # "blk.3.ffn_gate@2": the op of part 2 of a cut MLP (part 0 keeps the plain name)
 # tensors of a cut attention or MLP that only its last part holds: they act on the combined result
-APPLIED_BY_LAST_PART = ("attn_output.weight", "post_attention_norm.weight", "post_ffw_norm.weight")
+APPLIED_BY_LAST_PART = ("attn_sinks.weight", "attn_output.weight", "attn_output.bias", "post_attention_norm.weight",
+                        "ffn_down_exps.bias", "post_ffw_norm.weight")
 
 
 # ---- how each tensor splits -------------------------------------------------------------------
@@ -70,6 +73,7 @@ SPLIT_RULES = {
     "attn_output.weight": (1, "head"),
     "ffn_gate.weight": (0, "row"), "ffn_up.weight": (0, "row"), "ffn_down.weight": (1, "row"),
     "ffn_gate_exps.weight": (1, "row"), "ffn_up_exps.weight": (1, "row"), "ffn_down_exps.weight": (2, "row"),
+    "ffn_gate_exps.bias": (1, "row"), "ffn_up_exps.bias": (1, "row"),
     "token_embd.weight": (0, "row"), "output.weight": (0, "row"),
 }
 
@@ -156,6 +160,7 @@ OP_SPLIT = {
     "ffn_gate_exps": "col", "ffn_up_exps": "col", "output": "col",
     "attn_output": "row", "ffn_down": "row", "ffn_down_exps": "row",
     "attn_q_norm": "heads", "rope": "heads", "attention": "heads", "attn_softcap": "heads", "attn_merge": "heads",
+    "attn_sinks": "heads",
     "attn_k_norm": "kv_heads",
     "ffn_act": "split", "final_softcap": "split", "sample": "argmax",
     "token_embd": "gather",

@@ -52,7 +52,8 @@ ARGMAX_BYTES = 8  # (value, index) each chip contributes to the sampler's all-re
 NEEDS_ALL_REDUCE = ("row", "gather", "argmax")
 # the op combining a split piece's parts
 CHAINED = {"ffn": "ffn_sum", "embed": "embed_sum", "head": "sample_max", "attn": "attn_merge"}
-ONCE_ON_LAST_PART = ("attn_output", "post_attention_norm", "attn_residual", "post_ffw_norm", "ffn_residual")
+ONCE_ON_LAST_PART = ("attn_sinks", "attn_output", "post_attention_norm", "attn_residual", "post_ffw_norm",
+                     "ffn_residual")
 MERGE_FLOPS_PER_ELEMENT = 3  # rescale the running and the own partial by exp(lse - new lse), add
 FLOAT_PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 

@@ -34,6 +34,7 @@ ROPE_FLOPS_PER_ELEMENT = 3
 SOFTMAX_FLOPS_PER_ELEMENT = 5  # max, subtract, exp, sum, divide
 GATED_ACT_FLOPS_PER_ELEMENT = 8  # gelu-tanh / silu plus the multiply by "up"
 SOFTCAP_FLOPS_PER_ELEMENT = 3  # divide, tanh, multiply
+SINK_FLOPS_PER_ELEMENT = 2  # the per-head factor (an exp and a reciprocal, shared by the head) and a multiply
 
 
 def as_precision(p: Precision | str) -> Precision:
@@ -151,7 +152,11 @@ def _attention_block(b: _Builder, spec: ModelSpec, i: int, x: str, m: int, batch
                 4 * pairs * spec.q_dim + SOFTMAX_FLOPS_PER_ELEMENT * scores,
                 act_in=m * (spec.q_dim + 2 * spec.kv_dim), act_out=m * spec.q_dim,
                 kv_read=2 * cached * spec.kv_dim, kv_write=2 * m * spec.kv_dim, inputs=att_inputs)
-    out = b.matmul(p + "attn_output", i, m, d, spec.q_dim, p + "attn_output.weight", (att,))
+    if spec.attn_sinks:  # each head's output shrinks by the sink's share: o / (1 + exp(sink - log-sum-exp))
+        att = b.vector(p + "attn_sinks", "sink", i, m * spec.q_dim, SINK_FLOPS_PER_ELEMENT, (att,),
+                       weight=p + "attn_sinks.weight", weight_elems=spec.n_heads)
+    out = b.matmul(p + "attn_output", i, m, d, spec.q_dim, p + "attn_output.weight", (att,),
+                   extra_weight=d * spec.attn_output_bias)
     if spec.post_norms:
         out = b.vector(p + "post_attention_norm", "norm", i, m * d, NORM_FLOPS_PER_ELEMENT, (out,),
                        weight=p + "post_attention_norm.weight", weight_elems=d)
@@ -164,17 +169,19 @@ def _mlp_block(b: _Builder, spec: ModelSpec, i: int, x: str, m: int) -> str:
                     weight=p + "ffn_norm.weight", weight_elems=d)
     if spec.is_moe:
         e, k = spec.n_experts, spec.n_experts_per_token
-        router = b.matmul(p + "ffn_gate_inp", i, m, e, d, p + "ffn_gate_inp.weight", (norm,), kind="moe_router")
+        bias = spec.moe_bias
+        router = b.matmul(p + "ffn_gate_inp", i, m, e, d, p + "ffn_gate_inp.weight", (norm,), kind="moe_router",
+                          extra_weight=e * bias)
         rows = expected_distinct_experts(e, k, m) * ff  # weight rows read, over the experts touched
         gate = b.matmul(p + "ffn_gate_exps", i, m * k, ff, d, p + "ffn_gate_exps.weight", (norm, router),
-                        weight_rows=rows)
+                        weight_rows=rows, extra_weight=rows * bias)
         up = b.matmul(p + "ffn_up_exps", i, m * k, ff, d, p + "ffn_up_exps.weight", (norm, router),
-                      weight_rows=rows)
+                      weight_rows=rows, extra_weight=rows * bias)
         act = b.vector(p + "ffn_act", "activation", i, m * k * ff, GATED_ACT_FLOPS_PER_ELEMENT, (gate, up), reads=2)
         # each token's k expert outputs are weighted and summed as they leave the matrix unit, so the
         # result (and the TP all-reduce after it) is one d-vector per token, not k
         down = b.matmul(p + "ffn_down_exps", i, m * k, d, ff, p + "ffn_down_exps.weight", (act,),
-                        weight_rows=rows * d / ff, act_out=m * d)
+                        weight_rows=rows * d / ff, extra_weight=rows * d / ff * bias, act_out=m * d)
     else:
         gate = b.matmul(p + "ffn_gate", i, m, ff, d, p + "ffn_gate.weight", (norm,))
         up = b.matmul(p + "ffn_up", i, m, ff, d, p + "ffn_up.weight", (norm,))

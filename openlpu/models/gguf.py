@@ -207,6 +207,9 @@ class ArchDefaults:
     post_norms: bool = False
     qk_norm: bool = False
     qkv_bias: bool = False
+    attn_output_bias: bool = False
+    attn_sinks: bool = False
+    moe_bias: bool = False
     explicit_query_scale: bool = False  # llama.cpp sets f_attention_scale for this arch
 
 
@@ -227,6 +230,9 @@ ARCHITECTURES: dict[str, ArchDefaults] = {
                            embed_scale_sqrt_d_model=True, norm_weight_offset=1.0,
                            stored_norm_shift=1.0, post_norms=True, qk_norm=True,
                            explicit_query_scale=True),
+    # gpt-oss: set_swa_pattern(2) (layer 0 local); biased q, k, v, output, router and experts; sinks
+    "gpt-oss": ArchDefaults(family="gpt-oss", activation="swiglu_clamped", swa_period=2, qkv_bias=True,
+                            attn_output_bias=True, attn_sinks=True, moe_bias=True),
 }
 
 # ModelSpec field -> GGUF key suffix ("{arch}." prefix), read when present (llama.cpp LLM_KV names).
@@ -256,10 +262,19 @@ def _rope_scaling(meta: dict, arch: str, path: Path) -> RopeScaling | None:
     factor = float(meta.get(f"{arch}.rope.scaling.factor", 1.0))
     if kind == "none" or factor == 1.0:
         return None
-    # ModelSpec models Llama 3.1's rope scaling only; llama.cpp stores that one as a rope_freqs
-    # tensor, and linear / yarn have no ModelSpec equivalent yet.
-    raise OpenLPUError(f"{path}: rope scaling {kind!r} (factor {factor}) is not supported yet; "
-                       "use a model without rope scaling or a preset")
+    # llama.cpp stores Llama 3.1's scaling as a rope_freqs tensor (refused by the caller); linear
+    # scaling has no ModelSpec equivalent
+    if kind != "yarn":
+        raise OpenLPUError(f"{path}: rope scaling {kind!r} (factor {factor}) is not supported yet; "
+                           "use a model without rope scaling or a preset")
+    key = f"{arch}.rope.scaling.original_context_length"
+    if key not in meta:
+        raise OpenLPUError(f"{path}: GGUF metadata lacks {key} for its yarn rope scaling; re-convert the "
+                           "model with a current llama.cpp")
+    # beta defaults 32 and 1: llama.cpp's yarn_beta_fast / yarn_beta_slow, as transformers' yarn rope
+    return RopeScaling(factor=factor, original_context_length=int(meta[key]), kind="yarn",
+                       beta_fast=float(meta.get(f"{arch}.rope.scaling.yarn_beta_fast", 32.0)),
+                       beta_slow=float(meta.get(f"{arch}.rope.scaling.yarn_beta_slow", 1.0)))
 
 
 def spec_from_gguf(path: str | Path) -> ModelSpec:
@@ -308,6 +323,9 @@ def spec_from_gguf(path: str | Path) -> ModelSpec:
         post_norms=defaults.post_norms,
         qk_norm=defaults.qk_norm,
         qkv_bias=defaults.qkv_bias,
+        attn_output_bias=defaults.attn_output_bias,
+        attn_sinks=defaults.attn_sinks,
+        moe_bias=defaults.moe_bias,
         embed_scale=values["d_model"] ** 0.5 if defaults.embed_scale_sqrt_d_model else 1.0,
         tie_embeddings="output.weight" not in header.tensors,
         source=f"GGUF metadata of {header.path.name} (arch {arch}); llama.cpp per-architecture "

@@ -28,6 +28,14 @@ HF_ROPE_LAYOUT = "half-split"  # q/k rows as HF stores them: rope pairs dim i wi
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 GEMMA_ACTIVATIONS = {**ACTIVATIONS, "gelu": "gelu_tanh"}
 
+# rope_scaling fields per rope_type, with transformers' default where it has one (None: required)
+ROPE_SCALING_FIELDS = {
+    "llama3": {"factor": None, "low_freq_factor": None, "high_freq_factor": None,
+               "original_max_position_embeddings": None},
+    "yarn": {"factor": None, "original_max_position_embeddings": None, "beta_fast": 32.0, "beta_slow": 1.0},
+}
+ROPE_SCALING_NAMES = {"original_max_position_embeddings": "original_context_length"}  # -> RopeScaling field
+
 # HF layer_types entries -> ModelSpec layer kinds.
 LAYER_TYPES = {"full_attention": "global", "sliding_attention": "local"}
 
@@ -50,8 +58,8 @@ def _qwen_window_after_max_window_layers(cfg: dict, n: int) -> list[str]:
     return ["local" if i >= first_full else "global" for i in range(n)]
 
 
-def _gemma2_alternating(cfg: dict, n: int) -> list[str]:
-    return ["local" if (i + 1) % 2 else "global" for i in range(n)]  # layer 0 slides
+def _alternating(cfg: dict, n: int) -> list[str]:
+    return ["local" if (i + 1) % 2 else "global" for i in range(n)]  # layer 0 slides (Gemma 2, gpt-oss)
 
 
 def _gemma3_pattern(cfg: dict, n: int) -> list[str]:
@@ -70,6 +78,7 @@ class FamilyRule:
     gemma: bool = False  # sqrt(d_model) embedding scale, (1 + w) norms, query_pre_attn_scalar
     moe: bool = False
     unsupported_true: tuple[str, ...] = ()  # flags ModelSpec cannot express when true
+    required: dict = field(default_factory=dict)  # config fields whose value the family's ModelSpec fixes
 
 
 _GEMMA_FIXED = {"norm_weight_offset": 1.0}
@@ -84,12 +93,18 @@ FAMILY_RULES: dict[str, FamilyRule] = {
                         fixed={"qk_norm": True}, unsupported_true=("attention_bias",)),
     "gemma": FamilyRule("gemma", "GemmaForCausalLM", _all_global, fixed=_GEMMA_FIXED,
                         tie_default=True, gemma=True, unsupported_true=("attention_bias",)),
-    "gemma2": FamilyRule("gemma2", "Gemma2ForCausalLM", _gemma2_alternating,
+    "gemma2": FamilyRule("gemma2", "Gemma2ForCausalLM", _alternating,
                          fixed={**_GEMMA_FIXED, "post_norms": True}, tie_default=True, gemma=True,
                          unsupported_true=("attention_bias",)),
     "gemma3_text": FamilyRule("gemma3", "Gemma3ForCausalLM", _gemma3_pattern,
                               fixed={**_GEMMA_FIXED, "post_norms": True, "qk_norm": True},
                               tie_default=True, gemma=True, unsupported_true=("attention_bias",)),
+    # config.json says hidden_act "silu", but the experts apply their clamped SwiGLU (swiglu_limit 7,
+    # alpha 1.702: transformers GptOssExperts), which the activation name fixes
+    "gpt_oss": FamilyRule("gpt-oss", "GptOssForCausalLM", _alternating, moe=True,
+                          fixed={"activation": "swiglu_clamped", "qkv_bias": True, "attn_output_bias": True,
+                                 "attn_sinks": True, "moe_bias": True},
+                          required={"attention_bias": True, "swiglu_limit": 7.0, "swiglu_alpha": 1.702}),
 }
 
 
@@ -160,17 +175,19 @@ def _rope(f: _Fields, gemma3: bool) -> tuple[float, float | None, RopeScaling | 
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return float(theta), local, None
-    if kind != "llama3":
+    if kind not in ROPE_SCALING_FIELDS:
         raise f.error(f"field 'rope_scaling' of type {kind!r} is not supported (supported: "
-                      "llama3, none); use a model without it")
-    try:
-        rs = RopeScaling(factor=float(scaling["factor"]),
-                         low_freq_factor=float(scaling["low_freq_factor"]),
-                         high_freq_factor=float(scaling["high_freq_factor"]),
-                         original_context_length=int(scaling["original_max_position_embeddings"]))
-    except KeyError as e:
-        raise f.error(f"field 'rope_scaling' lacks {e.args[0]!r} for rope_type llama3") from None
-    return float(theta), local, rs
+                      f"{', '.join(ROPE_SCALING_FIELDS)}, none); use a model without it")
+    values = {}
+    for key, default in ROPE_SCALING_FIELDS[kind].items():
+        if scaling.get(key, default) is None:
+            raise f.error(f"field 'rope_scaling' lacks {key!r} for rope_type {kind}")
+        name = ROPE_SCALING_NAMES.get(key, key)
+        try:
+            values[name] = (int if name == "original_context_length" else float)(scaling.get(key, default))
+        except (TypeError, ValueError):
+            raise f.error(f"field 'rope_scaling.{key}' must be a number, got {scaling[key]!r}") from None
+    return float(theta), local, RopeScaling(kind=kind, **values)
 
 
 def _layer_kinds(f: _Fields, rule: FamilyRule, n_layers: int) -> list[str]:
@@ -204,6 +221,10 @@ def spec_from_hf_config(config: dict | str | Path, name: str | None = None) -> M
         if cfg.get(flag):
             raise f.error(f"field {flag!r} = true is not supported for {model_type}; "
                           "use a checkpoint without those biases")
+    for key, value in rule.required.items():
+        if cfg.get(key, value) != value:
+            raise f.error(f"field {key!r} = {cfg[key]!r} is not supported for {model_type} (only {value!r}); "
+                          "use a checkpoint with the family's standard value")
 
     d_model = f.number("hidden_size", kind=int)
     n_heads = f.number("num_attention_heads", kind=int)
@@ -218,30 +239,29 @@ def spec_from_hf_config(config: dict | str | Path, name: str | None = None) -> M
     kinds = _layer_kinds(f, rule, n_layers)
     window = f.number("sliding_window", kind=int) if "local" in kinds else None
 
-    fields = dict(
-        name=name or cfg.get("_name_or_path") or
+    fields = {
+        "name": name or cfg.get("_name_or_path") or
         (Path(origin).parent.name if origin != "HF config" else model_type),
-        family=rule.family,
-        vocab_size=f.number("vocab_size", kind=int),
-        d_model=d_model,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        n_kv_heads=f.number("num_key_value_heads", default=n_heads, kind=int),
-        head_dim=head_dim,
-        d_ff=f.number("intermediate_size", kind=int),
-        context_length=f.number("max_position_embeddings", kind=int),
-        norm_eps=f.number("rms_norm_eps"),
-        rope_base=rope_base,
-        rope_base_local=rope_local,
-        rope_scaling=rope_scaling,
-        activation=act_table[act_name],
-        sliding_window=window,
-        layer_kinds=tuple(kinds),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", rule.tie_default)),
-        source=f"Hugging Face config.json ({origin})" if origin != "HF config"
+        "family": rule.family,
+        "vocab_size": f.number("vocab_size", kind=int),
+        "d_model": d_model,
+        "n_layers": n_layers,
+        "n_heads": n_heads,
+        "n_kv_heads": f.number("num_key_value_heads", default=n_heads, kind=int),
+        "head_dim": head_dim,
+        "d_ff": f.number("intermediate_size", kind=int),
+        "context_length": f.number("max_position_embeddings", kind=int),
+        "norm_eps": f.number("rms_norm_eps"),
+        "rope_base": rope_base,
+        "rope_base_local": rope_local,
+        "rope_scaling": rope_scaling,
+        "activation": act_table[act_name],
+        "sliding_window": window,
+        "layer_kinds": tuple(kinds),
+        "tie_embeddings": bool(cfg.get("tie_word_embeddings", rule.tie_default)),
+        "source": f"Hugging Face config.json ({origin})" if origin != "HF config"
         else "Hugging Face config",
-        **rule.fixed,
-    )
+    } | rule.fixed  # the family's fixed fields win (gpt-oss: its activation)
     if rule.gemma:
         fields["embed_scale"] = math.sqrt(d_model)
         if model_type != "gemma":  # Gemma 1 scales queries by 1/sqrt(head_dim), the default

@@ -15,8 +15,11 @@ from pathlib import Path
 
 from openlpu.errors import OpenLPUError
 
-FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
-ACTIVATIONS = ("silu", "gelu_tanh")
+FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gpt-oss")
+# gated-MLP activations; "swiglu_clamped" is gpt-oss's: gate clamped to <= 7, up to [-7, 7], then
+# gate * sigmoid(1.702 gate) * (up + 1) (transformers GptOssExperts, swiglu_limit / swiglu_alpha)
+ACTIVATIONS = ("silu", "gelu_tanh", "swiglu_clamped")
+ROPE_SCALINGS = ("llama3", "yarn")
 LAYER_KINDS = ("global", "local")  # local = sliding-window attention
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -24,12 +27,17 @@ PRESETS_DIR = Path(__file__).parent / "presets"
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """Llama 3.1's frequency-dependent rope scaling (rope_type "llama3")."""
+    """Rope scaling that stretches a model's trained context: Llama 3.1's frequency-dependent rescale
+    (kind "llama3", with its low and high frequency factors) or YaRN (kind "yarn", gpt-oss, with its
+    beta_fast and beta_slow)."""
 
     factor: float
-    low_freq_factor: float
-    high_freq_factor: float
     original_context_length: int
+    kind: str = "llama3"  # one of ROPE_SCALINGS
+    low_freq_factor: float = 0.0
+    high_freq_factor: float = 0.0
+    beta_fast: float = 0.0
+    beta_slow: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -54,7 +62,10 @@ class ModelSpec:
     norm_weight_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + w)
     post_norms: bool = False  # Gemma 2/3: norms after attention and after the MLP too
     qk_norm: bool = False  # Qwen 3, Gemma 3: RMSNorm on each query and key head
-    qkv_bias: bool = False  # Qwen 2
+    qkv_bias: bool = False  # Qwen 2, gpt-oss
+    attn_output_bias: bool = False  # gpt-oss: the output projection has a bias too
+    attn_sinks: bool = False  # gpt-oss: a learned logit per head joins each softmax (and takes its share)
+    moe_bias: bool = False  # gpt-oss: the router and every expert's projections have biases
     query_scale: float | None = None  # None: 1/sqrt(head_dim)
     attn_logit_softcap: float | None = None  # Gemma 2
     final_logit_softcap: float | None = None  # Gemma 2
@@ -97,6 +108,10 @@ class ModelSpec:
                       f"n_experts ({self.n_experts}) for MoE models, and both 0 for dense ones")
         if self.norm_eps <= 0 or self.rope_base <= 0:
             raise bad("norm_eps and rope_base must be positive")
+        if self.rope_scaling is not None and self.rope_scaling.kind not in ROPE_SCALINGS:
+            raise bad(f"rope scaling {self.rope_scaling.kind!r} not supported; use one of {ROPE_SCALINGS}")
+        if self.moe_bias and not self.is_moe:
+            raise bad("moe_bias needs experts (n_experts > 0)")
 
     # ---- derived quantities -----------------------------------------------------------------
     @property
@@ -140,7 +155,11 @@ class ModelSpec:
             if self.qk_norm:
                 shapes[b + "attn_q_norm.weight"] = (self.head_dim,)
                 shapes[b + "attn_k_norm.weight"] = (self.head_dim,)
+            if self.attn_sinks:
+                shapes[b + "attn_sinks.weight"] = (self.n_heads,)
             shapes[b + "attn_output.weight"] = (d, q)
+            if self.attn_output_bias:
+                shapes[b + "attn_output.bias"] = (d,)
             if self.post_norms:
                 shapes[b + "post_attention_norm.weight"] = (d,)
             shapes[b + "ffn_norm.weight"] = (d,)
@@ -149,6 +168,11 @@ class ModelSpec:
                 shapes[b + "ffn_gate_exps.weight"] = (e, ff, d)
                 shapes[b + "ffn_up_exps.weight"] = (e, ff, d)
                 shapes[b + "ffn_down_exps.weight"] = (e, d, ff)
+                if self.moe_bias:
+                    shapes[b + "ffn_gate_inp.bias"] = (e,)
+                    shapes[b + "ffn_gate_exps.bias"] = (e, ff)
+                    shapes[b + "ffn_up_exps.bias"] = (e, ff)
+                    shapes[b + "ffn_down_exps.bias"] = (e, d)
             else:
                 shapes[b + "ffn_gate.weight"] = (ff, d)
                 shapes[b + "ffn_up.weight"] = (ff, d)
@@ -167,8 +191,10 @@ class ModelSpec:
         """Parameters touched per token: MoE models use only top-k experts."""
         if not self.is_moe:
             return self.param_count()
-        per_expert = 3 * self.d_ff * self.d_model
-        return self.param_count() - self.n_layers * (self.n_experts - self.n_experts_per_token) * per_expert
+        idle = self.n_experts - self.n_experts_per_token
+        # expert tensors ("blk.N.ffn_*_exps.*") stack one slice per expert along their first axis
+        return self.param_count() - sum(math.prod(shape) // self.n_experts * idle
+                                        for name, shape in self.tensor_shapes().items() if "_exps." in name)
 
     def kv_bytes_per_token(self, bytes_per_element: float) -> float:
         """KV cache bytes one token adds across all layers (sliding-window layers included)."""

@@ -49,7 +49,7 @@ from openlpu.models.spec import ModelSpec
 from openlpu.runtime.kernels import Linear
 from openlpu.runtime.kv_cache import KVCache
 from openlpu.runtime.model import (GATE_ACTIVATIONS, PRECISIONS, ROPE_STYLE, Head, Model, Partial, RMSNorm, Span,
-                                   apply_rope, attend, attend_slots, attention_plans, merge_partials,
+                                   apply_rope, attend, attend_slots, attention_plans, check_runnable, merge_partials,
                                    rope_inverse_frequencies, rope_tables)
 
 MODES = ("sharded", "fused")
@@ -496,6 +496,7 @@ class Executor:
         (model.py's Model); sharded mode always runs float32 on the CPU."""
         if mode not in MODES:
             raise OpenLPUError(f"unknown execution mode {mode!r}; use one of {', '.join(MODES)}")
+        check_runnable(spec)
         if spec.name != program.model or spec.tensor_shapes() != program.tensors:
             raise OpenLPUError(f"the Program was compiled for {program.model!r}, not for these weights "
                                f"({spec.name!r}); compile it for this model")
@@ -827,6 +828,7 @@ def load_executor(program: Program, model_path, mode: str = "fused", precision: 
     from openlpu.runtime.model import GGUFWeights
 
     spec = spec or spec_from_gguf(model_path)
+    check_runnable(spec)
     # fused: one tensor dequantized at a time as the blocks are built; sharded: every chip slices
     # its shards from the same float32 tensors
     weights = GGUFWeights(model_path, spec) if mode == "fused" else load_weights(model_path, spec)

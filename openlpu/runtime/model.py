@@ -3,7 +3,9 @@
 Llama / Mistral (SwiGLU, llama3 rope scaling), Mixtral (top-k MoE), Qwen 2 (qkv bias), Qwen 3
 (q/k norm), Gemma 2 (post norms, attention and final logit softcaps, sliding window on alternate
 layers) and Gemma 3 (q/k norm, 5 local : 1 global layers with their own rope base, scaled
-embedding, tied head) are all the same code path; the spec's flags pick each difference.
+embedding, tied head) are all the same code path; the spec's flags pick each difference. gpt-oss
+(attention sinks, biased experts, a clamped SwiGLU, yarn rope) is compiled and timed but not executed
+here: `check_runnable` refuses it, naming what is missing.
 
 Weights dict layout (what `Model(spec, weights)` expects, keyed by llama.cpp GGUF tensor names,
 torch (out, in) shapes, as openlpu.models.gguf.load_weights returns them):
@@ -45,6 +47,24 @@ ROPE_STYLE = {"llama": "interleaved", "mistral": "interleaved", "mixtral": "inte
               "qwen2": "neox", "qwen3": "neox", "gemma": "neox", "gemma2": "neox", "gemma3": "neox"}
 
 GATE_ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+# ModelSpec features that `plan` and `compile` model but this runtime does not compute (gpt-oss's)
+UNRUN_FEATURES = {"attn_sinks": "attention sinks", "attn_output_bias": "an output projection bias",
+                  "moe_bias": "biased experts and router"}
+
+
+def check_runnable(spec: ModelSpec) -> None:
+    """Refuse, naming what is missing, a model whose math this runtime lacks."""
+    lacking = [what for flag, what in UNRUN_FEATURES.items() if getattr(spec, flag)]
+    if spec.activation not in GATE_ACTIVATIONS:
+        lacking.append(f"the {spec.activation} activation")
+    if spec.rope_scaling is not None and spec.rope_scaling.kind != "llama3":
+        lacking.append(f"{spec.rope_scaling.kind} rope scaling")
+    if lacking or spec.family not in ROPE_STYLE:
+        raise OpenLPUError(f"{spec.name} ({spec.family}): the runtime cannot execute this model yet, it lacks "
+                           f"{', '.join(lacking) or 'the family'}; `openlpu plan` and `openlpu compile` model "
+                           "it, or run another model")
+
 
 # precision -> (format of the transformer-block matrices, format of the output head)
 PRECISIONS = {
@@ -356,6 +376,7 @@ class Model:
                  max_positions: int | None = None):
         if precision not in PRECISIONS:
             raise OpenLPUError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+        check_runnable(spec)
         self.spec, self.precision = spec, precision
         self.device = torch.device(device or "cpu")
         self.max_positions = max_positions or spec.context_length
@@ -631,4 +652,5 @@ def load_model(path, precision: str = "int8", device=None, max_positions: int | 
     from openlpu.models.gguf import spec_from_gguf
 
     spec = spec or spec_from_gguf(path)
+    check_runnable(spec)  # before the weights, whose names such a model need not share
     return Model(spec, GGUFWeights(path, spec), precision, device, max_positions)

@@ -74,7 +74,10 @@ DEFAULT_SOFTWARE = "gqa-kernels"
 # Op kinds whose work tensor parallelism splits across the GPUs of a server; the rest (norms,
 # residual adds, the embedding gather, sampling) run replicated on every GPU.
 TP_SHARDED_KINDS = frozenset({"matmul", "attention", "activation", "rope", "lm_head", "softcap",
-                              "moe_router"})
+                              "moe_router", "sink"})
+# Op kinds that serving kernels fold into the kernel before them, so they launch none of their own:
+# gpt-oss's attention sinks run inside the attention kernel (vLLM's FlashAttention 3 path, TensorRT-LLM).
+FUSED_KINDS = frozenset({"sink"})
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,7 @@ def op_time_s(op, gpu: GpuSpec, precision: str, shards: int, kv_reads: int = 1) 
     compute_s = op.flops / split / (gpu.compute_flops_per_s(precision) * COMPUTE_EFFICIENCY)
     moved = op.bytes_total + (kv_reads - 1) * op.kv_read_bytes
     memory_s = moved / split / (gpu.hbm_bandwidth_bytes_per_s * MEMORY_EFFICIENCY)
-    return max(compute_s, memory_s) + KERNEL_OVERHEAD_S
+    return max(compute_s, memory_s) + (0.0 if op.kind in FUSED_KINDS else KERNEL_OVERHEAD_S)
 
 
 def allreduce_s(n_bytes: float, gpu: GpuSpec, ranks: int) -> float:

@@ -1,0 +1,163 @@
+"""gpt-oss (OpenAI's open-weight MoE, served on GroqCloud): its ModelSpec from each source, its op rows,
+its compiled Program, and the runtime's refusal to execute the math it lacks."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from test_gguf import arch_metadata, write_gguf
+
+from openlpu.compiler import Workload, compile_program, verify
+from openlpu.errors import OpenLPUError
+from openlpu.graph.lower import lower
+from openlpu.hardware.gpu import load_gpu
+from openlpu.hardware.lpu import load_system
+from openlpu.models.gguf import spec_from_gguf
+from openlpu.models.hf import spec_from_hf_config
+from openlpu.models.spec import PRESETS_DIR, load_preset
+from openlpu.runtime.model import Model
+from openlpu.sim.gpu import KERNEL_OVERHEAD_S, step_s
+
+SYSTEM = load_system("lpu-v1")
+
+
+def _fields(spec) -> dict:
+    d = spec.to_dict()
+    for f in ("name", "source", "extra"):
+        d.pop(f)
+    return d
+
+
+@pytest.mark.parametrize("name, layers, experts", [("gpt-oss-120b", None, None), ("gpt-oss-20b", 24, 32)])
+def test_transformers_config_class_gives_the_preset(name, layers, experts):
+    """transformers' GptOssConfig (its defaults are gpt-oss-120b; the 20b differs in layers and experts),
+    as it writes config.json, makes the same ModelSpec as the preset: a second source for the shapes."""
+    from transformers import GptOssConfig
+
+    sizes = {} if layers is None else {"num_hidden_layers": layers, "num_local_experts": experts}
+    cfg = GptOssConfig(**sizes).to_dict()
+    assert _fields(spec_from_hf_config(cfg)) == _fields(load_preset(name))
+
+
+def _gguf(tmp_path):
+    """A metadata-only gpt-oss-20b GGUF: the keys llama.cpp's converter writes for it
+    (GptOssModel.set_gguf_parameters: the common ones, the sliding window, the expert sizes, yarn)."""
+    meta = arch_metadata("gpt-oss", d_model=2880, n_layers=24, d_ff=2880, n_heads=64, n_kv_heads=8, head_dim=64,
+                         context_length=131072, norm_eps=1e-5, rope_base=150000.0, sliding_window=128,
+                         n_experts=32, n_experts_per_token=4, vocab_size=201088)
+    meta.update({"gpt-oss.expert_feed_forward_length": 2880, "gpt-oss.rope.scaling.type": "yarn",
+                 "gpt-oss.rope.scaling.factor": 32.0, "gpt-oss.rope.scaling.original_context_length": 4096})
+    return write_gguf(tmp_path / "oss.gguf", "gpt-oss", meta, {"output.weight": np.zeros((1, 1), np.float32)})
+
+
+def test_gguf_metadata_gives_the_preset(tmp_path):
+    assert _fields(spec_from_gguf(_gguf(tmp_path))) == _fields(load_preset("gpt-oss-20b"))
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"swiglu_limit": 5.0}, "'swiglu_limit' = 5.0 is not supported for gpt_oss"),
+    ({"attention_bias": False}, "'attention_bias' = False is not supported"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 32.0}}, "lacks 'original_max_position_embeddings'"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": "x", "original_max_position_embeddings": 4096}},
+     "'rope_scaling.factor' must be a number, got 'x'"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "supported: llama3, yarn, none"),
+])
+def test_bad_configs_say_which_field(change, says):
+    cfg = json.loads((PRESETS_DIR / "gpt-oss-20b.json").read_text())["$source_notes"]["hf_config"]
+    with pytest.raises(OpenLPUError, match=says.replace("(", r"\(").replace(")", r"\)")):
+        spec_from_hf_config({**cfg, **change})
+
+
+def test_a_long_prefill_reads_every_weight_bias_and_sink():
+    """A prefill long enough to touch every expert reads every parameter once but the embedding table (a
+    row per token): the biases and sinks are in the rows. Second method: ModelSpec.param_count."""
+    spec = load_preset("gpt-oss-20b")
+    tokens = 4096
+    ops = lower(spec, "prefill", tokens, 1, "int8")
+    read = sum(o.weight_bytes for o in ops) - tokens * spec.d_model  # minus the gathered rows
+    assert read == pytest.approx(spec.param_count() - spec.vocab_size * spec.d_model, rel=1e-6)
+    sinks = [o for o in ops if o.kind == "sink"]
+    assert len(sinks) == spec.n_layers and all(o.weight_bytes == spec.n_heads for o in sinks)
+
+
+@pytest.fixture(scope="module")
+def split_attention():
+    """gpt-oss-20b with 16 users of 131,072 tokens: its global layers' K and V do not fit a stage, so each
+    is split along its slots (context parallelism)."""
+    return compile_program(load_preset("gpt-oss-20b"), SYSTEM, Workload(context_length=131072, users=16))
+
+
+def test_a_split_attention_applies_the_sinks_once_to_the_merged_result(split_attention):
+    p = split_attention
+    assert verify(p) == []
+    stage_of_chip = {c: s.index for s in p.placement.stages for c in s.chips}
+    ops = {o.name: o for o in p.decode.ops}
+    split_layers = 0
+    for layer in range(load_preset("gpt-oss-20b").n_layers):
+        parts = [o for o in p.decode.ops if o.name.startswith(f"blk.{layer}.attention")]
+        sinks = [o for o in p.decode.ops if o.name.startswith(f"blk.{layer}.attn_sinks")]
+        assert len(sinks) == 1  # once per layer, however many parts attend
+        held = {stage_of_chip[sh.chip] for sh in p.placement.shards if sh.tensor == f"blk.{layer}.attn_sinks.weight"}
+        assert held == {sinks[0].stage}
+        if len(parts) > 1:
+            split_layers += 1
+            last_merge = max((o for o in p.decode.ops if o.name.startswith(f"blk.{layer}.attn_merge")),
+                             key=lambda o: o.end_cycle)
+            assert sinks[0].stage == max(o.stage for o in parts)
+            assert any(i.startswith(last_merge.name) for i in sinks[0].inputs)
+            assert sinks[0].start_cycle >= last_merge.end_cycle
+        assert ops[f"blk.{layer}.attn_output"].stage == sinks[0].stage
+    assert split_layers > 0
+
+
+def test_each_expert_bias_is_placed_with_its_weight_rows():
+    """On 52 stages of TP 2 (more stages than the 50 halves, so every MLP is cut between two stages), the
+    gate and up biases split along d_ff exactly like their expert matrices, and the down bias, added once
+    to the summed parts, is whole and only on each MLP's last part."""
+    spec = load_preset("gpt-oss-20b")
+    p = compile_program(spec, SYSTEM, Workload(context_length=4096), chips=104, tp=2)
+    assert verify(p) == []
+    stage_of_chip = {c: s.index for s in p.placement.stages for c in s.chips}
+    shards = {(sh.tensor, sh.chip): sh for sh in p.placement.shards}
+    for layer in range(spec.n_layers):
+        b = f"blk.{layer}."
+        parts = sorted({stage_of_chip[sh.chip] for sh in p.placement.shards if sh.tensor == b + "ffn_up_exps.weight"})
+        assert len(parts) == 2
+        for sh in p.placement.shards:
+            if sh.tensor in (b + "ffn_gate_exps.bias", b + "ffn_up_exps.bias"):
+                w = shards[(sh.tensor.replace(".bias", ".weight"), sh.chip)]
+                assert (sh.axis, sh.start, sh.stop) == (1, w.start, w.stop)
+        down = [sh for sh in p.placement.shards if sh.tensor == b + "ffn_down_exps.bias"]
+        assert {stage_of_chip[sh.chip] for sh in down} == {parts[-1]}
+        assert all((sh.start, sh.stop) == (0, spec.n_experts) for sh in down)
+
+
+def test_the_runtime_refuses_it_by_name():
+    spec = load_preset("gpt-oss-20b")
+    says = r"gpt-oss-20b \(gpt-oss\): the runtime cannot execute this model yet, it lacks attention sinks"
+    with pytest.raises(OpenLPUError, match=says):
+        Model(spec, {})
+    # a family the runtime runs, given one feature it lacks, is refused the same way
+    with pytest.raises(OpenLPUError, match="yarn rope scaling"):
+        Model(dataclasses.replace(load_preset("qwen3-8b"), rope_scaling=spec.rope_scaling), {})
+
+
+def test_openlpu_run_refuses_a_gpt_oss_gguf_in_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "openlpu.cli", "run", "Hello", "--model", str(_gguf(tmp_path))],
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "(gpt-oss): the runtime cannot execute this model yet" in r.stderr
+
+
+def test_a_gpu_runs_the_sinks_inside_its_attention_kernel():
+    """Serving stacks apply gpt-oss's sinks in the attention kernel: on the GPU model the sink rows add
+    their few bytes, not a kernel launch each."""
+    spec = load_preset("gpt-oss-20b")
+    ops = lower(spec, "decode", 4096, 1, "fp8")
+    gpu = load_gpu("h100-sxm")
+    without_sinks = [o for o in ops if o.kind != "sink"]
+    added = step_s(spec, ops, gpu, "fp8", 1, 1, 1) - step_s(spec, without_sinks, gpu, "fp8", 1, 1, 1)
+    assert 0 < added < 0.01 * spec.n_layers * KERNEL_OVERHEAD_S
