@@ -82,8 +82,10 @@ COUNTED = "CHECK"
 # (llama2-70b-4096, mixtral-8x7b-32768, llama3-8b-8192) or the catalogue's window, else the press figure's.
 # GroqCloud's model catalogue lists a speed per model; undated, but it lists openai/gpt-oss (released
 # Aug 2025) beside these, so it is the service of 2025 or later, at whatever load it then carried
-GROQ_CATALOGUE = ("GroqCloud documentation, model catalogue: '{}' listed at ~{} tok/s, 131,072-token window "
-                  "(undated; lists gpt-oss, so Aug 2025 or later)")
+GROQ_CATALOGUE = ("GroqCloud documentation, model catalogue: '{}' listed at ~{} tok/s, {} (undated; lists "
+                  "gpt-oss, so Aug 2025 or later)")
+CATALOGUE_WINDOW = "131,072-token window"
+NO_WINDOW = "no window given there (modelled at the model's own 131,072 tokens)"
 # Groq's price list of Aug 2024 had a "current speed" column; Groq's page is not archived here, a
 # third-party copy dated 3 Aug 2024 is: github.com/aisudoapp/ai-model-providers providers/groq/README.md
 GROQ_PRICES_2024 = ("Groq's price list, 'current speed' column: '{}' ~{} tok/s (as copied on 3 Aug 2024 in "
@@ -99,9 +101,16 @@ MIXTRAL_PRESS = Point("lpu-v1", "mixtral-8x7b", 576, "int8", "decode_tok_s_per_u
                       "Groq, 'Mixtral 8x7B at 480 tokens/s' (TechPowerUp news, Feb 2024); Artificial Analysis "
                       "measured ~430", "2024-02", COUNTED, {"context": 32768})
 LLAMA_31_8B = Point("lpu-v1", "llama-3.1-8b", None, "int8", "decode_tok_s_per_user", 560,
-                    GROQ_CATALOGUE.format("llama-3.1-8b-instant", 560), "2025", COUNTED, {"context": 131072})
+                    GROQ_CATALOGUE.format("llama-3.1-8b-instant", 560, CATALOGUE_WINDOW), "2025", COUNTED,
+                    {"context": 131072})
 LLAMA_33_70B = Point("lpu-v1", "llama-3.3-70b", None, "int8", "decode_tok_s_per_user", 280,
-                     GROQ_CATALOGUE.format("llama-3.3-70b-versatile", 280), "2025", COUNTED, {"context": 131072})
+                     GROQ_CATALOGUE.format("llama-3.3-70b-versatile", 280, CATALOGUE_WINDOW), "2025", COUNTED,
+                     {"context": 131072})
+# gpt-oss ships its experts in MXFP4; lpu-v1's matrix unit has no 4-bit mode, so they are planned at 8 bits
+GPT_OSS = [Point("lpu-v1", f"gpt-oss-{size}", None, "int8", "decode_tok_s_per_user", tok_s,
+                 GROQ_CATALOGUE.format(f"openai/gpt-oss-{size}", f"{tok_s:,}", NO_WINDOW), "2025", COUNTED,
+                 {"context": 131072})
+           for size, tok_s in (("20b", 1000), ("120b", 500))]
 
 
 def _listed(model: str, service_id: str, tok_s: float, context: int, chips: int | None = None) -> Point:
@@ -130,6 +139,7 @@ LPU_POINTS = [
     _listed("gemma-2-9b", "Gemma2 9b It", 500, 8192),
     LLAMA_31_8B,
     LLAMA_33_70B,
+    *GPT_OSS,
 ]
 # Second-hand figures for services above: shown, not counted (the service's own listing or a
 # measurement with its method published is the CHECK row)
@@ -147,11 +157,12 @@ SECOND_HAND = [dataclasses.replace(check, published=tok_s, source=source, date=d
                          "lists 330 (Apr 2026)"), "2025", "a blog's measurement; Groq's own listing is the CHECK row"))]
 # Each published figure is counted once, at the deployment the table states for it: the published chip
 # count, else the compiler's fewest chips. The rows below repeat figures under another deployment, to
-# show what that choice moves; they are not counted, whatever their error.
+# show what that choice moves; they are not counted, whatever their error. (None for the 2025 gpt-oss
+# rows: at its window gpt-oss-120b needs more than the 576 chips of Groq's 2024 system.)
 PUBLISHED_SYSTEM_CHIPS = 576
 LPU_POINTS += [dataclasses.replace(p, chips=PUBLISHED_SYSTEM_CHIPS,
                                    role="ALT: 576 chips assumed; not counted (held out at the fewest chips)")
-               for p in LPU_POINTS if p.chips is None]
+               for p in LPU_POINTS if p.chips is None and p not in GPT_OSS]
 LPU_POINTS += SECOND_HAND + [
                dataclasses.replace(MIXTRAL_PRESS, chips=None, chips_published=576,
                                    role="ALT: fewest chips; not counted (Groq's 576 is the held-out row)"),
@@ -350,8 +361,11 @@ LOADED_USERS = 32  # a loaded pipeline for the held-out readings (GroqCloud's lo
 
 def fewest_chip_readings(lpu_rows, system) -> list[dict]:
     """For each held-out row at the compiler's fewest chips: the chips and the prediction at each TP
-    width of WIDTHS (each compiled at its own fewest chips), the width whose prediction is nearest the
-    published figure, and the prediction with LOADED_USERS users in flight (placed with their KV)."""
+    width of WIDTHS (each compiled at its own fewest chips; None where a piece fits no chip at that
+    width), the width whose prediction is nearest the published figure (None if none fits), and the
+    prediction with LOADED_USERS users in flight (placed with their KV)."""
+    from openlpu.errors import OpenLPUError
+
     out = []
     for r in lpu_rows:
         if r["role"] != COUNTED or r["chips"] is not None:
@@ -359,9 +373,16 @@ def fewest_chip_readings(lpu_rows, system) -> list[dict]:
         point = _point(r)
         by_tp = {}
         for t in WIDTHS:
-            predicted, timed = predict_lpu(point, system, t)
+            try:
+                predicted, timed = predict_lpu(point, system, t)
+            except OpenLPUError as e:
+                if "does not fit on any" not in str(e):
+                    raise
+                by_tp[t] = None
+                continue
             by_tp[t] = {"chips": timed.chips, "predicted": predicted, "error": predicted / r["published"] - 1}
-        nearest = min(by_tp, key=lambda t: abs(math.log(by_tp[t]["predicted"] / r["published"])))
+        fitting = [t for t in WIDTHS if by_tp[t]]
+        nearest = min(fitting, key=lambda t: abs(math.log(by_tp[t]["predicted"] / r["published"])), default=None)
         loaded, timed = predict_lpu(point, system, users=LOADED_USERS)
         lpu = r["lpu"]
         out.append({"model": r["model"], "context": r["setting"]["context"], "published": r["published"],
@@ -504,7 +525,11 @@ def markdown(lpu_rows, gpu_rows, gpu_fit, install_fit, shipped_install, system, 
     mixtral_checks = [r for r in lpu_rows if r["model"] == "mixtral-8x7b" and r["role"] == COUNTED]
     l70_measured = row(lpu_rows, "llama-2-70b", COUNTED, context=4096)
     def at_widths(f, key, fmt):
-        return " / ".join(format(w[key], fmt) for w in f["by_tp"].values())
+        return " / ".join(format(w[key], fmt) if w else "none fits" for w in f["by_tp"].values())
+
+    def nearest(f):
+        t = f["nearest_tp"]
+        return f"TP {t} ({f['by_tp'][t]['error']:+.0%})" if t else "none fits"
 
     widths = " / ".join(map(str, WIDTHS))
     fewest_table = "\n".join(
@@ -512,17 +537,25 @@ def markdown(lpu_rows, gpu_rows, gpu_fit, install_fit, shipped_install, system, 
           f"| nearest width (its error) | with {LOADED_USERS} users in flight: chips, predicted |"),
          "|---|---|---|---|---|---|---|"]
         + [f"| {f['model']} ({f['context']:,}) | {at_widths(f, 'chips', 'd')} | {at_widths(f, 'predicted', ',.0f')} "
-           f"| {f['stages']} x TP {f['tp']} | {f['published']:,} | TP {f['nearest_tp']} "
-           f"({f['by_tp'][f['nearest_tp']]['error']:+.0%}) | {f['loaded']['chips']:,}, "
+           f"| {f['stages']} x TP {f['tp']} | {f['published']:,} | {nearest(f)} | {f['loaded']['chips']:,}, "
            f"{f['loaded']['predicted']:,.0f} |" for f in fewest])
-    small = [f for f in fewest if f["nearest_tp"] < f["tp"]]
-    big = [f for f in fewest if f not in small]
+    small = [f for f in fewest if f["nearest_tp"] and f["nearest_tp"] < f["tp"]]
+    big = [f for f in fewest if f["nearest_tp"] == f["tp"]]
+    wide_only = [f for f in fewest if f["nearest_tp"] is None]  # no width of WIDTHS holds their pieces
     within = [f for f in small if abs(f["by_tp"][f["nearest_tp"]]["error"]) <= TARGET_ERROR]
-    within_by_tp = {t: sum(abs(f["by_tp"][t]["error"]) <= TARGET_ERROR for f in small) for t in WIDTHS}
+    within_by_tp = {t: sum(bool(f["by_tp"][t]) and abs(f["by_tp"][t]["error"]) <= TARGET_ERROR for f in small)
+                    for t in WIDTHS}
     load_drop = [1 - f["loaded"]["predicted"] / f["predicted"] for f in small]
-    # how far apart the widths' chip counts are, for the 7-9B models
-    width_spread = max(max(w["chips"] for w in f["by_tp"].values()) / min(w["chips"] for w in f["by_tp"].values())
-                       for f in small) - 1
+    # how far apart the widths' chip counts are, for the models nearest at a narrower width
+    width_spread = max(max(w["chips"] for w in f["by_tp"].values() if w) /
+                       min(w["chips"] for w in f["by_tp"].values() if w) for f in small) - 1
+    wide_only_text = "".join(
+        f" {f['model']} ({f['context']:,}): no width inside a node holds one layer's MLP (at TP {max(WIDTHS)},"
+        f" {_layer_mlp_bytes(f['model']) / max(WIDTHS) / 1e6:,.0f} MB of int8 experts per chip, and too few d_ff rows"
+        f" per chip to cut it between stages), so the compiler spans nodes at TP {f['tp']}. Installing every"
+        f" expert of every layer at each step, as a static schedule must, it predicts"
+        f" {f['predicted'] / f['published'] - 1:+.0%} from the listing: the service is faster than that placement"
+        f" allows, and the public record does not say how Groq places it." for f in wide_only)
     by_model = {f["model"]: f for f in fewest}
     same_shape_pairs = "; ".join(
         f"{a} / {b} listed {by_model[a]['published']:,} / {by_model[b]['published']:,} tok/s "
@@ -680,7 +713,7 @@ COMPUTE_EFFICIENCY = {gpu_fit['COMPUTE_EFFICIENCY']:.3f} [{G.COMPUTE_EFFICIENCY:
   users share each weight install and only their own K and V add time. The chip counts per width show why the compiler
   goes wide: at these sizes the widths need nearly the same chips (within {width_spread:.0%}), and the compiler compares
   widths by the nodes they take, ties to the wider. Groq's deployments of these models are not
-  published, and neither is the load behind a listing.
+  published, and neither is the load behind a listing.{wide_only_text}
   Two pairs have the same layer shapes and differ in window (8,192 tokens in 2024, 131,072 in 2025;
   the 3.1 and 3.3 models also change the RoPE scaling): {same_shape_pairs}. The model tells the two of a
   pair apart only by the window, attended whole at every step, and by the placement it gives.
@@ -696,7 +729,8 @@ COMPUTE_EFFICIENCY = {gpu_fit['COMPUTE_EFFICIENCY']:.3f} [{G.COMPUTE_EFFICIENCY:
   on weight bytes only, and at batch 1 the FP16 MAC rate (1/4 of INT8) is not binding, so FP16
   activations move the prediction mainly through placement: with FP16 activations and KV the FIT
   point places as {fp16["stages"]} stages x TP {fp16["tp"]} and predicts {fp16["tok_s_per_user"]:,.0f} tok/s
-  (int8: 300).
+  (int8: 300). gpt-oss ships its experts in MXFP4 (4.25 bits per weight, its model card); lpu-v1's
+  matrix unit has no 4-bit mode, so its rows are planned at 8 bits too.
 - GPU: earlier versions of this table misread two rows of NVIDIA's H200 table, whose throughput is
   per GPU and whose TP column is the GPU count: batch 64 at 2,048 / 128 is one GPU at 341 tok/s (not
   two at 682), and batch 512 at 128 / 2,048 is TP 2 at 1,654 tok/s per GPU (3,308 on two, not 6,616 on
@@ -707,6 +741,12 @@ COMPUTE_EFFICIENCY = {gpu_fit['COMPUTE_EFFICIENCY']:.3f} [{G.COMPUTE_EFFICIENCY:
   of TensorRT-LLM 0.5's own table were added as held-out checks with that change.
 
 """ + speculative_markdown(specdec)
+
+
+def _layer_mlp_bytes(model: str) -> int:
+    """Elements (int8 bytes) of layer 0's MLP tensors: every expert of an MoE layer."""
+    return sum(math.prod(shape) for name, shape in load_preset(model).tensor_shapes().items()
+               if name.startswith("blk.0.ffn_") and not name.endswith("norm.weight"))
 
 
 def _models(readings: list[dict]) -> str:
