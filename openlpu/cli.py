@@ -265,10 +265,9 @@ def run(
     from openlpu.hardware.gpu import load_gpu
     from openlpu.hardware.lpu import load_system
     from openlpu.models.embedded import default_model_path
-    from openlpu.models.gguf import spec_from_gguf
+    from openlpu.models.gguf import check_weights_readable, read_header, spec_from_gguf
     from openlpu.runtime.engine import DEFAULT_CONTEXT_LENGTH, Engine, check_fits
     from openlpu.runtime.executor import load_executor
-    from openlpu.runtime.model import check_runnable
     from openlpu.runtime.sampling import SamplingParams
     from openlpu.runtime.tokenizer import Tokenizer
     from openlpu.sim.gpu import gpu_timing
@@ -291,8 +290,9 @@ def run(
         torch.set_num_threads(threads)
     lpu, gpu = load_system(system), load_gpu(compare)
     model_path = model or default_model_path()
-    spec = spec_from_gguf(model_path)
-    check_runnable(spec)
+    header = read_header(model_path)
+    check_weights_readable(header)
+    spec = spec_from_gguf(header)
     tokenizer = Tokenizer.from_gguf(model_path)
     ids = tokenizer.encode(prompt)
     context = min(DEFAULT_CONTEXT_LENGTH, spec.context_length)

@@ -448,7 +448,8 @@ def _transfers_against_their_payloads(program, spec, weights, monkeypatch) -> tu
     return checked, wrong
 
 
-@pytest.mark.parametrize("family, vocab_size", [("llama", 1024), ("mixtral", 96), ("gemma2", 96), ("qwen3", 96)])
+@pytest.mark.parametrize("family, vocab_size", [("llama", 1024), ("mixtral", 96), ("gemma2", 96), ("qwen3", 96),
+                                                 ("gpt-oss", 96)])
 def test_every_transfer_moves_the_bytes_the_program_prices(tiny, family, vocab_size, monkeypatch):
     """The schedule prices every link by the payload the compiler works out from the op rows; the sharded
     executor moves real tensors. Over a prefill and two decode steps, each transfer's source sends what
@@ -465,7 +466,7 @@ def test_every_transfer_moves_the_bytes_the_program_prices(tiny, family, vocab_s
     assert checked["rank_p2p"] and program.decode.tokens > 1  # the KV-split Program, users sharing its steps
 
 
-@pytest.mark.parametrize("family", ["llama", "mixtral", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "mixtral", "gemma3", "gpt-oss"])
 def test_a_speculative_programs_decode_step_verifies_the_drafts(tiny, family, monkeypatch):
     """A Program compiled with 3 draft tokens: after the prompt, the last token and 3 drafts run through
     its compiled decode step (not the prefill), on TP + pipeline, cut MLPs and KV-split attention, and

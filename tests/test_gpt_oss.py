@@ -1,13 +1,15 @@
 """gpt-oss (OpenAI's open-weight MoE, served on GroqCloud): its ModelSpec from each source, its op rows,
-its compiled Program, and the runtime's refusal to execute the math it lacks."""
+its compiled Program and the weights the runtime reads (its numerics: tests/test_families.py, against
+transformers, and tests/test_executor.py, on every placement)."""
 
-import dataclasses
 import json
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import save_file
 from test_gguf import arch_metadata, write_gguf
 
 from openlpu.compiler import Workload, compile_program, verify
@@ -15,10 +17,9 @@ from openlpu.errors import OpenLPUError
 from openlpu.graph.lower import lower
 from openlpu.hardware.gpu import load_gpu
 from openlpu.hardware.lpu import load_system
-from openlpu.models.gguf import spec_from_gguf
-from openlpu.models.hf import spec_from_hf_config
+from openlpu.models.gguf import load_weights, spec_from_gguf
+from openlpu.models.hf import load_safetensors, spec_from_hf_config
 from openlpu.models.spec import PRESETS_DIR, load_preset
-from openlpu.runtime.model import Model
 from openlpu.sim.gpu import KERNEL_OVERHEAD_S, step_s
 
 SYSTEM = load_system("lpu-v1")
@@ -133,23 +134,30 @@ def test_each_expert_bias_is_placed_with_its_weight_rows():
         down = [sh for sh in p.placement.shards if sh.tensor == b + "ffn_down_exps.bias"]
         assert {stage_of_chip[sh.chip] for sh in down} == {parts[-1]}
         assert all((sh.start, sh.stop) == (0, spec.n_experts) for sh in down)
+        # it is added by one op on that part, to the summed parts, with that part's own routing
+        (add,) = [o for o in p.decode.ops if o.name.startswith(b + "ffn_exps_bias")]
+        assert add.stage == parts[-1]
+        assert set(add.inputs) == {b + "ffn_sum@1", b + "ffn_gate_inp@1"}
 
 
-def test_the_runtime_refuses_it_by_name():
-    spec = load_preset("gpt-oss-20b")
-    says = r"gpt-oss-20b \(gpt-oss\): the runtime cannot execute this model yet, it lacks attention sinks"
-    with pytest.raises(OpenLPUError, match=says):
-        Model(spec, {})
-    # a family the runtime runs, given one feature it lacks, is refused the same way
-    with pytest.raises(OpenLPUError, match="yarn rope scaling"):
-        Model(dataclasses.replace(load_preset("qwen3-8b"), rope_scaling=spec.rope_scaling), {})
-
-
-def test_openlpu_run_refuses_a_gpt_oss_gguf_in_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "openlpu.cli", "run", "Hello", "--model", str(_gguf(tmp_path))],
+def test_runs_from_hugging_face_weights_only(tmp_path):
+    """The runtime executes gpt-oss (tests/test_families.py and test_executor.py check it against
+    transformers and across placements) from bf16 or float32 Hugging Face weights; an MXFP4 checkpoint
+    or a GGUF (MXFP4, llama.cpp's names) is refused in one line, saying what to use."""
+    gguf = _gguf(tmp_path)
+    with pytest.raises(OpenLPUError, match="cannot run gpt-oss weights from GGUF: its experts are MXFP4"):
+        load_weights(gguf, spec_from_gguf(gguf))
+    r = subprocess.run([sys.executable, "-m", "openlpu.cli", "run", "Hello", "--model", str(gguf)],
                        capture_output=True, text=True, timeout=300, check=False)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "(gpt-oss): the runtime cannot execute this model yet" in r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "its experts are MXFP4" in r.stderr
+    spec = load_preset("gpt-oss-20b")
+    folder = tmp_path / "mxfp4"
+    folder.mkdir()
+    save_file({"model.layers.0.mlp.experts.gate_up_proj_blocks": torch.zeros(2, dtype=torch.uint8),
+               "model.layers.0.mlp.experts.gate_up_proj_scales": torch.zeros(2, dtype=torch.uint8)},
+              str(folder / "model.safetensors"))
+    with pytest.raises(OpenLPUError, match="stored quantized .MXFP4 blocks and scales."):
+        load_safetensors(folder, spec)
 
 
 def test_a_gpu_runs_the_sinks_inside_its_attention_kernel():

@@ -15,14 +15,16 @@ starting once the step before it has arrived and those links are free.
 An MLP cut between stages runs once per part on that part's d_ff rows (ops "name@j" for part j >= 1;
 part 0 keeps the plain names): each part recomputes the norm (and router) from the residual it is
 sent, part j >= 1 adds its down projection to the running sum it receives ("ffn_sum@j"), and the last
-part applies the post-norm and the residual add. A vocabulary-split embedding runs the same way, its
+part adds the experts' down biases (gpt-oss, with its own routing), applies the post-norm and the
+residual add. A vocabulary-split embedding runs the same way, its
 parts' gathered rows summed down the pipeline ("embed_sum@j"); each part of a split head recomputes the
 final norm, computes its rows' logits and their maximum, and part j >= 1 keeps the larger of its own
 (value, index) and the one it receives ("sample_max@j"); the last part holds the sampled token. An
 attention split along its KV slots runs its norm, projections, rope and attention once per part, each
 part's attention on its share of the keys (keys_in_slots); part j >= 1 merges the running partial it
 receives with its own ("attn_merge@j": per head, the outputs reweighted by their log-sum-exps), and the
-last part applies the output projection, the post-norm and the residual add. A partial is split by
+last part applies the sinks (gpt-oss), the output projection and its bias, the post-norm and the
+residual add. A partial is split by
 heads over the group, so it moves rank r to rank r of the next group ("rank_p2p"). A decode
 step carries one micro-batch of users, whose rows stream through one install of each weight (each row
 still attends its own user's keys and values): as few users as keep every user's turn at the busiest
@@ -52,8 +54,8 @@ ARGMAX_BYTES = 8  # (value, index) each chip contributes to the sampler's all-re
 NEEDS_ALL_REDUCE = ("row", "gather", "argmax")
 # the op combining a split piece's parts
 CHAINED = {"ffn": "ffn_sum", "embed": "embed_sum", "head": "sample_max", "attn": "attn_merge"}
-ONCE_ON_LAST_PART = ("attn_sinks", "attn_output", "post_attention_norm", "attn_residual", "post_ffw_norm",
-                     "ffn_residual")
+ONCE_ON_LAST_PART = ("attn_sinks", "attn_output", "attn_output_bias", "post_attention_norm", "attn_residual",
+                     "ffn_exps_bias", "post_ffw_norm", "ffn_residual")
 MERGE_FLOPS_PER_ELEMENT = 3  # rescale the running and the own partial by exp(lse - new lse), add
 FLOAT_PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 
@@ -347,8 +349,11 @@ def staged_ops(spec: ModelSpec, workload: Workload, ops: list[Op], placement: Pl
         parts = homes[(item, part)]
         suffix = op_suffix(op.name)
         if len(parts) == 1 or suffix in ONCE_ON_LAST_PART:  # once, on the last part, on the combined result
-            if any(i in total for i in op.inputs):
-                op = dataclasses.replace(op, inputs=tuple(total.get(i, i) for i in op.inputs))
+            # (or the last part's own copy of a value every part computes: the MoE routing)
+            inputs = tuple(total.get(i, per_part[i][-1] if i in per_part and op_piece(by_name[i], n) == (item, part)
+                                     else i) for i in op.inputs)
+            if inputs != op.inputs:
+                op = dataclasses.replace(op, inputs=inputs)
             out.append((op, parts[-1][0]))
             continue
         if suffix == "ffn_norm":

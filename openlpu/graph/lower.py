@@ -155,8 +155,10 @@ def _attention_block(b: _Builder, spec: ModelSpec, i: int, x: str, m: int, batch
     if spec.attn_sinks:  # each head's output shrinks by the sink's share: o / (1 + exp(sink - log-sum-exp))
         att = b.vector(p + "attn_sinks", "sink", i, m * spec.q_dim, SINK_FLOPS_PER_ELEMENT, (att,),
                        weight=p + "attn_sinks.weight", weight_elems=spec.n_heads)
-    out = b.matmul(p + "attn_output", i, m, d, spec.q_dim, p + "attn_output.weight", (att,),
-                   extra_weight=d * spec.attn_output_bias)
+    out = b.matmul(p + "attn_output", i, m, d, spec.q_dim, p + "attn_output.weight", (att,))
+    if spec.attn_output_bias:  # added once to the summed (all-reduced) projection
+        out = b.vector(p + "attn_output_bias", "bias", i, m * d, 1, (out,), weight=p + "attn_output.bias",
+                       weight_elems=d)
     if spec.post_norms:
         out = b.vector(p + "post_attention_norm", "norm", i, m * d, NORM_FLOPS_PER_ELEMENT, (out,),
                        weight=p + "post_attention_norm.weight", weight_elems=d)
@@ -181,7 +183,10 @@ def _mlp_block(b: _Builder, spec: ModelSpec, i: int, x: str, m: int) -> str:
         # each token's k expert outputs are weighted and summed as they leave the matrix unit, so the
         # result (and the TP all-reduce after it) is one d-vector per token, not k
         down = b.matmul(p + "ffn_down_exps", i, m * k, d, ff, p + "ffn_down_exps.weight", (act,),
-                        weight_rows=rows * d / ff, extra_weight=rows * d / ff * bias, act_out=m * d)
+                        weight_rows=rows * d / ff, act_out=m * d)
+        if bias:  # each token's k down biases, weighted like their experts, added once to the summed result
+            down = b.vector(p + "ffn_exps_bias", "bias", i, m * d, 2 * k, (down, router),
+                            weight=p + "ffn_down_exps.bias", weight_elems=rows * d / ff)
     else:
         gate = b.matmul(p + "ffn_gate", i, m, ff, d, p + "ffn_gate.weight", (norm,))
         up = b.matmul(p + "ffn_up", i, m, ff, d, p + "ffn_up.weight", (norm,))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 OP_KINDS = ("embed", "norm", "matmul", "rope", "attention", "activation", "moe_router", "residual",
-            "softcap", "sink", "lm_head", "collective", "sample", "merge")
+            "softcap", "sink", "bias", "lm_head", "collective", "sample", "merge")
 UNITS = ("matrix", "vector", "switch", "memory")  # the LPU's functional-unit classes
 
 

@@ -211,6 +211,8 @@ class ArchDefaults:
     attn_sinks: bool = False
     moe_bias: bool = False
     explicit_query_scale: bool = False  # llama.cpp sets f_attention_scale for this arch
+    yarn_truncate: bool = True  # the model's yarn rounds its band to whole dimensions (GGUF has no key)
+    weights_unreadable: str = ""  # why the runtime cannot read this architecture's tensors, if it cannot
 
 
 ARCHITECTURES: dict[str, ArchDefaults] = {
@@ -230,9 +232,13 @@ ARCHITECTURES: dict[str, ArchDefaults] = {
                            embed_scale_sqrt_d_model=True, norm_weight_offset=1.0,
                            stored_norm_shift=1.0, post_norms=True, qk_norm=True,
                            explicit_query_scale=True),
-    # gpt-oss: set_swa_pattern(2) (layer 0 local); biased q, k, v, output, router and experts; sinks
+    # gpt-oss: set_swa_pattern(2) (layer 0 local); biased q, k, v, output, router and experts; sinks;
+    # yarn without truncation (its config.json: "truncate": false)
     "gpt-oss": ArchDefaults(family="gpt-oss", activation="swiglu_clamped", swa_period=2, qkv_bias=True,
-                            attn_output_bias=True, attn_sinks=True, moe_bias=True),
+                            attn_output_bias=True, attn_sinks=True, moe_bias=True, yarn_truncate=False,
+                            weights_unreadable="its experts are MXFP4, which this reader does not dequantize, and "
+                            "llama.cpp names its tensors its own way; run the Hugging Face checkpoint with "
+                            "bf16 experts instead (`openlpu plan` and `compile` read this file's metadata)"),
 }
 
 # ModelSpec field -> GGUF key suffix ("{arch}." prefix), read when present (llama.cpp LLM_KV names).
@@ -257,7 +263,7 @@ REQUIRED_FIELDS = ("context_length", "d_model", "n_layers", "d_ff", "n_heads")
 LLAMA_CPP_ROPE_BASE_DEFAULT = 10000.0  # llama-model.cpp: rope_freq_base_train when the key is absent
 
 
-def _rope_scaling(meta: dict, arch: str, path: Path) -> RopeScaling | None:
+def _rope_scaling(meta: dict, arch: str, path: Path, truncate: bool) -> RopeScaling | None:
     kind = meta.get(f"{arch}.rope.scaling.type", "none")
     factor = float(meta.get(f"{arch}.rope.scaling.factor", 1.0))
     if kind == "none" or factor == 1.0:
@@ -274,7 +280,7 @@ def _rope_scaling(meta: dict, arch: str, path: Path) -> RopeScaling | None:
     # beta defaults 32 and 1: llama.cpp's yarn_beta_fast / yarn_beta_slow, as transformers' yarn rope
     return RopeScaling(factor=factor, original_context_length=int(meta[key]), kind="yarn",
                        beta_fast=float(meta.get(f"{arch}.rope.scaling.yarn_beta_fast", 32.0)),
-                       beta_slow=float(meta.get(f"{arch}.rope.scaling.yarn_beta_slow", 1.0)))
+                       beta_slow=float(meta.get(f"{arch}.rope.scaling.yarn_beta_slow", 1.0)), truncate=truncate)
 
 
 def spec_from_gguf(path: str | Path) -> ModelSpec:
@@ -318,7 +324,7 @@ def spec_from_gguf(path: str | Path) -> ModelSpec:
         family=(defaults.family_if_moe if moe and defaults.family_if_moe else defaults.family),
         activation=defaults.activation,
         rope_base_local=defaults.rope_base_local,
-        rope_scaling=_rope_scaling(meta, arch, header.path),
+        rope_scaling=_rope_scaling(meta, arch, header.path, defaults.yarn_truncate),
         norm_weight_offset=defaults.norm_weight_offset,
         post_norms=defaults.post_norms,
         qk_norm=defaults.qk_norm,
@@ -448,6 +454,14 @@ def group_codes(header_or_path: GGUFHeader | str | Path, name: str):
     return bits, codes.astype(np.uint8).reshape(rows, k), scale.reshape(rows, -1), low.reshape(rows, -1)
 
 
+def check_weights_readable(header: GGUFHeader) -> None:
+    """Refuse, saying why, a file whose architecture's tensors the runtime cannot read."""
+    arch = ARCHITECTURES.get(header.architecture)
+    if arch and arch.weights_unreadable:
+        raise OpenLPUError(f"{header.path}: cannot run {header.architecture} weights from GGUF: "
+                           f"{arch.weights_unreadable}")
+
+
 def load_weights(path: str | Path, spec: ModelSpec) -> dict[str, "torch.Tensor"]:
     """Every weight of `spec` as float32 torch tensors, in the spec's conventions.
 
@@ -457,6 +471,7 @@ def load_weights(path: str | Path, spec: ModelSpec) -> dict[str, "torch.Tensor"]
     import torch
 
     header = _header(path)
+    check_weights_readable(header)
     expected = spec.tensor_shapes()
     problems = [f"missing {n}" for n in expected if n not in header.tensors]
     problems += [f"unexpected {n}" for n in header.tensors if n not in expected]

@@ -32,7 +32,8 @@ GEMMA_ACTIVATIONS = {**ACTIVATIONS, "gelu": "gelu_tanh"}
 ROPE_SCALING_FIELDS = {
     "llama3": {"factor": None, "low_freq_factor": None, "high_freq_factor": None,
                "original_max_position_embeddings": None},
-    "yarn": {"factor": None, "original_max_position_embeddings": None, "beta_fast": 32.0, "beta_slow": 1.0},
+    "yarn": {"factor": None, "original_max_position_embeddings": None, "beta_fast": 32.0, "beta_slow": 1.0,
+             "truncate": True},
 }
 ROPE_SCALING_NAMES = {"original_max_position_embeddings": "original_context_length"}  # -> RopeScaling field
 
@@ -183,8 +184,9 @@ def _rope(f: _Fields, gemma3: bool) -> tuple[float, float | None, RopeScaling | 
         if scaling.get(key, default) is None:
             raise f.error(f"field 'rope_scaling' lacks {key!r} for rope_type {kind}")
         name = ROPE_SCALING_NAMES.get(key, key)
+        kind_of = {"original_context_length": int, "truncate": bool}.get(name, float)
         try:
-            values[name] = (int if name == "original_context_length" else float)(scaling.get(key, default))
+            values[name] = kind_of(scaling.get(key, default))
         except (TypeError, ValueError):
             raise f.error(f"field 'rope_scaling.{key}' must be a number, got {scaling[key]!r}") from None
     return float(theta), local, RopeScaling(kind=kind, **values)
@@ -287,11 +289,15 @@ LAYER_NAMES = {
     "self_attn.q_norm.weight": "attn_q_norm.weight",
     "self_attn.k_norm.weight": "attn_k_norm.weight",
     "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.o_proj.bias": "attn_output.bias",
+    "self_attn.sinks": "attn_sinks.weight",
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
-    "block_sparse_moe.gate.weight": "ffn_gate_inp.weight",
 }
+# The MoE router's names, by family.
+ROUTER_NAMES = {"mixtral": {"block_sparse_moe.gate.weight": "ffn_gate_inp.weight"},
+                "gpt-oss": {"mlp.router.weight": "ffn_gate_inp.weight", "mlp.router.bias": "ffn_gate_inp.bias"}}
 # post_attention_layernorm is the pre-MLP norm in Llama-style blocks, but a true post-attention
 # norm in Gemma 2/3 (whose pre-MLP norm is pre_feedforward_layernorm).
 PRE_NORM_NAMES = {"post_attention_layernorm.weight": "ffn_norm.weight"}
@@ -308,11 +314,24 @@ GLOBAL_NAMES = {
 # Mixtral experts: HF suffix after "block_sparse_moe.experts.{j}." -> stacked GGUF tensor.
 EXPERT_NAMES = {"w1.weight": "ffn_gate_exps.weight", "w3.weight": "ffn_up_exps.weight",
                 "w2.weight": "ffn_down_exps.weight"}
+# gpt-oss experts: one tensor per projection for all experts, (expert, in, out), the gate and up
+# projections interleaved along out (transformers GptOssExperts: gate_up[..., ::2] is the gate).
+# HF suffix after "model.layers.{i}." -> (GGUF suffix, HF tensor -> GGUF layout) for each part.
+PACKED_EXPERT_NAMES = {
+    "mlp.experts.gate_up_proj": (("ffn_gate_exps.weight", lambda t: t[..., ::2].transpose(1, 2)),
+                                 ("ffn_up_exps.weight", lambda t: t[..., 1::2].transpose(1, 2))),
+    "mlp.experts.gate_up_proj_bias": (("ffn_gate_exps.bias", lambda t: t[..., ::2]),
+                                      ("ffn_up_exps.bias", lambda t: t[..., 1::2])),
+    "mlp.experts.down_proj": (("ffn_down_exps.weight", lambda t: t.transpose(1, 2)),),
+    "mlp.experts.down_proj_bias": (("ffn_down_exps.bias", lambda t: t),),
+}
+PACKED_EXPERT_FAMILIES = ("gpt-oss",)
 
 
 def hf_to_gguf_names(spec: ModelSpec) -> dict[str, str]:
     """Every non-expert HF tensor name this spec expects -> its GGUF name."""
-    per_layer = {**LAYER_NAMES, **(POST_NORM_NAMES if spec.post_norms else PRE_NORM_NAMES)}
+    per_layer = {**LAYER_NAMES, **(POST_NORM_NAMES if spec.post_norms else PRE_NORM_NAMES),
+                 **ROUTER_NAMES.get(spec.family, {})}
     wanted = spec.tensor_shapes()
     names = {hf: gguf for hf, gguf in GLOBAL_NAMES.items() if gguf in wanted}
     for i in range(spec.n_layers):
@@ -323,10 +342,20 @@ def hf_to_gguf_names(spec: ModelSpec) -> dict[str, str]:
 
 
 def expert_names(spec: ModelSpec) -> dict[str, tuple[str, int]]:
-    """HF expert tensor name -> (stacked GGUF name, expert index)."""
+    """HF expert tensor name -> (stacked GGUF name, expert index), for one tensor per expert (Mixtral)."""
+    if spec.family in PACKED_EXPERT_FAMILIES:
+        return {}
     return {f"model.layers.{i}.block_sparse_moe.experts.{j}.{hf}": (f"blk.{i}.{gguf}", j)
             for i in range(spec.n_layers) for j in range(spec.n_experts)
             for hf, gguf in EXPERT_NAMES.items()}
+
+
+def packed_expert_names(spec: ModelSpec) -> dict[str, list]:
+    """HF name of a tensor packing every expert -> [(GGUF name, layout change)] (gpt-oss)."""
+    if spec.family not in PACKED_EXPERT_FAMILIES:
+        return {}
+    return {f"model.layers.{i}.{hf}": [(f"blk.{i}.{gguf}", to_gguf) for gguf, to_gguf in parts]
+            for i in range(spec.n_layers) for hf, parts in PACKED_EXPERT_NAMES.items()}
 
 
 def safetensors_files(path: str | Path) -> list[Path]:
@@ -372,12 +401,15 @@ def load_safetensors(path_or_dir: str | Path, spec: ModelSpec,
             raise OpenLPUError(f"{file}: not a readable safetensors file ({e}); "
                                "download it again") from None
 
-    names, experts = hf_to_gguf_names(spec), expert_names(spec)
+    names, experts, packed = hf_to_gguf_names(spec), expert_names(spec), packed_expert_names(spec)
+    if any(key.endswith(("_blocks", "_scales")) for key in raw):
+        raise OpenLPUError(f"{path_or_dir}: the experts are stored quantized (MXFP4 blocks and scales), which "
+                           "this loader does not read yet; give a checkpoint with bf16 or float32 experts")
     if spec.tie_embeddings and "lm_head.weight" in raw and "model.embed_tokens.weight" in raw:
         if torch.equal(raw["lm_head.weight"], raw["model.embed_tokens.weight"]):
             del raw["lm_head.weight"]  # a tied head saved twice
-    extra = sorted(set(raw) - set(names) - set(experts))
-    missing = sorted(set(names) - set(raw)) + sorted(set(experts) - set(raw))
+    extra = sorted(set(raw) - set(names) - set(experts) - set(packed))
+    missing = sorted(set(names) - set(raw)) + sorted(set(experts) - set(raw)) + sorted(set(packed) - set(raw))
     if missing or extra:
         parts = []
         if missing:
@@ -406,4 +438,9 @@ def load_safetensors(path_or_dir: str | Path, spec: ModelSpec,
         stacks.setdefault(gguf, [None] * spec.n_experts)[j] = raw[hf]
     for gguf, parts in stacks.items():
         out[gguf] = torch.stack(parts).to(dtype)
+    for hf, parts in packed.items():
+        for gguf, to_gguf in parts:
+            tensor = to_gguf(raw[hf])
+            check(hf, tensor, shapes[gguf])
+            out[gguf] = tensor.to(dtype).contiguous()
     return {name: out[name] for name in shapes}  # the spec's fixed order

@@ -38,6 +38,13 @@ class RopeScaling:
     high_freq_factor: float = 0.0
     beta_fast: float = 0.0
     beta_slow: float = 0.0
+    truncate: bool = True  # yarn: round the blended band out to whole dimensions (gpt-oss does not)
+
+    @property
+    def attention_factor(self) -> float:
+        """YaRN scales cos and sin, so queries and keys, by 0.1 ln(factor) + 1 (YaRN, arXiv:2309.00071,
+        eq. 22 with sqrt(1/t) = 0.1 ln(s) + 1); llama3 scaling does not."""
+        return 0.1 * math.log(self.factor) + 1.0 if self.kind == "yarn" and self.factor > 1 else 1.0
 
 
 @dataclass(frozen=True)
@@ -128,7 +135,9 @@ class ModelSpec:
 
     @property
     def attn_scale(self) -> float:
-        return self.query_scale if self.query_scale is not None else 1.0 / math.sqrt(self.head_dim)
+        """What q.k is multiplied by: the query scale, and yarn's factor once for q and once for k."""
+        scale = self.query_scale if self.query_scale is not None else 1.0 / math.sqrt(self.head_dim)
+        return scale * (self.rope_scaling.attention_factor ** 2 if self.rope_scaling else 1.0)
 
     def layer_rope_base(self, layer: int) -> float:
         if self.layer_kinds[layer] == "local" and self.rope_base_local is not None:

@@ -20,7 +20,7 @@ import torch
 from openlpu.errors import OpenLPUError
 from openlpu.models.spec import ModelSpec
 from openlpu.runtime.kv_cache import KVCache
-from openlpu.runtime.model import Model, Span, check_runnable
+from openlpu.runtime.model import Model, Span
 from openlpu.runtime.sampling import SamplingParams, make_generator, sample
 from openlpu.runtime.tokenizer import StreamDecoder, Tokenizer
 
@@ -89,7 +89,6 @@ class Engine:
 
         path = model_path or default_model_path()
         spec = spec_from_gguf(path)
-        check_runnable(spec)  # before compiling a Program the runtime cannot run
         context = min(context_length or DEFAULT_CONTEXT_LENGTH, spec.context_length)
         system = load_system(system) if isinstance(system, str) else system
         program = compile_program(spec, system, Workload(context_length=context, users=max_batch,

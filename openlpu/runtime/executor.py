@@ -48,8 +48,8 @@ from openlpu.graph.lower import lower
 from openlpu.models.spec import ModelSpec
 from openlpu.runtime.kernels import Linear
 from openlpu.runtime.kv_cache import KVCache
-from openlpu.runtime.model import (GATE_ACTIVATIONS, PRECISIONS, ROPE_STYLE, Head, Model, Partial, RMSNorm, Span,
-                                   apply_rope, attend, attend_slots, attention_plans, check_runnable, merge_partials,
+from openlpu.runtime.model import (GLUS, PRECISIONS, ROPE_STYLE, Head, Model, Partial, RMSNorm, Span, apply_rope,
+                                   apply_sinks, attend, attend_slots, attention_plans, merge_partials,
                                    rope_inverse_frequencies, rope_tables)
 
 MODES = ("sharded", "fused")
@@ -173,7 +173,9 @@ def _norm_kernel(chip: Chip, name: str, tensor: str):
 
 
 def _linear_kernel(chip: Chip, name: str, tensor: str, fmt: str):
-    has_bias = chip.full_spec.qkv_bias and _suffix(name) in ("attn_q", "attn_k", "attn_v")
+    spec, suffix = chip.full_spec, _suffix(name)
+    has_bias = ((spec.qkv_bias and suffix in ("attn_q", "attn_k", "attn_v"))
+                or (spec.moe_bias and suffix == "ffn_gate_inp"))
     bias = chip.weight(tensor.replace(".weight", ".bias"), name) if has_bias else None
     lin = Linear.build(chip.weight(tensor, name), fmt, bias)
     return lambda p, x: lin(x).float()
@@ -247,38 +249,56 @@ def build_kernel(chip: Chip, name: str, kind: str) -> Callable:
     if suffix == CHAINED["attn"]:
         return lambda p, running, own: merge_partials(running, own)
     if suffix == "attention":
-        hd = spec.head_dim
+        hd, with_lse = spec.head_dim, spec.attn_sinks  # the sinks op needs each head's log-sum-exp
 
         def attention(p, qk, v):
             q, k = qk
             v = v.view(v.shape[0], -1, hd)
-            outs = [attend(chip.spec, q[pl.rows], k[pl.rows], v[pl.rows], pl, *chip.cache.slot(layer, pl.slot))
-                    for pl in p.plans(chip, layer)]
-            return outs[0] if len(outs) == 1 else torch.cat(outs)
+            outs = [attend(chip.spec, q[pl.rows], k[pl.rows], v[pl.rows], pl, *chip.cache.slot(layer, pl.slot),
+                           with_lse=with_lse) for pl in p.plans(chip, layer)]
+            if len(outs) == 1:
+                return outs[0]
+            return Partial(torch.cat([o.out for o in outs]), torch.cat([o.lse for o in outs])) if with_lse \
+                else torch.cat(outs)
         return attention
+    if suffix == "attn_sinks":  # on the attention's Partial (or a split attention's merged one)
+        first = chip.start(f"blk.{layer}.attn_q.weight", base) // spec.head_dim  # the chip's first head
+        sinks = chip.weight(weight, base)[first:first + chip.spec.n_heads]
+        return lambda p, a: apply_sinks(a, sinks)
+    if suffix == "attn_output_bias":  # once, on the summed projection
+        bias = chip.weight(f"blk.{layer}.attn_output.bias", base)
+        return lambda p, x: x + bias
+    if suffix == "ffn_exps_bias":  # each token's chosen experts' down biases, weighted like their outputs
+        bias = chip.weight(f"blk.{layer}.ffn_down_exps.bias", base)
+
+        def expert_bias(p, x, routing):
+            experts, weights = routing
+            return x + (bias[experts] * weights[..., None]).sum(1)
+        return expert_bias
     if kind == "residual":
         return lambda p, a, b: a + b
     if suffix == "ffn_act":
-        act = GATE_ACTIVATIONS[spec.activation]
+        glu = GLUS[spec.activation]
         if spec.is_moe:
-            return lambda p, g, u: Routed(act(g.values) * u.values, g.experts, g.weights)
-        return lambda p, g, u: act(g) * u
+            return lambda p, g, u: Routed(glu(g.values, u.values), g.experts, g.weights)
+        return lambda p, g, u: glu(g, u)
     if suffix == "ffn_gate_inp":
         router, k = _linear_kernel(chip, base, weight, "float32"), spec.n_experts_per_token  # as model.py
 
-        def route(p, x):  # Mixtral: top-k experts, weighted by a softmax over their logits
+        def route(p, x):  # Mixtral, gpt-oss: top-k experts, weighted by a softmax over their logits
             top_logits, top_experts = router(p, x).topk(k, -1)
             return top_experts, top_logits.softmax(-1)
         return route
     if suffix in ("ffn_gate_exps", "ffn_up_exps"):
         w = chip.weight(weight, base)  # [experts, this chip's d_ff slice, d_model]
+        b = chip.weight(f"{base}.bias", base) if spec.moe_bias else [None] * spec.n_experts  # [experts, slice]
 
         def experts_in(p, x, routing):
             experts, weights = routing
             out = torch.zeros(*experts.shape, w.shape[1])
             for e in experts.unique().tolist():
                 rows, rank = (experts == e).nonzero(as_tuple=True)
-                out[rows, rank] = F.linear(x[rows], w[e])
+                out[rows, rank] = F.linear(x[rows], w[e], b[e])
             return Routed(out, experts, weights)
         return experts_in
     if suffix == "ffn_down_exps":
@@ -496,7 +516,6 @@ class Executor:
         (model.py's Model); sharded mode always runs float32 on the CPU."""
         if mode not in MODES:
             raise OpenLPUError(f"unknown execution mode {mode!r}; use one of {', '.join(MODES)}")
-        check_runnable(spec)
         if spec.name != program.model or spec.tensor_shapes() != program.tensors:
             raise OpenLPUError(f"the Program was compiled for {program.model!r}, not for these weights "
                                f"({spec.name!r}); compile it for this model")
@@ -828,7 +847,6 @@ def load_executor(program: Program, model_path, mode: str = "fused", precision: 
     from openlpu.runtime.model import GGUFWeights
 
     spec = spec or spec_from_gguf(model_path)
-    check_runnable(spec)
     # fused: one tensor dequantized at a time as the blocks are built; sharded: every chip slices
     # its shards from the same float32 tensors
     weights = GGUFWeights(model_path, spec) if mode == "fused" else load_weights(model_path, spec)

@@ -3,9 +3,8 @@
 Llama / Mistral (SwiGLU, llama3 rope scaling), Mixtral (top-k MoE), Qwen 2 (qkv bias), Qwen 3
 (q/k norm), Gemma 2 (post norms, attention and final logit softcaps, sliding window on alternate
 layers) and Gemma 3 (q/k norm, 5 local : 1 global layers with their own rope base, scaled
-embedding, tied head) are all the same code path; the spec's flags pick each difference. gpt-oss
-(attention sinks, biased experts, a clamped SwiGLU, yarn rope) is compiled and timed but not executed
-here: `check_runnable` refuses it, naming what is missing.
+embedding, tied head) and gpt-oss (attention sinks, biased projections and experts, a clamped SwiGLU,
+yarn rope scaling) are all the same code path; the spec's flags pick each difference.
 
 Weights dict layout (what `Model(spec, weights)` expects, keyed by llama.cpp GGUF tensor names,
 torch (out, in) shapes, as openlpu.models.gguf.load_weights returns them):
@@ -44,27 +43,20 @@ from openlpu.runtime.kv_cache import KVCache, ring_positions
 # How rope pairs the features of a head: "neox" rotates x[i] with x[i + head_dim/2];
 # "interleaved" rotates x[2i] with x[2i+1] (llama.cpp's LLAMA_ROPE_TYPE_NORM on permuted rows).
 ROPE_STYLE = {"llama": "interleaved", "mistral": "interleaved", "mixtral": "interleaved",
-              "qwen2": "neox", "qwen3": "neox", "gemma": "neox", "gemma2": "neox", "gemma3": "neox"}
+              "qwen2": "neox", "qwen3": "neox", "gemma": "neox", "gemma2": "neox", "gemma3": "neox", "gpt-oss": "neox"}
 
-GATE_ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
-
-# ModelSpec features that `plan` and `compile` model but this runtime does not compute (gpt-oss's)
-UNRUN_FEATURES = {"attn_sinks": "attention sinks", "attn_output_bias": "an output projection bias",
-                  "moe_bias": "biased experts and router"}
+SWIGLU_LIMIT, SWIGLU_ALPHA = 7.0, 1.702  # gpt-oss's clamped SwiGLU (transformers GptOssExperts)
 
 
-def check_runnable(spec: ModelSpec) -> None:
-    """Refuse, naming what is missing, a model whose math this runtime lacks."""
-    lacking = [what for flag, what in UNRUN_FEATURES.items() if getattr(spec, flag)]
-    if spec.activation not in GATE_ACTIVATIONS:
-        lacking.append(f"the {spec.activation} activation")
-    if spec.rope_scaling is not None and spec.rope_scaling.kind != "llama3":
-        lacking.append(f"{spec.rope_scaling.kind} rope scaling")
-    if lacking or spec.family not in ROPE_STYLE:
-        raise OpenLPUError(f"{spec.name} ({spec.family}): the runtime cannot execute this model yet, it lacks "
-                           f"{', '.join(lacking) or 'the family'}; `openlpu plan` and `openlpu compile` model "
-                           "it, or run another model")
+def _clamped_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate.clamp(max=SWIGLU_LIMIT), up.clamp(-SWIGLU_LIMIT, SWIGLU_LIMIT)
+    return gate * torch.sigmoid(SWIGLU_ALPHA * gate) * (up + 1)
 
+
+# activation -> the gated MLP's elementwise step, (gate, up) -> hidden
+GLUS = {"silu": lambda gate, up: F.silu(gate) * up,
+        "gelu_tanh": lambda gate, up: F.gelu(gate, approximate="tanh") * up,
+        "swiglu_clamped": _clamped_swiglu}
 
 # precision -> (format of the transformer-block matrices, format of the output head)
 PRECISIONS = {
@@ -90,9 +82,23 @@ def hf_qk_to_gguf(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def rope_inverse_frequencies(spec: ModelSpec, base: float) -> torch.Tensor:
-    """Angle per position of each rotated pair, float32 [head_dim / 2] (llama3 scaling applied)."""
-    inv = 1.0 / base ** (torch.arange(0, spec.head_dim, 2, dtype=torch.float64) / spec.head_dim)
+    """Angle per position of each rotated pair, float32 [head_dim / 2] (llama3 or yarn scaling applied;
+    yarn's attention factor is in spec.attn_scale)."""
+    dim = spec.head_dim
+    inv = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
     rs = spec.rope_scaling
+    if rs is not None and rs.kind == "yarn":  # YaRN: interpolate the pairs that turn fewer than beta_slow
+        # times over the original context, keep those turning more than beta_fast times, ramp between
+
+        def pair_turning(turns: float) -> float:  # the pair index that turns `turns` times
+            return dim * math.log(rs.original_context_length / (turns * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = pair_turning(rs.beta_fast), pair_turning(rs.beta_slow)
+        if rs.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)).clamp(0, 1)
+        return (inv / rs.factor * ramp + inv * (1 - ramp)).float()
     if rs is not None:  # Llama 3.1: slow down low frequencies, keep high ones, blend between
         wavelen = 2 * math.pi / inv
         low_wavelen = rs.original_context_length / rs.low_freq_factor
@@ -197,14 +203,24 @@ def attention_plans(spans: list[Span], lengths: list[int] | None, capacity: int,
     return plans
 
 
+@dataclass(frozen=True)
+class Partial:
+    """Attention over some of the keys: the softmax-weighted values over those keys [n, heads * hd] and
+    each query head's log-sum-exp of its scores [n, heads] (-inf where it saw none of them)."""
+    out: torch.Tensor
+    lse: torch.Tensor
+
+
 def attend(spec: ModelSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan,
-           k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None) -> torch.Tensor:
-    """One span's attention: queries [n, heads, hd] over its visible keys -> [n, heads * hd].
+           k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
+           with_lse: bool = False) -> torch.Tensor | Partial:
+    """One span's attention: queries [n, heads, hd] over its visible keys -> [n, heads * hd] (with_lse:
+    a Partial that also holds each head's log-sum-exp, for attention sinks).
 
     k, v: the span's new keys and values [n, kv heads, hd]; k_cache, v_cache: its slot of this
     layer's cache [kv heads, capacity, hd] (None: no cache). Heads are spec's (a chip's share)."""
     n = q.shape[0]
-    if k_cache is not None and n == 1 and not spec.attn_logit_softcap:  # decode: views, no copies
+    if k_cache is not None and n == 1 and not spec.attn_logit_softcap and not with_lse:  # decode: views
         k_cache.index_copy_(1, plan.write_index, k.transpose(0, 1))
         v_cache.index_copy_(1, plan.write_index, v.transpose(0, 1))
         keys, values = k_cache[:, :plan.n_keys].unsqueeze(0), v_cache[:, :plan.n_keys].unsqueeze(0)
@@ -222,26 +238,33 @@ def attend(spec: ModelSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
         if plan.write_first:
             k, v = k_cache[:, :plan.n_keys], v_cache[:, :plan.n_keys]
     q, k, v = q.transpose(0, 1)[None], k[None], v[None]  # [1, heads, n or keys, hd]
-    if spec.attn_logit_softcap:
+    lse = None
+    if spec.attn_logit_softcap or with_lse:
         group = spec.n_heads // spec.n_kv_heads
         k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
         scores = (q @ k.transpose(-1, -2)) * spec.attn_scale
-        scores = torch.tanh(scores / spec.attn_logit_softcap) * spec.attn_logit_softcap
+        if spec.attn_logit_softcap:
+            scores = torch.tanh(scores / spec.attn_logit_softcap) * spec.attn_logit_softcap
         if plan.mask is not None:
             scores = scores.masked_fill(~plan.mask, float("-inf"))
-        out = scores.softmax(-1) @ v
+        if with_lse:
+            lse = torch.logsumexp(scores, -1)  # every query sees at least its own key
+            out = torch.exp(scores - lse[..., None]) @ v
+        else:
+            out = scores.softmax(-1) @ v
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, scale=spec.attn_scale,
                                              enable_gqa=True)
-    return out[0].transpose(0, 1).reshape(n, -1)
+    out = out[0].transpose(0, 1).reshape(n, -1)
+    return out if lse is None else Partial(out, lse[0].transpose(0, 1))
 
 
-@dataclass(frozen=True)
-class Partial:
-    """Attention over some of the keys: the softmax-weighted values over those keys [n, heads * hd] and
-    each query head's log-sum-exp of its scores [n, heads] (-inf where it saw none of them)."""
-    out: torch.Tensor
-    lse: torch.Tensor
+def apply_sinks(attention: Partial, sinks: torch.Tensor) -> torch.Tensor:
+    """gpt-oss: each head's sink logit joins its softmax with no value, so the head's output shrinks to
+    Z / (Z + e^sink) of itself, Z = e^lse: a factor sigmoid(lse - sink). sinks: [heads] (a chip's)."""
+    n, heads = attention.lse.shape
+    factor = torch.sigmoid(attention.lse - sinks).nan_to_num(0.0)  # a head that saw no key keeps 0
+    return (attention.out.view(n, heads, -1) * factor[..., None]).reshape(n, -1)
 
 
 def attend_slots(spec: ModelSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, ring: int,
@@ -330,6 +353,7 @@ class _Block:
     qkv: Linear  # q, k and v projections fused: one product per layer
     qk_norm: RMSNorm | None  # per head, weight [n_heads + n_kv_heads, head_dim]: q's, then k's
     attn_output: Linear
+    sinks: torch.Tensor | None  # gpt-oss: a logit per query head that joins each softmax
     post_attention_norm: RMSNorm | None
     ffn_norm: RMSNorm
     gate_up: Linear | None  # dense: gate and up fused
@@ -376,12 +400,11 @@ class Model:
                  max_positions: int | None = None):
         if precision not in PRECISIONS:
             raise OpenLPUError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-        check_runnable(spec)
         self.spec, self.precision = spec, precision
         self.device = torch.device(device or "cpu")
         self.max_positions = max_positions or spec.context_length
         self.rope_style = ROPE_STYLE[spec.family]
-        self.activation = GATE_ACTIVATIONS[spec.activation]
+        self.glu = GLUS[spec.activation]
         block_fmt, head_fmt = PRECISIONS[precision]
         s, dev = spec, self.device
 
@@ -393,9 +416,11 @@ class Model:
 
         codes_of = getattr(weights, "codes", lambda name: None)
 
+        shapes = s.tensor_shapes()
+
         def linear(names: list[str], fmt: str = block_fmt) -> Linear:
-            bias = torch.cat([w(n.replace(".weight", ".bias")) for n in names]) \
-                if s.qkv_bias and "attn_q.weight" in names[0] else None
+            biases = [n.replace(".weight", ".bias") for n in names]
+            bias = torch.cat([w(n) for n in biases]) if biases[0] in shapes else None
             if fmt == "codes":
                 parts = [codes_of(n) for n in names]
                 if all(parts):
@@ -412,14 +437,18 @@ class Model:
             experts = None
             if s.is_moe:
                 gates, ups, downs = (w(b + f"ffn_{p}_exps.weight") for p in ("gate", "up", "down"))
+                gate_b, up_b, down_b = ((w(b + f"ffn_{p}_exps.bias") if s.moe_bias else [None] * s.n_experts)
+                                        for p in ("gate", "up", "down"))
                 expert_fmt = "int8" if block_fmt == "codes" else block_fmt  # experts come as floats
-                experts = [(Linear.build(torch.cat([gates[e], ups[e]]), expert_fmt),
-                            Linear.build(downs[e], expert_fmt)) for e in range(s.n_experts)]
+                experts = [(Linear.build(torch.cat([gates[e], ups[e]]), expert_fmt,
+                                         None if gate_b[e] is None else torch.cat([gate_b[e], up_b[e]])),
+                            Linear.build(downs[e], expert_fmt, down_b[e])) for e in range(s.n_experts)]
             self.blocks.append(_Block(
                 attn_norm=norm(b + "attn_norm.weight"),
                 qkv=linear([b + "attn_q.weight", b + "attn_k.weight", b + "attn_v.weight"]),
                 qk_norm=qk_norm,
                 attn_output=linear([b + "attn_output.weight"]),
+                sinks=w(b + "attn_sinks.weight") if s.attn_sinks else None,
                 post_attention_norm=norm(b + "post_attention_norm.weight") if s.post_norms else None,
                 ffn_norm=norm(b + "ffn_norm.weight"),
                 gate_up=None if s.is_moe else linear([b + "ffn_gate.weight", b + "ffn_up.weight"]),
@@ -519,10 +548,15 @@ class Model:
         qk = apply_rope(qk, ctx.rope[blk.rope_base], self.rope_style)
         q, k = qk[:, :n_q], qk[:, n_q:]
         plans = ctx.plans[blk.cache_group]
+
+        def span(rows: slice, plan: AttentionPlan) -> torch.Tensor:
+            cached = self._slot_cache(cache, layer, plan.slot)
+            if blk.sinks is None:
+                return attend(s, q[rows], k[rows], v[rows], plan, *cached)
+            return apply_sinks(attend(s, q[rows], k[rows], v[rows], plan, *cached, with_lse=True), blk.sinks)
         if len(plans) == 1:  # one sequence: its rows are all the rows
-            return blk.attn_output(attend(s, q, k, v, plans[0], *self._slot_cache(cache, layer, plans[0].slot)))
-        return blk.attn_output(torch.cat([attend(s, q[p.rows], k[p.rows], v[p.rows], p,
-                                                 *self._slot_cache(cache, layer, p.slot)) for p in plans]))
+            return blk.attn_output(span(slice(None), plans[0]))
+        return blk.attn_output(torch.cat([span(p.rows, p) for p in plans]))
 
     def _decode_layer(self, blk: _Block):
         """The block in C++ (vnni_kernels.cpp's DecodeLayer), where the VNNI kernels run all four of
@@ -552,8 +586,8 @@ class Model:
     def _mlp(self, blk: _Block, h: torch.Tensor) -> torch.Tensor:
         if blk.experts is None:
             gate, up = blk.gate_up(h).chunk(2, -1)
-            return blk.down(self.activation(gate) * up)
-        # Mixtral: each token goes to its top-k experts, weighted by a softmax over their logits.
+            return blk.down(self.glu(gate, up))
+        # Mixtral, gpt-oss: each token goes to its top-k experts, weighted by a softmax over their logits.
         top_logits, top_experts = blk.router(h).topk(self.spec.n_experts_per_token, -1)
         top_weights = top_logits.softmax(-1)
         out = torch.zeros_like(h)
@@ -561,7 +595,7 @@ class Model:
             rows, rank = (top_experts == e).nonzero(as_tuple=True)
             gate_up, down = blk.experts[e]
             gate, up = gate_up(h[rows]).chunk(2, -1)
-            expert_out = down(self.activation(gate) * up).float()
+            expert_out = down(self.glu(gate, up)).float()
             out.index_add_(0, rows, expert_out * top_weights[rows, rank, None])
         return out
 
@@ -611,6 +645,7 @@ class GGUFWeights(Mapping):
 
         self._gguf, self.spec = gguf, spec
         self.header = gguf.read_header(path)
+        gguf.check_weights_readable(self.header)
         self.shapes = spec.tensor_shapes()
         arch = gguf.ARCHITECTURES.get(self.header.architecture)
         self.norm_shift = arch.stored_norm_shift if arch else 0.0
@@ -652,5 +687,4 @@ def load_model(path, precision: str = "int8", device=None, max_positions: int | 
     from openlpu.models.gguf import spec_from_gguf
 
     spec = spec or spec_from_gguf(path)
-    check_runnable(spec)  # before the weights, whose names such a model need not share
     return Model(spec, GGUFWeights(path, spec), precision, device, max_positions)

@@ -76,8 +76,9 @@ DEFAULT_SOFTWARE = "gqa-kernels"
 TP_SHARDED_KINDS = frozenset({"matmul", "attention", "activation", "rope", "lm_head", "softcap",
                               "moe_router", "sink"})
 # Op kinds that serving kernels fold into the kernel before them, so they launch none of their own:
-# gpt-oss's attention sinks run inside the attention kernel (vLLM's FlashAttention 3 path, TensorRT-LLM).
-FUSED_KINDS = frozenset({"sink"})
+# gpt-oss's attention sinks run inside the attention kernel (vLLM's FlashAttention 3 path, TensorRT-LLM),
+# and a bias add in the epilogue of the matrix product (or MoE kernel) it follows.
+FUSED_KINDS = frozenset({"sink", "bias"})
 
 
 @dataclass(frozen=True)
