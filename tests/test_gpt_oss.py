@@ -65,6 +65,8 @@ def test_gguf_metadata_gives_the_preset(tmp_path):
     ({"rope_scaling": {"rope_type": "yarn", "factor": "x", "original_max_position_embeddings": 4096}},
      "'rope_scaling.factor' must be a number, got 'x'"),
     ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "supported: llama3, yarn, none"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096,
+                       "truncate": "no"}}, "'rope_scaling.truncate' must be true or false, got 'no'"),
 ])
 def test_bad_configs_say_which_field(change, says):
     cfg = json.loads((PRESETS_DIR / "gpt-oss-20b.json").read_text())["$source_notes"]["hf_config"]

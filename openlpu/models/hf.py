@@ -183,12 +183,16 @@ def _rope(f: _Fields, gemma3: bool) -> tuple[float, float | None, RopeScaling | 
     for key, default in ROPE_SCALING_FIELDS[kind].items():
         if scaling.get(key, default) is None:
             raise f.error(f"field 'rope_scaling' lacks {key!r} for rope_type {kind}")
-        name = ROPE_SCALING_NAMES.get(key, key)
-        kind_of = {"original_context_length": int, "truncate": bool}.get(name, float)
+        name, value = ROPE_SCALING_NAMES.get(key, key), scaling.get(key, default)
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise f.error(f"field 'rope_scaling.{key}' must be true or false, got {value!r}")
+            values[name] = value
+            continue
         try:
-            values[name] = kind_of(scaling.get(key, default))
+            values[name] = (int if name == "original_context_length" else float)(value)
         except (TypeError, ValueError):
-            raise f.error(f"field 'rope_scaling.{key}' must be a number, got {scaling[key]!r}") from None
+            raise f.error(f"field 'rope_scaling.{key}' must be a number, got {value!r}") from None
     return float(theta), local, RopeScaling(kind=kind, **values)
 
 
