@@ -385,10 +385,14 @@ def fewest_chip_readings(lpu_rows, system) -> list[dict]:
         nearest = min(fitting, key=lambda t: abs(math.log(by_tp[t]["predicted"] / r["published"])), default=None)
         loaded, timed = predict_lpu(point, system, users=LOADED_USERS)
         lpu = r["lpu"]
+        half = None  # with no width inside a node: the placement at half the compiler's width across nodes
+        if nearest is None:
+            predicted, timed_half = predict_lpu(point, system, lpu["tp"] // 2)
+            half = {"tp": timed_half.tp, "chips": timed_half.chips, "predicted": predicted}
         out.append({"model": r["model"], "context": r["setting"]["context"], "published": r["published"],
                     "predicted": r["predicted"], "stages": lpu["stages"], "tp": lpu["tp"], "by_tp": by_tp,
                     "nearest_tp": nearest, "loaded": {"chips": timed.chips, "micro_batch": timed.micro_batch,
-                                                      "predicted": loaded}})
+                                                      "predicted": loaded}, "half_width": half})
     return out
 
 
@@ -552,10 +556,12 @@ def markdown(lpu_rows, gpu_rows, gpu_fit, install_fit, shipped_install, system, 
     wide_only_text = "".join(
         f" {f['model']} ({f['context']:,}): no width inside a node holds one layer's MLP (at TP {max(WIDTHS)},"
         f" {_layer_mlp_bytes(f['model']) / max(WIDTHS) / 1e6:,.0f} MB of int8 experts per chip, and too few d_ff rows"
-        f" per chip to cut it between stages), so the compiler spans nodes at TP {f['tp']}. Installing every"
-        f" expert of every layer at each step, as a static schedule must, it predicts"
-        f" {f['predicted'] / f['published'] - 1:+.0%} from the listing: the service is faster than that placement"
-        f" allows, and the public record does not say how Groq places it." for f in wide_only)
+        f" per chip to cut it between stages), so the compiler spans nodes at TP {f['tp']} ({f['stages']} stages),"
+        f" installing every expert of every layer at each step, as a static schedule must: {f['predicted']:,.0f}"
+        f" tok/s, {f['predicted'] / f['published'] - 1:+.0%} from the listing. At TP {f['half_width']['tp']}"
+        f" ({f['half_width']['chips']:,} chips) it predicts {f['half_width']['predicted']:,.0f}"
+        f" ({f['half_width']['predicted'] / f['published'] - 1:+.0%}): the listing lies between two placements"
+        f" of the same size, and the public record does not say how Groq places it." for f in wide_only)
     by_model = {f["model"]: f for f in fewest}
     same_shape_pairs = "; ".join(
         f"{a} / {b} listed {by_model[a]['published']:,} / {by_model[b]['published']:,} tok/s "

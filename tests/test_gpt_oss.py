@@ -21,6 +21,7 @@ from openlpu.models.gguf import load_weights, spec_from_gguf
 from openlpu.models.hf import load_safetensors, spec_from_hf_config
 from openlpu.models.spec import PRESETS_DIR, load_preset
 from openlpu.sim.gpu import KERNEL_OVERHEAD_S, step_s
+from openlpu.sim.timing import timing
 
 SYSTEM = load_system("lpu-v1")
 
@@ -171,3 +172,14 @@ def test_a_gpu_runs_the_sinks_inside_its_attention_kernel():
     without_sinks = [o for o in ops if o.kind != "sink"]
     added = step_s(spec, ops, gpu, "fp8", 1, 1, 1) - step_s(spec, without_sinks, gpu, "fp8", 1, 1, 1)
     assert 0 < added < 0.01 * spec.n_layers * KERNEL_OVERHEAD_S
+
+
+def test_widths_spanning_nodes_tie_to_the_wider():
+    """gpt-oss-120b at its full window fits no TP group inside a node; TP 16 and TP 32 both take 608 chips
+    (76 nodes), and the compiler takes the wider, as it does inside a node: the same hosts, a faster step."""
+    spec = load_preset("gpt-oss-120b")
+    workload = Workload(context_length=131072)
+    wide = compile_program(spec, SYSTEM, workload)
+    narrow = compile_program(spec, SYSTEM, workload, chips=608, tp=16)
+    assert (wide.placement.tp, len(wide.placement.chips), len(narrow.placement.chips)) == (32, 608, 608)
+    assert timing(wide).tokens_per_s_per_user > timing(narrow).tokens_per_s_per_user

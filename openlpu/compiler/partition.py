@@ -638,7 +638,7 @@ def fewest_chips(spec: ModelSpec, system: SystemSpec, workload: Workload,
                  ) -> tuple[int, int, PieceSizes] | None:
     """(t, p, piece sizes): fewest_stages at the TP degree inside a node that takes the fewest nodes
     (nodes_used; ties to the wider degree: the same hosts, a faster step), or, only when none fits, at
-    a degree spanning whole nodes. `widths` limits the TP degrees tried (default: all of tp_candidates,
+    the degree spanning whole nodes chosen by the same rule. `widths` limits the TP degrees tried (default: all of tp_candidates,
     in its order)."""
     best = None
     node, passes = system.node.chips, passes if passes is not None else lowered_passes(spec, workload)
@@ -648,7 +648,8 @@ def fewest_chips(spec: ModelSpec, system: SystemSpec, workload: Workload,
         found = fewest_stages(spec, system, size_table(spec, workload, t, passes))
         if found is None or group_chips(system, t, found[0]) is None:
             continue
-        if best is None or nodes_used(system, t * found[0]) < nodes_used(system, best[0] * best[1]):
+        nodes, best_nodes = nodes_used(system, t * found[0]), best and nodes_used(system, best[0] * best[1])
+        if best is None or nodes < best_nodes or (nodes == best_nodes and t > best[0]):
             best = (t, *found)
     return best
 
