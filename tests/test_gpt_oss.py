@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from fixtures.tiny_models.hf_tiny import build, save
+from safetensors.torch import load_file, save_file
 from test_gguf import arch_metadata, write_gguf
 
 from openlpu.compiler import Workload, compile_program, verify
@@ -18,8 +19,9 @@ from openlpu.graph.lower import lower
 from openlpu.hardware.gpu import load_gpu
 from openlpu.hardware.lpu import load_system
 from openlpu.models.gguf import load_weights, spec_from_gguf
-from openlpu.models.hf import load_safetensors, spec_from_hf_config
+from openlpu.models.hf import load_safetensors, mxfp4_to_float, spec_from_hf_config
 from openlpu.models.spec import PRESETS_DIR, load_preset
+from openlpu.runtime.model import Model
 from openlpu.sim.gpu import KERNEL_OVERHEAD_S, step_s
 from openlpu.sim.timing import timing
 
@@ -143,24 +145,58 @@ def test_each_expert_bias_is_placed_with_its_weight_rows():
         assert set(add.inputs) == {b + "ffn_sum@1", b + "ffn_gate_inp@1"}
 
 
-def test_runs_from_hugging_face_weights_only(tmp_path):
+def test_a_gguf_is_planned_but_not_run(tmp_path):
     """The runtime executes gpt-oss (tests/test_families.py and test_executor.py check it against
-    transformers and across placements) from bf16 or float32 Hugging Face weights; an MXFP4 checkpoint
-    or a GGUF (MXFP4, llama.cpp's names) is refused in one line, saying what to use."""
+    transformers and across placements) from Hugging Face weights; a GGUF (MXFP4 experts, llama.cpp's
+    names) is refused in one line, saying what to use."""
     gguf = _gguf(tmp_path)
     with pytest.raises(OpenLPUError, match="cannot run gpt-oss weights from GGUF: its experts are MXFP4"):
         load_weights(gguf, spec_from_gguf(gguf))
     r = subprocess.run([sys.executable, "-m", "openlpu.cli", "run", "Hello", "--model", str(gguf)],
                        capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "its experts are MXFP4" in r.stderr
-    spec = load_preset("gpt-oss-20b")
-    folder = tmp_path / "mxfp4"
-    folder.mkdir()
-    save_file({"model.layers.0.mlp.experts.gate_up_proj_blocks": torch.zeros(2, dtype=torch.uint8),
-               "model.layers.0.mlp.experts.gate_up_proj_scales": torch.zeros(2, dtype=torch.uint8)},
-              str(folder / "model.safetensors"))
-    with pytest.raises(OpenLPUError, match="stored quantized .MXFP4 blocks and scales."):
-        load_safetensors(folder, spec)
+
+
+def test_mxfp4_blocks_decode_as_transformers_decodes_them():
+    """Second method: transformers' own MXFP4 converter (integrations.mxfp4), on random codes and scales."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (3, 5, 4, 16), dtype=torch.uint8, generator=g)
+    scales = torch.randint(110, 140, (3, 5, 4), dtype=torch.uint8, generator=g)
+    assert torch.equal(mxfp4_to_float(blocks, scales).transpose(1, 2),
+                       convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
+
+
+def test_a_checkpoint_with_mxfp4_experts_runs_like_transformers(tmp_path):
+    """The released checkpoints store the experts as MXFP4 blocks and scales: a tiny gpt-oss saved so
+    loads and runs to transformers' logits (its experts set to the codes' values by transformers'
+    converter)."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    hf = build("gpt-oss")
+    g, stored = torch.Generator().manual_seed(2), {}
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                experts, inputs, outputs = param.shape  # blocks of 32 run along the input, per output row
+                blocks = torch.randint(0, 256, (experts, outputs, inputs // 32, 16), dtype=torch.uint8, generator=g)
+                scales = torch.randint(122, 126, (experts, outputs, inputs // 32), dtype=torch.uint8, generator=g)
+                param.copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
+                stored[name] = blocks, scales
+    folder = save(hf, tmp_path / "oss")
+    tensors = load_file(folder / "model.safetensors")
+    for name, (blocks, scales) in stored.items():
+        del tensors[name]
+        tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = blocks, scales
+    save_file(tensors, folder / "model.safetensors")
+    spec = spec_from_hf_config(folder)
+    ids = list(range(1, 24))
+    with torch.no_grad():
+        expected = hf(torch.tensor([ids])).logits[0]
+    assert len(stored) == 2 * spec.n_layers and expected.std() > 0.5
+    torch.testing.assert_close(Model(spec, load_safetensors(folder, spec)).logits(ids), expected,
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_a_gpu_runs_the_sinks_inside_its_attention_kernel():

@@ -330,6 +330,11 @@ PACKED_EXPERT_NAMES = {
     "mlp.experts.down_proj_bias": (("ffn_down_exps.bias", lambda t: t),),
 }
 PACKED_EXPERT_FAMILIES = ("gpt-oss",)
+# MXFP4 (OCP Microscaling Formats v1.0): blocks of 32 FP4 (E2M1) codes, two per byte, low nibble first,
+# sharing one E8M0 scale byte, 2^(byte - 127). The released gpt-oss checkpoints store their experts so,
+# as "<name>_blocks" (..., blocks, 16 bytes) and "<name>_scales" (..., blocks), rows along the output.
+FP4_E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+MXFP4_SCALE_BIAS = 127
 
 
 def hf_to_gguf_names(spec: ModelSpec) -> dict[str, str]:
@@ -362,6 +367,24 @@ def packed_expert_names(spec: ModelSpec) -> dict[str, list]:
             for i in range(spec.n_layers) for hf, parts in PACKED_EXPERT_NAMES.items()}
 
 
+def mxfp4_to_float(blocks, scales):
+    """float32 values of MXFP4 blocks (..., n, 16) uint8 with scales (..., n) uint8 -> (..., n * 32)."""
+    import torch
+
+    codes = torch.stack([blocks & 0x0F, blocks >> 4], -1).long()  # (..., n, 16, 2): low nibble first
+    values = torch.tensor(FP4_E2M1_VALUES)[codes].flatten(-3, -1).unflatten(-1, (blocks.shape[-2], 32))
+    return torch.ldexp(values, scales.long()[..., None] - MXFP4_SCALE_BIAS).flatten(-2)
+
+
+def _unquantize_experts(raw: dict, packed: dict) -> None:
+    """Replace each packed expert tensor stored in MXFP4 by its values, in the (expert, in, out) layout
+    the unquantized tensor has (the blocks run along the input, per output row)."""
+    for name in packed:
+        blocks, scales = raw.pop(f"{name}_blocks", None), raw.pop(f"{name}_scales", None)
+        if blocks is not None and scales is not None:
+            raw[name] = mxfp4_to_float(blocks, scales).transpose(1, 2)
+
+
 def safetensors_files(path: str | Path) -> list[Path]:
     """The .safetensors file(s) of a checkpoint: a file, or a folder (sharded or not)."""
     path = Path(path)
@@ -388,7 +411,8 @@ def load_safetensors(path_or_dir: str | Path, spec: ModelSpec,
     """Weights by GGUF name in HF's layout (see HF_ROPE_LAYOUT), as float32 unless dtype given.
 
     Mixtral's per-expert w1/w3/w2 are stacked into ffn_gate_exps/ffn_up_exps/ffn_down_exps
-    (expert, out, in). Every tensor the spec needs must be present with the right shape, and
+    (expert, out, in); gpt-oss's packed experts are split and transposed the same way, from MXFP4 blocks
+    and scales where the checkpoint stores them so. Every tensor the spec needs must be present with the right shape, and
     nothing else may be (a tied lm_head identical to the embedding is tolerated).
     """
     import torch
@@ -406,9 +430,7 @@ def load_safetensors(path_or_dir: str | Path, spec: ModelSpec,
                                "download it again") from None
 
     names, experts, packed = hf_to_gguf_names(spec), expert_names(spec), packed_expert_names(spec)
-    if any(key.endswith(("_blocks", "_scales")) for key in raw):
-        raise OpenLPUError(f"{path_or_dir}: the experts are stored quantized (MXFP4 blocks and scales), which "
-                           "this loader does not read yet; give a checkpoint with bf16 or float32 experts")
+    _unquantize_experts(raw, packed)
     if spec.tie_embeddings and "lm_head.weight" in raw and "model.embed_tokens.weight" in raw:
         if torch.equal(raw["lm_head.weight"], raw["model.embed_tokens.weight"]):
             del raw["lm_head.weight"]  # a tied head saved twice
