@@ -3,6 +3,7 @@ its compiled Program and the weights the runtime reads (its numerics: tests/test
 transformers, and tests/test_executor.py, on every placement)."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -73,7 +74,7 @@ def test_gguf_metadata_gives_the_preset(tmp_path):
 ])
 def test_bad_configs_say_which_field(change, says):
     cfg = json.loads((PRESETS_DIR / "gpt-oss-20b.json").read_text())["$source_notes"]["hf_config"]
-    with pytest.raises(OpenLPUError, match=says.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(OpenLPUError, match=re.escape(says)):
         spec_from_hf_config({**cfg, **change})
 
 
