@@ -638,9 +638,9 @@ def fewest_chips(spec: ModelSpec, system: SystemSpec, workload: Workload,
                  ) -> tuple[int, int, PieceSizes] | None:
     """(t, p, piece sizes): fewest_stages at the TP degree inside a node that takes the fewest nodes
     (nodes_used; ties to the wider degree: the same hosts, a faster step), or, only when none fits, at
-    the degree spanning whole nodes chosen by the same rule. `widths` limits the TP degrees tried (default: all of tp_candidates,
-    in its order)."""
-    best = None
+    the degree spanning whole nodes chosen by the same rule. `widths` limits the TP degrees tried
+    (default: all of tp_candidates, in its order)."""
+    best, best_key = None, None
     node, passes = system.node.chips, passes if passes is not None else lowered_passes(spec, workload)
     for t in widths or tp_candidates(spec, system):
         if best is not None and best[0] <= node < t:
@@ -648,9 +648,9 @@ def fewest_chips(spec: ModelSpec, system: SystemSpec, workload: Workload,
         found = fewest_stages(spec, system, size_table(spec, workload, t, passes))
         if found is None or group_chips(system, t, found[0]) is None:
             continue
-        nodes, best_nodes = nodes_used(system, t * found[0]), best and nodes_used(system, best[0] * best[1])
-        if best is None or nodes < best_nodes or (nodes == best_nodes and t > best[0]):
-            best = (t, *found)
+        key = (nodes_used(system, t * found[0]), -t)  # the fewest nodes, then the wider
+        if best is None or key < best_key:
+            best, best_key = (t, *found), key
     return best
 
 

@@ -187,6 +187,13 @@ def _head_norm_kernel(chip: Chip, name: str, tensor: str):
     return lambda p, x: norm(x.view(x.shape[0], -1, hd)).view(x.shape[0], -1)
 
 
+def _cat_partials(parts: list[Partial]) -> Partial:
+    """The spans' partial attentions, row after row, as one."""
+    if len(parts) == 1:
+        return parts[0]
+    return Partial(torch.cat([x.out for x in parts]), torch.cat([x.lse for x in parts]))
+
+
 def build_kernel(chip: Chip, name: str, kind: str) -> Callable:
     """fn(pass, *inputs) computing op `name` (chunk prefix already removed) on `chip`'s shards."""
     base = name.split(CUT_SEPARATOR)[0]  # part j of a cut MLP runs the op on the rows its chip holds
@@ -243,8 +250,7 @@ def build_kernel(chip: Chip, name: str, kind: str) -> Callable:
                 k_own, v_own = (x[:, lo - first:hi - first] for x in chip.cache.slot(layer, sp.slot))
                 parts.append(attend_slots(chip.spec, q[rows], k[rows], v[rows], sp.start_pos, ring, lo, hi,
                                           k_own, v_own, window))
-            return parts[0] if len(parts) == 1 else Partial(torch.cat([x.out for x in parts]),
-                                                            torch.cat([x.lse for x in parts]))
+            return _cat_partials(parts)
         return partial_attention
     if suffix == CHAINED["attn"]:
         return lambda p, running, own: merge_partials(running, own)
@@ -256,10 +262,7 @@ def build_kernel(chip: Chip, name: str, kind: str) -> Callable:
             v = v.view(v.shape[0], -1, hd)
             outs = [attend(chip.spec, q[pl.rows], k[pl.rows], v[pl.rows], pl, *chip.cache.slot(layer, pl.slot),
                            with_lse=with_lse) for pl in p.plans(chip, layer)]
-            if len(outs) == 1:
-                return outs[0]
-            return Partial(torch.cat([o.out for o in outs]), torch.cat([o.lse for o in outs])) if with_lse \
-                else torch.cat(outs)
+            return _cat_partials(outs) if with_lse else outs[0] if len(outs) == 1 else torch.cat(outs)
         return attention
     if suffix == "attn_sinks":  # on the attention's Partial (or a split attention's merged one)
         first = chip.start(f"blk.{layer}.attn_q.weight", base) // spec.head_dim  # the chip's first head

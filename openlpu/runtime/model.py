@@ -551,10 +551,9 @@ class Model:
         plans = ctx.plans[blk.cache_group]
 
         def span(rows: slice, plan: AttentionPlan) -> torch.Tensor:
-            cached = self._slot_cache(cache, layer, plan.slot)
-            if blk.sinks is None:
-                return attend(s, q[rows], k[rows], v[rows], plan, *cached)
-            return apply_sinks(attend(s, q[rows], k[rows], v[rows], plan, *cached, with_lse=True), blk.sinks)
+            out = attend(s, q[rows], k[rows], v[rows], plan, *self._slot_cache(cache, layer, plan.slot),
+                         with_lse=blk.sinks is not None)
+            return out if blk.sinks is None else apply_sinks(out, blk.sinks)
         if len(plans) == 1:  # one sequence: its rows are all the rows
             return blk.attn_output(span(slice(None), plans[0]))
         return blk.attn_output(torch.cat([span(p.rows, p) for p in plans]))

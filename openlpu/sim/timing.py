@@ -77,10 +77,10 @@ def timing(program: Program) -> LpuTiming:
             reach = max(reach, e)
         chip_busy[stage.index] = min(1.0, batches * covered / period)
     chip = program.system.chip
-    chip_power = sum((chip.idle_power_w + (chip.busy_power_w - chip.idle_power_w) * chip_busy[s.index]) * len(s.chips)
-                     for s in program.placement.stages)
     nodes = len({program.system.node_of(c) for c in program.placement.chips})
-    power = chip_power + nodes * program.system.node.host_power_w
+    idle_power = chips * chip.idle_power_w + nodes * program.system.node.host_power_w
+    power = idle_power + (chip.busy_power_w - chip.idle_power_w) * sum(chip_busy[s.index] * len(s.chips)
+                                                                        for s in program.placement.stages)
     links_used = {k: n for k in LINK_KINDS if (n := sum(1 for kind in kind_of.values() if kind == k))}
     link_utilisation = {k: batches * sum(c for link, c in link_cycles.items() if kind_of[link] == k) / (n * period)
                         for k, n in links_used.items()}
@@ -94,7 +94,7 @@ def timing(program: Program) -> LpuTiming:
         tokens_per_s_per_user=clock / period, throughput_tokens_per_s=throughput,
         unit_utilisation=unit_utilisation, link_utilisation=link_utilisation, links_used=links_used,
         busiest_link_utilisation=batches * max(link_cycles.values(), default=0) / period,
-        nodes=nodes, idle_power_w=chips * chip.idle_power_w + nodes * program.system.node.host_power_w,
+        nodes=nodes, idle_power_w=idle_power,
         power_w=power, energy_per_token_j=power / throughput, sram_used_bytes=sram,
         sram_used_fraction=sram / (chips * chip.sram_bytes), stage_occupancy_s=max(occupancy.values()) / clock)
 
