@@ -13,6 +13,7 @@ GPT_OSS_CARD = ("OpenAI, 'gpt-oss-120b & gpt-oss-20b Model Card' (arXiv:2508.109
 # name -> (published total parameters, source). Checked within 1%.
 PUBLISHED_TOTALS = {
     "llama-2-7b": (6.74e9, HUB.format("meta-llama/Llama-2-7b-hf")),
+    "llama-2-13b": (13.0e9, HUB.format("meta-llama/Llama-2-13b-hf")),
     "llama-2-70b": (69.0e9, HUB.format("meta-llama/Llama-2-70b-hf")),
     "llama-3-8b": (8.03e9, HUB.format("meta-llama/Meta-Llama-3-8B")),
     "llama-3-70b": (70.6e9, HUB.format("meta-llama/Meta-Llama-3-70B")),

@@ -8,8 +8,11 @@ TensorRT-LLM 0.5's masked multi-head attention kernel, which runs one thread blo
 (TensorRT-LLM docs, "gpt_attention": the generation phase "uses a single CUDA thread-block per head";
 its XQA kernel for MQA/GQA, TensorRT-LLM 0.8, Jan 2024, "reduces data loading" and gave Llama-70B 2.4x
 the throughput at 128 in / 2,048 out on one H200). The factor is the model's query heads per KV head,
-not a fitted number. Every published point below ran TensorRT-LLM 0.5, so the fits and checks use
-its row; `openlpu plan` compares against current engines (the default row).
+not a fitted number. The fits ran TensorRT-LLM 0.5 and use its row; `openlpu plan` compares against
+current engines (the default row). That row is optimistic: against TensorRT-LLM v0.7a's GQA kernels
+(Llama-2-70B, 1 x H200, FP8, 128 in; TensorRT-LLM blog "Falcon-180B on a single H200", Dec 2023) it
+predicts 2,048-token outputs at batch 192 65% faster than measured, 4,096-token outputs at batch 96
+38% faster (bench/results/fidelity.md).
 
 Tensor parallelism over NVLink divides the sharded ops and adds two all-reduces per layer
 (Megatron-style: after attention and after the MLP); servers beyond one NVLink domain form pipeline
@@ -22,8 +25,9 @@ Constants and the published points they were fitted on / checked against (bench/
 - COMPUTE_EFFICIENCY 0.664: achieved fraction of dense tensor peak over a whole prefill (GEMMs,
   attention, norms). FITTED on one point: TensorRT-LLM 0.5 "H200 launch" blog table (Nov 2023):
   1 x H200, FP8, Llama-2-70B, batch 32, 2,048 in / 128 out: 303 output tok/s (with that version's
-  per-query-head KV reads). The other rows of that table and TensorRT-LLM 0.5's own H100 table are
-  held out (bench/results/fidelity.md).
+  per-query-head KV reads). The other rows of that table and of TensorRT-LLM 0.5's own H100 and A100
+  tables are held out (bench/results/fidelity.md). One constant misses batch-1 first-token latency:
+  alone, those rows would need about 0.47 on H100 at FP8 and 0.72 on A100 at FP16.
 - KERNEL_OVERHEAD_S: launch + tail per kernel. FITTED on one point: NVIDIA, "Achieving Top
   Inference Performance with the NVIDIA H100 Tensor Core GPU and NVIDIA TensorRT-LLM" (Dec 2023):
   DGX H100 (8 GPUs, FP8, TensorRT-LLM 0.5), Llama-2-70B, 2,048 in / 128 out, batch 1: 1.7 s.
