@@ -103,6 +103,10 @@ def plan(
     draft_tokens: int = typer.Option(None, "--draft-tokens", help="tokens the draft proposes per round (default 4)"),
     acceptance: float = typer.Option(None, "--acceptance", help="chance the target accepts each draft token "
                                                                 "(needed with --draft)"),
+    gpu_software: str = typer.Option("gqa-kernels", "--gpu-software",
+                                     help="the GPUs' decode attention kernels: gqa-kernels (each KV head read "
+                                          "once per group: the least traffic, optimistic) or tensorrt-llm-0.5 "
+                                          "(once per query head)"),
     json_out: bool = typer.Option(False, "--json", help="print the rows as JSON"),
     plot_file: str = typer.Option(None, "--plot", help="write a PNG chart of the rows to this file"),
 ):
@@ -111,6 +115,7 @@ def plan(
 
     from openlpu.models.spec import load_spec
     from openlpu.sim.cost import CostAssumptions
+    from openlpu.sim.gpu import SOFTWARE
     from openlpu.sim.plan import DRAFT_TOKENS, plot, prompt_tokens
     from openlpu.sim.plan import plan as make_plan
 
@@ -119,7 +124,7 @@ def plan(
     spec = load_spec(model)
     rows = make_plan(spec, system=system, compare=tuple(compare), precision=precision, context=context,
                      users=users, chips=chips, tp=tp, gpus=gpus, prompt=prompt, assumptions=assumptions,
-                     draft=draft, draft_tokens=draft_tokens, acceptance=acceptance)
+                     draft=draft, draft_tokens=draft_tokens, acceptance=acceptance, gpu_software=gpu_software)
     prompt = prompt_tokens(context) if prompt is None else prompt
     if plot_file:
         plot(rows, plot_file, f"{spec.name}, {precision}, {users} user(s) x {context} tokens")
@@ -131,9 +136,10 @@ def plan(
     speculating = "" if draft is None else (
         f" Speculative: {draft_tokens or DRAFT_TOKENS} draft tokens per round, each accepted with chance "
         f"{acceptance:g}; the LPU runs the draft on chips of its own, a GPU between the target's steps.")
+    kernels = f" GPU decode attention: {SOFTWARE[gpu_software].name}." if compare else ""
     table = Table(title=f"{spec.name} at {precision}, {users} user(s) x {context} tokens of context",
-                  caption=f"tok/s: decode steps attending all {context:,} tokens.{speculating} TTFT: the prefill of a "
-                          f"{prompt:,}-token prompt. $ per M tokens: capex over {a.years:g} "
+                  caption=f"tok/s: decode steps attending all {context:,} tokens.{speculating}{kernels} TTFT: "
+                          f"the prefill of a {prompt:,}-token prompt. $ per M tokens: capex over {a.years:g} "
                           f"years plus power at ${a.usd_per_kwh:.2f}/kWh (PUE {a.pue:g}), serving "
                           f"{a.utilisation:.0%} of the hours at the throughput shown.")
     table.add_column("")

@@ -144,6 +144,22 @@ def test_more_users_raise_throughput_on_the_gpu():
     assert many.tokens_per_s_per_user < one.tokens_per_s_per_user
 
 
+def test_gpu_software_moves_only_grouped_query_attention_on_the_gpu():
+    """Once per query head, decode attention reads each KV head of Llama 3 70B (64 query heads share 8 KV
+    heads) 8 times: more bytes per step, never fewer. The LPU row and a model without grouped KV heads
+    (Llama 2 7B, 32 KV heads for 32 query heads) do not move; the CLI's caption names the kernels."""
+    grouped, per_query_head = (plan("llama-3-70b", gpu_software=s, context=8192, users=32)
+                               for s in ("gqa-kernels", "tensorrt-llm-0.5"))
+    assert grouped[0] == per_query_head[0]
+    assert per_query_head[1].throughput_tokens_per_s < 0.7 * grouped[1].throughput_tokens_per_s
+    assert per_query_head[1].usd_per_million_tokens > grouped[1].usd_per_million_tokens
+    mha = [plan("llama-2-7b", system="", gpu_software=s, context=4096, users=32)
+           for s in ("gqa-kernels", "tensorrt-llm-0.5")]
+    assert mha[0] == mha[1]
+    text = " ".join(run_cli("llama-3-8b", "--gpu-software", "tensorrt-llm-0.5").stdout.split())
+    assert "GPU decode attention: TensorRT-LLM 0.5" in text
+
+
 def test_cli_json_and_plot(tmp_path):
     png = tmp_path / "plan.png"
     r = run_cli("llama-3-8b", "--system", "", "--compare", "h100-sxm", "--compare", "a100-80gb",
@@ -217,6 +233,8 @@ def test_a_gguf_file_plans_as_its_preset(gemma_path):
     (["llama-3.1-70b", "--draft", "llama-3.2-1b", "--acceptance", "0.7", "--draft-tokens", "0"],
      "--draft-tokens must be a positive integer"),
     (["llama-3.1-70b", "--draft", "llama-3.2-1", "--acceptance", "0.7"], "did you mean llama-3.2-1b"),
+    (["llama-2-70b", "--gpu-software", "xqa"], "unknown GPU software 'xqa'; choose one of: tensorrt-llm-0.5"),
+    (["llama-2-70b", "--gpu-software", "gqa"], "did you mean gqa-kernels?"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, says):
     r = run_cli(*args)

@@ -43,6 +43,7 @@ Constants and the published points they were fitted on / checked against (bench/
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 
 from openlpu.errors import OpenLPUError
@@ -105,9 +106,19 @@ class GpuTiming:
     energy_per_token_j: float
 
 
+def software_named(name: str) -> Software:
+    """The SOFTWARE row called `name`, or one clear error naming the rows there are."""
+    if name not in SOFTWARE:
+        close = difflib.get_close_matches(str(name), SOFTWARE, n=1, cutoff=0.4)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise OpenLPUError(f"unknown GPU software {name!r}; {hint}choose one of: "
+                           + "; ".join(f"{k} ({v.name})" for k, v in SOFTWARE.items()))
+    return SOFTWARE[name]
+
+
 def kv_reads_per_kv_head(spec: ModelSpec, software: str) -> int:
     """How many times decode attention reads each cached KV head under `software`."""
-    return 1 if SOFTWARE[software].gqa_shared_kv_reads else spec.n_heads // spec.n_kv_heads
+    return 1 if software_named(software).gqa_shared_kv_reads else spec.n_heads // spec.n_kv_heads
 
 
 def op_time_s(op, gpu: GpuSpec, precision: str, shards: int, kv_reads: int = 1) -> float:

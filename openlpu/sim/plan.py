@@ -17,6 +17,7 @@ from openlpu.hardware.lpu import load_system
 from openlpu.models.spec import ModelSpec, load_spec
 from openlpu.sim.cost import CostAssumptions, cost, gpu_capex, lpu_capex
 from openlpu.sim.figures import save_png
+from openlpu.sim.gpu import DEFAULT_SOFTWARE, software_named
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,7 @@ def lpu_row(spec: ModelSpec, system_name: str, precision: str, context: int, use
 
 def gpu_row(spec: ModelSpec, gpu_name: str, precision: str, context: int, users: int, prompt: int,
             flops_per_token: float, assumptions: CostAssumptions, gpus: int | None = None,
-            draft: Draft | None = None) -> PlanRow:
+            draft: Draft | None = None, software: str = DEFAULT_SOFTWARE) -> PlanRow:
     from openlpu.sim import gpu as gpu_model
     from openlpu.sim.gpu import gpu_timing
     from openlpu.sim.speculative import gpu_round
@@ -186,11 +187,12 @@ def gpu_row(spec: ModelSpec, gpu_name: str, precision: str, context: int, users:
         gpus = gpu_model.gpus_needed(spec, gpu, precision, context, users, extra_bytes=gpu_model.weight_bytes(
             draft.spec, precision) + gpu_model.kv_bytes(draft.spec, precision, context, users))
     t = gpu_timing(spec, gpu, precision, context, users, gpus=gpus, prompt_tokens=prompt,
-                   queries=draft.tokens + 1 if draft else 1)
+                   queries=draft.tokens + 1 if draft else 1, software=software)
     per_user, throughput, memory, ttft = t.tokens_per_s_per_user, t.throughput_tokens_per_s, t.hbm_used_fraction, \
         t.ttft_s
     if draft is not None:  # the draft shares the target's GPUs, their HBM and their time
-        d = gpu_timing(draft.spec, gpu, precision, context, users, gpus=t.gpus, prompt_tokens=prompt)
+        d = gpu_timing(draft.spec, gpu, precision, context, users, gpus=t.gpus, prompt_tokens=prompt,
+                       software=software)
         memory += d.hbm_used_fraction
         if memory > gpu_model.HBM_USABLE_FRACTION:
             raise OpenLPUError(f"{t.gpus} x {gpu.name} cannot hold {spec.name} and the draft {draft.spec.name} with "
@@ -213,13 +215,14 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
          assumptions: CostAssumptions = CostAssumptions(), chips: int | None = None,
          gpus: int | None = None, prompt: int | None = None, tp: int | None = None,
          draft: str | ModelSpec | None = None, draft_tokens: int | None = None,
-         acceptance: float | None = None) -> list[PlanRow]:
+         acceptance: float | None = None, gpu_software: str = DEFAULT_SOFTWARE) -> list[PlanRow]:
     """The LPU system first, then each GPU, for `users` concurrent streams of `context` tokens, on
     `chips` LPU chips in TP groups of `tp` and `gpus` GPUs of each kind (None: the fewest that hold the
     workload, the compiler's TP); TTFT is the prefill of `prompt` tokens (None: prompt_tokens(context)).
     `model`, `draft`: a ModelSpec, or what load_spec takes (a preset name, a .gguf file, a config.json).
     With a draft, every system decodes speculatively: `draft_tokens` (default DRAFT_TOKENS) per round,
-    each accepted with probability `acceptance`, which must be given."""
+    each accepted with probability `acceptance`, which must be given. `gpu_software`: the GPUs' serving
+    kernels, a key of sim.gpu.SOFTWARE."""
     spec = model if isinstance(model, ModelSpec) else load_spec(model)
     as_precision(precision)
     prompt = prompt_tokens(context) if prompt is None else prompt
@@ -239,13 +242,14 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
         load_system(system)  # unknown names fail before any compile work
     for name in compare:
         load_gpu(name)
+    software_named(gpu_software)
     if not compare and not system:
         raise OpenLPUError(f"nothing to plan: give --system and/or --compare ({', '.join(gpu_names())})")
     flops = matrix_flops_per_token(spec, precision, context, speculation)  # the same work per token everywhere
     rows = [lpu_row(spec, system, precision, context, users, prompt, flops, assumptions, chips, tp, speculation)] \
         if system else []
-    return rows + [gpu_row(spec, name, precision, context, users, prompt, flops, assumptions, gpus, speculation)
-                   for name in compare]
+    return rows + [gpu_row(spec, name, precision, context, users, prompt, flops, assumptions, gpus, speculation,
+                           gpu_software) for name in compare]
 
 
 PLOT_METRICS = (("tokens_per_s_per_user", "tokens/s per user"), ("throughput_tokens_per_s", "tokens/s (system)"),
