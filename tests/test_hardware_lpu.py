@@ -68,6 +68,22 @@ def test_mistyped_value_is_named(tmp_path, value):
         load_system(_write(tmp_path, data))
 
 
+def test_mistyped_precision_of_the_matrix_unit_is_named(tmp_path):
+    data = json.loads(json.dumps(V1))
+    data["chip"]["matrix_macs_per_cycle"]["value"]["int9"] = 409600
+    with pytest.raises(OpenLPUError, match=r"chip\.matrix_macs_per_cycle: unknown precision 'int9'; did you mean"):
+        load_system(_write(tmp_path, data))
+
+
+def test_a_node_that_is_not_a_full_mesh_is_refused(tmp_path):
+    data = json.loads(json.dumps(V1))
+    data["node"]["chips"]["value"] = 4
+    with pytest.raises(OpenLPUError, match=r"node\.local_links_per_chip must be node\.chips - 1 \(3\)"):
+        load_system(_write(tmp_path, data))
+    data["node"]["local_links_per_chip"]["value"] = 3
+    assert load_system(_write(tmp_path, data)).node.chips == 4
+
+
 def test_figure_without_source_is_refused(tmp_path):
     data = json.loads(json.dumps(V1))
     data["node"]["chips"] = 8

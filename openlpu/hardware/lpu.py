@@ -139,10 +139,16 @@ def _check_figure(raw, where: str, kind, sources: dict) -> object:
         if not isinstance(value, str):
             raise OpenLPUError(f"{where} must be a string, got {value!r}")
         return value
-    if typing.get_origin(kind) is dict:
+    if typing.get_origin(kind) is dict:  # a figure per operand precision
+        from openlpu.graph.lower import PRECISIONS
+
         if not isinstance(value, dict) or not value:
             raise OpenLPUError(f"{where} must be a non-empty object of numbers, got {value!r}")
         for k, v in value.items():
+            if k not in PRECISIONS:
+                close = difflib.get_close_matches(str(k), PRECISIONS, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise OpenLPUError(f"{where}: unknown precision {k!r}{hint} (known: {', '.join(PRECISIONS)})")
             _positive_number(v, f"{where}.{k}")
         return dict(sorted(value.items()))
     _positive_number(value, where)
@@ -226,4 +232,7 @@ def load_system(name_or_path: str | Path) -> SystemSpec:
     system = _build(SystemSpec, data, path.stem, sources)
     if system.chip.busy_power_w < system.chip.idle_power_w:
         raise OpenLPUError(f"{path.stem}: chip.busy_power_w must be at least chip.idle_power_w")
+    if system.node.local_links_per_chip != system.node.chips - 1:  # route() joins a node's chips directly
+        raise OpenLPUError(f"{path.stem}: node.local_links_per_chip must be node.chips - 1 "
+                           f"({system.node.chips - 1}): the chips of a node form a full mesh")
     return dataclasses.replace(system, sources=sources)
