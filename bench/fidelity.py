@@ -3,8 +3,9 @@
     python bench/fidelity.py            # writes bench/results/fidelity.md and fidelity.json
 
 LPU side: Groq's public service (GroqCloud) at the chip count of the published deployment where one
-was published, else the compiler's fewest chips. GPU side: NVIDIA's own TensorRT-LLM figures for
-H100, H200 and A100 (throughput and first-token latency; Llama 2 7B, 13B and 70B). Each point is FIT
+was published, else the compiler's fewest chips. GPU side: NVIDIA's own TensorRT-LLM figures: from 2023
+for H100, H200 and A100 (throughput and first-token latency; Llama 2 7B, 13B and 70B), and TensorRT-LLM
+1.0's throughput table for H100 and H200 (Llama 3.1 8B, 3.3 70B, 3.1 405B). Each point is FIT
 (a constant the public record leaves open was fitted on it), CHECK (held out, counted) or ALT (a figure
 already held out, repeated under another deployment; not counted). The
 fits are repeated here from scratch and printed next to the constants the package ships, so a drift
@@ -61,6 +62,9 @@ METRICS = {
     "e2e_latency_s": "end-to-end latency of one request, s",
     "offline_tok_s": "offline batch throughput, output tokens/s",
     "ttft_s": "first-token latency of one request (batch 1): its prefill, s",
+    "max_load_tok_s": "throughput under unbounded load (`trtllm-bench throughput`), output tokens/s of all GPUs, "
+                      "modelled at the most requests whose KV cache of input + output tokens fits beside the "
+                      "weights, at most 4,096 (trtllm-bench's cap)",
 }
 
 GROQ_LLMPERF = ("ray-project/llmperf-leaderboard raw data (Groq, 550 in / 150 out, 5 concurrent "
@@ -189,7 +193,13 @@ TRT_FIRST_TOKEN = ("TensorRT-LLM release/0.5.0 docs/source/performance.md, 'Low 
                    "latency at batch 1, whole ms; its 'LLaMA 7B' is Llama 2 7B)")
 TRT_GQA = ("TensorRT-LLM docs/source/blogs/Falcon180B-H200.md, 'Llama-70B on H200 up to 6.7x A100' table "
            "(TensorRT-LLM v0.7a with its new GQA generation kernels, FP8, 1 x H200; batch sizes from its footnote)")
-GPU_SOFTWARE = "tensorrt-llm-0.5"  # the software of every GPU row but the v0.7a ones (openlpu.sim.gpu.SOFTWARE)
+TRT_V1 = ("TensorRT-LLM docs/source/performance/perf-overview.md, 'Throughput Measurements' (TensorRT-LLM 1.0, "
+          "PyTorch backend, `trtllm-bench throughput` under unbounded load; NVIDIA's FP8 checkpoints, FP8 KV cache; "
+          "'Total Output Throughput')")
+# trtllm-bench caps the requests it keeps in flight at 4,096 (tensorrt_llm/bench/build/tuning.py, finetune_setting);
+# METRICS["max_load_tok_s"] says so
+MAX_LOAD_REQUESTS = 4096
+GPU_SOFTWARE = "tensorrt-llm-0.5"  # the software of the GPU rows from 2023 but v0.7a's (openlpu.sim.gpu.SOFTWARE)
 
 
 def _offline(gpu: str, model: str, gpus: int, precision: str, rows, source: str, date: str,
@@ -204,6 +214,23 @@ def _first_token(gpu: str, precision: str, source: str, rows) -> list[Point]:
     return [Point(gpu, model, gpus, precision, "ttft_s", ms / 1e3, source, "2023-10", COUNTED, {"input": i},
                   software=GPU_SOFTWARE) for model, gpus, i, ms in rows]
 
+
+def _max_load(gpu: str, model: str, gpus: int, rows: dict) -> list[Point]:
+    """Held-out rows of TensorRT-LLM 1.0's throughput table: {(input, output): output tok/s of all GPUs}."""
+    return [Point(gpu, model, gpus, "fp8", "max_load_tok_s", published, TRT_V1, "2025", COUNTED,
+                  {"input": i, "output": o}, software="gqa-kernels") for (i, o), published in rows.items()]
+
+
+MAX_LOAD_LENGTHS = ((128, 128), (128, 2048), (128, 4096), (500, 2000), (1000, 1000), (1000, 2000), (2048, 128),
+                    (2048, 2048), (5000, 500), (20000, 2000))
+MAX_LOAD_TABLE = {  # (model, GPU, GPUs) -> output tok/s at each of MAX_LOAD_LENGTHS, in that order
+    ("llama-3.1-8b", "h200", 1): (27911, 26221, 18027, 20770, 17744, 16828, 3538, 12194, 3902, 1804),
+    ("llama-3.1-8b", "h100-sxm", 1): (28312, 22714, 14325, 17660, 15220, 13899, 3450, 9305, 3459, 1351),
+    ("llama-3.3-70b", "h200", 1): (3803, 4336, 2872, 3666, 2909, 2994, 442, 2003, 566, 283),
+    ("llama-3.3-70b", "h100-sxm", 2): (6378, 6651, 4199, 5222, 4205, 4146, 762, 3082, 898, 437),
+    ("llama-3.1-405b", "h200", 8): (3814, 5348, 4741, 4724, 3330, 3722, 456, 2948, 650, 505),
+    ("llama-3.1-405b", "h100-sxm", 8): (3627, 4340, 3116, 3994, 2919, 2895, 453, 2296, 610, 345),
+}
 
 GPU_POINTS = [
     Point("h100-sxm", "llama-2-70b", 8, "fp8", "e2e_latency_s", 1.7, NVIDIA_DGX, "2023-12",
@@ -235,6 +262,8 @@ GPU_POINTS = [
                    ("llama-2-70b", 4, 128, 47), ("llama-2-70b", 4, 2048, 377)]),
     *_offline("h200", "llama-2-70b", 1, "fp8", [(960, 128, 128, 3803), (192, 128, 2048, 2941),
                                                  (96, 128, 4096, 1946)], TRT_GQA, "2023-12", software="gqa-kernels"),
+    *(p for (model, gpu, gpus), tok_s in MAX_LOAD_TABLE.items()
+      for p in _max_load(gpu, model, gpus, dict(zip(MAX_LOAD_LENGTHS, tok_s)))),
 ]
 
 
@@ -248,10 +277,20 @@ def predict_gpu(p: Point) -> float:
         return t.ttft_s + (s["output"] - 1) * t.decode_step_s
     if p.metric == "ttft_s":
         return G.gpu_timing(spec, gpu, p.precision, context=s["input"], gpus=p.chips, software=p.software).ttft_s
-    if p.metric == "offline_tok_s":
-        run = G.offline_run_s(spec, gpu, p.precision, p.chips, s["batch"], s["input"], s["output"], p.software)
-        return s["batch"] * s["output"] / run
+    if p.metric in ("offline_tok_s", "max_load_tok_s"):
+        batch = s["batch"] if p.metric == "offline_tok_s" else max_load_requests(p)
+        run = G.offline_run_s(spec, gpu, p.precision, p.chips, batch, s["input"], s["output"], p.software)
+        return batch * s["output"] / run
     raise ValueError(p.metric)
+
+
+def max_load_requests(p: Point) -> int:
+    """Requests in flight under unbounded load: as many as the HBM the weights leave holds the KV cache of
+    input + output tokens for (trtllm-bench sizes its batch so, tensorrt_llm/bench/build/tuning.py), at most
+    MAX_LOAD_REQUESTS."""
+    t = G.gpu_timing(load_preset(p.model), load_gpu(p.system), p.precision, context=p.setting["input"] +
+                     p.setting["output"], gpus=p.chips, software=p.software)
+    return min(t.max_users, MAX_LOAD_REQUESTS)
 
 
 def lpu_timing(p: Point, system, context: int, prompt: int, tp: int | None = None, users: int = 1):
@@ -686,7 +725,9 @@ def markdown(lpu_rows, gpu_rows, gpu_fit, install_fit, shipped_install, system, 
     g_long = row(gpu_rows, "llama-2-70b", COUNTED, batch=512, output=2048)
     gpu_checks = [r for r in gpu_rows if r["role"] == COUNTED]
     offline_05 = [r for r in gpu_checks if r["metric"] == "offline_tok_s" and r["software"] == GPU_SOFTWARE]
-    gqa_rows = [r for r in gpu_checks if r["software"] != GPU_SOFTWARE]
+    max_load_rows = [r for r in gpu_checks if r["metric"] == "max_load_tok_s"]
+    v07_rows = [r for r in gpu_checks if r["software"] != GPU_SOFTWARE and r["metric"] == "offline_tok_s"]
+    by_width = {wide: [r for r in max_load_rows if (r["chips"] == 8) == wide] for wide in (True, False)}
     first_token = [r for r in gpu_checks if r["metric"] == "ttft_s"]
     h100_first, a100_first = ([r for r in gpu_read["compute_efficiency"] if r["system"] == g]
                               for g in ("h100-sxm", "a100-80gb"))
@@ -740,14 +781,17 @@ Where one Llama-2-70B decode step goes at the FIT point ({decomposition["stages"
 
 ## GPU model vs NVIDIA's published TensorRT-LLM figures
 
-The rows ran TensorRT-LLM 0.5, whose decode attention reads each KV head once per query head
-(Llama-2-70B: 8 times), except the last {len(gqa_rows)}, run with v0.7a's GQA generation kernels, which read
-a KV head once per group; each row is predicted with its own software (`openlpu.sim.gpu.SOFTWARE`, with
-the sources). Open constants, fitted jointly here (shipped values in `openlpu/sim/gpu.py` in brackets):
+The 2023 rows ran TensorRT-LLM 0.5, whose decode attention reads each KV head once per query head
+(Llama-2-70B: 8 times), except the last {len(v07_rows)} of the table below, run with v0.7a's GQA generation
+kernels, which read a KV head once per group, as do TensorRT-LLM 1.0's (the grid after it). Each row is
+predicted with its own software (`openlpu.sim.gpu.SOFTWARE`, with the sources). Open constants, fitted
+jointly here (shipped values in `openlpu/sim/gpu.py` in brackets):
 KERNEL_OVERHEAD_S = {gpu_fit['KERNEL_OVERHEAD_S'] * 1e6:.2f} us [{G.KERNEL_OVERHEAD_S * 1e6:.2f} us],
 COMPUTE_EFFICIENCY = {gpu_fit['COMPUTE_EFFICIENCY']:.3f} [{G.COMPUTE_EFFICIENCY:.3f}].
 
-{table(gpu_rows)}
+{table([r for r in gpu_rows if r["metric"] != "max_load_tok_s"])}
+
+{max_load_grid(max_load_rows)}
 
 ## Reading the errors
 
@@ -845,7 +889,9 @@ COMPUTE_EFFICIENCY = {gpu_fit['COMPUTE_EFFICIENCY']:.3f} [{G.COMPUTE_EFFICIENCY:
   of TensorRT-LLM 0.5's own table were added as held-out checks with that change.
 - GPU, by regime (held out): offline throughput under TensorRT-LLM 0.5, {gpu_count(offline_05)}; first-token
   latency at batch 1, {gpu_count(first_token)}; offline throughput under v0.7a's GQA kernels,
-  {gpu_count(gqa_rows)}.
+  {gpu_count(v07_rows)}; throughput under unbounded load with TensorRT-LLM 1.0, {gpu_count(max_load_rows)}
+  (on 1 or 2 GPUs {count(by_width[False])}, median {_median_error(by_width[False]):+.0%}; Llama 3.1 405B
+  on 8 GPUs {count(by_width[True])}, median {_median_error(by_width[True]):+.0%}).
   Each figure below is what one row would need alone, a reading, never used to predict.
   - First-token latency: the model gives every GEMM one compute efficiency, fitted on a prefill of 32
     prompts x 2,048 tokens ({G.COMPUTE_EFFICIENCY:.3f}). The 2,048-token prompts at batch 1 would need
@@ -862,8 +908,11 @@ COMPUTE_EFFICIENCY = {gpu_fit['COMPUTE_EFFICIENCY']:.3f} [{G.COMPUTE_EFFICIENCY:
     (modelled: 1, the least traffic a kernel can have). Either v0.7a's kernel did not reach it or its other
     kernels ran below the model's roofline at these batches; either way the `gqa-kernels` row, `openlpu
     plan`'s default for GPUs, predicts a GPU serving long outputs at large batch faster than TensorRT-LLM
-    ran it ({_errors(kv_gqa, None)}): a GPU comparison in `plan` favours the GPU by up to that much
-    (`plan --gpu-software tensorrt-llm-0.5` shows the other end: once per query head).
+    v0.7a ran it ({_errors(kv_gqa, None)}). TensorRT-LLM 1.0 comes closer: on 1 or 2 GPUs its rows, long
+    outputs included, sit around the model's figures. Llama 3.1 405B on 8 GPUs ran slower than the model
+    says on every row; these are the only rows at TP 8, and the model runs their all-reduces (a fifth to a
+    quarter of its decode step there) at NVLink's full bandwidth. A GPU comparison in `plan` can favour the
+    GPU by these margins (`plan --gpu-software tensorrt-llm-0.5` shows the other end: once per query head).
 
 """ + speculative_markdown(specdec)
 
@@ -880,6 +929,26 @@ def _models(readings: list[dict]) -> str:
 
 def _widths(readings: list[dict]) -> str:
     return " and ".join(map(str, sorted({r["nearest_tp"] for r in readings}, reverse=True)))
+
+
+def _median_error(rs) -> float:
+    errors = sorted(r["error"] for r in rs)
+    return (errors[(len(errors) - 1) // 2] + errors[len(errors) // 2]) / 2
+
+
+def max_load_grid(rs) -> str:
+    """TensorRT-LLM 1.0's throughput table beside the model's: one line per model and GPUs, one column per
+    input/output length; each cell published / predicted (error), with the requests modelled in flight."""
+    head = "| model, GPUs (requests in flight at the first and last lengths) | " + " | ".join(
+        f"{i:,} / {o:,}" for i, o in MAX_LOAD_LENGTHS) + " |"
+    lines = [head, "|---" * (len(MAX_LOAD_LENGTHS) + 1) + "|"]
+    for model, gpu, gpus in MAX_LOAD_TABLE:
+        cells = [r for r in rs if (r["model"], r["system"], r["chips"]) == (model, gpu, gpus)]
+        ends = " and ".join(str(max_load_requests(_point(r))) for r in (cells[0], cells[-1]))
+        lines.append(f"| {model}, {gpus} x {gpu} ({ends}) | " + " | ".join(
+            f"{r['published']:,} / {r['predicted']:,.0f} ({r['error']:+.0%})" for r in cells) + " |")
+    return (f"TensorRT-LLM 1.0 under unbounded load ({TRT_V1}, 2025), output tok/s, published / predicted "
+            f"(error); all held out, FP8, GQA kernels:\n\n" + "\n".join(lines))
 
 
 def _errors(rs, prompt: int | None) -> str:

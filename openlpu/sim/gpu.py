@@ -12,7 +12,9 @@ not a fitted number. The fits ran TensorRT-LLM 0.5 and use its row; `openlpu pla
 current engines (the default row). That row is optimistic: against TensorRT-LLM v0.7a's GQA kernels
 (Llama-2-70B, 1 x H200, FP8, 128 in; TensorRT-LLM blog "Falcon-180B on a single H200", Dec 2023) it
 predicts 2,048-token outputs at batch 192 65% faster than measured, 4,096-token outputs at batch 96
-38% faster (bench/results/fidelity.md).
+38% faster. TensorRT-LLM 1.0 (2025) comes closer: its throughput table for Llama 3.1 8B and 3.3 70B on
+one or two H100s or H200s sits around the model's figures, while Llama 3.1 405B on 8 GPUs runs up to
+~30% slower than predicted (bench/results/fidelity.md).
 
 Tensor parallelism over NVLink divides the sharded ops and adds two all-reduces per layer
 (Megatron-style: after attention and after the MLP); servers beyond one NVLink domain form pipeline
