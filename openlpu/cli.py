@@ -105,8 +105,8 @@ def plan(
                                                                 "(needed with --draft)"),
     gpu_software: str = typer.Option("gqa-kernels", "--gpu-software",
                                      help="the GPUs' decode attention kernels: gqa-kernels (each KV head read "
-                                          "once per group: the least traffic, optimistic) or tensorrt-llm-0.5 "
-                                          "(once per query head)"),
+                                          "once per group, as current engines do) or tensorrt-llm-0.5 (once "
+                                          "per query head)"),
     json_out: bool = typer.Option(False, "--json", help="print the rows as JSON"),
     plot_file: str = typer.Option(None, "--plot", help="write a PNG chart of the rows to this file"),
 ):
