@@ -140,15 +140,15 @@ def _check_figure(raw, where: str, kind, sources: dict) -> object:
             raise OpenLPUError(f"{where} must be a string, got {value!r}")
         return value
     if typing.get_origin(kind) is dict:  # a figure per operand precision
-        from openlpu.graph.lower import PRECISIONS
+        from openlpu.graph.lower import as_precision
 
         if not isinstance(value, dict) or not value:
             raise OpenLPUError(f"{where} must be a non-empty object of numbers, got {value!r}")
         for k, v in value.items():
-            if k not in PRECISIONS:
-                close = difflib.get_close_matches(str(k), PRECISIONS, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise OpenLPUError(f"{where}: unknown precision {k!r}{hint} (known: {', '.join(PRECISIONS)})")
+            try:
+                as_precision(k)
+            except OpenLPUError as e:
+                raise OpenLPUError(f"{where}: {e}") from None
             _positive_number(v, f"{where}.{k}")
         return dict(sorted(value.items()))
     _positive_number(value, where)

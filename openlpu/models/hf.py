@@ -412,8 +412,8 @@ def load_safetensors(path_or_dir: str | Path, spec: ModelSpec,
 
     Mixtral's per-expert w1/w3/w2 are stacked into ffn_gate_exps/ffn_up_exps/ffn_down_exps
     (expert, out, in); gpt-oss's packed experts are split and transposed the same way, from MXFP4 blocks
-    and scales where the checkpoint stores them so. Every tensor the spec needs must be present with the right shape, and
-    nothing else may be (a tied lm_head identical to the embedding is tolerated).
+    and scales where the checkpoint stores them so. Every tensor the spec needs must be present with the
+    right shape, and nothing else may be (a tied lm_head identical to the embedding is tolerated).
     """
     import torch
     from safetensors import SafetensorError, safe_open
