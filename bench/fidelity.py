@@ -194,8 +194,8 @@ TRT_FIRST_TOKEN = ("TensorRT-LLM release/0.5.0 docs/source/performance.md, 'Low 
 TRT_GQA = ("TensorRT-LLM docs/source/blogs/Falcon180B-H200.md, 'Llama-70B on H200 up to 6.7x A100' table "
            "(TensorRT-LLM v0.7a with its new GQA generation kernels, FP8, 1 x H200; batch sizes from its footnote)")
 TRT_V1 = ("TensorRT-LLM docs/source/performance/perf-overview.md, 'Throughput Measurements' (TensorRT-LLM 1.0, "
-          "PyTorch backend, `trtllm-bench throughput` under unbounded load; NVIDIA's FP8 checkpoints, FP8 KV cache; "
-          "'Total Output Throughput')")
+          "PyTorch backend, `trtllm-bench throughput` under unbounded load; NVIDIA's FP8 checkpoints on H100 and "
+          "H200, its FP4 (NVFP4) ones on B200, FP8 KV cache; 'Total Output Throughput')")
 # trtllm-bench caps the requests it keeps in flight at 4,096 (tensorrt_llm/bench/build/tuning.py, finetune_setting);
 # METRICS["max_load_tok_s"] says so
 MAX_LOAD_REQUESTS = 4096
@@ -215,22 +215,30 @@ def _first_token(gpu: str, precision: str, source: str, rows) -> list[Point]:
                   software=GPU_SOFTWARE) for model, gpus, i, ms in rows]
 
 
-def _max_load(gpu: str, model: str, gpus: int, rows: dict) -> list[Point]:
-    """Held-out rows of TensorRT-LLM 1.0's throughput table: {(input, output): output tok/s of all GPUs}."""
-    return [Point(gpu, model, gpus, "fp8", "max_load_tok_s", published, TRT_V1, "2025", COUNTED,
+def _max_load(gpu: str, model: str, gpus: int, precision: str, rows: dict) -> list[Point]:
+    """Rows of TensorRT-LLM 1.0's throughput table, {(input, output): output tok/s of all GPUs}, each held
+    out except FP4_FIT's."""
+    return [Point(gpu, model, gpus, precision, "max_load_tok_s", published, TRT_V1, "2025",
+                  FP4_FIT_ROLE if (model, gpu, gpus, precision, (i, o)) == FP4_FIT else COUNTED,
                   {"input": i, "output": o}, software="gqa-kernels") for (i, o), published in rows.items()]
 
 
 MAX_LOAD_LENGTHS = ((128, 128), (128, 2048), (128, 4096), (500, 2000), (1000, 1000), (1000, 2000), (2048, 128),
                     (2048, 2048), (5000, 500), (20000, 2000))
-MAX_LOAD_TABLE = {  # (model, GPU, GPUs) -> output tok/s at each of MAX_LOAD_LENGTHS, in that order
-    ("llama-3.1-8b", "h200", 1): (27911, 26221, 18027, 20770, 17744, 16828, 3538, 12194, 3902, 1804),
-    ("llama-3.1-8b", "h100-sxm", 1): (28312, 22714, 14325, 17660, 15220, 13899, 3450, 9305, 3459, 1351),
-    ("llama-3.3-70b", "h200", 1): (3803, 4336, 2872, 3666, 2909, 2994, 442, 2003, 566, 283),
-    ("llama-3.3-70b", "h100-sxm", 2): (6378, 6651, 4199, 5222, 4205, 4146, 762, 3082, 898, 437),
-    ("llama-3.1-405b", "h200", 8): (3814, 5348, 4741, 4724, 3330, 3722, 456, 2948, 650, 505),
-    ("llama-3.1-405b", "h100-sxm", 8): (3627, 4340, 3116, 3994, 2919, 2895, 453, 2296, 610, 345),
+MAX_LOAD_TABLE = {  # (model, GPU, GPUs, precision) -> output tok/s at each of MAX_LOAD_LENGTHS, in that order
+    ("llama-3.1-8b", "h200", 1, "fp8"): (27911, 26221, 18027, 20770, 17744, 16828, 3538, 12194, 3902, 1804),
+    ("llama-3.1-8b", "h100-sxm", 1, "fp8"): (28312, 22714, 14325, 17660, 15220, 13899, 3450, 9305, 3459, 1351),
+    ("llama-3.3-70b", "h200", 1, "fp8"): (3803, 4336, 2872, 3666, 2909, 2994, 442, 2003, 566, 283),
+    ("llama-3.3-70b", "h100-sxm", 2, "fp8"): (6378, 6651, 4199, 5222, 4205, 4146, 762, 3082, 898, 437),
+    ("llama-3.1-405b", "h200", 8, "fp8"): (3814, 5348, 4741, 4724, 3330, 3722, 456, 2948, 650, 505),
+    ("llama-3.1-405b", "h100-sxm", 8, "fp8"): (3627, 4340, 3116, 3994, 2919, 2895, 453, 2296, 610, 345),
+    ("llama-3.3-70b", "b200", 1, "fp4"): (11147, 9922, 6831, 7762, 7007, 6271, 1339, 4783, 1459, 665),
+    ("llama-3.1-405b", "b200", 4, "fp4"): (6281, 8020, 6345, 6244, 5209, 4933, 749, 4212, 1048, 672),
 }
+# The one B200 row FP4_COMPUTE_EFFICIENCY is fitted on: the most prefill-bound length (2,048 in, 128 out), whose
+# time goes to FP4 GEMMs; the other 19 B200 rows are held out
+FP4_FIT = ("llama-3.3-70b", "b200", 1, "fp4", (2048, 128))
+FP4_FIT_ROLE = "FIT: FP4_COMPUTE_EFFICIENCY"
 
 GPU_POINTS = [
     Point("h100-sxm", "llama-2-70b", 8, "fp8", "e2e_latency_s", 1.7, NVIDIA_DGX, "2023-12",
@@ -262,8 +270,8 @@ GPU_POINTS = [
                    ("llama-2-70b", 4, 128, 47), ("llama-2-70b", 4, 2048, 377)]),
     *_offline("h200", "llama-2-70b", 1, "fp8", [(960, 128, 128, 3803), (192, 128, 2048, 2941),
                                                  (96, 128, 4096, 1946)], TRT_GQA, "2023-12", software="gqa-kernels"),
-    *(p for (model, gpu, gpus), tok_s in MAX_LOAD_TABLE.items()
-      for p in _max_load(gpu, model, gpus, dict(zip(MAX_LOAD_LENGTHS, tok_s)))),
+    *(p for (model, gpu, gpus, precision), tok_s in MAX_LOAD_TABLE.items()
+      for p in _max_load(gpu, model, gpus, precision, dict(zip(MAX_LOAD_LENGTHS, tok_s)))),
 ]
 
 
@@ -333,18 +341,24 @@ def bisect(f, target: float, lo: float, hi: float, rising: bool, steps: int = 40
 
 def fit_gpu() -> dict:
     """Jointly fit KERNEL_OVERHEAD_S (on the DGX H100 latency) and COMPUTE_EFFICIENCY (on the H200
-    batch-32 throughput); returns the fitted values and restores the shipped constants."""
-    shipped = G.KERNEL_OVERHEAD_S, G.COMPUTE_EFFICIENCY
+    batch-32 throughput), then FP4_COMPUTE_EFFICIENCY (on the FP4_FIT row of B200) with those two;
+    returns the fitted values and restores the shipped constants."""
+    names = ("KERNEL_OVERHEAD_S", "COMPUTE_EFFICIENCY", "FP4_COMPUTE_EFFICIENCY")
+    shipped = {name: getattr(G, name) for name in names}
     latency_point, throughput_point = GPU_POINTS[0], GPU_POINTS[1]
+    fp4_point = next(p for p in GPU_POINTS if p.role == FP4_FIT_ROLE)
     try:
         for _ in range(4):
             G.KERNEL_OVERHEAD_S = bisect(lambda k: _with(G, "KERNEL_OVERHEAD_S", k, latency_point),
                                          latency_point.published, 0.0, 30e-6, rising=True)
             G.COMPUTE_EFFICIENCY = bisect(lambda c: _with(G, "COMPUTE_EFFICIENCY", c, throughput_point),
                                           throughput_point.published, 0.05, 1.0, rising=True)
-        return {"KERNEL_OVERHEAD_S": G.KERNEL_OVERHEAD_S, "COMPUTE_EFFICIENCY": G.COMPUTE_EFFICIENCY}
+        G.FP4_COMPUTE_EFFICIENCY = bisect(lambda c: _with(G, "FP4_COMPUTE_EFFICIENCY", c, fp4_point),
+                                          fp4_point.published, 0.05, 1.0, rising=True)
+        return {name: getattr(G, name) for name in names}
     finally:
-        G.KERNEL_OVERHEAD_S, G.COMPUTE_EFFICIENCY = shipped
+        for name, value in shipped.items():
+            setattr(G, name, value)
 
 
 def _with(module, name: str, value: float, p: Point) -> float:
@@ -727,7 +741,17 @@ def markdown(lpu_rows, gpu_rows, gpu_fit, install_fit, shipped_install, system, 
     offline_05 = [r for r in gpu_checks if r["metric"] == "offline_tok_s" and r["software"] == GPU_SOFTWARE]
     max_load_rows = [r for r in gpu_checks if r["metric"] == "max_load_tok_s"]
     v07_rows = [r for r in gpu_checks if r["software"] != GPU_SOFTWARE and r["metric"] == "offline_tok_s"]
-    by_width = {wide: [r for r in max_load_rows if (r["chips"] == 8) == wide] for wide in (True, False)}
+    max_load_groups = {  # the held-out rows of TensorRT-LLM 1.0's table by what sets them apart
+        "Hopper (FP8) on 1 or 2 GPUs": [r for r in max_load_rows if r["precision"] == "fp8" and r["chips"] <= 2],
+        "Llama 3.1 405B on 8 Hopper GPUs (FP8)": [r for r in max_load_rows if r["precision"] == "fp8"
+                                                  and r["chips"] == 8],
+        "B200 at FP4, Llama 3.3 70B on 1 GPU": [r for r in max_load_rows if r["system"] == "b200"
+                                                and r["chips"] == 1],
+        "B200 at FP4, Llama 3.1 405B on 4 GPUs": [r for r in max_load_rows if r["system"] == "b200"
+                                                  and r["chips"] == 4]}
+    groups_text = "; ".join(f"{name} {count(rs)}, median {_median_error(rs):+.0%}"
+                            for name, rs in max_load_groups.items())
+    fp4_fit = next(r for r in gpu_rows if r["role"] == FP4_FIT_ROLE)
     first_token = [r for r in gpu_checks if r["metric"] == "ttft_s"]
     h100_first, a100_first = ([r for r in gpu_read["compute_efficiency"] if r["system"] == g]
                               for g in ("h100-sxm", "a100-80gb"))
@@ -785,13 +809,18 @@ The 2023 rows ran TensorRT-LLM 0.5, whose decode attention reads each KV head on
 (Llama-2-70B: 8 times), except the last {len(v07_rows)} of the table below, run with v0.7a's GQA generation
 kernels, which read a KV head once per group, as do TensorRT-LLM 1.0's (the grid after it). Each row is
 predicted with its own software (`openlpu.sim.gpu.SOFTWARE`, with the sources). Open constants, fitted
-jointly here (shipped values in `openlpu/sim/gpu.py` in brackets):
-KERNEL_OVERHEAD_S = {gpu_fit['KERNEL_OVERHEAD_S'] * 1e6:.2f} us [{G.KERNEL_OVERHEAD_S * 1e6:.2f} us],
-COMPUTE_EFFICIENCY = {gpu_fit['COMPUTE_EFFICIENCY']:.3f} [{G.COMPUTE_EFFICIENCY:.3f}].
+here on their FIT rows (shipped values in `openlpu/sim/gpu.py` in brackets):
+KERNEL_OVERHEAD_S = {gpu_fit['KERNEL_OVERHEAD_S'] * 1e6:.2f} us [{G.KERNEL_OVERHEAD_S * 1e6:.2f} us] and
+COMPUTE_EFFICIENCY = {gpu_fit['COMPUTE_EFFICIENCY']:.3f} [{G.COMPUTE_EFFICIENCY:.3f}], jointly; then, with them,
+FP4_COMPUTE_EFFICIENCY = {gpu_fit['FP4_COMPUTE_EFFICIENCY']:.3f} [{G.FP4_COMPUTE_EFFICIENCY:.3f}], the fraction of
+B200's FP4 peak its NVFP4 GEMMs reach, on one cell of the grid below ({fp4_fit["model"]}, 1 x B200,
+{fp4_fit["setting"]["input"]:,} / {fp4_fit["setting"]["output"]:,}: its most prefill-bound length).
+FP4 weights are NVFP4's 4.5 bits per element; the KV cache stays FP8, as NVIDIA's NVFP4 checkpoints set
+it (`kv_cache_quant_algo` FP8 in their hf_quant_config.json), and attention does its math in FP8.
 
 {table([r for r in gpu_rows if r["metric"] != "max_load_tok_s"])}
 
-{max_load_grid(max_load_rows)}
+{max_load_grid([r for r in gpu_rows if r["metric"] == "max_load_tok_s"])}
 
 ## Reading the errors
 
@@ -890,8 +919,7 @@ COMPUTE_EFFICIENCY = {gpu_fit['COMPUTE_EFFICIENCY']:.3f} [{G.COMPUTE_EFFICIENCY:
 - GPU, by regime (held out): offline throughput under TensorRT-LLM 0.5, {gpu_count(offline_05)}; first-token
   latency at batch 1, {gpu_count(first_token)}; offline throughput under v0.7a's GQA kernels,
   {gpu_count(v07_rows)}; throughput under unbounded load with TensorRT-LLM 1.0, {gpu_count(max_load_rows)}
-  (on 1 or 2 GPUs {count(by_width[False])}, median {_median_error(by_width[False]):+.0%}; Llama 3.1 405B
-  on 8 GPUs {count(by_width[True])}, median {_median_error(by_width[True]):+.0%}).
+  ({groups_text}).
   Each figure below is what one row would need alone, a reading, never used to predict.
   - First-token latency: the model gives every GEMM one compute efficiency, fitted on a prefill of 32
     prompts x 2,048 tokens ({G.COMPUTE_EFFICIENCY:.3f}). The 2,048-token prompts at batch 1 would need
@@ -909,9 +937,10 @@ COMPUTE_EFFICIENCY = {gpu_fit['COMPUTE_EFFICIENCY']:.3f} [{G.COMPUTE_EFFICIENCY:
     kernels ran below the model's roofline at these batches; either way the `gqa-kernels` row, `openlpu
     plan`'s default for GPUs, predicts a GPU serving long outputs at large batch faster than TensorRT-LLM
     v0.7a ran it ({_errors(kv_gqa, None)}). TensorRT-LLM 1.0 comes closer: on 1 or 2 GPUs its rows, long
-    outputs included, sit around the model's figures. Llama 3.1 405B on 8 GPUs ran slower than the model
-    says on every row; these are the only rows at TP 8, and the model runs their all-reduces (a fifth to a
-    quarter of its decode step there) at NVLink's full bandwidth. A GPU comparison in `plan` can favour the
+    outputs included, sit around the model's figures. Llama 3.1 405B ran slower than the model says on
+    every row, on 8 Hopper GPUs and on 4 B200s alike, most on the long outputs (128 / 2,048, 500 / 2,000,
+    1,000 / 2,000); the model runs its all-reduces (a fifth to a quarter of a decode step on 8 Hopper
+    GPUs) at NVLink's full bandwidth, and every other row of the grid runs on 1 or 2 GPUs. A GPU comparison in `plan` can favour the
     GPU by these margins (`plan --gpu-software tensorrt-llm-0.5` shows the other end: once per query head).
 
 """ + speculative_markdown(specdec)
@@ -942,13 +971,15 @@ def max_load_grid(rs) -> str:
     head = "| model, GPUs (requests in flight at the first and last lengths) | " + " | ".join(
         f"{i:,} / {o:,}" for i, o in MAX_LOAD_LENGTHS) + " |"
     lines = [head, "|---" * (len(MAX_LOAD_LENGTHS) + 1) + "|"]
-    for model, gpu, gpus in MAX_LOAD_TABLE:
-        cells = [r for r in rs if (r["model"], r["system"], r["chips"]) == (model, gpu, gpus)]
+    for model, gpu, gpus, precision in MAX_LOAD_TABLE:
+        cells = [r for r in rs if (r["model"], r["system"], r["chips"], r["precision"]) ==
+                 (model, gpu, gpus, precision)]
         ends = " and ".join(str(max_load_requests(_point(r))) for r in (cells[0], cells[-1]))
-        lines.append(f"| {model}, {gpus} x {gpu} ({ends}) | " + " | ".join(
-            f"{r['published']:,} / {r['predicted']:,.0f} ({r['error']:+.0%})" for r in cells) + " |")
+        lines.append(f"| {model}, {gpus} x {gpu}, {precision} ({ends}) | " + " | ".join(
+            f"{r['published']:,} / {r['predicted']:,.0f} ({r['error']:+.0%}"
+            f"{', FIT' if r['role'] != COUNTED else ''})" for r in cells) + " |")
     return (f"TensorRT-LLM 1.0 under unbounded load ({TRT_V1}, 2025), output tok/s, published / predicted "
-            f"(error); all held out, FP8, GQA kernels:\n\n" + "\n".join(lines))
+            f"(error); GQA kernels; all held out but the cell marked FIT:\n\n" + "\n".join(lines))
 
 
 def _errors(rs, prompt: int | None) -> str:

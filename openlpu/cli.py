@@ -84,7 +84,8 @@ def plan(
     model: str = typer.Argument(..., help=MODEL_HELP),
     system: str = typer.Option("lpu-v1", "--system", help="LPU system preset"),
     compare: list[str] = typer.Option(["h100-sxm"], "--compare", help="GPU to compare (repeatable)"),
-    precision: str = typer.Option("int8", "--precision", help="weight precision: fp16, bf16, fp8, int8, int4"),
+    precision: str = typer.Option("int8", "--precision",
+                                  help="weight precision: fp16, bf16, fp8, int8, int4, fp4 (NVFP4)"),
     context: int = typer.Option(4096, "--context", help="tokens of context per user"),
     users: int = typer.Option(1, "--users", help="concurrent users (streams)"),
     prompt: int = typer.Option(None, "--prompt", help="prompt tokens whose prefill sets TTFT (default: 512, "
@@ -113,6 +114,7 @@ def plan(
     """Chips, memory, tokens/s per user, TTFT, throughput, power, J/token, capex and $/Mtok: LPU vs GPUs."""
     import json
 
+    from openlpu.graph.lower import serving_kv_precision
     from openlpu.models.spec import load_spec
     from openlpu.sim.cost import CostAssumptions
     from openlpu.sim.gpu import SOFTWARE
@@ -137,7 +139,9 @@ def plan(
         f" Speculative: {draft_tokens or DRAFT_TOKENS} draft tokens per round, each accepted with chance "
         f"{acceptance:g}; the LPU runs the draft on chips of its own, a GPU between the target's steps.")
     kernels = f" GPU decode attention: {SOFTWARE[gpu_software].name}." if compare else ""
-    table = Table(title=f"{spec.name} at {precision}, {users} user(s) x {context} tokens of context",
+    kv = serving_kv_precision(precision)
+    formats = precision if kv == precision else f"{precision} (KV cache {kv})"
+    table = Table(title=f"{spec.name} at {formats}, {users} user(s) x {context} tokens of context",
                   caption=f"tok/s: decode steps attending all {context:,} tokens.{speculating}{kernels} TTFT: "
                           f"the prefill of a {prompt:,}-token prompt. $ per M tokens: capex over {a.years:g} "
                           f"years plus power at ${a.usd_per_kwh:.2f}/kWh (PUE {a.pue:g}), serving "
@@ -171,7 +175,8 @@ def compile_cmd(
     model: str = typer.Argument(..., help=MODEL_HELP),
     output: str = typer.Option(..., "-o", "--output", help="where to write the compiled Program"),
     system: str = typer.Option("lpu-v1", "--system", help="LPU system preset or hardware JSON file"),
-    precision: str = typer.Option("int8", "--precision", help="weights, activations and KV: fp16, bf16, fp8, int8, int4"),
+    precision: str = typer.Option("int8", "--precision",
+                                  help="weights, activations and KV: fp16, bf16, fp8, int8, int4, fp4 (NVFP4)"),
     context: int = typer.Option(4096, "--context", help="tokens of KV cache per user"),
     users: int = typer.Option(1, "--users", help="users in flight in the pipeline"),
     prompt: int = typer.Option(512, "--prompt", help="prompt tokens whose prefill sets the time to first token"),

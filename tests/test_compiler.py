@@ -367,10 +367,11 @@ def test_bad_workloads(kwargs, message):
 
 
 def test_fp8_has_no_integer_shortcut():
-    """GroqChip 1 has int8 and fp16 matrix modes: fp8 operands run at the fp16 rate, int4 at int8."""
+    """GroqChip 1 has int8 and fp16 matrix modes: fp8 and fp4 operands run at the fp16 rate, int4 at int8."""
     from openlpu.compiler.schedule import matrix_macs_per_cycle
 
     assert matrix_macs_per_cycle(SYSTEM, "fp8") == SYSTEM.chip.matrix_macs_per_cycle["fp16"]
+    assert matrix_macs_per_cycle(SYSTEM, "fp4") == SYSTEM.chip.matrix_macs_per_cycle["fp16"]
     assert matrix_macs_per_cycle(SYSTEM, "int4", "int8") == SYSTEM.chip.matrix_macs_per_cycle["int8"]
     with pytest.raises(OpenLPUError, match="no mode for fp32"):
         matrix_macs_per_cycle(SYSTEM, "fp32")

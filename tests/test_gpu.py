@@ -6,7 +6,7 @@ import json
 import pytest
 
 from openlpu.errors import OpenLPUError
-from openlpu.graph.lower import lower
+from openlpu.graph.lower import lower, serving_kv_precision
 from openlpu.hardware.gpu import FIGURES, PRESETS_DIR, gpu_names, load_gpu
 from openlpu.models.spec import load_preset
 from openlpu.sim import gpu as G
@@ -152,6 +152,49 @@ def test_current_serving_throughput_with_gqa_kernels_held_out(model, gpu, gpus, 
     users = G.gpu_timing(spec, g, "fp8", context=tokens_in + tokens_out, gpus=gpus).max_users
     run = G.offline_run_s(spec, g, "fp8", gpus, users, tokens_in, tokens_out, "gqa-kernels")
     assert users * tokens_out / run == pytest.approx(published, rel=0.15), TRT_V1_TABLE
+
+
+def _max_load_tok_s(model, gpu, gpus, precision, tokens_in, tokens_out):
+    spec, g = load_preset(model), load_gpu(gpu)
+    users = G.gpu_timing(spec, g, precision, context=tokens_in + tokens_out, gpus=gpus).max_users
+    return users * tokens_out / G.offline_run_s(spec, g, precision, gpus, users, tokens_in, tokens_out)
+
+
+def test_b200_fp4_fit_guard():
+    """FP4_COMPUTE_EFFICIENCY was fitted on Llama 3.3 70B, 1 x B200, NVFP4, 2,048 in / 128 out: 1,339 output
+    tok/s (TensorRT-LLM 1.0's table). This guards the fit (it fails if FP4 GEMMs, the KV rule or the
+    precision table change)."""
+    assert _max_load_tok_s("llama-3.3-70b", "b200", 1, "fp4", 2048, 128) == pytest.approx(1339, rel=0.05)
+
+
+@pytest.mark.parametrize("model, gpus, tokens_in, tokens_out, published", [
+    ("llama-3.3-70b", 1, 128, 2048, 9922),
+    ("llama-3.3-70b", 1, 20000, 2000, 665),
+    ("llama-3.1-405b", 4, 1000, 1000, 5209),
+    ("llama-3.1-405b", 4, 5000, 500, 1048),
+])
+def test_b200_fp4_serving_throughput_held_out(model, gpus, tokens_in, tokens_out, published):
+    """B200 rows no fit used (NVFP4 weights, FP8 KV cache; TensorRT-LLM 1.0's table), other lengths and
+    another model and GPU count than the fitted one. Within 15%."""
+    assert _max_load_tok_s(model, "b200", gpus, "fp4", tokens_in, tokens_out) == pytest.approx(
+        published, rel=0.15), TRT_V1_TABLE
+
+
+def test_kv_cache_is_never_narrower_than_8_bits():
+    """4-bit weights keep an 8-bit KV cache (NVIDIA's NVFP4 checkpoints set FP8): int8 beside integer
+    weights, fp8 beside float ones; wider weights keep their own precision."""
+    spec = load_preset("llama-3.1-8b")
+    assert G.kv_bytes(spec, "fp4", 1000, 2) == G.kv_bytes(spec, "int4", 1000, 2) == G.kv_bytes(spec, "fp8", 1000, 2)
+    assert G.kv_bytes(spec, "bf16", 1000, 2) == 2 * G.kv_bytes(spec, "fp8", 1000, 2)
+    assert [serving_kv_precision(p) for p in ("fp4", "int4", "int8", "bf16")] == ["fp8", "int8", "int8", "bf16"]
+
+
+def test_fp4_math_runs_on_fp4_units_only_where_there_are_some():
+    """B200 has FP4 tensor units, reached at FP4_COMPUTE_EFFICIENCY; H100 has none, so FP4 weights are
+    dequantised and their math runs in bf16 at the usual efficiency."""
+    b200, h100 = load_gpu("b200"), load_gpu("h100-sxm")
+    assert G.achieved_flops_per_s(b200, "fp4") == b200.dense_flops_per_s["fp4"] * G.FP4_COMPUTE_EFFICIENCY
+    assert G.achieved_flops_per_s(h100, "fp4") == h100.dense_flops_per_s["bf16"] * G.COMPUTE_EFFICIENCY
 
 
 def test_tensorrt_llm_0_5_reads_kv_once_per_query_head():

@@ -36,6 +36,7 @@ def test_bytes_per_element_table():
     by_precision = {p: sum(o.weight_bytes for o in lower(spec, "decode", 16, 1, p)) for p in PRECISIONS}
     assert by_precision["fp16"] == by_precision["bf16"] == 2 * by_precision["int8"] == 2 * by_precision["fp8"]
     assert by_precision["int4"] == by_precision["int8"] / 2
+    assert by_precision["fp4"] == pytest.approx(by_precision["int8"] * 4.5 / 8)  # NVFP4: a scale byte per 16
 
 
 def test_matmul_flops_are_two_per_weight_per_token():

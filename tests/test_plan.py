@@ -103,6 +103,31 @@ def test_prompt_and_cost_assumptions_reach_the_rows():
         assert full.usd_per_million_tokens == pytest.approx(half.usd_per_million_tokens / 2)
 
 
+@pytest.mark.parametrize("precision, kv", [("int4", "int8"), ("fp4", "fp8")])
+def test_four_bit_weights_plan_an_eight_bit_kv_cache_on_both_sides(precision, kv):
+    """At 4-bit weights both sides hold the KV cache at 8 bits, as GPU serving stacks do: the LPU row is the
+    Program compiled with an 8-bit KV cache (a second way), whose chips differ from a 4-bit cache's at this
+    KV-heavy size, and the GPU row holds the same KV bytes; the table's title says so."""
+    from openlpu.compiler import Workload, compile_program
+    from openlpu.hardware.lpu import load_system
+    from openlpu.sim.gpu import gpu_timing
+    from openlpu.sim.timing import timing
+
+    spec, system = load_preset("llama-3.1-8b"), load_system("lpu-v1")
+    lpu, h100 = plan("llama-3.1-8b", precision=precision, context=32768, users=4)
+
+    def compiled(kv_precision):
+        return compile_program(spec, system, Workload(weights=precision, activations=precision, kv=kv_precision,
+                                                      context_length=32768, users=4))
+    eight_bit = compiled(kv)
+    assert lpu.chips == eight_bit.chips != compiled(precision).chips
+    assert lpu.tokens_per_s_per_user == pytest.approx(timing(eight_bit).tokens_per_s_per_user)
+    gpu = gpu_timing(spec, load_gpu("h100-sxm"), precision, context=32768, users=4)
+    assert gpu.kv_bytes_per_gpu * gpu.gpus == spec.kv_bytes_per_token(1) * 32768 * 4
+    assert h100.chips == gpu.gpus
+    assert f"at {precision} (KV cache {kv})" in " ".join(run_cli("llama-3.1-8b", "--precision", precision).stdout.split())
+
+
 def test_cli_table_states_the_prompt_and_the_cost_assumptions():
     r = run_cli("llama-3-8b", "--context", "2048", "--prompt", "1024", "--utilisation", "0.8", "--years", "4",
                 "--usd-per-kwh", "0.07")
@@ -171,7 +196,7 @@ def test_cli_json_and_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.slow  # about 2 minutes: 400 plans
+@pytest.mark.slow  # about 2.5 minutes: 500 plans
 def test_every_preset_plans_or_says_what_does_not_fit():
     """Every model preset at every precision, three contexts and 1 or 4 users: each plan compiles a
     Program that holds every invariant (lpu_row verifies it), or is refused because a piece does not
@@ -180,7 +205,7 @@ def test_every_preset_plans_or_says_what_does_not_fit():
 
     for name in preset_names():
         window = load_preset(name).context_length
-        for precision in ("int8", "fp16", "int4", "fp8"):
+        for precision in ("int8", "fp16", "int4", "fp8", "fp4"):
             for context in sorted({512, min(8192, window), window}):
                 for users in (1, 4):
                     try:

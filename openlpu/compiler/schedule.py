@@ -57,7 +57,7 @@ CHAINED = {"ffn": "ffn_sum", "embed": "embed_sum", "head": "sample_max", "attn":
 ONCE_ON_LAST_PART = ("attn_sinks", "attn_output", "attn_output_bias", "post_attention_norm", "attn_residual",
                      "ffn_exps_bias", "post_ffw_norm", "ffn_residual")
 MERGE_FLOPS_PER_ELEMENT = 3  # rescale the running and the own partial by exp(lse - new lse), add
-FLOAT_PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
+FLOAT_PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "fp4")
 
 
 def matrix_macs_per_cycle(system: SystemSpec, *precisions: str) -> float:

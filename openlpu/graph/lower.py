@@ -24,9 +24,11 @@ class Precision:
     bytes_per_element: float
 
 
+# fp4 is NVIDIA's NVFP4: 4-bit E2M1 values with an FP8 (E4M3) scale per block of 16, so 4.5 bits per element
+# (NVIDIA technical blog "Introducing NVFP4 for Efficient and Accurate Low-Precision Inference", Jun 2025)
 PRECISIONS = {p.name: p for p in (
     Precision("fp32", 4), Precision("fp16", 2), Precision("bf16", 2),
-    Precision("fp8", 1), Precision("int8", 1), Precision("int4", 0.5))}
+    Precision("fp8", 1), Precision("int8", 1), Precision("int4", 0.5), Precision("fp4", 4.5 / 8))}
 
 # flops per element of the vector ops (order of magnitude of the real arithmetic; they are small)
 NORM_FLOPS_PER_ELEMENT = 4  # square, sum, scale, multiply by weight
@@ -35,6 +37,17 @@ SOFTMAX_FLOPS_PER_ELEMENT = 5  # max, subtract, exp, sum, divide
 GATED_ACT_FLOPS_PER_ELEMENT = 8  # gelu-tanh / silu plus the multiply by "up"
 SOFTCAP_FLOPS_PER_ELEMENT = 3  # divide, tanh, multiply
 SINK_FLOPS_PER_ELEMENT = 2  # the per-head factor (an exp and a reciprocal, shared by the head) and a multiply
+
+
+def serving_kv_precision(weights: Precision | str) -> str:
+    """The KV cache's precision beside weights in `weights`: theirs, but never below 8 bits (int8 beside
+    integer weights, else fp8). No serving stack keeps a 4-bit KV cache by default: NVIDIA's NVFP4
+    checkpoints keep it in FP8 (TensorRT-LLM docs, "Quantization": an NVFP4 KV cache needs its own
+    offline ModelOpt pass), and weight-only int4 (AWQ, GPTQ) leaves it at 16 bits, or 8 with a KV option."""
+    w = as_precision(weights)
+    if w.bytes_per_element >= 1:
+        return w.name
+    return "int8" if w.name.startswith("int") else "fp8"
 
 
 def as_precision(p: Precision | str) -> Precision:

@@ -1,25 +1,26 @@
 """The same op rows the LPU compiler sees (graph.lower), timed on an HBM GPU server.
 
-Per op: a roofline, max(flops / (peak * COMPUTE_EFFICIENCY), bytes / (hbm_bw * MEMORY_EFFICIENCY)),
-plus KERNEL_OVERHEAD_S for its kernel. What the serving software's kernels add to the bytes is a row of
-SOFTWARE: decode attention on a grouped-query model (Llama-2-70B: 64 query heads share 8 KV heads)
-reads each KV head once for its whole group with a GQA kernel, but once per query head with
-TensorRT-LLM 0.5's masked multi-head attention kernel, which runs one thread block per query head
-(TensorRT-LLM docs, "gpt_attention": the generation phase "uses a single CUDA thread-block per head";
-its XQA kernel for MQA/GQA, TensorRT-LLM 0.8, Jan 2024, "reduces data loading" and gave Llama-70B 2.4x
-the throughput at 128 in / 2,048 out on one H200). The factor is the model's query heads per KV head,
-not a fitted number. The fits ran TensorRT-LLM 0.5 and use its row; `openlpu plan` compares against
-current engines (the default row). That row is optimistic: against TensorRT-LLM v0.7a's GQA kernels
+Per op: a roofline, max(flops / (peak * COMPUTE_EFFICIENCY), bytes / (hbm_bw * MEMORY_EFFICIENCY))
+(FP4 math on FP4 units: FP4_COMPUTE_EFFICIENCY), plus KERNEL_OVERHEAD_S for its kernel. What the
+serving software's kernels add to the bytes is a row of SOFTWARE: decode attention on a grouped-query
+model (Llama-2-70B: 64 query heads share 8 KV heads) reads each KV head once for its whole group with a
+GQA kernel, but once per query head with TensorRT-LLM 0.5's masked multi-head attention kernel, which
+runs one thread block per query head (TensorRT-LLM docs, "gpt_attention": the generation phase "uses a
+single CUDA thread-block per head"; its XQA kernel for MQA/GQA, TensorRT-LLM 0.8, Jan 2024, "reduces
+data loading" and gave Llama-70B 2.4x the throughput at 128 in / 2,048 out on one H200). The factor is
+the model's query heads per KV head, not a fitted number. The first two fits ran TensorRT-LLM 0.5 and
+use its row; `openlpu plan` compares against current engines (the default row). That row is optimistic: against TensorRT-LLM v0.7a's GQA kernels
 (Llama-2-70B, 1 x H200, FP8, 128 in; TensorRT-LLM blog "Falcon-180B on a single H200", Dec 2023) it
 predicts 2,048-token outputs at batch 192 65% faster than measured, 4,096-token outputs at batch 96
 38% faster. TensorRT-LLM 1.0 (2025) comes closer: its throughput table for Llama 3.1 8B and 3.3 70B on
 one or two H100s or H200s sits around the model's figures, while Llama 3.1 405B on 8 GPUs runs up to
-~30% slower than predicted (bench/results/fidelity.md).
+~30% slower than predicted, as on 4 B200s at FP4 (bench/results/fidelity.md).
 
 Tensor parallelism over NVLink divides the sharded ops and adds two all-reduces per layer
 (Megatron-style: after attention and after the MLP); servers beyond one NVLink domain form pipeline
 stages. The KV cache that `users` x `context` needs must fit in the
-HBM the weights leave free: that caps the batch.
+HBM the weights leave free: that caps the batch. The KV cache is held in the weight precision, but never
+below 8 bits (graph.lower.serving_kv_precision), and attention does its math in the KV cache's precision.
 
 Constants and the published points they were fitted on / checked against (bench/fidelity.py):
 - MEMORY_EFFICIENCY 0.80: achieved fraction of HBM peak when streaming weights. Not fitted:
@@ -34,6 +35,11 @@ Constants and the published points they were fitted on / checked against (bench/
   Inference Performance with the NVIDIA H100 Tensor Core GPU and NVIDIA TensorRT-LLM" (Dec 2023):
   DGX H100 (8 GPUs, FP8, TensorRT-LLM 0.5), Llama-2-70B, 2,048 in / 128 out, batch 1: 1.7 s.
   (The two fits are solved jointly; bench/fidelity.py repeats the fit and prints both.)
+- FP4_COMPUTE_EFFICIENCY 0.409: the fraction of the FP4 peak that NVFP4 GEMMs reach, on GPUs with FP4 units
+  (B200). FITTED on one point, with the two above: TensorRT-LLM 1.0 perf-overview (2025), Llama 3.3 70B,
+  1 x B200, NVFP4 weights and FP8 KV cache, 2,048 in / 128 out under unbounded load: 1,339 output tok/s.
+  Its other 19 B200 rows (70B on 1 GPU, 405B on 4) are held out: 15 within 15%, all of them fast. It sits
+  below the FP8 fraction: NVFP4 math ran at 1.2x the FP8 rate, not the datasheet's 2x.
 - ALLREDUCE_LATENCY_S 10 us: fixed cost of a small NCCL all-reduce inside an NVLink/NVSwitch
   node (nccl-tests small-message latency is ~8-15 us on DGX H100); not fitted.
 - INTER_SERVER_HOP_S 10 us: pipeline hand-off between servers over InfiniBand; not fitted.
@@ -49,13 +55,14 @@ import difflib
 from dataclasses import dataclass
 
 from openlpu.errors import OpenLPUError
-from openlpu.graph.lower import as_precision, lower
+from openlpu.graph.lower import as_precision, lower, serving_kv_precision
 from openlpu.hardware.gpu import GpuSpec
 from openlpu.models.spec import ModelSpec
 from openlpu.sim.cost import gpu_servers
 
 MEMORY_EFFICIENCY = 0.80
 COMPUTE_EFFICIENCY = 0.664  # fitted: see the module docstring
+FP4_COMPUTE_EFFICIENCY = 0.409  # fitted: see the module docstring and bench/fidelity.py
 KERNEL_OVERHEAD_S = 7.06e-6  # fitted: see the module docstring and bench/fidelity.py
 ALLREDUCE_LATENCY_S = 10e-6
 INTER_SERVER_HOP_S = 10e-6
@@ -123,11 +130,20 @@ def kv_reads_per_kv_head(spec: ModelSpec, software: str) -> int:
     return 1 if software_named(software).gqa_shared_kv_reads else spec.n_heads // spec.n_kv_heads
 
 
+def achieved_flops_per_s(gpu: GpuSpec, precision: str) -> float:
+    """Dense tensor throughput reached on math in `precision`: the fitted fraction of the peak of the
+    units that run it (FP4 units have their own fraction; formats without units run in bf16)."""
+    efficiency = FP4_COMPUTE_EFFICIENCY if precision == "fp4" and "fp4" in gpu.dense_flops_per_s \
+        else COMPUTE_EFFICIENCY
+    return gpu.compute_flops_per_s(precision) * efficiency
+
+
 def op_time_s(op, gpu: GpuSpec, precision: str, shards: int, kv_reads: int = 1) -> float:
     """Roofline time of one op on one GPU holding 1/shards of it, plus its kernel overhead; attention
-    reads its KV cache kv_reads times."""
+    reads its KV cache kv_reads times and does its math in the KV cache's precision."""
     split = shards if op.kind in TP_SHARDED_KINDS else 1
-    compute_s = op.flops / split / (gpu.compute_flops_per_s(precision) * COMPUTE_EFFICIENCY)
+    math = serving_kv_precision(precision) if op.kind == "attention" else precision
+    compute_s = op.flops / split / achieved_flops_per_s(gpu, math)
     moved = op.bytes_total + (kv_reads - 1) * op.kv_read_bytes
     memory_s = moved / split / (gpu.hbm_bandwidth_bytes_per_s * MEMORY_EFFICIENCY)
     return max(compute_s, memory_s) + (0.0 if op.kind in FUSED_KINDS else KERNEL_OVERHEAD_S)
@@ -156,9 +172,10 @@ def weight_bytes(spec: ModelSpec, precision: str) -> float:
 
 
 def kv_bytes(spec: ModelSpec, precision: str, context: int, users: int) -> float:
-    """KV cache for `users` sequences of `context` tokens, in the weight precision (lower's default).
+    """KV cache for `users` sequences of `context` tokens, in serving_kv_precision(precision).
     Sliding-window layers are counted at full context: an upper bound for Gemma 2/3."""
-    return spec.kv_bytes_per_token(as_precision(precision).bytes_per_element) * context * users
+    kv_bytes_per_element = as_precision(serving_kv_precision(precision)).bytes_per_element
+    return spec.kv_bytes_per_token(kv_bytes_per_element) * context * users
 
 
 def layout(gpus: int, gpu: GpuSpec) -> tuple[int, int]:
@@ -224,8 +241,10 @@ def gpu_timing(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, user
             f"{gpus} x {gpu.name} hold the KV cache of at most {max_users} user(s) at context "
             f"{context}, not {users}; add GPUs or lower --users / --context")
 
-    decode_ops = lower(spec, "decode", seq_len=context, batch=users, precision=precision, queries=queries)
-    prefill_ops = lower(spec, "prefill", seq_len=prompt_tokens, batch=1, precision=precision)
+    kv_format = serving_kv_precision(precision)
+    decode_ops = lower(spec, "decode", seq_len=context, batch=users, precision=precision, kv_precision=kv_format,
+                       queries=queries)
+    prefill_ops = lower(spec, "prefill", seq_len=prompt_tokens, batch=1, precision=precision, kv_precision=kv_format)
     decode = step_s(spec, decode_ops, gpu, precision, tp, stages, users * queries, software)
     ttft = step_s(spec, prefill_ops, gpu, precision, tp, stages, prompt_tokens, software)
     power = gpu_servers(gpu, gpus) * gpu.server_power_w * LOAD_POWER_FRACTION
@@ -245,7 +264,9 @@ def offline_run_s(spec: ModelSpec, gpu: GpuSpec, precision: str, gpus: int, batc
     of TensorRT-LLM's published tables."""
     _check_sizes(input_tokens, batch, output_tokens)
     tp, stages = layout(gpus, gpu)
-    prefill = lower(spec, "prefill", seq_len=input_tokens, batch=batch, precision=precision)
-    decode = lower(spec, "decode", seq_len=input_tokens + output_tokens // 2, batch=batch, precision=precision)
+    kv_format = serving_kv_precision(precision)
+    prefill = lower(spec, "prefill", seq_len=input_tokens, batch=batch, precision=precision, kv_precision=kv_format)
+    decode = lower(spec, "decode", seq_len=input_tokens + output_tokens // 2, batch=batch, precision=precision,
+                   kv_precision=kv_format)
     return (step_s(spec, prefill, gpu, precision, tp, stages, batch * input_tokens, software)
             + output_tokens * step_s(spec, decode, gpu, precision, tp, stages, batch, software))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from openlpu.errors import OpenLPUError
-from openlpu.graph.lower import as_precision
+from openlpu.graph.lower import as_precision, serving_kv_precision
 from openlpu.hardware.gpu import gpu_names, load_gpu
 from openlpu.hardware.lpu import load_system
 from openlpu.models.spec import ModelSpec, load_spec
@@ -156,8 +156,10 @@ def lpu_row(spec: ModelSpec, system_name: str, precision: str, context: int, use
     from openlpu.sim.timing import timing
 
     system = load_system(system_name)
-    workload = Workload(weights=precision, activations=precision, kv=precision, context_length=context,
-                        users=users, prompt_len=prompt, draft_tokens=draft.tokens if draft else 0)
+    # the KV cache as a GPU serving stack keeps it beside these weights, so both sides hold the same bytes
+    workload = Workload(weights=precision, activations=precision, kv=serving_kv_precision(precision),
+                        context_length=context, users=users, prompt_len=prompt,
+                        draft_tokens=draft.tokens if draft else 0)
     program = compile_program(spec, system, workload, chips=chips, tp=tp)
     verify_or_raise(program)  # figures are read off a schedule only if it holds every invariant
     t = timing(program)
