@@ -113,6 +113,11 @@ LLAMA_31_8B = Point("lpu-v1", "llama-3.1-8b", None, "int8", "decode_tok_s_per_us
 LLAMA_33_70B = Point("lpu-v1", "llama-3.3-70b", None, "int8", "decode_tok_s_per_user", 280,
                      GROQ_CATALOGUE.format("llama-3.3-70b-versatile", 280, CATALOGUE_WINDOW), "2025", COUNTED,
                      {"context": 131072})
+# The catalogue's other model with a listed speed, meta-llama/llama-4-scout-17b-16e-instruct (~750), mixes
+# experts with a shared expert and chunked-attention layers, for which ModelSpec has no family: not modelled
+QWEN3_32B = Point("lpu-v1", "qwen3-32b", None, "int8", "decode_tok_s_per_user", 400,
+                  GROQ_CATALOGUE.format("qwen/qwen3-32b", 400, CATALOGUE_WINDOW + ", a preview model"), "2025",
+                  COUNTED, {"context": 131072})
 # gpt-oss ships its experts in MXFP4; lpu-v1's matrix unit has no 4-bit mode, so they are planned at 8 bits
 GPT_OSS = [Point("lpu-v1", f"gpt-oss-{size}", None, "int8", "decode_tok_s_per_user", tok_s,
                  GROQ_CATALOGUE.format(f"openai/gpt-oss-{size}", f"{tok_s:,}", NO_WINDOW), "2025", COUNTED,
@@ -146,6 +151,7 @@ LPU_POINTS = [
     _listed("gemma-2-9b", "Gemma2 9b It", 500, 8192),
     LLAMA_31_8B,
     LLAMA_33_70B,
+    QWEN3_32B,
     *GPT_OSS,
 ]
 # Second-hand figures for services above: shown, not counted (the service's own listing or a

@@ -37,6 +37,7 @@ PUBLISHED_TOTALS = {
     "qwen2.5-7b": (7.61e9, "Qwen/Qwen2.5-7B-Instruct model card: Number of Parameters 7.61B"),
     "qwen2.5-72b": (72.7e9, "Qwen/Qwen2.5-72B-Instruct model card: Number of Parameters 72.7B"),
     "qwen3-8b": (8.2e9, "Qwen/Qwen3-8B model card: Number of Parameters 8.2B"),
+    "qwen3-32b": (32.8e9, "Qwen/Qwen3-32B model card: Number of Parameters 32.8B"),
     "gpt-oss-20b": (20.91e9, GPT_OSS_CARD),
     "gpt-oss-120b": (116.83e9, GPT_OSS_CARD),
 }
@@ -53,6 +54,7 @@ QWEN_NON_EMBEDDING = {
     "qwen2.5-7b": (6.53e9, "Qwen/Qwen2.5-7B-Instruct model card: Non-Embedding 6.53B"),
     "qwen2.5-72b": (70.0e9, "Qwen/Qwen2.5-72B-Instruct model card: Non-Embedding 70.0B"),
     "qwen3-8b": (6.95e9, "Qwen/Qwen3-8B model card: Non-Embedding 6.95B"),
+    "qwen3-32b": (31.2e9, "Qwen/Qwen3-32B model card: Non-Embedding 31.2B"),
 }
 
 

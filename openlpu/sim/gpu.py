@@ -38,8 +38,9 @@ Constants and the published points they were fitted on / checked against (bench/
 - FP4_COMPUTE_EFFICIENCY 0.409: the fraction of the FP4 peak that NVFP4 GEMMs reach, on GPUs with FP4 units
   (B200). FITTED on one point, with the two above: TensorRT-LLM 1.0 perf-overview (2025), Llama 3.3 70B,
   1 x B200, NVFP4 weights and FP8 KV cache, 2,048 in / 128 out under unbounded load: 1,339 output tok/s.
-  Its other 19 B200 rows (70B on 1 GPU, 405B on 4) are held out: 15 within 15%, all of them fast. It sits
-  below the FP8 fraction: NVFP4 math ran at 1.2x the FP8 rate, not the datasheet's 2x.
+  Its other 19 B200 rows (70B on 1 GPU, 405B on 4) are held out: 15 within 15%, every one predicted faster
+  than published. It sits below the FP8 fraction: NVFP4 math ran at 1.2x the FP8 rate, not the
+  datasheet's 2x.
 - ALLREDUCE_LATENCY_S 10 us: fixed cost of a small NCCL all-reduce inside an NVLink/NVSwitch
   node (nccl-tests small-message latency is ~8-15 us on DGX H100); not fitted.
 - INTER_SERVER_HOP_S 10 us: pipeline hand-off between servers over InfiniBand; not fitted.
