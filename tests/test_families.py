@@ -4,8 +4,8 @@ transformers builds each model (2 layers, small dims; see fixtures/tiny_models/h
 saves it as config.json + safetensors; OpenLPU loads that folder with spec_from_hf_config and
 load_safetensors and runs it in float32. Logits must agree at every position of a 32-token
 sequence, without and with the KV cache (prefill longer than the sliding windows, then one token
-at a time), greedy generation must give the same ids, and Mixtral must route every token to the
-same experts as transformers' router.
+at a time), greedy generation must give the same ids, and Mixtral and Qwen3-MoE must route every
+token to the same experts as transformers' router.
 """
 
 import functools
@@ -99,8 +99,9 @@ def test_greedy_generation_matches(pair):
     assert greedy(ours, prompt.tolist(), NEW_TOKENS) == expected
 
 
-def test_moe_routing_matches_token_by_token(tmp_root):
-    hf, ours, ids = make_pair("mixtral", tmp_root)
+@pytest.mark.parametrize("family", ["mixtral", "qwen3-moe"])
+def test_moe_routing_matches_token_by_token(tmp_root, family):
+    hf, ours, ids = make_pair(family, tmp_root)
     k = ours.spec.n_experts_per_token
     hf_choice, our_logits, hooks = {}, {}, []
     for i, layer in enumerate(hf.model.layers):  # transformers' router returns (logits, scores, indices)

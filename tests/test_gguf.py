@@ -3,6 +3,7 @@ the ModelSpec from metadata against the preset (an independent source) and publi
 and every malformed-input case."""
 
 import dataclasses
+import re
 import struct
 
 import gguf
@@ -199,6 +200,25 @@ def test_mixtral_is_llama_arch_with_experts(tmp_path):
         ("mixtral", 128, 8, 2)
     assert spec.activation == "silu" and spec.attn_scale == pytest.approx(128 ** -0.5)
     assert spec.param_count() == pytest.approx(46.7e9, rel=0.01)  # Mistral AI: 46.7B total
+
+
+def test_qwen3moe_metadata_gives_the_preset(tmp_path):
+    """The keys llama.cpp's converter writes for Qwen3-30B-A3B (Qwen3MoeModel: the common ones with the
+    dense intermediate_size as feed_forward_length, and the expert sizes): the experts' width is
+    expert_feed_forward_length, and the spec equals the preset from its config.json."""
+    meta = arch_metadata("qwen3moe", d_model=2048, n_layers=48, d_ff=6144, n_heads=32, n_kv_heads=4, head_dim=128,
+                         context_length=40960, norm_eps=1e-6, rope_base=1e6, n_experts=128, n_experts_per_token=8,
+                         vocab_size=151936)
+    path = write_gguf(tmp_path / "q.gguf", "qwen3moe", meta, {"output.weight": np.zeros((1, 1), np.float32)})
+    with pytest.raises(OpenLPUError, match=re.escape("lacks qwen3moe.expert_feed_forward_length")):
+        spec_from_gguf(path)
+    meta["qwen3moe.expert_feed_forward_length"] = 768
+    spec = spec_from_gguf(write_gguf(tmp_path / "q2.gguf", "qwen3moe", meta,
+                                     {"output.weight": np.zeros((1, 1), np.float32)}))
+    preset = load_preset("qwen3-30b-a3b")
+    differing = [f.name for f in dataclasses.fields(ModelSpec) if f.name not in ("name", "source", "extra")
+                 and getattr(spec, f.name) != getattr(preset, f.name)]
+    assert differing == []
 
 
 def test_gemma2_defaults_come_from_the_architecture_table(tmp_path):

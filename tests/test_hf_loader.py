@@ -1,6 +1,7 @@
 """HF config.json -> ModelSpec and safetensors -> GGUF-named weights, checked against transformers."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from fixtures.tiny_models.hf_tiny import TINY_FAMILIES, build, save
 from openlpu.errors import OpenLPUError
 from openlpu.models.hf import load_safetensors, spec_from_hf_config
+from openlpu.models.spec import PRESETS_DIR
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +170,19 @@ def test_unsupported_rope_scaling(saved):
 def test_unsupported_bias_flag(saved):
     with pytest.raises(OpenLPUError, match="'attention_bias' = true is not supported"):
         spec_from_hf_config({**_config(saved), "attention_bias": True})
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"norm_topk_prob": False}, "'norm_topk_prob' = False is not supported for qwen3_moe"),
+    ({"mlp_only_layers": [0]}, "'mlp_only_layers' = [0] is not supported"),
+    ({"decoder_sparse_step": 2}, "'decoder_sparse_step' = 2 is not supported"),
+    ({"num_experts": None}, "missing field 'num_experts'"),
+])
+def test_qwen3_moe_configs_it_cannot_express_are_refused(change, says):
+    """Qwen3-MoE as ModelSpec holds it: every layer sparse, top-k weights renormalized."""
+    cfg = json.loads((PRESETS_DIR / "qwen3-30b-a3b.json").read_text())["$source_notes"]["hf_config"]
+    with pytest.raises(OpenLPUError, match=re.escape(says)):
+        spec_from_hf_config({**cfg, **change})
 
 
 def test_config_not_found(tmp_path):

@@ -196,7 +196,7 @@ def test_cli_json_and_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.slow  # about 2.5 minutes: 500 plans
+@pytest.mark.slow  # about 4 minutes: 680 plans
 def test_every_preset_plans_or_says_what_does_not_fit():
     """Every model preset at every precision, three contexts and 1 or 4 users: each plan compiles a
     Program that holds every invariant (lpu_row verifies it), or is refused because a piece does not

@@ -38,6 +38,8 @@ PUBLISHED_TOTALS = {
     "qwen2.5-72b": (72.7e9, "Qwen/Qwen2.5-72B-Instruct model card: Number of Parameters 72.7B"),
     "qwen3-8b": (8.2e9, "Qwen/Qwen3-8B model card: Number of Parameters 8.2B"),
     "qwen3-32b": (32.8e9, "Qwen/Qwen3-32B model card: Number of Parameters 32.8B"),
+    "qwen3-30b-a3b": (30.5e9, "Qwen/Qwen3-30B-A3B model card: Number of Parameters 30.5B in total"),
+    "qwen3-235b-a22b": (235e9, "Qwen/Qwen3-235B-A22B model card: Number of Parameters 235B in total"),
     "gpt-oss-20b": (20.91e9, GPT_OSS_CARD),
     "gpt-oss-120b": (116.83e9, GPT_OSS_CARD),
 }
@@ -55,6 +57,8 @@ QWEN_NON_EMBEDDING = {
     "qwen2.5-72b": (70.0e9, "Qwen/Qwen2.5-72B-Instruct model card: Non-Embedding 70.0B"),
     "qwen3-8b": (6.95e9, "Qwen/Qwen3-8B model card: Non-Embedding 6.95B"),
     "qwen3-32b": (31.2e9, "Qwen/Qwen3-32B model card: Non-Embedding 31.2B"),
+    "qwen3-30b-a3b": (29.9e9, "Qwen/Qwen3-30B-A3B model card: Non-Embedding 29.9B"),
+    "qwen3-235b-a22b": (234e9, "Qwen/Qwen3-235B-A22B model card: Non-Embedding 234B"),
 }
 
 
@@ -81,6 +85,14 @@ def test_qwen_non_embedding_count(name):
     published, source = QWEN_NON_EMBEDDING[name]
     s = load_preset(name)
     assert s.param_count() - 2 * s.vocab_size * s.d_model == pytest.approx(published, rel=0.005), source
+
+
+@pytest.mark.parametrize("name, total, active", [("qwen3-30b-a3b", 30.5e9, 3.3e9), ("qwen3-235b-a22b", 235e9, 22e9)])
+def test_qwen3_moe_active_parameters(name, total, active):
+    """Qwen's model cards: 30.5B in total, 3.3B activated; 235B in total, 22B activated."""
+    s = load_preset(name)
+    assert s.active_param_count() == pytest.approx(active, rel=0.02)
+    assert s.param_count() == pytest.approx(total, rel=0.01)
 
 
 def test_mixtral_active_parameters():

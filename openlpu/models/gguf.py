@@ -213,12 +213,15 @@ class ArchDefaults:
     explicit_query_scale: bool = False  # llama.cpp sets f_attention_scale for this arch
     yarn_truncate: bool = True  # the model's yarn rounds its band to whole dimensions (GGUF has no key)
     weights_unreadable: str = ""  # why the runtime cannot read this architecture's tensors, if it cannot
+    d_ff_key: str = "feed_forward_length"  # the key of the MLP's (or each expert's) hidden width
 
 
 ARCHITECTURES: dict[str, ArchDefaults] = {
     "llama": ArchDefaults(family="llama", family_if_moe="mixtral"),
     "qwen2": ArchDefaults(family="qwen2", qkv_bias=True),
     "qwen3": ArchDefaults(family="qwen3", qk_norm=True),
+    # qwen3moe: feed_forward_length is the (unused) dense width; each expert's is expert_feed_forward_length
+    "qwen3moe": ArchDefaults(family="qwen3-moe", qk_norm=True, d_ff_key="expert_feed_forward_length"),
     # gemma2: n_swa default 4096, set_swa_pattern(2); f_attention_scale 1/sqrt(n_embd/n_head)
     # for LLM_TYPE_27B (46 layers), else 1/sqrt(n_embd_head_k). GemmaModel adds 1 to norms.
     "gemma2": ArchDefaults(family="gemma2", activation="gelu_tanh", swa_period=2,
@@ -294,8 +297,9 @@ def spec_from_gguf(path: str | Path) -> ModelSpec:
         raise OpenLPUError(f"{header.path}: Llama 3.1-style rope scaling stored as a rope_freqs "
                            "tensor is not supported yet; use the model's preset instead")
     defaults = ARCHITECTURES[arch]
-    values = {f: meta[f"{arch}.{k}"] for f, k in METADATA_KEYS.items() if f"{arch}.{k}" in meta}
-    missing = [f"{arch}.{METADATA_KEYS[f]}" for f in REQUIRED_FIELDS if f not in values]
+    keys = METADATA_KEYS | {"d_ff": defaults.d_ff_key}
+    values = {f: meta[f"{arch}.{k}"] for f, k in keys.items() if f"{arch}.{k}" in meta}
+    missing = [f"{arch}.{keys[f]}" for f in REQUIRED_FIELDS if f not in values]
     if missing:
         raise OpenLPUError(f"{header.path}: GGUF metadata lacks {', '.join(missing)}; "
                            "the file is incomplete, re-convert it with a current llama.cpp")

@@ -78,6 +78,10 @@ class FamilyRule:
     tie_default: bool = False  # HF's default for tie_word_embeddings
     gemma: bool = False  # sqrt(d_model) embedding scale, (1 + w) norms, query_pre_attn_scalar
     moe: bool = False
+    # MoE: the config fields that may count the experts, in order (Qwen3-MoE's Hub files say num_experts,
+    # transformers 5 writes num_local_experts)
+    experts_keys: tuple[str, ...] = ("num_local_experts",)
+    d_ff_key: str = "intermediate_size"  # the config field of the MLP's (or each expert's) hidden width
     unsupported_true: tuple[str, ...] = ()  # flags ModelSpec cannot express when true
     required: dict = field(default_factory=dict)  # config fields whose value the family's ModelSpec fixes
 
@@ -92,6 +96,12 @@ FAMILY_RULES: dict[str, FamilyRule] = {
                         fixed={"qkv_bias": True}),
     "qwen3": FamilyRule("qwen3", "Qwen3ForCausalLM", _qwen_window_after_max_window_layers,
                         fixed={"qk_norm": True}, unsupported_true=("attention_bias",)),
+    # Qwen3's attention with an MoE MLP on every layer; its router takes the top-k of a softmax over all
+    # experts and renormalizes them (norm_topk_prob), which is Mixtral's softmax over the top-k logits
+    "qwen3_moe": FamilyRule("qwen3-moe", "Qwen3MoeForCausalLM", _qwen_window_after_max_window_layers,
+                            fixed={"qk_norm": True}, moe=True, experts_keys=("num_experts", "num_local_experts"),
+                            d_ff_key="moe_intermediate_size", unsupported_true=("attention_bias",),
+                            required={"norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []}),
     "gemma": FamilyRule("gemma", "GemmaForCausalLM", _all_global, fixed=_GEMMA_FIXED,
                         tie_default=True, gemma=True, unsupported_true=("attention_bias",)),
     "gemma2": FamilyRule("gemma2", "Gemma2ForCausalLM", _alternating,
@@ -255,7 +265,7 @@ def spec_from_hf_config(config: dict | str | Path, name: str | None = None) -> M
         "n_heads": n_heads,
         "n_kv_heads": f.number("num_key_value_heads", default=n_heads, kind=int),
         "head_dim": head_dim,
-        "d_ff": f.number("intermediate_size", kind=int),
+        "d_ff": f.number(rule.d_ff_key, kind=int),
         "context_length": f.number("max_position_embeddings", kind=int),
         "norm_eps": f.number("rms_norm_eps"),
         "rope_base": rope_base,
@@ -275,7 +285,8 @@ def spec_from_hf_config(config: dict | str | Path, name: str | None = None) -> M
             fields["attn_logit_softcap"] = cfg.get("attn_logit_softcapping")
             fields["final_logit_softcap"] = cfg.get("final_logit_softcapping")
     if rule.moe:
-        fields["n_experts"] = f.number("num_local_experts", kind=int)
+        key = next((k for k in rule.experts_keys if k in cfg), rule.experts_keys[0])
+        fields["n_experts"] = f.number(key, kind=int)
         fields["n_experts_per_token"] = f.number("num_experts_per_tok", kind=int)
     return ModelSpec(**fields)
 
@@ -301,6 +312,7 @@ LAYER_NAMES = {
 }
 # The MoE router's names, by family.
 ROUTER_NAMES = {"mixtral": {"block_sparse_moe.gate.weight": "ffn_gate_inp.weight"},
+                "qwen3-moe": {"mlp.gate.weight": "ffn_gate_inp.weight"},
                 "gpt-oss": {"mlp.router.weight": "ffn_gate_inp.weight", "mlp.router.bias": "ffn_gate_inp.bias"}}
 # post_attention_layernorm is the pre-MLP norm in Llama-style blocks, but a true post-attention
 # norm in Gemma 2/3 (whose pre-MLP norm is pre_feedforward_layernorm).
@@ -315,9 +327,14 @@ GLOBAL_NAMES = {
     "model.norm.weight": "output_norm.weight",
     "lm_head.weight": "output.weight",
 }
-# Mixtral experts: HF suffix after "block_sparse_moe.experts.{j}." -> stacked GGUF tensor.
-EXPERT_NAMES = {"w1.weight": "ffn_gate_exps.weight", "w3.weight": "ffn_up_exps.weight",
-                "w2.weight": "ffn_down_exps.weight"}
+# One tensor per expert, by family: (HF prefix after "model.layers.{i}.", {HF suffix after "{prefix}.{j}."
+# -> the stacked GGUF tensor}).
+EXPERT_NAMES = {
+    "mixtral": ("block_sparse_moe.experts", {"w1.weight": "ffn_gate_exps.weight", "w3.weight": "ffn_up_exps.weight",
+                                             "w2.weight": "ffn_down_exps.weight"}),
+    "qwen3-moe": ("mlp.experts", {"gate_proj.weight": "ffn_gate_exps.weight", "up_proj.weight": "ffn_up_exps.weight",
+                                  "down_proj.weight": "ffn_down_exps.weight"}),
+}
 # gpt-oss experts: one tensor per projection for all experts, (expert, in, out), the gate and up
 # projections interleaved along out (transformers GptOssExperts: gate_up[..., ::2] is the gate).
 # HF suffix after "model.layers.{i}." -> (GGUF suffix, HF tensor -> GGUF layout) for each part.
@@ -351,12 +368,13 @@ def hf_to_gguf_names(spec: ModelSpec) -> dict[str, str]:
 
 
 def expert_names(spec: ModelSpec) -> dict[str, tuple[str, int]]:
-    """HF expert tensor name -> (stacked GGUF name, expert index), for one tensor per expert (Mixtral)."""
-    if spec.family in PACKED_EXPERT_FAMILIES:
+    """HF expert tensor name -> (stacked GGUF name, expert index), for one tensor per expert (Mixtral,
+    Qwen3-MoE)."""
+    if spec.family not in EXPERT_NAMES:
         return {}
-    return {f"model.layers.{i}.block_sparse_moe.experts.{j}.{hf}": (f"blk.{i}.{gguf}", j)
-            for i in range(spec.n_layers) for j in range(spec.n_experts)
-            for hf, gguf in EXPERT_NAMES.items()}
+    prefix, suffixes = EXPERT_NAMES[spec.family]
+    return {f"model.layers.{i}.{prefix}.{j}.{hf}": (f"blk.{i}.{gguf}", j)
+            for i in range(spec.n_layers) for j in range(spec.n_experts) for hf, gguf in suffixes.items()}
 
 
 def packed_expert_names(spec: ModelSpec) -> dict[str, list]:

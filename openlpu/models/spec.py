@@ -15,7 +15,7 @@ from pathlib import Path
 
 from openlpu.errors import OpenLPUError
 
-FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gpt-oss")
+FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3-moe", "gemma", "gemma2", "gemma3", "gpt-oss")
 # gated-MLP activations; "swiglu_clamped" is gpt-oss's: gate clamped to <= 7, up to [-7, 7], then
 # gate * sigmoid(1.702 gate) * (up + 1) (transformers GptOssExperts, swiglu_limit / swiglu_alpha)
 ACTIVATIONS = ("silu", "gelu_tanh", "swiglu_clamped")

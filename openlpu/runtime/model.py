@@ -43,7 +43,7 @@ from openlpu.runtime.kv_cache import KVCache, ring_positions
 # How rope pairs the features of a head: "neox" rotates x[i] with x[i + head_dim/2];
 # "interleaved" rotates x[2i] with x[2i+1] (llama.cpp's LLAMA_ROPE_TYPE_NORM on permuted rows).
 ROPE_STYLE = {"llama": "interleaved", "mistral": "interleaved", "mixtral": "interleaved",
-              "qwen2": "neox", "qwen3": "neox", "gemma": "neox", "gemma2": "neox", "gemma3": "neox",
+              "qwen2": "neox", "qwen3": "neox", "qwen3-moe": "neox", "gemma": "neox", "gemma2": "neox", "gemma3": "neox",
               "gpt-oss": "neox"}
 
 SWIGLU_LIMIT, SWIGLU_ALPHA = 7.0, 1.702  # gpt-oss's clamped SwiGLU (transformers GptOssExperts)

@@ -14,7 +14,9 @@ use its row; `openlpu plan` compares against current engines (the default row). 
 predicts 2,048-token outputs at batch 192 65% faster than measured, 4,096-token outputs at batch 96
 38% faster. TensorRT-LLM 1.0 (2025) comes closer: its throughput table for Llama 3.1 8B and 3.3 70B on
 one or two H100s or H200s sits around the model's figures, while Llama 3.1 405B on 8 GPUs runs up to
-~30% slower than predicted, as on 4 B200s at FP4 (bench/results/fidelity.md).
+~30% slower than predicted, as on 4 B200s at FP4, and a mixture of experts (Qwen3-30B-A3B on one B200)
+ran 1.3-3.8x slower than predicted: its experts are timed as a roofline of their work, without the
+routing, token permutation and small grouped GEMMs that serving them adds (bench/results/fidelity.md).
 
 Tensor parallelism over NVLink divides the sharded ops and adds two all-reduces per layer
 (Megatron-style: after attention and after the MLP); servers beyond one NVLink domain form pipeline
