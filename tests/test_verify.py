@@ -47,15 +47,31 @@ def _with_decode(program, ops=None, transfers=None):
 
 @pytest.mark.parametrize("name, precision, context, users", [
     ("mistral-7b", "int4", 512, 1), ("llama-2-7b", "int4", 512, 4), ("gemma-2-9b", "int8", 512, 4),
-    ("llama-3.1-405b", "int8", 8192, 4)])
+    ("llama-3.1-405b", "int8", 8192, 4), ("qwen3-30b-a3b", "fp16", 40960, 4)])
 def test_prefill_stays_within_the_activations_reserved(name, precision, context, users):
     """Found by running `plan` over every preset, precision, context and 1 or 4 users: these placed with
     too little SRAM for their prefill, because a stage started the next prompt chunk while it still held
     the last one's buffers, and the verifier counted the order between two chunks' attentions (the KV
-    the first wrote) as a live buffer."""
+    the first wrote) as a live buffer, or a partial attention sent rank to rank as if each rank held
+    every head's (Qwen3 30B-A3B, whose 32 heads of 128 are twice its model width)."""
     workload = Workload(weights=precision, activations=precision, kv=precision, context_length=context,
                         users=users, prompt_len=512)
     assert verify(compile_program(load_preset(name), SYSTEM, workload)) == []
+
+
+def test_a_partial_sent_rank_to_rank_lands_on_each_receiving_rank():
+    """A rank_p2p transfer leaves each rank of the receiving group its share of the heads: a share over
+    a chip's SRAM is caught on those chips, never on the sending group's."""
+    workload = Workload(weights="fp16", activations="fp16", kv="fp16", context_length=40960, users=4, prompt_len=512)
+    p = compile_program(load_preset("qwen3-30b-a3b"), SYSTEM, workload)
+    sends = [t for t in p.prefill.transfers if t.kind == "rank_p2p"]
+    assert sends and verify(p) == []
+    group = sends[0].chips[len(sends[0].chips) // 2:]
+    huge = dataclasses.replace(sends[0], payload_bytes=len(group) * SYSTEM.chip.sram_bytes)
+    transfers = [huge if t is sends[0] else t for t in p.prefill.transfers]
+    bad = dataclasses.replace(p, prefill=dataclasses.replace(p.prefill, transfers=tuple(transfers)))
+    over = [v.message for v in verify(bad) if v.invariant == "sram_capacity"]
+    assert sorted(int(m.split("chip ")[1].split()[0]) for m in over) == sorted(group)
 
 
 def test_unit_running_two_ops_at_once(program):

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from openlpu.compiler.partition import (is_cut_along_ffn, is_cut_along_vocab, merged_pieces, piece_homes,
                                         tensor_piece)
-from openlpu.compiler.program import PhaseSchedule, Program
+from openlpu.compiler.program import PhaseSchedule, Program, Transfer
 from openlpu.compiler.schedule import split_chunk
 from openlpu.errors import OpenLPUError
 from openlpu.graph.lower import as_precision
@@ -153,6 +153,17 @@ def _inputs_ready(program: Program, phase: PhaseSchedule) -> list[Violation]:
     return out
 
 
+def _received(t: Transfer) -> tuple[tuple[int, ...], float]:
+    """The chips a transfer leaves its result on and the bytes each holds: an all-reduce works in place
+    (its input's buffer); a rank_p2p leaves each rank of the second group its own share of the heads."""
+    if t.kind == "all_reduce":
+        return (), 0.0
+    if t.kind == "rank_p2p":
+        group = t.chips[len(t.chips) // 2:]
+        return group, t.payload_bytes / len(group)
+    return t.chips[1:], t.payload_bytes
+
+
 def _sram(program: Program, phase: PhaseSchedule) -> list[Violation]:
     capacity = program.system.chip.sram_bytes
     static = defaultdict(float)
@@ -182,10 +193,10 @@ def _sram(program: Program, phase: PhaseSchedule) -> list[Violation]:
         stage_events[op.stage] += [(op.start_cycle, op.output_bytes_per_chip), (end, -op.output_bytes_per_chip)]
     chip_events = defaultdict(list)  # what transfers deliver to particular chips
     for t in phase.transfers:
-        receivers = t.chips[1:] if t.kind != "all_reduce" else ()
+        receivers, held = _received(t)
         end = max(t.arrival_cycle, last_use.get(t.name, t.arrival_cycle))
         for c in receivers:
-            chip_events[c] += [(t.start_cycle, t.payload_bytes), (end, -t.payload_bytes)]
+            chip_events[c] += [(t.start_cycle, held), (end, -held)]
 
     def peak(events) -> float:
         top = live = 0.0
