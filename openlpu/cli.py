@@ -176,7 +176,10 @@ def compile_cmd(
     output: str = typer.Option(..., "-o", "--output", help="where to write the compiled Program"),
     system: str = typer.Option("lpu-v1", "--system", help="LPU system preset or hardware JSON file"),
     precision: str = typer.Option("int8", "--precision",
-                                  help="weights, activations and KV: fp16, bf16, fp8, int8, int4, fp4 (NVFP4)"),
+                                  help="weights and activations: fp16, bf16, fp8, int8, int4, fp4 (NVFP4)"),
+    kv_precision: str = typer.Option(None, "--kv-precision",
+                                     help="KV cache (default: as the weights, never below 8 bits, as `plan` "
+                                          "and serving stacks keep it)"),
     context: int = typer.Option(4096, "--context", help="tokens of KV cache per user"),
     users: int = typer.Option(1, "--users", help="users in flight in the pipeline"),
     prompt: int = typer.Option(512, "--prompt", help="prompt tokens whose prefill sets the time to first token"),
@@ -188,18 +191,21 @@ def compile_cmd(
 ):
     """Compile a model for an LPU system: placement + static schedule, verified, written to a file."""
     from openlpu.compiler import Workload, compile_program, verify
+    from openlpu.graph.lower import as_precision, serving_kv_precision
     from openlpu.hardware.lpu import load_system
     from openlpu.models.spec import load_spec
     from openlpu.sim.timing import timing
 
     spec = load_spec(model)
-    workload = Workload(weights=precision, activations=precision, kv=precision, context_length=context,
+    kv = as_precision(kv_precision).name if kv_precision else serving_kv_precision(precision)
+    workload = Workload(weights=precision, activations=precision, kv=kv, context_length=context,
                         users=users, prompt_len=min(prompt, context), draft_tokens=draft_tokens)
     program = compile_program(spec, load_system(system), workload, chips, tp)
     program.save(output)
     violations, t = verify(program), timing(program)
     console.print(f"[bold]{spec.name}[/] on {program.system.name}: {t.chips} chips = {t.stages} pipeline stage(s) x "
-                  f"TP {t.tp}; SRAM {t.sram_used_bytes / 1e9:.2f} GB ({t.sram_used_fraction:.0%} of the chips used)")
+                  f"TP {t.tp}; {precision} (KV cache {kv}); SRAM {t.sram_used_bytes / 1e9:.2f} GB "
+                  f"({t.sram_used_fraction:.0%} of the chips used)")
     rate = "tok/s" if not draft_tokens else "steps/s"  # a verifying step yields 1 to draft_tokens + 1 tokens
     console.print(f"decode step makespan {program.decode.makespan_cycles:,} cycles = {t.decode_latency_s * 1e6:,.1f} us "
                   f"({t.tokens_per_s_per_user:,.0f} {rate} per user, {t.throughput_tokens_per_s:,.0f} {rate} with "

@@ -393,6 +393,24 @@ def test_cli_compile_and_inspect(tmp_path):
     assert f"local {t.link_utilisation['local']:.2%} of {t.links_used['local']:,}" in text
 
 
+def test_compile_keeps_the_kv_cache_plan_assumes(tmp_path):
+    """By default `compile` keeps the KV cache as `plan` does (int4 weights beside an int8 cache), so
+    its Program times as plan's LPU row; --kv-precision asks for another, here the 4-bit cache."""
+    from openlpu.sim.plan import plan
+
+    runner = CliRunner()
+    for kv, out in ((None, "default.prog"), ("int4", "kv4.prog")):
+        extra = ["--kv-precision", kv] if kv else []
+        r = runner.invoke(app, ["compile", "gemma-3-270m", "-o", str(tmp_path / out), "--precision", "int4",
+                                "--context", "2048", *extra])
+        assert r.exit_code == 0, r.output
+    default, kv4 = load_program(tmp_path / "default.prog"), load_program(tmp_path / "kv4.prog")
+    assert (default.workload.kv, kv4.workload.kv) == ("int8", "int4")
+    lpu = plan("gemma-3-270m", compare=(), precision="int4", context=2048)[0]
+    assert timing(default).tokens_per_s_per_user == pytest.approx(lpu.tokens_per_s_per_user, rel=1e-12)
+    assert timing(kv4).sram_used_bytes < timing(default).sram_used_bytes
+
+
 def test_a_hugging_face_config_compiles_to_its_presets_program(tmp_path):
     """`openlpu compile` given a checkpoint folder's config.json (here the fields the preset quotes from
     Hugging Face) writes the same bytes as given the preset's name: the same model, the same Program."""
@@ -418,6 +436,7 @@ def test_a_hugging_face_config_compiles_to_its_presets_program(tmp_path):
     (["compile", "gone.json", "-o", "x.prog"], "HF config not found: gone.json"),
     (["compile", "gemma-3-270m", "-o", "x.prog", "--system", "lpu-v0"], "did you mean lpu-v1"),
     (["compile", "gemma-3-270m", "-o", "x.prog", "--precision", "int5"], "unknown precision"),
+    (["compile", "gemma-3-270m", "-o", "x.prog", "--kv-precision", "int3"], "unknown precision 'int3'"),
     (["compile", "gemma-3-270m", "-o", "x.prog", "--users", "0"], "users must be a positive integer"),
     (["compile", "gemma-3-270m", "-o", "x.prog", "--draft-tokens", "-2"], "draft tokens must be a non-negative integer"),
     (["compile", "gemma-3-270m", "-o", "x.prog", "--tp", "8"], "TP 8 is not a width gemma-3-270m can be split over"),
