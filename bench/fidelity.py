@@ -223,9 +223,9 @@ def _first_token(gpu: str, precision: str, source: str, rows) -> list[Point]:
 
 def _max_load(gpu: str, model: str, gpus: int, precision: str, rows: dict) -> list[Point]:
     """Rows of TensorRT-LLM 1.0's throughput table, {(input, output): output tok/s of all GPUs}, each held
-    out except FP4_FIT's."""
+    out except the MAX_LOAD_FITS."""
     return [Point(gpu, model, gpus, precision, "max_load_tok_s", published, TRT_V1, "2025",
-                  FP4_FIT_ROLE if (model, gpu, gpus, precision, (i, o)) == FP4_FIT else COUNTED,
+                  MAX_LOAD_FITS.get((model, gpu, gpus, precision, (i, o)), COUNTED),
                   {"input": i, "output": o}, software="gqa-kernels") for (i, o), published in rows.items()]
 
 
@@ -248,6 +248,12 @@ MAX_LOAD_TABLE = {  # (model, GPU, GPUs, precision) -> output tok/s at each of M
 # time goes to FP4 GEMMs; the other 19 B200 rows are held out
 FP4_FIT = ("llama-3.3-70b", "b200", 1, "fp4", (2048, 128))
 FP4_FIT_ROLE = "FIT: FP4_COMPUTE_EFFICIENCY"
+# The row ALLREDUCE_BANDWIDTH_EFFICIENCY is fitted on: of the rows on 8 GPUs, the one with the most requests in
+# flight (4,096), so the largest all-reduces of the table, a quarter of its time; the other 29 rows on several
+# GPUs are held out
+ALLREDUCE_FIT = ("llama-3.1-405b", "h200", 8, "fp8", (128, 128))
+ALLREDUCE_FIT_ROLE = "FIT: ALLREDUCE_BANDWIDTH_EFFICIENCY"
+MAX_LOAD_FITS = {FP4_FIT: FP4_FIT_ROLE, ALLREDUCE_FIT: ALLREDUCE_FIT_ROLE}
 
 GPU_POINTS = [
     Point("h100-sxm", "llama-2-70b", 8, "fp8", "e2e_latency_s", 1.7, NVIDIA_DGX, "2023-12",
@@ -349,19 +355,23 @@ def bisect(f, target: float, lo: float, hi: float, rising: bool, steps: int = 40
 
 
 def fit_gpu() -> dict:
-    """Jointly fit KERNEL_OVERHEAD_S (on the DGX H100 latency) and COMPUTE_EFFICIENCY (on the H200
-    batch-32 throughput), then FP4_COMPUTE_EFFICIENCY (on the FP4_FIT row of B200) with those two;
-    returns the fitted values and restores the shipped constants."""
-    names = ("KERNEL_OVERHEAD_S", "COMPUTE_EFFICIENCY", "FP4_COMPUTE_EFFICIENCY")
+    """Jointly fit KERNEL_OVERHEAD_S (on the DGX H100 latency), COMPUTE_EFFICIENCY (on the H200 batch-32
+    throughput) and ALLREDUCE_BANDWIDTH_EFFICIENCY (on the ALLREDUCE_FIT row), then FP4_COMPUTE_EFFICIENCY
+    (on the FP4_FIT row of B200) with those; returns the fitted values and restores the shipped constants."""
+    names = ("KERNEL_OVERHEAD_S", "COMPUTE_EFFICIENCY", "ALLREDUCE_BANDWIDTH_EFFICIENCY", "FP4_COMPUTE_EFFICIENCY")
     shipped = {name: getattr(G, name) for name in names}
     latency_point, throughput_point = GPU_POINTS[0], GPU_POINTS[1]
     fp4_point = next(p for p in GPU_POINTS if p.role == FP4_FIT_ROLE)
+    allreduce_point = next(p for p in GPU_POINTS if p.role == ALLREDUCE_FIT_ROLE)
     try:
         for _ in range(4):
             G.KERNEL_OVERHEAD_S = bisect(lambda k: _with(G, "KERNEL_OVERHEAD_S", k, latency_point),
                                          latency_point.published, 0.0, 30e-6, rising=True)
             G.COMPUTE_EFFICIENCY = bisect(lambda c: _with(G, "COMPUTE_EFFICIENCY", c, throughput_point),
                                           throughput_point.published, 0.05, 1.0, rising=True)
+            G.ALLREDUCE_BANDWIDTH_EFFICIENCY = bisect(
+                lambda e: _with(G, "ALLREDUCE_BANDWIDTH_EFFICIENCY", e, allreduce_point),
+                allreduce_point.published, 0.05, 1.0, rising=True)
         G.FP4_COMPUTE_EFFICIENCY = bisect(lambda c: _with(G, "FP4_COMPUTE_EFFICIENCY", c, fp4_point),
                                           fp4_point.published, 0.05, 1.0, rising=True)
         return {name: getattr(G, name) for name in names}
@@ -388,7 +398,8 @@ def gpu_readings(gpu_rows) -> dict:
     """What the GPU rows outside the target would need, each found alone (a reading, never used to
     predict): for decode-heavy rows of a grouped-query model (output >= 2,048 tokens), how many times
     decode attention would have to read each KV head (1: once per group; Llama-2-70B's query heads per
-    KV head: once per query head); for the first-token rows, the compute efficiency."""
+    KV head: once per query head); for the first-token rows, the compute efficiency; for the rows on several
+    GPUs, allreduce_readings."""
     checks = [r for r in gpu_rows if r["role"] == COUNTED]
     shipped = G.COMPUTE_EFFICIENCY
     kv_reads, efficiency = [], []
@@ -405,7 +416,29 @@ def gpu_readings(gpu_rows) -> dict:
             finally:
                 G.COMPUTE_EFFICIENCY = shipped
             efficiency.append({**r, "implied": implied})
-    return {"kv_reads": kv_reads, "compute_efficiency": efficiency}
+    return {"kv_reads": kv_reads, "compute_efficiency": efficiency, "allreduce": allreduce_readings(gpu_rows)}
+
+
+def allreduce_readings(gpu_rows) -> list[dict]:
+    """For each row of TensorRT-LLM 1.0's table on several GPUs: the share of the predicted run its
+    all-reduces take at NVLink's full rate, and the ALLREDUCE_BANDWIDTH_EFFICIENCY it alone would need (a
+    reading, never used to predict; None where no efficiency up to 5 reaches it)."""
+    shipped = G.ALLREDUCE_BANDWIDTH_EFFICIENCY
+    out = []
+    try:
+        for r in gpu_rows:
+            if r["metric"] != "max_load_tok_s" or r["chips"] < 2:
+                continue
+            p = _point(r)
+            unbounded = _with(G, "ALLREDUCE_BANDWIDTH_EFFICIENCY", math.inf, p)
+            share = 1 - _with(G, "ALLREDUCE_BANDWIDTH_EFFICIENCY", 1.0, p) / unbounded
+            reachable = _with(G, "ALLREDUCE_BANDWIDTH_EFFICIENCY", 5.0, p) > p.published
+            implied = bisect(lambda e, p=p: _with(G, "ALLREDUCE_BANDWIDTH_EFFICIENCY", e, p), p.published,
+                             0.05, 5.0, rising=True, steps=16) if reachable else None
+            out.append({**r, "share": share, "implied": implied})
+    finally:
+        G.ALLREDUCE_BANDWIDTH_EFFICIENCY = shipped
+    return out
 
 
 def with_install_rate(system, bytes_per_cycle: float):
@@ -763,6 +796,12 @@ def markdown(lpu_rows, gpu_rows, gpu_fit, install_fit, shipped_install, system, 
     groups_text = "; ".join(f"{name} {count(rs)}, median {_median_error(rs):+.0%}"
                             for name, rs in max_load_groups.items())
     fp4_fit = next(r for r in gpu_rows if r["role"] == FP4_FIT_ROLE)
+    allreduce_fit = next(r for r in gpu_rows if r["role"] == ALLREDUCE_FIT_ROLE)
+    allreduce_read = gpu_read["allreduce"]
+    allreduce_fit_share = next(r["share"] for r in allreduce_read if r["role"] == ALLREDUCE_FIT_ROLE)
+    allreduce_checks = [r for r in allreduce_read if r["role"] == COUNTED]
+    implied_allreduce = [r["implied"] for r in allreduce_checks if r["implied"] is not None]
+    beyond_allreduce = [r for r in allreduce_checks if r["implied"] is None]
     moe_rows = max_load_groups["B200 at FP4, Qwen3-30B-A3B (a mixture of experts) on 1 GPU"]
     moe_errors = [r["error"] for r in moe_rows]
     moe_prefill = row(moe_rows, "qwen3-30b-a3b", COUNTED, input=2048, output=128)
@@ -824,8 +863,14 @@ The 2023 rows ran TensorRT-LLM 0.5, whose decode attention reads each KV head on
 kernels, which read a KV head once per group, as do TensorRT-LLM 1.0's (the grid after it). Each row is
 predicted with its own software (`openlpu.sim.gpu.SOFTWARE`, with the sources). Open constants, fitted
 here on their FIT rows (shipped values in `openlpu/sim/gpu.py` in brackets):
-KERNEL_OVERHEAD_S = {gpu_fit['KERNEL_OVERHEAD_S'] * 1e6:.2f} us [{G.KERNEL_OVERHEAD_S * 1e6:.2f} us] and
-COMPUTE_EFFICIENCY = {gpu_fit['COMPUTE_EFFICIENCY']:.3f} [{G.COMPUTE_EFFICIENCY:.3f}], jointly; then, with them,
+KERNEL_OVERHEAD_S = {gpu_fit['KERNEL_OVERHEAD_S'] * 1e6:.2f} us [{G.KERNEL_OVERHEAD_S * 1e6:.2f} us],
+COMPUTE_EFFICIENCY = {gpu_fit['COMPUTE_EFFICIENCY']:.3f} [{G.COMPUTE_EFFICIENCY:.3f}] and
+ALLREDUCE_BANDWIDTH_EFFICIENCY = {gpu_fit['ALLREDUCE_BANDWIDTH_EFFICIENCY']:.3f} [{G.ALLREDUCE_BANDWIDTH_EFFICIENCY:.3f}],
+the bus bandwidth of a tensor-parallel all-reduce as a fraction of NVLink's one-way rate, jointly, the last on
+one cell of the grid below ({allreduce_fit["model"]}, {allreduce_fit["chips"]} x {allreduce_fit["system"].upper()},
+{allreduce_fit["setting"]["input"]:,} / {allreduce_fit["setting"]["output"]:,}: of the rows on 8 GPUs the one with
+the most requests in flight, so the largest all-reduces, {allreduce_fit_share:.0%} of its time at the links' full
+rate); then, with them,
 FP4_COMPUTE_EFFICIENCY = {gpu_fit['FP4_COMPUTE_EFFICIENCY']:.3f} [{G.FP4_COMPUTE_EFFICIENCY:.3f}], the fraction of
 B200's FP4 peak its NVFP4 GEMMs reach, on one cell of the grid below ({fp4_fit["model"]}, 1 x B200,
 {fp4_fit["setting"]["input"]:,} / {fp4_fit["setting"]["output"]:,}: its most prefill-bound length).
@@ -951,11 +996,17 @@ it (`kv_cache_quant_algo` FP8 in their hf_quant_config.json), and attention does
     kernels ran below the model's roofline at these batches; either way the `gqa-kernels` row, `openlpu
     plan`'s default for GPUs, predicts a GPU serving long outputs at large batch faster than TensorRT-LLM
     v0.7a ran it ({_errors(kv_gqa, None)}). TensorRT-LLM 1.0 comes closer: on 1 or 2 GPUs its rows, long
-    outputs included, sit around the model's figures. Llama 3.1 405B ran slower than the model says on
-    every row, on 8 Hopper GPUs and on 4 B200s alike, most on the long outputs (128 / 2,048, 500 / 2,000,
-    1,000 / 2,000); the model runs its all-reduces (a fifth to a quarter of a decode step on 8 Hopper
-    GPUs) at NVLink's full bandwidth, and every other row of the grid runs on 1 or 2 GPUs. A GPU comparison in `plan` can favour the
-    GPU by these margins (`plan --gpu-software tensorrt-llm-0.5` shows the other end: once per query head).
+    outputs included, sit around the model's figures. On several GPUs the all-reduces matter: at NVLink's
+    full rate they take {min(r["share"] for r in allreduce_read):.0%} to {max(r["share"] for r in allreduce_read):.0%}
+    of a row's time, and at that rate the model had Llama 3.1 405B faster than measured on every row.
+    Fitted on one of them, the
+    all-reduces' bus bandwidth is {G.ALLREDUCE_BANDWIDTH_EFFICIENCY:.0%} of the links' rate; alone, the
+    held-out rows on 2 to 8 GPUs would need {min(implied_allreduce):.2f} to {max(implied_allreduce):.2f}, and
+    {len(beyond_allreduce)} more, predicted slower than published even with all-reduces 5x faster than the
+    links allow, would need none. So one constant leaves the long outputs of 405B (128 / 2,048,
+    500 / 2,000, 1,000 / 2,000) too fast, most on 4 B200s.
+    A GPU comparison in `plan` can favour the GPU by these margins (`plan --gpu-software
+    tensorrt-llm-0.5` shows the other end: once per query head).
   - A mixture of experts: Qwen3-30B-A3B (128 experts, 8 per token) on one B200 ran slower than the model
     says on every row; the errors run from {min(moe_errors):+.0%} to {max(moe_errors):+.0%} (2,048 / 128,
     where prefill dominates: {moe_prefill["error"]:+.0%}). The model times the experts as a roofline of the chosen experts'

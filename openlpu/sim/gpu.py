@@ -13,8 +13,9 @@ use its row; `openlpu plan` compares against current engines (the default row). 
 (Llama-2-70B, 1 x H200, FP8, 128 in; TensorRT-LLM blog "Falcon-180B on a single H200", Dec 2023) it
 predicts 2,048-token outputs at batch 192 65% faster than measured, 4,096-token outputs at batch 96
 38% faster. TensorRT-LLM 1.0 (2025) comes closer: its throughput table for Llama 3.1 8B and 3.3 70B on
-one or two H100s or H200s sits around the model's figures, while Llama 3.1 405B on 8 GPUs runs up to
-~30% slower than predicted, as on 4 B200s at FP4, and a mixture of experts (Qwen3-30B-A3B on one B200)
+one or two H100s or H200s sits around the model's figures; Llama 3.1 405B, on 8 Hopper GPUs or 4 B200s,
+with the all-reduces' bandwidth fitted on one of its rows, runs its long outputs up to ~25% slower than
+predicted; and a mixture of experts (Qwen3-30B-A3B on one B200)
 ran 1.3-3.8x slower than predicted: its experts are timed as a roofline of their work, without the
 routing, token permutation and small grouped GEMMs that serving them adds (bench/results/fidelity.md).
 
@@ -27,7 +28,7 @@ below 8 bits (graph.lower.serving_kv_precision), and attention does its math in 
 Constants and the published points they were fitted on / checked against (bench/fidelity.py):
 - MEMORY_EFFICIENCY 0.80: achieved fraction of HBM peak when streaming weights. Not fitted:
   the usual STREAM-like figure for H100/A100 (NVIDIA's own bandwidth tests reach ~80-90%).
-- COMPUTE_EFFICIENCY 0.664: achieved fraction of dense tensor peak over a whole prefill (GEMMs,
+- COMPUTE_EFFICIENCY 0.663: achieved fraction of dense tensor peak over a whole prefill (GEMMs,
   attention, norms). FITTED on one point: TensorRT-LLM 0.5 "H200 launch" blog table (Nov 2023):
   1 x H200, FP8, Llama-2-70B, batch 32, 2,048 in / 128 out: 303 output tok/s (with that version's
   per-query-head KV reads). The other rows of that table and of TensorRT-LLM 0.5's own H100 and A100
@@ -36,12 +37,17 @@ Constants and the published points they were fitted on / checked against (bench/
 - KERNEL_OVERHEAD_S: launch + tail per kernel. FITTED on one point: NVIDIA, "Achieving Top
   Inference Performance with the NVIDIA H100 Tensor Core GPU and NVIDIA TensorRT-LLM" (Dec 2023):
   DGX H100 (8 GPUs, FP8, TensorRT-LLM 0.5), Llama-2-70B, 2,048 in / 128 out, batch 1: 1.7 s.
-  (The two fits are solved jointly; bench/fidelity.py repeats the fit and prints both.)
+- ALLREDUCE_BANDWIDTH_EFFICIENCY 0.708: the bus bandwidth a tensor-parallel all-reduce reaches, as a
+  fraction of NVLink's one-way rate, at the tens to hundreds of MB a batched step reduces. FITTED on one point: TensorRT-LLM 1.0
+  perf-overview (2025), Llama 3.1 405B, 8 x H200, FP8, 128 in / 128 out under unbounded load: 3,814
+  output tok/s: of the table's rows on 8 GPUs, the one with the most requests in flight (4,096), so
+  the largest all-reduces, about a quarter of its time. Its other 29 rows on 2 to 8 GPUs are held out
+  (bench/results/fidelity.md).
+  (These three fits are solved jointly; bench/fidelity.py repeats the fit and prints them.)
 - FP4_COMPUTE_EFFICIENCY 0.409: the fraction of the FP4 peak that NVFP4 GEMMs reach, on GPUs with FP4 units
-  (B200). FITTED on one point, with the two above: TensorRT-LLM 1.0 perf-overview (2025), Llama 3.3 70B,
+  (B200). FITTED on one point, with the three above: TensorRT-LLM 1.0 perf-overview (2025), Llama 3.3 70B,
   1 x B200, NVFP4 weights and FP8 KV cache, 2,048 in / 128 out under unbounded load: 1,339 output tok/s.
-  Its other 19 B200 rows (70B on 1 GPU, 405B on 4) are held out: 15 within 15%, every one predicted faster
-  than published. It sits below the FP8 fraction: NVFP4 math ran at 1.2x the FP8 rate, not the
+  Its other 19 B200 rows (70B on 1 GPU, 405B on 4) are held out: 17 within 15%. It sits below the FP8 fraction: NVFP4 math ran at 1.2x the FP8 rate, not the
   datasheet's 2x.
 - ALLREDUCE_LATENCY_S 10 us: fixed cost of a small NCCL all-reduce inside an NVLink/NVSwitch
   node (nccl-tests small-message latency is ~8-15 us on DGX H100); not fitted.
@@ -64,10 +70,11 @@ from openlpu.models.spec import ModelSpec
 from openlpu.sim.cost import gpu_servers
 
 MEMORY_EFFICIENCY = 0.80
-COMPUTE_EFFICIENCY = 0.664  # fitted: see the module docstring
+COMPUTE_EFFICIENCY = 0.663  # fitted: see the module docstring
 FP4_COMPUTE_EFFICIENCY = 0.409  # fitted: see the module docstring and bench/fidelity.py
-KERNEL_OVERHEAD_S = 7.06e-6  # fitted: see the module docstring and bench/fidelity.py
+KERNEL_OVERHEAD_S = 6.99e-6  # fitted: see the module docstring and bench/fidelity.py
 ALLREDUCE_LATENCY_S = 10e-6
+ALLREDUCE_BANDWIDTH_EFFICIENCY = 0.708  # fitted: see the module docstring and bench/fidelity.py
 INTER_SERVER_HOP_S = 10e-6
 HBM_USABLE_FRACTION = 0.90
 LOAD_POWER_FRACTION = 0.75
@@ -153,10 +160,12 @@ def op_time_s(op, gpu: GpuSpec, precision: str, shards: int, kv_reads: int = 1) 
 
 
 def allreduce_s(n_bytes: float, gpu: GpuSpec, ranks: int) -> float:
-    """Ring all-reduce: each rank sends and receives 2 (n-1)/n of the buffer over NVLink."""
+    """Ring all-reduce: each rank sends and receives 2 (n-1)/n of the buffer over NVLink, at the bus
+    bandwidth all-reduces reach (ALLREDUCE_BANDWIDTH_EFFICIENCY of the links' one-way rate)."""
     if ranks == 1:
         return 0.0
-    return ALLREDUCE_LATENCY_S + 2 * (ranks - 1) / ranks * n_bytes / gpu.nvlink_bandwidth_bytes_per_s
+    bus_bytes_per_s = gpu.nvlink_bandwidth_bytes_per_s * ALLREDUCE_BANDWIDTH_EFFICIENCY
+    return ALLREDUCE_LATENCY_S + 2 * (ranks - 1) / ranks * n_bytes / bus_bytes_per_s
 
 
 def step_s(spec: ModelSpec, ops, gpu: GpuSpec, precision: str, tp: int, stages: int,
