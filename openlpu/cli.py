@@ -28,7 +28,7 @@ def models():
 
     table = Table(title="Model presets (configs only; weights not needed to plan)")
     for col in ("name", "family", "layers", "d_model", "experts", "params (B)", "active (B)"):
-        table.add_column(col, justify="right" if col != "name" else "left", no_wrap=col == "name")
+        table.add_column(col, justify="right" if col != "name" else "left", no_wrap=col in ("name", "family"))
     for name in preset_names():
         s = load_preset(name)
         table.add_row(name, s.family, str(s.n_layers), str(s.d_model),

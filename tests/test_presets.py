@@ -1,6 +1,9 @@
 """Presets: parameter counts against published figures, and each preset against its HF config."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -140,3 +143,18 @@ def test_family_specific_facts():
     # Llama 3.1 extends the context to 128K with its rope scaling; Llama 3 did not
     assert load_preset("llama-3.1-8b").rope_scaling.factor == 8.0
     assert load_preset("llama-3-8b").rope_scaling is None
+
+
+def test_models_lists_every_preset_whole_on_an_80_column_terminal():
+    """`openlpu models`: one row per preset with its name and family unshortened (rich would otherwise cut
+    "qwen3-moe" to fit 80 columns) and the parameter counts of its spec."""
+    env = {**os.environ, "COLUMNS": "80"}
+    out = subprocess.run([sys.executable, "-m", "openlpu.cli", "models"], capture_output=True, text=True,
+                         env=env, check=True).stdout
+    rows = {cells[0]: cells for line in out.splitlines()
+            if len(cells := [c.strip() for c in line.strip("│ ").split("│")]) == 7}
+    assert set(preset_names()) <= set(rows)
+    for name in preset_names():
+        s = load_preset(name)
+        assert rows[name][1] == s.family
+        assert rows[name][5:] == [f"{s.param_count() / 1e9:.3f}", f"{s.active_param_count() / 1e9:.3f}"]
