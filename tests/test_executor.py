@@ -41,8 +41,10 @@ PLACEMENTS = {("lpu", 1): (1, 1), ("lpu", 2): (2, 1), ("lpu", 4): (4, 1), ("lpu"
 SYSTEMS = {"lpu": LPU, "pipe": PIPELINE_ONLY,
            "cut": dataclasses.replace(PIPELINE_ONLY, chip=SMALL_TILES.chip), "cut-tp": SMALL_TILES}
 # chips of 12 kB in nodes of 2: a 1,024-row table of 64 int8 bytes per row fits no TP group of 2,
-# so the embedding and the head split along the vocabulary (the layers fit, MLPs cut where needed)
-VOCAB_SPLIT = dataclasses.replace(LPU, node=dataclasses.replace(LPU.node, chips=2),
+# so the embedding and the head split along the vocabulary (the layers fit, MLPs cut where needed).
+# route() joins every pair of nodes through gateway chips, so across dozens of 2-chip nodes a chip that
+# sends to many stages reaches up to 17 other nodes' chips: these chips get the global links for it.
+VOCAB_SPLIT = dataclasses.replace(LPU, node=dataclasses.replace(LPU.node, chips=2, global_links_per_chip=32),
                                   chip=dataclasses.replace(SMALL_TILES.chip, sram_bytes=12_000))
 
 

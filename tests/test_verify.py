@@ -265,6 +265,24 @@ def test_link_over_its_bandwidth(program):
     assert "link_bandwidth" in _invariants(doubled)
 
 
+def test_a_chip_reaches_no_more_other_nodes_chips_than_its_global_links():
+    """A hop between nodes takes a global link at each end: lpu-v1's chips have 4. Llama 3.1 70B on 576
+    chips (72 nodes) uses one per gateway chip (each stage hands on to the next through one pair); a send
+    re-routed from one chip straight to one chip in each of 5 other nodes is caught, on that chip alone."""
+    p = compile_program(load_preset("llama-3.1-70b"), SYSTEM, Workload(context_length=1024, prompt_len=128),
+                        chips=576)
+    assert verify(p) == []
+    n = SYSTEM.node.chips
+    t = next(t for t in p.decode.transfers if t.kind == "p2p")
+    src = t.phases[0][2][0][0]
+    fan = tuple((src, src + k * n, 1.0) for k in range(1, SYSTEM.node.global_links_per_chip + 2))
+    fanned = dataclasses.replace(t, phases=((t.start_cycle, t.arrival_cycle, fan),))
+    bad = _with_decode(p, transfers=[fanned if x is t else x for x in p.decode.transfers])
+    found = [v.message for v in verify(bad) if v.message.startswith("chip ")]
+    peers = ", ".join(str(src + k * n) for k in range(1, 6))
+    assert found == [f"chip {src} exchanges data directly with 5 chips in other nodes ({peers}) but has 4 global links"]
+
+
 def test_verify_or_raise_is_one_clear_error(program):
     small = dataclasses.replace(program.system, chip=dataclasses.replace(program.system.chip, sram_bytes=1_000_000))
     with pytest.raises(OpenLPUError, match=r"program fails verification: .*SRAM.*\(and \d+ more\)"):

@@ -15,7 +15,8 @@
    copies are flagged replicated (on purpose); each shard sits on a chip of a stage that holds its
    tensor's piece (the rows of a cut MLP, embedding or head inside that stage's range; a tied table's
    head copy on a head stage);
-5. no link carries more than its bandwidth at any time.
+5. no link carries more than its bandwidth at any time, and no chip talks directly to more chips in other
+   nodes than it has global links (the system's global_links_per_chip).
 """
 
 from __future__ import annotations
@@ -337,12 +338,31 @@ def _links(program: Program, phase: PhaseSchedule) -> list[Violation]:
     return out
 
 
+def _global_ports(program: Program) -> list[Violation]:
+    """A hop between nodes takes one of each end chip's global links (cables fixed for both phases), so
+    a chip reaches at most global_links_per_chip chips outside its node directly."""
+    system = program.system
+    peers = defaultdict(set)
+    for phase in (program.decode, program.prefill):
+        for t in phase.transfers:
+            for _, _, links in t.phases:
+                for a, b, _ in links:
+                    if a != b and system.node_of(a) != system.node_of(b):
+                        peers[a].add(b)
+                        peers[b].add(a)
+    ports = system.node.global_links_per_chip
+    return [Violation("link_bandwidth", f"chip {chip} exchanges data directly with {len(others)} chips in other "
+                                        f"nodes ({', '.join(map(str, sorted(others)[:6]))}"
+                                        f"{', ...' if len(others) > 6 else ''}) but has {ports} global links")
+            for chip, others in sorted(peers.items()) if len(others) > ports]
+
+
 def verify(program: Program) -> list[Violation]:
     """Every invariant violated, in a fixed order (an empty list means the Program is sound)."""
     out = _structure(program) + _kv_reserved(program) + _weights(program) + _shards_on_their_stages(program)
     for phase in (program.decode, program.prefill):
         out += _unit_overlap(phase) + _inputs_ready(program, phase) + _sram(program, phase) + _links(program, phase)
-    return out
+    return out + _global_ports(program)
 
 
 def verify_or_raise(program: Program) -> None:
