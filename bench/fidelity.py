@@ -799,6 +799,7 @@ def markdown(lpu_rows, gpu_rows, gpu_fit, install_fit, shipped_install, system, 
     allreduce_fit = next(r for r in gpu_rows if r["role"] == ALLREDUCE_FIT_ROLE)
     allreduce_read = gpu_read["allreduce"]
     allreduce_fit_share = next(r["share"] for r in allreduce_read if r["role"] == ALLREDUCE_FIT_ROLE)
+    allreduce_shares = [r["share"] for r in allreduce_read]
     allreduce_checks = [r for r in allreduce_read if r["role"] == COUNTED]
     implied_allreduce = [r["implied"] for r in allreduce_checks if r["implied"] is not None]
     beyond_allreduce = [r for r in allreduce_checks if r["implied"] is None]
@@ -996,23 +997,21 @@ it (`kv_cache_quant_algo` FP8 in their hf_quant_config.json), and attention does
     kernels ran below the model's roofline at these batches; either way the `gqa-kernels` row, `openlpu
     plan`'s default for GPUs, predicts a GPU serving long outputs at large batch faster than TensorRT-LLM
     v0.7a ran it ({_errors(kv_gqa, None)}). TensorRT-LLM 1.0 comes closer: on 1 or 2 GPUs its rows, long
-    outputs included, sit around the model's figures. On several GPUs the all-reduces matter: at NVLink's
-    full rate they take {min(r["share"] for r in allreduce_read):.0%} to {max(r["share"] for r in allreduce_read):.0%}
-    of a row's time, and at that rate the model had Llama 3.1 405B faster than measured on every row.
-    Fitted on one of them, the
-    all-reduces' bus bandwidth is {G.ALLREDUCE_BANDWIDTH_EFFICIENCY:.0%} of the links' rate; alone, the
-    held-out rows on 2 to 8 GPUs would need {min(implied_allreduce):.2f} to {max(implied_allreduce):.2f}, and
-    {len(beyond_allreduce)} more, predicted slower than published even with all-reduces 5x faster than the
-    links allow, would need none. So one constant leaves the long outputs of 405B (128 / 2,048,
-    500 / 2,000, 1,000 / 2,000) too fast, most on 4 B200s.
-    A GPU comparison in `plan` can favour the GPU by these margins (`plan --gpu-software
-    tensorrt-llm-0.5` shows the other end: once per query head).
+    outputs included, sit around the model's figures. On several GPUs the all-reduces matter: at
+    NVLink's full rate they take {min(allreduce_shares):.0%} to {max(allreduce_shares):.0%} of a row's time, and at
+    that rate the model had Llama 3.1 405B faster than measured on every row. Fitted on one of them, the
+    all-reduces' bus bandwidth is {G.ALLREDUCE_BANDWIDTH_EFFICIENCY:.0%} of the links' rate; alone, the held-out
+    rows on 2 to 8 GPUs would need {min(implied_allreduce):.2f} to {max(implied_allreduce):.2f}, and {len(beyond_allreduce)} more,
+    predicted slower than published even with all-reduces 5x faster than the links allow, would need
+    none. So one constant leaves the long outputs of 405B (128 / 2,048, 500 / 2,000, 1,000 / 2,000) too
+    fast, most on 4 B200s. A GPU comparison in `plan` can favour the GPU by these margins (`plan
+    --gpu-software tensorrt-llm-0.5` shows the other end: once per query head).
   - A mixture of experts: Qwen3-30B-A3B (128 experts, 8 per token) on one B200 ran slower than the model
     says on every row; the errors run from {min(moe_errors):+.0%} to {max(moe_errors):+.0%} (2,048 / 128,
-    where prefill dominates: {moe_prefill["error"]:+.0%}). The model times the experts as a roofline of the chosen experts'
-    work and the distinct experts' weights; serving them adds routing, token permutation and grouped GEMMs
-    of few tokens per expert (8 of 128 experts: a batch of 4,096 tokens gives each about 256), for which it
-    has no term. `plan` on a mixture of experts (Mixtral, gpt-oss) can favour the GPU by such margins,
+    where prefill dominates: {moe_prefill["error"]:+.0%}). The model times the experts as a roofline of
+    the chosen experts' work and the distinct experts' weights; serving them adds routing, token
+    permutation and grouped GEMMs of few tokens per expert (8 of 128 experts: a batch of 4,096 tokens
+    gives each about 256), for which it has no term. `plan` on a mixture of experts (Mixtral, gpt-oss) can favour the GPU by such margins,
     while the LPU side schedules every expert at every step (the opposite bias).
 
 """ + speculative_markdown(specdec)

@@ -15,9 +15,9 @@ predicts 2,048-token outputs at batch 192 65% faster than measured, 4,096-token 
 38% faster. TensorRT-LLM 1.0 (2025) comes closer: its throughput table for Llama 3.1 8B and 3.3 70B on
 one or two H100s or H200s sits around the model's figures; Llama 3.1 405B, on 8 Hopper GPUs or 4 B200s,
 with the all-reduces' bandwidth fitted on one of its rows, runs its long outputs up to ~25% slower than
-predicted; and a mixture of experts (Qwen3-30B-A3B on one B200)
-ran 1.3-3.8x slower than predicted: its experts are timed as a roofline of their work, without the
-routing, token permutation and small grouped GEMMs that serving them adds (bench/results/fidelity.md).
+predicted; and a mixture of experts (Qwen3-30B-A3B on one B200) ran 1.3-3.8x slower than predicted: its
+experts are timed as a roofline of their work, without the routing, token permutation and small grouped
+GEMMs that serving them adds (bench/results/fidelity.md).
 
 Tensor parallelism over NVLink divides the sharded ops and adds two all-reduces per layer
 (Megatron-style: after attention and after the MLP); servers beyond one NVLink domain form pipeline
@@ -38,17 +38,17 @@ Constants and the published points they were fitted on / checked against (bench/
   Inference Performance with the NVIDIA H100 Tensor Core GPU and NVIDIA TensorRT-LLM" (Dec 2023):
   DGX H100 (8 GPUs, FP8, TensorRT-LLM 0.5), Llama-2-70B, 2,048 in / 128 out, batch 1: 1.7 s.
 - ALLREDUCE_BANDWIDTH_EFFICIENCY 0.708: the bus bandwidth a tensor-parallel all-reduce reaches, as a
-  fraction of NVLink's one-way rate, at the tens to hundreds of MB a batched step reduces. FITTED on one point: TensorRT-LLM 1.0
-  perf-overview (2025), Llama 3.1 405B, 8 x H200, FP8, 128 in / 128 out under unbounded load: 3,814
-  output tok/s: of the table's rows on 8 GPUs, the one with the most requests in flight (4,096), so
-  the largest all-reduces, about a quarter of its time. Its other 29 rows on 2 to 8 GPUs are held out
-  (bench/results/fidelity.md).
+  fraction of NVLink's one-way rate, at the tens to hundreds of MB a batched step reduces. FITTED on
+  one point: TensorRT-LLM 1.0 perf-overview (2025), Llama 3.1 405B, 8 x H200, FP8, 128 in / 128 out
+  under unbounded load: 3,814 output tok/s: of the table's rows on 8 GPUs, the one with the most
+  requests in flight (4,096), so the largest all-reduces, about a quarter of its time. Its other 29
+  rows on 2 to 8 GPUs are held out (bench/results/fidelity.md).
   (These three fits are solved jointly; bench/fidelity.py repeats the fit and prints them.)
 - FP4_COMPUTE_EFFICIENCY 0.409: the fraction of the FP4 peak that NVFP4 GEMMs reach, on GPUs with FP4 units
   (B200). FITTED on one point, with the three above: TensorRT-LLM 1.0 perf-overview (2025), Llama 3.3 70B,
   1 x B200, NVFP4 weights and FP8 KV cache, 2,048 in / 128 out under unbounded load: 1,339 output tok/s.
-  Its other 19 B200 rows (70B on 1 GPU, 405B on 4) are held out: 17 within 15%. It sits below the FP8 fraction: NVFP4 math ran at 1.2x the FP8 rate, not the
-  datasheet's 2x.
+  Its other 19 B200 rows (70B on 1 GPU, 405B on 4) are held out: 17 within 15%. It sits below the FP8
+  fraction: NVFP4 math ran at 1.2x the FP8 rate, not the datasheet's 2x.
 - ALLREDUCE_LATENCY_S 10 us: fixed cost of a small NCCL all-reduce inside an NVLink/NVSwitch
   node (nccl-tests small-message latency is ~8-15 us on DGX H100); not fitted.
 - INTER_SERVER_HOP_S 10 us: pipeline hand-off between servers over InfiniBand; not fitted.
