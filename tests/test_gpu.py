@@ -75,6 +75,17 @@ def test_tensor_parallel_splits_work_but_adds_all_reduces():
     assert t8.weight_bytes_per_gpu == pytest.approx(t4.weight_bytes_per_gpu / 2)
 
 
+def test_tensor_parallel_groups_hold_whole_attention_heads():
+    """A TP group splits a layer's heads evenly (Llama 2 70B: 64 query heads, 8 KV heads; Gemma 3 270M: 4
+    and 1), so a GPU count that no wider group divides runs as pipeline stages of narrower groups."""
+    llama, gemma, h100 = load_preset("llama-2-70b"), load_preset("gemma-3-270m"), load_gpu("h100-sxm")
+    assert [G.layout(llama, n, h100) for n in (1, 2, 3, 6, 8, 16)] == [(1, 1), (2, 1), (1, 3), (2, 3), (8, 1), (8, 2)]
+    assert [G.layout(gemma, n, h100) for n in (3, 8, 16)] == [(1, 3), (4, 2), (4, 4)]
+    for spec, gpus in ((llama, 3), (gemma, 8)):
+        t = G.gpu_timing(spec, h100, "fp8", context=1024, gpus=gpus)
+        assert spec.n_heads % t.tensor_parallel == 0 and t.tensor_parallel * t.pipeline_stages == gpus
+
+
 def test_fewest_gpus_that_hold_the_model():
     spec, h100 = load_preset("llama-2-70b"), load_gpu("h100-sxm")
     assert G.gpus_needed(spec, h100, "fp16", 4096, 1) == 2  # 138 GB of weights: two 80 GB GPUs

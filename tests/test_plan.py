@@ -263,6 +263,7 @@ def test_a_gguf_file_plans_as_its_preset(gemma_path):
     (["llama-3.1-70b", "--acceptance", "0.7"], "give the draft model with --draft"),
     (["llama-3.1-70b", "--draft", "gemma-3-1b", "--acceptance", "0.7"], "a draft must share the target's tokenizer"),
     (["llama-3.1-70b", "--draft", "llama-3.2-1b", "--acceptance", "1.5"], "--acceptance must be between 0 and 1"),
+    (["llama-3.1-8b", "--draft", "llama-3.1-70b", "--acceptance", "0.7"], "a draft must be smaller than the target"),
     (["llama-3.1-70b", "--draft", "llama-3.2-1b", "--acceptance", "0.7", "--draft-tokens", "0"],
      "--draft-tokens must be a positive integer"),
     (["llama-3.1-70b", "--draft", "llama-3.2-1", "--acceptance", "0.7"], "did you mean llama-3.2-1b"),

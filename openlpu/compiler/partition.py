@@ -143,11 +143,9 @@ def split_ranges(spec: ModelSpec, tensor: str, shape: tuple[int, ...], t: int,
 
 def tp_candidates(spec: ModelSpec, system: SystemSpec) -> list[int]:
     """TP degrees in order of preference: inside a node (largest first), then whole nodes of a rack."""
-    def heads_ok(t):
-        return spec.n_heads % t == 0 and (spec.n_kv_heads % t == 0 or t % spec.n_kv_heads == 0)
     node = system.node.chips
-    local = [t for t in range(node, 0, -1) if node % t == 0 and heads_ok(t)]
-    spanning = [t for t in range(2 * node, system.chips_per_rack + 1, node) if heads_ok(t)]
+    local = [t for t in range(node, 0, -1) if node % t == 0 and spec.splits_heads(t)]
+    spanning = [t for t in range(2 * node, system.chips_per_rack + 1, node) if spec.splits_heads(t)]
     return local + spanning
 
 

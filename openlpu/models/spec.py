@@ -133,6 +133,11 @@ class ModelSpec:
     def is_moe(self) -> bool:
         return self.n_experts > 0
 
+    def splits_heads(self, tp: int) -> bool:
+        """Whether tensor parallelism over `tp` devices can split attention by heads: each takes whole
+        query heads, and either whole KV heads or a copy of one KV head shared by tp / n_kv_heads devices."""
+        return self.n_heads % tp == 0 and (self.n_kv_heads % tp == 0 or tp % self.n_kv_heads == 0)
+
     @property
     def attn_scale(self) -> float:
         """What q.k is multiplied by: the query scale, and yarn's factor once for q and once for k."""

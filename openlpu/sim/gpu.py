@@ -21,7 +21,8 @@ GEMMs that serving them adds (bench/results/fidelity.md).
 
 Tensor parallelism over NVLink divides the sharded ops and adds two all-reduces per layer
 (Megatron-style: after attention and after the MLP); servers beyond one NVLink domain form pipeline
-stages. The KV cache that `users` x `context` needs must fit in the
+stages, and so do groups inside a server when a wider TP group would not hold whole attention heads
+(3 GPUs for Llama's 64 query and 8 KV heads: 3 stages of 1). The KV cache that `users` x `context` needs must fit in the
 HBM the weights leave free: that caps the batch. The KV cache is held in the weight precision, but never
 below 8 bits (graph.lower.serving_kv_precision), and attention does its math in the KV cache's precision.
 
@@ -51,7 +52,8 @@ Constants and the published points they were fitted on / checked against (bench/
   fraction: NVFP4 math ran at 1.2x the FP8 rate, not the datasheet's 2x.
 - ALLREDUCE_LATENCY_S 10 us: fixed cost of a small NCCL all-reduce inside an NVLink/NVSwitch
   node (nccl-tests small-message latency is ~8-15 us on DGX H100); not fitted.
-- INTER_SERVER_HOP_S 10 us: pipeline hand-off between servers over InfiniBand; not fitted.
+- PIPELINE_HOP_S 10 us: pipeline hand-off between stages, over InfiniBand between servers (inside a server,
+  over NVLink, an upper bound); not fitted.
 - HBM_USABLE_FRACTION 0.90: HBM left after the CUDA context, activations and allocator slack
   (vLLM's default gpu_memory_utilization is 0.9).
 - LOAD_POWER_FRACTION 0.75: server draw while serving, as a fraction of its maximum (DGX H100:
@@ -75,7 +77,7 @@ FP4_COMPUTE_EFFICIENCY = 0.409  # fitted: see the module docstring and bench/fid
 KERNEL_OVERHEAD_S = 6.99e-6  # fitted: see the module docstring and bench/fidelity.py
 ALLREDUCE_LATENCY_S = 10e-6
 ALLREDUCE_BANDWIDTH_EFFICIENCY = 0.708  # fitted: see the module docstring and bench/fidelity.py
-INTER_SERVER_HOP_S = 10e-6
+PIPELINE_HOP_S = 10e-6
 HBM_USABLE_FRACTION = 0.90
 LOAD_POWER_FRACTION = 0.75
 ACTIVATION_BYTES = 2  # bf16 activations cross NVLink in every precision mode
@@ -175,7 +177,7 @@ def step_s(spec: ModelSpec, ops, gpu: GpuSpec, precision: str, tp: int, stages: 
     compute = sum(op_time_s(op, gpu, precision, tp, kv_reads) for op in ops)
     comms = spec.n_layers * ALLREDUCES_PER_LAYER * allreduce_s(tokens * spec.d_model * ACTIVATION_BYTES,
                                                                gpu, tp)
-    return compute + comms + (stages - 1) * INTER_SERVER_HOP_S
+    return compute + comms + (stages - 1) * PIPELINE_HOP_S
 
 
 def weight_bytes(spec: ModelSpec, precision: str) -> float:
@@ -190,9 +192,10 @@ def kv_bytes(spec: ModelSpec, precision: str, context: int, users: int) -> float
     return spec.kv_bytes_per_token(kv_bytes_per_element) * context * users
 
 
-def layout(gpus: int, gpu: GpuSpec) -> tuple[int, int]:
-    """(tensor parallel, pipeline stages): TP inside one NVLink server, servers in a pipeline."""
-    tp = min(gpus, gpu.gpus_per_server)
+def layout(spec: ModelSpec, gpus: int, gpu: GpuSpec) -> tuple[int, int]:
+    """(tensor parallel, pipeline stages): TP inside one NVLink server, as wide as divides the GPUs and
+    splits the attention heads (ModelSpec.splits_heads), and its groups in a pipeline."""
+    tp = max(t for t in range(1, min(gpus, gpu.gpus_per_server) + 1) if gpus % t == 0 and spec.splits_heads(t))
     return tp, gpus // tp
 
 
@@ -243,7 +246,7 @@ def gpu_timing(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, user
     _check_sizes(context, users, prompt_tokens)
     gpus = gpus_needed(spec, gpu, precision, context, users) if gpus is None else _checked_count(
         spec, gpu, precision, gpus)
-    tp, stages = layout(gpus, gpu)
+    tp, stages = layout(spec, gpus, gpu)
     w_bytes = weight_bytes(spec, precision) / gpus
     kv = kv_bytes(spec, precision, context, 1) / gpus
     free = gpu.hbm_bytes * HBM_USABLE_FRACTION - w_bytes
@@ -275,7 +278,7 @@ def offline_run_s(spec: ModelSpec, gpu: GpuSpec, precision: str, gpus: int, batc
     (attending, on average, to input + output/2 cached tokens): the offline throughput benchmark
     of TensorRT-LLM's published tables."""
     _check_sizes(input_tokens, batch, output_tokens)
-    tp, stages = layout(gpus, gpu)
+    tp, stages = layout(spec, gpus, gpu)
     kv_format = serving_kv_precision(precision)
     prefill = lower(spec, "prefill", seq_len=input_tokens, batch=batch, precision=precision, kv_precision=kv_format)
     decode = lower(spec, "decode", seq_len=input_tokens + output_tokens // 2, batch=batch, precision=precision,

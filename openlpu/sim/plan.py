@@ -95,6 +95,10 @@ def _check_draft(spec: ModelSpec, draft: Draft, context: int) -> None:
     if draft.spec.vocab_size != spec.vocab_size:
         raise OpenLPUError(f"the draft {draft.spec.name} has a vocabulary of {draft.spec.vocab_size:,} tokens and "
                            f"{spec.name} one of {spec.vocab_size:,}: a draft must share the target's tokenizer")
+    if draft.spec.param_count() >= spec.param_count():
+        raise OpenLPUError(f"the draft {draft.spec.name} ({draft.spec.param_count() / 1e9:.1f}B parameters) is not "
+                           f"smaller than {spec.name} ({spec.param_count() / 1e9:.1f}B): a draft must be smaller "
+                           f"than the target, to propose tokens faster than the target makes them")
     if context > draft.spec.context_length:
         raise OpenLPUError(f"--context {context} is longer than the draft {draft.spec.name}'s context window "
                            f"({draft.spec.context_length} tokens)")
