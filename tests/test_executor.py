@@ -32,7 +32,8 @@ from test_families import runtime_weights
 
 TOL = dict(rtol=1e-4, atol=1e-4)  # float32; sums of partials in another order differ by ~1e-6
 LPU = load_system("lpu-v1")
-PIPELINE_ONLY = dataclasses.replace(LPU, node=dataclasses.replace(LPU.node, chips=1))
+# one chip per node: 8 global links join a rack's 9 nodes pairwise, 16 more its 144 links to other racks
+PIPELINE_ONLY = dataclasses.replace(LPU, node=dataclasses.replace(LPU.node, chips=1, global_links_per_chip=24))
 SMALL_TILES = dataclasses.replace(LPU, chip=dataclasses.replace(LPU.chip, matrix_tile_rows=8))
 # (system, chips) -> (TP degree, pipeline stages) the compiler is expected to choose
 PLACEMENTS = {("lpu", 1): (1, 1), ("lpu", 2): (2, 1), ("lpu", 4): (4, 1), ("lpu", 8): (4, 2),
@@ -42,9 +43,8 @@ SYSTEMS = {"lpu": LPU, "pipe": PIPELINE_ONLY,
            "cut": dataclasses.replace(PIPELINE_ONLY, chip=SMALL_TILES.chip), "cut-tp": SMALL_TILES}
 # chips of 12 kB in nodes of 2: a 1,024-row table of 64 int8 bytes per row fits no TP group of 2,
 # so the embedding and the head split along the vocabulary (the layers fit, MLPs cut where needed).
-# route() joins every pair of nodes through gateway chips, so across dozens of 2-chip nodes a chip that
-# sends to many stages reaches up to 17 other nodes' chips: these chips get the global links for it.
-VOCAB_SPLIT = dataclasses.replace(LPU, node=dataclasses.replace(LPU.node, chips=2, global_links_per_chip=32),
+# nodes of 2 chips: 4 global links per chip join a rack's 9 nodes pairwise, 8 more its 144 links to other racks
+VOCAB_SPLIT = dataclasses.replace(LPU, node=dataclasses.replace(LPU.node, chips=2, global_links_per_chip=12),
                                   chip=dataclasses.replace(SMALL_TILES.chip, sram_bytes=12_000))
 
 

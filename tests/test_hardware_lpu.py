@@ -1,5 +1,6 @@
 """LPU hardware presets: published figures, and one clear error per bad hardware file."""
 
+import itertools
 import json
 from pathlib import Path
 
@@ -78,10 +79,26 @@ def test_mistyped_precision_of_the_matrix_unit_is_named(tmp_path):
 def test_a_node_that_is_not_a_full_mesh_is_refused(tmp_path):
     data = json.loads(json.dumps(V1))
     data["node"]["chips"]["value"] = 4
+    data["network"]["max_racks"]["value"] = 73  # 36 chips with 2 global links left each cable 72 other racks
     with pytest.raises(OpenLPUError, match=r"node\.local_links_per_chip must be node\.chips - 1 \(3\)"):
         load_system(_write(tmp_path, data))
     data["node"]["local_links_per_chip"]["value"] = 3
     assert load_system(_write(tmp_path, data)).node.chips == 4
+
+
+def test_global_links_too_few_to_cable_the_racks_are_refused(tmp_path):
+    """With 1 global link per chip, a rack's 8 chips per node spend theirs joining the rack's 9 nodes
+    pairwise, and nothing is left to join 145 racks."""
+    data = json.loads(json.dumps(V1))
+    data["node"]["global_links_per_chip"]["value"] = 1
+    with pytest.raises(OpenLPUError, match=r"network\.max_racks 145 needs 144 links from each rack to the others, "
+                                           r"but its 72 chips have 0 global links left .* at most 1 or raise"):
+        load_system(_write(tmp_path, data))
+    data["rack"]["nodes"]["value"] = 10
+    with pytest.raises(OpenLPUError, match=r"a rack of 10 nodes needs 2 global links per chip"):
+        load_system(_write(tmp_path, data))
+    data["rack"]["nodes"]["value"], data["network"]["max_racks"]["value"] = 9, 1
+    assert load_system(_write(tmp_path, data)).max_chips == 72
 
 
 def test_figure_without_source_is_refused(tmp_path):
@@ -112,11 +129,28 @@ def test_bad_files(tmp_path):
 
 
 def test_routes_follow_the_topology():
+    """Routes run over the Dragonfly's cables only: every chip reaches at most its 4 global links' worth
+    of chips in other nodes, whatever pairs talk; a route crosses at most one rack link at each end and
+    one link between racks; consecutive nodes, the hand-off of a pipeline, are one global hop apart."""
     s = load_system("lpu-v1")
+    n, per_rack, racks = s.node.chips, s.chips_per_rack, s.network.max_racks
     assert s.route(0, 7) == (0, 7)  # full mesh inside a node
-    for src, dst in ((0, 9), (3, 100), (5, 5000), (71, 72)):
-        path = s.route(src, dst)
-        assert path[0] == src and path[-1] == dst and len(path) <= 4
-        kinds = [s.link_kind(a, b) for a, b in zip(path, path[1:])]
-        assert sum(k != "local" for k in kinds) == 1  # exactly one global hop between two nodes
     assert s.link_kind(0, 9) == "rack" and s.link_kind(0, 72) == "system"
+    nodes_of_some_racks = [c for r in (0, 1, 72, racks - 1) for c in range(r * per_rack, (r + 1) * per_rack, n)]
+    pairs = [(a, b) for a in nodes_of_some_racks for b in nodes_of_some_racks]
+    pairs += [(r * per_rack + 3, q * per_rack + 5) for r in range(racks) for q in range(racks)]
+    peers: dict[int, set[int]] = {}
+    for src, dst in pairs:
+        path = s.route(src, dst)
+        assert path[0] == src and path[-1] == dst and all(a != b for a, b in itertools.pairwise(path))
+        kinds = [s.link_kind(a, b) for a, b in itertools.pairwise(path)]
+        assert kinds.count("rack") <= 2 and kinds.count("system") <= 1
+        assert kinds.count("system") == (s.rack_of(src) != s.rack_of(dst))
+        for a, b in itertools.pairwise(path):
+            if s.node_of(a) != s.node_of(b):
+                peers.setdefault(a, set()).add(b)
+                peers.setdefault(b, set()).add(a)
+    assert max(len(p) for p in peers.values()) == s.node.global_links_per_chip
+    for node in range(s.max_chips // n - 1):
+        path = s.route(node * n, (node + 1) * n)
+        assert sum(s.node_of(a) != s.node_of(b) for a, b in itertools.pairwise(path)) == 1

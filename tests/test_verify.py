@@ -21,7 +21,9 @@ def program():
 @pytest.fixture(scope="module")
 def cut():
     """More stages than Gemma 3 270M has halves: every MLP is cut between two stages."""
-    pipeline_only = dataclasses.replace(SYSTEM, node=dataclasses.replace(SYSTEM.node, chips=1))
+    # one chip per node: 8 global links join a rack's 9 nodes pairwise, 16 more its 144 links to other racks
+    pipeline_only = dataclasses.replace(SYSTEM, node=dataclasses.replace(SYSTEM.node, chips=1,
+                                                                         global_links_per_chip=24))
     return compile_program(load_preset("gemma-3-270m"), pipeline_only,
                            Workload(context_length=512, prompt_len=64, prefill_chunk=64), chips=40)
 
@@ -267,20 +269,35 @@ def test_link_over_its_bandwidth(program):
 
 def test_a_chip_reaches_no_more_other_nodes_chips_than_its_global_links():
     """A hop between nodes takes a global link at each end: lpu-v1's chips have 4. Llama 3.1 70B on 576
-    chips (72 nodes) uses one per gateway chip (each stage hands on to the next through one pair); a send
-    re-routed from one chip straight to one chip in each of 5 other nodes is caught, on that chip alone."""
+    chips (72 nodes) routes over the cabled links only (each stage hands on to the next through one); a
+    send re-routed from one chip straight to one chip in each of 5 other nodes is caught, on that chip
+    alone."""
     p = compile_program(load_preset("llama-3.1-70b"), SYSTEM, Workload(context_length=1024, prompt_len=128),
                         chips=576)
     assert verify(p) == []
     n = SYSTEM.node.chips
     t = next(t for t in p.decode.transfers if t.kind == "p2p")
-    src = t.phases[0][2][0][0]
+    src = 3  # its cable inside the rack joins node 0 to node 4, which the pipeline never takes
     fan = tuple((src, src + k * n, 1.0) for k in range(1, SYSTEM.node.global_links_per_chip + 2))
     fanned = dataclasses.replace(t, phases=((t.start_cycle, t.arrival_cycle, fan),))
     bad = _with_decode(p, transfers=[fanned if x is t else x for x in p.decode.transfers])
     found = [v.message for v in verify(bad) if v.message.startswith("chip ")]
     peers = ", ".join(str(src + k * n) for k in range(1, 6))
     assert found == [f"chip {src} exchanges data directly with 5 chips in other nodes ({peers}) but has 4 global links"]
+
+
+def test_a_result_sent_to_many_nodes_keeps_to_the_cables():
+    """Gemma 3 270M with 2,048 users at 32,768 tokens spreads each global layer's K and V over hundreds of
+    stages, so a chip sends to chips in more nodes than its 4 global links could reach directly; its
+    routes run over the rack's and the racks' cables, and the Program verifies (every chip talks to at
+    most 4 chips outside its node)."""
+    p = compile_program(load_preset("gemma-3-270m"), SYSTEM, Workload(context_length=32768, users=2048))
+    destinations = {}
+    for t in p.decode.transfers:
+        if t.kind == "p2p" and SYSTEM.node_of(t.chips[0]) != SYSTEM.node_of(t.chips[1]):
+            destinations.setdefault(t.chips[0], set()).add(SYSTEM.node_of(t.chips[1]))
+    assert max(len(nodes) for nodes in destinations.values()) > 2 * SYSTEM.node.global_links_per_chip
+    assert verify(p) == []
 
 
 def test_verify_or_raise_is_one_clear_error(program):

@@ -694,7 +694,7 @@ def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int 
         need = stage_bytes(sizes, worst, worst + 1)
         return OpenLPUError(
             f"{spec.name} does not fit on any {system.name} system: {_describe(spec, sizes, worst, worst + 1)} alone "
-            f"needs {need / 1e6:.1f} MB per chip even split {t} ways (a chip holds {cap / 1e6:.0f} MB; the largest "
+            f"needs {need / 1e6:,.0f} MB per chip even split {t} ways (a chip holds {cap / 1e6:.0f} MB; the largest "
             f"system has {system.max_chips} chips); lower --context ({workload.context_length}) or --users "
             f"({workload.users}), or use a smaller precision")
     need = best[0] * best[1]

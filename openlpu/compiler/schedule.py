@@ -168,9 +168,8 @@ class _Scheduler:
             path = routes[0] if kind == "p2p" else ()
         else:
             path = ()
-            # routes repeat every `period` chips (whole racks, and gateways by node index mod node size)
-            n = self.system.node.chips
-            period = math.lcm(n * n, self.system.chips_per_rack)
+            # a group's routes stay inside its rack, and every rack is cabled alike
+            period = self.system.chips_per_rack
             base = chips[0] // period * period
             key = (tuple(c - base for c in chips), kind)
             if key not in self.templates:

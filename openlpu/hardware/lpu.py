@@ -84,6 +84,10 @@ class SystemSpec:
     links: dict[str, LinkSpec]  # by LINK_KINDS
     sources: dict[str, str] = field(default_factory=dict, compare=False)  # "chip.clock_hz" -> source
 
+    def __post_init__(self):
+        if (cabling := self.cabling_error()) is not None:
+            raise OpenLPUError(f"{self.name}: {cabling}")
+
     @property
     def chips_per_rack(self) -> int:
         return self.node.chips * self.rack.nodes
@@ -104,20 +108,62 @@ class SystemSpec:
             return "local"
         return "rack" if self.rack_of(a) == self.rack_of(b) else "system"
 
+    # ---- cabling: which chip holds each link between nodes -----------------------------------------
+    # Inside a node the chips form a full mesh. Inside a rack every pair of nodes has one link, and every
+    # pair of racks (up to network.max_racks) has one: a Dragonfly with racks as its groups (ISCA 2022).
+    # A node's links to the other nodes of its rack take its chips' first global ports, a link per chip
+    # in turn; a rack's links to other racks take the ports left, forward neighbours (rack r + 1, r + 2,
+    # ...) from the rack's last chip back, backward neighbours (r - 1, ...) from its first chip on, so that
+    # a pipeline running through consecutive nodes and racks crosses each boundary in one global hop.
+    @property
+    def rack_links_per_chip(self) -> int:
+        return -(-(self.rack.nodes - 1) // self.node.chips)
+
+    @property
+    def system_links_per_chip(self) -> int:
+        return self.node.global_links_per_chip - self.rack_links_per_chip
+
+    def cabling_error(self) -> str | None:
+        """Why the global links cannot cable the rack and the racks as above, or None."""
+        if self.system_links_per_chip < 0:
+            return (f"a rack of {self.rack.nodes} nodes needs {self.rack_links_per_chip} global links per chip to join "
+                    f"its nodes pairwise, but node.global_links_per_chip is {self.node.global_links_per_chip}")
+        ports = self.chips_per_rack * self.system_links_per_chip
+        if self.network.max_racks - 1 > ports:
+            return (f"network.max_racks {self.network.max_racks} needs {self.network.max_racks - 1} links from each "
+                    f"rack to the others, but its {self.chips_per_rack} chips have {ports} global links left after "
+                    f"joining the rack's nodes; lower network.max_racks to at most {ports + 1} or raise "
+                    f"node.global_links_per_chip")
+        return None
+
+    def _rack_gateway(self, node: int, to_node: int) -> int:
+        """The chip of `node` holding its link to `to_node`, a node of the same rack."""
+        slot = (to_node - node) % self.rack.nodes - 1
+        return node * self.node.chips + slot % self.node.chips
+
+    def _system_gateway(self, rack: int, to_rack: int) -> int:
+        """The chip of `rack` holding its link to `to_rack`."""
+        racks = self.network.max_racks
+        offset = (to_rack - rack) % racks
+        ports = self.chips_per_rack * self.system_links_per_chip
+        port = ports - offset if offset <= racks // 2 else racks - offset - 1
+        return rack * self.chips_per_rack + port // self.system_links_per_chip
+
     def route(self, src: int, dst: int) -> tuple[int, ...]:
-        """Chips a vector visits from src to dst: direct inside a node (full mesh); across nodes it
-        leaves through the source node's gateway chip for the destination node and enters through the
-        destination node's gateway chip for the source node (one global hop, Dragonfly-style)."""
-        if src == dst or self.node_of(src) == self.node_of(dst):
-            return (src,) if src == dst else (src, dst)
-        n = self.node.chips
-        out_gw = self.node_of(src) * n + self.node_of(dst) % n
-        in_gw = self.node_of(dst) * n + self.node_of(src) % n
-        path = [src]
-        for chip in (out_gw, in_gw, dst):
-            if chip != path[-1]:
-                path.append(chip)
-        return tuple(path)
+        """Chips a vector visits from src to dst, over the cabling above: direct inside a node; between
+        nodes of a rack, through the chip of each node that holds their link; between racks, to the chip
+        holding the link between the racks and from the chip at its other end on to dst."""
+        if src == dst:
+            return (src,)
+        if self.node_of(src) == self.node_of(dst):
+            return (src, dst)
+        if self.rack_of(src) == self.rack_of(dst):
+            hops = (src, self._rack_gateway(self.node_of(src), self.node_of(dst)),
+                    self._rack_gateway(self.node_of(dst), self.node_of(src)), dst)
+            return tuple(c for i, c in enumerate(hops) if i == 0 or c != hops[i - 1])
+        exit_chip = self._system_gateway(self.rack_of(src), self.rack_of(dst))
+        entry_chip = self._system_gateway(self.rack_of(dst), self.rack_of(src))
+        return self.route(src, exit_chip) + self.route(entry_chip, dst)
 
     def route_latency_s(self, route: tuple[int, ...]) -> float:
         """The latency of a route's hops (route(): the chips visited), each its link kind's."""
