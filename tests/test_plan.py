@@ -224,6 +224,23 @@ def test_every_preset_plans_or_says_what_does_not_fit():
                     assert all(r.tokens_per_s_per_user > 0 and 0 < r.memory_used_fraction <= 1 for r in rows)
 
 
+@pytest.mark.slow  # about a minute: 50 plans of up to 10,024 chips
+def test_many_users_at_the_full_window_plan_or_say_what_does_not_fit():
+    """Every model preset at its own context window with 64 and 256 users: their K and V spread over
+    hundreds to thousands of chips, so results fan out across many nodes and racks; each plan holds every
+    invariant (the global links included) or is refused because no system is large enough."""
+    from openlpu.models.spec import preset_names
+
+    for name in preset_names():
+        for users in (64, 256):
+            try:
+                rows = plan(name, compare=(), context=load_preset(name).context_length, users=users)
+            except OpenLPUError as e:
+                assert "does not fit on any" in str(e), (name, users, str(e))
+                continue
+            assert rows[0].chips > 16 and rows[0].tokens_per_s_per_user > 0
+
+
 def test_a_gguf_file_plans_as_its_preset(gemma_path):
     """`openlpu plan` reads a GGUF file's metadata (not its weights): the embedded Gemma 3 270M plans to
     the same rows as its preset."""
