@@ -111,10 +111,11 @@ class SystemSpec:
     # ---- cabling: which chip holds each link between nodes -----------------------------------------
     # Inside a node the chips form a full mesh. Inside a rack every pair of nodes has one link, and every
     # pair of racks (up to network.max_racks) has one: a Dragonfly with racks as its groups (ISCA 2022).
-    # A node's links to the other nodes of its rack take its chips' first global ports, a link per chip
-    # in turn; a rack's links to other racks take the ports left, forward neighbours (rack r + 1, r + 2,
-    # ...) from the rack's last chip back, backward neighbours (r - 1, ...) from its first chip on, so that
-    # a pipeline running through consecutive nodes and racks crosses each boundary in one global hop.
+    # Which chip holds which link is not published; here a node's links to the other nodes of its rack
+    # take its chips' first global ports, a link per chip in turn, and a rack's links to other racks the
+    # ports left, forward neighbours (rack r + 1, r + 2, ...) from the rack's last chip back, backward
+    # neighbours (r - 1, ...) from its first chip on, so that a pipeline running through consecutive
+    # nodes and racks crosses each boundary in one global hop.
     @property
     def rack_links_per_chip(self) -> int:
         return -(-(self.rack.nodes - 1) // self.node.chips)

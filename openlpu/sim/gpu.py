@@ -22,9 +22,10 @@ GEMMs that serving them adds (bench/results/fidelity.md).
 Tensor parallelism over NVLink divides the sharded ops and adds two all-reduces per layer
 (Megatron-style: after attention and after the MLP); servers beyond one NVLink domain form pipeline
 stages, and so do groups inside a server when a wider TP group would not hold whole attention heads
-(3 GPUs for Llama's 64 query and 8 KV heads: 3 stages of 1). The KV cache that `users` x `context` needs must fit in the
-HBM the weights leave free: that caps the batch. The KV cache is held in the weight precision, but never
-below 8 bits (graph.lower.serving_kv_precision), and attention does its math in the KV cache's precision.
+(3 GPUs for Llama's 64 query and 8 KV heads: 3 stages of 1). The KV cache that `users` x `context`
+needs must fit in the HBM the weights leave free: that caps the batch. The KV cache is held in the
+weight precision, but never below 8 bits (graph.lower.serving_kv_precision), and attention does its
+math in the KV cache's precision.
 
 Constants and the published points they were fitted on / checked against (bench/fidelity.py):
 - MEMORY_EFFICIENCY 0.80: achieved fraction of HBM peak when streaming weights. Not fitted:
