@@ -152,34 +152,45 @@ def test_fewest_chips_cut_pieces_where_stages_fill(name, context, users):
     assert given.chips == program.chips and verify(given) == []
 
 
-def test_split_attention_parts_run_side_by_side_and_merge_down_the_pipeline():
+def test_split_attention_parts_run_side_by_side_and_merge_in_a_tree():
     """In a decode step each part attends its own slots (its share of each user's K and V of the
-    micro-batch over the install rate), independently of the other parts; part j >= 1 merges the running
-    result it receives, rank to rank (each chip holds its heads' outputs and log-sum-exps), and the last
-    part applies the output projection."""
+    micro-batch over the install rate), independently of the other parts. The partials merge in a
+    binary tree toward the last part (a merge is associative): each merge runs where its right input is
+    and receives its left one rank to rank (each chip holds its heads' outputs and log-sum-exps); K parts
+    take K - 1 merges in ceil(log2 K) rounds, every part reaches the last merge, and the last part
+    applies the output projection to it."""
     spec, rate = load_preset("llama-3.1-8b"), SYSTEM.chip.matrix_install_bytes_per_cycle
     w = Workload(context_length=131072, users=16, prompt_len=512)
     program = compile_program(spec, SYSTEM, w)
     t, rows = program.placement.tp, program.decode.tokens
     ops = {o.name: o for o in program.decode.ops}
+    sends = {x.name: x for x in program.decode.transfers}
     attention = sorted((o for o in program.decode.ops if o.kind == "attention" and o.name.startswith("blk.5.")),
                        key=lambda o: o.name)
     homes = [(s.index, lo, hi) for s in program.placement.stages for item, part, lo, hi in s.pieces
              if (item, part) == (5, "attn")]
-    assert [o.stage for o in attention] == [k for k, _, _ in homes]
+    assert len(homes) > 2 and [o.stage for o in attention] == [k for k, _, _ in homes]
     for o, (_, lo, hi) in zip(attention, homes):
         kv = rows * (hi - lo) * 2 * spec.head_dim * (spec.n_kv_heads // t)  # each user's own K and V
         assert kv / rate <= o.end_cycle - o.start_cycle <= kv / rate * 1.01 + 2
     assert attention[1].start_cycle < attention[0].end_cycle  # nothing orders the parts
-    for j in range(1, len(homes)):
-        merge = ops[f"blk.5.attn_merge@{j}"]
-        assert merge.stage == homes[j][0]
-        running = merge.inputs[0]
-        send = next(x for x in program.decode.transfers if x.name == running)
-        src = program.placement.stages[homes[j - 1][0]].chips
-        assert send.kind == "rank_p2p" and send.chips == src + program.placement.stages[homes[j][0]].chips
-        assert send.payload_bytes == rows * spec.n_heads * (spec.head_dim + 1)  # int8 outputs and log-sum-exps
-    assert ops["blk.5.attn_output"].inputs == (f"blk.5.attn_merge@{len(homes) - 1}",)
+
+    def parts_and_rounds(name: str) -> tuple[set[str], int]:  # the attention parts a result merges, in rounds
+        if name in sends:  # received from another stage
+            send = sends[name]
+            src = program.placement.stages[ops[send.inputs[0]].stage].chips
+            assert send.kind == "rank_p2p" and send.chips == src + program.placement.stages[send.stage].chips
+            assert send.payload_bytes == rows * spec.n_heads * (spec.head_dim + 1)  # int8 outputs and LSEs
+            name = send.inputs[0]
+        if ops[name].kind == "attention":
+            return {name}, 0
+        left, right = (parts_and_rounds(i) for i in ops[name].inputs)
+        assert ops[ops[name].inputs[1]].stage == ops[name].stage and not left[0] & right[0]
+        return left[0] | right[0], 1 + max(left[1], right[1])
+
+    root = ops[f"blk.5.attn_merge@{len(homes) - 1}"]
+    assert root.stage == homes[-1][0] and ops["blk.5.attn_output"].inputs == (root.name,)
+    assert parts_and_rounds(root.name) == ({o.name for o in attention}, math.ceil(math.log2(len(homes))))
 
 
 def test_more_stages_than_layers_cut_each_mlp_between_stages():

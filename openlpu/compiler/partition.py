@@ -5,8 +5,8 @@ norm + lm_head). Pipeline stages take contiguous runs of pieces, so a stage boun
 layer, between its attention and its MLP (one residual vector crosses it, as between two layers). When
 more stages are asked for than there are halves, or an MLP does not fit a stage whole, MLPs are cut
 along d_ff into slices on consecutive stages (k equal slices each, or where stages fill: below): each
-slice computes its rows' share of the down projection and the partial sums travel down the pipeline to
-the last slice, which adds the experts' down biases (gpt-oss) and the residual. Each slice recomputes
+slice computes its rows' share of the down projection and the partial sums are added up (in a tree,
+schedule.py) on the last slice, which adds the experts' down biases (gpt-oss) and the residual. Each slice recomputes
 the MLP norm (and the MoE router) from replicated copies; an MoE slice holds its d_ff rows of every
 expert (and of their gate and up biases), which costs the same as whole experts per stage because the
 static schedule installs all experts anyway. No cut leaves a chip less than one weight tile of the
@@ -14,9 +14,9 @@ matrix unit (320 rows on GroqChip 1) of a slice.
 
 An embedding table or lm_head too large for one stage is split the same way along the vocabulary, into
 the fewest equal row ranges that fit (or where stages fill): each embedding part gathers the token's
-row if it holds it (zeros otherwise) and the partial vectors are summed down the pipeline; each head
+row if it holds it (zeros otherwise) and the partial vectors are summed; each head
 part recomputes the final norm, computes the logits of its rows and their (value, index) maximum, and
-the maxima are combined down the pipeline, the last part holding the sampled token. A tied table's
+the maxima are combined, the last part holding the sampled token. A tied table's
 embedding and head pieces share a stage only when it holds the whole model (else a chip would hold two
 ranges).
 
@@ -256,7 +256,7 @@ class SizeTable:
     kv_slot_bytes: float  # bytes of one such position of a layer, all users, per chip
     activations: tuple[int, ...]
     cut_activation_bytes: int  # a cut MLP's slice (an embedding part) also holds the partial sum it receives and the one it makes
-    merge_activation_bytes: int  # an attention part holds the running partial it receives and the one it makes
+    merge_activation_bytes: int  # an attention part holds the partial it receives and the one it makes
     tied_table: int  # per-chip bytes of a tied embedding table, counted in both embedding and head
 
 

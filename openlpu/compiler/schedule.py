@@ -14,17 +14,22 @@ A collective is scheduled step by step (_collective_flows): each step is a phase
 starting once the step before it has arrived and those links are free.
 An MLP cut between stages runs once per part on that part's d_ff rows (ops "name@j" for part j >= 1;
 part 0 keeps the plain names): each part recomputes the norm (and router) from the residual it is
-sent, part j >= 1 adds its down projection to the running sum it receives ("ffn_sum@j"), and the last
-part adds the experts' down biases (gpt-oss, with its own routing), applies the post-norm and the
-residual add. A vocabulary-split embedding runs the same way, its
-parts' gathered rows summed down the pipeline ("embed_sum@j"); each part of a split head recomputes the
-final norm, computes its rows' logits and their maximum, and part j >= 1 keeps the larger of its own
-(value, index) and the one it receives ("sample_max@j"); the last part holds the sampled token. An
-attention split along its KV slots runs its norm, projections, rope and attention once per part, each
-part's attention on its share of the keys (keys_in_slots); part j >= 1 merges the running partial it
-receives with its own ("attn_merge@j": per head, the outputs reweighted by their log-sum-exps), and the
-last part applies the sinks (gpt-oss), the output projection and its bias, the post-norm and the
-residual add. A partial is split by
+sent, the parts' down projections are summed ("ffn_sum@n"), and the last part adds the experts' down
+biases (gpt-oss, with its own routing), applies the post-norm and the residual add. A vocabulary-split
+embedding runs the same way, its parts' gathered rows summed ("embed_sum@n"); each part of a split head
+recomputes the final norm, computes its rows' logits and their maximum, and the larger (value, index)
+wins ("sample_max@n"); the last part holds the sampled token. An attention split along its KV slots
+runs its norm, projections, rope and attention once per part, each part's attention on its share of
+the keys (keys_in_slots); the partials merge ("attn_merge@n": per head, the outputs reweighted by their
+log-sum-exps), and the last part applies the sinks (gpt-oss), the output projection and its bias, the
+post-norm and the residual add. Each of these combinations is associative, so K parts combine in a
+binary tree toward the last part: each half first, then the two halves, on the stage of the right
+half's last part (K - 1 ops numbered n = 1..K-1, the last the root), in ceil(log2 K) rounds rather than
+K - 1 hops down the pipeline; a combining op's remote input leaves once its stage's previous
+combination has ended, so at most one waits there (the partition gives a part room for two partials). A result that several stages read (the residual
+every attention part and MLP part recomputes its norm from) spreads to them along a binomial tree
+(_spread), each stage that has it passing it on, so it does not queue on the links near its source.
+A partial is split by
 heads over the group, so it moves rank r to rank r of the next group ("rank_p2p"). A decode
 step carries one micro-batch of users, whose rows stream through one install of each weight (each row
 still attends its own user's keys and values): as few users as keep every user's turn at the busiest
@@ -38,6 +43,7 @@ gather would start at once and wait in SRAM).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 from openlpu.compiler.partition import (CUT_SEPARATOR, EMBED, kv_slots, lowered_decode, op_fractions, op_item,
@@ -115,16 +121,18 @@ def _collective_template(system: SystemSpec, group: tuple[int, ...], kind: str):
 
 class _Scheduler:
     def __init__(self, spec: ModelSpec, system: SystemSpec, workload: Workload, placement: Placement,
-                 templates: dict, by_rank: set[str]):
+                 templates: dict, by_rank: set[str], readers: dict[str, list[int]]):
         self.spec, self.system, self.workload, self.placement = spec, system, workload, placement
         self.clock = system.chip.clock_hz
         self.unit_free: dict[tuple[int, str], int] = {}
+        self.combined: dict[int, int] = {}  # stage -> the end of the last combining op placed there
         self.link_free: dict[tuple[int, int], int] = {}
         self.ready: dict[str, tuple[int, int]] = {}  # result name -> (stage, cycle it is there)
         self.chunk_end: dict[tuple[int, int], int] = {}  # (stage, prompt chunk) -> its last op's end there
         self.provider: dict[str, str] = {}  # op name -> the name holding its full result (op or all-reduce)
         self.alias: dict[str, str] = {}  # a p2p send -> the broadcast that completes it on the group
         self.by_rank = by_rank  # results split by heads over a group: they move rank to rank
+        self.readers = readers  # result name -> the stages whose ops read it, in pipeline order
         self.templates = templates  # collective link loads per (group shape, kind), shared by the phases
         self.ops: list[ScheduledOp] = []
         self.transfers: list[Transfer] = []
@@ -188,10 +196,12 @@ class _Scheduler:
         self.ready[name] = (stage, arrival)
         return arrival
 
-    def _input_on(self, src: str, stage: int, payload: float) -> str:
-        """The name under which `src`'s result is available on `stage` (sending it there if needed)."""
+    def _input_on(self, src: str, stage: int, payload: float, not_before: int = 0) -> str:
+        """The name under which `src`'s result is available on `stage` (sending it there if needed, not
+        before cycle `not_before`)."""
         name = self.provider.get(src, src)
         src_stage, cycle = self.ready[name]
+        cycle = max(cycle, not_before)
         if src_stage == stage:
             return name
         key = f"{name}>s{stage}"
@@ -201,12 +211,26 @@ class _Scheduler:
                 self._send(key, "rank_p2p", stage, self.placement.stages[src_stage].chips + group, payload, cycle,
                            (name,))
                 return key
-            src_chip = self.placement.stages[src_stage].chips[0]
-            self._send(key, "p2p", stage, (src_chip, group[0]), payload, cycle, (name,))
-            if len(group) > 1:
-                self._send(key + ".bcast", "broadcast", stage, group, payload, self.ready[key][1], (key,))
-                self.alias[key] = key + ".bcast"
+            self._spread(name, src_stage, name, cycle, [t for t in self.readers[src] if t != src_stage], payload)
         return self.alias.get(key, key)
+
+    def _spread(self, name: str, holder: int, held_as: str, ready: int, targets: list[int], payload: float) -> None:
+        """Send `name` from stage `holder` to every stage in `targets` (each then broadcasts it over its
+        group) along a binomial tree: the holder hands the far half of the targets to the first of them,
+        which passes it on as the holder goes on with the near half, so a result that many stages read
+        reaches them all in log2 rounds instead of queueing on the links near its source."""
+        while targets:
+            mid = len(targets) // 2
+            target, farther = targets[mid], targets[mid + 1:]
+            group = self.placement.stages[target].chips
+            key = f"{name}>s{target}"
+            arrival = self._send(key, "p2p", target, (self.placement.stages[holder].chips[0], group[0]), payload,
+                                 ready, (held_as,))
+            if len(group) > 1:
+                self._send(key + ".bcast", "broadcast", target, group, payload, arrival, (key,))
+                self.alias[key] = key + ".bcast"
+            self._spread(name, target, key, arrival, farther, payload)
+            targets = targets[:mid]
 
     # ---- ops ----
     def place_op(self, op: Op, stage: int, payloads: dict[str, float]) -> None:
@@ -214,7 +238,11 @@ class _Scheduler:
         role = op_role(op)
         f_w = self.weight_fraction.get((op.weight, stage), 1.0) if op.weight else 1.0
         compute, f_in, f_out, f_kv = op_fractions(self.spec, op, t, f_w)
-        inputs = tuple(self._input_on(i, stage, payloads[i]) for i in op.inputs)
+        # a combining op's remote input leaves once the stage's previous combination has ended, so
+        # partials do not pile up at the last part of a tree (the partition gives a part room for two)
+        combining = op_suffix(op.name) in CHAINED.values()
+        not_before = self.combined.get(stage, 0) if combining else 0
+        inputs = tuple(self._input_on(i, stage, payloads[i], not_before) for i in op.inputs)
         weights = op.weight_bytes * f_w
         installed = 0.0
         if op.unit == "matrix" and op.weight:  # the chip's whole share of the tensor, all experts for MoE
@@ -233,6 +261,8 @@ class _Scheduler:
         start = max([self.unit_free.get((stage, op.unit), 0), previous_chunk_done] + [self.ready[i][1] for i in inputs])
         end = start + duration
         self.unit_free[(stage, op.unit)] = end
+        if combining:
+            self.combined[stage] = end
         if chunk is not None:
             self.chunk_end[(stage, chunk)] = max(end, self.chunk_end.get((stage, chunk), 0))
         self.ops.append(ScheduledOp(op.name, op.kind, op.unit, stage, start, end, op.flops * compute,
@@ -294,7 +324,7 @@ def _chained_name(name: str, suffix: str, j: int) -> str:
 
 
 def _combines_parts(op: Op, part: str) -> bool:
-    """The op whose per-part results are combined down the pipeline: an MLP's down projection, the
+    """The op whose per-part results are combined (see the module doc): an MLP's down projection, the
     embedding's gather, the head's sampler, the attention over each part's KV slots."""
     return {"ffn": op_role(op) == "row", "embed": op.kind == "embed", "head": op.kind == "sample",
             "attn": op.kind == "attention"}.get(part, False)
@@ -317,7 +347,7 @@ def _attention_part(spec: ModelSpec, workload: Workload, op: Op, lo: int, hi: in
 
 
 def _combining_op(spec: ModelSpec, op: Op, part: str, like: Op | None, name: str, inputs: tuple[str, str]) -> Op:
-    """Part j >= 1's op combining its result with the running one it receives: a sum of partial vectors
+    """An op combining two parts' results (each one part's own or already combined): a sum of partial vectors
     (shaped like the MLP's input, or the gathered row), the larger (value, index) of the sampler, or the
     merge of two partial attentions (each head's output and log-sum-exp)."""
     if part == "head":
@@ -332,6 +362,27 @@ def _combining_op(spec: ModelSpec, op: Op, part: str, like: Op | None, name: str
     return Op(name=name, kind=kind, layer=op.layer, unit="vector", shape=shape,
               flops=math.prod(shape) if flops is None else flops, weight_bytes=0.0, kv_read_bytes=0.0,
               kv_write_bytes=0.0, act_read_bytes=2 * unit_bytes, act_write_bytes=unit_bytes, inputs=inputs)
+
+
+def _combine_parts(spec: ModelSpec, combined: Op, name: str, part: str, like: Op | None, names: list[str],
+                   stages: list[int], out: list[tuple[Op, int]]) -> str:
+    """Append to `out` the ops combining the parts' results `names` (on `stages`) and return the last one's
+    name: a binary tree toward the last part, its ops numbered 1..K-1 as they are made, the root last."""
+    count = itertools.count(1)
+
+    def combine(lo: int, hi: int) -> str:
+        """Parts lo..hi-1 combined, on the stage of part hi - 1: each half first (the left one the larger
+        when they differ: the stages on the right then receive fewer partials), then the two halves, so K
+        parts take ceil(log2 K) rounds (the combinations are associative)."""
+        if hi - lo == 1:
+            return names[lo]
+        mid = (lo + hi + 1) // 2
+        halves = combine(lo, mid), combine(mid, hi)
+        combination = _chained_name(name, CHAINED[part], next(count))
+        out.append((_combining_op(spec, combined, part, like, combination, halves), stages[hi - 1]))
+        return combination
+
+    return combine(0, len(names))
 
 
 def staged_ops(spec: ModelSpec, workload: Workload, ops: list[Op], placement: Placement) -> list[tuple[Op, int]]:
@@ -377,14 +428,9 @@ def staged_ops(spec: ModelSpec, workload: Workload, ops: list[Op], placement: Pl
         per_part[op.name] = names
         if not _combines_parts(op, part):
             continue
-        running = names[0]
-        for j in range(1, len(parts)):
-            name = _chained_name(op.name, CHAINED[part], j)
-            combined = part_ops[0] if part == "attn" else op  # an attention part's result carries its log-sum-exp
-            out.append((_combining_op(spec, combined, part, mlp_input.get(op.layer), name, (running, names[j])),
-                        parts[j][0]))
-            running = name
-        total[op.name] = running
+        combined = part_ops[0] if part == "attn" else op  # an attention part's result carries its log-sum-exp
+        total[op.name] = _combine_parts(spec, combined, op.name, part, mlp_input.get(op.layer), names,
+                                        [stage for stage, _, _ in parts], out)
     return out
 
 
@@ -415,8 +461,13 @@ def schedule_phase(spec: ModelSpec, system: SystemSpec, workload: Workload, plac
     else:
         seq_len, ops = workload.prompt_len, _prefill_chunks(spec, workload)
     staged = staged_ops(spec, workload, ops, placement)
+    readers: dict[str, set[int]] = {}
+    for op, stage in staged:
+        for i in op.inputs:
+            readers.setdefault(i, set()).add(stage)
     s = _Scheduler(spec, system, workload, placement, {} if templates is None else templates,
-                   {op.name for op, _ in staged if op.kind in ("attention", "merge")})
+                   {op.name for op, _ in staged if op.kind in ("attention", "merge")},
+                   {name: sorted(stages) for name, stages in readers.items()})
     payloads = {op.name: result_bytes(spec, op) for op, _ in staged}
     for op, stage in staged:
         s.place_op(op, stage, payloads)
