@@ -3,7 +3,9 @@
 The capacity critique of SRAM-only chips in numbers: chips, per-user speed, system throughput, power
 and $ per million tokens for 1 to 256 users in flight, each row from a compiled, verified Program on
 lpu-v1 and the GPU model on H100 and B200 (the fewest of each that hold the workload; int8; the
-default cost assumptions of `openlpu plan`). The 70B model is also planned decoding speculatively with
+default cost assumptions of `openlpu plan`). The 8B model is also planned at the 131,072-token window
+GroqCloud lists llama-3.1-8b-instant with (../shared/reference/groqcloud-api.md: its model catalogue),
+where the users' K and V, not the weights, set the chip count. The 70B model is planned decoding speculatively with
 a 1B draft, at an acceptance rate assumed, not measured (`openlpu plan --draft`), and gpt-oss-120b, the
 MoE GroqCloud serves now, whose every expert the LPU's static schedule installs at each step. A simulation, not a
 measurement: how far the two models are from published figures is bench/results/fidelity.md. Writes
@@ -25,7 +27,7 @@ from openlpu.sim.plan import plan
 
 RESULTS = Path(__file__).parent / "results"
 # (model, context, speculative decoding: None or (draft, draft tokens per round, assumed acceptance))
-MODELS = (("llama-3.1-8b", 8192, None), ("llama-3.3-70b", 8192, None),
+MODELS = (("llama-3.1-8b", 8192, None), ("llama-3.1-8b", 131072, None), ("llama-3.3-70b", 8192, None),
           ("llama-3.3-70b", 8192, ("llama-3.2-1b", 4, 0.8)), ("gpt-oss-120b", 8192, None))
 USERS = (1, 4, 16, 64, 256)
 GPUS = ("h100-sxm", "b200")
@@ -79,7 +81,7 @@ def main() -> int:
         lines += [f"## {model}, {context:,} tokens of context per user{drafting}", "",
                   f"| users | {head} | LPU / H100 $ per Mtok |",
                   "|---|" + "---|---|---|---|" * len(systems) + "---|"]
-        for r in (r for r in results if (r["model"], r["speculation"]) == (model, speculation)):
+        for r in (r for r in results if (r["model"], r["context"], r["speculation"]) == (model, context, speculation)):
             lpu, h100 = r["systems"]["lpu-v1"], r["systems"]["h100-sxm"]
             ratio = ("-" if "error" in lpu or "error" in h100
                      else f"{lpu['usd_per_million_tokens'] / h100['usd_per_million_tokens']:.1f}x")
