@@ -26,14 +26,14 @@ post-norm and the residual add. Each of these combinations is associative, so K 
 binary tree toward the last part: each half first, then the two halves, on the stage of the right
 half's last part (K - 1 ops numbered n = 1..K-1, the last the root), in ceil(log2 K) rounds rather than
 K - 1 hops down the pipeline; a combining op's remote input leaves once its stage's previous
-combination has ended, so at most one waits there (the partition gives a part room for two partials). A result that several stages read (the residual
-every attention part and MLP part recomputes its norm from) spreads to them along a binomial tree
-(_spread), each stage that has it passing it on, so it does not queue on the links near its source.
-A partial is split by
-heads over the group, so it moves rank r to rank r of the next group ("rank_p2p"). A decode
-step carries one micro-batch of users, whose rows stream through one install of each weight (each row
-still attends its own user's keys and values): as few users as keep every user's turn at the busiest
-stage within one step (decode_rows), so one user per step while the users fit the pipeline. In a
+combination has ended, so at most one waits there (the partition gives a part room for two partials).
+A result that several stages read (the residual every attention part and MLP part recomputes its norm
+from) spreads to them along a binomial tree (_spread), each stage that has it passing it on, so it does
+not queue on the links near its source. A partial is split by heads over the group, so it moves rank r
+to rank r of the next group ("rank_p2p"). A decode step carries one micro-batch of users, whose rows
+stream through one install of each weight (each row still attends its own user's keys and values): as
+few users as keep every user's turn at the busiest stage within one step (decode_rows), so one user per
+step while the users fit the pipeline. In a
 prefill, a stage starts prompt chunk c only once its last op of chunk c-1 has ended: like a user's
 token in decode, a chunk holds a stage's activation buffers alone, which is what the partition
 reserves (a prompt's token ids are all known at once, so without this rule every chunk's embedding
