@@ -4,12 +4,12 @@ The capacity critique of SRAM-only chips in numbers: chips, per-user speed, syst
 and $ per million tokens for 1 to 256 users in flight, each row from a compiled, verified Program on
 lpu-v1 and the GPU model on H100 and B200 (the fewest of each that hold the workload; int8; the
 default cost assumptions of `openlpu plan`). The 8B model is also planned at the 131,072-token window
-GroqCloud lists llama-3.1-8b-instant with (../shared/reference/groqcloud-api.md: its model catalogue),
-where the users' K and V, not the weights, set the chip count. The 70B model is planned decoding speculatively with
-a 1B draft, at an acceptance rate assumed, not measured (`openlpu plan --draft`), and gpt-oss-120b, the
-MoE GroqCloud serves now, whose every expert the LPU's static schedule installs at each step. A simulation, not a
-measurement: how far the two models are from published figures is bench/results/fidelity.md. Writes
-bench/results/capacity.md and .json.
+GroqCloud's documentation lists llama-3.1-8b-instant with (its model catalogue, 2025), where the users'
+K and V, not the weights, set the chip count. The 70B model is planned decoding speculatively with a 1B
+draft, at an acceptance rate assumed, not measured (`openlpu plan --draft`), and gpt-oss-120b, the MoE
+GroqCloud serves now, whose every expert the LPU's static schedule installs at each step. A simulation,
+not a measurement: how far the two models are from published figures is bench/results/fidelity.md.
+Writes bench/results/capacity.md and .json.
 Usage: python bench/capacity.py
 """
 

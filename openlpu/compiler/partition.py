@@ -6,10 +6,10 @@ layer, between its attention and its MLP (one residual vector crosses it, as bet
 more stages are asked for than there are halves, or an MLP does not fit a stage whole, MLPs are cut
 along d_ff into slices on consecutive stages (k equal slices each, or where stages fill: below): each
 slice computes its rows' share of the down projection and the partial sums are added up (in a tree,
-schedule.py) on the last slice, which adds the experts' down biases (gpt-oss) and the residual. Each slice recomputes
-the MLP norm (and the MoE router) from replicated copies; an MoE slice holds its d_ff rows of every
-expert (and of their gate and up biases), which costs the same as whole experts per stage because the
-static schedule installs all experts anyway. No cut leaves a chip less than one weight tile of the
+schedule.py) on the last slice, which adds the experts' down biases (gpt-oss) and the residual. Each
+slice recomputes the MLP norm (and the MoE router) from replicated copies; an MoE slice holds its d_ff
+rows of every expert (and of their gate and up biases), which costs the same as whole experts per stage
+because the static schedule installs all experts anyway. No cut leaves a chip less than one weight tile of the
 matrix unit (320 rows on GroqChip 1) of a slice.
 
 An embedding table or lm_head too large for one stage is split the same way along the vocabulary, into

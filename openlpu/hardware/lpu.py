@@ -124,12 +124,17 @@ class SystemSpec:
     def system_links_per_chip(self) -> int:
         return self.node.global_links_per_chip - self.rack_links_per_chip
 
+    @property
+    def system_ports_per_rack(self) -> int:
+        """Global links a rack has left for the other racks."""
+        return self.chips_per_rack * self.system_links_per_chip
+
     def cabling_error(self) -> str | None:
         """Why the global links cannot cable the rack and the racks as above, or None."""
         if self.system_links_per_chip < 0:
             return (f"a rack of {self.rack.nodes} nodes needs {self.rack_links_per_chip} global links per chip to join "
                     f"its nodes pairwise, but node.global_links_per_chip is {self.node.global_links_per_chip}")
-        ports = self.chips_per_rack * self.system_links_per_chip
+        ports = self.system_ports_per_rack
         if self.network.max_racks - 1 > ports:
             return (f"network.max_racks {self.network.max_racks} needs {self.network.max_racks - 1} links from each "
                     f"rack to the others, but its {self.chips_per_rack} chips have {ports} global links left after "
@@ -146,8 +151,7 @@ class SystemSpec:
         """The chip of `rack` holding its link to `to_rack`."""
         racks = self.network.max_racks
         offset = (to_rack - rack) % racks
-        ports = self.chips_per_rack * self.system_links_per_chip
-        port = ports - offset if offset <= racks // 2 else racks - offset - 1
+        port = self.system_ports_per_rack - offset if offset <= racks // 2 else racks - offset - 1
         return rack * self.chips_per_rack + port // self.system_links_per_chip
 
     def route(self, src: int, dst: int) -> tuple[int, ...]:
