@@ -5,6 +5,7 @@ import itertools
 import math
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 from typer.testing import CliRunner
@@ -519,3 +520,19 @@ def test_moe_down_all_reduce_carries_one_combined_vector_per_token():
                 assert t.payload_bytes == tokens * spec.d_model * 1, t.name
                 checked += 1
     assert checked == spec.n_layers * (1 + 3)
+
+
+def test_llama4_mlps_end_in_one_all_reduce_and_chunked_layers_keep_their_chunk():
+    """Llama 4 Scout at 32,768 tokens: the Program verifies; a chunked layer's KV ring is its 8,192-position
+    chunk, a global layer's the context; the shared expert's partial sum joins the experts' on the chip, so
+    no all-reduce follows the shared expert's down projection and each MLP (or each part of a cut one) has
+    exactly one."""
+    spec = load_preset("llama-4-scout")
+    p = compile_program(spec, SYSTEM, Workload(context_length=32768, prompt_len=64))
+    assert verify(p) == []
+    assert p.kv_slots == tuple(8192 if kind == "chunked" else 32768 for kind in spec.layer_kinds)
+    mlp_parts = Counter(pc[0] for s in p.placement.stages for pc in s.pieces if pc[1] == "ffn")
+    reduced = Counter(int(t.name.split(".")[1]) for t in p.decode.transfers
+                      if t.kind == "all_reduce" and ".ffn_down" in t.name)
+    assert p.placement.tp > 1 and not any("shexp" in t.name for t in p.decode.transfers)
+    assert reduced == mlp_parts and len(reduced) == spec.n_layers

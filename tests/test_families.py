@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fixtures.tiny_models.hf_tiny import TINY_FAMILIES, build, save
-from openlpu.models.hf import load_safetensors, spec_from_hf_config
+from openlpu.models.hf import HF_ADJACENT_ROPE_FAMILIES, load_safetensors, spec_from_hf_config
 from openlpu.runtime.kv_cache import KVCache
 from openlpu.runtime.model import ROPE_STYLE, Model, Span, hf_qk_to_gguf
 
@@ -24,8 +24,9 @@ TOL = dict(rtol=1e-4, atol=1e-4)  # float32, two layers: observed differences ar
 
 
 def runtime_weights(spec, hf_weights: dict) -> dict:
-    """HF-layout weights -> Model's layout: interleaved-rope families need llama.cpp's q/k row order."""
-    if ROPE_STYLE[spec.family] != "interleaved":
+    """HF-layout weights -> Model's layout: interleaved-rope families need llama.cpp's q/k row order, which
+    the HF rows of HF_ADJACENT_ROPE_FAMILIES (Llama 4) already have."""
+    if ROPE_STYLE[spec.family] != "interleaved" or spec.family in HF_ADJACENT_ROPE_FAMILIES:
         return hf_weights
     out = dict(hf_weights)
     for i in range(spec.n_layers):

@@ -235,6 +235,71 @@ def test_gemma2_defaults_come_from_the_architecture_table(tmp_path):
     assert spec.tie_embeddings and spec.post_norms and spec.activation == "gelu_tanh"
 
 
+# meta-llama/Llama-4-Scout-17B-16E-Instruct's text_config as llama.cpp's converter writes it (convert_hf_to_gguf.py
+# Llama4Model: feed_forward_length is intermediate_size_mlp, expert_feed_forward_length intermediate_size, plus
+# interleave_moe_layer_step; no sliding-window key, no NoPE or temperature keys: llama.cpp fixes those)
+SCOUT = {**arch_metadata("llama4", d_model=5120, n_layers=48, d_ff=16384, n_heads=40, n_kv_heads=8, head_dim=128,
+                         context_length=10485760, norm_eps=1e-5, rope_base=500000.0, n_experts=16,
+                         n_experts_per_token=1, vocab_size=202048),
+         "llama4.expert_feed_forward_length": 8192, "llama4.interleave_moe_layer_step": 1}
+
+
+def _differing(spec, preset):
+    return [f.name for f in dataclasses.fields(ModelSpec) if f.name not in ("name", "source", "extra")
+            and getattr(spec, f.name) != getattr(preset, f.name)]
+
+
+def test_llama4_metadata_gives_the_preset(tmp_path):
+    """llama.cpp's llama4 defaults (chunks of 8192 with rope, every 4th layer NoPE and global with attention
+    temperature floor 8192 and scale 0.1, q/k norms, a sigmoid router on the experts' input and a shared expert)
+    give the preset made from Scout's config.json, but for what the metadata does not hold: the context the preset
+    takes from GroqCloud, and Llama 3.1-style rope scaling, which llama.cpp stores as a rope_freqs tensor."""
+    output = {"output.weight": np.zeros((1, 1), np.float32)}
+    spec = spec_from_gguf(write_gguf(tmp_path / "scout.gguf", "llama4", SCOUT, output))
+    preset = load_preset("llama-4-scout")
+    assert _differing(spec, preset) == ["context_length", "rope_scaling"]
+    assert spec.context_length == 10485760 and spec.rope_scaling is None
+    with pytest.raises(OpenLPUError, match="rope_freqs tensor is not supported yet; use the model's preset"):
+        spec_from_gguf(write_gguf(tmp_path / "freqs.gguf", "llama4", SCOUT,
+                                  {**output, "rope_freqs.weight": np.ones(64, np.float32)}))
+
+
+def test_llama4_without_qk_norm_for_128_experts(tmp_path):
+    """llama.cpp: use_kq_norm unless LLM_TYPE_17B_128E (Maverick, whose config says use_qk_norm false)."""
+    meta = {**SCOUT, "llama4.expert_count": 128}
+    assert not spec_from_gguf(write_gguf(tmp_path / "m.gguf", "llama4", meta, {})).qk_l2_norm
+
+
+@pytest.mark.parametrize("change, says", [
+    # Maverick: every second layer MoE, dense MLP layers between
+    ({"llama4.interleave_moe_layer_step": 2}, "llama4.interleave_moe_layer_step = 2 is not supported for llama4"),
+    ({"llama4.interleave_moe_layer_step": None}, "GGUF metadata lacks llama4.interleave_moe_layer_step"),
+    ({"llama4.attention.sliding_window": 0}, "llama4.attention.sliding_window = 0 (no chunked attention"),
+    ({"llama4.attention.sliding_window_pattern": 2}, "llama4.attention.sliding_window_pattern = 2 is not supported"),
+    ({"llama4.expert_count": None, "llama4.expert_used_count": None}, "llama4.expert_count is 0 or absent"),
+    ({"llama4.rope.freq_base_swa": 10000.0}, "llama4.rope.freq_base_swa = 10000.0 differs"),
+    ({"llama4.expert_feed_forward_length": None}, "lacks llama4.expert_feed_forward_length"),
+])
+def test_llama4_metadata_it_cannot_express_is_refused(tmp_path, change, says):
+    meta = {k: v for k, v in {**SCOUT, **change}.items() if v is not None}
+    with pytest.raises(OpenLPUError, match=re.escape(says)):
+        spec_from_gguf(write_gguf(tmp_path / "l4.gguf", "llama4", meta, {}))
+
+
+def test_llama4_weights_load_by_llama_cpp_names(tmp_path):
+    """The tensors llama.cpp's llama4 loader creates (llama_model_llama4::load_arch_tensors) are the spec's."""
+    meta = {**arch_metadata("llama4", **{**TINY, "n_layers": 4}), "llama4.expert_count": 4,
+            "llama4.expert_used_count": 2, "llama4.expert_feed_forward_length": 96,
+            "llama4.interleave_moe_layer_step": 1}
+    spec = spec_from_gguf(write_gguf(tmp_path / "meta.gguf", "llama4", meta, {}))
+    assert spec.layer_kinds == ("chunked", "chunked", "chunked", "global") and spec.attention_chunk == 8192
+    weights = tiny_tensors(spec, np.random.default_rng(3))
+    assert {"blk.0.ffn_gate_shexp.weight", "blk.3.ffn_down_exps.weight", "blk.1.ffn_gate_inp.weight"} <= set(weights)
+    loaded = load_weights(write_gguf(tmp_path / "w.gguf", "llama4", meta, weights), spec)
+    for name, w in weights.items():
+        np.testing.assert_array_equal(loaded[name].numpy(), w, err_msg=name)
+
+
 @pytest.mark.parametrize("arch, flag", [("qwen2", "qkv_bias"), ("qwen3", "qk_norm")])
 def test_qwen_flags(tmp_path, arch, flag):
     spec = spec_from_gguf(write_gguf(tmp_path / "q.gguf", arch, arch_metadata(arch, **TINY), {}))

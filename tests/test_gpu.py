@@ -102,6 +102,17 @@ def test_kv_cache_capacity_limits_the_batch():
         G.gpu_timing(spec, h100, "fp8", context=4096, users=t.max_users + 1, gpus=8)
 
 
+def test_windowed_and_chunked_layers_keep_only_their_ring():
+    """Gemma 3's local layers keep their 512-position window, Llama 4's chunked layers their 8,192-position
+    chunk; global layers the whole context (counted here layer by layer from the config's numbers)."""
+    gemma, scout = load_preset("gemma-3-1b"), load_preset("llama-4-scout")
+    local = sum(kind == "local" for kind in gemma.layer_kinds)
+    assert G.kv_bytes(gemma, "fp16", 32768, 2) == 2 * 2 * gemma.kv_dim * 2 * (
+        local * 512 + (gemma.n_layers - local) * 32768)
+    assert scout.layer_kinds.count("chunked") == 36 and scout.n_layers == 48
+    assert G.kv_bytes(scout, "fp8", 131072, 1) == 2 * scout.kv_dim * (36 * 8192 + 12 * 131072)
+
+
 @pytest.mark.parametrize("kw", [{"context": 0}, {"context": -5}, {"users": 0}])
 def test_bad_sizes_are_one_clear_error(kw):
     args = {"context": 128, "users": 1, **kw}

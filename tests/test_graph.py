@@ -4,6 +4,7 @@ import itertools
 import math
 
 import pytest
+import torch
 
 from openlpu.errors import OpenLPUError
 from openlpu.graph.lower import (
@@ -14,6 +15,7 @@ from openlpu.graph.lower import (
     lower,
 )
 from openlpu.models.spec import load_preset
+from openlpu.runtime.model import visible_keys
 
 
 def _weight_elements(ops, bytes_per_element):
@@ -55,6 +57,35 @@ def test_decode_attention_reads_the_cache_and_the_window_caps_it():
     assert ops["blk.0.attention"].kv_read_bytes == 2 * 512 * per_token
     assert ops["blk.5.attention"].kv_read_bytes == 2 * 8192 * per_token
     assert ops["blk.5.attention"].kv_write_bytes == 2 * per_token
+
+
+@pytest.mark.parametrize("chunk, past, tokens", [(8, 0, 32), (8, 5, 11), (8, 16, 1), (64, 100, 300), (64, 0, 64)])
+def test_chunked_attention_counts_the_pairs_the_runtimes_mask_lets_through(chunk, past, tokens):
+    """A chunked layer's (query, key) pairs, prefill and decode, against a second method: the mask the runtime
+    attends with (model.visible_keys), summed."""
+    keys = torch.arange(past + tokens)
+    mask = visible_keys(torch.arange(past, past + tokens), keys, None, chunk)
+    assert attended_keys(tokens, None, "prefill", past, chunk) == int(mask.sum())
+    last = visible_keys(torch.tensor([past + tokens - 1]), keys, None, chunk)
+    assert attended_keys(past + tokens, None, "decode", chunk=chunk) == int(last.sum())
+
+
+def test_llama4_layers_become_ops():
+    """Llama 4 Scout: chunked rope layers normalise q and k after rope; every fourth layer is global, with no
+    rope and temperature-scaled queries; each MLP's shared expert feeds its partial sum into the experts'
+    down projection; one decode token reads the active parameters (second method: active_param_count)."""
+    spec = load_preset("llama-4-scout")
+    ops = {o.name: o for o in lower(spec, "decode", 131072, 1, "int8")}
+    assert spec.layer_kinds[:4] == ("chunked", "chunked", "chunked", "global") and spec.attention_chunk == 8192
+    assert {"blk.0.rope", "blk.0.attn_qk_l2_norm"} <= set(ops) and "blk.0.attn_temperature" not in ops
+    assert "blk.3.rope" not in ops and "blk.3.attn_qk_l2_norm" not in ops
+    assert ops["blk.3.attention"].inputs[0] == "blk.3.attn_temperature"
+    per_token = 2 * spec.kv_dim  # int8 K and V
+    assert ops["blk.0.attention"].kv_read_bytes == 8192 * per_token  # its chunk of the 131,072 positions
+    assert ops["blk.3.attention"].kv_read_bytes == 131072 * per_token
+    assert ops["blk.0.ffn_down_exps"].inputs == ("blk.0.ffn_act", "blk.0.ffn_down_shexp")
+    table = spec.vocab_size * spec.d_model
+    assert _weight_elements(ops.values(), 1) == pytest.approx(spec.active_param_count() - table + spec.d_model)
 
 
 def test_prefill_is_causal_and_chunks_add_up():

@@ -1,5 +1,6 @@
 """HF config.json -> ModelSpec and safetensors -> GGUF-named weights, checked against transformers."""
 
+import dataclasses
 import json
 import re
 
@@ -40,6 +41,10 @@ def test_layer_kinds_follow_transformers_masks(saved, family):
     assert [k == "local" for k in spec.layer_kinds] == hf_sliding
     if any(hf_sliding):
         assert spec.sliding_window == getattr(model.config, "sliding_window")
+    hf_chunked = [t == "chunked_attention" for t in getattr(model.config, "layer_types", [])]
+    assert [k == "chunked" for k in spec.layer_kinds] == (hf_chunked or [False] * spec.n_layers)
+    if any(hf_chunked):
+        assert spec.attention_chunk == model.config.attention_chunk_size
 
 
 def test_gemma_specific_fields(saved):
@@ -55,6 +60,41 @@ def test_llama3_rope_scaling_is_read(saved):
     rs = spec_from_hf_config(saved["llama"][1]).rope_scaling
     assert (rs.factor, rs.low_freq_factor, rs.high_freq_factor, rs.original_context_length) == \
         (8.0, 1.0, 4.0, 16)
+
+
+def test_llama4_specific_fields(saved):
+    """The tiny Llama 4: rope + chunks of 8 on layer 0, NoPE + global with temperature tuning on layer 1, q/k
+    norms where transformers has them, a sigmoid router over 4 experts (top 2) and a shared expert."""
+    model, folder = saved["llama4"]
+    spec = spec_from_hf_config(folder)
+    assert spec.layer_kinds == ("chunked", "global") and spec.attention_chunk == 8 and spec.nope_global
+    hf_rope = [bool(layer.self_attn.use_rope) for layer in model.model.layers]
+    assert [spec.layer_uses_rope(i) for i in range(spec.n_layers)] == hf_rope == [True, False]
+    assert (spec.attn_temperature_floor, spec.attn_temperature_scale) == (4, 0.1)
+    assert spec.qk_l2_norm and hasattr(model.model.layers[0].self_attn, "qk_norm")
+    assert (spec.router, spec.shared_expert, spec.n_experts, spec.n_experts_per_token, spec.d_ff) == \
+        ("sigmoid_input", True, 4, 2, 96)
+    rs = spec.rope_scaling
+    assert (rs.kind, rs.factor, rs.low_freq_factor, rs.high_freq_factor, rs.original_context_length) == \
+        ("llama3", 8.0, 1.0, 4.0, 16)
+
+
+def _llama4_multimodal(text_config: dict) -> dict:
+    """The released checkpoints' config.json shape: the text model under text_config, beside a vision model."""
+    return {"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4", "tie_word_embeddings": False,
+            "text_config": {k: v for k, v in text_config.items() if k != "architectures"},
+            "vision_config": {"model_type": "llama4_vision_model", "hidden_size": 1408, "num_hidden_layers": 34}}
+
+
+def test_llama4_multimodal_config_reads_its_text_config(saved):
+    cfg = _config(saved, "llama4")
+    nested = spec_from_hf_config(_llama4_multimodal(cfg))
+    flat = spec_from_hf_config(cfg)
+    assert dataclasses.replace(nested, source=flat.source) == flat
+    with pytest.raises(OpenLPUError, match="contradictory fields: 'architectures' says 'Llama4ForCausalLM'"):
+        spec_from_hf_config({**_llama4_multimodal(cfg), "architectures": ["Llama4ForCausalLM"]})
+    with pytest.raises(OpenLPUError, match="contradictory fields: 'text_config.model_type' says 'llama'"):
+        spec_from_hf_config(_llama4_multimodal({**cfg, "model_type": "llama"}))
 
 
 def test_hub_style_config_fields():
@@ -94,6 +134,49 @@ def test_weights_map_to_gguf_names(saved, family):
         assert torch.equal(w["blk.1.attn_k.bias"], layer.self_attn.k_proj.bias)
     if family == "qwen3":
         assert torch.equal(w["blk.1.attn_k_norm.weight"], layer.self_attn.k_norm.weight)
+
+
+def test_llama4_packed_experts_split_gate_first(saved):
+    """gate_up_proj (expert, d_model, 2 d_ff) is used as x @ W with the gate in its first d_ff columns
+    (transformers Llama4TextExperts); GGUF's experts are (expert, out, in)."""
+    model, folder = saved["llama4"]
+    spec = spec_from_hf_config(folder)
+    w = load_safetensors(folder, spec)
+    assert {n: tuple(t.shape) for n, t in w.items()} == spec.tensor_shapes()
+    for i, layer in enumerate(model.model.layers):
+        moe, b = layer.feed_forward, f"blk.{i}."
+        gate_up = moe.experts.gate_up_proj
+        for j in range(spec.n_experts):
+            assert torch.equal(w[b + "ffn_gate_exps.weight"][j], gate_up[j, :, :spec.d_ff].T)
+            assert torch.equal(w[b + "ffn_up_exps.weight"][j], gate_up[j, :, spec.d_ff:].T)
+            assert torch.equal(w[b + "ffn_down_exps.weight"][j], moe.experts.down_proj[j].T)
+        assert torch.equal(w[b + "ffn_gate_inp.weight"], moe.router.weight)
+        for part in ("gate", "up", "down"):
+            assert torch.equal(w[b + f"ffn_{part}_shexp.weight"], getattr(moe.shared_expert, f"{part}_proj").weight)
+    x = torch.randn(5, spec.d_model)  # the split computes what transformers' experts compute
+    expected = model.model.layers[0].feed_forward.experts(x.repeat(spec.n_experts, 1)).view(spec.n_experts, 5, -1)
+    gate = torch.einsum("td,efd->etf", x, w["blk.0.ffn_gate_exps.weight"])
+    up = torch.einsum("td,efd->etf", x, w["blk.0.ffn_up_exps.weight"])
+    ours = torch.einsum("etf,edf->etd", torch.nn.functional.silu(gate) * up, w["blk.0.ffn_down_exps.weight"])
+    torch.testing.assert_close(ours, expected.detach())
+
+
+def test_llama4_multimodal_checkpoint_reads_the_text_model(saved, tmp_path):
+    """The released checkpoints prefix the text model's tensors with "language_model." and hold the vision
+    encoder's and projector's, which are skipped; any other unknown tensor is still reported."""
+    _, folder = saved["llama4"]
+    raw = {f"language_model.{k}": v for k, v in load_file(folder / "model.safetensors").items()}
+    raw["vision_model.patch_embedding.linear.weight"] = torch.zeros(8, 4)
+    raw["multi_modal_projector.linear_1.weight"] = torch.zeros(8, 4)
+    save_file(raw, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(_llama4_multimodal(_config(saved, "llama4"))))
+    spec = spec_from_hf_config(tmp_path)
+    whole, text_only = load_safetensors(tmp_path, spec), load_safetensors(folder, spec)
+    assert list(whole) == list(text_only) and all(torch.equal(whole[k], text_only[k]) for k in whole)
+    raw["language_model.model.layers.0.feed_forward.mystery"] = torch.zeros(2)
+    save_file(raw, tmp_path / "model.safetensors")
+    with pytest.raises(OpenLPUError, match=r"1 tensor\(s\) the config does not use.*feed_forward\.mystery"):
+        load_safetensors(tmp_path, spec)
 
 
 def test_mixtral_experts_are_stacked_in_expert_order(saved):
@@ -183,6 +266,41 @@ def test_qwen3_moe_configs_it_cannot_express_are_refused(change, says):
     cfg = json.loads((PRESETS_DIR / "qwen3-30b-a3b.json").read_text())["$source_notes"]["hf_config"]
     with pytest.raises(OpenLPUError, match=re.escape(says)):
         spec_from_hf_config({**cfg, **change})
+
+
+@pytest.mark.parametrize("change, says", [
+    # Maverick interleaves dense MLP layers: every second layer is MoE
+    ({"interleave_moe_layer_step": 2, "moe_layers": None},
+     "field 'interleave_moe_layer_step' = 2 is not supported for llama4: ModelSpec has no dense MLP layers"),
+    ({"interleave_moe_layer_step": 2, "moe_layers": [1]}, "field 'moe_layers' = [1] is not supported for llama4"),
+    ({"attention_bias": True}, "field 'attention_bias' = true is not supported for llama4_text"),
+    ({"layer_types": ["full_attention", "full_attention"]},
+     "layer 0 uses rope (field 'no_rope_layers') but its attention is global"),
+    ({"attention_chunk_size": None, "layer_types": None},
+     "layer 0 uses rope (field 'no_rope_layers') but its attention is global"),
+    ({"no_rope_layers": [1]}, "field 'no_rope_layers' must list 0 (NoPE) or 1 (rope) for each of the 2 layers"),
+    ({"hidden_act": "gelu"}, "activation 'gelu' not supported for llama4_text"),
+])
+def test_llama4_configs_it_cannot_express_are_refused(saved, change, says):
+    cfg = {**_config(saved, "llama4"), **change}
+    with pytest.raises(OpenLPUError, match=re.escape(says)):
+        spec_from_hf_config(cfg)
+    with pytest.raises(OpenLPUError, match=re.escape(says)):  # the multimodal form too
+        spec_from_hf_config(_llama4_multimodal(cfg))
+
+
+def test_llama4_configs_it_can_express():
+    """Scout's own config.json fields (attn_temperature_tuning 4 is truthy; no_rope_layers [] means every 4th
+    layer is NoPE), and a config without temperature tuning or q/k norms (as Maverick's use_qk_norm false)."""
+    cfg = json.loads((PRESETS_DIR / "llama-4-scout.json").read_text())["$source_notes"]["hf_config"]
+    text = cfg["text_config"]
+    spec = spec_from_hf_config(cfg)
+    assert spec.layer_kinds[:4] == ("chunked", "chunked", "chunked", "global")
+    assert (spec.attn_temperature_floor, spec.attn_temperature_scale, spec.qk_l2_norm) == (8192, 0.1, True)
+    plain = spec_from_hf_config({**text, "attn_temperature_tuning": False, "use_qk_norm": False,
+                                 "no_rope_layers": [1, 1, 0] * 16})
+    assert (plain.attn_temperature_floor, plain.attn_temperature_scale, plain.qk_l2_norm) == (0, 0.0, False)
+    assert [i for i in range(plain.n_layers) if not plain.layer_uses_rope(i)] == list(range(2, 48, 3))
 
 
 def test_config_not_found(tmp_path):

@@ -13,6 +13,16 @@ from openlpu.models.spec import PRESETS_DIR, load_preset, preset_names
 HUB = "Hugging Face Hub parameter count (safetensors metadata) shown on {}"
 GPT_OSS_CARD = ("OpenAI, 'gpt-oss-120b & gpt-oss-20b Model Card' (arXiv:2508.10925, Aug 2025), parameter counts: "
                 "120b 116.83B total, 5.13B active; 20b 20.91B total, 3.61B active")
+LLAMA4_CARD = ("Llama 4 model card (meta-llama/llama-models, models/llama4/MODEL_CARD.md): Llama 4 Scout (17Bx16E), "
+               "17B (Activated), 109B (Total)")
+# Scout's 109B counts its vision encoder and projector, which the text-only preset leaves out: 850,960,896 +
+# 20,971,520 parameters (transformers Llama4VisionModel and Llama4MultiModalProjector with the vision_config of
+# meta-llama/Llama-4-Scout-17B-16E-Instruct's config.json; test_llama4_scout_vision_parameters counts them again).
+SCOUT_VISION_CONFIG = {"hidden_size": 1408, "image_size": 336, "intermediate_size": 5632, "num_attention_heads": 16,
+                       "num_hidden_layers": 34, "patch_size": 14, "pixel_shuffle_ratio": 0.5,
+                       "projector_input_dim": 4096, "projector_output_dim": 4096, "vision_output_dim": 4096,
+                       "multi_modal_projector_bias": False}
+SCOUT_VISION_PARAMETERS = 850_960_896 + 20_971_520
 # name -> (published total parameters, source). Checked within 1%.
 PUBLISHED_TOTALS = {
     "llama-2-7b": (6.74e9, HUB.format("meta-llama/Llama-2-7b-hf")),
@@ -45,6 +55,7 @@ PUBLISHED_TOTALS = {
     "qwen3-235b-a22b": (235e9, "Qwen/Qwen3-235B-A22B model card: Number of Parameters 235B in total"),
     "gpt-oss-20b": (20.91e9, GPT_OSS_CARD),
     "gpt-oss-120b": (116.83e9, GPT_OSS_CARD),
+    "llama-4-scout": (109e9 - SCOUT_VISION_PARAMETERS, LLAMA4_CARD + ", less its vision encoder and projector"),
 }
 
 # Exact non-embedding counts where the papers publish them (the embedding rows differ only by
@@ -114,6 +125,26 @@ def test_gpt_oss_active_parameters(name, active):
     assert s.active_param_count() - s.vocab_size * s.d_model == pytest.approx(active, rel=0.005), GPT_OSS_CARD
 
 
+def test_llama4_scout_active_parameters():
+    """Meta's model card: 17B activated (a token's attention, router, shared expert and one of 16 experts, with
+    the embedding and unembedding tables)."""
+    assert load_preset("llama-4-scout").active_param_count() == pytest.approx(17e9, rel=0.02), LLAMA4_CARD
+
+
+def test_llama4_scout_vision_parameters():
+    """What SCOUT_VISION_PARAMETERS says: transformers' vision encoder and projector for Scout's vision_config."""
+    import torch
+    import transformers
+    from transformers.models.llama4 import modeling_llama4
+
+    config = transformers.Llama4Config(vision_config=SCOUT_VISION_CONFIG,
+                                       text_config={"hidden_size": load_preset("llama-4-scout").d_model})
+    with torch.device("meta"):
+        parts = (modeling_llama4.Llama4VisionModel(config.vision_config),
+                 modeling_llama4.Llama4MultiModalProjector(config))
+    assert sum(p.numel() for part in parts for p in part.parameters()) == SCOUT_VISION_PARAMETERS
+
+
 def _raw(name: str) -> dict:
     return json.loads((PRESETS_DIR / f"{name}.json").read_text())
 
@@ -121,12 +152,16 @@ def _raw(name: str) -> dict:
 @pytest.mark.parametrize("name", [n for n in sorted(PUBLISHED_TOTALS)
                                   if "hf_config" in _raw(n).get("$source_notes", {})])
 def test_preset_equals_its_hf_config(name):
-    """Each preset is what spec_from_hf_config makes of the HF config.json fields it quotes."""
-    from_hf = spec_from_hf_config(_raw(name)["$source_notes"]["hf_config"], name=name).to_dict()
+    """Each preset is what spec_from_hf_config makes of the HF config.json fields it quotes, except the fields
+    its $source_notes.overrides name and explain (each of which does differ)."""
+    notes = _raw(name)["$source_notes"]
+    from_hf = spec_from_hf_config(notes["hf_config"], name=name).to_dict()
     preset = load_preset(name).to_dict()
     for d in (from_hf, preset):
         d.pop("source")
-    assert from_hf == preset
+    overrides = notes.get("overrides", {})
+    assert all(from_hf[field] != preset[field] for field in overrides)  # no stale override
+    assert {**from_hf, **{field: preset[field] for field in overrides}} == preset
 
 
 def test_family_specific_facts():
@@ -143,6 +178,12 @@ def test_family_specific_facts():
     # Llama 3.1 extends the context to 128K with its rope scaling; Llama 3 did not
     assert load_preset("llama-3.1-8b").rope_scaling.factor == 8.0
     assert load_preset("llama-3-8b").rope_scaling is None
+    # Llama 4 Scout: every 4th layer is NoPE and global, the others use rope in 8192-token chunks (transformers
+    # Llama4TextConfig with no_rope_layers [] and attention_chunk_size 8192)
+    s = load_preset("llama-4-scout")
+    assert [i for i, k in enumerate(s.layer_kinds) if k == "global"] == list(range(3, 48, 4))
+    assert [i for i in range(s.n_layers) if not s.layer_uses_rope(i)] == list(range(3, 48, 4))
+    assert s.layer_chunk(0) == 8192 and s.layer_chunk(3) is None
 
 
 def test_models_lists_every_preset_whole_on_an_80_column_terminal():

@@ -75,6 +75,7 @@ SPLIT_RULES = {
     "ffn_gate.weight": (0, "row"), "ffn_up.weight": (0, "row"), "ffn_down.weight": (1, "row"),
     "ffn_gate_exps.weight": (1, "row"), "ffn_up_exps.weight": (1, "row"), "ffn_down_exps.weight": (2, "row"),
     "ffn_gate_exps.bias": (1, "row"), "ffn_up_exps.bias": (1, "row"),
+    "ffn_gate_shexp.weight": (0, "row"), "ffn_up_shexp.weight": (0, "row"), "ffn_down_shexp.weight": (1, "row"),
     "token_embd.weight": (0, "row"), "output.weight": (0, "row"),
 }
 
@@ -151,17 +152,18 @@ def tp_candidates(spec: ModelSpec, system: SystemSpec) -> list[int]:
 
 # ---- how each op's work divides over a TP group (by the op name's last part) ----------------
 #   col: output columns split with its weight; row: input split, partial sums all-reduced after;
+#   partial: input split, its partial sum added on the chip into the MLP's row op (a shared expert's);
 #   heads / kv_heads: attention heads split; split: elementwise on a split tensor;
 #   gather: vocabulary-split embedding rows, all-reduced after; argmax: the sampler's maximum over a
 #   vocabulary-split row, reduced after; replicated: every chip does it all.
 OP_SPLIT = {
     "attn_q": "col", "attn_k": "col", "attn_v": "col", "ffn_gate": "col", "ffn_up": "col",
-    "ffn_gate_exps": "col", "ffn_up_exps": "col", "output": "col",
-    "attn_output": "row", "ffn_down": "row", "ffn_down_exps": "row",
+    "ffn_gate_exps": "col", "ffn_up_exps": "col", "ffn_gate_shexp": "col", "ffn_up_shexp": "col", "output": "col",
+    "attn_output": "row", "ffn_down": "row", "ffn_down_exps": "row", "ffn_down_shexp": "partial",
     "attn_q_norm": "heads", "rope": "heads", "attention": "heads", "attn_softcap": "heads", "attn_merge": "heads",
-    "attn_sinks": "heads",
+    "attn_sinks": "heads", "attn_qk_l2_norm": "heads", "attn_temperature": "heads",
     "attn_k_norm": "kv_heads",
-    "ffn_act": "split", "final_softcap": "split", "sample": "argmax",
+    "ffn_act": "split", "ffn_act_shexp": "split", "final_softcap": "split", "sample": "argmax",
     "token_embd": "gather",
 }
 
@@ -196,7 +198,8 @@ def op_fractions(spec: ModelSpec, op: Op, t: int, weight_fraction: float) -> tup
     f_kv = kv_heads_per_chip(spec, t) / spec.n_kv_heads
     f_w = weight_fraction
     compute, f_in, f_out = {
-        "col": (f_w, 1.0, f_w), "row": (f_w, f_w, 1.0), "heads": (f_heads, f_heads, f_heads),
+        "col": (f_w, 1.0, f_w), "row": (f_w, f_w, 1.0), "partial": (f_w, f_w, 1.0),
+        "heads": (f_heads, f_heads, f_heads),
         "kv_heads": (f_kv, f_kv, f_kv), "split": (f_heads, f_heads, f_heads), "argmax": (f_heads, f_heads, f_heads),
         "gather": (f_heads, 1.0, 1.0), "replicated": (1.0, 1.0, 1.0)}[op_role(op)]
     return compute, f_in, f_out, f_kv
@@ -216,8 +219,8 @@ def _row_ranges(rows: int, k: int) -> list[tuple[int, int]]:
 
 
 def kv_slots(spec: ModelSpec, context_length: int, layer: int) -> int:
-    """Positions layer `layer` keeps per user: the context, or its sliding window (a ring) if shorter."""
-    return min(context_length, spec.layer_window(layer) or context_length)
+    """Positions layer `layer` keeps per user: the context, or its sliding window or chunk (a ring) if shorter."""
+    return min(context_length, spec.layer_ring(layer) or context_length)
 
 
 def _attention_pieces(i: int, parts: int, slots: int) -> list[tuple[int, str, int, int]]:

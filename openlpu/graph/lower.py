@@ -1,9 +1,11 @@
 """Lowering a ModelSpec to op rows: one prefill pass or one decode step, for any supported family.
 
 Counts follow the shapes: a matmul (M, N, K) does 2*M*N*K flops and reads N*K weights. Decode
-attends to the cached tokens (capped by the sliding window on local layers); prefill is causal, so
-query i attends to min(i + 1, window) keys. MoE reads the router plus the experts the tokens pick
-(expected distinct experts over M tokens choosing top-k uniformly).
+attends to the cached tokens (capped by the sliding window on local layers, its own chunk's on chunked
+ones); prefill is causal, so query i attends to min(i + 1, window) keys (i mod chunk + 1 when chunked).
+MoE reads the router plus the experts the tokens pick (expected distinct experts over M tokens choosing
+top-k uniformly), and a shared expert (Llama 4) like a dense MLP; its down projection's partial sum goes
+into the experts' down projection, so the MLP ends in one all-reduce.
 """
 
 from __future__ import annotations
@@ -71,9 +73,20 @@ def _causal_pairs(n: int, window: int | None) -> float:
     return w * (w + 1) / 2 + (n - w) * w
 
 
-def attended_keys(seq_len: int, window: int | None, phase: str, past_len: int = 0) -> float:
-    """Total (query, key) pairs per sequence for one layer: a decode token sees seq_len cached keys;
-    prefill queries at positions past_len.. past_len+seq_len-1 see the keys before them."""
+def _chunked_pairs(n: int, chunk: int) -> float:
+    """(query, key) pairs of positions 0..n-1, each query seeing the positions of its own chunk up to itself."""
+    whole, rest = divmod(n, chunk)
+    return whole * chunk * (chunk + 1) / 2 + rest * (rest + 1) / 2
+
+
+def attended_keys(seq_len: int, window: int | None, phase: str, past_len: int = 0, chunk: int | None = None) -> float:
+    """Total (query, key) pairs per sequence for one layer: a decode token sees seq_len cached keys (those
+    of its own chunk on a chunked layer); prefill queries at positions past_len.. past_len+seq_len-1 see
+    the keys before them."""
+    if chunk:
+        if phase == "decode":
+            return float((seq_len - 1) % chunk + 1)
+        return _chunked_pairs(past_len + seq_len, chunk) - _chunked_pairs(past_len, chunk)
     if phase == "decode":
         return float(min(seq_len, window) if window else seq_len)
     return _causal_pairs(past_len + seq_len, window) - _causal_pairs(past_len, window)
@@ -150,12 +163,20 @@ def _attention_block(b: _Builder, spec: ModelSpec, i: int, x: str, m: int, batch
                      weight=p + "attn_q_norm.weight", weight_elems=spec.head_dim)
         k = b.vector(p + "attn_k_norm", "norm", i, m * spec.kv_dim, NORM_FLOPS_PER_ELEMENT, (k,),
                      weight=p + "attn_k_norm.weight", weight_elems=spec.head_dim)
-    rope = b.vector(p + "rope", "rope", i, m * (spec.q_dim + spec.kv_dim), ROPE_FLOPS_PER_ELEMENT, (q, k))
-    window = spec.layer_window(i)
+    qk_elems = m * (spec.q_dim + spec.kv_dim)
+    if spec.layer_uses_rope(i):
+        rope = b.vector(p + "rope", "rope", i, qk_elems, ROPE_FLOPS_PER_ELEMENT, (q, k))
+        if spec.qk_l2_norm:
+            rope = b.vector(p + "attn_qk_l2_norm", "norm", i, qk_elems, NORM_FLOPS_PER_ELEMENT, (rope,))
+    else:  # NoPE: no rotation; the queries scaled by their position's temperature (if tuned)
+        rope = b.add(p + "attn_temperature", "rope", i, "vector", (m * spec.q_dim,),
+                     m * spec.q_dim * bool(spec.attn_temperature_scale), act_in=qk_elems, act_out=qk_elems,
+                     inputs=(q, k))
+    window, ring = spec.layer_window(i), spec.layer_ring(i)
     # (query, key) pairs, all sequences; a decode step's queries all stream past the same cached keys
-    pairs = batch * queries * attended_keys(seq_len, window, phase, past_len)
+    pairs = batch * queries * attended_keys(seq_len, window, phase, past_len, spec.layer_chunk(i))
     cached_len = seq_len if phase == "decode" else past_len  # keys read back from the KV cache
-    cached = batch * min(cached_len, window or cached_len)
+    cached = batch * min(cached_len, ring or cached_len)
     scores = pairs * spec.n_heads
     att_inputs = (rope, v)
     if spec.attn_logit_softcap:
@@ -195,7 +216,14 @@ def _mlp_block(b: _Builder, spec: ModelSpec, i: int, x: str, m: int) -> str:
         act = b.vector(p + "ffn_act", "activation", i, m * k * ff, GATED_ACT_FLOPS_PER_ELEMENT, (gate, up), reads=2)
         # each token's k expert outputs are weighted and summed as they leave the matrix unit, so the
         # result (and the TP all-reduce after it) is one d-vector per token, not k
-        down = b.matmul(p + "ffn_down_exps", i, m * k, d, ff, p + "ffn_down_exps.weight", (act,),
+        routed_in = (act,)
+        if spec.shared_expert:  # its partial sum joins the experts' before the one all-reduce of the MLP
+            s_gate = b.matmul(p + "ffn_gate_shexp", i, m, ff, d, p + "ffn_gate_shexp.weight", (norm,))
+            s_up = b.matmul(p + "ffn_up_shexp", i, m, ff, d, p + "ffn_up_shexp.weight", (norm,))
+            s_act = b.vector(p + "ffn_act_shexp", "activation", i, m * ff, GATED_ACT_FLOPS_PER_ELEMENT, (s_gate, s_up),
+                             reads=2)
+            routed_in += (b.matmul(p + "ffn_down_shexp", i, m, d, ff, p + "ffn_down_shexp.weight", (s_act,)),)
+        down = b.matmul(p + "ffn_down_exps", i, m * k, d, ff, p + "ffn_down_exps.weight", routed_in,
                         weight_rows=rows * d / ff, act_out=m * d)
         if bias:  # each token's k down biases, weighted like their experts, added once to the summed result
             down = b.vector(p + "ffn_exps_bias", "bias", i, m * d, 2 * k, (down, router),

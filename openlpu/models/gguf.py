@@ -9,7 +9,7 @@ Format reference: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -214,6 +214,19 @@ class ArchDefaults:
     yarn_truncate: bool = True  # the model's yarn rounds its band to whole dimensions (GGUF has no key)
     weights_unreadable: str = ""  # why the runtime cannot read this architecture's tensors, if it cannot
     d_ff_key: str = "feed_forward_length"  # the key of the MLP's (or each expert's) hidden width
+    router: str = "softmax"
+    shared_expert: bool = False
+    # chunked layers: layer il is global and without rope iff (il + 1) % chunk_period == 0, else chunked (in chunks
+    # of attention_chunk) with rope; 0: no chunked layers
+    chunk_period: int = 0
+    attention_chunk: int | None = None
+    attn_temperature_floor: int = 0  # NoPE layers' attention temperature (ModelSpec's fields of the same names)
+    attn_temperature_scale: float = 0.0
+    qk_l2_norm: bool = False
+    no_qk_l2_norm_experts: int = 0  # ... except for models of this many experts
+    # metadata whose value ModelSpec fixes: key suffix -> (the value it must have, the value llama.cpp takes when
+    # the key is absent (None: llama.cpp requires the key), why, for the refusal)
+    fixed_metadata: dict = field(default_factory=dict)
 
 
 ARCHITECTURES: dict[str, ArchDefaults] = {
@@ -242,6 +255,29 @@ ARCHITECTURES: dict[str, ArchDefaults] = {
                             weights_unreadable="its experts are MXFP4, which this reader does not dequantize, and "
                             "llama.cpp names its tensors its own way; run the Hugging Face checkpoint with "
                             "bf16 experts instead (`openlpu plan` and `compile` read this file's metadata)"),
+    # llama4 (src/models/llama4.cpp llama_model_llama4::load_arch_hparams; earlier src/llama-model.cpp case
+    # LLM_ARCH_LLAMA4): expert_feed_forward_length and interleave_moe_layer_step are required (feed_forward_length is
+    # intermediate_size_mlp, the dense layers' width: convert_hf_to_gguf.py Llama4Model); a layer is MoE iff
+    # (il + 1) % interleave_moe_layer_step == 0. Unless attention.sliding_window is present and 0 (then no chunks
+    # and rope everywhere: MobileLLM-R1), swa_type CHUNKED with n_swa hard-coded to 8192 (whatever the key says),
+    # set_swa_pattern(attention.sliding_window_pattern, default 4) (3 chunked : 1 full), attention temperature
+    # floor 8192, scale 0.1, offset 1.0 (so floor((pos + 1) / 8192)); the graph skips rope and scales queries by
+    # that temperature iff (il + 1) % n_no_rope_layer_step == 0, whose default 4 (src/llama-hparams.h) no key
+    # sets; use_kq_norm (a weightless rms_norm of q and k after rope, rope layers only) unless the 128-expert
+    # model (LLM_TYPE_17B_128E, Maverick); experts gated by LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID, weighting
+    # the experts' input (llama-graph.cpp build_moe_ffn: weight_before_ffn for LLM_ARCH_LLAMA4), plus ffn_*_shexp
+    # of the experts' width; rope type NORM (adjacent pairs), on q/k rows the converter leaves unpermuted
+    # (undo_permute = False), already in that order
+    "llama4": ArchDefaults(family="llama4", d_ff_key="expert_feed_forward_length", router="sigmoid_input",
+                           shared_expert=True, chunk_period=4, attention_chunk=8192, attn_temperature_floor=8192,
+                           attn_temperature_scale=0.1, qk_l2_norm=True, no_qk_l2_norm_experts=128,
+                           fixed_metadata={
+                               "interleave_moe_layer_step": (
+                                   1, None, ("ModelSpec has no dense MLP layers between the MoE ones (Llama 4 "
+                                             "Maverick); use a model whose every layer is MoE (e.g. Llama 4 Scout)")),
+                               "attention.sliding_window_pattern": (
+                                   4, 4, ("ModelSpec's llama4 ropes exactly its chunked layers, and llama.cpp skips "
+                                          "rope on every 4th layer; use a file without the key"))}),
 }
 
 # ModelSpec field -> GGUF key suffix ("{arch}." prefix), read when present (llama.cpp LLM_KV names).
@@ -286,6 +322,40 @@ def _rope_scaling(meta: dict, arch: str, path: Path, truncate: bool) -> RopeScal
                        beta_slow=float(meta.get(f"{arch}.rope.scaling.yarn_beta_slow", 1.0)), truncate=truncate)
 
 
+def _fixed_metadata(meta: dict, arch: str, defaults: ArchDefaults, path: Path) -> None:
+    """Refuse metadata whose value ModelSpec cannot express for this architecture (ArchDefaults.fixed_metadata)."""
+    for suffix, (value, absent, why) in defaults.fixed_metadata.items():
+        key = f"{arch}.{suffix}"
+        if key not in meta and absent is None:
+            raise OpenLPUError(f"{path}: GGUF metadata lacks {key}; the file is incomplete, re-convert it with a "
+                               "current llama.cpp")
+        if meta.get(key, absent) != value:
+            raise OpenLPUError(f"{path}: GGUF metadata {key} = {meta.get(key, absent)} is not supported for "
+                               f"{arch} (only {value}): {why}")
+
+
+def _chunked_layers(meta: dict, arch: str, defaults: ArchDefaults, values: dict, path: Path) -> dict:
+    """ModelSpec fields of an architecture with chunked and NoPE global layers (ArchDefaults.chunk_period)."""
+    if not defaults.chunk_period:
+        return {}
+    _fixed_metadata(meta, arch, defaults, path)
+    if meta.get(f"{arch}.attention.sliding_window") == 0:
+        raise OpenLPUError(f"{path}: GGUF metadata {arch}.attention.sliding_window = 0 (no chunked attention, rope on "
+                           f"every layer: MobileLLM-R1) is not supported for {arch}; use a model with chunked layers")
+    if values.get("n_experts", 0) == 0:
+        raise OpenLPUError(f"{path}: GGUF metadata {arch}.expert_count is 0 or absent; llama.cpp's {arch} needs "
+                           "experts (a dense model, e.g. MobileLLM-R1, is not supported)")
+    swa_base = meta.get(f"{arch}.rope.freq_base_swa")
+    if swa_base is not None and float(swa_base) != float(values["rope_base"]):
+        raise OpenLPUError(f"{path}: GGUF metadata {arch}.rope.freq_base_swa = {swa_base} differs from "
+                           f"{arch}.rope.freq_base; ModelSpec's chunked layers use the one rope base")
+    period = defaults.chunk_period
+    return {"layer_kinds": tuple("global" if (i + 1) % period == 0 else "chunked" for i in range(values["n_layers"])),
+            "attention_chunk": defaults.attention_chunk, "nope_global": True,
+            "attn_temperature_floor": defaults.attn_temperature_floor,
+            "attn_temperature_scale": defaults.attn_temperature_scale}
+
+
 def spec_from_gguf(path: str | Path) -> ModelSpec:
     """The ModelSpec of a GGUF model from its metadata (no tensor data is read)."""
     header = _header(path)
@@ -315,6 +385,7 @@ def spec_from_gguf(path: str | Path) -> ModelSpec:
                                       else "global" for i in range(n_layers))
     else:
         values["sliding_window"] = None
+    values |= _chunked_layers(meta, arch, defaults, values, header.path)
     if defaults.explicit_query_scale:
         per_head = (values["d_model"] // values["n_heads"]
                     if n_layers == defaults.query_scale_from_d_model_layers else values["head_dim"])
@@ -336,6 +407,9 @@ def spec_from_gguf(path: str | Path) -> ModelSpec:
         attn_output_bias=defaults.attn_output_bias,
         attn_sinks=defaults.attn_sinks,
         moe_bias=defaults.moe_bias,
+        router=defaults.router,
+        shared_expert=defaults.shared_expert,
+        qk_l2_norm=defaults.qk_l2_norm and values.get("n_experts") != defaults.no_qk_l2_norm_experts,
         embed_scale=values["d_model"] ** 0.5 if defaults.embed_scale_sqrt_d_model else 1.0,
         tie_embeddings="output.weight" not in header.tensors,
         source=f"GGUF metadata of {header.path.name} (arch {arch}); llama.cpp per-architecture "

@@ -8,6 +8,10 @@ NOT permuted the way llama.cpp's converter permutes them for llama-family GGUF f
 the two halves of each head (rotate_half, "NeoX" pairing: i with i + head_dim/2), while llama.cpp's
 GGUF weights expect adjacent pairs (2i, 2i+1). A runtime consuming these weights must apply rope
 in the half-split pairing (or permute q/k rows itself); `HF_ROPE_LAYOUT` names the convention.
+The families in `HF_ADJACENT_ROPE_FAMILIES` are the exception: their HF code already rotates adjacent
+pairs (Llama 4: transformers apply_rotary_emb views each head as head_dim/2 complex numbers, (2i, 2i+1)),
+so their q/k rows are already in the layout an adjacent-pair ("interleaved") rope expects, and are
+what llama.cpp's converter writes unpermuted (convert_hf_to_gguf.py Llama4Model: undo_permute = False).
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ from openlpu.errors import OpenLPUError
 from openlpu.models.spec import ModelSpec, RopeScaling
 
 HF_ROPE_LAYOUT = "half-split"  # q/k rows as HF stores them: rope pairs dim i with i + head_dim/2
+# ... except in these families, whose HF rope pairs dims 2i and 2i + 1: their q/k rows need no permutation
+# for an adjacent-pair rope (llama.cpp's order)
+HF_ADJACENT_ROPE_FAMILIES = frozenset({"llama4"})
 
 # HF activation names -> ModelSpec activation. Gemma's legacy "gelu" means the tanh approximation
 # (transformers itself rewrites it to gelu_pytorch_tanh for Gemma); see GEMMA_ACTIVATIONS.
@@ -38,7 +45,11 @@ ROPE_SCALING_FIELDS = {
 ROPE_SCALING_NAMES = {"original_max_position_embeddings": "original_context_length"}  # -> RopeScaling field
 
 # HF layer_types entries -> ModelSpec layer kinds.
-LAYER_TYPES = {"full_attention": "global", "sliding_attention": "local"}
+LAYER_TYPES = {"full_attention": "global", "sliding_attention": "local", "chunked_attention": "chunked"}
+
+# Multimodal configs whose text model OpenLPU reads: model_type -> (the architecture config["architectures"]
+# must name, the key of the nested text config, its model_type). The vision part is ignored.
+NESTED_TEXT_CONFIGS = {"llama4": ("Llama4ForConditionalGeneration", "text_config", "llama4_text")}
 
 
 # ---- how each family's default layer kinds are laid out when config.json has no layer_types --
@@ -69,6 +80,70 @@ def _gemma3_pattern(cfg: dict, n: int) -> list[str]:
     return ["local" if (i + 1) % period else "global" for i in range(n)]
 
 
+# Llama 4: transformers Llama4TextConfig's defaults for the fields a config.json may leave out.
+LLAMA4_DEFAULTS = {"head_dim": 128, "no_rope_layer_interval": 4, "attention_chunk_size": 8192, "use_qk_norm": True,
+                   "attn_temperature_tuning": True, "floor_scale": 8192, "attn_scale": 0.1,
+                   "interleave_moe_layer_step": 1}
+
+
+def _llama4_rope_layers(cfg: dict, n: int) -> list[bool] | None:
+    """Whether each layer uses rope: no_rope_layers (1: rope, 0: NoPE), or when it is empty, every
+    no_rope_layer_interval-th layer is NoPE (transformers Llama4TextConfig.__post_init__); None when those
+    fields are malformed (_llama4_fields says how)."""
+    flags = cfg.get("no_rope_layers")
+    if not flags:
+        interval = cfg.get("no_rope_layer_interval", LLAMA4_DEFAULTS["no_rope_layer_interval"])
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval <= 0:
+            return None
+        return [(i + 1) % interval != 0 for i in range(n)]
+    if not isinstance(flags, list) or len(flags) < n or any(flag not in (0, 1) for flag in flags):
+        return None
+    return [bool(flag) for flag in flags[:n]]
+
+
+def _llama4_pattern(cfg: dict, n: int) -> list[str]:
+    # rope layers attend within their chunk, NoPE layers to everything (transformers derives layer_types so)
+    chunk = cfg.get("attention_chunk_size", LLAMA4_DEFAULTS["attention_chunk_size"])
+    rope = _llama4_rope_layers(cfg, n) or [False] * n  # malformed: _llama4_fields refuses it
+    return ["chunked" if uses and chunk is not None else "global" for uses in rope]
+
+
+def _llama4_fields(f: _Fields, kinds: list[str]) -> dict:
+    """Llama 4's chunk, attention temperature and q/k norm; refuses dense layers between the MoE ones
+    (Maverick) and rope / attention patterns ModelSpec's llama4 cannot hold (rope exactly on chunked layers)."""
+    cfg, n = f.cfg, len(kinds)
+    step = f.number("interleave_moe_layer_step", LLAMA4_DEFAULTS["interleave_moe_layer_step"], kind=int)
+    moe_layers = cfg.get("moe_layers")  # transformers: it overrides interleave_moe_layer_step when set
+    if moe_layers is None and step != 1:
+        raise f.error(f"field 'interleave_moe_layer_step' = {step} is not supported for llama4: ModelSpec has no "
+                      "dense MLP layers between the MoE ones (Llama 4 Maverick); use a model whose every layer is "
+                      "MoE (interleave_moe_layer_step 1, e.g. Llama 4 Scout)")
+    if moe_layers is not None and (not isinstance(moe_layers, list) or sorted(moe_layers) != list(range(n))):
+        raise f.error(f"field 'moe_layers' = {moe_layers} is not supported for llama4: ModelSpec has no dense MLP "
+                      "layers between the MoE ones (Llama 4 Maverick); use a model whose every layer is MoE")
+    rope_layers = _llama4_rope_layers(cfg, n)
+    if rope_layers is None:
+        raise f.error(f"field 'no_rope_layers' must list 0 (NoPE) or 1 (rope) for each of the {n} layers, or be "
+                      f"empty with a positive 'no_rope_layer_interval'; got {cfg.get('no_rope_layers')!r} and "
+                      f"{cfg.get('no_rope_layer_interval')!r}")
+    for i, (rope, kind) in enumerate(zip(rope_layers, kinds)):
+        if rope != (kind == "chunked"):
+            raise f.error(f"layer {i} {'uses' if rope else 'skips'} rope (field 'no_rope_layers') but its attention "
+                          f"is {kind} (fields 'layer_types', 'attention_chunk_size'); ModelSpec's llama4 ropes exactly "
+                          "its chunked layers: use a config where they agree")
+    chunk = cfg.get("attention_chunk_size", LLAMA4_DEFAULTS["attention_chunk_size"])
+    tuning = cfg.get("attn_temperature_tuning", LLAMA4_DEFAULTS["attn_temperature_tuning"])  # Scout says 4: truthy
+    floor = f.number("floor_scale", LLAMA4_DEFAULTS["floor_scale"], kind=int) if tuning else 0
+    scale = f.number("attn_scale", LLAMA4_DEFAULTS["attn_scale"]) if tuning else 0.0
+    if tuning and floor <= 0:
+        raise f.error(f"field 'floor_scale' must be a positive integer with attn_temperature_tuning on, got {floor}")
+    return {"head_dim": f.number("head_dim", LLAMA4_DEFAULTS["head_dim"], kind=int),  # not d_model / n_heads
+            "attention_chunk": f.number("attention_chunk_size", chunk, kind=int) if "chunked" in kinds else None,
+            "attn_temperature_floor": floor if scale else 0,
+            "attn_temperature_scale": scale,
+            "qk_l2_norm": bool(cfg.get("use_qk_norm", LLAMA4_DEFAULTS["use_qk_norm"]))}
+
+
 @dataclass(frozen=True)
 class FamilyRule:
     family: str
@@ -84,6 +159,9 @@ class FamilyRule:
     d_ff_key: str = "intermediate_size"  # the config field of the MLP's (or each expert's) hidden width
     unsupported_true: tuple[str, ...] = ()  # flags ModelSpec cannot express when true
     required: dict = field(default_factory=dict)  # config fields whose value the family's ModelSpec fixes
+    # the family's own ModelSpec fields from its config fields (refusing what ModelSpec cannot express),
+    # given the fields reader and the layer kinds
+    own_fields: Callable[[_Fields, list[str]], dict] | None = None
 
 
 _GEMMA_FIXED = {"norm_weight_offset": 1.0}
@@ -116,6 +194,12 @@ FAMILY_RULES: dict[str, FamilyRule] = {
                           fixed={"activation": "swiglu_clamped", "qkv_bias": True, "attn_output_bias": True,
                                  "attn_sinks": True, "moe_bias": True},
                           required={"attention_bias": True, "swiglu_limit": 7.0, "swiglu_alpha": 1.702}),
+    # Llama 4 (text): every layer MoE with a sigmoid router scaling the chosen experts' input and a shared
+    # expert (transformers Llama4TextMoe); rope + chunked attention, or NoPE + global attention with
+    # attention temperature tuning; weightless q/k RMS norm after rope (see _llama4_fields)
+    "llama4_text": FamilyRule("llama4", "Llama4ForCausalLM", _llama4_pattern, moe=True,
+                              fixed={"router": "sigmoid_input", "shared_expert": True, "nope_global": True},
+                              unsupported_true=("attention_bias",), own_fields=_llama4_fields),
 }
 
 
@@ -220,9 +304,33 @@ def _layer_kinds(f: _Fields, rule: FamilyRule, n_layers: int) -> list[str]:
     return [LAYER_TYPES[t] for t in types]
 
 
+def _text_config(cfg: dict, origin: str) -> tuple[dict, str]:
+    """The text model's config of a multimodal config.json (NESTED_TEXT_CONFIGS), else the config itself."""
+    model_type = cfg.get("model_type")
+    if model_type not in NESTED_TEXT_CONFIGS:
+        return cfg, origin
+    f = _Fields(cfg, origin)
+    architecture, key, text_type = NESTED_TEXT_CONFIGS[model_type]
+    archs = cfg.get("architectures") or [architecture]
+    if archs[0] != architecture:
+        raise f.error(f"contradictory fields: 'architectures' says {archs[0]!r} but 'model_type' "
+                      f"{model_type!r} means {architecture!r}")
+    text = f.need(key)
+    if not isinstance(text, dict):
+        raise f.error(f"field {key!r} must be a JSON object (the text model's config), got {text!r}")
+    if text.get("model_type", text_type) != text_type:
+        raise f.error(f"contradictory fields: '{key}.model_type' says {text['model_type']!r} but 'model_type' "
+                      f"{model_type!r} means {text_type!r}")
+    inherited = {k: cfg[k] for k in ("_name_or_path",) if k in cfg and k not in text}
+    return {**inherited, "model_type": text_type, **text}, f"{origin} ({key})"
+
+
 def spec_from_hf_config(config: dict | str | Path, name: str | None = None) -> ModelSpec:
-    """A ModelSpec from a Hugging Face config.json (dict, file, or model folder)."""
+    """A ModelSpec from a Hugging Face config.json (dict, file, or model folder); of a multimodal model
+    (NESTED_TEXT_CONFIGS), its text model's."""
     cfg, origin = read_config(config)
+    outer_origin = origin
+    cfg, origin = _text_config(cfg, origin)
     f = _Fields(cfg, origin)
     model_type = f.need("model_type")
     rule = FAMILY_RULES.get(model_type)
@@ -257,7 +365,7 @@ def spec_from_hf_config(config: dict | str | Path, name: str | None = None) -> M
 
     fields = {
         "name": name or cfg.get("_name_or_path") or
-        (Path(origin).parent.name if origin != "HF config" else model_type),
+        (Path(outer_origin).parent.name if outer_origin != "HF config" else model_type),
         "family": rule.family,
         "vocab_size": f.number("vocab_size", kind=int),
         "d_model": d_model,
@@ -275,9 +383,11 @@ def spec_from_hf_config(config: dict | str | Path, name: str | None = None) -> M
         "sliding_window": window,
         "layer_kinds": tuple(kinds),
         "tie_embeddings": bool(cfg.get("tie_word_embeddings", rule.tie_default)),
-        "source": f"Hugging Face config.json ({origin})" if origin != "HF config"
+        "source": f"Hugging Face config.json ({origin})" if outer_origin != "HF config"
         else "Hugging Face config",
     } | rule.fixed  # the family's fixed fields win (gpt-oss: its activation)
+    if rule.own_fields:
+        fields |= rule.own_fields(f, kinds)
     if rule.gemma:
         fields["embed_scale"] = math.sqrt(d_model)
         if model_type != "gemma":  # Gemma 1 scales queries by 1/sqrt(head_dim), the default
@@ -313,7 +423,12 @@ LAYER_NAMES = {
 # The MoE router's names, by family.
 ROUTER_NAMES = {"mixtral": {"block_sparse_moe.gate.weight": "ffn_gate_inp.weight"},
                 "qwen3-moe": {"mlp.gate.weight": "ffn_gate_inp.weight"},
-                "gpt-oss": {"mlp.router.weight": "ffn_gate_inp.weight", "mlp.router.bias": "ffn_gate_inp.bias"}}
+                "gpt-oss": {"mlp.router.weight": "ffn_gate_inp.weight", "mlp.router.bias": "ffn_gate_inp.bias"},
+                "llama4": {"feed_forward.router.weight": "ffn_gate_inp.weight"}}
+# The shared expert's names, by family (llama.cpp's GGUF names: convert_hf_to_gguf / gguf tensor_mapping).
+SHARED_EXPERT_NAMES = {"llama4": {"feed_forward.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
+                                  "feed_forward.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+                                  "feed_forward.shared_expert.down_proj.weight": "ffn_down_shexp.weight"}}
 # post_attention_layernorm is the pre-MLP norm in Llama-style blocks, but a true post-attention
 # norm in Gemma 2/3 (whose pre-MLP norm is pre_feedforward_layernorm).
 PRE_NORM_NAMES = {"post_attention_layernorm.weight": "ffn_norm.weight"}
@@ -327,6 +442,11 @@ GLOBAL_NAMES = {
     "model.norm.weight": "output_norm.weight",
     "lm_head.weight": "output.weight",
 }
+# Multimodal checkpoints, by family: (the prefix of the text model's tensors, which is dropped; prefixes of
+# the other modalities' tensors, which are skipped). Llama 4's released checkpoints
+# (Llama4ForConditionalGeneration) hold "language_model.model.layers...", "vision_model..." and
+# "multi_modal_projector...".
+MULTIMODAL_PREFIXES = {"llama4": ("language_model.", ("vision_model.", "multi_modal_projector."))}
 # One tensor per expert, by family: (HF prefix after "model.layers.{i}.", {HF suffix after "{prefix}.{j}."
 # -> the stacked GGUF tensor}).
 EXPERT_NAMES = {
@@ -335,18 +455,25 @@ EXPERT_NAMES = {
     "qwen3-moe": ("mlp.experts", {"gate_proj.weight": "ffn_gate_exps.weight", "up_proj.weight": "ffn_up_exps.weight",
                                   "down_proj.weight": "ffn_down_exps.weight"}),
 }
-# gpt-oss experts: one tensor per projection for all experts, (expert, in, out), the gate and up
-# projections interleaved along out (transformers GptOssExperts: gate_up[..., ::2] is the gate).
-# HF suffix after "model.layers.{i}." -> (GGUF suffix, HF tensor -> GGUF layout) for each part.
+# One tensor per projection for all experts, (expert, in, out) as x @ W uses it, by family: HF suffix after
+# "model.layers.{i}." -> (GGUF suffix, HF tensor -> GGUF layout) for each part. gpt-oss interleaves the gate
+# and up projections along out (transformers GptOssExperts: gate_up[..., ::2] is the gate); Llama 4
+# concatenates them, gate first (transformers Llama4TextExperts: gate, up = gate_up.chunk(2, dim=-1)).
 PACKED_EXPERT_NAMES = {
-    "mlp.experts.gate_up_proj": (("ffn_gate_exps.weight", lambda t: t[..., ::2].transpose(1, 2)),
-                                 ("ffn_up_exps.weight", lambda t: t[..., 1::2].transpose(1, 2))),
-    "mlp.experts.gate_up_proj_bias": (("ffn_gate_exps.bias", lambda t: t[..., ::2]),
-                                      ("ffn_up_exps.bias", lambda t: t[..., 1::2])),
-    "mlp.experts.down_proj": (("ffn_down_exps.weight", lambda t: t.transpose(1, 2)),),
-    "mlp.experts.down_proj_bias": (("ffn_down_exps.bias", lambda t: t),),
+    "gpt-oss": {
+        "mlp.experts.gate_up_proj": (("ffn_gate_exps.weight", lambda t: t[..., ::2].transpose(1, 2)),
+                                     ("ffn_up_exps.weight", lambda t: t[..., 1::2].transpose(1, 2))),
+        "mlp.experts.gate_up_proj_bias": (("ffn_gate_exps.bias", lambda t: t[..., ::2]),
+                                          ("ffn_up_exps.bias", lambda t: t[..., 1::2])),
+        "mlp.experts.down_proj": (("ffn_down_exps.weight", lambda t: t.transpose(1, 2)),),
+        "mlp.experts.down_proj_bias": (("ffn_down_exps.bias", lambda t: t),),
+    },
+    "llama4": {
+        "feed_forward.experts.gate_up_proj": (("ffn_gate_exps.weight", lambda t: t.chunk(2, -1)[0].transpose(1, 2)),
+                                              ("ffn_up_exps.weight", lambda t: t.chunk(2, -1)[1].transpose(1, 2))),
+        "feed_forward.experts.down_proj": (("ffn_down_exps.weight", lambda t: t.transpose(1, 2)),),
+    },
 }
-PACKED_EXPERT_FAMILIES = ("gpt-oss",)
 # MXFP4 (OCP Microscaling Formats v1.0): blocks of 32 FP4 (E2M1) codes, two per byte, low nibble first,
 # sharing one E8M0 scale byte, 2^(byte - 127). The released gpt-oss checkpoints store their experts so,
 # as "<name>_blocks" (..., blocks, 16 bytes) and "<name>_scales" (..., blocks), rows along the output.
@@ -357,7 +484,7 @@ MXFP4_SCALE_BIAS = 127
 def hf_to_gguf_names(spec: ModelSpec) -> dict[str, str]:
     """Every non-expert HF tensor name this spec expects -> its GGUF name."""
     per_layer = {**LAYER_NAMES, **(POST_NORM_NAMES if spec.post_norms else PRE_NORM_NAMES),
-                 **ROUTER_NAMES.get(spec.family, {})}
+                 **ROUTER_NAMES.get(spec.family, {}), **SHARED_EXPERT_NAMES.get(spec.family, {})}
     wanted = spec.tensor_shapes()
     names = {hf: gguf for hf, gguf in GLOBAL_NAMES.items() if gguf in wanted}
     for i in range(spec.n_layers):
@@ -378,11 +505,19 @@ def expert_names(spec: ModelSpec) -> dict[str, tuple[str, int]]:
 
 
 def packed_expert_names(spec: ModelSpec) -> dict[str, list]:
-    """HF name of a tensor packing every expert -> [(GGUF name, layout change)] (gpt-oss)."""
-    if spec.family not in PACKED_EXPERT_FAMILIES:
-        return {}
+    """HF name of a tensor packing every expert -> [(GGUF name, layout change)] (gpt-oss, Llama 4)."""
     return {f"model.layers.{i}.{hf}": [(f"blk.{i}.{gguf}", to_gguf) for gguf, to_gguf in parts]
-            for i in range(spec.n_layers) for hf, parts in PACKED_EXPERT_NAMES.items()}
+            for i in range(spec.n_layers) for hf, parts in PACKED_EXPERT_NAMES.get(spec.family, {}).items()}
+
+
+def text_model_name(name: str, spec: ModelSpec) -> str | None:
+    """A checkpoint tensor's name as the text model's (MULTIMODAL_PREFIXES); None for another modality's."""
+    if spec.family not in MULTIMODAL_PREFIXES:
+        return name
+    text, others = MULTIMODAL_PREFIXES[spec.family]
+    if name.startswith(others):
+        return None
+    return name.removeprefix(text)
 
 
 def mxfp4_to_float(blocks, scales):
@@ -429,9 +564,10 @@ def load_safetensors(path_or_dir: str | Path, spec: ModelSpec,
     """Weights by GGUF name in HF's layout (see HF_ROPE_LAYOUT), as float32 unless dtype given.
 
     Mixtral's per-expert w1/w3/w2 are stacked into ffn_gate_exps/ffn_up_exps/ffn_down_exps
-    (expert, out, in); gpt-oss's packed experts are split and transposed the same way, from MXFP4 blocks
-    and scales where the checkpoint stores them so. Every tensor the spec needs must be present with the
-    right shape, and nothing else may be (a tied lm_head identical to the embedding is tolerated).
+    (expert, out, in); gpt-oss's and Llama 4's packed experts are split and transposed the same way (gpt-oss's
+    from MXFP4 blocks and scales where the checkpoint stores them so). A multimodal checkpoint's text model is
+    read, its other modalities skipped (MULTIMODAL_PREFIXES). Every tensor the spec needs must be present with
+    the right shape, and nothing else may be (a tied lm_head identical to the embedding is tolerated).
     """
     import torch
     from safetensors import SafetensorError, safe_open
@@ -442,7 +578,9 @@ def load_safetensors(path_or_dir: str | Path, spec: ModelSpec,
         try:
             with safe_open(str(file), framework="pt") as fh:
                 for key in fh.keys():
-                    raw[key] = fh.get_tensor(key)
+                    name = text_model_name(key, spec)
+                    if name is not None:  # other modalities' tensors are not read
+                        raw[name] = fh.get_tensor(key)
         except SafetensorError as e:
             raise OpenLPUError(f"{file}: not a readable safetensors file ({e}); "
                                "download it again") from None

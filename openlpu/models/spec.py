@@ -15,12 +15,19 @@ from pathlib import Path
 
 from openlpu.errors import OpenLPUError
 
-FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3-moe", "gemma", "gemma2", "gemma3", "gpt-oss")
+FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3-moe", "gemma", "gemma2", "gemma3", "gpt-oss",
+            "llama4")
 # gated-MLP activations; "swiglu_clamped" is gpt-oss's: gate clamped to <= 7, up to [-7, 7], then
 # gate * sigmoid(1.702 gate) * (up + 1) (transformers GptOssExperts, swiglu_limit / swiglu_alpha)
 ACTIVATIONS = ("silu", "gelu_tanh", "swiglu_clamped")
 ROPE_SCALINGS = ("llama3", "yarn")
-LAYER_KINDS = ("global", "local")  # local = sliding-window attention
+# local: sliding-window attention (a query sees the last sliding_window positions); chunked: a query sees
+# only the positions of its own chunk of attention_chunk (Llama 4)
+LAYER_KINDS = ("global", "local", "chunked")
+# how an MoE router weights a token's top-k experts: "softmax" over their logits, applied to the experts'
+# outputs (Mixtral, Qwen3-MoE, gpt-oss); "sigmoid_input": each chosen logit's sigmoid scales the expert's
+# input (Llama 4: transformers Llama4Router and Llama4TextMoe)
+ROUTERS = ("softmax", "sigmoid_input")
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -80,6 +87,15 @@ class ModelSpec:
     tie_embeddings: bool = False
     n_experts: int = 0  # 0 = dense MLP
     n_experts_per_token: int = 0
+    router: str = "softmax"  # one of ROUTERS
+    shared_expert: bool = False  # Llama 4: every token also goes through a dense MLP of d_ff beside its experts
+    attention_chunk: int | None = None  # "chunked" layers' chunk of positions (Llama 4: 8192)
+    nope_global: bool = False  # Llama 4: "global" layers take no rope (NoPE) ...
+    # ... and scale their queries at position p by 1 + scale * ln(1 + floor((p + 1) / floor)) (Llama 4's
+    # attention temperature tuning, transformers Llama4TextAttention; 0: off)
+    attn_temperature_floor: int = 0
+    attn_temperature_scale: float = 0.0
+    qk_l2_norm: bool = False  # Llama 4: a weightless RMS norm on each query and key head after rope (rope layers)
     source: str = ""  # where the configuration comes from
     extra: dict = field(default_factory=dict, compare=False)  # informational only
 
@@ -109,6 +125,14 @@ class ModelSpec:
             raise bad(f"layer_kinds must list {self.n_layers} entries of {LAYER_KINDS}")
         if "local" in self.layer_kinds and not self.sliding_window:
             raise bad("layers of kind 'local' need sliding_window")
+        if "chunked" in self.layer_kinds and not self.attention_chunk:
+            raise bad("layers of kind 'chunked' need attention_chunk")
+        if self.router not in ROUTERS:
+            raise bad(f"router {self.router!r} not supported; use one of {ROUTERS}")
+        if (self.shared_expert or self.router != "softmax") and not self.is_moe:
+            raise bad("shared_expert and a router other than softmax need experts (n_experts > 0)")
+        if self.attn_temperature_floor < 0 or (self.attn_temperature_scale != 0) != (self.attn_temperature_floor > 0):
+            raise bad("attn_temperature_floor (a positive integer) and attn_temperature_scale go together")
         if (self.n_experts == 0) != (self.n_experts_per_token == 0) or \
                 self.n_experts_per_token > self.n_experts:
             raise bad(f"n_experts_per_token ({self.n_experts_per_token}) must be between 1 and "
@@ -152,6 +176,16 @@ class ModelSpec:
     def layer_window(self, layer: int) -> int | None:
         return self.sliding_window if self.layer_kinds[layer] == "local" else None
 
+    def layer_chunk(self, layer: int) -> int | None:
+        return self.attention_chunk if self.layer_kinds[layer] == "chunked" else None
+
+    def layer_ring(self, layer: int) -> int | None:
+        """Positions a layer keeps per sequence (a ring): its window or its chunk; None: all of them."""
+        return self.layer_window(layer) or self.layer_chunk(layer)
+
+    def layer_uses_rope(self, layer: int) -> bool:
+        return not (self.nope_global and self.layer_kinds[layer] == "global")
+
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every weight tensor, by GGUF name, with its torch shape, in a fixed order."""
         d, q, kv, ff, e = self.d_model, self.q_dim, self.kv_dim, self.d_ff, self.n_experts
@@ -182,6 +216,10 @@ class ModelSpec:
                 shapes[b + "ffn_gate_exps.weight"] = (e, ff, d)
                 shapes[b + "ffn_up_exps.weight"] = (e, ff, d)
                 shapes[b + "ffn_down_exps.weight"] = (e, d, ff)
+                if self.shared_expert:
+                    shapes[b + "ffn_gate_shexp.weight"] = (ff, d)
+                    shapes[b + "ffn_up_shexp.weight"] = (ff, d)
+                    shapes[b + "ffn_down_shexp.weight"] = (d, ff)
                 if self.moe_bias:
                     shapes[b + "ffn_gate_inp.bias"] = (e,)
                     shapes[b + "ffn_gate_exps.bias"] = (e, ff)
@@ -211,7 +249,7 @@ class ModelSpec:
                                         for name, shape in self.tensor_shapes().items() if "_exps." in name)
 
     def kv_bytes_per_token(self, bytes_per_element: float) -> float:
-        """KV cache bytes one token adds across all layers (sliding-window layers included)."""
+        """KV cache bytes one token adds across all layers (sliding-window and chunked layers included)."""
         return 2 * self.n_layers * self.kv_dim * bytes_per_element
 
     # ---- (de)serialisation ------------------------------------------------------------------

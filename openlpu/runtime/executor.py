@@ -50,7 +50,7 @@ from openlpu.runtime.kernels import Linear
 from openlpu.runtime.kv_cache import KVCache
 from openlpu.runtime.model import (GLUS, PRECISIONS, ROPE_STYLE, Head, Model, Partial, RMSNorm, Span, apply_rope,
                                    apply_sinks, attend, attend_slots, attention_plans, merge_partials,
-                                   rope_inverse_frequencies, rope_tables)
+                                   query_temperature, rope_inverse_frequencies, rope_tables, weightless_norm)
 
 MODES = ("sharded", "fused")
 HEAD_OPS = ("output_norm", "output", "final_softcap", "sample")  # the head item's ops
@@ -151,14 +151,15 @@ class Pass:
         self.tokens, self.spans, self.logit_rows = tokens, spans, logit_rows
         ends = list(itertools.accumulate(sp.n_tokens for sp in spans))
         self.span_rows = [slice(end - sp.n_tokens, end) for sp, end in zip(spans, ends)]
-        positions = torch.cat([torch.arange(sp.start_pos, sp.start_pos + sp.n_tokens) for sp in spans])
-        self.rope = {base: rope_tables(positions, inv, rope_style) for base, inv in inv_freq.items()}
+        self.positions = torch.cat([torch.arange(sp.start_pos, sp.start_pos + sp.n_tokens) for sp in spans])
+        self.rope = {base: rope_tables(self.positions, inv, rope_style) for base, inv in inv_freq.items()}
         self._plans: dict = {}
 
     def plans(self, chip: Chip, layer: int) -> list:
         """model.py's attention plans for this layer's cache group on this chip's cache."""
-        window, capacity = chip.spec.layer_window(layer), chip.cache.capacity
-        key = (chip.id, min(window or capacity, capacity), window)
+        spec, capacity = chip.spec, chip.cache.capacity
+        key = (chip.id, min(spec.layer_ring(layer) or capacity, capacity), spec.layer_window(layer),
+               spec.layer_chunk(layer))
         if key not in self._plans:
             # lengths as they stand at the start of this pass (chunks of one prompt interleave layers)
             lengths = {sp.slot: sp.start_pos for sp in self.spans}
@@ -212,6 +213,9 @@ def build_kernel(chip: Chip, name: str, kind: str) -> Callable:
         return embed
     if suffix in ("attn_q_norm", "attn_k_norm"):
         return _head_norm_kernel(chip, base, weight)
+    if suffix == "attn_qk_l2_norm":  # on the rotated (q, k) heads
+        norm = weightless_norm(spec)
+        return lambda p, qk: tuple(norm(x) for x in qk)
     if suffix == "output_norm":
         norm = _norm_kernel(chip, base, weight)
         return lambda p, x: norm(p, x[p.logit_rows])  # the head runs only on the rows asked for
@@ -224,7 +228,8 @@ def build_kernel(chip: Chip, name: str, kind: str) -> Callable:
     if suffix == "attn_output":  # after a split attention, the last merge's Partial holds the result
         linear = _linear_kernel(chip, base, weight, chip.block_format)
         return lambda p, x: linear(p, x.out if isinstance(x, Partial) else x)
-    if suffix in ("attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up", "ffn_down"):
+    if suffix in ("attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up", "ffn_down", "ffn_gate_shexp", "ffn_up_shexp",
+                  "ffn_down_shexp"):
         return _linear_kernel(chip, base, weight, chip.block_format)
     if suffix == "rope":
         hd, style = spec.head_dim, ROPE_STYLE[spec.family]
@@ -235,10 +240,19 @@ def build_kernel(chip: Chip, name: str, kind: str) -> Callable:
             return (apply_rope(q.view(q.shape[0], -1, hd), tables, style),
                     apply_rope(k.view(k.shape[0], -1, hd), tables, style))
         return rope
+    if suffix == "attn_temperature":  # a NoPE layer: queries scaled by their position's temperature
+        hd = spec.head_dim
+
+        def temperature(p, q, k):
+            q = q.view(q.shape[0], -1, hd)
+            if spec.attn_temperature_scale:
+                q = q * query_temperature(spec, p.positions)[:, None, None]
+            return q, k.view(k.shape[0], -1, hd)
+        return temperature
     if suffix == "attn_softcap":
         return lambda p, qk: qk  # the cap applies to the scores, inside attention (spec.attn_logit_softcap)
     if suffix == "attention" and layer in chip.kv_parts:  # this part's KV slots of a split attention
-        hd, window = spec.head_dim, spec.layer_window(layer)
+        hd, window, chunk = spec.head_dim, spec.layer_window(layer), spec.layer_chunk(layer)
 
         def partial_attention(p, qk, v):
             q, k = qk
@@ -249,7 +263,7 @@ def build_kernel(chip: Chip, name: str, kind: str) -> Callable:
             for sp, rows in zip(p.spans, p.span_rows):
                 k_own, v_own = (x[:, lo - first:hi - first] for x in chip.cache.slot(layer, sp.slot))
                 parts.append(attend_slots(chip.spec, q[rows], k[rows], v[rows], sp.start_pos, ring, lo, hi,
-                                          k_own, v_own, window))
+                                          k_own, v_own, window, chunk))
             return _cat_partials(parts)
         return partial_attention
     if suffix == CHAINED["attn"]:
@@ -280,6 +294,8 @@ def build_kernel(chip: Chip, name: str, kind: str) -> Callable:
         return expert_bias
     if kind == "residual":
         return lambda p, a, b: a + b
+    if suffix == "ffn_act_shexp":
+        return lambda p, g, u: GLUS[spec.activation](g, u)
     if suffix == "ffn_act":
         glu = GLUS[spec.activation]
         if spec.is_moe:
@@ -287,28 +303,33 @@ def build_kernel(chip: Chip, name: str, kind: str) -> Callable:
         return lambda p, g, u: glu(g, u)
     if suffix == "ffn_gate_inp":
         router, k = _linear_kernel(chip, base, weight, "float32"), spec.n_experts_per_token  # as model.py
+        scales_input = spec.router == "sigmoid_input"
 
-        def route(p, x):  # Mixtral, gpt-oss: top-k experts, weighted by a softmax over their logits
+        def route(p, x):  # top-k experts, weighted as ROUTERS in spec.py says
             top_logits, top_experts = router(p, x).topk(k, -1)
-            return top_experts, top_logits.softmax(-1)
+            return top_experts, top_logits.sigmoid() if scales_input else top_logits.softmax(-1)
         return route
     if suffix in ("ffn_gate_exps", "ffn_up_exps"):
         w = chip.weight(weight, base)  # [experts, this chip's d_ff slice, d_model]
         b = chip.weight(f"{base}.bias", base) if spec.moe_bias else [None] * spec.n_experts  # [experts, slice]
+
+        scales_input = spec.router == "sigmoid_input"
 
         def experts_in(p, x, routing):
             experts, weights = routing
             out = torch.zeros(*experts.shape, w.shape[1])
             for e in experts.unique().tolist():
                 rows, rank = (experts == e).nonzero(as_tuple=True)
-                out[rows, rank] = F.linear(x[rows], w[e], b[e])
-            return Routed(out, experts, weights)
+                x_e = x[rows] * weights[rows, rank, None] if scales_input else x[rows]
+                out[rows, rank] = F.linear(x_e, w[e], b[e])
+            # weights already applied to the inputs leave the outputs unweighted
+            return Routed(out, experts, torch.ones_like(weights) if scales_input else weights)
         return experts_in
     if suffix == "ffn_down_exps":
         w = chip.weight(weight, base)  # [experts, d_model, this chip's d_ff slice]
 
-        def experts_out(p, a):
-            out = torch.zeros(a.values.shape[0], w.shape[1])
+        def experts_out(p, a, shared=None):  # shared: the shared expert's partial sum (Llama 4)
+            out = torch.zeros(a.values.shape[0], w.shape[1]) if shared is None else shared.clone()
             for e in a.experts.unique().tolist():
                 rows, rank = (a.experts == e).nonzero(as_tuple=True)
                 out.index_add_(0, rows, F.linear(a.values[rows, rank], w[e]) * a.weights[rows, rank, None])

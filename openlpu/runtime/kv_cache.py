@@ -31,8 +31,8 @@ class KVCache:
             raise OpenLPUError(f"KV cache needs at least one slot and one position "
                                f"(got {n_slots} slots, {capacity} positions)")
         self.capacity = capacity
-        # per layer: positions kept (the ring size for sliding-window layers)
-        self.layer_capacity = [min(spec.layer_window(i) or capacity, capacity)
+        # per layer: positions kept (the ring size for sliding-window and chunked layers)
+        self.layer_capacity = [min(spec.layer_ring(i) or capacity, capacity)
                                for i in range(spec.n_layers)]
         # torch.empty: memory is only touched as sequences grow, and no entry is ever read before
         # it is written (the model attends to written positions only).

@@ -3,8 +3,10 @@
 Llama / Mistral (SwiGLU, llama3 rope scaling), Mixtral (top-k MoE), Qwen 2 (qkv bias), Qwen 3
 (q/k norm), Gemma 2 (post norms, attention and final logit softcaps, sliding window on alternate
 layers) and Gemma 3 (q/k norm, 5 local : 1 global layers with their own rope base, scaled
-embedding, tied head) and gpt-oss (attention sinks, biased projections and experts, a clamped SwiGLU,
-yarn rope scaling) are all the same code path; the spec's flags pick each difference.
+embedding, tied head), gpt-oss (attention sinks, biased projections and experts, a clamped SwiGLU,
+yarn rope scaling) and Llama 4 (chunked attention, NoPE global layers with temperature-scaled
+queries, weightless q/k norm after rope, a sigmoid router scaling the experts' inputs, a shared
+expert) are all the same code path; the spec's flags pick each difference.
 
 Weights dict layout (what `Model(spec, weights)` expects, keyed by llama.cpp GGUF tensor names,
 torch (out, in) shapes, as openlpu.models.gguf.load_weights returns them):
@@ -44,7 +46,7 @@ from openlpu.runtime.kv_cache import KVCache, ring_positions
 # "interleaved" rotates x[2i] with x[2i+1] (llama.cpp's LLAMA_ROPE_TYPE_NORM on permuted rows).
 ROPE_STYLE = {"llama": "interleaved", "mistral": "interleaved", "mixtral": "interleaved",
               "qwen2": "neox", "qwen3": "neox", "qwen3-moe": "neox", "gemma": "neox", "gemma2": "neox", "gemma3": "neox",
-              "gpt-oss": "neox"}
+              "gpt-oss": "neox", "llama4": "interleaved"}
 
 SWIGLU_LIMIT, SWIGLU_ALPHA = 7.0, 1.702  # gpt-oss's clamped SwiGLU (transformers GptOssExperts)
 
@@ -161,12 +163,23 @@ class AttentionPlan:
     mask: torch.Tensor | None  # bool [n, keys]; None: every key visible
 
 
+def visible_keys(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, chunk: int | None) -> torch.Tensor:
+    """bool [queries, keys]: a query at q sees a written key at p <= q, within its window (q - p < window)
+    or its own chunk (p // chunk == q // chunk)."""
+    visible = (k_pos >= 0) & (k_pos <= q_pos[:, None])
+    if window is not None:
+        visible &= q_pos[:, None] - k_pos < window
+    if chunk is not None:
+        visible &= k_pos // chunk == q_pos[:, None] // chunk
+    return visible
+
+
 def attention_plans(spans: list[Span], lengths: list[int] | None, capacity: int, window: int | None,
-                    device=None) -> list[AttentionPlan]:
+                    chunk: int | None = None, device=None) -> list[AttentionPlan]:
     """Per span, for layers keeping `capacity` positions: what to write, what to attend.
 
     `lengths`: the cache's tokens per slot (None: no cache, each span attends only to itself).
-    A span's queries may see keys at positions p with p <= q and (q - p < window). The ring
+    A span's queries may see keys at positions p with p <= q, within the window or the chunk. The ring
     of a sliding-window layer holds the last `capacity` positions; new keys are written
     before attending unless writing them would evict keys an earlier query of the same span
     still needs (a long prefill into a ring), in which case old and new keys are joined.
@@ -186,18 +199,16 @@ def attention_plans(spans: list[Span], lengths: list[int] | None, capacity: int,
             keep = min(n, capacity)
             write_index = torch.arange(start + n - keep, start + n, device=device) % capacity
             if write_first:
-                n_keys = min(start + n, capacity)
+                # one new token of a chunked layer sees its chunk's keys: ring slots 0 .. start mod chunk
+                n_keys = start % chunk + 1 if chunk and n == 1 else min(start + n, capacity)
                 k_pos = None if n == 1 else ring_positions(start + n, capacity, device)[:n_keys]
             else:
                 n_keys = min(start, capacity)
                 k_pos = torch.cat([ring_positions(start, capacity, device)[:n_keys],
                                    torch.arange(start, start + n, device=device)])
         mask = None
-        if n > 1:  # one new token sees every key it is given: the ring holds only its window
-            q_pos = torch.arange(start, start + n, device=device)
-            visible = (k_pos >= 0) & (k_pos <= q_pos[:, None])
-            if window is not None:
-                visible &= q_pos[:, None] - k_pos < window
+        if n > 1:  # one new token sees every key it is given: the ring holds only its window (or chunk)
+            visible = visible_keys(torch.arange(start, start + n, device=device), k_pos, window, chunk)
             mask = None if bool(visible.all()) else visible
         plans.append(AttentionPlan(slice(row, row + n), sp.slot, write_first, n_keys, write_index, mask))
         row += n
@@ -269,11 +280,12 @@ def apply_sinks(attention: Partial, sinks: torch.Tensor) -> torch.Tensor:
 
 
 def attend_slots(spec: ModelSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, ring: int,
-                 lo: int, hi: int, k_own: torch.Tensor, v_own: torch.Tensor, window: int | None) -> Partial:
+                 lo: int, hi: int, k_own: torch.Tensor, v_own: torch.Tensor, window: int | None,
+                 chunk: int | None = None) -> Partial:
     """One span's attention over the keys in slots [lo, hi) of a ring of `ring` slots (position p in slot
     p mod ring): the slots' cached keys (k_own, v_own [kv heads, hi - lo, hd], written before `start`)
     and the span's new keys that land there, which it then writes. Queries [n, heads, hd] at positions
-    start.. see keys at positions p <= q with q - p < window. Parts over all slots merge (merge_partials)
+    start.. see keys at positions p <= q within the window or chunk. Parts over all slots merge (merge_partials)
     to attend()'s result."""
     n = q.shape[0]
     new_pos = torch.arange(start, start + n)
@@ -283,9 +295,7 @@ def attend_slots(spec: ModelSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     keys = torch.cat([k_own[:, written], k[mine].transpose(0, 1)], 1)  # [kv heads, keys, hd]
     values = torch.cat([v_own[:, written], v[mine].transpose(0, 1)], 1)
     key_pos = torch.cat([old_pos[written], new_pos[mine]])
-    visible = (key_pos >= 0) & (key_pos <= new_pos[:, None])
-    if window is not None:
-        visible &= new_pos[:, None] - key_pos < window
+    visible = visible_keys(new_pos, key_pos, window, chunk)
     group = spec.n_heads // spec.n_kv_heads
     keys, values = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)
     scores = (q.transpose(0, 1) @ keys.transpose(-1, -2)) * spec.attn_scale  # [heads, n, keys]
@@ -308,6 +318,12 @@ def merge_partials(a: Partial, b: Partial) -> Partial:
     wa, wb = (torch.exp(x.lse - lse).nan_to_num(0.0)[..., None] for x in (a, b))  # 0 where neither saw a key
     out = a.out.view(n, heads, -1) * wa + b.out.view(n, heads, -1) * wb
     return Partial(out.reshape(n, -1), lse)
+
+
+def query_temperature(spec: ModelSpec, positions: torch.Tensor) -> torch.Tensor:
+    """Llama 4's NoPE layers scale the query at position p by 1 + scale * ln(1 + floor((p + 1) / floor))
+    (attention temperature tuning: transformers Llama4TextAttention)."""
+    return 1.0 + spec.attn_temperature_scale * torch.log1p(((positions + 1) // spec.attn_temperature_floor).float())
 
 
 @dataclass
@@ -333,6 +349,11 @@ class RMSNorm:
 
     def _unit(self, x: torch.Tensor) -> torch.Tensor:
         return torch.div(x, torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), self.floor))
+
+
+def weightless_norm(spec: ModelSpec, device=None) -> RMSNorm:
+    """Llama 4's q/k norm: RMS over each head, no weight (transformers Llama4TextWeightlessRMSNorm)."""
+    return RMSNorm.build(torch.ones(spec.head_dim, device=device), spec.norm_eps)
 
 
 def top_candidates(logits: torch.Tensor, k: int, block: int = 128) -> torch.Tensor:
@@ -361,19 +382,22 @@ class _Block:
     down: Linear | None
     router: Linear | None  # MoE
     experts: list[tuple[Linear, Linear]] | None  # MoE: (gate_up, down) per expert
+    shared_expert: tuple[Linear, Linear] | None  # Llama 4: (gate_up, down) every token goes through
     post_ffw_norm: RMSNorm | None
-    rope_base: float
-    cache_group: tuple[int, int | None]  # (cache capacity, window): layers sharing masks
+    rope_base: float | None  # None: a NoPE layer (Llama 4's global layers)
+    qk_l2_norm: RMSNorm | None  # Llama 4: a weightless norm on each q and k head after rope
+    cache_group: tuple[int, int | None, int | None]  # (cache capacity, window, chunk): layers sharing masks
     decode: object | None = None  # the whole block for one cached token in C++ (see _decode_layer)
 
 
 @dataclass
 class Pass:
-    """What every layer of one forward pass shares: rope tables per base, plans per cache group."""
+    """What every layer of one forward pass shares: positions, rope tables per base, plans per cache group."""
 
     spans: list[Span]
+    positions: torch.Tensor
     rope: dict[float, tuple[torch.Tensor, torch.Tensor]]
-    plans: dict[tuple[int, int | None], list[AttentionPlan]]
+    plans: dict[tuple[int, int | None, int | None], list[AttentionPlan]]
 
 
 class Head:
@@ -435,7 +459,10 @@ class Model:
             qk_norm = RMSNorm.build(torch.cat([w(b + "attn_q_norm.weight").expand(s.n_heads, -1),
                                                w(b + "attn_k_norm.weight").expand(s.n_kv_heads, -1)])
                                     + s.norm_weight_offset, s.norm_eps) if s.qk_norm else None
-            experts = None
+            experts = shared = None
+            if s.shared_expert:
+                shared = (linear([b + "ffn_gate_shexp.weight", b + "ffn_up_shexp.weight"]),
+                          linear([b + "ffn_down_shexp.weight"]))
             if s.is_moe:
                 gates, ups, downs = (w(b + f"ffn_{p}_exps.weight") for p in ("gate", "up", "down"))
                 gate_b, up_b, down_b = ((w(b + f"ffn_{p}_exps.bias") if s.moe_bias else [None] * s.n_experts)
@@ -456,10 +483,12 @@ class Model:
                 down=None if s.is_moe else linear([b + "ffn_down.weight"]),
                 router=linear([b + "ffn_gate_inp.weight"], "float32") if s.is_moe else None,
                 experts=experts,
+                shared_expert=shared,
                 post_ffw_norm=norm(b + "post_ffw_norm.weight") if s.post_norms else None,
-                rope_base=s.layer_rope_base(i),
-                cache_group=(min(s.layer_window(i) or self.max_positions, self.max_positions),
-                             s.layer_window(i)),
+                rope_base=s.layer_rope_base(i) if s.layer_uses_rope(i) else None,
+                qk_l2_norm=weightless_norm(s, dev) if s.qk_l2_norm and s.layer_uses_rope(i) else None,
+                cache_group=(min(s.layer_ring(i) or self.max_positions, self.max_positions),
+                             s.layer_window(i), s.layer_chunk(i)),
             ))
         self.output_norm = norm("output_norm.weight")
         # Embedding and head matrices come as row sources: float32 tensors, or GGUFRows that
@@ -471,7 +500,7 @@ class Model:
         if self.head.linear.fmt == "float32":
             self.embedding = self.head.linear.weight if s.tie_embeddings else self.embedding[0:s.vocab_size]
         self.inv_freq = {base: rope_inverse_frequencies(s, base).to(dev)
-                         for base in {blk.rope_base for blk in self.blocks}}
+                         for base in {blk.rope_base for blk in self.blocks} - {None}}
         for blk in self.blocks:
             blk.decode = self._decode_layer(blk)
 
@@ -507,7 +536,7 @@ class Model:
         positions = torch.cat([torch.arange(sp.start_pos, sp.start_pos + sp.n_tokens)
                                for sp in spans]).to(self.device)
         lengths = None if cache is None else cache.lengths
-        return Pass(spans,
+        return Pass(spans, positions,
                     {base: rope_tables(positions, inv, self.rope_style) for base, inv in self.inv_freq.items()},
                     {group: attention_plans(spans, lengths, *group, self.device)
                      for group in {blk.cache_group for blk in self.blocks}})
@@ -546,8 +575,13 @@ class Model:
         qk, v = qkv[:, :n_q + n_kv], qkv[:, n_q + n_kv:]
         if blk.qk_norm is not None:
             qk = blk.qk_norm(qk)
-        qk = apply_rope(qk, ctx.rope[blk.rope_base], self.rope_style)
+        if blk.rope_base is not None:
+            qk = apply_rope(qk, ctx.rope[blk.rope_base], self.rope_style)
+            if blk.qk_l2_norm is not None:
+                qk = blk.qk_l2_norm(qk)
         q, k = qk[:, :n_q], qk[:, n_q:]
+        if blk.rope_base is None and s.attn_temperature_scale:
+            q = q * query_temperature(s, ctx.positions)[:, None, None]
         plans = ctx.plans[blk.cache_group]
 
         def span(rows: slice, plan: AttentionPlan) -> torch.Tensor:
@@ -583,20 +617,25 @@ class Model:
     def _slot_cache(cache: KVCache | None, layer: int, slot: int):
         return (None, None) if cache is None else cache.slot(layer, slot)
 
+    def _glu_mlp(self, gate_up: Linear, down: Linear, h: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up(h).chunk(2, -1)
+        return down(self.glu(gate, up)).float()
+
     def _mlp(self, blk: _Block, h: torch.Tensor) -> torch.Tensor:
         if blk.experts is None:
-            gate, up = blk.gate_up(h).chunk(2, -1)
-            return blk.down(self.glu(gate, up))
-        # Mixtral, gpt-oss: each token goes to its top-k experts, weighted by a softmax over their logits.
+            return self._glu_mlp(blk.gate_up, blk.down, h)
+        # each token goes to its top-k experts, weighted by the router (ROUTERS in spec.py)
         top_logits, top_experts = blk.router(h).topk(self.spec.n_experts_per_token, -1)
-        top_weights = top_logits.softmax(-1)
-        out = torch.zeros_like(h)
+        scales_input = self.spec.router == "sigmoid_input"
+        top_weights = top_logits.sigmoid() if scales_input else top_logits.softmax(-1)
+        out = torch.zeros_like(h) if blk.shared_expert is None else self._glu_mlp(*blk.shared_expert, h)
         for e in top_experts.unique().tolist():
             rows, rank = (top_experts == e).nonzero(as_tuple=True)
-            gate_up, down = blk.experts[e]
-            gate, up = gate_up(h[rows]).chunk(2, -1)
-            expert_out = down(self.glu(gate, up)).float()
-            out.index_add_(0, rows, expert_out * top_weights[rows, rank, None])
+            weight = top_weights[rows, rank, None]
+            if scales_input:
+                out.index_add_(0, rows, self._glu_mlp(*blk.experts[e], h[rows] * weight))
+            else:
+                out.index_add_(0, rows, self._glu_mlp(*blk.experts[e], h[rows]) * weight)
         return out
 
     # ---- conveniences -----------------------------------------------------------------------
@@ -608,7 +647,8 @@ class Model:
         """Bytes of weights held in memory (a GGUF-backed embedding stays in the file map)."""
         linears = [self.head.linear] + [lin for blk in self.blocks for lin in
                                  [blk.qkv, blk.attn_output, blk.gate_up, blk.down, blk.router]
-                                 + [m for pair in (blk.experts or []) for m in pair] if lin]
+                                 + [m for pair in (blk.experts or []) + [blk.shared_expert or ()] for m in pair]
+                                 if lin]
         total = sum(lin.nbytes() for lin in linears)
         if isinstance(self.embedding, torch.Tensor) and self.embedding is not self.head.linear.weight:
             total += self.embedding.numel() * self.embedding.element_size()

@@ -187,10 +187,12 @@ def weight_bytes(spec: ModelSpec, precision: str) -> float:
 
 
 def kv_bytes(spec: ModelSpec, precision: str, context: int, users: int) -> float:
-    """KV cache for `users` sequences of `context` tokens, in serving_kv_precision(precision).
-    Sliding-window layers are counted at full context: an upper bound for Gemma 2/3."""
+    """KV cache for `users` sequences of `context` tokens, in serving_kv_precision(precision). A sliding-window
+    or chunked layer keeps its window or chunk only, as TensorRT-LLM (a list of per-layer attention windows,
+    KvCacheConfig.max_attention_window) and vLLM (its hybrid KV cache manager) keep them."""
     kv_bytes_per_element = as_precision(serving_kv_precision(precision)).bytes_per_element
-    return spec.kv_bytes_per_token(kv_bytes_per_element) * context * users
+    positions = sum(min(context, spec.layer_ring(i) or context) for i in range(spec.n_layers))
+    return 2 * spec.kv_dim * kv_bytes_per_element * positions * users
 
 
 def layout(spec: ModelSpec, gpus: int, gpu: GpuSpec) -> tuple[int, int]:
