@@ -113,8 +113,9 @@ LLAMA_31_8B = Point("lpu-v1", "llama-3.1-8b", None, "int8", "decode_tok_s_per_us
 LLAMA_33_70B = Point("lpu-v1", "llama-3.3-70b", None, "int8", "decode_tok_s_per_user", 280,
                      GROQ_CATALOGUE.format("llama-3.3-70b-versatile", 280, CATALOGUE_WINDOW), "2025", COUNTED,
                      {"context": 131072})
-# The catalogue's other model with a listed speed, meta-llama/llama-4-scout-17b-16e-instruct (~750), mixes
-# experts with a shared expert and chunked-attention layers, for which ModelSpec has no family: not modelled
+LLAMA_4_SCOUT = Point("lpu-v1", "llama-4-scout", None, "int8", "decode_tok_s_per_user", 750,
+                      GROQ_CATALOGUE.format("meta-llama/llama-4-scout-17b-16e-instruct", 750, CATALOGUE_WINDOW), "2025",
+                      COUNTED, {"context": 131072})
 QWEN3_32B = Point("lpu-v1", "qwen3-32b", None, "int8", "decode_tok_s_per_user", 400,
                   GROQ_CATALOGUE.format("qwen/qwen3-32b", 400, CATALOGUE_WINDOW + ", a preview model"), "2025",
                   COUNTED, {"context": 131072})
@@ -153,6 +154,7 @@ LPU_POINTS = [
     LLAMA_33_70B,
     QWEN3_32B,
     *GPT_OSS,
+    LLAMA_4_SCOUT,
 ]
 # Second-hand figures for services above: shown, not counted (the service's own listing or a
 # measurement with its method published is the CHECK row)
@@ -243,6 +245,8 @@ MAX_LOAD_TABLE = {  # (model, GPU, GPUs, precision) -> output tok/s at each of M
     # a mixture of experts (128, 8 per token) on one GPU; the table's MoE rows on 8 GPUs ran with attention
     # data parallelism and expert parallelism (its MoE recipe), which the GPU model does not represent
     ("qwen3-30b-a3b", "b200", 1, "fp4"): (39827, 37844, 24953, 27817, 25828, 22051, 6251, 17554, 6142, 2944),
+    # 16 experts, 1 per token, beside a shared expert; its H200 and H100 rows ran on 4 GPUs with the MoE recipe
+    ("llama-4-scout", "b200", 1, "fp4"): (25342, 14699, 8932, 11977, 10591, 9356, 3137, 7152, 2937, 1644),
 }
 # The one B200 row FP4_COMPUTE_EFFICIENCY is fitted on: the most prefill-bound length (2,048 in, 128 out), whose
 # time goes to FP4 GEMMs; the other 19 B200 rows are held out
@@ -495,6 +499,19 @@ def mixtral_cut(system) -> dict:
             "tok_s": timing(program).tokens_per_s_per_user, "chained_tok_s": 1 / chained}
 
 
+SCOUT_SPREAD = (1, 2, 4)  # Llama 4 Scout read at these multiples of its fewest chips
+
+
+def scout_spread(system) -> list[dict]:
+    """Llama 4 Scout on multiples of its fewest chips: its MLPs cut into more parts, which run side by side."""
+    fewest = predict_lpu(LLAMA_4_SCOUT, system)[1].chips
+    out = []
+    for k in SCOUT_SPREAD:  # once at the held-out row's own placement, then on k times its chips
+        tok_s, t = predict_lpu(dataclasses.replace(LLAMA_4_SCOUT, chips=k * fewest if k > 1 else None), system)
+        out.append({"chips": t.chips, "layout": f"{t.stages} x TP {t.tp}", "tok_s": tok_s})
+    return out
+
+
 # Groq's speculative-decoding endpoint: a reading, not a counted row (its draft, drafts per round,
 # acceptance and chips are not published)
 SPECDEC = {"model": "llama-3.1-70b", "context": 8192, "published": 1665, "plain_published": 250,
@@ -672,7 +689,7 @@ weights and the cached K and V are installed once), so longer rounds reach furth
 """
 
 
-def markdown(lpu_rows, gpu_rows, gpu_fit, install_fit, shipped_install, system, decomposition, fp16, mixtral,
+def markdown(lpu_rows, gpu_rows, gpu_fit, install_fit, shipped_install, system, decomposition, fp16, mixtral, scout,
              fewest, implied, best, pairs, specdec, gpu_read) -> str:
     def table(rs):
         lines = [("| system | model | chips (published / modelled) | metric | published | predicted | error | "
@@ -710,6 +727,7 @@ def markdown(lpu_rows, gpu_rows, gpu_fit, install_fit, shipped_install, system, 
     hops = ", ".join(f"{k} {v.latency_s * 1e9:.0f} ns" for k, v in system.links.items())
     steps = ", ".join(f"{k} {v * 1e6:,.0f} us" for k, v in decomposition["by_kind_s"].items() if v >= 1e-6)
     mix_fewest = row(lpu_rows, "mixtral-8x7b", "ALT")
+    scout_published = LLAMA_4_SCOUT.published
     mixtral_checks = [r for r in lpu_rows if r["model"] == "mixtral-8x7b" and r["role"] == COUNTED]
     l70_measured = row(lpu_rows, "llama-2-70b", COUNTED, context=4096)
     def at_widths(f, key, fmt):
@@ -792,7 +810,9 @@ def markdown(lpu_rows, gpu_rows, gpu_fit, install_fit, shipped_install, system, 
         "B200 at FP4, Llama 3.1 405B on 4 GPUs": [r for r in max_load_rows if r["system"] == "b200"
                                                   and r["model"] == "llama-3.1-405b"],
         "B200 at FP4, Qwen3-30B-A3B (a mixture of experts) on 1 GPU": [r for r in max_load_rows
-                                                                       if r["model"] == "qwen3-30b-a3b"]}
+                                                                       if r["model"] == "qwen3-30b-a3b"],
+        "B200 at FP4, Llama 4 Scout (a mixture of experts) on 1 GPU": [r for r in max_load_rows
+                                                                       if r["model"] == "llama-4-scout"]}
     groups_text = "; ".join(f"{name} {count(rs)}, median {_median_error(rs):+.0%}"
                             for name, rs in max_load_groups.items())
     fp4_fit = next(r for r in gpu_rows if r["role"] == FP4_FIT_ROLE)
@@ -806,6 +826,7 @@ def markdown(lpu_rows, gpu_rows, gpu_fit, install_fit, shipped_install, system, 
     moe_rows = max_load_groups["B200 at FP4, Qwen3-30B-A3B (a mixture of experts) on 1 GPU"]
     moe_errors = [r["error"] for r in moe_rows]
     moe_prefill = row(moe_rows, "qwen3-30b-a3b", COUNTED, input=2048, output=128)
+    scout_errors = [r["error"] for r in max_load_groups["B200 at FP4, Llama 4 Scout (a mixture of experts) on 1 GPU"]]
     first_token = [r for r in gpu_checks if r["metric"] == "ttft_s"]
     h100_first, a100_first = ([r for r in gpu_read["compute_efficiency"] if r["system"] == g]
                               for g in ("h100-sxm", "a100-80gb"))
@@ -933,6 +954,15 @@ it (`kv_cache_quant_algo` FP8 in their hf_quant_config.json), and attention does
   18-19 Feb 2024, no raw data) reports a median of 812 tok/s for Groq's Mixtral; it is not in the
   table [L]. Scheduling every expert (not the top-2) is what puts Mixtral near 480 at TP 8: experts
   are 97% of a Mixtral layer's weight bytes.
+- Llama 4 Scout (16 experts a layer, 1 per token, beside a shared expert: 107.8 GB at int8, 17.2 GB of it
+  active): the static schedule installs all 16 experts at every step, whatever the routing. On its fewest
+  chips ({scout[0]["chips"]:,}, {scout[0]["layout"]}) each layer's MLP is cut into few parts and the prediction is
+  {scout[0]["tok_s"]:,.0f} tok/s, {scout[0]["tok_s"] / scout_published - 1:+.0%} from the listing ({scout_published:,}).
+  Given more chips, the compiler cuts the MLPs into more parts, which run side by side: {"; ".join(
+      f'{r["chips"]:,} chips ({r["layout"]}) {r["tok_s"]:,.0f} ({r["tok_s"] / scout_published - 1:+.0%})'
+      for r in scout[1:])}. So the listing needs
+  either several times the fewest chips or a schedule that installs only the chosen expert, which a
+  static schedule cannot; the public record gives neither Groq's chip count nor its schedule.
 - Held out at the fewest chips: each row's placement, and the same row compiled at each TP width
   inside a node ({widths}; `openlpu plan --tp`), each at its own fewest chips. The width nearest the
   listing is a reading of what deployment would explain it, chosen after seeing the listing, so it is
@@ -1008,7 +1038,8 @@ it (`kv_cache_quant_algo` FP8 in their hf_quant_config.json), and attention does
     --gpu-software tensorrt-llm-0.5` shows the other end: once per query head).
   - A mixture of experts: Qwen3-30B-A3B (128 experts, 8 per token) on one B200 ran slower than the model
     says on every row; the errors run from {min(moe_errors):+.0%} to {max(moe_errors):+.0%} (2,048 / 128,
-    where prefill dominates: {moe_prefill["error"]:+.0%}). The model times the experts as a roofline of
+    where prefill dominates: {moe_prefill["error"]:+.0%}), and so did Llama 4 Scout (16 experts, 1 per token, beside
+    a shared expert), from {min(scout_errors):+.0%} to {max(scout_errors):+.0%}. The model times the experts as a roofline of
     the chosen experts' work and the distinct experts' weights; serving them adds routing, token
     permutation and grouped GEMMs of few tokens per expert (8 of 128 experts: a batch of 4,096 tokens
     gives each about 256), for which it has no term. `plan` on a mixture of experts (Mixtral, gpt-oss) can favour the GPU by such margins,
@@ -1076,6 +1107,7 @@ def main() -> int:
     decomposition = lpu_decomposition(fitted_system)
     fp16 = fp16_activation_sensitivity(fitted_system)
     mixtral, fewest = mixtral_cut(fitted_system), fewest_chip_readings(lpu_rows, fitted_system)
+    scout = scout_spread(fitted_system)
     implied = implied_install_rates(lpu_rows, fitted_system)
     best = best_single_rate(implied, lpu_rows, fitted_system)
     pairs = contradictory_pairs(lpu_rows)
@@ -1087,11 +1119,11 @@ def main() -> int:
          "machine": f"{platform.node()} {platform.machine()} Python {platform.python_version()}",
          "gpu_fit": gpu_fit, "lpu_install_bytes_per_cycle_fit": install,
          "lpu_install_bytes_per_cycle_shipped": shipped, "lpu_decode_decomposition": decomposition,
-         "lpu_fp16_activation_sensitivity": fp16, "mixtral_576": mixtral, "fewest_chip_readings": fewest,
+         "lpu_fp16_activation_sensitivity": fp16, "mixtral_576": mixtral, "scout_spread": scout, "fewest_chip_readings": fewest,
          "implied_install_rates": implied, "best_single_install_rate": best, "contradictory_pairs": pairs,
          "speculative_reading": specdec, "gpu_readings": gpu_read, "lpu": lpu_rows, "gpu": gpu_rows},
         indent=1) + "\n")
-    text = markdown(lpu_rows, gpu_rows, gpu_fit, install, shipped, fitted_system, decomposition, fp16, mixtral,
+    text = markdown(lpu_rows, gpu_rows, gpu_fit, install, shipped, fitted_system, decomposition, fp16, mixtral, scout,
                     fewest, implied, best, pairs, specdec, gpu_read)
     (RESULTS / "fidelity.md").write_text(text)
     print(text)
