@@ -26,7 +26,7 @@ def models():
     """List the model architectures OpenLPU knows (presets) with their parameter counts."""
     from openlpu.models.spec import load_preset, preset_names
 
-    table = Table(title="Model presets (configs only; weights not needed to plan)")
+    table = Table(title="Model presets (configs only; weights not needed to plan)", pad_edge=False)  # 80 columns
     for col in ("name", "family", "layers", "d_model", "experts", "params (B)", "active (B)"):
         table.add_column(col, justify="right" if col != "name" else "left", no_wrap=col in ("name", "family"))
     for name in preset_names():

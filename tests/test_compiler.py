@@ -536,3 +536,18 @@ def test_llama4_mlps_end_in_one_all_reduce_and_chunked_layers_keep_their_chunk()
                       if t.kind == "all_reduce" and ".ffn_down" in t.name)
     assert p.placement.tp > 1 and not any("shexp" in t.name for t in p.decode.transfers)
     assert reduced == mlp_parts and len(reduced) == spec.n_layers
+
+
+def test_llama4_maverick_needs_experts_split_finer_than_lpu_v1_allows():
+    """Maverick's MoE layers (128 experts of 8,192 rows: 16 GB at int8) fit no lpu-v1 stage: split over a TP group
+    of 40 (the widest that splits its 40 heads inside a rack), too few rows per chip are left to cut it between
+    stages; the error says what does not fit. The projected chip's SRAM holds it, and the Program verifies, each
+    stage holding its layers' own d_ff rows (16,384 on the dense layers)."""
+    spec = load_preset("llama-4-maverick")
+    workload = Workload(context_length=8192, prompt_len=64)
+    with pytest.raises(OpenLPUError, match="L1.ffn alone needs .* MB per chip even split 40 ways"):
+        compile_program(spec, SYSTEM, workload)
+    p = compile_program(spec, load_system("lpu-v3-projected"), workload)
+    assert verify(p) == []
+    held = {(pc[0], pc[3]) for s in p.placement.stages for pc in s.pieces if pc[1] == "ffn" and pc[2] == 0}
+    assert {(i, spec.layer_d_ff(i)) for i in (0, 1)} <= held

@@ -118,7 +118,7 @@ def test_sharded_matches_fused_on_every_placement(tiny, family):
     for (system, chips), (tp, stages) in PLACEMENTS.items():
         program = compile_program(spec, SYSTEMS[system], WORKLOAD, chips)
         assert (program.placement.tp, len(program.placement.stages)) == (tp, stages)
-        cut = any(piece[1] == "ffn" and piece[2:] != (0, spec.d_ff) for s in program.placement.stages
+        cut = any(piece[1] == "ffn" and piece[2:] != (0, spec.layer_d_ff(piece[0])) for s in program.placement.stages
                   for piece in s.pieces)
         assert cut == system.startswith("cut"), (system, chips)
         # fused mode on the same Program: whole blocks, and the ops of a cut MLP alone on its part's rows

@@ -270,10 +270,23 @@ def test_llama4_without_qk_norm_for_128_experts(tmp_path):
     assert not spec_from_gguf(write_gguf(tmp_path / "m.gguf", "llama4", meta, {})).qk_l2_norm
 
 
+def test_llama4_interleaved_dense_layers_read_their_width(tmp_path):
+    """Maverick as llama.cpp's converter writes it: every second layer MoE (interleave_moe_layer_step 2), the
+    others dense MLPs of feed_forward_length (intermediate_size_mlp); the preset made from its config.json but
+    for the context (config.json's 1,048,576 here too) and the q/k norm llama.cpp drops for 128 experts."""
+    meta = {**SCOUT, "llama4.expert_count": 128, "llama4.interleave_moe_layer_step": 2,
+            "llama4.context_length": 1048576}
+    spec = spec_from_gguf(write_gguf(tmp_path / "maverick.gguf", "llama4", meta,
+                                     {"output.weight": np.zeros((1, 1), np.float32)}))
+    assert _differing(spec, load_preset("llama-4-maverick")) == []
+    assert (spec.moe_layer_step, spec.dense_d_ff, spec.d_ff) == (2, 16384, 8192)
+    assert [spec.is_moe_layer(i) for i in range(4)] == [False, True, False, True]
+
+
 @pytest.mark.parametrize("change, says", [
-    # Maverick: every second layer MoE, dense MLP layers between
-    ({"llama4.interleave_moe_layer_step": 2}, "llama4.interleave_moe_layer_step = 2 is not supported for llama4"),
     ({"llama4.interleave_moe_layer_step": None}, "GGUF metadata lacks llama4.interleave_moe_layer_step"),
+    ({"llama4.interleave_moe_layer_step": 2, "llama4.feed_forward_length": None},
+     "GGUF metadata lacks llama4.feed_forward_length"),
     ({"llama4.attention.sliding_window": 0}, "llama4.attention.sliding_window = 0 (no chunked attention"),
     ({"llama4.attention.sliding_window_pattern": 2}, "llama4.attention.sliding_window_pattern = 2 is not supported"),
     ({"llama4.expert_count": None, "llama4.expert_used_count": None}, "llama4.expert_count is 0 or absent"),

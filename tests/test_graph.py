@@ -88,6 +88,18 @@ def test_llama4_layers_become_ops():
     assert _weight_elements(ops.values(), 1) == pytest.approx(spec.active_param_count() - table + spec.d_model)
 
 
+def test_llama4_maverick_interleaves_dense_and_moe_mlps():
+    """Llama 4 Maverick: even layers a dense MLP of 16,384 rows, odd ones 128 experts of 8,192 and a shared expert;
+    one decode token reads the active parameters (second method: active_param_count)."""
+    spec = load_preset("llama-4-maverick")
+    ops = {o.name: o for o in lower(spec, "decode", 8192, 1, "int8")}
+    assert ops["blk.0.ffn_gate"].weight_bytes == 16384 * spec.d_model and "blk.0.ffn_gate_exps" not in ops
+    assert ops["blk.1.ffn_gate_exps"].weight_bytes == 8192 * spec.d_model and "blk.1.ffn_gate" not in ops
+    assert "blk.1.ffn_down_shexp" in ops and "blk.0.ffn_down_shexp" not in ops
+    table = spec.vocab_size * spec.d_model
+    assert _weight_elements(ops.values(), 1) == pytest.approx(spec.active_param_count() - table + spec.d_model)
+
+
 def test_prefill_is_causal_and_chunks_add_up():
     spec = load_preset("llama-3.1-8b")
     whole = {o.name: o for o in lower(spec, "prefill", 300, 1, "fp16")}

@@ -63,8 +63,9 @@ def test_llama3_rope_scaling_is_read(saved):
 
 
 def test_llama4_specific_fields(saved):
-    """The tiny Llama 4: rope + chunks of 8 on layer 0, NoPE + global with temperature tuning on layer 1, q/k
-    norms where transformers has them, a sigmoid router over 4 experts (top 2) and a shared expert."""
+    """The tiny Llama 4: rope + chunks of 8 and a dense MLP on layer 0, NoPE + global with temperature tuning
+    and experts on layer 1, q/k norms where transformers has them, a sigmoid router over 4 experts (top 2) and
+    a shared expert."""
     model, folder = saved["llama4"]
     spec = spec_from_hf_config(folder)
     assert spec.layer_kinds == ("chunked", "global") and spec.attention_chunk == 8 and spec.nope_global
@@ -74,6 +75,9 @@ def test_llama4_specific_fields(saved):
     assert spec.qk_l2_norm and hasattr(model.model.layers[0].self_attn, "qk_norm")
     assert (spec.router, spec.shared_expert, spec.n_experts, spec.n_experts_per_token, spec.d_ff) == \
         ("sigmoid_input", True, 4, 2, 96)
+    hf_moe = [layer.is_moe_layer for layer in model.model.layers]
+    assert [spec.is_moe_layer(i) for i in range(spec.n_layers)] == hf_moe == [False, True]
+    assert (spec.moe_layer_step, spec.dense_d_ff, spec.layer_d_ff(0), spec.layer_d_ff(1)) == (2, 128, 128, 96)
     rs = spec.rope_scaling
     assert (rs.kind, rs.factor, rs.low_freq_factor, rs.high_freq_factor, rs.original_context_length) == \
         ("llama3", 8.0, 1.0, 4.0, 16)
@@ -145,6 +149,10 @@ def test_llama4_packed_experts_split_gate_first(saved):
     assert {n: tuple(t.shape) for n, t in w.items()} == spec.tensor_shapes()
     for i, layer in enumerate(model.model.layers):
         moe, b = layer.feed_forward, f"blk.{i}."
+        if not spec.is_moe_layer(i):  # a dense MLP, under feed_forward
+            for part in ("gate", "up", "down"):
+                assert torch.equal(w[b + f"ffn_{part}.weight"], getattr(moe, f"{part}_proj").weight)
+            continue
         gate_up = moe.experts.gate_up_proj
         for j in range(spec.n_experts):
             assert torch.equal(w[b + "ffn_gate_exps.weight"][j], gate_up[j, :, :spec.d_ff].T)
@@ -154,10 +162,10 @@ def test_llama4_packed_experts_split_gate_first(saved):
         for part in ("gate", "up", "down"):
             assert torch.equal(w[b + f"ffn_{part}_shexp.weight"], getattr(moe.shared_expert, f"{part}_proj").weight)
     x = torch.randn(5, spec.d_model)  # the split computes what transformers' experts compute
-    expected = model.model.layers[0].feed_forward.experts(x.repeat(spec.n_experts, 1)).view(spec.n_experts, 5, -1)
-    gate = torch.einsum("td,efd->etf", x, w["blk.0.ffn_gate_exps.weight"])
-    up = torch.einsum("td,efd->etf", x, w["blk.0.ffn_up_exps.weight"])
-    ours = torch.einsum("etf,edf->etd", torch.nn.functional.silu(gate) * up, w["blk.0.ffn_down_exps.weight"])
+    expected = model.model.layers[1].feed_forward.experts(x.repeat(spec.n_experts, 1)).view(spec.n_experts, 5, -1)
+    gate = torch.einsum("td,efd->etf", x, w["blk.1.ffn_gate_exps.weight"])
+    up = torch.einsum("td,efd->etf", x, w["blk.1.ffn_up_exps.weight"])
+    ours = torch.einsum("etf,edf->etd", torch.nn.functional.silu(gate) * up, w["blk.1.ffn_down_exps.weight"])
     torch.testing.assert_close(ours, expected.detach())
 
 
@@ -269,10 +277,9 @@ def test_qwen3_moe_configs_it_cannot_express_are_refused(change, says):
 
 
 @pytest.mark.parametrize("change, says", [
-    # Maverick interleaves dense MLP layers: every second layer is MoE
-    ({"interleave_moe_layer_step": 2, "moe_layers": None},
-     "field 'interleave_moe_layer_step' = 2 is not supported for llama4: ModelSpec has no dense MLP layers"),
-    ({"interleave_moe_layer_step": 2, "moe_layers": [1]}, "field 'moe_layers' = [1] is not supported for llama4"),
+    # ModelSpec's MoE layers are every k-th layer (Maverick: every second)
+    ({"moe_layers": [0]}, "field 'moe_layers' = [0] is not supported for llama4"),
+    ({"interleave_moe_layer_step": 0, "moe_layers": None}, "'interleave_moe_layer_step' must be a positive integer"),
     ({"attention_bias": True}, "field 'attention_bias' = true is not supported for llama4_text"),
     ({"layer_types": ["full_attention", "full_attention"]},
      "layer 0 uses rope (field 'no_rope_layers') but its attention is global"),

@@ -14,7 +14,7 @@ HUB = "Hugging Face Hub parameter count (safetensors metadata) shown on {}"
 GPT_OSS_CARD = ("OpenAI, 'gpt-oss-120b & gpt-oss-20b Model Card' (arXiv:2508.10925, Aug 2025), parameter counts: "
                 "120b 116.83B total, 5.13B active; 20b 20.91B total, 3.61B active")
 LLAMA4_CARD = ("Llama 4 model card (meta-llama/llama-models, models/llama4/MODEL_CARD.md): Llama 4 Scout (17Bx16E), "
-               "17B (Activated), 109B (Total)")
+               "17B (Activated), 109B (Total); Llama 4 Maverick (17Bx128E), 17B (Activated), 400B (Total)")
 # Scout's 109B counts its vision encoder and projector, which the text-only preset leaves out: 850,960,896 +
 # 20,971,520 parameters (transformers Llama4VisionModel and Llama4MultiModalProjector with the vision_config of
 # meta-llama/Llama-4-Scout-17B-16E-Instruct's config.json; test_llama4_scout_vision_parameters counts them again).
@@ -56,6 +56,8 @@ PUBLISHED_TOTALS = {
     "gpt-oss-20b": (20.91e9, GPT_OSS_CARD),
     "gpt-oss-120b": (116.83e9, GPT_OSS_CARD),
     "llama-4-scout": (109e9 - SCOUT_VISION_PARAMETERS, LLAMA4_CARD + ", less its vision encoder and projector"),
+    # the text model counts 400.7B; with a vision encoder and projector of Scout's size (0.87B) it stays within 1%
+    "llama-4-maverick": (400e9, LLAMA4_CARD),
 }
 
 # Exact non-embedding counts where the papers publish them (the embedding rows differ only by
@@ -125,10 +127,11 @@ def test_gpt_oss_active_parameters(name, active):
     assert s.active_param_count() - s.vocab_size * s.d_model == pytest.approx(active, rel=0.005), GPT_OSS_CARD
 
 
-def test_llama4_scout_active_parameters():
-    """Meta's model card: 17B activated (a token's attention, router, shared expert and one of 16 experts, with
-    the embedding and unembedding tables)."""
-    assert load_preset("llama-4-scout").active_param_count() == pytest.approx(17e9, rel=0.02), LLAMA4_CARD
+@pytest.mark.parametrize("name", ["llama-4-scout", "llama-4-maverick"])
+def test_llama4_active_parameters(name):
+    """Meta's model card: 17B activated (a token's attention, router, shared expert and one expert, or Maverick's
+    dense MLP on every other layer, with the embedding and unembedding tables)."""
+    assert load_preset(name).active_param_count() == pytest.approx(17e9, rel=0.02), LLAMA4_CARD
 
 
 def test_llama4_scout_vision_parameters():
@@ -184,6 +187,11 @@ def test_family_specific_facts():
     assert [i for i, k in enumerate(s.layer_kinds) if k == "global"] == list(range(3, 48, 4))
     assert [i for i in range(s.n_layers) if not s.layer_uses_rope(i)] == list(range(3, 48, 4))
     assert s.layer_chunk(0) == 8192 and s.layer_chunk(3) is None
+    # Llama 4 Maverick: layers 1, 3, ... have 128 experts, the others a dense MLP of 16,384 (interleave_moe_layer_step
+    # 2, intermediate_size_mlp); no q/k norm (use_qk_norm false)
+    m = load_preset("llama-4-maverick")
+    assert [i for i in range(m.n_layers) if m.is_moe_layer(i)] == list(range(1, 48, 2)) and not m.qk_l2_norm
+    assert (m.layer_d_ff(0), m.layer_d_ff(1), m.n_experts) == (16384, 8192, 128)
 
 
 def test_models_lists_every_preset_whole_on_an_80_column_terminal():

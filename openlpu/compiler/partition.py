@@ -119,9 +119,10 @@ def vocab_rows(tensors: dict[str, tuple[int, ...]]) -> int:
     return tensors["token_embd.weight"][0]
 
 
-def ffn_rows(tensors: dict[str, tuple[int, ...]]) -> int:
-    """d_ff, read off the shapes of the tensors a cut MLP divides."""
-    return next(shape[_rule(name)[0]] for name, shape in tensors.items() if is_cut_along_ffn(name))
+def ffn_rows(tensors: dict[str, tuple[int, ...]]) -> dict[int, int]:
+    """Each layer's d_ff, read off the shapes of the tensors a cut MLP divides."""
+    return {item_of_tensor(name, -1): shape[_rule(name)[0]] for name, shape in tensors.items()
+            if is_cut_along_ffn(name)}
 
 
 def split_ranges(spec: ModelSpec, tensor: str, shape: tuple[int, ...], t: int,
@@ -236,7 +237,7 @@ def pieces(spec: ModelSpec, k: int, vocab: tuple[int, int] = (1, 1), attn: tuple
     attn = attn or (1,) * spec.n_layers
     layers = [p for i in range(spec.n_layers)
               for p in _attention_pieces(i, attn[i], slots[i] if slots else 0)
-              + [(i, "ffn", lo, hi) for lo, hi in _row_ranges(spec.d_ff, k)]]
+              + [(i, "ffn", lo, hi) for lo, hi in _row_ranges(spec.layer_d_ff(i), k)]]
     return (*[(EMBED, "embed", lo, hi) for lo, hi in _row_ranges(v, vocab[0])], *layers,
             *[(spec.n_layers, "head", lo, hi) for lo, hi in _row_ranges(v, vocab[1])])
 
@@ -426,7 +427,7 @@ def filled_sizes(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: in
 
     for whole in pieces(spec, 1):
         item, part = whole[:2]
-        extent = table.kv_slots[item] if part == "attn" else spec.d_ff if part == "ffn" else spec.vocab_size
+        extent = table.kv_slots[item] if part == "attn" else spec.layer_d_ff(item) if part == "ffn" else spec.vocab_size
         step = 1 if part == "attn" else t * tile_rows  # cuts fall between slots, or between weight tiles
         lo = 0
         while True:
@@ -544,8 +545,8 @@ def fitting_cuts(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: in
         rows = min(rows_that_fit(half_index(i, "ffn", n), table.ffn_row_bytes[i], True) for i in range(n))
         if rows < 1:
             return None
-        slices = max(slices, -(-spec.d_ff // (rows * t)))
-    if slices > 1 and spec.d_ff // slices // t < tile_rows:
+        slices = max(slices, -(-max(map(spec.layer_d_ff, range(n))) // (rows * t)))
+    if slices > 1 and min(map(spec.layer_d_ff, range(n))) // slices // t < tile_rows:
         return None
     vocab = []
     for k, part in enumerate(VOCAB_PARTS):
@@ -566,7 +567,7 @@ def fitting_cuts(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: in
 def cut_options(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: int, slices: int = 1):
     """Piece sizes with every piece fitting a stage alone, from the fewest MLP slices (at least
     `slices`) to the most that leave each chip a weight tile: finer slices can pack stages tighter."""
-    most = spec.d_ff // (table.t * tile_rows)
+    most = min(map(spec.layer_d_ff, range(spec.n_layers))) // (table.t * tile_rows)
     while (cuts := fitting_cuts(spec, table, capacity, tile_rows, slices)) is not None:
         yield piece_sizes(spec, table, *cuts)
         if cuts[0] >= most:
@@ -603,15 +604,17 @@ def group_chips(system: SystemSpec, t: int, p: int) -> list[tuple[int, ...]] | N
 
 
 # ---- the placement ----------------------------------------------------------------------------
-def piece_name(piece: tuple[int, str, int, int], d_ff: int, vocab: int) -> str:
+def piece_name(piece: tuple[int, str, int, int], d_ff: dict[int, int], vocab: int) -> str:
+    """'L3.ffn[0:4096]' for part of a layer's MLP (d_ff: each layer's, as ffn_rows gives), 'embed' when whole."""
     item, part, lo, hi = piece
-    whole = {"embed": (0, vocab), "head": (0, vocab), "ffn": (0, d_ff), "attn": (0, 0)}[part]
+    whole = {"embed": (0, vocab), "head": (0, vocab), "ffn": (0, d_ff.get(item)), "attn": (0, 0)}[part]
     rows = f"[{lo}:{hi}]" if (lo, hi) != whole else ""
     return (part if part in VOCAB_PARTS else f"L{item}.{part}") + rows
 
 
 def _describe(spec: ModelSpec, sizes: PieceSizes, lo: int, hi: int) -> str:
-    names = [piece_name(sizes.pieces[s], spec.d_ff, spec.vocab_size) for s in (lo, hi - 1)]
+    d_ff = {i: spec.layer_d_ff(i) for i in range(spec.n_layers)}
+    names = [piece_name(sizes.pieces[s], d_ff, spec.vocab_size) for s in (lo, hi - 1)]
     return names[0] if lo == hi - 1 else f"{names[0]} to {names[1]}"
 
 

@@ -408,7 +408,7 @@ def staged_ops(spec: ModelSpec, workload: Workload, ops: list[Op], placement: Pl
             continue
         if suffix == "ffn_norm":
             mlp_input[op.layer] = op
-        extent = spec.d_ff if part == "ffn" else spec.vocab_size
+        extent = spec.layer_d_ff(item) if part == "ffn" else spec.vocab_size
         names, part_ops = [], []
         for j, (stage, lo, hi) in enumerate(parts):
             name = op.name if j == 0 else f"{op.name}{CUT_SEPARATOR}{j}"

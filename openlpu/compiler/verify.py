@@ -25,8 +25,8 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
-from openlpu.compiler.partition import (is_cut_along_ffn, is_cut_along_vocab, merged_pieces, piece_homes,
-                                        tensor_piece)
+from openlpu.compiler.partition import (ffn_rows, is_cut_along_ffn, is_cut_along_vocab, merged_pieces,
+                                        piece_homes, tensor_piece)
 from openlpu.compiler.program import PhaseSchedule, Program, Transfer
 from openlpu.compiler.schedule import split_chunk
 from openlpu.errors import OpenLPUError
@@ -64,13 +64,12 @@ def _pieces_in_order(program: Program) -> list[tuple[int, str, int, int]]:
 
 
 def _model_pieces(program: Program) -> list[tuple[int, str, int, int]]:
-    """What the stages must hold, from the model's tensors: d_ff is the rows of a layer's up projection,
-    the vocabulary the rows of the embedding table; the KV slots are the Program's per layer."""
+    """What the stages must hold, from the model's tensors: each layer's d_ff rows of the tensors a cut MLP
+    divides, the vocabulary the rows of the embedding table; the KV slots are the Program's per layer."""
     n = _layers(program)
-    up = program.tensors.get("blk.0.ffn_up.weight")
-    d_ff = up[0] if up is not None else program.tensors["blk.0.ffn_up_exps.weight"][1]
+    d_ff = ffn_rows(program.tensors)
     vocab = program.tensors["token_embd.weight"][0]
-    layers = [p for i in range(n) for p in ((i, "attn", 0, program.kv_slots[i]), (i, "ffn", 0, d_ff))]
+    layers = [p for i in range(n) for p in ((i, "attn", 0, program.kv_slots[i]), (i, "ffn", 0, d_ff[i]))]
     return [(-1, "embed", 0, vocab), *layers, (n, "head", 0, vocab)]
 
 

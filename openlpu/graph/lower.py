@@ -200,10 +200,10 @@ def _attention_block(b: _Builder, spec: ModelSpec, i: int, x: str, m: int, batch
 
 
 def _mlp_block(b: _Builder, spec: ModelSpec, i: int, x: str, m: int) -> str:
-    p, d, ff = f"blk.{i}.", spec.d_model, spec.d_ff
+    p, d, ff = f"blk.{i}.", spec.d_model, spec.layer_d_ff(i)
     norm = b.vector(p + "ffn_norm", "norm", i, m * d, NORM_FLOPS_PER_ELEMENT, (x,),
                     weight=p + "ffn_norm.weight", weight_elems=d)
-    if spec.is_moe:
+    if spec.is_moe_layer(i):
         e, k = spec.n_experts, spec.n_experts_per_token
         bias = spec.moe_bias
         router = b.matmul(p + "ffn_gate_inp", i, m, e, d, p + "ffn_gate_inp.weight", (norm,), kind="moe_router",

@@ -227,6 +227,9 @@ class ArchDefaults:
     # metadata whose value ModelSpec fixes: key suffix -> (the value it must have, the value llama.cpp takes when
     # the key is absent (None: llama.cpp requires the key), why, for the refusal)
     fixed_metadata: dict = field(default_factory=dict)
+    # the required key of the MoE layers' step (ModelSpec.moe_layer_step), the others dense MLPs of
+    # feed_forward_length; "": every layer of an MoE model has experts
+    moe_step_key: str = ""
 
 
 ARCHITECTURES: dict[str, ArchDefaults] = {
@@ -271,10 +274,8 @@ ARCHITECTURES: dict[str, ArchDefaults] = {
     "llama4": ArchDefaults(family="llama4", d_ff_key="expert_feed_forward_length", router="sigmoid_input",
                            shared_expert=True, chunk_period=4, attention_chunk=8192, attn_temperature_floor=8192,
                            attn_temperature_scale=0.1, qk_l2_norm=True, no_qk_l2_norm_experts=128,
+                           moe_step_key="interleave_moe_layer_step",
                            fixed_metadata={
-                               "interleave_moe_layer_step": (
-                                   1, None, ("ModelSpec has no dense MLP layers between the MoE ones (Llama 4 "
-                                             "Maverick); use a model whose every layer is MoE (e.g. Llama 4 Scout)")),
                                "attention.sliding_window_pattern": (
                                    4, 4, ("ModelSpec's llama4 ropes exactly its chunked layers, and llama.cpp skips "
                                           "rope on every 4th layer; use a file without the key"))}),
@@ -334,6 +335,21 @@ def _fixed_metadata(meta: dict, arch: str, defaults: ArchDefaults, path: Path) -
                                f"{arch} (only {value}): {why}")
 
 
+def _moe_layers(meta: dict, arch: str, defaults: ArchDefaults, path: Path) -> dict:
+    """ModelSpec's moe_layer_step and dense_d_ff where the architecture interleaves MoE and dense layers."""
+    if not defaults.moe_step_key:
+        return {}
+    key = f"{arch}.{defaults.moe_step_key}"
+    dense_key = f"{arch}.feed_forward_length"
+    step = meta.get(key)
+    if step is None or (step > 1 and dense_key not in meta):
+        raise OpenLPUError(f"{path}: GGUF metadata lacks {key if step is None else dense_key}; the file is "
+                           "incomplete, re-convert it with a current llama.cpp")
+    if step < 1:
+        raise OpenLPUError(f"{path}: GGUF metadata {key} = {step}; it must be a positive integer")
+    return {"moe_layer_step": int(step), "dense_d_ff": int(meta[dense_key]) if step > 1 else 0}
+
+
 def _chunked_layers(meta: dict, arch: str, defaults: ArchDefaults, values: dict, path: Path) -> dict:
     """ModelSpec fields of an architecture with chunked and NoPE global layers (ArchDefaults.chunk_period)."""
     if not defaults.chunk_period:
@@ -386,6 +402,7 @@ def spec_from_gguf(path: str | Path) -> ModelSpec:
     else:
         values["sliding_window"] = None
     values |= _chunked_layers(meta, arch, defaults, values, header.path)
+    values |= _moe_layers(meta, arch, defaults, header.path)
     if defaults.explicit_query_scale:
         per_head = (values["d_model"] // values["n_heads"]
                     if n_layers == defaults.query_scale_from_d_model_layers else values["head_dim"])

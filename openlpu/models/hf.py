@@ -109,18 +109,21 @@ def _llama4_pattern(cfg: dict, n: int) -> list[str]:
 
 
 def _llama4_fields(f: _Fields, kinds: list[str]) -> dict:
-    """Llama 4's chunk, attention temperature and q/k norm; refuses dense layers between the MoE ones
-    (Maverick) and rope / attention patterns ModelSpec's llama4 cannot hold (rope exactly on chunked layers)."""
+    """Llama 4's MoE layers (every one, Scout; every second, Maverick, whose others are dense MLPs of
+    intermediate_size_mlp), chunk, attention temperature and q/k norm; refuses MoE layers in another pattern and
+    rope / attention patterns ModelSpec's llama4 cannot hold (rope exactly on chunked layers)."""
     cfg, n = f.cfg, len(kinds)
     step = f.number("interleave_moe_layer_step", LLAMA4_DEFAULTS["interleave_moe_layer_step"], kind=int)
+    if step < 1:
+        raise f.error(f"field 'interleave_moe_layer_step' must be a positive integer, got {step}")
     moe_layers = cfg.get("moe_layers")  # transformers: it overrides interleave_moe_layer_step when set
-    if moe_layers is None and step != 1:
-        raise f.error(f"field 'interleave_moe_layer_step' = {step} is not supported for llama4: ModelSpec has no "
-                      "dense MLP layers between the MoE ones (Llama 4 Maverick); use a model whose every layer is "
-                      "MoE (interleave_moe_layer_step 1, e.g. Llama 4 Scout)")
-    if moe_layers is not None and (not isinstance(moe_layers, list) or sorted(moe_layers) != list(range(n))):
-        raise f.error(f"field 'moe_layers' = {moe_layers} is not supported for llama4: ModelSpec has no dense MLP "
-                      "layers between the MoE ones (Llama 4 Maverick); use a model whose every layer is MoE")
+    if moe_layers is not None:  # ModelSpec holds it as a step: every step-th layer, counting from 1
+        steps = [s for s in range(1, n + 1) if isinstance(moe_layers, list) and moe_layers == list(range(s - 1, n, s))]
+        if not steps:
+            raise f.error(f"field 'moe_layers' = {moe_layers} is not supported for llama4: ModelSpec's MoE layers are "
+                          "every k-th layer (layers k-1, 2k-1, ...); use a config whose moe_layers follow "
+                          "interleave_moe_layer_step")
+        step = steps[0]
     rope_layers = _llama4_rope_layers(cfg, n)
     if rope_layers is None:
         raise f.error(f"field 'no_rope_layers' must list 0 (NoPE) or 1 (rope) for each of the {n} layers, or be "
@@ -137,7 +140,8 @@ def _llama4_fields(f: _Fields, kinds: list[str]) -> dict:
     scale = f.number("attn_scale", LLAMA4_DEFAULTS["attn_scale"]) if tuning else 0.0
     if tuning and floor <= 0:
         raise f.error(f"field 'floor_scale' must be a positive integer with attn_temperature_tuning on, got {floor}")
-    return {"head_dim": f.number("head_dim", LLAMA4_DEFAULTS["head_dim"], kind=int),  # not d_model / n_heads
+    return {"moe_layer_step": step, "dense_d_ff": f.number("intermediate_size_mlp", kind=int) if step > 1 else 0,
+            "head_dim": f.number("head_dim", LLAMA4_DEFAULTS["head_dim"], kind=int),  # not d_model / n_heads
             "attention_chunk": f.number("attention_chunk_size", chunk, kind=int) if "chunked" in kinds else None,
             "attn_temperature_floor": floor if scale else 0,
             "attn_temperature_scale": scale,
@@ -420,6 +424,9 @@ LAYER_NAMES = {
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
 }
+# The dense MLP's module, by family where it is not "mlp" (transformers Llama4TextDecoderLayer.feed_forward):
+# LAYER_NAMES' "mlp." names are read under it.
+MLP_MODULES = {"llama4": "feed_forward."}
 # The MoE router's names, by family.
 ROUTER_NAMES = {"mixtral": {"block_sparse_moe.gate.weight": "ffn_gate_inp.weight"},
                 "qwen3-moe": {"mlp.gate.weight": "ffn_gate_inp.weight"},
@@ -483,7 +490,10 @@ MXFP4_SCALE_BIAS = 127
 
 def hf_to_gguf_names(spec: ModelSpec) -> dict[str, str]:
     """Every non-expert HF tensor name this spec expects -> its GGUF name."""
-    per_layer = {**LAYER_NAMES, **(POST_NORM_NAMES if spec.post_norms else PRE_NORM_NAMES),
+    mlp = MLP_MODULES.get(spec.family, "mlp.")
+    layer_names = {mlp + hf.removeprefix("mlp.") if hf.startswith("mlp.") else hf: gguf
+                   for hf, gguf in LAYER_NAMES.items()}
+    per_layer = {**layer_names, **(POST_NORM_NAMES if spec.post_norms else PRE_NORM_NAMES),
                  **ROUTER_NAMES.get(spec.family, {}), **SHARED_EXPERT_NAMES.get(spec.family, {})}
     wanted = spec.tensor_shapes()
     names = {hf: gguf for hf, gguf in GLOBAL_NAMES.items() if gguf in wanted}
@@ -501,13 +511,15 @@ def expert_names(spec: ModelSpec) -> dict[str, tuple[str, int]]:
         return {}
     prefix, suffixes = EXPERT_NAMES[spec.family]
     return {f"model.layers.{i}.{prefix}.{j}.{hf}": (f"blk.{i}.{gguf}", j)
-            for i in range(spec.n_layers) for j in range(spec.n_experts) for hf, gguf in suffixes.items()}
+            for i in range(spec.n_layers) if spec.is_moe_layer(i) for j in range(spec.n_experts)
+            for hf, gguf in suffixes.items()}
 
 
 def packed_expert_names(spec: ModelSpec) -> dict[str, list]:
     """HF name of a tensor packing every expert -> [(GGUF name, layout change)] (gpt-oss, Llama 4)."""
     return {f"model.layers.{i}.{hf}": [(f"blk.{i}.{gguf}", to_gguf) for gguf, to_gguf in parts]
-            for i in range(spec.n_layers) for hf, parts in PACKED_EXPERT_NAMES.get(spec.family, {}).items()}
+            for i in range(spec.n_layers) if spec.is_moe_layer(i)
+            for hf, parts in PACKED_EXPERT_NAMES.get(spec.family, {}).items()}
 
 
 def text_model_name(name: str, spec: ModelSpec) -> str | None:

@@ -87,6 +87,10 @@ class ModelSpec:
     tie_embeddings: bool = False
     n_experts: int = 0  # 0 = dense MLP
     n_experts_per_token: int = 0
+    # MoE models: layer i has experts iff (i + 1) % moe_layer_step == 0, the others a dense MLP of dense_d_ff
+    # (Llama 4 Maverick: every second layer; transformers Llama4TextConfig.moe_layers)
+    moe_layer_step: int = 1
+    dense_d_ff: int = 0
     router: str = "softmax"  # one of ROUTERS
     shared_expert: bool = False  # Llama 4: every token also goes through a dense MLP of d_ff beside its experts
     attention_chunk: int | None = None  # "chunked" layers' chunk of positions (Llama 4: 8192)
@@ -127,6 +131,10 @@ class ModelSpec:
             raise bad("layers of kind 'local' need sliding_window")
         if "chunked" in self.layer_kinds and not self.attention_chunk:
             raise bad("layers of kind 'chunked' need attention_chunk")
+        if isinstance(self.moe_layer_step, bool) or not isinstance(self.moe_layer_step, int) or self.moe_layer_step < 1:
+            raise bad(f"moe_layer_step must be a positive integer, got {self.moe_layer_step!r}")
+        if self.moe_layer_step > 1 and not (self.is_moe and self.dense_d_ff > 0):
+            raise bad("moe_layer_step above 1 needs experts and dense_d_ff (the dense layers' MLP width)")
         if self.router not in ROUTERS:
             raise bad(f"router {self.router!r} not supported; use one of {ROUTERS}")
         if (self.shared_expert or self.router != "softmax") and not self.is_moe:
@@ -156,6 +164,13 @@ class ModelSpec:
     @property
     def is_moe(self) -> bool:
         return self.n_experts > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.is_moe and (layer + 1) % self.moe_layer_step == 0
+
+    def layer_d_ff(self, layer: int) -> int:
+        """The MLP width of a layer: each expert's on an MoE layer, the dense MLP's otherwise."""
+        return self.dense_d_ff if self.is_moe and not self.is_moe_layer(layer) else self.d_ff
 
     def splits_heads(self, tp: int) -> bool:
         """Whether tensor parallelism over `tp` devices can split attention by heads: each takes whole
@@ -188,7 +203,7 @@ class ModelSpec:
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every weight tensor, by GGUF name, with its torch shape, in a fixed order."""
-        d, q, kv, ff, e = self.d_model, self.q_dim, self.kv_dim, self.d_ff, self.n_experts
+        d, q, kv, e = self.d_model, self.q_dim, self.kv_dim, self.n_experts
         shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (self.vocab_size, d)}
         for i in range(self.n_layers):
             b = f"blk.{i}."
@@ -211,7 +226,8 @@ class ModelSpec:
             if self.post_norms:
                 shapes[b + "post_attention_norm.weight"] = (d,)
             shapes[b + "ffn_norm.weight"] = (d,)
-            if self.is_moe:
+            ff = self.layer_d_ff(i)
+            if self.is_moe_layer(i):
                 shapes[b + "ffn_gate_inp.weight"] = (e, d)
                 shapes[b + "ffn_gate_exps.weight"] = (e, ff, d)
                 shapes[b + "ffn_up_exps.weight"] = (e, ff, d)

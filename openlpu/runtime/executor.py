@@ -298,7 +298,7 @@ def build_kernel(chip: Chip, name: str, kind: str) -> Callable:
         return lambda p, g, u: GLUS[spec.activation](g, u)
     if suffix == "ffn_act":
         glu = GLUS[spec.activation]
-        if spec.is_moe:
+        if spec.is_moe_layer(layer):
             return lambda p, g, u: Routed(glu(g.values, u.values), g.experts, g.weights)
         return lambda p, g, u: glu(g, u)
     if suffix == "ffn_gate_inp":

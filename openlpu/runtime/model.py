@@ -460,10 +460,10 @@ class Model:
                                                w(b + "attn_k_norm.weight").expand(s.n_kv_heads, -1)])
                                     + s.norm_weight_offset, s.norm_eps) if s.qk_norm else None
             experts = shared = None
-            if s.shared_expert:
+            if s.shared_expert and s.is_moe_layer(i):
                 shared = (linear([b + "ffn_gate_shexp.weight", b + "ffn_up_shexp.weight"]),
                           linear([b + "ffn_down_shexp.weight"]))
-            if s.is_moe:
+            if s.is_moe_layer(i):
                 gates, ups, downs = (w(b + f"ffn_{p}_exps.weight") for p in ("gate", "up", "down"))
                 gate_b, up_b, down_b = ((w(b + f"ffn_{p}_exps.bias") if s.moe_bias else [None] * s.n_experts)
                                         for p in ("gate", "up", "down"))
@@ -479,9 +479,9 @@ class Model:
                 sinks=w(b + "attn_sinks.weight") if s.attn_sinks else None,
                 post_attention_norm=norm(b + "post_attention_norm.weight") if s.post_norms else None,
                 ffn_norm=norm(b + "ffn_norm.weight"),
-                gate_up=None if s.is_moe else linear([b + "ffn_gate.weight", b + "ffn_up.weight"]),
-                down=None if s.is_moe else linear([b + "ffn_down.weight"]),
-                router=linear([b + "ffn_gate_inp.weight"], "float32") if s.is_moe else None,
+                gate_up=None if s.is_moe_layer(i) else linear([b + "ffn_gate.weight", b + "ffn_up.weight"]),
+                down=None if s.is_moe_layer(i) else linear([b + "ffn_down.weight"]),
+                router=linear([b + "ffn_gate_inp.weight"], "float32") if s.is_moe_layer(i) else None,
                 experts=experts,
                 shared_expert=shared,
                 post_ffw_norm=norm(b + "post_ffw_norm.weight") if s.post_norms else None,
@@ -594,9 +594,11 @@ class Model:
 
     def _decode_layer(self, blk: _Block):
         """The block in C++ (vnni_kernels.cpp's DecodeLayer), where the VNNI kernels run all four of
-        its matrices and the family needs nothing it leaves out (biases, experts, softcaps)."""
+        its matrices and the family needs nothing it leaves out (biases, experts, softcaps, Llama 4's NoPE layers
+        and its q/k norm after rope)."""
         s, matrices = self.spec, [blk.qkv, blk.attn_output, blk.gate_up, blk.down]
         if (blk.experts is not None or s.attn_logit_softcap or s.activation not in ("gelu_tanh", "silu")
+                or blk.rope_base is None or blk.qk_l2_norm is not None
                 or any(m.vnni is None or m.bias is not None for m in matrices)):
             return None
         vnni, none = matrices[0].vnni, torch.empty(0)

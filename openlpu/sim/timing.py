@@ -100,7 +100,7 @@ def timing(program: Program) -> LpuTiming:
 
 
 # ---- views for `openlpu inspect` ---------------------------------------------------------------
-def _holds(pieces: tuple[tuple[int, str, int, int], ...], d_ff: int, vocab: int) -> str:
+def _holds(pieces: tuple[tuple[int, str, int, int], ...], d_ff: dict[int, int], vocab: int) -> str:
     """A stage's first and last piece: "L3.ffn[0:7168]..L4.attn"; a layer's two whole halves read "L3"."""
     names: list[str] = []
     for piece in pieces:
