@@ -698,11 +698,14 @@ def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int 
         sizes = piece_sizes(spec, size_table(spec, workload, t, passes))
         worst = max(range(len(sizes.weights)), key=lambda s: stage_bytes(sizes, s, s + 1))
         need = stage_bytes(sizes, worst, worst + 1)
+        # a piece without K and V (an MLP's weights) shrinks only with fewer bytes per weight or a larger chip
+        shorter = (f"lower --context ({workload.context_length}) or --users ({workload.users}), "
+                   if sizes.kv[worst] else "")
         return OpenLPUError(
             f"{spec.name} does not fit on any {system.name} system: {_describe(spec, sizes, worst, worst + 1)} alone "
             f"needs {need / 1e6:,.0f} MB per chip even split {t} ways (a chip holds {cap / 1e6:.0f} MB; the largest "
-            f"system has {system.max_chips} chips); lower --context ({workload.context_length}) or --users "
-            f"({workload.users}), or use a smaller precision")
+            f"system has {system.max_chips} chips); {shorter}use a smaller precision, or a system whose chips hold "
+            "more SRAM (--system)")
     need = best[0] * best[1]
     if chips is None:
         return OpenLPUError(f"{what} needs {need} chips")
