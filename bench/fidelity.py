@@ -504,10 +504,9 @@ SCOUT_SPREAD = (1, 2, 4)  # Llama 4 Scout read at these multiples of its fewest 
 
 def scout_spread(system) -> list[dict]:
     """Llama 4 Scout on multiples of its fewest chips: its MLPs cut into more parts, which run side by side."""
-    fewest = predict_lpu(LLAMA_4_SCOUT, system)[1].chips
     out = []
-    for k in SCOUT_SPREAD:  # once at the held-out row's own placement, then on k times its chips
-        tok_s, t = predict_lpu(dataclasses.replace(LLAMA_4_SCOUT, chips=k * fewest if k > 1 else None), system)
+    for k in SCOUT_SPREAD:  # first at the held-out row's own placement (k = 1), then on k times its chips
+        tok_s, t = predict_lpu(dataclasses.replace(LLAMA_4_SCOUT, chips=k * out[0]["chips"] if out else None), system)
         out.append({"chips": t.chips, "layout": f"{t.stages} x TP {t.tp}", "tok_s": tok_s})
     return out
 

@@ -169,7 +169,7 @@ def test_attention_split_along_its_kv_slots_runs_like_the_whole(tiny, family, vo
             if part == "attn":
                 parts.setdefault(item, []).append((lo, hi))
     for i, held in parts.items():
-        ring = min(WORKLOAD.context_length, spec.layer_ring(i) or WORKLOAD.context_length)
+        ring = spec.layer_positions(i, WORKLOAD.context_length)
         assert len(held) >= 2 and held[0][0] == 0 and held[-1][1] == ring, (i, held)
     assert verify(program) == []
     assert any(t.kind == "rank_p2p" for t in program.decode.transfers)

@@ -221,7 +221,7 @@ def _row_ranges(rows: int, k: int) -> list[tuple[int, int]]:
 
 def kv_slots(spec: ModelSpec, context_length: int, layer: int) -> int:
     """Positions layer `layer` keeps per user: the context, or its sliding window or chunk (a ring) if shorter."""
-    return min(context_length, spec.layer_ring(layer) or context_length)
+    return spec.layer_positions(layer, context_length)
 
 
 def _attention_pieces(i: int, parts: int, slots: int) -> list[tuple[int, str, int, int]]:

@@ -172,11 +172,11 @@ def _attention_block(b: _Builder, spec: ModelSpec, i: int, x: str, m: int, batch
         rope = b.add(p + "attn_temperature", "rope", i, "vector", (m * spec.q_dim,),
                      m * spec.q_dim * bool(spec.attn_temperature_scale), act_in=qk_elems, act_out=qk_elems,
                      inputs=(q, k))
-    window, ring = spec.layer_window(i), spec.layer_ring(i)
+    window = spec.layer_window(i)
     # (query, key) pairs, all sequences; a decode step's queries all stream past the same cached keys
     pairs = batch * queries * attended_keys(seq_len, window, phase, past_len, spec.layer_chunk(i))
     cached_len = seq_len if phase == "decode" else past_len  # keys read back from the KV cache
-    cached = batch * min(cached_len, ring or cached_len)
+    cached = batch * spec.layer_positions(i, cached_len)
     scores = pairs * spec.n_heads
     att_inputs = (rope, v)
     if spec.attn_logit_softcap:

@@ -194,9 +194,9 @@ class ModelSpec:
     def layer_chunk(self, layer: int) -> int | None:
         return self.attention_chunk if self.layer_kinds[layer] == "chunked" else None
 
-    def layer_ring(self, layer: int) -> int | None:
-        """Positions a layer keeps per sequence (a ring): its window or its chunk; None: all of them."""
-        return self.layer_window(layer) or self.layer_chunk(layer)
+    def layer_positions(self, layer: int, context: int) -> int:
+        """Positions of a `context` a layer keeps per sequence: all of them, or a ring of its window or chunk."""
+        return min(context, self.layer_window(layer) or self.layer_chunk(layer) or context)
 
     def layer_uses_rope(self, layer: int) -> bool:
         return not (self.nope_global and self.layer_kinds[layer] == "global")

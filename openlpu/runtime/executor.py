@@ -49,8 +49,8 @@ from openlpu.models.spec import ModelSpec
 from openlpu.runtime.kernels import Linear
 from openlpu.runtime.kv_cache import KVCache
 from openlpu.runtime.model import (GLUS, PRECISIONS, ROPE_STYLE, Head, Model, Partial, RMSNorm, Span, apply_rope,
-                                   apply_sinks, attend, attend_slots, attention_plans, merge_partials,
-                                   query_temperature, rope_inverse_frequencies, rope_tables, weightless_norm)
+                                   apply_sinks, attend, attend_slots, attention_plans, cache_group,
+                                   merge_partials, query_temperature, rope_inverse_frequencies, rope_tables, weightless_norm)
 
 MODES = ("sharded", "fused")
 HEAD_OPS = ("output_norm", "output", "final_softcap", "sample")  # the head item's ops
@@ -157,9 +157,7 @@ class Pass:
 
     def plans(self, chip: Chip, layer: int) -> list:
         """model.py's attention plans for this layer's cache group on this chip's cache."""
-        spec, capacity = chip.spec, chip.cache.capacity
-        key = (chip.id, min(spec.layer_ring(layer) or capacity, capacity), spec.layer_window(layer),
-               spec.layer_chunk(layer))
+        key = (chip.id, *cache_group(chip.spec, layer, chip.cache.capacity))
         if key not in self._plans:
             # lengths as they stand at the start of this pass (chunks of one prompt interleave layers)
             lengths = {sp.slot: sp.start_pos for sp in self.spans}

@@ -32,8 +32,7 @@ class KVCache:
                                f"(got {n_slots} slots, {capacity} positions)")
         self.capacity = capacity
         # per layer: positions kept (the ring size for sliding-window and chunked layers)
-        self.layer_capacity = [min(spec.layer_ring(i) or capacity, capacity)
-                               for i in range(spec.n_layers)]
+        self.layer_capacity = [spec.layer_positions(i, capacity) for i in range(spec.n_layers)]
         # torch.empty: memory is only touched as sequences grow, and no entry is ever read before
         # it is written (the model attends to written positions only).
         shape = lambda c: (n_slots, spec.n_kv_heads, c, spec.head_dim)  # noqa: E731

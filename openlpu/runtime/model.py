@@ -174,6 +174,12 @@ def visible_keys(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, c
     return visible
 
 
+def cache_group(spec: ModelSpec, layer: int, capacity: int) -> tuple[int, int | None, int | None]:
+    """(positions kept, window, chunk) of a layer in a cache of `capacity` positions: layers with the same
+    share attention plans."""
+    return spec.layer_positions(layer, capacity), spec.layer_window(layer), spec.layer_chunk(layer)
+
+
 def attention_plans(spans: list[Span], lengths: list[int] | None, capacity: int, window: int | None,
                     chunk: int | None = None, device=None) -> list[AttentionPlan]:
     """Per span, for layers keeping `capacity` positions: what to write, what to attend.
@@ -487,8 +493,7 @@ class Model:
                 post_ffw_norm=norm(b + "post_ffw_norm.weight") if s.post_norms else None,
                 rope_base=s.layer_rope_base(i) if s.layer_uses_rope(i) else None,
                 qk_l2_norm=weightless_norm(s, dev) if s.qk_l2_norm and s.layer_uses_rope(i) else None,
-                cache_group=(min(s.layer_ring(i) or self.max_positions, self.max_positions),
-                             s.layer_window(i), s.layer_chunk(i)),
+                cache_group=cache_group(s, i, self.max_positions),
             ))
         self.output_norm = norm("output_norm.weight")
         # Embedding and head matrices come as row sources: float32 tensors, or GGUFRows that

@@ -191,7 +191,7 @@ def kv_bytes(spec: ModelSpec, precision: str, context: int, users: int) -> float
     or chunked layer keeps its window or chunk only, as TensorRT-LLM (a list of per-layer attention windows,
     KvCacheConfig.max_attention_window) and vLLM (its hybrid KV cache manager) keep them."""
     kv_bytes_per_element = as_precision(serving_kv_precision(precision)).bytes_per_element
-    positions = sum(min(context, spec.layer_ring(i) or context) for i in range(spec.n_layers))
+    positions = sum(spec.layer_positions(i, context) for i in range(spec.n_layers))
     return 2 * spec.kv_dim * kv_bytes_per_element * positions * users
 
 
