@@ -49,8 +49,8 @@ from openlpu.models.spec import ModelSpec
 from openlpu.runtime.kernels import Linear
 from openlpu.runtime.kv_cache import KVCache
 from openlpu.runtime.model import (GLUS, PRECISIONS, ROPE_STYLE, Head, Model, Partial, RMSNorm, Span, apply_rope,
-                                   apply_sinks, attend, attend_slots, attention_plans, cache_group,
-                                   merge_partials, query_temperature, rope_inverse_frequencies, rope_tables, weightless_norm)
+                                   apply_sinks, attend, attend_slots, attention_plans, cache_group, merge_partials,
+                                   query_temperature, rope_inverse_frequencies, rope_tables, weightless_norm)
 
 MODES = ("sharded", "fused")
 HEAD_OPS = ("output_norm", "output", "final_softcap", "sample")  # the head item's ops
