@@ -7,8 +7,10 @@ default cost assumptions of `openlpu plan`). The 8B model is also planned at the
 GroqCloud's documentation lists llama-3.1-8b-instant with (its model catalogue, 2025), where the users'
 K and V, not the weights, set the chip count. The 70B model is planned decoding speculatively with a 1B
 draft, at an acceptance rate assumed, not measured (`openlpu plan --draft`), and gpt-oss-120b, the MoE
-GroqCloud serves now, and Llama 4 Scout (16 experts, one per token, beside a shared expert), both of whose
-every expert the LPU's static schedule installs at each step. A simulation,
+GroqCloud serves now, Llama 4 Scout (16 experts, one per token, beside a shared expert), and Llama 4
+Maverick (128 experts in every second layer: 401B weights, which lpu-v1 holds only by cutting its MoE layers
+by whole experts, one per chip), all of whose every expert the LPU's static schedule installs at each step.
+A simulation,
 not a measurement: how far the two models are from published figures is bench/results/fidelity.md.
 Writes bench/results/capacity.md and .json.
 Usage: python bench/capacity.py
@@ -30,7 +32,7 @@ RESULTS = Path(__file__).parent / "results"
 # (model, context, speculative decoding: None or (draft, draft tokens per round, assumed acceptance))
 MODELS = (("llama-3.1-8b", 8192, None), ("llama-3.1-8b", 131072, None), ("llama-3.3-70b", 8192, None),
           ("llama-3.3-70b", 8192, ("llama-3.2-1b", 4, 0.8)), ("gpt-oss-120b", 8192, None),
-          ("llama-4-scout", 8192, None))
+          ("llama-4-scout", 8192, None), ("llama-4-maverick", 8192, None))
 USERS = (1, 4, 16, 64, 256)
 GPUS = ("h100-sxm", "b200")
 

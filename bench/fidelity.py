@@ -575,8 +575,8 @@ def fewest_chip_readings(lpu_rows, system) -> list[dict]:
         nearest = min(fitting, key=lambda t: abs(math.log(by_tp[t]["predicted"] / r["published"])), default=None)
         loaded, timed = predict_lpu(point, system, users=LOADED_USERS)
         lpu = r["lpu"]
-        half = None  # with no width inside a node: the placement at half the compiler's width across nodes
-        if nearest is None:
+        half = None  # placed across nodes: the placement at half the compiler's width
+        if lpu["tp"] > max(WIDTHS):
             predicted, timed_half = predict_lpu(point, system, lpu["tp"] // 2)
             half = {"tp": timed_half.tp, "chips": timed_half.chips, "predicted": predicted}
         out.append({"model": r["model"], "context": r["setting"]["context"], "published": r["published"],
@@ -744,9 +744,11 @@ def markdown(lpu_rows, gpu_rows, gpu_fit, install_fit, shipped_install, system, 
         + [f"| {f['model']} ({f['context']:,}) | {at_widths(f, 'chips', 'd')} | {at_widths(f, 'predicted', ',.0f')} "
            f"| {f['stages']} x TP {f['tp']} | {f['published']:,} | {nearest(f)} | {f['loaded']['chips']:,}, "
            f"{f['loaded']['predicted']:,.0f} |" for f in fewest])
-    small = [f for f in fewest if f["nearest_tp"] and f["nearest_tp"] < f["tp"]]
+    # the compiler spans nodes only when no width inside a node places the MLPs cut by rows; --tp inside a
+    # node then cuts them by whole experts (mlp_cuts in openlpu/compiler/partition.py)
+    wide_only = [f for f in fewest if f["tp"] > max(WIDTHS)]
+    small = [f for f in fewest if f not in wide_only and f["nearest_tp"] and f["nearest_tp"] < f["tp"]]
     big = [f for f in fewest if f["nearest_tp"] == f["tp"]]
-    wide_only = [f for f in fewest if f["nearest_tp"] is None]  # no width of WIDTHS holds their pieces
     within = [f for f in small if abs(f["by_tp"][f["nearest_tp"]]["error"]) <= TARGET_ERROR]
     within_by_tp = {t: sum(bool(f["by_tp"][t]) and abs(f["by_tp"][t]["error"]) <= TARGET_ERROR for f in small)
                     for t in WIDTHS}
@@ -755,14 +757,17 @@ def markdown(lpu_rows, gpu_rows, gpu_fit, install_fit, shipped_install, system, 
     width_spread = max(max(w["chips"] for w in f["by_tp"].values() if w) /
                        min(w["chips"] for w in f["by_tp"].values() if w) for f in small) - 1
     wide_only_text = "".join(
-        f" {f['model']} ({f['context']:,}): no width inside a node holds one layer's MLP (at TP {max(WIDTHS)},"
-        f" {_layer_mlp_bytes(f['model']) / max(WIDTHS) / 1e6:,.0f} MB of int8 experts per chip, and too few d_ff rows"
-        f" per chip to cut it between stages), so the compiler spans nodes at TP {f['tp']} ({f['stages']} stages),"
-        f" installing every expert of every layer at each step, as a static schedule must: {f['predicted']:,.0f}"
-        f" tok/s, {f['predicted'] / f['published'] - 1:+.0%} from the listing. At TP {f['half_width']['tp']}"
-        f" ({f['half_width']['chips']:,} chips) it predicts {f['half_width']['predicted']:,.0f}"
-        f" ({f['half_width']['predicted'] / f['published'] - 1:+.0%}): the listing lies between two placements"
-        f" of the same size, and the public record does not say how Groq places it." for f in wide_only)
+        f" {f['model']} ({f['context']:,}): cut by d_ff rows, no width inside a node holds one layer's MLP (at TP"
+        f" {max(WIDTHS)}, {_layer_mlp_bytes(f['model']) / max(WIDTHS) / 1e6:,.0f} MB of int8 experts per chip, and too"
+        f" few rows per chip to cut it between stages), so the compiler spans nodes at TP {f['tp']} ({f['stages']}"
+        f" stages), installing every expert of every layer at each step, as a static schedule must:"
+        f" {f['predicted']:,.0f} tok/s, {f['predicted'] / f['published'] - 1:+.0%} from the listing. At TP"
+        f" {f['half_width']['tp']} ({f['half_width']['chips']:,} chips) it predicts"
+        f" {f['half_width']['predicted']:,.0f} ({f['half_width']['predicted'] / f['published'] - 1:+.0%}). Inside a"
+        f" node only MLPs cut by whole experts fit (expert parallelism; the widths of the table above:"
+        f" {_errors_at_widths(f)}); the compiler prefers rows, which give each chip the same share of a"
+        f" layer's work whatever the routing. The listing lies between these placements, and the public record"
+        f" does not say how Groq places it." for f in wide_only)
     by_model = {f["model"]: f for f in fewest}
     same_shape_pairs = "; ".join(
         f"{a} / {b} listed {by_model[a]['published']:,} / {by_model[b]['published']:,} tok/s "
@@ -1059,6 +1064,11 @@ def _models(readings: list[dict]) -> str:
 
 def _widths(readings: list[dict]) -> str:
     return " and ".join(map(str, sorted({r["nearest_tp"] for r in readings}, reverse=True)))
+
+
+def _errors_at_widths(f: dict) -> str:
+    """'TP 8: 552 chips, -37%; TP 4: ...' for the widths a fewest-chips reading placed."""
+    return "; ".join(f"TP {t}: {w['chips']:,} chips, {w['error']:+.0%}" for t, w in f["by_tp"].items() if w)
 
 
 def _median_error(rs) -> float:

@@ -6,6 +6,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from openlpu.errors import OpenLPUError
@@ -237,7 +238,7 @@ def inspect_cmd(
         table.add_column(col, justify="left" if col in ("holds", "chips") else "right")
     rows = placement_rows(program)
     for r in rows[:stages]:
-        table.add_row(str(r["stage"]), r["chips"], r["holds"], f"{r['weights_bytes_per_chip'] / 1e6:.1f}",
+        table.add_row(str(r["stage"]), r["chips"], escape(r["holds"]), f"{r['weights_bytes_per_chip'] / 1e6:.1f}",
                       f"{r['kv_bytes_per_chip'] / 1e6:.1f}", f"{r['activation_bytes_per_chip'] / 1e6:.1f}",
                       f"{r['busy_s'] * 1e6:.2f}")
     if len(rows) > stages:

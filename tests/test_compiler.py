@@ -1,5 +1,6 @@
 """Placement, schedule and the Program file: determinism, exact placement, fit errors, CLI."""
 
+import dataclasses
 import hashlib
 import itertools
 import math
@@ -538,18 +539,32 @@ def test_llama4_mlps_end_in_one_all_reduce_and_chunked_layers_keep_their_chunk()
     assert reduced == mlp_parts and len(reduced) == spec.n_layers
 
 
-def test_llama4_maverick_needs_experts_split_finer_than_lpu_v1_allows():
-    """Maverick's MoE layers (128 experts of 8,192 rows: 16 GB at int8) fit no lpu-v1 stage: split over a TP group
-    of 40 (the widest that splits its 40 heads inside a rack), too few rows per chip are left to cut it between
-    stages; the error says what does not fit. The projected chip's SRAM holds it, and the Program verifies, each
-    stage holding its layers' own d_ff rows (16,384 on the dense layers)."""
+def test_llama4_maverick_is_cut_by_whole_experts_on_lpu_v1(tmp_path):
+    """Maverick's MoE layers (128 experts of 8,192 rows: 16 GB at int8) fit no lpu-v1 stage whole, and their rows
+    cannot be cut finely enough (each chip keeps a 320-row weight tile of every expert). Cut by whole experts
+    (expert parallelism), each lpu-v1 chip holds one expert and installs it at every step, and the Program
+    verifies; the dense layers keep their 16,384 d_ff rows. At 16 bits one expert (252 MB) outgrows a chip:
+    the error says so. The projected chip's SRAM holds the layers cut by rows, which the compiler prefers."""
     spec = load_preset("llama-4-maverick")
     workload = Workload(context_length=8192, prompt_len=64)
-    with pytest.raises(OpenLPUError, match="L1.ffn alone needs .* MB per chip even split 40 ways") as refused:
-        compile_program(spec, SYSTEM, workload)
+    p = compile_program(spec, SYSTEM, workload)
+    assert p.placement.experts and verify(p) == []
+    for i in range(spec.n_layers):
+        held = [pc[2:] for s in p.placement.stages for pc in s.pieces if pc[:2] == (i, "ffn")]
+        assert held == ([(e, e + p.placement.tp) for e in range(0, 128, p.placement.tp)] if spec.is_moe_layer(i)
+                        else [(0, spec.layer_d_ff(i))]), i
+    gate = next(op for op in p.decode.ops if op.name == "blk.1.ffn_gate_exps")
+    shards = [sh for sh in p.placement.shards if sh.tensor == "blk.1.ffn_gate_exps.weight"]
+    assert {(sh.axis, sh.stop - sh.start, sh.nbytes) for sh in shards} == {(0, 1, 8192 * 5120)}
+    assert gate.end_cycle - gate.start_cycle == math.ceil(8192 * 5120 / SYSTEM.chip.matrix_install_bytes_per_cycle)
+    p.save(tmp_path / "m.prog")  # inspect names a part by its experts (text rich must not read as markup)
+    r = CliRunner().invoke(app, ["inspect", str(tmp_path / "m.prog")], env={"COLUMNS": "160"})
+    assert r.exit_code == 0 and "│ L1.ffn[experts 8:16] " in r.output, r.output
+    with pytest.raises(OpenLPUError, match="L1.ffn alone needs .* split 40 ways, or 254 MB for one expert") as refused:
+        compile_program(spec, SYSTEM, dataclasses.replace(workload, weights="fp16"))
     # its weights, not its users' K and V, are what does not fit: no advice to shorten the context
     assert "--context" not in str(refused.value) and "more SRAM (--system)" in str(refused.value)
     p = compile_program(spec, load_system("lpu-v3-projected"), workload)
-    assert verify(p) == []
+    assert verify(p) == [] and not p.placement.experts
     held = {(pc[0], pc[3]) for s in p.placement.stages for pc in s.pieces if pc[1] == "ffn" and pc[2] == 0}
     assert {(i, spec.layer_d_ff(i)) for i in (0, 1)} <= held

@@ -35,6 +35,8 @@ LPU = load_system("lpu-v1")
 # one chip per node: 8 global links join a rack's 9 nodes pairwise, 16 more its 144 links to other racks
 PIPELINE_ONLY = dataclasses.replace(LPU, node=dataclasses.replace(LPU.node, chips=1, global_links_per_chip=24))
 SMALL_TILES = dataclasses.replace(LPU, chip=dataclasses.replace(LPU.chip, matrix_tile_rows=8))
+# chips of 30 kB: a tiny MoE MLP fits none whole, and its 96 rows are fewer than a 320-row weight tile
+EXPERT_CUT = dataclasses.replace(LPU, chip=dataclasses.replace(LPU.chip, sram_bytes=30_000))
 # (system, chips) -> (TP degree, pipeline stages) the compiler is expected to choose
 PLACEMENTS = {("lpu", 1): (1, 1), ("lpu", 2): (2, 1), ("lpu", 4): (4, 1), ("lpu", 8): (4, 2),
               ("pipe", 2): (1, 2), ("pipe", 4): (1, 4),
@@ -148,6 +150,37 @@ def test_sharded_runs_embedding_and_head_split_along_the_vocabulary(tiny, family
             assert got.shape == (1, 1024)
             torch.testing.assert_close(got, want, **TOL)
         assert split.generate(PROMPT, 5) == plain_greedy(model, PROMPT, 5), mode
+
+
+@pytest.mark.parametrize("family", ["gpt-oss", "llama4", "mixtral", "qwen3-moe"])
+def test_moe_mlps_cut_by_whole_experts_run_like_the_whole(tiny, family):
+    """On chips of 30 kB with GroqChip 1's 320-row weight tiles, no tiny MoE MLP (4 experts of 96 rows) fits a
+    stage whole, and its rows cannot be cut (fewer than a tile), so the compiler cuts it by whole experts:
+    in TP groups of 1 one expert per part, of 2 two experts per part and one per chip (Llama 4's shared
+    expert cut in proportion; its dense MLP of 128 rows stays whole). Each chip holds only its experts;
+    the parts' partial sums, including the tokens routed to experts held elsewhere, add up to the unsplit
+    Program's logits and to model.py's greedy tokens, in sharded and in fused mode, and the Program
+    verifies."""
+    spec, weights, model = tiny(family)
+    whole = run_steps(Executor(compile_program(spec, LPU, WORKLOAD, 1), spec, weights, "fused"), PROMPT, 3)
+    expected_ids = plain_greedy(model, PROMPT, 5)
+    for tp in (1, 2):
+        program = compile_program(spec, EXPERT_CUT, WORKLOAD, tp=tp)
+        assert program.placement.experts and program.placement.tp == tp and verify(program) == []
+        for i in range(spec.n_layers):
+            held = [pc[2:] for s in program.placement.stages for pc in s.pieces if pc[:2] == (i, "ffn")]
+            if spec.is_moe_layer(i):
+                assert held == [(e, e + tp) for e in range(0, spec.n_experts, tp)], (i, held)
+                experts = [(sh.axis, sh.stop - sh.start) for sh in program.placement.shards
+                           if sh.tensor == f"blk.{i}.ffn_down_exps.weight"]
+                assert experts == [(0, 1)] * spec.n_experts  # one whole expert on each chip
+            else:
+                assert held == [(0, spec.layer_d_ff(i))]
+        for mode in ("sharded", "fused"):
+            cut = Executor(program, spec, weights, mode)
+            for got, want in zip(run_steps(cut, PROMPT, 3), whole):
+                torch.testing.assert_close(got, want, **TOL)
+            assert cut.generate(PROMPT, 5) == expected_ids, (tp, mode)
 
 
 @pytest.mark.parametrize("family, vocab_size", [(f, 96) for f in sorted(TINY_FAMILIES)] + [("llama", 1024)])

@@ -12,6 +12,17 @@ rows of every expert (and of their gate and up biases), which costs the same as 
 because the static schedule installs all experts anyway. No cut leaves a chip less than one weight tile of the
 matrix unit (320 rows on GroqChip 1) of a slice.
 
+A mixture of experts whose MLPs cannot be placed by rows (cut by rows, a layer of many wide experts,
+Llama 4 Maverick's 128 of 8,192 rows, keeps a tile of rows of every expert on each chip: 670 MB in a TP
+group of 8) is cut by whole experts instead (expert parallelism; Placement.experts): its MoE MLPs are cut
+between stages and split over each TP group by experts, so a chip holds some experts whole and a piece's
+range counts experts; a shared expert goes with them, each part holding its share of its rows. The
+dataflow is the row cut's: each part sums its experts' weighted outputs for the tokens routed to them
+(zero for the rest), and the parts' partial sums meet as before. Rows come first because they give
+every chip the same share of a layer's work whatever the routing, which a static schedule needs; by
+expert, a chip's matrix work (not its weight installs, which cover all its experts) varies with the
+routing, and the schedule prices its average share.
+
 An embedding table or lm_head too large for one stage is split the same way along the vocabulary, into
 the fewest equal row ranges that fit (or where stages fill): each embedding part gathers the token's
 row if it holds it (zeros otherwise) and the partial vectors are summed; each head
@@ -119,21 +130,52 @@ def vocab_rows(tensors: dict[str, tuple[int, ...]]) -> int:
     return tensors["token_embd.weight"][0]
 
 
-def ffn_rows(tensors: dict[str, tuple[int, ...]]) -> dict[int, int]:
-    """Each layer's d_ff, read off the shapes of the tensors a cut MLP divides."""
-    return {item_of_tensor(name, -1): shape[_rule(name)[0]] for name, shape in tensors.items()
-            if is_cut_along_ffn(name)}
+def is_expert_tensor(tensor: str) -> bool:
+    """A tensor stacking one slice per routed expert along its first axis."""
+    return "_exps." in tensor
+
+
+def expert_cut_layers(tensors: dict[str, tuple[int, ...]], experts: bool) -> frozenset[int]:
+    """The layers whose MLP is cut by whole experts: with `experts`, those with routed experts."""
+    return frozenset(item_of_tensor(name, -1) for name in tensors
+                     if experts and name.endswith(".ffn_gate_exps.weight"))
+
+
+def ffn_units(tensors: dict[str, tuple[int, ...]], experts: bool = False) -> dict[int, int]:
+    """Each layer's MLP in the units its cuts and TP splits count, read off the tensor shapes: d_ff
+    rows, or, cut by expert, the routed experts of an MoE layer."""
+    units = {item_of_tensor(name, -1): shape[_rule(name)[0]] for name, shape in tensors.items()
+             if is_cut_along_ffn(name)}
+    return units | {i: tensors[f"blk.{i}.ffn_gate_exps.weight"][0] for i in expert_cut_layers(tensors, experts)}
+
+
+def cut_range(tensor: str, shape: tuple[int, ...], lo: int, hi: int, n_experts: int,
+              experts: bool) -> tuple[int, int, int]:
+    """(axis, start, stop) of an MLP tensor that the MLP's units [lo, hi) hold: its d_ff rows; cut by
+    expert, an expert tensor's experts [lo, hi) whole, and a shared expert's rows in proportion (each
+    part runs its share of the shared expert beside its experts)."""
+    axis = _rule(tensor)[0]
+    if experts and is_expert_tensor(tensor):
+        return 0, lo, hi
+    if experts and "_shexp." in tensor:
+        return axis, lo * shape[axis] // n_experts, hi * shape[axis] // n_experts
+    return axis, lo, hi
 
 
 def split_ranges(spec: ModelSpec, tensor: str, shape: tuple[int, ...], t: int,
-                 rows: tuple[int, int] | None = None) -> list[tuple[int, int, int, bool]]:
+                 rows: tuple[int, int] | None = None, experts: bool = False) -> list[tuple[int, int, int, bool]]:
     """Per TP rank: (axis, start, stop, replicated). Units split as evenly as they go; `rows` limits a
-    d_ff- or vocabulary-split tensor to the rows [start, stop) of one piece of a cut MLP, embedding or head."""
+    d_ff- or vocabulary-split tensor to the units [start, stop) of one piece of a cut MLP, embedding or
+    head; `experts`: an MoE MLP is split by whole experts (expert parallelism), not by d_ff rows."""
     rule = _rule(tensor)
     if rule is None or (t == 1 and rows is None):
         return [(0, 0, shape[0], t > 1)] * t
     axis, unit = rule
-    lo, hi = rows if rows is not None else (0, shape[axis])
+    if rows is not None and is_cut_along_ffn(tensor):
+        axis, lo, hi = cut_range(tensor, shape, *rows, spec.n_experts, experts)
+    else:
+        axis = 0 if experts and is_expert_tensor(tensor) else axis
+        lo, hi = rows if rows is not None else (0, shape[axis])
     size = {"head": spec.head_dim, "kv_head": spec.head_dim, "row": 1}[unit]
     units = (hi - lo) // size
     if unit == "kv_head" and t > units:  # fewer KV heads than chips: t/units chips share each head
@@ -229,15 +271,16 @@ def _attention_pieces(i: int, parts: int, slots: int) -> list[tuple[int, str, in
 
 
 def pieces(spec: ModelSpec, k: int, vocab: tuple[int, int] = (1, 1), attn: tuple[int, ...] = (),
-           slots: tuple[int, ...] = ()) -> tuple[tuple[int, str, int, int], ...]:
-    """The pipeline's pieces in order, each MLP cut into k slices of d_ff rows, the embedding and the
-    head into vocab[0] and vocab[1] ranges of vocabulary rows, layer i's attention into attn[i] ranges
-    of its slots[i] KV slots (default: whole) (Stage.pieces' format)."""
+           slots: tuple[int, ...] = (), units: tuple[int, ...] = ()) -> tuple[tuple[int, str, int, int], ...]:
+    """The pipeline's pieces in order, each MLP cut into k slices of its units[i] (default: d_ff rows),
+    the embedding and the head into vocab[0] and vocab[1] ranges of vocabulary rows, layer i's attention
+    into attn[i] ranges of its slots[i] KV slots (default: whole) (Stage.pieces' format)."""
     v = spec.vocab_size
     attn = attn or (1,) * spec.n_layers
+    units = units or tuple(map(spec.layer_d_ff, range(spec.n_layers)))
     layers = [p for i in range(spec.n_layers)
               for p in _attention_pieces(i, attn[i], slots[i] if slots else 0)
-              + [(i, "ffn", lo, hi) for lo, hi in _row_ranges(spec.layer_d_ff(i), k)]]
+              + [(i, "ffn", lo, hi) for lo, hi in _row_ranges(units[i], k)]]
     return (*[(EMBED, "embed", lo, hi) for lo, hi in _row_ranges(v, vocab[0])], *layers,
             *[(spec.n_layers, "head", lo, hi) for lo, hi in _row_ranges(v, vocab[1])])
 
@@ -252,8 +295,11 @@ def half_index(item: int, part: str, n_layers: int) -> int:
 class SizeTable:
     """Per-chip bytes at one TP degree, by half (half_index), with what cutting an MLP needs."""
     t: int
+    experts: bool  # MoE MLPs cut and split by whole experts (expert parallelism), not by d_ff rows
     weights: tuple[float, ...]  # MLP halves, embedding, head: only their uncut tensors (norm, router)
-    ffn_row_bytes: tuple[float, ...]  # per layer: bytes of one d_ff row over its cut tensors
+    ffn_units: tuple[int, ...]  # per layer: the units its MLP is cut in (d_ff rows, or experts)
+    ffn_unit_bytes: tuple[float, ...]  # per layer: bytes of one such unit over its cut tensors
+    ffn_by_expert: tuple[bool, ...]  # per layer: its units are experts
     vocab_row_bytes: tuple[float, float]  # bytes of one vocabulary row of the embedding, of the head
     kv: tuple[int, ...]
     kv_slots: tuple[int, ...]  # per layer: positions of KV cache per user (its window if shorter)
@@ -262,6 +308,11 @@ class SizeTable:
     cut_activation_bytes: int  # a cut MLP's slice (an embedding part) also holds the partial sum it receives and the one it makes
     merge_activation_bytes: int  # an attention part holds the partial it receives and the one it makes
     tied_table: int  # per-chip bytes of a tied embedding table, counted in both embedding and head
+
+    def ffn_tile(self, layer: int, tile_rows: int) -> int:
+        """The fewest units of a layer's MLP a chip holds of a cut part: a weight tile of d_ff rows, or
+        one whole expert."""
+        return 1 if self.ffn_by_expert[layer] else tile_rows
 
 
 @dataclass(frozen=True)
@@ -272,6 +323,7 @@ class PieceSizes:
     kv: tuple[int, ...]
     activations: tuple[int, ...]
     tied_table: int
+    experts: bool  # as SizeTable.experts
 
 
 def lowered_decode(spec: ModelSpec, workload: Workload, rows: int = 1) -> list[Op]:
@@ -325,17 +377,18 @@ def activation_peaks(spec: ModelSpec, passes: list[list[Op]], t: int) -> list[fl
     return peaks
 
 
-def size_table(spec: ModelSpec, workload: Workload, t: int, passes: list[list[Op]] | None = None) -> SizeTable:
+def size_table(spec: ModelSpec, workload: Workload, t: int, passes: list[list[Op]] | None = None,
+               experts: bool = False) -> SizeTable:
     wb = as_precision(workload.weights).bytes_per_element
     kb = as_precision(workload.kv).bytes_per_element
-    n = spec.n_layers
-    weights, rows, tied_table = [0.0] * (2 * n + 2), [0.0] * n, 0.0
+    n, shapes = spec.n_layers, spec.tensor_shapes()
+    units = ffn_units(shapes, experts)
+    weights, unit_bytes, tied_table = [0.0] * (2 * n + 2), [0.0] * n, 0.0
     vocab_row = {"embed": 0.0, "head": 0.0}
-    for name, shape in spec.tensor_shapes().items():
+    for name, shape in shapes.items():
         item, part = tensor_piece(name, n)
         if is_cut_along_ffn(name):
-            axis = _rule(name)[0]
-            rows[item] += math.prod(shape) // shape[axis] * wb
+            unit_bytes[item] += math.prod(shape) * wb / units[item]
             continue
         if is_cut_along_vocab(name):
             vocab_row[part] += shape[1] * wb
@@ -358,7 +411,9 @@ def size_table(spec: ModelSpec, workload: Workload, t: int, passes: list[list[Op
     cut = 2 * tokens * spec.d_model * ab
     # a partial attention result: each query head's output and its log-sum-exp, this chip's heads
     merge = 2 * tokens * -(-spec.n_heads // t) * (spec.head_dim + 1) * ab
-    return SizeTable(t, tuple(weights), tuple(rows), (vocab_row["embed"], vocab_row["head"]), tuple(kv), slots,
+    by_expert = tuple(i in expert_cut_layers(shapes, experts) for i in range(n))
+    return SizeTable(t, experts, tuple(weights), tuple(units[i] for i in range(n)), tuple(unit_bytes), by_expert,
+                     (vocab_row["embed"], vocab_row["head"]), tuple(kv), slots,
                      slot_bytes, tuple(math.ceil(a) for a in acts), math.ceil(cut), math.ceil(merge),
                      math.ceil(tied_table))
 
@@ -369,9 +424,9 @@ def piece_bytes(table: SizeTable, n_layers: int, piece: tuple[int, str, int, int
     item, part, lo, hi = piece
     h = half_index(item, part, n_layers)
     w = table.weights[h]
-    # rows split over the group as split_ranges does: at most ceil(rows / t) per chip
+    # units split over the group as split_ranges does: at most ceil(units / t) per chip
     if part == "ffn":
-        w += -(-(hi - lo) // table.t) * table.ffn_row_bytes[item]
+        w += -(-(hi - lo) // table.t) * table.ffn_unit_bytes[item]
     elif part in VOCAB_PARTS:
         w += -(-(hi - lo) // table.t) * table.vocab_row_bytes[VOCAB_PARTS.index(part)]
     kv = math.ceil((hi - lo) * table.kv_slot_bytes) if part == "attn" and hi > lo else table.kv[h]
@@ -383,7 +438,7 @@ def piece_bytes(table: SizeTable, n_layers: int, piece: tuple[int, str, int, int
 def _sizes(table: SizeTable, n_layers: int, cut: list[tuple[tuple[int, str, int, int], bool]]) -> PieceSizes:
     rows = [piece_bytes(table, n_layers, piece, split) for piece, split in cut]
     weights, kv, activations = zip(*rows)
-    return PieceSizes(tuple(piece for piece, _ in cut), weights, kv, activations, table.tied_table)
+    return PieceSizes(tuple(piece for piece, _ in cut), weights, kv, activations, table.tied_table, table.experts)
 
 
 def piece_sizes(spec: ModelSpec, table: SizeTable, k: int = 1, vocab: tuple[int, int] = (1, 1),
@@ -392,7 +447,7 @@ def piece_sizes(spec: ModelSpec, table: SizeTable, k: int = 1, vocab: tuple[int,
     layer i's attention into attn[i] parts of its KV slots (each part holds the attention's weights)."""
     parts = {"ffn": k, "embed": vocab[0], "head": vocab[1]}
     cut = [(piece, (piece[1] == "attn" and piece[3] > piece[2]) or parts.get(piece[1], 1) > 1)
-           for piece in pieces(spec, k, vocab, attn, table.kv_slots)]
+           for piece in pieces(spec, k, vocab, attn, table.kv_slots, table.ffn_units)]
     return _sizes(table, spec.n_layers, cut)
 
 
@@ -425,10 +480,11 @@ def filled_sizes(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: in
         nonlocal held, peak, first
         held, peak, first = 0, 0, len(out)
 
-    for whole in pieces(spec, 1):
+    for whole in pieces(spec, 1, units=table.ffn_units):
         item, part = whole[:2]
-        extent = table.kv_slots[item] if part == "attn" else spec.layer_d_ff(item) if part == "ffn" else spec.vocab_size
-        step = 1 if part == "attn" else t * tile_rows  # cuts fall between slots, or between weight tiles
+        extent = table.kv_slots[item] if part == "attn" else table.ffn_units[item] if part == "ffn" else spec.vocab_size
+        # cuts fall between slots, or between weight tiles (an MLP cut by expert: between experts)
+        step = 1 if part == "attn" else t * (table.ffn_tile(item, tile_rows) if part == "ffn" else tile_rows)
         lo = 0
         while True:
             rest = (item, part, lo, extent) if lo else whole
@@ -525,15 +581,15 @@ def fitting_cuts(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: in
                  slices: int = 1) -> tuple[int, tuple[int, int], tuple[int, ...]] | None:
     """(MLP slices, (embedding parts, head parts), attention parts per layer): at least `slices`, and the
     fewest with which every piece fits a stage alone; None if none does (an attention part cannot hold
-    one KV slot, a slice would leave a chip less than one weight tile of d_ff rows, or a piece does not
-    fit however finely it is cut)."""
+    one KV slot, a slice would leave a chip less than one weight tile of d_ff rows or one expert, or a
+    piece does not fit however finely it is cut)."""
     n, t = spec.n_layers, table.t
 
     def fit(sizes: PieceSizes, part: str) -> bool:
         return all(stage_bytes(sizes, s, s + 1) <= capacity for s, pc in enumerate(sizes.pieces) if pc[1] == part)
 
     def rows_that_fit(h: int, row_bytes: float, summed: bool) -> int:
-        """Rows per chip that fit beside the piece's other bytes (and the partial sums it passes on)."""
+        """Rows (units) per chip that fit beside the piece's other bytes (and the partial sums it passes on)."""
         room = capacity - table.weights[h] - table.kv[h] - table.activations[h]
         return int((room - (table.cut_activation_bytes if summed else 0)) // row_bytes)
 
@@ -542,11 +598,11 @@ def fitting_cuts(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: in
         return None
     given = piece_sizes(spec, table, slices)
     if not fit(given, "ffn"):
-        rows = min(rows_that_fit(half_index(i, "ffn", n), table.ffn_row_bytes[i], True) for i in range(n))
-        if rows < 1:
+        rows = [rows_that_fit(half_index(i, "ffn", n), table.ffn_unit_bytes[i], True) for i in range(n)]
+        if min(rows) < 1:
             return None
-        slices = max(slices, -(-max(map(spec.layer_d_ff, range(n))) // (rows * t)))
-    if slices > 1 and min(map(spec.layer_d_ff, range(n))) // slices // t < tile_rows:
+        slices = max(slices, *(-(-table.ffn_units[i] // (rows[i] * t)) for i in range(n)))
+    if slices > 1 and any(table.ffn_units[i] // slices // t < table.ffn_tile(i, tile_rows) for i in range(n)):
         return None
     vocab = []
     for k, part in enumerate(VOCAB_PARTS):
@@ -567,7 +623,7 @@ def fitting_cuts(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: in
 def cut_options(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: int, slices: int = 1):
     """Piece sizes with every piece fitting a stage alone, from the fewest MLP slices (at least
     `slices`) to the most that leave each chip a weight tile: finer slices can pack stages tighter."""
-    most = min(map(spec.layer_d_ff, range(spec.n_layers))) // (table.t * tile_rows)
+    most = min(table.ffn_units[i] // (table.t * table.ffn_tile(i, tile_rows)) for i in range(spec.n_layers))
     while (cuts := fitting_cuts(spec, table, capacity, tile_rows, slices)) is not None:
         yield piece_sizes(spec, table, *cuts)
         if cuts[0] >= most:
@@ -604,17 +660,21 @@ def group_chips(system: SystemSpec, t: int, p: int) -> list[tuple[int, ...]] | N
 
 
 # ---- the placement ----------------------------------------------------------------------------
-def piece_name(piece: tuple[int, str, int, int], d_ff: dict[int, int], vocab: int) -> str:
-    """'L3.ffn[0:4096]' for part of a layer's MLP (d_ff: each layer's, as ffn_rows gives), 'embed' when whole."""
+def piece_name(piece: tuple[int, str, int, int], units: dict[int, int], vocab: int,
+               by_expert: frozenset[int] = frozenset()) -> str:
+    """'L3.ffn[0:4096]' for part of a layer's MLP (units: each layer's, as ffn_units gives), 'L3.ffn[experts
+    0:16]' for part of an MLP cut by expert (a layer of by_expert), 'embed' when whole."""
     item, part, lo, hi = piece
-    whole = {"embed": (0, vocab), "head": (0, vocab), "ffn": (0, d_ff.get(item)), "attn": (0, 0)}[part]
-    rows = f"[{lo}:{hi}]" if (lo, hi) != whole else ""
+    whole = {"embed": (0, vocab), "head": (0, vocab), "ffn": (0, units.get(item)), "attn": (0, 0)}[part]
+    by_expert = "experts " if part == "ffn" and item in by_expert else ""
+    rows = f"[{by_expert}{lo}:{hi}]" if (lo, hi) != whole else ""
     return (part if part in VOCAB_PARTS else f"L{item}.{part}") + rows
 
 
 def _describe(spec: ModelSpec, sizes: PieceSizes, lo: int, hi: int) -> str:
-    d_ff = {i: spec.layer_d_ff(i) for i in range(spec.n_layers)}
-    names = [piece_name(sizes.pieces[s], d_ff, spec.vocab_size) for s in (lo, hi - 1)]
+    shapes = spec.tensor_shapes()
+    units, by_expert = ffn_units(shapes, sizes.experts), expert_cut_layers(shapes, sizes.experts)
+    names = [piece_name(sizes.pieces[s], units, spec.vocab_size, by_expert) for s in (lo, hi - 1)]
     return names[0] if lo == hi - 1 else f"{names[0]} to {names[1]}"
 
 
@@ -637,33 +697,50 @@ def nodes_used(system: SystemSpec, chips: int) -> float:
     return chips / node if chips < node else float(math.ceil(chips / node))
 
 
+def mlp_cuts(spec: ModelSpec) -> tuple[bool, ...]:
+    """How MLPs are cut and split over TP groups, in order of preference (the `experts` flag of
+    size_table): by d_ff rows, which gives each chip the same share of a layer's work whatever the
+    routing, as a static schedule needs; then, for a mixture of experts that rows cannot place (a chip
+    keeps at least a weight tile of rows), by whole experts (expert parallelism)."""
+    return (False, True) if spec.n_experts else (False,)
+
+
+def _widths_for(spec: ModelSpec, widths: list[int], experts: bool) -> list[int]:
+    """The TP degrees an MLP cut can use: any for rows; by expert, those its experts divide evenly."""
+    return [t for t in widths if not experts or spec.n_experts % t == 0]
+
+
 def fewest_chips(spec: ModelSpec, system: SystemSpec, workload: Workload,
                  passes: list[list[Op]] | None = None, widths: list[int] | None = None,
                  ) -> tuple[int, int, PieceSizes] | None:
     """(t, p, piece sizes): fewest_stages at the TP degree inside a node that takes the fewest nodes
     (nodes_used; ties to the wider degree: the same hosts, a faster step), or, only when none fits, at
-    the degree spanning whole nodes chosen by the same rule. `widths` limits the TP degrees tried
-    (default: all of tp_candidates, in its order)."""
-    best, best_key = None, None
-    node, passes = system.node.chips, passes if passes is not None else lowered_passes(spec, workload)
-    for t in widths or tp_candidates(spec, system):
-        if best is not None and best[0] <= node < t:
-            break  # a node-local placement exists: never span nodes for a few chips less
-        found = fewest_stages(spec, system, size_table(spec, workload, t, passes))
-        if found is None or group_chips(system, t, found[0]) is None:
-            continue
-        key = (nodes_used(system, t * found[0]), -t)  # the fewest nodes, then the wider
-        if best is None or key < best_key:
-            best, best_key = (t, *found), key
-    return best
+    the degree spanning whole nodes chosen by the same rule; with MLPs cut by rows, or, only when that
+    places nothing, by expert (mlp_cuts). `widths` limits the TP degrees tried (default: all of
+    tp_candidates, in its order)."""
+    passes = passes if passes is not None else lowered_passes(spec, workload)
+    for experts in mlp_cuts(spec):
+        best, best_key, node = None, None, system.node.chips
+        for t in _widths_for(spec, widths or tp_candidates(spec, system), experts):
+            if best is not None and best[0] <= node < t:
+                break  # a node-local placement exists: never span nodes for a few chips less
+            found = fewest_stages(spec, system, size_table(spec, workload, t, passes, experts))
+            if found is None or group_chips(system, t, found[0]) is None:
+                continue
+            key = (nodes_used(system, t * found[0]), -t)  # the fewest nodes, then the wider
+            if best is None or key < best_key:
+                best, best_key = (t, *found), key
+        if best is not None:
+            return best
+    return None
 
 
 def _chips_beyond_largest(spec: ModelSpec, system: SystemSpec, workload: Workload, passes,
                           widths: list[int]) -> int | None:
     """The fewest chips the pieces would need at any of the TP degrees `widths`, were the system large
     enough (None if some piece fits a stage at none of them)."""
-    counts = [t * found[0] for t in widths
-              if (found := fewest_stages(spec, system, size_table(spec, workload, t, passes)))]
+    counts = [t * found[0] for experts in mlp_cuts(spec) for t in _widths_for(spec, widths, experts)
+              if (found := fewest_stages(spec, system, size_table(spec, workload, t, passes, experts)))]
     return min(counts, default=None)
 
 
@@ -701,9 +778,14 @@ def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int 
         # a piece without K and V (an MLP's weights) shrinks only with fewer bytes per weight or a larger chip
         shorter = (f"lower --context ({workload.context_length}) or --users ({workload.users}), "
                    if sizes.kv[worst] else "")
+        item, part = sizes.pieces[worst][:2]
+        need_text = f"{need / 1e6:,.0f} MB per chip even split {t} ways"
+        if part == "ffn" and spec.is_moe_layer(item):  # the finest cut by expert: one expert on a chip
+            one = size_table(spec, workload, 1, passes, experts=True).ffn_unit_bytes[item]
+            need_text += f", or {one / 1e6:,.0f} MB for one expert"
         return OpenLPUError(
             f"{spec.name} does not fit on any {system.name} system: {_describe(spec, sizes, worst, worst + 1)} alone "
-            f"needs {need / 1e6:,.0f} MB per chip even split {t} ways (a chip holds {cap / 1e6:.0f} MB; the largest "
+            f"needs {need_text} (a chip holds {cap / 1e6:.0f} MB; the largest "
             f"system has {system.max_chips} chips); {shorter}use a smaller precision, or a system whose chips hold "
             "more SRAM (--system)")
     need = best[0] * best[1]
@@ -716,9 +798,10 @@ def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int 
                             f"({chips * cap / 1e9:.2f} GB for {held:.2f} GB of weights and KV cache plus activation "
                             f"buffers); it needs at least {need} chips (--chips {need})")
     degrees = f"TP degrees {', '.join(map(str, widths))}; " if len(widths) > 1 else ""
+    unit = f"one {system.chip.matrix_tile_rows}-row weight tile" + (" or one expert" if spec.n_experts else "")
     return OpenLPUError(f"{chips} chips cannot be arranged as pipeline stages of equal TP groups for {what} "
                         f"({degrees}an MLP is cut between stages only into slices that leave each chip at least "
-                        f"one {system.chip.matrix_tile_rows}-row weight tile); it fits on {need} chips (--chips {need})")
+                        f"{unit}); it fits on {need} chips (--chips {need})")
 
 
 def partition(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None = None,
@@ -737,13 +820,14 @@ def partition(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: in
             t, p, sizes = best
             return _place(spec, system, workload, t, sizes, balanced_stages(sizes, p, cap))
     else:
-        for t in widths:
-            if chips % t or group_chips(system, t, chips // t) is None:
-                continue
-            arranged = arrange(spec, size_table(spec, workload, t, passes), chips // t, cap,
-                               system.chip.matrix_tile_rows)
-            if arranged is not None:
-                return _place(spec, system, workload, t, *arranged)
+        for experts in mlp_cuts(spec):
+            for t in _widths_for(spec, widths, experts):
+                if chips % t or group_chips(system, t, chips // t) is None:
+                    continue
+                arranged = arrange(spec, size_table(spec, workload, t, passes, experts), chips // t, cap,
+                                   system.chip.matrix_tile_rows)
+                if arranged is not None:
+                    return _place(spec, system, workload, t, *arranged)
     raise _no_fit(spec, system, workload, chips, passes, widths)
 
 
@@ -776,7 +860,7 @@ def _place(spec: ModelSpec, system: SystemSpec, workload: Workload, t: int, size
     stages = tuple(Stage(index=k, chips=groups[k], pieces=merged_pieces(sizes.pieces[lo:hi]),
                          kv_bytes_per_chip=sum(sizes.kv[lo:hi]), activation_bytes_per_chip=max(sizes.activations[lo:hi]))
                    for k, (lo, hi) in enumerate(ranges))
-    placement = Placement(tp=t, stages=stages, shards=())
+    placement = Placement(tp=t, stages=stages, shards=(), experts=sizes.experts)
     homes = piece_homes(placement)
     wb = as_precision(workload.weights).bytes_per_element
     shards = []
@@ -792,7 +876,8 @@ def _place(spec: ModelSpec, system: SystemSpec, workload: Workload, t: int, size
         else:  # every part of a cut piece recomputes its norm (router, attention inputs): copies on purpose
             copies = [(k, None, j > 0) for j, (k, _, _) in enumerate(parts)]
         for k, rows, copy in copies:
-            for chip, (axis, start, stop, rep) in zip(groups[k], split_ranges(spec, name, shape, t, rows)):
+            for chip, (axis, start, stop, rep) in zip(groups[k], split_ranges(spec, name, shape, t, rows,
+                                                                              sizes.experts)):
                 nbytes = math.ceil((stop - start) * math.prod(shape) // shape[axis] * wb)
                 shards.append(Shard(name, chip, axis, start, stop, nbytes, rep or copy))
-    return Placement(tp=t, stages=stages, shards=tuple(shards))
+    return Placement(tp=t, stages=stages, shards=tuple(shards), experts=sizes.experts)

@@ -27,8 +27,9 @@ MAGIC = b"OPENLPU-PROGRAM\n"
 # their layer's KV slots (an attention split between stages), transfers "rank_p2p"; 5: each layer's KV
 # slots per user; 6: a decode step carries a micro-batch of users (its tokens); 7: a transfer records
 # its links per phase (a collective's steps, each with its own cycles); 8: the workload's draft tokens (a
-# decode step verifies them)
-FORMAT_VERSION = 8
+# decode step verifies them); 9: a placement records whether its MoE MLPs are cut and split by whole
+# experts (expert parallelism), their pieces then holding expert ranges
+FORMAT_VERSION = 9
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,9 @@ class Stage:
     chips: tuple[int, ...]  # the TP group, in rank order
     # (item, part, start, stop) in pipeline order: item -1 = embedding, a layer index, n_layers = head
     # (final norm + lm_head); part "embed" | "attn" | "ffn" | "head"; [start, stop) = the d_ff rows of
-    # an MLP piece or the vocabulary rows of an embedding or head piece, the KV slots of an attention
-    # piece (each may be split between consecutive stages; a whole attention is (0, 0))
+    # an MLP piece (its experts, if Placement.experts and the layer has them) or the vocabulary rows of
+    # an embedding or head piece, the KV slots of an attention piece (each may be split between
+    # consecutive stages; a whole attention is (0, 0))
     pieces: tuple[tuple[int, str, int, int], ...]
     kv_bytes_per_chip: int
     activation_bytes_per_chip: int  # reserved for activation buffers
@@ -93,6 +95,7 @@ class Placement:
     tp: int
     stages: tuple[Stage, ...]
     shards: tuple[Shard, ...]
+    experts: bool = False  # MoE MLPs cut between stages and split over TP groups by whole experts, not d_ff rows
 
     @property
     def chips(self) -> tuple[int, ...]:
@@ -210,7 +213,7 @@ def encode(program: Program) -> bytes:
         "tensors": {k: list(v) for k, v in program.tensors.items()},
         "kv_slots": list(program.kv_slots),
         "placement": {"tp": program.placement.tp, "stages": _table(program.placement.stages),
-                      "shards": _table(program.placement.shards)},
+                      "shards": _table(program.placement.shards), "experts": program.placement.experts},
         "decode": _phase_dict(program.decode),
         "prefill": _phase_dict(program.prefill),
     }
@@ -254,7 +257,7 @@ def decode_program(data: bytes, origin: str = "program") -> Program:
     try:
         b = json.loads(gzip.decompress(payload))
         placement = Placement(b["placement"]["tp"], _rows(Stage, b["placement"]["stages"]),
-                              _rows(Shard, b["placement"]["shards"]))
+                              _rows(Shard, b["placement"]["shards"]), b["placement"]["experts"])
         return Program(version=version, model=b["model"], system=_system(b["system"]),
                        workload=Workload(**b["workload"]), tensors={k: tuple(v) for k, v in b["tensors"].items()},
                        kv_slots=tuple(b["kv_slots"]), placement=placement, decode=_phase(b["decode"]),

@@ -12,7 +12,8 @@ Row-split matmuls and the vocabulary-split embedding and sampler end in an all-r
 group's links; a stage passes its activations to the next stage's first chip, which broadcasts them.
 A collective is scheduled step by step (_collective_flows): each step is a phase on its own links,
 starting once the step before it has arrived and those links are free.
-An MLP cut between stages runs once per part on that part's d_ff rows (ops "name@j" for part j >= 1;
+An MLP cut between stages runs once per part on that part's d_ff rows, or its experts when cut by
+expert (and its share of a shared expert's rows) (ops "name@j" for part j >= 1;
 part 0 keeps the plain names): each part recomputes the norm (and router) from the residual it is
 sent, the parts' down projections are summed ("ffn_sum@n"), and the last part adds the experts' down
 biases (gpt-oss, with its own routing), applies the post-norm and the residual add. A vocabulary-split
@@ -46,8 +47,8 @@ import dataclasses
 import itertools
 import math
 
-from openlpu.compiler.partition import (CUT_SEPARATOR, EMBED, kv_slots, lowered_decode, op_fractions, op_item,
-                                        op_piece, op_role, op_suffix, piece_homes)
+from openlpu.compiler.partition import (CUT_SEPARATOR, EMBED, ffn_units, kv_slots, lowered_decode, op_fractions,
+                                        op_item, op_piece, op_role, op_suffix, piece_homes)
 from openlpu.compiler.program import PhaseSchedule, Placement, ScheduledOp, Transfer, Workload
 from openlpu.errors import OpenLPUError
 from openlpu.graph.lower import PRECISIONS, as_precision, keys_in_slots, lower
@@ -99,7 +100,7 @@ def _collective_flows(system: SystemSpec, group: tuple[int, ...], kind: str) -> 
         share = 1.0 / (per_node * len(members))
         across = [(m1[r], m2[r], share) for r in range(per_node) for m1 in members for m2 in members if m1 is not m2]
         phases += [across, across]
-    return phases + [local]
+    return [p for p in phases + [local] if p]  # nodes of one chip each have no steps inside a node
 
 
 def _collective_template(system: SystemSpec, group: tuple[int, ...], kind: str):
@@ -389,6 +390,7 @@ def staged_ops(spec: ModelSpec, workload: Workload, ops: list[Op], placement: Pl
     """Each op with the stage that runs it, the ops of a cut piece once per part, and the ops combining
     the parts' results (see the module doc)."""
     n, homes = spec.n_layers, piece_homes(placement)
+    units = ffn_units(spec.tensor_shapes(), placement.experts)
     out: list[tuple[Op, int]] = []
     per_part: dict[str, list[str]] = {}  # an op of a split piece -> its name in each part of that piece
     total: dict[str, str] = {}  # a combined op -> the last combining op, which completes it
@@ -408,7 +410,7 @@ def staged_ops(spec: ModelSpec, workload: Workload, ops: list[Op], placement: Pl
             continue
         if suffix == "ffn_norm":
             mlp_input[op.layer] = op
-        extent = spec.layer_d_ff(item) if part == "ffn" else spec.vocab_size
+        extent = units[item] if part == "ffn" else spec.vocab_size
         names, part_ops = [], []
         for j, (stage, lo, hi) in enumerate(parts):
             name = op.name if j == 0 else f"{op.name}{CUT_SEPARATOR}{j}"

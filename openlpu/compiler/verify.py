@@ -25,8 +25,8 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
-from openlpu.compiler.partition import (ffn_rows, is_cut_along_ffn, is_cut_along_vocab, merged_pieces,
-                                        piece_homes, tensor_piece)
+from openlpu.compiler.partition import (cut_range, ffn_units, is_cut_along_ffn, is_cut_along_vocab,
+                                        merged_pieces, piece_homes, tensor_piece)
 from openlpu.compiler.program import PhaseSchedule, Program, Transfer
 from openlpu.compiler.schedule import split_chunk
 from openlpu.errors import OpenLPUError
@@ -65,11 +65,12 @@ def _pieces_in_order(program: Program) -> list[tuple[int, str, int, int]]:
 
 def _model_pieces(program: Program) -> list[tuple[int, str, int, int]]:
     """What the stages must hold, from the model's tensors: each layer's d_ff rows of the tensors a cut MLP
-    divides, the vocabulary the rows of the embedding table; the KV slots are the Program's per layer."""
+    divides (or its experts, cut by expert), the vocabulary the rows of the embedding table; the KV slots
+    are the Program's per layer."""
     n = _layers(program)
-    d_ff = ffn_rows(program.tensors)
+    units = ffn_units(program.tensors, program.placement.experts)
     vocab = program.tensors["token_embd.weight"][0]
-    layers = [p for i in range(n) for p in ((i, "attn", 0, program.kv_slots[i]), (i, "ffn", 0, d_ff[i]))]
+    layers = [p for i in range(n) for p in ((i, "attn", 0, program.kv_slots[i]), (i, "ffn", 0, units[i]))]
     return [(-1, "embed", 0, vocab), *layers, (n, "head", 0, vocab)]
 
 
@@ -290,6 +291,9 @@ def _shards_on_their_stages(program: Program) -> list[Violation]:
     n = _layers(program)
     homes, out = piece_homes(program.placement), []
     chips_of = {s.index: set(s.chips) for s in program.placement.stages}
+    by_expert = program.placement.experts
+    experts = max((shape[0] for name, shape in program.tensors.items() if name.endswith(".ffn_gate_exps.weight")),
+                  default=0)
     for sh in program.placement.shards:
         if sh.tensor not in program.tensors:
             continue  # reported by _weights
@@ -298,6 +302,9 @@ def _shards_on_their_stages(program: Program) -> list[Violation]:
         if sh.tensor == "token_embd.weight" and sh.replicated:  # a tied table's copy for the head
             places += homes.get((n, "head"), [])
         cut = is_cut_along_ffn(sh.tensor) or is_cut_along_vocab(sh.tensor)
+        if is_cut_along_ffn(sh.tensor):  # a piece's units as this tensor's rows (or experts)
+            places = [(k, *cut_range(sh.tensor, program.tensors[sh.tensor], lo, hi, experts, by_expert)[1:])
+                      for k, lo, hi in places]
         if not any(sh.chip in chips_of[k] and (not cut or lo <= sh.start and sh.stop <= hi) for k, lo, hi in places):
             rows = f" rows [{sh.start}, {sh.stop})" if cut else ""
             held = ", ".join(f"stage {k}" + (f" rows [{lo}, {hi})" if cut else "") for k, lo, hi in places) or "no stage"

@@ -186,6 +186,15 @@ def _head_norm_kernel(chip: Chip, name: str, tensor: str):
     return lambda p, x: norm(x.view(x.shape[0], -1, hd)).view(x.shape[0], -1)
 
 
+def _expert_shard(chip: Chip, tensor: str, op: str):
+    """(local tensor, its first expert, the chosen experts it holds): a shard along the experts (MLPs cut
+    by expert) holds experts [first, stop) whole; one along d_ff rows holds a slice of every expert."""
+    chip.weight(tensor, op)
+    axis, start, stop, local = chip.shards[tensor]
+    first, stop = (start, stop) if axis == 0 else (0, local.shape[0])
+    return local, first, lambda chosen: [e for e in chosen.unique().tolist() if first <= e < stop]
+
+
 def _cat_partials(parts: list[Partial]) -> Partial:
     """The spans' partial attentions, row after row, as one."""
     if len(parts) == 1:
@@ -308,29 +317,30 @@ def build_kernel(chip: Chip, name: str, kind: str) -> Callable:
             return top_experts, top_logits.sigmoid() if scales_input else top_logits.softmax(-1)
         return route
     if suffix in ("ffn_gate_exps", "ffn_up_exps"):
-        w = chip.weight(weight, base)  # [experts, this chip's d_ff slice, d_model]
-        b = chip.weight(f"{base}.bias", base) if spec.moe_bias else [None] * spec.n_experts  # [experts, slice]
+        # [this chip's experts, d_ff rows, d_model]: every expert's slice of rows, or (cut by expert) whole experts
+        w, first, held = _expert_shard(chip, weight, base)
+        b = chip.weight(f"{base}.bias", base) if spec.moe_bias else [None] * w.shape[0]  # [its experts, rows]
 
         scales_input = spec.router == "sigmoid_input"
 
-        def experts_in(p, x, routing):
+        def experts_in(p, x, routing):  # a token's value for an expert held elsewhere stays 0 (no input)
             experts, weights = routing
             out = torch.zeros(*experts.shape, w.shape[1])
-            for e in experts.unique().tolist():
+            for e in held(experts):
                 rows, rank = (experts == e).nonzero(as_tuple=True)
                 x_e = x[rows] * weights[rows, rank, None] if scales_input else x[rows]
-                out[rows, rank] = F.linear(x_e, w[e], b[e])
+                out[rows, rank] = F.linear(x_e, w[e - first], b[e - first])
             # weights already applied to the inputs leave the outputs unweighted
             return Routed(out, experts, torch.ones_like(weights) if scales_input else weights)
         return experts_in
     if suffix == "ffn_down_exps":
-        w = chip.weight(weight, base)  # [experts, d_model, this chip's d_ff slice]
+        w, first, held = _expert_shard(chip, weight, base)  # [its experts, d_model, d_ff rows]
 
         def experts_out(p, a, shared=None):  # shared: the shared expert's partial sum (Llama 4)
             out = torch.zeros(a.values.shape[0], w.shape[1]) if shared is None else shared.clone()
-            for e in a.experts.unique().tolist():
+            for e in held(a.experts):
                 rows, rank = (a.experts == e).nonzero(as_tuple=True)
-                out.index_add_(0, rows, F.linear(a.values[rows, rank], w[e]) * a.weights[rows, rank, None])
+                out.index_add_(0, rows, F.linear(a.values[rows, rank], w[e - first]) * a.weights[rows, rank, None])
             return out
         return experts_out
     if suffix == "final_softcap":

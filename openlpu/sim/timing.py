@@ -16,7 +16,12 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from openlpu.compiler.partition import ffn_rows, piece_name, vocab_rows
+from openlpu.compiler.partition import (
+    expert_cut_layers,
+    ffn_units,
+    piece_name,
+    vocab_rows,
+)
 from openlpu.compiler.program import Program
 from openlpu.compiler.schedule import stage_occupancy_cycles
 from openlpu.graph.ops import UNITS
@@ -100,11 +105,12 @@ def timing(program: Program) -> LpuTiming:
 
 
 # ---- views for `openlpu inspect` ---------------------------------------------------------------
-def _holds(pieces: tuple[tuple[int, str, int, int], ...], d_ff: dict[int, int], vocab: int) -> str:
+def _holds(pieces: tuple[tuple[int, str, int, int], ...], units: dict[int, int], vocab: int,
+           by_expert: frozenset[int]) -> str:
     """A stage's first and last piece: "L3.ffn[0:7168]..L4.attn"; a layer's two whole halves read "L3"."""
     names: list[str] = []
     for piece in pieces:
-        name = piece_name(piece, d_ff, vocab)
+        name = piece_name(piece, units, vocab, by_expert)
         if names and name == names[-1].replace(".attn", ".ffn"):
             names[-1] = name.removesuffix(".ffn")
         else:
@@ -114,13 +120,15 @@ def _holds(pieces: tuple[tuple[int, str, int, int], ...], d_ff: dict[int, int], 
 
 def placement_rows(program: Program) -> list[dict]:
     """Per stage: chips, what it holds, per-chip SRAM by kind, and its busy time per decode token."""
-    d_ff, vocab = ffn_rows(program.tensors), vocab_rows(program.tensors)
+    units, vocab = ffn_units(program.tensors, program.placement.experts), vocab_rows(program.tensors)
+    by_expert = expert_cut_layers(program.tensors, program.placement.experts)
     weights = defaultdict(int)
     for sh in program.placement.shards:
         weights[sh.chip] += sh.nbytes
     occupancy = stage_occupancy_cycles(program.decode)
     return [{"stage": s.index, "chips": f"{s.chips[0]}-{s.chips[-1]}" if len(s.chips) > 1 else str(s.chips[0]),
-             "holds": _holds(s.pieces, d_ff, vocab), "weights_bytes_per_chip": max(weights[c] for c in s.chips),
+             "holds": _holds(s.pieces, units, vocab, by_expert),
+             "weights_bytes_per_chip": max(weights[c] for c in s.chips),
              "kv_bytes_per_chip": s.kv_bytes_per_chip, "activation_bytes_per_chip": s.activation_bytes_per_chip,
              "busy_s": occupancy.get(s.index, 0) / program.system.chip.clock_hz}
             for s in program.placement.stages]
