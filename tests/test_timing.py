@@ -5,7 +5,7 @@ from collections import defaultdict
 
 import pytest
 
-from openlpu.compiler import Workload, compile_program
+from openlpu.compiler import Workload, compile_program, verify
 from openlpu.compiler.partition import tensor_piece
 from openlpu.compiler.schedule import schedule_phase, stage_occupancy_cycles
 from openlpu.hardware.lpu import load_system
@@ -116,6 +116,19 @@ def test_tiny_model_is_bound_by_link_latency():
     spec = load_preset("gemma-3-270m")
     all_reduces = 2 * spec.n_layers + 2
     assert timing(p).decode_latency_s >= all_reduces * 2 * SYSTEM.links["local"].latency_s
+
+
+def test_a_tp_group_of_one_chip_nodes_all_reduces_over_the_links_between_them():
+    """Nodes of one chip: a TP group of 2 spans two nodes, so its all-reduces have no step inside a node,
+    only the two steps between the nodes (reduce-scatter and all-gather), each over a link that joins them."""
+    pipeline_only = dataclasses.replace(SYSTEM, node=dataclasses.replace(SYSTEM.node, chips=1, global_links_per_chip=24))
+    p = compile_program(load_preset("gemma-3-270m"), pipeline_only,
+                        Workload(context_length=512, prompt_len=64, prefill_chunk=64), tp=2)
+    assert p.placement.tp == 2 and verify(p) == []
+    all_reduces = [t for t in p.decode.transfers if t.kind == "all_reduce"]
+    assert all_reduces and all(len(t.phases) == 2 for t in all_reduces)
+    assert all({(a, b) for _, _, links in t.phases for a, b, _ in links} == {t.chips, t.chips[::-1]}
+               for t in all_reduces)
 
 
 def test_wider_tp_is_faster_per_token_until_links_dominate():
