@@ -9,12 +9,14 @@ import struct
 import gguf
 import numpy as np
 import pytest
+import torch
 from gguf import GGMLQuantizationType as QType
 
 from openlpu.errors import OpenLPUError
 from openlpu.models.gguf import (GROUP_CODE_TYPES, group_codes, load_tensor, load_weights, raw_tensor,
                                  read_header, spec_from_gguf)
 from openlpu.models.spec import ModelSpec, load_preset
+from openlpu.runtime.model import rope_inverse_frequencies
 
 REAL_TENSORS = ["token_embd.weight", "blk.0.attn_q.weight", "blk.0.attn_output.weight",
                 "blk.1.ffn_down.weight", "blk.17.ffn_up.weight", "blk.5.attn_norm.weight"]
@@ -202,6 +204,65 @@ def test_mixtral_is_llama_arch_with_experts(tmp_path):
     assert spec.param_count() == pytest.approx(46.7e9, rel=0.01)  # Mistral AI: 46.7B total
 
 
+def llama3_rope_factors(head_dim: int, base: float, rs) -> np.ndarray:
+    """What llama.cpp's converter writes as rope_freqs for Llama 3.1-style scaling, from Meta's rule (written
+    here in numpy, apart from openlpu's torch version): each pair's wavelength below original / high keeps
+    its frequency (factor 1), above original / low is slowed `factor` times, and between the two the factor
+    blends linearly in original / wavelength."""
+    wavelength = 2 * np.pi * base ** (np.arange(0, head_dim, 2) / head_dim)
+    turns = rs.original_context_length / wavelength
+    blend = np.clip((turns - rs.low_freq_factor) / max(rs.high_freq_factor - rs.low_freq_factor, 1e-9), 0, 1)
+    return (1 / ((1 - blend) / rs.factor + blend)).astype(np.float32)
+
+
+LLAMA_31_8B = arch_metadata("llama", d_model=4096, n_layers=32, d_ff=14336, n_heads=32, n_kv_heads=8,
+                            context_length=131072, norm_eps=1e-5, rope_base=500000.0, vocab_size=128256)
+
+
+@pytest.mark.parametrize("preset_name", ["llama-3.1-8b", "llama-3.2-1b"])
+def test_llama31_rope_freqs_give_the_presets_rotation(tmp_path, preset_name):
+    """A Llama 3.1 or 3.2 GGUF as llama.cpp's converter writes it: no rope scaling metadata, a rope_freqs tensor
+    of one factor per rotated pair. Its spec is the preset's but for the rope scaling's form (the factors, not
+    Meta's parameters), its rotation frequencies are the preset's, and its weights load beside the tensor."""
+    preset = load_preset(preset_name)
+    meta = arch_metadata("llama", d_model=preset.d_model, n_layers=preset.n_layers, d_ff=preset.d_ff,
+                         n_heads=preset.n_heads, n_kv_heads=preset.n_kv_heads, context_length=preset.context_length,
+                         norm_eps=preset.norm_eps, rope_base=preset.rope_base, vocab_size=preset.vocab_size)
+    factors = llama3_rope_factors(preset.head_dim, preset.rope_base, preset.rope_scaling)
+    head = {} if preset.tie_embeddings else {"output.weight": np.zeros((1, 1), np.float32)}  # an untied head
+    spec = spec_from_gguf(write_gguf(tmp_path / "l.gguf", "llama", meta, {**head, "rope_freqs.weight": factors}))
+    assert _differing(spec, preset) == ["rope_scaling"] and spec.rope_scaling.factors == tuple(factors.tolist())
+    assert spec.rope_scaling.factor == preset.rope_scaling.factor  # the lowest frequencies' slowdown
+    torch.testing.assert_close(rope_inverse_frequencies(spec, spec.rope_base),
+                               rope_inverse_frequencies(preset, preset.rope_base), rtol=1e-6, atol=0)
+
+
+def test_a_gguf_with_rope_freqs_loads_its_weights(tmp_path):
+    """load_weights reads every weight of the spec and leaves rope_freqs to the spec, whose factors it is."""
+    meta = {**arch_metadata("llama", **TINY), "llama.attention.key_length": 32}
+    spec = spec_from_gguf(write_gguf(tmp_path / "t.gguf", "llama", meta, {}))
+    tensors = tiny_tensors(spec, np.random.default_rng(0))
+    factors = np.linspace(1, 8, 16, dtype=np.float32)
+    path = write_gguf(tmp_path / "f.gguf", "llama", meta, {**tensors, "rope_freqs.weight": factors})
+    spec = spec_from_gguf(path)
+    assert spec.rope_scaling.factors == tuple(factors.tolist())
+    weights = load_weights(path, spec)
+    assert sorted(weights) == sorted(spec.tensor_shapes())
+
+
+@pytest.mark.parametrize("freqs, extra, says", [
+    (np.ones(32, np.float32), {}, ("rope scaling factors: 32 given, with kind 'factors'; kind 'factors' takes one "
+                                   "positive factor per rotated pair \\(64\\)")),
+    (np.zeros(64, np.float32), {}, "takes one positive factor per rotated pair"),
+    (np.ones(64, np.float32), {"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0,
+                               "llama.rope.scaling.original_context_length": 8192},
+     "holds both yarn rope scaling metadata and a rope_freqs tensor"),
+])
+def test_bad_rope_freqs_are_refused(tmp_path, freqs, extra, says):
+    with pytest.raises(OpenLPUError, match=says):
+        spec_from_gguf(write_gguf(tmp_path / "b.gguf", "llama", {**LLAMA_31_8B, **extra}, {"rope_freqs.weight": freqs}))
+
+
 def test_qwen3moe_metadata_gives_the_preset(tmp_path):
     """The keys llama.cpp's converter writes for Qwen3-30B-A3B (Qwen3MoeModel: the common ones with the
     dense intermediate_size as feed_forward_length, and the expert sizes): the experts' width is
@@ -253,15 +314,18 @@ def test_llama4_metadata_gives_the_preset(tmp_path):
     """llama.cpp's llama4 defaults (chunks of 8192 with rope, every 4th layer NoPE and global with attention
     temperature floor 8192 and scale 0.1, q/k norms, a sigmoid router on the experts' input and a shared expert)
     give the preset made from Scout's config.json, but for what the metadata does not hold: the context the preset
-    takes from GroqCloud, and Llama 3.1-style rope scaling, which llama.cpp stores as a rope_freqs tensor."""
+    takes from GroqCloud, and Llama 3.1-style rope scaling, which llama.cpp stores as a rope_freqs tensor: with it,
+    the rotation frequencies are the preset's."""
     output = {"output.weight": np.zeros((1, 1), np.float32)}
     spec = spec_from_gguf(write_gguf(tmp_path / "scout.gguf", "llama4", SCOUT, output))
     preset = load_preset("llama-4-scout")
     assert _differing(spec, preset) == ["context_length", "rope_scaling"]
     assert spec.context_length == 10485760 and spec.rope_scaling is None
-    with pytest.raises(OpenLPUError, match="rope_freqs tensor is not supported yet; use the model's preset"):
-        spec_from_gguf(write_gguf(tmp_path / "freqs.gguf", "llama4", SCOUT,
-                                  {**output, "rope_freqs.weight": np.ones(64, np.float32)}))
+    factors = llama3_rope_factors(preset.head_dim, preset.rope_base, preset.rope_scaling)
+    spec = spec_from_gguf(write_gguf(tmp_path / "freqs.gguf", "llama4", SCOUT, {**output, "rope_freqs.weight": factors}))
+    assert _differing(spec, preset) == ["context_length", "rope_scaling"] and spec.rope_scaling.kind == "factors"
+    torch.testing.assert_close(rope_inverse_frequencies(spec, spec.rope_base),
+                               rope_inverse_frequencies(preset, preset.rope_base), rtol=1e-6, atol=0)
 
 
 def test_llama4_without_qk_norm_for_128_experts(tmp_path):

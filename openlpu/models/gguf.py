@@ -300,6 +300,7 @@ METADATA_KEYS: dict[str, str] = {
     "vocab_size": "vocab_size",
 }
 REQUIRED_FIELDS = ("context_length", "d_model", "n_layers", "d_ff", "n_heads")
+ROPE_FREQS = "rope_freqs.weight"  # a tensor of the ModelSpec (its rope scaling), not a weight
 LLAMA_CPP_ROPE_BASE_DEFAULT = 10000.0  # llama-model.cpp: rope_freq_base_train when the key is absent
 
 
@@ -308,8 +309,8 @@ def _rope_scaling(meta: dict, arch: str, path: Path, truncate: bool) -> RopeScal
     factor = float(meta.get(f"{arch}.rope.scaling.factor", 1.0))
     if kind == "none" or factor == 1.0:
         return None
-    # llama.cpp stores Llama 3.1's scaling as a rope_freqs tensor (refused by the caller); linear
-    # scaling has no ModelSpec equivalent
+    # llama.cpp stores Llama 3.1's scaling as a rope_freqs tensor (_rope_factors); linear scaling has no
+    # ModelSpec equivalent
     if kind != "yarn":
         raise OpenLPUError(f"{path}: rope scaling {kind!r} (factor {factor}) is not supported yet; "
                            "use a model without rope scaling or a preset")
@@ -321,6 +322,17 @@ def _rope_scaling(meta: dict, arch: str, path: Path, truncate: bool) -> RopeScal
     return RopeScaling(factor=factor, original_context_length=int(meta[key]), kind="yarn",
                        beta_fast=float(meta.get(f"{arch}.rope.scaling.yarn_beta_fast", 32.0)),
                        beta_slow=float(meta.get(f"{arch}.rope.scaling.yarn_beta_slow", 1.0)), truncate=truncate)
+
+
+def _rope_factors(header: GGUFHeader, scaling: RopeScaling | None) -> RopeScaling:
+    """llama.cpp's rope_freqs tensor: the divisor of each rotated pair's frequency, which its converter
+    computes from Llama 3.1's rope scaling (a file holds it instead of that scaling's parameters)."""
+    if scaling is not None:
+        raise OpenLPUError(f"{header.path}: holds both {scaling.kind} rope scaling metadata and a rope_freqs tensor; "
+                           "re-convert the model with a current llama.cpp")
+    factors = load_tensor(header, ROPE_FREQS).reshape(-1)
+    return RopeScaling(factor=float(factors.max(initial=0.0)), original_context_length=0, kind="factors",
+                       factors=tuple(float(f) for f in factors))
 
 
 def _fixed_metadata(meta: dict, arch: str, defaults: ArchDefaults, path: Path) -> None:
@@ -373,15 +385,13 @@ def _chunked_layers(meta: dict, arch: str, defaults: ArchDefaults, values: dict,
 
 
 def spec_from_gguf(path: str | Path) -> ModelSpec:
-    """The ModelSpec of a GGUF model from its metadata (no tensor data is read)."""
+    """The ModelSpec of a GGUF model from its metadata (no weight is read; a rope_freqs tensor, llama.cpp's
+    form of Llama 3.1's rope scaling, is part of the spec)."""
     header = _header(path)
     meta, arch = header.metadata, header.architecture
     if arch not in ARCHITECTURES:
         raise OpenLPUError(f"{header.path}: architecture {arch!r} is not supported; supported: "
                            f"{', '.join(ARCHITECTURES)}")
-    if "rope_freqs.weight" in header.tensors:
-        raise OpenLPUError(f"{header.path}: Llama 3.1-style rope scaling stored as a rope_freqs "
-                           "tensor is not supported yet; use the model's preset instead")
     defaults = ARCHITECTURES[arch]
     keys = METADATA_KEYS | {"d_ff": defaults.d_ff_key}
     values = {f: meta[f"{arch}.{k}"] for f, k in keys.items() if f"{arch}.{k}" in meta}
@@ -411,12 +421,15 @@ def spec_from_gguf(path: str | Path) -> ModelSpec:
         if f in values:  # float32 in the file; round to what the writer meant (1e-06, not 9.99e-07)
             values[f] = float(f"{values[f]:.7g}")
     name = str(meta.get("general.name") or header.path.stem).strip().lower().replace(" ", "-")
+    rope_scaling = _rope_scaling(meta, arch, header.path, defaults.yarn_truncate)
+    if ROPE_FREQS in header.tensors:
+        rope_scaling = _rope_factors(header, rope_scaling)
     return ModelSpec(
         name=name,
         family=(defaults.family_if_moe if moe and defaults.family_if_moe else defaults.family),
         activation=defaults.activation,
         rope_base_local=defaults.rope_base_local,
-        rope_scaling=_rope_scaling(meta, arch, header.path, defaults.yarn_truncate),
+        rope_scaling=rope_scaling,
         norm_weight_offset=defaults.norm_weight_offset,
         post_norms=defaults.post_norms,
         qk_norm=defaults.qk_norm,
@@ -560,8 +573,9 @@ def check_weights_readable(header: GGUFHeader) -> None:
 def load_weights(path: str | Path, spec: ModelSpec) -> dict[str, "torch.Tensor"]:
     """Every weight of `spec` as float32 torch tensors, in the spec's conventions.
 
-    The file must hold exactly spec.tensor_shapes(); llama.cpp's +1 on Gemma norm weights is
-    removed so that norms compute x * (spec.norm_weight_offset + w) as in the reference model.
+    The file must hold exactly spec.tensor_shapes() (and may hold rope_freqs, which the spec holds as its
+    rope scaling); llama.cpp's +1 on Gemma norm weights is removed so that norms compute
+    x * (spec.norm_weight_offset + w) as in the reference model.
     """
     import torch
 
@@ -569,7 +583,7 @@ def load_weights(path: str | Path, spec: ModelSpec) -> dict[str, "torch.Tensor"]
     check_weights_readable(header)
     expected = spec.tensor_shapes()
     problems = [f"missing {n}" for n in expected if n not in header.tensors]
-    problems += [f"unexpected {n}" for n in header.tensors if n not in expected]
+    problems += [f"unexpected {n}" for n in header.tensors if n not in expected and n != ROPE_FREQS]
     problems += [f"{n} has shape {header.tensors[n].shape}, expected {s}"
                  for n, s in expected.items()
                  if n in header.tensors and header.tensors[n].shape != tuple(s)]

@@ -20,7 +20,7 @@ FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3-moe", "gemma
 # gated-MLP activations; "swiglu_clamped" is gpt-oss's: gate clamped to <= 7, up to [-7, 7], then
 # gate * sigmoid(1.702 gate) * (up + 1) (transformers GptOssExperts, swiglu_limit / swiglu_alpha)
 ACTIVATIONS = ("silu", "gelu_tanh", "swiglu_clamped")
-ROPE_SCALINGS = ("llama3", "yarn")
+ROPE_SCALINGS = ("llama3", "yarn", "factors")
 # local: sliding-window attention (a query sees the last sliding_window positions); chunked: a query sees
 # only the positions of its own chunk of attention_chunk (Llama 4)
 LAYER_KINDS = ("global", "local", "chunked")
@@ -35,8 +35,9 @@ PRESETS_DIR = Path(__file__).parent / "presets"
 @dataclass(frozen=True)
 class RopeScaling:
     """Rope scaling that stretches a model's trained context: Llama 3.1's frequency-dependent rescale
-    (kind "llama3", with its low and high frequency factors) or YaRN (kind "yarn", gpt-oss, with its
-    beta_fast and beta_slow)."""
+    (kind "llama3", with its low and high frequency factors), YaRN (kind "yarn", gpt-oss, with its
+    beta_fast and beta_slow), or a divisor of each rotated pair's frequency as given (kind "factors": the
+    rope_freqs tensor in which llama.cpp's converter stores Llama 3.1's rescale; `factor` is the largest)."""
 
     factor: float
     original_context_length: int
@@ -46,6 +47,10 @@ class RopeScaling:
     beta_fast: float = 0.0
     beta_slow: float = 0.0
     truncate: bool = True  # yarn: round the blended band out to whole dimensions (gpt-oss does not)
+    factors: tuple[float, ...] = ()  # kind "factors": one per rotated pair (head_dim / 2)
+
+    def __post_init__(self):
+        object.__setattr__(self, "factors", tuple(self.factors))  # a JSON list compares as a tuple
 
     @property
     def attention_factor(self) -> float:
@@ -149,6 +154,12 @@ class ModelSpec:
             raise bad("norm_eps and rope_base must be positive")
         if self.rope_scaling is not None and self.rope_scaling.kind not in ROPE_SCALINGS:
             raise bad(f"rope scaling {self.rope_scaling.kind!r} not supported; use one of {ROPE_SCALINGS}")
+        factors = self.rope_scaling.factors if self.rope_scaling else ()
+        if (self.rope_scaling is not None and self.rope_scaling.kind == "factors") != bool(factors) or \
+                factors and (len(factors) != self.head_dim // 2 or not all(0 < f < math.inf for f in factors)):
+            raise bad(f"rope scaling factors: {len(factors)} given, with kind "
+                      f"{self.rope_scaling.kind if self.rope_scaling else None!r}; kind 'factors' takes one positive "
+                      f"factor per rotated pair ({self.head_dim // 2}), the other kinds none")
         if self.moe_bias and not self.is_moe:
             raise bad("moe_bias needs experts (n_experts > 0)")
 

@@ -85,11 +85,13 @@ def hf_qk_to_gguf(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def rope_inverse_frequencies(spec: ModelSpec, base: float) -> torch.Tensor:
-    """Angle per position of each rotated pair, float32 [head_dim / 2] (llama3 or yarn scaling applied;
-    yarn's attention factor is in spec.attn_scale)."""
+    """Angle per position of each rotated pair, float32 [head_dim / 2] (llama3, yarn or per-pair factors
+    applied; yarn's attention factor is in spec.attn_scale)."""
     dim = spec.head_dim
     inv = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
     rs = spec.rope_scaling
+    if rs is not None and rs.kind == "factors":  # llama.cpp's rope_freqs: each pair's frequency divided by its factor
+        return (inv / torch.tensor(rs.factors, dtype=torch.float64)).float()
     if rs is not None and rs.kind == "yarn":  # YaRN: interpolate the pairs that turn fewer than beta_slow
         # times over the original context, keep those turning more than beta_fast times, ramp between
 
