@@ -568,3 +568,17 @@ def test_llama4_maverick_is_cut_by_whole_experts_on_lpu_v1(tmp_path):
     assert verify(p) == [] and not p.placement.experts
     held = {(pc[0], pc[3]) for s in p.placement.stages for pc in s.pieces if pc[1] == "ffn" and pc[2] == 0}
     assert {(i, spec.layer_d_ff(i)) for i in (0, 1)} <= held
+
+
+def test_mlps_of_different_sizes_are_cut_each_as_finely_as_it_can_be():
+    """Llama 4 Maverick on 4,000 lpu-v1 chips (500 stages of TP 8, more than its 386 at the fewest chips): its
+    MoE MLPs cannot be cut finer than one expert a chip (16 parts of 8 experts), its dense MLPs of 16,384
+    rows no finer than a 320-row tile a chip (6 slices), so the dense ones take the cuts the MoE ones cannot,
+    and the Program verifies."""
+    spec = load_preset("llama-4-maverick")
+    p = compile_program(spec, SYSTEM, Workload(context_length=8192, prompt_len=64), chips=4000)
+    assert (p.placement.tp, len(p.placement.stages), p.placement.experts) == (8, 500, True) and verify(p) == []
+    parts = Counter(pc[0] for s in p.placement.stages for pc in s.pieces if pc[1] == "ffn")
+    assert {parts[i] for i in range(spec.n_layers) if spec.is_moe_layer(i)} == {16}
+    dense = [parts[i] for i in range(spec.n_layers) if not spec.is_moe_layer(i)]
+    assert 1 < max(dense) <= 16384 // (8 * 320)

@@ -51,8 +51,10 @@ take (a share of one below a node, whole nodes beyond, as the cost model counts 
 wider degree: the same hosts, a faster step. A group spans whole nodes of one rack only when no degree
 inside a node fits. A given chip count takes the first TP degree in order of preference that
 arranges: whole pieces, or MLPs cut into equal slices when it needs more stages than pieces or a whole
-MLP does not fit (splitting the vocabulary only when the embedding or head does not fit), or, for fewer
-stages than those need, pieces cut where stages fill.
+MLP does not fit (each MLP into as many slices as asked or as it can be cut into, so MLPs of different
+sizes, Maverick's dense and MoE ones, are cut as finely as each allows; splitting the vocabulary only
+when the embedding or head does not fit), or, for fewer stages than those need, pieces cut where stages
+fill.
 """
 
 from __future__ import annotations
@@ -270,17 +272,18 @@ def _attention_pieces(i: int, parts: int, slots: int) -> list[tuple[int, str, in
     return [(i, "attn", 0, 0)] if parts == 1 else [(i, "attn", lo, hi) for lo, hi in _row_ranges(slots, parts)]
 
 
-def pieces(spec: ModelSpec, k: int, vocab: tuple[int, int] = (1, 1), attn: tuple[int, ...] = (),
+def pieces(spec: ModelSpec, k: int | tuple[int, ...], vocab: tuple[int, int] = (1, 1), attn: tuple[int, ...] = (),
            slots: tuple[int, ...] = (), units: tuple[int, ...] = ()) -> tuple[tuple[int, str, int, int], ...]:
-    """The pipeline's pieces in order, each MLP cut into k slices of its units[i] (default: d_ff rows),
-    the embedding and the head into vocab[0] and vocab[1] ranges of vocabulary rows, layer i's attention
-    into attn[i] ranges of its slots[i] KV slots (default: whole) (Stage.pieces' format)."""
-    v = spec.vocab_size
-    attn = attn or (1,) * spec.n_layers
-    units = units or tuple(map(spec.layer_d_ff, range(spec.n_layers)))
-    layers = [p for i in range(spec.n_layers)
+    """The pipeline's pieces in order, layer i's MLP cut into k[i] slices (k: one count for every layer) of
+    its units[i] (default: d_ff rows), the embedding and the head into vocab[0] and vocab[1] ranges of
+    vocabulary rows, layer i's attention into attn[i] ranges of its slots[i] KV slots (default: whole)
+    (Stage.pieces' format)."""
+    v, n = spec.vocab_size, spec.n_layers
+    attn, k = attn or (1,) * n, k if isinstance(k, tuple) else (k,) * n
+    units = units or tuple(map(spec.layer_d_ff, range(n)))
+    layers = [p for i in range(n)
               for p in _attention_pieces(i, attn[i], slots[i] if slots else 0)
-              + [(i, "ffn", lo, hi) for lo, hi in _row_ranges(units[i], k)]]
+              + [(i, "ffn", lo, hi) for lo, hi in _row_ranges(units[i], k[i])]]
     return (*[(EMBED, "embed", lo, hi) for lo, hi in _row_ranges(v, vocab[0])], *layers,
             *[(spec.n_layers, "head", lo, hi) for lo, hi in _row_ranges(v, vocab[1])])
 
@@ -441,12 +444,15 @@ def _sizes(table: SizeTable, n_layers: int, cut: list[tuple[tuple[int, str, int,
     return PieceSizes(tuple(piece for piece, _ in cut), weights, kv, activations, table.tied_table, table.experts)
 
 
-def piece_sizes(spec: ModelSpec, table: SizeTable, k: int = 1, vocab: tuple[int, int] = (1, 1),
+def piece_sizes(spec: ModelSpec, table: SizeTable, k: int | tuple[int, ...] = 1, vocab: tuple[int, int] = (1, 1),
                 attn: tuple[int, ...] = ()) -> PieceSizes:
-    """Per-chip bytes of each piece, every MLP cut into k slices, the embedding and head into vocab parts,
-    layer i's attention into attn[i] parts of its KV slots (each part holds the attention's weights)."""
-    parts = {"ffn": k, "embed": vocab[0], "head": vocab[1]}
-    cut = [(piece, (piece[1] == "attn" and piece[3] > piece[2]) or parts.get(piece[1], 1) > 1)
+    """Per-chip bytes of each piece, layer i's MLP cut into k[i] slices (k: one count for every layer), the
+    embedding and head into vocab parts, layer i's attention into attn[i] parts of its KV slots (each part
+    holds the attention's weights)."""
+    k = k if isinstance(k, tuple) else (k,) * spec.n_layers
+    parts = {"embed": vocab[0], "head": vocab[1]}
+    cut = [(piece, (piece[1] == "attn" and piece[3] > piece[2]) or
+            (k[piece[0]] if piece[1] == "ffn" else parts.get(piece[1], 1)) > 1)
            for piece in pieces(spec, k, vocab, attn, table.kv_slots, table.ffn_units)]
     return _sizes(table, spec.n_layers, cut)
 
@@ -577,12 +583,18 @@ def attention_parts(spec: ModelSpec, table: SizeTable, capacity: int) -> tuple[i
     return tuple(out)
 
 
+def most_slices(table: SizeTable, tile_rows: int) -> tuple[int, ...]:
+    """Per layer, the most slices its MLP is cut into: each leaves a chip a weight tile of d_ff rows (or
+    one expert); an MLP with fewer stays whole."""
+    return tuple(max(1, u // (table.t * table.ffn_tile(i, tile_rows))) for i, u in enumerate(table.ffn_units))
+
+
 def fitting_cuts(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: int,
-                 slices: int = 1) -> tuple[int, tuple[int, int], tuple[int, ...]] | None:
-    """(MLP slices, (embedding parts, head parts), attention parts per layer): at least `slices`, and the
-    fewest with which every piece fits a stage alone; None if none does (an attention part cannot hold
-    one KV slot, a slice would leave a chip less than one weight tile of d_ff rows or one expert, or a
-    piece does not fit however finely it is cut)."""
+                 slices: int = 1) -> tuple[tuple[int, ...], tuple[int, int], tuple[int, ...]] | None:
+    """(MLP slices per layer, (embedding parts, head parts), attention parts per layer): each MLP in
+    `slices` slices or as many as it can be cut into (most_slices), and in more where fewer do not fit a
+    stage alone; the fewest embedding, head and attention parts that fit; None if none does (an attention
+    part cannot hold one KV slot, or a piece does not fit however finely it is cut)."""
     n, t = spec.n_layers, table.t
 
     def fit(sizes: PieceSizes, part: str) -> bool:
@@ -596,14 +608,16 @@ def fitting_cuts(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: in
     attn = attention_parts(spec, table, capacity)
     if attn is None:
         return None
-    given = piece_sizes(spec, table, slices)
+    most = most_slices(table, tile_rows)
+    ks = tuple(min(slices, m) for m in most)
+    given = piece_sizes(spec, table, ks)
     if not fit(given, "ffn"):
         rows = [rows_that_fit(half_index(i, "ffn", n), table.ffn_unit_bytes[i], True) for i in range(n)]
         if min(rows) < 1:
             return None
-        slices = max(slices, *(-(-table.ffn_units[i] // (rows[i] * t)) for i in range(n)))
-    if slices > 1 and any(table.ffn_units[i] // slices // t < table.ffn_tile(i, tile_rows) for i in range(n)):
-        return None
+        ks = tuple(max(k, -(-table.ffn_units[i] // (rows[i] * t))) for i, k in enumerate(ks))
+        if any(k > m for k, m in zip(ks, most)):
+            return None
     vocab = []
     for k, part in enumerate(VOCAB_PARTS):
         if fit(given, part):
@@ -614,21 +628,22 @@ def fitting_cuts(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: in
         if rows < 1:
             return None
         vocab.append(-(-spec.vocab_size // (rows * t)))
-    sizes = piece_sizes(spec, table, slices, tuple(vocab), attn)
+    sizes = piece_sizes(spec, table, ks, tuple(vocab), attn)
     if not all(fit(sizes, part) for part in ("attn", "ffn", *VOCAB_PARTS)):
         return None
-    return slices, (vocab[0], vocab[1]), attn
+    return ks, (vocab[0], vocab[1]), attn
 
 
 def cut_options(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: int, slices: int = 1):
     """Piece sizes with every piece fitting a stage alone, from the fewest MLP slices (at least
-    `slices`) to the most that leave each chip a weight tile: finer slices can pack stages tighter."""
-    most = min(table.ffn_units[i] // (table.t * table.ffn_tile(i, tile_rows)) for i in range(spec.n_layers))
+    `slices` where an MLP can be cut so) to the most that leave each chip a weight tile (or an expert):
+    finer slices can pack stages tighter."""
+    most = max(most_slices(table, tile_rows))
     while (cuts := fitting_cuts(spec, table, capacity, tile_rows, slices)) is not None:
         yield piece_sizes(spec, table, *cuts)
-        if cuts[0] >= most:
+        if max(cuts[0]) >= most:
             return
-        slices = cuts[0] + 1
+        slices = max(cuts[0]) + 1
 
 
 def arrange(spec: ModelSpec, table: SizeTable, p: int, capacity: int,
@@ -638,7 +653,7 @@ def arrange(spec: ModelSpec, table: SizeTable, p: int, capacity: int,
     whole), else, for fewer stages than those need, pieces cut where stages fill (filled_sizes)."""
     cuts = fitting_cuts(spec, table, capacity, tile_rows)
     if cuts is not None:
-        slices = max(cuts[0], -(-(p - sum(cuts[1]) - sum(cuts[2])) // spec.n_layers))  # at least p pieces
+        slices = max(*cuts[0], -(-(p - sum(cuts[1]) - sum(cuts[2])) // spec.n_layers))  # p pieces, if uncapped
         for sizes in cut_options(spec, table, capacity, tile_rows, slices):
             ranges = balanced_stages(sizes, p, capacity)
             if ranges is not None:
