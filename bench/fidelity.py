@@ -228,7 +228,7 @@ def _max_load(gpu: str, model: str, gpus: int, precision: str, rows: dict) -> li
     out except the MAX_LOAD_FITS."""
     return [Point(gpu, model, gpus, precision, "max_load_tok_s", published, TRT_V1, "2025",
                   MAX_LOAD_FITS.get((model, gpu, gpus, precision, (i, o)), COUNTED),
-                  {"input": i, "output": o}, software="gqa-kernels") for (i, o), published in rows.items()]
+                  {"input": i, "output": o}, software="tensorrt-llm-1.0") for (i, o), published in rows.items()]
 
 
 MAX_LOAD_LENGTHS = ((128, 128), (128, 2048), (128, 4096), (500, 2000), (1000, 1000), (1000, 2000), (2048, 128),
@@ -257,7 +257,16 @@ FP4_FIT_ROLE = "FIT: FP4_COMPUTE_EFFICIENCY"
 # GPUs are held out
 ALLREDUCE_FIT = ("llama-3.1-405b", "h200", 8, "fp8", (128, 128))
 ALLREDUCE_FIT_ROLE = "FIT: ALLREDUCE_BANDWIDTH_EFFICIENCY"
-MAX_LOAD_FITS = {FP4_FIT: FP4_FIT_ROLE, ALLREDUCE_FIT: ALLREDUCE_FIT_ROLE}
+# The row HOST_S_PER_REQUEST is fitted on: a dense model whose steps the GPU model times well, at the length with
+# the most requests in flight (4,096) and the shortest steps; the other 98 rows are held out
+HOST_FIT = ("llama-3.1-8b", "h200", 1, "fp8", (128, 128))
+HOST_FIT_ROLE = "FIT: HOST_S_PER_REQUEST"
+MAX_LOAD_FITS = {FP4_FIT: FP4_FIT_ROLE, ALLREDUCE_FIT: ALLREDUCE_FIT_ROLE, HOST_FIT: HOST_FIT_ROLE}
+# The host at work, in the same table: GB200 (one Grace CPU per two GPUs) against B200 (an x86 DGX host), output
+# tok/s at 128 / 128, where thousands of requests take short steps, and at 128 / 4,096, where long contexts make
+# the GPU's steps long: (model, ISL/OSL) -> (B200, GB200), both at TP 1 and FP4; not fitted on, not predicted
+HOST_EVIDENCE = {("qwen3-30b-a3b", "128/128"): (39827, 24107), ("qwen3-30b-a3b", "128/4096"): (24953, 26337),
+                 ("llama-4-scout", "128/128"): (25342, 19954), ("llama-4-scout", "128/4096"): (8932, 9556)}
 
 GPU_POINTS = [
     Point("h100-sxm", "llama-2-70b", 8, "fp8", "e2e_latency_s", 1.7, NVIDIA_DGX, "2023-12",
@@ -361,12 +370,15 @@ def bisect(f, target: float, lo: float, hi: float, rising: bool, steps: int = 40
 def fit_gpu() -> dict:
     """Jointly fit KERNEL_OVERHEAD_S (on the DGX H100 latency), COMPUTE_EFFICIENCY (on the H200 batch-32
     throughput) and ALLREDUCE_BANDWIDTH_EFFICIENCY (on the ALLREDUCE_FIT row), then FP4_COMPUTE_EFFICIENCY
-    (on the FP4_FIT row of B200) with those; returns the fitted values and restores the shipped constants."""
-    names = ("KERNEL_OVERHEAD_S", "COMPUTE_EFFICIENCY", "ALLREDUCE_BANDWIDTH_EFFICIENCY", "FP4_COMPUTE_EFFICIENCY")
+    (on the FP4_FIT row of B200) and HOST_S_PER_REQUEST (on the HOST_FIT row) with those; returns the fitted
+    values and restores the shipped constants."""
+    names = ("KERNEL_OVERHEAD_S", "COMPUTE_EFFICIENCY", "ALLREDUCE_BANDWIDTH_EFFICIENCY", "FP4_COMPUTE_EFFICIENCY",
+             "HOST_S_PER_REQUEST")
     shipped = {name: getattr(G, name) for name in names}
     latency_point, throughput_point = GPU_POINTS[0], GPU_POINTS[1]
     fp4_point = next(p for p in GPU_POINTS if p.role == FP4_FIT_ROLE)
     allreduce_point = next(p for p in GPU_POINTS if p.role == ALLREDUCE_FIT_ROLE)
+    host_point = next(p for p in GPU_POINTS if p.role == HOST_FIT_ROLE)
     try:
         for _ in range(4):
             G.KERNEL_OVERHEAD_S = bisect(lambda k: _with(G, "KERNEL_OVERHEAD_S", k, latency_point),
@@ -378,6 +390,8 @@ def fit_gpu() -> dict:
                 allreduce_point.published, 0.05, 1.0, rising=True)
         G.FP4_COMPUTE_EFFICIENCY = bisect(lambda c: _with(G, "FP4_COMPUTE_EFFICIENCY", c, fp4_point),
                                           fp4_point.published, 0.05, 1.0, rising=True)
+        G.HOST_S_PER_REQUEST = bisect(lambda h: _with(G, "HOST_S_PER_REQUEST", h, host_point),
+                                      host_point.published, 0.0, 200e-6, rising=False)
         return {name: getattr(G, name) for name in names}
     finally:
         for name, value in shipped.items():
@@ -420,7 +434,25 @@ def gpu_readings(gpu_rows) -> dict:
             finally:
                 G.COMPUTE_EFFICIENCY = shipped
             efficiency.append({**r, "implied": implied})
-    return {"kv_reads": kv_reads, "compute_efficiency": efficiency, "allreduce": allreduce_readings(gpu_rows)}
+    return {"kv_reads": kv_reads, "compute_efficiency": efficiency, "allreduce": allreduce_readings(gpu_rows),
+            "host": host_readings(gpu_rows)}
+
+
+def host_readings(gpu_rows) -> list[dict]:
+    """The held-out rows of TensorRT-LLM 1.0's table whose decode steps the host loop paces (HOST_S_PER_REQUEST
+    x requests in flight outlasts the GPU's step), each with its prediction were the GPU alone to set the pace
+    (the `gqa-kernels` software row): a reading of what the host term changes."""
+    out = []
+    for r in gpu_rows:
+        if r["metric"] != "max_load_tok_s" or r["role"] != COUNTED:
+            continue
+        p, requests = _point(r), max_load_requests(_point(r))
+        _, gpu_step = G.offline_steps_s(load_preset(p.model), load_gpu(p.system), p.precision, p.chips, requests,
+                                        p.setting["input"], p.setting["output"], p.software)
+        if requests * G.HOST_S_PER_REQUEST > gpu_step:
+            gpu_alone = predict_gpu(dataclasses.replace(p, software="gqa-kernels"))
+            out.append({**r, "requests": requests, "gpu_alone_error": gpu_alone / r["published"] - 1})
+    return out
 
 
 def allreduce_readings(gpu_rows) -> list[dict]:
@@ -820,6 +852,11 @@ def markdown(lpu_rows, gpu_rows, gpu_fit, install_fit, shipped_install, system, 
     groups_text = "; ".join(f"{name} {count(rs)}, median {_median_error(rs):+.0%}"
                             for name, rs in max_load_groups.items())
     fp4_fit = next(r for r in gpu_rows if r["role"] == FP4_FIT_ROLE)
+    host_fit = next(r for r in gpu_rows if r["role"] == HOST_FIT_ROLE)
+    host_paced = gpu_read["host"]
+    host_evidence = "; ".join(
+        f"{model} at {lengths}: {b200:,} on B200, {gb200:,} on GB200 ({gb200 / b200 - 1:+.0%})"
+        for (model, lengths), (b200, gb200) in HOST_EVIDENCE.items())
     allreduce_fit = next(r for r in gpu_rows if r["role"] == ALLREDUCE_FIT_ROLE)
     allreduce_read = gpu_read["allreduce"]
     allreduce_fit_share = next(r["share"] for r in allreduce_read if r["role"] == ALLREDUCE_FIT_ROLE)
@@ -899,7 +936,11 @@ the most requests in flight, so the largest all-reduces, {allreduce_fit_share:.0
 rate); then, with them,
 FP4_COMPUTE_EFFICIENCY = {gpu_fit['FP4_COMPUTE_EFFICIENCY']:.3f} [{G.FP4_COMPUTE_EFFICIENCY:.3f}], the fraction of
 B200's FP4 peak its NVFP4 GEMMs reach, on one cell of the grid below ({fp4_fit["model"]}, 1 x B200,
-{fp4_fit["setting"]["input"]:,} / {fp4_fit["setting"]["output"]:,}: its most prefill-bound length).
+{fp4_fit["setting"]["input"]:,} / {fp4_fit["setting"]["output"]:,}: its most prefill-bound length), and
+HOST_S_PER_REQUEST = {gpu_fit['HOST_S_PER_REQUEST'] * 1e6:.1f} us [{G.HOST_S_PER_REQUEST * 1e6:.1f} us], what
+TensorRT-LLM 1.0's host loop spends on each request in flight at each step, on one more ({host_fit["model"]}, 1 x
+{host_fit["system"].upper()}, {host_fit["setting"]["input"]:,} / {host_fit["setting"]["output"]:,}: a dense model at its
+shortest steps and most requests in flight).
 FP4 weights are NVFP4's 4.5 bits per element; the KV cache stays FP8, as NVIDIA's NVFP4 checkpoints set
 it (`kv_cache_quant_algo` FP8 in their hf_quant_config.json), and attention does its math in FP8.
 
@@ -1040,8 +1081,15 @@ it (`kv_cache_quant_algo` FP8 in their hf_quant_config.json), and attention does
     none. So one constant leaves the long outputs of 405B (128 / 2,048, 500 / 2,000, 1,000 / 2,000) too
     fast, most on 4 B200s. A GPU comparison in `plan` can favour the GPU by these margins (`plan
     --gpu-software tensorrt-llm-0.5` shows the other end: once per query head).
+  - The host: TensorRT-LLM 1.0 (PyTorch backend) tends every request in flight in a host loop at each step,
+    which prepares the next step while the GPU runs this one, so a step lasts the longer of the two. With
+    HOST_S_PER_REQUEST fitted on one row, the host paces {len(host_paced)} held-out rows:
+    {_host_errors(host_paced)}. The same table shows the host at work, without any fit: {host_evidence}.
+    Grace, the GB200's CPU, falls behind where requests are many and steps short, and the GB200's GPU is
+    ahead where the GPU sets the pace.
   - A mixture of experts: Qwen3-30B-A3B (128 experts, 8 per token) on one B200 ran slower than the model
-    says on every row; the errors run from {min(moe_errors):+.0%} to {max(moe_errors):+.0%} (2,048 / 128,
+    says on {sum(e > 0 for e in moe_errors)} of {len(moe_errors)} rows; the errors run from {min(moe_errors):+.0%} to
+    {max(moe_errors):+.0%} (2,048 / 128,
     where prefill dominates: {moe_prefill["error"]:+.0%}), and so did Llama 4 Scout (16 experts, 1 per token, beside
     a shared expert), from {min(scout_errors):+.0%} to {max(scout_errors):+.0%}. The model times the experts as a roofline of
     the chosen experts' work and the distinct experts' weights; serving them adds routing, token
@@ -1071,6 +1119,13 @@ def _errors_at_widths(f: dict) -> str:
     return "; ".join(f"TP {t}: {w['chips']:,} chips, {w['error']:+.0%}" for t, w in f["by_tp"].items() if w)
 
 
+def _host_errors(rs) -> str:
+    """'llama-3.1-8b, 1 x h100-sxm, 128 / 128: -3% (the GPU alone: +17%)' for each host-paced row."""
+    return "; ".join(f"{r['model']}, {r['chips']} x {r['system']}, {r['setting']['input']:,} / "
+                     f"{r['setting']['output']:,}: {r['error']:+.0%} (the GPU alone: {r['gpu_alone_error']:+.0%})"
+                     for r in rs)
+
+
 def _median_error(rs) -> float:
     errors = sorted(r["error"] for r in rs)
     return (errors[(len(errors) - 1) // 2] + errors[len(errors) // 2]) / 2
@@ -1090,7 +1145,8 @@ def max_load_grid(rs) -> str:
             f"{r['published']:,} / {r['predicted']:,.0f} ({r['error']:+.0%}"
             f"{', FIT' if r['role'] != COUNTED else ''})" for r in cells) + " |")
     return (f"TensorRT-LLM 1.0 under unbounded load ({TRT_V1}, 2025), output tok/s, published / predicted "
-            f"(error); GQA kernels; all held out but the cell marked FIT:\n\n" + "\n".join(lines))
+            f"(error); GQA kernels and the host loop over the requests in flight (the `tensorrt-llm-1.0` software "
+            f"row); all held out but the cells marked FIT:\n\n" + "\n".join(lines))
 
 
 def _errors(rs, prompt: int | None) -> str:

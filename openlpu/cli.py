@@ -106,9 +106,10 @@ def plan(
     acceptance: float = typer.Option(None, "--acceptance", help="chance the target accepts each draft token "
                                                                 "(needed with --draft)"),
     gpu_software: str = typer.Option("gqa-kernels", "--gpu-software",
-                                     help="the GPUs' decode attention kernels: gqa-kernels (each KV head read "
-                                          "once per group, as current engines do) or tensorrt-llm-0.5 (once "
-                                          "per query head)"),
+                                     help="the GPUs' serving software: gqa-kernels (each KV head read once "
+                                          "per group, as current engines do), tensorrt-llm-1.0 (the same, and a "
+                                          "host loop over the requests in flight at each step) or "
+                                          "tensorrt-llm-0.5 (once per query head)"),
     json_out: bool = typer.Option(False, "--json", help="print the rows as JSON"),
     plot_file: str = typer.Option(None, "--plot", help="write a PNG chart of the rows to this file"),
 ):

@@ -12,12 +12,13 @@ the model's query heads per KV head, not a fitted number. The first two fits ran
 use its row; `openlpu plan` compares against current engines (the default row). That row is optimistic: against TensorRT-LLM v0.7a's GQA kernels
 (Llama-2-70B, 1 x H200, FP8, 128 in; TensorRT-LLM blog "Falcon-180B on a single H200", Dec 2023) it
 predicts 2,048-token outputs at batch 192 65% faster than measured, 4,096-token outputs at batch 96
-38% faster. TensorRT-LLM 1.0 (2025) comes closer: its throughput table for Llama 3.1 8B and 3.3 70B on
-one or two H100s or H200s sits around the model's figures; Llama 3.1 405B, on 8 Hopper GPUs or 4 B200s,
-with the all-reduces' bandwidth fitted on one of its rows, runs its long outputs up to ~25% slower than
-predicted; and a mixture of experts (Qwen3-30B-A3B on one B200) ran 1.3-3.8x slower than predicted: its
-experts are timed as a roofline of their work, without the routing, token permutation and small grouped
-GEMMs that serving them adds (bench/results/fidelity.md).
+38% faster. TensorRT-LLM 1.0 (2025; its own row, `tensorrt-llm-1.0`, adds its host loop) comes closer:
+its throughput table for Llama 3.1 8B and 3.3 70B on one or two H100s or H200s sits around the model's
+figures; Llama 3.1 405B, on 8 Hopper GPUs or 4 B200s, with the all-reduces' bandwidth fitted on one of its
+rows, runs its long outputs up to ~25% slower than predicted; and a mixture of experts (Qwen3-30B-A3B on
+one B200), where the GPU and not the host sets the pace, ran 1.3-2.8x slower than predicted: its experts
+are timed as a roofline of their work, without the routing, token permutation and small grouped GEMMs
+that serving them adds (bench/results/fidelity.md).
 
 Tensor parallelism over NVLink divides the sharded ops and adds two all-reduces per layer
 (Megatron-style: after attention and after the MLP); servers beyond one NVLink domain form pipeline
@@ -51,6 +52,15 @@ Constants and the published points they were fitted on / checked against (bench/
   1 x B200, NVFP4 weights and FP8 KV cache, 2,048 in / 128 out under unbounded load: 1,339 output tok/s.
   Its other 19 B200 rows (70B on 1 GPU, 405B on 4) are held out: 17 within 15%. It sits below the FP8
   fraction: NVFP4 math ran at 1.2x the FP8 rate, not the datasheet's 2x.
+- HOST_S_PER_REQUEST 24.3 us: what an engine whose loop runs on the host (TensorRT-LLM 1.0's PyTorch
+  backend: the `tensorrt-llm-1.0` software row) spends on each request in flight at each step: scheduling
+  it, preparing its inputs, taking its token. The loop prepares the next step while the GPU runs this one
+  (TensorRT-LLM's overlap scheduler), so a decode step lasts the longer of the two, and at thousands of
+  requests of short steps the host sets the pace. FITTED on one point: TensorRT-LLM 1.0 perf-overview
+  (2025), Llama 3.1 8B, 1 x H200, FP8, 128 in / 128 out under unbounded load: 27,911 output tok/s (4,096
+  requests in flight). The same table shows the host at work: at 128 / 128 the GB200 (Grace CPU) serves
+  Qwen3-30B-A3B and Llama 4 Scout 39% and 21% slower than the B200 (x86 host) beside it, while at 128 /
+  4,096, where the GPU sets the pace, the GB200 is faster on both (bench/fidelity.py HOST_EVIDENCE).
 - ALLREDUCE_LATENCY_S 10 us: fixed cost of a small NCCL all-reduce inside an NVLink/NVSwitch
   node (nccl-tests small-message latency is ~8-15 us on DGX H100); not fitted.
 - PIPELINE_HOP_S 10 us: pipeline hand-off between stages, over InfiniBand between servers (inside a server,
@@ -76,6 +86,7 @@ MEMORY_EFFICIENCY = 0.80
 COMPUTE_EFFICIENCY = 0.663  # fitted: see the module docstring
 FP4_COMPUTE_EFFICIENCY = 0.409  # fitted: see the module docstring and bench/fidelity.py
 KERNEL_OVERHEAD_S = 6.99e-6  # fitted: see the module docstring and bench/fidelity.py
+HOST_S_PER_REQUEST = 24.3e-6  # fitted: see the module docstring and bench/fidelity.py
 ALLREDUCE_LATENCY_S = 10e-6
 ALLREDUCE_BANDWIDTH_EFFICIENCY = 0.708  # fitted: see the module docstring and bench/fidelity.py
 PIPELINE_HOP_S = 10e-6
@@ -90,11 +101,14 @@ class Software:
     """What a serving stack's kernels do that the op rows cannot tell."""
     name: str
     gqa_shared_kv_reads: bool  # decode attention reads a KV head once per group (else once per query head)
+    host_loop: bool = False  # its loop tends each request in flight on the host at every step (HOST_S_PER_REQUEST)
 
 
 SOFTWARE = {
     "tensorrt-llm-0.5": Software("TensorRT-LLM 0.5 (Oct 2023): masked MHA, one thread block per query head", False),
     "gqa-kernels": Software("GQA decode kernels (TensorRT-LLM XQA from 0.8, Jan 2024; vLLM, SGLang)", True),
+    "tensorrt-llm-1.0": Software("TensorRT-LLM 1.0 (2025), PyTorch backend: GQA decode kernels, and a host loop "
+                                 "over the requests in flight at every step, beside the GPU's", True, True),
 }
 DEFAULT_SOFTWARE = "gqa-kernels"
 
@@ -160,6 +174,12 @@ def op_time_s(op, gpu: GpuSpec, precision: str, shards: int, kv_reads: int = 1) 
     moved = op.bytes_total + (kv_reads - 1) * op.kv_read_bytes
     memory_s = moved / split / (gpu.hbm_bandwidth_bytes_per_s * MEMORY_EFFICIENCY)
     return max(compute_s, memory_s) + (0.0 if op.kind in FUSED_KINDS else KERNEL_OVERHEAD_S)
+
+
+def paced_decode_s(gpu_step_s: float, requests: int, software: str) -> float:
+    """A decode step's wall time: the GPU's, or the host loop's over the `requests` in flight when the
+    software has one (Software.host_loop) and it takes longer; it prepares the next step meanwhile."""
+    return max(gpu_step_s, requests * HOST_S_PER_REQUEST) if software_named(software).host_loop else gpu_step_s
 
 
 def allreduce_s(n_bytes: float, gpu: GpuSpec, ranks: int) -> float:
@@ -263,7 +283,8 @@ def gpu_timing(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, user
     decode_ops = lower(spec, "decode", seq_len=context, batch=users, precision=precision, kv_precision=kv_format,
                        queries=queries)
     prefill_ops = lower(spec, "prefill", seq_len=prompt_tokens, batch=1, precision=precision, kv_precision=kv_format)
-    decode = step_s(spec, decode_ops, gpu, precision, tp, stages, users * queries, software)
+    decode = paced_decode_s(step_s(spec, decode_ops, gpu, precision, tp, stages, users * queries, software), users,
+                            software)
     ttft = step_s(spec, prefill_ops, gpu, precision, tp, stages, prompt_tokens, software)
     power = gpu_servers(gpu, gpus) * gpu.server_power_w * LOAD_POWER_FRACTION
     throughput = users / decode
@@ -275,16 +296,24 @@ def gpu_timing(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, user
         throughput_tokens_per_s=throughput, power_w=power, energy_per_token_j=power / throughput)
 
 
-def offline_run_s(spec: ModelSpec, gpu: GpuSpec, precision: str, gpus: int, batch: int,
-                  input_tokens: int, output_tokens: int, software: str = DEFAULT_SOFTWARE) -> float:
-    """Wall time of one static batch: prefill `batch` prompts, then `output_tokens` decode steps
-    (attending, on average, to input + output/2 cached tokens): the offline throughput benchmark
-    of TensorRT-LLM's published tables."""
+def offline_steps_s(spec: ModelSpec, gpu: GpuSpec, precision: str, gpus: int, batch: int, input_tokens: int,
+                    output_tokens: int, software: str = DEFAULT_SOFTWARE) -> tuple[float, float]:
+    """(prefill of `batch` prompts, one decode step on the GPU alone, attending input + output/2 cached
+    tokens on average) of offline_run_s's static batch."""
     _check_sizes(input_tokens, batch, output_tokens)
     tp, stages = layout(spec, gpus, gpu)
     kv_format = serving_kv_precision(precision)
     prefill = lower(spec, "prefill", seq_len=input_tokens, batch=batch, precision=precision, kv_precision=kv_format)
     decode = lower(spec, "decode", seq_len=input_tokens + output_tokens // 2, batch=batch, precision=precision,
                    kv_precision=kv_format)
-    return (step_s(spec, prefill, gpu, precision, tp, stages, batch * input_tokens, software)
-            + output_tokens * step_s(spec, decode, gpu, precision, tp, stages, batch, software))
+    return (step_s(spec, prefill, gpu, precision, tp, stages, batch * input_tokens, software),
+            step_s(spec, decode, gpu, precision, tp, stages, batch, software))
+
+
+def offline_run_s(spec: ModelSpec, gpu: GpuSpec, precision: str, gpus: int, batch: int,
+                  input_tokens: int, output_tokens: int, software: str = DEFAULT_SOFTWARE) -> float:
+    """Wall time of one static batch: prefill `batch` prompts, then `output_tokens` decode steps, each
+    paced by the GPU or the software's host loop (paced_decode_s): the offline throughput benchmark of
+    TensorRT-LLM's published tables."""
+    prefill, decode = offline_steps_s(spec, gpu, precision, gpus, batch, input_tokens, output_tokens, software)
+    return prefill + output_tokens * paced_decode_s(decode, batch, software)
