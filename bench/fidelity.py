@@ -258,7 +258,7 @@ FP4_FIT_ROLE = "FIT: FP4_COMPUTE_EFFICIENCY"
 ALLREDUCE_FIT = ("llama-3.1-405b", "h200", 8, "fp8", (128, 128))
 ALLREDUCE_FIT_ROLE = "FIT: ALLREDUCE_BANDWIDTH_EFFICIENCY"
 # The row HOST_S_PER_REQUEST is fitted on: a dense model whose steps the GPU model times well, at the length with
-# the most requests in flight (4,096) and the shortest steps; the other 98 rows are held out
+# the most requests in flight (4,096) and the shortest steps; the table's other rows are held out
 HOST_FIT = ("llama-3.1-8b", "h200", 1, "fp8", (128, 128))
 HOST_FIT_ROLE = "FIT: HOST_S_PER_REQUEST"
 MAX_LOAD_FITS = {FP4_FIT: FP4_FIT_ROLE, ALLREDUCE_FIT: ALLREDUCE_FIT_ROLE, HOST_FIT: HOST_FIT_ROLE}
