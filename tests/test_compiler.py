@@ -557,6 +557,10 @@ def test_llama4_maverick_is_cut_by_whole_experts_on_lpu_v1(tmp_path):
     shards = [sh for sh in p.placement.shards if sh.tensor == "blk.1.ffn_gate_exps.weight"]
     assert {(sh.axis, sh.stop - sh.start, sh.nbytes) for sh in shards} == {(0, 1, 8192 * 5120)}
     assert gate.end_cycle - gate.start_cycle == math.ceil(8192 * 5120 / SYSTEM.chip.matrix_install_bytes_per_cycle)
+    # which expert a token picks is known only when it runs: each chip reserves the work of every token picking
+    # its expert (the 64-token prompt's, or the one decoding token's), not 1/128 of it
+    prefill_gate = next(op for op in p.prefill.ops if op.name.endswith("/blk.1.ffn_gate_exps"))
+    assert (prefill_gate.flops_per_chip, gate.flops_per_chip) == (64 * 8192 * 5120 * 2, 8192 * 5120 * 2)
     p.save(tmp_path / "m.prog")  # inspect names a part by its experts (text rich must not read as markup)
     r = CliRunner().invoke(app, ["inspect", str(tmp_path / "m.prog")], env={"COLUMNS": "160"})
     assert r.exit_code == 0 and "│ L1.ffn[experts 8:16] " in r.output, r.output

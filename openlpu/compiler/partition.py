@@ -21,7 +21,7 @@ dataflow is the row cut's: each part sums its experts' weighted outputs for the 
 (zero for the rest), and the parts' partial sums meet as before. Rows come first because they give
 every chip the same share of a layer's work whatever the routing, which a static schedule needs; by
 expert, a chip's matrix work (not its weight installs, which cover all its experts) varies with the
-routing, and the schedule prices its average share.
+routing, so the schedule reserves the most it can be: every token's choices on the chip's experts.
 
 An embedding table or lm_head too large for one stage is split the same way along the vocabulary, into
 the fewest equal row ranges that fit (or where stages fill): each embedding part gathers the token's

@@ -7,7 +7,8 @@ for a matrix op with weights, installing those weights into the weight-stationar
 over the install rate): at batch 1 every installed weight serves one vector, so installs bound decode.
 Attention installs the keys and values it attends the same way (its queries are the vectors).
 MoE expert matmuls install every expert the chip holds: routing is data dependent and the schedule is
-fixed at compile time, so it reserves the slots of all experts (their shares of the expert tensors).
+fixed at compile time, so it reserves the slots of all experts (their shares of the expert tensors); an
+MLP cut by whole experts reserves, too, the matrix work of every token choosing the chip's experts.
 Row-split matmuls and the vocabulary-split embedding and sampler end in an all-reduce over the
 group's links; a stage passes its activations to the next stage's first chip, which broadcasts them.
 A collective is scheduled step by step (_collective_flows): each step is a phase on its own links,
@@ -47,8 +48,8 @@ import dataclasses
 import itertools
 import math
 
-from openlpu.compiler.partition import (CUT_SEPARATOR, EMBED, ffn_units, kv_slots, lowered_decode, op_fractions,
-                                        op_item, op_piece, op_role, op_suffix, piece_homes)
+from openlpu.compiler.partition import (CUT_SEPARATOR, EMBED, ffn_units, is_expert_tensor, kv_slots, lowered_decode,
+                                        op_fractions, op_item, op_piece, op_role, op_suffix, piece_homes)
 from openlpu.compiler.program import PhaseSchedule, Placement, ScheduledOp, Transfer, Workload
 from openlpu.errors import OpenLPUError
 from openlpu.graph.lower import PRECISIONS, as_precision, keys_in_slots, lower
@@ -239,6 +240,11 @@ class _Scheduler:
         role = op_role(op)
         f_w = self.weight_fraction.get((op.weight, stage), 1.0) if op.weight else 1.0
         compute, f_in, f_out, f_kv = op_fractions(self.spec, op, t, f_w)
+        if self.placement.experts and op.weight and is_expert_tensor(op.weight):
+            # cut by expert, a chip's share of the routed work depends on the routing, which a static schedule
+            # cannot: it reserves the most there can be, every token's choices falling on the experts it holds
+            k = self.spec.n_experts_per_token
+            compute = min(k, round(f_w * self.spec.n_experts)) / k
         # a combining op's remote input leaves once the stage's previous combination has ended, so
         # partials do not pile up at the last part of a tree (the partition gives a part room for two)
         combining = op_suffix(op.name) in CHAINED.values()
