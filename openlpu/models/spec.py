@@ -154,12 +154,12 @@ class ModelSpec:
             raise bad("norm_eps and rope_base must be positive")
         if self.rope_scaling is not None and self.rope_scaling.kind not in ROPE_SCALINGS:
             raise bad(f"rope scaling {self.rope_scaling.kind!r} not supported; use one of {ROPE_SCALINGS}")
-        factors = self.rope_scaling.factors if self.rope_scaling else ()
-        if (self.rope_scaling is not None and self.rope_scaling.kind == "factors") != bool(factors) or \
-                factors and (len(factors) != self.head_dim // 2 or not all(0 < f < math.inf for f in factors)):
-            raise bad(f"rope scaling factors: {len(factors)} given, with kind "
-                      f"{self.rope_scaling.kind if self.rope_scaling else None!r}; kind 'factors' takes one positive "
-                      f"factor per rotated pair ({self.head_dim // 2}), the other kinds none")
+        if self.rope_scaling is not None:
+            rs, pairs = self.rope_scaling, self.head_dim // 2
+            wanted = pairs if rs.kind == "factors" else 0  # kind "factors" takes one per rotated pair, others none
+            if len(rs.factors) != wanted or not all(0 < f < math.inf for f in rs.factors):
+                raise bad(f"rope scaling factors: {len(rs.factors)} given, with kind {rs.kind!r}; kind 'factors' "
+                          f"takes one positive factor per rotated pair ({pairs}), the other kinds none")
         if self.moe_bias and not self.is_moe:
             raise bad("moe_bias needs experts (n_experts > 0)")
 
