@@ -6,8 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from openlpu.compiler import Workload, compile_program
+from openlpu.compiler.verify import verify
 from openlpu.errors import OpenLPUError
 from openlpu.hardware.lpu import PRESETS_DIR, load_system
+from openlpu.models.spec import load_preset
 
 V1 = json.loads((PRESETS_DIR / "lpu-v1.json").read_text())
 
@@ -84,6 +87,22 @@ def test_a_node_that_is_not_a_full_mesh_is_refused(tmp_path):
         load_system(_write(tmp_path, data))
     data["node"]["local_links_per_chip"]["value"] = 3
     assert load_system(_write(tmp_path, data)).node.chips == 4
+
+
+def test_a_node_of_one_chip_has_no_local_links(tmp_path):
+    """One card per host: the node's full mesh has no links, so 0 local links is the one valid count, and
+    the file compiles (TP groups span nodes); a negative count is refused."""
+    data = json.loads(json.dumps(V1))
+    data["node"]["chips"]["value"], data["node"]["local_links_per_chip"]["value"] = 1, 0
+    data["node"]["global_links_per_chip"]["value"] = 24  # 8 to join a rack's 9 nodes, 16 to other racks
+    data["network"]["max_racks"]["value"] = 16
+    system = load_system(_write(tmp_path, data))
+    assert (system.node.chips, system.node.local_links_per_chip, system.max_chips) == (1, 0, 144)
+    program = compile_program(load_preset("gemma-3-270m"), system, Workload(context_length=512, prompt_len=64), tp=2)
+    assert program.placement.tp == 2 and verify(program) == []
+    data["node"]["local_links_per_chip"]["value"] = -1
+    with pytest.raises(OpenLPUError, match=r"node\.local_links_per_chip must be a non-negative number, got -1"):
+        load_system(_write(tmp_path, data))
 
 
 def test_global_links_too_few_to_cable_the_racks_are_refused(tmp_path):

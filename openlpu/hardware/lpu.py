@@ -20,6 +20,7 @@ from openlpu.errors import OpenLPUError
 PRESETS_DIR = Path(__file__).parent / "presets"
 CONFIDENCES = ("H", "M", "L", "DERIVED", "ESTIMATE")
 LINK_KINDS = ("local", "rack", "system")  # inside a node, between nodes of a rack, between racks
+MAY_BE_ZERO = {("NodeSpec", "local_links_per_chip")}  # figures that may be 0: a node of one chip has no local links
 
 
 @dataclass(frozen=True)
@@ -176,8 +177,9 @@ class SystemSpec:
 
 
 # ---- loading ------------------------------------------------------------------------------------
-def _check_figure(raw, where: str, kind, sources: dict) -> object:
-    """One {"value", "source", "confidence"} figure, checked against the field's type."""
+def _check_figure(raw, where: str, kind, sources: dict, zero_ok: bool = False) -> object:
+    """One {"value", "source", "confidence"} figure, checked against the field's type: a number
+    positive (or, `zero_ok`, not negative)."""
     if not isinstance(raw, dict) or set(raw) != {"value", "source", "confidence"}:
         raise OpenLPUError(f"{where} must be an object with exactly value, source and confidence")
     if raw["confidence"] not in CONFIDENCES:
@@ -202,7 +204,7 @@ def _check_figure(raw, where: str, kind, sources: dict) -> object:
                 raise OpenLPUError(f"{where}: {e}") from None
             _positive_number(v, f"{where}.{k}")
         return dict(sorted(value.items()))
-    _positive_number(value, where)
+    _positive_number(value, where, zero_ok)
     if kind is int:
         if value != int(value):
             raise OpenLPUError(f"{where} must be a whole number, got {value!r}")
@@ -210,9 +212,9 @@ def _check_figure(raw, where: str, kind, sources: dict) -> object:
     return float(value)
 
 
-def _positive_number(v, where: str) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-        raise OpenLPUError(f"{where} must be a positive number, got {v!r}")
+def _positive_number(v, where: str, zero_ok: bool = False) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 if zero_ok else v > 0):
+        raise OpenLPUError(f"{where} must be a {'non-negative' if zero_ok else 'positive'} number, got {v!r}")
 
 
 def _build(cls, raw, where: str, sources: dict):
@@ -242,7 +244,7 @@ def _build(cls, raw, where: str, sources: dict):
                 raise OpenLPUError(f"{sub} must be a string")
             values[name] = raw[name]
         else:
-            values[name] = _check_figure(raw[name], sub, kind, sources)
+            values[name] = _check_figure(raw[name], sub, kind, sources, (cls.__name__, name) in MAY_BE_ZERO)
     return cls(**values)
 
 
