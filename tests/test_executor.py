@@ -10,6 +10,7 @@ model has halves, which cuts every MLP between stages (weight tiles of 8 rows, s
 """
 
 import dataclasses
+import random
 import sys
 from collections import Counter
 from pathlib import Path
@@ -229,6 +230,60 @@ def test_attention_parts_that_miss_slots_are_refused(tiny):
         dataclasses.replace(s, pieces=short) if s is last else s for s in program.placement.stages)))
     with pytest.raises(OpenLPUError, match=r"attention parts hold only its KV slots 0\.\.30; recompile"):
         Executor(broken, spec, weights, "sharded")
+
+
+def random_case(seed: int) -> tuple:
+    """A family, vocabulary, system and workload drawn from `seed`: nodes of 1-8 chips, chips of 8 kB to
+    230 MB with 8- to 320-row weight tiles, up to 20 users, prompts of 1-11 tokens in chunks of 1-16,
+    and the compiler's or a given TP width and chip count."""
+    rng = random.Random(seed)
+    family, vocab_size = rng.choice(sorted(TINY_FAMILIES)), rng.choice([96, 96, 1024])
+    node = rng.choice([1, 2, 4, 8])
+    system = dataclasses.replace(
+        LPU, node=dataclasses.replace(LPU.node, chips=node, local_links_per_chip=node - 1, global_links_per_chip=300),
+        chip=dataclasses.replace(LPU.chip, sram_bytes=rng.choice([8_000, 12_000, 30_000, 60_000, 200_000, 230_000_000]),
+                                 matrix_tile_rows=rng.choice([8, 16, 320])))
+    prompt = PROMPT[:rng.choice([1, 5, 11])]
+    workload = dataclasses.replace(WORKLOAD, prompt_len=len(prompt), prefill_chunk=rng.choice([1, 4, 16]),
+                                   users=rng.choice([1, 1, 3, 20]))
+    return family, vocab_size, system, workload, prompt, rng.choice([None, None, 1, 2, 4]), rng.choice(
+        [None, None, 8, 12, 32])
+
+
+RANDOM_SEEDS = range(70)
+
+
+def compile_random_case(tiny, seed: int):
+    """random_case(seed) compiled: (its spec, weights, prompt, workload and Program), or None when the
+    compiler refuses it, which it must do with one clear line."""
+    family, vocab_size, system, workload, prompt, tp, chips = random_case(seed)
+    spec, weights, _ = tiny(family, vocab_size=vocab_size)
+    try:
+        return spec, weights, prompt, workload, compile_program(spec, system, workload, chips, tp)
+    except OpenLPUError as e:
+        assert str(e) and "\n" not in str(e)
+        return None
+
+
+@pytest.mark.parametrize("seed", RANDOM_SEEDS)
+def test_random_systems_run_like_the_whole(tiny, seed):
+    """A drawn system and workload (random_case) is refused with one clear line, or compiled into a Program
+    that verifies and computes, sharded and fused, what the same model compiled whole on one chip does."""
+    if (compiled := compile_random_case(tiny, seed)) is None:
+        return
+    spec, weights, prompt, workload, program = compiled
+    assert verify(program) == []
+    whole = compile_program(spec, LPU, dataclasses.replace(workload, users=1), 1)
+    steps = workload.context_length - len(prompt)  # to the last KV slot: every slot range of a split attention
+    expected = run_steps(Executor(whole, spec, weights, "fused"), prompt, steps)
+    for mode in ("sharded", "fused"):
+        for got, want in zip(run_steps(Executor(program, spec, weights, mode), prompt, steps), expected):
+            torch.testing.assert_close(got, want, **TOL)
+
+
+def test_most_random_systems_compile(tiny):
+    """The draws exercise the compiler, not only its refusals: most of them compile."""
+    assert sum(compile_random_case(tiny, seed) is not None for seed in RANDOM_SEEDS) >= len(RANDOM_SEEDS) // 2
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "mixtral"])
