@@ -9,7 +9,8 @@ K and V, not the weights, set the chip count. The 70B model is planned decoding 
 draft, at an acceptance rate assumed, not measured (`openlpu plan --draft`), and gpt-oss-120b, the MoE
 GroqCloud serves now, Llama 4 Scout (16 experts, one per token, beside a shared expert), and Llama 4
 Maverick (128 experts in every second layer: 401B weights, which lpu-v1 holds only by cutting its MoE layers
-by whole experts, one per chip), all of whose every expert the LPU's static schedule installs at each step.
+by expert rows, a run of experts on each chip), all of whose every expert the LPU's static schedule
+installs at each step.
 A simulation,
 not a measurement: how far the two models are from published figures is bench/results/fidelity.md.
 Writes bench/results/capacity.md and .json.

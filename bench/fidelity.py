@@ -777,7 +777,7 @@ def markdown(lpu_rows, gpu_rows, gpu_fit, install_fit, shipped_install, system, 
            f"| {f['stages']} x TP {f['tp']} | {f['published']:,} | {nearest(f)} | {f['loaded']['chips']:,}, "
            f"{f['loaded']['predicted']:,.0f} |" for f in fewest])
     # the compiler spans nodes only when no width inside a node places the MLPs cut by rows; --tp inside a
-    # node then cuts them by whole experts (mlp_cuts in openlpu/compiler/partition.py)
+    # node then cuts them by expert rows (mlp_cuts in openlpu/compiler/partition.py)
     wide_only = [f for f in fewest if f["tp"] > max(WIDTHS)]
     small = [f for f in fewest if f not in wide_only and f["nearest_tp"] and f["nearest_tp"] < f["tp"]]
     big = [f for f in fewest if f["nearest_tp"] == f["tp"]]
@@ -796,7 +796,7 @@ def markdown(lpu_rows, gpu_rows, gpu_fit, install_fit, shipped_install, system, 
         f" {f['predicted']:,.0f} tok/s, {f['predicted'] / f['published'] - 1:+.0%} from the listing. At TP"
         f" {f['half_width']['tp']} ({f['half_width']['chips']:,} chips) it predicts"
         f" {f['half_width']['predicted']:,.0f} ({f['half_width']['predicted'] / f['published'] - 1:+.0%}). Inside a"
-        f" node only MLPs cut by whole experts fit (expert parallelism; the widths of the table above:"
+        f" node only MLPs cut by expert rows fit (expert parallelism; the widths of the table above:"
         f" {_errors_at_widths(f)}); the compiler prefers rows, which give each chip the same share of a"
         f" layer's work whatever the routing. The listing lies between these placements, and the public record"
         f" does not say how Groq places it." for f in wide_only)

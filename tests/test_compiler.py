@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from openlpu.cli import app
 from openlpu.compiler import Workload, compile_program, load_program, verify
+from openlpu.compiler.partition import EXPERT_ROWS
 from openlpu.compiler.program import MAGIC
 from openlpu.compiler.schedule import split_chunk
 from openlpu.errors import OpenLPUError
@@ -539,33 +540,51 @@ def test_llama4_mlps_end_in_one_all_reduce_and_chunked_layers_keep_their_chunk()
     assert reduced == mlp_parts and len(reduced) == spec.n_layers
 
 
-def test_llama4_maverick_is_cut_by_whole_experts_on_lpu_v1(tmp_path):
+def test_llama4_maverick_is_cut_by_expert_rows_on_lpu_v1(tmp_path):
     """Maverick's MoE layers (128 experts of 8,192 rows: 16 GB at int8) fit no lpu-v1 stage whole, and their rows
-    cannot be cut finely enough (each chip keeps a 320-row weight tile of every expert). Cut by whole experts
-    (expert parallelism), each lpu-v1 chip holds one expert and installs it at every step, and the Program
-    verifies; the dense layers keep their 16,384 d_ff rows. At 16 bits one expert (252 MB) outgrows a chip:
-    the error says so. The projected chip's SRAM holds the layers cut by rows, which the compiler prefers."""
+    cannot be cut finely enough (each chip keeps a 320-row weight tile of every expert). Cut by expert rows
+    (expert parallelism), each MoE layer's parts hold runs of its experts' rows end to end, cut where stages
+    fill, so a chip holds more than one expert, some in part, never less than a weight tile of rows, and the
+    Program verifies. A chip installs all the rows it holds at every step, and reserves the matrix work of
+    every token choosing its widest expert (top-1 routing), the rows of which it holds. At 16 bits the layers
+    still place; on chips too small for a tile of expert rows, the error says what a tile needs. The projected
+    chip's SRAM holds the layers cut by rows, which the compiler prefers."""
     spec = load_preset("llama-4-maverick")
     workload = Workload(context_length=8192, prompt_len=64)
     p = compile_program(spec, SYSTEM, workload)
-    assert p.placement.experts and verify(p) == []
+    assert p.placement.experts and p.placement.tp == 8 and verify(p) == []
+    ff, experts = 8192, 128
     for i in range(spec.n_layers):
         held = [pc[2:] for s in p.placement.stages for pc in s.pieces if pc[:2] == (i, "ffn")]
-        assert held == ([(e, e + p.placement.tp) for e in range(0, 128, p.placement.tp)] if spec.is_moe_layer(i)
-                        else [(0, spec.layer_d_ff(i))]), i
-    gate = next(op for op in p.decode.ops if op.name == "blk.1.ffn_gate_exps")
+        units = experts * ff if spec.is_moe_layer(i) else spec.layer_d_ff(i)
+        assert held[0][0] == 0 and held[-1][1] == units and all(a[1] == b[0] for a, b in itertools.pairwise(held)), i
     shards = [sh for sh in p.placement.shards if sh.tensor == "blk.1.ffn_gate_exps.weight"]
-    assert {(sh.axis, sh.stop - sh.start, sh.nbytes) for sh in shards} == {(0, 1, 8192 * 5120)}
-    assert gate.end_cycle - gate.start_cycle == math.ceil(8192 * 5120 / SYSTEM.chip.matrix_install_bytes_per_cycle)
-    # which expert a token picks is known only when it runs: each chip reserves the work of every token picking
-    # its expert (the 64-token prompt's, or the one decoding token's), not 1/128 of it
-    prefill_gate = next(op for op in p.prefill.ops if op.name.endswith("/blk.1.ffn_gate_exps"))
-    assert (prefill_gate.flops_per_chip, gate.flops_per_chip) == (64 * 8192 * 5120 * 2, 8192 * 5120 * 2)
+    assert {sh.axis for sh in shards} == {EXPERT_ROWS} and min(sh.stop - sh.start for sh in shards) >= 320
+    assert all(sh.nbytes == (sh.stop - sh.start) * 5120 for sh in shards)  # int8 rows of 5,120 weights
+    assert max(sh.stop - sh.start for sh in shards) > ff  # more than one expert on a chip
+    assert any(sh.start // ff != (sh.stop - 1) // ff and sh.start % ff for sh in shards)  # one begun elsewhere
+    # the second part's chips: the gate op installs the most rows one of them holds, and reserves the work of
+    # every token (the 64-token prompt's, or the one decoding token's) on the widest expert one of them holds
+    stage = sorted({s.index for s in p.placement.stages for pc in s.pieces if pc[:2] == (1, "ffn")})[1]
+    chips = set(p.placement.stages[stage].chips)
+    mine = [sh for sh in shards if sh.chip in chips]
+    widest = max(min(sh.stop, (e + 1) * ff) - max(sh.start, e * ff)
+                 for sh in mine for e in range(sh.start // ff, (sh.stop - 1) // ff + 1))
+    gate = next(op for op in p.decode.ops if op.name == "blk.1.ffn_gate_exps@1")
+    assert gate.stage == stage
+    assert gate.end_cycle - gate.start_cycle == math.ceil(max(sh.nbytes for sh in mine)
+                                                          / SYSTEM.chip.matrix_install_bytes_per_cycle)
+    prefill_gate = next(op for op in p.prefill.ops if op.name.endswith("/blk.1.ffn_gate_exps@1"))
+    assert (prefill_gate.flops_per_chip, gate.flops_per_chip) == (64 * widest * 5120 * 2, widest * 5120 * 2)
     p.save(tmp_path / "m.prog")  # inspect names a part by its experts (text rich must not read as markup)
     r = CliRunner().invoke(app, ["inspect", str(tmp_path / "m.prog")], env={"COLUMNS": "160"})
-    assert r.exit_code == 0 and "│ L1.ffn[experts 8:16] " in r.output, r.output
-    with pytest.raises(OpenLPUError, match="L1.ffn alone needs .* split 40 ways, or 254 MB for one expert") as refused:
-        compile_program(spec, SYSTEM, dataclasses.replace(workload, weights="fp16"))
+    assert r.exit_code == 0 and "│ L1.ffn[experts 2.812:16.88] " in r.output, r.output
+    fp16 = compile_program(spec, SYSTEM, dataclasses.replace(workload, weights="fp16"))
+    assert fp16.placement.experts and verify(fp16) == []
+    small = dataclasses.replace(SYSTEM, chip=dataclasses.replace(SYSTEM.chip, sram_bytes=8_000_000))
+    with pytest.raises(OpenLPUError, match="L1.ffn alone needs .* split 40 ways, and 320 rows of its experts, the "
+                                           "finest cut, hold 10 MB of weights") as refused:
+        compile_program(spec, small, dataclasses.replace(workload, weights="fp16"))
     # its weights, not its users' K and V, are what does not fit: no advice to shorten the context
     assert "--context" not in str(refused.value) and "more SRAM (--system)" in str(refused.value)
     p = compile_program(spec, load_system("lpu-v3-projected"), workload)
@@ -574,15 +593,19 @@ def test_llama4_maverick_is_cut_by_whole_experts_on_lpu_v1(tmp_path):
     assert {(i, spec.layer_d_ff(i)) for i in (0, 1)} <= held
 
 
-def test_mlps_of_different_sizes_are_cut_each_as_finely_as_it_can_be():
-    """Llama 4 Maverick on 4,000 lpu-v1 chips (500 stages of TP 8, more than its 386 at the fewest chips): its
-    MoE MLPs cannot be cut finer than one expert a chip (16 parts of 8 experts), its dense MLPs of 16,384
-    rows no finer than a 320-row tile a chip (6 slices), so the dense ones take the cuts the MoE ones cannot,
-    and the Program verifies."""
+def test_mlps_of_different_sizes_are_cut_in_proportion_to_the_root_of_their_bytes():
+    """Llama 4 Maverick on 4,000 lpu-v1 chips (500 stages of TP 8, more than its fewest): a cut MLP's parts install
+    side by side, so a step spends on each MLP its bytes over its slices, least for a total of slices when the
+    slices go as the square root of the bytes: its MoE MLPs (64 times the bytes of its dense ones) are cut into
+    8 times the slices. The Program verifies, and runs faster per token than on its fewest chips."""
     spec = load_preset("llama-4-maverick")
-    p = compile_program(spec, SYSTEM, Workload(context_length=8192, prompt_len=64), chips=4000)
+    workload = Workload(context_length=8192, prompt_len=64)
+    p = compile_program(spec, SYSTEM, workload, chips=4000)
     assert (p.placement.tp, len(p.placement.stages), p.placement.experts) == (8, 500, True) and verify(p) == []
+    shapes = spec.tensor_shapes()
+    ratio = math.prod(shapes["blk.1.ffn_gate_exps.weight"]) / math.prod(shapes["blk.0.ffn_gate.weight"])
     parts = Counter(pc[0] for s in p.placement.stages for pc in s.pieces if pc[1] == "ffn")
-    assert {parts[i] for i in range(spec.n_layers) if spec.is_moe_layer(i)} == {16}
-    dense = [parts[i] for i in range(spec.n_layers) if not spec.is_moe_layer(i)]
-    assert 1 < max(dense) <= 16384 // (8 * 320)
+    (moe,), (dense,) = ({parts[i] for i in range(spec.n_layers) if spec.is_moe_layer(i) == kind} for kind in (1, 0))
+    assert ratio == 64 and moe > 8 and dense == round(moe / math.sqrt(ratio))
+    fewest = compile_program(spec, SYSTEM, workload)
+    assert len(fewest.placement.chips) < 4000 and timing(p).tokens_per_s_per_user > timing(fewest).tokens_per_s_per_user

@@ -241,23 +241,25 @@ def test_cut_mlp_rows_on_the_other_part(cut):
 
 
 def test_experts_on_the_other_part_or_read_as_rows():
-    """Llama 4 Maverick on lpu-v1, its MoE MLPs cut by whole experts: two parts of layer 1 swap their chips'
-    experts of one tensor (and their shares of the shared expert's rows): coverage is intact, each part holds
-    the other's. Read as a Program that cuts by rows, its pieces no longer cover the layers' d_ff rows."""
+    """Llama 4 Maverick on lpu-v1, its MoE MLPs cut by expert rows: two parts of layer 1 of the same size swap
+    their chips' expert rows of one tensor (and their shares of the shared expert's rows): coverage is intact,
+    each part holds the other's. Read as a Program that cuts by rows, its pieces no longer cover the layers'
+    d_ff rows."""
     maverick = compile_program(load_preset("llama-4-maverick"), SYSTEM, Workload(context_length=2048, prompt_len=64))
     assert maverick.placement.experts and verify(maverick) == []
     homes = [(s.index, lo, hi) for s in maverick.placement.stages for it, part, lo, hi in s.pieces
              if (it, part) == (1, "ffn")]
-    (a, a_lo, a_hi), (b, _, _) = homes[:2]
+    (a, a_lo, a_hi), (b, b_lo, b_hi) = homes[1:3]
+    assert a_hi - a_lo == b_hi - b_lo
     chips = {s.index: s.chips for s in maverick.placement.stages}
     swap = dict(zip(chips[a], chips[b])) | dict(zip(chips[b], chips[a]))
     for tensor, held in (("blk.1.ffn_up_exps.weight", (a_lo, a_hi)),
-                         ("blk.1.ffn_up_shexp.weight", (a_lo * 8192 // 128, a_hi * 8192 // 128))):
+                         ("blk.1.ffn_up_shexp.weight", (a_lo // 128, a_hi // 128))):  # 1/128 of the expert rows
         shards = tuple(dataclasses.replace(sh, chip=swap.get(sh.chip, sh.chip)) if sh.tensor == tensor else sh
                        for sh in maverick.placement.shards)
         found = verify(dataclasses.replace(maverick, placement=dataclasses.replace(maverick.placement, shards=shards)))
         assert found and all(v.invariant == "weight_placement" and v.message.startswith(f"{tensor} rows")
-                             for v in found)
+                             for v in found), found
         assert any(f"stage {a} rows [{held[0]}, {held[1]})" in v.message for v in found), tensor
     as_rows = dataclasses.replace(maverick, placement=dataclasses.replace(maverick.placement, experts=False))
     assert any(v.invariant == "structure" and "expected (1, 'ffn', 0, 8192)" in v.message for v in verify(as_rows))

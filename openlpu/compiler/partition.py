@@ -14,14 +14,18 @@ matrix unit (320 rows on GroqChip 1) of a slice.
 
 A mixture of experts whose MLPs cannot be placed by rows (cut by rows, a layer of many wide experts,
 Llama 4 Maverick's 128 of 8,192 rows, keeps a tile of rows of every expert on each chip: 670 MB in a TP
-group of 8) is cut by whole experts instead (expert parallelism; Placement.experts): its MoE MLPs are cut
-between stages and split over each TP group by experts, so a chip holds some experts whole and a piece's
-range counts experts; a shared expert goes with them, each part holding its share of its rows. The
-dataflow is the row cut's: each part sums its experts' weighted outputs for the tokens routed to them
-(zero for the rest), and the parts' partial sums meet as before. Rows come first because they give
-every chip the same share of a layer's work whatever the routing, which a static schedule needs; by
-expert, a chip's matrix work (not its weight installs, which cover all its experts) varies with the
-routing, so the schedule reserves the most it can be: every token's choices on the chip's experts.
+group of 8) is cut by expert rows instead (expert parallelism; Placement.experts): its routed experts'
+d_ff rows are laid end to end, expert after expert, and that axis is cut between stages and split over
+each TP group like d_ff rows (Shard.axis EXPERT_ROWS), so a chip holds a run of experts, the first and
+last of them possibly in part (one Maverick chip at int8: an expert and a half, not one whole expert in
+a chip with room for 1.8), and a piece's range counts expert rows; a shared expert goes with them, each
+part holding its share of its rows. No chip holds fewer expert rows than a weight tile, or one expert
+narrower than a tile. The dataflow is the row cut's: each part sums its experts' weighted outputs for
+the tokens routed to them (zero for the rest), and the parts' partial sums meet as before. Rows come
+first because they give every chip the same share of a layer's work whatever the routing, which a static
+schedule needs; by expert, a chip's matrix work (not its weight installs, which cover all its experts)
+varies with the routing, so the schedule reserves the most it can be: every token's choices on the
+chip's experts.
 
 An embedding table or lm_head too large for one stage is split the same way along the vocabulary, into
 the fewest equal row ranges that fit (or where stages fill): each embedding part gathers the token's
@@ -73,6 +77,7 @@ EMBED = -1  # item index of the embedding; the head is item n_layers
 VOCAB_PARTS = ("embed", "head")  # pieces whose tensors split along the vocabulary when too large
 FFN_NAMES = ("ffn_", "post_ffw_norm")  # a layer's tensors and ops with these names form its MLP half
 CUT_SEPARATOR = "@"  # "blk.3.ffn_gate@2": the op of part 2 of a cut MLP (part 0 keeps the plain name)
+EXPERT_ROWS = -1  # Shard.axis of an expert tensor cut by expert rows: its experts' d_ff rows end to end
 # tensors of a cut attention or MLP that only its last part holds: they act on the combined result
 APPLIED_BY_LAST_PART = ("attn_sinks.weight", "attn_output.weight", "attn_output.bias", "post_attention_norm.weight",
                         "ffn_down_exps.bias", "post_ffw_norm.weight")
@@ -137,30 +142,37 @@ def is_expert_tensor(tensor: str) -> bool:
     return "_exps." in tensor
 
 
-def expert_cut_layers(tensors: dict[str, tuple[int, ...]], experts: bool) -> frozenset[int]:
-    """The layers whose MLP is cut by whole experts: with `experts`, those with routed experts."""
-    return frozenset(item_of_tensor(name, -1) for name in tensors
-                     if experts and name.endswith(".ffn_gate_exps.weight"))
+def axis_length(tensor: str, shape: tuple[int, ...], axis: int) -> int:
+    """A tensor's elements along a shard axis: for EXPERT_ROWS, its experts' d_ff rows end to end."""
+    return shape[0] * shape[_rule(tensor)[0]] if axis == EXPERT_ROWS else shape[axis]
+
+
+def expert_rows(tensors: dict[str, tuple[int, ...]], experts: bool) -> dict[int, int]:
+    """The layers whose MLP is cut by expert rows (with `experts`, those with routed experts), each with
+    its experts' d_ff rows (one expert's)."""
+    return {item_of_tensor(name, -1): shape[1] for name, shape in tensors.items()
+            if experts and name.endswith(".ffn_gate_exps.weight")}
 
 
 def ffn_units(tensors: dict[str, tuple[int, ...]], experts: bool = False) -> dict[int, int]:
     """Each layer's MLP in the units its cuts and TP splits count, read off the tensor shapes: d_ff
-    rows, or, cut by expert, the routed experts of an MoE layer."""
+    rows, or, cut by expert, the rows of all its routed experts end to end."""
     units = {item_of_tensor(name, -1): shape[_rule(name)[0]] for name, shape in tensors.items()
              if is_cut_along_ffn(name)}
-    return units | {i: tensors[f"blk.{i}.ffn_gate_exps.weight"][0] for i in expert_cut_layers(tensors, experts)}
+    return units | {i: tensors[f"blk.{i}.ffn_gate_exps.weight"][0] * rows
+                    for i, rows in expert_rows(tensors, experts).items()}
 
 
-def cut_range(tensor: str, shape: tuple[int, ...], lo: int, hi: int, n_experts: int,
+def cut_range(tensor: str, shape: tuple[int, ...], lo: int, hi: int, units: int,
               experts: bool) -> tuple[int, int, int]:
-    """(axis, start, stop) of an MLP tensor that the MLP's units [lo, hi) hold: its d_ff rows; cut by
-    expert, an expert tensor's experts [lo, hi) whole, and a shared expert's rows in proportion (each
-    part runs its share of the shared expert beside its experts)."""
+    """(axis, start, stop) of an MLP tensor that the MLP's `units` [lo, hi) hold: its d_ff rows; cut by
+    expert, an expert tensor's expert rows [lo, hi), and a shared expert's rows in proportion (each part
+    runs its share of the shared expert beside its experts)."""
     axis = _rule(tensor)[0]
     if experts and is_expert_tensor(tensor):
-        return 0, lo, hi
+        return EXPERT_ROWS, lo, hi
     if experts and "_shexp." in tensor:
-        return axis, lo * shape[axis] // n_experts, hi * shape[axis] // n_experts
+        return axis, lo * shape[axis] // units, hi * shape[axis] // units
     return axis, lo, hi
 
 
@@ -168,16 +180,17 @@ def split_ranges(spec: ModelSpec, tensor: str, shape: tuple[int, ...], t: int,
                  rows: tuple[int, int] | None = None, experts: bool = False) -> list[tuple[int, int, int, bool]]:
     """Per TP rank: (axis, start, stop, replicated). Units split as evenly as they go; `rows` limits a
     d_ff- or vocabulary-split tensor to the units [start, stop) of one piece of a cut MLP, embedding or
-    head; `experts`: an MoE MLP is split by whole experts (expert parallelism), not by d_ff rows."""
+    head; `experts`: an MoE MLP is split by expert rows (expert parallelism), not by d_ff rows."""
     rule = _rule(tensor)
     if rule is None or (t == 1 and rows is None):
         return [(0, 0, shape[0], t > 1)] * t
     axis, unit = rule
     if rows is not None and is_cut_along_ffn(tensor):
-        axis, lo, hi = cut_range(tensor, shape, *rows, spec.n_experts, experts)
+        layer = item_of_tensor(tensor, -1)
+        axis, lo, hi = cut_range(tensor, shape, *rows, spec.n_experts * spec.layer_d_ff(layer), experts)
     else:
-        axis = 0 if experts and is_expert_tensor(tensor) else axis
-        lo, hi = rows if rows is not None else (0, shape[axis])
+        axis = EXPERT_ROWS if experts and is_expert_tensor(tensor) else axis
+        lo, hi = rows if rows is not None else (0, axis_length(tensor, shape, axis))
     size = {"head": spec.head_dim, "kv_head": spec.head_dim, "row": 1}[unit]
     units = (hi - lo) // size
     if unit == "kv_head" and t > units:  # fewer KV heads than chips: t/units chips share each head
@@ -255,7 +268,8 @@ def weight_fraction(spec: ModelSpec, shapes: dict, tensor: str | None, t: int) -
     if tensor is None:
         return 1.0
     shape = shapes[tensor]
-    return max((stop - start) / shape[axis] for axis, start, stop, _ in split_ranges(spec, tensor, shape, t))
+    return max((stop - start) / axis_length(tensor, shape, axis)
+               for axis, start, stop, _ in split_ranges(spec, tensor, shape, t))
 
 
 # ---- pieces -----------------------------------------------------------------------------------
@@ -298,11 +312,11 @@ def half_index(item: int, part: str, n_layers: int) -> int:
 class SizeTable:
     """Per-chip bytes at one TP degree, by half (half_index), with what cutting an MLP needs."""
     t: int
-    experts: bool  # MoE MLPs cut and split by whole experts (expert parallelism), not by d_ff rows
+    experts: bool  # MoE MLPs cut and split by expert rows (expert parallelism), not by d_ff rows
     weights: tuple[float, ...]  # MLP halves, embedding, head: only their uncut tensors (norm, router)
-    ffn_units: tuple[int, ...]  # per layer: the units its MLP is cut in (d_ff rows, or experts)
+    ffn_units: tuple[int, ...]  # per layer: the units its MLP is cut in (d_ff rows, or expert rows)
     ffn_unit_bytes: tuple[float, ...]  # per layer: bytes of one such unit over its cut tensors
-    ffn_by_expert: tuple[bool, ...]  # per layer: its units are experts
+    ffn_expert_rows: tuple[int, ...]  # per layer cut by expert rows: one expert's d_ff rows (else 0)
     vocab_row_bytes: tuple[float, float]  # bytes of one vocabulary row of the embedding, of the head
     kv: tuple[int, ...]
     kv_slots: tuple[int, ...]  # per layer: positions of KV cache per user (its window if shorter)
@@ -313,9 +327,9 @@ class SizeTable:
     tied_table: int  # per-chip bytes of a tied embedding table, counted in both embedding and head
 
     def ffn_tile(self, layer: int, tile_rows: int) -> int:
-        """The fewest units of a layer's MLP a chip holds of a cut part: a weight tile of d_ff rows, or
-        one whole expert."""
-        return 1 if self.ffn_by_expert[layer] else tile_rows
+        """The fewest units of a layer's MLP a chip holds of a cut part: a weight tile of rows, or one
+        whole expert narrower than a tile."""
+        return min(tile_rows, self.ffn_expert_rows[layer] or tile_rows)
 
 
 @dataclass(frozen=True)
@@ -414,8 +428,9 @@ def size_table(spec: ModelSpec, workload: Workload, t: int, passes: list[list[Op
     cut = 2 * tokens * spec.d_model * ab
     # a partial attention result: each query head's output and its log-sum-exp, this chip's heads
     merge = 2 * tokens * -(-spec.n_heads // t) * (spec.head_dim + 1) * ab
-    by_expert = tuple(i in expert_cut_layers(shapes, experts) for i in range(n))
-    return SizeTable(t, experts, tuple(weights), tuple(units[i] for i in range(n)), tuple(unit_bytes), by_expert,
+    by_expert = expert_rows(shapes, experts)
+    return SizeTable(t, experts, tuple(weights), tuple(units[i] for i in range(n)), tuple(unit_bytes),
+                     tuple(by_expert.get(i, 0) for i in range(n)),
                      (vocab_row["embed"], vocab_row["head"]), tuple(kv), slots,
                      slot_bytes, tuple(math.ceil(a) for a in acts), math.ceil(cut), math.ceil(merge),
                      math.ceil(tied_table))
@@ -489,7 +504,7 @@ def filled_sizes(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: in
     for whole in pieces(spec, 1, units=table.ffn_units):
         item, part = whole[:2]
         extent = table.kv_slots[item] if part == "attn" else table.ffn_units[item] if part == "ffn" else spec.vocab_size
-        # cuts fall between slots, or between weight tiles (an MLP cut by expert: between experts)
+        # cuts fall between slots, or between weight tiles (of expert rows, an MLP cut by expert)
         step = 1 if part == "attn" else t * (table.ffn_tile(item, tile_rows) if part == "ffn" else tile_rows)
         lo = 0
         while True:
@@ -584,17 +599,30 @@ def attention_parts(spec: ModelSpec, table: SizeTable, capacity: int) -> tuple[i
 
 
 def most_slices(table: SizeTable, tile_rows: int) -> tuple[int, ...]:
-    """Per layer, the most slices its MLP is cut into: each leaves a chip a weight tile of d_ff rows (or
-    one expert); an MLP with fewer stays whole."""
+    """Per layer, the most slices its MLP is cut into: each leaves a chip a weight tile of rows (or one
+    expert narrower than a tile); an MLP with fewer stays whole."""
     return tuple(max(1, u // (table.t * table.ffn_tile(i, tile_rows))) for i, u in enumerate(table.ffn_units))
+
+
+def mlp_slices(table: SizeTable, tile_rows: int, slices: int) -> tuple[int, ...]:
+    """Per layer, the slices its MLP is cut into when the largest MLP is cut into `slices`: in proportion
+    to the square root of its bytes, at least one and at most most_slices. A cut MLP's parts install their
+    weights side by side, so a step spends on each MLP its bytes over its slices, a sum that a given total
+    of slices makes least so (MLPs of one size: each in `slices`; Maverick's experts, 64 times its dense
+    MLPs' bytes, in 8 times their slices)."""
+    bytes_per_mlp = [u * b for u, b in zip(table.ffn_units, table.ffn_unit_bytes)]
+    largest = max(bytes_per_mlp)
+    return tuple(min(most, max(1, round(slices * math.sqrt(b / largest))))
+                 for b, most in zip(bytes_per_mlp, most_slices(table, tile_rows)))
 
 
 def fitting_cuts(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: int,
                  slices: int = 1) -> tuple[tuple[int, ...], tuple[int, int], tuple[int, ...]] | None:
-    """(MLP slices per layer, (embedding parts, head parts), attention parts per layer): each MLP in
-    `slices` slices or as many as it can be cut into (most_slices), and in more where fewer do not fit a
-    stage alone; the fewest embedding, head and attention parts that fit; None if none does (an attention
-    part cannot hold one KV slot, or a piece does not fit however finely it is cut)."""
+    """(MLP slices per layer, (embedding parts, head parts), attention parts per layer): the largest MLP in
+    `slices` slices or as many as it can be cut into, the others in proportion (mlp_slices), and each in
+    more where fewer do not fit a stage alone; the fewest embedding, head and attention parts that fit;
+    None if none does (an attention part cannot hold one KV slot, or a piece does not fit however finely it
+    is cut)."""
     n, t = spec.n_layers, table.t
 
     def fit(sizes: PieceSizes, part: str) -> bool:
@@ -609,7 +637,7 @@ def fitting_cuts(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: in
     if attn is None:
         return None
     most = most_slices(table, tile_rows)
-    ks = tuple(min(slices, m) for m in most)
+    ks = mlp_slices(table, tile_rows, slices)
     given = piece_sizes(spec, table, ks)
     if not fit(given, "ffn"):
         rows = [rows_that_fit(half_index(i, "ffn", n), table.ffn_unit_bytes[i], True) for i in range(n)]
@@ -635,15 +663,17 @@ def fitting_cuts(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: in
 
 
 def cut_options(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: int, slices: int = 1):
-    """Piece sizes with every piece fitting a stage alone, from the fewest MLP slices (at least
-    `slices` where an MLP can be cut so) to the most that leave each chip a weight tile (or an expert):
-    finer slices can pack stages tighter."""
-    most = max(most_slices(table, tile_rows))
+    """Piece sizes with every piece fitting a stage alone, from the fewest MLP slices (the largest MLP in
+    at least `slices` where it can be cut so, the others in proportion: mlp_slices) to the most that leave
+    each chip a weight tile of rows: finer slices can pack stages tighter."""
+    most, last = most_slices(table, tile_rows), None
     while (cuts := fitting_cuts(spec, table, capacity, tile_rows, slices)) is not None:
-        yield piece_sizes(spec, table, *cuts)
-        if max(cuts[0]) >= most:
+        if cuts != last:
+            yield piece_sizes(spec, table, *cuts)
+            last = cuts
+        if all(k >= m for k, m in zip(cuts[0], most)):
             return
-        slices = max(cuts[0]) + 1
+        slices = max(slices, max(cuts[0])) + 1
 
 
 def arrange(spec: ModelSpec, table: SizeTable, p: int, capacity: int,
@@ -676,19 +706,24 @@ def group_chips(system: SystemSpec, t: int, p: int) -> list[tuple[int, ...]] | N
 
 # ---- the placement ----------------------------------------------------------------------------
 def piece_name(piece: tuple[int, str, int, int], units: dict[int, int], vocab: int,
-               by_expert: frozenset[int] = frozenset()) -> str:
+               by_expert: dict[int, int] | None = None) -> str:
     """'L3.ffn[0:4096]' for part of a layer's MLP (units: each layer's, as ffn_units gives), 'L3.ffn[experts
-    0:16]' for part of an MLP cut by expert (a layer of by_expert), 'embed' when whole."""
+    8:16]' or '[experts 8:13.5]' for part of an MLP cut by expert rows (a layer of by_expert, as expert_rows
+    gives: its range in experts), 'embed' when whole."""
     item, part, lo, hi = piece
     whole = {"embed": (0, vocab), "head": (0, vocab), "ffn": (0, units.get(item)), "attn": (0, 0)}[part]
-    by_expert = "experts " if part == "ffn" and item in by_expert else ""
-    rows = f"[{by_expert}{lo}:{hi}]" if (lo, hi) != whole else ""
+    if (lo, hi) == whole:
+        rows = ""
+    elif part == "ffn" and item in (by_expert or {}):
+        rows = f"[experts {lo / by_expert[item]:.4g}:{hi / by_expert[item]:.4g}]"
+    else:
+        rows = f"[{lo}:{hi}]"
     return (part if part in VOCAB_PARTS else f"L{item}.{part}") + rows
 
 
 def _describe(spec: ModelSpec, sizes: PieceSizes, lo: int, hi: int) -> str:
     shapes = spec.tensor_shapes()
-    units, by_expert = ffn_units(shapes, sizes.experts), expert_cut_layers(shapes, sizes.experts)
+    units, by_expert = ffn_units(shapes, sizes.experts), expert_rows(shapes, sizes.experts)
     names = [piece_name(sizes.pieces[s], units, spec.vocab_size, by_expert) for s in (lo, hi - 1)]
     return names[0] if lo == hi - 1 else f"{names[0]} to {names[1]}"
 
@@ -716,13 +751,8 @@ def mlp_cuts(spec: ModelSpec) -> tuple[bool, ...]:
     """How MLPs are cut and split over TP groups, in order of preference (the `experts` flag of
     size_table): by d_ff rows, which gives each chip the same share of a layer's work whatever the
     routing, as a static schedule needs; then, for a mixture of experts that rows cannot place (a chip
-    keeps at least a weight tile of rows), by whole experts (expert parallelism)."""
+    keeps at least a weight tile of rows of every expert), by expert rows (expert parallelism)."""
     return (False, True) if spec.n_experts else (False,)
-
-
-def _widths_for(spec: ModelSpec, widths: list[int], experts: bool) -> list[int]:
-    """The TP degrees an MLP cut can use: any for rows; by expert, those its experts divide evenly."""
-    return [t for t in widths if not experts or spec.n_experts % t == 0]
 
 
 def fewest_chips(spec: ModelSpec, system: SystemSpec, workload: Workload,
@@ -736,7 +766,7 @@ def fewest_chips(spec: ModelSpec, system: SystemSpec, workload: Workload,
     passes = passes if passes is not None else lowered_passes(spec, workload)
     for experts in mlp_cuts(spec):
         best, best_key, node = None, None, system.node.chips
-        for t in _widths_for(spec, widths or tp_candidates(spec, system), experts):
+        for t in widths or tp_candidates(spec, system):
             if best is not None and best[0] <= node < t:
                 break  # a node-local placement exists: never span nodes for a few chips less
             found = fewest_stages(spec, system, size_table(spec, workload, t, passes, experts))
@@ -754,7 +784,7 @@ def _chips_beyond_largest(spec: ModelSpec, system: SystemSpec, workload: Workloa
                           widths: list[int]) -> int | None:
     """The fewest chips the pieces would need at any of the TP degrees `widths`, were the system large
     enough (None if some piece fits a stage at none of them)."""
-    counts = [t * found[0] for experts in mlp_cuts(spec) for t in _widths_for(spec, widths, experts)
+    counts = [t * found[0] for experts in mlp_cuts(spec) for t in widths
               if (found := fewest_stages(spec, system, size_table(spec, workload, t, passes, experts)))]
     return min(counts, default=None)
 
@@ -795,9 +825,11 @@ def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int 
                    if sizes.kv[worst] else "")
         item, part = sizes.pieces[worst][:2]
         need_text = f"{need / 1e6:,.0f} MB per chip even split {t} ways"
-        if part == "ffn" and spec.is_moe_layer(item):  # the finest cut by expert: one expert on a chip
-            one = size_table(spec, workload, 1, passes, experts=True).ffn_unit_bytes[item]
-            need_text += f", or {one / 1e6:,.0f} MB for one expert"
+        if part == "ffn" and spec.is_moe_layer(item):  # the finest cut by expert rows: a tile of them on a chip
+            rows = size_table(spec, workload, 1, passes, experts=True)
+            tile = rows.ffn_tile(item, system.chip.matrix_tile_rows)
+            need_text += (f", and {tile} rows of its experts, the finest cut, hold "
+                          f"{tile * rows.ffn_unit_bytes[item] / 1e6:,.0f} MB of weights")
         return OpenLPUError(
             f"{spec.name} does not fit on any {system.name} system: {_describe(spec, sizes, worst, worst + 1)} alone "
             f"needs {need_text} (a chip holds {cap / 1e6:.0f} MB; the largest "
@@ -813,7 +845,8 @@ def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int 
                             f"({chips * cap / 1e9:.2f} GB for {held:.2f} GB of weights and KV cache plus activation "
                             f"buffers); it needs at least {need} chips (--chips {need})")
     degrees = f"TP degrees {', '.join(map(str, widths))}; " if len(widths) > 1 else ""
-    unit = f"one {system.chip.matrix_tile_rows}-row weight tile" + (" or one expert" if spec.n_experts else "")
+    unit = f"one {system.chip.matrix_tile_rows}-row weight tile" + (" (or one narrower expert)" if spec.n_experts
+                                                                   else "")
     return OpenLPUError(f"{chips} chips cannot be arranged as pipeline stages of equal TP groups for {what} "
                         f"({degrees}an MLP is cut between stages only into slices that leave each chip at least "
                         f"{unit}); it fits on {need} chips (--chips {need})")
@@ -836,7 +869,7 @@ def partition(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: in
             return _place(spec, system, workload, t, sizes, balanced_stages(sizes, p, cap))
     else:
         for experts in mlp_cuts(spec):
-            for t in _widths_for(spec, widths, experts):
+            for t in widths:
                 if chips % t or group_chips(system, t, chips // t) is None:
                     continue
                 arranged = arrange(spec, size_table(spec, workload, t, passes, experts), chips // t, cap,
@@ -893,6 +926,6 @@ def _place(spec: ModelSpec, system: SystemSpec, workload: Workload, t: int, size
         for k, rows, copy in copies:
             for chip, (axis, start, stop, rep) in zip(groups[k], split_ranges(spec, name, shape, t, rows,
                                                                               sizes.experts)):
-                nbytes = math.ceil((stop - start) * math.prod(shape) // shape[axis] * wb)
+                nbytes = math.ceil((stop - start) * math.prod(shape) // axis_length(name, shape, axis) * wb)
                 shards.append(Shard(name, chip, axis, start, stop, nbytes, rep or copy))
     return Placement(tp=t, stages=stages, shards=tuple(shards), experts=sizes.experts)

@@ -28,8 +28,9 @@ MAGIC = b"OPENLPU-PROGRAM\n"
 # slots per user; 6: a decode step carries a micro-batch of users (its tokens); 7: a transfer records
 # its links per phase (a collective's steps, each with its own cycles); 8: the workload's draft tokens (a
 # decode step verifies them); 9: a placement records whether its MoE MLPs are cut and split by whole
-# experts (expert parallelism), their pieces then holding expert ranges
-FORMAT_VERSION = 9
+# experts (expert parallelism), their pieces then holding expert ranges; 10: cut by expert rows instead,
+# pieces and shards (axis EXPERT_ROWS) hold ranges of the experts' d_ff rows end to end
+FORMAT_VERSION = 10
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class Workload:
 class Shard:
     tensor: str
     chip: int
-    axis: int
+    axis: int  # or partition.EXPERT_ROWS: an expert tensor's experts' d_ff rows, end to end
     start: int  # [start, stop) along axis, in elements
     stop: int
     nbytes: int
@@ -95,7 +96,7 @@ class Placement:
     tp: int
     stages: tuple[Stage, ...]
     shards: tuple[Shard, ...]
-    experts: bool = False  # MoE MLPs cut between stages and split over TP groups by whole experts, not d_ff rows
+    experts: bool = False  # MoE MLPs cut between stages and split over TP groups by expert rows, not d_ff rows
 
     @property
     def chips(self) -> tuple[int, ...]:

@@ -8,12 +8,12 @@ over the install rate): at batch 1 every installed weight serves one vector, so 
 Attention installs the keys and values it attends the same way (its queries are the vectors).
 MoE expert matmuls install every expert the chip holds: routing is data dependent and the schedule is
 fixed at compile time, so it reserves the slots of all experts (their shares of the expert tensors); an
-MLP cut by whole experts reserves, too, the matrix work of every token choosing the chip's experts.
+MLP cut by expert rows reserves, too, the matrix work of every token choosing the chip's experts.
 Row-split matmuls and the vocabulary-split embedding and sampler end in an all-reduce over the
 group's links; a stage passes its activations to the next stage's first chip, which broadcasts them.
 A collective is scheduled step by step (_collective_flows): each step is a phase on its own links,
 starting once the step before it has arrived and those links are free.
-An MLP cut between stages runs once per part on that part's d_ff rows, or its experts when cut by
+An MLP cut between stages runs once per part on that part's d_ff rows, or its expert rows when cut by
 expert (and its share of a shared expert's rows) (ops "name@j" for part j >= 1;
 part 0 keeps the plain names): each part recomputes the norm (and router) from the residual it is
 sent, the parts' down projections are summed ("ffn_sum@n"), and the last part adds the experts' down
@@ -48,8 +48,9 @@ import dataclasses
 import itertools
 import math
 
-from openlpu.compiler.partition import (CUT_SEPARATOR, EMBED, ffn_units, is_expert_tensor, kv_slots, lowered_decode,
-                                        op_fractions, op_item, op_piece, op_role, op_suffix, piece_homes)
+from openlpu.compiler.partition import (CUT_SEPARATOR, EMBED, EXPERT_ROWS, axis_length, ffn_units, item_of_tensor,
+                                        kv_slots, lowered_decode, op_fractions, op_item, op_piece, op_role, op_suffix,
+                                        piece_homes)
 from openlpu.compiler.program import PhaseSchedule, Placement, ScheduledOp, Transfer, Workload
 from openlpu.errors import OpenLPUError
 from openlpu.graph.lower import PRECISIONS, as_precision, keys_in_slots, lower
@@ -139,6 +140,7 @@ class _Scheduler:
         self.ops: list[ScheduledOp] = []
         self.transfers: list[Transfer] = []
         self.weight_fraction = self._weight_fractions()
+        self.routed_share = self._routed_shares()
         self.tensor_elements = {name: math.prod(shape) for name, shape in spec.tensor_shapes().items()}
         self.weight_bytes_per_element = as_precision(workload.weights).bytes_per_element
         rates = {"vector": system.chip.vector_ops_per_cycle, "switch": system.chip.switch_bytes_per_cycle,
@@ -153,8 +155,24 @@ class _Scheduler:
         frac: dict[tuple[str, int], float] = {}
         for sh in self.placement.shards:
             key = (sh.tensor, stage_of_chip[sh.chip])
-            frac[key] = max(frac.get(key, 0.0), (sh.stop - sh.start) / shapes[sh.tensor][sh.axis])
+            frac[key] = max(frac.get(key, 0.0), (sh.stop - sh.start) / axis_length(sh.tensor, shapes[sh.tensor],
+                                                                                      sh.axis))
         return frac
+
+    def _routed_shares(self) -> dict[tuple[str, int], float]:
+        """Per (expert tensor cut by expert rows, stage): the most of its op's routed work one chip of the
+        stage can get, every token's k choices falling on the experts it holds, the widest of them first."""
+        stage_of_chip = {c: s.index for s in self.placement.stages for c in s.chips}
+        k, share = self.spec.n_experts_per_token, {}
+        for sh in self.placement.shards:
+            if sh.axis != EXPERT_ROWS:
+                continue
+            ff = self.spec.layer_d_ff(item_of_tensor(sh.tensor, -1))
+            rows = sorted((min(sh.stop, (e + 1) * ff) - max(sh.start, e * ff)
+                           for e in range(sh.start // ff, -(-sh.stop // ff))), reverse=True)
+            key = (sh.tensor, stage_of_chip[sh.chip])
+            share[key] = max(share.get(key, 0.0), sum(rows[:k]) / (k * ff))
+        return share
 
     def cycles(self, seconds: float) -> int:
         return max(1, math.ceil(seconds * self.clock))
@@ -240,11 +258,10 @@ class _Scheduler:
         role = op_role(op)
         f_w = self.weight_fraction.get((op.weight, stage), 1.0) if op.weight else 1.0
         compute, f_in, f_out, f_kv = op_fractions(self.spec, op, t, f_w)
-        if self.placement.experts and op.weight and is_expert_tensor(op.weight):
+        if op.weight and (op.weight, stage) in self.routed_share:
             # cut by expert, a chip's share of the routed work depends on the routing, which a static schedule
             # cannot: it reserves the most there can be, every token's choices falling on the experts it holds
-            k = self.spec.n_experts_per_token
-            compute = min(k, round(f_w * self.spec.n_experts)) / k
+            compute = self.routed_share[(op.weight, stage)]
         # a combining op's remote input leaves once the stage's previous combination has ended, so
         # partials do not pile up at the last part of a tree (the partition gives a part room for two)
         combining = op_suffix(op.name) in CHAINED.values()

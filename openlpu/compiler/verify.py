@@ -25,8 +25,8 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
-from openlpu.compiler.partition import (cut_range, ffn_units, is_cut_along_ffn, is_cut_along_vocab,
-                                        merged_pieces, piece_homes, tensor_piece)
+from openlpu.compiler.partition import (EXPERT_ROWS, axis_length, cut_range, ffn_units, is_cut_along_ffn,
+                                        is_cut_along_vocab, is_expert_tensor, merged_pieces, piece_homes, tensor_piece)
 from openlpu.compiler.program import PhaseSchedule, Program, Transfer
 from openlpu.compiler.schedule import split_chunk
 from openlpu.errors import OpenLPUError
@@ -261,10 +261,11 @@ def _weights(program: Program) -> list[Violation]:
             out.append(Violation("weight_placement", f"{name} is not placed on any chip"))
             continue
         axes = {sh.axis for sh in shards}
-        if len(axes) != 1 or not 0 <= min(axes) < len(shape):
+        axis = min(axes)
+        if len(axes) != 1 or not (0 <= axis < len(shape) or axis == EXPERT_ROWS and is_expert_tensor(name)):
             out.append(Violation("weight_placement", f"{name} is split along inconsistent axes {sorted(axes)}"))
             continue
-        dim = shape[axes.pop()]
+        dim = axis_length(name, shape, axis)
         for sh in shards:
             if sh.chip not in chips:
                 out.append(Violation("weight_placement", f"{name} has a shard on chip {sh.chip}, outside the placement"))
@@ -292,8 +293,7 @@ def _shards_on_their_stages(program: Program) -> list[Violation]:
     homes, out = piece_homes(program.placement), []
     chips_of = {s.index: set(s.chips) for s in program.placement.stages}
     by_expert = program.placement.experts
-    experts = max((shape[0] for name, shape in program.tensors.items() if name.endswith(".ffn_gate_exps.weight")),
-                  default=0)
+    units = ffn_units(program.tensors, by_expert)
     for sh in program.placement.shards:
         if sh.tensor not in program.tensors:
             continue  # reported by _weights
@@ -302,8 +302,8 @@ def _shards_on_their_stages(program: Program) -> list[Violation]:
         if sh.tensor == "token_embd.weight" and sh.replicated:  # a tied table's copy for the head
             places += homes.get((n, "head"), [])
         cut = is_cut_along_ffn(sh.tensor) or is_cut_along_vocab(sh.tensor)
-        if is_cut_along_ffn(sh.tensor):  # a piece's units as this tensor's rows (or experts)
-            places = [(k, *cut_range(sh.tensor, program.tensors[sh.tensor], lo, hi, experts, by_expert)[1:])
+        if is_cut_along_ffn(sh.tensor):  # a piece's units as this tensor's rows (or expert rows)
+            places = [(k, *cut_range(sh.tensor, program.tensors[sh.tensor], lo, hi, units[item], by_expert)[1:])
                       for k, lo, hi in places]
         if not any(sh.chip in chips_of[k] and (not cut or lo <= sh.start and sh.stop <= hi) for k, lo, hi in places):
             rows = f" rows [{sh.start}, {sh.stop})" if cut else ""

@@ -40,7 +40,8 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from openlpu.compiler.partition import CUT_SEPARATOR, is_cut_along_ffn, is_cut_along_vocab, kv_slots
+from openlpu.compiler.partition import (CUT_SEPARATOR, EXPERT_ROWS, SPLIT_RULES, axis_length, is_cut_along_ffn,
+                                        is_cut_along_vocab, kv_slots)
 from openlpu.compiler.program import PhaseSchedule, Program, ScheduledOp, Transfer
 from openlpu.compiler.schedule import CHAINED, split_chunk
 from openlpu.errors import OpenLPUError
@@ -129,8 +130,7 @@ class WholeTensors(Mapping):
         if tensor not in self.read:
             if tensor in self.rows:  # a copy of the part: a view would keep the whole tensor alive
                 axis, start, stop = self.rows[tensor]
-                self.read[tensor] = (axis, start, stop,
-                                     self.weights[tensor].narrow(axis, start, stop - start).float().clone())
+                self.read[tensor] = (axis, start, stop, narrowed(tensor, self.weights[tensor], axis, start, stop))
             else:
                 self.read[tensor] = (0, 0, self.shapes[tensor][0], self.weights[tensor].float())
         return self.read[tensor]
@@ -186,13 +186,33 @@ def _head_norm_kernel(chip: Chip, name: str, tensor: str):
     return lambda p, x: norm(x.view(x.shape[0], -1, hd)).view(x.shape[0], -1)
 
 
-def _expert_shard(chip: Chip, tensor: str, op: str):
-    """(local tensor, its first expert, the chosen experts it holds): a shard along the experts (MLPs cut
-    by expert) holds experts [first, stop) whole; one along d_ff rows holds a slice of every expert."""
+def narrowed(tensor: str, weight: torch.Tensor, axis: int, start: int, stop: int) -> torch.Tensor:
+    """A float copy of a tensor's elements [start, stop) along a shard axis (a view would keep the whole
+    tensor alive); along EXPERT_ROWS, its experts' d_ff rows end to end, each row with what it multiplies."""
+    if axis == EXPERT_ROWS:
+        rows_axis = SPLIT_RULES[tensor.split(".", 2)[-1]][0]
+        weight = weight.movedim(rows_axis, 1).flatten(0, 1)
+        axis = 0
+    return weight.narrow(axis, start, stop - start).float().clone()
+
+
+def _expert_blocks(chip: Chip, tensor: str, op: str) -> dict[int, torch.Tensor]:
+    """Per expert the chip holds, its block of an expert tensor, laid out as the expert's own slice
+    ([rows, d_model] for gate and up, [d_model, rows] for down, [rows] for a bias): every expert's slice of
+    rows (a shard along d_ff), or, cut by expert rows, the run of experts it holds, the first and last of
+    them possibly in part."""
     chip.weight(tensor, op)
     axis, start, stop, local = chip.shards[tensor]
-    first, stop = (start, stop) if axis == 0 else (0, local.shape[0])
-    return local, first, lambda chosen: [e for e in chosen.unique().tolist() if first <= e < stop]
+    if axis != EXPERT_ROWS:
+        first = start if axis == 0 else 0  # a whole tensor (axis 0), or a slice of every expert's rows
+        return {first + e: local[e] for e in range(local.shape[0])}
+    ff = chip.full_spec.layer_d_ff(int(tensor.split(".")[1]))
+    down = tensor.endswith("ffn_down_exps.weight")
+    blocks = {}
+    for e in range(start // ff, -(-stop // ff)):
+        block = local[max(start, e * ff) - start:min(stop, (e + 1) * ff) - start]
+        blocks[e] = block.T if down else block
+    return blocks
 
 
 def _cat_partials(parts: list[Partial]) -> Partial:
@@ -317,30 +337,30 @@ def build_kernel(chip: Chip, name: str, kind: str) -> Callable:
             return top_experts, top_logits.sigmoid() if scales_input else top_logits.softmax(-1)
         return route
     if suffix in ("ffn_gate_exps", "ffn_up_exps"):
-        # [this chip's experts, d_ff rows, d_model]: every expert's slice of rows, or (cut by expert) whole experts
-        w, first, held = _expert_shard(chip, weight, base)
-        b = chip.weight(f"{base}.bias", base) if spec.moe_bias else [None] * w.shape[0]  # [its experts, rows]
-
+        w = _expert_blocks(chip, weight, base)  # per expert held: [its rows, d_model]
+        b = _expert_blocks(chip, f"{base}.bias", base) if spec.moe_bias else dict.fromkeys(w)
+        width = max(block.shape[0] for block in w.values())  # an expert held in part fills the first rows
         scales_input = spec.router == "sigmoid_input"
 
         def experts_in(p, x, routing):  # a token's value for an expert held elsewhere stays 0 (no input)
             experts, weights = routing
-            out = torch.zeros(*experts.shape, w.shape[1])
-            for e in held(experts):
+            out = torch.zeros(*experts.shape, width)
+            for e in sorted(set(experts.unique().tolist()) & w.keys()):
                 rows, rank = (experts == e).nonzero(as_tuple=True)
                 x_e = x[rows] * weights[rows, rank, None] if scales_input else x[rows]
-                out[rows, rank] = F.linear(x_e, w[e - first], b[e - first])
+                out[rows, rank, :w[e].shape[0]] = F.linear(x_e, w[e], b[e])
             # weights already applied to the inputs leave the outputs unweighted
             return Routed(out, experts, torch.ones_like(weights) if scales_input else weights)
         return experts_in
     if suffix == "ffn_down_exps":
-        w, first, held = _expert_shard(chip, weight, base)  # [its experts, d_model, d_ff rows]
+        w = _expert_blocks(chip, weight, base)  # per expert held: [d_model, its rows]
 
         def experts_out(p, a, shared=None):  # shared: the shared expert's partial sum (Llama 4)
-            out = torch.zeros(a.values.shape[0], w.shape[1]) if shared is None else shared.clone()
-            for e in held(a.experts):
+            out = torch.zeros(a.values.shape[0], spec.d_model) if shared is None else shared.clone()
+            for e in sorted(set(a.experts.unique().tolist()) & w.keys()):
                 rows, rank = (a.experts == e).nonzero(as_tuple=True)
-                out.index_add_(0, rows, F.linear(a.values[rows, rank], w[e - first]) * a.weights[rows, rank, None])
+                values = a.values[rows, rank, :w[e].shape[1]]
+                out.index_add_(0, rows, F.linear(values, w[e]) * a.weights[rows, rank, None])
             return out
         return experts_out
     if suffix == "final_softcap":
@@ -444,7 +464,7 @@ def check_every_element_placed(program: Program) -> None:
     for name, shape in program.tensors.items():
         shards = sorted(by_tensor.get(name, ()), key=lambda sh: (sh.axis, sh.start))
         reach = _gap_free_reach(shards, 0)
-        if not shards or reach < shape[shards[0].axis]:
+        if not shards or reach < axis_length(name, shape, shards[0].axis):
             where = f"from element {reach} on axis {shards[0].axis}" if shards else "at all"
             raise OpenLPUError(f"{name} is not placed on any chip {where}; the Program is incomplete, "
                                f"recompile it")
@@ -467,7 +487,7 @@ def stage_rows(program: Program) -> dict[int, dict[str, tuple[int, int, int]]]:
                                f"embedding and the head of a tied table), which the runtime cannot run; compile "
                                f"for another chip count or system")
         axis = shards[0].axis
-        if (shards[0].start, reach) != (0, program.tensors[tensor][axis]):
+        if (shards[0].start, reach) != (0, axis_length(tensor, program.tensors[tensor], axis)):
             out.setdefault(stage, {})[tensor] = (axis, shards[0].start, reach)
     return out
 
@@ -586,7 +606,7 @@ class Executor:
                     raise OpenLPUError(f"chip {sh.chip} holds two shards of {sh.tensor}")
                 # a copy, so the chip cannot reach the rest of the tensor through a view
                 local[sh.tensor] = (sh.axis, sh.start, sh.stop,
-                                    weights[sh.tensor].float().narrow(sh.axis, sh.start, sh.stop - sh.start).clone())
+                                    narrowed(sh.tensor, weights[sh.tensor], sh.axis, sh.start, sh.stop))
         self.decode_events = self._events(program.decode)
         # where the host reads the logits (part by part of a split head, rank order inside a part's
         # group) and the sampled token (sent back, combined by the last head part, or reduced)

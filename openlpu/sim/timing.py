@@ -17,7 +17,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from openlpu.compiler.partition import (
-    expert_cut_layers,
+    expert_rows,
     ffn_units,
     piece_name,
     vocab_rows,
@@ -106,7 +106,7 @@ def timing(program: Program) -> LpuTiming:
 
 # ---- views for `openlpu inspect` ---------------------------------------------------------------
 def _holds(pieces: tuple[tuple[int, str, int, int], ...], units: dict[int, int], vocab: int,
-           by_expert: frozenset[int]) -> str:
+           by_expert: dict[int, int]) -> str:
     """A stage's first and last piece: "L3.ffn[0:7168]..L4.attn"; a layer's two whole halves read "L3"."""
     names: list[str] = []
     for piece in pieces:
@@ -121,7 +121,7 @@ def _holds(pieces: tuple[tuple[int, str, int, int], ...], units: dict[int, int],
 def placement_rows(program: Program) -> list[dict]:
     """Per stage: chips, what it holds, per-chip SRAM by kind, and its busy time per decode token."""
     units, vocab = ffn_units(program.tensors, program.placement.experts), vocab_rows(program.tensors)
-    by_expert = expert_cut_layers(program.tensors, program.placement.experts)
+    by_expert = expert_rows(program.tensors, program.placement.experts)
     weights = defaultdict(int)
     for sh in program.placement.shards:
         weights[sh.chip] += sh.nbytes
