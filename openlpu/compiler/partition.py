@@ -17,8 +17,8 @@ Llama 4 Maverick's 128 of 8,192 rows, keeps a tile of rows of every expert on ea
 group of 8) is cut by expert rows instead (expert parallelism; Placement.experts): its routed experts'
 d_ff rows are laid end to end, expert after expert, and that axis is cut between stages and split over
 each TP group like d_ff rows (Shard.axis EXPERT_ROWS), so a chip holds a run of experts, the first and
-last of them possibly in part (one Maverick chip at int8: an expert and a half, not one whole expert in
-a chip with room for 1.8), and a piece's range counts expert rows; a shared expert goes with them, each
+last of them possibly in part (a Maverick chip at int8 holds about 1.75 experts' rows, where whole
+experts left it one), and a piece's range counts expert rows; a shared expert goes with them, each
 part holding its share of its rows. No chip holds fewer expert rows than a weight tile, or one expert
 narrower than a tile. The dataflow is the row cut's: each part sums its experts' weighted outputs for
 the tokens routed to them (zero for the rest), and the parts' partial sums meet as before. Rows come
@@ -55,10 +55,10 @@ take (a share of one below a node, whole nodes beyond, as the cost model counts 
 wider degree: the same hosts, a faster step. A group spans whole nodes of one rack only when no degree
 inside a node fits. A given chip count takes the first TP degree in order of preference that
 arranges: whole pieces, or MLPs cut into equal slices when it needs more stages than pieces or a whole
-MLP does not fit (each MLP into as many slices as asked or as it can be cut into, so MLPs of different
-sizes, Maverick's dense and MoE ones, are cut as finely as each allows; splitting the vocabulary only
-when the embedding or head does not fit), or, for fewer stages than those need, pieces cut where stages
-fill.
+MLP does not fit (the largest MLP into as many slices as asked or as it can be cut into, MLPs of other
+sizes, Maverick's dense ones beside its MoE ones, in proportion to the square root of their bytes:
+mlp_slices; splitting the vocabulary only when the embedding or head does not fit), or, for fewer stages
+than those need, pieces cut where stages fill.
 """
 
 from __future__ import annotations
