@@ -446,7 +446,8 @@ def host_readings(gpu_rows) -> list[dict]:
     for r in gpu_rows:
         if r["metric"] != "max_load_tok_s" or r["role"] != COUNTED:
             continue
-        p, requests = _point(r), max_load_requests(_point(r))
+        p = _point(r)
+        requests = max_load_requests(p)
         _, gpu_step = G.offline_steps_s(load_preset(p.model), load_gpu(p.system), p.precision, p.chips, requests,
                                         p.setting["input"], p.setting["output"], p.software)
         if requests * G.HOST_S_PER_REQUEST > gpu_step:
@@ -1115,7 +1116,7 @@ def _widths(readings: list[dict]) -> str:
 
 
 def _errors_at_widths(f: dict) -> str:
-    """'TP 8: 552 chips, -37%; TP 4: ...' for the widths a fewest-chips reading placed."""
+    """'TP 8: 536 chips, -37%; TP 4: ...' for the widths a fewest-chips reading placed."""
     return "; ".join(f"TP {t}: {w['chips']:,} chips, {w['error']:+.0%}" for t, w in f["by_tp"].items() if w)
 
 

@@ -147,6 +147,12 @@ def axis_length(tensor: str, shape: tuple[int, ...], axis: int) -> int:
     return shape[0] * shape[_rule(tensor)[0]] if axis == EXPERT_ROWS else shape[axis]
 
 
+def expert_spans(start: int, stop: int, rows: int) -> list[tuple[int, int, int]]:
+    """(expert, start, stop) for each expert that expert rows [start, stop) reach, its experts `rows` wide:
+    the part of the range that is its rows (all of them, or, for the first and last, possibly some)."""
+    return [(e, max(start, e * rows), min(stop, (e + 1) * rows)) for e in range(start // rows, -(-stop // rows))]
+
+
 def expert_rows(tensors: dict[str, tuple[int, ...]], experts: bool) -> dict[int, int]:
     """The layers whose MLP is cut by expert rows (with `experts`, those with routed experts), each with
     its experts' d_ff rows (one expert's)."""

@@ -78,7 +78,7 @@ class Stage:
     chips: tuple[int, ...]  # the TP group, in rank order
     # (item, part, start, stop) in pipeline order: item -1 = embedding, a layer index, n_layers = head
     # (final norm + lm_head); part "embed" | "attn" | "ffn" | "head"; [start, stop) = the d_ff rows of
-    # an MLP piece (its experts, if Placement.experts and the layer has them) or the vocabulary rows of
+    # an MLP piece (its expert rows, if Placement.experts and the layer has them) or the vocabulary rows of
     # an embedding or head piece, the KV slots of an attention piece (each may be split between
     # consecutive stages; a whole attention is (0, 0))
     pieces: tuple[tuple[int, str, int, int], ...]

@@ -48,9 +48,9 @@ import dataclasses
 import itertools
 import math
 
-from openlpu.compiler.partition import (CUT_SEPARATOR, EMBED, EXPERT_ROWS, axis_length, ffn_units, item_of_tensor,
-                                        kv_slots, lowered_decode, op_fractions, op_item, op_piece, op_role, op_suffix,
-                                        piece_homes)
+from openlpu.compiler.partition import (CUT_SEPARATOR, EMBED, EXPERT_ROWS, axis_length, expert_spans, ffn_units,
+                                        item_of_tensor, kv_slots, lowered_decode, op_fractions, op_item, op_piece,
+                                        op_role, op_suffix, piece_homes)
 from openlpu.compiler.program import PhaseSchedule, Placement, ScheduledOp, Transfer, Workload
 from openlpu.errors import OpenLPUError
 from openlpu.graph.lower import PRECISIONS, as_precision, keys_in_slots, lower
@@ -168,8 +168,7 @@ class _Scheduler:
             if sh.axis != EXPERT_ROWS:
                 continue
             ff = self.spec.layer_d_ff(item_of_tensor(sh.tensor, -1))
-            rows = sorted((min(sh.stop, (e + 1) * ff) - max(sh.start, e * ff)
-                           for e in range(sh.start // ff, -(-sh.stop // ff))), reverse=True)
+            rows = sorted((stop - start for _, start, stop in expert_spans(sh.start, sh.stop, ff)), reverse=True)
             key = (sh.tensor, stage_of_chip[sh.chip])
             share[key] = max(share.get(key, 0.0), sum(rows[:k]) / (k * ff))
         return share

@@ -40,8 +40,8 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from openlpu.compiler.partition import (CUT_SEPARATOR, EXPERT_ROWS, SPLIT_RULES, axis_length, is_cut_along_ffn,
-                                        is_cut_along_vocab, kv_slots)
+from openlpu.compiler.partition import (CUT_SEPARATOR, EXPERT_ROWS, SPLIT_RULES, axis_length, expert_spans,
+                                        is_cut_along_ffn, is_cut_along_vocab, item_of_tensor, kv_slots)
 from openlpu.compiler.program import PhaseSchedule, Program, ScheduledOp, Transfer
 from openlpu.compiler.schedule import CHAINED, split_chunk
 from openlpu.errors import OpenLPUError
@@ -203,16 +203,11 @@ def _expert_blocks(chip: Chip, tensor: str, op: str) -> dict[int, torch.Tensor]:
     them possibly in part."""
     chip.weight(tensor, op)
     axis, start, stop, local = chip.shards[tensor]
-    if axis != EXPERT_ROWS:
-        first = start if axis == 0 else 0  # a whole tensor (axis 0), or a slice of every expert's rows
-        return {first + e: local[e] for e in range(local.shape[0])}
-    ff = chip.full_spec.layer_d_ff(int(tensor.split(".")[1]))
-    down = tensor.endswith("ffn_down_exps.weight")
-    blocks = {}
-    for e in range(start // ff, -(-stop // ff)):
-        block = local[max(start, e * ff) - start:min(stop, (e + 1) * ff) - start]
-        blocks[e] = block.T if down else block
-    return blocks
+    if axis != EXPERT_ROWS:  # the whole tensor, or a slice of every expert's rows
+        return dict(enumerate(local))
+    ff = chip.full_spec.layer_d_ff(item_of_tensor(tensor, -1))
+    blocks = {e: local[lo - start:hi - start] for e, lo, hi in expert_spans(start, stop, ff)}
+    return {e: b.T for e, b in blocks.items()} if tensor.endswith("ffn_down_exps.weight") else blocks
 
 
 def _cat_partials(parts: list[Partial]) -> Partial:
