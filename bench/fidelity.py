@@ -261,7 +261,13 @@ ALLREDUCE_FIT_ROLE = "FIT: ALLREDUCE_BANDWIDTH_EFFICIENCY"
 # the most requests in flight (4,096) and the shortest steps; the table's other rows are held out
 HOST_FIT = ("llama-3.1-8b", "h200", 1, "fp8", (128, 128))
 HOST_FIT_ROLE = "FIT: HOST_S_PER_REQUEST"
-MAX_LOAD_FITS = {FP4_FIT: FP4_FIT_ROLE, ALLREDUCE_FIT: ALLREDUCE_FIT_ROLE, HOST_FIT: HOST_FIT_ROLE}
+# The row MOE_S_PER_TOKEN is fitted on: the mixture of experts with the most routed copies per token (8) at its most
+# prefill-bound length, where the GPU and not the host sets the pace; Llama 4 Scout's rows and Qwen3's others are
+# held out
+MOE_FIT = ("qwen3-30b-a3b", "b200", 1, "fp4", (2048, 128))
+MOE_FIT_ROLE = "FIT: MOE_S_PER_TOKEN"
+MAX_LOAD_FITS = {FP4_FIT: FP4_FIT_ROLE, ALLREDUCE_FIT: ALLREDUCE_FIT_ROLE, HOST_FIT: HOST_FIT_ROLE,
+                 MOE_FIT: MOE_FIT_ROLE}
 # The host at work, in the same table: GB200 (one Grace CPU per two GPUs) against B200 (an x86 DGX host), output
 # tok/s at 128 / 128, where thousands of requests take short steps, and at 128 / 4,096, where long contexts make
 # the GPU's steps long: (model, ISL/OSL) -> (B200, GB200), both at TP 1 and FP4; not fitted on, not predicted
@@ -370,15 +376,16 @@ def bisect(f, target: float, lo: float, hi: float, rising: bool, steps: int = 40
 def fit_gpu() -> dict:
     """Jointly fit KERNEL_OVERHEAD_S (on the DGX H100 latency), COMPUTE_EFFICIENCY (on the H200 batch-32
     throughput) and ALLREDUCE_BANDWIDTH_EFFICIENCY (on the ALLREDUCE_FIT row), then FP4_COMPUTE_EFFICIENCY
-    (on the FP4_FIT row of B200) and HOST_S_PER_REQUEST (on the HOST_FIT row) with those; returns the fitted
-    values and restores the shipped constants."""
+    (on the FP4_FIT row of B200), HOST_S_PER_REQUEST (on the HOST_FIT row) and MOE_S_PER_TOKEN (on the MOE_FIT
+    row) with those; returns the fitted values and restores the shipped constants."""
     names = ("KERNEL_OVERHEAD_S", "COMPUTE_EFFICIENCY", "ALLREDUCE_BANDWIDTH_EFFICIENCY", "FP4_COMPUTE_EFFICIENCY",
-             "HOST_S_PER_REQUEST")
+             "HOST_S_PER_REQUEST", "MOE_S_PER_TOKEN")
     shipped = {name: getattr(G, name) for name in names}
     latency_point, throughput_point = GPU_POINTS[0], GPU_POINTS[1]
     fp4_point = next(p for p in GPU_POINTS if p.role == FP4_FIT_ROLE)
     allreduce_point = next(p for p in GPU_POINTS if p.role == ALLREDUCE_FIT_ROLE)
     host_point = next(p for p in GPU_POINTS if p.role == HOST_FIT_ROLE)
+    moe_point = next(p for p in GPU_POINTS if p.role == MOE_FIT_ROLE)
     try:
         for _ in range(4):
             G.KERNEL_OVERHEAD_S = bisect(lambda k: _with(G, "KERNEL_OVERHEAD_S", k, latency_point),
@@ -392,6 +399,8 @@ def fit_gpu() -> dict:
                                           fp4_point.published, 0.05, 1.0, rising=True)
         G.HOST_S_PER_REQUEST = bisect(lambda h: _with(G, "HOST_S_PER_REQUEST", h, host_point),
                                       host_point.published, 0.0, 200e-6, rising=False)
+        G.MOE_S_PER_TOKEN = bisect(lambda m: _with(G, "MOE_S_PER_TOKEN", m, moe_point),
+                                   moe_point.published, 0.0, 2e-6, rising=False)
         return {name: getattr(G, name) for name in names}
     finally:
         for name, value in shipped.items():
@@ -435,7 +444,28 @@ def gpu_readings(gpu_rows) -> dict:
                 G.COMPUTE_EFFICIENCY = shipped
             efficiency.append({**r, "implied": implied})
     return {"kv_reads": kv_reads, "compute_efficiency": efficiency, "allreduce": allreduce_readings(gpu_rows),
-            "host": host_readings(gpu_rows)}
+            "host": host_readings(gpu_rows), "moe": moe_readings(gpu_rows)}
+
+
+def moe_readings(gpu_rows) -> list[dict]:
+    """For each row of a mixture of experts: the share of the predicted run its MoE dispatch takes, and the
+    MOE_S_PER_TOKEN it alone would need (a reading, never used to predict; None where the row is predicted
+    slower than published without any)."""
+    shipped = G.MOE_S_PER_TOKEN
+    out = []
+    try:
+        for r in gpu_rows:
+            p = _point(r)
+            if not load_preset(p.model).is_moe:
+                continue
+            share = 1 - r["predicted"] / _with(G, "MOE_S_PER_TOKEN", 0.0, p)
+            reachable = _with(G, "MOE_S_PER_TOKEN", 0.0, p) > p.published
+            implied = bisect(lambda m, p=p: _with(G, "MOE_S_PER_TOKEN", m, p), p.published, 0.0, 2e-6,
+                             rising=False, steps=24) if reachable else None
+            out.append({**r, "share": share, "implied": implied})
+    finally:
+        G.MOE_S_PER_TOKEN = shipped
+    return out
 
 
 def host_readings(gpu_rows) -> list[dict]:
@@ -854,6 +884,7 @@ def markdown(lpu_rows, gpu_rows, gpu_fit, install_fit, shipped_install, system, 
                             for name, rs in max_load_groups.items())
     fp4_fit = next(r for r in gpu_rows if r["role"] == FP4_FIT_ROLE)
     host_fit = next(r for r in gpu_rows if r["role"] == HOST_FIT_ROLE)
+    moe_fit = next(r for r in gpu_rows if r["role"] == MOE_FIT_ROLE)
     host_paced = gpu_read["host"]
     host_evidence = "; ".join(
         f"{model} at {lengths}: {b200:,} on B200, {gb200:,} on GB200 ({gb200 / b200 - 1:+.0%})"
@@ -865,10 +896,26 @@ def markdown(lpu_rows, gpu_rows, gpu_fit, install_fit, shipped_install, system, 
     allreduce_checks = [r for r in allreduce_read if r["role"] == COUNTED]
     implied_allreduce = [r["implied"] for r in allreduce_checks if r["implied"] is not None]
     beyond_allreduce = [r for r in allreduce_checks if r["implied"] is None]
-    moe_rows = max_load_groups["B200 at FP4, Qwen3-30B-A3B (a mixture of experts) on 1 GPU"]
-    moe_errors = [r["error"] for r in moe_rows]
-    moe_prefill = row(moe_rows, "qwen3-30b-a3b", COUNTED, input=2048, output=128)
-    scout_errors = [r["error"] for r in max_load_groups["B200 at FP4, Llama 4 Scout (a mixture of experts) on 1 GPU"]]
+    moe_read = gpu_read["moe"]
+    moe_checks = [r for r in moe_read if r["role"] == COUNTED]
+    moe_implied = [r["implied"] for r in moe_checks if r["implied"] is not None]
+    moe_beyond = [r for r in moe_checks if r["implied"] is None]
+    scout_prefill = row(moe_read, "llama-4-scout", COUNTED, input=2048, output=128)
+    moe_decode_heavy = [r for r in moe_checks if r["implied"] is not None and r["setting"]["output"] >= 2000
+                        and r["setting"]["input"] <= 1000]
+    moe_shares = [r["share"] for r in moe_read]
+    scout_spec, qwen3_spec = load_preset("llama-4-scout"), load_preset("qwen3-30b-a3b")
+    beyond_text = "" if not moe_beyond else (
+        ("One held-out row is" if len(moe_beyond) == 1 else f"{len(moe_beyond)} held-out rows are")
+        + " predicted slower than published even with no dispatch cost ("
+        + ", ".join(f'{r["model"]} {r["setting"]["input"]:,} / {r["setting"]["output"]:,}: {r["error"]:+.0%}'
+                    for r in moe_beyond)
+        + "): the host paces its decode, and the model runs each prefill before the decode steps, where in-flight "
+          "batching runs prefill on the GPU while the host prepares the next step.\n    ")
+
+    def without_dispatch(model):  # the errors of a model's rows with MOE_S_PER_TOKEN = 0
+        errors = [(1 + r["error"]) / (1 - r["share"]) - 1 for r in moe_read if r["model"] == model]
+        return f"{min(errors):+.0%} to {max(errors):+.0%}"
     first_token = [r for r in gpu_checks if r["metric"] == "ttft_s"]
     h100_first, a100_first = ([r for r in gpu_read["compute_efficiency"] if r["system"] == g]
                               for g in ("h100-sxm", "a100-80gb"))
@@ -941,7 +988,12 @@ B200's FP4 peak its NVFP4 GEMMs reach, on one cell of the grid below ({fp4_fit["
 HOST_S_PER_REQUEST = {gpu_fit['HOST_S_PER_REQUEST'] * 1e6:.1f} us [{G.HOST_S_PER_REQUEST * 1e6:.1f} us], what
 TensorRT-LLM 1.0's host loop spends on each request in flight at each step, on one more ({host_fit["model"]}, 1 x
 {host_fit["system"].upper()}, {host_fit["setting"]["input"]:,} / {host_fit["setting"]["output"]:,}: a dense model at its
-shortest steps and most requests in flight).
+shortest steps and most requests in flight), and
+MOE_S_PER_TOKEN = {gpu_fit['MOE_S_PER_TOKEN'] * 1e9:.0f} ns [{G.MOE_S_PER_TOKEN * 1e9:.0f} ns], what serving a
+mixture of experts costs per token and MoE layer beyond the roofline of its experts, on one more
+({moe_fit["model"]}, 1 x {moe_fit["system"].upper()},
+{moe_fit["setting"]["input"]:,} / {moe_fit["setting"]["output"]:,}: the model routing each token to the most
+experts, at its most prefill-bound length).
 FP4 weights are NVFP4's 4.5 bits per element; the KV cache stays FP8, as NVIDIA's NVFP4 checkpoints set
 it (`kv_cache_quant_algo` FP8 in their hf_quant_config.json), and attention does its math in FP8.
 
@@ -1088,15 +1140,23 @@ it (`kv_cache_quant_algo` FP8 in their hf_quant_config.json), and attention does
     {_host_errors(host_paced)}. The same table shows the host at work, without any fit: {host_evidence}.
     Grace, the GB200's CPU, falls behind where requests are many and steps short, and the GB200's GPU is
     ahead where the GPU sets the pace.
-  - A mixture of experts: Qwen3-30B-A3B (128 experts, 8 per token) on one B200 ran slower than the model
-    says on {sum(e > 0 for e in moe_errors)} of {len(moe_errors)} rows; the errors run from {min(moe_errors):+.0%} to
-    {max(moe_errors):+.0%} (2,048 / 128,
-    where prefill dominates: {moe_prefill["error"]:+.0%}), and so did Llama 4 Scout (16 experts, 1 per token, beside
-    a shared expert), from {min(scout_errors):+.0%} to {max(scout_errors):+.0%}. The model times the experts as a roofline of
-    the chosen experts' work and the distinct experts' weights; serving them adds routing, token
-    permutation and grouped GEMMs of few tokens per expert (8 of 128 experts: a batch of 4,096 tokens
-    gives each about 256), for which it has no term. `plan` on a mixture of experts (Mixtral, gpt-oss) can favour the GPU by such margins,
-    while the LPU side schedules every expert at every step (the opposite bias).
+  - A mixture of experts, timed as the roofline of the chosen experts' work and the distinct experts' weights
+    alone, ran slower than that on one B200: Qwen3-30B-A3B (128 experts, 8 per token) from
+    {without_dispatch("qwen3-30b-a3b")}, Llama 4 Scout (16 experts, 1 per token, beside a shared expert) from
+    {without_dispatch("llama-4-scout")}. Serving experts adds routing, sorting the tokens by expert, moving them
+    there and back and grouped GEMMs of few tokens each; MOE_S_PER_TOKEN
+    ({G.MOE_S_PER_TOKEN * 1e9:.0f} ns per token and MoE layer, fitted on one Qwen3 row) stands for all of it and
+    takes {min(moe_shares):.0%} to {max(moe_shares):.0%} of these rows' time. Alone, the held-out rows would need
+    {min(moe_implied) * 1e9:.0f} to {max(moe_implied) * 1e9:.0f} ns. Scout's {scout_prefill["setting"]["input"]:,} /
+    {scout_prefill["setting"]["output"]:,}, the same length as the fit, would need
+    {scout_prefill["implied"] * 1e9:.0f} ns, though Scout sends each token to {scout_spec.n_experts_per_token} of its
+    experts, not {qwen3_spec.n_experts_per_token}, through tokens {scout_spec.d_model:,} wide, not
+    {qwen3_spec.d_model:,}: in these two models the cost follows the tokens, not the routed copies, the FLOPs or the
+    bytes. The rows of long outputs from short prompts would need
+    more ({", ".join(f'{r["model"]} {r["setting"]["input"]:,} / {r["setting"]["output"]:,}: {r["implied"] * 1e9:.0f} ns'
+    for r in moe_decode_heavy)}): per token, their decode steps cost more than the prefill the fit row is made of.
+    {beyond_text}`plan` on a mixture of experts (Mixtral, gpt-oss) can favour the
+    GPU by the decode-heavy margins, while the LPU side schedules every expert at every step (the opposite bias).
 
 """ + speculative_markdown(specdec)
 

@@ -141,9 +141,9 @@ def plan(
         f" Speculative: {draft_tokens or DRAFT_TOKENS} draft tokens per round, each accepted with chance "
         f"{acceptance:g}; the LPU runs the draft on chips of its own, a GPU between the target's steps.")
     kernels = f" GPU decode attention: {SOFTWARE[gpu_software].name}." if compare else ""
-    if compare and spec.is_moe:  # TensorRT-LLM 1.0 ran Qwen3-30B-A3B slower on all ten lengths
-        kernels += (" GPU experts: a roofline of their work, without the routing and token permutation that "
-                    "serving them adds: faster than measured (bench/results/fidelity.md).")
+    if compare and spec.is_moe:  # TensorRT-LLM 1.0's long outputs of Qwen3-30B-A3B ran slower than this
+        kernels += (" GPU experts: a roofline of their work plus a routing cost per token fitted on one B200 row; "
+                    "long outputs can run faster than measured (bench/results/fidelity.md).")
     kv = serving_kv_precision(precision)
     formats = precision if kv == precision else f"{precision} (KV cache {kv})"
     table = Table(title=f"{spec.name} at {formats}, {users} user(s) x {context} tokens of context",

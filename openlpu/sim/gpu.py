@@ -15,10 +15,10 @@ predicts 2,048-token outputs at batch 192 65% faster than measured, 4,096-token 
 38% faster. TensorRT-LLM 1.0 (2025; its own row, `tensorrt-llm-1.0`, adds its host loop) comes closer:
 its throughput table for Llama 3.1 8B and 3.3 70B on one or two H100s or H200s sits around the model's
 figures; Llama 3.1 405B, on 8 Hopper GPUs or 4 B200s, with the all-reduces' bandwidth fitted on one of its
-rows, runs its long outputs up to ~25% slower than predicted; and a mixture of experts (Qwen3-30B-A3B on
-one B200), where the GPU and not the host sets the pace, ran 1.3-2.8x slower than predicted: its experts
-are timed as a roofline of their work, without the routing, token permutation and small grouped GEMMs
-that serving them adds (bench/results/fidelity.md).
+rows, runs its long outputs up to ~25% slower than predicted; and a mixture of experts (Qwen3-30B-A3B and
+Llama 4 Scout on one B200) runs slower than the roofline of its experts by a cost per token and MoE layer
+(MOE_S_PER_TOKEN), fitted on one row, that leaves its long outputs up to ~30% faster than measured
+(bench/results/fidelity.md).
 
 Tensor parallelism over NVLink divides the sharded ops and adds two all-reduces per layer
 (Megatron-style: after attention and after the MLP); servers beyond one NVLink domain form pipeline
@@ -61,6 +61,13 @@ Constants and the published points they were fitted on / checked against (bench/
   requests in flight). The same table shows the host at work: at 128 / 128 the GB200 (Grace CPU) serves
   Qwen3-30B-A3B and Llama 4 Scout 39% and 21% slower than the B200 (x86 host) beside it, while at 128 /
   4,096, where the GPU sets the pace, the GB200 is faster on both (bench/fidelity.py HOST_EVIDENCE).
+- MOE_S_PER_TOKEN 128 ns: what serving a mixture of experts costs per token and MoE layer beyond the roofline
+  of its experts: routing, sorting the tokens by expert, moving them there and back, grouped GEMMs of few
+  tokens each. Every GPU of a TP group pays it for every token, as each routes them all. FITTED on one point:
+  TensorRT-LLM 1.0 perf-overview (2025), Qwen3-30B-A3B (128 experts, 8 per token), 1 x B200, NVFP4, 2,048 in /
+  128 out under unbounded load: 6,251 output tok/s, where the roofline alone predicts 2.8x that. Its other 9
+  rows and Llama 4 Scout's 10 (16 experts, 1 per token) are held out; Scout's row at the same lengths alone
+  needs 126 ns: the cost follows tokens, not routed copies, FLOPs or bytes.
 - ALLREDUCE_LATENCY_S 10 us: fixed cost of a small NCCL all-reduce inside an NVLink/NVSwitch
   node (nccl-tests small-message latency is ~8-15 us on DGX H100); not fitted.
 - PIPELINE_HOP_S 10 us: pipeline hand-off between stages, over InfiniBand between servers (inside a server,
@@ -87,6 +94,7 @@ COMPUTE_EFFICIENCY = 0.663  # fitted: see the module docstring
 FP4_COMPUTE_EFFICIENCY = 0.409  # fitted: see the module docstring and bench/fidelity.py
 KERNEL_OVERHEAD_S = 6.99e-6  # fitted: see the module docstring and bench/fidelity.py
 HOST_S_PER_REQUEST = 24.3e-6  # fitted: see the module docstring and bench/fidelity.py
+MOE_S_PER_TOKEN = 128e-9  # fitted: see the module docstring and bench/fidelity.py
 ALLREDUCE_LATENCY_S = 10e-6
 ALLREDUCE_BANDWIDTH_EFFICIENCY = 0.708  # fitted: see the module docstring and bench/fidelity.py
 PIPELINE_HOP_S = 10e-6
@@ -198,7 +206,13 @@ def step_s(spec: ModelSpec, ops, gpu: GpuSpec, precision: str, tp: int, stages: 
     compute = sum(op_time_s(op, gpu, precision, tp, kv_reads) for op in ops)
     comms = spec.n_layers * ALLREDUCES_PER_LAYER * allreduce_s(tokens * spec.d_model * ACTIVATION_BYTES,
                                                                gpu, tp)
-    return compute + comms + (stages - 1) * PIPELINE_HOP_S
+    return compute + comms + moe_dispatch_s(spec, tokens) + (stages - 1) * PIPELINE_HOP_S
+
+
+def moe_dispatch_s(spec: ModelSpec, tokens: int) -> float:
+    """What serving a pass of `tokens` through the MoE layers costs beyond their experts' roofline:
+    MOE_S_PER_TOKEN per token and MoE layer, on every GPU of a TP group, as each routes all the tokens."""
+    return tokens * sum(map(spec.is_moe_layer, range(spec.n_layers))) * MOE_S_PER_TOKEN
 
 
 def weight_bytes(spec: ModelSpec, precision: str) -> float:
