@@ -610,3 +610,50 @@ def test_mlps_of_different_sizes_are_cut_in_proportion_to_the_root_of_their_byte
     assert ratio == 64 and len(moe) == 1 and min(moe) > 8 and dense == {round(min(moe) / math.sqrt(ratio))}
     fewest = compile_program(spec, SYSTEM, workload)
     assert len(fewest.placement.chips) < 4000 and timing(p).tokens_per_s_per_user > timing(fewest).tokens_per_s_per_user
+
+
+@pytest.mark.parametrize("name, tp, experts", [
+    ("llama-3.1-8b", 8, False),
+    ("mixtral-8x7b", 8, False),
+    ("gemma-3-270m", 2, False),  # a tied table
+    ("llama-4-maverick", 8, True),  # cut by expert rows; dense MLPs between
+])
+def test_least_sram_is_a_floor_under_real_arrangements(name, tp, experts):
+    """partition.least_sram bounds from below the SRAM p stages take, so that arrange can stop trying finer
+    cuts once it passes p stages' capacity. Checked against the sum over real stages: the greedy and the
+    balanced arrangements of the first cut options (with their MLP slices) and of the pieces cut where
+    stages fill (with none)."""
+    from openlpu.compiler.partition import (
+        balanced_stages,
+        cut_options,
+        filled_sizes,
+        greedy_stages,
+        least_sram,
+        lowered_passes,
+        size_table,
+        stage_bytes,
+    )
+    spec, cap, tile = load_preset(name), SYSTEM.chip.sram_bytes, SYSTEM.chip.matrix_tile_rows
+    workload = Workload(context_length=4096, prompt_len=512)
+    table = size_table(spec, workload, tp, lowered_passes(spec, workload), experts)
+    checked = 0
+    for sizes, slices in [*((s, Counter(i for i, part, _, _ in s.pieces if part == "ffn"))
+                            for s in itertools.islice(cut_options(spec, table, cap, tile), 4)),
+                          (filled_sizes(spec, table, cap, tile), None)]:
+        fewest = greedy_stages(sizes, cap)
+        for stages in (fewest, balanced_stages(sizes, len(fewest) + 3, cap)):
+            held = sum(stage_bytes(sizes, lo, hi) for lo, hi in stages)
+            assert least_sram(spec, table, len(stages), cap, slices) <= held <= len(stages) * cap
+            checked += 1
+    assert checked >= 4
+
+
+def test_too_few_chips_for_a_mixture_of_experts_names_the_count_that_fits():
+    """Llama 4 Maverick on 1,800 chips in TP groups of 4: the SRAM floor rules the count out before any cut
+    is tried; the count the error names places."""
+    spec, workload = load_preset("llama-4-maverick"), Workload(context_length=4096, prompt_len=512)
+    with pytest.raises(OpenLPUError, match=r"does not fit on 1800 lpu-v1 chips.*needs at least (\d+) chips") as e:
+        compile_program(spec, SYSTEM, workload, chips=1800, tp=4)
+    need = int(e.value.args[0].split("--chips ")[1].rstrip(")"))
+    program = compile_program(spec, SYSTEM, workload, chips=need, tp=4)
+    assert program.placement.tp == 4 and len(program.placement.stages) * 4 == need and not verify(program)

@@ -58,12 +58,14 @@ arranges: whole pieces, or MLPs cut into equal slices when it needs more stages 
 MLP does not fit (the largest MLP into as many slices as asked or as it can be cut into, MLPs of other
 sizes, Maverick's dense ones beside its MoE ones, in proportion to the square root of their bytes:
 mlp_slices; splitting the vocabulary only when the embedding or head does not fit), or, for fewer stages
-than those need, pieces cut where stages fill.
+than those need, pieces cut where stages fill. Finer slices only add copies and buffers, so the search
+stops at the first whose floor on SRAM (least_sram) passes what the stages hold.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 from openlpu.compiler.program import Placement, Shard, Stage, Workload
@@ -460,8 +462,15 @@ def piece_bytes(table: SizeTable, n_layers: int, piece: tuple[int, str, int, int
 
 
 def _sizes(table: SizeTable, n_layers: int, cut: list[tuple[tuple[int, str, int, int], bool]]) -> PieceSizes:
-    rows = [piece_bytes(table, n_layers, piece, split) for piece, split in cut]
-    weights, kv, activations = zip(*rows)
+    known: dict[tuple[int, str, int, bool], tuple[int, int, int]] = {}  # a piece's bytes follow from its length
+
+    def sized(piece, split):
+        key = (piece[0], piece[1], piece[3] - piece[2], split)
+        if key not in known:
+            known[key] = piece_bytes(table, n_layers, piece, split)
+        return known[key]
+
+    weights, kv, activations = zip(*(sized(piece, split) for piece, split in cut))
     return PieceSizes(tuple(piece for piece, _ in cut), weights, kv, activations, table.tied_table, table.experts)
 
 
@@ -631,8 +640,9 @@ def fitting_cuts(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: in
     is cut)."""
     n, t = spec.n_layers, table.t
 
-    def fit(sizes: PieceSizes, part: str) -> bool:
-        return all(stage_bytes(sizes, s, s + 1) <= capacity for s, pc in enumerate(sizes.pieces) if pc[1] == part)
+    def fit(sizes: PieceSizes, part: str) -> bool:  # each piece of the part alone on a stage (stage_bytes)
+        return all(w + kv + a <= capacity for (_, kind, _, _), w, kv, a in zip(sizes.pieces, sizes.weights, sizes.kv,
+                                                                                sizes.activations) if kind == part)
 
     def rows_that_fit(h: int, row_bytes: float, summed: bool) -> int:
         """Rows (units) per chip that fit beside the piece's other bytes (and the partial sums it passes on)."""
@@ -682,15 +692,43 @@ def cut_options(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: int
         slices = max(slices, max(cuts[0])) + 1
 
 
+def least_sram(spec: ModelSpec, table: SizeTable, p: int, capacity: int, slices: dict[int, int] | None = None,
+               ) -> float:
+    """A floor under the SRAM, summed over p stages, that any placement of the table takes with layer i's
+    MLP in slices[i] slices or more (default 1): each slice holds a copy of its MLP's uncut tensors (norm,
+    router) and at least its share of the rows, every other piece at least its share of the vocabulary
+    rows or KV slots, and each stage the activation buffers of one of its pieces, those of an MLP slice
+    in the stages the MLPs need (infinite if more than p)."""
+    n, t, slices = len(table.ffn_units), table.t, slices or {}
+    ffn_halves = [half_index(i, "ffn", n) for i in range(n)]
+    ffn = sum(slices.get(i, 1) * table.weights[h] + table.ffn_units[i] * table.ffn_unit_bytes[i] / t
+              for i, h in enumerate(ffn_halves))
+    others = (sum(table.weights) - sum(table.weights[h] for h in ffn_halves) - table.tied_table
+              + spec.vocab_size * sum(table.vocab_row_bytes) / t + sum(table.kv_slots) * table.kv_slot_bytes)
+    ffn_buffers = min(table.activations[h] + (table.cut_activation_bytes if slices.get(i, 1) > 1 else 0)
+                      for i, h in enumerate(ffn_halves))
+    if ffn_buffers >= capacity:
+        return math.inf
+    ffn_stages = math.ceil(ffn / (capacity - ffn_buffers))
+    if ffn_stages > p:
+        return math.inf
+    return ffn + others + ffn_stages * ffn_buffers + (p - ffn_stages) * min(table.activations)
+
+
 def arrange(spec: ModelSpec, table: SizeTable, p: int, capacity: int,
             tile_rows: int) -> tuple[PieceSizes, list[tuple[int, int]]] | None:
     """p stages of the TP degree of `table`: whole pieces when they suffice, else the fewest MLP slices
     that give at least p pieces and arrange (the embedding and head split only if they do not fit
     whole), else, for fewer stages than those need, pieces cut where stages fill (filled_sizes)."""
+    if least_sram(spec, table, p, capacity) > p * capacity:
+        return None
     cuts = fitting_cuts(spec, table, capacity, tile_rows)
     if cuts is not None:
         slices = max(*cuts[0], -(-(p - sum(cuts[1]) - sum(cuts[2])) // spec.n_layers))  # p pieces, if uncapped
         for sizes in cut_options(spec, table, capacity, tile_rows, slices):
+            parts = Counter(item for item, part, _, _ in sizes.pieces if part == "ffn")
+            if least_sram(spec, table, p, capacity, parts) > p * capacity:
+                break  # the options after this one cut MLPs as finely or finer: none fits p stages either
             ranges = balanced_stages(sizes, p, capacity)
             if ranges is not None:
                 return sizes, ranges
