@@ -631,13 +631,13 @@ def mlp_slices(table: SizeTable, tile_rows: int, slices: int) -> tuple[int, ...]
                  for b, most in zip(bytes_per_mlp, most_slices(table, tile_rows)))
 
 
-def fitting_cuts(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: int,
-                 slices: int = 1) -> tuple[tuple[int, ...], tuple[int, int], tuple[int, ...]] | None:
-    """(MLP slices per layer, (embedding parts, head parts), attention parts per layer): the largest MLP in
-    `slices` slices or as many as it can be cut into, the others in proportion (mlp_slices), and each in
-    more where fewer do not fit a stage alone; the fewest embedding, head and attention parts that fit;
-    None if none does (an attention part cannot hold one KV slot, or a piece does not fit however finely it
-    is cut)."""
+def fitting_cuts(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: int, slices: int = 1,
+                 ) -> tuple[tuple[int, ...], tuple[int, int], tuple[int, ...], PieceSizes] | None:
+    """(MLP slices per layer, (embedding parts, head parts), attention parts per layer, their piece sizes):
+    the largest MLP in `slices` slices or as many as it can be cut into, the others in proportion
+    (mlp_slices), and each in more where fewer do not fit a stage alone; the fewest embedding, head and
+    attention parts that fit; None if none does (an attention part cannot hold one KV slot, or a piece
+    does not fit however finely it is cut)."""
     n, t = spec.n_layers, table.t
 
     def fit(sizes: PieceSizes, part: str) -> bool:  # each piece of the part alone on a stage (stage_bytes)
@@ -653,7 +653,7 @@ def fitting_cuts(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: in
     if attn is None:
         return None
     most = most_slices(table, tile_rows)
-    ks = mlp_slices(table, tile_rows, slices)
+    ks = given_ks = mlp_slices(table, tile_rows, slices)
     given = piece_sizes(spec, table, ks)
     if not fit(given, "ffn"):
         rows = [rows_that_fit(half_index(i, "ffn", n), table.ffn_unit_bytes[i], True) for i in range(n)]
@@ -672,10 +672,11 @@ def fitting_cuts(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: in
         if rows < 1:
             return None
         vocab.append(-(-spec.vocab_size // (rows * t)))
-    sizes = piece_sizes(spec, table, ks, tuple(vocab), attn)
+    uncut = ks == given_ks and vocab == [1, 1] and set(attn) == {1}  # the pieces sized as `given`
+    sizes = given if uncut else piece_sizes(spec, table, ks, tuple(vocab), attn)
     if not all(fit(sizes, part) for part in ("attn", "ffn", *VOCAB_PARTS)):
         return None
-    return ks, (vocab[0], vocab[1]), attn
+    return ks, (vocab[0], vocab[1]), attn, sizes
 
 
 def cut_options(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: int, slices: int = 1):
@@ -684,9 +685,9 @@ def cut_options(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: int
     each chip a weight tile of rows: finer slices can pack stages tighter."""
     most, last = most_slices(table, tile_rows), None
     while (cuts := fitting_cuts(spec, table, capacity, tile_rows, slices)) is not None:
-        if cuts != last:
-            yield piece_sizes(spec, table, *cuts)
-            last = cuts
+        if cuts[:3] != last:
+            yield cuts[3]
+            last = cuts[:3]
         if all(k >= m for k, m in zip(cuts[0], most)):
             return
         slices = max(slices, max(cuts[0])) + 1
