@@ -458,11 +458,10 @@ def moe_readings(gpu_rows) -> list[dict]:
             p = _point(r)
             if not load_preset(p.model).is_moe:
                 continue
-            share = 1 - r["predicted"] / _with(G, "MOE_S_PER_TOKEN", 0.0, p)
-            reachable = _with(G, "MOE_S_PER_TOKEN", 0.0, p) > p.published
+            roofline = _with(G, "MOE_S_PER_TOKEN", 0.0, p)
             implied = bisect(lambda m, p=p: _with(G, "MOE_S_PER_TOKEN", m, p), p.published, 0.0, 2e-6,
-                             rising=False, steps=24) if reachable else None
-            out.append({**r, "share": share, "implied": implied})
+                             rising=False, steps=24) if roofline > p.published else None
+            out.append({**r, "share": 1 - r["predicted"] / roofline, "implied": implied})
     finally:
         G.MOE_S_PER_TOKEN = shipped
     return out

@@ -104,6 +104,11 @@ def _rule(tensor: str):
     return SPLIT_RULES.get(tensor.split(".", 2)[-1] if tensor.startswith("blk.") else tensor)
 
 
+def split_axis(tensor: str) -> int:
+    """The axis along which a tensor's split unit runs (an MLP tensor's d_ff rows, a table's vocabulary)."""
+    return _rule(tensor)[0]
+
+
 def item_of_tensor(name: str, n_layers: int) -> int:
     if name.startswith("blk."):
         return int(name.split(".")[1])
@@ -146,7 +151,7 @@ def is_expert_tensor(tensor: str) -> bool:
 
 def axis_length(tensor: str, shape: tuple[int, ...], axis: int) -> int:
     """A tensor's elements along a shard axis: for EXPERT_ROWS, its experts' d_ff rows end to end."""
-    return shape[0] * shape[_rule(tensor)[0]] if axis == EXPERT_ROWS else shape[axis]
+    return shape[0] * shape[split_axis(tensor)] if axis == EXPERT_ROWS else shape[axis]
 
 
 def expert_spans(start: int, stop: int, rows: int) -> list[tuple[int, int, int]]:
@@ -165,7 +170,7 @@ def expert_rows(tensors: dict[str, tuple[int, ...]], experts: bool) -> dict[int,
 def ffn_units(tensors: dict[str, tuple[int, ...]], experts: bool = False) -> dict[int, int]:
     """Each layer's MLP in the units its cuts and TP splits count, read off the tensor shapes: d_ff
     rows, or, cut by expert, the rows of all its routed experts end to end."""
-    units = {item_of_tensor(name, -1): shape[_rule(name)[0]] for name, shape in tensors.items()
+    units = {item_of_tensor(name, -1): shape[split_axis(name)] for name, shape in tensors.items()
              if is_cut_along_ffn(name)}
     return units | {i: tensors[f"blk.{i}.ffn_gate_exps.weight"][0] * rows
                     for i, rows in expert_rows(tensors, experts).items()}
@@ -176,7 +181,7 @@ def cut_range(tensor: str, shape: tuple[int, ...], lo: int, hi: int, units: int,
     """(axis, start, stop) of an MLP tensor that the MLP's `units` [lo, hi) hold: its d_ff rows; cut by
     expert, an expert tensor's expert rows [lo, hi), and a shared expert's rows in proportion (each part
     runs its share of the shared expert beside its experts)."""
-    axis = _rule(tensor)[0]
+    axis = split_axis(tensor)
     if experts and is_expert_tensor(tensor):
         return EXPERT_ROWS, lo, hi
     if experts and "_shexp." in tensor:

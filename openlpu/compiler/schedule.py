@@ -139,6 +139,7 @@ class _Scheduler:
         self.templates = templates  # collective link loads per (group shape, kind), shared by the phases
         self.ops: list[ScheduledOp] = []
         self.transfers: list[Transfer] = []
+        self.stage_of_chip = {c: s.index for s in placement.stages for c in s.chips}
         self.weight_fraction = self._weight_fractions()
         self.routed_share = self._routed_shares()
         self.tensor_elements = {name: math.prod(shape) for name, shape in spec.tensor_shapes().items()}
@@ -150,11 +151,10 @@ class _Scheduler:
         self.attention_flops_per_cycle = 2 * matrix_macs_per_cycle(system, workload.kv, workload.activations)
 
     def _weight_fractions(self) -> dict[tuple[str, int], float]:
-        stage_of_chip = {c: s.index for s in self.placement.stages for c in s.chips}
         shapes = self.spec.tensor_shapes()
         frac: dict[tuple[str, int], float] = {}
         for sh in self.placement.shards:
-            key = (sh.tensor, stage_of_chip[sh.chip])
+            key = (sh.tensor, self.stage_of_chip[sh.chip])
             frac[key] = max(frac.get(key, 0.0), (sh.stop - sh.start) / axis_length(sh.tensor, shapes[sh.tensor],
                                                                                       sh.axis))
         return frac
@@ -162,14 +162,13 @@ class _Scheduler:
     def _routed_shares(self) -> dict[tuple[str, int], float]:
         """Per (expert tensor cut by expert rows, stage): the most of its op's routed work one chip of the
         stage can get, every token's k choices falling on the experts it holds, the widest of them first."""
-        stage_of_chip = {c: s.index for s in self.placement.stages for c in s.chips}
         k, share = self.spec.n_experts_per_token, {}
         for sh in self.placement.shards:
             if sh.axis != EXPERT_ROWS:
                 continue
             ff = self.spec.layer_d_ff(item_of_tensor(sh.tensor, -1))
             rows = sorted((stop - start for _, start, stop in expert_spans(sh.start, sh.stop, ff)), reverse=True)
-            key = (sh.tensor, stage_of_chip[sh.chip])
+            key = (sh.tensor, self.stage_of_chip[sh.chip])
             share[key] = max(share.get(key, 0.0), sum(rows[:k]) / (k * ff))
         return share
 

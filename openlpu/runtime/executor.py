@@ -40,8 +40,8 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from openlpu.compiler.partition import (CUT_SEPARATOR, EXPERT_ROWS, SPLIT_RULES, axis_length, expert_spans,
-                                        is_cut_along_ffn, is_cut_along_vocab, item_of_tensor, kv_slots)
+from openlpu.compiler.partition import (CUT_SEPARATOR, EXPERT_ROWS, axis_length, expert_spans, is_cut_along_ffn,
+                                        is_cut_along_vocab, item_of_tensor, kv_slots, split_axis)
 from openlpu.compiler.program import PhaseSchedule, Program, ScheduledOp, Transfer
 from openlpu.compiler.schedule import CHAINED, split_chunk
 from openlpu.errors import OpenLPUError
@@ -190,8 +190,7 @@ def narrowed(tensor: str, weight: torch.Tensor, axis: int, start: int, stop: int
     """A float copy of a tensor's elements [start, stop) along a shard axis (a view would keep the whole
     tensor alive); along EXPERT_ROWS, its experts' d_ff rows end to end, each row with what it multiplies."""
     if axis == EXPERT_ROWS:
-        rows_axis = SPLIT_RULES[tensor.split(".", 2)[-1]][0]
-        weight = weight.movedim(rows_axis, 1).flatten(0, 1)
+        weight = weight.movedim(split_axis(tensor), 1).flatten(0, 1)
         axis = 0
     return weight.narrow(axis, start, stop - start).float().clone()
 
