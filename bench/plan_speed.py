@@ -1,5 +1,5 @@
-"""How fast the LPU compiler plans: compile + verify + timing for Llama 3 8B / 70B / 405B and Llama 4
-Maverick on lpu-v1.
+"""How fast the LPU compiler plans: compile + verify + timing for Llama 3 8B / 70B / 405B, Llama 4
+Maverick and Qwen3-30B-A3B (on about 10,000 chips) on lpu-v1.
 
 Each model runs in its own process so the peak resident memory (ru_maxrss) is its own. Writes
 bench/results/plan_speed.md and .json. Usage: python bench/plan_speed.py [--repeat N]
@@ -22,10 +22,11 @@ from pathlib import Path
 # (model, chips, context, users): chips None = as few as fit; 576 = Groq's 70B deployment; 8192 chips for
 # 405B: every MLP cut between stages; 70B at its 131,072-token window for 16 users: every attention split
 # along its KV slots; Llama 4 Maverick (401B, 128 experts in every second layer): MoE MLPs cut by expert rows,
-# and on 8 chips fewer than its fewest (TP 8), placed at TP 4 after a search through the ways to cut its MLPs
+# and on 8 chips fewer than its fewest (TP 8), placed at TP 4 after a search through the ways to cut its MLPs;
+# Qwen3-30B-A3B on 9,999 chips, an odd count, so TP 1: about 10,000 stages, its MLPs in their finest slices
 MODELS = (("llama-3.1-8b", None, 4096, 1), ("llama-3.3-70b", None, 4096, 1), ("llama-3.3-70b", 576, 4096, 1),
           ("llama-3.1-405b", None, 4096, 1), ("llama-3.1-405b", 8192, 4096, 1), ("llama-3.3-70b", None, 131072, 16),
-          ("llama-4-maverick", None, 4096, 1), ("llama-4-maverick", 1840, 4096, 1))
+          ("llama-4-maverick", None, 4096, 1), ("llama-4-maverick", 1840, 4096, 1), ("qwen3-30b-a3b", 9999, 4096, 1))
 RESULTS = Path(__file__).parent / "results"
 WORKLOAD = dict(prompt_len=512)
 TARGET_S = 2.0  # OpenLPU issue 3: a 70B plan on the full chip count in under 2 s

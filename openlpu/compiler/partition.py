@@ -64,6 +64,7 @@ stops at the first whose floor on SRAM (least_sram) passes what the stages hold.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -593,12 +594,13 @@ def balanced_stages(sizes: PieceSizes, p: int, capacity: int) -> list[tuple[int,
             hi_b = mid
         else:
             lo_b = mid + 1
-    stages = greedy_stages(sizes, lo_b)
-    while len(stages) < p:  # split the stage of most pieces in two
-        k = max((i for i, (a, b) in enumerate(stages) if b - a > 1), key=lambda i: stages[i][1] - stages[i][0])
-        a, b = stages[k]
-        stages[k:k + 1] = [(a, (a + b) // 2), ((a + b) // 2, b)]
-    return stages
+    stages = [(a - b, a, b) for a, b in greedy_stages(sizes, lo_b)]
+    heapq.heapify(stages)
+    for _ in range(p - len(stages)):  # split the stage of most pieces (the first of those) in two
+        _, a, b = heapq.heappop(stages)
+        for lo, hi in ((a, (a + b) // 2), ((a + b) // 2, b)):
+            heapq.heappush(stages, (lo - hi, lo, hi))
+    return sorted((a, b) for _, a, b in stages)
 
 
 def attention_parts(spec: ModelSpec, table: SizeTable, capacity: int) -> tuple[int, ...] | None:

@@ -291,21 +291,35 @@ def _shards_on_their_stages(program: Program) -> list[Violation]:
     a cut tensor the part whose rows it holds (tensor names say the piece; the stages say where it is)."""
     n = _layers(program)
     homes, out = piece_homes(program.placement), []
-    chips_of = {s.index: set(s.chips) for s in program.placement.stages}
+    chips_of = {s.index: s.chips for s in program.placement.stages}
     by_expert = program.placement.experts
     units = ffn_units(program.tensors, by_expert)
+
+    def places_of(tensor: str, head_copy: bool):
+        """The tensor's piece, the stages holding it with the rows each holds, and those rows per chip."""
+        item, part = tensor_piece(tensor, n)
+        places = list(homes.get((item, part), ()))
+        if head_copy:  # a tied table's copy for the head
+            places += homes.get((n, "head"), [])
+        if is_cut_along_ffn(tensor):  # a piece's units as this tensor's rows (or expert rows)
+            places = [(k, *cut_range(tensor, program.tensors[tensor], lo, hi, units[item], by_expert)[1:])
+                      for k, lo, hi in places]
+        on_chip = defaultdict(list)
+        for k, lo, hi in places:
+            for chip in chips_of[k]:
+                on_chip[chip].append((lo, hi))
+        return part, places, on_chip
+
+    known = {}  # one lookup per tensor, not per shard: a finely cut MLP has a part on thousands of stages
     for sh in program.placement.shards:
         if sh.tensor not in program.tensors:
             continue  # reported by _weights
-        item, part = tensor_piece(sh.tensor, n)
-        places = list(homes.get((item, part), ()))
-        if sh.tensor == "token_embd.weight" and sh.replicated:  # a tied table's copy for the head
-            places += homes.get((n, "head"), [])
+        key = (sh.tensor, sh.tensor == "token_embd.weight" and sh.replicated)
+        if key not in known:
+            known[key] = places_of(*key)
+        part, places, on_chip = known[key]
         cut = is_cut_along_ffn(sh.tensor) or is_cut_along_vocab(sh.tensor)
-        if is_cut_along_ffn(sh.tensor):  # a piece's units as this tensor's rows (or expert rows)
-            places = [(k, *cut_range(sh.tensor, program.tensors[sh.tensor], lo, hi, units[item], by_expert)[1:])
-                      for k, lo, hi in places]
-        if not any(sh.chip in chips_of[k] and (not cut or lo <= sh.start and sh.stop <= hi) for k, lo, hi in places):
+        if not any(not cut or lo <= sh.start and sh.stop <= hi for lo, hi in on_chip.get(sh.chip, ())):
             rows = f" rows [{sh.start}, {sh.stop})" if cut else ""
             held = ", ".join(f"stage {k}" + (f" rows [{lo}, {hi})" if cut else "") for k, lo, hi in places) or "no stage"
             out.append(Violation("weight_placement", f"{sh.tensor}{rows} is on chip {sh.chip}, but its {part} piece "

@@ -73,11 +73,13 @@ def timing(program: Program) -> LpuTiming:
         busy[op.unit] += (op.end_cycle - op.start_cycle) * len(program.placement.stages[op.stage].chips)
     # in steady state every micro-batch's step runs once per period
     unit_utilisation = {u: batches * busy[u] / (chips * period) for u in UNITS}
+    spans = defaultdict(list)
+    for op in decode.ops:
+        spans[op.stage].append((op.start_cycle, op.end_cycle))
     chip_busy = defaultdict(float)
     for stage in program.placement.stages:
-        spans = sorted((o.start_cycle, o.end_cycle) for o in decode.ops if o.stage == stage.index)
         covered, reach = 0, -1
-        for s, e in spans:  # cycles with at least one unit busy
+        for s, e in sorted(spans[stage.index]):  # cycles with at least one unit busy
             covered += max(0, e - max(s, reach))
             reach = max(reach, e)
         chip_busy[stage.index] = min(1.0, batches * covered / period)
