@@ -4,6 +4,7 @@ import dataclasses
 import hashlib
 import itertools
 import math
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -352,6 +353,23 @@ def test_a_tp_width_asked_for_is_the_one_placed():
             compile_program(spec, SYSTEM, SMALL, tp=bad)
     with pytest.raises(OpenLPUError, match=r"82 chips cannot be arranged .* TP 4\) \(an MLP is cut"):
         compile_program(spec, SYSTEM, SMALL, chips=82, tp=4)
+
+
+def test_too_many_chips_names_the_most_each_tp_degree_takes():
+    """Gemma 3 270M cannot be spread over 576 chips: the error names, per TP degree, the most chips its
+    finest pieces take, one per stage. Each such count places and verifies, and one TP group more is
+    refused, so the figures are the real limits, not estimates."""
+    spec = load_preset("gemma-3-270m")
+    with pytest.raises(OpenLPUError, match=r"576 chips cannot be arranged .* fits on 2 chips \(--chips 2\) and on "
+                                           r"at most (.*), in a multiple of the TP degree$") as e:
+        compile_program(spec, SYSTEM, SMALL, chips=576)
+    most = {int(t): int(n) for n, t in re.findall(r"(\d+) at TP (\d+)", e.value.args[0].split("at most")[1])}
+    assert sorted(most) == [1, 2, 4]
+    for t, chips in most.items():
+        program = compile_program(spec, SYSTEM, SMALL, chips=chips, tp=t)
+        assert (program.placement.tp, program.chips) == (t, chips) and verify(program) == []
+        with pytest.raises(OpenLPUError, match=f"{chips + t} chips cannot be arranged"):
+            compile_program(spec, SYSTEM, SMALL, chips=chips + t, tp=t)
 
 
 def test_micro_batches_shrink_until_their_buffers_fit():

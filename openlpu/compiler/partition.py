@@ -841,6 +841,25 @@ def _chips_beyond_largest(spec: ModelSpec, system: SystemSpec, workload: Workloa
     return min(counts, default=None)
 
 
+def most_chips(spec: ModelSpec, system: SystemSpec, workload: Workload, passes, widths: list[int]) -> dict[int, int]:
+    """The most chips each TP degree of `widths` spreads the pieces over: one piece per stage, each MLP in
+    the most slices it can be cut into (arrange places no more stages than pieces); degrees where no piece
+    fits are left out."""
+    cap, tile, most = system.chip.sram_bytes, system.chip.matrix_tile_rows, {}
+    for experts in mlp_cuts(spec):
+        for t in widths:
+            table = size_table(spec, workload, t, passes, experts)
+            cuts = fitting_cuts(spec, table, cap, tile, max(most_slices(table, tile)))
+            if cuts is None:
+                continue
+            p = len(cuts[3].pieces)
+            while p and group_chips(system, t, p) is None:  # the groups the system's racks hold
+                p = min(p - 1, system.max_chips // t)
+            if p:
+                most[t] = max(most.get(t, 0), t * p)
+    return most
+
+
 def tp_widths(spec: ModelSpec, system: SystemSpec, tp: int | None) -> list[int]:
     """The TP degrees a placement may use: the one asked for, which must be a candidate, or all."""
     candidates = tp_candidates(spec, system)
@@ -899,9 +918,12 @@ def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int 
     degrees = f"TP degrees {', '.join(map(str, widths))}; " if len(widths) > 1 else ""
     unit = f"one {system.chip.matrix_tile_rows}-row weight tile" + (" (or one narrower expert)" if spec.n_experts
                                                                    else "")
+    most = most_chips(spec, system, workload, passes, widths)
+    spread = ", ".join(f"{n} at TP {t}" for t, n in sorted(most.items()))
     return OpenLPUError(f"{chips} chips cannot be arranged as pipeline stages of equal TP groups for {what} "
                         f"({degrees}an MLP is cut between stages only into slices that leave each chip at least "
-                        f"{unit}); it fits on {need} chips (--chips {need})")
+                        f"{unit}); it fits on {need} chips (--chips {need}) and on at most {spread}, in a multiple "
+                        "of the TP degree")
 
 
 def partition(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None = None,
