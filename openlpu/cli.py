@@ -206,7 +206,7 @@ def compile_cmd(
     workload = Workload(weights=precision, activations=precision, kv=kv, context_length=context,
                         users=users, prompt_len=min(prompt, context), draft_tokens=draft_tokens)
     program = compile_program(spec, load_system(system), workload, chips, tp)
-    program.save(output)
+    digest = program.save(output)
     violations, t = verify(program), timing(program)
     console.print(f"[bold]{spec.name}[/] on {program.system.name}: {t.chips} chips = {t.stages} pipeline stage(s) x "
                   f"TP {t.tp}; {precision} (KV cache {kv}); SRAM {t.sram_used_bytes / 1e9:.2f} GB "
@@ -216,7 +216,7 @@ def compile_cmd(
                   f"({t.tokens_per_s_per_user:,.0f} {rate} per user, {t.throughput_tokens_per_s:,.0f} {rate} with "
                   f"{users} user(s), {t.micro_batch} per step); prefill of {workload.prompt_len} tokens {t.ttft_s * 1e3:,.2f} ms")
     verdict = "[green]passed[/]" if not violations else f"[red]{len(violations)} violation(s)[/]: {violations[0].message}"
-    console.print(f"verify: {verdict}; written to {output} (sha256 {program.sha256()[:16]})")
+    console.print(f"verify: {verdict}; written to {output} (sha256 {digest[:16]})")
     if violations:
         raise typer.Exit(1)
 

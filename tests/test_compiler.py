@@ -54,9 +54,9 @@ def test_same_inputs_same_bytes_in_one_and_two_processes(gemma8, tmp_path):
 
 def test_save_load_round_trip_and_bad_files(gemma8, tmp_path):
     path = tmp_path / "g.prog"
-    gemma8.save(path)
+    written = gemma8.save(path)
     back = load_program(path)
-    assert back == gemma8 and hashlib.sha256(path.read_bytes()).hexdigest() == back.sha256()
+    assert back == gemma8 and hashlib.sha256(path.read_bytes()).hexdigest() == back.sha256() == written
     data = bytearray(path.read_bytes())
     data[-10] ^= 0xFF
     (tmp_path / "corrupt.prog").write_bytes(bytes(data))
