@@ -119,10 +119,13 @@ def plan(
     from openlpu.graph.lower import serving_kv_precision
     from openlpu.models.spec import load_spec
     from openlpu.sim.cost import CostAssumptions
+    from openlpu.sim.figures import png_path
     from openlpu.sim.gpu import SOFTWARE
     from openlpu.sim.plan import DRAFT_TOKENS, plot, prompt_tokens
     from openlpu.sim.plan import plan as make_plan
 
+    if plot_file:
+        png_path(plot_file, "plot")
     given = {"years": years, "usd_per_kwh": usd_per_kwh, "utilisation": utilisation}
     assumptions = CostAssumptions(**{k: v for k, v in given.items() if v is not None})
     spec = load_spec(model)
@@ -229,8 +232,13 @@ def inspect_cmd(
 ):
     """Show a compiled Program: placement per stage, timing, verification; optionally a Gantt chart."""
     from openlpu.compiler import load_program, verify
+    from openlpu.sim.figures import png_path
     from openlpu.sim.timing import draw_gantt, placement_rows, timing
 
+    if stages < 0:
+        raise OpenLPUError(f"--stages must be 0 or more (the stages to list), got {stages}")
+    if gantt:
+        png_path(gantt, "Gantt chart")  # before loading: a large Program takes seconds
     program = load_program(program_file)
     t, violations = timing(program), verify(program)
     table = Table(title=f"{program.model} on {program.system.name}: {t.chips} chips, {t.stages} stages x TP {t.tp} "

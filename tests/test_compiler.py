@@ -512,6 +512,11 @@ def test_charts_need_a_png_name_and_a_writable_path(tmp_path):
                            capture_output=True, text=True)
         assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr
         assert not gantt.exists()
+    # options are checked before the Program is read (a large one takes seconds): the file here is absent
+    for options, says in ((["--gantt", "g.txt"], "give a file name ending in .png"),
+                          (["--stages", "-1"], "--stages must be 0 or more")):
+        r = runner.invoke(app, ["inspect", str(tmp_path / "absent.prog"), *options])
+        assert r.exit_code != 0 and says in str(r.exception)
 
 
 def test_gguf_metadata_compiles_like_the_preset(gemma_path):
