@@ -83,8 +83,9 @@ def serve(
 @app.command()
 def plan(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    system: str = typer.Option("lpu-v1", "--system", help="LPU system preset"),
-    compare: list[str] = typer.Option(["h100-sxm"], "--compare", help="GPU to compare (repeatable)"),
+    system: str = typer.Option("lpu-v1", "--system", help="LPU system preset or hardware JSON file"),
+    compare: list[str] = typer.Option(["h100-sxm"], "--compare",
+                                      help="GPU preset or GPU JSON file to compare (repeatable)"),
     precision: str = typer.Option("int8", "--precision",
                                   help="weight precision: fp16, bf16, fp8, int8, int4, fp4 (NVFP4)"),
     context: int = typer.Option(4096, "--context", help="tokens of context per user"),
@@ -285,7 +286,7 @@ def run(
     system: str = typer.Option("lpu-v1", "--system", help="LPU system the Program is compiled for"),
     mode: str = typer.Option("fused", "--mode", help="fused: the Program's blocks on merged shards, "
                              "the fast path; sharded: every virtual chip runs its own shards and transfers"),
-    compare: str = typer.Option("h100-sxm", "--compare", help="GPU modelled for comparison"),
+    compare: str = typer.Option("h100-sxm", "--compare", help="GPU preset or GPU JSON file modelled for comparison"),
 ):
     """Compile the model for an LPU system, generate text on this machine (streamed), then put the
     host's real speed next to the LPU's simulated and the GPU's modelled speed."""

@@ -1,26 +1,89 @@
 """GPU presets and the GPU roofline model: datasheet figures, physical bounds, a second method,
 published measurements."""
 
+import dataclasses
 import json
 
 import pytest
 
 from openlpu.errors import OpenLPUError
 from openlpu.graph.lower import lower, serving_kv_precision
-from openlpu.hardware.gpu import FIGURES, PRESETS_DIR, gpu_names, load_gpu
+from openlpu.hardware.gpu import GpuSpec, gpu_names, load_gpu
+from openlpu.hardware.spec_file import PRESETS_DIR
 from openlpu.models.spec import load_preset
 from openlpu.sim import gpu as G
+
+H100 = json.loads((PRESETS_DIR / "h100-sxm.json").read_text())
 
 
 def test_every_gpu_preset_loads_and_every_figure_has_a_source():
     assert gpu_names() == ["a100-80gb", "b200", "h100-sxm", "h200"]
+    figures = [f.name for f in dataclasses.fields(GpuSpec) if f.name not in ("name", "description", "sources")]
     for name in gpu_names():
         g = load_gpu(name)
-        for f in FIGURES:
-            source, confidence = g.sources[f]
-            assert len(source) > 20 and confidence in ("H", "M", "L", "ESTIMATE")
+        for f in figures:
+            source = g.sources[f"{name}.{f}"]
+            assert len(source) > 20 and source.endswith(("[H]", "[M]", "[L]", "[ESTIMATE]"))
         raw = json.loads((PRESETS_DIR / f"{name}.json").read_text())
         assert "ESTIMATE" in raw["price_usd"]["source"]  # no GPU has a public list price
+
+
+def _edited(tmp_path, edit) -> str:
+    data = json.loads(json.dumps(H100))
+    edit(data)
+    path = tmp_path / "my-gpu.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_a_gpu_file_plans_like_its_preset_at_its_own_prices(tmp_path):
+    """A copy of the H100 preset at half the prices: the same speed, power and GPU count; the servers cost
+    half as much (racks and fabric do not change)."""
+    from openlpu.sim.cost import gpu_servers
+    from openlpu.sim.plan import plan
+
+    def half_price(d):
+        d["name"] = "h100-half-price"
+        for figure in ("price_usd", "server_price_usd"):
+            d[figure]["value"] /= 2
+    preset, mine = plan("llama-3.1-8b", system="", compare=("h100-sxm", _edited(tmp_path, half_price)), users=8)
+    assert mine.system == "h100-half-price"
+    for figure in ("chips", "tokens_per_s_per_user", "ttft_s", "throughput_tokens_per_s", "power_w"):
+        assert getattr(mine, figure) == getattr(preset, figure)
+    servers = gpu_servers(load_gpu("h100-sxm"), preset.chips)
+    assert preset.capex_usd - mine.capex_usd == pytest.approx(servers * H100["server_price_usd"]["value"] / 2)
+    assert mine.usd_per_million_tokens < preset.usd_per_million_tokens
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda d: d.pop("tdp_w"), r"my-gpu: missing field 'tdp_w'"),
+    (lambda d: d.update(hbm_bandwith_bytes_per_s=d.pop("hbm_bandwidth_bytes_per_s")),
+     r"unknown field 'hbm_bandwith_bytes_per_s'; did you mean 'hbm_bandwidth_bytes_per_s'"),
+    (lambda d: d["hbm_bytes"].update(value="80 GB"), r"my-gpu\.hbm_bytes must be a positive number, got '80 GB'"),
+    (lambda d: d["gpus_per_server"].update(value=7.5), r"gpus_per_server must be a whole number, got 7\.5"),
+    (lambda d: d["nvlink_bandwidth_bytes_per_s"].update(value=float("inf")),  # JSON's Infinity
+     r"nvlink_bandwidth_bytes_per_s must be a positive number, got inf"),
+    (lambda d: d["dense_flops_per_s"]["value"].update(fp9=1e15), r"dense_flops_per_s: unknown precision 'fp9'"),
+    (lambda d: d["dense_flops_per_s"]["value"].pop("bf16"), r"dense_flops_per_s must give bf16"),
+    (lambda d: d["price_usd"].update(source=""), r"price_usd\.source must say where the figure comes from"),
+    (lambda d: d.update(kind="lpu"), r"expected \"kind\": \"gpu\" at the top level"),
+])
+def test_a_bad_gpu_file_is_one_clear_error(tmp_path, edit, says):
+    with pytest.raises(OpenLPUError, match=says):
+        load_gpu(_edited(tmp_path, edit))
+
+
+def test_a_bad_gpu_file_on_the_command_line_is_one_line_and_status_2(tmp_path):
+    import subprocess
+    import sys
+
+    path = _edited(tmp_path, lambda d: d.pop("tdp_w"))
+    r = subprocess.run([sys.executable, "-m", "openlpu.cli", "plan", "llama-3.1-8b", "--compare", path],
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 2 and "missing field 'tdp_w'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    for name, says in ((str(tmp_path / "absent.json"), "not found"), ("h100", "did you mean .*h100-sxm")):
+        with pytest.raises(OpenLPUError, match=says):
+            load_gpu(name)
 
 
 def test_datasheet_relations_between_presets():

@@ -9,7 +9,8 @@ import pytest
 from openlpu.compiler import Workload, compile_program
 from openlpu.compiler.verify import verify
 from openlpu.errors import OpenLPUError
-from openlpu.hardware.lpu import PRESETS_DIR, load_system
+from openlpu.hardware.lpu import load_system
+from openlpu.hardware.spec_file import PRESETS_DIR
 from openlpu.models.spec import load_preset
 
 V1 = json.loads((PRESETS_DIR / "lpu-v1.json").read_text())

@@ -8,19 +8,16 @@ mistyped one is one clear OpenLPUError naming it.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import itertools
-import json
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from openlpu.errors import OpenLPUError
+from openlpu.hardware.spec_file import build, read_hardware
 
-PRESETS_DIR = Path(__file__).parent / "presets"
-CONFIDENCES = ("H", "M", "L", "DERIVED", "ESTIMATE")
 LINK_KINDS = ("local", "rack", "system")  # inside a node, between nodes of a rack, between racks
-MAY_BE_ZERO = {("NodeSpec", "local_links_per_chip")}  # figures that may be 0: a node of one chip has no local links
+# figures that may be 0: a node of one chip has no local links
+MAY_BE_ZERO = frozenset({("NodeSpec", "local_links_per_chip")})
 
 
 @dataclass(frozen=True)
@@ -177,115 +174,14 @@ class SystemSpec:
 
 
 # ---- loading ------------------------------------------------------------------------------------
-def _check_figure(raw, where: str, kind, sources: dict, zero_ok: bool = False) -> object:
-    """One {"value", "source", "confidence"} figure, checked against the field's type: a number
-    positive (or, `zero_ok`, not negative)."""
-    if not isinstance(raw, dict) or set(raw) != {"value", "source", "confidence"}:
-        raise OpenLPUError(f"{where} must be an object with exactly value, source and confidence")
-    if raw["confidence"] not in CONFIDENCES:
-        raise OpenLPUError(f"{where}.confidence must be one of {', '.join(CONFIDENCES)}")
-    if not isinstance(raw["source"], str) or not raw["source"].strip():
-        raise OpenLPUError(f"{where}.source must say where the figure comes from")
-    value = raw["value"]
-    sources[where] = f"{raw['source']} [{raw['confidence']}]"
-    if kind is str:
-        if not isinstance(value, str):
-            raise OpenLPUError(f"{where} must be a string, got {value!r}")
-        return value
-    if typing.get_origin(kind) is dict:  # a figure per operand precision
-        from openlpu.graph.lower import as_precision
-
-        if not isinstance(value, dict) or not value:
-            raise OpenLPUError(f"{where} must be a non-empty object of numbers, got {value!r}")
-        for k, v in value.items():
-            try:
-                as_precision(k)
-            except OpenLPUError as e:
-                raise OpenLPUError(f"{where}: {e}") from None
-            _positive_number(v, f"{where}.{k}")
-        return dict(sorted(value.items()))
-    _positive_number(value, where, zero_ok)
-    if kind is int:
-        if value != int(value):
-            raise OpenLPUError(f"{where} must be a whole number, got {value!r}")
-        return int(value)
-    return float(value)
-
-
-def _positive_number(v, where: str, zero_ok: bool = False) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 if zero_ok else v > 0):
-        raise OpenLPUError(f"{where} must be a {'non-negative' if zero_ok else 'positive'} number, got {v!r}")
-
-
-def _build(cls, raw, where: str, sources: dict):
-    """A dataclass from a JSON object: every field present, none unknown, each of the right type."""
-    if not isinstance(raw, dict):
-        raise OpenLPUError(f"{where} must be a JSON object")
-    hints = typing.get_type_hints(cls)
-    fields = [f.name for f in dataclasses.fields(cls) if f.name != "sources"]
-    for key in raw:
-        if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise OpenLPUError(f"{where}: unknown field {key!r}{hint}")
-    values = {}
-    for name in fields:
-        if name not in raw:
-            raise OpenLPUError(f"{where}: missing field {name!r}")
-        kind, sub = hints[name], f"{where}.{name}"
-        if dataclasses.is_dataclass(kind):
-            values[name] = _build(kind, raw[name], sub, sources)
-        elif kind == dict[str, LinkSpec]:
-            if not isinstance(raw[name], dict) or sorted(raw[name]) != sorted(LINK_KINDS):
-                raise OpenLPUError(f"{sub} must give exactly the link kinds {', '.join(LINK_KINDS)}")
-            values[name] = {k: _build(LinkSpec, raw[name][k], f"{sub}.{k}", sources) for k in LINK_KINDS}
-        elif name in ("name", "description"):
-            if not isinstance(raw[name], str):
-                raise OpenLPUError(f"{sub} must be a string")
-            values[name] = raw[name]
-        else:
-            values[name] = _check_figure(raw[name], sub, kind, sources, (cls.__name__, name) in MAY_BE_ZERO)
-    return cls(**values)
-
-
-def lpu_preset_names() -> list[str]:
-    names = []
-    for path in sorted(PRESETS_DIR.glob("*.json")):
-        try:
-            if json.loads(path.read_text()).get("kind") == "lpu":
-                names.append(path.stem)
-        except (OSError, json.JSONDecodeError):
-            continue
-    return names
-
-
 def load_system(name_or_path: str | Path) -> SystemSpec:
     """An LPU system from a preset name (e.g. "lpu-v1") or a path to a hardware JSON file."""
-    path = Path(name_or_path)
-    if path.suffix != ".json" and path.is_file() and str(name_or_path) not in lpu_preset_names():
-        raise OpenLPUError(f"{str(name_or_path)!r} is a file but not a hardware JSON file: give a .json file shaped "
-                           f"like {PRESETS_DIR / 'lpu-v1.json'}, or a preset ({', '.join(lpu_preset_names())})")
-    if path.suffix != ".json":
-        path = PRESETS_DIR / f"{name_or_path}.json"
-        if not path.exists() or str(name_or_path) not in lpu_preset_names():
-            close = difflib.get_close_matches(str(name_or_path), lpu_preset_names(), n=2)
-            hint = f"; did you mean {' or '.join(close)}?" if close else ""
-            raise OpenLPUError(f"unknown LPU system {str(name_or_path)!r}{hint} "
-                               f"(known: {', '.join(lpu_preset_names())})")
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise OpenLPUError(f"hardware file {str(path)!r} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise OpenLPUError(f"hardware file {path.name}: not valid JSON ({e})") from None
-    if not isinstance(data, dict) or data.get("kind") != "lpu":
-        raise OpenLPUError(f"hardware file {path.name}: expected \"kind\": \"lpu\" at the top level")
-    data = {k: v for k, v in data.items() if k != "kind"}
+    data, name = read_hardware(name_or_path, "lpu", "LPU system")
     sources: dict[str, str] = {}
-    system = _build(SystemSpec, data, path.stem, sources)
+    system = build(SystemSpec, data, name, sources, MAY_BE_ZERO, {"links": LINK_KINDS})
     if system.chip.busy_power_w < system.chip.idle_power_w:
-        raise OpenLPUError(f"{path.stem}: chip.busy_power_w must be at least chip.idle_power_w")
+        raise OpenLPUError(f"{name}: chip.busy_power_w must be at least chip.idle_power_w")
     if system.node.local_links_per_chip != system.node.chips - 1:  # route() joins a node's chips directly
-        raise OpenLPUError(f"{path.stem}: node.local_links_per_chip must be node.chips - 1 "
+        raise OpenLPUError(f"{name}: node.local_links_per_chip must be node.chips - 1 "
                            f"({system.node.chips - 1}): the chips of a node form a full mesh")
     return dataclasses.replace(system, sources=sources)

@@ -1,0 +1,134 @@
+"""Reading hardware JSON files, LPU systems and GPUs alike: a preset name or a path, then every figure
+as {"value", "source", "confidence"}, each checked against its dataclass field. A missing, unknown or
+mistyped field is one clear OpenLPUError naming it."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import typing
+from pathlib import Path
+
+from openlpu.errors import OpenLPUError
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+CONFIDENCES = ("H", "M", "L", "DERIVED", "ESTIMATE")
+TEXT_FIELDS = ("name", "description")  # plain strings, not figures
+
+
+def preset_names(kind: str) -> list[str]:
+    """The presets of one kind ("lpu" or "gpu"), which share the presets folder."""
+    names = []
+    for path in sorted(PRESETS_DIR.glob("*.json")):
+        try:
+            if json.loads(path.read_text()).get("kind") == kind:
+                names.append(path.stem)
+        except (OSError, json.JSONDecodeError):
+            continue
+    return names
+
+
+def read_hardware(name_or_path: str | Path, kind: str, what: str) -> tuple[dict, str]:
+    """(the file's fields but "kind", the name its figures are reported under) for a preset of `kind`
+    named `name_or_path` or a .json file at that path; `what` names the kind in errors ("GPU")."""
+    names, path = preset_names(kind), Path(name_or_path)
+    if path.suffix != ".json":
+        example = PRESETS_DIR / f"{names[0]}.json"
+        if path.is_file() and str(name_or_path) not in names:
+            raise OpenLPUError(f"{str(name_or_path)!r} is a file but not a hardware JSON file: give a .json file shaped "
+                               f"like {example}, or a preset ({', '.join(names)})")
+        if str(name_or_path) not in names:
+            close = difflib.get_close_matches(str(name_or_path), names, n=2, cutoff=0.4)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise OpenLPUError(f"unknown {what} {str(name_or_path)!r}{hint} (known: {', '.join(names)}; or give a "
+                               f"JSON file shaped like {example})")
+        path = PRESETS_DIR / f"{name_or_path}.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise OpenLPUError(f"hardware file {str(path)!r} not found") from None
+    except IsADirectoryError:
+        raise OpenLPUError(f"hardware file {str(path)!r} is a folder; give a .json file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise OpenLPUError(f"hardware file {path.name}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("kind") != kind:
+        raise OpenLPUError(f"hardware file {path.name}: expected \"kind\": \"{kind}\" at the top level (a {what})")
+    return {k: v for k, v in data.items() if k != "kind"}, path.stem
+
+
+def positive_number(v, where: str, zero_ok: bool = False) -> None:
+    if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+            or not (v >= 0 if zero_ok else v > 0)):
+        raise OpenLPUError(f"{where} must be a {'non-negative' if zero_ok else 'positive'} number, got {v!r}")
+
+
+def check_figure(raw, where: str, kind, sources: dict, zero_ok: bool = False) -> object:
+    """One {"value", "source", "confidence"} figure, checked against the field's type: a number
+    positive (or, `zero_ok`, not negative), or a number per operand precision."""
+    if not isinstance(raw, dict) or set(raw) != {"value", "source", "confidence"}:
+        raise OpenLPUError(f"{where} must be an object with exactly value, source and confidence")
+    if raw["confidence"] not in CONFIDENCES:
+        raise OpenLPUError(f"{where}.confidence must be one of {', '.join(CONFIDENCES)}")
+    if not isinstance(raw["source"], str) or not raw["source"].strip():
+        raise OpenLPUError(f"{where}.source must say where the figure comes from")
+    value = raw["value"]
+    sources[where] = f"{raw['source']} [{raw['confidence']}]"
+    if kind is str:
+        if not isinstance(value, str):
+            raise OpenLPUError(f"{where} must be a string, got {value!r}")
+        return value
+    if typing.get_origin(kind) is dict:  # a figure per operand precision
+        from openlpu.graph.lower import as_precision
+
+        if not isinstance(value, dict) or not value:
+            raise OpenLPUError(f"{where} must be a non-empty object of numbers, got {value!r}")
+        for k, v in value.items():
+            try:
+                as_precision(k)
+            except OpenLPUError as e:
+                raise OpenLPUError(f"{where}: {e}") from None
+            positive_number(v, f"{where}.{k}")
+        return dict(sorted(value.items()))
+    positive_number(value, where, zero_ok)
+    if kind is int:
+        if value != int(value):
+            raise OpenLPUError(f"{where} must be a whole number, got {value!r}")
+        return int(value)
+    return float(value)
+
+
+def build(cls, raw, where: str, sources: dict, zero_ok: frozenset = frozenset(), keys: dict | None = None):
+    """A dataclass from a JSON object: every field present, none unknown, each of the right type. A
+    field of dataclasses by name (dict[str, X]) must give exactly the names `keys` lists for it; figures
+    (class name, field) in `zero_ok` may be 0."""
+    if not isinstance(raw, dict):
+        raise OpenLPUError(f"{where} must be a JSON object")
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls) if f.name != "sources"]
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise OpenLPUError(f"{where}: unknown field {key!r}{hint}")
+    values = {}
+    for name in fields:
+        if name not in raw:
+            raise OpenLPUError(f"{where}: missing field {name!r}")
+        kind, sub = hints[name], f"{where}.{name}"
+        args = typing.get_args(kind)
+        if dataclasses.is_dataclass(kind):
+            values[name] = build(kind, raw[name], sub, sources, zero_ok, keys)
+        elif typing.get_origin(kind) is dict and dataclasses.is_dataclass(args[1]):
+            named = (keys or {})[name]
+            if not isinstance(raw[name], dict) or sorted(raw[name]) != sorted(named):
+                raise OpenLPUError(f"{sub} must give exactly the {name} {', '.join(named)}")
+            values[name] = {k: build(args[1], raw[name][k], f"{sub}.{k}", sources, zero_ok, keys) for k in named}
+        elif name in TEXT_FIELDS:
+            if not isinstance(raw[name], str):
+                raise OpenLPUError(f"{sub} must be a string")
+            values[name] = raw[name]
+        else:
+            values[name] = check_figure(raw[name], sub, kind, sources, (cls.__name__, name) in zero_ok)
+    return cls(**values)
