@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from openlpu.compiler.partition import kv_slots, partition
 from openlpu.compiler.program import FORMAT_VERSION, Program, Workload, load_program
-from openlpu.compiler.schedule import decode_rows, schedule_phase
+from openlpu.compiler.schedule import decode_period_cycles, decode_rows, schedule_phase
 from openlpu.compiler.verify import Violation, verify, verify_or_raise
 from openlpu.errors import OpenLPUError
 from openlpu.hardware.lpu import SystemSpec
@@ -25,11 +25,14 @@ def compile_program(spec: ModelSpec, system: SystemSpec, workload: Workload, chi
     rows = decode_rows(workload.users, decode)
     while rows > 1:  # users share micro-batches: buffers for `rows` tokens, halved until they fit
         try:
-            placement = partition(spec, system, workload, chips, tp, rows)
+            shared = partition(spec, system, workload, chips, tp, rows)
         except OpenLPUError:
             rows //= 2
             continue
-        decode = schedule_phase(spec, system, workload, placement, "decode", templates, rows)
+        batched = schedule_phase(spec, system, workload, shared, "decode", templates, rows)
+        # kept only if it serves every user sooner: a micro-batch's longer step can cost more than the turns
+        if decode_period_cycles(system, batched, workload.users) < decode_period_cycles(system, decode, workload.users):
+            placement, decode = shared, batched
         break
     return Program(version=FORMAT_VERSION, model=spec.name, system=system, workload=workload,
                    tensors=spec.tensor_shapes(),

@@ -467,6 +467,24 @@ def stage_occupancy_cycles(phase: PhaseSchedule) -> dict[int, int]:
     return {s: last[s] - first[s] for s in first}
 
 
+def link_cycles(system: SystemSpec, phase: PhaseSchedule) -> dict[tuple[int, int], float]:
+    """Cycles each directed link is busy in one step of the phase: the bytes it carries over its rate."""
+    carried: dict[tuple[int, int], float] = {}
+    for t in phase.transfers:
+        for a, b, nbytes in t.link_loads():
+            carried[(a, b)] = carried.get((a, b), 0.0) + nbytes
+    return {link: nbytes / system.links[system.link_kind(*link)].bandwidth_bytes_per_s * system.chip.clock_hz
+            for link, nbytes in carried.items()}
+
+
+def decode_period_cycles(system: SystemSpec, decode: PhaseSchedule, users: int) -> float:
+    """Cycles between a user's tokens with `users` in flight in micro-batches of decode.tokens: a step's
+    makespan, or, when the micro-batches queue, their turns at the busiest stage or on the busiest link."""
+    batches = -(-users // decode.tokens)
+    return max(decode.makespan_cycles, batches * max(stage_occupancy_cycles(decode).values()),
+               batches * max(link_cycles(system, decode).values(), default=0))
+
+
 def decode_rows(users: int, single: PhaseSchedule) -> int:
     """Users per micro-batch of a decode step, from the step scheduled for one user: the fewest that
     let every micro-batch take its turn at the busiest stage within one step, so that no user waits on

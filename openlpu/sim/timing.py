@@ -23,7 +23,11 @@ from openlpu.compiler.partition import (
     vocab_rows,
 )
 from openlpu.compiler.program import Program
-from openlpu.compiler.schedule import stage_occupancy_cycles
+from openlpu.compiler.schedule import (
+    decode_period_cycles,
+    link_cycles,
+    stage_occupancy_cycles,
+)
 from openlpu.graph.ops import UNITS
 from openlpu.hardware.lpu import LINK_KINDS
 from openlpu.sim.figures import save_png
@@ -58,16 +62,9 @@ def timing(program: Program) -> LpuTiming:
     users, chips = program.workload.users, program.chips
     batches = -(-users // decode.tokens)  # micro-batches in flight
     occupancy = stage_occupancy_cycles(decode)
-    carried = defaultdict(float)
-    for t in decode.transfers:
-        for a, b, nbytes in t.link_loads():
-            carried[(a, b)] += nbytes
-    kind_of = {link: program.system.link_kind(*link) for link in carried}
-    link_cycles = {link: nbytes / program.system.links[kind_of[link]].bandwidth_bytes_per_s * clock
-                   for link, nbytes in carried.items()}
-    # cycles between a user's tokens
-    period = max(decode.makespan_cycles, batches * max(occupancy.values()),
-                 batches * max(link_cycles.values(), default=0))
+    busy_links = link_cycles(program.system, decode)
+    kind_of = {link: program.system.link_kind(*link) for link in busy_links}
+    period = decode_period_cycles(program.system, decode, users)  # cycles between a user's tokens
     busy = defaultdict(float)
     for op in decode.ops:
         busy[op.unit] += (op.end_cycle - op.start_cycle) * len(program.placement.stages[op.stage].chips)
@@ -89,7 +86,7 @@ def timing(program: Program) -> LpuTiming:
     power = idle_power + (chip.busy_power_w - chip.idle_power_w) * sum(chip_busy[s.index] * len(s.chips)
                                                                         for s in program.placement.stages)
     links_used = {k: n for k in LINK_KINDS if (n := sum(1 for kind in kind_of.values() if kind == k))}
-    link_utilisation = {k: batches * sum(c for link, c in link_cycles.items() if kind_of[link] == k) / (n * period)
+    link_utilisation = {k: batches * sum(c for link, c in busy_links.items() if kind_of[link] == k) / (n * period)
                         for k, n in links_used.items()}
     sram = sum(sh.nbytes for sh in program.placement.shards) + sum(
         (s.kv_bytes_per_chip + s.activation_bytes_per_chip) * len(s.chips) for s in program.placement.stages)
@@ -100,7 +97,7 @@ def timing(program: Program) -> LpuTiming:
         micro_batch=decode.tokens,
         tokens_per_s_per_user=clock / period, throughput_tokens_per_s=throughput,
         unit_utilisation=unit_utilisation, link_utilisation=link_utilisation, links_used=links_used,
-        busiest_link_utilisation=batches * max(link_cycles.values(), default=0) / period,
+        busiest_link_utilisation=batches * max(busy_links.values(), default=0) / period,
         nodes=nodes, idle_power_w=idle_power,
         power_w=power, energy_per_token_j=power / throughput, sram_used_bytes=sram,
         sram_used_fraction=sram / (chips * chip.sram_bytes), stage_occupancy_s=max(occupancy.values()) / clock)
