@@ -477,12 +477,16 @@ def link_cycles(system: SystemSpec, phase: PhaseSchedule) -> dict[tuple[int, int
             for link, nbytes in carried.items()}
 
 
+def period_cycles(makespan: int, batches: int, occupancy: dict[int, int], links: dict[tuple[int, int], float]) -> float:
+    """Cycles between a user's tokens with `batches` micro-batches in flight: a step's makespan, or, when
+    the micro-batches queue, their turns at the busiest stage or on the busiest link."""
+    return max(makespan, batches * max(occupancy.values()), batches * max(links.values(), default=0))
+
+
 def decode_period_cycles(system: SystemSpec, decode: PhaseSchedule, users: int) -> float:
-    """Cycles between a user's tokens with `users` in flight in micro-batches of decode.tokens: a step's
-    makespan, or, when the micro-batches queue, their turns at the busiest stage or on the busiest link."""
-    batches = -(-users // decode.tokens)
-    return max(decode.makespan_cycles, batches * max(stage_occupancy_cycles(decode).values()),
-               batches * max(link_cycles(system, decode).values(), default=0))
+    """period_cycles for `users` in micro-batches of decode.tokens, read off the decode schedule."""
+    return period_cycles(decode.makespan_cycles, -(-users // decode.tokens), stage_occupancy_cycles(decode),
+                         link_cycles(system, decode))
 
 
 def decode_rows(users: int, single: PhaseSchedule) -> int:

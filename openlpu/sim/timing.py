@@ -24,8 +24,8 @@ from openlpu.compiler.partition import (
 )
 from openlpu.compiler.program import Program
 from openlpu.compiler.schedule import (
-    decode_period_cycles,
     link_cycles,
+    period_cycles,
     stage_occupancy_cycles,
 )
 from openlpu.graph.ops import UNITS
@@ -64,7 +64,7 @@ def timing(program: Program) -> LpuTiming:
     occupancy = stage_occupancy_cycles(decode)
     busy_links = link_cycles(program.system, decode)
     kind_of = {link: program.system.link_kind(*link) for link in busy_links}
-    period = decode_period_cycles(program.system, decode, users)  # cycles between a user's tokens
+    period = period_cycles(decode.makespan_cycles, batches, occupancy, busy_links)  # between a user's tokens
     busy = defaultdict(float)
     for op in decode.ops:
         busy[op.unit] += (op.end_cycle - op.start_cycle) * len(program.placement.stages[op.stage].chips)
