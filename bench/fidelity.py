@@ -951,8 +951,10 @@ placement column shows stages x TP. A row without a published chip count is held
 fewest chips (the TP width inside a node that takes the fewest nodes, ties to the wider; whole
 attention and MLP halves per stage, or, when that needs fewer stages, pieces cut where stages fill:
 MLPs along d_ff, tables along the vocabulary, attention along its KV slots).
-Given a chip count, the compiler takes the widest TP inside a node that arranges and cuts MLPs between
-stages when it needs more stages than halves.
+Given a chip count, the compiler takes the widest TP inside a node that arranges. On either count it
+arranges the stages two ways and keeps the faster step: each stage boundary inside an MLP, cut into equal
+slices (one per stage) that install side by side, as far as the stages have room; or stages as even as
+can be.
 
 One open constant: the matrix unit's weight-install rate, `chip.matrix_install_bytes_per_cycle`
 (not published as such). Fitted here on the FIT row: **{install_fit:,.0f} B/cycle per chip**
@@ -1011,7 +1013,7 @@ it (`kv_cache_quant_algo` FP8 in their hf_quant_config.json), and attention does
   rates within {TARGET_ERROR:.0%} of its own, and at most {best["sharing_a_window"]} rows share such a window. The
   rate chosen on the held-out rows themselves to serve the most ({best["rate"]:,.0f} B/cycle; the target
   forbids choosing it so) gets {best["within"]} of {best["of"]} within {TARGET_ERROR:.0%} when they are compiled at
-  it, as many as the fitted {install_fit:,.0f}. What sets the rows apart is not this constant but what
+  it, against {count(lpu_rows)} at the fitted {install_fit:,.0f}. What sets the rows apart is not this constant but what
   the model is told about each deployment: the chips, the TP width and the load (below).
 
 {implied_table}

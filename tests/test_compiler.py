@@ -75,12 +75,19 @@ def test_save_load_round_trip_and_bad_files(gemma8, tmp_path):
 
 
 def test_unflagged_shards_hold_each_weight_exactly_once(llama70):
-    """Second method: the bytes of the primary shards add up to the model's parameters (int8)."""
+    """Second method: the bytes of the primary shards add up to the model's parameters (int8). Norms are
+    replicated on every chip of a group, all flagged, and once more for each further part of a piece cut
+    between stages (which recomputes its norm), counted here from the stages' pieces."""
+    from openlpu.compiler.partition import piece_homes, tensor_piece
+
     spec = load_preset("llama-3.3-70b")
     primary = sum(sh.nbytes for sh in llama70.placement.shards if not sh.replicated)
-    norms = sum(math.prod(s) for n, s in spec.tensor_shapes().items() if "norm" in n)
-    assert primary == spec.param_count() - norms  # norms are replicated on every chip of a group, all flagged
-    assert sum(sh.nbytes for sh in llama70.placement.shards if "norm" in sh.tensor) == norms * llama70.placement.tp
+    norms = {n: math.prod(s) for n, s in spec.tensor_shapes().items() if "norm" in n}
+    assert primary == spec.param_count() - sum(norms.values())
+    parts = {piece: len(homes) for piece, homes in piece_homes(llama70.placement).items()}
+    assert max(parts.values()) > 1  # some MLP is cut between stages
+    copies = sum(size * parts[tensor_piece(n, spec.n_layers)] for n, size in norms.items()) * llama70.placement.tp
+    assert sum(sh.nbytes for sh in llama70.placement.shards if "norm" in sh.tensor) == copies
 
 
 def test_tp_groups_stay_inside_a_node_and_sizes_respect_sram(llama70):
@@ -566,8 +573,8 @@ def test_llama4_mlps_end_in_one_all_reduce_and_chunked_layers_keep_their_chunk()
 def test_llama4_maverick_is_cut_by_expert_rows_on_lpu_v1(tmp_path):
     """Maverick's MoE layers (128 experts of 8,192 rows: 16 GB at int8) fit no lpu-v1 stage whole, and their rows
     cannot be cut finely enough (each chip keeps a 320-row weight tile of every expert). Cut by expert rows
-    (expert parallelism), each MoE layer's parts hold runs of its experts' rows end to end, cut where stages
-    fill, so a chip holds more than one expert, some in part, never less than a weight tile of rows, and the
+    (expert parallelism), each MoE layer's parts hold runs of its experts' rows end to end (equal runs, one
+    per stage), so a chip holds more than one expert, some in part, never less than a weight tile of rows, and the
     Program verifies. A chip installs all the rows it holds at every step, and reserves the matrix work of
     every token choosing its widest expert (top-1 routing), the rows of which it holds. At 16 bits the layers
     still place; on chips too small for a tile of expert rows, the error says what a tile needs. The projected
@@ -601,7 +608,8 @@ def test_llama4_maverick_is_cut_by_expert_rows_on_lpu_v1(tmp_path):
     assert (prefill_gate.flops_per_chip, gate.flops_per_chip) == (64 * widest * 5120 * 2, widest * 5120 * 2)
     p.save(tmp_path / "m.prog")  # inspect names a part by its experts (text rich must not read as markup)
     r = CliRunner().invoke(app, ["inspect", str(tmp_path / "m.prog")], env={"COLUMNS": "160"})
-    assert r.exit_code == 0 and "│ L1.ffn[experts 2.812:16.88] " in r.output, r.output
+    lo, hi = next(pc[2:] for pc in p.placement.stages[stage].pieces if pc[:2] == (1, "ffn"))
+    assert lo % ff and r.exit_code == 0 and f"│ L1.ffn[experts {lo / ff:.4g}:{hi / ff:.4g}] " in r.output, r.output
     fp16 = compile_program(spec, SYSTEM, dataclasses.replace(workload, weights="fp16"))
     assert fp16.placement.experts and verify(fp16) == []
     small = dataclasses.replace(SYSTEM, chip=dataclasses.replace(SYSTEM.chip, sram_bytes=8_000_000))

@@ -141,8 +141,10 @@ def test_compute_used_reads_the_programs_flops_and_the_presets_peaks():
     """MFU a second way: the FLOPs the Program's matrix units run per token (per-chip FLOPs x chips of
     each stage) at the row's throughput, over the peak the presets give for the chips used; under the
     schedule's matrix busy fraction (an op lasts at least its FLOPs over the rate) and, on the GPU,
-    under COMPUTE_EFFICIENCY (the roofline). Users in flight fill the LPU pipeline and raise it."""
+    under COMPUTE_EFFICIENCY (the roofline). Users in flight fill the LPU pipeline and raise it. The
+    further parts of an MLP cut between stages recompute its router: copies, not the model's FLOPs."""
     from openlpu.compiler import Workload, compile_program
+    from openlpu.compiler.partition import CUT_SEPARATOR, op_role
     from openlpu.hardware.lpu import load_system
     from openlpu.sim.gpu import COMPUTE_EFFICIENCY
     from openlpu.sim.timing import timing
@@ -152,7 +154,10 @@ def test_compute_used_reads_the_programs_flops_and_the_presets_peaks():
         lpu, h100 = plan("mixtral-8x7b", context=2048, users=users, gpus=4)
         program = compile_program(spec, system, Workload(context_length=2048, prompt_len=512, users=users))
         width = {s.index: len(s.chips) for s in program.placement.stages}
-        flops = sum(o.flops_per_chip * width[o.stage] for o in program.decode.ops if o.unit == "matrix")
+        copies = [o for o in program.decode.ops if CUT_SEPARATOR in o.name and op_role(o) == "replicated"]
+        assert any(o.unit == "matrix" for o in copies)
+        flops = sum(o.flops_per_chip * width[o.stage] for o in program.decode.ops
+                    if o.unit == "matrix" and o not in copies)
         peak = 2 * system.chip.matrix_macs_per_cycle["int8"] * system.chip.clock_hz * program.chips
         assert lpu.compute_used_fraction == pytest.approx(flops * lpu.throughput_tokens_per_s / peak, rel=1e-3)
         assert lpu.compute_used_fraction <= timing(program).unit_utilisation["matrix"]

@@ -3,8 +3,9 @@
 A model is a chain of pieces: the embedding, each layer's attention half and MLP half, the head (final
 norm + lm_head). Pipeline stages take contiguous runs of pieces, so a stage boundary may fall inside a
 layer, between its attention and its MLP (one residual vector crosses it, as between two layers). When
-more stages are asked for than there are halves, or an MLP does not fit a stage whole, MLPs are cut
-along d_ff into slices on consecutive stages (k equal slices each, or where stages fill: below): each
+stages are spread for the shortest decode step, when more stages are asked for than there are halves, or
+when an MLP does not fit a stage whole, MLPs are cut along d_ff into slices on consecutive stages (k
+equal slices each, or where stages fill: below): each
 slice computes its rows' share of the down projection and the partial sums are added up (in a tree,
 schedule.py) on the last slice, which adds the experts' down biases (gpt-oss) and the residual. Each
 slice recomputes the MLP norm (and the MoE router) from replicated copies; an MoE slice holds its d_ff
@@ -53,13 +54,21 @@ piece as fits what it has left, cut as above at a weight-tile or KV-slot boundar
 the next stage; each cut part pays for its copies and buffers). Degrees are compared by the nodes they
 take (a share of one below a node, whole nodes beyond, as the cost model counts hosts), ties to the
 wider degree: the same hosts, a faster step. A group spans whole nodes of one rack only when no degree
-inside a node fits. A given chip count takes the first TP degree in order of preference that
-arranges: whole pieces, or MLPs cut into equal slices when it needs more stages than pieces or a whole
-MLP does not fit (the largest MLP into as many slices as asked or as it can be cut into, MLPs of other
-sizes, Maverick's dense ones beside its MoE ones, in proportion to the square root of their bytes:
-mlp_slices; splitting the vocabulary only when the embedding or head does not fit), or, for fewer stages
-than those need, pieces cut where stages fill. Finer slices only add copies and buffers, so the search
-stops at the first whose floor on SRAM (least_sram) passes what the stages hold.
+inside a node fits. A given chip count takes the first TP degree in order of preference that arranges.
+
+Those stages are arranged one of two ways (arrange; the compiler keeps the one whose decode step serves
+each user sooner):
+- spread (spread_over_stages): every stage boundary inside an MLP, as many as the stages have room for,
+  the MLPs cut into equal slices, one per stage, which install their weights side by side, so each cut
+  takes a share of an MLP off the step (spread_slices shares the cuts out as mlp_slices does);
+- balanced: whole pieces, cut where stages fill instead when that arranges (filled_to), or MLPs cut into
+  equal slices when it needs more stages than pieces or a whole MLP does not fit (the largest MLP into as
+  many slices as asked or as it can be cut into, MLPs of other sizes, Maverick's dense ones beside its
+  MoE ones, in proportion to the square root of their bytes: mlp_slices; splitting the vocabulary only
+  when the embedding or head does not fit), or, for fewer stages than those need, pieces cut where
+  stages fill. Finer slices only add copies and buffers, so the search stops at the first whose floor on
+  SRAM (least_sram) passes what the stages hold. The fewest chips keep fewest_stages' packing when
+  neither arranges.
 """
 
 from __future__ import annotations
@@ -561,12 +570,14 @@ def _splits_a_tied_table(sizes: PieceSizes, lo: int, hi: int) -> bool:
         and not (lo == 0 and hi == len(sizes.pieces) - 1)
 
 
-def greedy_stages(sizes: PieceSizes, capacity: int) -> list[tuple[int, int]] | None:
-    """Fewest contiguous stages each within capacity (None if one piece alone does not fit)."""
+def greedy_stages(sizes: PieceSizes, capacity: int, breaks: frozenset[int] = frozenset(),
+                  ) -> list[tuple[int, int]] | None:
+    """Fewest contiguous stages each within capacity, a stage beginning at each piece index in `breaks`
+    (None if one piece alone does not fit)."""
     n, out, lo = len(sizes.weights), [], 0
     while lo < n:
         held, peak, hi = 0, 0, lo
-        while hi < n:
+        while hi < n and not (hi > lo and hi in breaks):
             more, top = held + sizes.weights[hi] + sizes.kv[hi], max(peak, sizes.activations[hi])
             shared = sizes.tied_table if lo == 0 and hi == n - 1 else 0
             if more + top - shared > capacity or _splits_a_tied_table(sizes, lo, hi):
@@ -579,22 +590,24 @@ def greedy_stages(sizes: PieceSizes, capacity: int) -> list[tuple[int, int]] | N
     return out
 
 
-def balanced_stages(sizes: PieceSizes, p: int, capacity: int) -> list[tuple[int, int]] | None:
-    """Exactly p contiguous stages minimising the largest stage (binary search on the bound)."""
+def balanced_stages(sizes: PieceSizes, p: int, capacity: int, breaks: frozenset[int] = frozenset(),
+                    ) -> list[tuple[int, int]] | None:
+    """Exactly p contiguous stages minimising the largest stage (binary search on the bound), a stage
+    beginning at each piece index in `breaks`."""
     if p > len(sizes.weights):
         return None
-    fewest = greedy_stages(sizes, capacity)
+    fewest = greedy_stages(sizes, capacity, breaks)
     if fewest is None or len(fewest) > p:
         return None
     lo_b, hi_b = 1, capacity
     while lo_b < hi_b:
         mid = (lo_b + hi_b) // 2
-        g = greedy_stages(sizes, mid)
+        g = greedy_stages(sizes, mid, breaks)
         if g is not None and len(g) <= p:
             hi_b = mid
         else:
             lo_b = mid + 1
-    stages = [(a - b, a, b) for a, b in greedy_stages(sizes, lo_b)]
+    stages = [(a - b, a, b) for a, b in greedy_stages(sizes, lo_b, breaks)]
     heapq.heapify(stages)
     for _ in range(p - len(stages)):  # split the stage of most pieces (the first of those) in two
         _, a, b = heapq.heappop(stages)
@@ -626,25 +639,55 @@ def most_slices(table: SizeTable, tile_rows: int) -> tuple[int, ...]:
     return tuple(max(1, u // (table.t * table.ffn_tile(i, tile_rows))) for i, u in enumerate(table.ffn_units))
 
 
+def mlp_bytes(table: SizeTable) -> list[float]:
+    """Per layer, the bytes of its MLP's cut tensors on one chip of the TP group."""
+    return [u * b for u, b in zip(table.ffn_units, table.ffn_unit_bytes)]
+
+
 def mlp_slices(table: SizeTable, tile_rows: int, slices: int) -> tuple[int, ...]:
     """Per layer, the slices its MLP is cut into when the largest MLP is cut into `slices`: in proportion
     to the square root of its bytes, at least one and at most most_slices. A cut MLP's parts install their
     weights side by side, so a step spends on each MLP its bytes over its slices, a sum that a given total
     of slices makes least so (MLPs of one size: each in `slices`; Maverick's experts, 64 times its dense
     MLPs' bytes, in 8 times their slices)."""
-    bytes_per_mlp = [u * b for u, b in zip(table.ffn_units, table.ffn_unit_bytes)]
+    bytes_per_mlp = mlp_bytes(table)
     largest = max(bytes_per_mlp)
     return tuple(min(most, max(1, round(slices * math.sqrt(b / largest))))
                  for b, most in zip(bytes_per_mlp, most_slices(table, tile_rows)))
 
 
-def fitting_cuts(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: int, slices: int = 1,
+def spread_slices(table: SizeTable, tile_rows: int, least: tuple[int, ...], cuts: int) -> tuple[int, ...]:
+    """Per layer, MLP slices making at most `cuts` cuts in all, as many as it can: each layer's share of
+    the slices in proportion to the square root of its MLP's bytes (as mlp_slices), rounded along the
+    pipeline so that the layers given one more fall evenly among the rest; at least least[i] and at most
+    most_slices. Needs sum(least) - len(least) <= cuts."""
+    most, roots = most_slices(table, tile_rows), [math.sqrt(b) for b in mlp_bytes(table)]
+    shares = [root / sum(roots) for root in roots]
+
+    def slices(total: int) -> tuple[int, ...]:
+        out, share, before = [], 0.0, 0
+        for part, fewest, finest in zip(shares, least, most):
+            share += part
+            upto = round(total * share)
+            out.append(min(finest, max(fewest, upto - before)))
+            before = upto
+        return tuple(out)
+
+    lo, hi = 0, len(roots) + cuts  # the most slices in all whose cuts stay within `cuts`
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if sum(slices(mid)) - len(roots) <= cuts else (lo, mid - 1)
+    return slices(lo)
+
+
+def fitting_cuts(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: int,
+                 slices: int | tuple[int, ...] = 1,
                  ) -> tuple[tuple[int, ...], tuple[int, int], tuple[int, ...], PieceSizes] | None:
     """(MLP slices per layer, (embedding parts, head parts), attention parts per layer, their piece sizes):
     the largest MLP in `slices` slices or as many as it can be cut into, the others in proportion
-    (mlp_slices), and each in more where fewer do not fit a stage alone; the fewest embedding, head and
-    attention parts that fit; None if none does (an attention part cannot hold one KV slot, or a piece
-    does not fit however finely it is cut)."""
+    (mlp_slices), or layer i's in slices[i] (a tuple), and each in more where fewer do not fit a stage
+    alone; the fewest embedding, head and attention parts that fit; None if none does (an attention part
+    cannot hold one KV slot, or a piece does not fit however finely it is cut)."""
     n, t = spec.n_layers, table.t
 
     def fit(sizes: PieceSizes, part: str) -> bool:  # each piece of the part alone on a stage (stage_bytes)
@@ -660,7 +703,7 @@ def fitting_cuts(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: in
     if attn is None:
         return None
     most = most_slices(table, tile_rows)
-    ks = given_ks = mlp_slices(table, tile_rows, slices)
+    ks = given_ks = slices if isinstance(slices, tuple) else mlp_slices(table, tile_rows, slices)
     given = piece_sizes(spec, table, ks)
     if not fit(given, "ffn"):
         rows = [rows_that_fit(half_index(i, "ffn", n), table.ffn_unit_bytes[i], True) for i in range(n)]
@@ -723,13 +766,18 @@ def least_sram(spec: ModelSpec, table: SizeTable, p: int, capacity: int, slices:
     return ffn + others + ffn_stages * ffn_buffers + (p - ffn_stages) * min(table.activations)
 
 
-def arrange(spec: ModelSpec, table: SizeTable, p: int, capacity: int,
-            tile_rows: int) -> tuple[PieceSizes, list[tuple[int, int]]] | None:
-    """p stages of the TP degree of `table`: whole pieces when they suffice, else the fewest MLP slices
-    that give at least p pieces and arrange (the embedding and head split only if they do not fit
-    whole), else, for fewer stages than those need, pieces cut where stages fill (filled_sizes)."""
+def arrange(spec: ModelSpec, table: SizeTable, p: int, capacity: int, tile_rows: int,
+            balance: bool = False) -> tuple[PieceSizes, list[tuple[int, int]]] | None:
+    """p stages of the TP degree of `table`, for the shortest decode step (spread_over_stages), or, with
+    `balance` or where that does not fit, for the most even stages: whole pieces when they suffice (cut
+    where stages fill instead if that arranges: filled_to), else the fewest MLP slices that give at least
+    p pieces and arrange (the embedding and head split only if they do not fit whole), else, for fewer
+    stages than those need, pieces cut where stages fill."""
     if least_sram(spec, table, p, capacity) > p * capacity:
         return None
+    spread = None if balance else spread_over_stages(spec, table, p, capacity, tile_rows)
+    if spread is not None:
+        return spread
     cuts = fitting_cuts(spec, table, capacity, tile_rows)
     if cuts is not None:
         slices = max(*cuts[0], -(-(p - sum(cuts[1]) - sum(cuts[2])) // spec.n_layers))  # p pieces, if uncapped
@@ -738,11 +786,64 @@ def arrange(spec: ModelSpec, table: SizeTable, p: int, capacity: int,
             if least_sram(spec, table, p, capacity, parts) > p * capacity:
                 break  # the options after this one cut MLPs as finely or finer: none fits p stages either
             ranges = balanced_stages(sizes, p, capacity)
-            if ranges is not None:
+            if ranges is not None and max(parts.values()) > 1:
                 return sizes, ranges
+            if ranges is not None:  # whole MLPs: cut them where stages fill instead, if that arranges
+                return filled_to(spec, table, p, capacity, tile_rows) or (sizes, ranges)
     filled = filled_sizes(spec, table, capacity, tile_rows)
     ranges = balanced_stages(filled, p, capacity) if filled is not None else None
     return (filled, ranges) if ranges is not None else None
+
+
+def spread_over_stages(spec: ModelSpec, table: SizeTable, p: int, capacity: int,
+                       tile_rows: int) -> tuple[PieceSizes, list[tuple[int, int]]] | None:
+    """p stages whose boundaries fall inside MLPs, as many as fit: MLPs cut into equal slices
+    (spread_slices), one slice per stage, the other boundaries between pieces. A cut MLP's slices run
+    side by side, so each boundary inside one takes a share of it off the decode step, the most when the
+    slices are equal. Where the stage between two cuts cannot hold the whole layers between them, fewer
+    cuts leave boundaries to place between pieces (the most cuts that arrange, by binary search). The
+    stages are as even as the cuts leave them, so a workload bound by its busiest stage (many users in
+    flight) may do better balanced (arrange). None if no number of cuts arranges."""
+    fewest = fitting_cuts(spec, table, capacity, tile_rows)
+    if fewest is None:
+        return None
+    least, vocab, attn, _ = fewest
+    lo, hi = sum(least) - spec.n_layers, p - 1 - (sum(vocab) - 2) - (sum(attn) - spec.n_layers)
+
+    def arranged(cuts: int):
+        found = fitting_cuts(spec, table, capacity, tile_rows, spread_slices(table, tile_rows, least, cuts))
+        if found is None:
+            return None
+        sizes = found[3]
+        breaks = frozenset(j for j in range(1, len(sizes.pieces)) if sizes.pieces[j][:2] == sizes.pieces[j - 1][:2])
+        ranges = balanced_stages(sizes, p, capacity, breaks) if len(breaks) < p else None
+        return (sizes, ranges) if ranges is not None else None
+
+    best, cuts = None, hi  # all of them first, the common case
+    while lo <= hi:  # the most cuts that arrange
+        found = arranged(cuts)
+        lo, hi, best = (cuts + 1, hi, found) if found is not None else (lo, cuts - 1, best)
+        cuts = (lo + hi) // 2
+    return best
+
+
+def filled_to(spec: ModelSpec, table: SizeTable, p: int, capacity: int,
+              tile_rows: int) -> tuple[PieceSizes, list[tuple[int, int]]] | None:
+    """p stages of pieces cut where stages fill (filled_sizes) to the least budget that gives at most p
+    of them, so that stage boundaries fall inside pieces (whose parts run side by side) rather than
+    between them, split to exactly p if fewer (balanced_stages)."""
+    lo, hi, best = 1, capacity, None
+    while lo < hi:
+        budget = (lo + hi) // 2
+        sizes = filled_sizes(spec, table, budget, tile_rows)
+        stages = greedy_stages(sizes, budget) if sizes is not None else None
+        if stages is not None and len(stages) <= p:
+            hi, best = budget, sizes
+        else:
+            lo = budget + 1
+    best = best or filled_sizes(spec, table, capacity, tile_rows)
+    ranges = balanced_stages(best, p, capacity) if best is not None else None
+    return (best, ranges) if ranges is not None else None
 
 
 # ---- chip numbering ---------------------------------------------------------------------------
@@ -927,9 +1028,10 @@ def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int 
 
 
 def partition(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None = None,
-              tp: int | None = None, decode_rows: int = 1) -> Placement:
+              tp: int | None = None, decode_rows: int = 1, balance: bool = False) -> Placement:
     """Place the model on exactly `chips` chips, or on as few as fit (None), in TP groups of `tp` chips
-    (None: the compiler's choice), with activation buffers for decode micro-batches of `decode_rows`."""
+    (None: the compiler's choice), with activation buffers for decode micro-batches of `decode_rows`,
+    its stages arranged for the shortest decode step or, with `balance`, as even as can be (arrange)."""
     if chips is not None and (isinstance(chips, bool) or not isinstance(chips, int) or chips <= 0):
         raise OpenLPUError(f"chips must be a positive integer, got {chips!r}")
     if chips is not None and chips > system.max_chips:
@@ -938,16 +1040,18 @@ def partition(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: in
     cap, passes = system.chip.sram_bytes, lowered_passes(spec, workload, decode_rows)
     if chips is None:
         best = fewest_chips(spec, system, workload, passes, widths)
-        if best is not None:
+        if best is not None:  # those chips arranged as if asked for, else as fewest_stages packed them
             t, p, sizes = best
-            return _place(spec, system, workload, t, sizes, balanced_stages(sizes, p, cap))
+            table = size_table(spec, workload, t, passes, sizes.experts)
+            arranged = arrange(spec, table, p, cap, system.chip.matrix_tile_rows, balance)
+            return _place(spec, system, workload, t, *(arranged or (sizes, balanced_stages(sizes, p, cap))))
     else:
         for experts in mlp_cuts(spec):
             for t in widths:
                 if chips % t or group_chips(system, t, chips // t) is None:
                     continue
                 arranged = arrange(spec, size_table(spec, workload, t, passes, experts), chips // t, cap,
-                                   system.chip.matrix_tile_rows)
+                                   system.chip.matrix_tile_rows, balance)
                 if arranged is not None:
                     return _place(spec, system, workload, t, *arranged)
     raise _no_fit(spec, system, workload, chips, passes, widths)

@@ -131,7 +131,9 @@ class _Scheduler:
         self.combined: dict[int, int] = {}  # stage -> the end of the last combining op placed there
         self.link_free: dict[tuple[int, int], int] = {}
         self.ready: dict[str, tuple[int, int]] = {}  # result name -> (stage, cycle it is there)
-        self.chunk_end: dict[tuple[int, int], int] = {}  # (stage, prompt chunk) -> its last op's end there
+        # (stage, prompt chunk) -> when its last op there ends and its last result sent from there arrives:
+        # a stage's activation buffers hold one chunk, so the next starts only then
+        self.chunk_end: dict[tuple[int, int], int] = {}
         self.provider: dict[str, str] = {}  # op name -> the name holding its full result (op or all-reduce)
         self.alias: dict[str, str] = {}  # a p2p send -> the broadcast that completes it on the group
         self.by_rank = by_rank  # results split by heads over a group: they move rank to rank
@@ -212,6 +214,10 @@ class _Scheduler:
         self.transfers.append(Transfer(name, kind, stage, chips, path, payload, tuple(phases), phases[0][0], arrival,
                                        inputs))
         self.ready[name] = (stage, arrival)
+        chunk = split_chunk(name)[0]
+        if chunk is not None:  # its input is held where it is until it has arrived
+            source = (self.ready[inputs[0]][0], chunk)
+            self.chunk_end[source] = max(arrival, self.chunk_end.get(source, 0))
         return arrival
 
     def _input_on(self, src: str, stage: int, payload: float, not_before: int = 0) -> str:
