@@ -36,10 +36,11 @@ to rank r of the next group ("rank_p2p"). A decode step carries one micro-batch 
 stream through one install of each weight (each row still attends its own user's keys and values): as
 few users as keep every user's turn at the busiest stage within one step (decode_rows), so one user per
 step while the users fit the pipeline. In a
-prefill, a stage starts prompt chunk c only once its last op of chunk c-1 has ended: like a user's
-token in decode, a chunk holds a stage's activation buffers alone, which is what the partition
-reserves (a prompt's token ids are all known at once, so without this rule every chunk's embedding
-gather would start at once and wait in SRAM).
+prefill, a stage starts prompt chunk c only once its last op of chunk c-1 has ended and every result
+of chunk c-1 it sends has arrived: like a user's token in decode, a chunk holds a stage's activation
+buffers alone, which is what the partition reserves (a prompt's token ids are all known at once, so
+without this rule every chunk's embedding gather would start at once and wait in SRAM; and a result
+whose sends queue on busy links would still be held when the next chunk's begin).
 """
 
 from __future__ import annotations
