@@ -256,8 +256,9 @@ def test_schedule_has_the_collectives_and_pipeline_sends(gemma8):
     # per layer: after attn_output and ffn_down; plus the embedding gather and the sampler's argmax
     assert kinds.count("all_reduce") == 2 * spec.n_layers + 2
     stages = len(gemma8.placement.stages)
-    assert kinds.count("p2p") == (stages - 1) + 1  # activations forward, the token back
-    assert kinds.count("broadcast") == stages - 1
+    # activations forward, a share from each chip to the same rank, gathered there; the token back
+    assert kinds.count("stripe") == kinds.count("all_gather") == stages - 1
+    assert kinds.count("p2p") == 1
     chunks = math.ceil(SMALL.prompt_len / SMALL.prefill_chunk)
     assert sum(op.kind == "sample" for op in gemma8.prefill.ops) == 1
     assert sum(op.kind == "embed" for op in gemma8.prefill.ops) == chunks
@@ -268,29 +269,29 @@ def test_collectives_run_phase_by_phase_on_their_links():
     the step before it has arrived. A TP group of two nodes all-reduces in four steps: inside each node
     a direct reduce-scatter (each chip sends 1/8 of the payload to each of its 7 peers), between the
     same-rank chips of the two nodes a reduce-scatter and an all-gather (1/16 of the payload each way,
-    along the network's routes), then inside each node an all-gather. A broadcast first reaches its own
-    node's chips and one chip of the other node, which then fans out to its node."""
+    along the network's routes), then inside each node an all-gather. The all-gather completing a send
+    to the next stage is the all-reduce's second half: the same two steps."""
     program = compile_program(load_preset("qwen3-8b"), SYSTEM, Workload(context_length=256, prompt_len=64), tp=16)
+
+    def steps(t):  # the loads of a 16-chip all-reduce's four steps, for this transfer's payload
+        nodes = (t.chips[:8], t.chips[8:])
+        local = {(a, b): t.payload_bytes / 8 for node in nodes for a in node for b in node if a != b}
+        across = {}
+        for r in range(8):
+            for src, dst in ((nodes[0][r], nodes[1][r]), (nodes[1][r], nodes[0][r])):
+                route = SYSTEM.route(src, dst)
+                for hop in itertools.pairwise(route):
+                    across[hop] = across.get(hop, 0.0) + t.payload_bytes / 16
+        return [pytest.approx(local), pytest.approx(across), pytest.approx(across), pytest.approx(local)]
+
     for phase in (program.decode, program.prefill):
-        reduces = [t for t in phase.transfers if t.kind == "all_reduce"]
-        assert reduces and all(len(t.chips) == 16 for t in reduces)
-        for t in reduces:
-            nodes = (t.chips[:8], t.chips[8:])
-            local = {(a, b): t.payload_bytes / 8 for node in nodes for a in node for b in node if a != b}
-            across = {}
-            for r in range(8):
-                for src, dst in ((nodes[0][r], nodes[1][r]), (nodes[1][r], nodes[0][r])):
-                    route = SYSTEM.route(src, dst)
-                    for hop in itertools.pairwise(route):
-                        across[hop] = across.get(hop, 0.0) + t.payload_bytes / 16
-            loads = [{(a, b): n for a, b, n in links} for _, _, links in t.phases]
-            assert loads == [pytest.approx(local), pytest.approx(across), pytest.approx(across), pytest.approx(local)]
-            assert all(before[1] <= after[0] < after[1] for before, after in itertools.pairwise(t.phases))
-            assert (t.phases[0][0], t.phases[-1][1]) == (t.start_cycle, t.arrival_cycle)
-    bcast = next(t for t in program.decode.transfers if t.kind == "broadcast")
-    first, rest = bcast.chips[:8], bcast.chips[8:]
-    reached = [{b for _, b, _ in links} for _, _, links in bcast.phases]
-    assert len(reached) == 2 and set(first[1:]) | {rest[0]} <= reached[0] and reached[1] == set(rest[1:])
+        for kind, first_step in (("all_reduce", 0), ("all_gather", 2)):
+            collectives = [t for t in phase.transfers if t.kind == kind]
+            assert collectives and all(len(t.chips) == 16 for t in collectives)
+            for t in collectives:
+                assert [{(a, b): n for a, b, n in links} for _, _, links in t.phases] == steps(t)[first_step:]
+                assert all(before[1] <= after[0] < after[1] for before, after in itertools.pairwise(t.phases))
+                assert (t.phases[0][0], t.phases[-1][1]) == (t.start_cycle, t.arrival_cycle)
 
 
 def test_kv_regions_hold_context_times_users_and_windows_cap_them():

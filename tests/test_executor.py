@@ -533,8 +533,10 @@ def _transfers_against_their_payloads(program, spec, weights, monkeypatch) -> tu
 
     def priced(self, ev, values):
         t = ev.transfer
-        senders = t.chips[:len(t.chips) // 2] if t.kind == "rank_p2p" else t.chips[:1]
+        first_group = t.chips[:len(t.chips) // 2]
+        senders = {"rank_p2p": first_group, "stripe": first_group, "all_gather": t.chips}.get(t.kind, t.chips[:1])
         sent = sum(_bytes_sent(t, values[c][ev.inputs[0]], per_activation) for c in senders)
+        sent /= len(senders) if t.kind == "stripe" else 1  # each sends its share of the vector it holds
         payload = t.payload_bytes / (program.decode.tokens if id(t) in decode else 1)
         checked[t.kind] += 1
         if sent != pytest.approx(payload, rel=1e-9):
@@ -553,7 +555,8 @@ def test_every_transfer_moves_the_bytes_the_program_prices(tiny, family, vocab_s
     """The schedule prices every link by the payload the compiler works out from the op rows; the sharded
     executor moves real tensors. Over a prefill and two decode steps, each transfer's source sends what
     its payload says (a decode step's payload over the users it carries, the executor running one): an
-    all-reduce one full vector from each chip, a rank-to-rank move each rank's heads and log-sum-exps.
+    all-reduce one full vector from each chip, a rank-to-rank move each rank's heads and log-sum-exps, a
+    stripe each rank's share of a vector every chip holds, and the all-gather after it each chip's share.
     On TP + pipeline, on cut MLPs, and on vocabulary- and KV-split pieces with 20 users."""
     spec, weights, _ = tiny(family, vocab_size=vocab_size)
     for system, chips, workload in ((LPU, 8, WORKLOAD), (SYSTEMS["cut-tp"], 32, WORKLOAD),
@@ -561,7 +564,7 @@ def test_every_transfer_moves_the_bytes_the_program_prices(tiny, family, vocab_s
         program = compile_program(spec, system, workload, chips)
         checked, wrong = _transfers_against_their_payloads(program, spec, weights, monkeypatch)
         assert wrong == [], (program.placement.tp, len(program.placement.stages), wrong[:3])
-        assert checked["all_reduce"] and checked["p2p"] and checked["broadcast"], checked
+        assert all(checked[kind] for kind in ("all_reduce", "p2p", "stripe", "all_gather")), checked
     assert checked["rank_p2p"] and program.decode.tokens > 1  # the KV-split Program, users sharing its steps
 
 

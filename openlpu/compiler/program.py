@@ -120,14 +120,16 @@ class ScheduledOp:
 
 @dataclass(frozen=True)
 class Transfer:
-    """Vectors on chip-to-chip links: a point-to-point send, a broadcast, a TP all-reduce, or a value
-    split by heads over a group moving rank r to rank r of the next group (rank_p2p). A send is one
+    """Vectors on chip-to-chip links: a point-to-point send, a broadcast, a TP all-reduce, a value
+    split by heads over a group moving rank r to rank r of the next group (rank_p2p), a value every chip
+    of a group holds sent as one share per rank the same way (stripe), and the gathering of those
+    shares over the receiving group (all_gather). A send is one
     phase on the links of its route; a collective is one phase per step of its algorithm, each
     starting when the step before it has arrived and its own links are free."""
     name: str
-    kind: str  # "p2p" | "broadcast" | "all_reduce" | "rank_p2p"
+    kind: str  # "p2p" | "broadcast" | "all_reduce" | "rank_p2p" | "stripe" | "all_gather"
     stage: int  # the stage whose ops consume it
-    chips: tuple[int, ...]  # source first for p2p/broadcast; the group for all_reduce; both groups for rank_p2p
+    chips: tuple[int, ...]  # source first for p2p/broadcast; the group for collectives; both groups for rank sends
     path: tuple[int, ...]  # chips visited, for a p2p send
     payload_bytes: float
     # per phase: (start cycle, arrival cycle, ((from chip, to chip, bytes on that directed link), ...))

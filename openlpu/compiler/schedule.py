@@ -10,7 +10,10 @@ MoE expert matmuls install every expert the chip holds: routing is data dependen
 fixed at compile time, so it reserves the slots of all experts (their shares of the expert tensors); an
 MLP cut by expert rows reserves, too, the matrix work of every token choosing the chip's experts.
 Row-split matmuls and the vocabulary-split embedding and sampler end in an all-reduce over the
-group's links; a stage passes its activations to the next stage's first chip, which broadcasts them.
+group's links. Every chip of a stage holds its activations after the all-reduce, so each sends its
+share (1/t) to the same rank of the next stage over its own links ("stripe"), and that group gathers the
+shares ("all_gather": the all-reduce's second half); the sampler's (value, index) pair, which does not
+split, goes to the next stage's first chip, which broadcasts it.
 A collective is scheduled step by step (_collective_flows): each step is a phase on its own links,
 starting once the step before it has arrived and those links are free.
 An MLP cut between stages runs once per part on that part's d_ff rows, or its expert rows when cut by
@@ -87,11 +90,15 @@ def matrix_macs_per_cycle(system: SystemSpec, *precisions: str) -> float:
 # ---- collectives ------------------------------------------------------------------------------
 def _collective_flows(system: SystemSpec, group: tuple[int, ...], kind: str) -> list[list[tuple[int, int, float]]]:
     """Phases of (src, dst, fraction of the payload). All-reduce: direct reduce-scatter then
-    all-gather inside each node (full mesh); across nodes the same again between same-rank chips."""
+    all-gather inside each node (full mesh); across nodes the same again between same-rank chips.
+    All-gather: the all-reduce's gathering half, from each chip holding its share."""
     nodes: dict[int, list[int]] = {}
     for c in group:
         nodes.setdefault(system.node_of(c), []).append(c)
     members = list(nodes.values())
+    if kind == "all_gather":
+        phases = _collective_flows(system, group, "all_reduce")
+        return phases[len(phases) // 2:]
     if kind == "broadcast":  # to one chip of every other node and the source's own node, then inside them
         first = [(group[0], c, 1.0) for c in members[0][1:]] + [(group[0], m[0], 1.0) for m in members[1:]]
         fan_out = [(m[0], c, 1.0) for m in members[1:] for c in m[1:]]
@@ -125,7 +132,7 @@ def _collective_template(system: SystemSpec, group: tuple[int, ...], kind: str):
 
 class _Scheduler:
     def __init__(self, spec: ModelSpec, system: SystemSpec, workload: Workload, placement: Placement,
-                 templates: dict, by_rank: set[str], readers: dict[str, list[int]]):
+                 templates: dict, by_rank: set[str], pairs: set[str], readers: dict[str, list[int]]):
         self.spec, self.system, self.workload, self.placement = spec, system, workload, placement
         self.clock = system.chip.clock_hz
         self.unit_free: dict[tuple[int, str], int] = {}
@@ -136,8 +143,9 @@ class _Scheduler:
         # a stage's activation buffers hold one chunk, so the next starts only then
         self.chunk_end: dict[tuple[int, int], int] = {}
         self.provider: dict[str, str] = {}  # op name -> the name holding its full result (op or all-reduce)
-        self.alias: dict[str, str] = {}  # a p2p send -> the broadcast that completes it on the group
+        self.alias: dict[str, str] = {}  # a send -> the all-gather (or broadcast) that completes it on the group
         self.by_rank = by_rank  # results split by heads over a group: they move rank to rank
+        self.pairs = pairs  # the sampler's (value, index) results, and their all-reduces: sent whole
         self.readers = readers  # result name -> the stages whose ops read it, in pipeline order
         self.templates = templates  # collective link loads per (group shape, kind), shared by the phases
         self.ops: list[ScheduledOp] = []
@@ -181,7 +189,7 @@ class _Scheduler:
     # ---- transfers ----
     def _send(self, name: str, kind: str, stage: int, chips: tuple[int, ...], payload: float, ready: int,
               inputs: tuple[str, ...]) -> int:
-        if kind in ("p2p", "rank_p2p"):  # rank_p2p: rank r of the first group to rank r of the second
+        if kind in ("p2p", "rank_p2p", "stripe"):  # rank_p2p, stripe: rank r of one group to rank r of the next
             half = len(chips) // 2
             pairs = [(chips[0], chips[1])] if kind == "p2p" else list(zip(chips[:half], chips[half:]))
             routes = [self.system.route(src, dst) for src, dst in pairs]
@@ -239,22 +247,30 @@ class _Scheduler:
             self._spread(name, src_stage, name, cycle, [t for t in self.readers[src] if t != src_stage], payload)
         return self.alias.get(key, key)
 
-    def _spread(self, name: str, holder: int, held_as: str, ready: int, targets: list[int], payload: float) -> None:
-        """Send `name` from stage `holder` to every stage in `targets` (each then broadcasts it over its
-        group) along a binomial tree: the holder hands the far half of the targets to the first of them,
-        which passes it on as the holder goes on with the near half, so a result that many stages read
-        reaches them all in log2 rounds instead of queueing on the links near its source."""
+    def _spread(self, name: str, holder: int, held_as: str, ready: int, targets: list[int], payload: float,
+                shares: bool = False) -> None:
+        """Send `name` from stage `holder` to every stage in `targets` along a binomial tree: the holder hands
+        the far half of the targets to the first of them, which passes it on as the holder goes on with the
+        near half, so a result that many stages read reaches them all in log2 rounds instead of queueing on
+        the links near its source. Each chip of a group sends its share to the same rank of the target
+        group, which gathers the shares; a stage passing it on sends the shares it received (`shares`)."""
         while targets:
             mid = len(targets) // 2
             target, farther = targets[mid], targets[mid + 1:]
-            group = self.placement.stages[target].chips
+            group, sources = self.placement.stages[target].chips, self.placement.stages[holder].chips
             key = f"{name}>s{target}"
-            arrival = self._send(key, "p2p", target, (self.placement.stages[holder].chips[0], group[0]), payload,
-                                 ready, (held_as,))
-            if len(group) > 1:
-                self._send(key + ".bcast", "broadcast", target, group, payload, arrival, (key,))
-                self.alias[key] = key + ".bcast"
-            self._spread(name, target, key, arrival, farther, payload)
+            split = len(group) > 1 and name not in self.pairs  # a (value, index) pair goes whole
+            if split:
+                arrival = self._send(key, "rank_p2p" if shares else "stripe", target, sources + group, payload,
+                                     ready, (held_as,))
+                self._send(key + ".gather", "all_gather", target, group, payload, arrival, (key,))
+                self.alias[key] = key + ".gather"
+            else:  # one chip sends it, and broadcasts it over its group
+                arrival = self._send(key, "p2p", target, (sources[0], group[0]), payload, ready, (held_as,))
+                if len(group) > 1:
+                    self._send(key + ".bcast", "broadcast", target, group, payload, arrival, (key,))
+                    self.alias[key] = key + ".bcast"
+            self._spread(name, target, key, arrival, farther, payload, split)
             targets = targets[:mid]
 
     # ---- ops ----
@@ -517,8 +533,10 @@ def schedule_phase(spec: ModelSpec, system: SystemSpec, workload: Workload, plac
     for op, stage in staged:
         for i in op.inputs:
             readers.setdefault(i, set()).add(stage)
+    pairs = {op.name for op, _ in staged if op_suffix(op.name) in ("sample", CHAINED["head"])}
     s = _Scheduler(spec, system, workload, placement, {} if templates is None else templates,
                    {op.name for op, _ in staged if op.kind in ("attention", "merge")},
+                   pairs | {name + ".allreduce" for name in pairs},
                    {name: sorted(stages) for name, stages in readers.items()})
     payloads = {op.name: result_bytes(spec, op) for op, _ in staged}
     for op, stage in staged:

@@ -156,12 +156,15 @@ def _inputs_ready(program: Program, phase: PhaseSchedule) -> list[Violation]:
 
 def _received(t: Transfer) -> tuple[tuple[int, ...], float]:
     """The chips a transfer leaves its result on and the bytes each holds: an all-reduce works in place
-    (its input's buffer); a rank_p2p leaves each rank of the second group its own share of the heads."""
+    (its input's buffer); a rank_p2p leaves each rank of the second group its own share of the heads, a
+    stripe its share of the vector, and an all-gather the whole vector on every chip of its group."""
     if t.kind == "all_reduce":
         return (), 0.0
-    if t.kind == "rank_p2p":
+    if t.kind in ("rank_p2p", "stripe"):
         group = t.chips[len(t.chips) // 2:]
         return group, t.payload_bytes / len(group)
+    if t.kind == "all_gather":
+        return t.chips, t.payload_bytes
     return t.chips[1:], t.payload_bytes
 
 

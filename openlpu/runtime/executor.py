@@ -6,7 +6,9 @@ Two modes:
   puts on it (sliced and copied at load: nothing else is reachable), runs the ops scheduled on its
   stage in schedule order on its shard (column-split matmuls give a slice, row-split ones partial
   sums), and sees another chip's results only through the Program's transfers (an all-reduce sums
-  the group's partials, a p2p send / broadcast moves an activation to the next stage). An MLP cut
+  the group's partials; each rank sends its slice of the features to the same rank of the next stage,
+  whose group gathers the slices in rank order; a p2p send and broadcast move the sampler's (value,
+  index) pair). An MLP cut
   between stages runs on each part's chips on the rows they hold (ops "name@j"), and the Program's
   "ffn_sum@j" ops add the parts' partial sums. An embedding or head split along the vocabulary runs
   the same way: each embedding part gathers the rows it holds ("embed_sum@j" adds them up), each head
@@ -718,7 +720,9 @@ class Executor:
 
     def _transfer(self, ev: Event, values: dict[int, dict]) -> None:
         t, src_name = ev.transfer, ev.inputs[0]
-        sources = {"all_reduce": t.chips, "rank_p2p": t.chips[:len(t.chips) // 2]}.get(t.kind, t.chips[:1])
+        first_group = t.chips[:len(t.chips) // 2]
+        sources = {"all_reduce": t.chips, "all_gather": t.chips, "rank_p2p": first_group,
+                   "stripe": first_group}.get(t.kind, t.chips[:1])
         for c in sources:
             if src_name not in values[c]:
                 raise OpenLPUError(f"transfer {ev.name} sends {src_name} from chip {c}, which never produced it")
@@ -733,6 +737,14 @@ class Executor:
             half = len(t.chips) // 2
             for src, dst in zip(t.chips[:half], t.chips[half:]):
                 values[dst][ev.name] = values[src][src_name]
+        elif t.kind == "stripe":  # rank r's share of the features to rank r of the next group
+            half = len(t.chips) // 2
+            for r, (src, dst) in enumerate(zip(t.chips[:half], t.chips[half:])):
+                values[dst][ev.name] = torch.tensor_split(values[src][src_name], half, dim=-1)[r]
+        elif t.kind == "all_gather":  # the group's shares, in rank order
+            whole = torch.cat([values[c][src_name] for c in t.chips], dim=-1)
+            for c in t.chips:
+                values[c][ev.name] = whole
         else:  # broadcast from the group's first chip
             for c in t.chips:
                 values[c][ev.name] = values[t.chips[0]][src_name]
