@@ -67,7 +67,7 @@ def test_a_partial_sent_rank_to_rank_lands_on_each_receiving_rank():
     """A rank_p2p transfer leaves each rank of the receiving group its share of the heads: a share over
     a chip's SRAM is caught on those chips, never on the sending group's."""
     workload = Workload(weights="fp16", activations="fp16", kv="fp16", context_length=40960, users=4, prompt_len=512)
-    p = compile_program(load_preset("qwen3-30b-a3b"), SYSTEM, workload)
+    p = compile_program(load_preset("qwen3-8b"), SYSTEM, workload)  # attention split along its KV slots
     sends = [t for t in p.prefill.transfers if t.kind == "rank_p2p"]
     assert sends and verify(p) == []
     group = sends[0].chips[len(sends[0].chips) // 2:]

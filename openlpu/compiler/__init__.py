@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from openlpu.compiler.partition import kv_slots, partition
+from openlpu.compiler.partition import kv_slots, partition, piece_homes
 from openlpu.compiler.program import (
     FORMAT_VERSION,
     PhaseSchedule,
@@ -22,20 +22,29 @@ def compile_program(spec: ModelSpec, system: SystemSpec, workload: Workload, chi
                     tp: int | None = None) -> Program:
     """Place the model on `chips` chips (None: as few as fit) in TP groups of `tp` chips (None: the
     compiler's choice) and schedule one decode step (one micro-batch of users) and one prefill: the
-    stages arranged for the shortest step, or as even as can be (partition's `balance`), whichever gives
-    each user tokens sooner. Same inputs, byte-identical Program."""
+    stages arranged for the shortest step, or as even as can be (partition's `balance`), or, for a
+    mixture of experts whose rows that placement could not cut, spread by expert rows (partition's
+    `experts`), whichever gives each user tokens sooner. Same inputs, byte-identical Program."""
     if workload.context_length > spec.context_length:
         raise OpenLPUError(f"context {workload.context_length} is longer than {spec.name}'s context window "
                            f"({spec.context_length} tokens); use at most {spec.context_length}")
     templates, users = {}, workload.users  # templates: collective routes, shared by every schedule
     spread = partition(spec, system, workload, chips, tp)
-    placement, decode = _decode_schedule(spec, system, workload, chips, tp, spread, False, templates)
+    placement, decode = _decode_schedule(spec, system, workload, chips, tp, spread, {}, templates)
     # even stages can still be faster: with users in flight the busiest stage may bound the step, and the
-    # balanced arrangement cuts pieces where stages fill, which can suit a model whose MLPs cannot be cut
-    if (even := partition(spec, system, workload, chips, tp, balance=True)) != spread:
-        balanced = _decode_schedule(spec, system, workload, chips, tp, even, True, templates)
-        if decode_period_cycles(system, balanced[1], users) < decode_period_cycles(system, decode, users):
-            placement, decode = balanced
+    # balanced arrangement cuts pieces where stages fill, which can suit a model whose MLPs cannot be cut;
+    # and a mixture of experts whose d_ff rows were too few to cut can spread its experts over the stages
+    tried = [spread]
+    homes = piece_homes(spread)
+    uncut = spec.n_experts and not spread.experts and all(
+        len(homes[(i, "ffn")]) == 1 for i in range(spec.n_layers) if spec.is_moe_layer(i))
+    for option in ({"balance": True}, *([{"experts": True}] if uncut else [])):
+        if (other := partition(spec, system, workload, chips, tp, **option)) in tried:
+            continue
+        tried.append(other)
+        candidate = _decode_schedule(spec, system, workload, chips, tp, other, option, templates)
+        if decode_period_cycles(system, candidate[1], users) < decode_period_cycles(system, decode, users):
+            placement, decode = candidate
     return Program(version=FORMAT_VERSION, model=spec.name, system=system, workload=workload,
                    tensors=spec.tensor_shapes(),
                    kv_slots=tuple(kv_slots(spec, workload.context_length, i) for i in range(spec.n_layers)),
@@ -44,14 +53,14 @@ def compile_program(spec: ModelSpec, system: SystemSpec, workload: Workload, chi
 
 
 def _decode_schedule(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None, tp: int | None,
-                     placement: Placement, balance: bool, templates: dict) -> tuple[Placement, PhaseSchedule]:
-    """The decode step of a placement arranged with partition's `balance`, or of one like it with buffers
-    for micro-batches of several users where that serves each of them sooner."""
+                     placement: Placement, option: dict, templates: dict) -> tuple[Placement, PhaseSchedule]:
+    """The decode step of a placement made with partition's `option`s, or of one like it with buffers for
+    micro-batches of several users where that serves each of them sooner."""
     decode, users = schedule_phase(spec, system, workload, placement, "decode", templates), workload.users
     rows = decode_rows(users, decode)
     while rows > 1:  # users share micro-batches: buffers for `rows` tokens, halved until they fit
         try:
-            shared = partition(spec, system, workload, chips, tp, rows, balance)
+            shared = partition(spec, system, workload, chips, tp, rows, **option)
         except OpenLPUError:
             rows //= 2
             continue

@@ -1028,10 +1028,13 @@ def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int 
 
 
 def partition(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None = None,
-              tp: int | None = None, decode_rows: int = 1, balance: bool = False) -> Placement:
+              tp: int | None = None, decode_rows: int = 1, balance: bool = False,
+              experts: bool | None = None) -> Placement:
     """Place the model on exactly `chips` chips, or on as few as fit (None), in TP groups of `tp` chips
     (None: the compiler's choice), with activation buffers for decode micro-batches of `decode_rows`,
-    its stages arranged for the shortest decode step or, with `balance`, as even as can be (arrange)."""
+    its stages arranged for the shortest decode step or, with `balance`, as even as can be (arrange),
+    its MoE MLPs cut by rows or by expert rows as `experts` says (None: mlp_cuts' order; the fewest
+    chips are counted in that order either way)."""
     if chips is not None and (isinstance(chips, bool) or not isinstance(chips, int) or chips <= 0):
         raise OpenLPUError(f"chips must be a positive integer, got {chips!r}")
     if chips is not None and chips > system.max_chips:
@@ -1042,15 +1045,15 @@ def partition(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: in
         best = fewest_chips(spec, system, workload, passes, widths)
         if best is not None:  # those chips arranged as if asked for, else as fewest_stages packed them
             t, p, sizes = best
-            table = size_table(spec, workload, t, passes, sizes.experts)
+            table = size_table(spec, workload, t, passes, sizes.experts if experts is None else experts)
             arranged = arrange(spec, table, p, cap, system.chip.matrix_tile_rows, balance)
             return _place(spec, system, workload, t, *(arranged or (sizes, balanced_stages(sizes, p, cap))))
     else:
-        for experts in mlp_cuts(spec):
+        for by_expert in mlp_cuts(spec) if experts is None else (experts,):
             for t in widths:
                 if chips % t or group_chips(system, t, chips // t) is None:
                     continue
-                arranged = arrange(spec, size_table(spec, workload, t, passes, experts), chips // t, cap,
+                arranged = arrange(spec, size_table(spec, workload, t, passes, by_expert), chips // t, cap,
                                    system.chip.matrix_tile_rows, balance)
                 if arranged is not None:
                     return _place(spec, system, workload, t, *arranged)
