@@ -662,7 +662,8 @@ def spread_slices(table: SizeTable, tile_rows: int, least: tuple[int, ...], cuts
     pipeline so that the layers given one more fall evenly among the rest; at least least[i] and at most
     most_slices. Needs sum(least) - len(least) <= cuts."""
     most, roots = most_slices(table, tile_rows), [math.sqrt(b) for b in mlp_bytes(table)]
-    shares = [root / sum(roots) for root in roots]
+    total = sum(roots)
+    shares = [root / total for root in roots]
 
     def slices(total: int) -> tuple[int, ...]:
         out, share, before = [], 0.0, 0

@@ -43,7 +43,7 @@ prefill, a stage starts prompt chunk c only once its last op of chunk c-1 has en
 of chunk c-1 it sends has arrived: like a user's token in decode, a chunk holds a stage's activation
 buffers alone, which is what the partition reserves (a prompt's token ids are all known at once, so
 without this rule every chunk's embedding gather would start at once and wait in SRAM; and a result
-whose sends queue on busy links would still be held when the next chunk's begin).
+whose sends queue on busy links would still be held when the next chunk's ops begin).
 """
 
 from __future__ import annotations
