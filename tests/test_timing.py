@@ -140,6 +140,26 @@ def test_a_moe_whose_rows_cannot_be_cut_spreads_its_experts():
     assert program.decode.makespan_cycles < by_rows.makespan_cycles / 1.5
 
 
+def test_a_longer_context_costs_decode_its_kv_installs_not_its_mlp_cuts():
+    """Llama 3 70B on 576 chips (72 stages x TP 8) at 4,096 and 8,192 tokens: both arrangements place all
+    71 stage boundaries inside MLPs, at 8,192 with the slices next to over-full stages moved off equal
+    (partition.fitted_slices), so the longer context slows the step by about the installs of its extra K
+    and V: at most twice them, the rest being the moved slices. (In equal slices only 35 boundaries fit
+    at 8,192 tokens, and the step was 26% longer than at 4,096.)"""
+    from openlpu.compiler.partition import piece_homes
+
+    spec, steps = load_preset("llama-3-70b"), {}
+    for context in (4096, 8192):
+        program = compile_program(spec, SYSTEM, Workload(context_length=context, prompt_len=512), 576, tp=8)
+        homes = piece_homes(program.placement)
+        assert sum(len(homes[(i, "ffn")]) - 1 for i in range(spec.n_layers)) == 71 and verify(program) == []
+        steps[context] = timing(program).decode_latency_s
+    # the extra 4,096 positions' K and V (int8) on one chip of each stage, summed along the pipeline
+    kv_bytes = spec.n_layers * 4096 * 2 * spec.n_kv_heads // 8 * spec.head_dim
+    installs_s = kv_bytes / (SYSTEM.chip.matrix_install_bytes_per_cycle * SYSTEM.chip.clock_hz)
+    assert 0 < steps[8192] - steps[4096] <= 2 * installs_s, (steps, installs_s)
+
+
 def test_ttft_no_faster_than_peak_compute(qwen):
     t = timing(qwen)
     spec = load_preset("qwen3-8b")

@@ -60,7 +60,9 @@ Those stages are arranged one of two ways (arrange; the compiler keeps the one w
 each user sooner):
 - spread (spread_over_stages): every stage boundary inside an MLP, as many as the stages have room for,
   the MLPs cut into equal slices, one per stage, which install their weights side by side, so each cut
-  takes a share of an MLP off the step (spread_slices shares the cuts out as mlp_slices does);
+  takes a share of an MLP off the step (spread_slices shares the cuts out as mlp_slices does); where a
+  stage between two cuts would overfill (an uncut layer, the embedding, the head), the slices beside it
+  are made smaller, as little as it needs (fitted_slices);
 - balanced: whole pieces, cut where stages fill instead when that arranges (filled_to), or MLPs cut into
   equal slices when it needs more stages than pieces or a whole MLP does not fit (the largest MLP into as
   many slices as asked or as it can be cut into, MLPs of other sizes, Maverick's dense ones beside its
@@ -476,6 +478,14 @@ def piece_bytes(table: SizeTable, n_layers: int, piece: tuple[int, str, int, int
     return math.ceil(w), kv, table.activations[h] + extra
 
 
+def is_part(spec: ModelSpec, table: SizeTable, piece: tuple[int, str, int, int]) -> bool:
+    """Whether a piece is one part of a piece cut between stages (piece_bytes' `split`)."""
+    item, part, lo, hi = piece
+    if part == "attn":
+        return hi > lo
+    return (lo, hi) != (0, table.ffn_units[item] if part == "ffn" else spec.vocab_size)
+
+
 def _sizes(table: SizeTable, n_layers: int, cut: list[tuple[tuple[int, str, int, int], bool]]) -> PieceSizes:
     known: dict[tuple[int, str, int, bool], tuple[int, int, int]] = {}  # a piece's bytes follow from its length
 
@@ -487,6 +497,11 @@ def _sizes(table: SizeTable, n_layers: int, cut: list[tuple[tuple[int, str, int,
 
     weights, kv, activations = zip(*(sized(piece, split) for piece, split in cut))
     return PieceSizes(tuple(piece for piece, _ in cut), weights, kv, activations, table.tied_table, table.experts)
+
+
+def sizes_of(spec: ModelSpec, table: SizeTable, cut: list[tuple[int, str, int, int]]) -> PieceSizes:
+    """Per-chip bytes of the pieces `cut`, each a part of a piece cut between stages or whole (is_part)."""
+    return _sizes(table, spec.n_layers, [(piece, is_part(spec, table, piece)) for piece in cut])
 
 
 def piece_sizes(spec: ModelSpec, table: SizeTable, k: int | tuple[int, ...] = 1, vocab: tuple[int, int] = (1, 1),
@@ -802,30 +817,106 @@ def spread_over_stages(spec: ModelSpec, table: SizeTable, p: int, capacity: int,
     (spread_slices), one slice per stage, the other boundaries between pieces. A cut MLP's slices run
     side by side, so each boundary inside one takes a share of it off the decode step, the most when the
     slices are equal. Where the stage between two cuts cannot hold the whole layers between them, fewer
-    cuts leave boundaries to place between pieces (the most cuts that arrange, by binary search). The
-    stages are as even as the cuts leave them, so a workload bound by its busiest stage (many users in
-    flight) may do better balanced (arrange). None if no number of cuts arranges."""
+    cuts leave boundaries to place between pieces (the most cuts that arrange, by binary search), or the
+    slices beside it move off equal to make room (fitted_slices, with the most cuts that arrange so); of
+    the two, the one whose step installs fewer bytes one after another (step_bytes). The stages are as
+    even as the cuts leave them, so a workload bound by its busiest stage (many users in flight) may do
+    better balanced (arrange). None if no number of cuts arranges."""
     fewest = fitting_cuts(spec, table, capacity, tile_rows)
     if fewest is None:
         return None
     least, vocab, attn, _ = fewest
     lo, hi = sum(least) - spec.n_layers, p - 1 - (sum(vocab) - 2) - (sum(attn) - spec.n_layers)
 
-    def arranged(cuts: int):
+    def arranged(cuts: int, fit: bool):
         found = fitting_cuts(spec, table, capacity, tile_rows, spread_slices(table, tile_rows, least, cuts))
         if found is None:
             return None
         sizes = found[3]
-        breaks = frozenset(j for j in range(1, len(sizes.pieces)) if sizes.pieces[j][:2] == sizes.pieces[j - 1][:2])
-        ranges = balanced_stages(sizes, p, capacity, breaks) if len(breaks) < p else None
+        breaks = [j for j in range(1, len(sizes.pieces)) if sizes.pieces[j][:2] == sizes.pieces[j - 1][:2]]
+        if len(breaks) >= p:
+            return None
+        ranges = balanced_stages(sizes, p, capacity, frozenset(breaks))
+        if ranges is None and fit and (fitted := fitted_slices(spec, table, sizes, breaks, capacity, tile_rows)):
+            sizes, ranges = fitted, balanced_stages(fitted, p, capacity, frozenset(breaks))
         return (sizes, ranges) if ranges is not None else None
 
-    best, cuts = None, hi  # all of them first, the common case
-    while lo <= hi:  # the most cuts that arrange
-        found = arranged(cuts)
-        lo, hi, best = (cuts + 1, hi, found) if found is not None else (lo, cuts - 1, best)
-        cuts = (lo + hi) // 2
-    return best
+    def most_cuts(fit: bool):  # the most cuts that arrange, all of them first (the common case)
+        best, lo_cuts, hi_cuts, cuts = None, lo, hi, hi
+        while lo_cuts <= hi_cuts:
+            found = arranged(cuts, fit)
+            lo_cuts, hi_cuts, best = (cuts + 1, hi_cuts, found) if found is not None else (lo_cuts, cuts - 1, best)
+            cuts = (lo_cuts + hi_cuts) // 2
+        return best, hi_cuts == hi
+
+    equal, every = most_cuts(False)
+    if every:
+        return equal
+    return min((found for found in (equal, most_cuts(True)[0]) if found is not None),
+               key=lambda found: step_bytes(found[0]), default=None)
+
+
+def step_bytes(sizes: PieceSizes) -> int:
+    """Per chip, the weights and KV one decode step installs one after another: every piece's, but of a
+    piece cut between stages, whose parts run side by side, only its largest part's."""
+    largest: dict[tuple[int, str], int] = {}
+    for piece, w, kv in zip(sizes.pieces, sizes.weights, sizes.kv):
+        largest[piece[:2]] = max(largest.get(piece[:2], 0), w + kv)
+    return sum(largest.values())
+
+
+def fitted_slices(spec: ModelSpec, table: SizeTable, sizes: PieceSizes, breaks: list[int], capacity: int,
+                  tile_rows: int) -> PieceSizes | None:
+    """`sizes` with the boundaries between its pieces' parts (pieces[j - 1] | pieces[j], j in `breaks`)
+    that fall inside MLPs moved so that each run of pieces between two boundaries fits a stage, each as
+    little off its place as that allows, in pipeline order: equal slices install fastest, but a run
+    holding an uncut layer, the embedding or the head may need its neighbours' slices smaller. A run too
+    large for one stage with any places is left to take more (balanced_stages splits it between pieces).
+    A moved boundary falls between weight tiles, as filled_sizes cuts. None if no such places fit."""
+    n, cut = spec.n_layers, list(sizes.pieces)
+    starts = [0, *breaks, len(cut)]
+    # per boundary, the places it may take, in order: tiles of its MLP's units, or where it is
+    places = [range(cut[j][2], cut[j][2] + 1) if cut[j][1] != "ffn" else
+              range(step := table.t * table.ffn_tile(cut[j][0], tile_rows), table.ffn_units[cut[j][0]], step)
+              for j in breaks]
+
+    def load(r: int, begin: int | None, end: int | None) -> int:
+        """Per-chip SRAM of run r, its first piece starting at `begin`, its last ending at `end`."""
+        run = cut[starts[r]:starts[r + 1]]
+        if begin is not None:
+            run[0] = (*run[0][:2], begin, run[0][3])
+        if end is not None:
+            run[-1] = (*run[-1][:3], end)
+        held = [piece_bytes(table, n, piece, is_part(spec, table, piece)) for piece in run]
+        return sum(w + kv for w, kv, _ in held) + max(a for _, _, a in held)  # stage_bytes: never the whole model
+
+    def first(b: int, holds) -> int:  # index of the first of boundary b's places where `holds` (it holds after)
+        lo, hi = 0, len(places[b])
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if holds(places[b][mid]) else (mid + 1, hi)
+        return lo
+
+    # per run, what it may hold: a stage, or anything if it fits none however small its slices are
+    room = [capacity if load(r, places[r - 1][-1] if r else None, places[r][0] if r < len(breaks) else None)
+            <= capacity else math.inf for r in range(len(starts) - 1)]
+    least = [0] * len(breaks)  # per boundary, the earliest place from which the runs after it fit
+    for b in reversed(range(len(breaks))):
+        after = least[b + 1] if b + 1 < len(breaks) else None
+        at = first(b, lambda x, b=b, after=after: load(b + 1, x, after) <= room[b + 1])
+        if at == len(places[b]):
+            return None
+        least[b] = places[b][at]
+    placed: list[int] = []
+    for b, j in enumerate(breaks):
+        low = max(least[b], placed[-1] + 1 if b and breaks[b - 1] == j - 1 else 0)  # a middle slice is not empty
+        full = first(b, lambda x, b=b: load(b, placed[-1] if b else None, x) > room[b])
+        if full == 0 or low > places[b][full - 1]:
+            return None
+        placed.append(min(max(cut[j][2], low), places[b][full - 1]))
+    for j, x in zip(breaks, placed):
+        cut[j - 1], cut[j] = (*cut[j - 1][:3], x), (*cut[j][:2], x, cut[j][3])
+    return sizes_of(spec, table, cut)
 
 
 def filled_to(spec: ModelSpec, table: SizeTable, p: int, capacity: int,
