@@ -22,23 +22,25 @@ def compile_program(spec: ModelSpec, system: SystemSpec, workload: Workload, chi
                     tp: int | None = None) -> Program:
     """Place the model on `chips` chips (None: as few as fit) in TP groups of `tp` chips (None: the
     compiler's choice) and schedule one decode step (one micro-batch of users) and one prefill: the
-    stages arranged for the shortest step, or as even as can be (partition's `balance`), or, for a
-    mixture of experts whose rows that placement could not cut, spread by expert rows (partition's
-    `experts`), whichever gives each user tokens sooner. Same inputs, byte-identical Program."""
+    stages arranged for the shortest step, with MLP slices fitted to full stages or only equal ones
+    (partition's `fit`), or as even as can be (`balance`), or, for a mixture of experts whose rows that
+    placement could not cut, spread by expert rows (`experts`), whichever gives each user tokens sooner.
+    Same inputs, byte-identical Program."""
     if workload.context_length > spec.context_length:
         raise OpenLPUError(f"context {workload.context_length} is longer than {spec.name}'s context window "
                            f"({spec.context_length} tokens); use at most {spec.context_length}")
     templates, users = {}, workload.users  # templates: collective routes, shared by every schedule
     spread = partition(spec, system, workload, chips, tp)
     placement, decode = _decode_schedule(spec, system, workload, chips, tp, spread, {}, templates)
-    # even stages can still be faster: with users in flight the busiest stage may bound the step, and the
-    # balanced arrangement cuts pieces where stages fill, which can suit a model whose MLPs cannot be cut;
-    # and a mixture of experts whose d_ff rows were too few to cut can spread its experts over the stages
+    # fewer cuts in equal slices can be faster than slices squeezed beside full stages; even stages can
+    # be faster too: with users in flight the busiest stage may bound the step, and the balanced
+    # arrangement cuts pieces where stages fill, which can suit a model whose MLPs cannot be cut; and a
+    # mixture of experts whose d_ff rows were too few to cut can spread its experts over the stages
     tried = [spread]
     homes = piece_homes(spread)
     uncut = spec.n_experts and not spread.experts and all(
         len(homes[(i, "ffn")]) == 1 for i in range(spec.n_layers) if spec.is_moe_layer(i))
-    for option in ({"balance": True}, *([{"experts": True}] if uncut else [])):
+    for option in ({"fit": False}, {"balance": True}, *([{"experts": True}] if uncut else [])):
         if (other := partition(spec, system, workload, chips, tp, **option)) in tried:
             continue
         tried.append(other)

@@ -783,15 +783,16 @@ def least_sram(spec: ModelSpec, table: SizeTable, p: int, capacity: int, slices:
 
 
 def arrange(spec: ModelSpec, table: SizeTable, p: int, capacity: int, tile_rows: int,
-            balance: bool = False) -> tuple[PieceSizes, list[tuple[int, int]]] | None:
-    """p stages of the TP degree of `table`, for the shortest decode step (spread_over_stages), or, with
-    `balance` or where that does not fit, for the most even stages: whole pieces when they suffice (cut
-    where stages fill instead if that arranges: filled_to), else the fewest MLP slices that give at least
-    p pieces and arrange (the embedding and head split only if they do not fit whole), else, for fewer
-    stages than those need, pieces cut where stages fill."""
+            balance: bool = False, fit: bool = True) -> tuple[PieceSizes, list[tuple[int, int]]] | None:
+    """p stages of the TP degree of `table`, for the shortest decode step (spread_over_stages, its slices
+    fitted to full stages as `fit` says), or, with `balance` or where that does not fit, for the most
+    even stages: whole pieces when they suffice (cut where stages fill instead if that arranges:
+    filled_to), else the fewest MLP slices that give at least p pieces and arrange (the embedding and
+    head split only if they do not fit whole), else, for fewer stages than those need, pieces cut where
+    stages fill."""
     if least_sram(spec, table, p, capacity) > p * capacity:
         return None
-    spread = None if balance else spread_over_stages(spec, table, p, capacity, tile_rows)
+    spread = None if balance else spread_over_stages(spec, table, p, capacity, tile_rows, fit)
     if spread is not None:
         return spread
     cuts = fitting_cuts(spec, table, capacity, tile_rows)
@@ -811,24 +812,25 @@ def arrange(spec: ModelSpec, table: SizeTable, p: int, capacity: int, tile_rows:
     return (filled, ranges) if ranges is not None else None
 
 
-def spread_over_stages(spec: ModelSpec, table: SizeTable, p: int, capacity: int,
-                       tile_rows: int) -> tuple[PieceSizes, list[tuple[int, int]]] | None:
+def spread_over_stages(spec: ModelSpec, table: SizeTable, p: int, capacity: int, tile_rows: int,
+                       fit: bool = True) -> tuple[PieceSizes, list[tuple[int, int]]] | None:
     """p stages whose boundaries fall inside MLPs, as many as fit: MLPs cut into equal slices
     (spread_slices), one slice per stage, the other boundaries between pieces. A cut MLP's slices run
     side by side, so each boundary inside one takes a share of it off the decode step, the most when the
     slices are equal. Where the stage between two cuts cannot hold the whole layers between them, fewer
-    cuts leave boundaries to place between pieces (the most cuts that arrange, by binary search), or the
-    slices beside it move off equal to make room (fitted_slices, with the most cuts that arrange so); of
-    the two, the one whose step installs fewer bytes one after another (step_bytes). The stages are as
-    even as the cuts leave them, so a workload bound by its busiest stage (many users in flight) may do
-    better balanced (arrange). None if no number of cuts arranges."""
+    cuts leave boundaries to place between pieces (the most cuts that arrange, by binary search), and,
+    with `fit`, the slices beside it may move off equal to make room (fitted_slices): more cuts, but a
+    slice squeezed beside a full stage leaves the rest of its MLP larger, so a step can be longer than
+    with fewer cuts in equal slices (the compiler schedules both). The stages are as even as the cuts
+    leave them, so a workload bound by its busiest stage (many users in flight) may do better balanced
+    (arrange). None if no number of cuts arranges."""
     fewest = fitting_cuts(spec, table, capacity, tile_rows)
     if fewest is None:
         return None
     least, vocab, attn, _ = fewest
     lo, hi = sum(least) - spec.n_layers, p - 1 - (sum(vocab) - 2) - (sum(attn) - spec.n_layers)
 
-    def arranged(cuts: int, fit: bool):
+    def arranged(cuts: int):
         found = fitting_cuts(spec, table, capacity, tile_rows, spread_slices(table, tile_rows, least, cuts))
         if found is None:
             return None
@@ -841,28 +843,12 @@ def spread_over_stages(spec: ModelSpec, table: SizeTable, p: int, capacity: int,
             sizes, ranges = fitted, balanced_stages(fitted, p, capacity, frozenset(breaks))
         return (sizes, ranges) if ranges is not None else None
 
-    def most_cuts(fit: bool):  # the most cuts that arrange, all of them first (the common case)
-        best, lo_cuts, hi_cuts, cuts = None, lo, hi, hi
-        while lo_cuts <= hi_cuts:
-            found = arranged(cuts, fit)
-            lo_cuts, hi_cuts, best = (cuts + 1, hi_cuts, found) if found is not None else (lo_cuts, cuts - 1, best)
-            cuts = (lo_cuts + hi_cuts) // 2
-        return best, hi_cuts == hi
-
-    equal, every = most_cuts(False)
-    if every:
-        return equal
-    return min((found for found in (equal, most_cuts(True)[0]) if found is not None),
-               key=lambda found: step_bytes(found[0]), default=None)
-
-
-def step_bytes(sizes: PieceSizes) -> int:
-    """Per chip, the weights and KV one decode step installs one after another: every piece's, but of a
-    piece cut between stages, whose parts run side by side, only its largest part's."""
-    largest: dict[tuple[int, str], int] = {}
-    for piece, w, kv in zip(sizes.pieces, sizes.weights, sizes.kv):
-        largest[piece[:2]] = max(largest.get(piece[:2], 0), w + kv)
-    return sum(largest.values())
+    best, cuts = None, hi  # all of them first, the common case
+    while lo <= hi:  # the most cuts that arrange
+        found = arranged(cuts)
+        lo, hi, best = (cuts + 1, hi, found) if found is not None else (lo, cuts - 1, best)
+        cuts = (lo + hi) // 2
+    return best
 
 
 def fitted_slices(spec: ModelSpec, table: SizeTable, sizes: PieceSizes, breaks: list[int], capacity: int,
@@ -1120,13 +1106,13 @@ def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int 
 
 
 def partition(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None = None,
-              tp: int | None = None, decode_rows: int = 1, balance: bool = False,
+              tp: int | None = None, decode_rows: int = 1, balance: bool = False, fit: bool = True,
               experts: bool | None = None) -> Placement:
     """Place the model on exactly `chips` chips, or on as few as fit (None), in TP groups of `tp` chips
     (None: the compiler's choice), with activation buffers for decode micro-batches of `decode_rows`,
-    its stages arranged for the shortest decode step or, with `balance`, as even as can be (arrange),
-    its MoE MLPs cut by rows or by expert rows as `experts` says (None: mlp_cuts' order; the fewest
-    chips are counted in that order either way)."""
+    its stages arranged for the shortest decode step (MLP slices fitted to full stages as `fit` says) or,
+    with `balance`, as even as can be (arrange), its MoE MLPs cut by rows or by expert rows as `experts`
+    says (None: mlp_cuts' order; the fewest chips are counted in that order either way)."""
     if chips is not None and (isinstance(chips, bool) or not isinstance(chips, int) or chips <= 0):
         raise OpenLPUError(f"chips must be a positive integer, got {chips!r}")
     if chips is not None and chips > system.max_chips:
@@ -1138,7 +1124,7 @@ def partition(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: in
         if best is not None:  # those chips arranged as if asked for, else as fewest_stages packed them
             t, p, sizes = best
             table = size_table(spec, workload, t, passes, sizes.experts if experts is None else experts)
-            arranged = arrange(spec, table, p, cap, system.chip.matrix_tile_rows, balance)
+            arranged = arrange(spec, table, p, cap, system.chip.matrix_tile_rows, balance, fit)
             return _place(spec, system, workload, t, *(arranged or (sizes, balanced_stages(sizes, p, cap))))
     else:
         for by_expert in mlp_cuts(spec) if experts is None else (experts,):
@@ -1146,7 +1132,7 @@ def partition(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: in
                 if chips % t or group_chips(system, t, chips // t) is None:
                     continue
                 arranged = arrange(spec, size_table(spec, workload, t, passes, by_expert), chips // t, cap,
-                                   system.chip.matrix_tile_rows, balance)
+                                   system.chip.matrix_tile_rows, balance, fit)
                 if arranged is not None:
                     return _place(spec, system, workload, t, *arranged)
     raise _no_fit(spec, system, workload, chips, passes, widths)
