@@ -121,6 +121,17 @@ def test_global_links_too_few_to_cable_the_racks_are_refused(tmp_path):
     assert load_system(_write(tmp_path, data)).max_chips == 72
 
 
+def test_a_network_other_than_a_dragonfly_is_refused(tmp_path):
+    """The links are cabled and routed as a Dragonfly (SystemSpec.route); a file naming another network
+    would be timed as a Dragonfly all the same, so it is refused, naming the one it may say."""
+    data = json.loads(json.dumps(V1))
+    data["network"]["topology"]["value"] = "torus"
+    with pytest.raises(OpenLPUError, match=r"network\.topology 'torus' is not a network OpenLPU models.*'dragonfly'"):
+        load_system(_write(tmp_path, data))
+    data["network"]["topology"]["value"] = "dragonfly"
+    assert load_system(_write(tmp_path, data)).network.topology == "dragonfly"
+
+
 def test_figure_without_source_is_refused(tmp_path):
     data = json.loads(json.dumps(V1))
     data["node"]["chips"] = 8

@@ -16,6 +16,7 @@ from openlpu.errors import OpenLPUError
 from openlpu.hardware.spec_file import build, read_hardware
 
 LINK_KINDS = ("local", "rack", "system")  # inside a node, between nodes of a rack, between racks
+TOPOLOGIES = ("dragonfly",)  # networks the cabling and route() below model
 # figures that may be 0: a node of one chip has no local links
 MAY_BE_ZERO = frozenset({("NodeSpec", "local_links_per_chip")})
 
@@ -181,6 +182,10 @@ def load_system(name_or_path: str | Path) -> SystemSpec:
     system = build(SystemSpec, data, name, sources, MAY_BE_ZERO, {"links": LINK_KINDS})
     if system.chip.busy_power_w < system.chip.idle_power_w:
         raise OpenLPUError(f"{name}: chip.busy_power_w must be at least chip.idle_power_w")
+    if system.network.topology not in TOPOLOGIES:
+        raise OpenLPUError(f"{name}: network.topology {system.network.topology!r} is not a network OpenLPU models; "
+                           f"its links are cabled and routed as a Dragonfly with racks as its groups (ISCA 2022): "
+                           f"use one of {', '.join(map(repr, TOPOLOGIES))}")
     if system.node.local_links_per_chip != system.node.chips - 1:  # route() joins a node's chips directly
         raise OpenLPUError(f"{name}: node.local_links_per_chip must be node.chips - 1 "
                            f"({system.node.chips - 1}): the chips of a node form a full mesh")
