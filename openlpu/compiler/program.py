@@ -118,6 +118,28 @@ class ScheduledOp:
     inputs: tuple[str, ...]  # ops or transfers whose results it needs
 
 
+# Per transfer kind, which of its chips send its input, which it delivers its result to, and what each of
+# those holds of the payload afterwards. Transfer.chips holds the source first for a send or broadcast,
+# the group for a collective, and both groups in rank order for a rank-to-rank send.
+TRANSFER_ENDS = {  # kind: (senders, receivers, each receiver's new bytes)
+    "p2p": ("source", "rest", "whole"),
+    "broadcast": ("source", "rest", "whole"),
+    "all_reduce": ("group", "group", "none"),  # summed in place, in its input's buffer
+    "all_gather": ("group", "group", "whole"),
+    "rank_p2p": ("first half", "second half", "share"),
+    "stripe": ("first half", "second half", "share"),
+}
+
+
+def transfer_ends(kind: str, chips: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(senders, receivers) of a transfer of `kind` over `chips` (TRANSFER_ENDS)."""
+    half = len(chips) // 2
+    roles = {"source": chips[:1], "rest": chips[1:], "group": chips, "first half": chips[:half],
+             "second half": chips[half:]}
+    senders, receivers, _ = TRANSFER_ENDS[kind]
+    return roles[senders], roles[receivers]
+
+
 @dataclass(frozen=True)
 class Transfer:
     """Vectors on chip-to-chip links: a point-to-point send, a broadcast, a TP all-reduce, a value
@@ -137,6 +159,14 @@ class Transfer:
     start_cycle: int
     arrival_cycle: int
     inputs: tuple[str, ...]
+
+    @property
+    def senders(self) -> tuple[int, ...]:
+        return transfer_ends(self.kind, self.chips)[0]
+
+    @property
+    def receivers(self) -> tuple[int, ...]:
+        return transfer_ends(self.kind, self.chips)[1]
 
     def link_loads(self):
         """(from chip, to chip, bytes) for every directed link of every phase."""

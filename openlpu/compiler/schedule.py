@@ -55,7 +55,7 @@ import math
 from openlpu.compiler.partition import (CUT_SEPARATOR, EMBED, EXPERT_ROWS, axis_length, expert_spans, ffn_units,
                                         item_of_tensor, kv_slots, lowered_decode, op_fractions, op_item, op_piece,
                                         op_role, op_suffix, piece_homes)
-from openlpu.compiler.program import PhaseSchedule, Placement, ScheduledOp, Transfer, Workload
+from openlpu.compiler.program import PhaseSchedule, Placement, ScheduledOp, Transfer, Workload, transfer_ends
 from openlpu.errors import OpenLPUError
 from openlpu.graph.lower import PRECISIONS, as_precision, keys_in_slots, lower
 from openlpu.graph.ops import Op
@@ -190,8 +190,7 @@ class _Scheduler:
     def _send(self, name: str, kind: str, stage: int, chips: tuple[int, ...], payload: float, ready: int,
               inputs: tuple[str, ...]) -> int:
         if kind in ("p2p", "rank_p2p", "stripe"):  # rank_p2p, stripe: rank r of one group to rank r of the next
-            half = len(chips) // 2
-            pairs = [(chips[0], chips[1])] if kind == "p2p" else list(zip(chips[:half], chips[half:]))
+            pairs = list(zip(*transfer_ends(kind, chips)))
             routes = [self.system.route(src, dst) for src, dst in pairs]
             load: dict[tuple[int, int], float] = {}
             latency = 0.0

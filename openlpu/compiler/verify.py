@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from openlpu.compiler.partition import (EXPERT_ROWS, axis_length, cut_range, ffn_units, is_cut_along_ffn,
                                         is_cut_along_vocab, is_expert_tensor, merged_pieces, piece_homes, tensor_piece)
-from openlpu.compiler.program import PhaseSchedule, Program, Transfer
+from openlpu.compiler.program import TRANSFER_ENDS, PhaseSchedule, Program, Transfer
 from openlpu.compiler.schedule import split_chunk
 from openlpu.errors import OpenLPUError
 from openlpu.graph.lower import as_precision
@@ -155,17 +155,12 @@ def _inputs_ready(program: Program, phase: PhaseSchedule) -> list[Violation]:
 
 
 def _received(t: Transfer) -> tuple[tuple[int, ...], float]:
-    """The chips a transfer leaves its result on and the bytes each holds: an all-reduce works in place
-    (its input's buffer); a rank_p2p leaves each rank of the second group its own share of the heads, a
-    stripe its share of the vector, and an all-gather the whole vector on every chip of its group."""
-    if t.kind == "all_reduce":
+    """The chips a transfer leaves new bytes on and how many each holds (TRANSFER_ENDS): the payload, or
+    a rank's share of it, or none where it works in place (an all-reduce, in its input's buffer)."""
+    held = TRANSFER_ENDS[t.kind][2]
+    if held == "none":
         return (), 0.0
-    if t.kind in ("rank_p2p", "stripe"):
-        group = t.chips[len(t.chips) // 2:]
-        return group, t.payload_bytes / len(group)
-    if t.kind == "all_gather":
-        return t.chips, t.payload_bytes
-    return t.chips[1:], t.payload_bytes
+    return t.receivers, t.payload_bytes / len(t.receivers) if held == "share" else t.payload_bytes
 
 
 def _sram(program: Program, phase: PhaseSchedule) -> list[Violation]:
@@ -188,7 +183,7 @@ def _sram(program: Program, phase: PhaseSchedule) -> list[Violation]:
         for i in t.inputs:
             last_use[i] = max(last_use.get(i, 0), t.arrival_cycle)
     for t in reversed(phase.transfers):  # an all-reduce works in place: its result keeps its input alive
-        if t.kind == "all_reduce":
+        if TRANSFER_ENDS[t.kind][2] == "none":
             for i in t.inputs:
                 last_use[i] = max(last_use[i], last_use.get(t.name, t.arrival_cycle))
     stage_events = defaultdict(list)  # ops run on every chip of their stage: (cycle, +/- bytes)

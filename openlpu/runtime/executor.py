@@ -720,10 +720,7 @@ class Executor:
 
     def _transfer(self, ev: Event, values: dict[int, dict]) -> None:
         t, src_name = ev.transfer, ev.inputs[0]
-        first_group = t.chips[:len(t.chips) // 2]
-        sources = {"all_reduce": t.chips, "all_gather": t.chips, "rank_p2p": first_group,
-                   "stripe": first_group}.get(t.kind, t.chips[:1])
-        for c in sources:
+        for c in t.senders:
             if src_name not in values[c]:
                 raise OpenLPUError(f"transfer {ev.name} sends {src_name} from chip {c}, which never produced it")
         if t.kind == "all_reduce":
@@ -734,13 +731,11 @@ class Executor:
         elif t.kind == "p2p":
             values[t.chips[-1]][ev.name] = values[t.chips[0]][src_name]
         elif t.kind == "rank_p2p":  # each rank's heads to the same rank of the next group
-            half = len(t.chips) // 2
-            for src, dst in zip(t.chips[:half], t.chips[half:]):
+            for src, dst in zip(t.senders, t.receivers):
                 values[dst][ev.name] = values[src][src_name]
         elif t.kind == "stripe":  # rank r's share of the features to rank r of the next group
-            half = len(t.chips) // 2
-            for r, (src, dst) in enumerate(zip(t.chips[:half], t.chips[half:])):
-                values[dst][ev.name] = torch.tensor_split(values[src][src_name], half, dim=-1)[r]
+            for r, (src, dst) in enumerate(zip(t.senders, t.receivers)):
+                values[dst][ev.name] = torch.tensor_split(values[src][src_name], len(t.senders), dim=-1)[r]
         elif t.kind == "all_gather":  # the group's shares, in rank order
             whole = torch.cat([values[c][src_name] for c in t.chips], dim=-1)
             for c in t.chips:
