@@ -672,13 +672,12 @@ def test_least_sram_is_a_floor_under_real_arrangements(name, tp, experts):
         filled_sizes,
         greedy_stages,
         least_sram,
-        lowered_passes,
         size_table,
         stage_bytes,
     )
     spec, cap, tile = load_preset(name), SYSTEM.chip.sram_bytes, SYSTEM.chip.matrix_tile_rows
     workload = Workload(context_length=4096, prompt_len=512)
-    table = size_table(spec, workload, tp, lowered_passes(spec, workload), experts)
+    table = size_table(spec, workload, tp, experts=experts)
     checked = 0
     for sizes, slices in [*((s, Counter(i for i, part, _, _ in s.pieces if part == "ffn"))
                             for s in itertools.islice(cut_options(spec, table, cap, tile), 4)),
@@ -711,7 +710,6 @@ def test_slices_too_large_for_their_stages_move_as_little_as_a_stage_needs():
     from openlpu.compiler.partition import (
         fitted_slices,
         fitting_cuts,
-        lowered_passes,
         size_table,
         sizes_of,
         spread_slices,
@@ -720,7 +718,7 @@ def test_slices_too_large_for_their_stages_move_as_little_as_a_stage_needs():
 
     spec, cap, tile = load_preset("llama-3-70b"), SYSTEM.chip.sram_bytes, SYSTEM.chip.matrix_tile_rows
     workload = Workload(context_length=8192, prompt_len=512)
-    table = size_table(spec, workload, 8, lowered_passes(spec, workload))
+    table = size_table(spec, workload, 8)
     least = fitting_cuts(spec, table, cap, tile)[0]
     equal = fitting_cuts(spec, table, cap, tile, spread_slices(table, tile, least, 71))[3]
     breaks = [j for j in range(1, len(equal.pieces)) if equal.pieces[j][:2] == equal.pieces[j - 1][:2]]

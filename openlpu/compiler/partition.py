@@ -75,6 +75,7 @@ each user sooner):
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 from collections import Counter
@@ -375,16 +376,17 @@ def lowered_decode(spec: ModelSpec, workload: Workload, rows: int = 1) -> list[O
                  act_precision=workload.activations, queries=workload.draft_tokens + 1)
 
 
-def lowered_passes(spec: ModelSpec, workload: Workload, decode_rows: int = 1) -> list[list[Op]]:
+@functools.lru_cache(maxsize=16)
+def lowered_passes(spec: ModelSpec, workload: Workload, decode_rows: int = 1) -> tuple[list[Op], ...]:
     """The passes a stage's activation buffers must serve: one decode micro-batch of `decode_rows`
     users' tokens, one prefill chunk."""
     chunk = min(workload.prompt_len, workload.prefill_chunk)
-    return [lowered_decode(spec, workload, decode_rows),
+    return (lowered_decode(spec, workload, decode_rows),
             lower(spec, "prefill", chunk, 1, workload.weights, kv_precision=workload.kv,
-                  act_precision=workload.activations)]
+                  act_precision=workload.activations))
 
 
-def activation_peaks(spec: ModelSpec, passes: list[list[Op]], t: int) -> list[float]:
+def activation_peaks(spec: ModelSpec, passes: tuple[list[Op], ...], t: int) -> list[float]:
     """Per half, the most activation bytes one chip holds at once: outputs live from their op's start
     to their last consumer (ops in graph order), the half's input held throughout, plus one output of
     slack for an op on another unit starting early."""
@@ -419,8 +421,8 @@ def activation_peaks(spec: ModelSpec, passes: list[list[Op]], t: int) -> list[fl
     return peaks
 
 
-def size_table(spec: ModelSpec, workload: Workload, t: int, passes: list[list[Op]] | None = None,
-               experts: bool = False) -> SizeTable:
+@functools.lru_cache(maxsize=64)  # a compile sizes the same degrees for each placement it tries
+def size_table(spec: ModelSpec, workload: Workload, t: int, decode_rows: int = 1, experts: bool = False) -> SizeTable:
     wb = as_precision(workload.weights).bytes_per_element
     kb = as_precision(workload.kv).bytes_per_element
     n, shapes = spec.n_layers, spec.tensor_shapes()
@@ -446,8 +448,7 @@ def size_table(spec: ModelSpec, workload: Workload, t: int, passes: list[list[Op
     slot_bytes = workload.users * 2 * kv_heads_per_chip(spec, t) * spec.head_dim * kb
     for i in range(n):
         kv[half_index(i, "attn", n)] = math.ceil(slots[i] * slot_bytes)
-    passes = passes if passes is not None else lowered_passes(spec, workload)
-    acts = activation_peaks(spec, passes, t)
+    acts = activation_peaks(spec, lowered_passes(spec, workload, decode_rows), t)
     tokens = max(1, min(workload.prompt_len, workload.prefill_chunk))
     ab = as_precision(workload.activations).bytes_per_element
     cut = 2 * tokens * spec.d_model * ab
@@ -987,20 +988,19 @@ def mlp_cuts(spec: ModelSpec) -> tuple[bool, ...]:
 
 
 def fewest_chips(spec: ModelSpec, system: SystemSpec, workload: Workload,
-                 passes: list[list[Op]] | None = None, widths: list[int] | None = None,
+                 decode_rows: int = 1, widths: list[int] | None = None,
                  ) -> tuple[int, int, PieceSizes] | None:
     """(t, p, piece sizes): fewest_stages at the TP degree inside a node that takes the fewest nodes
     (nodes_used; ties to the wider degree: the same hosts, a faster step), or, only when none fits, at
     the degree spanning whole nodes chosen by the same rule; with MLPs cut by rows, or, only when that
     places nothing, by expert (mlp_cuts). `widths` limits the TP degrees tried (default: all of
     tp_candidates, in its order)."""
-    passes = passes if passes is not None else lowered_passes(spec, workload)
     for experts in mlp_cuts(spec):
         best, best_key, node = None, None, system.node.chips
         for t in widths or tp_candidates(spec, system):
             if best is not None and best[0] <= node < t:
                 break  # a node-local placement exists: never span nodes for a few chips less
-            found = fewest_stages(spec, system, size_table(spec, workload, t, passes, experts))
+            found = fewest_stages(spec, system, size_table(spec, workload, t, decode_rows, experts))
             if found is None or group_chips(system, t, found[0]) is None:
                 continue
             key = (nodes_used(system, t * found[0]), -t)  # the fewest nodes, then the wider
@@ -1011,23 +1011,24 @@ def fewest_chips(spec: ModelSpec, system: SystemSpec, workload: Workload,
     return None
 
 
-def _chips_beyond_largest(spec: ModelSpec, system: SystemSpec, workload: Workload, passes,
+def _chips_beyond_largest(spec: ModelSpec, system: SystemSpec, workload: Workload, decode_rows: int,
                           widths: list[int]) -> int | None:
     """The fewest chips the pieces would need at any of the TP degrees `widths`, were the system large
     enough (None if some piece fits a stage at none of them)."""
     counts = [t * found[0] for experts in mlp_cuts(spec) for t in widths
-              if (found := fewest_stages(spec, system, size_table(spec, workload, t, passes, experts)))]
+              if (found := fewest_stages(spec, system, size_table(spec, workload, t, decode_rows, experts)))]
     return min(counts, default=None)
 
 
-def most_chips(spec: ModelSpec, system: SystemSpec, workload: Workload, passes, widths: list[int]) -> dict[int, int]:
+def most_chips(spec: ModelSpec, system: SystemSpec, workload: Workload, decode_rows: int,
+               widths: list[int]) -> dict[int, int]:
     """The most chips each TP degree of `widths` spreads the pieces over: one piece per stage, each MLP in
     the most slices it can be cut into (arrange places no more stages than pieces); degrees where no piece
     fits are left out."""
     cap, tile, most = system.chip.sram_bytes, system.chip.matrix_tile_rows, {}
     for experts in mlp_cuts(spec):
         for t in widths:
-            table = size_table(spec, workload, t, passes, experts)
+            table = size_table(spec, workload, t, decode_rows, experts)
             cuts = fitting_cuts(spec, table, cap, tile, max(most_slices(table, tile)))
             if cuts is None:
                 continue
@@ -1055,19 +1056,19 @@ def tp_widths(spec: ModelSpec, system: SystemSpec, tp: int | None) -> list[int]:
     return [tp]
 
 
-def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None, passes,
+def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None, decode_rows: int,
             widths: list[int]) -> OpenLPUError:
     cap = system.chip.sram_bytes
-    best = fewest_chips(spec, system, workload, passes, widths)
+    best = fewest_chips(spec, system, workload, decode_rows, widths)
     what = (f"{spec.name} ({workload.weights} weights, context {workload.context_length}, "
             f"{workload.users} user(s){'' if len(widths) > 1 else f', TP {widths[0]}'})")
-    if best is None and (beyond := _chips_beyond_largest(spec, system, workload, passes, widths)) is not None:
+    if best is None and (beyond := _chips_beyond_largest(spec, system, workload, decode_rows, widths)) is not None:
         return OpenLPUError(
             f"{what} does not fit on any {system.name} system: it needs {beyond} chips, more than the largest "
             f"system ({system.max_chips}); lower --context or --users, or use a smaller precision")
     if best is None:  # the largest whole piece at the widest TP degree
         t = widths[-1]
-        sizes = piece_sizes(spec, size_table(spec, workload, t, passes))
+        sizes = piece_sizes(spec, size_table(spec, workload, t, decode_rows))
         worst = max(range(len(sizes.weights)), key=lambda s: stage_bytes(sizes, s, s + 1))
         need = stage_bytes(sizes, worst, worst + 1)
         # a piece without K and V (an MLP's weights) shrinks only with fewer bytes per weight or a larger chip
@@ -1076,7 +1077,7 @@ def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int 
         item, part = sizes.pieces[worst][:2]
         need_text = f"{need / 1e6:,.0f} MB per chip even split {t} ways"
         if part == "ffn" and spec.is_moe_layer(item):  # the finest cut by expert rows: a tile of them on a chip
-            rows = size_table(spec, workload, 1, passes, experts=True)
+            rows = size_table(spec, workload, 1, decode_rows, experts=True)
             tile = rows.ffn_tile(item, system.chip.matrix_tile_rows)
             need_text += (f", and {tile} rows of its experts, the finest cut, hold "
                           f"{tile * rows.ffn_unit_bytes[item] / 1e6:,.0f} MB of weights")
@@ -1097,7 +1098,7 @@ def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int 
     degrees = f"TP degrees {', '.join(map(str, widths))}; " if len(widths) > 1 else ""
     unit = f"one {system.chip.matrix_tile_rows}-row weight tile" + (" (or one narrower expert)" if spec.n_experts
                                                                    else "")
-    most = most_chips(spec, system, workload, passes, widths)
+    most = most_chips(spec, system, workload, decode_rows, widths)
     spread = ", ".join(f"{n} at TP {t}" for t, n in sorted(most.items()))
     return OpenLPUError(f"{chips} chips cannot be arranged as pipeline stages of equal TP groups for {what} "
                         f"({degrees}an MLP is cut between stages only into slices that leave each chip at least "
@@ -1118,12 +1119,12 @@ def partition(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: in
     if chips is not None and chips > system.max_chips:
         raise OpenLPUError(f"{chips} chips is more than the largest {system.name} system ({system.max_chips})")
     widths = tp_widths(spec, system, tp)
-    cap, passes = system.chip.sram_bytes, lowered_passes(spec, workload, decode_rows)
+    cap = system.chip.sram_bytes
     if chips is None:
-        best = fewest_chips(spec, system, workload, passes, widths)
+        best = fewest_chips(spec, system, workload, decode_rows, widths)
         if best is not None:  # those chips arranged as if asked for, else as fewest_stages packed them
             t, p, sizes = best
-            table = size_table(spec, workload, t, passes, sizes.experts if experts is None else experts)
+            table = size_table(spec, workload, t, decode_rows, sizes.experts if experts is None else experts)
             arranged = arrange(spec, table, p, cap, system.chip.matrix_tile_rows, balance, fit)
             return _place(spec, system, workload, t, *(arranged or (sizes, balanced_stages(sizes, p, cap))))
     else:
@@ -1131,11 +1132,11 @@ def partition(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: in
             for t in widths:
                 if chips % t or group_chips(system, t, chips // t) is None:
                     continue
-                arranged = arrange(spec, size_table(spec, workload, t, passes, by_expert), chips // t, cap,
+                arranged = arrange(spec, size_table(spec, workload, t, decode_rows, by_expert), chips // t, cap,
                                    system.chip.matrix_tile_rows, balance, fit)
                 if arranged is not None:
                     return _place(spec, system, workload, t, *arranged)
-    raise _no_fit(spec, system, workload, chips, passes, widths)
+    raise _no_fit(spec, system, workload, chips, decode_rows, widths)
 
 
 def merged_pieces(run: tuple[tuple[int, str, int, int], ...]) -> tuple[tuple[int, str, int, int], ...]:
