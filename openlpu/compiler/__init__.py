@@ -37,9 +37,7 @@ def compile_program(spec: ModelSpec, system: SystemSpec, workload: Workload, chi
     # arrangement cuts pieces where stages fill, which can suit a model whose MLPs cannot be cut; and a
     # mixture of experts whose d_ff rows were too few to cut can spread its experts over the stages
     tried = [spread]
-    homes = piece_homes(spread)
-    uncut = spec.n_experts and not spread.experts and all(
-        len(homes[(i, "ffn")]) == 1 for i in range(spec.n_layers) if spec.is_moe_layer(i))
+    uncut = spec.n_experts and not spread.experts and _moe_layers_whole(spec, spread)
     for option in ({"fit": False}, {"balance": True}, *([{"experts": True}] if uncut else [])):
         if (other := partition(spec, system, workload, chips, tp, **option)) in tried:
             continue
@@ -52,6 +50,12 @@ def compile_program(spec: ModelSpec, system: SystemSpec, workload: Workload, chi
                    kv_slots=tuple(kv_slots(spec, workload.context_length, i) for i in range(spec.n_layers)),
                    placement=placement, decode=decode,
                    prefill=schedule_phase(spec, system, workload, placement, "prefill", templates))
+
+
+def _moe_layers_whole(spec: ModelSpec, placement: Placement) -> bool:
+    """Whether every MoE layer's MLP sits whole on one stage."""
+    homes = piece_homes(placement)
+    return all(len(homes[(i, "ffn")]) == 1 for i in range(spec.n_layers) if spec.is_moe_layer(i))
 
 
 def _decode_schedule(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None, tp: int | None,

@@ -839,9 +839,10 @@ def spread_over_stages(spec: ModelSpec, table: SizeTable, p: int, capacity: int,
         breaks = [j for j in range(1, len(sizes.pieces)) if sizes.pieces[j][:2] == sizes.pieces[j - 1][:2]]
         if len(breaks) >= p:
             return None
-        ranges = balanced_stages(sizes, p, capacity, frozenset(breaks))
+        starts = frozenset(breaks)  # a stage begins at each
+        ranges = balanced_stages(sizes, p, capacity, starts)
         if ranges is None and fit and (fitted := fitted_slices(spec, table, sizes, breaks, capacity, tile_rows)):
-            sizes, ranges = fitted, balanced_stages(fitted, p, capacity, frozenset(breaks))
+            sizes, ranges = fitted, balanced_stages(fitted, p, capacity, starts)
         return (sizes, ranges) if ranges is not None else None
 
     best, cuts = None, hi  # all of them first, the common case

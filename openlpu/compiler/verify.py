@@ -160,7 +160,8 @@ def _received(t: Transfer) -> tuple[tuple[int, ...], float]:
     held = TRANSFER_ENDS[t.kind][2]
     if held == "none":
         return (), 0.0
-    return t.receivers, t.payload_bytes / len(t.receivers) if held == "share" else t.payload_bytes
+    receivers = t.receivers
+    return receivers, t.payload_bytes / len(receivers) if held == "share" else t.payload_bytes
 
 
 def _sram(program: Program, phase: PhaseSchedule) -> list[Violation]:
