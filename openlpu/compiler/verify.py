@@ -327,48 +327,74 @@ def _shards_on_their_stages(program: Program) -> list[Violation]:
 
 
 def _links(program: Program, phase: PhaseSchedule) -> list[Violation]:
-    clock = program.system.chip.clock_hz
-    loads = defaultdict(list)  # directed link -> (start, end, bytes per second, transfer)
+    clock, system = program.system.chip.clock_hz, program.system
+    # a collective's phases load hundreds of links alike and every layer's repeats them: each distinct
+    # load is swept once, for the most transfers in flight at once (the sum of 1 / seconds), and a link
+    # is within its bandwidth if its bytes in each load at that load's peak are, summed (a bound on the
+    # peak of their sum); only a link that bound does not clear is swept transfer by transfer
+    spans_of = defaultdict(list)  # a phase's link loads -> the (start, arrival, transfer) spans carrying them
     for t in phase.transfers:
         for start, arrival, links in t.phases:
-            seconds = (arrival - start) / clock
-            for a, b, nbytes in links:
-                loads[(a, b)].append((start, arrival, nbytes / seconds if seconds > 0 else float("inf"), t.name))
-    out = []
-    for (a, b), spans in sorted(loads.items()):
-        if a == b or not (0 <= a < program.system.max_chips and 0 <= b < program.system.max_chips):
+            spans_of[links].append((start, arrival, t.name))
+    carried = defaultdict(list)  # directed link -> (bytes, spans) of each load it is part of
+    peaks = {}
+    for links, spans in spans_of.items():
+        inverse = [(arrival - start) / clock for start, arrival, _ in spans]
+        inverse = [1 / s if s > 0 else math.inf for s in inverse]
+        events = sorted([(s, 1, r) for (s, _, _), r in zip(spans, inverse)] +
+                        [(e, 0, r) for (_, e, _), r in zip(spans, inverse)])
+        level = peak = 0.0
+        for _, starting, r in events:  # ends (0) sort before starts (1) at the same cycle
+            level += r if starting else -r
+            peak = max(peak, level)
+        peaks[id(spans)] = peak
+        for a, b, nbytes in links:
+            carried[(a, b)].append((nbytes, spans))
+    out, swept = [], {}
+    for (a, b), loads in sorted(carried.items()):
+        if a == b or not (0 <= a < system.max_chips and 0 <= b < system.max_chips):
             out.append(Violation("link_bandwidth", f"{phase.phase}: no link from chip {a} to chip {b}"))
             continue
-        bandwidth = program.system.links[program.system.link_kind(a, b)].bandwidth_bytes_per_s
-        if len(spans) == 1:  # nothing shares the link: its own rate is all there is
-            if spans[0][2] > bandwidth * (1 + RATE_TOLERANCE):
-                out.append(Violation("link_bandwidth", f"{phase.phase}: link {a}->{b} carries "
-                                                       f"{spans[0][2] / 1e9:.2f} GB/s ({spans[0][3]}), over its "
-                                                       f"{bandwidth / 1e9:.2f} GB/s"))
+        bandwidth = system.links[system.link_kind(a, b)].bandwidth_bytes_per_s
+        if sum(nbytes * peaks[id(spans)] for nbytes, spans in loads) <= bandwidth * (1 + RATE_TOLERANCE):
             continue
-        events = sorted([(s, 1, r, n) for s, _, r, n in spans] + [(e, 0, r, n) for _, e, r, n in spans])
-        rate = 0.0
-        for cycle, starting, r, name in events:  # ends (0) sort before starts (1) at the same cycle
-            rate += r if starting else -r
-            if starting and rate > bandwidth * (1 + RATE_TOLERANCE):
-                out.append(Violation("link_bandwidth", f"{phase.phase}: link {a}->{b} carries {rate / 1e9:.2f} GB/s at "
-                                                       f"cycle {cycle} ({name}), over its {bandwidth / 1e9:.2f} GB/s"))
-                break
+        same = (tuple((nbytes, id(spans)) for nbytes, spans in loads), bandwidth)  # the links of a group alike
+        if same not in swept:
+            swept[same] = _over_bandwidth([(start, arrival, nbytes / ((arrival - start) / clock) if arrival > start
+                                            else math.inf, name) for nbytes, spans in loads
+                                           for start, arrival, name in spans], bandwidth)
+        if swept[same]:
+            out.append(Violation("link_bandwidth", f"{phase.phase}: link {a}->{b} carries {swept[same]}"))
     return out
+
+
+def _over_bandwidth(spans: list[tuple[int, int, float, str]], bandwidth: float) -> str | None:
+    """What one link carries at the first moment its transfers, (start, arrival, bytes per second, name)
+    each, exceed its bandwidth together (None if they never do)."""
+    if len(spans) == 1:  # nothing shares the link: its own rate is all there is
+        if spans[0][2] > bandwidth * (1 + RATE_TOLERANCE):
+            return f"{spans[0][2] / 1e9:.2f} GB/s ({spans[0][3]}), over its {bandwidth / 1e9:.2f} GB/s"
+        return None
+    events = sorted([(s, 1, r, n) for s, _, r, n in spans] + [(e, 0, r, n) for _, e, r, n in spans])
+    rate = 0.0
+    for cycle, starting, r, name in events:  # ends (0) sort before starts (1) at the same cycle
+        rate += r if starting else -r
+        if starting and rate > bandwidth * (1 + RATE_TOLERANCE):
+            return f"{rate / 1e9:.2f} GB/s at cycle {cycle} ({name}), over its {bandwidth / 1e9:.2f} GB/s"
+    return None
 
 
 def _global_ports(program: Program) -> list[Violation]:
     """A hop between nodes takes one of each end chip's global links (cables fixed for both phases), so
     a chip reaches at most global_links_per_chip chips outside its node directly."""
     system = program.system
+    loads = {links for phase in (program.decode, program.prefill) for t in phase.transfers for _, _, links in t.phases}
+    hops = {(a, b) for links in loads for a, b, _ in links}
     peers = defaultdict(set)
-    for phase in (program.decode, program.prefill):
-        for t in phase.transfers:
-            for _, _, links in t.phases:
-                for a, b, _ in links:
-                    if a != b and system.node_of(a) != system.node_of(b):
-                        peers[a].add(b)
-                        peers[b].add(a)
+    for a, b in hops:
+        if a != b and system.node_of(a) != system.node_of(b):
+            peers[a].add(b)
+            peers[b].add(a)
     ports = system.node.global_links_per_chip
     return [Violation("link_bandwidth", f"chip {chip} exchanges data directly with {len(others)} chips in other "
                                         f"nodes ({', '.join(map(str, sorted(others)[:6]))}"
