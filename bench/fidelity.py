@@ -84,6 +84,7 @@ GROQ_LLMPERF_DECODE = ("ray-project/llmperf-leaderboard raw_data/summary/groq_70
 # The count is used for every row of those two models: no later count was published.
 CHIPS_SOURCE = ("576 chips (8 racks of 72) for Llama-2-70B and for Mixtral 8x7B: Groq staff on Hacker News and "
                 "SemiAnalysis, Feb 2024 [M]")
+PIPELINE_SOURCE = "SemiAnalysis, Feb 2024: pipeline parallel, a few users in flight [M]"
 COUNTED = "CHECK"
 # Each service row is modelled at the context window the service offered: the number in the model's id
 # (llama2-70b-4096, mixtral-8x7b-32768, llama3-8b-8192) or the catalogue's window, else the press figure's.
@@ -335,13 +336,37 @@ def max_load_requests(p: Point) -> int:
     return min(t.max_users, MAX_LOAD_REQUESTS)
 
 
+def groq_program(model: str, system, workload, chips: int | None, tp: int | None = None):
+    """A Groq row's Program on `chips` in TP groups of `tp` chips or, by default, of the first width in
+    the compiler's order of preference (the widest inside a node, then groups spanning nodes) that the
+    row's chips arrange at; on the fewest chips, at the width partition counts them at. Groq's 576-chip
+    system was reported as pipeline parallel [M]; left to itself, the compiler would also try wider
+    groups spanning nodes (compile_program), a deployment the record does not describe
+    (free_choice_reading)."""
+    from openlpu.compiler import compile_program
+    from openlpu.compiler.partition import partition, tp_candidates
+    from openlpu.errors import OpenLPUError
+
+    spec = load_preset(model)
+    if tp or chips is None:
+        return compile_program(spec, system, workload, chips=chips,
+                               tp=tp or partition(spec, system, workload).tp)
+    widths = tp_candidates(spec, system)
+    for t in widths:
+        try:
+            return compile_program(spec, system, workload, chips=chips, tp=t)
+        except OpenLPUError:
+            if t == widths[-1]:
+                raise
+
+
 def lpu_timing(p: Point, system, context: int, prompt: int, tp: int | None = None, users: int = 1):
-    from openlpu.compiler import Workload, compile_program, verify_or_raise
+    from openlpu.compiler import Workload, verify_or_raise
     from openlpu.sim.timing import timing
 
     workload = Workload(weights=p.precision, activations=p.precision, kv=p.precision,
                         context_length=context, users=users, prompt_len=prompt)
-    program = compile_program(load_preset(p.model), system, workload, chips=p.chips, tp=tp)
+    program = groq_program(p.model, system, workload, p.chips, tp)
     verify_or_raise(program)
     return timing(program)
 
@@ -519,23 +544,23 @@ def fit_lpu_install(system) -> float:
 
 def fp16_activation_sensitivity(system) -> dict:
     """The FIT point again with FP16 activations and KV (8-bit weights): what the precision choice moves."""
-    from openlpu.compiler import Workload, compile_program
+    from openlpu.compiler import Workload
     from openlpu.sim.timing import timing
 
     p = FIT_POINT
     workload = Workload(weights="int8", activations="fp16", kv="fp16", context_length=p.setting["context"],
                         prompt_len=512)
-    t = timing(compile_program(load_preset(p.model), system, workload, chips=p.chips))
+    t = timing(groq_program(p.model, system, workload, p.chips))
     return {"tok_s_per_user": t.tokens_per_s_per_user, "stages": t.stages, "tp": t.tp}
 
 
 def lpu_decomposition(system) -> dict:
     """Where one Llama-2-70B decode step goes at the FIT point: ops by kind and transfers by kind, in
     seconds summed along the step (they are sequential for one user)."""
-    from openlpu.compiler import Workload, compile_program
+    from openlpu.compiler import Workload
 
     workload = Workload(context_length=FIT_POINT.setting["context"], prompt_len=512)
-    program = compile_program(load_preset(FIT_POINT.model), system, workload, chips=FIT_POINT.chips)
+    program = groq_program(FIT_POINT.model, system, workload, FIT_POINT.chips)
     clock, out = system.chip.clock_hz, {}
     for op in program.decode.ops:
         out[op.kind] = out.get(op.kind, 0.0) + (op.end_cycle - op.start_cycle) / clock
@@ -545,15 +570,35 @@ def lpu_decomposition(system) -> dict:
             "tp": program.placement.tp, "by_kind_s": dict(sorted(out.items(), key=lambda kv: -kv[1]))}
 
 
+def free_choice_reading(system) -> dict:
+    """The FIT row compiled in the compiler's own choice of TP width on its chips, and the install rate at
+    which that choice would reproduce the published figure (proportional steps, as implied_install_rates;
+    the compiler chooses again at each rate)."""
+    from openlpu.compiler import Workload, compile_program
+    from openlpu.sim.timing import timing
+
+    p = FIT_POINT
+    spec, workload = load_preset(p.model), Workload(weights=p.precision, activations=p.precision, kv=p.precision,
+                                                    context_length=p.setting["context"], prompt_len=512)
+    t = timing(compile_program(spec, system, workload, chips=p.chips))
+    rate, tok_s = system.chip.matrix_install_bytes_per_cycle, t.tokens_per_s_per_user
+    for _ in range(6):
+        if abs(tok_s / p.published - 1) < 0.002:
+            break
+        rate *= p.published / tok_s
+        tok_s = timing(compile_program(spec, with_install_rate(system, rate), workload,
+                                       chips=p.chips)).tokens_per_s_per_user
+    return {"stages": t.stages, "tp": t.tp, "tok_s": t.tokens_per_s_per_user, "implied_rate": rate}
+
+
 def mixtral_cut(system) -> dict:
     """Mixtral on Groq's 576 chips: the placement, and the step if its stages ran one after another."""
-    from openlpu.compiler import Workload, compile_program
+    from openlpu.compiler import Workload
     from openlpu.compiler.schedule import stage_occupancy_cycles
     from openlpu.sim.timing import timing
 
     p = MIXTRAL_PRESS
-    program = compile_program(load_preset(p.model), system, Workload(context_length=p.setting["context"],
-                                                                     prompt_len=512), chips=p.chips)
+    program = groq_program(p.model, system, Workload(context_length=p.setting["context"], prompt_len=512), p.chips)
     chained = sum(stage_occupancy_cycles(program.decode).values()) / system.chip.clock_hz
     return {"stages": len(program.placement.stages), "tp": program.placement.tp,
             "mlp_parts": sum(piece[1] == "ffn" for s in program.placement.stages for piece in s.pieces)
@@ -751,7 +796,7 @@ weights and the cached K and V are installed once), so longer rounds reach furth
 
 
 def markdown(lpu_rows, gpu_rows, gpu_fit, install_fit, shipped_install, system, decomposition, fp16, mixtral, scout,
-             fewest, implied, best, pairs, specdec, gpu_read) -> str:
+             fewest, implied, best, pairs, specdec, gpu_read, free) -> str:
     def table(rs):
         lines = [("| system | model | chips (published / modelled) | metric | published | predicted | error | "
                   "role | source, date |"), "|---|---|---|---|---|---|---|---|---|"]
@@ -806,7 +851,7 @@ def markdown(lpu_rows, gpu_rows, gpu_fit, install_fit, shipped_install, system, 
         + [f"| {f['model']} ({f['context']:,}) | {at_widths(f, 'chips', 'd')} | {at_widths(f, 'predicted', ',.0f')} "
            f"| {f['stages']} x TP {f['tp']} | {f['published']:,} | {nearest(f)} | {f['loaded']['chips']:,}, "
            f"{f['loaded']['predicted']:,.0f} |" for f in fewest])
-    # the compiler spans nodes only when no width inside a node places the MLPs cut by rows; --tp inside a
+    # partition spans nodes only when no width inside a node places the MLPs cut by rows; --tp inside a
     # node then cuts them by expert rows (mlp_cuts in openlpu/compiler/partition.py)
     wide_only = [f for f in fewest if f["tp"] > max(WIDTHS)]
     small = [f for f in fewest if f not in wide_only and f["nearest_tp"] and f["nearest_tp"] < f["tp"]]
@@ -821,7 +866,7 @@ def markdown(lpu_rows, gpu_rows, gpu_fit, install_fit, shipped_install, system, 
     wide_only_text = "".join(
         f" {f['model']} ({f['context']:,}): cut by d_ff rows, no width inside a node holds one layer's MLP (at TP"
         f" {max(WIDTHS)}, {_layer_mlp_bytes(f['model']) / max(WIDTHS) / 1e6:,.0f} MB of int8 experts per chip, and too"
-        f" few rows per chip to cut it between stages), so the compiler spans nodes at TP {f['tp']} ({f['stages']}"
+        f" few rows per chip to cut it between stages), so the placement spans nodes at TP {f['tp']} ({f['stages']}"
         f" stages), installing every expert of every layer at each step, as a static schedule must:"
         f" {f['predicted']:,.0f} tok/s, {f['predicted'] / f['published'] - 1:+.0%} from the listing. At TP"
         f" {f['half_width']['tp']} ({f['half_width']['chips']:,} chips) it predicts"
@@ -951,10 +996,15 @@ placement column shows stages x TP. A row without a published chip count is held
 fewest chips (the TP width inside a node that takes the fewest nodes, ties to the wider; whole
 attention and MLP halves per stage, or, when that needs fewer stages, pieces cut where stages fill:
 MLPs along d_ff, tables along the vocabulary, attention along its KV slots).
-Given a chip count, the compiler takes the widest TP inside a node that arranges. On either count it
-arranges the stages two ways and keeps the faster step: each stage boundary inside an MLP, cut into equal
-slices (one per stage) that install side by side, as far as the stages have room; or stages as even as
-can be.
+Given a chip count, a row is compiled at the widest TP inside a node that arranges. On either count the
+compiler arranges the stages two ways and keeps the faster step: each stage boundary inside an MLP, cut
+into equal slices (one per stage) that install side by side, as far as the stages have room; or stages as
+even as can be. Groq's 576-chip deployment was reported as pipeline parallel ({PIPELINE_SOURCE}), so every
+row keeps its TP groups inside a node, as the compiler's partition places them. Left to itself the
+compiler also tries wider groups spanning nodes on the same chips and keeps the faster decode: on the FIT
+row's {FIT_POINT.chips} chips it places {free["stages"]} stages x TP {free["tp"]} at {free["tok_s"]:,.0f} tok/s per
+user (at the fitted rate), and would reproduce the published {FIT_POINT.published:,.0f} only at an install rate of
+{free["implied_rate"]:,.0f} B/cycle, {"below" if free["implied_rate"] < MXM_PLANES * VECTOR_BYTES else "above"} the public lower bound below: Groq did not run it so.
 
 One open constant: the matrix unit's weight-install rate, `chip.matrix_install_bytes_per_cycle`
 (not published as such). Fitted here on the FIT row: **{install_fit:,.0f} B/cycle per chip**
@@ -1231,7 +1281,7 @@ def main() -> int:
     install = fit_lpu_install(system)
     fitted_system = with_install_rate(system, install)
     lpu_rows = rows(LPU_POINTS, lambda p: predict_lpu(p, fitted_system))
-    decomposition = lpu_decomposition(fitted_system)
+    decomposition, free = lpu_decomposition(fitted_system), free_choice_reading(fitted_system)
     fp16 = fp16_activation_sensitivity(fitted_system)
     mixtral, fewest = mixtral_cut(fitted_system), fewest_chip_readings(lpu_rows, fitted_system)
     scout = scout_spread(fitted_system)
@@ -1246,12 +1296,13 @@ def main() -> int:
          "machine": f"{platform.node()} {platform.machine()} Python {platform.python_version()}",
          "gpu_fit": gpu_fit, "lpu_install_bytes_per_cycle_fit": install,
          "lpu_install_bytes_per_cycle_shipped": shipped, "lpu_decode_decomposition": decomposition,
+         "fit_row_in_the_compilers_choice": free,
          "lpu_fp16_activation_sensitivity": fp16, "mixtral_576": mixtral, "scout_spread": scout, "fewest_chip_readings": fewest,
          "implied_install_rates": implied, "best_single_install_rate": best, "contradictory_pairs": pairs,
          "speculative_reading": specdec, "gpu_readings": gpu_read, "lpu": lpu_rows, "gpu": gpu_rows},
         indent=1) + "\n")
     text = markdown(lpu_rows, gpu_rows, gpu_fit, install, shipped, fitted_system, decomposition, fp16, mixtral, scout,
-                    fewest, implied, best, pairs, specdec, gpu_read)
+                    fewest, implied, best, pairs, specdec, gpu_read, free)
     (RESULTS / "fidelity.md").write_text(text)
     print(text)
     return 0

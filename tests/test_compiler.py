@@ -210,7 +210,7 @@ def test_more_stages_than_layers_cut_each_mlp_between_stages():
     of all 8 experts (together exactly once), recomputes the router from a replicated copy, and the
     parts' partial sums meet in one running sum per extra part."""
     spec = load_preset("mixtral-8x7b")
-    p = compile_program(spec, SYSTEM, Workload(context_length=4096, prompt_len=512), chips=576)
+    p = compile_program(spec, SYSTEM, Workload(context_length=4096, prompt_len=512), chips=576, tp=8)
     assert (p.placement.tp, len(p.placement.stages)) == (8, 72) and not verify(p)
     parts = {}
     for stage in p.placement.stages:
@@ -642,7 +642,7 @@ def test_mlps_of_different_sizes_are_cut_in_proportion_to_the_root_of_their_byte
     verifies, and runs faster per token than on its fewest chips."""
     spec = load_preset("llama-4-maverick")
     workload = Workload(context_length=8192, prompt_len=64)
-    p = compile_program(spec, SYSTEM, workload, chips=4000)
+    p = compile_program(spec, SYSTEM, workload, chips=4000, tp=8)
     assert (p.placement.tp, len(p.placement.stages), p.placement.experts) == (8, 500, True) and verify(p) == []
     shapes = spec.tensor_shapes()
     ratio = math.prod(shapes["blk.1.ffn_gate_exps.weight"]) / math.prod(shapes["blk.0.ffn_gate.weight"])
@@ -741,3 +741,46 @@ def test_slices_too_large_for_their_stages_move_as_little_as_a_stage_needs():
         cut[j - 1], cut[j] = (*cut[j - 1][:3], nearer), (*cut[j][:2], nearer, cut[j][3])
         sizes = sizes_of(spec, table, cut)
         assert stage_bytes(sizes, *runs[b]) > cap or stage_bytes(sizes, *runs[b + 1]) > cap
+
+
+@pytest.mark.parametrize("model, chips, context, users", [
+    ("llama-2-70b", 576, 4096, 1),  # Groq's 576 chips: TP 8 inside a node or groups spanning up to 8 nodes
+    ("qwen3-32b", 576, 32768, 4),  # users in flight: larger all-reduces
+    ("gemma-3-270m", 16, 2048, 1),  # 4 heads: no group wider than 4 splits them
+])
+def test_the_compilers_tp_width_decodes_no_slower_than_any_width_asked_for(model, chips, context, users):
+    """Left to choose, the compiler's step is at least as fast as that of every TP width it could be told
+    to use on the same chips (each compiled with --tp): the wider groups spanning nodes it tries find
+    the fastest of them."""
+    from openlpu.compiler.partition import tp_candidates
+    from openlpu.compiler.schedule import decode_period_cycles
+
+    spec = load_preset(model)
+    workload = Workload(context_length=context, users=users, prompt_len=512)
+    chosen = compile_program(spec, SYSTEM, workload, chips=chips)
+    assert len(chosen.placement.chips) == chips and not verify(chosen)
+    periods = {}
+    for t in tp_candidates(spec, SYSTEM):
+        try:
+            asked = compile_program(spec, SYSTEM, workload, chips=chips, tp=t)
+        except OpenLPUError:  # the chips do not divide into groups of t, or a piece fits no group of t
+            continue
+        periods[t] = decode_period_cycles(SYSTEM, asked.decode, users)
+    assert len(periods) >= 3
+    assert decode_period_cycles(SYSTEM, chosen.decode, users) == min(periods.values())
+    assert periods[chosen.placement.tp] == min(periods.values())
+
+
+def test_groups_spanning_nodes_beat_a_node_wide_group_on_groqs_576_chips():
+    """Llama 2 70B on 576 chips: TP 8 inside each node makes 72 stages whose installs run one after
+    another; 9 stages of 64 chips install each matrix over 8 times the chips, so the step is over 3x
+    shorter even with every all-reduce crossing nodes (through the global links the verifier checks)."""
+    spec = load_preset("llama-2-70b")
+    workload = Workload(context_length=4096, prompt_len=512)
+    chosen, node_wide = (compile_program(spec, SYSTEM, workload, chips=576, tp=tp) for tp in (None, 8))
+    assert (chosen.placement.tp, len(chosen.placement.stages)) == (64, 9)
+    assert not verify(chosen)
+    assert node_wide.decode.makespan_cycles > 3 * chosen.decode.makespan_cycles
+    crossing = [tr for tr in chosen.decode.transfers if tr.kind == "all_reduce"
+                and len({SYSTEM.node_of(c) for c in tr.chips}) > 1]
+    assert len(crossing) >= 2 * spec.n_layers

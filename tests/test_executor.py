@@ -626,7 +626,7 @@ def test_gemma_sharded_matches_fused_and_llamacpp(gemma, llamacpp_reference):
     torch.testing.assert_close(fused.forward(prompt, [Span(0, 0, len(prompt))]), plain, **TOL)
     want = run_steps(fused, prompt, 2)
     for (system, chips), shape in GEMMA_PLACEMENTS.items():
-        program = compile_program(spec, SYSTEMS[system], workload, chips)
+        program = compile_program(spec, SYSTEMS[system], workload, chips, tp=shape[0])
         heads = [pc for s in program.placement.stages for pc in s.pieces if pc[1] == "head"]
         assert (program.placement.tp, len(program.placement.stages), len(heads)) == shape, (system, chips)
         sharded = Executor(program, spec, weights, "sharded")

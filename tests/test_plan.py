@@ -151,8 +151,10 @@ def test_compute_used_reads_the_programs_flops_and_the_presets_peaks():
 
     spec, system, h100_spec = load_preset("mixtral-8x7b"), load_system("lpu-v1"), load_gpu("h100-sxm")
     for users in (1, 8):
-        lpu, h100 = plan("mixtral-8x7b", context=2048, users=users, gpus=4)
-        program = compile_program(spec, system, Workload(context_length=2048, prompt_len=512, users=users))
+        # TP 8 cuts the MoE MLPs by d_ff rows, which gives every chip its share of the routed work; cut by
+        # expert rows (wider groups), a chip's ops reserve the most the routing can send it instead
+        lpu, h100 = plan("mixtral-8x7b", context=2048, users=users, gpus=4, tp=8)
+        program = compile_program(spec, system, Workload(context_length=2048, prompt_len=512, users=users), tp=8)
         width = {s.index: len(s.chips) for s in program.placement.stages}
         copies = [o for o in program.decode.ops if CUT_SEPARATOR in o.name and op_role(o) == "replicated"]
         assert any(o.unit == "matrix" for o in copies)
@@ -164,7 +166,7 @@ def test_compute_used_reads_the_programs_flops_and_the_presets_peaks():
         gpu_peak = 4 * h100_spec.dense_flops_per_s["int8"]
         assert h100.compute_used_fraction == pytest.approx(flops * h100.throughput_tokens_per_s / gpu_peak, rel=1e-3)
         assert h100.compute_used_fraction < COMPUTE_EFFICIENCY
-    assert lpu.compute_used_fraction > 4 * plan("mixtral-8x7b", context=2048, gpus=4)[0].compute_used_fraction
+    assert lpu.compute_used_fraction > 4 * plan("mixtral-8x7b", context=2048, gpus=4, tp=8)[0].compute_used_fraction
 
 
 def test_more_users_raise_throughput_on_the_gpu():

@@ -16,8 +16,8 @@ SYSTEM = load_system("lpu-v1")
 W = Workload(context_length=2048, prompt_len=256, users=1)
 
 
-def _compile(name, chips=None, workload=W):
-    return compile_program(load_preset(name), SYSTEM, workload, chips)
+def _compile(name, chips=None, workload=W, tp=None):
+    return compile_program(load_preset(name), SYSTEM, workload, chips, tp)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_parts_of_a_cut_mlp_install_at_the_same_time():
     (the bytes on the critical path, read a second way from the shards, and at most a quarter more for
     the hops and sums), under half the sum over stages of their install times (MLPs are 97% of a Mixtral
     layer's bytes), not all of it as an uncut pipeline does."""
-    p = _compile("mixtral-8x7b", 576, Workload(context_length=4096, prompt_len=512))
+    p = _compile("mixtral-8x7b", 576, Workload(context_length=4096, prompt_len=512), tp=8)
     slices = [sum(pc[:2] == (i, "ffn") for s in p.placement.stages for pc in s.pieces) for i in range(32)]
     assert set(slices) == {3, 4}
     install = SYSTEM.chip.matrix_install_bytes_per_cycle * SYSTEM.chip.clock_hz
@@ -232,7 +232,7 @@ def test_wider_tp_is_faster_per_token_until_links_dominate():
     assert _matrix_weight_bytes_on_the_path(wide) / _matrix_weight_bytes_on_the_path(narrow) <= ratio < 1.0
     # the same TP, twice the stages: more hops, but every stage boundary now cuts an MLP into slices that
     # install side by side, which saves more
-    deeper = _compile("qwen3-8b", 176)
+    deeper = _compile("qwen3-8b", 176, tp=8)
     assert deeper.placement.tp == 8 and timing(deeper).decode_latency_s < timing(wide).decode_latency_s
 
 
@@ -347,7 +347,7 @@ def test_decode_attention_installs_the_kv_cache_it_attends():
     stream through, so a decode attention lasts at least its chip's K and V (from the model's shapes)
     over the install rate, and a longer context slows every token by about that much per layer."""
     spec, rate = load_preset("llama-3.1-8b"), SYSTEM.chip.matrix_install_bytes_per_cycle
-    programs = {n: _compile("llama-3.1-8b", 80, Workload(context_length=n, prompt_len=256)) for n in (4096, 65536)}
+    programs = {n: _compile("llama-3.1-8b", 80, Workload(context_length=n, prompt_len=256), tp=8) for n in (4096, 65536)}
     tp = {p.placement.tp for p in programs.values()}.pop()
     assert {len(p.placement.stages) for p in programs.values()} == {80 // tp}  # one layout, two contexts
     kv_cycles = {n: 2 * n * spec.n_kv_heads // tp * spec.head_dim / rate for n in programs}  # int8: 1 byte

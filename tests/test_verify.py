@@ -28,7 +28,7 @@ def cut():
     pipeline_only = dataclasses.replace(SYSTEM, node=dataclasses.replace(SYSTEM.node, chips=1,
                                                                          global_links_per_chip=24))
     return compile_program(load_preset("gemma-3-270m"), pipeline_only,
-                           Workload(context_length=512, prompt_len=64, prefill_chunk=64), chips=40)
+                           Workload(context_length=512, prompt_len=64, prefill_chunk=64), chips=40, tp=1)
 
 
 def _invariants(program):
@@ -247,7 +247,8 @@ def test_experts_on_the_other_part_or_read_as_rows():
     their chips' expert rows of one tensor (and their shares of the shared expert's rows): coverage is intact,
     each part holds the other's. Read as a Program that cuts by rows, its pieces no longer cover the layers'
     d_ff rows."""
-    maverick = compile_program(load_preset("llama-4-maverick"), SYSTEM, Workload(context_length=2048, prompt_len=64))
+    maverick = compile_program(load_preset("llama-4-maverick"), SYSTEM, Workload(context_length=2048, prompt_len=64),
+                               tp=8)
     assert maverick.placement.experts and verify(maverick) == []
     homes = [(s.index, lo, hi) for s in maverick.placement.stages for it, part, lo, hi in s.pieces
              if (it, part) == (1, "ffn")]
@@ -334,7 +335,7 @@ def test_a_chip_reaches_no_more_other_nodes_chips_than_its_global_links():
     send re-routed from one chip straight to one chip in each of 5 other nodes is caught, on that chip
     alone."""
     p = compile_program(load_preset("llama-3.1-70b"), SYSTEM, Workload(context_length=1024, prompt_len=128),
-                        chips=576)
+                        chips=576, tp=8)
     assert verify(p) == []
     n = SYSTEM.node.chips
     t = next(t for t in p.decode.transfers if t.kind == "p2p")

@@ -19,9 +19,9 @@ BIG_CHIPS = 2048
 
 @pytest.fixture(scope="module")
 def big():
-    """Given 2,048 chips the compiler arranges equal ranges (its fewest chips cut pieces where stages
-    fill instead: tests/test_compiler.py)."""
-    return compile_program(load_preset("llama-3.1-405b"), SYSTEM, WORKLOAD, chips=BIG_CHIPS)
+    """Given 2,048 chips in node-wide TP groups the compiler arranges equal ranges (its fewest chips cut
+    pieces where stages fill instead: tests/test_compiler.py)."""
+    return compile_program(load_preset("llama-3.1-405b"), SYSTEM, WORKLOAD, chips=BIG_CHIPS, tp=8)
 
 
 def _ranges(program, part):
@@ -117,7 +117,7 @@ def test_verifier_catches_vocabulary_rows_placed_nowhere_or_twice(big):
 
 
 def test_split_programs_are_byte_identical_and_versioned(big, tmp_path):
-    again = compile_program(load_preset("llama-3.1-405b"), SYSTEM, WORKLOAD, chips=BIG_CHIPS)
+    again = compile_program(load_preset("llama-3.1-405b"), SYSTEM, WORKLOAD, chips=BIG_CHIPS, tp=8)
     assert again.sha256() == big.sha256()
     path = tmp_path / "big.prog"
     big.save(path)

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from openlpu.compiler.partition import kv_slots, partition, piece_homes
+from openlpu.compiler.partition import (
+    arrangement,
+    kv_slots,
+    partition,
+    piece_homes,
+    place,
+    tp_candidates,
+)
 from openlpu.compiler.program import (
     FORMAT_VERSION,
     PhaseSchedule,
@@ -21,35 +28,72 @@ from openlpu.models.spec import ModelSpec
 def compile_program(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None = None,
                     tp: int | None = None) -> Program:
     """Place the model on `chips` chips (None: as few as fit) in TP groups of `tp` chips (None: the
-    compiler's choice) and schedule one decode step (one micro-batch of users) and one prefill: the
+    compiler's choice, below) and schedule one decode step (one micro-batch of users) and one prefill: the
     stages arranged for the shortest step, with MLP slices fitted to full stages or only equal ones
     (partition's `fit`), or as even as can be (`balance`), or, for a mixture of experts whose rows that
     placement could not cut, spread by expert rows (`experts`), whichever gives each user tokens sooner.
-    Same inputs, byte-identical Program."""
+    The compiler's TP width is partition's (the widest inside a node that arranges), or a wider one
+    spanning nodes on the same chips where that decodes faster (_wider_groups). Same inputs,
+    byte-identical Program."""
     if workload.context_length > spec.context_length:
         raise OpenLPUError(f"context {workload.context_length} is longer than {spec.name}'s context window "
                            f"({spec.context_length} tokens); use at most {spec.context_length}")
-    templates, users = {}, workload.users  # templates: collective routes, shared by every schedule
-    spread = partition(spec, system, workload, chips, tp)
-    placement, decode = _decode_schedule(spec, system, workload, chips, tp, spread, {}, templates)
-    # fewer cuts in equal slices can be faster than slices squeezed beside full stages; even stages can
-    # be faster too: with users in flight the busiest stage may bound the step, and the balanced
-    # arrangement cuts pieces where stages fill, which can suit a model whose MLPs cannot be cut; and a
-    # mixture of experts whose d_ff rows were too few to cut can spread its experts over the stages
-    tried = [spread]
-    uncut = spec.n_experts and not spread.experts and _moe_layers_whole(spec, spread)
-    for option in ({"fit": False}, {"balance": True}, *([{"experts": True}] if uncut else [])):
-        if (other := partition(spec, system, workload, chips, tp, **option)) in tried:
-            continue
-        tried.append(other)
-        candidate = _decode_schedule(spec, system, workload, chips, tp, other, option, templates)
-        if decode_period_cycles(system, candidate[1], users) < decode_period_cycles(system, decode, users):
-            placement, decode = candidate
+    templates = {}  # collective routes, shared by every schedule
+    placement, decode = _arranged(spec, system, workload, chips, tp, templates)
+    if tp is None:
+        placement, decode = _wider_groups(spec, system, workload, placement, decode, templates)
     return Program(version=FORMAT_VERSION, model=spec.name, system=system, workload=workload,
                    tensors=spec.tensor_shapes(),
                    kv_slots=tuple(kv_slots(spec, workload.context_length, i) for i in range(spec.n_layers)),
                    placement=placement, decode=decode,
                    prefill=schedule_phase(spec, system, workload, placement, "prefill", templates))
+
+
+def _arranged(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None, tp: int | None,
+              templates: dict) -> tuple[Placement, PhaseSchedule]:
+    """partition's placement and its decode step in the arrangement of its stages that decodes fastest."""
+    users = workload.users
+    tried = [arrangement(spec, system, workload, chips, tp)]
+    spread = place(spec, system, workload, *tried[0])
+    placement, decode = _decode_schedule(spec, system, workload, chips, tp, spread, {}, templates)
+    # fewer cuts in equal slices can be faster than slices squeezed beside full stages; even stages can
+    # be faster too: with users in flight the busiest stage may bound the step, and the balanced
+    # arrangement cuts pieces where stages fill, which can suit a model whose MLPs cannot be cut; and a
+    # mixture of experts whose d_ff rows were too few to cut can spread its experts over the stages
+    uncut = spec.n_experts and not spread.experts and _moe_layers_whole(spec, spread)
+    for option in ({"fit": False}, {"balance": True}, *([{"experts": True}] if uncut else [])):
+        if (other := arrangement(spec, system, workload, chips, tp, **option)) in tried:
+            continue
+        tried.append(other)
+        candidate = _decode_schedule(spec, system, workload, chips, tp, place(spec, system, workload, *other), option,
+                                     templates)
+        if decode_period_cycles(system, candidate[1], users) < decode_period_cycles(system, decode, users):
+            placement, decode = candidate
+    return placement, decode
+
+
+def _wider_groups(spec: ModelSpec, system: SystemSpec, workload: Workload, placement: Placement,
+                  decode: PhaseSchedule, templates: dict) -> tuple[Placement, PhaseSchedule]:
+    """The placement, or one on the same chips in wider TP groups spanning nodes where that decodes faster.
+    A wider group installs each matrix over more chips, and installs bound a decode step, at the cost of
+    all-reduces over global links, which grow with the users a step carries. The widths that divide the
+    chips are tried from the widest down while each decodes faster than the one before (the step is
+    shortest where the all-reduces cost about what the wider installs save), each in its fastest
+    arrangement."""
+    chips, users = len(placement.chips), workload.users
+    best, best_period, previous = (placement, decode), decode_period_cycles(system, decode, users), None
+    for t in sorted((t for t in tp_candidates(spec, system) if t > placement.tp and chips % t == 0), reverse=True):
+        try:
+            candidate = _arranged(spec, system, workload, chips, t, templates)
+        except OpenLPUError:  # its pieces do not fit these chips in groups this wide
+            continue
+        period = decode_period_cycles(system, candidate[1], users)
+        if previous is not None and period >= previous:
+            break
+        if period < best_period:
+            best, best_period = candidate, period
+        previous = period
+    return best
 
 
 def _moe_layers_whole(spec: ModelSpec, placement: Placement) -> bool:

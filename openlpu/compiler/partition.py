@@ -55,6 +55,7 @@ the next stage; each cut part pays for its copies and buffers). Degrees are comp
 take (a share of one below a node, whole nodes beyond, as the cost model counts hosts), ties to the
 wider degree: the same hosts, a faster step. A group spans whole nodes of one rack only when no degree
 inside a node fits. A given chip count takes the first TP degree in order of preference that arranges.
+On those chips the compiler then tries wider groups spanning nodes too (compile_program).
 
 Those stages are arranged one of two ways (arrange; the compiler keeps the one whose decode step serves
 each user sooner):
@@ -1111,10 +1112,21 @@ def partition(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: in
               tp: int | None = None, decode_rows: int = 1, balance: bool = False, fit: bool = True,
               experts: bool | None = None) -> Placement:
     """Place the model on exactly `chips` chips, or on as few as fit (None), in TP groups of `tp` chips
-    (None: the compiler's choice), with activation buffers for decode micro-batches of `decode_rows`,
-    its stages arranged for the shortest decode step (MLP slices fitted to full stages as `fit` says) or,
-    with `balance`, as even as can be (arrange), its MoE MLPs cut by rows or by expert rows as `experts`
-    says (None: mlp_cuts' order; the fewest chips are counted in that order either way)."""
+    (None: the widest inside a node that arranges, spanning nodes only where none does), with activation
+    buffers for decode micro-batches of
+    `decode_rows`, its stages arranged for the shortest decode step (MLP slices fitted to full stages
+    as `fit` says) or, with `balance`, as even as can be (arrange), its MoE MLPs cut by rows or by
+    expert rows as `experts` says (None: mlp_cuts' order; the fewest chips are counted in that order
+    either way)."""
+    return place(spec, system, workload,
+                 *arrangement(spec, system, workload, chips, tp, decode_rows, balance, fit, experts))
+
+
+def arrangement(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None = None,
+                tp: int | None = None, decode_rows: int = 1, balance: bool = False, fit: bool = True,
+                experts: bool | None = None) -> tuple[int, PieceSizes, list[tuple[int, int]]]:
+    """partition's choices before its shards are made: (TP width, piece sizes, each stage's range of
+    pieces). Arrangements compare cheaply where Placements, with a shard per tensor and chip, do not."""
     if chips is not None and (isinstance(chips, bool) or not isinstance(chips, int) or chips <= 0):
         raise OpenLPUError(f"chips must be a positive integer, got {chips!r}")
     if chips is not None and chips > system.max_chips:
@@ -1127,7 +1139,7 @@ def partition(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: in
             t, p, sizes = best
             table = size_table(spec, workload, t, decode_rows, sizes.experts if experts is None else experts)
             arranged = arrange(spec, table, p, cap, system.chip.matrix_tile_rows, balance, fit)
-            return _place(spec, system, workload, t, *(arranged or (sizes, balanced_stages(sizes, p, cap))))
+            return (t, *(arranged or (sizes, balanced_stages(sizes, p, cap))))
     else:
         for by_expert in mlp_cuts(spec) if experts is None else (experts,):
             for t in widths:
@@ -1136,7 +1148,7 @@ def partition(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: in
                 arranged = arrange(spec, size_table(spec, workload, t, decode_rows, by_expert), chips // t, cap,
                                    system.chip.matrix_tile_rows, balance, fit)
                 if arranged is not None:
-                    return _place(spec, system, workload, t, *arranged)
+                    return (t, *arranged)
     raise _no_fit(spec, system, workload, chips, decode_rows, widths)
 
 
@@ -1162,8 +1174,9 @@ def piece_homes(placement: Placement) -> dict[tuple[int, str], list[tuple[int, i
     return homes
 
 
-def _place(spec: ModelSpec, system: SystemSpec, workload: Workload, t: int, sizes: PieceSizes,
-           ranges: list[tuple[int, int]]) -> Placement:
+def place(spec: ModelSpec, system: SystemSpec, workload: Workload, t: int, sizes: PieceSizes,
+          ranges: list[tuple[int, int]]) -> Placement:
+    """The Placement of an arrangement: its stages on their chip groups and every tensor's shards."""
     groups = group_chips(system, t, len(ranges))
     n = spec.n_layers
     stages = tuple(Stage(index=k, chips=groups[k], pieces=merged_pieces(sizes.pieces[lo:hi]),

@@ -148,6 +148,7 @@ class _Scheduler:
         self.pairs = pairs  # the sampler's (value, index) results, and their all-reduces: sent whole
         self.readers = readers  # result name -> the stages whose ops read it, in pipeline order
         self.templates = templates  # collective link loads per (group shape, kind), shared by the phases
+        self.collective_steps: dict[tuple, list] = {}  # a template on one group at one payload: every layer's alike
         self.ops: list[ScheduledOp] = []
         self.transfers: list[Transfer] = []
         self.stage_of_chip = {c: s.index for s in placement.stages for c in s.chips}
@@ -210,8 +211,11 @@ class _Scheduler:
             key = (tuple(c - base for c in chips), kind)
             if key not in self.templates:
                 self.templates[key] = _collective_template(self.system, key[0], kind)
-            steps = [(latency + worst * payload, tuple((a + base, b + base, f * payload) for (a, b), f in fractions))
-                     for latency, worst, fractions in self.templates[key]]
+            if (key, base, payload) not in self.collective_steps:
+                self.collective_steps[(key, base, payload)] = [
+                    (latency + worst * payload, tuple((a + base, b + base, f * payload) for (a, b), f in fractions))
+                    for latency, worst, fractions in self.templates[key]]
+            steps = self.collective_steps[(key, base, payload)]
         phases, arrival = [], ready
         for seconds, links in steps:  # each step waits for the one before it and for its own links
             start = max([arrival] + [self.link_free.get((a, b), 0) for a, b, _ in links])
