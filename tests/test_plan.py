@@ -299,3 +299,24 @@ def test_bad_input_is_one_line_and_exit_2(args, says):
     assert r.returncode == 2
     assert says in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_groups_spanning_nodes_stand_in_the_racks_they_fill():
+    """Llama 2 70B on 576 chips: in node-wide groups its 72 nodes fill 8 racks of 9; in its faster groups of
+    64 chips (8 nodes, inside one rack) the same 72 nodes stand in 9 racks. The plan prices the racks the
+    Program's chips stand in: one rack more, the chips, hosts and cables alike. A draft's chips start after
+    the target's last node, so the two never share a chip."""
+    from openlpu.compiler import Workload, compile_program
+    from openlpu.hardware.lpu import load_system
+    from openlpu.sim.cost import RACK_USD
+    from openlpu.sim.plan import draft_offset
+
+    (wide,), (node_wide,) = (plan("llama-2-70b", compare=(), chips=576, tp=tp) for tp in (None, 8))
+    assert (wide.layout, node_wide.layout) == ("9 x TP 64", "72 x TP 8")
+    assert wide.capex_usd - node_wide.capex_usd == pytest.approx(RACK_USD)
+    system, workload = load_system("lpu-v1"), Workload(context_length=4096, prompt_len=512)
+    target = compile_program(load_preset("llama-2-70b"), system, workload, chips=576)
+    draft = compile_program(load_preset("llama-3.2-1b"), system, workload)
+    offset = draft_offset(system, target, draft)
+    assert max(target.placement.chips) >= 576 and offset == max(target.placement.chips) + 1
+    assert not set(target.placement.chips) & {offset + c for c in draft.placement.chips}

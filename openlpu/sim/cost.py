@@ -68,11 +68,12 @@ class Cost:
     usd_per_million_tokens: float
 
 
-def lpu_capex(system, chips: int, nodes: int | None = None) -> Capex:
+def lpu_capex(system, chips: int, nodes: int | None = None, racks: int | None = None) -> Capex:
     """`system`: hardware.lpu.SystemSpec. Nodes are whole (8 cards; default: as few as hold the chips),
-    racks whole (9 nodes)."""
+    racks whole (9 nodes; default: as few as hold the nodes; a Program whose TP groups span 8 nodes
+    stands in racks of 8)."""
     nodes = math.ceil(chips / system.node.chips) if nodes is None else nodes
-    racks = math.ceil(nodes / system.rack.nodes)
+    racks = math.ceil(nodes / system.rack.nodes) if racks is None else racks
     return Capex(accelerators_usd=chips * system.chip.price_usd,
                  hosts_usd=nodes * system.node.host_price_usd,
                  racks_usd=racks * RACK_USD,

@@ -115,12 +115,23 @@ class _LpuFigures:
     """What an LPU row reports, from one Program or from a target's and a draft's together."""
     chips: int
     nodes: int
+    racks: int
     layout: str
     tokens_per_s_per_user: float
     throughput_tokens_per_s: float
     power_w: float
     sram_used_bytes: float
     ttft_s: float
+
+
+def draft_offset(system, target, draft) -> int:
+    """Where the draft's chips start: at the node after the target's last chip (a target in TP groups
+    spanning nodes leaves the last node of each rack empty, so its chips do not run from 0 without
+    gaps), or at the next rack where the draft's own groups span nodes, as no group straddles racks."""
+    after = (max(target.placement.chips) // system.node.chips + 1) * system.node.chips
+    if draft.placement.tp > system.node.chips:
+        after = -(-after // system.chips_per_rack) * system.chips_per_rack
+    return after
 
 
 def _with_draft(system, program, t, draft: Draft, workload) -> _LpuFigures:
@@ -134,8 +145,8 @@ def _with_draft(system, program, t, draft: Draft, workload) -> _LpuFigures:
     draft_program = compile_program(draft.spec, system, dataclasses.replace(workload, draft_tokens=0))
     verify_or_raise(draft_program)
     d = timing(draft_program)
-    offset = t.nodes * system.node.chips  # the target's chips fill its nodes from chip 0
-    if offset + d.chips > system.max_chips:
+    offset = draft_offset(system, program, draft_program)
+    if offset + max(draft_program.placement.chips) >= system.max_chips:
         raise OpenLPUError(f"{program.model} on {t.chips} chips and the draft {draft.spec.name} on {d.chips} more "
                            f"need more than {system.name}'s {system.max_chips:,} chips")
     target_first, target_last = (program.placement.stages[i].chips[0] for i in (0, -1))
@@ -146,7 +157,9 @@ def _with_draft(system, program, t, draft: Draft, workload) -> _LpuFigures:
     # per round the target steps once and the draft k times, not as often as each could alone
     power = (_power_at_duty(t, 1 / (t.tokens_per_s_per_user * r.round_period_s))
              + _power_at_duty(d, draft.tokens / (d.tokens_per_s_per_user * r.round_period_s)))
-    return _LpuFigures(t.chips + d.chips, t.nodes + d.nodes,
+    racks = {system.rack_of(c) for c in program.placement.chips} | {system.rack_of(offset + c)
+                                                                    for c in draft_program.placement.chips}
+    return _LpuFigures(t.chips + d.chips, t.nodes + d.nodes, len(racks),
                        f"{t.stages} x TP {t.tp} + draft {d.stages} x TP {d.tp}", r.tokens_per_s_per_user,
                        r.throughput_tokens_per_s, power, t.sram_used_bytes + d.sram_used_bytes,
                        max(t.ttft_s, d.ttft_s))  # both prefill the prompt, side by side
@@ -168,9 +181,9 @@ def lpu_row(spec: ModelSpec, system_name: str, precision: str, context: int, use
     verify_or_raise(program)  # figures are read off a schedule only if it holds every invariant
     t = timing(program)
     f = _with_draft(system, program, t, draft, workload) if draft else _LpuFigures(
-        t.chips, t.nodes, f"{t.stages} x TP {t.tp}", t.tokens_per_s_per_user,
+        t.chips, t.nodes, t.racks, f"{t.stages} x TP {t.tp}", t.tokens_per_s_per_user,
         t.throughput_tokens_per_s, t.power_w, t.sram_used_bytes, t.ttft_s)
-    c = cost(lpu_capex(system, f.chips, f.nodes), f.power_w, f.throughput_tokens_per_s, assumptions)
+    c = cost(lpu_capex(system, f.chips, f.nodes, f.racks), f.power_w, f.throughput_tokens_per_s, assumptions)
     peak_flops_per_s = 2 * matrix_macs_per_cycle(system, precision, precision) * system.chip.clock_hz * f.chips
     return PlanRow(system=system.name, kind="lpu", chips=f.chips, layout=f.layout, users_per_step=t.micro_batch,
                    memory="SRAM", memory_used_fraction=f.sram_used_bytes / (f.chips * system.chip.sram_bytes),

@@ -49,6 +49,7 @@ class LpuTiming:
     links_used: dict[str, int]  # per link kind: directed links that carry bytes in a decode step
     busiest_link_utilisation: float
     nodes: int  # nodes the chips occupy (each with its host)
+    racks: int  # racks those nodes stand in (groups spanning nodes stay inside one)
     idle_power_w: float  # chips and hosts with every unit idle: power_w less the part the steps add
     power_w: float  # chips plus node hosts, in steady state
     energy_per_token_j: float
@@ -82,6 +83,7 @@ def timing(program: Program) -> LpuTiming:
         chip_busy[stage.index] = min(1.0, batches * covered / period)
     chip = program.system.chip
     nodes = len({program.system.node_of(c) for c in program.placement.chips})
+    racks = len({program.system.rack_of(c) for c in program.placement.chips})
     idle_power = chips * chip.idle_power_w + nodes * program.system.node.host_power_w
     power = idle_power + (chip.busy_power_w - chip.idle_power_w) * sum(chip_busy[s.index] * len(s.chips)
                                                                         for s in program.placement.stages)
@@ -98,7 +100,7 @@ def timing(program: Program) -> LpuTiming:
         tokens_per_s_per_user=clock / period, throughput_tokens_per_s=throughput,
         unit_utilisation=unit_utilisation, link_utilisation=link_utilisation, links_used=links_used,
         busiest_link_utilisation=batches * max(busy_links.values(), default=0) / period,
-        nodes=nodes, idle_power_w=idle_power,
+        nodes=nodes, racks=racks, idle_power_w=idle_power,
         power_w=power, energy_per_token_j=power / throughput, sram_used_bytes=sram,
         sram_used_fraction=sram / (chips * chip.sram_bytes), stage_occupancy_s=max(occupancy.values()) / clock)
 
