@@ -1113,11 +1113,10 @@ def partition(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: in
               experts: bool | None = None) -> Placement:
     """Place the model on exactly `chips` chips, or on as few as fit (None), in TP groups of `tp` chips
     (None: the widest inside a node that arranges, spanning nodes only where none does), with activation
-    buffers for decode micro-batches of
-    `decode_rows`, its stages arranged for the shortest decode step (MLP slices fitted to full stages
-    as `fit` says) or, with `balance`, as even as can be (arrange), its MoE MLPs cut by rows or by
-    expert rows as `experts` says (None: mlp_cuts' order; the fewest chips are counted in that order
-    either way)."""
+    buffers for decode micro-batches of `decode_rows`, its stages arranged for the shortest decode step
+    (MLP slices fitted to full stages as `fit` says) or, with `balance`, as even as can be (arrange), its
+    MoE MLPs cut by rows or by expert rows as `experts` says (None: mlp_cuts' order; the fewest chips
+    are counted in that order either way)."""
     return place(spec, system, workload,
                  *arrangement(spec, system, workload, chips, tp, decode_rows, balance, fit, experts))
 

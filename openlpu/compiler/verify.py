@@ -339,8 +339,7 @@ def _links(program: Program, phase: PhaseSchedule) -> list[Violation]:
     carried = defaultdict(list)  # directed link -> (bytes, spans) of each load it is part of
     peaks = {}
     for links, spans in spans_of.items():
-        inverse = [(arrival - start) / clock for start, arrival, _ in spans]
-        inverse = [1 / s if s > 0 else math.inf for s in inverse]
+        inverse = [clock / (arrival - start) if arrival > start else math.inf for start, arrival, _ in spans]
         events = sorted([(s, 1, r) for (s, _, _), r in zip(spans, inverse)] +
                         [(e, 0, r) for (_, e, _), r in zip(spans, inverse)])
         level = peak = 0.0

@@ -70,8 +70,8 @@ class Cost:
 
 def lpu_capex(system, chips: int, nodes: int | None = None, racks: int | None = None) -> Capex:
     """`system`: hardware.lpu.SystemSpec. Nodes are whole (8 cards; default: as few as hold the chips),
-    racks whole (9 nodes; default: as few as hold the nodes; a Program whose TP groups span 8 nodes
-    stands in racks of 8)."""
+    racks whole (9 nodes; default: as few as hold the nodes, or those a Program's chips stand in, which
+    TP groups spanning nodes may leave in part empty)."""
     nodes = math.ceil(chips / system.node.chips) if nodes is None else nodes
     racks = math.ceil(nodes / system.rack.nodes) if racks is None else racks
     return Capex(accelerators_usd=chips * system.chip.price_usd,

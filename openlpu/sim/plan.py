@@ -125,8 +125,8 @@ class _LpuFigures:
 
 
 def draft_offset(system, target, draft) -> int:
-    """Where the draft's chips start: at the node after the target's last chip (a target in TP groups
-    spanning nodes leaves the last node of each rack empty, so its chips do not run from 0 without
+    """Where the draft's chips start: at the node after the target's last chip (TP groups spanning nodes
+    leave the nodes of a rack they do not fill empty, so a target's chips may not run from 0 without
     gaps), or at the next rack where the draft's own groups span nodes, as no group straddles racks."""
     after = (max(target.placement.chips) // system.node.chips + 1) * system.node.chips
     if draft.placement.tp > system.node.chips:
