@@ -351,13 +351,12 @@ def groq_program(model: str, system, workload, chips: int | None, tp: int | None
     if tp or chips is None:
         return compile_program(spec, system, workload, chips=chips,
                                tp=tp or partition(spec, system, workload).tp)
-    widths = tp_candidates(spec, system)
-    for t in widths:
+    for t in tp_candidates(spec, system):
         try:
             return compile_program(spec, system, workload, chips=chips, tp=t)
-        except OpenLPUError:
-            if t == widths[-1]:
-                raise
+        except OpenLPUError as e:  # these chips do not arrange in groups of t: the next width
+            failure = e
+    raise failure
 
 
 def lpu_timing(p: Point, system, context: int, prompt: int, tp: int | None = None, users: int = 1):
@@ -572,22 +571,20 @@ def lpu_decomposition(system) -> dict:
 
 def free_choice_reading(system) -> dict:
     """The FIT row compiled in the compiler's own choice of TP width on its chips, and the install rate at
-    which that choice would reproduce the published figure (proportional steps, as implied_install_rates;
-    the compiler chooses again at each rate)."""
+    which that choice would reproduce the published figure (reproducing_rate; the compiler chooses again
+    at each rate)."""
     from openlpu.compiler import Workload, compile_program
     from openlpu.sim.timing import timing
 
     p = FIT_POINT
     spec, workload = load_preset(p.model), Workload(weights=p.precision, activations=p.precision, kv=p.precision,
                                                     context_length=p.setting["context"], prompt_len=512)
+
+    def tok_s(rated) -> float:
+        return timing(compile_program(spec, rated, workload, chips=p.chips)).tokens_per_s_per_user
+
     t = timing(compile_program(spec, system, workload, chips=p.chips))
-    rate, tok_s = system.chip.matrix_install_bytes_per_cycle, t.tokens_per_s_per_user
-    for _ in range(6):
-        if abs(tok_s / p.published - 1) < 0.002:
-            break
-        rate *= p.published / tok_s
-        tok_s = timing(compile_program(spec, with_install_rate(system, rate), workload,
-                                       chips=p.chips)).tokens_per_s_per_user
+    rate, _ = reproducing_rate(tok_s, p.published, system, t.tokens_per_s_per_user)
     return {"stages": t.stages, "tp": t.tp, "tok_s": t.tokens_per_s_per_user, "implied_rate": rate}
 
 
@@ -693,21 +690,30 @@ def fewest_chip_readings(lpu_rows, system) -> list[dict]:
     return out
 
 
-def implied_install_rates(lpu_rows, system, steps: int = 6) -> list[dict]:
+def reproducing_rate(predict, published: float, system, predicted: float, steps: int = 6) -> tuple[float, float]:
+    """The install rate at which `predict` (a figure from a system) gives `published`, starting from
+    `system`, where it gives `predicted`, and the figure there. Decode is install-bound, so the
+    prediction is nearly proportional to the rate and rate x published / predicted converges in a few
+    compiles."""
+    rate = system.chip.matrix_install_bytes_per_cycle
+    for _ in range(steps):
+        if abs(predicted / published - 1) < 0.002:
+            break
+        rate *= published / predicted
+        predicted = predict(with_install_rate(system, rate))
+    return rate, predicted
+
+
+def implied_install_rates(lpu_rows, system) -> list[dict]:
     """For the FIT row and each held-out row: the install rate at which the model reproduces the row's
-    published figure, its placement and every other constant unchanged. A reading of how far apart the
-    published points are, never used to predict. Decode is install-bound, so the prediction is nearly
-    proportional to the rate and rate x published / predicted converges in a few compiles."""
+    published figure, its placement and every other constant unchanged (reproducing_rate). A reading of
+    how far apart the published points are, never used to predict."""
     out = []
     for r in lpu_rows:
         if r["role"] != COUNTED and not r["role"].startswith("FIT"):
             continue
-        rate, predicted = system.chip.matrix_install_bytes_per_cycle, r["predicted"]
-        for _ in range(steps):
-            if abs(predicted / r["published"] - 1) < 0.002:
-                break
-            rate *= r["published"] / predicted
-            predicted = predict_lpu(_point(r), with_install_rate(system, rate))[0]
+        rate, predicted = reproducing_rate(lambda rated, r=r: predict_lpu(_point(r), rated)[0], r["published"], system,
+                                           r["predicted"])
         out.append({"model": r["model"], "metric": r["metric"], "date": r["date"], "role": r["role"],
                     "published": r["published"], "predicted": r["predicted"], "implied": rate,
                     "implied_error": predicted / r["published"] - 1})

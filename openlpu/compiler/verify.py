@@ -336,32 +336,32 @@ def _links(program: Program, phase: PhaseSchedule) -> list[Violation]:
     for t in phase.transfers:
         for start, arrival, links in t.phases:
             spans_of[links].append((start, arrival, t.name))
-    carried = defaultdict(list)  # directed link -> (bytes, spans) of each load it is part of
-    peaks = {}
-    for links, spans in spans_of.items():
-        inverse = [clock / (arrival - start) if arrival > start else math.inf for start, arrival, _ in spans]
-        events = sorted([(s, 1, r) for (s, _, _), r in zip(spans, inverse)] +
-                        [(e, 0, r) for (_, e, _), r in zip(spans, inverse)])
+    spans, peaks = list(spans_of.values()), []
+    carried = defaultdict(list)  # directed link -> (bytes, index in spans) of each load it is part of
+    for load, (links, held) in enumerate(spans_of.items()):
+        inverse = [clock / (arrival - start) if arrival > start else math.inf for start, arrival, _ in held]
+        events = sorted([(s, 1, r) for (s, _, _), r in zip(held, inverse)] +
+                        [(e, 0, r) for (_, e, _), r in zip(held, inverse)])
         level = peak = 0.0
         for _, starting, r in events:  # ends (0) sort before starts (1) at the same cycle
             level += r if starting else -r
             peak = max(peak, level)
-        peaks[id(spans)] = peak
+        peaks.append(peak)
         for a, b, nbytes in links:
-            carried[(a, b)].append((nbytes, spans))
+            carried[(a, b)].append((nbytes, load))
     out, swept = [], {}
     for (a, b), loads in sorted(carried.items()):
         if a == b or not (0 <= a < system.max_chips and 0 <= b < system.max_chips):
             out.append(Violation("link_bandwidth", f"{phase.phase}: no link from chip {a} to chip {b}"))
             continue
         bandwidth = system.links[system.link_kind(a, b)].bandwidth_bytes_per_s
-        if sum(nbytes * peaks[id(spans)] for nbytes, spans in loads) <= bandwidth * (1 + RATE_TOLERANCE):
+        if sum(nbytes * peaks[load] for nbytes, load in loads) <= bandwidth * (1 + RATE_TOLERANCE):
             continue
-        same = (tuple((nbytes, id(spans)) for nbytes, spans in loads), bandwidth)  # the links of a group alike
+        same = (tuple(loads), bandwidth)  # the links of a group, loaded alike, are swept once
         if same not in swept:
             swept[same] = _over_bandwidth([(start, arrival, nbytes / ((arrival - start) / clock) if arrival > start
-                                            else math.inf, name) for nbytes, spans in loads
-                                           for start, arrival, name in spans], bandwidth)
+                                            else math.inf, name) for nbytes, load in loads
+                                           for start, arrival, name in spans[load]], bandwidth)
         if swept[same]:
             out.append(Violation("link_bandwidth", f"{phase.phase}: link {a}->{b} carries {swept[same]}"))
     return out
