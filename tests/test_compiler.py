@@ -7,7 +7,7 @@ import math
 import re
 import subprocess
 import sys
-from collections import Counter
+from collections import Counter, defaultdict
 
 import pytest
 from typer.testing import CliRunner
@@ -16,7 +16,7 @@ from openlpu.cli import app
 from openlpu.compiler import Workload, compile_program, load_program, verify
 from openlpu.compiler.partition import EXPERT_ROWS
 from openlpu.compiler.program import MAGIC
-from openlpu.compiler.schedule import split_chunk
+from openlpu.compiler.schedule import schedule_phase, split_chunk
 from openlpu.errors import OpenLPUError
 from openlpu.hardware.lpu import load_system
 from openlpu.models.spec import load_preset
@@ -268,28 +268,58 @@ def test_collectives_run_phase_by_phase_on_their_links():
     """Each step of a collective is a phase of its own on the links, with its own cycles, starting once
     the step before it has arrived. A TP group of two nodes all-reduces in four steps: inside each node
     a direct reduce-scatter (each chip sends 1/8 of the payload to each of its 7 peers), between the
-    same-rank chips of the two nodes a reduce-scatter and an all-gather (1/16 of the payload each way,
-    along the network's routes), then inside each node an all-gather. The all-gather completing a send
-    to the next stage is the all-reduce's second half: the same two steps."""
-    program = compile_program(load_preset("qwen3-8b"), SYSTEM, Workload(context_length=256, prompt_len=64), tp=16)
+    same-rank chips of the two nodes a reduce-scatter and an all-gather (1/16 of the payload each way),
+    then inside each node an all-gather. The all-gather completing a send to the next stage is the
+    all-reduce's second half: the same two steps. Between the nodes, a decode step's few bytes take the
+    network's routes, all over the one link joining the two nodes (as do the sampler's pairs); a prefill
+    chunk's activations are spread over the deployment's other nodes too (each flow straight or through
+    one of them): each node still sends and receives 1/2 of the payload, the other nodes pass on all they
+    receive, every hop is a cable, and the step ends sooner than half the payload would cross one link."""
+    spec = load_preset("qwen3-8b")
+    program = compile_program(spec, SYSTEM, Workload(context_length=256, prompt_len=64), tp=16)
+    assert len(program.placement.stages) > 1  # nodes beside each group's own
+    chunk = 64 * spec.d_model  # a prompt chunk's activations, int8
 
-    def steps(t):  # the loads of a 16-chip all-reduce's four steps, for this transfer's payload
+    def local(t):
         nodes = (t.chips[:8], t.chips[8:])
-        local = {(a, b): t.payload_bytes / 8 for node in nodes for a in node for b in node if a != b}
+        return pytest.approx({(a, b): t.payload_bytes / 8 for node in nodes for a in node for b in node if a != b})
+
+    def shortest_across(t):
         across = {}
         for r in range(8):
-            for src, dst in ((nodes[0][r], nodes[1][r]), (nodes[1][r], nodes[0][r])):
-                route = SYSTEM.route(src, dst)
-                for hop in itertools.pairwise(route):
+            for src, dst in ((t.chips[r], t.chips[8 + r]), (t.chips[8 + r], t.chips[r])):
+                for hop in itertools.pairwise(SYSTEM.route(src, dst)):
                     across[hop] = across.get(hop, 0.0) + t.payload_bytes / 16
-        return [pytest.approx(local), pytest.approx(across), pytest.approx(across), pytest.approx(local)]
+        return pytest.approx(across)
+
+    def spread_across(t, loads, start, end):
+        group_nodes = {SYSTEM.node_of(c) for c in t.chips}
+        sent, received = defaultdict(float), defaultdict(float)
+        for (a, b), nbytes in loads.items():
+            assert b in SYSTEM.linked_chips(a)
+            if SYSTEM.node_of(a) != SYSTEM.node_of(b):
+                sent[SYSTEM.node_of(a)] += nbytes
+                received[SYSTEM.node_of(b)] += nbytes
+        for node in sent.keys() | received.keys():
+            expected = t.payload_bytes / 2 if node in group_nodes else received[node]
+            assert (sent[node], received[node]) == pytest.approx((expected, expected)), node
+        assert len(sent) > 2
+        one_link = t.payload_bytes / 2 / SYSTEM.links["rack"].bandwidth_bytes_per_s * SYSTEM.chip.clock_hz
+        assert end - start < one_link
 
     for phase in (program.decode, program.prefill):
         for kind, first_step in (("all_reduce", 0), ("all_gather", 2)):
             collectives = [t for t in phase.transfers if t.kind == kind]
             assert collectives and all(len(t.chips) == 16 for t in collectives)
             for t in collectives:
-                assert [{(a, b): n for a, b, n in links} for _, _, links in t.phases] == steps(t)[first_step:]
+                steps = [(start, end, {(a, b): n for a, b, n in links}) for start, end, links in t.phases]
+                for step, (start, end, loads) in enumerate(steps, first_step):
+                    if step in (0, 3):
+                        assert loads == local(t)
+                    elif t.payload_bytes >= chunk:
+                        spread_across(t, loads, start, end)
+                    else:  # a decode step's vector, or the sampler's (value, index) pairs
+                        assert loads == shortest_across(t)
                 assert all(before[1] <= after[0] < after[1] for before, after in itertools.pairwise(t.phases))
                 assert (t.phases[0][0], t.phases[-1][1]) == (t.start_cycle, t.arrival_cycle)
 
@@ -774,13 +804,62 @@ def test_the_compilers_tp_width_decodes_no_slower_than_any_width_asked_for(model
 def test_groups_spanning_nodes_beat_a_node_wide_group_on_groqs_576_chips():
     """Llama 2 70B on 576 chips: TP 8 inside each node makes 72 stages whose installs run one after
     another; 9 stages of 64 chips install each matrix over 8 times the chips, so the step is over 3x
-    shorter even with every all-reduce crossing nodes (through the global links the verifier checks)."""
+    shorter even with every all-reduce crossing nodes (through the global links the verifier checks).
+    A group of 64 fills 8 of a rack's 9 nodes and leaves the middle one empty: the chips at the rack's
+    ends hold its links to the other racks, so every transfer stays on the Program's own chips."""
     spec = load_preset("llama-2-70b")
     workload = Workload(context_length=4096, prompt_len=512)
     chosen, node_wide = (compile_program(spec, SYSTEM, workload, chips=576, tp=tp) for tp in (None, 8))
     assert (chosen.placement.tp, len(chosen.placement.stages)) == (64, 9)
     assert not verify(chosen)
+    for stage in chosen.placement.stages:
+        rack = SYSTEM.rack_of(stage.chips[0])
+        empty = set(range(rack * 9, rack * 9 + 9)) - {SYSTEM.node_of(c) for c in stage.chips}
+        assert empty == {rack * 9 + 4}
+    touched = {c for phase in (chosen.decode, chosen.prefill) for t in phase.transfers for _, _, links in t.phases
+               for a, b, _ in links for c in (a, b)}
+    assert touched <= set(chosen.placement.chips)
     assert node_wide.decode.makespan_cycles > 3 * chosen.decode.makespan_cycles
     crossing = [tr for tr in chosen.decode.transfers if tr.kind == "all_reduce"
                 and len({SYSTEM.node_of(c) for c in tr.chips}) > 1]
     assert len(crossing) >= 2 * spec.n_layers
+
+
+def test_a_deployment_ending_in_part_of_a_node_routes_over_its_own_chips():
+    """Qwen2.5 7B on 68 chips in groups of 4: 17 stages, the last in half of node 8. The sampled token goes
+    back to the first stage over the network's route from node 8 to node 0, through the chip of node 8
+    holding their link, which the deployment lacks; the schedule takes the cheapest route over chips it
+    holds instead (through node 7), every hop a cable (SystemSpec.linked_chips), and the Program verifies."""
+    spec = load_preset("qwen2.5-7b")
+    program = compile_program(spec, SYSTEM, Workload(context_length=2048, prompt_len=512), chips=68, tp=4)
+    held = set(program.placement.chips)
+    assert held == set(range(68)) and not verify(program)
+    back = next(t for t in program.decode.transfers if t.name == "token_return")
+    assert not held.issuperset(SYSTEM.route(*back.chips))  # through chip 71
+    assert back.path[0] == 64 and back.path[-1] == 0 and SYSTEM.node_of(back.path[1]) == 7
+    hops = {(a, b) for phase in (program.decode, program.prefill) for t in phase.transfers for _, _, links in t.phases
+            for a, b, _ in links}
+    assert all(b in SYSTEM.linked_chips(a) and {a, b} <= held for a, b in hops)
+
+
+def test_a_prompt_spreads_between_nodes_and_keeps_the_faster_prefill():
+    """Llama 2 70B on 576 chips in groups of 8, a prompt of 4 chunks of 256 tokens: each stage hands its
+    chunk's activations (2 MB) to the next node over the one link between them, or through the rack's
+    other nodes, a share each, where that arrives first. The compiler schedules the prefill both ways and
+    keeps the shorter: here the one with routes through other nodes, by over a third."""
+    spec = load_preset("llama-2-70b")
+    workload = Workload(context_length=4096, prompt_len=1024)
+    program = compile_program(spec, SYSTEM, workload, chips=576, tp=8)
+    both = [schedule_phase(spec, SYSTEM, workload, program.placement, "prefill", via_other_nodes=via)
+            for via in (True, False)]
+    assert program.prefill == min(both, key=lambda phase: phase.makespan_cycles)
+    assert both[0].makespan_cycles < 0.65 * both[1].makespan_cycles
+    stripes = [t for t in program.prefill.transfers if t.kind == "stripe"
+               and SYSTEM.rack_of(t.chips[0]) == SYSTEM.rack_of(t.chips[-1])]
+    ends = [{SYSTEM.node_of(t.chips[0]), SYSTEM.node_of(t.chips[-1])} for t in stripes]
+    spread = [t for t, pair in zip(stripes, ends)
+              if {SYSTEM.node_of(b) for _, _, links in t.phases for _, b, _ in links} - pair]
+    assert stripes and spread
+    for t in spread:  # a share of the payload on each link between nodes, not all of it on one
+        between = [n for _, _, links in t.phases for a, b, n in links if SYSTEM.node_of(a) != SYSTEM.node_of(b)]
+        assert max(between) <= t.payload_bytes / 4

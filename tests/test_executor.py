@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from fixtures.tiny_models.hf_tiny import TINY_FAMILIES, build, save
-from openlpu.compiler import Workload, compile_program, verify
+from openlpu.compiler import Workload, compile_program, partition, verify
 from openlpu.compiler.partition import EXPERT_ROWS
 from openlpu.compiler.schedule import ARGMAX_BYTES, TOKEN_ID_BYTES
 from openlpu.errors import OpenLPUError
@@ -160,32 +160,40 @@ def test_sharded_runs_embedding_and_head_split_along_the_vocabulary(tiny, family
 @pytest.mark.parametrize("family", ["gpt-oss", "llama4", "mixtral", "qwen3-moe"])
 def test_moe_mlps_cut_by_expert_rows_run_like_the_whole(tiny, family):
     """On chips of 30 kB with GroqChip 1's 320-row weight tiles, no tiny MoE MLP (4 experts of 96 rows) fits a
-    stage whole, and its rows cannot be cut (fewer than a tile), so the compiler cuts it by expert rows, in
+    stage whole, and its rows cannot be cut (fewer than a tile), so partition cuts it by expert rows, in
     whole experts (each narrower than a tile): in TP groups of 1 one expert per part, of 2 two experts per
     part and one per chip (Llama 4's shared expert cut in proportion; its dense MLP of 128 rows stays
     whole). On chips of 20 kB with 32-row tiles, TP 2, the cuts fall inside experts: a chip holds the end of
-    one expert and the start of the next. Each chip holds only its expert rows; the parts' partial sums,
-    including the tokens routed to experts held elsewhere, add up to the unsplit Program's logits and to
-    model.py's greedy tokens, in sharded and in fused mode, and the Program verifies."""
+    one expert and the start of the next. The compiler may arrange the stages otherwise where that decodes
+    faster (even stages cut inside experts too); in the Program it makes each chip holds only its expert
+    rows, and the parts' partial sums, including the tokens routed to experts held elsewhere, add up to the
+    unsplit Program's logits and to model.py's greedy tokens, in sharded and in fused mode, and the Program
+    verifies."""
     spec, weights, model = tiny(family)
     whole = run_steps(Executor(compile_program(spec, LPU, WORKLOAD, 1), spec, weights, "fused"), PROMPT, 3)
     expected_ids = plain_greedy(model, PROMPT, 5)
-    for system, tp in ((EXPERT_CUT, 1), (EXPERT_CUT, 2), (EXPERT_ROWS_CUT, 2)):
-        program = compile_program(spec, system, WORKLOAD, tp=tp)
-        assert program.placement.experts and program.placement.tp == tp and verify(program) == []
-        moe = [i for i in range(spec.n_layers) if spec.is_moe_layer(i)]
-        ff = spec.layer_d_ff(moe[0])
-        rows = [(sh.axis, sh.start, sh.stop) for sh in program.placement.shards
+    moe = [i for i in range(spec.n_layers) if spec.is_moe_layer(i)]
+    ff = spec.layer_d_ff(moe[0])
+
+    def expert_rows(placement):
+        return [(sh.axis, sh.start, sh.stop) for sh in placement.shards
                 if sh.tensor in {f"blk.{i}.ffn_down_exps.weight" for i in moe}]
-        assert {axis for axis, _, _ in rows} == {EXPERT_ROWS}
+
+    for system, tp in ((EXPERT_CUT, 1), (EXPERT_CUT, 2), (EXPERT_ROWS_CUT, 2)):
+        placement = partition(spec, system, WORKLOAD, tp=tp)
+        rows = expert_rows(placement)
+        assert placement.experts and {axis for axis, _, _ in rows} == {EXPERT_ROWS}
         for i in range(spec.n_layers):
-            held = [pc[2:] for s in program.placement.stages for pc in s.pieces if pc[:2] == (i, "ffn")]
+            held = [pc[2:] for s in placement.stages for pc in s.pieces if pc[:2] == (i, "ffn")]
             if system is EXPERT_CUT and spec.is_moe_layer(i):
                 assert held == [(e * ff, (e + tp) * ff) for e in range(0, spec.n_experts, tp)], (i, held)
             elif system is EXPERT_CUT:
                 assert held == [(0, spec.layer_d_ff(i))]
         whole_experts = all(start % ff == 0 and stop - start == ff for _, start, stop in rows)
         assert whole_experts == (system is EXPERT_CUT), rows
+        program = compile_program(spec, system, WORKLOAD, tp=tp)
+        assert program.placement.experts and program.placement.tp == tp and verify(program) == []
+        assert {axis for axis, _, _ in expert_rows(program.placement)} == {EXPERT_ROWS}
         for mode in ("sharded", "fused"):
             cut = Executor(program, spec, weights, mode)
             for got, want in zip(run_steps(cut, PROMPT, 3), whole):

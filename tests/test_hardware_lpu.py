@@ -185,3 +185,34 @@ def test_routes_follow_the_topology():
     for node in range(s.max_chips // n - 1):
         path = s.route(node * n, (node + 1) * n)
         assert sum(s.node_of(a) != s.node_of(b) for a, b in itertools.pairwise(path)) == 1
+
+
+def test_linked_chips_are_the_single_hops_of_routes():
+    """linked_chips inverts the cabling: d is linked to c exactly when the route from c to d is the one hop
+    (c, d), for every pair of chips in two racks and between chips of racks far apart; the links pair up,
+    and each chip has its node's 7 local links and at most its 4 global ones."""
+    s = load_system("lpu-v1")
+    per_rack, racks = s.chips_per_rack, s.network.max_racks
+    chips = list(range(2 * per_rack)) + [r * per_rack + c for r in (40, 72, racks - 1) for c in (0, 1, 35, 70, 71)]
+    for c in chips:
+        linked = set(s.linked_chips(c))
+        assert linked & set(chips) == {d for d in chips if d != c and s.route(c, d) == (c, d)}
+        assert all(s.route(c, d) == (c, d) and c in s.linked_chips(d) for d in linked)
+        outside = [d for d in linked if s.node_of(d) != s.node_of(c)]
+        assert len(linked) - len(outside) == 7 and len(outside) <= s.node.global_links_per_chip
+
+
+def test_routes_within_a_deployment_keep_to_its_chips():
+    """Where every chip is held, the route within them is as fast as the network's; where the network's
+    route passes a chip the deployment lacks (the last node held in part), the route within takes a
+    longer way over held chips only, and there is none to a chip no held link reaches."""
+    s = load_system("lpu-v1")
+    everything = frozenset(range(3 * s.chips_per_rack))
+    for src, dst in ((0, 7), (3, 20), (5, 150), (200, 1)):
+        assert s.route_latency_s(s.route_within(src, dst, everything)) == s.route_latency_s(s.route(src, dst))
+    held = frozenset(range(68))  # nodes 0-7 and half of node 8
+    assert 71 in s.route(64, 0)
+    detour = s.route_within(64, 0, held)
+    assert set(detour) <= held and all(b in s.linked_chips(a) for a, b in itertools.pairwise(detour))
+    assert s.route_latency_s(detour) > s.route_latency_s(s.route(64, 0))
+    assert s.route_within(0, 9, frozenset({0, 9})) is None  # chip 9 is not where node 1's link to node 0 lands

@@ -272,7 +272,7 @@ def test_users_beyond_the_stages_share_micro_batches():
 
 
 def test_users_share_a_micro_batch_only_when_it_serves_them_sooner():
-    """Qwen3 8B at fp16 for 16 users of 16,384 tokens on 336 chips. On the balanced stages, 16 turns at
+    """Qwen3 8B at fp16 for 16 users of 16,384 tokens on 304 chips. On the balanced stages, 16 turns at
     the busiest stage outlast one user's step, so decode_rows asks for 2 users per micro-batch; but that
     step, which installs each user's keys and values in turn, outlasts the 16 turns, and is rejected.
     On the stages spread for the shortest step, 2 users per step serve each user sooner. The Program has
@@ -285,18 +285,18 @@ def test_users_share_a_micro_batch_only_when_it_serves_them_sooner():
     w = Workload(weights="fp16", activations="fp16", kv="fp16", context_length=16384, users=16, prompt_len=512)
     kept = {}
     for balance in (False, True):
-        single = schedule_phase(spec, SYSTEM, w, partition(spec, SYSTEM, w, 336, balance=balance), "decode")
+        single = schedule_phase(spec, SYSTEM, w, partition(spec, SYSTEM, w, 304, balance=balance), "decode")
         asked = decode_rows(16, single)
-        batched = schedule_phase(spec, SYSTEM, w, partition(spec, SYSTEM, w, 336, decode_rows=asked, balance=balance),
+        batched = schedule_phase(spec, SYSTEM, w, partition(spec, SYSTEM, w, 304, decode_rows=asked, balance=balance),
                                  "decode", rows=asked)
         periods = [decode_period_cycles(SYSTEM, phase, 16) for phase in (single, batched)]
         assert asked == 2 == batched.tokens and (periods[1] < periods[0]) == (not balance)
         kept[balance] = min(periods)
-    program = compile_program(spec, SYSTEM, w, chips=336)
+    program = compile_program(spec, SYSTEM, w, chips=304)
     period = decode_period_cycles(SYSTEM, program.decode, 16)
     assert period == min(kept.values()) and program.decode.tokens == 2
     assert timing(program).tokens_per_s_per_user == pytest.approx(SYSTEM.chip.clock_hz / period)
-    shorter = compile_program(spec, SYSTEM, dataclasses.replace(w, context_length=8192), chips=336)
+    shorter = compile_program(spec, SYSTEM, dataclasses.replace(w, context_length=8192), chips=304)
     assert timing(shorter).tokens_per_s_per_user >= timing(program).tokens_per_s_per_user
 
 

@@ -329,23 +329,31 @@ def test_links_are_checked_as_a_sweep_over_each_link_would():
     assert len(expected) < len(carrying)
 
 
-def test_a_chip_reaches_no_more_other_nodes_chips_than_its_global_links():
-    """A hop between nodes takes a global link at each end: lpu-v1's chips have 4. Llama 3.1 70B on 576
-    chips (72 nodes) routes over the cabled links only (each stage hands on to the next through one); a
-    send re-routed from one chip straight to one chip in each of 5 other nodes is caught, on that chip
-    alone."""
+def test_transfers_keep_to_the_cables_and_the_programs_own_chips():
+    """A hop between nodes takes a global link at each end: lpu-v1's chips have 4, each cabled to one chip.
+    Llama 3.1 70B on 576 chips (72 nodes) routes over the cabled links only (each stage hands on to the next
+    through one); a send re-routed from one chip straight to one chip in each of 5 other nodes, which its
+    cables do not join, is caught on each of those hops, as is a hop on a cable to a chip the Program
+    does not hold."""
     p = compile_program(load_preset("llama-3.1-70b"), SYSTEM, Workload(context_length=1024, prompt_len=128),
                         chips=576, tp=8)
     assert verify(p) == []
-    n = SYSTEM.node.chips
+    n, src = SYSTEM.node.chips, 3
+    hops = {(a, b) for phase in (p.decode, p.prefill) for t in phase.transfers for _, _, links in t.phases
+            for a, b, _ in links}
+    assert all(b in SYSTEM.linked_chips(a) for a, b in hops)
     t = next(t for t in p.decode.transfers if t.kind == "p2p")
-    src = 3  # its cable inside the rack joins node 0 to node 4, which the pipeline never takes
     fan = tuple((src, src + k * n, 1.0) for k in range(1, SYSTEM.node.global_links_per_chip + 2))
     fanned = dataclasses.replace(t, phases=((t.start_cycle, t.arrival_cycle, fan),))
     bad = _with_decode(p, transfers=[fanned if x is t else x for x in p.decode.transfers])
-    found = [v.message for v in verify(bad) if v.message.startswith("chip ")]
-    peers = ", ".join(str(src + k * n) for k in range(1, 6))
-    assert found == [f"chip {src} exchanges data directly with 5 chips in other nodes ({peers}) but has 4 global links"]
+    assert [v.message for v in verify(bad)] == [f"decode: no link from chip {src} to chip {src + k * n}"
+                                                for k in range(1, 6)]
+    last = p.placement.chips[-1]
+    outside = next(c for c in SYSTEM.linked_chips(last) if c >= 576)
+    stray = dataclasses.replace(t, phases=((t.start_cycle, t.arrival_cycle, ((last, outside, 1.0),)),))
+    bad = _with_decode(p, transfers=[stray if x is t else x for x in p.decode.transfers])
+    assert [v.message for v in verify(bad)] == [
+        f"decode: link {last}->{outside} runs through chip {outside}, which the Program does not hold"]
 
 
 def test_a_result_sent_to_many_nodes_keeps_to_the_cables():

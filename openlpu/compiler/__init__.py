@@ -42,11 +42,14 @@ def compile_program(spec: ModelSpec, system: SystemSpec, workload: Workload, chi
     placement, decode = _arranged(spec, system, workload, chips, tp, templates)
     if tp is None:
         placement, decode = _wider_groups(spec, system, workload, placement, decode, templates)
+    # a long prompt keeps every stage's links busy at once, where routes through other nodes can delay
+    # more than they save: the prefill is scheduled both ways and the shorter kept
+    prefill = min((schedule_phase(spec, system, workload, placement, "prefill", templates, via_other_nodes=via)
+                   for via in (True, False)), key=lambda phase: phase.makespan_cycles)
     return Program(version=FORMAT_VERSION, model=spec.name, system=system, workload=workload,
                    tensors=spec.tensor_shapes(),
                    kv_slots=tuple(kv_slots(spec, workload.context_length, i) for i in range(spec.n_layers)),
-                   placement=placement, decode=decode,
-                   prefill=schedule_phase(spec, system, workload, placement, "prefill", templates))
+                   placement=placement, decode=decode, prefill=prefill)
 
 
 def _arranged(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None, tp: int | None,

@@ -929,10 +929,17 @@ def filled_to(spec: ModelSpec, table: SizeTable, p: int, capacity: int,
 
 # ---- chip numbering ---------------------------------------------------------------------------
 def group_chips(system: SystemSpec, t: int, p: int) -> list[tuple[int, ...]] | None:
-    """Chip ids of p TP groups of t chips; a group never straddles a node (t <= node) or a rack."""
-    per_rack = system.chips_per_rack // t
-    groups = [tuple(range((g // per_rack) * system.chips_per_rack + (g % per_rack) * t,
-                          (g // per_rack) * system.chips_per_rack + (g % per_rack) * t + t)) for g in range(p)]
+    """Chip ids of p TP groups of t chips; a group never straddles a node (t <= node) or a rack. Groups
+    spanning nodes may leave nodes of a rack empty: those in its middle, so that the chips at either end of
+    it, which hold its links to the other racks (SystemSpec's cabling), are the deployment's own and no
+    route passes through a chip it lacks."""
+    node, nodes = system.node.chips, system.rack.nodes
+    empty = nodes - system.chips_per_rack // t * t // node if t > node else 0
+    middle = range((nodes - empty) // 2, (nodes - empty) // 2 + empty)
+    slots = [n * node + c for n in range(nodes) if n not in middle for c in range(node)]  # chips of a rack
+    per_rack = len(slots) // t
+    groups = [tuple(g // per_rack * system.chips_per_rack + c for c in slots[g % per_rack * t:(g % per_rack + 1) * t])
+              for g in range(p)]
     if groups and groups[-1][-1] >= system.max_chips:
         return None
     return groups

@@ -15,7 +15,10 @@ share (1/t) to the same rank of the next stage over its own links ("stripe"), an
 shares ("all_gather": the all-reduce's second half); the sampler's (value, index) pair, which does not
 split, goes to the next stage's first chip, which broadcasts it.
 A collective is scheduled step by step (_collective_flows): each step is a phase on its own links,
-starting once the step before it has arrived and those links are free.
+starting once the step before it has arrived and those links are free for as long as it lasts (a gap
+that transfers placed earlier left will do). Routes keep to the deployment's chips (_route); flows
+between two nodes of a rack may also spread over its other nodes (_routings), each step taking the
+routing that arrives first.
 An MLP cut between stages runs once per part on that part's d_ff rows, or its expert rows when cut by
 expert (and its share of a shared expert's rows) (ops "name@j" for part j >= 1;
 part 0 keeps the plain names): each part recomputes the norm (and router) from the residual it is
@@ -48,6 +51,7 @@ whose sends queue on busy links would still be held when the next chunk's ops be
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import itertools
 import math
@@ -113,31 +117,74 @@ def _collective_flows(system: SystemSpec, group: tuple[int, ...], kind: str) -> 
     return [p for p in phases + [local] if p]  # nodes of one chip each have no steps inside a node
 
 
-def _collective_template(system: SystemSpec, group: tuple[int, ...], kind: str):
-    """Per phase: (latency s, worst payload fraction / bandwidth over its links, ((link, payload
-    fraction it carries), ...))."""
-    phases = []
-    for flows in _collective_flows(system, group, kind):
-        load: dict[tuple[int, int], float] = {}
-        latency = 0.0
-        for src, dst, frac in flows:
-            path = system.route(src, dst)
-            latency = max(latency, system.route_latency_s(path))
-            for a, b in zip(path, path[1:]):
-                load[(a, b)] = load.get((a, b), 0.0) + frac
-        worst = max(frac / system.links[system.link_kind(*link)].bandwidth_bytes_per_s for link, frac in load.items())
-        phases.append((latency, worst, tuple(sorted(load.items()))))
-    return tuple(phases)
+def _phase_routing(system: SystemSpec, flows: list[tuple[int, int, float]], route) -> tuple:
+    """(latency s, worst payload fraction / bandwidth over its links, ((link, payload fraction it carries), ...))
+    of one phase's flows (src, dst, payload fraction), each along route(src, dst)."""
+    load: dict[tuple[int, int], float] = {}
+    latency = 0.0
+    for src, dst, frac in flows:
+        path = route(src, dst)
+        latency = max(latency, system.route_latency_s(path))
+        for a, b in zip(path, path[1:]):
+            load[(a, b)] = load.get((a, b), 0.0) + frac
+    worst = max(frac / system.links[system.link_kind(*link)].bandwidth_bytes_per_s for link, frac in load.items())
+    return latency, worst, tuple(sorted(load.items()))
+
+
+def _routings(system: SystemSpec, flows: list[tuple[int, int, float]], transit: tuple[int, ...], route) -> tuple:
+    """The routings a phase's flows may take (_phase_routing's rows): along route(src, dst) and, where flows
+    run between two of `transit`, nodes of a rack the deployment holds whole, one spreading them over the
+    others too. Two nodes of a rack share a single link, and the software-scheduled network may send a
+    flow through a third node instead (a non-minimal Dragonfly path; ISCA 2022), so each flow between two
+    nodes takes the direct link or a route through one of the other transit nodes, in turn by its sender's
+    rank: longer routes, but fewer bytes on each link. Each step takes whichever arrives first."""
+    def vias(src: int, dst: int) -> list[int]:
+        a, b = system.node_of(src), system.node_of(dst)
+        if a == b or a not in transit or b not in transit:
+            return []
+        return [n for n in transit if n not in (a, b)]
+
+    def spread(src: int, dst: int) -> tuple[int, ...]:
+        choices = [None] + vias(src, dst)
+        via = choices[(src % system.node.chips + system.node_of(src) + system.node_of(dst)) % len(choices)]
+        return route(src, dst) if via is None else system.route_via(src, dst, via)
+
+    along = _phase_routing(system, flows, route)
+    if not any(vias(src, dst) for src, dst, _ in flows):
+        return (along,)
+    return along, _phase_routing(system, flows, spread)
+
+
+def _collective_template(system: SystemSpec, group: tuple[int, ...], kind: str, transit: tuple[int, ...]) -> tuple:
+    """Per step of a collective on `group`, its routings (_routings)."""
+    return tuple(_routings(system, flows, transit, system.route) for flows in _collective_flows(system, group, kind))
+
+
+@dataclasses.dataclass
+class _Routing:
+    """One way a transfer's step can go, at one place and payload."""
+    cycles: int
+    link_set: int  # _Scheduler._link_set's index of the links it loads
+    fractions: tuple  # ((link, payload fraction it carries), ...) as the template has them, before its base
+    links: tuple | None = None  # ((from chip, to chip, bytes), ...), made once the step first goes this way
 
 
 class _Scheduler:
     def __init__(self, spec: ModelSpec, system: SystemSpec, workload: Workload, placement: Placement,
-                 templates: dict, by_rank: set[str], pairs: set[str], readers: dict[str, list[int]]):
+                 templates: dict, by_rank: set[str], pairs: set[str], readers: dict[str, list[int]],
+                 via_other_nodes: bool):
         self.spec, self.system, self.workload, self.placement = spec, system, workload, placement
         self.clock = system.chip.clock_hz
         self.unit_free: dict[tuple[int, str], int] = {}
         self.combined: dict[int, int] = {}  # stage -> the end of the last combining op placed there
-        self.link_free: dict[tuple[int, int], int] = {}
+        # sets of directed links that steps load (_link_set): per set, the (starts, ends) of the steps reserving
+        # it, in order (they never overlap), and the last end; the sets sharing a link with each
+        self.link_set_index: dict[tuple[tuple[int, int], ...], int] = {}
+        self.link_set_busy: list[tuple[list[int], list[int]]] = []
+        self.link_set_free: list[int] = []
+        self.clashes: list[list[int]] = []
+        self.link_sets_on: dict[tuple[int, int], list[int]] = {}
+        self.placed_link_sets: dict[tuple, int] = {}  # (template key, base, step, routing) -> its link set
         self.ready: dict[str, tuple[int, int]] = {}  # result name -> (stage, cycle it is there)
         # (stage, prompt chunk) -> when its last op there ends and its last result sent from there arrives:
         # a stage's activation buffers hold one chunk, so the next starts only then
@@ -147,8 +194,16 @@ class _Scheduler:
         self.by_rank = by_rank  # results split by heads over a group: they move rank to rank
         self.pairs = pairs  # the sampler's (value, index) results, and their all-reduces: sent whole
         self.readers = readers  # result name -> the stages whose ops read it, in pipeline order
-        self.templates = templates  # collective link loads per (group shape, kind), shared by the phases
-        self.collective_steps: dict[tuple, list] = {}  # a template on one group at one payload: every layer's alike
+        self.templates = templates  # a collective's routings per (group shape, kind, transit nodes), shared
+        self.sends: dict[tuple, tuple] = {}  # a send's routings per (its chips, kind, transit nodes)
+        self.routed_steps: dict[tuple, list] = {}  # a template at one place and payload: every layer's alike
+        # per rack, its nodes the deployment holds whole: flows between two others may cross them (if allowed)
+        self.transit_nodes: dict[int, tuple[int, ...]] = {}
+        self.held, self.detours = frozenset(placement.chips), {}
+        for node in sorted({system.node_of(c) for c in self.held} if via_other_nodes else ()):
+            if self.held.issuperset(range(node * system.node.chips, (node + 1) * system.node.chips)):
+                rack = node // system.rack.nodes
+                self.transit_nodes[rack] = self.transit_nodes.get(rack, ()) + (node,)
         self.ops: list[ScheduledOp] = []
         self.transfers: list[Transfer] = []
         self.stage_of_chip = {c: s.index for s in placement.stages for c in s.chips}
@@ -188,41 +243,106 @@ class _Scheduler:
         return max(1, math.ceil(seconds * self.clock))
 
     # ---- transfers ----
+    def _route(self, src: int, dst: int) -> tuple[int, ...]:
+        """The system's route, or where it would pass a chip the deployment lacks, one over its own chips."""
+        path = self.system.route(src, dst)
+        if self.held.issuperset(path):
+            return path
+        if (src, dst) not in self.detours:
+            self.detours[(src, dst)] = self.system.route_within(src, dst, self.held)
+            if self.detours[(src, dst)] is None:
+                raise OpenLPUError(f"no route from chip {src} to chip {dst} over the deployment's own chips")
+        return self.detours[(src, dst)]
+
+    def _link_set(self, links: tuple[tuple[int, int], ...]) -> int:
+        """An index for a set of links a step loads; every layer's like step loads the same set, so links
+        are reserved a set at a time, and a set is checked against the sets sharing a link with it."""
+        if links not in self.link_set_index:
+            new = len(self.link_set_busy)
+            self.link_set_index[links] = new
+            self.link_set_busy.append(([], []))
+            self.link_set_free.append(0)
+            clashing = {other for link in links for other in self.link_sets_on.get(link, ())}
+            self.clashes.append(sorted(clashing) + [new])
+            for other in clashing:
+                self.clashes[other].append(new)
+            for link in links:
+                self.link_sets_on.setdefault(link, []).append(new)
+        return self.link_set_index[links]
+
+    def _placed_links(self, key: tuple, base: int, step: int, routing: int, fractions: tuple) -> int:
+        """The link set of a template's routing of one step, placed at chip `base`."""
+        if (key, base, step, routing) not in self.placed_link_sets:
+            self.placed_link_sets[(key, base, step, routing)] = self._link_set(
+                tuple((a + base, b + base) for (a, b), _ in fractions))
+        return self.placed_link_sets[(key, base, step, routing)]
+
+    def _links_free(self, link_set: int, ready: int, cycles: int) -> int:
+        """The first cycle from `ready` at which every link of `link_set` is free for `cycles`: a transfer may
+        take a gap that transfers placed before it left on its links."""
+        clashes = self.clashes[link_set]
+        if max(self.link_set_free[other] for other in clashes) <= ready:
+            return ready
+        start, settled = ready, False
+        while not settled:
+            settled = True
+            for other in clashes:
+                starts, ends = self.link_set_busy[other]
+                i = bisect.bisect_right(ends, start)  # the first reservation ending after `start`
+                if i < len(starts) and starts[i] < start + cycles:
+                    start, settled = ends[i], False
+        return start
+
+    def _reserve(self, link_set: int, start: int, end: int) -> None:
+        starts, ends = self.link_set_busy[link_set]
+        if self.link_set_free[link_set] <= start:
+            starts.append(start)
+            ends.append(end)
+            self.link_set_free[link_set] = end
+        else:
+            i = bisect.bisect_right(starts, start)
+            starts.insert(i, start)
+            ends.insert(i, end)
+
     def _send(self, name: str, kind: str, stage: int, chips: tuple[int, ...], payload: float, ready: int,
               inputs: tuple[str, ...]) -> int:
         if kind in ("p2p", "rank_p2p", "stripe"):  # rank_p2p, stripe: rank r of one group to rank r of the next
             pairs = list(zip(*transfer_ends(kind, chips)))
-            routes = [self.system.route(src, dst) for src, dst in pairs]
-            load: dict[tuple[int, int], float] = {}
-            latency = 0.0
-            for route in routes:  # the pairs share any link their routes have in common
-                for hop in zip(route, route[1:]):
-                    load[hop] = load.get(hop, 0.0) + payload / len(pairs)
-                latency = max(latency, self.system.route_latency_s(route))
-            seconds = latency + max(nbytes / self.system.links[self.system.link_kind(*hop)].bandwidth_bytes_per_s
-                                    for hop, nbytes in load.items())
-            steps = [(seconds, tuple((a, b, nbytes) for (a, b), nbytes in load.items()))]
-            path = routes[0] if kind == "p2p" else ()
+            # its routes depend on the chips this deployment holds: the templates kept for this schedule only
+            base, transit, templates = 0, self.transit_nodes.get(self.system.rack_of(pairs[0][0]), ()), self.sends
+            key = (chips, kind, transit)
+            if key not in templates:
+                templates[key] = (_routings(self.system, [(src, dst, 1 / len(pairs)) for src, dst in pairs], transit,
+                                            self._route),)
+            path = self._route(*pairs[0]) if kind == "p2p" else ()
         else:
-            path = ()
-            # a group's routes stay inside its rack, and every rack is cabled alike
+            path, templates = (), self.templates
+            # a group's routes stay inside its rack and on its own chips and the nodes held whole there, and
+            # every rack is cabled alike: its templates serve every group of its shape and every schedule
             period = self.system.chips_per_rack
             base = chips[0] // period * period
-            key = (tuple(c - base for c in chips), kind)
-            if key not in self.templates:
-                self.templates[key] = _collective_template(self.system, key[0], kind)
-            if (key, base, payload) not in self.collective_steps:
-                self.collective_steps[(key, base, payload)] = [
-                    (latency + worst * payload, tuple((a + base, b + base, f * payload) for (a, b), f in fractions))
-                    for latency, worst, fractions in self.templates[key]]
-            steps = self.collective_steps[(key, base, payload)]
+            first_node = self.system.node_of(base)
+            transit = tuple(n - first_node for n in self.transit_nodes.get(base // period, ()))
+            key = (tuple(c - base for c in chips), kind, transit)
+            if key not in templates:
+                templates[key] = _collective_template(self.system, key[0], kind, transit)
+        steps = self.routed_steps.get((key, base, payload))
+        if steps is None:
+            steps = self.routed_steps[(key, base, payload)] = [
+                [_Routing(self.cycles(latency + worst * payload), self._placed_links(key, base, j, i, fractions),
+                          fractions) for i, (latency, worst, fractions) in enumerate(step)]
+                for j, step in enumerate(templates[key])]
         phases, arrival = [], ready
-        for seconds, links in steps:  # each step waits for the one before it and for its own links
-            start = max([arrival] + [self.link_free.get((a, b), 0) for a, b, _ in links])
-            arrival = start + self.cycles(seconds)
-            for a, b, _ in links:
-                self.link_free[(a, b)] = arrival
-            phases.append((start, arrival, links))
+        for routings in steps:
+            # each step waits for the one before it and for its own links; of its routings, the first to arrive
+            # (on ties the shortest routes)
+            start, routing = min(((self._links_free(r.link_set, arrival, r.cycles), r) for r in routings),
+                                 key=lambda option: option[0] + option[1].cycles)
+            if routing.links is None:
+                routing.links = tuple((a + base, b + base, f * payload) for (a, b), f in routing.fractions)
+            arrival = start + routing.cycles
+            self._reserve(routing.link_set, start, arrival)
+            phases.append((start, arrival, routing.links))
         self.transfers.append(Transfer(name, kind, stage, chips, path, payload, tuple(phases), phases[0][0], arrival,
                                        inputs))
         self.ready[name] = (stage, arrival)
@@ -524,9 +644,12 @@ def decode_rows(users: int, single: PhaseSchedule) -> int:
 
 
 def schedule_phase(spec: ModelSpec, system: SystemSpec, workload: Workload, placement: Placement,
-                   phase: str, templates: dict | None = None, rows: int = 1) -> PhaseSchedule:
+                   phase: str, templates: dict | None = None, rows: int = 1,
+                   via_other_nodes: bool = True) -> PhaseSchedule:
     """One decode step of a micro-batch of `rows` users (each attending to the whole context; with draft
-    tokens, verifying them) or the prefill of one prompt."""
+    tokens, verifying them) or the prefill of one prompt; flows between two nodes of a rack may pass through
+    the deployment's other nodes there where that arrives sooner (_routings), unless `via_other_nodes` is
+    False."""
     if phase == "decode":
         seq_len, ops = workload.context_length, lowered_decode(spec, workload, rows)
     else:
@@ -540,7 +663,7 @@ def schedule_phase(spec: ModelSpec, system: SystemSpec, workload: Workload, plac
     s = _Scheduler(spec, system, workload, placement, {} if templates is None else templates,
                    {op.name for op, _ in staged if op.kind in ("attention", "merge")},
                    pairs | {name + ".allreduce" for name in pairs},
-                   {name: sorted(stages) for name, stages in readers.items()})
+                   {name: sorted(stages) for name, stages in readers.items()}, via_other_nodes)
     payloads = {op.name: result_bytes(spec, op) for op, _ in staged}
     for op, stage in staged:
         s.place_op(op, stage, payloads)

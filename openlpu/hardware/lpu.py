@@ -8,7 +8,9 @@ mistyped one is one clear OpenLPUError naming it.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import itertools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,10 +113,12 @@ class SystemSpec:
     # Inside a node the chips form a full mesh. Inside a rack every pair of nodes has one link, and every
     # pair of racks (up to network.max_racks) has one: a Dragonfly with racks as its groups (ISCA 2022).
     # Which chip holds which link is not published; here a node's links to the other nodes of its rack
-    # take its chips' first global ports, a link per chip in turn, and a rack's links to other racks the
-    # ports left, forward neighbours (rack r + 1, r + 2, ...) from the rack's last chip back, backward
-    # neighbours (r - 1, ...) from its first chip on, so that a pipeline running through consecutive
-    # nodes and racks crosses each boundary in one global hop.
+    # take its chips' first global ports, a link per chip in turn, the previous nodes (n - 1, n - 2, ...)
+    # from its first chip on, and a rack's links to other racks the ports left, forward neighbours (rack
+    # r + 1, r + 2, ...) from the rack's last chip back, backward neighbours (r - 1, ...) from its first
+    # chip on. So a pipeline running through consecutive nodes and racks crosses each boundary in one
+    # global hop, from the last chip of a node or rack to the first of the next, and a deployment that
+    # ends in part of a node still holds that node's link to the node before it.
     @property
     def rack_links_per_chip(self) -> int:
         return -(-(self.rack.nodes - 1) // self.node.chips)
@@ -143,7 +147,7 @@ class SystemSpec:
 
     def _rack_gateway(self, node: int, to_node: int) -> int:
         """The chip of `node` holding its link to `to_node`, a node of the same rack."""
-        slot = (to_node - node) % self.rack.nodes - 1
+        slot = (node - to_node) % self.rack.nodes - 1
         return node * self.node.chips + slot % self.node.chips
 
     def _system_gateway(self, rack: int, to_rack: int) -> int:
@@ -168,6 +172,46 @@ class SystemSpec:
         exit_chip = self._system_gateway(self.rack_of(src), self.rack_of(dst))
         entry_chip = self._system_gateway(self.rack_of(dst), self.rack_of(src))
         return self.route(src, exit_chip) + self.route(entry_chip, dst)
+
+    def route_via(self, src: int, dst: int, node: int) -> tuple[int, ...]:
+        """Chips a vector visits from src to dst, two nodes of a rack, through a third node of it."""
+        entry = self._rack_gateway(node, self.node_of(src))
+        return self.route(src, entry) + self.route(entry, dst)[1:]
+
+    def linked_chips(self, chip: int) -> list[int]:
+        """The chips `chip` has a link to: the rest of its node, and those at the other end of its global links."""
+        node, rack = self.node_of(chip), self.rack_of(chip)
+        first_node = rack * self.rack.nodes
+        out = [c for c in range(node * self.node.chips, (node + 1) * self.node.chips) if c != chip]
+        out += [self._rack_gateway(other, node) for other in range(first_node, first_node + self.rack.nodes)
+                if other != node and self._rack_gateway(node, other) == chip]
+        racks, ports, half = self.network.max_racks, self.system_ports_per_rack, self.network.max_racks // 2
+        for port in range((chip - rack * self.chips_per_rack) * self.system_links_per_chip,
+                          (chip - rack * self.chips_per_rack + 1) * self.system_links_per_chip):
+            # _system_gateway inverted: forward neighbours from the last port back, backward from the first on
+            if port >= ports - half:
+                out.append(self._system_gateway((rack + ports - port) % racks, rack))
+            elif port < racks - 1 - half:
+                out.append(self._system_gateway((rack + racks - 1 - port) % racks, rack))
+        return out
+
+    def route_within(self, src: int, dst: int, held: frozenset[int]) -> tuple[int, ...] | None:
+        """The route from src to dst of least latency over links between chips in `held` (None if there is
+        none): where route() would pass a chip a deployment lacks, such as a missing card of a node it holds
+        in part."""
+        best, heap = {src: 0.0}, [(0.0, src, (src,))]
+        while heap:
+            latency, chip, path = heapq.heappop(heap)
+            if chip == dst:
+                return path
+            if latency > best[chip]:
+                continue
+            for other in self.linked_chips(chip):
+                step = latency + self.links[self.link_kind(chip, other)].latency_s
+                if other in held and step < best.get(other, math.inf):
+                    best[other] = step
+                    heapq.heappush(heap, (step, other, path + (other,)))
+        return None
 
     def route_latency_s(self, route: tuple[int, ...]) -> float:
         """The latency of a route's hops (route(): the chips visited), each its link kind's."""
