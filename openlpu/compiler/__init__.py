@@ -18,7 +18,7 @@ from openlpu.compiler.program import (
     Workload,
     load_program,
 )
-from openlpu.compiler.schedule import decode_period_cycles, decode_rows, schedule_phase
+from openlpu.compiler.schedule import decode_period_cycles, decode_rows, schedule_phase, schedule_prefill
 from openlpu.compiler.verify import Violation, verify, verify_or_raise
 from openlpu.errors import OpenLPUError
 from openlpu.hardware.lpu import SystemSpec
@@ -42,10 +42,7 @@ def compile_program(spec: ModelSpec, system: SystemSpec, workload: Workload, chi
     placement, decode = _arranged(spec, system, workload, chips, tp, templates)
     if tp is None:
         placement, decode = _wider_groups(spec, system, workload, placement, decode, templates)
-    # a long prompt keeps every stage's links busy at once, where routes through other nodes can delay
-    # more than they save: the prefill is scheduled both ways and the shorter kept
-    prefill = min((schedule_phase(spec, system, workload, placement, "prefill", templates, via_other_nodes=via)
-                   for via in (True, False)), key=lambda phase: phase.makespan_cycles)
+    prefill = schedule_prefill(spec, system, workload, placement, templates)
     return Program(version=FORMAT_VERSION, model=spec.name, system=system, workload=workload,
                    tensors=spec.tensor_shapes(),
                    kv_slots=tuple(kv_slots(spec, workload.context_length, i) for i in range(spec.n_layers)),

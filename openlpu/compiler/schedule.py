@@ -150,7 +150,7 @@ def _routings(system: SystemSpec, flows: list[tuple[int, int, float]], transit: 
         return route(src, dst) if via is None else system.route_via(src, dst, via)
 
     along = _phase_routing(system, flows, route)
-    if not any(vias(src, dst) for src, dst, _ in flows):
+    if len(flows) < 2 or not any(vias(src, dst) for src, dst, _ in flows):  # one flow has nothing to share out
         return (along,)
     return along, _phase_routing(system, flows, spread)
 
@@ -194,8 +194,11 @@ class _Scheduler:
         self.by_rank = by_rank  # results split by heads over a group: they move rank to rank
         self.pairs = pairs  # the sampler's (value, index) results, and their all-reduces: sent whole
         self.readers = readers  # result name -> the stages whose ops read it, in pipeline order
-        self.templates = templates  # a collective's routings per (group shape, kind, transit nodes), shared
-        self.sends: dict[tuple, tuple] = {}  # a send's routings per (its chips, kind, transit nodes)
+        # routings per (group shape, kind, transit nodes) of a collective, or ("send", chips, kind, transit
+        # nodes) of a send with the chips its routes touch, shared by the schedules of a compilation
+        self.templates = templates
+        self.sends: dict[tuple, tuple] = {}  # a send's routings around chips this deployment lacks
+        self.went_via = False  # whether a step took routes through other nodes
         self.routed_steps: dict[tuple, list] = {}  # a template at one place and payload: every layer's alike
         # per rack, its nodes the deployment holds whole: flows between two others may cross them (if allowed)
         self.transit_nodes: dict[int, tuple[int, ...]] = {}
@@ -308,15 +311,20 @@ class _Scheduler:
               inputs: tuple[str, ...]) -> int:
         if kind in ("p2p", "rank_p2p", "stripe"):  # rank_p2p, stripe: rank r of one group to rank r of the next
             pairs = list(zip(*transfer_ends(kind, chips)))
-            # its routes depend on the chips this deployment holds: the templates kept for this schedule only
-            base, transit, templates = 0, self.transit_nodes.get(self.system.rack_of(pairs[0][0]), ()), self.sends
-            key = (chips, kind, transit)
-            if key not in templates:
-                templates[key] = (_routings(self.system, [(src, dst, 1 / len(pairs)) for src, dst in pairs], transit,
-                                            self._route),)
+            flows = [(src, dst, 1 / len(pairs)) for src, dst in pairs]
+            base, transit = 0, self.transit_nodes.get(self.system.rack_of(pairs[0][0]), ())
+            key = ("send", chips, kind, transit)
+            if key not in self.templates:  # along the network's routes: shared by every deployment they keep to
+                routings = _routings(self.system, flows, transit, self.system.route)
+                self.templates[key] = ((routings,), frozenset(c for r in routings for link, _ in r[2] for c in link))
+            template, touched = self.templates[key]
+            if not touched <= self.held:  # around chips this deployment lacks: for this schedule only
+                if key not in self.sends:
+                    self.sends[key] = (_routings(self.system, flows, transit, self._route),)
+                template = self.sends[key]
             path = self._route(*pairs[0]) if kind == "p2p" else ()
         else:
-            path, templates = (), self.templates
+            path = ()
             # a group's routes stay inside its rack and on its own chips and the nodes held whole there, and
             # every rack is cabled alike: its templates serve every group of its shape and every schedule
             period = self.system.chips_per_rack
@@ -324,20 +332,22 @@ class _Scheduler:
             first_node = self.system.node_of(base)
             transit = tuple(n - first_node for n in self.transit_nodes.get(base // period, ()))
             key = (tuple(c - base for c in chips), kind, transit)
-            if key not in templates:
-                templates[key] = _collective_template(self.system, key[0], kind, transit)
+            if key not in self.templates:
+                self.templates[key] = _collective_template(self.system, key[0], kind, transit)
+            template = self.templates[key]
         steps = self.routed_steps.get((key, base, payload))
         if steps is None:
             steps = self.routed_steps[(key, base, payload)] = [
                 [_Routing(self.cycles(latency + worst * payload), self._placed_links(key, base, j, i, fractions),
                           fractions) for i, (latency, worst, fractions) in enumerate(step)]
-                for j, step in enumerate(templates[key])]
+                for j, step in enumerate(template)]
         phases, arrival = [], ready
         for routings in steps:
             # each step waits for the one before it and for its own links; of its routings, the first to arrive
             # (on ties the shortest routes)
             start, routing = min(((self._links_free(r.link_set, arrival, r.cycles), r) for r in routings),
                                  key=lambda option: option[0] + option[1].cycles)
+            self.went_via |= routing is not routings[0]
             if routing.links is None:
                 routing.links = tuple((a + base, b + base, f * payload) for (a, b), f in routing.fractions)
             arrival = start + routing.cycles
@@ -650,6 +660,24 @@ def schedule_phase(spec: ModelSpec, system: SystemSpec, workload: Workload, plac
     tokens, verifying them) or the prefill of one prompt; flows between two nodes of a rack may pass through
     the deployment's other nodes there where that arrives sooner (_routings), unless `via_other_nodes` is
     False."""
+    return _schedule(spec, system, workload, placement, phase, templates, rows, via_other_nodes)[0]
+
+
+def schedule_prefill(spec: ModelSpec, system: SystemSpec, workload: Workload, placement: Placement,
+                     templates: dict | None = None) -> PhaseSchedule:
+    """The prefill, of the two schedules with and without routes through other nodes the shorter: a long
+    prompt keeps every stage's links busy at once, where such routes can delay more than they save (the
+    second is needed only where the first took one)."""
+    prefill, went_via = _schedule(spec, system, workload, placement, "prefill", templates)
+    if not went_via:
+        return prefill
+    direct = schedule_phase(spec, system, workload, placement, "prefill", templates, via_other_nodes=False)
+    return min((prefill, direct), key=lambda phase: phase.makespan_cycles)
+
+
+def _schedule(spec: ModelSpec, system: SystemSpec, workload: Workload, placement: Placement, phase: str,
+              templates: dict | None = None, rows: int = 1, via_other_nodes: bool = True) -> tuple[PhaseSchedule, bool]:
+    """schedule_phase's schedule, and whether any of its steps went through other nodes."""
     if phase == "decode":
         seq_len, ops = workload.context_length, lowered_decode(spec, workload, rows)
     else:
@@ -677,4 +705,4 @@ def schedule_phase(spec: ModelSpec, system: SystemSpec, workload: Workload, plac
                     TOKEN_ID_BYTES * rows * (workload.draft_tokens + 1), s.ready[src_name][1], (src_name,))
     makespan = max([o.end_cycle for o in s.ops] + [t.arrival_cycle for t in s.transfers])
     return PhaseSchedule(phase, seq_len, rows if phase == "decode" else seq_len, tuple(s.ops), tuple(s.transfers),
-                         makespan)
+                         makespan), s.went_via
