@@ -18,7 +18,12 @@ from openlpu.compiler.program import (
     Workload,
     load_program,
 )
-from openlpu.compiler.schedule import decode_period_cycles, decode_rows, schedule_phase, schedule_prefill
+from openlpu.compiler.schedule import (
+    decode_period_cycles,
+    decode_rows,
+    schedule_phase,
+    schedule_prefill,
+)
 from openlpu.compiler.verify import Violation, verify, verify_or_raise
 from openlpu.errors import OpenLPUError
 from openlpu.hardware.lpu import SystemSpec
