@@ -178,10 +178,9 @@ class _Scheduler:
         self.unit_free: dict[tuple[int, str], int] = {}
         self.combined: dict[int, int] = {}  # stage -> the end of the last combining op placed there
         # sets of directed links that steps load (_link_set): per set, the (starts, ends) of the steps reserving
-        # it, in order (they never overlap), and the last end; the sets sharing a link with each
+        # it, in order (they never overlap, so the last end is the latest); the sets sharing a link with each
         self.link_set_index: dict[tuple[tuple[int, int], ...], int] = {}
         self.link_set_busy: list[tuple[list[int], list[int]]] = []
-        self.link_set_free: list[int] = []
         self.clashes: list[list[int]] = []
         self.link_sets_on: dict[tuple[int, int], list[int]] = {}
         self.placed_link_sets: dict[tuple, int] = {}  # (template key, base, step, routing) -> its link set
@@ -264,7 +263,6 @@ class _Scheduler:
             new = len(self.link_set_busy)
             self.link_set_index[links] = new
             self.link_set_busy.append(([], []))
-            self.link_set_free.append(0)
             clashing = {other for link in links for other in self.link_sets_on.get(link, ())}
             self.clashes.append(sorted(clashing) + [new])
             for other in clashing:
@@ -283,14 +281,14 @@ class _Scheduler:
     def _links_free(self, link_set: int, ready: int, cycles: int) -> int:
         """The first cycle from `ready` at which every link of `link_set` is free for `cycles`: a transfer may
         take a gap that transfers placed before it left on its links."""
-        clashes = self.clashes[link_set]
-        if max(self.link_set_free[other] for other in clashes) <= ready:
+        busy, clashes = self.link_set_busy, self.clashes[link_set]
+        if all(not ends or ends[-1] <= ready for _, ends in (busy[other] for other in clashes)):
             return ready
         start, settled = ready, False
         while not settled:
             settled = True
             for other in clashes:
-                starts, ends = self.link_set_busy[other]
+                starts, ends = busy[other]
                 i = bisect.bisect_right(ends, start)  # the first reservation ending after `start`
                 if i < len(starts) and starts[i] < start + cycles:
                     start, settled = ends[i], False
@@ -298,14 +296,9 @@ class _Scheduler:
 
     def _reserve(self, link_set: int, start: int, end: int) -> None:
         starts, ends = self.link_set_busy[link_set]
-        if self.link_set_free[link_set] <= start:
-            starts.append(start)
-            ends.append(end)
-            self.link_set_free[link_set] = end
-        else:
-            i = bisect.bisect_right(starts, start)
-            starts.insert(i, start)
-            ends.insert(i, end)
+        i = bisect.bisect_right(starts, start)
+        starts.insert(i, start)
+        ends.insert(i, end)
 
     def _send(self, name: str, kind: str, stage: int, chips: tuple[int, ...], payload: float, ready: int,
               inputs: tuple[str, ...]) -> int:
