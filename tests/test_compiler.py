@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from openlpu.cli import app
 from openlpu.compiler import Workload, compile_program, load_program, verify
-from openlpu.compiler.partition import EXPERT_ROWS
+from openlpu.compiler.partition import EXPERT_ROWS, half_index, size_table
 from openlpu.compiler.program import MAGIC
 from openlpu.compiler.schedule import schedule_phase, split_chunk
 from openlpu.errors import OpenLPUError
@@ -235,19 +235,41 @@ def test_mlp_cuts_never_split_a_weight_tile():
         compile_program(load_preset("llama-3.1-8b"), SYSTEM, SMALL, 7000)
 
 
-def test_a_stage_takes_one_prompt_chunk_at_a_time():
-    """A stage starts chunk c of the prompt only once its last op of chunk c-1 has ended, so one chunk's
-    activations are in a stage's SRAM at a time (what the partition reserves)."""
-    p = compile_program(load_preset("gemma-3-270m"), SYSTEM,
-                        Workload(context_length=1024, prompt_len=300, prefill_chunk=64), chips=8)
-    spans = {}
-    for op in p.prefill.ops:
-        key = (op.stage, split_chunk(op.name)[0])
-        first, last = spans.get(key, (op.start_cycle, op.end_cycle))
-        spans[key] = (min(first, op.start_cycle), max(last, op.end_cycle))
-    assert max(c for _, c in spans) == 4  # 300 tokens in chunks of 64
-    overlaps = [(s, c) for (s, c), (first, _) in spans.items() if c and first < spans[(s, c - 1)][1]]
-    assert len(p.placement.stages) > 1 and overlaps == []
+@pytest.mark.parametrize("name, workload, chips, tp", [
+    ("gemma-3-270m", Workload(context_length=1024, prompt_len=300, prefill_chunk=64), 8, None),
+    # 30 stages of one chip, the first three faster than the fourth: before chunks waited to land, the
+    # fourth held 12 later chunks' residuals beside its own (7.1 MB), 1.2 MB beyond its SRAM
+    ("gemma-3-1b", Workload(weights="fp16", activations="fp16", kv="fp16", context_length=4096, users=128,
+                            prompt_len=4096), None, 1)])
+def test_a_stage_takes_one_prompt_chunk_at_a_time(name, workload, chips, tp):
+    """A stage starts chunk c of the prompt, and chunk c's results land on it, only once its last op of
+    chunk c-1 has ended, so one chunk's activations are in a stage's SRAM at a time (what the partition
+    reserves, and the verifier finds held)."""
+    p = compile_program(load_preset(name), SYSTEM, workload, chips=chips, tp=tp)
+    spans = {}  # (stage, chunk) -> (the first cycle the chunk is on the stage, its last op's end there)
+    events = [(op.stage, op.name, op.start_cycle, op.end_cycle) for op in p.prefill.ops]
+    for stage, what, start, end in events + [(t.stage, t.name, t.start_cycle, 0) for t in p.prefill.transfers]:
+        first, last = spans.get((stage, split_chunk(what)[0]), (start, 0))
+        spans[(stage, split_chunk(what)[0])] = (min(first, start), max(last, end))
+    assert {c for _, c in spans} == set(range(-(-workload.prompt_len // workload.prefill_chunk)))
+    by_stage = defaultdict(list)
+    for (stage, _), span in sorted(spans.items()):
+        by_stage[stage].append(span)
+    # a stage may skip chunks (the head's only in the last): each is compared with the stage's one before
+    overlaps = [s for s, seq in by_stage.items() for before, after in itertools.pairwise(seq) if after[0] < before[1]]
+    assert len(by_stage) > 1 and overlaps == [] and verify(p) == []
+
+
+def test_the_partition_reserves_the_scores_of_a_prompts_last_chunk():
+    """Gemma 2 writes each head's softcapped scores, which grow with the keys a prompt chunk attends. On a
+    global layer the last of 32 chunks of 256 tokens has queries at positions 7,936..8,191, each seeing
+    itself and the keys before it: 256 x 7,936 + 256 x 257 / 2 = 2,064,512 pairs, x 2 heads per chip at TP
+    8, one byte each. Sized on the first chunk instead (32,896 pairs), the placement overflowed 16 chips."""
+    spec, workload = load_preset("gemma-2-9b"), Workload(context_length=8192, users=4, prompt_len=8192)
+    assert spec.layer_kinds[1] == "global" and spec.n_heads // 8 == 2
+    assert size_table(spec, workload, 8).activations[half_index(1, "attn", spec.n_layers)] >= 2_064_512 * 2
+    program = compile_program(spec, SYSTEM, workload)
+    assert program.placement.tp == 8 and verify(program) == []
 
 
 def test_schedule_has_the_collectives_and_pipeline_sends(gemma8):

@@ -377,14 +377,23 @@ def lowered_decode(spec: ModelSpec, workload: Workload, rows: int = 1) -> list[O
                  act_precision=workload.activations, queries=workload.draft_tokens + 1)
 
 
+def prefill_chunks(workload: Workload) -> list[tuple[int, int]]:
+    """(tokens before it, its tokens) of each chunk of workload.prefill_chunk tokens of the prompt."""
+    step = workload.prefill_chunk
+    return [(past, min(step, workload.prompt_len - past)) for past in range(0, workload.prompt_len, step)]
+
+
 @functools.lru_cache(maxsize=16)
 def lowered_passes(spec: ModelSpec, workload: Workload, decode_rows: int = 1) -> tuple[list[Op], ...]:
     """The passes a stage's activation buffers must serve: one decode micro-batch of `decode_rows`
-    users' tokens, one prefill chunk."""
-    chunk = min(workload.prompt_len, workload.prefill_chunk)
+    users' tokens, and the prefill chunks with the largest buffers. Some grow with the keys a chunk
+    attends (a softcap's scores), which under causal or sliding-window attention never fall from one full
+    chunk to the next (chunked attention, Llama 4's, has no softcap): the last full chunk, and the last."""
+    chunks = prefill_chunks(workload)
+    largest = {max(c for c in chunks if c[1] == chunks[0][1]), chunks[-1]}
     return (lowered_decode(spec, workload, decode_rows),
-            lower(spec, "prefill", chunk, 1, workload.weights, kv_precision=workload.kv,
-                  act_precision=workload.activations))
+            *(lower(spec, "prefill", tokens, 1, workload.weights, kv_precision=workload.kv,
+                    act_precision=workload.activations, past_len=past) for past, tokens in sorted(largest)))
 
 
 def activation_peaks(spec: ModelSpec, passes: tuple[list[Op], ...], t: int) -> list[float]:

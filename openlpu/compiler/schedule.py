@@ -43,10 +43,12 @@ stream through one install of each weight (each row still attends its own user's
 few users as keep every user's turn at the busiest stage within one step (decode_rows), so one user per
 step while the users fit the pipeline. In a
 prefill, a stage starts prompt chunk c only once its last op of chunk c-1 has ended and every result
-of chunk c-1 it sends has arrived: like a user's token in decode, a chunk holds a stage's activation
-buffers alone, which is what the partition reserves (a prompt's token ids are all known at once, so
-without this rule every chunk's embedding gather would start at once and wait in SRAM; and a result
-whose sends queue on busy links would still be held when the next chunk's ops begin).
+of chunk c-1 it sends has arrived, and chunk c's results land on it only once its ops of chunk c-1
+have ended: like a user's token in decode, a chunk holds a stage's activation buffers alone, which is
+what the partition reserves (a prompt's token ids are all known at once, so without this rule every
+chunk's embedding gather would start at once and wait in SRAM; a result whose sends queue on busy links
+would still be held when the next chunk's ops begin; and a stage faster than the one after it would
+pile its chunks up there).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ import math
 
 from openlpu.compiler.partition import (CUT_SEPARATOR, EMBED, EXPERT_ROWS, axis_length, expert_spans, ffn_units,
                                         item_of_tensor, kv_slots, lowered_decode, op_fractions, op_item, op_piece,
-                                        op_role, op_suffix, piece_homes)
+                                        op_role, op_suffix, piece_homes, prefill_chunks)
 from openlpu.compiler.program import PhaseSchedule, Placement, ScheduledOp, Transfer, Workload, transfer_ends
 from openlpu.errors import OpenLPUError
 from openlpu.graph.lower import PRECISIONS, as_precision, keys_in_slots, lower
@@ -188,6 +190,7 @@ class _Scheduler:
         # (stage, prompt chunk) -> when its last op there ends and its last result sent from there arrives:
         # a stage's activation buffers hold one chunk, so the next starts only then
         self.chunk_end: dict[tuple[int, int], int] = {}
+        self.chunk_ops_end: dict[tuple[int, int], int] = {}  # the same, its ops only: the next chunk may land
         self.provider: dict[str, str] = {}  # op name -> the name holding its full result (op or all-reduce)
         self.alias: dict[str, str] = {}  # a send -> the all-gather (or broadcast) that completes it on the group
         self.by_rank = by_rank  # results split by heads over a group: they move rank to rank
@@ -302,6 +305,9 @@ class _Scheduler:
 
     def _send(self, name: str, kind: str, stage: int, chips: tuple[int, ...], payload: float, ready: int,
               inputs: tuple[str, ...]) -> int:
+        chunk = split_chunk(name)[0]
+        if chunk:  # lands on its stage once the ops of the chunk before are done (see the module doc)
+            ready = max(ready, self.chunk_ops_end.get((stage, chunk - 1), 0))
         if kind in ("p2p", "rank_p2p", "stripe"):  # rank_p2p, stripe: rank r of one group to rank r of the next
             pairs = list(zip(*transfer_ends(kind, chips)))
             flows = [(src, dst, 1 / len(pairs)) for src, dst in pairs]
@@ -349,7 +355,6 @@ class _Scheduler:
         self.transfers.append(Transfer(name, kind, stage, chips, path, payload, tuple(phases), phases[0][0], arrival,
                                        inputs))
         self.ready[name] = (stage, arrival)
-        chunk = split_chunk(name)[0]
         if chunk is not None:  # its input is held where it is until it has arrived
             source = (self.ready[inputs[0]][0], chunk)
             self.chunk_end[source] = max(arrival, self.chunk_end.get(source, 0))
@@ -436,6 +441,7 @@ class _Scheduler:
             self.combined[stage] = end
         if chunk is not None:
             self.chunk_end[(stage, chunk)] = max(end, self.chunk_end.get((stage, chunk), 0))
+            self.chunk_ops_end[(stage, chunk)] = max(end, self.chunk_ops_end.get((stage, chunk), 0))
         self.ops.append(ScheduledOp(op.name, op.kind, op.unit, stage, start, end, op.flops * compute,
                                     reads + writes, op.act_write_bytes * f_out, inputs))
         self.ready[op.name] = (stage, end)
@@ -454,15 +460,13 @@ def result_bytes(spec: ModelSpec, op: Op) -> float:
 def _prefill_chunks(spec: ModelSpec, workload: Workload) -> list[Op]:
     """The prompt in chunks of workload.prefill_chunk tokens, each attending to the chunks before it;
     only the last chunk computes logits. Op names get a "c<chunk>/" prefix."""
-    chunk = workload.prefill_chunk
-    n_chunks = -(-workload.prompt_len // chunk)
+    chunks = prefill_chunks(workload)
     out: list[Op] = []
-    for c in range(n_chunks):
-        length = min(chunk, workload.prompt_len - c * chunk)
+    for c, (past, length) in enumerate(chunks):
         ops = lower(spec, "prefill", length, 1, workload.weights, kv_precision=workload.kv,
-                    act_precision=workload.activations, past_len=c * chunk)
+                    act_precision=workload.activations, past_len=past)
         for op in ops:
-            if c < n_chunks - 1 and op_item(op, spec.n_layers) == spec.n_layers:
+            if c < len(chunks) - 1 and op_item(op, spec.n_layers) == spec.n_layers:
                 continue  # logits only for the prompt's last token
             inputs = tuple(chunk_name(c, i) for i in op.inputs)
             if op.kind == "attention" and c > 0:  # reads the KV the previous chunk wrote
