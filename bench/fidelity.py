@@ -77,6 +77,8 @@ LLMPERF_GROQ_70B = {"mean_end_to_end_s": 0.8151081097126007, "mean_ttft_s": 0.22
                     "output_tokens": 150, "median_ttft_s": 0.2218883791938424}
 LLMPERF_DECODE_TOK_S = (LLMPERF_GROQ_70B["output_tokens"] - 1) / (
     LLMPERF_GROQ_70B["mean_end_to_end_s"] - LLMPERF_GROQ_70B["mean_ttft_s"])
+# the service LLMPerf measured, llama2-70b-4096 (its "model" field), at the benchmark's concurrent requests
+LLMPERF_SETTING = {"input": 550, "output": 150, "context": 4096, "users": 5}
 GROQ_LLMPERF_DECODE = ("ray-project/llmperf-leaderboard raw_data/summary/groq_70b.json (Groq, 550 in / 150 out, "
                        "5 concurrent requests): 149 tokens / (mean end-to-end 0.815 s - mean TTFT 0.228 s)")
 # The chip counts Groq's deployments are known by (576 = 8 racks of 72 for Llama-2-70B and Mixtral) come
@@ -137,7 +139,7 @@ LLAMA_3_70B = _listed("llama-3-70b", "Llama3 70b 8192", 330, 8192)
 LPU_POINTS = [
     FIT_POINT,
     Point("lpu-v1", "llama-2-70b", 576, "int8", "llmperf_decode_tok_s", round(LLMPERF_DECODE_TOK_S, 1),
-          GROQ_LLMPERF_DECODE, "2024-01-10", COUNTED, {"input": 550, "output": 150}),
+          GROQ_LLMPERF_DECODE, "2024-01-10", COUNTED, LLMPERF_SETTING),
     Point("lpu-v1", "llama-2-70b", 576, "int8", "decode_tok_s_per_user", 289,
           THEFASTEST.format("llama2-70b-4096", 289), "2024-04-10", COUNTED, {"context": 4096}),
     MIXTRAL_PRESS,
@@ -185,7 +187,7 @@ LPU_POINTS += SECOND_HAND + [
                Point("lpu-v1", "llama-2-70b", 576, "int8", "llmperf_tok_s_per_request", 185, GROQ_LLMPERF,
                      "2024-01-10", "ALT: includes TTFT over the internet (median 0.22 s), which the chip "
                      "model has no term for; not counted (its generation part is the LLMPerf CHECK row)",
-                     {"input": 550, "output": 150})]
+                     LLMPERF_SETTING)]
 
 NVIDIA_DGX = ("NVIDIA technical blog 'Achieving Top Inference Performance with the NVIDIA H100 Tensor Core "
               "GPU and NVIDIA TensorRT-LLM' (DGX H100, FP8, TensorRT-LLM 0.5, batch 1)")
@@ -372,16 +374,16 @@ def lpu_timing(p: Point, system, context: int, prompt: int, tp: int | None = Non
 
 def predict_lpu(p: Point, system, tp: int | None = None, users: int = 1):
     """The predicted figure and the LpuTiming it was read off (TP `tp`, None: the compiler's choice;
-    `users` in flight)."""
+    `users` in flight; an LLMPerf row, its concurrent requests)."""
     s = p.setting
     if p.metric == "decode_tok_s_per_user":
         t = lpu_timing(p, system, s["context"], min(512, s["context"]), tp, users)
         return t.tokens_per_s_per_user, t
     if p.metric in ("llmperf_tok_s_per_request", "llmperf_decode_tok_s"):
-        t = lpu_timing(p, system, s["input"] + s["output"], s["input"], tp, users)
+        t = lpu_timing(p, system, s["context"], s["input"], tp, s["users"])
         if p.metric == "llmperf_decode_tok_s":
-            return 1 / t.decode_latency_s, t
-        return s["output"] / (t.ttft_s + (s["output"] - 1) * t.decode_latency_s), t
+            return t.tokens_per_s_per_user, t
+        return s["output"] / (t.ttft_s + (s["output"] - 1) / t.tokens_per_s_per_user), t
     raise ValueError(p.metric)
 
 
@@ -843,7 +845,8 @@ def markdown(lpu_rows, gpu_rows, gpu_fit, install_fit, shipped_install, system, 
     mix_fewest = row(lpu_rows, "mixtral-8x7b", "ALT")
     scout_published = LLAMA_4_SCOUT.published
     mixtral_checks = [r for r in lpu_rows if r["model"] == "mixtral-8x7b" and r["role"] == COUNTED]
-    l70_measured = row(lpu_rows, "llama-2-70b", COUNTED, context=4096)
+    l70_measured = next(r for r in lpu_rows if r["model"] == "llama-2-70b" and r["role"] == COUNTED
+                        and r["metric"] == "decode_tok_s_per_user")
     def at_widths(f, key, fmt):
         return " / ".join(format(w[key], fmt) if w else "none fits" for w in f["by_tp"].values())
 
@@ -999,7 +1002,8 @@ install rate per layer. Link latencies are the preset's, not fitted ({hops}).
 
 Deployments: {CHIPS_SOURCE}; used for every row of those two models, as no later count was published.
 Each service row is modelled at the context window the service offered (the
-number in its model id, e.g. `mixtral-8x7b-32768`, or the catalogue's window), for one user; the
+number in its model id, e.g. `mixtral-8x7b-32768`, or the catalogue's window), for one user (an LLMPerf
+row: its 5 concurrent requests); the
 placement column shows stages x TP. A row without a published chip count is held out at the compiler's
 fewest chips (the TP width inside a node that takes the fewest nodes, ties to the wider; whole
 attention and MLP halves per stage, or, when that needs fewer stages, pieces cut where stages fill:
@@ -1078,7 +1082,8 @@ it (`kv_cache_quant_algo` FP8 in their hf_quant_config.json), and attention does
 
 {textwrap.fill("- " + monotone, 104, subsequent_indent="  ")}
 
-- Llama-2-70B, LLMPerf (Jan 2024): its requests generated their last 149 tokens at
+- Llama-2-70B, LLMPerf (Jan 2024; service llama2-70b-4096, 5 requests at a time, modelled so): its requests
+  generated their last 149 tokens at
   {LLMPERF_DECODE_TOK_S:.0f} tok/s ({1e3 / LLMPERF_DECODE_TOK_S:.2f} ms per token), while Groq's Feb 2024
   "300 tok/s per user" (the FIT row) is 3.33 ms per token: the two published figures differ by
   {300 / LLMPERF_DECODE_TOK_S:.2f}x in generation speed. Fitted on the press figure, the model is that much
