@@ -460,6 +460,20 @@ def test_unsupported_architecture(tmp_path):
         spec_from_gguf(path)
 
 
+@pytest.mark.parametrize("arch, change, says", [
+    # the defaults divide by the head count, and the layer kinds are a list as long as the block count
+    ("llama", {"n_heads": 0}, "llama.attention.head_count = 0 is not a positive integer"),
+    ("llama", {"d_model": "x"}, "llama.embedding_length = 'x' is not a positive integer"),
+    ("llama", {"n_layers": 10**9}, "llama.block_count = 1000000000 is not a positive integer of at most 10,000"),
+    ("llama", {"norm_eps": float("nan")}, "norm_eps and rope_base must be positive numbers, got nan"),
+    ("gemma2", {"final_softcap": float("inf")}, "final_logit_softcap must be a positive number or none, got inf"),
+])
+def test_broken_metadata_is_named(tmp_path, arch, change, says):
+    path = write_gguf(tmp_path / "broken.gguf", arch, arch_metadata(arch, **{**TINY, **change}), {})
+    with pytest.raises(OpenLPUError, match=re.escape(says)):
+        spec_from_gguf(path)
+
+
 def test_unsupported_tensor_type(tmp_path):
     block_elems, block_bytes = gguf.GGML_QUANT_SIZES[QType.IQ2_XXS]
     raw = np.zeros((2, block_bytes), np.uint8)

@@ -350,3 +350,31 @@ def test_corrupt_weights_file(saved, tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(OpenLPUError, match="not a readable safetensors file"):
         load_safetensors(tmp_path, spec_from_hf_config(saved["llama"][1]))
+
+
+@pytest.mark.parametrize("preset, change, says", [
+    # each found by mutating the presets' configs at random, where a field of the wrong type or size
+    # crashed the loader or exhausted memory instead of naming the field
+    ("llama-3.1-405b", {"rope_scaling": 1}, "field 'rope_scaling' must be a JSON object, got 1"),
+    ("llama-3.1-405b", {"rope_scaling": {"rope_type": []}}, "field 'rope_scaling.rope_type' must be a string, got []"),
+    ("mistral-7b", {"num_attention_heads": 0},
+     "field 'num_attention_heads' must be a positive integer of at most 2,147,483,647, got 0"),
+    ("qwen2.5-72b", {"num_hidden_layers": 10**9},
+     "field 'num_hidden_layers' must be a positive integer of at most 10,000, got 1000000000"),
+    ("qwen3-32b", {"vocab_size": 1e308}, "field 'vocab_size' must be a positive integer of at most 2,147,483,647"),
+    ("qwen3-8b", {"hidden_size": float("nan")}, "field 'hidden_size' must be a positive integer"),
+    ("llama-3.1-8b", {"model_type": []}, "field 'model_type' must be a string, got []"),
+    ("gemma-7b", {"architectures": 0.5}, "field 'architectures' must be a list of class names, got 0.5"),
+    ("llama-3.1-70b", {"hidden_act": {}}, "field 'hidden_act' must be a string, got {}"),
+    ("mixtral-8x7b", {"rope_theta": []}, "field 'rope_theta' must be a positive number, got []"),
+    ("llama-3.1-8b", {"mlp_bias": "x"}, "field 'mlp_bias' = \"x\" is not supported for llama (only false)"),
+    ("gemma-2-9b", {"attn_logit_softcapping": "x"}, "field 'attn_logit_softcapping' must be a positive number"),
+    ("gemma-2-9b", {"layer_types": 3}, "field 'layer_types' must be a list of layer type names, got 3"),
+    ("gemma-3-1b", {"sliding_window_pattern": 0}, "field 'sliding_window_pattern' must be a positive integer"),
+    ("qwen2.5-7b", {"use_sliding_window": True, "max_window_layers": "x"},
+     "field 'max_window_layers' must be a non-negative integer"),
+])
+def test_malformed_fields_are_named(preset, change, says):
+    cfg = json.loads((PRESETS_DIR / f"{preset}.json").read_text())["$source_notes"]["hf_config"]
+    with pytest.raises(OpenLPUError, match=re.escape(says)):
+        spec_from_hf_config({**cfg, **change})

@@ -17,7 +17,7 @@ from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuant
 from gguf.quants import dequantize
 
 from openlpu.errors import OpenLPUError
-from openlpu.models.spec import ModelSpec, RopeScaling
+from openlpu.models.spec import MAX_LAYERS, MAX_SIZE, ModelSpec, RopeScaling
 
 # ---- format tables --------------------------------------------------------------------------
 # Scalar value types: little-endian struct format of one value.
@@ -399,6 +399,11 @@ def spec_from_gguf(path: str | Path) -> ModelSpec:
     if missing:
         raise OpenLPUError(f"{header.path}: GGUF metadata lacks {', '.join(missing)}; "
                            "the file is incomplete, re-convert it with a current llama.cpp")
+    for f in ("d_model", "n_heads", "n_layers"):  # the defaults below divide by them and count layers with them
+        v, most = values[f], MAX_LAYERS if f == "n_layers" else MAX_SIZE
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= most:
+            raise OpenLPUError(f"{header.path}: GGUF metadata {arch}.{keys[f]} = {v!r} is not a positive integer of "
+                               f"at most {most:,}; the file is broken, re-convert it with a current llama.cpp")
     values.setdefault("vocab_size", len(meta.get("tokenizer.ggml.tokens", ())))
     values.setdefault("n_kv_heads", values["n_heads"])
     values.setdefault("head_dim", values["d_model"] // values["n_heads"])

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from openlpu.errors import OpenLPUError
-from openlpu.models.spec import ModelSpec, RopeScaling
+from openlpu.models.spec import MAX_LAYERS, MAX_SIZE, ModelSpec, RopeScaling
 
 HF_ROPE_LAYOUT = "half-split"  # q/k rows as HF stores them: rope pairs dim i with i + head_dim/2
 # ... except in these families, whose HF rope pairs dims 2i and 2i + 1: their q/k rows need no permutation
@@ -53,29 +53,30 @@ NESTED_TEXT_CONFIGS = {"llama4": ("Llama4ForConditionalGeneration", "text_config
 
 
 # ---- how each family's default layer kinds are laid out when config.json has no layer_types --
-def _all_global(cfg: dict, n: int) -> list[str]:
+def _all_global(f: _Fields, n: int) -> list[str]:
     return ["global"] * n
 
 
-def _all_local_if_window(cfg: dict, n: int) -> list[str]:
+def _all_local_if_window(f: _Fields, n: int) -> list[str]:
     # Mistral / Mixtral: every layer slides when sliding_window is set
-    return ["local" if cfg.get("sliding_window") else "global"] * n
+    return ["local" if f.cfg.get("sliding_window") else "global"] * n
 
 
-def _qwen_window_after_max_window_layers(cfg: dict, n: int) -> list[str]:
+def _qwen_window_after_max_window_layers(f: _Fields, n: int) -> list[str]:
     # Qwen 2/3: the first max_window_layers layers are full, later ones slide (if enabled at all)
-    if not cfg.get("use_sliding_window") or not cfg.get("sliding_window"):
+    if not f.cfg.get("use_sliding_window") or not f.cfg.get("sliding_window"):
         return ["global"] * n
-    first_full = cfg.get("max_window_layers", n)
+    first_full = f.number("max_window_layers", default=n, kind=int, least=0)
     return ["local" if i >= first_full else "global" for i in range(n)]
 
 
-def _alternating(cfg: dict, n: int) -> list[str]:
+def _alternating(f: _Fields, n: int) -> list[str]:
     return ["local" if (i + 1) % 2 else "global" for i in range(n)]  # layer 0 slides (Gemma 2, gpt-oss)
 
 
-def _gemma3_pattern(cfg: dict, n: int) -> list[str]:
-    period = cfg.get("sliding_window_pattern", cfg.get("_sliding_window_pattern", 6))
+def _gemma3_pattern(f: _Fields, n: int) -> list[str]:
+    key = "sliding_window_pattern" if "sliding_window_pattern" in f.cfg else "_sliding_window_pattern"
+    period = f.number(key, default=6, kind=int)
     # every period-th layer is global
     return ["local" if (i + 1) % period else "global" for i in range(n)]
 
@@ -101,10 +102,10 @@ def _llama4_rope_layers(cfg: dict, n: int) -> list[bool] | None:
     return [bool(flag) for flag in flags[:n]]
 
 
-def _llama4_pattern(cfg: dict, n: int) -> list[str]:
+def _llama4_pattern(f: _Fields, n: int) -> list[str]:
     # rope layers attend within their chunk, NoPE layers to everything (transformers derives layer_types so)
-    chunk = cfg.get("attention_chunk_size", LLAMA4_DEFAULTS["attention_chunk_size"])
-    rope = _llama4_rope_layers(cfg, n) or [False] * n  # malformed: _llama4_fields refuses it
+    chunk = f.cfg.get("attention_chunk_size", LLAMA4_DEFAULTS["attention_chunk_size"])
+    rope = _llama4_rope_layers(f.cfg, n) or [False] * n  # malformed: _llama4_fields refuses it
     return ["chunked" if uses and chunk is not None else "global" for uses in rope]
 
 
@@ -152,7 +153,7 @@ def _llama4_fields(f: _Fields, kinds: list[str]) -> dict:
 class FamilyRule:
     family: str
     architecture: str  # the HF class that config["architectures"] must name
-    default_layer_kinds: Callable[[dict, int], list[str]]  # when config.json has no layer_types
+    default_layer_kinds: Callable[[_Fields, int], list[str]]  # when config.json has no layer_types
     fixed: dict = field(default_factory=dict)  # ModelSpec fields every model of the family has
     tie_default: bool = False  # HF's default for tie_word_embeddings
     gemma: bool = False  # sqrt(d_model) embedding scale, (1 + w) norms, query_pre_attn_scalar
@@ -241,37 +242,54 @@ class _Fields:
             raise self.error(f"missing field {key!r}; the config.json is incomplete")
         return self.cfg[key]
 
-    def number(self, key: str, default=None, kind=float):
+    def text(self, key: str) -> str:
+        value = self.need(key)
+        if not isinstance(value, str):
+            raise self.error(f"field {key!r} must be a string, got {value!r}")
+        return value
+
+    def number(self, key: str, default=None, kind=float, least: int = 1, most: int = MAX_SIZE):
         value = self.cfg.get(key)
         if value is None:
             if default is None:
                 raise self.error(f"missing field {key!r}; the config.json is incomplete")
             return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                (kind is int and value != int(value)):
-            raise self.error(f"field {key!r} must be a {kind.__name__}, got {value!r}")
+        return self.checked(key, value, kind, least, most)
+
+    def checked(self, key: str, value, kind=float, least: int = 1, most: int = MAX_SIZE):
+        """Field `key`'s `value` as a positive number, or (kind int) a whole number from `least` to `most`."""
+        number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+        if kind is int and not (number and value == int(value) and least <= value <= most):
+            what = "positive" if least == 1 else "non-negative"
+            raise self.error(f"field {key!r} must be a {what} integer of at most {most:,}, got {value!r}")
+        if kind is float and not (number and value > 0):
+            raise self.error(f"field {key!r} must be a positive number, got {value!r}")
         return kind(value)
 
 
 def _rope(f: _Fields, gemma3: bool) -> tuple[float, float | None, RopeScaling | None]:
     """(global rope base, local rope base, scaling) from old-style or transformers-5 fields."""
-    params = f.cfg.get("rope_parameters") or {}
+    params = _object(f, "rope_parameters", f.cfg.get("rope_parameters") or {})
     if gemma3 and "full_attention" in params:
-        global_params, local_params = params["full_attention"], params.get("sliding_attention", {})
+        global_params = _object(f, "rope_parameters.full_attention", params["full_attention"])
+        local_params = _object(f, "rope_parameters.sliding_attention", params.get("sliding_attention", {}))
     else:
         global_params, local_params = params, {}
     theta = f.cfg.get("rope_theta", global_params.get("rope_theta"))
     if theta is None:
         raise f.error("missing field 'rope_theta'; the config.json is incomplete")
+    theta = f.checked("rope_theta", theta)
     if global_params.get("rope_theta") not in (None, theta):
         raise f.error(f"contradictory fields 'rope_theta' ({theta}) and "
                       f"'rope_parameters.rope_theta' ({global_params['rope_theta']}); fix one")
     local = f.cfg.get("rope_local_base_freq", local_params.get("rope_theta")) if gemma3 else None
-    local = None if local is None else float(local)
+    local = None if local is None else f.checked("rope_local_base_freq", local)
 
-    scaling = f.cfg.get("rope_scaling") or \
-        {k: v for k, v in global_params.items() if k != "rope_theta"}
+    scaling = _object(f, "rope_scaling", f.cfg.get("rope_scaling") or
+                      {k: v for k, v in global_params.items() if k != "rope_theta"})
     kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if not isinstance(kind, str):
+        raise f.error(f"field 'rope_scaling.rope_type' must be a string, got {kind!r}")
     if kind == "default":
         return float(theta), local, None
     if kind not in ROPE_SCALING_FIELDS:
@@ -287,17 +305,30 @@ def _rope(f: _Fields, gemma3: bool) -> tuple[float, float | None, RopeScaling | 
                 raise f.error(f"field 'rope_scaling.{key}' must be true or false, got {value!r}")
             values[name] = value
             continue
-        try:
-            values[name] = (int if name == "original_context_length" else float)(value)
-        except (TypeError, ValueError):
-            raise f.error(f"field 'rope_scaling.{key}' must be a number, got {value!r}") from None
-    return float(theta), local, RopeScaling(kind=kind, **values)
+        values[name] = f.checked(f"rope_scaling.{key}", value, int if name == "original_context_length" else float)
+    return theta, local, RopeScaling(kind=kind, **values)
+
+
+def _object(f: _Fields, key: str, value) -> dict:
+    if not isinstance(value, dict):
+        raise f.error(f"field {key!r} must be a JSON object, got {value!r}")
+    return value
+
+
+def _architecture(f: _Fields, default: str) -> str:
+    """The class config["architectures"] names first (`default` when it names none)."""
+    archs = f.cfg.get("architectures") or [default]
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise f.error(f"field 'architectures' must be a list of class names, got {archs!r}")
+    return archs[0]
 
 
 def _layer_kinds(f: _Fields, rule: FamilyRule, n_layers: int) -> list[str]:
     types = f.cfg.get("layer_types")
     if types is None:
-        return rule.default_layer_kinds(f.cfg, n_layers)
+        return rule.default_layer_kinds(f, n_layers)
+    if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+        raise f.error(f"field 'layer_types' must be a list of layer type names, got {types!r}")
     unknown = sorted(set(types) - set(LAYER_TYPES))
     if unknown:
         raise f.error(f"field 'layer_types' has unsupported entries {unknown}; "
@@ -311,13 +342,12 @@ def _layer_kinds(f: _Fields, rule: FamilyRule, n_layers: int) -> list[str]:
 def _text_config(cfg: dict, origin: str) -> tuple[dict, str]:
     """The text model's config of a multimodal config.json (NESTED_TEXT_CONFIGS), else the config itself."""
     model_type = cfg.get("model_type")
-    if model_type not in NESTED_TEXT_CONFIGS:
-        return cfg, origin
+    if not isinstance(model_type, str) or model_type not in NESTED_TEXT_CONFIGS:
+        return cfg, origin  # a model_type that is no string is refused with the text model's fields
     f = _Fields(cfg, origin)
     architecture, key, text_type = NESTED_TEXT_CONFIGS[model_type]
-    archs = cfg.get("architectures") or [architecture]
-    if archs[0] != architecture:
-        raise f.error(f"contradictory fields: 'architectures' says {archs[0]!r} but 'model_type' "
+    if (named := _architecture(f, architecture)) != architecture:
+        raise f.error(f"contradictory fields: 'architectures' says {named!r} but 'model_type' "
                       f"{model_type!r} means {architecture!r}")
     text = f.need(key)
     if not isinstance(text, dict):
@@ -336,19 +366,18 @@ def spec_from_hf_config(config: dict | str | Path, name: str | None = None) -> M
     outer_origin = origin
     cfg, origin = _text_config(cfg, origin)
     f = _Fields(cfg, origin)
-    model_type = f.need("model_type")
+    model_type = f.text("model_type")
     rule = FAMILY_RULES.get(model_type)
     if rule is None:
         raise f.error(f"unknown architecture model_type {model_type!r}; supported: "
                       f"{', '.join(FAMILY_RULES)}")
-    archs = cfg.get("architectures") or [rule.architecture]
-    if archs[0] != rule.architecture:
-        raise f.error(f"contradictory fields: 'architectures' says {archs[0]!r} but 'model_type' "
+    if (named := _architecture(f, rule.architecture)) != rule.architecture:
+        raise f.error(f"contradictory fields: 'architectures' says {named!r} but 'model_type' "
                       f"{model_type!r} means {rule.architecture!r}")
     for flag in rule.unsupported_true:
         if cfg.get(flag):
-            raise f.error(f"field {flag!r} = true is not supported for {model_type}; "
-                          "use a checkpoint without those biases")
+            raise f.error(f"field {flag!r} = {json.dumps(cfg[flag])} is not supported for {model_type} (only "
+                          "false); use a checkpoint without those biases")
     for key, value in rule.required.items():
         if cfg.get(key, value) != value:
             raise f.error(f"field {key!r} = {cfg[key]!r} is not supported for {model_type} (only {value!r}); "
@@ -356,9 +385,9 @@ def spec_from_hf_config(config: dict | str | Path, name: str | None = None) -> M
 
     d_model = f.number("hidden_size", kind=int)
     n_heads = f.number("num_attention_heads", kind=int)
-    n_layers = f.number("num_hidden_layers", kind=int)
+    n_layers = f.number("num_hidden_layers", kind=int, most=MAX_LAYERS)
     head_dim = f.number("head_dim", default=d_model // n_heads, kind=int)
-    act_name = cfg.get("hidden_activation") or f.need("hidden_act")
+    act_name = f.text("hidden_activation" if cfg.get("hidden_activation") else "hidden_act")
     act_table = GEMMA_ACTIVATIONS if rule.gemma else ACTIVATIONS
     if act_name not in act_table:
         raise f.error(f"activation {act_name!r} not supported for {model_type}; "
@@ -396,8 +425,9 @@ def spec_from_hf_config(config: dict | str | Path, name: str | None = None) -> M
         fields["embed_scale"] = math.sqrt(d_model)
         if model_type != "gemma":  # Gemma 1 scales queries by 1/sqrt(head_dim), the default
             fields["query_scale"] = f.number("query_pre_attn_scalar") ** -0.5
-            fields["attn_logit_softcap"] = cfg.get("attn_logit_softcapping")
-            fields["final_logit_softcap"] = cfg.get("final_logit_softcapping")
+            for key, field_name in (("attn_logit_softcapping", "attn_logit_softcap"),
+                                    ("final_logit_softcapping", "final_logit_softcap")):
+                fields[field_name] = None if cfg.get(key) is None else f.checked(key, cfg[key])
     if rule.moe:
         key = next((k for k in rule.experts_keys if k in cfg), rule.experts_keys[0])
         fields["n_experts"] = f.number(key, kind=int)

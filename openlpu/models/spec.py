@@ -30,6 +30,10 @@ LAYER_KINDS = ("global", "local", "chunked")
 ROUTERS = ("softmax", "sigmoid_input")
 
 PRESETS_DIR = Path(__file__).parent / "presets"
+# the most a model file may claim, beyond which it is broken: any size or count (the op arithmetic stays finite),
+# and layers (the deepest public models have a few hundred; a plan holds rows for each)
+MAX_SIZE = 2**31 - 1
+MAX_LAYERS = 10_000
 
 
 @dataclass(frozen=True)
@@ -109,7 +113,7 @@ class ModelSpec:
     extra: dict = field(default_factory=dict, compare=False)  # informational only
 
     def __post_init__(self):
-        if not self.layer_kinds:
+        if not self.layer_kinds and isinstance(self.n_layers, int) and 0 < self.n_layers <= MAX_LAYERS:
             object.__setattr__(self, "layer_kinds", ("global",) * self.n_layers)
         object.__setattr__(self, "layer_kinds", tuple(self.layer_kinds))
         self.validate()
@@ -123,9 +127,9 @@ class ModelSpec:
             raise bad(f"unknown family {self.family!r}; supported: {', '.join(FAMILIES)}")
         for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
                   "context_length"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise bad(f"{f} must be a positive integer, got {v!r}")
+            v, most = getattr(self, f), MAX_LAYERS if f == "n_layers" else MAX_SIZE
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= most:
+                raise bad(f"{f} must be a positive integer of at most {most:,}, got {v!r}")
         if self.n_heads % self.n_kv_heads:
             raise bad(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.activation not in ACTIVATIONS:
@@ -150,8 +154,12 @@ class ModelSpec:
                 self.n_experts_per_token > self.n_experts:
             raise bad(f"n_experts_per_token ({self.n_experts_per_token}) must be between 1 and "
                       f"n_experts ({self.n_experts}) for MoE models, and both 0 for dense ones")
-        if self.norm_eps <= 0 or self.rope_base <= 0:
-            raise bad("norm_eps and rope_base must be positive")
+        if not all(isinstance(x, (int, float)) and 0 < x < math.inf for x in (self.norm_eps, self.rope_base)):
+            raise bad(f"norm_eps and rope_base must be positive numbers, got {self.norm_eps!r} and {self.rope_base!r}")
+        for cap in ("attn_logit_softcap", "final_logit_softcap"):
+            value = getattr(self, cap)
+            if value is not None and not (isinstance(value, (int, float)) and 0 < value < math.inf):
+                raise bad(f"{cap} must be a positive number or none, got {value!r}")
         if self.rope_scaling is not None and self.rope_scaling.kind not in ROPE_SCALINGS:
             raise bad(f"rope scaling {self.rope_scaling.kind!r} not supported; use one of {ROPE_SCALINGS}")
         if self.rope_scaling is not None:
