@@ -73,6 +73,17 @@ def test_mistyped_value_is_named(tmp_path, value):
         load_system(_write(tmp_path, data))
 
 
+@pytest.mark.parametrize("value", [1e308, 1e-300])
+def test_a_figure_beyond_any_hardware_is_named(tmp_path, value):
+    """A latency of 1e308 s passed as positive and overflowed the schedule's cycle count (a random mutation
+    of the preset found it)."""
+    data = json.loads(json.dumps(V1))
+    data["links"]["local"]["latency_s"]["value"] = value
+    with pytest.raises(OpenLPUError, match=r"links\.local\.latency_s = .* is outside the range of any hardware "
+                                           r"figure \(1e-18 to 1e\+18\); check its units"):
+        load_system(_write(tmp_path, data))
+
+
 def test_mistyped_precision_of_the_matrix_unit_is_named(tmp_path):
     data = json.loads(json.dumps(V1))
     data["chip"]["matrix_macs_per_cycle"]["value"]["int9"] = 409600

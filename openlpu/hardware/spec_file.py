@@ -58,10 +58,18 @@ def read_hardware(name_or_path: str | Path, kind: str, what: str) -> tuple[dict,
     return {k: v for k, v in data.items() if k != "kind"}, path.stem
 
 
+# Far beyond real hardware either way in these units (B200's FP4 peak is 9e15 FLOP/s, a link's latency 1e-7 s),
+# and narrow enough that products of figures stay finite
+FIGURE_RANGE = (1e-18, 1e18)
+
+
 def positive_number(v, where: str, zero_ok: bool = False) -> None:
     if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
             or not (v >= 0 if zero_ok else v > 0)):
         raise OpenLPUError(f"{where} must be a {'non-negative' if zero_ok else 'positive'} number, got {v!r}")
+    if v and not FIGURE_RANGE[0] <= v <= FIGURE_RANGE[1]:
+        raise OpenLPUError(f"{where} = {v!r} is outside the range of any hardware figure ({FIGURE_RANGE[0]:g} to "
+                           f"{FIGURE_RANGE[1]:g}); check its units")
 
 
 def check_figure(raw, where: str, kind, sources: dict, zero_ok: bool = False) -> object:
