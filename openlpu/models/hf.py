@@ -248,6 +248,11 @@ class _Fields:
             raise self.error(f"field {key!r} must be a string, got {value!r}")
         return value
 
+    def object(self, key: str, value) -> dict:
+        if not isinstance(value, dict):
+            raise self.error(f"field {key!r} must be a JSON object, got {value!r}")
+        return value
+
     def number(self, key: str, default=None, kind=float, least: int = 1, most: int = MAX_SIZE):
         value = self.cfg.get(key)
         if value is None:
@@ -269,10 +274,10 @@ class _Fields:
 
 def _rope(f: _Fields, gemma3: bool) -> tuple[float, float | None, RopeScaling | None]:
     """(global rope base, local rope base, scaling) from old-style or transformers-5 fields."""
-    params = _object(f, "rope_parameters", f.cfg.get("rope_parameters") or {})
+    params = f.object("rope_parameters", f.cfg.get("rope_parameters") or {})
     if gemma3 and "full_attention" in params:
-        global_params = _object(f, "rope_parameters.full_attention", params["full_attention"])
-        local_params = _object(f, "rope_parameters.sliding_attention", params.get("sliding_attention", {}))
+        global_params = f.object("rope_parameters.full_attention", params["full_attention"])
+        local_params = f.object("rope_parameters.sliding_attention", params.get("sliding_attention", {}))
     else:
         global_params, local_params = params, {}
     theta = f.cfg.get("rope_theta", global_params.get("rope_theta"))
@@ -285,7 +290,7 @@ def _rope(f: _Fields, gemma3: bool) -> tuple[float, float | None, RopeScaling | 
     local = f.cfg.get("rope_local_base_freq", local_params.get("rope_theta")) if gemma3 else None
     local = None if local is None else f.checked("rope_local_base_freq", local)
 
-    scaling = _object(f, "rope_scaling", f.cfg.get("rope_scaling") or
+    scaling = f.object("rope_scaling", f.cfg.get("rope_scaling") or
                       {k: v for k, v in global_params.items() if k != "rope_theta"})
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if not isinstance(kind, str):
@@ -309,18 +314,14 @@ def _rope(f: _Fields, gemma3: bool) -> tuple[float, float | None, RopeScaling | 
     return theta, local, RopeScaling(kind=kind, **values)
 
 
-def _object(f: _Fields, key: str, value) -> dict:
-    if not isinstance(value, dict):
-        raise f.error(f"field {key!r} must be a JSON object, got {value!r}")
-    return value
-
-
-def _architecture(f: _Fields, default: str) -> str:
-    """The class config["architectures"] names first (`default` when it names none)."""
-    archs = f.cfg.get("architectures") or [default]
+def _check_architecture(f: _Fields, architecture: str, model_type: str) -> None:
+    """config["architectures"], when it names any, must name first the class `model_type` means."""
+    archs = f.cfg.get("architectures") or [architecture]
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise f.error(f"field 'architectures' must be a list of class names, got {archs!r}")
-    return archs[0]
+    if archs[0] != architecture:
+        raise f.error(f"contradictory fields: 'architectures' says {archs[0]!r} but 'model_type' "
+                      f"{model_type!r} means {architecture!r}")
 
 
 def _layer_kinds(f: _Fields, rule: FamilyRule, n_layers: int) -> list[str]:
@@ -346,9 +347,7 @@ def _text_config(cfg: dict, origin: str) -> tuple[dict, str]:
         return cfg, origin  # a model_type that is no string is refused with the text model's fields
     f = _Fields(cfg, origin)
     architecture, key, text_type = NESTED_TEXT_CONFIGS[model_type]
-    if (named := _architecture(f, architecture)) != architecture:
-        raise f.error(f"contradictory fields: 'architectures' says {named!r} but 'model_type' "
-                      f"{model_type!r} means {architecture!r}")
+    _check_architecture(f, architecture, model_type)
     text = f.need(key)
     if not isinstance(text, dict):
         raise f.error(f"field {key!r} must be a JSON object (the text model's config), got {text!r}")
@@ -371,9 +370,7 @@ def spec_from_hf_config(config: dict | str | Path, name: str | None = None) -> M
     if rule is None:
         raise f.error(f"unknown architecture model_type {model_type!r}; supported: "
                       f"{', '.join(FAMILY_RULES)}")
-    if (named := _architecture(f, rule.architecture)) != rule.architecture:
-        raise f.error(f"contradictory fields: 'architectures' says {named!r} but 'model_type' "
-                      f"{model_type!r} means {rule.architecture!r}")
+    _check_architecture(f, rule.architecture, model_type)
     for flag in rule.unsupported_true:
         if cfg.get(flag):
             raise f.error(f"field {flag!r} = {json.dumps(cfg[flag])} is not supported for {model_type} (only "
