@@ -259,7 +259,12 @@ def op_suffix(name: str) -> str:
 
 
 def op_role(op: Op) -> str:
-    return OP_SPLIT.get(op_suffix(op.name), "replicated")
+    return suffix_role(op_suffix(op.name))
+
+
+def suffix_role(suffix: str) -> str:
+    """The role (OP_SPLIT) of an op named with this suffix."""
+    return OP_SPLIT.get(suffix, "replicated")
 
 
 def op_item(op: Op, n_layers: int) -> int:
@@ -277,8 +282,8 @@ def kv_heads_per_chip(spec: ModelSpec, t: int) -> int:
     return max(1, spec.n_kv_heads // t)
 
 
-def op_fractions(spec: ModelSpec, op: Op, t: int, weight_fraction: float) -> tuple[float, float, float, float]:
-    """Per-chip shares of (compute, activations read, activations written, KV) of one op."""
+def op_fractions(spec: ModelSpec, role: str, t: int, weight_fraction: float) -> tuple[float, float, float, float]:
+    """Per-chip shares of (compute, activations read, activations written, KV) of one op in `role` (op_role)."""
     f_heads = 1.0 / t
     f_kv = kv_heads_per_chip(spec, t) / spec.n_kv_heads
     f_w = weight_fraction
@@ -286,7 +291,7 @@ def op_fractions(spec: ModelSpec, op: Op, t: int, weight_fraction: float) -> tup
         "col": (f_w, 1.0, f_w), "row": (f_w, f_w, 1.0), "partial": (f_w, f_w, 1.0),
         "heads": (f_heads, f_heads, f_heads),
         "kv_heads": (f_kv, f_kv, f_kv), "split": (f_heads, f_heads, f_heads), "argmax": (f_heads, f_heads, f_heads),
-        "gather": (f_heads, 1.0, 1.0), "replicated": (1.0, 1.0, 1.0)}[op_role(op)]
+        "gather": (f_heads, 1.0, 1.0), "replicated": (1.0, 1.0, 1.0)}[role]
     return compute, f_in, f_out, f_kv
 
 
@@ -414,7 +419,7 @@ def activation_peaks(spec: ModelSpec, passes: tuple[list[Op], ...], t: int) -> l
         held: dict[int, dict[str, float]] = {}
         for op in ops:
             slot = slot_of[op.name]
-            out = op.act_write_bytes * op_fractions(spec, op, t, weight_fraction(spec, shapes, op.weight, t))[2]
+            out = op.act_write_bytes * op_fractions(spec, op_role(op), t, weight_fraction(spec, shapes, op.weight, t))[2]
             bufs = held.setdefault(slot, {})
             for i in op.inputs:  # inputs from another half arrive as a full copy
                 if slot_of[i] != slot:

@@ -103,7 +103,7 @@ class Placement:
         return tuple(c for s in self.stages for c in s.chips)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # many per Program: no __dict__ each
 class ScheduledOp:
     """One op on one TP group: every chip of the stage runs it on its shard in the same cycles."""
     name: str
@@ -140,7 +140,7 @@ def transfer_ends(kind: str, chips: tuple[int, ...]) -> tuple[tuple[int, ...], t
     return roles[senders], roles[receivers]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # many per Program: no __dict__ each
 class Transfer:
     """Vectors on chip-to-chip links: a point-to-point send, a broadcast, a TP all-reduce, a value
     split by heads over a group moving rank r to rank r of the next group (rank_p2p), a value every chip

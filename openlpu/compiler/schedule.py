@@ -60,7 +60,7 @@ import math
 
 from openlpu.compiler.partition import (CUT_SEPARATOR, EMBED, EXPERT_ROWS, axis_length, expert_spans, ffn_units,
                                         item_of_tensor, kv_slots, lowered_decode, op_fractions, op_item, op_piece,
-                                        op_role, op_suffix, piece_homes, prefill_chunks)
+                                        op_role, op_suffix, piece_homes, prefill_chunks, suffix_role)
 from openlpu.compiler.program import PhaseSchedule, Placement, ScheduledOp, Transfer, Workload, transfer_ends
 from openlpu.errors import OpenLPUError
 from openlpu.graph.lower import PRECISIONS, as_precision, keys_in_slots, lower
@@ -173,8 +173,7 @@ class _Routing:
 
 class _Scheduler:
     def __init__(self, spec: ModelSpec, system: SystemSpec, workload: Workload, placement: Placement,
-                 templates: dict, by_rank: set[str], pairs: set[str], readers: dict[str, list[int]],
-                 via_other_nodes: bool):
+                 templates: dict, staged: _Staged, via_other_nodes: bool):
         self.spec, self.system, self.workload, self.placement = spec, system, workload, placement
         self.clock = system.chip.clock_hz
         self.unit_free: dict[tuple[int, str], int] = {}
@@ -193,9 +192,7 @@ class _Scheduler:
         self.chunk_ops_end: dict[tuple[int, int], int] = {}  # the same, its ops only: the next chunk may land
         self.provider: dict[str, str] = {}  # op name -> the name holding its full result (op or all-reduce)
         self.alias: dict[str, str] = {}  # a send -> the all-gather (or broadcast) that completes it on the group
-        self.by_rank = by_rank  # results split by heads over a group: they move rank to rank
-        self.pairs = pairs  # the sampler's (value, index) results, and their all-reduces: sent whole
-        self.readers = readers  # result name -> the stages whose ops read it, in pipeline order
+        self.staged = staged
         # routings per (group shape, kind, transit nodes) of a collective, or ("send", chips, kind, transit
         # nodes) of a send with the chips its routes touch, shared by the schedules of a compilation
         self.templates = templates
@@ -371,11 +368,12 @@ class _Scheduler:
         key = f"{name}>s{stage}"
         if key not in self.ready:
             group = self.placement.stages[stage].chips
-            if name in self.by_rank and len(group) > 1:
+            if name in self.staged.by_rank and len(group) > 1:
                 self._send(key, "rank_p2p", stage, self.placement.stages[src_stage].chips + group, payload, cycle,
                            (name,))
                 return key
-            self._spread(name, src_stage, name, cycle, [t for t in self.readers[src] if t != src_stage], payload)
+            targets = sorted(t for t in self.staged.readers[src] if t != src_stage)  # in pipeline order
+            self._spread(name, src_stage, name, cycle, targets, payload)
         return self.alias.get(key, key)
 
     def _spread(self, name: str, holder: int, held_as: str, ready: int, targets: list[int], payload: float,
@@ -390,7 +388,7 @@ class _Scheduler:
             target, farther = targets[mid], targets[mid + 1:]
             group, sources = self.placement.stages[target].chips, self.placement.stages[holder].chips
             key = f"{name}>s{target}"
-            split = len(group) > 1 and name not in self.pairs  # a (value, index) pair goes whole
+            split = len(group) > 1 and name not in self.staged.pairs  # a (value, index) pair goes whole
             if split:
                 arrival = self._send(key, "rank_p2p" if shares else "stripe", target, sources + group, payload,
                                      ready, (held_as,))
@@ -405,20 +403,21 @@ class _Scheduler:
             targets = targets[:mid]
 
     # ---- ops ----
-    def place_op(self, op: Op, stage: int, payloads: dict[str, float]) -> None:
+    def place_op(self, op: Op, stage: int) -> None:
         t = len(self.placement.stages[stage].chips)
-        role = op_role(op)
+        suffix = op_suffix(op.name)
+        role = suffix_role(suffix)
         f_w = self.weight_fraction.get((op.weight, stage), 1.0) if op.weight else 1.0
-        compute, f_in, f_out, f_kv = op_fractions(self.spec, op, t, f_w)
+        compute, f_in, f_out, f_kv = op_fractions(self.spec, role, t, f_w)
         if op.weight and (op.weight, stage) in self.routed_share:
             # cut by expert, a chip's share of the routed work depends on the routing, which a static schedule
             # cannot: it reserves the most there can be, every token's choices falling on the experts it holds
             compute = self.routed_share[(op.weight, stage)]
         # a combining op's remote input leaves once the stage's previous combination has ended, so
         # partials do not pile up at the last part of a tree (the partition gives a part room for two)
-        combining = op_suffix(op.name) in CHAINED.values()
+        combining = suffix in CHAINED.values()
         not_before = self.combined.get(stage, 0) if combining else 0
-        inputs = tuple(self._input_on(i, stage, payloads[i], not_before) for i in op.inputs)
+        inputs = tuple(self._input_on(i, stage, self.staged.payloads[i], not_before) for i in op.inputs)
         weights = op.weight_bytes * f_w
         installed = 0.0
         if op.unit == "matrix" and op.weight:  # the chip's whole share of the tensor, all experts for MoE
@@ -463,15 +462,13 @@ def _prefill_chunks(spec: ModelSpec, workload: Workload) -> list[Op]:
     chunks = prefill_chunks(workload)
     out: list[Op] = []
     for c, (past, length) in enumerate(chunks):
-        ops = lower(spec, "prefill", length, 1, workload.weights, kv_precision=workload.kv,
-                    act_precision=workload.activations, past_len=past)
-        for op in ops:
+        for op in lower(spec, "prefill", length, 1, workload.weights, kv_precision=workload.kv,
+                        act_precision=workload.activations, past_len=past, name_prefix=chunk_name(c, "")):
             if c < len(chunks) - 1 and op_item(op, spec.n_layers) == spec.n_layers:
                 continue  # logits only for the prompt's last token
-            inputs = tuple(chunk_name(c, i) for i in op.inputs)
             if op.kind == "attention" and c > 0:  # reads the KV the previous chunk wrote
-                inputs += (chunk_name(c - 1, op.name),)
-            out.append(dataclasses.replace(op, name=chunk_name(c, op.name), inputs=inputs))
+                op = dataclasses.replace(op, inputs=op.inputs + (chunk_name(c - 1, split_chunk(op.name)[1]),))
+            out.append(op)
     return out
 
 
@@ -657,7 +654,8 @@ def schedule_phase(spec: ModelSpec, system: SystemSpec, workload: Workload, plac
     tokens, verifying them) or the prefill of one prompt; flows between two nodes of a rack may pass through
     the deployment's other nodes there where that arrives sooner (_routings), unless `via_other_nodes` is
     False."""
-    return _schedule(spec, system, workload, placement, phase, templates, rows, via_other_nodes)[0]
+    staged = _staged(spec, workload, placement, phase, rows)
+    return _schedule(spec, system, workload, placement, phase, staged, templates, rows, via_other_nodes)[0]
 
 
 def schedule_prefill(spec: ModelSpec, system: SystemSpec, workload: Workload, placement: Placement,
@@ -665,34 +663,48 @@ def schedule_prefill(spec: ModelSpec, system: SystemSpec, workload: Workload, pl
     """The prefill, of the two schedules with and without routes through other nodes the shorter: a long
     prompt keeps every stage's links busy at once, where such routes can delay more than they save (the
     second is needed only where the first took one)."""
-    prefill, went_via = _schedule(spec, system, workload, placement, "prefill", templates)
+    staged = _staged(spec, workload, placement, "prefill")
+    prefill, went_via = _schedule(spec, system, workload, placement, "prefill", staged, templates)
     if not went_via:
         return prefill
-    direct = schedule_phase(spec, system, workload, placement, "prefill", templates, via_other_nodes=False)
+    direct = _schedule(spec, system, workload, placement, "prefill", staged, templates, via_other_nodes=False)[0]
     return min((prefill, direct), key=lambda phase: phase.makespan_cycles)
 
 
-def _schedule(spec: ModelSpec, system: SystemSpec, workload: Workload, placement: Placement, phase: str,
-              templates: dict | None = None, rows: int = 1, via_other_nodes: bool = True) -> tuple[PhaseSchedule, bool]:
-    """schedule_phase's schedule, and whether any of its steps went through other nodes."""
-    if phase == "decode":
-        seq_len, ops = workload.context_length, lowered_decode(spec, workload, rows)
-    else:
-        seq_len, ops = workload.prompt_len, _prefill_chunks(spec, workload)
+@dataclasses.dataclass(frozen=True)
+class _Staged:
+    """A phase's ops, each with the stage that runs it (staged_ops), and what scheduling them reads of
+    each result; made once for a phase's schedules with and without routes through other nodes."""
+    ops: list[tuple[Op, int]]
+    readers: dict[str, set[int]]  # result name -> the stages whose ops read it
+    by_rank: set[str]  # results split by heads over a group: they move rank to rank
+    pairs: set[str]  # the sampler's (value, index) results, and their all-reduces: sent whole
+    payloads: dict[str, float]  # result name -> bytes crossing a link when it does (result_bytes)
+
+
+def _staged(spec: ModelSpec, workload: Workload, placement: Placement, phase: str, rows: int = 1) -> _Staged:
+    ops = lowered_decode(spec, workload, rows) if phase == "decode" else _prefill_chunks(spec, workload)
     staged = staged_ops(spec, workload, ops, placement)
     readers: dict[str, set[int]] = {}
     for op, stage in staged:
         for i in op.inputs:
             readers.setdefault(i, set()).add(stage)
     pairs = {op.name for op, _ in staged if op_suffix(op.name) in ("sample", CHAINED["head"])}
-    s = _Scheduler(spec, system, workload, placement, {} if templates is None else templates,
+    return _Staged(staged, readers,
                    {op.name for op, _ in staged if op.kind in ("attention", "merge")},
                    pairs | {name + ".allreduce" for name in pairs},
-                   {name: sorted(stages) for name, stages in readers.items()}, via_other_nodes)
-    payloads = {op.name: result_bytes(spec, op) for op, _ in staged}
-    for op, stage in staged:
-        s.place_op(op, stage, payloads)
-    last = staged[-1][0]
+                   {op.name: result_bytes(spec, op) for op, _ in staged})
+
+
+def _schedule(spec: ModelSpec, system: SystemSpec, workload: Workload, placement: Placement, phase: str,
+              staged: _Staged, templates: dict | None = None, rows: int = 1,
+              via_other_nodes: bool = True) -> tuple[PhaseSchedule, bool]:
+    """schedule_phase's schedule of the `staged` ops, and whether any of its steps went through other nodes."""
+    s = _Scheduler(spec, system, workload, placement, {} if templates is None else templates, staged,
+                   via_other_nodes)
+    for op, stage in staged.ops:
+        s.place_op(op, stage)
+    last = staged.ops[-1][0]
     if phase == "decode" and len(placement.stages) > 1:  # the token goes back to each embedding stage
         src_name = s.provider.get(last.name, last.name)
         src_chip = placement.stages[s.ready[src_name][0]].chips[0]
@@ -701,5 +713,6 @@ def _schedule(spec: ModelSpec, system: SystemSpec, workload: Workload, placement
             s._send(name, "p2p", stage, (src_chip, placement.stages[stage].chips[0]),
                     TOKEN_ID_BYTES * rows * (workload.draft_tokens + 1), s.ready[src_name][1], (src_name,))
     makespan = max([o.end_cycle for o in s.ops] + [t.arrival_cycle for t in s.transfers])
+    seq_len = workload.context_length if phase == "decode" else workload.prompt_len
     return PhaseSchedule(phase, seq_len, rows if phase == "decode" else seq_len, tuple(s.ops), tuple(s.transfers),
                          makespan), s.went_via

@@ -122,12 +122,13 @@ def keys_in_slots(phase: str, past_len: int, tokens: int, ring: int, lo: int, hi
 class _Builder:
     """Appends op rows; bytes in the phase's precisions."""
 
-    def __init__(self, wb: float, ab: float, kb: float):
-        self.wb, self.ab, self.kb = wb, ab, kb
+    def __init__(self, wb: float, ab: float, kb: float, name_prefix: str = ""):
+        self.wb, self.ab, self.kb, self.name_prefix = wb, ab, kb, name_prefix
         self.ops: list[Op] = []
 
     def add(self, name, kind, layer, unit, shape, flops, *, weight=None, weight_elems=0.0, act_in=0.0,
             act_out=0.0, kv_read=0.0, kv_write=0.0, inputs=()) -> str:
+        name = self.name_prefix + name  # inputs are names add() returned, prefixed already
         self.ops.append(Op(name=name, kind=kind, layer=layer, unit=unit, shape=tuple(int(s) for s in shape),
                            flops=float(flops), weight_bytes=weight_elems * self.wb,
                            kv_read_bytes=kv_read * self.kb, kv_write_bytes=kv_write * self.kb,
@@ -241,12 +242,13 @@ def _mlp_block(b: _Builder, spec: ModelSpec, i: int, x: str, m: int) -> str:
 
 def lower(spec: ModelSpec, phase: str, seq_len: int, batch: int = 1, precision: Precision | str = "fp16",
           *, kv_precision: Precision | str | None = None, act_precision: Precision | str | None = None,
-          past_len: int = 0, queries: int = 1) -> list[Op]:
+          past_len: int = 0, queries: int = 1, name_prefix: str = "") -> list[Op]:
     """Op rows of one prefill pass (batch sequences of seq_len tokens, after past_len tokens already
     in the KV cache: a chunk of a longer prompt) or one decode step (batch sequences attending to
     seq_len cached tokens, each with `queries` new tokens: one, or, when a draft model speculates, the
     last accepted token and the drafts that the step verifies, each needing its logits). Weights in
-    `precision`; the KV cache and activations in their own precisions (default: the same)."""
+    `precision`; the KV cache and activations in their own precisions (default: the same). Every op's
+    name starts with `name_prefix` (a prompt chunk's, "c1/")."""
     if phase not in PHASES:
         raise OpenLPUError(f"unknown phase {phase!r}; use one of {', '.join(PHASES)}")
     for what, v in (("seq_len", seq_len), ("batch", batch), ("queries", queries)):
@@ -259,7 +261,7 @@ def lower(spec: ModelSpec, phase: str, seq_len: int, batch: int = 1, precision: 
     w = as_precision(precision)
     kv = as_precision(kv_precision) if kv_precision is not None else w
     act = as_precision(act_precision) if act_precision is not None else w
-    b = _Builder(w.bytes_per_element, act.bytes_per_element, kv.bytes_per_element)
+    b = _Builder(w.bytes_per_element, act.bytes_per_element, kv.bytes_per_element, name_prefix)
     m = batch * seq_len if phase == "prefill" else batch * queries  # tokens computed this pass
     d = spec.d_model
     x = b.add("token_embd", "embed", -1, "memory", (m, d), m * d, weight="token_embd.weight",

@@ -9,7 +9,7 @@ OP_KINDS = ("embed", "norm", "matmul", "rope", "attention", "activation", "moe_r
 UNITS = ("matrix", "vector", "switch", "memory")  # the LPU's functional-unit classes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # many per graph: no __dict__ each
 class Op:
     name: str  # unique within a graph, e.g. "blk.3.attn_q"
     kind: str  # one of OP_KINDS
