@@ -760,6 +760,25 @@ def contradictory_pairs(lpu_rows) -> list[dict]:
             and b["published"] > a["published"] * (1 + TARGET_ERROR) / (1 - TARGET_ERROR)]
 
 
+def per_layer_reading(lpu_rows) -> dict:
+    """The FIT and held-out generation speeds read as time per layer, 1 / (tok/s x layers), published and
+    predicted; and a model with no chip in it, every layer of every model taking the FIT row's time: how
+    many held-out rows it puts within the target. A reading, never used to predict."""
+    speeds = [r for r in lpu_rows if (r["role"] == COUNTED or r["role"].startswith("FIT"))
+              and r["metric"] in ("decode_tok_s_per_user", "llmperf_decode_tok_s")]
+    specs = {model: load_preset(model) for model in {r["model"] for r in speeds}}
+    layers = {model: spec.n_layers for model, spec in specs.items()}
+    readings = [{"model": r["model"], "date": r["date"], "role": r["role"], "layers": layers[r["model"]],
+                 "params": specs[r["model"]].param_count(),
+                 "published_us": 1e6 / (r["published"] * layers[r["model"]]),
+                 "predicted_us": 1e6 / (r["predicted"] * layers[r["model"]])} for r in speeds]
+    fit_us = next(r["published_us"] for r in readings if r["role"].startswith("FIT"))
+    # at fit_us per layer a row is predicted 1e6 / (fit_us x layers) tok/s: its error is published_us / fit_us - 1
+    errors = [r["published_us"] / fit_us - 1 for r in readings if r["role"] == COUNTED]
+    return {"rows": readings, "fit_us_per_layer": fit_us, "errors": errors,
+            "within": sum(abs(e) <= TARGET_ERROR for e in errors), "of": len(errors)}
+
+
 # ---- report -------------------------------------------------------------------------------------
 def rows(points, predict) -> list[dict]:
     out = []
@@ -804,7 +823,7 @@ weights and the cached K and V are installed once), so longer rounds reach furth
 
 
 def markdown(lpu_rows, gpu_rows, gpu_fit, install_fit, shipped_install, system, decomposition, fp16, mixtral, scout,
-             fewest, implied, best, pairs, specdec, gpu_read, free) -> str:
+             fewest, implied, best, pairs, per_layer, specdec, gpu_read, free) -> str:
     def table(rs):
         lines = [("| system | model | chips (published / modelled) | metric | published | predicted | error | "
                   "role | source, date |"), "|---|---|---|---|---|---|---|---|---|"]
@@ -918,6 +937,20 @@ def markdown(lpu_rows, gpu_rows, gpu_fit, install_fit, shipped_install, system, 
                 "deployment or the software behind each listing, which the public record does not give."
                 if pairs else "No two held-out rows contradict a model in which a step with at least as many "
                 "weight bytes, layers and K/V bytes is never faster.")
+    us_span = {k: (min(r[k] for r in per_layer["rows"]), max(r[k] for r in per_layer["rows"]))
+               for k in ("published_us", "predicted_us")}
+    per_layer_line = (
+        "Read as time per layer, 1 / (tok/s x layers), the published speeds lie closer together than the "
+        f"model's: {us_span['published_us'][0]:.0f} to {us_span['published_us'][1]:.0f} us per layer, against "
+        f"{us_span['predicted_us'][0]:.0f} to {us_span['predicted_us'][1]:.0f} us predicted, for models of "
+        f"{min(r['layers'] for r in per_layer['rows'])} to {max(r['layers'] for r in per_layer['rows'])} layers "
+        f"and {min(r['params'] for r in per_layer['rows']) / 1e9:.0f}B to "
+        f"{max(r['params'] for r in per_layer['rows']) / 1e9:.0f}B parameters. A model with no chip in it, every layer of every model taking the FIT row's "
+        f"{per_layer['fit_us_per_layer']:.1f} us, puts {per_layer['within']} of {per_layer['of']} held-out rows "
+        f"within {TARGET_ERROR:.0%} (OpenLPU: {count(lpu_rows)}). Install-bound decode gives that pattern where "
+        "the chips working on a layer at once grow with its weight bytes, while at the fewest chips, where these "
+        "rows are held out, a step's time grows with the model's bytes. The public record gives no chip counts "
+        "to test this. A reading, never used to predict.")
     g_long = row(gpu_rows, "llama-2-70b", COUNTED, batch=512, output=2048)
     gpu_checks = [r for r in gpu_rows if r["role"] == COUNTED]
     offline_05 = [r for r in gpu_checks if r["metric"] == "offline_tok_s" and r["software"] == GPU_SOFTWARE]
@@ -1081,6 +1114,8 @@ it (`kv_cache_quant_algo` FP8 in their hf_quant_config.json), and attention does
 {implied_table}
 
 {textwrap.fill("- " + monotone, 104, subsequent_indent="  ")}
+
+{textwrap.fill("- " + per_layer_line, 104, subsequent_indent="  ")}
 
 - Llama-2-70B, LLMPerf (Jan 2024; service llama2-70b-4096, 5 requests at a time, modelled so): its requests
   generated their last 149 tokens at
@@ -1301,6 +1336,7 @@ def main() -> int:
     implied = implied_install_rates(lpu_rows, fitted_system)
     best = best_single_rate(implied, lpu_rows, fitted_system)
     pairs = contradictory_pairs(lpu_rows)
+    per_layer = per_layer_reading(lpu_rows)
     specdec = speculative_reading()
     gpu_read = gpu_readings(gpu_rows)
     RESULTS.mkdir(exist_ok=True)
@@ -1312,10 +1348,11 @@ def main() -> int:
          "fit_row_in_the_compilers_choice": free,
          "lpu_fp16_activation_sensitivity": fp16, "mixtral_576": mixtral, "scout_spread": scout, "fewest_chip_readings": fewest,
          "implied_install_rates": implied, "best_single_install_rate": best, "contradictory_pairs": pairs,
+         "per_layer_reading": per_layer,
          "speculative_reading": specdec, "gpu_readings": gpu_read, "lpu": lpu_rows, "gpu": gpu_rows},
         indent=1) + "\n")
     text = markdown(lpu_rows, gpu_rows, gpu_fit, install, shipped, fitted_system, decomposition, fp16, mixtral, scout,
-                    fewest, implied, best, pairs, specdec, gpu_read, free)
+                    fewest, implied, best, pairs, per_layer, specdec, gpu_read, free)
     (RESULTS / "fidelity.md").write_text(text)
     print(text)
     return 0
