@@ -79,6 +79,23 @@ def test_a_partial_sent_rank_to_rank_lands_on_each_receiving_rank():
     assert sorted(int(m.split("chip ")[1].split()[0]) for m in over) == sorted(group)
 
 
+def test_a_gathered_vector_is_one_copy_on_each_chip():
+    """An all-gather lays the other ranks' shares beside the one a stripe left on each chip (the compiler
+    chooses every address), so the gathered vector is one copy, as the partition reserves it. Gemma 7B at
+    TP 2, 33 users and a 4,096-token prompt fills its second-to-last stage (part of the head) to within a
+    prompt chunk's residual, which the verifier counted one and a half times (a random sweep found it). A
+    gather's bytes still count: one too large for its chips is caught on them."""
+    workload = Workload(context_length=4096, users=33, prompt_len=4096)
+    p = compile_program(load_preset("gemma-7b"), SYSTEM, workload, tp=2)
+    assert verify(p) == []
+    gather = next(t for t in p.prefill.transfers if t.kind == "all_gather")
+    huge = dataclasses.replace(gather, payload_bytes=2 * len(gather.chips) * SYSTEM.chip.sram_bytes)
+    bad = dataclasses.replace(p, prefill=dataclasses.replace(
+        p.prefill, transfers=tuple(huge if t is gather else t for t in p.prefill.transfers)))
+    over = [v.message for v in verify(bad) if v.invariant == "sram_capacity"]
+    assert sorted(int(m.split("chip ")[1].split()[0]) for m in over) == sorted(gather.chips)
+
+
 def test_unit_running_two_ops_at_once(program):
     ops = list(program.decode.ops)
     # the second matrix op of stage 0 moved to start while the first still runs

@@ -125,7 +125,9 @@ TRANSFER_ENDS = {  # kind: (senders, receivers, each receiver's new bytes)
     "p2p": ("source", "rest", "whole"),
     "broadcast": ("source", "rest", "whole"),
     "all_reduce": ("group", "group", "none"),  # summed in place, in its input's buffer
-    "all_gather": ("group", "group", "whole"),
+    # the other ranks' shares, laid beside the chip's own (which a stripe or rank-to-rank send left in its
+    # slot of the result: every address is the compiler's to choose), so the gathered vector is one copy
+    "all_gather": ("group", "group", "others' shares"),
     "rank_p2p": ("first half", "second half", "share"),
     "stripe": ("first half", "second half", "share"),
 }

@@ -156,13 +156,15 @@ def _inputs_ready(program: Program, phase: PhaseSchedule) -> list[Violation]:
 
 
 def _received(t: Transfer) -> tuple[tuple[int, ...], float]:
-    """The chips a transfer leaves new bytes on and how many each holds (TRANSFER_ENDS): the payload, or
-    a rank's share of it, or none where it works in place (an all-reduce, in its input's buffer)."""
+    """The chips a transfer leaves new bytes on and how many each holds (TRANSFER_ENDS): the payload, a
+    rank's share of it, the other ranks' shares (an all-gather, beside the chip's own), or none where it
+    works in place (an all-reduce, in its input's buffer)."""
     held = TRANSFER_ENDS[t.kind][2]
     if held == "none":
         return (), 0.0
     receivers = t.receivers
-    return receivers, t.payload_bytes / len(receivers) if held == "share" else t.payload_bytes
+    share = t.payload_bytes / len(receivers)
+    return receivers, {"whole": t.payload_bytes, "share": share, "others' shares": t.payload_bytes - share}[held]
 
 
 def _sram(program: Program, phase: PhaseSchedule) -> list[Violation]:
@@ -184,8 +186,9 @@ def _sram(program: Program, phase: PhaseSchedule) -> list[Violation]:
     for t in phase.transfers:
         for i in t.inputs:
             last_use[i] = max(last_use.get(i, 0), t.arrival_cycle)
-    for t in reversed(phase.transfers):  # an all-reduce works in place: its result keeps its input alive
-        if TRANSFER_ENDS[t.kind][2] == "none":
+    # an all-reduce works in place, and an all-gather around each chip's share: its result keeps its input alive
+    for t in reversed(phase.transfers):
+        if TRANSFER_ENDS[t.kind][2] in ("none", "others' shares"):
             for i in t.inputs:
                 last_use[i] = max(last_use[i], last_use.get(t.name, t.arrival_cycle))
     stage_events = defaultdict(list)  # ops run on every chip of their stage: (cycle, +/- bytes)
