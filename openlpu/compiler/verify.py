@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -202,13 +203,11 @@ def _sram(program: Program, phase: PhaseSchedule) -> list[Violation]:
         for c in receivers:
             chip_events[c] += [(t.start_cycle, held), (end, -held)]
 
-    def peak(events) -> float:
-        top = live = 0.0
-        for _, delta in sorted(events):  # at the same cycle, frees (negative) come first
-            live += delta
-            top = max(top, live)
-        return top
+    def peak(events) -> float:  # at the same cycle, frees (negative) come first
+        return max(0.0, max(itertools.accumulate(delta for _, delta in sorted(events)), default=0.0))
 
+    for events in stage_events.values():  # sorted once: each chip's merge with its own events is then linear
+        events.sort()
     stage_peak = {k: peak(v) for k, v in stage_events.items()}
     out = []
     for stage in program.placement.stages:
