@@ -17,6 +17,21 @@ console = Console()
 MODEL_HELP = "model preset (see `openlpu models`), a .gguf file, or a Hugging Face config.json or its folder"
 
 
+def _compiling(model: str, system: str, prompt: int):
+    """A spinner on stderr while a Program is compiled, verified and timed (a long prompt's prefill, scheduled
+    chunk by chunk, can take a minute); Rich shows it only on a terminal, so pipes and --json stay clean.
+    Nothing to show without an LPU system (`plan --system ""`: GPUs only)."""
+    from contextlib import nullcontext
+
+    from openlpu.compiler import Workload
+
+    if not system:
+        return nullcontext()
+    chunks = -(-prompt // Workload.prefill_chunk)
+    return Console(stderr=True).status(f"compiling {model} for {system}: placement, one decode step and a "
+                                       f"{prompt:,}-token prefill in {chunks:,} chunk(s)")
+
+
 @app.callback()
 def _root():
     """OpenLPU: compile models for SRAM-only LPU systems, simulate and run them."""
@@ -130,10 +145,11 @@ def plan(
     given = {"years": years, "usd_per_kwh": usd_per_kwh, "utilisation": utilisation}
     assumptions = CostAssumptions(**{k: v for k, v in given.items() if v is not None})
     spec = load_spec(model)
-    rows = make_plan(spec, system=system, compare=tuple(compare), precision=precision, context=context,
-                     users=users, chips=chips, tp=tp, gpus=gpus, prompt=prompt, assumptions=assumptions,
-                     draft=draft, draft_tokens=draft_tokens, acceptance=acceptance, gpu_software=gpu_software)
     prompt = prompt_tokens(context) if prompt is None else prompt
+    with _compiling(spec.name, system, prompt):
+        rows = make_plan(spec, system=system, compare=tuple(compare), precision=precision, context=context,
+                         users=users, chips=chips, tp=tp, gpus=gpus, prompt=prompt, assumptions=assumptions,
+                         draft=draft, draft_tokens=draft_tokens, acceptance=acceptance, gpu_software=gpu_software)
     if plot_file:
         plot(rows, plot_file, f"{spec.name}, {precision}, {users} user(s) x {context} tokens")
     if json_out:
@@ -209,9 +225,10 @@ def compile_cmd(
     kv = as_precision(kv_precision).name if kv_precision else serving_kv_precision(precision)
     workload = Workload(weights=precision, activations=precision, kv=kv, context_length=context,
                         users=users, prompt_len=min(prompt, context), draft_tokens=draft_tokens)
-    program = compile_program(spec, load_system(system), workload, chips, tp)
-    digest = program.save(output)
-    violations, t = verify(program), timing(program)
+    with _compiling(spec.name, system, workload.prompt_len):
+        program = compile_program(spec, load_system(system), workload, chips, tp)
+        digest = program.save(output)
+        violations, t = verify(program), timing(program)
     console.print(f"[bold]{spec.name}[/] on {program.system.name}: {t.chips} chips = {t.stages} pipeline stage(s) x "
                   f"TP {t.tp}; {precision} (KV cache {kv}); SRAM {t.sram_used_bytes / 1e9:.2f} GB "
                   f"({t.sram_used_fraction:.0%} of the chips used)")

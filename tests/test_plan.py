@@ -211,6 +211,33 @@ def test_cli_json_and_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_terminal_sees_what_is_compiling_and_a_pipe_does_not():
+    """While plan compiles (a long prompt's prefill takes a minute), a terminal's stderr says what is being
+    compiled; piped, stderr stays empty and --json's stdout is the rows alone."""
+    import os
+    import pty
+
+    primary, secondary = pty.openpty()
+    args = [sys.executable, "-m", "openlpu.cli", "plan", "gemma-3-270m", "--prompt", "1000", "--json"]
+    shown = subprocess.run(args, stdout=subprocess.PIPE, stderr=secondary, timeout=300, check=False,
+                           env={**os.environ, "TERM": "xterm"})
+    os.close(secondary)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(primary, 4096)
+        except OSError:  # the terminal closed: everything written has been read
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(primary)
+    assert shown.returncode == 0 and json.loads(shown.stdout)
+    assert b"compiling gemma-3-270m for lpu-v1" in seen and b"1,000-token prefill in 4 chunk(s)" in seen, seen
+    piped = run_cli("gemma-3-270m", "--prompt", "1000", "--json")
+    assert piped.returncode == 0 and piped.stderr == "" and json.loads(piped.stdout)
+
+
 @pytest.mark.slow  # about 4 minutes: 680 plans
 def test_every_preset_plans_or_says_what_does_not_fit():
     """Every model preset at every precision, three contexts and 1 or 4 users: each plan compiles a
