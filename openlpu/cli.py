@@ -107,10 +107,11 @@ def plan(
     users: int = typer.Option(1, "--users", help="concurrent users (streams)"),
     prompt: int = typer.Option(None, "--prompt", help="prompt tokens whose prefill sets TTFT (default: 512, "
                                                       "or the context if shorter)"),
-    chips: int = typer.Option(None, "--chips", help="LPU chips to use (default: as few as fit; with --draft, the "
-                                                     "target's: the draft gets its own)"),
+    chips: int = typer.Option(None, "--chips", help="LPU chips to use (default: as few as fit, or inside one node "
+                                                     "as few stages; with --draft, the target's: the draft gets "
+                                                     "its own)"),
     tp: int = typer.Option(None, "--tp", help="LPU chips per tensor-parallel group (default: the width that "
-                                               "takes the fewest nodes)"),
+                                               "takes the fewest nodes, or inside one node the fewest stages)"),
     gpus: int = typer.Option(None, "--gpus", help="GPUs of each kind to use (default: as few as fit)"),
     years: float = typer.Option(None, "--years", help="years the capex is spread over (default 3)"),
     usd_per_kwh: float = typer.Option(None, "--usd-per-kwh", help="electricity price (default 0.10)"),
@@ -208,9 +209,10 @@ def compile_cmd(
     context: int = typer.Option(4096, "--context", help="tokens of KV cache per user"),
     users: int = typer.Option(1, "--users", help="users in flight in the pipeline"),
     prompt: int = typer.Option(512, "--prompt", help="prompt tokens whose prefill sets the time to first token"),
-    chips: int = typer.Option(None, "--chips", help="chips to use (default: as few as fit)"),
+    chips: int = typer.Option(None, "--chips", help="chips to use (default: as few as fit, or inside one node as "
+                                                     "few stages)"),
     tp: int = typer.Option(None, "--tp", help="chips per tensor-parallel group (default: the width that takes "
-                                               "the fewest nodes)"),
+                                               "the fewest nodes, or inside one node the fewest stages)"),
     draft_tokens: int = typer.Option(0, "--draft-tokens", help="draft tokens each decode step verifies per user "
                                                                 "(speculative decoding; default 0)"),
 ):

@@ -164,6 +164,22 @@ def test_fewest_chips_cut_pieces_where_stages_fill(name, context, users):
     assert given.chips == program.chips and verify(given) == []
 
 
+def test_inside_one_node_the_fewest_stages_win():
+    """Below a node's chips the compiler takes the fewest stages, then the fewest chips: decode installs
+    every weight once a token whatever the width, so a token's chip time goes with the stages. Llama 3.2
+    1B at fp16 fits lpu-v3-projected's 500 MB chips as 7 x TP 1, and the compiler used to take those 7
+    chips; it takes 1 x TP 8 now. Each narrower width, compiled at its own fewest chips inside the node,
+    spends more chip time per token (chips over tokens per second, read off each Program)."""
+    spec, system = load_preset("llama-3.2-1b"), load_system("lpu-v3-projected")
+    w = Workload(weights="fp16", activations="fp16", kv="fp16", context_length=4096, prompt_len=512)
+    chosen = timing(compile_program(spec, system, w))
+    assert (chosen.stages, chosen.tp) == (1, 8)
+    for tp in (1, 2, 4):
+        other = timing(compile_program(spec, system, w, tp=tp))
+        assert other.chips <= system.node.chips and other.stages > 1, tp
+        assert chosen.chips / chosen.tokens_per_s_per_user < other.chips / other.tokens_per_s_per_user, tp
+
+
 def test_split_attention_parts_run_side_by_side_and_merge_in_a_tree():
     """In a decode step each part attends its own slots (its share of each user's K and V of the
     micro-batch over the install rate), independently of the other parts. The partials merge in a

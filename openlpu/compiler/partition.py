@@ -995,13 +995,6 @@ def fewest_stages(spec: ModelSpec, system: SystemSpec, table: SizeTable) -> tupl
     return best
 
 
-def nodes_used(system: SystemSpec, chips: int) -> float:
-    """What a placement takes of the system, as the cost model counts hosts: a share of one node below
-    a node (the rest serve other models), whole nodes beyond."""
-    node = system.node.chips
-    return chips / node if chips < node else float(math.ceil(chips / node))
-
-
 def mlp_cuts(spec: ModelSpec) -> tuple[bool, ...]:
     """How MLPs are cut and split over TP groups, in order of preference (the `experts` flag of
     size_table): by d_ff rows, which gives each chip the same share of a layer's work whatever the
@@ -1013,11 +1006,13 @@ def mlp_cuts(spec: ModelSpec) -> tuple[bool, ...]:
 def fewest_chips(spec: ModelSpec, system: SystemSpec, workload: Workload,
                  decode_rows: int = 1, widths: list[int] | None = None,
                  ) -> tuple[int, int, PieceSizes] | None:
-    """(t, p, piece sizes): fewest_stages at the TP degree inside a node that takes the fewest nodes
-    (nodes_used; ties to the wider degree: the same hosts, a faster step), or, only when none fits, at
-    the degree spanning whole nodes chosen by the same rule; with MLPs cut by rows, or, only when that
-    places nothing, by expert (mlp_cuts). `widths` limits the TP degrees tried (default: all of
-    tp_candidates, in its order)."""
+    """(t, p, piece sizes): fewest_stages at the TP degree inside a node that places the model best, or,
+    only when none fits, at the degree spanning whole nodes chosen by the same rule; with MLPs cut by
+    rows, or, only when that places nothing, by expert (mlp_cuts). Best: within one node, the fewest
+    stages, then the fewest chips (decode installs every weight once a token whatever the width, so what a
+    token costs, chips x step time, goes with the stages: 7 stages x TP 1 take 7 times the chip time of
+    1 x TP 8, for one chip less); beyond one node, the fewest nodes, then the wider degree (the same hosts,
+    a faster step). `widths` limits the TP degrees tried (default: all of tp_candidates, in its order)."""
     for experts in mlp_cuts(spec):
         best, best_key, node = None, None, system.node.chips
         for t in widths or tp_candidates(spec, system):
@@ -1026,7 +1021,8 @@ def fewest_chips(spec: ModelSpec, system: SystemSpec, workload: Workload,
             found = fewest_stages(spec, system, size_table(spec, workload, t, decode_rows, experts))
             if found is None or group_chips(system, t, found[0]) is None:
                 continue
-            key = (nodes_used(system, t * found[0]), -t)  # the fewest nodes, then the wider
+            used = t * found[0]
+            key = (0, found[0], used) if used <= node else (1, math.ceil(used / node), -t)
             if best is None or key < best_key:
                 best, best_key = (t, *found), key
         if best is not None:
