@@ -219,20 +219,20 @@ def test_a_terminal_sees_what_is_compiling_and_a_pipe_does_not():
 
     primary, secondary = pty.openpty()
     args = [sys.executable, "-m", "openlpu.cli", "plan", "gemma-3-270m", "--prompt", "1000", "--json"]
-    shown = subprocess.run(args, stdout=subprocess.PIPE, stderr=secondary, timeout=300, check=False,
-                           env={**os.environ, "TERM": "xterm"})
+    shown = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=secondary, env={**os.environ, "TERM": "xterm"})
     os.close(secondary)
     seen = b""
-    while True:
+    while True:  # read as it comes, so the spinner's frames never fill the terminal's buffer
         try:
             chunk = os.read(primary, 4096)
-        except OSError:  # the terminal closed: everything written has been read
+        except OSError:  # the child closed the terminal: everything written has been read
             break
         if not chunk:
             break
         seen += chunk
     os.close(primary)
-    assert shown.returncode == 0 and json.loads(shown.stdout)
+    stdout, _ = shown.communicate(timeout=300)
+    assert shown.returncode == 0 and json.loads(stdout)
     assert b"compiling gemma-3-270m for lpu-v1" in seen and b"1,000-token prefill in 4 chunk(s)" in seen, seen
     piped = run_cli("gemma-3-270m", "--prompt", "1000", "--json")
     assert piped.returncode == 0 and piped.stderr == "" and json.loads(piped.stdout)
