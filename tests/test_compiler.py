@@ -1,11 +1,14 @@
 """Placement, schedule and the Program file: determinism, exact placement, fit errors, CLI."""
 
 import dataclasses
+import gzip
 import hashlib
 import itertools
+import json
 import math
 import random
 import re
+import struct
 import subprocess
 import sys
 from collections import Counter, defaultdict
@@ -16,7 +19,7 @@ from typer.testing import CliRunner
 from openlpu.cli import app
 from openlpu.compiler import Workload, compile_program, load_program, verify
 from openlpu.compiler.partition import EXPERT_ROWS, half_index, size_table
-from openlpu.compiler.program import MAGIC
+from openlpu.compiler.program import FORMAT_VERSION, MAGIC
 from openlpu.compiler.schedule import schedule_phase, split_chunk
 from openlpu.errors import OpenLPUError
 from openlpu.hardware.lpu import load_system
@@ -73,6 +76,17 @@ def test_save_load_round_trip_and_bad_files(gemma8, tmp_path):
         load_program(tmp_path / "text.prog")
     with pytest.raises(OpenLPUError, match="cannot read program"):
         load_program(tmp_path / "missing.prog")
+
+    def signed(mutate) -> bytes:  # the payload changed and signed again: the checksum passes, the content is wrong
+        body = json.loads(gzip.decompress(path.read_bytes()[len(MAGIC) + 4 + 32:]))
+        mutate(body)
+        payload = gzip.compress(json.dumps(body).encode(), mtime=0)
+        return MAGIC + struct.pack("<I", FORMAT_VERSION) + hashlib.sha256(payload).digest() + payload
+    for mutate in (lambda b: b.update(tensors=[1]), lambda b: b["decode"]["ops"]["rows"][0].pop(),
+                   lambda b: b["prefill"]["transfers"]["rows"][0].append(0)):
+        (tmp_path / "signed.prog").write_bytes(signed(mutate))
+        with pytest.raises(OpenLPUError, match="corrupt"):
+            load_program(tmp_path / "signed.prog")
 
 
 def test_unflagged_shards_hold_each_weight_exactly_once(llama70):

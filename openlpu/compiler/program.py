@@ -223,8 +223,10 @@ class Program:
 
 # ---- encoding ---------------------------------------------------------------------------------
 def _table(records) -> dict:
+    """Records of plain fields (numbers, strings, tuples of them) as columns and rows; JSON writes a tuple
+    as it writes a list, so the fields go as they are."""
     cols = [f.name for f in dataclasses.fields(records[0])] if records else []
-    return {"columns": cols, "rows": [[_plain(getattr(r, c)) for c in cols] for r in records]}
+    return {"columns": cols, "rows": [[getattr(r, c) for c in cols] for r in records]}
 
 
 def _plain(v):
@@ -263,14 +265,24 @@ def encode(program: Program) -> bytes:
 
 
 def _tuples(v):
-    return tuple(_tuples(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+    return tuple([_tuples(x) if type(x) is list else x for x in v]) if type(v) is list else v
 
 
 def _rows(cls, table: dict) -> tuple:
-    expected = [f.name for f in dataclasses.fields(cls)]
+    fields = dataclasses.fields(cls)
+    expected = [f.name for f in fields]
     if table["rows"] and table["columns"] != expected:
         raise ValueError(f"{cls.__name__} columns {table['columns']} != {expected}")
-    return tuple(cls(**{c: _tuples(v) for c, v in zip(expected, row)}) for row in table["rows"])
+    # JSON gives lists back: the fields typed as tuples get tuples, the rest are taken as they are
+    nested = [i for i, f in enumerate(fields) if str(f.type).startswith("tuple")]
+    out = []
+    for row in table["rows"]:
+        if len(row) != len(expected):
+            raise ValueError(f"{cls.__name__} row of {len(row)} fields, not {len(expected)}")
+        for i in nested:
+            row[i] = _tuples(row[i])
+        out.append(cls(*row))
+    return tuple(out)
 
 
 def _phase(d: dict) -> PhaseSchedule:
@@ -303,7 +315,7 @@ def decode_program(data: bytes, origin: str = "program") -> Program:
                        workload=Workload(**b["workload"]), tensors={k: tuple(v) for k, v in b["tensors"].items()},
                        kv_slots=tuple(b["kv_slots"]), placement=placement, decode=_phase(b["decode"]),
                        prefill=_phase(b["prefill"]))
-    except (OSError, EOFError, zlib.error, ValueError, KeyError, TypeError) as e:
+    except (OSError, EOFError, zlib.error, ValueError, KeyError, TypeError, AttributeError) as e:
         raise OpenLPUError(f"{origin} is corrupt ({type(e).__name__}); recompile it with `openlpu compile`") from None
 
 
