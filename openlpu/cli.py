@@ -98,9 +98,9 @@ def serve(
 @app.command()
 def plan(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    system: str = typer.Option("lpu-v1", "--system", help="LPU system preset or hardware JSON file"),
+    system: str = typer.Option("lpu-v1", "--system", help="LPU system preset or hardware JSON file ('': GPUs only)"),
     compare: list[str] = typer.Option(["h100-sxm"], "--compare",
-                                      help="GPU preset or GPU JSON file to compare (repeatable)"),
+                                      help="GPU preset or GPU JSON file to compare (repeatable; '': the LPU only)"),
     precision: str = typer.Option("int8", "--precision",
                                   help="weight precision: fp16, bf16, fp8, int8, int4, fp4 (NVFP4)"),
     context: int = typer.Option(4096, "--context", help="tokens of context per user"),
@@ -147,6 +147,7 @@ def plan(
     assumptions = CostAssumptions(**{k: v for k, v in given.items() if v is not None})
     spec = load_spec(model)
     prompt = prompt_tokens(context) if prompt is None else prompt
+    compare = [name for name in compare if name]  # `--compare ''` leaves the default GPU out
     with _compiling(spec.name, system, prompt):
         rows = make_plan(spec, system=system, compare=tuple(compare), precision=precision, context=context,
                          users=users, chips=chips, tp=tp, gpus=gpus, prompt=prompt, assumptions=assumptions,

@@ -211,6 +211,13 @@ def test_cli_json_and_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_an_empty_compare_plans_the_lpu_alone():
+    """`--compare ''` leaves the default GPU out: the one row is the LPU's, as the API gives it with no GPUs."""
+    r = run_cli("llama-3-8b", "--compare", "", "--context", "2048", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == [row.to_dict() for row in plan("llama-3-8b", compare=(), context=2048)]
+
+
 def test_a_terminal_sees_what_is_compiling_and_a_pipe_does_not():
     """While plan compiles (a long prompt's prefill takes a minute), a terminal's stderr says what is being
     compiled; piped, stderr stays empty and --json's stdout is the rows alone."""
@@ -294,6 +301,7 @@ def test_a_gguf_file_plans_as_its_preset(gemma_path):
     (["llama-2-70b", "--context", "0"], "positive"),
     (["llama-2-70b", "--users", "-3"], "positive"),
     (["llama-2-70b", "--system", "", "--users", "10000000"], "GPUs hold"),
+    (["llama-2-70b", "--system", "", "--compare", ""], "nothing to plan"),
     (["llama-2-70b", "--plot", "plan.svg"], "give a file name ending in .png"),
     (["llama-2-70b", "--plot", "/no/such/folder/plan.png"], "cannot write the plot"),
     (["llama-2-70b", "--chips", "10"], "needs at least 328 chips"),
