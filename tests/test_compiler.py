@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from openlpu.cli import app
 from openlpu.compiler import Workload, compile_program, load_program, verify
 from openlpu.compiler.partition import EXPERT_ROWS, half_index, size_table
-from openlpu.compiler.program import FORMAT_VERSION, MAGIC
+from openlpu.compiler.program import FORMAT_VERSION, MAGIC, PHASES
 from openlpu.compiler.schedule import schedule_phase, split_chunk
 from openlpu.errors import OpenLPUError
 from openlpu.hardware.lpu import load_system
@@ -61,6 +61,11 @@ def test_save_load_round_trip_and_bad_files(gemma8, tmp_path):
     written = gemma8.save(path)
     back = load_program(path)
     assert back == gemma8 and hashlib.sha256(path.read_bytes()).hexdigest() == back.sha256() == written
+    # each distinct set of link loads is stored once, and read back as one tuple that its phases share
+    body = json.loads(gzip.decompress(path.read_bytes()[len(MAGIC) + 4 + 32:]))
+    distinct = {links for ph in (gemma8.decode, gemma8.prefill) for t in ph.transfers for _, _, links in t.phases}
+    shared = {id(links) for ph in (back.decode, back.prefill) for t in ph.transfers for _, _, links in t.phases}
+    assert len(body["link_loads"]) == len(distinct) == len(shared) < sum(len(t.phases) for t in gemma8.decode.transfers)
     data = bytearray(path.read_bytes())
     data[-10] ^= 0xFF
     (tmp_path / "corrupt.prog").write_bytes(bytes(data))
@@ -82,8 +87,12 @@ def test_save_load_round_trip_and_bad_files(gemma8, tmp_path):
         mutate(body)
         payload = gzip.compress(json.dumps(body).encode(), mtime=0)
         return MAGIC + struct.pack("<I", FORMAT_VERSION) + hashlib.sha256(payload).digest() + payload
+    def phase_of_first_transfer(b):
+        return b["decode"]["transfers"]["rows"][0][PHASES][0]
     for mutate in (lambda b: b.update(tensors=[1]), lambda b: b["decode"]["ops"]["rows"][0].pop(),
-                   lambda b: b["prefill"]["transfers"]["rows"][0].append(0)):
+                   lambda b: b["prefill"]["transfers"]["rows"][0].append(0),
+                   lambda b: phase_of_first_transfer(b).__setitem__(2, len(b["link_loads"])),
+                   lambda b: b["link_loads"][0].append([0, 1]), lambda b: b.pop("link_loads")):
         (tmp_path / "signed.prog").write_bytes(signed(mutate))
         with pytest.raises(OpenLPUError, match="corrupt"):
             load_program(tmp_path / "signed.prog")
