@@ -208,38 +208,6 @@ class _Scheduler:
                 self.transit_nodes[rack] = self.transit_nodes.get(rack, ()) + (node,)
         self.ops: list[ScheduledOp] = []
         self.transfers: list[Transfer] = []
-        self.stage_of_chip = {c: s.index for s in placement.stages for c in s.chips}
-        self.weight_fraction = self._weight_fractions()
-        self.routed_share = self._routed_shares()
-        self.tensor_elements = {name: math.prod(shape) for name, shape in spec.tensor_shapes().items()}
-        self.weight_bytes_per_element = as_precision(workload.weights).bytes_per_element
-        rates = {"vector": system.chip.vector_ops_per_cycle, "switch": system.chip.switch_bytes_per_cycle,
-                 "memory": math.inf}
-        self.unit_flops_per_cycle = {
-            **rates, "matrix": 2 * matrix_macs_per_cycle(system, workload.weights, workload.activations)}
-        self.attention_flops_per_cycle = 2 * matrix_macs_per_cycle(system, workload.kv, workload.activations)
-
-    def _weight_fractions(self) -> dict[tuple[str, int], float]:
-        shapes = self.spec.tensor_shapes()
-        frac: dict[tuple[str, int], float] = {}
-        for sh in self.placement.shards:
-            key = (sh.tensor, self.stage_of_chip[sh.chip])
-            frac[key] = max(frac.get(key, 0.0), (sh.stop - sh.start) / axis_length(sh.tensor, shapes[sh.tensor],
-                                                                                      sh.axis))
-        return frac
-
-    def _routed_shares(self) -> dict[tuple[str, int], float]:
-        """Per (expert tensor cut by expert rows, stage): the most of its op's routed work one chip of the
-        stage can get, every token's k choices falling on the experts it holds, the widest of them first."""
-        k, share = self.spec.n_experts_per_token, {}
-        for sh in self.placement.shards:
-            if sh.axis != EXPERT_ROWS:
-                continue
-            ff = self.spec.layer_d_ff(item_of_tensor(sh.tensor, -1))
-            rows = sorted((stop - start for _, start, stop in expert_spans(sh.start, sh.stop, ff)), reverse=True)
-            key = (sh.tensor, self.stage_of_chip[sh.chip])
-            share[key] = max(share.get(key, 0.0), sum(rows[:k]) / (k * ff))
-        return share
 
     def cycles(self, seconds: float) -> int:
         return max(1, math.ceil(seconds * self.clock))
@@ -403,52 +371,108 @@ class _Scheduler:
             targets = targets[:mid]
 
     # ---- ops ----
-    def place_op(self, op: Op, stage: int) -> None:
-        t = len(self.placement.stages[stage].chips)
-        suffix = op_suffix(op.name)
-        role = suffix_role(suffix)
-        f_w = self.weight_fraction.get((op.weight, stage), 1.0) if op.weight else 1.0
-        compute, f_in, f_out, f_kv = op_fractions(self.spec, role, t, f_w)
-        if op.weight and (op.weight, stage) in self.routed_share:
-            # cut by expert, a chip's share of the routed work depends on the routing, which a static schedule
-            # cannot: it reserves the most there can be, every token's choices falling on the experts it holds
-            compute = self.routed_share[(op.weight, stage)]
+    def place_op(self, op: Op, stage: int, cost: _OpCost) -> None:
         # a combining op's remote input leaves once the stage's previous combination has ended, so
         # partials do not pile up at the last part of a tree (the partition gives a part room for two)
-        combining = suffix in CHAINED.values()
-        not_before = self.combined.get(stage, 0) if combining else 0
+        not_before = self.combined.get(stage, 0) if cost.combining else 0
         inputs = tuple(self._input_on(i, stage, self.staged.payloads[i], not_before) for i in op.inputs)
+        chunk = cost.chunk
+        previous_chunk_done = self.chunk_end.get((stage, chunk - 1), 0) if chunk else 0  # one chunk per stage
+        start = max([self.unit_free.get((stage, op.unit), 0), previous_chunk_done] + [self.ready[i][1] for i in inputs])
+        end = start + cost.cycles
+        self.unit_free[(stage, op.unit)] = end
+        if cost.combining:
+            self.combined[stage] = end
+        if chunk is not None:
+            self.chunk_end[(stage, chunk)] = max(end, self.chunk_end.get((stage, chunk), 0))
+            self.chunk_ops_end[(stage, chunk)] = max(end, self.chunk_ops_end.get((stage, chunk), 0))
+        self.ops.append(ScheduledOp(op.name, op.kind, op.unit, stage, start, end, cost.flops, cost.sram_bytes,
+                                    cost.out_bytes, inputs))
+        self.ready[op.name] = (stage, end)
+        if cost.reduced_bytes is not None:
+            name = op.name + ".allreduce"
+            self._send(name, "all_reduce", stage, self.placement.stages[stage].chips, cost.reduced_bytes, end,
+                       (op.name,))
+            self.provider[op.name] = name
+
+
+@dataclasses.dataclass(frozen=True, slots=True)  # one per op of a phase
+class _OpCost:
+    """What an op costs on each chip of its stage, however it is scheduled (_op_costs)."""
+    cycles: int
+    flops: float
+    sram_bytes: float  # read and written
+    out_bytes: float  # its result
+    chunk: int | None  # its prompt chunk (None in decode)
+    combining: bool  # it combines the parts of a piece cut between stages (CHAINED)
+    reduced_bytes: float | None  # what its group all-reduces after it (None: no all-reduce)
+
+
+def _weight_fractions(spec: ModelSpec, placement: Placement, stage_of_chip: dict[int, int]) -> dict:
+    """Per (tensor, stage): the largest share of the tensor one chip of the stage holds."""
+    shapes = spec.tensor_shapes()
+    frac: dict[tuple[str, int], float] = {}
+    for sh in placement.shards:
+        key = (sh.tensor, stage_of_chip[sh.chip])
+        frac[key] = max(frac.get(key, 0.0), (sh.stop - sh.start) / axis_length(sh.tensor, shapes[sh.tensor], sh.axis))
+    return frac
+
+
+def _routed_shares(spec: ModelSpec, placement: Placement, stage_of_chip: dict[int, int]) -> dict:
+    """Per (expert tensor cut by expert rows, stage): the most of its op's routed work one chip of the
+    stage can get, every token's k choices falling on the experts it holds, the widest of them first."""
+    k, share = spec.n_experts_per_token, {}
+    for sh in placement.shards:
+        if sh.axis != EXPERT_ROWS:
+            continue
+        ff = spec.layer_d_ff(item_of_tensor(sh.tensor, -1))
+        rows = sorted((stop - start for _, start, stop in expert_spans(sh.start, sh.stop, ff)), reverse=True)
+        key = (sh.tensor, stage_of_chip[sh.chip])
+        share[key] = max(share.get(key, 0.0), sum(rows[:k]) / (k * ff))
+    return share
+
+
+def _op_costs(spec: ModelSpec, system: SystemSpec, workload: Workload, placement: Placement,
+              ops: list[tuple[Op, int]]) -> list[_OpCost]:
+    """Each staged op's cost on its stage (see the module doc): it depends on the placement, not on when the
+    op runs, so the schedules with and without routes through other nodes share it."""
+    stage_of_chip = {c: s.index for s in placement.stages for c in s.chips}
+    weight_fraction = _weight_fractions(spec, placement, stage_of_chip)
+    routed_share = _routed_shares(spec, placement, stage_of_chip)
+    tensor_elements = {name: math.prod(shape) for name, shape in spec.tensor_shapes().items()}
+    weight_bytes_per_element = as_precision(workload.weights).bytes_per_element
+    chip = system.chip
+    unit_flops_per_cycle = {"vector": chip.vector_ops_per_cycle, "switch": chip.switch_bytes_per_cycle,
+                            "memory": math.inf,
+                            "matrix": 2 * matrix_macs_per_cycle(system, workload.weights, workload.activations)}
+    attention_flops_per_cycle = 2 * matrix_macs_per_cycle(system, workload.kv, workload.activations)
+    costs = []
+    for op, stage in ops:
+        t = len(placement.stages[stage].chips)
+        suffix = op_suffix(op.name)
+        role = suffix_role(suffix)
+        f_w = weight_fraction.get((op.weight, stage), 1.0) if op.weight else 1.0
+        compute, f_in, f_out, f_kv = op_fractions(spec, role, t, f_w)
+        if op.weight and (op.weight, stage) in routed_share:
+            # cut by expert, a chip's share of the routed work depends on the routing, which a static schedule
+            # cannot: it reserves the most there can be, every token's choices falling on the experts it holds
+            compute = routed_share[(op.weight, stage)]
         weights = op.weight_bytes * f_w
         installed = 0.0
         if op.unit == "matrix" and op.weight:  # the chip's whole share of the tensor, all experts for MoE
-            installed = max(weights, self.tensor_elements[op.weight] * f_w * self.weight_bytes_per_element)
+            installed = max(weights, tensor_elements[op.weight] * f_w * weight_bytes_per_element)
             weights = installed
         elif op.kind == "attention":  # the keys and values attended are the matrices its queries stream through
             installed = (op.kv_read_bytes + op.kv_write_bytes) * f_kv
         reads = weights + op.kv_read_bytes * f_kv + op.act_read_bytes * f_in
         writes = op.act_write_bytes * f_out + op.kv_write_bytes * f_kv
-        rate = self.attention_flops_per_cycle if op.kind == "attention" else self.unit_flops_per_cycle[op.unit]
-        duration = max(1, math.ceil(op.flops * compute / rate),
-                       math.ceil((reads + writes) / self.system.chip.sram_bytes_per_cycle),
-                       math.ceil(installed / self.system.chip.matrix_install_bytes_per_cycle))
-        chunk = split_chunk(op.name)[0]
-        previous_chunk_done = self.chunk_end.get((stage, chunk - 1), 0) if chunk else 0  # one chunk per stage
-        start = max([self.unit_free.get((stage, op.unit), 0), previous_chunk_done] + [self.ready[i][1] for i in inputs])
-        end = start + duration
-        self.unit_free[(stage, op.unit)] = end
-        if combining:
-            self.combined[stage] = end
-        if chunk is not None:
-            self.chunk_end[(stage, chunk)] = max(end, self.chunk_end.get((stage, chunk), 0))
-            self.chunk_ops_end[(stage, chunk)] = max(end, self.chunk_ops_end.get((stage, chunk), 0))
-        self.ops.append(ScheduledOp(op.name, op.kind, op.unit, stage, start, end, op.flops * compute,
-                                    reads + writes, op.act_write_bytes * f_out, inputs))
-        self.ready[op.name] = (stage, end)
-        if t > 1 and role in NEEDS_ALL_REDUCE:
-            payload = result_bytes(self.spec, op)
-            name = op.name + ".allreduce"
-            self._send(name, "all_reduce", stage, self.placement.stages[stage].chips, payload, end, (op.name,))
-            self.provider[op.name] = name
+        rate = attention_flops_per_cycle if op.kind == "attention" else unit_flops_per_cycle[op.unit]
+        cycles = max(1, math.ceil(op.flops * compute / rate), math.ceil((reads + writes) / chip.sram_bytes_per_cycle),
+                     math.ceil(installed / chip.matrix_install_bytes_per_cycle))
+        costs.append(_OpCost(cycles, op.flops * compute, reads + writes, op.act_write_bytes * f_out,
+                             split_chunk(op.name)[0], suffix in CHAINED.values(),
+                             result_bytes(spec, op) if t > 1 and role in NEEDS_ALL_REDUCE else None))
+    return costs
 
 
 def result_bytes(spec: ModelSpec, op: Op) -> float:
@@ -654,7 +678,7 @@ def schedule_phase(spec: ModelSpec, system: SystemSpec, workload: Workload, plac
     tokens, verifying them) or the prefill of one prompt; flows between two nodes of a rack may pass through
     the deployment's other nodes there where that arrives sooner (_routings), unless `via_other_nodes` is
     False."""
-    staged = _staged(spec, workload, placement, phase, rows)
+    staged = _staged(spec, system, workload, placement, phase, rows)
     return _schedule(spec, system, workload, placement, phase, staged, templates, rows, via_other_nodes)[0]
 
 
@@ -663,7 +687,7 @@ def schedule_prefill(spec: ModelSpec, system: SystemSpec, workload: Workload, pl
     """The prefill, of the two schedules with and without routes through other nodes the shorter: a long
     prompt keeps every stage's links busy at once, where such routes can delay more than they save (the
     second is needed only where the first took one)."""
-    staged = _staged(spec, workload, placement, "prefill")
+    staged = _staged(spec, system, workload, placement, "prefill")
     prefill, went_via = _schedule(spec, system, workload, placement, "prefill", staged, templates)
     if not went_via:
         return prefill
@@ -680,9 +704,11 @@ class _Staged:
     by_rank: set[str]  # results split by heads over a group: they move rank to rank
     pairs: set[str]  # the sampler's (value, index) results, and their all-reduces: sent whole
     payloads: dict[str, float]  # result name -> bytes crossing a link when it does (result_bytes)
+    costs: list[_OpCost]  # per op of `ops`
 
 
-def _staged(spec: ModelSpec, workload: Workload, placement: Placement, phase: str, rows: int = 1) -> _Staged:
+def _staged(spec: ModelSpec, system: SystemSpec, workload: Workload, placement: Placement, phase: str,
+            rows: int = 1) -> _Staged:
     ops = lowered_decode(spec, workload, rows) if phase == "decode" else _prefill_chunks(spec, workload)
     staged = staged_ops(spec, workload, ops, placement)
     readers: dict[str, set[int]] = {}
@@ -693,7 +719,8 @@ def _staged(spec: ModelSpec, workload: Workload, placement: Placement, phase: st
     return _Staged(staged, readers,
                    {op.name for op, _ in staged if op.kind in ("attention", "merge")},
                    pairs | {name + ".allreduce" for name in pairs},
-                   {op.name: result_bytes(spec, op) for op, _ in staged})
+                   {op.name: result_bytes(spec, op) for op, _ in staged},
+                   _op_costs(spec, system, workload, placement, staged))
 
 
 def _schedule(spec: ModelSpec, system: SystemSpec, workload: Workload, placement: Placement, phase: str,
@@ -702,8 +729,8 @@ def _schedule(spec: ModelSpec, system: SystemSpec, workload: Workload, placement
     """schedule_phase's schedule of the `staged` ops, and whether any of its steps went through other nodes."""
     s = _Scheduler(spec, system, workload, placement, {} if templates is None else templates, staged,
                    via_other_nodes)
-    for op, stage in staged.ops:
-        s.place_op(op, stage)
+    for (op, stage), cost in zip(staged.ops, staged.costs):
+        s.place_op(op, stage, cost)
     last = staged.ops[-1][0]
     if phase == "decode" and len(placement.stages) > 1:  # the token goes back to each embedding stage
         src_name = s.provider.get(last.name, last.name)
