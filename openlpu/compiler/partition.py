@@ -533,6 +533,7 @@ def piece_sizes(spec: ModelSpec, table: SizeTable, k: int | tuple[int, ...] = 1,
     return _sizes(table, spec.n_layers, cut)
 
 
+@functools.lru_cache(maxsize=64)  # a compile asks for the fewest chips once per arrangement it tries
 def filled_sizes(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: int) -> PieceSizes | None:
     """The pieces cut where stages fill: in pipeline order each stage takes whole pieces while they fit,
     then as much of the next as fits what is left (an MLP's d_ff rows, the embedding's or head's

@@ -643,10 +643,16 @@ def stage_occupancy_cycles(phase: PhaseSchedule) -> dict[int, int]:
 
 def link_cycles(system: SystemSpec, phase: PhaseSchedule) -> dict[tuple[int, int], float]:
     """Cycles each directed link is busy in one step of the phase: the bytes it carries over its rate."""
-    carried: dict[tuple[int, int], float] = {}
+    # every layer's collective on a group loads its links alike, with one tuple of link loads: each
+    # distinct tuple is added once, times the phases that carry it
+    carried_by: dict[int, list] = {}
     for t in phase.transfers:
-        for a, b, nbytes in t.link_loads():
-            carried[(a, b)] = carried.get((a, b), 0.0) + nbytes
+        for _, _, links in t.phases:
+            carried_by.setdefault(id(links), [links, 0])[1] += 1
+    carried: dict[tuple[int, int], float] = {}
+    for links, phases in carried_by.values():
+        for a, b, nbytes in links:
+            carried[(a, b)] = carried.get((a, b), 0.0) + nbytes * phases
     return {link: nbytes / system.links[system.link_kind(*link)].bandwidth_bytes_per_s * system.chip.clock_hz
             for link, nbytes in carried.items()}
 
