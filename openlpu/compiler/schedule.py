@@ -703,8 +703,9 @@ def schedule_prefill(spec: ModelSpec, system: SystemSpec, workload: Workload, pl
 
 @dataclasses.dataclass(frozen=True)
 class _Staged:
-    """A phase's ops, each with the stage that runs it (staged_ops), and what scheduling them reads of
-    each result; made once for a phase's schedules with and without routes through other nodes."""
+    """A phase's ops, each with the stage that runs it (staged_ops) and its cost there (_op_costs), and what
+    scheduling them reads of each result; made once for a phase's schedules with and without routes through
+    other nodes."""
     ops: list[tuple[Op, int]]
     readers: dict[str, set[int]]  # result name -> the stages whose ops read it
     by_rank: set[str]  # results split by heads over a group: they move rank to rank
