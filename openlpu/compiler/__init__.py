@@ -61,6 +61,7 @@ def _arranged(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: in
     tried = [arrangement(spec, system, workload, chips, tp)]
     spread = place(spec, system, workload, *tried[0])
     placement, decode = _decode_schedule(spec, system, workload, chips, tp, spread, {}, templates)
+    period = decode_period_cycles(system, decode, users)  # the kept one's, read off its links once
     # fewer cuts in equal slices can be faster than slices squeezed beside full stages; even stages can
     # be faster too: with users in flight the busiest stage may bound the step, and the balanced
     # arrangement cuts pieces where stages fill, which can suit a model whose MLPs cannot be cut; and a
@@ -72,8 +73,8 @@ def _arranged(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: in
         tried.append(other)
         candidate = _decode_schedule(spec, system, workload, chips, tp, place(spec, system, workload, *other), option,
                                      templates)
-        if decode_period_cycles(system, candidate[1], users) < decode_period_cycles(system, decode, users):
-            placement, decode = candidate
+        if (candidate_period := decode_period_cycles(system, candidate[1], users)) < period:
+            (placement, decode), period = candidate, candidate_period
     return placement, decode
 
 
