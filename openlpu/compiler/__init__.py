@@ -44,9 +44,9 @@ def compile_program(spec: ModelSpec, system: SystemSpec, workload: Workload, chi
         raise OpenLPUError(f"context {workload.context_length} is longer than {spec.name}'s context window "
                            f"({spec.context_length} tokens); use at most {spec.context_length}")
     templates = {}  # collective routes, shared by every schedule
-    placement, decode = _arranged(spec, system, workload, chips, tp, templates)
+    placement, decode, period = _arranged(spec, system, workload, chips, tp, templates)
     if tp is None:
-        placement, decode = _wider_groups(spec, system, workload, placement, decode, templates)
+        placement, decode = _wider_groups(spec, system, workload, placement, decode, period, templates)
     prefill = schedule_prefill(spec, system, workload, placement, templates)
     return Program(version=FORMAT_VERSION, model=spec.name, system=system, workload=workload,
                    tensors=spec.tensor_shapes(),
@@ -55,13 +55,12 @@ def compile_program(spec: ModelSpec, system: SystemSpec, workload: Workload, chi
 
 
 def _arranged(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None, tp: int | None,
-              templates: dict) -> tuple[Placement, PhaseSchedule]:
-    """partition's placement and its decode step in the arrangement of its stages that decodes fastest."""
-    users = workload.users
+              templates: dict) -> tuple[Placement, PhaseSchedule, float]:
+    """partition's placement and its decode step in the arrangement of its stages that decodes fastest, with
+    that step's period (decode_period_cycles)."""
     tried = [arrangement(spec, system, workload, chips, tp)]
     spread = place(spec, system, workload, *tried[0])
-    placement, decode = _decode_schedule(spec, system, workload, chips, tp, spread, {}, templates)
-    period = decode_period_cycles(system, decode, users)  # the kept one's, read off its links once
+    best = _decode_schedule(spec, system, workload, chips, tp, spread, {}, templates)
     # fewer cuts in equal slices can be faster than slices squeezed beside full stages; even stages can
     # be faster too: with users in flight the busiest stage may bound the step, and the balanced
     # arrangement cuts pieces where stages fill, which can suit a model whose MLPs cannot be cut; and a
@@ -73,32 +72,31 @@ def _arranged(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: in
         tried.append(other)
         candidate = _decode_schedule(spec, system, workload, chips, tp, place(spec, system, workload, *other), option,
                                      templates)
-        if (candidate_period := decode_period_cycles(system, candidate[1], users)) < period:
-            (placement, decode), period = candidate, candidate_period
-    return placement, decode
+        if candidate[2] < best[2]:
+            best = candidate
+    return best
 
 
 def _wider_groups(spec: ModelSpec, system: SystemSpec, workload: Workload, placement: Placement,
-                  decode: PhaseSchedule, templates: dict) -> tuple[Placement, PhaseSchedule]:
+                  decode: PhaseSchedule, period: float, templates: dict) -> tuple[Placement, PhaseSchedule]:
     """The placement, or one on the same chips in wider TP groups spanning nodes where that decodes faster.
     A wider group installs each matrix over more chips, and installs bound a decode step, at the cost of
     all-reduces over global links, which grow with the users a step carries. The widths that divide the
     chips are tried from the widest down while each decodes faster than the one before (the step is
     shortest where the all-reduces cost about what the wider installs save), each in its fastest
     arrangement."""
-    chips, users = len(placement.chips), workload.users
-    best, best_period, previous = (placement, decode), decode_period_cycles(system, decode, users), None
+    chips = len(placement.chips)
+    best, best_period, previous = (placement, decode), period, None
     for t in sorted((t for t in tp_candidates(spec, system) if t > placement.tp and chips % t == 0), reverse=True):
         try:
             candidate = _arranged(spec, system, workload, chips, t, templates)
         except OpenLPUError:  # its pieces do not fit these chips in groups this wide
             continue
-        period = decode_period_cycles(system, candidate[1], users)
-        if previous is not None and period >= previous:
+        if previous is not None and candidate[2] >= previous:
             break
-        if period < best_period:
-            best, best_period = candidate, period
-        previous = period
+        if candidate[2] < best_period:
+            best, best_period = candidate[:2], candidate[2]
+        previous = candidate[2]
     return best
 
 
@@ -109,10 +107,11 @@ def _moe_layers_whole(spec: ModelSpec, placement: Placement) -> bool:
 
 
 def _decode_schedule(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None, tp: int | None,
-                     placement: Placement, option: dict, templates: dict) -> tuple[Placement, PhaseSchedule]:
+                     placement: Placement, option: dict, templates: dict) -> tuple[Placement, PhaseSchedule, float]:
     """The decode step of a placement made with partition's `option`s, or of one like it with buffers for
-    micro-batches of several users where that serves each of them sooner."""
+    micro-batches of several users where that serves each of them sooner, and its period."""
     decode, users = schedule_phase(spec, system, workload, placement, "decode", templates), workload.users
+    period = decode_period_cycles(system, decode, users)
     rows = decode_rows(users, decode)
     while rows > 1:  # users share micro-batches: buffers for `rows` tokens, halved until they fit
         try:
@@ -122,10 +121,10 @@ def _decode_schedule(spec: ModelSpec, system: SystemSpec, workload: Workload, ch
             continue
         batched = schedule_phase(spec, system, workload, shared, "decode", templates, rows)
         # kept only if it serves every user sooner: a micro-batch's longer step can cost more than the turns
-        if decode_period_cycles(system, batched, users) < decode_period_cycles(system, decode, users):
-            return shared, batched
+        if (batched_period := decode_period_cycles(system, batched, users)) < period:
+            return shared, batched, batched_period
         break
-    return placement, decode
+    return placement, decode, period
 
 
 __all__ = ["Program", "Violation", "Workload", "compile_program", "load_program", "verify", "verify_or_raise"]
