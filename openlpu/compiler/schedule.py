@@ -57,6 +57,7 @@ import bisect
 import dataclasses
 import itertools
 import math
+import operator
 
 from openlpu.compiler.partition import (CUT_SEPARATOR, EMBED, EXPERT_ROWS, axis_length, expert_spans, ffn_units,
                                         item_of_tensor, kv_slots, lowered_decode, op_fractions, op_item, op_piece,
@@ -120,8 +121,9 @@ def _collective_flows(system: SystemSpec, group: tuple[int, ...], kind: str) -> 
 
 
 def _phase_routing(system: SystemSpec, flows: list[tuple[int, int, float]], route) -> tuple:
-    """(latency s, worst payload fraction / bandwidth over its links, ((link, payload fraction it carries), ...))
-    of one phase's flows (src, dst, payload fraction), each along route(src, dst)."""
+    """(latency s, worst payload fraction / bandwidth over its links, its links' (from chips, to chips, payload
+    fractions they carry), in link order) of one phase's flows (src, dst, payload fraction), each along
+    route(src, dst)."""
     load: dict[tuple[int, int], float] = {}
     latency = 0.0
     for src, dst, frac in flows:
@@ -130,7 +132,9 @@ def _phase_routing(system: SystemSpec, flows: list[tuple[int, int, float]], rout
         for a, b in zip(path, path[1:]):
             load[(a, b)] = load.get((a, b), 0.0) + frac
     worst = max(frac / system.links[system.link_kind(*link)].bandwidth_bytes_per_s for link, frac in load.items())
-    return latency, worst, tuple(sorted(load.items()))
+    links = sorted(load.items())
+    return latency, worst, (tuple(a for (a, _), _ in links), tuple(b for (_, b), _ in links),
+                            tuple(f for _, f in links))
 
 
 def _routings(system: SystemSpec, flows: list[tuple[int, int, float]], transit: tuple[int, ...], route) -> tuple:
@@ -162,12 +166,22 @@ def _collective_template(system: SystemSpec, group: tuple[int, ...], kind: str, 
     return tuple(_routings(system, flows, transit, system.route) for flows in _collective_flows(system, group, kind))
 
 
+def _at(base: int, chips: tuple[tuple[int, ...], ...]) -> tuple:
+    """Columns of a template's chips, placed at chip `base` (map, not a loop: templates carry thousands)."""
+    return chips if base == 0 else tuple(map(operator.add, column, itertools.repeat(base)) for column in chips)
+
+
+def _shifted(routings: tuple, by: int) -> tuple:
+    """_routings' rows with every chip moved by `by`."""
+    return tuple((latency, worst, (*map(tuple, _at(by, loads[:2])), loads[2])) for latency, worst, loads in routings)
+
+
 @dataclasses.dataclass
 class _Routing:
     """One way a transfer's step can go, at one place and payload."""
     cycles: int
     link_set: int  # _Scheduler._link_set's index of the links it loads
-    fractions: tuple  # ((link, payload fraction it carries), ...) as the template has them, before its base
+    loads: tuple  # (from chips, to chips, payload fractions) of its links as the template has them, before its base
     links: tuple | None = None  # ((from chip, to chip, bytes), ...), made once the step first goes this way
 
 
@@ -194,9 +208,10 @@ class _Scheduler:
         self.alias: dict[str, str] = {}  # a send -> the all-gather (or broadcast) that completes it on the group
         self.staged = staged
         # routings per (group shape, kind, transit nodes) of a collective, or ("send", chips, kind, transit
-        # nodes) of a send with the chips its routes touch, shared by the schedules of a compilation
+        # nodes, turn) of a send with the chips its routes touch, all from the first chip of a rack (the
+        # base), shared by the schedules of a compilation
         self.templates = templates
-        self.sends: dict[tuple, tuple] = {}  # a send's routings around chips this deployment lacks
+        self.sends: dict[tuple, tuple] = {}  # (template key, base) -> a send's routings on this deployment's chips
         self.went_via = False  # whether a step took routes through other nodes
         self.routed_steps: dict[tuple, list] = {}  # a template at one place and payload: every layer's alike
         # per rack, its nodes the deployment holds whole: flows between two others may cross them (if allowed)
@@ -239,11 +254,10 @@ class _Scheduler:
                 self.link_sets_on.setdefault(link, []).append(new)
         return self.link_set_index[links]
 
-    def _placed_links(self, key: tuple, base: int, step: int, routing: int, fractions: tuple) -> int:
+    def _placed_links(self, key: tuple, base: int, step: int, routing: int, loads: tuple) -> int:
         """The link set of a template's routing of one step, placed at chip `base`."""
         if (key, base, step, routing) not in self.placed_link_sets:
-            self.placed_link_sets[(key, base, step, routing)] = self._link_set(
-                tuple((a + base, b + base) for (a, b), _ in fractions))
+            self.placed_link_sets[(key, base, step, routing)] = self._link_set(tuple(zip(*_at(base, loads[:2]))))
         return self.placed_link_sets[(key, base, step, routing)]
 
     def _links_free(self, link_set: int, ready: int, cycles: int) -> int:
@@ -273,25 +287,32 @@ class _Scheduler:
         chunk = split_chunk(name)[0]
         if chunk:  # lands on its stage once the ops of the chunk before are done (see the module doc)
             ready = max(ready, self.chunk_ops_end.get((stage, chunk - 1), 0))
+        period = self.system.chips_per_rack
         if kind in ("p2p", "rank_p2p", "stripe"):  # rank_p2p, stripe: rank r of one group to rank r of the next
             pairs = list(zip(*transfer_ends(kind, chips)))
             flows = [(src, dst, 1 / len(pairs)) for src, dst in pairs]
-            base, transit = 0, self.transit_nodes.get(self.system.rack_of(pairs[0][0]), ())
-            key = ("send", chips, kind, transit)
+            transit = self.transit_nodes.get(self.system.rack_of(pairs[0][0]), ())
+            # every rack is cabled alike, so a send's routes, moved by whole racks, serve its like there (with
+            # the same nodes held whole); a flow through another node takes its turn by the sum of its nodes'
+            # numbers (_routings), kept in the key modulo the choices it has
+            base = min(chips) // period * period
+            first_node = self.system.node_of(base)
+            key = ("send", tuple(c - base for c in chips), kind, tuple(n - first_node for n in transit),
+                   2 * first_node % max(1, len(transit) - 1))
             if key not in self.templates:  # along the network's routes: shared by every deployment they keep to
-                routings = _routings(self.system, flows, transit, self.system.route)
-                self.templates[key] = ((routings,), frozenset(c for r in routings for link, _ in r[2] for c in link))
-            template, touched = self.templates[key]
-            if not touched <= self.held:  # around chips this deployment lacks: for this schedule only
-                if key not in self.sends:
-                    self.sends[key] = (_routings(self.system, flows, transit, self._route),)
-                template = self.sends[key]
+                routings = _shifted(_routings(self.system, flows, transit, self.system.route), -base)
+                self.templates[key] = ((routings,), frozenset(itertools.chain(*(r[2][0] + r[2][1] for r in routings))))
+            if (key, base) not in self.sends:
+                template, touched = self.templates[key]
+                if not self.held.issuperset(c + base for c in touched):  # around chips this deployment lacks
+                    template = (_shifted(_routings(self.system, flows, transit, self._route), -base),)
+                self.sends[(key, base)] = template
+            template = self.sends[(key, base)]
             path = self._route(*pairs[0]) if kind == "p2p" else ()
         else:
             path = ()
             # a group's routes stay inside its rack and on its own chips and the nodes held whole there, and
             # every rack is cabled alike: its templates serve every group of its shape and every schedule
-            period = self.system.chips_per_rack
             base = chips[0] // period * period
             first_node = self.system.node_of(base)
             transit = tuple(n - first_node for n in self.transit_nodes.get(base // period, ()))
@@ -302,8 +323,8 @@ class _Scheduler:
         steps = self.routed_steps.get((key, base, payload))
         if steps is None:
             steps = self.routed_steps[(key, base, payload)] = [
-                [_Routing(self.cycles(latency + worst * payload), self._placed_links(key, base, j, i, fractions),
-                          fractions) for i, (latency, worst, fractions) in enumerate(step)]
+                [_Routing(self.cycles(latency + worst * payload), self._placed_links(key, base, j, i, loads), loads)
+                 for i, (latency, worst, loads) in enumerate(step)]
                 for j, step in enumerate(template)]
         phases, arrival = [], ready
         for routings in steps:
@@ -313,7 +334,9 @@ class _Scheduler:
                                  key=lambda option: option[0] + option[1].cycles)
             self.went_via |= routing is not routings[0]
             if routing.links is None:
-                routing.links = tuple((a + base, b + base, f * payload) for (a, b), f in routing.fractions)
+                froms, tos, fractions = routing.loads
+                nbytes = map(operator.mul, fractions, itertools.repeat(payload))
+                routing.links = tuple(zip(*_at(base, (froms, tos)), nbytes))
             arrival = start + routing.cycles
             self._reserve(routing.link_set, start, arrival)
             phases.append((start, arrival, routing.links))
