@@ -40,7 +40,7 @@ def measure(model: str, chips: int | None, context: int, users: int, prompt: int
     """Runs in the child: best-of-`repeat` wall time of each step; with repeat 0, only the imports and
     the presets (the memory every row starts from)."""
     from openlpu.compiler import Workload, compile_program, verify
-    from openlpu.compiler.partition import filled_sizes, lowered_passes, size_table
+    from openlpu.compiler.partition import clear_caches
     from openlpu.hardware.lpu import load_system
     from openlpu.models.spec import load_preset
     from openlpu.sim.timing import timing
@@ -51,8 +51,7 @@ def measure(model: str, chips: int | None, context: int, users: int, prompt: int
         return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     best = {"compile_s": float("inf"), "verify_s": float("inf"), "timing_s": float("inf")}
     for _ in range(repeat):
-        for cached in (lowered_passes, size_table, filled_sizes):  # each run a first compile, as one `plan` is
-            cached.cache_clear()
+        clear_caches()  # each run a first compile, as one `plan` is
         t0 = time.perf_counter()
         program = compile_program(spec, system, workload, chips)
         t1 = time.perf_counter()

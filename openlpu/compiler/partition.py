@@ -987,9 +987,13 @@ def _describe(spec: ModelSpec, sizes: PieceSizes, lo: int, hi: int) -> str:
 def fewest_stages(spec: ModelSpec, system: SystemSpec, table: SizeTable) -> tuple[int, PieceSizes] | None:
     """The fewest pipeline stages at the TP degree of `table`, with their piece sizes: whole pieces, or
     (fewer stages) pieces cut where stages fill. None if neither fits."""
-    cap = system.chip.sram_bytes
+    return _fewest_stages(spec, table, system.chip.sram_bytes, system.chip.matrix_tile_rows)
+
+
+@functools.lru_cache(maxsize=64)  # as filled_sizes
+def _fewest_stages(spec: ModelSpec, table: SizeTable, cap: int, tile_rows: int) -> tuple[int, PieceSizes] | None:
     best = None
-    for sizes in (piece_sizes(spec, table), filled_sizes(spec, table, cap, system.chip.matrix_tile_rows)):
+    for sizes in (piece_sizes(spec, table), filled_sizes(spec, table, cap, tile_rows)):
         g = greedy_stages(sizes, cap) if sizes is not None else None
         if g is not None and (best is None or len(g) < best[0]):
             best = (len(g), sizes)
@@ -1220,3 +1224,10 @@ def place(spec: ModelSpec, system: SystemSpec, workload: Workload, t: int, sizes
                 nbytes = math.ceil((stop - start) * math.prod(shape) // axis_length(name, shape, axis) * wb)
                 shards.append(Shard(name, chip, axis, start, stop, nbytes, rep or copy))
     return Placement(tp=t, stages=stages, shards=tuple(shards), experts=sizes.experts)
+
+
+def clear_caches() -> None:
+    """Empty this module's caches, so that the next compile runs as the first in a process does (what
+    bench/plan_speed.py times)."""
+    for cached in (lowered_passes, size_table, filled_sizes, _fewest_stages):
+        cached.cache_clear()
