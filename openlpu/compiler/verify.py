@@ -33,6 +33,7 @@ from openlpu.compiler.program import TRANSFER_ENDS, PhaseSchedule, Program, Tran
 from openlpu.compiler.schedule import split_chunk
 from openlpu.errors import OpenLPUError
 from openlpu.graph.lower import as_precision
+from openlpu.hardware.lpu import SystemSpec
 
 RATE_TOLERANCE = 1e-9
 
@@ -274,17 +275,25 @@ def _weights(program: Program) -> list[Violation]:
             if not 0 <= sh.start < sh.stop <= dim:
                 out.append(Violation("weight_placement", f"{name} shard [{sh.start}, {sh.stop}) on chip {sh.chip} is "
                                                          f"outside [0, {dim})"))
-        # sweep: coverage of [0, dim) and copies, counting unflagged and flagged shards apart
+        # sweep: coverage of [0, dim) and copies, counting unflagged and flagged shards apart; the shards
+        # covering [a, b), between two of the points, are those opened at or before a and not yet closed
         points = sorted({0, dim} | {sh.start for sh in shards} | {sh.stop for sh in shards})
+        opening = sorted((sh for sh in shards if sh.start < sh.stop), key=lambda sh: sh.start)
+        closing = sorted(opening, key=lambda sh: sh.stop)
+        inside = plain = opened = closed = 0
         for a, b in zip(points, points[1:]):
-            inside = [sh for sh in shards if sh.start <= a and b <= sh.stop]
-            plain = [sh for sh in inside if not sh.replicated]
+            while opened < len(opening) and opening[opened].start <= a:
+                inside, plain = inside + 1, plain + (not opening[opened].replicated)
+                opened += 1
+            while closed < len(closing) and closing[closed].stop <= a:
+                inside, plain = inside - 1, plain - (not closing[closed].replicated)
+                closed += 1
             if not inside:
                 out.append(Violation("weight_placement", f"{name} elements [{a}, {b}) along axis are placed nowhere"))
-            elif len(plain) > 1:
-                out.append(Violation("weight_placement", f"{name} elements [{a}, {b}) are placed {len(inside)} times "
-                                                         f"(chips {sorted(sh.chip for sh in inside)}) without being "
-                                                         f"flagged as replicated"))
+            elif plain > 1:
+                chips_of = sorted(sh.chip for sh in opening if sh.start <= a and b <= sh.stop)
+                out.append(Violation("weight_placement", f"{name} elements [{a}, {b}) are placed {inside} times "
+                                                         f"(chips {chips_of}) without being flagged as replicated"))
     return out
 
 
@@ -298,7 +307,8 @@ def _shards_on_their_stages(program: Program) -> list[Violation]:
     units = ffn_units(program.tensors, by_expert)
 
     def places_of(tensor: str, head_copy: bool):
-        """The tensor's piece, the stages holding it with the rows each holds, and those rows per chip."""
+        """The tensor's piece, the stages holding it with the rows each holds, those rows per chip, and whether
+        its shards hold rows of a cut piece (else every chip of the stages holds its share)."""
         item, part = tensor_piece(tensor, n)
         places = list(homes.get((item, part), ()))
         if head_copy:  # a tied table's copy for the head
@@ -310,7 +320,7 @@ def _shards_on_their_stages(program: Program) -> list[Violation]:
         for k, lo, hi in places:
             for chip in chips_of[k]:
                 on_chip[chip].append((lo, hi))
-        return part, places, on_chip
+        return part, places, on_chip, is_cut_along_ffn(tensor) or is_cut_along_vocab(tensor)
 
     known = {}  # one lookup per tensor, not per shard: a finely cut MLP has a part on thousands of stages
     for sh in program.placement.shards:
@@ -319,17 +329,18 @@ def _shards_on_their_stages(program: Program) -> list[Violation]:
         key = (sh.tensor, sh.tensor == "token_embd.weight" and sh.replicated)
         if key not in known:
             known[key] = places_of(*key)
-        part, places, on_chip = known[key]
-        cut = is_cut_along_ffn(sh.tensor) or is_cut_along_vocab(sh.tensor)
-        if not any(not cut or lo <= sh.start and sh.stop <= hi for lo, hi in on_chip.get(sh.chip, ())):
-            rows = f" rows [{sh.start}, {sh.stop})" if cut else ""
-            held = ", ".join(f"stage {k}" + (f" rows [{lo}, {hi})" if cut else "") for k, lo, hi in places) or "no stage"
-            out.append(Violation("weight_placement", f"{sh.tensor}{rows} is on chip {sh.chip}, but its {part} piece "
-                                                     f"is held by {held}"))
+        part, places, on_chip, cut = known[key]
+        if sh.chip in on_chip and (not cut or any(lo <= sh.start and sh.stop <= hi for lo, hi in on_chip[sh.chip])):
+            continue
+        rows = f" rows [{sh.start}, {sh.stop})" if cut else ""
+        held = ", ".join(f"stage {k}" + (f" rows [{lo}, {hi})" if cut else "") for k, lo, hi in places) or "no stage"
+        out.append(Violation("weight_placement", f"{sh.tensor}{rows} is on chip {sh.chip}, but its {part} piece "
+                                                 f"is held by {held}"))
     return out
 
 
-def _links(program: Program, phase: PhaseSchedule) -> list[Violation]:
+def _links(program: Program, phase: PhaseSchedule, bandwidths: dict) -> list[Violation]:
+    """Each link within its bandwidth; `bandwidths`: each link's (_bandwidth), filled as links are met."""
     clock, system = program.system.chip.clock_hz, program.system
     # a collective's phases load hundreds of links alike and every layer's repeats them: each distinct
     # load is swept once, for the most transfers in flight at once (the sum of 1 / seconds), and a link
@@ -353,15 +364,13 @@ def _links(program: Program, phase: PhaseSchedule) -> list[Violation]:
         for a, b, nbytes in links:
             carried[(a, b)].append((nbytes, load))
     out, swept, held = [], {}, set(program.placement.chips)
-    for (a, b), loads in sorted(carried.items()):
-        if a == b or not (0 <= a < system.max_chips and 0 <= b < system.max_chips) or system.route(a, b) != (a, b):
-            out.append(Violation("link_bandwidth", f"{phase.phase}: no link from chip {a} to chip {b}"))
+    for (a, b), loads in carried.items():
+        if (a, b) not in bandwidths:
+            bandwidths[(a, b)] = _bandwidth(system, held, a, b)
+        bandwidth = bandwidths[(a, b)]
+        if isinstance(bandwidth, str):
+            out.append(((a, b), Violation("link_bandwidth", f"{phase.phase}: {bandwidth}")))
             continue
-        if not {a, b} <= held:
-            out.append(Violation("link_bandwidth", f"{phase.phase}: link {a}->{b} runs through chip "
-                                                   f"{min({a, b} - held)}, which the Program does not hold"))
-            continue
-        bandwidth = system.links[system.link_kind(a, b)].bandwidth_bytes_per_s
         if sum(nbytes * peaks[load] for nbytes, load in loads) <= bandwidth * (1 + RATE_TOLERANCE):
             continue
         same = (tuple(loads), bandwidth)  # the links of a group, loaded alike, are swept once
@@ -370,8 +379,17 @@ def _links(program: Program, phase: PhaseSchedule) -> list[Violation]:
                                             else math.inf, name) for nbytes, load in loads
                                            for start, arrival, name in spans[load]], bandwidth)
         if swept[same]:
-            out.append(Violation("link_bandwidth", f"{phase.phase}: link {a}->{b} carries {swept[same]}"))
-    return out
+            out.append(((a, b), Violation("link_bandwidth", f"{phase.phase}: link {a}->{b} carries {swept[same]}")))
+    return [violation for _, violation in sorted(out, key=lambda found: found[0])]  # by link
+
+
+def _bandwidth(system: SystemSpec, held: set[int], a: int, b: int) -> float | str:
+    """The bandwidth of the link from chip a to chip b, or why a Program holding the chips `held` cannot use it."""
+    if a == b or not (0 <= a < system.max_chips and 0 <= b < system.max_chips) or system.route(a, b) != (a, b):
+        return f"no link from chip {a} to chip {b}"
+    if a not in held or b not in held:
+        return f"link {a}->{b} runs through chip {min({a, b} - held)}, which the Program does not hold"
+    return system.links[system.link_kind(a, b)].bandwidth_bytes_per_s
 
 
 def _over_bandwidth(spans: list[tuple[int, int, float, str]], bandwidth: float) -> str | None:
@@ -393,8 +411,10 @@ def _over_bandwidth(spans: list[tuple[int, int, float, str]], bandwidth: float) 
 def verify(program: Program) -> list[Violation]:
     """Every invariant violated, in a fixed order (an empty list means the Program is sound)."""
     out = _structure(program) + _kv_reserved(program) + _weights(program) + _shards_on_their_stages(program)
+    bandwidths = {}  # the phases load mostly the same links
     for phase in (program.decode, program.prefill):
-        out += _unit_overlap(phase) + _inputs_ready(program, phase) + _sram(program, phase) + _links(program, phase)
+        out += (_unit_overlap(phase) + _inputs_ready(program, phase) + _sram(program, phase)
+                + _links(program, phase, bandwidths))
     return out
 
 
