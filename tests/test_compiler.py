@@ -89,13 +89,26 @@ def test_save_load_round_trip_and_bad_files(gemma8, tmp_path):
         return MAGIC + struct.pack("<I", FORMAT_VERSION) + hashlib.sha256(payload).digest() + payload
     def phase_of_first_transfer(b):
         return b["decode"]["transfers"]["rows"][0][PHASES][0]
-    for mutate in (lambda b: b.update(tensors=[1]), lambda b: b["decode"]["ops"]["rows"][0].pop(),
+    def first_op(b):
+        return b["decode"]["ops"]["rows"][0]
+    for mutate in (lambda b: b.update(tensors=[1]), lambda b: first_op(b).pop(),
                    lambda b: b["prefill"]["transfers"]["rows"][0].append(0),
                    lambda b: phase_of_first_transfer(b).__setitem__(2, len(b["link_loads"])),
-                   lambda b: b["link_loads"][0].append([0, 1]), lambda b: b.pop("link_loads")):
+                   lambda b: phase_of_first_transfer(b).__setitem__(2, -1),
+                   lambda b: b["link_loads"][0].append([0, 1]), lambda b: b.pop("link_loads"),
+                   # each field of the type it is declared with: what reads a Program counts on it
+                   lambda b: first_op(b).__setitem__(4, "7"), lambda b: first_op(b).__setitem__(9, 3),
+                   lambda b: first_op(b).__setitem__(6, 1e300), lambda b: first_op(b).__setitem__(6, True),
+                   lambda b: b["tensors"].update({"output_norm.weight": [{"a": 1}]}),
+                   lambda b: b["placement"]["shards"]["rows"][0].__setitem__(6, 0),
+                   lambda b: b["link_loads"][0][0].__setitem__(2, "x"), lambda b: b.update(kv_slots=[1.5])):
         (tmp_path / "signed.prog").write_bytes(signed(mutate))
         with pytest.raises(OpenLPUError, match="corrupt"):
             load_program(tmp_path / "signed.prog")
+    # its system is checked as a hardware file is, each figure by name
+    (tmp_path / "signed.prog").write_bytes(signed(lambda b: b["system"]["chip"].update(clock_hz=-1)))
+    with pytest.raises(OpenLPUError, match=r"system\.chip\.clock_hz must be a positive number, got -1"):
+        load_program(tmp_path / "signed.prog")
 
 
 def test_unflagged_shards_hold_each_weight_exactly_once(llama70):

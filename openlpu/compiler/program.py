@@ -15,13 +15,14 @@ import hashlib
 import json
 import os
 import struct
+import typing
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from openlpu.errors import OpenLPUError
 from openlpu.graph.lower import as_precision
-from openlpu.hardware.lpu import ChipSpec, LinkSpec, NetworkSpec, NodeSpec, RackSpec, SystemSpec
+from openlpu.hardware.lpu import SystemSpec, system_from
 
 MAGIC = b"OPENLPU-PROGRAM\n"
 # 2: stages hold pieces (a layer may be cut between stages); 3: embedding and head pieces hold
@@ -282,34 +283,64 @@ def _tuples(v):
     return tuple([_tuples(x) if type(x) is list else x for x in v]) if type(v) is list else v
 
 
-def _rows(cls, table: dict) -> tuple:
-    fields = dataclasses.fields(cls)
+def _all_of(values: list, hint) -> bool:
+    """Whether every value read back (lists made tuples) has the annotated type: the JSON a file holds could
+    give any, and what reads a Program counts on its types. A column at a time, the elements of tuples and
+    dicts gathered into columns of their own (a 70B Program's prefill has 167,835 ops)."""
+    args = typing.get_args(hint)
+    if hint is float:  # a whole number reads back as an int; bytes and FLOPs far beyond any op's, sums stay finite
+        return set(map(type, values)) <= {int, float} and all(-1e18 <= v <= 1e18 for v in values)
+    if hint in (int, str, bool, tuple):  # a bare tuple: of what is checked apart
+        return set(map(type, values)) <= {hint}
+    if typing.get_origin(hint) is dict:
+        return set(map(type, values)) <= {dict} and _all_of([k for v in values for k in v], args[0]) \
+            and _all_of([x for v in values for x in v.values()], args[1])
+    if not set(map(type, values)) <= {tuple}:
+        return False
+    if args[-1] is Ellipsis:  # tuple[X, ...]
+        return _all_of([x for v in values for x in v], args[0])
+    return set(map(len, values)) <= {len(args)} and all(_all_of([v[i] for v in values], a) for i, a in enumerate(args))
+
+
+def _typed(value, hint):
+    if not _all_of([value], hint):
+        raise TypeError(f"{value!r:.80} is not {hint}")
+    return value
+
+
+def _rows(cls, table: dict, shallow: dict | None = None) -> tuple:
+    """The records of a table, each field of its annotated type (`shallow`: field -> the type to check
+    instead, where the rest is checked apart)."""
+    fields, hints = dataclasses.fields(cls), {**typing.get_type_hints(cls), **(shallow or {})}
     expected = [f.name for f in fields]
     if table["rows"] and table["columns"] != expected:
         raise ValueError(f"{cls.__name__} columns {table['columns']} != {expected}")
-    # JSON gives lists back: the fields typed as tuples get tuples, the rest are taken as they are
-    nested = [i for i, f in enumerate(fields) if str(f.type).startswith("tuple")]
-    out = []
-    for row in table["rows"]:
-        if len(row) != len(expected):
-            raise ValueError(f"{cls.__name__} row of {len(row)} fields, not {len(expected)}")
+    # JSON gives lists back: the fields typed as tuples get tuples
+    nested = [i for i, f in enumerate(fields) if tuple in (hints[f.name], typing.get_origin(hints[f.name]))]
+    rows = table["rows"]
+    for row in rows:
+        if type(row) is not list or len(row) != len(expected):
+            raise ValueError(f"a {cls.__name__} row is not a list of its {len(expected)} fields")
         for i in nested:
             row[i] = _tuples(row[i])
-        out.append(cls(*row))
-    return tuple(out)
+    for i, name in enumerate(expected):
+        if not _all_of([row[i] for row in rows], hints[name]):
+            raise TypeError(f"a {cls.__name__}'s {name} is not {hints[name]}")
+    return tuple(cls(*row) for row in rows)
 
 
 def _phase(d: dict, link_loads: list) -> PhaseSchedule:
-    for row in d["transfers"]["rows"]:  # each phase's link loads from the table, one tuple shared by all naming it
-        row[PHASES] = [(start, arrival, link_loads[index]) for start, arrival, index in row[PHASES]]
-    return PhaseSchedule(d["phase"], d["seq_len"], d["tokens"], _rows(ScheduledOp, d["ops"]),
-                         _rows(Transfer, d["transfers"]), d["makespan_cycles"])
-
-
-def _system(d: dict) -> SystemSpec:
-    return SystemSpec(name=d["name"], description=d["description"], chip=ChipSpec(**d["chip"]),
-                      node=NodeSpec(**d["node"]), rack=RackSpec(**d["rack"]), network=NetworkSpec(**d["network"]),
-                      links={k: LinkSpec(**v) for k, v in d["links"].items()})
+    rows = d["transfers"]["rows"]
+    phases = [_tuples(row[PHASES]) for row in rows]  # (start, arrival, index in link_loads) each
+    if not _all_of(phases, tuple[tuple[int, int, int], ...]):
+        raise TypeError("a transfer's phases are not (start, arrival, link load) each")
+    if any(index < 0 for each in phases for _, _, index in each):
+        raise IndexError("a transfer's phase names no link load")
+    for row, each in zip(rows, phases):  # each phase's link loads from the table, one tuple shared by all naming it
+        row[PHASES] = [(start, arrival, link_loads[index]) for start, arrival, index in each]
+    return PhaseSchedule(_typed(d["phase"], str), _typed(d["seq_len"], int), _typed(d["tokens"], int),
+                         _rows(ScheduledOp, d["ops"]), _rows(Transfer, d["transfers"], {"phases": tuple}),
+                         _typed(d["makespan_cycles"], int))
 
 
 def decode_program(data: bytes, origin: str = "program") -> Program:
@@ -325,15 +356,16 @@ def decode_program(data: bytes, origin: str = "program") -> Program:
         raise OpenLPUError(f"{origin} is corrupt (checksum mismatch); recompile it with `openlpu compile`")
     try:
         b = json.loads(gzip.decompress(payload))
-        link_loads = [_tuples(links) for links in b["link_loads"]]
-        if not all(type(links) is tuple and all(len(link) == 3 for link in links) for links in link_loads):
-            raise ValueError("link loads are not lists of (from chip, to chip, bytes)")
-        placement = Placement(b["placement"]["tp"], _rows(Stage, b["placement"]["stages"]),
-                              _rows(Shard, b["placement"]["shards"]), b["placement"]["experts"])
-        return Program(version=version, model=b["model"], system=_system(b["system"]),
-                       workload=Workload(**b["workload"]), tensors={k: tuple(v) for k, v in b["tensors"].items()},
-                       kv_slots=tuple(b["kv_slots"]), placement=placement, decode=_phase(b["decode"], link_loads),
-                       prefill=_phase(b["prefill"], link_loads))
+        link_loads = [_typed(_tuples(links), tuple[tuple[int, int, float], ...]) for links in b["link_loads"]]
+        placement = Placement(_typed(b["placement"]["tp"], int), _rows(Stage, b["placement"]["stages"]),
+                              _rows(Shard, b["placement"]["shards"]), _typed(b["placement"]["experts"], bool))
+        system = system_from({k: v for k, v in b["system"].items() if k != "sources"}, f"{origin}'s system",
+                             figures=False)
+        return Program(version=version, model=_typed(b["model"], str), system=system,
+                       workload=Workload(**b["workload"]),
+                       tensors=_typed({k: _tuples(v) for k, v in b["tensors"].items()}, dict[str, tuple[int, ...]]),
+                       kv_slots=_typed(_tuples(b["kv_slots"]), tuple[int, ...]), placement=placement,
+                       decode=_phase(b["decode"], link_loads), prefill=_phase(b["prefill"], link_loads))
     except (OSError, EOFError, zlib.error, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
         raise OpenLPUError(f"{origin} is corrupt ({type(e).__name__}); recompile it with `openlpu compile`") from None
 

@@ -221,9 +221,14 @@ class SystemSpec:
 # ---- loading ------------------------------------------------------------------------------------
 def load_system(name_or_path: str | Path) -> SystemSpec:
     """An LPU system from a preset name (e.g. "lpu-v1") or a path to a hardware JSON file."""
-    data, name = read_hardware(name_or_path, "lpu", "LPU system")
+    return system_from(*read_hardware(name_or_path, "lpu", "LPU system"))
+
+
+def system_from(data: dict, name: str, figures: bool = True) -> SystemSpec:
+    """An LPU system from a hardware file's fields (`figures`: each {"value", "source", "confidence"}; else
+    values alone, as a Program keeps them), every one checked; errors name `name`."""
     sources: dict[str, str] = {}
-    system = build(SystemSpec, data, name, sources, MAY_BE_ZERO, {"links": LINK_KINDS})
+    system = build(SystemSpec, data, name, sources, MAY_BE_ZERO, {"links": LINK_KINDS}, figures)
     if system.chip.busy_power_w < system.chip.idle_power_w:
         raise OpenLPUError(f"{name}: chip.busy_power_w must be at least chip.idle_power_w")
     if system.network.topology not in TOPOLOGIES:

@@ -81,8 +81,12 @@ def check_figure(raw, where: str, kind, sources: dict, zero_ok: bool = False) ->
         raise OpenLPUError(f"{where}.confidence must be one of {', '.join(CONFIDENCES)}")
     if not isinstance(raw["source"], str) or not raw["source"].strip():
         raise OpenLPUError(f"{where}.source must say where the figure comes from")
-    value = raw["value"]
     sources[where] = f"{raw['source']} [{raw['confidence']}]"
+    return check_value(raw["value"], where, kind, zero_ok)
+
+
+def check_value(value, where: str, kind, zero_ok: bool = False) -> object:
+    """A figure's value checked against the field's type (check_figure)."""
     if kind is str:
         if not isinstance(value, str):
             raise OpenLPUError(f"{where} must be a string, got {value!r}")
@@ -107,10 +111,12 @@ def check_figure(raw, where: str, kind, sources: dict, zero_ok: bool = False) ->
     return float(value)
 
 
-def build(cls, raw, where: str, sources: dict, zero_ok: frozenset = frozenset(), keys: dict | None = None):
+def build(cls, raw, where: str, sources: dict, zero_ok: frozenset = frozenset(), keys: dict | None = None,
+          figures: bool = True):
     """A dataclass from a JSON object: every field present, none unknown, each of the right type. A
     field of dataclasses by name (dict[str, X]) must give exactly the names `keys` lists for it; figures
-    (class name, field) in `zero_ok` may be 0."""
+    (class name, field) in `zero_ok` may be 0. `figures`: each figure is {"value", "source", "confidence"},
+    as in a hardware file, not its value alone (as a Program keeps its system)."""
     if not isinstance(raw, dict):
         raise OpenLPUError(f"{where} must be a JSON object")
     hints = typing.get_type_hints(cls)
@@ -127,16 +133,19 @@ def build(cls, raw, where: str, sources: dict, zero_ok: frozenset = frozenset(),
         kind, sub = hints[name], f"{where}.{name}"
         args = typing.get_args(kind)
         if dataclasses.is_dataclass(kind):
-            values[name] = build(kind, raw[name], sub, sources, zero_ok, keys)
+            values[name] = build(kind, raw[name], sub, sources, zero_ok, keys, figures)
         elif typing.get_origin(kind) is dict and dataclasses.is_dataclass(args[1]):
             named = (keys or {})[name]
             if not isinstance(raw[name], dict) or sorted(raw[name]) != sorted(named):
                 raise OpenLPUError(f"{sub} must give exactly the {name} {', '.join(named)}")
-            values[name] = {k: build(args[1], raw[name][k], f"{sub}.{k}", sources, zero_ok, keys) for k in named}
+            values[name] = {k: build(args[1], raw[name][k], f"{sub}.{k}", sources, zero_ok, keys, figures)
+                            for k in named}
         elif name in TEXT_FIELDS:
             if not isinstance(raw[name], str):
                 raise OpenLPUError(f"{sub} must be a string")
             values[name] = raw[name]
         else:
-            values[name] = check_figure(raw[name], sub, kind, sources, (cls.__name__, name) in zero_ok)
+            zero = (cls.__name__, name) in zero_ok
+            values[name] = (check_figure(raw[name], sub, kind, sources, zero) if figures
+                            else check_value(raw[name], sub, kind, zero))
     return cls(**values)
