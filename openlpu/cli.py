@@ -261,7 +261,10 @@ def inspect_cmd(
     if gantt:
         png_path(gantt, "Gantt chart")  # before loading: a large Program takes seconds
     program = load_program(program_file)
-    t, violations = timing(program), verify(program)
+    violations = verify(program)
+    if broken := [v.message for v in violations if v.invariant == "structure"]:  # no figures can be read off it
+        raise OpenLPUError(f"{program_file} does not hold together: {broken[0]}; recompile it with `openlpu compile`")
+    t = timing(program)
     table = Table(title=f"{program.model} on {program.system.name}: {t.chips} chips, {t.stages} stages x TP {t.tp} "
                         f"(SRAM per chip; busy = stage time per decode token)")
     for col in ("stage", "chips", "holds", "weights MB", "KV MB", "act MB", "busy us"):

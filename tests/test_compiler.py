@@ -536,6 +536,16 @@ def test_cli_compile_and_inspect(tmp_path):
     t, text = timing(load_program(out)), " ".join(r.output.split())  # rich wraps at the terminal width
     assert f"matrix {t.unit_utilisation['matrix']:.1%}" in text  # the utilisation line shows the timing's figures
     assert f"local {t.link_utilisation['local']:.2%} of {t.links_used['local']:,}" in text
+    # a Program whose schedule names a stage the placement lacks (its file signed again) is refused, not timed
+    program = load_program(out)
+    op = program.decode.ops[0]
+    stray = dataclasses.replace(program.decode, ops=(dataclasses.replace(op, stage=9),) + program.decode.ops[1:])
+    dataclasses.replace(program, decode=stray).save(tmp_path / "stray.prog")
+    r = subprocess.run([sys.executable, "-m", "openlpu.cli", "inspect", str(tmp_path / "stray.prog")],
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert (f"does not hold together: decode: op {op.name} is on stage 9, but the placement has stages 0 to 0"
+            in " ".join(r.stderr.split()))
 
 
 def test_compile_keeps_the_kv_cache_plan_assumes(tmp_path):

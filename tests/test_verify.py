@@ -175,6 +175,28 @@ def test_kv_cache_reserved_for_every_user_and_slot(program):
     assert [v.invariant for v in verify(missing)] == ["structure"]
 
 
+def test_a_schedule_or_tensors_naming_what_no_program_has(program):
+    """What the other invariants are read off: each op and transfer on a stage the placement has, an op
+    on a unit a chip has, a transfer of a kind there is, a chunk named by number, and tensors shaped as a
+    model's. A Program breaking any is reported for that alone (the other checks could not read it)."""
+    op, t = program.decode.ops[0], program.decode.transfers[0]
+    stages = len(program.placement.stages)
+    cases = [(_with_decode(program, ops=[dataclasses.replace(op, stage=stages)] + list(program.decode.ops[1:])),
+              f"decode: op {op.name} is on stage {stages}, but the placement has stages 0 to {stages - 1}"),
+             (_with_decode(program, ops=[dataclasses.replace(op, unit="tensor")] + list(program.decode.ops[1:])),
+              f"decode: op {op.name} has unit 'tensor', not one of matrix, vector, switch, memory"),
+             (_with_decode(program, transfers=[dataclasses.replace(t, kind="multicast")]
+                           + list(program.decode.transfers[1:])),
+              f"decode: transfer {t.name} has kind 'multicast', not one of p2p, broadcast, all_reduce"),
+             (_with_decode(program, ops=[dataclasses.replace(op, name="x/" + op.name)] + list(program.decode.ops[1:])),
+              f"decode: op x/{op.name} names no prompt chunk (c<chunk>/...)"),
+             (dataclasses.replace(program, tensors={**program.tensors, "blk.0.ffn_down.weight": (640,)}),
+              "the Program's tensors are not a model's: blk.0.ffn_down.weight [640]")]
+    for bad, says in cases:
+        found = verify(bad)
+        assert {v.invariant for v in found} == {"structure"} and says in found[0].message, found
+
+
 def test_attention_split_along_its_slots_must_cover_them_all():
     """Gemma 3 270M with 64 users at 32,768 tokens: each global layer's K and V are split between stages."""
     p = compile_program(load_preset("gemma-3-270m"), SYSTEM, Workload(context_length=32768, users=64))

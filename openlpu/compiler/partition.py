@@ -114,13 +114,14 @@ SPLIT_RULES = {
 }
 
 
-def _rule(tensor: str):
+def split_rule(tensor: str) -> tuple[int, str] | None:
+    """A tensor's SPLIT_RULES entry (None: it is not split, as a norm is not)."""
     return SPLIT_RULES.get(tensor.split(".", 2)[-1] if tensor.startswith("blk.") else tensor)
 
 
 def split_axis(tensor: str) -> int:
     """The axis along which a tensor's split unit runs (an MLP tensor's d_ff rows, a table's vocabulary)."""
-    return _rule(tensor)[0]
+    return split_rule(tensor)[0]
 
 
 def item_of_tensor(name: str, n_layers: int) -> int:
@@ -145,7 +146,7 @@ def tensor_piece(name: str, n_layers: int) -> tuple[int, str]:
 
 def is_cut_along_ffn(tensor: str) -> bool:
     """An MLP tensor split by d_ff rows (gate, up, down, experts): a cut MLP divides it between stages."""
-    rule = _rule(tensor)
+    rule = split_rule(tensor)
     return rule is not None and rule[1] == "row" and tensor.split(".", 2)[-1].startswith("ffn_")
 
 
@@ -208,7 +209,7 @@ def split_ranges(spec: ModelSpec, tensor: str, shape: tuple[int, ...], t: int,
     """Per TP rank: (axis, start, stop, replicated). Units split as evenly as they go; `rows` limits a
     d_ff- or vocabulary-split tensor to the units [start, stop) of one piece of a cut MLP, embedding or
     head; `experts`: an MoE MLP is split by expert rows (expert parallelism), not by d_ff rows."""
-    rule = _rule(tensor)
+    rule = split_rule(tensor)
     if rule is None or (t == 1 and rows is None):
         return [(0, 0, shape[0], t > 1)] * t
     axis, unit = rule

@@ -28,11 +28,13 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from openlpu.compiler.partition import (EXPERT_ROWS, axis_length, cut_range, ffn_units, is_cut_along_ffn,
-                                        is_cut_along_vocab, is_expert_tensor, merged_pieces, piece_homes, tensor_piece)
+                                        is_cut_along_vocab, is_expert_tensor, merged_pieces, piece_homes, split_rule,
+                                        tensor_piece)
 from openlpu.compiler.program import TRANSFER_ENDS, PhaseSchedule, Program, Transfer
 from openlpu.compiler.schedule import split_chunk
 from openlpu.errors import OpenLPUError
 from openlpu.graph.lower import as_precision
+from openlpu.graph.ops import UNITS
 from openlpu.hardware.lpu import SystemSpec
 
 RATE_TOLERANCE = 1e-9
@@ -77,6 +79,22 @@ def _model_pieces(program: Program) -> list[tuple[int, str, int, int]]:
     return [(-1, "embed", 0, vocab), *layers, (n, "head", 0, vocab)]
 
 
+def _misshapen(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether a tensor's name or shape cannot be a model's: a layer's tensor names its layer, every
+    dimension is positive, and the axes it is split on exist (SPLIT_RULES)."""
+    axis = (split_rule(name) or (0,))[0]
+    return (name.startswith("blk.") and not name.split(".")[1].isdigit()) or len(shape) <= axis or min(shape) <= 0
+
+
+def _tensors(program: Program) -> list[Violation]:
+    """The model's tensors, which every other invariant reads its pieces and shards off."""
+    misshapen = [f"{name} {list(shape)}" for name, shape in program.tensors.items() if _misshapen(name, shape)]
+    if misshapen or "token_embd.weight" not in program.tensors:
+        return [Violation("structure", f"the Program's tensors are not a model's: "
+                                       f"{misshapen[0] if misshapen else 'no token_embd.weight'}")]
+    return []
+
+
 def _structure(program: Program) -> list[Violation]:
     if not _kv_slots_recorded(program):
         return [Violation("structure", f"the Program records {len(program.kv_slots)} KV slot counts (smallest "
@@ -99,6 +117,31 @@ def _structure(program: Program) -> list[Violation]:
     if not 1 <= program.decode.tokens <= program.workload.users:
         out.append(Violation("structure", f"the decode step carries {program.decode.tokens} users' tokens; a "
                                           f"micro-batch holds 1 to the {program.workload.users} users in flight"))
+    return out
+
+
+def _names(program: Program) -> list[Violation]:
+    """What the records name, which every other invariant reads: the stages numbered in order, each op and
+    transfer on one of them, an op on a unit of a chip, a transfer of a kind there is, a prompt chunk by
+    its number (c<chunk>/...)."""
+    stages = len(program.placement.stages)
+    out = []
+    if [s.index for s in program.placement.stages] != list(range(stages)):
+        out.append(Violation("structure", "the stages are not numbered 0, 1, 2, ... in pipeline order"))
+    for phase in (program.decode, program.prefill):
+        for what, records, field, known in (("op", phase.ops, "unit", UNITS),
+                                            ("transfer", phase.transfers, "kind", tuple(TRANSFER_ENDS))):
+            for r in records:
+                prefix, chunked, _ = r.name.partition("/")
+                if not 0 <= r.stage < stages:
+                    out.append(Violation("structure", f"{phase.phase}: {what} {r.name} is on stage {r.stage}, but "
+                                                      f"the placement has stages 0 to {stages - 1}"))
+                if getattr(r, field) not in known:
+                    out.append(Violation("structure", f"{phase.phase}: {what} {r.name} has {field} "
+                                                      f"{getattr(r, field)!r}, not one of {', '.join(known)}"))
+                if chunked and not (prefix[:1] == "c" and prefix[1:].isdigit()):
+                    out.append(Violation("structure", f"{phase.phase}: {what} {r.name} names no prompt chunk "
+                                                      f"(c<chunk>/...)"))
     return out
 
 
@@ -410,6 +453,8 @@ def _over_bandwidth(spans: list[tuple[int, int, float, str]], bandwidth: float) 
 
 def verify(program: Program) -> list[Violation]:
     """Every invariant violated, in a fixed order (an empty list means the Program is sound)."""
+    if unreadable := _tensors(program) or _names(program):  # what the other invariants are read off
+        return unreadable
     out = _structure(program) + _kv_reserved(program) + _weights(program) + _shards_on_their_stages(program)
     bandwidths = {}  # the phases load mostly the same links
     for phase in (program.decode, program.prefill):
