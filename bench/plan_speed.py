@@ -68,6 +68,19 @@ def measure(model: str, chips: int | None, context: int, users: int, prompt: int
             "violations": len(violations), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def machine_reference_s(repeat: int = 3) -> float:
+    """Best-of-`repeat` seconds of a fixed pure-Python loop, building tuples and dict entries as a compile does:
+    this machine's speed at the time, against which runs on other days (or the same VM, busier) compare. Its
+    table stays small: a child started later inherits this process's peak RSS (Linux keeps it over exec)."""
+    best = math.inf
+    for _ in range(repeat):
+        start, table = time.perf_counter(), {}
+        for i in range(5_000_000):
+            table[(i % 1000, i % 7)] = i * 0.5
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def program_bytes(program) -> bytes:
     from openlpu.compiler.program import encode
 
@@ -95,6 +108,7 @@ def main() -> None:
                              capture_output=True, text=True, check=True)
         return json.loads(out.stdout)
 
+    reference = [machine_reference_s()]
     rows = []
     for model, chips, context, users, prompt in MODELS:
         if model not in preset_names():
@@ -102,6 +116,7 @@ def main() -> None:
             continue
         rows.append(child(model, chips, context, users, prompt, args.repeat))
         print(rows[-1])
+    reference.append(machine_reference_s())
     baseline_mb = child(MODELS[0][0], None, 4096, 1, TARGET_PROMPT, 0)["peak_rss_mb"]
     for r in rows:  # what planning itself holds, against the size of the Program
         r["planning_mb"] = r["peak_rss_mb"] - baseline_mb
@@ -113,6 +128,7 @@ def main() -> None:
     date, load = datetime.date.today().isoformat(), os.getloadavg()[0]  # other jobs on the CPUs slow the run
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "plan_speed.json").write_text(json.dumps({"machine": machine, "date": date, "load_average_1min": load,
+                                                         "machine_reference_s": reference,
                                                          "baseline_rss_mb": baseline_mb,
                                                          "memory_growth_exponent": slope, "rows": rows},
                                                         indent=1) + "\n")
@@ -122,6 +138,9 @@ def main() -> None:
         f"own process; peak RSS includes the Python interpreter and imports).",
         f"Machine: {machine}; run {date}, load average {load:.1f} when it ended. System lpu-v1, int8; as few "
         f"chips as fit unless a chip count is given.", "",
+        (f"Machine speed: a fixed pure-Python loop (5,000,000 tuple keys into a dict, best of 3) took "
+         f"{reference[0]:.2f} s before the rows and {reference[1]:.2f} s after them. A shared VM's speed can "
+         f"change several-fold within the hour: compare this with another run's before comparing their rows."), "",
         "| model | context x users | prompt | chips | stages x TP | ops | transfers | shards | program file | "
         "compile s | verify s | timing s | total s | peak RSS MB | planning MB | violations |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
