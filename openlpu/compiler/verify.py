@@ -1,6 +1,9 @@
 """Invariants every Program must hold; each check reads the Program alone, never the compiler.
 
-0. structure: every chip in at most one stage, inside the system; the stages' pieces, in pipeline
+0. structure: first, what every other check reads (a Program failing it is reported for that alone): the
+   tensors shaped as a model's, the stages numbered in order, every op and transfer on one of them, on a
+   unit a chip has or of a kind there is, its prompt chunk named by number; then every chip in at most
+   one stage, inside the system; the stages' pieces, in pipeline
    order, hold all vocabulary rows of the embedding, each layer's attention (whole, or ranges of all
    its KV slots) and all d_ff rows of its MLP, and all vocabulary rows of the head, once, each split
    piece's ranges in order without a gap or an overlap; a decode step carries a micro-batch of 1 to

@@ -1,6 +1,7 @@
 """Reading hardware JSON files, LPU systems and GPUs alike: a preset name or a path, then every figure
-as {"value", "source", "confidence"}, each checked against its dataclass field. A missing, unknown or
-mistyped field is one clear OpenLPUError naming it."""
+as {"value", "source", "confidence"}, each checked against its dataclass field (the system a Program
+keeps gives values alone, checked the same way). A missing, unknown or mistyped field is one clear
+OpenLPUError naming it."""
 
 from __future__ import annotations
 
