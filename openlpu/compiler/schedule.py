@@ -412,10 +412,10 @@ class _Scheduler:
         self.ops.append(ScheduledOp(op.name, op.kind, op.unit, stage, start, end, cost.flops, cost.sram_bytes,
                                     cost.out_bytes, inputs))
         self.ready[op.name] = (stage, end)
-        if cost.reduced_bytes is not None:
+        if cost.all_reduce:
             name = op.name + ".allreduce"
-            self._send(name, "all_reduce", stage, self.placement.stages[stage].chips, cost.reduced_bytes, end,
-                       (op.name,))
+            self._send(name, "all_reduce", stage, self.placement.stages[stage].chips, self.staged.payloads[op.name],
+                       end, (op.name,))
             self.provider[op.name] = name
 
 
@@ -428,7 +428,7 @@ class _OpCost:
     out_bytes: float  # its result
     chunk: int | None  # its prompt chunk (None in decode)
     combining: bool  # it combines the parts of a piece cut between stages (CHAINED)
-    reduced_bytes: float | None  # what its group all-reduces after it (None: no all-reduce)
+    all_reduce: bool  # its group all-reduces its result after it (its payload, _Staged.payloads)
 
 
 def _weight_fractions(spec: ModelSpec, placement: Placement, stage_of_chip: dict[int, int]) -> dict:
@@ -494,7 +494,7 @@ def _op_costs(spec: ModelSpec, system: SystemSpec, workload: Workload, placement
                      math.ceil(installed / chip.matrix_install_bytes_per_cycle))
         costs.append(_OpCost(cycles, op.flops * compute, reads + writes, op.act_write_bytes * f_out,
                              split_chunk(op.name)[0], suffix in CHAINED.values(),
-                             result_bytes(spec, op) if t > 1 and role in NEEDS_ALL_REDUCE else None))
+                             t > 1 and role in NEEDS_ALL_REDUCE))
     return costs
 
 
