@@ -91,19 +91,30 @@ def test_save_load_round_trip_and_bad_files(gemma8, tmp_path):
         return b["decode"]["transfers"]["rows"][0][PHASES][0]
     def first_op(b):
         return b["decode"]["ops"]["rows"][0]
-    for mutate in (lambda b: b.update(tensors=[1]), lambda b: first_op(b).pop(),
-                   lambda b: b["prefill"]["transfers"]["rows"][0].append(0),
-                   lambda b: phase_of_first_transfer(b).__setitem__(2, len(b["link_loads"])),
-                   lambda b: phase_of_first_transfer(b).__setitem__(2, -1),
-                   lambda b: b["link_loads"][0].append([0, 1]), lambda b: b.pop("link_loads"),
-                   # each field of the type it is declared with: what reads a Program counts on it
-                   lambda b: first_op(b).__setitem__(4, "7"), lambda b: first_op(b).__setitem__(9, 3),
-                   lambda b: first_op(b).__setitem__(6, 1e300), lambda b: first_op(b).__setitem__(6, True),
-                   lambda b: b["tensors"].update({"output_norm.weight": [{"a": 1}]}),
-                   lambda b: b["placement"]["shards"]["rows"][0].__setitem__(6, 0),
-                   lambda b: b["link_loads"][0][0].__setitem__(2, "x"), lambda b: b.update(kv_slots=[1.5])):
+    # each refused in words that say what is wrong; each field of the type it is declared with: what reads a
+    # Program counts on it
+    for mutate, says in ((lambda b: b.update(tensors=[1]), "its 'tensors' is not dict"),
+                         (lambda b: first_op(b).pop(), "a ScheduledOp row is not a list of its 10 fields"),
+                         (lambda b: b["prefill"]["transfers"]["rows"][0].append(0), "a Transfer row is not a list"),
+                         (lambda b: phase_of_first_transfer(b).__setitem__(2, len(b["link_loads"])),
+                          "a transfer's phase names a link load its table of \\d+ lacks"),
+                         (lambda b: phase_of_first_transfer(b).__setitem__(2, -1), "names a link load"),
+                         (lambda b: b["link_loads"][0].append([0, 1]), "its 'link_loads' is not tuple"),
+                         (lambda b: b.pop("link_loads"), "it has no 'link_loads'"),
+                         (lambda b: first_op(b).__setitem__(4, "7"), "a ScheduledOp's start_cycle is not int"),
+                         (lambda b: first_op(b).__setitem__(9, 3), "a ScheduledOp's inputs is not tuple"),
+                         (lambda b: first_op(b).__setitem__(6, 1e300), "a ScheduledOp's flops_per_chip is not float"),
+                         (lambda b: first_op(b).__setitem__(6, True), "a ScheduledOp's flops_per_chip is not float"),
+                         (lambda b: b["tensors"].update({"output_norm.weight": [{"a": 1}]}), "its 'tensors' is not"),
+                         (lambda b: b["placement"]["shards"]["rows"][0].__setitem__(6, 0),
+                          "a Shard's replicated is not bool"),
+                         (lambda b: b["link_loads"][0][0].__setitem__(2, "x"), "its 'link_loads' is not"),
+                         (lambda b: b.update(kv_slots=[1.5]), "its 'kv_slots' is not"),
+                         (lambda b: b["workload"].update(users=0),
+                          "its workload: users must be a positive integer, got 0"),
+                         (lambda b: b["workload"].update(batch=4), "unexpected keyword argument 'batch'")):
         (tmp_path / "signed.prog").write_bytes(signed(mutate))
-        with pytest.raises(OpenLPUError, match="corrupt"):
+        with pytest.raises(OpenLPUError, match=f"^{re.escape(str(tmp_path))}/signed.prog is corrupt \\(.*{says}"):
             load_program(tmp_path / "signed.prog")
     # its system is checked as a hardware file is, each figure by name
     (tmp_path / "signed.prog").write_bytes(signed(lambda b: b["system"]["chip"].update(clock_hz=-1)))

@@ -290,7 +290,7 @@ def _all_of(values: list, hint) -> bool:
     args = typing.get_args(hint)
     if hint is float:  # a whole number reads back as an int; bytes and FLOPs far beyond any op's, sums stay finite
         return set(map(type, values)) <= {int, float} and all(-1e18 <= v <= 1e18 for v in values)
-    if hint in (int, str, bool, tuple):  # a bare tuple: of what is checked apart
+    if hint in (int, str, bool, tuple, dict):  # a bare tuple or dict: of what is checked apart
         return set(map(type, values)) <= {hint}
     if typing.get_origin(hint) is dict:
         return set(map(type, values)) <= {dict} and _all_of([k for v in values for k in v], args[0]) \
@@ -302,9 +302,13 @@ def _all_of(values: list, hint) -> bool:
     return set(map(len, values)) <= {len(args)} and all(_all_of([v[i] for v in values], a) for i, a in enumerate(args))
 
 
-def _typed(value, hint):
+def _type_name(hint) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint)
+
+
+def _typed(name: str, value, hint):
     if not _all_of([value], hint):
-        raise TypeError(f"{value!r:.80} is not {hint}")
+        raise TypeError(f"its {name!r} is not {_type_name(hint)}")
     return value
 
 
@@ -314,7 +318,7 @@ def _rows(cls, table: dict, shallow: dict | None = None) -> tuple:
     fields, hints = dataclasses.fields(cls), {**typing.get_type_hints(cls), **(shallow or {})}
     expected = [f.name for f in fields]
     if table["rows"] and table["columns"] != expected:
-        raise ValueError(f"{cls.__name__} columns {table['columns']} != {expected}")
+        raise ValueError(f"its {cls.__name__} columns are not {', '.join(expected)}")
     # JSON gives lists back: the fields typed as tuples get tuples
     nested = [i for i, f in enumerate(fields) if tuple in (hints[f.name], typing.get_origin(hints[f.name]))]
     rows = table["rows"]
@@ -325,7 +329,7 @@ def _rows(cls, table: dict, shallow: dict | None = None) -> tuple:
             row[i] = _tuples(row[i])
     for i, name in enumerate(expected):
         if not _all_of([row[i] for row in rows], hints[name]):
-            raise TypeError(f"a {cls.__name__}'s {name} is not {hints[name]}")
+            raise TypeError(f"a {cls.__name__}'s {name} is not {_type_name(hints[name])}")
     return tuple(cls(*row) for row in rows)
 
 
@@ -334,13 +338,21 @@ def _phase(d: dict, link_loads: list) -> PhaseSchedule:
     phases = [_tuples(row[PHASES]) for row in rows]  # (start, arrival, index in link_loads) each
     if not _all_of(phases, tuple[tuple[int, int, int], ...]):
         raise TypeError("a transfer's phases are not (start, arrival, link load) each")
-    if any(index < 0 for each in phases for _, _, index in each):
-        raise IndexError("a transfer's phase names no link load")
+    if any(not 0 <= index < len(link_loads) for each in phases for _, _, index in each):
+        raise IndexError(f"a transfer's phase names a link load its table of {len(link_loads)} lacks")
     for row, each in zip(rows, phases):  # each phase's link loads from the table, one tuple shared by all naming it
         row[PHASES] = [(start, arrival, link_loads[index]) for start, arrival, index in each]
-    return PhaseSchedule(_typed(d["phase"], str), _typed(d["seq_len"], int), _typed(d["tokens"], int),
+    return PhaseSchedule(_typed("phase", d["phase"], str), _typed("seq_len", d["seq_len"], int),
+                         _typed("tokens", d["tokens"], int),
                          _rows(ScheduledOp, d["ops"]), _rows(Transfer, d["transfers"], {"phases": tuple}),
-                         _typed(d["makespan_cycles"], int))
+                         _typed("makespan_cycles", d["makespan_cycles"], int))
+
+
+def _workload(fields: dict) -> Workload:
+    try:
+        return Workload(**fields)
+    except OpenLPUError as e:  # a value the workload refuses, said as a fault of the file
+        raise ValueError(f"its workload: {e}") from None
 
 
 def decode_program(data: bytes, origin: str = "program") -> Program:
@@ -356,18 +368,23 @@ def decode_program(data: bytes, origin: str = "program") -> Program:
         raise OpenLPUError(f"{origin} is corrupt (checksum mismatch); recompile it with `openlpu compile`")
     try:
         b = json.loads(gzip.decompress(payload))
-        link_loads = [_typed(_tuples(links), tuple[tuple[int, int, float], ...]) for links in b["link_loads"]]
-        placement = Placement(_typed(b["placement"]["tp"], int), _rows(Stage, b["placement"]["stages"]),
-                              _rows(Shard, b["placement"]["shards"]), _typed(b["placement"]["experts"], bool))
+        link_loads = [_typed("link_loads", _tuples(links), tuple[tuple[int, int, float], ...])
+                      for links in b["link_loads"]]
+        placement = Placement(_typed("tp", b["placement"]["tp"], int), _rows(Stage, b["placement"]["stages"]),
+                              _rows(Shard, b["placement"]["shards"]),
+                              _typed("experts", b["placement"]["experts"], bool))
         system = system_from({k: v for k, v in b["system"].items() if k != "sources"}, f"{origin}'s system",
                              figures=False)
-        return Program(version=version, model=_typed(b["model"], str), system=system,
-                       workload=Workload(**b["workload"]),
-                       tensors=_typed({k: _tuples(v) for k, v in b["tensors"].items()}, dict[str, tuple[int, ...]]),
-                       kv_slots=_typed(_tuples(b["kv_slots"]), tuple[int, ...]), placement=placement,
+        return Program(version=version, model=_typed("model", b["model"], str), system=system,
+                       workload=_workload(b["workload"]),
+                       tensors=_typed("tensors", {k: _tuples(v) for k, v in _typed("tensors", b["tensors"],
+                                                                                 dict).items()},
+                                      dict[str, tuple[int, ...]]),
+                       kv_slots=_typed("kv_slots", _tuples(b["kv_slots"]), tuple[int, ...]), placement=placement,
                        decode=_phase(b["decode"], link_loads), prefill=_phase(b["prefill"], link_loads))
     except (OSError, EOFError, zlib.error, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
-        raise OpenLPUError(f"{origin} is corrupt ({type(e).__name__}); recompile it with `openlpu compile`") from None
+        reason = f"it has no {e.args[0]!r}" if isinstance(e, KeyError) else str(e) or type(e).__name__
+        raise OpenLPUError(f"{origin} is corrupt ({reason}); recompile it with `openlpu compile`") from None
 
 
 def load_program(path: str | Path) -> Program:
