@@ -19,24 +19,25 @@ import sys
 import time
 from pathlib import Path
 
-# (model, chips, context, users, prompt tokens): chips None = as few as fit; 576 = Groq's 70B deployment; 8192
-# chips for 405B: every MLP cut between stages; 70B at its 131,072-token window for 16 users: every attention
-# split along its KV slots; Llama 4 Maverick (401B, 128 experts in every second layer): MoE MLPs cut by expert
-# rows, and on 8 chips fewer than its fewest (TP 8), placed at TP 4 after a search through the ways to cut its
-# MLPs; Qwen3-30B-A3B on 9,999 chips, an odd count, so TP 1: about 10,000 stages, its MLPs in their finest
-# slices; long prompts, whose prefill is scheduled chunk by chunk (128 chunks of 256 tokens)
-MODELS = (("llama-3.1-8b", None, 4096, 1, 512), ("llama-3.3-70b", None, 4096, 1, 512),
-          ("llama-3.3-70b", 576, 4096, 1, 512), ("llama-3.1-405b", None, 4096, 1, 512),
-          ("llama-3.1-405b", 8192, 4096, 1, 512), ("llama-3.3-70b", None, 131072, 16, 512),
-          ("llama-4-maverick", None, 4096, 1, 512), ("llama-4-maverick", 1840, 4096, 1, 512),
-          ("qwen3-30b-a3b", 9999, 4096, 1, 512), ("llama-3.1-8b", None, 131072, 1, 32768),
-          ("llama-3.3-70b", None, 32768, 1, 32768))
+# (model, chips, TP, context, users, prompt tokens): chips None = as few as fit; TP None = the compiler's; 576 =
+# Groq's 70B deployment; 8192 chips for 405B: every MLP cut between stages; 70B at its 131,072-token window for
+# 16 users: every attention split along its KV slots; Llama 4 Maverick (401B, 128 experts in every second
+# layer): MoE MLPs cut by expert rows, and on 8 chips fewer than its fewest (TP 8), placed at TP 4 after a search
+# through the ways to cut its MLPs; Qwen3-30B-A3B on 9,999 chips, an odd count, at TP 1 (left to choose, the
+# compiler would use 9,992 in groups of 8): about 10,000 stages, its MLPs in their finest slices; long prompts,
+# whose prefill is scheduled chunk by chunk (128 chunks of 256 tokens)
+MODELS = (("llama-3.1-8b", None, None, 4096, 1, 512), ("llama-3.3-70b", None, None, 4096, 1, 512),
+          ("llama-3.3-70b", 576, None, 4096, 1, 512), ("llama-3.1-405b", None, None, 4096, 1, 512),
+          ("llama-3.1-405b", 8192, None, 4096, 1, 512), ("llama-3.3-70b", None, None, 131072, 16, 512),
+          ("llama-4-maverick", None, None, 4096, 1, 512), ("llama-4-maverick", 1840, None, 4096, 1, 512),
+          ("qwen3-30b-a3b", 9999, 1, 4096, 1, 512), ("llama-3.1-8b", None, None, 131072, 1, 32768),
+          ("llama-3.3-70b", None, None, 32768, 1, 32768))
 RESULTS = Path(__file__).parent / "results"
 TARGET_PROMPT = 512  # `openlpu plan`'s default prompt, which the target is for
 TARGET_S = 2.0  # OpenLPU issue 3: a 70B plan on the full chip count in under 2 s
 
 
-def measure(model: str, chips: int | None, context: int, users: int, prompt: int, repeat: int) -> dict:
+def measure(model: str, chips: int | None, tp: int | None, context: int, users: int, prompt: int, repeat: int) -> dict:
     """Runs in the child: best-of-`repeat` wall time of each step; with repeat 0, only the imports and
     the presets (the memory every row starts from)."""
     from openlpu.compiler import Workload, compile_program, verify
@@ -53,7 +54,7 @@ def measure(model: str, chips: int | None, context: int, users: int, prompt: int
     for _ in range(repeat):
         clear_caches()  # each run a first compile, as one `plan` is
         t0 = time.perf_counter()
-        program = compile_program(spec, system, workload, chips)
+        program = compile_program(spec, system, workload, chips, tp)
         t1 = time.perf_counter()
         violations = verify(program)
         t2 = time.perf_counter()
@@ -92,17 +93,19 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--chips", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--tp", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--context", type=int, default=4096, help=argparse.SUPPRESS)
     ap.add_argument("--users", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--prompt", type=int, default=TARGET_PROMPT, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.chips, args.context, args.users, args.prompt, args.repeat)))
+        print(json.dumps(measure(args.child, args.chips, args.tp, args.context, args.users, args.prompt, args.repeat)))
         return
     from openlpu.models.spec import preset_names
 
-    def child(model: str, chips: int | None, context: int, users: int, prompt: int, repeat: int) -> dict:
-        extra = ["--chips", str(chips)] if chips else []
+    def child(model: str, chips: int | None, tp: int | None, context: int, users: int, prompt: int,
+              repeat: int) -> dict:
+        extra = [*(["--chips", str(chips)] if chips else []), *(["--tp", str(tp)] if tp else [])]
         out = subprocess.run([sys.executable, __file__, "--child", model, "--repeat", str(repeat), "--context",
                               str(context), "--users", str(users), "--prompt", str(prompt), *extra],
                              capture_output=True, text=True, check=True)
@@ -110,14 +113,14 @@ def main() -> None:
 
     reference = [machine_reference_s()]
     rows = []
-    for model, chips, context, users, prompt in MODELS:
+    for model, chips, tp, context, users, prompt in MODELS:
         if model not in preset_names():
             print(f"skipping {model}: no preset", file=sys.stderr)
             continue
-        rows.append(child(model, chips, context, users, prompt, args.repeat))
+        rows.append(child(model, chips, tp, context, users, prompt, args.repeat))
         print(rows[-1])
     reference.append(machine_reference_s())
-    baseline_mb = child(MODELS[0][0], None, 4096, 1, TARGET_PROMPT, 0)["peak_rss_mb"]
+    baseline_mb = child(MODELS[0][0], None, None, 4096, 1, TARGET_PROMPT, 0)["peak_rss_mb"]
     for r in rows:  # what planning itself holds, against the size of the Program
         r["planning_mb"] = r["peak_rss_mb"] - baseline_mb
         r["chips_x_ops"] = r["chips"] * r["ops"]
@@ -137,7 +140,8 @@ def main() -> None:
         f"Command: `python bench/plan_speed.py --repeat {args.repeat}` (best of {args.repeat}; each model in its "
         f"own process; peak RSS includes the Python interpreter and imports).",
         f"Machine: {machine}; run {date}, load average {load:.1f} when it ended. System lpu-v1, int8; as few "
-        f"chips as fit unless a chip count is given.", "",
+        f"chips as fit unless a chip count is given, and the compiler's TP width unless MODELS gives one "
+        f"({', '.join(f'{m} on {c:,} chips at TP {t}' for m, c, t, *_ in MODELS if t)}).", "",
         (f"Machine speed: a fixed pure-Python loop (5,000,000 tuple keys into a dict, best of 3) took "
          f"{reference[0]:.2f} s before the rows and {reference[1]:.2f} s after them. A shared VM's speed can "
          f"change several-fold within the hour: compare this with another run's before comparing their rows."), "",

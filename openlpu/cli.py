@@ -107,7 +107,8 @@ def plan(
     users: int = typer.Option(1, "--users", help="concurrent users (streams)"),
     prompt: int = typer.Option(None, "--prompt", help="prompt tokens whose prefill sets TTFT (default: 512, "
                                                       "or the context if shorter)"),
-    chips: int = typer.Option(None, "--chips", help="LPU chips to use (default: as few as fit, or inside one node "
+    chips: int = typer.Option(None, "--chips", help="LPU chips to use, or fewer where wider TP groups on them "
+                                                     "decode faster (default: as few as fit, or inside one node "
                                                      "as few stages; with --draft, the target's: the draft gets "
                                                      "its own)"),
     tp: int = typer.Option(None, "--tp", help="LPU chips per tensor-parallel group (default: the width that "
@@ -172,7 +173,8 @@ def plan(
                   caption=f"tok/s: decode steps attending all {context:,} tokens.{speculating}{kernels} TTFT: "
                           f"the prefill of a {prompt:,}-token prompt. $ per M tokens: capex over {a.years:g} "
                           f"years plus power at ${a.usd_per_kwh:.2f}/kWh (PUE {a.pue:g}), serving "
-                          f"{a.utilisation:.0%} of the hours at the throughput shown.")
+                          f"{a.utilisation:.0%} of the hours at the throughput shown."
+                          f"{''.join(' ' + _idle_note(chips, chips - r.chips_idle) for r in rows if r.chips_idle)}")
     table.add_column("")
     for r in rows:
         table.add_column(f"{r.system} ({r.kind})", justify="right")
@@ -197,6 +199,11 @@ def plan(
         console.print(f"chart written to {plot_file}")
 
 
+def _idle_note(asked: int, used: int) -> str:
+    return (f"{asked - used:,} of the {asked:,} LPU chips asked for stay idle: wider TP groups on {used:,} decode "
+            f"faster than any that divide {asked:,}.")
+
+
 @app.command("compile")
 def compile_cmd(
     model: str = typer.Argument(..., help=MODEL_HELP),
@@ -210,8 +217,9 @@ def compile_cmd(
     context: int = typer.Option(4096, "--context", help="tokens of KV cache per user"),
     users: int = typer.Option(1, "--users", help="users in flight in the pipeline"),
     prompt: int = typer.Option(512, "--prompt", help="prompt tokens whose prefill sets the time to first token"),
-    chips: int = typer.Option(None, "--chips", help="chips to use (default: as few as fit, or inside one node as "
-                                                     "few stages)"),
+    chips: int = typer.Option(None, "--chips", help="chips to use, or fewer where wider TP groups on them decode "
+                                                     "faster (default: as few as fit, or inside one node as few "
+                                                     "stages)"),
     tp: int = typer.Option(None, "--tp", help="chips per tensor-parallel group (default: the width that takes "
                                                "the fewest nodes, or inside one node the fewest stages)"),
     draft_tokens: int = typer.Option(0, "--draft-tokens", help="draft tokens each decode step verifies per user "
@@ -235,6 +243,8 @@ def compile_cmd(
     console.print(f"[bold]{spec.name}[/] on {program.system.name}: {t.chips} chips = {t.stages} pipeline stage(s) x "
                   f"TP {t.tp}; {precision} (KV cache {kv}); SRAM {t.sram_used_bytes / 1e9:.2f} GB "
                   f"({t.sram_used_fraction:.0%} of the chips used)")
+    if chips is not None and t.chips < chips:
+        console.print(_idle_note(chips, t.chips))
     rate = "tok/s" if not draft_tokens else "steps/s"  # a verifying step yields 1 to draft_tokens + 1 tokens
     console.print(f"decode step makespan {program.decode.makespan_cycles:,} cycles = {t.decode_latency_s * 1e6:,.1f} us "
                   f"({t.tokens_per_s_per_user:,.0f} {rate} per user, {t.throughput_tokens_per_s:,.0f} {rate} with "

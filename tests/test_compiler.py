@@ -897,6 +897,32 @@ def test_the_compilers_tp_width_decodes_no_slower_than_any_width_asked_for(model
     assert periods[chosen.placement.tp] == min(periods.values())
 
 
+@pytest.mark.parametrize("chips", [41, 44, 50])
+def test_chips_that_wide_groups_do_not_divide_are_left_idle_where_that_decodes_faster(chips):
+    """Llama 3.1 8B on 41 chips, a prime, arranges only as 41 stages of one chip, and on 44 in groups of
+    4 at the widest: the compiler leaves chips idle where wider groups on fewer decode faster. Its step is
+    at least as fast as that of every width on every count it tries, each asked for with --chips and --tp
+    (all the chips, and the most chips each width divides), and faster than any on all the chips; its
+    Program is the one compiled for its own chips directly."""
+    from openlpu.compiler.partition import tp_candidates
+    from openlpu.compiler.schedule import decode_period_cycles
+
+    spec, workload = load_preset("llama-3.1-8b"), Workload(context_length=4096, prompt_len=128)
+    chosen = compile_program(spec, SYSTEM, workload, chips=chips)
+    assert chosen.chips < chips and not verify(chosen)
+    periods = {}
+    for t in tp_candidates(spec, SYSTEM):
+        for count in {chips, chips - chips % t}:
+            try:
+                asked = compile_program(spec, SYSTEM, workload, chips=count, tp=t)
+            except OpenLPUError:  # t does not divide the count, or the model does not fit that few
+                continue
+            periods[count, t] = decode_period_cycles(SYSTEM, asked.decode, 1)
+    on_all = [period for (count, _), period in periods.items() if count == chips]
+    assert decode_period_cycles(SYSTEM, chosen.decode, 1) == min(periods.values()) < min(on_all)
+    assert compile_program(spec, SYSTEM, workload, chips=chosen.chips).sha256() == chosen.sha256()
+
+
 def test_groups_spanning_nodes_beat_a_node_wide_group_on_groqs_576_chips():
     """Llama 2 70B on 576 chips: TP 8 inside each node makes 72 stages whose installs run one after
     another; 9 stages of 64 chips install each matrix over 8 times the chips, so the step is over 3x

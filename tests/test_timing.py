@@ -223,7 +223,7 @@ def test_a_tp_group_of_one_chip_nodes_all_reduces_over_the_links_between_them():
 
 
 def test_wider_tp_is_faster_per_token_until_links_dominate():
-    narrow, wide = _compile("qwen3-8b", 44), _compile("qwen3-8b", 88)
+    narrow, wide = _compile("qwen3-8b", 44, tp=4), _compile("qwen3-8b", 88, tp=8)
     assert (narrow.placement.tp, wide.placement.tp) == (4, 8)
     assert len(narrow.placement.stages) == len(wide.placement.stages)
     ratio = timing(wide).decode_latency_s / timing(narrow).decode_latency_s

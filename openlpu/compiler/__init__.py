@@ -37,16 +37,17 @@ def compile_program(spec: ModelSpec, system: SystemSpec, workload: Workload, chi
     stages arranged for the shortest step, with MLP slices fitted to full stages or only equal ones
     (partition's `fit`), or as even as can be (`balance`), or, for a mixture of experts whose rows that
     placement could not cut, spread by expert rows (`experts`), whichever gives each user tokens sooner.
-    The compiler's TP width is partition's (the widest inside a node that arranges), or a wider one
-    spanning nodes on the same chips where that decodes faster (_wider_groups). Same inputs,
-    byte-identical Program."""
+    The compiler's TP width is partition's (the widest inside a node that arranges), or a wider one where
+    that decodes faster (_wider_groups): spanning nodes on the same chips, or, given a chip count, on the
+    most of them it divides. Same inputs, byte-identical Program."""
     if workload.context_length > spec.context_length:
         raise OpenLPUError(f"context {workload.context_length} is longer than {spec.name}'s context window "
                            f"({spec.context_length} tokens); use at most {spec.context_length}")
     templates = {}  # collective routes, shared by every schedule
     placement, decode, period = _arranged(spec, system, workload, chips, tp, templates)
     if tp is None:
-        placement, decode = _wider_groups(spec, system, workload, placement, decode, period, templates)
+        placement, decode = _wider_groups(spec, system, workload, placement, decode, period, templates,
+                                          idle=chips is not None)
     prefill = schedule_prefill(spec, system, workload, placement, templates)
     return Program(version=FORMAT_VERSION, model=spec.name, system=system, workload=workload,
                    tensors=spec.tensor_shapes(),
@@ -78,19 +79,22 @@ def _arranged(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: in
 
 
 def _wider_groups(spec: ModelSpec, system: SystemSpec, workload: Workload, placement: Placement,
-                  decode: PhaseSchedule, period: float, templates: dict) -> tuple[Placement, PhaseSchedule]:
-    """The placement, or one on the same chips in wider TP groups spanning nodes where that decodes faster.
-    A wider group installs each matrix over more chips, and installs bound a decode step, at the cost of
-    all-reduces over global links, which grow with the users a step carries. The widths that divide the
-    chips are tried from the widest down while each decodes faster than the one before (the step is
-    shortest where the all-reduces cost about what the wider installs save), each in its fastest
-    arrangement."""
+                  decode: PhaseSchedule, period: float, templates: dict, idle: bool) -> tuple[Placement, PhaseSchedule]:
+    """The placement, or one in wider TP groups where that decodes faster: on the same chips, the widths
+    that divide them, or, with `idle`, each width on the most of the chips it divides. A wider group
+    installs each matrix over more chips, and installs bound a decode step, at the cost of all-reduces,
+    over global links where the group spans nodes, which grow with the users a step carries; a few idle
+    chips cost less than narrow groups on all of them (Llama 3.3 70B on 577 chips, a prime, arranges only
+    as 577 stages of one chip, and decodes 14x faster on 576 in groups of 64). The widths are tried from
+    the widest down while each decodes faster than the one before (the step is shortest where the
+    all-reduces cost about what the wider installs save), each in its fastest arrangement."""
     chips = len(placement.chips)
     best, best_period, previous = (placement, decode), period, None
-    for t in sorted((t for t in tp_candidates(spec, system) if t > placement.tp and chips % t == 0), reverse=True):
+    for t in sorted((t for t in tp_candidates(spec, system) if t > placement.tp and (idle or chips % t == 0)),
+                    reverse=True):
         try:
-            candidate = _arranged(spec, system, workload, chips, t, templates)
-        except OpenLPUError:  # its pieces do not fit these chips in groups this wide
+            candidate = _arranged(spec, system, workload, chips - chips % t, t, templates)
+        except OpenLPUError:  # its pieces do not fit these chips (or the fewer it divides) in groups this wide
             continue
         if previous is not None and candidate[2] >= previous:
             break

@@ -25,6 +25,7 @@ class PlanRow:
     system: str
     kind: str  # "lpu" or "gpu"
     chips: int  # LPU chips or GPUs
+    chips_idle: int  # LPU chips asked for that the compiler left idle: wider TP groups on fewer decode faster
     layout: str  # pipeline stages x tensor-parallel width
     users_per_step: int  # users whose tokens one decode step computes together (LPU: a micro-batch)
     memory: str  # "SRAM" or "HBM"
@@ -185,7 +186,8 @@ def lpu_row(spec: ModelSpec, system_name: str, precision: str, context: int, use
         t.throughput_tokens_per_s, t.power_w, t.sram_used_bytes, t.ttft_s)
     c = cost(lpu_capex(system, f.chips, f.nodes, f.racks), f.power_w, f.throughput_tokens_per_s, assumptions)
     peak_flops_per_s = 2 * matrix_macs_per_cycle(system, precision, precision) * system.chip.clock_hz * f.chips
-    return PlanRow(system=system.name, kind="lpu", chips=f.chips, layout=f.layout, users_per_step=t.micro_batch,
+    return PlanRow(system=system.name, kind="lpu", chips=f.chips,
+                   chips_idle=0 if chips is None else chips - t.chips, layout=f.layout, users_per_step=t.micro_batch,
                    memory="SRAM", memory_used_fraction=f.sram_used_bytes / (f.chips * system.chip.sram_bytes),
                    tokens_per_s_per_user=f.tokens_per_s_per_user, ttft_s=f.ttft_s,
                    throughput_tokens_per_s=f.throughput_tokens_per_s, power_w=f.power_w,
@@ -220,7 +222,7 @@ def gpu_row(spec: ModelSpec, gpu_name: str, precision: str, context: int, users:
         per_user, throughput, ttft = r.tokens_per_s_per_user, r.throughput_tokens_per_s, t.ttft_s + d.ttft_s
     c = cost(gpu_capex(gpu, t.gpus), t.power_w, throughput, assumptions)
     peak_flops_per_s = gpu.compute_flops_per_s(precision) * t.gpus
-    return PlanRow(system=gpu.name, kind="gpu", chips=t.gpus,
+    return PlanRow(system=gpu.name, kind="gpu", chips=t.gpus, chips_idle=0,
                    layout=f"{t.pipeline_stages} x TP {t.tensor_parallel}", users_per_step=users, memory="HBM",
                    memory_used_fraction=memory, tokens_per_s_per_user=per_user,
                    ttft_s=ttft, throughput_tokens_per_s=throughput, power_w=t.power_w,
