@@ -923,6 +923,17 @@ def test_chips_that_wide_groups_do_not_divide_are_left_idle_where_that_decodes_f
     assert compile_program(spec, SYSTEM, workload, chips=chosen.chips).sha256() == chosen.sha256()
 
 
+def test_chips_that_arrange_in_no_width_are_placed_in_part():
+    """Gemma 3 270M's finest pieces fill at most 148 chips in groups of 2 (and 128 of 1): on 150 chips
+    every width that divides them refuses, so the compiler places it on the 148 that groups of 4 divide."""
+    spec = load_preset("gemma-3-270m")
+    for t in (1, 2):
+        with pytest.raises(OpenLPUError, match="150 chips cannot be arranged"):
+            compile_program(spec, SYSTEM, SMALL, chips=150, tp=t)
+    program = compile_program(spec, SYSTEM, SMALL, chips=150)
+    assert (program.chips, program.placement.tp) == (148, 4) and not verify(program)
+
+
 def test_groups_spanning_nodes_beat_a_node_wide_group_on_groqs_576_chips():
     """Llama 2 70B on 576 chips: TP 8 inside each node makes 72 stages whose installs run one after
     another; 9 stages of 64 chips install each matrix over 8 times the chips, so the step is over 3x

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from openlpu.compiler.partition import (
     arrangement,
+    check_chips,
     kv_slots,
     partition,
     piece_homes,
@@ -39,15 +40,26 @@ def compile_program(spec: ModelSpec, system: SystemSpec, workload: Workload, chi
     placement could not cut, spread by expert rows (`experts`), whichever gives each user tokens sooner.
     The compiler's TP width is partition's (the widest inside a node that arranges), or a wider one where
     that decodes faster (_wider_groups): spanning nodes on the same chips, or, given a chip count, on the
-    most of them it divides. Same inputs, byte-identical Program."""
+    most of them it divides (as where all of them arrange in no width). Same inputs, byte-identical
+    Program."""
     if workload.context_length > spec.context_length:
         raise OpenLPUError(f"context {workload.context_length} is longer than {spec.name}'s context window "
                            f"({spec.context_length} tokens); use at most {spec.context_length}")
     templates = {}  # collective routes, shared by every schedule
-    placement, decode, period = _arranged(spec, system, workload, chips, tp, templates)
+    if chips is not None:
+        check_chips(system, chips)
+    try:
+        best = _arranged(spec, system, workload, chips, tp, templates)
+    except OpenLPUError as error:
+        if chips is None or tp is not None:
+            raise
+        best, refusal = None, error  # all the chips arrange in no width: some may in wider groups on fewer
     if tp is None:
-        placement, decode = _wider_groups(spec, system, workload, placement, decode, period, templates,
-                                          idle=chips is not None)
+        best = _wider_groups(spec, system, workload, chips or len(best[0].chips), best, templates,
+                             idle=chips is not None)
+    if best is None:
+        raise refusal
+    placement, decode, _ = best
     prefill = schedule_prefill(spec, system, workload, placement, templates)
     return Program(version=FORMAT_VERSION, model=spec.name, system=system, workload=workload,
                    tensors=spec.tensor_shapes(),
@@ -78,28 +90,31 @@ def _arranged(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: in
     return best
 
 
-def _wider_groups(spec: ModelSpec, system: SystemSpec, workload: Workload, placement: Placement,
-                  decode: PhaseSchedule, period: float, templates: dict, idle: bool) -> tuple[Placement, PhaseSchedule]:
-    """The placement, or one in wider TP groups where that decodes faster: on the same chips, the widths
-    that divide them, or, with `idle`, each width on the most of the chips it divides. A wider group
+def _wider_groups(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int,
+                  best: tuple[Placement, PhaseSchedule, float] | None, templates: dict,
+                  idle: bool) -> tuple[Placement, PhaseSchedule, float] | None:
+    """`best` (_arranged's placement on `chips` chips, its decode step and period; None: they arrange in no
+    width), or one in wider TP groups where that decodes faster: on the same chips, the widths that divide
+    them, or, with `idle`, each width on the most of the chips it divides. A wider group
     installs each matrix over more chips, and installs bound a decode step, at the cost of all-reduces,
     over global links where the group spans nodes, which grow with the users a step carries; a few idle
     chips cost less than narrow groups on all of them (Llama 3.3 70B on 577 chips, a prime, arranges only
     as 577 stages of one chip, and decodes 14x faster on 576 in groups of 64). The widths are tried from
     the widest down while each decodes faster than the one before (the step is shortest where the
     all-reduces cost about what the wider installs save), each in its fastest arrangement."""
-    chips = len(placement.chips)
-    best, best_period, previous = (placement, decode), period, None
-    for t in sorted((t for t in tp_candidates(spec, system) if t > placement.tp and (idle or chips % t == 0)),
-                    reverse=True):
+    # with no placement on all the chips, each width that divides them failed
+    widths = [t for t in tp_candidates(spec, system) if (chips % t if best is None else
+                                                         t > best[0].tp and (idle or chips % t == 0))]
+    previous = None
+    for t in sorted(widths, reverse=True):
         try:
             candidate = _arranged(spec, system, workload, chips - chips % t, t, templates)
         except OpenLPUError:  # its pieces do not fit these chips (or the fewer it divides) in groups this wide
             continue
         if previous is not None and candidate[2] >= previous:
             break
-        if candidate[2] < best_period:
-            best, best_period = candidate[:2], candidate[2]
+        if best is None or candidate[2] < best[2]:
+            best = candidate
         previous = candidate[2]
     return best
 

@@ -1144,15 +1144,21 @@ def partition(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: in
                  *arrangement(spec, system, workload, chips, tp, decode_rows, balance, fit, experts))
 
 
+def check_chips(system: SystemSpec, chips: int) -> None:
+    """Refuse a chip count that is not a positive integer or is more than the system has."""
+    if isinstance(chips, bool) or not isinstance(chips, int) or chips <= 0:
+        raise OpenLPUError(f"chips must be a positive integer, got {chips!r}")
+    if chips > system.max_chips:
+        raise OpenLPUError(f"{chips} chips is more than the largest {system.name} system ({system.max_chips})")
+
+
 def arrangement(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None = None,
                 tp: int | None = None, decode_rows: int = 1, balance: bool = False, fit: bool = True,
                 experts: bool | None = None) -> tuple[int, PieceSizes, list[tuple[int, int]]]:
     """partition's choices before its shards are made: (TP width, piece sizes, each stage's range of
     pieces). Arrangements compare cheaply where Placements, with a shard per tensor and chip, do not."""
-    if chips is not None and (isinstance(chips, bool) or not isinstance(chips, int) or chips <= 0):
-        raise OpenLPUError(f"chips must be a positive integer, got {chips!r}")
-    if chips is not None and chips > system.max_chips:
-        raise OpenLPUError(f"{chips} chips is more than the largest {system.name} system ({system.max_chips})")
+    if chips is not None:
+        check_chips(system, chips)
     widths = tp_widths(spec, system, tp)
     cap = system.chip.sram_bytes
     if chips is None:
