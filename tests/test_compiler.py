@@ -420,6 +420,30 @@ def test_kv_regions_hold_context_times_users_and_windows_cap_them():
     assert stage.kv_bytes_per_chip == 3 * tokens * 2 * spec.kv_dim * 1  # int8 K and V
 
 
+def test_compiling_and_loading_leave_the_garbage_collector_as_they_found_it(gemma8, tmp_path):
+    """They pause the cyclic collector while they build (gc_paused): after a Program, a refusal or a
+    corrupt file it runs again, and one paused by the caller stays paused."""
+    import gc
+
+    path = tmp_path / "g.prog"
+    gemma8.save(path)
+    (tmp_path / "bad.prog").write_bytes(path.read_bytes()[:-9])
+    builds = (lambda: compile_program(load_preset("gemma-3-270m"), SYSTEM, SMALL, chips=2),
+              lambda: compile_program(load_preset("llama-3.1-8b"), SYSTEM, SMALL, chips=8),
+              lambda: load_program(path), lambda: load_program(tmp_path / "bad.prog"), lambda: verify(gemma8))
+    try:
+        for enabled in (True, False):
+            (gc.enable if enabled else gc.disable)()
+            for build in builds:
+                try:
+                    build()
+                except OpenLPUError:
+                    pass
+                assert gc.isenabled() == enabled
+    finally:
+        gc.enable()
+
+
 def test_too_few_chips_names_the_count_that_fits():
     spec = load_preset("llama-3.1-8b")
     with pytest.raises(OpenLPUError, match=r"does not fit on 8 lpu-v1 chips.*needs at least (\d+) chips") as e:

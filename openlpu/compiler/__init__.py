@@ -17,6 +17,7 @@ from openlpu.compiler.program import (
     Placement,
     Program,
     Workload,
+    gc_paused,
     load_program,
 )
 from openlpu.compiler.schedule import (
@@ -31,6 +32,7 @@ from openlpu.hardware.lpu import SystemSpec
 from openlpu.models.spec import ModelSpec
 
 
+@gc_paused
 def compile_program(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None = None,
                     tp: int | None = None) -> Program:
     """Place the model on `chips` chips (None: as few as fit) in TP groups of `tp` chips (None: the

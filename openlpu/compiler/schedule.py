@@ -426,9 +426,9 @@ class _OpCost:
     flops: float
     sram_bytes: float  # read and written
     out_bytes: float  # its result
-    chunk: int | None  # its prompt chunk (None in decode)
     combining: bool  # it combines the parts of a piece cut between stages (CHAINED)
     all_reduce: bool  # its group all-reduces its result after it (its payload, _Staged.payloads)
+    chunk: int | None  # its prompt chunk (None in decode)
 
 
 def _weight_fractions(spec: ModelSpec, placement: Placement, stage_of_chip: dict[int, int]) -> dict:
@@ -469,8 +469,9 @@ def _op_costs(spec: ModelSpec, system: SystemSpec, workload: Workload, placement
                             "memory": math.inf,
                             "matrix": 2 * matrix_macs_per_cycle(system, workload.weights, workload.activations)}
     attention_flops_per_cycle = 2 * matrix_macs_per_cycle(system, workload.kv, workload.activations)
-    costs = []
-    for op, stage in ops:
+
+    def cost(op: Op, stage: int) -> tuple:
+        """_OpCost's fields but the chunk."""
         t = len(placement.stages[stage].chips)
         suffix = op_suffix(op.name)
         role = suffix_role(suffix)
@@ -492,9 +493,19 @@ def _op_costs(spec: ModelSpec, system: SystemSpec, workload: Workload, placement
         rate = attention_flops_per_cycle if op.kind == "attention" else unit_flops_per_cycle[op.unit]
         cycles = max(1, math.ceil(op.flops * compute / rate), math.ceil((reads + writes) / chip.sram_bytes_per_cycle),
                      math.ceil(installed / chip.matrix_install_bytes_per_cycle))
-        costs.append(_OpCost(cycles, op.flops * compute, reads + writes, op.act_write_bytes * f_out,
-                             split_chunk(op.name)[0], suffix in CHAINED.values(),
-                             t > 1 and role in NEEDS_ALL_REDUCE))
+        return (cycles, op.flops * compute, reads + writes, op.act_write_bytes * f_out, suffix in CHAINED.values(),
+                t > 1 and role in NEEDS_ALL_REDUCE)
+
+    costs, known = [], {}
+    for op, stage in ops:
+        # a prompt chunk's ops repeat those of the chunk before (but for the past its attention reads): an op's
+        # name past its chunk, its stage and its sizes give its cost
+        chunk, in_chunk, base = op.name.partition("/")  # split_chunk's parts
+        key = (stage, base if in_chunk else chunk, op.flops, op.weight_bytes, op.kv_read_bytes, op.kv_write_bytes,
+               op.act_read_bytes, op.act_write_bytes)
+        if key not in known:
+            known[key] = cost(op, stage)
+        costs.append(_OpCost(*known[key], int(chunk[1:]) if in_chunk else None))
     return costs
 
 

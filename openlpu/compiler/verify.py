@@ -33,8 +33,7 @@ from dataclasses import dataclass
 from openlpu.compiler.partition import (EXPERT_ROWS, axis_length, cut_range, ffn_units, is_cut_along_ffn,
                                         is_cut_along_vocab, is_expert_tensor, merged_pieces, piece_homes, split_rule,
                                         tensor_piece)
-from openlpu.compiler.program import TRANSFER_ENDS, PhaseSchedule, Program, Transfer
-from openlpu.compiler.schedule import split_chunk
+from openlpu.compiler.program import TRANSFER_ENDS, PhaseSchedule, Program, Transfer, gc_paused
 from openlpu.errors import OpenLPUError
 from openlpu.graph.lower import as_precision
 from openlpu.graph.ops import UNITS
@@ -226,11 +225,13 @@ def _sram(program: Program, phase: PhaseSchedule) -> list[Violation]:
     # live activations: a result is held from its producer's start until its last consumer ends
     last_use: dict[str, int] = {}
     for op in phase.ops:
-        chunk = split_chunk(op.name)[0]
+        chunk, end = op.name.partition("/")[0], op.end_cycle  # its prompt chunk's prefix (split_chunk), or all
         for i in op.inputs:
-            if split_chunk(i)[0] not in (chunk, None):  # an earlier prompt chunk's: orders on the KV it wrote
+            prefix, within, _ = i.partition("/")
+            if within and prefix != chunk:  # an earlier prompt chunk's: orders on the KV it wrote
                 continue
-            last_use[i] = max(last_use.get(i, 0), op.end_cycle)
+            if last_use.get(i, -1) < end:
+                last_use[i] = end
     for t in phase.transfers:
         for i in t.inputs:
             last_use[i] = max(last_use.get(i, 0), t.arrival_cycle)
@@ -255,12 +256,15 @@ def _sram(program: Program, phase: PhaseSchedule) -> list[Violation]:
 
     for events in stage_events.values():  # sorted once: each chip's merge with its own events is then linear
         events.sort()
-    stage_peak = {k: peak(v) for k, v in stage_events.items()}
+    stage_peak = {(k, ()): peak(v) for k, v in stage_events.items()}
     out = []
     for stage in program.placement.stages:
         for chip in stage.chips:
-            extra = chip_events.get(chip)
-            live = peak(stage_events[stage.index] + extra) if extra else stage_peak.get(stage.index, 0.0)
+            # the chips of a group mostly receive alike (collectives, stripes): each mix of events is swept once
+            key = (stage.index, tuple(sorted(chip_events.get(chip, ()))))
+            if key not in stage_peak:
+                stage_peak[key] = peak(stage_events[stage.index] + list(key[1]))
+            live = stage_peak[key]
             if static[chip] + live > capacity:
                 out.append(Violation("sram_capacity", f"{phase.phase}: chip {chip} needs "
                                                       f"{(static[chip] + live) / 1e6:.2f} MB of SRAM "
@@ -454,6 +458,7 @@ def _over_bandwidth(spans: list[tuple[int, int, float, str]], bandwidth: float) 
     return None
 
 
+@gc_paused
 def verify(program: Program) -> list[Violation]:
     """Every invariant violated, in a fixed order (an empty list means the Program is sound)."""
     if unreadable := _tensors(program) or _names(program):  # what the other invariants are read off
