@@ -108,9 +108,9 @@ def plan(
     prompt: int = typer.Option(None, "--prompt", help="prompt tokens whose prefill sets TTFT (default: 512, "
                                                       "or the context if shorter)"),
     chips: int = typer.Option(None, "--chips", help="LPU chips to use, or fewer where wider TP groups on them "
-                                                     "decode faster or all arrange in none (default: as few as "
-                                                     "fit, or inside one node as few stages; with --draft, the "
-                                                     "target's: the draft gets its own)"),
+                                                     "decode faster or the model's pieces take fewer (default: "
+                                                     "as few as fit, or inside one node as few stages; with "
+                                                     "--draft, the target's: the draft gets its own)"),
     tp: int = typer.Option(None, "--tp", help="LPU chips per tensor-parallel group (default: the width that "
                                                "takes the fewest nodes, or inside one node the fewest stages)"),
     gpus: int = typer.Option(None, "--gpus", help="GPUs of each kind to use (default: as few as fit)"),
@@ -201,7 +201,8 @@ def plan(
 
 def _idle_note(asked: int, used: int) -> str:
     return (f"{asked - used:,} of the {asked:,} LPU chips asked for stay idle: on {used:,}, the TP groups decode "
-            f"fastest of the widths tried, each on the most of the {asked:,} it divides.")
+            f"fastest of the widths tried, each on the most of the {asked:,} it divides, or the model's "
+            f"pieces take.")
 
 
 @app.command("compile")
@@ -218,8 +219,8 @@ def compile_cmd(
     users: int = typer.Option(1, "--users", help="users in flight in the pipeline"),
     prompt: int = typer.Option(512, "--prompt", help="prompt tokens whose prefill sets the time to first token"),
     chips: int = typer.Option(None, "--chips", help="chips to use, or fewer where wider TP groups on them decode "
-                                                     "faster or all arrange in none (default: as few as fit, or "
-                                                     "inside one node as few stages)"),
+                                                     "faster or the model's pieces take fewer (default: as few "
+                                                     "as fit, or inside one node as few stages)"),
     tp: int = typer.Option(None, "--tp", help="chips per tensor-parallel group (default: the width that takes "
                                                "the fewest nodes, or inside one node the fewest stages)"),
     draft_tokens: int = typer.Option(0, "--draft-tokens", help="draft tokens each decode step verifies per user "

@@ -294,9 +294,9 @@ def test_more_stages_than_layers_cut_each_mlp_between_stages():
 
 def test_mlp_cuts_never_split_a_weight_tile():
     """A cut MLP leaves every chip at least one 320 x 320 weight tile of rows: an 8B model cannot be
-    spread over 7,000 chips (TP 8 would need 27 slices of 66 rows per chip)."""
+    spread over 7,000 chips in groups of 8 (27 slices of 66 rows per chip)."""
     with pytest.raises(OpenLPUError, match="320-row weight tile"):
-        compile_program(load_preset("llama-3.1-8b"), SYSTEM, SMALL, 7000)
+        compile_program(load_preset("llama-3.1-8b"), SYSTEM, SMALL, 7000, 8)
 
 
 @pytest.mark.parametrize("name, workload, chips, tp", [
@@ -473,7 +473,6 @@ def test_too_few_chips_counts_a_tied_table_once_on_one_stage():
      r"does not fit on any lpu-v1 system: it needs \d{5} chips, more than the largest system \(10440\)"),
     (SMALL, 10**6, "more than the largest lpu-v1 system"),
     (SMALL, 0, "chips must be a positive integer"),
-    (SMALL, 7000, "cannot be arranged"),  # see test_mlp_cuts_never_split_a_weight_tile
     (Workload(context_length=10**6, prompt_len=16), None, "longer than llama-3.1-8b's context window"),
 ])
 def test_impossible_requests(workload, chips, message):
@@ -503,21 +502,24 @@ def test_a_tp_width_asked_for_is_the_one_placed():
         compile_program(spec, SYSTEM, SMALL, chips=82, tp=4)
 
 
-def test_too_many_chips_names_the_most_each_tp_degree_takes():
-    """Gemma 3 270M cannot be spread over 576 chips: the error names, per TP degree, the most chips its
-    finest pieces take, one per stage. Each such count places and verifies, and one TP group more is
-    refused, so the figures are the real limits, not estimates."""
-    spec = load_preset("gemma-3-270m")
-    with pytest.raises(OpenLPUError, match=r"576 chips cannot be arranged .* fits on 2 chips \(--chips 2\) and on "
-                                           r"at most (.*), in a multiple of the TP degree$") as e:
-        compile_program(spec, SYSTEM, SMALL, chips=576)
-    most = {int(t): int(n) for n, t in re.findall(r"(\d+) at TP (\d+)", e.value.args[0].split("at most")[1])}
-    assert sorted(most) == [1, 2, 4]
-    for t, chips in most.items():
-        program = compile_program(spec, SYSTEM, SMALL, chips=chips, tp=t)
-        assert (program.placement.tp, program.chips) == (t, chips) and verify(program) == []
-        with pytest.raises(OpenLPUError, match=f"{chips + t} chips cannot be arranged"):
-            compile_program(spec, SYSTEM, SMALL, chips=chips + t, tp=t)
+def test_too_many_chips_name_the_most_a_tp_degree_takes_and_are_left_idle_without_one():
+    """Gemma 3 270M cannot be spread over 576 chips: asked for a TP degree, the error names the most chips
+    its finest pieces take at it, one per stage. Each such count places and verifies, and one TP group more
+    is refused, so the figures are the real limits, not estimates. Left to choose the degree, the compiler
+    places it on one of those counts and leaves the rest of the 576 idle."""
+    spec, most = load_preset("gemma-3-270m"), {}
+    for t in (1, 2, 4):
+        with pytest.raises(OpenLPUError, match=rf"576 chips cannot be arranged .* TP {t}\) .* fits on \d chips "
+                                               rf"\(--chips \d\) and on at most (\d+) at TP {t}, in a multiple of "
+                                               r"the TP degree$") as e:
+            compile_program(spec, SYSTEM, SMALL, chips=576, tp=t)
+        most[t] = int(e.value.args[0].split("at most ")[1].split(" ")[0])
+        program = compile_program(spec, SYSTEM, SMALL, chips=most[t], tp=t)
+        assert (program.placement.tp, program.chips) == (t, most[t]) and verify(program) == []
+        with pytest.raises(OpenLPUError, match=f"{most[t] + t} chips cannot be arranged"):
+            compile_program(spec, SYSTEM, SMALL, chips=most[t] + t, tp=t)
+    chosen = compile_program(spec, SYSTEM, SMALL, chips=576)
+    assert chosen.chips == most[chosen.placement.tp] and verify(chosen) == []
 
 
 def test_micro_batches_shrink_until_their_buffers_fit():

@@ -6,6 +6,7 @@ from openlpu.compiler.partition import (
     arrangement,
     check_chips,
     kv_slots,
+    most_chips,
     partition,
     piece_homes,
     place,
@@ -42,7 +43,7 @@ def compile_program(spec: ModelSpec, system: SystemSpec, workload: Workload, chi
     placement could not cut, spread by expert rows (`experts`), whichever gives each user tokens sooner.
     The compiler's TP width is partition's (the widest inside a node that arranges), or a wider one where
     that decodes faster (_wider_groups): spanning nodes on the same chips, or, given a chip count, on the
-    most of them it divides (as where all of them arrange in no width). Same inputs, byte-identical
+    most of them it divides or the model's pieces take in such groups. Same inputs, byte-identical
     Program."""
     if workload.context_length > spec.context_length:
         raise OpenLPUError(f"context {workload.context_length} is longer than {spec.name}'s context window "
@@ -97,21 +98,19 @@ def _wider_groups(spec: ModelSpec, system: SystemSpec, workload: Workload, chips
                   idle: bool) -> tuple[Placement, PhaseSchedule, float] | None:
     """`best` (_arranged's placement on `chips` chips, its decode step and period; None: they arrange in no
     width), or one in wider TP groups where that decodes faster: on the same chips, the widths that divide
-    them, or, with `idle`, each width on the most of the chips it divides. A wider group
-    installs each matrix over more chips, and installs bound a decode step, at the cost of all-reduces,
-    over global links where the group spans nodes, which grow with the users a step carries; a few idle
-    chips cost less than narrow groups on all of them (Llama 3.3 70B on 577 chips, a prime, arranges only
-    as 577 stages of one chip, and decodes 14x faster on 576 in groups of 64). The widths are tried from
-    the widest down while each decodes faster than the one before (the step is shortest where the
-    all-reduces cost about what the wider installs save), each in its fastest arrangement."""
-    # with no placement on all the chips, each width that divides them failed
-    widths = [t for t in tp_candidates(spec, system) if (chips % t if best is None else
-                                                         t > best[0].tp and (idle or chips % t == 0))]
-    previous = None
+    them, or, with `idle`, each width on the most of the chips it divides, or on as many as the model's
+    pieces take in such groups where those are fewer. A wider group installs each matrix over more chips,
+    and installs bound a decode step, at the cost of all-reduces, over global links where the group spans
+    nodes, which grow with the users a step carries; a few idle chips cost less than narrow groups on all
+    of them (Llama 3.3 70B on 577 chips, a prime, arranges only as 577 stages of one chip, and decodes 14x
+    faster on 576 in groups of 64). The widths are tried from the widest down while each decodes faster
+    than the one before (the step is shortest where the all-reduces cost about what the wider installs
+    save), each in its fastest arrangement."""
+    widths = [t for t in tp_candidates(spec, system) if (idle or chips % t == 0) and (best is None or t > best[0].tp)]
+    previous, most = None, {} if idle else None
     for t in sorted(widths, reverse=True):
-        try:
-            candidate = _arranged(spec, system, workload, chips - chips % t, t, templates)
-        except OpenLPUError:  # its pieces do not fit these chips (or the fewer it divides) in groups this wide
+        candidate = _arranged_within(spec, system, workload, chips, t, templates, most)
+        if candidate is None:
             continue
         if previous is not None and candidate[2] >= previous:
             break
@@ -119,6 +118,27 @@ def _wider_groups(spec: ModelSpec, system: SystemSpec, workload: Workload, chips
             best = candidate
         previous = candidate[2]
     return best
+
+
+def _arranged_within(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int, t: int, templates: dict,
+                     most: dict[int, int] | None) -> tuple[Placement, PhaseSchedule, float] | None:
+    """_arranged in groups of t on the most of `chips` they divide, or, with `most` (most_chips, found at the
+    first need), on as many as the model's pieces take in such groups where those are fewer; None where
+    neither arranges."""
+    count = chips - chips % t
+    try:
+        return _arranged(spec, system, workload, count, t, templates)
+    except OpenLPUError:  # the pieces do not fit that few chips in groups this wide, or are too few for them
+        if most is None:
+            return None
+    if not most:
+        most.update(most_chips(spec, system, workload, 1, tp_candidates(spec, system)))
+    if not 0 < most.get(t, 0) < count:
+        return None
+    try:
+        return _arranged(spec, system, workload, most[t], t, templates)
+    except OpenLPUError:
+        return None
 
 
 def _moe_layers_whole(spec: ModelSpec, placement: Placement) -> bool:
