@@ -49,14 +49,14 @@ def compile_program(spec: ModelSpec, system: SystemSpec, workload: Workload, chi
         raise OpenLPUError(f"context {workload.context_length} is longer than {spec.name}'s context window "
                            f"({spec.context_length} tokens); use at most {spec.context_length}")
     templates = {}  # collective routes, shared by every schedule
-    if chips is not None:
+    if chips is not None:  # a bad count is refused as such, not placed on fewer
         check_chips(system, chips)
     try:
         best = _arranged(spec, system, workload, chips, tp, templates)
     except OpenLPUError as error:
         if chips is None or tp is not None:
             raise
-        best, refusal = None, error  # all the chips arrange in no width: some may in wider groups on fewer
+        best, refusal = None, error  # all the chips arrange in no width: fewer may
     if tp is None:
         best = _wider_groups(spec, system, workload, chips or len(best[0].chips), best, templates,
                              idle=chips is not None)

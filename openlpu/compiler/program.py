@@ -42,8 +42,8 @@ FORMAT_VERSION = 11
 def gc_paused(build):
     """`build` run with the cyclic garbage collector paused. A Program is hundreds of thousands of records
     and tuples without cycles: with the collector on, every 700 allocations set off a collection, and the
-    older generations' walk those built before again and again; reference counting frees them all the
-    same (a 70B Program for a 32,768-token prompt loads in 1.0 s instead of 2.0, and compiles a fifth
+    older generations' collections walk those built before again and again; reference counting frees them
+    all the same (a 70B Program for a 32,768-token prompt loads in 1.0 s instead of 2.0, and compiles a fifth
     faster). What a build leaves is walked once, at the first collection after it."""
     @functools.wraps(build)
     def paused(*args, **kwargs):
@@ -396,11 +396,10 @@ def decode_program(data: bytes, origin: str = "program") -> Program:
                               _typed("experts", b["placement"]["experts"], bool))
         system = system_from({k: v for k, v in b["system"].items() if k != "sources"}, f"{origin}'s system",
                              figures=False)
+        tensors = {k: _tuples(v) for k, v in _typed("tensors", b["tensors"], dict).items()}
         return Program(version=version, model=_typed("model", b["model"], str), system=system,
                        workload=_workload(b["workload"]),
-                       tensors=_typed("tensors", {k: _tuples(v) for k, v in _typed("tensors", b["tensors"],
-                                                                                 dict).items()},
-                                      dict[str, tuple[int, ...]]),
+                       tensors=_typed("tensors", tensors, dict[str, tuple[int, ...]]),
                        kv_slots=_typed("kv_slots", _tuples(b["kv_slots"]), tuple[int, ...]), placement=placement,
                        decode=_phase(b["decode"], link_loads), prefill=_phase(b["prefill"], link_loads))
     except (OSError, EOFError, zlib.error, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:

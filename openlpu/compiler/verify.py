@@ -225,10 +225,10 @@ def _sram(program: Program, phase: PhaseSchedule) -> list[Violation]:
     # live activations: a result is held from its producer's start until its last consumer ends
     last_use: dict[str, int] = {}
     for op in phase.ops:
-        chunk, end = op.name.partition("/")[0], op.end_cycle  # its prompt chunk's prefix (split_chunk), or all
+        chunk, end = op.name.partition("/")[0], op.end_cycle  # its prompt chunk's prefix, "c1" (split_chunk)
         for i in op.inputs:
-            prefix, within, _ = i.partition("/")
-            if within and prefix != chunk:  # an earlier prompt chunk's: orders on the KV it wrote
+            prefix, in_chunk, _ = i.partition("/")
+            if in_chunk and prefix != chunk:  # an earlier prompt chunk's: orders on the KV it wrote
                 continue
             if last_use.get(i, -1) < end:
                 last_use[i] = end

@@ -25,7 +25,8 @@ class PlanRow:
     system: str
     kind: str  # "lpu" or "gpu"
     chips: int  # LPU chips or GPUs
-    chips_idle: int  # LPU chips asked for that the compiler left idle: wider TP groups on fewer decode faster
+    chips_idle: int  # LPU chips asked for and left idle (wider TP groups on fewer decode faster, or the
+    # model's pieces take fewer)
     layout: str  # pipeline stages x tensor-parallel width
     users_per_step: int  # users whose tokens one decode step computes together (LPU: a micro-batch)
     memory: str  # "SRAM" or "HBM"
