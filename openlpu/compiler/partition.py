@@ -1128,7 +1128,7 @@ def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int 
     return OpenLPUError(f"{chips} chips cannot be arranged as pipeline stages of equal TP groups for {what} "
                         f"({degrees}an MLP is cut between stages only into slices that leave each chip at least "
                         f"{unit}); it fits on {need} chips (--chips {need}) and on at most {spread}, in a multiple "
-                        "of the TP degree")
+                        f"of the TP degree{'' if degrees else '; or leave out --tp, and some chips may be left idle'}")
 
 
 def partition(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None = None,
