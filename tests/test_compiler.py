@@ -511,7 +511,8 @@ def test_too_many_chips_name_the_most_a_tp_degree_takes_and_are_left_idle_withou
     for t in (1, 2, 4):
         with pytest.raises(OpenLPUError, match=rf"576 chips cannot be arranged .* TP {t}\) .* fits on \d chips "
                                                rf"\(--chips \d\) and on at most (\d+) at TP {t}, in a multiple of "
-                                               r"the TP degree; or leave out --tp, and some chips may be left idle$") as e:
+                                               r"the TP degree; or leave out --tp, and some chips may be left "
+                                               r"idle$") as e:
             compile_program(spec, SYSTEM, SMALL, chips=576, tp=t)
         most[t] = int(e.value.args[0].split("at most ")[1].split(" ")[0])
         program = compile_program(spec, SYSTEM, SMALL, chips=most[t], tp=t)
