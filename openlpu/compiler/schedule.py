@@ -500,12 +500,12 @@ def _op_costs(spec: ModelSpec, system: SystemSpec, workload: Workload, placement
     for op, stage in ops:
         # a prompt chunk's ops repeat those of the chunk before (but for the past its attention reads): an op's
         # name past its chunk, its stage and its sizes give its cost
-        prefix, in_chunk, base = op.name.partition("/")  # split_chunk's parts: "c1", "/", "blk.3.attn_q"
-        key = (stage, base if in_chunk else prefix, op.flops, op.weight_bytes, op.kv_read_bytes, op.kv_write_bytes,
-               op.act_read_bytes, op.act_write_bytes)
+        chunk, base = split_chunk(op.name)
+        key = (stage, base, op.flops, op.weight_bytes, op.kv_read_bytes, op.kv_write_bytes, op.act_read_bytes,
+               op.act_write_bytes)
         if key not in known:
             known[key] = cost(op, stage)
-        costs.append(_OpCost(*known[key], int(prefix[1:]) if in_chunk else None))
+        costs.append(_OpCost(*known[key], chunk))
     return costs
 
 

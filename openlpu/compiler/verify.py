@@ -34,6 +34,7 @@ from openlpu.compiler.partition import (EXPERT_ROWS, axis_length, cut_range, ffn
                                         is_cut_along_vocab, is_expert_tensor, merged_pieces, piece_homes, split_rule,
                                         tensor_piece)
 from openlpu.compiler.program import TRANSFER_ENDS, PhaseSchedule, Program, Transfer, gc_paused
+from openlpu.compiler.schedule import split_chunk
 from openlpu.errors import OpenLPUError
 from openlpu.graph.lower import as_precision
 from openlpu.graph.ops import UNITS
@@ -225,10 +226,9 @@ def _sram(program: Program, phase: PhaseSchedule) -> list[Violation]:
     # live activations: a result is held from its producer's start until its last consumer ends
     last_use: dict[str, int] = {}
     for op in phase.ops:
-        chunk, end = op.name.partition("/")[0], op.end_cycle  # its prompt chunk's prefix, "c1" (split_chunk)
+        chunk, end = split_chunk(op.name)[0], op.end_cycle
         for i in op.inputs:
-            prefix, in_chunk, _ = i.partition("/")
-            if in_chunk and prefix != chunk:  # an earlier prompt chunk's: orders on the KV it wrote
+            if split_chunk(i)[0] not in (chunk, None):  # an earlier prompt chunk's: orders on the KV it wrote
                 continue
             if last_use.get(i, -1) < end:
                 last_use[i] = end
