@@ -9,6 +9,8 @@ same electricity price. Its original text was not found in our sources: these ar
 reported, and the test shows which of them our own model shares.
 """
 
+import math
+
 import pytest
 
 from openlpu.errors import OpenLPUError
@@ -72,9 +74,11 @@ def test_gpu_servers_shared_below_one_whole_beyond_and_fabric_only_past_one():
 
 
 @pytest.mark.parametrize("kw", [{"pue": 0.9}, {"utilisation": 0}, {"utilisation": 1.5}, {"years": -1},
-                                {"usd_per_kwh": 0}])
+                                {"usd_per_kwh": 0}, {"years": math.inf}, {"usd_per_kwh": math.inf},
+                                {"pue": math.inf}, {"utilisation": math.nan}, {"years": "3"}, {"pue": True}])
 def test_bad_assumptions_are_one_clear_error(kw):
-    with pytest.raises(OpenLPUError):
+    (name, value), = kw.items()
+    with pytest.raises(OpenLPUError, match=f"cost assumption {name} must be .*, got {value!r}"):
         CostAssumptions(**kw)
 
 

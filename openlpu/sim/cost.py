@@ -36,8 +36,8 @@ class CostAssumptions:
     def __post_init__(self):
         for f in ("years", "usd_per_kwh", "pue", "utilisation"):
             v = getattr(self, f)
-            if not v > 0:
-                raise OpenLPUError(f"cost assumption {f} must be positive, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                raise OpenLPUError(f"cost assumption {f} must be a positive, finite number, got {v!r}")
         if self.pue < 1:
             raise OpenLPUError(f"cost assumption pue must be at least 1 (wall power / IT power), got {self.pue!r}")
         if self.utilisation > 1:
