@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -100,7 +101,8 @@ def plan(
     model: str = typer.Argument(..., help=MODEL_HELP),
     system: str = typer.Option("lpu-v1", "--system", help="LPU system preset or hardware JSON file ('': GPUs only)"),
     compare: list[str] = typer.Option(["h100-sxm"], "--compare",
-                                      help="GPU preset or GPU JSON file to compare (repeatable; '': the LPU only)"),
+                                      help="GPU preset or GPU JSON file to compare (repeatable, or several separated by "
+                                           "commas; '': the LPU only)"),
     precision: str = typer.Option("int8", "--precision",
                                   help="weight precision: fp16, bf16, fp8, int8, int4, fp4 (NVFP4)"),
     context: int = typer.Option(4096, "--context", help="tokens of context per user"),
@@ -148,7 +150,8 @@ def plan(
     assumptions = CostAssumptions(**{k: v for k, v in given.items() if v is not None})
     spec = load_spec(model)
     prompt = prompt_tokens(context) if prompt is None else prompt
-    compare = [name for name in compare if name]  # `--compare ''` leaves the default GPU out
+    # `--compare h100-sxm,b200` names two GPUs, as the flag given twice does; `--compare ''` leaves the default out
+    compare = [part for name in compare for part in ([name] if Path(name).is_file() else name.split(",")) if part]
     with _compiling(spec.name, system, prompt):
         rows = make_plan(spec, system=system, compare=tuple(compare), precision=precision, context=context,
                          users=users, chips=chips, tp=tp, gpus=gpus, prompt=prompt, assumptions=assumptions,

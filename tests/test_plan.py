@@ -209,6 +209,8 @@ def test_cli_json_and_plot(tmp_path):
     assert [x["system"] for x in rows] == ["h100-sxm", "a100-80gb"]
     assert rows[0]["tokens_per_s_per_user"] > rows[1]["tokens_per_s_per_user"]  # 3.35 vs 2.04 TB/s
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    both = run_cli("llama-3-8b", "--system", "", "--compare", "h100-sxm,a100-80gb", "--context", "2048", "--json")
+    assert json.loads(both.stdout) == rows  # the flag given twice, or once with the names separated by commas
 
 
 def test_an_empty_compare_plans_the_lpu_alone():
