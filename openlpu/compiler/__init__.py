@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 from openlpu.compiler.partition import (
     arrangement,
     check_chips,
@@ -107,7 +110,9 @@ def _wider_groups(spec: ModelSpec, system: SystemSpec, workload: Workload, chips
     than the one before (the step is shortest where the all-reduces cost about what the wider installs
     save), each in its fastest arrangement."""
     widths = [t for t in tp_candidates(spec, system) if (idle or chips % t == 0) and (best is None or t > best[0].tp)]
-    previous, most = None, {} if idle else None
+    # most_chips (0.05-0.6 s) only at the first width whose groups the chips outnumber the pieces for
+    most = functools.cache(lambda: most_chips(spec, system, workload, 1, tp_candidates(spec, system))) if idle else None
+    previous = None
     for t in sorted(widths, reverse=True):
         candidate = _arranged_within(spec, system, workload, chips, t, templates, most)
         if candidate is None:
@@ -121,22 +126,20 @@ def _wider_groups(spec: ModelSpec, system: SystemSpec, workload: Workload, chips
 
 
 def _arranged_within(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int, t: int, templates: dict,
-                     most: dict[int, int] | None) -> tuple[Placement, PhaseSchedule, float] | None:
-    """_arranged in groups of t on the most of `chips` they divide, or, with `most` (most_chips, found at the
-    first need), on as many as the model's pieces take in such groups where those are fewer; None where
-    neither arranges."""
+                     most: Callable[[], dict[int, int]] | None) -> tuple[Placement, PhaseSchedule, float] | None:
+    """_arranged in groups of t on the most of `chips` they divide, or, with `most` (giving most_chips), on as
+    many as the model's pieces take in such groups where those are fewer; None where neither arranges."""
     count = chips - chips % t
     try:
         return _arranged(spec, system, workload, count, t, templates)
     except OpenLPUError:  # the pieces do not fit that few chips in groups this wide, or are too few for them
         if most is None:
             return None
-    if not most:
-        most.update(most_chips(spec, system, workload, 1, tp_candidates(spec, system)))
-    if not 0 < most.get(t, 0) < count:
+    fewer = most().get(t, 0)
+    if not 0 < fewer < count:
         return None
     try:
-        return _arranged(spec, system, workload, most[t], t, templates)
+        return _arranged(spec, system, workload, fewer, t, templates)
     except OpenLPUError:
         return None
 
