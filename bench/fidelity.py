@@ -587,7 +587,7 @@ def free_choice_reading(system) -> dict:
 
     t = timing(compile_program(spec, system, workload, chips=p.chips))
     rate, _ = reproducing_rate(tok_s, p.published, system, t.tokens_per_s_per_user)
-    return {"stages": t.stages, "tp": t.tp, "tok_s": t.tokens_per_s_per_user, "implied_rate": rate}
+    return {"chips": t.chips, "stages": t.stages, "tp": t.tp, "tok_s": t.tokens_per_s_per_user, "implied_rate": rate}
 
 
 def mixtral_cut(system) -> dict:
@@ -1046,9 +1046,10 @@ compiler arranges the stages two ways and keeps the faster step: each stage boun
 into equal slices (one per stage) that install side by side, as far as the stages have room; or stages as
 even as can be. Groq's 576-chip deployment was reported as pipeline parallel ({PIPELINE_SOURCE}), so every
 row keeps its TP groups inside a node, as the compiler's partition places them. Left to itself the
-compiler also tries wider groups spanning nodes on the same chips and keeps the faster decode: on the FIT
-row's {FIT_POINT.chips} chips it places {free["stages"]} stages x TP {free["tp"]} at {free["tok_s"]:,.0f} tok/s per
-user (at the fitted rate), and would reproduce the published {FIT_POINT.published:,.0f} only at an install rate of
+compiler also tries wider groups spanning nodes on the same chips, or on fewer of them, and keeps the faster
+decode: given the FIT row's {FIT_POINT.chips} chips it places {free["stages"]} stages x TP {free["tp"]} on
+{free["chips"]:,} of them at {free["tok_s"]:,.0f} tok/s per user (at the fitted rate), and would reproduce
+the published {FIT_POINT.published:,.0f} only at an install rate of
 {free["implied_rate"]:,.0f} B/cycle, {free_side[0]} the public lower bound of {bound:,} B/cycle (below){free_side[1]}.
 
 One open constant: the matrix unit's weight-install rate, `chip.matrix_install_bytes_per_cycle`

@@ -20,12 +20,13 @@ import time
 from pathlib import Path
 
 # (model, chips, TP, context, users, prompt tokens): chips None = as few as fit; TP None = the compiler's; 576 =
-# Groq's 70B deployment; 8192 chips for 405B: every MLP cut between stages; 70B at its 131,072-token window for
-# 16 users: every attention split along its KV slots; Llama 4 Maverick (401B, 128 experts in every second
-# layer): MoE MLPs cut by expert rows, and on 8 chips fewer than its fewest (TP 8), placed at TP 4 after a search
-# through the ways to cut its MLPs; Qwen3-30B-A3B on 9,999 chips, an odd count, at TP 1 (left to choose, the
-# compiler would use 9,992 in groups of 8): about 10,000 stages, its MLPs in their finest slices; long prompts,
-# whose prefill is scheduled chunk by chunk (128 chunks of 256 tokens)
+# Groq's 70B deployment (the compiler keeps 448 of them: 7 stages of 64 decode faster than 9); 8192 chips for 405B:
+# every MLP cut between stages; 70B at its 131,072-token window for 16 users: every attention split along its KV
+# slots; Llama 4 Maverick (401B, 128 experts in every second layer): MoE MLPs cut by expert rows, and on 8 chips
+# fewer than its fewest (TP 8), placed at TP 4 after a search through the ways to cut its MLPs; Qwen3-30B-A3B on
+# 9,999 chips, an odd count, at TP 1 (left to choose, the compiler would use 160 of them, 5 stages of 32): about
+# 10,000 stages, its MLPs in their finest slices; long prompts, whose prefill is scheduled chunk by chunk (128
+# chunks of 256 tokens)
 MODELS = (("llama-3.1-8b", None, None, 4096, 1, 512), ("llama-3.3-70b", None, None, 4096, 1, 512),
           ("llama-3.3-70b", 576, None, 4096, 1, 512), ("llama-3.1-405b", None, None, 4096, 1, 512),
           ("llama-3.1-405b", 8192, None, 4096, 1, 512), ("llama-3.3-70b", None, None, 131072, 16, 512),
@@ -120,7 +121,7 @@ def main() -> None:
         if model not in preset_names():
             print(f"skipping {model}: no preset", file=sys.stderr)
             continue
-        rows.append(child(model, chips, tp, context, users, prompt, args.repeat))
+        rows.append({**child(model, chips, tp, context, users, prompt, args.repeat), "asked_chips": chips})
         print(rows[-1])
     reference.append(machine_reference_s())
     baseline_mb = child(MODELS[0][0], None, None, 4096, 1, TARGET_PROMPT, 0)["peak_rss_mb"]
@@ -150,12 +151,14 @@ def main() -> None:
          f"change several-fold within the hour: compare this with another run's before comparing their rows."), "",
         (f"Total s is a plan: compile, verify and timing. Load s reads the Program file back (`decode_program`, "
          f"as `openlpu inspect` and the server do), best of {args.repeat}, after the peak RSS is taken."), "",
-        "| model | context x users | prompt | chips | stages x TP | ops | transfers | shards | program file | "
+        "| model | context x users | prompt | chips (of those given) | stages x TP | ops | transfers | shards | "
+        "program file | "
         "compile s | verify s | timing s | total s | peak RSS MB | planning MB | violations | load s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['context']:,} x {r['users']} | {r['prompt']:,} | {r['chips']} | "
+        used = f"{r['chips']} of {r['asked_chips']}" if r["asked_chips"] not in (None, r["chips"]) else r["chips"]
+        lines.append(f"| {r['model']} | {r['context']:,} x {r['users']} | {r['prompt']:,} | {used} | "
                      f"{r['stages']} x {r['tp']} | {r['ops']} | {r['transfers']} | "
                      f"{r['shards']} | {r['program_bytes'] / 1e3:.0f} kB | {r['compile_s']:.2f} | {r['verify_s']:.2f} | "
                      f"{r['timing_s']:.3f} | {r['total_s']:.2f} | {r['peak_rss_mb']:.0f} | {r['planning_mb']:.0f} | "

@@ -204,8 +204,8 @@ def plan(
 
 def _idle_note(asked: int, used: int) -> str:
     return (f"{asked - used:,} of the {asked:,} LPU chips asked for stay idle: on {used:,}, the TP groups decode "
-            f"fastest of the widths tried, each on the most of the {asked:,} it divides, or the model's "
-            f"pieces take.")
+            f"fastest of the widths tried, each on the most of the {asked:,} it divides (or the model's "
+            f"pieces take) and on the fewest that hold the model.")
 
 
 @app.command("compile")

@@ -123,7 +123,7 @@ def test_sharded_matches_fused_on_every_placement(tiny, family):
     expected = run_steps(fused, PROMPT, 3)
     expected_ids = plain_greedy(model, PROMPT, 5)
     for (system, chips), (tp, stages) in PLACEMENTS.items():
-        program = compile_program(spec, SYSTEMS[system], WORKLOAD, chips)
+        program = compile_program(spec, SYSTEMS[system], WORKLOAD, chips, tp)
         assert (program.placement.tp, len(program.placement.stages)) == (tp, stages)
         cut = any(piece[1] == "ffn" and piece[2:] != (0, spec.layer_d_ff(piece[0])) for s in program.placement.stages
                   for piece in s.pieces)

@@ -47,8 +47,9 @@ def test_rows_are_self_consistent(llama70_rows):
 
 
 def test_chip_and_gpu_counts_are_the_deployment_planned():
-    """--chips / --gpus: the rows are those of the Program compiled on exactly that many chips and of the
-    GPU model on that many GPUs, read a second way here; more GPUs than the fewest speed a user up."""
+    """--chips / --gpus: the rows are those of the Program compiled for that many chips (which leaves the
+    chips idle that its groups of 64 decode faster without) and of the GPU model on that many GPUs, read a
+    second way here; more GPUs than the fewest speed a user up."""
     from openlpu.compiler import Workload, compile_program
     from openlpu.hardware.lpu import load_system
     from openlpu.sim.gpu import gpu_timing
@@ -57,7 +58,8 @@ def test_chip_and_gpu_counts_are_the_deployment_planned():
     lpu, h100 = plan("llama-2-70b", compare=("h100-sxm",), context=4096, chips=576, gpus=8)
     spec = load_preset("llama-2-70b")
     program = compile_program(spec, load_system("lpu-v1"), Workload(context_length=4096, prompt_len=512), chips=576)
-    assert (lpu.chips, lpu.layout) == (576, f"{len(program.placement.stages)} x TP {program.placement.tp}")
+    assert (lpu.chips, lpu.layout) == (program.chips, f"{len(program.placement.stages)} x TP {program.placement.tp}")
+    assert lpu.chips_idle == 576 - program.chips > 0
     assert lpu.tokens_per_s_per_user == pytest.approx(timing(program).tokens_per_s_per_user)
     assert (lpu.users_per_step, h100.users_per_step) == (program.decode.tokens, 1)
     direct = gpu_timing(spec, load_gpu("h100-sxm"), "int8", 4096, gpus=8, prompt_tokens=512)
@@ -362,11 +364,11 @@ def test_groups_spanning_nodes_stand_in_the_racks_they_fill():
     from openlpu.sim.cost import RACK_USD
     from openlpu.sim.plan import draft_offset
 
-    (wide,), (node_wide,) = (plan("llama-2-70b", compare=(), chips=576, tp=tp) for tp in (None, 8))
+    (wide,), (node_wide,) = (plan("llama-2-70b", compare=(), chips=576, tp=tp) for tp in (64, 8))
     assert (wide.layout, node_wide.layout) == ("9 x TP 64", "72 x TP 8")
     assert wide.capex_usd - node_wide.capex_usd == pytest.approx(RACK_USD)
     system, workload = load_system("lpu-v1"), Workload(context_length=4096, prompt_len=512)
-    target = compile_program(load_preset("llama-2-70b"), system, workload, chips=576)
+    target = compile_program(load_preset("llama-2-70b"), system, workload, chips=576, tp=64)
     draft = compile_program(load_preset("llama-3.2-1b"), system, workload)
     offset = draft_offset(system, target, draft)
     assert max(target.placement.chips) >= 576 and offset == max(target.placement.chips) + 1
