@@ -104,13 +104,13 @@ def _wider_groups(spec: ModelSpec, system: SystemSpec, workload: Workload, chips
     width), or one in wider TP groups where that decodes faster: on the same chips, the widths that divide
     them, or, with `idle`, each width on the most of the chips it divides (or on as many as the model's
     pieces take in such groups, where those are fewer) and on the fewest chips that hold the model in such
-    groups. A wider group installs each matrix over more chips, and installs bound
-    a decode step, at the cost of all-reduces, over global links where the group spans nodes, which grow
-    with the users a step carries; a few idle chips cost less than narrow groups on all of them (Llama 3.3
-    70B on 577 chips, a prime, arranges only as 577 stages of one chip, and decodes 14x faster on 448 in
-    groups of 64). The widths are tried from the widest down while each decodes faster than the one before
-    (the step is shortest where the all-reduces cost about what the wider installs save), each in its
-    fastest arrangement."""
+    groups. A wider group installs each matrix over more chips, and installs bound a decode step, at the
+    cost of all-reduces, over global links where the group spans nodes, which grow with the users a step
+    carries; a few idle chips cost less than narrow groups on all of them (Llama 3.3 70B on 577 chips, a
+    prime, arranges only as 577 stages of one chip, and decodes 14x faster on 448 in groups of 64). The
+    widths are tried from the widest down while each decodes faster than the one before (the step is
+    shortest where the all-reduces cost about what the wider installs save), each in its fastest
+    arrangement."""
     widths = [t for t in tp_candidates(spec, system) if (idle or chips % t == 0) and (best is None or t > best[0].tp)]
     # most_chips (0.05-0.6 s) only at the first width whose groups the chips outnumber the pieces for
     most = functools.cache(lambda: most_chips(spec, system, workload, 1, tp_candidates(spec, system))) if idle else None
