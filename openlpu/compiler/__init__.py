@@ -117,15 +117,13 @@ def _wider_groups(spec: ModelSpec, system: SystemSpec, workload: Workload, chips
     previous = None
     for t in sorted(widths, reverse=True):
         candidate = _arranged_within(spec, system, workload, chips, t, templates, most)
-        best = _faster(best, candidate)
+        if candidate is not None:
+            if previous is not None and candidate[2] >= previous:
+                break
+            best, previous = _faster(best, candidate), candidate[2]
         if idle:  # the fewest chips that hold the model in such groups may decode faster still
             than = len(candidate[0].chips) if candidate else chips - chips % t
             best = _faster(best, _on_fewest(spec, system, workload, t, than, templates))
-        if candidate is None:
-            continue
-        if previous is not None and candidate[2] >= previous:
-            break
-        previous = candidate[2]
     return best
 
 
