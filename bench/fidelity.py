@@ -361,13 +361,19 @@ def groq_program(model: str, system, workload, chips: int | None, tp: int | None
     raise failure
 
 
+def point_workload(p: Point, context: int, prompt: int, users: int = 1):
+    """The Workload a row is modelled at: its precision throughout."""
+    from openlpu.compiler import Workload
+
+    return Workload(weights=p.precision, activations=p.precision, kv=p.precision, context_length=context, users=users,
+                    prompt_len=prompt)
+
+
 def lpu_timing(p: Point, system, context: int, prompt: int, tp: int | None = None, users: int = 1):
-    from openlpu.compiler import Workload, verify_or_raise
+    from openlpu.compiler import verify_or_raise
     from openlpu.sim.timing import timing
 
-    workload = Workload(weights=p.precision, activations=p.precision, kv=p.precision,
-                        context_length=context, users=users, prompt_len=prompt)
-    program = groq_program(p.model, system, workload, p.chips, tp)
+    program = groq_program(p.model, system, point_workload(p, context, prompt, users), p.chips, tp)
     verify_or_raise(program)
     return timing(program)
 
@@ -575,12 +581,11 @@ def free_choice_reading(system) -> dict:
     """The FIT row compiled in the compiler's own choice of TP width on its chips, and the install rate at
     which that choice would reproduce the published figure (reproducing_rate; the compiler chooses again
     at each rate)."""
-    from openlpu.compiler import Workload, compile_program
+    from openlpu.compiler import compile_program
     from openlpu.sim.timing import timing
 
     p = FIT_POINT
-    spec, workload = load_preset(p.model), Workload(weights=p.precision, activations=p.precision, kv=p.precision,
-                                                    context_length=p.setting["context"], prompt_len=512)
+    spec, workload = load_preset(p.model), point_workload(p, p.setting["context"], 512)
 
     def tok_s(rated) -> float:
         return timing(compile_program(spec, rated, workload, chips=p.chips)).tokens_per_s_per_user
@@ -609,11 +614,20 @@ SCOUT_SPREAD = (1, 2, 4)  # Llama 4 Scout read at these multiples of its fewest 
 
 
 def scout_spread(system) -> list[dict]:
-    """Llama 4 Scout on multiples of its fewest chips: its MLPs cut into more parts, which run side by side."""
-    out = []
+    """Llama 4 Scout on multiples of its fewest chips: its MLPs cut into more parts, which run side by side; in
+    TP groups inside a node, as every row is modelled, and as the compiler places it left to itself (groups
+    spanning nodes where they decode faster: a deployment the record does not describe)."""
+    from openlpu.compiler import compile_program
+    from openlpu.sim.timing import timing
+
+    p, out = LLAMA_4_SCOUT, []
+    workload = point_workload(p, p.setting["context"], min(512, p.setting["context"]))
     for k in SCOUT_SPREAD:  # first at the held-out row's own placement (k = 1), then on k times its chips
-        tok_s, t = predict_lpu(dataclasses.replace(LLAMA_4_SCOUT, chips=k * out[0]["chips"] if out else None), system)
-        out.append({"chips": t.chips, "layout": f"{t.stages} x TP {t.tp}", "tok_s": tok_s})
+        tok_s, t = predict_lpu(dataclasses.replace(p, chips=k * out[0]["chips"] if out else None), system)
+        free = timing(compile_program(load_preset(p.model), system, workload, chips=t.chips))
+        idle = f" on {free.chips:,}" if free.chips < t.chips else ""
+        out.append({"chips": t.chips, "layout": f"{t.stages} x TP {t.tp}", "tok_s": tok_s,
+                    "free_layout": f"{free.stages} x TP {free.tp}{idle}", "free_tok_s": free.tokens_per_s_per_user})
     return out
 
 
@@ -1158,9 +1172,13 @@ it (`kv_cache_quant_algo` FP8 in their hf_quant_config.json), and attention does
   {scout[0]["tok_s"]:,.0f} tok/s, {scout[0]["tok_s"] / scout_published - 1:+.0%} from the listing ({scout_published:,}).
   Given more chips, the compiler cuts the MLPs into more parts, which run side by side: {"; ".join(
       f'{r["chips"]:,} chips ({r["layout"]}) {r["tok_s"]:,.0f} ({r["tok_s"] / scout_published - 1:+.0%})'
-      for r in scout[1:])}. So the listing needs
-  either several times the fewest chips or a schedule that installs only the chosen expert, which a
-  static schedule cannot; the public record gives neither Groq's chip count nor its schedule.
+      for r in scout[1:])}. Left to itself on the same counts, the compiler groups chips across nodes,
+  which installs each matrix over more of them: {"; ".join(
+      f'{r["chips"]:,} chips ({r["free_layout"]}) {r["free_tok_s"]:,.0f} '
+      f'({r["free_tok_s"] / scout_published - 1:+.0%})' for r in scout)}. So the listing needs several times the
+  fewest chips, in groups spanning nodes (a reading, chosen after seeing the listing, and a deployment
+  the record does not describe), or a schedule that installs only the chosen expert, which a static
+  schedule cannot; the public record gives neither Groq's chip count nor its schedule.
 - Held out at the fewest chips: each row's placement, and the same row compiled at each TP width
   inside a node ({widths}; `openlpu plan --tp`), each at its own fewest chips. The width nearest the
   listing is a reading of what deployment would explain it, chosen after seeing the listing, so it is
