@@ -152,8 +152,7 @@ def main() -> None:
         (f"Total s is a plan: compile, verify and timing. Load s reads the Program file back (`decode_program`, "
          f"as `openlpu inspect` and the server do), best of {args.repeat}, after the peak RSS is taken."), "",
         "| model | context x users | prompt | chips (of those given) | stages x TP | ops | transfers | shards | "
-        "program file | "
-        "compile s | verify s | timing s | total s | peak RSS MB | planning MB | violations | load s |",
+        "program file | compile s | verify s | timing s | total s | peak RSS MB | planning MB | violations | load s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

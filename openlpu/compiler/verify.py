@@ -256,7 +256,7 @@ def _sram(program: Program, phase: PhaseSchedule) -> list[Violation]:
 
     for events in stage_events.values():  # sorted once: each chip's merge with its own events is then linear
         events.sort()
-    stage_peak = {(k, ()): peak(v) for k, v in stage_events.items()}
+    stage_peak: dict[tuple, float] = {}  # (stage, a chip's own events) -> the peak of the two together
     out = []
     for stage in program.placement.stages:
         for chip in stage.chips:
