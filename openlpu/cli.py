@@ -16,6 +16,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="OpenLPU: compile models for SRAM-only LPU systems, simulate and run them.")
 console = Console()
 MODEL_HELP = "model preset (see `openlpu models`), a .gguf file, or a Hugging Face config.json or its folder"
+DECODE_CONTEXT_HELP = ("tokens each decode step attends: the length the requests served reach (default: all of "
+                       "--context, which sizes the KV cache each user holds)")
 
 
 def _compiling(model: str, system: str, prompt: int):
@@ -109,6 +111,7 @@ def plan(
     users: int = typer.Option(1, "--users", help="concurrent users (streams)"),
     prompt: int = typer.Option(None, "--prompt", help="prompt tokens whose prefill sets TTFT (default: 512, "
                                                       "or the context if shorter)"),
+    decode_context: int = typer.Option(None, "--decode-context", help=DECODE_CONTEXT_HELP),
     chips: int = typer.Option(None, "--chips", help="LPU chips to use, or fewer where wider TP groups on them "
                                                      "decode faster or the model's pieces take fewer (default: "
                                                      "as few as fit, or inside one node as few stages; with "
@@ -155,7 +158,8 @@ def plan(
     with _compiling(spec.name, system, prompt):
         rows = make_plan(spec, system=system, compare=tuple(compare), precision=precision, context=context,
                          users=users, chips=chips, tp=tp, gpus=gpus, prompt=prompt, assumptions=assumptions,
-                         draft=draft, draft_tokens=draft_tokens, acceptance=acceptance, gpu_software=gpu_software)
+                         draft=draft, draft_tokens=draft_tokens, acceptance=acceptance, gpu_software=gpu_software,
+                         decode_context=decode_context)
     if plot_file:
         plot(rows, plot_file, f"{spec.name}, {precision}, {users} user(s) x {context} tokens")
     if json_out:
@@ -173,7 +177,7 @@ def plan(
     kv = serving_kv_precision(precision)
     formats = precision if kv == precision else f"{precision} (KV cache {kv})"
     table = Table(title=f"{spec.name} at {formats}, {users} user(s) x {context} tokens of context",
-                  caption=f"tok/s: decode steps attending all {context:,} tokens.{speculating}{kernels} TTFT: "
+                  caption=f"tok/s: {_attending(context, decode_context)}.{speculating}{kernels} TTFT: "
                           f"the prefill of a {prompt:,}-token prompt. $ per M tokens: capex over {a.years:g} "
                           f"years plus power at ${a.usd_per_kwh:.2f}/kWh (PUE {a.pue:g}), serving "
                           f"{a.utilisation:.0%} of the hours at the throughput shown."
@@ -202,6 +206,13 @@ def plan(
         console.print(f"chart written to {plot_file}")
 
 
+def _attending(context: int, decode_context: int | None) -> str:
+    if decode_context is None or decode_context == context:
+        return f"decode steps attending all {context:,} tokens"
+    return (f"decode steps attending {decode_context:,} of the {context:,} tokens each user holds (a static "
+            f"schedule attends a fixed length: longer requests need a Program of their own)")
+
+
 def _idle_note(asked: int, used: int) -> str:
     return (f"{asked - used:,} of the {asked:,} LPU chips asked for stay idle: on {used:,}, the TP groups decode "
             f"fastest of the widths tried, each on the most of the {asked:,} it divides (or the model's "
@@ -221,6 +232,7 @@ def compile_cmd(
     context: int = typer.Option(4096, "--context", help="tokens of KV cache per user"),
     users: int = typer.Option(1, "--users", help="users in flight in the pipeline"),
     prompt: int = typer.Option(512, "--prompt", help="prompt tokens whose prefill sets the time to first token"),
+    decode_context: int = typer.Option(None, "--decode-context", help=DECODE_CONTEXT_HELP),
     chips: int = typer.Option(None, "--chips", help="chips to use, or fewer where wider TP groups on them decode "
                                                      "faster or the model's pieces take fewer (default: as few "
                                                      "as fit, or inside one node as few stages)"),
@@ -239,7 +251,8 @@ def compile_cmd(
     spec = load_spec(model)
     kv = as_precision(kv_precision).name if kv_precision else serving_kv_precision(precision)
     workload = Workload(weights=precision, activations=precision, kv=kv, context_length=context,
-                        users=users, prompt_len=min(prompt, context), draft_tokens=draft_tokens)
+                        users=users, prompt_len=min(prompt, context), draft_tokens=draft_tokens,
+                        decode_context=decode_context)
     with _compiling(spec.name, system, workload.prompt_len):
         program = compile_program(spec, load_system(system), workload, chips, tp)
         digest = program.save(output)
@@ -250,7 +263,8 @@ def compile_cmd(
     if chips is not None and t.chips < chips:
         console.print(_idle_note(chips, t.chips))
     rate = "tok/s" if not draft_tokens else "steps/s"  # a verifying step yields 1 to draft_tokens + 1 tokens
-    console.print(f"decode step makespan {program.decode.makespan_cycles:,} cycles = {t.decode_latency_s * 1e6:,.1f} us "
+    console.print(f"decode step attending {workload.attended_context:,} tokens: makespan "
+                  f"{program.decode.makespan_cycles:,} cycles = {t.decode_latency_s * 1e6:,.1f} us "
                   f"({t.tokens_per_s_per_user:,.0f} {rate} per user, {t.throughput_tokens_per_s:,.0f} {rate} with "
                   f"{users} user(s), {t.micro_batch} per step); prefill of {workload.prompt_len} tokens {t.ttft_s * 1e3:,.2f} ms")
     verdict = "[green]passed[/]" if not violations else f"[red]{len(violations)} violation(s)[/]: {violations[0].message}"
@@ -293,7 +307,8 @@ def inspect_cmd(
     console.print(table)
     drafts = program.workload.draft_tokens
     step, rate = ("token", "tok/s") if not drafts else (f"step verifying {drafts} draft tokens", "steps/s")
-    console.print(f"decode {t.decode_latency_s * 1e6:,.1f} us/{step} ({t.tokens_per_s_per_user:,.0f} {rate} per user), "
+    console.print(f"decode {t.decode_latency_s * 1e6:,.1f} us/{step} attending {program.workload.attended_context:,} of "
+                  f"{program.workload.context_length:,} tokens ({t.tokens_per_s_per_user:,.0f} {rate} per user), "
                   f"TTFT {t.ttft_s * 1e3:,.2f} ms, {t.throughput_tokens_per_s:,.0f} {rate} with {t.users} user(s) "
                   f"({t.micro_batch} per step), "
                   f"{t.power_w / 1e3:,.1f} kW, {t.energy_per_token_j:,.3f} J/{step.split()[0]}")

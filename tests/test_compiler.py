@@ -549,10 +549,36 @@ def test_micro_batches_shrink_until_their_buffers_fit():
     (dict(context_length=-1), "context length must be a positive integer"),
     (dict(weights="fp7"), "unknown precision 'fp7'"),
     (dict(context_length=100, prompt_len=200), "longer than the context"),
+    (dict(context_length=100, prompt_len=50, decode_context=200), "decode context 200 is longer than the context 100"),
+    (dict(decode_context=0), "decode context must be a positive integer, got 0"),
+    (dict(decode_context=True), "decode context must be a positive integer, got True"),
 ])
 def test_bad_workloads(kwargs, message):
     with pytest.raises(OpenLPUError, match=message):
         Workload(**kwargs)
+
+
+@pytest.mark.parametrize("name, chips", [("llama-3.2-1b", 16), ("gemma-2-9b", 64)])
+def test_a_decode_step_depends_on_the_tokens_it_attends_not_on_the_window_held(name, chips, tmp_path):
+    """A Program holding 8,192 tokens per user whose decode steps attend 2,048 has, on the same placement,
+    the decode step of a Program holding 2,048 (a second way: the step's ops at the same cycles; gemma-2-9b's
+    sliding-window layers attend their window either way), and the prefill of one attending all 8,192. It
+    verifies and keeps its decode context through a file."""
+    spec = load_preset(name)
+    short = compile_program(spec, SYSTEM, Workload(context_length=8192, decode_context=2048), chips, 8)
+    held = compile_program(spec, SYSTEM, Workload(context_length=2048), chips, 8)
+    whole = compile_program(spec, SYSTEM, Workload(context_length=8192), chips, 8)
+    pieces = [[s.pieces for s in p.placement.stages] for p in (short, held, whole)]
+    assert pieces[0] == pieces[1] == pieces[2]
+    assert short.placement.stages[0].kv_bytes_per_chip == whole.placement.stages[0].kv_bytes_per_chip
+
+    def cycles(phase):
+        return [(o.name, o.start_cycle, o.end_cycle) for o in phase.ops]
+    assert cycles(short.decode) == cycles(held.decode) and short.decode.seq_len == 2048
+    assert cycles(short.prefill) == cycles(whole.prefill)
+    assert short.decode.makespan_cycles < whole.decode.makespan_cycles and verify(short) == []
+    short.save(tmp_path / "short.prog")
+    assert load_program(tmp_path / "short.prog").workload.decode_context == 2048
 
 
 def test_fp8_has_no_integer_shortcut():
@@ -1061,6 +1087,7 @@ def test_random_workloads_compile_to_programs_that_verify():
                             kv="fp16" if precision == "fp16" else "int8", context_length=context,
                             users=r.choice([1, 16, 128]), prompt_len=r.choice([300, context, context]))
         chips, tp = r.choice([None, None, 8 * r.randint(1, 40)]), r.choice([None, None, 1, 1, 2])
+        workload = dataclasses.replace(workload, decode_context=r.choice([None, None, context // 8]))
         try:
             program = compile_program(spec, SYSTEM, workload, chips, tp)
         except OpenLPUError:

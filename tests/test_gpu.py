@@ -176,10 +176,15 @@ def test_windowed_and_chunked_layers_keep_only_their_ring():
     assert G.kv_bytes(scout, "fp8", 131072, 1) == 2 * scout.kv_dim * (36 * 8192 + 12 * 131072)
 
 
-@pytest.mark.parametrize("kw", [{"context": 0}, {"context": -5}, {"users": 0}])
-def test_bad_sizes_are_one_clear_error(kw):
+@pytest.mark.parametrize("kw, says", [({"context": 0}, "context must be a positive integer"),
+                                      ({"context": -5}, "context must be a positive integer"),
+                                      ({"users": 0}, "users must be a positive integer"),
+                                      ({"decode_context": 0}, "decode_context must be a positive integer"),
+                                      ({"decode_context": True}, "decode_context must be a positive integer"),
+                                      ({"decode_context": 129}, "decode context 129 is longer than the context 128")])
+def test_bad_sizes_are_one_clear_error(kw, says):
     args = {"context": 128, "users": 1, **kw}
-    with pytest.raises(OpenLPUError, match="positive"):
+    with pytest.raises(OpenLPUError, match=says):
         G.gpu_timing(load_preset("gemma-3-270m"), load_gpu("h100-sxm"), "bf16", **args)
 
 

@@ -181,5 +181,9 @@ def test_keys_in_slot_ranges_add_up_to_the_layers_attention(window, context, pas
     by_query = sum(len({p % ring for p in range(max(0, q + 1 - (window or q + 1)), q + 1)} & set(range(lo, hi)))
                    for q in range(past, past + tokens))
     assert parts[1][0] == by_query
-    decode = [keys_in_slots("decode", 0, 1, ring, lo, hi) for lo, hi in itertools.pairwise(bounds)]
-    assert [d[0] for d in decode] == [hi - lo for lo, hi in itertools.pairwise(bounds)]
+    for attended in (ring, ring // 3, context):  # a decode step over the whole ring, and over fewer keys
+        decode = [keys_in_slots("decode", attended, 1, ring, lo, hi) for lo, hi in itertools.pairwise(bounds)]
+        assert [d[0] for d in decode] == [len({p % ring for p in range(attended)} & set(range(lo, hi)))
+                                          for lo, hi in itertools.pairwise(bounds)]
+        assert [d[1] for d in decode] == [d[0] for d in decode]
+        assert sum(d[2] for d in decode) == pytest.approx(1.0)  # its one new key lands in one of the parts

@@ -105,6 +105,32 @@ def test_prompt_and_cost_assumptions_reach_the_rows():
         assert full.usd_per_million_tokens == pytest.approx(half.usd_per_million_tokens / 2)
 
 
+def test_a_decode_context_times_steps_over_fewer_tokens_than_the_window_held():
+    """--decode-context: both sides hold each user's whole --context (the LPU on as many chips, the GPUs with
+    as much KV cache), while each decode step attends the shorter length, read a second way on each side; a
+    shorter step is faster, the prefill the same, and the caption says what the steps attend."""
+    from openlpu.compiler import Workload, compile_program
+    from openlpu.hardware.lpu import load_system
+    from openlpu.sim.gpu import gpu_timing
+    from openlpu.sim.timing import timing
+
+    spec = load_preset("llama-3.1-8b")
+    whole = plan(spec, context=32768, users=4)
+    lpu, h100 = plan(spec, context=32768, users=4, decode_context=2048)
+    program = compile_program(spec, load_system("lpu-v1"), Workload(context_length=32768, users=4,
+                                                                     decode_context=2048))
+    assert (lpu.chips, lpu.memory_used_fraction) == (whole[0].chips, whole[0].memory_used_fraction)
+    assert lpu.tokens_per_s_per_user == pytest.approx(timing(program).tokens_per_s_per_user)
+    gpu = gpu_timing(spec, load_gpu("h100-sxm"), "int8", context=2048, users=4, gpus=h100.chips, prompt_tokens=512)
+    assert h100.tokens_per_s_per_user == pytest.approx(gpu.tokens_per_s_per_user)
+    assert h100.memory_used_fraction == whole[1].memory_used_fraction > gpu.hbm_used_fraction
+    for short, full in zip((lpu, h100), whole):
+        assert short.tokens_per_s_per_user > full.tokens_per_s_per_user and short.ttft_s == full.ttft_s
+    r = run_cli("llama-3.1-8b", "--context", "32768", "--decode-context", "2048")
+    assert r.returncode == 0, r.stderr
+    assert "decode steps attending 2,048 of the 32,768 tokens each user holds" in " ".join(r.stdout.split())
+
+
 @pytest.mark.parametrize("precision, kv", [("int4", "int8"), ("fp4", "fp8")])
 def test_four_bit_weights_plan_an_eight_bit_kv_cache_on_both_sides(precision, kv):
     """At 4-bit weights both sides hold the KV cache at 8 bits, as GPU serving stacks do: the LPU row is the
@@ -330,6 +356,8 @@ def test_a_gguf_file_plans_as_its_preset(gemma_path):
     (["llama-2-70b", "--precision", "fp16", "--gpus", "1"], "cannot hold llama-2-70b's 138.0 GB"),
     (["llama-2-70b", "--prompt", "5000"], "--prompt 5000 is longer than --context 4096"),
     (["llama-2-70b", "--prompt", "0"], "--prompt must be a positive integer"),
+    (["llama-2-70b", "--decode-context", "5000"], "--decode-context 5000 is longer than --context 4096"),
+    (["llama-2-70b", "--decode-context", "0"], "--decode-context must be a positive integer"),
     (["llama-2-70b", "--utilisation", "1.5"], "utilisation must be at most 1"),
     (["llama-2-70b", "--utilisation", "0"], "utilisation must be a positive, finite number"),
     (["llama-2-70b", "--years", "-1"], "years must be a positive, finite number"),

@@ -377,9 +377,9 @@ class PieceSizes:
 
 
 def lowered_decode(spec: ModelSpec, workload: Workload, rows: int = 1) -> list[Op]:
-    """One decode step of a micro-batch of `rows` users, each attending its whole context with its
-    draft_tokens + 1 new tokens (the drafts a speculating user's step verifies)."""
-    return lower(spec, "decode", workload.context_length, rows, workload.weights, kv_precision=workload.kv,
+    """One decode step of a micro-batch of `rows` users, each attending workload.attended_context tokens with
+    its draft_tokens + 1 new tokens (the drafts a speculating user's step verifies)."""
+    return lower(spec, "decode", workload.attended_context, rows, workload.weights, kv_precision=workload.kv,
                  act_precision=workload.activations, queries=workload.draft_tokens + 1)
 
 

@@ -35,8 +35,8 @@ MAGIC = b"OPENLPU-PROGRAM\n"
 # decode step verifies them); 9: a placement records whether its MoE MLPs are cut and split by whole
 # experts (expert parallelism), their pieces then holding expert ranges; 10: cut by expert rows instead,
 # pieces and shards (axis EXPERT_ROWS) hold ranges of the experts' d_ff rows end to end; 11: a phase names
-# its link loads by their index in the Program's table of distinct ones
-FORMAT_VERSION = 11
+# its link loads by their index in the Program's table of distinct ones; 12: the workload's decode context
+FORMAT_VERSION = 12
 
 
 def gc_paused(build):
@@ -63,13 +63,21 @@ class Workload:
     weights: str = "int8"
     activations: str = "int8"
     kv: str = "int8"
-    context_length: int = 4096  # tokens of KV cache per user (the decode step attends to all of them)
+    context_length: int = 4096  # tokens of KV cache per user
     users: int = 1  # users in flight in the pipeline, each with its own KV cache
     prompt_len: int = 512  # tokens of the prefill pass that sets the time to first token
     prefill_chunk: int = 256  # prompt tokens per pipeline wave: bounds activation buffers, overlaps stages
     # speculative decoding: tokens a draft model proposes per step, which each decode step verifies
     # (its users each bring draft_tokens + 1 new tokens; sim.speculative turns steps into tokens)
     draft_tokens: int = 0
+    # tokens each decode step attends (None: the whole context): a static schedule attends a fixed length, so a
+    # deployment serving requests shorter than the window it holds keeps a Program per length they reach
+    decode_context: int | None = None
+
+    @property
+    def attended_context(self) -> int:
+        """Tokens each decode step attends."""
+        return self.context_length if self.decode_context is None else self.decode_context
 
     def __post_init__(self):
         for p in (self.weights, self.activations, self.kv):
@@ -83,6 +91,12 @@ class Workload:
         if self.prompt_len > self.context_length:
             raise OpenLPUError(f"prompt length {self.prompt_len} is longer than the context "
                                f"{self.context_length}; raise --context or shorten the prompt")
+        d = self.decode_context
+        if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d <= 0):
+            raise OpenLPUError(f"decode context must be a positive integer, got {d!r}")
+        if d is not None and d > self.context_length:
+            raise OpenLPUError(f"decode context {d} is longer than the context {self.context_length}: a decode step "
+                               f"attends at most the tokens each user holds; lower --decode-context or raise --context")
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ from openlpu.compiler.partition import (CUT_SEPARATOR, EMBED, EXPERT_ROWS, axis_
                                         op_role, op_suffix, piece_homes, prefill_chunks, suffix_role)
 from openlpu.compiler.program import PhaseSchedule, Placement, ScheduledOp, Transfer, Workload, transfer_ends
 from openlpu.errors import OpenLPUError
-from openlpu.graph.lower import PRECISIONS, as_precision, keys_in_slots, lower
+from openlpu.graph.lower import PRECISIONS, as_precision, attended_keys, keys_in_slots, lower
 from openlpu.graph.ops import Op
 from openlpu.hardware.lpu import SystemSpec
 from openlpu.models.spec import ModelSpec
@@ -564,9 +564,12 @@ def _attention_part(spec: ModelSpec, workload: Workload, op: Op, lo: int, hi: in
     """An attention op (or its score softcap) over KV slots [lo, hi) of its layer: its share of the
     pairs, the cached keys and the new ones; the attention also leaves each head's log-sum-exp."""
     chunk, _ = split_chunk(op.name)
-    past = (chunk or 0) * workload.prefill_chunk
     ring = kv_slots(spec, workload.context_length, op.layer)
-    phase, tokens = ("decode", 1) if chunk is None else ("prefill", op.shape[0])
+    if chunk is None:
+        phase, tokens, past = "decode", 1, attended_keys(workload.attended_context, spec.layer_window(op.layer),
+                                                         "decode", chunk=spec.layer_chunk(op.layer))
+    else:
+        phase, tokens, past = "prefill", op.shape[0], chunk * workload.prefill_chunk
     part, whole = (keys_in_slots(phase, past, tokens, ring, a, b) for a, b in ((lo, hi), (0, ring)))
     pairs, cached, written = (p / w if w else 0.0 for p, w in zip(part, whole))
     if op.kind != "attention":
@@ -781,6 +784,6 @@ def _schedule(spec: ModelSpec, system: SystemSpec, workload: Workload, placement
             s._send(name, "p2p", stage, (src_chip, placement.stages[stage].chips[0]),
                     TOKEN_ID_BYTES * rows * (workload.draft_tokens + 1), s.ready[src_name][1], (src_name,))
     makespan = max([o.end_cycle for o in s.ops] + [t.arrival_cycle for t in s.transfers])
-    seq_len = workload.context_length if phase == "decode" else workload.prompt_len
+    seq_len = workload.attended_context if phase == "decode" else workload.prompt_len
     return PhaseSchedule(phase, seq_len, rows if phase == "decode" else seq_len, tuple(s.ops), tuple(s.transfers),
                          makespan), s.went_via

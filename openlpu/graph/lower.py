@@ -96,11 +96,14 @@ def keys_in_slots(phase: str, past_len: int, tokens: int, ring: int, lo: int, hi
     """(query-key pairs, cached keys read, new keys written) of one sequence whose keys lie in slots
     [lo, hi) of a layer's KV ring of `ring` slots (position p in slot p mod ring; ring = the context, or
     the sliding window if shorter). Prefill: `tokens` queries after `past_len` cached positions, query q
-    seeing slots 0..q until the ring is full, then every slot. Decode attends the whole ring and writes
-    one key, which lands in any slot: its parts take shares of (hi - lo) / ring."""
+    seeing slots 0..q until the ring is full, then every slot. Decode: a query attending `past_len` keys
+    (attended_keys), which fill the ring from slot 0 (a chunked layer's chunk starts there), and writing
+    one key, which lands in any of their slots."""
     width = hi - lo
     if phase == "decode":
-        return float(width), float(width), width / ring
+        filled = min(past_len, ring)
+        seen = min(max(filled - lo, 0), width)
+        return float(seen), float(seen), seen / filled
 
     def seen(x: int) -> float:  # sum over queries with 1..x visible positions of the keys they see in range
         if x <= lo:

@@ -236,9 +236,9 @@ def layout(spec: ModelSpec, gpus: int, gpu: GpuSpec) -> tuple[int, int]:
     return tp, gpus // tp
 
 
-def _check_sizes(context: int, users: int, prompt_tokens: int) -> None:
-    for what, v in (("context", context), ("users", users), ("prompt_tokens", prompt_tokens)):
-        if not isinstance(v, int) or v <= 0:
+def _check_sizes(**sizes: int) -> None:
+    for what, v in sizes.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise OpenLPUError(f"{what} must be a positive integer, got {v!r}")
 
 
@@ -275,12 +275,17 @@ def gpus_needed(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, use
 
 def gpu_timing(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, users: int = 1,
                gpus: int | None = None, prompt_tokens: int | None = None,
-               software: str = DEFAULT_SOFTWARE, queries: int = 1) -> GpuTiming:
+               software: str = DEFAULT_SOFTWARE, queries: int = 1, decode_context: int | None = None) -> GpuTiming:
     """Serve `users` concurrent streams of `context` tokens on `gpus` GPUs (default: fewest that fit).
     Each decode step brings `queries` new tokens per user (more than one: a speculating step verifying
-    drafts; its token rates then count steps, which sim.speculative turns into tokens)."""
+    drafts; its token rates then count steps, which sim.speculative turns into tokens) and attends
+    `decode_context` of the `context` tokens each user holds (None: all of them)."""
     prompt_tokens = context if prompt_tokens is None else prompt_tokens
-    _check_sizes(context, users, prompt_tokens)
+    decode_context = context if decode_context is None else decode_context
+    _check_sizes(context=context, users=users, prompt_tokens=prompt_tokens, decode_context=decode_context)
+    if decode_context > context:
+        raise OpenLPUError(f"decode context {decode_context} is longer than the context {context}: a decode step "
+                           f"attends at most the tokens each user holds; lower it or raise the context")
     gpus = gpus_needed(spec, gpu, precision, context, users) if gpus is None else _checked_count(
         spec, gpu, precision, gpus)
     tp, stages = layout(spec, gpus, gpu)
@@ -294,7 +299,7 @@ def gpu_timing(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, user
             f"{context}, not {users}; add GPUs or lower --users / --context")
 
     kv_format = serving_kv_precision(precision)
-    decode_ops = lower(spec, "decode", seq_len=context, batch=users, precision=precision, kv_precision=kv_format,
+    decode_ops = lower(spec, "decode", seq_len=decode_context, batch=users, precision=precision, kv_precision=kv_format,
                        queries=queries)
     prefill_ops = lower(spec, "prefill", seq_len=prompt_tokens, batch=1, precision=precision, kv_precision=kv_format)
     decode = paced_decode_s(step_s(spec, decode_ops, gpu, precision, tp, stages, users * queries, software), users,
@@ -314,7 +319,7 @@ def offline_steps_s(spec: ModelSpec, gpu: GpuSpec, precision: str, gpus: int, ba
                     output_tokens: int, software: str = DEFAULT_SOFTWARE) -> tuple[float, float]:
     """(prefill of `batch` prompts, one decode step on the GPU alone, attending input + output/2 cached
     tokens on average) of offline_run_s's static batch."""
-    _check_sizes(input_tokens, batch, output_tokens)
+    _check_sizes(input_tokens=input_tokens, batch=batch, output_tokens=output_tokens)
     tp, stages = layout(spec, gpus, gpu)
     kv_format = serving_kv_precision(precision)
     prefill = lower(spec, "prefill", seq_len=input_tokens, batch=batch, precision=precision, kv_precision=kv_format)

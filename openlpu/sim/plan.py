@@ -79,15 +79,16 @@ def matrix_flops_per_token(spec: ModelSpec, precision: str, context: int, draft:
                                                                                               draft.acceptance)
 
 
-def _check_workload(spec: ModelSpec, context: int, users: int, prompt: int) -> None:
-    for what, v in (("context", context), ("users", users), ("prompt", prompt)):
+def _check_workload(spec: ModelSpec, context: int, users: int, prompt: int, decode_context: int) -> None:
+    for what, v in (("context", context), ("users", users), ("prompt", prompt), ("decode-context", decode_context)):
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise OpenLPUError(f"--{what} must be a positive integer, got {v!r}")
     if context > spec.context_length:
         raise OpenLPUError(f"--context {context} is longer than {spec.name}'s context window "
                            f"({spec.context_length} tokens); use at most {spec.context_length}")
-    if prompt > context:
-        raise OpenLPUError(f"--prompt {prompt} is longer than --context {context}; use at most {context}")
+    for what, v in (("prompt", prompt), ("decode-context", decode_context)):
+        if v > context:
+            raise OpenLPUError(f"--{what} {v} is longer than --context {context}; use at most {context}")
 
 
 def _check_draft(spec: ModelSpec, draft: Draft, context: int) -> None:
@@ -169,7 +170,7 @@ def _with_draft(system, program, t, draft: Draft, workload) -> _LpuFigures:
 
 def lpu_row(spec: ModelSpec, system_name: str, precision: str, context: int, users: int, prompt: int,
             flops_per_token: float, assumptions: CostAssumptions, chips: int | None = None,
-            tp: int | None = None, draft: Draft | None = None) -> PlanRow:
+            tp: int | None = None, draft: Draft | None = None, decode_context: int | None = None) -> PlanRow:
     from openlpu.compiler import Workload, compile_program, verify_or_raise
     from openlpu.compiler.schedule import matrix_macs_per_cycle
     from openlpu.sim.timing import timing
@@ -178,7 +179,7 @@ def lpu_row(spec: ModelSpec, system_name: str, precision: str, context: int, use
     # the KV cache as a GPU serving stack keeps it beside these weights, so both sides hold the same bytes
     workload = Workload(weights=precision, activations=precision, kv=serving_kv_precision(precision),
                         context_length=context, users=users, prompt_len=prompt,
-                        draft_tokens=draft.tokens if draft else 0)
+                        draft_tokens=draft.tokens if draft else 0, decode_context=decode_context)
     program = compile_program(spec, system, workload, chips=chips, tp=tp)
     verify_or_raise(program)  # figures are read off a schedule only if it holds every invariant
     t = timing(program)
@@ -199,7 +200,8 @@ def lpu_row(spec: ModelSpec, system_name: str, precision: str, context: int, use
 
 def gpu_row(spec: ModelSpec, gpu_name: str, precision: str, context: int, users: int, prompt: int,
             flops_per_token: float, assumptions: CostAssumptions, gpus: int | None = None,
-            draft: Draft | None = None, software: str = DEFAULT_SOFTWARE) -> PlanRow:
+            draft: Draft | None = None, software: str = DEFAULT_SOFTWARE,
+            decode_context: int | None = None) -> PlanRow:
     from openlpu.sim import gpu as gpu_model
     from openlpu.sim.gpu import gpu_timing
     from openlpu.sim.speculative import gpu_round
@@ -209,12 +211,12 @@ def gpu_row(spec: ModelSpec, gpu_name: str, precision: str, context: int, users:
         gpus = gpu_model.gpus_needed(spec, gpu, precision, context, users, extra_bytes=gpu_model.weight_bytes(
             draft.spec, precision) + gpu_model.kv_bytes(draft.spec, precision, context, users))
     t = gpu_timing(spec, gpu, precision, context, users, gpus=gpus, prompt_tokens=prompt,
-                   queries=draft.tokens + 1 if draft else 1, software=software)
+                   queries=draft.tokens + 1 if draft else 1, software=software, decode_context=decode_context)
     per_user, throughput, memory, ttft = t.tokens_per_s_per_user, t.throughput_tokens_per_s, t.hbm_used_fraction, \
         t.ttft_s
     if draft is not None:  # the draft shares the target's GPUs, their HBM and their time
         d = gpu_timing(draft.spec, gpu, precision, context, users, gpus=t.gpus, prompt_tokens=prompt,
-                       software=software)
+                       software=software, decode_context=decode_context)
         memory += d.hbm_used_fraction
         if memory > gpu_model.HBM_USABLE_FRACTION:
             raise OpenLPUError(f"{t.gpus} x {gpu.name} cannot hold {spec.name} and the draft {draft.spec.name} with "
@@ -237,10 +239,12 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
          assumptions: CostAssumptions = CostAssumptions(), chips: int | None = None,
          gpus: int | None = None, prompt: int | None = None, tp: int | None = None,
          draft: str | ModelSpec | None = None, draft_tokens: int | None = None,
-         acceptance: float | None = None, gpu_software: str = DEFAULT_SOFTWARE) -> list[PlanRow]:
+         acceptance: float | None = None, gpu_software: str = DEFAULT_SOFTWARE,
+         decode_context: int | None = None) -> list[PlanRow]:
     """The LPU system first, then each GPU, for `users` concurrent streams of `context` tokens, on
     `chips` LPU chips in TP groups of `tp` and `gpus` GPUs of each kind (None: the fewest that hold the
-    workload, the compiler's TP); TTFT is the prefill of `prompt` tokens (None: prompt_tokens(context)).
+    workload, the compiler's TP); TTFT is the prefill of `prompt` tokens (None: prompt_tokens(context));
+    each decode step attends `decode_context` of the `context` tokens a user holds (None: all of them).
     `model`, `draft`: a ModelSpec, or what load_spec takes (a preset name, a .gguf file, a config.json).
     With a draft, every system decodes speculatively: `draft_tokens` (default DRAFT_TOKENS) per round,
     each accepted with probability `acceptance`, which must be given. `gpu_software`: the GPUs' serving
@@ -248,7 +252,8 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
     spec = model if isinstance(model, ModelSpec) else load_spec(model)
     as_precision(precision)
     prompt = prompt_tokens(context) if prompt is None else prompt
-    _check_workload(spec, context, users, prompt)
+    attended = context if decode_context is None else decode_context
+    _check_workload(spec, context, users, prompt, attended)
     speculation = None
     if draft is not None:
         if acceptance is None:
@@ -267,11 +272,11 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
     software_named(gpu_software)
     if not compare and not system:
         raise OpenLPUError(f"nothing to plan: give --system and/or --compare ({', '.join(gpu_names())})")
-    flops = matrix_flops_per_token(spec, precision, context, speculation)  # the same work per token everywhere
-    rows = [lpu_row(spec, system, precision, context, users, prompt, flops, assumptions, chips, tp, speculation)] \
-        if system else []
+    flops = matrix_flops_per_token(spec, precision, attended, speculation)  # the same work per token everywhere
+    rows = [lpu_row(spec, system, precision, context, users, prompt, flops, assumptions, chips, tp, speculation,
+                    decode_context)] if system else []
     return rows + [gpu_row(spec, name, precision, context, users, prompt, flops, assumptions, gpus, speculation,
-                           gpu_software) for name in compare]
+                           gpu_software, decode_context) for name in compare]
 
 
 PLOT_METRICS = (("tokens_per_s_per_user", "tokens/s per user"), ("throughput_tokens_per_s", "tokens/s (system)"),
