@@ -26,6 +26,7 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
+from openlpu.compiler import Workload
 from openlpu.hardware.gpu import load_gpu
 from openlpu.hardware.lpu import load_system
 from openlpu.models.spec import load_preset
@@ -363,8 +364,6 @@ def groq_program(model: str, system, workload, chips: int | None, tp: int | None
 
 def point_workload(p: Point, context: int, prompt: int, users: int = 1):
     """The Workload a row is modelled at: its precision throughout."""
-    from openlpu.compiler import Workload
-
     return Workload(weights=p.precision, activations=p.precision, kv=p.precision, context_length=context, users=users,
                     prompt_len=prompt)
 
@@ -383,7 +382,7 @@ def predict_lpu(p: Point, system, tp: int | None = None, users: int = 1):
     `users` in flight; an LLMPerf row, its concurrent requests)."""
     s = p.setting
     if p.metric == "decode_tok_s_per_user":
-        t = lpu_timing(p, system, s["context"], min(512, s["context"]), tp, users)
+        t = lpu_timing(p, system, s["context"], Workload.default_prompt_len(s["context"]), tp, users)
         return t.tokens_per_s_per_user, t
     if p.metric in ("llmperf_tok_s_per_request", "llmperf_decode_tok_s"):
         t = lpu_timing(p, system, s["context"], s["input"], tp, s["users"])
@@ -551,7 +550,6 @@ def fit_lpu_install(system) -> float:
 
 def fp16_activation_sensitivity(system) -> dict:
     """The FIT point again with FP16 activations and KV (8-bit weights): what the precision choice moves."""
-    from openlpu.compiler import Workload
     from openlpu.sim.timing import timing
 
     p = FIT_POINT
@@ -564,8 +562,6 @@ def fp16_activation_sensitivity(system) -> dict:
 def lpu_decomposition(system) -> dict:
     """Where one Llama-2-70B decode step goes at the FIT point: ops by kind and transfers by kind, in
     seconds summed along the step (they are sequential for one user)."""
-    from openlpu.compiler import Workload
-
     workload = Workload(context_length=FIT_POINT.setting["context"], prompt_len=512)
     program = groq_program(FIT_POINT.model, system, workload, FIT_POINT.chips)
     clock, out = system.chip.clock_hz, {}
@@ -597,7 +593,6 @@ def free_choice_reading(system) -> dict:
 
 def mixtral_cut(system) -> dict:
     """Mixtral on Groq's 576 chips: the placement, and the step if its stages ran one after another."""
-    from openlpu.compiler import Workload
     from openlpu.compiler.schedule import stage_occupancy_cycles
     from openlpu.sim.timing import timing
 
@@ -621,7 +616,7 @@ def scout_spread(system) -> list[dict]:
     from openlpu.sim.timing import timing
 
     p, out = LLAMA_4_SCOUT, []
-    workload = point_workload(p, p.setting["context"], min(512, p.setting["context"]))
+    workload = point_workload(p, p.setting["context"], Workload.default_prompt_len(p.setting["context"]))
     for k in SCOUT_SPREAD:  # first at the held-out row's own placement (k = 1), then on k times its chips
         tok_s, t = predict_lpu(dataclasses.replace(p, chips=k * out[0]["chips"] if out else None), system)
         free = timing(compile_program(load_preset(p.model), system, workload, chips=t.chips))
@@ -646,7 +641,7 @@ def short_request_reading(lpu_rows, system) -> list[dict]:
         if r["role"] != COUNTED or r["chips"] is not None or context <= SHORT_REQUEST:
             continue
         p = _point(r)
-        workload = dataclasses.replace(point_workload(p, context, min(512, context)), decode_context=SHORT_REQUEST)
+        workload = dataclasses.replace(point_workload(p, context, Workload.default_prompt_len(context)), decode_context=SHORT_REQUEST)
         t = timing(groq_program(p.model, system, workload, p.chips))
         out.append({"model": r["model"], "context": context, "published": r["published"], "chips": t.chips,
                     "whole_window": r["predicted"], "predicted": t.tokens_per_s_per_user,

@@ -139,12 +139,13 @@ def plan(
     """Chips, memory, tokens/s per user, TTFT, throughput, power, J/token, capex and $/Mtok: LPU vs GPUs."""
     import json
 
+    from openlpu.compiler import Workload
     from openlpu.graph.lower import serving_kv_precision
     from openlpu.models.spec import load_spec
     from openlpu.sim.cost import CostAssumptions
     from openlpu.sim.figures import png_path
     from openlpu.sim.gpu import SOFTWARE
-    from openlpu.sim.plan import DRAFT_TOKENS, plot, prompt_tokens
+    from openlpu.sim.plan import DRAFT_TOKENS, plot
     from openlpu.sim.plan import plan as make_plan
 
     if plot_file:
@@ -152,7 +153,7 @@ def plan(
     given = {"years": years, "usd_per_kwh": usd_per_kwh, "utilisation": utilisation}
     assumptions = CostAssumptions(**{k: v for k, v in given.items() if v is not None})
     spec = load_spec(model)
-    prompt = prompt_tokens(context) if prompt is None else prompt
+    prompt = Workload.default_prompt_len(context) if prompt is None else prompt
     # `--compare h100-sxm,b200` names two GPUs, as the flag given twice does; `--compare ''` leaves the default out
     compare = [part for name in compare for part in ([name] if Path(name).is_file() else name.split(",")) if part]
     with _compiling(spec.name, system, prompt):

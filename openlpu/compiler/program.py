@@ -74,6 +74,11 @@ class Workload:
     # deployment serving requests shorter than the window it holds keeps a Program per length they reach
     decode_context: int | None = None
 
+    @staticmethod
+    def default_prompt_len(context: int) -> int:
+        """The default prompt_len, or the whole context where shorter."""
+        return min(Workload.prompt_len, context)
+
     @property
     def attended_context(self) -> int:
         """Tokens each decode step attends."""

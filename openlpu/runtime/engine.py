@@ -92,7 +92,7 @@ class Engine:
         context = min(context_length or DEFAULT_CONTEXT_LENGTH, spec.context_length)
         system = load_system(system) if isinstance(system, str) else system
         program = compile_program(spec, system, Workload(context_length=context, users=max_batch,
-                                                         prompt_len=min(512, context)))
+                                                         prompt_len=Workload.default_prompt_len(context)))
         verify_or_raise(program)
         executor = load_executor(program, path, "fused", precision, device, context, spec=spec)
         return cls(executor, Tokenizer.from_gguf(path), max_batch, context)
