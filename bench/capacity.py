@@ -5,7 +5,9 @@ and $ per million tokens for 1 to 256 users in flight, each row from a compiled,
 lpu-v1 and the GPU model on H100 and B200 (the fewest of each that hold the workload; int8; the
 default cost assumptions of `openlpu plan`). The 8B model is also planned at the 131,072-token window
 GroqCloud's documentation lists llama-3.1-8b-instant with (its model catalogue, 2025), where the users'
-K and V, not the weights, set the chip count. The 70B model is planned decoding speculatively with a 1B
+K and V, not the weights, set the chip count: with decode steps attending the whole window, and attending
+2,048 tokens, as requests that short run on a deployment keeping a Program per length (`--decode-context`).
+The 70B model is planned decoding speculatively with a 1B
 draft, at an acceptance rate assumed, not measured (`openlpu plan --draft`), and gpt-oss-120b, the MoE
 GroqCloud serves now, Llama 4 Scout (16 experts, one per token, beside a shared expert), and Llama 4
 Maverick (128 experts in every second layer: 401B weights, which lpu-v1 holds only by cutting its MoE layers
@@ -23,6 +25,7 @@ import datetime
 import json
 import platform
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from openlpu.errors import OpenLPUError
@@ -30,21 +33,31 @@ from openlpu.sim.cost import CostAssumptions
 from openlpu.sim.plan import plan
 
 RESULTS = Path(__file__).parent / "results"
-# (model, context, speculative decoding: None or (draft, draft tokens per round, assumed acceptance))
-MODELS = (("llama-3.1-8b", 8192, None), ("llama-3.1-8b", 131072, None), ("llama-3.3-70b", 8192, None),
-          ("llama-3.3-70b", 8192, ("llama-3.2-1b", 4, 0.8)), ("gpt-oss-120b", 8192, None),
-          ("llama-4-scout", 8192, None), ("llama-4-maverick", 8192, None))
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    context: int  # tokens of context each user holds
+    decode_context: int | None = None  # tokens each decode step attends (None: all of them)
+    speculation: tuple | None = None  # (draft, draft tokens per round, assumed acceptance)
+
+
+MODELS = (Case("llama-3.1-8b", 8192), Case("llama-3.1-8b", 131072), Case("llama-3.1-8b", 131072, decode_context=2048),
+          Case("llama-3.3-70b", 8192), Case("llama-3.3-70b", 8192, speculation=("llama-3.2-1b", 4, 0.8)),
+          Case("gpt-oss-120b", 8192), Case("llama-4-scout", 8192), Case("llama-4-maverick", 8192))
 USERS = (1, 4, 16, 64, 256)
 GPUS = ("h100-sxm", "b200")
 
 
-def measure(model: str, context: int, users: int, speculation: tuple | None) -> dict:
+def measure(case: Case, users: int) -> dict:
     """The plan's rows by system for one workload; a system that cannot hold it gets its error."""
-    draft = dict(zip(("draft", "draft_tokens", "acceptance"), speculation or ()))
+    draft = dict(zip(("draft", "draft_tokens", "acceptance"), case.speculation or ()))
     out = {}
     for system, compare in (("lpu-v1", ()), *(("", (gpu,)) for gpu in GPUS)):
         try:
-            row, = plan(model, system=system, compare=compare, context=context, users=users, **draft)
+            row, = plan(case.model, system=system, compare=compare, context=case.context, users=users,
+                        decode_context=case.decode_context, **draft)
             out[row.system] = row.to_dict()
         except OpenLPUError as e:
             out[system or compare[0]] = {"error": str(e)}
@@ -60,8 +73,8 @@ def cells(row: dict) -> str:
 
 
 def main() -> int:
-    results = [{"model": m, "context": c, "speculation": sp, "users": u, "systems": measure(m, c, u, sp)}
-               for m, c, sp in MODELS for u in USERS]
+    results = [{"model": c.model, "context": c.context, "decode_context": c.decode_context, "speculation": c.speculation,
+                "users": u, "systems": measure(c, u)} for c in MODELS for u in USERS]
     a = CostAssumptions()
     RESULTS.mkdir(exist_ok=True)
     date = datetime.date.today().isoformat()
@@ -79,14 +92,18 @@ def main() -> int:
              f"KV cache; $ per million tokens: capex over {a.years:g} years plus power at ${a.usd_per_kwh:.2f}/kWh "
              f"(PUE {a.pue:g}), serving {a.utilisation:.0%} of the hours at the throughput shown.")
     lines = ["# Capacity: what serving takes as users grow (LPU vs GPUs)", "", about, ""]
-    for model, context, speculation in MODELS:
-        drafting = "" if speculation is None else (
-            f", decoding speculatively: {speculation[0]} drafts {speculation[1]} tokens a round, each accepted with "
-            f"chance {speculation[2]:g} (assumed; the LPU runs the draft on chips of its own)")
-        lines += [f"## {model}, {context:,} tokens of context per user{drafting}", "",
+    for case in MODELS:
+        sp = case.speculation
+        drafting = "" if sp is None else (
+            f", decoding speculatively: {sp[0]} drafts {sp[1]} tokens a round, each accepted with "
+            f"chance {sp[2]:g} (assumed; the LPU runs the draft on chips of its own)")
+        if case.decode_context:
+            drafting += (f", decode steps attending {case.decode_context:,} (requests that short, on a deployment "
+                         f"keeping a Program per length)")
+        lines += [f"## {case.model}, {case.context:,} tokens of context per user{drafting}", "",
                   f"| users | {head} | LPU / H100 $ per Mtok |",
                   "|---|" + "---|---|---|---|" * len(systems) + "---|"]
-        for r in (r for r in results if (r["model"], r["context"], r["speculation"]) == (model, context, speculation)):
+        for r in (r for r in results if Case(r["model"], r["context"], r["decode_context"], r["speculation"]) == case):
             lpu, h100 = r["systems"]["lpu-v1"], r["systems"]["h100-sxm"]
             ratio = ("-" if "error" in lpu or "error" in h100
                      else f"{lpu['usd_per_million_tokens'] / h100['usd_per_million_tokens']:.1f}x")
