@@ -209,7 +209,7 @@ def plan(
 
 def _attending(context: int, decode_context: int | None) -> str:
     if decode_context is None or decode_context == context:
-        return f"decode steps attending all {context:,} tokens"
+        return f"decode steps attending all {context:,} tokens (--decode-context N: requests of N tokens)"
     return (f"decode steps attending {decode_context:,} of the {context:,} tokens each user holds (a static "
             f"schedule attends a fixed length: longer requests need a Program of their own)")
 

@@ -129,6 +129,8 @@ def test_a_decode_context_times_steps_over_fewer_tokens_than_the_window_held():
     r = run_cli("llama-3.1-8b", "--context", "32768", "--decode-context", "2048")
     assert r.returncode == 0, r.stderr
     assert "decode steps attending 2,048 of the 32,768 tokens each user holds" in " ".join(r.stdout.split())
+    r = run_cli("llama-3.1-8b", "--context", "32768")
+    assert "decode steps attending all 32,768 tokens (--decode-context N" in " ".join(r.stdout.split())
 
 
 @pytest.mark.parametrize("precision, kv", [("int4", "int8"), ("fp4", "fp8")])
