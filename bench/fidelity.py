@@ -641,7 +641,8 @@ def short_request_reading(lpu_rows, system) -> list[dict]:
         if r["role"] != COUNTED or r["chips"] is not None or context <= SHORT_REQUEST:
             continue
         p = _point(r)
-        workload = dataclasses.replace(point_workload(p, context, Workload.default_prompt_len(context)), decode_context=SHORT_REQUEST)
+        workload = dataclasses.replace(point_workload(p, context, Workload.default_prompt_len(context)),
+                                       decode_context=SHORT_REQUEST)
         t = timing(groq_program(p.model, system, workload, p.chips))
         out.append({"model": r["model"], "context": context, "published": r["published"], "chips": t.chips,
                     "whole_window": r["predicted"], "predicted": t.tokens_per_s_per_user,
