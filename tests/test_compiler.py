@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from openlpu.cli import app
 from openlpu.compiler import Workload, compile_program, load_program, verify
-from openlpu.compiler.partition import EXPERT_ROWS, half_index, size_table
+from openlpu.compiler.partition import CUT_SEPARATOR, EXPERT_ROWS, half_index, size_table
 from openlpu.compiler.program import FORMAT_VERSION, MAGIC, PHASES
 from openlpu.compiler.schedule import schedule_phase, split_chunk
 from openlpu.errors import OpenLPUError
@@ -184,6 +184,25 @@ def test_attention_too_large_for_a_chip_splits_its_kv_slots_between_stages():
     for s in stages:  # every stage's chips within their SRAM: weights, KV and reserved buffers
         held = max(sum(sh.nbytes for sh in program.placement.shards if sh.chip == c) for c in s.chips)
         assert held + s.kv_bytes_per_chip + s.activation_bytes_per_chip <= cap
+
+
+def test_a_split_attention_attending_fewer_keys_than_its_window_works_in_the_parts_holding_them():
+    """The 8B of the test above, its attentions split in three ranges of about 43,690 KV slots, with decode steps
+    attending 4,096 tokens: those fill the first range, whose part does the layer's whole attention (the lowered
+    op's FLOPs over the group, a second method), while the other parts attend no key; the placement is the one for
+    steps attending the whole window, and the step is shorter."""
+    from openlpu.graph.lower import lower
+
+    spec = load_preset("llama-3.1-8b")
+    whole = Workload(context_length=131072, users=16, prompt_len=512)
+    short = compile_program(spec, SYSTEM, dataclasses.replace(whole, decode_context=4096), chips=784)
+    full = compile_program(spec, SYSTEM, whole, chips=784)
+    assert [s.pieces for s in short.placement.stages] == [s.pieces for s in full.placement.stages] and not verify(short)
+    parts = [o for o in short.decode.ops if o.name.split(CUT_SEPARATOR)[0] == "blk.0.attention"]
+    lowered, = (o for o in lower(spec, "decode", 4096, short.decode.tokens, "int8") if o.name == "blk.0.attention")
+    assert len(parts) == 3 and parts[0].flops_per_chip == lowered.flops / short.placement.tp
+    assert [o.flops_per_chip for o in parts[1:]] == [0.0, 0.0]
+    assert short.decode.makespan_cycles < full.decode.makespan_cycles
 
 
 @pytest.mark.parametrize("name, context, users", [("llama-3.1-8b", 131072, 16), ("llama-3.3-70b", 8192, 64)])
