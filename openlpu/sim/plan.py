@@ -236,16 +236,16 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
          decode_context: int | None = None) -> list[PlanRow]:
     """The LPU system first, then each GPU, for `users` concurrent streams of `context` tokens, on
     `chips` LPU chips in TP groups of `tp` and `gpus` GPUs of each kind (None: the fewest that hold the
-    workload, the compiler's TP); TTFT is the prefill of `prompt` tokens (None: Workload.default_prompt_len(context));
+    workload, the compiler's TP); TTFT is the prefill of `prompt` tokens (None: Workload.default_prompt_len);
     each decode step attends `decode_context` of the `context` tokens a user holds (None: all of them).
     `model`, `draft`: a ModelSpec, or what load_spec takes (a preset name, a .gguf file, a config.json).
     With a draft, every system decodes speculatively: `draft_tokens` (default DRAFT_TOKENS) per round,
     each accepted with probability `acceptance`, which must be given. `gpu_software`: the GPUs' serving
     kernels, a key of sim.gpu.SOFTWARE."""
-    spec = model if isinstance(model, ModelSpec) else load_spec(model)
-    as_precision(precision)
     from openlpu.compiler import Workload
 
+    spec = model if isinstance(model, ModelSpec) else load_spec(model)
+    as_precision(precision)
     prompt = Workload.default_prompt_len(context) if prompt is None else prompt
     attended = context if decode_context is None else decode_context
     _check_workload(spec, context, users, prompt, attended)
