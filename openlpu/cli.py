@@ -18,9 +18,12 @@ console = Console()
 MODEL_HELP = "model preset (see `openlpu models`), a .gguf file, or a Hugging Face config.json or its folder"
 DECODE_CONTEXT_HELP = ("tokens each decode step attends: the length the requests served reach (default: all of "
                        "--context, which sizes the KV cache each user holds)")
+PREFILL_CHUNK_HELP = ("prompt tokens per pipeline wave of the LPU's prefill (default 256): smaller chunks fill the "
+                      "pipeline sooner and reserve smaller activation buffers, which can let wider TP groups fit "
+                      "the same chips, but make more waves to schedule, so the compile takes longer")
 
 
-def _compiling(model: str, system: str, prompt: int):
+def _compiling(model: str, system: str, prompt: int, chunk: int | None):
     """A spinner on stderr while a Program is compiled, verified and timed (a long prompt's prefill, scheduled
     chunk by chunk, can take a minute); Rich shows it only on a terminal, so pipes and --json stay clean.
     Nothing to show without an LPU system (`plan --system ""`: GPUs only)."""
@@ -30,7 +33,7 @@ def _compiling(model: str, system: str, prompt: int):
 
     if not system:
         return nullcontext()
-    chunks = -(-prompt // Workload.prefill_chunk)
+    chunks = -(-prompt // (chunk or Workload.prefill_chunk))
     return Console(stderr=True).status(f"compiling {model} for {system}: placement, one decode step and a "
                                        f"{prompt:,}-token prefill in {chunks:,} chunk(s)")
 
@@ -112,6 +115,7 @@ def plan(
     prompt: int = typer.Option(None, "--prompt", help="prompt tokens whose prefill sets TTFT (default: 512, "
                                                       "or the context if shorter)"),
     decode_context: int = typer.Option(None, "--decode-context", help=DECODE_CONTEXT_HELP),
+    prefill_chunk: int = typer.Option(None, "--prefill-chunk", help=PREFILL_CHUNK_HELP),
     chips: int = typer.Option(None, "--chips", help="LPU chips to use, or fewer where wider TP groups on them "
                                                      "decode faster or the model's pieces take fewer (default: "
                                                      "as few as fit, or inside one node as few stages; with "
@@ -156,11 +160,11 @@ def plan(
     prompt = Workload.default_prompt_len(context) if prompt is None else prompt
     # `--compare h100-sxm,b200` names two GPUs, as the flag given twice does; `--compare ''` leaves the default out
     compare = [part for name in compare for part in ([name] if Path(name).is_file() else name.split(",")) if part]
-    with _compiling(spec.name, system, prompt):
+    with _compiling(spec.name, system, prompt, prefill_chunk):
         rows = make_plan(spec, system=system, compare=tuple(compare), precision=precision, context=context,
                          users=users, chips=chips, tp=tp, gpus=gpus, prompt=prompt, assumptions=assumptions,
                          draft=draft, draft_tokens=draft_tokens, acceptance=acceptance, gpu_software=gpu_software,
-                         decode_context=decode_context)
+                         decode_context=decode_context, prefill_chunk=prefill_chunk)
     if plot_file:
         plot(rows, plot_file, f"{spec.name}, {precision}, {users} user(s) x {context} tokens")
     if json_out:
@@ -172,6 +176,7 @@ def plan(
         f" Speculative: {draft_tokens or DRAFT_TOKENS} draft tokens per round, each accepted with chance "
         f"{acceptance:g}; the LPU runs the draft on chips of its own, a GPU between the target's steps.")
     kernels = f" GPU decode attention: {SOFTWARE[gpu_software].name}." if compare else ""
+    waves = f" (the LPU's in chunks of {prefill_chunk or Workload.prefill_chunk:,} tokens)" if system else ""
     if compare and spec.is_moe:  # TensorRT-LLM 1.0's long outputs of Qwen3-30B-A3B ran slower than this
         kernels += (" GPU experts: a roofline of their work plus a routing cost per token fitted on one B200 row; "
                     "long outputs can run faster than measured (bench/results/fidelity.md).")
@@ -179,7 +184,7 @@ def plan(
     formats = precision if kv == precision else f"{precision} (KV cache {kv})"
     table = Table(title=f"{spec.name} at {formats}, {users} user(s) x {context} tokens of context",
                   caption=f"tok/s: {_attending(context, decode_context)}.{speculating}{kernels} TTFT: "
-                          f"the prefill of a {prompt:,}-token prompt. $ per M tokens: capex over {a.years:g} "
+                          f"the prefill of a {prompt:,}-token prompt{waves}. $ per M tokens: capex over {a.years:g} "
                           f"years plus power at ${a.usd_per_kwh:.2f}/kWh (PUE {a.pue:g}), serving "
                           f"{a.utilisation:.0%} of the hours at the throughput shown."
                           f"{''.join(' ' + _idle_note(chips, chips - r.chips_idle) for r in rows if r.chips_idle)}")
@@ -234,6 +239,7 @@ def compile_cmd(
     users: int = typer.Option(1, "--users", help="users in flight in the pipeline"),
     prompt: int = typer.Option(512, "--prompt", help="prompt tokens whose prefill sets the time to first token"),
     decode_context: int = typer.Option(None, "--decode-context", help=DECODE_CONTEXT_HELP),
+    prefill_chunk: int = typer.Option(None, "--prefill-chunk", help=PREFILL_CHUNK_HELP),
     chips: int = typer.Option(None, "--chips", help="chips to use, or fewer where wider TP groups on them decode "
                                                      "faster or the model's pieces take fewer (default: as few "
                                                      "as fit, or inside one node as few stages)"),
@@ -253,8 +259,9 @@ def compile_cmd(
     kv = as_precision(kv_precision).name if kv_precision else serving_kv_precision(precision)
     workload = Workload(weights=precision, activations=precision, kv=kv, context_length=context,
                         users=users, prompt_len=min(prompt, context), draft_tokens=draft_tokens,
-                        decode_context=decode_context)
-    with _compiling(spec.name, system, workload.prompt_len):
+                        decode_context=decode_context,
+                        prefill_chunk=Workload.prefill_chunk if prefill_chunk is None else prefill_chunk)
+    with _compiling(spec.name, system, workload.prompt_len, workload.prefill_chunk):
         program = compile_program(spec, load_system(system), workload, chips, tp)
         digest = program.save(output)
         violations, t = verify(program), timing(program)

@@ -683,6 +683,8 @@ def test_a_hugging_face_config_compiles_to_its_presets_program(tmp_path):
     (["compile", "gemma-3-270m", "-o", "x.prog", "--kv-precision", "int3"], "unknown precision 'int3'"),
     (["compile", "gemma-3-270m", "-o", "x.prog", "--users", "0"], "users must be a positive integer"),
     (["compile", "gemma-3-270m", "-o", "x.prog", "--draft-tokens", "-2"], "draft tokens must be a non-negative integer"),
+    (["compile", "gemma-3-270m", "-o", "x.prog", "--decode-context", "5000"], "decode context 5000 is longer than"),
+    (["compile", "gemma-3-270m", "-o", "x.prog", "--prefill-chunk", "0"], "prefill chunk must be a positive integer"),
     (["compile", "gemma-3-270m", "-o", "x.prog", "--tp", "8"], "TP 8 is not a width gemma-3-270m can be split over"),
     (["inspect", "nothing.prog"], "cannot read program"),
     (["compile", "gemma-3-270m", "-o", "no/such/folder/x.prog"], "cannot write the Program to 'no/such/folder/x.prog'"),

@@ -133,6 +133,29 @@ def test_a_decode_context_times_steps_over_fewer_tokens_than_the_window_held():
     assert "decode steps attending all 32,768 tokens (--decode-context N" in " ".join(r.stdout.split())
 
 
+def test_smaller_prefill_chunks_let_wider_groups_fit_and_fill_the_pipeline_sooner():
+    """--prefill-chunk: Llama 3.3 70B's fewest chips, 336, hold 42 stages of TP 8 with the activation buffers of
+    256-token chunks; with 128-token chunks' buffers 21 stages of TP 16 fit them too, and the wider groups decode
+    faster. On the same 42 stages of TP 8, smaller chunks fill the pipeline sooner: a 4,096-token prompt's first
+    token comes earlier. The row is the Program compiled so (a second way), and the caption says the chunk."""
+    from openlpu.compiler import Workload, compile_program
+    from openlpu.hardware.lpu import load_system
+    from openlpu.sim.timing import timing
+
+    spec, system = load_preset("llama-3.3-70b"), load_system("lpu-v1")
+    wide, = plan(spec, compare=(), prefill_chunk=128)
+    narrow, = plan(spec, compare=())
+    assert wide.chips == narrow.chips == 336 and (wide.layout, narrow.layout) == ("21 x TP 16", "42 x TP 8")
+    assert wide.tokens_per_s_per_user > 1.3 * narrow.tokens_per_s_per_user
+    program = compile_program(spec, system, Workload(prefill_chunk=128))
+    assert wide.tokens_per_s_per_user == pytest.approx(timing(program).tokens_per_s_per_user)
+    long_prompt = [timing(compile_program(spec, system, Workload(prompt_len=4096, prefill_chunk=c), tp=8)).ttft_s
+                   for c in (128, 256)]
+    assert long_prompt[0] < long_prompt[1]
+    r = run_cli("llama-3.3-70b", "--prefill-chunk", "128", "--compare", "")
+    assert r.returncode == 0 and "(the LPU's in chunks of 128 tokens)" in " ".join(r.stdout.split())
+
+
 @pytest.mark.parametrize("precision, kv", [("int4", "int8"), ("fp4", "fp8")])
 def test_four_bit_weights_plan_an_eight_bit_kv_cache_on_both_sides(precision, kv):
     """At 4-bit weights both sides hold the KV cache at 8 bits, as GPU serving stacks do: the LPU row is the
@@ -360,6 +383,7 @@ def test_a_gguf_file_plans_as_its_preset(gemma_path):
     (["llama-2-70b", "--prompt", "0"], "--prompt must be a positive integer"),
     (["llama-2-70b", "--decode-context", "5000"], "--decode-context 5000 is longer than --context 4096"),
     (["llama-2-70b", "--decode-context", "0"], "--decode-context must be a positive integer"),
+    (["llama-2-70b", "--prefill-chunk", "-8"], "--prefill-chunk must be a positive integer"),
     (["llama-2-70b", "--utilisation", "1.5"], "utilisation must be at most 1"),
     (["llama-2-70b", "--utilisation", "0"], "utilisation must be a positive, finite number"),
     (["llama-2-70b", "--years", "-1"], "years must be a positive, finite number"),

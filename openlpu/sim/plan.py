@@ -72,8 +72,10 @@ def matrix_flops_per_token(spec: ModelSpec, precision: str, context: int, draft:
                                                                                               draft.acceptance)
 
 
-def _check_workload(spec: ModelSpec, context: int, users: int, prompt: int, decode_context: int) -> None:
-    for what, v in (("context", context), ("users", users), ("prompt", prompt), ("decode-context", decode_context)):
+def _check_workload(spec: ModelSpec, context: int, users: int, prompt: int, decode_context: int,
+                    prefill_chunk: int) -> None:
+    for what, v in (("context", context), ("users", users), ("prompt", prompt), ("decode-context", decode_context),
+                    ("prefill-chunk", prefill_chunk)):
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise OpenLPUError(f"--{what} must be a positive integer, got {v!r}")
     if context > spec.context_length:
@@ -162,7 +164,7 @@ def _with_draft(system, program, t, draft: Draft, workload) -> _LpuFigures:
 
 
 def lpu_row(spec: ModelSpec, system_name: str, precision: str, context: int, users: int, prompt: int,
-            flops_per_token: float, assumptions: CostAssumptions, chips: int | None = None,
+            prefill_chunk: int, flops_per_token: float, assumptions: CostAssumptions, chips: int | None = None,
             tp: int | None = None, draft: Draft | None = None, decode_context: int | None = None) -> PlanRow:
     from openlpu.compiler import Workload, compile_program, verify_or_raise
     from openlpu.compiler.schedule import matrix_macs_per_cycle
@@ -172,7 +174,8 @@ def lpu_row(spec: ModelSpec, system_name: str, precision: str, context: int, use
     # the KV cache as a GPU serving stack keeps it beside these weights, so both sides hold the same bytes
     workload = Workload(weights=precision, activations=precision, kv=serving_kv_precision(precision),
                         context_length=context, users=users, prompt_len=prompt,
-                        draft_tokens=draft.tokens if draft else 0, decode_context=decode_context)
+                        draft_tokens=draft.tokens if draft else 0, decode_context=decode_context,
+                        prefill_chunk=prefill_chunk)
     program = compile_program(spec, system, workload, chips=chips, tp=tp)
     verify_or_raise(program)  # figures are read off a schedule only if it holds every invariant
     t = timing(program)
@@ -233,11 +236,12 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
          gpus: int | None = None, prompt: int | None = None, tp: int | None = None,
          draft: str | ModelSpec | None = None, draft_tokens: int | None = None,
          acceptance: float | None = None, gpu_software: str = DEFAULT_SOFTWARE,
-         decode_context: int | None = None) -> list[PlanRow]:
+         decode_context: int | None = None, prefill_chunk: int | None = None) -> list[PlanRow]:
     """The LPU system first, then each GPU, for `users` concurrent streams of `context` tokens, on
     `chips` LPU chips in TP groups of `tp` and `gpus` GPUs of each kind (None: the fewest that hold the
     workload, the compiler's TP); TTFT is the prefill of `prompt` tokens (None: Workload.default_prompt_len);
-    each decode step attends `decode_context` of the `context` tokens a user holds (None: all of them).
+    each decode step attends `decode_context` of the `context` tokens a user holds (None: all of them); the
+    LPU prefills in chunks of `prefill_chunk` tokens (None: Workload.prefill_chunk).
     `model`, `draft`: a ModelSpec, or what load_spec takes (a preset name, a .gguf file, a config.json).
     With a draft, every system decodes speculatively: `draft_tokens` (default DRAFT_TOKENS) per round,
     each accepted with probability `acceptance`, which must be given. `gpu_software`: the GPUs' serving
@@ -248,7 +252,8 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
     as_precision(precision)
     prompt = Workload.default_prompt_len(context) if prompt is None else prompt
     attended = context if decode_context is None else decode_context
-    _check_workload(spec, context, users, prompt, attended)
+    prefill_chunk = Workload.prefill_chunk if prefill_chunk is None else prefill_chunk
+    _check_workload(spec, context, users, prompt, attended, prefill_chunk)
     speculation = None
     if draft is not None:
         if acceptance is None:
@@ -268,8 +273,8 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
     if not compare and not system:
         raise OpenLPUError(f"nothing to plan: give --system and/or --compare ({', '.join(gpu_names())})")
     flops = matrix_flops_per_token(spec, precision, attended, speculation)  # the same work per token everywhere
-    rows = [lpu_row(spec, system, precision, context, users, prompt, flops, assumptions, chips, tp, speculation,
-                    decode_context)] if system else []
+    rows = [lpu_row(spec, system, precision, context, users, prompt, prefill_chunk, flops, assumptions, chips, tp,
+                    speculation, decode_context)] if system else []
     return rows + [gpu_row(spec, name, precision, context, users, prompt, flops, assumptions, gpus, speculation,
                            gpu_software, decode_context) for name in compare]
 
