@@ -1065,8 +1065,8 @@ it, and at batch 1 each installed weight serves one vector, so decode is bound b
 and not by the 750 TOPS or the 80 TB/s. MoE expert matmuls install every expert the chip holds (the
 static schedule cannot depend on routing). Decode attention obeys the same rule: its one query row per
 head streams through the cached K and V, which are installed like weights, and the Program attends the
-whole context it was compiled for, so a row's window slows each of its tokens by (KV bytes per chip) /
-install rate per layer. Link latencies are the preset's, not fitted ({hops}).
+context it was compiled for (every row: its whole window; a reading below: {SHORT_REQUEST:,} tokens of it), so a
+row's window slows each of its tokens by (KV bytes per chip) / install rate per layer. Link latencies are the preset's, not fitted ({hops}).
 
 Deployments: {CHIPS_SOURCE}; used for every row of those two models, as no later count was published.
 Each service row is modelled at the context window the service offered (the
