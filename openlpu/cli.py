@@ -23,7 +23,7 @@ PREFILL_CHUNK_HELP = ("prompt tokens per pipeline wave of the LPU's prefill (def
                       "the same chips, but make more waves to schedule, so the compile takes longer")
 
 
-def _compiling(model: str, system: str, prompt: int, chunk: int | None):
+def _compiling(model: str, system: str, prompt: int, chunk: int):
     """A spinner on stderr while a Program is compiled, verified and timed (a long prompt's prefill, scheduled
     chunk by chunk, can take a minute); Rich shows it only on a terminal, so pipes and --json stay clean.
     Nothing to show without an LPU system (`plan --system ""`: GPUs only)."""
@@ -33,7 +33,7 @@ def _compiling(model: str, system: str, prompt: int, chunk: int | None):
 
     if not system:
         return nullcontext()
-    chunks = -(-prompt // (chunk or Workload.prefill_chunk))
+    chunks = -(-prompt // max(chunk, 1))  # a chunk below 1 is refused by the command, after this
     return Console(stderr=True).status(f"compiling {model} for {system}: placement, one decode step and a "
                                        f"{prompt:,}-token prefill in {chunks:,} chunk(s)")
 
@@ -158,6 +158,7 @@ def plan(
     assumptions = CostAssumptions(**{k: v for k, v in given.items() if v is not None})
     spec = load_spec(model)
     prompt = Workload.default_prompt_len(context) if prompt is None else prompt
+    prefill_chunk = Workload.prefill_chunk if prefill_chunk is None else prefill_chunk
     # `--compare h100-sxm,b200` names two GPUs, as the flag given twice does; `--compare ''` leaves the default out
     compare = [part for name in compare for part in ([name] if Path(name).is_file() else name.split(",")) if part]
     with _compiling(spec.name, system, prompt, prefill_chunk):
@@ -176,7 +177,7 @@ def plan(
         f" Speculative: {draft_tokens or DRAFT_TOKENS} draft tokens per round, each accepted with chance "
         f"{acceptance:g}; the LPU runs the draft on chips of its own, a GPU between the target's steps.")
     kernels = f" GPU decode attention: {SOFTWARE[gpu_software].name}." if compare else ""
-    waves = f" (the LPU's in chunks of {prefill_chunk or Workload.prefill_chunk:,} tokens)" if system else ""
+    waves = f" (the LPU's in chunks of {prefill_chunk:,} tokens)" if system else ""
     if compare and spec.is_moe:  # TensorRT-LLM 1.0's long outputs of Qwen3-30B-A3B ran slower than this
         kernels += (" GPU experts: a roofline of their work plus a routing cost per token fitted on one B200 row; "
                     "long outputs can run faster than measured (bench/results/fidelity.md).")

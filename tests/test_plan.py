@@ -384,6 +384,7 @@ def test_a_gguf_file_plans_as_its_preset(gemma_path):
     (["llama-2-70b", "--decode-context", "5000"], "--decode-context 5000 is longer than --context 4096"),
     (["llama-2-70b", "--decode-context", "0"], "--decode-context must be a positive integer"),
     (["llama-2-70b", "--prefill-chunk", "-8"], "--prefill-chunk must be a positive integer"),
+    (["llama-2-70b", "--prefill-chunk", "0"], "--prefill-chunk must be a positive integer, got 0"),
     (["llama-2-70b", "--utilisation", "1.5"], "utilisation must be at most 1"),
     (["llama-2-70b", "--utilisation", "0"], "utilisation must be a positive, finite number"),
     (["llama-2-70b", "--years", "-1"], "years must be a positive, finite number"),

@@ -87,7 +87,10 @@ class Workload:
     def __post_init__(self):
         for p in (self.weights, self.activations, self.kv):
             as_precision(p)
-        for name in ("context_length", "users", "prompt_len", "prefill_chunk"):
+        sizes = ["context_length", "users", "prompt_len", "prefill_chunk"]
+        if self.decode_context is not None:  # None: the whole context
+            sizes.append("decode_context")
+        for name in sizes:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise OpenLPUError(f"{name.replace('_', ' ')} must be a positive integer, got {v!r}")
@@ -96,12 +99,10 @@ class Workload:
         if self.prompt_len > self.context_length:
             raise OpenLPUError(f"prompt length {self.prompt_len} is longer than the context "
                                f"{self.context_length}; raise --context or shorten the prompt")
-        d = self.decode_context
-        if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d <= 0):
-            raise OpenLPUError(f"decode context must be a positive integer, got {d!r}")
-        if d is not None and d > self.context_length:
-            raise OpenLPUError(f"decode context {d} is longer than the context {self.context_length}: a decode step "
-                               f"attends at most the tokens each user holds; lower --decode-context or raise --context")
+        if self.attended_context > self.context_length:
+            raise OpenLPUError(f"decode context {self.decode_context} is longer than the context {self.context_length}: "
+                               f"a decode step attends at most the tokens each user holds; lower --decode-context or "
+                               f"raise --context")
 
 
 @dataclass(frozen=True)
