@@ -23,13 +23,27 @@ PREFILL_CHUNK_HELP = ("prompt tokens per pipeline wave of the LPU's prefill (def
                       "the same chips, but make more waves to schedule, so the compile takes longer")
 
 
+def _counts(values: list[str] | None, flag: str, words: tuple[str, ...] = ()) -> tuple[int, ...] | str | None:
+    """A count flag given once, several times, or as several values separated by commas (a column each);
+    None when not given. `words`: names the flag takes instead of counts (`--tp all`)."""
+    if not values:
+        return None
+    parts = [part.strip() for value in values for part in value.split(",") if part.strip()]
+    if len(parts) == 1 and parts[0] in words:
+        return parts[0]
+    try:
+        return tuple(int(part) for part in parts)
+    except ValueError:
+        also = "".join(f", or {word}" for word in words)
+        raise OpenLPUError(f"{flag} takes whole numbers, one or several separated by commas (e.g. {flag} 8,16){also}; "
+                           f"got {', '.join(values)!r}") from None
+
+
 def _compiling(model: str, system: str, prompt: int, chunk: int):
     """A spinner on stderr while a Program is compiled, verified and timed (a long prompt's prefill, scheduled
     chunk by chunk, can take a minute); Rich shows it only on a terminal, so pipes and --json stay clean.
     Nothing to show without an LPU system (`plan --system ""`: GPUs only)."""
     from contextlib import nullcontext
-
-    from openlpu.compiler import Workload
 
     if not system:
         return nullcontext()
@@ -116,13 +130,19 @@ def plan(
                                                       "or the context if shorter)"),
     decode_context: int = typer.Option(None, "--decode-context", help=DECODE_CONTEXT_HELP),
     prefill_chunk: int = typer.Option(None, "--prefill-chunk", help=PREFILL_CHUNK_HELP),
-    chips: int = typer.Option(None, "--chips", help="LPU chips to use, or fewer where wider TP groups on them "
-                                                     "decode faster or the model's pieces take fewer (default: "
-                                                     "as few as fit, or inside one node as few stages; with "
-                                                     "--draft, the target's: the draft gets its own)"),
-    tp: int = typer.Option(None, "--tp", help="LPU chips per tensor-parallel group (default: the width that "
-                                               "takes the fewest nodes, or inside one node the fewest stages)"),
-    gpus: int = typer.Option(None, "--gpus", help="GPUs of each kind to use (default: as few as fit)"),
+    chips: list[str] = typer.Option(None, "--chips", help="LPU chips to use, or fewer where wider TP groups on "
+                                                           "them decode faster or the model's pieces take fewer "
+                                                           "(default: as few as fit, or inside one node as few "
+                                                           "stages; with --draft, the target's: the draft gets "
+                                                           "its own); several (8,16 or the flag again): a "
+                                                           "column each"),
+    tp: list[str] = typer.Option(None, "--tp", help="LPU chips per tensor-parallel group (default: the width that "
+                                                     "takes the fewest nodes, or inside one node the fewest "
+                                                     "stages); several: a column each, with each --chips; all: "
+                                                     "a column for every width that places the model, each on "
+                                                     "its fewest chips"),
+    gpus: list[str] = typer.Option(None, "--gpus", help="GPUs of each kind to use (default: as few as fit); "
+                                                         "several: a column each"),
     years: float = typer.Option(None, "--years", help="years the capex is spread over (default 3)"),
     usd_per_kwh: float = typer.Option(None, "--usd-per-kwh", help="electricity price (default 0.10)"),
     utilisation: float = typer.Option(None, "--utilisation", help="fraction of the hours spent serving at the "
@@ -161,6 +181,7 @@ def plan(
     prefill_chunk = Workload.prefill_chunk if prefill_chunk is None else prefill_chunk
     # `--compare h100-sxm,b200` names two GPUs, as the flag given twice does; `--compare ''` leaves the default out
     compare = [part for name in compare for part in ([name] if Path(name).is_file() else name.split(",")) if part]
+    chips, tp, gpus = _counts(chips, "--chips"), _counts(tp, "--tp", ("all",)), _counts(gpus, "--gpus")
     with _compiling(spec.name, system, prompt, prefill_chunk):
         rows = make_plan(spec, system=system, compare=tuple(compare), precision=precision, context=context,
                          users=users, chips=chips, tp=tp, gpus=gpus, prompt=prompt, assumptions=assumptions,
@@ -183,12 +204,16 @@ def plan(
                     "long outputs can run faster than measured (bench/results/fidelity.md).")
     kv = serving_kv_precision(precision)
     formats = precision if kv == precision else f"{precision} (KV cache {kv})"
+    # the fewest chips can decode several times slower than a few more in wider groups (70B: 336 and 448)
+    widths = (" The LPU on the fewest chips that hold the workload (--tp all: every TP width, each on its fewest)."
+              if system and chips is None and tp is None else "")
+    idle = dict.fromkeys(_idle_note(r.chips + r.chips_idle, r.chips) for r in rows if r.chips_idle)
     table = Table(title=f"{spec.name} at {formats}, {users} user(s) x {context} tokens of context",
                   caption=f"tok/s: {_attending(context, decode_context)}.{speculating}{kernels} TTFT: "
                           f"the prefill of a {prompt:,}-token prompt{waves}. $ per M tokens: capex over {a.years:g} "
                           f"years plus power at ${a.usd_per_kwh:.2f}/kWh (PUE {a.pue:g}), serving "
-                          f"{a.utilisation:.0%} of the hours at the throughput shown."
-                          f"{''.join(' ' + _idle_note(chips, chips - r.chips_idle) for r in rows if r.chips_idle)}")
+                          f"{a.utilisation:.0%} of the hours at the throughput shown.{widths}"
+                          f"{''.join(' ' + note for note in idle)}")
     table.add_column("")
     for r in rows:
         table.add_column(f"{r.system} ({r.kind})", justify="right")

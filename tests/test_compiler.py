@@ -821,7 +821,7 @@ def test_llama4_maverick_is_cut_by_expert_rows_on_lpu_v1(tmp_path):
     fp16 = compile_program(spec, SYSTEM, dataclasses.replace(workload, weights="fp16"))
     assert fp16.placement.experts and verify(fp16) == []
     small = dataclasses.replace(SYSTEM, chip=dataclasses.replace(SYSTEM.chip, sram_bytes=8_000_000))
-    with pytest.raises(OpenLPUError, match="L1.ffn alone needs .* split 40 ways, and 320 rows of its experts, the "
+    with pytest.raises(OpenLPUError, match="L1.ffn alone needs .* even at TP 40, and 320 rows of its experts, the "
                                            "finest cut, hold 10 MB of weights") as refused:
         compile_program(spec, small, dataclasses.replace(workload, weights="fp16"))
     # its weights, not its users' K and V, are what does not fit: no advice to shorten the context

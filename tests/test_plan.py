@@ -188,6 +188,67 @@ def test_cli_table_states_the_prompt_and_the_cost_assumptions():
     text = " ".join(r.stdout.split())
     assert "prefill of a 1,024-token prompt" in text and "capex over 4 years" in text
     assert "$0.07/kWh" in text and "serving 80% of the hours" in text
+    assert "The LPU on the fewest chips that hold the workload (--tp all: every TP width" in text
+
+
+def test_several_widths_chip_counts_and_gpu_counts_are_a_row_each():
+    """--tp 2,8 / --chips / --gpus 1,2: a row for each value (every chip count with every width), each the
+    row planned with that value alone."""
+    def alone(**given):
+        row, = plan("llama-3.2-1b", context=2048, **given)
+        return row
+
+    rows = plan("llama-3.2-1b", context=2048, tp=(2, 8), gpus=(1, 2))
+    assert rows == [alone(tp=2, compare=()), alone(tp=8, compare=()), alone(system="", gpus=1),
+                    alone(system="", gpus=2)]
+    assert [(r.chips, r.layout) for r in rows] == [(r.chips, r.layout) for r in rows[:2]] + [(1, "1 x TP 1"),
+                                                                                              (2, "1 x TP 2")]
+    counts = plan("llama-3.2-1b", context=2048, compare=(), chips=(8, 16), tp=(4, 8))
+    assert counts == [alone(compare=(), chips=n, tp=t) for n in (8, 16) for t in (4, 8)]
+    assert [(r.chips + r.chips_idle, r.layout.split(" x ")[1]) for r in counts] == [
+        (8, "TP 4"), (8, "TP 8"), (16, "TP 4"), (16, "TP 8")]
+
+
+def test_tp_all_is_every_width_that_places_the_model_each_on_its_fewest_chips():
+    """--tp all: a row per TP width the model can be split over, narrowest first, each the row of that width
+    alone (on its fewest chips); on chips too small for the narrow widths' attention, exactly the widths
+    the compiler refuses are left out, and its refusal names the ones it places in."""
+    import dataclasses
+
+    from openlpu.compiler import compile_program, verify
+    from openlpu.compiler.partition import tp_candidates
+    from openlpu.hardware.lpu import load_system
+    from openlpu.sim.plan import lpu_workload, placeable_widths
+
+    every = plan("llama-3.2-1b", context=2048, compare=(), tp="all")
+    system, spec = load_system("lpu-v1"), load_preset("llama-3.2-1b")
+    assert [int(r.layout.split("TP ")[1]) for r in every] == sorted(tp_candidates(spec, system)) == [1, 2, 4, 8, 16, 32]
+    assert every == [plan("llama-3.2-1b", context=2048, compare=(), tp=t)[0] for t in (1, 2, 4, 8, 16, 32)]
+    small = dataclasses.replace(system, chip=dataclasses.replace(system.chip, sram_bytes=6_000_000))
+    workload = lpu_workload("int8", 2048, 1, 512, 256)
+    widths = placeable_widths(spec, small, workload)
+    assert widths == [4, 8, 16, 32]
+    for t in tp_candidates(spec, small):
+        if t in widths:
+            assert verify(compile_program(spec, small, workload, tp=t)) == []
+            continue
+        with pytest.raises(OpenLPUError, match=rf"does not fit in TP groups of {t}: L0.attn alone needs \d+ MB per "
+                                               r"chip \(its weights and buffers, with one token's K and V\) at that "
+                                               r"width, and a chip holds 6 MB; it places in TP groups of 4, 8, 16, "
+                                               r"32: use one of those with --tp"):
+            compile_program(spec, small, workload, tp=t)
+
+
+def test_cli_columns_for_several_values(tmp_path):
+    """On the command line the values come comma-separated or with the flag again, as --compare's names do; the
+    JSON rows are the API's, and the plot draws them all (a system's several rows apart)."""
+    png = tmp_path / "plan.png"
+    given, repeated = (run_cli("llama-3.2-1b", "--context", "2048", "--json", *flags) for flags in (
+        ("--tp", "2,8", "--gpus", "1,2", "--plot", str(png)), ("--tp", "2", "--tp", "8", "--gpus", "1", "--gpus", "2")))
+    assert given.returncode == repeated.returncode == 0, given.stderr + repeated.stderr
+    assert json.loads(given.stdout) == json.loads(repeated.stdout) == [
+        r.to_dict() for r in plan("llama-3.2-1b", context=2048, tp=(2, 8), gpus=(1, 2))]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_compute_used_reads_the_programs_flops_and_the_presets_peaks():
@@ -375,6 +436,15 @@ def test_a_gguf_file_plans_as_its_preset(gemma_path):
     (["llama-2-70b", "--chips", "0"], "positive"),
     (["llama-2-70b", "--tp", "3"], "TP 3 is not a width llama-2-70b can be split over"),
     (["llama-2-70b", "--tp", "0"], "positive"),
+    (["llama-2-70b", "--tp", "eight"], ("--tp takes whole numbers, one or several separated by commas (e.g. --tp 8,16), "
+                                        "or all; got 'eight'")),
+    (["llama-2-70b", "--tp", "8,all"], "--tp takes whole numbers"),
+    (["llama-2-70b", "--tp", "all", "--chips", "576"], "--tp all places each width on its fewest chips"),
+    (["llama-2-70b", "--gpus", "1,x"], "--gpus takes whole numbers, one or several separated by commas"),
+    (["llama-2-70b", "--chips", "336 448"], "--chips takes whole numbers"),
+    (["llama-3.1-405b", "--tp", "1"], ("does not fit in TP groups of 1: L0.attn alone needs 597 MB per chip (its "
+                                       "weights and buffers, with one token's K and V) at that width, and a chip "
+                                       "holds 230 MB; it places in TP groups of 4, 8, 16, 32, 64")),
     (["llama-2-70b", "--tp", "4", "--chips", "334"], "it fits on 328 chips"),
     (["llama-2-70b", "--gpus", "12"], "whole servers of 8"),
     (["llama-2-70b", "--gpus", "0"], "positive"),

@@ -1091,26 +1091,8 @@ def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int 
         return OpenLPUError(
             f"{what} does not fit on any {system.name} system: it needs {beyond} chips, more than the largest "
             f"system ({system.max_chips}); lower --context or --users, or use a smaller precision")
-    if best is None:  # the largest whole piece at the widest TP degree
-        t = widths[-1]
-        sizes = piece_sizes(spec, size_table(spec, workload, t, decode_rows))
-        worst = max(range(len(sizes.weights)), key=lambda s: stage_bytes(sizes, s, s + 1))
-        need = stage_bytes(sizes, worst, worst + 1)
-        # a piece without K and V (an MLP's weights) shrinks only with fewer bytes per weight or a larger chip
-        shorter = (f"lower --context ({workload.context_length}) or --users ({workload.users}), "
-                   if sizes.kv[worst] else "")
-        item, part = sizes.pieces[worst][:2]
-        need_text = f"{need / 1e6:,.0f} MB per chip even split {t} ways"
-        if part == "ffn" and spec.is_moe_layer(item):  # the finest cut by expert rows: a tile of them on a chip
-            rows = size_table(spec, workload, 1, decode_rows, experts=True)
-            tile = rows.ffn_tile(item, system.chip.matrix_tile_rows)
-            need_text += (f", and {tile} rows of its experts, the finest cut, hold "
-                          f"{tile * rows.ffn_unit_bytes[item] / 1e6:,.0f} MB of weights")
-        return OpenLPUError(
-            f"{spec.name} does not fit on any {system.name} system: {_describe(spec, sizes, worst, worst + 1)} alone "
-            f"needs {need_text} (a chip holds {cap / 1e6:.0f} MB; the largest "
-            f"system has {system.max_chips} chips); {shorter}use a smaller precision, or a system whose chips hold "
-            "more SRAM (--system)")
+    if best is None:
+        return _no_piece_fits(spec, system, workload, decode_rows, widths)
     need = best[0] * best[1]
     if chips is None:
         return OpenLPUError(f"{what} needs {need} chips")
@@ -1129,6 +1111,63 @@ def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int 
                         f"({degrees}an MLP is cut between stages only into slices that leave each chip at least "
                         f"{unit}); it fits on {need} chips (--chips {need}) and on at most {spread}, in a multiple "
                         f"of the TP degree{'' if degrees else '; or leave out --tp, and some chips may be left idle'}")
+
+
+def _finest_pieces(spec: ModelSpec, table: SizeTable, tile_rows: int) -> list[tuple[tuple[int, str, int, int], int]]:
+    """Each piece cut as finely as the compiler cuts any, with the bytes it needs alone on a chip: an attention
+    whole or holding one KV slot, whichever is less (its weights are never cut between stages), an MLP in
+    its most slices (most_slices), the embedding and head at one vocabulary row per chip."""
+    def alone(piece, split: bool) -> int:
+        return sum(piece_bytes(table, spec.n_layers, piece, split))
+
+    out = []
+    for piece in pieces(spec, 1, slots=table.kv_slots, units=table.ffn_units):
+        item, part, _, hi = piece
+        if part == "attn":
+            out.append((piece, min(alone(piece, False), alone((item, part, 0, 1), True))))
+        elif part == "ffn":
+            slices = most_slices(table, tile_rows)[item]
+            out.append((piece, alone((item, part, 0, -(-hi // slices)), slices > 1)))
+        else:
+            out.append((piece, alone((item, part, 0, min(hi, table.t)), hi > table.t)))
+    return out
+
+
+def _no_piece_fits(spec: ModelSpec, system: SystemSpec, workload: Workload, decode_rows: int,
+                   widths: list[int]) -> OpenLPUError:
+    """The refusal where some piece fits a chip at none of `widths`: the piece that fits least, cut as finely
+    as it can be (_finest_pieces), at the widest of them, and the way out: the widths that place the model,
+    where they were not tried, or else shorter contexts (if K and V are what does not fit), fewer bytes per
+    weight or a larger chip."""
+    cap, t = system.chip.sram_bytes, widths[-1]
+    table = size_table(spec, workload, t, decode_rows)
+    (item, part, lo, hi), need = max(_finest_pieces(spec, table, system.chip.matrix_tile_rows), key=lambda x: x[1])
+    shapes = spec.tensor_shapes()
+    what = piece_name((item, part, lo, hi), ffn_units(shapes), spec.vocab_size)
+    finest = {"attn": " (its weights and buffers, with one token's K and V)",
+              "ffn": f" in its finest slice ({system.chip.matrix_tile_rows} rows a chip)",
+              "embed": " at one vocabulary row a chip", "head": " at one vocabulary row a chip"}[part]
+    if part == "ffn" and most_slices(table, system.chip.matrix_tile_rows)[item] == 1:
+        finest = ""  # too few rows to cut
+    others = [w for w in tp_candidates(spec, system) if w not in widths
+              and fewest_chips(spec, system, workload, decode_rows, [w]) is not None]
+    needs = f"{what} alone needs {need / 1e6:,.0f} MB per chip{finest}"
+    if others:
+        return OpenLPUError(f"{spec.name} does not fit in TP groups of {t}: {needs} at that width, and a chip holds "
+                            f"{cap / 1e6:.0f} MB; it places in TP groups of {', '.join(map(str, sorted(others)))}: "
+                            f"use one of those with --tp, or leave out --tp")
+    needs += f" even at TP {t}"
+    if part == "ffn" and spec.is_moe_layer(item):  # the finest cut by expert rows: a tile of them on a chip
+        rows = size_table(spec, workload, 1, decode_rows, experts=True)
+        tile = rows.ffn_tile(item, system.chip.matrix_tile_rows)
+        needs += (f", and {tile} rows of its experts, the finest cut, hold "
+                  f"{tile * rows.ffn_unit_bytes[item] / 1e6:,.0f} MB of weights")
+    # an attention part holds one position of every user's K and V; the rest shrinks only with fewer bytes
+    # per weight or a larger chip
+    fewer = f"lower --users ({workload.users}), " if part == "attn" and workload.users > 1 else ""
+    return OpenLPUError(f"{spec.name} does not fit on any {system.name} system: {needs} (a chip holds "
+                        f"{cap / 1e6:.0f} MB; the largest system has {system.max_chips} chips); {fewer}use a "
+                        f"smaller precision, or a system whose chips hold more SRAM (--system)")
 
 
 def partition(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None = None,

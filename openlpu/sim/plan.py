@@ -9,15 +9,19 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from openlpu.errors import OpenLPUError
 from openlpu.graph.lower import as_precision, serving_kv_precision
 from openlpu.hardware.gpu import gpu_names, load_gpu
-from openlpu.hardware.lpu import load_system
+from openlpu.hardware.lpu import SystemSpec, load_system
 from openlpu.models.spec import ModelSpec, load_spec
 from openlpu.sim.cost import CostAssumptions, cost, gpu_capex, lpu_capex
 from openlpu.sim.figures import save_png
 from openlpu.sim.gpu import DEFAULT_SOFTWARE, software_named
+
+if TYPE_CHECKING:
+    from openlpu.compiler import Workload
 
 
 @dataclass(frozen=True)
@@ -163,19 +167,32 @@ def _with_draft(system, program, t, draft: Draft, workload) -> _LpuFigures:
                        max(t.ttft_s, d.ttft_s))  # both prefill the prompt, side by side
 
 
-def lpu_row(spec: ModelSpec, system_name: str, precision: str, context: int, users: int, prompt: int,
-            prefill_chunk: int, flops_per_token: float, assumptions: CostAssumptions, chips: int | None = None,
-            tp: int | None = None, draft: Draft | None = None, decode_context: int | None = None) -> PlanRow:
-    from openlpu.compiler import Workload, compile_program, verify_or_raise
+def lpu_workload(precision: str, context: int, users: int, prompt: int, prefill_chunk: int,
+                 draft: Draft | None = None, decode_context: int | None = None) -> Workload:
+    """What the LPU compiles for: the KV cache as a GPU serving stack keeps it beside these weights
+    (serving_kv_precision), so both sides hold the same bytes."""
+    from openlpu.compiler import Workload
+
+    return Workload(weights=precision, activations=precision, kv=serving_kv_precision(precision),
+                    context_length=context, users=users, prompt_len=prompt,
+                    draft_tokens=draft.tokens if draft else 0, decode_context=decode_context,
+                    prefill_chunk=prefill_chunk)
+
+
+def placeable_widths(spec: ModelSpec, system: SystemSpec, workload: Workload) -> list[int]:
+    """The TP widths, narrowest first, in whose groups the compiler can place the model on some number of
+    the system's chips (`--tp all`)."""
+    from openlpu.compiler.partition import fewest_chips, tp_candidates
+
+    return [t for t in sorted(tp_candidates(spec, system)) if fewest_chips(spec, system, workload, widths=[t])]
+
+
+def lpu_row(spec: ModelSpec, system: SystemSpec, workload: Workload, flops_per_token: float, assumptions: CostAssumptions,
+            chips: int | None = None, tp: int | None = None, draft: Draft | None = None) -> PlanRow:
+    from openlpu.compiler import compile_program, verify_or_raise
     from openlpu.compiler.schedule import matrix_macs_per_cycle
     from openlpu.sim.timing import timing
 
-    system = load_system(system_name)
-    # the KV cache as a GPU serving stack keeps it beside these weights, so both sides hold the same bytes
-    workload = Workload(weights=precision, activations=precision, kv=serving_kv_precision(precision),
-                        context_length=context, users=users, prompt_len=prompt,
-                        draft_tokens=draft.tokens if draft else 0, decode_context=decode_context,
-                        prefill_chunk=prefill_chunk)
     program = compile_program(spec, system, workload, chips=chips, tp=tp)
     verify_or_raise(program)  # figures are read off a schedule only if it holds every invariant
     t = timing(program)
@@ -183,7 +200,8 @@ def lpu_row(spec: ModelSpec, system_name: str, precision: str, context: int, use
         t.chips, t.nodes, t.racks, f"{t.stages} x TP {t.tp}", t.tokens_per_s_per_user,
         t.throughput_tokens_per_s, t.power_w, t.sram_used_bytes, t.ttft_s)
     c = cost(lpu_capex(system, f.chips, f.nodes, f.racks), f.power_w, f.throughput_tokens_per_s, assumptions)
-    peak_flops_per_s = 2 * matrix_macs_per_cycle(system, precision, precision) * system.chip.clock_hz * f.chips
+    peak_flops_per_s = (2 * matrix_macs_per_cycle(system, workload.weights, workload.activations)
+                        * system.chip.clock_hz * f.chips)
     return PlanRow(system=system.name, kind="lpu", chips=f.chips,
                    chips_idle=0 if chips is None else chips - t.chips, layout=f.layout, users_per_step=t.micro_batch,
                    memory="SRAM", memory_used_fraction=f.sram_used_bytes / (f.chips * system.chip.sram_bytes),
@@ -230,18 +248,27 @@ def gpu_row(spec: ModelSpec, gpu_name: str, precision: str, context: int, users:
                    capex_usd=c.capex.total_usd, usd_per_million_tokens=c.usd_per_million_tokens)
 
 
+Counts = int | tuple[int, ...] | None  # one value, several (a row each), or None: the default
+
+
+def _each(value: Counts) -> tuple:
+    return (value,) if value is None or isinstance(value, (int, str)) else tuple(value)
+
+
 def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...] = ("h100-sxm",),
          precision: str = "int8", context: int = 4096, users: int = 1,
-         assumptions: CostAssumptions = CostAssumptions(), chips: int | None = None,
-         gpus: int | None = None, prompt: int | None = None, tp: int | None = None,
+         assumptions: CostAssumptions = CostAssumptions(), chips: Counts = None,
+         gpus: Counts = None, prompt: int | None = None, tp: Counts | str = None,
          draft: str | ModelSpec | None = None, draft_tokens: int | None = None,
          acceptance: float | None = None, gpu_software: str = DEFAULT_SOFTWARE,
          decode_context: int | None = None, prefill_chunk: int | None = None) -> list[PlanRow]:
     """The LPU system first, then each GPU, for `users` concurrent streams of `context` tokens, on
     `chips` LPU chips in TP groups of `tp` and `gpus` GPUs of each kind (None: the fewest that hold the
-    workload, the compiler's TP); TTFT is the prefill of `prompt` tokens (None: Workload.default_prompt_len);
-    each decode step attends `decode_context` of the `context` tokens a user holds (None: all of them); the
-    LPU prefills in chunks of `prefill_chunk` tokens (None: Workload.prefill_chunk).
+    workload, the compiler's TP; several values: a row for each, every chip count with every width;
+    `tp="all"`: every width that places the model, each on its fewest chips); TTFT is the prefill of
+    `prompt` tokens (None: Workload.default_prompt_len); each decode step attends `decode_context` of the
+    `context` tokens a user holds (None: all of them); the LPU prefills in chunks of `prefill_chunk` tokens
+    (None: Workload.prefill_chunk).
     `model`, `draft`: a ModelSpec, or what load_spec takes (a preset name, a .gguf file, a config.json).
     With a draft, every system decodes speculatively: `draft_tokens` (default DRAFT_TOKENS) per round,
     each accepted with probability `acceptance`, which must be given. `gpu_software`: the GPUs' serving
@@ -265,18 +292,24 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
     elif draft_tokens is not None or acceptance is not None:
         raise OpenLPUError("--draft-tokens and --acceptance describe speculative decoding: give the draft model "
                            "with --draft")
-    if system:
-        load_system(system)  # unknown names fail before any compile work
+    lpu = load_system(system) if system else None  # unknown names fail before any compile work
     for name in compare:
         load_gpu(name)
     software_named(gpu_software)
     if not compare and not system:
         raise OpenLPUError(f"nothing to plan: give --system and/or --compare ({', '.join(gpu_names())})")
+    if tp == "all" and chips is not None:
+        raise OpenLPUError("--tp all places each width on its fewest chips; to place widths on --chips, name "
+                           "them (--tp 8,16)")
     flops = matrix_flops_per_token(spec, precision, attended, speculation)  # the same work per token everywhere
-    rows = [lpu_row(spec, system, precision, context, users, prompt, prefill_chunk, flops, assumptions, chips, tp,
-                    speculation, decode_context)] if system else []
-    return rows + [gpu_row(spec, name, precision, context, users, prompt, flops, assumptions, gpus, speculation,
-                           gpu_software, decode_context) for name in compare]
+    rows = []
+    if lpu is not None:
+        workload = lpu_workload(precision, context, users, prompt, prefill_chunk, speculation, decode_context)
+        widths = (placeable_widths(spec, lpu, workload) or (None,)) if tp == "all" else _each(tp)
+        rows = [lpu_row(spec, lpu, workload, flops, assumptions, n, t, speculation)
+                for n in _each(chips) for t in widths]
+    return rows + [gpu_row(spec, name, precision, context, users, prompt, flops, assumptions, n, speculation,
+                           gpu_software, decode_context) for name in compare for n in _each(gpus)]
 
 
 PLOT_METRICS = (("tokens_per_s_per_user", "tokens/s per user"), ("throughput_tokens_per_s", "tokens/s (system)"),
@@ -285,18 +318,21 @@ PLOT_METRICS = (("tokens_per_s_per_user", "tokens/s per user"), ("throughput_tok
 
 
 def plot(rows: list[PlanRow], path: str | Path, title: str) -> Path:
-    """A PNG of the rows: one panel per metric, one bar per system, log scales."""
+    """A PNG of the rows: one panel per metric, one bar per row, log scales."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
-    names = [r.system for r in rows]
+    fig, axes = plt.subplots(2, 3, figsize=(max(13, 2.4 * len(rows)), 7))
+    several = {r.system for r in rows if sum(o.system == r.system for o in rows) > 1}  # told apart by deployment
+    names = [f"{r.system}\n{r.chips:,} {'chips' if r.kind == 'lpu' else 'GPUs'}\n{r.layout}" if r.system in several
+             else r.system for r in rows]
     colours = ["#d2691e" if r.kind == "lpu" else "#4c8c2b" for r in rows]
     for ax, (field, label) in zip(axes.flat, PLOT_METRICS):
         values = [getattr(r, field) for r in rows]
-        bars = ax.bar(names, values, color=colours)
+        bars = ax.bar(range(len(rows)), values, color=colours, tick_label=names)
+        ax.tick_params(axis="x", labelsize=7 if several else 10)
         ax.set_yscale("log")
         ax.set_title(label)
         ax.bar_label(bars, labels=[f"{v:,.3g}" for v in values], fontsize=8)
