@@ -12,7 +12,8 @@ draft, at an acceptance rate assumed, not measured (`openlpu plan --draft`), and
 GroqCloud serves now, Llama 4 Scout (16 experts, one per token, beside a shared expert), and Llama 4
 Maverick (128 experts in every second layer: 401B weights, which lpu-v1 holds only by cutting its MoE layers
 by expert rows, a run of experts on each chip), all of whose every expert the LPU's static schedule
-installs at each step.
+installs at each step. The 70B model is also planned at every TP width that places it, each on its fewest
+chips (`openlpu plan --tp all`): the fewest chips in all are not the cheapest per token.
 A simulation,
 not a measurement: how far the two models are from published figures is bench/results/fidelity.md.
 Writes bench/results/capacity.md and .json.
@@ -48,6 +49,8 @@ MODELS = (Case("llama-3.1-8b", 8192), Case("llama-3.1-8b", 131072), Case("llama-
           Case("gpt-oss-120b", 8192), Case("llama-4-scout", 8192), Case("llama-4-maverick", 8192))
 USERS = (1, 4, 16, 64, 256)
 GPUS = ("h100-sxm", "b200")
+BY_WIDTH = Case("llama-3.3-70b", 8192)  # planned at every TP width, for BY_WIDTH_USERS
+BY_WIDTH_USERS = (1, 16, 64, 256)
 
 
 def measure(case: Case, users: int) -> dict:
@@ -64,6 +67,25 @@ def measure(case: Case, users: int) -> dict:
     return out
 
 
+def by_width(case: Case, users: int) -> list[dict]:
+    """The LPU's rows at every TP width that places the workload, each on its fewest chips."""
+    return [row.to_dict() for row in plan(case.model, compare=(), context=case.context, users=users, tp="all")]
+
+
+def width_lines(rows: list[dict], h100: dict[int, dict]) -> list[str]:
+    """A row per user count and TP width; the last column compares its $ per Mtok with the H100's for as many
+    users (the table above)."""
+    lines = ["| users | chips | stages x TP | users per step | tok/s per user | tok/s | $/Mtok | / H100 $ per Mtok |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cheapest = min(w["usd_per_million_tokens"] for w in rows if w["users"] == r["users"])
+        usd = f"{r['usd_per_million_tokens']:,.2f}" + (" (least)" if r["usd_per_million_tokens"] == cheapest else "")
+        lines.append(f"| {r['users']} | {r['chips']:,} | {r['layout']} | {r['users_per_step']} | "
+                     f"{r['tokens_per_s_per_user']:,.0f} | {r['throughput_tokens_per_s']:,.0f} | {usd} | "
+                     f"{r['usd_per_million_tokens'] / h100[r['users']]['usd_per_million_tokens']:.1f}x |")
+    return lines
+
+
 def cells(row: dict) -> str:
     if "error" in row:
         return "does not fit | | | |"
@@ -75,11 +97,13 @@ def cells(row: dict) -> str:
 def main() -> int:
     results = [{"model": c.model, "context": c.context, "decode_context": c.decode_context, "speculation": c.speculation,
                 "users": u, "systems": measure(c, u)} for c in MODELS for u in USERS]
+    widths = [{"users": u, **row} for u in BY_WIDTH_USERS for row in by_width(BY_WIDTH, u)]
     a = CostAssumptions()
     RESULTS.mkdir(exist_ok=True)
     date = datetime.date.today().isoformat()
     (RESULTS / "capacity.json").write_text(json.dumps(
-        {"command": "python bench/capacity.py", "date": date, "cost_assumptions": a.__dict__, "rows": results},
+        {"command": "python bench/capacity.py", "date": date, "cost_assumptions": a.__dict__, "rows": results,
+         "by_width": {"model": BY_WIDTH.model, "context": BY_WIDTH.context, "rows": widths}},
         indent=1) + "\n")
     systems = ("lpu-v1", *GPUS)
     head = " | ".join(f"{s}: chips (stages x TP, users per step) | tok/s per user | tok/s | $/Mtok" for s in systems)
@@ -109,6 +133,12 @@ def main() -> int:
                      else f"{lpu['usd_per_million_tokens'] / h100['usd_per_million_tokens']:.1f}x")
             lines.append(f"| {r['users']} | " + " ".join(cells(r["systems"][s]) for s in systems) + f" {ratio} |")
         lines.append("")
+    h100 = {r["users"]: r["systems"]["h100-sxm"] for r in results
+            if Case(r["model"], r["context"], r["decode_context"], r["speculation"]) == BY_WIDTH}
+    lines += [f"## {BY_WIDTH.model}, {BY_WIDTH.context:,} tokens of context per user: the LPU at every TP width", "",
+              ("Each width that places the workload, on its fewest chips (`openlpu plan --tp all`); the tables above "
+               "place each workload on the fewest chips in all, at the width that takes them."), "",
+              *width_lines(widths, h100), ""]
     (RESULTS / "capacity.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
