@@ -32,6 +32,8 @@ def _counts(values: list[str] | None, flag: str, words: tuple[str, ...] = ()) ->
     if len(parts) == 1 and parts[0] in words:
         return parts[0]
     try:
+        if not parts:
+            raise ValueError
         return tuple(int(part) for part in parts)
     except ValueError:
         also = "".join(f", or {word}" for word in words)

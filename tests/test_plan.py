@@ -203,6 +203,9 @@ def test_several_widths_chip_counts_and_gpu_counts_are_a_row_each():
                     alone(system="", gpus=2)]
     assert [(r.chips, r.layout) for r in rows] == [(r.chips, r.layout) for r in rows[:2]] + [(1, "1 x TP 1"),
                                                                                               (2, "1 x TP 2")]
+    for empty in ("chips", "tp", "gpus"):  # an empty list of values is not a plan without the system
+        with pytest.raises(OpenLPUError, match=f"{empty}: give at least one value"):
+            plan("llama-3.2-1b", context=2048, **{empty: ()})
     counts = plan("llama-3.2-1b", context=2048, compare=(), chips=(8, 16), tp=(4, 8))
     assert counts == [alone(compare=(), chips=n, tp=t) for n in (8, 16) for t in (4, 8)]
     assert [(r.chips + r.chips_idle, r.layout.split(" x ")[1]) for r in counts] == [
@@ -442,6 +445,8 @@ def test_a_gguf_file_plans_as_its_preset(gemma_path):
     (["llama-2-70b", "--tp", "all", "--chips", "576"], "--tp all places each width on its fewest chips"),
     (["llama-2-70b", "--gpus", "1,x"], "--gpus takes whole numbers, one or several separated by commas"),
     (["llama-2-70b", "--chips", "336 448"], "--chips takes whole numbers"),
+    (["llama-2-70b", "--tp", ","], "--tp takes whole numbers"),  # not a plan without the LPU
+    (["llama-2-70b", "--gpus", " "], "--gpus takes whole numbers"),
     (["llama-3.1-405b", "--tp", "1"], ("does not fit in TP groups of 1: L0.attn alone needs 597 MB per chip (its "
                                        "weights and buffers, with one token's K and V) at that width, and a chip "
                                        "holds 230 MB; it places in TP groups of 4, 8, 16, 32, 64")),

@@ -187,8 +187,9 @@ def placeable_widths(spec: ModelSpec, system: SystemSpec, workload: Workload) ->
     return [t for t in sorted(tp_candidates(spec, system)) if fewest_chips(spec, system, workload, widths=[t])]
 
 
-def lpu_row(spec: ModelSpec, system: SystemSpec, workload: Workload, flops_per_token: float, assumptions: CostAssumptions,
-            chips: int | None = None, tp: int | None = None, draft: Draft | None = None) -> PlanRow:
+def lpu_row(spec: ModelSpec, system: SystemSpec, workload: Workload, flops_per_token: float,
+            assumptions: CostAssumptions, chips: int | None = None, tp: int | None = None,
+            draft: Draft | None = None) -> PlanRow:
     from openlpu.compiler import compile_program, verify_or_raise
     from openlpu.compiler.schedule import matrix_macs_per_cycle
     from openlpu.sim.timing import timing
@@ -251,8 +252,11 @@ def gpu_row(spec: ModelSpec, gpu_name: str, precision: str, context: int, users:
 Counts = int | tuple[int, ...] | None  # one value, several (a row each), or None: the default
 
 
-def _each(value: Counts) -> tuple:
-    return (value,) if value is None or isinstance(value, (int, str)) else tuple(value)
+def _each(value: Counts, name: str) -> tuple:
+    values = (value,) if value is None or isinstance(value, (int, str)) else tuple(value)
+    if not values:
+        raise OpenLPUError(f"{name}: give at least one value, or none for the default")
+    return values
 
 
 def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...] = ("h100-sxm",),
@@ -301,15 +305,16 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
     if tp == "all" and chips is not None:
         raise OpenLPUError("--tp all places each width on its fewest chips; to place widths on --chips, name "
                            "them (--tp 8,16)")
+    chip_counts, widths, gpu_counts = _each(chips, "chips"), tp if tp == "all" else _each(tp, "tp"), _each(gpus, "gpus")
     flops = matrix_flops_per_token(spec, precision, attended, speculation)  # the same work per token everywhere
     rows = []
     if lpu is not None:
         workload = lpu_workload(precision, context, users, prompt, prefill_chunk, speculation, decode_context)
-        widths = (placeable_widths(spec, lpu, workload) or (None,)) if tp == "all" else _each(tp)
-        rows = [lpu_row(spec, lpu, workload, flops, assumptions, n, t, speculation)
-                for n in _each(chips) for t in widths]
+        if widths == "all":
+            widths = placeable_widths(spec, lpu, workload) or (None,)  # None: the compiler says what does not fit
+        rows = [lpu_row(spec, lpu, workload, flops, assumptions, n, t, speculation) for n in chip_counts for t in widths]
     return rows + [gpu_row(spec, name, precision, context, users, prompt, flops, assumptions, n, speculation,
-                           gpu_software, decode_context) for name in compare for n in _each(gpus)]
+                           gpu_software, decode_context) for name in compare for n in gpu_counts]
 
 
 PLOT_METRICS = (("tokens_per_s_per_user", "tokens/s per user"), ("throughput_tokens_per_s", "tokens/s (system)"),
