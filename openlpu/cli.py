@@ -29,8 +29,8 @@ def _counts(values: list[str] | None, flag: str, words: tuple[str, ...] = ()) ->
     if not values:
         return None
     parts = [part.strip() for value in values for part in value.split(",") if part.strip()]
-    if len(parts) == 1 and parts[0] in words:
-        return parts[0]
+    if len(parts) == 1 and parts[0].lower() in words:
+        return parts[0].lower()
     try:
         if not parts:
             raise ValueError
