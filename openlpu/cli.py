@@ -131,7 +131,8 @@ def plan(
     prompt: int = typer.Option(None, "--prompt", help="prompt tokens whose prefill sets TTFT (default: 512, "
                                                       "or the context if shorter)"),
     decode_context: int = typer.Option(None, "--decode-context", help=DECODE_CONTEXT_HELP),
-    prefill_chunk: int = typer.Option(None, "--prefill-chunk", help=PREFILL_CHUNK_HELP),
+    prefill_chunk: list[str] = typer.Option(None, "--prefill-chunk", help=f"{PREFILL_CHUNK_HELP}; several: a "
+                                                                           "column each"),
     chips: list[str] = typer.Option(None, "--chips", help="LPU chips to use, or fewer where wider TP groups on "
                                                            "them decode faster or the model's pieces take fewer "
                                                            "(default: as few as fit, or inside one node as few "
@@ -180,11 +181,11 @@ def plan(
     assumptions = CostAssumptions(**{k: v for k, v in given.items() if v is not None})
     spec = load_spec(model)
     prompt = Workload.default_prompt_len(context) if prompt is None else prompt
-    prefill_chunk = Workload.prefill_chunk if prefill_chunk is None else prefill_chunk
     # `--compare h100-sxm,b200` names two GPUs, as the flag given twice does; `--compare ''` leaves the default out
     compare = [part for name in compare for part in ([name] if Path(name).is_file() else name.split(",")) if part]
     chips, tp, gpus = _counts(chips, "--chips"), _counts(tp, "--tp", ("all",)), _counts(gpus, "--gpus")
-    with _compiling(spec.name, system, prompt, prefill_chunk):
+    prefill_chunk = _counts(prefill_chunk, "--prefill-chunk") or (Workload.prefill_chunk,)
+    with _compiling(spec.name, system, prompt, min(prefill_chunk)):
         rows = make_plan(spec, system=system, compare=tuple(compare), precision=precision, context=context,
                          users=users, chips=chips, tp=tp, gpus=gpus, prompt=prompt, assumptions=assumptions,
                          draft=draft, draft_tokens=draft_tokens, acceptance=acceptance, gpu_software=gpu_software,
@@ -200,7 +201,9 @@ def plan(
         f" Speculative: {draft_tokens or DRAFT_TOKENS} draft tokens per round, each accepted with chance "
         f"{acceptance:g}; the LPU runs the draft on chips of its own, a GPU between the target's steps.")
     kernels = f" GPU decode attention: {SOFTWARE[gpu_software].name}." if compare else ""
-    waves = f" (the LPU's in chunks of {prefill_chunk:,} tokens)" if system else ""
+    sizes = [f"{c:,}" for c in prefill_chunk]
+    sizes = f"{', '.join(sizes[:-1])} or {sizes[-1]} tokens, a column each" if len(sizes) > 1 else f"{sizes[0]} tokens"
+    waves = f" (the LPU's in chunks of {sizes})" if system else ""
     if compare and spec.is_moe:  # TensorRT-LLM 1.0's long outputs of Qwen3-30B-A3B ran slower than this
         kernels += (" GPU experts: a roofline of their work plus a routing cost per token fitted on one B200 row; "
                     "long outputs can run faster than measured (bench/results/fidelity.md).")
@@ -226,6 +229,8 @@ def plan(
         "memory used": lambda r: f"{r.memory_used_fraction:.0%} of {r.memory}",
         "tok/s per user": lambda r: f"{r.tokens_per_s_per_user:,.0f}",
         "TTFT (ms)": lambda r: f"{r.ttft_s * 1e3:,.1f}",
+        **({"prefill chunk": lambda r: f"{r.prefill_chunk:,}" if r.prefill_chunk else "-"}
+           if len(prefill_chunk) > 1 else {}),
         "throughput (tok/s)": lambda r: f"{r.throughput_tokens_per_s:,.0f}",
         "power (kW)": lambda r: f"{r.power_w / 1e3:,.1f}",
         "energy (J/token)": lambda r: f"{r.energy_per_token_j:,.2f}",

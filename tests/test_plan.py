@@ -203,7 +203,10 @@ def test_several_widths_chip_counts_and_gpu_counts_are_a_row_each():
                     alone(system="", gpus=2)]
     assert [(r.chips, r.layout) for r in rows] == [(r.chips, r.layout) for r in rows[:2]] + [(1, "1 x TP 1"),
                                                                                               (2, "1 x TP 2")]
-    for empty in ("chips", "tp", "gpus"):  # an empty list of values is not a plan without the system
+    chunked = plan("llama-3.2-1b", context=2048, compare=(), prefill_chunk=(256, 64))
+    assert chunked == [alone(compare=(), prefill_chunk=c) for c in (256, 64)]
+    assert [r.prefill_chunk for r in chunked + rows[2:]] == [256, 64, None, None]  # a GPU prefills in one pass
+    for empty in ("chips", "tp", "gpus", "prefill_chunk"):  # an empty list of values is not a plan without the system
         with pytest.raises(OpenLPUError, match=f"{empty}: give at least one value"):
             plan("llama-3.2-1b", context=2048, **{empty: ()})
     counts = plan("llama-3.2-1b", context=2048, compare=(), chips=(8, 16), tp=(4, 8))
@@ -247,11 +250,16 @@ def test_cli_columns_for_several_values(tmp_path):
     JSON rows are the API's, and the plot draws them all (a system's several rows apart)."""
     png = tmp_path / "plan.png"
     given, repeated = (run_cli("llama-3.2-1b", "--context", "2048", "--json", *flags) for flags in (
-        ("--tp", "2,8", "--gpus", "1,2", "--plot", str(png)), ("--tp", "2", "--tp", "8", "--gpus", "1", "--gpus", "2")))
+        ("--tp", "2,8", "--gpus", "1,2", "--prefill-chunk", "256,64", "--plot", str(png)),
+        ("--tp", "2", "--tp", "8", "--gpus", "1", "--gpus", "2", "--prefill-chunk", "256", "--prefill-chunk", "64")))
     assert given.returncode == repeated.returncode == 0, given.stderr + repeated.stderr
     assert json.loads(given.stdout) == json.loads(repeated.stdout) == [
-        r.to_dict() for r in plan("llama-3.2-1b", context=2048, tp=(2, 8), gpus=(1, 2))]
+        r.to_dict() for r in plan("llama-3.2-1b", context=2048, tp=(2, 8), gpus=(1, 2), prefill_chunk=(256, 64))]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = run_cli("llama-3.2-1b", "--context", "2048", "--prefill-chunk", "256,64", "--compare", "")
+    said = " ".join(text.stdout.split())
+    assert text.returncode == 0 and "the LPU's in chunks of 256 or 64 tokens, a column each" in said, text.stderr
+    assert "│ prefill chunk │ 256 │ 64 │" in said
 
 
 def test_compute_used_reads_the_programs_flops_and_the_presets_peaks():
@@ -447,6 +455,8 @@ def test_a_gguf_file_plans_as_its_preset(gemma_path):
     (["llama-2-70b", "--chips", "336 448"], "--chips takes whole numbers"),
     (["llama-2-70b", "--tp", ","], "--tp takes whole numbers"),  # not a plan without the LPU
     (["llama-2-70b", "--gpus", " "], "--gpus takes whole numbers"),
+    (["llama-2-70b", "--prefill-chunk", "128,0"], "--prefill-chunk must be a positive integer, got 0"),
+    (["llama-2-70b", "--prefill-chunk", "big"], "--prefill-chunk takes whole numbers"),
     (["llama-3.1-405b", "--tp", "1"], ("does not fit in TP groups of 1: L0.attn alone needs 597 MB per chip (its "
                                        "weights and buffers, with one token's K and V) at that width, and a chip "
                                        "holds 230 MB; it places in TP groups of 4, 8, 16, 32, 64")),

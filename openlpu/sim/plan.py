@@ -43,6 +43,7 @@ class PlanRow:
     compute_used_fraction: float  # matrix FLOPs done / the peak of the chips used, in steady state (MFU)
     capex_usd: float
     usd_per_million_tokens: float
+    prefill_chunk: int | None  # LPU: prompt tokens per wave of its prefill; GPU: None (one pass)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -77,9 +78,9 @@ def matrix_flops_per_token(spec: ModelSpec, precision: str, context: int, draft:
 
 
 def _check_workload(spec: ModelSpec, context: int, users: int, prompt: int, decode_context: int,
-                    prefill_chunk: int) -> None:
+                    prefill_chunks: tuple[int, ...]) -> None:
     for what, v in (("context", context), ("users", users), ("prompt", prompt), ("decode-context", decode_context),
-                    ("prefill-chunk", prefill_chunk)):
+                    *(("prefill-chunk", chunk) for chunk in prefill_chunks)):
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise OpenLPUError(f"--{what} must be a positive integer, got {v!r}")
     if context > spec.context_length:
@@ -210,7 +211,8 @@ def lpu_row(spec: ModelSpec, system: SystemSpec, workload: Workload, flops_per_t
                    throughput_tokens_per_s=f.throughput_tokens_per_s, power_w=f.power_w,
                    energy_per_token_j=f.power_w / f.throughput_tokens_per_s,
                    compute_used_fraction=flops_per_token * f.throughput_tokens_per_s / peak_flops_per_s,
-                   capex_usd=c.capex.total_usd, usd_per_million_tokens=c.usd_per_million_tokens)
+                   capex_usd=c.capex.total_usd, usd_per_million_tokens=c.usd_per_million_tokens,
+                   prefill_chunk=workload.prefill_chunk)
 
 
 def gpu_row(spec: ModelSpec, gpu_name: str, precision: str, context: int, users: int, prompt: int,
@@ -246,7 +248,7 @@ def gpu_row(spec: ModelSpec, gpu_name: str, precision: str, context: int, users:
                    ttft_s=ttft, throughput_tokens_per_s=throughput, power_w=t.power_w,
                    energy_per_token_j=t.power_w / throughput,
                    compute_used_fraction=flops_per_token * throughput / peak_flops_per_s,
-                   capex_usd=c.capex.total_usd, usd_per_million_tokens=c.usd_per_million_tokens)
+                   capex_usd=c.capex.total_usd, usd_per_million_tokens=c.usd_per_million_tokens, prefill_chunk=None)
 
 
 Counts = int | tuple[int, ...] | None  # one value, several (a row each), or None: the default
@@ -265,14 +267,14 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
          gpus: Counts = None, prompt: int | None = None, tp: Counts | str = None,
          draft: str | ModelSpec | None = None, draft_tokens: int | None = None,
          acceptance: float | None = None, gpu_software: str = DEFAULT_SOFTWARE,
-         decode_context: int | None = None, prefill_chunk: int | None = None) -> list[PlanRow]:
+         decode_context: int | None = None, prefill_chunk: Counts = None) -> list[PlanRow]:
     """The LPU system first, then each GPU, for `users` concurrent streams of `context` tokens, on
     `chips` LPU chips in TP groups of `tp` and `gpus` GPUs of each kind (None: the fewest that hold the
-    workload, the compiler's TP; several values: a row for each, every chip count with every width;
-    `tp="all"`: every width that places the model, each on its fewest chips); TTFT is the prefill of
-    `prompt` tokens (None: Workload.default_prompt_len); each decode step attends `decode_context` of the
-    `context` tokens a user holds (None: all of them); the LPU prefills in chunks of `prefill_chunk` tokens
-    (None: Workload.prefill_chunk).
+    workload, the compiler's TP; `tp="all"`: every width that places the model, each on its fewest chips);
+    TTFT is the prefill of `prompt` tokens (None: Workload.default_prompt_len); each decode step attends
+    `decode_context` of the `context` tokens a user holds (None: all of them); the LPU prefills in chunks of
+    `prefill_chunk` tokens (None: Workload.prefill_chunk). Several chip counts, widths, chunks or GPU counts
+    give a row each: every chip count, with every chunk, with every width.
     `model`, `draft`: a ModelSpec, or what load_spec takes (a preset name, a .gguf file, a config.json).
     With a draft, every system decodes speculatively: `draft_tokens` (default DRAFT_TOKENS) per round,
     each accepted with probability `acceptance`, which must be given. `gpu_software`: the GPUs' serving
@@ -283,8 +285,8 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
     as_precision(precision)
     prompt = Workload.default_prompt_len(context) if prompt is None else prompt
     attended = context if decode_context is None else decode_context
-    prefill_chunk = Workload.prefill_chunk if prefill_chunk is None else prefill_chunk
-    _check_workload(spec, context, users, prompt, attended, prefill_chunk)
+    chunks = tuple(Workload.prefill_chunk if c is None else c for c in _each(prefill_chunk, "prefill_chunk"))
+    _check_workload(spec, context, users, prompt, attended, chunks)
     speculation = None
     if draft is not None:
         if acceptance is None:
@@ -308,11 +310,12 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
     chip_counts, widths, gpu_counts = _each(chips, "chips"), tp if tp == "all" else _each(tp, "tp"), _each(gpus, "gpus")
     flops = matrix_flops_per_token(spec, precision, attended, speculation)  # the same work per token everywhere
     rows = []
-    if lpu is not None:
-        workload = lpu_workload(precision, context, users, prompt, prefill_chunk, speculation, decode_context)
-        if widths == "all":
-            widths = placeable_widths(spec, lpu, workload) or (None,)  # None: the compiler says what does not fit
-        rows = [lpu_row(spec, lpu, workload, flops, assumptions, n, t, speculation) for n in chip_counts for t in widths]
+    for n in chip_counts if lpu is not None else ():
+        for chunk in chunks:
+            workload = lpu_workload(precision, context, users, prompt, chunk, speculation, decode_context)
+            # None: no width places the model, and the compiler says what does not fit
+            each = (placeable_widths(spec, lpu, workload) or (None,)) if widths == "all" else widths
+            rows += [lpu_row(spec, lpu, workload, flops, assumptions, n, t, speculation) for t in each]
     return rows + [gpu_row(spec, name, precision, context, users, prompt, flops, assumptions, n, speculation,
                            gpu_software, decode_context) for name in compare for n in gpu_counts]
 
