@@ -18,9 +18,10 @@ console = Console()
 MODEL_HELP = "model preset (see `openlpu models`), a .gguf file, or a Hugging Face config.json or its folder"
 DECODE_CONTEXT_HELP = ("tokens each decode step attends: the length the requests served reach (default: all of "
                        "--context, which sizes the KV cache each user holds)")
-PREFILL_CHUNK_HELP = ("prompt tokens per pipeline wave of the LPU's prefill (default 256): smaller chunks fill the "
-                      "pipeline sooner and reserve smaller activation buffers, which can let wider TP groups fit "
-                      "the same chips, but make more waves to schedule, so the compile takes longer")
+PREFILL_CHUNK_HELP = ("prompt tokens per pipeline wave of the LPU's prefill (default: 256, or 128 or 64 where their "
+                      "smaller activation buffers let wider TP groups fit on no more chips, with a step no "
+                      "slower): smaller chunks fill the pipeline sooner, but make more waves to schedule, so the "
+                      "compile takes longer")
 
 
 def _counts(values: list[str] | None, flag: str, words: tuple[str, ...] = ()) -> tuple[int, ...] | str | None:
@@ -41,17 +42,19 @@ def _counts(values: list[str] | None, flag: str, words: tuple[str, ...] = ()) ->
                            f"got {', '.join(values)!r}") from None
 
 
-def _compiling(model: str, system: str, prompt: int, chunk: int):
+def _compiling(model: str, system: str, prompt: int, chunk: int | None):
     """A spinner on stderr while a Program is compiled, verified and timed (a long prompt's prefill, scheduled
     chunk by chunk, can take a minute); Rich shows it only on a terminal, so pipes and --json stay clean.
-    Nothing to show without an LPU system (`plan --system ""`: GPUs only)."""
+    Nothing to show without an LPU system (`plan --system ""`: GPUs only). `chunk`: the smallest given (None:
+    the compiler chooses)."""
     from contextlib import nullcontext
 
     if not system:
         return nullcontext()
-    chunks = -(-prompt // max(chunk, 1))  # a chunk below 1 is refused by the command, after this
+    # a chunk below 1 is refused by the command, after this
+    waves = " in chunks the compiler chooses" if chunk is None else f" in {-(-prompt // max(chunk, 1)):,} chunk(s)"
     return Console(stderr=True).status(f"compiling {model} for {system}: placement, one decode step and a "
-                                       f"{prompt:,}-token prefill in {chunks:,} chunk(s)")
+                                       f"{prompt:,}-token prefill{waves}")
 
 
 @app.callback()
@@ -184,8 +187,8 @@ def plan(
     # `--compare h100-sxm,b200` names two GPUs, as the flag given twice does; `--compare ''` leaves the default out
     compare = [part for name in compare for part in ([name] if Path(name).is_file() else name.split(",")) if part]
     chips, tp, gpus = _counts(chips, "--chips"), _counts(tp, "--tp", ("all",)), _counts(gpus, "--gpus")
-    prefill_chunk = _counts(prefill_chunk, "--prefill-chunk") or (Workload.prefill_chunk,)
-    with _compiling(spec.name, system, prompt, min(prefill_chunk)):
+    prefill_chunk = _counts(prefill_chunk, "--prefill-chunk")
+    with _compiling(spec.name, system, prompt, min(prefill_chunk) if prefill_chunk else None):
         rows = make_plan(spec, system=system, compare=tuple(compare), precision=precision, context=context,
                          users=users, chips=chips, tp=tp, gpus=gpus, prompt=prompt, assumptions=assumptions,
                          draft=draft, draft_tokens=draft_tokens, acceptance=acceptance, gpu_software=gpu_software,
@@ -201,9 +204,11 @@ def plan(
         f" Speculative: {draft_tokens or DRAFT_TOKENS} draft tokens per round, each accepted with chance "
         f"{acceptance:g}; the LPU runs the draft on chips of its own, a GPU between the target's steps.")
     kernels = f" GPU decode attention: {SOFTWARE[gpu_software].name}." if compare else ""
-    sizes = [f"{c:,}" for c in prefill_chunk]
-    sizes = f"{', '.join(sizes[:-1])} or {sizes[-1]} tokens, a column each" if len(sizes) > 1 else f"{sizes[0]} tokens"
-    waves = f" (the LPU's in chunks of {sizes})" if system else ""
+    sizes = [f"{c:,}" for c in dict.fromkeys(r.prefill_chunk for r in rows if r.kind == "lpu")]
+    sizes = f"{', '.join(sizes[:-1])} or {sizes[-1]}" if len(sizes) > 1 else "".join(sizes)
+    waves = "" if not sizes else (f" (the LPU's in chunks of {sizes} tokens, " + (
+        "a column each)" if prefill_chunk and len(prefill_chunk) > 1 else "as given)" if prefill_chunk else
+        "the compiler's choice: --prefill-chunk)"))
     if compare and spec.is_moe:  # TensorRT-LLM 1.0's long outputs of Qwen3-30B-A3B ran slower than this
         kernels += (" GPU experts: a roofline of their work plus a routing cost per token fitted on one B200 row; "
                     "long outputs can run faster than measured (bench/results/fidelity.md).")
@@ -230,7 +235,7 @@ def plan(
         "tok/s per user": lambda r: f"{r.tokens_per_s_per_user:,.0f}",
         "TTFT (ms)": lambda r: f"{r.ttft_s * 1e3:,.1f}",
         **({"prefill chunk": lambda r: f"{r.prefill_chunk:,}" if r.prefill_chunk else "-"}
-           if len(prefill_chunk) > 1 else {}),
+           if prefill_chunk and len(prefill_chunk) > 1 else {}),
         "throughput (tok/s)": lambda r: f"{r.throughput_tokens_per_s:,.0f}",
         "power (kW)": lambda r: f"{r.power_w / 1e3:,.1f}",
         "energy (J/token)": lambda r: f"{r.energy_per_token_j:,.2f}",
@@ -293,7 +298,7 @@ def compile_cmd(
     workload = Workload(weights=precision, activations=precision, kv=kv, context_length=context,
                         users=users, prompt_len=min(prompt, context), draft_tokens=draft_tokens,
                         decode_context=decode_context,
-                        prefill_chunk=Workload.prefill_chunk if prefill_chunk is None else prefill_chunk)
+                        prefill_chunk=prefill_chunk)
     with _compiling(spec.name, system, workload.prompt_len, workload.prefill_chunk):
         program = compile_program(spec, load_system(system), workload, chips, tp)
         digest = program.save(output)

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from openlpu.cli import app
 from openlpu.compiler import Workload, compile_program, load_program, verify
 from openlpu.compiler.partition import CUT_SEPARATOR, EXPERT_ROWS, half_index, size_table
-from openlpu.compiler.program import FORMAT_VERSION, MAGIC, PHASES
+from openlpu.compiler.program import FORMAT_VERSION, MAGIC, PHASES, encode
 from openlpu.compiler.schedule import schedule_phase, split_chunk
 from openlpu.errors import OpenLPUError
 from openlpu.hardware.lpu import load_system
@@ -32,7 +32,10 @@ SMALL = Workload(context_length=2048, prompt_len=300, prefill_chunk=128)
 
 @pytest.fixture(scope="module")
 def llama70():
-    return compile_program(load_preset("llama-3.3-70b"), SYSTEM, Workload(context_length=4096, prompt_len=512))
+    """Llama 3.3 70B in groups of 8 inside a node, as 256-token chunks leave room for (at smaller chunks the
+    compiler fits groups of 16 on the same chips: test_the_compiler_chooses_smaller_chunks_where_they_place_better)."""
+    return compile_program(load_preset("llama-3.3-70b"), SYSTEM, Workload(context_length=4096, prompt_len=512,
+                                                                          prefill_chunk=256))
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +115,7 @@ def test_save_load_round_trip_and_bad_files(gemma8, tmp_path):
                          (lambda b: b.update(kv_slots=[1.5]), "its 'kv_slots' is not"),
                          (lambda b: b["workload"].update(users=0),
                           "its workload: users must be a positive integer, got 0"),
+                         (lambda b: b["workload"].update(prefill_chunk=None), "its workload names no prefill chunk"),
                          (lambda b: b["workload"].update(batch=4), "unexpected keyword argument 'batch'")):
         (tmp_path / "signed.prog").write_bytes(signed(mutate))
         with pytest.raises(OpenLPUError, match=f"^{re.escape(str(tmp_path))}/signed.prog is corrupt \\(.*{says}"):
@@ -136,6 +140,26 @@ def test_unflagged_shards_hold_each_weight_exactly_once(llama70):
     assert max(parts.values()) > 1  # some MLP is cut between stages
     copies = sum(size * parts[tensor_piece(n, spec.n_layers)] for n, size in norms.items()) * llama70.placement.tp
     assert sum(sh.nbytes for sh in llama70.placement.shards if "norm" in sh.tensor) == copies
+
+
+def test_the_compiler_chooses_smaller_chunks_where_they_place_better(llama70):
+    """Without a prefill chunk the compiler keeps 256 tokens unless a smaller chunk's buffers place the model
+    on no more chips with a step no longer, better in one: Llama 3.3 70B's 336 chips hold 21 groups of 16 at
+    128 tokens (42 of 8 at 256), the Program compiled at 128 (a second way), and a faster step; Llama 3.1 8B
+    has room at 256, and compiles byte for byte as at 256. Given the chips and the width, 256 stays."""
+    spec = load_preset("llama-3.3-70b")
+    chosen = compile_program(spec, SYSTEM, Workload(context_length=4096, prompt_len=512))
+    at_128 = compile_program(spec, SYSTEM, Workload(context_length=4096, prompt_len=512, prefill_chunk=128))
+    assert chosen.workload.prefill_chunk == 128 and encode(chosen) == encode(at_128)
+    assert (chosen.chips, chosen.placement.tp, llama70.chips, llama70.placement.tp) == (336, 16, 336, 8)
+    assert timing(chosen).tokens_per_s_per_user > 1.3 * timing(llama70).tokens_per_s_per_user
+    small = load_preset("llama-3.1-8b")
+    kept, at_256 = (compile_program(small, SYSTEM, Workload(context_length=4096, prompt_len=512, prefill_chunk=c))
+                    for c in (None, 256))
+    assert kept.workload.prefill_chunk == 256 and encode(kept) == encode(at_256)
+    fixed = compile_program(load_preset("llama-2-70b"), SYSTEM, Workload(context_length=4096, prompt_len=512),
+                            chips=576, tp=8)
+    assert fixed.workload.prefill_chunk == 256
 
 
 def test_tp_groups_stay_inside_a_node_and_sizes_respect_sram(llama70):
@@ -334,7 +358,7 @@ def test_a_stage_takes_one_prompt_chunk_at_a_time(name, workload, chips, tp):
     for stage, what, start, end in events + [(t.stage, t.name, t.start_cycle, 0) for t in p.prefill.transfers]:
         first, last = spans.get((stage, split_chunk(what)[0]), (start, 0))
         spans[(stage, split_chunk(what)[0])] = (min(first, start), max(last, end))
-    assert {c for _, c in spans} == set(range(-(-workload.prompt_len // workload.prefill_chunk)))
+    assert {c for _, c in spans} == set(range(-(-workload.prompt_len // p.workload.prefill_chunk)))
     by_stage = defaultdict(list)
     for (stage, _), span in sorted(spans.items()):
         by_stage[stage].append(span)
@@ -897,14 +921,17 @@ def test_least_sram_is_a_floor_under_real_arrangements(name, tp, experts):
 
 
 def test_too_few_chips_for_a_mixture_of_experts_names_the_count_that_fits():
-    """Llama 4 Maverick on 1,800 chips in TP groups of 4: the SRAM floor rules the count out before any cut
-    is tried; the count the error names places."""
-    spec, workload = load_preset("llama-4-maverick"), Workload(context_length=4096, prompt_len=512)
+    """Llama 4 Maverick on 1,800 chips in TP groups of 4, with 256-token prefill chunks: the SRAM floor rules the
+    count out before any cut is tried; the count the error names places. (Left to choose, the compiler places it
+    there with 64-token chunks, whose buffers are smaller.)"""
+    spec, workload = load_preset("llama-4-maverick"), Workload(context_length=4096, prompt_len=512, prefill_chunk=256)
     with pytest.raises(OpenLPUError, match=r"does not fit on 1800 lpu-v1 chips.*needs at least (\d+) chips") as e:
         compile_program(spec, SYSTEM, workload, chips=1800, tp=4)
     need = int(e.value.args[0].split("--chips ")[1].rstrip(")"))
     program = compile_program(spec, SYSTEM, workload, chips=need, tp=4)
     assert program.placement.tp == 4 and len(program.placement.stages) * 4 == need and not verify(program)
+    chosen = compile_program(spec, SYSTEM, dataclasses.replace(workload, prefill_chunk=None), chips=1800, tp=4)
+    assert chosen.workload.prefill_chunk < 256 and chosen.chips == 1800 and not verify(chosen)
 
 
 def test_slices_too_large_for_their_stages_move_as_little_as_a_stage_needs():

@@ -136,24 +136,28 @@ def test_a_decode_context_times_steps_over_fewer_tokens_than_the_window_held():
 def test_smaller_prefill_chunks_let_wider_groups_fit_and_fill_the_pipeline_sooner():
     """--prefill-chunk: Llama 3.3 70B's fewest chips, 336, hold 42 stages of TP 8 with the activation buffers of
     256-token chunks; with 128-token chunks' buffers 21 stages of TP 16 fit them too, and the wider groups decode
-    faster. On the same 42 stages of TP 8, smaller chunks fill the pipeline sooner: a 4,096-token prompt's first
-    token comes earlier. The row is the Program compiled so (a second way), and the caption says the chunk."""
+    faster, so without the flag the compiler takes 128. On the same 42 stages of TP 8, smaller chunks fill the
+    pipeline sooner: a 4,096-token prompt's first token comes earlier. The row is the Program compiled so (a
+    second way), and the caption says the chunk and who chose it."""
     from openlpu.compiler import Workload, compile_program
     from openlpu.hardware.lpu import load_system
     from openlpu.sim.timing import timing
 
     spec, system = load_preset("llama-3.3-70b"), load_system("lpu-v1")
     wide, = plan(spec, compare=(), prefill_chunk=128)
-    narrow, = plan(spec, compare=())
+    narrow, = plan(spec, compare=(), prefill_chunk=256)
     assert wide.chips == narrow.chips == 336 and (wide.layout, narrow.layout) == ("21 x TP 16", "42 x TP 8")
     assert wide.tokens_per_s_per_user > 1.3 * narrow.tokens_per_s_per_user
+    assert plan(spec, compare=()) == [wide]
     program = compile_program(spec, system, Workload(prefill_chunk=128))
     assert wide.tokens_per_s_per_user == pytest.approx(timing(program).tokens_per_s_per_user)
     long_prompt = [timing(compile_program(spec, system, Workload(prompt_len=4096, prefill_chunk=c), tp=8)).ttft_s
                    for c in (128, 256)]
     assert long_prompt[0] < long_prompt[1]
-    r = run_cli("llama-3.3-70b", "--prefill-chunk", "128", "--compare", "")
-    assert r.returncode == 0 and "(the LPU's in chunks of 128 tokens)" in " ".join(r.stdout.split())
+    given, chosen = (" ".join(run_cli("llama-3.3-70b", "--compare", "", *flag).stdout.split())
+                     for flag in (("--prefill-chunk", "128"), ()))
+    assert "(the LPU's in chunks of 128 tokens, as given)" in given
+    assert "(the LPU's in chunks of 128 tokens, the compiler's choice: --prefill-chunk)" in chosen
 
 
 @pytest.mark.parametrize("precision, kv", [("int4", "int8"), ("fp4", "fp8")])
@@ -367,7 +371,7 @@ def test_a_terminal_sees_what_is_compiling_and_a_pipe_does_not():
     os.close(primary)
     stdout, _ = shown.communicate(timeout=300)
     assert shown.returncode == 0 and json.loads(stdout)
-    assert b"compiling gemma-3-270m for lpu-v1" in seen and b"1,000-token prefill in 4 chunk(s)" in seen, seen
+    assert b"compiling gemma-3-270m for lpu-v1" in seen and b"1,000-token prefill in chunks the compiler" in seen, seen
     piped = run_cli("gemma-3-270m", "--prompt", "1000", "--json")
     assert piped.returncode == 0 and piped.stderr == "" and json.loads(piped.stdout)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 from collections.abc import Callable
 
 from openlpu.compiler.partition import (
@@ -15,9 +17,11 @@ from openlpu.compiler.partition import (
     piece_homes,
     place,
     tp_candidates,
+    tp_widths,
 )
 from openlpu.compiler.program import (
     FORMAT_VERSION,
+    PREFILL_CHUNKS,
     PhaseSchedule,
     Placement,
     Program,
@@ -48,13 +52,28 @@ def compile_program(spec: ModelSpec, system: SystemSpec, workload: Workload, chi
     The compiler's TP width is partition's (the widest inside a node that arranges), or a wider one where
     that decodes faster (_wider_groups): spanning nodes on the same chips, or, given a chip count, on the
     most of them it divides or the model's pieces take in such groups, or on the fewest that hold the model
-    in them. Same inputs, byte-identical Program."""
+    in them. Without a prefill chunk, the compiler takes the largest of PREFILL_CHUNKS, or a smaller one
+    whose smaller activation buffers place the model better (_chunked). Same inputs, byte-identical Program."""
     if workload.context_length > spec.context_length:
         raise OpenLPUError(f"context {workload.context_length} is longer than {spec.name}'s context window "
                            f"({spec.context_length} tokens); use at most {spec.context_length}")
     templates = {}  # collective routes, shared by every schedule
     if chips is not None:  # a bad count is refused as such, not placed on fewer
         check_chips(system, chips)
+    if workload.prefill_chunk is None:
+        workload, (placement, decode, _) = _chunked(spec, system, workload, chips, tp, templates)
+    else:
+        placement, decode, _ = _placed(spec, system, workload, chips, tp, templates)
+    prefill = schedule_prefill(spec, system, workload, placement, templates)
+    return Program(version=FORMAT_VERSION, model=spec.name, system=system, workload=workload,
+                   tensors=spec.tensor_shapes(),
+                   kv_slots=tuple(kv_slots(spec, workload.context_length, i) for i in range(spec.n_layers)),
+                   placement=placement, decode=decode, prefill=prefill)
+
+
+def _placed(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None, tp: int | None,
+            templates: dict) -> tuple[Placement, PhaseSchedule, float]:
+    """The placement compile_program makes for a workload with its prefill chunk, its decode step and period."""
     try:
         best = _arranged(spec, system, workload, chips, tp, templates)
     except OpenLPUError as error:
@@ -66,12 +85,64 @@ def compile_program(spec: ModelSpec, system: SystemSpec, workload: Workload, chi
                              idle=chips is not None)
     if best is None:
         raise refusal
-    placement, decode, _ = best
-    prefill = schedule_prefill(spec, system, workload, placement, templates)
-    return Program(version=FORMAT_VERSION, model=spec.name, system=system, workload=workload,
-                   tensors=spec.tensor_shapes(),
-                   kv_slots=tuple(kv_slots(spec, workload.context_length, i) for i in range(spec.n_layers)),
-                   placement=placement, decode=decode, prefill=prefill)
+    return best
+
+
+def _chunked(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None, tp: int | None,
+             templates: dict) -> tuple[Workload, tuple[Placement, PhaseSchedule, float]]:
+    """The workload at the prefill chunk the compiler chooses, and _placed's placement for it. A chunk's
+    activation buffers take SRAM beside the weights, so where SRAM is tight a smaller chunk can let wider
+    groups fit on as many chips (Llama 3.3 70B's fewest chips, 336, hold 42 groups of 8 at 256-token chunks
+    and 21 of 16 at 128, which decode 1.5x as fast); but it makes more waves to schedule. So the largest of
+    PREFILL_CHUNKS is kept unless a smaller one places the model on no more chips with a step no longer,
+    and is better in one of the two (_places_better); a smaller one is placed only where its buffers let
+    wider groups fit (_may_place_better)."""
+    chosen, best, refusal = None, None, None
+    for chunk in PREFILL_CHUNKS:
+        option = dataclasses.replace(workload, prefill_chunk=chunk)
+        if best is not None and not _may_place_better(spec, system, chosen, option, chips, tp, best[0]):
+            continue
+        try:
+            placed = _placed(spec, system, option, chips, tp, templates)
+        except OpenLPUError as error:  # a larger chunk's buffers can leave a piece no room
+            refusal = refusal or error
+            continue
+        if best is None or _places_better(placed, best, given=chips is not None):
+            chosen, best = option, placed
+    if best is None:
+        raise refusal
+    return chosen, best
+
+
+def _may_place_better(spec: ModelSpec, system: SystemSpec, kept: Workload, option: Workload, chips: int | None,
+                      tp: int | None, placed: Placement) -> bool:
+    """Whether `option`'s smaller buffers let a width wider than `placed`'s (made for the `kept` workload) fit
+    chips it did not fit at `kept`'s, where the compiler would try it: the chips given, or in groups dividing
+    the chips `placed` takes or the fewest that hold the model at `option`'s buffers. Only wider groups are
+    sought: they decode faster; a few chips fewer in the same groups are not worth the search (a long prompt
+    is scheduled in twice the waves at half the chunk)."""
+    if chips is not None and tp is not None:  # the placement is fixed
+        return False
+    widths = tp_widths(spec, system, tp)
+
+    def fewest(workload: Workload, ts: list[int]) -> float:
+        found = fewest_chips(spec, system, workload, widths=ts)
+        return found[0] * found[1] if found else math.inf
+
+    counts = {chips} if chips is not None else {len(placed.chips), fewest(option, widths)} - {math.inf}
+    return any(fewest(option, [t]) <= n < fewest(kept, [t]) for n in counts for t in widths
+               if t > placed.tp and (chips is not None or n % t == 0))  # _wider_groups' widths
+
+
+def _places_better(placed: tuple[Placement, PhaseSchedule, float], best: tuple[Placement, PhaseSchedule, float],
+                   given: bool) -> bool:
+    """Whether a smaller chunk's placement beats the one kept: a step no longer on no more chips, and shorter or
+    on fewer (given the chips: a shorter step)."""
+    (new, _, period), (old, _, old_period) = placed, best
+    if given:
+        return period < old_period
+    fewer, same = len(new.chips) < len(old.chips), len(new.chips) == len(old.chips)
+    return (fewer and period <= old_period) or (same and period < old_period)
 
 
 def _arranged(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None, tp: int | None,

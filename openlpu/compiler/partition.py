@@ -384,8 +384,8 @@ def lowered_decode(spec: ModelSpec, workload: Workload, rows: int = 1) -> list[O
 
 
 def prefill_chunks(workload: Workload) -> list[tuple[int, int]]:
-    """(tokens before it, its tokens) of each chunk of workload.prefill_chunk tokens of the prompt."""
-    step = workload.prefill_chunk
+    """(tokens before it, its tokens) of each chunk of workload.chunk_tokens tokens of the prompt."""
+    step = workload.chunk_tokens
     return [(past, min(step, workload.prompt_len - past)) for past in range(0, workload.prompt_len, step)]
 
 
@@ -465,7 +465,7 @@ def size_table(spec: ModelSpec, workload: Workload, t: int, decode_rows: int = 1
     for i in range(n):
         kv[half_index(i, "attn", n)] = math.ceil(slots[i] * slot_bytes)
     acts = activation_peaks(spec, lowered_passes(spec, workload, decode_rows), t)
-    tokens = max(1, min(workload.prompt_len, workload.prefill_chunk))
+    tokens = max(1, min(workload.prompt_len, workload.chunk_tokens))
     ab = as_precision(workload.activations).bytes_per_element
     cut = 2 * tokens * spec.d_model * ab
     # a partial attention result: each query head's output and its log-sum-exp, this chip's heads

@@ -57,6 +57,9 @@ def gc_paused(build):
     return paused
 
 
+PREFILL_CHUNKS = (256, 128, 64)  # the prefill chunks the compiler chooses from where none is given, largest first
+
+
 @dataclass(frozen=True)
 class Workload:
     """What the system must hold and serve: precisions, context per user, users in flight."""
@@ -66,7 +69,9 @@ class Workload:
     context_length: int = 4096  # tokens of KV cache per user
     users: int = 1  # users in flight in the pipeline, each with its own KV cache
     prompt_len: int = 512  # tokens of the prefill pass that sets the time to first token
-    prefill_chunk: int = 256  # prompt tokens per pipeline wave: bounds activation buffers, overlaps stages
+    # prompt tokens per pipeline wave: bounds activation buffers, overlaps stages (None: the compiler's choice of
+    # PREFILL_CHUNKS; a Program's workload holds the one chosen)
+    prefill_chunk: int | None = None
     # speculative decoding: tokens a draft model proposes per step, which each decode step verifies
     # (its users each bring draft_tokens + 1 new tokens; sim.speculative turns steps into tokens)
     draft_tokens: int = 0
@@ -80,6 +85,12 @@ class Workload:
         return min(Workload.prompt_len, context)
 
     @property
+    def chunk_tokens(self) -> int:
+        """Prompt tokens per wave: the chunk given, or the compiler's first choice (what placing and scheduling
+        size with outside compile_program, which tries the others)."""
+        return PREFILL_CHUNKS[0] if self.prefill_chunk is None else self.prefill_chunk
+
+    @property
     def attended_context(self) -> int:
         """Tokens each decode step attends."""
         return self.context_length if self.decode_context is None else self.decode_context
@@ -87,9 +98,8 @@ class Workload:
     def __post_init__(self):
         for p in (self.weights, self.activations, self.kv):
             as_precision(p)
-        sizes = ["context_length", "users", "prompt_len", "prefill_chunk"]
-        if self.decode_context is not None:  # None: the whole context
-            sizes.append("decode_context")
+        sizes = ["context_length", "users", "prompt_len"]
+        sizes += [name for name in ("decode_context", "prefill_chunk") if getattr(self, name) is not None]
         for name in sizes:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -390,9 +400,12 @@ def _phase(d: dict, link_loads: list) -> PhaseSchedule:
 
 def _workload(fields: dict) -> Workload:
     try:
-        return Workload(**fields)
+        workload = Workload(**fields)
     except OpenLPUError as e:  # a value the workload refuses, said as a fault of the file
         raise ValueError(f"its workload: {e}") from None
+    if workload.prefill_chunk is None:  # the compiler writes the chunk it chose
+        raise ValueError("its workload names no prefill chunk")
+    return workload
 
 
 @gc_paused

@@ -515,7 +515,7 @@ def result_bytes(spec: ModelSpec, op: Op) -> float:
 
 
 def _prefill_chunks(spec: ModelSpec, workload: Workload) -> list[Op]:
-    """The prompt in chunks of workload.prefill_chunk tokens, each attending to the chunks before it;
+    """The prompt in chunks of workload.chunk_tokens tokens, each attending to the chunks before it;
     only the last chunk computes logits. Op names get a "c<chunk>/" prefix."""
     chunks = prefill_chunks(workload)
     out: list[Op] = []
@@ -569,7 +569,7 @@ def _attention_part(spec: ModelSpec, workload: Workload, op: Op, lo: int, hi: in
         phase, tokens, past = "decode", 1, attended_keys(workload.attended_context, spec.layer_window(op.layer),
                                                          "decode", chunk=spec.layer_chunk(op.layer))
     else:
-        phase, tokens, past = "prefill", op.shape[0], chunk * workload.prefill_chunk
+        phase, tokens, past = "prefill", op.shape[0], chunk * workload.chunk_tokens
     part, whole = (keys_in_slots(phase, past, tokens, ring, a, b) for a, b in ((lo, hi), (0, ring)))
     pairs, cached, written = (p / w if w else 0.0 for p, w in zip(part, whole))
     if op.kind != "attention":

@@ -804,7 +804,7 @@ class Executor:
         if len(spans) != 1:
             raise OpenLPUError("sharded execution runs one sequence at a time (the Program serves one user "
                                "per pipeline slot); use fused mode for batches")
-        span, chunk = spans[0], self.program.workload.prefill_chunk
+        span, chunk = spans[0], self.program.workload.chunk_tokens
         n_chunks = -(-span.n_tokens // chunk)
         first_row = (n_chunks - 1) * chunk
         if (rows < first_row).any():

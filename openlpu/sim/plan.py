@@ -182,9 +182,13 @@ def lpu_workload(precision: str, context: int, users: int, prompt: int, prefill_
 
 def placeable_widths(spec: ModelSpec, system: SystemSpec, workload: Workload) -> list[int]:
     """The TP widths, narrowest first, in whose groups the compiler can place the model on some number of
-    the system's chips (`--tp all`)."""
+    the system's chips (`--tp all`), at the workload's prefill chunk or, where it leaves the choice to the
+    compiler, at the smallest it chooses from (whose buffers leave the most room)."""
     from openlpu.compiler.partition import fewest_chips, tp_candidates
+    from openlpu.compiler.program import PREFILL_CHUNKS
 
+    if workload.prefill_chunk is None:
+        workload = dataclasses.replace(workload, prefill_chunk=PREFILL_CHUNKS[-1])
     return [t for t in sorted(tp_candidates(spec, system)) if fewest_chips(spec, system, workload, widths=[t])]
 
 
@@ -212,7 +216,7 @@ def lpu_row(spec: ModelSpec, system: SystemSpec, workload: Workload, flops_per_t
                    energy_per_token_j=f.power_w / f.throughput_tokens_per_s,
                    compute_used_fraction=flops_per_token * f.throughput_tokens_per_s / peak_flops_per_s,
                    capex_usd=c.capex.total_usd, usd_per_million_tokens=c.usd_per_million_tokens,
-                   prefill_chunk=workload.prefill_chunk)
+                   prefill_chunk=program.workload.prefill_chunk)
 
 
 def gpu_row(spec: ModelSpec, gpu_name: str, precision: str, context: int, users: int, prompt: int,
@@ -273,7 +277,7 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
     workload, the compiler's TP; `tp="all"`: every width that places the model, each on its fewest chips);
     TTFT is the prefill of `prompt` tokens (None: Workload.default_prompt_len); each decode step attends
     `decode_context` of the `context` tokens a user holds (None: all of them); the LPU prefills in chunks of
-    `prefill_chunk` tokens (None: Workload.prefill_chunk). Several chip counts, widths, chunks or GPU counts
+    `prefill_chunk` tokens (None: the compiler's choice). Several chip counts, widths, chunks or GPU counts
     give a row each: every chip count, with every chunk, with every width.
     `model`, `draft`: a ModelSpec, or what load_spec takes (a preset name, a .gguf file, a config.json).
     With a draft, every system decodes speculatively: `draft_tokens` (default DRAFT_TOKENS) per round,
@@ -285,8 +289,8 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
     as_precision(precision)
     prompt = Workload.default_prompt_len(context) if prompt is None else prompt
     attended = context if decode_context is None else decode_context
-    chunks = tuple(Workload.prefill_chunk if c is None else c for c in _each(prefill_chunk, "prefill_chunk"))
-    _check_workload(spec, context, users, prompt, attended, chunks)
+    chunks = _each(prefill_chunk, "prefill_chunk")  # (None,): the compiler's choice
+    _check_workload(spec, context, users, prompt, attended, tuple(c for c in chunks if c is not None))
     speculation = None
     if draft is not None:
         if acceptance is None:
