@@ -312,7 +312,9 @@ def compile_cmd(
     console.print(f"decode step attending {workload.attended_context:,} tokens: makespan "
                   f"{program.decode.makespan_cycles:,} cycles = {t.decode_latency_s * 1e6:,.1f} us "
                   f"({t.tokens_per_s_per_user:,.0f} {rate} per user, {t.throughput_tokens_per_s:,.0f} {rate} with "
-                  f"{users} user(s), {t.micro_batch} per step); prefill of {workload.prompt_len} tokens {t.ttft_s * 1e3:,.2f} ms")
+                  f"{users} user(s), {t.micro_batch} per step); prefill of {workload.prompt_len} tokens in chunks of "
+                  f"{program.workload.prefill_chunk}{'' if prefill_chunk else ' (the compiler chose)'} "
+                  f"{t.ttft_s * 1e3:,.2f} ms")
     verdict = "[green]passed[/]" if not violations else f"[red]{len(violations)} violation(s)[/]: {violations[0].message}"
     console.print(f"verify: {verdict}; written to {output} (sha256 {digest[:16]})")
     if violations:
