@@ -642,6 +642,7 @@ def test_cli_compile_and_inspect(tmp_path):
                             "--prompt", "128"])
     assert r.exit_code == 0, r.output
     assert "4 chips" in r.output and "verify: passed" in r.output
+    assert "prefill of 128 tokens in chunks of 256 (the compiler chose)" in " ".join(r.output.split())
     png = tmp_path / "g.png"
     r = runner.invoke(app, ["inspect", str(out), "--gantt", str(png)])
     assert r.exit_code == 0, r.output
