@@ -1137,8 +1137,8 @@ def _no_piece_fits(spec: ModelSpec, system: SystemSpec, workload: Workload, deco
                    widths: list[int]) -> OpenLPUError:
     """The refusal where some piece fits a chip at none of `widths`: the piece that fits least, cut as finely
     as it can be (_finest_pieces), at the widest of them, and the way out: the widths that place the model,
-    where they were not tried, or else shorter contexts (if K and V are what does not fit), fewer bytes per
-    weight or a larger chip."""
+    where they were not tried, or else fewer users (where an attention's one KV slot of them all is part of
+    what does not fit), fewer bytes per weight or a larger chip."""
     cap, t = system.chip.sram_bytes, widths[-1]
     table = size_table(spec, workload, t, decode_rows)
     (item, part, lo, hi), need = max(_finest_pieces(spec, table, system.chip.matrix_tile_rows), key=lambda x: x[1])
