@@ -357,7 +357,8 @@ def inspect_cmd(
     step, rate = ("token", "tok/s") if not drafts else (f"step verifying {drafts} draft tokens", "steps/s")
     console.print(f"decode {t.decode_latency_s * 1e6:,.1f} us/{step} attending {program.workload.attended_context:,} of "
                   f"{program.workload.context_length:,} tokens ({t.tokens_per_s_per_user:,.0f} {rate} per user), "
-                  f"TTFT {t.ttft_s * 1e3:,.2f} ms, {t.throughput_tokens_per_s:,.0f} {rate} with {t.users} user(s) "
+                  f"TTFT {t.ttft_s * 1e3:,.2f} ms ({program.workload.prompt_len:,}-token prompt in chunks of "
+                  f"{program.workload.prefill_chunk:,}), {t.throughput_tokens_per_s:,.0f} {rate} with {t.users} user(s) "
                   f"({t.micro_batch} per step), "
                   f"{t.power_w / 1e3:,.1f} kW, {t.energy_per_token_j:,.3f} J/{step.split()[0]}")
     units = ", ".join(f"{u} {f:.1%}" for u, f in t.unit_utilisation.items())

@@ -649,6 +649,7 @@ def test_cli_compile_and_inspect(tmp_path):
     assert "TP 4" in r.output and png.read_bytes()[:4] == b"\x89PNG"
     t, text = timing(load_program(out)), " ".join(r.output.split())  # rich wraps at the terminal width
     assert f"matrix {t.unit_utilisation['matrix']:.1%}" in text  # the utilisation line shows the timing's figures
+    assert f"TTFT {t.ttft_s * 1e3:,.2f} ms (128-token prompt in chunks of 256)" in text
     assert f"local {t.link_utilisation['local']:.2%} of {t.links_used['local']:,}" in text
     # a Program whose schedule names a stage the placement lacks (its file signed again) is refused, not timed
     program = load_program(out)
