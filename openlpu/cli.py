@@ -204,11 +204,12 @@ def plan(
         f" Speculative: {draft_tokens or DRAFT_TOKENS} draft tokens per round, each accepted with chance "
         f"{acceptance:g}; the LPU runs the draft on chips of its own, a GPU between the target's steps.")
     kernels = f" GPU decode attention: {SOFTWARE[gpu_software].name}." if compare else ""
+    several_chunks = bool(prefill_chunk) and len(prefill_chunk) > 1
     sizes = [f"{c:,}" for c in dict.fromkeys(r.prefill_chunk for r in rows if r.kind == "lpu")]
     sizes = f"{', '.join(sizes[:-1])} or {sizes[-1]}" if len(sizes) > 1 else "".join(sizes)
-    waves = "" if not sizes else (f" (the LPU's in chunks of {sizes} tokens, " + (
-        "a column each)" if prefill_chunk and len(prefill_chunk) > 1 else "as given)" if prefill_chunk else
-        "the compiler's choice: --prefill-chunk)"))
+    chosen = ("a column each" if several_chunks else "as given" if prefill_chunk
+              else "the compiler's choice: --prefill-chunk")
+    waves = f" (the LPU's in chunks of {sizes} tokens, {chosen})" if sizes else ""
     if compare and spec.is_moe:  # TensorRT-LLM 1.0's long outputs of Qwen3-30B-A3B ran slower than this
         kernels += (" GPU experts: a roofline of their work plus a routing cost per token fitted on one B200 row; "
                     "long outputs can run faster than measured (bench/results/fidelity.md).")
@@ -235,7 +236,7 @@ def plan(
         "tok/s per user": lambda r: f"{r.tokens_per_s_per_user:,.0f}",
         "TTFT (ms)": lambda r: f"{r.ttft_s * 1e3:,.1f}",
         **({"prefill chunk": lambda r: f"{r.prefill_chunk:,}" if r.prefill_chunk else "-"}
-           if prefill_chunk and len(prefill_chunk) > 1 else {}),
+           if several_chunks else {}),
         "throughput (tok/s)": lambda r: f"{r.throughput_tokens_per_s:,.0f}",
         "power (kW)": lambda r: f"{r.power_w / 1e3:,.1f}",
         "energy (J/token)": lambda r: f"{r.energy_per_token_j:,.2f}",
@@ -297,8 +298,7 @@ def compile_cmd(
     kv = as_precision(kv_precision).name if kv_precision else serving_kv_precision(precision)
     workload = Workload(weights=precision, activations=precision, kv=kv, context_length=context,
                         users=users, prompt_len=min(prompt, context), draft_tokens=draft_tokens,
-                        decode_context=decode_context,
-                        prefill_chunk=prefill_chunk)
+                        decode_context=decode_context, prefill_chunk=prefill_chunk)
     with _compiling(spec.name, system, workload.prompt_len, workload.prefill_chunk):
         program = compile_program(spec, load_system(system), workload, chips, tp)
         digest = program.save(output)

@@ -168,7 +168,7 @@ def _with_draft(system, program, t, draft: Draft, workload) -> _LpuFigures:
                        max(t.ttft_s, d.ttft_s))  # both prefill the prompt, side by side
 
 
-def lpu_workload(precision: str, context: int, users: int, prompt: int, prefill_chunk: int,
+def lpu_workload(precision: str, context: int, users: int, prompt: int, prefill_chunk: int | None,
                  draft: Draft | None = None, decode_context: int | None = None) -> Workload:
     """What the LPU compiles for: the KV cache as a GPU serving stack keeps it beside these weights
     (serving_kv_precision), so both sides hold the same bytes."""
@@ -314,12 +314,12 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
     chip_counts, widths, gpu_counts = _each(chips, "chips"), tp if tp == "all" else _each(tp, "tp"), _each(gpus, "gpus")
     flops = matrix_flops_per_token(spec, precision, attended, speculation)  # the same work per token everywhere
     rows = []
-    for n in chip_counts if lpu is not None else ():
-        for chunk in chunks:
-            workload = lpu_workload(precision, context, users, prompt, chunk, speculation, decode_context)
-            # None: no width places the model, and the compiler says what does not fit
-            each = (placeable_widths(spec, lpu, workload) or (None,)) if widths == "all" else widths
-            rows += [lpu_row(spec, lpu, workload, flops, assumptions, n, t, speculation) for t in each]
+    if lpu is not None:
+        workloads = [lpu_workload(precision, context, users, prompt, c, speculation, decode_context) for c in chunks]
+        # "all": None where no width places the model, and the compiler says what does not fit
+        width_sets = [(placeable_widths(spec, lpu, w) or (None,)) if widths == "all" else widths for w in workloads]
+        rows = [lpu_row(spec, lpu, workload, flops, assumptions, n, t, speculation)
+                for n in chip_counts for workload, each in zip(workloads, width_sets) for t in each]
     return rows + [gpu_row(spec, name, precision, context, users, prompt, flops, assumptions, n, speculation,
                            gpu_software, decode_context) for name in compare for n in gpu_counts]
 
