@@ -19,9 +19,9 @@ MODEL_HELP = "model preset (see `openlpu models`), a .gguf file, or a Hugging Fa
 DECODE_CONTEXT_HELP = ("tokens each decode step attends: the length the requests served reach (default: all of "
                        "--context, which sizes the KV cache each user holds)")
 PREFILL_CHUNK_HELP = ("prompt tokens per pipeline wave of the LPU's prefill (default: 256, or 128 or 64 where their "
-                      "smaller activation buffers let wider TP groups fit on no more chips, with a step no "
-                      "slower): smaller chunks fill the pipeline sooner, but make more waves to schedule, so the "
-                      "compile takes longer")
+                      "smaller activation buffers let wider TP groups, or fewer of a given --tp, fit on no more "
+                      "chips, with a step no slower): smaller chunks fill the pipeline sooner, but make more "
+                      "waves to schedule, so the compile takes longer")
 
 
 def _counts(values: list[str] | None, flag: str, words: tuple[str, ...] = ()) -> tuple[int, ...] | str | None:

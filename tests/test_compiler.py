@@ -162,6 +162,20 @@ def test_the_compiler_chooses_smaller_chunks_where_they_place_better(llama70):
     assert fixed.workload.prefill_chunk == 256
 
 
+def test_given_a_width_the_compiler_takes_the_chunk_that_needs_fewest_groups_of_it():
+    """Llama 3.3 70B in TP groups of 64: 7 groups at 256-token chunks, 6 at 64 (smaller buffers), with a
+    step no slower; the Program is the one compiled at 64 (a second way). In groups of 8 a smaller chunk
+    holds it in no fewer, and 256 stays."""
+    spec, workload = load_preset("llama-3.3-70b"), Workload(context_length=4096, prompt_len=512)
+    at_256, chosen, at_64 = (compile_program(spec, SYSTEM, dataclasses.replace(workload, prefill_chunk=c), tp=64)
+                             for c in (256, None, 64))
+    assert (at_256.chips, chosen.chips, chosen.workload.prefill_chunk) == (448, 384, 64)
+    assert encode(chosen) == encode(at_64) and not verify(chosen)
+    assert timing(chosen).tokens_per_s_per_user >= timing(at_256).tokens_per_s_per_user
+    narrow = compile_program(spec, SYSTEM, workload, tp=8)
+    assert (narrow.chips, narrow.workload.prefill_chunk) == (336, 256)
+
+
 def test_tp_groups_stay_inside_a_node_and_sizes_respect_sram(llama70):
     p = llama70.placement
     assert p.tp == 8
