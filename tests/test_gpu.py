@@ -165,6 +165,36 @@ def test_kv_cache_capacity_limits_the_batch():
         G.gpu_timing(spec, h100, "fp8", context=4096, users=t.max_users + 1, gpus=8)
 
 
+def test_tp_wider_than_the_kv_heads_copies_each_head_as_the_lpu_does():
+    """Gemma 3 270M has one KV head: over 4 GPUs each holds a copy of it and its whole cache, as each of the
+    LPU's 4 chips in one TP group does (the compiler's placement, a second method), so 4 GPUs hold the cache of
+    no more users than 1 GPU, give or take the weights they split; Llama 3.1 8B's 8 heads split 4 ways."""
+    from openlpu.compiler import Workload, compile_program
+    from openlpu.hardware.lpu import load_system
+
+    spec, h100 = load_preset("gemma-3-270m"), load_gpu("h100-sxm")
+    one, four = (G.gpu_timing(spec, h100, "int8", context=32768, gpus=n) for n in (1, 4))
+    assert four.kv_bytes_per_gpu == one.kv_bytes_per_gpu == G.kv_bytes(spec, "int8", 32768, 1)
+    lpu = compile_program(spec, load_system("lpu-v1"), Workload(context_length=32768, kv=serving_kv_precision("int8"),
+                                                                prefill_chunk=256), chips=4, tp=4)
+    assert [s.kv_bytes_per_chip for s in lpu.placement.stages] == [pytest.approx(four.kv_bytes_per_gpu, rel=1e-6)]
+    free = h100.hbm_bytes * G.HBM_USABLE_FRACTION
+    assert one.max_users <= four.max_users <= int(free / four.kv_bytes_per_gpu)
+    assert four.max_users < 1.1 * one.max_users  # copies: no room for 4 times the users
+    llama = load_preset("llama-3.1-8b")
+    assert G.gpu_timing(llama, h100, "int8", context=8192, gpus=4).kv_bytes_per_gpu == pytest.approx(
+        G.kv_bytes(llama, "int8", 8192, 1) / 4)
+    with pytest.raises(OpenLPUError, match="KV cache of at most"):  # 4 copies leave room for as few users
+        G.gpu_timing(spec, h100, "int8", context=32768, users=2 * one.max_users, gpus=4)
+    attention = [op for op in lower(spec, "decode", seq_len=32768, batch=1, precision="int8",
+                                    kv_precision=serving_kv_precision("int8")) if op.kind == "attention"]
+
+    def attending_s(tp: int) -> float:  # the step's attention alone: each GPU reads its copy of the head
+        return (G.step_s(spec, attention, h100, "int8", tp, 1, 1)
+                - G.step_s(spec, [], h100, "int8", tp, 1, 1))
+    assert attending_s(4) == pytest.approx(attending_s(1), rel=1e-3)
+
+
 def test_windowed_and_chunked_layers_keep_only_their_ring():
     """Gemma 3's local layers keep their 512-position window, Llama 4's chunked layers their 8,192-position
     chunk; global layers the whole context (counted here layer by layer from the config's numbers)."""

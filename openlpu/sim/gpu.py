@@ -23,10 +23,11 @@ Llama 4 Scout on one B200) runs slower than the roofline of its experts by a cos
 Tensor parallelism over NVLink divides the sharded ops and adds two all-reduces per layer
 (Megatron-style: after attention and after the MLP); servers beyond one NVLink domain form pipeline
 stages, and so do groups inside a server when a wider TP group would not hold whole attention heads
-(3 GPUs for Llama's 64 query and 8 KV heads: 3 stages of 1). The KV cache that `users` x `context`
-needs must fit in the HBM the weights leave free: that caps the batch. The KV cache is held in the
-weight precision, but never below 8 bits (graph.lower.serving_kv_precision), and attention does its
-math in the KV cache's precision.
+(3 GPUs for Llama's 64 query and 8 KV heads: 3 stages of 1). A group wider than the KV heads copies
+each head, its projections and its cache onto tp / n_kv_heads GPUs, each reading its copy. The KV cache
+that `users` x `context` needs must fit in the HBM the weights leave free: that caps the batch. The KV
+cache is held in the weight precision, but never below 8 bits (graph.lower.serving_kv_precision), and
+attention does its math in the KV cache's precision.
 
 Constants and the published points they were fitted on / checked against (bench/fidelity.py):
 - MEMORY_EFFICIENCY 0.80: achieved fraction of HBM peak when streaming weights. Not fitted:
@@ -81,6 +82,7 @@ Constants and the published points they were fitted on / checked against (bench/
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass
 
 from openlpu.errors import OpenLPUError
@@ -201,8 +203,9 @@ def allreduce_s(n_bytes: float, gpu: GpuSpec, ranks: int) -> float:
 
 def step_s(spec: ModelSpec, ops, gpu: GpuSpec, precision: str, tp: int, stages: int,
            tokens: int, software: str = DEFAULT_SOFTWARE) -> float:
-    """Wall time of one pass over `ops` (one decode step, or one prefill) on tp x stages GPUs."""
-    kv_reads = kv_reads_per_kv_head(spec, software)
+    """Wall time of one pass over `ops` (one decode step, or one prefill) on tp x stages GPUs. A KV head
+    copied onto several GPUs of the group (kv_head_copies) is read by each of them."""
+    kv_reads = max(kv_reads_per_kv_head(spec, software), kv_head_copies(spec, tp))
     compute = sum(op_time_s(op, gpu, precision, tp, kv_reads) for op in ops)
     comms = spec.n_layers * ALLREDUCES_PER_LAYER * allreduce_s(tokens * spec.d_model * ACTIVATION_BYTES,
                                                                gpu, tp)
@@ -218,6 +221,24 @@ def moe_dispatch_s(spec: ModelSpec, tokens: int) -> float:
 def weight_bytes(spec: ModelSpec, precision: str) -> float:
     """Every weight held once across the GPUs (all experts of an MoE model)."""
     return spec.param_count() * as_precision(precision).bytes_per_element
+
+
+def kv_head_copies(spec: ModelSpec, tp: int) -> int:
+    """GPUs of a TP group holding each KV head: a group wider than the model's KV heads gives each GPU one
+    head, copied onto tp / n_kv_heads of them with its K/V projections and its share of the cache (vLLM:
+    QKVParallelLinear's num_kv_head_replicas, vllm/model_executor/layers/linear.py), as the LPU's groups
+    copy it (ModelSpec.splits_heads)."""
+    return max(1, tp // spec.n_kv_heads)
+
+
+def held_bytes(spec: ModelSpec, precision: str, context: int, users: int, tp: int) -> tuple[float, float]:
+    """(weights, KV cache of `users` sequences) that GPUs in TP groups of `tp` hold in all: each byte once, but
+    the KV heads and their projections as many times as kv_head_copies."""
+    copies = kv_head_copies(spec, tp)
+    projections = sum(math.prod(shape) for name, shape in spec.tensor_shapes().items()
+                      if name.endswith(("attn_k.weight", "attn_v.weight")))
+    return (weight_bytes(spec, precision) + (copies - 1) * projections * as_precision(precision).bytes_per_element,
+            copies * kv_bytes(spec, precision, context, users))
 
 
 def kv_bytes(spec: ModelSpec, precision: str, context: int, users: int) -> float:
@@ -250,7 +271,7 @@ def _checked_count(spec: ModelSpec, gpu: GpuSpec, precision: str, gpus: int) -> 
     if gpus > per_server and gpus % per_server:
         raise OpenLPUError(f"{gpus} {gpu.name} GPUs do not fill whole servers of {per_server}; use at most "
                            f"{per_server}, or a multiple of {per_server}")
-    weights = weight_bytes(spec, precision)
+    weights, _ = held_bytes(spec, precision, 1, 0, layout(spec, gpus, gpu)[0])
     if weights > gpus * gpu.hbm_bytes * HBM_USABLE_FRACTION:
         raise OpenLPUError(f"{gpus} x {gpu.name} cannot hold {spec.name}'s {weights / 1e9:.1f} GB of {precision} "
                            f"weights; it needs at least {gpus_needed(spec, gpu, precision, 1, 1)} GPUs")
@@ -258,18 +279,20 @@ def _checked_count(spec: ModelSpec, gpu: GpuSpec, precision: str, gpus: int) -> 
 
 
 def gpus_needed(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, users: int,
-                max_gpus: int = 1024, extra_bytes: float = 0.0) -> int:
-    """Fewest GPUs (1, 2, 4, 8, then whole servers) whose HBM holds the weights and the KV cache, and
-    `extra_bytes` more (a draft model's)."""
-    need = weight_bytes(spec, precision) + kv_bytes(spec, precision, context, users) + extra_bytes
+                max_gpus: int = 1024, beside: ModelSpec | None = None) -> int:
+    """Fewest GPUs (1, 2, 4, 8, then whole servers) whose HBM holds the weights and the KV cache, in the
+    layout's TP groups (held_bytes), and those of `beside` (a draft sharing the GPUs)."""
+    def need(n: int) -> float:
+        return sum(sum(held_bytes(s, precision, context, users, layout(s, n, gpu)[0])) for s in (spec, beside) if s)
+
     per_gpu = gpu.hbm_bytes * HBM_USABLE_FRACTION
     n = 1
-    while n * per_gpu < need:
+    while n * per_gpu < need(n):
         n = n * 2 if n < gpu.gpus_per_server else n + gpu.gpus_per_server
         if n > max_gpus:
             raise OpenLPUError(
                 f"{spec.name} at {precision} with {users} user(s) x {context} tokens needs "
-                f"{need / 1e9:.0f} GB: more than {max_gpus} {gpu.name} GPUs hold; lower --context or --users")
+                f"{need(max_gpus) / 1e9:.0f} GB: more than {max_gpus} {gpu.name} GPUs hold; lower --context or --users")
     return n
 
 
@@ -289,8 +312,8 @@ def gpu_timing(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, user
     gpus = gpus_needed(spec, gpu, precision, context, users) if gpus is None else _checked_count(
         spec, gpu, precision, gpus)
     tp, stages = layout(spec, gpus, gpu)
-    w_bytes = weight_bytes(spec, precision) / gpus
-    kv = kv_bytes(spec, precision, context, 1) / gpus
+    weights, kv_per_user = held_bytes(spec, precision, context, 1, tp)
+    w_bytes, kv = weights / gpus, kv_per_user / gpus
     free = gpu.hbm_bytes * HBM_USABLE_FRACTION - w_bytes
     max_users = int(free // kv) if free > 0 else 0
     if users > max_users:
