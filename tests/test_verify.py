@@ -244,9 +244,12 @@ def test_weight_missing_duplicated_or_replicated_on_purpose(program):
     i = next(k for k, s in enumerate(shards) if s.tensor == "blk.3.ffn_up.weight")
     missing = dataclasses.replace(program, placement=dataclasses.replace(
         program.placement, shards=tuple(shards[:i] + shards[i + 1:])))
-    assert [v.message for v in verify(missing)] == [
-        f"blk.3.ffn_up.weight elements [{shards[i].start}, {shards[i].stop}) along axis are placed nowhere"]
     stage = next(st for st in program.placement.stages if shards[i].chip in st.chips)
+    rows = next((lo, hi) for item, part, lo, hi in stage.pieces if (item, part) == (3, "ffn"))
+    assert [v.message for v in verify(missing)] == [
+        f"blk.3.ffn_up.weight elements [{shards[i].start}, {shards[i].stop}) along axis are placed nowhere",
+        (f"stage {stage.index} runs blk.3.ffn_up.weight's ffn piece, but its chips do not hold rows "
+        f"[{rows[0]}, {rows[1]}) of it")]
     spare_chip = next(c for c in stage.chips if c != shards[i].chip)  # another chip of the stage that runs it
     twice = dataclasses.replace(shards[i], chip=spare_chip)
     dup = dataclasses.replace(program, placement=dataclasses.replace(program.placement, shards=tuple(shards + [twice])))
@@ -266,7 +269,8 @@ def test_shard_on_a_stage_that_does_not_run_it(program):
     moved = shards[:i] + [dataclasses.replace(shards[i], chip=far)] + shards[i + 1:]
     broken = dataclasses.replace(program, placement=dataclasses.replace(program.placement, shards=tuple(moved)))
     assert [v.message for v in verify(broken)] == [
-        f"blk.0.attn_q.weight is on chip {far}, but its attn piece is held by stage 0"]
+        f"blk.0.attn_q.weight is on chip {far}, but its attn piece is held by stage 0",
+        "stage 0 runs blk.0.attn_q.weight's attn piece, but its chips do not hold all of it"]
 
 
 def test_cut_mlp_rows_on_the_other_part(cut):
@@ -278,9 +282,11 @@ def test_cut_mlp_rows_on_the_other_part(cut):
     shards = tuple(dataclasses.replace(sh, chip=swap.get(sh.chip, sh.chip)) if sh.tensor == "blk.0.ffn_up.weight"
                    else sh for sh in cut.placement.shards)
     found = verify(dataclasses.replace(cut, placement=dataclasses.replace(cut.placement, shards=shards)))
-    assert found and all(v.invariant == "weight_placement" and v.message.startswith("blk.0.ffn_up.weight rows")
-                         for v in found)
-    assert any(f"rows [{a_lo}, {a_hi})" in v.message for v in found)
+    assert found and all(v.invariant == "weight_placement" and "blk.0.ffn_up.weight" in v.message for v in found)
+    assert any(f"rows [{a_lo}, {a_hi})" in v.message and v.message.startswith("blk.0") for v in found)
+    # and each part lacks its own rows
+    assert f"stage {a} runs blk.0.ffn_up.weight's ffn piece, but its chips do not hold rows [{a_lo}, {a_hi}) of it" \
+        in [v.message for v in found]
 
 
 def test_experts_on_the_other_part_or_read_as_rows():
@@ -302,11 +308,136 @@ def test_experts_on_the_other_part_or_read_as_rows():
         shards = tuple(dataclasses.replace(sh, chip=swap.get(sh.chip, sh.chip)) if sh.tensor == tensor else sh
                        for sh in maverick.placement.shards)
         found = verify(dataclasses.replace(maverick, placement=dataclasses.replace(maverick.placement, shards=shards)))
-        assert found and all(v.invariant == "weight_placement" and v.message.startswith(f"{tensor} rows")
-                             for v in found), found
+        assert found and all(v.invariant == "weight_placement" and tensor in v.message for v in found), found
         assert any(f"stage {a} rows [{held[0]}, {held[1]})" in v.message for v in found), tensor
+        assert any(v.message.startswith(f"stage {a} runs {tensor}'s ffn piece") for v in found), tensor
     as_rows = dataclasses.replace(maverick, placement=dataclasses.replace(maverick.placement, experts=False))
     assert any(v.invariant == "structure" and "expected (1, 'ffn', 0, 8192)" in v.message for v in verify(as_rows))
+
+
+def test_a_stage_must_hold_the_weights_its_pieces_run_on(program):
+    """Layer 9's attention is split between stages 0 and 1 along its KV slots: both run its K and V projections.
+    Without stage 1's copies of the K projection, each element is still placed (stage 0's copies), but stage 1
+    would attend with no K weights and reserve no KV for them."""
+    holders = {s.chip for s in program.placement.shards if s.tensor == "blk.9.attn_k.weight"}
+    stage1 = set(program.placement.stages[1].chips)
+    assert holders & stage1 and holders - stage1 and verify(program) == []
+    shards = tuple(s for s in program.placement.shards if not (s.tensor == "blk.9.attn_k.weight" and s.chip in stage1))
+    found = verify(dataclasses.replace(program, placement=dataclasses.replace(program.placement, shards=shards)))
+    assert "stage 1 runs blk.9.attn_k.weight's attn piece, but its chips do not hold all of it" in [
+        v.message for v in found]
+
+
+def test_shards_count_their_elements_bytes_along_the_axis_their_ops_split(program):
+    """A shard's bytes are its elements' at the weights' precision (SRAM is summed from them), and a tensor is
+    divided along the axis its ops split (a column-split projection's rows, not its columns)."""
+    shards = list(program.placement.shards)
+    i = next(k for k, s in enumerate(shards) if s.tensor == "blk.2.attn_q.weight")
+    light = shards[:i] + [dataclasses.replace(shards[i], nbytes=1)] + shards[i + 1:]
+    found = verify(dataclasses.replace(program, placement=dataclasses.replace(program.placement, shards=tuple(light))))
+    assert [(v.invariant, v.message) for v in found] == [(
+        "sram_capacity", (f"blk.2.attn_q.weight [{shards[i].start}, {shards[i].stop}) on chip {shards[i].chip} counts 1 "
+                         f"bytes; its elements take {shards[i].nbytes} at int8"))]
+    q = [s for s in shards if s.tensor == "blk.2.attn_q.weight"]
+    columns = program.tensors["blk.2.attn_q.weight"][1]
+    across = [dataclasses.replace(s, axis=1, start=r * columns // len(q), stop=(r + 1) * columns // len(q))
+              for r, s in enumerate(q)]
+    turned = [s for s in shards if s.tensor != "blk.2.attn_q.weight"] + across
+    found = verify(dataclasses.replace(program, placement=dataclasses.replace(program.placement, shards=tuple(turned))))
+    assert ("weight_placement", ("blk.2.attn_q.weight is divided along axis 1, but it is split along axis 0 where its "
+                                "ops run (SPLIT_RULES)")) in [(v.invariant, v.message) for v in found]
+
+
+def test_sizes_that_would_cancel_or_shorten_what_is_read_off(program):
+    """A negative size would cancel another in the SRAM sums or on a link; a makespan short of the last op
+    would shorten the latency timing reads off it; slots beyond the context would reserve KV it cannot use."""
+    ops = list(program.decode.ops)
+    ops[2] = dataclasses.replace(ops[2], output_bytes_per_chip=-1.0)
+    assert [v.message for v in verify(_with_decode(program, ops=ops))] == [
+        f"decode op {ops[2].name}'s output_bytes_per_chip is negative"]
+    transfers = list(program.decode.transfers)
+    t = transfers[0]
+    transfers[0] = dataclasses.replace(t, phases=tuple((a, e, tuple((x, y, -n) for x, y, n in links))
+                                                       for a, e, links in t.phases))
+    assert any("bytes on link" in v.message and v.invariant == "link_bandwidth"
+               for v in verify(_with_decode(program, transfers=transfers)))
+    short = dataclasses.replace(program, decode=dataclasses.replace(program.decode,
+                                                                     makespan_cycles=program.decode.makespan_cycles - 1))
+    assert [v.message for v in verify(short)] == [
+        (f"decode: makespan {program.decode.makespan_cycles - 1} cycles, but its last op or transfer ends at "
+        f"{program.decode.makespan_cycles}")]
+    beyond = dataclasses.replace(program, kv_slots=(program.workload.context_length + 1,) * len(program.kv_slots))
+    assert [v.invariant for v in verify(beyond)] == ["structure"]
+
+
+def test_transfers_deliver_to_the_stage_that_takes_them_from_chips_that_hold_their_inputs(program):
+    """Layer 8's result goes from stage 0 to stage 1 as one share per rank (a stripe), then gathered there. Sent
+    to the wrong chips, or from chips that never computed it, or gathered on chips the ops reading it are not on,
+    it is caught though every cycle holds."""
+    transfers = list(program.decode.transfers)
+    k = next(k for k, t in enumerate(transfers) if t.kind == "stripe")
+    stripe = transfers[k]
+    half = len(stripe.chips) // 2
+
+    def moved(chips):
+        fresh = dict(zip(stripe.chips, chips))
+        phases = tuple((a, e, tuple((fresh[x], fresh[y], n) for x, y, n in links)) for a, e, links in stripe.phases)
+        return _with_decode(program, transfers=transfers[:k] + [dataclasses.replace(stripe, chips=chips, phases=phases)]
+                            + transfers[k + 1:])
+    inward = stripe.chips[:half] + stripe.chips[:half][::-1]  # "to" stage 0's own chips
+    assert any("not all of stage 1's" in v.message for v in verify(moved(inward)))
+    outward = stripe.chips[half:][::-1] + stripe.chips[half:]  # "from" stage 1's, which never computed it
+    assert any("do not all hold its inputs" in v.message for v in verify(moved(outward)))
+    gather = next(t for t in transfers if t.kind == "all_gather")
+    narrow = dataclasses.replace(gather, chips=gather.chips[:2],
+                                 phases=tuple((a, e, tuple(x for x in links if set(x[:2]) <= set(gather.chips[:2])))
+                                              for a, e, links in gather.phases))
+    found = verify(_with_decode(program, transfers=[narrow if t is gather else t for t in transfers]))
+    assert any(f"but its input {gather.name} reaches only chips" in v.message for v in found)
+
+
+def test_a_stage_is_one_tp_group_and_each_phase_schedules_ops(program):
+    """Every op's share per chip is read at the placement's TP width: a stage short of a chip is caught, as is a
+    phase with nothing scheduled (timing reads its latency off its ops)."""
+    stages = list(program.placement.stages)
+    stages[1] = dataclasses.replace(stages[1], chips=stages[1].chips[:-1])
+    narrow = dataclasses.replace(program, placement=dataclasses.replace(program.placement, stages=tuple(stages)))
+    assert (f"stage 1 has {program.placement.tp - 1} chips, not the placement's TP width {program.placement.tp} "
+            f"(at least 1)" in [v.message for v in verify(narrow)])
+    idle = dataclasses.replace(program, decode=dataclasses.replace(program.decode, ops=(), transfers=(),
+                                                                   makespan_cycles=0))
+    assert "the decode phase schedules no ops" in [v.message for v in verify(idle)]
+
+
+def test_a_transfer_whose_links_do_not_carry_its_payload(program):
+    """Declared on its links at a thousandth of its bytes, an all-reduce would pass the bandwidth check
+    on bytes it never moved: each chip of an all-reduce sends and receives at least its payload."""
+    transfers = list(program.decode.transfers)
+    k = next(k for k, t in enumerate(transfers) if t.kind == "all_reduce")
+    t = transfers[k]
+    light = dataclasses.replace(t, phases=tuple((a, e, tuple((x, y, n / 1000) for x, y, n in links))
+                                                for a, e, links in t.phases))
+    found = verify(_with_decode(program, transfers=transfers[:k] + [light] + transfers[k + 1:]))
+    assert [v.invariant for v in found] == ["link_bandwidth"] and "less than the" in found[0].message
+
+
+def test_a_later_chunk_reading_an_earlier_chunks_buffer_keeps_it_alive(program):
+    """Only attention orders on an earlier chunk's attention (the KV it wrote) without reading its output: any
+    other read of an earlier chunk's result keeps that buffer in SRAM until it is read."""
+    pre = program.prefill
+    ops = list(pre.ops)
+    first = next(k for k, o in enumerate(ops) if o.name == "c0/blk.0.ffn_norm")
+    later = next(k for k, o in enumerate(ops) if o.name == "c1/blk.0.ffn_up")
+    room = SYSTEM.chip.sram_bytes - max(
+        sum(s.nbytes for s in program.placement.shards if s.chip == c) + program.placement.stages[0].kv_bytes_per_chip
+        for c in program.placement.stages[0].chips)
+    ops[first] = dataclasses.replace(ops[first], output_bytes_per_chip=0.55 * room)
+    ops[later] = dataclasses.replace(ops[later], output_bytes_per_chip=0.55 * room)
+    apart = dataclasses.replace(program, prefill=dataclasses.replace(pre, ops=tuple(ops)))
+    assert "sram_capacity" not in _invariants(apart)  # each buffer alone fits
+    ops[later] = dataclasses.replace(ops[later], inputs=ops[later].inputs + (ops[first].name,))
+    held = dataclasses.replace(program, prefill=dataclasses.replace(pre, ops=tuple(ops)))
+    assert "sram_capacity" in _invariants(held)
 
 
 def test_link_over_its_bandwidth(program):
@@ -387,14 +518,16 @@ def test_transfers_keep_to_the_cables_and_the_programs_own_chips():
     fan = tuple((src, src + k * n, 1.0) for k in range(1, SYSTEM.node.global_links_per_chip + 2))
     fanned = dataclasses.replace(t, phases=((t.start_cycle, t.arrival_cycle, fan),))
     bad = _with_decode(p, transfers=[fanned if x is t else x for x in p.decode.transfers])
-    assert [v.message for v in verify(bad)] == [f"decode: no link from chip {src} to chip {src + k * n}"
-                                                for k in range(1, 6)]
+    short = (f"decode: transfer {t.name} ({t.kind}, {t.payload_bytes:,.0f} bytes) sends 0 bytes on chip "
+             f"{t.chips[0]}'s links, less than the {t.payload_bytes:,.0f} it must")  # its bytes leave chip 3
+    assert [v.message for v in verify(bad)] == [short] + [f"decode: no link from chip {src} to chip {src + k * n}"
+                                                          for k in range(1, 6)]
     last = p.placement.chips[-1]
     outside = next(c for c in SYSTEM.linked_chips(last) if c >= 576)
     stray = dataclasses.replace(t, phases=((t.start_cycle, t.arrival_cycle, ((last, outside, 1.0),)),))
     bad = _with_decode(p, transfers=[stray if x is t else x for x in p.decode.transfers])
-    assert [v.message for v in verify(bad)] == [
-        f"decode: link {last}->{outside} runs through chip {outside}, which the Program does not hold"]
+    assert [v.message for v in verify(bad)] == [short, (f"decode: link {last}->{outside} runs through chip {outside}, "
+                                                       f"which the Program does not hold")]
 
 
 def test_a_result_sent_to_many_nodes_keeps_to_the_cables():

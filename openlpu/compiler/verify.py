@@ -3,24 +3,27 @@
 0. structure: first, what every other check reads (a Program failing it is reported for that alone): the
    tensors shaped as a model's, the stages numbered in order, every op and transfer on one of them, on a
    unit a chip has or of a kind there is, its prompt chunk named by number; then every chip in at most
-   one stage, inside the system; the stages' pieces, in pipeline
-   order, hold all vocabulary rows of the embedding, each layer's attention (whole, or ranges of all
-   its KV slots) and all d_ff rows of its MLP, and all vocabulary rows of the head, once, each split
-   piece's ranges in order without a gap or an overlap; a decode step carries a micro-batch of 1 to
-   all of the users in flight;
+   one stage, inside the system, each stage one TP group; the stages' pieces, in pipeline order, hold
+   all vocabulary rows of the embedding, each layer's attention (whole, or ranges of all its KV slots)
+   and all d_ff rows of its MLP, and all vocabulary rows of the head, once, each split piece's ranges in
+   order without a gap or an overlap; a decode step carries a micro-batch of 1 to all of the users in
+   flight; each layer keeps 1 to the context's KV slots; no size is negative; a phase's makespan is
+   when its last op or transfer ends (timing reads latency off it);
 1. no functional unit runs two ops at once;
 2. nothing starts before its inputs are on its chips (ops and transfers, and each phase of a transfer
-   after the phase before it);
-3. SRAM in use (weights + KV + live activations) never exceeds a chip's capacity, and each stage
-   reserves the KV its attention pieces keep: users x slots x the K and V rows its chips' shards of the
-   layer's K and V projections make;
+   after the phase before it): a transfer sends from chips that hold its inputs to the stage whose ops
+   take it, and reaches every chip of that stage;
+3. SRAM in use (weights + KV + live activations) never exceeds a chip's capacity, each shard counting its
+   elements' bytes, and each stage reserves the KV its attention pieces keep: users x slots x the K and
+   V rows its chips' shards of the layer's K and V projections make;
 4. every weight element is placed exactly once: at most one unflagged shard holds it, any further
-   copies are flagged replicated (on purpose); each shard sits on a chip of a stage that holds its
-   tensor's piece (the rows of a cut MLP, embedding or head inside that stage's range; a tied table's
-   head copy on a head stage);
+   copies are flagged replicated (on purpose), divided along the axis its ops split; each shard sits on
+   a chip of a stage that holds its tensor's piece (the rows of a cut MLP, embedding or head inside that
+   stage's range; a tied table's head copy on a head stage), and each stage's chips hold all of every
+   tensor its pieces run on (their rows of a cut one);
 5. every hop of a transfer is a link the system cables (so no chip talks directly to more chips in other
-   nodes than it has global links), between two chips the Program holds; no link carries more than its
-   bandwidth at any time.
+   nodes than it has global links), between two chips the Program holds; a transfer's links carry its
+   payload; no link carries more than its bandwidth at any time.
 """
 
 from __future__ import annotations
@@ -30,9 +33,9 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
-from openlpu.compiler.partition import (EXPERT_ROWS, axis_length, cut_range, ffn_units, is_cut_along_ffn,
-                                        is_cut_along_vocab, is_expert_tensor, merged_pieces, piece_homes, split_rule,
-                                        tensor_piece)
+from openlpu.compiler.partition import (APPLIED_BY_LAST_PART, EXPERT_ROWS, axis_length, cut_range, ffn_units,
+                                        is_cut_along_ffn, is_cut_along_vocab, is_expert_tensor, merged_pieces,
+                                        piece_homes, split_rule, tensor_piece)
 from openlpu.compiler.program import TRANSFER_ENDS, PhaseSchedule, Program, Transfer, gc_paused
 from openlpu.compiler.schedule import split_chunk
 from openlpu.errors import OpenLPUError
@@ -54,8 +57,11 @@ def _layers(program: Program) -> int:
 
 
 def _kv_slots_recorded(program: Program) -> bool:
-    """A positive KV slot count for each of the model's layers (else a structure violation)."""
-    return len(program.kv_slots) == _layers(program) and min(program.kv_slots, default=1) > 0
+    """A KV slot count for each of the model's layers, from 1 to the context (a window or chunk keeps fewer),
+    else a structure violation."""
+    slots = program.kv_slots
+    return len(slots) == _layers(program) and 0 < min(slots, default=1) <= max(slots, default=1) <= \
+        program.workload.context_length
 
 
 def _attention_slots(program: Program, item: int, lo: int, hi: int) -> tuple[int, int]:
@@ -100,9 +106,10 @@ def _tensors(program: Program) -> list[Violation]:
 
 def _structure(program: Program) -> list[Violation]:
     if not _kv_slots_recorded(program):
-        return [Violation("structure", f"the Program records {len(program.kv_slots)} KV slot counts (smallest "
-                                       f"{min(program.kv_slots, default=0)}), not a positive count for each of the "
-                                       f"model's {_layers(program)} layers")]
+        return [Violation("structure", f"the Program records {len(program.kv_slots)} KV slot counts (from "
+                                       f"{min(program.kv_slots, default=0)} to {max(program.kv_slots, default=0)}), "
+                                       f"not one from 1 to the context ({program.workload.context_length}) for each "
+                                       f"of the model's {_layers(program)} layers")]
     out, seen = [], {}
     held, model = _pieces_in_order(program), _model_pieces(program)
     if held != model:
@@ -111,12 +118,18 @@ def _structure(program: Program) -> list[Violation]:
         out.append(Violation("structure", f"the stages do not hold the model's pieces once each in order: "
                                           f"piece {k} is {found}, expected {expected}"))
     for stage in program.placement.stages:
+        if len(stage.chips) != program.placement.tp or not stage.chips:  # each op's share per chip is read at it
+            out.append(Violation("structure", f"stage {stage.index} has {len(stage.chips)} chips, not the "
+                                              f"placement's TP width {program.placement.tp} (at least 1)"))
         for chip in stage.chips:
             if not 0 <= chip < program.system.max_chips:
                 out.append(Violation("structure", f"stage {stage.index} uses chip {chip}, outside the system"))
             if chip in seen:
                 out.append(Violation("structure", f"chip {chip} is in stages {seen[chip]} and {stage.index}"))
             seen[chip] = stage.index
+    out += [Violation("structure", f"the {phase.phase} phase schedules no ops") for phase in (program.decode,
+                                                                                           program.prefill)
+            if not phase.ops]
     if not 1 <= program.decode.tokens <= program.workload.users:
         out.append(Violation("structure", f"the decode step carries {program.decode.tokens} users' tokens; a "
                                           f"micro-batch holds 1 to the {program.workload.users} users in flight"))
@@ -146,6 +159,51 @@ def _names(program: Program) -> list[Violation]:
                     out.append(Violation("structure", f"{phase.phase}: {what} {r.name} names no prompt chunk "
                                                       f"(c<chunk>/...)"))
     return out
+
+
+def _sizes(program: Program) -> list[Violation]:
+    """What SRAM and the links add up: no size negative (it would cancel another; a link's bytes:
+    _payload_carried), and each shard's bytes those of its elements at the weights' precision."""
+    out = []
+    negative = [f"stage {s.index}'s {what}" for s in program.placement.stages
+                for what in ("kv_bytes_per_chip", "activation_bytes_per_chip") if getattr(s, what) < 0]
+    for phase in (program.decode, program.prefill):
+        negative += [f"{phase.phase} op {op.name}'s {what}" for op in phase.ops
+                     for what in ("flops_per_chip", "sram_bytes_per_chip", "output_bytes_per_chip")
+                     if getattr(op, what) < 0]
+        negative += [f"{phase.phase} transfer {t.name}'s payload" for t in phase.transfers if t.payload_bytes < 0]
+    if negative:
+        out.append(Violation("structure", f"{negative[0]} is negative" + (f" (and {len(negative) - 1} more sizes)"
+                                                                          if len(negative) > 1 else "")))
+    bytes_per_element = as_precision(program.workload.weights).bytes_per_element
+    per_unit = {}  # tensor -> its elements per unit along its shards' axis
+    for sh in program.placement.shards:
+        shape = program.tensors.get(sh.tensor)
+        if shape is None or not _on_an_axis(sh.tensor, shape, sh.axis) or not 0 <= sh.start <= sh.stop:
+            continue  # reported by _weights
+        key = (sh.tensor, sh.axis)
+        if key not in per_unit:
+            per_unit[key] = math.prod(shape) // axis_length(sh.tensor, shape, sh.axis)
+        expected = math.ceil((sh.stop - sh.start) * per_unit[key] * bytes_per_element)
+        if sh.nbytes != expected:
+            out.append(Violation("sram_capacity", f"{sh.tensor} [{sh.start}, {sh.stop}) on chip {sh.chip} counts "
+                                                  f"{sh.nbytes} bytes; its elements take {expected} at "
+                                                  f"{program.workload.weights}"))
+    return out
+
+
+def _on_an_axis(name: str, shape: tuple[int, ...], axis: int) -> bool:
+    """Whether a shard's axis is one of its tensor's (or, for an expert tensor, its experts' rows end to end)."""
+    return 0 <= axis < len(shape) or axis == EXPERT_ROWS and is_expert_tensor(name)
+
+
+def _makespan(phase: PhaseSchedule) -> list[Violation]:
+    """A phase lasts until its last op ends or its last transfer arrives (timing reads its latency off it)."""
+    last = max([op.end_cycle for op in phase.ops] + [t.arrival_cycle for t in phase.transfers], default=0)
+    if phase.makespan_cycles != last:
+        return [Violation("structure", f"{phase.phase}: makespan {phase.makespan_cycles} cycles, but its last op or "
+                                       f"transfer ends at {last}")]
+    return []
 
 
 def _unit_overlap(phase: PhaseSchedule) -> list[Violation]:
@@ -200,6 +258,25 @@ def _inputs_ready(program: Program, phase: PhaseSchedule) -> list[Violation]:
     for t in phase.transfers:
         if not set(t.chips) <= placed:
             out.append(Violation("input_not_ready", f"{phase.phase}: transfer {t.name} uses chips outside the placement"))
+    # and on the right chips: a transfer delivers to the stage whose ops take it, from chips that hold its
+    # inputs (an op's on its stage's chips, a transfer's on the chips it involves), and an op's transfers
+    # reach every chip of its stage
+    sent = {t.name: set(t.chips) for t in phase.transfers}
+    holders = sent | {op.name: stage_chips.get(op.stage, set()) for op in phase.ops}
+    for t in phase.transfers:
+        if not set(t.receivers) <= stage_chips.get(t.stage, set()):
+            out.append(Violation("input_not_ready", f"{phase.phase}: transfer {t.name} delivers to chips "
+                                                    f"{sorted(set(t.receivers))}, not all of stage {t.stage}'s, whose "
+                                                    f"ops take it"))
+        known = [i for i in t.inputs if i in holders]
+        if known and not set(t.senders) <= set().union(*(holders[i] for i in known)):
+            out.append(Violation("input_not_ready", f"{phase.phase}: transfer {t.name} sends from chips "
+                                                    f"{sorted(set(t.senders))}, which do not all hold its inputs"))
+    for op in phase.ops:
+        for i in op.inputs:
+            if i in sent and not stage_chips.get(op.stage, set()) <= sent[i]:
+                out.append(Violation("input_not_ready", f"{phase.phase}: {op.name} runs on stage {op.stage}'s chips, "
+                                                        f"but its input {i} reaches only chips {sorted(sent[i])}"))
     return out
 
 
@@ -225,11 +302,12 @@ def _sram(program: Program, phase: PhaseSchedule) -> list[Violation]:
             static[c] += s.kv_bytes_per_chip
     # live activations: a result is held from its producer's start until its last consumer ends
     last_use: dict[str, int] = {}
+    attention = {op.name for op in phase.ops if op.kind == "attention"}
     for op in phase.ops:
         chunk, end = split_chunk(op.name)[0], op.end_cycle
         for i in op.inputs:
-            if split_chunk(i)[0] not in (chunk, None):  # an earlier prompt chunk's: orders on the KV it wrote
-                continue
+            if op.name in attention and i in attention and split_chunk(i)[0] not in (chunk, None):
+                continue  # an earlier prompt chunk's attention: this one orders on the KV it wrote, not its output
             if last_use.get(i, -1) < end:
                 last_use[i] = end
     for t in phase.transfers:
@@ -315,10 +393,16 @@ def _weights(program: Program) -> list[Violation]:
             continue
         axes = {sh.axis for sh in shards}
         axis = min(axes)
-        if len(axes) != 1 or not (0 <= axis < len(shape) or axis == EXPERT_ROWS and is_expert_tensor(name)):
+        if len(axes) != 1 or not _on_an_axis(name, shape, axis):
             out.append(Violation("weight_placement", f"{name} is split along inconsistent axes {sorted(axes)}"))
             continue
         dim = axis_length(name, shape, axis)
+        split = EXPERT_ROWS if program.placement.experts and is_expert_tensor(name) else (split_rule(name) or (None,))[0]
+        if axis != split and any(sh.stop - sh.start < dim for sh in shards):  # a whole tensor's axis is moot
+            along = "is not split" if split is None else f"is split along axis {split}"
+            out.append(Violation("weight_placement", f"{name} is divided along axis {axis}, but it {along} where "
+                                                     f"its ops run (SPLIT_RULES)"))
+            continue
         for sh in shards:
             if sh.chip not in chips:
                 out.append(Violation("weight_placement", f"{name} has a shard on chip {sh.chip}, outside the placement"))
@@ -386,7 +470,85 @@ def _shards_on_their_stages(program: Program) -> list[Violation]:
         held = ", ".join(f"stage {k}" + (f" rows [{lo}, {hi})" if cut else "") for k, lo, hi in places) or "no stage"
         out.append(Violation("weight_placement", f"{sh.tensor}{rows} is on chip {sh.chip}, but its {part} piece "
                                                  f"is held by {held}"))
+    # and each stage holds what its pieces run on: its chips' shards of each of their tensors cover the piece's
+    # rows of a cut tensor and all of any other (one applied after a cut piece's parts: on the last part's
+    # stage; a tied table's head rows: on the head's stages)
+    stage_of = {c: k for k, chips in chips_of.items() for c in chips}
+    covered, axis_of = defaultdict(list), {}  # (tensor, stage) -> the [start, stop) its chips hold; tensor -> axis
+    for sh in program.placement.shards:
+        if sh.chip in stage_of:
+            covered[(sh.tensor, stage_of[sh.chip])].append((sh.start, sh.stop))
+            axis_of[sh.tensor] = sh.axis
+    tied = "output.weight" not in program.tensors
+    for name, shape in program.tensors.items():
+        if name not in axis_of or not _on_an_axis(name, shape, axis_of[name]):
+            continue  # placed nowhere or on no axis: reported by _weights
+        part, places, _, cut = known.get((name, False)) or places_of(name, False)
+        places = places[-1:] if name.endswith(APPLIED_BY_LAST_PART) else places
+        if tied and name == "token_embd.weight":
+            places = places + homes.get((n, "head"), [])
+        whole = (0, axis_length(name, shape, axis_of[name]))
+        for k, lo, hi in places:
+            want = (lo, hi) if cut else whole
+            if not _covers(covered[(name, k)], *want):
+                what = f"rows [{lo}, {hi}) of" if cut else "all of"
+                out.append(Violation("weight_placement", f"stage {k} runs {name}'s {part} piece, but its chips do "
+                                                         f"not hold {what} it"))
     return out
+
+
+def _covers(spans: list[tuple[int, int]], lo: int, hi: int) -> bool:
+    """Whether the [start, stop) spans together cover [lo, hi)."""
+    reach = lo
+    for start, stop in sorted(spans):
+        if start > reach:
+            break
+        reach = max(reach, stop)
+    return reach >= hi
+
+
+# What each sender of a transfer of each kind puts on its links and each receiver takes off them, at least, to
+# deliver its payload (a chip relaying others' bytes counts them too): all of it, one rank's share, or the other
+# ranks' shares. Every chip of an all-reduce must send its own value of each element and receive one it lacks.
+LEAST_CARRIED = {"p2p": ("whole", "whole"), "broadcast": ("whole", "whole"), "all_reduce": ("whole", "whole"),
+                 "all_gather": ("share", "others' shares"), "rank_p2p": ("share", "share"),
+                 "stripe": ("share", "share")}
+
+
+def _payload_carried(phase: PhaseSchedule) -> list[Violation]:
+    """Each transfer's links carry its payload (LEAST_CARRIED), so that the bandwidth the links are checked
+    for is the bandwidth the payload takes; transfers alike (every layer's, every chunk's) are read once:
+    a compiled Program's share their phases' links (ids of objects the Program keeps alive)."""
+    out, short = [], {}
+    for t in phase.transfers:
+        key = (t.kind, t.chips, t.payload_bytes, tuple(id(links) for _, _, links in t.phases))
+        if key not in short:
+            short[key] = _short_of_payload(t)
+        if short[key]:
+            out.append(Violation("link_bandwidth", f"{phase.phase}: transfer {t.name} {short[key]}"))
+    return out
+
+
+def _short_of_payload(t: Transfer) -> str | None:
+    """How a transfer's links fall short of carrying its payload (None: they carry it)."""
+    sent, taken = defaultdict(float), defaultdict(float)
+    for a, b, nbytes in t.link_loads():
+        if nbytes < 0:
+            return f"puts {nbytes:,.0f} bytes on link {a}->{b}"
+        sent[a] += nbytes
+        taken[b] += nbytes
+    if len(set(t.chips)) < 2:
+        return None  # nothing to move
+    share = t.payload_bytes / len(t.receivers)
+    amount = {"whole": t.payload_bytes, "share": share, "others' shares": t.payload_bytes - share}
+    least_sent, least_taken = (amount[held] for held in LEAST_CARRIED[t.kind])
+    for chips, moved, least, verb in ((t.senders, sent, least_sent, "sends"), (t.receivers, taken, least_taken,
+                                                                              "receives")):
+        for c in chips:
+            if moved[c] < least * (1 - RATE_TOLERANCE):
+                return (f"({t.kind}, {t.payload_bytes:,.0f} bytes) {verb} {moved[c]:,.0f} bytes on chip {c}'s links, "
+                        f"less than the {least:,.0f} it must")
+    return None
 
 
 def _links(program: Program, phase: PhaseSchedule, bandwidths: dict) -> list[Violation]:
@@ -463,11 +625,12 @@ def verify(program: Program) -> list[Violation]:
     """Every invariant violated, in a fixed order (an empty list means the Program is sound)."""
     if unreadable := _tensors(program) or _names(program):  # what the other invariants are read off
         return unreadable
-    out = _structure(program) + _kv_reserved(program) + _weights(program) + _shards_on_their_stages(program)
+    out = (_structure(program) + _sizes(program) + _kv_reserved(program) + _weights(program)
+           + _shards_on_their_stages(program))
     bandwidths = {}  # the phases load mostly the same links
     for phase in (program.decode, program.prefill):
-        out += (_unit_overlap(phase) + _inputs_ready(program, phase) + _sram(program, phase)
-                + _links(program, phase, bandwidths))
+        out += (_makespan(phase) + _unit_overlap(phase) + _inputs_ready(program, phase) + _sram(program, phase)
+                + _payload_carried(phase) + _links(program, phase, bandwidths))
     return out
 
 
