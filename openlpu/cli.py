@@ -178,7 +178,7 @@ def plan(
     from openlpu.sim.plan import DRAFT_TOKENS, plot
     from openlpu.sim.plan import plan as make_plan
 
-    if plot_file:
+    if plot_file is not None:
         png_path(plot_file, "plot")
     given = {"years": years, "usd_per_kwh": usd_per_kwh, "utilisation": utilisation}
     assumptions = CostAssumptions(**{k: v for k, v in given.items() if v is not None})
@@ -193,7 +193,7 @@ def plan(
                          users=users, chips=chips, tp=tp, gpus=gpus, prompt=prompt, assumptions=assumptions,
                          draft=draft, draft_tokens=draft_tokens, acceptance=acceptance, gpu_software=gpu_software,
                          decode_context=decode_context, prefill_chunk=prefill_chunk)
-    if plot_file:
+    if plot_file is not None:
         plot(rows, plot_file, f"{spec.name}, {precision}, {users} user(s) x {context} tokens")
     if json_out:
         print(json.dumps([r.to_dict() for r in rows], indent=1))
@@ -247,7 +247,7 @@ def plan(
     for label, cell in figures.items():
         table.add_row(label, *(cell(r) for r in rows))
     console.print(table)
-    if plot_file:
+    if plot_file is not None:
         console.print(f"chart written to {plot_file}")
 
 
@@ -276,7 +276,8 @@ def compile_cmd(
                                           "and serving stacks keep it)"),
     context: int = typer.Option(4096, "--context", help="tokens of KV cache per user"),
     users: int = typer.Option(1, "--users", help="users in flight in the pipeline"),
-    prompt: int = typer.Option(512, "--prompt", help="prompt tokens whose prefill sets the time to first token"),
+    prompt: int = typer.Option(None, "--prompt", help="prompt tokens whose prefill sets the time to first token "
+                                                      "(default: 512, or the context if shorter)"),
     decode_context: int = typer.Option(None, "--decode-context", help=DECODE_CONTEXT_HELP),
     prefill_chunk: int = typer.Option(None, "--prefill-chunk", help=PREFILL_CHUNK_HELP),
     chips: int = typer.Option(None, "--chips", help="chips to use, or fewer where wider TP groups on them decode "
@@ -292,12 +293,15 @@ def compile_cmd(
     from openlpu.graph.lower import as_precision, serving_kv_precision
     from openlpu.hardware.lpu import load_system
     from openlpu.models.spec import load_spec
+    from openlpu.paths import output_path
     from openlpu.sim.timing import timing
 
+    output_path(output, "Program")  # before compiling: a large model takes seconds
     spec = load_spec(model)
-    kv = as_precision(kv_precision).name if kv_precision else serving_kv_precision(precision)
+    kv = as_precision(kv_precision).name if kv_precision is not None else serving_kv_precision(precision)
+    prompt = Workload.default_prompt_len(context) if prompt is None else prompt
     workload = Workload(weights=precision, activations=precision, kv=kv, context_length=context,
-                        users=users, prompt_len=min(prompt, context), draft_tokens=draft_tokens,
+                        users=users, prompt_len=prompt, draft_tokens=draft_tokens,
                         decode_context=decode_context, prefill_chunk=prefill_chunk)
     with _compiling(spec.name, system, workload.prompt_len, workload.prefill_chunk):
         program = compile_program(spec, load_system(system), workload, chips, tp)
@@ -334,7 +338,7 @@ def inspect_cmd(
 
     if stages < 0:
         raise OpenLPUError(f"--stages must be 0 or more (the stages to list), got {stages}")
-    if gantt:
+    if gantt is not None:
         png_path(gantt, "Gantt chart")  # before loading: a large Program takes seconds
     program = load_program(program_file)
     violations = verify(program)
@@ -367,7 +371,7 @@ def inspect_cmd(
                   f"the busiest {t.busiest_link_utilisation:.2%}")
     console.print("verify: " + ("[green]passed[/]" if not violations else
                                 f"[red]{len(violations)} violation(s)[/]: {violations[0].message}"))
-    if gantt:
+    if gantt is not None:
         draw_gantt(program, gantt)
         console.print(f"Gantt chart of one decode step written to {gantt}")
 
@@ -500,6 +504,11 @@ def main() -> None:
         app()  # click itself turns usage errors into a message and exit status 2
     except OpenLPUError as e:
         Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except OSError as e:  # a path named on the command line the file system refuses (too long, not a folder, ...)
+        where = f"cannot use {e.filename!r}: " if e.filename else ""
+        Console(stderr=True).print(f"[bold red]error:[/] {where}{e.strerror or e}; check the path", highlight=False,
+                                   soft_wrap=True)
         sys.exit(2)
 
 

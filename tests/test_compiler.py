@@ -116,10 +116,17 @@ def test_save_load_round_trip_and_bad_files(gemma8, tmp_path):
                          (lambda b: b["workload"].update(users=0),
                           "its workload: users must be a positive integer, got 0"),
                          (lambda b: b["workload"].update(prefill_chunk=None), "its workload names no prefill chunk"),
+                         (lambda b: first_op(b).__setitem__(4, 10**400), "a ScheduledOp's start_cycle is not int"),
                          (lambda b: b["workload"].update(batch=4), "unexpected keyword argument 'batch'")):
         (tmp_path / "signed.prog").write_bytes(signed(mutate))
         with pytest.raises(OpenLPUError, match=f"^{re.escape(str(tmp_path))}/signed.prog is corrupt \\(.*{says}"):
             load_program(tmp_path / "signed.prog")
+    # JSON nested deeper than the parser recurses (no Program is): corrupt, in one line
+    deep = gzip.compress(b'{"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}", mtime=0)
+    (tmp_path / "deep.prog").write_bytes(MAGIC + struct.pack("<I", FORMAT_VERSION) + hashlib.sha256(deep).digest()
+                                         + deep)
+    with pytest.raises(OpenLPUError, match="deep.prog is corrupt"):
+        load_program(tmp_path / "deep.prog")
     # its system is checked as a hardware file is, each figure by name
     (tmp_path / "signed.prog").write_bytes(signed(lambda b: b["system"]["chip"].update(clock_hz=-1)))
     with pytest.raises(OpenLPUError, match=r"system\.chip\.clock_hz must be a positive number, got -1"):
@@ -609,6 +616,11 @@ def test_micro_batches_shrink_until_their_buffers_fit():
     (dict(context_length=100, prompt_len=50, decode_context=200), "decode context 200 is longer than the context 100"),
     (dict(decode_context=0), "decode context must be a positive integer, got 0"),
     (dict(decode_context=True), "decode context must be a positive integer, got True"),
+    (dict(users=2**53 + 1), (r"users must be a positive integer of at most 2\*\*53 \(9,007,199,254,740,992\), got "
+                             r"one of 16 digits")),
+    (dict(context_length=100, prompt_len=50, draft_tokens=100), ("draft tokens 100: a verifying step's drafts and "
+                                                                 "the token before them must fit the context 100")),
+    (dict(draft_tokens=-1), "draft tokens must be a non-negative integer, got -1"),
 ])
 def test_bad_workloads(kwargs, message):
     with pytest.raises(OpenLPUError, match=message):
@@ -737,23 +749,57 @@ def test_cli_bad_input_is_one_line_and_status_2(args, message, tmp_path):
 
 
 def test_a_failed_write_leaves_the_existing_program_whole(tmp_path, monkeypatch):
-    """The Program is written beside its target and renamed over it: a write that fails midway (here the
-    disk filling up) raises one clear error, and the file already there still loads."""
-    import openlpu.compiler.program as program_module
+    """The Program is written beside its target, in a file of its own, and renamed over it: a write that fails
+    midway (here the disk filling up) raises one clear error, and the file already there still loads."""
+    import openlpu.paths
 
     path = tmp_path / "g.prog"
     small = compile_program(load_preset("gemma-3-270m"), SYSTEM, SMALL, chips=2)
     small.save(path)
     before = path.read_bytes()
 
-    def full_disk(data, *args):
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(program_module.Path, "write_bytes", full_disk)
+    class FullDisk:  # writes half of what it is given, then the disk is full
+        def __init__(self, name, mode):
+            self.file = open(name, mode)  # noqa: SIM115 (closed on exit)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, data):
+            self.file.write(data[:len(data) // 2])
+            raise OSError(28, "No space left on device")
+    monkeypatch.setattr(openlpu.paths, "open", FullDisk, raising=False)
     with pytest.raises(OpenLPUError, match="cannot write the Program.*No space left on device"):
         compile_program(load_preset("gemma-3-270m"), SYSTEM, SMALL, chips=4).save(path)
     monkeypatch.undo()
     assert path.read_bytes() == before and load_program(path) == small
     assert [p.name for p in tmp_path.iterdir()] == ["g.prog"]
+
+
+def test_a_program_is_written_where_the_path_says_and_nowhere_else(gemma8, tmp_path):
+    """A file beside the target is left alone (even one named as a half-written copy would be); a link is
+    followed to the file it names, and stays a link; a path that names a folder, or sits under a file, is
+    refused in one line; and `compile` checks its -o path before compiling."""
+    (tmp_path / "g.prog.partial").write_text("precious")
+    (tmp_path / "real.prog").write_text("old")
+    (tmp_path / "link.prog").symlink_to(tmp_path / "real.prog")
+    gemma8.save(tmp_path / "g.prog")
+    gemma8.save(tmp_path / "link.prog")
+    assert (tmp_path / "g.prog.partial").read_text() == "precious" and (tmp_path / "link.prog").is_symlink()
+    assert load_program(tmp_path / "real.prog") == load_program(tmp_path / "g.prog") == gemma8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.prog", "g.prog.partial", "link.prog", "real.prog"]
+    for path, says in ((f"{tmp_path}/new/", "it names a folder"), (tmp_path, "it names a folder"),
+                       (tmp_path / "g.prog" / "x.prog", "is a file, not a folder"),
+                       (tmp_path / "no" / "x.prog", "does not exist")):
+        with pytest.raises(OpenLPUError, match=f"cannot write the Program to .*{says}"):
+            gemma8.save(path)
+        r = subprocess.run([sys.executable, "-m", "openlpu.cli", "compile", "no-such-model", "-o", str(path)],
+                           capture_output=True, text=True, check=False)  # refused before the model is looked up
+        assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "new").exists()
 
 
 def test_charts_need_a_png_name_and_a_writable_path(tmp_path):
@@ -768,9 +814,11 @@ def test_charts_need_a_png_name_and_a_writable_path(tmp_path):
         assert not gantt.exists()
     # options are checked before the Program is read (a large one takes seconds): the file here is absent
     for options, says in ((["--gantt", "g.txt"], "give a file name ending in .png"),
+                          (["--gantt", ""], "give a file name ending in .png"),
                           (["--stages", "-1"], "--stages must be 0 or more")):
         r = runner.invoke(app, ["inspect", str(tmp_path / "absent.prog"), *options])
         assert r.exit_code != 0 and says in str(r.exception)
+    assert "no Program file given" in str(runner.invoke(app, ["inspect", ""]).exception)
 
 
 def test_gguf_metadata_compiles_like_the_preset(gemma_path):

@@ -73,10 +73,10 @@ def test_mistyped_value_is_named(tmp_path, value):
         load_system(_write(tmp_path, data))
 
 
-@pytest.mark.parametrize("value", [1e308, 1e-300])
+@pytest.mark.parametrize("value", [1e308, 1e-300, 10**400])
 def test_a_figure_beyond_any_hardware_is_named(tmp_path, value):
     """A latency of 1e308 s passed as positive and overflowed the schedule's cycle count (a random mutation
-    of the preset found it)."""
+    of the preset found it); an integer of 400 digits, which no float holds, is named the same way."""
     data = json.loads(json.dumps(V1))
     data["links"]["local"]["latency_s"]["value"] = value
     with pytest.raises(OpenLPUError, match=r"links\.local\.latency_s = .* is outside the range of any hardware "
@@ -168,6 +168,12 @@ def test_bad_files(tmp_path):
     notes.write_text("230 MB of SRAM")
     with pytest.raises(OpenLPUError, match="is a file but not a hardware JSON file: give a .json file"):
         load_system(notes)
+    with pytest.raises(OpenLPUError, match="cannot read hardware file .*: Not a directory"):
+        load_system(notes / "lpu.json")
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(OpenLPUError, match="nested deeper than any hardware file is"):
+        load_system(deep)
 
 
 def test_routes_follow_the_topology():

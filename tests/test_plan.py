@@ -490,6 +490,20 @@ def test_a_gguf_file_plans_as_its_preset(gemma_path):
     (["llama-3.1-70b", "--draft", "llama-3.2-1", "--acceptance", "0.7"], "did you mean llama-3.2-1b"),
     (["llama-2-70b", "--gpu-software", "xqa"], "unknown GPU software 'xqa'; choose one of: tensorrt-llm-0.5"),
     (["llama-2-70b", "--gpu-software", "gqa"], "did you mean gqa-kernels?"),
+    (["llama-2-70b", "--system", "", "--chips", "8", "--tp", "all"],
+     "--chips, --tp describe a system this plan leaves out (--system '')"),
+    (["llama-2-70b", "--compare", "", "--gpus", "2"], "--gpus describes a system this plan leaves out (--compare '')"),
+    (["llama-3.1-70b", "--draft", "llama-3.2-1b", "--acceptance", "0.7", "--draft-tokens", "5000", "--context", "100"],
+     "--draft-tokens 5000: a round's drafts and the token before them must fit the --context 100"),
+    (["llama-2-70b", "--prefill-chunk", "8192"], "--prefill-chunk 8192 is longer than --context 4096"),
+    (["llama-2-70b", "--users", "8" + "0" * 400], "--users must be a positive integer of at most 2**53"),
+    (["llama-2-70b", "--system", "", "--gpus", "100000"], "more than llama-2-70b's 80 layers; use at most 640"),
+    (["llama-2-70b", "--years", "1e-320"], "price no finite cost per token"),
+    (["llama-2-70b", "--plot", ""], "give a file name ending in .png"),
+    (["llama-2-70b", "--plot", "chart.png/"], "give a file name ending in .png"),
+    ([""], "no model given"),
+    (["a" * 300], "File name too long"),  # the file system's words
+    (["llama-2-70b", "--system", "b" * 300 + ".json"], "cannot read hardware file"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, says):
     r = run_cli(*args)

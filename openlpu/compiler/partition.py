@@ -83,7 +83,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from openlpu.compiler.program import Placement, Shard, Stage, Workload
-from openlpu.errors import OpenLPUError
+from openlpu.errors import OpenLPUError, check_count
 from openlpu.graph.lower import as_precision, lower
 from openlpu.graph.ops import Op
 from openlpu.hardware.lpu import SystemSpec
@@ -1070,8 +1070,7 @@ def tp_widths(spec: ModelSpec, system: SystemSpec, tp: int | None) -> list[int]:
     candidates = tp_candidates(spec, system)
     if tp is None:
         return candidates
-    if isinstance(tp, bool) or not isinstance(tp, int) or tp <= 0:
-        raise OpenLPUError(f"TP width must be a positive integer, got {tp!r}")
+    check_count(tp, "TP width")
     if tp not in candidates:
         raise OpenLPUError(
             f"TP {tp} is not a width {spec.name} can be split over on {system.name}: it must divide the "
@@ -1185,8 +1184,7 @@ def partition(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: in
 
 def check_chips(system: SystemSpec, chips: int) -> None:
     """Refuse a chip count that is not a positive integer or is more than the system has."""
-    if isinstance(chips, bool) or not isinstance(chips, int) or chips <= 0:
-        raise OpenLPUError(f"chips must be a positive integer, got {chips!r}")
+    check_count(chips, "chips")
     if chips > system.max_chips:
         raise OpenLPUError(f"{chips} chips is more than the largest {system.name} system ({system.max_chips})")
 

@@ -15,16 +15,16 @@ import gc
 import gzip
 import hashlib
 import json
-import os
 import struct
 import typing
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from openlpu.errors import OpenLPUError
+from openlpu.errors import OpenLPUError, check_count
 from openlpu.graph.lower import as_precision
 from openlpu.hardware.lpu import SystemSpec, system_from
+from openlpu.paths import write_whole
 
 MAGIC = b"OPENLPU-PROGRAM\n"
 # 2: stages hold pieces (a layer may be cut between stages); 3: embedding and head pieces hold
@@ -101,11 +101,11 @@ class Workload:
         sizes = ["context_length", "users", "prompt_len"]
         sizes += [name for name in ("decode_context", "prefill_chunk") if getattr(self, name) is not None]
         for name in sizes:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise OpenLPUError(f"{name.replace('_', ' ')} must be a positive integer, got {v!r}")
-        if isinstance(self.draft_tokens, bool) or not isinstance(self.draft_tokens, int) or self.draft_tokens < 0:
-            raise OpenLPUError(f"draft tokens must be a non-negative integer, got {self.draft_tokens!r}")
+            check_count(getattr(self, name), name.replace("_", " "))
+        check_count(self.draft_tokens, "draft tokens", least=0)
+        if self.draft_tokens >= self.context_length:
+            raise OpenLPUError(f"draft tokens {self.draft_tokens}: a verifying step's drafts and the token before "
+                               f"them must fit the context {self.context_length}; propose fewer")
         if self.prompt_len > self.context_length:
             raise OpenLPUError(f"prompt length {self.prompt_len} is longer than the context "
                                f"{self.context_length}; raise --context or shorten the prompt")
@@ -259,19 +259,10 @@ class Program:
         return hashlib.sha256(encode(self)).hexdigest()
 
     def save(self, path: str | Path) -> str:
-        """Write the Program whole or not at all: a failed write leaves an existing file as it was. Returns
-        the file's sha256 (as sha256(), without encoding a large Program twice)."""
-        path = Path(path)
-        if path.is_dir():
-            raise OpenLPUError(f"cannot write the Program to {str(path)!r}: it is a folder; give a file path")
-        partial, data = path.with_name(path.name + ".partial"), encode(self)
-        try:
-            partial.write_bytes(data)
-            os.replace(partial, path)
-        except OSError as e:
-            partial.unlink(missing_ok=True)
-            raise OpenLPUError(f"cannot write the Program to {str(path)!r}: {e.strerror or e}; "
-                               f"choose a writable file path") from None
+        """Write the Program whole or not at all (paths.write_whole). Returns the file's sha256 (as sha256(),
+        without encoding a large Program twice)."""
+        data = encode(self)
+        write_whole(path, data, "Program")
         return hashlib.sha256(data).hexdigest()
 
 
@@ -340,7 +331,9 @@ def _all_of(values: list, hint) -> bool:
     args = typing.get_args(hint)
     if hint is float:  # a whole number reads back as an int; bytes and FLOPs far beyond any op's, sums stay finite
         return set(map(type, values)) <= {int, float} and all(-1e18 <= v <= 1e18 for v in values)
-    if hint in (int, str, bool, tuple, dict):  # a bare tuple or dict: of what is checked apart
+    if hint is int:  # a count, a cycle, an index: within 64 bits, as any compiler writes them (floats hold them)
+        return set(map(type, values)) <= {int} and (not values or -2**63 <= min(values) and max(values) < 2**63)
+    if hint in (str, bool, tuple, dict):  # a bare tuple or dict: of what is checked apart
         return set(map(type, values)) <= {hint}
     if typing.get_origin(hint) is dict:
         return set(map(type, values)) <= {dict} and _all_of([k for v in values for k in v], args[0]) \
@@ -435,12 +428,15 @@ def decode_program(data: bytes, origin: str = "program") -> Program:
                        tensors=_typed("tensors", tensors, dict[str, tuple[int, ...]]),
                        kv_slots=_typed("kv_slots", _tuples(b["kv_slots"]), tuple[int, ...]), placement=placement,
                        decode=_phase(b["decode"], link_loads), prefill=_phase(b["prefill"], link_loads))
-    except (OSError, EOFError, zlib.error, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+    except (OSError, EOFError, zlib.error, ValueError, KeyError, IndexError, TypeError, AttributeError,
+            RecursionError, OverflowError) as e:  # the last two: nesting or numbers no compiler writes
         reason = f"it has no {e.args[0]!r}" if isinstance(e, KeyError) else str(e) or type(e).__name__
         raise OpenLPUError(f"{origin} is corrupt ({reason}); recompile it with `openlpu compile`") from None
 
 
 def load_program(path: str | Path) -> Program:
+    if not str(path):
+        raise OpenLPUError("no Program file given; name one that `openlpu compile MODEL -o FILE` wrote")
     try:
         data = Path(path).read_bytes()
     except OSError as e:

@@ -90,7 +90,8 @@ def matrix_macs_per_cycle(system: SystemSpec, *precisions: str) -> float:
              and (m in FLOAT_PRECISIONS or not is_float)]
     if not modes:
         raise OpenLPUError(f"{system.name}'s matrix unit has no mode for {need.name} operands (it has "
-                           f"{', '.join(system.chip.matrix_macs_per_cycle)}); choose another precision")
+                           f"{', '.join(system.chip.matrix_macs_per_cycle)}); choose another --precision (weights and "
+                           f"activations) or --kv-precision")
     return system.chip.matrix_macs_per_cycle[min(modes)[1]]
 
 

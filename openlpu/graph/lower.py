@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
-from openlpu.errors import OpenLPUError
+from openlpu.errors import OpenLPUError, check_count
 from openlpu.graph.ops import Op
 from openlpu.models.spec import ModelSpec
 
@@ -255,10 +255,9 @@ def lower(spec: ModelSpec, phase: str, seq_len: int, batch: int = 1, precision: 
     if phase not in PHASES:
         raise OpenLPUError(f"unknown phase {phase!r}; use one of {', '.join(PHASES)}")
     for what, v in (("seq_len", seq_len), ("batch", batch), ("queries", queries)):
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise OpenLPUError(f"{what} must be a positive integer, got {v!r}")
-    if isinstance(past_len, bool) or not isinstance(past_len, int) or past_len < 0 or (past_len and phase == "decode"):
-        raise OpenLPUError(f"past_len must be a non-negative integer, for prefill only; got {past_len!r}")
+        check_count(v, what)
+    if check_count(past_len, "past_len", least=0) and phase == "decode":
+        raise OpenLPUError(f"past_len is for prefill only; got {past_len!r} for a decode step")
     if queries > 1 and phase != "decode":
         raise OpenLPUError(f"queries is for decode steps only; got {queries} for a {phase}")
     w = as_precision(precision)

@@ -52,6 +52,10 @@ def read_hardware(name_or_path: str | Path, kind: str, what: str) -> tuple[dict,
         raise OpenLPUError(f"hardware file {str(path)!r} not found") from None
     except IsADirectoryError:
         raise OpenLPUError(f"hardware file {str(path)!r} is a folder; give a .json file") from None
+    except OSError as e:
+        raise OpenLPUError(f"cannot read hardware file {str(path)!r}: {e.strerror or e}") from None
+    except RecursionError:
+        raise OpenLPUError(f"hardware file {path.name}: nested deeper than any hardware file is") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise OpenLPUError(f"hardware file {path.name}: not valid JSON ({e})") from None
     if not isinstance(data, dict) or data.get("kind") != kind:
@@ -65,8 +69,8 @@ FIGURE_RANGE = (1e-18, 1e18)
 
 
 def positive_number(v, where: str, zero_ok: bool = False) -> None:
-    if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
-            or not (v >= 0 if zero_ok else v > 0)):
+    if (isinstance(v, bool) or not isinstance(v, (int, float)) or isinstance(v, float) and not math.isfinite(v)
+            or not (v >= 0 if zero_ok else v > 0)):  # an int is finite, however long (math.isfinite would overflow)
         raise OpenLPUError(f"{where} must be a {'non-negative' if zero_ok else 'positive'} number, got {v!r}")
     if v and not FIGURE_RANGE[0] <= v <= FIGURE_RANGE[1]:
         raise OpenLPUError(f"{where} = {v!r} is outside the range of any hardware figure ({FIGURE_RANGE[0]:g} to "

@@ -341,6 +341,9 @@ def load_preset(name: str) -> ModelSpec:
 def load_spec(model: str | Path) -> ModelSpec:
     """A model's shape from a preset name, a .gguf file's metadata (no tensor data is read) or a Hugging
     Face config.json (the file, or the checkpoint folder holding it)."""
+    if not str(model):
+        raise OpenLPUError("no model given; give a preset name (`openlpu models` lists them), a .gguf file, or a "
+                           "config.json or the folder holding it")
     path = Path(model)
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -353,7 +356,7 @@ def load_spec(model: str | Path) -> ModelSpec:
         from openlpu.models.hf import spec_from_hf_config
 
         return spec_from_hf_config(path)
-    if len(path.parts) > 1:  # a path, but not to a model file
+    if len(path.parts) > 1 or path.is_file() and str(model) not in preset_names():  # a path, not to a model file
         what = "is neither a .gguf file nor a config.json" if path.exists() else "not found"
         raise OpenLPUError(f"{str(model)!r} {what}; give a .gguf file, a config.json or the folder holding it, or "
                            "a preset name (`openlpu models` lists them)")

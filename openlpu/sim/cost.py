@@ -110,6 +110,10 @@ def cost(capex: Capex, it_power_w: float, throughput_tokens_per_s: float,
     per_year = energy_usd(it_power_w, 1.0, a)
     tco = capex.total_usd + per_year * a.years
     tokens_per_year = throughput_tokens_per_s * a.utilisation * SECONDS_PER_YEAR
+    usd_per_million_tokens = tco / (tokens_per_year * a.years) * 1e6
+    if not (math.isfinite(tco) and 0 < usd_per_million_tokens < math.inf):
+        raise OpenLPUError(f"the cost assumptions (years {a.years!r}, usd_per_kwh {a.usd_per_kwh!r}, utilisation "
+                           f"{a.utilisation!r}) price no finite cost per token; give values a deployment could have")
     return Cost(capex=capex, it_power_w=it_power_w, wall_power_w=it_power_w * a.pue,
                 energy_usd_per_year=per_year, tco_usd=tco, tokens_per_year=tokens_per_year,
-                usd_per_million_tokens=tco / (tokens_per_year * a.years) * 1e6)
+                usd_per_million_tokens=usd_per_million_tokens)

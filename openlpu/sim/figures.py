@@ -1,18 +1,16 @@
-"""Writing charts: one place that checks the file name and turns a failed write into one clear error."""
+"""Writing charts: the file name checked (paths.output_path) and the PNG written whole (paths.write_whole)."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
-from openlpu.errors import OpenLPUError
+from openlpu.paths import output_path, write_whole
 
 
 def png_path(path: str | Path, what: str) -> Path:
-    """`path` if it names a PNG; callers check it before the work that draws the chart."""
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise OpenLPUError(f"the {what} is a PNG: give a file name ending in .png, not {str(path)!r}")
-    return path
+    """`path` if a PNG can be written there; callers check it before the work that draws the chart."""
+    return output_path(path, what, ".png")
 
 
 def save_png(fig, path: str | Path, what: str) -> Path:
@@ -20,11 +18,9 @@ def save_png(fig, path: str | Path, what: str) -> Path:
     import matplotlib.pyplot as plt
 
     try:
-        path = png_path(path, what)
-        fig.savefig(path, dpi=110, format="png")
-    except OSError as e:
-        raise OpenLPUError(f"cannot write the {what} to {str(path)!r}: {e.strerror or e}; "
-                           f"choose a writable file path") from None
+        png_path(path, what)
+        image = io.BytesIO()
+        fig.savefig(image, dpi=110, format="png")
     finally:
         plt.close(fig)
-    return path
+    return write_whole(path, image.getvalue(), what)

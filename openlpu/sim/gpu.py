@@ -85,7 +85,7 @@ import difflib
 import math
 from dataclasses import dataclass
 
-from openlpu.errors import OpenLPUError
+from openlpu.errors import OpenLPUError, check_count
 from openlpu.graph.lower import as_precision, lower, serving_kv_precision
 from openlpu.hardware.gpu import GpuSpec
 from openlpu.models.spec import ModelSpec
@@ -259,19 +259,21 @@ def layout(spec: ModelSpec, gpus: int, gpu: GpuSpec) -> tuple[int, int]:
 
 def _check_sizes(**sizes: int) -> None:
     for what, v in sizes.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise OpenLPUError(f"{what} must be a positive integer, got {v!r}")
+        check_count(v, what)
 
 
 def _checked_count(spec: ModelSpec, gpu: GpuSpec, precision: str, gpus: int) -> int:
     """A GPU count a layout can use whole, whose HBM holds the weights."""
     per_server = gpu.gpus_per_server
-    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus <= 0:
-        raise OpenLPUError(f"the GPU count must be a positive integer, got {gpus!r}")
+    check_count(gpus, "the GPU count")
     if gpus > per_server and gpus % per_server:
         raise OpenLPUError(f"{gpus} {gpu.name} GPUs do not fill whole servers of {per_server}; use at most "
                            f"{per_server}, or a multiple of {per_server}")
-    weights, _ = held_bytes(spec, precision, 1, 0, layout(spec, gpus, gpu)[0])
+    tp, stages = layout(spec, gpus, gpu)
+    if stages > spec.n_layers:  # a pipeline stage holds at least one layer
+        raise OpenLPUError(f"{gpus:,} {gpu.name} GPUs make {stages:,} pipeline stages of TP {tp}, more than "
+                           f"{spec.name}'s {spec.n_layers} layers; use at most {spec.n_layers * tp:,}")
+    weights, _ = held_bytes(spec, precision, 1, 0, tp)
     if weights > gpus * gpu.hbm_bytes * HBM_USABLE_FRACTION:
         raise OpenLPUError(f"{gpus} x {gpu.name} cannot hold {spec.name}'s {weights / 1e9:.1f} GB of {precision} "
                            f"weights; it needs at least {gpus_needed(spec, gpu, precision, 1, 1)} GPUs")

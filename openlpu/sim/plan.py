@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from openlpu.errors import OpenLPUError
+from openlpu.errors import OpenLPUError, check_count
 from openlpu.graph.lower import as_precision, serving_kv_precision
 from openlpu.hardware.gpu import gpu_names, load_gpu
 from openlpu.hardware.lpu import SystemSpec, load_system
@@ -81,12 +81,12 @@ def _check_workload(spec: ModelSpec, context: int, users: int, prompt: int, deco
                     prefill_chunks: tuple[int, ...]) -> None:
     for what, v in (("context", context), ("users", users), ("prompt", prompt), ("decode-context", decode_context),
                     *(("prefill-chunk", chunk) for chunk in prefill_chunks)):
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise OpenLPUError(f"--{what} must be a positive integer, got {v!r}")
+        check_count(v, f"--{what}")
     if context > spec.context_length:
         raise OpenLPUError(f"--context {context} is longer than {spec.name}'s context window "
                            f"({spec.context_length} tokens); use at most {spec.context_length}")
-    for what, v in (("prompt", prompt), ("decode-context", decode_context)):
+    for what, v in (("prompt", prompt), ("decode-context", decode_context),
+                    *(("prefill-chunk", chunk) for chunk in prefill_chunks)):
         if v > context:
             raise OpenLPUError(f"--{what} {v} is longer than --context {context}; use at most {context}")
 
@@ -95,6 +95,9 @@ def _check_draft(spec: ModelSpec, draft: Draft, context: int) -> None:
     from openlpu.sim.speculative import check
 
     check(draft.tokens, draft.acceptance)
+    if draft.tokens >= context:
+        raise OpenLPUError(f"--draft-tokens {draft.tokens}: a round's drafts and the token before them must fit the "
+                           f"--context {context}; propose fewer")
     if draft.spec.vocab_size != spec.vocab_size:
         raise OpenLPUError(f"the draft {draft.spec.name} has a vocabulary of {draft.spec.vocab_size:,} tokens and "
                            f"{spec.name} one of {spec.vocab_size:,}: a draft must share the target's tokenizer")
@@ -307,6 +310,12 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
     software_named(gpu_software)
     if not compare and not system:
         raise OpenLPUError(f"nothing to plan: give --system and/or --compare ({', '.join(gpu_names())})")
+    for flags, given, side in ((("--chips", "--tp", "--prefill-chunk"), (chips, tp, prefill_chunk), system),
+                               (("--gpus",), (gpus,), compare)):
+        if not side and (unused := [f for f, v in zip(flags, given) if v is not None]):
+            raise OpenLPUError(f"{', '.join(unused)} describe{'s' if len(unused) == 1 else ''} a system this plan "
+                               f"leaves out ({'--system' if flags[0] == '--chips' else '--compare'} ''); drop "
+                               f"{'it' if len(unused) == 1 else 'them'} or name the system")
     if tp == "all" and chips is not None:
         raise OpenLPUError("--tp all places each width on its fewest chips; to place widths on --chips, name "
                            "them (--tp 8,16)")

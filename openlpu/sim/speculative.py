@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from openlpu.errors import OpenLPUError
+from openlpu.errors import OpenLPUError, check_count
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,7 @@ class SpeculativeRound:
 
 
 def check(draft_tokens: int, acceptance: float) -> None:
-    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1:
-        raise OpenLPUError(f"--draft-tokens must be a positive integer, got {draft_tokens!r}")
+    check_count(draft_tokens, "--draft-tokens")
     if isinstance(acceptance, bool) or not isinstance(acceptance, (int, float)) or not 0 <= acceptance <= 1:
         raise OpenLPUError(f"--acceptance must be between 0 and 1 (the chance the target accepts a draft token), "
                            f"got {acceptance!r}")
