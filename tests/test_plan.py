@@ -209,6 +209,9 @@ def test_several_widths_chip_counts_and_gpu_counts_are_a_row_each():
                                                                                               (2, "1 x TP 2")]
     chunked = plan("llama-3.2-1b", context=2048, compare=(), prefill_chunk=(256, 64))
     assert chunked == [alone(compare=(), prefill_chunk=c) for c in (256, 64)]
+    # a value given twice is one row
+    twice = plan("llama-3.2-1b", context=2048, tp=(2, 8, 2), compare=("h100-sxm", "h100-sxm"), gpus=(1, 1))
+    assert twice == [*rows[:2], alone(system="", gpus=1)]
     assert [r.prefill_chunk for r in chunked + rows[2:]] == [256, 64, None, None]  # a GPU prefills in one pass
     for empty in ("chips", "tp", "gpus", "prefill_chunk"):  # an empty list of values is not a plan without the system
         with pytest.raises(OpenLPUError, match=f"{empty}: give at least one value"):

@@ -261,7 +261,8 @@ Counts = int | tuple[int, ...] | None  # one value, several (a row each), or Non
 
 
 def _each(value: Counts, name: str) -> tuple:
-    values = (value,) if value is None or isinstance(value, (int, str)) else tuple(value)
+    """A row per value, each once, in the order given."""
+    values = (value,) if value is None or isinstance(value, (int, str)) else tuple(dict.fromkeys(value))
     if not values:
         raise OpenLPUError(f"{name}: give at least one value, or none for the default")
     return values
@@ -305,6 +306,7 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
         raise OpenLPUError("--draft-tokens and --acceptance describe speculative decoding: give the draft model "
                            "with --draft")
     lpu = load_system(system) if system else None  # unknown names fail before any compile work
+    compare = tuple(dict.fromkeys(compare))  # a GPU named twice is one column
     for name in compare:
         load_gpu(name)
     software_named(gpu_software)
