@@ -328,6 +328,16 @@ def test_a_stage_must_hold_the_weights_its_pieces_run_on(program):
         v.message for v in found]
 
 
+def test_an_op_runs_on_a_stage_that_holds_its_piece(program):
+    """Read off its name: layer 0's MLP op moved to stage 1, which holds no part of layer 0, is caught (there it
+    would run without its weights)."""
+    ops = list(program.decode.ops)
+    k = next(k for k, o in enumerate(ops) if o.name == "blk.0.ffn_up")
+    ops[k] = dataclasses.replace(ops[k], stage=1)
+    assert "decode: blk.0.ffn_up runs on stage 1, which holds no part of piece (0, 'ffn')" in [
+        v.message for v in verify(_with_decode(program, ops=ops))]
+
+
 def test_shards_count_their_elements_bytes_along_the_axis_their_ops_split(program):
     """A shard's bytes are its elements' at the weights' precision (SRAM is summed from them), and a tensor is
     divided along the axis its ops split (a column-split projection's rows, not its columns)."""

@@ -28,16 +28,17 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections import defaultdict
 from dataclasses import dataclass
 
-from openlpu.compiler.partition import (APPLIED_BY_LAST_PART, EXPERT_ROWS, axis_length, cut_range, ffn_units,
-                                        is_cut_along_ffn, is_cut_along_vocab, is_expert_tensor, merged_pieces,
-                                        piece_homes, split_rule, tensor_piece)
+from openlpu.compiler.partition import (APPLIED_BY_LAST_PART, CUT_SEPARATOR, EMBED, EXPERT_ROWS, FFN_NAMES,
+                                        axis_length, cut_range, ffn_units, is_cut_along_ffn, is_cut_along_vocab,
+                                        is_expert_tensor, merged_pieces, piece_homes, split_rule, tensor_piece)
 from openlpu.compiler.program import TRANSFER_ENDS, PhaseSchedule, Program, Transfer, gc_paused
-from openlpu.compiler.schedule import split_chunk
+from openlpu.compiler.schedule import CHAINED, split_chunk
 from openlpu.errors import OpenLPUError
 from openlpu.graph.lower import as_precision
 from openlpu.graph.ops import UNITS
@@ -497,6 +498,31 @@ def _shards_on_their_stages(program: Program) -> list[Violation]:
     return out
 
 
+def _ops_on_their_pieces(program: Program, phase: PhaseSchedule) -> list[Violation]:
+    """Each op runs on a stage that holds its piece (read off its name: a layer's op its attention or MLP half,
+    token_embd and the sum of a split embedding's parts the embedding, the rest the head), so on the chips
+    that hold the piece's weights."""
+    n, out = _layers(program), []
+    held = {s.index: {(item, part) for item, part, _, _ in s.pieces} for s in program.placement.stages}
+    for op in phase.ops:
+        piece = _op_piece(split_chunk(op.name)[1], n)
+        if piece not in held.get(op.stage, ()):
+            out.append(Violation("weight_placement", f"{phase.phase}: {op.name} runs on stage {op.stage}, which holds "
+                                                     f"no part of piece {piece}"))
+    return out
+
+
+@functools.cache
+def _op_piece(name: str, n_layers: int) -> tuple[int, str] | None:
+    """(item, part) of the piece an op (its name without a chunk) works for: 'blk.3.ffn_gate@2' -> (3, 'ffn');
+    None for a layer's op that names no layer."""
+    base = name.split(CUT_SEPARATOR)[0]
+    if not base.startswith("blk."):
+        return (EMBED, "embed") if base in ("token_embd", CHAINED["embed"]) else (n_layers, "head")
+    _, layer, suffix = (base.split(".", 2) + [""])[:3]
+    return (int(layer), "ffn" if suffix.startswith(FFN_NAMES) else "attn") if layer.isdigit() else None
+
+
 def _covers(spans: list[tuple[int, int]], lo: int, hi: int) -> bool:
     """Whether the [start, stop) spans together cover [lo, hi)."""
     reach = lo
@@ -629,8 +655,9 @@ def verify(program: Program) -> list[Violation]:
            + _shards_on_their_stages(program))
     bandwidths = {}  # the phases load mostly the same links
     for phase in (program.decode, program.prefill):
-        out += (_makespan(phase) + _unit_overlap(phase) + _inputs_ready(program, phase) + _sram(program, phase)
-                + _payload_carried(phase) + _links(program, phase, bandwidths))
+        out += (_makespan(phase) + _ops_on_their_pieces(program, phase) + _unit_overlap(phase)
+                + _inputs_ready(program, phase) + _sram(program, phase) + _payload_carried(phase)
+                + _links(program, phase, bandwidths))
     return out
 
 
