@@ -501,6 +501,8 @@ def test_a_gguf_file_plans_as_its_preset(gemma_path):
     (["llama-2-70b", "--prefill-chunk", "8192"], "--prefill-chunk 8192 is longer than --context 4096"),
     (["llama-2-70b", "--users", "8" + "0" * 400], "--users must be a positive integer of at most 2**53"),
     (["llama-2-70b", "--system", "", "--gpus", "100000"], "more than llama-2-70b's 80 layers; use at most 640"),
+    (["gemma-3-270m", "--system", "", "--users", "300000", "--context", "32768"],
+     "at most 1024 of them in at most 18 pipeline stages (a layer each)"),  # 228 stages of 4 before
     (["llama-2-70b", "--years", "1e-320"], "price no finite cost per token"),
     (["llama-2-70b", "--plot", ""], "give a file name ending in .png"),
     (["llama-2-70b", "--plot", "chart.png/"], "give a file name ending in .png"),

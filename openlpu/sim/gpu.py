@@ -283,7 +283,8 @@ def _checked_count(spec: ModelSpec, gpu: GpuSpec, precision: str, gpus: int) -> 
 def gpus_needed(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, users: int,
                 max_gpus: int = 1024, beside: ModelSpec | None = None) -> int:
     """Fewest GPUs (1, 2, 4, 8, then whole servers) whose HBM holds the weights and the KV cache, in the
-    layout's TP groups (held_bytes), and those of `beside` (a draft sharing the GPUs)."""
+    layout's TP groups (held_bytes), and those of `beside` (a draft sharing the GPUs); at most `max_gpus`, in
+    no more pipeline stages than the model has layers."""
     def need(n: int) -> float:
         return sum(sum(held_bytes(s, precision, context, users, layout(s, n, gpu)[0])) for s in (spec, beside) if s)
 
@@ -291,10 +292,11 @@ def gpus_needed(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, use
     n = 1
     while n * per_gpu < need(n):
         n = n * 2 if n < gpu.gpus_per_server else n + gpu.gpus_per_server
-        if n > max_gpus:
+        if n > max_gpus or layout(spec, n, gpu)[1] > spec.n_layers:
             raise OpenLPUError(
-                f"{spec.name} at {precision} with {users} user(s) x {context} tokens needs "
-                f"{need(max_gpus) / 1e9:.0f} GB: more than {max_gpus} {gpu.name} GPUs hold; lower --context or --users")
+                f"{spec.name} at {precision} with {users} user(s) x {context} tokens needs {need(n) / 1e9:,.0f} GB: "
+                f"more than {gpu.name} GPUs hold, at most {max_gpus} of them in at most {spec.n_layers} pipeline "
+                f"stages (a layer each); lower --context or --users")
     return n
 
 
