@@ -249,7 +249,7 @@ def test_weight_missing_duplicated_or_replicated_on_purpose(program):
     assert [v.message for v in verify(missing)] == [
         f"blk.3.ffn_up.weight elements [{shards[i].start}, {shards[i].stop}) along axis are placed nowhere",
         (f"stage {stage.index} runs blk.3.ffn_up.weight's ffn piece, but its chips do not hold rows "
-        f"[{rows[0]}, {rows[1]}) of it")]
+         f"[{rows[0]}, {rows[1]}) of it")]
     spare_chip = next(c for c in stage.chips if c != shards[i].chip)  # another chip of the stage that runs it
     twice = dataclasses.replace(shards[i], chip=spare_chip)
     dup = dataclasses.replace(program, placement=dataclasses.replace(program.placement, shards=tuple(shards + [twice])))
@@ -347,7 +347,7 @@ def test_shards_count_their_elements_bytes_along_the_axis_their_ops_split(progra
     found = verify(dataclasses.replace(program, placement=dataclasses.replace(program.placement, shards=tuple(light))))
     assert [(v.invariant, v.message) for v in found] == [(
         "sram_capacity", (f"blk.2.attn_q.weight [{shards[i].start}, {shards[i].stop}) on chip {shards[i].chip} counts 1 "
-                         f"bytes; its elements take {shards[i].nbytes} at int8"))]
+                          f"bytes; its elements take {shards[i].nbytes} at int8"))]
     q = [s for s in shards if s.tensor == "blk.2.attn_q.weight"]
     columns = program.tensors["blk.2.attn_q.weight"][1]
     across = [dataclasses.replace(s, axis=1, start=r * columns // len(q), stop=(r + 1) * columns // len(q))
@@ -355,7 +355,7 @@ def test_shards_count_their_elements_bytes_along_the_axis_their_ops_split(progra
     turned = [s for s in shards if s.tensor != "blk.2.attn_q.weight"] + across
     found = verify(dataclasses.replace(program, placement=dataclasses.replace(program.placement, shards=tuple(turned))))
     assert ("weight_placement", ("blk.2.attn_q.weight is divided along axis 1, but it is split along axis 0 where its "
-                                "ops run (SPLIT_RULES)")) in [(v.invariant, v.message) for v in found]
+                                 "ops run (SPLIT_RULES)")) in [(v.invariant, v.message) for v in found]
 
 
 def test_sizes_that_would_cancel_or_shorten_what_is_read_off(program):
@@ -375,7 +375,7 @@ def test_sizes_that_would_cancel_or_shorten_what_is_read_off(program):
                                                                      makespan_cycles=program.decode.makespan_cycles - 1))
     assert [v.message for v in verify(short)] == [
         (f"decode: makespan {program.decode.makespan_cycles - 1} cycles, but its last op or transfer ends at "
-        f"{program.decode.makespan_cycles}")]
+         f"{program.decode.makespan_cycles}")]
     beyond = dataclasses.replace(program, kv_slots=(program.workload.context_length + 1,) * len(program.kv_slots))
     assert [v.invariant for v in verify(beyond)] == ["structure"]
 
@@ -537,7 +537,7 @@ def test_transfers_keep_to_the_cables_and_the_programs_own_chips():
     stray = dataclasses.replace(t, phases=((t.start_cycle, t.arrival_cycle, ((last, outside, 1.0),)),))
     bad = _with_decode(p, transfers=[stray if x is t else x for x in p.decode.transfers])
     assert [v.message for v in verify(bad)] == [short, (f"decode: link {last}->{outside} runs through chip {outside}, "
-                                                       f"which the Program does not hold")]
+                                                        f"which the Program does not hold")]
 
 
 def test_a_result_sent_to_many_nodes_keeps_to_the_cables():

@@ -179,8 +179,8 @@ def op_time_s(op, gpu: GpuSpec, precision: str, shards: int, kv_reads: int = 1) 
     """Roofline time of one op on one GPU holding 1/shards of it, plus its kernel overhead; attention
     reads its KV cache kv_reads times and does its math in the KV cache's precision."""
     split = shards if op.kind in TP_SHARDED_KINDS else 1
-    math = serving_kv_precision(precision) if op.kind == "attention" else precision
-    compute_s = op.flops / split / achieved_flops_per_s(gpu, math)
+    operands = serving_kv_precision(precision) if op.kind == "attention" else precision
+    compute_s = op.flops / split / achieved_flops_per_s(gpu, operands)
     moved = op.bytes_total + (kv_reads - 1) * op.kv_read_bytes
     memory_s = moved / split / (gpu.hbm_bandwidth_bytes_per_s * MEMORY_EFFICIENCY)
     return max(compute_s, memory_s) + (0.0 if op.kind in FUSED_KINDS else KERNEL_OVERHEAD_S)
