@@ -186,13 +186,13 @@ def test_tp_wider_than_the_kv_heads_copies_each_head_as_the_lpu_does():
         G.kv_bytes(llama, "int8", 8192, 1) / 4)
     with pytest.raises(OpenLPUError, match="KV cache of at most"):  # 4 copies leave room for as few users
         G.gpu_timing(spec, h100, "int8", context=32768, users=2 * one.max_users, gpus=4)
-    attention = [op for op in lower(spec, "decode", seq_len=32768, batch=1, precision="int8",
-                                    kv_precision=serving_kv_precision("int8")) if op.kind == "attention"]
+    step = lower(spec, "decode", seq_len=32768, batch=1, precision="int8", kv_precision=serving_kv_precision("int8"))
 
-    def attending_s(tp: int) -> float:  # the step's attention alone: each GPU reads its copy of the head
-        return (G.step_s(spec, attention, h100, "int8", tp, 1, 1)
-                - G.step_s(spec, [], h100, "int8", tp, 1, 1))
-    assert attending_s(4) == pytest.approx(attending_s(1), rel=1e-3)
+    def reading_s(tp: int, ops) -> float:  # those ops of the step alone: each GPU reads its copy of the head
+        return G.step_s(spec, ops, h100, "int8", tp, 1, 1) - G.step_s(spec, [], h100, "int8", tp, 1, 1)
+    for ops in ([op for op in step if op.kind == "attention"],  # the cache
+                [op for op in step if op.name.endswith((".attn_k", ".attn_v"))]):  # the K and V projections
+        assert ops and reading_s(4, ops) == pytest.approx(reading_s(1, ops), rel=1e-3)
 
 
 def test_windowed_and_chunked_layers_keep_only_their_ring():

@@ -175,13 +175,15 @@ def achieved_flops_per_s(gpu: GpuSpec, precision: str) -> float:
     return gpu.compute_flops_per_s(precision) * efficiency
 
 
-def op_time_s(op, gpu: GpuSpec, precision: str, shards: int, kv_reads: int = 1) -> float:
+def op_time_s(op, gpu: GpuSpec, precision: str, shards: int, kv_reads: int = 1, kv_copies: int = 1) -> float:
     """Roofline time of one op on one GPU holding 1/shards of it, plus its kernel overhead; attention
-    reads its KV cache kv_reads times and does its math in the KV cache's precision."""
+    reads its KV cache kv_reads times and does its math in the KV cache's precision; a K or V projection is
+    read by each of the kv_copies GPUs holding a copy (kv_head_copies)."""
     split = shards if op.kind in TP_SHARDED_KINDS else 1
     operands = serving_kv_precision(precision) if op.kind == "attention" else precision
     compute_s = op.flops / split / achieved_flops_per_s(gpu, operands)
-    moved = op.bytes_total + (kv_reads - 1) * op.kv_read_bytes
+    copied = (kv_copies - 1) * op.weight_bytes if op.weight and op.weight.endswith(KV_PROJECTIONS) else 0.0
+    moved = op.bytes_total + (kv_reads - 1) * op.kv_read_bytes + copied
     memory_s = moved / split / (gpu.hbm_bandwidth_bytes_per_s * MEMORY_EFFICIENCY)
     return max(compute_s, memory_s) + (0.0 if op.kind in FUSED_KINDS else KERNEL_OVERHEAD_S)
 
@@ -204,9 +206,10 @@ def allreduce_s(n_bytes: float, gpu: GpuSpec, ranks: int) -> float:
 def step_s(spec: ModelSpec, ops, gpu: GpuSpec, precision: str, tp: int, stages: int,
            tokens: int, software: str = DEFAULT_SOFTWARE) -> float:
     """Wall time of one pass over `ops` (one decode step, or one prefill) on tp x stages GPUs. A KV head
-    copied onto several GPUs of the group (kv_head_copies) is read by each of them."""
-    kv_reads = max(kv_reads_per_kv_head(spec, software), kv_head_copies(spec, tp))
-    compute = sum(op_time_s(op, gpu, precision, tp, kv_reads) for op in ops)
+    copied onto several GPUs of the group (kv_head_copies) is read by each of them, its projections too."""
+    copies = kv_head_copies(spec, tp)
+    kv_reads = max(kv_reads_per_kv_head(spec, software), copies)
+    compute = sum(op_time_s(op, gpu, precision, tp, kv_reads, copies) for op in ops)
     comms = spec.n_layers * ALLREDUCES_PER_LAYER * allreduce_s(tokens * spec.d_model * ACTIVATION_BYTES,
                                                                gpu, tp)
     return compute + comms + moe_dispatch_s(spec, tokens) + (stages - 1) * PIPELINE_HOP_S
@@ -223,6 +226,9 @@ def weight_bytes(spec: ModelSpec, precision: str) -> float:
     return spec.param_count() * as_precision(precision).bytes_per_element
 
 
+KV_PROJECTIONS = ("attn_k.weight", "attn_v.weight")  # what a TP group wider than the KV heads holds in copies
+
+
 def kv_head_copies(spec: ModelSpec, tp: int) -> int:
     """GPUs of a TP group holding each KV head: a group wider than the model's KV heads gives each GPU one
     head, copied onto tp / n_kv_heads of them with its K/V projections and its share of the cache (vLLM:
@@ -235,8 +241,7 @@ def held_bytes(spec: ModelSpec, precision: str, context: int, users: int, tp: in
     """(weights, KV cache of `users` sequences) that GPUs in TP groups of `tp` hold in all: each byte once, but
     the KV heads and their projections as many times as kv_head_copies."""
     copies = kv_head_copies(spec, tp)
-    projections = sum(math.prod(shape) for name, shape in spec.tensor_shapes().items()
-                      if name.endswith(("attn_k.weight", "attn_v.weight")))
+    projections = sum(math.prod(shape) for name, shape in spec.tensor_shapes().items() if name.endswith(KV_PROJECTIONS))
     return (weight_bytes(spec, precision) + (copies - 1) * projections * as_precision(precision).bytes_per_element,
             copies * kv_bytes(spec, precision, context, users))
 
