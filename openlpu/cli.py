@@ -204,7 +204,7 @@ def plan(
         f" Speculative: {draft_tokens or DRAFT_TOKENS} draft tokens per round, each accepted with chance "
         f"{acceptance:g}; the LPU runs the draft on chips of its own, a GPU between the target's steps.")
     kernels = f" GPU decode attention: {SOFTWARE[gpu_software].name}." if compare else ""
-    several_chunks = bool(prefill_chunk) and len(prefill_chunk) > 1
+    several_chunks = bool(prefill_chunk) and len(set(prefill_chunk)) > 1  # a chunk given twice is one column
     sizes = [f"{c:,}" for c in dict.fromkeys(r.prefill_chunk for r in rows if r.kind == "lpu")]
     sizes = f"{', '.join(sizes[:-1])} or {sizes[-1]}" if len(sizes) > 1 else "".join(sizes)
     chosen = ("a column each" if several_chunks else "as given" if prefill_chunk

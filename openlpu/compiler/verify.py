@@ -177,7 +177,7 @@ def _sizes(program: Program) -> list[Violation]:
         out.append(Violation("structure", f"{negative[0]} is negative" + (f" (and {len(negative) - 1} more sizes)"
                                                                           if len(negative) > 1 else "")))
     bytes_per_element = as_precision(program.workload.weights).bytes_per_element
-    per_unit = {}  # tensor -> its elements per unit along its shards' axis
+    per_unit = {}  # (tensor, axis) -> its elements per unit along that axis
     for sh in program.placement.shards:
         shape = program.tensors.get(sh.tensor)
         if shape is None or not _on_an_axis(sh.tensor, shape, sh.axis) or not 0 <= sh.start <= sh.stop:

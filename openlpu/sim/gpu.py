@@ -240,10 +240,12 @@ def kv_head_copies(spec: ModelSpec, tp: int) -> int:
 def held_bytes(spec: ModelSpec, precision: str, context: int, users: int, tp: int) -> tuple[float, float]:
     """(weights, KV cache of `users` sequences) that GPUs in TP groups of `tp` hold in all: each byte once, but
     the KV heads and their projections as many times as kv_head_copies."""
-    copies = kv_head_copies(spec, tp)
-    projections = sum(math.prod(shape) for name, shape in spec.tensor_shapes().items() if name.endswith(KV_PROJECTIONS))
-    return (weight_bytes(spec, precision) + (copies - 1) * projections * as_precision(precision).bytes_per_element,
-            copies * kv_bytes(spec, precision, context, users))
+    copies, weights = kv_head_copies(spec, tp), weight_bytes(spec, precision)
+    if copies > 1:  # the tensors walked only where some are copied (gpus_needed asks at every count it tries)
+        projections = sum(math.prod(shape) for name, shape in spec.tensor_shapes().items()
+                          if name.endswith(KV_PROJECTIONS))
+        weights += (copies - 1) * projections * as_precision(precision).bytes_per_element
+    return weights, copies * kv_bytes(spec, precision, context, users)
 
 
 def kv_bytes(spec: ModelSpec, precision: str, context: int, users: int) -> float:

@@ -312,12 +312,12 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
     software_named(gpu_software)
     if not compare and not system:
         raise OpenLPUError(f"nothing to plan: give --system and/or --compare ({', '.join(gpu_names())})")
-    for flags, given, side in ((("--chips", "--tp", "--prefill-chunk"), (chips, tp, prefill_chunk), system),
-                               (("--gpus",), (gpus,), compare)):
-        if not side and (unused := [f for f, v in zip(flags, given) if v is not None]):
-            raise OpenLPUError(f"{', '.join(unused)} describe{'s' if len(unused) == 1 else ''} a system this plan "
-                               f"leaves out ({'--system' if flags[0] == '--chips' else '--compare'} ''); drop "
-                               f"{'it' if len(unused) == 1 else 'them'} or name the system")
+    for side, left_out, flags in ((system, "--system", {"--chips": chips, "--tp": tp, "--prefill-chunk": prefill_chunk}),
+                                  (compare, "--compare", {"--gpus": gpus})):
+        if not side and (unused := [flag for flag, value in flags.items() if value is not None]):
+            one = len(unused) == 1
+            raise OpenLPUError(f"{', '.join(unused)} describe{'s' if one else ''} a system this plan leaves out "
+                               f"({left_out} ''); drop {'it' if one else 'them'} or name the system")
     if tp == "all" and chips is not None:
         raise OpenLPUError("--tp all places each width on its fewest chips; to place widths on --chips, name "
                            "them (--tp 8,16)")
