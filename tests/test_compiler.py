@@ -96,7 +96,7 @@ def test_save_load_round_trip_and_bad_files(gemma8, tmp_path):
         return b["decode"]["ops"]["rows"][0]
     # each refused in words that say what is wrong; each field of the type it is declared with: what reads a
     # Program counts on it
-    for mutate, says in ((lambda b: b.update(tensors=[1]), "its 'tensors' is not dict"),
+    for mutate, says in ((lambda b: b.update(spec=[1]), "its model: expected a JSON object of ModelSpec fields"),
                          (lambda b: first_op(b).pop(), "a ScheduledOp row is not a list of its 10 fields"),
                          (lambda b: b["prefill"]["transfers"]["rows"][0].append(0), "a Transfer row is not a list"),
                          (lambda b: phase_of_first_transfer(b).__setitem__(2, len(b["link_loads"])),
@@ -108,7 +108,8 @@ def test_save_load_round_trip_and_bad_files(gemma8, tmp_path):
                          (lambda b: first_op(b).__setitem__(9, 3), "a ScheduledOp's inputs is not tuple"),
                          (lambda b: first_op(b).__setitem__(6, 1e300), "a ScheduledOp's flops_per_chip is not float"),
                          (lambda b: first_op(b).__setitem__(6, True), "a ScheduledOp's flops_per_chip is not float"),
-                         (lambda b: b["tensors"].update({"output_norm.weight": [{"a": 1}]}), "its 'tensors' is not"),
+                         (lambda b: b["spec"].update(n_layers=0), "model 'gemma-3-270m': n_layers must"),
+                         (lambda b: b["spec"].pop("d_model"), "its model: missing required field\\(s\\) d_model"),
                          (lambda b: b["placement"]["shards"]["rows"][0].__setitem__(6, 0),
                           "a Shard's replicated is not bool"),
                          (lambda b: b["link_loads"][0][0].__setitem__(2, "x"), "its 'link_loads' is not"),

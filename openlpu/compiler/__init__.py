@@ -65,8 +65,7 @@ def compile_program(spec: ModelSpec, system: SystemSpec, workload: Workload, chi
     else:
         placement, decode, _ = _placed(spec, system, workload, chips, tp, templates)
     prefill = schedule_prefill(spec, system, workload, placement, templates)
-    return Program(version=FORMAT_VERSION, model=spec.name, system=system, workload=workload,
-                   tensors=spec.tensor_shapes(),
+    return Program(version=FORMAT_VERSION, spec=spec, system=system, workload=workload,
                    kv_slots=tuple(kv_slots(spec, workload.context_length, i) for i in range(spec.n_layers)),
                    placement=placement, decode=decode, prefill=prefill)
 

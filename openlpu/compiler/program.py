@@ -24,9 +24,12 @@ from pathlib import Path
 from openlpu.errors import OpenLPUError, check_count
 from openlpu.graph.lower import as_precision
 from openlpu.hardware.lpu import SystemSpec, system_from
+from openlpu.models.spec import ModelSpec
 from openlpu.paths import write_whole
 
 MAGIC = b"OPENLPU-PROGRAM\n"
+# a ModelSpec's fields that make the model (not where it was read from): the same model from a preset or a file
+SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(ModelSpec) if f.compare)
 # 2: stages hold pieces (a layer may be cut between stages); 3: embedding and head pieces hold
 # vocabulary row ranges (either may be split between stages); 4: attention pieces may hold ranges of
 # their layer's KV slots (an attention split between stages), transfers "rank_p2p"; 5: each layer's KV
@@ -35,8 +38,9 @@ MAGIC = b"OPENLPU-PROGRAM\n"
 # decode step verifies them); 9: a placement records whether its MoE MLPs are cut and split by whole
 # experts (expert parallelism), their pieces then holding expert ranges; 10: cut by expert rows instead,
 # pieces and shards (axis EXPERT_ROWS) hold ranges of the experts' d_ff rows end to end; 11: a phase names
-# its link loads by their index in the Program's table of distinct ones; 12: the workload's decode context
-FORMAT_VERSION = 12
+# its link loads by their index in the Program's table of distinct ones; 12: the workload's decode context; 13:
+# the model's spec, whose tensors and graph the Program's are checked against, in place of its name and tensors
+FORMAT_VERSION = 13
 
 
 def gc_paused(build):
@@ -242,14 +246,22 @@ class PhaseSchedule:
 @dataclass(frozen=True)
 class Program:
     version: int
-    model: str
+    spec: ModelSpec  # the model compiled: the verifier checks the schedule against its graph
     system: SystemSpec
     workload: Workload
-    tensors: dict[str, tuple[int, ...]]  # every weight tensor of the model with its shape
     kv_slots: tuple[int, ...]  # per layer: KV positions each user keeps (the context, or a shorter sliding window)
     placement: Placement
     decode: PhaseSchedule
     prefill: PhaseSchedule
+
+    @property
+    def model(self) -> str:
+        return self.spec.name
+
+    @functools.cached_property
+    def tensors(self) -> dict[str, tuple[int, ...]]:
+        """Every weight tensor of the model with its shape."""
+        return self.spec.tensor_shapes()
 
     @property
     def chips(self) -> int:
@@ -303,10 +315,9 @@ def _phase_dict(ph: PhaseSchedule, link_loads: dict) -> dict:
 def encode(program: Program) -> bytes:
     link_loads: dict = {}
     body = {
-        "model": program.model,
+        "spec": {k: v for k, v in program.spec.to_dict().items() if k in SPEC_FIELDS},
         "system": _plain(dataclasses.replace(program.system, sources={})),
         "workload": _plain(program.workload),
-        "tensors": {k: list(v) for k, v in program.tensors.items()},
         "kv_slots": list(program.kv_slots),
         "placement": {"tp": program.placement.tp, "stages": _table(program.placement.stages),
                       "shards": _table(program.placement.shards), "experts": program.placement.experts},
@@ -401,6 +412,13 @@ def _workload(fields: dict) -> Workload:
     return workload
 
 
+def _spec(fields: dict) -> ModelSpec:
+    try:
+        return ModelSpec.from_dict(fields, "its model")
+    except OpenLPUError as e:  # a value the spec refuses, said as a fault of the file
+        raise ValueError(str(e)) from None
+
+
 @gc_paused
 def decode_program(data: bytes, origin: str = "program") -> Program:
     head = len(MAGIC) + 4 + 32
@@ -422,10 +440,7 @@ def decode_program(data: bytes, origin: str = "program") -> Program:
                               _typed("experts", b["placement"]["experts"], bool))
         system = system_from({k: v for k, v in b["system"].items() if k != "sources"}, f"{origin}'s system",
                              figures=False)
-        tensors = {k: _tuples(v) for k, v in _typed("tensors", b["tensors"], dict).items()}
-        return Program(version=version, model=_typed("model", b["model"], str), system=system,
-                       workload=_workload(b["workload"]),
-                       tensors=_typed("tensors", tensors, dict[str, tuple[int, ...]]),
+        return Program(version=version, spec=_spec(b["spec"]), system=system, workload=_workload(b["workload"]),
                        kv_slots=_typed("kv_slots", _tuples(b["kv_slots"]), tuple[int, ...]), placement=placement,
                        decode=_phase(b["decode"], link_loads), prefill=_phase(b["prefill"], link_loads))
     except (OSError, EOFError, zlib.error, ValueError, KeyError, IndexError, TypeError, AttributeError,

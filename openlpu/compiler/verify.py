@@ -1,14 +1,17 @@
-"""Invariants every Program must hold; each check reads the Program alone, never the compiler.
+"""Invariants every Program must hold; each check reads the Program alone (with the model's spec it carries),
+never the compiler.
 
 0. structure: first, what every other check reads (a Program failing it is reported for that alone): the
-   tensors shaped as a model's, the stages numbered in order, every op and transfer on one of them, on a
-   unit a chip has or of a kind there is, its prompt chunk named by number; then every chip in at most
-   one stage, inside the system, each stage one TP group; the stages' pieces, in pipeline order, hold
-   all vocabulary rows of the embedding, each layer's attention (whole, or ranges of all its KV slots)
-   and all d_ff rows of its MLP, and all vocabulary rows of the head, once, each split piece's ranges in
-   order without a gap or an overlap; a decode step carries a micro-batch of 1 to all of the users in
-   flight; each layer keeps 1 to the context's KV slots; no size is negative; a phase's makespan is
-   when its last op or transfer ends (timing reads latency off it);
+   stages numbered in order, every op and transfer on one of them, on a unit a chip has or of a kind there
+   is, its prompt chunk named by number; then each layer keeps the KV slots it attends (the context, or its
+   window or chunk); every chip in at most one stage, inside the system, each stage one TP group; the
+   stages' pieces, in pipeline order, hold all vocabulary rows of the embedding, each layer's attention
+   (whole, or ranges of all its KV slots) and all d_ff rows of its MLP, and all vocabulary rows of the head,
+   once, each split piece's ranges in order without a gap or an overlap; a decode step carries a
+   micro-batch of 1 to all of the users in flight; no size is negative; a phase's makespan is when its last
+   op or transfer ends (timing reads latency off it); the phase computes the model: every op of the graph
+   lowered from the spec runs, whole or by each part of a cut piece, reading what the graph says it reads
+   (through transfers and the ops combining parts), and no other op runs;
 1. no functional unit runs two ops at once;
 2. nothing starts before its inputs are on its chips (ops and transfers, and each phase of a transfer
    after the phase before it): a transfer sends from chips that hold its inputs to the stage whose ops
@@ -38,9 +41,9 @@ from openlpu.compiler.partition import (APPLIED_BY_LAST_PART, CUT_SEPARATOR, EMB
                                         axis_length, cut_range, ffn_units, is_cut_along_ffn, is_cut_along_vocab,
                                         is_expert_tensor, merged_pieces, piece_homes, split_rule, tensor_piece)
 from openlpu.compiler.program import TRANSFER_ENDS, PhaseSchedule, Program, Transfer, gc_paused
-from openlpu.compiler.schedule import CHAINED, split_chunk
+from openlpu.compiler.schedule import CHAINED, chunk_name, split_chunk
 from openlpu.errors import OpenLPUError
-from openlpu.graph.lower import as_precision
+from openlpu.graph.lower import as_precision, lower
 from openlpu.graph.ops import UNITS
 from openlpu.hardware.lpu import SystemSpec
 
@@ -53,16 +56,10 @@ class Violation:
     message: str
 
 
-def _layers(program: Program) -> int:
-    return sum(1 for name in program.tensors if name.endswith(".attn_norm.weight"))
-
-
-def _kv_slots_recorded(program: Program) -> bool:
-    """A KV slot count for each of the model's layers, from 1 to the context (a window or chunk keeps fewer),
-    else a structure violation."""
-    slots = program.kv_slots
-    return len(slots) == _layers(program) and 0 < min(slots, default=1) <= max(slots, default=1) <= \
-        program.workload.context_length
+def _kv_slots_model(program: Program) -> tuple[int, ...]:
+    """The KV positions each of the model's layers keeps per user: the context, or its window or chunk."""
+    return tuple(program.spec.layer_positions(i, program.workload.context_length)
+                 for i in range(program.spec.n_layers))
 
 
 def _attention_slots(program: Program, item: int, lo: int, hi: int) -> tuple[int, int]:
@@ -82,35 +79,22 @@ def _model_pieces(program: Program) -> list[tuple[int, str, int, int]]:
     """What the stages must hold, from the model's tensors: each layer's d_ff rows of the tensors a cut MLP
     divides (or its experts, cut by expert), the vocabulary the rows of the embedding table; the KV slots
     are the Program's per layer."""
-    n = _layers(program)
+    n = program.spec.n_layers
     units = ffn_units(program.tensors, program.placement.experts)
     vocab = program.tensors["token_embd.weight"][0]
     layers = [p for i in range(n) for p in ((i, "attn", 0, program.kv_slots[i]), (i, "ffn", 0, units[i]))]
     return [(-1, "embed", 0, vocab), *layers, (n, "head", 0, vocab)]
 
 
-def _misshapen(name: str, shape: tuple[int, ...]) -> bool:
-    """Whether a tensor's name or shape cannot be a model's: a layer's tensor names its layer, every
-    dimension is positive, and the axes it is split on exist (SPLIT_RULES)."""
-    axis = (split_rule(name) or (0,))[0]
-    return (name.startswith("blk.") and not name.split(".")[1].isdigit()) or len(shape) <= axis or min(shape) <= 0
-
-
-def _tensors(program: Program) -> list[Violation]:
-    """The model's tensors, which every other invariant reads its pieces and shards off."""
-    misshapen = [f"{name} {list(shape)}" for name, shape in program.tensors.items() if _misshapen(name, shape)]
-    if misshapen or "token_embd.weight" not in program.tensors:
-        return [Violation("structure", f"the Program's tensors are not a model's: "
-                                       f"{misshapen[0] if misshapen else 'no token_embd.weight'}")]
-    return []
-
-
 def _structure(program: Program) -> list[Violation]:
-    if not _kv_slots_recorded(program):
-        return [Violation("structure", f"the Program records {len(program.kv_slots)} KV slot counts (from "
-                                       f"{min(program.kv_slots, default=0)} to {max(program.kv_slots, default=0)}), "
-                                       f"not one from 1 to the context ({program.workload.context_length}) for each "
-                                       f"of the model's {_layers(program)} layers")]
+    recorded, attended = program.kv_slots, _kv_slots_model(program)
+    if len(recorded) != len(attended):
+        return [Violation("structure", f"the Program records KV slots for {len(recorded)} layers; the model has "
+                                       f"{len(attended)}")]
+    if wrong := [i for i, (a, b) in enumerate(zip(recorded, attended)) if a != b]:
+        return [Violation("structure", f"layer {wrong[0]} keeps {recorded[wrong[0]]} KV slots per user; it attends "
+                                       f"{attended[wrong[0]]} (the context {program.workload.context_length}, or its "
+                                       f"window or chunk where shorter)")]
     out, seen = [], {}
     held, model = _pieces_in_order(program), _model_pieces(program)
     if held != model:
@@ -355,7 +339,7 @@ def _sram(program: Program, phase: PhaseSchedule) -> list[Violation]:
 def _kv_reserved(program: Program) -> list[Violation]:
     """Each stage reserves, per chip, the KV cache its attention pieces keep: for every user and slot,
     the K and V rows that chip's shards of the layer's K and V projections produce."""
-    if not _kv_slots_recorded(program):
+    if program.kv_slots != _kv_slots_model(program):
         return []  # reported by _structure
     rows: dict[tuple[int, str], int] = defaultdict(int)  # (chip, tensor) -> output rows it holds
     for sh in program.placement.shards:
@@ -435,7 +419,7 @@ def _weights(program: Program) -> list[Violation]:
 def _shards_on_their_stages(program: Program) -> list[Violation]:
     """A shard is useful only on a stage that runs its tensor's ops: the one holding its piece, and for
     a cut tensor the part whose rows it holds (tensor names say the piece; the stages say where it is)."""
-    n = _layers(program)
+    n = program.spec.n_layers
     homes, out = piece_homes(program.placement), []
     chips_of = {s.index: s.chips for s in program.placement.stages}
     by_expert = program.placement.experts
@@ -498,11 +482,74 @@ def _shards_on_their_stages(program: Program) -> list[Violation]:
     return out
 
 
+def _graph(program: Program, phase: PhaseSchedule) -> list[Violation]:
+    """The phase computes the model: each op is an op of its graph (graph.lower, from the Program's spec; in a
+    prompt chunk, the chunk's graph), run whole or by each part of a cut piece, or combines the parts' results
+    of one op; each graph op runs (in every prompt chunk, but the head only in the last: logits only for the
+    prompt's last token) reading what the graph says it reads, through transfers and combinations. A prompt
+    chunk's attention may also wait on the chunk before's (whose KV it reads)."""
+    spec, w, n = program.spec, program.workload, program.spec.n_layers
+    if phase.phase == "decode":  # its ops are named and wired alike for any micro-batch
+        graph = lower(spec, "decode", w.attended_context, 1, w.weights, kv_precision=w.kv,
+                      act_precision=w.activations, queries=w.draft_tokens + 1)
+        expected = {op.name for op in graph}
+    else:  # every chunk's ops are named and wired alike, but for their prefix
+        graph = lower(spec, "prefill", min(w.chunk_tokens, w.prompt_len), 1, w.weights, kv_precision=w.kv,
+                      act_precision=w.activations)
+        last = -(-w.prompt_len // w.chunk_tokens) - 1
+        expected = {chunk_name(c, op.name) for c in range(last + 1) for op in graph
+                    if c == last or _op_piece(op.name, n) != (n, "head")}
+    reads = {op.name: op.inputs for op in graph}
+    named = [(op, *_graph_name(op.name)) for op in phase.ops]
+    combining = {op.name for op, _, base in named if base.rsplit(".", 1)[-1] in COMBINING}
+    sources = {t.name: t.inputs for t in phase.transfers}  # what each transfer carries
+    sources |= {op.name: op.inputs for op, _, _ in named if op.name in combining}  # a combination: its parts' op
+    origins = {}
+
+    def origin(name: str) -> str:
+        """The graph op whose result `name` is, or carries (a transfer), or combines (its parts')."""
+        if name not in origins:
+            origins[name] = origin(sources[name][0]) if sources.get(name) else name.split(CUT_SEPARATOR)[0]
+        return origins[name]
+
+    out, ran = [], set()
+    for op, prefix, base in named:
+        got = {origin(i) for i in op.inputs}
+        if op.name in combining:
+            if len(got) != 1:
+                out.append(Violation("structure", f"{phase.phase}: {op.name} combines the results of "
+                                                  f"{', '.join(sorted(got)) or 'nothing'}, not the parts of one op"))
+            continue
+        if (name := prefix + base) not in expected:
+            out.append(Violation("structure", f"{phase.phase}: {op.name} is not an op of the model's graph"))
+            continue
+        ran.add(name)
+        want = {prefix + i for i in reads[base]}
+        if prefix and op.kind == "attention":  # it reads the KV the chunk before wrote
+            got.discard(chunk_name(int(prefix[1:-1]) - 1, base))
+        if got != want:
+            out.append(Violation("structure", f"{phase.phase}: {op.name} reads {', '.join(sorted(got)) or 'nothing'}; "
+                                              f"the model's {base} reads {', '.join(sorted(want)) or 'nothing'}"))
+    if missing := sorted(expected - ran):
+        out.append(Violation("structure", f"{phase.phase}: the model's {missing[0]} never runs"
+                                          + (f" (and {len(missing) - 1} more ops)" if len(missing) > 1 else "")))
+    return out
+
+
+COMBINING = frozenset(CHAINED.values())  # the last part of a combining op's name ('blk.3.ffn_sum@2')
+
+
+def _graph_name(name: str) -> tuple[str, str]:
+    """'c1/blk.3.ffn_gate@2' -> ('c1/', 'blk.3.ffn_gate'): an op's prompt chunk prefix and the graph op it runs."""
+    prefix, sep, rest = name.partition("/")
+    return (prefix + sep, rest.split(CUT_SEPARATOR, 1)[0]) if sep else ("", prefix.split(CUT_SEPARATOR, 1)[0])
+
+
 def _ops_on_their_pieces(program: Program, phase: PhaseSchedule) -> list[Violation]:
     """Each op runs on a stage that holds its piece (read off its name: a layer's op its attention or MLP half,
     token_embd and the sum of a split embedding's parts the embedding, the rest the head), so on the chips
     that hold the piece's weights."""
-    n, out = _layers(program), []
+    n, out = program.spec.n_layers, []
     held = {s.index: {(item, part) for item, part, _, _ in s.pieces} for s in program.placement.stages}
     for op in phase.ops:
         piece = _op_piece(split_chunk(op.name)[1], n)
@@ -649,13 +696,13 @@ def _over_bandwidth(spans: list[tuple[int, int, float, str]], bandwidth: float) 
 @gc_paused
 def verify(program: Program) -> list[Violation]:
     """Every invariant violated, in a fixed order (an empty list means the Program is sound)."""
-    if unreadable := _tensors(program) or _names(program):  # what the other invariants are read off
+    if unreadable := _names(program):  # what the other invariants are read off
         return unreadable
     out = (_structure(program) + _sizes(program) + _kv_reserved(program) + _weights(program)
            + _shards_on_their_stages(program))
     bandwidths = {}  # the phases load mostly the same links
     for phase in (program.decode, program.prefill):
-        out += (_makespan(phase) + _ops_on_their_pieces(program, phase) + _unit_overlap(phase)
+        out += (_makespan(phase) + _graph(program, phase) + _ops_on_their_pieces(program, phase) + _unit_overlap(phase)
                 + _inputs_ready(program, phase) + _sram(program, phase) + _payload_carried(phase)
                 + _links(program, phase, bandwidths))
     return out

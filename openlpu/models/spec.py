@@ -109,7 +109,7 @@ class ModelSpec:
     attn_temperature_floor: int = 0
     attn_temperature_scale: float = 0.0
     qk_l2_norm: bool = False  # Llama 4: a weightless RMS norm on each query and key head after rope (rope layers)
-    source: str = ""  # where the configuration comes from
+    source: str = field(default="", compare=False)  # where the configuration comes from: informational only
     extra: dict = field(default_factory=dict, compare=False)  # informational only
 
     def __post_init__(self):
