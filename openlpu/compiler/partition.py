@@ -10,8 +10,9 @@ slice computes its rows' share of the down projection and the partial sums are a
 schedule.py) on the last slice, which adds the experts' down biases (gpt-oss) and the residual. Each
 slice recomputes the MLP norm (and the MoE router) from replicated copies; an MoE slice holds its d_ff
 rows of every expert (and of their gate and up biases), which costs the same as whole experts per stage
-because the static schedule installs all experts anyway. No cut leaves a chip less than one weight tile of the
-matrix unit (320 rows on GroqChip 1) of a slice.
+because the static schedule installs all experts anyway. Cuts fall between weight tiles of the matrix unit
+(320 rows on GroqChip 1), and no slice leaves a chip less than one tile of rows but the last of an MLP cut
+where stages fill, which keeps the rows left.
 
 A mixture of experts whose MLPs cannot be placed by rows (cut by rows, a layer of many wide experts,
 Llama 4 Maverick's 128 of 8,192 rows, keeps a tile of rows of every expert on each chip: 670 MB in a TP
@@ -976,13 +977,6 @@ def piece_name(piece: tuple[int, str, int, int], units: dict[int, int], vocab: i
     else:
         rows = f"[{lo}:{hi}]"
     return (part if part in VOCAB_PARTS else f"L{item}.{part}") + rows
-
-
-def _describe(spec: ModelSpec, sizes: PieceSizes, lo: int, hi: int) -> str:
-    shapes = spec.tensor_shapes()
-    units, by_expert = ffn_units(shapes, sizes.experts), expert_rows(shapes, sizes.experts)
-    names = [piece_name(sizes.pieces[s], units, spec.vocab_size, by_expert) for s in (lo, hi - 1)]
-    return names[0] if lo == hi - 1 else f"{names[0]} to {names[1]}"
 
 
 def fewest_stages(spec: ModelSpec, system: SystemSpec, table: SizeTable) -> tuple[int, PieceSizes] | None:
