@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -218,7 +219,7 @@ def plan(
     # the fewest chips can decode several times slower than a few more in wider groups (70B: 336 and 448)
     widths = (" The LPU on the fewest chips that hold the workload (--tp all: every TP width, each on its fewest)."
               if system and chips is None and tp is None else "")
-    idle = dict.fromkeys(_idle_note(r.chips + r.chips_idle, r.chips) for r in rows if r.chips_idle)
+    idle = dict.fromkeys(_idle_note(r.chips_asked, r.chips_asked - r.chips_idle) for r in rows if r.chips_idle)
     table = Table(title=f"{spec.name} at {formats}, {users} user(s) x {context} tokens of context",
                   caption=f"tok/s: {_attending(context, decode_context)}.{speculating}{kernels} TTFT: "
                           f"the prefill of a {prompt:,}-token prompt{waves}. $ per M tokens: capex over {a.years:g} "
@@ -239,16 +240,23 @@ def plan(
            if several_chunks else {}),
         "throughput (tok/s)": lambda r: f"{r.throughput_tokens_per_s:,.0f}",
         "power (kW)": lambda r: f"{r.power_w / 1e3:,.1f}",
-        "energy (J/token)": lambda r: f"{r.energy_per_token_j:,.2f}",
+        "energy (J/token)": lambda r: _significant(r.energy_per_token_j),
         "compute used (MFU)": lambda r: f"{r.compute_used_fraction * 100:.2g}%",
-        "capex ($M)": lambda r: f"{r.capex_usd / 1e6:,.2f}",
-        "$ per M tokens": lambda r: f"{r.usd_per_million_tokens:,.2f}",
+        "capex ($M)": lambda r: _significant(r.capex_usd / 1e6),
+        "$ per M tokens": lambda r: _significant(r.usd_per_million_tokens),
     }
     for label, cell in figures.items():
         table.add_row(label, *(cell(r) for r in rows))
     console.print(table)
     if plot_file is not None:
         console.print(f"chart written to {plot_file}")
+
+
+def _significant(value: float, digits: int = 3) -> str:
+    """`value` to `digits` significant figures, written out (0.0115, 29.8, 1,013): cents would hide a cheap
+    model's cost and energy, as a fixed two decimals did (0.01 against 0.04 J per token)."""
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(value)))) if value else 0
+    return f"{value:,.{decimals}f}"
 
 
 def _attending(context: int, decode_context: int | None) -> str:
@@ -259,9 +267,9 @@ def _attending(context: int, decode_context: int | None) -> str:
 
 
 def _idle_note(asked: int, used: int) -> str:
-    return (f"{asked - used:,} of the {asked:,} LPU chips asked for stay idle: on {used:,}, the TP groups decode "
-            f"fastest of the widths tried, each on the most of the {asked:,} it divides (or the model's "
-            f"pieces take) and on the fewest that hold the model.")
+    return (f"{asked - used:,} of the {asked:,} LPU chips asked for stay idle, left out of power and cost: on "
+            f"{used:,}, the TP groups decode fastest of the widths tried, each on the most of the {asked:,} it "
+            f"divides (or the model's pieces take) and on the fewest that hold the model.")
 
 
 @app.command("compile")

@@ -423,9 +423,16 @@ def test_plan_says_which_chips_asked_for_stay_idle():
                      for extra in ((), ("--json",)))
     assert text.returncode == as_json.returncode == 0, text.stderr + as_json.stderr
     said = " ".join(text.stdout.split())
-    assert "1 of the 41 LPU chips asked for stay idle: on 40, the TP groups decode fastest" in said
+    assert "1 of the 41 LPU chips asked for stay idle, left out of power and cost: on 40, the TP groups" in said
     (row,) = json.loads(as_json.stdout)
-    assert (row["chips"], row["chips_idle"], row["layout"]) == (40, 1, "5 x TP 8")
+    assert (row["chips"], row["chips_asked"], row["chips_idle"], row["layout"]) == (40, 41, 1, "5 x TP 8")
+    # with a draft on chips of its own, the row counts them too, and the note still the target's (it said "1 of
+    # the 49 LPU chips asked for stay idle: on 48")
+    drafted = run_cli("llama-3.1-8b", "--chips", "41", "--compare", "", "--draft", "llama-3.2-1b", "--acceptance",
+                      "0.7")
+    assert drafted.returncode == 0, drafted.stderr
+    said = " ".join(drafted.stdout.split())
+    assert "1 of the 41 LPU chips asked for stay idle, left out of power and cost: on 40, the TP groups" in said
 
 
 def test_a_gguf_file_plans_as_its_preset(gemma_path):

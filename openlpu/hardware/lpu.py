@@ -40,7 +40,7 @@ class ChipSpec:
     vector_ops_per_cycle: float
     switch_bytes_per_cycle: float
     idle_power_w: float
-    busy_power_w: float  # every unit busy
+    busy_power_w: float  # sustained with its units busy: at most the chip's TDP (a peak above it is not sustained)
     price_usd: float
 
     @property

@@ -68,15 +68,22 @@ class Cost:
     usd_per_million_tokens: float
 
 
+def lpu_nodes_held(system, chips: int, nodes: int) -> float:
+    """Nodes a deployment pays for, their hosts and the hosts' power: a share of one it fills in part (the
+    rest serve other models, as gpu_servers shares a GPU server), whole nodes beyond."""
+    return chips / system.node.chips if nodes == 1 else float(nodes)
+
+
 def lpu_capex(system, chips: int, nodes: int | None = None, racks: int | None = None) -> Capex:
-    """`system`: hardware.lpu.SystemSpec. Nodes are whole (8 cards; default: as few as hold the chips),
-    racks whole (9 nodes; default: as few as hold the nodes, or those a Program's chips stand in, which
-    TP groups spanning nodes may leave in part empty)."""
+    """`system`: hardware.lpu.SystemSpec. Nodes (8 cards; default: as few as hold the chips) and racks
+    (9 nodes; default: as few as hold the nodes, or those a Program's chips stand in, which TP groups
+    spanning nodes may leave in part empty) are whole, or a share of one filled in part (lpu_nodes_held)."""
     nodes = math.ceil(chips / system.node.chips) if nodes is None else nodes
     racks = math.ceil(nodes / system.rack.nodes) if racks is None else racks
+    held = lpu_nodes_held(system, chips, nodes)
     return Capex(accelerators_usd=chips * system.chip.price_usd,
-                 hosts_usd=nodes * system.node.host_price_usd,
-                 racks_usd=racks * RACK_USD,
+                 hosts_usd=held * system.node.host_price_usd,
+                 racks_usd=(held / system.rack.nodes if racks == 1 else racks) * RACK_USD,
                  network_usd=nodes * LPU_CABLES_USD_PER_NODE if nodes > 1 else 0.0)
 
 

@@ -29,8 +29,9 @@ class PlanRow:
     system: str
     kind: str  # "lpu" or "gpu"
     chips: int  # LPU chips or GPUs
-    chips_idle: int  # LPU chips asked for and left idle (wider TP groups on fewer decode faster, or the
-    # model's pieces take fewer)
+    chips_asked: int | None  # LPU chips given (--chips), None: the fewest that hold the workload
+    chips_idle: int  # of those, left idle and out of power and cost (wider TP groups on fewer decode faster, or
+    # the model's pieces take fewer)
     layout: str  # pipeline stages x tensor-parallel width
     users_per_step: int  # users whose tokens one decode step computes together (LPU: a micro-batch)
     memory: str  # "SRAM" or "HBM"
@@ -211,7 +212,7 @@ def lpu_row(spec: ModelSpec, system: SystemSpec, workload: Workload, flops_per_t
     c = cost(lpu_capex(system, f.chips, f.nodes, f.racks), f.power_w, f.throughput_tokens_per_s, assumptions)
     peak_flops_per_s = (2 * matrix_macs_per_cycle(system, workload.weights, workload.activations)
                         * system.chip.clock_hz * f.chips)
-    return PlanRow(system=system.name, kind="lpu", chips=f.chips,
+    return PlanRow(system=system.name, kind="lpu", chips=f.chips, chips_asked=chips,
                    chips_idle=0 if chips is None else chips - t.chips, layout=f.layout, users_per_step=t.micro_batch,
                    memory="SRAM", memory_used_fraction=f.sram_used_bytes / (f.chips * system.chip.sram_bytes),
                    tokens_per_s_per_user=f.tokens_per_s_per_user, ttft_s=f.ttft_s,
@@ -248,7 +249,7 @@ def gpu_row(spec: ModelSpec, gpu_name: str, precision: str, context: int, users:
         per_user, throughput, ttft = r.tokens_per_s_per_user, r.throughput_tokens_per_s, t.ttft_s + d.ttft_s
     c = cost(gpu_capex(gpu, t.gpus), t.power_w, throughput, assumptions)
     peak_flops_per_s = gpu.compute_flops_per_s(precision) * t.gpus
-    return PlanRow(system=gpu.name, kind="gpu", chips=t.gpus, chips_idle=0,
+    return PlanRow(system=gpu.name, kind="gpu", chips=t.gpus, chips_asked=None, chips_idle=0,
                    layout=f"{t.pipeline_stages} x TP {t.tensor_parallel}", users_per_step=users, memory="HBM",
                    memory_used_fraction=memory, tokens_per_s_per_user=per_user,
                    ttft_s=ttft, throughput_tokens_per_s=throughput, power_w=t.power_w,

@@ -30,6 +30,7 @@ from openlpu.compiler.schedule import (
 )
 from openlpu.graph.ops import UNITS
 from openlpu.hardware.lpu import LINK_KINDS
+from openlpu.sim.cost import lpu_nodes_held
 from openlpu.sim.figures import save_png
 
 
@@ -84,7 +85,8 @@ def timing(program: Program) -> LpuTiming:
     chip = program.system.chip
     nodes = len({program.system.node_of(c) for c in program.placement.chips})
     racks = len({program.system.rack_of(c) for c in program.placement.chips})
-    idle_power = chips * chip.idle_power_w + nodes * program.system.node.host_power_w
+    hosts = lpu_nodes_held(program.system, chips, nodes)
+    idle_power = chips * chip.idle_power_w + hosts * program.system.node.host_power_w
     power = idle_power + (chip.busy_power_w - chip.idle_power_w) * sum(chip_busy[s.index] * len(s.chips)
                                                                         for s in program.placement.stages)
     links_used = {k: n for k in LINK_KINDS if (n := sum(1 for kind in kind_of.values() if kind == k))}
