@@ -1,6 +1,7 @@
 """`openlpu plan`: the LPU and GPU rows side by side, their JSON and plot, and every bad input as one
 line with exit status 2."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -276,17 +277,21 @@ def test_compute_used_reads_the_programs_flops_and_the_presets_peaks():
     under COMPUTE_EFFICIENCY (the roofline). Users in flight fill the LPU pipeline and raise it. The
     further parts of an MLP cut between stages recompute its router: copies, not the model's FLOPs."""
     from openlpu.compiler import Workload, compile_program
-    from openlpu.compiler.partition import CUT_SEPARATOR, op_role
+    from openlpu.compiler.partition import CUT_SEPARATOR, fewest_chips, op_role
     from openlpu.hardware.lpu import load_system
     from openlpu.sim.gpu import COMPUTE_EFFICIENCY
     from openlpu.sim.timing import timing
 
     spec, system, h100_spec = load_preset("mixtral-8x7b"), load_system("lpu-v1"), load_gpu("h100-sxm")
     for users in (1, 8):
-        # TP 8 cuts the MoE MLPs by d_ff rows, which gives every chip its share of the routed work; cut by
-        # expert rows (wider groups), a chip's ops reserve the most the routing can send it instead
-        lpu, h100 = plan("mixtral-8x7b", context=2048, users=users, gpus=4, tp=8)
-        program = compile_program(spec, system, Workload(context_length=2048, prompt_len=512, users=users), tp=8)
+        # on the fewest chips that hold it in groups of 8 with its MLPs cut by d_ff rows, every chip gets its share
+        # of the routed work; cut by expert rows, a chip's ops reserve the most the routing can send it instead
+        workload = Workload(context_length=2048, prompt_len=512, users=users)
+        t, stages, _ = fewest_chips(spec, system, dataclasses.replace(workload, prefill_chunk=256), widths=[8],
+                                    cuts=(False,))
+        lpu, h100 = plan("mixtral-8x7b", context=2048, users=users, gpus=4, tp=8, chips=t * stages)
+        program = compile_program(spec, system, workload, tp=8, chips=t * stages)
+        assert not program.placement.experts
         width = {s.index: len(s.chips) for s in program.placement.stages}
         copies = [o for o in program.decode.ops if CUT_SEPARATOR in o.name and op_role(o) == "replicated"]
         assert any(o.unit == "matrix" for o in copies)

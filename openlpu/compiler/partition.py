@@ -1004,7 +1004,7 @@ def mlp_cuts(spec: ModelSpec) -> tuple[bool, ...]:
 
 
 def fewest_chips(spec: ModelSpec, system: SystemSpec, workload: Workload,
-                 decode_rows: int = 1, widths: list[int] | None = None,
+                 decode_rows: int = 1, widths: list[int] | None = None, cuts: tuple[bool, ...] | None = None,
                  ) -> tuple[int, int, PieceSizes] | None:
     """(t, p, piece sizes): fewest_stages at the TP degree inside a node that places the model best, or,
     only when none fits, at the degree spanning whole nodes chosen by the same rule; with MLPs cut by
@@ -1012,8 +1012,9 @@ def fewest_chips(spec: ModelSpec, system: SystemSpec, workload: Workload,
     stages, then the fewest chips (decode installs every weight once a token whatever the width, so what a
     token costs, chips x step time, goes with the stages: 7 stages x TP 1 take 7 times the chip time of
     1 x TP 8, for one chip less); beyond one node, the fewest nodes, then the wider degree (the same hosts,
-    a faster step). `widths` limits the TP degrees tried (default: all of tp_candidates, in its order)."""
-    for experts in mlp_cuts(spec):
+    a faster step). `widths` limits the TP degrees tried (default: all of tp_candidates, in its order), `cuts`
+    the ways of cutting MLPs (default: mlp_cuts)."""
+    for experts in cuts or mlp_cuts(spec):
         best, best_key, node = None, None, system.node.chips
         for t in widths or tp_candidates(spec, system):
             if best is not None and best[0] <= node < t:
