@@ -1,5 +1,6 @@
 """Lowering: op rows checked against parameter counts, attention arithmetic and MoE routing."""
 
+import dataclasses
 import itertools
 import math
 
@@ -61,11 +62,15 @@ def test_decode_attention_reads_the_cache_and_the_window_caps_it():
 
 @pytest.mark.parametrize("chunk, past, tokens", [(8, 0, 32), (8, 5, 11), (8, 16, 1), (64, 100, 300), (64, 0, 64)])
 def test_chunked_attention_counts_the_pairs_the_runtimes_mask_lets_through(chunk, past, tokens):
-    """A chunked layer's (query, key) pairs, prefill and decode, against a second method: the mask the runtime
-    attends with (model.visible_keys), summed."""
+    """A chunked layer's (query, key) pairs, prefill and decode, and the cached keys a prompt chunk reads back,
+    against a second method: the mask the runtime attends with (model.visible_keys), summed. A prompt chunk reads
+    only its attention chunk's past (it read the whole ring, every cached key of the layer's chunk size)."""
     keys = torch.arange(past + tokens)
     mask = visible_keys(torch.arange(past, past + tokens), keys, None, chunk)
     assert attended_keys(tokens, None, "prefill", past, chunk) == int(mask.sum())
+    spec = dataclasses.replace(load_preset("llama-4-scout"), attention_chunk=chunk)
+    attention = next(o for o in lower(spec, "prefill", tokens, 1, "int8", past_len=past) if o.name == "blk.0.attention")
+    assert attention.kv_read_bytes == int(mask[:, :past].any(dim=0).sum()) * 2 * spec.kv_dim  # int8 K and V
     last = visible_keys(torch.tensor([past + tokens - 1]), keys, None, chunk)
     assert attended_keys(past + tokens, None, "decode", chunk=chunk) == int(last.sum())
 

@@ -176,11 +176,13 @@ def _attention_block(b: _Builder, spec: ModelSpec, i: int, x: str, m: int, batch
         rope = b.add(p + "attn_temperature", "rope", i, "vector", (m * spec.q_dim,),
                      m * spec.q_dim * bool(spec.attn_temperature_scale), act_in=qk_elems, act_out=qk_elems,
                      inputs=(q, k))
-    window = spec.layer_window(i)
+    window, chunk = spec.layer_window(i), spec.layer_chunk(i)
     # (query, key) pairs, all sequences; a decode step's queries all stream past the same cached keys
-    pairs = batch * queries * attended_keys(seq_len, window, phase, past_len, spec.layer_chunk(i))
-    cached_len = seq_len if phase == "decode" else past_len  # keys read back from the KV cache
-    cached = batch * spec.layer_positions(i, cached_len)
+    pairs = batch * queries * attended_keys(seq_len, window, phase, past_len, chunk)
+    # keys read back from the KV cache: a decode step's whole ring (its schedule serves every position up to
+    # seq_len), a prompt chunk's past, or, on a chunked layer, the past inside its own attention chunk
+    cached = batch * (past_len % chunk if chunk and phase == "prefill" else
+                      spec.layer_positions(i, seq_len if phase == "decode" else past_len))
     scores = pairs * spec.n_heads
     att_inputs = (rope, v)
     if spec.attn_logit_softcap:
