@@ -49,14 +49,15 @@ MLP by d_ff (column split of gate/up, row split of down), the vocabulary of the 
 by rows. Small vectors (norms, the MoE router, attention sinks, the biases added after a row split) are
 replicated on purpose.
 
-Fewest chips: at each TP degree inside a node, the fewer stages of two packings: whole pieces, or
-pieces cut where stages fill (each stage takes whole pieces while they fit, then as much of the next
-piece as fits what it has left, cut as above at a weight-tile or KV-slot boundary, the rest opening
-the next stage; each cut part pays for its copies and buffers). Degrees are compared by the nodes they
-take (a share of one below a node, whole nodes beyond, as the cost model counts hosts), ties to the
-wider degree: the same hosts, a faster step. A group spans whole nodes of one rack only when no degree
-inside a node fits. A given chip count takes the first TP degree in order of preference that arranges.
-On those chips the compiler then tries wider groups spanning nodes too (compile_program).
+Fewest chips: at each TP degree inside a node, the fewer stages of two packings: whole pieces, or pieces cut
+where stages fill (each stage takes whole pieces while they fit, then as much of the next piece as fits what
+it has left, cut as above at a weight-tile or KV-slot boundary, the rest opening the next stage; each cut
+part pays for its copies and buffers). Degrees are compared, for a deployment inside one node, by the stages
+they take, then the chips (a token costs a stage's chip time whatever the width); beyond one node, by the
+nodes they take, ties to the wider degree: the same hosts, a faster step. A group spans whole nodes of one
+rack only when no degree inside a node fits (fewest_chips). A given chip count takes the first TP degree in
+order of preference that arranges. On those chips the compiler then tries wider groups spanning nodes too
+(compile_program).
 
 Those stages are arranged one of two ways (arrange; the compiler keeps the one whose decode step serves
 each user sooner):
@@ -348,6 +349,7 @@ class SizeTable:
     t: int
     experts: bool  # MoE MLPs cut and split by expert rows (expert parallelism), not by d_ff rows
     weights: tuple[float, ...]  # MLP halves, embedding, head: only their uncut tensors (norm, router)
+    last_part_weights: tuple[float, ...]  # of those, what only a cut piece's last part holds (APPLIED_BY_LAST_PART)
     ffn_units: tuple[int, ...]  # per layer: the units its MLP is cut in (d_ff rows, or expert rows)
     ffn_unit_bytes: tuple[float, ...]  # per layer: bytes of one such unit over its cut tensors
     ffn_expert_rows: tuple[int, ...]  # per layer cut by expert rows: one expert's d_ff rows (else 0)
@@ -444,7 +446,7 @@ def size_table(spec: ModelSpec, workload: Workload, t: int, decode_rows: int = 1
     kb = as_precision(workload.kv).bytes_per_element
     n, shapes = spec.n_layers, spec.tensor_shapes()
     units = ffn_units(shapes, experts)
-    weights, unit_bytes, tied_table = [0.0] * (2 * n + 2), [0.0] * n, 0.0
+    weights, last_part, unit_bytes, tied_table = [0.0] * (2 * n + 2), [0.0] * (2 * n + 2), [0.0] * n, 0.0
     vocab_row = {"embed": 0.0, "head": 0.0}
     for name, shape in shapes.items():
         item, part = tensor_piece(name, n)
@@ -460,6 +462,8 @@ def size_table(spec: ModelSpec, workload: Workload, t: int, decode_rows: int = 1
         largest = max((stop - start) * math.prod(shape) // shape[axis]
                       for axis, start, stop, _ in split_ranges(spec, name, shape, t))
         weights[half_index(item, part, n)] += largest * wb
+        if name.endswith(APPLIED_BY_LAST_PART):
+            last_part[half_index(item, part, n)] += largest * wb
     kv = [0] * (2 * n + 2)
     slots = tuple(kv_slots(spec, workload.context_length, i) for i in range(n))
     slot_bytes = workload.users * 2 * kv_heads_per_chip(spec, t) * spec.head_dim * kb
@@ -472,7 +476,7 @@ def size_table(spec: ModelSpec, workload: Workload, t: int, decode_rows: int = 1
     # a partial attention result: each query head's output and its log-sum-exp, this chip's heads
     merge = 2 * tokens * -(-spec.n_heads // t) * (spec.head_dim + 1) * ab
     by_expert = expert_rows(shapes, experts)
-    return SizeTable(t, experts, tuple(weights), tuple(units[i] for i in range(n)), tuple(unit_bytes),
+    return SizeTable(t, experts, tuple(weights), tuple(last_part), tuple(units[i] for i in range(n)), tuple(unit_bytes),
                      tuple(by_expert.get(i, 0) for i in range(n)),
                      (vocab_row["embed"], vocab_row["head"]), tuple(kv), slots,
                      slot_bytes, tuple(math.ceil(a) for a in acts), math.ceil(cut), math.ceil(merge),
@@ -484,7 +488,7 @@ def piece_bytes(table: SizeTable, n_layers: int, piece: tuple[int, str, int, int
     which also holds the partial result it receives and the one it passes on."""
     item, part, lo, hi = piece
     h = half_index(item, part, n_layers)
-    w = table.weights[h]
+    w = table.weights[h] - (table.last_part_weights[h] if split and not _is_last_part(table, piece) else 0)
     # units split over the group as split_ranges does: at most ceil(units / t) per chip
     if part == "ffn":
         w += -(-(hi - lo) // table.t) * table.ffn_unit_bytes[item]
@@ -496,6 +500,13 @@ def piece_bytes(table: SizeTable, n_layers: int, piece: tuple[int, str, int, int
     return math.ceil(w), kv, table.activations[h] + extra
 
 
+def _is_last_part(table: SizeTable, piece: tuple[int, str, int, int]) -> bool:
+    """Whether a part of a cut attention or MLP is its last, which holds what acts on the combined result
+    (place: APPLIED_BY_LAST_PART); an embedding's or head's parts hold none such."""
+    item, part, _, hi = piece
+    return part not in ("attn", "ffn") or hi == (table.kv_slots if part == "attn" else table.ffn_units)[item]
+
+
 def is_part(spec: ModelSpec, table: SizeTable, piece: tuple[int, str, int, int]) -> bool:
     """Whether a piece is one part of a piece cut between stages (piece_bytes' `split`)."""
     item, part, lo, hi = piece
@@ -505,10 +516,10 @@ def is_part(spec: ModelSpec, table: SizeTable, piece: tuple[int, str, int, int])
 
 
 def _sizes(table: SizeTable, n_layers: int, cut: list[tuple[tuple[int, str, int, int], bool]]) -> PieceSizes:
-    known: dict[tuple[int, str, int, bool], tuple[int, int, int]] = {}  # a piece's bytes follow from its length
+    known: dict[tuple, tuple[int, int, int]] = {}  # a piece's bytes follow from its length and whether it is last
 
     def sized(piece, split):
-        key = (piece[0], piece[1], piece[3] - piece[2], split)
+        key = (piece[0], piece[1], piece[3] - piece[2], split, _is_last_part(table, piece))
         if key not in known:
             known[key] = piece_bytes(table, n_layers, piece, split)
         return known[key]
@@ -780,15 +791,15 @@ def cut_options(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: int
 
 def least_sram(spec: ModelSpec, table: SizeTable, p: int, capacity: int, slices: dict[int, int] | None = None,
                ) -> float:
-    """A floor under the SRAM, summed over p stages, that any placement of the table takes with layer i's
-    MLP in slices[i] slices or more (default 1): each slice holds a copy of its MLP's uncut tensors (norm,
-    router) and at least its share of the rows, every other piece at least its share of the vocabulary
-    rows or KV slots, and each stage the activation buffers of one of its pieces, those of an MLP slice
-    in the stages the MLPs need (infinite if more than p)."""
+    """A floor under the SRAM, summed over p stages, that any placement of the table takes with layer i's MLP in
+    slices[i] slices or more (default 1): each slice holds a copy of its MLP's uncut tensors (norm, router;
+    those acting on the summed result only the last) and at least its share of the rows, every other piece at
+    least its share of the vocabulary rows or KV slots, and each stage the activation buffers of one of its
+    pieces, those of an MLP slice in the stages the MLPs need (infinite if more than p)."""
     n, t, slices = len(table.ffn_units), table.t, slices or {}
     ffn_halves = [half_index(i, "ffn", n) for i in range(n)]
-    ffn = sum(slices.get(i, 1) * table.weights[h] + table.ffn_units[i] * table.ffn_unit_bytes[i] / t
-              for i, h in enumerate(ffn_halves))
+    ffn = sum(slices.get(i, 1) * table.weights[h] - (slices.get(i, 1) - 1) * table.last_part_weights[h]
+              + table.ffn_units[i] * table.ffn_unit_bytes[i] / t for i, h in enumerate(ffn_halves))
     others = (sum(table.weights) - sum(table.weights[h] for h in ffn_halves) - table.tied_table
               + spec.vocab_size * sum(table.vocab_row_bytes) / t + sum(table.kv_slots) * table.kv_slot_bytes)
     ffn_buffers = min(table.activations[h] + (table.cut_activation_bytes if slices.get(i, 1) > 1 else 0)
@@ -1110,7 +1121,8 @@ def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int 
 def _finest_pieces(spec: ModelSpec, table: SizeTable, tile_rows: int) -> list[tuple[tuple[int, str, int, int], int]]:
     """Each piece cut as finely as the compiler cuts any, with the bytes it needs alone on a chip: an attention
     whole or holding one KV slot, whichever is less (its weights are never cut between stages), an MLP in
-    its most slices (most_slices), the embedding and head at one vocabulary row per chip."""
+    its most slices (most_slices), the embedding and head at one vocabulary row per chip; of a cut attention
+    or MLP, its last part, which also holds what acts on the combined result."""
     def alone(piece, split: bool) -> int:
         return sum(piece_bytes(table, spec.n_layers, piece, split))
 
@@ -1118,10 +1130,11 @@ def _finest_pieces(spec: ModelSpec, table: SizeTable, tile_rows: int) -> list[tu
     for piece in pieces(spec, 1, slots=table.kv_slots, units=table.ffn_units):
         item, part, _, hi = piece
         if part == "attn":
-            out.append((piece, min(alone(piece, False), alone((item, part, 0, 1), True))))
+            slots = table.kv_slots[item]
+            out.append((piece, min(alone(piece, False), alone((item, part, slots - 1, slots), True))))
         elif part == "ffn":
             slices = most_slices(table, tile_rows)[item]
-            out.append((piece, alone((item, part, 0, -(-hi // slices)), slices > 1)))
+            out.append((piece, alone((item, part, hi - -(-hi // slices), hi), slices > 1)))
         else:
             out.append((piece, alone((item, part, 0, min(hi, table.t)), hi > table.t)))
     return out
