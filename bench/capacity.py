@@ -136,8 +136,9 @@ def main() -> int:
     h100 = {r["users"]: r["systems"]["h100-sxm"] for r in results
             if Case(r["model"], r["context"], r["decode_context"], r["speculation"]) == BY_WIDTH}
     lines += [f"## {BY_WIDTH.model}, {BY_WIDTH.context:,} tokens of context per user: the LPU at every TP width", "",
-              ("Each width that places the workload, on its fewest chips (`openlpu plan --tp all`); the tables above "
-               "place each workload on the fewest chips in all, at the width that takes them."), "",
+              ("Each width that places the workload, on its fewest chips (`openlpu plan --tp all`), each with the "
+               "prefill chunk that places it best; the tables above place each workload on the fewest chips at the "
+               "compiler's width and chunk, where a smaller chunk at that width can take a few chips fewer."), "",
               *width_lines(widths, h100), ""]
     (RESULTS / "capacity.md").write_text("\n".join(lines))
     print("\n".join(lines))

@@ -1193,8 +1193,9 @@ it (`kv_cache_quant_algo` FP8 in their hf_quant_config.json), and attention does
   {scout[0]["tok_s"]:,.0f} tok/s, {scout[0]["tok_s"] / scout_published - 1:+.0%} from the listing ({scout_published:,}).
   Given more chips, the compiler cuts the MLPs into more parts, which run side by side: {"; ".join(
       f'{r["chips"]:,} chips ({r["layout"]}) {r["tok_s"]:,.0f} ({r["tok_s"] / scout_published - 1:+.0%})'
-      for r in scout[1:])}. Left to itself on the same counts, the compiler groups chips across nodes,
-  which installs each matrix over more of them: {"; ".join(
+      for r in scout[1:])}. Left to itself on the same counts (the chips given, no width), the compiler
+  chooses the width and the prefill chunk, and on more than the fewest groups chips across nodes, which
+  installs each matrix over more of them: {"; ".join(
       f'{r["chips"]:,} chips ({r["free_layout"]}) {r["free_tok_s"]:,.0f} '
       f'({r["free_tok_s"] / scout_published - 1:+.0%})' for r in scout)}. So the listing needs several times the
   fewest chips, in groups spanning nodes (a reading, chosen after seeing the listing, and a deployment

@@ -217,7 +217,8 @@ def plan(
     kv = serving_kv_precision(precision)
     formats = precision if kv == precision else f"{precision} (KV cache {kv})"
     # the fewest chips can decode several times slower than a few more in wider groups (70B: 336 and 448)
-    widths = (" The LPU on the fewest chips that hold the workload (--tp all: every TP width, each on its fewest)."
+    widths = (" The LPU on the fewest chips that hold the workload at the compiler's width and chunk (--tp all: "
+              "every TP width, each on its fewest)."
               if system and chips is None and tp is None else "")
     idle = dict.fromkeys(_idle_note(r.chips_asked, r.chips_asked - r.chips_idle) for r in rows if r.chips_idle)
     table = Table(title=f"{spec.name} at {formats}, {users} user(s) x {context} tokens of context",

@@ -193,7 +193,8 @@ def test_cli_table_states_the_prompt_and_the_cost_assumptions():
     text = " ".join(r.stdout.split())
     assert "prefill of a 1,024-token prompt" in text and "capex over 4 years" in text
     assert "$0.07/kWh" in text and "serving 80% of the hours" in text
-    assert "The LPU on the fewest chips that hold the workload (--tp all: every TP width" in text
+    assert "The LPU on the fewest chips that hold the workload at the compiler's width and chunk (--tp all: every TP " \
+        "width" in text
 
 
 def test_several_widths_chip_counts_and_gpu_counts_are_a_row_each():

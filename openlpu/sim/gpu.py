@@ -37,7 +37,7 @@ Constants and the published points they were fitted on / checked against (bench/
   1 x H200, FP8, Llama-2-70B, batch 32, 2,048 in / 128 out: 303 output tok/s (with that version's
   per-query-head KV reads). The other rows of that table and of TensorRT-LLM 0.5's own H100 and A100
   tables are held out (bench/results/fidelity.md). One constant misses batch-1 first-token latency:
-  alone, those rows would need about 0.47 on H100 at FP8 and 0.72 on A100 at FP16.
+  alone, those rows would need 0.46 to 0.53 on H100 at FP8 and about 0.72 on A100 at FP16.
 - KERNEL_OVERHEAD_S: launch + tail per kernel. FITTED on one point: NVIDIA, "Achieving Top
   Inference Performance with the NVIDIA H100 Tensor Core GPU and NVIDIA TensorRT-LLM" (Dec 2023):
   DGX H100 (8 GPUs, FP8, TensorRT-LLM 0.5), Llama-2-70B, 2,048 in / 128 out, batch 1: 1.7 s.
@@ -45,8 +45,8 @@ Constants and the published points they were fitted on / checked against (bench/
   fraction of NVLink's one-way rate, at the tens to hundreds of MB a batched step reduces. FITTED on
   one point: TensorRT-LLM 1.0 perf-overview (2025), Llama 3.1 405B, 8 x H200, FP8, 128 in / 128 out
   under unbounded load: 3,814 output tok/s: of the table's rows on 8 GPUs, the one with the most
-  requests in flight (4,096), so the largest all-reduces, about a quarter of its time. Its other 29
-  rows on 2 to 8 GPUs are held out (bench/results/fidelity.md).
+  requests in flight (4,096), so the largest all-reduces, about a quarter of its time. Its other 39
+  rows on 2 to 8 GPUs (29 on Hopper) are held out (bench/results/fidelity.md).
   (These three fits are solved jointly; bench/fidelity.py repeats the fit and prints them.)
 - FP4_COMPUTE_EFFICIENCY 0.409: the fraction of the FP4 peak that NVFP4 GEMMs reach, on GPUs with FP4 units
   (B200). FITTED on one point, with the three above: TensorRT-LLM 1.0 perf-overview (2025), Llama 3.3 70B,
