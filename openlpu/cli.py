@@ -316,7 +316,7 @@ def compile_cmd(
         program = compile_program(spec, load_system(system), workload, chips, tp)
         digest = program.save(output)
         violations, t = verify(program), timing(program)
-    console.print(f"[bold]{spec.name}[/] on {program.system.name}: {t.chips} chips = {t.stages} pipeline stage(s) x "
+    console.print(f"[bold]{spec.name}[/] on {program.system.name}: {t.chips:,} chips = {t.stages:,} pipeline stage(s) x "
                   f"TP {t.tp}; {precision} (KV cache {kv}); SRAM {t.sram_used_bytes / 1e9:.2f} GB "
                   f"({t.sram_used_fraction:.0%} of the chips used)")
     if chips is not None and t.chips < chips:
@@ -325,8 +325,8 @@ def compile_cmd(
     console.print(f"decode step attending {workload.attended_context:,} tokens: makespan "
                   f"{program.decode.makespan_cycles:,} cycles = {t.decode_latency_s * 1e6:,.1f} us "
                   f"({t.tokens_per_s_per_user:,.0f} {rate} per user, {t.throughput_tokens_per_s:,.0f} {rate} with "
-                  f"{users} user(s), {t.micro_batch} per step); prefill of {workload.prompt_len} tokens in chunks of "
-                  f"{program.workload.prefill_chunk}{'' if prefill_chunk else ' (the compiler chose)'} "
+                  f"{users} user(s), {t.micro_batch} per step); prefill of {workload.prompt_len:,} tokens in chunks of "
+                  f"{program.workload.prefill_chunk:,}{'' if prefill_chunk else ' (the compiler chose)'} "
                   f"{t.ttft_s * 1e3:,.2f} ms")
     verdict = "[green]passed[/]" if not violations else f"[red]{len(violations)} violation(s)[/]: {violations[0].message}"
     console.print(f"verify: {verdict}; written to {output} (sha256 {digest[:16]})")
@@ -356,8 +356,8 @@ def inspect_cmd(
     t = timing(program)
     table = Table(title=f"{program.model} on {program.system.name}: {t.chips} chips, {t.stages} stages x TP {t.tp} "
                         f"(SRAM per chip; busy = stage time per decode token)")
-    for col in ("stage", "chips", "holds", "weights MB", "KV MB", "act MB", "busy us"):
-        table.add_column(col, justify="left" if col in ("holds", "chips") else "right")
+    for col in ("stage", "chips", "holds", "weights MB", "KV MB", "act MB", "busy us"):  # piped: 80 columns, folded
+        table.add_column(col, justify="left" if col in ("holds", "chips") else "right", overflow="fold")
     rows = placement_rows(program)
     for r in rows[:stages]:
         table.add_row(str(r["stage"]), r["chips"], escape(r["holds"]), f"{r['weights_bytes_per_chip'] / 1e6:.1f}",
@@ -373,7 +373,7 @@ def inspect_cmd(
                   f"TTFT {t.ttft_s * 1e3:,.2f} ms ({program.workload.prompt_len:,}-token prompt in chunks of "
                   f"{program.workload.prefill_chunk:,}), {t.throughput_tokens_per_s:,.0f} {rate} with {t.users} user(s) "
                   f"({t.micro_batch} per step), "
-                  f"{t.power_w / 1e3:,.1f} kW, {t.energy_per_token_j:,.3f} J/{step.split()[0]}")
+                  f"{t.power_w / 1e3:,.1f} kW, {_significant(t.energy_per_token_j)} J/{step.split()[0]}")
     units = ", ".join(f"{u} {f:.1%}" for u, f in t.unit_utilisation.items())
     links = ", ".join(f"{k} {f:.2%} of {t.links_used[k]:,}" for k, f in t.link_utilisation.items()) or "none used"
     console.print(f"busy in steady state with {t.users} user(s): units (all chips) {units}; links {links}, "
@@ -383,6 +383,8 @@ def inspect_cmd(
     if gantt is not None:
         draw_gantt(program, gantt)
         console.print(f"Gantt chart of one decode step written to {gantt}")
+    if violations:  # as compile does: `openlpu inspect prog && deploy` deploys only what verifies
+        raise typer.Exit(1)
 
 
 @app.command()

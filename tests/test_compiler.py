@@ -6,11 +6,14 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import random
 import re
+import stat
 import struct
 import subprocess
 import sys
+import threading
 from collections import Counter, defaultdict
 
 import pytest
@@ -19,7 +22,7 @@ from typer.testing import CliRunner
 from openlpu.cli import app
 from openlpu.compiler import Workload, compile_program, load_program, verify
 from openlpu.compiler.partition import CUT_SEPARATOR, EXPERT_ROWS, half_index, size_table
-from openlpu.compiler.program import FORMAT_VERSION, MAGIC, PHASES, encode
+from openlpu.compiler.program import FORMAT_VERSION, HEADER_BYTES, MAGIC, PHASES, encode
 from openlpu.compiler.schedule import schedule_phase, split_chunk
 from openlpu.errors import OpenLPUError
 from openlpu.hardware.lpu import load_system
@@ -82,6 +85,11 @@ def test_save_load_round_trip_and_bad_files(gemma8, tmp_path):
     (tmp_path / "text.prog").write_text("hello")
     with pytest.raises(OpenLPUError, match="not an OpenLPU program"):
         load_program(tmp_path / "text.prog")
+    (tmp_path / "cut.prog").write_bytes(path.read_bytes()[:len(MAGIC) + 10])
+    with pytest.raises(OpenLPUError, match=r"cut.prog is truncated \(26 bytes, shorter than a Program's header\)"):
+        load_program(tmp_path / "cut.prog")
+    # the gzip header's OS byte, which Python versions write differently, is the same in every Program
+    assert path.read_bytes()[HEADER_BYTES + 9] == 0xFF
     with pytest.raises(OpenLPUError, match="cannot read program"):
         load_program(tmp_path / "missing.prog")
 
@@ -671,14 +679,15 @@ def test_cli_compile_and_inspect(tmp_path):
                             "--prompt", "128"])
     assert r.exit_code == 0, r.output
     assert "4 chips" in r.output and "verify: passed" in r.output
-    assert "prefill of 128 tokens in chunks of 256 (the compiler chose)" in " ".join(r.output.split())
+    # a chunk is at most the prompt (a longer one is the same single wave)
+    assert "prefill of 128 tokens in chunks of 128 (the compiler chose)" in " ".join(r.output.split())
     png = tmp_path / "g.png"
     r = runner.invoke(app, ["inspect", str(out), "--gantt", str(png)])
     assert r.exit_code == 0, r.output
     assert "TP 4" in r.output and png.read_bytes()[:4] == b"\x89PNG"
     t, text = timing(load_program(out)), " ".join(r.output.split())  # rich wraps at the terminal width
     assert f"matrix {t.unit_utilisation['matrix']:.1%}" in text  # the utilisation line shows the timing's figures
-    assert f"TTFT {t.ttft_s * 1e3:,.2f} ms (128-token prompt in chunks of 256)" in text
+    assert f"TTFT {t.ttft_s * 1e3:,.2f} ms (128-token prompt in chunks of 128)" in text
     assert f"local {t.link_utilisation['local']:.2%} of {t.links_used['local']:,}" in text
     # a Program whose schedule names a stage the placement lacks (its file signed again) is refused, not timed
     program = load_program(out)
@@ -690,6 +699,14 @@ def test_cli_compile_and_inspect(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert (f"does not hold together: decode: op {op.name} is on stage 9, but the placement has stages 0 to 0"
             in " ".join(r.stderr.split()))
+    # one that holds together but fails verification (a weight placed nowhere) is shown, and exits 1 as compile
+    # does, so that `openlpu inspect prog && deploy` deploys only what verifies (it exited 0)
+    program = load_program(out)
+    unplaced = dataclasses.replace(program.placement, shards=program.placement.shards[1:])
+    dataclasses.replace(program, placement=unplaced).save(tmp_path / "unplaced.prog")
+    r = runner.invoke(app, ["inspect", str(tmp_path / "unplaced.prog")])
+    assert r.exit_code == 1 and "token_embd.weight elements [0, 65536) along axis are placed nowhere" in " ".join(
+        r.output.split())
 
 
 def test_compile_keeps_the_kv_cache_plan_assumes(tmp_path):
@@ -803,6 +820,19 @@ def test_a_program_is_written_where_the_path_says_and_nowhere_else(gemma8, tmp_p
                            capture_output=True, text=True, check=False)  # refused before the model is looked up
         assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "new").exists()
+    # a loop of links is refused before compiling (it was a traceback after); a pipe is written into, not replaced
+    # by a file (as /dev/null was, run as root)
+    (tmp_path / "loop.prog").symlink_to(tmp_path / "loop.prog")
+    r = subprocess.run([sys.executable, "-m", "openlpu.cli", "compile", "no-such-model", "-o",
+                        str(tmp_path / "loop.prog")], capture_output=True, text=True, check=False)
+    assert r.returncode == 2 and "cannot write the Program" in r.stderr and "Traceback" not in r.stderr
+    os.mkfifo(tmp_path / "pipe.prog")
+    read = []  # a daemon thread: were the pipe replaced, its reader would wait forever, and the test fail, not hang
+    reader = threading.Thread(target=lambda: read.append((tmp_path / "pipe.prog").read_bytes()), daemon=True)
+    reader.start()
+    gemma8.save(tmp_path / "pipe.prog")
+    reader.join(timeout=30)
+    assert read == [encode(gemma8)] and stat.S_ISFIFO((tmp_path / "pipe.prog").stat().st_mode)
 
 
 def test_charts_need_a_png_name_and_a_writable_path(tmp_path):

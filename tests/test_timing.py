@@ -321,6 +321,23 @@ def test_inspect_views(qwen, tmp_path):
         sh.nbytes for sh in qwen.placement.shards if not sh.replicated)
     draw_gantt(qwen, tmp_path / "g.png")
     assert (tmp_path / "g.png").stat().st_size > 10_000
+    # every kind of op and transfer in a colour of its own (a merge drew in the residuals' grey)
+    from openlpu.graph.ops import OP_KINDS
+    from openlpu.sim.timing import KIND_COLOURS, TRANSFER_COLOURS
+
+    colours = {**KIND_COLOURS, **TRANSFER_COLOURS}
+    assert set(OP_KINDS) <= set(KIND_COLOURS) and len(set(colours.values())) == len(colours)
+
+
+def test_a_stage_lists_the_chips_it_holds():
+    """A TP group spanning nodes can leave the middle of a rack out: its chips read as the runs they are, not as
+    one range (Llama 3.3 70B's stage 0 in groups of 64 holds chips 0-31 and 40-71, which read as 0-71)."""
+    program = compile_program(load_preset("llama-3.3-70b"), SYSTEM, Workload(context_length=4096), tp=64)
+    rows = placement_rows(program)
+    for row, stage in zip(rows, program.placement.stages):
+        runs = [[int(c) for c in run.split("-")] for run in row["chips"].split(",")]
+        assert [c for a, *b in runs for c in range(a, (b or [a])[0] + 1)] == sorted(stage.chips)
+    assert any("," in row["chips"] for row in rows)
 
 
 def test_slow_links_set_the_token_period_with_users_in_flight():

@@ -594,6 +594,12 @@ def test_every_op_of_the_models_graph_runs_on_what_it_reads(program):
            for op in program.decode.ops]
     assert [v.message for v in verify(_with_decode(program, ops=ops))] == [
         "decode: blk.5.attn_q reads blk.4.ffn_residual; the model's blk.5.attn_q reads blk.5.attn_norm"]
+    # an op of another kind, which nothing else reads (it passed with a kind no op has)
+    ops = [dataclasses.replace(op, kind="tensor_magic") if op.name == "blk.5.ffn_act" else op
+           for op in program.decode.ops]
+    assert [v.message for v in verify(_with_decode(program, ops=ops))] == [
+        ("decode: blk.5.ffn_act runs as tensor_magic on the vector unit; the model's blk.5.ffn_act is activation on "
+         "vector")]
     # an op of a layer the model does not have, and logits in a prompt chunk before the last
     layers = program.spec.n_layers
     ops = [dataclasses.replace(op, name=f"blk.{layers}.attn_norm") if op.name == "blk.5.attn_norm" else op

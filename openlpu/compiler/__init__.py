@@ -62,6 +62,8 @@ def compile_program(spec: ModelSpec, system: SystemSpec, workload: Workload, chi
     templates = {}  # collective routes, shared by every schedule
     if chips is not None:  # a bad count is refused as such, not placed on fewer
         check_chips(system, chips)
+    if workload.prefill_chunk is not None:  # a chunk longer than the prompt is the prompt: one wave either way
+        workload = dataclasses.replace(workload, prefill_chunk=min(workload.prefill_chunk, workload.prompt_len))
     if workload.prefill_chunk is None:
         workload, (placement, decode, _) = _chunked(spec, system, workload, chips, tp, templates)
     else:
@@ -118,7 +120,7 @@ def _chunked(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int
     and is better in one of the two (_places_better); a smaller one is placed only where its buffers let
     wider groups fit, or, given the width, fewer groups (_may_place_better)."""
     chosen, best, refusal = None, None, None
-    for chunk in PREFILL_CHUNKS:
+    for chunk in dict.fromkeys(min(c, workload.prompt_len) for c in PREFILL_CHUNKS):  # a prompt's length at most
         option = dataclasses.replace(workload, prefill_chunk=chunk)
         if best is not None and not _may_place_better(spec, system, chosen, option, chips, tp, best[0]):
             continue

@@ -28,6 +28,8 @@ from openlpu.models.spec import ModelSpec
 from openlpu.paths import write_whole
 
 MAGIC = b"OPENLPU-PROGRAM\n"
+HEADER_BYTES = len(MAGIC) + 4 + 32  # the magic, the version, the payload's sha256
+GZIP_OS_BYTE = 9  # RFC 1952: the header's OS field, set the same whatever Python wrote it
 # a ModelSpec's fields that make the model (not where it was read from): the same model from a preset or a file
 SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(ModelSpec) if f.compare)
 # 2: stages hold pieces (a layer may be cut between stages); 3: embedding and head pieces hold
@@ -328,6 +330,8 @@ def encode(program: Program) -> bytes:
     # level 6, not gzip's 9: about 4x faster on a 10,000-chip Program, for a file about 4% larger
     payload = gzip.compress(json.dumps(body, sort_keys=True, separators=(",", ":")).encode(), compresslevel=6,
                             mtime=0)
+    # the header's operating-system byte: Python 3.11 and 3.12 write 3 (Unix), 3.10 and 3.13 255 (unknown)
+    payload = payload[:GZIP_OS_BYTE] + b"\xff" + payload[GZIP_OS_BYTE + 1:]
     return MAGIC + struct.pack("<I", program.version) + hashlib.sha256(payload).digest() + payload
 
 
@@ -421,14 +425,16 @@ def _spec(fields: dict) -> ModelSpec:
 
 @gc_paused
 def decode_program(data: bytes, origin: str = "program") -> Program:
-    head = len(MAGIC) + 4 + 32
-    if not data.startswith(MAGIC) or len(data) < head:
+    if not data.startswith(MAGIC):
         raise OpenLPUError(f"{origin} is not an OpenLPU program (write one with `openlpu compile`)")
+    if len(data) < HEADER_BYTES:
+        raise OpenLPUError(f"{origin} is truncated ({len(data)} bytes, shorter than a Program's header); recompile it "
+                           f"with `openlpu compile`")
     (version,) = struct.unpack("<I", data[len(MAGIC):len(MAGIC) + 4])
     if version != FORMAT_VERSION:
         raise OpenLPUError(f"{origin} is program format version {version}; this OpenLPU reads version "
                            f"{FORMAT_VERSION}: recompile it with `openlpu compile`")
-    digest, payload = data[len(MAGIC) + 4:head], data[head:]
+    digest, payload = data[len(MAGIC) + 4:HEADER_BYTES], data[HEADER_BYTES:]
     if hashlib.sha256(payload).digest() != digest:
         raise OpenLPUError(f"{origin} is corrupt (checksum mismatch); recompile it with `openlpu compile`")
     try:
@@ -453,7 +459,10 @@ def load_program(path: str | Path) -> Program:
     if not str(path):
         raise OpenLPUError("no Program file given; name one that `openlpu compile MODEL -o FILE` wrote")
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as f:  # the magic first: a large file of another kind is refused unread
+            data = f.read(len(MAGIC))
+            if data == MAGIC:
+                data += f.read()
     except OSError as e:
         raise OpenLPUError(f"cannot read program {str(path)!r}: {e.strerror}") from None
     return decode_program(data, origin=str(path))

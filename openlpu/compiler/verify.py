@@ -484,10 +484,10 @@ def _shards_on_their_stages(program: Program) -> list[Violation]:
 
 def _graph(program: Program, phase: PhaseSchedule) -> list[Violation]:
     """The phase computes the model: each op is an op of its graph (graph.lower, from the Program's spec; in a
-    prompt chunk, the chunk's graph), run whole or by each part of a cut piece, or combines the parts' results
-    of one op; each graph op runs (in every prompt chunk, but the head only in the last: logits only for the
-    prompt's last token) reading what the graph says it reads, through transfers and combinations. A prompt
-    chunk's attention may also wait on the chunk before's (whose KV it reads)."""
+    prompt chunk, the chunk's graph), of its kind and on its unit, run whole or by each part of a cut piece, or
+    combines the parts' results of one op; each graph op runs (in every prompt chunk, but the head only in the last:
+    logits only for the prompt's last token) reading what the graph says it reads, through transfers and
+    combinations. A prompt chunk's attention may also wait on the chunk before's (whose KV it reads)."""
     spec, w, n = program.spec, program.workload, program.spec.n_layers
     if phase.phase == "decode":  # its ops are named and wired alike for any micro-batch
         graph = lower(spec, "decode", w.attended_context, 1, w.weights, kv_precision=w.kv,
@@ -499,7 +499,7 @@ def _graph(program: Program, phase: PhaseSchedule) -> list[Violation]:
         last = -(-w.prompt_len // w.chunk_tokens) - 1
         expected = {chunk_name(c, op.name) for c in range(last + 1) for op in graph
                     if c == last or _op_piece(op.name, n) != (n, "head")}
-    reads = {op.name: op.inputs for op in graph}
+    reads, kinds = {op.name: op.inputs for op in graph}, {op.name: (op.kind, op.unit) for op in graph}
     named = [(op, *_graph_name(op.name)) for op in phase.ops]
     combining = {op.name for op, _, base in named if base.rsplit(".", 1)[-1] in COMBINING}
     sources = {t.name: t.inputs for t in phase.transfers}  # what each transfer carries
@@ -524,6 +524,9 @@ def _graph(program: Program, phase: PhaseSchedule) -> list[Violation]:
             out.append(Violation("structure", f"{phase.phase}: {op.name} is not an op of the model's graph"))
             continue
         ran.add(name)
+        if (op.kind, op.unit) != kinds[base]:
+            out.append(Violation("structure", f"{phase.phase}: {op.name} runs as {op.kind} on the {op.unit} unit; the "
+                                              f"model's {base} is {kinds[base][0]} on {kinds[base][1]}"))
         want = {prefix + i for i in reads[base]}
         if prefix and op.kind == "attention":  # it reads the KV the chunk before wrote
             got.discard(chunk_name(int(prefix[1:-1]) - 1, base))

@@ -20,7 +20,7 @@ def save_png(fig, path: str | Path, what: str) -> Path:
     try:
         png_path(path, what)
         image = io.BytesIO()
-        fig.savefig(image, dpi=110, format="png")
+        fig.savefig(image, dpi=110, format="png", bbox_inches="tight")  # a legend beside the axes included
     finally:
         plt.close(fig)
     return write_whole(path, image.getvalue(), what)

@@ -121,6 +121,17 @@ def _holds(pieces: tuple[tuple[int, str, int, int], ...], units: dict[int, int],
     return names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}"
 
 
+def _runs(chips: tuple[int, ...]) -> str:
+    """Chip numbers as runs: "0-31,40-71" (a group spanning nodes may leave the middle of a rack out)."""
+    runs: list[list[int]] = []
+    for c in sorted(chips):
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)
+
+
 def placement_rows(program: Program) -> list[dict]:
     """Per stage: chips, what it holds, per-chip SRAM by kind, and its busy time per decode token."""
     units, vocab = ffn_units(program.tensors, program.placement.experts), vocab_rows(program.tensors)
@@ -129,7 +140,7 @@ def placement_rows(program: Program) -> list[dict]:
     for sh in program.placement.shards:
         weights[sh.chip] += sh.nbytes
     occupancy = stage_occupancy_cycles(program.decode)
-    return [{"stage": s.index, "chips": f"{s.chips[0]}-{s.chips[-1]}" if len(s.chips) > 1 else str(s.chips[0]),
+    return [{"stage": s.index, "chips": _runs(s.chips),
              "holds": _holds(s.pieces, units, vocab, by_expert),
              "weights_bytes_per_chip": max(weights[c] for c in s.chips),
              "kv_bytes_per_chip": s.kv_bytes_per_chip, "activation_bytes_per_chip": s.activation_bytes_per_chip,
@@ -139,7 +150,8 @@ def placement_rows(program: Program) -> list[dict]:
 
 KIND_COLOURS = {"matmul": "tab:blue", "lm_head": "tab:cyan", "moe_router": "tab:olive", "attention": "tab:orange",
                 "norm": "tab:green", "rope": "tab:pink", "activation": "tab:purple", "residual": "tab:gray",
-                "softcap": "tab:brown", "sink": "teal", "bias": "khaki", "embed": "gold", "sample": "black"}
+                "softcap": "tab:brown", "sink": "teal", "bias": "khaki", "embed": "gold", "sample": "black",
+                "merge": "darkgoldenrod", "collective": "navy"}  # one per graph.ops.OP_KINDS
 TRANSFER_COLOURS = {"all_reduce": "tab:red", "p2p": "darkred", "broadcast": "salmon", "rank_p2p": "firebrick",
                     "stripe": "indianred", "all_gather": "lightcoral"}
 LANES = ("matrix", "vector", "memory", "links")
@@ -158,17 +170,20 @@ def draw_gantt(program: Program, path, max_stages: int = 24) -> None:
     n = len(program.placement.stages)
     shown = list(range(n)) if n <= max_stages else list(range(max_stages // 2)) + list(range(n - max_stages // 2, n))
     row = {s: k for k, s in enumerate(shown)}
-    fig, ax = plt.subplots(figsize=(14, 2.0 + 0.4 * len(shown)))
+    height_in = 2.0 + 0.4 * len(shown)
+    fig, ax = plt.subplots(figsize=(14, height_in))
     lane_h = 1.0 / len(LANES)
+    least = decode.makespan_cycles * us / 1000  # about a pixel: an op or a transfer far shorter still shows
 
     def bar(stage, lane, start, end, colour):
         y = row[stage] + LANES.index(lane) * lane_h
-        ax.broken_barh([(start * us, max(end - start, 1) * us)], (y, lane_h * 0.9), facecolors=colour, linewidth=0)
+        ax.broken_barh([(start * us, max((end - start) * us, least))], (y, lane_h * 0.9), facecolors=colour,
+                       linewidth=0)
 
     for op in decode.ops:
         if op.stage in row:
             bar(op.stage, op.unit if op.unit in LANES else "memory", op.start_cycle, op.end_cycle,
-                KIND_COLOURS.get(op.kind, "tab:gray"))
+                KIND_COLOURS[op.kind])
     for t in decode.transfers:
         if t.stage in row:
             for start, arrival, _ in t.phases:
@@ -186,8 +201,9 @@ def draw_gantt(program: Program, path, max_stages: int = 24) -> None:
                  f"{program.chips} chips, {n} stages x TP {program.placement.tp}, "
                  f"{decode.makespan_cycles * us:,.1f} us{skipped}")
     kinds = sorted({op.kind for op in decode.ops}) + sorted({t.kind for t in decode.transfers})
-    ax.legend(handles=[Patch(color={**KIND_COLOURS, **TRANSFER_COLOURS}.get(k, "tab:gray"), label=k) for k in kinds],
-              loc="upper center", bbox_to_anchor=(0.5, -0.6 / (2.0 + 0.4 * len(shown))), ncol=min(8, len(kinds)), fontsize=8)
+    rows_fit = max(4, int(height_in / 0.25))  # legend rows beside the chart, right of it (below, it hid the axis label)
+    ax.legend(handles=[Patch(color={**KIND_COLOURS, **TRANSFER_COLOURS}[k], label=k) for k in kinds],
+              loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=-(-len(kinds) // rows_fit), fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     save_png(fig, path, "Gantt chart")
