@@ -131,7 +131,8 @@ def plan(
     precision: str = typer.Option("int8", "--precision",
                                   help="weight precision: fp16, bf16, fp8, int8, int4, fp4 (NVFP4)"),
     context: int = typer.Option(4096, "--context", help="tokens of context per user"),
-    users: int = typer.Option(1, "--users", help="concurrent users (streams)"),
+    users: list[str] = typer.Option(None, "--users", help="concurrent users (streams) (default 1); several: a "
+                                                           "column each"),
     prompt: int = typer.Option(None, "--prompt", help="prompt tokens whose prefill sets TTFT (default: 512, "
                                                       "or the context if shorter)"),
     decode_context: int = typer.Option(None, "--decode-context", help=DECODE_CONTEXT_HELP),
@@ -188,6 +189,7 @@ def plan(
     # `--compare h100-sxm,b200` names two GPUs, as the flag given twice does; `--compare ''` leaves the default out
     compare = [part for name in compare for part in ([name] if Path(name).is_file() else name.split(",")) if part]
     chips, tp, gpus = _counts(chips, "--chips"), _counts(tp, "--tp", ("all",)), _counts(gpus, "--gpus")
+    users = _counts(users, "--users") or (1,)
     prefill_chunk = _counts(prefill_chunk, "--prefill-chunk")
     with _compiling(spec.name, system, prompt, min(prefill_chunk) if prefill_chunk else None):
         rows = make_plan(spec, system=system, compare=tuple(compare), precision=precision, context=context,
@@ -195,7 +197,7 @@ def plan(
                          draft=draft, draft_tokens=draft_tokens, acceptance=acceptance, gpu_software=gpu_software,
                          decode_context=decode_context, prefill_chunk=prefill_chunk)
     if plot_file is not None:
-        plot(rows, plot_file, f"{spec.name}, {precision}, {users} user(s) x {context} tokens")
+        plot(rows, plot_file, f"{spec.name}, {precision}, {_users(users)} x {context} tokens")
     if json_out:
         print(json.dumps([r.to_dict() for r in rows], indent=1))
         return
@@ -221,7 +223,7 @@ def plan(
               "every TP width, each on its fewest)."
               if system and chips is None and tp is None else "")
     idle = dict.fromkeys(_idle_note(r.chips_asked, r.chips_asked - r.chips_idle) for r in rows if r.chips_idle)
-    table = Table(title=f"{spec.name} at {formats}, {users} user(s) x {context} tokens of context",
+    table = Table(title=f"{spec.name} at {formats}, {_users(users)} x {context} tokens of context",
                   caption=f"tok/s: {_attending(context, decode_context)}.{speculating}{kernels} TTFT: "
                           f"the prefill of a {prompt:,}-token prompt{waves}. $ per M tokens: capex over {a.years:g} "
                           f"years plus power at ${a.usd_per_kwh:.2f}/kWh (PUE {a.pue:g}), serving "
@@ -233,6 +235,7 @@ def plan(
     figures = {
         "chips / GPUs": lambda r: f"{r.chips:,}",
         "stages x TP": lambda r: r.layout.replace(" x TP ", " x "),
+        **({"users": lambda r: f"{r.users:,}"} if len(set(users)) > 1 else {}),
         "users per step": lambda r: f"{r.users_per_step:,}",
         "memory used": lambda r: f"{r.memory_used_fraction:.0%} of {r.memory}",
         "tok/s per user": lambda r: f"{r.tokens_per_s_per_user:,.0f}",
@@ -258,6 +261,14 @@ def _significant(value: float, digits: int = 3) -> str:
     model's cost and energy, as a fixed two decimals did (0.01 against 0.04 J per token)."""
     decimals = max(0, digits - 1 - math.floor(math.log10(abs(value)))) if value else 0
     return f"{value:,.{decimals}f}"
+
+
+def _users(counts: tuple[int, ...]) -> str:
+    """'1 user(s)', or '1, 8 or 64 users' for several (a column each)."""
+    counts = tuple(dict.fromkeys(counts))
+    if len(counts) == 1:
+        return f"{counts[0]:,} user(s)"
+    return f"{', '.join(f'{n:,}' for n in counts[:-1])} or {counts[-1]:,} users"
 
 
 def _attending(context: int, decode_context: int | None) -> str:

@@ -224,6 +224,32 @@ def test_several_widths_chip_counts_and_gpu_counts_are_a_row_each():
         (8, "TP 4"), (8, "TP 8"), (16, "TP 4"), (16, "TP 8")]
 
 
+def test_several_user_counts_are_a_column_each():
+    """--users 1,16: the LPU's rows for each count, then each GPU's, each the row planned with that count alone; the
+    table says which column serves how many, its title all of them, and its JSON rows carry them."""
+    def alone(**given):
+        return plan("llama-3.2-1b", context=2048, **given)
+
+    rows = plan("llama-3.2-1b", context=2048, users=(1, 16, 1))  # a count given twice is one column
+    lpu1, gpu1 = alone(users=1)
+    lpu16, gpu16 = alone(users=16)
+    assert rows == [lpu1, lpu16, gpu1, gpu16] and [r.users for r in rows] == [1, 16, 1, 16]
+    assert lpu16.users_per_step > 1 and lpu16.throughput_tokens_per_s > lpu1.throughput_tokens_per_s
+    with pytest.raises(OpenLPUError, match="users: give at least one value"):
+        plan("llama-3.2-1b", context=2048, users=())
+    text, as_json = (run_cli("llama-3.2-1b", "--context", "2048", "--users", "1,16", *extra)
+                     for extra in ((), ("--json",)))
+    assert text.returncode == as_json.returncode == 0, text.stderr + as_json.stderr
+    said = " ".join(text.stdout.split())
+    assert "llama-3.2-1b at int8, 1 or 16 users x 2048 tokens of context" in said
+    assert "│ users │ 1 │ 16 │ 1 │ 16 │" in said
+    assert [row["users"] for row in json.loads(as_json.stdout)] == [1, 16, 1, 16]
+    for users, says in (("0,4", "--users must be a positive integer, got 0"),
+                        ("4,x", "--users takes whole numbers, one or several separated by commas")):
+        bad = run_cli("llama-3.2-1b", "--users", users)
+        assert bad.returncode == 2 and says in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
 def test_tp_all_is_every_width_that_places_the_model_each_on_its_fewest_chips():
     """--tp all: a row per TP width the model can be split over, narrowest first, each the row of that width
     alone (on its fewest chips); on chips too small for the narrow widths' attention, exactly the widths

@@ -33,6 +33,7 @@ class PlanRow:
     chips_idle: int  # of those, left idle and out of power and cost (wider TP groups on fewer decode faster, or
     # the model's pieces take fewer)
     layout: str  # pipeline stages x tensor-parallel width
+    users: int  # concurrent users (streams) served
     users_per_step: int  # users whose tokens one decode step computes together (LPU: a micro-batch)
     memory: str  # "SRAM" or "HBM"
     memory_used_fraction: float  # of the capacity of the chips used
@@ -78,10 +79,10 @@ def matrix_flops_per_token(spec: ModelSpec, precision: str, context: int, draft:
                                                                                               draft.acceptance)
 
 
-def _check_workload(spec: ModelSpec, context: int, users: int, prompt: int, decode_context: int,
+def _check_workload(spec: ModelSpec, context: int, users: tuple[int, ...], prompt: int, decode_context: int,
                     prefill_chunks: tuple[int, ...]) -> None:
-    for what, v in (("context", context), ("users", users), ("prompt", prompt), ("decode-context", decode_context),
-                    *(("prefill-chunk", chunk) for chunk in prefill_chunks)):
+    for what, v in (("context", context), *(("users", n) for n in users), ("prompt", prompt),
+                    ("decode-context", decode_context), *(("prefill-chunk", chunk) for chunk in prefill_chunks)):
         check_count(v, f"--{what}")
     if context > spec.context_length:
         raise OpenLPUError(f"--context {context} is longer than {spec.name}'s context window "
@@ -213,7 +214,8 @@ def lpu_row(spec: ModelSpec, system: SystemSpec, workload: Workload, flops_per_t
     peak_flops_per_s = (2 * matrix_macs_per_cycle(system, workload.weights, workload.activations)
                         * system.chip.clock_hz * f.chips)
     return PlanRow(system=system.name, kind="lpu", chips=f.chips, chips_asked=chips,
-                   chips_idle=0 if chips is None else chips - t.chips, layout=f.layout, users_per_step=t.micro_batch,
+                   chips_idle=0 if chips is None else chips - t.chips, layout=f.layout, users=workload.users,
+                   users_per_step=t.micro_batch,
                    memory="SRAM", memory_used_fraction=f.sram_used_bytes / (f.chips * system.chip.sram_bytes),
                    tokens_per_s_per_user=f.tokens_per_s_per_user, ttft_s=f.ttft_s,
                    throughput_tokens_per_s=f.throughput_tokens_per_s, power_w=f.power_w,
@@ -250,7 +252,8 @@ def gpu_row(spec: ModelSpec, gpu_name: str, precision: str, context: int, users:
     c = cost(gpu_capex(gpu, t.gpus), t.power_w, throughput, assumptions)
     peak_flops_per_s = gpu.compute_flops_per_s(precision) * t.gpus
     return PlanRow(system=gpu.name, kind="gpu", chips=t.gpus, chips_asked=None, chips_idle=0,
-                   layout=f"{t.pipeline_stages} x TP {t.tensor_parallel}", users_per_step=users, memory="HBM",
+                   layout=f"{t.pipeline_stages} x TP {t.tensor_parallel}", users=users, users_per_step=users,
+                   memory="HBM",
                    memory_used_fraction=memory, tokens_per_s_per_user=per_user,
                    ttft_s=ttft, throughput_tokens_per_s=throughput, power_w=t.power_w,
                    energy_per_token_j=t.power_w / throughput,
@@ -270,7 +273,7 @@ def _each(value: Counts, name: str) -> tuple:
 
 
 def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...] = ("h100-sxm",),
-         precision: str = "int8", context: int = 4096, users: int = 1,
+         precision: str = "int8", context: int = 4096, users: Counts = 1,
          assumptions: CostAssumptions = CostAssumptions(), chips: Counts = None,
          gpus: Counts = None, prompt: int | None = None, tp: Counts | str = None,
          draft: str | ModelSpec | None = None, draft_tokens: int | None = None,
@@ -281,8 +284,8 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
     workload, the compiler's TP; `tp="all"`: every width that places the model, each on its fewest chips);
     TTFT is the prefill of `prompt` tokens (None: Workload.default_prompt_len); each decode step attends
     `decode_context` of the `context` tokens a user holds (None: all of them); the LPU prefills in chunks of
-    `prefill_chunk` tokens (None: the compiler's choice). Several chip counts, widths, chunks or GPU counts
-    give a row each: every chip count, with every chunk, with every width.
+    `prefill_chunk` tokens (None: the compiler's choice). Several user counts, chip counts, widths, chunks or
+    GPU counts give a row each: every user count, with every chip count, with every chunk, with every width.
     `model`, `draft`: a ModelSpec, or what load_spec takes (a preset name, a .gguf file, a config.json).
     With a draft, every system decodes speculatively: `draft_tokens` (default DRAFT_TOKENS) per round,
     each accepted with probability `acceptance`, which must be given. `gpu_software`: the GPUs' serving
@@ -294,7 +297,8 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
     prompt = Workload.default_prompt_len(context) if prompt is None else prompt
     attended = context if decode_context is None else decode_context
     chunks = _each(prefill_chunk, "prefill_chunk")  # (None,): the compiler's choice
-    _check_workload(spec, context, users, prompt, attended, tuple(c for c in chunks if c is not None))
+    user_counts = _each(users, "users")
+    _check_workload(spec, context, user_counts, prompt, attended, tuple(c for c in chunks if c is not None))
     speculation = None
     if draft is not None:
         if acceptance is None:
@@ -325,14 +329,15 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
     chip_counts, widths, gpu_counts = _each(chips, "chips"), tp if tp == "all" else _each(tp, "tp"), _each(gpus, "gpus")
     flops = matrix_flops_per_token(spec, precision, attended, speculation)  # the same work per token everywhere
     rows = []
-    if lpu is not None:
-        workloads = [lpu_workload(precision, context, users, prompt, c, speculation, decode_context) for c in chunks]
+    for n_users in user_counts if lpu is not None else ():
+        workloads = [lpu_workload(precision, context, n_users, prompt, c, speculation, decode_context) for c in chunks]
         # "all": None where no width places the model, and the compiler says what does not fit
         width_sets = [(placeable_widths(spec, lpu, w) or (None,)) if widths == "all" else widths for w in workloads]
-        rows = [lpu_row(spec, lpu, workload, flops, assumptions, n, t, speculation)
-                for n in chip_counts for workload, each in zip(workloads, width_sets) for t in each]
-    return rows + [gpu_row(spec, name, precision, context, users, prompt, flops, assumptions, n, speculation,
-                           gpu_software, decode_context) for name in compare for n in gpu_counts]
+        rows += [lpu_row(spec, lpu, workload, flops, assumptions, n, t, speculation)
+                 for n in chip_counts for workload, each in zip(workloads, width_sets) for t in each]
+    return rows + [gpu_row(spec, name, precision, context, n_users, prompt, flops, assumptions, n, speculation,
+                           gpu_software, decode_context) for name in compare for n_users in user_counts
+                   for n in gpu_counts]
 
 
 PLOT_METRICS = (("tokens_per_s_per_user", "tokens/s per user"), ("throughput_tokens_per_s", "tokens/s (system)"),
@@ -349,8 +354,9 @@ def plot(rows: list[PlanRow], path: str | Path, title: str) -> Path:
 
     fig, axes = plt.subplots(2, 3, figsize=(max(13, 2.4 * len(rows)), 7))
     several = {r.system for r in rows if sum(o.system == r.system for o in rows) > 1}  # told apart by deployment
-    names = [f"{r.system}\n{r.chips:,} {'chips' if r.kind == 'lpu' else 'GPUs'}\n{r.layout}" if r.system in several
-             else r.system for r in rows]
+    loads = len({r.users for r in rows}) > 1  # and by the users they serve
+    names = [f"{r.system}\n{r.chips:,} {'chips' if r.kind == 'lpu' else 'GPUs'}\n{r.layout}"
+             + (f"\n{r.users:,} user(s)" if loads else "") if r.system in several else r.system for r in rows]
     colours = ["#d2691e" if r.kind == "lpu" else "#4c8c2b" for r in rows]
     for ax, (field, label) in zip(axes.flat, PLOT_METRICS):
         values = [getattr(r, field) for r in rows]
