@@ -1134,7 +1134,8 @@ def _finest_pieces(spec: ModelSpec, table: SizeTable, tile_rows: int) -> list[tu
             out.append((piece, min(alone(piece, False), alone((item, part, slots - 1, slots), True))))
         elif part == "ffn":
             slices = most_slices(table, tile_rows)[item]
-            out.append((piece, alone((item, part, hi - -(-hi // slices), hi), slices > 1)))
+            last = -(-hi // slices)  # the last slice's rows
+            out.append((piece, alone((item, part, hi - last, hi), slices > 1)))
         else:
             out.append((piece, alone((item, part, 0, min(hi, table.t)), hi > table.t)))
     return out

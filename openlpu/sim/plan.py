@@ -329,12 +329,15 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
     chip_counts, widths, gpu_counts = _each(chips, "chips"), tp if tp == "all" else _each(tp, "tp"), _each(gpus, "gpus")
     flops = matrix_flops_per_token(spec, precision, attended, speculation)  # the same work per token everywhere
     rows = []
-    for n_users in user_counts if lpu is not None else ():
-        workloads = [lpu_workload(precision, context, n_users, prompt, c, speculation, decode_context) for c in chunks]
-        # "all": None where no width places the model, and the compiler says what does not fit
-        width_sets = [(placeable_widths(spec, lpu, w) or (None,)) if widths == "all" else widths for w in workloads]
-        rows += [lpu_row(spec, lpu, workload, flops, assumptions, n, t, speculation)
-                 for n in chip_counts for workload, each in zip(workloads, width_sets) for t in each]
+    if lpu is not None:
+        for n_users in user_counts:
+            workloads = [lpu_workload(precision, context, n_users, prompt, c, speculation, decode_context)
+                         for c in chunks]
+            # "all": None where no width places the model, and the compiler says what does not fit
+            width_sets = [(placeable_widths(spec, lpu, w) or (None,)) if widths == "all" else widths
+                          for w in workloads]
+            rows += [lpu_row(spec, lpu, workload, flops, assumptions, n, t, speculation)
+                     for n in chip_counts for workload, each in zip(workloads, width_sets) for t in each]
     return rows + [gpu_row(spec, name, precision, context, n_users, prompt, flops, assumptions, n, speculation,
                            gpu_software, decode_context) for name in compare for n_users in user_counts
                    for n in gpu_counts]
