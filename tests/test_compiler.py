@@ -604,19 +604,58 @@ def test_too_many_chips_name_the_most_a_tp_degree_takes_and_are_left_idle_withou
     assert period[chosen.sha256()] == min(period.values())
 
 
-def test_micro_batches_shrink_until_their_buffers_fit():
-    """Gemma 3 270M with 256 users of 64 tokens on 3 chips: the micro-batch its one-user schedule asks
-    for leaves no room for its buffers (a row of logits per user, 262,144 wide), so the compiler halves
-    it until they fit; the Program verifies, its SRAM check counting the micro-batch's own activations."""
+@pytest.mark.parametrize("workload, chips, fitting", [
+    (Workload(context_length=64, prompt_len=1, users=256), 3, 79),
+    (Workload(weights="fp16", activations="fp16", kv="fp16", users=100), 13, 2),
+])
+def test_micro_batches_take_the_most_users_whose_buffers_fit(workload, chips, fitting):
+    """Gemma 3 270M on its chips: the micro-batch its one-user schedule asks for leaves no room for its buffers
+    (a row of logits per user, 262,144 wide), so the compiler takes the most users whose buffers fit on the same
+    chips (found here by a scan down from the ask), spread evenly over the micro-batches they make: with 256
+    users, 79 fit, so 4 micro-batches of 64; at fp16 with 100 users, 2 fit and 3 do not (halving the ask, 51, 25,
+    12, 6, 3, 1, missed 2 and served each user half as fast). The Program verifies, its SRAM check counting the
+    micro-batch's own activations."""
     from openlpu.compiler.partition import partition
     from openlpu.compiler.schedule import decode_rows, schedule_phase
 
-    spec, workload = load_preset("gemma-3-270m"), Workload(context_length=64, prompt_len=1, users=256)
-    asked = decode_rows(256, schedule_phase(spec, SYSTEM, workload, partition(spec, SYSTEM, workload, 3), "decode"))
-    with pytest.raises(OpenLPUError, match="does not fit on 3 lpu-v1 chips"):
-        partition(spec, SYSTEM, workload, chips=3, decode_rows=asked)
-    program = compile_program(spec, SYSTEM, workload, chips=3)
-    assert program.decode.tokens in {asked >> k for k in range(1, asked.bit_length() - 1)} and verify(program) == []
+    spec = load_preset("gemma-3-270m")
+    single = partition(spec, SYSTEM, workload, chips)
+    asked = decode_rows(workload.users, schedule_phase(spec, SYSTEM, workload, single, "decode"))
+
+    def fits(rows):
+        try:
+            partition(spec, SYSTEM, workload, chips, single.tp, decode_rows=rows)
+        except OpenLPUError:
+            return False
+        return True
+
+    assert next(rows for rows in range(asked, 0, -1) if fits(rows)) == fitting < asked
+    program = compile_program(spec, SYSTEM, workload, chips=chips)
+    steps = -(-workload.users // fitting)
+    assert len(program.placement.chips) == chips and program.decode.tokens == -(-workload.users // steps)
+    assert verify(program) == []
+    one_per_step = dataclasses.replace(program, placement=single,
+                                       decode=schedule_phase(spec, SYSTEM, workload, single, "decode"))
+    assert timing(program).tokens_per_s_per_user > timing(one_per_step).tokens_per_s_per_user
+
+
+def test_users_are_spread_evenly_over_the_micro_batches():
+    """Gemma 3 270M at int8 with 16 users: 12 users a step let every micro-batch take its turn at the busiest
+    stage within one step, so 2 micro-batches; 8 and 8 make as many turns as 12 and 4, each shorter (a step
+    lasts as long as its fullest micro-batch), so each user is served sooner."""
+    from openlpu.compiler.partition import partition
+    from openlpu.compiler.schedule import stage_occupancy_cycles
+
+    spec, workload = load_preset("gemma-3-270m"), Workload(users=16)
+    program = compile_program(spec, SYSTEM, workload)
+    chips, tp = len(program.placement.chips), program.placement.tp
+    single = schedule_phase(spec, SYSTEM, workload, partition(spec, SYSTEM, workload, chips, tp), "decode")
+    asked = math.ceil(16 * max(stage_occupancy_cycles(single).values()) / single.makespan_cycles)
+    assert asked == 12 and program.decode.tokens == 8 and verify(program) == []
+    uneven = partition(spec, SYSTEM, workload, chips, tp, decode_rows=asked)
+    uneven = dataclasses.replace(program, placement=uneven,
+                                 decode=schedule_phase(spec, SYSTEM, workload, uneven, "decode", rows=asked))
+    assert timing(program).tokens_per_s_per_user > timing(uneven).tokens_per_s_per_user
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -30,6 +30,7 @@ from openlpu.compiler.program import (
     load_program,
 )
 from openlpu.compiler.schedule import (
+    balanced_rows,
     decode_period_cycles,
     decode_rows,
     schedule_phase,
@@ -271,21 +272,32 @@ def _decode_schedule(spec: ModelSpec, system: SystemSpec, workload: Workload, pl
     """The decode step of a placement made with partition's `option`s, or of one like it on the same chips with
     buffers for micro-batches of several users where that serves each of them sooner, and its period. Placing
     their larger buffers on more chips would undo the fewest chips (Llama 3.2 1B with 16,384 users of 32
-    tokens: 96 chips, not 48, and slower); halving the micro-batch keeps them."""
+    tokens: 96 chips, not 48, and slower); the most users a micro-batch can take on the same chips, up to
+    those decode_rows asks for, keeps them."""
     decode, users = schedule_phase(spec, system, workload, placement, "decode", templates), workload.users
     period = decode_period_cycles(system, decode, users)
-    rows = decode_rows(users, decode)
-    while rows > 1:  # users share micro-batches: buffers for `rows` tokens on the same chips, halved until they fit
+    placed = {}  # users per micro-batch -> partition's placement on the same chips with buffers for them
+
+    def fits(rows: int) -> bool:
         try:
-            shared = partition(spec, system, workload, len(placement.chips), placement.tp, rows, **option)
+            placed[rows] = partition(spec, system, workload, len(placement.chips), placement.tp, rows, **option)
         except OpenLPUError:
-            rows //= 2
-            continue
-        batched = schedule_phase(spec, system, workload, shared, "decode", templates, rows)
-        # kept only if it serves every user sooner: a micro-batch's longer step can cost more than the turns
-        if (batched_period := decode_period_cycles(system, batched, users)) < period:
-            return shared, batched, batched_period
-        break
+            return False
+        return True
+
+    rows = decode_rows(users, decode)
+    if rows > 1 and not fits(rows):  # buffers grow with the rows: the most that fit, one user per step fitting
+        low, high = 1, rows - 1
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if fits(middle) else (low, middle - 1)
+        rows = balanced_rows(users, low)
+    if rows == 1 or (rows not in placed and not fits(rows)):
+        return placement, decode, period
+    batched = schedule_phase(spec, system, workload, placed[rows], "decode", templates, rows)
+    # kept only if it serves every user sooner: a micro-batch's longer step can cost more than the turns
+    if (batched_period := decode_period_cycles(system, batched, users)) < period:
+        return placed[rows], batched, batched_period
     return placement, decode, period
 
 

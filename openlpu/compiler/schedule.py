@@ -710,9 +710,17 @@ def decode_period_cycles(system: SystemSpec, decode: PhaseSchedule, users: int) 
 def decode_rows(users: int, single: PhaseSchedule) -> int:
     """Users per micro-batch of a decode step, from the step scheduled for one user: the fewest that
     let every micro-batch take its turn at the busiest stage within one step, so that no user waits on
-    the others (one when the users pass the busiest stage in a step anyway)."""
+    the others (one when the users pass the busiest stage in a step anyway), spread evenly over the
+    micro-batches (balanced_rows)."""
     busiest = max(stage_occupancy_cycles(single).values())
-    return max(1, min(users, math.ceil(users * busiest / single.makespan_cycles)))
+    return balanced_rows(users, max(1, min(users, math.ceil(users * busiest / single.makespan_cycles))))
+
+
+def balanced_rows(users: int, rows: int) -> int:
+    """Users per micro-batch when `users` take as many micro-batches as at most `rows` each make, spread
+    evenly: 16 users at up to 12 a step take 2 steps of 8, not 12 and 4 (the step is as long as its
+    fullest micro-batch)."""
+    return -(-users // -(-users // rows))
 
 
 def schedule_phase(spec: ModelSpec, system: SystemSpec, workload: Workload, placement: Placement,
