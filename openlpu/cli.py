@@ -172,7 +172,7 @@ def plan(
     import json
 
     from openlpu.compiler import Workload
-    from openlpu.graph.lower import serving_kv_precision
+    from openlpu.graph.lower import serving_precision
     from openlpu.models.spec import load_spec
     from openlpu.sim.cost import CostAssumptions
     from openlpu.sim.figures import png_path
@@ -216,8 +216,8 @@ def plan(
     if compare and spec.is_moe:  # TensorRT-LLM 1.0's long outputs of Qwen3-30B-A3B ran slower than this
         kernels += (" GPU experts: a roofline of their work plus a routing cost per token fitted on one B200 row; "
                     "long outputs can run faster than measured (bench/results/fidelity.md).")
-    kv = serving_kv_precision(precision)
-    formats = precision if kv == precision else f"{precision} (KV cache {kv})"
+    kv = serving_precision(precision)
+    formats = precision if kv == precision else f"{precision} (activations and KV cache {kv})"
     # the fewest chips can decode several times slower than a few more in wider groups (70B: 336 and 448)
     widths = (" The LPU on the fewest chips that hold the workload at the compiler's width and chunk (--tp all: "
               "every TP width, each on its fewest)."
@@ -290,7 +290,8 @@ def compile_cmd(
     output: str = typer.Option(..., "-o", "--output", help="where to write the compiled Program"),
     system: str = typer.Option("lpu-v1", "--system", help="LPU system preset or hardware JSON file"),
     precision: str = typer.Option("int8", "--precision",
-                                  help="weights and activations: fp16, bf16, fp8, int8, int4, fp4 (NVFP4)"),
+                                  help="weights: fp16, bf16, fp8, int8, int4, fp4 (NVFP4); activations as "
+                                       "the weights, never below 8 bits"),
     kv_precision: str = typer.Option(None, "--kv-precision",
                                      help="KV cache (default: as the weights, never below 8 bits, as `plan` "
                                           "and serving stacks keep it)"),
@@ -310,7 +311,7 @@ def compile_cmd(
 ):
     """Compile a model for an LPU system: placement + static schedule, verified, written to a file."""
     from openlpu.compiler import Workload, compile_program, verify
-    from openlpu.graph.lower import as_precision, serving_kv_precision
+    from openlpu.graph.lower import as_precision, serving_precision
     from openlpu.hardware.lpu import load_system
     from openlpu.models.spec import load_spec
     from openlpu.paths import output_path
@@ -318,17 +319,18 @@ def compile_cmd(
 
     output_path(output, "Program")  # before compiling: a large model takes seconds
     spec = load_spec(model)
-    kv = as_precision(kv_precision).name if kv_precision is not None else serving_kv_precision(precision)
+    kv = as_precision(kv_precision).name if kv_precision is not None else serving_precision(precision)
     prompt = Workload.default_prompt_len(context) if prompt is None else prompt
-    workload = Workload(weights=precision, activations=precision, kv=kv, context_length=context,
-                        users=users, prompt_len=prompt, draft_tokens=draft_tokens,
+    workload = Workload(weights=precision, activations=serving_precision(precision), kv=kv,
+                        context_length=context, users=users, prompt_len=prompt, draft_tokens=draft_tokens,
                         decode_context=decode_context, prefill_chunk=prefill_chunk)
     with _compiling(spec.name, system, workload.prompt_len, workload.prefill_chunk):
         program = compile_program(spec, load_system(system), workload, chips, tp)
         digest = program.save(output)
         violations, t = verify(program), timing(program)
     console.print(f"[bold]{spec.name}[/] on {program.system.name}: {t.chips:,} chips = {t.stages:,} pipeline stage(s) x "
-                  f"TP {t.tp}; {precision} (KV cache {kv}); SRAM {t.sram_used_bytes / 1e9:.2f} GB "
+                  f"TP {t.tp}; weights {precision}, activations {workload.activations}, KV cache {kv}; "
+                  f"SRAM {t.sram_used_bytes / 1e9:.2f} GB "
                   f"({t.sram_used_fraction:.0%} of the chips used)")
     if chips is not None and t.chips < chips:
         console.print(_idle_note(chips, t.chips))

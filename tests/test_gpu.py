@@ -7,7 +7,7 @@ import json
 import pytest
 
 from openlpu.errors import OpenLPUError
-from openlpu.graph.lower import lower, serving_kv_precision
+from openlpu.graph.lower import lower, serving_precision
 from openlpu.hardware.gpu import GpuSpec, gpu_names, load_gpu
 from openlpu.hardware.spec_file import PRESETS_DIR
 from openlpu.models.spec import load_preset
@@ -175,7 +175,7 @@ def test_tp_wider_than_the_kv_heads_copies_each_head_as_the_lpu_does():
     spec, h100 = load_preset("gemma-3-270m"), load_gpu("h100-sxm")
     one, four = (G.gpu_timing(spec, h100, "int8", context=32768, gpus=n) for n in (1, 4))
     assert four.kv_bytes_per_gpu == one.kv_bytes_per_gpu == G.kv_bytes(spec, "int8", 32768, 1)
-    lpu = compile_program(spec, load_system("lpu-v1"), Workload(context_length=32768, kv=serving_kv_precision("int8"),
+    lpu = compile_program(spec, load_system("lpu-v1"), Workload(context_length=32768, kv=serving_precision("int8"),
                                                                 prefill_chunk=256), chips=4, tp=4)
     assert [s.kv_bytes_per_chip for s in lpu.placement.stages] == [pytest.approx(four.kv_bytes_per_gpu, rel=1e-6)]
     free = h100.hbm_bytes * G.HBM_USABLE_FRACTION
@@ -186,7 +186,7 @@ def test_tp_wider_than_the_kv_heads_copies_each_head_as_the_lpu_does():
         G.kv_bytes(llama, "int8", 8192, 1) / 4)
     with pytest.raises(OpenLPUError, match="KV cache of at most"):  # 4 copies leave room for as few users
         G.gpu_timing(spec, h100, "int8", context=32768, users=2 * one.max_users, gpus=4)
-    step = lower(spec, "decode", seq_len=32768, batch=1, precision="int8", kv_precision=serving_kv_precision("int8"))
+    step = lower(spec, "decode", seq_len=32768, batch=1, precision="int8", kv_precision=serving_precision("int8"))
 
     def reading_s(tp: int, ops) -> float:  # those ops of the step alone: each GPU reads its copy of the head
         return G.step_s(spec, ops, h100, "int8", tp, 1, 1) - G.step_s(spec, [], h100, "int8", tp, 1, 1)
@@ -396,7 +396,7 @@ def test_kv_cache_is_never_narrower_than_8_bits():
     spec = load_preset("llama-3.1-8b")
     assert G.kv_bytes(spec, "fp4", 1000, 2) == G.kv_bytes(spec, "int4", 1000, 2) == G.kv_bytes(spec, "fp8", 1000, 2)
     assert G.kv_bytes(spec, "bf16", 1000, 2) == 2 * G.kv_bytes(spec, "fp8", 1000, 2)
-    assert [serving_kv_precision(p) for p in ("fp4", "int4", "int8", "bf16")] == ["fp8", "int8", "int8", "bf16"]
+    assert [serving_precision(p) for p in ("fp4", "int4", "int8", "bf16")] == ["fp8", "int8", "int8", "bf16"]
 
 
 def test_fp4_math_runs_on_fp4_units_only_where_there_are_some():

@@ -163,9 +163,10 @@ def test_smaller_prefill_chunks_let_wider_groups_fit_and_fill_the_pipeline_soone
 
 @pytest.mark.parametrize("precision, kv", [("int4", "int8"), ("fp4", "fp8")])
 def test_four_bit_weights_plan_an_eight_bit_kv_cache_on_both_sides(precision, kv):
-    """At 4-bit weights both sides hold the KV cache at 8 bits, as GPU serving stacks do: the LPU row is the
-    Program compiled with an 8-bit KV cache (a second way), whose chips differ from a 4-bit cache's at this
-    KV-heavy size, and the GPU row holds the same KV bytes; the table's title says so."""
+    """At 4-bit weights both sides hold the KV cache and the activations at 8 bits, as GPU serving stacks do:
+    the LPU row is the Program compiled with an 8-bit KV cache and activations (a second way), whose chips
+    differ from a 4-bit cache's at this KV-heavy size, and the GPU row holds the same KV bytes; the table's
+    title says so."""
     from openlpu.compiler import Workload, compile_program
     from openlpu.hardware.lpu import load_system
     from openlpu.sim.gpu import gpu_timing
@@ -175,7 +176,7 @@ def test_four_bit_weights_plan_an_eight_bit_kv_cache_on_both_sides(precision, kv
     lpu, h100 = plan("llama-3.1-8b", precision=precision, context=32768, users=4)
 
     def compiled(kv_precision):
-        return compile_program(spec, system, Workload(weights=precision, activations=precision, kv=kv_precision,
+        return compile_program(spec, system, Workload(weights=precision, activations=kv, kv=kv_precision,
                                                       context_length=32768, users=4))
     eight_bit = compiled(kv)
     assert lpu.chips == eight_bit.chips != compiled(precision).chips
@@ -183,7 +184,8 @@ def test_four_bit_weights_plan_an_eight_bit_kv_cache_on_both_sides(precision, kv
     gpu = gpu_timing(spec, load_gpu("h100-sxm"), precision, context=32768, users=4)
     assert gpu.kv_bytes_per_gpu * gpu.gpus == spec.kv_bytes_per_token(1) * 32768 * 4
     assert h100.chips == gpu.gpus
-    assert f"at {precision} (KV cache {kv})" in " ".join(run_cli("llama-3.1-8b", "--precision", precision).stdout.split())
+    title = " ".join(run_cli("llama-3.1-8b", "--precision", precision).stdout.split())
+    assert f"at {precision} (activations and KV cache {kv})" in title
 
 
 def test_cli_table_states_the_prompt_and_the_cost_assumptions():

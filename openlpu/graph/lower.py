@@ -41,11 +41,12 @@ SOFTCAP_FLOPS_PER_ELEMENT = 3  # divide, tanh, multiply
 SINK_FLOPS_PER_ELEMENT = 2  # the per-head factor (an exp and a reciprocal, shared by the head) and a multiply
 
 
-def serving_kv_precision(weights: Precision | str) -> str:
-    """The KV cache's precision beside weights in `weights`: theirs, but never below 8 bits (int8 beside
-    integer weights, else fp8). No serving stack keeps a 4-bit KV cache by default: NVIDIA's NVFP4
-    checkpoints keep it in FP8 (TensorRT-LLM docs, "Quantization": an NVFP4 KV cache needs its own
-    offline ModelOpt pass), and weight-only int4 (AWQ, GPTQ) leaves it at 16 bits, or 8 with a KV option."""
+def serving_precision(weights: Precision | str) -> str:
+    """The precision of the KV cache and the activations beside weights in `weights`: theirs, but never below
+    8 bits (int8 beside integer weights, else fp8). No serving stack keeps a 4-bit KV cache by default:
+    NVIDIA's NVFP4 checkpoints keep it in FP8 (TensorRT-LLM docs, "Quantization": an NVFP4 KV cache needs its
+    own offline ModelOpt pass), and weight-only int4 (AWQ, GPTQ) leaves it and the activations at 16 bits, or
+    8 with a KV option."""
     w = as_precision(weights)
     if w.bytes_per_element >= 1:
         return w.name

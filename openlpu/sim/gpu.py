@@ -26,7 +26,7 @@ stages, and so do groups inside a server when a wider TP group would not hold wh
 (3 GPUs for Llama's 64 query and 8 KV heads: 3 stages of 1). A group wider than the KV heads copies
 each head, its projections and its cache onto tp / n_kv_heads GPUs, each reading its copy. The KV cache
 that `users` x `context` needs must fit in the HBM the weights leave free: that caps the batch. The KV
-cache is held in the weight precision, but never below 8 bits (graph.lower.serving_kv_precision), and
+cache is held in the weight precision, but never below 8 bits (graph.lower.serving_precision), and
 attention does its math in the KV cache's precision.
 
 Constants and the published points they were fitted on / checked against (bench/fidelity.py):
@@ -86,7 +86,7 @@ import math
 from dataclasses import dataclass
 
 from openlpu.errors import OpenLPUError, check_count
-from openlpu.graph.lower import as_precision, lower, serving_kv_precision
+from openlpu.graph.lower import as_precision, lower, serving_precision
 from openlpu.hardware.gpu import GpuSpec
 from openlpu.models.spec import ModelSpec
 from openlpu.sim.cost import gpu_servers
@@ -180,7 +180,7 @@ def op_time_s(op, gpu: GpuSpec, precision: str, shards: int, kv_reads: int = 1, 
     reads its KV cache kv_reads times and does its math in the KV cache's precision; a K or V projection is
     read by each of the kv_copies GPUs holding a copy (kv_head_copies)."""
     split = shards if op.kind in TP_SHARDED_KINDS else 1
-    operands = serving_kv_precision(precision) if op.kind == "attention" else precision
+    operands = serving_precision(precision) if op.kind == "attention" else precision
     compute_s = op.flops / split / achieved_flops_per_s(gpu, operands)
     copied = (kv_copies - 1) * op.weight_bytes if op.weight and op.weight.endswith(KV_PROJECTIONS) else 0.0
     moved = op.bytes_total + (kv_reads - 1) * op.kv_read_bytes + copied
@@ -249,10 +249,10 @@ def held_bytes(spec: ModelSpec, precision: str, context: int, users: int, tp: in
 
 
 def kv_bytes(spec: ModelSpec, precision: str, context: int, users: int) -> float:
-    """KV cache for `users` sequences of `context` tokens, in serving_kv_precision(precision). A sliding-window
+    """KV cache for `users` sequences of `context` tokens, in serving_precision(precision). A sliding-window
     or chunked layer keeps its window or chunk only, as TensorRT-LLM (a list of per-layer attention windows,
     KvCacheConfig.max_attention_window) and vLLM (its hybrid KV cache manager) keep them."""
-    kv_bytes_per_element = as_precision(serving_kv_precision(precision)).bytes_per_element
+    kv_bytes_per_element = as_precision(serving_precision(precision)).bytes_per_element
     positions = sum(spec.layer_positions(i, context) for i in range(spec.n_layers))
     return 2 * spec.kv_dim * kv_bytes_per_element * positions * users
 
@@ -332,7 +332,7 @@ def gpu_timing(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, user
             f"{gpus} x {gpu.name} hold the KV cache of at most {max_users} user(s) at context "
             f"{context}, not {users}; add GPUs or lower --users / --context")
 
-    kv_format = serving_kv_precision(precision)
+    kv_format = serving_precision(precision)
     decode_ops = lower(spec, "decode", seq_len=decode_context, batch=users, precision=precision, kv_precision=kv_format,
                        queries=queries)
     prefill_ops = lower(spec, "prefill", seq_len=prompt_tokens, batch=1, precision=precision, kv_precision=kv_format)
@@ -355,7 +355,7 @@ def offline_steps_s(spec: ModelSpec, gpu: GpuSpec, precision: str, gpus: int, ba
     tokens on average) of offline_run_s's static batch."""
     _check_sizes(input_tokens=input_tokens, batch=batch, output_tokens=output_tokens)
     tp, stages = layout(spec, gpus, gpu)
-    kv_format = serving_kv_precision(precision)
+    kv_format = serving_precision(precision)
     prefill = lower(spec, "prefill", seq_len=input_tokens, batch=batch, precision=precision, kv_precision=kv_format)
     decode = lower(spec, "decode", seq_len=input_tokens + output_tokens // 2, batch=batch, precision=precision,
                    kv_precision=kv_format)

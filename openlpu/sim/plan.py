@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from openlpu.errors import OpenLPUError, check_count
-from openlpu.graph.lower import as_precision, serving_kv_precision
+from openlpu.graph.lower import as_precision, serving_precision
 from openlpu.hardware.gpu import gpu_names, load_gpu
 from openlpu.hardware.lpu import SystemSpec, load_system
 from openlpu.models.spec import ModelSpec, load_spec
@@ -175,11 +175,11 @@ def _with_draft(system, program, t, draft: Draft, workload) -> _LpuFigures:
 
 def lpu_workload(precision: str, context: int, users: int, prompt: int, prefill_chunk: int | None,
                  draft: Draft | None = None, decode_context: int | None = None) -> Workload:
-    """What the LPU compiles for: the KV cache as a GPU serving stack keeps it beside these weights
-    (serving_kv_precision), so both sides hold the same bytes."""
+    """What the LPU compiles for: the KV cache and activations as a GPU serving stack keeps them beside these
+    weights (serving_precision), so both sides hold and move the same bytes."""
     from openlpu.compiler import Workload
 
-    return Workload(weights=precision, activations=precision, kv=serving_kv_precision(precision),
+    return Workload(weights=precision, activations=serving_precision(precision), kv=serving_precision(precision),
                     context_length=context, users=users, prompt_len=prompt,
                     draft_tokens=draft.tokens if draft else 0, decode_context=decode_context,
                     prefill_chunk=prefill_chunk)
