@@ -149,6 +149,39 @@ def test_tensor_parallel_groups_hold_whole_attention_heads():
         assert spec.n_heads % t.tensor_parallel == 0 and t.tensor_parallel * t.pipeline_stages == gpus
 
 
+def test_a_pipeline_of_servers_serves_as_replicas_would():
+    """Llama 3.3 70B at fp8 for 256 users of 8,192 tokens: 16 H100s in 2 stages of TP 8 split the users into a
+    micro-batch per stage, each stage working on one while the other works on the other, so they serve about
+    what two 8-GPU replicas of 128 users each do (a second method); before, the stages took turns on one batch
+    of 256 and the second server added no throughput. A single user's token still passes every stage."""
+    spec, h100 = load_preset("llama-3.3-70b"), load_gpu("h100-sxm")
+    pipeline = G.gpu_timing(spec, h100, "fp8", context=8192, users=256, gpus=16)
+    replica = G.gpu_timing(spec, h100, "fp8", context=8192, users=128, gpus=8)
+    assert (pipeline.pipeline_stages, pipeline.micro_batch) == (2, 128)
+    assert pipeline.throughput_tokens_per_s == pytest.approx(2 * replica.throughput_tokens_per_s, rel=0.01)
+    assert pipeline.throughput_tokens_per_s > 1.3 * G.gpu_timing(spec, h100, "fp8", context=8192, users=256,
+                                                                 gpus=8).throughput_tokens_per_s
+    one, eight = (G.gpu_timing(spec, h100, "fp8", context=8192, users=1, gpus=n) for n in (16, 8))
+    assert one.micro_batch == 1 and one.decode_step_s == pytest.approx(eight.decode_step_s + G.PIPELINE_HOP_S)
+
+
+def test_a_group_narrower_than_copying_kv_heads_holds_more_users():
+    """Qwen3-30B-A3B (4 KV heads) at bf16 for 256 users of 32,768 tokens: weights and cache once over are 61
+    GB and 825 GB (counted here from the shapes), which 16 H100s hold in groups of 4; groups of 8 would hold
+    each KV head and its cache twice (1.7 TB), so 16 GPUs take TP 4 in 4 stages, not 24 GPUs in groups of 8.
+    With fewer users, groups of 8 hold them and are taken: they decode faster."""
+    spec, h100 = load_preset("qwen3-30b-a3b"), load_gpu("h100-sxm")
+    usable = h100.hbm_bytes * G.HBM_USABLE_FRACTION
+    weights, kv = spec.param_count() * 2, 2 * spec.n_layers * spec.kv_dim * 2 * 32768 * 256
+    assert 16 * usable > weights + kv > 8 * usable and 16 * usable < weights + 2 * kv
+    assert G.gpus_needed(spec, h100, "bf16", 32768, 256) == 16
+    t = G.gpu_timing(spec, h100, "bf16", context=32768, users=256)
+    assert (t.gpus, t.tensor_parallel, t.pipeline_stages) == (16, 4, 4)
+    assert t.kv_bytes_per_gpu * 16 == pytest.approx(kv)
+    fewer = G.gpu_timing(spec, h100, "bf16", context=32768, users=64, gpus=16)
+    assert fewer.tensor_parallel == 8
+
+
 def test_fewest_gpus_that_hold_the_model():
     spec, h100 = load_preset("llama-2-70b"), load_gpu("h100-sxm")
     assert G.gpus_needed(spec, h100, "fp16", 4096, 1) == 2  # 138 GB of weights: two 80 GB GPUs
@@ -184,8 +217,10 @@ def test_tp_wider_than_the_kv_heads_copies_each_head_as_the_lpu_does():
     llama = load_preset("llama-3.1-8b")
     assert G.gpu_timing(llama, h100, "int8", context=8192, gpus=4).kv_bytes_per_gpu == pytest.approx(
         G.kv_bytes(llama, "int8", 8192, 1) / 4)
-    with pytest.raises(OpenLPUError, match="KV cache of at most"):  # 4 copies leave room for as few users
-        G.gpu_timing(spec, h100, "int8", context=32768, users=2 * one.max_users, gpus=4)
+    # 4 copies leave room for as few users, so twice as many take narrower groups, holding fewer copies
+    more = G.gpu_timing(spec, h100, "int8", context=32768, users=2 * one.max_users, gpus=4)
+    assert more.tensor_parallel < 4 and more.kv_bytes_per_gpu * 4 == pytest.approx(
+        G.kv_head_copies(spec, more.tensor_parallel) * G.kv_bytes(spec, "int8", 32768, 2 * one.max_users))
     step = lower(spec, "decode", seq_len=32768, batch=1, precision="int8", kv_precision=serving_precision("int8"))
 
     def reading_s(tp: int, ops) -> float:  # those ops of the step alone: each GPU reads its copy of the head

@@ -23,8 +23,10 @@ Llama 4 Scout on one B200) runs slower than the roofline of its experts by a cos
 Tensor parallelism over NVLink divides the sharded ops and adds two all-reduces per layer
 (Megatron-style: after attention and after the MLP); servers beyond one NVLink domain form pipeline
 stages, and so do groups inside a server when a wider TP group would not hold whole attention heads
-(3 GPUs for Llama's 64 query and 8 KV heads: 3 stages of 1). A group wider than the KV heads copies
-each head, its projections and its cache onto tp / n_kv_heads GPUs, each reading its copy. The KV cache
+(3 GPUs for Llama's 64 query and 8 KV heads: 3 stages of 1). The users of a pipeline are split into a
+micro-batch per stage, each stage working on one while the others work on theirs (micro_batches). A group
+wider than the KV heads copies each head, its projections and its cache onto tp / n_kv_heads GPUs, each
+reading its copy, so the TP width is the widest whose copies leave room for the KV cache (layout). The KV cache
 that `users` x `context` needs must fit in the HBM the weights leave free: that caps the batch. The KV
 cache is held in the weight precision, but never below 8 bits (graph.lower.serving_precision), and
 attention does its math in the KV cache's precision.
@@ -83,6 +85,7 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from openlpu.errors import OpenLPUError, check_count
@@ -144,8 +147,9 @@ class GpuTiming:
     kv_bytes_per_gpu: float
     hbm_used_fraction: float
     max_users: int  # at this context, the most users whose KV cache fits beside the weights
+    micro_batch: int  # users per decode step: a pipeline's users split into a micro-batch per stage
     ttft_s: float
-    decode_step_s: float
+    decode_step_s: float  # between a user's tokens: one micro-batch's pass through every stage
     tokens_per_s_per_user: float
     throughput_tokens_per_s: float
     power_w: float
@@ -215,6 +219,21 @@ def step_s(spec: ModelSpec, ops, gpu: GpuSpec, precision: str, tp: int, stages: 
     return compute + comms + moe_dispatch_s(spec, tokens) + (stages - 1) * PIPELINE_HOP_S
 
 
+def micro_batches(sequences: int, stages: int) -> tuple[int, int]:
+    """(micro-batches, sequences in each) of `sequences` in a pipeline of `stages`: one per stage (fewer with fewer
+    sequences), each stage working on one while the others work on theirs (vLLM's virtual engines, TensorRT-LLM's
+    pipeline micro-batches). A sequence's next token waits for its micro-batch to pass every stage, so a decode
+    step's period is one micro-batch's pass, and a pipeline adds throughput as a replica would."""
+    count = min(sequences, stages)
+    return count, -(-sequences // count)
+
+
+def pipelined_s(step: float, count: int, stages: int) -> float:
+    """Wall time for `count` micro-batches to pass once through `stages` even stages, each micro-batch's pass
+    taking `step`: the last enters after count - 1 stage times, then passes."""
+    return step * (count + stages - 1) / stages
+
+
 def moe_dispatch_s(spec: ModelSpec, tokens: int) -> float:
     """What serving a pass of `tokens` through the MoE layers costs beyond their experts' roofline:
     MOE_S_PER_TOKEN per token and MoE layer, on every GPU of a TP group, as each routes all the tokens."""
@@ -257,10 +276,19 @@ def kv_bytes(spec: ModelSpec, precision: str, context: int, users: int) -> float
     return 2 * spec.kv_dim * kv_bytes_per_element * positions * users
 
 
-def layout(spec: ModelSpec, gpus: int, gpu: GpuSpec) -> tuple[int, int]:
-    """(tensor parallel, pipeline stages): TP inside one NVLink server, as wide as divides the GPUs and
-    splits the attention heads (ModelSpec.splits_heads), and its groups in a pipeline."""
-    tp = max(t for t in range(1, min(gpus, gpu.gpus_per_server) + 1) if gpus % t == 0 and spec.splits_heads(t))
+def tp_choices(spec: ModelSpec, gpus: int, gpu: GpuSpec) -> list[int]:
+    """TP widths `gpus` GPUs can take, widest first: inside one NVLink server, dividing the GPUs and splitting
+    the attention heads (ModelSpec.splits_heads)."""
+    return [t for t in range(min(gpus, gpu.gpus_per_server), 0, -1) if gpus % t == 0 and spec.splits_heads(t)]
+
+
+def layout(spec: ModelSpec, gpus: int, gpu: GpuSpec, holds: Callable[[int], bool] | None = None) -> tuple[int, int]:
+    """(tensor parallel, pipeline stages): TP as wide as tp_choices allows, or, given `holds` (whether groups of a
+    width hold what they must), the widest that holds it; its groups in a pipeline. A group wider than the KV
+    heads holds copies of them and their cache (kv_head_copies), so a narrower one can hold more users on the
+    same GPUs."""
+    widths = tp_choices(spec, gpus, gpu)
+    tp = next((t for t in widths if holds(t)), widths[0]) if holds else widths[0]
     return tp, gpus // tp
 
 
@@ -276,12 +304,13 @@ def _checked_count(spec: ModelSpec, gpu: GpuSpec, precision: str, gpus: int) -> 
     if gpus > per_server and gpus % per_server:
         raise OpenLPUError(f"{gpus} {gpu.name} GPUs do not fill whole servers of {per_server}; use at most "
                            f"{per_server}, or a multiple of {per_server}")
-    tp, stages = layout(spec, gpus, gpu)
+    per_gpu = gpu.hbm_bytes * HBM_USABLE_FRACTION
+    tp, stages = layout(spec, gpus, gpu, lambda t: held_bytes(spec, precision, 1, 0, t)[0] <= gpus * per_gpu)
     if stages > spec.n_layers:  # a pipeline stage holds at least one layer
         raise OpenLPUError(f"{gpus:,} {gpu.name} GPUs make {stages:,} pipeline stages of TP {tp}, more than "
                            f"{spec.name}'s {spec.n_layers} layers; use at most {spec.n_layers * tp:,}")
     weights, _ = held_bytes(spec, precision, 1, 0, tp)
-    if weights > gpus * gpu.hbm_bytes * HBM_USABLE_FRACTION:
+    if weights > gpus * per_gpu:
         raise OpenLPUError(f"{gpus} x {gpu.name} cannot hold {spec.name}'s {weights / 1e9:.1f} GB of {precision} "
                            f"weights; it needs at least {gpus_needed(spec, gpu, precision, 1, 1)} GPUs")
     return gpus
@@ -289,11 +318,12 @@ def _checked_count(spec: ModelSpec, gpu: GpuSpec, precision: str, gpus: int) -> 
 
 def gpus_needed(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, users: int,
                 max_gpus: int = 1024, beside: ModelSpec | None = None) -> int:
-    """Fewest GPUs (1, 2, 4, 8, then whole servers) whose HBM holds the weights and the KV cache, in the
-    layout's TP groups (held_bytes), and those of `beside` (a draft sharing the GPUs); at most `max_gpus`, in
-    no more pipeline stages than the model has layers."""
-    def need(n: int) -> float:
-        return sum(sum(held_bytes(s, precision, context, users, layout(s, n, gpu)[0])) for s in (spec, beside) if s)
+    """Fewest GPUs (1, 2, 4, 8, then whole servers) whose HBM holds the weights and the KV cache in TP groups
+    of some width they can take (held_bytes), and those of `beside` (a draft sharing the GPUs, in its widest
+    groups); at most `max_gpus`, in no more pipeline stages than the model has layers."""
+    def need(n: int) -> float:  # in the TP groups that hold the least
+        draft = sum(held_bytes(beside, precision, context, users, layout(beside, n, gpu)[0])) if beside else 0.0
+        return draft + min(sum(held_bytes(spec, precision, context, users, t)) for t in tp_choices(spec, n, gpu))
 
     per_gpu = gpu.hbm_bytes * HBM_USABLE_FRACTION
     n = 1
@@ -322,10 +352,11 @@ def gpu_timing(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, user
                            f"attends at most the tokens each user holds; lower it or raise the context")
     gpus = gpus_needed(spec, gpu, precision, context, users) if gpus is None else _checked_count(
         spec, gpu, precision, gpus)
-    tp, stages = layout(spec, gpus, gpu)
+    per_gpu = gpu.hbm_bytes * HBM_USABLE_FRACTION
+    tp, stages = layout(spec, gpus, gpu, lambda t: sum(held_bytes(spec, precision, context, users, t)) <= gpus * per_gpu)
     weights, kv_per_user = held_bytes(spec, precision, context, 1, tp)
     w_bytes, kv = weights / gpus, kv_per_user / gpus
-    free = gpu.hbm_bytes * HBM_USABLE_FRACTION - w_bytes
+    free = per_gpu - w_bytes
     max_users = int(free // kv) if free > 0 else 0
     if users > max_users:
         raise OpenLPUError(
@@ -333,10 +364,11 @@ def gpu_timing(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, user
             f"{context}, not {users}; add GPUs or lower --users / --context")
 
     kv_format = serving_precision(precision)
-    decode_ops = lower(spec, "decode", seq_len=decode_context, batch=users, precision=precision, kv_precision=kv_format,
+    _, batch = micro_batches(users, stages)
+    decode_ops = lower(spec, "decode", seq_len=decode_context, batch=batch, precision=precision, kv_precision=kv_format,
                        queries=queries)
     prefill_ops = lower(spec, "prefill", seq_len=prompt_tokens, batch=1, precision=precision, kv_precision=kv_format)
-    decode = paced_decode_s(step_s(spec, decode_ops, gpu, precision, tp, stages, users * queries, software), users,
+    decode = paced_decode_s(step_s(spec, decode_ops, gpu, precision, tp, stages, batch * queries, software), users,
                             software)
     ttft = step_s(spec, prefill_ops, gpu, precision, tp, stages, prompt_tokens, software)
     power = gpu_servers(gpu, gpus) * gpu.server_power_w * LOAD_POWER_FRACTION
@@ -344,7 +376,7 @@ def gpu_timing(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, user
     return GpuTiming(
         gpu=gpu.name, gpus=gpus, tensor_parallel=tp, pipeline_stages=stages, users=users,
         context=context, weight_bytes_per_gpu=w_bytes, kv_bytes_per_gpu=kv * users,
-        hbm_used_fraction=(w_bytes + kv * users) / gpu.hbm_bytes, max_users=max_users,
+        hbm_used_fraction=(w_bytes + kv * users) / gpu.hbm_bytes, max_users=max_users, micro_batch=batch,
         ttft_s=ttft, decode_step_s=decode, tokens_per_s_per_user=1 / decode,
         throughput_tokens_per_s=throughput, power_w=power, energy_per_token_j=power / throughput)
 
@@ -352,15 +384,16 @@ def gpu_timing(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, user
 def offline_steps_s(spec: ModelSpec, gpu: GpuSpec, precision: str, gpus: int, batch: int, input_tokens: int,
                     output_tokens: int, software: str = DEFAULT_SOFTWARE) -> tuple[float, float]:
     """(prefill of `batch` prompts, one decode step on the GPU alone, attending input + output/2 cached
-    tokens on average) of offline_run_s's static batch."""
+    tokens on average) of offline_run_s's static batch, in micro-batches through a pipeline's stages."""
     _check_sizes(input_tokens=input_tokens, batch=batch, output_tokens=output_tokens)
     tp, stages = layout(spec, gpus, gpu)
+    count, each = micro_batches(batch, stages)
     kv_format = serving_precision(precision)
-    prefill = lower(spec, "prefill", seq_len=input_tokens, batch=batch, precision=precision, kv_precision=kv_format)
-    decode = lower(spec, "decode", seq_len=input_tokens + output_tokens // 2, batch=batch, precision=precision,
+    prefill = lower(spec, "prefill", seq_len=input_tokens, batch=each, precision=precision, kv_precision=kv_format)
+    decode = lower(spec, "decode", seq_len=input_tokens + output_tokens // 2, batch=each, precision=precision,
                    kv_precision=kv_format)
-    return (step_s(spec, prefill, gpu, precision, tp, stages, batch * input_tokens, software),
-            step_s(spec, decode, gpu, precision, tp, stages, batch, software))
+    return (pipelined_s(step_s(spec, prefill, gpu, precision, tp, stages, each * input_tokens, software), count, stages),
+            step_s(spec, decode, gpu, precision, tp, stages, each, software))
 
 
 def offline_run_s(spec: ModelSpec, gpu: GpuSpec, precision: str, gpus: int, batch: int,

@@ -252,7 +252,7 @@ def gpu_row(spec: ModelSpec, gpu_name: str, precision: str, context: int, users:
     c = cost(gpu_capex(gpu, t.gpus), t.power_w, throughput, assumptions)
     peak_flops_per_s = gpu.compute_flops_per_s(precision) * t.gpus
     return PlanRow(system=gpu.name, kind="gpu", chips=t.gpus, chips_asked=None, chips_idle=0,
-                   layout=f"{t.pipeline_stages} x TP {t.tensor_parallel}", users=users, users_per_step=users,
+                   layout=f"{t.pipeline_stages} x TP {t.tensor_parallel}", users=users, users_per_step=t.micro_batch,
                    memory="HBM",
                    memory_used_fraction=memory, tokens_per_s_per_user=per_user,
                    ttft_s=ttft, throughput_tokens_per_s=throughput, power_w=t.power_w,
