@@ -189,6 +189,24 @@ def test_fewest_gpus_that_hold_the_model():
     assert G.gpus_needed(spec, load_gpu("h200"), "fp16", 4096, 1) == 2
 
 
+def test_the_fewest_gpus_of_a_server_that_is_not_a_power_of_two(tmp_path):
+    """A server of 6 H100s: Llama 3.1 405B at bf16 (812 GB) needs 12 of them, two whole servers (1, 2, 4, 6, then
+    servers); the counts before went 4, 8, 14, and 14, which fills no whole servers, was refused when given."""
+    from openlpu.hardware.gpu import load_gpu as load
+
+    six = load(_edited(tmp_path, lambda d: d["gpus_per_server"].update(value=6)))
+    spec = load_preset("llama-3.1-405b")
+    usable = six.hbm_bytes * G.HBM_USABLE_FRACTION
+    assert 6 * usable < spec.param_count() * 2 < 12 * usable
+    assert G.gpus_needed(spec, six, "bf16", 1024, 1) == 12
+    assert G.gpu_timing(spec, six, "bf16", context=1024).gpus == 12
+
+
+def test_math_wider_than_a_gpu_preset_gives_is_refused():
+    with pytest.raises(OpenLPUError, match="h100-sxm gives no tensor throughput for fp32 math"):
+        G.gpu_timing(load_preset("llama-3.1-8b"), load_gpu("h100-sxm"), "fp32", context=1024)
+
+
 def test_kv_cache_capacity_limits_the_batch():
     spec, h100 = load_preset("llama-2-70b"), load_gpu("h100-sxm")
     t = G.gpu_timing(spec, h100, "fp8", context=4096, gpus=8)

@@ -484,6 +484,7 @@ def test_a_gguf_file_plans_as_its_preset(gemma_path):
     (["llama-2-70b", "--system", "lpu-v2x"], "unknown LPU system"),
     (["llama-2-70b", "--compare", "h100"], "did you mean"),
     (["llama-2-70b", "--precision", "fp5"], "unknown precision"),
+    (["llama-2-70b", "--system", "", "--precision", "fp32"], "h100-sxm gives no tensor throughput for fp32 math"),
     (["llama-2-70b", "--context", "100000"], "context window"),
     (["llama-2-70b", "--context", "0"], "positive"),
     (["llama-2-70b", "--users", "-3"], "positive"),

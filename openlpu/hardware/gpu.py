@@ -34,8 +34,15 @@ class GpuSpec:
     def compute_flops_per_s(self, precision: str) -> float:
         """Tensor throughput for math in `precision`; weight-only formats the GPU has no units for
         (e.g. fp8 on A100, int4 anywhere) run their math in bf16 after dequantising, as
-        TensorRT-LLM's weight-only kernels do."""
-        return self.dense_flops_per_s.get(precision, self.dense_flops_per_s["bf16"])
+        TensorRT-LLM's weight-only kernels do. Wider math than bf16 (fp32) the preset gives no rate for."""
+        from openlpu.graph.lower import as_precision
+
+        if precision in self.dense_flops_per_s:
+            return self.dense_flops_per_s[precision]
+        if as_precision(precision).bytes_per_element > 2:
+            raise OpenLPUError(f"{self.name} gives no tensor throughput for {precision} math (it gives "
+                               f"{', '.join(self.dense_flops_per_s)}); choose --precision bf16 or narrower")
+        return self.dense_flops_per_s["bf16"]
 
 
 def gpu_names() -> list[str]:

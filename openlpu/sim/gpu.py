@@ -318,9 +318,9 @@ def _checked_count(spec: ModelSpec, gpu: GpuSpec, precision: str, gpus: int) -> 
 
 def gpus_needed(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, users: int,
                 max_gpus: int = 1024, beside: ModelSpec | None = None) -> int:
-    """Fewest GPUs (1, 2, 4, 8, then whole servers) whose HBM holds the weights and the KV cache in TP groups
-    of some width they can take (held_bytes), and those of `beside` (a draft sharing the GPUs, in its widest
-    groups); at most `max_gpus`, in no more pipeline stages than the model has layers."""
+    """Fewest GPUs (1, 2, 4 ... up to a server's, then whole servers) whose HBM holds the weights and the KV
+    cache in TP groups of some width they can take (held_bytes), and those of `beside` (a draft sharing the
+    GPUs, in its widest groups); at most `max_gpus`, in no more pipeline stages than the model has layers."""
     def need(n: int) -> float:  # in the TP groups that hold the least
         draft = sum(held_bytes(beside, precision, context, users, layout(beside, n, gpu)[0])) if beside else 0.0
         return draft + min(sum(held_bytes(spec, precision, context, users, t)) for t in tp_choices(spec, n, gpu))
@@ -328,7 +328,7 @@ def gpus_needed(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, use
     per_gpu = gpu.hbm_bytes * HBM_USABLE_FRACTION
     n = 1
     while n * per_gpu < need(n):
-        n = n * 2 if n < gpu.gpus_per_server else n + gpu.gpus_per_server
+        n = min(2 * n, gpu.gpus_per_server) if n < gpu.gpus_per_server else n + gpu.gpus_per_server
         if n > max_gpus or layout(spec, n, gpu)[1] > spec.n_layers:
             raise OpenLPUError(
                 f"{spec.name} at {precision} with {users} user(s) x {context} tokens needs {need(n) / 1e9:,.0f} GB: "
