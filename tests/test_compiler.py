@@ -1315,6 +1315,35 @@ def test_a_mixture_of_experts_takes_expert_rows_where_they_place_it_better():
     assert verify(program) == [] and verify(mixtral) == []
 
 
+def test_a_wider_width_is_tried_on_its_own_fewest_chips():
+    """Llama 4 Scout: its fewest chips, in groups of 8 by d_ff rows, are 592 (74 stages); 13 groups of 40 hold it
+    by expert rows on 520, and decode 3x as fast. The compiler takes those: a width wider than its own is also
+    tried on the fewest chips that hold the model in such groups, where those are fewer. Given TP 40, the same
+    520, not the 640 that d_ff rows take in groups of 40: a token costs less chip time there (chips x the period
+    between a user's tokens, a few percent longer on a fifth fewer chips); 480 chips are refused, naming 520.
+    Given TP 8, expert rows take 496 chips, again for less chip time a token than the 592 of d_ff rows."""
+    from openlpu.compiler.partition import fewest_chips
+    from openlpu.compiler.schedule import decode_period_cycles
+
+    spec, workload = load_preset("llama-4-scout"), Workload()
+    rows = [fewest_chips(spec, SYSTEM, dataclasses.replace(workload, prefill_chunk=256), widths=[t], cuts=(False,))
+            for t in (8, 40)]
+    assert [t * stages for t, stages, _ in rows] == [592, 640]
+    program = compile_program(spec, SYSTEM, workload)
+    assert (program.chips, program.placement.tp, program.placement.experts) == (520, 40, True)
+    assert compile_program(spec, SYSTEM, workload, tp=40).sha256() == program.sha256() and verify(program) == []
+    narrow = compile_program(spec, SYSTEM, workload, chips=592, tp=8)
+    assert timing(program).tokens_per_s_per_user > 3 * timing(narrow).tokens_per_s_per_user
+    with pytest.raises(OpenLPUError, match=r"it needs at least 520 chips \(--chips 520\)"):
+        compile_program(spec, SYSTEM, workload, chips=480, tp=40)
+
+    def chip_time(p):
+        return p.chips * decode_period_cycles(SYSTEM, p.decode, 1)
+    for t, fewest, by_rows in ((40, program, 640), (8, compile_program(spec, SYSTEM, workload, tp=8), 592)):
+        on_more = compile_program(spec, SYSTEM, workload, chips=by_rows, tp=t)  # the compiler's best on them
+        assert fewest.placement.experts and fewest.chips < by_rows and chip_time(fewest) < chip_time(on_more)
+
+
 def test_only_a_split_attentions_last_part_reserves_what_it_alone_holds():
     """An attention split along its KV slots: only its last part holds the output projection, which acts on the
     merged result (place), so only that part reserves it. Every part did: Llama 3.3 70B with 64 users of 8,192

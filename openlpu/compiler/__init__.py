@@ -12,6 +12,7 @@ from openlpu.compiler.partition import (
     check_chips,
     fewest_chips,
     kv_slots,
+    mlp_cuts,
     most_chips,
     partition,
     piece_homes,
@@ -99,16 +100,19 @@ def _by_expert_rows(spec: ModelSpec, system: SystemSpec, workload: Workload, tp:
                     templates: dict) -> tuple[Placement, PhaseSchedule, float]:
     """`best` (a mixture of experts placed on the fewest chips fewest_chips finds, with its MLPs cut by d_ff rows
     where they place it), or the placement on the fewest chips that hold it cut by expert rows, where those are
-    fewer and decode no slower (_places_better).
+    fewer and a token costs no more chip time on them (chips x the period between a user's tokens).
     Rows come first (every chip of a stage gets the same share of a layer's work whatever the routing), and the
     chips they take can arrange in wider groups: Mixtral 8x7B on 224 chips in groups of 32 decodes 3x as fast as
-    on the 216 that hold it by expert rows, in groups of 8. But where expert rows take fewer chips in groups as
-    fast, rows cost chips for nothing (gpt-oss-20b: 96 in 3 groups of 32 against 104 in 13 of 8, 3x slower)."""
+    on the 216 that hold it by expert rows, in groups of 8, so a token costs a third of the chip time. But where
+    expert rows take fewer chips in groups as fast, rows cost chips for nothing (gpt-oss-20b: 96 in 3 groups of
+    32 against 104 in 13 of 8, 3x slower); and a few percent slower on a fifth fewer chips is cheaper per token
+    (Llama 4 Scout in groups of 40: 520 chips at 609 tok/s per user, against 640 at 645)."""
     found = fewest_chips(spec, system, workload, widths=tp_widths(spec, system, tp), cuts=(True,))
     if found is None or found[0] * found[1] >= len(best[0].chips):
         return best
     other = _placed(spec, system, workload, found[0] * found[1], tp, templates)
-    return other if _places_better(other, best, given=False) else best
+    fewer = len(other[0].chips) < len(best[0].chips)
+    return other if fewer and len(other[0].chips) * other[2] <= len(best[0].chips) * best[2] else best
 
 
 def _chunked(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None, tp: int | None,
@@ -200,27 +204,29 @@ def _wider_groups(spec: ModelSpec, system: SystemSpec, workload: Workload, chips
     """`best` (_arranged's placement on `chips` chips, its decode step and period; None: they arrange in no
     width), or one in wider TP groups where that decodes faster: on the same chips, the widths that divide
     them, or, with `idle`, each width on the most of the chips it divides (or on as many as the model's
-    pieces take in such groups, where those are fewer) and on the fewest chips that hold the model in such
-    groups. A wider group installs each matrix over more chips, and installs bound a decode step, at the
-    cost of all-reduces, over global links where the group spans nodes, which grow with the users a step
-    carries; a few idle chips cost less than narrow groups on all of them (Llama 3.3 70B on 577 chips, a
-    prime, arranges only as 577 stages of one chip, and decodes 14x faster on 448 in groups of 64). The
-    widths are tried from the widest down while each decodes faster than the one before (the step is
-    shortest where the all-reduces cost about what the wider installs save), each in its fastest
-    arrangement."""
-    widths = [t for t in tp_candidates(spec, system) if (idle or chips % t == 0) and (best is None or t > best[0].tp)]
+    pieces take in such groups, where those are fewer); and each width on the fewest chips that hold the
+    model in such groups, where those are fewer (Llama 4 Scout's fewest chips, 592, hold 74 groups of 8; 520
+    hold 13 groups of 40 by expert rows, 3x as fast). A wider group installs each matrix over more chips, and
+    installs bound a decode step, at the cost of all-reduces, over global links where the group spans nodes,
+    which grow with the users a step carries; a few idle chips cost less than narrow groups on all of them
+    (Llama 3.3 70B on 577 chips, a prime, arranges only as 577 stages of one chip, and decodes 14x faster on
+    448 in groups of 64). The widths are tried from the widest down while each decodes faster than the one
+    before (the step is shortest where the all-reduces cost about what the wider installs save), each in its
+    fastest arrangement."""
+    widths = [t for t in tp_candidates(spec, system) if best is None or t > best[0].tp]
     # most_chips (0.05-0.6 s) only at the first width whose groups the chips outnumber the pieces for
     most = functools.cache(lambda: most_chips(spec, system, workload, 1, tp_candidates(spec, system))) if idle else None
     previous = None
     for t in sorted(widths, reverse=True):
-        candidate = _arranged_within(spec, system, workload, chips, t, templates, most)
+        candidate = _arranged_within(spec, system, workload, chips, t, templates, most) if idle or chips % t == 0 \
+            else None
         if candidate is not None:
             if previous is not None and candidate[2] >= previous:
                 break
             best, previous = _faster(best, candidate), candidate[2]
-        if idle:  # the fewest chips that hold the model in such groups may decode faster still
-            than = len(candidate[0].chips) if candidate else chips - chips % t
-            best = _faster(best, _on_fewest(spec, system, workload, t, than, templates))
+        # the fewest chips that hold the model in such groups may decode faster still
+        than = len(candidate[0].chips) if candidate else chips - chips % t
+        best = _faster(best, _on_fewest(spec, system, workload, t, than, templates))
     return best
 
 
@@ -237,13 +243,15 @@ def _arranged_within(spec: ModelSpec, system: SystemSpec, workload: Workload, ch
 
 def _on_fewest(spec: ModelSpec, system: SystemSpec, workload: Workload, t: int, than: int,
                templates: dict) -> tuple[Placement, PhaseSchedule, float] | None:
-    """_arranged on the fewest chips that hold the model in groups of t (fewest_chips), where those are fewer
-    than `than`; else None. A step can be shortest there: in groups wide enough, a stage more adds a hop and
-    saves little (Llama 3.3 70B in groups of 64: 1,016 tok/s on 7 stages, 1,010 on 9, 995 on 15)."""
-    found = fewest_chips(spec, system, workload, widths=[t])
-    if found is None or found[0] * found[1] >= than:
+    """_arranged on the fewest chips that hold the model in groups of t (fewest_chips, its MLPs cut by d_ff rows
+    or, for a mixture of experts, by expert rows, whichever takes fewer), where those are fewer than `than`;
+    else None. A step can be shortest there: in groups wide enough, a stage more adds a hop and saves little
+    (Llama 3.3 70B in groups of 64: 1,016 tok/s on 7 stages, 1,010 on 9, 995 on 15)."""
+    found = [f[0] * f[1] for cut in mlp_cuts(spec)
+             if (f := fewest_chips(spec, system, workload, widths=[t], cuts=(cut,))) is not None]
+    if not found or min(found) >= than:
         return None
-    return _arranged_on(spec, system, workload, found[0] * found[1], t, templates)
+    return _arranged_on(spec, system, workload, min(found), t, templates)
 
 
 def _arranged_on(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int, t: int,

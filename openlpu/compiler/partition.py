@@ -1089,7 +1089,10 @@ def tp_widths(spec: ModelSpec, system: SystemSpec, tp: int | None) -> list[int]:
 def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None, decode_rows: int,
             widths: list[int]) -> OpenLPUError:
     cap = system.chip.sram_bytes
-    best = fewest_chips(spec, system, workload, decode_rows, widths)
+    # MLPs cut by d_ff rows, or by expert rows where a mixture of experts takes fewer chips so
+    best = min((found for cut in mlp_cuts(spec)
+                if (found := fewest_chips(spec, system, workload, decode_rows, widths, (cut,))) is not None),
+               key=lambda found: found[0] * found[1], default=None)
     what = (f"{spec.name} ({workload.weights} weights, context {workload.context_length}, "
             f"{workload.users} user(s){'' if len(widths) > 1 else f', TP {widths[0]}'})")
     if best is None and (beyond := _chips_beyond_largest(spec, system, workload, decode_rows, widths)) is not None:
