@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from openlpu.errors import OpenLPUError
+from openlpu.words import counted, significant
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="OpenLPU: compile models for SRAM-only LPU systems, simulate and run them.")
@@ -53,7 +53,8 @@ def _compiling(model: str, system: str, prompt: int, chunk: int | None):
     if not system:
         return nullcontext()
     # a chunk below 1 is refused by the command, after this
-    waves = " in chunks the compiler chooses" if chunk is None else f" in {-(-prompt // max(chunk, 1)):,} chunk(s)"
+    waves = (" in chunks the compiler chooses" if chunk is None
+             else f" in {counted(-(-prompt // max(chunk, 1)), 'chunk')}")
     return Console(stderr=True).status(f"compiling {model} for {system}: placement, one decode step and a "
                                        f"{prompt:,}-token prefill{waves}")
 
@@ -96,11 +97,11 @@ def serve(
                                     "are in x_openlpu)"),
 ):
     """A GroqCloud-compatible API (/openai/v1/...) and a chat playground at /."""
+    import uvicorn
+
     from openlpu.serve.app import ServeSettings, create_app
     from openlpu.serve.lpu import program_hook
     from openlpu.serve.ratelimit import KeyLimits, load_keys_file
-
-    import uvicorn
 
     if max_batch < 1 or max_queue < 0:
         raise OpenLPUError("--max-batch must be at least 1 and --max-queue at least 0")
@@ -114,7 +115,7 @@ def serve(
                   f"this Program (simulated figures in x_openlpu)")
     settings = ServeSettings(api_keys=keys, requests_per_minute=rpm, tokens_per_minute=tpm,
                              max_queue=max_queue, simulated_lpu=program_hook(program))
-    access = (f"{len(keys)} API key(s) accepted" if keys else
+    access = (f"{counted(len(keys), 'API key')} accepted" if keys else
               "[bold yellow]no API keys: the server is open to anyone who can reach it[/]")
     console.print(f"serving [bold]{engine.model_name}[/] at http://{host}:{port}  ({access})\n"
                   f"  API: http://{host}:{port}/openai/v1   playground: http://{host}:{port}/")
@@ -197,7 +198,7 @@ def plan(
                          draft=draft, draft_tokens=draft_tokens, acceptance=acceptance, gpu_software=gpu_software,
                          decode_context=decode_context, prefill_chunk=prefill_chunk)
     if plot_file is not None:
-        plot(rows, plot_file, f"{spec.name}, {precision}, {_users(users)} x {context} tokens")
+        plot(rows, plot_file, f"{spec.name}, {precision}, {_users(users)} x {context:,} tokens")
     if json_out:
         print(json.dumps([r.to_dict() for r in rows], indent=1))
         return
@@ -223,7 +224,7 @@ def plan(
               "every TP width, each on its fewest)."
               if system and chips is None and tp is None else "")
     idle = dict.fromkeys(_idle_note(r.chips_asked, r.chips_asked - r.chips_idle) for r in rows if r.chips_idle)
-    table = Table(title=f"{spec.name} at {formats}, {_users(users)} x {context} tokens of context",
+    table = Table(title=f"{spec.name} at {formats}, {_users(users)} x {context:,} tokens of context",
                   caption=f"tok/s: {_attending(context, decode_context)}.{speculating}{kernels} TTFT: "
                           f"the prefill of a {prompt:,}-token prompt{waves}. $ per M tokens: capex over {a.years:g} "
                           f"years plus power at ${a.usd_per_kwh:.2f}/kWh (PUE {a.pue:g}), serving "
@@ -237,17 +238,17 @@ def plan(
         "stages x TP": lambda r: r.layout.replace(" x TP ", " x "),
         **({"users": lambda r: f"{r.users:,}"} if len(set(users)) > 1 else {}),
         "users per step": lambda r: f"{r.users_per_step:,}",
-        "memory used": lambda r: f"{r.memory_used_fraction:.0%} of {r.memory}",
+        "memory used": lambda r: f"{significant(r.memory_used_fraction * 100, 2)}% of {r.memory}",
         "tok/s per user": lambda r: f"{r.tokens_per_s_per_user:,.0f}",
         "TTFT (ms)": lambda r: f"{r.ttft_s * 1e3:,.1f}",
         **({"prefill chunk": lambda r: f"{r.prefill_chunk:,}" if r.prefill_chunk else "-"}
            if several_chunks else {}),
         "throughput (tok/s)": lambda r: f"{r.throughput_tokens_per_s:,.0f}",
         "power (kW)": lambda r: f"{r.power_w / 1e3:,.1f}",
-        "energy (J/token)": lambda r: _significant(r.energy_per_token_j),
+        "energy (J/token)": lambda r: significant(r.energy_per_token_j),
         "compute used (MFU)": lambda r: f"{r.compute_used_fraction * 100:.2g}%",
-        "capex ($M)": lambda r: _significant(r.capex_usd / 1e6),
-        "$ per M tokens": lambda r: _significant(r.usd_per_million_tokens),
+        "capex ($M)": lambda r: significant(r.capex_usd / 1e6),
+        "$ per M tokens": lambda r: significant(r.usd_per_million_tokens),
     }
     for label, cell in figures.items():
         table.add_row(label, *(cell(r) for r in rows))
@@ -256,18 +257,11 @@ def plan(
         console.print(f"chart written to {plot_file}")
 
 
-def _significant(value: float, digits: int = 3) -> str:
-    """`value` to `digits` significant figures, written out (0.0115, 29.8, 1,013): cents would hide a cheap
-    model's cost and energy, as a fixed two decimals did (0.01 against 0.04 J per token)."""
-    decimals = max(0, digits - 1 - math.floor(math.log10(abs(value)))) if value else 0
-    return f"{value:,.{decimals}f}"
-
-
 def _users(counts: tuple[int, ...]) -> str:
-    """'1 user(s)', or '1, 8 or 64 users' for several (a column each)."""
+    """'1 user', or '1, 8 or 64 users' for several (a column each)."""
     counts = tuple(dict.fromkeys(counts))
     if len(counts) == 1:
-        return f"{counts[0]:,} user(s)"
+        return counted(counts[0], "user")
     return f"{', '.join(f'{n:,}' for n in counts[:-1])} or {counts[-1]:,} users"
 
 
@@ -328,20 +322,23 @@ def compile_cmd(
         program = compile_program(spec, load_system(system), workload, chips, tp)
         digest = program.save(output)
         violations, t = verify(program), timing(program)
-    console.print(f"[bold]{spec.name}[/] on {program.system.name}: {t.chips:,} chips = {t.stages:,} pipeline stage(s) x "
-                  f"TP {t.tp}; weights {precision}, activations {workload.activations}, KV cache {kv}; "
-                  f"SRAM {t.sram_used_bytes / 1e9:.2f} GB "
+    console.print(f"[bold]{spec.name}[/] on {program.system.name}: {t.chips:,} chips = "
+                  f"{counted(t.stages, 'pipeline stage')} x TP {t.tp}; weights {precision}, activations "
+                  f"{workload.activations}, KV cache {kv}; SRAM {t.sram_used_bytes / 1e9:.2f} GB "
                   f"({t.sram_used_fraction:.0%} of the chips used)")
     if chips is not None and t.chips < chips:
         console.print(_idle_note(chips, t.chips))
     rate = "tok/s" if not draft_tokens else "steps/s"  # a verifying step yields 1 to draft_tokens + 1 tokens
     console.print(f"decode step attending {workload.attended_context:,} tokens: makespan "
-                  f"{program.decode.makespan_cycles:,} cycles = {t.decode_latency_s * 1e6:,.1f} us "
-                  f"({t.tokens_per_s_per_user:,.0f} {rate} per user, {t.throughput_tokens_per_s:,.0f} {rate} with "
-                  f"{users} user(s), {t.micro_batch} per step); prefill of {workload.prompt_len:,} tokens in chunks of "
+                  f"{program.decode.makespan_cycles:,} cycles = {t.decode_latency_s * 1e6:,.1f} us; each user's next "
+                  f"{'token' if not draft_tokens else 'step'} every {1e6 / t.tokens_per_s_per_user:,.1f} us "
+                  f"({t.tokens_per_s_per_user:,.0f} {rate} per user, "
+                  f"{t.throughput_tokens_per_s:,.0f} {rate} with {counted(users, 'user')}, {t.micro_batch} per step); "
+                  f"prefill of {workload.prompt_len:,} tokens in chunks of "
                   f"{program.workload.prefill_chunk:,}{'' if prefill_chunk else ' (the compiler chose)'} "
                   f"{t.ttft_s * 1e3:,.2f} ms")
-    verdict = "[green]passed[/]" if not violations else f"[red]{len(violations)} violation(s)[/]: {violations[0].message}"
+    verdict = "[green]passed[/]" if not violations else f"[red]{counted(len(violations), 'violation')}[/]: " \
+        f"{violations[0].message}"
     console.print(f"verify: {verdict}; written to {output} (sha256 {digest[:16]})")
     if violations:
         raise typer.Exit(1)
@@ -382,17 +379,19 @@ def inspect_cmd(
     drafts = program.workload.draft_tokens
     step, rate = ("token", "tok/s") if not drafts else (f"step verifying {drafts} draft tokens", "steps/s")
     console.print(f"decode {t.decode_latency_s * 1e6:,.1f} us/{step} attending {program.workload.attended_context:,} of "
-                  f"{program.workload.context_length:,} tokens ({t.tokens_per_s_per_user:,.0f} {rate} per user), "
+                  f"{program.workload.context_length:,} tokens, each user's next {step.split()[0]} every "
+                  f"{1e6 / t.tokens_per_s_per_user:,.1f} us ({t.tokens_per_s_per_user:,.0f} {rate} per user), "
                   f"TTFT {t.ttft_s * 1e3:,.2f} ms ({program.workload.prompt_len:,}-token prompt in chunks of "
-                  f"{program.workload.prefill_chunk:,}), {t.throughput_tokens_per_s:,.0f} {rate} with {t.users} user(s) "
+                  f"{program.workload.prefill_chunk:,}), {t.throughput_tokens_per_s:,.0f} {rate} with "
+                  f"{counted(t.users, 'user')} "
                   f"({t.micro_batch} per step), "
-                  f"{t.power_w / 1e3:,.1f} kW, {_significant(t.energy_per_token_j)} J/{step.split()[0]}")
+                  f"{t.power_w / 1e3:,.1f} kW, {significant(t.energy_per_token_j)} J/{step.split()[0]}")
     units = ", ".join(f"{u} {f:.1%}" for u, f in t.unit_utilisation.items())
     links = ", ".join(f"{k} {f:.2%} of {t.links_used[k]:,}" for k, f in t.link_utilisation.items()) or "none used"
-    console.print(f"busy in steady state with {t.users} user(s): units (all chips) {units}; links {links}, "
+    console.print(f"busy in steady state with {counted(t.users, 'user')}: units (all chips) {units}; links {links}, "
                   f"the busiest {t.busiest_link_utilisation:.2%}")
     console.print("verify: " + ("[green]passed[/]" if not violations else
-                                f"[red]{len(violations)} violation(s)[/]: {violations[0].message}"))
+                                f"[red]{counted(len(violations), 'violation')}[/]: {violations[0].message}"))
     if gantt is not None:
         draw_gantt(program, gantt)
         console.print(f"Gantt chart of one decode step written to {gantt}")

@@ -188,6 +188,21 @@ def test_four_bit_weights_plan_an_eight_bit_kv_cache_on_both_sides(precision, kv
     assert f"at {precision} (activations and KV cache {kv})" in title
 
 
+def test_the_table_counts_in_words_and_keeps_small_fractions():
+    """One user is '1 user', not '1 user(s)'; Gemma 3 270M's 0.3% of an H100's memory is not rounded to 0%
+    (the row's own fraction, a second reading)."""
+    from openlpu.words import counted, significant
+
+    assert [counted(n, "user") for n in (1, 2, 16384)] == ["1 user", "2 users", "16,384 users"]
+    assert [significant(v) for v in (1807.4, 0.01, 0.0115, 29.84, 40)] == ["1,807", "0.0100", "0.0115", "29.8", "40"]
+    r = run_cli("gemma-3-270m")
+    assert r.returncode == 0, r.stderr
+    said = " ".join(r.stdout.split())
+    assert "gemma-3-270m at int8, 1 user x 4,096 tokens of context" in said and "(s)" not in said
+    gpu = plan("gemma-3-270m")[1]
+    assert gpu.memory_used_fraction < 0.005 and f"{gpu.memory_used_fraction:.2%} of HBM" in said
+
+
 def test_cli_table_states_the_prompt_and_the_cost_assumptions():
     r = run_cli("llama-3-8b", "--context", "2048", "--prompt", "1024", "--utilisation", "0.8", "--years", "4",
                 "--usd-per-kwh", "0.07")
@@ -243,7 +258,7 @@ def test_several_user_counts_are_a_column_each():
                      for extra in ((), ("--json",)))
     assert text.returncode == as_json.returncode == 0, text.stderr + as_json.stderr
     said = " ".join(text.stdout.split())
-    assert "llama-3.2-1b at int8, 1 or 16 users x 2048 tokens of context" in said
+    assert "llama-3.2-1b at int8, 1 or 16 users x 2,048 tokens of context" in said
     assert "│ users │ 1 │ 16 │ 1 │ 16 │" in said
     assert [row["users"] for row in json.loads(as_json.stdout)] == [1, 16, 1, 16]
     for users, says in (("0,4", "--users must be a positive integer, got 0"),

@@ -90,6 +90,7 @@ from openlpu.graph.lower import as_precision, lower
 from openlpu.graph.ops import Op
 from openlpu.hardware.lpu import SystemSpec
 from openlpu.models.spec import ModelSpec
+from openlpu.words import counted
 
 EMBED = -1  # item index of the embedding; the head is item n_layers
 VOCAB_PARTS = ("embed", "head")  # pieces whose tensors split along the vocabulary when too large
@@ -1094,7 +1095,7 @@ def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int 
                 if (found := fewest_chips(spec, system, workload, decode_rows, widths, (cut,))) is not None),
                key=lambda found: found[0] * found[1], default=None)
     what = (f"{spec.name} ({workload.weights} weights, context {workload.context_length}, "
-            f"{workload.users} user(s){'' if len(widths) > 1 else f', TP {widths[0]}'})")
+            f"{counted(workload.users, 'user')}{'' if len(widths) > 1 else f', TP {widths[0]}'})")
     if best is None and (beyond := _chips_beyond_largest(spec, system, workload, decode_rows, widths)) is not None:
         return OpenLPUError(
             f"{what} does not fit on any {system.name} system: it needs {beyond} chips, more than the largest "

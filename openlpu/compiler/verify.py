@@ -37,15 +37,36 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
-from openlpu.compiler.partition import (APPLIED_BY_LAST_PART, CUT_SEPARATOR, EMBED, EXPERT_ROWS, FFN_NAMES,
-                                        axis_length, cut_range, ffn_units, is_cut_along_ffn, is_cut_along_vocab,
-                                        is_expert_tensor, merged_pieces, piece_homes, split_rule, tensor_piece)
-from openlpu.compiler.program import TRANSFER_ENDS, PhaseSchedule, Program, Transfer, gc_paused
+from openlpu.compiler.partition import (
+    APPLIED_BY_LAST_PART,
+    CUT_SEPARATOR,
+    EMBED,
+    EXPERT_ROWS,
+    FFN_NAMES,
+    axis_length,
+    cut_range,
+    ffn_units,
+    is_cut_along_ffn,
+    is_cut_along_vocab,
+    is_expert_tensor,
+    merged_pieces,
+    piece_homes,
+    split_rule,
+    tensor_piece,
+)
+from openlpu.compiler.program import (
+    TRANSFER_ENDS,
+    PhaseSchedule,
+    Program,
+    Transfer,
+    gc_paused,
+)
 from openlpu.compiler.schedule import CHAINED, chunk_name, split_chunk
 from openlpu.errors import OpenLPUError
 from openlpu.graph.lower import as_precision, lower
 from openlpu.graph.ops import UNITS
 from openlpu.hardware.lpu import SystemSpec
+from openlpu.words import counted
 
 RATE_TOLERANCE = 1e-9
 
@@ -358,7 +379,7 @@ def _kv_reserved(program: Program) -> list[Violation]:
                                                       f"{stage.kv_bytes_per_chip / 1e6:.2f} MB of KV cache per chip, "
                                                       f"but chip {chip}'s K and V rows of layers "
                                                       f"{list(stage.attention_layers)} need {need / 1e6:.2f} MB for "
-                                                      f"{program.workload.users} user(s) and their slots"))
+                                                      f"{counted(program.workload.users, 'user')} and their slots"))
                 break
     return out
 

@@ -93,6 +93,7 @@ from openlpu.graph.lower import as_precision, lower, serving_precision
 from openlpu.hardware.gpu import GpuSpec
 from openlpu.models.spec import ModelSpec
 from openlpu.sim.cost import gpu_servers
+from openlpu.words import counted
 
 MEMORY_EFFICIENCY = 0.80
 COMPUTE_EFFICIENCY = 0.663  # fitted: see the module docstring
@@ -331,7 +332,8 @@ def gpus_needed(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, use
         n = min(2 * n, gpu.gpus_per_server) if n < gpu.gpus_per_server else n + gpu.gpus_per_server
         if n > max_gpus or layout(spec, n, gpu)[1] > spec.n_layers:
             raise OpenLPUError(
-                f"{spec.name} at {precision} with {users} user(s) x {context} tokens needs {need(n) / 1e9:,.0f} GB: "
+                f"{spec.name} at {precision} with {counted(users, 'user')} x {context} tokens needs "
+                f"{need(n) / 1e9:,.0f} GB: "
                 f"more than {gpu.name} GPUs hold, at most {max_gpus} of them in at most {spec.n_layers} pipeline "
                 f"stages (a layer each); lower --context or --users")
     return n
@@ -360,7 +362,7 @@ def gpu_timing(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, user
     max_users = int(free // kv) if free > 0 else 0
     if users > max_users:
         raise OpenLPUError(
-            f"{gpus} x {gpu.name} hold the KV cache of at most {max_users} user(s) at context "
+            f"{gpus} x {gpu.name} hold the KV cache of at most {counted(max_users, 'user')} at context "
             f"{context}, not {users}; add GPUs or lower --users / --context")
 
     kv_format = serving_precision(precision)

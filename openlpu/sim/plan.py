@@ -19,6 +19,7 @@ from openlpu.models.spec import ModelSpec, load_spec
 from openlpu.sim.cost import CostAssumptions, cost, gpu_capex, lpu_capex
 from openlpu.sim.figures import save_png
 from openlpu.sim.gpu import DEFAULT_SOFTWARE, software_named
+from openlpu.words import counted, significant
 
 if TYPE_CHECKING:
     from openlpu.compiler import Workload
@@ -246,7 +247,7 @@ def gpu_row(spec: ModelSpec, gpu_name: str, precision: str, context: int, users:
         memory += d.hbm_used_fraction
         if memory > gpu_model.HBM_USABLE_FRACTION:
             raise OpenLPUError(f"{t.gpus} x {gpu.name} cannot hold {spec.name} and the draft {draft.spec.name} with "
-                               f"{users} user(s) x {context} tokens; give more GPUs with --gpus")
+                               f"{counted(users, 'user')} x {context} tokens; give more GPUs with --gpus")
         r = gpu_round(t, d, draft.tokens, draft.acceptance)
         per_user, throughput, ttft = r.tokens_per_s_per_user, r.throughput_tokens_per_s, t.ttft_s + d.ttft_s
     c = cost(gpu_capex(gpu, t.gpus), t.power_w, throughput, assumptions)
@@ -358,8 +359,8 @@ def plot(rows: list[PlanRow], path: str | Path, title: str) -> Path:
     fig, axes = plt.subplots(2, 3, figsize=(max(13, 2.4 * len(rows)), 7))
     several = {r.system for r in rows if sum(o.system == r.system for o in rows) > 1}  # told apart by deployment
     loads = len({r.users for r in rows}) > 1  # and by the users they serve
-    names = [f"{r.system}\n{r.chips:,} {'chips' if r.kind == 'lpu' else 'GPUs'}\n{r.layout}"
-             + (f"\n{r.users:,} user(s)" if loads else "") if r.system in several else r.system for r in rows]
+    names = [f"{r.system}\n{counted(r.chips, 'chip' if r.kind == 'lpu' else 'GPU')}\n{r.layout}"
+             + (f"\n{counted(r.users, 'user')}" if loads else "") if r.system in several else r.system for r in rows]
     colours = ["#d2691e" if r.kind == "lpu" else "#4c8c2b" for r in rows]
     for ax, (field, label) in zip(axes.flat, PLOT_METRICS):
         values = [getattr(r, field) for r in rows]
@@ -367,7 +368,7 @@ def plot(rows: list[PlanRow], path: str | Path, title: str) -> Path:
         ax.tick_params(axis="x", labelsize=7 if several else 10)
         ax.set_yscale("log")
         ax.set_title(label)
-        ax.bar_label(bars, labels=[f"{v:,.3g}" for v in values], fontsize=8)
+        ax.bar_label(bars, labels=[significant(v) for v in values], fontsize=8)
         ax.margins(y=0.3)
     fig.suptitle(title)
     fig.tight_layout()

@@ -32,6 +32,7 @@ from openlpu.graph.ops import UNITS
 from openlpu.hardware.lpu import LINK_KINDS
 from openlpu.sim.cost import lpu_nodes_held
 from openlpu.sim.figures import save_png
+from openlpu.words import counted
 
 
 @dataclass(frozen=True)
@@ -197,8 +198,9 @@ def draw_gantt(program: Program, path, max_stages: int = 24) -> None:
     ax.set_xlim(0, decode.makespan_cycles * us * 1.01)
     skipped = f" ({n - len(shown)} middle stages not shown)" if len(shown) < n else ""
     drafts = f", each verifying {program.workload.draft_tokens} draft tokens" if program.workload.draft_tokens else ""
-    ax.set_title(f"{program.model} on {program.system.name}: one decode step ({decode.tokens} user(s){drafts}), "
-                 f"{program.chips} chips, {n} stages x TP {program.placement.tp}, "
+    ax.set_title(f"{program.model} on {program.system.name}: one decode step "
+                 f"({counted(decode.tokens, 'user')}{drafts}), "
+                 f"{program.chips} chips, {counted(n, 'stage')} x TP {program.placement.tp}, "
                  f"{decode.makespan_cycles * us:,.1f} us{skipped}")
     kinds = sorted({op.kind for op in decode.ops}) + sorted({t.kind for t in decode.transfers})
     rows_fit = max(4, int(height_in / 0.25))  # legend rows beside the chart, right of it (below, it hid the axis label)
