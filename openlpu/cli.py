@@ -230,11 +230,13 @@ def plan(
                           f"years plus power at ${a.usd_per_kwh:.2f}/kWh (PUE {a.pue:g}), serving "
                           f"{a.utilisation:.0%} of the hours at the throughput shown.{widths}"
                           f"{''.join(' ' + note for note in idle)}")
-    table.add_column("")
+    table.add_column("", no_wrap=True)
     for r in rows:
         table.add_column(f"{r.system} ({r.kind})", justify="right")
     figures = {
         "chips / GPUs": lambda r: f"{r.chips:,}",
+        **({"chips idle": lambda r: f"{r.chips_idle:,} of {r.chips_asked:,}" if r.chips_asked else "-"}
+           if any(r.chips_idle for r in rows) else {}),
         "stages x TP": lambda r: r.layout.replace(" x TP ", " x "),
         **({"users": lambda r: f"{r.users:,}"} if len(set(users)) > 1 else {}),
         "users per step": lambda r: f"{r.users_per_step:,}",

@@ -466,13 +466,14 @@ def test_many_users_at_the_full_window_plan_or_say_what_does_not_fit():
 
 
 def test_plan_says_which_chips_asked_for_stay_idle():
-    """On 41 chips Llama 3.1 8B decodes fastest in groups of 8 on 40 of them: the table says so, and its
-    JSON row counts the idle chip beside the 40 in use (their capex, power and SRAM figures)."""
+    """On 41 chips Llama 3.1 8B decodes fastest in groups of 8 on 40 of them: the table says so (a row of
+    idle chips, and why in the caption), and its JSON row counts the idle chip beside the 40 in use (their capex, power and SRAM figures)."""
     text, as_json = (run_cli("llama-3.1-8b", "--chips", "41", "--compare", "", *extra)
                      for extra in ((), ("--json",)))
     assert text.returncode == as_json.returncode == 0, text.stderr + as_json.stderr
     said = " ".join(text.stdout.split())
     assert "1 of the 41 LPU chips asked for stay idle, left out of power and cost: on 40, the TP groups" in said
+    assert "│ chips idle │ 1 of 41 │" in said
     (row,) = json.loads(as_json.stdout)
     assert (row["chips"], row["chips_asked"], row["chips_idle"], row["layout"]) == (40, 41, 1, "5 x TP 8")
     # with a draft on chips of its own, the row counts them too, and the note still the target's (it said "1 of

@@ -30,7 +30,7 @@ class PlanRow:
     system: str
     kind: str  # "lpu" or "gpu"
     chips: int  # LPU chips or GPUs
-    chips_asked: int | None  # LPU chips given (--chips), None: the fewest that hold the workload
+    chips_asked: int | None  # LPU chips given (--chips; with a draft, the target's), None: the fewest that hold it
     chips_idle: int  # of those, left idle and out of power and cost (wider TP groups on fewer decode faster, or
     # the model's pieces take fewer)
     layout: str  # pipeline stages x tensor-parallel width
