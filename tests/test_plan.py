@@ -467,7 +467,8 @@ def test_many_users_at_the_full_window_plan_or_say_what_does_not_fit():
 
 def test_plan_says_which_chips_asked_for_stay_idle():
     """On 41 chips Llama 3.1 8B decodes fastest in groups of 8 on 40 of them: the table says so (a row of
-    idle chips, and why in the caption), and its JSON row counts the idle chip beside the 40 in use (their capex, power and SRAM figures)."""
+    idle chips, and why in the caption), and its JSON row counts the idle chip beside the 40 in use (their
+    capex, power and SRAM figures)."""
     text, as_json = (run_cli("llama-3.1-8b", "--chips", "41", "--compare", "", *extra)
                      for extra in ((), ("--json",)))
     assert text.returncode == as_json.returncode == 0, text.stderr + as_json.stderr
