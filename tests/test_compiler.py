@@ -1344,6 +1344,23 @@ def test_a_wider_width_is_tried_on_its_own_fewest_chips():
         assert fewest.placement.experts and fewest.chips < by_rows and chip_time(fewest) < chip_time(on_more)
 
 
+def test_a_wider_width_on_fewer_chips_than_it_divides_is_tried():
+    """Llama 2 7B at fp16 with 16 users: its fewest chips in groups of 8 are 232, which 32 does not divide; 224
+    chips hold it in 7 groups of 32 and decode twice as fast. The compiler tried a wider width's fewest chips
+    only below the most of the 232 it divides (224), so never on 224 itself."""
+    from openlpu.compiler.partition import fewest_chips
+
+    spec = load_preset("llama-2-7b")
+    workload = Workload(weights="fp16", activations="fp16", kv="fp16", users=16)
+    t, stages, _ = fewest_chips(spec, SYSTEM, dataclasses.replace(workload, prefill_chunk=256))
+    assert (t, t * stages) == (8, 232)
+    program = compile_program(spec, SYSTEM, workload)
+    assert (program.chips, program.placement.tp) == (224, 32) and verify(program) == []
+    assert program.sha256() == compile_program(spec, SYSTEM, workload, chips=224, tp=32).sha256()
+    narrow = compile_program(spec, SYSTEM, workload, chips=232, tp=8)
+    assert timing(program).tokens_per_s_per_user > 2 * timing(narrow).tokens_per_s_per_user
+
+
 def test_only_a_split_attentions_last_part_reserves_what_it_alone_holds():
     """An attention split along its KV slots: only its last part holds the output projection, which acts on the
     merged result (place), so only that part reserves it. Every part did: Llama 3.3 70B with 64 users of 8,192
