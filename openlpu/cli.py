@@ -235,7 +235,7 @@ def plan(
         table.add_column(f"{r.system} ({r.kind})", justify="right")
     figures = {
         "chips / GPUs": lambda r: f"{r.chips:,}",
-        **({"chips idle": lambda r: f"{r.chips_idle:,} of {r.chips_asked:,}" if r.chips_asked else "-"}
+        **({"idle of --chips": lambda r: f"{r.chips_idle:,} of {r.chips_asked:,}" if r.chips_asked else "-"}
            if any(r.chips_idle for r in rows) else {}),
         "stages x TP": lambda r: r.layout.replace(" x TP ", " x "),
         **({"users": lambda r: f"{r.users:,}"} if len(set(users)) > 1 else {}),

@@ -182,6 +182,30 @@ def test_a_group_narrower_than_copying_kv_heads_holds_more_users():
     assert fewer.tensor_parallel == 8
 
 
+def test_gpu_layouts_hold_a_draft_keep_a_layer_a_stage_and_count_users_in_any_width():
+    """Three rules of the width a GPU count takes. Beside a draft (Qwen3-8B drafting for Qwen3-30B-A3B at bf16,
+    64 users of 32,768 tokens), the target's groups leave room for the draft's bytes: the fewest GPUs that hold
+    both are planned, not refused as too few. A stage holds a layer at least: Gemma 3 270M's 11,392 users of
+    32,768 tokens take no more stages than its 18 layers. And the most users 8 H100s hold, said when more are
+    asked, is counted in the width that holds the most (groups of 8 copy each of Qwen3-30B-A3B's 4 KV heads)."""
+    from openlpu.sim.plan import plan
+
+    h100 = load_gpu("h100-sxm")
+    (row,) = plan("qwen3-30b-a3b", system="", precision="bf16", context=32768, users=64, draft="qwen3-8b",
+                  acceptance=0.7)
+    assert row.chips == G.gpus_needed(load_preset("qwen3-30b-a3b"), h100, "bf16", 32768, 64,
+                                      beside=load_preset("qwen3-8b"))
+    assert row.memory_used_fraction <= G.HBM_USABLE_FRACTION
+    gemma = load_preset("gemma-3-270m")
+    t = G.gpu_timing(gemma, h100, "bf16", context=32768, users=11392)
+    assert t.pipeline_stages <= gemma.n_layers and t.tensor_parallel * t.pipeline_stages == t.gpus
+    qwen = load_preset("qwen3-30b-a3b")
+    weights, kv_per_user = G.held_bytes(qwen, "bf16", 32768, 1, 1)  # TP 1: no copies
+    most = int((8 * h100.hbm_bytes * G.HBM_USABLE_FRACTION - weights) // kv_per_user)
+    with pytest.raises(OpenLPUError, match=f"hold the KV cache of at most {most} users at context 32768, not 400"):
+        G.gpu_timing(qwen, h100, "bf16", context=32768, users=400, gpus=8)
+
+
 def test_fewest_gpus_that_hold_the_model():
     spec, h100 = load_preset("llama-2-70b"), load_gpu("h100-sxm")
     assert G.gpus_needed(spec, h100, "fp16", 4096, 1) == 2  # 138 GB of weights: two 80 GB GPUs
@@ -191,7 +215,8 @@ def test_fewest_gpus_that_hold_the_model():
 
 def test_the_fewest_gpus_of_a_server_that_is_not_a_power_of_two(tmp_path):
     """A server of 6 H100s: Llama 3.1 405B at bf16 (812 GB) needs 12 of them, two whole servers (1, 2, 4, 6, then
-    servers); the counts before went 4, 8, 14, and 14, which fills no whole servers, was refused when given."""
+    servers; the counts before went 4, 8, 14, and 14, which fills no whole servers, was refused when given), in
+    TP groups inside a server."""
     from openlpu.hardware.gpu import load_gpu as load
 
     six = load(_edited(tmp_path, lambda d: d["gpus_per_server"].update(value=6)))
@@ -199,7 +224,8 @@ def test_the_fewest_gpus_of_a_server_that_is_not_a_power_of_two(tmp_path):
     usable = six.hbm_bytes * G.HBM_USABLE_FRACTION
     assert 6 * usable < spec.param_count() * 2 < 12 * usable
     assert G.gpus_needed(spec, six, "bf16", 1024, 1) == 12
-    assert G.gpu_timing(spec, six, "bf16", context=1024).gpus == 12
+    t = G.gpu_timing(spec, six, "bf16", context=1024)
+    assert t.gpus == 12 and 6 % t.tensor_parallel == 0  # no TP group straddles two servers
 
 
 def test_math_wider_than_a_gpu_preset_gives_is_refused():

@@ -474,7 +474,7 @@ def test_plan_says_which_chips_asked_for_stay_idle():
     assert text.returncode == as_json.returncode == 0, text.stderr + as_json.stderr
     said = " ".join(text.stdout.split())
     assert "1 of the 41 LPU chips asked for stay idle, left out of power and cost: on 40, the TP groups" in said
-    assert "│ chips idle │ 1 of 41 │" in said
+    assert "│ idle of --chips │ 1 of 41 │" in said
     (row,) = json.loads(as_json.stdout)
     assert (row["chips"], row["chips_asked"], row["chips_idle"], row["layout"]) == (40, 41, 1, "5 x TP 8")
     # with a draft on chips of its own, the row counts them too, and the note still the target's (it said "1 of

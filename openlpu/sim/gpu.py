@@ -278,9 +278,13 @@ def kv_bytes(spec: ModelSpec, precision: str, context: int, users: int) -> float
 
 
 def tp_choices(spec: ModelSpec, gpus: int, gpu: GpuSpec) -> list[int]:
-    """TP widths `gpus` GPUs can take, widest first: inside one NVLink server, dividing the GPUs and splitting
-    the attention heads (ModelSpec.splits_heads)."""
-    return [t for t in range(min(gpus, gpu.gpus_per_server), 0, -1) if gpus % t == 0 and spec.splits_heads(t)]
+    """TP widths `gpus` GPUs can take, widest first: inside one NVLink server (a group never straddles two),
+    dividing the GPUs, splitting the attention heads (ModelSpec.splits_heads), in no more pipeline stages than
+    the model has layers (a stage holds one at least); the widest of them where none is."""
+    per_server = gpu.gpus_per_server
+    widths = [t for t in range(min(gpus, per_server), 0, -1)
+              if gpus % t == 0 and (gpus <= per_server or per_server % t == 0) and spec.splits_heads(t)]
+    return [t for t in widths if gpus // t <= spec.n_layers] or widths[:1]
 
 
 def layout(spec: ModelSpec, gpus: int, gpu: GpuSpec, holds: Callable[[int], bool] | None = None) -> tuple[int, int]:
@@ -341,11 +345,13 @@ def gpus_needed(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, use
 
 def gpu_timing(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, users: int = 1,
                gpus: int | None = None, prompt_tokens: int | None = None,
-               software: str = DEFAULT_SOFTWARE, queries: int = 1, decode_context: int | None = None) -> GpuTiming:
+               software: str = DEFAULT_SOFTWARE, queries: int = 1, decode_context: int | None = None,
+               beside: ModelSpec | None = None) -> GpuTiming:
     """Serve `users` concurrent streams of `context` tokens on `gpus` GPUs (default: fewest that fit).
     Each decode step brings `queries` new tokens per user (more than one: a speculating step verifying
     drafts; its token rates then count steps, which sim.speculative turns into tokens) and attends
-    `decode_context` of the `context` tokens each user holds (None: all of them)."""
+    `decode_context` of the `context` tokens each user holds (None: all of them). The TP width leaves room for
+    `beside` (a draft sharing the GPUs, in its widest groups), which the caller times and checks."""
     prompt_tokens = context if prompt_tokens is None else prompt_tokens
     decode_context = context if decode_context is None else decode_context
     _check_sizes(context=context, users=users, prompt_tokens=prompt_tokens, decode_context=decode_context)
@@ -355,14 +361,20 @@ def gpu_timing(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, user
     gpus = gpus_needed(spec, gpu, precision, context, users) if gpus is None else _checked_count(
         spec, gpu, precision, gpus)
     per_gpu = gpu.hbm_bytes * HBM_USABLE_FRACTION
-    tp, stages = layout(spec, gpus, gpu, lambda t: sum(held_bytes(spec, precision, context, users, t)) <= gpus * per_gpu)
+    draft = sum(held_bytes(beside, precision, context, users, layout(beside, gpus, gpu)[0])) if beside else 0.0
+
+    def most_users(t: int, room: float) -> int:  # whose KV cache `room` bytes hold beside the weights, in groups of t
+        weights, kv_per_user = held_bytes(spec, precision, context, 1, t)
+        return max(0, int((room - weights) // kv_per_user))
+
+    tp, stages = layout(spec, gpus, gpu, lambda t: most_users(t, gpus * per_gpu - draft) >= users)
     weights, kv_per_user = held_bytes(spec, precision, context, 1, tp)
     w_bytes, kv = weights / gpus, kv_per_user / gpus
-    free = per_gpu - w_bytes
-    max_users = int(free // kv) if free > 0 else 0
+    max_users = most_users(tp, gpus * per_gpu)
     if users > max_users:
+        most = max(most_users(t, gpus * per_gpu) for t in tp_choices(spec, gpus, gpu))  # in any width
         raise OpenLPUError(
-            f"{gpus} x {gpu.name} hold the KV cache of at most {counted(max_users, 'user')} at context "
+            f"{gpus} x {gpu.name} hold the KV cache of at most {counted(most, 'user')} at context "
             f"{context}, not {users}; add GPUs or lower --users / --context")
 
     kv_format = serving_precision(precision)

@@ -238,7 +238,8 @@ def gpu_row(spec: ModelSpec, gpu_name: str, precision: str, context: int, users:
     if draft is not None and gpus is None:  # the fewest that hold the draft too
         gpus = gpu_model.gpus_needed(spec, gpu, precision, context, users, beside=draft.spec)
     t = gpu_timing(spec, gpu, precision, context, users, gpus=gpus, prompt_tokens=prompt,
-                   queries=draft.tokens + 1 if draft else 1, software=software, decode_context=decode_context)
+                   queries=draft.tokens + 1 if draft else 1, software=software, decode_context=decode_context,
+                   beside=draft.spec if draft else None)
     per_user, throughput, memory, ttft = t.tokens_per_s_per_user, t.throughput_tokens_per_s, t.hbm_used_fraction, \
         t.ttft_s
     if draft is not None:  # the draft shares the target's GPUs, their HBM and their time
