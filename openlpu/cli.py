@@ -339,8 +339,8 @@ def compile_cmd(
                   f"prefill of {workload.prompt_len:,} tokens in chunks of "
                   f"{program.workload.prefill_chunk:,}{'' if prefill_chunk else ' (the compiler chose)'} "
                   f"{t.ttft_s * 1e3:,.2f} ms")
-    verdict = "[green]passed[/]" if not violations else f"[red]{counted(len(violations), 'violation')}[/]: " \
-        f"{violations[0].message}"
+    verdict = ("[green]passed[/]" if not violations
+               else f"[red]{counted(len(violations), 'violation')}[/]: {violations[0].message}")
     console.print(f"verify: {verdict}; written to {output} (sha256 {digest[:16]})")
     if violations:
         raise typer.Exit(1)

@@ -218,8 +218,8 @@ def _wider_groups(spec: ModelSpec, system: SystemSpec, workload: Workload, chips
     most = functools.cache(lambda: most_chips(spec, system, workload, 1, tp_candidates(spec, system))) if idle else None
     previous = None
     for t in sorted(widths, reverse=True):
-        candidate = _arranged_within(spec, system, workload, chips, t, templates, most) if idle or chips % t == 0 \
-            else None
+        candidate = (_arranged_within(spec, system, workload, chips, t, templates, most) if idle or chips % t == 0
+                     else None)
         if candidate is not None:
             if previous is not None and candidate[2] >= previous:
                 break
