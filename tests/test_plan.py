@@ -189,7 +189,7 @@ def test_four_bit_weights_plan_an_eight_bit_kv_cache_on_both_sides(precision, kv
 
 
 def test_the_table_counts_in_words_and_keeps_small_fractions():
-    """One user is '1 user', not '1 user(s)'; Gemma 3 270M's 0.3% of an H100's memory is not rounded to 0%
+    """One user is '1 user', not '1 user(s)'; Gemma 3 270M's 0.5% of an H100's memory is not rounded to 0%
     (the row's own fraction, a second reading)."""
     from openlpu.words import counted, significant
 
@@ -200,7 +200,7 @@ def test_the_table_counts_in_words_and_keeps_small_fractions():
     said = " ".join(r.stdout.split())
     assert "gemma-3-270m at int8, 1 user x 4,096 tokens of context" in said and "(s)" not in said
     gpu = plan("gemma-3-270m")[1]
-    assert gpu.memory_used_fraction < 0.005 and f"{gpu.memory_used_fraction:.2%} of HBM" in said
+    assert gpu.memory_used_fraction < 0.01 and f"{gpu.memory_used_fraction:.2%} of HBM" in said
 
 
 def test_cli_table_states_the_prompt_and_the_cost_assumptions():

@@ -29,12 +29,13 @@ wider than the KV heads copies each head, its projections and its cache onto tp 
 reading its copy, so the TP width is the widest whose copies leave room for the KV cache (layout). The KV cache
 that `users` x `context` needs must fit in the HBM the weights leave free: that caps the batch. The KV
 cache is held in the weight precision, but never below 8 bits (graph.lower.serving_precision), and
-attention does its math in the KV cache's precision.
+attention does its math in the KV cache's precision. Below 16 bits the embedding table and the head stay bf16,
+as quantized checkpoints keep them (KEPT_16_BIT).
 
 Constants and the published points they were fitted on / checked against (bench/fidelity.py):
 - MEMORY_EFFICIENCY 0.80: achieved fraction of HBM peak when streaming weights. Not fitted:
   the usual STREAM-like figure for H100/A100 (NVIDIA's own bandwidth tests reach ~80-90%).
-- COMPUTE_EFFICIENCY 0.663: achieved fraction of dense tensor peak over a whole prefill (GEMMs,
+- COMPUTE_EFFICIENCY 0.664: achieved fraction of dense tensor peak over a whole prefill (GEMMs,
   attention, norms). FITTED on one point: TensorRT-LLM 0.5 "H200 launch" blog table (Nov 2023):
   1 x H200, FP8, Llama-2-70B, batch 32, 2,048 in / 128 out: 303 output tok/s (with that version's
   per-query-head KV reads). The other rows of that table and of TensorRT-LLM 0.5's own H100 and A100
@@ -43,7 +44,7 @@ Constants and the published points they were fitted on / checked against (bench/
 - KERNEL_OVERHEAD_S: launch + tail per kernel. FITTED on one point: NVIDIA, "Achieving Top
   Inference Performance with the NVIDIA H100 Tensor Core GPU and NVIDIA TensorRT-LLM" (Dec 2023):
   DGX H100 (8 GPUs, FP8, TensorRT-LLM 0.5), Llama-2-70B, 2,048 in / 128 out, batch 1: 1.7 s.
-- ALLREDUCE_BANDWIDTH_EFFICIENCY 0.708: the bus bandwidth a tensor-parallel all-reduce reaches, as a
+- ALLREDUCE_BANDWIDTH_EFFICIENCY 0.710: the bus bandwidth a tensor-parallel all-reduce reaches, as a
   fraction of NVLink's one-way rate, at the tens to hundreds of MB a batched step reduces. FITTED on
   one point: TensorRT-LLM 1.0 perf-overview (2025), Llama 3.1 405B, 8 x H200, FP8, 128 in / 128 out
   under unbounded load: 3,814 output tok/s: of the table's rows on 8 GPUs, the one with the most
@@ -96,13 +97,13 @@ from openlpu.sim.cost import gpu_servers
 from openlpu.words import counted
 
 MEMORY_EFFICIENCY = 0.80
-COMPUTE_EFFICIENCY = 0.663  # fitted: see the module docstring
+COMPUTE_EFFICIENCY = 0.664  # fitted: see the module docstring
 FP4_COMPUTE_EFFICIENCY = 0.409  # fitted: see the module docstring and bench/fidelity.py
-KERNEL_OVERHEAD_S = 6.99e-6  # fitted: see the module docstring and bench/fidelity.py
+KERNEL_OVERHEAD_S = 6.98e-6  # fitted: see the module docstring and bench/fidelity.py
 HOST_S_PER_REQUEST = 24.3e-6  # fitted: see the module docstring and bench/fidelity.py
 MOE_S_PER_TOKEN = 128e-9  # fitted: see the module docstring and bench/fidelity.py
 ALLREDUCE_LATENCY_S = 10e-6
-ALLREDUCE_BANDWIDTH_EFFICIENCY = 0.708  # fitted: see the module docstring and bench/fidelity.py
+ALLREDUCE_BANDWIDTH_EFFICIENCY = 0.710  # fitted: see the module docstring and bench/fidelity.py
 PIPELINE_HOP_S = 10e-6
 HBM_USABLE_FRACTION = 0.90
 LOAD_POWER_FRACTION = 0.75
@@ -183,12 +184,16 @@ def achieved_flops_per_s(gpu: GpuSpec, precision: str) -> float:
 def op_time_s(op, gpu: GpuSpec, precision: str, shards: int, kv_reads: int = 1, kv_copies: int = 1) -> float:
     """Roofline time of one op on one GPU holding 1/shards of it, plus its kernel overhead; attention
     reads its KV cache kv_reads times and does its math in the KV cache's precision; a K or V projection is
-    read by each of the kv_copies GPUs holding a copy (kv_head_copies)."""
+    read by each of the kv_copies GPUs holding a copy (kv_head_copies); the embedding and head stay bf16
+    below 16 bits (KEPT_16_BIT), their math too."""
     split = shards if op.kind in TP_SHARDED_KINDS else 1
-    operands = serving_precision(precision) if op.kind == "attention" else precision
+    bytes_per_element = as_precision(precision).bytes_per_element
+    kept = op.weight in KEPT_16_BIT and bytes_per_element < 2
+    operands = serving_precision(precision) if op.kind == "attention" else "bf16" if kept else precision
     compute_s = op.flops / split / achieved_flops_per_s(gpu, operands)
     copied = (kv_copies - 1) * op.weight_bytes if op.weight and op.weight.endswith(KV_PROJECTIONS) else 0.0
-    moved = op.bytes_total + (kv_reads - 1) * op.kv_read_bytes + copied
+    widened = op.weight_bytes * (2 / bytes_per_element - 1) if kept else 0.0
+    moved = op.bytes_total + (kv_reads - 1) * op.kv_read_bytes + copied + widened
     memory_s = moved / split / (gpu.hbm_bandwidth_bytes_per_s * MEMORY_EFFICIENCY)
     return max(compute_s, memory_s) + (0.0 if op.kind in FUSED_KINDS else KERNEL_OVERHEAD_S)
 
@@ -241,9 +246,19 @@ def moe_dispatch_s(spec: ModelSpec, tokens: int) -> float:
     return tokens * sum(map(spec.is_moe_layer, range(spec.n_layers))) * MOE_S_PER_TOKEN
 
 
+# The embedding table and the head stay bf16 in quantized checkpoints: TensorRT-LLM's quantize_and_export
+# leaves the head unquantized by default (quantize_lm_head=False, nvidia.github.io/TensorRT-LLM/python-api/
+# tensorrt_llm.quantization.html), and an embedding is no Linear layer for the quantizers to replace.
+KEPT_16_BIT = ("token_embd.weight", "output.weight")
+
+
 def weight_bytes(spec: ModelSpec, precision: str) -> float:
-    """Every weight held once across the GPUs (all experts of an MoE model)."""
-    return spec.param_count() * as_precision(precision).bytes_per_element
+    """Every weight held once across the GPUs (all experts of an MoE model); below 16 bits, the embedding
+    and head in bf16 (KEPT_16_BIT)."""
+    bytes_per_element = as_precision(precision).bytes_per_element
+    shapes = spec.tensor_shapes() if bytes_per_element < 2 else {}
+    kept = sum(math.prod(shapes[name]) for name in KEPT_16_BIT if name in shapes)
+    return (spec.param_count() - kept) * bytes_per_element + kept * 2
 
 
 KV_PROJECTIONS = ("attn_k.weight", "attn_v.weight")  # what a TP group wider than the KV heads holds in copies
