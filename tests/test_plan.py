@@ -21,6 +21,13 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+def table_and_rows(*args: str) -> tuple[str, list[dict]]:
+    """`openlpu plan ARGS` as a table (its whitespace collapsed) and as JSON rows, both having succeeded."""
+    text, as_json = (run_cli(*args, *extra) for extra in ((), ("--json",)))
+    assert text.returncode == as_json.returncode == 0, text.stderr + as_json.stderr
+    return " ".join(text.stdout.split()), json.loads(as_json.stdout)
+
+
 @pytest.fixture(scope="module")
 def llama70_rows():
     return plan("llama-2-70b", compare=("h100-sxm",), precision="int8", context=4096, users=1)
@@ -254,13 +261,10 @@ def test_several_user_counts_are_a_column_each():
     assert lpu16.users_per_step > 1 and lpu16.throughput_tokens_per_s > lpu1.throughput_tokens_per_s
     with pytest.raises(OpenLPUError, match="users: give at least one value"):
         plan("llama-3.2-1b", context=2048, users=())
-    text, as_json = (run_cli("llama-3.2-1b", "--context", "2048", "--users", "1,16", *extra)
-                     for extra in ((), ("--json",)))
-    assert text.returncode == as_json.returncode == 0, text.stderr + as_json.stderr
-    said = " ".join(text.stdout.split())
+    said, json_rows = table_and_rows("llama-3.2-1b", "--context", "2048", "--users", "1,16")
     assert "llama-3.2-1b at int8, 1 or 16 users x 2,048 tokens of context" in said
     assert "│ users │ 1 │ 16 │ 1 │ 16 │" in said
-    assert [row["users"] for row in json.loads(as_json.stdout)] == [1, 16, 1, 16]
+    assert [row["users"] for row in json_rows] == [1, 16, 1, 16]
     for users, says in (("0,4", "--users must be a positive integer, got 0"),
                         ("4,x", "--users takes whole numbers, one or several separated by commas")):
         bad = run_cli("llama-3.2-1b", "--users", users)
@@ -469,13 +473,9 @@ def test_plan_says_which_chips_asked_for_stay_idle():
     """On 41 chips Llama 3.1 8B decodes fastest in groups of 8 on 40 of them: the table says so (a row of
     idle chips, and why in the caption), and its JSON row counts the idle chip beside the 40 in use (their
     capex, power and SRAM figures)."""
-    text, as_json = (run_cli("llama-3.1-8b", "--chips", "41", "--compare", "", *extra)
-                     for extra in ((), ("--json",)))
-    assert text.returncode == as_json.returncode == 0, text.stderr + as_json.stderr
-    said = " ".join(text.stdout.split())
+    said, (row,) = table_and_rows("llama-3.1-8b", "--chips", "41", "--compare", "")
     assert "1 of the 41 LPU chips asked for stay idle, left out of power and cost: on 40, the TP groups" in said
     assert "│ idle of --chips │ 1 of 41 │" in said
-    (row,) = json.loads(as_json.stdout)
     assert (row["chips"], row["chips_asked"], row["chips_idle"], row["layout"]) == (40, 41, 1, "5 x TP 8")
     # with a draft on chips of its own, the row counts them too, and the note still the target's (it said "1 of
     # the 49 LPU chips asked for stay idle: on 48")

@@ -1043,6 +1043,13 @@ def fewest_chips(spec: ModelSpec, system: SystemSpec, workload: Workload,
     return None
 
 
+def fewest_chips_any_cut(spec: ModelSpec, system: SystemSpec, workload: Workload, decode_rows: int = 1,
+                         widths: list[int] | None = None) -> tuple[int, int, PieceSizes] | None:
+    """fewest_chips with MLPs cut by d_ff rows, or by expert rows where a mixture of experts takes fewer chips so."""
+    found = [f for cut in mlp_cuts(spec) if (f := fewest_chips(spec, system, workload, decode_rows, widths, (cut,)))]
+    return min(found, key=lambda f: f[0] * f[1], default=None)
+
+
 def _chips_beyond_largest(spec: ModelSpec, system: SystemSpec, workload: Workload, decode_rows: int,
                           widths: list[int]) -> int | None:
     """The fewest chips the pieces would need at any of the TP degrees `widths`, were the system large
@@ -1090,10 +1097,7 @@ def tp_widths(spec: ModelSpec, system: SystemSpec, tp: int | None) -> list[int]:
 def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None, decode_rows: int,
             widths: list[int]) -> OpenLPUError:
     cap = system.chip.sram_bytes
-    # MLPs cut by d_ff rows, or by expert rows where a mixture of experts takes fewer chips so
-    best = min((found for cut in mlp_cuts(spec)
-                if (found := fewest_chips(spec, system, workload, decode_rows, widths, (cut,))) is not None),
-               key=lambda found: found[0] * found[1], default=None)
+    best = fewest_chips_any_cut(spec, system, workload, decode_rows, widths)
     what = (f"{spec.name} ({workload.weights} weights, context {workload.context_length}, "
             f"{counted(workload.users, 'user')}{'' if len(widths) > 1 else f', TP {widths[0]}'})")
     if best is None and (beyond := _chips_beyond_largest(spec, system, workload, decode_rows, widths)) is not None:
