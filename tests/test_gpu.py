@@ -67,6 +67,10 @@ def test_a_gpu_file_plans_like_its_preset_at_its_own_prices(tmp_path):
     (lambda d: d["dense_flops_per_s"]["value"].pop("bf16"), r"dense_flops_per_s must give bf16"),
     (lambda d: d["price_usd"].update(source=""), r"price_usd\.source must say where the figure comes from"),
     (lambda d: d.update(kind="lpu"), r"expected \"kind\": \"gpu\" at the top level"),
+    # costs read the server's figures: one below the GPUs it holds would price a server for less than them
+    (lambda d: d["server_price_usd"].update(value=100_000),
+     r"server_price_usd 100,000 is less than its 8 GPUs' price_usd \(220,000\); costs read server_price_usd"),
+    (lambda d: d["tdp_w"].update(value=1500), r"server_power_w 10,200 is less than its 8 GPUs' tdp_w \(12,000\)"),
 ])
 def test_a_bad_gpu_file_is_one_clear_error(tmp_path, edit, says):
     with pytest.raises(OpenLPUError, match=says):

@@ -4,6 +4,8 @@ the same shape (your own GPU, or a preset with your price).
 Each figure is {"value", "source", "confidence"}; prices are estimates and say so. GPU presets carry
 "kind": "gpu" so they can share the presets folder with LPU systems. Loading checks every field as
 an LPU system's are (spec_file): a missing, unknown or mistyped one is one clear OpenLPUError.
+Costs read the server's price and power, which hold its GPUs (NVIDIA sells these on 8-GPU boards), so
+a server figure below its GPUs' own is refused rather than priced.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ class GpuSpec:
     hbm_bandwidth_bytes_per_s: float
     dense_flops_per_s: dict[str, float]  # precision -> dense tensor-core throughput (no sparsity)
     nvlink_bandwidth_bytes_per_s: float  # per GPU, each direction
-    tdp_w: float
-    price_usd: float  # estimate
+    tdp_w: float  # one GPU's; server_power_w, which holds them, is what power reads
+    price_usd: float  # estimate; one GPU's, as server_price_usd, which holds them, is what capex reads
     gpus_per_server: int
     server_price_usd: float  # the whole 8-GPU server, GPUs included
     server_power_w: float  # maximum at the plug, GPUs included
@@ -58,4 +60,10 @@ def load_gpu(name_or_path: str | Path) -> GpuSpec:
     if "bf16" not in gpu.dense_flops_per_s:  # compute_flops_per_s falls back to it
         raise OpenLPUError(f"{name}.dense_flops_per_s must give bf16: math in a format the GPU has no units for "
                            "runs in bf16")
+    for server_figure, gpu_figure in (("server_price_usd", "price_usd"), ("server_power_w", "tdp_w")):
+        held = gpu.gpus_per_server * getattr(gpu, gpu_figure)
+        if getattr(gpu, server_figure) < held:
+            raise OpenLPUError(
+                f"{name}.{server_figure} {getattr(gpu, server_figure):,g} is less than its {gpu.gpus_per_server} "
+                f"GPUs' {gpu_figure} ({held:,g}); costs read {server_figure}, the whole server's: raise it")
     return dataclasses.replace(gpu, sources=sources)
