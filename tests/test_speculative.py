@@ -112,3 +112,19 @@ def test_the_draft_must_share_the_tokenizer_and_fit():
         plan(TARGET, acceptance=0.5)
     with pytest.raises(OpenLPUError, match="cannot hold llama-3.1-70b and the draft llama-3.1-8b"):
         plan("llama-3.1-70b", system="", gpus=1, context=CONTEXT, draft="llama-3.1-8b", acceptance=0.5)
+
+
+def test_a_draft_beside_its_target_powers_the_hosts_its_capex_pays_for():
+    """Gemma 3 1B fills a node and its 270M draft sits on two chips of the next: capex pays for both nodes'
+    hosts (whole nodes beyond one), so power counts both hosts, and what is left lies between every chip
+    idle and every chip busy."""
+    from openlpu.sim.cost import lpu_capex
+
+    context = 1024
+    t = timing(compile_program(load_preset("gemma-3-1b"), SYSTEM, Workload(context_length=context, draft_tokens=4)))
+    d = timing(compile_program(load_preset("gemma-3-270m"), SYSTEM, Workload(context_length=context)))
+    lpu, = plan("gemma-3-1b", compare=(), context=context, draft="gemma-3-270m", acceptance=0.7)
+    hosts = lpu_capex(SYSTEM, lpu.chips, t.nodes + d.nodes).hosts_usd / SYSTEM.node.host_price_usd
+    assert (t.nodes, d.nodes, hosts) == (1, 1, 2)
+    chips_w = lpu.power_w - hosts * SYSTEM.node.host_power_w
+    assert lpu.chips * SYSTEM.chip.idle_power_w < chips_w < lpu.chips * SYSTEM.chip.busy_power_w

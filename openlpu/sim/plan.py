@@ -16,7 +16,7 @@ from openlpu.graph.lower import as_precision, serving_precision
 from openlpu.hardware.gpu import gpu_names, load_gpu
 from openlpu.hardware.lpu import SystemSpec, load_system
 from openlpu.models.spec import ModelSpec, load_spec
-from openlpu.sim.cost import CostAssumptions, cost, gpu_capex, lpu_capex
+from openlpu.sim.cost import CostAssumptions, cost, gpu_capex, lpu_capex, lpu_nodes_held
 from openlpu.sim.figures import save_png
 from openlpu.sim.gpu import DEFAULT_SOFTWARE, software_named
 from openlpu.words import counted, significant
@@ -166,6 +166,10 @@ def _with_draft(system, program, t, draft: Draft, workload) -> _LpuFigures:
     # per round the target steps once and the draft k times, not as often as each could alone
     power = (_power_at_duty(t, 1 / (t.tokens_per_s_per_user * r.round_period_s))
              + _power_at_duty(d, draft.tokens / (d.tokens_per_s_per_user * r.round_period_s)))
+    # each timing powered its own share of a node's host; the pair holds the hosts lpu_capex prices for both
+    power += system.node.host_power_w * (lpu_nodes_held(system, t.chips + d.chips, t.nodes + d.nodes)
+                                         - lpu_nodes_held(system, t.chips, t.nodes)
+                                         - lpu_nodes_held(system, d.chips, d.nodes))
     racks = {system.rack_of(c) for c in program.placement.chips} | {system.rack_of(offset + c)
                                                                     for c in draft_program.placement.chips}
     return _LpuFigures(t.chips + d.chips, t.nodes + d.nodes, len(racks),
