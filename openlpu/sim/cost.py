@@ -98,8 +98,9 @@ def gpu_servers(gpu, gpus: int) -> float:
 def gpu_capex(gpu, gpus: int) -> Capex:
     """`gpu`: hardware.gpu.GpuSpec. NVIDIA sells these GPUs on 8-GPU boards inside servers."""
     servers = gpu_servers(gpu, gpus)
+    racks = servers / GPU_SERVERS_PER_RACK  # a share of one rack, whole racks beyond (as lpu_capex counts)
     return Capex(accelerators_usd=servers * gpu.server_price_usd, hosts_usd=0.0,
-                 racks_usd=servers / GPU_SERVERS_PER_RACK * RACK_USD,
+                 racks_usd=(racks if racks <= 1 else math.ceil(racks)) * RACK_USD,
                  network_usd=servers * GPU_FABRIC_USD_PER_SERVER if servers > 1 else 0.0)
 
 
