@@ -65,7 +65,8 @@ def openlpu_runner(model_path: str, threads: int, precision: str):
 
     def once(prompt, n):
         seq = engine.new_sequence(prompt, SamplingParams(max_tokens=n + 1, temperature=0))
-        engine.step([seq])
+        while not seq.output_ids:  # the prompt, in the Program's prefill chunks
+            engine.step([seq])
         t_first = time.perf_counter()
         while not seq.finished:
             engine.step([seq])

@@ -42,6 +42,15 @@ def test_top_k_one_and_tiny_top_p_are_greedy(engine):
     assert run(engine, max_tokens=10, temperature=1.5, top_p=1e-6, seed=2)[1] == greedy
 
 
+def test_extreme_sampling_values_still_draw_a_token():
+    """A temperature near 0 overflowed the scaled logits, and a top_p below float32's smallest masked the top
+    token: both raised inside a batched step. They now tend to greedy, as top_p 0 is by definition."""
+    logits = torch.randn(262_144, generator=torch.Generator().manual_seed(0)) * 30
+    g = torch.Generator().manual_seed(1)
+    for params in (dict(temperature=1e-45), dict(top_p=1e-300), dict(top_p=0), dict(temperature=2.0, top_p=0)):
+        assert sample(logits, SamplingParams(**params), g) == int(logits.argmax()), params
+
+
 def test_sampling_respects_top_k_set():
     logits = torch.tensor([0.0, 5.0, 4.0, 3.0, -1.0])
     g = torch.Generator().manual_seed(0)
@@ -79,6 +88,30 @@ def test_continuous_batching_equals_separate_runs(engine):
     assert engine.cache.free_slots == engine.max_batch
 
 
+def test_a_long_prompt_is_fed_in_chunks_beside_a_decoding_sequence(engine, llamacpp_reference):
+    """Fed two tokens a step, a long prompt takes several steps, and the sequence already decoding gets a token
+    in each of them; both give the tokens they give alone, the short one llama.cpp's."""
+    chunked = Engine(engine.model, engine.tokenizer, 2, 256, prefill_chunk=2)
+    long_ids = engine.tokenizer.encode("Once upon a time, in a small village by the sea, there lived an old man")
+    short_alone, long_alone = (run(engine, ids, max_tokens=16, temperature=0)[1] for ids in (PROMPT, long_ids))
+    params = SamplingParams(max_tokens=16, temperature=0)
+    short = chunked.new_sequence(engine.tokenizer.encode(PROMPT), params)
+    while not short.output_ids:
+        chunked.step([short])
+    long = chunked.new_sequence(long_ids, params)
+    feeding_steps = 0
+    while not long.output_ids:
+        events = chunked.step([short, long])
+        assert [e.seq_id for e in events] == [short.id] or long.output_ids  # a token for the short one each step
+        feeding_steps += 1
+    assert feeding_steps == -(-len(long_ids) // 2) > 4
+    while not (short.finished and long.finished):
+        chunked.step([short, long])
+    assert short.output_ids == short_alone and short_alone[:8] == llamacpp_reference["greedy_32_ids"][:8]
+    assert long.output_ids == long_alone
+    assert chunked.cache.free_slots == 2
+
+
 def test_release_frees_the_slot_at_once(engine):
     params = SamplingParams(max_tokens=50, temperature=0)
     seqs = [engine.new_sequence([2, 818], params) for _ in range(engine.max_batch)]
@@ -95,7 +128,7 @@ def test_release_frees_the_slot_at_once(engine):
 
 
 @pytest.mark.parametrize("params", [
-    dict(temperature=-0.1), dict(temperature=2.5), dict(top_p=0), dict(top_p=1.5),
+    dict(temperature=-0.1), dict(temperature=2.5), dict(top_p=-0.1), dict(top_p=1.5),
     dict(top_k=-1), dict(max_tokens=0), dict(stop=("a", "b", "c", "d", "e")), dict(stop=("",)),
     dict(seed="x"),
 ])

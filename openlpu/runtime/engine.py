@@ -3,8 +3,10 @@
 The model is anything with Model.forward's contract; Engine.load gives it the compiled Program's
 fused executor (runtime.executor), so the text served is the text of the Program the simulated
 figures are read from. Sequences join and leave between steps. One `step` is one batched forward: new sequences feed
-their whole prompt (prefill), running ones their last token (decode); every sequence gets one new
-token. Text is streamed as deltas that never contain a stop string nor the start of one.
+their prompt (prefill) a chunk at a time, running ones their last token (decode); every sequence whose prompt is
+all fed gets one new token. Chunks keep a long prompt from stalling the other sequences' tokens for its whole
+prefill, and are the Program's own prefill waves. Text is streamed as deltas that never contain a stop string nor
+the start of one.
 Timestamps are host seconds from time.perf_counter().
 """
 
@@ -28,6 +30,7 @@ __all__ = ["Engine", "Sequence", "SamplingParams", "TokenEvent"]
 
 DEFAULT_CONTEXT_LENGTH = 8192  # positions per sequence unless asked (the KV cache grows to this)
 DEFAULT_PRECISION = "int4"  # int8 blocks, 4-bit head with float32 rescoring (see model.PRECISIONS)
+DEFAULT_PREFILL_CHUNK = 256  # prompt tokens a sequence feeds per step, for a model run without a Program
 
 
 @dataclass
@@ -62,12 +65,18 @@ class Sequence:
 
 class Engine:
     def __init__(self, model: Model, tokenizer: Tokenizer, max_batch: int = 8,
-                 context_length: int | None = None):
-        """`model`: a Model, or an Executor in fused mode (then `program` is the Program it runs)."""
+                 context_length: int | None = None, prefill_chunk: int | None = None):
+        """`model`: a Model, or an Executor in fused mode (then `program` is the Program it runs, whose prefill
+        chunk is the default `prefill_chunk`: the most prompt tokens a sequence feeds in one step)."""
         if max_batch < 1:
             raise OpenLPUError(f"max_batch must be >= 1, got {max_batch}")
         self.model, self.tokenizer = model, tokenizer
         self.program = getattr(model, "program", None)
+        if prefill_chunk is None:
+            prefill_chunk = self.program.workload.chunk_tokens if self.program else DEFAULT_PREFILL_CHUNK
+        if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+            raise OpenLPUError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
+        self.prefill_chunk = prefill_chunk
         self.spec: ModelSpec = model.spec
         self.model_name = self.spec.name
         self.context_length = min(context_length or model.max_positions, model.max_positions)
@@ -127,7 +136,7 @@ class Engine:
             return []
         tokens, spans, last_rows = [], [], []
         for s in active:
-            new = (s.prompt_ids + s.output_ids)[s._fed:]
+            new = (s.prompt_ids + s.output_ids)[s._fed:s._fed + self.prefill_chunk]
             spans.append(Span(s.slot, s._fed, len(new)))
             tokens += new
             last_rows.append(len(tokens) - 1)
@@ -135,7 +144,8 @@ class Engine:
         events = []
         for s, span, row in zip(active, spans, logits):
             s._fed += span.n_tokens
-            events.append(self._advance(s, sample(row, s.params, s._generator)))
+            if s._fed == len(s.prompt_ids) + len(s.output_ids):  # not in the middle of its prompt
+                events.append(self._advance(s, sample(row, s.params, s._generator)))
         return events
 
     def _advance(self, s: Sequence, token: int) -> TokenEvent:

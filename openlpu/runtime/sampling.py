@@ -3,7 +3,9 @@
 Order of operations, as in Hugging Face's and llama.cpp's common samplers: temperature, then
 top-k, then top-p (nucleus), then a draw from the renormalised distribution with the request's
 own torch.Generator (so a seed reproduces a request whatever else the engine runs).
-Temperature 0 means greedy (argmax), whatever the other settings.
+Temperature 0 means greedy (argmax), whatever the other settings; top-p 0 keeps the top token only. The
+logits are shifted so their largest is 0 before the temperature divides them, so a temperature near 0 tends
+to greedy rather than overflowing.
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ class SamplingParams:
         if not number(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
             raise OpenLPUError(f"temperature must be between 0 and {MAX_TEMPERATURE}, "
                                f"got {self.temperature!r}")
-        if not number(self.top_p) or not 0 < self.top_p <= 1:
-            raise OpenLPUError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not number(self.top_p) or not 0 <= self.top_p <= 1:
+            raise OpenLPUError(f"top_p must be between 0 and 1, got {self.top_p!r}")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
             raise OpenLPUError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
@@ -77,7 +79,8 @@ def sample(logits: torch.Tensor, params: SamplingParams,
     """One token id from float32 logits [vocab]."""
     if params.greedy:
         return int(logits.argmax())
-    logits = logits.float() / params.temperature
+    logits = logits.float()
+    logits = (logits - logits.max()) / params.temperature
     if params.top_k and params.top_k < logits.numel():
         values, ids = logits.topk(params.top_k)
     elif params.top_p < 1:
@@ -86,8 +89,9 @@ def sample(logits: torch.Tensor, params: SamplingParams,
         values, ids = logits, None
     probs = values.softmax(-1)
     if params.top_p < 1:
-        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
-        before = probs.cumsum(-1) - probs
-        probs = probs.masked_fill(before >= params.top_p, 0.0)
+        # keep the smallest prefix whose mass reaches top_p, and always the top token
+        dropped = probs.cumsum(-1) - probs >= params.top_p
+        dropped[0] = False
+        probs = probs.masked_fill(dropped, 0.0)
     choice = torch.multinomial(probs, 1, generator=generator)
     return int(choice if ids is None else ids[choice])

@@ -301,7 +301,7 @@ def create_app(engine, settings: ServeSettings | None = None) -> FastAPI:
         try:
             params = SamplingParams(max_tokens=max_new, temperature=req.temperature, top_p=req.top_p,
                                     seed=seed, stop=req.stop_sequences())
-        except OpenLPUError as e:  # what the engine's sampler refuses (e.g. top_p 0)
+        except OpenLPUError as e:  # what the engine's sampler refuses
             raise bad_request(str(e)) from None
         charged = len(ids) + (req.requested_max_tokens() or 0)
         s.limiter.take(key, charged, s.model_id)
