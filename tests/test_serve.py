@@ -161,10 +161,11 @@ def test_parallel_streams_match_sequential_runs(base_url, client, model):
 
 
 def test_metrics_count_what_the_responses_report(base_url, client, model):
-    before = metric(base_url, "openlpu_completion_tokens_total")
+    names = ("openlpu_completion_tokens_total", "openlpu_prompt_tokens_total")
+    before = [metric(base_url, name) for name in names]
     r = client.chat.completions.create(model=model, messages=ask("Hello"), max_completion_tokens=SHORT)
-    after = metric(base_url, "openlpu_completion_tokens_total")
-    assert after - before == r.usage.completion_tokens
+    after = [metric(base_url, name) for name in names]
+    assert [a - b for a, b in zip(after, before)] == [r.usage.completion_tokens, r.usage.prompt_tokens]
     text = httpx.get(base_url + "/metrics").text
     for name in ("openlpu_requests_total", "openlpu_queue_depth", "openlpu_time_to_first_token_seconds_bucket",
                  "openlpu_inter_token_seconds_bucket", "openlpu_request_seconds_bucket"):
@@ -220,12 +221,28 @@ def test_raw_protocol_errors_keep_the_server_up(base_url, model):
     assert r.json()["error"]["param"] == "messages"
     r = httpx.get(base_url + "/openai/v1/nowhere", headers=auth)
     assert r.status_code == 404 and "error" in r.json()
+    r = httpx.get(url, headers=auth)
+    assert r.status_code == 405 and r.headers["allow"] == "POST" and "error" in r.json()
+    assert httpx.head(base_url + "/").status_code == 200
     ok = httpx.post(url, headers=auth, json={"model": model, "messages": ask("hi"), "max_tokens": 2})
     assert ok.status_code == 200
     for header in ("x-ratelimit-limit-requests", "x-ratelimit-limit-tokens", "x-ratelimit-remaining-requests",
                    "x-ratelimit-remaining-tokens", "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens",
                    "x-request-id"):
         assert header in ok.headers
+
+
+def test_sdk_nulls_and_extreme_sampling_values_are_served(client, model):
+    """None in the SDK is JSON null, which means the default; a temperature near 0 or a top_p below float32's
+    smallest tends to greedy (they had raised inside the batched step, failing every stream in it)."""
+    greedy = client.chat.completions.create(model=model, messages=ask("hi"), max_completion_tokens=SHORT,
+                                            temperature=0).choices[0].message.content
+    for sampling in (dict(temperature=1e-45), dict(top_p=1e-300, seed=1), dict(top_p=0, seed=2)):
+        r = client.chat.completions.create(model=model, messages=ask("hi"), max_completion_tokens=SHORT, **sampling)
+        assert r.choices[0].message.content == greedy, sampling
+    r = client.chat.completions.create(model=model, messages=ask("hi"), max_completion_tokens=2, temperature=None,
+                                       top_p=None, n=None, stream=None, extra_body={"frequency_penalty": 0})
+    assert r.choices[0].finish_reason in ("stop", "length")
 
 
 def test_engine_failure_is_a_500_and_the_server_goes_on(client, engine, model, monkeypatch):

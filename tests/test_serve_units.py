@@ -38,6 +38,13 @@ def body(**changes) -> bytes:
     (body(top_logprobs=3), "top_logprobs"),
     (body(logit_bias={"42": 5}), "logit_bias"),
     (body(frobnicate=True), "frobnicate"),
+    (body(n=0), "n"),
+    (body(stop=5), "stop"),
+    (body(frequency_penalty=0.5), "frequency_penalty"),
+    (body(store=True), "store"),
+    (body(reasoning_format="parsed"), "reasoning_format"),
+    (body(response_format={"type": "json_object"}), "response_format"),
+    (body(response_format={"type": "yaml"}), "response_format.type"),
     (body(stream_options={"include_usage": True, "extra": 1}), "stream_options.extra"),
 ])
 def test_bad_requests_get_groqcloud_400(raw, param):
@@ -59,6 +66,26 @@ def test_good_request_keeps_every_field():
     assert req.stream and req.stream_options.include_usage and req.temperature == 0.0
     # max_completion_tokens wins over the deprecated max_tokens
     assert parse_chat_request(body(max_tokens=7, max_completion_tokens=9)).requested_max_tokens() == 9
+
+
+def test_null_and_neutral_values_mean_the_defaults():
+    """The groq and openai SDKs send null for an Optional field set to None, and some clients send zero
+    penalties by default: both mean what leaving the field out means."""
+    plain = parse_chat_request(body())
+    nulls = parse_chat_request(body(temperature=None, top_p=None, n=None, stream=None, frequency_penalty=0,
+                                    presence_penalty=0.0, store=False, metadata={}, tools=[], logit_bias=None))
+    assert (nulls.temperature, nulls.top_p, nulls.n, nulls.stream) == (1.0, 1.0, 1, False)
+    assert (plain.temperature, plain.top_p, plain.n, plain.stream) == (1.0, 1.0, 1, False)
+    assert parse_chat_request(body(response_format={"type": "text"})).response_format.type == "text"
+
+
+def test_refused_values_say_what_to_send():
+    for changes, says in ((dict(response_format={"type": "json_object"}), 'send {"type": "text"}'),
+                          (dict(presence_penalty=1), "send 0 or leave it out"),
+                          (dict(n=3), "only 1 choice is supported, got 3"),
+                          (dict(stop=[1]), "a string or a list of at most 4 strings")):
+        with pytest.raises(APIError, match=says):
+            parse_chat_request(body(**changes))
 
 
 # ---- rate limits ------------------------------------------------------------------------------

@@ -251,12 +251,12 @@ def create_app(engine, settings: ServeSettings | None = None) -> FastAPI:
         if exc.status_code == 404:
             msg = f"Unknown request URL: {request.method} {request.url.path}. Please check the URL for typos."
             return APIError(404, msg, code="unknown_url").response()
-        return APIError(exc.status_code, str(exc.detail)).response()
+        return APIError(exc.status_code, str(exc.detail), headers=dict(exc.headers or {})).response()  # 405: Allow
 
     def server_of(request: Request) -> Server:
         return request.app.state.server
 
-    @app.get("/")
+    @app.api_route("/", methods=["GET", "HEAD"])
     async def playground():
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 

@@ -14,7 +14,8 @@ class ServeMetrics:
         self.registry = r = CollectorRegistry()
         self.requests = Counter("openlpu_requests", "HTTP requests by route and status",
                                 ["route", "status"], registry=r)
-        self.prompt_tokens = Counter("openlpu_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.prompt_tokens = Counter("openlpu_prompt_tokens", "Prompt tokens of requests whose prefill finished",
+                                     registry=r)
         self.completion_tokens = Counter("openlpu_completion_tokens", "Completion tokens generated",
                                          registry=r)
         queue = Gauge("openlpu_queue_depth", "Requests waiting for a batch slot", registry=r)
@@ -39,10 +40,10 @@ class ServeMetrics:
         self.step_time.observe(seconds)
 
     def observe_job(self, job, completion_tokens: int, prompt_tokens: int) -> None:
-        self.prompt_tokens.inc(prompt_tokens)
         self.completion_tokens.inc(completion_tokens)
         self.queue_time.observe(job.queue_time_s)
-        if job.first_token_s is not None:
+        if job.first_token_s is not None:  # not a request dropped in the queue or during its prefill
+            self.prompt_tokens.inc(prompt_tokens)
             self.ttft.observe(job.first_token_s - job.enqueued_s)
             if job.finished_s is not None:
                 self.request_latency.observe(job.finished_s - job.enqueued_s)

@@ -16,7 +16,8 @@ from openlpu.serve.errors import APIError, bad_request
 ROLES = ("system", "developer", "user", "assistant")
 MAX_STOP_SEQUENCES = 4
 
-# Fields GroqCloud accepts for some models but this server cannot honour: a clear 400 each.
+# Fields GroqCloud accepts for some models but this server cannot honour: a clear 400 each when set to
+# anything but null or their neutral value (false, 0, empty), which clients send by default.
 # (logprobs, top_logprobs, logit_bias and messages[].name GroqCloud itself answers with 400.)
 UNSUPPORTED_FIELDS: dict[str, str] = {
     "logprobs": "`logprobs` is not supported",
@@ -25,7 +26,15 @@ UNSUPPORTED_FIELDS: dict[str, str] = {
     "tools": "`tools` is not supported by this model",
     "tool_choice": "`tool_choice` is not supported by this model",
     "parallel_tool_calls": "`parallel_tool_calls` is not supported by this model",
+    "frequency_penalty": "`frequency_penalty` is not supported; send 0 or leave it out",
+    "presence_penalty": "`presence_penalty` is not supported; send 0 or leave it out",
+    "store": "`store` is not supported; send false or leave it out",
+    "metadata": "`metadata` is not supported; leave it out",
+    "reasoning_format": "`reasoning_format` is not supported by this model",
+    "reasoning_effort": "`reasoning_effort` is not supported by this model",
 }
+# Optional fields a client may send as null (the SDKs declare them Optional): null means the default.
+DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "n": 1, "stream": False}
 
 
 class _Strict(BaseModel):
@@ -53,7 +62,8 @@ class StreamOptions(_Strict):
 
 
 class ResponseFormat(_Strict):
-    type: Literal["text"]  # json_object / json_schema need constrained decoding: not offered
+    type: Literal["text", "json_object", "json_schema"]  # the last two are refused: they need constrained decoding
+    json_schema: dict | None = None
 
 
 class ChatCompletionRequest(_Strict):
@@ -61,12 +71,12 @@ class ChatCompletionRequest(_Strict):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     max_tokens: int | None = Field(default=None, ge=1)  # deprecated alias
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, ge=0.0, le=1.0)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)  # None: DEFAULTS, after parsing
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # torch.Generator's range
     stop: str | list[str] | None = None
-    n: int = 1
-    stream: bool = False
+    n: int | None = None
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None
     response_format: ResponseFormat | None = None
@@ -78,6 +88,12 @@ class ChatCompletionRequest(_Strict):
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    reasoning_format: str | None = None
+    reasoning_effort: str | None = None
 
     def stop_sequences(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -104,6 +120,9 @@ def _validation_error(err: ValidationError) -> APIError:
         where = _loc(first["loc"][:3])  # drop pydantic's union-member tags (str / list[TextPart])
         return bad_request(f"'{where}' : content must be a string or a list of text parts "
                            "({\"type\": \"text\", \"text\": ...}); this model takes text only", param=where)
+    if first["loc"] and first["loc"][0] == "stop":  # drop pydantic's union-member tags (str / list[str])
+        return bad_request(f"'stop' : must be a string or a list of at most {MAX_STOP_SEQUENCES} strings",
+                           param="stop")
     if kind == "extra_forbidden":
         return bad_request(f"property '{loc}' is unsupported", param=loc)
     if kind == "missing":
@@ -122,15 +141,19 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
         req = ChatCompletionRequest.model_validate_json(body)
     except ValidationError as e:
         raise _validation_error(e) from None
+    req = req.model_copy(update={name: value for name, value in DEFAULTS.items() if getattr(req, name) is None})
     for name, message in UNSUPPORTED_FIELDS.items():
-        value = getattr(req, name)
-        if value not in (None, False):
+        if getattr(req, name):  # null, false, 0 and empty are what a client sends when it means none
             raise bad_request(message, param=name)
+    if req.response_format and req.response_format.type != "text":
+        raise bad_request(f"`response_format` {req.response_format.type} is not supported by this model (it needs "
+                          "constrained decoding); send {\"type\": \"text\"} or leave it out",
+                          param="response_format")
     for i, m in enumerate(req.messages):
         if m.name is not None:
             raise bad_request(f"'messages.{i}' : property 'name' is unsupported", param=f"messages.{i}.name")
     if req.n != 1:
-        raise bad_request("'n' : number must be at most 1", param="n")
+        raise bad_request(f"'n' : only 1 choice is supported, got {req.n}", param="n")
     stops = req.stop_sequences()
     if len(stops) > MAX_STOP_SEQUENCES:
         raise bad_request(f"'stop' : at most {MAX_STOP_SEQUENCES} stop sequences are allowed", param="stop")
