@@ -362,7 +362,12 @@ def inspect_cmd(
     if gantt is not None:
         png_path(gantt, "Gantt chart")  # before loading: a large Program takes seconds
     program = load_program(program_file)
-    violations = verify(program)
+    try:
+        violations = verify(program)
+    except (ArithmeticError, LookupError, RecursionError, TypeError, ValueError) as e:  # what a record the
+        # loader's checks let through breaks in the verifier: the file's fault, said in one line
+        raise OpenLPUError(f"{program_file} does not hold together ({type(e).__name__}: {e}); recompile it with "
+                           f"`openlpu compile`") from None
     if broken := [v.message for v in violations if v.invariant == "structure"]:  # no figures can be read off it
         raise OpenLPUError(f"{program_file} does not hold together: {broken[0]}; recompile it with `openlpu compile`")
     t = timing(program)

@@ -194,7 +194,15 @@ def test_a_schedule_naming_what_no_program_has(program):
                            + list(program.decode.transfers[1:])),
               f"decode: transfer {t.name} has kind 'multicast', not one of p2p, broadcast, all_reduce"),
              (_with_decode(program, ops=[dataclasses.replace(op, name="x/" + op.name)] + list(program.decode.ops[1:])),
-              f"decode: op x/{op.name} names no prompt chunk (c<chunk>/...)")]
+              f"decode: op x/{op.name} names no prompt chunk (c<chunk>/...)"),
+             # a digit Python's isdigit takes but int() does not (what reads chunks by number)
+             (_with_decode(program, ops=[dataclasses.replace(op, name="c\u00b2/" + op.name)]
+                           + list(program.decode.ops[1:])), f"decode: op c\u00b2/{op.name} names no prompt chunk"),
+             (_with_decode(program, ops=[dataclasses.replace(op, start_cycle=op.start_cycle - 5)]
+                           + list(program.decode.ops)), f"decode: two ops are named {op.name}"),
+             (_with_decode(program, transfers=[dataclasses.replace(t, kind="p2p", chips=t.chips[:1])]
+                           + list(program.decode.transfers[1:])),
+              f"decode: transfer {t.name} (p2p) over chips [{t.chips[0]}] has no sender or no receiver")]
     for bad, says in cases:
         found = verify(bad)
         assert {v.invariant for v in found} == {"structure"} and says in found[0].message, found
@@ -625,3 +633,104 @@ def test_a_combination_adds_the_parts_of_one_op(cut):
     ops[k] = dataclasses.replace(ops[k], inputs=(ops[k].inputs[0], other))
     assert [v.message for v in verify(_with_decode(cut, ops=ops)) if v.invariant == "structure"] == [
         f"decode: {ops[k].name} combines the results of blk.2.ffn_down, blk.3.ffn_down, not the parts of one op"]
+
+
+def _shifted(phase, by: int):
+    """The phase with every op, transfer and phase of a transfer `by` cycles later."""
+    ops = [dataclasses.replace(o, start_cycle=o.start_cycle + by, end_cycle=o.end_cycle + by) for o in phase.ops]
+    transfers = [dataclasses.replace(t, start_cycle=t.start_cycle + by, arrival_cycle=t.arrival_cycle + by,
+                                     phases=tuple((s + by, e + by, links) for s, e, links in t.phases))
+                 for t in phase.transfers]
+    return dataclasses.replace(phase, ops=tuple(ops), transfers=tuple(transfers),
+                               makespan_cycles=phase.makespan_cycles + by)
+
+
+def test_nothing_runs_before_the_phase_starts(program):
+    """Timing reads a step's latency off its makespan: a schedule moved to negative cycles (ending at cycle 1)
+    would read as a step of one cycle."""
+    early = dataclasses.replace(program, decode=_shifted(program.decode, 1 - program.decode.makespan_cycles))
+    found = verify(early)
+    assert {v.invariant for v in found} == {"structure"} and "before the phase does (cycle 0)" in found[0].message
+
+
+def _squeezed(t, cycles_of=lambda k, links: 1):
+    """Transfer `t` with each phase taking cycles_of(k, links) cycles, one after the other from its start."""
+    phases, at = [], t.start_cycle
+    for k, (_, _, links) in enumerate(t.phases):
+        phases.append((at, at + cycles_of(k, links), links))
+        at = phases[-1][1]
+    return dataclasses.replace(t, phases=tuple(phases), arrival_cycle=at)
+
+
+def test_a_phase_of_no_length_is_caught_and_hides_no_overfilled_link(program):
+    """Every all-reduce phase squeezed to one cycle overfills its links. A first phase of no length, which
+    arrives as it starts, is caught itself, and its infinite rate no longer turns the sweep of its links into
+    NaN, which had hidden the overfilled ones."""
+    squeezed = [_squeezed(t) if t.kind == "all_reduce" else t for t in program.decode.transfers]
+    assert "link_bandwidth" in _invariants(_with_decode(program, transfers=squeezed))
+    for i, t in enumerate(squeezed):
+        if t.kind == "all_reduce":
+            (start, _, links), *rest = t.phases
+            squeezed[i] = dataclasses.replace(t, phases=((start, start, links), *rest))
+    found = verify(_with_decode(program, transfers=squeezed))
+    assert {"link_bandwidth", "input_not_ready"} <= {v.invariant for v in found}
+    assert any("phase 0 runs cycles" in v.message for v in found)
+
+
+def test_a_transfer_faster_than_its_hops_latency(program):
+    """Each all-reduce phase given only the cycles its bytes take at the links' bandwidth, none for the hop's
+    latency (100 ns on a chip's local links): within the bandwidth, yet arriving before it can."""
+    clock, local = SYSTEM.chip.clock_hz, SYSTEM.links["local"]
+
+    def bytes_only(k, links):
+        return math.ceil(max(n for _, _, n in links) / local.bandwidth_bytes_per_s * clock)
+    fast = [_squeezed(t, bytes_only) if t.kind == "all_reduce" else t for t in program.decode.transfers]
+    found = verify(_with_decode(program, transfers=fast))
+    assert {v.invariant for v in found} >= {"input_not_ready"} and "link_bandwidth" not in {v.invariant for v in found}
+    assert any("its hop latency and bytes take" in v.message for v in found)
+
+
+def test_a_chip_that_relays_a_send_passes_on_what_it_receives():
+    """Gemma 3 270M on 16 one-chip stages: the sampled token goes back from chip 15 to chip 0 through other
+    chips. A relayed hop carrying an eighth of the bytes (the rest lost on the way, or conjured after it)
+    leaves the sender's and the receiver's totals whole, and is caught at the chips that relay it."""
+    p = compile_program(load_preset("gemma-3-270m"), SYSTEM,
+                        Workload(context_length=512, prompt_len=64, prefill_chunk=64), chips=16, tp=1)
+    assert verify(p) == []
+    transfers = list(p.decode.transfers)
+    i = next(k for k, t in enumerate(transfers) if t.name == "token_return")
+    t = transfers[i]
+    (start, arrival, links), = t.phases
+    relayed = next(k for k, (a, b, _) in enumerate(links) if a not in t.chips and b not in t.chips)
+    links = tuple((a, b, n / 8 if k == relayed else n) for k, (a, b, n) in enumerate(links))
+    transfers[i] = dataclasses.replace(t, phases=((start, arrival, links),))
+    found = verify(_with_decode(p, transfers=transfers))
+    assert [v.invariant for v in found] == ["link_bandwidth"] and "which only relays it" in found[0].message
+
+
+def test_a_partial_result_is_read_through_its_all_reduce(program):
+    """On a stage of 8 chips a row-split projection leaves each chip partial sums: an op reading them
+    directly, not their all-reduce, reads the wrong vector, though it is the graph's input by name."""
+    ops = list(program.decode.ops)
+    i = next(k for k, o in enumerate(ops) if any(x.endswith(".allreduce") for x in o.inputs))
+    ops[i] = dataclasses.replace(ops[i], inputs=tuple(x.removesuffix(".allreduce") for x in ops[i].inputs))
+    found = verify(_with_decode(program, ops=ops))
+    assert [v.invariant for v in found] == ["input_not_ready"] and "partial result, not its all-reduce" in \
+        found[0].message
+
+
+def test_an_op_faster_than_its_unit_and_sram_allow(program):
+    """Each op's recorded work bounds its cycles from below, at its unit's fastest rate and the SRAM's
+    bandwidth: the first matrix op made to run in one cycle is caught."""
+    ops = list(program.decode.ops)
+    i = next(k for k, o in enumerate(ops) if o.unit == "matrix" and o.end_cycle - o.start_cycle > 1)
+    ops[i] = dataclasses.replace(ops[i], end_cycle=ops[i].start_cycle + 1)
+    found = verify(_with_decode(program, ops=ops))
+    assert [v.invariant for v in found] == ["unit_overlap"] and "on its matrix unit at the most" in found[0].message
+
+
+def test_a_transfer_reading_itself_is_reported_not_recursed(program):
+    transfers = list(program.decode.transfers)
+    transfers[0] = dataclasses.replace(transfers[0], inputs=(transfers[0].name,))
+    found = verify(_with_decode(program, transfers=transfers))
+    assert any(f"{transfers[0].name} starts at cycle" in v.message for v in found)

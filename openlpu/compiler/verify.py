@@ -31,6 +31,7 @@ never the compiler.
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import math
@@ -50,8 +51,10 @@ from openlpu.compiler.partition import (
     is_cut_along_vocab,
     is_expert_tensor,
     merged_pieces,
+    op_suffix,
     piece_homes,
     split_rule,
+    suffix_role,
     tensor_piece,
 )
 from openlpu.compiler.program import (
@@ -60,8 +63,9 @@ from openlpu.compiler.program import (
     Program,
     Transfer,
     gc_paused,
+    transfer_ends,
 )
-from openlpu.compiler.schedule import CHAINED, chunk_name, split_chunk
+from openlpu.compiler.schedule import CHAINED, NEEDS_ALL_REDUCE, chunk_name, split_chunk
 from openlpu.errors import OpenLPUError
 from openlpu.graph.lower import as_precision, lower
 from openlpu.graph.ops import UNITS
@@ -153,6 +157,10 @@ def _names(program: Program) -> list[Violation]:
     for phase in (program.decode, program.prefill):
         for what, records, field, known in (("op", phase.ops, "unit", UNITS),
                                             ("transfer", phase.transfers, "kind", tuple(TRANSFER_ENDS))):
+            if len({r.name for r in records}) != len(records):
+                twice = next(n for n, k in collections.Counter(r.name for r in records).items() if k > 1)
+                out.append(Violation("structure", f"{phase.phase}: two {what}s are named {twice} (inputs name "
+                                                  f"what they read)"))
             for r in records:
                 prefix, chunked, _ = r.name.partition("/")
                 if not 0 <= r.stage < stages:
@@ -161,7 +169,10 @@ def _names(program: Program) -> list[Violation]:
                 if getattr(r, field) not in known:
                     out.append(Violation("structure", f"{phase.phase}: {what} {r.name} has {field} "
                                                       f"{getattr(r, field)!r}, not one of {', '.join(known)}"))
-                if chunked and not (prefix[:1] == "c" and prefix[1:].isdigit()):
+                if what == "transfer" and r.kind in TRANSFER_ENDS and not all(transfer_ends(r.kind, r.chips)):
+                    out.append(Violation("structure", f"{phase.phase}: transfer {r.name} ({r.kind}) over chips "
+                                                      f"{list(r.chips)} has no sender or no receiver"))
+                if chunked and not (prefix[:1] == "c" and prefix[1:].isascii() and prefix[1:].isdecimal()):
                     out.append(Violation("structure", f"{phase.phase}: {what} {r.name} names no prompt chunk "
                                                       f"(c<chunk>/...)"))
     return out
@@ -204,21 +215,38 @@ def _on_an_axis(name: str, shape: tuple[int, ...], axis: int) -> bool:
 
 
 def _makespan(phase: PhaseSchedule) -> list[Violation]:
-    """A phase lasts until its last op ends or its last transfer arrives (timing reads its latency off it)."""
+    """A phase starts at cycle 0 and lasts until its last op ends or its last transfer arrives (timing reads its
+    latency off it, so nothing may run before 0)."""
+    out = []
     last = max([op.end_cycle for op in phase.ops] + [t.arrival_cycle for t in phase.transfers], default=0)
     if phase.makespan_cycles != last:
-        return [Violation("structure", f"{phase.phase}: makespan {phase.makespan_cycles} cycles, but its last op or "
-                                       f"transfer ends at {last}")]
-    return []
+        out.append(Violation("structure", f"{phase.phase}: makespan {phase.makespan_cycles} cycles, but its last op or "
+                                          f"transfer ends at {last}"))
+    first = min([(op.start_cycle, op.name) for op in phase.ops]
+                + [(start, t.name) for t in phase.transfers for start, _, _ in t.phases], default=(0, ""))
+    if first[0] < 0:
+        out.append(Violation("structure", f"{phase.phase}: {first[1]} starts at cycle {first[0]}, before the phase "
+                                          f"does (cycle 0)"))
+    return out
 
 
-def _unit_overlap(phase: PhaseSchedule) -> list[Violation]:
-    out = []
+def _unit_overlap(program: Program, phase: PhaseSchedule) -> list[Violation]:
+    """No unit runs two ops at once, nor an op in fewer cycles than the work it records takes at its unit's
+    fastest rate (the matrix unit's in its fastest mode) and at the SRAM's bandwidth."""
+    chip, out = program.system.chip, []
+    per_cycle = {"matrix": 2 * max(chip.matrix_macs_per_cycle.values()), "vector": chip.vector_ops_per_cycle,
+                 "switch": chip.switch_bytes_per_cycle, "memory": math.inf}
     by_unit = defaultdict(list)
     for op in phase.ops:
+        least = max(op.flops_per_chip / per_cycle[op.unit], op.sram_bytes_per_chip / chip.sram_bytes_per_cycle)
         if op.end_cycle <= op.start_cycle:
             out.append(Violation("unit_overlap", f"{phase.phase}: {op.name} ends at {op.end_cycle}, not after its "
                                                  f"start {op.start_cycle}"))
+        elif op.end_cycle - op.start_cycle < least * (1 - RATE_TOLERANCE):
+            out.append(Violation("unit_overlap", f"{phase.phase}: {op.name} runs {op.end_cycle - op.start_cycle} "
+                                                 f"cycles; its {op.flops_per_chip:,.0f} operations and "
+                                                 f"{op.sram_bytes_per_chip:,.0f} SRAM bytes take {least:,.1f} on "
+                                                 f"its {op.unit} unit at the most"))
         by_unit[(op.stage, op.unit)].append(op)
     for (stage, unit), ops in sorted(by_unit.items()):
         ops.sort(key=lambda o: (o.start_cycle, o.end_cycle))
@@ -242,7 +270,8 @@ def _inputs_ready(program: Program, phase: PhaseSchedule) -> list[Violation]:
         if not t.phases or (t.phases[0][0], t.phases[-1][1]) != (t.start_cycle, t.arrival_cycle):
             out.append(Violation("input_not_ready", f"{phase.phase}: transfer {t.name} runs cycles {t.start_cycle}-"
                                                     f"{t.arrival_cycle}, but its phases do not span them"))
-        for k, ((_, before, _), (start, arrival, _)) in enumerate(zip(t.phases, t.phases[1:]), 1):
+        for k, (start, arrival, _) in enumerate(t.phases):
+            before = t.phases[k - 1][1] if k else start
             if start < before or arrival <= start:
                 out.append(Violation("input_not_ready", f"{phase.phase}: transfer {t.name} phase {k} runs cycles "
                                                         f"{start}-{arrival}, but the phase before it arrives at {before}"))
@@ -284,6 +313,19 @@ def _inputs_ready(program: Program, phase: PhaseSchedule) -> list[Violation]:
                 out.append(Violation("input_not_ready", f"{phase.phase}: {op.name} runs on stage {op.stage}'s chips, "
                                                         f"but its input {i} reaches only chips {sorted(sent[i])}"))
     return out
+
+
+def _partials_reduced(program: Program, phase: PhaseSchedule) -> list[Violation]:
+    """On a stage of more than one chip, an op splitting its work so that each chip holds a partial result
+    (partial sums of a row split, a share of the vocabulary's gather or argmax: NEEDS_ALL_REDUCE) is read only
+    by its all-reduce: what reads the whole result reads that."""
+    wide = {s.index for s in program.placement.stages if len(s.chips) > 1}
+    partial = {op.name for op in phase.ops if op.stage in wide and suffix_role(op_suffix(op.name)) in NEEDS_ALL_REDUCE}
+    readers = [(op.name, op.inputs) for op in phase.ops]
+    readers += [(t.name, t.inputs) for t in phase.transfers if t.kind != "all_reduce"]
+    return [Violation("input_not_ready", f"{phase.phase}: {name} reads {i}, each chip's partial result, not its "
+                                         f"all-reduce")
+            for name, inputs in readers for i in inputs if i in partial]
 
 
 def _received(t: Transfer) -> tuple[tuple[int, ...], float]:
@@ -528,10 +570,15 @@ def _graph(program: Program, phase: PhaseSchedule) -> list[Violation]:
     origins = {}
 
     def origin(name: str) -> str:
-        """The graph op whose result `name` is, or carries (a transfer), or combines (its parts')."""
-        if name not in origins:
-            origins[name] = origin(sources[name][0]) if sources.get(name) else name.split(CUT_SEPARATOR)[0]
-        return origins[name]
+        """The graph op whose result `name` is, or carries (a transfer), or combines (its parts'); a chain of
+        records that comes back on itself (which _inputs_ready reports) ends where it does."""
+        chain = []
+        while name not in origins and sources.get(name) and name not in chain:
+            chain.append(name)
+            name = sources[name][0]
+        found = origins.get(name, name.split(CUT_SEPARATOR)[0])
+        origins.update(dict.fromkeys(chain, found))
+        return found
 
     out, ran = [], set()
     for op, prefix, base in named:
@@ -645,6 +692,16 @@ def _short_of_payload(t: Transfer) -> str | None:
             if moved[c] < least * (1 - RATE_TOLERANCE):
                 return (f"({t.kind}, {t.payload_bytes:,.0f} bytes) {verb} {moved[c]:,.0f} bytes on chip {c}'s links, "
                         f"less than the {least:,.0f} it must")
+    members = set(t.chips)
+    for k, (_, _, links) in enumerate(t.phases):  # a chip it only passes through sends on what it receives
+        through = defaultdict(float)
+        for a, b, nbytes in links:
+            through[a] -= nbytes
+            through[b] += nbytes
+        for c, kept in through.items():
+            if c not in members and abs(kept) > RATE_TOLERANCE * t.payload_bytes + 1e-9:
+                verb = "leaves" if kept > 0 else "takes"  # more bytes in than out, or out than in
+                return f"phase {k} {verb} {abs(kept):,.0f} bytes at chip {c}, which only relays it"
     return None
 
 
@@ -662,7 +719,7 @@ def _links(program: Program, phase: PhaseSchedule, bandwidths: dict) -> list[Vio
     spans, peaks = list(spans_of.values()), []
     carried = defaultdict(list)  # directed link -> (bytes, index in spans) of each load it is part of
     for load, (links, held) in enumerate(spans_of.items()):
-        inverse = [clock / (arrival - start) if arrival > start else math.inf for start, arrival, _ in held]
+        inverse = [clock / (arrival - start) if arrival > start else 0.0 for start, arrival, _ in held]
         events = sorted([(s, 1, r) for (s, _, _), r in zip(held, inverse)] +
                         [(e, 0, r) for (_, e, _), r in zip(held, inverse)])
         level = peak = 0.0
@@ -673,6 +730,24 @@ def _links(program: Program, phase: PhaseSchedule, bandwidths: dict) -> list[Vio
         for a, b, nbytes in links:
             carried[(a, b)].append((nbytes, load))
     out, swept, held = [], {}, set(program.placement.chips)
+    # a phase takes at least each of its links' hop latency plus its bytes at the link's bandwidth (one too
+    # short for the bytes alone is over the bandwidth, reported below)
+    for links, spans_here in spans_of.items():
+        least, slowest, bytes_alone = 0.0, None, 0.0
+        for a, b, nbytes in links:
+            if (a, b) not in bandwidths:
+                bandwidths[(a, b)] = _bandwidth(system, held, a, b)
+            if not isinstance(bandwidths[(a, b)], str):
+                moving = nbytes / bandwidths[(a, b)] * clock
+                need = system.links[system.link_kind(a, b)].latency_s * clock + moving
+                least, slowest = max((least, slowest), (need, (a, b)))
+                bytes_alone = max(bytes_alone, moving)
+        short = next(((start, arrival, name) for start, arrival, name in spans_here
+                      if bytes_alone * (1 - RATE_TOLERANCE) <= arrival - start < least * (1 - RATE_TOLERANCE)), None)
+        if short:
+            out.append((slowest, Violation("input_not_ready", f"{phase.phase}: transfer {short[2]} crosses link "
+                                                              f"{slowest[0]}->{slowest[1]} in {short[1] - short[0]} "
+                                                              f"cycles; its hop latency and bytes take {least:.1f}")))
     for (a, b), loads in carried.items():
         if (a, b) not in bandwidths:
             bandwidths[(a, b)] = _bandwidth(system, held, a, b)
@@ -684,9 +759,9 @@ def _links(program: Program, phase: PhaseSchedule, bandwidths: dict) -> list[Vio
             continue
         same = (tuple(loads), bandwidth)  # the links of a group, loaded alike, are swept once
         if same not in swept:
-            swept[same] = _over_bandwidth([(start, arrival, nbytes / ((arrival - start) / clock) if arrival > start
-                                            else math.inf, name) for nbytes, load in loads
-                                           for start, arrival, name in spans[load]], bandwidth)
+            swept[same] = _over_bandwidth([(start, arrival, nbytes / ((arrival - start) / clock), name)
+                                           for nbytes, load in loads for start, arrival, name in spans[load]
+                                           if arrival > start], bandwidth)
         if swept[same]:
             out.append(((a, b), Violation("link_bandwidth", f"{phase.phase}: link {a}->{b} carries {swept[same]}")))
     return [violation for _, violation in sorted(out, key=lambda found: found[0])]  # by link
@@ -726,8 +801,8 @@ def verify(program: Program) -> list[Violation]:
            + _shards_on_their_stages(program))
     bandwidths = {}  # the phases load mostly the same links
     for phase in (program.decode, program.prefill):
-        out += (_makespan(phase) + _graph(program, phase) + _ops_on_their_pieces(program, phase) + _unit_overlap(phase)
-                + _inputs_ready(program, phase) + _sram(program, phase) + _payload_carried(phase)
+        out += (_makespan(phase) + _graph(program, phase) + _ops_on_their_pieces(program, phase) + _unit_overlap(program, phase)
+                + _inputs_ready(program, phase) + _partials_reduced(program, phase) + _sram(program, phase) + _payload_carried(phase)
                 + _links(program, phase, bandwidths))
     return out
 
