@@ -118,6 +118,8 @@ def test_save_load_round_trip_and_bad_files(gemma8, tmp_path):
                          (lambda b: first_op(b).__setitem__(6, True), "a ScheduledOp's flops_per_chip is not float"),
                          (lambda b: b["spec"].update(n_layers=0), "model 'gemma-3-270m': n_layers must"),
                          (lambda b: b["spec"].pop("d_model"), "its model: missing required field\\(s\\) d_model"),
+                         (lambda b: b["spec"].update(qkv_bias="x"), "qkv_bias must be true or false, got 'x'"),
+                         (lambda b: b["spec"].update(sliding_window="x"), "sliding_window must be an integer or none"),
                          (lambda b: b["placement"]["shards"]["rows"][0].__setitem__(6, 0),
                           "a Shard's replicated is not bool"),
                          (lambda b: b["link_loads"][0][0].__setitem__(2, "x"), "its 'link_loads' is not"),

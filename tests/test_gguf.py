@@ -465,8 +465,8 @@ def test_unsupported_architecture(tmp_path):
     ("llama", {"n_heads": 0}, "llama.attention.head_count = 0 is not a positive integer"),
     ("llama", {"d_model": "x"}, "llama.embedding_length = 'x' is not a positive integer"),
     ("llama", {"n_layers": 10**9}, "llama.block_count = 1000000000 is not a positive integer of at most 10,000"),
-    ("llama", {"norm_eps": float("nan")}, "norm_eps and rope_base must be positive numbers, got nan"),
-    ("gemma2", {"final_softcap": float("inf")}, "final_logit_softcap must be a positive number or none, got inf"),
+    ("llama", {"norm_eps": float("nan")}, "norm_eps must be a finite number, got nan"),
+    ("gemma2", {"final_softcap": float("inf")}, "final_logit_softcap must be a finite number or none, got inf"),
 ])
 def test_broken_metadata_is_named(tmp_path, arch, change, says):
     path = write_gguf(tmp_path / "broken.gguf", arch, arch_metadata(arch, **{**TINY, **change}), {})

@@ -2,11 +2,13 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
+from openlpu.errors import OpenLPUError
 from openlpu.models.hf import spec_from_hf_config
 from openlpu.models.spec import PRESETS_DIR, load_preset, preset_names
 
@@ -207,3 +209,20 @@ def test_models_lists_every_preset_whole_on_an_80_column_terminal():
         s = load_preset(name)
         assert rows[name][1] == s.family
         assert rows[name][5:] == [f"{s.param_count() / 1e9:.3f}", f"{s.active_param_count() / 1e9:.3f}"]
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("qkv_bias", "yes", "qkv_bias must be true or false, got 'yes'"),
+    ("n_heads", 8.0, "n_heads must be an integer, got 8.0"),
+    ("embed_scale", float("nan"), "embed_scale must be a finite number, got nan"),
+    ("sliding_window", 0, "sliding_window must be a positive integer or none, got 0"),
+    ("query_scale", "0.1", "query_scale must be a finite number or none"),
+    ("activation", None, "activation must be a string, got None"),
+])
+def test_a_spec_field_of_the_wrong_type_is_named(field, value, says):
+    """What a preset, a config.json or a Program file gives is checked against each field's declared type where
+    it is read, not where a compile or a run trips over it."""
+    import dataclasses
+
+    with pytest.raises(OpenLPUError, match=re.escape(says)):
+        dataclasses.replace(load_preset("gemma-3-270m"), **{field: value})

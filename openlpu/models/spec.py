@@ -8,6 +8,7 @@ de-facto standard); shapes are torch's (out_features, in_features).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -123,6 +124,11 @@ class ModelSpec:
         def bad(what: str) -> OpenLPUError:
             return OpenLPUError(f"model {self.name!r}: {what}")
 
+        for name, (kinds, optional) in _scalar_fields().items():
+            v = getattr(self, name)
+            if not (v is None and optional) and (not isinstance(v, kinds) or isinstance(v, bool) != (bool in kinds)
+                                                 or isinstance(v, float) and not math.isfinite(v)):
+                raise bad(f"{name} must be {_KIND_WORDS[kinds]}{' or none' if optional else ''}, got {v!r}")
         if self.family not in FAMILIES:
             raise bad(f"unknown family {self.family!r}; supported: {', '.join(FAMILIES)}")
         for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
@@ -136,6 +142,9 @@ class ModelSpec:
             raise bad(f"activation {self.activation!r} not supported; use one of {ACTIVATIONS}")
         if len(self.layer_kinds) != self.n_layers or set(self.layer_kinds) - set(LAYER_KINDS):
             raise bad(f"layer_kinds must list {self.n_layers} entries of {LAYER_KINDS}")
+        for f in ("sliding_window", "attention_chunk"):
+            if getattr(self, f) is not None and getattr(self, f) < 1:
+                raise bad(f"{f} must be a positive integer or none, got {getattr(self, f)!r}")
         if "local" in self.layer_kinds and not self.sliding_window:
             raise bad("layers of kind 'local' need sliding_window")
         if "chunked" in self.layer_kinds and not self.attention_chunk:
@@ -317,6 +326,22 @@ class ModelSpec:
             return cls(**data)
         except TypeError as e:
             raise OpenLPUError(f"{origin}: {e}") from None
+
+
+_SCALARS = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
+_KIND_WORDS = {(bool,): "true or false", (int,): "an integer", (int, float): "a finite number", (str,): "a string"}
+
+
+@functools.cache
+def _scalar_fields() -> dict[str, tuple[tuple[type, ...], bool]]:
+    """ModelSpec's fields of one scalar type (or none): name -> (the types a value may have, whether none is
+    allowed), read off the annotations, so a file's "qkv_bias": "x" is refused where it is read."""
+    out = {}
+    for f in dataclasses.fields(ModelSpec):
+        kind, _, none = f.type.partition(" | ")
+        if kind in _SCALARS and none in ("", "None"):
+            out[f.name] = (_SCALARS[kind], none == "None")
+    return out
 
 
 def preset_names() -> list[str]:
