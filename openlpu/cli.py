@@ -55,7 +55,7 @@ def _compiling(model: str, system: str, prompt: int, chunk: int | None):
     # a chunk below 1 is refused by the command, after this
     waves = (" in chunks the compiler chooses" if chunk is None
              else f" in {counted(-(-prompt // max(chunk, 1)), 'chunk')}")
-    return Console(stderr=True).status(f"compiling {model} for {system}: placement, one decode step and a "
+    return Console(stderr=True).status(f"compiling {escape(str(model))} for {escape(str(system))}: placement, one decode step and a "
                                        f"{prompt:,}-token prefill{waves}")
 
 
@@ -108,16 +108,16 @@ def serve(
     keys = {k: KeyLimits() for k in api_key or ()} | (load_keys_file(keys_file) if keys_file else {})
     from openlpu.runtime.engine import Engine
 
-    with console.status(f"compiling for {system} and loading the model"):
+    with console.status(f"compiling for {escape(str(system))} and loading the model"):
         engine = Engine.load(model_path=model, max_batch=max_batch, system=system)
     program = engine.program
-    console.print(f"compiled for {program.system.name}: {program.chips} chips, verified; the server runs "
+    console.print(f"compiled for {escape(program.system.name)}: {program.chips} chips, verified; the server runs "
                   f"this Program (simulated figures in x_openlpu)")
     settings = ServeSettings(api_keys=keys, requests_per_minute=rpm, tokens_per_minute=tpm,
                              max_queue=max_queue, simulated_lpu=program_hook(program))
     access = (f"{counted(len(keys), 'API key')} accepted" if keys else
               "[bold yellow]no API keys: the server is open to anyone who can reach it[/]")
-    console.print(f"serving [bold]{engine.model_name}[/] at http://{host}:{port}  ({access})\n"
+    console.print(f"serving [bold]{escape(engine.model_name)}[/] at http://{host}:{port}  ({access})\n"
                   f"  API: http://{host}:{port}/openai/v1   playground: http://{host}:{port}/")
     uvicorn.run(create_app(engine, settings), host=host, port=port, log_level="warning")
 
@@ -224,7 +224,7 @@ def plan(
               "every TP width, each on its fewest)."
               if system and chips is None and tp is None else "")
     idle = dict.fromkeys(_idle_note(r.chips_asked, r.chips_asked - r.chips_idle) for r in rows if r.chips_idle)
-    table = Table(title=f"{spec.name} at {formats}, {_users(users)} x {context:,} tokens of context",
+    table = Table(title=f"{escape(spec.name)} at {formats}, {_users(users)} x {context:,} tokens of context",
                   caption=f"tok/s: {_attending(context, decode_context)}.{speculating}{kernels} TTFT: "
                           f"the prefill of a {prompt:,}-token prompt{waves}. $ per M tokens: capex over {a.years:g} "
                           f"years plus power at ${a.usd_per_kwh:.2f}/kWh (PUE {a.pue:g}), serving "
@@ -232,7 +232,7 @@ def plan(
                           f"{''.join(' ' + note for note in idle)}")
     table.add_column("", no_wrap=True)
     for r in rows:
-        table.add_column(f"{r.system} ({r.kind})", justify="right")
+        table.add_column(f"{escape(r.system)} ({r.kind})", justify="right")
     figures = {
         "chips / GPUs": lambda r: f"{r.chips:,}",
         **({"idle of --chips": lambda r: f"{r.chips_idle:,} of {r.chips_asked:,}" if r.chips_asked else "-"}
@@ -256,7 +256,7 @@ def plan(
         table.add_row(label, *(cell(r) for r in rows))
     console.print(table)
     if plot_file is not None:
-        console.print(f"chart written to {plot_file}")
+        console.print(f"chart written to {escape(str(plot_file))}")
 
 
 def _users(counts: tuple[int, ...]) -> str:
@@ -324,7 +324,7 @@ def compile_cmd(
         program = compile_program(spec, load_system(system), workload, chips, tp)
         digest = program.save(output)
         violations, t = verify(program), timing(program)
-    console.print(f"[bold]{spec.name}[/] on {program.system.name}: {t.chips:,} chips = "
+    console.print(f"[bold]{escape(spec.name)}[/] on {escape(program.system.name)}: {t.chips:,} chips = "
                   f"{counted(t.stages, 'pipeline stage')} x TP {t.tp}; weights {precision}, activations "
                   f"{workload.activations}, KV cache {kv}; SRAM {t.sram_used_bytes / 1e9:.2f} GB "
                   f"({t.sram_used_fraction:.0%} of the chips used)")
@@ -340,8 +340,8 @@ def compile_cmd(
                   f"{program.workload.prefill_chunk:,}{'' if prefill_chunk else ' (the compiler chose)'} "
                   f"{t.ttft_s * 1e3:,.2f} ms")
     verdict = ("[green]passed[/]" if not violations
-               else f"[red]{counted(len(violations), 'violation')}[/]: {violations[0].message}")
-    console.print(f"verify: {verdict}; written to {output} (sha256 {digest[:16]})")
+               else f"[red]{counted(len(violations), 'violation')}[/]: {escape(violations[0].message)}")
+    console.print(f"verify: {verdict}; written to {escape(str(output))} (sha256 {digest[:16]})")
     if violations:
         raise typer.Exit(1)
 
@@ -371,7 +371,8 @@ def inspect_cmd(
     if broken := [v.message for v in violations if v.invariant == "structure"]:  # no figures can be read off it
         raise OpenLPUError(f"{program_file} does not hold together: {broken[0]}; recompile it with `openlpu compile`")
     t = timing(program)
-    table = Table(title=f"{program.model} on {program.system.name}: {t.chips} chips, {t.stages} stages x TP {t.tp} "
+    table = Table(title=f"{escape(program.model)} on {escape(program.system.name)}: {t.chips} chips, "
+                        f"{counted(t.stages, 'stage')} x TP {t.tp} "
                         f"(SRAM per chip; busy = stage time per decode token)")
     for col in ("stage", "chips", "holds", "weights MB", "KV MB", "act MB", "busy us"):  # piped: 80 columns, folded
         table.add_column(col, justify="left" if col in ("holds", "chips") else "right", overflow="fold")
@@ -398,10 +399,10 @@ def inspect_cmd(
     console.print(f"busy in steady state with {counted(t.users, 'user')}: units (all chips) {units}; links {links}, "
                   f"the busiest {t.busiest_link_utilisation:.2%}")
     console.print("verify: " + ("[green]passed[/]" if not violations else
-                                f"[red]{counted(len(violations), 'violation')}[/]: {violations[0].message}"))
+                                f"[red]{counted(len(violations), 'violation')}[/]: {escape(violations[0].message)}"))
     if gantt is not None:
         draw_gantt(program, gantt)
-        console.print(f"Gantt chart of one decode step written to {gantt}")
+        console.print(f"Gantt chart of one decode step written to {escape(gantt)}")
     if violations:  # as compile does: `openlpu inspect prog && deploy` deploys only what verifies
         raise typer.Exit(1)
 
@@ -412,7 +413,7 @@ def run(
     model: str = typer.Option(None, "--model", help="GGUF file; default: the embedded Gemma 3 270M"),
     max_tokens: int = typer.Option(128, "--max-tokens", help="tokens to generate at most"),
     temperature: float = typer.Option(0.0, help="0 = greedy; up to 2"),
-    top_p: float = typer.Option(1.0, "--top-p", help="nucleus sampling mass, in (0, 1]"),
+    top_p: float = typer.Option(1.0, "--top-p", help="nucleus sampling mass, 0 to 1 (0: the top token only)"),
     top_k: int = typer.Option(0, "--top-k", help="sample among the k most likely (0 = off)"),
     seed: int = typer.Option(None, help="random seed for sampling"),
     stop: list[str] = typer.Option(None, "--stop", help="stop string (repeatable, up to 4)"),
@@ -455,7 +456,7 @@ def run(
 
         torch.set_num_threads(threads)
     lpu, gpu = load_system(system), load_gpu(compare)
-    model_path = model or default_model_path()
+    model_path = default_model_path() if model is None else model
     header = read_header(model_path)
     check_weights_readable(header)
     spec = spec_from_gguf(header)
@@ -467,7 +468,7 @@ def run(
     program = compile_program(spec, lpu, workload)
     verify_or_raise(program)
     err = Console(stderr=True, highlight=False)
-    err.print(f"[dim]compiled for {lpu.name}: {program.chips} chips, "
+    err.print(f"[dim]compiled for {escape(lpu.name)}: {program.chips} chips, "
               f"{len(program.placement.stages)} stages x TP {program.placement.tp}; verified[/]")
 
     out = Console(highlight=False)
@@ -488,7 +489,7 @@ def run(
                                             prompt_tokens=len(ids))
     decoded, decode_s = n_out - 1, t_end - t_first  # the first token comes from the prefill
     host_tps = decoded / decode_s if decoded and decode_s > 0 else float("nan")
-    table = Table(title=f"{spec.name}: prompt {len(ids)} tokens, generated {n_out} ({finish})")
+    table = Table(title=f"{escape(spec.name)}: prompt {len(ids)} tokens, generated {n_out} ({finish})")
     for col in ("", "what it is", "TTFT (s)", "tok/s per user"):
         table.add_column(col, justify="left" if col in ("", "what it is") else "right")
     host_weights = precision if mode == "fused" else "float32"
@@ -533,11 +534,12 @@ def main() -> None:
     try:
         app()  # click itself turns usage errors into a message and exit status 2
     except OpenLPUError as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except OSError as e:  # a path named on the command line the file system refuses (too long, not a folder, ...)
         where = f"cannot use {e.filename!r}: " if e.filename else ""
-        Console(stderr=True).print(f"[bold red]error:[/] {where}{e.strerror or e}; check the path", highlight=False,
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(f'{where}{e.strerror or e}')}; check the path",
+                                   highlight=False,
                                    soft_wrap=True)
         sys.exit(2)
 

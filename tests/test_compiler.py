@@ -546,15 +546,22 @@ def test_too_few_chips_counts_a_tied_table_once_on_one_stage():
 
 
 @pytest.mark.parametrize("workload, chips, message", [
-    (Workload(context_length=131072, users=1024), None,
+    # the weights and KV cache alone take more SRAM than 10,440 chips have, said at once, not after a search:
+    # 32 layers x K and V x 1,024 x 131,072 tokens x 1,024 users at 1 byte = 8,796 GB, and 8 GB of weights
+    (dict(context_length=131072, users=1024), None,
+     r"does not fit on any lpu-v1 system: its weights and KV cache alone take 8,804 GB, the SRAM of 38,279 chips"),
+    # they would fit in the SRAM of 10,090 chips, but not as placed, with the activation buffers
+    (dict(context_length=131072, users=275), None,
      r"does not fit on any lpu-v1 system: it needs \d{5} chips, more than the largest system \(10440\)"),
-    (SMALL, 10**6, "more than the largest lpu-v1 system"),
-    (SMALL, 0, "chips must be a positive integer"),
-    (Workload(context_length=10**6, prompt_len=16), None, "longer than llama-3.1-8b's context window"),
+    (dict(context_length=4096, prompt_len=4096, prefill_chunk=1), None,
+     r"a 4,096-token prompt in chunks of 1 makes 4,096 prefill waves, more than the 2,048 .* --prefill-chunk 2 or"),
+    (dict(), 10**6, "more than the largest lpu-v1 system"),
+    (dict(), 0, "chips must be a positive integer"),
+    (dict(context_length=10**6, prompt_len=16), None, "longer than llama-3.1-8b's context window"),
 ])
 def test_impossible_requests(workload, chips, message):
     with pytest.raises(OpenLPUError, match=message):
-        compile_program(load_preset("llama-3.1-8b"), SYSTEM, workload, chips)
+        compile_program(load_preset("llama-3.1-8b"), SYSTEM, dataclasses.replace(SMALL, **workload), chips)
 
 
 def test_a_tp_width_asked_for_is_the_one_placed():
@@ -1378,3 +1385,14 @@ def test_only_a_split_attentions_last_part_reserves_what_it_alone_holds():
     program = compile_program(spec, SYSTEM, Workload(context_length=8192, users=64))
     assert (program.chips, len(program.placement.stages)) == (744, 93)
     assert verify(program) == []
+
+
+def test_a_vocabulary_shorter_than_a_tp_group_is_not_split_over_it():
+    """A toy model of 7 tokens: every chip of a TP group holds rows of the vocabulary, so groups of 8 are
+    refused as a width (they left a chip an empty shard, which the verifier refused as an internal error),
+    and the compiler's own choice verifies."""
+    tiny = dataclasses.replace(load_preset("llama-3.2-1b"), name="seven-tokens", vocab_size=7)
+    with pytest.raises(OpenLPUError, match="be at most the 7-token vocabulary"):
+        compile_program(tiny, SYSTEM, SMALL, tp=8)
+    program = compile_program(tiny, SYSTEM, SMALL)
+    assert program.placement.tp <= 7 and verify(program) == []

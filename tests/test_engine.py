@@ -130,7 +130,7 @@ def test_release_frees_the_slot_at_once(engine):
 @pytest.mark.parametrize("params", [
     dict(temperature=-0.1), dict(temperature=2.5), dict(top_p=-0.1), dict(top_p=1.5),
     dict(top_k=-1), dict(max_tokens=0), dict(stop=("a", "b", "c", "d", "e")), dict(stop=("",)),
-    dict(seed="x"),
+    dict(seed="x"), dict(seed=2**64), dict(seed=-(2**63) - 1),
 ])
 def test_invalid_sampling_values(params):
     with pytest.raises(OpenLPUError):

@@ -253,7 +253,7 @@ def test_a_gguf_with_rope_freqs_loads_its_weights(tmp_path):
 @pytest.mark.parametrize("freqs, extra, says", [
     (np.ones(32, np.float32), {}, ("rope scaling factors: 32 given, with kind 'factors'; kind 'factors' takes one "
                                    "positive factor per rotated pair \\(64\\)")),
-    (np.zeros(64, np.float32), {}, "takes one positive factor per rotated pair"),
+    (np.zeros(64, np.float32), {}, "rope scaling factor must be a positive, finite number"),
     (np.ones(64, np.float32), {"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0,
                                "llama.rope.scaling.original_context_length": 8192},
      "holds both yarn rope scaling metadata and a rope_freqs tensor"),
@@ -463,13 +463,29 @@ def test_unsupported_architecture(tmp_path):
 @pytest.mark.parametrize("arch, change, says", [
     # the defaults divide by the head count, and the layer kinds are a list as long as the block count
     ("llama", {"n_heads": 0}, "llama.attention.head_count = 0 is not a positive integer"),
-    ("llama", {"d_model": "x"}, "llama.embedding_length = 'x' is not a positive integer"),
+    ("llama", {"d_model": "x"}, "llama.embedding_length = 'x' is not a number"),
     ("llama", {"n_layers": 10**9}, "llama.block_count = 1000000000 is not a positive integer of at most 10,000"),
     ("llama", {"norm_eps": float("nan")}, "norm_eps must be a finite number, got nan"),
     ("gemma2", {"final_softcap": float("inf")}, "final_logit_softcap must be a finite number or none, got inf"),
 ])
 def test_broken_metadata_is_named(tmp_path, arch, change, says):
     path = write_gguf(tmp_path / "broken.gguf", arch, arch_metadata(arch, **{**TINY, **change}), {})
+    with pytest.raises(OpenLPUError, match=re.escape(says)):
+        spec_from_gguf(path)
+
+
+@pytest.mark.parametrize("extra, says", [
+    ({"llama.rope.freq_base": "x"}, "GGUF metadata llama.rope.freq_base = 'x' is not a number"),
+    ({"general.alignment": 24}, "general.alignment = 24 is not a power of two"),
+    ({"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": float("nan"),
+      "llama.rope.scaling.original_context_length": 8192}, "rope scaling factor must be a positive, finite number"),
+    ({"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0,
+      "llama.rope.scaling.original_context_length": "8192"}, "original_context_length = '8192' is not an integer"),
+])
+def test_metadata_of_the_wrong_type_is_named_not_a_traceback(tmp_path, extra, says):
+    """Values read before ModelSpec checks its fields (formatted, compared, used to align the tensors) are
+    checked where they are read: each was a TypeError, ValueError or ZeroDivisionError."""
+    path = write_gguf(tmp_path / "broken.gguf", "llama", {**arch_metadata("llama", **TINY), **extra}, {})
     with pytest.raises(OpenLPUError, match=re.escape(says)):
         spec_from_gguf(path)
 

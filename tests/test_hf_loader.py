@@ -310,6 +310,22 @@ def test_llama4_configs_it_can_express():
     assert [i for i in range(plain.n_layers) if not plain.layer_uses_rope(i)] == list(range(2, 48, 3))
 
 
+@pytest.mark.parametrize("change, says", [
+    ({"tie_word_embeddings": "false"}, "field 'tie_word_embeddings' must be true or false, got 'false'"),  # truthy
+    ({"rope_scaling": 0}, "field 'rope_scaling' must be a JSON object, got 0"),  # read as absent
+    ({"architectures": 0}, "field 'architectures' must be a list of class names, got 0"),
+])
+def test_values_a_falsy_or_truthy_reading_let_through_are_refused(saved, change, says):
+    with pytest.raises(OpenLPUError, match=re.escape(says)):
+        spec_from_hf_config({**_config(saved), **change})
+
+
+def test_config_nested_deeper_than_the_parser_recurses(tmp_path):
+    (tmp_path / "config.json").write_text('{"x":' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(OpenLPUError, match="JSON nested deeper than any config.json is"):
+        spec_from_hf_config(tmp_path)
+
+
 def test_config_not_found(tmp_path):
     with pytest.raises(OpenLPUError, match="HF config not found"):
         spec_from_hf_config(tmp_path)

@@ -5,9 +5,11 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import openlpu
 from openlpu.errors import OpenLPUError
 from openlpu.hardware.gpu import load_gpu
 from openlpu.models.spec import load_preset
@@ -566,6 +568,9 @@ def test_a_gguf_file_plans_as_its_preset(gemma_path):
     (["llama-2-70b", "--plot", ""], "give a file name ending in .png"),
     (["llama-2-70b", "--plot", "chart.png/"], "give a file name ending in .png"),
     ([""], "no model given"),
+    (["LLAMA-3.2-1B"], "did you mean llama-3.2-1b"),  # names are lower case: a typo in case is still close
+    (["llama-3.2-1b", "--precision", "INT8"], "did you mean 'int8'"),
+    (["llama-3.2-1b", "--context", "131072", "--users", "100000"], "its weights and KV cache alone take"),  # at once
     (["a" * 300], "File name too long"),  # the file system's words
     (["llama-2-70b", "--system", "b" * 300 + ".json"], "cannot read hardware file"),
 ])
@@ -574,6 +579,22 @@ def test_bad_input_is_one_line_and_exit_2(args, says):
     assert r.returncode == 2
     assert says in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_names_from_files_are_printed_as_written(tmp_path):
+    """A model's and a system's names come from files: rich markup in them ('[/]', which closes no tag) is
+    printed as written, in tables, titles and errors alike (it raised MarkupError, a traceback)."""
+    config = {"_name_or_path": "[/]tiny[bold]", "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+              "vocab_size": 32000, "hidden_size": 2048, "num_hidden_layers": 4, "num_attention_heads": 16,
+              "num_key_value_heads": 4, "intermediate_size": 8192, "max_position_embeddings": 4096,
+              "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    system = json.loads((Path(openlpu.__file__).parent / "hardware" / "presets" / "lpu-v1.json").read_text())
+    (tmp_path / "chip.json").write_text(json.dumps({**system, "name": "[/]chip"}))
+    r = run_cli(str(tmp_path / "config.json"), "--system", str(tmp_path / "chip.json"), "--compare", "")
+    assert r.returncode == 0 and "[/]tiny[bold] at int8" in r.stdout and "[/]chip (lpu)" in r.stdout, r.stderr
+    r = run_cli("[/]x")
+    assert r.returncode == 2 and "'[/]x' not found" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_groups_spanning_nodes_stand_in_the_racks_they_fill():

@@ -215,7 +215,7 @@ def test_models_lists_every_preset_whole_on_an_80_column_terminal():
     ("qkv_bias", "yes", "qkv_bias must be true or false, got 'yes'"),
     ("n_heads", 8.0, "n_heads must be an integer, got 8.0"),
     ("embed_scale", float("nan"), "embed_scale must be a finite number, got nan"),
-    ("sliding_window", 0, "sliding_window must be a positive integer or none, got 0"),
+    ("sliding_window", 0, "sliding_window must be a positive integer of at most 2,147,483,647 or none, got 0"),
     ("query_scale", "0.1", "query_scale must be a finite number or none"),
     ("activation", None, "activation must be a string, got None"),
 ])

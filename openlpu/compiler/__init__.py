@@ -10,6 +10,7 @@ from collections.abc import Callable
 from openlpu.compiler.partition import (
     arrangement,
     check_chips,
+    check_fits_some_system,
     fewest_chips,
     fewest_chips_any_cut,
     kv_slots,
@@ -64,6 +65,7 @@ def compile_program(spec: ModelSpec, system: SystemSpec, workload: Workload, chi
     templates = {}  # collective routes, shared by every schedule
     if chips is not None:  # a bad count is refused as such, not placed on fewer
         check_chips(system, chips)
+    check_fits_some_system(spec, system, workload)
     if workload.prefill_chunk is not None:  # a chunk longer than the prompt is the prompt: one wave either way
         workload = dataclasses.replace(workload, prefill_chunk=min(workload.prefill_chunk, workload.prompt_len))
     if workload.prefill_chunk is None:
@@ -126,7 +128,11 @@ def _chunked(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int
     wider groups fit, or, given the width, fewer groups (_may_place_better)."""
     chosen, best, refusal = None, None, None
     for chunk in dict.fromkeys(min(c, workload.prompt_len) for c in PREFILL_CHUNKS):  # a prompt's length at most
-        option = dataclasses.replace(workload, prefill_chunk=chunk)
+        try:
+            option = dataclasses.replace(workload, prefill_chunk=chunk)
+        except OpenLPUError as error:  # a smaller chunk can make more waves than a Program schedules
+            refusal = refusal or error
+            continue
         if best is not None and not _may_place_better(spec, system, chosen, option, chips, tp, best[0]):
             continue
         try:

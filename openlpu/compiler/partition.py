@@ -232,11 +232,12 @@ def split_ranges(spec: ModelSpec, tensor: str, shape: tuple[int, ...], t: int,
 
 
 def tp_candidates(spec: ModelSpec, system: SystemSpec) -> list[int]:
-    """TP degrees in order of preference: inside a node (largest first), then whole nodes of a rack."""
+    """TP degrees in order of preference: inside a node (largest first), then whole nodes of a rack; each
+    splitting the heads and giving every chip a row of the vocabulary (a toy model's may be shorter)."""
     node = system.node.chips
     local = [t for t in range(node, 0, -1) if node % t == 0 and spec.splits_heads(t)]
     spanning = [t for t in range(2 * node, system.chips_per_rack + 1, node) if spec.splits_heads(t)]
-    return local + spanning
+    return [t for t in local + spanning if t <= spec.vocab_size]
 
 
 # ---- how each op's work divides over a TP group (by the op name's last part) ----------------
@@ -1088,7 +1089,8 @@ def tp_widths(spec: ModelSpec, system: SystemSpec, tp: int | None) -> list[int]:
     if tp not in candidates:
         raise OpenLPUError(
             f"TP {tp} is not a width {spec.name} can be split over on {system.name}: it must divide the "
-            f"{spec.n_heads} query heads, divide or be a multiple of the {spec.n_kv_heads} KV heads, and fit a node "
+            f"{spec.n_heads} query heads, divide or be a multiple of the {spec.n_kv_heads} KV heads, be at most the "
+            f"{spec.vocab_size:,}-token vocabulary, and fit a node "
             f"({system.node.chips} chips) or whole nodes of a rack ({system.chips_per_rack}); use one of "
             f"{', '.join(map(str, sorted(candidates)))}")
     return [tp]
@@ -1197,6 +1199,22 @@ def partition(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: in
     are counted in that order either way)."""
     return place(spec, system, workload,
                  *arrangement(spec, system, workload, chips, tp, decode_rows, balance, fit, experts))
+
+
+def check_fits_some_system(spec: ModelSpec, system: SystemSpec, workload: Workload) -> None:
+    """Refuse at once a workload whose weights and KV cache alone (each weight once, each user's cache, no
+    activation buffer) take the SRAM of more chips than the largest system has: placing it would search for
+    minutes before saying so."""
+    weights = spec.param_count() * as_precision(workload.weights).bytes_per_element
+    positions = sum(spec.layer_positions(i, workload.context_length) for i in range(spec.n_layers))
+    kv = 2 * spec.kv_dim * positions * as_precision(workload.kv).bytes_per_element * workload.users
+    least = math.ceil((weights + kv) / system.chip.sram_bytes)
+    if least > system.max_chips:
+        raise OpenLPUError(
+            f"{spec.name} ({workload.weights} weights, context {workload.context_length}, "
+            f"{counted(workload.users, 'user')}) does not fit on any {system.name} system: its weights and KV cache "
+            f"alone take {(weights + kv) / 1e9:,.0f} GB, the SRAM of {least:,} chips, more than the largest system "
+            f"({system.max_chips:,}); lower --context or --users, or use a smaller precision")
 
 
 def check_chips(system: SystemSpec, chips: int) -> None:

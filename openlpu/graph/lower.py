@@ -57,7 +57,7 @@ def as_precision(p: Precision | str) -> Precision:
     if isinstance(p, Precision):
         return p
     if p not in PRECISIONS:
-        close = difflib.get_close_matches(str(p), PRECISIONS, n=1)
+        close = difflib.get_close_matches(str(p).lower(), PRECISIONS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise OpenLPUError(f"unknown precision {p!r}{hint} (supported: {', '.join(PRECISIONS)})")
     return PRECISIONS[p]

@@ -41,7 +41,7 @@ def read_hardware(name_or_path: str | Path, kind: str, what: str) -> tuple[dict,
             raise OpenLPUError(f"{str(name_or_path)!r} is a file but not a hardware JSON file: give a .json file shaped "
                                f"like {example}, or a preset ({', '.join(names)})")
         if str(name_or_path) not in names:
-            close = difflib.get_close_matches(str(name_or_path), names, n=2, cutoff=0.4)
+            close = difflib.get_close_matches(str(name_or_path).lower(), names, n=2, cutoff=0.4)
             hint = f"; did you mean {' or '.join(close)}?" if close else ""
             raise OpenLPUError(f"unknown {what} {str(name_or_path)!r}{hint} (known: {', '.join(names)}; or give a "
                                f"JSON file shaped like {example})")

@@ -105,8 +105,11 @@ class _Cursor:
             self.take(pos - end)
         return out
 
-    def value(self, vtype: int):
+    def value(self, vtype: int, depth: int = 0):
         vtype = self.value_type(vtype)
+        if depth > MAX_ARRAY_NESTING:
+            raise OpenLPUError(f"{self.path}: GGUF file is corrupt (arrays nested over {MAX_ARRAY_NESTING} deep at "
+                               f"byte {self.pos:,}); download it again")
         if vtype == GGUFValueType.STRING:
             return self.string()
         if vtype == GGUFValueType.ARRAY:
@@ -116,7 +119,7 @@ class _Cursor:
                 return np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype).tolist()
             if item_type == GGUFValueType.STRING:
                 return self.strings(count)
-            return [self.value(item_type) for _ in range(count)]
+            return [self.value(item_type, depth + 1) for _ in range(count)]
         return self.scalar(SCALAR_FORMATS[vtype])
 
     def value_type(self, code: int) -> GGUFValueType:
@@ -125,6 +128,9 @@ class _Cursor:
         except ValueError:
             raise OpenLPUError(f"{self.path}: GGUF file is corrupt (unknown value type {code} at "
                                f"byte {self.pos:,}); download it again") from None
+
+
+MAX_ARRAY_NESTING = 16  # arrays of arrays: llama.cpp writes one level at most; deeper is a broken file
 
 
 def _open_bytes(path: Path) -> np.memmap:
@@ -160,7 +166,10 @@ def read_header(path: str | Path) -> GGUFHeader:
         name = cur.string()
         dims = [cur.scalar("<Q") for _ in range(cur.scalar("<I"))]
         raw.append((name, dims, cur.scalar("<I"), cur.scalar("<Q")))
-    alignment = int(metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT))
+    alignment = _number(metadata, "general.alignment", path, GGUF_DEFAULT_ALIGNMENT, integer=True)
+    if alignment < 1 or alignment & (alignment - 1):  # the format's rule: a power of two
+        raise OpenLPUError(f"{path}: GGUF metadata general.alignment = {alignment} is not a power of two; the file "
+                           "is broken, re-convert it with a current llama.cpp")
     data_start = -(-cur.pos // alignment) * alignment
     tensors = {}
     for name, dims, type_code, rel_offset in raw:
@@ -304,9 +313,20 @@ ROPE_FREQS = "rope_freqs.weight"  # a tensor of the ModelSpec (its rope scaling)
 LLAMA_CPP_ROPE_BASE_DEFAULT = 10000.0  # llama-model.cpp: rope_freq_base_train when the key is absent
 
 
+def _number(meta: dict, key: str, path: Path, default=None, integer: bool = False):
+    """A numeric metadata value (`default` where absent): a string, an array or a bool where a number belongs
+    is a broken file, said in one line."""
+    value = meta.get(key, default)
+    kinds = (int,) if integer else (int, float)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+        raise OpenLPUError(f"{path}: GGUF metadata {key} = {value!r} is not {'an integer' if integer else 'a number'}; "
+                           "the file is broken, re-convert it with a current llama.cpp")
+    return value
+
+
 def _rope_scaling(meta: dict, arch: str, path: Path, truncate: bool) -> RopeScaling | None:
     kind = meta.get(f"{arch}.rope.scaling.type", "none")
-    factor = float(meta.get(f"{arch}.rope.scaling.factor", 1.0))
+    factor = float(_number(meta, f"{arch}.rope.scaling.factor", path, 1.0))
     if kind == "none" or factor == 1.0:
         return None
     # llama.cpp stores Llama 3.1's scaling as a rope_freqs tensor (_rope_factors); linear scaling has no
@@ -319,9 +339,10 @@ def _rope_scaling(meta: dict, arch: str, path: Path, truncate: bool) -> RopeScal
         raise OpenLPUError(f"{path}: GGUF metadata lacks {key} for its yarn rope scaling; re-convert the "
                            "model with a current llama.cpp")
     # beta defaults 32 and 1: llama.cpp's yarn_beta_fast / yarn_beta_slow, as transformers' yarn rope
-    return RopeScaling(factor=factor, original_context_length=int(meta[key]), kind="yarn",
-                       beta_fast=float(meta.get(f"{arch}.rope.scaling.yarn_beta_fast", 32.0)),
-                       beta_slow=float(meta.get(f"{arch}.rope.scaling.yarn_beta_slow", 1.0)), truncate=truncate)
+    return RopeScaling(factor=factor, original_context_length=_number(meta, key, path, integer=True), kind="yarn",
+                       beta_fast=float(_number(meta, f"{arch}.rope.scaling.yarn_beta_fast", path, 32.0)),
+                       beta_slow=float(_number(meta, f"{arch}.rope.scaling.yarn_beta_slow", path, 1.0)),
+                       truncate=truncate)
 
 
 def _rope_factors(header: GGUFHeader, scaling: RopeScaling | None) -> RopeScaling:
@@ -330,6 +351,10 @@ def _rope_factors(header: GGUFHeader, scaling: RopeScaling | None) -> RopeScalin
     if scaling is not None:
         raise OpenLPUError(f"{header.path}: holds both {scaling.kind} rope scaling metadata and a rope_freqs tensor; "
                            "re-convert the model with a current llama.cpp")
+    stored = header.tensors[ROPE_FREQS].ggml_type
+    if stored not in ("F32", "F16"):  # llama.cpp's converter writes F32: a quantized one is a broken file
+        raise OpenLPUError(f"{header.path}: tensor {ROPE_FREQS} is {stored}, not F32 or F16; re-convert the model "
+                           "with a current llama.cpp")
     factors = load_tensor(header, ROPE_FREQS).reshape(-1)
     return RopeScaling(factor=float(factors.max(initial=0.0)), original_context_length=0, kind="factors",
                        factors=tuple(float(f) for f in factors))
@@ -353,13 +378,13 @@ def _moe_layers(meta: dict, arch: str, defaults: ArchDefaults, path: Path) -> di
         return {}
     key = f"{arch}.{defaults.moe_step_key}"
     dense_key = f"{arch}.feed_forward_length"
-    step = meta.get(key)
+    step = _number(meta, key, path, integer=True)
     if step is None or (step > 1 and dense_key not in meta):
         raise OpenLPUError(f"{path}: GGUF metadata lacks {key if step is None else dense_key}; the file is "
                            "incomplete, re-convert it with a current llama.cpp")
     if step < 1:
         raise OpenLPUError(f"{path}: GGUF metadata {key} = {step}; it must be a positive integer")
-    return {"moe_layer_step": int(step), "dense_d_ff": int(meta[dense_key]) if step > 1 else 0}
+    return {"moe_layer_step": step, "dense_d_ff": _number(meta, dense_key, path, integer=True) if step > 1 else 0}
 
 
 def _chunked_layers(meta: dict, arch: str, defaults: ArchDefaults, values: dict, path: Path) -> dict:
@@ -373,7 +398,7 @@ def _chunked_layers(meta: dict, arch: str, defaults: ArchDefaults, values: dict,
     if values.get("n_experts", 0) == 0:
         raise OpenLPUError(f"{path}: GGUF metadata {arch}.expert_count is 0 or absent; llama.cpp's {arch} needs "
                            "experts (a dense model, e.g. MobileLLM-R1, is not supported)")
-    swa_base = meta.get(f"{arch}.rope.freq_base_swa")
+    swa_base = _number(meta, f"{arch}.rope.freq_base_swa", path)
     if swa_base is not None and float(swa_base) != float(values["rope_base"]):
         raise OpenLPUError(f"{path}: GGUF metadata {arch}.rope.freq_base_swa = {swa_base} differs from "
                            f"{arch}.rope.freq_base; ModelSpec's chunked layers use the one rope base")
@@ -394,7 +419,7 @@ def spec_from_gguf(path: str | Path) -> ModelSpec:
                            f"{', '.join(ARCHITECTURES)}")
     defaults = ARCHITECTURES[arch]
     keys = METADATA_KEYS | {"d_ff": defaults.d_ff_key}
-    values = {f: meta[f"{arch}.{k}"] for f, k in keys.items() if f"{arch}.{k}" in meta}
+    values = {f: _number(meta, f"{arch}.{k}", header.path) for f, k in keys.items() if f"{arch}.{k}" in meta}
     missing = [f"{arch}.{keys[f]}" for f in REQUIRED_FIELDS if f not in values]
     if missing:
         raise OpenLPUError(f"{header.path}: GGUF metadata lacks {', '.join(missing)}; "

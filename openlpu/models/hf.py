@@ -146,7 +146,7 @@ def _llama4_fields(f: _Fields, kinds: list[str]) -> dict:
             "attention_chunk": f.number("attention_chunk_size", chunk, kind=int) if "chunked" in kinds else None,
             "attn_temperature_floor": floor if scale else 0,
             "attn_temperature_scale": scale,
-            "qk_l2_norm": bool(cfg.get("use_qk_norm", LLAMA4_DEFAULTS["use_qk_norm"]))}
+            "qk_l2_norm": f.flag("use_qk_norm", LLAMA4_DEFAULTS["use_qk_norm"])}
 
 
 @dataclass(frozen=True)
@@ -223,6 +223,8 @@ def read_config(config: dict | str | Path) -> tuple[dict, str]:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise OpenLPUError(f"{path}: not valid JSON ({e}); give the model's config.json") from None
+    except RecursionError:
+        raise OpenLPUError(f"{path}: JSON nested deeper than any config.json is; give the model's config.json") from None
     if not isinstance(data, dict):
         raise OpenLPUError(f"{path}: expected a JSON object; give the model's config.json")
     return data, str(path)
@@ -251,6 +253,12 @@ class _Fields:
     def object(self, key: str, value) -> dict:
         if not isinstance(value, dict):
             raise self.error(f"field {key!r} must be a JSON object, got {value!r}")
+        return value
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.cfg.get(key, default)
+        if not isinstance(value, bool):
+            raise self.error(f"field {key!r} must be true or false, got {value!r}")
         return value
 
     def number(self, key: str, default=None, kind=float, least: int = 1, most: int = MAX_SIZE):
@@ -290,8 +298,9 @@ def _rope(f: _Fields, gemma3: bool) -> tuple[float, float | None, RopeScaling | 
     local = f.cfg.get("rope_local_base_freq", local_params.get("rope_theta")) if gemma3 else None
     local = None if local is None else f.checked("rope_local_base_freq", local)
 
-    scaling = f.object("rope_scaling", f.cfg.get("rope_scaling") or
-                      {k: v for k, v in global_params.items() if k != "rope_theta"})
+    given = f.cfg.get("rope_scaling")
+    scaling = f.object("rope_scaling", {k: v for k, v in global_params.items() if k != "rope_theta"}
+                       if given is None else given)
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if not isinstance(kind, str):
         raise f.error(f"field 'rope_scaling.rope_type' must be a string, got {kind!r}")
@@ -316,7 +325,8 @@ def _rope(f: _Fields, gemma3: bool) -> tuple[float, float | None, RopeScaling | 
 
 def _check_architecture(f: _Fields, architecture: str, model_type: str) -> None:
     """config["architectures"], when it names any, must name first the class `model_type` means."""
-    archs = f.cfg.get("architectures") or [architecture]
+    archs = f.cfg.get("architectures")
+    archs = [architecture] if archs is None or archs == [] else archs
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise f.error(f"field 'architectures' must be a list of class names, got {archs!r}")
     if archs[0] != architecture:
@@ -412,7 +422,7 @@ def spec_from_hf_config(config: dict | str | Path, name: str | None = None) -> M
         "activation": act_table[act_name],
         "sliding_window": window,
         "layer_kinds": tuple(kinds),
-        "tie_embeddings": bool(cfg.get("tie_word_embeddings", rule.tie_default)),
+        "tie_embeddings": f.flag("tie_word_embeddings", rule.tie_default),
         "source": f"Hugging Face config.json ({origin})" if outer_origin != "HF config"
         else "Hugging Face config",
     } | rule.fixed  # the family's fixed fields win (gpt-oss: its activation)

@@ -143,8 +143,8 @@ class ModelSpec:
         if len(self.layer_kinds) != self.n_layers or set(self.layer_kinds) - set(LAYER_KINDS):
             raise bad(f"layer_kinds must list {self.n_layers} entries of {LAYER_KINDS}")
         for f in ("sliding_window", "attention_chunk"):
-            if getattr(self, f) is not None and getattr(self, f) < 1:
-                raise bad(f"{f} must be a positive integer or none, got {getattr(self, f)!r}")
+            if getattr(self, f) is not None and not 0 < getattr(self, f) <= MAX_SIZE:
+                raise bad(f"{f} must be a positive integer of at most {MAX_SIZE:,} or none, got {getattr(self, f)!r}")
         if "local" in self.layer_kinds and not self.sliding_window:
             raise bad("layers of kind 'local' need sliding_window")
         if "chunked" in self.layer_kinds and not self.attention_chunk:
@@ -169,6 +169,18 @@ class ModelSpec:
             value = getattr(self, cap)
             if value is not None and not (isinstance(value, (int, float)) and 0 < value < math.inf):
                 raise bad(f"{cap} must be a positive number or none, got {value!r}")
+        if self.rope_scaling is not None:
+            rs = self.rope_scaling
+            figures = (rs.factor, rs.low_freq_factor, rs.high_freq_factor, rs.beta_fast, rs.beta_slow)
+            if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in figures) \
+                    or not rs.factor > 0:
+                raise bad(f"rope scaling factor must be a positive, finite number and its other figures finite "
+                          f"numbers, got factor {rs.factor!r}")
+            least = 0 if rs.kind == "factors" else 1  # the factors' kind has no original length
+            if isinstance(rs.original_context_length, bool) or not isinstance(rs.original_context_length, int) \
+                    or not least <= rs.original_context_length <= MAX_SIZE:
+                raise bad(f"rope scaling original_context_length must be an integer from {least} to {MAX_SIZE:,}, "
+                          f"got {rs.original_context_length!r}")
         if self.rope_scaling is not None and self.rope_scaling.kind not in ROPE_SCALINGS:
             raise bad(f"rope scaling {self.rope_scaling.kind!r} not supported; use one of {ROPE_SCALINGS}")
         if self.rope_scaling is not None:
@@ -354,7 +366,7 @@ def load_preset(name: str) -> ModelSpec:
     if not path.exists():
         import difflib
 
-        close = difflib.get_close_matches(name, preset_names(), n=3)
+        close = difflib.get_close_matches(name.lower(), preset_names(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise OpenLPUError(f"unknown model {name!r}{hint} (`openlpu models` lists them; or give a .gguf file "
                            "or a Hugging Face config.json)")

@@ -96,7 +96,7 @@ class Engine:
         from openlpu.models.gguf import spec_from_gguf
         from openlpu.runtime.executor import load_executor
 
-        path = model_path or default_model_path()
+        path = default_model_path() if model_path is None else model_path
         spec = spec_from_gguf(path)
         context = min(context_length or DEFAULT_CONTEXT_LENGTH, spec.context_length)
         system = load_system(system) if isinstance(system, str) else system

@@ -49,8 +49,9 @@ class SamplingParams:
             raise OpenLPUError(f"top_p must be between 0 and 1, got {self.top_p!r}")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
             raise OpenLPUError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            raise OpenLPUError(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not -(2**63) <= self.seed < 2**64):  # torch.Generator's range
+            raise OpenLPUError(f"seed must be an integer from -2**63 to 2**64 - 1, got {self.seed!r}")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise OpenLPUError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, "
                                f"got {len(self.stop)}")

@@ -161,7 +161,7 @@ class GpuTiming:
 def software_named(name: str) -> Software:
     """The SOFTWARE row called `name`, or one clear error naming the rows there are."""
     if name not in SOFTWARE:
-        close = difflib.get_close_matches(str(name), SOFTWARE, n=1, cutoff=0.4)
+        close = difflib.get_close_matches(str(name).lower(), SOFTWARE, n=1, cutoff=0.4)
         hint = f"did you mean {close[0]}? " if close else ""
         raise OpenLPUError(f"unknown GPU software {name!r}; {hint}choose one of: "
                            + "; ".join(f"{k} ({v.name})" for k, v in SOFTWARE.items()))
