@@ -245,6 +245,32 @@ def test_sdk_nulls_and_extreme_sampling_values_are_served(client, model):
     assert r.choices[0].finish_reason in ("stop", "length")
 
 
+def test_a_slow_first_token_starts_the_stream_with_comments(base_url, client, engine, model, monkeypatch):
+    """A stream whose first token is slow to come (a long queue or prefill) starts anyway, with the role chunk
+    and then SSE comments until it comes, so that no client's read timeout fires and retries the request; the
+    SDK reads through the comments to the same text as a plain request."""
+    import openlpu.serve.app as app_module
+
+    expected = client.chat.completions.create(model=model, messages=ask("Hello"), max_completion_tokens=3,
+                                              temperature=0).choices[0].message.content
+    monkeypatch.setattr(app_module, "STREAM_STARTS_AFTER_S", 0.1)
+    real_step = engine.step
+
+    def slow_step(seqs):
+        time.sleep(1.0)
+        return real_step(seqs)
+    monkeypatch.setattr(engine, "step", slow_step)
+    body = {"model": model, "messages": ask("Hello"), "stream": True, "max_completion_tokens": 3, "temperature": 0}
+    with httpx.stream("POST", base_url + "/openai/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert r.status_code == 200 and lines[0].startswith("data: ") and lines[1].startswith(":")
+    assert lines[-1] == "data: [DONE]"
+    chunks = client.chat.completions.create(model=model, messages=ask("Hello"), max_completion_tokens=3,
+                                            temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+
+
 def test_engine_failure_is_a_500_and_the_server_goes_on(client, engine, model, monkeypatch):
     real_step = engine.step
 

@@ -34,6 +34,9 @@ STATIC_DIR = Path(__file__).parent / "static"
 API_PREFIX = "/openai/v1"
 CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 DISCONNECT_POLL_S = 0.25  # how often a waiting request checks whether its client went away
+# a stream whose first token takes longer than this starts anyway, a comment each as long again until it comes:
+# the SDKs read with a 60 s timeout and retry the whole request (a long prompt's prefill three times over)
+STREAM_STARTS_AFTER_S = 5.0
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for it; only the access log and metrics see it
 SEED_RANGE = 2**31  # seeds we pick when the client gives none (reported in x_groq.seed)
 
@@ -209,17 +212,20 @@ class ClientGone(Exception):
     """The client closed the connection before its answer was complete."""
 
 
-async def next_event(server: Server, job: Job, request: Request):
-    """The job's next event; cancels the job (freeing its slot) if the client went away."""
+async def next_event(server: Server, job: Job, request: Request, give_up_s: float | None = None):
+    """The job's next event, or None after `give_up_s` without one; cancels the job (freeing its slot) if the
+    client went away."""
+    deadline = None if give_up_s is None else time.monotonic() + give_up_s
     while True:
+        wait_s = DISCONNECT_POLL_S if deadline is None else min(DISCONNECT_POLL_S, max(0.0, deadline - time.monotonic()))
         try:
-            event = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
+            event = await asyncio.wait_for(job.events.get(), wait_s)
         except asyncio.TimeoutError:
             event = None
         if await request.is_disconnected():
             server.scheduler.cancel(job)
             raise ClientGone()
-        if event is not None:
+        if event is not None or (deadline is not None and time.monotonic() >= deadline):
             return event
 
 
@@ -319,15 +325,15 @@ def create_app(engine, settings: ServeSettings | None = None) -> FastAPI:
             s.limiter.settle_tokens(key, charged, len(ids) + done.completion_tokens)
             s.metrics.observe_job(job, done.completion_tokens, len(ids))
 
-        try:
-            first = await next_event(s, job, request)
+        try:  # a stream starts once its first token is near: a request refused on admission keeps its status
+            first = await next_event(s, job, request, give_up_s=STREAM_STARTS_AFTER_S if req.stream else None)
         except BaseException as e:
             s.scheduler.cancel(job)
             settle()
             if isinstance(e, ClientGone):
                 return Response(status_code=CLIENT_CLOSED_REQUEST)
             raise
-        if first.error:
+        if first is not None and first.error:
             settle()
             raise first.error
         if req.stream:
@@ -358,7 +364,17 @@ async def stream(s: Server, done: Completion, first, request: Request, settle):
     event = first
     try:
         yield done.chunk({"role": "assistant", "content": ""}, x_groq={"id": done.req_id})
+        while event is None:  # a long queue or prefill: a comment, which SSE clients skip, keeps the line alive
+            try:
+                event = await next_event(s, done.job, request, give_up_s=STREAM_STARTS_AFTER_S)
+            except ClientGone:
+                return
+            if event is None:
+                yield ": waiting for the first token\n\n"
         while True:
+            if event.error:
+                yield f"data: {json.dumps(event.error.body())}\n\n"
+                return
             done.completion_tokens += event.token_count
             if event.text:
                 yield done.chunk({"content": event.text})
@@ -367,9 +383,6 @@ async def stream(s: Server, done: Completion, first, request: Request, settle):
             try:
                 event = await next_event(s, done.job, request)
             except ClientGone:
-                return
-            if event.error:
-                yield f"data: {json.dumps(event.error.body())}\n\n"
                 return
         yield done.chunk({}, event.finish_reason, x_groq={"id": done.req_id, "usage": done.usage()},
                          **done.extension())
