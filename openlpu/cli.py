@@ -435,6 +435,7 @@ def run(
     from openlpu.models.gguf import check_weights_readable, read_header, spec_from_gguf
     from openlpu.runtime.engine import DEFAULT_CONTEXT_LENGTH, Engine, check_fits
     from openlpu.runtime.executor import load_executor
+    from openlpu.runtime.model import PRECISIONS as HOST_PRECISIONS
     from openlpu.runtime.sampling import SamplingParams
     from openlpu.runtime.tokenizer import Tokenizer
     from openlpu.sim.gpu import gpu_timing
@@ -446,6 +447,8 @@ def run(
         raise OpenLPUError("the prompt is empty; give some text to continue")
     if mode not in ("fused", "sharded"):
         raise OpenLPUError(f"unknown --mode {mode!r}; use fused or sharded")
+    if precision not in HOST_PRECISIONS:  # before the compile, which takes seconds
+        raise OpenLPUError(f"unknown --precision {precision!r}; use one of {', '.join(HOST_PRECISIONS)}")
     if mode == "sharded" and (temperature != 0 or stop):
         raise OpenLPUError("sharded mode runs the Program's own greedy sampler: use --temperature 0 "
                            "and no --stop, or --mode fused")

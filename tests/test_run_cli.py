@@ -24,7 +24,10 @@ def test_run_streams_llamacpp_greedy_text_and_a_summary(gemma_path, llamacpp_ref
 @pytest.mark.parametrize("args, message", [
     (["run", ""], "prompt is empty"),
     (["run", "hi", "--temperature", "3"], "temperature"),
-    (["run", "hi", "--top-p", "0"], "top_p"),
+    (["run", "hi", "--top-p", "1.5"], "top_p"),
+    (["run", "hi", "--temperature", "0.5", "--seed", str(2**64)], "seed must be an integer from -2**63"),
+    (["run", "hi", "--precision", "int3"], "unknown --precision 'int3'"),
+    (["run", "hi", "--model", ""], "is not a file"),
     (["run", "hi", "--top-k", "-2"], "top_k"),
     (["run", "hi", "--max-tokens", "0"], "max_tokens"),
     (["run", "hi", "--stop", "a", "--stop", "b", "--stop", "c", "--stop", "d", "--stop", "e"],
