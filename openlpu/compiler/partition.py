@@ -1202,14 +1202,14 @@ def partition(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: in
 
 
 def check_fits_some_system(spec: ModelSpec, system: SystemSpec, workload: Workload) -> None:
-    """Refuse at once a workload whose weights and KV cache alone (each weight once, each user's cache, no
-    activation buffer) take the SRAM of more chips than the largest system has: placing it would search for
-    minutes before saying so."""
+    """Refuse at once a workload whose KV cache, beside the weights (each weight once, each user's cache, no
+    activation buffer), takes the SRAM of more chips than the largest system has: placing it would search for
+    minutes before saying so. Weights too large alone are left to the placement, which names the piece."""
     weights = spec.param_count() * as_precision(workload.weights).bytes_per_element
     positions = sum(spec.layer_positions(i, workload.context_length) for i in range(spec.n_layers))
     kv = 2 * spec.kv_dim * positions * as_precision(workload.kv).bytes_per_element * workload.users
     least = math.ceil((weights + kv) / system.chip.sram_bytes)
-    if least > system.max_chips:
+    if least > system.max_chips and weights <= system.max_chips * system.chip.sram_bytes:
         raise OpenLPUError(
             f"{spec.name} ({workload.weights} weights, context {workload.context_length}, "
             f"{counted(workload.users, 'user')}) does not fit on any {system.name} system: its weights and KV cache "
