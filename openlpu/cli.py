@@ -55,8 +55,8 @@ def _compiling(model: str, system: str, prompt: int, chunk: int | None):
     # a chunk below 1 is refused by the command, after this
     waves = (" in chunks the compiler chooses" if chunk is None
              else f" in {counted(-(-prompt // max(chunk, 1)), 'chunk')}")
-    return Console(stderr=True).status(f"compiling {escape(str(model))} for {escape(str(system))}: placement, one decode step and a "
-                                       f"{prompt:,}-token prefill{waves}")
+    return Console(stderr=True).status(f"compiling {escape(str(model))} for {escape(str(system))}: placement, one "
+                                       f"decode step and a {prompt:,}-token prefill{waves}")
 
 
 @app.callback()
@@ -497,9 +497,9 @@ def run(
         table.add_column(col, justify="left" if col in ("", "what it is") else "right")
     host_weights = precision if mode == "fused" else "float32"
     table.add_row(f"this host ({mode}, {host_weights})", "measured", f"{t_first - t_start:.3f}", f"{host_tps:.1f}")
-    table.add_row(f"{lpu.name} x {sim.chips} chips", "simulated from the Program",
+    table.add_row(f"{escape(lpu.name)} x {sim.chips} chips", "simulated from the Program",
                   f"{sim.ttft_s:.5f}", f"{sim.tokens_per_s_per_user:,.0f}")
-    table.add_row(f"{gpu.name} x {gpu_t.gpus}", "modelled (roofline)", f"{gpu_t.ttft_s:.5f}",
+    table.add_row(f"{escape(gpu.name)} x {gpu_t.gpus}", "modelled (roofline)", f"{gpu_t.ttft_s:.5f}",
                   f"{gpu_t.tokens_per_s_per_user:,.0f}")
     err.print(table)
     err.print(f"[dim]peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB[/]")

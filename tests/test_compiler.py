@@ -1396,3 +1396,13 @@ def test_a_vocabulary_shorter_than_a_tp_group_is_not_split_over_it():
         compile_program(tiny, SYSTEM, SMALL, tp=8)
     program = compile_program(tiny, SYSTEM, SMALL)
     assert program.placement.tp <= 7 and verify(program) == []
+
+
+def test_a_program_of_more_waves_than_a_compile_schedules_still_loads():
+    """The wave cap bounds what a compile schedules; a Program file already holding more waves (written before
+    the cap) is read as it was written, not called corrupt."""
+    from openlpu.compiler.program import MAX_PREFILL_WAVES, decode_program
+
+    p = compile_program(load_preset("gemma-3-270m"), SYSTEM, Workload(context_length=4096, prompt_len=64))
+    many = dataclasses.replace(p, workload=dataclasses.replace(p.workload, prompt_len=4096, prefill_chunk=1))
+    assert decode_program(encode(many)).workload.prompt_len > MAX_PREFILL_WAVES

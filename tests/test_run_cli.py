@@ -21,6 +21,24 @@ def test_run_streams_llamacpp_greedy_text_and_a_summary(gemma_path, llamacpp_ref
         assert field in result.stderr
 
 
+def test_system_and_gpu_names_are_printed_as_written(tmp_path, gemma_path):
+    """Names from hardware files with rich markup in them ('[/]' closes no tag) reach the summary table as
+    written (it raised MarkupError after the text had streamed)."""
+    import json
+    from pathlib import Path
+
+    import openlpu as package
+
+    presets = Path(package.__file__).parent / "hardware" / "presets"
+    for preset, name in (("lpu-v1", "[/]chip"), ("h100-sxm", "[/]gpu")):
+        (tmp_path / f"{preset}.json").write_text(json.dumps({**json.loads((presets / f"{preset}.json").read_text()),
+                                                              "name": name}))
+    result = openlpu("run", "hi", "--max-tokens", "2", "--model", str(gemma_path), "--system",
+                     str(tmp_path / "lpu-v1.json"), "--compare", str(tmp_path / "h100-sxm.json"))
+    assert result.returncode == 0, result.stderr
+    assert "[/]chip x" in result.stderr and "[/]gpu x" in result.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["run", ""], "prompt is empty"),
     (["run", "hi", "--temperature", "3"], "temperature"),

@@ -68,6 +68,7 @@ def compile_program(spec: ModelSpec, system: SystemSpec, workload: Workload, chi
     check_fits_some_system(spec, system, workload)
     if workload.prefill_chunk is not None:  # a chunk longer than the prompt is the prompt: one wave either way
         workload = dataclasses.replace(workload, prefill_chunk=min(workload.prefill_chunk, workload.prompt_len))
+        workload.check_prefill_waves()
     if workload.prefill_chunk is None:
         workload, (placement, decode, _) = _chunked(spec, system, workload, chips, tp, templates)
     else:
@@ -128,9 +129,10 @@ def _chunked(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int
     wider groups fit, or, given the width, fewer groups (_may_place_better)."""
     chosen, best, refusal = None, None, None
     for chunk in dict.fromkeys(min(c, workload.prompt_len) for c in PREFILL_CHUNKS):  # a prompt's length at most
+        option = dataclasses.replace(workload, prefill_chunk=chunk)
         try:
-            option = dataclasses.replace(workload, prefill_chunk=chunk)
-        except OpenLPUError as error:  # a smaller chunk can make more waves than a Program schedules
+            option.check_prefill_waves()
+        except OpenLPUError as error:  # a smaller chunk can make more waves than a compile schedules
             refusal = refusal or error
             continue
         if best is not None and not _may_place_better(spec, system, chosen, option, chips, tp, best[0]):

@@ -65,7 +65,7 @@ def gc_paused(build):
 
 PREFILL_CHUNKS = (256, 128, 64)  # the prefill chunks the compiler chooses from where none is given, largest first
 # a prefill schedules its ops once per wave: 2,048 waves of a 70B model take minutes to compile, more take longer
-MAX_PREFILL_WAVES = 2048
+MAX_PREFILL_WAVES = 2048  # the most a compile schedules (Workload.check_prefill_waves)
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,14 @@ class Workload:
         size with outside compile_program, which tries the others)."""
         return PREFILL_CHUNKS[0] if self.prefill_chunk is None else self.prefill_chunk
 
+    def check_prefill_waves(self) -> None:
+        """Refuse to compile more prefill waves than MAX_PREFILL_WAVES (a Program file holding more loads: its
+        waves are already scheduled)."""
+        if (waves := -(-self.prompt_len // self.chunk_tokens)) > MAX_PREFILL_WAVES:
+            raise OpenLPUError(f"a {self.prompt_len:,}-token prompt in chunks of {self.chunk_tokens:,} makes {waves:,} "
+                               f"prefill waves, more than the {MAX_PREFILL_WAVES:,} a compile schedules; use "
+                               f"--prefill-chunk {-(-self.prompt_len // MAX_PREFILL_WAVES):,} or more")
+
     @property
     def attended_context(self) -> int:
         """Tokens each decode step attends."""
@@ -117,10 +125,6 @@ class Workload:
         if self.prompt_len > self.context_length:
             raise OpenLPUError(f"prompt length {self.prompt_len} is longer than the context "
                                f"{self.context_length}; raise --context or shorten the prompt")
-        if (waves := -(-self.prompt_len // self.chunk_tokens)) > MAX_PREFILL_WAVES:
-            raise OpenLPUError(f"a {self.prompt_len:,}-token prompt in chunks of {self.chunk_tokens:,} makes {waves:,} "
-                               f"prefill waves, more than the {MAX_PREFILL_WAVES:,} a Program schedules; use "
-                               f"--prefill-chunk {-(-self.prompt_len // MAX_PREFILL_WAVES):,} or more")
         if self.attended_context > self.context_length:
             raise OpenLPUError(f"decode context {self.decode_context} is longer than the context {self.context_length}: "
                                f"a decode step attends at most the tokens each user holds; lower --decode-context or "

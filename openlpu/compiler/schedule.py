@@ -66,7 +66,7 @@ from openlpu.compiler.program import PhaseSchedule, Placement, ScheduledOp, Tran
 from openlpu.errors import OpenLPUError
 from openlpu.graph.lower import PRECISIONS, as_precision, attended_keys, keys_in_slots, lower
 from openlpu.graph.ops import Op
-from openlpu.hardware.lpu import SystemSpec
+from openlpu.hardware.lpu import ChipSpec, SystemSpec
 from openlpu.models.spec import ModelSpec
 
 TOKEN_ID_BYTES = 4  # the sampled token going back to the embedding stage
@@ -93,6 +93,13 @@ def matrix_macs_per_cycle(system: SystemSpec, *precisions: str) -> float:
                            f"{', '.join(system.chip.matrix_macs_per_cycle)}); choose another --precision (weights and "
                            f"activations) or --kv-precision")
     return system.chip.matrix_macs_per_cycle[min(modes)[1]]
+
+
+def unit_rates(chip: ChipSpec, matrix_macs: float) -> dict[str, float]:
+    """Work per cycle of each functional unit of `chip`, its matrix unit doing
+    `matrix_macs` MACs a cycle; memory moves bytes at the SRAM's rate alone."""
+    return {"matrix": 2 * matrix_macs, "vector": chip.vector_ops_per_cycle, "switch": chip.switch_bytes_per_cycle,
+            "memory": math.inf}
 
 
 # ---- collectives ------------------------------------------------------------------------------
@@ -466,9 +473,7 @@ def _op_costs(spec: ModelSpec, system: SystemSpec, workload: Workload, placement
     tensor_elements = {name: math.prod(shape) for name, shape in spec.tensor_shapes().items()}
     weight_bytes_per_element = as_precision(workload.weights).bytes_per_element
     chip = system.chip
-    unit_flops_per_cycle = {"vector": chip.vector_ops_per_cycle, "switch": chip.switch_bytes_per_cycle,
-                            "memory": math.inf,
-                            "matrix": 2 * matrix_macs_per_cycle(system, workload.weights, workload.activations)}
+    unit_flops_per_cycle = unit_rates(chip, matrix_macs_per_cycle(system, workload.weights, workload.activations))
     attention_flops_per_cycle = 2 * matrix_macs_per_cycle(system, workload.kv, workload.activations)
 
     def cost(op: Op, stage: int) -> tuple:

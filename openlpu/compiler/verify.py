@@ -65,7 +65,7 @@ from openlpu.compiler.program import (
     gc_paused,
     transfer_ends,
 )
-from openlpu.compiler.schedule import CHAINED, NEEDS_ALL_REDUCE, chunk_name, split_chunk
+from openlpu.compiler.schedule import CHAINED, NEEDS_ALL_REDUCE, chunk_name, split_chunk, unit_rates
 from openlpu.errors import OpenLPUError
 from openlpu.graph.lower import as_precision, lower
 from openlpu.graph.ops import UNITS
@@ -234,8 +234,7 @@ def _unit_overlap(program: Program, phase: PhaseSchedule) -> list[Violation]:
     """No unit runs two ops at once, nor an op in fewer cycles than the work it records takes at its unit's
     fastest rate (the matrix unit's in its fastest mode) and at the SRAM's bandwidth."""
     chip, out = program.system.chip, []
-    per_cycle = {"matrix": 2 * max(chip.matrix_macs_per_cycle.values()), "vector": chip.vector_ops_per_cycle,
-                 "switch": chip.switch_bytes_per_cycle, "memory": math.inf}
+    per_cycle = unit_rates(chip, max(chip.matrix_macs_per_cycle.values()))
     by_unit = defaultdict(list)
     for op in phase.ops:
         least = max(op.flops_per_chip / per_cycle[op.unit], op.sram_bytes_per_chip / chip.sram_bytes_per_cycle)
@@ -271,10 +270,13 @@ def _inputs_ready(program: Program, phase: PhaseSchedule) -> list[Violation]:
             out.append(Violation("input_not_ready", f"{phase.phase}: transfer {t.name} runs cycles {t.start_cycle}-"
                                                     f"{t.arrival_cycle}, but its phases do not span them"))
         for k, (start, arrival, _) in enumerate(t.phases):
-            before = t.phases[k - 1][1] if k else start
-            if start < before or arrival <= start:
+            if arrival <= start:
                 out.append(Violation("input_not_ready", f"{phase.phase}: transfer {t.name} phase {k} runs cycles "
-                                                        f"{start}-{arrival}, but the phase before it arrives at {before}"))
+                                                        f"{start}-{arrival}: it arrives no later than it starts"))
+            elif k and start < t.phases[k - 1][1]:
+                out.append(Violation("input_not_ready", f"{phase.phase}: transfer {t.name} phase {k} runs cycles "
+                                                        f"{start}-{arrival}, but the phase before it arrives at "
+                                                        f"{t.phases[k - 1][1]}"))
     records = [(op.name, op.stage, op.start_cycle, op.inputs, True) for op in phase.ops]
     records += [(t.name, t.stage, t.start_cycle, t.inputs, False) for t in phase.transfers]
     for name, stage, start, inputs, is_op in records:
@@ -801,9 +803,9 @@ def verify(program: Program) -> list[Violation]:
            + _shards_on_their_stages(program))
     bandwidths = {}  # the phases load mostly the same links
     for phase in (program.decode, program.prefill):
-        out += (_makespan(phase) + _graph(program, phase) + _ops_on_their_pieces(program, phase) + _unit_overlap(program, phase)
-                + _inputs_ready(program, phase) + _partials_reduced(program, phase) + _sram(program, phase) + _payload_carried(phase)
-                + _links(program, phase, bandwidths))
+        out += (_makespan(phase) + _graph(program, phase) + _ops_on_their_pieces(program, phase)
+                + _unit_overlap(program, phase) + _inputs_ready(program, phase) + _partials_reduced(program, phase)
+                + _sram(program, phase) + _payload_carried(phase) + _links(program, phase, bandwidths))
     return out
 
 
