@@ -707,8 +707,9 @@ def _short_of_payload(t: Transfer) -> str | None:
     return None
 
 
-def _links(program: Program, phase: PhaseSchedule, bandwidths: dict) -> list[Violation]:
-    """Each link within its bandwidth; `bandwidths`: each link's (_bandwidth), filled as links are met."""
+def _links(program: Program, phase: PhaseSchedule, figures: dict) -> list[Violation]:
+    """Each link within its bandwidth, and each phase of a transfer no shorter than its links' hop latency
+    and bytes allow; `figures`: each link's (_link_figures), filled as links are met."""
     clock, system = program.system.chip.clock_hz, program.system
     # a collective's phases load hundreds of links alike and every layer's repeats them: each distinct
     # load is swept once, for the most transfers in flight at once (the sum of 1 / seconds), and a link
@@ -718,45 +719,43 @@ def _links(program: Program, phase: PhaseSchedule, bandwidths: dict) -> list[Vio
     for t in phase.transfers:
         for start, arrival, links in t.phases:
             spans_of[links].append((start, arrival, t.name))
-    spans, peaks = list(spans_of.values()), []
+    spans, peaks, out, held = list(spans_of.values()), [], [], set(program.placement.chips)
     carried = defaultdict(list)  # directed link -> (bytes, index in spans) of each load it is part of
-    for load, (links, held) in enumerate(spans_of.items()):
-        inverse = [clock / (arrival - start) if arrival > start else 0.0 for start, arrival, _ in held]
-        events = sorted([(s, 1, r) for (s, _, _), r in zip(held, inverse)] +
-                        [(e, 0, r) for (_, e, _), r in zip(held, inverse)])
+    for load, (links, spans_here) in enumerate(spans_of.items()):
+        inverse = [clock / (arrival - start) if arrival > start else 0.0 for start, arrival, _ in spans_here]
+        events = sorted([(s, 1, r) for (s, _, _), r in zip(spans_here, inverse)] +
+                        [(e, 0, r) for (_, e, _), r in zip(spans_here, inverse)])
         level = peak = 0.0
         for _, starting, r in events:  # ends (0) sort before starts (1) at the same cycle
             level += r if starting else -r
             peak = max(peak, level)
         peaks.append(peak)
-        for a, b, nbytes in links:
-            carried[(a, b)].append((nbytes, load))
-    out, swept, held = [], {}, set(program.placement.chips)
-    # a phase takes at least each of its links' hop latency plus its bytes at the link's bandwidth (one too
-    # short for the bytes alone is over the bandwidth, reported below)
-    for links, spans_here in spans_of.items():
+        # the load's phases take at least each link's hop latency plus its bytes at the link's bandwidth (one
+        # too short for the bytes alone is over the bandwidth, reported below)
         least, slowest, bytes_alone = 0.0, None, 0.0
         for a, b, nbytes in links:
-            if (a, b) not in bandwidths:
-                bandwidths[(a, b)] = _bandwidth(system, held, a, b)
-            if not isinstance(bandwidths[(a, b)], str):
-                moving = nbytes / bandwidths[(a, b)] * clock
-                need = system.links[system.link_kind(a, b)].latency_s * clock + moving
-                least, slowest = max((least, slowest), (need, (a, b)))
-                bytes_alone = max(bytes_alone, moving)
+            carried[(a, b)].append((nbytes, load))
+            if (a, b) not in figures:
+                figures[(a, b)] = _link_figures(system, held, a, b)
+            if isinstance(figures[(a, b)], str):
+                continue
+            bandwidth, hop_s = figures[(a, b)]
+            moving = nbytes / bandwidth * clock
+            if moving + hop_s * clock > least:
+                least, slowest = moving + hop_s * clock, (a, b)
+            bytes_alone = max(bytes_alone, moving)
         short = next(((start, arrival, name) for start, arrival, name in spans_here
                       if bytes_alone * (1 - RATE_TOLERANCE) <= arrival - start < least * (1 - RATE_TOLERANCE)), None)
         if short:
             out.append((slowest, Violation("input_not_ready", f"{phase.phase}: transfer {short[2]} crosses link "
                                                               f"{slowest[0]}->{slowest[1]} in {short[1] - short[0]} "
                                                               f"cycles; its hop latency and bytes take {least:.1f}")))
+    swept = {}
     for (a, b), loads in carried.items():
-        if (a, b) not in bandwidths:
-            bandwidths[(a, b)] = _bandwidth(system, held, a, b)
-        bandwidth = bandwidths[(a, b)]
-        if isinstance(bandwidth, str):
-            out.append(((a, b), Violation("link_bandwidth", f"{phase.phase}: {bandwidth}")))
+        if isinstance(figures[(a, b)], str):
+            out.append(((a, b), Violation("link_bandwidth", f"{phase.phase}: {figures[(a, b)]}")))
             continue
+        bandwidth = figures[(a, b)][0]
         if sum(nbytes * peaks[load] for nbytes, load in loads) <= bandwidth * (1 + RATE_TOLERANCE):
             continue
         same = (tuple(loads), bandwidth)  # the links of a group, loaded alike, are swept once
@@ -769,13 +768,15 @@ def _links(program: Program, phase: PhaseSchedule, bandwidths: dict) -> list[Vio
     return [violation for _, violation in sorted(out, key=lambda found: found[0])]  # by link
 
 
-def _bandwidth(system: SystemSpec, held: set[int], a: int, b: int) -> float | str:
-    """The bandwidth of the link from chip a to chip b, or why a Program holding the chips `held` cannot use it."""
+def _link_figures(system: SystemSpec, held: set[int], a: int, b: int) -> tuple[float, float] | str:
+    """(bandwidth bytes/s, hop latency s) of the link from chip a to chip b, or why a Program holding the chips
+    `held` cannot use it."""
     if a == b or not (0 <= a < system.max_chips and 0 <= b < system.max_chips) or system.route(a, b) != (a, b):
         return f"no link from chip {a} to chip {b}"
     if a not in held or b not in held:
         return f"link {a}->{b} runs through chip {min({a, b} - held)}, which the Program does not hold"
-    return system.links[system.link_kind(a, b)].bandwidth_bytes_per_s
+    link = system.links[system.link_kind(a, b)]
+    return link.bandwidth_bytes_per_s, link.latency_s
 
 
 def _over_bandwidth(spans: list[tuple[int, int, float, str]], bandwidth: float) -> str | None:
@@ -801,11 +802,11 @@ def verify(program: Program) -> list[Violation]:
         return unreadable
     out = (_structure(program) + _sizes(program) + _kv_reserved(program) + _weights(program)
            + _shards_on_their_stages(program))
-    bandwidths = {}  # the phases load mostly the same links
+    link_figures = {}  # the phases load mostly the same links
     for phase in (program.decode, program.prefill):
         out += (_makespan(phase) + _graph(program, phase) + _ops_on_their_pieces(program, phase)
                 + _unit_overlap(program, phase) + _inputs_ready(program, phase) + _partials_reduced(program, phase)
-                + _sram(program, phase) + _payload_carried(phase) + _links(program, phase, bandwidths))
+                + _sram(program, phase) + _payload_carried(phase) + _links(program, phase, link_figures))
     return out
 
 
