@@ -1406,3 +1406,23 @@ def test_a_program_of_more_waves_than_a_compile_schedules_still_loads():
     p = compile_program(load_preset("gemma-3-270m"), SYSTEM, Workload(context_length=4096, prompt_len=64))
     many = dataclasses.replace(p, workload=dataclasses.replace(p.workload, prompt_len=4096, prefill_chunk=1))
     assert decode_program(encode(many)).workload.prompt_len > MAX_PREFILL_WAVES
+
+
+def test_inspect_says_in_one_line_a_file_the_verifier_cannot_read(tmp_path, monkeypatch, capsys):
+    """A record the loader's checks let through and the verifier then trips over (none is known: this stands in
+    for one) is the file's fault, said in one line with status 2, not a traceback."""
+    import openlpu.compiler
+
+    compile_program(load_preset("gemma-3-270m"), SYSTEM, SMALL).save(tmp_path / "p.prog")
+
+    def tripping(program):
+        raise TypeError("unsupported operand type(s) for -: 'str' and 'int'")
+    monkeypatch.setattr(openlpu.compiler, "verify", tripping)
+    from openlpu.cli import main
+
+    monkeypatch.setattr("sys.argv", ["openlpu", "inspect", str(tmp_path / "p.prog")])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "p.prog does not hold together (TypeError: unsupported operand" in err and "Traceback" not in err

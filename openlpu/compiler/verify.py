@@ -65,7 +65,13 @@ from openlpu.compiler.program import (
     gc_paused,
     transfer_ends,
 )
-from openlpu.compiler.schedule import CHAINED, NEEDS_ALL_REDUCE, chunk_name, split_chunk, unit_rates
+from openlpu.compiler.schedule import (
+    CHAINED,
+    NEEDS_ALL_REDUCE,
+    chunk_name,
+    split_chunk,
+    unit_rates,
+)
 from openlpu.errors import OpenLPUError
 from openlpu.graph.lower import as_precision, lower
 from openlpu.graph.ops import UNITS

@@ -256,7 +256,8 @@ class _Fields:
         return value
 
     def flag(self, key: str, default: bool) -> bool:
-        value = self.cfg.get(key, default)
+        value = self.cfg.get(key)
+        value = default if value is None else value  # null, as number() reads it: not given
         if not isinstance(value, bool):
             raise self.error(f"field {key!r} must be true or false, got {value!r}")
         return value
