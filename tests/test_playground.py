@@ -85,3 +85,29 @@ def test_stop_button_ends_the_stream_and_frees_the_slot(page, base_url):
         time.sleep(0.05)
     assert httpx.get(base_url + "/health").json()["active_sequences"] == 0
     assert len(page.query_selector_all(".msg.assistant")) == 2  # the history keeps both turns
+
+
+def test_a_failed_turn_stays_out_of_the_conversation(page, base_url):
+    """A prompt past the context window gets the API's error on the page; the next turn is sent without it
+    (it was kept, and every later turn failed the same way until Clear), so its reply is the API's for that
+    turn alone."""
+    page.click("#clear")
+    page.fill("#system", "Answer briefly.")
+    set_field(page, "#temperature", "0")
+    set_field(page, "#maxtokens", "12")
+    set_field(page, "#seed", "5")
+    page.fill("#prompt", "word " * 10_000)
+    page.click("#send")
+    page.wait_for_selector(".msg.error", timeout=60_000)
+    page.wait_for_function("!document.querySelector('#send').disabled", timeout=10_000)
+    assert "context" in page.inner_text(".msg.error .body")
+    page.fill("#prompt", "What is the capital of France?")
+    page.click("#send")
+    page.wait_for_function("!document.querySelector('#send').disabled", timeout=60_000)
+    model = page.eval_on_selector("#model", "el => el.value")
+    expected = groq.Groq(base_url=base_url, api_key="unused").chat.completions.create(
+        model=model, temperature=0, seed=5, max_completion_tokens=12,
+        messages=[{"role": "system", "content": "Answer briefly."},
+                  {"role": "user", "content": "What is the capital of France?"}]).choices[0].message.content
+    reply = page.query_selector_all(".msg.assistant .body")[-1].inner_text()
+    assert reply == expected.strip() or reply == expected
