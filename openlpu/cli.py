@@ -472,7 +472,7 @@ def run(
     verify_or_raise(program)
     err = Console(stderr=True, highlight=False)
     err.print(f"[dim]compiled for {escape(lpu.name)}: {program.chips} chips, "
-              f"{len(program.placement.stages)} stages x TP {program.placement.tp}; verified[/]")
+              f"{counted(len(program.placement.stages), 'stage')} x TP {program.placement.tp}; verified[/]")
 
     out = Console(highlight=False)
     if mode == "fused":

@@ -19,6 +19,7 @@ def test_run_streams_llamacpp_greedy_text_and_a_summary(gemma_path, llamacpp_ref
     assert result.stdout.strip() and want.startswith(result.stdout.rstrip("\n"))
     for field in ("prompt 6 tokens", "generated 8", "TTFT", "tok/s", "peak RSS"):
         assert field in result.stderr
+    assert "chips, 1 stage x TP" in result.stderr  # counted in words, not '1 stages'
 
 
 def test_system_and_gpu_names_are_printed_as_written(tmp_path, gemma_path):
