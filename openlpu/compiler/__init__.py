@@ -233,7 +233,7 @@ def _wider_groups(spec: ModelSpec, system: SystemSpec, workload: Workload, chips
                 break
             best, previous = _faster(best, candidate), candidate[2]
         # the fewest chips that hold the model in such groups may decode faster still
-        than = len(candidate[0].chips) if candidate else chips - chips % t if idle else chips
+        than = len(candidate[0].chips) if candidate else (chips - chips % t if idle else chips)
         best = _faster(best, _on_fewest(spec, system, workload, t, than, templates))
     return best
 

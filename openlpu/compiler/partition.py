@@ -1206,8 +1206,7 @@ def check_fits_some_system(spec: ModelSpec, system: SystemSpec, workload: Worklo
     activation buffer), takes the SRAM of more chips than the largest system has: placing it would search for
     minutes before saying so. Weights too large alone are left to the placement, which names the piece."""
     weights = spec.param_count() * as_precision(workload.weights).bytes_per_element
-    positions = sum(spec.layer_positions(i, workload.context_length) for i in range(spec.n_layers))
-    kv = 2 * spec.kv_dim * positions * as_precision(workload.kv).bytes_per_element * workload.users
+    kv = spec.kv_values(workload.context_length) * as_precision(workload.kv).bytes_per_element * workload.users
     least = math.ceil((weights + kv) / system.chip.sram_bytes)
     if least > system.max_chips and weights <= system.max_chips * system.chip.sram_bytes:
         raise OpenLPUError(

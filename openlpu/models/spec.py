@@ -238,6 +238,10 @@ class ModelSpec:
         """Positions of a `context` a layer keeps per sequence: all of them, or a ring of its window or chunk."""
         return min(context, self.layer_window(layer) or self.layer_chunk(layer) or context)
 
+    def kv_values(self, context: int) -> int:
+        """Keys and values one sequence of `context` tokens keeps over all layers (layer_positions each)."""
+        return 2 * self.kv_dim * sum(self.layer_positions(i, context) for i in range(self.n_layers))
+
     def layer_uses_rope(self, layer: int) -> bool:
         return not (self.nope_global and self.layer_kinds[layer] == "global")
 

@@ -135,8 +135,9 @@ class Engine:
         if not active:
             return []
         tokens, spans, last_rows = [], [], []
-        for s in active:
-            new = (s.prompt_ids + s.output_ids)[s._fed:s._fed + self.prefill_chunk]
+        for s in active:  # a chunk of the prompt, or the last token sampled (none comes before the prompt is fed)
+            prompt = len(s.prompt_ids)
+            new = s.prompt_ids[s._fed:s._fed + self.prefill_chunk] if s._fed < prompt else s.output_ids[s._fed - prompt:]
             spans.append(Span(s.slot, s._fed, len(new)))
             tokens += new
             last_rows.append(len(tokens) - 1)

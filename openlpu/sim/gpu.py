@@ -287,9 +287,7 @@ def kv_bytes(spec: ModelSpec, precision: str, context: int, users: int) -> float
     """KV cache for `users` sequences of `context` tokens, in serving_precision(precision). A sliding-window
     or chunked layer keeps its window or chunk only, as TensorRT-LLM (a list of per-layer attention windows,
     KvCacheConfig.max_attention_window) and vLLM (its hybrid KV cache manager) keep them."""
-    kv_bytes_per_element = as_precision(serving_precision(precision)).bytes_per_element
-    positions = sum(spec.layer_positions(i, context) for i in range(spec.n_layers))
-    return 2 * spec.kv_dim * kv_bytes_per_element * positions * users
+    return spec.kv_values(context) * as_precision(serving_precision(precision)).bytes_per_element * users
 
 
 def tp_choices(spec: ModelSpec, gpus: int, gpu: GpuSpec) -> list[int]:
@@ -336,14 +334,19 @@ def _checked_count(spec: ModelSpec, gpu: GpuSpec, precision: str, gpus: int) -> 
     return gpus
 
 
+def _draft_bytes(draft: ModelSpec | None, gpu: GpuSpec, precision: str, context: int, users: int, gpus: int) -> float:
+    """What a draft sharing `gpus` GPUs holds there, in its widest groups (none without a draft)."""
+    return sum(held_bytes(draft, precision, context, users, layout(draft, gpus, gpu)[0])) if draft else 0.0
+
+
 def gpus_needed(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, users: int,
                 max_gpus: int = 1024, beside: ModelSpec | None = None) -> int:
     """Fewest GPUs (1, 2, 4 ... up to a server's, then whole servers) whose HBM holds the weights and the KV
     cache in TP groups of some width they can take (held_bytes), and those of `beside` (a draft sharing the
     GPUs, in its widest groups); at most `max_gpus`, in no more pipeline stages than the model has layers."""
     def need(n: int) -> float:  # in the TP groups that hold the least
-        draft = sum(held_bytes(beside, precision, context, users, layout(beside, n, gpu)[0])) if beside else 0.0
-        return draft + min(sum(held_bytes(spec, precision, context, users, t)) for t in tp_choices(spec, n, gpu))
+        return _draft_bytes(beside, gpu, precision, context, users, n) + min(
+            sum(held_bytes(spec, precision, context, users, t)) for t in tp_choices(spec, n, gpu))
 
     per_gpu = gpu.hbm_bytes * HBM_USABLE_FRACTION
     n = 1
@@ -376,7 +379,7 @@ def gpu_timing(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, user
     gpus = gpus_needed(spec, gpu, precision, context, users) if gpus is None else _checked_count(
         spec, gpu, precision, gpus)
     per_gpu = gpu.hbm_bytes * HBM_USABLE_FRACTION
-    draft = sum(held_bytes(beside, precision, context, users, layout(beside, gpus, gpu)[0])) if beside else 0.0
+    draft = _draft_bytes(beside, gpu, precision, context, users, gpus)
 
     def most_users(t: int, room: float) -> int:  # whose KV cache `room` bytes hold beside the weights, in groups of t
         weights, kv_per_user = held_bytes(spec, precision, context, 1, t)
