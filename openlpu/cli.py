@@ -30,12 +30,10 @@ def _counts(values: list[str] | None, flag: str, words: tuple[str, ...] = ()) ->
     None when not given. `words`: names the flag takes instead of counts (`--tp all`)."""
     if not values:
         return None
-    parts = [part.strip() for value in values for part in value.split(",") if part.strip()]
+    parts = [part.strip() for value in values for part in value.split(",")]  # an empty one is a typo: refused
     if len(parts) == 1 and parts[0].lower() in words:
         return parts[0].lower()
     try:
-        if not parts:
-            raise ValueError
         return tuple(int(part) for part in parts)
     except ValueError:
         also = "".join(f", or {word}" for word in words)

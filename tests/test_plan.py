@@ -523,6 +523,9 @@ def test_a_gguf_file_plans_as_its_preset(gemma_path):
     (["llama-2-70b", "--chips", "336 448"], "--chips takes whole numbers"),
     (["llama-2-70b", "--tp", ","], "--tp takes whole numbers"),  # not a plan without the LPU
     (["llama-2-70b", "--gpus", " "], "--gpus takes whole numbers"),
+    (["llama-2-70b", "--users", "1,,2"], "--users takes whole numbers, one or several separated by commas (e.g. "
+                                         "--users 8,16); got '1,,2'"),
+    (["llama-2-70b", "--chips", "576,"], "--chips takes whole numbers"),
     (["llama-2-70b", "--prefill-chunk", "128,0"], "--prefill-chunk must be a positive integer, got 0"),
     (["llama-2-70b", "--prefill-chunk", "big"], "--prefill-chunk takes whole numbers"),
     (["llama-3.1-405b", "--tp", "1"], ("does not fit in TP groups of 1: L0.attn alone needs 597 MB per chip (its "
