@@ -218,6 +218,7 @@ def test_models_lists_every_preset_whole_on_an_80_column_terminal():
     ("sliding_window", 0, "sliding_window must be a positive integer of at most 2,147,483,647 or none, got 0"),
     ("query_scale", "0.1", "query_scale must be a finite number or none"),
     ("activation", None, "activation must be a string, got None"),
+    ("head_dim", 255, "head_dim must be even (rope turns a head's values in pairs), got 255"),
 ])
 def test_a_spec_field_of_the_wrong_type_is_named(field, value, says):
     """What a preset, a config.json or a Program file gives is checked against each field's declared type where

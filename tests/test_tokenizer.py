@@ -1,5 +1,7 @@
 """The GGUF tokenizer against llama.cpp's ids and text (tests/fixtures, made by llama.cpp)."""
 
+import re
+
 import pytest
 
 from openlpu.errors import OpenLPUError
@@ -82,3 +84,21 @@ def test_cached_tokenizer_equals_a_fresh_build(gemma_path, tokenizer, llamacpp_r
 def test_missing_model_file(tmp_path):
     with pytest.raises(OpenLPUError, match="not found"):
         Tokenizer.from_gguf(tmp_path / "nope.gguf")
+
+
+@pytest.mark.parametrize("metadata, says", [
+    ({}, ("the file carries no tokenizer (no tokenizer.ggml.model in its metadata); give a GGUF file with its "
+          "tokenizer")),
+    ({"tokenizer.ggml.model": "gpt2"}, "tokenizer 'gpt2' is not supported (supported: llama)"),
+])
+def test_a_gguf_without_a_supported_tokenizer_is_refused(tmp_path, metadata, says):
+    import gguf
+
+    writer = gguf.GGUFWriter(tmp_path / "m.gguf", "gemma3")
+    for key, value in metadata.items():
+        writer.add_string(key, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    with pytest.raises(OpenLPUError, match=re.escape(says)):
+        Tokenizer.from_gguf(tmp_path / "m.gguf", cache=False)

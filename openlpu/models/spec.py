@@ -136,6 +136,8 @@ class ModelSpec:
             v, most = getattr(self, f), MAX_LAYERS if f == "n_layers" else MAX_SIZE
             if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= most:
                 raise bad(f"{f} must be a positive integer of at most {most:,}, got {v!r}")
+        if self.head_dim % 2:
+            raise bad(f"head_dim must be even (rope turns a head's values in pairs), got {self.head_dim}")
         if self.n_heads % self.n_kv_heads:
             raise bad(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.activation not in ACTIVATIONS:

@@ -54,6 +54,9 @@ def _build_from_header(path: Path) -> tuple[bytes, TokenizerFacts]:
 
     meta = read_header(path).metadata
     kind = meta.get("tokenizer.ggml.model")
+    if kind is None:
+        raise OpenLPUError(f"{path}: the file carries no tokenizer (no tokenizer.ggml.model in its metadata); "
+                           "give a GGUF file with its tokenizer, as llama.cpp's converter writes it")
     if kind not in SUPPORTED_TOKENIZER_MODELS:
         raise OpenLPUError(f"{path}: tokenizer {kind!r} is not supported (supported: "
                            f"{', '.join(SUPPORTED_TOKENIZER_MODELS)})")
