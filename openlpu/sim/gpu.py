@@ -135,6 +135,10 @@ TP_SHARDED_KINDS = frozenset({"matmul", "attention", "activation", "rope", "lm_h
 # gpt-oss's attention sinks run inside the attention kernel (vLLM's FlashAttention 3 path, TensorRT-LLM),
 # and a bias add in the epilogue of the matrix product (or MoE kernel) it follows.
 FUSED_KINDS = frozenset({"sink", "bias"})
+# Ops the attention kernel computes on scores it keeps on chip, so they move no bytes through HBM either:
+# Gemma 2's score softcap (TensorRT-LLM's GPT attention plugin takes it as qk_tanh_scale; FlashAttention as
+# softcap)
+IN_ATTENTION_KERNEL = ("attn_softcap",)
 
 
 @dataclass(frozen=True)
@@ -193,6 +197,8 @@ def op_time_s(op, gpu: GpuSpec, precision: str, shards: int, kv_reads: int = 1, 
     compute_s = op.flops / split / achieved_flops_per_s(gpu, operands)
     copied = (kv_copies - 1) * op.weight_bytes if op.weight and op.weight.endswith(KV_PROJECTIONS) else 0.0
     widened = op.weight_bytes * (2 / bytes_per_element - 1) if kept else 0.0
+    if op.name.endswith(IN_ATTENTION_KERNEL):
+        return compute_s
     moved = op.bytes_total + (kv_reads - 1) * op.kv_read_bytes + copied + widened
     memory_s = moved / split / (gpu.hbm_bandwidth_bytes_per_s * MEMORY_EFFICIENCY)
     return max(compute_s, memory_s) + (0.0 if op.kind in FUSED_KINDS else KERNEL_OVERHEAD_S)
