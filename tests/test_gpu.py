@@ -3,6 +3,7 @@ published measurements."""
 
 import dataclasses
 import json
+import re
 
 import pytest
 
@@ -337,6 +338,18 @@ def test_bad_sizes_are_one_clear_error(kw, says):
     args = {"context": 128, "users": 1, **kw}
     with pytest.raises(OpenLPUError, match=says):
         G.gpu_timing(load_preset("gemma-3-270m"), load_gpu("h100-sxm"), "bf16", **args)
+
+
+@pytest.mark.parametrize("model, precision, gpus, says", [
+    ("llama-3.1-8b", "fp8", 0, "the GPU count must be a positive integer"),
+    ("llama-3.1-405b", "bf16", 1, "1 x h100-sxm cannot hold llama-3.1-405b's 811.7 GB of bf16 weights; it needs at "
+                                  "least 16 GPUs"),
+    ("llama-3.1-8b", "fp8", 12, "12 h100-sxm GPUs do not fill whole servers of 8"),
+])
+def test_an_offline_batch_on_gpus_that_cannot_run_it_is_one_clear_error(model, precision, gpus, says):
+    with pytest.raises(OpenLPUError, match=re.escape(says)):
+        G.offline_run_s(load_preset(model), load_gpu("h100-sxm"), precision, gpus, batch=8, input_tokens=128,
+                        output_tokens=128)
 
 
 def test_published_dgx_h100_llama2_70b_batch1_latency():

@@ -424,7 +424,7 @@ def offline_steps_s(spec: ModelSpec, gpu: GpuSpec, precision: str, gpus: int, ba
     """(prefill of `batch` prompts, one decode step on the GPU alone, attending input + output/2 cached
     tokens on average) of offline_run_s's static batch, in micro-batches through a pipeline's stages."""
     _check_sizes(input_tokens=input_tokens, batch=batch, output_tokens=output_tokens)
-    tp, stages = layout(spec, gpus, gpu)
+    tp, stages = layout(spec, _checked_count(spec, gpu, precision, gpus), gpu)
     count, each = micro_batches(batch, stages)
     kv_format = serving_precision(precision)
     prefill = lower(spec, "prefill", seq_len=input_tokens, batch=each, precision=precision, kv_precision=kv_format)
