@@ -75,6 +75,8 @@ def models():
         table.add_row(name, s.family, str(s.n_layers), str(s.d_model),
                       f"{s.n_experts_per_token}/{s.n_experts}" if s.is_moe else "-",
                       f"{s.param_count() / 1e9:.3f}", f"{s.active_param_count() / 1e9:.3f}")
+    table.caption = ("active: what one token's pass uses (its top-k experts), the embedding table counted whole, as "
+                     "Mistral's 12.9B for Mixtral counts it (OpenAI's 5.1B for gpt-oss-120b leaves it out)")
     console.print(table)
 
 

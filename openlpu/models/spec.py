@@ -302,7 +302,8 @@ class ModelSpec:
         return sum(math.prod(s) for s in self.tensor_shapes().values())
 
     def active_param_count(self) -> int:
-        """Parameters touched per token: MoE models use only top-k experts."""
+        """Parameters one token's pass uses: MoE models use only top-k experts. The embedding table counts whole,
+        as Mistral's 12.9B for Mixtral 8x7B counts it (OpenAI's 5.1B for gpt-oss-120b leaves it out)."""
         if not self.is_moe:
             return self.param_count()
         idle = self.n_experts - self.n_experts_per_token
