@@ -34,6 +34,7 @@ DENSE_FROM_ROWS = 32  # int8 with at least this many rows: dequantize, then one 
 # torch._weight_int8pack_mm reads inputs 16 at a time: other widths give garbage or crash (torch 2.13,
 # CPU), so those matrices are dequantized for each call instead
 INT8PACK_MULTIPLE = 16
+INT4PACK_ROWS_MULTIPLE = 16  # torch's int4 kernel packs output rows 16 at a time (torch 2.13, CPU)
 PACK_CHUNK_ROWS = 16384  # quantize big matrices (the 262k-row embedding) in bounded pieces
 
 VNNI_SOURCE = Path(__file__).with_name("vnni_kernels.cpp")
@@ -190,6 +191,9 @@ class Linear:
         if fmt == "codes" and not (isinstance(weight, GroupCodes) and k % VNNI_INT4_MULTIPLE == 0
                                    and vnni_kernels()):
             fmt = "int8"  # codes run only on the VNNI kernels
+        if fmt == "int4" and not (k % VNNI_INT4_MULTIPLE == 0 and vnni_kernels()) \
+                and weight.shape[0] % INT4PACK_ROWS_MULTIPLE:
+            fmt = "int8"  # torch's int4 kernel needs whole packs of rows (a vocabulary of 32,001 tokens has not)
         if isinstance(weight, GroupCodes) and fmt != "codes":
             weight = weight.dequantize()
         multiple = {"int8": VNNI_INT8_MULTIPLE, "int4": VNNI_INT4_MULTIPLE, "codes": VNNI_INT4_MULTIPLE}.get(fmt)
