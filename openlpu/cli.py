@@ -474,19 +474,18 @@ def run(
     err.print(f"[dim]compiled for {escape(lpu.name)}: {program.chips} chips, "
               f"{counted(len(program.placement.stages), 'stage')} x TP {program.placement.tp}; verified[/]")
 
-    out = Console(highlight=False)
     if mode == "fused":
         engine = Engine(load_executor(program, model_path, "fused", precision, max_positions=context, spec=spec),
                         tokenizer, 1, context)
         seq = engine.new_sequence(ids, params)
         while not seq.finished:
             for event in engine.step([seq]):
-                out.print(event.text, end="", markup=False, soft_wrap=True)
+                _emit(event.text)
         t_start, t_first, t_end, n_out = seq.t_start, seq.t_first_token, seq.t_end, len(seq.output_ids)
         finish = seq.finish_reason
     else:
-        t_start, t_first, t_end, n_out, finish = _run_sharded(program, tokenizer, model_path, ids, max_tokens, out)
-    out.print()
+        t_start, t_first, t_end, n_out, finish = _run_sharded(program, tokenizer, model_path, ids, max_tokens)
+    _emit("\n")
 
     sim, gpu_t = timing(program), gpu_timing(spec, gpu, "int8", workload.context_length,
                                             prompt_tokens=len(ids))
@@ -505,7 +504,14 @@ def run(
     err.print(f"[dim]peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB[/]")
 
 
-def _run_sharded(program, tokenizer, model_path, ids, max_tokens, out):
+def _emit(text: str) -> None:
+    """Generated text to stdout as the model wrote it (a rich Console would expand its tabs, drop its control
+    characters and turn ':smile:' into an emoji), at once."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _run_sharded(program, tokenizer, model_path, ids, max_tokens):
     """Greedy text from the Program executed chip by chip (shards and explicit transfers)."""
     import time
 
@@ -526,9 +532,9 @@ def _run_sharded(program, tokenizer, model_path, ids, max_tokens, out):
         if token in tokenizer.eos_ids:
             finish = "stop"
             break
-        out.print(stream.push(token), end="", markup=False, soft_wrap=True)
+        _emit(stream.push(token))
         feed = [token]
-    out.print(stream.flush(), end="", markup=False, soft_wrap=True)
+    _emit(stream.flush())
     return t_start, t_first, time.perf_counter(), len(outputs), finish
 
 

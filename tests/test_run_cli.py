@@ -52,6 +52,8 @@ def test_system_and_gpu_names_are_printed_as_written(tmp_path, gemma_path):
     (["run", "hi", "--stop", "a", "--stop", "b", "--stop", "c", "--stop", "d", "--stop", "e"],
      "stop"),
     (["run", "hi", "--model", "/nonexistent/model.gguf"], "not found"),
+    # a byte that is not UTF-8 on the command line reaches Python as a lone surrogate
+    (["run", "caf\udce9 au lait"], "the text holds '\\udce9' at character 3, which is no Unicode character"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message):
     result = openlpu(*args)
@@ -68,3 +70,17 @@ def test_corrupt_model_and_prompt_past_context(tmp_path, gemma_path):
     result = openlpu("run", "word " * 9000, "--model", str(gemma_path))
     assert result.returncode == 2 and "context length" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_generated_text_reaches_stdout_as_the_model_wrote_it(gemma_path):
+    """Tabs, control characters and ':smile:' in generated text are printed as the engine gives them (a rich
+    Console expanded the tabs of generated Go code to spaces)."""
+    from openlpu.runtime.engine import Engine
+    from openlpu.runtime.sampling import SamplingParams
+
+    prompt = 'package main\n\nimport "fmt"\n\nfunc main() {\n\tfmt.Println("one")\n\tfmt.Println("two")\n'
+    result = openlpu("run", prompt, "--max-tokens", "16", "--model", str(gemma_path))
+    assert result.returncode == 0, result.stderr
+    engine = Engine.load(str(gemma_path), max_batch=1, context_length=256)
+    text = "".join(e.text for e in engine.generate(prompt, SamplingParams(max_tokens=16, temperature=0)))
+    assert "\t" in text and result.stdout == text + "\n"

@@ -191,6 +191,12 @@ class Tokenizer:
         parse_special: control tokens written in the text (e.g. "<start_of_turn>" from a chat
         template) become their ids, as llama.cpp does with parse_special=true.
         """
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate: Python's stand-in for a byte that is not UTF-8
+            raise OpenLPUError(f"the text holds {text[e.start:e.end]!r} at character {e.start}, which is no Unicode "
+                               f"character (a byte that is not UTF-8, as a command line in another encoding "
+                               f"gives); give UTF-8 text") from None
         if add_bos is None:
             add_bos = self.facts.add_bos
         ids = [self.bos_id] if add_bos and self.bos_id is not None else []
