@@ -6,7 +6,7 @@ import json
 import pytest
 
 from openlpu.errors import OpenLPUError
-from openlpu.serve.chat_format import gemma_segments, prompt_ids
+from openlpu.serve.chat_format import gemma_segments, prompt_ids, render_template
 from openlpu.serve.errors import APIError
 from openlpu.serve.ratelimit import KeyLimits, RateLimiter, format_duration, load_keys_file
 from openlpu.serve.schemas import parse_chat_request
@@ -188,8 +188,19 @@ GEMMA_AS_TEMPLATE = (
     "{% for m in messages if m['role'] != 'system' %}"
     "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
     "{% if loop.first and messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n{% endif %}"
-    "{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+    "{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def test_a_template_gets_what_transformers_gives_it():
+    """Loop controls, a tojson keeping key order and HTML as written, and strftime_now, as transformers' chat
+    template environment has them (a template using {% continue %} refused every request)."""
+    import datetime
+
+    template = ("{% for m in messages %}{% if m['role'] == 'system' %}{% continue %}{% endif %}{{ m | tojson }}"
+                "{% endfor %}{{ strftime_now('%Y') }}")
+    rendered = render_template(template, [("system", "x"), ("user", "<b>&</b> é")], "<bos>", "<eos>")
+    assert rendered == '{"role": "user", "content": "<b>&</b> é"}' + str(datetime.date.today().year)
 
 
 def test_a_models_own_template_wins_and_agrees_with_the_built_in_format(tokenizer):
@@ -197,9 +208,10 @@ def test_a_models_own_template_wins_and_agrees_with_the_built_in_format(tokenize
 
     proto = tokenizer._sp.serialized_model_proto()
     templated = Tokenizer(proto, dataclasses.replace(tokenizer.facts, chat_template=GEMMA_AS_TEMPLATE))
-    conversation = [("developer", "Answer in French."), ("user", "Hello"), ("assistant", "Bonjour"),
-                    ("user", "How are you?")]
+    conversation = [("developer", "Answer in French."), ("user", "Hello\n"), ("assistant", " Bonjour"),
+                    ("user", "  How are you?\n")]
     assert prompt_ids(templated, conversation) == prompt_ids(tokenizer, conversation)
+    assert prompt_ids(tokenizer, conversation) == prompt_ids(tokenizer, [(r, t.strip()) for r, t in conversation])
     with pytest.raises(APIError) as e:  # the template refuses: 422 with its message
         prompt_ids(templated, [("user", "a"), ("system", "late system message")])
     assert e.value.status == 422 and "fold me" in e.value.message

@@ -4,7 +4,9 @@ A model whose file carries a chat template (tokenizer.chat_template, Jinja) is r
 as Hugging Face transformers and llama.cpp do. The embedded Gemma 3 270M base GGUF has none, so
 it gets Gemma's turn format (Gemma formatting docs, ai.google.dev/gemma/docs/core/prompt-structure):
   <start_of_turn>user\n{text}<end_of_turn>\n ... <start_of_turn>model\n
-Gemma has no system role: a system (or developer) message is folded into the next user turn.
+Gemma has no system role: a system (or developer) message is folded into the next user turn. User and
+model turns are trimmed of surrounding whitespace, as Gemma 3's own template trims them ("Hello\n" is
+"Hello"); system text is not.
 In that format only the turn markers are parsed as special tokens; message text never is, so a
 user cannot forge a turn by typing "<start_of_turn>".
 """
@@ -25,6 +27,7 @@ def gemma_segments(messages: list[tuple[str, str]]) -> list[tuple[str, bool]]:
         if role in SYSTEM_ROLES:
             pending_system.append(text)
             continue
+        text = text.strip()
         if role == "user" and pending_system:
             text = "\n\n".join(pending_system + [text])
             pending_system = []
@@ -38,14 +41,24 @@ def gemma_segments(messages: list[tuple[str, str]]) -> list[tuple[str, bool]]:
 
 def render_template(template: str, messages: list[tuple[str, str]], bos_token: str, eos_token: str) -> str:
     """A model's own Jinja chat template, rendered the way transformers does (sandboxed)."""
+    import json
+    from datetime import datetime
+
     from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
         raise TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    # what transformers gives a template beyond Jinja's own: {% break %} and {% continue %}, a tojson that keeps
+    # the keys' order and escapes no HTML, and the date (Llama 3.1's template writes it)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
     msgs = [{"role": "system" if r in SYSTEM_ROLES else r, "content": t} for r, t in messages]
     try:
         return env.from_string(template).render(messages=msgs, add_generation_prompt=True,
