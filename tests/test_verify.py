@@ -726,7 +726,47 @@ def test_an_op_faster_than_its_unit_and_sram_allow(program):
     i = next(k for k, o in enumerate(ops) if o.unit == "matrix" and o.end_cycle - o.start_cycle > 1)
     ops[i] = dataclasses.replace(ops[i], end_cycle=ops[i].start_cycle + 1)
     found = verify(_with_decode(program, ops=ops))
-    assert [v.invariant for v in found] == ["unit_overlap"] and "on its matrix unit at the most" in found[0].message
+    assert {v.invariant for v in found} == {"unit_overlap"}
+    assert any(v.message.endswith("on its matrix unit at the most") for v in found)
+
+
+def _install_bound(program, op):
+    """Cycles the op's recorded work takes at its unit's fastest rate and the SRAM's bandwidth, the most a chip
+    can run it in but for installing its weights."""
+    chip = program.system.chip
+    rate = chip.matrix_macs_per_cycle[max(chip.matrix_macs_per_cycle, key=chip.matrix_macs_per_cycle.get)] * 2
+    return max(1, math.ceil(max(op.flops_per_chip / rate, op.sram_bytes_per_chip / chip.sram_bytes_per_cycle)))
+
+
+def test_a_matrix_op_faster_than_its_weights_install(program):
+    """Decode is bound by installing weights into the matrix unit, not by its operations or the SRAM's bandwidth:
+    every matrix op cut to the cycles its recorded operations and SRAM bytes take (so _unit_overlap's bound
+    holds) is caught by the cycles its chips need to install the model's weights at the chip's rate."""
+    ops = [dataclasses.replace(o, end_cycle=o.start_cycle + _install_bound(program, o)) if o.unit == "matrix" else o
+           for o in program.decode.ops]
+    found = verify(_with_decode(program, ops=ops))
+    assert found and {v.invariant for v in found} == {"unit_overlap"}
+    spec, install_rate = program.spec, program.system.chip.matrix_install_bytes_per_cycle
+    q_bytes = spec.d_model * spec.n_heads * spec.head_dim  # int8: one byte a weight
+    q = next(o for o in ops if o.name == "blk.0.attn_q")
+    chip_cycles = (q.end_cycle - q.start_cycle) * len(program.placement.stages[q.stage].chips)
+    assert (f"decode: blk.0.attn_q records {chip_cycles} install cycles over its parts' chips; the model's blk.0.attn_q "
+            f"takes {q_bytes / install_rate:,.0f} at the least") in [v.message for v in found]
+
+
+@pytest.mark.parametrize("phase", ["decode", "prefill"])
+def test_an_op_recording_less_work_than_the_models(program, phase):
+    """An op's recorded work bounds its cycles, so it is itself bounded by the model's: the operations and SRAM
+    bytes of the graph's op, over its parts and their chips. One op's record cut to a hundredth is caught."""
+    ops = list(getattr(program, phase).ops)
+    i = next(k for k, o in enumerate(ops) if o.name.endswith("blk.2.ffn_up"))
+    ops[i] = dataclasses.replace(ops[i], flops_per_chip=ops[i].flops_per_chip / 100,
+                                 sram_bytes_per_chip=ops[i].sram_bytes_per_chip / 100)
+    tampered = dataclasses.replace(program, **{phase: dataclasses.replace(getattr(program, phase), ops=tuple(ops))})
+    found = verify(tampered)
+    assert [(v.invariant, v.message.split(" records ")[0]) for v in found] == [("structure", f"{phase}: {ops[i].name}")] * 2
+    assert "operations over its parts' chips; the model's blk.2.ffn_up takes" in found[0].message
+    assert "SRAM bytes over its parts' chips" in found[1].message
 
 
 def test_a_transfer_reading_itself_is_reported_not_recursed(program):
@@ -734,3 +774,15 @@ def test_a_transfer_reading_itself_is_reported_not_recursed(program):
     transfers[0] = dataclasses.replace(transfers[0], inputs=(transfers[0].name,))
     found = verify(_with_decode(program, transfers=transfers))
     assert any(f"{transfers[0].name} starts at cycle" in v.message for v in found)
+
+
+def test_a_decode_step_claiming_more_users_than_its_ops_work_for():
+    """Throughput is read off the users a decode step carries, so its ops must do their work: a micro-batch of 2
+    of 4 users relabelled as all 4, its ops unchanged, is caught by the model's work for 4 rows."""
+    program = compile_program(load_preset("gemma-3-270m"), SYSTEM,
+                              Workload(context_length=2048, prompt_len=200, prefill_chunk=128, users=4), chips=8)
+    assert program.decode.tokens == 2 and verify(program) == []
+    claimed = dataclasses.replace(program, decode=dataclasses.replace(program.decode, tokens=4))
+    found = verify(claimed)
+    assert found and {v.invariant for v in found} == {"structure"}
+    assert any(v.message.startswith("decode: blk.0.ffn_up records ") and " operations over" in v.message for v in found)

@@ -11,8 +11,11 @@ never the compiler.
    micro-batch of 1 to all of the users in flight; no size is negative; a phase's makespan is when its last
    op or transfer ends (timing reads latency off it); the phase computes the model: every op of the graph
    lowered from the spec runs, whole or by each part of a cut piece, reading what the graph says it reads
-   (through transfers and the ops combining parts), and no other op runs;
-1. no functional unit runs two ops at once;
+   (through transfers and the ops combining parts), and no other op runs; each op records, over its parts and
+   their chips, at least the work of the graph's op for the users its step carries;
+1. no functional unit runs two ops at once, nor an op in fewer cycles than its recorded work takes at the
+   unit's and the SRAM's rates, or than its chips take to install its weights (or the keys and values its
+   queries stream through) at the matrix unit's install rate;
 2. nothing starts before its inputs are on its chips (ops and transfers, and each phase of a transfer
    after the phase before it): a transfer sends from chips that hold its inputs to the stage whose ops
    take it, and reaches every chip of that stage;
@@ -53,6 +56,7 @@ from openlpu.compiler.partition import (
     merged_pieces,
     op_suffix,
     piece_homes,
+    prefill_chunks,
     split_rule,
     suffix_role,
     tensor_piece,
@@ -618,6 +622,51 @@ def _graph(program: Program, phase: PhaseSchedule) -> list[Violation]:
 COMBINING = frozenset(CHAINED.values())  # the last part of a combining op's name ('blk.3.ffn_sum@2')
 
 
+def _work(program: Program, phase: PhaseSchedule) -> list[Violation]:
+    """No op records less work than the model's op it runs. Over its parts, each counted on every chip of its
+    TP group, it has at least the graph's operations and SRAM bytes (its weights and the keys and values it
+    reads), and at least the cycles its chips take to install its weights (a matrix op) or the keys and values
+    its queries stream through (attention) at the chip's install rate: the weight-stationary matrix unit's
+    bound, which sets a decode step's time. A decode step's graph is lowered for the users its micro-batch
+    carries (so it cannot claim more than its ops work for), a prompt chunk's with no tokens before it (those
+    only add keys to read)."""
+    spec, w, chip = program.spec, program.workload, program.system.chip
+    if phase.phase == "decode":
+        rows = phase.tokens if 1 <= phase.tokens <= w.users else 1  # one outside that: reported by _structure
+        graphs = {"": lower(spec, "decode", w.attended_context, rows, w.weights, kv_precision=w.kv,
+                            act_precision=w.activations, queries=w.draft_tokens + 1)}
+    else:
+        lengths = {chunk_name(c, ""): length for c, (_, length) in enumerate(prefill_chunks(w))}
+        lowered = {length: lower(spec, "prefill", length, 1, w.weights, kv_precision=w.kv,
+                                 act_precision=w.activations) for length in set(lengths.values())}
+        graphs = {prefix: lowered[length] for prefix, length in lengths.items()}
+    graphs = {prefix: {op.name: op for op in graph} for prefix, graph in graphs.items()}
+    widths = {s.index: len(s.chips) for s in program.placement.stages}
+    recorded = defaultdict(lambda: [0.0, 0.0, 0])  # prefixed graph op -> operations, SRAM bytes, install cycles
+    for op in phase.ops:
+        prefix, base = _graph_name(op.name)
+        if base not in graphs.get(prefix, ()) or op.stage not in widths:
+            continue  # a combining op, or one _graph or _structure reports
+        t, sums = widths[op.stage], recorded[prefix + base]
+        sums[0] += op.flops_per_chip * t
+        sums[1] += op.sram_bytes_per_chip * t
+        sums[2] += (op.end_cycle - op.start_cycle) * t
+    out = []
+    for name, (flops, sram_bytes, cycles) in recorded.items():
+        prefix, base = _graph_name(name)
+        g = graphs[prefix][base]
+        installed = (g.weight_bytes if g.unit == "matrix" and g.weight
+                     else g.kv_read_bytes if g.kind == "attention" else 0)
+        least = {"operations": (flops, g.flops), "SRAM bytes": (sram_bytes, g.weight_bytes + g.kv_read_bytes),
+                 "install cycles": (cycles, installed / chip.matrix_install_bytes_per_cycle)}
+        for what, (got, want) in least.items():
+            if got < want * (1 - RATE_TOLERANCE):
+                out.append(Violation("structure" if what != "install cycles" else "unit_overlap",
+                                     f"{phase.phase}: {name} records {got:,.0f} {what} over its parts' chips; the "
+                                     f"model's {base} takes {want:,.0f} at the least"))
+    return out
+
+
 def _graph_name(name: str) -> tuple[str, str]:
     """'c1/blk.3.ffn_gate@2' -> ('c1/', 'blk.3.ffn_gate'): an op's prompt chunk prefix and the graph op it runs."""
     prefix, sep, rest = name.partition("/")
@@ -811,7 +860,8 @@ def verify(program: Program) -> list[Violation]:
     link_figures = {}  # the phases load mostly the same links
     for phase in (program.decode, program.prefill):
         out += (_makespan(phase) + _graph(program, phase) + _ops_on_their_pieces(program, phase)
-                + _unit_overlap(program, phase) + _inputs_ready(program, phase) + _partials_reduced(program, phase)
+                + _work(program, phase) + _unit_overlap(program, phase) + _inputs_ready(program, phase)
+                + _partials_reduced(program, phase)
                 + _sram(program, phase) + _payload_carried(phase) + _links(program, phase, link_figures))
     return out
 
