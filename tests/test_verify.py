@@ -764,7 +764,8 @@ def test_an_op_recording_less_work_than_the_models(program, phase):
                                  sram_bytes_per_chip=ops[i].sram_bytes_per_chip / 100)
     tampered = dataclasses.replace(program, **{phase: dataclasses.replace(getattr(program, phase), ops=tuple(ops))})
     found = verify(tampered)
-    assert [(v.invariant, v.message.split(" records ")[0]) for v in found] == [("structure", f"{phase}: {ops[i].name}")] * 2
+    said = [(v.invariant, v.message.split(" records ")[0]) for v in found]
+    assert said == [("structure", f"{phase}: {ops[i].name}")] * 2
     assert "operations over its parts' chips; the model's blk.2.ffn_up takes" in found[0].message
     assert "SRAM bytes over its parts' chips" in found[1].message
 
