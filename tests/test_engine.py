@@ -44,10 +44,12 @@ def test_top_k_one_and_tiny_top_p_are_greedy(engine):
 
 def test_extreme_sampling_values_still_draw_a_token():
     """A temperature near 0 overflowed the scaled logits, and a top_p below float32's smallest masked the top
-    token: both raised inside a batched step. They now tend to greedy, as top_p 0 is by definition."""
+    token: both raised inside a batched step; one that float32 holds as 0 (1e-50) divided the logits into NaN.
+    They now tend to greedy, as top_p 0 is by definition."""
     logits = torch.randn(262_144, generator=torch.Generator().manual_seed(0)) * 30
     g = torch.Generator().manual_seed(1)
-    for params in (dict(temperature=1e-45), dict(top_p=1e-300), dict(top_p=0), dict(temperature=2.0, top_p=0)):
+    for params in (dict(temperature=1e-45), dict(temperature=1e-50), dict(temperature=1e-300), dict(top_p=1e-300),
+                   dict(top_p=0), dict(temperature=2.0, top_p=0)):
         assert sample(logits, SamplingParams(**params), g) == int(logits.argmax()), params
 
 

@@ -237,7 +237,8 @@ def test_sdk_nulls_and_extreme_sampling_values_are_served(client, model):
     smallest tends to greedy (they had raised inside the batched step, failing every stream in it)."""
     greedy = client.chat.completions.create(model=model, messages=ask("hi"), max_completion_tokens=SHORT,
                                             temperature=0).choices[0].message.content
-    for sampling in (dict(temperature=1e-45), dict(top_p=1e-300, seed=1), dict(top_p=0, seed=2)):
+    for sampling in (dict(temperature=1e-45), dict(temperature=1e-50), dict(top_p=1e-300, seed=1),
+                     dict(top_p=0, seed=2)):
         r = client.chat.completions.create(model=model, messages=ask("hi"), max_completion_tokens=SHORT, **sampling)
         assert r.choices[0].message.content == greedy, sampling
     r = client.chat.completions.create(model=model, messages=ask("hi"), max_completion_tokens=2, temperature=None,

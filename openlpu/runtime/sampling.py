@@ -5,7 +5,8 @@ top-k, then top-p (nucleus), then a draw from the renormalised distribution with
 own torch.Generator (so a seed reproduces a request whatever else the engine runs).
 Temperature 0 means greedy (argmax), whatever the other settings; top-p 0 keeps the top token only. The
 logits are shifted so their largest is 0 before the temperature divides them, so a temperature near 0 tends
-to greedy rather than overflowing.
+to greedy rather than overflowing; one below float32's smallest normal number (which divides in float32 as 0
+or next to it) is greedy.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from openlpu.errors import OpenLPUError
 
 MAX_TEMPERATURE = 2.0  # GroqCloud's documented range is 0..2
 MAX_STOP_STRINGS = 4  # GroqCloud / OpenAI accept up to 4 stop sequences
+GREEDY_BELOW_TEMPERATURE = torch.finfo(torch.float32).tiny
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
