@@ -97,9 +97,7 @@ def serve(
                                     "are in x_openlpu)"),
 ):
     """A GroqCloud-compatible API (/openai/v1/...) and a chat playground at /."""
-    import uvicorn
-
-    from openlpu.serve.app import ServeSettings, create_app
+    from openlpu.serve.app import ServeSettings, create_app, uvicorn_server
     from openlpu.serve.lpu import program_hook
     from openlpu.serve.ratelimit import KeyLimits, load_keys_file
 
@@ -119,7 +117,7 @@ def serve(
               "[bold yellow]no API keys: the server is open to anyone who can reach it[/]")
     console.print(f"serving [bold]{escape(engine.model_name)}[/] at http://{host}:{port}  ({access})\n"
                   f"  API: http://{host}:{port}/openai/v1   playground: http://{host}:{port}/")
-    uvicorn.run(create_app(engine, settings), host=host, port=port, log_level="warning")
+    uvicorn_server(create_app(engine, settings), host=host, port=port).run()
 
 
 @app.command()

@@ -340,3 +340,50 @@ def test_rate_limit_429_and_the_sdk_waits_for_retry_after(app, base_url, model):
     assert done.choices[0].message.content is not None
     assert metric(base_url, "openlpu_requests_total", 'status="429"') - refused_before >= 1
     assert time.monotonic() - t0 >= 1.0
+
+
+def test_a_stop_signal_ends_the_requests_in_flight_with_a_503():
+    """SIGTERM (a supervisor stopping `openlpu serve`) ends a long stream with an error event and a waiting request
+    with a 503, and the server exits; it waited for every stream to run its thousands of tokens to the end."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import threading
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "openlpu.cli", "serve", "--port", str(port), "--max-batch", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                model = httpx.get(url + "/health").json()["model"]
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        body = {"model": model, "messages": ask("Count to ten thousand."), "max_tokens": 6000, "temperature": 0}
+        waiting = {}
+        with httpx.stream("POST", url + "/openai/v1/chat/completions", json={**body, "stream": True},
+                          timeout=60) as stream:
+            lines = stream.iter_lines()
+            while not (line := next(lines)).startswith("data: {") or not json.loads(line[6:])["choices"][0][
+                    "delta"].get("content"):
+                pass  # until the first token has streamed
+            queued = threading.Thread(target=lambda: waiting.update(
+                response=httpx.post(url + "/openai/v1/chat/completions", json=body, timeout=60)))
+            queued.start()
+            time.sleep(1)
+            server.send_signal(signal.SIGTERM)
+            rest = list(lines)
+        queued.join(timeout=60)
+        # uvicorn raises the signal again once it has shut down, so the process ends as SIGTERM ends it
+        assert server.wait(timeout=30) == -signal.SIGTERM, server.stderr.read()
+    finally:
+        server.kill()
+    errors = [json.loads(line[6:])["error"] for line in rest if line.startswith("data: {") and '"error"' in line]
+    assert [e["message"] for e in errors] == ["The server is shutting down."]
+    assert waiting["response"].status_code == 503
+    assert waiting["response"].json()["error"]["message"] == "The server is shutting down."

@@ -395,6 +395,24 @@ async def stream(s: Server, done: Completion, first, request: Request, settle):
         settle()
 
 
+GRACEFUL_SHUTDOWN_S = 10  # after a stop signal, what a response may still take to end before it is cut
+
+
+def uvicorn_server(app: FastAPI, **config):
+    """uvicorn's server for `app`, which on SIGINT or SIGTERM ends every request in flight or waiting with a 503
+    (a stream: an error event, then its end) rather than waiting for them: a stream may run for thousands of
+    tokens, and a second signal (or a supervisor's kill) would cut it without a word."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if (server := getattr(app.state, "server", None)) is not None:
+                server.scheduler.close()
+            super().handle_exit(sig, frame)
+
+    return Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, **config))
+
+
 @contextmanager
 def running_server(app: FastAPI, host: str = "127.0.0.1"):
     """Serve `app` with uvicorn on a background thread and a free port; yields the base URL.
@@ -402,11 +420,9 @@ def running_server(app: FastAPI, host: str = "127.0.0.1"):
     import socket
     import threading
 
-    import uvicorn
-
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind((host, 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn_server(app)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:

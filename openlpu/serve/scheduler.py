@@ -60,6 +60,10 @@ class QueueFull(Exception):
     pass
 
 
+def shutting_down() -> APIError:
+    return APIError(503, "The server is shutting down.", code="service_unavailable")
+
+
 class Scheduler:
     """Owns the engine loop thread. `max_queue` bounds the requests waiting beyond a full batch."""
 
@@ -78,10 +82,15 @@ class Scheduler:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def close(self) -> None:
+        """End every request, running or waiting, with a 503 after the engine's current step, and any submitted
+        later at once; returns without waiting (a signal handler calls it)."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
+
+    def stop(self) -> None:
+        self.close()
         self._thread.join(timeout=30)
 
     @property
@@ -95,6 +104,9 @@ class Scheduler:
     def submit(self, prompt_ids: list[int], params) -> Job:
         job = Job(prompt_ids, params, asyncio.get_running_loop())
         with self._cond:
+            if self._stopping:
+                job.deliver(JobEvent(error=shutting_down()))
+                return job
             if len(self._waiting) + len(self._active) >= self.max_batch + self.max_queue:
                 raise QueueFull()
             self._waiting.append(job)
@@ -123,8 +135,11 @@ class Scheduler:
             if self._active:
                 self._step()
         for job in list(self._active.values()):
-            self._finish(job, JobEvent(error=APIError(503, "The server is shutting down.",
-                                                      code="service_unavailable")))
+            self._finish(job, JobEvent(error=shutting_down()))
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for job in waiting:
+            job.deliver(JobEvent(error=shutting_down()))
 
     def _drop_cancelled(self) -> None:
         for job in [j for j in self._active.values() if j.cancelled]:
