@@ -174,6 +174,34 @@ def test_metrics_count_what_the_responses_report(base_url, client, model):
     assert health["status"] == "ok" and health["model"] == model
 
 
+def test_metrics_of_requests_that_never_finish(base_url, client, model):
+    """A client gone while sending its body is counted as 499, not a 500; a stream dropped midway adds no
+    inter-token time (it added 0 s, having no end to time), a finished one adds one."""
+    import socket
+
+    route = 'route="/openai/v1/chat/completions",status='
+    before = {status: metric(base_url, "openlpu_requests_total", route + f'"{status}"') for status in (499, 500)}
+    host, port = base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\nauthorization: Bearer " + KEY.encode()
+                  + b"\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"model\":")
+        time.sleep(0.5)
+    time.sleep(0.5)
+    after = {status: metric(base_url, "openlpu_requests_total", route + f'"{status}"') for status in (499, 500)}
+    assert (after[499] - before[499], after[500] - before[500]) == (1, 0)
+    timed = metric(base_url, "openlpu_inter_token_seconds_count")
+    stream = client.chat.completions.create(model=model, messages=ask("Tell a story."), max_completion_tokens=200,
+                                            stream=True)
+    for i, _ in enumerate(stream):
+        if i == 5:
+            stream.close()
+            break
+    time.sleep(0.5)
+    assert metric(base_url, "openlpu_inter_token_seconds_count") == timed
+    client.chat.completions.create(model=model, messages=ask("Hello"), max_completion_tokens=SHORT, temperature=0)
+    assert metric(base_url, "openlpu_inter_token_seconds_count") == timed + 1
+
+
 # ---- errors -----------------------------------------------------------------------------------
 def test_each_error_class_with_its_status(base_url, client, engine, model):
     cases = [

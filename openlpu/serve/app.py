@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import secrets
 import time
 import uuid
@@ -21,6 +22,7 @@ from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from openlpu.errors import OpenLPUError
 from openlpu.serve.chat_format import prompt_ids
@@ -37,6 +39,7 @@ DISCONNECT_POLL_S = 0.25  # how often a waiting request checks whether its clien
 # a stream whose first token takes longer than this starts anyway, a comment each as long again until it comes:
 # the SDKs read with a 60 s timeout and retry the whole request (a long prompt's prefill three times over)
 STREAM_STARTS_AFTER_S = 5.0
+LOG = logging.getLogger("openlpu.serve")
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for it; only the access log and metrics see it
 SEED_RANGE = 2**31  # seeds we pick when the client gives none (reported in x_groq.seed)
 
@@ -127,7 +130,10 @@ class GroqCloudHeaders:
 
         try:
             await self.app(scope, receive, send_with_headers)
+        except ClientDisconnect:  # gone while sending its body: nobody to answer
+            started["status"] = started["status"] or CLIENT_CLOSED_REQUEST
         except Exception as e:  # noqa: BLE001 - the server keeps serving
+            LOG.exception("request %s failed", state["request_id"])
             if started["status"] is None:
                 await server_error(f"Internal error: {type(e).__name__}: {e}").response()(
                     scope, receive, send_with_headers)

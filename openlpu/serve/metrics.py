@@ -47,7 +47,7 @@ class ServeMetrics:
             self.ttft.observe(job.first_token_s - job.enqueued_s)
             if job.finished_s is not None:
                 self.request_latency.observe(job.finished_s - job.enqueued_s)
-        if completion_tokens > 1:
+        if completion_tokens > 1 and job.finished_s is not None:  # a stream dropped midway has no end to time
             self.inter_token.observe(job.completion_time_s / (completion_tokens - 1))
 
     def render(self) -> bytes:
