@@ -87,11 +87,13 @@ def serve(
     model: str = typer.Option(None, "--model", help="GGUF file; default: the embedded Gemma 3 270M"),
     api_key: list[str] = typer.Option(None, "--api-key", help="accepted API key (repeatable)"),
     keys_file: str = typer.Option(None, "--keys-file",
-                                  help="text file, one `KEY [rpm=N] [tpm=N]` per line"),
+                                  help="text file, one `KEY [rpm=N] [tpm=N] [rpd=N]` per line"),
     max_batch: int = typer.Option(8, help="sequences decoded together (continuous batching)"),
     max_queue: int = typer.Option(64, help="requests waiting for a slot before new ones get 503"),
     rpm: int = typer.Option(1000, help="requests per minute per API key"),
     tpm: int = typer.Option(1_000_000, help="tokens per minute per API key"),
+    rpd: int = typer.Option(None, help="requests per day per API key, which the x-ratelimit-*-requests headers "
+                                       "report, as GroqCloud's do (default: a day of --rpm)"),
     system: str = typer.Option("lpu-v1", "--system",
                                help="LPU system the served Program is compiled for (its simulated figures "
                                     "are in x_openlpu)"),
@@ -103,6 +105,8 @@ def serve(
 
     if max_batch < 1 or max_queue < 0:
         raise OpenLPUError("--max-batch must be at least 1 and --max-queue at least 0")
+    if min(rpm, tpm, 1 if rpd is None else rpd) < 1:  # before the model loads
+        raise OpenLPUError(f"--rpm, --tpm and --rpd must be at least 1, got {rpm}, {tpm} and {rpd}")
     keys = {k: KeyLimits() for k in api_key or ()} | (load_keys_file(keys_file) if keys_file else {})
     from openlpu.runtime.engine import Engine
 
@@ -111,7 +115,7 @@ def serve(
     program = engine.program
     console.print(f"compiled for {escape(program.system.name)}: {program.chips} chips, verified; the server runs "
                   f"this Program (simulated figures in x_openlpu)")
-    settings = ServeSettings(api_keys=keys, requests_per_minute=rpm, tokens_per_minute=tpm,
+    settings = ServeSettings(api_keys=keys, requests_per_minute=rpm, tokens_per_minute=tpm, requests_per_day=rpd,
                              max_queue=max_queue, simulated_lpu=program_hook(program))
     access = (f"{counted(len(keys), 'API key')} accepted" if keys else
               "[bold yellow]no API keys: the server is open to anyone who can reach it[/]")

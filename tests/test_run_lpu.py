@@ -85,3 +85,16 @@ def test_serve_bad_system_is_one_line(gemma_path):
     result = openlpu("serve", "--model", str(gemma_path), "--system", "lpu-v9", "--port", "0")
     assert result.returncode == 2 and "lpu-v9" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--rpm", "0"], "--rpm, --tpm and --rpd must be at least 1, got 0, 1000000 and None"),
+    (["--rpd", "-1"], "--rpm, --tpm and --rpd must be at least 1, got 1000, 1000000 and -1"),
+    (["--max-batch", "0"], "--max-batch must be at least 1"),
+])
+def test_serve_bad_limits_are_one_line_before_the_model_loads(flags, says):
+    """A limit the rate limiter would refuse stopped the server only once it had loaded the model, with a
+    traceback from uvicorn's startup."""
+    result = openlpu("serve", "--port", "0", *flags)
+    assert result.returncode == 2 and says in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

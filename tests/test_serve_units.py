@@ -90,9 +90,10 @@ def test_refused_values_say_what_to_send():
 
 # ---- rate limits ------------------------------------------------------------------------------
 @pytest.mark.parametrize("seconds, text", [(0.391, "391ms"), (6.0, "6s"), (7.66, "7.66s"),
-                                           (179.56, "2m59.56s")])
+                                           (179.56, "2m59.56s"), (28800, "8h0m0s"), (3660.5, "1h1m0.5s")])
 def test_reset_durations_are_written_like_groqcloud(seconds, text):
-    # the examples GroqCloud's rate-limit documentation shows for x-ratelimit-reset-*
+    # the examples GroqCloud's rate-limit documentation shows for x-ratelimit-reset-*, and hours as Go writes
+    # durations (its format: time.Duration's String)
     assert format_duration(seconds) == text
 
 
@@ -108,18 +109,37 @@ def test_requests_per_minute_refill_and_retry_after():
     clock = Clock()
     limiter = RateLimiter(requests_per_minute=2, tokens_per_minute=10_000, clock=clock)
     limiter.take("k", 10, "m")
-    assert limiter.headers("k")["x-ratelimit-remaining-requests"] == "1"
-    # one request used of 2/min: it comes back after 60/2 = 30 s
-    assert limiter.headers("k")["x-ratelimit-reset-requests"] == "30s"
     limiter.take("k", 10, "m")
     with pytest.raises(APIError) as e:
         limiter.take("k", 10, "m")
     assert e.value.status == 429 and e.value.code == "rate_limit_exceeded" and e.value.type == "requests"
     assert "requests per minute (RPM): Limit 2, Used 2, Requested 1" in e.value.message
+    # one request of 2/min comes back after 60/2 = 30 s
     assert e.value.headers["retry-after"] == "30" and "try again in 30s" in e.value.message
     clock.now_s += 30.0
     limiter.take("k", 10, "m")  # one request refilled
     limiter.take("other", 10, "m")  # keys are metered separately
+
+
+def test_the_requests_headers_report_requests_per_day_as_groqcloud_does():
+    """GroqCloud's x-ratelimit-*-requests headers always report the requests per day (RPD), the tokens ones the
+    tokens per minute; a day's requests run out with a 429 on RPD. Without an RPD, a day of the RPM."""
+    clock = Clock()
+    limiter = RateLimiter(requests_per_minute=100, tokens_per_minute=10_000, clock=clock, requests_per_day=3)
+    limiter.take("k", 10, "m")
+    assert {h: v for h, v in limiter.headers("k").items() if h.endswith("-requests")} == {
+        "x-ratelimit-limit-requests": "3", "x-ratelimit-remaining-requests": "2",
+        "x-ratelimit-reset-requests": "8h0m0s"}  # a third of a day brings one request back
+    limiter.take("k", 10, "m")
+    limiter.take("k", 10, "m")
+    with pytest.raises(APIError) as e:
+        limiter.take("k", 10, "m")
+    assert e.value.status == 429 and e.value.type == "requests"
+    assert "requests per day (RPD): Limit 3, Used 3, Requested 1" in e.value.message
+    assert e.value.headers["retry-after"] == str(24 * 3600 // 3)  # a third of a day: one request back
+    unset = RateLimiter(requests_per_minute=100, tokens_per_minute=10_000, clock=clock)
+    assert unset.headers("k")["x-ratelimit-limit-requests"] == str(100 * 24 * 60)
+    assert unset.headers("k")["x-ratelimit-limit-tokens"] == "10000"
 
 
 def test_tokens_per_minute_and_oversized_request():
@@ -139,12 +159,14 @@ def test_tokens_per_minute_and_oversized_request():
 
 def test_per_key_limits_and_keys_file(tmp_path):
     path = tmp_path / "keys.txt"
-    path.write_text("# team keys\nalpha\n\nbeta rpm=1 tpm=500\n")
+    path.write_text("# team keys\nalpha\n\nbeta rpm=1 tpm=500\ngamma rpd=7\n")
     keys = load_keys_file(path)
-    assert keys == {"alpha": KeyLimits(), "beta": KeyLimits(1, 500)}
+    assert keys == {"alpha": KeyLimits(), "beta": KeyLimits(1, 500), "gamma": KeyLimits(requests_per_day=7)}
     limiter = RateLimiter(50, 5000, keys, clock=Clock())
-    assert limiter.headers("alpha")["x-ratelimit-limit-requests"] == "50"
+    assert limiter.headers("alpha")["x-ratelimit-limit-requests"] == str(50 * 24 * 60)
+    assert limiter.headers("beta")["x-ratelimit-limit-requests"] == str(1 * 24 * 60)  # a day of its own RPM
     assert limiter.headers("beta")["x-ratelimit-limit-tokens"] == "500"
+    assert limiter.headers("gamma")["x-ratelimit-limit-requests"] == "7"
     for bad in ("k rpm=0\n", "k speed=3\n", "# nothing\n"):
         path.write_text(bad)
         with pytest.raises(OpenLPUError):

@@ -53,6 +53,7 @@ class ServeSettings:
     api_keys: dict[str, KeyLimits] = field(default_factory=dict)  # empty: the server is open
     requests_per_minute: int = 1000
     tokens_per_minute: int = 1_000_000
+    requests_per_day: int | None = None  # None: a day of the requests per minute
     max_queue: int = 64  # requests waiting for a batch slot before new ones are refused
     max_body_bytes: int = 1 << 20
     queue_full_retry_after_s: int = 1
@@ -75,7 +76,8 @@ class Server:
         self.model_id = engine.model_name
         self.created = int(time.time())
         self.fingerprint = "fp_" + hashlib.sha256(f"openlpu|{self.model_id}".encode()).hexdigest()[:10]
-        self.limiter = RateLimiter(settings.requests_per_minute, settings.tokens_per_minute, settings.api_keys)
+        self.limiter = RateLimiter(settings.requests_per_minute, settings.tokens_per_minute, settings.api_keys,
+                                   requests_per_day=settings.requests_per_day)
         self.scheduler = Scheduler(engine, settings.max_queue)
         self.metrics = ServeMetrics(self.scheduler)
         self.scheduler.on_step = self.metrics.observe_step
