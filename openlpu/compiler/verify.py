@@ -557,6 +557,16 @@ def _shards_on_their_stages(program: Program) -> list[Violation]:
     return out
 
 
+@functools.lru_cache(maxsize=8)
+def _lowered(spec, workload, phase: str, tokens: int, rows: int) -> dict:
+    """The model's graph (graph.lower) for a decode step of `rows` users, each with its drafts, attending
+    `tokens` (the context), or a prompt chunk of `tokens` with none before it: op name -> op. _graph and _work
+    read the same ones."""
+    queries = workload.draft_tokens + 1 if phase == "decode" else 1
+    return {op.name: op for op in lower(spec, phase, tokens, rows, workload.weights, kv_precision=workload.kv,
+                                        act_precision=workload.activations, queries=queries)}
+
+
 def _graph(program: Program, phase: PhaseSchedule) -> list[Violation]:
     """The phase computes the model: each op is an op of its graph (graph.lower, from the Program's spec; in a
     prompt chunk, the chunk's graph), of its kind and on its unit, run whole or by each part of a cut piece, or
@@ -565,12 +575,10 @@ def _graph(program: Program, phase: PhaseSchedule) -> list[Violation]:
     combinations. A prompt chunk's attention may also wait on the chunk before's (whose KV it reads)."""
     spec, w, n = program.spec, program.workload, program.spec.n_layers
     if phase.phase == "decode":  # its ops are named and wired alike for any micro-batch
-        graph = lower(spec, "decode", w.attended_context, 1, w.weights, kv_precision=w.kv,
-                      act_precision=w.activations, queries=w.draft_tokens + 1)
+        graph = _lowered(spec, w, "decode", w.attended_context, 1).values()
         expected = {op.name for op in graph}
     else:  # every chunk's ops are named and wired alike, but for their prefix
-        graph = lower(spec, "prefill", min(w.chunk_tokens, w.prompt_len), 1, w.weights, kv_precision=w.kv,
-                      act_precision=w.activations)
+        graph = _lowered(spec, w, "prefill", min(w.chunk_tokens, w.prompt_len), 1).values()
         last = -(-w.prompt_len // w.chunk_tokens) - 1
         expected = {chunk_name(c, op.name) for c in range(last + 1) for op in graph
                     if c == last or _op_piece(op.name, n) != (n, "head")}
@@ -633,14 +641,10 @@ def _work(program: Program, phase: PhaseSchedule) -> list[Violation]:
     spec, w, chip = program.spec, program.workload, program.system.chip
     if phase.phase == "decode":
         rows = phase.tokens if 1 <= phase.tokens <= w.users else 1  # one outside that: reported by _structure
-        graphs = {"": lower(spec, "decode", w.attended_context, rows, w.weights, kv_precision=w.kv,
-                            act_precision=w.activations, queries=w.draft_tokens + 1)}
+        graphs = {"": _lowered(spec, w, "decode", w.attended_context, rows)}
     else:
-        lengths = {chunk_name(c, ""): length for c, (_, length) in enumerate(prefill_chunks(w))}
-        lowered = {length: lower(spec, "prefill", length, 1, w.weights, kv_precision=w.kv,
-                                 act_precision=w.activations) for length in set(lengths.values())}
-        graphs = {prefix: lowered[length] for prefix, length in lengths.items()}
-    graphs = {prefix: {op.name: op for op in graph} for prefix, graph in graphs.items()}
+        graphs = {chunk_name(c, ""): _lowered(spec, w, "prefill", length, 1)
+                  for c, (_, length) in enumerate(prefill_chunks(w))}
     widths = {s.index: len(s.chips) for s in program.placement.stages}
     recorded = defaultdict(lambda: [0.0, 0.0, 0])  # prefixed graph op -> operations, SRAM bytes, install cycles
     for op in phase.ops:
