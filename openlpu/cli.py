@@ -87,7 +87,7 @@ def serve(
     model: str = typer.Option(None, "--model", help="GGUF file; default: the embedded Gemma 3 270M"),
     api_key: list[str] = typer.Option(None, "--api-key", help="accepted API key (repeatable)"),
     keys_file: str = typer.Option(None, "--keys-file",
-                                  help="text file, one `KEY [rpm=N] [tpm=N] [rpd=N]` per line"),
+                                  help=escape("text file, one `KEY [rpm=N] [tpm=N] [rpd=N]` per line")),
     max_batch: int = typer.Option(8, help="sequences decoded together (continuous batching)"),
     max_queue: int = typer.Option(64, help="requests waiting for a slot before new ones get 503"),
     rpm: int = typer.Option(1000, help="requests per minute per API key"),
@@ -113,8 +113,8 @@ def serve(
     with console.status(f"compiling for {escape(str(system))} and loading the model"):
         engine = Engine.load(model_path=model, max_batch=max_batch, system=system)
     program = engine.program
-    console.print(f"compiled for {escape(program.system.name)}: {program.chips} chips, verified; the server runs "
-                  f"this Program (simulated figures in x_openlpu)")
+    console.print(f"compiled for {escape(program.system.name)}: {counted(program.chips, 'chip')}, verified; the "
+                  f"server runs this Program (simulated figures in x_openlpu)")
     settings = ServeSettings(api_keys=keys, requests_per_minute=rpm, tokens_per_minute=tpm, requests_per_day=rpd,
                              max_queue=max_queue, simulated_lpu=program_hook(program))
     access = (f"{counted(len(keys), 'API key')} accepted" if keys else
@@ -211,6 +211,7 @@ def plan(
         f"{acceptance:g}; the LPU runs the draft on chips of its own, a GPU between the target's steps.")
     kernels = f" GPU decode attention: {SOFTWARE[gpu_software].name}." if compare else ""
     several_chunks = bool(prefill_chunk) and len(set(prefill_chunk)) > 1  # a chunk given twice is one column
+    chunks_differ = len({r.prefill_chunk for r in rows if r.kind == "lpu"}) > 1  # given, or chosen per width
     sizes = [f"{c:,}" for c in dict.fromkeys(r.prefill_chunk for r in rows if r.kind == "lpu")]
     sizes = f"{', '.join(sizes[:-1])} or {sizes[-1]}" if len(sizes) > 1 else "".join(sizes)
     chosen = ("a column each" if several_chunks else "as given" if prefill_chunk
@@ -226,15 +227,11 @@ def plan(
               "every TP width, each on its fewest)."
               if system and chips is None and tp is None else "")
     idle = dict.fromkeys(_idle_note(r.chips_asked, r.chips_asked - r.chips_idle) for r in rows if r.chips_idle)
-    table = Table(title=f"{escape(spec.name)} at {formats}, {_users(users)} x {context:,} tokens of context",
-                  caption=f"tok/s: {_attending(context, decode_context)}.{speculating}{kernels} TTFT: "
-                          f"the prefill of a {prompt:,}-token prompt{waves}. $ per M tokens: capex over {a.years:g} "
-                          f"years plus power at ${a.usd_per_kwh:.2f}/kWh (PUE {a.pue:g}), serving "
-                          f"{a.utilisation:.0%} of the hours at the throughput shown.{widths}"
-                          f"{''.join(' ' + note for note in idle)}")
-    table.add_column("", no_wrap=True)
-    for r in rows:
-        table.add_column(f"{escape(r.system)} ({r.kind})", justify="right")
+    title = f"{escape(spec.name)} at {formats}, {_users(users)} x {context:,} tokens of context"
+    caption = (f"tok/s: {_attending(context, decode_context)}.{speculating}{kernels} TTFT: the prefill of a "
+               f"{prompt:,}-token prompt{waves}. $ per M tokens: capex over {a.years:g} years plus power at "
+               f"${a.usd_per_kwh:.2f}/kWh (PUE {a.pue:g}), serving {a.utilisation:.0%} of the hours at the "
+               f"throughput shown.{widths}{''.join(' ' + note for note in idle)}")
     figures = {
         "chips / GPUs": lambda r: f"{r.chips:,}",
         **({"idle of --chips": lambda r: f"{r.chips_idle:,} of {r.chips_asked:,}" if r.chips_asked else "-"}
@@ -246,7 +243,7 @@ def plan(
         "tok/s per user": lambda r: f"{r.tokens_per_s_per_user:,.0f}",
         "TTFT (ms)": lambda r: f"{r.ttft_s * 1e3:,.1f}",
         **({"prefill chunk": lambda r: f"{r.prefill_chunk:,}" if r.prefill_chunk else "-"}
-           if several_chunks else {}),
+           if chunks_differ else {}),
         "throughput (tok/s)": lambda r: f"{r.throughput_tokens_per_s:,.0f}",
         "power (kW)": lambda r: f"{r.power_w / 1e3:,.1f}",
         "energy (J/token)": lambda r: significant(r.energy_per_token_j),
@@ -254,11 +251,35 @@ def plan(
         "capex ($M)": lambda r: significant(r.capex_usd / 1e6),
         "$ per M tokens": lambda r: significant(r.usd_per_million_tokens),
     }
-    for label, cell in figures.items():
-        table.add_row(label, *(cell(r) for r in rows))
-    console.print(table)
+    _print_columns(title, caption, [f"{escape(r.system)} ({r.kind})" for r in rows],
+                   [(label, [cell(r) for r in rows]) for label, cell in figures.items()])
     if plot_file is not None:
         console.print(f"chart written to {escape(str(plot_file))}")
+
+
+def _print_columns(title: str, caption: str, headers: list[str], rows: list[tuple[str, list[str]]]) -> None:
+    """A table of labelled rows with a column per header, printed as several tables, each with the labels,
+    where one would be wider than the terminal: rich would cut its figures to fit ('1,0…' for 1,022)."""
+    def width(texts) -> int:  # a column's content, its padding and its border
+        return max(map(len, texts)) + 3
+
+    room = console.width - width([label for label, _ in rows]) - 1
+    parts, part, used = [], [], 0
+    for i, header in enumerate(headers):
+        need = width([*header.split(), *(cells[i] for _, cells in rows)])
+        if part and used + need > room:
+            parts, part, used = [*parts, part], [], 0
+        part, used = [*part, i], used + need
+    parts.append(part)
+    for k, part in enumerate(parts):
+        of = f" ({k + 1} of {len(parts)})" if len(parts) > 1 else ""
+        table = Table(title=title + of, caption=caption if k == len(parts) - 1 else None)
+        table.add_column("", no_wrap=True)
+        for i in part:
+            table.add_column(headers[i], justify="right")
+        for label, cells in rows:
+            table.add_row(label, *(cells[i] for i in part))
+        console.print(table)
 
 
 def _users(counts: tuple[int, ...]) -> str:
@@ -326,7 +347,7 @@ def compile_cmd(
         program = compile_program(spec, load_system(system), workload, chips, tp)
         digest = program.save(output)
         violations, t = verify(program), timing(program)
-    console.print(f"[bold]{escape(spec.name)}[/] on {escape(program.system.name)}: {t.chips:,} chips = "
+    console.print(f"[bold]{escape(spec.name)}[/] on {escape(program.system.name)}: {counted(t.chips, 'chip')} = "
                   f"{counted(t.stages, 'pipeline stage')} x TP {t.tp}; weights {precision}, activations "
                   f"{workload.activations}, KV cache {kv}; SRAM {t.sram_used_bytes / 1e9:.2f} GB "
                   f"({t.sram_used_fraction:.0%} of the chips used)")
@@ -373,7 +394,7 @@ def inspect_cmd(
     if broken := [v.message for v in violations if v.invariant == "structure"]:  # no figures can be read off it
         raise OpenLPUError(f"{program_file} does not hold together: {broken[0]}; recompile it with `openlpu compile`")
     t = timing(program)
-    table = Table(title=f"{escape(program.model)} on {escape(program.system.name)}: {t.chips} chips, "
+    table = Table(title=f"{escape(program.model)} on {escape(program.system.name)}: {counted(t.chips, 'chip')}, "
                         f"{counted(t.stages, 'stage')} x TP {t.tp} "
                         f"(SRAM per chip; busy = stage time per decode token)")
     for col in ("stage", "chips", "holds", "weights MB", "KV MB", "act MB", "busy us"):  # piped: 80 columns, folded
@@ -419,7 +440,8 @@ def run(
     top_k: int = typer.Option(0, "--top-k", help="sample among the k most likely (0 = off)"),
     seed: int = typer.Option(None, help="random seed for sampling"),
     stop: list[str] = typer.Option(None, "--stop", help="stop string (repeatable, up to 4)"),
-    precision: str = typer.Option("int4", help="host weights: float32 | bf16 | int8 | int4"),
+    precision: str = typer.Option("int4", help="host weights: float32 | bf16 | int8 | int4 | gguf (the file's own "
+                                               "4- and 5-bit codes, as int4 runs them, with an 8-bit head)"),
     threads: int = typer.Option(None, help="CPU threads (default: torch's)"),
     system: str = typer.Option("lpu-v1", "--system", help="LPU system the Program is compiled for"),
     mode: str = typer.Option("fused", "--mode", help="fused: the Program's blocks on merged shards, "
@@ -473,7 +495,7 @@ def run(
     program = compile_program(spec, lpu, workload)
     verify_or_raise(program)
     err = Console(stderr=True, highlight=False)
-    err.print(f"[dim]compiled for {escape(lpu.name)}: {program.chips} chips, "
+    err.print(f"[dim]compiled for {escape(lpu.name)}: {counted(program.chips, 'chip')}, "
               f"{counted(len(program.placement.stages), 'stage')} x TP {program.placement.tp}; verified[/]")
 
     if mode == "fused":
@@ -498,9 +520,9 @@ def run(
         table.add_column(col, justify="left" if col in ("", "what it is") else "right")
     host_weights = precision if mode == "fused" else "float32"
     table.add_row(f"this host ({mode}, {host_weights})", "measured", f"{t_first - t_start:.3f}", f"{host_tps:.1f}")
-    table.add_row(f"{escape(lpu.name)} x {sim.chips} chips", "simulated from the Program",
-                  f"{sim.ttft_s:.5f}", f"{sim.tokens_per_s_per_user:,.0f}")
-    table.add_row(f"{escape(gpu.name)} x {gpu_t.gpus}", "modelled (roofline)", f"{gpu_t.ttft_s:.5f}",
+    table.add_row(f"{escape(lpu.name)} x {counted(sim.chips, 'chip')}, {program.workload.weights}",
+                  "simulated from the Program", f"{sim.ttft_s:.5f}", f"{sim.tokens_per_s_per_user:,.0f}")
+    table.add_row(f"{escape(gpu.name)} x {gpu_t.gpus}, int8", "modelled (roofline)", f"{gpu_t.ttft_s:.5f}",
                   f"{gpu_t.tokens_per_s_per_user:,.0f}")
     err.print(table)
     err.print(f"[dim]peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB[/]")

@@ -768,6 +768,7 @@ def test_compile_keeps_the_kv_cache_plan_assumes(tmp_path):
         r = runner.invoke(app, ["compile", "gemma-3-270m", "-o", str(tmp_path / out), "--precision", "int4",
                                 "--context", "2048", *extra])
         assert r.exit_code == 0, r.output
+        assert "gemma-3-270m on lpu-v1: 1 chip = 1 pipeline stage x TP 1" in " ".join(r.output.split())
     default, kv4 = load_program(tmp_path / "default.prog"), load_program(tmp_path / "kv4.prog")
     assert (default.workload.kv, kv4.workload.kv) == ("int8", "int4")
     lpu = plan("gemma-3-270m", compare=(), precision="int4", context=2048)[0]

@@ -273,6 +273,26 @@ def test_several_user_counts_are_a_column_each():
         assert bad.returncode == 2 and says in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
+def test_a_table_wider_than_the_terminal_is_split_not_cut():
+    """At 80 columns `--tp all` on a 70B makes 8 columns: printed as tables of a few columns each, every one
+    with the figures' labels, rather than one whose figures rich cuts to fit ('1,0…' for 1,022); the prefill
+    chunk the compiler chose for each width has its row, as the chunks differ."""
+    import os
+
+    result = subprocess.run([sys.executable, "-m", "openlpu.cli", "plan", "llama-3.3-70b", "--tp", "all"],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "80"},
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "…" not in result.stdout and max(map(len, lines)) <= 80
+    assert "(1 of 2)" in result.stdout and "(2 of 2)" in result.stdout
+    rows = json.loads(run_cli("llama-3.3-70b", "--tp", "all", "--json").stdout)
+    tok_s = [cell for line in lines if line.startswith("│ tok/s per user") for cell in line.split("│")[2:-1]]
+    assert [c.strip() for c in tok_s] == [f"{r['tokens_per_s_per_user']:,.0f}" for r in rows]
+    chunks = [c.strip() for line in lines if line.startswith("│ prefill chunk") for c in line.split("│")[2:-1]]
+    assert chunks == [f"{r['prefill_chunk']:,}" if r["prefill_chunk"] else "-" for r in rows]
+
+
 def test_tp_all_is_every_width_that_places_the_model_each_on_its_fewest_chips():
     """--tp all: a row per TP width the model can be split over, narrowest first, each the row of that width
     alone (on its fewest chips); on chips too small for the narrow widths' attention, exactly the widths
