@@ -7,9 +7,11 @@ time, and the two runs of a round are back to back, so a round's ratio compares 
 same load (this machine's memory bandwidth is shared with other tenants and moves by tens of
 percent within minutes). Reported: each engine's median speeds and the median of the per-round
 ratios. Both decode greedily with an argmax over the full logits. OpenLPU runs as `openlpu serve`
-does: Engine.load compiles the model for lpu-v1 and executes the Program's fused blocks.
+does: Engine.load compiles the model for lpu-v1 and executes the Program's fused blocks, in each of the
+given precisions: by default int4 (the served one: the file's 4- and 5-bit codes and a 4-bit head) and gguf
+(the same codes with an 8-bit head, as llama.cpp reads the embedded file's Q8_0 head), each its own engine.
 
-    python bench/engine_vs_llamacpp.py [--model PATH] [--threads 2] [--precision int4] [--rounds 7]
+    python bench/engine_vs_llamacpp.py [--model PATH] [--threads 2] [--precision int4,gguf] [--rounds 7]
 
 Writes bench/results/engine_vs_llamacpp.{json,md}.
 """
@@ -101,6 +103,7 @@ def llamacpp_runner(model_path: str, threads: int, precision: str):
 
 
 RUNNERS = {"openlpu": openlpu_runner, "llama.cpp": llamacpp_runner}
+PEER = "llama.cpp"
 
 
 def worker(name: str, model_path: str, threads: int, precision: str) -> None:
@@ -112,6 +115,10 @@ def worker(name: str, model_path: str, threads: int, precision: str) -> None:
         from openlpu.runtime.kernels import vnni_kernels
 
         ready["cpu_kernels"] = "OpenLPU's VNNI kernels" if vnni_kernels() else "torch's weight-only kernels"
+    else:
+        from importlib.metadata import version
+
+        ready["version"] = f"llama-cpp-python {version('llama_cpp_python')}"
     print(json.dumps(ready), flush=True)
     for line in sys.stdin:
         prefill_s, decode_s, ids = once(json.loads(line), DECODE_TOKENS)
@@ -125,7 +132,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="GGUF file (default: the embedded model)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--precision", default="int4", help="OpenLPU weight precision")
+    parser.add_argument("--precision", default="int4,gguf", help="OpenLPU weight precisions, an engine each")
     parser.add_argument("--rounds", type=int, default=7, help="measured runs per engine, interleaved")
     parser.add_argument("--worker", choices=list(RUNNERS), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -138,13 +145,14 @@ def main() -> None:
 
     ids = prompt_ids(args.model)
     load_before = os.getloadavg()[0]
+    engines = {f"openlpu {p}": ("openlpu", p) for p in args.precision.split(",")} | {PEER: (PEER, "")}
     procs, ready = {}, {}
-    for name in RUNNERS:  # loaded one after the other, so loading never overlaps a measurement
-        procs[name] = subprocess.Popen([sys.executable, __file__, "--worker", name, "--model", args.model,
-                                        "--threads", str(args.threads), "--precision", args.precision],
+    for name, (runner, precision) in engines.items():  # loaded one after another: never during a measurement
+        procs[name] = subprocess.Popen([sys.executable, __file__, "--worker", runner, "--model", args.model,
+                                        "--threads", str(args.threads), "--precision", precision],
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         ready[name] = json.loads(procs[name].stdout.readline())
-    runs = {name: [] for name in RUNNERS}
+    runs = {name: [] for name in engines}
     for _ in range(args.rounds):
         for name, proc in procs.items():
             proc.stdin.write(json.dumps(ids) + "\n")
@@ -168,11 +176,20 @@ def main() -> None:
         print(f"{name:10s} prefill {results[name]['prefill_tok_per_s']:7.1f} tok/s   decode "
               f"{results[name]['decode_tok_per_s']:6.1f} tok/s   peak RSS "
               f"{results[name]['peak_rss_mb']:6.0f} MB", flush=True)
-    ours, theirs = runs["openlpu"], runs["llama.cpp"]
-    prefill_ratio = statistics.median(t["prefill_s"] / o["prefill_s"] for o, t in zip(ours, theirs))
-    decode_ratio = statistics.median(t["decode_s"] / o["decode_s"] for o, t in zip(ours, theirs))
-    a, b = results["openlpu"]["greedy_ids"], results["llama.cpp"]["greedy_ids"]
-    first_diff = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    theirs, peer_ids = runs[PEER], results[PEER]["greedy_ids"]
+    ratios = {}
+    for name, ours in runs.items():
+        if name == PEER:
+            continue
+        ids_ours = results[name]["greedy_ids"]
+        ratios[name] = {
+            "prefill": statistics.median(t["prefill_s"] / o["prefill_s"] for o, t in zip(ours, theirs)),
+            "decode": statistics.median(t["decode_s"] / o["decode_s"] for o, t in zip(ours, theirs)),
+            "decode_per_round": [t["decode_s"] / o["decode_s"] for o, t in zip(ours, theirs)],
+            "greedy_tokens_equal_before_first_difference": next(
+                (i for i, (x, y) in enumerate(zip(ids_ours, peer_ids)) if x != y), min(len(ids_ours), len(peer_ids)))}
+        print(f"ratios {name} / {PEER} (median of {args.rounds} paired rounds): prefill "
+              f"{ratios[name]['prefill']:.2f}, decode {ratios[name]['decode']:.2f}")
     summary = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -180,20 +197,15 @@ def main() -> None:
                    f"(shared with other tenants), Linux {platform.release()}",
         "model": Path(args.model).name,
         "threads": args.threads,
-        "openlpu_precision": args.precision,
-        "openlpu_cpu_kernels": ready["openlpu"]["cpu_kernels"],
+        "openlpu_cpu_kernels": next(r["cpu_kernels"] for name, r in ready.items() if name != PEER),
+        "peer": ready[PEER]["version"],
         "prompt_tokens": PROMPT_TOKENS,
         "decode_tokens": DECODE_TOKENS,
         "rounds": args.rounds,
         "load_average_1min_before_after": [load_before, load_after],
-        "prefill_ratio_openlpu_over_llamacpp": prefill_ratio,
-        "decode_ratio_openlpu_over_llamacpp": decode_ratio,
-        "decode_ratio_per_round": [t["decode_s"] / o["decode_s"] for o, t in zip(ours, theirs)],
-        "greedy_tokens_equal_before_first_difference": first_diff,
+        "ratios_over_llamacpp": ratios,
         "results": results,
     }
-    print(f"ratios OpenLPU / llama.cpp (median of {args.rounds} paired rounds): prefill {prefill_ratio:.2f}, "
-          f"decode {decode_ratio:.2f}")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "engine_vs_llamacpp.json").write_text(json.dumps(summary, indent=1) + "\n")
     (RESULTS / "engine_vs_llamacpp.md").write_text(markdown(summary))
@@ -204,21 +216,29 @@ def markdown(s: dict) -> str:
         f"| {name} | {r['prefill_tok_per_s']:.1f} | {r['decode_tok_per_s']:.1f} | "
         f"{r['peak_rss_mb']:.0f} | {', '.join(f'{DECODE_TOKENS / x:.0f}' for x in r['decode_s_runs'])} |"
         for name, r in s["results"].items())
+    ratios = "\n".join(
+        f"| {name} | {r['prefill']:.2f}x | {r['decode']:.2f}x | {', '.join(f'{x:.2f}' for x in r['decode_per_round'])} "
+        f"| {r['greedy_tokens_equal_before_first_difference']} of {s['decode_tokens'] + 1} |"
+        for name, r in s["ratios_over_llamacpp"].items())
     return f"""# OpenLPU engine vs llama.cpp (CPU)
 
 - command: `{s['command']}`
 - date (UTC): {s['date_utc']}
 - machine: {s['machine']}
-- model: {s['model']}; threads: {s['threads']} each; OpenLPU precision: {s['openlpu_precision']}, on {s['openlpu_cpu_kernels']}
-- prompt: {s['prompt_tokens']} tokens; decode: {s['decode_tokens']} greedy tokens; each engine in its own process, warmed up, then {s['rounds']} rounds of one run each, the two engines taking turns
+- model: {s['model']}; threads: {s['threads']} each; OpenLPU on {s['openlpu_cpu_kernels']}; peer: {s['peer']}
+- OpenLPU's precisions: int4 runs the file's 4- and 5-bit codes and a 4-bit head (the served default); gguf the same codes with an 8-bit head, as llama.cpp reads the file's Q8_0 head (the head is most of a token's bytes); both rescore their top 64 logits in float32
+- prompt: {s['prompt_tokens']} tokens; decode: {s['decode_tokens']} greedy tokens; each engine in its own process, warmed up, then {s['rounds']} rounds of one run each, the engines taking turns
 - load average (1 min) before / after: {s['load_average_1min_before_after'][0]:.2f} / {s['load_average_1min_before_after'][1]:.2f}
 
 | engine | prefill tok/s (median) | decode tok/s (median) | peak RSS MB | decode tok/s per round |
 | --- | --- | --- | --- | --- |
 {rows}
 
-**OpenLPU / llama.cpp, median of the per-round ratios: prefill {s['prefill_ratio_openlpu_over_llamacpp']:.2f}x, decode {s['decode_ratio_openlpu_over_llamacpp']:.2f}x** (decode per round: {', '.join(f'{x:.2f}' for x in s['decode_ratio_per_round'])}).
-Greedy tokens equal before the first difference: {s['greedy_tokens_equal_before_first_difference']} of {s['decode_tokens'] + 1}.
+OpenLPU / llama.cpp, the median of the per-round ratios:
+
+| OpenLPU engine | prefill | decode | decode per round | greedy tokens equal to llama.cpp's before the first difference |
+| --- | --- | --- | --- | --- |
+{ratios}
 """
 
 

@@ -54,7 +54,7 @@ def test_reference_path_matches_llamacpp(reference_model, llamacpp_reference):
     assert _greedy_cached(reference_model, ref["prompt_token_ids"], 8) == ref["greedy_32_ids"][:8]
 
 
-@pytest.mark.parametrize("precision, vnni", [("int4", "1"), ("int4", "0"),
+@pytest.mark.parametrize("precision, vnni", [("int4", "1"), ("int4", "0"), ("gguf", "1"),
                                              pytest.param("int8", "1", marks=pytest.mark.slow)])
 def test_fast_paths_agree_with_reference(precision, vnni, gemma_path, reference_model, llamacpp_reference,
                                          monkeypatch):

@@ -69,6 +69,9 @@ PRECISIONS = {
     # The file's own 4- and 5-bit codes (int8 for other types), and a 4-bit head: the 262k-row
     # head is most of the bytes per token.
     "int4": ("codes", "int4"),
+    # The file's own codes with an 8-bit head, as near as these kernels come to running the file as written
+    # (the embedded Gemma's head is Q8_0): what llama.cpp reads, for a like-for-like comparison.
+    "gguf": ("codes", "int8"),
 }
 RESCORE_CANDIDATES = 64  # low-bit head: top logits recomputed in float32 (see Head)
 
