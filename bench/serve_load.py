@@ -3,8 +3,12 @@ server (llama-cpp-python, `python -m llama_cpp.server`) on the same GGUF with th
 
 Each server runs alone, one after the other, as a subprocess on a free port. Each client sends
 its requests one after another (stream=True) and times every chunk on arrival.
-Reports requests/s, output tokens/s, TTFT p50/p99, inter-token latency p50/p99 and errors, and
-writes bench/results/serve_load.json and .md.
+Reports requests/s, output tokens/s, TTFT p50/p99, inter-token latency p50/p99 and errors, each server's
+output tokens/s over llama.cpp's, and writes bench/results/serve_load.json and .md.
+
+llama-cpp-python's server answers one request at a time; `openlpu serve` decodes up to --max-batch
+together. So OpenLPU also runs with --max-batch 1 ("openlpu-serial"), the like-for-like row; "openlpu"
+batches every client (--max-batch = --clients), as it is meant to serve.
 
     python bench/serve_load.py --clients 8 --requests 2 --max-tokens 32 --threads 2
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import datetime
 import json
 import os
 import platform
@@ -33,6 +38,8 @@ PROMPTS = ["Explain what a compiler does.", "Write a short poem about rain.", "L
            "Give three tips for learning to cook.", "Summarise the plot of a detective story."]
 MODEL_ALIAS = "gemma-3-270m"
 STARTUP_TIMEOUT_S = 300
+OPENLPU_BATCH = {"openlpu": None, "openlpu-serial": 1}  # its --max-batch (None: the clients)
+PEER = "llamacpp"
 
 
 @dataclass
@@ -52,9 +59,9 @@ def free_port() -> int:
 
 
 def server_command(name: str, port: int, gguf: str, threads: int, clients: int) -> list[str]:
-    if name == "openlpu":
+    if name in OPENLPU_BATCH:
         return [sys.executable, "-m", "openlpu.cli", "serve", "--port", str(port), "--model", gguf,
-                "--max-batch", str(clients), "--max-queue", str(4 * clients)]
+                "--max-batch", str(OPENLPU_BATCH[name] or clients), "--max-queue", str(4 * clients)]
     return [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port),
             "--n_threads", str(threads), "--n_ctx", "4096", "--chat_format", "gemma",
             "--model_alias", MODEL_ALIAS,
@@ -119,7 +126,7 @@ def run_load(name: str, gguf: str, clients: int, requests: int, max_tokens: int,
     log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty server never blocks on it
     proc = subprocess.Popen(server_command(name, port, gguf, threads, clients), env=env,
                             stdout=log, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}" + ("/openai/v1" if name == "openlpu" else "/v1")
+    base = f"http://127.0.0.1:{port}" + ("/openai/v1" if name in OPENLPU_BATCH else "/v1")
     try:
         model = wait_ready(base, proc, log)
         one_request(base, model, "warm up", 4)
@@ -152,18 +159,24 @@ def run_load(name: str, gguf: str, clients: int, requests: int, max_tokens: int,
 
 
 def markdown(report: dict) -> str:
-    rows = ["| server | req/s | output tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | errors |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    peer = next((r for r in report["results"] if r["server"] == PEER), None)
+    rows = ["| server | max batch | req/s | output tok/s | / llama.cpp's | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 "
+            "| errors |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in report["results"]:
-        rows.append(f"| {r['server']} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} | "
-                    f"{r['ttft_p50_s'] * 1000:.0f} ms | {r['ttft_p99_s'] * 1000:.0f} ms | "
+        ratio = f"{r['output_tokens_per_s'] / peer['output_tokens_per_s']:.2f}x" if peer else "-"
+        batch = OPENLPU_BATCH.get(r["server"], 1) or report["setup"]["clients"]
+        rows.append(f"| {r['server']} | {batch} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} | "
+                    f"{ratio} | {r['ttft_p50_s'] * 1000:.0f} ms | {r['ttft_p99_s'] * 1000:.0f} ms | "
                     f"{r['itl_p50_s'] * 1000:.1f} ms | {r['itl_p99_s'] * 1000:.1f} ms | "
                     f"{r['errors']}/{r['requests']} |")
     setup = report["setup"]
     return (f"# Serving load: {setup['clients']} concurrent streaming clients\n\n"
             f"{setup['requests_per_client']} requests each, max_tokens {setup['max_tokens']}, temperature 0, "
-            f"{setup['threads']} threads, model `{setup['gguf']}`, on {setup['machine']}.\n"
-            f"Command: `{setup['command']}`\n\n" + "\n".join(rows) + "\n")
+            f"{setup['threads']} threads, model `{setup['gguf']}`, on {setup['machine']}, {setup['date_utc']}.\n"
+            f"Command: `{setup['command']}`\n\n"
+            "llama-cpp-python's server (the peer) answers one request at a time: `openlpu-serial` (--max-batch 1) "
+            "is the like-for-like row; `openlpu` decodes all the clients together, as it serves by default.\n\n"
+            + "\n".join(rows) + "\n")
 
 
 def main() -> None:
@@ -172,7 +185,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2, help="requests per client, one after another")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--servers", default="openlpu,llamacpp")
+    ap.add_argument("--servers", default=",".join([*OPENLPU_BATCH, PEER]))
     ap.add_argument("--model", default=None, help="GGUF (default: the embedded Gemma 3 270M)")
     ap.add_argument("--out", default=str(RESULTS / "serve_load"))
     args = ap.parse_args()
@@ -187,7 +200,8 @@ def main() -> None:
     report = {"setup": {"clients": args.clients, "requests_per_client": args.requests,
                         "max_tokens": args.max_tokens, "threads": args.threads, "gguf": Path(gguf).name,
                         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-                        "command": "python " + " ".join(sys.argv)},
+                        "command": "python " + " ".join(sys.argv),
+                        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
               "results": results}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
