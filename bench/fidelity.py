@@ -106,10 +106,11 @@ GROQ_PRICES_2024 = ("Groq's price list, 'current speed' column: '{}' ~{} tok/s (
 THEFASTEST = ("thefastest.ai, fixie-ai/thefastest.ai src/data/currentMetrics.md: 'api.groq.com/{}' TPS {} "
               "((chunks - 1) / streaming time of the fastest of 5 raced requests; its llm_benchmark.py) [M]")
 FIT_POINT = Point("lpu-v1", "llama-2-70b", 576, "int8", "decode_tok_s_per_user", 300,
-                  "Groq press, 'Llama 2 70B at 300 tokens/s per user, 4k context' (TechPowerUp news, Feb 2024)",
+                  ("Groq press: Llama 2 70B served at 300 tokens/s with a 4,096-token context, a speed per user "
+                   "(TechPowerUp news, Feb 2024)"),
                   "2024-02", "FIT: matrix_install_bytes_per_cycle", {"context": 4096})
 MIXTRAL_PRESS = Point("lpu-v1", "mixtral-8x7b", 576, "int8", "decode_tok_s_per_user", 480,
-                      "Groq, 'Mixtral 8x7B at 480 tokens/s' (TechPowerUp news, Feb 2024); Artificial Analysis "
+                      "Groq: Mixtral 8x7B at 480 tokens/s (TechPowerUp news, Feb 2024); Artificial Analysis "
                       "measured ~430", "2024-02", COUNTED, {"context": 32768})
 LLAMA_31_8B = Point("lpu-v1", "llama-3.1-8b", None, "int8", "decode_tok_s_per_user", 560,
                     GROQ_CATALOGUE.format("llama-3.1-8b-instant", 560, CATALOGUE_WINDOW), "2025", COUNTED,
@@ -148,7 +149,7 @@ LPU_POINTS = [
           THEFASTEST.format("mixtral-8x7b-32768", 519), "2024-04-10", COUNTED, {"context": 32768}),
     _listed("mixtral-8x7b", "Mixtral 8x7b 32768", 575, 32768, chips=576),
     Point("lpu-v1", "llama-2-7b", None, "int8", "decode_tok_s_per_user", 750,
-          "Groq, 'Llama 2 7B at 750 tokens/s, 2k context' (TechPowerUp news, Feb 2024)",
+          "Groq: Llama 2 7B at 750 tokens/s with a 2k context (TechPowerUp news, Feb 2024)",
           "2024-02", COUNTED, {"context": 2048}),
     LLAMA_3_8B,
     LLAMA_3_70B,
@@ -176,12 +177,11 @@ SECOND_HAND = [dataclasses.replace(check, published=tok_s, source=source, date=d
                          "lists 330 (Apr 2026)"), "2025", "a blog's measurement; Groq's own listing is the CHECK row"))]
 # Each published figure is counted once, at the deployment the table states for it: the published chip
 # count, else the compiler's fewest chips. The rows below repeat figures under another deployment, to
-# show what that choice moves; they are not counted, whatever their error. (None for the 2025 gpt-oss
-# rows: at its window gpt-oss-120b needs more than the 576 chips of Groq's 2024 system.)
+# show what that choice moves; they are not counted, whatever their error.
 PUBLISHED_SYSTEM_CHIPS = 576
 LPU_POINTS += [dataclasses.replace(p, chips=PUBLISHED_SYSTEM_CHIPS,
                                    role="ALT: 576 chips assumed; not counted (held out at the fewest chips)")
-               for p in LPU_POINTS if p.chips is None and p not in GPT_OSS]
+               for p in LPU_POINTS if p.chips is None]
 LPU_POINTS += SECOND_HAND + [
                dataclasses.replace(MIXTRAL_PRESS, chips=None, chips_published=576,
                                    role="ALT: fewest chips; not counted (Groq's 576 is the held-out row)"),
@@ -276,7 +276,9 @@ MAX_LOAD_FITS = {FP4_FIT: FP4_FIT_ROLE, ALLREDUCE_FIT: ALLREDUCE_FIT_ROLE, HOST_
 # tok/s at 128 / 128, where thousands of requests take short steps, and at 128 / 4,096, where long contexts make
 # the GPU's steps long: (model, ISL/OSL) -> (B200, GB200), both at TP 1 and FP4; not fitted on, not predicted
 HOST_EVIDENCE = {("qwen3-30b-a3b", "128/128"): (39827, 24107), ("qwen3-30b-a3b", "128/4096"): (24953, 26337),
-                 ("llama-4-scout", "128/128"): (25342, 19954), ("llama-4-scout", "128/4096"): (8932, 9556)}
+                 ("llama-4-scout", "128/128"): (25342, 19954), ("llama-4-scout", "128/4096"): (8932, 9556),
+                 ("llama-3.3-70b", "128/128"): (11147, 12189), ("llama-3.3-70b", "128/4096"): (6831, 7849),
+                 ("llama-3.1-405b", "128/128"): (6281, 6740), ("llama-3.1-405b", "128/4096"): (6345, 6608)}
 
 GPU_POINTS = [
     Point("h100-sxm", "llama-2-70b", 8, "fp8", "e2e_latency_s", 1.7, NVIDIA_DGX, "2023-12",
@@ -891,6 +893,8 @@ def markdown(lpu_rows, gpu_rows, gpu_fit, install_fit, shipped_install, system, 
 
     clock = system.chip.clock_hz
     hops = ", ".join(f"{k} {v.latency_s * 1e9:.0f} ns" for k, v in system.links.items())
+    spanning = ", ".join(sorted({f"{r['model']} (TP {r['lpu']['tp']}, read below)" for r in lpu_rows
+                                 if r["role"] == COUNTED and r["lpu"]["tp"] > system.node.chips})) or "none"
     bound = MXM_PLANES * VECTOR_BYTES
     free_side = ("below", ": Groq did not run it so") if free["implied_rate"] < bound else ("above", "")
     steps = ", ".join(f"{k} {v * 1e6:,.0f} us" for k, v in decomposition["by_kind_s"].items() if v >= 1e-6)
@@ -1073,14 +1077,15 @@ Each service row is modelled at the context window the service offered (the
 number in its model id, e.g. `mixtral-8x7b-32768`, or the catalogue's window), for one user (an LLMPerf
 row: its 5 concurrent requests); the
 placement column shows stages x TP. A row without a published chip count is held out at the compiler's
-fewest chips (the TP width inside a node that takes the fewest nodes, ties to the wider; whole
-attention and MLP halves per stage, or, when that needs fewer stages, pieces cut where stages fill:
-MLPs along d_ff, tables along the vocabulary, attention along its KV slots).
+fewest chips (the TP width inside a node that takes the fewest nodes, ties to the wider, its MLPs cut by
+d_ff rows; where no width inside a node holds them so, the width spanning whole nodes that takes the
+fewest nodes: {spanning}; whole attention and MLP halves per stage, or, when that needs fewer stages,
+pieces cut where stages fill: MLPs along d_ff, tables along the vocabulary, attention along its KV slots).
 Given a chip count, a row is compiled at the widest TP inside a node that arranges. On either count the
 compiler arranges the stages two ways and keeps the faster step: each stage boundary inside an MLP, cut
 into equal slices (one per stage) that install side by side, as far as the stages have room; or stages as
 even as can be. Groq's 576-chip deployment was reported as pipeline parallel ({PIPELINE_SOURCE}), so every
-row keeps its TP groups inside a node, as the compiler's partition places them. Left to itself the
+row keeps its TP groups inside a node where the compiler's partition places them so (all but {spanning}). Left to itself the
 compiler also tries wider groups spanning nodes on the same chips, or on fewer of them, and keeps the faster
 decode: given the FIT row's {FIT_POINT.chips} chips it places {free["stages"]} stages x TP {free["tp"]} on
 {free["chips"]:,} of them at {free["tok_s"]:,.0f} tok/s per user (at the fitted rate), and would reproduce
@@ -1126,6 +1131,11 @@ mixture of experts costs per token and MoE layer beyond the roofline of its expe
 ({moe_fit["model"]}, 1 x {moe_fit["system"].upper()},
 {moe_fit["setting"]["input"]:,} / {moe_fit["setting"]["output"]:,}: the model routing each token to the most
 experts, at its most prefill-bound length).
+How held out the GPU rows are: each constant is fitted on its one FIT row alone, but the terms the last three
+stand for (an all-reduce's efficiency, a host loop, a mixture's cost per token) entered the model after the
+grid's rows had been scored, each where a regime of them missed, and the host loop's FIT row was chosen among
+the rows whose steps the model timed well without it. The held-out count checks the constants' values, not
+the choice of the model's terms, which those rows informed.
 FP4 weights are NVFP4's 4.5 bits per element; the KV cache stays FP8, as NVIDIA's NVFP4 checkpoints set
 it (`kv_cache_quant_algo` FP8 in their hf_quant_config.json), and attention does its math in FP8.
 
@@ -1283,9 +1293,12 @@ it (`kv_cache_quant_algo` FP8 in their hf_quant_config.json), and attention does
   - The host: TensorRT-LLM 1.0 (PyTorch backend) tends every request in flight in a host loop at each step,
     which prepares the next step while the GPU runs this one, so a step lasts the longer of the two. With
     HOST_S_PER_REQUEST fitted on one row, the host paces {len(host_paced)} held-out rows:
-    {_host_errors(host_paced)}. The same table shows the host at work, without any fit: {host_evidence}.
-    Grace, the GB200's CPU, falls behind where requests are many and steps short, and the GB200's GPU is
-    ahead where the GPU sets the pace.
+    {_host_errors(host_paced)}. The same table bears on the host, without any fit: {host_evidence}.
+    For the two mixtures of experts Grace, the GB200's CPU, falls behind where requests are many and steps
+    short (and at 1,000 / 1,000 too, the table shows), while the GB200 is ahead at long
+    outputs; for the two dense models the GB200 is ahead at every length. So the table shows a host pacing
+    mixtures' short steps; for dense models, on whose host loop HOST_S_PER_REQUEST was fitted, it shows none
+    (the GB200's other differences may hide it).
   - A mixture of experts, timed as the roofline of the chosen experts' work and the distinct experts' weights
     alone, ran slower than that on one B200: Qwen3-30B-A3B (128 experts, 8 per token) from
     {without_dispatch("qwen3-30b-a3b")}, Llama 4 Scout (16 experts, 1 per token, beside a shared expert) from

@@ -54,7 +54,7 @@ Constants and the published points they were fitted on / checked against (bench/
 - FP4_COMPUTE_EFFICIENCY 0.409: the fraction of the FP4 peak that NVFP4 GEMMs reach, on GPUs with FP4 units
   (B200). FITTED on one point, with the three above: TensorRT-LLM 1.0 perf-overview (2025), Llama 3.3 70B,
   1 x B200, NVFP4 weights and FP8 KV cache, 2,048 in / 128 out under unbounded load: 1,339 output tok/s.
-  Its other 19 B200 rows (70B on 1 GPU, 405B on 4) are held out: 17 within 15%. It sits below the FP8
+  Its other 19 B200 rows (70B on 1 GPU, 405B on 4) are held out (bench/results/fidelity.md). It sits below the FP8
   fraction: NVFP4 math ran at 1.2x the FP8 rate, not the datasheet's 2x.
 - HOST_S_PER_REQUEST 24.3 us: what an engine whose loop runs on the host (TensorRT-LLM 1.0's PyTorch
   backend: the `tensorrt-llm-1.0` software row) spends on each request in flight at each step: scheduling
@@ -62,16 +62,17 @@ Constants and the published points they were fitted on / checked against (bench/
   (TensorRT-LLM's overlap scheduler), so a decode step lasts the longer of the two, and at thousands of
   requests of short steps the host sets the pace. FITTED on one point: TensorRT-LLM 1.0 perf-overview
   (2025), Llama 3.1 8B, 1 x H200, FP8, 128 in / 128 out under unbounded load: 27,911 output tok/s (4,096
-  requests in flight). The same table shows the host at work: at 128 / 128 the GB200 (Grace CPU) serves
+  requests in flight). The same table bears on the host: at 128 / 128 the GB200 (Grace CPU) serves
   Qwen3-30B-A3B and Llama 4 Scout 39% and 21% slower than the B200 (x86 host) beside it, while at 128 /
-  4,096, where the GPU sets the pace, the GB200 is faster on both (bench/fidelity.py HOST_EVIDENCE).
+  4,096, where the GPU sets the pace, the GB200 is faster on both; for Llama 3.3 70B and 3.1 405B it is
+  faster at both lengths (bench/fidelity.py HOST_EVIDENCE).
 - MOE_S_PER_TOKEN 128 ns: what serving a mixture of experts costs per token and MoE layer beyond the roofline
   of its experts: routing, sorting the tokens by expert, moving them there and back, grouped GEMMs of few
   tokens each. Every GPU of a TP group pays it for every token, as each routes them all. FITTED on one point:
   TensorRT-LLM 1.0 perf-overview (2025), Qwen3-30B-A3B (128 experts, 8 per token), 1 x B200, NVFP4, 2,048 in /
   128 out under unbounded load: 6,251 output tok/s, where the roofline alone predicts 2.8x that. Its other 9
   rows and Llama 4 Scout's 10 (16 experts, 1 per token) are held out; Scout's row at the same lengths alone
-  needs 126 ns: the cost follows tokens, not routed copies, FLOPs or bytes.
+  needs about the same (bench/results/fidelity.md): the cost follows tokens, not routed copies, FLOPs or bytes.
 - ALLREDUCE_LATENCY_S 10 us: fixed cost of a small NCCL all-reduce inside an NVLink/NVSwitch
   node (nccl-tests small-message latency is ~8-15 us on DGX H100); not fitted.
 - PIPELINE_HOP_S 10 us: pipeline hand-off between stages, over InfiniBand between servers (inside a server,
