@@ -172,6 +172,7 @@ def plan(
     plot_file: str = typer.Option(None, "--plot", help="write a PNG chart of the rows to this file"),
 ):
     """Chips, memory, tokens/s per user, TTFT, throughput, power, J/token, capex and $/Mtok: LPU vs GPUs."""
+    import dataclasses
     import json
 
     from openlpu.compiler import Workload
@@ -201,8 +202,11 @@ def plan(
                          decode_context=decode_context, prefill_chunk=prefill_chunk)
     if plot_file is not None:
         plot(rows, plot_file, f"{spec.name}, {precision}, {_users(users)} x {context:,} tokens")
-    if json_out:
-        print(json.dumps([r.to_dict() for r in rows], indent=1))
+    if json_out:  # each row with what it was planned for, so that a saved file still says
+        planned = {"model": spec.name, "precision": precision, "context": context,
+                   "decode_context": decode_context or context, "prompt": prompt,
+                   **dataclasses.asdict(assumptions)}
+        print(json.dumps([{**planned, **r.to_dict()} for r in rows], indent=1))
         return
     # one column per system, one row per figure: side by side at any terminal width
     a = assumptions
@@ -241,13 +245,13 @@ def plan(
         "users per step": lambda r: f"{r.users_per_step:,}",
         "memory used": lambda r: f"{significant(r.memory_used_fraction * 100, 2)}% of {r.memory}",
         "tok/s per user": lambda r: f"{r.tokens_per_s_per_user:,.0f}",
-        "TTFT (ms)": lambda r: f"{r.ttft_s * 1e3:,.1f}",
+        "TTFT (ms)": lambda r: significant(r.ttft_s * 1e3),
         **({"prefill chunk": lambda r: f"{r.prefill_chunk:,}" if r.prefill_chunk else "-"}
            if chunks_differ else {}),
         "throughput (tok/s)": lambda r: f"{r.throughput_tokens_per_s:,.0f}",
         "power (kW)": lambda r: f"{r.power_w / 1e3:,.1f}",
         "energy (J/token)": lambda r: significant(r.energy_per_token_j),
-        "compute used (MFU)": lambda r: f"{r.compute_used_fraction * 100:.2g}%",
+        "compute used (MFU)": lambda r: f"{significant(r.compute_used_fraction * 100, 2)}%",
         "capex ($M)": lambda r: significant(r.capex_usd / 1e6),
         "$ per M tokens": lambda r: significant(r.usd_per_million_tokens),
     }
@@ -396,7 +400,8 @@ def inspect_cmd(
     t = timing(program)
     table = Table(title=f"{escape(program.model)} on {escape(program.system.name)}: {counted(t.chips, 'chip')}, "
                         f"{counted(t.stages, 'stage')} x TP {t.tp} "
-                        f"(SRAM per chip; busy = stage time per decode token)")
+                        f"(SRAM per chip; busy = stage time per decode token: a cut MLP's parts on neighbouring "
+                        f"stages run side by side, so the stages' busy times can add up past the step)")
     for col in ("stage", "chips", "holds", "weights MB", "KV MB", "act MB", "busy us"):  # piped: 80 columns, folded
         table.add_column(col, justify="left" if col in ("holds", "chips") else "right", overflow="fold")
     rows = placement_rows(program)
@@ -418,8 +423,10 @@ def inspect_cmd(
                   f"({t.micro_batch} per step), "
                   f"{t.power_w / 1e3:,.1f} kW, {significant(t.energy_per_token_j)} J/{step.split()[0]}")
     units = ", ".join(f"{u} {f:.1%}" for u, f in t.unit_utilisation.items())
-    links = ", ".join(f"{k} {f:.2%} of {t.links_used[k]:,}" for k, f in t.link_utilisation.items()) or "none used"
-    console.print(f"busy in steady state with {counted(t.users, 'user')}: units (all chips) {units}; links {links}, "
+    links = ", ".join(f"{k} {f:.2%} of {counted(t.links_used[k], 'link')}"
+                      for k, f in t.link_utilisation.items()) or "none used"
+    console.print(f"busy in steady state with {counted(t.users, 'user')}: units (all chips; a matrix unit installing "
+                  f"weights is busy, which plan's MFU, operations over peak, does not count) {units}; links {links}, "
                   f"the busiest {t.busiest_link_utilisation:.2%}")
     console.print("verify: " + ("[green]passed[/]" if not violations else
                                 f"[red]{counted(len(violations), 'violation')}[/]: {escape(violations[0].message)}"))
