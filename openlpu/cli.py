@@ -158,6 +158,7 @@ def plan(
     usd_per_kwh: float = typer.Option(None, "--usd-per-kwh", help="electricity price (default 0.10)"),
     utilisation: float = typer.Option(None, "--utilisation", help="fraction of the hours spent serving at the "
                                                                   "modelled throughput (default 0.5)"),
+    pue: float = typer.Option(None, "--pue", help="power usage effectiveness: wall power / IT power (default 1.3)"),
     draft: str = typer.Option(None, "--draft", help="decode speculatively with this draft model (same kinds as "
                                                      "MODEL; it must share MODEL's tokenizer)"),
     draft_tokens: int = typer.Option(None, "--draft-tokens", help="tokens the draft proposes per round (default 4)"),
@@ -186,7 +187,7 @@ def plan(
 
     if plot_file is not None:
         png_path(plot_file, "plot")
-    given = {"years": years, "usd_per_kwh": usd_per_kwh, "utilisation": utilisation}
+    given = {"years": years, "usd_per_kwh": usd_per_kwh, "utilisation": utilisation, "pue": pue}
     assumptions = CostAssumptions(**{k: v for k, v in given.items() if v is not None})
     spec = load_spec(model)
     prompt = Workload.default_prompt_len(context) if prompt is None else prompt

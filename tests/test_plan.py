@@ -222,11 +222,11 @@ def test_the_table_counts_in_words_and_keeps_small_fractions():
 
 def test_cli_table_states_the_prompt_and_the_cost_assumptions():
     r = run_cli("llama-3-8b", "--context", "2048", "--prompt", "1024", "--utilisation", "0.8", "--years", "4",
-                "--usd-per-kwh", "0.07")
+                "--usd-per-kwh", "0.07", "--pue", "1.1")
     assert r.returncode == 0, r.stderr
     text = " ".join(r.stdout.split())
     assert "prefill of a 1,024-token prompt" in text and "capex over 4 years" in text
-    assert "$0.07/kWh" in text and "serving 80% of the hours" in text
+    assert "$0.07/kWh (PUE 1.1)" in text and "serving 80% of the hours" in text
     assert "The LPU on the fewest chips that hold the workload at the compiler's width and chunk (--tp all: every TP " \
         "width" in text
 
@@ -575,6 +575,7 @@ def test_a_gguf_file_plans_as_its_preset(gemma_path):
     (["llama-2-70b", "--prefill-chunk", "-8"], "--prefill-chunk must be a positive integer"),
     (["llama-2-70b", "--prefill-chunk", "0"], "--prefill-chunk must be a positive integer, got 0"),
     (["llama-2-70b", "--utilisation", "1.5"], "utilisation must be at most 1"),
+    (["llama-2-70b", "--pue", "0.9"], "pue must be at least 1 (wall power / IT power), got 0.9"),
     (["llama-2-70b", "--utilisation", "0"], "utilisation must be a positive, finite number"),
     (["llama-2-70b", "--years", "-1"], "years must be a positive, finite number"),
     (["llama-2-70b", "--years", "inf"], "years must be a positive, finite number, got inf"),
