@@ -105,8 +105,8 @@ def serve(
 
     if max_batch < 1 or max_queue < 0:
         raise OpenLPUError("--max-batch must be at least 1 and --max-queue at least 0")
-    if min(rpm, tpm, 1 if rpd is None else rpd) < 1:  # before the model loads
-        raise OpenLPUError(f"--rpm, --tpm and --rpd must be at least 1, got {rpm}, {tpm} and {rpd}")
+    if bad := [f"--{flag} {v}" for flag, v in (("rpm", rpm), ("tpm", tpm), ("rpd", rpd)) if v is not None and v < 1]:
+        raise OpenLPUError(f"{', '.join(bad)}: --rpm, --tpm and --rpd must be at least 1")  # before the model loads
     keys = {k: KeyLimits() for k in api_key or ()} | (load_keys_file(keys_file) if keys_file else {})
     from openlpu.runtime.engine import Engine
 
@@ -205,8 +205,9 @@ def plan(
         plot(rows, plot_file, f"{spec.name}, {precision}, {_users(users)} x {context:,} tokens")
     if json_out:  # each row with what it was planned for, so that a saved file still says
         planned = {"model": spec.name, "precision": precision, "context": context,
-                   "decode_context": decode_context or context, "prompt": prompt,
-                   **dataclasses.asdict(assumptions)}
+                   "decode_context": decode_context or context, "prompt": prompt, "gpu_software": gpu_software,
+                   "draft": draft, "draft_tokens": draft and (draft_tokens or DRAFT_TOKENS),
+                   "acceptance": draft and acceptance, **dataclasses.asdict(assumptions)}
         print(json.dumps([{**planned, **r.to_dict()} for r in rows], indent=1))
         return
     # one column per system, one row per figure: side by side at any terminal width
@@ -481,7 +482,7 @@ def run(
         raise OpenLPUError(f"unknown --mode {mode!r}; use fused or sharded")
     if precision not in HOST_PRECISIONS:  # before the compile, which takes seconds
         raise OpenLPUError(f"unknown --precision {precision!r}; use one of {', '.join(HOST_PRECISIONS)}")
-    if mode == "sharded" and (temperature != 0 or stop):
+    if mode == "sharded" and (not params.greedy or stop):
         raise OpenLPUError("sharded mode runs the Program's own greedy sampler: use --temperature 0 "
                            "and no --stop, or --mode fused")
     if threads is not None:

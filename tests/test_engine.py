@@ -48,8 +48,10 @@ def test_extreme_sampling_values_still_draw_a_token():
     They now tend to greedy, as top_p 0 is by definition."""
     logits = torch.randn(262_144, generator=torch.Generator().manual_seed(0)) * 30
     g = torch.Generator().manual_seed(1)
-    for params in (dict(temperature=1e-45), dict(temperature=1e-50), dict(temperature=1e-300), dict(top_p=1e-300),
-                   dict(top_p=0), dict(temperature=2.0, top_p=0)):
+    # 1e-30 and 1.2e-38 divide the shifted logits (float32 holds them); 1e-45 and below are greedy outright
+    for params in (dict(temperature=1e-30), dict(temperature=1.2e-38), dict(temperature=1e-45),
+                   dict(temperature=1e-50), dict(temperature=1e-300), dict(top_p=1e-300), dict(top_p=0),
+                   dict(temperature=2.0, top_p=0)):
         assert sample(logits, SamplingParams(**params), g) == int(logits.argmax()), params
 
 

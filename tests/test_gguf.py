@@ -554,7 +554,7 @@ print(embedded.default_model_path().read_bytes() == b"".join(c.read_bytes() for 
 
 def test_two_first_runs_at_once_both_get_the_whole_model(tmp_path):
     """`serve` and `run` started together on a fresh install each assemble the embedded model: both get it whole
-    (they wrote one '.partial' file, and the second to finish found it gone)."""
+    (they wrote one '.partial' file, and the second to finish found it gone); what a killed run left is removed."""
     import os
     import subprocess
     import sys
@@ -564,10 +564,14 @@ def test_two_first_runs_at_once_both_get_the_whole_model(tmp_path):
     for i in range(4):
         (tmp_path / f"chunk{i}").write_bytes(rng.bytes(4 << 20))
     (tmp_path / "racer.py").write_text(RACER)
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                           check=True)
+    (tmp_path / "model").mkdir()  # what a run killed mid-copy left, its process gone
+    (tmp_path / "model" / f"model.gguf.{ended.stdout.strip()}.partial").write_bytes(b"half")
     start = str(time.time() + 2)
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     runs = [subprocess.Popen([sys.executable, str(tmp_path / "racer.py"), str(tmp_path), start], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [run.communicate(timeout=120) for run in runs]
     assert [(run.returncode, out.strip()) for run, (out, _) in zip(runs, outs)] == [(0, "True")] * 2, outs
-    assert [p.name for p in (tmp_path / "model").iterdir()] == ["model.gguf"]  # no partial file left
+    assert [p.name for p in (tmp_path / "model").iterdir()] == ["model.gguf"]  # no partial file left, the dead's too

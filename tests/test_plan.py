@@ -23,7 +23,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
-PLANNED = ("model", "precision", "context", "decode_context", "prompt", "years", "usd_per_kwh", "pue", "utilisation")
+PLANNED = ("model", "precision", "context", "decode_context", "prompt", "gpu_software", "draft", "draft_tokens",
+           "acceptance", "years", "usd_per_kwh", "pue", "utilisation")
 
 
 def plan_rows(stdout: str) -> list[dict]:
@@ -437,6 +438,7 @@ def test_an_empty_compare_plans_the_lpu_alone():
     # each row says what it was planned for, so that a saved file still does
     assert {k: json.loads(r.stdout)[0][k] for k in PLANNED} == {
         "model": "llama-3-8b", "precision": "int8", "context": 2048, "decode_context": 2048, "prompt": 512,
+        "gpu_software": "gqa-kernels", "draft": None, "draft_tokens": None, "acceptance": None,
         "years": 3.0, "usd_per_kwh": 0.10, "pue": 1.3, "utilisation": 0.5}
 
 

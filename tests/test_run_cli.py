@@ -73,8 +73,8 @@ def test_corrupt_model_and_prompt_past_context(tmp_path, gemma_path):
 
 
 def test_generated_text_reaches_stdout_as_the_model_wrote_it(gemma_path):
-    """Tabs, control characters and ':smile:' in generated text are printed as the engine gives them (a rich
-    Console expanded the tabs of generated Go code to spaces)."""
+    """Generated text is printed as the engine gives it: through a rich Console the tabs of generated Go code
+    were expanded to spaces (and control characters dropped, ':smile:' turned into an emoji)."""
     from openlpu.runtime.engine import Engine
     from openlpu.runtime.sampling import SamplingParams
 

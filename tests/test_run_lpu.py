@@ -88,8 +88,8 @@ def test_serve_bad_system_is_one_line(gemma_path):
 
 
 @pytest.mark.parametrize("flags, says", [
-    (["--rpm", "0"], "--rpm, --tpm and --rpd must be at least 1, got 0, 1000000 and None"),
-    (["--rpd", "-1"], "--rpm, --tpm and --rpd must be at least 1, got 1000, 1000000 and -1"),
+    (["--rpm", "0"], "--rpm 0: --rpm, --tpm and --rpd must be at least 1"),
+    (["--rpd", "-1", "--tpm", "0"], "--tpm 0, --rpd -1: --rpm, --tpm and --rpd must be at least 1"),
     (["--max-batch", "0"], "--max-batch must be at least 1"),
 ])
 def test_serve_bad_limits_are_one_line_before_the_model_loads(flags, says):

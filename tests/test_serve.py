@@ -415,3 +415,16 @@ def test_a_stop_signal_ends_the_requests_in_flight_with_a_503():
     assert [e["message"] for e in errors] == ["The server is shutting down."]
     assert waiting["response"].status_code == 503
     assert waiting["response"].json()["error"]["message"] == "The server is shutting down."
+
+
+def test_health_says_stopping_once_the_server_stops_taking_requests(engine, model):
+    """Once told to stop (the scheduler closed, as a stop signal closes it), /health answers 503 'stopping', so
+    that a load balancer drains the server, and a new request gets the 503 at once."""
+    stopping_app = create_app(engine, ServeSettings())
+    with running_server(stopping_app) as url:
+        assert httpx.get(url + "/health").json()["status"] == "ok"
+        stopping_app.state.server.scheduler.close()
+        health = httpx.get(url + "/health")
+        assert (health.status_code, health.json()["status"]) == (503, "stopping")
+        r = httpx.post(url + "/openai/v1/chat/completions", json={"model": model, "messages": ask("hi")})
+        assert r.status_code == 503 and r.json()["error"]["message"] == "The server is shutting down."

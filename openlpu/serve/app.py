@@ -277,8 +277,11 @@ def create_app(engine, settings: ServeSettings | None = None) -> FastAPI:
     @app.get("/health")
     async def health(request: Request):
         s = server_of(request)
-        return {"status": "ok", "model": s.model_id, "active_sequences": s.scheduler.active_count,
-                "queue_depth": s.scheduler.queue_depth, "max_batch": s.scheduler.max_batch}
+        state = {"status": "stopping" if s.scheduler.stopping else "ok", "model": s.model_id,
+                 "active_sequences": s.scheduler.active_count, "queue_depth": s.scheduler.queue_depth,
+                 "max_batch": s.scheduler.max_batch}
+        # a load balancer drains a server that answers 503 here, while it ends its requests
+        return JSONResponse(state, status_code=503 if s.scheduler.stopping else 200)
 
     @app.get("/metrics")
     async def metrics(request: Request):
@@ -412,13 +415,14 @@ def uvicorn_server(app: FastAPI, **config):
     tokens, and a second signal (or a supervisor's kill) would cut it without a word."""
     import uvicorn
 
-    class Server(uvicorn.Server):
+    class StoppingRequestsOnExit(uvicorn.Server):
         def handle_exit(self, sig, frame):
             if (server := getattr(app.state, "server", None)) is not None:
                 server.scheduler.close()
             super().handle_exit(sig, frame)
 
-    return Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, **config))
+    return StoppingRequestsOnExit(uvicorn.Config(
+        app, **{"log_level": "warning", "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S, **config}))
 
 
 @contextmanager

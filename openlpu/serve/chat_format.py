@@ -39,6 +39,22 @@ def gemma_segments(messages: list[tuple[str, str]]) -> list[tuple[str, bool]]:
     return segments
 
 
+def _generation_extension():
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class Generation(Extension):
+        """{% generation %}...{% endgeneration %}: its body, as written."""
+        tags = frozenset({"generation"})
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body, lineno=lineno)
+
+    return Generation
+
+
 def render_template(template: str, messages: list[tuple[str, str]], bos_token: str, eos_token: str) -> str:
     """A model's own Jinja chat template, rendered the way transformers does (sandboxed)."""
     import json
@@ -53,9 +69,11 @@ def render_template(template: str, messages: list[tuple[str, str]], bos_token: s
     def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    # what transformers gives a template beyond Jinja's own: {% break %} and {% continue %}, a tojson that keeps
-    # the keys' order and escapes no HTML, and the date (Llama 3.1's template writes it)
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    # what transformers gives a template beyond Jinja's own: {% break %} and {% continue %}, {% generation %}
+    # (which marks the assistant's text for training masks: rendered as is), a tojson that keeps the keys' order
+    # and escapes no HTML, and the date (Llama 3.1's template writes it)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols", _generation_extension()])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda format: datetime.now().strftime(format)

@@ -66,10 +66,11 @@ def key_label(key: str) -> str:
 
 
 def format_duration(seconds: float) -> str:
-    """GroqCloud's reset format (Go's durations): 391ms, 6s, 7.66s, 2m59.56s, 8h0m0s."""
-    if seconds < 1.0:
-        return f"{max(0, round(seconds * 1000))}ms"
-    minutes, secs = divmod(seconds, 60.0)
+    """GroqCloud's reset format (Go's durations): 391ms, 6s, 7.66s, 2m59.56s, 8h0m0s; rounded before it is split,
+    so that 59.999 s reads 1m0s, not 60s."""
+    if (ms := max(0, round(seconds * 1000))) < 1000:
+        return f"{ms}ms"
+    minutes, secs = divmod(round(seconds, 2), 60.0)
     hours, minutes = divmod(int(minutes), 60)
     secs_text = f"{secs:.2f}".rstrip("0").rstrip(".") + "s"
     return (f"{hours}h{minutes}m" if hours else f"{minutes}m" if minutes else "") + secs_text
@@ -108,8 +109,9 @@ class Resource:
     unit: str  # what a request takes of it (one request, or its tokens), and the 429's `type`
 
 
-PER_MINUTE = Resource("requests", "requests_per_minute", 60, "requests per minute (RPM)", "requests")
-RESOURCES = (PER_MINUTE, Resource("tokens", "tokens_per_minute", 60, "tokens per minute (TPM)", "tokens"),
+REQUESTS_PER_MINUTE = Resource("requests", "requests_per_minute", 60, "requests per minute (RPM)", "requests")
+RESOURCES = (REQUESTS_PER_MINUTE,
+             Resource("tokens", "tokens_per_minute", 60, "tokens per minute (TPM)", "tokens"),
              Resource("daily_requests", "requests_per_day", MINUTES_PER_DAY * 60, "requests per day (RPD)", "requests"))
 HEADER_BUCKETS = {"requests": "daily_requests", "tokens": "tokens"}  # x-ratelimit-*-{requests,tokens}: RPD, TPM
 
@@ -145,7 +147,7 @@ class RateLimiter:
         own, default = (getattr(limits, resource.limit_field) for limits in (self.per_key.get(key, KeyLimits()),
                                                                              self.defaults))
         if own is None and default is None:  # no requests per day set: a day of the key's requests per minute
-            return self.limit(key, PER_MINUTE) * MINUTES_PER_DAY
+            return self.limit(key, REQUESTS_PER_MINUTE) * MINUTES_PER_DAY
         return own if own is not None else default
 
     def take(self, key: str, tokens: int, model: str) -> None:

@@ -94,6 +94,10 @@ class Scheduler:
         self._thread.join(timeout=30)
 
     @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    @property
     def queue_depth(self) -> int:
         return len(self._waiting)
 
