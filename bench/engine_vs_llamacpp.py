@@ -103,6 +103,11 @@ def llamacpp_runner(model_path: str, threads: int, precision: str):
 
 
 RUNNERS = {"openlpu": openlpu_runner, "llama.cpp": llamacpp_runner}
+PRECISION_WORDS = {  # openlpu.runtime.model.PRECISIONS, for the report
+    "int4": "the file's 4- and 5-bit codes and a 4-bit head (the served default)",
+    "gguf": "the same codes with an 8-bit head, as llama.cpp reads the embedded file's Q8_0 head (the head is most "
+            "of a token's bytes)",
+    "int8": "int8 blocks and head", "bf16": "bf16 throughout", "float32": "float32 throughout (the reference)"}
 PEER = "llama.cpp"
 
 
@@ -198,6 +203,7 @@ def main() -> None:
         "model": Path(args.model).name,
         "threads": args.threads,
         "openlpu_cpu_kernels": next(r["cpu_kernels"] for name, r in ready.items() if name != PEER),
+        "openlpu_precisions": {p: PRECISION_WORDS.get(p, p) for p in args.precision.split(",")},
         "peer": ready[PEER]["version"],
         "prompt_tokens": PROMPT_TOKENS,
         "decode_tokens": DECODE_TOKENS,
@@ -220,26 +226,24 @@ def markdown(s: dict) -> str:
         f"| {name} | {r['prefill']:.2f}x | {r['decode']:.2f}x | {', '.join(f'{x:.2f}' for x in r['decode_per_round'])} "
         f"| {r['greedy_tokens_equal_before_first_difference']} of {s['decode_tokens'] + 1} |"
         for name, r in s["ratios_over_llamacpp"].items())
-    return f"""# OpenLPU engine vs llama.cpp (CPU)
-
-- command: `{s['command']}`
-- date (UTC): {s['date_utc']}
-- machine: {s['machine']}
-- model: {s['model']}; threads: {s['threads']} each; OpenLPU on {s['openlpu_cpu_kernels']}; peer: {s['peer']}
-- OpenLPU's precisions: int4 runs the file's 4- and 5-bit codes and a 4-bit head (the served default); gguf the same codes with an 8-bit head, as llama.cpp reads the file's Q8_0 head (the head is most of a token's bytes); both rescore their top 64 logits in float32
-- prompt: {s['prompt_tokens']} tokens; decode: {s['decode_tokens']} greedy tokens; each engine in its own process, warmed up, then {s['rounds']} rounds of one run each, the engines taking turns
-- load average (1 min) before / after: {s['load_average_1min_before_after'][0]:.2f} / {s['load_average_1min_before_after'][1]:.2f}
-
-| engine | prefill tok/s (median) | decode tok/s (median) | peak RSS MB | decode tok/s per round |
-| --- | --- | --- | --- | --- |
-{rows}
-
-OpenLPU / llama.cpp, the median of the per-round ratios:
-
-| OpenLPU engine | prefill | decode | decode per round | greedy tokens equal to llama.cpp's before the first difference |
-| --- | --- | --- | --- | --- |
-{ratios}
-"""
+    before, after = s["load_average_1min_before_after"]
+    return "\n".join([
+        "# OpenLPU engine vs llama.cpp (CPU)", "",
+        f"- command: `{s['command']}`",
+        f"- date (UTC): {s['date_utc']}",
+        f"- machine: {s['machine']}",
+        f"- model: {s['model']}; threads: {s['threads']} each; OpenLPU on {s['openlpu_cpu_kernels']}; "
+        f"peer: {s['peer']}",
+        "- OpenLPU's precisions: " + "; ".join(f"{p}: {words}" for p, words in s["openlpu_precisions"].items())
+        + " (a head below 16 bits rescores its top 64 logits in float32)",
+        f"- prompt: {s['prompt_tokens']} tokens; decode: {s['decode_tokens']} greedy tokens; each engine in its own "
+        f"process, warmed up, then {s['rounds']} rounds of one run each, the engines taking turns",
+        f"- load average (1 min) before / after: {before:.2f} / {after:.2f}", "",
+        "| engine | prefill tok/s (median) | decode tok/s (median) | peak RSS MB | decode tok/s per round |",
+        "| --- | --- | --- | --- | --- |", rows, "",
+        "OpenLPU / llama.cpp, the median of the per-round ratios:", "",
+        "| OpenLPU engine | prefill | decode | decode per round | greedy tokens equal to llama.cpp's before the "
+        "first difference |", "| --- | --- | --- | --- | --- |", ratios, ""])
 
 
 if __name__ == "__main__":

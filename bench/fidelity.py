@@ -274,7 +274,8 @@ MAX_LOAD_FITS = {FP4_FIT: FP4_FIT_ROLE, ALLREDUCE_FIT: ALLREDUCE_FIT_ROLE, HOST_
                  MOE_FIT: MOE_FIT_ROLE}
 # The host at work, in the same table: GB200 (one Grace CPU per two GPUs) against B200 (an x86 DGX host), output
 # tok/s at 128 / 128, where thousands of requests take short steps, and at 128 / 4,096, where long contexts make
-# the GPU's steps long: (model, ISL/OSL) -> (B200, GB200), both at TP 1 and FP4; not fitted on, not predicted
+# the GPU's steps long: (model, ISL/OSL) -> (B200, GB200), both at FP4 and TP 1 (405B: TP 4); not fitted on, not
+# predicted
 HOST_EVIDENCE = {("qwen3-30b-a3b", "128/128"): (39827, 24107), ("qwen3-30b-a3b", "128/4096"): (24953, 26337),
                  ("llama-4-scout", "128/128"): (25342, 19954), ("llama-4-scout", "128/4096"): (8932, 9556),
                  ("llama-3.3-70b", "128/128"): (11147, 12189), ("llama-3.3-70b", "128/4096"): (6831, 7849),
@@ -1085,7 +1086,8 @@ Given a chip count, a row is compiled at the widest TP inside a node that arrang
 compiler arranges the stages two ways and keeps the faster step: each stage boundary inside an MLP, cut
 into equal slices (one per stage) that install side by side, as far as the stages have room; or stages as
 even as can be. Groq's 576-chip deployment was reported as pipeline parallel ({PIPELINE_SOURCE}), so every
-row keeps its TP groups inside a node where the compiler's partition places them so (all but {spanning}). Left to itself the
+row keeps its TP groups inside a node where the compiler's partition places them so (all but {spanning}).
+Left to itself the
 compiler also tries wider groups spanning nodes on the same chips, or on fewer of them, and keeps the faster
 decode: given the FIT row's {FIT_POINT.chips} chips it places {free["stages"]} stages x TP {free["tp"]} on
 {free["chips"]:,} of them at {free["tok_s"]:,.0f} tok/s per user (at the fitted rate), and would reproduce
@@ -1295,10 +1297,9 @@ it (`kv_cache_quant_algo` FP8 in their hf_quant_config.json), and attention does
     HOST_S_PER_REQUEST fitted on one row, the host paces {len(host_paced)} held-out rows:
     {_host_errors(host_paced)}. The same table bears on the host, without any fit: {host_evidence}.
     For the two mixtures of experts Grace, the GB200's CPU, falls behind where requests are many and steps
-    short (and at 1,000 / 1,000 too, the table shows), while the GB200 is ahead at long
-    outputs; for the two dense models the GB200 is ahead at every length. So the table shows a host pacing
-    mixtures' short steps; for dense models, on whose host loop HOST_S_PER_REQUEST was fitted, it shows none
-    (the GB200's other differences may hide it).
+    short, while the GB200 is ahead at long outputs; for the two dense models the GB200 is ahead at every
+    length. So the table shows a host pacing mixtures' short steps; for dense models, on whose host loop
+    HOST_S_PER_REQUEST was fitted, it shows none (the GB200's other differences may hide it).
   - A mixture of experts, timed as the roofline of the chosen experts' work and the distinct experts' weights
     alone, ran slower than that on one B200: Qwen3-30B-A3B (128 experts, 8 per token) from
     {without_dispatch("qwen3-30b-a3b")}, Llama 4 Scout (16 experts, 1 per token, beside a shared expert) from
