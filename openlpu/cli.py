@@ -332,7 +332,7 @@ def compile_cmd(
     tp: int = typer.Option(None, "--tp", help="chips per tensor-parallel group (default: the width that takes "
                                                "the fewest nodes, or inside one node the fewest stages)"),
     draft_tokens: int = typer.Option(0, "--draft-tokens", help="draft tokens each decode step verifies per user "
-                                                                "(speculative decoding; default 0)"),
+                                                                "(speculative decoding)"),
 ):
     """Compile a model for an LPU system: placement + static schedule, verified, written to a file."""
     from openlpu.compiler import Workload, compile_program, verify
