@@ -557,3 +557,17 @@ def test_tensorrt_llm_0_5_reads_kv_once_per_query_head():
         return 64 * 2048 / G.offline_run_s(spec, h100, "fp8", 4, 64, 128, 2048, software)
     assert tps("tensorrt-llm-0.5") == pytest.approx(2616, rel=0.15)
     assert tps("gqa-kernels") > 1.3 * 2616
+
+
+def test_a_chunked_layer_decodes_reading_its_current_chunk_alone():
+    """Llama 4's chunked layers attend the keys of the current 8,192-token chunk: past a multiple of 8,192 a GPU's
+    decode step reads fewer of them, where the lowering reads the whole ring for the LPU's static schedule. Its
+    attention then reads one cached key a sequence at 8,193 tokens, and the step is faster than at 8,192."""
+    spec, h100 = load_preset("llama-4-scout"), load_gpu("h100-sxm")
+    ring = lower(spec, "decode", seq_len=8193, batch=4, precision="fp8", kv_precision="fp8")
+    read = {op.name: op.kv_read_bytes for op in G.decode_as_gpus_run(spec, ring, 8193) if op.kind == "attention"}
+    chunked = [i for i in range(spec.n_layers) if spec.layer_chunk(i)]
+    assert chunked and all(read[f"blk.{i}.attention"] == 4 * 2 * spec.kv_dim for i in chunked)  # fp8: 1 byte
+    assert read["blk.3.attention"] == 4 * 2 * spec.kv_dim * 8193  # a global layer reads every key
+    steps = [G.gpu_timing(spec, h100, "fp8", context=n, users=4).decode_step_s for n in (8192, 8193)]
+    assert steps[1] < steps[0]

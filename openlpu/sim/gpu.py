@@ -85,13 +85,14 @@ Constants and the published points they were fitted on / checked against (bench/
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from openlpu.errors import OpenLPUError, check_count
-from openlpu.graph.lower import as_precision, lower, serving_precision
+from openlpu.graph.lower import as_precision, attended_keys, lower, serving_precision
 from openlpu.hardware.gpu import GpuSpec
 from openlpu.models.spec import ModelSpec
 from openlpu.sim.cost import gpu_servers
@@ -203,6 +204,20 @@ def op_time_s(op, gpu: GpuSpec, precision: str, shards: int, kv_reads: int = 1, 
     moved = op.bytes_total + (kv_reads - 1) * op.kv_read_bytes + copied + widened
     memory_s = moved / split / (gpu.hbm_bandwidth_bytes_per_s * MEMORY_EFFICIENCY)
     return max(compute_s, memory_s) + (0.0 if op.kind in FUSED_KINDS else KERNEL_OVERHEAD_S)
+
+
+def decode_as_gpus_run(spec: ModelSpec, ops, seq_len: int) -> list:
+    """A decode step's ops as a GPU runs them at `seq_len`: on a chunked layer (Llama 4) attention reads the keys
+    of the current chunk alone, where the lowering reads the layer's whole ring (the LPU's static schedule serves
+    every position up to seq_len with one step)."""
+    out = []
+    for op in ops:
+        chunk = spec.layer_chunk(op.layer) if op.kind == "attention" and op.layer >= 0 else None
+        ring = spec.layer_positions(op.layer, seq_len) if chunk else 0
+        if chunk and ring > (keys := attended_keys(seq_len, None, "decode", chunk=chunk)):
+            op = dataclasses.replace(op, kv_read_bytes=op.kv_read_bytes * keys / ring)
+        out.append(op)
+    return out
 
 
 def paced_decode_s(gpu_step_s: float, requests: int, software: str) -> float:
@@ -404,8 +419,9 @@ def gpu_timing(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, user
 
     kv_format = serving_precision(precision)
     _, batch = micro_batches(users, stages)
-    decode_ops = lower(spec, "decode", seq_len=decode_context, batch=batch, precision=precision, kv_precision=kv_format,
-                       queries=queries)
+    decode_ops = decode_as_gpus_run(spec, lower(spec, "decode", seq_len=decode_context, batch=batch,
+                                                precision=precision, kv_precision=kv_format, queries=queries),
+                                    decode_context)
     prefill_ops = lower(spec, "prefill", seq_len=prompt_tokens, batch=1, precision=precision, kv_precision=kv_format)
     decode = paced_decode_s(step_s(spec, decode_ops, gpu, precision, tp, stages, batch * queries, software), users,
                             software)
@@ -429,8 +445,9 @@ def offline_steps_s(spec: ModelSpec, gpu: GpuSpec, precision: str, gpus: int, ba
     count, each = micro_batches(batch, stages)
     kv_format = serving_precision(precision)
     prefill = lower(spec, "prefill", seq_len=input_tokens, batch=each, precision=precision, kv_precision=kv_format)
-    decode = lower(spec, "decode", seq_len=input_tokens + output_tokens // 2, batch=each, precision=precision,
-                   kv_precision=kv_format)
+    attended = input_tokens + output_tokens // 2
+    decode = decode_as_gpus_run(spec, lower(spec, "decode", seq_len=attended, batch=each, precision=precision,
+                                            kv_precision=kv_format), attended)
     return (pipelined_s(step_s(spec, prefill, gpu, precision, tp, stages, each * input_tokens, software), count, stages),
             step_s(spec, decode, gpu, precision, tp, stages, each, software))
 
