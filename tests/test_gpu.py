@@ -342,8 +342,8 @@ def test_bad_sizes_are_one_clear_error(kw, says):
 
 @pytest.mark.parametrize("model, precision, gpus, says", [
     ("llama-3.1-8b", "fp8", 0, "the GPU count must be a positive integer"),
-    ("llama-3.1-405b", "bf16", 1, "1 x h100-sxm cannot hold llama-3.1-405b's 811.7 GB of bf16 weights; it needs at "
-                                  "least 16 GPUs"),
+    ("llama-3.1-405b", "bf16", 1, ("1 x h100-sxm cannot hold llama-3.1-405b's 811.7 GB of bf16 weights; it needs "
+                                   "at least 16 GPUs")),
     ("llama-3.1-8b", "fp8", 12, "12 h100-sxm GPUs do not fill whole servers of 8"),
 ])
 def test_an_offline_batch_on_gpus_that_cannot_run_it_is_one_clear_error(model, precision, gpus, says):
