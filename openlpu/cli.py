@@ -101,13 +101,12 @@ def serve(
     """A GroqCloud-compatible API (/openai/v1/...) and a chat playground at /."""
     from openlpu.serve.app import ServeSettings, create_app, uvicorn_server
     from openlpu.serve.lpu import program_hook
-    from openlpu.serve.ratelimit import KeyLimits, load_keys_file
+    from openlpu.serve.ratelimit import KeyLimits, RateLimiter, load_keys_file
 
     if max_batch < 1 or max_queue < 0:
         raise OpenLPUError("--max-batch must be at least 1 and --max-queue at least 0")
-    if bad := [f"--{flag} {v}" for flag, v in (("rpm", rpm), ("tpm", tpm), ("rpd", rpd)) if v is not None and v < 1]:
-        raise OpenLPUError(f"{', '.join(bad)}: --rpm, --tpm and --rpd must be at least 1")  # before the model loads
     keys = {k: KeyLimits() for k in api_key or ()} | (load_keys_file(keys_file) if keys_file else {})
+    RateLimiter(rpm, tpm, keys, requests_per_day=rpd)  # its limits refused before the model loads, not after
     from openlpu.runtime.engine import Engine
 
     with console.status(f"compiling for {escape(str(system))} and loading the model"):
@@ -520,7 +519,7 @@ def run(
         t_start, t_first, t_end, n_out, finish = _run_sharded(program, tokenizer, model_path, ids, max_tokens)
     _emit("\n")
 
-    sim, gpu_t = timing(program), gpu_timing(spec, gpu, "int8", workload.context_length,
+    sim, gpu_t = timing(program), gpu_timing(spec, gpu, workload.weights, workload.context_length,
                                             prompt_tokens=len(ids))
     decoded, decode_s = n_out - 1, t_end - t_first  # the first token comes from the prefill
     host_tps = decoded / decode_s if decoded and decode_s > 0 else float("nan")
@@ -529,10 +528,10 @@ def run(
         table.add_column(col, justify="left" if col in ("", "what it is") else "right")
     host_weights = precision if mode == "fused" else "float32"
     table.add_row(f"this host ({mode}, {host_weights})", "measured", f"{t_first - t_start:.3f}", f"{host_tps:.1f}")
-    table.add_row(f"{escape(lpu.name)} x {counted(sim.chips, 'chip')}, {program.workload.weights}",
+    table.add_row(f"{escape(lpu.name)} x {counted(sim.chips, 'chip')}, {workload.weights}",
                   "simulated from the Program", f"{sim.ttft_s:.5f}", f"{sim.tokens_per_s_per_user:,.0f}")
-    table.add_row(f"{escape(gpu.name)} x {gpu_t.gpus}, int8", "modelled (roofline)", f"{gpu_t.ttft_s:.5f}",
-                  f"{gpu_t.tokens_per_s_per_user:,.0f}")
+    table.add_row(f"{escape(gpu.name)} x {gpu_t.gpus}, {workload.weights}", "modelled (roofline)",
+                  f"{gpu_t.ttft_s:.5f}", f"{gpu_t.tokens_per_s_per_user:,.0f}")
     err.print(table)
     err.print(f"[dim]peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB[/]")
 

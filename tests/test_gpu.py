@@ -564,8 +564,7 @@ def test_a_chunked_layer_decodes_reading_its_current_chunk_alone():
     decode step reads fewer of them, where the lowering reads the whole ring for the LPU's static schedule. Its
     attention then reads one cached key a sequence at 8,193 tokens, and the step is faster than at 8,192."""
     spec, h100 = load_preset("llama-4-scout"), load_gpu("h100-sxm")
-    ring = lower(spec, "decode", seq_len=8193, batch=4, precision="fp8", kv_precision="fp8")
-    read = {op.name: op.kv_read_bytes for op in G.decode_as_gpus_run(spec, ring, 8193) if op.kind == "attention"}
+    read = {op.name: op.kv_read_bytes for op in G.gpu_decode_ops(spec, 8193, 4, "fp8") if op.kind == "attention"}
     chunked = [i for i in range(spec.n_layers) if spec.layer_chunk(i)]
     assert chunked and all(read[f"blk.{i}.attention"] == 4 * 2 * spec.kv_dim for i in chunked)  # fp8: 1 byte
     assert read["blk.3.attention"] == 4 * 2 * spec.kv_dim * 8193  # a global layer reads every key

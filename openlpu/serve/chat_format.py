@@ -13,6 +13,8 @@ user cannot forge a turn by typing "<start_of_turn>".
 
 from __future__ import annotations
 
+import functools
+
 from openlpu.serve.errors import APIError
 
 GEMMA_ROLES = {"user": "user", "assistant": "model"}
@@ -55,8 +57,12 @@ def _generation_extension():
     return Generation
 
 
-def render_template(template: str, messages: list[tuple[str, str]], bos_token: str, eos_token: str) -> str:
-    """A model's own Jinja chat template, rendered the way transformers does (sandboxed)."""
+@functools.lru_cache(maxsize=4)
+def _compiled(template: str):
+    """A model's chat template compiled once (a request renders it) in an environment as transformers makes it:
+    sandboxed, with what it gives a template beyond Jinja's own: {% break %} and {% continue %}, {% generation %}
+    (which marks the assistant's text for training masks: rendered as is), a tojson that keeps the keys' order and
+    escapes no HTML, and the date (Llama 3.1's template writes it)."""
     import json
     from datetime import datetime
 
@@ -69,18 +75,22 @@ def render_template(template: str, messages: list[tuple[str, str]], bos_token: s
     def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    # what transformers gives a template beyond Jinja's own: {% break %} and {% continue %}, {% generation %}
-    # (which marks the assistant's text for training masks: rendered as is), a tojson that keeps the keys' order
-    # and escapes no HTML, and the date (Llama 3.1's template writes it)
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=["jinja2.ext.loopcontrols", _generation_extension()])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
+    return env.from_string(template)
+
+
+def render_template(template: str, messages: list[tuple[str, str]], bos_token: str, eos_token: str) -> str:
+    """A model's own Jinja chat template, rendered the way transformers does (_compiled)."""
+    from jinja2 import TemplateError
+
     msgs = [{"role": "system" if r in SYSTEM_ROLES else r, "content": t} for r, t in messages]
     try:
-        return env.from_string(template).render(messages=msgs, add_generation_prompt=True,
-                                                bos_token=bos_token, eos_token=eos_token)
+        return _compiled(template).render(messages=msgs, add_generation_prompt=True, bos_token=bos_token,
+                                          eos_token=eos_token)
     except TemplateError as e:  # e.g. "Conversation roles must alternate user/assistant/..."
         raise APIError(422, f"The conversation cannot be formatted for this model: {e}",
                        param="messages") from None

@@ -123,8 +123,9 @@ class RateLimiter:
     def __init__(self, requests_per_minute: int, tokens_per_minute: int,
                  per_key: dict[str, KeyLimits] | None = None, clock=time.monotonic,
                  requests_per_day: int | None = None):
-        if requests_per_minute < 1 or tokens_per_minute < 1 or requests_per_day is not None and requests_per_day < 1:
-            raise OpenLPUError("--rpm, --tpm and --rpd must be at least 1")
+        given = (("rpm", requests_per_minute), ("tpm", tokens_per_minute), ("rpd", requests_per_day))
+        if bad := [f"--{flag} {v}" for flag, v in given if v is not None and v < 1]:
+            raise OpenLPUError(f"{', '.join(bad)}: --rpm, --tpm and --rpd must be at least 1")
         self.defaults = KeyLimits(requests_per_minute, tokens_per_minute, requests_per_day)
         self.per_key = per_key or {}
         self.clock = clock

@@ -206,12 +206,13 @@ def op_time_s(op, gpu: GpuSpec, precision: str, shards: int, kv_reads: int = 1, 
     return max(compute_s, memory_s) + (0.0 if op.kind in FUSED_KINDS else KERNEL_OVERHEAD_S)
 
 
-def decode_as_gpus_run(spec: ModelSpec, ops, seq_len: int) -> list:
-    """A decode step's ops as a GPU runs them at `seq_len`: on a chunked layer (Llama 4) attention reads the keys
-    of the current chunk alone, where the lowering reads the layer's whole ring (the LPU's static schedule serves
-    every position up to seq_len with one step)."""
+def gpu_decode_ops(spec: ModelSpec, seq_len: int, batch: int, precision: str, queries: int = 1) -> list:
+    """One decode step's ops at `seq_len` as a GPU runs them (graph.lower, the KV cache at serving_precision): on a
+    chunked layer (Llama 4) attention reads the keys of the current chunk alone, where the lowering reads the
+    layer's whole ring (the LPU's static schedule serves every position up to seq_len with one step)."""
     out = []
-    for op in ops:
+    for op in lower(spec, "decode", seq_len=seq_len, batch=batch, precision=precision,
+                    kv_precision=serving_precision(precision), queries=queries):
         chunk = spec.layer_chunk(op.layer) if op.kind == "attention" and op.layer >= 0 else None
         ring = spec.layer_positions(op.layer, seq_len) if chunk else 0
         if chunk and ring > (keys := attended_keys(seq_len, None, "decode", chunk=chunk)):
@@ -419,9 +420,7 @@ def gpu_timing(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, user
 
     kv_format = serving_precision(precision)
     _, batch = micro_batches(users, stages)
-    decode_ops = decode_as_gpus_run(spec, lower(spec, "decode", seq_len=decode_context, batch=batch,
-                                                precision=precision, kv_precision=kv_format, queries=queries),
-                                    decode_context)
+    decode_ops = gpu_decode_ops(spec, decode_context, batch, precision, queries)
     prefill_ops = lower(spec, "prefill", seq_len=prompt_tokens, batch=1, precision=precision, kv_precision=kv_format)
     decode = paced_decode_s(step_s(spec, decode_ops, gpu, precision, tp, stages, batch * queries, software), users,
                             software)
@@ -445,9 +444,7 @@ def offline_steps_s(spec: ModelSpec, gpu: GpuSpec, precision: str, gpus: int, ba
     count, each = micro_batches(batch, stages)
     kv_format = serving_precision(precision)
     prefill = lower(spec, "prefill", seq_len=input_tokens, batch=each, precision=precision, kv_precision=kv_format)
-    attended = input_tokens + output_tokens // 2
-    decode = decode_as_gpus_run(spec, lower(spec, "decode", seq_len=attended, batch=each, precision=precision,
-                                            kv_precision=kv_format), attended)
+    decode = gpu_decode_ops(spec, input_tokens + output_tokens // 2, each, precision)
     return (pipelined_s(step_s(spec, prefill, gpu, precision, tp, stages, each * input_tokens, software), count, stages),
             step_s(spec, decode, gpu, precision, tp, stages, each, software))
 
