@@ -201,13 +201,20 @@ def plan(
                          draft=draft, draft_tokens=draft_tokens, acceptance=acceptance, gpu_software=gpu_software,
                          decode_context=decode_context, prefill_chunk=prefill_chunk)
     if plot_file is not None:
-        plot(rows, plot_file, f"{spec.name}, {precision}, {_users(users)} x {context:,} tokens")
+        a = assumptions
+        drafting = f"; draft {draft}, {draft_tokens or DRAFT_TOKENS} tokens at {acceptance:g}" if draft else ""
+        plot(rows, plot_file, f"{spec.name}, {precision}, {_users(users)} x {context:,} tokens (decode steps attend "
+                              f"{decode_context or context:,}; TTFT: a {prompt:,}-token prompt{drafting})\n"
+                              f"${a.usd_per_kwh:g}/kWh at PUE {a.pue:g}, {a.years:g} years, serving "
+                              f"{significant(a.utilisation * 100, 2)}% of the hours; GPU software {gpu_software}")
     if json_out:  # each row with what it was planned for, so that a saved file still says
         planned = {"model": spec.name, "precision": precision, "context": context,
                    "decode_context": decode_context or context, "prompt": prompt, "gpu_software": gpu_software,
                    "draft": draft, "draft_tokens": draft and (draft_tokens or DRAFT_TOKENS),
                    "acceptance": draft and acceptance, **dataclasses.asdict(assumptions)}
         print(json.dumps([{**planned, **r.to_dict()} for r in rows], indent=1))
+        for line in rows.left_out:  # stdout stays the rows' JSON
+            Console(stderr=True).print(f"not planned: {escape(line)}", highlight=False)
         return
     # one column per system, one row per figure: side by side at any terminal width
     a = assumptions
@@ -234,9 +241,10 @@ def plan(
     idle = dict.fromkeys(_idle_note(r.chips_asked, r.chips_asked - r.chips_idle) for r in rows if r.chips_idle)
     title = f"{escape(spec.name)} at {formats}, {_users(users)} x {context:,} tokens of context"
     caption = (f"tok/s: {_attending(context, decode_context)}.{speculating}{kernels} TTFT: the prefill of a "
-               f"{prompt:,}-token prompt{waves}. $ per M tokens: capex over {a.years:g} years plus power at "
-               f"${a.usd_per_kwh:.2f}/kWh (PUE {a.pue:g}), serving {a.utilisation:.0%} of the hours at the "
-               f"throughput shown.{widths}{''.join(' ' + note for note in idle)}")
+               f"{prompt:,}-token prompt{waves}. IT power: chips and their hosts (servers), before PUE. TCO: capex "
+               f"plus {a.years:g} years of power at ${a.usd_per_kwh:g}/kWh at the wall (PUE {a.pue:g}); $ per M "
+               f"tokens: TCO over the tokens of {a.years:g} years serving {significant(a.utilisation * 100, 2)}% of "
+               f"the hours at the throughput shown.{widths}{''.join(' ' + note for note in idle)}")
     figures = {
         "chips / GPUs": lambda r: f"{r.chips:,}",
         **({"idle of --chips": lambda r: f"{r.chips_idle:,} of {r.chips_asked:,}" if r.chips_asked else "-"}
@@ -245,19 +253,22 @@ def plan(
         **({"users": lambda r: f"{r.users:,}"} if len(set(users)) > 1 else {}),
         "users per step": lambda r: f"{r.users_per_step:,}",
         "memory used": lambda r: f"{significant(r.memory_used_fraction * 100, 2)}% of {r.memory}",
-        "tok/s per user": lambda r: f"{r.tokens_per_s_per_user:,.0f}",
+        "tok/s per user": lambda r: significant(r.tokens_per_s_per_user),
         "TTFT (ms)": lambda r: significant(r.ttft_s * 1e3),
         **({"prefill chunk": lambda r: f"{r.prefill_chunk:,}" if r.prefill_chunk else "-"}
            if chunks_differ else {}),
-        "throughput (tok/s)": lambda r: f"{r.throughput_tokens_per_s:,.0f}",
-        "power (kW)": lambda r: f"{r.power_w / 1e3:,.1f}",
+        "throughput (tok/s)": lambda r: significant(r.throughput_tokens_per_s),
+        "IT power (kW)": lambda r: f"{r.power_w / 1e3:,.1f}",
         "energy (J/token)": lambda r: significant(r.energy_per_token_j),
         "compute used (MFU)": lambda r: f"{significant(r.compute_used_fraction * 100, 2)}%",
         "capex ($M)": lambda r: significant(r.capex_usd / 1e6),
+        f"TCO, {a.years:g} years ($M)": lambda r: significant(r.tco_usd / 1e6),
         "$ per M tokens": lambda r: significant(r.usd_per_million_tokens),
     }
     _print_columns(title, caption, [f"{escape(r.system)} ({r.kind})" for r in rows],
                    [(label, [cell(r) for r in rows]) for label, cell in figures.items()])
+    for line in rows.left_out:
+        console.print(f"[bold]not planned:[/] {escape(line)}", highlight=False)
     if plot_file is not None:
         console.print(f"chart written to {escape(str(plot_file))}")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 from openlpu.errors import OpenLPUError
@@ -32,6 +33,13 @@ def output_path(path: str | Path, what: str, suffix: str | None = None) -> Path:
     except (OSError, RuntimeError) as e:  # a name the file system cannot hold; a loop of links (RuntimeError)
         reason = getattr(e, "strerror", None) or e
         raise OpenLPUError(f"cannot write the {what} to {text!r}: {reason}; choose another path") from None
+    if not (target.exists() and not target.is_file()):  # a device or a pipe is written into, not beside
+        try:
+            with tempfile.TemporaryFile(dir=folder):  # as write_whole will write there: a file of its own
+                pass
+        except OSError as e:
+            raise OpenLPUError(f"cannot write the {what} to {text!r}: {str(folder)!r} takes no new file "
+                               f"({e.strerror or e}); choose a writable folder") from None
     return target
 
 

@@ -851,7 +851,8 @@ def test_a_failed_write_leaves_the_existing_program_whole(tmp_path, monkeypatch)
 def test_a_program_is_written_where_the_path_says_and_nowhere_else(gemma8, tmp_path):
     """A file beside the target is left alone (even one named as a half-written copy would be); a link is
     followed to the file it names, and stays a link; a path that names a folder, or sits under a file, is
-    refused in one line; and `compile` checks its -o path before compiling."""
+    refused in one line, as is one in a folder that takes no new file; and `compile` checks its -o path before
+    compiling."""
     (tmp_path / "g.prog.partial").write_text("precious")
     (tmp_path / "real.prog").write_text("old")
     (tmp_path / "link.prog").symlink_to(tmp_path / "real.prog")
@@ -862,7 +863,8 @@ def test_a_program_is_written_where_the_path_says_and_nowhere_else(gemma8, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.prog", "g.prog.partial", "link.prog", "real.prog"]
     for path, says in ((f"{tmp_path}/new/", "it names a folder"), (tmp_path, "it names a folder"),
                        (tmp_path / "g.prog" / "x.prog", "is a file, not a folder"),
-                       (tmp_path / "no" / "x.prog", "does not exist")):
+                       (tmp_path / "no" / "x.prog", "does not exist"),
+                       ("/proc/x.prog", "'/proc' takes no new file")):  # was refused only after the compile
         with pytest.raises(OpenLPUError, match=f"cannot write the Program to .*{says}"):
             gemma8.save(path)
         r = subprocess.run([sys.executable, "-m", "openlpu.cli", "compile", "no-such-model", "-o", str(path)],

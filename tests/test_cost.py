@@ -16,7 +16,17 @@ import pytest
 from openlpu.errors import OpenLPUError
 from openlpu.hardware.gpu import load_gpu
 from openlpu.hardware.lpu import load_system
-from openlpu.sim.cost import RACK_USD, Capex, CostAssumptions, cost, energy_usd, gpu_capex, lpu_capex
+from openlpu.sim.cost import (
+    GPU_SERVERS_PER_RACK,
+    LPU_CABLES_USD_PER_NODE,
+    RACK_USD,
+    Capex,
+    CostAssumptions,
+    cost,
+    energy_usd,
+    gpu_capex,
+    lpu_capex,
+)
 
 CRITIQUE_CARDS = 572
 CRITIQUE_CARD_USD = 20_000
@@ -68,9 +78,19 @@ def test_our_plan_of_the_deployment_the_critique_priced():
     system = load_system("lpu-v1")
     lpu, gpu = plan("llama-2-70b", chips=576, tp=8, gpus=8, context=4096)
     assert (lpu.chips, lpu.layout, gpu.chips) == (576, "72 x TP 8", 8)
-    assert 576 * system.chip.price_usd / load_gpu("h100-sxm").server_price_usd == pytest.approx(38.1, rel=0.01)
-    assert 38.1 < lpu.capex_usd / gpu.capex_usd < 38.1 * 1.25
-    assert 10.6 < lpu.power_w / gpu.power_w < 2 * 10.6
+    # the purchase, part by part: the cards at the critique's price, and what it left out
+    assert lpu.capex_accelerators_usd == 576 * CRITIQUE_CARD_USD == pytest.approx(576 / CRITIQUE_CARDS * 11_440_000)
+    assert gpu.capex_accelerators_usd == CRITIQUE_H100_SERVER_USD and gpu.capex_hosts_usd == 0
+    assert lpu.capex_hosts_usd == 72 * system.node.host_price_usd  # 72 nodes of 8 cards
+    assert (lpu.capex_racks_usd, gpu.capex_racks_usd) == (8 * RACK_USD, RACK_USD / GPU_SERVERS_PER_RACK)
+    assert (lpu.capex_network_usd, gpu.capex_network_usd) == (72 * LPU_CABLES_USD_PER_NODE, 0)
+    assert lpu.capex_accelerators_usd / gpu.capex_accelerators_usd == pytest.approx(38.4, abs=0.05)
+    assert lpu.capex_usd / gpu.capex_usd == pytest.approx(45.85, abs=0.01)  # a fifth wider than 38x
+    # the running cost: energy in proportion to the power each draws, at the wall
+    assert lpu.wall_power_w == pytest.approx(1.3 * lpu.power_w)
+    energy_ratio = lpu.energy_usd_per_year / gpu.energy_usd_per_year
+    assert energy_ratio == pytest.approx(lpu.power_w / gpu.power_w) and 10.6 < energy_ratio < 2 * 10.6
+    assert lpu.tco_usd == pytest.approx(lpu.capex_usd + 3 * lpu.energy_usd_per_year)
     chips_w = lpu.power_w - 72 * system.node.host_power_w
     chip = system.chip
     busy_share = (chips_w - 576 * chip.idle_power_w) / (576 * (chip.busy_power_w - chip.idle_power_w))

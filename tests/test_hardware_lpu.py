@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -80,8 +81,56 @@ def test_a_figure_beyond_any_hardware_is_named(tmp_path, value):
     data = json.loads(json.dumps(V1))
     data["links"]["local"]["latency_s"]["value"] = value
     with pytest.raises(OpenLPUError, match=r"links\.local\.latency_s = .* is outside the range of any hardware "
-                                           r"figure \(1e-18 to 1e\+18\); check its units"):
+                                           r"figure in s \(1e-10 to 0\.01\); check its units"):
         load_system(_write(tmp_path, data))
+
+
+@pytest.mark.parametrize("field, value, unit", [
+    (("chip", "clock_hz"), 900, "hz"),  # MHz
+    (("chip", "sram_bytes"), 230, "bytes"),  # MB
+    (("chip", "sram_bandwidth_bytes_per_s"), 80, "bytes per s"),  # TB/s
+    (("links", "local", "latency_s"), 100, "s"),  # ns
+    (("chip", "busy_power_w"), 0.215, "w"),  # kW
+])
+def test_a_figure_in_a_larger_unit_is_named(tmp_path, field, value, unit):
+    """A figure written in the unit a datasheet gives (a clock of 900 for 900 MHz) passed as a positive number
+    and planned at a clock of 900 Hz: 0 tok/s per user, TTFT 904,911 ms (a review). Each is refused by the
+    range of the unit its field's name ends in."""
+    data = json.loads(json.dumps(V1))
+    figure = data
+    for key in field:
+        figure = figure[key]
+    figure["value"] = value
+    with pytest.raises(OpenLPUError, match=rf"{re.escape('.'.join(field))} = {value} is outside the range of any "
+                                           rf"hardware figure in {unit} \("):
+        load_system(_write(tmp_path, data))
+
+
+def test_every_preset_figure_is_in_its_units_range():
+    """The ranges leave room for every figure OpenLPU ships, the projected chip's included."""
+    from openlpu.hardware.gpu import load_gpu
+    from openlpu.hardware.spec_file import preset_names
+
+    for name in preset_names("lpu"):
+        load_system(name)
+    for name in preset_names("gpu"):
+        load_gpu(name)
+
+
+def test_a_copy_of_a_preset_is_told_apart_from_it(tmp_path):
+    """A copy of lpu-v1 at other prices keeps its "name": its columns and errors were headed 'lpu-v1', as the
+    preset's are (a review). Now its file is named beside it."""
+    data = json.loads(json.dumps(V1))
+    data["chip"]["price_usd"]["value"] = 5000
+    path = tmp_path / "mylpu.json"
+    path.write_text(json.dumps(data))
+    assert load_system(path).name == "lpu-v1 (mylpu.json)"
+    assert load_system("lpu-v1").name == "lpu-v1"
+    data["node"]["chips"]["value"] = 4
+    data["node"]["local_links_per_chip"]["value"] = 3
+    path.write_text(json.dumps(data))
+    with pytest.raises(OpenLPUError, match=r"^lpu-v1 \(mylpu\.json\): "):
+        load_system(path)
 
 
 def test_mistyped_precision_of_the_matrix_unit_is_named(tmp_path):

@@ -16,6 +16,7 @@ from openlpu.models.spec import load_preset
 from openlpu.sim.cost import CostAssumptions, cost, gpu_capex
 from openlpu.sim.gpu import gpus_needed
 from openlpu.sim.plan import plan
+from openlpu.words import significant
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -226,8 +227,12 @@ def test_cli_table_states_the_prompt_and_the_cost_assumptions():
                 "--usd-per-kwh", "0.07", "--pue", "1.1")
     assert r.returncode == 0, r.stderr
     text = " ".join(r.stdout.split())
-    assert "prefill of a 1,024-token prompt" in text and "capex over 4 years" in text
-    assert "$0.07/kWh (PUE 1.1)" in text and "serving 80% of the hours" in text
+    assert "prefill of a 1,024-token prompt" in text and "TCO: capex plus 4 years of power" in text
+    assert "$0.07/kWh at the wall (PUE 1.1)" in text and "serving 80% of the hours" in text
+    assert "IT power: chips and their hosts (servers), before PUE" in text and "TCO, 4 years ($M)" in text
+    # prices and shares written as given, not rounded away (a price of $0.004/kWh read "$0.00/kWh")
+    text = " ".join(run_cli("gemma-3-270m", "--usd-per-kwh", "0.004", "--utilisation", "0.004").stdout.split())
+    assert "$0.004/kWh" in text and "serving 0.40% of the hours" in text
     assert "The LPU on the fewest chips that hold the workload at the compiler's width and chunk (--tp all: every TP " \
         "width" in text
 
@@ -297,7 +302,7 @@ def test_a_table_wider_than_the_terminal_is_split_not_cut():
     assert "(1 of 2)" in result.stdout and "(2 of 2)" in result.stdout
     rows = json.loads(run_cli("llama-3.3-70b", "--tp", "all", "--json").stdout)
     tok_s = [cell for line in lines if line.startswith("│ tok/s per user") for cell in line.split("│")[2:-1]]
-    assert [c.strip() for c in tok_s] == [f"{r['tokens_per_s_per_user']:,.0f}" for r in rows]
+    assert [c.strip() for c in tok_s] == [significant(r["tokens_per_s_per_user"]) for r in rows]
     chunks = [c.strip() for line in lines if line.startswith("│ prefill chunk") for c in line.split("│")[2:-1]]
     assert chunks == [f"{r['prefill_chunk']:,}" if r["prefill_chunk"] else "-" for r in rows]
 
@@ -655,3 +660,41 @@ def test_groups_spanning_nodes_stand_in_the_racks_they_fill():
     offset = draft_offset(system, target, draft)
     assert max(target.placement.chips) >= 576 and offset == max(target.placement.chips) + 1
     assert not set(target.placement.chips) & {offset + c for c in draft.placement.chips}
+
+
+def test_a_sweep_shows_the_columns_that_fit_and_says_why_the_others_are_left_out():
+    """One column of a sweep that cannot be planned (8 users of 131,072 tokens on one H100; TP 16 on 40 chips)
+    ended the whole command with its error, losing the columns that fit (a review). Now those are planned as
+    each would be alone, and the rest named with the reason; a system none of whose columns can be planned is
+    still one error, as a count that is not one."""
+    gpus = plan("llama-3.1-8b", system="", users=(1, 8), gpus=(1, 8), context=131072)
+    assert [(r.users, r.chips) for r in gpus] == [(1, 1), (1, 8), (8, 8)]
+    assert gpus == [plan("llama-3.1-8b", system="", users=u, gpus=n, context=131072)[0] for u, n in
+                    ((1, 1), (1, 8), (8, 8))]
+    assert gpus.left_out == (("h100-sxm --users 8 --gpus 1: 1 x h100-sxm hold the KV cache of at most 7 users at "
+                              "context 131072, not 8; add GPUs or lower --users / --context"),)
+    lpu = plan("llama-3.1-8b", compare=(), chips=(40, 64), tp=(8, 16))
+    assert [(r.chips, r.layout) for r in lpu] == [(40, "5 x TP 8"), (64, "8 x TP 8"), (64, "4 x TP 16")]
+    assert len(lpu.left_out) == 1 and lpu.left_out[0].startswith("lpu-v1 --chips 40 --tp 16: ")
+    assert "needs at least 48 chips" in lpu.left_out[0]
+    r = run_cli("llama-3.1-8b", "--system", "", "--users", "1,8", "--gpus", "1,8", "--context", "131072")
+    text = " ".join(r.stdout.split())
+    assert r.returncode == 0 and "not planned: h100-sxm --users 8 --gpus 1: 1 x h100-sxm hold the KV cache" in text
+    r = run_cli("llama-3.1-8b", "--system", "", "--users", "1,8", "--gpus", "1,8", "--context", "131072", "--json")
+    assert r.returncode == 0 and len(json.loads(r.stdout)) == 3 and "not planned: h100-sxm --users 8" in r.stderr
+    for args, says in ((("--chips", "20"), "needs at least"), (("--chips", "0,40"), "--chips must be a positive"),
+                       (("--users", "4096,8192", "--context", "131072", "--compare", ""), "does not fit")):
+        r = run_cli("llama-3.1-8b", *args)
+        assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_every_bar_of_a_plot_is_told_apart():
+    """`--chips 64,100 --prefill-chunk 256,128` drew four bars each labelled 'lpu-v1 / 64 chips / 2 x TP 32'
+    (a review): a bar names what tells it apart from the others of its system."""
+    from openlpu.sim.plan import _bar_labels
+
+    rows = plan("llama-3.1-8b", chips=(64, 100), prefill_chunk=(256, 128), compare=("h100-sxm", "b200"))
+    labels = _bar_labels(rows)
+    assert len(set(labels)) == len(rows) == 6
+    assert labels[:2] == ["lpu-v1\n64 chips\nchunk 256", "lpu-v1\n64 chips\nchunk 128"]
+    assert labels[2].startswith("lpu-v1\n64 of 100 chips") and labels[4:] == ["h100-sxm", "b200"]

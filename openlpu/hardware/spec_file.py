@@ -33,7 +33,9 @@ def preset_names(kind: str) -> list[str]:
 
 def read_hardware(name_or_path: str | Path, kind: str, what: str) -> tuple[dict, str]:
     """(the file's fields but "kind", the name its figures are reported under) for a preset of `kind`
-    named `name_or_path` or a .json file at that path; `what` names the kind in errors ("GPU")."""
+    named `name_or_path` or a .json file at that path; `what` names the kind in errors ("GPU"). A file
+    whose "name" is a preset's, as a copy of one at other prices keeps, is named with its file too,
+    so that it is told apart from the preset in tables and errors."""
     names, path = preset_names(kind), Path(name_or_path)
     if path.suffix != ".json":
         example = PRESETS_DIR / f"{names[0]}.json"
@@ -60,26 +62,51 @@ def read_hardware(name_or_path: str | Path, kind: str, what: str) -> tuple[dict,
         raise OpenLPUError(f"hardware file {path.name}: not valid JSON ({e})") from None
     if not isinstance(data, dict) or data.get("kind") != kind:
         raise OpenLPUError(f"hardware file {path.name}: expected \"kind\": \"{kind}\" at the top level (a {what})")
-    return {k: v for k, v in data.items() if k != "kind"}, path.stem
+    fields = {k: v for k, v in data.items() if k != "kind"}
+    if fields.get("name") in names and path.resolve() != (PRESETS_DIR / f"{fields['name']}.json").resolve():
+        fields["name"] = f"{fields['name']} ({path.name})"
+    return fields, path.stem
 
 
-# Far beyond real hardware either way in these units (B200's FP4 peak is 9e15 FLOP/s, a link's latency 1e-7 s),
-# and narrow enough that products of figures stay finite
+# Far beyond real hardware either way, and narrow enough that products of figures stay finite: a figure whose
+# field names no unit (a count)
 FIGURE_RANGE = (1e-18, 1e18)
+# By the unit a field's name ends in (the first that matches), far beyond real hardware either way (a link's
+# latency is ~1e-7 s, B200's FP4 peak 9e15 FLOP/s, an LPU chip's SRAM 2.3e8 bytes) yet narrow enough to catch a
+# figure written in a larger unit: a clock of 900 (MHz), an HBM bandwidth of 3.35 (TB/s), 80 bytes of HBM (GB)
+UNIT_RANGES = (
+    ("_bytes_per_s", 1e8, 1e16),
+    ("_flops_per_s", 1e10, 1e18),
+    ("_hz", 1e7, 1e11),
+    ("_bytes", 1e5, 1e14),
+    ("_per_cycle", 1.0, 1e9),
+    ("_s", 1e-10, 1e-2),
+    ("_w", 1.0, 1e6),
+    ("_usd", 1.0, 1e9),
+)
 
 
-def positive_number(v, where: str, zero_ok: bool = False) -> None:
+def figure_range(field: str) -> tuple[str, float, float]:
+    """(the unit, the least and the most) a figure of the field named `field` can be, by the unit its name ends
+    in (UNIT_RANGES; a count: no unit)."""
+    return next(((unit[1:].replace("_", " "), low, high) for unit, low, high in UNIT_RANGES if field.endswith(unit)),
+                ("", *FIGURE_RANGE))
+
+
+def positive_number(v, where: str, zero_ok: bool = False, field: str = "") -> None:
     if (isinstance(v, bool) or not isinstance(v, (int, float)) or isinstance(v, float) and not math.isfinite(v)
             or not (v >= 0 if zero_ok else v > 0)):  # an int is finite, however long (math.isfinite would overflow)
         raise OpenLPUError(f"{where} must be a {'non-negative' if zero_ok else 'positive'} number, got {v!r}")
-    if v and not FIGURE_RANGE[0] <= v <= FIGURE_RANGE[1]:
-        raise OpenLPUError(f"{where} = {v!r} is outside the range of any hardware figure ({FIGURE_RANGE[0]:g} to "
-                           f"{FIGURE_RANGE[1]:g}); check its units")
+    unit, low, high = figure_range(field)
+    if v and not low <= v <= high:
+        in_unit = f" in {unit}" if unit else ""
+        raise OpenLPUError(f"{where} = {v!r} is outside the range of any hardware figure{in_unit} ({low:g} to "
+                           f"{high:g}); check its units")
 
 
 def check_figure(raw, where: str, kind, sources: dict, zero_ok: bool = False) -> object:
     """One {"value", "source", "confidence"} figure, checked against the field's type: a number
-    positive (or, `zero_ok`, not negative), or a number per operand precision."""
+    positive (or, `zero_ok`, not negative) and in its unit's range, or a number per operand precision."""
     if not isinstance(raw, dict) or set(raw) != {"value", "source", "confidence"}:
         raise OpenLPUError(f"{where} must be an object with exactly value, source and confidence")
     if raw["confidence"] not in CONFIDENCES:
@@ -91,7 +118,9 @@ def check_figure(raw, where: str, kind, sources: dict, zero_ok: bool = False) ->
 
 
 def check_value(value, where: str, kind, zero_ok: bool = False) -> object:
-    """A figure's value checked against the field's type (check_figure)."""
+    """A figure's value checked against the field's type and the unit its name (`where`'s last part) ends in
+    (check_figure)."""
+    field = where.rsplit(".", 1)[-1]
     if kind is str:
         if not isinstance(value, str):
             raise OpenLPUError(f"{where} must be a string, got {value!r}")
@@ -106,9 +135,9 @@ def check_value(value, where: str, kind, zero_ok: bool = False) -> object:
                 as_precision(k)
             except OpenLPUError as e:
                 raise OpenLPUError(f"{where}: {e}") from None
-            positive_number(v, f"{where}.{k}")
+            positive_number(v, f"{where}.{k}", field=field)
         return dict(sorted(value.items()))
-    positive_number(value, where, zero_ok)
+    positive_number(value, where, zero_ok, field)
     if kind is int:
         if value != int(value):
             raise OpenLPUError(f"{where} must be a whole number, got {value!r}")

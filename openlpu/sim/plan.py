@@ -7,6 +7,7 @@ op rows on the GPU roofline model (sim.gpu); both are priced by sim.cost with th
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,13 +17,29 @@ from openlpu.graph.lower import as_precision, serving_precision
 from openlpu.hardware.gpu import gpu_names, load_gpu
 from openlpu.hardware.lpu import SystemSpec, load_system
 from openlpu.models.spec import ModelSpec, load_spec
-from openlpu.sim.cost import CostAssumptions, cost, gpu_capex, lpu_capex, lpu_nodes_held
+from openlpu.sim.cost import (
+    Cost,
+    CostAssumptions,
+    cost,
+    gpu_capex,
+    lpu_capex,
+    lpu_nodes_held,
+)
 from openlpu.sim.figures import save_png
 from openlpu.sim.gpu import DEFAULT_SOFTWARE, software_named
 from openlpu.words import counted, significant
 
 if TYPE_CHECKING:
     from openlpu.compiler import Workload
+
+
+def _cost_fields(c: Cost) -> dict:
+    """A PlanRow's cost fields, from sim.cost."""
+    return dict(wall_power_w=c.wall_power_w, capex_usd=c.capex.total_usd,
+                capex_accelerators_usd=c.capex.accelerators_usd, capex_hosts_usd=c.capex.hosts_usd,
+                capex_racks_usd=c.capex.racks_usd, capex_network_usd=c.capex.network_usd,
+                energy_usd_per_year=c.energy_usd_per_year, tco_usd=c.tco_usd,
+                usd_per_million_tokens=c.usd_per_million_tokens)
 
 
 @dataclass(frozen=True)
@@ -42,9 +59,16 @@ class PlanRow:
     ttft_s: float
     throughput_tokens_per_s: float
     power_w: float  # IT power while serving (no PUE)
-    energy_per_token_j: float
+    wall_power_w: float  # power_w x PUE
+    energy_per_token_j: float  # of IT power
     compute_used_fraction: float  # matrix FLOPs done / the peak of the chips used, in steady state (MFU)
-    capex_usd: float
+    capex_usd: float  # the four parts below
+    capex_accelerators_usd: float  # LPU cards, or GPU servers
+    capex_hosts_usd: float  # LPU host servers (a GPU server's price includes its host)
+    capex_racks_usd: float
+    capex_network_usd: float
+    energy_usd_per_year: float  # at the wall, round the clock
+    tco_usd: float  # capex + energy over the assumptions' years
     usd_per_million_tokens: float
     prefill_chunk: int | None  # LPU: prompt tokens per wave of its prefill; GPU: None (one pass)
 
@@ -226,8 +250,7 @@ def lpu_row(spec: ModelSpec, system: SystemSpec, workload: Workload, flops_per_t
                    throughput_tokens_per_s=f.throughput_tokens_per_s, power_w=f.power_w,
                    energy_per_token_j=f.power_w / f.throughput_tokens_per_s,
                    compute_used_fraction=flops_per_token * f.throughput_tokens_per_s / peak_flops_per_s,
-                   capex_usd=c.capex.total_usd, usd_per_million_tokens=c.usd_per_million_tokens,
-                   prefill_chunk=program.workload.prefill_chunk)
+                   prefill_chunk=program.workload.prefill_chunk, **_cost_fields(c))
 
 
 def gpu_row(spec: ModelSpec, gpu_name: str, precision: str, context: int, users: int, prompt: int,
@@ -263,11 +286,26 @@ def gpu_row(spec: ModelSpec, gpu_name: str, precision: str, context: int, users:
                    memory_used_fraction=memory, tokens_per_s_per_user=per_user,
                    ttft_s=ttft, throughput_tokens_per_s=throughput, power_w=t.power_w,
                    energy_per_token_j=t.power_w / throughput,
-                   compute_used_fraction=flops_per_token * throughput / peak_flops_per_s,
-                   capex_usd=c.capex.total_usd, usd_per_million_tokens=c.usd_per_million_tokens, prefill_chunk=None)
+                   compute_used_fraction=flops_per_token * throughput / peak_flops_per_s, prefill_chunk=None,
+                   **_cost_fields(c))
 
 
 Counts = int | tuple[int, ...] | None  # one value, several (a row each), or None: the default
+
+
+class Plan(list):
+    """A plan's rows, a PlanRow each, and the columns asked for that could not be planned (`left_out`: a
+    line each, naming the column and saying why), as where one of several user counts does not fit."""
+
+    def __init__(self, rows: list[PlanRow], left_out: list[str]):
+        super().__init__(rows)
+        self.left_out = tuple(left_out)
+
+
+def _column(system: str, **given) -> str:
+    """How a column was asked for: its system and the flags given for it, as the user wrote them."""
+    flags = " ".join(f"--{flag.replace('_', '-')} {value}" for flag, value in given.items() if value is not None)
+    return f"{system} {flags}".strip()
 
 
 def _each(value: Counts, name: str) -> tuple:
@@ -284,14 +322,16 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
          gpus: Counts = None, prompt: int | None = None, tp: Counts | str = None,
          draft: str | ModelSpec | None = None, draft_tokens: int | None = None,
          acceptance: float | None = None, gpu_software: str = DEFAULT_SOFTWARE,
-         decode_context: int | None = None, prefill_chunk: Counts = None) -> list[PlanRow]:
+         decode_context: int | None = None, prefill_chunk: Counts = None) -> Plan:
     """The LPU system first, then each GPU, for `users` concurrent streams of `context` tokens, on
     `chips` LPU chips in TP groups of `tp` and `gpus` GPUs of each kind (None: the fewest that hold the
     workload, the compiler's TP; `tp="all"`: every width that places the model, each on its fewest chips);
     TTFT is the prefill of `prompt` tokens (None: Workload.default_prompt_len); each decode step attends
     `decode_context` of the `context` tokens a user holds (None: all of them); the LPU prefills in chunks of
     `prefill_chunk` tokens (None: the compiler's choice). Several user counts, chip counts, widths, chunks or
-    GPU counts give a row each: every user count, with every chip count, with every chunk, with every width.
+    GPU counts give a row each: every user count, with every chip count, with every chunk, with every width;
+    those that cannot be planned (too many users to fit, a width wider than the chips given) are left out
+    with the reason (Plan.left_out), unless none asked of a system can, when its first reason is raised.
     `model`, `draft`: a ModelSpec, or what load_spec takes (a preset name, a .gguf file, a config.json).
     With a draft, every system decodes speculatively: `draft_tokens` (default DRAFT_TOKENS) per round,
     each accepted with probability `acceptance`, which must be given. `gpu_software`: the GPUs' serving
@@ -318,8 +358,7 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
                            "with --draft")
     lpu = load_system(system) if system else None  # unknown names fail before any compile work
     compare = tuple(dict.fromkeys(compare))  # a GPU named twice is one column
-    for name in compare:
-        load_gpu(name)
+    gpu_labels = {name: load_gpu(name).name for name in compare}  # unknown names fail here too
     software_named(gpu_software)
     if not compare and not system:
         raise OpenLPUError(f"nothing to plan: give --system and/or --compare ({', '.join(gpu_names())})")
@@ -333,44 +372,82 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
         raise OpenLPUError("--tp all places each width on its fewest chips; to place widths on --chips, name "
                            "them (--tp 8,16)")
     chip_counts, widths, gpu_counts = _each(chips, "chips"), tp if tp == "all" else _each(tp, "tp"), _each(gpus, "gpus")
+    for flag, counts in (("--chips", chip_counts), ("--tp", () if widths == "all" else widths), ("--gpus", gpu_counts)):
+        for n in counts:
+            if n is not None:
+                check_count(n, flag)
     flops = matrix_flops_per_token(spec, precision, attended, speculation)  # the same work per token everywhere
-    rows = []
+    several_users = user_counts if len(user_counts) > 1 else (None,)
+    columns = []  # (its system, how the column was asked for, what makes its row)
     if lpu is not None:
-        for n_users in user_counts:
+        for n_users, shown_users in zip(user_counts, several_users):
             workloads = [lpu_workload(precision, context, n_users, prompt, c, speculation, decode_context)
                          for c in chunks]
             # "all": None where no width places the model, and the compiler says what does not fit
             width_sets = [(placeable_widths(spec, lpu, w) or (None,)) if widths == "all" else widths
                           for w in workloads]
-            rows += [lpu_row(spec, lpu, workload, flops, assumptions, n, t, speculation)
-                     for n in chip_counts for workload, each in zip(workloads, width_sets) for t in each]
-    return rows + [gpu_row(spec, name, precision, context, n_users, prompt, flops, assumptions, n, speculation,
-                           gpu_software, decode_context) for name in compare for n_users in user_counts
-                   for n in gpu_counts]
+            columns += [(lpu.name, _column(lpu.name, users=shown_users, chips=n, tp=t,
+                                           prefill_chunk=workload.prefill_chunk),
+                         functools.partial(lpu_row, spec, lpu, workload, flops, assumptions, n, t, speculation))
+                        for n in chip_counts for workload, each in zip(workloads, width_sets) for t in each]
+    columns += [(gpu_labels[name], _column(gpu_labels[name], users=shown_users, gpus=n),
+                 functools.partial(gpu_row, spec, name, precision, context, n_users, prompt, flops, assumptions, n,
+                                   speculation, gpu_software, decode_context))
+                for name in compare for n_users, shown_users in zip(user_counts, several_users) for n in gpu_counts]
+    rows, left_out, refused = [], [], {}  # refused: each system's first reason
+    for system_name, asked, make_row in columns:
+        try:
+            rows.append(make_row())
+        except OpenLPUError as e:
+            refused.setdefault(system_name, e)
+            left_out.append(f"{asked}: {e}")
+    for system_name, reason in refused.items():
+        if not any(r.system == system_name for r in rows):  # nothing asked of it could be planned
+            raise reason
+    return Plan(rows, left_out)
 
 
 PLOT_METRICS = (("tokens_per_s_per_user", "tokens/s per user"), ("throughput_tokens_per_s", "tokens/s (system)"),
-                ("energy_per_token_j", "J per token"), ("usd_per_million_tokens", "$ per million tokens"),
-                ("capex_usd", "capex ($)"), ("chips", "chips / GPUs"))
+                ("ttft_s", "TTFT (s)"), ("chips", "chips / GPUs"), ("power_w", "IT power (W)"),
+                ("energy_per_token_j", "J per token"), ("capex_usd", "capex ($)"),
+                ("usd_per_million_tokens", "$ per million tokens"))
+LPU_COLOUR, GPU_COLOURS = "#d2691e", ("#4c8c2b", "#2b6c8c", "#8c2b7a", "#7a7a2b")
+
+
+def _bar_labels(rows: list[PlanRow]) -> list[str]:
+    """Each bar's system, and what tells it apart from the others of its system: the chips (and those asked
+    for), the layout, the users and the prefill chunk, where they differ."""
+    def parts(r: PlanRow) -> list[str]:
+        unit = "chip" if r.kind == "lpu" else "GPU"
+        used = (f"{r.chips:,} of {counted(r.chips_asked, unit)}" if r.chips_asked and r.chips_asked != r.chips
+                else counted(r.chips, unit))
+        return [used, r.layout, counted(r.users, "user"),
+                f"chunk {r.prefill_chunk:,}" if r.prefill_chunk else ""]
+    labels = []
+    for r in rows:
+        same = [parts(o) for o in rows if o.system == r.system]
+        differ = [part for i, part in enumerate(parts(r)) if part and len({p[i] for p in same}) > 1]
+        labels.append("\n".join([r.system, *differ]))
+    return labels
 
 
 def plot(rows: list[PlanRow], path: str | Path, title: str) -> Path:
-    """A PNG of the rows: one panel per metric, one bar per row, log scales."""
+    """A PNG of the rows: one panel per metric, one bar per row (a colour per system), log scales."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(max(13, 2.4 * len(rows)), 7))
-    several = {r.system for r in rows if sum(o.system == r.system for o in rows) > 1}  # told apart by deployment
-    loads = len({r.users for r in rows}) > 1  # and by the users they serve
-    names = [f"{r.system}\n{counted(r.chips, 'chip' if r.kind == 'lpu' else 'GPU')}\n{r.layout}"
-             + (f"\n{counted(r.users, 'user')}" if loads else "") if r.system in several else r.system for r in rows]
-    colours = ["#d2691e" if r.kind == "lpu" else "#4c8c2b" for r in rows]
+    fig, axes = plt.subplots(2, 4, figsize=(max(17, 3.8 * len(rows)), 7.5))  # 4 panels of bars across
+    names = _bar_labels(rows)
+    gpus = list(dict.fromkeys(r.system for r in rows if r.kind == "gpu"))
+    colours = [LPU_COLOUR if r.kind == "lpu" else GPU_COLOURS[gpus.index(r.system) % len(GPU_COLOURS)]
+               for r in rows]
+    small = any("\n" in name for name in names)
     for ax, (field, label) in zip(axes.flat, PLOT_METRICS):
         values = [getattr(r, field) for r in rows]
         bars = ax.bar(range(len(rows)), values, color=colours, tick_label=names)
-        ax.tick_params(axis="x", labelsize=7 if several else 10)
+        ax.tick_params(axis="x", labelsize=7 if small else 10)
         ax.set_yscale("log")
         ax.set_title(label)
         ax.bar_label(bars, labels=[significant(v) for v in values], fontsize=8)
