@@ -25,7 +25,8 @@ from openlpu.compiler.partition import CUT_SEPARATOR, EXPERT_ROWS, half_index, s
 from openlpu.compiler.program import FORMAT_VERSION, HEADER_BYTES, MAGIC, PHASES, encode
 from openlpu.compiler.schedule import schedule_phase, split_chunk
 from openlpu.errors import OpenLPUError
-from openlpu.hardware.lpu import load_system
+from openlpu.hardware.lpu import load_system, system_from
+from openlpu.hardware.spec_file import PRESETS_DIR
 from openlpu.models.spec import load_preset
 from openlpu.sim.timing import timing
 
@@ -1429,3 +1430,32 @@ def test_inspect_says_in_one_line_a_file_the_verifier_cannot_read(tmp_path, monk
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1
     assert "p.prog does not hold together (TypeError: unsupported operand" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("model, tp, least", [("llama-3.1-8b", None, 38), ("llama-3.1-8b", 1, 38)])
+def test_a_chip_count_short_of_fitting_is_told_the_least_that_fits(model, tp, least):
+    """37 chips of Llama 3.1 8B were told 'it needs at least 40 chips', the count of the width the compiler
+    prefers where it chooses (5 stages of 8), while 38 place it (19 stages of 2; a review). The least is over
+    every width and prefill chunk the compiler tries on the chips given; one chip fewer is refused, naming it."""
+    spec, workload = load_preset(model), Workload()
+    with pytest.raises(OpenLPUError, match=rf"does not fit on {least - 1} lpu-v1 chips .* it needs at least "
+                                           rf"{least} chips \(--chips {least}\)"):
+        compile_program(spec, SYSTEM, workload, chips=least - 1, tp=tp)
+    program = compile_program(spec, SYSTEM, workload, chips=least, tp=tp)
+    assert program.chips == least and verify(program) == []
+
+
+def test_the_least_chips_named_take_the_smallest_prefill_chunk_into_account():
+    """On a system of 5 MB chips Gemma 3 270M fits 102 chips only in 64-token chunks; 101 were told it needed
+    114, the count at 256-token chunks (a review)."""
+    data = json.loads((PRESETS_DIR / "lpu-v1.json").read_text())
+    for part, figure, value in (("chip", "sram_bytes", 5_000_000), ("node", "chips", 2),
+                                ("node", "local_links_per_chip", 1), ("rack", "nodes", 3),
+                                ("node", "global_links_per_chip", 8), ("network", "max_racks", 30)):
+        data[part][figure]["value"] = value
+    system = system_from({k: v for k, v in data.items() if k != "kind"}, "tiny")
+    spec, workload = load_preset("gemma-3-270m"), Workload(context_length=1024)
+    with pytest.raises(OpenLPUError, match=r"it needs at least 102 chips"):
+        compile_program(spec, system, workload, chips=101)
+    program = compile_program(spec, system, workload, chips=102)
+    assert program.workload.prefill_chunk == 64 and verify(program) == []

@@ -127,25 +127,25 @@ def _chunked(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int
     PREFILL_CHUNKS is kept unless a smaller one places the model on no more chips with a step no longer,
     and is better in one of the two (_places_better); a smaller one is placed only where its buffers let
     wider groups fit, or, given the width, fewer groups (_may_place_better)."""
-    chosen, best, refusal = None, None, None
+    chosen, best, too_many_waves, no_room = None, None, None, None
     for chunk in dict.fromkeys(min(c, workload.prompt_len) for c in PREFILL_CHUNKS):  # a prompt's length at most
         option = dataclasses.replace(workload, prefill_chunk=chunk)
         try:
             option.check_prefill_waves()
         except OpenLPUError as error:  # a smaller chunk can make more waves than a compile schedules
-            refusal = refusal or error
+            too_many_waves = too_many_waves or error
             continue
         if best is not None and not _may_place_better(spec, system, chosen, option, chips, tp, best[0]):
             continue
         try:
             placed = _placed(spec, system, option, chips, tp, templates)
         except OpenLPUError as error:  # a larger chunk's buffers can leave a piece no room
-            refusal = refusal or error
+            no_room = error  # the smallest chunk's: its buffers leave the most room, so it names the fewest chips
             continue
         if best is None or _places_better(placed, best, given=chips is not None):
             chosen, best = option, placed
     if best is None:
-        raise refusal
+        raise no_room or too_many_waves
     return chosen, best
 
 

@@ -1051,12 +1051,15 @@ def fewest_chips_any_cut(spec: ModelSpec, system: SystemSpec, workload: Workload
     return min(found, key=lambda f: f[0] * f[1], default=None)
 
 
-def _chips_beyond_largest(spec: ModelSpec, system: SystemSpec, workload: Workload, decode_rows: int,
-                          widths: list[int]) -> int | None:
-    """The fewest chips the pieces would need at any of the TP degrees `widths`, were the system large
-    enough (None if some piece fits a stage at none of them)."""
+def least_chips(spec: ModelSpec, system: SystemSpec, workload: Workload, decode_rows: int, widths: list[int],
+                beyond_largest: bool = False) -> int | None:
+    """The fewest chips the pieces need at any of the TP degrees `widths` and MLP cuts, in groups the system's
+    racks hold or, `beyond_largest`, were the system large enough (None if some piece fits a stage at none of
+    them): what a chip count short of them is told it needs, where fewest_chips, choosing a placement, prefers
+    fewer stages to a few chips less."""
     counts = [t * found[0] for experts in mlp_cuts(spec) for t in widths
-              if (found := fewest_stages(spec, system, size_table(spec, workload, t, decode_rows, experts)))]
+              if (found := fewest_stages(spec, system, size_table(spec, workload, t, decode_rows, experts)))
+              and (beyond_largest or group_chips(system, t, found[0]) is not None)]
     return min(counts, default=None)
 
 
@@ -1102,13 +1105,13 @@ def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int 
     best = fewest_chips_any_cut(spec, system, workload, decode_rows, widths)
     what = (f"{spec.name} ({workload.weights} weights, context {workload.context_length}, "
             f"{counted(workload.users, 'user')}{'' if len(widths) > 1 else f', TP {widths[0]}'})")
-    if best is None and (beyond := _chips_beyond_largest(spec, system, workload, decode_rows, widths)) is not None:
+    if best is None and (beyond := least_chips(spec, system, workload, decode_rows, widths, True)) is not None:
         return OpenLPUError(
             f"{what} does not fit on any {system.name} system: it needs {beyond} chips, more than the largest "
             f"system ({system.max_chips}); lower --context or --users, or use a smaller precision")
     if best is None:
         return _no_piece_fits(spec, system, workload, decode_rows, widths)
-    need = best[0] * best[1]
+    need = least_chips(spec, system, workload, decode_rows, widths)
     if chips is None:
         return OpenLPUError(f"{what} needs {need} chips")
     if chips < need:
