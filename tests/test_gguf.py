@@ -467,6 +467,8 @@ def test_unsupported_architecture(tmp_path):
     ("llama", {"n_layers": 10**9}, "llama.block_count = 1000000000 is not a positive integer of at most 10,000"),
     ("llama", {"norm_eps": float("nan")}, "norm_eps must be a finite number, got nan"),
     ("gemma2", {"final_softcap": float("inf")}, "final_logit_softcap must be a finite number or none, got inf"),
+    # the query scale divides by it before ModelSpec checks it
+    ("gemma3", {"head_dim": 0, "sliding_window": 16}, "gemma3.attention.key_length = 0 is not a positive integer"),
 ])
 def test_broken_metadata_is_named(tmp_path, arch, change, says):
     path = write_gguf(tmp_path / "broken.gguf", arch, arch_metadata(arch, **{**TINY, **change}), {})
@@ -575,3 +577,70 @@ def test_two_first_runs_at_once_both_get_the_whole_model(tmp_path):
     outs = [run.communicate(timeout=120) for run in runs]
     assert [(run.returncode, out.strip()) for run, (out, _) in zip(runs, outs)] == [(0, "True")] * 2, outs
     assert [p.name for p in (tmp_path / "model").iterdir()] == ["model.gguf"]  # no partial file left, the dead's too
+
+
+# ---- what llama.cpp reads that the spec must not silently drop ----------------------------------
+def test_fused_weights_refuse_tensors_the_spec_does_not_use(tmp_path):
+    """llama.cpp's llama loads optional q/k/v/output and FFN biases (real files carry them): a file holding one the
+    spec has no place for is another model, refused at load as load_weights refuses it, not run without it."""
+    from openlpu.runtime.model import GGUFWeights
+
+    path, spec = tiny_llama(tmp_path, extra={"blk.0.attn_q.bias": np.zeros(TINY["d_model"], np.float32)})
+    for load in (load_weights, GGUFWeights):
+        with pytest.raises(OpenLPUError, match=re.escape(f"does not match model {spec.name!r}: unexpected "
+                                                         "blk.0.attn_q.bias")):
+            load(path, spec)
+
+
+def test_uniform_per_layer_arrays_are_their_one_value(tmp_path):
+    """llama.cpp reads head_count, head_count_kv and feed_forward_length as one value or one per layer
+    (llama_model_loader::get_key_or_arr): the same value in every layer is the same model."""
+    scalar = spec_from_gguf(write_gguf(tmp_path / "s.gguf", "llama", arch_metadata("llama", **TINY), {}))
+    arrays = dict(TINY, n_heads=[2, 2], n_kv_heads=[1, 1], d_ff=[128, 128])
+    spec = spec_from_gguf(write_gguf(tmp_path / "a.gguf", "llama", arch_metadata("llama", **arrays), {}))
+    assert _differing(spec, scalar) == []
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"n_kv_heads": [1, 2]}, ("llama.attention.head_count_kv differs between layers ([1, 2]): per-layer values "
+                              "are not supported")),
+    ({"d_ff": [128, 128, 128]}, "llama.feed_forward_length holds 3 values for 2 layers; the file is broken"),
+])
+def test_per_layer_arrays_it_cannot_express_are_refused(tmp_path, change, says):
+    path = write_gguf(tmp_path / "a.gguf", "llama", arch_metadata("llama", **{**TINY, **change}), {})
+    with pytest.raises(OpenLPUError, match=re.escape(says)):
+        spec_from_gguf(path)
+
+
+def test_a_file_without_a_vocabulary_says_so(tmp_path):
+    meta = arch_metadata("llama", **{k: v for k, v in TINY.items() if k != "vocab_size"})
+    with pytest.raises(OpenLPUError, match=re.escape("carries no vocabulary (no tokenizer.ggml.tokens, no "
+                                                     "llama.vocab_size)")):
+        spec_from_gguf(write_gguf(tmp_path / "v.gguf", "llama", meta, {}))
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "gpt-oss"])
+def test_a_sliding_window_llama_cpp_requires_is_required(tmp_path, arch):
+    """llama.cpp's gemma3 and gpt-oss read attention.sliding_window as a required key (load_hparams): without it
+    a file is incomplete, not a model of global layers only."""
+    extra = {"n_experts": 4, "n_experts_per_token": 2} if arch == "gpt-oss" else {}
+    meta = arch_metadata(arch, head_dim=32, **TINY, **extra)
+    if arch == "gpt-oss":
+        meta["gpt-oss.expert_feed_forward_length"] = 128
+    with pytest.raises(OpenLPUError, match=re.escape(f"lacks {arch}.attention.sliding_window")):
+        spec_from_gguf(write_gguf(tmp_path / "g.gguf", arch, meta, {}))
+
+
+def test_a_preset_name_given_as_a_weights_file_says_what_run_needs():
+    with pytest.raises(OpenLPUError, match=re.escape("'llama-3-8b' is a preset (a model's shapes, no weights): "
+                                                     "`openlpu run` and `serve` need a .gguf file with weights")):
+        read_header("llama-3-8b")
+
+
+def test_gpt_oss_weights_refusal_advises_what_the_commands_take(tmp_path):
+    path = write_gguf(tmp_path / "g.gguf", "gpt-oss", {}, {})
+    with pytest.raises(OpenLPUError) as refused:
+        from openlpu.models.gguf import check_weights_readable
+        check_weights_readable(read_header(path))
+    assert "Hugging Face checkpoint" not in str(refused.value)
+    assert "`openlpu plan` and `compile` read this file's metadata" in str(refused.value)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from fixtures.tiny_models.hf_tiny import TINY_FAMILIES, build, save
 from openlpu.errors import OpenLPUError
-from openlpu.models.hf import load_safetensors, spec_from_hf_config
+from openlpu.models.hf import FAMILY_RULES, HF_DEFAULTS, load_safetensors, spec_from_hf_config
 from openlpu.models.spec import PRESETS_DIR
 
 
@@ -394,3 +394,56 @@ def test_malformed_fields_are_named(preset, change, says):
     cfg = json.loads((PRESETS_DIR / f"{preset}.json").read_text())["$source_notes"]["hf_config"]
     with pytest.raises(OpenLPUError, match=re.escape(says)):
         spec_from_hf_config({**cfg, **change})
+
+
+# ---- fields a config.json may leave out: transformers' defaults ---------------------------------
+def _transformers_default(model_type: str, key: str):
+    """What transformers takes for `key` when a config.json of `model_type` leaves it out (transformers 5 keeps
+    the rope bases in rope_parameters, per layer type for Gemma 3)."""
+    import transformers
+
+    config = transformers.AutoConfig.for_model(model_type)
+    rope = config.rope_parameters
+    if key == "rope_theta":
+        return rope.get("full_attention", rope)["rope_theta"]
+    if key == "rope_local_base_freq":
+        return rope["sliding_attention"]["rope_theta"]
+    return getattr(config, key)
+
+
+@pytest.mark.parametrize("model_type", sorted(HF_DEFAULTS))
+def test_defaults_are_the_transformers_configuration_classes(model_type):
+    assert set(HF_DEFAULTS) == set(FAMILY_RULES)
+    assert {k: _transformers_default(model_type, k) for k in HF_DEFAULTS[model_type]} == HF_DEFAULTS[model_type]
+
+
+def test_llama_2_config_without_rope_theta_reads_transformers_default():
+    """meta-llama/Llama-2-7b-hf's config.json (transformers 4.31) has no rope_theta, attention_bias nor mlp_bias."""
+    import transformers
+
+    cfg = {"_name_or_path": "meta-llama/Llama-2-7b-hf", "architectures": ["LlamaForCausalLM"], "bos_token_id": 1,
+           "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+           "intermediate_size": 11008, "max_position_embeddings": 4096, "model_type": "llama",
+           "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32, "pretraining_tp": 1,
+           "rms_norm_eps": 1e-05, "rope_scaling": None, "tie_word_embeddings": False, "torch_dtype": "float16",
+           "transformers_version": "4.31.0.dev0", "use_cache": True, "vocab_size": 32000}
+    spec = spec_from_hf_config(cfg)
+    assert spec.rope_base == transformers.LlamaConfig(**cfg).rope_parameters["rope_theta"] == 10000.0
+    assert spec.param_count() == pytest.approx(6.74e9, rel=0.01)  # the Hub's count for Llama-2-7b-hf
+
+
+def test_gemma3_local_rope_base_defaults_as_transformers():
+    cfg = json.loads((PRESETS_DIR / "gemma-3-1b.json").read_text())["$source_notes"]["hf_config"]
+    cfg = {k: v for k, v in cfg.items() if k != "rope_local_base_freq"}
+    assert spec_from_hf_config(cfg).rope_base_local == _transformers_default("gemma3_text", "rope_local_base_freq")
+
+
+@pytest.mark.parametrize("preset", ["qwen3-8b", "qwen2.5-7b"])
+def test_yarn_extends_the_context_to_original_times_factor(preset):
+    """Qwen's model cards enable 131,072 tokens by adding rope_scaling {yarn, factor 4, original 32768} and leave
+    max_position_embeddings as it was (40960, 32768); vLLM serves original x factor (_get_and_verify_max_len) and
+    transformers calls factor the ratio of the post-yarn to the pre-yarn context."""
+    cfg = json.loads((PRESETS_DIR / f"{preset}.json").read_text())["$source_notes"]["hf_config"]
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    assert spec_from_hf_config({**cfg, "rope_scaling": yarn}).context_length == 131072
+    assert spec_from_hf_config(cfg).context_length == cfg["max_position_embeddings"]

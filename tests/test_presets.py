@@ -227,3 +227,14 @@ def test_a_spec_field_of_the_wrong_type_is_named(field, value, says):
 
     with pytest.raises(OpenLPUError, match=re.escape(says)):
         dataclasses.replace(load_preset("gemma-3-270m"), **{field: value})
+
+
+def test_a_preset_file_given_as_model_is_read_as_a_preset(tmp_path):
+    """A copy of a preset (ModelSpec fields, not a config.json) given as MODEL is that preset."""
+    from openlpu.models.spec import load_spec
+
+    copy = tmp_path / "my-model.json"
+    copy.write_text((PRESETS_DIR / "llama-3-8b.json").read_text())
+    spec = load_spec(str(copy))
+    assert spec == load_preset("llama-3-8b")
+    assert spec.param_count() == pytest.approx(PUBLISHED_TOTALS["llama-3-8b"][0], rel=0.01)

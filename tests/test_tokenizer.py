@@ -102,3 +102,67 @@ def test_a_gguf_without_a_supported_tokenizer_is_refused(tmp_path, metadata, say
     writer.close()
     with pytest.raises(OpenLPUError, match=re.escape(says)):
         Tokenizer.from_gguf(tmp_path / "m.gguf", cache=False)
+
+
+def _vocabulary_gguf(path, drop=(), **metadata):
+    """A llama GGUF with a small SentencePiece vocabulary written as llama.cpp's converter writes it."""
+    import gguf
+
+    pieces = ["<unk>", "<s>", "</s>", "\u2581a", "b"]
+    fields = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": pieces,
+              "tokenizer.ggml.scores": [0.0] * len(pieces), "tokenizer.ggml.token_type": [2, 3, 3, 1, 1],
+              "tokenizer.ggml.unknown_token_id": 0, "tokenizer.ggml.bos_token_id": 1,
+              "tokenizer.ggml.eos_token_id": 2, **metadata}
+    writer = gguf.GGUFWriter(path, "llama")
+    for key, value in fields.items():
+        if key not in drop:
+            kind = {str: gguf.GGUFValueType.STRING, int: gguf.GGUFValueType.UINT32}.get(type(value),
+                                                                                    gguf.GGUFValueType.ARRAY)
+            writer.add_key_value(key, value, kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    return path
+
+
+def test_a_small_vocabulary_builds(tmp_path):
+    tok = Tokenizer.from_gguf(_vocabulary_gguf(tmp_path / "ok.gguf"), cache=False)
+    assert tok.vocab_size == 5 and tok.encode("ab") == [1, 3, 4]  # <s>, "\u2581a", "b"
+
+
+def test_a_special_id_no_token_has_is_left_out_as_llama_cpp_leaves_it(tmp_path):
+    """llama.cpp's vocabulary loader warns of a special id past the token list ('bad special token') and loads the
+    file without it; real files name a padding id one past their tokens. The tokenizer builds, without it."""
+    tok = Tokenizer.from_gguf(_vocabulary_gguf(tmp_path / "pad.gguf", **{"tokenizer.ggml.padding_token_id": 5,
+                                                                         "tokenizer.ggml.eos_token_id": 7}),
+                              cache=False)
+    assert tok.encode("ab") == [1, 3, 4] and 7 not in tok.eos_ids
+
+
+@pytest.mark.parametrize("drop, metadata, says", [
+    (("tokenizer.ggml.tokens",), {}, "has tokenizer metadata but no token list (tokenizer.ggml.tokens)"),
+    # an unknown token no token is: left out, as llama.cpp leaves it, and sentencepiece needs one (an IndexError)
+    ((), {"tokenizer.ggml.unknown_token_id": 999}, "tokenizer has no unknown token"),
+    ((), {"tokenizer.ggml.token_type": [1, 1]}, "tokenizer.ggml.token_type holds 2 entries for 5 tokens"),
+    # the model would emit ids 5..9, which have no piece (llama.cpp: n_vocab is the token list's length)
+    ((), {"llama.vocab_size": 10}, "llama.vocab_size = 10 differs from the token list's 5 entries"),
+])
+def test_a_broken_vocabulary_is_one_line_at_load(tmp_path, drop, metadata, says):
+    with pytest.raises(OpenLPUError, match=re.escape(says)):
+        Tokenizer.from_gguf(_vocabulary_gguf(tmp_path / "m.gguf", drop, **metadata), cache=False)
+
+
+def test_engine_refuses_an_unsupported_tokenizer_before_compiling(tmp_path, monkeypatch):
+    """serve: a Llama 3 or Qwen GGUF (gpt2 BPE tokenizer) is refused in a moment, not after a compile and a load."""
+    import openlpu.compiler
+    from openlpu.runtime.engine import Engine
+    from tests.test_gguf import TINY, arch_metadata, write_gguf
+
+    def compile_program(*args, **kwargs):
+        raise AssertionError("compiled before checking the tokenizer")
+
+    monkeypatch.setattr(openlpu.compiler, "compile_program", compile_program)
+    path = write_gguf(tmp_path / "bpe.gguf", "llama", {**arch_metadata("llama", **TINY),
+                                                       "tokenizer.ggml.model": "gpt2"}, {})
+    with pytest.raises(OpenLPUError, match=re.escape("tokenizer 'gpt2' is not supported")):
+        Engine.load(str(path))

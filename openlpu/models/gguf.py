@@ -17,7 +17,7 @@ from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuant
 from gguf.quants import dequantize
 
 from openlpu.errors import OpenLPUError
-from openlpu.models.spec import MAX_LAYERS, MAX_SIZE, ModelSpec, RopeScaling
+from openlpu.models.spec import MAX_LAYERS, MAX_SIZE, ModelSpec, RopeScaling, preset_names
 
 # ---- format tables --------------------------------------------------------------------------
 # Scalar value types: little-endian struct format of one value.
@@ -135,6 +135,9 @@ MAX_ARRAY_NESTING = 16  # arrays of arrays: llama.cpp writes one level at most; 
 
 def _open_bytes(path: Path) -> np.memmap:
     if not path.exists():
+        if str(path) in preset_names():  # `openlpu run hi --model llama-3-8b`
+            raise OpenLPUError(f"{str(path)!r} is a preset (a model's shapes, no weights): `openlpu run` and `serve` "
+                               "need a .gguf file with weights; presets are for `openlpu plan` and `compile`")
         raise OpenLPUError(f"model file not found: {path}; check the path")
     if not path.is_file():
         raise OpenLPUError(f"{path} is not a file; give the path of a .gguf model file")
@@ -208,6 +211,7 @@ class ArchDefaults:
     activation: str = "silu"
     swa_period: int = 0  # llama.cpp set_swa_pattern(n): layer il is local iff il % n < n - 1
     sliding_window_default: int | None = None
+    sliding_window_required: bool = False  # llama.cpp's load_hparams reads attention.sliding_window as required
     rope_base_local: float | None = None  # rope_freq_base_train_swa
     query_scale_from_d_model_layers: int = 0  # this layer count (the 27B) scales by d_model/n_heads
     embed_scale_sqrt_d_model: bool = False
@@ -255,18 +259,18 @@ ARCHITECTURES: dict[str, ArchDefaults] = {
                            stored_norm_shift=1.0, post_norms=True, explicit_query_scale=True),
     # gemma3: set_swa_pattern(6) (5 local : 1 global), rope_freq_base_train_swa = 10000,
     # f_attention_scale as gemma2 (27B = 62 layers); Gemma3Model.norm_shift = 1.0.
-    "gemma3": ArchDefaults(family="gemma3", activation="gelu_tanh", swa_period=6,
+    "gemma3": ArchDefaults(family="gemma3", activation="gelu_tanh", swa_period=6, sliding_window_required=True,
                            rope_base_local=10000.0, query_scale_from_d_model_layers=62,
                            embed_scale_sqrt_d_model=True, norm_weight_offset=1.0,
                            stored_norm_shift=1.0, post_norms=True, qk_norm=True,
                            explicit_query_scale=True),
-    # gpt-oss: set_swa_pattern(2) (layer 0 local); biased q, k, v, output, router and experts; sinks;
-    # yarn without truncation (its config.json: "truncate": false)
-    "gpt-oss": ArchDefaults(family="gpt-oss", activation="swiglu_clamped", swa_period=2, qkv_bias=True,
-                            attn_output_bias=True, attn_sinks=True, moe_bias=True, yarn_truncate=False,
+    # gpt-oss: set_swa_pattern(2) (layer 0 local), attention.sliding_window required; biased q, k, v, output,
+    # router and experts; sinks; yarn without truncation (its config.json: "truncate": false)
+    "gpt-oss": ArchDefaults(family="gpt-oss", activation="swiglu_clamped", swa_period=2, sliding_window_required=True,
+                            qkv_bias=True, attn_output_bias=True, attn_sinks=True, moe_bias=True, yarn_truncate=False,
                             weights_unreadable="its experts are MXFP4, which this reader does not dequantize, and "
-                            "llama.cpp names its tensors its own way; run the Hugging Face checkpoint with "
-                            "bf16 experts instead (`openlpu plan` and `compile` read this file's metadata)"),
+                            "llama.cpp names its tensors its own way, so `openlpu run` and `serve` cannot run it; "
+                            "`openlpu plan` and `compile` read this file's metadata"),
     # llama4 (src/models/llama4.cpp llama_model_llama4::load_arch_hparams; earlier src/llama-model.cpp case
     # LLM_ARCH_LLAMA4): expert_feed_forward_length and interleave_moe_layer_step are required (feed_forward_length is
     # intermediate_size_mlp, the dense layers' width: convert_hf_to_gguf.py Llama4Model); a layer is MoE iff
@@ -309,6 +313,9 @@ METADATA_KEYS: dict[str, str] = {
     "vocab_size": "vocab_size",
 }
 REQUIRED_FIELDS = ("context_length", "d_model", "n_layers", "d_ff", "n_heads")
+# Keys llama.cpp reads as one value or one per layer (llama_model_loader::get_key_or_arr in load_hparams; an array
+# must hold block_count values). ModelSpec has one value for every layer.
+PER_LAYER_KEYS = ("attention.head_count", "attention.head_count_kv", "feed_forward_length")
 ROPE_FREQS = "rope_freqs.weight"  # a tensor of the ModelSpec (its rope scaling), not a weight
 LLAMA_CPP_ROPE_BASE_DEFAULT = 10000.0  # llama-model.cpp: rope_freq_base_train when the key is absent
 
@@ -322,6 +329,23 @@ def _number(meta: dict, key: str, path: Path, default=None, integer: bool = Fals
         raise OpenLPUError(f"{path}: GGUF metadata {key} = {value!r} is not {'an integer' if integer else 'a number'}; "
                            "the file is broken, re-convert it with a current llama.cpp")
     return value
+
+
+def _per_layer_values(meta: dict, arch: str, path: Path) -> dict:
+    """`meta` with each per-layer array (PER_LAYER_KEYS) replaced by its value, the same in every layer."""
+    meta, layers = dict(meta), meta.get(f"{arch}.block_count")
+    for key in (f"{arch}.{suffix}" for suffix in PER_LAYER_KEYS):
+        values = meta.get(key)
+        if not isinstance(values, list):
+            continue
+        if not values or len(values) != layers:
+            raise OpenLPUError(f"{path}: GGUF metadata {key} holds {len(values)} values for {layers} layers; the file "
+                               "is broken, re-convert it with a current llama.cpp")
+        if len(set(values)) > 1:
+            raise OpenLPUError(f"{path}: GGUF metadata {key} differs between layers ({values}): per-layer values are "
+                               "not supported (OpenLPU's models have one for every layer); use another model")
+        meta[key] = values[0]
+    return meta
 
 
 def _rope_scaling(meta: dict, arch: str, path: Path, truncate: bool) -> RopeScaling | None:
@@ -418,18 +442,29 @@ def spec_from_gguf(path: str | Path) -> ModelSpec:
         raise OpenLPUError(f"{header.path}: architecture {arch!r} is not supported; supported: "
                            f"{', '.join(ARCHITECTURES)}")
     defaults = ARCHITECTURES[arch]
+    meta = _per_layer_values(meta, arch, header.path)
     keys = METADATA_KEYS | {"d_ff": defaults.d_ff_key}
     values = {f: _number(meta, f"{arch}.{k}", header.path) for f, k in keys.items() if f"{arch}.{k}" in meta}
     missing = [f"{arch}.{keys[f]}" for f in REQUIRED_FIELDS if f not in values]
     if missing:
         raise OpenLPUError(f"{header.path}: GGUF metadata lacks {', '.join(missing)}; "
                            "the file is incomplete, re-convert it with a current llama.cpp")
-    for f in ("d_model", "n_heads", "n_layers"):  # the defaults below divide by them and count layers with them
+    # the defaults and the query scale below divide by them and count layers with them
+    for f in (f for f in ("d_model", "n_heads", "n_layers", "head_dim") if f in values):
         v, most = values[f], MAX_LAYERS if f == "n_layers" else MAX_SIZE
         if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= most:
             raise OpenLPUError(f"{header.path}: GGUF metadata {arch}.{keys[f]} = {v!r} is not a positive integer of "
                                f"at most {most:,}; the file is broken, re-convert it with a current llama.cpp")
-    values.setdefault("vocab_size", len(meta.get("tokenizer.ggml.tokens", ())))
+    if "vocab_size" not in values:  # llama.cpp: the token list's length
+        if not meta.get("tokenizer.ggml.tokens"):
+            raise OpenLPUError(f"{header.path}: the file carries no vocabulary (no tokenizer.ggml.tokens, no "
+                               f"{arch}.vocab_size); give a GGUF file with its tokenizer, as llama.cpp's converter "
+                               "writes it")
+        values["vocab_size"] = len(meta["tokenizer.ggml.tokens"])
+    if defaults.sliding_window_required and f"{arch}.{METADATA_KEYS['sliding_window']}" not in meta:
+        raise OpenLPUError(f"{header.path}: GGUF metadata lacks {arch}.{METADATA_KEYS['sliding_window']}, which "
+                           f"llama.cpp requires for {arch}; the file is incomplete, re-convert it with a current "
+                           "llama.cpp")
     values.setdefault("n_kv_heads", values["n_heads"])
     values.setdefault("head_dim", values["d_model"] // values["n_heads"])
     values.setdefault("rope_base", LLAMA_CPP_ROPE_BASE_DEFAULT)
@@ -600,16 +635,10 @@ def check_weights_readable(header: GGUFHeader) -> None:
                            f"{arch.weights_unreadable}")
 
 
-def load_weights(path: str | Path, spec: ModelSpec) -> dict[str, "torch.Tensor"]:
-    """Every weight of `spec` as float32 torch tensors, in the spec's conventions.
-
-    The file must hold exactly spec.tensor_shapes() (and may hold rope_freqs, which the spec holds as its
-    rope scaling); llama.cpp's +1 on Gemma norm weights is removed so that norms compute
-    x * (spec.norm_weight_offset + w) as in the reference model.
-    """
-    import torch
-
-    header = _header(path)
+def check_tensors(header: GGUFHeader, spec: ModelSpec) -> None:
+    """Refuse a file whose tensors are not exactly spec.tensor_shapes() (and perhaps rope_freqs, which the spec holds
+    as its rope scaling), or whose architecture's tensors the runtime cannot read. A tensor the spec has no place
+    for (llama.cpp's optional biases, say) is another model's, which running without it would misrepresent."""
     check_weights_readable(header)
     expected = spec.tensor_shapes()
     problems = [f"missing {n}" for n in expected if n not in header.tensors]
@@ -621,6 +650,20 @@ def load_weights(path: str | Path, spec: ModelSpec) -> dict[str, "torch.Tensor"]
         more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
         raise OpenLPUError(f"{header.path} does not match model {spec.name!r}: "
                            f"{'; '.join(problems[:3])}{more}")
+
+
+def load_weights(path: str | Path, spec: ModelSpec) -> dict[str, "torch.Tensor"]:
+    """Every weight of `spec` as float32 torch tensors, in the spec's conventions.
+
+    The file must hold exactly spec.tensor_shapes() (and may hold rope_freqs, which the spec holds as its
+    rope scaling); llama.cpp's +1 on Gemma norm weights is removed so that norms compute
+    x * (spec.norm_weight_offset + w) as in the reference model.
+    """
+    import torch
+
+    header = _header(path)
+    check_tensors(header, spec)
+    expected = spec.tensor_shapes()
     shift = ARCHITECTURES.get(header.architecture, ArchDefaults(family="")).stored_norm_shift
     weights = {}
     for name in expected:

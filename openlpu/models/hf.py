@@ -47,6 +47,37 @@ ROPE_SCALING_NAMES = {"original_max_position_embeddings": "original_context_leng
 # HF layer_types entries -> ModelSpec layer kinds.
 LAYER_TYPES = {"full_attention": "global", "sliding_attention": "local", "chunked_attention": "chunked"}
 
+# What transformers takes for a field a config.json leaves out, by model_type: the default of its configuration
+# class (transformers/models/<model>/configuration_<model>.py, named per entry). Real configs leave them out (Llama
+# 2's have no rope_theta). Only fields that set no shape: a config without a shape is
+# incomplete. Gemma 3 also defaults its local layers' base (rope_local_base_freq).
+HF_DEFAULTS: dict[str, dict] = {
+    "llama": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu",  # LlamaConfig
+              "max_position_embeddings": 2048},
+    "mistral": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu",  # MistralConfig
+                "max_position_embeddings": 131072, "sliding_window": 4096},
+    "mixtral": {"rope_theta": 1e6, "rms_norm_eps": 1e-5, "hidden_act": "silu",  # MixtralConfig
+                "max_position_embeddings": 131072, "num_experts_per_tok": 2},
+    "qwen2": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu",  # Qwen2Config
+              "max_position_embeddings": 32768},
+    "qwen3": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu",  # Qwen3Config
+              "max_position_embeddings": 32768},
+    "qwen3_moe": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu",  # Qwen3MoeConfig
+                  "max_position_embeddings": 32768, "num_experts_per_tok": 8},
+    "gemma": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "hidden_act": "gelu_pytorch_tanh",  # GemmaConfig
+              "max_position_embeddings": 8192, "tie_word_embeddings": True},
+    "gemma2": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "hidden_activation": "gelu_pytorch_tanh",  # Gemma2Config
+               "max_position_embeddings": 8192, "sliding_window": 4096, "query_pre_attn_scalar": 256,
+               "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "tie_word_embeddings": True},
+    "gemma3_text": {"rope_theta": 1e6, "rope_local_base_freq": 10000.0, "rms_norm_eps": 1e-6,  # Gemma3TextConfig
+                    "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 131072,
+                    "sliding_window": 4096, "query_pre_attn_scalar": 256, "tie_word_embeddings": True},
+    "gpt_oss": {"rope_theta": 150000.0, "rms_norm_eps": 1e-5, "hidden_act": "silu",  # GptOssConfig
+                "max_position_embeddings": 131072, "sliding_window": 128, "num_experts_per_tok": 4},
+    "llama4_text": {"rope_theta": 500000.0, "rms_norm_eps": 1e-5, "hidden_act": "silu",  # Llama4TextConfig
+                    "max_position_embeddings": 131072, "num_experts_per_tok": 1},
+}
+
 # Multimodal configs whose text model OpenLPU reads: model_type -> (the architecture config["architectures"]
 # must name, the key of the nested text config, its model_type). The vision part is ignored.
 NESTED_TEXT_CONFIGS = {"llama4": ("Llama4ForConditionalGeneration", "text_config", "llama4_text")}
@@ -59,7 +90,7 @@ def _all_global(f: _Fields, n: int) -> list[str]:
 
 def _all_local_if_window(f: _Fields, n: int) -> list[str]:
     # Mistral / Mixtral: every layer slides when sliding_window is set
-    return ["local" if f.cfg.get("sliding_window") else "global"] * n
+    return ["local" if f.get("sliding_window") else "global"] * n
 
 
 def _qwen_window_after_max_window_layers(f: _Fields, n: int) -> list[str]:
@@ -155,7 +186,6 @@ class FamilyRule:
     architecture: str  # the HF class that config["architectures"] must name
     default_layer_kinds: Callable[[_Fields, int], list[str]]  # when config.json has no layer_types
     fixed: dict = field(default_factory=dict)  # ModelSpec fields every model of the family has
-    tie_default: bool = False  # HF's default for tie_word_embeddings
     gemma: bool = False  # sqrt(d_model) embedding scale, (1 + w) norms, query_pre_attn_scalar
     moe: bool = False
     # MoE: the config fields that may count the experts, in order (Qwen3-MoE's Hub files say num_experts,
@@ -185,14 +215,14 @@ FAMILY_RULES: dict[str, FamilyRule] = {
                             fixed={"qk_norm": True}, moe=True, experts_keys=("num_experts", "num_local_experts"),
                             d_ff_key="moe_intermediate_size", unsupported_true=("attention_bias",),
                             required={"norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []}),
-    "gemma": FamilyRule("gemma", "GemmaForCausalLM", _all_global, fixed=_GEMMA_FIXED,
-                        tie_default=True, gemma=True, unsupported_true=("attention_bias",)),
+    "gemma": FamilyRule("gemma", "GemmaForCausalLM", _all_global, fixed=_GEMMA_FIXED, gemma=True,
+                        unsupported_true=("attention_bias",)),
     "gemma2": FamilyRule("gemma2", "Gemma2ForCausalLM", _alternating,
-                         fixed={**_GEMMA_FIXED, "post_norms": True}, tie_default=True, gemma=True,
+                         fixed={**_GEMMA_FIXED, "post_norms": True}, gemma=True,
                          unsupported_true=("attention_bias",)),
     "gemma3_text": FamilyRule("gemma3", "Gemma3ForCausalLM", _gemma3_pattern,
-                              fixed={**_GEMMA_FIXED, "post_norms": True, "qk_norm": True},
-                              tie_default=True, gemma=True, unsupported_true=("attention_bias",)),
+                              fixed={**_GEMMA_FIXED, "post_norms": True, "qk_norm": True}, gemma=True,
+                              unsupported_true=("attention_bias",)),
     # config.json says hidden_act "silu", but the experts apply their clamped SwiGLU (swiglu_limit 7,
     # alpha 1.702: transformers GptOssExperts), which the activation name fixes
     "gpt_oss": FamilyRule("gpt-oss", "GptOssForCausalLM", _alternating, moe=True,
@@ -231,18 +261,22 @@ def read_config(config: dict | str | Path) -> tuple[dict, str]:
 
 
 class _Fields:
-    """Reads config fields, naming the field (and the file) in every error."""
+    """Reads config fields, naming the field (and the file) in every error; a field left out is transformers'
+    default (`defaults`, the model type's HF_DEFAULTS), one given as null stays null, as transformers reads them."""
 
-    def __init__(self, cfg: dict, origin: str):
-        self.cfg, self.origin = cfg, origin
+    def __init__(self, cfg: dict, origin: str, defaults: dict | None = None):
+        self.cfg, self.origin, self.defaults = cfg, origin, defaults or {}
+
+    def get(self, key: str):
+        return self.cfg[key] if key in self.cfg else self.defaults.get(key)
 
     def error(self, what: str) -> OpenLPUError:
         return OpenLPUError(f"{self.origin}: {what}")
 
     def need(self, key: str):
-        if self.cfg.get(key) is None:
+        if self.get(key) is None:
             raise self.error(f"missing field {key!r}; the config.json is incomplete")
-        return self.cfg[key]
+        return self.get(key)
 
     def text(self, key: str) -> str:
         value = self.need(key)
@@ -256,14 +290,14 @@ class _Fields:
         return value
 
     def flag(self, key: str, default: bool) -> bool:
-        value = self.cfg.get(key)
+        value = self.get(key)
         value = default if value is None else value  # null, as number() reads it: not given
         if not isinstance(value, bool):
             raise self.error(f"field {key!r} must be true or false, got {value!r}")
         return value
 
     def number(self, key: str, default=None, kind=float, least: int = 1, most: int = MAX_SIZE):
-        value = self.cfg.get(key)
+        value = self.get(key)
         if value is None:
             if default is None:
                 raise self.error(f"missing field {key!r}; the config.json is incomplete")
@@ -289,14 +323,16 @@ def _rope(f: _Fields, gemma3: bool) -> tuple[float, float | None, RopeScaling | 
         local_params = f.object("rope_parameters.sliding_attention", params.get("sliding_attention", {}))
     else:
         global_params, local_params = params, {}
-    theta = f.cfg.get("rope_theta", global_params.get("rope_theta"))
+    # transformers 5 keeps the bases in rope_parameters: the defaults apply where neither place has one
+    theta = f.cfg.get("rope_theta", global_params.get("rope_theta", f.defaults.get("rope_theta")))
     if theta is None:
         raise f.error("missing field 'rope_theta'; the config.json is incomplete")
     theta = f.checked("rope_theta", theta)
     if global_params.get("rope_theta") not in (None, theta):
         raise f.error(f"contradictory fields 'rope_theta' ({theta}) and "
                       f"'rope_parameters.rope_theta' ({global_params['rope_theta']}); fix one")
-    local = f.cfg.get("rope_local_base_freq", local_params.get("rope_theta")) if gemma3 else None
+    local_default = f.defaults.get("rope_local_base_freq")
+    local = f.cfg.get("rope_local_base_freq", local_params.get("rope_theta", local_default)) if gemma3 else None
     local = None if local is None else f.checked("rope_local_base_freq", local)
 
     given = f.cfg.get("rope_scaling")
@@ -322,6 +358,15 @@ def _rope(f: _Fields, gemma3: bool) -> tuple[float, float | None, RopeScaling | 
             continue
         values[name] = f.checked(f"rope_scaling.{key}", value, int if name == "original_context_length" else float)
     return theta, local, RopeScaling(kind=kind, **values)
+
+
+def _context_length(f: _Fields, scaling: RopeScaling | None) -> int:
+    """The tokens the model serves: max_position_embeddings, or with yarn the original context times its factor.
+    Qwen's YaRN instructions add rope_scaling and leave max_position_embeddings at the pre-yarn length; vLLM serves
+    original x factor (_get_and_verify_max_len), and transformers calls factor the post- over the pre-yarn length."""
+    if scaling is not None and scaling.kind == "yarn":
+        return int(scaling.original_context_length * scaling.factor)
+    return f.number("max_position_embeddings", kind=int)
 
 
 def _check_architecture(f: _Fields, architecture: str, model_type: str) -> None:
@@ -375,8 +420,8 @@ def spec_from_hf_config(config: dict | str | Path, name: str | None = None) -> M
     cfg, origin = read_config(config)
     outer_origin = origin
     cfg, origin = _text_config(cfg, origin)
-    f = _Fields(cfg, origin)
-    model_type = f.text("model_type")
+    model_type = _Fields(cfg, origin).text("model_type")
+    f = _Fields(cfg, origin, HF_DEFAULTS.get(model_type, {}))
     rule = FAMILY_RULES.get(model_type)
     if rule is None:
         raise f.error(f"unknown architecture model_type {model_type!r}; supported: "
@@ -395,7 +440,7 @@ def spec_from_hf_config(config: dict | str | Path, name: str | None = None) -> M
     n_heads = f.number("num_attention_heads", kind=int)
     n_layers = f.number("num_hidden_layers", kind=int, most=MAX_LAYERS)
     head_dim = f.number("head_dim", default=d_model // n_heads, kind=int)
-    act_name = f.text("hidden_activation" if cfg.get("hidden_activation") else "hidden_act")
+    act_name = f.text("hidden_activation" if f.get("hidden_activation") else "hidden_act")
     act_table = GEMMA_ACTIVATIONS if rule.gemma else ACTIVATIONS
     if act_name not in act_table:
         raise f.error(f"activation {act_name!r} not supported for {model_type}; "
@@ -415,7 +460,7 @@ def spec_from_hf_config(config: dict | str | Path, name: str | None = None) -> M
         "n_kv_heads": f.number("num_key_value_heads", default=n_heads, kind=int),
         "head_dim": head_dim,
         "d_ff": f.number(rule.d_ff_key, kind=int),
-        "context_length": f.number("max_position_embeddings", kind=int),
+        "context_length": _context_length(f, rope_scaling),
         "norm_eps": f.number("rms_norm_eps"),
         "rope_base": rope_base,
         "rope_base_local": rope_local,
@@ -423,7 +468,7 @@ def spec_from_hf_config(config: dict | str | Path, name: str | None = None) -> M
         "activation": act_table[act_name],
         "sliding_window": window,
         "layer_kinds": tuple(kinds),
-        "tie_embeddings": f.flag("tie_word_embeddings", rule.tie_default),
+        "tie_embeddings": f.flag("tie_word_embeddings", False),
         "source": f"Hugging Face config.json ({origin})" if outer_origin != "HF config"
         else "Hugging Face config",
     } | rule.fixed  # the family's fixed fields win (gpt-oss: its activation)
@@ -435,7 +480,7 @@ def spec_from_hf_config(config: dict | str | Path, name: str | None = None) -> M
             fields["query_scale"] = f.number("query_pre_attn_scalar") ** -0.5
             for key, field_name in (("attn_logit_softcapping", "attn_logit_softcap"),
                                     ("final_logit_softcapping", "final_logit_softcap")):
-                fields[field_name] = None if cfg.get(key) is None else f.checked(key, cfg[key])
+                fields[field_name] = None if f.get(key) is None else f.checked(key, f.get(key))
     if rule.moe:
         key = next((k for k in rule.experts_keys if k in cfg), rule.experts_keys[0])
         fields["n_experts"] = f.number(key, kind=int)

@@ -377,14 +377,17 @@ def load_preset(name: str) -> ModelSpec:
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise OpenLPUError(f"unknown model {name!r}{hint} (`openlpu models` lists them; or give a .gguf file "
                            "or a Hugging Face config.json)")
-    data = json.loads(path.read_text())
-    data.pop("$source_notes", None)
-    return ModelSpec.from_dict(data, origin=str(path))
+    return _from_preset_format(json.loads(path.read_text()), str(path))
+
+
+def _from_preset_format(data: dict, origin: str) -> ModelSpec:
+    """A ModelSpec from a preset's JSON: its fields, and $source_notes saying where they come from."""
+    return ModelSpec.from_dict({k: v for k, v in data.items() if k != "$source_notes"}, origin=origin)
 
 
 def load_spec(model: str | Path) -> ModelSpec:
-    """A model's shape from a preset name, a .gguf file's metadata (no tensor data is read) or a Hugging
-    Face config.json (the file, or the checkpoint folder holding it)."""
+    """A model's shape from a preset name, a .gguf file's metadata (no tensor data is read), a Hugging
+    Face config.json (the file, or the checkpoint folder holding it) or a JSON file in the presets' format."""
     if not str(model):
         raise OpenLPUError("no model given; give a preset name (`openlpu models` lists them), a .gguf file, or a "
                            "config.json or the folder holding it")
@@ -397,8 +400,11 @@ def load_spec(model: str | Path) -> ModelSpec:
 
         return spec_from_gguf(path)
     if path.suffix == ".json" or path.is_dir():
-        from openlpu.models.hf import spec_from_hf_config
+        from openlpu.models.hf import read_config, spec_from_hf_config
 
+        data, origin = read_config(path)
+        if "family" in data and "model_type" not in data:  # ModelSpec's fields, as presets/*.json hold them
+            return _from_preset_format(data, origin)
         return spec_from_hf_config(path)
     if len(path.parts) > 1 or path.is_file() and str(model) not in preset_names():  # a path, not to a model file
         what = "is neither a .gguf file nor a config.json" if path.exists() else "not found"

@@ -98,13 +98,14 @@ class Engine:
 
         path = default_model_path() if model_path is None else model_path
         spec = spec_from_gguf(path)
+        tokenizer = Tokenizer.from_gguf(path)  # before the compile and the load: a tokenizer it cannot use is refused
         context = min(context_length or DEFAULT_CONTEXT_LENGTH, spec.context_length)
         system = load_system(system) if isinstance(system, str) else system
         program = compile_program(spec, system, Workload(context_length=context, users=max_batch,
                                                          prompt_len=Workload.default_prompt_len(context)))
         verify_or_raise(program)
         executor = load_executor(program, path, "fused", precision, device, context, spec=spec)
-        return cls(executor, Tokenizer.from_gguf(path), max_batch, context)
+        return cls(executor, tokenizer, max_batch, context)
 
     # ---- sequences --------------------------------------------------------------------------
     def new_sequence(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:

@@ -26,7 +26,13 @@ SUPPORTED_TOKENIZER_MODELS = ("llama",)  # llama.cpp's name for SentencePiece BP
 # Extra stop pieces per architecture: chat models end a turn with these (Gemma: <end_of_turn>,
 # listed as an end-of-generation token by llama.cpp's vocab loader, src/llama-vocab.cpp).
 END_OF_TURN_PIECES = {"gemma3": ("<end_of_turn>",), "gemma2": ("<end_of_turn>",)}
-CACHE_FORMAT_VERSION = 2
+CACHE_FORMAT_VERSION = 3  # 3: vocabularies built before the checks of _vocabulary are rebuilt (and checked)
+# The special token ids a vocabulary names (llama.cpp's LLM_KV_TOKENIZER_*_ID keys)
+SPECIAL_ID_KEYS = ("tokenizer.ggml.unknown_token_id", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                   "tokenizer.ggml.padding_token_id", "tokenizer.ggml.eot_token_id")
+# What run and serve take, for the refusal of another tokenizer
+RUNNABLE = ("`openlpu run` and `serve` take GGUF files with a SentencePiece tokenizer (Gemma, Llama 2, Mistral...); "
+            "`openlpu plan` and `compile` read any supported architecture")
 
 
 @dataclass(frozen=True)
@@ -59,8 +65,12 @@ def _build_from_header(path: Path) -> tuple[bytes, TokenizerFacts]:
                            "give a GGUF file with its tokenizer, as llama.cpp's converter writes it")
     if kind not in SUPPORTED_TOKENIZER_MODELS:
         raise OpenLPUError(f"{path}: tokenizer {kind!r} is not supported (supported: "
-                           f"{', '.join(SUPPORTED_TOKENIZER_MODELS)})")
-    tokens = meta["tokenizer.ggml.tokens"]
+                           f"{', '.join(SUPPORTED_TOKENIZER_MODELS)}); {RUNNABLE}")
+    tokens = _vocabulary(meta, path)
+    # a special id no token has is left out, as llama.cpp's vocabulary loader leaves it ("bad special token"): real
+    # files name a padding id one past their tokens
+    meta = {k: v for k, v in meta.items()
+            if k not in SPECIAL_ID_KEYS or isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(tokens)}
     scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
     types = list(meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
     unk_id = meta.get("tokenizer.ggml.unknown_token_id")
@@ -105,6 +115,25 @@ def _build_from_header(path: Path) -> tuple[bytes, TokenizerFacts]:
         special_pieces=tuple(t for t, k in zip(tokens, types) if k == CONTROL),
     )
     return proto.SerializeToString(), facts
+
+
+def _vocabulary(meta: dict, path: Path) -> list[str]:
+    """The token list, checked against what indexes it: each per-token array and the model's vocab_size (the
+    model emits ids up to it, and each needs a piece)."""
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens:
+        raise OpenLPUError(f"{path}: the file has tokenizer metadata but no token list (tokenizer.ggml.tokens); "
+                           "it is broken, re-convert it with a current llama.cpp")
+    broken = "the file is broken, re-convert it with a current llama.cpp"
+    for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+        if key in meta and len(meta[key]) != len(tokens):
+            raise OpenLPUError(f"{path}: GGUF metadata {key} holds {len(meta[key])} entries for {len(tokens)} tokens; "
+                               f"{broken}")
+    vocab_key = f"{meta.get('general.architecture', '')}.vocab_size"
+    if meta.get(vocab_key, len(tokens)) != len(tokens):
+        raise OpenLPUError(f"{path}: GGUF metadata {vocab_key} = {meta[vocab_key]} differs from the token list's "
+                           f"{len(tokens)} entries (the model would emit ids with no piece); {broken}")
+    return tokens
 
 
 class Tokenizer:
