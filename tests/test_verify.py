@@ -1,6 +1,9 @@
 """The verifier passes sound Programs and catches each invariant broken on purpose."""
 
 import dataclasses
+import gzip
+import hashlib
+import json
 import math
 import re
 from collections import Counter, defaultdict
@@ -8,6 +11,7 @@ from collections import Counter, defaultdict
 import pytest
 
 from openlpu.compiler import Workload, compile_program, verify, verify_or_raise
+from openlpu.compiler.program import HEADER_BYTES, MAGIC, Transfer, encode, load_program
 from openlpu.errors import OpenLPUError
 from openlpu.hardware.lpu import load_system
 from openlpu.models.spec import load_preset
@@ -485,7 +489,7 @@ def test_link_over_its_bandwidth(program):
         return max(n / (e - s) for s, e, links in t.phases for _, _, n in links)
     busiest = max(pre.transfers, key=rate)
     assert rate(busiest) * SYSTEM.chip.clock_hz > 0.5 * SYSTEM.links["local"].bandwidth_bytes_per_s
-    clash = dataclasses.replace(busiest, name="clash", inputs=())
+    clash = dataclasses.replace(busiest, name="clash")  # the same result again
     doubled = dataclasses.replace(program, prefill=dataclasses.replace(pre, transfers=pre.transfers + (clash,)))
     assert "link_bandwidth" in _invariants(doubled)
 
@@ -787,3 +791,120 @@ def test_a_decode_step_claiming_more_users_than_its_ops_work_for():
     found = verify(claimed)
     assert found and {v.invariant for v in found} == {"structure"}
     assert any(v.message.startswith("decode: blk.0.ffn_up records ") and " operations over" in v.message for v in found)
+
+
+def test_a_transfer_carries_what_it_names_and_shares_no_name(program):
+    """A transfer is read as the result it carries: one carrying nothing, named like the op it claims to be (or
+    like a part of it), arriving before that op has even started, fed a reader early (a reviewer's find); named
+    exactly like the op, it took the op's place among the results."""
+    ops = list(program.decode.ops)
+    k = next(k for k, o in enumerate(ops) if o.name == "blk.0.attn_q_norm")
+    for name, says in (("blk.0.attn_q@7", "decode: transfer blk.0.attn_q@7 carries nothing (it has no inputs)"),
+                       ("blk.0.attn_q", "decode: op and transfer are both named blk.0.attn_q")):
+        phantom = Transfer(name=name, kind="all_reduce", stage=0, chips=program.placement.stages[0].chips, path=(),
+                           payload_bytes=0.0, phases=((99, 100, ()),), start_cycle=99, arrival_cycle=100, inputs=())
+        early = dataclasses.replace(ops[k], inputs=(name,))
+        found = verify(_with_decode(program, ops=ops[:k] + [early] + ops[k + 1:],
+                                    transfers=list(program.decode.transfers) + [phantom]))
+        assert {v.invariant for v in found} == {"structure"} and any(v.message.startswith(says) for v in found)
+
+
+def test_a_stage_fed_by_transfers_carrying_nothing(program):
+    """Stage 0's results reach stage 1 through a stripe, its gather and a rank-to-rank send: each replaced by a
+    transfer carrying nothing, of no bytes, named like the op whose result it stands for, let stage 1 start at
+    once (a reviewer's find: timing then read a faster step)."""
+    d, stage0 = program.decode, {o.name for o in program.decode.ops if o.stage == 0}
+    hand_offs = {t.name: t for t in d.transfers if t.stage == 1 and set(t.inputs) & stage0}
+    hand_offs |= {t.name: t for t in d.transfers if set(t.inputs) & set(hand_offs)}
+    stands_for = {name: name.split(">")[0] + "@x" for name in hand_offs}
+    phantoms = [Transfer(name=n, kind="broadcast", stage=1, chips=program.placement.stages[1].chips, path=(),
+                         payload_bytes=0.0, phases=((0, 1, ()),), start_cycle=0, arrival_cycle=1, inputs=())
+                for n in sorted(set(stands_for.values()))]
+    ops = [dataclasses.replace(o, inputs=tuple(stands_for.get(i, i) for i in o.inputs)) for o in d.ops]
+    found = verify(_with_decode(program, ops=ops, transfers=[t for t in d.transfers if t.name not in hand_offs]
+                                + phantoms))
+    assert found and {v.invariant for v in found} == {"structure"}
+    assert all("carries nothing" in v.message for v in found), found
+
+
+def test_outputs_and_payloads_are_at_least_the_models(program):
+    """With SRAM cut to the weights and KV cache, the Program fails for its activations; every op's output, every
+    transfer's payload and its links' bytes claimed 0, it passed (a reviewer's find). Each op holds at least its
+    graph op's output over its parts' chips, and each transfer carries at least the result it carries."""
+    static = defaultdict(float)
+    for sh in program.placement.shards:
+        static[sh.chip] += sh.nbytes
+    for s in program.placement.stages:
+        for c in s.chips:
+            static[c] += s.kv_bytes_per_chip
+    tight = dataclasses.replace(program, system=dataclasses.replace(program.system, chip=dataclasses.replace(
+        program.system.chip, sram_bytes=int(max(static.values())) + 1000)))
+    assert "sram_capacity" in _invariants(tight)
+
+    def claimed_empty(phase):
+        ops = tuple(dataclasses.replace(o, output_bytes_per_chip=0.0) for o in phase.ops)
+        transfers = tuple(dataclasses.replace(t, payload_bytes=0.0, phases=tuple(
+            (s, a, tuple((x, y, 0.0) for x, y, _ in links)) for s, a, links in t.phases)) for t in phase.transfers)
+        return dataclasses.replace(phase, ops=ops, transfers=transfers)
+    found = verify(dataclasses.replace(tight, decode=claimed_empty(tight.decode), prefill=claimed_empty(tight.prefill)))
+    messages = [v.message for v in found if v.invariant == "structure"]
+    d = program.decode
+    assert (f"decode: blk.0.attn_q records 0 output bytes over its parts' chips; the model's blk.0.attn_q takes "
+            f"{d.ops[[o.name for o in d.ops].index('blk.0.attn_q')].output_bytes_per_chip * 4:,.0f} at the least"
+            in messages)
+    stripe = next(t for t in d.transfers if t.kind == "stripe")
+    assert any(m.startswith(f"decode: transfer {stripe.name} carries 0 bytes; ") for m in messages)
+    assert any(m.startswith("prefill: transfer c1/sample.allreduce carries 0 bytes; ") for m in messages)
+
+
+def test_the_sampled_token_is_reduced_and_returned(program):
+    """A decode step ends with the token back at the embedding's stage (timing reads a token's latency off the
+    makespan): without its return, or also without the all-reduce that picks it from the chips' shares of the
+    vocabulary, and the makespan cut to what is left, the step passed as shorter (a reviewer's find). A prefill's
+    first token is picked the same way."""
+    d = program.decode
+
+    def without(phase, names):
+        transfers = [t for t in phase.transfers if t.name not in names]
+        last = max([o.end_cycle for o in phase.ops] + [t.arrival_cycle for t in transfers])
+        return dataclasses.replace(phase, transfers=tuple(transfers), makespan_cycles=last)
+    found = verify(dataclasses.replace(program, decode=without(d, {"token_return"})))
+    assert [v.message for v in found] == [
+        "decode: the sampled token (sample.allreduce) never returns to stage 0, whose embedding the next step reads"]
+    found = verify(dataclasses.replace(program, decode=without(d, {"token_return", "sample.allreduce"})))
+    assert [v.message for v in found] == [
+        ("decode: sample leaves each of stage 1's 4 chips its share of the vocabulary's (value, index); no all-reduce "
+         "over them picks the token")]
+    found = verify(dataclasses.replace(program, prefill=without(program.prefill, {"c1/sample.allreduce"})))
+    assert [v.invariant for v in found] == ["input_not_ready"] and "c1/sample leaves each" in found[0].message
+
+
+def test_a_program_file_claiming_a_workload_no_compile_makes_is_refused(program, tmp_path):
+    """A Program file whose workload says a 2,000,000-token context and prompt in chunks of one token (a reviewer's
+    edit of a compiled one) made `openlpu inspect` allocate gigabytes; longer than the model's context window, it
+    is refused as it loads, in one line, as compiling refuses it."""
+    data = encode(program)
+    body = json.loads(gzip.decompress(data[HEADER_BYTES:]))
+    body["workload"].update(context_length=2_000_000, prompt_len=2_000_000, prefill_chunk=1)
+    payload = gzip.compress(json.dumps(body).encode(), mtime=0)
+    path = tmp_path / "edited.prog"
+    path.write_bytes(MAGIC + data[len(MAGIC):len(MAGIC) + 4] + hashlib.sha256(payload).digest() + payload)
+    with pytest.raises(OpenLPUError, match="edited.prog is corrupt \\(its workload: context 2000000 is longer than "
+                                           "gemma-3-270m's context window \\(32768 tokens\\)") as refused:
+        load_program(path)
+    assert "\n" not in str(refused.value)
+
+
+def test_a_workload_claiming_waves_the_prefill_does_not_hold_is_not_lowered(program):
+    """Within the context window, a workload claiming a prompt of 2,048 one-token chunks (the most a compile
+    schedules) over a prefill holding 2 is a structure fault, found before the model's graph is lowered for each
+    chunk claimed; so is any other structure fault (layers keeping other KV slots than the workload's context)."""
+    w = program.workload
+    claimed = dataclasses.replace(w, prompt_len=w.context_length, prefill_chunk=1)
+    found = verify(dataclasses.replace(program, workload=claimed))
+    assert [v.message for v in found] == [
+        "the prefill schedules 2 prompt chunks; its workload's 2,048-token prompt in chunks of 1 makes 2,048"]
+    longer = dataclasses.replace(w, context_length=32768, prompt_len=32768, prefill_chunk=16)
+    found = verify(dataclasses.replace(program, workload=longer))
+    assert {v.invariant for v in found} == {"structure"} and "KV slots per user" in found[0].message
+    assert not any("never runs" in v.message or " records " in v.message for v in found)

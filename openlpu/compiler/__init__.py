@@ -59,9 +59,7 @@ def compile_program(spec: ModelSpec, system: SystemSpec, workload: Workload, chi
     rows (_by_expert_rows). Without a prefill chunk, the compiler takes the largest of PREFILL_CHUNKS, or a
     smaller one whose smaller activation buffers place the model better (_chunked). Same inputs, byte-identical
     Program."""
-    if workload.context_length > spec.context_length:
-        raise OpenLPUError(f"context {workload.context_length} is longer than {spec.name}'s context window "
-                           f"({spec.context_length} tokens); use at most {spec.context_length}")
+    workload.check_window(spec)
     templates = {}  # collective routes, shared by every schedule
     if chips is not None:  # a bad count is refused as such, not placed on fewer
         check_chips(system, chips)

@@ -106,6 +106,12 @@ class Workload:
                                f"prefill waves, more than the {MAX_PREFILL_WAVES:,} a compile schedules; use "
                                f"--prefill-chunk {-(-self.prompt_len // MAX_PREFILL_WAVES):,} or more")
 
+    def check_window(self, spec: ModelSpec) -> None:
+        """Refuse a context longer than the model's window (a compile's, and a Program file's)."""
+        if self.context_length > spec.context_length:
+            raise OpenLPUError(f"context {self.context_length} is longer than {spec.name}'s context window "
+                               f"({spec.context_length} tokens); use at most {spec.context_length}")
+
     @property
     def attended_context(self) -> int:
         """Tokens each decode step attends."""
@@ -416,9 +422,12 @@ def _phase(d: dict, link_loads: list) -> PhaseSchedule:
                          _typed("makespan_cycles", d["makespan_cycles"], int))
 
 
-def _workload(fields: dict) -> Workload:
+def _workload(fields: dict, spec: ModelSpec) -> Workload:
+    """The workload a file holds, refused where compile_program refuses it for the model (but for the wave cap,
+    a compile's: a file holding more waves loads as written; verify checks the waves it holds)."""
     try:
         workload = Workload(**fields)
+        workload.check_window(spec)
     except OpenLPUError as e:  # a value the workload refuses, said as a fault of the file
         raise ValueError(f"its workload: {e}") from None
     if workload.prefill_chunk is None:  # the compiler writes the chunk it chose
@@ -456,7 +465,8 @@ def decode_program(data: bytes, origin: str = "program") -> Program:
                               _typed("experts", b["placement"]["experts"], bool))
         system = system_from({k: v for k, v in b["system"].items() if k != "sources"}, f"{origin}'s system",
                              figures=False)
-        return Program(version=version, spec=_spec(b["spec"]), system=system, workload=_workload(b["workload"]),
+        spec = _spec(b["spec"])
+        return Program(version=version, spec=spec, system=system, workload=_workload(b["workload"], spec),
                        kv_slots=_typed("kv_slots", _tuples(b["kv_slots"]), tuple[int, ...]), placement=placement,
                        decode=_phase(b["decode"], link_loads), prefill=_phase(b["prefill"], link_loads))
     except (OSError, EOFError, zlib.error, ValueError, KeyError, IndexError, TypeError, AttributeError,

@@ -3,8 +3,10 @@ never the compiler.
 
 0. structure: first, what every other check reads (a Program failing it is reported for that alone): the
    stages numbered in order, every op and transfer on one of them, on a unit a chip has or of a kind there
-   is, its prompt chunk named by number; then each layer keeps the KV slots it attends (the context, or its
-   window or chunk); every chip in at most one stage, inside the system, each stage one TP group; the
+   is, its prompt chunk named by number, no two of a phase's records named alike (ops and transfers), every
+   transfer carrying something (it is read as the result it carries); then each layer keeps the KV slots it
+   attends (the context, or its window or chunk), and the prefill schedules the prompt chunks its workload
+   makes; every chip in at most one stage, inside the system, each stage one TP group; the
    stages' pieces, in pipeline order, hold all vocabulary rows of the embedding, each layer's attention
    (whole, or ranges of all its KV slots) and all d_ff rows of its MLP, and all vocabulary rows of the head,
    once, each split piece's ranges in order without a gap or an overlap; a decode step carries a
@@ -12,13 +14,17 @@ never the compiler.
    op or transfer ends (timing reads latency off it); the phase computes the model: every op of the graph
    lowered from the spec runs, whole or by each part of a cut piece, reading what the graph says it reads
    (through transfers and the ops combining parts), and no other op runs; each op records, over its parts and
-   their chips, at least the work of the graph's op for the users its step carries;
+   their chips, at least the work and the output of the graph's op for the users its step carries, and each
+   transfer carries at least the bytes of the result it carries (the graph is lowered only for a Program whose
+   structure and sizes hold: a file's workload may claim any);
 1. no functional unit runs two ops at once, nor an op in fewer cycles than its recorded work takes at the
    unit's and the SRAM's rates, or than its chips take to install its weights (or the keys and values its
    queries stream through) at the matrix unit's install rate;
 2. nothing starts before its inputs are on its chips (ops and transfers, and each phase of a transfer
    after the phase before it): a transfer sends from chips that hold its inputs to the stage whose ops
-   take it, and reaches every chip of that stage;
+   take it, and reaches every chip of that stage; a phase ends with its sampled token picked whole (an
+   all-reduce over the chips holding shares of the vocabulary), and a decode step with the token back at
+   the stages holding the embedding, which the next step reads (timing reads latency off the makespan);
 3. SRAM in use (weights + KV + live activations) never exceeds a chip's capacity, each shard counting its
    elements' bytes, and each stage reserves the KV its attention pieces keep: users x slots x the K and
    V rows its chips' shards of the layer's K and V projections make;
@@ -39,6 +45,7 @@ import functools
 import itertools
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from openlpu.compiler.partition import (
@@ -72,6 +79,7 @@ from openlpu.compiler.program import (
 from openlpu.compiler.schedule import (
     CHAINED,
     NEEDS_ALL_REDUCE,
+    TOKEN_ID_BYTES,
     chunk_name,
     split_chunk,
     unit_rates,
@@ -150,10 +158,23 @@ def _structure(program: Program) -> list[Violation]:
     out += [Violation("structure", f"the {phase.phase} phase schedules no ops") for phase in (program.decode,
                                                                                            program.prefill)
             if not phase.ops]
+    out += _waves_held(program)
     if not 1 <= program.decode.tokens <= program.workload.users:
         out.append(Violation("structure", f"the decode step carries {program.decode.tokens} users' tokens; a "
                                           f"micro-batch holds 1 to the {program.workload.users} users in flight"))
     return out
+
+
+def _waves_held(program: Program) -> list[Violation]:
+    """The prefill schedules each prompt chunk its workload makes, and no more: the model's graph is lowered for
+    each it claims (a file's workload may claim millions; a compile schedules MAX_PREFILL_WAVES at most)."""
+    w = program.workload
+    waves = len(range(0, w.prompt_len, w.chunk_tokens))
+    held = 1 + max((split_chunk(op.name)[0] for op in program.prefill.ops if "/" in op.name), default=-1)
+    if held == waves:
+        return []
+    return [Violation("structure", f"the prefill schedules {counted(held, 'prompt chunk')}; its workload's "
+                                   f"{w.prompt_len:,}-token prompt in chunks of {w.chunk_tokens:,} makes {waves:,}")]
 
 
 def _names(program: Program) -> list[Violation]:
@@ -165,12 +186,11 @@ def _names(program: Program) -> list[Violation]:
     if [s.index for s in program.placement.stages] != list(range(stages)):
         out.append(Violation("structure", "the stages are not numbered 0, 1, 2, ... in pipeline order"))
     for phase in (program.decode, program.prefill):
+        out += _named_once(phase)
+        out += [Violation("structure", f"{phase.phase}: transfer {t.name} carries nothing (it has no inputs)")
+                for t in phase.transfers if not t.inputs]  # a transfer is read as the result it carries
         for what, records, field, known in (("op", phase.ops, "unit", UNITS),
                                             ("transfer", phase.transfers, "kind", tuple(TRANSFER_ENDS))):
-            if len({r.name for r in records}) != len(records):
-                twice = next(n for n, k in collections.Counter(r.name for r in records).items() if k > 1)
-                out.append(Violation("structure", f"{phase.phase}: two {what}s are named {twice} (inputs name "
-                                                  f"what they read)"))
             for r in records:
                 prefix, chunked, _ = r.name.partition("/")
                 if not 0 <= r.stage < stages:
@@ -186,6 +206,18 @@ def _names(program: Program) -> list[Violation]:
                     out.append(Violation("structure", f"{phase.phase}: {what} {r.name} names no prompt chunk "
                                                       f"(c<chunk>/...)"))
     return out
+
+
+def _named_once(phase: PhaseSchedule) -> list[Violation]:
+    """No two records of a phase share a name, ops and transfers alike: inputs name what they read."""
+    counts = collections.Counter(r.name for r in itertools.chain(phase.ops, phase.transfers))
+    if len(counts) == len(phase.ops) + len(phase.transfers):
+        return []
+    twice = next(n for n, k in counts.items() if k > 1)
+    kinds = sorted({what for what, records in (("op", phase.ops), ("transfer", phase.transfers))
+                    for r in records if r.name == twice})
+    named = f"two {kinds[0]}s are" if len(kinds) == 1 else "op and transfer are both"
+    return [Violation("structure", f"{phase.phase}: {named} named {twice} (inputs name what they read)")]
 
 
 def _sizes(program: Program) -> list[Violation]:
@@ -315,8 +347,7 @@ def _inputs_ready(program: Program, phase: PhaseSchedule) -> list[Violation]:
             out.append(Violation("input_not_ready", f"{phase.phase}: transfer {t.name} delivers to chips "
                                                     f"{sorted(set(t.receivers))}, not all of stage {t.stage}'s, whose "
                                                     f"ops take it"))
-        known = [i for i in t.inputs if i in holders]
-        if known and not set(t.senders) <= set().union(*(holders[i] for i in known)):
+        if not set(t.senders) <= set().union(*(holders[i] for i in t.inputs if i in holders)):
             out.append(Violation("input_not_ready", f"{phase.phase}: transfer {t.name} sends from chips "
                                                     f"{sorted(set(t.senders))}, which do not all hold its inputs"))
     for op in phase.ops:
@@ -338,6 +369,53 @@ def _partials_reduced(program: Program, phase: PhaseSchedule) -> list[Violation]
     return [Violation("input_not_ready", f"{phase.phase}: {name} reads {i}, each chip's partial result, not its "
                                          f"all-reduce")
             for name, inputs in readers for i in inputs if i in partial]
+
+
+SAMPLERS = ("sample", CHAINED["head"])  # the suffixes of the ops picking a token: the sampler, a cut head's parts'
+
+
+def _token_delivered(program: Program, phase: PhaseSchedule) -> list[Violation]:
+    """The phase ends with the sampled token picked whole: the sampler's result that nothing reads (a cut head's
+    parts combined into one), where each chip of its stage holds its share of the vocabulary's (value, index),
+    picked by an all-reduce over them; and a decode step sends the token back to every stage holding part of the
+    embedding, which the next step reads. Timing reads a token's latency off the makespan: all of it inside."""
+    carried = {t.name: t.inputs for t in phase.transfers}
+    read, reading = set(), [i for op in phase.ops for i in op.inputs]
+    while reading:  # what ops read, directly or through transfers
+        name = reading.pop()
+        if name not in read:
+            read.add(name)
+            reading.extend(carried.get(name, ()))
+    picked = [op for op in phase.ops if op_suffix(op.name) in SAMPLERS and op.name not in read]
+    if len(picked) != 1:  # none: _graph reports the sampler missing
+        return [Violation("input_not_ready", f"{phase.phase}: the sampler's parts {', '.join(op.name for op in picked)}"
+                                             f" are never combined into one token")] if picked else []
+    token, stages = picked[0], {s.index: s.chips for s in program.placement.stages}
+    holder, chips = token.name, set(stages[token.stage])
+    if len(chips) > 1 and suffix_role(op_suffix(token.name)) in NEEDS_ALL_REDUCE:
+        holder = next((t.name for t in phase.transfers if t.kind == "all_reduce" and token.name in t.inputs
+                       and set(t.chips) == chips), None)
+        if holder is None:
+            return [Violation("input_not_ready", f"{phase.phase}: {token.name} leaves each of stage {token.stage}'s "
+                                                 f"{len(chips)} chips its share of the vocabulary's (value, index); no "
+                                                 f"all-reduce over them picks the token")]
+    if phase.phase != "decode":
+        return []
+    readers = defaultdict(list)
+    for t in phase.transfers:
+        for i in t.inputs:
+            readers[i].append(t)
+    sent, sending = set(), [holder]
+    while sending:  # the chips the token reaches, through transfers of it and of those
+        for t in readers[sending.pop()]:
+            if t.name not in sent:
+                sent.add(t.name)
+                chips.update(t.receivers)
+                sending.append(t.name)
+    embedding = [s.index for s in program.placement.stages if any(part == "embed" for _, part, _, _ in s.pieces)]
+    return [Violation("input_not_ready", f"{phase.phase}: the sampled token ({holder}) never returns to stage {k}, "
+                                         f"whose embedding the next step reads")
+            for k in embedding if not chips & set(stages[k])]
 
 
 def _received(t: Transfer) -> tuple[tuple[int, ...], float]:
@@ -567,12 +645,13 @@ def _lowered(spec, workload, phase: str, tokens: int, rows: int) -> dict:
                                         act_precision=workload.activations, queries=queries)}
 
 
-def _graph(program: Program, phase: PhaseSchedule) -> list[Violation]:
+def _graph(program: Program, phase: PhaseSchedule, origin: Callable[[str], str]) -> list[Violation]:
     """The phase computes the model: each op is an op of its graph (graph.lower, from the Program's spec; in a
     prompt chunk, the chunk's graph), of its kind and on its unit, run whole or by each part of a cut piece, or
     combines the parts' results of one op; each graph op runs (in every prompt chunk, but the head only in the last:
     logits only for the prompt's last token) reading what the graph says it reads, through transfers and
-    combinations. A prompt chunk's attention may also wait on the chunk before's (whose KV it reads)."""
+    combinations (`origin`: _origins'). A prompt chunk's attention may also wait on the chunk before's (whose KV it
+    reads)."""
     spec, w, n = program.spec, program.workload, program.spec.n_layers
     if phase.phase == "decode":  # its ops are named and wired alike for any micro-batch
         graph = _lowered(spec, w, "decode", w.attended_context, 1).values()
@@ -584,22 +663,7 @@ def _graph(program: Program, phase: PhaseSchedule) -> list[Violation]:
                     if c == last or _op_piece(op.name, n) != (n, "head")}
     reads, kinds = {op.name: op.inputs for op in graph}, {op.name: (op.kind, op.unit) for op in graph}
     named = [(op, *_graph_name(op.name)) for op in phase.ops]
-    combining = {op.name for op, _, base in named if base.rsplit(".", 1)[-1] in COMBINING}
-    sources = {t.name: t.inputs for t in phase.transfers}  # what each transfer carries
-    sources |= {op.name: op.inputs for op, _, _ in named if op.name in combining}  # a combination: its parts' op
-    origins = {}
-
-    def origin(name: str) -> str:
-        """The graph op whose result `name` is, or carries (a transfer), or combines (its parts'); a chain of
-        records that comes back on itself (which _inputs_ready reports) ends where it does."""
-        chain = []
-        while name not in origins and sources.get(name) and name not in chain:
-            chain.append(name)
-            name = sources[name][0]
-        found = origins.get(name, name.split(CUT_SEPARATOR)[0])
-        origins.update(dict.fromkeys(chain, found))
-        return found
-
+    combining = {op.name for op, _, base in named if _combines(base)}
     out, ran = [], set()
     for op, prefix, base in named:
         got = {origin(i) for i in op.inputs}
@@ -630,14 +694,45 @@ def _graph(program: Program, phase: PhaseSchedule) -> list[Violation]:
 COMBINING = frozenset(CHAINED.values())  # the last part of a combining op's name ('blk.3.ffn_sum@2')
 
 
-def _work(program: Program, phase: PhaseSchedule) -> list[Violation]:
+def _combines(base: str) -> bool:
+    """Whether an op of this name (_graph_name's base) combines a cut piece's parts' results ('blk.3.ffn_sum')."""
+    return base.rsplit(".", 1)[-1] in COMBINING
+
+
+def _origins(phase: PhaseSchedule) -> Callable[[str], str]:
+    """A function naming the graph op whose result a record of the phase is (an op: its own name's), carries (a
+    transfer: its first input's) or combines (a combining op: its parts'). A record carrying nothing, or a chain
+    of records coming back on itself (which _names and _inputs_ready report), is no op's result."""
+    sources = {t.name: t.inputs for t in phase.transfers}
+    sources |= {op.name: op.inputs for op in phase.ops if _combines(_graph_name(op.name)[1])}
+    origins = {}
+
+    def origin(name: str) -> str:
+        chain = []
+        while name in sources and name not in origins and name not in chain and sources[name]:
+            chain.append(name)
+            name = sources[name][0]
+        if name in origins:
+            found = origins[name]
+        elif name in sources:
+            found = f"no op's result ({name})"
+        else:
+            found = name.split(CUT_SEPARATOR)[0]
+        origins.update(dict.fromkeys(chain, found))
+        return found
+
+    return origin
+
+
+def _work(program: Program, phase: PhaseSchedule, origin: Callable[[str], str]) -> list[Violation]:
     """No op records less work than the model's op it runs. Over its parts, each counted on every chip of its
     TP group, it has at least the graph's operations and SRAM bytes (its weights and the keys and values it
     reads), and at least the cycles its chips take to install its weights (a matrix op) or the keys and values
     its queries stream through (attention) at the chip's install rate: the weight-stationary matrix unit's
-    bound, which sets a decode step's time. A decode step's graph is lowered for the users its micro-batch
-    carries (so it cannot claim more than its ops work for), a prompt chunk's with no tokens before it (those
-    only add keys to read)."""
+    bound, which sets a decode step's time; and it holds at least the graph op's output (what SRAM is checked
+    for). A decode step's graph is lowered for the users its micro-batch carries (so it cannot claim more than
+    its ops work for), a prompt chunk's with no tokens before it (those only add keys to read). No transfer
+    carries less than the result it carries (_payloads; `origin`: _origins')."""
     spec, w, chip = program.spec, program.workload, program.system.chip
     if phase.phase == "decode":
         rows = phase.tokens if 1 <= phase.tokens <= w.users else 1  # one outside that: reported by _structure
@@ -646,7 +741,8 @@ def _work(program: Program, phase: PhaseSchedule) -> list[Violation]:
         graphs = {chunk_name(c, ""): _lowered(spec, w, "prefill", length, 1)
                   for c, (_, length) in enumerate(prefill_chunks(w))}
     widths = {s.index: len(s.chips) for s in program.placement.stages}
-    recorded = defaultdict(lambda: [0.0, 0.0, 0])  # prefixed graph op -> operations, SRAM bytes, install cycles
+    # prefixed graph op -> operations, SRAM bytes, install cycles, output bytes
+    recorded = defaultdict(lambda: [0.0, 0.0, 0, 0.0])
     for op in phase.ops:
         prefix, base = _graph_name(op.name)
         if base not in graphs.get(prefix, ()) or op.stage not in widths:
@@ -655,19 +751,41 @@ def _work(program: Program, phase: PhaseSchedule) -> list[Violation]:
         sums[0] += op.flops_per_chip * t
         sums[1] += op.sram_bytes_per_chip * t
         sums[2] += (op.end_cycle - op.start_cycle) * t
+        sums[3] += op.output_bytes_per_chip * t
     out = []
-    for name, (flops, sram_bytes, cycles) in recorded.items():
+    for name, (flops, sram_bytes, cycles, output) in recorded.items():
         prefix, base = _graph_name(name)
         g = graphs[prefix][base]
         installed = (g.weight_bytes if g.unit == "matrix" and g.weight
                      else g.kv_read_bytes if g.kind == "attention" else 0)
         least = {"operations": (flops, g.flops), "SRAM bytes": (sram_bytes, g.weight_bytes + g.kv_read_bytes),
-                 "install cycles": (cycles, installed / chip.matrix_install_bytes_per_cycle)}
+                 "install cycles": (cycles, installed / chip.matrix_install_bytes_per_cycle),
+                 "output bytes": (output, g.act_write_bytes)}
         for what, (got, want) in least.items():
             if got < want * (1 - RATE_TOLERANCE):
                 out.append(Violation("structure" if what != "install cycles" else "unit_overlap",
                                      f"{phase.phase}: {name} records {got:,.0f} {what} over its parts' chips; the "
                                      f"model's {base} takes {want:,.0f} at the least"))
+    return out + _payloads(program, phase, graphs, origin)
+
+
+def _payloads(program: Program, phase: PhaseSchedule, graphs: dict,
+              origin: Callable[[str], str]) -> list[Violation]:
+    """No transfer carries fewer bytes than the result it carries (what its links are checked for): its graph
+    op's output (`graphs`, per prompt chunk prefix), or a sampler's, its tokens' ids (a cut head's parts send
+    their (value, index) pairs, twice that; the token goes back to the embedding alone)."""
+    out = []
+    for t in phase.transfers:
+        prefix, base = _graph_name(origin(t.name))
+        g = graphs.get(prefix, {}).get(base)
+        if g is None:
+            continue  # no op's result: reported by _graph
+        argmax = suffix_role(op_suffix(base)) == "argmax"
+        least = TOKEN_ID_BYTES * g.shape[0] / program.spec.vocab_size if argmax else g.act_write_bytes
+        if t.payload_bytes < least * (1 - RATE_TOLERANCE):
+            out.append(Violation("structure", f"{phase.phase}: transfer {t.name} carries {t.payload_bytes:,.0f} "
+                                              f"bytes; the model's {base}, whose result it carries, makes "
+                                              f"{least:,.0f} at the least"))
     return out
 
 
@@ -859,13 +977,16 @@ def verify(program: Program) -> list[Violation]:
     """Every invariant violated, in a fixed order (an empty list means the Program is sound)."""
     if unreadable := _names(program):  # what the other invariants are read off
         return unreadable
-    out = (_structure(program) + _sizes(program) + _kv_reserved(program) + _weights(program)
-           + _shards_on_their_stages(program))
+    shaped = _structure(program) + _sizes(program)
+    out = shaped + _kv_reserved(program) + _weights(program) + _shards_on_their_stages(program)
     link_figures = {}  # the phases load mostly the same links
     for phase in (program.decode, program.prefill):
-        out += (_makespan(phase) + _graph(program, phase) + _ops_on_their_pieces(program, phase)
-                + _work(program, phase) + _unit_overlap(program, phase) + _inputs_ready(program, phase)
-                + _partials_reduced(program, phase)
+        out += _makespan(phase) + _ops_on_their_pieces(program, phase)
+        if not shaped:  # else its workload may be any (a file's): the model's graph is not lowered for it
+            origin = _origins(phase)
+            out += _graph(program, phase, origin) + _work(program, phase, origin)
+        out += (_unit_overlap(program, phase) + _inputs_ready(program, phase) + _partials_reduced(program, phase)
+                + _token_delivered(program, phase)
                 + _sram(program, phase) + _payload_carried(phase) + _links(program, phase, link_figures))
     return out
 
