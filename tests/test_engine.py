@@ -116,6 +116,32 @@ def test_a_long_prompt_is_fed_in_chunks_beside_a_decoding_sequence(engine, llama
     assert chunked.cache.free_slots == 2
 
 
+def test_a_prompt_chunk_that_samples_nothing_computes_no_logits(engine):
+    """Each step ran the head (Gemma 3's 262,144-token vocabulary) for every sequence, a prompt's chunks before
+    its last too, and dropped their logits: only the sequences that sample get a row of it."""
+    rows = []
+
+    class CountingRows:
+        def __init__(self, model):
+            self.model = model
+
+        def forward(self, tokens, spans, cache, logit_rows):
+            rows.append(len(logit_rows))
+            return self.model.forward(tokens, spans, cache, logit_rows)
+
+        def __getattr__(self, name):
+            return getattr(self.model, name)
+
+    chunked = Engine(CountingRows(engine.model), engine.tokenizer, 1, 256, prefill_chunk=2)
+    ids = engine.tokenizer.encode("Once upon a time, in a small")
+    seq = chunked.new_sequence(ids, SamplingParams(max_tokens=3, temperature=0))
+    while not seq.finished:
+        chunked.step([seq])
+    chunks = -(-len(ids) // 2)
+    assert rows == [0] * (chunks - 1) + [1, 1, 1] and chunks > 2
+    assert seq.output_ids == run(engine, ids, max_tokens=3, temperature=0)[1]
+
+
 def test_release_frees_the_slot_at_once(engine):
     params = SamplingParams(max_tokens=50, temperature=0)
     seqs = [engine.new_sequence([2, 818], params) for _ in range(engine.max_batch)]

@@ -135,20 +135,19 @@ class Engine:
             raise OpenLPUError("a sequence without a KV cache slot cannot be stepped")
         if not active:
             return []
-        tokens, spans, last_rows = [], [], []
+        tokens, spans, sampling, last_rows = [], [], [], []
         for s in active:  # a chunk of the prompt, or the last token sampled (none comes before the prompt is fed)
             prompt = len(s.prompt_ids)
             new = s.prompt_ids[s._fed:s._fed + self.prefill_chunk] if s._fed < prompt else s.output_ids[s._fed - prompt:]
             spans.append(Span(s.slot, s._fed, len(new)))
             tokens += new
-            last_rows.append(len(tokens) - 1)
-        logits = self.model.forward(tokens, spans, self.cache, last_rows)
-        events = []
-        for s, span, row in zip(active, spans, logits):
+            if s._fed + len(new) == prompt + len(s.output_ids):  # not in the middle of its prompt: it samples
+                sampling.append(s)
+                last_rows.append(len(tokens) - 1)
+        logits = self.model.forward(tokens, spans, self.cache, last_rows)  # the head's rows for those alone
+        for s, span in zip(active, spans):
             s._fed += span.n_tokens
-            if s._fed == len(s.prompt_ids) + len(s.output_ids):  # not in the middle of its prompt
-                events.append(self._advance(s, sample(row, s.params, s._generator)))
-        return events
+        return [self._advance(s, sample(row, s.params, s._generator)) for s, row in zip(sampling, logits)]
 
     def _advance(self, s: Sequence, token: int) -> TokenEvent:
         now = time.perf_counter()

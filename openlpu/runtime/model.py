@@ -573,6 +573,8 @@ class Model:
         s = self.spec
         if logit_rows is not None:
             x = x[torch.as_tensor(logit_rows, dtype=torch.long, device=self.device)]
+        if not len(x):  # a batch of prompt chunks that sample nothing yet
+            return torch.empty(0, s.vocab_size)
         logits = self.head(self.output_norm(x))
         if s.final_logit_softcap:
             logits = torch.tanh(logits / s.final_logit_softcap) * s.final_logit_softcap
