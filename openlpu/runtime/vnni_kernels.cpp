@@ -111,6 +111,9 @@ inline void int8_rows(const int8_t* w, int64_t k, const ActivationRow& a, const 
     __m512i av = _mm512_loadu_si512(a.q.data() + c), rv = _mm512_loadu_si512(a.r.data() + c);
     __m512 sv = _mm512_loadu_ps(a.lane_scales.data() + c / 4);
     for (int r = 0; r < R; ++r) {
+      // the rows two calls ahead, which the hardware prefetcher fetched late: a 262,144 x 640 head ran 6-8%
+      // faster with it (A/B in one process, this project's 2-core machine); a prefetch past the end is dropped
+      _mm_prefetch(reinterpret_cast<const char*>(w + (r + 2 * R) * k + c), _MM_HINT_T0);
       __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w + r * k + c), flip);
       const __m512i zero = _mm512_setzero_si512();
       acc[r] = _mm512_fmadd_ps(joined(_mm512_dpbusd_epi32(zero, wv, av), _mm512_dpbusd_epi32(zero, wv, rv)),
