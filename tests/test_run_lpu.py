@@ -80,6 +80,23 @@ def test_fused_run_of_a_vocabulary_split_program_gives_llamacpp_greedy_text(gemm
     assert len(result.stdout.strip()) > 5 and "lpu-40mb x" in result.stderr
 
 
+def test_a_prompt_longer_than_a_chunk_runs_on_a_vocabulary_split_head(gemma_path, tmp_path):
+    """Fed in chunks, a prompt's chunks before its last sample nothing: the split head's parts, run one by one,
+    met no rows and raised in `run` and `serve` (a review). The tokens are those of the whole head on lpu-v1."""
+    from openlpu.runtime.engine import Engine
+    from openlpu.runtime.sampling import SamplingParams
+
+    def greedy(system):
+        engine = Engine.load(str(gemma_path), system=system, max_batch=1, context_length=512)
+        ids = engine.tokenizer.encode("hello " * 300)
+        seq = engine.new_sequence(ids, SamplingParams(max_tokens=3, temperature=0))
+        while not seq.finished:
+            engine.step([seq])
+        return len(ids) > engine.prefill_chunk, seq.output_ids
+    split, whole = greedy(str(small_sram_system(tmp_path))), greedy("lpu-v1")
+    assert split == whole and whole[0]  # the same tokens, from a prompt of several chunks
+
+
 def test_serve_bad_system_is_one_line(gemma_path):
     """The server runs the Program compiled for --system, so an unknown system stops it at start."""
     result = openlpu("serve", "--model", str(gemma_path), "--system", "lpu-v9", "--port", "0")

@@ -422,7 +422,7 @@ class Head:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.linear(x).float()
-        if self.exact_rows is not None:
+        if self.exact_rows is not None and len(x):  # no rows: a batch of prompt chunks, none sampling yet
             candidates = top_candidates(logits, RESCORE_CANDIDATES)
             rows = self.exact_rows[candidates.flatten().cpu()].to(x.device)
             exact = (rows.view(*candidates.shape, -1) @ x[:, :, None]).squeeze(-1)
@@ -573,8 +573,6 @@ class Model:
         s = self.spec
         if logit_rows is not None:
             x = x[torch.as_tensor(logit_rows, dtype=torch.long, device=self.device)]
-        if not len(x):  # a batch of prompt chunks that sample nothing yet
-            return torch.empty(0, s.vocab_size)
         logits = self.head(self.output_norm(x))
         if s.final_logit_softcap:
             logits = torch.tanh(logits / s.final_logit_softcap) * s.final_logit_softcap
