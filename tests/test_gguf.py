@@ -233,8 +233,9 @@ def test_llama31_rope_freqs_give_the_presets_rotation(tmp_path, preset_name):
     spec = spec_from_gguf(write_gguf(tmp_path / "l.gguf", "llama", meta, {**head, "rope_freqs.weight": factors}))
     assert _differing(spec, preset) == ["rope_scaling"] and spec.rope_scaling.factors == tuple(factors.tolist())
     assert spec.rope_scaling.factor == preset.rope_scaling.factor  # the lowest frequencies' slowdown
-    torch.testing.assert_close(rope_inverse_frequencies(spec, spec.rope_base),
-                               rope_inverse_frequencies(preset, preset.rope_base), rtol=1e-6, atol=0)
+    torch.testing.assert_close(rope_inverse_frequencies(spec.head_dim, spec.rope_base, spec.rope_scaling),
+                               rope_inverse_frequencies(preset.head_dim, preset.rope_base, preset.rope_scaling),
+                               rtol=1e-6, atol=0)
 
 
 def test_a_gguf_with_rope_freqs_loads_its_weights(tmp_path):
@@ -324,8 +325,44 @@ def test_llama4_metadata_gives_the_preset(tmp_path):
     factors = llama3_rope_factors(preset.head_dim, preset.rope_base, preset.rope_scaling)
     spec = spec_from_gguf(write_gguf(tmp_path / "freqs.gguf", "llama4", SCOUT, {**output, "rope_freqs.weight": factors}))
     assert _differing(spec, preset) == ["context_length", "rope_scaling"] and spec.rope_scaling.kind == "factors"
-    torch.testing.assert_close(rope_inverse_frequencies(spec, spec.rope_base),
-                               rope_inverse_frequencies(preset, preset.rope_base), rtol=1e-6, atol=0)
+    torch.testing.assert_close(rope_inverse_frequencies(spec.head_dim, spec.rope_base, spec.rope_scaling),
+                               rope_inverse_frequencies(preset.head_dim, preset.rope_base, preset.rope_scaling),
+                               rtol=1e-6, atol=0)
+
+
+# google/gemma-3-27b-it's text_config as llama.cpp's converter writes it (convert_hf_to_gguf.py Gemma3Model: linear
+# rope scaling as rope.scaling.type and .factor; the vocabulary is the tokenizer's 262,144 tokens, the checkpoint's
+# embedding rows past them dropped)
+GEMMA3_27B = {**arch_metadata("gemma3", d_model=5376, n_layers=62, d_ff=21504, n_heads=32, n_kv_heads=16, head_dim=128,
+                              context_length=131072, norm_eps=1e-6, rope_base=1e6, sliding_window=1024,
+                              vocab_size=262144),
+              "gemma3.rope.scaling.type": "linear", "gemma3.rope.scaling.factor": 8.0}
+
+
+def test_gemma3_linear_rope_scaling_gives_the_preset(tmp_path):
+    """llama.cpp's gemma3 scales only the global layers' rope (rope_freq_scale_train_swa = 1), as the preset made from
+    the config.json does; the vocabulary is the tokenizer's."""
+    spec = spec_from_gguf(write_gguf(tmp_path / "g3.gguf", "gemma3", GEMMA3_27B, {}))
+    preset = load_preset("gemma-3-27b")
+    assert _differing(spec, preset) == ["vocab_size"] and spec.vocab_size == 262144
+    assert spec.rope_scaling.kind == "linear" and spec.rope_scaling.layer_kinds == ("global",)
+
+
+def test_linear_rope_scaling_of_a_llama_gguf_scales_every_layer(tmp_path):
+    meta = {**arch_metadata("llama", **TINY), "llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0}
+    spec = spec_from_gguf(write_gguf(tmp_path / "l.gguf", "llama", meta, {}))
+    assert (spec.rope_scaling.kind, spec.rope_scaling.factor) == ("linear", 4.0)
+    assert all(spec.layer_rope_scaling(i) == spec.rope_scaling for i in range(spec.n_layers))
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"gemma3.rope.scaling.type": "longrope"}, "'longrope' (factor 8.0) is not supported (supported: linear, yarn"),
+    ({"gemma3.rope.scaling.type": "yarn", "gemma3.rope.scaling.original_context_length": 32768},
+     "yarn rope scaling must scale every kind of layer"),
+])
+def test_gemma3_rope_scaling_it_cannot_express_is_refused(tmp_path, change, says):
+    with pytest.raises(OpenLPUError, match=re.escape(says)):
+        spec_from_gguf(write_gguf(tmp_path / "g3.gguf", "gemma3", {**GEMMA3_27B, **change}, {}))
 
 
 def test_llama4_without_qk_norm_for_128_experts(tmp_path):

@@ -68,7 +68,7 @@ def test_gguf_metadata_gives_the_preset(tmp_path):
     ({"rope_scaling": {"rope_type": "yarn", "factor": 32.0}}, "lacks 'original_max_position_embeddings'"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": "x", "original_max_position_embeddings": 4096}},
      "'rope_scaling.factor' must be a positive number, got 'x'"),
-    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "supported: llama3, yarn, none"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "supported: llama3, yarn, linear, none"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096,
                        "truncate": "no"}}, "'rope_scaling.truncate' must be true or false, got 'no'"),
 ])

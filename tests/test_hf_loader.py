@@ -8,10 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fixtures.tiny_models.hf_tiny import TINY_FAMILIES, build, save
+from fixtures.tiny_models.hf_tiny import TINY_FAMILIES, build, family_of, save
 from openlpu.errors import OpenLPUError
-from openlpu.models.hf import FAMILY_RULES, HF_DEFAULTS, load_safetensors, spec_from_hf_config
-from openlpu.models.spec import PRESETS_DIR
+from openlpu.models.hf import (FAMILY_RULES, HF_DEFAULTS, NESTED_TEXT_DEFAULTS, load_safetensors,
+                               spec_from_hf_config)
+from openlpu.models.spec import PRESETS_DIR, RopeScaling
+from openlpu.runtime.model import rope_inverse_frequencies
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,7 @@ def saved(tmp_path_factory):
 def test_spec_counts_the_same_parameters_as_transformers(saved, family):
     model, folder = saved[family]
     spec = spec_from_hf_config(folder)
-    assert spec.family == family
+    assert spec.family == family_of(family)
     assert spec.param_count() == sum(p.numel() for p in model.parameters())
 
 
@@ -60,6 +62,55 @@ def test_llama3_rope_scaling_is_read(saved):
     rs = spec_from_hf_config(saved["llama"][1]).rope_scaling
     assert (rs.factor, rs.low_freq_factor, rs.high_freq_factor, rs.original_context_length) == \
         (8.0, 1.0, 4.0, 16)
+
+
+def test_gemma3_linear_rope_scaling_turns_as_transformers(saved):
+    """transformers 5's rope_parameters per layer type: linear scaling on full attention, none on sliding; each
+    layer's rope turns at the frequencies of the transformers rotary embedding of its layer type."""
+    model, folder = saved["gemma3-linear-rope"]
+    spec = spec_from_hf_config(folder)
+    assert spec.rope_scaling == RopeScaling(factor=8.0, kind="linear", layer_kinds=("global",))
+    rotary = model.model.rotary_emb
+    for i, layer_type in enumerate(model.config.layer_types):
+        torch.testing.assert_close(rope_inverse_frequencies(spec.head_dim, *spec.layer_rope(i)),
+                                   getattr(rotary, f"{layer_type}_inv_freq"), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("sliding, kinds", [({"rope_type": "linear", "factor": 8.0}, ("global", "local")),
+                                            ({}, ("global",))])
+def test_gemma3_rope_scaling_per_layer_type(saved, sliding, kinds):
+    cfg = _config(saved, "gemma3-linear-rope")
+    cfg["rope_parameters"]["sliding_attention"].update(sliding)
+    assert spec_from_hf_config(cfg).rope_scaling.layer_kinds == kinds
+
+
+def test_gemma3_sliding_only_rope_scaling(saved):
+    cfg = _config(saved, "gemma3-linear-rope")
+    params = cfg["rope_parameters"]
+    params["full_attention"], params["sliding_attention"] = params["sliding_attention"], params["full_attention"]
+    assert spec_from_hf_config(cfg).rope_scaling.layer_kinds == ("local",)
+
+
+@pytest.mark.parametrize("sliding, says", [
+    ({"rope_type": "linear", "factor": 4.0}, "and 'rope_parameters.sliding_attention' scale rope in different ways"),
+    ({"rope_type": "dynamic", "factor": 4.0}, "'rope_parameters.sliding_attention' of type 'dynamic' is not supported"),
+    ({"rope_type": "linear"}, "field 'rope_parameters.sliding_attention' lacks 'factor' for rope_type linear"),
+])
+def test_gemma3_rope_scalings_it_cannot_express_are_refused(saved, sliding, says):
+    cfg = _config(saved, "gemma3-linear-rope")
+    cfg["rope_parameters"]["sliding_attention"].update(sliding)
+    with pytest.raises(OpenLPUError, match=re.escape(says)):
+        spec_from_hf_config(cfg)
+
+
+def test_yarn_on_gemma3_global_layers_only_is_refused(saved):
+    """yarn's attention factor scales every layer's attention in ModelSpec, but transformers' Gemma 3 would scale
+    only the layers it ropes with yarn."""
+    cfg = _config(saved, "gemma3-linear-rope")
+    cfg["rope_parameters"]["full_attention"] = {"rope_type": "yarn", "factor": 8.0, "rope_theta": 10000.0,
+                                                "original_max_position_embeddings": 16}
+    with pytest.raises(OpenLPUError, match="yarn rope scaling must scale every kind of layer"):
+        spec_from_hf_config(cfg)
 
 
 def test_llama4_specific_fields(saved):
@@ -101,6 +152,55 @@ def test_llama4_multimodal_config_reads_its_text_config(saved):
         spec_from_hf_config(_llama4_multimodal({**cfg, "model_type": "llama"}))
 
 
+# google/gemma-3-27b-it's config.json, its vision_config cut to its model type: the text model nested under
+# text_config, which leaves out what transformers' Gemma3TextConfig defaults (vocab_size, rope_theta...) and keeps
+# transformers 4's rope_scaling, which Gemma 3 applies to its global layers only
+GEMMA3_27B = json.loads((PRESETS_DIR / "gemma-3-27b.json").read_text())["$source_notes"]["hf_config"]
+
+
+def _gemma3_multimodal(text_config: dict) -> dict:
+    return {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+            "text_config": {k: v for k, v in text_config.items() if k != "architectures"},
+            "vision_config": {"model_type": "siglip_vision_model"}}
+
+
+def test_gemma3_multimodal_config_reads_its_text_config(saved):
+    cfg = _config(saved, "gemma3-linear-rope")
+    nested = spec_from_hf_config(_gemma3_multimodal(cfg))
+    flat = spec_from_hf_config(cfg)
+    assert dataclasses.replace(nested, source=flat.source) == flat
+    with pytest.raises(OpenLPUError, match="contradictory fields: 'text_config.model_type' says 'gemma2'"):
+        spec_from_hf_config(_gemma3_multimodal({**cfg, "model_type": "gemma2"}))
+
+
+def test_gemma3_published_multimodal_config_reads_as_transformers():
+    """The fields the published text_config leaves out are transformers' defaults, shapes included, and its
+    rope_scaling is the global layers' (transformers' reading of the same config.json, independent of ours)."""
+    import transformers
+
+    spec = spec_from_hf_config(GEMMA3_27B)
+    hf = transformers.Gemma3Config(**{k: v for k, v in GEMMA3_27B.items() if k != "architectures"}).text_config
+    assert (spec.vocab_size, spec.d_model, spec.n_layers, spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.d_ff) \
+        == (hf.vocab_size, hf.hidden_size, hf.num_hidden_layers, hf.num_attention_heads, hf.num_key_value_heads,
+            hf.head_dim, hf.intermediate_size)
+    assert [k == "local" for k in spec.layer_kinds] == [t == "sliding_attention" for t in hf.layer_types]
+    assert (spec.context_length, spec.sliding_window, spec.query_scale) == \
+        (hf.max_position_embeddings, hf.sliding_window, hf.query_pre_attn_scalar ** -0.5)
+    rope = hf.rope_parameters
+    assert (rope["full_attention"]["rope_type"], rope["full_attention"]["factor"]) == ("linear", 8.0)
+    assert rope["sliding_attention"]["rope_type"] == "default"
+    assert spec.rope_scaling == RopeScaling(factor=8.0, kind="linear", layer_kinds=("global",))
+    assert (spec.rope_base, spec.rope_base_local) == \
+        (rope["full_attention"]["rope_theta"], rope["sliding_attention"]["rope_theta"])
+
+
+def test_a_gemma3_text_config_of_its_own_still_needs_its_shapes():
+    text = {**GEMMA3_27B["text_config"], "architectures": ["Gemma3ForCausalLM"]}
+    assert spec_from_hf_config(_gemma3_multimodal(text)).vocab_size == 262_208
+    with pytest.raises(OpenLPUError, match="missing field 'vocab_size'"):
+        spec_from_hf_config(text)
+
+
 def test_hub_style_config_fields():
     """Configs on the Hub predate transformers 5: rope_theta, rope_local_base_freq, sliding_window_pattern."""
     cfg = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "vocab_size": 96,
@@ -128,7 +228,7 @@ def test_weights_map_to_gguf_names(saved, family):
     assert torch.equal(w["blk.1.attn_q.weight"], layer.self_attn.q_proj.weight)  # HF layout, no permutation
     assert torch.equal(w["blk.1.attn_output.weight"], layer.self_attn.o_proj.weight)
     assert torch.equal(w["output_norm.weight"], model.model.norm.weight)
-    if family in ("gemma2", "gemma3"):  # true post-attention norms; Gemma 1 is Llama-like
+    if family_of(family) in ("gemma2", "gemma3"):  # true post-attention norms; Gemma 1 is Llama-like
         assert torch.equal(w["blk.1.post_attention_norm.weight"], layer.post_attention_layernorm.weight)
         assert torch.equal(w["blk.1.ffn_norm.weight"], layer.pre_feedforward_layernorm.weight)
         assert torch.equal(w["blk.1.post_ffw_norm.weight"], layer.post_feedforward_layernorm.weight)
@@ -253,9 +353,15 @@ def test_contradictory_rope_theta(saved):
 
 def test_unsupported_rope_scaling(saved):
     cfg = _config(saved, "mistral")
-    cfg["rope_parameters"] = {"rope_type": "linear", "factor": 8.0, "rope_theta": 10000.0}
-    with pytest.raises(OpenLPUError, match="rope_scaling' of type 'linear' is not supported"):
+    cfg["rope_parameters"] = {"rope_type": "dynamic", "factor": 8.0, "rope_theta": 10000.0}
+    with pytest.raises(OpenLPUError, match="rope_scaling' of type 'dynamic' is not supported"):
         spec_from_hf_config(cfg)
+
+
+def test_linear_rope_scaling_scales_every_layer_of_other_families(saved):
+    cfg = _config(saved, "mistral")
+    cfg["rope_parameters"] = {"rope_type": "linear", "factor": 8.0, "rope_theta": 10000.0}
+    assert spec_from_hf_config(cfg).rope_scaling == RopeScaling(factor=8.0, kind="linear")
 
 
 def test_unsupported_bias_flag(saved):
@@ -414,7 +520,8 @@ def _transformers_default(model_type: str, key: str):
 @pytest.mark.parametrize("model_type", sorted(HF_DEFAULTS))
 def test_defaults_are_the_transformers_configuration_classes(model_type):
     assert set(HF_DEFAULTS) == set(FAMILY_RULES)
-    assert {k: _transformers_default(model_type, k) for k in HF_DEFAULTS[model_type]} == HF_DEFAULTS[model_type]
+    defaults = HF_DEFAULTS[model_type] | NESTED_TEXT_DEFAULTS.get(model_type, {})
+    assert {k: _transformers_default(model_type, k) for k in defaults} == defaults
 
 
 def test_llama_2_config_without_rope_theta_reads_transformers_default():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from openlpu.errors import OpenLPUError
-from openlpu.models.spec import ModelSpec
+from openlpu.models.spec import ModelSpec, RopeScaling
 from openlpu.runtime.kernels import vnni_kernels
 from openlpu.runtime.kv_cache import KVCache
 from openlpu.runtime.model import (
@@ -162,18 +162,19 @@ def random_weights(spec: ModelSpec, seed: int = 0) -> dict[str, torch.Tensor]:
             for name, shape in spec.tensor_shapes().items()}
 
 
-def numpy_gemma3(spec: ModelSpec, w: dict, tokens: list[int]) -> np.ndarray:
+def numpy_gemma3(spec: ModelSpec, w: dict, tokens: list[int], global_position_divisor: float = 1.0) -> np.ndarray:
     """Gemma 3 written out from the published architecture: full attention with an explicit
-    causal + sliding-window mask, rotate-half rope, (1 + w) RMSNorms, GeGLU, tied head."""
+    causal + sliding-window mask, rotate-half rope (the global layers' positions divided by
+    `global_position_divisor`: the 4B and up interpolate them by 8), (1 + w) RMSNorms, GeGLU, tied head."""
     w = {k: v.double().numpy() for k, v in w.items()}
     n, hd = len(tokens), spec.head_dim
 
     def norm(x, weight):
         return x / np.sqrt((x * x).mean(-1, keepdims=True) + spec.norm_eps) * (1 + weight)
 
-    def rope(x, base):  # x [n, heads, hd]
+    def rope(x, base, divisor):  # x [n, heads, hd]
         inv = 1.0 / base ** (np.arange(0, hd, 2) / hd)
-        ang = np.arange(n)[:, None] * inv[None]
+        ang = (np.arange(n) / divisor)[:, None] * inv[None]
         cos, sin = np.cos(ang)[:, None], np.sin(ang)[:, None]
         a, b = x[..., :hd // 2], x[..., hd // 2:]
         return np.concatenate([a * cos - b * sin, b * cos + a * sin], -1)
@@ -188,9 +189,10 @@ def numpy_gemma3(spec: ModelSpec, w: dict, tokens: list[int]) -> np.ndarray:
         q = (h @ w[p + "attn_q.weight"].T).reshape(n, spec.n_heads, hd)
         k = (h @ w[p + "attn_k.weight"].T).reshape(n, spec.n_kv_heads, hd)
         v = (h @ w[p + "attn_v.weight"].T).reshape(n, spec.n_kv_heads, hd)
-        base = spec.rope_base_local if spec.layer_kinds[i] == "local" else spec.rope_base
-        q = rope(norm(q, w[p + "attn_q_norm.weight"]), base)
-        k = rope(norm(k, w[p + "attn_k_norm.weight"]), base)
+        local = spec.layer_kinds[i] == "local"
+        base, divisor = (spec.rope_base_local, 1.0) if local else (spec.rope_base, global_position_divisor)
+        q = rope(norm(q, w[p + "attn_q_norm.weight"]), base, divisor)
+        k = rope(norm(k, w[p + "attn_k_norm.weight"]), base, divisor)
         qi, ki = np.arange(n)[:, None], np.arange(n)[None]
         allowed = ki <= qi
         if spec.layer_kinds[i] == "local":
@@ -217,6 +219,18 @@ def test_matches_independent_numpy_gemma3_past_the_window():
     want = torch.from_numpy(numpy_gemma3(spec, weights, tokens.tolist())).float()
     model = Model(spec, weights)
     torch.testing.assert_close(model.logits(tokens.tolist()), want, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rope_base", [1e6, 1e4])  # 1e4: the local layers' base, their ropes told apart by scaling
+def test_linear_rope_scaling_of_the_global_layers_matches_numpy_gemma3(rope_base):
+    scaling = RopeScaling(factor=8.0, kind="linear", layer_kinds=("global",))
+    spec = tiny_spec(rope_base=rope_base, rope_scaling=scaling)
+    weights = random_weights(spec, seed=4)
+    tokens = torch.randint(0, spec.vocab_size, (13,), generator=torch.Generator().manual_seed(5)).tolist()
+    want = torch.from_numpy(numpy_gemma3(spec, weights, tokens, global_position_divisor=8.0)).float()
+    torch.testing.assert_close(Model(spec, weights).logits(tokens), want, atol=1e-3, rtol=1e-4)
+    unscaled = torch.from_numpy(numpy_gemma3(spec, weights, tokens)).float()
+    assert (want - unscaled).abs().max() > 0.1  # the scaling shows in the logits
 
 
 @pytest.mark.parametrize("prefill", [1, 3, 9])  # 9 > window: the ring wraps inside the prefill

@@ -13,6 +13,10 @@ from openlpu.models.hf import spec_from_hf_config
 from openlpu.models.spec import PRESETS_DIR, load_preset, preset_names
 
 HUB = "Hugging Face Hub parameter count (safetensors metadata) shown on {}"
+GEMMA3_TABLE_1 = ("Gemma 3 technical report (arXiv:2503.19786) Table 1: {} = {:,}M embedding + {:,}M non-embedding "
+                  "(its 417M vision encoder left out, as the text-only preset does)")
+# Gemma 3 technical report (arXiv:2503.19786) Table 1: name -> (embedding, non-embedding parameters), in millions
+GEMMA3_PARAMETERS_M = {"gemma-3-4b": (675, 3_209), "gemma-3-12b": (1_012, 10_759), "gemma-3-27b": (1_416, 25_600)}
 GPT_OSS_CARD = ("OpenAI, 'gpt-oss-120b & gpt-oss-20b Model Card' (arXiv:2508.10925, Aug 2025), parameter counts: "
                 "120b 116.83B total, 5.13B active; 20b 20.91B total, 3.61B active")
 LLAMA4_CARD = ("Llama 4 model card (meta-llama/llama-models, models/llama4/MODEL_CARD.md): Llama 4 Scout (17Bx16E), "
@@ -47,6 +51,8 @@ PUBLISHED_TOTALS = {
                                                 "non-embedding parameters, 9B"),
     "gemma-3-1b": (302e6 + 698e6, "Gemma 3 technical report (arXiv:2503.19786) Table 1: 1B = 302M "
                                   "embedding + 698M non-embedding"),
+    **{name: ((embedding + rest) * 1e6, GEMMA3_TABLE_1.format(name.removeprefix("gemma-3-").upper(), embedding, rest))
+       for name, (embedding, rest) in GEMMA3_PARAMETERS_M.items()},
     "gemma-3-270m": (270e6, "Google Developers Blog, 'Introducing Gemma 3 270M': 170M embedding + "
                             "100M transformer-block parameters"),
     "qwen2.5-7b": (7.61e9, "Qwen/Qwen2.5-7B-Instruct model card: Number of Parameters 7.61B"),
@@ -96,6 +102,13 @@ def test_gemma_non_embedding_count_is_exact(name):
     published, source = PUBLISHED_NON_EMBEDDING[name]
     s = load_preset(name)
     assert s.param_count() - s.vocab_size * s.d_model == published, source
+
+
+@pytest.mark.parametrize("name", sorted(GEMMA3_PARAMETERS_M))
+def test_gemma3_non_embedding_count_to_the_million(name):
+    """Table 1 rounds to the million; its embedding counts 256k rows, the checkpoints' config 262,208."""
+    s = load_preset(name)
+    assert round((s.param_count() - s.vocab_size * s.d_model) / 1e6) == GEMMA3_PARAMETERS_M[name][1]
 
 
 @pytest.mark.parametrize("name", sorted(QWEN_NON_EMBEDDING))
@@ -180,6 +193,14 @@ def test_family_specific_facts():
     # Gemma 3: five local layers for each global one (arXiv:2503.19786 §2.1)
     g3 = load_preset("gemma-3-1b")
     assert [i for i, k in enumerate(g3.layer_kinds) if k == "global"] == [5, 11, 17, 23]
+    # Gemma 3 4B and up: 128K tokens by a linear rope scaling of 8 on the global layers, whose base is 1M; the local
+    # layers keep a base of 10k unscaled (arXiv:2503.19786 §2, "Long context")
+    for name in ("gemma-3-4b", "gemma-3-12b", "gemma-3-27b"):
+        g3 = load_preset(name)
+        assert (g3.context_length, g3.rope_scaling.kind, g3.rope_scaling.factor) == (131072, "linear", 8.0)
+        assert {g3.layer_rope(i) for i, kind in enumerate(g3.layer_kinds) if kind == "local"} == {(10000.0, None)}
+        assert {g3.layer_rope(i) for i, kind in enumerate(g3.layer_kinds) if kind == "global"} == \
+            {(1e6, g3.rope_scaling)}
     # Llama 3.1 extends the context to 128K with its rope scaling; Llama 3 did not
     assert load_preset("llama-3.1-8b").rope_scaling.factor == 8.0
     assert load_preset("llama-3-8b").rope_scaling is None
@@ -194,6 +215,15 @@ def test_family_specific_facts():
     m = load_preset("llama-4-maverick")
     assert [i for i in range(m.n_layers) if m.is_moe_layer(i)] == list(range(1, 48, 2)) and not m.qk_l2_norm
     assert (m.layer_d_ff(0), m.layer_d_ff(1), m.n_experts) == (16384, 8192, 128)
+
+
+@pytest.mark.parametrize("name", sorted(GEMMA3_PARAMETERS_M))
+def test_gemma3_multimodal_models_plan(name):
+    """`openlpu plan` places and prices the text model of each (before their presets, no route could)."""
+    out = subprocess.run([sys.executable, "-m", "openlpu.cli", "plan", name, "--compare", "", "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    (row,) = json.loads(out)
+    assert row["model"] == name and row["kind"] == "lpu" and row["chips"] > 0 and row["tokens_per_s_per_user"] > 0
 
 
 def test_models_lists_every_preset_whole_on_an_80_column_terminal():

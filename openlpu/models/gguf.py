@@ -17,7 +17,7 @@ from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuant
 from gguf.quants import dequantize
 
 from openlpu.errors import OpenLPUError
-from openlpu.models.spec import MAX_LAYERS, MAX_SIZE, ModelSpec, RopeScaling, preset_names
+from openlpu.models.spec import LAYER_KINDS, MAX_LAYERS, MAX_SIZE, ModelSpec, RopeScaling, preset_names
 
 # ---- format tables --------------------------------------------------------------------------
 # Scalar value types: little-endian struct format of one value.
@@ -213,6 +213,9 @@ class ArchDefaults:
     sliding_window_default: int | None = None
     sliding_window_required: bool = False  # llama.cpp's load_hparams reads attention.sliding_window as required
     rope_base_local: float | None = None  # rope_freq_base_train_swa
+    # llama.cpp's rope_freq_scale_train_swa = 1: the file's rope scaling scales only the layers without a sliding
+    # window (or chunks), ModelSpec's "global" ones; by default the sliding layers take it too
+    swa_rope_unscaled: bool = False
     query_scale_from_d_model_layers: int = 0  # this layer count (the 27B) scales by d_model/n_heads
     embed_scale_sqrt_d_model: bool = False
     norm_weight_offset: float = 0.0
@@ -257,10 +260,12 @@ ARCHITECTURES: dict[str, ArchDefaults] = {
                            sliding_window_default=4096, query_scale_from_d_model_layers=46,
                            embed_scale_sqrt_d_model=True, norm_weight_offset=1.0,
                            stored_norm_shift=1.0, post_norms=True, explicit_query_scale=True),
-    # gemma3: set_swa_pattern(6) (5 local : 1 global), rope_freq_base_train_swa = 10000,
-    # f_attention_scale as gemma2 (27B = 62 layers); Gemma3Model.norm_shift = 1.0.
+    # gemma3: set_swa_pattern(6) (5 local : 1 global), rope_freq_base_train_swa = 10000 and
+    # rope_freq_scale_train_swa = 1 (the 4B, 12B and 27B's linear rope scaling, which convert_hf_to_gguf.py's
+    # Gemma3Model writes as rope.scaling.type and .factor, scales the global layers only), f_attention_scale as
+    # gemma2 (27B = 62 layers); Gemma3Model.norm_shift = 1.0.
     "gemma3": ArchDefaults(family="gemma3", activation="gelu_tanh", swa_period=6, sliding_window_required=True,
-                           rope_base_local=10000.0, query_scale_from_d_model_layers=62,
+                           rope_base_local=10000.0, swa_rope_unscaled=True, query_scale_from_d_model_layers=62,
                            embed_scale_sqrt_d_model=True, norm_weight_offset=1.0,
                            stored_norm_shift=1.0, post_norms=True, qk_norm=True,
                            explicit_query_scale=True),
@@ -348,16 +353,20 @@ def _per_layer_values(meta: dict, arch: str, path: Path) -> dict:
     return meta
 
 
-def _rope_scaling(meta: dict, arch: str, path: Path, truncate: bool) -> RopeScaling | None:
+GGUF_ROPE_SCALINGS = ("linear", "yarn")  # rope.scaling.type values read (Llama 3.1's comes as a rope_freqs tensor)
+
+
+def _rope_scaling(meta: dict, arch: str, path: Path, defaults: ArchDefaults) -> RopeScaling | None:
     kind = meta.get(f"{arch}.rope.scaling.type", "none")
     factor = float(_number(meta, f"{arch}.rope.scaling.factor", path, 1.0))
     if kind == "none" or factor == 1.0:
         return None
-    # llama.cpp stores Llama 3.1's scaling as a rope_freqs tensor (_rope_factors); linear scaling has no
-    # ModelSpec equivalent
-    if kind != "yarn":
-        raise OpenLPUError(f"{path}: rope scaling {kind!r} (factor {factor}) is not supported yet; "
-                           "use a model without rope scaling or a preset")
+    if kind not in GGUF_ROPE_SCALINGS:
+        raise OpenLPUError(f"{path}: GGUF metadata {arch}.rope.scaling.type = {kind!r} (factor {factor}) is not "
+                           f"supported (supported: {', '.join(GGUF_ROPE_SCALINGS)}, none); use a model without it")
+    layer_kinds = ("global",) if defaults.swa_rope_unscaled else LAYER_KINDS
+    if kind == "linear":
+        return RopeScaling(factor=factor, kind="linear", layer_kinds=layer_kinds)
     key = f"{arch}.rope.scaling.original_context_length"
     if key not in meta:
         raise OpenLPUError(f"{path}: GGUF metadata lacks {key} for its yarn rope scaling; re-convert the "
@@ -366,7 +375,7 @@ def _rope_scaling(meta: dict, arch: str, path: Path, truncate: bool) -> RopeScal
     return RopeScaling(factor=factor, original_context_length=_number(meta, key, path, integer=True), kind="yarn",
                        beta_fast=float(_number(meta, f"{arch}.rope.scaling.yarn_beta_fast", path, 32.0)),
                        beta_slow=float(_number(meta, f"{arch}.rope.scaling.yarn_beta_slow", path, 1.0)),
-                       truncate=truncate)
+                       truncate=defaults.yarn_truncate, layer_kinds=layer_kinds)
 
 
 def _rope_factors(header: GGUFHeader, scaling: RopeScaling | None) -> RopeScaling:
@@ -486,7 +495,7 @@ def spec_from_gguf(path: str | Path) -> ModelSpec:
         if f in values:  # float32 in the file; round to what the writer meant (1e-06, not 9.99e-07)
             values[f] = float(f"{values[f]:.7g}")
     name = str(meta.get("general.name") or header.path.stem).strip().lower().replace(" ", "-")
-    rope_scaling = _rope_scaling(meta, arch, header.path, defaults.yarn_truncate)
+    rope_scaling = _rope_scaling(meta, arch, header.path, defaults)
     if ROPE_FREQS in header.tensors:
         rope_scaling = _rope_factors(header, rope_scaling)
     return ModelSpec(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from openlpu.errors import OpenLPUError
@@ -41,6 +41,7 @@ ROPE_SCALING_FIELDS = {
                "original_max_position_embeddings": None},
     "yarn": {"factor": None, "original_max_position_embeddings": None, "beta_fast": 32.0, "beta_slow": 1.0,
              "truncate": True},
+    "linear": {"factor": None},
 }
 ROPE_SCALING_NAMES = {"original_max_position_embeddings": "original_context_length"}  # -> RopeScaling field
 
@@ -80,7 +81,16 @@ HF_DEFAULTS: dict[str, dict] = {
 
 # Multimodal configs whose text model OpenLPU reads: model_type -> (the architecture config["architectures"]
 # must name, the key of the nested text config, its model_type). The vision part is ignored.
-NESTED_TEXT_CONFIGS = {"llama4": ("Llama4ForConditionalGeneration", "text_config", "llama4_text")}
+NESTED_TEXT_CONFIGS = {"llama4": ("Llama4ForConditionalGeneration", "text_config", "llama4_text"),
+                       "gemma3": ("Gemma3ForConditionalGeneration", "text_config", "gemma3_text")}
+# Shape fields a nested text config may leave out, by its model_type, with transformers' default (its text
+# configuration class, as HF_DEFAULTS). Published multimodal configs rely on them (google/gemma-3-4b-it's
+# text_config gives no vocab_size, num_attention_heads, num_key_value_heads nor head_dim); a text model's own
+# config.json without its shapes stays incomplete.
+NESTED_TEXT_DEFAULTS: dict[str, dict] = {
+    "gemma3_text": {"vocab_size": 262_208, "num_attention_heads": 8, "num_key_value_heads": 4,  # Gemma3TextConfig
+                    "head_dim": 256},
+}
 
 
 # ---- how each family's default layer kinds are laid out when config.json has no layer_types --
@@ -197,6 +207,10 @@ class FamilyRule:
     # the family's own ModelSpec fields from its config fields (refusing what ModelSpec cannot express),
     # given the fields reader and the layer kinds
     own_fields: Callable[[_Fields, list[str]], dict] | None = None
+    # sliding layers keep a rope of their own: rope_local_base_freq (transformers 5: rope_parameters.sliding_attention),
+    # which a transformers-4 rope_scaling leaves unscaled (Gemma 3: transformers 4's Gemma3TextModel.rotary_emb_local
+    # takes the default rope; llama.cpp: rope_freq_scale_train_swa = 1 for gemma3)
+    local_rope: bool = False
 
 
 _GEMMA_FIXED = {"norm_weight_offset": 1.0}
@@ -222,7 +236,7 @@ FAMILY_RULES: dict[str, FamilyRule] = {
                          unsupported_true=("attention_bias",)),
     "gemma3_text": FamilyRule("gemma3", "Gemma3ForCausalLM", _gemma3_pattern,
                               fixed={**_GEMMA_FIXED, "post_norms": True, "qk_norm": True}, gemma=True,
-                              unsupported_true=("attention_bias",)),
+                              unsupported_true=("attention_bias",), local_rope=True),
     # config.json says hidden_act "silu", but the experts apply their clamped SwiGLU (swiglu_limit 7,
     # alpha 1.702: transformers GptOssExperts), which the activation name fixes
     "gpt_oss": FamilyRule("gpt-oss", "GptOssForCausalLM", _alternating, moe=True,
@@ -315,10 +329,11 @@ class _Fields:
         return kind(value)
 
 
-def _rope(f: _Fields, gemma3: bool) -> tuple[float, float | None, RopeScaling | None]:
-    """(global rope base, local rope base, scaling) from old-style or transformers-5 fields."""
+def _rope(f: _Fields, local_rope: bool) -> tuple[float, float | None, RopeScaling | None]:
+    """(global rope base, local rope base, scaling) from old-style or transformers-5 fields (FamilyRule.local_rope:
+    the sliding layers' rope is their own)."""
     params = f.object("rope_parameters", f.cfg.get("rope_parameters") or {})
-    if gemma3 and "full_attention" in params:
+    if local_rope and "full_attention" in params:
         global_params = f.object("rope_parameters.full_attention", params["full_attention"])
         local_params = f.object("rope_parameters.sliding_attention", params.get("sliding_attention", {}))
     else:
@@ -332,32 +347,58 @@ def _rope(f: _Fields, gemma3: bool) -> tuple[float, float | None, RopeScaling | 
         raise f.error(f"contradictory fields 'rope_theta' ({theta}) and "
                       f"'rope_parameters.rope_theta' ({global_params['rope_theta']}); fix one")
     local_default = f.defaults.get("rope_local_base_freq")
-    local = f.cfg.get("rope_local_base_freq", local_params.get("rope_theta", local_default)) if gemma3 else None
+    local = f.cfg.get("rope_local_base_freq", local_params.get("rope_theta", local_default)) if local_rope else None
     local = None if local is None else f.checked("rope_local_base_freq", local)
 
     given = f.cfg.get("rope_scaling")
-    scaling = f.object("rope_scaling", {k: v for k, v in global_params.items() if k != "rope_theta"}
-                       if given is None else given)
+    scaling = _scaling(f, "rope_scaling", f.object("rope_scaling", _without_base(global_params)
+                                                   if given is None else given))
+    if not local_rope:
+        return float(theta), local, scaling  # every layer's
+    local_scaling = _scaling(f, "rope_parameters.sliding_attention", _without_base(local_params))
+    return float(theta), local, _one_scaling(f, {"global": scaling, "local": local_scaling})
+
+
+def _without_base(params: dict) -> dict:
+    return {k: v for k, v in params.items() if k != "rope_theta"}
+
+
+def _scaling(f: _Fields, key: str, scaling: dict) -> RopeScaling | None:
+    """The RopeScaling a config field `key` describes (ROPE_SCALING_FIELDS); None for the default rope."""
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if not isinstance(kind, str):
-        raise f.error(f"field 'rope_scaling.rope_type' must be a string, got {kind!r}")
+        raise f.error(f"field '{key}.rope_type' must be a string, got {kind!r}")
     if kind == "default":
-        return float(theta), local, None
+        return None
     if kind not in ROPE_SCALING_FIELDS:
-        raise f.error(f"field 'rope_scaling' of type {kind!r} is not supported (supported: "
+        raise f.error(f"field '{key}' of type {kind!r} is not supported (supported: "
                       f"{', '.join(ROPE_SCALING_FIELDS)}, none); use a model without it")
     values = {}
-    for key, default in ROPE_SCALING_FIELDS[kind].items():
-        if scaling.get(key, default) is None:
-            raise f.error(f"field 'rope_scaling' lacks {key!r} for rope_type {kind}")
-        name, value = ROPE_SCALING_NAMES.get(key, key), scaling.get(key, default)
+    for name, default in ROPE_SCALING_FIELDS[kind].items():
+        if scaling.get(name, default) is None:
+            raise f.error(f"field '{key}' lacks {name!r} for rope_type {kind}")
+        field_name, value = ROPE_SCALING_NAMES.get(name, name), scaling.get(name, default)
         if isinstance(default, bool):
             if not isinstance(value, bool):
-                raise f.error(f"field 'rope_scaling.{key}' must be true or false, got {value!r}")
-            values[name] = value
+                raise f.error(f"field '{key}.{name}' must be true or false, got {value!r}")
+            values[field_name] = value
             continue
-        values[name] = f.checked(f"rope_scaling.{key}", value, int if name == "original_context_length" else float)
-    return theta, local, RopeScaling(kind=kind, **values)
+        values[field_name] = f.checked(f"{key}.{name}", value, int if field_name == "original_context_length"
+                                       else float)
+    return RopeScaling(kind=kind, **values)
+
+
+def _one_scaling(f: _Fields, by_kind: dict[str, RopeScaling | None]) -> RopeScaling | None:
+    """The scaling of the layer kinds that have one, scaling only those (`by_kind` in LAYER_KINDS' order): ModelSpec
+    holds one rope scaling."""
+    scalings = {scaling for scaling in by_kind.values() if scaling is not None}
+    if len(scalings) > 1:
+        raise f.error("fields 'rope_parameters.full_attention' and 'rope_parameters.sliding_attention' scale rope in "
+                      "different ways, and ModelSpec holds one rope scaling; use a model whose layers share it")
+    if not scalings:
+        return None
+    scaling = scalings.pop()
+    return replace(scaling, layer_kinds=tuple(kind for kind, its in by_kind.items() if its == scaling))
 
 
 def _context_length(f: _Fields, scaling: RopeScaling | None) -> int:
@@ -421,7 +462,10 @@ def spec_from_hf_config(config: dict | str | Path, name: str | None = None) -> M
     outer_origin = origin
     cfg, origin = _text_config(cfg, origin)
     model_type = _Fields(cfg, origin).text("model_type")
-    f = _Fields(cfg, origin, HF_DEFAULTS.get(model_type, {}))
+    defaults = HF_DEFAULTS.get(model_type, {})
+    if origin != outer_origin:  # a multimodal config's text model, which may leave out its shapes too
+        defaults = defaults | NESTED_TEXT_DEFAULTS.get(model_type, {})
+    f = _Fields(cfg, origin, defaults)
     rule = FAMILY_RULES.get(model_type)
     if rule is None:
         raise f.error(f"unknown architecture model_type {model_type!r}; supported: "
@@ -445,7 +489,7 @@ def spec_from_hf_config(config: dict | str | Path, name: str | None = None) -> M
     if act_name not in act_table:
         raise f.error(f"activation {act_name!r} not supported for {model_type}; "
                       f"supported: {', '.join(act_table)}")
-    rope_base, rope_local, rope_scaling = _rope(f, gemma3=model_type == "gemma3_text")
+    rope_base, rope_local, rope_scaling = _rope(f, rule.local_rope)
     kinds = _layer_kinds(f, rule, n_layers)
     window = f.number("sliding_window", kind=int) if "local" in kinds else None
 

@@ -21,10 +21,12 @@ FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3-moe", "gemma
 # gated-MLP activations; "swiglu_clamped" is gpt-oss's: gate clamped to <= 7, up to [-7, 7], then
 # gate * sigmoid(1.702 gate) * (up + 1) (transformers GptOssExperts, swiglu_limit / swiglu_alpha)
 ACTIVATIONS = ("silu", "gelu_tanh", "swiglu_clamped")
-ROPE_SCALINGS = ("llama3", "yarn", "factors")
 # local: sliding-window attention (a query sees the last sliding_window positions); chunked: a query sees
 # only the positions of its own chunk of attention_chunk (Llama 4)
 LAYER_KINDS = ("global", "local", "chunked")
+ROPE_SCALINGS = ("llama3", "yarn", "factors", "linear")
+# the kinds that stretch a trained context from its original length (the others hold none: 0)
+ROPE_SCALINGS_WITH_ORIGINAL_LENGTH = ("llama3", "yarn")
 # how an MoE router weights a token's top-k experts: "softmax" over their logits, applied to the experts'
 # outputs (Mixtral, Qwen3-MoE, gpt-oss); "sigmoid_input": each chosen logit's sigmoid scales the expert's
 # input (Llama 4: transformers Llama4Router and Llama4TextMoe)
@@ -41,11 +43,15 @@ MAX_LAYERS = 10_000
 class RopeScaling:
     """Rope scaling that stretches a model's trained context: Llama 3.1's frequency-dependent rescale
     (kind "llama3", with its low and high frequency factors), YaRN (kind "yarn", gpt-oss, with its
-    beta_fast and beta_slow), or a divisor of each rotated pair's frequency as given (kind "factors": the
-    rope_freqs tensor in which llama.cpp's converter stores Llama 3.1's rescale; `factor` is the largest)."""
+    beta_fast and beta_slow), a divisor of each rotated pair's frequency as given (kind "factors": the
+    rope_freqs tensor in which llama.cpp's converter stores Llama 3.1's rescale; `factor` is the largest), or
+    positions divided by `factor` (kind "linear", every pair's frequency divided by it: Gemma 3 4B and up).
+
+    It scales the rope of the layers whose kind `layer_kinds` lists: every layer, unless the model's other layers
+    keep a rope of their own (Gemma 3's local layers: their own base, unscaled)."""
 
     factor: float
-    original_context_length: int
+    original_context_length: int = 0  # kinds ROPE_SCALINGS_WITH_ORIGINAL_LENGTH: the context trained on
     kind: str = "llama3"  # one of ROPE_SCALINGS
     low_freq_factor: float = 0.0
     high_freq_factor: float = 0.0
@@ -53,9 +59,11 @@ class RopeScaling:
     beta_slow: float = 0.0
     truncate: bool = True  # yarn: round the blended band out to whole dimensions (gpt-oss does not)
     factors: tuple[float, ...] = ()  # kind "factors": one per rotated pair (head_dim / 2)
+    layer_kinds: tuple[str, ...] = LAYER_KINDS  # the kinds of layer whose rope it scales
 
     def __post_init__(self):
-        object.__setattr__(self, "factors", tuple(self.factors))  # a JSON list compares as a tuple
+        for name in ("factors", "layer_kinds"):  # a JSON list compares as a tuple
+            object.__setattr__(self, name, tuple(getattr(self, name)))
 
     @property
     def attention_factor(self) -> float:
@@ -178,7 +186,7 @@ class ModelSpec:
                     or not rs.factor > 0:
                 raise bad(f"rope scaling factor must be a positive, finite number and its other figures finite "
                           f"numbers, got factor {rs.factor!r}")
-            least = 0 if rs.kind == "factors" else 1  # the factors' kind has no original length
+            least = 1 if rs.kind in ROPE_SCALINGS_WITH_ORIGINAL_LENGTH else 0
             if isinstance(rs.original_context_length, bool) or not isinstance(rs.original_context_length, int) \
                     or not least <= rs.original_context_length <= MAX_SIZE:
                 raise bad(f"rope scaling original_context_length must be an integer from {least} to {MAX_SIZE:,}, "
@@ -191,6 +199,11 @@ class ModelSpec:
             if len(rs.factors) != wanted or not all(0 < f < math.inf for f in rs.factors):
                 raise bad(f"rope scaling factors: {len(rs.factors)} given, with kind {rs.kind!r}; kind 'factors' "
                           f"takes one positive factor per rotated pair ({pairs}), the other kinds none")
+            if not rs.layer_kinds or not all(kind in LAYER_KINDS for kind in rs.layer_kinds):
+                raise bad(f"rope scaling layer_kinds must list some of {LAYER_KINDS}, got {rs.layer_kinds}")
+            if rs.kind == "yarn" and set(rs.layer_kinds) != set(LAYER_KINDS):
+                raise bad("yarn rope scaling must scale every kind of layer: its attention factor scales every "
+                          "layer's attention (attn_scale)")
         if self.moe_bias and not self.is_moe:
             raise bad("moe_bias needs experts (n_experts > 0)")
 
@@ -229,6 +242,15 @@ class ModelSpec:
         if self.layer_kinds[layer] == "local" and self.rope_base_local is not None:
             return self.rope_base_local
         return self.rope_base
+
+    def layer_rope_scaling(self, layer: int) -> RopeScaling | None:
+        rs = self.rope_scaling
+        return rs if rs is not None and self.layer_kinds[layer] in rs.layer_kinds else None
+
+    def layer_rope(self, layer: int) -> tuple[float, RopeScaling | None]:
+        """(base, scaling) of the rope that turns a layer's queries and keys: layers with the same one share
+        its tables."""
+        return self.layer_rope_base(layer), self.layer_rope_scaling(layer)
 
     def layer_window(self, layer: int) -> int | None:
         return self.sliding_window if self.layer_kinds[layer] == "local" else None

@@ -154,7 +154,7 @@ class Pass:
         ends = list(itertools.accumulate(sp.n_tokens for sp in spans))
         self.span_rows = [slice(end - sp.n_tokens, end) for sp, end in zip(spans, ends)]
         self.positions = torch.cat([torch.arange(sp.start_pos, sp.start_pos + sp.n_tokens) for sp in spans])
-        self.rope = {base: rope_tables(self.positions, inv, rope_style) for base, inv in inv_freq.items()}
+        self.rope = {rope: rope_tables(self.positions, inv, rope_style) for rope, inv in inv_freq.items()}
         self._plans: dict = {}
 
     def plans(self, chip: Chip, layer: int) -> list:
@@ -256,10 +256,10 @@ def build_kernel(chip: Chip, name: str, kind: str) -> Callable:
         return _linear_kernel(chip, base, weight, chip.block_format)
     if suffix == "rope":
         hd, style = spec.head_dim, ROPE_STYLE[spec.family]
-        rope_base = spec.layer_rope_base(layer)
+        layer_rope = spec.layer_rope(layer)
 
         def rope(p, q, k):
-            tables = p.rope[rope_base]
+            tables = p.rope[layer_rope]
             return (apply_rope(q.view(q.shape[0], -1, hd), tables, style),
                     apply_rope(k.view(k.shape[0], -1, hd), tables, style))
         return rope
@@ -569,7 +569,8 @@ class Executor:
                                f"({spec.name!r}); compile it for this model")
         self.program, self.spec, self.mode = program, spec, mode
         self.max_positions = max_positions or spec.context_length
-        self.inv_freq = {b: rope_inverse_frequencies(spec, b) for b in {spec.layer_rope_base(i) for i in range(spec.n_layers)}}
+        self.inv_freq = {rope: rope_inverse_frequencies(spec.head_dim, *rope)
+                         for rope in {spec.layer_rope(i) for i in range(spec.n_layers)}}
         stages = program.placement.stages
         kv_parts = kv_slot_parts(program, spec)
         if mode == "fused":

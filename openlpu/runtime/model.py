@@ -2,11 +2,12 @@
 
 Llama / Mistral (SwiGLU, llama3 rope scaling), Mixtral (top-k MoE), Qwen 2 (qkv bias), Qwen 3
 (q/k norm), Gemma 2 (post norms, attention and final logit softcaps, sliding window on alternate
-layers) and Gemma 3 (q/k norm, 5 local : 1 global layers with their own rope base, scaled
-embedding, tied head), gpt-oss (attention sinks, biased projections and experts, a clamped SwiGLU,
-yarn rope scaling) and Llama 4 (chunked attention, NoPE global layers with temperature-scaled
-queries, weightless q/k norm after rope, a sigmoid router scaling the experts' inputs, a shared
-expert) are all the same code path; the spec's flags pick each difference.
+layers) and Gemma 3 (q/k norm, 5 local : 1 global layers with their own rope base, linear rope
+scaling on the global layers only, scaled embedding, tied head), gpt-oss (attention sinks, biased
+projections and experts, a clamped SwiGLU, yarn rope scaling) and Llama 4 (chunked attention, NoPE
+global layers with temperature-scaled queries, weightless q/k norm after rope, a sigmoid router
+scaling the experts' inputs, a shared expert) are all the same code path; the spec's flags pick each
+difference.
 
 Weights dict layout (what `Model(spec, weights)` expects, keyed by llama.cpp GGUF tensor names,
 torch (out, in) shapes, as openlpu.models.gguf.load_weights returns them):
@@ -38,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from openlpu.errors import OpenLPUError
-from openlpu.models.spec import ModelSpec
+from openlpu.models.spec import ModelSpec, RopeScaling
 from openlpu.runtime.kernels import CODE_BITS, GroupCodes, Linear
 from openlpu.runtime.kv_cache import KVCache, ring_positions
 
@@ -87,36 +88,53 @@ def hf_qk_to_gguf(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
             .transpose(1, 2).reshape(weight.shape))
 
 
-def rope_inverse_frequencies(spec: ModelSpec, base: float) -> torch.Tensor:
-    """Angle per position of each rotated pair, float32 [head_dim / 2] (llama3, yarn or per-pair factors
-    applied; yarn's attention factor is in spec.attn_scale)."""
-    dim = spec.head_dim
-    inv = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-    rs = spec.rope_scaling
-    if rs is not None and rs.kind == "factors":  # llama.cpp's rope_freqs: each pair's frequency divided by its factor
-        return (inv / torch.tensor(rs.factors, dtype=torch.float64)).float()
-    if rs is not None and rs.kind == "yarn":  # YaRN: interpolate the pairs that turn fewer than beta_slow
-        # times over the original context, keep those turning more than beta_fast times, ramp between
-
-        def pair_turning(turns: float) -> float:  # the pair index that turns `turns` times
-            return dim * math.log(rs.original_context_length / (turns * 2 * math.pi)) / (2 * math.log(base))
-
-        low, high = pair_turning(rs.beta_fast), pair_turning(rs.beta_slow)
-        if rs.truncate:
-            low, high = math.floor(low), math.ceil(high)
-        low, high = max(low, 0), min(high, dim - 1)
-        ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)).clamp(0, 1)
-        return (inv / rs.factor * ramp + inv * (1 - ramp)).float()
-    if rs is not None:  # Llama 3.1: slow down low frequencies, keep high ones, blend between
-        wavelen = 2 * math.pi / inv
-        low_wavelen = rs.original_context_length / rs.low_freq_factor
-        high_wavelen = rs.original_context_length / rs.high_freq_factor
-        smooth = ((rs.original_context_length / wavelen - rs.low_freq_factor)
-                  / (rs.high_freq_factor - rs.low_freq_factor)).clamp(0, 1)
-        blended = (1 - smooth) * inv / rs.factor + smooth * inv
-        inv = torch.where(wavelen < high_wavelen, inv,
-                          torch.where(wavelen > low_wavelen, inv / rs.factor, blended))
+def rope_inverse_frequencies(head_dim: int, base: float, scaling: RopeScaling | None = None) -> torch.Tensor:
+    """Angle per position of each rotated pair, float32 [head_dim / 2], with `scaling` applied (yarn's attention
+    factor is in ModelSpec.attn_scale)."""
+    inv = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if scaling is not None:
+        inv = ROPE_SCALERS[scaling.kind](inv, scaling, head_dim, base)
     return inv.float()
+
+
+def _per_pair_factors(inv: torch.Tensor, rs: RopeScaling, dim: int, base: float) -> torch.Tensor:
+    """llama.cpp's rope_freqs: each pair's frequency divided by its factor."""
+    return inv / torch.tensor(rs.factors, dtype=torch.float64)
+
+
+def _linear(inv: torch.Tensor, rs: RopeScaling, dim: int, base: float) -> torch.Tensor:
+    """Positions divided by the factor: every pair turns factor times slower."""
+    return inv / rs.factor
+
+
+def _yarn(inv: torch.Tensor, rs: RopeScaling, dim: int, base: float) -> torch.Tensor:
+    """YaRN: interpolate the pairs that turn fewer than beta_slow times over the original context, keep those
+    turning more than beta_fast times, ramp between."""
+
+    def pair_turning(turns: float) -> float:  # the pair index that turns `turns` times
+        return dim * math.log(rs.original_context_length / (turns * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = pair_turning(rs.beta_fast), pair_turning(rs.beta_slow)
+    if rs.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)).clamp(0, 1)
+    return inv / rs.factor * ramp + inv * (1 - ramp)
+
+
+def _llama3(inv: torch.Tensor, rs: RopeScaling, dim: int, base: float) -> torch.Tensor:
+    """Llama 3.1: slow down low frequencies, keep high ones, blend between."""
+    wavelen = 2 * math.pi / inv
+    low_wavelen = rs.original_context_length / rs.low_freq_factor
+    high_wavelen = rs.original_context_length / rs.high_freq_factor
+    smooth = ((rs.original_context_length / wavelen - rs.low_freq_factor)
+              / (rs.high_freq_factor - rs.low_freq_factor)).clamp(0, 1)
+    blended = (1 - smooth) * inv / rs.factor + smooth * inv
+    return torch.where(wavelen < high_wavelen, inv, torch.where(wavelen > low_wavelen, inv / rs.factor, blended))
+
+
+# RopeScaling kind -> (float64 inverse frequencies, scaling, head_dim, base) -> the scaled ones
+ROPE_SCALERS = {"factors": _per_pair_factors, "linear": _linear, "yarn": _yarn, "llama3": _llama3}
 
 
 # ---- the math every runner shares (Model here, the Program executor's per-op kernels) --------
@@ -395,7 +413,7 @@ class _Block:
     experts: list[tuple[Linear, Linear]] | None  # MoE: (gate_up, down) per expert
     shared_expert: tuple[Linear, Linear] | None  # Llama 4: (gate_up, down) every token goes through
     post_ffw_norm: RMSNorm | None
-    rope_base: float | None  # None: a NoPE layer (Llama 4's global layers)
+    rope: tuple[float, RopeScaling | None] | None  # ModelSpec.layer_rope; None: a NoPE layer (Llama 4's global ones)
     qk_l2_norm: RMSNorm | None  # Llama 4: a weightless norm on each q and k head after rope
     cache_group: tuple[int, int | None, int | None]  # (cache capacity, window, chunk): layers sharing masks
     decode: object | None = None  # the whole block for one cached token in C++ (see _decode_layer)
@@ -403,11 +421,11 @@ class _Block:
 
 @dataclass
 class Pass:
-    """What every layer of one forward pass shares: positions, rope tables per base, plans per cache group."""
+    """What every layer of one forward pass shares: positions, rope tables per layer rope, plans per cache group."""
 
     spans: list[Span]
     positions: torch.Tensor
-    rope: dict[float, tuple[torch.Tensor, torch.Tensor]]
+    rope: dict[tuple[float, RopeScaling | None], tuple[torch.Tensor, torch.Tensor]]
     plans: dict[tuple[int, int | None, int | None], list[AttentionPlan]]
 
 
@@ -496,7 +514,7 @@ class Model:
                 experts=experts,
                 shared_expert=shared,
                 post_ffw_norm=norm(b + "post_ffw_norm.weight") if s.post_norms else None,
-                rope_base=s.layer_rope_base(i) if s.layer_uses_rope(i) else None,
+                rope=s.layer_rope(i) if s.layer_uses_rope(i) else None,
                 qk_l2_norm=weightless_norm(s, dev) if s.qk_l2_norm and s.layer_uses_rope(i) else None,
                 cache_group=cache_group(s, i, self.max_positions),
             ))
@@ -509,8 +527,8 @@ class Model:
         self.head = Head(head_rows, head_fmt, dev)
         if self.head.linear.fmt == "float32":
             self.embedding = self.head.linear.weight if s.tie_embeddings else self.embedding[0:s.vocab_size]
-        self.inv_freq = {base: rope_inverse_frequencies(s, base).to(dev)
-                         for base in {blk.rope_base for blk in self.blocks} - {None}}
+        self.inv_freq = {rope: rope_inverse_frequencies(s.head_dim, *rope).to(dev)
+                         for rope in {blk.rope for blk in self.blocks} - {None}}
         for blk in self.blocks:
             blk.decode = self._decode_layer(blk)
 
@@ -547,7 +565,7 @@ class Model:
                                for sp in spans]).to(self.device)
         lengths = None if cache is None else cache.lengths
         return Pass(spans, positions,
-                    {base: rope_tables(positions, inv, self.rope_style) for base, inv in self.inv_freq.items()},
+                    {rope: rope_tables(positions, inv, self.rope_style) for rope, inv in self.inv_freq.items()},
                     {group: attention_plans(spans, lengths, *group, self.device)
                      for group in {blk.cache_group for blk in self.blocks}})
 
@@ -561,7 +579,7 @@ class Model:
         blk = self.blocks[i]
         if blk.decode is not None and cache is not None and x.shape[0] == 1:  # one token, one call
             plan = ctx.plans[blk.cache_group][0]
-            return blk.decode(x.contiguous(), *ctx.rope[blk.rope_base], *cache.slot(i, plan.slot),
+            return blk.decode(x.contiguous(), *ctx.rope[blk.rope], *cache.slot(i, plan.slot),
                               int(plan.write_index), plan.n_keys)
         h = self._attention(i, blk, blk.attn_norm(x), ctx, cache)
         x = x + h if blk.post_attention_norm is None else blk.post_attention_norm.add_to(x, h.float())
@@ -585,12 +603,12 @@ class Model:
         qk, v = qkv[:, :n_q + n_kv], qkv[:, n_q + n_kv:]
         if blk.qk_norm is not None:
             qk = blk.qk_norm(qk)
-        if blk.rope_base is not None:
-            qk = apply_rope(qk, ctx.rope[blk.rope_base], self.rope_style)
+        if blk.rope is not None:
+            qk = apply_rope(qk, ctx.rope[blk.rope], self.rope_style)
             if blk.qk_l2_norm is not None:
                 qk = blk.qk_l2_norm(qk)
         q, k = qk[:, :n_q], qk[:, n_q:]
-        if blk.rope_base is None and s.attn_temperature_scale:
+        if blk.rope is None and s.attn_temperature_scale:
             q = q * query_temperature(s, ctx.positions)[:, None, None]
         plans = ctx.plans[blk.cache_group]
 
@@ -608,7 +626,7 @@ class Model:
         and its q/k norm after rope)."""
         s, matrices = self.spec, [blk.qkv, blk.attn_output, blk.gate_up, blk.down]
         if (blk.experts is not None or s.attn_logit_softcap or s.activation not in ("gelu_tanh", "silu")
-                or blk.rope_base is None or blk.qk_l2_norm is not None
+                or blk.rope is None or blk.qk_l2_norm is not None
                 or any(m.vnni is None or m.bias is not None for m in matrices)):
             return None
         vnni, none = matrices[0].vnni, torch.empty(0)
