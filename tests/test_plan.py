@@ -551,7 +551,8 @@ def test_a_gguf_file_plans_as_its_preset(gemma_path):
     (["llama-2-70b", "--system", "", "--compare", ""], "nothing to plan"),
     (["llama-2-70b", "--plot", "plan.svg"], "give a file name ending in .png"),
     (["llama-2-70b", "--plot", "/no/such/folder/plan.png"], "cannot write the plot"),
-    (["llama-2-70b", "--chips", "10"], "needs at least 322 chips"),  # in 64-token chunks
+    # a column that does not fit, with no other: one error (beside another, it is named below the table)
+    (["llama-2-70b", "--chips", "10", "--compare", ""], "needs at least 322 chips"),  # in 64-token chunks
     (["llama-2-70b", "--chips", "0"], "positive"),
     (["llama-2-70b", "--tp", "3"], "TP 3 is not a width llama-2-70b can be split over"),
     (["llama-2-70b", "--tp", "0"], "positive"),
@@ -568,13 +569,13 @@ def test_a_gguf_file_plans_as_its_preset(gemma_path):
     (["llama-2-70b", "--chips", "576,"], "--chips takes whole numbers"),
     (["llama-2-70b", "--prefill-chunk", "128,0"], "--prefill-chunk must be a positive integer, got 0"),
     (["llama-2-70b", "--prefill-chunk", "big"], "--prefill-chunk takes whole numbers"),
-    (["llama-3.1-405b", "--tp", "1"], ("does not fit in TP groups of 1: L0.attn alone needs 577 MB per chip (its "
+    (["llama-3.1-405b", "--tp", "1", "--compare", ""], ("does not fit in TP groups of 1: L0.attn alone needs 577 MB per chip (its "
                                        "weights and buffers, with one token's K and V) at that width, and a chip "
                                        "holds 230 MB; it places in TP groups of 4, 8, 16, 32, 64")),
-    (["llama-2-70b", "--tp", "4", "--chips", "334"], "it fits on 324 chips"),
+    (["llama-2-70b", "--tp", "4", "--chips", "334", "--compare", ""], "it fits on 324 chips"),
     (["llama-2-70b", "--gpus", "12"], "whole servers of 8"),
     (["llama-2-70b", "--gpus", "0"], "positive"),
-    (["llama-2-70b", "--precision", "fp16", "--gpus", "1"], "cannot hold llama-2-70b's 138.0 GB"),
+    (["llama-2-70b", "--precision", "fp16", "--gpus", "1", "--system", ""], "cannot hold llama-2-70b's 138.0 GB"),
     (["llama-2-70b", "--prompt", "5000"], "--prompt 5000 is longer than --context 4096"),
     (["llama-2-70b", "--prompt", "0"], "--prompt must be a positive integer"),
     (["llama-2-70b", "--decode-context", "5000"], "--decode-context 5000 is longer than --context 4096"),
@@ -665,8 +666,8 @@ def test_groups_spanning_nodes_stand_in_the_racks_they_fill():
 def test_a_sweep_shows_the_columns_that_fit_and_says_why_the_others_are_left_out():
     """One column of a sweep that cannot be planned (8 users of 131,072 tokens on one H100; TP 16 on 40 chips)
     ended the whole command with its error, losing the columns that fit (a review). Now those are planned as
-    each would be alone, and the rest named with the reason; a system none of whose columns can be planned is
-    still one error, as a count that is not one."""
+    each would be alone, and the rest named with the reason; a plan none of whose columns can be planned is
+    still one error, as a count no workload could use on its system."""
     gpus = plan("llama-3.1-8b", system="", users=(1, 8), gpus=(1, 8), context=131072)
     assert [(r.users, r.chips) for r in gpus] == [(1, 1), (1, 8), (8, 8)]
     assert gpus == [plan("llama-3.1-8b", system="", users=u, gpus=n, context=131072)[0] for u, n in
@@ -682,7 +683,14 @@ def test_a_sweep_shows_the_columns_that_fit_and_says_why_the_others_are_left_out
     assert r.returncode == 0 and "not planned: h100-sxm --users 8 --gpus 1: 1 x h100-sxm hold the KV cache" in text
     r = run_cli("llama-3.1-8b", "--system", "", "--users", "1,8", "--gpus", "1,8", "--context", "131072", "--json")
     assert r.returncode == 0 and len(json.loads(r.stdout)) == 3 and "not planned: h100-sxm --users 8" in r.stderr
-    for args, says in ((("--chips", "20"), "needs at least"), (("--chips", "0,40"), "--chips must be a positive"),
+    # a system none of whose columns can be planned beside one that can: named below the other's table
+    r = run_cli("llama-3.1-70b", "--precision", "fp16", "--compare", "h100-sxm,b200", "--gpus", "1", "--system", "")
+    text = " ".join(r.stdout.split())
+    assert r.returncode == 0 and "b200 (gpu)" in text and "h100-sxm (gpu)" not in text
+    assert "not planned: h100-sxm --gpus 1: 1 x h100-sxm cannot hold llama-3.1-70b's 141.1 GB" in text
+    for args, says in ((("--chips", "20", "--compare", ""), "needs at least"),
+                       (("--chips", "0,40"), "--chips must be a positive"),  # bad input: never a column
+                       (("--tp", "8,3"), "TP 3 is not a width"), (("--gpus", "1,12"), "whole servers of 8"),
                        (("--users", "4096,8192", "--context", "131072", "--compare", ""), "does not fit")):
         r = run_cli("llama-3.1-8b", *args)
         assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -338,13 +338,18 @@ def _check_sizes(**sizes: int) -> None:
         check_count(v, what)
 
 
-def _checked_count(spec: ModelSpec, gpu: GpuSpec, precision: str, gpus: int) -> int:
-    """A GPU count a layout can use whole, whose HBM holds the weights."""
+def check_gpu_count(gpu: GpuSpec, gpus: int) -> None:
+    """Refuse a GPU count that is not a positive integer, or that fills servers in part beyond the first."""
     per_server = gpu.gpus_per_server
     check_count(gpus, "the GPU count")
     if gpus > per_server and gpus % per_server:
         raise OpenLPUError(f"{gpus} {gpu.name} GPUs do not fill whole servers of {per_server}; use at most "
                            f"{per_server}, or a multiple of {per_server}")
+
+
+def _checked_count(spec: ModelSpec, gpu: GpuSpec, precision: str, gpus: int) -> int:
+    """A GPU count a layout can use whole, whose HBM holds the weights."""
+    check_gpu_count(gpu, gpus)
     per_gpu = gpu.hbm_bytes * HBM_USABLE_FRACTION
     tp, stages = layout(spec, gpus, gpu, lambda t: held_bytes(spec, precision, 1, 0, t)[0] <= gpus * per_gpu)
     if stages > spec.n_layers:  # a pipeline stage holds at least one layer

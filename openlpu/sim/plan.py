@@ -118,6 +118,30 @@ def _check_workload(spec: ModelSpec, context: int, users: tuple[int, ...], promp
             raise OpenLPUError(f"--{what} {v} is longer than --context {context}; use at most {context}")
 
 
+def _check_counts(spec: ModelSpec, lpu: SystemSpec | None, chip_counts: tuple, widths: tuple | str,
+                  compare: tuple[str, ...], gpu_counts: tuple) -> None:
+    """Refuse at once a count no workload could use on its system (not a positive integer, more chips than the
+    system has, a TP width the model cannot be split over, GPUs filling servers in part): bad input, not a
+    column that does not fit."""
+    from openlpu.compiler.partition import check_chips, tp_widths
+    from openlpu.sim.gpu import check_gpu_count
+
+    chips = [n for n in chip_counts if n is not None]
+    tps = [] if widths == "all" else [t for t in widths if t is not None]
+    gpus = [n for n in gpu_counts if n is not None]
+    for flag, counts in (("--chips", chips), ("--tp", tps), ("--gpus", gpus)):
+        for n in counts:
+            check_count(n, flag)
+    if lpu is not None:
+        for n in chips:
+            check_chips(lpu, n)
+        for t in tps:
+            tp_widths(spec, lpu, t)
+    for name in compare:
+        for n in gpus:
+            check_gpu_count(load_gpu(name), n)
+
+
 def _check_draft(spec: ModelSpec, draft: Draft, context: int) -> None:
     from openlpu.sim.speculative import check
 
@@ -331,7 +355,7 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
     `prefill_chunk` tokens (None: the compiler's choice). Several user counts, chip counts, widths, chunks or
     GPU counts give a row each: every user count, with every chip count, with every chunk, with every width;
     those that cannot be planned (too many users to fit, a width wider than the chips given) are left out
-    with the reason (Plan.left_out), unless none asked of a system can, when its first reason is raised.
+    with the reason (Plan.left_out), unless none can, when the first reason is raised.
     `model`, `draft`: a ModelSpec, or what load_spec takes (a preset name, a .gguf file, a config.json).
     With a draft, every system decodes speculatively: `draft_tokens` (default DRAFT_TOKENS) per round,
     each accepted with probability `acceptance`, which must be given. `gpu_software`: the GPUs' serving
@@ -372,13 +396,10 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
         raise OpenLPUError("--tp all places each width on its fewest chips; to place widths on --chips, name "
                            "them (--tp 8,16)")
     chip_counts, widths, gpu_counts = _each(chips, "chips"), tp if tp == "all" else _each(tp, "tp"), _each(gpus, "gpus")
-    for flag, counts in (("--chips", chip_counts), ("--tp", () if widths == "all" else widths), ("--gpus", gpu_counts)):
-        for n in counts:
-            if n is not None:
-                check_count(n, flag)
+    _check_counts(spec, lpu, chip_counts, widths, compare, gpu_counts)
     flops = matrix_flops_per_token(spec, precision, attended, speculation)  # the same work per token everywhere
     several_users = user_counts if len(user_counts) > 1 else (None,)
-    columns = []  # (its system, how the column was asked for, what makes its row)
+    columns = []  # (how the column was asked for, what makes its row)
     if lpu is not None:
         for n_users, shown_users in zip(user_counts, several_users):
             workloads = [lpu_workload(precision, context, n_users, prompt, c, speculation, decode_context)
@@ -386,24 +407,22 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
             # "all": None where no width places the model, and the compiler says what does not fit
             width_sets = [(placeable_widths(spec, lpu, w) or (None,)) if widths == "all" else widths
                           for w in workloads]
-            columns += [(lpu.name, _column(lpu.name, users=shown_users, chips=n, tp=t,
-                                           prefill_chunk=workload.prefill_chunk),
+            columns += [(_column(lpu.name, users=shown_users, chips=n, tp=t, prefill_chunk=workload.prefill_chunk),
                          functools.partial(lpu_row, spec, lpu, workload, flops, assumptions, n, t, speculation))
                         for n in chip_counts for workload, each in zip(workloads, width_sets) for t in each]
-    columns += [(gpu_labels[name], _column(gpu_labels[name], users=shown_users, gpus=n),
+    columns += [(_column(gpu_labels[name], users=shown_users, gpus=n),
                  functools.partial(gpu_row, spec, name, precision, context, n_users, prompt, flops, assumptions, n,
                                    speculation, gpu_software, decode_context))
                 for name in compare for n_users, shown_users in zip(user_counts, several_users) for n in gpu_counts]
-    rows, left_out, refused = [], [], {}  # refused: each system's first reason
-    for system_name, asked, make_row in columns:
+    rows, left_out, reasons = [], [], []
+    for asked, make_row in columns:
         try:
             rows.append(make_row())
         except OpenLPUError as e:
-            refused.setdefault(system_name, e)
+            reasons.append(e)
             left_out.append(f"{asked}: {e}")
-    for system_name, reason in refused.items():
-        if not any(r.system == system_name for r in rows):  # nothing asked of it could be planned
-            raise reason
+    if not rows:
+        raise reasons[0]
     return Plan(rows, left_out)
 
 
