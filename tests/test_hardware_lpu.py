@@ -80,17 +80,18 @@ def test_a_figure_beyond_any_hardware_is_named(tmp_path, value):
     of the preset found it); an integer of 400 digits, which no float holds, is named the same way."""
     data = json.loads(json.dumps(V1))
     data["links"]["local"]["latency_s"]["value"] = value
-    with pytest.raises(OpenLPUError, match=r"links\.local\.latency_s = .* is outside the range of any hardware "
-                                           r"figure in s \(1e-10 to 0\.01\); check its units"):
+    with pytest.raises(OpenLPUError, match=r"links\.local\.latency_s = .* s is outside the range a hardware "
+                                           r"figure in s takes here \(1e-11 to 1\); check that it is given in s"):
         load_system(_write(tmp_path, data))
 
 
 @pytest.mark.parametrize("field, value, unit", [
-    (("chip", "clock_hz"), 900, "hz"),  # MHz
+    (("chip", "clock_hz"), 900, "Hz"),  # MHz
     (("chip", "sram_bytes"), 230, "bytes"),  # MB
-    (("chip", "sram_bandwidth_bytes_per_s"), 80, "bytes per s"),  # TB/s
+    (("chip", "sram_bandwidth_bytes_per_s"), 80, "bytes/s"),  # TB/s
     (("links", "local", "latency_s"), 100, "s"),  # ns
-    (("chip", "busy_power_w"), 0.215, "w"),  # kW
+    (("links", "local", "bandwidth_bytes_per_s"), 14, "bytes/s"),  # GB/s
+    (("node", "host_power_w"), 2e7, "W"),  # mW
 ])
 def test_a_figure_in_a_larger_unit_is_named(tmp_path, field, value, unit):
     """A figure written in the unit a datasheet gives (a clock of 900 for 900 MHz) passed as a positive number
@@ -101,13 +102,15 @@ def test_a_figure_in_a_larger_unit_is_named(tmp_path, field, value, unit):
     for key in field:
         figure = figure[key]
     figure["value"] = value
-    with pytest.raises(OpenLPUError, match=rf"{re.escape('.'.join(field))} = {value} is outside the range of any "
-                                           rf"hardware figure in {unit} \("):
+    with pytest.raises(OpenLPUError, match=rf"{re.escape('.'.join(field))} = {value!r} {re.escape(unit)} is outside "
+                                           rf"the range a hardware figure in {re.escape(unit)} takes here \("):
         load_system(_write(tmp_path, data))
 
 
-def test_every_preset_figure_is_in_its_units_range():
-    """The ranges leave room for every figure OpenLPU ships, the projected chip's included."""
+def test_every_preset_figure_is_in_its_units_range(tmp_path):
+    """The ranges leave room for every figure OpenLPU ships, the projected chip's included, and for real chips
+    far from them: a wafer-scale chip's 21 PB/s of SRAM bandwidth (Cerebras WSE-3), an edge chip's 64 KB of
+    SRAM at half a watt and 80 cents, a link across sites of 20 ms (each refused at first; a review)."""
     from openlpu.hardware.gpu import load_gpu
     from openlpu.hardware.spec_file import preset_names
 
@@ -115,6 +118,13 @@ def test_every_preset_figure_is_in_its_units_range():
         load_system(name)
     for name in preset_names("gpu"):
         load_gpu(name)
+    data = json.loads(json.dumps(V1))
+    for part, figure, value in (("chip", "sram_bandwidth_bytes_per_s", 2.1e16), ("chip", "sram_bytes", 65536),
+                                ("chip", "busy_power_w", 0.5), ("chip", "idle_power_w", 0.05),
+                                ("chip", "price_usd", 0.8)):
+        data[part][figure]["value"] = value
+    data["links"]["system"]["latency_s"]["value"] = 0.02
+    load_system(_write(tmp_path, data))
 
 
 def test_a_copy_of_a_preset_is_told_apart_from_it(tmp_path):

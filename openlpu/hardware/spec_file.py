@@ -71,25 +71,26 @@ def read_hardware(name_or_path: str | Path, kind: str, what: str) -> tuple[dict,
 # Far beyond real hardware either way, and narrow enough that products of figures stay finite: a figure whose
 # field names no unit (a count)
 FIGURE_RANGE = (1e-18, 1e18)
-# By the unit a field's name ends in (the first that matches), far beyond real hardware either way (a link's
-# latency is ~1e-7 s, B200's FP4 peak 9e15 FLOP/s, an LPU chip's SRAM 2.3e8 bytes) yet narrow enough to catch a
-# figure written in a larger unit: a clock of 900 (MHz), an HBM bandwidth of 3.35 (TB/s), 80 bytes of HBM (GB)
+# By the unit a field's name ends in (the first that matches): (the unit's name, the least, the most), wide enough
+# for edge chips and wafer-scale ones (Cerebras WSE-3: 21 PB/s of SRAM bandwidth), links across sites, parts of a
+# dollar or a watt, yet narrow enough to catch a figure written in a larger unit: a clock of 900 (MHz), an HBM
+# bandwidth of 3.35 (TB/s), 80 bytes of HBM (GB), a latency of 100 (ns)
 UNIT_RANGES = (
-    ("_bytes_per_s", 1e8, 1e16),
-    ("_flops_per_s", 1e10, 1e18),
-    ("_hz", 1e7, 1e11),
-    ("_bytes", 1e5, 1e14),
-    ("_per_cycle", 1.0, 1e9),
-    ("_s", 1e-10, 1e-2),
-    ("_w", 1.0, 1e6),
-    ("_usd", 1.0, 1e9),
+    ("_bytes_per_s", "bytes/s", 1e6, 1e18),
+    ("_flops_per_s", "FLOP/s", 1e6, 1e20),
+    ("_hz", "Hz", 1e6, 1e11),
+    ("_bytes", "bytes", 1e3, 1e15),
+    ("_per_cycle", "per cycle", 1.0, 1e9),
+    ("_s", "s", 1e-11, 1.0),
+    ("_w", "W", 1e-3, 1e7),
+    ("_usd", "USD", 1e-2, 1e10),
 )
 
 
 def figure_range(field: str) -> tuple[str, float, float]:
     """(the unit, the least and the most) a figure of the field named `field` can be, by the unit its name ends
     in (UNIT_RANGES; a count: no unit)."""
-    return next(((unit[1:].replace("_", " "), low, high) for unit, low, high in UNIT_RANGES if field.endswith(unit)),
+    return next(((unit, low, high) for suffix, unit, low, high in UNIT_RANGES if field.endswith(suffix)),
                 ("", *FIGURE_RANGE))
 
 
@@ -99,9 +100,11 @@ def positive_number(v, where: str, zero_ok: bool = False, field: str = "") -> No
         raise OpenLPUError(f"{where} must be a {'non-negative' if zero_ok else 'positive'} number, got {v!r}")
     unit, low, high = figure_range(field)
     if v and not low <= v <= high:
-        in_unit = f" in {unit}" if unit else ""
-        raise OpenLPUError(f"{where} = {v!r} is outside the range of any hardware figure{in_unit} ({low:g} to "
-                           f"{high:g}); check its units")
+        if not unit:
+            raise OpenLPUError(f"{where} = {v!r} is outside the range of any hardware figure ({low:g} to "
+                               f"{high:g}); check its units")
+        raise OpenLPUError(f"{where} = {v!r} {unit} is outside the range a hardware figure in {unit} takes here "
+                           f"({low:g} to {high:g}); check that it is given in {unit}")
 
 
 def check_figure(raw, where: str, kind, sources: dict, zero_ok: bool = False) -> object:
