@@ -554,3 +554,15 @@ def test_yarn_extends_the_context_to_original_times_factor(preset):
     yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
     assert spec_from_hf_config({**cfg, "rope_scaling": yarn}).context_length == 131072
     assert spec_from_hf_config(cfg).context_length == cfg["max_position_embeddings"]
+
+
+@pytest.mark.parametrize("preset", ["gemma-7b", "gemma-2-9b", "gemma-3-1b", "qwen3-8b", "gpt-oss-20b"])
+def test_a_config_without_head_dim_takes_transformers_head_dim(preset):
+    """transformers fixes head_dim for these families where a config.json leaves it out (Gemma: 256, not
+    d_model / n_heads: 288 for Gemma 3 1B, 224 for Gemma 2 9B); OpenLPU read the quotient (a review)."""
+    import transformers
+
+    cfg = json.loads((PRESETS_DIR / f"{preset}.json").read_text())["$source_notes"]["hf_config"]
+    cfg = {k: v for k, v in cfg.items() if k != "head_dim"}
+    theirs = transformers.AutoConfig.for_model(**cfg)
+    assert spec_from_hf_config(cfg).head_dim == theirs.head_dim

@@ -50,8 +50,9 @@ LAYER_TYPES = {"full_attention": "global", "sliding_attention": "local", "chunke
 
 # What transformers takes for a field a config.json leaves out, by model_type: the default of its configuration
 # class (transformers/models/<model>/configuration_<model>.py, named per entry). Real configs leave them out (Llama
-# 2's have no rope_theta). Only fields that set no shape: a config without a shape is
-# incomplete. Gemma 3 also defaults its local layers' base (rope_local_base_freq).
+# 2's have no rope_theta). Of the shapes, only head_dim where the class fixes it (where it computes it, as
+# hidden_size / num_attention_heads, so does OpenLPU): a config without another shape is incomplete. Gemma 3 also
+# defaults its local layers' base (rope_local_base_freq).
 HF_DEFAULTS: dict[str, dict] = {
     "llama": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu",  # LlamaConfig
               "max_position_embeddings": 2048},
@@ -62,21 +63,23 @@ HF_DEFAULTS: dict[str, dict] = {
     "qwen2": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu",  # Qwen2Config
               "max_position_embeddings": 32768},
     "qwen3": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu",  # Qwen3Config
-              "max_position_embeddings": 32768},
+              "max_position_embeddings": 32768, "head_dim": 128},
     "qwen3_moe": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu",  # Qwen3MoeConfig
                   "max_position_embeddings": 32768, "num_experts_per_tok": 8},
     "gemma": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "hidden_act": "gelu_pytorch_tanh",  # GemmaConfig
-              "max_position_embeddings": 8192, "tie_word_embeddings": True},
+              "max_position_embeddings": 8192, "tie_word_embeddings": True, "head_dim": 256},
     "gemma2": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "hidden_activation": "gelu_pytorch_tanh",  # Gemma2Config
                "max_position_embeddings": 8192, "sliding_window": 4096, "query_pre_attn_scalar": 256,
-               "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "tie_word_embeddings": True},
+               "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "tie_word_embeddings": True,
+               "head_dim": 256},
     "gemma3_text": {"rope_theta": 1e6, "rope_local_base_freq": 10000.0, "rms_norm_eps": 1e-6,  # Gemma3TextConfig
                     "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 131072,
-                    "sliding_window": 4096, "query_pre_attn_scalar": 256, "tie_word_embeddings": True},
+                    "sliding_window": 4096, "query_pre_attn_scalar": 256, "tie_word_embeddings": True,
+                    "head_dim": 256},
     "gpt_oss": {"rope_theta": 150000.0, "rms_norm_eps": 1e-5, "hidden_act": "silu",  # GptOssConfig
-                "max_position_embeddings": 131072, "sliding_window": 128, "num_experts_per_tok": 4},
+                "max_position_embeddings": 131072, "sliding_window": 128, "num_experts_per_tok": 4, "head_dim": 64},
     "llama4_text": {"rope_theta": 500000.0, "rms_norm_eps": 1e-5, "hidden_act": "silu",  # Llama4TextConfig
-                    "max_position_embeddings": 131072, "num_experts_per_tok": 1},
+                    "max_position_embeddings": 131072, "num_experts_per_tok": 1, "head_dim": 128},
 }
 
 # Multimodal configs whose text model OpenLPU reads: model_type -> (the architecture config["architectures"]
@@ -85,11 +88,10 @@ NESTED_TEXT_CONFIGS = {"llama4": ("Llama4ForConditionalGeneration", "text_config
                        "gemma3": ("Gemma3ForConditionalGeneration", "text_config", "gemma3_text")}
 # Shape fields a nested text config may leave out, by its model_type, with transformers' default (its text
 # configuration class, as HF_DEFAULTS). Published multimodal configs rely on them (google/gemma-3-4b-it's
-# text_config gives no vocab_size, num_attention_heads, num_key_value_heads nor head_dim); a text model's own
-# config.json without its shapes stays incomplete.
+# text_config gives no vocab_size, num_attention_heads, num_key_value_heads nor head_dim, which HF_DEFAULTS has);
+# a text model's own config.json without its shapes stays incomplete.
 NESTED_TEXT_DEFAULTS: dict[str, dict] = {
-    "gemma3_text": {"vocab_size": 262_208, "num_attention_heads": 8, "num_key_value_heads": 4,  # Gemma3TextConfig
-                    "head_dim": 256},
+    "gemma3_text": {"vocab_size": 262_208, "num_attention_heads": 8, "num_key_value_heads": 4},  # Gemma3TextConfig
 }
 
 
