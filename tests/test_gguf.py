@@ -3,6 +3,7 @@ the ModelSpec from metadata against the preset (an independent source) and publi
 and every malformed-input case."""
 
 import dataclasses
+import json
 import re
 import struct
 
@@ -15,7 +16,7 @@ from gguf import GGMLQuantizationType as QType
 from openlpu.errors import OpenLPUError
 from openlpu.models.gguf import (GROUP_CODE_TYPES, group_codes, load_tensor, load_weights, raw_tensor,
                                  read_header, spec_from_gguf)
-from openlpu.models.spec import ModelSpec, load_preset
+from openlpu.models.spec import PRESETS_DIR, ModelSpec, load_preset
 from openlpu.runtime.model import rope_inverse_frequencies
 
 REAL_TENSORS = ["token_embd.weight", "blk.0.attn_q.weight", "blk.0.attn_output.weight",
@@ -681,3 +682,23 @@ def test_gpt_oss_weights_refusal_advises_what_the_commands_take(tmp_path):
         check_weights_readable(read_header(path))
     assert "Hugging Face checkpoint" not in str(refused.value)
     assert "`openlpu plan` and `compile` read this file's metadata" in str(refused.value)
+
+
+def test_yarn_serves_the_same_window_from_a_gguf_as_from_its_config(tmp_path):
+    """Qwen3-8B with Qwen's YaRN setup: its config.json serves original x factor (131,072), and the GGUF llama.cpp's
+    converter writes from it kept the pre-yarn 40,960 (a review: `plan` refused 65,536 tokens of the GGUF alone)."""
+    from openlpu.models.hf import spec_from_hf_config
+
+    cfg = json.loads((PRESETS_DIR / "qwen3-8b.json").read_text())["$source_notes"]["hf_config"]
+    cfg = {**cfg, "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}
+    a = "qwen3"
+    meta = {f"{a}.context_length": cfg["max_position_embeddings"], f"{a}.embedding_length": cfg["hidden_size"],
+            f"{a}.block_count": cfg["num_hidden_layers"], f"{a}.feed_forward_length": cfg["intermediate_size"],
+            f"{a}.attention.head_count": cfg["num_attention_heads"],
+            f"{a}.attention.head_count_kv": cfg["num_key_value_heads"], f"{a}.attention.key_length": cfg["head_dim"],
+            f"{a}.attention.value_length": cfg["head_dim"], f"{a}.attention.layer_norm_rms_epsilon": cfg["rms_norm_eps"],
+            f"{a}.rope.freq_base": float(cfg["rope_theta"]), f"{a}.rope.scaling.type": "yarn",
+            f"{a}.rope.scaling.factor": 4.0, f"{a}.rope.scaling.original_context_length": 32768,
+            f"{a}.vocab_size": cfg["vocab_size"]}
+    from_gguf = spec_from_gguf(write_gguf(tmp_path / "qwen3-yarn.gguf", a, meta, {}))
+    assert from_gguf.context_length == spec_from_hf_config(cfg).context_length == 131072

@@ -9,15 +9,28 @@ Format reference: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType
+from gguf import (
+    GGML_QUANT_SIZES,
+    GGUF_DEFAULT_ALIGNMENT,
+    GGUF_MAGIC,
+    GGMLQuantizationType,
+    GGUFValueType,
+)
 from gguf.quants import dequantize
 
 from openlpu.errors import OpenLPUError
-from openlpu.models.spec import LAYER_KINDS, MAX_LAYERS, MAX_SIZE, ModelSpec, RopeScaling, preset_names
+from openlpu.models.spec import (
+    LAYER_KINDS,
+    MAX_LAYERS,
+    MAX_SIZE,
+    ModelSpec,
+    RopeScaling,
+    preset_names,
+)
 
 # ---- format tables --------------------------------------------------------------------------
 # Scalar value types: little-endian struct format of one value.
@@ -498,7 +511,7 @@ def spec_from_gguf(path: str | Path) -> ModelSpec:
     rope_scaling = _rope_scaling(meta, arch, header.path, defaults)
     if ROPE_FREQS in header.tensors:
         rope_scaling = _rope_factors(header, rope_scaling)
-    return ModelSpec(
+    spec = ModelSpec(
         name=name,
         family=(defaults.family_if_moe if moe and defaults.family_if_moe else defaults.family),
         activation=defaults.activation,
@@ -521,6 +534,9 @@ def spec_from_gguf(path: str | Path) -> ModelSpec:
         extra={"gguf_file_type": meta.get("general.file_type"), "gguf_path": str(header.path)},
         **values,
     )
+    if spec.rope_scaling is None:  # else the window its config.json gives (yarn: original x factor), once checked
+        return spec
+    return replace(spec, context_length=spec.rope_scaling.served_context(spec.context_length))
 
 
 # ---- tensor data ----------------------------------------------------------------------------

@@ -404,12 +404,9 @@ def _one_scaling(f: _Fields, by_kind: dict[str, RopeScaling | None]) -> RopeScal
 
 
 def _context_length(f: _Fields, scaling: RopeScaling | None) -> int:
-    """The tokens the model serves: max_position_embeddings, or with yarn the original context times its factor.
-    Qwen's YaRN instructions add rope_scaling and leave max_position_embeddings at the pre-yarn length; vLLM serves
-    original x factor (_get_and_verify_max_len), and transformers calls factor the post- over the pre-yarn length."""
-    if scaling is not None and scaling.kind == "yarn":
-        return int(scaling.original_context_length * scaling.factor)
-    return f.number("max_position_embeddings", kind=int)
+    """The tokens the model serves: max_position_embeddings, or what its rope scaling serves (served_context)."""
+    given = f.number("max_position_embeddings", kind=int)
+    return scaling.served_context(given) if scaling else given
 
 
 def _check_architecture(f: _Fields, architecture: str, model_type: str) -> None:

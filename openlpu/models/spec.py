@@ -65,6 +65,13 @@ class RopeScaling:
         for name in ("factors", "layer_kinds"):  # a JSON list compares as a tuple
             object.__setattr__(self, name, tuple(getattr(self, name)))
 
+    def served_context(self, given: int) -> int:
+        """The tokens a model with this scaling serves, its config or file giving `given`: with yarn the original
+        context times the factor (Qwen's YaRN setup leaves max_position_embeddings, and llama.cpp's converter the
+        GGUF's context_length, at the pre-yarn length; vLLM serves original x factor, _get_and_verify_max_len, and
+        transformers calls the factor post- over pre-yarn length); with the others, `given`."""
+        return int(self.original_context_length * self.factor) if self.kind == "yarn" else given
+
     @property
     def attention_factor(self) -> float:
         """YaRN scales cos and sin, so queries and keys, by 0.1 ln(factor) + 1 (YaRN, arXiv:2309.00071,
