@@ -858,20 +858,25 @@ def test_outputs_and_payloads_are_at_least_the_models(program):
 
 
 def test_the_sampled_token_is_reduced_and_returned(program):
-    """A decode step ends with the token back at the embedding's stage (timing reads a token's latency off the
-    makespan): without its return, or also without the all-reduce that picks it from the chips' shares of the
-    vocabulary, and the makespan cut to what is left, the step passed as shorter (a reviewer's find). A prefill's
-    first token is picked the same way."""
+    """A decode step ends with the token back on every chip of the embedding's stage (timing reads a token's
+    latency off the makespan): without its return, or also without the all-reduce that picks it from the chips'
+    shares of the vocabulary, and the makespan cut to what is left, the step passed as shorter (a reviewer's
+    find). A prefill's first token is picked the same way."""
     d = program.decode
 
     def without(phase, names):
         transfers = [t for t in phase.transfers if t.name not in names]
         last = max([o.end_cycle for o in phase.ops] + [t.arrival_cycle for t in transfers])
         return dataclasses.replace(phase, transfers=tuple(transfers), makespan_cycles=last)
-    found = verify(dataclasses.replace(program, decode=without(d, {"token_return"})))
-    assert [v.message for v in found] == [
-        "decode: the sampled token (sample.allreduce) never returns to stage 0, whose embedding the next step reads"]
-    found = verify(dataclasses.replace(program, decode=without(d, {"token_return", "sample.allreduce"})))
+    found = verify(dataclasses.replace(program, decode=without(d, {"token_return", "token_return.bcast"})))
+    assert [v.message for v in found] == [("decode: the sampled token (sample.allreduce) never reaches chips [0, 1, 2, "
+                                           "3] of stage 0, whose embedding the next step reads there")]
+    # each chip of the stage looks the token up in its share of the table: it reached the first alone (a review)
+    found = verify(dataclasses.replace(program, decode=without(d, {"token_return.bcast"})))
+    assert [v.message for v in found] == [("decode: the sampled token (sample.allreduce) never reaches chips [1, 2, 3] "
+                                           "of stage 0, whose embedding the next step reads there")]
+    found = verify(dataclasses.replace(program, decode=without(d, {"token_return", "token_return.bcast",
+                                                                   "sample.allreduce"})))
     assert [v.message for v in found] == [
         ("decode: sample leaves each of stage 1's 4 chips its share of the vocabulary's (value, index); no all-reduce "
          "over them picks the token")]

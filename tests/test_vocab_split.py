@@ -72,8 +72,13 @@ def test_split_head_combines_the_parts_maxima_and_returns_the_token_to_each_embe
         assert running.split(">")[0] == ("sample.allreduce" if j == 1 else f"sample_max@{j - 1}")
     sends = [t for t in big.decode.transfers if t.kind == "p2p" and t.name.startswith("sample")]
     assert len(sends) == parts - 1 and all(t.payload_bytes == 8 for t in sends)
-    returns = sorted(t.stage for t in big.decode.transfers if t.name.startswith("token_return"))
+    returns = sorted(t.stage for t in big.decode.transfers if t.kind == "p2p" and t.name.startswith("token_return"))
     assert returns == [stage for stage, _, _ in _ranges(big, "embed")]
+    # and over each embedding stage's chips, each looking the token up in its share of the table
+    spread = {t.stage: set(t.chips) for t in big.decode.transfers if t.name.startswith("token_return") and
+              t.kind == "broadcast"}
+    assert spread and spread == {s.index: set(s.chips) for s in big.placement.stages
+                                 if s.index in returns and len(s.chips) > 1}
     sums = [o for o in big.decode.ops if o.name.startswith("embed_sum@")]
     assert len(sums) == len(_ranges(big, "embed")) - 1
     assert any("embed_sum@" in i for o in big.decode.ops if o.name == "blk.0.attn_norm" for i in o.inputs)

@@ -793,10 +793,12 @@ def _schedule(spec: ModelSpec, system: SystemSpec, workload: Workload, placement
     if phase == "decode" and len(placement.stages) > 1:  # the token goes back to each embedding stage
         src_name = s.provider.get(last.name, last.name)
         src_chip = placement.stages[s.ready[src_name][0]].chips[0]
+        payload = TOKEN_ID_BYTES * rows * (workload.draft_tokens + 1)
         for j, (stage, _, _) in enumerate(piece_homes(placement)[(EMBED, "embed")]):
-            name = "token_return" + (f"{CUT_SEPARATOR}{j}" if j else "")
-            s._send(name, "p2p", stage, (src_chip, placement.stages[stage].chips[0]),
-                    TOKEN_ID_BYTES * rows * (workload.draft_tokens + 1), s.ready[src_name][1], (src_name,))
+            name, group = "token_return" + (f"{CUT_SEPARATOR}{j}" if j else ""), placement.stages[stage].chips
+            arrival = s._send(name, "p2p", stage, (src_chip, group[0]), payload, s.ready[src_name][1], (src_name,))
+            if len(group) > 1:  # every chip of the group looks the token up in its share of the table
+                s._send(name + ".bcast", "broadcast", stage, group, payload, arrival, (name,))
     makespan = max([o.end_cycle for o in s.ops] + [t.arrival_cycle for t in s.transfers])
     seq_len = workload.attended_context if phase == "decode" else workload.prompt_len
     return PhaseSchedule(phase, seq_len, rows if phase == "decode" else seq_len, tuple(s.ops), tuple(s.transfers),

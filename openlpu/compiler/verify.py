@@ -413,9 +413,10 @@ def _token_delivered(program: Program, phase: PhaseSchedule) -> list[Violation]:
                 chips.update(t.receivers)
                 sending.append(t.name)
     embedding = [s.index for s in program.placement.stages if any(part == "embed" for _, part, _, _ in s.pieces)]
-    return [Violation("input_not_ready", f"{phase.phase}: the sampled token ({holder}) never returns to stage {k}, "
-                                         f"whose embedding the next step reads")
-            for k in embedding if not chips & set(stages[k])]
+    return [Violation("input_not_ready", f"{phase.phase}: the sampled token ({holder}) never reaches chips "
+                                         f"{sorted(set(stages[k]) - chips)} of stage {k}, whose embedding the next "
+                                         f"step reads there")
+            for k in embedding if not set(stages[k]) <= chips]
 
 
 def _received(t: Transfer) -> tuple[tuple[int, ...], float]:
