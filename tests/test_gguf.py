@@ -643,6 +643,7 @@ def test_uniform_per_layer_arrays_are_their_one_value(tmp_path):
     ({"n_kv_heads": [1, 2]}, ("llama.attention.head_count_kv differs between layers ([1, 2]): per-layer values "
                               "are not supported")),
     ({"d_ff": [128, 128, 128]}, "llama.feed_forward_length holds 3 values for 2 layers; the file is broken"),
+    ({"d_ff": [[128], [128]]}, "llama.feed_forward_length holds values that are not whole numbers"),  # a TypeError
 ])
 def test_per_layer_arrays_it_cannot_express_are_refused(tmp_path, change, says):
     path = write_gguf(tmp_path / "a.gguf", "llama", arch_metadata("llama", **{**TINY, **change}), {})

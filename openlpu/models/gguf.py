@@ -356,9 +356,11 @@ def _per_layer_values(meta: dict, arch: str, path: Path) -> dict:
         values = meta.get(key)
         if not isinstance(values, list):
             continue
-        if not values or len(values) != layers:
-            raise OpenLPUError(f"{path}: GGUF metadata {key} holds {len(values)} values for {layers} layers; the file "
-                               "is broken, re-convert it with a current llama.cpp")
+        broken = "the file is broken, re-convert it with a current llama.cpp"
+        if not all(type(v) is int for v in values):
+            raise OpenLPUError(f"{path}: GGUF metadata {key} holds values that are not whole numbers; {broken}")
+        if not values or layers is not None and len(values) != layers:  # a missing block_count is reported below
+            raise OpenLPUError(f"{path}: GGUF metadata {key} holds {len(values)} values for {layers} layers; {broken}")
         if len(set(values)) > 1:
             raise OpenLPUError(f"{path}: GGUF metadata {key} differs between layers ({values}): per-layer values are "
                                "not supported (OpenLPU's models have one for every layer); use another model")
