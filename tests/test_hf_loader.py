@@ -134,22 +134,30 @@ def test_llama4_specific_fields(saved):
         ("llama3", 8.0, 1.0, 4.0, 16)
 
 
-def _llama4_multimodal(text_config: dict) -> dict:
+# The released multimodal checkpoints' config.json: model_type -> (architecture, top-level fields, vision_config)
+MULTIMODAL = {
+    "llama4": ("Llama4ForConditionalGeneration", {"tie_word_embeddings": False},
+               {"model_type": "llama4_vision_model", "hidden_size": 1408, "num_hidden_layers": 34}),
+    "gemma3": ("Gemma3ForConditionalGeneration", {}, {"model_type": "siglip_vision_model"}),
+}
+
+
+def _multimodal(model_type: str, text_config: dict) -> dict:
     """The released checkpoints' config.json shape: the text model under text_config, beside a vision model."""
-    return {"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4", "tie_word_embeddings": False,
-            "text_config": {k: v for k, v in text_config.items() if k != "architectures"},
-            "vision_config": {"model_type": "llama4_vision_model", "hidden_size": 1408, "num_hidden_layers": 34}}
+    architecture, fields, vision = MULTIMODAL[model_type]
+    return {"architectures": [architecture], "model_type": model_type, **fields,
+            "text_config": {k: v for k, v in text_config.items() if k != "architectures"}, "vision_config": vision}
 
 
 def test_llama4_multimodal_config_reads_its_text_config(saved):
     cfg = _config(saved, "llama4")
-    nested = spec_from_hf_config(_llama4_multimodal(cfg))
+    nested = spec_from_hf_config(_multimodal("llama4", cfg))
     flat = spec_from_hf_config(cfg)
     assert dataclasses.replace(nested, source=flat.source) == flat
     with pytest.raises(OpenLPUError, match="contradictory fields: 'architectures' says 'Llama4ForCausalLM'"):
-        spec_from_hf_config({**_llama4_multimodal(cfg), "architectures": ["Llama4ForCausalLM"]})
+        spec_from_hf_config({**_multimodal("llama4", cfg), "architectures": ["Llama4ForCausalLM"]})
     with pytest.raises(OpenLPUError, match="contradictory fields: 'text_config.model_type' says 'llama'"):
-        spec_from_hf_config(_llama4_multimodal({**cfg, "model_type": "llama"}))
+        spec_from_hf_config(_multimodal("llama4", {**cfg, "model_type": "llama"}))
 
 
 # google/gemma-3-27b-it's config.json, its vision_config cut to its model type: the text model nested under
@@ -158,19 +166,13 @@ def test_llama4_multimodal_config_reads_its_text_config(saved):
 GEMMA3_27B = json.loads((PRESETS_DIR / "gemma-3-27b.json").read_text())["$source_notes"]["hf_config"]
 
 
-def _gemma3_multimodal(text_config: dict) -> dict:
-    return {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
-            "text_config": {k: v for k, v in text_config.items() if k != "architectures"},
-            "vision_config": {"model_type": "siglip_vision_model"}}
-
-
 def test_gemma3_multimodal_config_reads_its_text_config(saved):
     cfg = _config(saved, "gemma3-linear-rope")
-    nested = spec_from_hf_config(_gemma3_multimodal(cfg))
+    nested = spec_from_hf_config(_multimodal("gemma3", cfg))
     flat = spec_from_hf_config(cfg)
     assert dataclasses.replace(nested, source=flat.source) == flat
     with pytest.raises(OpenLPUError, match="contradictory fields: 'text_config.model_type' says 'gemma2'"):
-        spec_from_hf_config(_gemma3_multimodal({**cfg, "model_type": "gemma2"}))
+        spec_from_hf_config(_multimodal("gemma3", {**cfg, "model_type": "gemma2"}))
 
 
 def test_gemma3_published_multimodal_config_reads_as_transformers():
@@ -196,7 +198,7 @@ def test_gemma3_published_multimodal_config_reads_as_transformers():
 
 def test_a_gemma3_text_config_of_its_own_still_needs_its_shapes():
     text = {**GEMMA3_27B["text_config"], "architectures": ["Gemma3ForCausalLM"]}
-    assert spec_from_hf_config(_gemma3_multimodal(text)).vocab_size == 262_208
+    assert spec_from_hf_config(_multimodal("gemma3", text)).vocab_size == 262_208
     with pytest.raises(OpenLPUError, match="missing field 'vocab_size'"):
         spec_from_hf_config(text)
 
@@ -277,7 +279,7 @@ def test_llama4_multimodal_checkpoint_reads_the_text_model(saved, tmp_path):
     raw["vision_model.patch_embedding.linear.weight"] = torch.zeros(8, 4)
     raw["multi_modal_projector.linear_1.weight"] = torch.zeros(8, 4)
     save_file(raw, tmp_path / "model.safetensors")
-    (tmp_path / "config.json").write_text(json.dumps(_llama4_multimodal(_config(saved, "llama4"))))
+    (tmp_path / "config.json").write_text(json.dumps(_multimodal("llama4", _config(saved, "llama4"))))
     spec = spec_from_hf_config(tmp_path)
     whole, text_only = load_safetensors(tmp_path, spec), load_safetensors(folder, spec)
     assert list(whole) == list(text_only) and all(torch.equal(whole[k], text_only[k]) for k in whole)
@@ -399,7 +401,7 @@ def test_llama4_configs_it_cannot_express_are_refused(saved, change, says):
     with pytest.raises(OpenLPUError, match=re.escape(says)):
         spec_from_hf_config(cfg)
     with pytest.raises(OpenLPUError, match=re.escape(says)):  # the multimodal form too
-        spec_from_hf_config(_llama4_multimodal(cfg))
+        spec_from_hf_config(_multimodal("llama4", cfg))
 
 
 def test_llama4_configs_it_can_express():

@@ -831,14 +831,10 @@ def test_outputs_and_payloads_are_at_least_the_models(program):
     """With SRAM cut to the weights and KV cache, the Program fails for its activations; every op's output, every
     transfer's payload and its links' bytes claimed 0, it passed (a reviewer's find). Each op holds at least its
     graph op's output over its parts' chips, and each transfer carries at least the result it carries."""
-    static = defaultdict(float)
-    for sh in program.placement.shards:
-        static[sh.chip] += sh.nbytes
-    for s in program.placement.stages:
-        for c in s.chips:
-            static[c] += s.kv_bytes_per_chip
+    from openlpu.compiler.verify import static_sram_bytes
+
     tight = dataclasses.replace(program, system=dataclasses.replace(program.system, chip=dataclasses.replace(
-        program.system.chip, sram_bytes=int(max(static.values())) + 1000)))
+        program.system.chip, sram_bytes=int(max(static_sram_bytes(program).values())) + 1000)))
     assert "sram_capacity" in _invariants(tight)
 
     def claimed_empty(phase):

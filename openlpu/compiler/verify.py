@@ -431,14 +431,20 @@ def _received(t: Transfer) -> tuple[tuple[int, ...], float]:
     return receivers, {"whole": t.payload_bytes, "share": share, "others' shares": t.payload_bytes - share}[held]
 
 
-def _sram(program: Program, phase: PhaseSchedule) -> list[Violation]:
-    capacity = program.system.chip.sram_bytes
+def static_sram_bytes(program: Program) -> dict[int, float]:
+    """What each chip holds for the whole run: its weight shards and its stage's KV cache."""
     static = defaultdict(float)
     for sh in program.placement.shards:
         static[sh.chip] += sh.nbytes
     for s in program.placement.stages:
         for c in s.chips:
             static[c] += s.kv_bytes_per_chip
+    return static
+
+
+def _sram(program: Program, phase: PhaseSchedule) -> list[Violation]:
+    capacity = program.system.chip.sram_bytes
+    static = static_sram_bytes(program)
     # live activations: a result is held from its producer's start until its last consumer ends
     last_use: dict[str, int] = {}
     attention = {op.name for op in phase.ops if op.kind == "attention"}
