@@ -697,7 +697,8 @@ def test_yarn_serves_the_same_window_from_a_gguf_as_from_its_config(tmp_path):
             f"{a}.block_count": cfg["num_hidden_layers"], f"{a}.feed_forward_length": cfg["intermediate_size"],
             f"{a}.attention.head_count": cfg["num_attention_heads"],
             f"{a}.attention.head_count_kv": cfg["num_key_value_heads"], f"{a}.attention.key_length": cfg["head_dim"],
-            f"{a}.attention.value_length": cfg["head_dim"], f"{a}.attention.layer_norm_rms_epsilon": cfg["rms_norm_eps"],
+            f"{a}.attention.value_length": cfg["head_dim"],
+            f"{a}.attention.layer_norm_rms_epsilon": cfg["rms_norm_eps"],
             f"{a}.rope.freq_base": float(cfg["rope_theta"]), f"{a}.rope.scaling.type": "yarn",
             f"{a}.rope.scaling.factor": 4.0, f"{a}.rope.scaling.original_context_length": 32768,
             f"{a}.vocab_size": cfg["vocab_size"]}

@@ -569,9 +569,10 @@ def test_a_gguf_file_plans_as_its_preset(gemma_path):
     (["llama-2-70b", "--chips", "576,"], "--chips takes whole numbers"),
     (["llama-2-70b", "--prefill-chunk", "128,0"], "--prefill-chunk must be a positive integer, got 0"),
     (["llama-2-70b", "--prefill-chunk", "big"], "--prefill-chunk takes whole numbers"),
-    (["llama-3.1-405b", "--tp", "1", "--compare", ""], ("does not fit in TP groups of 1: L0.attn alone needs 577 MB per chip (its "
-                                       "weights and buffers, with one token's K and V) at that width, and a chip "
-                                       "holds 230 MB; it places in TP groups of 4, 8, 16, 32, 64")),
+    (["llama-3.1-405b", "--tp", "1", "--compare", ""], ("does not fit in TP groups of 1: L0.attn alone needs 577 "
+                                                         "MB per chip (its weights and buffers, with one token's K "
+                                                         "and V) at that width, and a chip holds 230 MB; it places "
+                                                         "in TP groups of 4, 8, 16, 32, 64")),
     (["llama-2-70b", "--tp", "4", "--chips", "334", "--compare", ""], "it fits on 324 chips"),
     (["llama-2-70b", "--gpus", "12"], "whole servers of 8"),
     (["llama-2-70b", "--gpus", "0"], "positive"),
