@@ -149,30 +149,24 @@ def _multimodal(model_type: str, text_config: dict) -> dict:
             "text_config": {k: v for k, v in text_config.items() if k != "architectures"}, "vision_config": vision}
 
 
-def test_llama4_multimodal_config_reads_its_text_config(saved):
-    cfg = _config(saved, "llama4")
-    nested = spec_from_hf_config(_multimodal("llama4", cfg))
+@pytest.mark.parametrize("model_type, family, other_type, causal_lm", [
+    ("llama4", "llama4", "llama", "Llama4ForCausalLM"), ("gemma3", "gemma3-linear-rope", "gemma2", None)])
+def test_a_multimodal_config_reads_its_text_config(saved, model_type, family, other_type, causal_lm):
+    cfg = _config(saved, family)
+    nested = spec_from_hf_config(_multimodal(model_type, cfg))
     flat = spec_from_hf_config(cfg)
     assert dataclasses.replace(nested, source=flat.source) == flat
-    with pytest.raises(OpenLPUError, match="contradictory fields: 'architectures' says 'Llama4ForCausalLM'"):
-        spec_from_hf_config({**_multimodal("llama4", cfg), "architectures": ["Llama4ForCausalLM"]})
-    with pytest.raises(OpenLPUError, match="contradictory fields: 'text_config.model_type' says 'llama'"):
-        spec_from_hf_config(_multimodal("llama4", {**cfg, "model_type": "llama"}))
+    if causal_lm:
+        with pytest.raises(OpenLPUError, match=f"contradictory fields: 'architectures' says '{causal_lm}'"):
+            spec_from_hf_config({**_multimodal(model_type, cfg), "architectures": [causal_lm]})
+    with pytest.raises(OpenLPUError, match=f"contradictory fields: 'text_config.model_type' says '{other_type}'"):
+        spec_from_hf_config(_multimodal(model_type, {**cfg, "model_type": other_type}))
 
 
 # google/gemma-3-27b-it's config.json, its vision_config cut to its model type: the text model nested under
 # text_config, which leaves out what transformers' Gemma3TextConfig defaults (vocab_size, rope_theta...) and keeps
 # transformers 4's rope_scaling, which Gemma 3 applies to its global layers only
 GEMMA3_27B = json.loads((PRESETS_DIR / "gemma-3-27b.json").read_text())["$source_notes"]["hf_config"]
-
-
-def test_gemma3_multimodal_config_reads_its_text_config(saved):
-    cfg = _config(saved, "gemma3-linear-rope")
-    nested = spec_from_hf_config(_multimodal("gemma3", cfg))
-    flat = spec_from_hf_config(cfg)
-    assert dataclasses.replace(nested, source=flat.source) == flat
-    with pytest.raises(OpenLPUError, match="contradictory fields: 'text_config.model_type' says 'gemma2'"):
-        spec_from_hf_config(_multimodal("gemma3", {**cfg, "model_type": "gemma2"}))
 
 
 def test_gemma3_published_multimodal_config_reads_as_transformers():

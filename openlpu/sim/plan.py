@@ -119,7 +119,7 @@ def _check_workload(spec: ModelSpec, context: int, users: tuple[int, ...], promp
 
 
 def _check_counts(spec: ModelSpec, lpu: SystemSpec | None, chip_counts: tuple, widths: tuple | str,
-                  compare: tuple[str, ...], gpu_counts: tuple) -> None:
+                  gpu_specs: list, gpu_counts: tuple) -> None:
     """Refuse at once a count no workload could use on its system (not a positive integer, more chips than the
     system has, a TP width the model cannot be split over, GPUs filling servers in part): bad input, not a
     column that does not fit."""
@@ -137,9 +137,9 @@ def _check_counts(spec: ModelSpec, lpu: SystemSpec | None, chip_counts: tuple, w
             check_chips(lpu, n)
         for t in tps:
             tp_widths(spec, lpu, t)
-    for name in compare:
+    for gpu in gpu_specs:
         for n in gpus:
-            check_gpu_count(load_gpu(name), n)
+            check_gpu_count(gpu, n)
 
 
 def _check_draft(spec: ModelSpec, draft: Draft, context: int) -> None:
@@ -382,7 +382,7 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
                            "with --draft")
     lpu = load_system(system) if system else None  # unknown names fail before any compile work
     compare = tuple(dict.fromkeys(compare))  # a GPU named twice is one column
-    gpu_labels = {name: load_gpu(name).name for name in compare}  # unknown names fail here too
+    gpu_specs = {name: load_gpu(name) for name in compare}  # unknown names fail here too
     software_named(gpu_software)
     if not compare and not system:
         raise OpenLPUError(f"nothing to plan: give --system and/or --compare ({', '.join(gpu_names())})")
@@ -396,7 +396,7 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
         raise OpenLPUError("--tp all places each width on its fewest chips; to place widths on --chips, name "
                            "them (--tp 8,16)")
     chip_counts, widths, gpu_counts = _each(chips, "chips"), tp if tp == "all" else _each(tp, "tp"), _each(gpus, "gpus")
-    _check_counts(spec, lpu, chip_counts, widths, compare, gpu_counts)
+    _check_counts(spec, lpu, chip_counts, widths, list(gpu_specs.values()), gpu_counts)
     flops = matrix_flops_per_token(spec, precision, attended, speculation)  # the same work per token everywhere
     several_users = user_counts if len(user_counts) > 1 else (None,)
     columns = []  # (how the column was asked for, what makes its row)
@@ -410,7 +410,7 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
             columns += [(_column(lpu.name, users=shown_users, chips=n, tp=t, prefill_chunk=workload.prefill_chunk),
                          functools.partial(lpu_row, spec, lpu, workload, flops, assumptions, n, t, speculation))
                         for n in chip_counts for workload, each in zip(workloads, width_sets) for t in each]
-    columns += [(_column(gpu_labels[name], users=shown_users, gpus=n),
+    columns += [(_column(gpu_specs[name].name, users=shown_users, gpus=n),
                  functools.partial(gpu_row, spec, name, precision, context, n_users, prompt, flops, assumptions, n,
                                    speculation, gpu_software, decode_context))
                 for name in compare for n_users, shown_users in zip(user_counts, several_users) for n in gpu_counts]
