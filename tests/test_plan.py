@@ -697,6 +697,24 @@ def test_a_sweep_shows_the_columns_that_fit_and_says_why_the_others_are_left_out
         assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+def test_a_plot_of_many_columns_stays_a_page_wide(tmp_path):
+    """Twelve columns drew a plot 46 inches wide (3.8 inches a bar in each of 4 panels across): where 4 panels
+    across would be wider than PLOT_WIDE_IN they go 2 across, each bar keeping BAR_IN for its label. The PNG's
+    width in pixels, read from its header, is the grid's at savefig's 110 dpi (bbox_inches='tight' trims the
+    margins: within 15%)."""
+    import struct
+
+    from openlpu.sim.plan import BAR_IN, PLOT_WIDE_IN, plot, plot_grid
+
+    assert plot_grid(4) == (2, 4, 17, 7.5)  # a few bars: as before
+    down, across, width_in, _ = plot_grid(12)
+    assert (down, across) == (4, 2) and width_in <= PLOT_WIDE_IN and width_in / across >= 12 * BAR_IN
+    rows = plan("llama-3.2-1b", context=2048, users=(1, 2, 4, 8, 16, 32), compare=("h100-sxm",))
+    assert len(rows) == 12
+    width_px = struct.unpack(">I", plot(rows, tmp_path / "p.png", "twelve").read_bytes()[16:20])[0]
+    assert 0.85 * width_in * 110 <= width_px <= 1.15 * width_in * 110
+
+
 def test_every_bar_of_a_plot_is_told_apart():
     """`--chips 64,100 --prefill-chunk 256,128` drew four bars each labelled 'lpu-v1 / 64 chips / 2 x TP 32'
     (a review): a bar names what tells it apart from the others of its system."""

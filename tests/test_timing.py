@@ -10,7 +10,7 @@ from openlpu.compiler.partition import tensor_piece
 from openlpu.compiler.schedule import schedule_phase, stage_occupancy_cycles
 from openlpu.hardware.lpu import load_system
 from openlpu.models.spec import load_preset
-from openlpu.sim.timing import draw_gantt, placement_rows, timing
+from openlpu.sim.timing import draw_gantt, gantt_title, placement_rows, timing
 
 SYSTEM = load_system("lpu-v1")
 W = Workload(context_length=2048, prompt_len=256, users=1)
@@ -352,6 +352,15 @@ def test_inspect_views(qwen, tmp_path):
 
     colours = {**KIND_COLOURS, **TRANSFER_COLOURS}
     assert set(OP_KINDS) <= set(KIND_COLOURS) and len(set(colours.values())) == len(colours)
+
+
+def test_gantt_title_names_the_micro_batch_it_shows():
+    """With users taking turns in micro-batches, the chart shows one micro-batch's step: its title says how many of
+    the users in flight that step carries (it read "(2 users)" for 8 users in micro-batches of 2)."""
+    program = _compile("qwen3-8b", workload=Workload(context_length=2048, prompt_len=256, users=8))
+    assert 1 < program.decode.tokens < 8
+    assert f"one decode step ({program.decode.tokens} of the 8 users)" in gantt_title(program)
+    assert "one decode step (1 user), " in gantt_title(_compile("qwen3-8b"))
 
 
 def test_a_stage_lists_the_chips_it_holds():

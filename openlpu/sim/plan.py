@@ -450,6 +450,18 @@ def _bar_labels(rows: list[PlanRow]) -> list[str]:
     return labels
 
 
+BAR_IN, PANEL_MIN_IN, PANEL_HEIGHT_IN, PLOT_WIDE_IN = 0.75, 4.25, 3.75, 24  # a bar with its label; page sizes
+
+
+def plot_grid(bars: int) -> tuple[int, int, float, float]:
+    """(panels down, panels across, width, height in inches) of a plot of `bars` bars a panel: the 8 panels 4
+    across, or 2 across where 4 would be wider than PLOT_WIDE_IN (12 bars a panel: 18 inches, not 36)."""
+    panel_in = max(PANEL_MIN_IN, BAR_IN * bars)
+    across = 4 if 4 * panel_in <= PLOT_WIDE_IN else 2
+    down = len(PLOT_METRICS) // across
+    return down, across, across * panel_in, down * PANEL_HEIGHT_IN
+
+
 def plot(rows: list[PlanRow], path: str | Path, title: str) -> Path:
     """A PNG of the rows: one panel per metric, one bar per row (a colour per system), log scales."""
     import matplotlib
@@ -457,7 +469,8 @@ def plot(rows: list[PlanRow], path: str | Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 4, figsize=(max(17, 3.8 * len(rows)), 7.5))  # 4 panels of bars across
+    down, across, width_in, height_in = plot_grid(len(rows))
+    fig, axes = plt.subplots(down, across, figsize=(width_in, height_in))
     names = _bar_labels(rows)
     gpus = list(dict.fromkeys(r.system for r in rows if r.kind == "gpu"))
     colours = [LPU_COLOUR if r.kind == "lpu" else GPU_COLOURS[gpus.index(r.system) % len(GPU_COLOURS)]

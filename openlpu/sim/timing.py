@@ -158,6 +158,17 @@ TRANSFER_COLOURS = {"all_reduce": "tab:red", "p2p": "darkred", "broadcast": "sal
 LANES = ("matrix", "vector", "memory", "links")
 
 
+def gantt_title(program: Program) -> str:
+    """What the Gantt chart shows: the decode step of one micro-batch, which holds some of the users in flight
+    where they take turns (the others' steps follow it through the pipeline)."""
+    decode, users = program.decode, program.workload.users
+    batch = counted(users, "user") if decode.tokens == users else f"{decode.tokens} of the {users} users"
+    drafts = f", each verifying {program.workload.draft_tokens} draft tokens" if program.workload.draft_tokens else ""
+    return (f"{program.model} on {program.system.name}: one decode step ({batch}{drafts}), {program.chips} chips, "
+            f"{counted(len(program.placement.stages), 'stage')} x TP {program.placement.tp}, "
+            f"{decode.makespan_cycles * 1e6 / program.system.chip.clock_hz:,.1f} us")
+
+
 def draw_gantt(program: Program, path, max_stages: int = 24) -> None:
     """One decode step: per stage, a lane per functional unit and one for its links, in microseconds.
     Long pipelines show their first and last stages."""
@@ -197,11 +208,7 @@ def draw_gantt(program: Program, path, max_stages: int = 24) -> None:
     ax.set_xlabel("time (us)   lanes per stage, top to bottom: matrix, vector, memory, links")
     ax.set_xlim(0, decode.makespan_cycles * us * 1.01)
     skipped = f" ({n - len(shown)} middle stages not shown)" if len(shown) < n else ""
-    drafts = f", each verifying {program.workload.draft_tokens} draft tokens" if program.workload.draft_tokens else ""
-    ax.set_title(f"{program.model} on {program.system.name}: one decode step "
-                 f"({counted(decode.tokens, 'user')}{drafts}), "
-                 f"{program.chips} chips, {counted(n, 'stage')} x TP {program.placement.tp}, "
-                 f"{decode.makespan_cycles * us:,.1f} us{skipped}")
+    ax.set_title(gantt_title(program) + skipped)
     kinds = sorted({op.kind for op in decode.ops}) + sorted({t.kind for t in decode.transfers})
     rows_fit = max(4, int(height_in / 0.25))  # legend rows beside the chart, right of it (below, it hid the axis label)
     ax.legend(handles=[Patch(color={**KIND_COLOURS, **TRANSFER_COLOURS}[k], label=k) for k in kinds],
