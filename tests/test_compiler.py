@@ -1459,3 +1459,26 @@ def test_the_least_chips_named_take_the_smallest_prefill_chunk_into_account():
         compile_program(spec, system, workload, chips=101)
     program = compile_program(spec, system, workload, chips=102)
     assert program.workload.prefill_chunk == 64 and verify(program) == []
+
+
+def test_last_holding_finds_what_a_scan_finds_from_any_guess():
+    """filled_sizes cuts a piece where a stage fills by searching from a guess (last_holding); a scan of every
+    value is the second method: over ranges, thresholds and guesses inside, at and outside the range, the
+    same last value holds, in at most 2 log2(range) + 3 calls."""
+    from openlpu.compiler.partition import last_holding
+
+    pick = random.Random(3)
+    for _ in range(2000):
+        a = pick.randint(0, 50)
+        b = a + pick.choice([0, 1, 2, 7, 100, 131_072])
+        threshold = pick.randint(a, b)
+        calls = []
+
+        def holds(x, threshold=threshold, calls=calls):
+            assert a <= x <= b  # never asked outside the range
+            calls.append(x)
+            return x <= threshold
+
+        guess = pick.choice([a, b, threshold, threshold + 1, threshold - 1, pick.randint(a - 5, b + 5)])
+        assert last_holding(holds, a, b, guess) == threshold
+        assert len(calls) <= 2 * math.log2(b - a + 2) + 3

@@ -82,6 +82,7 @@ import functools
 import heapq
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from openlpu.compiler.program import Placement, Shard, Stage, Workload
@@ -548,6 +549,29 @@ def piece_sizes(spec: ModelSpec, table: SizeTable, k: int | tuple[int, ...] = 1,
     return _sizes(table, spec.n_layers, cut)
 
 
+def last_holding(holds: Callable[[int], bool], a: int, b: int, guess: int) -> int:
+    """The largest x in [a, b] where holds(x), for `holds` true at a and, past some x, false: from `guess`,
+    steps doubling outward bracket it, then a bisection finds it (a guess off by one costs two or three calls)."""
+    x, step = max(a, min(b, guess)), 1
+    if holds(x):
+        lo, hi = x, b
+        while lo < hi:
+            probe = min(hi, lo + step)
+            if not holds(probe):
+                hi = probe - 1
+                break
+            lo, step = probe, 2 * step
+    else:
+        lo, hi = a, x - 1
+        while not holds(probe := max(a, x - step)):  # holds(a): it ends there at the latest
+            x, hi, step = probe, probe - 1, 2 * step
+        lo = probe
+    while lo < hi:
+        middle = (lo + hi + 1) // 2
+        lo, hi = (middle, hi) if holds(middle) else (lo, middle - 1)
+    return lo
+
+
 @functools.lru_cache(maxsize=64)  # a compile asks for the fewest chips once per arrangement it tries
 def filled_sizes(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: int) -> PieceSizes | None:
     """The pieces cut where stages fill: in pipeline order each stage takes whole pieces while they fit,
@@ -592,11 +616,15 @@ def filled_sizes(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: in
             # the most of [lo, extent) that fits what the stage has left, in steps, leaving a step for later
             a, b = lo // step + 1, (extent - 1) // step
             if a <= b and fits((item, part, lo, a * step), True):
-                while a < b:
-                    mid = (a + b + 1) // 2
-                    a, b = (mid, b) if fits((item, part, lo, mid * step), True) else (a, mid - 1)
-                add((item, part, lo, a * step), True)
-                lo = a * step
+                # a part's bytes grow by about a step's bytes a step: the search starts where they meet the room
+                # the stage has left (a bisection over 131,072 KV slots took 17 tries a cut; this, two or three)
+                (w, kv, act), (w_next, kv_next, _) = (piece_bytes(table, n, (item, part, lo, x * step), True)
+                                                      for x in (a, min(a + 1, b)))
+                room, per_step = capacity - held - max(peak, act) - w - kv, w_next + kv_next - w - kv
+                x = last_holding(lambda x: fits((item, part, lo, x * step), True), a, b,
+                                 a + room // per_step if per_step > 0 else b)
+                add((item, part, lo, x * step), True)
+                lo = x * step
             elif len(out) == first:
                 return None  # even an empty stage holds no part of it
             close()
