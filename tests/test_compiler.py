@@ -1474,7 +1474,7 @@ def test_last_holding_finds_what_a_scan_finds_from_any_guess():
         threshold = pick.randint(a, b)
         calls = []
 
-        def holds(x, threshold=threshold, calls=calls):
+        def holds(x, a=a, b=b, threshold=threshold, calls=calls):
             assert a <= x <= b  # never asked outside the range
             calls.append(x)
             return x <= threshold

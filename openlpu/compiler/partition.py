@@ -621,7 +621,7 @@ def filled_sizes(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: in
                 (w, kv, act), (w_next, kv_next, _) = (piece_bytes(table, n, (item, part, lo, x * step), True)
                                                       for x in (a, min(a + 1, b)))
                 room, per_step = capacity - held - max(peak, act) - w - kv, w_next + kv_next - w - kv
-                x = last_holding(lambda x: fits((item, part, lo, x * step), True), a, b,
+                x = last_holding(lambda x, begun=(item, part, lo), step=step: fits((*begun, x * step), True), a, b,
                                  a + room // per_step if per_step > 0 else b)
                 add((item, part, lo, x * step), True)
                 lo = x * step
