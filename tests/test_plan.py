@@ -699,16 +699,18 @@ def test_a_sweep_shows_the_columns_that_fit_and_says_why_the_others_are_left_out
 
 def test_a_plot_of_many_columns_stays_a_page_wide(tmp_path):
     """Twelve columns drew a plot 46 inches wide (3.8 inches a bar in each of 4 panels across): where 4 panels
-    across would be wider than PLOT_WIDE_IN they go 2 across, each bar keeping BAR_IN for its label. The PNG's
-    width in pixels, read from its header, is the grid's at savefig's 110 dpi (bbox_inches='tight' trims the
-    margins: within 15%)."""
+    across would be wider than PLOT_WIDE_IN they go 2 across, or 1 (30 bars), each bar keeping BAR_IN for its
+    label. The PNG's width in pixels, read from its header, is the grid's at savefig's 110 dpi (bbox_inches='tight'
+    trims the margins: within 15%)."""
     import struct
 
     from openlpu.sim.plan import BAR_IN, PLOT_WIDE_IN, plot, plot_grid
 
     assert plot_grid(4) == (2, 4, 17, 7.5)  # a few bars: as before
-    down, across, width_in, _ = plot_grid(12)
-    assert (down, across) == (4, 2) and width_in <= PLOT_WIDE_IN and width_in / across >= 12 * BAR_IN
+    for bars, layout in ((12, (4, 2)), (30, (8, 1))):
+        down, across, width_in, _ = plot_grid(bars)
+        assert (down, across) == layout and width_in <= PLOT_WIDE_IN and width_in / across >= bars * BAR_IN
+    width_in = plot_grid(12)[2]
     rows = plan("llama-3.2-1b", context=2048, users=(1, 2, 4, 8, 16, 32), compare=("h100-sxm",))
     assert len(rows) == 12
     width_px = struct.unpack(">I", plot(rows, tmp_path / "p.png", "twelve").read_bytes()[16:20])[0]

@@ -61,7 +61,7 @@ order of preference that arranges. On those chips the compiler then tries wider 
 
 Those stages are arranged one of two ways (arrange; the compiler keeps the one whose decode step serves
 each user sooner):
-- spread (spread_over_stages): every stage boundary inside an MLP, as many as the stages have room for,
+- spread (spread_over_stages): stage boundaries inside MLPs, as many as its search finds room for,
   the MLPs cut into equal slices, one per stage, which install their weights side by side, so each cut
   takes a share of an MLP off the step (spread_slices shares the cuts out as mlp_slices does); where a
   stage between two cuts would overfill (an uncut layer, the embedding, the head), the slices beside it
@@ -878,49 +878,73 @@ def spread_over_stages(spec: ModelSpec, table: SizeTable, p: int, capacity: int,
     (spread_slices), one slice per stage, the other boundaries between pieces. A cut MLP's slices run
     side by side, so each boundary inside one takes a share of it off the decode step, the most when the
     slices are equal. Where the stage between two cuts cannot hold the whole layers between them, fewer
-    cuts leave boundaries to place between pieces (the most cuts that arrange, searched from all of them down), and,
+    cuts leave boundaries to place between pieces (as many cuts as the searches below find arranging), and,
     with `fit`, the slices beside it may move off equal to make room (fitted_slices): more cuts, but a
     slice squeezed beside a full stage leaves the rest of its MLP larger, so a step can be longer than
     with fewer cuts in equal slices (the compiler schedules both). The stages are as even as the cuts
     leave them, so a workload bound by its busiest stage (many users in flight) may do better balanced
-    (arrange). None if no number of cuts arranges."""
+    (arrange). None if the searches find no count of cuts that arranges."""
     fewest = fitting_cuts(spec, table, capacity, tile_rows)
     if fewest is None:
         return None
     least, vocab, attn, _ = fewest
     lo, hi = sum(least) - spec.n_layers, p - 1 - (sum(vocab) - 2) - (sum(attn) - spec.n_layers)
 
-    def arranged(cuts: int):
-        found = fitting_cuts(spec, table, capacity, tile_rows, spread_slices(table, tile_rows, least, cuts))
-        if found is None:
-            return None
-        sizes = found[3]
-        breaks = [j for j in range(1, len(sizes.pieces)) if sizes.pieces[j][:2] == sizes.pieces[j - 1][:2]]
-        if len(breaks) >= p:
-            return None
-        starts = frozenset(breaks)  # a stage begins at each
-        ranges = balanced_stages(sizes, p, capacity, starts)
-        if ranges is None and fit and (fitted := fitted_slices(spec, table, sizes, breaks, capacity, tile_rows)):
-            sizes, ranges = fitted, balanced_stages(fitted, p, capacity, starts)
-        return (sizes, ranges) if ranges is not None else None
-
     if lo > hi:
         return None
     # Whether a count arranges is not monotone in it: each cut begins a stage, so a few cuts can take more
-    # stages than none or all (Llama 3.3 70B at 32,768 tokens for 8 users on 85 stages arranges with up to 4
-    # and with 77 to 83, not between). So from all of them (the common case) the search steps down in doubling
-    # steps to a count that arranges, then bisects between it and the last that did not.
+    # stages than none or all (Llama 3.3 70B at 32,768 tokens for 8 users on 85 stages arranges with 0 to 4 and
+    # 77 to 83 cuts), or only a band in the middle arranges (Qwen3 32B at fp16, 32,768 tokens, 8 users, 118
+    # stages: 12 to 52). Two searches of about log2(hi) tries each, and the more cuts they find: one bisects
+    # the whole range, starting from all the cuts; one steps down from all of them in doubling steps to a count
+    # that arranges, then bisects up to where the next does not.
+    tried: dict[int, tuple[PieceSizes, list[tuple[int, int]]] | None] = {}
+
+    def arranges(cuts: int) -> bool:
+        if cuts not in tried:
+            tried[cuts] = spread_with_cuts(spec, table, p, capacity, tile_rows, least, cuts, fit)
+        return tried[cuts] is not None
+
+    found, low, high, cuts = [], lo, hi, hi
+    while low <= high:  # bisecting
+        if arranges(cuts):
+            found, low = [cuts], cuts + 1
+        else:
+            high = cuts - 1
+        cuts = (low + high) // 2
     cuts, step, failed = hi, 1, hi + 1
-    while (found := arranged(cuts)) is None:
-        if cuts == lo:
-            return None
+    while cuts > lo and not arranges(cuts):  # stepping down
         failed, cuts, step = cuts, max(lo, cuts - step), 2 * step
-    low, high = cuts + 1, failed - 1
-    while low <= high:
-        middle = (low + high) // 2
-        more = arranged(middle)
-        found, low, high = (more, middle + 1, high) if more is not None else (found, low, middle - 1)
-    return found
+    if arranges(cuts):
+        high = failed - 1
+        while cuts < high:  # bisecting up
+            middle = (cuts + high + 1) // 2
+            cuts, high = (middle, high) if arranges(middle) else (cuts, middle - 1)
+        found.append(cuts)
+    return tried[max(found)] if found else None
+
+
+def spread_with_cuts(spec: ModelSpec, table: SizeTable, p: int, capacity: int, tile_rows: int, least: tuple[int, ...],
+                     cuts: int, fit: bool = True) -> tuple[PieceSizes, list[tuple[int, int]]] | None:
+    """spread_over_stages' p stages with `cuts` MLP cuts, shared out by spread_slices (each layer's MLP in at least
+    least[i] slices), a stage beginning at each; None where they do not arrange so."""
+    found = fitting_cuts(spec, table, capacity, tile_rows, spread_slices(table, tile_rows, least, cuts))
+    if found is None:
+        return None
+    sizes = found[3]
+    breaks = cut_starts(sizes)
+    if len(breaks) >= p:
+        return None
+    starts = frozenset(breaks)  # a stage begins at each
+    ranges = balanced_stages(sizes, p, capacity, starts)
+    if ranges is None and fit and (fitted := fitted_slices(spec, table, sizes, breaks, capacity, tile_rows)):
+        sizes, ranges = fitted, balanced_stages(fitted, p, capacity, starts)
+    return (sizes, ranges) if ranges is not None else None
+
+
+def cut_starts(sizes: PieceSizes) -> list[int]:
+    """The indices of the pieces that continue the piece before them (its next part): where cuts fall."""
+    return [j for j in range(1, len(sizes.pieces)) if sizes.pieces[j][:2] == sizes.pieces[j - 1][:2]]
 
 
 def fitted_slices(spec: ModelSpec, table: SizeTable, sizes: PieceSizes, breaks: list[int], capacity: int,

@@ -455,9 +455,10 @@ BAR_IN, PANEL_MIN_IN, PANEL_HEIGHT_IN, PLOT_WIDE_IN = 0.75, 4.25, 3.75, 24  # a 
 
 def plot_grid(bars: int) -> tuple[int, int, float, float]:
     """(panels down, panels across, width, height in inches) of a plot of `bars` bars a panel: the 8 panels 4
-    across, or 2 across where 4 would be wider than PLOT_WIDE_IN (12 bars a panel: 18 inches, not 36)."""
+    across, or 2 or 1 where more would be wider than PLOT_WIDE_IN (12 bars a panel: 2 across, 18 inches, not 36;
+    30: 1 across, 22.5), wider only where one panel's bars need it (over 32)."""
     panel_in = max(PANEL_MIN_IN, BAR_IN * bars)
-    across = 4 if 4 * panel_in <= PLOT_WIDE_IN else 2
+    across = next((a for a in (4, 2) if a * panel_in <= PLOT_WIDE_IN), 1)
     down = len(PLOT_METRICS) // across
     return down, across, across * panel_in, down * PANEL_HEIGHT_IN
 
