@@ -124,7 +124,8 @@ def test_more_stages_decode_no_slower(model, workload, chips):
 
 
 # the presets up to 120B when the property below was established (2026-11), named so that presets added later do
-# not change its draws (drawn with Gemma 3 4B to 27B added, they found the counterexample the test after it keeps)
+# not change its draws (drawn with Gemma 3 4B to 27B added, they found a counterexample, which
+# test_the_spread_finds_the_most_cuts_that_arrange keeps)
 RANDOM_REQUEST_MODELS = [
     "gemma-2-9b", "gemma-3-1b", "gemma-3-270m", "gemma-7b", "gpt-oss-120b", "gpt-oss-20b", "llama-2-13b",
     "llama-2-70b", "llama-2-7b", "llama-3-70b", "llama-3-8b", "llama-3.1-70b", "llama-3.1-8b", "llama-3.2-1b",

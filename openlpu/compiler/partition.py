@@ -616,12 +616,12 @@ def filled_sizes(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: in
             # the most of [lo, extent) that fits what the stage has left, in steps, leaving a step for later
             a, b = lo // step + 1, (extent - 1) // step
             if a <= b and fits((item, part, lo, a * step), True):
-                # a part's bytes grow by about a step's bytes a step: the search starts where they meet the room
+                # each step adds about as many bytes to the part: the search starts where they would fill the room
                 # the stage has left (a bisection over 131,072 KV slots took 17 tries a cut; this, two or three)
-                (w, kv, act), (w_next, kv_next, _) = (piece_bytes(table, n, (item, part, lo, x * step), True)
-                                                      for x in (a, min(a + 1, b)))
+                (w, kv, act), (w_next, kv_next, _) = (piece_bytes(table, n, (item, part, lo, k * step), True)
+                                                      for k in (a, min(a + 1, b)))
                 room, per_step = capacity - held - max(peak, act) - w - kv, w_next + kv_next - w - kv
-                x = last_holding(lambda x, begun=(item, part, lo), step=step: fits((*begun, x * step), True), a, b,
+                x = last_holding(lambda k, begun=(item, part, lo), step=step: fits((*begun, k * step), True), a, b,
                                  a + room // per_step if per_step > 0 else b)
                 add((item, part, lo, x * step), True)
                 lo = x * step
