@@ -53,7 +53,7 @@ from openlpu.runtime.kernels import Linear
 from openlpu.runtime.kv_cache import KVCache
 from openlpu.runtime.model import (GLUS, PRECISIONS, ROPE_STYLE, Head, Model, Partial, RMSNorm, Span, apply_rope,
                                    apply_sinks, attend, attend_slots, attention_plans, cache_group, merge_partials,
-                                   query_temperature, rope_inverse_frequencies, rope_tables, weightless_norm)
+                                   layer_rope_frequencies, query_temperature, rope_tables, weightless_norm)
 
 MODES = ("sharded", "fused")
 HEAD_OPS = ("output_norm", "output", "final_softcap", "sample")  # the head item's ops
@@ -569,8 +569,7 @@ class Executor:
                                f"({spec.name!r}); compile it for this model")
         self.program, self.spec, self.mode = program, spec, mode
         self.max_positions = max_positions or spec.context_length
-        self.inv_freq = {rope: rope_inverse_frequencies(spec.head_dim, *rope)
-                         for rope in {spec.layer_rope(i) for i in range(spec.n_layers)}}
+        self.inv_freq = layer_rope_frequencies(spec)
         stages = program.placement.stages
         kv_parts = kv_slot_parts(program, spec)
         if mode == "fused":

@@ -137,6 +137,13 @@ def _llama3(inv: torch.Tensor, rs: RopeScaling, dim: int, base: float) -> torch.
 ROPE_SCALERS = {"factors": _per_pair_factors, "linear": _linear, "yarn": _yarn, "llama3": _llama3}
 
 
+def layer_rope_frequencies(spec: ModelSpec) -> dict[tuple[float, RopeScaling | None], torch.Tensor]:
+    """rope_inverse_frequencies of each rope the model's layers turn with (ModelSpec.layer_rope; NoPE layers none),
+    once for the layers that share it."""
+    ropes = {spec.layer_rope(i) for i in range(spec.n_layers) if spec.layer_uses_rope(i)}
+    return {rope: rope_inverse_frequencies(spec.head_dim, *rope) for rope in ropes}
+
+
 # ---- the math every runner shares (Model here, the Program executor's per-op kernels) --------
 def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, style: str):
     """(cos, signed sin) [tokens, 1, head_dim], laid out like the features they rotate, so that
@@ -527,8 +534,7 @@ class Model:
         self.head = Head(head_rows, head_fmt, dev)
         if self.head.linear.fmt == "float32":
             self.embedding = self.head.linear.weight if s.tie_embeddings else self.embedding[0:s.vocab_size]
-        self.inv_freq = {rope: rope_inverse_frequencies(s.head_dim, *rope).to(dev)
-                         for rope in {blk.rope for blk in self.blocks} - {None}}
+        self.inv_freq = {rope: inv.to(dev) for rope, inv in layer_rope_frequencies(s).items()}
         for blk in self.blocks:
             blk.decode = self._decode_layer(blk)
 

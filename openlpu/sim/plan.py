@@ -414,15 +414,15 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
                  functools.partial(gpu_row, spec, name, precision, context, n_users, prompt, flops, assumptions, n,
                                    speculation, gpu_software, decode_context))
                 for name in compare for n_users, shown_users in zip(user_counts, several_users) for n in gpu_counts]
-    rows, left_out, reasons = [], [], []
+    rows, left_out, refusal = [], [], None
     for asked, make_row in columns:
         try:
             rows.append(make_row())
         except OpenLPUError as e:
-            reasons.append(e)
+            refusal = refusal or e
             left_out.append(f"{asked}: {e}")
     if not rows:
-        raise reasons[0]
+        raise refusal
     return Plan(rows, left_out)
 
 
