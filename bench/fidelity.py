@@ -1083,11 +1083,12 @@ d_ff rows; where no width inside a node holds them so, the width spanning whole 
 fewest nodes: {spanning}; whole attention and MLP halves per stage, or, when that needs fewer stages,
 pieces cut where stages fill: MLPs along d_ff, tables along the vocabulary, attention along its KV slots).
 Given a chip count, a row is compiled at the widest TP inside a node that arranges. On either count the
-compiler arranges the stages two ways and keeps the faster step: each stage boundary inside an MLP, cut
-into equal slices (one per stage) that install side by side, as far as the stages have room; or stages as
-even as can be. Groq's 576-chip deployment was reported as pipeline parallel ({PIPELINE_SOURCE}), so every
-row keeps its TP groups inside a node where the compiler's partition places them so (all but {spanning}).
-Left to itself the
+compiler arranges the stages three ways and keeps the fastest step: each stage boundary inside an MLP, cut
+into equal slices (one per stage) that install side by side, as far as the stages have room; each piece
+(attentions too) cut at most once, where a dynamic program finds the boundaries that save the most
+installs; or stages as even as can be. Groq's 576-chip deployment was reported as pipeline parallel
+({PIPELINE_SOURCE}), so every row keeps its TP groups inside a node where the compiler's partition places
+them so (all but {spanning}). Left to itself the
 compiler also tries wider groups spanning nodes on the same chips, or on fewer of them, and keeps the faster
 decode: given the FIT row's {FIT_POINT.chips} chips it places {free["stages"]} stages x TP {free["tp"]} on
 {free["chips"]:,} of them at {free["tok_s"]:,.0f} tok/s per user (at the fitted rate), and would reproduce

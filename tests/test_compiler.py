@@ -182,15 +182,23 @@ def test_the_compiler_chooses_smaller_chunks_where_they_place_better(llama70):
 
 
 def test_given_a_width_the_compiler_takes_the_chunk_that_needs_fewest_groups_of_it():
-    """Llama 3.3 70B in TP groups of 64: 7 groups at 256-token chunks, 6 at 64 (smaller buffers), with a
-    step no slower; the Program is the one compiled at 64 (a second way). In groups of 8 a smaller chunk
-    holds it in no fewer, and 256 stays."""
-    spec, workload = load_preset("llama-3.3-70b"), Workload(context_length=4096, prompt_len=512)
-    at_256, chosen, at_64 = (compile_program(spec, SYSTEM, dataclasses.replace(workload, prefill_chunk=c), tp=64)
+    """Llama 3.3 70B at 8,192 tokens in TP groups of 16: 22 groups at 256-token chunks, 21 at 64 (smaller
+    buffers), with a step no slower; the Program is the one compiled at 64 (a second way). In groups of 64 at
+    4,096 tokens, 6 groups at 64 against 7 at 256: the smaller chunk is taken only if its step is no slower
+    (each compiled, the rule applied to them). In groups of 8 a smaller chunk holds it in no fewer, and 256
+    stays."""
+    spec, workload = load_preset("llama-3.3-70b"), Workload(context_length=8192, prompt_len=512)
+    at_256, chosen, at_64 = (compile_program(spec, SYSTEM, dataclasses.replace(workload, prefill_chunk=c), tp=16)
                              for c in (256, None, 64))
-    assert (at_256.chips, chosen.chips, chosen.workload.prefill_chunk) == (448, 384, 64)
+    assert (at_256.chips, chosen.chips, chosen.workload.prefill_chunk) == (352, 336, 64)
     assert encode(chosen) == encode(at_64) and not verify(chosen)
     assert timing(chosen).tokens_per_s_per_user >= timing(at_256).tokens_per_s_per_user
+    workload = dataclasses.replace(workload, context_length=4096)
+    at_256, chosen, at_64 = (compile_program(spec, SYSTEM, dataclasses.replace(workload, prefill_chunk=c), tp=64)
+                             for c in (256, None, 64))
+    assert (at_256.chips, at_64.chips) == (448, 384)
+    no_slower = timing(at_64).tokens_per_s_per_user >= timing(at_256).tokens_per_s_per_user
+    assert encode(chosen) == encode(at_64 if no_slower else at_256)
     narrow = compile_program(spec, SYSTEM, workload, tp=8)
     assert (narrow.chips, narrow.workload.prefill_chunk) == (336, 256)
 
@@ -690,20 +698,19 @@ def test_bad_workloads(kwargs, message):
 @pytest.mark.parametrize("name, chips", [("llama-3.2-1b", 16), ("gemma-2-9b", 64)])
 def test_a_decode_step_depends_on_the_tokens_it_attends_not_on_the_window_held(name, chips, tmp_path):
     """A Program holding 8,192 tokens per user whose decode steps attend 2,048 has, on the same placement,
-    the decode step of a Program holding 2,048 (a second way: the step's ops at the same cycles; gemma-2-9b's
-    sliding-window layers attend their window either way), and the prefill of one attending all 8,192. It
-    verifies and keeps its decode context through a file."""
+    the decode step of a window of 2,048 (a second way: the step's ops at the same cycles, scheduled on that
+    placement for a workload holding 2,048; gemma-2-9b's sliding-window layers attend their window either way),
+    and the prefill of one attending all 8,192. It verifies and keeps its decode context through a file."""
     spec = load_preset(name)
     short = compile_program(spec, SYSTEM, Workload(context_length=8192, decode_context=2048), chips, 8)
-    held = compile_program(spec, SYSTEM, Workload(context_length=2048), chips, 8)
     whole = compile_program(spec, SYSTEM, Workload(context_length=8192), chips, 8)
-    pieces = [[s.pieces for s in p.placement.stages] for p in (short, held, whole)]
-    assert pieces[0] == pieces[1] == pieces[2]
+    held = schedule_phase(spec, SYSTEM, Workload(context_length=2048), short.placement, "decode")
+    assert [s.pieces for s in short.placement.stages] == [s.pieces for s in whole.placement.stages]
     assert short.placement.stages[0].kv_bytes_per_chip == whole.placement.stages[0].kv_bytes_per_chip
 
     def cycles(phase):
         return [(o.name, o.start_cycle, o.end_cycle) for o in phase.ops]
-    assert cycles(short.decode) == cycles(held.decode) and short.decode.seq_len == 2048
+    assert cycles(short.decode) == cycles(held) and short.decode.seq_len == 2048
     assert cycles(short.prefill) == cycles(whole.prefill)
     assert short.decode.makespan_cycles < whole.decode.makespan_cycles and verify(short) == []
     short.save(tmp_path / "short.prog")
@@ -1482,3 +1489,87 @@ def test_last_holding_finds_what_a_scan_finds_from_any_guess():
         guess = pick.choice([a, b, threshold, threshold + 1, threshold - 1, pick.randint(a - 5, b + 5)])
         assert last_holding(holds, a, b, guess) == threshold
         assert len(calls) <= 2 * math.log2(b - a + 2) + 3
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_single_cut_stages_install_the_least_an_exhaustive_search_finds(tied):
+    """single_cut_stages' dynamic program against the second method, every placement of the stage boundaries: a
+    two-layer model whose pieces can be cut at few places (tiles of 16 rows, 8 KV slots), 2 to 4 stages, at
+    capacities from too tight to loose. Each boundary falls between pieces or inside one, each piece cut at most
+    once, each stage within capacity, and, with a tied table, no stage holding the embedding and a part of the
+    head (a chip would hold two ranges of the table: on 8 chips the embedded Gemma's first stage held both); the
+    least bytes installed a step (installs_per_step) agree, and so does whether any arrangement fits."""
+    from openlpu.compiler.partition import (
+        installs_per_step,
+        pieces,
+        single_cut_stages,
+        sizes_of,
+        stage_bytes,
+    )
+    from openlpu.models.spec import ModelSpec
+
+    spec = ModelSpec(name="tiny-llama", family="llama", vocab_size=224, d_model=32, n_layers=2, n_heads=4,
+                     n_kv_heads=2, head_dim=8, d_ff=64, context_length=8, norm_eps=1e-5, rope_base=10000.0,
+                     tie_embeddings=tied)  # its head the largest piece, as the embedded Gemma's
+    table, tile = size_table(spec, Workload(context_length=8, users=4, prompt_len=8, prefill_chunk=8), 1), 16
+    wholes = pieces(spec, 1)
+    extents = {"embed": (224, 16), "attn": (8, 1), "ffn": (64, 16), "head": (224, 16)}  # (extent, cut spacing)
+    places = [(j, c) for j, piece in enumerate(wholes)
+              for c in range(0, extents[piece[1]][0], extents[piece[1]][1])] + [(len(wholes), 0)]
+
+    def arranged(bounds):
+        """The pieces and stage ranges of boundaries at `bounds` (places), or None if a piece is cut twice."""
+        cut_in = [j for j, c in bounds if c]
+        if len(cut_in) != len(set(cut_in)):
+            return None
+        cut, ranges = [], []
+        for (ja, ca), (jb, cb) in itertools.pairwise(bounds):
+            first = len(cut)
+            for j in range(ja, min(jb + 1, len(wholes))):
+                item, part, _, _ = wholes[j]
+                lo, hi = ca if j == ja else 0, cb if j == jb else extents[part][0]
+                if hi > lo:
+                    cut.append((item, part, 0, 0) if (part, lo, hi) == ("attn", 0, 8) else (item, part, lo, hi))
+            ranges.append((first, len(cut)))
+        return sizes_of(spec, table, cut), ranges
+
+    whole_stages = installs_per_step(table, sizes_of(spec, table, list(wholes)))
+    checked = 0
+    for p in (2, 3, 4):
+        for capacity in (12000, 14000, 17000, 20000, 25000, 40000):
+            least = math.inf
+            for inner in itertools.combinations(places[1:-1], p - 1):
+                found = arranged([places[0], *inner, places[-1]])
+                if found and all(stage_bytes(found[0], a, b) <= capacity and not (
+                        tied and found[0].pieces[a][1] == "embed" and found[0].pieces[b - 1][1] == "head")
+                                 for a, b in found[1]):
+                    least = min(least, installs_per_step(table, found[0]))
+            result = single_cut_stages(spec, table, p, capacity, tile)
+            if least == math.inf:
+                assert result is None, (p, capacity)
+                continue
+            sizes, ranges = result
+            assert len(ranges) == p and all(stage_bytes(sizes, a, b) <= capacity for a, b in ranges)
+            assert installs_per_step(table, sizes) == least, (p, capacity)
+            checked += least < whole_stages  # a cut saved something
+    assert checked >= 10  # most cases cut a piece, not only split between pieces
+
+
+def test_range_maxima_match_a_scan():
+    """The dynamic program's range maxima (a sparse table) against a scan of each range, empty ranges included."""
+    import numpy as np
+
+    from openlpu.compiler.partition import range_maxima
+
+    pick = random.Random(5)
+    for count in (1, 2, 3, 17, 64, 200):
+        values = np.array([pick.randint(-5, 5) for _ in range(count)], dtype=np.int64)
+        lo = np.array([pick.randint(0, count - 1) for _ in range(count)], dtype=np.int64)
+        hi = np.array([pick.randint(lo_ - 2, count - 1) for lo_ in lo], dtype=np.int64)
+        top, where = range_maxima(values, lo, hi, -99)
+        for i in range(count):
+            if hi[i] < lo[i]:
+                assert top[i] == -99
+                continue
+            span = values[lo[i]:hi[i] + 1].tolist()
+            assert top[i] == max(span) and where[i] == lo[i] + span.index(max(span))

@@ -126,10 +126,13 @@ def test_prompt_and_cost_assumptions_reach_the_rows():
 
 
 def test_a_decode_context_times_steps_over_fewer_tokens_than_the_window_held():
-    """--decode-context: both sides hold each user's whole --context (the LPU on as many chips, the GPUs with
-    as much KV cache), while each decode step attends the shorter length, read a second way on each side; a
-    shorter step is faster, the prefill the same, and the caption says what the steps attend."""
+    """--decode-context: both sides hold each user's whole --context (the LPU on as many chips, the same K/V
+    bytes as a Program whose steps attend it all, its stages arranged for the steps it runs; the GPUs with as much
+    KV cache), while each decode step attends the shorter length, read a second way on each side; a shorter step
+    is faster, the prefill the same (the LPU's: as scheduled on its placement for steps attending it all), and the
+    caption says what the steps attend."""
     from openlpu.compiler import Workload, compile_program
+    from openlpu.compiler.schedule import schedule_prefill
     from openlpu.hardware.lpu import load_system
     from openlpu.sim.gpu import gpu_timing
     from openlpu.sim.timing import timing
@@ -137,15 +140,23 @@ def test_a_decode_context_times_steps_over_fewer_tokens_than_the_window_held():
     spec = load_preset("llama-3.1-8b")
     whole = plan(spec, context=32768, users=4)
     lpu, h100 = plan(spec, context=32768, users=4, decode_context=2048)
-    program = compile_program(spec, load_system("lpu-v1"), Workload(context_length=32768, users=4,
-                                                                     decode_context=2048))
-    assert (lpu.chips, lpu.memory_used_fraction) == (whole[0].chips, whole[0].memory_used_fraction)
+    program, attending_all = (compile_program(spec, load_system("lpu-v1"), Workload(context_length=32768, users=4,
+                                                                                    decode_context=steps))
+                              for steps in (2048, None))
+    assert lpu.chips == whole[0].chips == attending_all.chips
+
+    def kv_held(program):
+        return sum(stage.kv_bytes_per_chip * len(stage.chips) for stage in program.placement.stages)
+    assert kv_held(program) == pytest.approx(kv_held(attending_all), rel=1e-6)
     assert lpu.tokens_per_s_per_user == pytest.approx(timing(program).tokens_per_s_per_user)
     gpu = gpu_timing(spec, load_gpu("h100-sxm"), "int8", context=2048, users=4, gpus=h100.chips, prompt_tokens=512)
     assert h100.tokens_per_s_per_user == pytest.approx(gpu.tokens_per_s_per_user)
     assert h100.memory_used_fraction == whole[1].memory_used_fraction > gpu.hbm_used_fraction
     for short, full in zip((lpu, h100), whole):
-        assert short.tokens_per_s_per_user > full.tokens_per_s_per_user and short.ttft_s == full.ttft_s
+        assert short.tokens_per_s_per_user > full.tokens_per_s_per_user
+    assert h100.ttft_s == whole[1].ttft_s
+    attending_all_prefill = schedule_prefill(spec, program.system, attending_all.workload, program.placement)
+    assert program.prefill == attending_all_prefill
     r = run_cli("llama-3.1-8b", "--context", "32768", "--decode-context", "2048")
     assert r.returncode == 0, r.stderr
     assert "decode steps attending 2,048 of the 32,768 tokens each user holds" in " ".join(r.stdout.split())
@@ -725,5 +736,6 @@ def test_every_bar_of_a_plot_is_told_apart():
     rows = plan("llama-3.1-8b", chips=(64, 100), prefill_chunk=(256, 128), compare=("h100-sxm", "b200"))
     labels = _bar_labels(rows)
     assert len(set(labels)) == len(rows) == 6
-    assert labels[:2] == ["lpu-v1\n64 chips\nchunk 256", "lpu-v1\n64 chips\nchunk 128"]
-    assert labels[2].startswith("lpu-v1\n64 of 100 chips") and labels[4:] == ["h100-sxm", "b200"]
+    # given 100 chips the compiler takes 96 of them, 3 x TP 32, so the layout tells the counts apart too
+    assert labels[:2] == ["lpu-v1\n64 chips\n2 x TP 32\nchunk 256", "lpu-v1\n64 chips\n2 x TP 32\nchunk 128"]
+    assert labels[2].startswith("lpu-v1\n96 of 100 chips\n3 x TP 32") and labels[4:] == ["h100-sxm", "b200"]

@@ -8,16 +8,19 @@ import math
 from collections.abc import Callable
 
 from openlpu.compiler.partition import (
+    PieceSizes,
     arrangement,
     check_chips,
     check_fits_some_system,
     fewest_chips,
     fewest_chips_any_cut,
+    installs_per_step,
     kv_slots,
     most_chips,
     partition,
     piece_homes,
     place,
+    size_table,
     tp_candidates,
     tp_widths,
 )
@@ -50,8 +53,9 @@ def compile_program(spec: ModelSpec, system: SystemSpec, workload: Workload, chi
     """Place the model on `chips` chips (None: as few as fit) in TP groups of `tp` chips (None: the
     compiler's choice, below) and schedule one decode step (one micro-batch of users) and one prefill: the
     stages arranged for the shortest step, with MLP slices fitted to full stages or only equal ones
-    (partition's `fit`), or as even as can be (`balance`), or, for a mixture of experts whose rows that
-    placement could not cut, spread by expert rows (`experts`), whichever gives each user tokens sooner.
+    (partition's `fit`), or each piece cut once (`single_cuts`), or as even as can be (`balance`), or, for
+    a mixture of experts whose rows that placement could not cut, spread by expert rows (`experts`),
+    whichever gives each user tokens sooner.
     The compiler's TP width is partition's (the widest inside a node that arranges), or a wider one where
     that decodes faster (_wider_groups): spanning nodes on the same chips, or, given a chip count, on the
     most of them it divides or the model's pieces take in such groups, or on the fewest that hold the model
@@ -191,17 +195,28 @@ def _arranged(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: in
     best = _decode_schedule(spec, system, workload, spread, {}, templates)
     # fewer cuts in equal slices can be faster than slices squeezed beside full stages; even stages can
     # be faster too: with users in flight the busiest stage may bound the step, and the balanced
-    # arrangement cuts pieces where stages fill, which can suit a model whose MLPs cannot be cut; and a
-    # mixture of experts whose d_ff rows were too few to cut can spread its experts over the stages
+    # arrangement cuts pieces where stages fill, which can suit a model whose MLPs cannot be cut; each piece
+    # cut once, inside attentions too, can be faster where a stage holds about a layer; and a mixture of
+    # experts whose d_ff rows were too few to cut can spread its experts over the stages
     uncut = spec.n_experts and not spread.experts and _moe_layers_whole(spec, spread)
-    for option in ({"fit": False}, {"balance": True}, *([{"experts": True}] if uncut else [])):
+    for option in ({"fit": False}, {"balance": True}, {"single_cuts": True}, *([{"experts": True}] if uncut else [])):
         if (other := arrangement(spec, system, workload, chips, tp, **option)) in tried:
+            continue
+        # scheduled only if it installs fewer bytes a step than every arrangement tried (a schedule costs more)
+        if "single_cuts" in option and (_installs(spec, workload, other)
+                                        >= min(_installs(spec, workload, o) for o in tried)):
             continue
         tried.append(other)
         candidate = _decode_schedule(spec, system, workload, place(spec, system, workload, *other), option, templates)
         if candidate[2] < best[2]:
             best = candidate
     return best
+
+
+def _installs(spec: ModelSpec, workload: Workload, arranged: tuple[int, PieceSizes, list[tuple[int, int]]]) -> float:
+    """installs_per_step of an arrangement (TP width, piece sizes, stage ranges) of one user a step."""
+    t, sizes, _ = arranged
+    return installs_per_step(size_table(spec, workload, t, 1, sizes.experts), sizes)  # as arrangement keys its cache
 
 
 def _wider_groups(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int,

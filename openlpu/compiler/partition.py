@@ -59,13 +59,17 @@ rack only when no degree inside a node fits (fewest_chips). A given chip count t
 order of preference that arranges. On those chips the compiler then tries wider groups spanning nodes too
 (compile_program).
 
-Those stages are arranged one of two ways (arrange; the compiler keeps the one whose decode step serves
+Those stages are arranged one of three ways (arrange; the compiler keeps the one whose decode step serves
 each user sooner):
 - spread (spread_over_stages): stage boundaries inside MLPs, as many as its search finds room for,
   the MLPs cut into equal slices, one per stage, which install their weights side by side, so each cut
   takes a share of an MLP off the step (spread_slices shares the cuts out as mlp_slices does); where a
   stage between two cuts would overfill (an uncut layer, the embedding, the head), the slices beside it
   are made smaller, as little as it needs (fitted_slices);
+- single cuts (single_cut_stages): each piece, attentions too, cut at most once, the boundaries placed by a
+  dynamic program where they take the most installs off the step: between the fewest stages and about one
+  a layer, where a stage cannot hold two attentions with the MLP between and the spread's boundaries must
+  fall between pieces;
 - balanced: whole pieces, cut where stages fill instead when that arranges (filled_to), or MLPs cut into
   equal slices when it needs more stages than pieces or a whole MLP does not fit (the largest MLP into as
   many slices as asked or as it can be cut into, MLPs of other sizes, Maverick's dense ones beside its
@@ -84,6 +88,8 @@ import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import numpy as np
 
 from openlpu.compiler.program import Placement, Shard, Stage, Workload
 from openlpu.errors import OpenLPUError, check_count
@@ -360,6 +366,7 @@ class SizeTable:
     kv: tuple[int, ...]
     kv_slots: tuple[int, ...]  # per layer: positions of KV cache per user (its window if shorter)
     kv_slot_bytes: float  # bytes of one such position of a layer, all users, per chip
+    kv_read_fractions: tuple[float, ...]  # per layer: the share of its KV a decode step reads (its users, attended)
     activations: tuple[int, ...]
     cut_activation_bytes: int  # a cut MLP's slice (an embedding part) also holds the partial sum it receives and the one it makes
     merge_activation_bytes: int  # an attention part holds the partial it receives and the one it makes
@@ -469,6 +476,8 @@ def size_table(spec: ModelSpec, workload: Workload, t: int, decode_rows: int = 1
             last_part[half_index(item, part, n)] += largest * wb
     kv = [0] * (2 * n + 2)
     slots = tuple(kv_slots(spec, workload.context_length, i) for i in range(n))
+    reads = tuple(min(decode_rows, workload.users) / workload.users
+                  * kv_slots(spec, workload.attended_context, i) / slots[i] for i in range(n))
     slot_bytes = workload.users * 2 * kv_heads_per_chip(spec, t) * spec.head_dim * kb
     for i in range(n):
         kv[half_index(i, "attn", n)] = math.ceil(slots[i] * slot_bytes)
@@ -482,7 +491,7 @@ def size_table(spec: ModelSpec, workload: Workload, t: int, decode_rows: int = 1
     return SizeTable(t, experts, tuple(weights), tuple(last_part), tuple(units[i] for i in range(n)), tuple(unit_bytes),
                      tuple(by_expert.get(i, 0) for i in range(n)),
                      (vocab_row["embed"], vocab_row["head"]), tuple(kv), slots,
-                     slot_bytes, tuple(math.ceil(a) for a in acts), math.ceil(cut), math.ceil(merge),
+                     slot_bytes, reads, tuple(math.ceil(a) for a in acts), math.ceil(cut), math.ceil(merge),
                      math.ceil(tied_table))
 
 
@@ -572,6 +581,18 @@ def last_holding(holds: Callable[[int], bool], a: int, b: int, guess: int) -> in
     return lo
 
 
+def cut_step(spec: ModelSpec, table: SizeTable, piece: tuple[int, str, int, int], tile_rows: int) -> tuple[int, int]:
+    """(extent, step) of a whole piece: the length of the axis it is cut along (KV slots, d_ff or expert rows,
+    vocabulary rows) and the spacing of the places a cut may fall: between slots, or between weight tiles of
+    the group's chips."""
+    item, part = piece[:2]
+    if part == "attn":
+        return table.kv_slots[item], 1
+    if part == "ffn":
+        return table.ffn_units[item], table.t * table.ffn_tile(item, tile_rows)
+    return spec.vocab_size, table.t * tile_rows
+
+
 @functools.lru_cache(maxsize=64)  # a compile asks for the fewest chips once per arrangement it tries
 def filled_sizes(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: int) -> PieceSizes | None:
     """The pieces cut where stages fill: in pipeline order each stage takes whole pieces while they fit,
@@ -580,7 +601,7 @@ def filled_sizes(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: in
     its copies and its partial-result buffers. Rows are cut between weight tiles (each chip's share of
     a part is whole tiles of the matrix unit, but for a table's or d_ff's last rows), KV slots anywhere.
     None if some piece cannot be cut to fit an empty stage."""
-    n, t = spec.n_layers, table.t
+    n = spec.n_layers
     out: list[tuple[tuple[int, str, int, int], bool]] = []
     held = peak = 0  # the open stage's weights and KV, its largest activation buffers
     first = 0  # index in `out` of the open stage's first piece
@@ -604,9 +625,7 @@ def filled_sizes(spec: ModelSpec, table: SizeTable, capacity: int, tile_rows: in
 
     for whole in pieces(spec, 1, units=table.ffn_units):
         item, part = whole[:2]
-        extent = table.kv_slots[item] if part == "attn" else table.ffn_units[item] if part == "ffn" else spec.vocab_size
-        # cuts fall between slots, or between weight tiles (of expert rows, an MLP cut by expert)
-        step = 1 if part == "attn" else t * (table.ffn_tile(item, tile_rows) if part == "ffn" else tile_rows)
+        extent, step = cut_step(spec, table, whole, tile_rows)
         lo = 0
         while True:
             rest = (item, part, lo, extent) if lo else whole
@@ -843,15 +862,19 @@ def least_sram(spec: ModelSpec, table: SizeTable, p: int, capacity: int, slices:
 
 
 def arrange(spec: ModelSpec, table: SizeTable, p: int, capacity: int, tile_rows: int,
-            balance: bool = False, fit: bool = True) -> tuple[PieceSizes, list[tuple[int, int]]] | None:
+            balance: bool = False, fit: bool = True,
+            single_cuts: bool = False) -> tuple[PieceSizes, list[tuple[int, int]]] | None:
     """p stages of the TP degree of `table`, for the shortest decode step (spread_over_stages, its slices
-    fitted to full stages as `fit` says), or, with `balance` or where that does not fit, for the most
+    fitted to full stages as `fit` says, or, with `single_cuts`, single_cut_stages where it finds stages), or,
+    with `balance` or where those do not fit, for the most
     even stages: whole pieces when they suffice (cut where stages fill instead if that arranges:
     filled_to), else the fewest MLP slices that give at least p pieces and arrange (the embedding and
     head split only if they do not fit whole), else, for fewer stages than those need, pieces cut where
     stages fill."""
     if least_sram(spec, table, p, capacity) > p * capacity:
         return None
+    if single_cuts and (cut_once := single_cut_stages(spec, table, p, capacity, tile_rows)):
+        return cut_once
     spread = None if balance else spread_over_stages(spec, table, p, capacity, tile_rows, fit)
     if spread is not None:
         return spread
@@ -1018,6 +1041,142 @@ def filled_to(spec: ModelSpec, table: SizeTable, p: int, capacity: int,
     best = best or filled_sizes(spec, table, capacity, tile_rows)
     ranges = balanced_stages(best, p, capacity) if best is not None else None
     return (best, ranges) if ranges is not None else None
+
+
+CUT_PLACES = 32  # single_cut_stages cuts a piece at one of 31 places evenly spread along it (or each tile, if fewer)
+
+
+def installed_bytes(table: SizeTable, piece: tuple[int, str, int, int], weights: int, kv: int) -> float:
+    """Per-chip bytes a piece (or part) installs in its matrix units each decode step: its weights and the keys and
+    values its step's users attend (of those it holds for every user); an embedding gathers its rows instead."""
+    item, part = piece[:2]
+    if part == "embed":
+        return 0
+    return weights + (kv * table.kv_read_fractions[item] if part == "attn" else 0)
+
+
+def installs_per_step(table: SizeTable, sizes: PieceSizes) -> float:
+    """Per-chip bytes installed along one decode step: each piece's largest part, as a cut piece's parts install
+    side by side (a model of the step's length that needs no schedule)."""
+    largest: dict[tuple[int, str], float] = {}
+    for piece, w, kv in zip(sizes.pieces, sizes.weights, sizes.kv):
+        largest[piece[:2]] = max(largest.get(piece[:2], 0), installed_bytes(table, piece, w, kv))
+    return sum(largest.values())
+
+
+def single_cut_stages(spec: ModelSpec, table: SizeTable, p: int, capacity: int,
+                      tile_rows: int) -> tuple[PieceSizes, list[tuple[int, int]]] | None:
+    """p stages whose boundaries fall where they take the most off the decode step, each piece (attention, MLP,
+    embedding, head) cut at most once: a cut piece's two parts install side by side, so a boundary inside it
+    saves its installs less the larger part's (installs_per_step), a boundary between pieces nothing. The
+    spread's boundaries fall inside MLPs only, which, where a stage cannot hold two attentions with the MLP
+    between (Llama 3.3 70B at 32,768 tokens for 8 users: 260 MB of 230), leaves the stages between the fewest
+    and about one a layer no faster than the fewest; here a boundary may fall inside an attention too (its
+    parts attend their shares of the KV slots). A dynamic program over the places a boundary may take
+    (CUT_PLACES a piece) finds the p stages, each within capacity, of the most savings: for each count of
+    stages, the best first stages ending at each place, from those ending within a stage's reach before it
+    (a range maximum). None for fewer than 2 or more stages than whole pieces (the spread cuts MLPs into
+    more slices there), or where no such stages fit."""
+    wholes = pieces(spec, 1, units=table.ffn_units)
+    if not 2 <= p <= len(wholes):
+        return None
+    n = spec.n_layers
+    # per place: (piece index, cut: 0 before the piece), the bytes before it a stage beginning there does not
+    # hold, those up to it a stage ending there holds, the activation buffers of the parts after and before
+    # it, and what a boundary there saves
+    rows, held, buffers = [], 0, []
+    for j, whole in enumerate(wholes):
+        item, part = whole[:2]
+        w, kv, act = piece_bytes(table, n, whole, False)
+        rows.append(((j, 0), held, held, 0, 0, 0))
+        extent, step = cut_step(spec, table, whole, tile_rows)
+        steps = (extent - 1) // step
+        for k in sorted({max(1, round(steps * q / CUT_PLACES)) for q in range(1, CUT_PLACES)} if steps >= CUT_PLACES
+                        else range(1, steps + 1)):
+            (hw, hkv, hact), (tw, tkv, tact) = (piece_bytes(table, n, (item, part, lo, hi), True)
+                                                for lo, hi in ((0, k * step), (k * step, extent)))
+            saved = installed_bytes(table, whole, w, kv) - max(installed_bytes(table, whole, hw, hkv),
+                                                               installed_bytes(table, whole, tw, tkv))
+            rows.append(((j, k * step), held + w + kv - tw - tkv, held + hw + hkv, tact, hact, round(saved)))
+        held += w + kv
+        buffers.append(act)
+    rows.append(((len(wholes), 0), held, held, 0, 0, 0))
+    places, opened, closed, after, before, saves = zip(*rows)
+
+    def load(a: int, b: int) -> int:  # stage_bytes of a stage from place a to place b
+        (ja, ca), jb = places[a], places[b][0]
+        return closed[b] - opened[a] + max(after[a], before[b], *buffers[ja + (ca > 0):jb])
+
+    # per place b: the places [reach[b], last[b]] a stage ending at b may begin at (not inside b's own piece: a
+    # piece is cut once); load grows as the beginning moves back, so the earliest rises with b. A stage holding
+    # a part of the head does not hold the embedding too where they share a tied table (_splits_a_tied_table).
+    count, head = len(places), len(wholes) - 1
+    after_embedding = places.index((1, 0))
+    reach, last = np.zeros(count, dtype=np.int64), np.full(count, -1, dtype=np.int64)
+    a = 0
+    for b in range(1, count):
+        j, c = places[b]
+        end = b - 1
+        while c and places[end][1]:
+            end -= 1
+        while a < end and load(a, b) > capacity:
+            a += 1
+        begin = max(a, after_embedding) if table.tied_table and (j, c) > (head, 0) else a
+        if begin <= end and load(begin, b) <= capacity:
+            reach[b], last[b] = begin, end
+    none = np.iinfo(np.int64).min // 2
+    gains = np.array(saves, dtype=np.int64)
+    best = np.full(count, none, dtype=np.int64)
+    best[0] = 0
+    came_from = np.zeros((p, count), dtype=np.int64)
+    for k in range(p):
+        top, where = range_maxima(best, reach, last, none)
+        best = np.where(top > none, top + gains, none)
+        best[0] = none
+        came_from[k] = where
+    if best[-1] <= none:
+        return None
+    bounds = [count - 1]
+    for k in reversed(range(p)):
+        bounds.append(int(came_from[k][bounds[-1]]))
+    cut, ranges = [], []
+    for a, b in zip(bounds[::-1], bounds[-2::-1]):
+        (ja, ca), (jb, cb) = places[a], places[b]
+        first = len(cut)
+        if ca:
+            cut.append((*wholes[ja][:2], ca, cut_step(spec, table, wholes[ja], tile_rows)[0]))
+        cut.extend(wholes[ja + (ca > 0):jb])
+        if cb:
+            cut.append((*wholes[jb][:2], 0, cb))
+        ranges.append((first, len(cut)))
+    sizes = sizes_of(spec, table, cut)
+    # the reaches assume a stage holds less the later it begins, which a part's partial-result buffers can
+    # break (beginning a few KV slots into an attention leaves out less than its merge buffers add): checked
+    return (sizes, ranges) if all(stage_bytes(sizes, a, b) <= capacity for a, b in ranges) else None
+
+
+def range_maxima(values: np.ndarray, lo: np.ndarray, hi: np.ndarray, empty: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per i, the largest of values[lo[i]..hi[i]] and its index (the first of equals); `empty` and 0 where
+    hi[i] < lo[i]. A sparse table: the maxima of runs of 1, 2, 4... values, two of which cover any range."""
+    count = len(values)
+    tops, wheres = [values], [np.arange(count)]
+    while 2 ** len(tops) <= count:
+        span, top, where = 2 ** (len(tops) - 1), tops[-1], wheres[-1]
+        right = np.concatenate([top[span:], np.full(span, empty)])
+        right_where = np.concatenate([where[span:], where[-span:]])
+        tops.append(np.maximum(top, right))
+        wheres.append(np.where(right > top, right_where, where))
+    valid = hi >= lo
+    level = np.zeros(count, dtype=np.int64)
+    level[valid] = np.log2(hi[valid] - lo[valid] + 1).astype(np.int64)
+    out, at = np.full(count, empty), np.zeros(count, dtype=np.int64)
+    for k in range(len(tops)):
+        rows = valid & (level == k)
+        left, right = lo[rows], hi[rows] - 2 ** k + 1
+        take_right = tops[k][right] > tops[k][left]
+        out[rows] = np.where(take_right, tops[k][right], tops[k][left])
+        at[rows] = np.where(take_right, wheres[k][right], wheres[k][left])
+    return out, at
 
 
 # ---- chip numbering ---------------------------------------------------------------------------
@@ -1256,15 +1415,16 @@ def _no_piece_fits(spec: ModelSpec, system: SystemSpec, workload: Workload, deco
 
 def partition(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None = None,
               tp: int | None = None, decode_rows: int = 1, balance: bool = False, fit: bool = True,
-              experts: bool | None = None) -> Placement:
+              experts: bool | None = None, single_cuts: bool = False) -> Placement:
     """Place the model on exactly `chips` chips, or on as few as fit (None), in TP groups of `tp` chips
     (None: the widest inside a node that arranges, spanning nodes only where none does), with activation
     buffers for decode micro-batches of `decode_rows`, its stages arranged for the shortest decode step
-    (MLP slices fitted to full stages as `fit` says) or, with `balance`, as even as can be (arrange), its
+    (MLP slices fitted to full stages as `fit` says, or each piece cut once with `single_cuts`) or, with
+    `balance`, as even as can be (arrange), its
     MoE MLPs cut by rows or by expert rows as `experts` says (None: mlp_cuts' order; the fewest chips
     are counted in that order either way)."""
     return place(spec, system, workload,
-                 *arrangement(spec, system, workload, chips, tp, decode_rows, balance, fit, experts))
+                 *arrangement(spec, system, workload, chips, tp, decode_rows, balance, fit, experts, single_cuts))
 
 
 def check_fits_some_system(spec: ModelSpec, system: SystemSpec, workload: Workload) -> None:
@@ -1291,7 +1451,8 @@ def check_chips(system: SystemSpec, chips: int) -> None:
 
 def arrangement(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None = None,
                 tp: int | None = None, decode_rows: int = 1, balance: bool = False, fit: bool = True,
-                experts: bool | None = None) -> tuple[int, PieceSizes, list[tuple[int, int]]]:
+                experts: bool | None = None,
+                single_cuts: bool = False) -> tuple[int, PieceSizes, list[tuple[int, int]]]:
     """partition's choices before its shards are made: (TP width, piece sizes, each stage's range of
     pieces). Arrangements compare cheaply where Placements, with a shard per tensor and chip, do not."""
     if chips is not None:
@@ -1303,7 +1464,7 @@ def arrangement(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: 
         if best is not None:  # those chips arranged as if asked for, else as fewest_stages packed them
             t, p, sizes = best
             table = size_table(spec, workload, t, decode_rows, sizes.experts if experts is None else experts)
-            arranged = arrange(spec, table, p, cap, system.chip.matrix_tile_rows, balance, fit)
+            arranged = arrange(spec, table, p, cap, system.chip.matrix_tile_rows, balance, fit, single_cuts)
             return (t, *(arranged or (sizes, balanced_stages(sizes, p, cap))))
     else:
         for by_expert in mlp_cuts(spec) if experts is None else (experts,):
@@ -1311,7 +1472,7 @@ def arrangement(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: 
                 if chips % t or group_chips(system, t, chips // t) is None:
                     continue
                 arranged = arrange(spec, size_table(spec, workload, t, decode_rows, by_expert), chips // t, cap,
-                                   system.chip.matrix_tile_rows, balance, fit)
+                                   system.chip.matrix_tile_rows, balance, fit, single_cuts)
                 if arranged is not None:
                     return (t, *arranged)
     raise _no_fit(spec, system, workload, chips, decode_rows, widths)
