@@ -598,6 +598,8 @@ def test_every_op_of_the_models_graph_runs_on_what_it_reads(program):
     """The schedule is checked against the model's graph, lowered from the spec the Program carries (graph.lower,
     not the compiler): an op left out, an op reading another's result, an op no model has. Each of these holds
     every other invariant. Layer 3 runs whole on one stage (layer 5's attention is split)."""
+    assert {(item, part, lo, hi) for s in program.placement.stages for item, part, lo, hi in s.pieces if item == 3} == {
+        (3, "attn", 0, 0), (3, "ffn", 0, program.spec.d_ff)}
     for name in ("blk.3.rope", "blk.3.attn_norm", "blk.3.ffn_act"):
         found = verify(dataclasses.replace(program, decode=_without(program.decode, name)))
         assert {v.invariant for v in found} == {"structure"}

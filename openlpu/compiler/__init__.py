@@ -126,9 +126,9 @@ def _chunked(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int
     activation buffers take SRAM beside the weights, so where SRAM is tight a smaller chunk can let wider
     groups fit on as many chips (Llama 3.3 70B's fewest chips, 336, hold 42 groups of 8 at 256-token chunks
     and 21 of 16 at 128, which decode 1.5x as fast); but it makes more waves to schedule. So the largest of
-    PREFILL_CHUNKS is kept unless a smaller one places the model on no more chips with a step no longer,
-    and is better in one of the two (_places_better); a smaller one is placed only where its buffers let
-    wider groups fit, or, given the width, fewer groups (_may_place_better)."""
+    PREFILL_CHUNKS is kept unless a smaller one places the model better: on the same chips with a shorter
+    step, or on fewer at no more chip time a token (_places_better); a smaller one is placed only where its
+    buffers let wider groups fit, or, given the width, fewer groups (_may_place_better)."""
     chosen, best, too_many_waves, no_room = None, None, None, None
     for chunk in dict.fromkeys(min(c, workload.prompt_len) for c in PREFILL_CHUNKS):  # a prompt's length at most
         option = dataclasses.replace(workload, prefill_chunk=chunk)
@@ -177,13 +177,16 @@ def _may_place_better(spec: ModelSpec, system: SystemSpec, kept: Workload, optio
 
 def _places_better(placed: tuple[Placement, PhaseSchedule, float], best: tuple[Placement, PhaseSchedule, float],
                    given: bool) -> bool:
-    """Whether a smaller chunk's placement beats the one kept: a step no longer on no more chips, and shorter or
-    on fewer (given the chips: a shorter step)."""
+    """Whether a smaller chunk's placement beats the one kept: on the same chips, a shorter step; on fewer, no more
+    chip time a token (chips x the period between a user's tokens, as _by_expert_rows weighs them: Qwen3 32B at
+    131,072 tokens in groups of 8 takes 224 chips at 64-token chunks, 232 at 256, whose step is 0.2% shorter);
+    given the chips, a shorter step."""
     (new, _, period), (old, _, old_period) = placed, best
     if given:
         return period < old_period
-    fewer, same = len(new.chips) < len(old.chips), len(new.chips) == len(old.chips)
-    return (fewer and period <= old_period) or (same and period < old_period)
+    if len(new.chips) == len(old.chips):
+        return period < old_period
+    return len(new.chips) < len(old.chips) and len(new.chips) * period <= len(old.chips) * old_period
 
 
 def _arranged(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None, tp: int | None,
@@ -214,9 +217,10 @@ def _arranged(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: in
 
 
 def _installs(spec: ModelSpec, workload: Workload, arranged: tuple[int, PieceSizes, list[tuple[int, int]]]) -> float:
-    """installs_per_step of an arrangement (TP width, piece sizes, stage ranges) of one user a step."""
+    """installs_per_step of an arrangement (TP width, piece sizes, stage ranges) made, as _arranged makes them, for
+    one user a step (the size table's arguments as arrangement passes them: one cache entry)."""
     t, sizes, _ = arranged
-    return installs_per_step(size_table(spec, workload, t, 1, sizes.experts), sizes)  # as arrangement keys its cache
+    return installs_per_step(size_table(spec, workload, t, 1, sizes.experts), sizes)
 
 
 def _wider_groups(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int,
@@ -231,7 +235,7 @@ def _wider_groups(spec: ModelSpec, system: SystemSpec, workload: Workload, chips
     installs bound a decode step, at the cost of all-reduces, over global links where the group spans nodes,
     which grow with the users a step carries; a few idle chips cost less than narrow groups on all of them
     (Llama 3.3 70B on 577 chips, a prime, arranges only as 577 stages of one chip, and decodes 14x faster on
-    448 in groups of 64). The widths are tried from the widest down while each decodes faster than the one
+    576 in groups of 64). The widths are tried from the widest down while each decodes faster than the one
     before (the step is shortest where the all-reduces cost about what the wider installs save), each in its
     fastest arrangement."""
     widths = [t for t in tp_candidates(spec, system) if best is None or t > best[0].tp]
@@ -267,7 +271,7 @@ def _on_fewest(spec: ModelSpec, system: SystemSpec, workload: Workload, t: int, 
     """_arranged on the fewest chips that hold the model in groups of t (fewest_chips, its MLPs cut by d_ff rows
     or, for a mixture of experts, by expert rows, whichever takes fewer), where those are fewer than `than`;
     else None. A step can be shortest there: in groups wide enough, a stage more adds a hop and saves little
-    (Llama 3.3 70B in groups of 64: 1,016 tok/s on 7 stages, 1,010 on 9, 995 on 15)."""
+    (Llama 2 70B in groups of 64: 1,034 tok/s on 7 stages, 1,032 on 9, 1,027 on 15)."""
     found = fewest_chips_any_cut(spec, system, workload, widths=[t])
     if found is None or found[0] * found[1] >= than:
         return None

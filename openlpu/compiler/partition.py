@@ -89,8 +89,6 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
-
 from openlpu.compiler.program import Placement, Shard, Stage, Workload
 from openlpu.errors import OpenLPUError, check_count
 from openlpu.graph.lower import as_precision, lower
@@ -865,7 +863,8 @@ def arrange(spec: ModelSpec, table: SizeTable, p: int, capacity: int, tile_rows:
             balance: bool = False, fit: bool = True,
             single_cuts: bool = False) -> tuple[PieceSizes, list[tuple[int, int]]] | None:
     """p stages of the TP degree of `table`, for the shortest decode step (spread_over_stages, its slices
-    fitted to full stages as `fit` says, or, with `single_cuts`, single_cut_stages where it finds stages), or,
+    fitted to full stages as `fit` says, or, with `single_cuts`, single_cut_stages where it finds stages,
+    whatever `balance` says), or,
     with `balance` or where those do not fit, for the most
     even stages: whole pieces when they suffice (cut where stages fill instead if that arranges:
     filled_to), else the fewest MLP slices that give at least p pieces and arrange (the embedding and
@@ -1077,6 +1076,8 @@ def single_cut_stages(spec: ModelSpec, table: SizeTable, p: int, capacity: int,
     stages, the best first stages ending at each place, from those ending within a stage's reach before it
     (a range maximum). None for fewer than 2 or more stages than whole pieces (the spread cuts MLPs into
     more slices there), or where no such stages fit."""
+    import numpy as np  # here, not at the top: a compile that never arranges so need not load it
+
     wholes = pieces(spec, 1, units=table.ffn_units)
     if not 2 <= p <= len(wholes):
         return None
@@ -1108,40 +1109,41 @@ def single_cut_stages(spec: ModelSpec, table: SizeTable, p: int, capacity: int,
         return closed[b] - opened[a] + max(after[a], before[b], *buffers[ja + (ca > 0):jb])
 
     # per place b: the places [reach[b], last[b]] a stage ending at b may begin at (not inside b's own piece: a
-    # piece is cut once); load grows as the beginning moves back, so the earliest rises with b. A stage holding
-    # a part of the head does not hold the embedding too where they share a tied table (_splits_a_tied_table).
+    # piece is cut once); a stage holds less the later it begins, so the earliest rises with b (but see the
+    # check at the end). A stage holding a part of the head does not hold the embedding too where they share a
+    # tied table (_splits_a_tied_table).
     count, head = len(places), len(wholes) - 1
     after_embedding = places.index((1, 0))
     reach, last = np.zeros(count, dtype=np.int64), np.full(count, -1, dtype=np.int64)
-    a = 0
+    earliest = 0
     for b in range(1, count):
         j, c = places[b]
         end = b - 1
         while c and places[end][1]:
             end -= 1
-        while a < end and load(a, b) > capacity:
-            a += 1
-        begin = max(a, after_embedding) if table.tied_table and (j, c) > (head, 0) else a
+        while earliest < end and load(earliest, b) > capacity:
+            earliest += 1
+        begin = max(earliest, after_embedding) if table.tied_table and (j, c) > (head, 0) else earliest
         if begin <= end and load(begin, b) <= capacity:
             reach[b], last[b] = begin, end
-    none = np.iinfo(np.int64).min // 2
+    unreached = np.iinfo(np.int64).min // 2
     gains = np.array(saves, dtype=np.int64)
-    best = np.full(count, none, dtype=np.int64)
+    best = np.full(count, unreached, dtype=np.int64)
     best[0] = 0
     came_from = np.zeros((p, count), dtype=np.int64)
     for k in range(p):
-        top, where = range_maxima(best, reach, last, none)
-        best = np.where(top > none, top + gains, none)
-        best[0] = none
+        top, where = range_maxima(best, reach, last, unreached)
+        best = np.where(top > unreached, top + gains, unreached)
+        best[0] = unreached
         came_from[k] = where
-    if best[-1] <= none:
+    if best[-1] <= unreached:
         return None
     bounds = [count - 1]
     for k in reversed(range(p)):
         bounds.append(int(came_from[k][bounds[-1]]))
     cut, ranges = [], []
-    for a, b in zip(bounds[::-1], bounds[-2::-1]):
-        (ja, ca), (jb, cb) = places[a], places[b]
+    for start, stop in zip(bounds[::-1], bounds[-2::-1]):
+        (ja, ca), (jb, cb) = places[start], places[stop]
         first = len(cut)
         if ca:
             cut.append((*wholes[ja][:2], ca, cut_step(spec, table, wholes[ja], tile_rows)[0]))
@@ -1150,14 +1152,17 @@ def single_cut_stages(spec: ModelSpec, table: SizeTable, p: int, capacity: int,
             cut.append((*wholes[jb][:2], 0, cb))
         ranges.append((first, len(cut)))
     sizes = sizes_of(spec, table, cut)
-    # the reaches assume a stage holds less the later it begins, which a part's partial-result buffers can
-    # break (beginning a few KV slots into an attention leaves out less than its merge buffers add): checked
+    # a stage beginning just inside a piece can hold more than one beginning before it (its part's partial-result
+    # buffers outweighing the few KV slots it leaves out), so a reach can hold a start that does not fit: checked
     return (sizes, ranges) if all(stage_bytes(sizes, a, b) <= capacity for a, b in ranges) else None
 
 
-def range_maxima(values: np.ndarray, lo: np.ndarray, hi: np.ndarray, empty: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per i, the largest of values[lo[i]..hi[i]] and its index (the first of equals); `empty` and 0 where
-    hi[i] < lo[i]. A sparse table: the maxima of runs of 1, 2, 4... values, two of which cover any range."""
+def range_maxima(values, lo, hi, empty: int):
+    """Per range i (numpy arrays lo and hi), the largest of values[lo[i]..hi[i]] and its index (the first of
+    equals); `empty` and 0 where hi[i] < lo[i]. A sparse table: the maxima of runs of 1, 2, 4... values, two of
+    which cover any range."""
+    import numpy as np
+
     count = len(values)
     tops, wheres = [values], [np.arange(count)]
     while 2 ** len(tops) <= count:
@@ -1167,9 +1172,9 @@ def range_maxima(values: np.ndarray, lo: np.ndarray, hi: np.ndarray, empty: int)
         tops.append(np.maximum(top, right))
         wheres.append(np.where(right > top, right_where, where))
     valid = hi >= lo
-    level = np.zeros(count, dtype=np.int64)
+    level = np.zeros(len(lo), dtype=np.int64)
     level[valid] = np.log2(hi[valid] - lo[valid] + 1).astype(np.int64)
-    out, at = np.full(count, empty), np.zeros(count, dtype=np.int64)
+    out, at = np.full(len(lo), empty), np.zeros(len(lo), dtype=np.int64)
     for k in range(len(tops)):
         rows = valid & (level == k)
         left, right = lo[rows], hi[rows] - 2 ** k + 1
