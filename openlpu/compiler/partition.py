@@ -864,12 +864,10 @@ def arrange(spec: ModelSpec, table: SizeTable, p: int, capacity: int, tile_rows:
             single_cuts: bool = False) -> tuple[PieceSizes, list[tuple[int, int]]] | None:
     """p stages of the TP degree of `table`, for the shortest decode step (spread_over_stages, its slices
     fitted to full stages as `fit` says, or, with `single_cuts`, single_cut_stages where it finds stages,
-    whatever `balance` says), or,
-    with `balance` or where those do not fit, for the most
-    even stages: whole pieces when they suffice (cut where stages fill instead if that arranges:
-    filled_to), else the fewest MLP slices that give at least p pieces and arrange (the embedding and
-    head split only if they do not fit whole), else, for fewer stages than those need, pieces cut where
-    stages fill."""
+    whatever `balance` says), or, with `balance` or where those do not fit, for the most even stages: whole
+    pieces when they suffice (cut where stages fill instead if that arranges: filled_to), else the fewest MLP
+    slices that give at least p pieces and arrange (the embedding and head split only if they do not fit
+    whole), else, for fewer stages than those need, pieces cut where stages fill."""
     if least_sram(spec, table, p, capacity) > p * capacity:
         return None
     if single_cuts and (cut_once := single_cut_stages(spec, table, p, capacity, tile_rows)):
@@ -1425,9 +1423,8 @@ def partition(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: in
     (None: the widest inside a node that arranges, spanning nodes only where none does), with activation
     buffers for decode micro-batches of `decode_rows`, its stages arranged for the shortest decode step
     (MLP slices fitted to full stages as `fit` says, or each piece cut once with `single_cuts`) or, with
-    `balance`, as even as can be (arrange), its
-    MoE MLPs cut by rows or by expert rows as `experts` says (None: mlp_cuts' order; the fewest chips
-    are counted in that order either way)."""
+    `balance`, as even as can be (arrange), its MoE MLPs cut by rows or by expert rows as `experts` says (None:
+    mlp_cuts' order; the fewest chips are counted in that order either way)."""
     return place(spec, system, workload,
                  *arrangement(spec, system, workload, chips, tp, decode_rows, balance, fit, experts, single_cuts))
 
