@@ -182,9 +182,7 @@ def _places_better(placed: tuple[Placement, PhaseSchedule, float], best: tuple[P
     131,072 tokens in groups of 8 takes 224 chips at 64-token chunks, 232 at 256, whose step is 0.2% shorter);
     given the chips, a shorter step."""
     (new, _, period), (old, _, old_period) = placed, best
-    if given:
-        return period < old_period
-    if len(new.chips) == len(old.chips):
+    if given or len(new.chips) == len(old.chips):
         return period < old_period
     return len(new.chips) < len(old.chips) and len(new.chips) * period <= len(old.chips) * old_period
 

@@ -557,8 +557,9 @@ def piece_sizes(spec: ModelSpec, table: SizeTable, k: int | tuple[int, ...] = 1,
 
 
 def last_holding(holds: Callable[[int], bool], a: int, b: int, guess: int) -> int:
-    """The largest x in [a, b] where holds(x), for `holds` true at a and, past some x, false: from `guess`,
-    steps doubling outward bracket it, then a bisection finds it (a guess off by one costs two or three calls)."""
+    """The largest x in [a, b] where holds(x), for `holds` true up to some x and false past it (a - 1 if false at
+    a): from `guess`, steps doubling outward bracket it, then a bisection finds it (a guess off by one costs two or
+    three calls)."""
     x, step = max(a, min(b, guess)), 1
     if holds(x):
         lo, hi = x, b
@@ -569,8 +570,10 @@ def last_holding(holds: Callable[[int], bool], a: int, b: int, guess: int) -> in
                 break
             lo, step = probe, 2 * step
     else:
-        lo, hi = a, x - 1
-        while not holds(probe := max(a, x - step)):  # holds(a): it ends there at the latest
+        hi = x - 1
+        while not holds(probe := max(a, x - step)):
+            if probe == a:
+                return a - 1
             x, hi, step = probe, probe - 1, 2 * step
         lo = probe
     while lo < hi:
@@ -932,14 +935,7 @@ def spread_over_stages(spec: ModelSpec, table: SizeTable, p: int, capacity: int,
         else:
             high = cuts - 1
         cuts = (low + high) // 2
-    cuts, step, failed = hi, 1, hi + 1
-    while cuts > lo and not arranges(cuts):  # stepping down
-        failed, cuts, step = cuts, max(lo, cuts - step), 2 * step
-    if arranges(cuts):
-        high = failed - 1
-        while cuts < high:  # bisecting up
-            middle = (cuts + high + 1) // 2
-            cuts, high = (middle, high) if arranges(middle) else (cuts, middle - 1)
+    if (cuts := last_holding(arranges, lo, hi, hi)) >= lo:  # stepping down from all the cuts, bisecting up
         found.append(cuts)
     return tried[max(found)] if found else None
 
