@@ -694,16 +694,38 @@ def test_a_transfer_faster_than_its_hops_latency(program):
     fast = [_squeezed(t, bytes_only) if t.kind == "all_reduce" else t for t in program.decode.transfers]
     found = verify(_with_decode(program, transfers=fast))
     assert {v.invariant for v in found} >= {"input_not_ready"} and "link_bandwidth" not in {v.invariant for v in found}
-    assert any("its hop latency and bytes take" in v.message for v in found)
+    assert any("the latency of the hops to" in v.message for v in found)
 
 
-def test_a_chip_that_relays_a_send_passes_on_what_it_receives():
-    """Gemma 3 270M on 16 one-chip stages: the sampled token goes back from chip 15 to chip 0 through other
-    chips. A relayed hop carrying an eighth of the bytes (the rest lost on the way, or conjured after it)
-    leaves the sender's and the receiver's totals whole, and is caught at the chips that relay it."""
+@pytest.fixture(scope="module")
+def relayed():
+    """Gemma 3 270M on 16 one-chip stages: the sampled token goes back from chip 15 to the first stages through
+    other chips (15 -> 8 -> 7 -> 0: a local hop, the link between the two nodes, a local hop)."""
     p = compile_program(load_preset("gemma-3-270m"), SYSTEM,
                         Workload(context_length=512, prompt_len=64, prefill_chunk=64), chips=16, tp=1)
     assert verify(p) == []
+    return p
+
+
+def test_a_send_over_several_hops_takes_their_latencies_in_turn(relayed):
+    """The token sent back to chip 0 given only its slowest hop's latency and its bytes: each link alone is within
+    its latency and bandwidth, but the token cannot cross the last before crossing those before it."""
+    clock, transfers = SYSTEM.chip.clock_hz, list(relayed.decode.transfers)
+    i = next(k for k, t in enumerate(transfers) if t.name == "token_return")
+    (_, _, links), = transfers[i].phases
+    assert sorted((a, b) for a, b, _ in links) == [(7, 0), (8, 7), (15, 8)]
+    one_hop = max((n / SYSTEM.links[SYSTEM.link_kind(a, b)].bandwidth_bytes_per_s
+                   + SYSTEM.links[SYSTEM.link_kind(a, b)].latency_s) * clock for a, b, n in links)
+    transfers[i] = _squeezed(transfers[i], lambda k, links: math.ceil(one_hop))
+    found = verify(_with_decode(relayed, transfers=transfers))
+    assert [v.invariant for v in found] == ["input_not_ready"]
+    assert "token_return crosses link 7->0" in found[0].message and "the latency of the hops to 0" in found[0].message
+
+
+def test_a_chip_that_relays_a_send_passes_on_what_it_receives(relayed):
+    """A relayed hop carrying an eighth of the bytes (the rest lost on the way, or conjured after it) leaves the
+    sender's and the receiver's totals whole, and is caught at the chips that relay it."""
+    p = relayed
     transfers = list(p.decode.transfers)
     i = next(k for k, t in enumerate(transfers) if t.name == "token_return")
     t = transfers[i]
@@ -761,6 +783,33 @@ def test_a_matrix_op_faster_than_its_weights_install(program):
             f"blk.0.attn_q takes {q_bytes / install_rate:,.0f} at the least") in [v.message for v in found]
 
 
+def test_a_kv_head_shared_by_chips_is_installed_whole_on_each(program):
+    """Gemma 3 270M has one KV head, so each of the 4 chips of its groups holds the head's keys and values whole
+    and installs them all, as it does the whole attn_k and attn_v weights. Those ops cut to a quarter of that
+    (what the group would take were the head split over its chips), and no shorter than their recorded
+    operations and SRAM bytes take, are caught (but in the layer whose attention two stages split, whose parts
+    each compute k and v, from copies)."""
+    spec, rate, t = program.spec, program.system.chip.matrix_install_bytes_per_cycle, program.placement.tp
+    assert spec.n_kv_heads == 1 and t == 4
+    kv_head = {"attn_k": spec.d_model * spec.head_dim, "attn_v": spec.d_model * spec.head_dim}  # int8 bytes
+
+    def quartered(op):
+        layer, kind = layer_of[op.name], op.name.split(".")[2]
+        installed = kv_head[kind] if kind in kv_head else 2 * program.kv_slots[layer] * spec.head_dim
+        return dataclasses.replace(op, end_cycle=op.start_cycle + max(_install_bound(program, op),
+                                                                      math.ceil(installed / t / rate)))
+    layer_of = {o.name: int(m[1]) for o in program.decode.ops if (m := re.match(r"blk\.(\d+)\.", o.name))}
+    split = {layer_of[o.name] for o in program.decode.ops if "@" in o.name and o.name in layer_of}
+    shared = [o for o in program.decode.ops if o.name in layer_of and layer_of[o.name] not in split
+              and (o.kind == "attention" or o.name.split(".")[-1] in kv_head)]
+    ops = [quartered(o) if o in shared else o for o in program.decode.ops]
+    assert sum(o.end_cycle - o.start_cycle for o in ops) < sum(o.end_cycle - o.start_cycle for o in program.decode.ops)
+    found = verify(_with_decode(program, ops=ops))
+    assert {v.invariant for v in found} == {"unit_overlap"}
+    assert {m.split(" records ")[0].removeprefix("decode: ") for m in (v.message for v in found)} == {
+        o.name for o in shared}
+
+
 @pytest.mark.parametrize("phase", ["decode", "prefill"])
 def test_an_op_recording_less_work_than_the_models(program, phase):
     """An op's recorded work bounds its cycles, so it is itself bounded by the model's: the operations and SRAM
@@ -786,14 +835,17 @@ def test_a_transfer_reading_itself_is_reported_not_recursed(program):
 
 def test_a_decode_step_claiming_more_users_than_its_ops_work_for():
     """Throughput is read off the users a decode step carries, so its ops must do their work: a micro-batch of 2
-    of 4 users relabelled as all 4, its ops unchanged, is caught by the model's work for 4 rows."""
+    of 4 users relabelled as all 4, its ops unchanged, is caught by the model's work for 4 rows, and by the keys
+    and values of 4 users its attention would install."""
     program = compile_program(load_preset("gemma-3-270m"), SYSTEM,
                               Workload(context_length=2048, prompt_len=200, prefill_chunk=128, users=4), chips=16)
     assert program.decode.tokens == 2 and verify(program) == []
     claimed = dataclasses.replace(program, decode=dataclasses.replace(program.decode, tokens=4))
     found = verify(claimed)
-    assert found and {v.invariant for v in found} == {"structure"}
+    assert found and {v.invariant for v in found} == {"structure", "unit_overlap"}
     assert any(v.message.startswith("decode: blk.0.ffn_up records ") and " operations over" in v.message for v in found)
+    assert any(v.message.startswith("decode: blk.0.attention records ") and " install cycles" in v.message
+               for v in found)
 
 
 def test_a_transfer_carries_what_it_names_and_shares_no_name(program):

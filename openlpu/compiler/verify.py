@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import heapq
 import itertools
 import math
 from collections import defaultdict
@@ -735,9 +736,10 @@ def _work(program: Program, phase: PhaseSchedule, origin: Callable[[str], str]) 
     """No op records less work than the model's op it runs. Over its parts, each counted on every chip of its
     TP group, it has at least the graph's operations and SRAM bytes (its weights and the keys and values it
     reads), and at least the cycles its chips take to install its weights (a matrix op) or the keys and values
-    its queries stream through (attention) at the chip's install rate: the weight-stationary matrix unit's
-    bound, which sets a decode step's time; and it holds at least the graph op's output (what SRAM is checked
-    for). A decode step's graph is lowered for the users its micro-batch carries (so it cannot claim more than
+    its queries stream through (attention) at the chip's install rate, where a KV head, split no further,
+    counts once for the chips sharing it (each installs it whole): the weight-stationary matrix unit's bound,
+    which sets a decode step's time; and it holds at least the graph op's output (what SRAM is checked for).
+    A decode step's graph is lowered for the users its micro-batch carries (so it cannot claim more than
     its ops work for), a prompt chunk's with no tokens before it (those only add keys to read). No transfer
     carries less than the result it carries (_payloads; `origin`: _origins')."""
     spec, w, chip = program.spec, program.workload, program.system.chip
@@ -754,10 +756,11 @@ def _work(program: Program, phase: PhaseSchedule, origin: Callable[[str], str]) 
         prefix, base = _graph_name(op.name)
         if base not in graphs.get(prefix, ()) or op.stage not in widths:
             continue  # a combining op, or one _graph or _structure reports
-        t, sums = widths[op.stage], recorded[prefix + base]
+        t, sums, g = widths[op.stage], recorded[prefix + base], graphs[prefix][base]
         sums[0] += op.flops_per_chip * t
         sums[1] += op.sram_bytes_per_chip * t
-        sums[2] += (op.end_cycle - op.start_cycle) * t
+        by_kv_head = g.kind == "attention" or bool(g.weight) and (split_rule(g.weight) or ())[1:] == ("kv_head",)
+        sums[2] += (op.end_cycle - op.start_cycle) * (min(t, spec.n_kv_heads) if by_kv_head else t)
         sums[3] += op.output_bytes_per_chip * t
     out = []
     for name, (flops, sram_bytes, cycles, output) in recorded.items():
@@ -899,13 +902,14 @@ def _links(program: Program, phase: PhaseSchedule, figures: dict) -> list[Violat
     # load is swept once, for the most transfers in flight at once (the sum of 1 / seconds), and a link
     # is within its bandwidth if its bytes in each load at that load's peak are, summed (a bound on the
     # peak of their sum); only a link that bound does not clear is swept transfer by transfer
-    spans_of = defaultdict(list)  # a phase's link loads -> the (start, arrival, transfer) spans carrying them
-    for t in phase.transfers:
+    spans_of = defaultdict(list)  # (a phase's link loads, its transfer's chips) -> the (start, arrival, transfer)
+    for t in phase.transfers:  # spans carrying them
+        members = frozenset(t.chips)
         for start, arrival, links in t.phases:
-            spans_of[links].append((start, arrival, t.name))
+            spans_of[(links, members)].append((start, arrival, t.name))
     spans, peaks, out, held = list(spans_of.values()), [], [], set(program.placement.chips)
     carried = defaultdict(list)  # directed link -> (bytes, index in spans) of each load it is part of
-    for load, (links, spans_here) in enumerate(spans_of.items()):
+    for load, ((links, members), spans_here) in enumerate(spans_of.items()):
         inverse = [clock / (arrival - start) if arrival > start else 0.0 for start, arrival, _ in spans_here]
         events = sorted([(s, 1, r) for (s, _, _), r in zip(spans_here, inverse)] +
                         [(e, 0, r) for (_, e, _), r in zip(spans_here, inverse)])
@@ -914,26 +918,27 @@ def _links(program: Program, phase: PhaseSchedule, figures: dict) -> list[Violat
             level += r if starting else -r
             peak = max(peak, level)
         peaks.append(peak)
-        # the load's phases take at least each link's hop latency plus its bytes at the link's bandwidth (one
-        # too short for the bytes alone is over the bandwidth, reported below)
-        least, slowest, bytes_alone = 0.0, None, 0.0
+        # the load's phases take at least, for each link, the latency of the hops to its far end plus its bytes at
+        # the link's bandwidth (one too short for the bytes alone is over the bandwidth, reported below)
         for a, b, nbytes in links:
             carried[(a, b)].append((nbytes, load))
             if (a, b) not in figures:
                 figures[(a, b)] = _link_figures(system, held, a, b)
-            if isinstance(figures[(a, b)], str):
-                continue
-            bandwidth, hop_s = figures[(a, b)]
-            moving = nbytes / bandwidth * clock
-            if moving + hop_s * clock > least:
-                least, slowest = moving + hop_s * clock, (a, b)
+        usable = [(a, b, nbytes) for a, b, nbytes in links if not isinstance(figures[(a, b)], str)]
+        reached = _hop_latencies({(a, b): figures[(a, b)][1] * clock for a, b, _ in usable}, members)
+        least, slowest, bytes_alone = 0.0, None, 0.0
+        for a, b, nbytes in usable:
+            moving = nbytes / figures[(a, b)][0] * clock
+            if reached[(a, b)] + moving > least:
+                least, slowest = reached[(a, b)] + moving, (a, b)
             bytes_alone = max(bytes_alone, moving)
         short = next(((start, arrival, name) for start, arrival, name in spans_here
                       if bytes_alone * (1 - RATE_TOLERANCE) <= arrival - start < least * (1 - RATE_TOLERANCE)), None)
         if short:
             out.append((slowest, Violation("input_not_ready", f"{phase.phase}: transfer {short[2]} crosses link "
                                                               f"{slowest[0]}->{slowest[1]} in {short[1] - short[0]} "
-                                                              f"cycles; its hop latency and bytes take {least:.1f}")))
+                                                              f"cycles; the latency of the hops to {slowest[1]} "
+                                                              f"and its bytes take {least:.1f}")))
     swept = {}
     for (a, b), loads in carried.items():
         if isinstance(figures[(a, b)], str):
@@ -950,6 +955,28 @@ def _links(program: Program, phase: PhaseSchedule, figures: dict) -> list[Violat
         if swept[same]:
             out.append(((a, b), Violation("link_bandwidth", f"{phase.phase}: link {a}->{b} carries {swept[same]}")))
     return [violation for _, violation in sorted(out, key=lambda found: found[0])]  # by link
+
+
+def _hop_latencies(hops: dict[tuple[int, int], float], members: frozenset[int]) -> dict[tuple[int, int], float]:
+    """Per link of a phase (its hop latency in `hops`), the least latency from a chip of the transfer (`members`)
+    to the link's far end: a chip that only relays sends on what reached it over the phase's links into it (one
+    nothing reaches is reported by _short_of_payload; its link counts its own hop)."""
+    out_of = defaultdict(list)
+    for a, b in hops:
+        out_of[a].append((a, b))
+    frontier = [(cycles, link) for link, cycles in hops.items() if link[0] in members]
+    heapq.heapify(frontier)
+    reached = {}
+    while frontier:  # Dijkstra over links: the hop latencies are positive
+        cycles, link = heapq.heappop(frontier)
+        if link in reached:
+            continue
+        reached[link] = cycles
+        if link[1] not in members:
+            for onward in out_of[link[1]]:
+                if onward not in reached:
+                    heapq.heappush(frontier, (cycles + hops[onward], onward))
+    return {link: reached.get(link, cycles) for link, cycles in hops.items()}
 
 
 def _link_figures(system: SystemSpec, held: set[int], a: int, b: int) -> tuple[float, float] | str:
