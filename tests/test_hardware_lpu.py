@@ -263,6 +263,21 @@ def test_routes_follow_the_topology():
         assert sum(s.node_of(a) != s.node_of(b) for a, b in itertools.pairwise(path)) == 1
 
 
+@pytest.mark.parametrize("name", ["lpu-v1", "lpu-v3-projected"])
+def test_a_pipeline_hands_off_from_the_last_chip_of_a_node_to_the_first_of_the_next(name):
+    """A pipeline running through consecutive nodes and racks crosses each boundary in one hop, from the last
+    chip of one to the first of the next, whether a rack's nodes outnumber a node's chips by one (lpu-v1: 9
+    nodes of 8) or by more (lpu-v3-projected: 32 nodes of 8, each chip holding 4 of a node's 31 rack links:
+    the link to the next node had landed on chip 6, a local hop from the last); and no chip holds more of
+    its rack's links than its share."""
+    s = load_system(name)
+    n, nodes = s.node.chips, s.rack.nodes
+    for boundary in range(n, 3 * s.chips_per_rack, n):
+        assert s.route(boundary - 1, boundary) == (boundary - 1, boundary)
+    rack_links = [sum(s.link_kind(c, d) == "rack" for d in s.linked_chips(c)) for c in range(s.chips_per_rack)]
+    assert sum(rack_links) == nodes * (nodes - 1) and max(rack_links) == s.rack_links_per_chip
+
+
 def test_linked_chips_are_the_single_hops_of_routes():
     """linked_chips inverts the cabling: d is linked to c exactly when the route from c to d is the one hop
     (c, d), for every pair of chips in two racks and between chips of racks far apart; the links pair up,

@@ -34,8 +34,9 @@ class ChipSpec:
     # weight-stationary MXM must install a tile before it multiplies with it; at batch 1 each installed
     # byte serves one vector, so this rate, not the MAC rate or the SRAM bandwidth, bounds decode.
     matrix_install_bytes_per_cycle: float
-    # Rows (= columns) of one weight tile of the matrix unit. The compiler never cuts an MLP between
-    # stages so finely that a chip keeps less than one tile of d_ff rows: the tile would sit part empty.
+    # Rows (= columns) of one weight tile of the matrix unit. The compiler cuts an MLP between stages at
+    # whole tiles of d_ff rows, a tile part empty wasting installs, but for the last part of an MLP cut
+    # where stages fill, which keeps the rows left (partition).
     matrix_tile_rows: int
     vector_ops_per_cycle: float
     switch_bytes_per_cycle: float
@@ -114,9 +115,9 @@ class SystemSpec:
     # pair of racks (up to network.max_racks) has one: a Dragonfly with racks as its groups (ISCA 2022).
     # Which chip holds which link is not published; here a node's links to the other nodes of its rack
     # take its chips' first global ports, a link per chip in turn, the previous nodes (n - 1, n - 2, ...)
-    # from its first chip on, and a rack's links to other racks the ports left, forward neighbours (rack
-    # r + 1, r + 2, ...) from the rack's last chip back, backward neighbours (r - 1, ...) from its first
-    # chip on. So a pipeline running through consecutive nodes and racks crosses each boundary in one
+    # from its first chip on, the next nodes (n + 1, n + 2, ...) from its last chip back, and a rack's
+    # links to other racks the ports left, forward neighbours (rack r + 1, r + 2, ...) from the rack's last
+    # chip back, backward neighbours (r - 1, ...) from its first chip on. So a pipeline running through consecutive nodes and racks crosses each boundary in one
     # global hop, from the last chip of a node or rack to the first of the next, and a deployment that
     # ends in part of a node still holds that node's link to the node before it.
     @property
@@ -147,8 +148,10 @@ class SystemSpec:
 
     def _rack_gateway(self, node: int, to_node: int) -> int:
         """The chip of `node` holding its link to `to_node`, a node of the same rack."""
-        slot = (node - to_node) % self.rack.nodes - 1
-        return node * self.node.chips + slot % self.node.chips
+        nodes, chips = self.rack.nodes, self.node.chips
+        ahead = (to_node - node) % nodes  # 1: the next node, nodes - 1: the one before
+        slot = nodes - 1 - ahead if ahead > nodes // 2 else chips * self.rack_links_per_chip - ahead
+        return node * chips + slot % chips
 
     def _system_gateway(self, rack: int, to_rack: int) -> int:
         """The chip of `rack` holding its link to `to_rack`."""
