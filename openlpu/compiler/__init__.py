@@ -111,7 +111,7 @@ def _by_expert_rows(spec: ModelSpec, system: SystemSpec, workload: Workload, tp:
     on the 216 that hold it by expert rows, in groups of 8, so a token costs a third of the chip time. But where
     expert rows take fewer chips in groups as fast, rows cost chips for nothing (gpt-oss-20b: 96 in 3 groups of
     32 against 104 in 13 of 8, 3x slower); and a few percent slower on a fifth fewer chips is cheaper per token
-    (Llama 4 Scout in groups of 40: 520 chips at 609 tok/s per user, against 640 at 645)."""
+    (Llama 4 Scout in groups of 40: 520 chips at 608 tok/s per user, against 640 at 645)."""
     found = fewest_chips(spec, system, workload, widths=tp_widths(spec, system, tp), cuts=(True,))
     if found is None or found[0] * found[1] >= len(best[0].chips):
         return best

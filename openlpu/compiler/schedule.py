@@ -731,7 +731,7 @@ def balanced_rows(users: int, rows: int) -> int:
 def schedule_phase(spec: ModelSpec, system: SystemSpec, workload: Workload, placement: Placement,
                    phase: str, templates: dict | None = None, rows: int = 1,
                    via_other_nodes: bool = True) -> PhaseSchedule:
-    """One decode step of a micro-batch of `rows` users (each attending to the whole context; with draft
+    """One decode step of a micro-batch of `rows` users (each attending its workload.attended_context; with draft
     tokens, verifying them) or the prefill of one prompt; flows between two nodes of a rack may pass through
     the deployment's other nodes there where that arrives sooner (_routings), unless `via_other_nodes` is
     False."""

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 OP_KINDS = ("embed", "norm", "matmul", "rope", "attention", "activation", "moe_router", "residual",
-            "softcap", "sink", "bias", "lm_head", "collective", "sample", "merge")
-UNITS = ("matrix", "vector", "switch", "memory")  # the LPU's functional-unit classes
+            "softcap", "sink", "bias", "lm_head", "sample", "merge")  # collectives: the schedule's transfers
+# the LPU's functional-unit classes; no op lowered runs on the switch unit (the permutations a layer needs,
+# RoPE's rotation and the K/V layouts, are folded into its vector ops and the matrix unit's installs)
+UNITS = ("matrix", "vector", "switch", "memory")
 
 
 @dataclass(frozen=True, slots=True)  # many per graph: no __dict__ each

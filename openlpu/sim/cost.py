@@ -2,7 +2,8 @@
 
 The same arithmetic prices an LPU system (chips in host nodes, nodes in racks, direct chip-to-chip
 cables) and a GPU system (8-GPU servers, racks, an InfiniBand fabric once there is more than one
-server). Every default below is an assumption, named and sourced; callers override any of them.
+server). Every default below is an assumption, named, and sourced where a public figure exists (the rest
+say ESTIMATE); callers override any of them.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ GPU_FABRIC_USD_PER_SERVER = 25_000
 # ESTIMATE: per LPU node: the passive chip-to-chip cables of its global links (no switches exist in
 # Groq's network, ISCA 2022).
 LPU_CABLES_USD_PER_NODE = 2_000
-GPU_SERVERS_PER_RACK = 4  # DGX H100 at 10.2 kW: ~4 per 40 kW air-cooled rack
+# ESTIMATE: GPU servers per rack, for every GPU: 4 DGX H100 at their 10.2 kW maximum draw about 41 kW;
+# 4 DGX B200 at 14.3 kW, 57 kW, a rack cooled by liquid or rear-door exchangers.
+GPU_SERVERS_PER_RACK = 4
 
 
 @dataclass(frozen=True)
@@ -68,39 +71,41 @@ class Cost:
     usd_per_million_tokens: float
 
 
+def paid_for(filled: float, whole: int | None = None) -> float:
+    """Units (nodes, servers, racks) a deployment pays for, filling `filled` of them: a share of one it fills in
+    part (the rest serve other models), else the `whole` ones it stands in (default: as few as hold it)."""
+    whole = math.ceil(filled) if whole is None else whole
+    return filled if whole <= 1 else float(whole)
+
+
 def lpu_nodes_held(system, chips: int, nodes: int) -> float:
-    """Nodes a deployment pays for, their hosts and the hosts' power: a share of one it fills in part (the
-    rest serve other models, as gpu_servers shares a GPU server), whole nodes beyond."""
-    return chips / system.node.chips if nodes == 1 else float(nodes)
+    """Nodes a deployment of `chips` chips standing in `nodes` nodes pays for: their hosts and the hosts' power."""
+    return paid_for(chips / system.node.chips, nodes)
 
 
 def lpu_capex(system, chips: int, nodes: int | None = None, racks: int | None = None) -> Capex:
-    """`system`: hardware.lpu.SystemSpec. Nodes (8 cards; default: as few as hold the chips) and racks
-    (9 nodes; default: as few as hold the nodes, or those a Program's chips stand in, which TP groups
-    spanning nodes may leave in part empty) are whole, or a share of one filled in part (lpu_nodes_held)."""
+    """`system`: hardware.lpu.SystemSpec. Nodes (default: as few as hold the chips) and racks (default: as few
+    as hold the nodes, or those a Program's chips stand in, which TP groups spanning nodes may leave in part
+    empty), each paid_for."""
     nodes = math.ceil(chips / system.node.chips) if nodes is None else nodes
     racks = math.ceil(nodes / system.rack.nodes) if racks is None else racks
     held = lpu_nodes_held(system, chips, nodes)
     return Capex(accelerators_usd=chips * system.chip.price_usd,
                  hosts_usd=held * system.node.host_price_usd,
-                 racks_usd=(held / system.rack.nodes if racks == 1 else racks) * RACK_USD,
+                 racks_usd=paid_for(held / system.rack.nodes, racks) * RACK_USD,
                  network_usd=nodes * LPU_CABLES_USD_PER_NODE if nodes > 1 else 0.0)
 
 
 def gpu_servers(gpu, gpus: int) -> float:
-    """Servers a deployment pays for: a share of one when it needs fewer GPUs than a server has
-    (the rest serve other models), whole servers beyond that."""
-    if gpus < gpu.gpus_per_server:
-        return gpus / gpu.gpus_per_server
-    return float(math.ceil(gpus / gpu.gpus_per_server))
+    """Servers a deployment of `gpus` GPUs pays for (paid_for)."""
+    return paid_for(gpus / gpu.gpus_per_server)
 
 
 def gpu_capex(gpu, gpus: int) -> Capex:
     """`gpu`: hardware.gpu.GpuSpec. NVIDIA sells these GPUs on 8-GPU boards inside servers."""
     servers = gpu_servers(gpu, gpus)
-    racks = servers / GPU_SERVERS_PER_RACK  # a share of one rack, whole racks beyond (as lpu_capex counts)
     return Capex(accelerators_usd=servers * gpu.server_price_usd, hosts_usd=0.0,
-                 racks_usd=(racks if racks <= 1 else math.ceil(racks)) * RACK_USD,
+                 racks_usd=paid_for(servers / GPU_SERVERS_PER_RACK) * RACK_USD,
                  network_usd=servers * GPU_FABRIC_USD_PER_SERVER if servers > 1 else 0.0)
 
 

@@ -152,7 +152,7 @@ def placement_rows(program: Program) -> list[dict]:
 KIND_COLOURS = {"matmul": "tab:blue", "lm_head": "tab:cyan", "moe_router": "tab:olive", "attention": "tab:orange",
                 "norm": "tab:green", "rope": "tab:pink", "activation": "tab:purple", "residual": "tab:gray",
                 "softcap": "tab:brown", "sink": "teal", "bias": "khaki", "embed": "gold", "sample": "black",
-                "merge": "darkgoldenrod", "collective": "navy"}  # one per graph.ops.OP_KINDS
+                "merge": "darkgoldenrod"}  # one per graph.ops.OP_KINDS
 TRANSFER_COLOURS = {"all_reduce": "tab:red", "p2p": "darkred", "broadcast": "salmon", "rank_p2p": "firebrick",
                     "stripe": "indianred", "all_gather": "lightcoral"}
 LANES = ("matrix", "vector", "memory", "links")
