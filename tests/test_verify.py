@@ -158,6 +158,27 @@ def test_sram_over_capacity(program):
     assert "sram_capacity" in _invariants(_with_decode(program, ops=ops))
 
 
+def test_activation_buffers_reserved_beyond_the_chip(program):
+    """What a stage reserves for activation buffers is reported as its SRAM in use, so it must fit beside its
+    chips' weights and KV cache, even where the live activations the schedule makes are far fewer."""
+    stages = list(program.placement.stages)
+    stages[1] = dataclasses.replace(stages[1], activation_bytes_per_chip=10**12)
+    found = verify(dataclasses.replace(program, placement=dataclasses.replace(program.placement, stages=tuple(stages))))
+    assert [v.invariant for v in found] == ["sram_capacity"]
+    assert found[0].message.startswith("stage 1 reserves 1000000.00 MB of activation buffers per chip beside chip ")
+
+
+def test_a_workload_claiming_lengths_its_phases_were_not_scheduled_for(program):
+    """Timing reads the tokens a decode step attends and the prompt's length off the workload: a file claiming a
+    shorter decode context, or the schedule relabelled with a longer prompt, is refused."""
+    shorter = dataclasses.replace(program, workload=dataclasses.replace(program.workload, decode_context=100))
+    assert [v.message for v in verify(shorter)] == [
+        "the decode phase is scheduled for 2,048 tokens, not the 100 tokens its workload attends"]
+    longer = dataclasses.replace(program, prefill=dataclasses.replace(program.prefill, seq_len=400))
+    assert [v.message for v in verify(longer)] == ["the prefill phase is scheduled for 400 tokens, not the 200 "
+                                                   "tokens of its workload's prompt"]
+
+
 def test_kv_cache_reserved_for_every_user_and_slot(program):
     """The verifier derives each stage's KV from the Program's shards (K and V rows per chip), its
     workload and its slots per layer, apart from what the partition reserved."""
@@ -959,7 +980,8 @@ def test_a_workload_claiming_waves_the_prefill_does_not_hold_is_not_lowered(prog
     claimed = dataclasses.replace(w, prompt_len=w.context_length, prefill_chunk=1)
     found = verify(dataclasses.replace(program, workload=claimed))
     assert [v.message for v in found] == [
-        "the prefill schedules 2 prompt chunks; its workload's 2,048-token prompt in chunks of 1 makes 2,048"]
+        "the prefill schedules 2 prompt chunks; its workload's 2,048-token prompt in chunks of 1 makes 2,048",
+        "the prefill phase is scheduled for 200 tokens, not the 2,048 tokens of its workload's prompt"]
     longer = dataclasses.replace(w, context_length=32768, prompt_len=32768, prefill_chunk=16)
     found = verify(dataclasses.replace(program, workload=longer))
     assert {v.invariant for v in found} == {"structure"} and "KV slots per user" in found[0].message

@@ -10,7 +10,8 @@ never the compiler.
    stages' pieces, in pipeline order, hold all vocabulary rows of the embedding, each layer's attention
    (whole, or ranges of all its KV slots) and all d_ff rows of its MLP, and all vocabulary rows of the head,
    once, each split piece's ranges in order without a gap or an overlap; a decode step carries a
-   micro-batch of 1 to all of the users in flight; no size is negative; a phase's makespan is when its last
+   micro-batch of 1 to all of the users in flight, attending the tokens its workload attends, and the prefill
+   is scheduled for its workload's prompt; no size is negative; a phase's makespan is when its last
    op or transfer ends (timing reads latency off it); the phase computes the model: every op of the graph
    lowered from the spec runs, whole or by each part of a cut piece, reading what the graph says it reads
    (through transfers and the ops combining parts), and no other op runs; each op records, over its parts and
@@ -25,9 +26,10 @@ never the compiler.
    take it, and reaches every chip of that stage; a phase ends with its sampled token picked whole (an
    all-reduce over the chips holding shares of the vocabulary), and a decode step with the token back at
    the stages holding the embedding, which the next step reads (timing reads latency off the makespan);
-3. SRAM in use (weights + KV + live activations) never exceeds a chip's capacity, each shard counting its
-   elements' bytes, and each stage reserves the KV its attention pieces keep: users x slots x the K and
-   V rows its chips' shards of the layer's K and V projections make;
+3. SRAM in use (weights + KV + live activations, and weights + KV + the activation buffers its stage reserves)
+   never exceeds a chip's capacity, each shard counting its elements' bytes, and each stage reserves the KV
+   its attention pieces keep: users x slots x the K and V rows its chips' shards of the layer's K and V
+   projections make;
 4. every weight element is placed exactly once: at most one unflagged shard holds it, any further
    copies are flagged replicated (on purpose), divided along the axis its ops split; each shard sits on
    a chip of a stage that holds its tensor's piece (the rows of a cut MLP, embedding or head inside that
@@ -163,6 +165,12 @@ def _structure(program: Program) -> list[Violation]:
     if not 1 <= program.decode.tokens <= program.workload.users:
         out.append(Violation("structure", f"the decode step carries {program.decode.tokens} users' tokens; a "
                                           f"micro-batch holds 1 to the {program.workload.users} users in flight"))
+    w = program.workload  # timing reads the lengths off the workload: the phases must be scheduled for them
+    for phase, length, what in ((program.decode, w.attended_context, "tokens its workload attends"),
+                                (program.prefill, w.prompt_len, "tokens of its workload's prompt")):
+        if phase.seq_len != length:
+            out.append(Violation("structure", f"the {phase.phase} phase is scheduled for {phase.seq_len:,} tokens, "
+                                              f"not the {length:,} {what}"))
     return out
 
 
@@ -494,6 +502,21 @@ def _sram(program: Program, phase: PhaseSchedule) -> list[Violation]:
                                                       f"{(static[chip] + live) / 1e6:.2f} MB of SRAM "
                                                       f"({static[chip] / 1e6:.2f} MB weights and KV, {live / 1e6:.2f} "
                                                       f"MB activations) but holds {capacity / 1e6:.2f} MB"))
+    return out
+
+
+def _reserved(program: Program) -> list[Violation]:
+    """Each chip's weights and KV cache, and the activation buffers its stage reserves (what timing reports as
+    its SRAM in use), fit the chip."""
+    capacity, static, out = program.system.chip.sram_bytes, static_sram_bytes(program), []
+    for stage in program.placement.stages:
+        fullest = max(stage.chips, key=static.__getitem__, default=None)  # none: reported by _structure
+        if fullest is not None and static[fullest] + stage.activation_bytes_per_chip > capacity:
+            out.append(Violation("sram_capacity", f"stage {stage.index} reserves "
+                                                  f"{stage.activation_bytes_per_chip / 1e6:.2f} MB of activation "
+                                                  f"buffers per chip beside chip {fullest}'s "
+                                                  f"{static[fullest] / 1e6:.2f} MB of weights and KV, but a chip's "
+                                                  f"SRAM holds {capacity / 1e6:.2f} MB"))
     return out
 
 
@@ -1012,7 +1035,7 @@ def verify(program: Program) -> list[Violation]:
     if unreadable := _names(program):  # what the other invariants are read off
         return unreadable
     shaped = _structure(program) + _sizes(program)
-    out = shaped + _kv_reserved(program) + _weights(program) + _shards_on_their_stages(program)
+    out = shaped + _reserved(program) + _kv_reserved(program) + _weights(program) + _shards_on_their_stages(program)
     link_figures = {}  # the phases load mostly the same links
     for phase in (program.decode, program.prefill):
         out += _makespan(phase) + _ops_on_their_pieces(program, phase)
