@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from openlpu.errors import OpenLPUError
+from openlpu.errors import OpenLPUError, check_count
 from openlpu.words import counted, significant
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -239,7 +239,7 @@ def plan(
               "every TP width, each on its fewest)."
               if system and chips is None and tp is None else "")
     idle = dict.fromkeys(_idle_note(r.chips_asked, r.chips_asked - r.chips_idle) for r in rows if r.chips_idle)
-    title = f"{escape(spec.name)} at {formats}, {_users(users)} x {context:,} tokens of context"
+    title = f"{escape(spec.name)} at {formats}, {_users(users)} x {counted(context, 'token')} of context"
     caption = (f"tok/s: {_attending(context, decode_context)}.{speculating}{kernels} TTFT: the prefill of a "
                f"{prompt:,}-token prompt{waves}. IT power: chips and their hosts (servers), before PUE. TCO: capex "
                f"plus {a.years:g} years of power at ${a.usd_per_kwh:g}/kWh at the wall (PUE {a.pue:g}); $ per M "
@@ -308,7 +308,8 @@ def _users(counts: tuple[int, ...]) -> str:
 
 def _attending(context: int, decode_context: int | None) -> str:
     if decode_context is None or decode_context == context:
-        return f"decode steps attending all {context:,} tokens (--decode-context N: requests of N tokens)"
+        return (f"decode steps attending the whole context, {counted(context, 'token')} (--decode-context N: "
+                f"requests of N tokens)")
     return (f"decode steps attending {decode_context:,} of the {context:,} tokens each user holds (a static "
             f"schedule attends a fixed length: longer requests need a Program of their own)")
 
@@ -353,6 +354,11 @@ def compile_cmd(
     from openlpu.sim.timing import timing
 
     output_path(output, "Program")  # before compiling: a large model takes seconds
+    for flag, count in (("--context", context), ("--users", users), ("--prompt", prompt), ("--chips", chips),
+                        ("--decode-context", decode_context), ("--prefill-chunk", prefill_chunk), ("--tp", tp)):
+        if count is not None:  # named as the user wrote it (the Workload names its fields)
+            check_count(count, flag)
+    check_count(draft_tokens, "--draft-tokens", least=0)
     spec = load_spec(model)
     kv = as_precision(kv_precision).name if kv_precision is not None else serving_precision(precision)
     prompt = Workload.default_prompt_len(context) if prompt is None else prompt

@@ -81,8 +81,14 @@ def test_save_load_round_trip_and_bad_files(gemma8, tmp_path):
     newer = bytearray(path.read_bytes())
     newer[len(MAGIC)] = 99
     (tmp_path / "v99.prog").write_bytes(bytes(newer))
-    with pytest.raises(OpenLPUError, match="version 99"):
+    with pytest.raises(OpenLPUError, match="version 99; .*: a newer OpenLPU wrote it: upgrade OpenLPU"):
         load_program(tmp_path / "v99.prog")
+    older = bytearray(path.read_bytes())
+    older[len(MAGIC):len(MAGIC) + 4] = struct.pack("<I", FORMAT_VERSION - 1)
+    (tmp_path / "older.prog").write_bytes(bytes(older))
+    with pytest.raises(OpenLPUError, match=f"version {FORMAT_VERSION - 1}; this OpenLPU reads version "
+                                           f"{FORMAT_VERSION}: recompile it with `openlpu compile`"):
+        load_program(tmp_path / "older.prog")
     (tmp_path / "text.prog").write_text("hello")
     with pytest.raises(OpenLPUError, match="not an OpenLPU program"):
         load_program(tmp_path / "text.prog")
@@ -811,10 +817,11 @@ def test_a_hugging_face_config_compiles_to_its_presets_program(tmp_path):
     (["compile", "gemma-3-270m", "-o", "x.prog", "--system", "lpu-v0"], "did you mean lpu-v1"),
     (["compile", "gemma-3-270m", "-o", "x.prog", "--precision", "int5"], "unknown precision"),
     (["compile", "gemma-3-270m", "-o", "x.prog", "--kv-precision", "int3"], "unknown precision 'int3'"),
-    (["compile", "gemma-3-270m", "-o", "x.prog", "--users", "0"], "users must be a positive integer"),
-    (["compile", "gemma-3-270m", "-o", "x.prog", "--draft-tokens", "-2"], "draft tokens must be a non-negative integer"),
+    (["compile", "gemma-3-270m", "-o", "x.prog", "--users", "0"], "--users must be a positive integer"),
+    (["compile", "gemma-3-270m", "-o", "x.prog", "--context", "0"], "--context must be a positive integer"),
+    (["compile", "gemma-3-270m", "-o", "x.prog", "--draft-tokens", "-2"], "--draft-tokens must be a non-negative integer"),
     (["compile", "gemma-3-270m", "-o", "x.prog", "--decode-context", "5000"], "decode context 5000 is longer than"),
-    (["compile", "gemma-3-270m", "-o", "x.prog", "--prefill-chunk", "0"], "prefill chunk must be a positive integer"),
+    (["compile", "gemma-3-270m", "-o", "x.prog", "--prefill-chunk", "0"], "--prefill-chunk must be a positive integer"),
     (["compile", "gemma-3-270m", "-o", "x.prog", "--tp", "8"], "TP 8 is not a width gemma-3-270m can be split over"),
     (["inspect", "nothing.prog"], "cannot read program"),
     (["compile", "gemma-3-270m", "-o", "no/such/folder/x.prog"], "cannot write the Program to 'no/such/folder/x.prog'"),

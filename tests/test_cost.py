@@ -145,7 +145,8 @@ def test_lpu_nodes_and_racks_shared_below_one_as_gpu_servers_are():
                                 {"pue": math.inf}, {"utilisation": math.nan}, {"years": "3"}, {"pue": True}])
 def test_bad_assumptions_are_one_clear_error(kw):
     (name, value), = kw.items()
-    with pytest.raises(OpenLPUError, match=f"cost assumption {name} must be .*, got {value!r}"):
+    flag = "--" + name.replace("_", "-")
+    with pytest.raises(OpenLPUError, match=f"cost assumption {name} \\({flag}\\) must be .*, got {value!r}"):
         CostAssumptions(**kw)
 
 

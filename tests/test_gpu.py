@@ -104,7 +104,7 @@ def test_datasheet_relations_between_presets():
 def test_unknown_gpu_suggests_the_closest():
     with pytest.raises(OpenLPUError, match="h100-sxm"):
         load_gpu("h100")
-    with pytest.raises(OpenLPUError, match="unknown GPU"):
+    with pytest.raises(OpenLPUError, match="'lpu-v1' is an LPU system, not a GPU: give it with --system"):
         load_gpu("lpu-v1")  # an LPU preset in the same folder is not a GPU
 
 

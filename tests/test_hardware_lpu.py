@@ -212,7 +212,7 @@ def test_figure_without_source_is_refused(tmp_path):
 def test_unknown_system_name_suggests_the_closest():
     with pytest.raises(OpenLPUError, match=r"unknown LPU system 'lpu-v2'; did you mean lpu-v1"):
         load_system("lpu-v2")
-    with pytest.raises(OpenLPUError, match=r"unknown LPU system 'h100-sxm'"):
+    with pytest.raises(OpenLPUError, match=r"'h100-sxm' is a GPU, not an LPU system: give it with --compare"):
         load_system("h100-sxm")  # a GPU preset is not an LPU system
 
 

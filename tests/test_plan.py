@@ -161,7 +161,7 @@ def test_a_decode_context_times_steps_over_fewer_tokens_than_the_window_held():
     assert r.returncode == 0, r.stderr
     assert "decode steps attending 2,048 of the 32,768 tokens each user holds" in " ".join(r.stdout.split())
     r = run_cli("llama-3.1-8b", "--context", "32768")
-    assert "decode steps attending all 32,768 tokens (--decode-context N" in " ".join(r.stdout.split())
+    assert "decode steps attending the whole context, 32,768 tokens (--decode-context N" in " ".join(r.stdout.split())
 
 
 def test_smaller_prefill_chunks_let_wider_groups_fit_and_fill_the_pipeline_sooner():
@@ -551,8 +551,13 @@ def test_a_gguf_file_plans_as_its_preset(gemma_path):
     (["llama-2-7"], "did you mean llama-2-7b"),
     ([__file__], "is neither a .gguf file nor a config.json"),
     (["/no/such/checkpoint/"], "'/no/such/checkpoint/' not found"),
+    (["70b"], "did you mean llama-2-70b, llama-3-70b, llama-3.1-70b, llama-3.3-70b?"),  # held in the names
     (["llama-2-70b", "--system", "lpu-v2x"], "unknown LPU system"),
     (["llama-2-70b", "--compare", "h100"], "did you mean"),
+    (["llama-2-70b", "--system", "h100-sxm"], "'h100-sxm' is a GPU, not an LPU system: give it with --compare"),
+    (["llama-2-70b", "--compare", "lpu-v1"], "'lpu-v1' is an LPU system, not a GPU: give it with --system"),
+    (["llama-2-70b", "--compare", "", "--precision", "fp32"], "choose another --precision (weights and activations; "
+                                                              "`compile` also takes --kv-precision) or another --system"),
     (["llama-2-70b", "--precision", "fp5"], "unknown precision"),
     (["llama-2-70b", "--system", "", "--precision", "fp32"], "h100-sxm gives no tensor throughput for fp32 math"),
     (["llama-2-70b", "--context", "100000"], "context window"),
@@ -594,13 +599,13 @@ def test_a_gguf_file_plans_as_its_preset(gemma_path):
     (["llama-2-70b", "--decode-context", "0"], "--decode-context must be a positive integer"),
     (["llama-2-70b", "--prefill-chunk", "-8"], "--prefill-chunk must be a positive integer"),
     (["llama-2-70b", "--prefill-chunk", "0"], "--prefill-chunk must be a positive integer, got 0"),
-    (["llama-2-70b", "--utilisation", "1.5"], "utilisation must be at most 1"),
-    (["llama-2-70b", "--pue", "0.9"], "pue must be at least 1 (wall power / IT power), got 0.9"),
-    (["llama-2-70b", "--utilisation", "0"], "utilisation must be a positive, finite number"),
-    (["llama-2-70b", "--years", "-1"], "years must be a positive, finite number"),
-    (["llama-2-70b", "--years", "inf"], "years must be a positive, finite number, got inf"),
-    (["llama-2-70b", "--usd-per-kwh", "0"], "usd_per_kwh must be a positive, finite number"),
-    (["llama-2-70b", "--usd-per-kwh", "inf"], "usd_per_kwh must be a positive, finite number, got inf"),
+    (["llama-2-70b", "--utilisation", "1.5"], "utilisation (--utilisation) must be at most 1"),
+    (["llama-2-70b", "--pue", "0.9"], "pue (--pue) must be at least 1 (wall power / IT power), got 0.9"),
+    (["llama-2-70b", "--utilisation", "0"], "utilisation (--utilisation) must be a positive, finite number"),
+    (["llama-2-70b", "--years", "-1"], "years (--years) must be a positive, finite number"),
+    (["llama-2-70b", "--years", "inf"], "years (--years) must be a positive, finite number, got inf"),
+    (["llama-2-70b", "--usd-per-kwh", "0"], "usd_per_kwh (--usd-per-kwh) must be a positive, finite number"),
+    (["llama-2-70b", "--usd-per-kwh", "inf"], "usd_per_kwh (--usd-per-kwh) must be a positive, finite number, got inf"),
     (["llama-3.1-70b", "--draft", "llama-3.2-1b"], "--draft needs --acceptance"),
     (["llama-3.1-70b", "--acceptance", "0.7"], "give the draft model with --draft"),
     (["llama-3.1-70b", "--draft", "gemma-3-1b", "--acceptance", "0.7"], "a draft must share the target's tokenizer"),

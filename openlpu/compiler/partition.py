@@ -1338,7 +1338,7 @@ def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int 
     if chips < need:
         t, stages, sizes = best  # a tied table is held twice only when embedding and head are on different stages
         held = (sum(sizes.weights) + sum(sizes.kv) - (sizes.tied_table if stages == 1 else 0)) * t / 1e9
-        return OpenLPUError(f"{what} does not fit on {chips} {system.name} chips of {cap / 1e6:.0f} MB SRAM "
+        return OpenLPUError(f"{what} does not fit on {chips} {system.name} chips of {cap / 1e6:.3g} MB SRAM "
                             f"({chips * cap / 1e9:.2f} GB for {held:.2f} GB of weights and KV cache plus activation "
                             f"buffers); it needs at least {need} chips (--chips {need})")
     degrees = f"TP degrees {', '.join(map(str, widths))}; " if len(widths) > 1 else ""
@@ -1396,7 +1396,7 @@ def _no_piece_fits(spec: ModelSpec, system: SystemSpec, workload: Workload, deco
     needs = f"{what} alone needs {need / 1e6:,.0f} MB per chip{finest}"
     if others:
         return OpenLPUError(f"{spec.name} does not fit in TP groups of {t}: {needs} at that width, and a chip holds "
-                            f"{cap / 1e6:.0f} MB; it places in TP groups of {', '.join(map(str, sorted(others)))}: "
+                            f"{cap / 1e6:.3g} MB; it places in TP groups of {', '.join(map(str, sorted(others)))}: "
                             f"use one of those with --tp, or leave out --tp")
     needs += f" even at TP {t}"
     if part == "ffn" and spec.is_moe_layer(item):  # the finest cut by expert rows: a tile of them on a chip
@@ -1408,7 +1408,7 @@ def _no_piece_fits(spec: ModelSpec, system: SystemSpec, workload: Workload, deco
     # per weight or a larger chip
     fewer = f"lower --users ({workload.users}), " if part == "attn" and workload.users > 1 else ""
     return OpenLPUError(f"{spec.name} does not fit on any {system.name} system: {needs} (a chip holds "
-                        f"{cap / 1e6:.0f} MB; the largest system has {system.max_chips} chips); {fewer}use a "
+                        f"{cap / 1e6:.3g} MB; the largest system has {system.max_chips} chips); {fewer}use a "
                         f"smaller precision, or a system whose chips hold more SRAM (--system)")
 
 

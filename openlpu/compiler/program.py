@@ -451,8 +451,9 @@ def decode_program(data: bytes, origin: str = "program") -> Program:
                            f"with `openlpu compile`")
     (version,) = struct.unpack("<I", data[len(MAGIC):len(MAGIC) + 4])
     if version != FORMAT_VERSION:
+        newer = "a newer OpenLPU wrote it: upgrade OpenLPU to read it, or " if version > FORMAT_VERSION else ""
         raise OpenLPUError(f"{origin} is program format version {version}; this OpenLPU reads version "
-                           f"{FORMAT_VERSION}: recompile it with `openlpu compile`")
+                           f"{FORMAT_VERSION}: {newer}recompile it with `openlpu compile`")
     digest, payload = data[len(MAGIC) + 4:HEADER_BYTES], data[HEADER_BYTES:]
     if hashlib.sha256(payload).digest() != digest:
         raise OpenLPUError(f"{origin} is corrupt (checksum mismatch); recompile it with `openlpu compile`")

@@ -91,7 +91,7 @@ def matrix_macs_per_cycle(system: SystemSpec, *precisions: str) -> float:
     if not modes:
         raise OpenLPUError(f"{system.name}'s matrix unit has no mode for {need.name} operands (it has "
                            f"{', '.join(system.chip.matrix_macs_per_cycle)}); choose another --precision (weights and "
-                           f"activations) or --kv-precision")
+                           f"activations; `compile` also takes --kv-precision) or another --system")
     return system.chip.matrix_macs_per_cycle[min(modes)[1]]
 
 

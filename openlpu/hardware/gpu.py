@@ -54,7 +54,7 @@ def gpu_names() -> list[str]:
 def load_gpu(name_or_path: str | Path) -> GpuSpec:
     """A GPU from a preset name (e.g. "h100-sxm"; see presets/*.json with "kind": "gpu" for every figure's
     source) or a path to a JSON file shaped like one."""
-    data, name = read_hardware(name_or_path, "gpu", "GPU")
+    data, name = read_hardware(name_or_path, "gpu")
     sources: dict[str, str] = {}
     gpu = build(GpuSpec, data, name, sources)
     if "bf16" not in gpu.dense_flops_per_s:  # compute_flops_per_s falls back to it

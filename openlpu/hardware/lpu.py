@@ -224,7 +224,7 @@ class SystemSpec:
 # ---- loading ------------------------------------------------------------------------------------
 def load_system(name_or_path: str | Path) -> SystemSpec:
     """An LPU system from a preset name (e.g. "lpu-v1") or a path to a hardware JSON file."""
-    return system_from(*read_hardware(name_or_path, "lpu", "LPU system"))
+    return system_from(*read_hardware(name_or_path, "lpu"))
 
 
 def system_from(data: dict, name: str, figures: bool = True) -> SystemSpec:

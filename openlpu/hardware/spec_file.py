@@ -31,17 +31,25 @@ def preset_names(kind: str) -> list[str]:
     return names
 
 
-def read_hardware(name_or_path: str | Path, kind: str, what: str) -> tuple[dict, str]:
-    """(the file's fields but "kind", the name its figures are reported under) for a preset of `kind`
-    named `name_or_path` or a .json file at that path; `what` names the kind in errors ("GPU"). A file
-    whose "name" is a preset's, as a copy of one at other prices keeps, is named with its file too,
-    so that it is told apart from the preset in tables and errors."""
-    names, path = preset_names(kind), Path(name_or_path)
+# kind -> (its name in errors, with its article, the flag `plan`, `run` and `serve` take it with)
+KINDS = {"lpu": ("LPU system", "an LPU system", "--system"), "gpu": ("GPU", "a GPU", "--compare")}
+
+
+def read_hardware(name_or_path: str | Path, kind: str) -> tuple[dict, str]:
+    """(the file's fields but "kind", the name its figures are reported under) for a preset of `kind` (a key
+    of KINDS) named `name_or_path` or a .json file at that path. A file whose "name" is a preset's, as a copy
+    of one at other prices keeps, is named with its file too, so that it is told apart from the preset in
+    tables and errors."""
+    names, path, (what, a_what, _) = preset_names(kind), Path(name_or_path), KINDS[kind]
     if path.suffix != ".json":
         example = PRESETS_DIR / f"{names[0]}.json"
         if path.is_file() and str(name_or_path) not in names:
             raise OpenLPUError(f"{str(name_or_path)!r} is a file but not a hardware JSON file: give a .json file shaped "
                                f"like {example}, or a preset ({', '.join(names)})")
+        other = next((k for k in KINDS if k != kind and str(name_or_path) in preset_names(k)), None)
+        if other is not None:
+            raise OpenLPUError(f"{str(name_or_path)!r} is {KINDS[other][1]}, not {a_what}: give it with "
+                               f"{KINDS[other][2]} (known {what}s: {', '.join(names)})")
         if str(name_or_path) not in names:
             close = difflib.get_close_matches(str(name_or_path).lower(), names, n=2, cutoff=0.4)
             hint = f"; did you mean {' or '.join(close)}?" if close else ""
@@ -61,7 +69,7 @@ def read_hardware(name_or_path: str | Path, kind: str, what: str) -> tuple[dict,
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise OpenLPUError(f"hardware file {path.name}: not valid JSON ({e})") from None
     if not isinstance(data, dict) or data.get("kind") != kind:
-        raise OpenLPUError(f"hardware file {path.name}: expected \"kind\": \"{kind}\" at the top level (a {what})")
+        raise OpenLPUError(f"hardware file {path.name}: expected \"kind\": \"{kind}\" at the top level ({a_what})")
     fields = {k: v for k, v in data.items() if k != "kind"}
     if fields.get("name") in names and path.resolve() != (PRESETS_DIR / f"{fields['name']}.json").resolve():
         fields["name"] = f"{fields['name']} ({path.name})"

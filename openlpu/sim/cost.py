@@ -37,15 +37,17 @@ class CostAssumptions:
     utilisation: float = 0.5  # fraction of the hours the system serves at its modelled throughput
 
     def __post_init__(self):
-        for f in ("years", "usd_per_kwh", "pue", "utilisation"):
+        for f in ("years", "usd_per_kwh", "pue", "utilisation"):  # named with plan's flag for each
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
-                raise OpenLPUError(f"cost assumption {f} must be a positive, finite number, got {v!r}")
+                raise OpenLPUError(f"cost assumption {f} (--{f.replace('_', '-')}) must be a positive, finite "
+                                   f"number, got {v!r}")
         if self.pue < 1:
-            raise OpenLPUError(f"cost assumption pue must be at least 1 (wall power / IT power), got {self.pue!r}")
+            raise OpenLPUError(f"cost assumption pue (--pue) must be at least 1 (wall power / IT power), got "
+                               f"{self.pue!r}")
         if self.utilisation > 1:
-            raise OpenLPUError(f"cost assumption utilisation must be at most 1 (a fraction of the hours), "
-                               f"got {self.utilisation!r}")
+            raise OpenLPUError(f"cost assumption utilisation (--utilisation) must be at most 1 (a fraction of the "
+                               f"hours), got {self.utilisation!r}")
 
 
 @dataclass(frozen=True)
