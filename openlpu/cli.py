@@ -176,7 +176,9 @@ def plan(
     import json
 
     from openlpu.compiler import Workload
+    from openlpu.compiler.schedule import matrix_mode
     from openlpu.graph.lower import serving_precision
+    from openlpu.hardware.lpu import load_system
     from openlpu.models.spec import load_spec
     from openlpu.sim.cost import CostAssumptions
     from openlpu.sim.figures import png_path
@@ -234,6 +236,8 @@ def plan(
                     "long outputs can run faster than measured (bench/results/fidelity.md).")
     kv = serving_precision(precision)
     formats = precision if kv == precision else f"{precision} (activations and KV cache {kv})"
+    if system and (mode := matrix_mode(lpu := load_system(system), precision, kv)) != kv:  # kv: the widest operand
+        kernels += f" {lpu.name}'s matrix unit has no {kv} mode: the LPU's matmuls run in its {mode} mode."
     # the fewest chips can decode several times slower than a few more in wider groups (70B: 336 and 448)
     widths = (" The LPU on the fewest chips that hold the workload at the compiler's width and chunk (--tp all: "
               "every TP width, each on its fewest)."

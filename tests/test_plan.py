@@ -164,6 +164,23 @@ def test_a_decode_context_times_steps_over_fewer_tokens_than_the_window_held():
     assert "decode steps attending the whole context, 32,768 tokens (--decode-context N" in " ".join(r.stdout.split())
 
 
+def test_a_precision_the_matrix_unit_has_no_mode_for_is_named():
+    """lpu-v1's matrix unit has int8 and fp16 modes: fp8 weights and activations run in the fp16 mode, at a quarter
+    of int8's MACs, which the table says; int4 weights beside int8 activations run in the int8 mode their widest
+    operand asks for, and nothing is said."""
+    from openlpu.compiler.schedule import matrix_macs_per_cycle
+    from openlpu.hardware.lpu import load_system
+
+    system = load_system("lpu-v1")
+    assert matrix_macs_per_cycle(system, "fp8") == system.chip.matrix_macs_per_cycle["fp16"] == \
+        system.chip.matrix_macs_per_cycle["int8"] / 4
+    fp8 = run_cli("llama-3.2-1b", "--precision", "fp8", "--compare", "")
+    assert "lpu-v1's matrix unit has no fp8 mode: the LPU's matmuls run in its fp16 mode." in " ".join(
+        fp8.stdout.split())
+    int4 = run_cli("llama-3.2-1b", "--precision", "int4", "--compare", "")
+    assert int4.returncode == 0 and "matrix unit has no" not in " ".join(int4.stdout.split())
+
+
 def test_smaller_prefill_chunks_let_wider_groups_fit_and_fill_the_pipeline_sooner():
     """--prefill-chunk: Llama 3.3 70B's fewest chips, 336, hold 42 stages of TP 8 with the activation buffers of
     256-token chunks; with 128-token chunks' buffers 21 stages of TP 16 fit them too, and the wider groups decode

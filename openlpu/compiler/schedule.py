@@ -81,8 +81,13 @@ FLOAT_PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "fp4")
 
 
 def matrix_macs_per_cycle(system: SystemSpec, *precisions: str) -> float:
-    """MACs per cycle for operands in these precisions: the chip's narrowest mode that holds the
-    widest operand (integers may run on a float mode, floats never on an integer mode)."""
+    """MACs per cycle for operands in these precisions, in the matrix unit's matrix_mode for them."""
+    return system.chip.matrix_macs_per_cycle[matrix_mode(system, *precisions)]
+
+
+def matrix_mode(system: SystemSpec, *precisions: str) -> str:
+    """The matrix unit's mode for operands in these precisions: the chip's narrowest that holds the widest
+    operand (integers may run on a float mode, floats never on an integer mode)."""
     need = max((as_precision(p) for p in precisions), key=lambda p: p.bytes_per_element)
     is_float = need.name in FLOAT_PRECISIONS
     modes = [(PRECISIONS[m].bytes_per_element, m) for m in system.chip.matrix_macs_per_cycle
@@ -92,7 +97,7 @@ def matrix_macs_per_cycle(system: SystemSpec, *precisions: str) -> float:
         raise OpenLPUError(f"{system.name}'s matrix unit has no mode for {need.name} operands (it has "
                            f"{', '.join(system.chip.matrix_macs_per_cycle)}); choose another --precision (weights and "
                            f"activations; `compile` also takes --kv-precision) or another --system")
-    return system.chip.matrix_macs_per_cycle[min(modes)[1]]
+    return min(modes)[1]
 
 
 def unit_rates(chip: ChipSpec, matrix_macs: float) -> dict[str, float]:
