@@ -569,6 +569,8 @@ def test_a_gguf_file_plans_as_its_preset(gemma_path):
     ([__file__], "is neither a .gguf file nor a config.json"),
     (["/no/such/checkpoint/"], "'/no/such/checkpoint/' not found"),
     (["70b"], "did you mean llama-2-70b, llama-3-70b, llama-3.1-70b, llama-3.3-70b?"),  # held in the names
+    (["llama-3-8b", "--chips", "8", "--tp", "16", "--compare", ""],
+     "a TP group of 16 chips is wider than the 8 chips given; give at least 48 chips (--chips 48) or a narrower --tp"),
     (["llama-2-70b", "--system", "lpu-v2x"], "unknown LPU system"),
     (["llama-2-70b", "--compare", "h100"], "did you mean"),
     (["llama-2-70b", "--system", "h100-sxm"], "'h100-sxm' is a GPU, not an LPU system: give it with --compare"),

@@ -1337,6 +1337,9 @@ def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int 
         return OpenLPUError(f"{what} needs {need} chips")
     if chips < need:
         t, stages, sizes = best  # a tied table is held twice only when embedding and head are on different stages
+        if len(widths) == 1 and chips < widths[0]:
+            return OpenLPUError(f"{what}: a TP group of {widths[0]} chips is wider than the {chips} chips given; "
+                                f"give at least {need} chips (--chips {need}) or a narrower --tp")
         held = (sum(sizes.weights) + sum(sizes.kv) - (sizes.tied_table if stages == 1 else 0)) * t / 1e9
         return OpenLPUError(f"{what} does not fit on {chips} {system.name} chips of {cap / 1e6:.3g} MB SRAM "
                             f"({chips * cap / 1e9:.2f} GB for {held:.2f} GB of weights and KV cache plus activation "
