@@ -168,6 +168,20 @@ def test_bad_lowering_inputs(kwargs, message):
         lower(load_preset("gemma-3-270m"), **kwargs)
 
 
+@pytest.mark.parametrize("past, tokens", [(0, 300), (8092, 256), (8192, 256), (6144, 4096), (20000, 700)])
+def test_keys_in_slot_ranges_of_a_chunked_layer(past, tokens):
+    """On a chunked layer (Llama 4's 8,192-token attention chunks) query q sees its own chunk so far, slots 0..q
+    mod 8,192: each range's pairs and cached keys, counted query by query (a second method), and the ranges
+    adding up to the layer's attended_keys. They had been counted as a sliding window's, every query past a
+    chunk's end seeing every slot: a range of high slots took a third of the work of queries that see none."""
+    ring, bounds = 8192, [0, 1000, 4096, 5525, 8192]
+    parts = [keys_in_slots("prefill", past, tokens, ring, lo, hi, chunked=True) for lo, hi in itertools.pairwise(bounds)]
+    assert sum(p[0] for p in parts) == attended_keys(tokens, None, "prefill", past, chunk=ring)
+    for (lo, hi), (pairs, cached, _) in zip(itertools.pairwise(bounds), parts):
+        assert pairs == sum(max(0, min(q % ring + 1, hi) - lo) for q in range(past, past + tokens))
+        assert cached == sum(1 for j in range(past - past % ring, past) if lo <= j % ring < hi)
+
+
 @pytest.mark.parametrize("window, context", [(None, 4096), (512, 4096), (4096, 1000)])
 @pytest.mark.parametrize("past, tokens", [(0, 300), (256, 256), (3000, 256), (100, 900)])
 def test_keys_in_slot_ranges_add_up_to_the_layers_attention(window, context, past, tokens):

@@ -403,14 +403,12 @@ def prefill_chunks(workload: Workload) -> list[tuple[int, int]]:
 @functools.lru_cache(maxsize=16)
 def lowered_passes(spec: ModelSpec, workload: Workload, decode_rows: int = 1) -> tuple[list[Op], ...]:
     """The passes a stage's activation buffers must serve: one decode micro-batch of `decode_rows`
-    users' tokens, and the prefill chunks with the largest buffers. Some grow with the keys a chunk
-    attends (a softcap's scores), which under causal or sliding-window attention never fall from one full
-    chunk to the next (chunked attention, Llama 4's, has no softcap): the last full chunk, and the last."""
-    chunks = prefill_chunks(workload)
-    largest = {max(c for c in chunks if c[1] == chunks[0][1]), chunks[-1]}
+    users' tokens, and the first prompt chunk, the longest (a chunk's buffers grow with its tokens, not with
+    the keys before it: attention, a softcap's scores too, keeps those inside it)."""
+    _, tokens = prefill_chunks(workload)[0]
     return (lowered_decode(spec, workload, decode_rows),
-            *(lower(spec, "prefill", tokens, 1, workload.weights, kv_precision=workload.kv,
-                    act_precision=workload.activations, past_len=past) for past, tokens in sorted(largest)))
+            lower(spec, "prefill", tokens, 1, workload.weights, kv_precision=workload.kv,
+                  act_precision=workload.activations))
 
 
 def activation_peaks(spec: ModelSpec, passes: tuple[list[Op], ...], t: int) -> list[float]:

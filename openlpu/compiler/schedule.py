@@ -581,10 +581,11 @@ def _attention_part(spec: ModelSpec, workload: Workload, op: Op, lo: int, hi: in
                                                          "decode", chunk=spec.layer_chunk(op.layer))
     else:
         phase, tokens, past = "prefill", op.shape[0], chunk * workload.chunk_tokens
-    part, whole = (keys_in_slots(phase, past, tokens, ring, a, b) for a, b in ((lo, hi), (0, ring)))
+    chunked = spec.layer_chunk(op.layer) is not None
+    part, whole = (keys_in_slots(phase, past, tokens, ring, a, b, chunked) for a, b in ((lo, hi), (0, ring)))
     pairs, cached, written = (p / w if w else 0.0 for p, w in zip(part, whole))
-    if op.kind != "attention":
-        return dataclasses.replace(op, flops=op.flops * pairs, act_read_bytes=op.act_read_bytes * pairs)
+    if op.kind != "attention":  # a score softcap: its share of the scores; the q and k it passes on whole
+        return dataclasses.replace(op, flops=op.flops * pairs)
     lse = op.act_write_bytes * spec.n_heads / spec.q_dim
     return dataclasses.replace(op, flops=op.flops * pairs, kv_read_bytes=op.kv_read_bytes * cached,
                                kv_write_bytes=op.kv_write_bytes * written, act_write_bytes=op.act_write_bytes + lse)

@@ -93,13 +93,15 @@ def attended_keys(seq_len: int, window: int | None, phase: str, past_len: int = 
     return _causal_pairs(past_len + seq_len, window) - _causal_pairs(past_len, window)
 
 
-def keys_in_slots(phase: str, past_len: int, tokens: int, ring: int, lo: int, hi: int) -> tuple[float, float, float]:
+def keys_in_slots(phase: str, past_len: int, tokens: int, ring: int, lo: int, hi: int,
+                  chunked: bool = False) -> tuple[float, float, float]:
     """(query-key pairs, cached keys read, new keys written) of one sequence whose keys lie in slots
-    [lo, hi) of a layer's KV ring of `ring` slots (position p in slot p mod ring; ring = the context, or
-    the sliding window if shorter). Prefill: `tokens` queries after `past_len` cached positions, query q
-    seeing slots 0..q until the ring is full, then every slot. Decode: a query attending `past_len` keys
-    (attended_keys), which fill the ring from slot 0 (a chunked layer's chunk starts there), and writing
-    one key, which lands in any of their slots."""
+    [lo, hi) of a layer's KV ring of `ring` slots (position p in slot p mod ring; ring = the context, the
+    sliding window if shorter, or a `chunked` layer's attention chunk). Prefill: `tokens` queries after
+    `past_len` cached positions, query q seeing slots 0..q until the ring is full, then every slot (on a
+    chunked layer, slots 0..q mod ring: its chunk so far, the cached keys read those of its chunk before the
+    prompt's). Decode: a query attending `past_len` keys (attended_keys), which fill the ring from slot 0
+    (a chunked layer's chunk starts there), and writing one key, which lands in any of their slots."""
     width = hi - lo
     if phase == "decode":
         filled = min(past_len, ring)
@@ -117,10 +119,16 @@ def keys_in_slots(phase: str, past_len: int, tokens: int, ring: int, lo: int, hi
         return x // ring * width + min(max(x % ring - lo, 0), width)
 
     kept_from = past_len + tokens - min(tokens, ring)  # a long prefill into a ring keeps its last ring keys
+    written = float(hits(past_len + tokens) - hits(kept_from))
+    if chunked:  # query q sees q mod ring + 1 slots
+        def chunked_seen(x: int) -> float:  # over queries 0..x-1
+            return x // ring * seen(ring) + seen(x % ring)
+        pairs = chunked_seen(past_len + tokens) - chunked_seen(past_len)
+        return pairs, float(hits(past_len) - hits(past_len - past_len % ring)), written
     full_ring_queries = max(0, past_len + tokens - max(past_len, ring))  # each sees every slot
     pairs = seen(min(past_len + tokens, ring)) - seen(min(past_len, ring)) + full_ring_queries * width
     cached = hits(past_len) - hits(max(0, past_len - ring))
-    return pairs, float(cached), float(hits(past_len + tokens) - hits(kept_from))
+    return pairs, float(cached), written
 
 
 class _Builder:
@@ -186,8 +194,10 @@ def _attention_block(b: _Builder, spec: ModelSpec, i: int, x: str, m: int, batch
                       spec.layer_positions(i, seq_len if phase == "decode" else past_len))
     scores = pairs * spec.n_heads
     att_inputs = (rope, v)
-    if spec.attn_logit_softcap:
-        cap = b.vector(p + "attn_softcap", "softcap", i, scores, SOFTCAP_FLOPS_PER_ELEMENT, (rope,))
+    if spec.attn_logit_softcap:  # the cap works on the scores inside attention, which never leave it: q and k pass
+        qk = m * (spec.q_dim + spec.kv_dim)
+        cap = b.add(p + "attn_softcap", "softcap", i, "vector", (scores,), scores * SOFTCAP_FLOPS_PER_ELEMENT,
+                    act_in=qk, act_out=qk, inputs=(rope,))
         att_inputs = (cap, v)
     att = b.add(p + "attention", "attention", i, "matrix", (m, spec.n_heads, spec.head_dim),
                 4 * pairs * spec.q_dim + SOFTMAX_FLOPS_PER_ELEMENT * scores,
