@@ -417,6 +417,22 @@ def test_a_stage_takes_one_prompt_chunk_at_a_time(name, workload, chips, tp):
     assert len(by_stage) > 1 and overlaps == [] and verify(p) == []
 
 
+def test_a_shared_expert_cut_beside_expert_rows_is_sized_for_its_rounded_rows():
+    """Llama 4 Maverick for 4 users of 8,192 tokens places its MoE MLPs by expert rows, each part running its share
+    of the shared expert's 8,192 rows beside its experts' rows: 852 rows over 8 chips, 106 or 107 a chip, where
+    the size table had counted 106.5. With stages filled to the last kilobytes, a chip's weights, KV and reserved
+    activation buffers came to 230,006,784 bytes of 230,000,000; each part is now sized for two rows more of
+    each such tensor, and the Program verifies (the verifier sums each chip's shards)."""
+    program = compile_program(load_preset("llama-4-maverick"), SYSTEM, Workload(context_length=8192, users=4))
+    assert program.placement.experts and verify(program) == []
+    stage_of = {c: s.index for s in program.placement.stages for c in s.chips}
+    rows = defaultdict(set)  # a stage's shared-expert rows per chip
+    for sh in program.placement.shards:
+        if "_shexp." in sh.tensor:
+            rows[(sh.tensor, stage_of[sh.chip])].add(sh.stop - sh.start)
+    assert any(len(sizes) > 1 for sizes in rows.values())  # some part's rows split unevenly
+
+
 def test_a_prompts_later_chunks_need_no_larger_activation_buffers():
     """Gemma 2 caps each head's scores inside attention, where they stay (the executor's softcap op hands q and k
     on): a prompt chunk's activation buffers grow with its tokens, not with the keys before it. The buffers

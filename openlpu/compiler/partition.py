@@ -355,7 +355,8 @@ class SizeTable:
     """Per-chip bytes at one TP degree, by half (half_index), with what cutting an MLP needs."""
     t: int
     experts: bool  # MoE MLPs cut and split by expert rows (expert parallelism), not by d_ff rows
-    weights: tuple[float, ...]  # MLP halves, embedding, head: only their uncut tensors (norm, router)
+    # MLP halves, embedding, head: their uncut tensors (norm, router); an MLP's also the rows its parts may round to
+    weights: tuple[float, ...]
     last_part_weights: tuple[float, ...]  # of those, what only a cut piece's last part holds (APPLIED_BY_LAST_PART)
     ffn_units: tuple[int, ...]  # per layer: the units its MLP is cut in (d_ff rows, or expert rows)
     ffn_unit_bytes: tuple[float, ...]  # per layer: bytes of one such unit over its cut tensors
@@ -458,6 +459,10 @@ def size_table(spec: ModelSpec, workload: Workload, t: int, decode_rows: int = 1
         item, part = tensor_piece(name, n)
         if is_cut_along_ffn(name):
             unit_bytes[item] += math.prod(shape) * wb / units[item]
+            if shape[split_axis(name)] != units[item] and not (experts and is_expert_tensor(name)):
+                # rows cut in proportion to the units (a shared expert beside experts cut by expert rows): a
+                # part's share rounds to up to 2 rows on a chip beyond its units' share (cut_range, split_ranges)
+                weights[half_index(item, part, n)] += 2 * math.prod(shape) // shape[split_axis(name)] * wb
             continue
         if is_cut_along_vocab(name):
             vocab_row[part] += shape[1] * wb
