@@ -51,11 +51,11 @@ Constants and the published points they were fitted on / checked against (bench/
   requests in flight (4,096), so the largest all-reduces, about a quarter of its time. Its other 39
   rows on 2 to 8 GPUs (29 on Hopper) are held out (bench/results/fidelity.md).
   (These three fits are solved jointly; bench/fidelity.py repeats the fit and prints them.)
-- FP4_COMPUTE_EFFICIENCY 0.409: the fraction of the FP4 peak that NVFP4 GEMMs reach, on GPUs with FP4 units
+- FP4_COMPUTE_EFFICIENCY 0.420: the fraction of the FP4 peak that NVFP4 GEMMs reach, on GPUs with FP4 units
   (B200). FITTED on one point, with the three above: TensorRT-LLM 1.0 perf-overview (2025), Llama 3.3 70B,
   1 x B200, NVFP4 weights and FP8 KV cache, 2,048 in / 128 out under unbounded load: 1,339 output tok/s.
   Its other 19 B200 rows (70B on 1 GPU, 405B on 4) are held out (bench/results/fidelity.md). It sits below the FP8
-  fraction: NVFP4 math ran at 1.2x the FP8 rate, not the datasheet's 2x.
+  fraction: NVFP4 math ran at 1.3x the FP8 rate, not the datasheet's 2x.
 - HOST_S_PER_REQUEST 24.3 us: what an engine whose loop runs on the host (TensorRT-LLM 1.0's PyTorch
   backend: the `tensorrt-llm-1.0` software row) spends on each request in flight at each step: scheduling
   it, preparing its inputs, taking its token. The loop prepares the next step while the GPU runs this one
@@ -66,11 +66,11 @@ Constants and the published points they were fitted on / checked against (bench/
   Qwen3-30B-A3B and Llama 4 Scout 39% and 21% slower than the B200 (x86 host) beside it, while at 128 /
   4,096, where the GPU sets the pace, the GB200 is faster on both; for Llama 3.3 70B and 3.1 405B it is
   faster at both lengths (bench/fidelity.py HOST_EVIDENCE).
-- MOE_S_PER_TOKEN 128 ns: what serving a mixture of experts costs per token and MoE layer beyond the roofline
+- MOE_S_PER_TOKEN 125 ns: what serving a mixture of experts costs per token and MoE layer beyond the roofline
   of its experts: routing, sorting the tokens by expert, moving them there and back, grouped GEMMs of few
   tokens each. Every GPU of a TP group pays it for every token, as each routes them all. FITTED on one point:
   TensorRT-LLM 1.0 perf-overview (2025), Qwen3-30B-A3B (128 experts, 8 per token), 1 x B200, NVFP4, 2,048 in /
-  128 out under unbounded load: 6,251 output tok/s, where the roofline alone predicts 2.8x that. Its other 9
+  128 out under unbounded load: 6,251 output tok/s, where the roofline alone predicts 2.7x that. Its other 9
   rows and Llama 4 Scout's 10 (16 experts, 1 per token) are held out; Scout's row at the same lengths alone
   needs about the same (bench/results/fidelity.md): the cost follows tokens, not routed copies, FLOPs or bytes.
 - ALLREDUCE_LATENCY_S 10 us: fixed cost of a small NCCL all-reduce inside an NVLink/NVSwitch
@@ -80,7 +80,9 @@ Constants and the published points they were fitted on / checked against (bench/
 - HBM_USABLE_FRACTION 0.90: HBM left after the CUDA context, activations and allocator slack
   (vLLM's default gpu_memory_utilization is 0.9).
 - LOAD_POWER_FRACTION 0.75: server draw while serving, as a fraction of its maximum (DGX H100:
-  typical 6.5-8.5 kW of a 10.2 kW maximum, NVIDIA user guide via supercluster.blog).
+  typical 6.5-8.5 kW of a 10.2 kW maximum, NVIDIA user guide via supercluster.blog), at any batch: no public
+  figure per batch was gathered, so a GPU serving one user is charged this draw, where the LPU's power
+  follows its chips' busy cycles (sim.timing).
 """
 
 from __future__ import annotations
@@ -100,10 +102,10 @@ from openlpu.words import counted
 
 MEMORY_EFFICIENCY = 0.80
 COMPUTE_EFFICIENCY = 0.664  # fitted: see the module docstring
-FP4_COMPUTE_EFFICIENCY = 0.409  # fitted: see the module docstring and bench/fidelity.py
+FP4_COMPUTE_EFFICIENCY = 0.420  # fitted: see the module docstring and bench/fidelity.py
 KERNEL_OVERHEAD_S = 6.98e-6  # fitted: see the module docstring and bench/fidelity.py
 HOST_S_PER_REQUEST = 24.3e-6  # fitted: see the module docstring and bench/fidelity.py
-MOE_S_PER_TOKEN = 128e-9  # fitted: see the module docstring and bench/fidelity.py
+MOE_S_PER_TOKEN = 125e-9  # fitted: see the module docstring and bench/fidelity.py
 ALLREDUCE_LATENCY_S = 10e-6
 ALLREDUCE_BANDWIDTH_EFFICIENCY = 0.710  # fitted: see the module docstring and bench/fidelity.py
 PIPELINE_HOP_S = 10e-6
@@ -212,7 +214,8 @@ def gpu_decode_ops(spec: ModelSpec, seq_len: int, batch: int, precision: str, qu
     layer's whole ring (the LPU's static schedule serves every position up to seq_len with one step)."""
     out = []
     for op in lower(spec, "decode", seq_len=seq_len, batch=batch, precision=precision,
-                    kv_precision=serving_precision(precision), queries=queries):
+                    kv_precision=serving_precision(precision), act_precision=serving_precision(precision),
+                    queries=queries):
         chunk = spec.layer_chunk(op.layer) if op.kind == "attention" and op.layer >= 0 else None
         ring = spec.layer_positions(op.layer, seq_len) if chunk else 0
         if chunk and ring > (keys := attended_keys(seq_len, None, "decode", chunk=chunk)):
@@ -423,10 +426,11 @@ def gpu_timing(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, user
             f"{gpus} x {gpu.name} hold the KV cache of at most {counted(most, 'user')} at context "
             f"{context}, not {users}; add GPUs or lower --users / --context")
 
-    kv_format = serving_precision(precision)
+    served = serving_precision(precision)  # the KV cache and activations: never below 8 bits, as the LPU keeps them
     _, batch = micro_batches(users, stages)
     decode_ops = gpu_decode_ops(spec, decode_context, batch, precision, queries)
-    prefill_ops = lower(spec, "prefill", seq_len=prompt_tokens, batch=1, precision=precision, kv_precision=kv_format)
+    prefill_ops = lower(spec, "prefill", seq_len=prompt_tokens, batch=1, precision=precision, kv_precision=served,
+                        act_precision=served)
     decode = paced_decode_s(step_s(spec, decode_ops, gpu, precision, tp, stages, batch * queries, software), users,
                             software)
     ttft = step_s(spec, prefill_ops, gpu, precision, tp, stages, prompt_tokens, software)
@@ -447,8 +451,9 @@ def offline_steps_s(spec: ModelSpec, gpu: GpuSpec, precision: str, gpus: int, ba
     _check_sizes(input_tokens=input_tokens, batch=batch, output_tokens=output_tokens)
     tp, stages = layout(spec, _checked_count(spec, gpu, precision, gpus), gpu)
     count, each = micro_batches(batch, stages)
-    kv_format = serving_precision(precision)
-    prefill = lower(spec, "prefill", seq_len=input_tokens, batch=each, precision=precision, kv_precision=kv_format)
+    served = serving_precision(precision)
+    prefill = lower(spec, "prefill", seq_len=input_tokens, batch=each, precision=precision, kv_precision=served,
+                    act_precision=served)
     decode = gpu_decode_ops(spec, input_tokens + output_tokens // 2, each, precision)
     return (pipelined_s(step_s(spec, prefill, gpu, precision, tp, stages, each * input_tokens, software), count, stages),
             step_s(spec, decode, gpu, precision, tp, stages, each, software))
