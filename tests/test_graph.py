@@ -175,7 +175,8 @@ def test_keys_in_slot_ranges_of_a_chunked_layer(past, tokens):
     adding up to the layer's attended_keys. They had been counted as a sliding window's, every query past a
     chunk's end seeing every slot: a range of high slots took a third of the work of queries that see none."""
     ring, bounds = 8192, [0, 1000, 4096, 5525, 8192]
-    parts = [keys_in_slots("prefill", past, tokens, ring, lo, hi, chunked=True) for lo, hi in itertools.pairwise(bounds)]
+    parts = [keys_in_slots("prefill", past, tokens, ring, lo, hi, chunked=True)
+             for lo, hi in itertools.pairwise(bounds)]
     assert sum(p[0] for p in parts) == attended_keys(tokens, None, "prefill", past, chunk=ring)
     for (lo, hi), (pairs, cached, _) in zip(itertools.pairwise(bounds), parts):
         assert pairs == sum(max(0, min(q % ring + 1, hi) - lo) for q in range(past, past + tokens))

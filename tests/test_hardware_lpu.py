@@ -1,5 +1,6 @@
 """LPU hardware presets: published figures, and one clear error per bad hardware file."""
 
+import dataclasses
 import itertools
 import json
 import re
@@ -263,19 +264,30 @@ def test_routes_follow_the_topology():
         assert sum(s.node_of(a) != s.node_of(b) for a, b in itertools.pairwise(path)) == 1
 
 
-@pytest.mark.parametrize("name", ["lpu-v1", "lpu-v3-projected"])
-def test_a_pipeline_hands_off_from_the_last_chip_of_a_node_to_the_first_of_the_next(name):
+def _shaped(nodes: int, chips: int, global_links: int):
+    """lpu-v1 with racks of `nodes` nodes of `chips` chips, each with `global_links` global links, 4 racks at most."""
+    s = load_system("lpu-v1")
+    return dataclasses.replace(s, rack=dataclasses.replace(s.rack, nodes=nodes),
+                               node=dataclasses.replace(s.node, chips=chips, local_links_per_chip=chips - 1,
+                                                        global_links_per_chip=global_links),
+                               network=dataclasses.replace(s.network, max_racks=4))
+
+
+@pytest.mark.parametrize("system", [
+    load_system("lpu-v1"), load_system("lpu-v3-projected"), _shaped(2, 8, 4), _shaped(3, 8, 4), _shaped(20, 8, 4),
+    _shaped(6, 4, 4), _shaped(5, 1, 24)], ids=lambda s: f"{s.rack.nodes}x{s.node.chips}")
+def test_a_pipeline_hands_off_from_the_last_chip_of_a_node_to_the_first_of_the_next(system):
     """A pipeline running through consecutive nodes and racks crosses each boundary in one hop, from the last
     chip of one to the first of the next, whether a rack's nodes outnumber a node's chips by one (lpu-v1: 9
-    nodes of 8) or by more (lpu-v3-projected: 32 nodes of 8, each chip holding 4 of a node's 31 rack links:
-    the link to the next node had landed on chip 6, a local hop from the last); and no chip holds more of
-    its rack's links than its share."""
-    s = load_system(name)
-    n, nodes = s.node.chips, s.rack.nodes
-    for boundary in range(n, 3 * s.chips_per_rack, n):
-        assert s.route(boundary - 1, boundary) == (boundary - 1, boundary)
-    rack_links = [sum(s.link_kind(c, d) == "rack" for d in s.linked_chips(c)) for c in range(s.chips_per_rack)]
-    assert sum(rack_links) == nodes * (nodes - 1) and max(rack_links) == s.rack_links_per_chip
+    nodes of 8), by more (lpu-v3-projected: 32 nodes of 8, each chip holding 4 of a node's 31 rack links: the
+    link to the next node had landed on chip 6, a local hop from the last) or by fewer (2, 3, 6 nodes), or a
+    node is one chip; and no chip holds more of its rack's links than its share."""
+    n, nodes = system.node.chips, system.rack.nodes
+    for boundary in range(n, 3 * system.chips_per_rack, n):
+        assert system.route(boundary - 1, boundary) == (boundary - 1, boundary)
+    rack_links = [sum(system.link_kind(c, d) == "rack" for d in system.linked_chips(c))
+                  for c in range(system.chips_per_rack)]
+    assert sum(rack_links) == nodes * (nodes - 1) and max(rack_links) == system.rack_links_per_chip
 
 
 def test_linked_chips_are_the_single_hops_of_routes():

@@ -168,7 +168,7 @@ def test_a_precision_the_matrix_unit_has_no_mode_for_is_named():
     """lpu-v1's matrix unit has int8 and fp16 modes: fp8 weights and activations run in the fp16 mode, at a quarter
     of int8's MACs, which the table says; int4 weights beside int8 activations run in the int8 mode their widest
     operand asks for, and nothing is said."""
-    from openlpu.compiler.schedule import matrix_macs_per_cycle
+    from openlpu.compiler.schedule import matrix_macs_per_cycle, matrix_mode
     from openlpu.hardware.lpu import load_system
 
     system = load_system("lpu-v1")
@@ -179,6 +179,9 @@ def test_a_precision_the_matrix_unit_has_no_mode_for_is_named():
         fp8.stdout.split())
     int4 = run_cli("llama-3.2-1b", "--precision", "int4", "--compare", "")
     assert int4.returncode == 0 and "matrix unit has no" not in " ".join(int4.stdout.split())
+    projected = load_system("lpu-v3-projected")  # fp8 and int8 modes as narrow: int8 operands take int8's
+    assert matrix_mode(projected, "int8") == matrix_mode(projected, "int4", "int8") == "int8"
+    assert matrix_mode(projected, "fp8") == "fp8" and matrix_mode(system, "fp8") == "fp16"
 
 
 def test_smaller_prefill_chunks_let_wider_groups_fit_and_fill_the_pipeline_sooner():
@@ -575,8 +578,8 @@ def test_a_gguf_file_plans_as_its_preset(gemma_path):
     (["llama-2-70b", "--compare", "h100"], "did you mean"),
     (["llama-2-70b", "--system", "h100-sxm"], "'h100-sxm' is a GPU, not an LPU system: give it with --compare"),
     (["llama-2-70b", "--compare", "lpu-v1"], "'lpu-v1' is an LPU system, not a GPU: give it with --system"),
-    (["llama-2-70b", "--compare", "", "--precision", "fp32"], "choose another --precision (weights and activations; "
-                                                              "`compile` also takes --kv-precision) or another --system"),
+    (["llama-2-70b", "--compare", "", "--precision", "fp32"],
+     "choose another --precision (weights and activations; `compile` also takes --kv-precision) or another --system"),
     (["llama-2-70b", "--precision", "fp5"], "unknown precision"),
     (["llama-2-70b", "--system", "", "--precision", "fp32"], "h100-sxm gives no tensor throughput for fp32 math"),
     (["llama-2-70b", "--context", "100000"], "context window"),

@@ -95,7 +95,7 @@ from openlpu.graph.lower import as_precision, lower
 from openlpu.graph.ops import Op
 from openlpu.hardware.lpu import SystemSpec
 from openlpu.models.spec import ModelSpec
-from openlpu.words import counted
+from openlpu.words import counted, significant
 
 EMBED = -1  # item index of the embedding; the head is item n_layers
 VOCAB_PARTS = ("embed", "head")  # pieces whose tensors split along the vocabulary when too large
@@ -1323,6 +1323,11 @@ def tp_widths(spec: ModelSpec, system: SystemSpec, tp: int | None) -> list[int]:
     return [tp]
 
 
+def _megabytes(nbytes: float) -> str:
+    """A chip's SRAM in whole MB, or to 3 figures below one (a hardware file's toy chip)."""
+    return significant(round(nbytes / 1e6)) if nbytes >= 1e6 else significant(nbytes / 1e6)
+
+
 def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int | None, decode_rows: int,
             widths: list[int]) -> OpenLPUError:
     cap = system.chip.sram_bytes
@@ -1344,7 +1349,7 @@ def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int 
             return OpenLPUError(f"{what}: a TP group of {widths[0]} chips is wider than the {chips} chips given; "
                                 f"give at least {need} chips (--chips {need}) or a narrower --tp")
         held = (sum(sizes.weights) + sum(sizes.kv) - (sizes.tied_table if stages == 1 else 0)) * t / 1e9
-        return OpenLPUError(f"{what} does not fit on {chips} {system.name} chips of {cap / 1e6:.3g} MB SRAM "
+        return OpenLPUError(f"{what} does not fit on {chips} {system.name} chips of {_megabytes(cap)} MB SRAM "
                             f"({chips * cap / 1e9:.2f} GB for {held:.2f} GB of weights and KV cache plus activation "
                             f"buffers); it needs at least {need} chips (--chips {need})")
     degrees = f"TP degrees {', '.join(map(str, widths))}; " if len(widths) > 1 else ""
@@ -1402,7 +1407,7 @@ def _no_piece_fits(spec: ModelSpec, system: SystemSpec, workload: Workload, deco
     needs = f"{what} alone needs {need / 1e6:,.0f} MB per chip{finest}"
     if others:
         return OpenLPUError(f"{spec.name} does not fit in TP groups of {t}: {needs} at that width, and a chip holds "
-                            f"{cap / 1e6:.3g} MB; it places in TP groups of {', '.join(map(str, sorted(others)))}: "
+                            f"{_megabytes(cap)} MB; it places in TP groups of {', '.join(map(str, sorted(others)))}: "
                             f"use one of those with --tp, or leave out --tp")
     needs += f" even at TP {t}"
     if part == "ffn" and spec.is_moe_layer(item):  # the finest cut by expert rows: a tile of them on a chip
@@ -1414,7 +1419,7 @@ def _no_piece_fits(spec: ModelSpec, system: SystemSpec, workload: Workload, deco
     # per weight or a larger chip
     fewer = f"lower --users ({workload.users}), " if part == "attn" and workload.users > 1 else ""
     return OpenLPUError(f"{spec.name} does not fit on any {system.name} system: {needs} (a chip holds "
-                        f"{cap / 1e6:.3g} MB; the largest system has {system.max_chips} chips); {fewer}use a "
+                        f"{_megabytes(cap)} MB; the largest system has {system.max_chips} chips); {fewer}use a "
                         f"smaller precision, or a system whose chips hold more SRAM (--system)")
 
 

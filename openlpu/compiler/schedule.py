@@ -87,17 +87,19 @@ def matrix_macs_per_cycle(system: SystemSpec, *precisions: str) -> float:
 
 def matrix_mode(system: SystemSpec, *precisions: str) -> str:
     """The matrix unit's mode for operands in these precisions: the chip's narrowest that holds the widest
-    operand (integers may run on a float mode, floats never on an integer mode)."""
+    operand (integers may run on a float mode, floats never on an integer mode), of the operand's own kind
+    where two are as narrow (int8 operands on int8, not fp8)."""
     need = max((as_precision(p) for p in precisions), key=lambda p: p.bytes_per_element)
     is_float = need.name in FLOAT_PRECISIONS
-    modes = [(PRECISIONS[m].bytes_per_element, m) for m in system.chip.matrix_macs_per_cycle
+    modes = [(PRECISIONS[m].bytes_per_element, (m in FLOAT_PRECISIONS) != is_float, m)
+             for m in system.chip.matrix_macs_per_cycle
              if m in PRECISIONS and PRECISIONS[m].bytes_per_element >= need.bytes_per_element
              and (m in FLOAT_PRECISIONS or not is_float)]
     if not modes:
         raise OpenLPUError(f"{system.name}'s matrix unit has no mode for {need.name} operands (it has "
                            f"{', '.join(system.chip.matrix_macs_per_cycle)}); choose another --precision (weights and "
                            f"activations; `compile` also takes --kv-precision) or another --system")
-    return min(modes)[1]
+    return min(modes)[-1]
 
 
 def unit_rates(chip: ChipSpec, matrix_macs: float) -> dict[str, float]:

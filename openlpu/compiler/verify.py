@@ -983,7 +983,9 @@ def _links(program: Program, phase: PhaseSchedule, figures: dict) -> list[Violat
 def _hop_latencies(hops: dict[tuple[int, int], float], members: frozenset[int]) -> dict[tuple[int, int], float]:
     """Per link of a phase (its hop latency in `hops`), the least latency from a chip of the transfer (`members`)
     to the link's far end: a chip that only relays sends on what reached it over the phase's links into it (one
-    nothing reaches is reported by _short_of_payload; its link counts its own hop)."""
+    nothing reaches is reported by _short_of_payload; its link counts its own hop). A member relaying others'
+    shares as well as sending its own (a stripe's, between nodes) is bounded by its own hop alone: which bytes
+    it relays is not recorded."""
     out_of = defaultdict(list)
     for a, b in hops:
         out_of[a].append((a, b))

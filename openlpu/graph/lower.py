@@ -197,9 +197,8 @@ def _attention_block(b: _Builder, spec: ModelSpec, i: int, x: str, m: int, batch
     scores = pairs * spec.n_heads
     att_inputs = (rope, v)
     if spec.attn_logit_softcap:  # the cap works on the scores inside attention, which never leave it: q and k pass
-        qk = m * (spec.q_dim + spec.kv_dim)
         cap = b.add(p + "attn_softcap", "softcap", i, "vector", (scores,), scores * SOFTCAP_FLOPS_PER_ELEMENT,
-                    act_in=qk, act_out=qk, inputs=(rope,))
+                    act_in=qk_elems, act_out=qk_elems, inputs=(rope,))
         att_inputs = (cap, v)
     att = b.add(p + "attention", "attention", i, "matrix", (m, spec.n_heads, spec.head_dim),
                 4 * pairs * spec.q_dim + SOFTMAX_FLOPS_PER_ELEMENT * scores,

@@ -117,9 +117,10 @@ class SystemSpec:
     # take its chips' first global ports, a link per chip in turn, the previous nodes (n - 1, n - 2, ...)
     # from its first chip on, the next nodes (n + 1, n + 2, ...) from its last chip back, and a rack's
     # links to other racks the ports left, forward neighbours (rack r + 1, r + 2, ...) from the rack's last
-    # chip back, backward neighbours (r - 1, ...) from its first chip on. So a pipeline running through consecutive nodes and racks crosses each boundary in one
-    # global hop, from the last chip of a node or rack to the first of the next, and a deployment that
-    # ends in part of a node still holds that node's link to the node before it.
+    # chip back, backward neighbours (r - 1, ...) from its first chip on. So a pipeline running through
+    # consecutive nodes and racks crosses each boundary in one global hop, from the last chip of a node or
+    # rack to the first of the next, and a deployment that ends in part of a node still holds that node's
+    # link to the node before it.
     @property
     def rack_links_per_chip(self) -> int:
         return -(-(self.rack.nodes - 1) // self.node.chips)
@@ -148,9 +149,11 @@ class SystemSpec:
 
     def _rack_gateway(self, node: int, to_node: int) -> int:
         """The chip of `node` holding its link to `to_node`, a node of the same rack."""
-        nodes, chips = self.rack.nodes, self.node.chips
-        ahead = (to_node - node) % nodes  # 1: the next node, nodes - 1: the one before
-        slot = nodes - 1 - ahead if ahead > nodes // 2 else chips * self.rack_links_per_chip - ahead
+        chips = self.node.chips
+        if to_node < node:  # the k-th node before takes port k - 1, from the first chip on
+            slot = node - to_node - 1
+        else:  # the k-th node after takes the k-th port from the last, from the last chip back
+            slot = chips * self.rack_links_per_chip - (to_node - node)
         return node * chips + slot % chips
 
     def _system_gateway(self, rack: int, to_rack: int) -> int:

@@ -403,7 +403,8 @@ def load_preset(name: str) -> ModelSpec:
         import difflib
 
         names = preset_names()  # spelt nearly so, else holding what was given ("70b")
-        close = difflib.get_close_matches(name.lower(), names, n=3) or [n for n in names if len(name) > 2 and name.lower() in n][:5]
+        holding = [n for n in names if len(name) > 2 and name.lower() in n]
+        close = difflib.get_close_matches(name.lower(), names, n=3) or holding[:5]
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise OpenLPUError(f"unknown model {name!r}{hint} (`openlpu models` lists them; or give a .gguf file "
                            "or a Hugging Face config.json)")
