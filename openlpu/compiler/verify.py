@@ -943,17 +943,20 @@ def _links(program: Program, phase: PhaseSchedule, figures: dict) -> list[Violat
         peaks.append(peak)
         # the load's phases take at least, for each link, the latency of the hops to its far end plus its bytes at
         # the link's bandwidth (one too short for the bytes alone is over the bandwidth, reported below)
+        usable = []  # (link, bytes, bandwidth, hop latency in cycles) of the links the Program may use
         for a, b, nbytes in links:
             carried[(a, b)].append((nbytes, load))
             if (a, b) not in figures:
                 figures[(a, b)] = _link_figures(system, held, a, b)
-        usable = [(a, b, nbytes) for a, b, nbytes in links if not isinstance(figures[(a, b)], str)]
-        reached = _hop_latencies({(a, b): figures[(a, b)][1] * clock for a, b, _ in usable}, members)
+            if not isinstance(figures[(a, b)], str):
+                usable.append(((a, b), nbytes, figures[(a, b)][0], figures[(a, b)][1] * clock))
+        relayed = any(a not in members for (a, _), *_ in usable)  # else each link's latency is its own hop's
+        reached = _hop_latencies({link: hop for link, _, _, hop in usable}, members) if relayed else None
         least, slowest, bytes_alone = 0.0, None, 0.0
-        for a, b, nbytes in usable:
-            moving = nbytes / figures[(a, b)][0] * clock
-            if reached[(a, b)] + moving > least:
-                least, slowest = reached[(a, b)] + moving, (a, b)
+        for link, nbytes, bandwidth, hop in usable:
+            moving = nbytes / bandwidth * clock
+            if (reached[link] if relayed else hop) + moving > least:
+                least, slowest = (reached[link] if relayed else hop) + moving, link
             bytes_alone = max(bytes_alone, moving)
         short = next(((start, arrival, name) for start, arrival, name in spans_here
                       if bytes_alone * (1 - RATE_TOLERANCE) <= arrival - start < least * (1 - RATE_TOLERANCE)), None)
