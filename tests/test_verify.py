@@ -175,8 +175,8 @@ def test_a_workload_claiming_lengths_its_phases_were_not_scheduled_for(program):
     assert [v.message for v in verify(shorter)] == [
         "the decode phase is scheduled for 2,048 tokens, not the 100 tokens its workload attends"]
     longer = dataclasses.replace(program, prefill=dataclasses.replace(program.prefill, seq_len=400))
-    assert [v.message for v in verify(longer)] == ["the prefill phase is scheduled for 400 tokens, not the 200 "
-                                                   "tokens of its workload's prompt"]
+    assert [v.message for v in verify(longer)] == [
+        "the prefill phase is scheduled for 400 tokens, not the 200 tokens of its workload's prompt"]
 
 
 def test_kv_cache_reserved_for_every_user_and_slot(program):

@@ -782,7 +782,8 @@ def _work(program: Program, phase: PhaseSchedule, origin: Callable[[str], str]) 
         t, sums, g = widths[op.stage], recorded[prefix + base], graphs[prefix][base]
         sums[0] += op.flops_per_chip * t
         sums[1] += op.sram_bytes_per_chip * t
-        by_kv_head = g.kind == "attention" or bool(g.weight) and (split_rule(g.weight) or ())[1:] == ("kv_head",)
+        rule = split_rule(g.weight) if g.weight else None
+        by_kv_head = g.kind == "attention" or rule is not None and rule[1] == "kv_head"
         sums[2] += (op.end_cycle - op.start_cycle) * (min(t, spec.n_kv_heads) if by_kv_head else t)
         sums[3] += op.output_bytes_per_chip * t
     out = []
@@ -955,8 +956,8 @@ def _links(program: Program, phase: PhaseSchedule, figures: dict) -> list[Violat
         least, slowest, bytes_alone = 0.0, None, 0.0
         for link, nbytes, bandwidth, hop in usable:
             moving = nbytes / bandwidth * clock
-            if (reached[link] if relayed else hop) + moving > least:
-                least, slowest = (reached[link] if relayed else hop) + moving, link
+            if (taken := (reached[link] if relayed else hop) + moving) > least:
+                least, slowest = taken, link
             bytes_alone = max(bytes_alone, moving)
         short = next(((start, arrival, name) for start, arrival, name in spans_here
                       if bytes_alone * (1 - RATE_TOLERANCE) <= arrival - start < least * (1 - RATE_TOLERANCE)), None)

@@ -196,7 +196,7 @@ def _attention_block(b: _Builder, spec: ModelSpec, i: int, x: str, m: int, batch
                       spec.layer_positions(i, seq_len if phase == "decode" else past_len))
     scores = pairs * spec.n_heads
     att_inputs = (rope, v)
-    if spec.attn_logit_softcap:  # the cap works on the scores inside attention, which never leave it: q and k pass
+    if spec.attn_logit_softcap:  # it caps the scores inside attention, which never leave it: q and k pass through
         cap = b.add(p + "attn_softcap", "softcap", i, "vector", (scores,), scores * SOFTCAP_FLOPS_PER_ELEMENT,
                     act_in=qk_elems, act_out=qk_elems, inputs=(rope,))
         att_inputs = (cap, v)
