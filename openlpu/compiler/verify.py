@@ -451,9 +451,8 @@ def static_sram_bytes(program: Program) -> dict[int, float]:
     return static
 
 
-def _sram(program: Program, phase: PhaseSchedule) -> list[Violation]:
+def _sram(program: Program, phase: PhaseSchedule, static: dict[int, float]) -> list[Violation]:
     capacity = program.system.chip.sram_bytes
-    static = static_sram_bytes(program)
     # live activations: a result is held from its producer's start until its last consumer ends
     last_use: dict[str, int] = {}
     attention = {op.name for op in phase.ops if op.kind == "attention"}
@@ -505,10 +504,10 @@ def _sram(program: Program, phase: PhaseSchedule) -> list[Violation]:
     return out
 
 
-def _reserved(program: Program) -> list[Violation]:
-    """Each chip's weights and KV cache, and the activation buffers its stage reserves (what timing reports as
-    its SRAM in use), fit the chip."""
-    capacity, static, out = program.system.chip.sram_bytes, static_sram_bytes(program), []
+def _reserved(program: Program, static: dict[int, float]) -> list[Violation]:
+    """Each chip's weights and KV cache (`static`: static_sram_bytes), and the activation buffers its stage
+    reserves (what timing reports as its SRAM in use), fit the chip."""
+    capacity, out = program.system.chip.sram_bytes, []
     for stage in program.placement.stages:
         fullest = max(stage.chips, key=static.__getitem__, default=None)  # none: reported by _structure
         if fullest is not None and static[fullest] + stage.activation_bytes_per_chip > capacity:
@@ -1041,7 +1040,9 @@ def verify(program: Program) -> list[Violation]:
     if unreadable := _names(program):  # what the other invariants are read off
         return unreadable
     shaped = _structure(program) + _sizes(program)
-    out = shaped + _reserved(program) + _kv_reserved(program) + _weights(program) + _shards_on_their_stages(program)
+    static = static_sram_bytes(program)  # what each chip holds throughout, read by both SRAM checks
+    out = shaped + _reserved(program, static) + _kv_reserved(program) + _weights(program)
+    out += _shards_on_their_stages(program)
     link_figures = {}  # the phases load mostly the same links
     for phase in (program.decode, program.prefill):
         out += _makespan(phase) + _ops_on_their_pieces(program, phase)
@@ -1050,7 +1051,7 @@ def verify(program: Program) -> list[Violation]:
             out += _graph(program, phase, origin) + _work(program, phase, origin)
         out += (_unit_overlap(program, phase) + _inputs_ready(program, phase) + _partials_reduced(program, phase)
                 + _token_delivered(program, phase)
-                + _sram(program, phase) + _payload_carried(phase) + _links(program, phase, link_figures))
+                + _sram(program, phase, static) + _payload_carried(phase) + _links(program, phase, link_figures))
     return out
 
 
