@@ -343,7 +343,7 @@ def test_users_share_a_micro_batch_only_when_it_serves_them_sooner():
     kept = {}
     for balance in (False, True):
         single = schedule_phase(spec, SYSTEM, w, partition(spec, SYSTEM, w, 304, balance=balance), "decode")
-        asked = decode_rows(16, single)
+        asked = decode_rows(SYSTEM, 16, single)
         batched = schedule_phase(spec, SYSTEM, w, partition(spec, SYSTEM, w, 304, decode_rows=asked, balance=balance),
                                  "decode", rows=asked)
         periods = [decode_period_cycles(SYSTEM, phase, 16) for phase in (single, batched)]

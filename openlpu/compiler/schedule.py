@@ -40,9 +40,9 @@ from) spreads to them along a binomial tree (_spread), each stage that has it pa
 not queue on the links near its source. A partial is split by heads over the group, so it moves rank r
 to rank r of the next group ("rank_p2p"). A decode step carries one micro-batch of users, whose rows
 stream through one install of each weight (each row still attends its own user's keys and values): as
-few users as keep every user's turn at the busiest stage within one step (decode_rows), so one user per
-step while the users fit the pipeline. In a
-prefill, a stage starts prompt chunk c only once its last op of chunk c-1 has ended and every result
+many as serve each user soonest, which the compiler finds from steps scheduled at a few sizes (decode_rows,
+predicted_rows), so one user per step while the users fit the pipeline. In a prefill, a stage starts prompt
+chunk c only once its last op of chunk c-1 has ended and every result
 of chunk c-1 it sends has arrived, and chunk c's results land on it only once its ops of chunk c-1
 have ended: like a user's token in decode, a chunk holds a stage's activation buffers alone, which is
 what the partition reserves (a prompt's token ids are all known at once, so without this rule every
@@ -720,13 +720,48 @@ def decode_period_cycles(system: SystemSpec, decode: PhaseSchedule, users: int) 
                          link_cycles(system, decode))
 
 
-def decode_rows(users: int, single: PhaseSchedule) -> int:
-    """Users per micro-batch of a decode step, from the step scheduled for one user: the fewest that
-    let every micro-batch take its turn at the busiest stage within one step, so that no user waits on
-    the others (one when the users pass the busiest stage in a step anyway), spread evenly over the
-    micro-batches (balanced_rows)."""
-    busiest = max(stage_occupancy_cycles(single).values())
-    return balanced_rows(users, max(1, min(users, math.ceil(users * busiest / single.makespan_cycles))))
+def turn_cycles(system: SystemSpec, step: PhaseSchedule) -> float:
+    """Cycles a micro-batch holds the busiest stage or link of a step, which the next one waits for."""
+    return max(max(stage_occupancy_cycles(step).values()), max(link_cycles(system, step).values(), default=0))
+
+
+def decode_rows(system: SystemSpec, users: int, step: PhaseSchedule) -> int:
+    """Users per micro-batch of a decode step, read off a step scheduled for some number of them: the fewest
+    that let every micro-batch take its turn at the busiest stage and link within that step, so that no user
+    waits on the others (one when the users pass them in a step anyway), spread evenly over the micro-batches
+    (balanced_rows)."""
+    batches = max(1, int(step.makespan_cycles // turn_cycles(system, step)))  # turns that fit the step
+    return balanced_rows(users, -(-users // batches))
+
+
+def predicted_rows(users: int, steps: dict[int, tuple[float, float]], most: int) -> int:
+    """Users per micro-batch, at most `most`, whose period looks shortest from decode steps scheduled for two or
+    more sizes (users per micro-batch -> (makespan, turn_cycles)): the makespan and the turn both grow with the
+    rows (a step installs each user's keys and values in turn), so each is drawn as a line between the sizes on
+    either side, or through the two nearest beyond them, and every even split of the users weighed as
+    period_cycles weighs it (the fewer users a step on ties)."""
+    sizes = sorted(steps)
+
+    def line(r: int, k: int) -> float:  # figure k at r users a step, between the nearest sizes scheduled
+        i = min(max(bisect.bisect_left(sizes, r), 1), len(sizes) - 1)
+        (r0, y0), (r1, y1) = (sizes[i - 1], steps[sizes[i - 1]][k]), (sizes[i], steps[sizes[i]][k])
+        return y0 + (y1 - y0) * (r - r0) / (r1 - r0)
+
+    def period(r: int) -> float:
+        return max(line(r, 0), -(-users // r) * line(r, 1))
+
+    return min((r for r in even_splits(users) if r <= most), key=lambda r: (period(r), r))
+
+
+def even_splits(users: int) -> list[int]:
+    """Each number of users a micro-batch takes when `users` are spread evenly over some number of them
+    (balanced_rows of every count: about 2 sqrt(users) of them)."""
+    sizes, batches = [], 1
+    while batches <= users:
+        rows = -(-users // batches)
+        sizes.append(rows)
+        batches = -(-users // (rows - 1)) if rows > 1 else users + 1  # the fewest micro-batches of fewer users
+    return sizes
 
 
 def balanced_rows(users: int, rows: int) -> int:
