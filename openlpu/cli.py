@@ -163,9 +163,10 @@ def plan(
     draft_tokens: int = typer.Option(None, "--draft-tokens", help="tokens the draft proposes per round (default 4)"),
     acceptance: float = typer.Option(None, "--acceptance", help="chance the target accepts each draft token "
                                                                 "(needed with --draft)"),
-    gpu_software: str = typer.Option("gqa-kernels", "--gpu-software",
-                                     help="the GPUs' serving software: gqa-kernels (each KV head read once "
-                                          "per group, as current engines do), tensorrt-llm-1.0 (the same, and a "
+    gpu_software: str = typer.Option(None, "--gpu-software",
+                                     help="the GPUs' serving software: gqa-kernels (the default: each KV head "
+                                          "read once per group, as current engines do), tensorrt-llm-1.0 (the "
+                                          "same, and a "
                                           "host loop over the requests in flight at each step) or "
                                           "tensorrt-llm-0.5 (once per query head)"),
     json_out: bool = typer.Option(False, "--json", help="print the rows as JSON"),
@@ -182,7 +183,7 @@ def plan(
     from openlpu.models.spec import load_spec
     from openlpu.sim.cost import CostAssumptions
     from openlpu.sim.figures import png_path
-    from openlpu.sim.gpu import SOFTWARE
+    from openlpu.sim.gpu import DEFAULT_SOFTWARE, SOFTWARE
     from openlpu.sim.plan import DRAFT_TOKENS, plot
     from openlpu.sim.plan import plan as make_plan
 
@@ -202,13 +203,15 @@ def plan(
                          users=users, chips=chips, tp=tp, gpus=gpus, prompt=prompt, assumptions=assumptions,
                          draft=draft, draft_tokens=draft_tokens, acceptance=acceptance, gpu_software=gpu_software,
                          decode_context=decode_context, prefill_chunk=prefill_chunk)
+    gpu_software = (gpu_software or DEFAULT_SOFTWARE) if compare else None  # what the GPU rows were planned with
     if plot_file is not None:
         a = assumptions
         drafting = f"; draft {draft}, {draft_tokens or DRAFT_TOKENS} tokens at {acceptance:g}" if draft else ""
         plot(rows, plot_file, f"{spec.name}, {precision}, {_users(users)} x {context:,} tokens (decode steps attend "
                               f"{decode_context or context:,}; TTFT: a {prompt:,}-token prompt{drafting})\n"
                               f"${a.usd_per_kwh:g}/kWh at PUE {a.pue:g}, {a.years:g} years, serving "
-                              f"{significant(a.utilisation * 100, 2)}% of the hours; GPU software {gpu_software}")
+                              f"{significant(a.utilisation * 100, 2)}% of the hours"
+                              + (f"; GPU software {gpu_software}" if gpu_software else ""))
     if json_out:  # each row with what it was planned for, so that a saved file still says
         planned = {"model": spec.name, "precision": precision, "context": context,
                    "decode_context": decode_context or context, "prompt": prompt, "gpu_software": gpu_software,
@@ -239,7 +242,8 @@ def plan(
     if system and (mode := matrix_mode(lpu := load_system(system), precision, kv)) != kv:  # kv: the widest operand
         kernels += f" {lpu.name}'s matrix unit has no {kv} mode: the LPU's matmuls run in its {mode} mode."
     # the fewest chips can decode several times slower than a few more in wider groups (70B: 336 and 448)
-    widths = (" The LPU on the fewest chips that hold the workload at the compiler's width and chunk (--tp all: "
+    chunk = "" if prefill_chunk else " and chunk"
+    widths = (f" The LPU on the fewest chips that hold the workload at the compiler's width{chunk} (--tp all: "
               "every TP width, each on its fewest)."
               if system and chips is None and tp is None else "")
     idle = dict.fromkeys(_idle_note(r.chips_asked, r.chips_asked - r.chips_idle) for r in rows if r.chips_idle)
@@ -351,21 +355,24 @@ def compile_cmd(
 ):
     """Compile a model for an LPU system: placement + static schedule, verified, written to a file."""
     from openlpu.compiler import Workload, compile_program, verify
+    from openlpu.compiler.schedule import matrix_mode
     from openlpu.graph.lower import as_precision, serving_precision
     from openlpu.hardware.lpu import load_system
     from openlpu.models.spec import load_spec
     from openlpu.paths import output_path
+    from openlpu.sim.plan import check_workload_flags
     from openlpu.sim.timing import timing
 
     output_path(output, "Program")  # before compiling: a large model takes seconds
-    for flag, count in (("--context", context), ("--users", users), ("--prompt", prompt), ("--chips", chips),
-                        ("--decode-context", decode_context), ("--prefill-chunk", prefill_chunk), ("--tp", tp)):
+    for flag, count in (("--chips", chips), ("--tp", tp)):
         if count is not None:  # named as the user wrote it (the Workload names its fields)
             check_count(count, flag)
     check_count(draft_tokens, "--draft-tokens", least=0)
     spec = load_spec(model)
     kv = as_precision(kv_precision).name if kv_precision is not None else serving_precision(precision)
     prompt = Workload.default_prompt_len(context) if prompt is None else prompt
+    check_workload_flags(spec, context, (users,), prompt, decode_context or context,
+                         () if prefill_chunk is None else (prefill_chunk,))
     workload = Workload(weights=precision, activations=serving_precision(precision), kv=kv,
                         context_length=context, users=users, prompt_len=prompt, draft_tokens=draft_tokens,
                         decode_context=decode_context, prefill_chunk=prefill_chunk)
@@ -377,6 +384,9 @@ def compile_cmd(
                   f"{counted(t.stages, 'pipeline stage')} x TP {t.tp}; weights {precision}, activations "
                   f"{workload.activations}, KV cache {kv}; SRAM {t.sram_used_bytes / 1e9:.2f} GB "
                   f"({t.sram_used_fraction:.0%} of the chips used)")
+    if (mode := matrix_mode(program.system, precision, workload.activations)) != workload.activations:
+        console.print(f"{escape(program.system.name)}'s matrix unit has no {workload.activations} mode: the matmuls "
+                      f"run in its {mode} mode")
     if chips is not None and t.chips < chips:
         console.print(_idle_note(chips, t.chips))
     rate = "tok/s" if not draft_tokens else "steps/s"  # a verifying step yields 1 to draft_tokens + 1 tokens
@@ -386,7 +396,7 @@ def compile_cmd(
                   f"({t.tokens_per_s_per_user:,.0f} {rate} per user, "
                   f"{t.throughput_tokens_per_s:,.0f} {rate} with {counted(users, 'user')}, {t.micro_batch} per step); "
                   f"prefill of {workload.prompt_len:,} tokens in chunks of "
-                  f"{program.workload.prefill_chunk:,}{'' if prefill_chunk else ' (the compiler chose)'} "
+                  f"{program.workload.prefill_chunk:,}{'' if prefill_chunk else ' (the compiler chose)'}: "
                   f"{t.ttft_s * 1e3:,.2f} ms")
     verdict = ("[green]passed[/]" if not violations
                else f"[red]{counted(len(violations), 'violation')}[/]: {escape(violations[0].message)}")
@@ -432,7 +442,7 @@ def inspect_cmd(
                       f"{r['kv_bytes_per_chip'] / 1e6:.1f}", f"{r['activation_bytes_per_chip'] / 1e6:.1f}",
                       f"{r['busy_s'] * 1e6:.2f}")
     if len(rows) > stages:
-        table.add_row("...", f"{len(rows) - stages} more", "", "", "", "", "")
+        table.add_row("...", counted(len(rows) - stages, "more stage"), "", "", "", "", "")
     console.print(table)
     drafts = program.workload.draft_tokens
     step, rate = ("token", "tok/s") if not drafts else (f"step verifying {drafts} draft tokens", "steps/s")
@@ -477,8 +487,7 @@ def run(
                              "the fast path; sharded: every virtual chip runs its own shards and transfers"),
     compare: str = typer.Option("h100-sxm", "--compare", help="GPU preset or GPU JSON file modelled for comparison"),
 ):
-    """Compile the model for an LPU system, generate text on this machine (streamed), then put the
-    host's real speed next to the LPU's simulated and the GPU's modelled speed."""
+    """Compile for an LPU system, generate text here (streamed), compare this host's, the LPU's, a GPU's speed."""
     import resource
 
     from openlpu.compiler import Workload, compile_program, verify_or_raise

@@ -136,7 +136,8 @@ def test_save_load_round_trip_and_bad_files(gemma8, tmp_path):
                           "its workload: users must be a positive integer, got 0"),
                          (lambda b: b["workload"].update(prefill_chunk=None), "its workload names no prefill chunk"),
                          (lambda b: first_op(b).__setitem__(4, 10**400), "a ScheduledOp's start_cycle is not int"),
-                         (lambda b: b["workload"].update(batch=4), "unexpected keyword argument 'batch'")):
+                         (lambda b: b["workload"].update(batch=4), "its workload has fields a Workload lacks: batch"),
+                         (lambda b: b.update(workload=[1]), "its workload is not a record of named fields")):
         (tmp_path / "signed.prog").write_bytes(signed(mutate))
         with pytest.raises(OpenLPUError, match=f"^{re.escape(str(tmp_path))}/signed.prog is corrupt \\(.*{says}"):
             load_program(tmp_path / "signed.prog")
@@ -777,12 +778,14 @@ def test_cli_compile_and_inspect(tmp_path):
     assert r.exit_code == 0, r.output
     assert "4 chips" in r.output and "verify: passed" in r.output
     # a chunk is at most the prompt (a longer one is the same single wave)
-    assert "prefill of 128 tokens in chunks of 128 (the compiler chose)" in " ".join(r.output.split())
+    t = timing(load_program(out))
+    assert f"prefill of 128 tokens in chunks of 128 (the compiler chose): {t.ttft_s * 1e3:,.2f} ms" in " ".join(
+        r.output.split())
     png = tmp_path / "g.png"
     r = runner.invoke(app, ["inspect", str(out), "--gantt", str(png)])
     assert r.exit_code == 0, r.output
     assert "TP 4" in r.output and png.read_bytes()[:4] == b"\x89PNG"
-    t, text = timing(load_program(out)), " ".join(r.output.split())  # rich wraps at the terminal width
+    text = " ".join(r.output.split())  # rich wraps at the terminal width
     assert f"matrix {t.unit_utilisation['matrix']:.1%}" in text  # the utilisation line shows the timing's figures
     assert f"TTFT {t.ttft_s * 1e3:,.2f} ms (128-token prompt in chunks of 128)" in text
     assert f"local {t.link_utilisation['local']:.2%} of {t.links_used['local']:,}" in text
@@ -855,7 +858,13 @@ def test_a_hugging_face_config_compiles_to_its_presets_program(tmp_path):
     (["compile", "gemma-3-270m", "-o", "x.prog", "--context", "0"], "--context must be a positive integer"),
     (["compile", "gemma-3-270m", "-o", "x.prog", "--draft-tokens", "-2"],
      "--draft-tokens must be a non-negative integer"),
-    (["compile", "gemma-3-270m", "-o", "x.prog", "--decode-context", "5000"], "decode context 5000 is longer than"),
+    (["compile", "gemma-3-270m", "-o", "x.prog", "--decode-context", "5000"],
+     "--decode-context 5000 is longer than --context 4096"),
+    (["compile", "gemma-3-270m", "-o", "x.prog", "--prefill-chunk", "5000"],
+     "--prefill-chunk 5000 is longer than --context 4096"),
+    (["compile", "gemma-3-270m", "-o", "x.prog", "--context", "100000"],
+     "--context 100000 is longer than gemma-3-270m's context window (32768 tokens)"),
+    (["compile", "gemma-3-270m", "-o", "x.prog", "--prompt", "0"], "--prompt must be a positive integer"),
     (["compile", "gemma-3-270m", "-o", "x.prog", "--prefill-chunk", "0"], "--prefill-chunk must be a positive integer"),
     (["compile", "gemma-3-270m", "-o", "x.prog", "--tp", "8"], "TP 8 is not a width gemma-3-270m can be split over"),
     (["inspect", "nothing.prog"], "cannot read program"),
@@ -866,6 +875,13 @@ def test_cli_bad_input_is_one_line_and_status_2(args, message, tmp_path):
     r = subprocess.run([sys.executable, "-m", "openlpu.cli", *args], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing half-written left behind
+
+
+def test_a_folder_named_like_a_gguf_file_is_called_a_folder(tmp_path):
+    (tmp_path / "d.gguf").mkdir()
+    r = subprocess.run([sys.executable, "-m", "openlpu.cli", "compile", "d.gguf", "-o", "x.prog"], capture_output=True,
+                       text=True, cwd=tmp_path, check=False)
+    assert r.returncode == 2 and "GGUF file 'd.gguf' is a folder, not a .gguf file" in r.stderr
 
 
 def test_a_failed_write_leaves_the_existing_program_whole(tmp_path, monkeypatch):
@@ -947,6 +963,11 @@ def test_charts_need_a_png_name_and_a_writable_path(tmp_path):
                            capture_output=True, text=True)
         assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr
         assert not gantt.exists()
+    # the stages left out of the placement table are counted as stages
+    program = load_program(out)
+    r = runner.invoke(app, ["inspect", str(out), "--stages", "0"])
+    stages = len(program.placement.stages)
+    assert f"... │ {stages} more stage{'s' if stages > 1 else ''} " in r.output
     # options are checked before the Program is read (a large one takes seconds): the file here is absent
     for options, says in ((["--gantt", "g.txt"], "give a file name ending in .png"),
                           (["--gantt", ""], "give a file name ending in .png"),

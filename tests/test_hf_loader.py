@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -210,6 +211,17 @@ def test_hub_style_config_fields():
     spec = spec_from_hf_config(cfg)
     assert [k == "local" for k in spec.layer_kinds] == [t == "sliding_attention" for t in hf.layer_types]
     assert spec.rope_base_local == hf.rope_parameters["sliding_attention"]["rope_theta"]
+
+
+def test_a_config_is_named_after_its_folder_when_given_from_inside_it(tmp_path, monkeypatch):
+    """`openlpu plan config.json` (or `.`) in a checkpoint folder names the model after the folder, as the path
+    from outside does; the name titles plan's table and is saved in the Program."""
+    folder = tmp_path / "my-llama"
+    folder.mkdir()
+    quoted = json.loads((PRESETS_DIR / "llama-3.2-1b.json").read_text())["$source_notes"]["hf_config"]
+    (folder / "config.json").write_text(json.dumps(quoted))
+    monkeypatch.chdir(folder)
+    assert {spec_from_hf_config(Path(given)).name for given in ("config.json", ".", str(folder))} == {"my-llama"}
 
 
 @pytest.mark.parametrize("family", sorted(TINY_FAMILIES))

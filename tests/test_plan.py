@@ -164,10 +164,10 @@ def test_a_decode_context_times_steps_over_fewer_tokens_than_the_window_held():
     assert "decode steps attending the whole context, 32,768 tokens (--decode-context N" in " ".join(r.stdout.split())
 
 
-def test_a_precision_the_matrix_unit_has_no_mode_for_is_named():
+def test_a_precision_the_matrix_unit_has_no_mode_for_is_named(tmp_path):
     """lpu-v1's matrix unit has int8 and fp16 modes: fp8 weights and activations run in the fp16 mode, at a quarter
-    of int8's MACs, which the table says; int4 weights beside int8 activations run in the int8 mode their widest
-    operand asks for, and nothing is said."""
+    of int8's MACs, which plan's table and compile's summary say; int4 weights beside int8 activations run in the
+    int8 mode their widest operand asks for, and nothing is said."""
     from openlpu.compiler.schedule import matrix_macs_per_cycle, matrix_mode
     from openlpu.hardware.lpu import load_system
 
@@ -182,6 +182,13 @@ def test_a_precision_the_matrix_unit_has_no_mode_for_is_named():
     projected = load_system("lpu-v3-projected")  # fp8 and int8 modes as narrow: int8 operands take int8's
     assert matrix_mode(projected, "int8") == matrix_mode(projected, "int4", "int8") == "int8"
     assert matrix_mode(projected, "fp8") == "fp8" and matrix_mode(system, "fp8") == "fp16"
+    compiled = {precision: subprocess.run([sys.executable, "-m", "openlpu.cli", "compile", "llama-3.2-1b", "-o",
+                                           str(tmp_path / "p.prog"), "--precision", precision], capture_output=True,
+                                          text=True, check=False)
+                for precision in ("fp8", "int4")}
+    assert "lpu-v1's matrix unit has no fp8 mode: the matmuls run in its fp16 mode" in " ".join(
+        compiled["fp8"].stdout.split())
+    assert compiled["int4"].returncode == 0 and "matrix unit has no" not in compiled["int4"].stdout
 
 
 def test_smaller_prefill_chunks_let_wider_groups_fit_and_fill_the_pipeline_sooner():
@@ -209,6 +216,9 @@ def test_smaller_prefill_chunks_let_wider_groups_fit_and_fill_the_pipeline_soone
                      for flag in (("--prefill-chunk", "128"), ()))
     assert "(the LPU's in chunks of 128 tokens, as given)" in given
     assert "(the LPU's in chunks of 128 tokens, the compiler's choice: --prefill-chunk)" in chosen
+    # the chips are the compiler's either way; the chunk is only where it chose it
+    assert "fewest chips that hold the workload at the compiler's width (--tp all" in given
+    assert "fewest chips that hold the workload at the compiler's width and chunk (--tp all" in chosen
 
 
 @pytest.mark.parametrize("precision, kv", [("int4", "int8"), ("fp4", "fp8")])
@@ -641,6 +651,9 @@ def test_a_gguf_file_plans_as_its_preset(gemma_path):
     (["llama-2-70b", "--system", "", "--chips", "8", "--tp", "all"],
      "--chips, --tp describe a system this plan leaves out (--system '')"),
     (["llama-2-70b", "--compare", "", "--gpus", "2"], "--gpus describes a system this plan leaves out (--compare '')"),
+    (["llama-2-70b", "--compare", "", "--gpu-software", "tensorrt-llm-1.0"],
+     "--gpu-software describes a system this plan leaves out (--compare '')"),
+    (["llama-3.1-8b", "--draft", "nosuch", "--acceptance", "0.7"], "--draft: unknown model 'nosuch'"),
     (["llama-3.1-70b", "--draft", "llama-3.2-1b", "--acceptance", "0.7", "--draft-tokens", "5000", "--context", "100"],
      "--draft-tokens 5000: a round's drafts and the token before them must fit the --context 100"),
     (["llama-2-70b", "--prefill-chunk", "8192"], "--prefill-chunk 8192 is longer than --context 4096"),

@@ -681,6 +681,16 @@ def test_nothing_runs_before_the_phase_starts(program):
     assert {v.invariant for v in found} == {"structure"} and "before the phase does (cycle 0)" in found[0].message
 
 
+def test_an_op_ending_before_it_starts_is_caught(program):
+    """Timing reads busy cycles off each op's span, so an op whose end comes before its start would be read
+    as negative time (a vector unit busy -1,112,446% of the step): the Program does not hold together."""
+    ops = list(program.decode.ops)
+    k = next(i for i, op in enumerate(ops) if op.end_cycle > op.start_cycle + 1)
+    ops[k] = dataclasses.replace(ops[k], start_cycle=ops[k].end_cycle, end_cycle=ops[k].start_cycle)
+    found = [v.message for v in verify(_with_decode(program, ops=ops)) if v.invariant == "structure"]
+    assert found == [f"decode: {ops[k].name} ends before it starts"]
+
+
 def _squeezed(t, cycles_of=lambda k, links: 1):
     """Transfer `t` with each phase taking cycles_of(k, links) cycles, one after the other from its start."""
     phases, at = [], t.start_cycle

@@ -425,6 +425,10 @@ def _phase(d: dict, link_loads: list) -> PhaseSchedule:
 def _workload(fields: dict, spec: ModelSpec) -> Workload:
     """The workload a file holds, refused where compile_program refuses it for the model (but for the wave cap,
     a compile's: a file holding more waves loads as written; verify checks the waves it holds)."""
+    if not isinstance(fields, dict):
+        raise TypeError("its workload is not a record of named fields")
+    if unknown := sorted(set(fields) - {f.name for f in dataclasses.fields(Workload)}):
+        raise ValueError(f"its workload has fields a Workload lacks: {', '.join(map(str, unknown))}")
     try:
         workload = Workload(**fields)
         workload.check_window(spec)

@@ -278,6 +278,12 @@ def _makespan(phase: PhaseSchedule) -> list[Violation]:
     if first[0] < 0:
         out.append(Violation("structure", f"{phase.phase}: {first[1]} starts at cycle {first[0]}, before the phase "
                                           f"does (cycle 0)"))
+    # timing reads busy cycles off each op's span: one that ends before it starts would count as negative time
+    backwards = [op.name for op in phase.ops if op.end_cycle < op.start_cycle]
+    backwards += [t.name for t in phase.transfers if any(end < start for start, end, _ in t.phases)]
+    if backwards:
+        out.append(Violation("structure", f"{phase.phase}: {backwards[0]} ends before it starts"
+                                          + (f" (and {len(backwards) - 1} more)" if len(backwards) > 1 else "")))
     return out
 
 

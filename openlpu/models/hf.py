@@ -494,7 +494,7 @@ def spec_from_hf_config(config: dict | str | Path, name: str | None = None) -> M
 
     fields = {
         "name": name or cfg.get("_name_or_path") or
-        (Path(outer_origin).parent.name if outer_origin != "HF config" else model_type),
+        ((Path(outer_origin).resolve().parent.name or model_type) if outer_origin != "HF config" else model_type),
         "family": rule.family,
         "vocab_size": f.number("vocab_size", kind=int),
         "d_model": d_model,

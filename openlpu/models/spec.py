@@ -425,7 +425,8 @@ def load_spec(model: str | Path) -> ModelSpec:
     path = Path(model)
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise OpenLPUError(f"GGUF file {str(model)!r} not found; give the path of a .gguf file")
+            what = "is a folder, not a .gguf file" if path.is_dir() else "not found"
+            raise OpenLPUError(f"GGUF file {str(model)!r} {what}; give the path of a .gguf file")
         # imported here: the loaders import this module (and gguf loads numpy only when needed)
         from openlpu.models.gguf import spec_from_gguf
 

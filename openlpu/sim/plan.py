@@ -104,8 +104,10 @@ def matrix_flops_per_token(spec: ModelSpec, precision: str, context: int, draft:
                                                                                               draft.acceptance)
 
 
-def _check_workload(spec: ModelSpec, context: int, users: tuple[int, ...], prompt: int, decode_context: int,
-                    prefill_chunks: tuple[int, ...]) -> None:
+def check_workload_flags(spec: ModelSpec, context: int, users: tuple[int, ...], prompt: int, decode_context: int,
+                         prefill_chunks: tuple[int, ...]) -> None:
+    """The workload's sizes as `plan` and `compile` take them, each checked and named by its flag: positive
+    counts, the context inside the model's window, and no length longer than the context."""
     for what, v in (("context", context), *(("users", n) for n in users), ("prompt", prompt),
                     ("decode-context", decode_context), *(("prefill-chunk", chunk) for chunk in prefill_chunks)):
         check_count(v, f"--{what}")
@@ -345,7 +347,7 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
          assumptions: CostAssumptions = CostAssumptions(), chips: Counts = None,
          gpus: Counts = None, prompt: int | None = None, tp: Counts | str = None,
          draft: str | ModelSpec | None = None, draft_tokens: int | None = None,
-         acceptance: float | None = None, gpu_software: str = DEFAULT_SOFTWARE,
+         acceptance: float | None = None, gpu_software: str | None = None,
          decode_context: int | None = None, prefill_chunk: Counts = None) -> Plan:
     """The LPU system first, then each GPU, for `users` concurrent streams of `context` tokens, on
     `chips` LPU chips in TP groups of `tp` and `gpus` GPUs of each kind (None: the fewest that hold the
@@ -359,7 +361,7 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
     `model`, `draft`: a ModelSpec, or what load_spec takes (a preset name, a .gguf file, a config.json).
     With a draft, every system decodes speculatively: `draft_tokens` (default DRAFT_TOKENS) per round,
     each accepted with probability `acceptance`, which must be given. `gpu_software`: the GPUs' serving
-    kernels, a key of sim.gpu.SOFTWARE."""
+    kernels, a key of sim.gpu.SOFTWARE (None: DEFAULT_SOFTWARE)."""
     from openlpu.compiler import Workload
 
     spec = model if isinstance(model, ModelSpec) else load_spec(model)
@@ -368,14 +370,17 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
     attended = context if decode_context is None else decode_context
     chunks = _each(prefill_chunk, "prefill_chunk")  # (None,): the compiler's choice
     user_counts = _each(users, "users")
-    _check_workload(spec, context, user_counts, prompt, attended, tuple(c for c in chunks if c is not None))
+    check_workload_flags(spec, context, user_counts, prompt, attended, tuple(c for c in chunks if c is not None))
     speculation = None
     if draft is not None:
         if acceptance is None:
             raise OpenLPUError("--draft needs --acceptance: the chance the target accepts a draft token, which "
                                "depends on the two models and the text (measure it on your own prompts)")
-        speculation = Draft(draft if isinstance(draft, ModelSpec) else load_spec(draft),
-                            DRAFT_TOKENS if draft_tokens is None else draft_tokens, acceptance)
+        try:
+            draft_spec = draft if isinstance(draft, ModelSpec) else load_spec(draft)
+        except OpenLPUError as error:  # said of the draft, not of MODEL
+            raise OpenLPUError(f"--draft: {error}") from None
+        speculation = Draft(draft_spec, DRAFT_TOKENS if draft_tokens is None else draft_tokens, acceptance)
         _check_draft(spec, speculation, context)
     elif draft_tokens is not None or acceptance is not None:
         raise OpenLPUError("--draft-tokens and --acceptance describe speculative decoding: give the draft model "
@@ -383,11 +388,12 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
     lpu = load_system(system) if system else None  # unknown names fail before any compile work
     compare = tuple(dict.fromkeys(compare))  # a GPU named twice is one column
     gpu_specs = {name: load_gpu(name) for name in compare}  # unknown names fail here too
-    software_named(gpu_software)
+    if gpu_software is not None:
+        software_named(gpu_software)
     if not compare and not system:
         raise OpenLPUError(f"nothing to plan: give --system and/or --compare ({', '.join(gpu_names())})")
     for side, left_out, flags in ((system, "--system", {"--chips": chips, "--tp": tp, "--prefill-chunk": prefill_chunk}),
-                                  (compare, "--compare", {"--gpus": gpus})):
+                                  (compare, "--compare", {"--gpus": gpus, "--gpu-software": gpu_software})):
         if not side and (unused := [flag for flag, value in flags.items() if value is not None]):
             one = len(unused) == 1
             raise OpenLPUError(f"{', '.join(unused)} describe{'s' if one else ''} a system this plan leaves out "
@@ -395,6 +401,7 @@ def plan(model: str | ModelSpec, system: str = "lpu-v1", compare: tuple[str, ...
     if tp == "all" and chips is not None:
         raise OpenLPUError("--tp all places each width on its fewest chips; to place widths on --chips, name "
                            "them (--tp 8,16)")
+    gpu_software = DEFAULT_SOFTWARE if gpu_software is None else gpu_software
     chip_counts, widths, gpu_counts = _each(chips, "chips"), tp if tp == "all" else _each(tp, "tp"), _each(gpus, "gpus")
     _check_counts(spec, lpu, chip_counts, widths, list(gpu_specs.values()), gpu_counts)
     flops = matrix_flops_per_token(spec, precision, attended, speculation)  # the same work per token everywhere

@@ -206,7 +206,7 @@ def draw_gantt(program: Program, path, max_stages: int = 24) -> None:
     ax.set_yticklabels([f"stage {s}" for s in shown], fontsize=8)
     ax.set_ylim(len(shown), 0)
     ax.set_xlabel("time (us)   lanes per stage, top to bottom: matrix, vector, memory, links")
-    ax.set_xlim(0, decode.makespan_cycles * us * 1.01)
+    ax.set_xlim(-decode.makespan_cycles * us * 0.01, decode.makespan_cycles * us * 1.01)  # cycle 0's bars off the axis
     skipped = f" ({n - len(shown)} middle stages not shown)" if len(shown) < n else ""
     ax.set_title(gantt_title(program) + skipped)
     kinds = sorted({op.kind for op in decode.ops}) + sorted({t.kind for t in decode.transfers})
