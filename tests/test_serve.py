@@ -106,6 +106,7 @@ def test_stream_reassembles_to_the_plain_response(client, model):
     assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
     assert last.choices[0].finish_reason == plain.choices[0].finish_reason
     assert last.x_groq.usage.completion_tokens == plain.usage.completion_tokens
+    assert last.x_groq.seed == plain.x_groq.seed == 11  # the seed is sent in the final chunk, as GroqCloud's
     assert len({c.id for c in chunks}) == 1 and chunks[0].object == "chat.completion.chunk"
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert text == plain.choices[0].message.content

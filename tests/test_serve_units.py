@@ -43,6 +43,8 @@ def body(**changes) -> bytes:
     (body(frequency_penalty=0.5), "frequency_penalty"),
     (body(store=True), "store"),
     (body(reasoning_format="parsed"), "reasoning_format"),
+    (body(tool_choice="auto"), "tool_choice"),
+    (body(reasoning_effort="low"), "reasoning_effort"),
     (body(response_format={"type": "json_object"}), "response_format"),
     (body(response_format={"type": "yaml"}), "response_format.type"),
     (body(stream_options={"include_usage": True, "extra": 1}), "stream_options.extra"),
@@ -70,10 +72,12 @@ def test_good_request_keeps_every_field():
 
 def test_null_and_neutral_values_mean_the_defaults():
     """The groq and openai SDKs send null for an Optional field set to None, and some clients send zero
-    penalties by default: both mean what leaving the field out means."""
+    penalties, or "none" for tool_choice and reasoning_effort, by default: each means what leaving the field out
+    means."""
     plain = parse_chat_request(body())
     nulls = parse_chat_request(body(temperature=None, top_p=None, n=None, stream=None, frequency_penalty=0,
-                                    presence_penalty=0.0, store=False, metadata={}, tools=[], logit_bias=None))
+                                    presence_penalty=0.0, store=False, metadata={}, tools=[], logit_bias=None,
+                                    tool_choice="none", reasoning_effort="none"))
     assert (nulls.temperature, nulls.top_p, nulls.n, nulls.stream) == (1.0, 1.0, 1, False)
     assert (plain.temperature, plain.top_p, plain.n, plain.stream) == (1.0, 1.0, 1, False)
     assert parse_chat_request(body(response_format={"type": "text"})).response_format.type == "text"
@@ -188,6 +192,15 @@ def test_gemma_turn_format_matches_the_published_layout():
                     "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n")
 
 
+def test_a_final_assistant_message_is_a_prefill_the_reply_continues():
+    """GroqCloud's assistant message prefilling: the model's turn is opened with the text given, not closed and
+    followed by a new one; an empty one is no prefill."""
+    text = "".join(t for t, _ in gemma_segments([("system", "Be brief."), ("user", "Add two numbers."),
+                                                 ("assistant", "```python\n")]))
+    assert text == "<start_of_turn>user\nBe brief.\n\nAdd two numbers.<end_of_turn>\n<start_of_turn>model\n```python"
+    assert gemma_segments([("user", "Hi"), ("assistant", " ")]) == gemma_segments([("user", "Hi")])
+
+
 @pytest.fixture(scope="module")
 def tokenizer(gemma_path):
     from openlpu.runtime.tokenizer import Tokenizer
@@ -241,3 +254,13 @@ def test_a_models_own_template_wins_and_agrees_with_the_built_in_format(tokenize
     with pytest.raises(APIError) as e:  # the template refuses: 422 with its message
         prompt_ids(templated, [("user", "a"), ("system", "late system message")])
     assert e.value.status == 422 and "fold me" in e.value.message
+    # a prefill: the template's rendering cut after it, as the built-in format leaves the turn open
+    for prefill in ("```python\n", ""):
+        conversation = [("user", "Add two numbers."), ("assistant", prefill)]
+        assert prompt_ids(templated, conversation) == prompt_ids(tokenizer, conversation)
+    assert prompt_ids(tokenizer, conversation) == prompt_ids(tokenizer, conversation[:1])
+    shouting = Tokenizer(proto, dataclasses.replace(tokenizer.facts, chat_template=GEMMA_AS_TEMPLATE.replace(
+        "{{ m['content'] | trim }}", "{{ m['content'] | trim | upper }}")))
+    with pytest.raises(APIError) as e:  # a template that rewrites the text leaves no place to continue from
+        prompt_ids(shouting, [("user", "a"), ("assistant", "def")])
+    assert e.value.status == 422 and "cannot be continued" in e.value.message

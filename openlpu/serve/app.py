@@ -396,7 +396,7 @@ async def stream(s: Server, done: Completion, first, request: Request, settle):
                 event = await next_event(s, done.job, request)
             except ClientGone:
                 return
-        yield done.chunk({}, event.finish_reason, x_groq={"id": done.req_id, "usage": done.usage()},
+        yield done.chunk({}, event.finish_reason, x_groq={"id": done.req_id, "usage": done.usage(), "seed": done.seed},
                          **done.extension())
         if done.req.stream_options and done.req.stream_options.include_usage:
             yield f"data: {json.dumps({**done.envelope('chat.completion.chunk'), 'choices': [], 'usage': done.usage()})}\n\n"

@@ -9,6 +9,9 @@ model turns are trimmed of surrounding whitespace, as Gemma 3's own template tri
 "Hello"); system text is not.
 In that format only the turn markers are parsed as special tokens; message text never is, so a
 user cannot forge a turn by typing "<start_of_turn>".
+A conversation that ends with an assistant message is a prefill, as GroqCloud takes it (its prompting
+docs, "Assistant Message Prefilling"): that turn is left open and the reply continues its text (a
+template's rendering is cut after it, as transformers' continue_final_message cuts it).
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ SYSTEM_ROLES = ("system", "developer")
 
 
 def gemma_segments(messages: list[tuple[str, str]]) -> list[tuple[str, bool]]:
-    """(text, is_markup) pieces of the Gemma turn format; markup is parsed for special tokens."""
+    """(text, is_markup) pieces of the Gemma turn format; markup is parsed for special tokens. A final
+    assistant message opens the model's turn with its text, which the reply continues."""
+    prefill = messages[-1][1].strip() if messages and messages[-1][0] == "assistant" else None
+    messages = messages if prefill is None else messages[:-1]
     segments: list[tuple[str, bool]] = []
     pending_system: list[str] = []
     for role, text in messages:
@@ -38,7 +44,7 @@ def gemma_segments(messages: list[tuple[str, str]]) -> list[tuple[str, bool]]:
         segments += [("<start_of_turn>user\n", True), ("\n\n".join(pending_system), False),
                      ("<end_of_turn>\n", True)]
     segments.append(("<start_of_turn>model\n", True))
-    return segments
+    return segments + ([(prefill, False)] if prefill else [])
 
 
 def _generation_extension():
@@ -83,26 +89,39 @@ def _compiled(template: str):
     return env.from_string(template)
 
 
-def render_template(template: str, messages: list[tuple[str, str]], bos_token: str, eos_token: str) -> str:
-    """A model's own Jinja chat template, rendered the way transformers does (_compiled)."""
+def render_template(template: str, messages: list[tuple[str, str]], bos_token: str, eos_token: str,
+                    continue_final: bool = False) -> str:
+    """A model's own Jinja chat template, rendered the way transformers does (_compiled); with
+    `continue_final`, without the generation prompt and cut after the final message's text, which the reply
+    continues (transformers' continue_final_message)."""
     from jinja2 import TemplateError
 
     msgs = [{"role": "system" if r in SYSTEM_ROLES else r, "content": t} for r, t in messages]
     try:
-        return _compiled(template).render(messages=msgs, add_generation_prompt=True, bos_token=bos_token,
-                                          eos_token=eos_token)
+        text = _compiled(template).render(messages=msgs, add_generation_prompt=not continue_final,
+                                          bos_token=bos_token, eos_token=eos_token)
     except TemplateError as e:  # e.g. "Conversation roles must alternate user/assistant/..."
         raise APIError(422, f"The conversation cannot be formatted for this model: {e}",
                        param="messages") from None
+    if not continue_final:
+        return text
+    final = messages[-1][1].strip()
+    if final not in text:  # the template rewrote it: there is no place to continue from
+        raise APIError(422, "The final assistant message cannot be continued: this model's chat template does not "
+                            "write it as given; leave it out", param="messages")
+    return text[:text.rindex(final) + len(final)]
 
 
 def prompt_ids(tokenizer, messages: list[tuple[str, str]]) -> list[int]:
     """Token ids the engine prefills for this conversation (BOS included)."""
+    if messages and messages[-1][0] == "assistant" and not messages[-1][1].strip():
+        messages = messages[:-1]  # an empty prefill: the reply is as without it
     template = tokenizer.chat_template
     if template:
         bos = tokenizer.id_to_piece(tokenizer.bos_id) if tokenizer.bos_id is not None else ""
         eos = tokenizer.id_to_piece(tokenizer.eos_ids[0]) if tokenizer.eos_ids else ""
-        text = render_template(template, messages, bos, eos)
+        text = render_template(template, messages, bos, eos, continue_final=bool(messages)
+                               and messages[-1][0] == "assistant")
         return tokenizer.encode(text, add_bos=not text.startswith(bos) if bos else False, parse_special=True)
     ids = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
     for text, is_markup in gemma_segments(messages):

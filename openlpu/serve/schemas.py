@@ -17,7 +17,7 @@ ROLES = ("system", "developer", "user", "assistant")
 MAX_STOP_SEQUENCES = 4
 
 # Fields GroqCloud accepts for some models but this server cannot honour: a clear 400 each when set to
-# anything but null or their neutral value (false, 0, empty), which clients send by default.
+# anything but null or their neutral value (false, 0, empty, "none"), which clients send by default.
 # (logprobs, top_logprobs, logit_bias and messages[].name GroqCloud itself answers with 400.)
 UNSUPPORTED_FIELDS: dict[str, str] = {
     "logprobs": "`logprobs` is not supported",
@@ -143,7 +143,8 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
         raise _validation_error(e) from None
     req = req.model_copy(update={name: value for name, value in DEFAULTS.items() if getattr(req, name) is None})
     for name, message in UNSUPPORTED_FIELDS.items():
-        if getattr(req, name):  # null, false, 0 and empty are what a client sends when it means none
+        value = getattr(req, name)  # null, false, 0, empty and "none" are what a client sends when it means none
+        if value and value != "none":
             raise bad_request(message, param=name)
     if req.response_format and req.response_format.type != "text":
         raise bad_request(f"`response_format` {req.response_format.type} is not supported by this model (it needs "
