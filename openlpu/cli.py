@@ -19,6 +19,9 @@ console = Console()
 MODEL_HELP = "model preset (see `openlpu models`), a .gguf file, or a Hugging Face config.json or its folder"
 DECODE_CONTEXT_HELP = ("tokens each decode step attends: the length the requests served reach (default: all of "
                        "--context, which sizes the KV cache each user holds)")
+CHIPS_HELP = ("chips to use, or fewer where wider TP groups on them decode faster or the model's pieces take fewer "
+              "(default: the fewest that hold it in the compiler's TP groups with its prefill chunk's buffers, "
+              "where a smaller --prefill-chunk can fit fewer; inside one node, the fewest stages)")
 PREFILL_CHUNK_HELP = ("prompt tokens per pipeline wave of the LPU's prefill (default: 256, or 128 or 64 where their "
                       "smaller activation buffers let wider TP groups, or fewer of a given --tp, fit on no more "
                       "chips, with a step no slower): smaller chunks fill the pipeline sooner, but make more "
@@ -140,12 +143,9 @@ def plan(
     decode_context: int = typer.Option(None, "--decode-context", help=DECODE_CONTEXT_HELP),
     prefill_chunk: list[str] = typer.Option(None, "--prefill-chunk", help=f"{PREFILL_CHUNK_HELP}; several: a "
                                                                            "column each"),
-    chips: list[str] = typer.Option(None, "--chips", help="LPU chips to use, or fewer where wider TP groups on "
-                                                           "them decode faster or the model's pieces take fewer "
-                                                           "(default: as few as fit, or inside one node as few "
-                                                           "stages; with --draft, the target's: the draft gets "
-                                                           "its own); several (8,16 or the flag again): a "
-                                                           "column each"),
+    chips: list[str] = typer.Option(None, "--chips", help=f"LPU {CHIPS_HELP}; with --draft, the target's: the "
+                                                           "draft gets its own; several (8,16 or the flag again): "
+                                                           "a column each"),
     tp: list[str] = typer.Option(None, "--tp", help="LPU chips per tensor-parallel group (default: the width that "
                                                      "takes the fewest nodes, or inside one node the fewest "
                                                      "stages); several: a column each, with each --chips; all: "
@@ -345,9 +345,7 @@ def compile_cmd(
                                                       "(default: 512, or the context if shorter)"),
     decode_context: int = typer.Option(None, "--decode-context", help=DECODE_CONTEXT_HELP),
     prefill_chunk: int = typer.Option(None, "--prefill-chunk", help=PREFILL_CHUNK_HELP),
-    chips: int = typer.Option(None, "--chips", help="chips to use, or fewer where wider TP groups on them decode "
-                                                     "faster or the model's pieces take fewer (default: as few "
-                                                     "as fit, or inside one node as few stages)"),
+    chips: int = typer.Option(None, "--chips", help=CHIPS_HELP),
     tp: int = typer.Option(None, "--tp", help="chips per tensor-parallel group (default: the width that takes "
                                                "the fewest nodes, or inside one node the fewest stages)"),
     draft_tokens: int = typer.Option(0, "--draft-tokens", help="draft tokens each decode step verifies per user "

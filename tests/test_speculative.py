@@ -106,6 +106,10 @@ def test_plan_rows_are_rounds_of_the_two_programs(users):
 def test_the_draft_must_share_the_tokenizer_and_fit():
     with pytest.raises(OpenLPUError, match="a draft must share the target's tokenizer"):
         plan(TARGET, draft="gemma-3-1b", acceptance=0.5)
+    # Gemma 3 27B's table holds 64 rows more than 1B's, whose tokenizer it shares: within llama.cpp's slack of 128
+    assert load_preset("gemma-3-27b").vocab_size - load_preset("gemma-3-1b").vocab_size == 64
+    (row,) = plan("gemma-3-27b", system="", context=CONTEXT, draft="gemma-3-1b", acceptance=0.5)
+    assert row.tokens_per_s_per_user > 0
     with pytest.raises(OpenLPUError, match="needs --acceptance"):
         plan(TARGET, draft=DRAFT)
     with pytest.raises(OpenLPUError, match="give the draft model with --draft"):
@@ -128,3 +132,30 @@ def test_a_draft_beside_its_target_powers_the_hosts_its_capex_pays_for():
     assert (t.nodes, d.nodes, hosts) == (1, 1, 2)
     chips_w = lpu.power_w - hosts * SYSTEM.node.host_power_w
     assert lpu.chips * SYSTEM.chip.idle_power_w < chips_w < lpu.chips * SYSTEM.chip.busy_power_w
+
+
+def test_a_draft_uses_the_most_of_the_targets_gpus_it_can_be_laid_out_over():
+    """136 H100s hold Llama 3.3 70B in 17 stages of 8; its 16-layer 1B draft cannot take a stage each of 17, so it
+    runs on 128 of them (it was refused, as if 136 were too many for the target). The round on 136 is the target's
+    step there and the draft's on 128."""
+    from openlpu.sim.speculative import gpu_round
+
+    h100 = load_gpu("h100-sxm")
+    (row,) = plan("llama-3.3-70b", system="", gpus=136, context=CONTEXT, draft=DRAFT, acceptance=0.8)
+    target = gpu_timing(load_preset("llama-3.3-70b"), h100, "int8", CONTEXT, 1, gpus=136, queries=5, beside=DRAFT)
+    draft = gpu_timing(DRAFT, h100, "int8", CONTEXT, 1, gpus=128)
+    assert (draft.tensor_parallel, draft.pipeline_stages) == (8, 16)
+    assert row.chips == 136 and row.tokens_per_s_per_user == pytest.approx(
+        gpu_round(target, draft, 4, 0.8).tokens_per_s_per_user)
+    with pytest.raises(OpenLPUError, match="more than llama-3.2-1b's 16 layers"):
+        gpu_timing(DRAFT, h100, "int8", CONTEXT, 1, gpus=136)
+
+
+def test_chart_labels_count_a_drafts_chips_beside_those_asked_for():
+    """Given 40 chips, the target takes them all and its draft 8 more: the chart says 48 chips, not '48 of 40'
+    (which read as idle chips); with 45 given, 5 of them idle, it says 40 of 45."""
+    from openlpu.sim.plan import _bar_labels
+
+    rows = plan(TARGET, compare=(), context=CONTEXT, chips=(40, 45), draft=DRAFT, acceptance=0.8)
+    assert [(r.chips, r.chips_asked, r.chips_idle) for r in rows] == [(48, 40, 0), (48, 45, 5)]
+    assert [label.split("\n")[1] for label in _bar_labels(rows)] == ["48 chips", "40 of 45 chips"]

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from openlpu.errors import OpenLPUError, check_count
 from openlpu.graph.lower import as_precision, serving_precision
-from openlpu.hardware.gpu import gpu_names, load_gpu
+from openlpu.hardware.gpu import GpuSpec, gpu_names, load_gpu
 from openlpu.hardware.lpu import SystemSpec, load_system
 from openlpu.models.spec import ModelSpec, load_spec
 from openlpu.sim.cost import (
@@ -26,7 +26,7 @@ from openlpu.sim.cost import (
     lpu_nodes_held,
 )
 from openlpu.sim.figures import save_png
-from openlpu.sim.gpu import DEFAULT_SOFTWARE, software_named
+from openlpu.sim.gpu import DEFAULT_SOFTWARE, layout, software_named
 from openlpu.words import counted, significant
 
 if TYPE_CHECKING:
@@ -77,6 +77,11 @@ class PlanRow:
 
 
 DRAFT_TOKENS = 4  # drafts per round when not given: a setting, not a published figure
+# A draft shares the target's tokenizer where their vocabularies differ by at most this many rows, the first check
+# llama.cpp makes of a draft (SPEC_VOCAB_MAX_SIZE_DIFFERENCE, common/speculative.cpp): tables are padded past the
+# tokens (Gemma 3 4B and up hold 64 rows more than 1B and 270M, whose tokenizer they share). A spec carries no
+# tokens, so llama.cpp's second check, the tokens themselves, is left to the acceptance rate the user states.
+DRAFT_VOCAB_SLACK = 128
 
 
 @dataclass(frozen=True)
@@ -151,7 +156,7 @@ def _check_draft(spec: ModelSpec, draft: Draft, context: int) -> None:
     if draft.tokens >= context:
         raise OpenLPUError(f"--draft-tokens {draft.tokens}: a round's drafts and the token before them must fit the "
                            f"--context {context}; propose fewer")
-    if draft.spec.vocab_size != spec.vocab_size:
+    if abs(draft.spec.vocab_size - spec.vocab_size) > DRAFT_VOCAB_SLACK:
         raise OpenLPUError(f"the draft {draft.spec.name} has a vocabulary of {draft.spec.vocab_size:,} tokens and "
                            f"{spec.name} one of {spec.vocab_size:,}: a draft must share the target's tokenizer")
     if draft.spec.param_count() >= spec.param_count():
@@ -295,9 +300,9 @@ def gpu_row(spec: ModelSpec, gpu_name: str, precision: str, context: int, users:
                    beside=draft.spec if draft else None)
     per_user, throughput, memory, ttft = t.tokens_per_s_per_user, t.throughput_tokens_per_s, t.hbm_used_fraction, \
         t.ttft_s
-    if draft is not None:  # the draft shares the target's GPUs, their HBM and their time
-        d = gpu_timing(draft.spec, gpu, precision, context, users, gpus=t.gpus, prompt_tokens=prompt,
-                       software=software, decode_context=decode_context)
+    if draft is not None:  # the draft shares the target's GPUs (as many as it is laid out over), HBM and time
+        d = gpu_timing(draft.spec, gpu, precision, context, users, gpus=_draft_gpus(draft.spec, gpu, t.gpus),
+                       prompt_tokens=prompt, software=software, decode_context=decode_context)
         memory += d.hbm_used_fraction
         if memory > gpu_model.HBM_USABLE_FRACTION:
             raise OpenLPUError(f"{t.gpus} x {gpu.name} cannot hold {spec.name} and the draft {draft.spec.name} with "
@@ -314,6 +319,14 @@ def gpu_row(spec: ModelSpec, gpu_name: str, precision: str, context: int, users:
                    energy_per_token_j=t.power_w / throughput,
                    compute_used_fraction=flops_per_token * throughput / peak_flops_per_s, prefill_chunk=None,
                    **_cost_fields(c))
+
+
+def _draft_gpus(draft: ModelSpec, gpu: GpuSpec, gpus: int) -> int:
+    """The most of the target's `gpus` a draft can be laid out over, in whole servers: no more pipeline stages
+    than it has layers (136 H100s hold Llama 3.3 70B in 17 stages of 8; its 16-layer 1B draft runs on 128)."""
+    while gpus > gpu.gpus_per_server and layout(draft, gpus, gpu)[1] > draft.n_layers:
+        gpus -= gpu.gpus_per_server
+    return gpus
 
 
 Counts = int | tuple[int, ...] | None  # one value, several (a row each), or None: the default
@@ -445,7 +458,8 @@ def _bar_labels(rows: list[PlanRow]) -> list[str]:
     for), the layout, the users and the prefill chunk, where they differ."""
     def parts(r: PlanRow) -> list[str]:
         unit = "chip" if r.kind == "lpu" else "GPU"
-        used = (f"{r.chips:,} of {counted(r.chips_asked, unit)}" if r.chips_asked and r.chips_asked != r.chips
+        # chips_asked and chips_idle are the target's: a draft's chips come on top of those asked for
+        used = (f"{r.chips_asked - r.chips_idle:,} of {counted(r.chips_asked, unit)}" if r.chips_idle
                 else counted(r.chips, unit))
         return [used, r.layout, counted(r.users, "user"),
                 f"chunk {r.prefill_chunk:,}" if r.prefill_chunk else ""]
