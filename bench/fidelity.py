@@ -927,7 +927,8 @@ def markdown(lpu_rows, gpu_rows, gpu_fit, install_fit, shipped_install, system, 
     within = [f for f in small if abs(f["by_tp"][f["nearest_tp"]]["error"]) <= TARGET_ERROR]
     within_by_tp = {t: sum(bool(f["by_tp"][t]) and abs(f["by_tp"][t]["error"]) <= TARGET_ERROR for f in small)
                     for t in WIDTHS}
-    load_drop = [1 - f["loaded"]["predicted"] / f["predicted"] for f in small]
+    load_change = [f["loaded"]["predicted"] / f["predicted"] - 1 for f in small]
+    loaded_within = sum(abs(f["loaded"]["predicted"] / f["published"] - 1) <= TARGET_ERROR for f in small)
     # how far apart the widths' chip counts are, for the models nearest at a narrower width
     width_spread = max(max(w["chips"] for w in f["by_tp"].values() if w) /
                        min(w["chips"] for w in f["by_tp"].values() if w) for f in small) - 1
@@ -1226,11 +1227,12 @@ it (`kv_cache_quant_algo` FP8 in their hf_quant_config.json), and attention does
   {_models(big)}: nearest at TP {_widths(big)}, the compiler's and the FIT point's width. {_models(small)}:
   nearest at TP {_widths(small)}, narrower than the compiler's placement; at the nearest width
   {len(within)} of {len(small)} are within {TARGET_ERROR:.0%}, but no one width serves them all: within {TARGET_ERROR:.0%} at
-  {", ".join(f"TP {t}: {n} of {len(small)}" for t, n in within_by_tp.items())}. Load does not close the gap: with
-  {LOADED_USERS} users in flight their predictions fall by {min(load_drop):.0%} to {max(load_drop):.0%}, as the
-  users share each weight install and only their own K and V add time. The chip counts per width show why the compiler
-  goes wide: at these sizes the widths need nearly the same chips (within {width_spread:.0%}), and the compiler compares
-  widths by the nodes they take, ties to the wider. Groq's deployments of these models are not
+  {", ".join(f"TP {t}: {n} of {len(small)}" for t, n in within_by_tp.items())}. With {LOADED_USERS} users in flight
+  their predictions move by {min(load_change):+.0%} to {max(load_change):+.0%} ({loaded_within} of {len(small)} then
+  within {TARGET_ERROR:.0%} of the listing): the users share each weight install and add only their own K and
+  V, and their caches take more chips, whose stages each have less to install. The chip counts per width show why
+  the compiler goes wide: at these sizes the widths need nearly the same chips (within {width_spread:.0%}), and the
+  compiler compares widths by the nodes they take, ties to the wider. Groq's deployments of these models are not
   published, and neither is the load behind a listing.{wide_only_text}
   Two pairs have the same layer shapes and differ in window (8,192 tokens in 2024, 131,072 in 2025;
   the 3.1 and 3.3 models also change the RoPE scaling): {same_shape_pairs}. The model tells the two of a

@@ -660,11 +660,12 @@ def test_micro_batches_take_the_most_users_whose_buffers_fit(workload, chips, fi
     12, 6, 3, 1, missed 2 and served each user half as fast). The Program verifies, its SRAM check counting the
     micro-batch's own activations."""
     from openlpu.compiler.partition import partition
-    from openlpu.compiler.schedule import decode_rows, schedule_phase
+    from openlpu.compiler.schedule import decode_figures, decode_rows, schedule_phase
 
     spec = load_preset("gemma-3-270m")
     single = partition(spec, SYSTEM, workload, chips)
-    asked = decode_rows(SYSTEM, workload.users, schedule_phase(spec, SYSTEM, workload, single, "decode"))
+    asked = decode_rows(workload.users, *decode_figures(SYSTEM, schedule_phase(spec, SYSTEM, workload, single,
+                                                                             "decode")))
 
     def fits(rows):
         try:

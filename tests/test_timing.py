@@ -336,14 +336,14 @@ def test_users_share_a_micro_batch_only_when_it_serves_them_sooner():
     the shortest of the periods kept (timing's, recomputed here from the candidates' schedules), and a
     context half as long on the same chips is no slower."""
     from openlpu.compiler.partition import partition
-    from openlpu.compiler.schedule import decode_period_cycles, decode_rows
+    from openlpu.compiler.schedule import decode_figures, decode_period_cycles, decode_rows
 
     spec = load_preset("qwen3-8b")
     w = Workload(weights="fp16", activations="fp16", kv="fp16", context_length=16384, users=16, prompt_len=512)
     kept = {}
     for balance in (False, True):
         single = schedule_phase(spec, SYSTEM, w, partition(spec, SYSTEM, w, 304, balance=balance), "decode")
-        asked = decode_rows(SYSTEM, 16, single)
+        asked = decode_rows(16, *decode_figures(SYSTEM, single))
         batched = schedule_phase(spec, SYSTEM, w, partition(spec, SYSTEM, w, 304, decode_rows=asked, balance=balance),
                                  "decode", rows=asked)
         periods = [decode_period_cycles(SYSTEM, phase, 16) for phase in (single, batched)]

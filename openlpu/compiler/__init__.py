@@ -36,12 +36,12 @@ from openlpu.compiler.program import (
 )
 from openlpu.compiler.schedule import (
     balanced_rows,
-    decode_period_cycles,
+    decode_figures,
     decode_rows,
+    period_cycles,
     predicted_rows,
     schedule_phase,
     schedule_prefill,
-    turn_cycles,
 )
 from openlpu.compiler.verify import Violation, verify, verify_or_raise
 from openlpu.errors import OpenLPUError
@@ -313,7 +313,13 @@ def _decode_schedule(spec: ModelSpec, system: SystemSpec, workload: Workload, pl
     and slower); the most users a micro-batch can take on the same chips, up to those asked, keeps them."""
     users = workload.users
     step = schedule_phase(spec, system, workload, placement, "decode", templates)
-    best = (placement, step, decode_period_cycles(system, step, users))
+    steps = {1: decode_figures(system, step)}  # users per micro-batch -> what their step's period reads
+
+    def period(rows: int) -> float:
+        makespan, turn = steps[rows]
+        return period_cycles(makespan, -(-users // rows), turn)
+
+    best = (placement, step, period(1))
     placed = {1: placement}  # users per micro-batch -> partition's placement on the same chips with buffers for them
     too_many = users + 1  # the fewest users per micro-batch found whose buffers do not fit
 
@@ -340,17 +346,16 @@ def _decode_schedule(spec: ModelSpec, system: SystemSpec, workload: Workload, pl
         rows = balanced_rows(users, low)
         return rows if fits(rows) else None
 
-    steps = {1: (step.makespan_cycles, turn_cycles(system, step))}  # rows -> the figures their step's period reads
-    ask = decode_rows(system, users, step)
+    ask = decode_rows(users, *steps[1])
     for _ in range(MICRO_BATCH_ASKS):
         rows = fitting(ask)
         if rows is None or rows in steps:
             break
         step = schedule_phase(spec, system, workload, placed[rows], "decode", templates, rows)
-        steps[rows] = (step.makespan_cycles, turn_cycles(system, step))
+        steps[rows] = decode_figures(system, step)
         # kept only if it serves every user sooner: a micro-batch's longer step can cost more than the turns
-        if (period := decode_period_cycles(system, step, users)) < best[2]:
-            best = (placed[rows], step, period)
+        if period(rows) < best[2]:
+            best = (placed[rows], step, period(rows))
         ask = predicted_rows(users, steps, too_many - 1)
     return best
 

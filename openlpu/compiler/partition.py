@@ -99,6 +99,7 @@ from openlpu.words import counted, significant
 
 EMBED = -1  # item index of the embedding; the head is item n_layers
 VOCAB_PARTS = ("embed", "head")  # pieces whose tensors split along the vocabulary when too large
+HALF_OFFSET = {"attn": 0, "ffn": 1}  # a layer's halves, after the embedding: layer i's at 1 + 2i + offset
 FFN_NAMES = ("ffn_", "post_ffw_norm")  # a layer's tensors and ops with these names form its MLP half
 CUT_SEPARATOR = "@"  # "blk.3.ffn_gate@2": the op of part 2 of a cut MLP (part 0 keeps the plain name)
 EXPERT_ROWS = -1  # Shard.axis of an expert tensor cut by expert rows: its experts' d_ff rows end to end
@@ -263,6 +264,7 @@ OP_SPLIT = {
 }
 
 
+@functools.cache  # a compile asks of each op's name many times (the names are a model's few)
 def op_suffix(name: str) -> str:
     """'c1/blk.3.ffn_gate@2' -> 'ffn_gate'; 'output' -> 'output'."""
     return name.rsplit("/", 1)[-1].split(CUT_SEPARATOR)[0].split(".")[-1]
@@ -346,7 +348,9 @@ def pieces(spec: ModelSpec, k: int | tuple[int, ...], vocab: tuple[int, int] = (
 
 def half_index(item: int, part: str, n_layers: int) -> int:
     """Position of an uncut piece: embedding 0, layer i's attention 1 + 2i and MLP 2 + 2i, head 2n + 1."""
-    return {"embed": 0, "attn": 1 + 2 * item, "ffn": 2 + 2 * item, "head": 2 * n_layers + 1}[part]
+    if part in HALF_OFFSET:
+        return 1 + 2 * item + HALF_OFFSET[part]
+    return 0 if part == "embed" else 2 * n_layers + 1
 
 
 # ---- sizes ------------------------------------------------------------------------------------
@@ -418,6 +422,14 @@ def activation_peaks(spec: ModelSpec, passes: tuple[list[Op], ...], t: int) -> l
     slack for an op on another unit starting early."""
     n, shapes = spec.n_layers, spec.tensor_shapes()
     peaks = [0.0] * (2 * n + 2)
+    written: dict[tuple, float] = {}  # (role, weight's split rule and shape) -> the share of its output a chip writes
+
+    def share(op: Op) -> float:
+        key = (op_role(op), op.weight and (split_rule(op.weight), shapes[op.weight]))  # alike in every layer
+        if key not in written:
+            written[key] = op_fractions(spec, key[0], t, weight_fraction(spec, shapes, op.weight, t))[2]
+        return written[key]
+
     for ops in passes:
         by_name = {op.name: op for op in ops}
         slot_of = {op.name: half_index(*op_piece(op, n), n) for op in ops}
@@ -430,7 +442,7 @@ def activation_peaks(spec: ModelSpec, passes: tuple[list[Op], ...], t: int) -> l
         held: dict[int, dict[str, float]] = {}
         for op in ops:
             slot = slot_of[op.name]
-            out = op.act_write_bytes * op_fractions(spec, op_role(op), t, weight_fraction(spec, shapes, op.weight, t))[2]
+            out = op.act_write_bytes * share(op)
             bufs = held.setdefault(slot, {})
             for i in op.inputs:  # inputs from another half arrive as a full copy
                 if slot_of[i] != slot:
@@ -1532,11 +1544,13 @@ def place(spec: ModelSpec, system: SystemSpec, workload: Workload, t: int, sizes
             copies = [(parts[-1][0], None, False)]
         else:  # every part of a cut piece recomputes its norm (router, attention inputs): copies on purpose
             copies = [(k, None, j > 0) for j, (k, _, _) in enumerate(parts)]
+        elements = math.prod(shape)
         for k, rows, copy in copies:
-            for chip, (axis, start, stop, rep) in zip(groups[k], split_ranges(spec, name, shape, t, rows,
-                                                                              sizes.experts)):
-                nbytes = math.ceil((stop - start) * math.prod(shape) // axis_length(name, shape, axis) * wb)
-                shards.append(Shard(name, chip, axis, start, stop, nbytes, rep or copy))
+            ranges = split_ranges(spec, name, shape, t, rows, sizes.experts)
+            per_unit = elements // axis_length(name, shape, ranges[0][0])  # the same axis on every chip
+            for chip, (axis, start, stop, rep) in zip(groups[k], ranges):
+                shards.append(Shard(name, chip, axis, start, stop, math.ceil((stop - start) * per_unit * wb),
+                                    rep or copy))
     return Placement(tp=t, stages=stages, shards=tuple(shards), experts=sizes.experts)
 
 

@@ -450,9 +450,12 @@ def _weight_fractions(spec: ModelSpec, placement: Placement, stage_of_chip: dict
     """Per (tensor, stage): the largest share of the tensor one chip of the stage holds."""
     shapes = spec.tensor_shapes()
     frac: dict[tuple[str, int], float] = {}
+    lengths: dict[tuple[str, int], int] = {}  # (tensor, axis) -> its length along the axis
     for sh in placement.shards:
-        key = (sh.tensor, stage_of_chip[sh.chip])
-        frac[key] = max(frac.get(key, 0.0), (sh.stop - sh.start) / axis_length(sh.tensor, shapes[sh.tensor], sh.axis))
+        key, along = (sh.tensor, stage_of_chip[sh.chip]), (sh.tensor, sh.axis)
+        if along not in lengths:
+            lengths[along] = axis_length(sh.tensor, shapes[sh.tensor], sh.axis)
+        frac[key] = max(frac.get(key, 0.0), (sh.stop - sh.start) / lengths[along])
     return frac
 
 
@@ -704,39 +707,45 @@ def link_cycles(system: SystemSpec, phase: PhaseSchedule) -> dict[tuple[int, int
     for links, phases in carried_by.values():
         for a, b, nbytes in links:
             carried[(a, b)] = carried.get((a, b), 0.0) + nbytes * phases
-    return {link: nbytes / system.links[system.link_kind(*link)].bandwidth_bytes_per_s * system.chip.clock_hz
-            for link, nbytes in carried.items()}
+    rate, clock = {kind: spec.bandwidth_bytes_per_s for kind, spec in system.links.items()}, system.chip.clock_hz
+    return {link: nbytes / rate[system.link_kind(*link)] * clock for link, nbytes in carried.items()}
 
 
-def period_cycles(makespan: int, batches: int, occupancy: dict[int, int], links: dict[tuple[int, int], float]) -> float:
+def turn_cycles(occupancy: dict[int, int], links: dict[tuple[int, int], float]) -> float:
+    """Cycles a micro-batch holds the busiest stage (stage_occupancy_cycles) or link (link_cycles) of a step,
+    which the next micro-batch waits for."""
+    return max(max(occupancy.values()), max(links.values(), default=0))
+
+
+def period_cycles(makespan: float, batches: int, turn: float) -> float:
     """Cycles between a user's tokens with `batches` micro-batches in flight: a step's makespan, or, when
-    the micro-batches queue, their turns at the busiest stage or on the busiest link."""
-    return max(makespan, batches * max(occupancy.values()), batches * max(links.values(), default=0))
+    the micro-batches queue, their turns (turn_cycles)."""
+    return max(makespan, batches * turn)
+
+
+def decode_figures(system: SystemSpec, decode: PhaseSchedule) -> tuple[int, float]:
+    """A decode step's makespan and turn_cycles: what its period reads, for any number of users."""
+    return decode.makespan_cycles, turn_cycles(stage_occupancy_cycles(decode), link_cycles(system, decode))
 
 
 def decode_period_cycles(system: SystemSpec, decode: PhaseSchedule, users: int) -> float:
     """period_cycles for `users` in micro-batches of decode.tokens, read off the decode schedule."""
-    return period_cycles(decode.makespan_cycles, -(-users // decode.tokens), stage_occupancy_cycles(decode),
-                         link_cycles(system, decode))
+    makespan, turn = decode_figures(system, decode)
+    return period_cycles(makespan, -(-users // decode.tokens), turn)
 
 
-def turn_cycles(system: SystemSpec, step: PhaseSchedule) -> float:
-    """Cycles a micro-batch holds the busiest stage or link of a step, which the next one waits for."""
-    return max(max(stage_occupancy_cycles(step).values()), max(link_cycles(system, step).values(), default=0))
-
-
-def decode_rows(system: SystemSpec, users: int, step: PhaseSchedule) -> int:
-    """Users per micro-batch of a decode step, read off a step scheduled for some number of them: the fewest
-    that let every micro-batch take its turn at the busiest stage and link within that step, so that no user
-    waits on the others (one when the users pass them in a step anyway), spread evenly over the micro-batches
-    (balanced_rows)."""
-    batches = max(1, int(step.makespan_cycles // turn_cycles(system, step)))  # turns that fit the step
+def decode_rows(users: int, makespan: float, turn: float) -> int:
+    """Users per micro-batch of a decode step, read off a step scheduled for some number of them (its
+    decode_figures): the fewest that let every micro-batch take its turn at the busiest stage and link within
+    that step, so that no user waits on the others (one when the users pass them in a step anyway), spread
+    evenly over the micro-batches (balanced_rows)."""
+    batches = max(1, int(makespan // turn))  # turns that fit the step
     return balanced_rows(users, -(-users // batches))
 
 
 def predicted_rows(users: int, steps: dict[int, tuple[float, float]], most: int) -> int:
     """Users per micro-batch, at most `most`, whose period looks shortest from decode steps scheduled for two or
-    more sizes (users per micro-batch -> (makespan, turn_cycles)): the makespan and the turn both grow with the
+    more sizes (users per micro-batch -> their decode_figures): the makespan and the turn both grow with the
     rows (a step installs each user's keys and values in turn), so each is drawn as a line between the sizes on
     either side, or through the two nearest beyond them, and every even split of the users weighed as
     period_cycles weighs it (the fewer users a step on ties)."""
@@ -748,7 +757,7 @@ def predicted_rows(users: int, steps: dict[int, tuple[float, float]], most: int)
         return y0 + (y1 - y0) * (r - r0) / (r1 - r0)
 
     def period(r: int) -> float:
-        return max(line(r, 0), -(-users // r) * line(r, 1))
+        return period_cycles(line(r, 0), -(-users // r), line(r, 1))
 
     return min((r for r in even_splits(users) if r <= most), key=lambda r: (period(r), r))
 

@@ -27,6 +27,7 @@ from openlpu.compiler.schedule import (
     link_cycles,
     period_cycles,
     stage_occupancy_cycles,
+    turn_cycles,
 )
 from openlpu.graph.ops import UNITS
 from openlpu.hardware.lpu import LINK_KINDS
@@ -67,7 +68,7 @@ def timing(program: Program) -> LpuTiming:
     occupancy = stage_occupancy_cycles(decode)
     busy_links = link_cycles(program.system, decode)
     kind_of = {link: program.system.link_kind(*link) for link in busy_links}
-    period = period_cycles(decode.makespan_cycles, batches, occupancy, busy_links)  # between a user's tokens
+    period = period_cycles(decode.makespan_cycles, batches, turn_cycles(occupancy, busy_links))  # between tokens
     busy = defaultdict(float)
     for op in decode.ops:
         busy[op.unit] += (op.end_cycle - op.start_cycle) * len(program.placement.stages[op.stage].chips)
