@@ -264,10 +264,14 @@ OP_SPLIT = {
 }
 
 
-@functools.cache  # a compile asks of each op's name many times (the names are a model's few)
 def op_suffix(name: str) -> str:
     """'c1/blk.3.ffn_gate@2' -> 'ffn_gate'; 'output' -> 'output'."""
-    return name.rsplit("/", 1)[-1].split(CUT_SEPARATOR)[0].split(".")[-1]
+    return _suffix(name.rsplit("/", 1)[-1])
+
+
+@functools.cache  # a compile asks of each op's name many times; without its prompt chunk, a model has few
+def _suffix(name: str) -> str:
+    return name.split(CUT_SEPARATOR)[0].split(".")[-1]
 
 
 def op_role(op: Op) -> str:
