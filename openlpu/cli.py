@@ -369,7 +369,7 @@ def compile_cmd(
     spec = load_spec(model)
     kv = as_precision(kv_precision).name if kv_precision is not None else serving_precision(precision)
     prompt = Workload.default_prompt_len(context) if prompt is None else prompt
-    check_workload_flags(spec, context, (users,), prompt, decode_context or context,
+    check_workload_flags(spec, context, (users,), prompt, context if decode_context is None else decode_context,
                          () if prefill_chunk is None else (prefill_chunk,))
     workload = Workload(weights=precision, activations=serving_precision(precision), kv=kv,
                         context_length=context, users=users, prompt_len=prompt, draft_tokens=draft_tokens,

@@ -866,6 +866,8 @@ def test_a_hugging_face_config_compiles_to_its_presets_program(tmp_path):
     (["compile", "gemma-3-270m", "-o", "x.prog", "--context", "100000"],
      "--context 100000 is longer than gemma-3-270m's context window (32768 tokens)"),
     (["compile", "gemma-3-270m", "-o", "x.prog", "--prompt", "0"], "--prompt must be a positive integer"),
+    (["compile", "gemma-3-270m", "-o", "x.prog", "--decode-context", "0"],
+     "--decode-context must be a positive integer"),
     (["compile", "gemma-3-270m", "-o", "x.prog", "--prefill-chunk", "0"], "--prefill-chunk must be a positive integer"),
     (["compile", "gemma-3-270m", "-o", "x.prog", "--tp", "8"], "TP 8 is not a width gemma-3-270m can be split over"),
     (["inspect", "nothing.prog"], "cannot read program"),

@@ -222,6 +222,13 @@ def test_a_config_is_named_after_its_folder_when_given_from_inside_it(tmp_path, 
     (folder / "config.json").write_text(json.dumps(quoted))
     monkeypatch.chdir(folder)
     assert {spec_from_hf_config(Path(given)).name for given in ("config.json", ".", str(folder))} == {"my-llama"}
+    # a hub cache's snapshot folder, whose config.json links into its blobs folder: named after the snapshot's
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "my-snapshot"
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    (blobs / "3a7c").write_text(json.dumps(quoted))
+    (snapshot / "config.json").symlink_to(blobs / "3a7c")
+    assert spec_from_hf_config(snapshot / "config.json").name == spec_from_hf_config(snapshot).name == "my-snapshot"
 
 
 @pytest.mark.parametrize("family", sorted(TINY_FAMILIES))

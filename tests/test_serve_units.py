@@ -45,6 +45,7 @@ def body(**changes) -> bytes:
     (body(reasoning_format="parsed"), "reasoning_format"),
     (body(tool_choice="auto"), "tool_choice"),
     (body(reasoning_effort="low"), "reasoning_effort"),
+    (body(reasoning_format="none"), "reasoning_format"),  # "none" means none only where GroqCloud lists it
     (body(response_format={"type": "json_object"}), "response_format"),
     (body(response_format={"type": "yaml"}), "response_format.type"),
     (body(stream_options={"include_usage": True, "extra": 1}), "stream_options.extra"),
@@ -254,11 +255,17 @@ def test_a_models_own_template_wins_and_agrees_with_the_built_in_format(tokenize
     with pytest.raises(APIError) as e:  # the template refuses: 422 with its message
         prompt_ids(templated, [("user", "a"), ("system", "late system message")])
     assert e.value.status == 422 and "fold me" in e.value.message
-    # a prefill: the template's rendering cut after it, as the built-in format leaves the turn open
-    for prefill in ("```python\n", ""):
+    # a prefill: the template's rendering cut after it, as the built-in format leaves the turn open, also where its
+    # text recurs in the turn's closing markup ("<", "turn"); an empty one, even after an assistant message, opens
+    # a new reply in both
+    for prefill in ("```python\n", "<", "turn", "n", ""):
         conversation = [("user", "Add two numbers."), ("assistant", prefill)]
         assert prompt_ids(templated, conversation) == prompt_ids(tokenizer, conversation)
     assert prompt_ids(tokenizer, conversation) == prompt_ids(tokenizer, conversation[:1])
+    after_a_reply = [("user", "Hi"), ("assistant", "Hello"), ("assistant", "")]
+    assert prompt_ids(templated, after_a_reply) == prompt_ids(tokenizer, after_a_reply)
+    assert "".join(text for text, _ in gemma_segments(after_a_reply)).endswith(
+        "Hello<end_of_turn>\n<start_of_turn>model\n")
     shouting = Tokenizer(proto, dataclasses.replace(tokenizer.facts, chat_template=GEMMA_AS_TEMPLATE.replace(
         "{{ m['content'] | trim }}", "{{ m['content'] | trim | upper }}")))
     with pytest.raises(APIError) as e:  # a template that rewrites the text leaves no place to continue from

@@ -153,9 +153,9 @@ def test_a_draft_uses_the_most_of_the_targets_gpus_it_can_be_laid_out_over():
 
 def test_chart_labels_count_a_drafts_chips_beside_those_asked_for():
     """Given 40 chips, the target takes them all and its draft 8 more: the chart says 48 chips, not '48 of 40'
-    (which read as idle chips); with 45 given, 5 of them idle, it says 40 of 45."""
+    (which read as idle chips); with 45 given, 5 of them idle, it says so beside the 48, as the table does."""
     from openlpu.sim.plan import _bar_labels
 
     rows = plan(TARGET, compare=(), context=CONTEXT, chips=(40, 45), draft=DRAFT, acceptance=0.8)
     assert [(r.chips, r.chips_asked, r.chips_idle) for r in rows] == [(48, 40, 0), (48, 45, 5)]
-    assert [label.split("\n")[1] for label in _bar_labels(rows)] == ["48 chips", "40 of 45 chips"]
+    assert [label.split("\n")[1] for label in _bar_labels(rows)] == ["48 chips", "48 chips (5 of 45 idle)"]

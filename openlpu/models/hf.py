@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -454,6 +455,12 @@ def _text_config(cfg: dict, origin: str) -> tuple[dict, str]:
     return {**inherited, "model_type": text_type, **text}, f"{origin} ({key})"
 
 
+def _folder_name(origin: str) -> str:
+    """The name of the folder a config.json was given in, links not followed (a hub cache's config.json links
+    into its blobs folder); empty for a config given as a dict."""
+    return "" if origin == "HF config" else Path(os.path.abspath(origin)).parent.name
+
+
 def spec_from_hf_config(config: dict | str | Path, name: str | None = None) -> ModelSpec:
     """A ModelSpec from a Hugging Face config.json (dict, file, or model folder); of a multimodal model
     (NESTED_TEXT_CONFIGS), its text model's."""
@@ -493,8 +500,7 @@ def spec_from_hf_config(config: dict | str | Path, name: str | None = None) -> M
     window = f.number("sliding_window", kind=int) if "local" in kinds else None
 
     fields = {
-        "name": name or cfg.get("_name_or_path") or
-        ((Path(outer_origin).resolve().parent.name or model_type) if outer_origin != "HF config" else model_type),
+        "name": name or cfg.get("_name_or_path") or _folder_name(outer_origin) or model_type,
         "family": rule.family,
         "vocab_size": f.number("vocab_size", kind=int),
         "d_model": d_model,

@@ -21,6 +21,7 @@ import functools
 from openlpu.serve.errors import APIError
 
 GEMMA_ROLES = {"user": "user", "assistant": "model"}
+PREFILL_MARK = "\x00prefill\x00"  # stands for a prefill as a template renders it: the last message, so its last copy
 SYSTEM_ROLES = ("system", "developer")
 
 
@@ -93,10 +94,13 @@ def render_template(template: str, messages: list[tuple[str, str]], bos_token: s
                     continue_final: bool = False) -> str:
     """A model's own Jinja chat template, rendered the way transformers does (_compiled); with
     `continue_final`, without the generation prompt and cut after the final message's text, which the reply
-    continues (transformers' continue_final_message)."""
+    continues (transformers' continue_final_message, which cuts where the text last appears: in the turn's
+    closing markup, for a prefill such as "<")."""
     from jinja2 import TemplateError
 
     msgs = [{"role": "system" if r in SYSTEM_ROLES else r, "content": t} for r, t in messages]
+    if continue_final:  # rendered in its place, so that the cut falls there, not where its text recurs in markup
+        msgs[-1]["content"] = PREFILL_MARK
     try:
         text = _compiled(template).render(messages=msgs, add_generation_prompt=not continue_final,
                                           bos_token=bos_token, eos_token=eos_token)
@@ -105,23 +109,22 @@ def render_template(template: str, messages: list[tuple[str, str]], bos_token: s
                        param="messages") from None
     if not continue_final:
         return text
-    final = messages[-1][1].strip()
-    if final not in text:  # the template rewrote it: there is no place to continue from
+    if PREFILL_MARK not in text:  # the template rewrote it: there is no place to continue from
         raise APIError(422, "The final assistant message cannot be continued: this model's chat template does not "
                             "write it as given; leave it out", param="messages")
-    return text[:text.rindex(final) + len(final)]
+    return text[:text.rindex(PREFILL_MARK)] + messages[-1][1].strip()
 
 
 def prompt_ids(tokenizer, messages: list[tuple[str, str]]) -> list[int]:
     """Token ids the engine prefills for this conversation (BOS included)."""
-    if messages and messages[-1][0] == "assistant" and not messages[-1][1].strip():
-        messages = messages[:-1]  # an empty prefill: the reply is as without it
     template = tokenizer.chat_template
     if template:
         bos = tokenizer.id_to_piece(tokenizer.bos_id) if tokenizer.bos_id is not None else ""
         eos = tokenizer.id_to_piece(tokenizer.eos_ids[0]) if tokenizer.eos_ids else ""
-        text = render_template(template, messages, bos, eos, continue_final=bool(messages)
-                               and messages[-1][0] == "assistant")
+        prefill = bool(messages) and messages[-1][0] == "assistant"
+        if prefill and not messages[-1][1].strip():  # an empty prefill: a new reply, as gemma_segments gives
+            messages, prefill = messages[:-1], False
+        text = render_template(template, messages, bos, eos, continue_final=prefill)
         return tokenizer.encode(text, add_bos=not text.startswith(bos) if bos else False, parse_special=True)
     ids = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
     for text, is_markup in gemma_segments(messages):

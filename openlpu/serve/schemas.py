@@ -17,7 +17,8 @@ ROLES = ("system", "developer", "user", "assistant")
 MAX_STOP_SEQUENCES = 4
 
 # Fields GroqCloud accepts for some models but this server cannot honour: a clear 400 each when set to
-# anything but null or their neutral value (false, 0, empty, "none"), which clients send by default.
+# anything but null or their neutral value (false, 0, empty; "none" for those in NONE_VALUED), which clients send
+# by default.
 # (logprobs, top_logprobs, logit_bias and messages[].name GroqCloud itself answers with 400.)
 UNSUPPORTED_FIELDS: dict[str, str] = {
     "logprobs": "`logprobs` is not supported",
@@ -33,6 +34,7 @@ UNSUPPORTED_FIELDS: dict[str, str] = {
     "reasoning_format": "`reasoning_format` is not supported by this model",
     "reasoning_effort": "`reasoning_effort` is not supported by this model",
 }
+NONE_VALUED = ("tool_choice", "reasoning_effort")  # "none": no tools, no reasoning (GroqCloud's and the SDK's values)
 # Optional fields a client may send as null (the SDKs declare them Optional): null means the default.
 DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "n": 1, "stream": False}
 
@@ -143,8 +145,8 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
         raise _validation_error(e) from None
     req = req.model_copy(update={name: value for name, value in DEFAULTS.items() if getattr(req, name) is None})
     for name, message in UNSUPPORTED_FIELDS.items():
-        value = getattr(req, name)  # null, false, 0, empty and "none" are what a client sends when it means none
-        if value and value != "none":
+        value = getattr(req, name)  # what a client sends when it means none
+        if value and not (name in NONE_VALUED and value == "none"):
             raise bad_request(message, param=name)
     if req.response_format and req.response_format.type != "text":
         raise bad_request(f"`response_format` {req.response_format.type} is not supported by this model (it needs "

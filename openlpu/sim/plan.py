@@ -458,9 +458,7 @@ def _bar_labels(rows: list[PlanRow]) -> list[str]:
     for), the layout, the users and the prefill chunk, where they differ."""
     def parts(r: PlanRow) -> list[str]:
         unit = "chip" if r.kind == "lpu" else "GPU"
-        # chips_asked and chips_idle are the target's: a draft's chips come on top of those asked for
-        used = (f"{r.chips_asked - r.chips_idle:,} of {counted(r.chips_asked, unit)}" if r.chips_idle
-                else counted(r.chips, unit))
+        used = counted(r.chips, unit) + (f" ({r.chips_idle:,} of {r.chips_asked:,} idle)" if r.chips_idle else "")
         return [used, r.layout, counted(r.users, "user"),
                 f"chunk {r.prefill_chunk:,}" if r.prefill_chunk else ""]
     labels = []
