@@ -21,7 +21,7 @@ import functools
 from openlpu.serve.errors import APIError
 
 GEMMA_ROLES = {"user": "user", "assistant": "model"}
-PREFILL_MARK = "\x00prefill\x00"  # stands for a prefill as a template renders it: the last message, so its last copy
+PREFILL_MARK = "\x00prefill\x00"  # in a prefill's place while a template renders it (rendered last: its last copy)
 SYSTEM_ROLES = ("system", "developer")
 
 
