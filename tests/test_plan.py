@@ -778,4 +778,4 @@ def test_every_bar_of_a_plot_is_told_apart():
     assert len(set(labels)) == len(rows) == 6
     # given 100 chips the compiler takes 96 of them, 3 x TP 32, so the layout tells the counts apart too
     assert labels[:2] == ["lpu-v1\n64 chips\n2 x TP 32\nchunk 256", "lpu-v1\n64 chips\n2 x TP 32\nchunk 128"]
-    assert labels[2].startswith("lpu-v1\n96 of 100 chips\n3 x TP 32") and labels[4:] == ["h100-sxm", "b200"]
+    assert labels[2].startswith("lpu-v1\n96 chips (4 of 100 idle)\n3 x TP 32") and labels[4:] == ["h100-sxm", "b200"]
