@@ -208,14 +208,20 @@ def op_time_s(op, gpu: GpuSpec, precision: str, shards: int, kv_reads: int = 1, 
     return max(compute_s, memory_s) + (0.0 if op.kind in FUSED_KINDS else KERNEL_OVERHEAD_S)
 
 
+def served_ops(spec: ModelSpec, phase: str, seq_len: int, batch: int, precision: str, queries: int = 1) -> list:
+    """graph.lower's ops as a serving stack keeps its formats: weights at `precision`, the KV cache and
+    activations at serving_precision (never below 8 bits, as the LPU keeps them)."""
+    served = serving_precision(precision)
+    return lower(spec, phase, seq_len=seq_len, batch=batch, precision=precision, kv_precision=served,
+                 act_precision=served, queries=queries)
+
+
 def gpu_decode_ops(spec: ModelSpec, seq_len: int, batch: int, precision: str, queries: int = 1) -> list:
-    """One decode step's ops at `seq_len` as a GPU runs them (graph.lower, the KV cache at serving_precision): on a
-    chunked layer (Llama 4) attention reads the keys of the current chunk alone, where the lowering reads the
-    layer's whole ring (the LPU's static schedule serves every position up to seq_len with one step)."""
+    """One decode step's ops at `seq_len` as a GPU runs them (served_ops): on a chunked layer (Llama 4) attention
+    reads the keys of the current chunk alone, where the lowering reads the layer's whole ring (the LPU's static
+    schedule serves every position up to seq_len with one step)."""
     out = []
-    for op in lower(spec, "decode", seq_len=seq_len, batch=batch, precision=precision,
-                    kv_precision=serving_precision(precision), act_precision=serving_precision(precision),
-                    queries=queries):
+    for op in served_ops(spec, "decode", seq_len, batch, precision, queries):
         chunk = spec.layer_chunk(op.layer) if op.kind == "attention" and op.layer >= 0 else None
         ring = spec.layer_positions(op.layer, seq_len) if chunk else 0
         if chunk and ring > (keys := attended_keys(seq_len, None, "decode", chunk=chunk)):
@@ -426,11 +432,9 @@ def gpu_timing(spec: ModelSpec, gpu: GpuSpec, precision: str, context: int, user
             f"{gpus} x {gpu.name} hold the KV cache of at most {counted(most, 'user')} at context "
             f"{context}, not {users}; add GPUs or lower --users / --context")
 
-    served = serving_precision(precision)  # the KV cache and activations: never below 8 bits, as the LPU keeps them
     _, batch = micro_batches(users, stages)
     decode_ops = gpu_decode_ops(spec, decode_context, batch, precision, queries)
-    prefill_ops = lower(spec, "prefill", seq_len=prompt_tokens, batch=1, precision=precision, kv_precision=served,
-                        act_precision=served)
+    prefill_ops = served_ops(spec, "prefill", prompt_tokens, 1, precision)
     decode = paced_decode_s(step_s(spec, decode_ops, gpu, precision, tp, stages, batch * queries, software), users,
                             software)
     ttft = step_s(spec, prefill_ops, gpu, precision, tp, stages, prompt_tokens, software)
@@ -451,9 +455,7 @@ def offline_steps_s(spec: ModelSpec, gpu: GpuSpec, precision: str, gpus: int, ba
     _check_sizes(input_tokens=input_tokens, batch=batch, output_tokens=output_tokens)
     tp, stages = layout(spec, _checked_count(spec, gpu, precision, gpus), gpu)
     count, each = micro_batches(batch, stages)
-    served = serving_precision(precision)
-    prefill = lower(spec, "prefill", seq_len=input_tokens, batch=each, precision=precision, kv_precision=served,
-                    act_precision=served)
+    prefill = served_ops(spec, "prefill", input_tokens, each, precision)
     decode = gpu_decode_ops(spec, input_tokens + output_tokens // 2, each, precision)
     return (pipelined_s(step_s(spec, prefill, gpu, precision, tp, stages, each * input_tokens, software), count, stages),
             step_s(spec, decode, gpu, precision, tp, stages, each, software))
