@@ -562,14 +562,14 @@ def _scaled(op: Op, fraction: float) -> Op:
                                act_write_bytes=op.act_write_bytes * fraction)
 
 
-def _chained_name(name: str, suffix: str, j: int) -> str:
+def chained_name(name: str, suffix: str, j: int) -> str:
     """'c1/blk.3.ffn_down' -> 'c1/blk.3.ffn_sum@2'; 'token_embd' -> 'embed_sum@2'."""
     prefix, _, last = name.rpartition("/")
     stem = last.rsplit(".", 1)[0] + "." if "." in last else ""
     return f"{prefix}/" * bool(prefix) + f"{stem}{suffix}{CUT_SEPARATOR}{j}"
 
 
-def _combines_parts(op: Op, part: str) -> bool:
+def combines_parts(op: Op, part: str) -> bool:
     """The op whose per-part results are combined (see the module doc): an MLP's down projection, the
     embedding's gather, the head's sampler, the attention over each part's KV slots."""
     return {"ffn": op_role(op) == "row", "embed": op.kind == "embed", "head": op.kind == "sample",
@@ -628,7 +628,7 @@ def _combine_parts(spec: ModelSpec, combined: Op, name: str, part: str, like: Op
             return names[lo]
         mid = (lo + hi + 1) // 2
         halves = combine(lo, mid), combine(mid, hi)
-        combination = _chained_name(name, CHAINED[part], next(count))
+        combination = chained_name(name, CHAINED[part], next(count))
         out.append((_combining_op(spec, combined, part, like, combination, halves), stages[hi - 1]))
         return combination
 
@@ -677,7 +677,7 @@ def staged_ops(spec: ModelSpec, workload: Workload, ops: list[Op], placement: Pl
             names.append(name)
             part_ops.append(part_op)
         per_part[op.name] = names
-        if not _combines_parts(op, part):
+        if not combines_parts(op, part):
             continue
         combined = part_ops[0] if part == "attn" else op  # an attention part's result carries its log-sum-exp
         total[op.name] = _combine_parts(spec, combined, op.name, part, mlp_input.get(op.layer), names,

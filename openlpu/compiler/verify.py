@@ -13,14 +13,15 @@ never the compiler.
    micro-batch of 1 to all of the users in flight, attending the tokens its workload attends, and the prefill
    is scheduled for its workload's prompt; no size is negative; a phase's makespan is when its last
    op or transfer ends (timing reads latency off it); the phase computes the model: every op of the graph
-   lowered from the spec runs, whole or by each part of a cut piece, reading what the graph says it reads
-   (through transfers and the ops combining parts), and no other op runs; each op records, over its parts and
+   lowered from the spec runs, whole or by each part of a cut piece (on that part's stage), reading what the
+   graph says it reads through transfers (within a cut piece, its own part's result), each cut piece's parts
+   combined by a tree reading each part once, and no other op runs; each op records, over its parts and
    their chips, at least the work and the output of the graph's op for the users its step carries, and each
    transfer carries at least the bytes of the result it carries (the graph is lowered only for a Program whose
    structure and sizes hold: a file's workload may claim any);
 1. no functional unit runs two ops at once, nor an op in fewer cycles than its recorded work takes at the
    unit's and the SRAM's rates, or than its chips take to install its weights (or the keys and values its
-   queries stream through) at the matrix unit's install rate;
+   queries stream through) at the matrix unit's install rate, over the group and on each chip;
 2. nothing starts before its inputs are on its chips (ops and transfers, and each phase of a transfer
    after the phase before it): a transfer sends from chips that hold its inputs to the stage whose ops
    take it, and reaches every chip of that stage; a phase ends with its sampled token picked whole (an
@@ -34,15 +35,18 @@ never the compiler.
    copies are flagged replicated (on purpose), divided along the axis its ops split; each shard sits on
    a chip of a stage that holds its tensor's piece (the rows of a cut MLP, embedding or head inside that
    stage's range; a tied table's head copy on a head stage), and each stage's chips hold all of every
-   tensor its pieces run on (their rows of a cut one);
+   tensor its pieces run on (their rows of a cut one); each chip holds matching rows of the tensors it
+   multiplies one after the other (an MLP's gate, up and down; an attention's heads and the KV heads they read);
 5. every hop of a transfer is a link the system cables (so no chip talks directly to more chips in other
    nodes than it has global links), between two chips the Program holds; a transfer's links carry its
-   payload; no link carries more than its bandwidth at any time.
+   payload; no link carries more than its bandwidth at any time, each phase's bytes leaving in its span less
+   the hop's latency, which they spend in flight.
 """
 
 from __future__ import annotations
 
 import collections
+import fractions
 import functools
 import heapq
 import itertools
@@ -57,6 +61,7 @@ from openlpu.compiler.partition import (
     EMBED,
     EXPERT_ROWS,
     FFN_NAMES,
+    SPLIT_RULES,
     axis_length,
     cut_range,
     ffn_units,
@@ -82,8 +87,11 @@ from openlpu.compiler.program import (
 from openlpu.compiler.schedule import (
     CHAINED,
     NEEDS_ALL_REDUCE,
+    ONCE_ON_LAST_PART,
     TOKEN_ID_BYTES,
+    chained_name,
     chunk_name,
+    combines_parts,
     split_chunk,
     unit_rates,
 )
@@ -671,6 +679,87 @@ def _shards_on_their_stages(program: Program) -> list[Violation]:
     return out
 
 
+# suffix -> what a chip's rows of a split tensor must match on the chip (_shards_line_up): an MLP's gate and up
+# make the d_ff rows its down projection sums (per kind of MLP: plain, experts, shared); an attention's query rows
+# are the heads whose outputs its output projection takes; its K and V rows, the KV heads those heads read
+MATCHED_ROWS = {suffix: "ffn" + next((kind for kind in ("_exps", "_shexp") if kind in suffix), "")
+                if suffix.startswith("ffn_") else f"{unit}s" for suffix, (_, unit) in SPLIT_RULES.items()
+                if suffix.startswith(("ffn_", "attn_"))}
+
+
+def _shards_line_up(program: Program) -> list[Violation]:
+    """Each chip holds matching rows of the tensors it multiplies one after the other (MATCHED_ROWS): its MLP's
+    gate, up and down projections the same d_ff rows, its attention's query and output projections the same
+    heads, its keys and values the same KV heads, those its query heads read. Coverage per stage
+    (_shards_on_their_stages) does not see two chips' shards of one tensor swapped; the sharded executor then
+    computes other numbers (a review found it)."""
+    spec, stage_of = program.spec, {c: s.index for s in program.placement.stages for c in s.chips}
+    matched, lengths = {}, {}  # tensor -> (layer, what must match) or None; (tensor, axis) -> its length (0: none)
+    # (stage, layer, what must match) -> tensor -> chip -> the [start, stop) of its shards, as fractions of their
+    # axis (a division rounds alike the fractions that are equal, so they compare as floats)
+    held = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for sh in program.placement.shards:
+        if sh.tensor not in matched:
+            what = MATCHED_ROWS.get(sh.tensor.split(".", 2)[-1]) if sh.tensor.startswith("blk.") else None
+            matched[sh.tensor] = (sh.tensor.split(".")[1], what) if what and sh.tensor in program.tensors else None
+        if matched[sh.tensor] is None or sh.chip not in stage_of:
+            continue  # reported by _weights or _structure if anything
+        if (sh.tensor, sh.axis) not in lengths:  # a whole tensor's shards may lie on any axis
+            shape = program.tensors[sh.tensor]
+            lengths[(sh.tensor, sh.axis)] = axis_length(sh.tensor, shape, sh.axis) if _on_an_axis(
+                sh.tensor, shape, sh.axis) else 0
+        if length := lengths[(sh.tensor, sh.axis)]:
+            held[(stage_of[sh.chip], *matched[sh.tensor])][sh.tensor][sh.chip].append((sh.start / length,
+                                                                                      sh.stop / length))
+    out, chips_of = [], {s.index: s.chips for s in program.placement.stages}
+    for (stage, layer, what), by_tensor in sorted(held.items()):
+        first, *others = sorted(by_tensor)
+        for chip in chips_of[stage]:
+            rows = _merged(by_tensor[first].get(chip, []))  # a copy flagged replicated adds no rows
+            if wrong := next((t for t in others if _merged(by_tensor[t].get(chip, [])) != rows), None):
+                out.append(Violation("weight_placement", f"chip {chip} holds {_spans(rows)} of {first} but "
+                                                         f"{_spans(_merged(by_tensor[wrong].get(chip, [])))} of "
+                                                         f"{wrong}, which it multiplies with them"))
+                break
+        if what != "kv_heads" or (stage, layer, "heads") not in held:
+            continue
+        q, k = held[(stage, layer, "heads")][f"blk.{layer}.attn_q.weight"], by_tensor[f"blk.{layer}.attn_k.weight"]
+        group, tolerance = spec.n_heads // spec.n_kv_heads, 1e-9  # the float fractions of whole heads
+        for chip in chips_of[stage]:
+            read = {h // group for start, stop in q.get(chip, [])
+                    for h in range(math.floor(start * spec.n_heads + tolerance),
+                                   math.ceil(stop * spec.n_heads - tolerance))}
+            kept = {h for start, stop in k.get(chip, [])
+                    for h in range(math.ceil(start * spec.n_kv_heads - tolerance),
+                                   math.floor(stop * spec.n_kv_heads + tolerance))}
+            if not read <= kept:
+                out.append(Violation("weight_placement", f"chip {chip}'s query heads read KV heads "
+                                                         f"{sorted(read - kept)} of layer {layer}, whose keys and "
+                                                         f"values it does not hold"))
+                break
+    return out
+
+
+def _merged(spans: list[tuple]) -> list[tuple]:
+    """[start, stop) spans with those that touch or overlap joined, in order."""
+    if len(spans) < 2:  # most chips hold one shard of a tensor
+        return spans
+    out = []
+    for start, stop in sorted(spans):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], stop))
+        else:
+            out.append((start, stop))
+    return out
+
+
+def _spans(spans: list[tuple[float, float]]) -> str:
+    """Shards' spans as fractions of their axis: 'rows [1/2, 1)', or 'no rows'."""
+    def fraction(x: float) -> fractions.Fraction:
+        return fractions.Fraction(x).limit_denominator(1 << 24)  # an axis is shorter
+    return ", ".join(f"rows [{fraction(a)}, {fraction(b)})" for a, b in spans) or "no rows"
+
+
 @functools.lru_cache(maxsize=8)
 def _lowered(spec, workload, phase: str, tokens: int, rows: int) -> dict:
     """The model's graph (graph.lower) for a decode step of `rows` users, each with its drafts, attending
@@ -681,50 +770,122 @@ def _lowered(spec, workload, phase: str, tokens: int, rows: int) -> dict:
                                         act_precision=workload.activations, queries=queries)}
 
 
-def _graph(program: Program, phase: PhaseSchedule, origin: Callable[[str], str]) -> list[Violation]:
+def _graph(program: Program, phase: PhaseSchedule) -> list[Violation]:
     """The phase computes the model: each op is an op of its graph (graph.lower, from the Program's spec; in a
-    prompt chunk, the chunk's graph), of its kind and on its unit, run whole or by each part of a cut piece, or
-    combines the parts' results of one op; each graph op runs (in every prompt chunk, but the head only in the last:
-    logits only for the prompt's last token) reading what the graph says it reads, through transfers and
-    combinations (`origin`: _origins'). A prompt chunk's attention may also wait on the chunk before's (whose KV it
-    reads)."""
+    prompt chunk, the chunk's graph; the head only in the last chunk: logits only for the prompt's last token), of
+    its kind and on its unit, named as the placement holds its piece: once under its own name where the piece is
+    whole or the op is applied once, on the last part (ONCE_ON_LAST_PART); else once per part, part j
+    '<name>@j' (the plain name for part 0) on part j's stage. Each reads, through transfers, what the graph says
+    it reads: within a cut piece, its own part's result; otherwise the whole result (_reads). The parts of the
+    op a cut piece combines are combined by a tree of two-input ops reading each part and each combination but
+    the last once (_combinations). No other op runs. A prompt chunk's attention may also read the chunk
+    before's (whose KV it reads)."""
     spec, w, n = program.spec, program.workload, program.spec.n_layers
     if phase.phase == "decode":  # its ops are named and wired alike for any micro-batch
-        graph = _lowered(spec, w, "decode", w.attended_context, 1).values()
-        expected = {op.name for op in graph}
+        graph = dict(_lowered(spec, w, "decode", w.attended_context, 1))
     else:  # every chunk's ops are named and wired alike, but for their prefix
-        graph = _lowered(spec, w, "prefill", min(w.chunk_tokens, w.prompt_len), 1).values()
+        lowered = _lowered(spec, w, "prefill", min(w.chunk_tokens, w.prompt_len), 1).values()
         last = -(-w.prompt_len // w.chunk_tokens) - 1
-        expected = {chunk_name(c, op.name) for c in range(last + 1) for op in graph
-                    if c == last or _op_piece(op.name, n) != (n, "head")}
-    reads, kinds = {op.name: op.inputs for op in graph}, {op.name: (op.kind, op.unit) for op in graph}
-    named = [(op, *_graph_name(op.name)) for op in phase.ops]
-    combining = {op.name for op, _, base in named if _combines(base)}
-    out, ran = [], set()
-    for op, prefix, base in named:
-        got = {origin(i) for i in op.inputs}
-        if op.name in combining:
-            if len(got) != 1:
-                out.append(Violation("structure", f"{phase.phase}: {op.name} combines the results of "
-                                                  f"{', '.join(sorted(got)) or 'nothing'}, not the parts of one op"))
+        graph = {chunk_name(c, op.name): op for c in range(last + 1) for op in lowered
+                 if c == last or _op_piece(op.name, n) != (n, "head")}
+    homes = piece_homes(program.placement)
+    piece = {name: _op_piece(split_chunk(name)[1], n) for name in graph}
+    parts = {name: len(homes.get(piece[name], ())) for name in graph}
+    per_part = {name: parts[name] > 1 and op_suffix(name) not in ONCE_ON_LAST_PART for name in graph}
+    expected = {}  # record name -> (graph op, part (None: run once), stage it runs on (None: any of the piece's))
+    combined = {}  # a cut piece's combined op -> the names of the ops combining its parts
+    for name, op in graph.items():
+        places = homes.get(piece[name], [])
+        if not per_part[name]:
+            expected[name] = (name, None, places[-1][0] if places else None)
             continue
-        if (name := prefix + base) not in expected:
-            out.append(Violation("structure", f"{phase.phase}: {op.name} is not an op of the model's graph"))
+        expected |= {_part_name(name, j): (name, j, stage) for j, (stage, _, _) in enumerate(places)}
+        if combines_parts(op, piece[name][1]):
+            combined[name] = [chained_name(name, CHAINED[piece[name][1]], m) for m in range(1, len(places))]
+            expected |= {c: (name, None, None) for c in combined[name]}
+    roots = {}  # a combined op -> the op completing its parts' combination
+
+    def read(name: str, reader: str, part: int | None) -> str | None:
+        """The record whose result an op (graph op `reader`, its piece's part `part`, or None: run once) reads for
+        graph op `name`: part `part`'s own where both run per part of one piece; a cut piece's combined result;
+        a once-run op of the piece, the last part's (the MoE routing every part computes); where the result is
+        whole, the op's own. None: a part of a result no op combines, which only its piece's parts can read."""
+        if not per_part.get(name):
+            return name
+        same = piece[name] == piece[reader]
+        if same and part is not None:
+            return _part_name(name, part)
+        if name in roots:
+            return roots[name]
+        return _part_name(name, parts[name] - 1) if same else None
+
+    carried = {t.name: t.inputs[0] for t in phase.transfers if t.inputs}
+
+    def source(name: str) -> str:
+        """The op whose result a record is or carries (through transfers)."""
+        seen = set()
+        while name in carried and name not in seen:  # a loop is _inputs_ready's to report
+            seen.add(name)
+            name = carried[name]
+        return name
+
+    out, ran, by_name = [], set(), {op.name: op for op in phase.ops}
+    for name, combining in combined.items():
+        root, wrong = _combinations(name, len(combining) + 1, [by_name[c] for c in combining if c in by_name], source)
+        roots[name] = root or combining[-1]  # its readers read the last (the tree's fault is reported once)
+        out += [Violation("structure", f"{phase.phase}: {message}") for message in wrong]
+    for op in phase.ops:
+        if op.name not in expected:
+            out.append(Violation("structure", f"{phase.phase}: {op.name} is not an op of the model's graph as the "
+                                              f"placement holds its piece"))
             continue
-        ran.add(name)
-        if (op.kind, op.unit) != kinds[base]:
+        ran.add(op.name)
+        name, part, stage = expected[op.name]
+        if part is None and name in combined:
+            continue  # a combining op: _combinations
+        if stage is not None and op.stage != stage:
+            out.append(Violation("weight_placement", f"{phase.phase}: {op.name} runs on stage {op.stage}; the stage "
+                                                     f"holding its part of the piece is {stage}"))
+        prefix, base = split_chunk(name)
+        if (op.kind, op.unit) != (graph[name].kind, graph[name].unit):
             out.append(Violation("structure", f"{phase.phase}: {op.name} runs as {op.kind} on the {op.unit} unit; the "
-                                              f"model's {base} is {kinds[base][0]} on {kinds[base][1]}"))
-        want = {prefix + i for i in reads[base]}
-        if prefix and op.kind == "attention":  # it reads the KV the chunk before wrote
-            got.discard(chunk_name(int(prefix[1:-1]) - 1, base))
+                                              f"model's {base} is {graph[name].kind} on {graph[name].unit}"))
+        reads = [chunk_name(prefix, i) if prefix is not None else i for i in graph[name].inputs]
+        want = {read(i, name, part) for i in reads}
+        got = {source(i) for i in op.inputs}
+        if prefix and graph[name].kind == "attention":  # it may read the KV the chunk before wrote
+            got.discard(read(chunk_name(prefix - 1, base), name, part))
         if got != want:
+            wanted = ", ".join(sorted(map(str, want))) or "nothing"
             out.append(Violation("structure", f"{phase.phase}: {op.name} reads {', '.join(sorted(got)) or 'nothing'}; "
-                                              f"the model's {base} reads {', '.join(sorted(want)) or 'nothing'}"))
-    if missing := sorted(expected - ran):
+                                              f"the model's {base} reads {wanted}"))
+    if missing := sorted(set(expected) - ran):
         out.append(Violation("structure", f"{phase.phase}: the model's {missing[0]} never runs"
                                           + (f" (and {len(missing) - 1} more ops)" if len(missing) > 1 else "")))
     return out
+
+
+def _part_name(name: str, j: int) -> str:
+    """Part j's op of a graph op of a cut piece: 'blk.3.ffn_gate@2' (part 0 keeps the plain name)."""
+    return name if j == 0 else f"{name}{CUT_SEPARATOR}{j}"
+
+
+def _combinations(name: str, parts: int, ops: list, source: Callable[[str], str]) -> tuple[str | None, list[str]]:
+    """The op completing the combination of graph op `name`'s `parts` parts (None where they are not combined
+    so), and what is wrong: the combining ops (`ops`, those of the phase) each read two results, the parts' and
+    the combinations', and each part and each combination but the last is read once."""
+    leaves = [_part_name(name, j) for j in range(parts)]
+    read = collections.Counter(source(i) for op in ops for i in op.inputs)
+    wrong = [f"{op.name} combines {counted(len(op.inputs), 'result')}; a combination reads two" for op in ops
+             if len(op.inputs) != 2]
+    if stray := sorted(set(read) - set(leaves) - {op.name for op in ops}):
+        wrong.append(f"{name}'s parts are combined with {stray[0]}, which is not one of them")
+    unread = [op.name for op in ops if not read[op.name]]
+    if len(unread) == 1 and not wrong and read == collections.Counter(leaves + [op.name for op in ops
+                                                                                  if op.name != unread[0]]):
+        return unread[0], []
+    return None, wrong or [(f"{name}'s {parts} parts are not combined once each: the combining ops read "
+                            f"{', '.join(f'{k} x{v}' for k, v in sorted(read.items()))}")]
 
 
 COMBINING = frozenset(CHAINED.values())  # the last part of a combining op's name ('blk.3.ffn_sum@2')
@@ -760,13 +921,27 @@ def _origins(phase: PhaseSchedule) -> Callable[[str], str]:
     return origin
 
 
-def _work(program: Program, phase: PhaseSchedule, origin: Callable[[str], str]) -> list[Violation]:
+def _largest_shards(program: Program) -> dict[tuple[int, str], int]:
+    """(stage, tensor) -> the bytes of the tensor's largest shard on one chip of the stage: what that chip
+    installs for an op multiplying by it."""
+    stage_of = {c: s.index for s in program.placement.stages for c in s.chips}
+    largest = {}
+    for sh in program.placement.shards:
+        if sh.chip in stage_of and sh.nbytes > largest.get(key := (stage_of[sh.chip], sh.tensor), 0):
+            largest[key] = sh.nbytes
+    return largest
+
+
+def _work(program: Program, phase: PhaseSchedule, origin: Callable[[str], str],
+          largest: dict[tuple[int, str], int]) -> list[Violation]:
     """No op records less work than the model's op it runs. Over its parts, each counted on every chip of its
     TP group, it has at least the graph's operations and SRAM bytes (its weights and the keys and values it
     reads), and at least the cycles its chips take to install its weights (a matrix op) or the keys and values
     its queries stream through (attention) at the chip's install rate, where a KV head, split no further,
     counts once for the chips sharing it (each installs it whole): the weight-stationary matrix unit's bound,
-    which sets a decode step's time; and it holds at least the graph op's output (what SRAM is checked for).
+    which sets a decode step's time; a matrix op, too, at least the cycles one chip of its stage takes to install
+    its shard of the weight (`largest`: _largest_shards), on a chip holding more than its share; and it holds at
+    least the graph op's output (what SRAM is checked for).
     A decode step's graph is lowered for the users its micro-batch carries (so it cannot claim more than
     its ops work for), a prompt chunk's with no tokens before it (those only add keys to read). No transfer
     carries less than the result it carries (_payloads; `origin`: _origins')."""
@@ -780,18 +955,24 @@ def _work(program: Program, phase: PhaseSchedule, origin: Callable[[str], str]) 
     widths = {s.index: len(s.chips) for s in program.placement.stages}
     # prefixed graph op -> operations, SRAM bytes, install cycles, output bytes
     recorded = defaultdict(lambda: [0.0, 0.0, 0, 0.0])
+    out = []
     for op in phase.ops:
         prefix, base = _graph_name(op.name)
         if base not in graphs.get(prefix, ()) or op.stage not in widths:
             continue  # a combining op, or one _graph or _structure reports
         t, sums, g = widths[op.stage], recorded[prefix + base], graphs[prefix][base]
+        shard = largest.get((op.stage, g.weight), 0) if g.unit == "matrix" and g.weight else 0
+        if (op.end_cycle - op.start_cycle) * chip.matrix_install_bytes_per_cycle + 1 < shard:  # a byte: rounding
+            out.append(Violation("unit_overlap", f"{phase.phase}: {op.name} runs {op.end_cycle - op.start_cycle:,} "
+                                                 f"cycles; a chip of stage {op.stage} installs {shard:,} bytes of "
+                                                 f"{g.weight} in it, which take "
+                                                 f"{math.ceil(shard / chip.matrix_install_bytes_per_cycle):,}"))
         sums[0] += op.flops_per_chip * t
         sums[1] += op.sram_bytes_per_chip * t
         rule = split_rule(g.weight) if g.weight else None
         by_kv_head = g.kind == "attention" or rule is not None and rule[1] == "kv_head"
         sums[2] += (op.end_cycle - op.start_cycle) * (min(t, spec.n_kv_heads) if by_kv_head else t)
         sums[3] += op.output_bytes_per_chip * t
-    out = []
     for name, (flops, sram_bytes, cycles, output) in recorded.items():
         prefix, base = _graph_name(name)
         g = graphs[prefix][base]
@@ -939,16 +1120,6 @@ def _links(program: Program, phase: PhaseSchedule, figures: dict) -> list[Violat
     spans, peaks, out, held = list(spans_of.values()), [], [], set(program.placement.chips)
     carried = defaultdict(list)  # directed link -> (bytes, index in spans) of each load it is part of
     for load, ((links, members), spans_here) in enumerate(spans_of.items()):
-        inverse = [clock / (arrival - start) if arrival > start else 0.0 for start, arrival, _ in spans_here]
-        events = sorted([(s, 1, r) for (s, _, _), r in zip(spans_here, inverse)] +
-                        [(e, 0, r) for (_, e, _), r in zip(spans_here, inverse)])
-        level = peak = 0.0
-        for _, starting, r in events:  # ends (0) sort before starts (1) at the same cycle
-            level += r if starting else -r
-            peak = max(peak, level)
-        peaks.append(peak)
-        # the load's phases take at least, for each link, the latency of the hops to its far end plus its bytes at
-        # the link's bandwidth (one too short for the bytes alone is over the bandwidth, reported below)
         usable = []  # (link, bytes, bandwidth, hop latency in cycles) of the links the Program may use
         for a, b, nbytes in links:
             carried[(a, b)].append((nbytes, load))
@@ -956,6 +1127,21 @@ def _links(program: Program, phase: PhaseSchedule, figures: dict) -> list[Violat
                 figures[(a, b)] = _link_figures(system, held, a, b)
             if not isinstance(figures[(a, b)], str):
                 usable.append(((a, b), nbytes, figures[(a, b)][0], figures[(a, b)][1] * clock))
+        # a link sends its bytes in a phase's span less its hop's latency, which they spend in flight (_sending):
+        # the load's longest hop taken off every span bounds each link's rate from above, where every span is
+        # longer than it (else its links are swept one by one)
+        longest = max((hop for *_, hop in usable), default=0.0)
+        inverse = [clock / (arrival - longest - start) if arrival - longest > start else 0.0
+                   for start, arrival, _ in spans_here]
+        events = sorted([(s, 1, r) for (s, _, _), r in zip(spans_here, inverse)] +
+                        [(e, 0, r) for (_, e, _), r in zip(spans_here, inverse)])
+        level = peak = 0.0
+        for _, starting, r in events:  # ends (0) sort before starts (1) at the same cycle
+            level += r if starting else -r
+            peak = max(peak, level)
+        peaks.append(math.inf if any(start < arrival <= start + longest for start, arrival, _ in spans_here) else peak)
+        # the load's phases take at least, for each link, the latency of the hops to its far end plus its bytes at
+        # the link's bandwidth (one too short for the bytes alone is over the bandwidth, reported below)
         relayed = any(a not in members for (a, _), *_ in usable)  # else each link's latency is its own hop's
         reached = _hop_latencies({link: hop for link, _, _, hop in usable}, members) if relayed else None
         least, slowest, bytes_alone = 0.0, None, 0.0
@@ -976,14 +1162,14 @@ def _links(program: Program, phase: PhaseSchedule, figures: dict) -> list[Violat
         if isinstance(figures[(a, b)], str):
             out.append(((a, b), Violation("link_bandwidth", f"{phase.phase}: {figures[(a, b)]}")))
             continue
-        bandwidth = figures[(a, b)][0]
+        bandwidth, hop = figures[(a, b)][0], figures[(a, b)][1] * clock
         if sum(nbytes * peaks[load] for nbytes, load in loads) <= bandwidth * (1 + RATE_TOLERANCE):
             continue
-        same = (tuple(loads), bandwidth)  # the links of a group, loaded alike, are swept once
+        same = (tuple(loads), bandwidth, hop)  # the links of a group, loaded alike, are swept once
         if same not in swept:
-            swept[same] = _over_bandwidth([(start, arrival, nbytes / ((arrival - start) / clock), name)
+            swept[same] = _over_bandwidth([(start, start + window, nbytes / (window / clock), name)
                                            for nbytes, load in loads for start, arrival, name in spans[load]
-                                           if arrival > start], bandwidth)
+                                           if (window := _sending(start, arrival, hop))], bandwidth)
         if swept[same]:
             out.append(((a, b), Violation("link_bandwidth", f"{phase.phase}: link {a}->{b} carries {swept[same]}")))
     return [violation for _, violation in sorted(out, key=lambda found: found[0])]  # by link
@@ -1024,6 +1210,13 @@ def _link_figures(system: SystemSpec, held: set[int], a: int, b: int) -> tuple[f
     return link.bandwidth_bytes_per_s, link.latency_s
 
 
+def _sending(start: int, arrival: int, hop: float) -> float:
+    """Cycles a link has to send a phase's bytes: its span less the hop's latency, which the last byte spends in
+    flight. A span no longer than the latency is the latency check's to report (_links): its bytes are counted
+    over the span, so one too short for its bytes alone is over the bandwidth. 0: a span of no length."""
+    return arrival - start - hop if arrival - start > hop else max(0, arrival - start)
+
+
 def _over_bandwidth(spans: list[tuple[int, int, float, str]], bandwidth: float) -> str | None:
     """What one link carries at the first moment its transfers, (start, arrival, bytes per second, name)
     each, exceed its bandwidth together (None if they never do)."""
@@ -1048,13 +1241,13 @@ def verify(program: Program) -> list[Violation]:
     shaped = _structure(program) + _sizes(program)
     static = static_sram_bytes(program)  # what each chip holds throughout, read by both SRAM checks
     out = shaped + _reserved(program, static) + _kv_reserved(program) + _weights(program)
-    out += _shards_on_their_stages(program)
+    out += _shards_on_their_stages(program) + _shards_line_up(program)
     link_figures = {}  # the phases load mostly the same links
+    largest = _largest_shards(program) if not shaped else {}
     for phase in (program.decode, program.prefill):
         out += _makespan(phase) + _ops_on_their_pieces(program, phase)
         if not shaped:  # else its workload may be any (a file's): the model's graph is not lowered for it
-            origin = _origins(phase)
-            out += _graph(program, phase, origin) + _work(program, phase, origin)
+            out += _graph(program, phase) + _work(program, phase, _origins(phase), largest)
         out += (_unit_overlap(program, phase) + _inputs_ready(program, phase) + _partials_reduced(program, phase)
                 + _token_delivered(program, phase)
                 + _sram(program, phase, static) + _payload_carried(phase) + _links(program, phase, link_figures))
