@@ -100,6 +100,11 @@ def test_save_load_round_trip_and_bad_files(gemma8, tmp_path):
     assert path.read_bytes()[HEADER_BYTES + 9] == 0xFF
     with pytest.raises(OpenLPUError, match="cannot read program"):
         load_program(tmp_path / "missing.prog")
+    # a folder, and a pipe, whose read would wait for a writer (a review found `inspect` hung on one)
+    os.mkfifo(tmp_path / "pipe.prog")
+    for not_a_file in (tmp_path, tmp_path / "pipe.prog"):
+        with pytest.raises(OpenLPUError, match=f"program '{re.escape(str(not_a_file))}' is not a file"):
+            load_program(not_a_file)
 
     def signed(mutate) -> bytes:  # the payload changed and signed again: the checksum passes, the content is wrong
         body = json.loads(gzip.decompress(path.read_bytes()[len(MAGIC) + 4 + 32:]))
@@ -115,6 +120,7 @@ def test_save_load_round_trip_and_bad_files(gemma8, tmp_path):
     for mutate, says in ((lambda b: b.update(spec=[1]), "its model: expected a JSON object of ModelSpec fields"),
                          (lambda b: first_op(b).pop(), "a ScheduledOp row is not a list of its 10 fields"),
                          (lambda b: b["prefill"]["transfers"]["rows"][0].append(0), "a Transfer row is not a list"),
+                         (lambda b: b["decode"]["ops"].update(rows={}), "its ScheduledOp rows are not a list"),
                          (lambda b: phase_of_first_transfer(b).__setitem__(2, len(b["link_loads"])),
                           "a transfer's phase names a link load its table of \\d+ lacks"),
                          (lambda b: phase_of_first_transfer(b).__setitem__(2, -1), "names a link load"),
@@ -808,6 +814,25 @@ def test_cli_compile_and_inspect(tmp_path):
     r = runner.invoke(app, ["inspect", str(tmp_path / "unplaced.prog")])
     assert r.exit_code == 1 and "token_embd.weight elements [0, 65536) along axis are placed nowhere" in " ".join(
         r.output.split())
+
+
+def test_compile_writes_only_a_program_that_verifies(tmp_path, monkeypatch):
+    """A compile whose Program fails verification (a compiler fault, stood in for by a placement losing a shard)
+    exits 1 and leaves the file already at -o as it was (a review found it replaced by the failing Program)."""
+    from openlpu import compiler
+    out = tmp_path / "g.prog"
+    out.write_bytes(b"a good Program")
+    compile_program = compiler.compile_program
+
+    def faulty(*args, **kwargs):
+        program = compile_program(*args, **kwargs)
+        return dataclasses.replace(program, placement=dataclasses.replace(program.placement,
+                                                                          shards=program.placement.shards[1:]))
+    monkeypatch.setattr(compiler, "compile_program", faulty)
+    r = CliRunner().invoke(app, ["compile", "gemma-3-270m", "-o", str(out), "--chips", "4", "--context", "1024"])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 1 and "placed nowhere; not written" in text, r.output
+    assert out.read_bytes() == b"a good Program" and [p.name for p in tmp_path.iterdir()] == ["g.prog"]
 
 
 def test_compile_keeps_the_kv_cache_plan_assumes(tmp_path):

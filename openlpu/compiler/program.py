@@ -15,6 +15,8 @@ import gc
 import gzip
 import hashlib
 import json
+import os
+import stat
 import struct
 import typing
 import zlib
@@ -396,6 +398,8 @@ def _rows(cls, table: dict, shallow: dict | None = None) -> tuple:
     # JSON gives lists back: the fields typed as tuples get tuples
     nested = [i for i, f in enumerate(fields) if tuple in (hints[f.name], typing.get_origin(hints[f.name]))]
     rows = table["rows"]
+    if type(rows) is not list:
+        raise ValueError(f"its {cls.__name__} rows are not a list")
     for row in rows:
         if type(row) is not list or len(row) != len(expected):
             raise ValueError(f"a {cls.__name__} row is not a list of its {len(expected)} fields")
@@ -484,6 +488,9 @@ def load_program(path: str | Path) -> Program:
     if not str(path):
         raise OpenLPUError("no Program file given; name one that `openlpu compile MODEL -o FILE` wrote")
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a pipe would block the read until something writes to it
+            raise OpenLPUError(f"program {str(path)!r} is not a file; name one that `openlpu compile MODEL -o FILE` "
+                               f"wrote")
         with open(path, "rb") as f:  # the magic first: a large file of another kind is refused unread
             data = f.read(len(MAGIC))
             if data == MAGIC:
