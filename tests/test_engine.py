@@ -6,7 +6,7 @@ import torch
 
 from openlpu.errors import OpenLPUError
 from openlpu.runtime.engine import Engine, SamplingParams
-from openlpu.runtime.sampling import sample
+from openlpu.runtime.sampling import make_generator, sample
 
 PROMPT = "The capital of France is"
 
@@ -53,6 +53,17 @@ def test_extreme_sampling_values_still_draw_a_token():
                    dict(temperature=1e-50), dict(temperature=1e-300), dict(top_p=1e-300), dict(top_p=0),
                    dict(temperature=2.0, top_p=0)):
         assert sample(logits, SamplingParams(**params), g) == int(logits.argmax()), params
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_logits_not_finite_are_refused_in_words(bad):
+    """A corrupt file's NaN weights made NaN logits: greedy decoding picked the NaN's id as if it were a token, and
+    sampling raised torch's own error (a review found the traceback). Each now says what is wrong."""
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    logits[17] = bad
+    for params in (SamplingParams(), SamplingParams(temperature=0.7, seed=1), SamplingParams(temperature=1, top_p=0.5)):
+        with pytest.raises(OpenLPUError, match="logits that are not finite numbers"):
+            sample(logits, params, make_generator(params))
 
 
 def test_sampling_respects_top_k_set():

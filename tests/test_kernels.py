@@ -1,6 +1,8 @@
 """The VNNI kernels (runtime/vnni_kernels.cpp) against float64 products of the weights they
 hold, and the torch kernels they replace where they cannot run."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -86,6 +88,33 @@ def test_kernels_refuse_mismatched_shapes_with_a_message():
     with pytest.raises(RuntimeError, match="x has 100 inputs"):
         linear.vnni.int8_linear(torch.randn(1, 100), torch.zeros(4, 128, dtype=torch.int8),
                                 torch.ones(4, dtype=torch.bfloat16))
+
+
+def test_a_build_killed_mid_way_does_not_hold_up_the_next(monkeypatch, tmp_path):
+    """torch's mark of a build in progress, left by a build killed mid-way, made every later start wait without
+    end (a review found it): a start finds it stale (no live process holds OpenLPU's lock) and builds. torch's
+    loader stands in, failing as torch's own would have, by waiting, where the mark is still there."""
+    import torch.utils.cpp_extension
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("OPENLPU_VNNI", "1")
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: set(kernels.VNNI_CPU_FLAGS))
+    built = []
+
+    def load(name, sources, extra_cflags, extra_ldflags, build_directory):
+        assert not (Path(build_directory) / "lock").exists(), "torch would wait for this mark forever"
+        built.append(build_directory)
+        return "the kernels"
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", load)
+    vnni_kernels.cache_clear()
+    try:
+        assert vnni_kernels() == "the kernels"
+        (folder,) = (tmp_path / "openlpu" / "kernels").iterdir()
+        (folder / "lock").write_text("")  # what a killed build leaves
+        vnni_kernels.cache_clear()
+        assert vnni_kernels() == "the kernels" and built == [str(folder)] * 2 and not (folder / "lock").exists()
+    finally:
+        vnni_kernels.cache_clear()
 
 
 def test_without_vnni_codes_run_as_int8_on_torch_kernels(monkeypatch):

@@ -62,10 +62,12 @@ def test_stream_holds_back_a_split_character(tokenizer):
     assert stream.flush() == "\ufffd"
 
 
-def test_vocabulary_facts(tokenizer):
+def test_vocabulary_facts(tokenizer, llamacpp_reference):
     assert tokenizer.vocab_size == 262144
     assert tokenizer.bos_id == tokenizer.token_to_id("<bos>") == 2
-    assert set(tokenizer.eos_ids) == {tokenizer.token_to_id("<eos>"), tokenizer.token_to_id("<end_of_turn>")}
+    # llama.cpp ends generation on <eos>, <end_of_turn> and </s> (a review found </s> printed and run past)
+    assert set(tokenizer.eos_ids) == set(llamacpp_reference["end_of_generation_ids"]) == {
+        tokenizer.token_to_id(p) for p in ("<eos>", "<end_of_turn>", "</s>")}
     assert tokenizer.decode([tokenizer.bos_id]) == ""
     assert tokenizer.chat_template is None  # this GGUF carries none
     with pytest.raises(OpenLPUError, match="not in the vocabulary"):
@@ -123,6 +125,20 @@ def _vocabulary_gguf(path, drop=(), **metadata):
     writer.write_kv_data_to_file()
     writer.close()
     return path
+
+
+@pytest.mark.parametrize("damage", ["facts.json", "tokenizer.model"])
+def test_a_damaged_cache_entry_is_built_again(tmp_path, monkeypatch, damage):
+    """A cache file cut short (a crash, a full disk) was read as it was, a traceback on every later run (a review
+    found it): it is built again from the file, as a missing one is."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = _vocabulary_gguf(tmp_path / "ok.gguf")
+    built = Tokenizer.from_gguf(path)
+    (entry,) = (tmp_path / "cache" / "openlpu" / "tokenizers").iterdir()
+    (entry / damage).write_bytes((entry / damage).read_bytes()[:7])
+    again = Tokenizer.from_gguf(path)
+    assert again.facts == built.facts and again.encode("ab") == built.encode("ab") == [1, 3, 4]
+    assert Tokenizer.from_gguf(path, cache=False).facts == Tokenizer.from_gguf(path).facts  # and cached again
 
 
 def test_a_small_vocabulary_builds(tmp_path):

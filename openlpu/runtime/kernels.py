@@ -19,6 +19,7 @@ them off.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import os
@@ -67,16 +68,26 @@ def vnni_kernels():
     key = hashlib.sha256(VNNI_SOURCE.read_bytes() + " ".join(VNNI_CFLAGS).encode()
                          + torch.__version__.encode()).hexdigest()[:16]
     build = cache_dir() / "kernels" / key
-    if not any(build.glob("*.so")):
-        print("openlpu: compiling the CPU kernels (once, about a minute)", file=sys.stderr, flush=True)
     build.mkdir(parents=True, exist_ok=True)
-    try:
-        return load(name="openlpu_vnni", sources=[str(VNNI_SOURCE)], extra_cflags=VNNI_CFLAGS,
-                    extra_ldflags=["-fopenmp"], build_directory=str(build))
-    except (OSError, RuntimeError, ImportError) as err:  # no compiler or headers: torch kernels still work
-        print(f"openlpu: CPU kernels unavailable ({str(err).splitlines()[0]}); using torch's",
-              file=sys.stderr)
-        return None
+    # torch marks a build in progress with a file it removes when done, and waits, without end, while it is
+    # there: a build killed mid-way left every later start waiting (a review found it). One build at a time holds
+    # this lock instead, which the system lets go when its holder dies, so a mark found while holding it is stale.
+    with open(build / "openlpu.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("openlpu: waiting for another process compiling the CPU kernels", file=sys.stderr, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        (build / "lock").unlink(missing_ok=True)  # torch's mark (cpp_extension's FileBaton)
+        if not any(build.glob("*.so")):
+            print("openlpu: compiling the CPU kernels (once, about a minute)", file=sys.stderr, flush=True)
+        try:
+            return load(name="openlpu_vnni", sources=[str(VNNI_SOURCE)], extra_cflags=VNNI_CFLAGS,
+                        extra_ldflags=["-fopenmp"], build_directory=str(build))
+        except (OSError, RuntimeError, ImportError) as err:  # no compiler or headers: torch kernels still work
+            print(f"openlpu: CPU kernels unavailable ({str(err).splitlines()[0]}); using torch's",
+                  file=sys.stderr)
+            return None
 
 
 def quantize_int8_rows(weight) -> tuple[torch.Tensor, torch.Tensor]:

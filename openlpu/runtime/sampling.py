@@ -80,10 +80,14 @@ def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -
 def sample(logits: torch.Tensor, params: SamplingParams,
            generator: torch.Generator | None) -> int:
     """One token id from float32 logits [vocab]."""
+    best = logits.argmax()  # a NaN is the maximum, so a non-finite row shows at its argmax
+    if not torch.isfinite(logits[best]):
+        raise OpenLPUError("the model computed logits that are not finite numbers (NaN or infinite): its weights "
+                           "are likely corrupt; check the GGUF file against its source (its sha256)")
     if params.greedy:
-        return int(logits.argmax())
+        return int(best)
     logits = logits.float()
-    logits = (logits - logits.max()) / params.temperature
+    logits = (logits - logits[best]) / params.temperature
     if params.top_k and params.top_k < logits.numel():
         values, ids = logits.topk(params.top_k)
     elif params.top_p < 1:

@@ -23,10 +23,12 @@ SPACE_ESCAPE = "\u2581"  # sentencepiece's visible space "▁"
 # GGUF token types (llama.cpp llama_token_type) use sentencepiece's piece-type numbering.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 SUPPORTED_TOKENIZER_MODELS = ("llama",)  # llama.cpp's name for SentencePiece BPE vocabularies
-# Extra stop pieces per architecture: chat models end a turn with these (Gemma: <end_of_turn>,
-# listed as an end-of-generation token by llama.cpp's vocab loader, src/llama-vocab.cpp).
-END_OF_TURN_PIECES = {"gemma3": ("<end_of_turn>",), "gemma2": ("<end_of_turn>",)}
-CACHE_FORMAT_VERSION = 3  # 3: vocabularies built before the checks of _vocabulary are rebuilt (and checked)
+# Extra stop pieces per architecture, which llama.cpp's vocab loader (src/llama-vocab.cpp) counts as ending
+# generation and types as control tokens (so they match in text only as special tokens, and print nothing): chat
+# models end a turn with <end_of_turn>; the embedded Gemma 3's </s>, a user-defined token in the file, is one too
+# (llama_vocab_is_eog, llama-cpp-python 0.3.36: ids 1, 106, 212; tests/fixtures/gemma-3-270m-llamacpp.json).
+END_OF_TURN_PIECES = {"gemma3": ("<end_of_turn>", "</s>"), "gemma2": ("<end_of_turn>",)}
+CACHE_FORMAT_VERSION = 4  # 4: end-of-turn pieces typed control, <unk> a special piece
 # The special token ids a vocabulary names (llama.cpp's LLM_KV_TOKENIZER_*_ID keys)
 SPECIAL_ID_KEYS = ("tokenizer.ggml.unknown_token_id", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
                    "tokenizer.ggml.padding_token_id", "tokenizer.ggml.eot_token_id")
@@ -76,6 +78,12 @@ def _build_from_header(path: Path) -> tuple[bytes, TokenizerFacts]:
     unk_id = meta.get("tokenizer.ggml.unknown_token_id")
     if unk_id is None:
         raise OpenLPUError(f"{path}: tokenizer has no unknown token; cannot build it")
+    index = {piece: i for i, piece in enumerate(tokens)}
+    ends = [index[p] for p in END_OF_TURN_PIECES.get(meta.get("general.architecture", ""), ()) if p in index]
+    for i in ends:
+        types[i] = CONTROL
+    # llama.cpp matches the control tokens in text parsed for special tokens, <unk> too where the file marks it so
+    special_pieces = tuple(t for t, k in zip(tokens, types) if k == CONTROL)
     types[unk_id] = UNKNOWN  # sentencepiece needs exactly one; llama.cpp files may mark it control
 
     proto = spm.ModelProto()
@@ -101,18 +109,16 @@ def _build_from_header(path: Path) -> tuple[bytes, TokenizerFacts]:
     normalizer.remove_extra_whitespaces = False
     normalizer.escape_whitespaces = True
 
-    arch = meta.get("general.architecture", "")
     eos = [trainer.eos_id] if trainer.eos_id >= 0 else []
     if "tokenizer.ggml.eot_token_id" in meta:
         eos.append(meta["tokenizer.ggml.eot_token_id"])
-    index = {piece: i for i, piece in enumerate(tokens)}
-    eos += [index[p] for p in END_OF_TURN_PIECES.get(arch, ()) if p in index]
+    eos += ends
     facts = TokenizerFacts(
         bos_id=trainer.bos_id if trainer.bos_id >= 0 else None,
         eos_ids=tuple(dict.fromkeys(eos)),
         add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", trainer.bos_id >= 0)),
         chat_template=meta.get("tokenizer.chat_template"),
-        special_pieces=tuple(t for t, k in zip(tokens, types) if k == CONTROL),
+        special_pieces=special_pieces,
     )
     return proto.SerializeToString(), facts
 
@@ -159,10 +165,13 @@ class Tokenizer:
         folder = cache_dir() / "tokenizers" / _identity_key(path)
         model_file, facts_file = folder / "tokenizer.model", folder / "facts.json"
         if cache and model_file.exists() and facts_file.exists():
-            data = json.loads(facts_file.read_text())
-            data["eos_ids"], data["special_pieces"] = (tuple(data["eos_ids"]),
-                                                       tuple(data["special_pieces"]))
-            return cls(model_file.read_bytes(), TokenizerFacts(**data))
+            try:
+                data = json.loads(facts_file.read_text())
+                data["eos_ids"], data["special_pieces"] = (tuple(data["eos_ids"]),
+                                                           tuple(data["special_pieces"]))
+                return cls(model_file.read_bytes(), TokenizerFacts(**data))
+            except (OSError, ValueError, TypeError, KeyError, RuntimeError):  # a damaged entry (a crash, a full
+                pass  # disk) is built again, as a missing one is; sentencepiece says RuntimeError
         proto, facts = _build_from_header(path)
         if cache:
             try:  # facts last and each file renamed into place: a present facts.json means done
