@@ -632,7 +632,7 @@ def test_a_gguf_file_plans_as_its_preset(gemma_path):
     (["llama-2-70b", "--prefill-chunk", "-8"], "--prefill-chunk must be a positive integer"),
     (["llama-2-70b", "--prefill-chunk", "0"], "--prefill-chunk must be a positive integer, got 0"),
     (["llama-2-70b", "--utilisation", "1.5"], "utilisation (--utilisation) must be at most 1"),
-    (["llama-2-70b", "--pue", "0.9"], "pue (--pue) must be at least 1 (wall power / IT power), got 0.9"),
+    (["llama-2-70b", "--pue", "0.9"], "pue (--pue) must be at least 1 (wall power / IT power;"),
     (["llama-2-70b", "--utilisation", "0"], "utilisation (--utilisation) must be a positive, finite number"),
     (["llama-2-70b", "--years", "-1"], "years (--years) must be a positive, finite number"),
     (["llama-2-70b", "--years", "inf"], "years (--years) must be a positive, finite number, got inf"),
@@ -661,7 +661,10 @@ def test_a_gguf_file_plans_as_its_preset(gemma_path):
     (["llama-2-70b", "--system", "", "--gpus", "100000"], "more than llama-2-70b's 80 layers; use at most 640"),
     (["gemma-3-270m", "--system", "", "--users", "300000", "--context", "32768"],
      "at most 1024 of them in at most 18 pipeline stages (a layer each)"),  # 228 stages of 4 before
-    (["llama-2-70b", "--years", "1e-320"], "price no finite cost per token"),
+    (["llama-2-70b", "--years", "1e-320"], "years (--years) must be at least 0.00274 (a day to a century)"),
+    (["llama-2-70b", "--pue", "1e306"], "pue (--pue) must be at most 3"),
+    (["llama-2-70b", "--utilisation", "1e-320"],  # the assumptions named, as given
+     "the cost assumptions (years 3.0, usd_per_kwh 0.1, pue 1.3, utilisation 1e-320) price no finite cost per token"),
     (["llama-2-70b", "--plot", ""], "give a file name ending in .png"),
     (["llama-2-70b", "--plot", "chart.png/"], "give a file name ending in .png"),
     ([""], "no model given"),

@@ -29,6 +29,16 @@ LPU_CABLES_USD_PER_NODE = 2_000
 GPU_SERVERS_PER_RACK = 4
 
 
+# What a deployment could have, per assumption: (least, most, what they are); a value outside is a slip, and was
+# priced as given (a review found $1.5e301 per million tokens over 1e-300 years)
+ASSUMPTION_RANGES = {
+    "years": (1 / 365, 100, "a day to a century"),
+    "usd_per_kwh": (0, 10, "dollars per kWh; grids charge cents"),
+    "pue": (1, 3, "wall power / IT power; the Uptime Institute's 2023 survey averages 1.58"),
+    "utilisation": (0, 1, "a fraction of the hours"),
+}
+
+
 @dataclass(frozen=True)
 class CostAssumptions:
     years: float = 3.0  # depreciation period; the critiques of Feb 2024 used 3 years
@@ -37,17 +47,13 @@ class CostAssumptions:
     utilisation: float = 0.5  # fraction of the hours the system serves at its modelled throughput
 
     def __post_init__(self):
-        for f in ("years", "usd_per_kwh", "pue", "utilisation"):  # named with plan's flag for each
-            v = getattr(self, f)
+        for f, (least, most, what) in ASSUMPTION_RANGES.items():  # named with plan's flag for each
+            v, named = getattr(self, f), f"cost assumption {f} (--{f.replace('_', '-')})"
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
-                raise OpenLPUError(f"cost assumption {f} (--{f.replace('_', '-')}) must be a positive, finite "
-                                   f"number, got {v!r}")
-        if self.pue < 1:
-            raise OpenLPUError(f"cost assumption pue (--pue) must be at least 1 (wall power / IT power), got "
-                               f"{self.pue!r}")
-        if self.utilisation > 1:
-            raise OpenLPUError(f"cost assumption utilisation (--utilisation) must be at most 1 (a fraction of the "
-                               f"hours), got {self.utilisation!r}")
+                raise OpenLPUError(f"{named} must be a positive, finite number, got {v!r}")
+            if not least <= v <= most:
+                span = f"at least {least:.4g}" if v < least else f"at most {most:g}"
+                raise OpenLPUError(f"{named} must be {span} ({what}), got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -127,8 +133,9 @@ def cost(capex: Capex, it_power_w: float, throughput_tokens_per_s: float,
     tokens_per_year = throughput_tokens_per_s * a.utilisation * SECONDS_PER_YEAR
     usd_per_million_tokens = tco / (tokens_per_year * a.years) * 1e6
     if not (math.isfinite(tco) and 0 < usd_per_million_tokens < math.inf):
-        raise OpenLPUError(f"the cost assumptions (years {a.years!r}, usd_per_kwh {a.usd_per_kwh!r}, utilisation "
-                           f"{a.utilisation!r}) price no finite cost per token; give values a deployment could have")
+        given = ", ".join(f"{f} {getattr(a, f)!r}" for f in ASSUMPTION_RANGES)
+        raise OpenLPUError(f"the cost assumptions ({given}) price no finite cost per token; give values a deployment "
+                           f"could have")
     return Cost(capex=capex, it_power_w=it_power_w, wall_power_w=it_power_w * a.pue,
                 energy_usd_per_year=per_year, tco_usd=tco, tokens_per_year=tokens_per_year,
                 usd_per_million_tokens=usd_per_million_tokens)
