@@ -102,7 +102,12 @@ def serve(
                                     "are in x_openlpu)"),
 ):
     """A GroqCloud-compatible API (/openai/v1/...) and a chat playground at /."""
-    from openlpu.serve.app import ServeSettings, create_app, uvicorn_server
+    from openlpu.serve.app import (
+        ServeSettings,
+        bound_socket,
+        create_app,
+        uvicorn_server,
+    )
     from openlpu.serve.lpu import program_hook
     from openlpu.serve.ratelimit import KeyLimits, RateLimiter, load_keys_file
 
@@ -110,6 +115,8 @@ def serve(
         raise OpenLPUError("--max-batch must be at least 1 and --max-queue at least 0")
     keys = {k: KeyLimits() for k in api_key or ()} | (load_keys_file(keys_file) if keys_file else {})
     RateLimiter(rpm, tpm, keys, requests_per_day=rpd)  # its limits refused before the model loads, not after
+    sock = bound_socket(host, port)  # the port too
+    port = sock.getsockname()[1]  # --port 0: the one the system chose
     from openlpu.runtime.engine import Engine
 
     with console.status(f"compiling for {escape(str(system))} and loading the model"):
@@ -123,7 +130,7 @@ def serve(
               "[bold yellow]no API keys: the server is open to anyone who can reach it[/]")
     console.print(f"serving [bold]{escape(engine.model_name)}[/] at http://{host}:{port}  ({access})\n"
                   f"  API: http://{host}:{port}/openai/v1   playground: http://{host}:{port}/")
-    uvicorn_server(create_app(engine, settings), host=host, port=port).run()
+    uvicorn_server(create_app(engine, settings)).run(sockets=[sock])
 
 
 @app.command()

@@ -111,3 +111,88 @@ def test_a_failed_turn_stays_out_of_the_conversation(page, base_url):
                   {"role": "user", "content": "What is the capital of France?"}]).choices[0].message.content
     reply = page.query_selector_all(".msg.assistant .body")[-1].inner_text()
     assert reply == expected.strip() or reply == expected
+
+
+def chat_requests(page):
+    """The bodies of the chat requests the page sends from now on (a list that fills as it sends)."""
+    sent = []
+    page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/chat/completions") else None)
+    return sent
+
+
+def test_a_turn_cleared_while_it_streams_is_not_sent_again(page):
+    """Clear stops the reply streaming and forgets its turn: it came back into the conversation when the stream
+    ended, and was sent with the next question though the page showed nothing (a review found it)."""
+    page.click("#clear")
+    sent = chat_requests(page)
+    set_field(page, "#temperature", "1")
+    set_field(page, "#maxtokens", "2000")
+    page.fill("#prompt", "Tell me a long story about a lighthouse.")
+    page.click("#send")
+    page.wait_for_function("document.querySelector('.msg.assistant .body')?.textContent.length > 0", timeout=60_000)
+    page.click("#clear")
+    page.wait_for_function("!document.querySelector('#send').disabled", timeout=10_000)
+    assert page.query_selector_all(".msg") == []
+    set_field(page, "#maxtokens", "4")
+    page.fill("#prompt", "And now?")
+    page.click("#send")
+    page.wait_for_function("!document.querySelector('#send').disabled", timeout=60_000)
+    assert [m["content"] for m in sent[-1]["messages"] if m["role"] != "system"] == ["And now?"]
+
+
+def test_an_empty_max_tokens_field_sends_its_default_and_a_failed_turn_leaves_no_empty_bubble(page):
+    """An empty field was sent as null, which asks for the rest of the context window (thousands of tokens);
+    a failed turn left an empty reply bubble above its error, and the last turn's figures beside it."""
+    page.click("#clear")
+    sent = chat_requests(page)
+    set_field(page, "#maxtokens", "")
+    page.fill("#prompt", "Hello")
+    page.click("#send")
+    page.wait_for_function("!document.querySelector('#send').disabled", timeout=120_000)
+    assert sent[-1]["max_completion_tokens"] == 256 and page.input_value("#maxtokens") == "256"
+    set_field(page, "#maxtokens", "12")
+    page.fill("#prompt", "word " * 10_000)  # past the context window: an error
+    page.click("#send")
+    page.wait_for_selector(".msg.error", timeout=60_000)
+    page.wait_for_function("!document.querySelector('#send').disabled", timeout=10_000)
+    assert all(b.inner_text() for b in page.query_selector_all(".msg.assistant .body"))
+    assert page.inner_text("#ntok") == "–"
+
+
+def test_enter_while_an_input_method_composes_does_not_send(page):
+    page.click("#clear")
+    sent = chat_requests(page)
+    page.fill("#prompt", "日本")
+    page.dispatch_event("#prompt", "keydown", {"key": "Enter", "isComposing": True})
+    page.wait_for_timeout(300)
+    assert sent == [] and page.input_value("#prompt") == "日本"
+    page.fill("#prompt", "")
+
+
+def test_a_model_list_that_fails_to_load_says_so_and_clears_when_it_loads(page):
+    """The page listed its models unawaited and unguarded: a server out of reach showed nothing at all."""
+    page.click("#clear")
+    page.route("**/openai/v1/models", lambda route: route.abort())
+    page.dispatch_event("#apikey", "change")
+    page.wait_for_selector(".msg.error", timeout=10_000)
+    assert page.inner_text(".msg.error .body").startswith("Cannot list the models")
+    page.unroute("**/openai/v1/models")
+    page.dispatch_event("#apikey", "change")
+    page.wait_for_function("!document.querySelector('.msg.error')", timeout=10_000)
+    assert page.eval_on_selector("#model", "el => el.options.length") == 1
+
+
+def test_the_page_fits_a_phone(page, base_url):
+    """At 375 px the 300 px settings column left the chat 75 px and the page scrolled sideways (a review found
+    it): the settings go above the chat, and the prompt and Send stay on screen."""
+    phone = page.context.browser.new_page(viewport={"width": 375, "height": 700})
+    phone.goto(base_url + "/")
+    phone.wait_for_selector("#model option", state="attached")
+    assert phone.evaluate("document.documentElement.scrollWidth") <= 375
+    for selector in ("#prompt", "#send", "#apikey", "#history"):
+        box = phone.locator(selector).bounding_box()
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 375 and box["y"] + box["height"] <= 700, selector
+    assert phone.locator("#history").bounding_box()["width"] > 300
+    ARTIFACTS.mkdir(exist_ok=True)
+    phone.screenshot(path=str(ARTIFACTS / "playground-phone.png"))
+    phone.close()

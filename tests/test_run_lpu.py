@@ -115,3 +115,20 @@ def test_serve_bad_limits_are_one_line_before_the_model_loads(flags, says):
     result = openlpu("serve", "--port", "0", *flags)
     assert result.returncode == 2 and says in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_serve_a_port_it_cannot_listen_on_is_one_line_before_the_model_loads():
+    """A port in use was said by uvicorn after the model had loaded (75 s) and a line saying the server served
+    there; one out of range was a traceback after it (a review found both)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for flags, says in ((["--port", str(port)], f"cannot listen on 127.0.0.1:{port}: Address already in use"),
+                            (["--port", "70000"], "--port must be 0 to 65535 (0: any free port), got 70000"),
+                            (["--host", "no.such.host.invalid"], "--host 'no.such.host.invalid' is no address")):
+            result = openlpu("serve", *flags)
+            assert result.returncode == 2 and says in result.stderr and "Traceback" not in result.stderr
+            assert len(result.stderr.strip().splitlines()) == 1 and "compiled" not in result.stdout

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import secrets
+import socket
 import time
 import uuid
 from contextlib import asynccontextmanager, contextmanager
@@ -41,6 +42,7 @@ DISCONNECT_POLL_S = 0.25  # how often a waiting request checks whether its clien
 STREAM_STARTS_AFTER_S = 5.0
 LOG = logging.getLogger("openlpu.serve")
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for it; only the access log and metrics see it
+MAX_PORT = 65535
 SEED_RANGE = 2**31  # seeds we pick when the client gives none (reported in x_groq.seed)
 
 # (prompt_tokens, completion_tokens) -> the "x_openlpu" object of simulated LPU figures; the
@@ -425,15 +427,36 @@ def uvicorn_server(app: FastAPI, **config):
         app, **{"log_level": "warning", "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S, **config}))
 
 
+def bound_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (0: a free one) for the server to listen on, or the reason in words: bound
+    before the model loads (a minute), a port in use or out of range is said at once (it was said after, and after
+    a line saying the server was serving there)."""
+    if not 0 <= port <= MAX_PORT:
+        raise OpenLPUError(f"--port must be 0 to {MAX_PORT} (0: any free port), got {port}")
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                                flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise OpenLPUError(f"--host {host!r} is no address of this machine ({e}); give one, as 127.0.0.1 or "
+                           f"0.0.0.0") from None
+    sock = socket.socket(family, kind, protocol)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: past a closed server's
+        sock.bind(address)  # lingering connections, not beside a live listener
+    except OSError as e:
+        sock.close()
+        raise OpenLPUError(f"cannot listen on {host}:{port}: {e.strerror}; choose another --port, or stop what "
+                           f"listens there") from None
+    return sock
+
+
 @contextmanager
 def running_server(app: FastAPI, host: str = "127.0.0.1"):
     """Serve `app` with uvicorn on a background thread and a free port; yields the base URL.
     (Tests and benchmarks use it; `openlpu serve` runs uvicorn in the foreground.)"""
-    import socket
     import threading
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind((host, 0))
+    sock = bound_socket(host, 0)
     server = uvicorn_server(app)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
