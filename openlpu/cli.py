@@ -184,7 +184,7 @@ def plan(
     import json
 
     from openlpu.compiler import Workload
-    from openlpu.compiler.schedule import matrix_mode
+    from openlpu.compiler.schedule import matrix_mode_note
     from openlpu.graph.lower import serving_precision
     from openlpu.hardware.lpu import load_system
     from openlpu.models.spec import load_spec
@@ -246,8 +246,8 @@ def plan(
                     "long outputs can run faster than measured (bench/results/fidelity.md).")
     kv = serving_precision(precision)
     formats = precision if kv == precision else f"{precision} (activations and KV cache {kv})"
-    if system and (mode := matrix_mode(lpu := load_system(system), precision, kv)) != kv:  # kv: the widest operand
-        kernels += f" {lpu.name}'s matrix unit has no {kv} mode: the LPU's matmuls run in its {mode} mode."
+    if system and (note := matrix_mode_note(load_system(system), precision, kv)):
+        kernels += f" {note}."
     # the fewest chips can decode several times slower than a few more in wider groups (70B: 336 and 448)
     chunk = "" if prefill_chunk else " and chunk"
     widths = (f" The LPU on the fewest chips that hold the workload at the compiler's width{chunk} (--tp all: "
@@ -360,7 +360,7 @@ def compile_cmd(
 ):
     """Compile a model for an LPU system: placement + static schedule, verified, written to a file."""
     from openlpu.compiler import Workload, compile_program, verify
-    from openlpu.compiler.schedule import matrix_mode
+    from openlpu.compiler.schedule import matrix_mode_note
     from openlpu.graph.lower import as_precision, serving_precision
     from openlpu.hardware.lpu import load_system
     from openlpu.models.spec import load_spec
@@ -389,9 +389,8 @@ def compile_cmd(
                   f"{counted(t.stages, 'pipeline stage')} x TP {t.tp}; weights {precision}, activations "
                   f"{workload.activations}, KV cache {kv}; SRAM {t.sram_used_bytes / 1e9:.2f} GB "
                   f"({t.sram_used_fraction:.0%} of the chips used)")
-    if (mode := matrix_mode(program.system, precision, workload.activations)) != workload.activations:
-        console.print(f"{escape(program.system.name)}'s matrix unit has no {workload.activations} mode: the matmuls "
-                      f"run in its {mode} mode")
+    if note := matrix_mode_note(program.system, precision, workload.activations):
+        console.print(escape(note))
     if chips is not None and t.chips < chips:
         console.print(_idle_note(chips, t.chips))
     rate = "tok/s" if not draft_tokens else "steps/s"  # a verifying step yields 1 to draft_tokens + 1 tokens

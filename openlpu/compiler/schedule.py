@@ -102,6 +102,14 @@ def matrix_mode(system: SystemSpec, *precisions: str) -> str:
     return min(modes)[-1]
 
 
+def matrix_mode_note(system: SystemSpec, *precisions: str) -> str:
+    """What `plan` and `compile` say where the matrix unit has no mode for the widest of these operands: the mode
+    its matmuls run in instead ('' where it has one)."""
+    need = max((as_precision(p) for p in precisions), key=lambda p: p.bytes_per_element).name
+    mode = matrix_mode(system, *precisions)
+    return "" if mode == need else f"{system.name}'s matrix unit has no {need} mode: its matmuls run in its {mode} mode"
+
+
 def unit_rates(chip: ChipSpec, matrix_macs: float) -> dict[str, float]:
     """Work per cycle of each functional unit of `chip`, its matrix unit doing
     `matrix_macs` MACs a cycle; memory moves bytes at the SRAM's rate alone."""
