@@ -75,6 +75,24 @@ def test_chunked_attention_counts_the_pairs_the_runtimes_mask_lets_through(chunk
     assert attended_keys(past + tokens, None, "decode", chunk=chunk) == int(last.sum())
 
 
+@pytest.mark.parametrize("context", [8192, 8193, 12000])
+def test_a_chunked_decode_attends_the_keys_it_reads(context):
+    """A decode step on a chunked layer (Llama 4 Scout, chunks of 8,192) reads its whole ring from the cache (the
+    LPU's static step serves every position up to the context); its operations counted the current chunk's keys
+    alone (1 at 8,193), the bytes 8,192 (a review found it). Both now take the ring; a GPU step (gpu_decode_ops)
+    takes both at the position, the keys the runtime's mask lets through."""
+    from openlpu.sim.gpu import gpu_decode_ops
+
+    spec = load_preset("llama-4-scout")
+    lpu = next(o for o in lower(spec, "decode", context, 2, "int8") if o.name == "blk.0.attention")
+    ring = min(context, spec.attention_chunk)
+    per_key = 4 * spec.q_dim + 5 * spec.n_heads  # QK and PV, and the softmax, per key and query
+    assert lpu.flops == 2 * ring * per_key and lpu.kv_read_bytes == 2 * ring * 2 * spec.kv_dim
+    keys = int(visible_keys(torch.tensor([context - 1]), torch.arange(context), None, spec.attention_chunk).sum())
+    gpu = next(o for o in gpu_decode_ops(spec, context, 2, "int8") if o.name == "blk.0.attention")
+    assert gpu.flops == 2 * keys * per_key and gpu.kv_read_bytes == pytest.approx(2 * keys * 2 * spec.kv_dim)
+
+
 def test_llama4_layers_become_ops():
     """Llama 4 Scout: chunked rope layers normalise q and k after rope; every fourth layer is global, with no
     rope and temperature-scaled queries; each MLP's shared expert feeds its partial sum into the experts'

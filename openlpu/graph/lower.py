@@ -188,12 +188,14 @@ def _attention_block(b: _Builder, spec: ModelSpec, i: int, x: str, m: int, batch
                      m * spec.q_dim * bool(spec.attn_temperature_scale), act_in=qk_elems, act_out=qk_elems,
                      inputs=(q, k))
     window, chunk = spec.layer_window(i), spec.layer_chunk(i)
-    # (query, key) pairs, all sequences; a decode step's queries all stream past the same cached keys
-    pairs = batch * queries * attended_keys(seq_len, window, phase, past_len, chunk)
     # keys read back from the KV cache: a decode step's whole ring (its schedule serves every position up to
     # seq_len), a prompt chunk's past, or, on a chunked layer, the past inside its own attention chunk
     cached = batch * (past_len % chunk if chunk and phase == "prefill" else
                       spec.layer_positions(i, seq_len if phase == "decode" else past_len))
+    # (query, key) pairs, all sequences; a decode step's queries all stream past the same cached keys: on a
+    # chunked layer, its whole ring, as they are read (sim.gpu.gpu_decode_ops counts a GPU's at the position)
+    keys = cached / batch if chunk and phase == "decode" else attended_keys(seq_len, window, phase, past_len, chunk)
+    pairs = batch * queries * keys
     scores = pairs * spec.n_heads
     att_inputs = (rope, v)
     if spec.attn_logit_softcap:  # it caps the scores inside attention, which never leave it: q and k pass through

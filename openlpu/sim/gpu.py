@@ -218,14 +218,14 @@ def served_ops(spec: ModelSpec, phase: str, seq_len: int, batch: int, precision:
 
 def gpu_decode_ops(spec: ModelSpec, seq_len: int, batch: int, precision: str, queries: int = 1) -> list:
     """One decode step's ops at `seq_len` as a GPU runs them (served_ops): on a chunked layer (Llama 4) attention
-    reads the keys of the current chunk alone, where the lowering reads the layer's whole ring (the LPU's static
-    schedule serves every position up to seq_len with one step)."""
+    reads and attends the keys of the current chunk alone, where the lowering takes the layer's whole ring (the
+    LPU's static schedule serves every position up to seq_len with one step)."""
     out = []
     for op in served_ops(spec, "decode", seq_len, batch, precision, queries):
         chunk = spec.layer_chunk(op.layer) if op.kind == "attention" and op.layer >= 0 else None
         ring = spec.layer_positions(op.layer, seq_len) if chunk else 0
         if chunk and ring > (keys := attended_keys(seq_len, None, "decode", chunk=chunk)):
-            op = dataclasses.replace(op, kv_read_bytes=op.kv_read_bytes * keys / ring)
+            op = dataclasses.replace(op, kv_read_bytes=op.kv_read_bytes * keys / ring, flops=op.flops * keys / ring)
         out.append(op)
     return out
 
