@@ -14,8 +14,8 @@ import torch
 from gguf import GGMLQuantizationType as QType
 
 from openlpu.errors import OpenLPUError
-from openlpu.models.gguf import (GROUP_CODE_TYPES, group_codes, load_tensor, load_weights, raw_tensor,
-                                 read_header, spec_from_gguf)
+from openlpu.models.gguf import (GROUP_CODE_TYPES, check_weights_readable, group_codes, load_tensor, load_weights,
+                                 raw_tensor, read_header, spec_from_gguf)
 from openlpu.models.spec import PRESETS_DIR, ModelSpec, load_preset
 from openlpu.runtime.model import rope_inverse_frequencies
 
@@ -492,6 +492,70 @@ def test_unsupported_version(tmp_path):
         read_header(path)
 
 
+def test_a_split_model_is_read_from_its_first_shard(tmp_path):
+    """llama.cpp's gguf-split writes a model as NAME-0000k-of-0000N.gguf, each shard listing its own tensors: the
+    first shard was read as the whole model (its head in another shard, it read as tied, and the model too small;
+    a review found it). plan and compile read every shard's tensor list; a later shard, or one missing, is refused
+    saying which to give; run and serve, which read weights from one file, say to merge them."""
+    meta = arch_metadata("llama", **TINY)
+    spec = spec_from_gguf(write_gguf(tmp_path / "meta.gguf", "llama", meta, {}))
+    tensors = tiny_tensors(spec, np.random.default_rng(3))
+    tensors["output.weight"] = np.zeros(spec.tensor_shapes()["token_embd.weight"], np.float32)  # untied
+    whole = spec_from_gguf(write_gguf(tmp_path / "whole.gguf", "llama", meta, tensors))
+    folder = tmp_path / "split"
+    folder.mkdir()
+    writer = gguf.GGUFWriter(folder / "tiny.gguf", "llama", split_max_tensors=8)
+    for key, value in meta.items():
+        writer.add_key_value(key, value, _value_type(value))
+    for name, tensor in tensors.items():
+        writer.add_tensor(name, tensor)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    first, *later = sorted(folder.iterdir())
+    assert first.name.endswith("-00001-of-00003.gguf") and len(later) == 2
+    assert "output.weight" not in read_header(first).tensors and not whole.tie_embeddings
+    assert dataclasses.replace(spec_from_gguf(first), name="", source="", extra={}) == dataclasses.replace(
+        whole, name="", source="", extra={})
+    with pytest.raises(OpenLPUError, match="is shard 2 of 3 of a split GGUF model; give tiny-00001-of-00003.gguf"):
+        spec_from_gguf(later[0])
+    with pytest.raises(OpenLPUError, match="run` and `serve` read a whole file: merge them"):
+        check_weights_readable(read_header(first))
+    later[1].unlink()
+    with pytest.raises(OpenLPUError, match="tiny-00003-of-00003.gguf is not beside it"):
+        spec_from_gguf(first)
+
+
+@pytest.mark.parametrize("arch, drop, add, says", [
+    ("llama", "norm_eps", {}, "GGUF metadata lacks llama.attention.layer_norm_rms_epsilon"),  # llama.cpp requires it
+    ("llama", None, {"llama.attention.value_length": 16}, "value_length = 16 differs from its key_length 32"),
+    ("", None, {}, "GGUF metadata lacks general.architecture"),  # it read as "architecture '' is not supported"
+])
+def test_metadata_llama_cpp_requires_is_required(tmp_path, arch, drop, add, says):
+    meta = {**arch_metadata(arch or "llama", **{k: v for k, v in TINY.items() if k != drop}), **add}
+    with pytest.raises(OpenLPUError, match=re.escape(says)):
+        spec_from_gguf(write_gguf(tmp_path / "m.gguf", arch, meta, {}))
+
+
+def test_gemma_metadata_gives_the_preset(tmp_path):
+    """Gemma 1 (llama.cpp's arch gemma, google/gemma-7b's config as its converter writes it): it was refused,
+    though the family is one plan, compile and the runtime take."""
+    meta = {**arch_metadata("gemma", d_model=3072, n_layers=28, d_ff=24576, n_heads=16, n_kv_heads=16, head_dim=256,
+                            context_length=8192, norm_eps=1e-6, rope_base=10000.0), "gemma.attention.value_length": 256,
+            "tokenizer.ggml.tokens": ["x"] * 256000}
+    spec = spec_from_gguf(write_gguf(tmp_path / "gemma-7b.gguf", "gemma", meta, {}))
+    assert _differing(spec, load_preset("gemma-7b")) == []
+
+
+def test_gemma2_softcaps_default_as_llama_cpp_fills_them(tmp_path):
+    """The softcap keys are optional in llama.cpp's gemma2, which then caps at 50 and 30 (llama_hparams); a file
+    without them read as uncapped."""
+    meta = arch_metadata("gemma2", **{**TINY, "head_dim": 32, "sliding_window": 16})
+    spec = spec_from_gguf(write_gguf(tmp_path / "g2.gguf", "gemma2", meta, {}))
+    assert (spec.attn_logit_softcap, spec.final_logit_softcap) == (50.0, 30.0)
+
+
 def test_unsupported_architecture(tmp_path):
     path = write_gguf(tmp_path / "gpt2.gguf", "gpt2", arch_metadata("gpt2", **TINY), {})
     with pytest.raises(OpenLPUError, match="architecture 'gpt2' is not supported"):
@@ -507,6 +571,8 @@ def test_unsupported_architecture(tmp_path):
     ("gemma2", {"final_softcap": float("inf")}, "final_logit_softcap must be a finite number or none, got inf"),
     # the query scale divides by it before ModelSpec checks it
     ("gemma3", {"head_dim": 0, "sliding_window": 16}, "gemma3.attention.key_length = 0 is not a positive integer"),
+    # what ModelSpec refuses, with the file's key and what to do
+    ("llama", {"n_kv_heads": 0}, "(n_kv_heads: llama.attention.head_count_kv); the file is broken, re-convert it"),
 ])
 def test_broken_metadata_is_named(tmp_path, arch, change, says):
     path = write_gguf(tmp_path / "broken.gguf", arch, arch_metadata(arch, **{**TINY, **change}), {})

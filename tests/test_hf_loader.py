@@ -231,6 +231,43 @@ def test_a_config_is_named_after_its_folder_when_given_from_inside_it(tmp_path, 
     assert spec_from_hf_config(snapshot / "config.json").name == spec_from_hf_config(snapshot).name == "my-snapshot"
 
 
+def test_a_config_in_a_hub_cache_or_named_otherwise_is_named_for_its_model(tmp_path):
+    """A hub cache's snapshot folder is a commit hash (models--ORG--NAME/snapshots/HASH/config.json): the model is
+    NAME; a config file named other than config.json is named by its stem (both were named by their folder)."""
+    quoted = json.loads((PRESETS_DIR / "llama-3.2-1b.json").read_text())["$source_notes"]["hf_config"]
+    snapshot = tmp_path / "models--meta-llama--Llama-3.2-1B" / "snapshots" / "4e20de362430cd3b72f300e6b0f18e50e7166e08"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps(quoted))
+    (tmp_path / "qwen-like.json").write_text(json.dumps(quoted))
+    assert spec_from_hf_config(snapshot).name == "Llama-3.2-1B"
+    assert spec_from_hf_config(tmp_path / "qwen-like.json").name == "qwen-like"
+
+
+@pytest.mark.parametrize("model_type, config", [("qwen2", "Qwen2Config"), ("qwen3", "Qwen3Config")])
+def test_qwen_sliding_layers_as_transformers_lays_them(model_type, config):
+    """use_sliding_window with no window or first sliding layer given: transformers slides from layer 28 with a
+    window of 4,096 (its arguments' defaults); the loader read no sliding layer at all (a review found it)."""
+    import transformers
+
+    cfg = {"architectures": [FAMILY_RULES[model_type].architecture], "model_type": model_type, "vocab_size": 96,
+           "hidden_size": 64, "num_hidden_layers": 36, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "head_dim": 16, "intermediate_size": 96, "max_position_embeddings": 8192, "use_sliding_window": True}
+    hf = getattr(transformers, config)(**cfg)
+    spec = spec_from_hf_config(cfg)
+    assert [k == "local" for k in spec.layer_kinds] == [t == "sliding_attention" for t in hf.layer_types]
+    assert spec.sliding_window == hf.sliding_window == 4096 and "local" in spec.layer_kinds
+
+
+def test_a_value_the_model_cannot_have_names_the_file_and_its_field(tmp_path):
+    """ModelSpec's own checks named the model and its field, not the file or the file's key, nor what to do."""
+    quoted = json.loads((PRESETS_DIR / "llama-3.2-1b.json").read_text())["$source_notes"]["hf_config"]
+    (tmp_path / "config.json").write_text(json.dumps({**quoted, "num_key_value_heads": 7}))
+    with pytest.raises(OpenLPUError, match=re.escape(f"{tmp_path / 'config.json'}: model ")) as refused:
+        spec_from_hf_config(tmp_path)
+    assert str(refused.value).endswith("(n_heads: num_attention_heads; n_kv_heads: num_key_value_heads); fix the "
+                                       "config.json")
+
+
 @pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
 def test_weights_map_to_gguf_names(saved, family):
     model, folder = saved[family]

@@ -259,6 +259,39 @@ def test_a_spec_field_of_the_wrong_type_is_named(field, value, says):
         dataclasses.replace(load_preset("gemma-3-270m"), **{field: value})
 
 
+@pytest.mark.parametrize("change, says", [
+    ({"layer_kinds": 5}, "layer_kinds must be a list of ('global', 'local', 'chunked'), one per layer, got 5"),
+    ({"n_experts": -1, "n_experts_per_token": -1}, "n_experts must be 0 or more, got -1"),
+    ({"dense_d_ff": -5}, "dense_d_ff must be 0 or more, got -5"),
+    ({"rope_scaling": {"factor": 8.0, "low_freq_factor": 0.0, "high_freq_factor": 4.0,
+                       "original_context_length": 8192}}, "llama3 rope scaling needs 0 < low_freq_factor"),
+])
+def test_a_preset_format_file_is_checked_and_named(tmp_path, change, says):
+    """A file in the presets' format whose values no model has: a traceback's words ('int' object is not
+    iterable), or accepted (negative expert counts, a llama3 rope scaling the runtime divides by 0 with)."""
+    from openlpu.models.spec import load_spec
+
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({**_raw("llama-3.1-8b"), **change}))
+    with pytest.raises(OpenLPUError, match=re.escape(f"{path}: model 'llama-3.1-8b': {says}")):
+        load_spec(str(path))
+
+
+def test_a_model_file_is_known_by_its_contents_and_a_path_is_not_a_preset(tmp_path, gemma_path):
+    """Suffixes in capitals (Qwen2.5-7B.Q4_K_M.GGUF, CONFIG.JSON) and a GGUF without one (a hub blob) were refused
+    as neither; './llama-3.1-8b', a path to nothing, read as the preset."""
+    from openlpu.models.spec import load_spec
+
+    (tmp_path / "CONFIG.JSON").write_text(json.dumps(_raw("llama-3.2-1b")["$source_notes"]["hf_config"]))
+    assert load_spec(tmp_path / "CONFIG.JSON").to_dict() | {"name": "", "source": ""} == load_preset(
+        "llama-3.2-1b").to_dict() | {"name": "", "source": ""}
+    for name in ("GEMMA.GGUF", "blob"):
+        (tmp_path / name).symlink_to(gemma_path)
+        assert load_spec(tmp_path / name) == load_preset("gemma-3-270m")
+    with pytest.raises(OpenLPUError, match=re.escape("'./llama-3.1-8b' not found")):
+        load_spec("./llama-3.1-8b")
+
+
 def test_a_preset_file_given_as_model_is_read_as_a_preset(tmp_path):
     """A copy of a preset (ModelSpec fields, not a config.json) given as MODEL is that preset."""
     from openlpu.models.spec import load_spec

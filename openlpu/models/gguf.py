@@ -8,6 +8,7 @@ Format reference: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,6 +31,7 @@ from openlpu.models.spec import (
     ModelSpec,
     RopeScaling,
     preset_names,
+    spec_or_refusal,
 )
 
 # ---- format tables --------------------------------------------------------------------------
@@ -242,6 +244,7 @@ class ArchDefaults:
     explicit_query_scale: bool = False  # llama.cpp sets f_attention_scale for this arch
     yarn_truncate: bool = True  # the model's yarn rounds its band to whole dimensions (GGUF has no key)
     weights_unreadable: str = ""  # why the runtime cannot read this architecture's tensors, if it cannot
+    softcap_defaults: tuple[float, float] | None = None  # (attention, final) logit softcaps where the keys are absent
     d_ff_key: str = "feed_forward_length"  # the key of the MLP's (or each expert's) hidden width
     router: str = "softmax"
     shared_expert: bool = False
@@ -263,13 +266,18 @@ class ArchDefaults:
 
 ARCHITECTURES: dict[str, ArchDefaults] = {
     "llama": ArchDefaults(family="llama", family_if_moe="mixtral"),
+    # gemma (Gemma 1): GemmaModel adds 1 to norms; the embeddings scaled by sqrt(n_embd); queries by
+    # 1/sqrt(n_embd_head_k), llama.cpp's default; no sliding window, no softcaps
+    "gemma": ArchDefaults(family="gemma", activation="gelu_tanh", embed_scale_sqrt_d_model=True, norm_weight_offset=1.0,
+                          stored_norm_shift=1.0),
     "qwen2": ArchDefaults(family="qwen2", qkv_bias=True),
     "qwen3": ArchDefaults(family="qwen3", qk_norm=True),
     # qwen3moe: feed_forward_length is the (unused) dense width; each expert's is expert_feed_forward_length
     "qwen3moe": ArchDefaults(family="qwen3-moe", qk_norm=True, d_ff_key="expert_feed_forward_length"),
     # gemma2: n_swa default 4096, set_swa_pattern(2); f_attention_scale 1/sqrt(n_embd/n_head)
-    # for LLM_TYPE_27B (46 layers), else 1/sqrt(n_embd_head_k). GemmaModel adds 1 to norms.
-    "gemma2": ArchDefaults(family="gemma2", activation="gelu_tanh", swa_period=2,
+    # for LLM_TYPE_27B (46 layers), else 1/sqrt(n_embd_head_k). GemmaModel adds 1 to norms. Its softcaps are
+    # optional keys, llama_hparams' f_attn_logit_softcapping 50 and f_final_logit_softcapping 30 where absent.
+    "gemma2": ArchDefaults(family="gemma2", activation="gelu_tanh", swa_period=2, softcap_defaults=(50.0, 30.0),
                            sliding_window_default=4096, query_scale_from_d_model_layers=46,
                            embed_scale_sqrt_d_model=True, norm_weight_offset=1.0,
                            stored_norm_shift=1.0, post_norms=True, explicit_query_scale=True),
@@ -330,7 +338,7 @@ METADATA_KEYS: dict[str, str] = {
     "n_experts_per_token": "expert_used_count",
     "vocab_size": "vocab_size",
 }
-REQUIRED_FIELDS = ("context_length", "d_model", "n_layers", "d_ff", "n_heads")
+REQUIRED_FIELDS = ("context_length", "d_model", "n_layers", "d_ff", "n_heads", "norm_eps")  # llama.cpp's too
 # Keys llama.cpp reads as one value or one per layer (llama_model_loader::get_key_or_arr in load_hparams; an array
 # must hold block_count values). ModelSpec has one value for every layer.
 PER_LAYER_KEYS = ("attention.head_count", "attention.head_count_kv", "feed_forward_length")
@@ -457,11 +465,39 @@ def _chunked_layers(meta: dict, arch: str, defaults: ArchDefaults, values: dict,
             "attn_temperature_scale": defaults.attn_temperature_scale}
 
 
+SPLIT_NAME = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)  # llama.cpp's
+
+
+def _shards(header: GGUFHeader) -> list[GGUFHeader]:
+    """The headers of a model split over several files (llama.cpp's gguf-split: split.count shards named
+    NAME-0000k-of-0000N.gguf, each listing its own tensors), given the first; [header] for a whole file."""
+    count = _number(header.metadata, "split.count", header.path, 1, integer=True)
+    if count <= 1:
+        return [header]
+    number = _number(header.metadata, "split.no", header.path, 0, integer=True)
+    named = SPLIT_NAME.match(header.path.name)
+    if number != 0 or named is None:
+        first = f"{named['stem']}-00001-of-{named['count']}.gguf" if named else "its first shard"
+        raise OpenLPUError(f"{header.path} is shard {number + 1} of {count} of a split GGUF model; give {first}")
+    out = [header]
+    for k in range(2, count + 1):
+        sibling = header.path.with_name(f"{named['stem']}-{k:05d}-of-{named['count']}.gguf")
+        if not sibling.is_file():
+            raise OpenLPUError(f"{header.path} is shard 1 of {count} of a split GGUF model, but {sibling.name} is not "
+                               f"beside it; put every shard in one folder")
+        out.append(read_header(sibling))
+    return out
+
+
 def spec_from_gguf(path: str | Path) -> ModelSpec:
     """The ModelSpec of a GGUF model from its metadata (no weight is read; a rope_freqs tensor, llama.cpp's
     form of Llama 3.1's rope scaling, is part of the spec)."""
     header = _header(path)
+    tensors = {name: shard for shard in _shards(header) for name in shard.tensors}  # -> the shard holding it
     meta, arch = header.metadata, header.architecture
+    if not arch:
+        raise OpenLPUError(f"{header.path}: GGUF metadata lacks general.architecture; the file is incomplete, "
+                           f"re-convert it with a current llama.cpp")
     if arch not in ARCHITECTURES:
         raise OpenLPUError(f"{header.path}: architecture {arch!r} is not supported; supported: "
                            f"{', '.join(ARCHITECTURES)}")
@@ -470,6 +506,7 @@ def spec_from_gguf(path: str | Path) -> ModelSpec:
     keys = METADATA_KEYS | {"d_ff": defaults.d_ff_key}
     values = {f: _number(meta, f"{arch}.{k}", header.path) for f, k in keys.items() if f"{arch}.{k}" in meta}
     missing = [f"{arch}.{keys[f]}" for f in REQUIRED_FIELDS if f not in values]
+
     if missing:
         raise OpenLPUError(f"{header.path}: GGUF metadata lacks {', '.join(missing)}; "
                            "the file is incomplete, re-convert it with a current llama.cpp")
@@ -491,9 +528,15 @@ def spec_from_gguf(path: str | Path) -> ModelSpec:
                            "llama.cpp")
     values.setdefault("n_kv_heads", values["n_heads"])
     values.setdefault("head_dim", values["d_model"] // values["n_heads"])
+    value_length = _number(meta, f"{arch}.attention.value_length", header.path)
+    if value_length is not None and value_length != values["head_dim"]:
+        raise OpenLPUError(f"{header.path}: GGUF metadata {arch}.attention.value_length = {value_length} differs from "
+                           f"its key_length {values['head_dim']}; ModelSpec's values are as wide as its keys")
     values.setdefault("rope_base", LLAMA_CPP_ROPE_BASE_DEFAULT)
-    values.setdefault("norm_eps", 1e-5)
     values.setdefault("sliding_window", defaults.sliding_window_default)
+    if defaults.softcap_defaults:
+        values.setdefault("attn_logit_softcap", defaults.softcap_defaults[0])
+        values.setdefault("final_logit_softcap", defaults.softcap_defaults[1])
     n_layers, moe = values["n_layers"], values.get("n_experts", 0) > 0
     if defaults.swa_period and values["sliding_window"]:
         values["layer_kinds"] = tuple("local" if i % defaults.swa_period < defaults.swa_period - 1
@@ -511,9 +554,9 @@ def spec_from_gguf(path: str | Path) -> ModelSpec:
             values[f] = float(f"{values[f]:.7g}")
     name = str(meta.get("general.name") or header.path.stem).strip().lower().replace(" ", "-")
     rope_scaling = _rope_scaling(meta, arch, header.path, defaults)
-    if ROPE_FREQS in header.tensors:
-        rope_scaling = _rope_factors(header, rope_scaling)
-    spec = ModelSpec(
+    if ROPE_FREQS in tensors:
+        rope_scaling = _rope_factors(tensors[ROPE_FREQS], rope_scaling)
+    fields = dict(
         name=name,
         family=(defaults.family_if_moe if moe and defaults.family_if_moe else defaults.family),
         activation=defaults.activation,
@@ -530,12 +573,14 @@ def spec_from_gguf(path: str | Path) -> ModelSpec:
         shared_expert=defaults.shared_expert,
         qk_l2_norm=defaults.qk_l2_norm and values.get("n_experts") != defaults.no_qk_l2_norm_experts,
         embed_scale=values["d_model"] ** 0.5 if defaults.embed_scale_sqrt_d_model else 1.0,
-        tie_embeddings="output.weight" not in header.tensors,
+        tie_embeddings="output.weight" not in tensors,
         source=f"GGUF metadata of {header.path.name} (arch {arch}); llama.cpp per-architecture "
                "defaults (src/llama-model.cpp) for what the metadata does not carry",
         extra={"gguf_file_type": meta.get("general.file_type"), "gguf_path": str(header.path)},
         **values,
     )
+    spec = spec_or_refusal(fields, f"{header.path}: ", {f: f"{arch}.{k}" for f, k in keys.items()},
+                           "the file is broken, re-convert it with a current llama.cpp")
     if spec.rope_scaling is None:  # else the window its config.json gives (yarn: original x factor), once checked
         return spec
     return replace(spec, context_length=spec.rope_scaling.served_context(spec.context_length))
@@ -655,7 +700,12 @@ def group_codes(header_or_path: GGUFHeader | str | Path, name: str):
 
 
 def check_weights_readable(header: GGUFHeader) -> None:
-    """Refuse, saying why, a file whose architecture's tensors the runtime cannot read."""
+    """Refuse, saying why, a file whose architecture's tensors the runtime cannot read, or a model split over
+    several files (the runtime reads one)."""
+    if (count := header.metadata.get("split.count", 1)) != 1:
+        raise OpenLPUError(f"{header.path} is one of {count} shards of a split GGUF model; `openlpu run` and `serve` "
+                           f"read a whole file: merge them with llama.cpp's `llama-gguf-split --merge FIRST-SHARD "
+                           f"OUT.gguf` (`plan` and `compile` read the shards as they are)")
     arch = ARCHITECTURES.get(header.architecture)
     if arch and arch.weights_unreadable:
         raise OpenLPUError(f"{header.path}: cannot run {header.architecture} weights from GGUF: "

@@ -24,7 +24,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from openlpu.errors import OpenLPUError
-from openlpu.models.spec import MAX_LAYERS, MAX_SIZE, ModelSpec, RopeScaling
+from openlpu.models.spec import (
+    MAX_LAYERS,
+    MAX_SIZE,
+    ModelSpec,
+    RopeScaling,
+    spec_or_refusal,
+)
 
 HF_ROPE_LAYOUT = "half-split"  # q/k rows as HF stores them: rope pairs dim i with i + head_dim/2
 # ... except in these families, whose HF rope pairs dims 2i and 2i + 1: their q/k rows need no permutation
@@ -62,9 +68,9 @@ HF_DEFAULTS: dict[str, dict] = {
     "mixtral": {"rope_theta": 1e6, "rms_norm_eps": 1e-5, "hidden_act": "silu",  # MixtralConfig
                 "max_position_embeddings": 131072, "num_experts_per_tok": 2},
     "qwen2": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu",  # Qwen2Config
-              "max_position_embeddings": 32768},
+              "max_position_embeddings": 32768, "max_window_layers": 28},
     "qwen3": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu",  # Qwen3Config
-              "max_position_embeddings": 32768, "head_dim": 128},
+              "max_position_embeddings": 32768, "head_dim": 128, "max_window_layers": 28},
     "qwen3_moe": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu",  # Qwen3MoeConfig
                   "max_position_embeddings": 32768, "num_experts_per_tok": 8},
     "gemma": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "hidden_act": "gelu_pytorch_tanh",  # GemmaConfig
@@ -107,10 +113,12 @@ def _all_local_if_window(f: _Fields, n: int) -> list[str]:
 
 
 def _qwen_window_after_max_window_layers(f: _Fields, n: int) -> list[str]:
-    # Qwen 2/3: the first max_window_layers layers are full, later ones slide (if enabled at all)
-    if not f.cfg.get("use_sliding_window") or not f.cfg.get("sliding_window"):
+    # Qwen 2/3: the first max_window_layers layers are full, later ones slide (if enabled at all, with a window:
+    # one left out is the family's default, FamilyRule.sliding_window_default); Qwen3-MoE, which has no such
+    # field in transformers, slides on every layer
+    if not f.get("use_sliding_window") or f.cfg.get("sliding_window", True) is None:
         return ["global"] * n
-    first_full = f.number("max_window_layers", default=n, kind=int, least=0)
+    first_full = f.number("max_window_layers", default=0, kind=int, least=0)
     return ["local" if i >= first_full else "global" for i in range(n)]
 
 
@@ -214,6 +222,7 @@ class FamilyRule:
     # which a transformers-4 rope_scaling leaves unscaled (Gemma 3: transformers 4's Gemma3TextModel.rotary_emb_local
     # takes the default rope; llama.cpp: rope_freq_scale_train_swa = 1 for gemma3)
     local_rope: bool = False
+    sliding_window_default: int | None = None  # the window of sliding layers whose config.json gives none
 
 
 _GEMMA_FIXED = {"norm_weight_offset": 1.0}
@@ -222,15 +231,17 @@ FAMILY_RULES: dict[str, FamilyRule] = {
                         unsupported_true=("attention_bias", "mlp_bias")),
     "mistral": FamilyRule("mistral", "MistralForCausalLM", _all_local_if_window),
     "mixtral": FamilyRule("mixtral", "MixtralForCausalLM", _all_local_if_window, moe=True),
+    # Qwen2Config, Qwen3Config and Qwen3MoeConfig take sliding_window=4096, kept only with use_sliding_window
     "qwen2": FamilyRule("qwen2", "Qwen2ForCausalLM", _qwen_window_after_max_window_layers,
-                        fixed={"qkv_bias": True}),
+                        fixed={"qkv_bias": True}, sliding_window_default=4096),
     "qwen3": FamilyRule("qwen3", "Qwen3ForCausalLM", _qwen_window_after_max_window_layers,
-                        fixed={"qk_norm": True}, unsupported_true=("attention_bias",)),
+                        fixed={"qk_norm": True}, unsupported_true=("attention_bias",), sliding_window_default=4096),
     # Qwen3's attention with an MoE MLP on every layer; its router takes the top-k of a softmax over all
     # experts and renormalizes them (norm_topk_prob), which is Mixtral's softmax over the top-k logits
     "qwen3_moe": FamilyRule("qwen3-moe", "Qwen3MoeForCausalLM", _qwen_window_after_max_window_layers,
                             fixed={"qk_norm": True}, moe=True, experts_keys=("num_experts", "num_local_experts"),
                             d_ff_key="moe_intermediate_size", unsupported_true=("attention_bias",),
+                            sliding_window_default=4096,
                             required={"norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []}),
     "gemma": FamilyRule("gemma", "GemmaForCausalLM", _all_global, fixed=_GEMMA_FIXED, gemma=True,
                         unsupported_true=("attention_bias",)),
@@ -456,9 +467,17 @@ def _text_config(cfg: dict, origin: str) -> tuple[dict, str]:
 
 
 def _folder_name(origin: str) -> str:
-    """The name of the folder a config.json was given in, links not followed (a hub cache's config.json links
-    into its blobs folder); empty for a config given as a dict."""
-    return "" if origin == "HF config" else Path(os.path.abspath(origin)).parent.name
+    """A name for the model a config file was given for: in a Hugging Face hub cache (models--ORG--NAME/snapshots/
+    HASH/config.json) its NAME, else the folder a config.json is in (links not followed: a hub cache's config.json
+    links into its blobs folder), or the file's own stem where it is named otherwise (qwen2.5-7b.json); empty for
+    a config given as a dict."""
+    if origin == "HF config":
+        return ""
+    path = Path(os.path.abspath(origin))
+    if path.name.lower() != "config.json":
+        return path.stem
+    hub = next((folder.name for folder in path.parents if folder.name.startswith("models--")), None)
+    return hub.split("--")[-1] if hub else path.parent.name
 
 
 def spec_from_hf_config(config: dict | str | Path, name: str | None = None) -> ModelSpec:
@@ -497,7 +516,7 @@ def spec_from_hf_config(config: dict | str | Path, name: str | None = None) -> M
                       f"supported: {', '.join(act_table)}")
     rope_base, rope_local, rope_scaling = _rope(f, rule.local_rope)
     kinds = _layer_kinds(f, rule, n_layers)
-    window = f.number("sliding_window", kind=int) if "local" in kinds else None
+    window = f.number("sliding_window", kind=int, default=rule.sliding_window_default) if "local" in kinds else None
 
     fields = {
         "name": name or cfg.get("_name_or_path") or _folder_name(outer_origin) or model_type,
@@ -534,7 +553,11 @@ def spec_from_hf_config(config: dict | str | Path, name: str | None = None) -> M
         key = next((k for k in rule.experts_keys if k in cfg), rule.experts_keys[0])
         fields["n_experts"] = f.number(key, kind=int)
         fields["n_experts_per_token"] = f.number("num_experts_per_tok", kind=int)
-    return ModelSpec(**fields)
+    keys = {"n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "d_model": "hidden_size",
+            "n_layers": "num_hidden_layers", "d_ff": rule.d_ff_key, "head_dim": "head_dim", "vocab_size": "vocab_size",
+            "context_length": "max_position_embeddings", "norm_eps": "rms_norm_eps",
+            "n_experts_per_token": "num_experts_per_tok", "n_experts": rule.experts_keys[0] if rule.moe else ""}
+    return spec_or_refusal(fields, f"{origin}: ", keys, "fix the config.json")
 
 
 # ---- safetensors -> weights by GGUF name ------------------------------------------------------

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,6 +130,9 @@ class ModelSpec:
     extra: dict = field(default_factory=dict, compare=False)  # informational only
 
     def __post_init__(self):
+        if not isinstance(self.layer_kinds, (list, tuple)):  # a file's
+            raise OpenLPUError(f"model {self.name!r}: layer_kinds must be a list of {LAYER_KINDS}, one per layer, got "
+                               f"{self.layer_kinds!r}")
         if not self.layer_kinds and isinstance(self.n_layers, int) and 0 < self.n_layers <= MAX_LAYERS:
             object.__setattr__(self, "layer_kinds", ("global",) * self.n_layers)
         object.__setattr__(self, "layer_kinds", tuple(self.layer_kinds))
@@ -176,6 +180,9 @@ class ModelSpec:
             raise bad("shared_expert and a router other than softmax need experts (n_experts > 0)")
         if self.attn_temperature_floor < 0 or (self.attn_temperature_scale != 0) != (self.attn_temperature_floor > 0):
             raise bad("attn_temperature_floor (a positive integer) and attn_temperature_scale go together")
+        for f in ("n_experts", "n_experts_per_token", "dense_d_ff"):
+            if getattr(self, f) < 0:
+                raise bad(f"{f} must be 0 or more, got {getattr(self, f)!r}")
         if (self.n_experts == 0) != (self.n_experts_per_token == 0) or \
                 self.n_experts_per_token > self.n_experts:
             raise bad(f"n_experts_per_token ({self.n_experts_per_token}) must be between 1 and "
@@ -203,9 +210,14 @@ class ModelSpec:
         if self.rope_scaling is not None:
             rs, pairs = self.rope_scaling, self.head_dim // 2
             wanted = pairs if rs.kind == "factors" else 0  # kind "factors" takes one per rotated pair, others none
-            if len(rs.factors) != wanted or not all(0 < f < math.inf for f in rs.factors):
+            if len(rs.factors) != wanted or not all(isinstance(f, (int, float)) and not isinstance(f, bool)
+                                                    and 0 < f < math.inf for f in rs.factors):
                 raise bad(f"rope scaling factors: {len(rs.factors)} given, with kind {rs.kind!r}; kind 'factors' "
                           f"takes one positive factor per rotated pair ({pairs}), the other kinds none")
+            if rs.kind == "llama3" and not 0 < rs.low_freq_factor <= rs.high_freq_factor:  # wavelengths divide by
+                # them (Llama 4's are equal: no band between the kept and the slowed frequencies)
+                raise bad(f"llama3 rope scaling needs 0 < low_freq_factor <= high_freq_factor, got "
+                          f"{rs.low_freq_factor!r} and {rs.high_freq_factor!r}")
             if not rs.layer_kinds or not all(kind in LAYER_KINDS for kind in rs.layer_kinds):
                 raise bad(f"rope scaling layer_kinds must list some of {LAYER_KINDS}, got {rs.layer_kinds}")
             if rs.kind == "yarn" and set(rs.layer_kinds) != set(LAYER_KINDS):
@@ -372,8 +384,19 @@ class ModelSpec:
                 raise OpenLPUError(f"{origin}: bad rope_scaling ({e})") from None
         try:
             return cls(**data)
-        except TypeError as e:
+        except (TypeError, OpenLPUError) as e:  # the file named with what it holds wrong
             raise OpenLPUError(f"{origin}: {e}") from None
+
+
+def spec_or_refusal(fields: dict, where: str, keys: dict[str, str], remedy: str) -> ModelSpec:
+    """ModelSpec(**fields) of a model read from a file: a value it refuses is said with the file (`where`), the
+    file's own key of each field the refusal names (`keys`: field -> key) and what to do (`remedy`)."""
+    try:
+        return ModelSpec(**fields)
+    except OpenLPUError as e:
+        named = [f"{field}: {key}" for field, key in keys.items() if key and re.search(rf"\b{field}\b", str(e))]
+        given = f" ({'; '.join(named)})" if named else ""
+        raise OpenLPUError(f"{where}{e}{given}; {remedy}") from None
 
 
 _SCALARS = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
@@ -416,6 +439,14 @@ def _from_preset_format(data: dict, origin: str) -> ModelSpec:
     return ModelSpec.from_dict({k: v for k, v in data.items() if k != "$source_notes"}, origin=origin)
 
 
+def _starts_like_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 def load_spec(model: str | Path) -> ModelSpec:
     """A model's shape from a preset name, a .gguf file's metadata (no tensor data is read), a Hugging
     Face config.json (the file, or the checkpoint folder holding it) or a JSON file in the presets' format."""
@@ -423,7 +454,7 @@ def load_spec(model: str | Path) -> ModelSpec:
         raise OpenLPUError("no model given; give a preset name (`openlpu models` lists them), a .gguf file, or a "
                            "config.json or the folder holding it")
     path = Path(model)
-    if path.suffix == ".gguf":
+    if path.suffix.lower() == ".gguf" or path.is_file() and _starts_like_gguf(path):  # a hub blob has no suffix
         if not path.is_file():
             what = "is a folder, not a .gguf file" if path.is_dir() else "not found"
             raise OpenLPUError(f"GGUF file {str(model)!r} {what}; give the path of a .gguf file")
@@ -431,14 +462,15 @@ def load_spec(model: str | Path) -> ModelSpec:
         from openlpu.models.gguf import spec_from_gguf
 
         return spec_from_gguf(path)
-    if path.suffix == ".json" or path.is_dir():
+    if path.suffix.lower() == ".json" or path.is_dir():
         from openlpu.models.hf import read_config, spec_from_hf_config
 
         data, origin = read_config(path)
         if "family" in data and "model_type" not in data:  # ModelSpec's fields, as presets/*.json hold them
             return _from_preset_format(data, origin)
         return spec_from_hf_config(path)
-    if len(path.parts) > 1 or path.is_file() and str(model) not in preset_names():  # a path, not to a model file
+    if len(path.parts) > 1 or str(model).startswith(".") or path.is_file() and str(model) not in preset_names():
+        # a path ('./llama-3.1-8b' too), not to a model file
         what = "is neither a .gguf file nor a config.json" if path.exists() else "not found"
         raise OpenLPUError(f"{str(model)!r} {what}; give a .gguf file, a config.json or the folder holding it, or "
                            "a preset name (`openlpu models` lists them)")
