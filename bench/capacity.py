@@ -22,6 +22,7 @@ Usage: python bench/capacity.py
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import platform
@@ -95,6 +96,7 @@ def cells(row: dict) -> str:
 
 
 def main() -> int:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # --help, before minutes of work
     results = [{"model": c.model, "context": c.context, "decode_context": c.decode_context, "speculation": c.speculation,
                 "users": u, "systems": measure(c, u)} for c in MODELS for u in USERS]
     widths = [{"users": u, **row} for u in BY_WIDTH_USERS for row in by_width(BY_WIDTH, u)]
@@ -102,7 +104,8 @@ def main() -> int:
     RESULTS.mkdir(exist_ok=True)
     date = datetime.date.today().isoformat()
     (RESULTS / "capacity.json").write_text(json.dumps(
-        {"command": "python bench/capacity.py", "date": date, "cost_assumptions": a.__dict__, "rows": results,
+        {"command": "python bench/capacity.py", "date": date, "machine": f"{platform.node()} ({platform.machine()}, "
+         f"Python {platform.python_version()})", "cost_assumptions": a.__dict__, "rows": results,
          "by_width": {"model": BY_WIDTH.model, "context": BY_WIDTH.context, "rows": widths}},
         indent=1) + "\n")
     systems = ("lpu-v1", *GPUS)

@@ -53,7 +53,7 @@ def decode_step_s(engine, cache, steps: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
@@ -141,7 +141,7 @@ def report(r: dict) -> str:
         "",
         f"Against the fused path in float32: {ms(r['fused_float32_step_s'])} ms per decode step.",
         "",
-        "| chips | TP x stages | decode step (ms) | vs fused float32 | per chip (ms) |",
+        "| chips | TP x stages | decode step (ms) | step / fused float32 step | per chip (ms) |",
         "|---|---|---|---|---|",
     ]
     for chips, v in r["sharded"].items():

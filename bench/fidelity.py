@@ -16,6 +16,7 @@ not counted: the acceptance rate its published speed would need, per candidate d
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import json
@@ -1386,6 +1387,7 @@ def _setting(s: dict) -> str:
 
 
 def main() -> int:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # --help, before minutes of work
     gpu_fit = fit_gpu()
     gpu_rows = rows(GPU_POINTS, lambda p: (predict_gpu(p), None))
     system = load_system("lpu-v1")

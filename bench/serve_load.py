@@ -16,6 +16,7 @@ batches every client (--max-batch = --clients), as it is meant to serve.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import concurrent.futures
 import datetime
 import json
@@ -172,11 +173,19 @@ def markdown(report: dict) -> str:
     setup = report["setup"]
     return (f"# Serving load: {setup['clients']} concurrent streaming clients\n\n"
             f"{setup['requests_per_client']} requests each, max_tokens {setup['max_tokens']}, temperature 0, "
-            f"{setup['threads']} threads, model `{setup['gguf']}`, on {setup['machine']}, {setup['date_utc']}.\n"
+            f"{setup['threads']} threads, model `{setup['gguf']}`, on {setup['machine']}, {setup['date_utc']}; "
+            f"peer: {setup.get('peer', 'llama-cpp-python')}.\n"
             f"Command: `{setup['command']}`\n\n"
             "llama-cpp-python's server (the peer) answers one request at a time: `openlpu-serial` (--max-batch 1) "
             "is the like-for-like row; `openlpu` decodes all the clients together, as it serves by default.\n\n"
             + "\n".join(rows) + "\n")
+
+
+def peer_version() -> str:
+    try:
+        return f"llama-cpp-python {importlib.metadata.version('llama_cpp_python')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "llama-cpp-python not installed"
 
 
 def main() -> None:
@@ -200,6 +209,7 @@ def main() -> None:
     report = {"setup": {"clients": args.clients, "requests_per_client": args.requests,
                         "max_tokens": args.max_tokens, "threads": args.threads, "gguf": Path(gguf).name,
                         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+                        "peer": peer_version(),
                         "command": "python " + " ".join(sys.argv),
                         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
               "results": results}
