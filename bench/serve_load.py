@@ -16,9 +16,9 @@ batches every client (--max-batch = --clients), as it is meant to serve.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import concurrent.futures
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
