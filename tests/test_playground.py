@@ -159,6 +159,27 @@ def test_an_empty_max_tokens_field_sends_its_default_and_a_failed_turn_leaves_no
     assert page.inner_text("#ntok") == "–"
 
 
+def test_a_question_stopped_before_its_reply_goes_back_to_the_prompt_box(page):
+    """Stopped before its first token, a question stayed in the conversation without a reply, so the next request
+    carried two user turns in a row, which models that alternate roles refuse (422) every turn after (a review
+    found it): it leaves the conversation and the page, and its text returns to the prompt box."""
+    page.click("#clear")
+    sent = chat_requests(page)
+    page.route("**/openai/v1/chat/completions", lambda route: None)  # held: no token comes
+    page.fill("#prompt", "first question")
+    page.click("#send")
+    page.wait_for_function("document.querySelector('#stop') && !document.querySelector('#stop').disabled")
+    page.click("#stop")
+    page.wait_for_function("!document.querySelector('#send').disabled", timeout=10_000)
+    page.unroute("**/openai/v1/chat/completions")
+    assert page.query_selector_all(".msg") == [] and page.input_value("#prompt") == "first question"
+    set_field(page, "#maxtokens", "4")
+    page.fill("#prompt", "second question")
+    page.click("#send")
+    page.wait_for_function("!document.querySelector('#send').disabled", timeout=60_000)
+    assert [m["content"] for m in sent[-1]["messages"] if m["role"] != "system"] == ["second question"]
+
+
 def test_enter_while_an_input_method_composes_does_not_send(page):
     page.click("#clear")
     sent = chat_requests(page)

@@ -132,3 +132,10 @@ def test_serve_a_port_it_cannot_listen_on_is_one_line_before_the_model_loads():
             result = openlpu("serve", *flags)
             assert result.returncode == 2 and says in result.stderr and "Traceback" not in result.stderr
             assert len(result.stderr.strip().splitlines()) == 1 and "compiled" not in result.stdout
+    # a second server taking the first's port while the first still loads its model: bound alike, two sockets
+    # clash only once they listen, so each listens at once (a review found both passed the check)
+    from openlpu.errors import OpenLPUError
+    from openlpu.serve.app import bound_socket
+
+    with bound_socket("127.0.0.1", 0) as first, pytest.raises(OpenLPUError, match="Address already in use; choose"):
+        bound_socket("127.0.0.1", first.getsockname()[1])

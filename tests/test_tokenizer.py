@@ -141,6 +141,27 @@ def test_a_damaged_cache_entry_is_built_again(tmp_path, monkeypatch, damage):
     assert Tokenizer.from_gguf(path, cache=False).facts == Tokenizer.from_gguf(path).facts  # and cached again
 
 
+@pytest.mark.parametrize("arch", ["gemma", "gemma2", "gemma3"])
+def test_a_gemma_turn_ends_at_end_of_turn(tmp_path, arch):
+    """Every Gemma's instruct turn ends with <end_of_turn>, which llama.cpp counts as ending generation; Gemma 1
+    (llama.cpp's arch gemma) was left out when the loader took its files (a review found it)."""
+    import gguf
+
+    pieces = ["<unk>", "<s>", "</s>", "<end_of_turn>", "\u2581a", "b"]
+    writer = gguf.GGUFWriter(tmp_path / "g.gguf", arch)
+    for key, value, kind in (("tokenizer.ggml.model", "llama", gguf.GGUFValueType.STRING),
+                             ("tokenizer.ggml.tokens", pieces, gguf.GGUFValueType.ARRAY),
+                             ("tokenizer.ggml.scores", [0.0] * 6, gguf.GGUFValueType.ARRAY),
+                             ("tokenizer.ggml.token_type", [2, 3, 3, 3, 1, 1], gguf.GGUFValueType.ARRAY),
+                             ("tokenizer.ggml.unknown_token_id", 0, gguf.GGUFValueType.UINT32),
+                             ("tokenizer.ggml.eos_token_id", 1, gguf.GGUFValueType.UINT32)):
+        writer.add_key_value(key, value, kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    assert 3 in Tokenizer.from_gguf(tmp_path / "g.gguf", cache=False).eos_ids
+
+
 def test_a_small_vocabulary_builds(tmp_path):
     tok = Tokenizer.from_gguf(_vocabulary_gguf(tmp_path / "ok.gguf"), cache=False)
     assert tok.vocab_size == 5 and tok.encode("ab") == [1, 3, 4]  # <s>, "\u2581a", "b"

@@ -776,7 +776,7 @@ def _graph(program: Program, phase: PhaseSchedule) -> list[Violation]:
     its kind and on its unit, named as the placement holds its piece: once under its own name where the piece is
     whole or the op is applied once, on the last part (ONCE_ON_LAST_PART); else once per part, part j
     '<name>@j' (the plain name for part 0) on part j's stage. Each reads, through transfers, what the graph says
-    it reads: within a cut piece, its own part's result; otherwise the whole result (_reads). The parts of the
+    it reads: within a cut piece, its own part's result; otherwise the whole result (`read`). The parts of the
     op a cut piece combines are combined by a tree of two-input ops reading each part and each combination but
     the last once (_combinations). No other op runs. A prompt chunk's attention may also read the chunk
     before's (whose KV it reads)."""

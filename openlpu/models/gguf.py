@@ -477,11 +477,11 @@ def _shards(header: GGUFHeader) -> list[GGUFHeader]:
     number = _number(header.metadata, "split.no", header.path, 0, integer=True)
     named = SPLIT_NAME.match(header.path.name)
     if number != 0 or named is None:
-        first = f"{named['stem']}-00001-of-{named['count']}.gguf" if named else "its first shard"
+        first = f"{named['stem']}-00001-of-{named['count']}{header.path.suffix}" if named else "its first shard"
         raise OpenLPUError(f"{header.path} is shard {number + 1} of {count} of a split GGUF model; give {first}")
     out = [header]
     for k in range(2, count + 1):
-        sibling = header.path.with_name(f"{named['stem']}-{k:05d}-of-{named['count']}.gguf")
+        sibling = header.path.with_name(f"{named['stem']}-{k:05d}-of-{named['count']}{header.path.suffix}")
         if not sibling.is_file():
             raise OpenLPUError(f"{header.path} is shard 1 of {count} of a split GGUF model, but {sibling.name} is not "
                                f"beside it; put every shard in one folder")

@@ -27,8 +27,8 @@ SUPPORTED_TOKENIZER_MODELS = ("llama",)  # llama.cpp's name for SentencePiece BP
 # generation and types as control tokens (so they match in text only as special tokens, and print nothing): chat
 # models end a turn with <end_of_turn>; the embedded Gemma 3's </s>, a user-defined token in the file, is one too
 # (llama_vocab_is_eog, llama-cpp-python 0.3.36: ids 1, 106, 212; tests/fixtures/gemma-3-270m-llamacpp.json).
-END_OF_TURN_PIECES = {"gemma3": ("<end_of_turn>", "</s>"), "gemma2": ("<end_of_turn>",)}
-CACHE_FORMAT_VERSION = 4  # 4: end-of-turn pieces typed control, <unk> a special piece
+END_OF_TURN_PIECES = {"gemma3": ("<end_of_turn>", "</s>"), "gemma2": ("<end_of_turn>",), "gemma": ("<end_of_turn>",)}
+CACHE_FORMAT_VERSION = 5  # 4: end-of-turn pieces typed control, <unk> a special piece; 5: Gemma 1's <end_of_turn>
 # The special token ids a vocabulary names (llama.cpp's LLM_KV_TOKENIZER_*_ID keys)
 SPECIAL_ID_KEYS = ("tokenizer.ggml.unknown_token_id", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
                    "tokenizer.ggml.padding_token_id", "tokenizer.ggml.eot_token_id")

@@ -443,6 +443,7 @@ def bound_socket(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: past a closed server's
         sock.bind(address)  # lingering connections, not beside a live listener
+        sock.listen()  # now: two sockets bound alike clash only once they listen (clients wait while it loads)
     except OSError as e:
         sock.close()
         raise OpenLPUError(f"cannot listen on {host}:{port}: {e.strerror}; choose another --port, or stop what "
