@@ -128,7 +128,8 @@ def test_serve_a_port_it_cannot_listen_on_is_one_line_before_the_model_loads():
         port = taken.getsockname()[1]
         for flags, says in ((["--port", str(port)], f"cannot listen on 127.0.0.1:{port}: Address already in use"),
                             (["--port", "70000"], "--port must be 0 to 65535 (0: any free port), got 70000"),
-                            (["--host", "no.such.host.invalid"], "--host 'no.such.host.invalid' is no address")):
+                            (["--host", "no.such.host.invalid"], "--host 'no.such.host.invalid' is no address"),
+                            (["--host", "192.0.2.1"], "Cannot assign requested address; give --host an address")):
             result = openlpu("serve", *flags)
             assert result.returncode == 2 and says in result.stderr and "Traceback" not in result.stderr
             assert len(result.stderr.strip().splitlines()) == 1 and "compiled" not in result.stdout

@@ -9,6 +9,7 @@ host seconds; simulated LPU figures, when a Program is in use, go in "x_openlpu"
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 import logging
@@ -446,8 +447,9 @@ def bound_socket(host: str, port: int) -> socket.socket:
         sock.listen()  # now: two sockets bound alike clash only once they listen (clients wait while it loads)
     except OSError as e:
         sock.close()
-        raise OpenLPUError(f"cannot listen on {host}:{port}: {e.strerror}; choose another --port, or stop what "
-                           f"listens there") from None
+        remedy = ("choose another --port, or stop what listens there" if e.errno == errno.EADDRINUSE
+                  else "give --host an address of this machine, as 127.0.0.1 or 0.0.0.0")
+        raise OpenLPUError(f"cannot listen on {host}:{port}: {e.strerror}; {remedy}") from None
     return sock
 
 
