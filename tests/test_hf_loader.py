@@ -258,6 +258,20 @@ def test_qwen_sliding_layers_as_transformers_lays_them(model_type, config):
     assert spec.sliding_window == hf.sliding_window == 4096 and "local" in spec.layer_kinds
 
 
+def test_qwen3_moe_slides_on_every_layer_where_sliding_is_on():
+    """transformers' Qwen3-MoE has no max_window_layers: with use_sliding_window, its attention slides on every
+    layer (modeling_qwen3_moe reads config.sliding_window, which its config keeps, 4,096 by default, only then)."""
+    import transformers
+
+    cfg = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 96, "hidden_size": 64,
+           "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+           "moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 8192,
+           "use_sliding_window": True}
+    spec = spec_from_hf_config(cfg)
+    assert spec.layer_kinds == ("local",) * 4 and spec.sliding_window == transformers.Qwen3MoeConfig(
+        **cfg).sliding_window == 4096
+
+
 def test_a_value_the_model_cannot_have_names_the_file_and_its_field(tmp_path):
     """ModelSpec's own checks named the model and its field, not the file or the file's key, nor what to do."""
     quoted = json.loads((PRESETS_DIR / "llama-3.2-1b.json").read_text())["$source_notes"]["hf_config"]
