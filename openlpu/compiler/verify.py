@@ -252,14 +252,14 @@ def _sizes(program: Program) -> list[Violation]:
         out.append(Violation("structure", f"{negative[0]} is negative" + (f" (and {len(negative) - 1} more sizes)"
                                                                           if len(negative) > 1 else "")))
     bytes_per_element = as_precision(program.workload.weights).bytes_per_element
-    per_unit = {}  # (tensor, axis) -> its elements per unit along that axis
+    per_unit = {}  # (tensor, axis) -> its elements per unit along that axis (None: no axis of a tensor it has)
     for sh in program.placement.shards:
-        shape = program.tensors.get(sh.tensor)
-        if shape is None or not _on_an_axis(sh.tensor, shape, sh.axis) or not 0 <= sh.start <= sh.stop:
+        if (key := (sh.tensor, sh.axis)) not in per_unit:
+            shape = program.tensors.get(sh.tensor)
+            per_unit[key] = (math.prod(shape) // axis_length(sh.tensor, shape, sh.axis)
+                             if shape is not None and _on_an_axis(sh.tensor, shape, sh.axis) else None)
+        if per_unit[key] is None or not 0 <= sh.start <= sh.stop:
             continue  # reported by _weights
-        key = (sh.tensor, sh.axis)
-        if key not in per_unit:
-            per_unit[key] = math.prod(shape) // axis_length(sh.tensor, shape, sh.axis)
         expected = math.ceil((sh.stop - sh.start) * per_unit[key] * bytes_per_element)
         if sh.nbytes != expected:
             out.append(Violation("sram_capacity", f"{sh.tensor} [{sh.start}, {sh.stop}) on chip {sh.chip} counts "
@@ -694,23 +694,20 @@ def _shards_line_up(program: Program) -> list[Violation]:
     (_shards_on_their_stages) does not see two chips' shards of one tensor swapped; the sharded executor then
     computes other numbers (a review found it)."""
     spec, stage_of = program.spec, {c: s.index for s in program.placement.stages for c in s.chips}
-    matched, lengths = {}, {}  # tensor -> (layer, what must match) or None; (tensor, axis) -> its length (0: none)
+    matched = {}  # (tensor, axis) -> (layer, what must match, the axis's length), or None: no such rows to match
     # (stage, layer, what must match) -> tensor -> chip -> the [start, stop) of its shards, as fractions of their
     # axis (a division rounds alike the fractions that are equal, so they compare as floats)
     held = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for sh in program.placement.shards:
-        if sh.tensor not in matched:
+        if (key := (sh.tensor, sh.axis)) not in matched:
             what = MATCHED_ROWS.get(sh.tensor.split(".", 2)[-1]) if sh.tensor.startswith("blk.") else None
-            matched[sh.tensor] = (sh.tensor.split(".")[1], what) if what and sh.tensor in program.tensors else None
-        if matched[sh.tensor] is None or sh.chip not in stage_of:
-            continue  # reported by _weights or _structure if anything
-        if (sh.tensor, sh.axis) not in lengths:  # a whole tensor's shards may lie on any axis
-            shape = program.tensors[sh.tensor]
-            lengths[(sh.tensor, sh.axis)] = axis_length(sh.tensor, shape, sh.axis) if _on_an_axis(
-                sh.tensor, shape, sh.axis) else 0
-        if length := lengths[(sh.tensor, sh.axis)]:
-            held[(stage_of[sh.chip], *matched[sh.tensor])][sh.tensor][sh.chip].append((sh.start / length,
-                                                                                      sh.stop / length))
+            shape = program.tensors.get(sh.tensor)
+            matched[key] = ((sh.tensor.split(".")[1], what, axis_length(sh.tensor, shape, sh.axis))
+                            if what and shape and _on_an_axis(sh.tensor, shape, sh.axis) else None)  # a whole
+            # tensor's shards may lie on any axis; others are reported by _weights
+        if (found := matched[key]) is not None and (stage := stage_of.get(sh.chip)) is not None:
+            layer, what, length = found
+            held[(stage, layer, what)][sh.tensor][sh.chip].append((sh.start / length, sh.stop / length))
     out, chips_of = [], {s.index: s.chips for s in program.placement.stages}
     for (stage, layer, what), by_tensor in sorted(held.items()):
         first, *others = sorted(by_tensor)
