@@ -47,6 +47,13 @@ def set_field(page, selector: str, value: str) -> None:
     page.eval_on_selector(selector, "(el, v) => { el.value = v; el.dispatchEvent(new Event('input')); }", value)
 
 
+def send_and_wait(page, text: str, timeout: int = 60_000) -> None:
+    """Send `text` from the prompt box and wait until the turn ends (Send enabled again)."""
+    page.fill("#prompt", text)
+    page.click("#send")
+    page.wait_for_function("!document.querySelector('#send').disabled", timeout=timeout)
+
+
 def test_chat_in_the_browser_matches_the_api(page, base_url):
     page.wait_for_selector("#model option", state="attached")
     model = page.eval_on_selector("#model", "el => el.value")
@@ -55,9 +62,7 @@ def test_chat_in_the_browser_matches_the_api(page, base_url):
     set_field(page, "#temperature", "0")
     set_field(page, "#maxtokens", "12")
     set_field(page, "#seed", "5")
-    page.fill("#prompt", "What is the capital of France?")
-    page.click("#send")
-    page.wait_for_function("!document.querySelector('#send').disabled", timeout=60_000)
+    send_and_wait(page, "What is the capital of France?")
     reply = page.inner_text(".msg.assistant .body")
     # the same request through the SDK: the page must show exactly the API's text
     expected = groq.Groq(base_url=base_url, api_key="unused").chat.completions.create(
@@ -101,9 +106,7 @@ def test_a_failed_turn_stays_out_of_the_conversation(page, base_url):
     page.wait_for_selector(".msg.error", timeout=60_000)
     page.wait_for_function("!document.querySelector('#send').disabled", timeout=10_000)
     assert "context" in page.inner_text(".msg.error .body")
-    page.fill("#prompt", "What is the capital of France?")
-    page.click("#send")
-    page.wait_for_function("!document.querySelector('#send').disabled", timeout=60_000)
+    send_and_wait(page, "What is the capital of France?")
     model = page.eval_on_selector("#model", "el => el.value")
     expected = groq.Groq(base_url=base_url, api_key="unused").chat.completions.create(
         model=model, temperature=0, seed=5, max_completion_tokens=12,
@@ -134,9 +137,7 @@ def test_a_turn_cleared_while_it_streams_is_not_sent_again(page):
     page.wait_for_function("!document.querySelector('#send').disabled", timeout=10_000)
     assert page.query_selector_all(".msg") == []
     set_field(page, "#maxtokens", "4")
-    page.fill("#prompt", "And now?")
-    page.click("#send")
-    page.wait_for_function("!document.querySelector('#send').disabled", timeout=60_000)
+    send_and_wait(page, "And now?")
     assert [m["content"] for m in sent[-1]["messages"] if m["role"] != "system"] == ["And now?"]
 
 
@@ -146,9 +147,7 @@ def test_an_empty_max_tokens_field_sends_its_default_and_a_failed_turn_leaves_no
     page.click("#clear")
     sent = chat_requests(page)
     set_field(page, "#maxtokens", "")
-    page.fill("#prompt", "Hello")
-    page.click("#send")
-    page.wait_for_function("!document.querySelector('#send').disabled", timeout=120_000)
+    send_and_wait(page, "Hello", timeout=120_000)
     assert sent[-1]["max_completion_tokens"] == 256 and page.input_value("#maxtokens") == "256"
     set_field(page, "#maxtokens", "12")
     page.fill("#prompt", "word " * 10_000)  # past the context window: an error
@@ -174,9 +173,7 @@ def test_a_question_stopped_before_its_reply_goes_back_to_the_prompt_box(page):
     page.unroute("**/openai/v1/chat/completions")
     assert page.query_selector_all(".msg") == [] and page.input_value("#prompt") == "first question"
     set_field(page, "#maxtokens", "4")
-    page.fill("#prompt", "second question")
-    page.click("#send")
-    page.wait_for_function("!document.querySelector('#send').disabled", timeout=60_000)
+    send_and_wait(page, "second question")
     assert [m["content"] for m in sent[-1]["messages"] if m["role"] != "system"] == ["second question"]
 
 

@@ -85,11 +85,16 @@ def matrix_macs_per_cycle(system: SystemSpec, *precisions: str) -> float:
     return system.chip.matrix_macs_per_cycle[matrix_mode(system, *precisions)]
 
 
+def _widest(precisions: tuple[str, ...]):
+    """The widest of these operand precisions (graph.lower's Precision), whose mode the matrix unit needs."""
+    return max((as_precision(p) for p in precisions), key=lambda p: p.bytes_per_element)
+
+
 def matrix_mode(system: SystemSpec, *precisions: str) -> str:
     """The matrix unit's mode for operands in these precisions: the chip's narrowest that holds the widest
     operand (integers may run on a float mode, floats never on an integer mode), of the operand's own kind
     where two are as narrow (int8 operands on int8, not fp8)."""
-    need = max((as_precision(p) for p in precisions), key=lambda p: p.bytes_per_element)
+    need = _widest(precisions)
     is_float = need.name in FLOAT_PRECISIONS
     modes = [(PRECISIONS[m].bytes_per_element, (m in FLOAT_PRECISIONS) != is_float, m)
              for m in system.chip.matrix_macs_per_cycle
@@ -105,7 +110,7 @@ def matrix_mode(system: SystemSpec, *precisions: str) -> str:
 def matrix_mode_note(system: SystemSpec, *precisions: str) -> str:
     """What `plan` and `compile` say where the matrix unit has no mode for the widest of these operands: the mode
     its matmuls run in instead ('' where it has one)."""
-    need = max((as_precision(p) for p in precisions), key=lambda p: p.bytes_per_element).name
+    need = _widest(precisions).name
     mode = matrix_mode(system, *precisions)
     return "" if mode == need else f"{system.name}'s matrix unit has no {need} mode: its matmuls run in its {mode} mode"
 

@@ -440,9 +440,11 @@ def _from_preset_format(data: dict, origin: str) -> ModelSpec:
 
 
 def _starts_like_gguf(path: Path) -> bool:
+    from openlpu.models.gguf import MAGIC_BYTES  # here: the loaders import this module
+
     try:
         with open(path, "rb") as f:
-            return f.read(4) == b"GGUF"
+            return f.read(len(MAGIC_BYTES)) == MAGIC_BYTES
     except OSError:
         return False
 
@@ -454,7 +456,8 @@ def load_spec(model: str | Path) -> ModelSpec:
         raise OpenLPUError("no model given; give a preset name (`openlpu models` lists them), a .gguf file, or a "
                            "config.json or the folder holding it")
     path = Path(model)
-    if path.suffix.lower() == ".gguf" or path.is_file() and _starts_like_gguf(path):  # a hub blob has no suffix
+    if path.suffix.lower() == ".gguf" or path.is_file() and path.suffix.lower() != ".json" and _starts_like_gguf(
+            path):  # a hub blob has no suffix
         if not path.is_file():
             what = "is a folder, not a .gguf file" if path.is_dir() else "not found"
             raise OpenLPUError(f"GGUF file {str(model)!r} {what}; give the path of a .gguf file")
