@@ -1366,8 +1366,9 @@ def _no_fit(spec: ModelSpec, system: SystemSpec, workload: Workload, chips: int 
                                 f"give at least {need} chips (--chips {need}) or a narrower --tp")
         held = (sum(sizes.weights) + sum(sizes.kv) - (sizes.tied_table if stages == 1 else 0)) * t / 1e9
         return OpenLPUError(f"{what} does not fit on {chips} {system.name} chips of {_megabytes(cap)} MB SRAM "
-                            f"({chips * cap / 1e9:.2f} GB for {held:.2f} GB of weights and KV cache plus activation "
-                            f"buffers); it needs at least {need} chips (--chips {need})")
+                            f"({chips * cap / 1e9:.2f} GB for {held:.2f} GB of weights and KV cache, and on each "
+                            f"stage its activation buffers and the room whole pieces leave unfilled); it needs at "
+                            f"least {need} chips (--chips {need})")
     degrees = f"TP degrees {', '.join(map(str, widths))}; " if len(widths) > 1 else ""
     unit = f"one {system.chip.matrix_tile_rows}-row weight tile" + (" (or one narrower expert)" if spec.n_experts
                                                                    else "")
