@@ -72,6 +72,11 @@ def test_a_gpu_file_plans_like_its_preset_at_its_own_prices(tmp_path):
     (lambda d: d["server_price_usd"].update(value=100_000),
      r"server_price_usd 100,000 is less than its 8 GPUs' price_usd \(220,000\); costs read server_price_usd"),
     (lambda d: d["tdp_w"].update(value=1500), r"server_power_w 10,200 is less than its 8 GPUs' tdp_w \(12,000\)"),
+    # the GPU's and the server's power in kW: 0.7 W passes the W range, open to edge chips, but not for 1,979
+    # TFLOP/s (0.35 fJ an operation, where B200's FP4 spends 110)
+    (lambda d: (d["tdp_w"].update(value=0.7), d["server_power_w"].update(value=10.2)),
+     (r"my-gpu\.tdp_w = 0\.7 W for 1\.98e\+15 matrix operations per second is 0\.35 fJ per operation, below the 1 "
+      r"fJ any chip spends; check that it is given in W \(not kW\)")),
 ])
 def test_a_bad_gpu_file_is_one_clear_error(tmp_path, edit, says):
     with pytest.raises(OpenLPUError, match=says):

@@ -108,6 +108,31 @@ def test_a_figure_in_a_larger_unit_is_named(tmp_path, field, value, unit):
         load_system(_write(tmp_path, data))
 
 
+def test_a_chip_power_in_kilowatts_is_named(tmp_path):
+    """lpu-v1's 215 W written as 0.215 (kW) passed the W range, which edge chips need, and planned 0.0 kW for
+    40 chips (a review): 0.215 W for its 737 TOPS would be 0.29 fJ an operation, a thousandth of its own."""
+    data = json.loads(json.dumps(V1))
+    data["chip"]["busy_power_w"]["value"], data["chip"]["idle_power_w"]["value"] = 0.215, 0.1
+    with pytest.raises(OpenLPUError, match=r"^hw\.chip\.busy_power_w = 0\.215 W for 7\.37e\+14 matrix operations per "
+                                           r"second is 0\.29 fJ per operation, below the 1 fJ any chip spends; check "
+                                           r"that it is given in W \(not kW\)$"):
+        load_system(_write(tmp_path, data))
+
+
+def test_a_field_given_twice_is_named(tmp_path):
+    """JSON keeps the last of a key given twice: a chip with two clocks planned at the second, silently (a
+    review)."""
+    text = json.dumps(V1)
+    clock = '"clock_hz": ' + json.dumps(V1["chip"]["clock_hz"])
+    twice = text.replace(clock, clock.replace("900000000", "1800000000") + ", " + clock)
+    assert twice.count('"clock_hz"') == 2
+    path = tmp_path / "hw.json"
+    path.write_text(twice)
+    with pytest.raises(OpenLPUError, match=r"^hardware file hw\.json: field 'clock_hz' is given twice in one object; "
+                                           r"keep one$"):
+        load_system(path)
+
+
 def test_every_preset_figure_is_in_its_units_range(tmp_path):
     """The ranges leave room for every figure OpenLPU ships, the projected chip's included, and for real chips
     far from them: a wafer-scale chip's 21 PB/s of SRAM bandwidth (Cerebras WSE-3), an edge chip's 64 KB of
@@ -120,12 +145,14 @@ def test_every_preset_figure_is_in_its_units_range(tmp_path):
     for name in preset_names("gpu"):
         load_gpu(name)
     data = json.loads(json.dumps(V1))
-    for part, figure, value in (("chip", "sram_bandwidth_bytes_per_s", 2.1e16), ("chip", "sram_bytes", 65536),
-                                ("chip", "busy_power_w", 0.5), ("chip", "idle_power_w", 0.05),
-                                ("chip", "price_usd", 0.8)):
-        data[part][figure]["value"] = value
+    data["chip"]["sram_bandwidth_bytes_per_s"]["value"] = 2.1e16
     data["links"]["system"]["latency_s"]["value"] = 0.02
     load_system(_write(tmp_path, data))
+    edge = json.loads(json.dumps(V1))  # and at half a watt, a 64 x 64 int8 array (4 TOPS/W, 0.12 pJ an operation)
+    for figure, value in (("sram_bytes", 65536), ("busy_power_w", 0.5), ("idle_power_w", 0.05), ("price_usd", 0.8),
+                          ("matrix_macs_per_cycle", {"int8": 4096})):
+        edge["chip"][figure]["value"] = value
+    load_system(_write(tmp_path, edge))
 
 
 def test_a_copy_of_a_preset_is_told_apart_from_it(tmp_path):
@@ -142,6 +169,18 @@ def test_a_copy_of_a_preset_is_told_apart_from_it(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(OpenLPUError, match=r"^lpu-v1 \(mylpu\.json\): "):
         load_system(path)
+
+
+def test_a_broken_copy_named_like_a_preset_is_named_with_its_path(tmp_path):
+    """A copy kept as lpu-v1.json in another folder, broken, was refused as 'lpu-v1.chip.clock_hz ...', as if the
+    shipped preset were (a review): its path says which file to mend."""
+    data = json.loads(json.dumps(V1))
+    data["chip"]["clock_hz"]["value"] = 900
+    path = tmp_path / "lpu-v1.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(OpenLPUError, match=rf"^lpu-v1 \({re.escape(str(path))}\)\.chip\.clock_hz = 900 Hz is outside"):
+        load_system(path)
+    assert load_system("lpu-v1").name == "lpu-v1"
 
 
 def test_mistyped_precision_of_the_matrix_unit_is_named(tmp_path):

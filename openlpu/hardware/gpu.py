@@ -15,7 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from openlpu.errors import OpenLPUError
-from openlpu.hardware.spec_file import build, preset_names, read_hardware
+from openlpu.hardware.spec_file import (
+    build,
+    check_energy_per_op,
+    preset_names,
+    read_hardware,
+)
 
 
 @dataclass(frozen=True)
@@ -60,10 +65,12 @@ def load_gpu(name_or_path: str | Path) -> GpuSpec:
     if "bf16" not in gpu.dense_flops_per_s:  # compute_flops_per_s falls back to it
         raise OpenLPUError(f"{name}.dense_flops_per_s must give bf16: math in a format the GPU has no units for "
                            "runs in bf16")
+    check_energy_per_op(f"{name}.tdp_w", gpu.tdp_w, max(gpu.dense_flops_per_s.values()))
     for server_figure, gpu_figure in (("server_price_usd", "price_usd"), ("server_power_w", "tdp_w")):
         held = gpu.gpus_per_server * getattr(gpu, gpu_figure)
         if getattr(gpu, server_figure) < held:
             raise OpenLPUError(
                 f"{name}.{server_figure} {getattr(gpu, server_figure):,g} is less than its {gpu.gpus_per_server} "
-                f"GPUs' {gpu_figure} ({held:,g}); costs read {server_figure}, the whole server's: raise it")
+                f"GPUs' {gpu_figure} ({held:,g}); costs read {server_figure}, the whole server's: raise it, or "
+                f"check that {gpu_figure} is one GPU's, in the unit its name ends in")
     return dataclasses.replace(gpu, sources=sources)

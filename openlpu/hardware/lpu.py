@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from openlpu.errors import OpenLPUError
-from openlpu.hardware.spec_file import build, read_hardware
+from openlpu.hardware.spec_file import build, check_energy_per_op, read_hardware
 
 LINK_KINDS = ("local", "rack", "system")  # inside a node, between nodes of a rack, between racks
 TOPOLOGIES = ("dragonfly",)  # networks the cabling and route() below model
@@ -84,7 +84,7 @@ class SystemSpec:
     rack: RackSpec
     network: NetworkSpec
     links: dict[str, LinkSpec]  # by LINK_KINDS
-    sources: dict[str, str] = field(default_factory=dict, compare=False)  # "chip.clock_hz" -> source
+    sources: dict[str, str] = field(default_factory=dict, compare=False)  # "lpu-v1.chip.clock_hz" -> source
 
     def __post_init__(self):
         if (cabling := self.cabling_error()) is not None:
@@ -237,6 +237,9 @@ def system_from(data: dict, name: str, figures: bool = True) -> SystemSpec:
     system = build(SystemSpec, data, name, sources, MAY_BE_ZERO, {"links": LINK_KINDS}, figures)
     if system.chip.busy_power_w < system.chip.idle_power_w:
         raise OpenLPUError(f"{name}: chip.busy_power_w must be at least chip.idle_power_w")
+    chip = system.chip
+    check_energy_per_op(f"{name}.chip.busy_power_w", chip.busy_power_w,
+                        2 * max(chip.matrix_macs_per_cycle.values()) * chip.clock_hz)
     if system.network.topology not in TOPOLOGIES:
         raise OpenLPUError(f"{name}: network.topology {system.network.topology!r} is not a network OpenLPU models; "
                            f"its links are cabled and routed as a Dragonfly with racks as its groups (ISCA 2022): "

@@ -31,15 +31,26 @@ def preset_names(kind: str) -> list[str]:
     return names
 
 
+class DuplicateField(ValueError):
+    """A JSON object giving one key twice, which json.loads would resolve silently to the last."""
+
+
+def _refusing_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) < len(keys):
+        raise DuplicateField(next(k for i, k in enumerate(keys) if k in keys[:i]))
+    return dict(pairs)
+
+
 # kind -> (its name in errors, with its article, the flag `plan`, `run` and `serve` take it with)
 KINDS = {"lpu": ("LPU system", "an LPU system", "--system"), "gpu": ("GPU", "a GPU", "--compare")}
 
 
 def read_hardware(name_or_path: str | Path, kind: str) -> tuple[dict, str]:
-    """(the file's fields but "kind", the name its figures are reported under) for a preset of `kind` (a key
-    of KINDS) named `name_or_path` or a .json file at that path. A file whose "name" is a preset's, as a copy
-    of one at other prices keeps, is named with its file too, so that it is told apart from the preset in
-    tables and errors."""
+    """(the file's fields but "kind", the name its errors give) for a preset of `kind` (a key of KINDS) named
+    `name_or_path` or a .json file at that path. A file whose "name" is a preset's, as a copy of one at other
+    prices keeps, is named with its file too in tables, and one whose file name is a preset's with its path in
+    errors, so that each is told apart from the preset."""
     names, path, (what, a_what, _) = preset_names(kind), Path(name_or_path), KINDS[kind]
     if path.suffix != ".json":
         example = PRESETS_DIR / f"{names[0]}.json"
@@ -57,7 +68,7 @@ def read_hardware(name_or_path: str | Path, kind: str) -> tuple[dict, str]:
                                f"JSON file shaped like {example})")
         path = PRESETS_DIR / f"{name_or_path}.json"
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(), object_pairs_hook=_refusing_duplicates)
     except FileNotFoundError:
         raise OpenLPUError(f"hardware file {str(path)!r} not found") from None
     except IsADirectoryError:
@@ -68,12 +79,16 @@ def read_hardware(name_or_path: str | Path, kind: str) -> tuple[dict, str]:
         raise OpenLPUError(f"hardware file {path.name}: nested deeper than any hardware file is") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise OpenLPUError(f"hardware file {path.name}: not valid JSON ({e})") from None
+    except DuplicateField as e:
+        raise OpenLPUError(f"hardware file {path.name}: field {e.args[0]!r} is given twice in one object; keep "
+                           f"one") from None
     if not isinstance(data, dict) or data.get("kind") != kind:
         raise OpenLPUError(f"hardware file {path.name}: expected \"kind\": \"{kind}\" at the top level ({a_what})")
     fields = {k: v for k, v in data.items() if k != "kind"}
     if fields.get("name") in names and path.resolve() != (PRESETS_DIR / f"{fields['name']}.json").resolve():
         fields["name"] = f"{fields['name']} ({path.name})"
-    return fields, path.stem
+    a_copy = path.stem in names and path.resolve() != (PRESETS_DIR / path.name).resolve()
+    return fields, f"{path.stem} ({path})" if a_copy else path.stem
 
 
 # Far beyond real hardware either way, and narrow enough that products of figures stay finite: a figure whose
@@ -93,6 +108,21 @@ UNIT_RANGES = (
     ("_w", "W", 1e-3, 1e7),
     ("_usd", "USD", 1e-2, 1e10),
 )
+
+
+# The least energy a chip spends on one operation of its fastest matrix format: 1 fJ (1,000 TOPS/W), over 100x
+# below B200's FP4 (1,000 W for 9 PFLOP/s dense: 0.11 pJ) and lpu-v1's int8 (215 W for 737 TOPS: 0.29 pJ). A power
+# figure in kW (0.7 for a 700 W H100) falls far below it, where the W range alone, open to edge chips, takes it.
+MIN_JOULES_PER_OP = 1e-15
+
+
+def check_energy_per_op(where: str, power_w: float, ops_per_s: float) -> None:
+    """Refuse a chip whose power `power_w` (the figure at `where`) is too little for `ops_per_s` matrix
+    operations per second to be real: a figure in a larger unit than W."""
+    if power_w / ops_per_s < MIN_JOULES_PER_OP:
+        raise OpenLPUError(f"{where} = {power_w:g} W for {ops_per_s:.3g} matrix operations per second is "
+                           f"{power_w / ops_per_s * 1e15:.2g} fJ per operation, below the {MIN_JOULES_PER_OP * 1e15:g} "
+                           f"fJ any chip spends; check that it is given in W (not kW)")
 
 
 def figure_range(field: str) -> tuple[str, float, float]:
