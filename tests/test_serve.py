@@ -123,6 +123,20 @@ def test_openai_sdk_with_usage_chunk(base_url, model):
     assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == r.choices[0].message.content
 
 
+def test_a_conversation_kept_as_the_sdks_dump_their_replies(base_url, client, model):
+    """Both SDKs' model_dump() of a reply (null refusal, annotations, tool_calls...) goes back into the
+    history as the next turn's assistant message; it was a 400 (a review). The next reply is the one the same
+    history without those nulls gets."""
+    openai_client = openai.OpenAI(base_url=base_url + "/openai/v1", api_key=KEY, max_retries=0)
+    for sdk in (client, openai_client):
+        first = sdk.chat.completions.create(model=model, messages=ask("Hi"), max_tokens=2, temperature=0)
+        dumped = first.choices[0].message.model_dump()
+        plain = {"role": "assistant", "content": dumped["content"]}
+        replies = [sdk.chat.completions.create(model=model, messages=[*ask("Hi"), reply, *ask("More")], max_tokens=2,
+                                               temperature=0).choices[0].message.content for reply in (dumped, plain)]
+        assert set(dumped) > set(plain) and replies[0] == replies[1]
+
+
 def test_stop_sequence_ends_the_text_before_it(client, model):
     kwargs = dict(model=model, messages=ask("Describe the moon."), temperature=0, max_completion_tokens=24)
     free = client.chat.completions.create(**kwargs).choices[0].message.content

@@ -49,6 +49,13 @@ def body(**changes) -> bytes:
     (body(response_format={"type": "json_object"}), "response_format"),
     (body(response_format={"type": "yaml"}), "response_format.type"),
     (body(stream_options={"include_usage": True, "extra": 1}), "stream_options.extra"),
+    (body(include_reasoning=True), "include_reasoning"),
+    (body(search_settings={"include_domains": ["x.org"]}), "search_settings"),
+    (body(messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": "",
+                                                      "tool_calls": [{"id": "c1", "type": "function"}]}]),
+     "messages.1.tool_calls"),
+    (body(messages=[{"role": "tool", "content": "42", "tool_call_id": "c1"}]), "messages.0.role"),
+    (body(messages=[{"role": "assistant", "content": "x", "reasoning": "because"}]), "messages.0.reasoning"),
 ])
 def test_bad_requests_get_groqcloud_400(raw, param):
     with pytest.raises(APIError) as e:
@@ -82,6 +89,23 @@ def test_null_and_neutral_values_mean_the_defaults():
     assert (nulls.temperature, nulls.top_p, nulls.n, nulls.stream) == (1.0, 1.0, 1, False)
     assert (plain.temperature, plain.top_p, plain.n, plain.stream) == (1.0, 1.0, 1, False)
     assert parse_chat_request(body(response_format={"type": "text"})).response_format.type == "text"
+
+
+def test_a_reply_put_back_into_the_history_as_the_sdks_dump_it_is_taken():
+    """A client keeps the conversation by appending the reply's message as its SDK dumps it: openai's
+    model_dump() adds refusal, annotations, audio, function_call and tool_calls as null, groq's annotations,
+    executed_tools, reasoning and the rest; each was refused as an unknown property (a review). Null or empty,
+    they mean what leaving them out means; set, they are refused (above)."""
+    openai_dump = {"role": "assistant", "content": "hello", "refusal": None, "annotations": None, "audio": None,
+                   "function_call": None, "tool_calls": None}
+    groq_dump = {"role": "assistant", "content": "hello", "annotations": None, "executed_tools": None,
+                 "function_call": None, "reasoning": None, "tool_calls": []}
+    plain = parse_chat_request(body(messages=[{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": "hello"}]))
+    for reply in (openai_dump, groq_dump):
+        req = parse_chat_request(body(messages=[{"role": "user", "content": "hi"}, reply], functions=None,
+                                      function_call=None, include_reasoning=None, documents=None))
+        assert [(m.role, m.text()) for m in req.messages] == [(m.role, m.text()) for m in plain.messages]
 
 
 def test_refused_values_say_what_to_send():

@@ -7,13 +7,13 @@ Field list and limits: GroqCloud's API reference and the `groq` SDK 1.7.0 reques
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from openlpu.serve.errors import APIError, bad_request
 
-ROLES = ("system", "developer", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant")  # and "tool", refused below: this model takes no tools
 MAX_STOP_SEQUENCES = 4
 
 # Fields GroqCloud accepts for some models but this server cannot honour: a clear 400 each when set to
@@ -33,6 +33,29 @@ UNSUPPORTED_FIELDS: dict[str, str] = {
     "metadata": "`metadata` is not supported; leave it out",
     "reasoning_format": "`reasoning_format` is not supported by this model",
     "reasoning_effort": "`reasoning_effort` is not supported by this model",
+    "include_reasoning": "`include_reasoning` is not supported by this model",
+    "functions": "`functions` is not supported by this model",
+    "function_call": "`function_call` is not supported by this model",
+    "disable_tool_validation": "`disable_tool_validation` is not supported by this model (it takes no tools)",
+    "search_settings": "`search_settings` is not supported by this model (it does not search)",
+    "include_domains": "`include_domains` is not supported by this model (it does not search)",
+    "exclude_domains": "`exclude_domains` is not supported by this model (it does not search)",
+    "documents": "`documents` is not supported by this model",
+    "citation_options": "`citation_options` is not supported by this model",
+    "compound_custom": "`compound_custom` is not supported by this model",
+}
+# A message's fields the SDKs send back with a reply put into the history (the openai SDK's model_dump() of a
+# message gives refusal, annotations, audio, function_call and tool_calls, null), or that carry tools: refused,
+# as UNSUPPORTED_FIELDS, when set to anything but null or empty.
+UNSUPPORTED_MESSAGE_FIELDS: dict[str, str] = {
+    "tool_calls": "tool calls are not supported by this model",
+    "function_call": "function calls are not supported by this model",
+    "tool_call_id": "a message answering a tool call is not supported by this model (it takes no tools)",
+    "executed_tools": "executed tools are not supported by this model",
+    "reasoning": "reasoning is not supported by this model",
+    "refusal": "refusals are not supported by this model",
+    "annotations": "annotations are not supported by this model",
+    "audio": "audio is not supported by this model (it takes text only)",
 }
 NONE_VALUED = ("tool_choice", "reasoning_effort")  # "none": no tools, no reasoning (GroqCloud's and the SDK's values)
 # Optional fields a client may send as null (the SDKs declare them Optional): null means the default.
@@ -49,9 +72,18 @@ class TextPart(_Strict):
 
 
 class Message(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart]
     name: str | None = None  # rejected below, as GroqCloud does
+    # refused below unless null or empty (UNSUPPORTED_MESSAGE_FIELDS)
+    tool_calls: Any = None
+    function_call: Any = None
+    tool_call_id: Any = None
+    executed_tools: Any = None
+    reasoning: Any = None
+    refusal: Any = None
+    annotations: Any = None
+    audio: Any = None
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -96,6 +128,16 @@ class ChatCompletionRequest(_Strict):
     metadata: dict[str, str] | None = None
     reasoning_format: str | None = None
     reasoning_effort: str | None = None
+    include_reasoning: bool | None = None
+    functions: Any = None
+    function_call: Any = None
+    disable_tool_validation: bool | None = None
+    search_settings: Any = None
+    include_domains: Any = None
+    exclude_domains: Any = None
+    documents: Any = None
+    citation_options: Any = None
+    compound_custom: Any = None
 
     def stop_sequences(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -155,6 +197,13 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
     for i, m in enumerate(req.messages):
         if m.name is not None:
             raise bad_request(f"'messages.{i}' : property 'name' is unsupported", param=f"messages.{i}.name")
+        if m.role == "tool":
+            raise bad_request(f"'messages.{i}' : role 'tool' carries a tool's result, and this model takes no tools",
+                              param=f"messages.{i}.role")
+        for name, message in UNSUPPORTED_MESSAGE_FIELDS.items():
+            if getattr(m, name):
+                raise bad_request(f"'messages.{i}.{name}' : {message}; send null or leave it out",
+                                  param=f"messages.{i}.{name}")
     if req.n != 1:
         raise bad_request(f"'n' : only 1 choice is supported, got {req.n}", param="n")
     stops = req.stop_sequences()
