@@ -113,6 +113,9 @@ def serve(
 
     if max_batch < 1 or max_queue < 0:
         raise OpenLPUError("--max-batch must be at least 1 and --max-queue at least 0")
+    if any(k.split() != [k] for k in api_key or ()):
+        raise OpenLPUError("--api-key must be a key of one or more characters without spaces (an empty one "
+                           "would let in any client sending 'Authorization: Bearer ' with nothing after it)")
     keys = {k: KeyLimits() for k in api_key or ()} | (load_keys_file(keys_file) if keys_file else {})
     RateLimiter(rpm, tpm, keys, requests_per_day=rpd)  # its limits refused before the model loads, not after
     sock = bound_socket(host, port)  # the port too

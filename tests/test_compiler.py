@@ -143,7 +143,14 @@ def test_save_load_round_trip_and_bad_files(gemma8, tmp_path):
                          (lambda b: b["workload"].update(prefill_chunk=None), "its workload names no prefill chunk"),
                          (lambda b: first_op(b).__setitem__(4, 10**400), "a ScheduledOp's start_cycle is not int"),
                          (lambda b: b["workload"].update(batch=4), "its workload has fields a Workload lacks: batch"),
-                         (lambda b: b.update(workload=[1]), "its workload is not a record of named fields")):
+                         (lambda b: b.update(workload=[1]), "its workload is not a record of named fields"),
+                         # each loaded and verified clean, its wrong field unread (a review)
+                         (lambda b: b["spec"].update(rope_scaling={"factor": 8.0, "kind": "linear", "truncate": 5}),
+                          "rope scaling truncate must be true or false, got 5"),
+                         (lambda b: b["prefill"].update(tokens=0),
+                          "its prefill phase's seq_len and tokens are not positive whole numbers \\(\\d+, 0\\)"),
+                         (lambda b: b["decode"].update(seq_len=-1), "its decode phase's seq_len and tokens"),
+                         (lambda b: b["prefill"].update(phase="x"), "its prefill phase is named 'x'")):
         (tmp_path / "signed.prog").write_bytes(signed(mutate))
         with pytest.raises(OpenLPUError, match=f"^{re.escape(str(tmp_path))}/signed.prog is corrupt \\(.*{says}"):
             load_program(tmp_path / "signed.prog")

@@ -108,6 +108,9 @@ def test_serve_bad_system_is_one_line(gemma_path):
     (["--rpm", "0"], "--rpm 0: --rpm, --tpm and --rpd must be at least 1"),
     (["--rpd", "-1", "--tpm", "0"], "--tpm 0, --rpd -1: --rpm, --tpm and --rpd must be at least 1"),
     (["--max-batch", "0"], "--max-batch must be at least 1"),
+    # an empty key let in any client sending 'Authorization: Bearer ' with nothing after it (a review)
+    (["--api-key", ""], "--api-key must be a key of one or more characters without spaces"),
+    (["--api-key", "good", "--api-key", "two words"], "--api-key must be a key of one or more characters"),
 ])
 def test_serve_bad_limits_are_one_line_before_the_model_loads(flags, says):
     """A limit the rate limiter would refuse stopped the server only once it had loaded the model, with a

@@ -411,7 +411,13 @@ def _rows(cls, table: dict, shallow: dict | None = None) -> tuple:
     return tuple(cls(*row) for row in rows)
 
 
-def _phase(d: dict, link_loads: list) -> PhaseSchedule:
+def _phase(d: dict, link_loads: list, name: str) -> PhaseSchedule:
+    """The phase `name` ("decode" or "prefill") a file holds, its transfers' phases drawn from `link_loads`."""
+    if d["phase"] != name:
+        raise ValueError(f"its {name} phase is named {d['phase']!r}")
+    if not all(type(d[field]) is int and d[field] >= 1 for field in ("seq_len", "tokens")):
+        raise ValueError(f"its {name} phase's seq_len and tokens are not positive whole numbers "
+                         f"({d['seq_len']!r}, {d['tokens']!r})")
     rows = d["transfers"]["rows"]
     phases = [_tuples(row[PHASES]) for row in rows]  # (start, arrival, index in link_loads) each
     if not _all_of(phases, tuple[tuple[int, int, int], ...]):
@@ -477,7 +483,8 @@ def decode_program(data: bytes, origin: str = "program") -> Program:
         spec = _spec(b["spec"])
         return Program(version=version, spec=spec, system=system, workload=_workload(b["workload"], spec),
                        kv_slots=_typed("kv_slots", _tuples(b["kv_slots"]), tuple[int, ...]), placement=placement,
-                       decode=_phase(b["decode"], link_loads), prefill=_phase(b["prefill"], link_loads))
+                       decode=_phase(b["decode"], link_loads, "decode"),
+                       prefill=_phase(b["prefill"], link_loads, "prefill"))
     except (OSError, EOFError, zlib.error, ValueError, KeyError, IndexError, TypeError, AttributeError,
             RecursionError, OverflowError) as e:  # the last two: nesting or numbers no compiler writes
         reason = f"it has no {e.args[0]!r}" if isinstance(e, KeyError) else str(e) or type(e).__name__

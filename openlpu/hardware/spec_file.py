@@ -62,7 +62,9 @@ def read_hardware(name_or_path: str | Path, kind: str) -> tuple[dict, str]:
             raise OpenLPUError(f"{str(name_or_path)!r} is {KINDS[other][1]}, not {a_what}: give it with "
                                f"{KINDS[other][2]} (known {what}s: {', '.join(names)})")
         if str(name_or_path) not in names:
-            close = difflib.get_close_matches(str(name_or_path).lower(), names, n=2, cutoff=0.4)
+            given = str(name_or_path).lower()  # a name it begins (h100: h100-sxm) first, then the most alike
+            close = list(dict.fromkeys([n for n in names if n.startswith(given)]
+                                       + difflib.get_close_matches(given, names, n=2, cutoff=0.4)))[:2]
             hint = f"; did you mean {' or '.join(close)}?" if close else ""
             raise OpenLPUError(f"unknown {what} {str(name_or_path)!r}{hint} (known: {', '.join(names)}; or give a "
                                f"JSON file shaped like {example})")

@@ -205,6 +205,8 @@ class ModelSpec:
                     or not least <= rs.original_context_length <= MAX_SIZE:
                 raise bad(f"rope scaling original_context_length must be an integer from {least} to {MAX_SIZE:,}, "
                           f"got {rs.original_context_length!r}")
+            if not isinstance(rs.truncate, bool):
+                raise bad(f"rope scaling truncate must be true or false, got {rs.truncate!r}")
         if self.rope_scaling is not None and self.rope_scaling.kind not in ROPE_SCALINGS:
             raise bad(f"rope scaling {self.rope_scaling.kind!r} not supported; use one of {ROPE_SCALINGS}")
         if self.rope_scaling is not None:
