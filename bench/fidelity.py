@@ -4,8 +4,9 @@
 
 LPU side: Groq's public service (GroqCloud) at the chip count of the published deployment where one
 was published, else the compiler's fewest chips. GPU side: NVIDIA's own TensorRT-LLM figures: from 2023
-for H100, H200 and A100 (throughput and first-token latency; Llama 2 7B, 13B and 70B), and TensorRT-LLM
-1.0's throughput table for H100 and H200 (Llama 3.1 8B, 3.3 70B, 3.1 405B). Each point is FIT
+for H100, H200 and A100 (throughput and first-token latency; Llama 2 7B, 13B and 70B, and 70B with v0.7a on H200),
+and TensorRT-LLM 1.0's throughput table for H100, H200 and B200 (Llama 3.1 8B, 3.3 70B, 3.1 405B; on B200
+also Qwen3-30B-A3B and Llama 4 Scout), with its GB200 figures read for the host loop. Each point is FIT
 (a constant the public record leaves open was fitted on it), CHECK (held out, counted) or ALT (a figure
 already held out, repeated under another deployment; not counted). The
 fits are repeated here from scratch and printed next to the constants the package ships, so a drift
@@ -97,7 +98,6 @@ COUNTED = "CHECK"
 GROQ_CATALOGUE = ("GroqCloud documentation, model catalogue: '{}' listed at ~{} tok/s, {} (undated; lists "
                   "gpt-oss, so Aug 2025 or later)")
 CATALOGUE_WINDOW = "131,072-token window"
-NO_WINDOW = "no window given there (modelled at the model's own 131,072 tokens)"
 # Groq's price list of Aug 2024 had a "current speed" column; Groq's page is not archived here, a
 # third-party copy dated 3 Aug 2024 is: github.com/aisudoapp/ai-model-providers providers/groq/README.md
 GROQ_PRICES_2024 = ("Groq's price list, 'current speed' column: '{}' ~{} tok/s (as copied on 3 Aug 2024 in "
@@ -107,8 +107,8 @@ GROQ_PRICES_2024 = ("Groq's price list, 'current speed' column: '{}' ~{} tok/s (
 THEFASTEST = ("thefastest.ai, fixie-ai/thefastest.ai src/data/currentMetrics.md: 'api.groq.com/{}' TPS {} "
               "((chunks - 1) / streaming time of the fastest of 5 raced requests; its llm_benchmark.py) [M]")
 FIT_POINT = Point("lpu-v1", "llama-2-70b", 576, "int8", "decode_tok_s_per_user", 300,
-                  ("Groq press: Llama 2 70B served at 300 tokens/s with a 4,096-token context, a speed per user "
-                   "(TechPowerUp news, Feb 2024)"),
+                  ("Groq press: Llama 2 70B served at 300 tokens/s with a 4,096-token context (TechPowerUp "
+                   "news, Feb 2024; read here as a speed per user, which the text does not say)"),
                   "2024-02", "FIT: matrix_install_bytes_per_cycle", {"context": 4096})
 MIXTRAL_PRESS = Point("lpu-v1", "mixtral-8x7b", 576, "int8", "decode_tok_s_per_user", 480,
                       "Groq: Mixtral 8x7B at 480 tokens/s (TechPowerUp news, Feb 2024); Artificial Analysis "
@@ -120,14 +120,15 @@ LLAMA_33_70B = Point("lpu-v1", "llama-3.3-70b", None, "int8", "decode_tok_s_per_
                      GROQ_CATALOGUE.format("llama-3.3-70b-versatile", 280, CATALOGUE_WINDOW), "2025", COUNTED,
                      {"context": 131072})
 LLAMA_4_SCOUT = Point("lpu-v1", "llama-4-scout", None, "int8", "decode_tok_s_per_user", 750,
-                      GROQ_CATALOGUE.format("meta-llama/llama-4-scout-17b-16e-instruct", 750, CATALOGUE_WINDOW), "2025",
+                      GROQ_CATALOGUE.format("meta-llama/llama-4-scout-17b-16e-instruct", 750,
+                                            CATALOGUE_WINDOW + ", a preview model"), "2025",
                       COUNTED, {"context": 131072})
 QWEN3_32B = Point("lpu-v1", "qwen3-32b", None, "int8", "decode_tok_s_per_user", 400,
                   GROQ_CATALOGUE.format("qwen/qwen3-32b", 400, CATALOGUE_WINDOW + ", a preview model"), "2025",
                   COUNTED, {"context": 131072})
 # gpt-oss ships its experts in MXFP4; lpu-v1's matrix unit has no 4-bit mode, so they are planned at 8 bits
 GPT_OSS = [Point("lpu-v1", f"gpt-oss-{size}", None, "int8", "decode_tok_s_per_user", tok_s,
-                 GROQ_CATALOGUE.format(f"openai/gpt-oss-{size}", f"{tok_s:,}", NO_WINDOW), "2025", COUNTED,
+                 GROQ_CATALOGUE.format(f"openai/gpt-oss-{size}", f"{tok_s:,}", CATALOGUE_WINDOW), "2025", COUNTED,
                  {"context": 131072})
            for size, tok_s in (("20b", 1000), ("120b", 500))]
 
@@ -168,14 +169,15 @@ SECOND_HAND = [dataclasses.replace(check, published=tok_s, source=source, date=d
                for check, tok_s, source, date, why in (
     (LLAMA_3_8B, 877, "jupyterlab/jupyter-ai issue 739, a user quoting Groq's speeds (no source given) [L]",
      "2024-04-21", "quoted without a source; Groq's Aug 2024 listing is the CHECK row"),
-    (LLAMA_3_8B, 1200, "fixie-ai/ai-benchmarks pull request 121, its author's 'groq: llama 3 8b: 1200 tps' [L]",
+    (LLAMA_3_8B, 1200, "fixie-ai/ai-benchmarks pull request 121, its author's 'gorq : llama 3 8b : 1200 tps' [L]",
      "2024-09-05", "one remark, no data; Groq's Aug 2024 listing is the CHECK row"),
     (LLAMA_3_70B, 280, "jupyterlab/jupyter-ai issue 739, a user quoting Groq's speeds (no source given) [L]",
      "2024-04-21", "quoted without a source; Groq's Aug 2024 listing is the CHECK row"),
-    (LLAMA_31_8B, 750, "neuraplus-ai.github.io 'Groq LPU vs GPU latency test' (50-run average; undated) [L]",
-     "2025", "a blog's measurement; Groq's own listing is the CHECK row"),
-    (LLAMA_33_70B, 270, ("neuraplus-ai.github.io 'Groq LPU vs GPU latency test' (undated) [L]; kickllm.com "
-                         "lists 330 (Apr 2026)"), "2025", "a blog's measurement; Groq's own listing is the CHECK row"))]
+    (LLAMA_31_8B, 750, "neuraplus-ai.github.io 'Groq LPU vs GPU latency test results 2026' (50-run average) [L]",
+     "2026-04-09", "a blog's measurement; Groq's own listing is the CHECK row"),
+    (LLAMA_33_70B, 270, ("neuraplus-ai.github.io 'Groq LPU vs GPU latency test results 2026' [L]; kickllm.com "
+                         "lists 330 (Apr 2026)"), "2026-04-09",
+     "a blog's measurement; Groq's own listing is the CHECK row"))]
 # Each published figure is counted once, at the deployment the table states for it: the published chip
 # count, else the compiler's fewest chips. The rows below repeat figures under another deployment, to
 # show what that choice moves; they are not counted, whatever their error.
@@ -254,11 +256,11 @@ MAX_LOAD_TABLE = {  # (model, GPU, GPUs, precision) -> output tok/s at each of M
     ("llama-4-scout", "b200", 1, "fp4"): (25342, 14699, 8932, 11977, 10591, 9356, 3137, 7152, 2937, 1644),
 }
 # The one B200 row FP4_COMPUTE_EFFICIENCY is fitted on: the most prefill-bound length (2,048 in, 128 out), whose
-# time goes to FP4 GEMMs; the other 19 B200 rows are held out
+# time goes to FP4 GEMMs; of the other 39 B200 rows, all but MOE_FIT's are held out
 FP4_FIT = ("llama-3.3-70b", "b200", 1, "fp4", (2048, 128))
 FP4_FIT_ROLE = "FIT: FP4_COMPUTE_EFFICIENCY"
 # The row ALLREDUCE_BANDWIDTH_EFFICIENCY is fitted on: of the rows on 8 GPUs, the one with the most requests in
-# flight (4,096), so the largest all-reduces of the table, a quarter of its time; the other 29 rows on several
+# flight (4,096), so the largest all-reduces of the table, a quarter of its time; the other 39 rows on several
 # GPUs are held out
 ALLREDUCE_FIT = ("llama-3.1-405b", "h200", 8, "fp8", (128, 128))
 ALLREDUCE_FIT_ROLE = "FIT: ALLREDUCE_BANDWIDTH_EFFICIENCY"
