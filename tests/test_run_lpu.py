@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import openlpu as openlpu_package
+from openlpu.runtime.tokenizer import Tokenizer
 
 
 def openlpu(*args, timeout=300):
@@ -25,6 +26,17 @@ def small_sram_system(folder: Path) -> Path:
     path = folder / "lpu-40mb.json"
     path.write_text(json.dumps(preset))
     return path
+
+
+def test_run_a_byte_level_bpe_model(smollm2_path, smollm2_reference):
+    """`openlpu run` on a GGUF with a byte-level BPE vocabulary (SmolLM2-135M-Instruct): llama.cpp's greedy text as
+    far as its tokens agree (5: the sixth is a near tie), in both modes."""
+    for mode in ("fused", "sharded"):
+        result = openlpu("run", smollm2_reference["prompt"], "--max-tokens", "5", "--model", str(smollm2_path),
+                         "--mode", mode)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.rstrip("\n") == Tokenizer.from_gguf(smollm2_path).decode(
+            smollm2_reference["greedy_32_ids"][:5]).rstrip("\n")
 
 
 @pytest.mark.parametrize("system", ["lpu-v1", "lpu-40mb"])

@@ -267,11 +267,22 @@ def test_a_template_gets_what_transformers_gives_it():
                         + str(datetime.date.today().year))
 
 
-def test_a_models_own_template_wins_and_agrees_with_the_built_in_format(tokenizer):
+def test_a_chatml_template_gives_llama_cpp_pythons_prompt(smollm2_path, smollm2_reference):
+    """SmolLM2's own ChatML template (which adds a system message where none is given), rendered and tokenized:
+    the ids llama-cpp-python's chat completion prefills (its Jinja2ChatFormatter, special tokens parsed, no BOS
+    added, as the file asks for none)."""
     from openlpu.runtime.tokenizer import Tokenizer
 
+    tokenizer = Tokenizer.from_gguf(smollm2_path)
+    for chat in smollm2_reference["chat_prompts"]:
+        assert prompt_ids(tokenizer, [(m["role"], m["content"]) for m in chat["messages"]]) == chat["ids"]
+
+
+def test_a_models_own_template_wins_and_agrees_with_the_built_in_format(tokenizer):
+    from openlpu.runtime.tokenizer import SentencePieceTokenizer
+
     proto = tokenizer._sp.serialized_model_proto()
-    templated = Tokenizer(proto, dataclasses.replace(tokenizer.facts, chat_template=GEMMA_AS_TEMPLATE))
+    templated = SentencePieceTokenizer(proto, dataclasses.replace(tokenizer.facts, chat_template=GEMMA_AS_TEMPLATE))
     conversation = [("developer", "Answer in French."), ("user", "Hello\n"), ("assistant", " Bonjour"),
                     ("user", "  How are you?\n")]
     assert prompt_ids(templated, conversation) == prompt_ids(tokenizer, conversation)
@@ -290,7 +301,8 @@ def test_a_models_own_template_wins_and_agrees_with_the_built_in_format(tokenize
     assert prompt_ids(templated, after_a_reply) == prompt_ids(tokenizer, after_a_reply)
     assert "".join(text for text, _ in gemma_segments(after_a_reply)).endswith(
         "Hello<end_of_turn>\n<start_of_turn>model\n")
-    shouting = Tokenizer(proto, dataclasses.replace(tokenizer.facts, chat_template=GEMMA_AS_TEMPLATE.replace(
+    shouting = SentencePieceTokenizer(proto, dataclasses.replace(tokenizer.facts,
+                                                                 chat_template=GEMMA_AS_TEMPLATE.replace(
         "{{ m['content'] | trim }}", "{{ m['content'] | trim | upper }}")))
     with pytest.raises(APIError) as e:  # a template that rewrites the text leaves no place to continue from
         prompt_ids(shouting, [("user", "a"), ("assistant", "def")])

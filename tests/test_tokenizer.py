@@ -91,7 +91,7 @@ def test_missing_model_file(tmp_path):
 @pytest.mark.parametrize("metadata, says", [
     ({}, ("the file carries no tokenizer (no tokenizer.ggml.model in its metadata); give a GGUF file with its "
           "tokenizer")),
-    ({"tokenizer.ggml.model": "gpt2"}, "tokenizer 'gpt2' is not supported (supported: llama)"),
+    ({"tokenizer.ggml.model": "bert"}, "tokenizer 'bert' is not supported (supported: llama, gpt2)"),
 ])
 def test_a_gguf_without_a_supported_tokenizer_is_refused(tmp_path, metadata, says):
     import gguf
@@ -190,7 +190,8 @@ def test_a_broken_vocabulary_is_one_line_at_load(tmp_path, drop, metadata, says)
 
 
 def test_engine_refuses_an_unsupported_tokenizer_before_compiling(tmp_path, monkeypatch):
-    """serve: a Llama 3 or Qwen GGUF (gpt2 BPE tokenizer) is refused in a moment, not after a compile and a load."""
+    """serve: a GGUF of a tokenizer it cannot use (a BERT WordPiece one) is refused in a moment, not after a compile
+    and a load."""
     import openlpu.compiler
     from openlpu.runtime.engine import Engine
     from tests.test_gguf import TINY, arch_metadata, write_gguf
@@ -199,7 +200,84 @@ def test_engine_refuses_an_unsupported_tokenizer_before_compiling(tmp_path, monk
         raise AssertionError("compiled before checking the tokenizer")
 
     monkeypatch.setattr(openlpu.compiler, "compile_program", compile_program)
-    path = write_gguf(tmp_path / "bpe.gguf", "llama", {**arch_metadata("llama", **TINY),
-                                                       "tokenizer.ggml.model": "gpt2"}, {})
-    with pytest.raises(OpenLPUError, match=re.escape("tokenizer 'gpt2' is not supported")):
+    path = write_gguf(tmp_path / "wordpiece.gguf", "llama", {**arch_metadata("llama", **TINY),
+                                                             "tokenizer.ggml.model": "bert"}, {})
+    with pytest.raises(OpenLPUError, match=re.escape("tokenizer 'bert' is not supported")):
         Engine.load(str(path))
+
+
+# ---- a byte-level BPE vocabulary: SmolLM2-135M-Instruct against llama.cpp -------------------------------------
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(smollm2_path):
+    return Tokenizer.from_gguf(smollm2_path)
+
+
+def test_byte_level_bpe_encodes_and_decodes_as_llama_cpp(smollm2_tokenizer, smollm2_reference):
+    """Every fixture string (unicode, emoji, runs of spaces, CRLF, code, digits, text spelling special tokens),
+    with the file's BOS rule (SmolLM2 adds none) and with special tokens parsed or not: llama.cpp's ids; and
+    their pieces' bytes, llama.cpp's text."""
+    tokenizer, reference = smollm2_tokenizer, smollm2_reference
+    assert tokenizer.facts.add_bos is False and len(cases(reference)) >= 20
+    for case in cases(reference):
+        assert tokenizer.encode(case["text"], parse_special=case["special"]) == case["ids"], repr(case["text"])
+        assert tokenizer.decode(case["ids"]) == case["detokenized"], repr(case["text"])
+    assert tokenizer.encode(reference["prompt"]) == reference["prompt_token_ids"]
+    assert tokenizer.decode(reference["greedy_32_ids"]) == reference["greedy_32_text"]
+    for top in reference["next_token_top10"]:
+        assert tokenizer.decode([top["id"]]) == top["piece"]
+    assert list(tokenizer.eos_ids) == reference["end_of_generation_ids"]  # <|endoftext|>, <|im_end|>, <reponame>
+
+
+@pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe", "qwen2"])
+def test_each_byte_level_pre_tokenizer_splits_as_llama_cpp(smollm2_path, smollm2_reference, pre, tmp_path):
+    """SmolLM2's vocabulary under another family's pre-tokenizer (a metadata-only copy naming it): Llama 3's
+    digits in threes and contractions in any case, Qwen's digits one by one, GPT-2's spaces before words: the ids
+    llama.cpp gives the same copy."""
+    from tests.fixtures.models import vocabulary_only_gguf
+
+    tokenizer = Tokenizer.from_gguf(vocabulary_only_gguf(smollm2_path, tmp_path / f"{pre}.gguf", pre))
+    for case in smollm2_reference["other_pre_tokenizers"][pre]:
+        assert tokenizer.encode(case["text"], parse_special=case["special"]) == case["ids"], repr(case["text"])
+    # not a check the vocabulary alone passes: Llama 3's and Qwen's split some string into other ids than SmolLM2's
+    # own does (GPT-2's splits as SmolLM2's but for runs of digits, which SmolLM2's merges never join)
+    own = {case["text"]: case["ids"] for case in cases(smollm2_reference) if not case["special"]}
+    differ = [case["text"] for case in smollm2_reference["other_pre_tokenizers"][pre]
+              if own[case["text"]] != case["ids"]]
+    assert len(differ) == {"gpt-2": 0, "llama-bpe": 3, "qwen2": 3}[pre]
+
+
+def test_byte_level_stream_holds_back_a_split_character(smollm2_tokenizer):
+    """An emoji SmolLM2 spells in several byte-level tokens comes out whole, once its last byte arrives."""
+    ids = smollm2_tokenizer.encode("🙂")
+    assert len(ids) > 1 and b"".join(smollm2_tokenizer.token_bytes(i) for i in ids) == "🙂".encode()
+    stream = smollm2_tokenizer.stream()
+    deltas = [stream.push(i) for i in ids]
+    assert deltas[:-1] == [""] * (len(ids) - 1) and deltas[-1] == "🙂"
+
+
+@pytest.mark.parametrize("edit, says", [
+    ({"tokenizer.ggml.pre": "tekken"}, "byte-level BPE pre-tokenizer 'tekken' is not one OpenLPU knows"),
+    ({"tokenizer.ggml.merges": None}, "has no list of merges (tokenizer.ggml.merges"),
+])
+def test_a_byte_level_vocabulary_it_cannot_split_is_refused(smollm2_path, tmp_path, edit, says):
+    """A pre-tokenizer OpenLPU has no expressions for would split text otherwise than the model was trained on,
+    and merges are what byte-level BPE encodes with: each is refused by name, not guessed."""
+    import gguf
+
+    from tests.fixtures.models import vocabulary_only_gguf
+
+    copy = vocabulary_only_gguf(smollm2_path, tmp_path / "copy.gguf", edit.get("tokenizer.ggml.pre"))
+    if "tokenizer.ggml.merges" in edit:  # the copy again, without its merges
+        reader, writer = gguf.GGUFReader(copy), gguf.GGUFWriter(tmp_path / "nomerges.gguf", "llama")
+        for field in reader.fields.values():
+            if not field.name.startswith("GGUF.") and field.name not in ("general.architecture",
+                                                                           "tokenizer.ggml.merges"):
+                kind = field.types[0]
+                writer.add_key_value(field.name, field.contents(), kind,
+                                     sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.close()
+        copy = tmp_path / "nomerges.gguf"
+    with pytest.raises(OpenLPUError, match=re.escape(says)):
+        Tokenizer.from_gguf(copy, cache=False)

@@ -1,17 +1,22 @@
 """Tokenizer built from a GGUF's own vocabulary, agreeing with llama.cpp token for token.
 
-Encoding is sentencepiece's BPE over a ModelProto assembled from the GGUF's tokens, scores and
-token types (llama.cpp's "llama" tokenizer is the same SentencePiece BPE). Decoding maps each id
-to its bytes the way llama.cpp's token_to_piece does (escaped spaces back to " ", byte tokens to
-their byte, control tokens to nothing), so streaming can decode bytes incrementally.
-The built model is cached under the OpenLPU cache keyed on the GGUF's identity.
+Two kinds of vocabulary, by the file's tokenizer.ggml.model:
+- "llama" (SentencePiece BPE: Gemma, Llama 2, Mistral): sentencepiece's BPE over a ModelProto assembled from the
+  GGUF's tokens, scores and token types, cached under the OpenLPU cache keyed on the GGUF's identity;
+- "gpt2" (byte-level BPE: Llama 3, Qwen, SmolLM): the text split by its pre-tokenizer's regular expressions
+  (BPE_PRE_TOKENIZERS, by tokenizer.ggml.pre), each piece's UTF-8 bytes written as GPT-2's printable stand-ins
+  (BYTE_TO_CHAR) and merged pair by pair in the order of tokenizer.ggml.merges.
+Decoding maps each id to its bytes the way llama.cpp's token_to_piece does (escaped spaces back to " ", byte
+tokens and stand-ins to their bytes, control tokens to nothing), so streaming can decode bytes incrementally.
 """
 
 from __future__ import annotations
 
 import codecs
 import hashlib
+import itertools
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -22,7 +27,7 @@ from openlpu.errors import OpenLPUError
 SPACE_ESCAPE = "\u2581"  # sentencepiece's visible space "▁"
 # GGUF token types (llama.cpp llama_token_type) use sentencepiece's piece-type numbering.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-SUPPORTED_TOKENIZER_MODELS = ("llama",)  # llama.cpp's name for SentencePiece BPE vocabularies
+SUPPORTED_TOKENIZER_MODELS = ("llama", "gpt2")  # llama.cpp's names for SentencePiece and byte-level BPE
 # Extra stop pieces per architecture, which llama.cpp's vocab loader (src/llama-vocab.cpp) counts as ending
 # generation and types as control tokens (so they match in text only as special tokens, and print nothing): chat
 # models end a turn with <end_of_turn>; the embedded Gemma 3's </s>, a user-defined token in the file, is one too
@@ -33,13 +38,48 @@ CACHE_FORMAT_VERSION = 5  # 4: end-of-turn pieces typed control, <unk> a special
 SPECIAL_ID_KEYS = ("tokenizer.ggml.unknown_token_id", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
                    "tokenizer.ggml.padding_token_id", "tokenizer.ggml.eot_token_id")
 # What run and serve take, for the refusal of another tokenizer
-RUNNABLE = ("`openlpu run` and `serve` take GGUF files with a SentencePiece tokenizer (Gemma, Llama 2, Mistral...); "
+RUNNABLE = ("`openlpu run` and `serve` take GGUF files with a SentencePiece tokenizer (Gemma, Llama 2, Mistral...) "
+            "or a byte-level BPE one of a pre-tokenizer OpenLPU knows (Llama 3, Qwen 2 and 3, SmolLM...); "
             "`openlpu plan` and `compile` read any supported architecture")
+
+# Byte-level BPE pre-tokenizers: llama.cpp's tokenizer.ggml.pre -> (the regular expressions that split the text,
+# one after another, each splitting the pieces the last left; whether a piece that is itself a token skips the
+# merges). The expressions are those of each model's tokenizer.json pre_tokenizer, as llama.cpp's
+# llama_vocab::impl::load (src/llama-vocab.cpp) keeps them per pre-tokenizer type.
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # digits one by one
+BPE_PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "default": ((GPT2_SPLIT,), False),
+    "gpt-2": ((GPT2_SPLIT,), False),
+    "smollm": ((r"\p{N}", GPT2_SPLIT), False),  # SmolLM, SmolLM2: digits one by one, then GPT-2's
+    "llama-bpe": ((LLAMA3_SPLIT,), True),  # Llama 3, 3.1, 3.2, 3.3
+    "qwen2": ((QWEN2_SPLIT,), False),  # Qwen 2, 2.5, 3
+    "deepseek-r1-qwen": ((QWEN2_SPLIT,), False),
+}
+
+
+def _byte_to_char() -> tuple[str, ...]:
+    """GPT-2's byte-level alphabet: each byte as a printable character, itself where it is one (! to ~, ¡ to ¬,
+    ® to ÿ), else the next code point from 256 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    stand_ins = iter(range(256, 512))
+    return tuple(chr(b) if b in printable else chr(next(stand_ins)) for b in range(256))
+
+
+BYTE_TO_CHAR = _byte_to_char()
+CHAR_TO_BYTE = {c: b for b, c in enumerate(BYTE_TO_CHAR)}
+# Pieces that end generation in a byte-level BPE vocabulary beside its eos and eot ids, by their text, as llama.cpp's
+# vocabulary loader (src/llama-vocab.cpp) finds them: turn and text ends, and the fill-in-the-middle pad and
+# repository tokens (SmolLM2: <|endoftext|>, <|im_end|>, <reponame>: llama_vocab_is_eog, llama-cpp-python 0.3.36)
+BPE_END_PIECES = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>",
+                  "<|endoftext|>", "<|end_of_text|>", "<EOT>", "<|fim_pad|>", "<|repo_name|>", "<reponame>")
 
 
 @dataclass(frozen=True)
 class TokenizerFacts:
-    """What a Tokenizer needs besides the sentencepiece model (cached next to it as JSON)."""
+    """What a Tokenizer needs besides its pieces (for a sentencepiece model, cached next to it as JSON)."""
 
     bos_id: int | None
     eos_ids: tuple[int, ...]
@@ -54,20 +94,10 @@ def _identity_key(path: Path) -> str:
     return hashlib.sha256(ident.encode()).hexdigest()[:20]
 
 
-def _build_from_header(path: Path) -> tuple[bytes, TokenizerFacts]:
+def _build_from_header(meta: dict, path: Path) -> tuple[bytes, TokenizerFacts]:
     """The serialized sentencepiece ModelProto and facts, from the GGUF's metadata."""
     from sentencepiece import sentencepiece_model_pb2 as spm
 
-    from openlpu.models.gguf import read_header
-
-    meta = read_header(path).metadata
-    kind = meta.get("tokenizer.ggml.model")
-    if kind is None:
-        raise OpenLPUError(f"{path}: the file carries no tokenizer (no tokenizer.ggml.model in its metadata); "
-                           "give a GGUF file with its tokenizer, as llama.cpp's converter writes it")
-    if kind not in SUPPORTED_TOKENIZER_MODELS:
-        raise OpenLPUError(f"{path}: tokenizer {kind!r} is not supported (supported: "
-                           f"{', '.join(SUPPORTED_TOKENIZER_MODELS)}); {RUNNABLE}")
     tokens = _vocabulary(meta, path)
     # a special id no token has is left out, as llama.cpp's vocabulary loader leaves it ("bad special token"): real
     # files name a padding id one past their tokens
@@ -143,61 +173,44 @@ def _vocabulary(meta: dict, path: Path) -> list[str]:
 
 
 class Tokenizer:
-    """encode / decode / stream-decode with ids identical to llama.cpp's for the same GGUF."""
+    """encode / decode / stream-decode with ids identical to llama.cpp's for the same GGUF: what both kinds of
+    vocabulary share. A kind gives its facts, each id's bytes, the pieces matched as a whole in the text (always,
+    or only when parsing special tokens) and the encoding of the plain text between them."""
 
-    def __init__(self, model_proto: bytes, facts: TokenizerFacts):
-        import sentencepiece
-
-        self._sp = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
+    def __init__(self, facts: TokenizerFacts, token_bytes: list[bytes], special_ids: dict[str, int],
+                 always_ids: dict[str, int]):
         self.facts = facts
-        self._special_ids = {p: self._sp.piece_to_id(p) for p in facts.special_pieces}
-        self._special_pattern: re.Pattern | None = None
-        self._token_bytes = [self._piece_bytes(i) for i in range(self._sp.get_piece_size())]
+        self._token_bytes = token_bytes
+        self._special_ids = {**special_ids, **always_ids}  # parsing special tokens matches both
+        self._always_ids = always_ids  # matched in any text (llama.cpp's user-defined tokens)
+        self._patterns: dict[bool, re.Pattern | None] = {}
 
     # ---- construction -----------------------------------------------------------------------
     @classmethod
-    def from_gguf(cls, path: str | Path, cache: bool = True) -> "Tokenizer":
+    def from_gguf(cls, path: str | Path, cache: bool = True) -> Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise OpenLPUError(f"model file not found: {path}; check the path")
-        from openlpu.models.embedded import cache_dir
+        if cache and (cached := SentencePieceTokenizer.cached(path)) is not None:
+            return cached
+        from openlpu.models.gguf import read_header
 
-        folder = cache_dir() / "tokenizers" / _identity_key(path)
-        model_file, facts_file = folder / "tokenizer.model", folder / "facts.json"
-        if cache and model_file.exists() and facts_file.exists():
-            try:
-                data = json.loads(facts_file.read_text())
-                data["eos_ids"], data["special_pieces"] = (tuple(data["eos_ids"]),
-                                                           tuple(data["special_pieces"]))
-                return cls(model_file.read_bytes(), TokenizerFacts(**data))
-            except (OSError, ValueError, TypeError, KeyError, RuntimeError):  # a damaged entry (a crash, a full
-                pass  # disk) is built again, as a missing one is; sentencepiece says RuntimeError
-        proto, facts = _build_from_header(path)
-        if cache:
-            try:  # facts last and each file renamed into place: a present facts.json means done
-                folder.mkdir(parents=True, exist_ok=True)
-                for target, content in ((model_file, proto),
-                                        (facts_file, json.dumps(facts.__dict__).encode())):
-                    partial = target.with_suffix(f".partial{os.getpid()}")
-                    partial.write_bytes(content)
-                    partial.replace(target)
-            except OSError:
-                pass  # an unwritable cache only costs the next start a rebuild
-        return cls(proto, facts)
-
-    def _piece_bytes(self, token_id: int) -> bytes:
-        """llama.cpp token_to_piece (special=False): what this token contributes to the text."""
-        sp = self._sp
-        if sp.is_byte(token_id):
-            return bytes([int(sp.id_to_piece(token_id)[1:-1], 16)])  # "<0xE2>"
-        if sp.is_control(token_id) or sp.is_unknown(token_id) or sp.is_unused(token_id):
-            return b""
-        return sp.id_to_piece(token_id).replace(SPACE_ESCAPE, " ").encode("utf-8")
+        meta = read_header(path).metadata
+        kind = meta.get("tokenizer.ggml.model")
+        if kind is None:
+            raise OpenLPUError(f"{path}: the file carries no tokenizer (no tokenizer.ggml.model in its metadata); "
+                               "give a GGUF file with its tokenizer, as llama.cpp's converter writes it")
+        if kind not in SUPPORTED_TOKENIZER_MODELS:
+            raise OpenLPUError(f"{path}: tokenizer {kind!r} is not supported (supported: "
+                               f"{', '.join(SUPPORTED_TOKENIZER_MODELS)}); {RUNNABLE}")
+        if kind == "gpt2":
+            return ByteBPETokenizer.from_metadata(meta, path)
+        return SentencePieceTokenizer.built(meta, path, cache)
 
     # ---- vocabulary facts -------------------------------------------------------------------
     @property
     def vocab_size(self) -> int:
-        return self._sp.get_piece_size()
+        return len(self._token_bytes)
 
     @property
     def bos_id(self) -> int | None:
@@ -213,14 +226,13 @@ class Tokenizer:
         return self.facts.chat_template
 
     def token_to_id(self, piece: str) -> int:
-        """Id of a piece as the GGUF spells it (or with spaces escaped as "▁")."""
-        token_id = self._sp.piece_to_id(piece.replace(" ", SPACE_ESCAPE))
-        if token_id == self._sp.unk_id() and piece != self._sp.id_to_piece(token_id):
-            raise OpenLPUError(f"token {piece!r} is not in the vocabulary")
-        return token_id
+        raise NotImplementedError
 
     def id_to_piece(self, token_id: int) -> str:
-        return self._sp.id_to_piece(token_id)
+        raise NotImplementedError
+
+    def _encode_plain(self, text: str) -> list[int]:
+        raise NotImplementedError
 
     # ---- encode / decode --------------------------------------------------------------------
     def encode(self, text: str, add_bos: bool | None = None, parse_special: bool = False) -> list[int]:
@@ -239,18 +251,19 @@ class Tokenizer:
             add_bos = self.facts.add_bos
         ids = [self.bos_id] if add_bos and self.bos_id is not None else []
         for fragment, is_special in self._fragments(text, parse_special):
-            ids += [self._special_ids[fragment]] if is_special else self._sp.encode(fragment)
+            ids += [self._special_ids[fragment]] if is_special else self._encode_plain(fragment)
         return ids
 
     def _fragments(self, text: str, parse_special: bool):
-        if not parse_special or not self._special_ids:
+        matched = self._special_ids if parse_special else self._always_ids
+        if not matched:
             yield text, False
             return
-        if self._special_pattern is None:  # longest first, as llama.cpp's partition does
-            pieces = sorted(self._special_ids, key=len, reverse=True)
-            self._special_pattern = re.compile("|".join(map(re.escape, pieces)))
+        if parse_special not in self._patterns:  # longest first, as llama.cpp's partition does
+            pieces = sorted(matched, key=len, reverse=True)
+            self._patterns[parse_special] = re.compile("|".join(map(re.escape, pieces)))
         start = 0
-        for match in self._special_pattern.finditer(text):
+        for match in self._patterns[parse_special].finditer(text):
             if match.start() > start:
                 yield text[start:match.start()], False
             yield match.group(), True
@@ -267,8 +280,181 @@ class Tokenizer:
         """Text of ids (control tokens such as <bos> give no text), invalid UTF-8 replaced."""
         return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
 
-    def stream(self) -> "StreamDecoder":
+    def stream(self) -> StreamDecoder:
         return StreamDecoder(self)
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A "llama" vocabulary: sentencepiece's BPE over the ModelProto built from the file, which matches its
+    user-defined pieces itself."""
+
+    def __init__(self, model_proto: bytes, facts: TokenizerFacts):
+        import sentencepiece
+
+        self._sp = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
+        super().__init__(facts, [self._piece_bytes(i) for i in range(self._sp.get_piece_size())],
+                         {p: self._sp.piece_to_id(p) for p in facts.special_pieces}, {})
+
+    @classmethod
+    def cached(cls, path: Path) -> SentencePieceTokenizer | None:
+        """The tokenizer built from this file before, if the cache holds it whole."""
+        folder = _cache_folder(path)
+        model_file, facts_file = folder / "tokenizer.model", folder / "facts.json"
+        if not (model_file.exists() and facts_file.exists()):
+            return None
+        try:
+            data = json.loads(facts_file.read_text())
+            data["eos_ids"], data["special_pieces"] = tuple(data["eos_ids"]), tuple(data["special_pieces"])
+            return cls(model_file.read_bytes(), TokenizerFacts(**data))
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError):  # a damaged entry (a crash, a full
+            return None  # disk) is built again, as a missing one is; sentencepiece says RuntimeError
+
+    @classmethod
+    def built(cls, meta: dict, path: Path, cache: bool) -> SentencePieceTokenizer:
+        proto, facts = _build_from_header(meta, path)
+        if cache:
+            folder = _cache_folder(path)
+            try:  # facts last and each file renamed into place: a present facts.json means done
+                folder.mkdir(parents=True, exist_ok=True)
+                for target, content in ((folder / "tokenizer.model", proto),
+                                        (folder / "facts.json", json.dumps(facts.__dict__).encode())):
+                    partial = target.with_suffix(f".partial{os.getpid()}")
+                    partial.write_bytes(content)
+                    partial.replace(target)
+            except OSError:
+                pass  # an unwritable cache only costs the next start a rebuild
+        return cls(proto, facts)
+
+    def _piece_bytes(self, token_id: int) -> bytes:
+        """llama.cpp token_to_piece (special=False): what this token contributes to the text."""
+        sp = self._sp
+        if sp.is_byte(token_id):
+            return bytes([int(sp.id_to_piece(token_id)[1:-1], 16)])  # "<0xE2>"
+        if sp.is_control(token_id) or sp.is_unknown(token_id) or sp.is_unused(token_id):
+            return b""
+        return sp.id_to_piece(token_id).replace(SPACE_ESCAPE, " ").encode("utf-8")
+
+    def token_to_id(self, piece: str) -> int:
+        """Id of a piece as the GGUF spells it (or with spaces escaped as "▁")."""
+        token_id = self._sp.piece_to_id(piece.replace(" ", SPACE_ESCAPE))
+        if token_id == self._sp.unk_id() and piece != self._sp.id_to_piece(token_id):
+            raise OpenLPUError(f"token {piece!r} is not in the vocabulary")
+        return token_id
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self._sp.id_to_piece(token_id)
+
+    def _encode_plain(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+
+class ByteBPETokenizer(Tokenizer):
+    """A "gpt2" vocabulary: the text split by its pre-tokenizer (BPE_PRE_TOKENIZERS), each piece's bytes as GPT-2's
+    characters (BYTE_TO_CHAR), merged by the lowest-ranked adjacent pair first (llama.cpp's llm_tokenizer_bpe)."""
+
+    def __init__(self, tokens: list[str], types: list[int], merges: list[str], pre: str, facts: TokenizerFacts):
+        import regex
+
+        self._pieces, self._ids = tokens, {t: i for i, t in enumerate(tokens)}
+        self._ranks = {tuple(m.split(" ", 1)): rank for rank, m in enumerate(merges)}
+        expressions, self._whole_words = BPE_PRE_TOKENIZERS[pre]
+        self._splits = [regex.compile(e) for e in expressions]
+        self._words: dict[str, tuple[int, ...]] = {}
+        super().__init__(facts, list(map(_byte_level_bytes, tokens, types)),
+                         {t: i for i, (t, k) in enumerate(zip(tokens, types)) if k in (CONTROL, UNKNOWN)},
+                         {t: i for i, (t, k) in enumerate(zip(tokens, types)) if k == USER_DEFINED})
+
+    @classmethod
+    def from_metadata(cls, meta: dict, path: Path) -> ByteBPETokenizer:
+        tokens = _vocabulary(meta, path)
+        pre = meta.get("tokenizer.ggml.pre", "default")
+        if pre not in BPE_PRE_TOKENIZERS:
+            raise OpenLPUError(f"{path}: byte-level BPE pre-tokenizer {pre!r} is not one OpenLPU knows (it knows "
+                               f"{', '.join(BPE_PRE_TOKENIZERS)}); {RUNNABLE}")
+        merges = meta.get("tokenizer.ggml.merges")
+        if not isinstance(merges, list) or not all(isinstance(m, str) and m.count(" ") == 1 for m in merges):
+            raise OpenLPUError(f"{path}: the byte-level BPE vocabulary has no list of merges (tokenizer.ggml.merges, "
+                               f"each two pieces with a space between); re-convert it with a current llama.cpp")
+        index = {t: i for i, t in enumerate(tokens)}
+        types = list(meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
+        special = {k: v for k in SPECIAL_ID_KEYS
+                   if isinstance(v := meta.get(k), int) and not isinstance(v, bool) and 0 <= v < len(tokens)}
+        bos = special.get("tokenizer.ggml.bos_token_id")
+        ends = [special[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in special]
+        ends += [index[p] for p in BPE_END_PIECES if p in index]
+        facts = TokenizerFacts(bos_id=bos, eos_ids=tuple(sorted(set(ends))),
+                               add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", bos is not None)),
+                               chat_template=meta.get("tokenizer.chat_template"),
+                               special_pieces=tuple(t for t, k in zip(tokens, types) if k in (CONTROL, UNKNOWN)))
+        return cls(tokens, types, merges, pre, facts)
+
+    def token_to_id(self, piece: str) -> int:
+        """Id of a piece as the GGUF spells it (GPT-2's characters: "Ġthe" for " the")."""
+        if piece not in self._ids:
+            raise OpenLPUError(f"token {piece!r} is not in the vocabulary")
+        return self._ids[piece]
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self._pieces[token_id]
+
+    def _encode_plain(self, text: str) -> list[int]:
+        pieces = [text]
+        for split in self._splits:  # each expression splits what the last left: its matches and the gaps
+            pieces = [part for piece in pieces for part in _split_keeping_gaps(split, piece)]
+        return [i for piece in pieces for i in self._word(piece)]
+
+    def _word(self, piece: str) -> tuple[int, ...]:
+        """The ids of one pre-tokenized piece, its bytes merged pair by pair, the lowest rank (then the leftmost)
+        first; a symbol no token spells is its bytes' tokens, a byte the vocabulary has none for left out, as
+        llama.cpp leaves it (SmolLM2 has none for 21 bytes, control characters among them)."""
+        if (ids := self._words.get(piece)) is not None:
+            return ids
+        word = "".join(BYTE_TO_CHAR[b] for b in piece.encode("utf-8"))
+        if self._whole_words and word in self._ids:
+            symbols = [word]
+        else:
+            symbols = list(word)
+            while len(symbols) > 1:
+                ranks = [self._ranks.get(pair, math.inf) for pair in itertools.pairwise(symbols)]
+                best = min(range(len(ranks)), key=ranks.__getitem__)
+                if ranks[best] == math.inf:
+                    break
+                symbols[best:best + 2] = [symbols[best] + symbols[best + 1]]
+        ids = tuple(i for symbol in symbols
+                    for i in ((self._ids[symbol],) if symbol in self._ids
+                              else (self._ids[c] for c in symbol if c in self._ids)))
+        if len(self._words) < WORD_CACHE_SIZE:
+            self._words[piece] = ids
+        return ids
+
+
+def _byte_level_bytes(piece: str, kind: int) -> bytes:
+    """llama.cpp token_to_piece (special=False) of a byte-level BPE token: a control or unknown token gives
+    nothing, a user-defined one its text, the others the bytes their GPT-2 characters stand for (a character
+    outside that alphabet, its own UTF-8)."""
+    if kind in (CONTROL, UNKNOWN, UNUSED):
+        return b""
+    if kind == USER_DEFINED:
+        return piece.encode("utf-8")
+    return b"".join(bytes([CHAR_TO_BYTE[c]]) if c in CHAR_TO_BYTE else c.encode("utf-8") for c in piece)
+
+
+WORD_CACHE_SIZE = 1 << 16  # pre-tokenized pieces whose ids a byte-level BPE tokenizer keeps
+
+
+def _split_keeping_gaps(expression, text: str) -> list[str]:
+    """text cut at the matches of `expression`: the matches and the text between them, in order, none empty."""
+    parts, start = [], 0
+    for match in expression.finditer(text):
+        parts += [p for p in (text[start:match.start()], match.group()) if p]
+        start = match.end()
+    return parts + ([text[start:]] if start < len(text) else [])
+
+
+def _cache_folder(path: Path) -> Path:
+    from openlpu.models.embedded import cache_dir
+
+    return cache_dir() / "tokenizers" / _identity_key(path)
 
 
 class StreamDecoder:

@@ -125,7 +125,10 @@ def prompt_ids(tokenizer, messages: list[tuple[str, str]]) -> list[int]:
         if prefill and not messages[-1][1].strip():  # an empty prefill: a new reply, as gemma_segments gives
             messages, prefill = messages[:-1], False
         text = render_template(template, messages, bos, eos, continue_final=prefill)
-        return tokenizer.encode(text, add_bos=not text.startswith(bos) if bos else False, parse_special=True)
+        # BOS where the file asks for it (llama.cpp's add_special), unless the template wrote it: a Qwen template
+        # begins without one, and its file asks for none
+        return tokenizer.encode(text, add_bos=tokenizer.facts.add_bos and not (bos and text.startswith(bos)),
+                                parse_special=True)
     ids = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
     for text, is_markup in gemma_segments(messages):
         ids += tokenizer.encode(text, add_bos=False, parse_special=is_markup)
