@@ -443,3 +443,39 @@ def test_health_says_stopping_once_the_server_stops_taking_requests(engine, mode
         assert (health.status_code, health.json()["status"]) == (503, "stopping")
         r = httpx.post(url + "/openai/v1/chat/completions", json={"model": model, "messages": ask("hi")})
         assert r.status_code == 503 and r.json()["error"]["message"] == "The server is shutting down."
+
+
+# How close two tokens' logits may lie for llama.cpp and OpenLPU to choose differently between them: on SmolLM2 the
+# two's logits differ by up to 0.47 (llama.cpp multiplies 8-bit activations; OpenLPU's float32 path agrees with
+# transformers' on the dequantized file to 1e-4)
+NEAR_TIE = 0.5
+
+
+def test_an_instruct_model_with_a_byte_level_vocabulary_answers_as_llamacpp(smollm2_path, smollm2_reference):
+    """SmolLM2-135M-Instruct served: each conversation rendered by its own ChatML template and decoded greedily
+    gives llama.cpp's greedy reply to the same prompt up to the first step where llama.cpp's top two lie within
+    NEAR_TIE, and there one of those two; a reply that ends does so at its <|im_end|>, finish_reason stop
+    ('The answer to this classic math problem is 4.'; 'Italy', where 'Ital' lay 0.2 below, and came first here)."""
+    from openlpu.runtime.engine import Engine
+    from openlpu.runtime.tokenizer import Tokenizer
+
+    engine = Engine.load(str(smollm2_path), max_batch=2, context_length=512)
+    tokenizer = Tokenizer.from_gguf(smollm2_path)
+    with running_server(create_app(engine, ServeSettings())) as url:
+        client = groq.Groq(base_url=url, api_key="unused", max_retries=0)
+        for chat in smollm2_reference["chat_prompts"]:
+            reply, runners_up = chat["greedy_reply_ids"], chat["greedy_reply_runners_up"]
+            r = client.chat.completions.create(model=engine.model_name, messages=chat["messages"], temperature=0,
+                                               max_completion_tokens=32)
+            text, finish = r.choices[0].message.content, r.choices[0].finish_reason
+            assert r.usage.prompt_tokens == len(chat["ids"])
+            tie = next((i for i, m in enumerate(chat["greedy_reply_margins"]) if m < NEAR_TIE), len(reply))
+            agreed = tokenizer.decode(reply[:tie])
+            assert text.startswith(agreed), (text, agreed)
+            if tie == len(reply):  # no near tie: the whole reply, to its end
+                assert reply[-1] in tokenizer.eos_ids and text == agreed and finish == "stop"
+                continue
+            either = [reply[tie], runners_up[tie]]
+            rest = text[len(agreed):]
+            ended = rest == "" and finish == "stop" and any(t in tokenizer.eos_ids for t in either)
+            assert ended or any(rest.startswith(tokenizer.decode([t])) for t in either if tokenizer.decode([t]))
