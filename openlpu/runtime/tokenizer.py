@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import codecs
 import hashlib
-import itertools
+import heapq
 import json
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -410,22 +409,36 @@ class ByteBPETokenizer(Tokenizer):
         if (ids := self._words.get(piece)) is not None:
             return ids
         word = "".join(BYTE_TO_CHAR[b] for b in piece.encode("utf-8"))
-        if self._whole_words and word in self._ids:
-            symbols = [word]
-        else:
-            symbols = list(word)
-            while len(symbols) > 1:
-                ranks = [self._ranks.get(pair, math.inf) for pair in itertools.pairwise(symbols)]
-                best = min(range(len(ranks)), key=ranks.__getitem__)
-                if ranks[best] == math.inf:
-                    break
-                symbols[best:best + 2] = [symbols[best] + symbols[best + 1]]
+        symbols = [word] if self._whole_words and word in self._ids else self._merged(word)
         ids = tuple(i for symbol in symbols
                     for i in ((self._ids[symbol],) if symbol in self._ids
                               else (self._ids[c] for c in symbol if c in self._ids)))
         if len(self._words) < WORD_CACHE_SIZE:
             self._words[piece] = ids
         return ids
+
+    def _merged(self, word: str) -> list[str]:
+        """The word's characters merged pair by pair, the lowest rank (then the leftmost) first: a heap of the
+        adjacent pairs and a list linking the symbols left, so a long word costs n log n, not n squared (a
+        pair whose symbols have changed since it was pushed is skipped when it comes up)."""
+        symbols, after = list(word), [*range(1, len(word)), -1]
+        before = list(range(-1, len(word) - 1))
+        heap = [(rank, i, symbols[i], symbols[i + 1]) for i in range(len(word) - 1)
+                if (rank := self._ranks.get((symbols[i], symbols[i + 1]))) is not None]
+        heapq.heapify(heap)
+        while heap:
+            _, i, left, right = heapq.heappop(heap)
+            j = after[i]
+            if symbols[i] != left or j < 0 or symbols[j] != right:
+                continue  # stale: one of its symbols was merged into another since
+            symbols[i], symbols[j] = left + right, ""
+            after[i] = after[j]
+            if after[j] >= 0:
+                before[after[j]] = i
+            for a, b in ((before[i], i), (i, after[i])):
+                if a >= 0 and b >= 0 and (rank := self._ranks.get((symbols[a], symbols[b]))) is not None:
+                    heapq.heappush(heap, (rank, a, symbols[a], symbols[b]))
+        return [symbol for symbol in symbols if symbol]
 
 
 def _byte_level_bytes(piece: str, kind: int) -> bytes:
