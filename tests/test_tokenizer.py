@@ -228,22 +228,23 @@ def test_byte_level_bpe_encodes_and_decodes_as_llama_cpp(smollm2_tokenizer, smol
     assert list(tokenizer.eos_ids) == reference["end_of_generation_ids"]  # <|endoftext|>, <|im_end|>, <reponame>
 
 
-@pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe", "qwen2"])
+@pytest.mark.parametrize("pre", ["default", "gpt-2", "llama-bpe", "qwen2", "gpt-4o", "tekken"])
 def test_each_byte_level_pre_tokenizer_splits_as_llama_cpp(smollm2_path, smollm2_reference, pre, tmp_path):
-    """SmolLM2's vocabulary under another family's pre-tokenizer (a metadata-only copy naming it): Llama 3's
-    digits in threes and contractions in any case, Qwen's digits one by one, GPT-2's spaces before words: the ids
-    llama.cpp gives the same copy."""
+    """SmolLM2's vocabulary under another family's pre-tokenizer (a metadata-only copy naming it): a file naming
+    none's punctuation first, GPT-2's spaces before words, Llama 3's digits in threes and contractions in any
+    case, Qwen's digits one by one, gpt-oss's and Mistral Nemo's case changes: on the fixture strings and 100 drawn
+    at random, the ids llama.cpp gives the same copy."""
     from tests.fixtures.models import vocabulary_only_gguf
 
     tokenizer = Tokenizer.from_gguf(vocabulary_only_gguf(smollm2_path, tmp_path / f"{pre}.gguf", pre))
     for case in smollm2_reference["other_pre_tokenizers"][pre]:
         assert tokenizer.encode(case["text"], parse_special=case["special"]) == case["ids"], repr(case["text"])
-    # not a check the vocabulary alone passes: Llama 3's and Qwen's split some string into other ids than SmolLM2's
+    # not a check the vocabulary alone passes: each but GPT-2's splits some strings into other ids than SmolLM2's
     # own does (GPT-2's splits as SmolLM2's but for runs of digits, which SmolLM2's merges never join)
     own = {case["text"]: case["ids"] for case in cases(smollm2_reference) if not case["special"]}
     differ = [case["text"] for case in smollm2_reference["other_pre_tokenizers"][pre]
               if own[case["text"]] != case["ids"]]
-    assert len(differ) == {"gpt-2": 0, "llama-bpe": 3, "qwen2": 3}[pre]
+    assert (len(differ) > 0) == (pre != "gpt-2")
 
 
 def test_byte_level_stream_holds_back_a_split_character(smollm2_tokenizer):
@@ -256,7 +257,7 @@ def test_byte_level_stream_holds_back_a_split_character(smollm2_tokenizer):
 
 
 @pytest.mark.parametrize("edit, says", [
-    ({"tokenizer.ggml.pre": "tekken"}, "byte-level BPE pre-tokenizer 'tekken' is not one OpenLPU knows"),
+    ({"tokenizer.ggml.pre": "chameleon"}, "byte-level BPE pre-tokenizer 'chameleon' is not one OpenLPU knows"),
     ({"tokenizer.ggml.merges": None}, "has no list of merges (tokenizer.ggml.merges"),
 ])
 def test_a_byte_level_vocabulary_it_cannot_split_is_refused(smollm2_path, tmp_path, edit, says):

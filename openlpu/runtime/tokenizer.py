@@ -38,7 +38,7 @@ SPECIAL_ID_KEYS = ("tokenizer.ggml.unknown_token_id", "tokenizer.ggml.bos_token_
                    "tokenizer.ggml.padding_token_id", "tokenizer.ggml.eot_token_id")
 # What run and serve take, for the refusal of another tokenizer
 RUNNABLE = ("`openlpu run` and `serve` take GGUF files with a SentencePiece tokenizer (Gemma, Llama 2, Mistral...) "
-            "or a byte-level BPE one of a pre-tokenizer OpenLPU knows (Llama 3, Qwen 2 and 3, SmolLM...); "
+            "or a byte-level BPE one of a pre-tokenizer OpenLPU knows (Llama 3, Qwen 2 and 3, gpt-oss, SmolLM...); "
             "`openlpu plan` and `compile` read any supported architecture")
 
 # Byte-level BPE pre-tokenizers: llama.cpp's tokenizer.ggml.pre -> (the regular expressions that split the text,
@@ -49,13 +49,27 @@ GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # digits one by one
+# GPT-4o's o200k (gpt-oss): words split at case changes, each with a contraction after it, digits in threes, "/"
+# kept after punctuation; Mistral Nemo's tekken: the same without contractions, digits one by one
+UPPER, LOWER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]", r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
+NOT_WORD = r"[^\r\n\p{L}\p{N}]?"
+CONTRACTION = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+REST = r"| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+O200K_SPLIT = (f"{NOT_WORD}{UPPER}*{LOWER}+{CONTRACTION}|{NOT_WORD}{UPPER}+{LOWER}*{CONTRACTION}"
+               + r"|\p{N}{1,3}" + REST)
+TEKKEN_SPLIT = f"{NOT_WORD}{UPPER}*{LOWER}+|{NOT_WORD}{UPPER}+{LOWER}*" + r"|\p{N}" + REST
 BPE_PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool]] = {
-    "default": ((GPT2_SPLIT,), False),
+    # a file naming none: punctuation first, then GPT-2's, then digits in threes
+    "default": ((r"[\p{P}\$\+<=>\^~\|]+", GPT2_SPLIT, r"\p{N}+", r"[0-9][0-9][0-9]"), False),
     "gpt-2": ((GPT2_SPLIT,), False),
     "smollm": ((r"\p{N}", GPT2_SPLIT), False),  # SmolLM, SmolLM2: digits one by one, then GPT-2's
-    "llama-bpe": ((LLAMA3_SPLIT,), True),  # Llama 3, 3.1, 3.2, 3.3
+    "llama-bpe": ((LLAMA3_SPLIT,), True),  # Llama 3, 3.1, 3.2, 3.3 (and the names below)
+    "llama3": ((LLAMA3_SPLIT,), True),
+    "llama-v3": ((LLAMA3_SPLIT,), True),
     "qwen2": ((QWEN2_SPLIT,), False),  # Qwen 2, 2.5, 3
     "deepseek-r1-qwen": ((QWEN2_SPLIT,), False),
+    "gpt-4o": ((O200K_SPLIT,), False),  # gpt-oss
+    "tekken": ((TEKKEN_SPLIT,), False),  # Mistral Nemo, Pixtral
 }
 
 
