@@ -56,6 +56,8 @@ def body(**changes) -> bytes:
      "messages.1.tool_calls"),
     (body(messages=[{"role": "tool", "content": "42", "tool_call_id": "c1"}]), "messages.0.role"),
     (body(messages=[{"role": "assistant", "content": "x", "reasoning": "because"}]), "messages.0.reasoning"),
+    (body(messages=[{"role": "assistant", "content": "x", "tool_calls": False}]), "messages.0.tool_calls"),
+    (body(function_call="auto"), "function_call"),
 ])
 def test_bad_requests_get_groqcloud_400(raw, param):
     with pytest.raises(APIError) as e:
@@ -104,7 +106,7 @@ def test_a_reply_put_back_into_the_history_as_the_sdks_dump_it_is_taken():
                                               {"role": "assistant", "content": "hello"}]))
     for reply in (openai_dump, groq_dump):
         req = parse_chat_request(body(messages=[{"role": "user", "content": "hi"}, reply], functions=None,
-                                      function_call=None, include_reasoning=None, documents=None))
+                                      function_call="none", include_reasoning=None, documents=None))
         assert [(m.role, m.text()) for m in req.messages] == [(m.role, m.text()) for m in plain.messages]
 
 

@@ -17,7 +17,6 @@ import hashlib
 import heapq
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,10 +83,12 @@ def _byte_to_char() -> tuple[str, ...]:
 BYTE_TO_CHAR = _byte_to_char()
 CHAR_TO_BYTE = {c: b for b, c in enumerate(BYTE_TO_CHAR)}
 # Pieces that end generation in a byte-level BPE vocabulary beside its eos and eot ids, by their text, as llama.cpp's
-# vocabulary loader (src/llama-vocab.cpp) finds them: turn and text ends, and the fill-in-the-middle pad and
-# repository tokens (SmolLM2: <|endoftext|>, <|im_end|>, <reponame>: llama_vocab_is_eog, llama-cpp-python 0.3.36)
+# vocabulary loader (src/llama-vocab.cpp) finds them: turn and text ends, and the fill-in-the-middle pad, repository
+# and file-separator tokens (SmolLM2: <|endoftext|>, <|im_end|>, <reponame>; Qwen 2.5's <|file_sep|> too:
+# llama_vocab_is_eog, llama-cpp-python 0.3.36)
 BPE_END_PIECES = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>",
-                  "<|endoftext|>", "<|end_of_text|>", "<EOT>", "<|fim_pad|>", "<|repo_name|>", "<reponame>")
+                  "<|endoftext|>", "<|end_of_text|>", "<EOT>", "_<EOT>", "<end_of_utterance>", "<|fim_pad|>",
+                  "<|repo_name|>", "<reponame>", "<|file_sep|>")
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,7 @@ class Tokenizer:
         self._token_bytes = token_bytes
         self._special_ids = {**special_ids, **always_ids}  # parsing special tokens matches both
         self._always_ids = always_ids  # matched in any text (llama.cpp's user-defined tokens)
-        self._patterns: dict[bool, re.Pattern | None] = {}
+        self._patterns: dict[bool, list[str]] = {}  # parse_special -> the pieces it matches, longest first
 
     # ---- construction -----------------------------------------------------------------------
     @classmethod
@@ -268,21 +269,24 @@ class Tokenizer:
         return ids
 
     def _fragments(self, text: str, parse_special: bool):
+        """(text, is_special) pieces of `text`, as llama.cpp's tokenizer_st_partition cuts them: each special piece,
+        the longest first, matched everywhere in what the longer ones left, before a shorter one is tried."""
         matched = self._special_ids if parse_special else self._always_ids
-        if not matched:
-            yield text, False
-            return
-        if parse_special not in self._patterns:  # longest first, as llama.cpp's partition does
-            pieces = sorted(matched, key=len, reverse=True)
-            self._patterns[parse_special] = re.compile("|".join(map(re.escape, pieces)))
-        start = 0
-        for match in self._patterns[parse_special].finditer(text):
-            if match.start() > start:
-                yield text[start:match.start()], False
-            yield match.group(), True
-            start = match.end()
-        if start < len(text):
-            yield text[start:], False
+        if parse_special not in self._patterns:
+            self._patterns[parse_special] = sorted(matched, key=len, reverse=True)
+        fragments = [(text, False)]
+        for piece in self._patterns[parse_special]:
+            if not any(not special and piece in part for part, special in fragments):
+                continue
+            cut = []
+            for part, special in fragments:
+                if special or piece not in part:
+                    cut.append((part, special))
+                    continue
+                for i, between in enumerate(part.split(piece)):
+                    cut += [(piece, True)] * (i > 0) + [(between, False)] * (between != "")
+            fragments = cut
+        return fragments
 
     def token_bytes(self, token_id: int) -> bytes:
         if not 0 <= token_id < len(self._token_bytes):
@@ -427,7 +431,7 @@ class ByteBPETokenizer(Tokenizer):
         ids = tuple(i for symbol in symbols
                     for i in ((self._ids[symbol],) if symbol in self._ids
                               else (self._ids[c] for c in symbol if c in self._ids)))
-        if len(self._words) < WORD_CACHE_SIZE:
+        if len(self._words) < WORD_CACHE_SIZE and len(piece) <= CACHED_PIECE_CHARS:
             self._words[piece] = ids
         return ids
 
@@ -466,7 +470,8 @@ def _byte_level_bytes(piece: str, kind: int) -> bytes:
     return b"".join(bytes([CHAR_TO_BYTE[c]]) if c in CHAR_TO_BYTE else c.encode("utf-8") for c in piece)
 
 
-WORD_CACHE_SIZE = 1 << 16  # pre-tokenized pieces whose ids a byte-level BPE tokenizer keeps
+WORD_CACHE_SIZE, CACHED_PIECE_CHARS = 1 << 16, 64  # the pre-tokenized pieces whose ids a byte-level BPE tokenizer
+# keeps: words, not a megabyte run of letters
 
 
 def _split_keeping_gaps(expression, text: str) -> list[str]:

@@ -57,7 +57,8 @@ UNSUPPORTED_MESSAGE_FIELDS: dict[str, str] = {
     "annotations": "annotations are not supported by this model",
     "audio": "audio is not supported by this model (it takes text only)",
 }
-NONE_VALUED = ("tool_choice", "reasoning_effort")  # "none": no tools, no reasoning (GroqCloud's and the SDK's values)
+# "none": no tools, no reasoning (GroqCloud's and the SDK's values; function_call is tool_choice's older name)
+NONE_VALUED = ("tool_choice", "function_call", "reasoning_effort")
 # Optional fields a client may send as null (the SDKs declare them Optional): null means the default.
 DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "n": 1, "stream": False}
 
@@ -201,7 +202,7 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
             raise bad_request(f"'messages.{i}' : role 'tool' carries a tool's result, and this model takes no tools",
                               param=f"messages.{i}.role")
         for name, message in UNSUPPORTED_MESSAGE_FIELDS.items():
-            if getattr(m, name):
+            if getattr(m, name) not in (None, [], {}, ""):  # false or 0 is no null: refused as set
                 raise bad_request(f"'messages.{i}.{name}' : {message}; send null or leave it out",
                                   param=f"messages.{i}.{name}")
     if req.n != 1:
