@@ -274,9 +274,13 @@ class Tokenizer:
         matched = self._special_ids if parse_special else self._always_ids
         if parse_special not in self._patterns:
             self._patterns[parse_special] = sorted(matched, key=len, reverse=True)
+        # only the pieces whose first characters the text holds: Gemma's 6,250 control pieces each searched for
+        # in a chat prompt took 10 ms
+        starts = {text[i:i + n] for n in range(1, PREFIX_CHARS + 1) for i in range(len(text))}
         fragments = [(text, False)]
         for piece in self._patterns[parse_special]:
-            if not any(not special and piece in part for part, special in fragments):
+            if piece[:PREFIX_CHARS] not in starts or not any(not special and piece in part
+                                                             for part, special in fragments):
                 continue
             cut = []
             for part, special in fragments:
@@ -470,6 +474,7 @@ def _byte_level_bytes(piece: str, kind: int) -> bytes:
     return b"".join(bytes([CHAR_TO_BYTE[c]]) if c in CHAR_TO_BYTE else c.encode("utf-8") for c in piece)
 
 
+PREFIX_CHARS = 3  # of a special piece, looked up among the text's before the piece is searched for
 WORD_CACHE_SIZE, CACHED_PIECE_CHARS = 1 << 16, 64  # the pre-tokenized pieces whose ids a byte-level BPE tokenizer
 # keeps: words, not a megabyte run of letters
 
