@@ -272,6 +272,8 @@ class Tokenizer:
         """(text, is_special) pieces of `text`, as llama.cpp's tokenizer_st_partition cuts them: each special piece,
         the longest first, matched everywhere in what the longer ones left, before a shorter one is tried."""
         matched = self._special_ids if parse_special else self._always_ids
+        if not matched:
+            return [(text, False)]
         if parse_special not in self._patterns:
             self._patterns[parse_special] = sorted(matched, key=len, reverse=True)
         # only the pieces whose first characters the text holds: Gemma's 6,250 control pieces each searched for
