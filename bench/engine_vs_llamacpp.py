@@ -13,7 +13,8 @@ given precisions: by default int4 (the served one: the file's 4- and 5-bit codes
 
     python bench/engine_vs_llamacpp.py [--model PATH] [--threads 2] [--precision int4,gguf] [--rounds 7]
 
-Writes bench/results/engine_vs_llamacpp.{json,md}.
+Writes bench/results/engine_vs_llamacpp.{json,md}; given another --model, engine_vs_llamacpp-MODEL.{json,md} (its
+file name's stem, lower case), beside the embedded model's.
 """
 
 from __future__ import annotations
@@ -141,9 +142,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="measured runs per engine, interleaved")
     parser.add_argument("--worker", choices=list(RUNNERS), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.model is None:
-        from openlpu.models.embedded import default_model_path
+    from openlpu.models.embedded import default_model_path
 
+    embedded = args.model is None or Path(args.model).resolve() == default_model_path().resolve()
+    if args.model is None:
         args.model = str(default_model_path())
     if args.worker:
         return worker(args.worker, args.model, args.threads, args.precision)
@@ -213,8 +215,9 @@ def main() -> None:
         "results": results,
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "engine_vs_llamacpp.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (RESULTS / "engine_vs_llamacpp.md").write_text(markdown(summary))
+    stem = "engine_vs_llamacpp" + ("" if embedded else f"-{Path(args.model).stem.lower()}")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (RESULTS / f"{stem}.md").write_text(markdown(summary))
 
 
 def markdown(s: dict) -> str:
