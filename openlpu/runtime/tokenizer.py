@@ -112,11 +112,7 @@ def _build_from_header(meta: dict, path: Path) -> tuple[bytes, TokenizerFacts]:
     """The serialized sentencepiece ModelProto and facts, from the GGUF's metadata."""
     from sentencepiece import sentencepiece_model_pb2 as spm
 
-    tokens = _vocabulary(meta, path)
-    # a special id no token has is left out, as llama.cpp's vocabulary loader leaves it ("bad special token"): real
-    # files name a padding id one past their tokens
-    meta = {k: v for k, v in meta.items()
-            if k not in SPECIAL_ID_KEYS or isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(tokens)}
+    tokens, meta = _vocabulary(meta, path)
     scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
     types = list(meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
     unk_id = meta.get("tokenizer.ggml.unknown_token_id")
@@ -167,9 +163,11 @@ def _build_from_header(meta: dict, path: Path) -> tuple[bytes, TokenizerFacts]:
     return proto.SerializeToString(), facts
 
 
-def _vocabulary(meta: dict, path: Path) -> list[str]:
+def _vocabulary(meta: dict, path: Path) -> tuple[list[str], dict]:
     """The token list, checked against what indexes it: each per-token array and the model's vocab_size (the
-    model emits ids up to it, and each needs a piece)."""
+    model emits ids up to it, and each needs a piece); and the metadata without a special id no token has, left out
+    as llama.cpp's vocabulary loader leaves it ("bad special token": real files name a padding id one past their
+    tokens)."""
     tokens = meta.get("tokenizer.ggml.tokens")
     if not isinstance(tokens, list) or not tokens:
         raise OpenLPUError(f"{path}: the file has tokenizer metadata but no token list (tokenizer.ggml.tokens); "
@@ -183,7 +181,8 @@ def _vocabulary(meta: dict, path: Path) -> list[str]:
     if meta.get(vocab_key, len(tokens)) != len(tokens):
         raise OpenLPUError(f"{path}: GGUF metadata {vocab_key} = {meta[vocab_key]} differs from the token list's "
                            f"{len(tokens)} entries (the model would emit ids with no piece); {broken}")
-    return tokens
+    return tokens, {k: v for k, v in meta.items() if k not in SPECIAL_ID_KEYS
+                    or isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(tokens)}
 
 
 class Tokenizer:
@@ -389,7 +388,7 @@ class ByteBPETokenizer(Tokenizer):
 
     @classmethod
     def from_metadata(cls, meta: dict, path: Path) -> ByteBPETokenizer:
-        tokens = _vocabulary(meta, path)
+        tokens, meta = _vocabulary(meta, path)
         pre = meta.get("tokenizer.ggml.pre", "default")
         if pre not in BPE_PRE_TOKENIZERS:
             raise OpenLPUError(f"{path}: byte-level BPE pre-tokenizer {pre!r} is not one OpenLPU knows (it knows "
@@ -400,10 +399,8 @@ class ByteBPETokenizer(Tokenizer):
                                f"each two pieces with a space between); re-convert it with a current llama.cpp")
         index = {t: i for i, t in enumerate(tokens)}
         types = list(meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
-        special = {k: v for k in SPECIAL_ID_KEYS
-                   if isinstance(v := meta.get(k), int) and not isinstance(v, bool) and 0 <= v < len(tokens)}
-        bos = special.get("tokenizer.ggml.bos_token_id")
-        ends = [special[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in special]
+        bos = meta.get("tokenizer.ggml.bos_token_id")
+        ends = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
         ends += [index[p] for p in BPE_END_PIECES if p in index]
         facts = TokenizerFacts(bos_id=bos, eos_ids=tuple(sorted(set(ends))),
                                add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", bos is not None)),

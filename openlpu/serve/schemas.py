@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from openlpu.serve.errors import APIError, bad_request
 
@@ -72,24 +72,19 @@ class TextPart(_Strict):
     text: str
 
 
-class Message(_Strict):
+class _MessageText(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart]
     name: str | None = None  # rejected below, as GroqCloud does
-    # refused below unless null or empty (UNSUPPORTED_MESSAGE_FIELDS)
-    tool_calls: Any = None
-    function_call: Any = None
-    tool_call_id: Any = None
-    executed_tools: Any = None
-    reasoning: Any = None
-    refusal: Any = None
-    annotations: Any = None
-    audio: Any = None
 
     def text(self) -> str:
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+
+# a message: its text, and each field of UNSUPPORTED_MESSAGE_FIELDS, refused below unless null or empty
+Message = create_model("Message", __base__=_MessageText, **{name: (Any, None) for name in UNSUPPORTED_MESSAGE_FIELDS})
 
 
 class StreamOptions(_Strict):
