@@ -118,9 +118,9 @@ def worker(name: str, model_path: str, threads: int, precision: str) -> None:
     once(list(range(2, 18)), 8)  # warm-up
     ready = {"ready": True}
     if name == "openlpu":
-        from openlpu.runtime.kernels import vnni_kernels
+        from openlpu.runtime.kernels import cpu_kernels, kernel_isa
 
-        ready["cpu_kernels"] = "OpenLPU's VNNI kernels" if vnni_kernels() else "torch's weight-only kernels"
+        ready["cpu_kernels"] = f"OpenLPU's {kernel_isa()} kernels" if cpu_kernels() else "torch's weight-only kernels"
     else:
         from importlib.metadata import version
 
@@ -197,10 +197,12 @@ def main() -> None:
                 (i for i, (x, y) in enumerate(zip(ids_ours, peer_ids)) if x != y), min(len(ids_ours), len(peer_ids)))}
         print(f"ratios {name} / {PEER} (median of {args.rounds} paired rounds): prefill "
               f"{ratios[name]['prefill']:.2f}, decode {ratios[name]['decode']:.2f}")
+    from openlpu.runtime.kernels import cpu_name
+
     summary = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores "
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores "
                    f"(shared with other tenants), Linux {platform.release()}",
         "model": Path(args.model).name,
         "threads": args.threads,

@@ -21,7 +21,6 @@ import datetime
 import importlib.metadata
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -206,9 +205,11 @@ def main() -> None:
         print(f"running {name} ...", flush=True)
         results.append(run_load(name, gguf, args.clients, args.requests, args.max_tokens, args.threads))
         print(json.dumps(results[-1], indent=1), flush=True)
+    from openlpu.runtime.kernels import cpu_name
+
     report = {"setup": {"clients": args.clients, "requests_per_client": args.requests,
                         "max_tokens": args.max_tokens, "threads": args.threads, "gguf": Path(gguf).name,
-                        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+                        "machine": f"{cpu_name()}, {os.cpu_count()} CPUs",
                         "peer": peer_version(),
                         "command": "python " + " ".join(sys.argv),
                         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},

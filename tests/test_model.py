@@ -10,7 +10,7 @@ import torch
 
 from openlpu.errors import OpenLPUError
 from openlpu.models.spec import ModelSpec, RopeScaling
-from openlpu.runtime.kernels import vnni_kernels
+from openlpu.runtime.kernels import cpu_kernels
 from openlpu.runtime.kv_cache import KVCache
 from openlpu.runtime.model import (
     Model,
@@ -84,17 +84,17 @@ def test_a_byte_level_bpe_model_matches_transformers_on_its_dequantized_weights(
     assert ours.shape == expected.shape and (ours - expected).abs().max().item() < 1e-3
 
 
-@pytest.mark.parametrize("precision, vnni", [("int4", "1"), ("int4", "0"), ("gguf", "1"),
-                                             pytest.param("int8", "1", marks=pytest.mark.slow)])
-def test_fast_paths_agree_with_reference(precision, vnni, gemma_path, reference_model, llamacpp_reference,
+@pytest.mark.parametrize("precision, kernels", [("int4", "1"), ("int4", "0"), ("gguf", "1"),
+                                                pytest.param("int8", "1", marks=pytest.mark.slow)])
+def test_fast_paths_agree_with_reference(precision, kernels, gemma_path, reference_model, llamacpp_reference,
                                          monkeypatch):
-    """vnni "1": OpenLPU's VNNI kernels where the CPU has them (the file's own 4- and 5-bit codes);
+    """kernels "1": OpenLPU's CPU kernels where the CPU has them (the file's own 4- and 5-bit codes);
     "0": torch's weight-only kernels on int8 blocks."""
     ids = llamacpp_reference["prompt_token_ids"]
-    monkeypatch.setenv("OPENLPU_VNNI", vnni)
-    vnni_kernels.cache_clear()
+    monkeypatch.setenv("OPENLPU_CPU_KERNELS", kernels)
+    cpu_kernels.cache_clear()
     fast = load_model(gemma_path, precision, max_positions=256)
-    vnni_kernels.cache_clear()  # later tests see the default again
+    cpu_kernels.cache_clear()  # later tests see the default again
     want = reference_model.logits(ids)[-1].log_softmax(-1)
     got = fast.logits(ids)[-1].log_softmax(-1)
     top = want.topk(5).indices
@@ -122,7 +122,7 @@ def _decode_with_and_without_cpp(model, prompt, tokens, capacity):
     return cpp.gather(1, top), python.gather(1, top), cpp.argmax(-1), python.argmax(-1)
 
 
-@pytest.mark.skipif(vnni_kernels() is None, reason="this CPU or build has no VNNI kernels")
+@pytest.mark.skipif(cpu_kernels() is None, reason="this CPU or build has no OpenLPU kernels")
 def test_cpp_decode_layer_equals_the_python_block(gemma_path, llamacpp_reference):
     """Past the 512-token window too: the sliding layers' ring wraps, and each token's key lands
     at its ring index."""
@@ -134,7 +134,7 @@ def test_cpp_decode_layer_equals_the_python_block(gemma_path, llamacpp_reference
     assert cpp_best.tolist() == python_best.tolist()
 
 
-@pytest.mark.skipif(vnni_kernels() is None, reason="this CPU or build has no VNNI kernels")
+@pytest.mark.skipif(cpu_kernels() is None, reason="this CPU or build has no OpenLPU kernels")
 def test_cpp_decode_layer_equals_the_python_block_for_llama_style_blocks():
     """Interleaved rope, SiLU, grouped-query attention, no q/k or post norms: the other branches;
     150 cached keys, so the attention is split between threads."""

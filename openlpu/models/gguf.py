@@ -619,7 +619,7 @@ def load_tensor(header_or_path: GGUFHeader | str | Path, name: str) -> np.ndarra
 
 # ---- group codes ------------------------------------------------------------------------------
 # Block types whose values are code * scale + min per group of 32 inputs, with 4- or 5-bit
-# unsigned codes: the runtime's VNNI kernels multiply them as stored. Layouts as ggml defines them
+# unsigned codes: the runtime's CPU kernels multiply them as stored. Layouts as ggml defines them
 # (ggml-common.h): fp16 d (and m or dmin) first; `qs` nibbles, byte j holding inputs j and j + 16
 # of a 32-group (Q4_0/1, Q5_0/1), or inputs l and l + 32 of a 64-chunk (K types); `qh` fifth bits.
 def _fp16(blocks: np.ndarray, at: int) -> np.ndarray:

@@ -1,20 +1,21 @@
 """Linear layers in the weight formats OpenLPU runs: float32 (reference), bf16, int8 and int4.
 
 A Linear takes float32 or bf16 activations. The float32 format returns float32; the others
-compute in bf16 and return bf16, so a caller casts only where its next op needs float32 (a
+compute in bf16 and return bf16, or float32 where OpenLPU's CPU kernels run or where the CPU has no
+bf16 instructions (`dense_dtype`), so a caller casts only where its next op needs float32 (a
 residual add promotes by itself). The low-bit formats are weight-only: int8 with one scale per
 output row (torch._weight_int8pack_mm), int4 with an asymmetric scale and zero per group of
 inputs (torch._weight_int4pack_mm_for_cpu, CPU only). Both kernels read the weights once per call
 whatever the row count, which is what a decode step wants; for many rows (a prompt) an int8
-matrix is dequantized to bf16 for that call and multiplied densely, which is 2x faster at 128 rows
+matrix is dequantized for that call and multiplied densely, which is 2x faster at 128 rows
 than the weight-only kernel (bench/results/engine_vs_llamacpp.md has the prefill figures).
 
-On x86 CPUs with AVX-512 VNNI, few-row products run OpenLPU's own kernels (vnni_kernels.cpp,
-compiled on first use): the activations are quantized to int8 per block of 32 inputs and
-multiplied by the int8 or 4-bit weights with integer dot-product instructions. The int4 format
-then packs its codes the way that kernel reads them (`_pack_codes`), and a GGUF file's own 4- and
-5-bit codes run as they are (GroupCodes, formats int4 and int5). OPENLPU_VNNI=0 turns
-them off.
+On x86 CPUs with AVX2 (or AVX-512 VNNI), few-row products run OpenLPU's own kernels (cpu_kernels.cpp,
+compiled on first use for the CPU's instruction set, KERNEL_ISAS): the activations are quantized to
+int8 per block of 32 inputs and multiplied by the int8 or 4-bit weights with integer dot-product
+instructions. The int4 format then packs its codes the way that kernel reads them (`_pack_codes`),
+and a GGUF file's own 4- and 5-bit codes run as they are (GroupCodes, formats int4 and int5).
+OPENLPU_CPU_KERNELS=0 turns them off.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import fcntl
 import functools
 import hashlib
 import os
+import platform
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,34 +40,67 @@ INT8PACK_MULTIPLE = 16
 INT4PACK_ROWS_MULTIPLE = 16  # torch's int4 kernel packs output rows 16 at a time (torch 2.13, CPU)
 PACK_CHUNK_ROWS = 16384  # quantize big matrices (the 262k-row embedding) in bounded pieces
 
-VNNI_SOURCE = Path(__file__).with_name("vnni_kernels.cpp")
-VNNI_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi", "f16c", "fma")
-VNNI_CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512vbmi",
-               "-mf16c", "-mfma"]
-VNNI_INT8_MULTIPLE, VNNI_INT4_MULTIPLE = 64, 128  # inputs per step of each kernel's inner loop
-CODE_BITS = {"int4": 4, "int5": 5}  # formats the VNNI code kernel runs
+KERNEL_SOURCES = tuple(Path(__file__).with_name(name)
+                       for name in ("cpu_kernels.cpp", "cpu_kernels_avx512.h", "cpu_kernels_avx2.h"))
+# instruction set -> (the /proc/cpuinfo flags it needs, the compiler flags it is built with); the first the CPU
+# has is built
+KERNEL_ISAS = {
+    "AVX-512 VNNI": (("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi", "f16c", "fma"),
+                     ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512vbmi", "-mf16c", "-mfma"]),
+    "AVX2": (("avx2", "f16c", "fma"), ["-mavx2", "-mf16c", "-mfma"]),
+}
+KERNEL_CFLAGS = ["-O3", "-fopenmp"]
+KERNEL_INT8_MULTIPLE, KERNEL_CODE_MULTIPLE = 64, 128  # inputs per step of each kernel's inner loop
+CODE_BITS = {"int4": 4, "int5": 5}  # formats the code kernel runs
+# /proc/cpuinfo flags of bf16 matrix instructions: without them torch multiplies bf16 matrices 6.5x slower than
+# float32 ones (128 x 640 by 640 x 2048: 16 vs 105 GFLOP/s, AMD EPYC with AVX2, torch 2.13, 2 threads)
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-def _cpu_flags() -> set[str]:
+def _cpuinfo(field: str) -> list[str]:
+    """The values of one /proc/cpuinfo field, a line per CPU (none where there is no such file)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
-    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split()}
+        return []
+    return [line.partition(":")[2].strip() for line in text.splitlines() if line.split(":")[0].strip() == field]
+
+
+def _cpu_flags() -> set[str]:
+    return {flag for line in _cpuinfo("flags") for flag in line.split()}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (or, without /proc/cpuinfo, the machine type), for benchmark reports."""
+    return next(iter(_cpuinfo("model name")), platform.machine())
+
+
+def kernel_isa() -> str | None:
+    """The instruction set OpenLPU's CPU kernels are built for on this CPU (a KERNEL_ISAS key), or None."""
+    flags = _cpu_flags()
+    return next((isa for isa, (needs, _) in KERNEL_ISAS.items() if set(needs) <= flags), None)
 
 
 @functools.cache
-def vnni_kernels():
-    """The compiled VNNI kernels, or None where this CPU lacks the instructions, OPENLPU_VNNI=0,
-    or they cannot be built (then the torch kernels run, a little slower)."""
-    if os.environ.get("OPENLPU_VNNI", "1") == "0" or not set(VNNI_CPU_FLAGS) <= _cpu_flags():
+def dense_dtype() -> torch.dtype:
+    """What many-row products multiply in: bf16 where the CPU has bf16 matrix instructions, else float32."""
+    return torch.bfloat16 if set(BF16_CPU_FLAGS) & _cpu_flags() else torch.float32
+
+
+@functools.cache
+def cpu_kernels():
+    """OpenLPU's compiled CPU kernels, or None where this CPU has neither instruction set, OPENLPU_CPU_KERNELS=0,
+    or they cannot be built (then torch's kernels run, slower)."""
+    isa = kernel_isa()
+    if os.environ.get("OPENLPU_CPU_KERNELS", "1") == "0" or isa is None:
         return None
     from torch.utils.cpp_extension import load
 
     from openlpu.models.embedded import cache_dir
 
+    cflags = KERNEL_CFLAGS + KERNEL_ISAS[isa][1]
     # One build per source, flags and torch version, so an upgrade never loads a stale library.
-    key = hashlib.sha256(VNNI_SOURCE.read_bytes() + " ".join(VNNI_CFLAGS).encode()
+    key = hashlib.sha256(b"".join(source.read_bytes() for source in KERNEL_SOURCES) + " ".join(cflags).encode()
                          + torch.__version__.encode()).hexdigest()[:16]
     build = cache_dir() / "kernels" / key
     build.mkdir(parents=True, exist_ok=True)
@@ -80,9 +115,9 @@ def vnni_kernels():
             fcntl.flock(lock, fcntl.LOCK_EX)
         (build / "lock").unlink(missing_ok=True)  # torch's mark (cpp_extension's FileBaton)
         if not any(build.glob("*.so")):
-            print("openlpu: compiling the CPU kernels (once, about a minute)", file=sys.stderr, flush=True)
+            print(f"openlpu: compiling the CPU kernels for {isa} (once, about a minute)", file=sys.stderr, flush=True)
         try:
-            return load(name="openlpu_vnni", sources=[str(VNNI_SOURCE)], extra_cflags=VNNI_CFLAGS,
+            return load(name="openlpu_cpu_kernels", sources=[str(KERNEL_SOURCES[0])], extra_cflags=cflags,
                         extra_ldflags=["-fopenmp"], build_directory=str(build))
         except (OSError, RuntimeError, ImportError) as err:  # no compiler or headers: torch kernels still work
             print(f"openlpu: CPU kernels unavailable ({str(err).splitlines()[0]}); using torch's",
@@ -130,7 +165,7 @@ class GroupCodes:
 
 
 def _pack_codes(codes: GroupCodes) -> torch.Tensor:
-    """Group codes -> one uint8 row per output in the layout vnni_kernels.cpp reads: the low 4
+    """Group codes -> one uint8 row per output in the layout cpu_kernels.cpp reads: the low 4
     bits as nibbles, the fifth bits (5-bit codes) as masks, then fp16 scales and mins."""
     n, k = codes.shape
     half = INT4_GROUP // 2
@@ -179,36 +214,36 @@ def _codes_4bit_chunked(weight) -> torch.Tensor:
 @dataclass
 class Linear:
     """y = x @ W.T (+ bias), W stored in `fmt`: float32, bf16, int8 (per-row scale), int4 or
-    int5 (codes per group of 32, the latter only on the VNNI kernels)."""
+    int5 (codes per group of 32, the latter only on OpenLPU's CPU kernels)."""
 
     fmt: str
     weight: torch.Tensor  # float32 / bf16 matrix, int8 rows, packed 4-bit (torch) or _pack_codes rows
     scale: torch.Tensor | None = None  # int8: bf16 per row; torch's int4: scale and zero per group
     bias: torch.Tensor | None = None  # float32
-    vnni: object | None = None  # the compiled VNNI kernels, when this matrix runs on them
+    kernels: object | None = None  # OpenLPU's compiled CPU kernels, when this matrix runs on them
 
     @classmethod
     def build(cls, weight, fmt: str, bias: torch.Tensor | None = None,
               device: torch.device | str | None = None) -> Linear:
         """`weight`: a float tensor, anything with .shape and float rows by slice (quantized in
         chunks of rows, so a huge matrix never exists in float32 all at once), or GroupCodes
-        with fmt "codes" (run as they are where the VNNI kernels can, else as int8)."""
+        with fmt "codes" (run as they are where OpenLPU's CPU kernels can, else as int8)."""
         device = torch.device(device or (weight.device if isinstance(weight, torch.Tensor) else "cpu"))
         if device.type != "cpu" and fmt in ("int8", "int4", "codes"):
             fmt = "bf16"  # the weight-only int kernels used here are CPU kernels
         k = weight.shape[1]
         if fmt == "int4" and k % INT4_GROUP:
             fmt = "int8"  # the int4 kernel needs whole groups
-        if fmt == "codes" and not (isinstance(weight, GroupCodes) and k % VNNI_INT4_MULTIPLE == 0
-                                   and vnni_kernels()):
-            fmt = "int8"  # codes run only on the VNNI kernels
-        if fmt == "int4" and not (k % VNNI_INT4_MULTIPLE == 0 and vnni_kernels()) \
+        if fmt == "codes" and not (isinstance(weight, GroupCodes) and k % KERNEL_CODE_MULTIPLE == 0
+                                   and cpu_kernels()):
+            fmt = "int8"  # codes run only on OpenLPU's kernels
+        if fmt == "int4" and not (k % KERNEL_CODE_MULTIPLE == 0 and cpu_kernels()) \
                 and weight.shape[0] % INT4PACK_ROWS_MULTIPLE:
             fmt = "int8"  # torch's int4 kernel needs whole packs of rows (a vocabulary of 32,001 tokens has not)
         if isinstance(weight, GroupCodes) and fmt != "codes":
             weight = weight.dequantize()
-        multiple = {"int8": VNNI_INT8_MULTIPLE, "int4": VNNI_INT4_MULTIPLE, "codes": VNNI_INT4_MULTIPLE}.get(fmt)
-        vnni = vnni_kernels() if multiple and k % multiple == 0 else None
+        multiple = {"int8": KERNEL_INT8_MULTIPLE, "int4": KERNEL_CODE_MULTIPLE, "codes": KERNEL_CODE_MULTIPLE}.get(fmt)
+        kernels = cpu_kernels() if multiple and k % multiple == 0 else None
         if fmt in ("float32", "bf16") and not isinstance(weight, torch.Tensor):
             weight = weight[0:weight.shape[0]]  # a lazy row source (model.GGUFRows): read it all
         if fmt == "float32":
@@ -217,40 +252,45 @@ class Linear:
             built = cls(fmt, weight.to(torch.bfloat16).contiguous(), bias=bias)
         elif fmt == "int8":
             q, s = quantize_int8_rows(weight)
-            built = cls(fmt, q, s.to(torch.bfloat16), bias, vnni)
-        elif fmt == "int4" and vnni:
-            built = cls(fmt, _codes_4bit_chunked(weight), None, bias, vnni)
+            built = cls(fmt, q, s.to(torch.bfloat16), bias, kernels)
+        elif fmt == "int4" and kernels:
+            built = cls(fmt, _codes_4bit_chunked(weight), None, bias, kernels)
         elif fmt == "int4":
             built = cls(fmt, *_pack_int4(weight), bias)
         elif fmt == "codes":
-            built = cls(f"int{weight.bits}", _pack_codes(weight), None, bias, vnni)
+            built = cls(f"int{weight.bits}", _pack_codes(weight), None, bias, kernels)
         else:
             raise ValueError(f"unknown weight format {fmt!r}")
         return built.to(device)
 
     def to(self, device) -> Linear:
         move = lambda t: None if t is None else t.to(device)
-        return Linear(self.fmt, move(self.weight), move(self.scale), move(self.bias), self.vnni)
+        return Linear(self.fmt, move(self.weight), move(self.scale), move(self.bias), self.kernels)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [rows, in] float32 or bf16 -> [rows, out]: float32 for the float32 format and from the
-        VNNI kernels, else bf16."""
+        """x [rows, in] float32 or bf16 -> [rows, out]: float32 for the float32 format, from OpenLPU's CPU
+        kernels and where many rows multiply in float32 (dense_dtype), else bf16."""
         if self.fmt == "float32":
             return F.linear(x.float(), self.weight, self.bias)
-        if self.vnni is not None and x.shape[0] < DENSE_FROM_ROWS:
+        if self.kernels is not None and x.shape[0] < DENSE_FROM_ROWS:
             if self.fmt == "int8":
-                y = self.vnni.int8_linear(x.contiguous(), self.weight, self.scale)
+                y = self.kernels.int8_linear(x.contiguous(), self.weight, self.scale)
             else:
-                y = self.vnni.code_linear(x.contiguous(), self.weight, CODE_BITS[self.fmt])
+                y = self.kernels.code_linear(x.contiguous(), self.weight, CODE_BITS[self.fmt])
             return y if self.bias is None else y + self.bias
-        if x.dtype != torch.bfloat16:  # (a cast to its own dtype still costs a dispatch)
-            x = x.to(torch.bfloat16)
+        # dequantized for this call and multiplied densely, or torch's weight-only kernels (bf16 only)
+        codes = self.fmt in CODE_BITS and self.kernels is not None  # (torch's int4 is fmt int4 too)
+        dense = codes or (self.fmt == "int8" and (x.shape[0] >= DENSE_FROM_ROWS or x.shape[1] % INT8PACK_MULTIPLE))
+        dtype = dense_dtype() if dense else torch.bfloat16
+        if x.dtype != dtype:  # (a cast to its own dtype still costs a dispatch)
+            x = x.to(dtype)
         if self.fmt == "bf16":
             y = F.linear(x, self.weight)
-        elif self.fmt in CODE_BITS and self.vnni is not None:
-            y = F.linear(x, self.vnni.code_dequantize(self.weight, CODE_BITS[self.fmt], x.shape[1]))
-        elif self.fmt == "int8" and (x.shape[0] >= DENSE_FROM_ROWS or x.shape[1] % INT8PACK_MULTIPLE):
-            y = F.linear(x, self.weight.to(torch.bfloat16).mul_(self.scale[:, None]))
+        elif codes:
+            y = F.linear(x, self.kernels.code_dequantize(self.weight, CODE_BITS[self.fmt], x.shape[1],
+                                                         dtype == torch.float32))
+        elif dense:
+            y = F.linear(x, self.weight.to(dtype).mul_(self.scale[:, None]))
         elif self.fmt == "int8":
             y = torch._weight_int8pack_mm(x, self.weight, self.scale)
         else:

@@ -627,23 +627,23 @@ class Model:
         return blk.attn_output(torch.cat([span(p.rows, p) for p in plans]))
 
     def _decode_layer(self, blk: _Block):
-        """The block in C++ (vnni_kernels.cpp's DecodeLayer), where the VNNI kernels run all four of
+        """The block in C++ (cpu_kernels.cpp's DecodeLayer), where OpenLPU's CPU kernels run all four of
         its matrices and the family needs nothing it leaves out (biases, experts, softcaps, Llama 4's NoPE layers
         and its q/k norm after rope)."""
         s, matrices = self.spec, [blk.qkv, blk.attn_output, blk.gate_up, blk.down]
         if (blk.experts is not None or s.attn_logit_softcap or s.activation not in ("gelu_tanh", "silu")
                 or blk.rope is None or blk.qk_l2_norm is not None
-                or any(m.vnni is None or m.bias is not None for m in matrices)):
+                or any(m.kernels is None or m.bias is not None for m in matrices)):
             return None
-        vnni, none = matrices[0].vnni, torch.empty(0)
+        kernels, none = matrices[0].kernels, torch.empty(0)
 
         def matrix(lin: Linear):
-            return vnni.Matrix(lin.weight, lin.scale if lin.fmt == "int8" else none, CODE_BITS.get(lin.fmt, 8))
+            return kernels.Matrix(lin.weight, lin.scale if lin.fmt == "int8" else none, CODE_BITS.get(lin.fmt, 8))
 
         def norm(n: RMSNorm | None):
-            return vnni.Norm(none, 0.0) if n is None else vnni.Norm(n.scaled_weight, float(n.floor) ** 2)
+            return kernels.Norm(none, 0.0) if n is None else kernels.Norm(n.scaled_weight, float(n.floor) ** 2)
 
-        return vnni.DecodeLayer(s.n_heads, s.n_kv_heads, s.head_dim, s.attn_scale, self.rope_style == "neox",
+        return kernels.DecodeLayer(s.n_heads, s.n_kv_heads, s.head_dim, s.attn_scale, self.rope_style == "neox",
                                 s.activation == "gelu_tanh", [matrix(m) for m in matrices],
                                 [norm(n) for n in (blk.attn_norm, blk.post_attention_norm, blk.ffn_norm,
                                                    blk.post_ffw_norm, blk.qk_norm)],
