@@ -31,11 +31,13 @@ def relative_error(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> 
 @pytest.mark.parametrize("bits", [4, 5])
 @pytest.mark.parametrize("rows", [1, 3, 40])  # 40: the dense path for prompts
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_code_products_equal_the_dequantized_product(bits, rows, dtype):
-    codes = random_codes(bits, 301, 640)  # 301 outputs: 75 groups of 4 and one left over
+@pytest.mark.parametrize("inputs, padding", [(640, 0), (576, 64), (32, 96)])  # 576: SmolLM2's width
+def test_code_products_equal_the_dequantized_product(bits, rows, dtype, inputs, padding):
+    """Widths of whole groups that are not whole 128-input steps run as codes too, padded with zero weights."""
+    codes = random_codes(bits, 301, inputs)  # 301 outputs: 75 groups of 4 and one left over
     linear = Linear.build(codes, "codes")
-    assert linear.fmt == f"int{bits}" and linear.kernels is not None
-    x = torch.randn(rows, 640).to(dtype)
+    assert linear.fmt == f"int{bits}" and linear.kernels is not None and linear.padding == padding
+    x = torch.randn(rows, inputs).to(dtype)
     limit = KERNEL_REL_ERROR if rows < kernels.DENSE_FROM_ROWS else BF16_REL_ERROR
     assert relative_error(linear(x), x, codes.dequantize()) < limit
 
@@ -74,6 +76,19 @@ def test_int8_products_keep_the_sign_of_a_half_step_residual():
     assert error <= 1.01 * dequantized.abs().max() / 256  # the clamp's 1/256 step; a lost sign costs 256 of them
 
 
+@needs_kernels
+@pytest.mark.parametrize("fmt, weight", [("int8", torch.randn(8, 128)), ("codes", random_codes(5, 8, 128))])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("at", [0, 8, 31])  # a maximum of 8 lanes dropped a NaN unless it was in the last 8
+def test_a_nan_or_infinite_activation_makes_the_products_nan(fmt, weight, bad, at):
+    linear = Linear.build(weight, fmt)
+    x = torch.randn(1, 128)
+    x[0, at] = bad
+    assert linear(x).isnan().all()
+    x[0, at] = 0.0
+    assert linear(x).isfinite().all()
+
+
 @pytest.mark.parametrize("inputs", [24, 37, 48])
 def test_int8_products_of_any_input_width(inputs):
     """Widths the kernels do not step through (here 24 and 37: not whole steps of torch's int8 kernel,
@@ -83,6 +98,17 @@ def test_int8_products_of_any_input_width(inputs):
     x = torch.randn(1, inputs)
     dequantized = linear.weight.float() * linear.scale.float()[:, None]
     assert relative_error(linear(x), x, dequantized) < BF16_REL_ERROR
+
+
+@needs_kernels
+def test_an_int4_matrix_of_whole_groups_pads_to_whole_steps():
+    weight = torch.randn(100, 576)
+    linear = Linear.build(weight, "int4")
+    assert (linear.fmt, linear.padding) == ("int4", 64)
+    dense = linear.kernels.code_dequantize(linear.weight, 4, 640, True)
+    assert (dense[:, 576:] == 0).all()  # the padding's weights are zero whatever its inputs hold
+    x = torch.randn(1, 576)
+    assert relative_error(linear(x), x, dense[:, :576]) < KERNEL_REL_ERROR
 
 
 @needs_kernels
@@ -101,7 +127,7 @@ def test_kernels_refuse_mismatched_shapes_with_a_message():
         linear.kernels.code_linear(torch.randn(1, 384), linear.weight, 5)
     with pytest.raises(RuntimeError, match="x has 100 inputs"):
         linear.kernels.int8_linear(torch.randn(1, 100), torch.zeros(4, 128, dtype=torch.int8),
-                                torch.ones(4, dtype=torch.bfloat16))
+                                   torch.ones(4, dtype=torch.bfloat16))
 
 
 def test_a_build_killed_mid_way_does_not_hold_up_the_next(monkeypatch, tmp_path):

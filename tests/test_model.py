@@ -3,6 +3,7 @@ numpy implementation of the Gemma 3 architecture (tiny random weights), and agai
 (cached vs uncached, batched vs separate, ring buffer vs full attention)."""
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from openlpu.models.spec import ModelSpec, RopeScaling
 from openlpu.runtime.kernels import cpu_kernels
 from openlpu.runtime.kv_cache import KVCache
 from openlpu.runtime.model import (
+    Head,
     Model,
     Span,
     attend,
@@ -104,6 +106,21 @@ def test_fast_paths_agree_with_reference(precision, kernels, gemma_path, referen
     assert fast.nbytes() < 0.3 * reference_model.nbytes()  # the point of the fast path
 
 
+@pytest.mark.skipif(cpu_kernels() is None, reason="this CPU or build has no OpenLPU kernels")
+def test_a_low_bit_head_is_never_dequantized_whole():
+    """40 sequences sampling at once stay on the weight-only kernels: the head is not dequantized for the call,
+    as a prompt's block matrices are (Gemma 3's would be 671 MB in float32)."""
+    head = Head(torch.randn(4096, 256), "int4")
+    kernels = head.linear.kernels
+
+    def dequantize(*args):
+        raise AssertionError("the head was dequantized")
+    head.linear.kernels = SimpleNamespace(code_linear=kernels.code_linear, code_dequantize=dequantize)
+    x = torch.randn(40, 256)
+    assert head(x).shape == (40, 4096)
+    assert kernels.code_linear(x, head.linear.weight, 4).shape == (40, 4096)  # and the test's path is the kernels'
+
+
 def _decode_with_and_without_cpp(model, prompt, tokens, capacity):
     """Logits of one-token steps after `prompt`, with the blocks' C++ decode layers, then without."""
     fused = [blk.decode for blk in model.blocks]
@@ -130,6 +147,19 @@ def test_cpp_decode_layer_equals_the_python_block(gemma_path, llamacpp_reference
     prompt = (llamacpp_reference["prompt_token_ids"] * 100)[:510]
     cpp, python, cpp_best, python_best = _decode_with_and_without_cpp(
         model, prompt, llamacpp_reference["greedy_32_ids"][:6], 600)
+    assert (cpp - python).abs().max() < 0.02  # the same math, summed in another order
+    assert cpp_best.tolist() == python_best.tolist()
+
+
+@pytest.mark.skipif(cpu_kernels() is None, reason="this CPU or build has no OpenLPU kernels")
+def test_cpp_decode_layer_equals_the_python_block_with_padded_codes(smollm2_path, smollm2_reference):
+    """SmolLM2's 576 inputs are not whole 128-input steps: its Q4_1 matrices run as codes padded with zero
+    weights, in the C++ block as in Python."""
+    model = load_model(smollm2_path, "int4", max_positions=256)
+    assert model.blocks[0].qkv.fmt == "int4" and model.blocks[0].qkv.padding == 64
+    prompt = smollm2_reference["prompt_token_ids"]
+    cpp, python, cpp_best, python_best = _decode_with_and_without_cpp(
+        model, prompt, smollm2_reference["greedy_32_ids"][:6], 256)
     assert (cpp - python).abs().max() < 0.02  # the same math, summed in another order
     assert cpp_best.tolist() == python_best.tolist()
 

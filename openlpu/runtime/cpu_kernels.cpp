@@ -7,7 +7,7 @@
 // block, as llama.cpp's Q8_0, plus an int8 residual for precision), and integer byte dot products
 // turn the weight bytes into sums as they arrive: vpdpbusd, 64 bytes by 64 in one instruction, on
 // AVX-512 VNNI (cpu_kernels_avx512.h), vpmaddubsw and vpmaddwd, 32 at a time, on AVX2
-// (cpu_kernels_avx2.h). kernels.py builds this file once for each, with the flags of the CPU's.
+// (cpu_kernels_avx2.h). kernels.py builds this file for the one the CPU has.
 //
 // Weight formats (built by kernels.py):
 //   int8: [N, K] int8, symmetric, one scale per row (bf16 [N]): w = q * scale.
@@ -23,6 +23,7 @@
 #include <pybind11/stl.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -65,6 +66,10 @@ ActivationRow quantize_row(const T* x, int64_t k, bool code_layout) {
     float s;
     const float sum = quantize_block(x + b * BLOCK, row.q.data(), row.r.data(), first,
                                      first + (code_layout ? 64 : 16), &s);
+    // a NaN or infinite input makes the products NaN, as a float product would make them NaN or infinite; the
+    // blocks' maximum alone drops NaNs (vmaxps returns its second operand) and gives finite garbage
+    if (!std::all_of(x + b * BLOCK, x + (b + 1) * BLOCK, [](T v) { return std::isfinite(static_cast<float>(v)); }))
+      s = NAN;
     for (int l = 0; l < lanes; ++l) row.lane_scales[b * lanes + l] = s / 256.0f;
     row.scaled_sums[b] = s * sum;
     row.offset += 128.0f * row.scaled_sums[b];
@@ -81,8 +86,8 @@ void int8_product(const T* x, int64_t m, int64_t k, const int8_t* w, const at::B
   std::vector<ActivationRow> rows;
   for (int64_t i = 0; i < m; ++i) rows.push_back(quantize_row(x + i * k, k, false));
   at::parallel_for(0, (n + 3) / 4, std::max<int64_t>(1, MIN_TASK / (4 * k)), [&](int64_t q0, int64_t q1) {
-    for (int64_t i = 0; i < m; ++i) {
-      for (int64_t r = q0 * 4; r < std::min(q1 * 4, n); r += 4) {
+    for (int64_t r = q0 * 4; r < std::min(q1 * 4, n); r += 4) {  // 4 weight rows, read once for all m rows
+      for (int64_t i = 0; i < m; ++i) {
         if (r + 4 <= n) int8_rows<4>(w + r * k, k, rows[i], scale + r, y + i * n + r);
         else for (int64_t t = r; t < n; ++t) int8_rows<1>(w + t * k, k, rows[i], scale + t, y + i * n + t);
       }
@@ -100,8 +105,8 @@ void code_product(const T* x, int64_t m, int64_t k, const uint8_t* w, int64_t ro
   for (int64_t i = 0; i < m; ++i) rows.push_back(quantize_row(x + i * k, k, true));
   const CodeUnpacker unpacker;
   at::parallel_for(0, (n + 3) / 4, std::max<int64_t>(1, MIN_TASK / (4 * k)), [&](int64_t q0, int64_t q1) {
-    for (int64_t i = 0; i < m; ++i) {
-      for (int64_t r = q0 * 4; r < std::min(q1 * 4, n); r += 4) {
+    for (int64_t r = q0 * 4; r < std::min(q1 * 4, n); r += 4) {  // 4 weight rows, read once for all m rows
+      for (int64_t i = 0; i < m; ++i) {
         if (r + 4 <= n) code_rows<4, FIFTH_BIT>(w + r * row_bytes, row_bytes, k, rows[i], unpacker, y + i * n + r);
         else for (int64_t t = r; t < n; ++t)
           code_rows<1, FIFTH_BIT>(w + t * row_bytes, row_bytes, k, rows[i], unpacker, y + i * n + t);
@@ -110,10 +115,11 @@ void code_product(const T* x, int64_t m, int64_t k, const uint8_t* w, int64_t ro
   });
 }
 
-// One weight matrix as the layer kernel runs it: int8 rows (bits 8, with scale) or codes (4, 5).
+// One weight matrix as the layer kernel runs it: int8 rows (bits 8, with scale) or codes (4, 5), whose
+// layout may add zero-weight inputs past the layer's vector (`padding`, kernels.Linear's).
 struct Matrix {
   torch::Tensor weight, scale;
-  int64_t bits;
+  int64_t bits, padding;
 
   void apply(const float* x, float* y) const {
     const int64_t n = weight.size(0);
@@ -121,6 +127,12 @@ struct Matrix {
       int8_product(x, 1, weight.size(1), weight.data_ptr<int8_t>(), scale.data_ptr<at::BFloat16>(), n, y);
     } else {
       const int64_t k = (weight.size(1) * 8) / (bits == 5 ? 6 : 5);  // row bytes = k * 3/4 or k * 5/8
+      std::vector<float> padded;
+      if (padding) {
+        padded.assign(k, 0.0f);
+        std::copy_n(x, k - padding, padded.data());
+        x = padded.data();
+      }
       if (bits == 5) code_product<float, true>(x, 1, k, weight.data_ptr<uint8_t>(), weight.size(1), n, y);
       else code_product<float, false>(x, 1, k, weight.data_ptr<uint8_t>(), weight.size(1), n, y);
     }
@@ -320,7 +332,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_linear", &int8_linear);
   m.def("code_linear", &code_linear);
   m.def("code_dequantize", &code_dequantize);
-  py::class_<Matrix>(m, "Matrix").def(py::init<torch::Tensor, torch::Tensor, int64_t>());
+  py::class_<Matrix>(m, "Matrix").def(py::init<torch::Tensor, torch::Tensor, int64_t, int64_t>());
   py::class_<Norm>(m, "Norm").def(py::init<torch::Tensor, float>());
   py::class_<DecodeLayer>(m, "DecodeLayer")
       .def(py::init<int64_t, int64_t, int64_t, double, bool, bool, std::vector<Matrix>, std::vector<Norm>, bool, bool>())

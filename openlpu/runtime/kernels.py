@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 INT4_GROUP = 32  # inputs sharing one int4 scale/zero; GGUF's quant blocks are 32 wide too
-DENSE_FROM_ROWS = 32  # int8 with at least this many rows: dequantize, then one dense bf16 product
+DENSE_FROM_ROWS = 32  # products of at least this many rows: dequantize, then one dense product (dense_dtype)
 # torch._weight_int8pack_mm reads inputs 16 at a time: other widths give garbage or crash (torch 2.13,
 # CPU), so those matrices are dequantized for each call instead
 INT8PACK_MULTIPLE = 16
@@ -52,9 +52,10 @@ KERNEL_ISAS = {
 KERNEL_CFLAGS = ["-O3", "-fopenmp"]
 KERNEL_INT8_MULTIPLE, KERNEL_CODE_MULTIPLE = 64, 128  # inputs per step of each kernel's inner loop
 CODE_BITS = {"int4": 4, "int5": 5}  # formats the code kernel runs
-# /proc/cpuinfo flags of bf16 matrix instructions: without them torch multiplies bf16 matrices 6.5x slower than
-# float32 ones (128 x 640 by 640 x 2048: 16 vs 105 GFLOP/s, AMD EPYC with AVX2, torch 2.13, 2 threads)
+# /proc/cpuinfo flags of x86's bf16 matrix instructions: without them torch multiplies bf16 matrices 6.5x slower
+# than float32 ones (128 x 640 by 640 x 2048: 16 vs 105 GFLOP/s, AMD EPYC with AVX2, torch 2.13, 2 threads)
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+X86_MACHINES = ("x86_64", "AMD64", "i386", "i686")
 
 
 def _cpuinfo(field: str) -> list[str]:
@@ -83,8 +84,10 @@ def kernel_isa() -> str | None:
 
 @functools.cache
 def dense_dtype() -> torch.dtype:
-    """What many-row products multiply in: bf16 where the CPU has bf16 matrix instructions, else float32."""
-    return torch.bfloat16 if set(BF16_CPU_FLAGS) & _cpu_flags() else torch.float32
+    """What many-row products multiply in: float32 on x86 CPUs without bf16 matrix instructions, else bf16 (other
+    machines list their features otherwise, and were not measured)."""
+    slow_bf16 = platform.machine() in X86_MACHINES and not set(BF16_CPU_FLAGS) & _cpu_flags()
+    return torch.float32 if slow_bf16 else torch.bfloat16
 
 
 @functools.cache
@@ -163,6 +166,12 @@ class GroupCodes:
         groups = self.codes.view(n, -1, INT4_GROUP).float()
         return (groups * self.scale[..., None] + self.min[..., None]).view(n, k)
 
+    def padded(self, inputs: int) -> GroupCodes:
+        """The same rows over `inputs` inputs, the extra groups' weights zero (codes, scales and mins)."""
+        extra = inputs - self.shape[1]
+        return GroupCodes(self.bits, F.pad(self.codes, (0, extra)), F.pad(self.scale, (0, extra // INT4_GROUP)),
+                          F.pad(self.min, (0, extra // INT4_GROUP)))
+
 
 def _pack_codes(codes: GroupCodes) -> torch.Tensor:
     """Group codes -> one uint8 row per output in the layout cpu_kernels.cpp reads: the low 4
@@ -202,13 +211,22 @@ def _pack_int4(weight) -> tuple[torch.Tensor, torch.Tensor]:
     return packed, scale_zero.to(torch.bfloat16)
 
 
-def _codes_4bit_chunked(weight) -> torch.Tensor:
-    """Float rows -> _pack_codes rows of 4-bit codes, rounded a bounded number of rows at a time."""
+def _codes_4bit_chunked(weight, inputs: int) -> torch.Tensor:
+    """Float rows -> _pack_codes rows of 4-bit codes over `inputs` inputs (zero weights past the matrix's),
+    rounded a bounded number of rows at a time."""
     n, k = weight.shape
-    rows = torch.empty((n, k // 2 + k // 8), dtype=torch.uint8)
+    rows = torch.empty((n, inputs // 2 + inputs // 8), dtype=torch.uint8)
     for r in range(0, n, PACK_CHUNK_ROWS):
-        rows[r:r + PACK_CHUNK_ROWS] = _pack_codes(_group_codes_4bit(weight[r:r + PACK_CHUNK_ROWS]))
+        chunk = F.pad(weight[r:r + PACK_CHUNK_ROWS].float(), (0, inputs - k))
+        rows[r:r + PACK_CHUNK_ROWS] = _pack_codes(_group_codes_4bit(chunk))
     return rows
+
+
+def _kernel_inputs(k: int) -> int:
+    """A code matrix's inputs as the kernels store it: whole 128-input steps of their inner loop, the groups past
+    k holding zero weights (a width of whole groups that is not whole steps, as SmolLM2's 576, runs as codes too,
+    for 11% more bytes there)."""
+    return -(-k // KERNEL_CODE_MULTIPLE) * KERNEL_CODE_MULTIPLE
 
 
 @dataclass
@@ -221,6 +239,7 @@ class Linear:
     scale: torch.Tensor | None = None  # int8: bf16 per row; torch's int4: scale and zero per group
     bias: torch.Tensor | None = None  # float32
     kernels: object | None = None  # OpenLPU's compiled CPU kernels, when this matrix runs on them
+    padding: int = 0  # zero-weight inputs the code kernels' layout adds past the matrix's (_kernel_inputs)
 
     @classmethod
     def build(cls, weight, fmt: str, bias: torch.Tensor | None = None,
@@ -234,16 +253,16 @@ class Linear:
         k = weight.shape[1]
         if fmt == "int4" and k % INT4_GROUP:
             fmt = "int8"  # the int4 kernel needs whole groups
-        if fmt == "codes" and not (isinstance(weight, GroupCodes) and k % KERNEL_CODE_MULTIPLE == 0
-                                   and cpu_kernels()):
+        if fmt == "codes" and not (isinstance(weight, GroupCodes) and cpu_kernels()):
             fmt = "int8"  # codes run only on OpenLPU's kernels
-        if fmt == "int4" and not (k % KERNEL_CODE_MULTIPLE == 0 and cpu_kernels()) \
-                and weight.shape[0] % INT4PACK_ROWS_MULTIPLE:
+        if fmt == "int4" and not cpu_kernels() and weight.shape[0] % INT4PACK_ROWS_MULTIPLE:
             fmt = "int8"  # torch's int4 kernel needs whole packs of rows (a vocabulary of 32,001 tokens has not)
         if isinstance(weight, GroupCodes) and fmt != "codes":
             weight = weight.dequantize()
-        multiple = {"int8": KERNEL_INT8_MULTIPLE, "int4": KERNEL_CODE_MULTIPLE, "codes": KERNEL_CODE_MULTIPLE}.get(fmt)
-        kernels = cpu_kernels() if multiple and k % multiple == 0 else None
+        # int8 rows run on the kernels in whole 64-input steps; codes in any whole groups (_kernel_inputs)
+        kernels = cpu_kernels() if fmt in ("int4", "codes") or (fmt == "int8" and k % KERNEL_INT8_MULTIPLE == 0) \
+            else None
+        padding = _kernel_inputs(k) - k if kernels and fmt in ("int4", "codes") else 0
         if fmt in ("float32", "bf16") and not isinstance(weight, torch.Tensor):
             weight = weight[0:weight.shape[0]]  # a lazy row source (model.GGUFRows): read it all
         if fmt == "float32":
@@ -254,25 +273,28 @@ class Linear:
             q, s = quantize_int8_rows(weight)
             built = cls(fmt, q, s.to(torch.bfloat16), bias, kernels)
         elif fmt == "int4" and kernels:
-            built = cls(fmt, _codes_4bit_chunked(weight), None, bias, kernels)
+            built = cls(fmt, _codes_4bit_chunked(weight, k + padding), None, bias, kernels, padding)
         elif fmt == "int4":
             built = cls(fmt, *_pack_int4(weight), bias)
         elif fmt == "codes":
-            built = cls(f"int{weight.bits}", _pack_codes(weight), None, bias, kernels)
+            built = cls(f"int{weight.bits}", _pack_codes(weight.padded(k + padding)), None, bias, kernels, padding)
         else:
             raise ValueError(f"unknown weight format {fmt!r}")
         return built.to(device)
 
     def to(self, device) -> Linear:
         move = lambda t: None if t is None else t.to(device)
-        return Linear(self.fmt, move(self.weight), move(self.scale), move(self.bias), self.kernels)
+        return Linear(self.fmt, move(self.weight), move(self.scale), move(self.bias), self.kernels, self.padding)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, dense_from_rows: float = DENSE_FROM_ROWS) -> torch.Tensor:
         """x [rows, in] float32 or bf16 -> [rows, out]: float32 for the float32 format, from OpenLPU's CPU
-        kernels and where many rows multiply in float32 (dense_dtype), else bf16."""
+        kernels and where many rows multiply in float32 (dense_dtype), else bf16. From `dense_from_rows` rows a
+        low-bit matrix is dequantized for the call and multiplied densely."""
         if self.fmt == "float32":
             return F.linear(x.float(), self.weight, self.bias)
-        if self.kernels is not None and x.shape[0] < DENSE_FROM_ROWS:
+        if self.padding:
+            x = F.pad(x, (0, self.padding))
+        if self.kernels is not None and x.shape[0] < dense_from_rows:
             if self.fmt == "int8":
                 y = self.kernels.int8_linear(x.contiguous(), self.weight, self.scale)
             else:
@@ -280,7 +302,7 @@ class Linear:
             return y if self.bias is None else y + self.bias
         # dequantized for this call and multiplied densely, or torch's weight-only kernels (bf16 only)
         codes = self.fmt in CODE_BITS and self.kernels is not None  # (torch's int4 is fmt int4 too)
-        dense = codes or (self.fmt == "int8" and (x.shape[0] >= DENSE_FROM_ROWS or x.shape[1] % INT8PACK_MULTIPLE))
+        dense = codes or (self.fmt == "int8" and (x.shape[0] >= dense_from_rows or x.shape[1] % INT8PACK_MULTIPLE))
         dtype = dense_dtype() if dense else torch.bfloat16
         if x.dtype != dtype:  # (a cast to its own dtype still costs a dispatch)
             x = x.to(dtype)

@@ -446,7 +446,9 @@ class Head:
         self.exact_rows = None if self.linear.fmt == "float32" else rows
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.linear(x).float()
+        # never dense: its rows are the sequences sampling, whose products grow row by row on the weight-only
+        # kernels, while dense it would be dequantized whole for the call (Gemma 3's: 671 MB in float32)
+        logits = self.linear(x, dense_from_rows=math.inf).float()
         if self.exact_rows is not None and len(x):  # no rows: a batch of prompt chunks, none sampling yet
             candidates = top_candidates(logits, RESCORE_CANDIDATES)
             rows = self.exact_rows[candidates.flatten().cpu()].to(x.device)
@@ -638,16 +640,17 @@ class Model:
         kernels, none = matrices[0].kernels, torch.empty(0)
 
         def matrix(lin: Linear):
-            return kernels.Matrix(lin.weight, lin.scale if lin.fmt == "int8" else none, CODE_BITS.get(lin.fmt, 8))
+            return kernels.Matrix(lin.weight, lin.scale if lin.fmt == "int8" else none, CODE_BITS.get(lin.fmt, 8),
+                                  lin.padding)
 
         def norm(n: RMSNorm | None):
             return kernels.Norm(none, 0.0) if n is None else kernels.Norm(n.scaled_weight, float(n.floor) ** 2)
 
         return kernels.DecodeLayer(s.n_heads, s.n_kv_heads, s.head_dim, s.attn_scale, self.rope_style == "neox",
-                                s.activation == "gelu_tanh", [matrix(m) for m in matrices],
-                                [norm(n) for n in (blk.attn_norm, blk.post_attention_norm, blk.ffn_norm,
-                                                   blk.post_ffw_norm, blk.qk_norm)],
-                                blk.qk_norm is not None, blk.post_attention_norm is not None)
+                                   s.activation == "gelu_tanh", [matrix(m) for m in matrices],
+                                   [norm(n) for n in (blk.attn_norm, blk.post_attention_norm, blk.ffn_norm,
+                                                      blk.post_ffw_norm, blk.qk_norm)],
+                                   blk.qk_norm is not None, blk.post_attention_norm is not None)
 
     @staticmethod
     def _slot_cache(cache: KVCache | None, layer: int, slot: int):
