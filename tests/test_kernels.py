@@ -31,7 +31,7 @@ def relative_error(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> 
 @pytest.mark.parametrize("bits", [4, 5])
 @pytest.mark.parametrize("rows", [1, 3, 40])  # 40: the dense path for prompts
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("inputs, padding", [(640, 0), (576, 64), (32, 96)])  # 576: SmolLM2's width
+@pytest.mark.parametrize("inputs, padding", [(640, 0), (576, 64), (416, 96)])  # 576: SmolLM2's width
 def test_code_products_equal_the_dequantized_product(bits, rows, dtype, inputs, padding):
     """Widths of whole groups that are not whole 128-input steps run as codes too, padded with zero weights."""
     codes = random_codes(bits, 301, inputs)  # 301 outputs: 75 groups of 4 and one left over
@@ -109,6 +109,16 @@ def test_an_int4_matrix_of_whole_groups_pads_to_whole_steps():
     assert (dense[:, 576:] == 0).all()  # the padding's weights are zero whatever its inputs hold
     x = torch.randn(1, 576)
     assert relative_error(linear(x), x, dense[:, :576]) < KERNEL_REL_ERROR
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits, inputs", [(4, 32), (5, 160)])
+def test_a_narrow_matrix_whose_padding_would_outweigh_int8_runs_as_int8(bits, inputs):
+    codes = random_codes(bits, 8, inputs)
+    linear = Linear.build(codes, "codes")
+    assert (linear.fmt, linear.padding) == ("int8", 0)
+    x = torch.randn(1, inputs)
+    assert relative_error(linear(x), x, codes.dequantize()) < BF16_REL_ERROR
 
 
 @needs_kernels

@@ -145,10 +145,11 @@ inline void code_rows(const uint8_t* rows, int64_t row_bytes, int64_t k, const A
     }
     for (int r = 0; r < R; ++r) {
       const uint8_t* row = rows + r * row_bytes;
-      // the same 128 inputs' codes of the row two calls ahead, and as far into its tail (a 5-bit row's fifth
-      // bits, scales and mins; a 4-bit row's shorter tail, then the next row's codes): the embedded model's
-      // 4- and 5-bit matrices streamed at 11.1 GB/s with, 7.9 without, its head at 16.1 and 13.9 (median of 40
-      // alternating runs in one process, this project's 2-thread AMD EPYC)
+      // the same 128 inputs' codes of the row 2R rows on (two groups ahead: a decode step's call after next),
+      // and as far into its tail (a 5-bit row's fifth bits, scales and mins; a 4-bit row's shorter tail, then
+      // the next row's codes): the embedded model's 4- and 5-bit matrices streamed at 11.1 GB/s with, 7.9
+      // without, its head at 16.1 and 13.9 (median of 40 alternating runs in one process, this project's
+      // 2-thread AMD EPYC)
       _mm_prefetch(reinterpret_cast<const char*>(row + 2 * R * row_bytes + c / 2), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(row + 2 * R * row_bytes + k / 2 + c / 4), _MM_HINT_T0);
       __m256i lo[2], hi[2];

@@ -215,9 +215,10 @@ def _codes_4bit_chunked(weight, inputs: int) -> torch.Tensor:
     """Float rows -> _pack_codes rows of 4-bit codes over `inputs` inputs (zero weights past the matrix's),
     rounded a bounded number of rows at a time."""
     n, k = weight.shape
-    rows = torch.empty((n, inputs // 2 + inputs // 8), dtype=torch.uint8)
+    rows = torch.empty((n, _code_row_bytes(inputs, 4)), dtype=torch.uint8)
     for r in range(0, n, PACK_CHUNK_ROWS):
-        chunk = F.pad(weight[r:r + PACK_CHUNK_ROWS].float(), (0, inputs - k))
+        chunk = weight[r:r + PACK_CHUNK_ROWS].float()
+        chunk = F.pad(chunk, (0, inputs - k)) if inputs > k else chunk
         rows[r:r + PACK_CHUNK_ROWS] = _pack_codes(_group_codes_4bit(chunk))
     return rows
 
@@ -227,6 +228,11 @@ def _kernel_inputs(k: int) -> int:
     k holding zero weights (a width of whole groups that is not whole steps, as SmolLM2's 576, runs as codes too,
     for 11% more bytes there)."""
     return -(-k // KERNEL_CODE_MULTIPLE) * KERNEL_CODE_MULTIPLE
+
+
+def _code_row_bytes(inputs: int, bits: int) -> int:
+    """Bytes of one _pack_codes row: 4 bits an input, a fifth bit for 5-bit codes, fp16 scale and min a group."""
+    return inputs // 2 + (inputs // 8 if bits == 5 else 0) + inputs // 8
 
 
 @dataclass
@@ -257,6 +263,9 @@ class Linear:
             fmt = "int8"  # codes run only on OpenLPU's kernels
         if fmt == "int4" and not cpu_kernels() and weight.shape[0] % INT4PACK_ROWS_MULTIPLE:
             fmt = "int8"  # torch's int4 kernel needs whole packs of rows (a vocabulary of 32,001 tokens has not)
+        if fmt in ("int4", "codes") and cpu_kernels() and \
+                _code_row_bytes(_kernel_inputs(k), getattr(weight, "bits", 4)) >= k:
+            fmt = "int8"  # padded to whole steps, a narrow matrix's codes would outweigh its int8 rows
         if isinstance(weight, GroupCodes) and fmt != "codes":
             weight = weight.dequantize()
         # int8 rows run on the kernels in whole 64-input steps; codes in any whole groups (_kernel_inputs)
@@ -277,7 +286,8 @@ class Linear:
         elif fmt == "int4":
             built = cls(fmt, *_pack_int4(weight), bias)
         elif fmt == "codes":
-            built = cls(f"int{weight.bits}", _pack_codes(weight.padded(k + padding)), None, bias, kernels, padding)
+            codes = weight.padded(k + padding) if padding else weight
+            built = cls(f"int{weight.bits}", _pack_codes(codes), None, bias, kernels, padding)
         else:
             raise ValueError(f"unknown weight format {fmt!r}")
         return built.to(device)

@@ -446,8 +446,8 @@ class Head:
         self.exact_rows = None if self.linear.fmt == "float32" else rows
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # never dense: its rows are the sequences sampling, whose products grow row by row on the weight-only
-        # kernels, while dense it would be dequantized whole for the call (Gemma 3's: 671 MB in float32)
+        # on OpenLPU's kernels whatever the rows (the sequences sampling): dense, it would be dequantized whole for
+        # the call (Gemma 3's: 671 MB in float32)
         logits = self.linear(x, dense_from_rows=math.inf).float()
         if self.exact_rows is not None and len(x):  # no rows: a batch of prompt chunks, none sampling yet
             candidates = top_candidates(logits, RESCORE_CANDIDATES)
