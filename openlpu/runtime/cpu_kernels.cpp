@@ -98,6 +98,27 @@ void int8_product(const T* x, int64_t m, int64_t k, const int8_t* w, const at::B
 // Bytes of one row of codes.
 inline int64_t code_row_bytes(int64_t k, bool fifth_bit) { return k / 2 + (fifth_bit ? k / 8 : 0) + k / 8; }
 
+// Rows r0..r1 of codes -> code * scale + min, k values each.
+template <bool FIFTH_BIT, typename Out>
+void dequantize_rows(const uint8_t* rows, int64_t row_bytes, int64_t k, int64_t r0, int64_t r1, Out* out) {
+  const CodeUnpacker codes;
+  const int64_t groups = k / BLOCK, scales_at = k / 2 + (FIFTH_BIT ? k / 8 : 0);
+  uint8_t lo[64], hi[64];
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = rows + r * row_bytes;
+    const at::Half* scales = reinterpret_cast<const at::Half*>(row + scales_at);
+    for (int64_t c = 0; c < k; c += 128) {
+      codes.unpack_bytes<FIFTH_BIT>(row, k, c, lo, hi);
+      for (int g = 0; g < 4; ++g) {
+        const int64_t group = c / BLOCK + g;
+        const float scale = static_cast<float>(scales[group]), min = static_cast<float>(scales[groups + group]);
+        dequantize16(lo + 16 * g, scale, min, out + r * k + group * BLOCK);
+        dequantize16(hi + 16 * g, scale, min, out + r * k + group * BLOCK + 16);
+      }
+    }
+  }
+}
+
 // y [m, n] = x [m, k] @ rows of codes [n, row_bytes].T.
 template <typename T, bool FIFTH_BIT>
 void code_product(const T* x, int64_t m, int64_t k, const uint8_t* w, int64_t row_bytes, int64_t n, float* y) {

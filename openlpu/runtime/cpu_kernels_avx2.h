@@ -126,6 +126,16 @@ struct CodeUnpacker {
       }
     }
   }
+  // The same into memory: lo[16 * group + j] the code of input j, hi[16 * group + j] of input j + 16.
+  template <bool FIFTH_BIT>
+  inline void unpack_bytes(const uint8_t* row, int64_t k, int64_t c, uint8_t lo[64], uint8_t hi[64]) const {
+    __m256i l[2], h[2];
+    unpack<FIFTH_BIT>(row, k, c, l, h);
+    for (int half = 0; half < 2; ++half) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + 32 * half), l[half]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + 32 * half), h[half]);
+    }
+  }
 };
 
 template <int R, bool FIFTH_BIT>
@@ -192,32 +202,12 @@ inline void store8(at::BFloat16* out, __m256 v) {
 }
 inline void store8(float* out, __m256 v) { _mm256_storeu_ps(out, v); }
 
-template <bool FIFTH_BIT, typename Out>
-void dequantize_rows(const uint8_t* rows, int64_t row_bytes, int64_t k, int64_t r0, int64_t r1, Out* out) {
-  const CodeUnpacker codes;
-  const int64_t groups = k / BLOCK, scales_at = k / 2 + (FIFTH_BIT ? k / 8 : 0);
-  alignas(32) uint8_t lo_bytes[64], hi_bytes[64];
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* row = rows + r * row_bytes;
-    const at::Half* scales = reinterpret_cast<const at::Half*>(row + scales_at);
-    for (int64_t c = 0; c < k; c += 128) {
-      __m256i lo[2], hi[2];
-      codes.unpack<FIFTH_BIT>(row, k, c, lo, hi);
-      for (int half = 0; half < 2; ++half) {
-        _mm256_store_si256(reinterpret_cast<__m256i*>(lo_bytes + 32 * half), lo[half]);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(hi_bytes + 32 * half), hi[half]);
-      }
-      for (int g = 0; g < 4; ++g) {
-        const int64_t group = c / BLOCK + g;
-        const __m256 scale = _mm256_set1_ps(static_cast<float>(scales[group]));
-        const __m256 low = _mm256_set1_ps(static_cast<float>(scales[groups + group]));
-        for (int eighth = 0; eighth < 4; ++eighth) {  // inputs 0-7, 8-15 (lo), 16-23, 24-31 (hi)
-          const uint8_t* bytes = (eighth < 2 ? lo_bytes : hi_bytes) + 16 * g + 8 * (eighth % 2);
-          const __m256i wide = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes)));
-          store8(out + r * k + group * BLOCK + 8 * eighth, _mm256_fmadd_ps(_mm256_cvtepi32_ps(wide), scale, low));
-        }
-      }
-    }
+// 16 codes -> code * scale + min, 16 outputs.
+template <typename Out>
+inline void dequantize16(const uint8_t* codes, float scale, float min, Out* out) {
+  for (int eighth = 0; eighth < 2; ++eighth) {
+    const __m256i wide = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 8 * eighth)));
+    store8(out + 8 * eighth, _mm256_fmadd_ps(_mm256_cvtepi32_ps(wide), _mm256_set1_ps(scale), _mm256_set1_ps(min)));
   }
 }
 

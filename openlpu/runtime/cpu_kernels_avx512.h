@@ -85,6 +85,14 @@ struct CodeUnpacker {
       hi = _mm512_ternarylogic_epi32(hi, _mm512_multishift_epi64_epi8(fifth_at, _mm512_set1_epi64(masks[1])), bit4, 0xF8);
     }
   }
+  // The same into memory: lo[16 * group + j] the code of input j, hi[16 * group + j] of input j + 16.
+  template <bool FIFTH_BIT>
+  inline void unpack_bytes(const uint8_t* row, int64_t k, int64_t c, uint8_t lo[64], uint8_t hi[64]) const {
+    __m512i l, h;
+    unpack<FIFTH_BIT>(row, k, c, l, h);
+    _mm512_storeu_si512(lo, l);
+    _mm512_storeu_si512(hi, h);
+  }
 };
 
 template <int R, bool FIFTH_BIT>
@@ -129,31 +137,11 @@ inline void store16(at::BFloat16* out, __m512 v) {
 }
 inline void store16(float* out, __m512 v) { _mm512_storeu_ps(out, v); }
 
-template <bool FIFTH_BIT, typename Out>
-void dequantize_rows(const uint8_t* rows, int64_t row_bytes, int64_t k, int64_t r0, int64_t r1, Out* out) {
-  const CodeUnpacker codes;
-  const int64_t groups = k / BLOCK, scales_at = k / 2 + (FIFTH_BIT ? k / 8 : 0);
-  alignas(64) uint8_t lo_bytes[64], hi_bytes[64];
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* row = rows + r * row_bytes;
-    const at::Half* scales = reinterpret_cast<const at::Half*>(row + scales_at);
-    for (int64_t c = 0; c < k; c += 128) {
-      __m512i lo, hi;
-      codes.unpack<FIFTH_BIT>(row, k, c, lo, hi);
-      _mm512_store_si512(lo_bytes, lo);
-      _mm512_store_si512(hi_bytes, hi);
-      for (int g = 0; g < 4; ++g) {
-        const int64_t group = c / BLOCK + g;
-        __m512 scale = _mm512_set1_ps(static_cast<float>(scales[group]));
-        __m512 low = _mm512_set1_ps(static_cast<float>(scales[groups + group]));
-        for (int half = 0; half < 2; ++half) {
-          __m128i bytes = _mm_load_si128(reinterpret_cast<const __m128i*>((half ? hi_bytes : lo_bytes) + 16 * g));
-          __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)), scale, low);
-          store16(out + r * k + group * BLOCK + 16 * half, v);
-        }
-      }
-    }
-  }
+// 16 codes -> code * scale + min, 16 outputs.
+template <typename Out>
+inline void dequantize16(const uint8_t* codes, float scale, float min, Out* out) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
+  store16(out, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)), _mm512_set1_ps(scale), _mm512_set1_ps(min)));
 }
 
 inline float dot(const float* a, const float* b, int64_t n) {
